@@ -1,0 +1,1 @@
+"""Collaborative-filtering core: data on inner indices, fastai trainers, numpy scoring, fold-in, metrics."""

@@ -1,0 +1,40 @@
+"""Ratings on inner indices (0..n-1), apart from the raw ids that only the db layer and CLI see."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def default_y_range(lo: float, hi: float) -> tuple[float, float]:
+    """fastai's y_range for a rating scale: (0, 5.5) for 1..5, i.e. a little room past both ends."""
+    span = hi - lo
+    return (float(lo - span / 4), float(hi + span / 8))
+
+
+@dataclass
+class CollabData:
+    """Ratings as parallel arrays of inner user and item indices."""
+
+    users: np.ndarray  # int64
+    items: np.ndarray  # int64
+    ratings: np.ndarray  # float32
+    n_users: int
+    n_items: int
+
+    def __post_init__(self) -> None:
+        self.users = np.asarray(self.users, dtype=np.int64)
+        self.items = np.asarray(self.items, dtype=np.int64)
+        self.ratings = np.asarray(self.ratings, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.ratings)
+
+    def subset(self, idx: np.ndarray) -> "CollabData":
+        return CollabData(self.users[idx], self.items[idx], self.ratings[idx], self.n_users, self.n_items)
+
+
+def index_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map raw ids to inner indices: returns (sorted unique ids, inner index of each input)."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    return uniq, inv.astype(np.int64)

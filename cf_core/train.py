@@ -1,0 +1,189 @@
+"""fastai trainers for the two models of chapter 8, as estimators: ``fit`` returns self,
+learned arrays end in ``_``. Training goes through fastai's ``Learner`` and ``fit_one_cycle``
+on whole-tensor batches (``TensorBatches``), on CUDA when present."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import CollabData
+from .scoring import Head, ScoringModel
+
+
+@dataclass
+class TrainReport:
+    epoch_s: list[float]
+    fit_s: float
+    train_loss: list[float]
+    valid_loss: list[float | None]
+    device: str
+
+
+def pick_device(device: str | None = None) -> str:
+    """The given device, else "cuda" when available, else "cpu"."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class CollabModel:
+    """Shared fit loop; subclasses build the torch module and export its arrays."""
+
+    kind = ""
+
+    def __init__(self, n_factors: int = 50, epochs: int = 8, lr: float = 5e-3, wd: float = 0.3,
+                 bs: int = 1024, y_range: tuple[float, float] = (0.0, 5.5), seed: int = 42,
+                 device: str | None = None, progress: bool = True):
+        self.n_factors, self.epochs, self.lr, self.wd, self.bs = n_factors, epochs, lr, wd, bs
+        self.y_range, self.seed, self.device, self.progress = tuple(y_range), seed, device, progress
+
+    def get_params(self) -> dict:
+        return {"n_factors": self.n_factors, "epochs": self.epochs, "lr": self.lr, "wd": self.wd,
+                "bs": self.bs, "y_range": list(self.y_range), "seed": self.seed}
+
+    def _build(self, n_users: int, n_items: int):  # -> torch.nn.Module
+        raise NotImplementedError
+
+    def _export(self, module) -> None:  # noqa: ANN001
+        raise NotImplementedError
+
+    def fit(self, train: CollabData, valid: CollabData | None = None) -> "CollabModel":
+        """Train on ``train`` (validation loss per epoch on ``valid`` when given)."""
+        import torch
+        from fastai.callback.core import Callback
+        from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
+        from fastai.data.core import DataLoaders
+        from fastai.learner import Learner
+        from fastai.losses import MSELossFlat
+        from fastai.torch_core import set_seed
+
+        from .loader import TensorBatches
+
+        device = pick_device(self.device)
+        set_seed(self.seed, reproducible=True)
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def batches(d: CollabData | None, shuffle: bool) -> TensorBatches:
+            if d is None or len(d) == 0:
+                x, y = torch.zeros((0, 2), dtype=torch.long), torch.zeros(0)
+            else:
+                x = torch.from_numpy(np.stack([d.users, d.items], axis=1))
+                y = torch.from_numpy(d.ratings)
+            return TensorBatches(x, y, self.bs, shuffle=shuffle, generator=gen)
+
+        dls = DataLoaders(batches(train, True), batches(valid, False), device=device)
+        module = self._build(train.n_users, train.n_items).to(device)
+
+        class EpochClock(Callback):
+            order = 100
+
+            def before_fit(self):
+                self.starts, self.epoch_s = [], []
+
+            def before_epoch(self):
+                self.t0 = time.perf_counter()
+
+            def after_epoch(self):
+                self.epoch_s.append(time.perf_counter() - self.t0)
+
+        clock = EpochClock()
+        learn = Learner(dls, module, loss_func=MSELossFlat(), cbs=[clock])
+        t0 = time.perf_counter()
+        if self.progress:
+            learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
+        else:
+            with learn.no_bar(), learn.no_logging():
+                learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
+        fit_s = time.perf_counter() - t0
+        values = learn.recorder.values
+        module.eval()
+        self._export(module)
+        self.report_ = TrainReport(
+            epoch_s=[round(s, 4) for s in clock.epoch_s], fit_s=round(fit_s, 3),
+            train_loss=[float(v[0]) for v in values],
+            valid_loss=[float(v[1]) if len(v) > 1 and v[1] is not None else None for v in values],
+            device=str(device))
+        return self
+
+    def scoring_model(self) -> ScoringModel:
+        """The trained item side as plain arrays."""
+        return ScoringModel(self.kind, self.y_range, self.item_factors_, self.item_bias_,
+                            getattr(self, "head_", None))
+
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Predicted ratings for (inner user, inner item) pairs."""
+        return self.scoring_model().predict_pairs(self.user_factors_[users], self.user_bias_[users], items)
+
+
+def _np(t) -> np.ndarray:  # noqa: ANN001
+    return t.detach().float().cpu().numpy().astype(np.float32)
+
+
+class DotBias(CollabModel):
+    """fastai's ``EmbeddingDotBias``: dot product of embeddings plus user and item biases,
+    squashed by ``sigmoid_range`` into ``y_range``."""
+
+    kind = "dot"
+
+    def _build(self, n_users: int, n_items: int):
+        from fastai.collab import EmbeddingDotBias
+
+        return EmbeddingDotBias(self.n_factors, n_users, n_items, y_range=self.y_range)
+
+    def _export(self, module) -> None:  # noqa: ANN001
+        self.user_factors_ = _np(module.u_weight.weight)
+        self.item_factors_ = _np(module.i_weight.weight)
+        self.user_bias_ = _np(module.u_bias.weight)[:, 0]
+        self.item_bias_ = _np(module.i_bias.weight)[:, 0]
+
+
+class NeuralCF(CollabModel):
+    """fastai's ``EmbeddingNN``: user and item embeddings concatenated into an MLP (``layers``)."""
+
+    kind = "nn"
+
+    def __init__(self, n_factors: int = 50, epochs: int = 5, lr: float = 5e-3, wd: float = 0.1,
+                 bs: int = 1024, y_range: tuple[float, float] = (0.0, 5.5), seed: int = 42,
+                 device: str | None = None, progress: bool = True, layers: tuple[int, ...] = (100, 50)):
+        super().__init__(n_factors, epochs, lr, wd, bs, y_range, seed, device, progress)
+        self.layers = tuple(layers)
+
+    def get_params(self) -> dict:
+        return {**super().get_params(), "layers": list(self.layers)}
+
+    def _build(self, n_users: int, n_items: int):
+        from fastai.collab import EmbeddingNN
+
+        return EmbeddingNN([(n_users, self.n_factors), (n_items, self.n_factors)],
+                           layers=list(self.layers), y_range=self.y_range)
+
+    def _export(self, module) -> None:  # noqa: ANN001
+        self.user_factors_ = _np(module.embeds[0].weight)
+        self.item_factors_ = _np(module.embeds[1].weight)
+        self.user_bias_ = np.zeros(len(self.user_factors_), dtype=np.float32)
+        self.item_bias_ = np.zeros(len(self.item_factors_), dtype=np.float32)
+        self.head_ = export_head(module.layers)
+
+
+def export_head(layers) -> Head:  # noqa: ANN001
+    """Flatten an eval-mode fastai MLP (LinBnDrop blocks, SigmoidRange) into numpy ops."""
+    import torch.nn as nn
+
+    head: Head = []
+    for m in layers.modules():
+        if isinstance(m, nn.Linear):
+            bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_features, dtype=np.float32)
+            head.append(("linear", [_np(m.weight), bias]))
+        elif isinstance(m, nn.ReLU):
+            head.append(("relu", []))
+        elif isinstance(m, nn.BatchNorm1d):
+            scale = _np(m.weight) / np.sqrt(_np(m.running_var) + m.eps)
+            head.append(("affine", [scale.astype(np.float32), (_np(m.bias) - _np(m.running_mean) * scale).astype(np.float32)]))
+    return head
+
+
+MODELS = {"dot": DotBias, "nn": NeuralCF}

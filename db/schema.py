@@ -1,0 +1,113 @@
+"""SQLAlchemy 2 tables: users, items, ratings, questionnaire answers, model versions and their arrays."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    title: Mapped[str | None] = mapped_column(Text)
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class Rating(Base):
+    """One row per user and item; the latest write wins.
+
+    ``seq`` is the write order (file order within an ingest): it tells which ratings are newer
+    than a model version and gives the protocol's "source file order"."""
+
+    __tablename__ = "ratings"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True, index=True)
+    rating: Mapped[float] = mapped_column(Float, nullable=False)
+    timestamp: Mapped[int | None] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class Answer(Base):
+    """A user's signup questionnaire, as given (attribute answers and item ratings)."""
+
+    __tablename__ = "answers"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    answers: Mapped[dict] = mapped_column(JSON, default=dict)
+    ratings: Mapped[dict] = mapped_column(JSON, default=dict)
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelVersion(Base):
+    """A trained model. Incremental versions hold only the rows they changed; ``parent_id`` chains them."""
+
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "dot" | "nn"
+    mode: Mapped[str] = mapped_column(String(16))  # "full" | "incremental" | "onboard"
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    hyperparams: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    max_seq: Mapped[int] = mapped_column(BigInteger, default=0)  # ratings seen
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class UserFactors(Base):
+    __tablename__ = "user_factors"
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True, index=True)
+    bias: Mapped[float] = mapped_column(Float)
+    factors: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian
+
+
+class ItemFactors(Base):
+    __tablename__ = "item_factors"
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+    bias: Mapped[float] = mapped_column(Float)
+    factors: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ModelArrays(Base):
+    """Named .npz blobs of a version: the NN head, the questionnaire, the bootstrap regressor."""
+
+    __tablename__ = "model_arrays"
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Setting(Base):
+    """Key/value state: ``serving_version``, and the retrain lock."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
