@@ -173,8 +173,12 @@ def export_head(layers) -> Head:  # noqa: ANN001
     """Flatten an eval-mode fastai MLP (LinBnDrop blocks, SigmoidRange) into numpy ops."""
     import torch.nn as nn
 
+    def leaves(m):  # not ``modules()``: fastai shares one ReLU instance, which that would list once
+        kids = list(m._modules.values())
+        return [m] if not kids else [leaf for k in kids for leaf in leaves(k)]
+
     head: Head = []
-    for m in layers.modules():
+    for m in leaves(layers):
         if isinstance(m, nn.Linear):
             bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_features, dtype=np.float32)
             head.append(("linear", [_np(m.weight), bias]))

@@ -1,0 +1,67 @@
+"""Fit the questionnaire and the bootstrap regressor on warm users, simulating the questionnaire on them."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..cf_core.data import CollabData
+from .features import AnswerEncoder
+from .questionnaire import Questionnaire, choose_items, infer_questions
+from .regressor import Bootstrap, RidgeBootstrap
+
+MAX_BUDGET = 30
+SIM_BUDGETS = (0, 5, 15, 30)
+
+
+def item_means(data: CollabData) -> np.ndarray:
+    """Each item's mean training rating (the global mean for items with none)."""
+    counts = np.bincount(data.items, minlength=data.n_items)
+    sums = np.bincount(data.items, weights=data.ratings, minlength=data.n_items)
+    glob = float(data.ratings.mean()) if len(data) else 0.0
+    return np.where(counts > 0, sums / np.maximum(counts, 1), glob)
+
+
+def simulated_answers(data: CollabData, items: list[int], budgets=SIM_BUDGETS,
+                      rng: np.random.Generator | None = None) -> tuple[np.ndarray, list[int], list[dict[int, float]]]:
+    """Pretend each warm user is new: they know a random half of their ratings (like the protocol's
+    answer pool) and answer the first Q asked items they know, for each budget Q.
+
+    Returns (user of each row, budget of each row, item answers of each row)."""
+    rng = rng or np.random.default_rng(0)
+    asked = np.array(items, dtype=np.int64)
+    order = np.argsort(data.users, kind="stable")
+    bounds = np.searchsorted(data.users[order], np.arange(data.n_users + 1))
+    rows_u, rows_q, rows_a = [], [], []
+    for u in range(data.n_users):
+        idx = order[bounds[u]:bounds[u + 1]]
+        if len(idx) == 0:
+            continue
+        known = idx[rng.permutation(len(idx))[: len(idx) // 2]]
+        pool = dict(zip(data.items[known].tolist(), data.ratings[known].tolist()))
+        for q in budgets:
+            rows_u.append(u)
+            rows_q.append(q)
+            rows_a.append({int(i): pool[i] for i in asked[:q].tolist() if i in pool})
+    return np.array(rows_u, dtype=np.int64), rows_q, rows_a
+
+
+def fit_bootstrap(data: CollabData, user_factors: np.ndarray, user_bias: np.ndarray, attributes: list[dict],
+                  alpha: float = 30.0, strategy: str = "popularity", max_budget: int = MAX_BUDGET,
+                  seed: int = 42) -> Bootstrap:
+    """Questionnaire (attribute questions + ``max_budget`` items) and ridge regressor from answers to
+    [embedding, bias], trained on warm users with the questionnaire simulated on them."""
+    questionnaire = Questionnaire(infer_questions(attributes),
+                                  choose_items(data.items, data.ratings, data.n_items, max_budget, strategy))
+    encoder = AnswerEncoder.fit(questionnaire, attributes, item_means(data))
+    users, budgets, answers = simulated_answers(data, questionnaire.items, rng=np.random.default_rng(seed))
+    X = np.concatenate([encoder.transform([attributes[u] for u in users[budgets_idx]],
+                                          [answers[k] for k in budgets_idx], budget=q)
+                        for q, budgets_idx in _by_budget(budgets)]) if len(users) else np.zeros((0, 0))
+    order = np.concatenate([idx for _, idx in _by_budget(budgets)]) if len(users) else np.zeros(0, np.int64)
+    Y = np.concatenate([user_factors, user_bias[:, None]], axis=1)[users[order]]
+    return Bootstrap(encoder, RidgeBootstrap(alpha).fit(X, Y))
+
+
+def _by_budget(budgets: list[int]):
+    b = np.array(budgets)
+    for q in sorted(set(budgets)):
+        yield q, np.flatnonzero(b == q)

@@ -1,0 +1,81 @@
+"""The signup questionnaire: attribute questions inferred from warm users, and items to ask about."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text (e.g. a zip code)
+
+
+@dataclass
+class Question:
+    """One attribute question: ``type`` is "number", "category" (``values`` allowed) or "text"."""
+
+    name: str
+    type: str
+    values: list[str] | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return d if self.values is not None else {k: v for k, v in d.items() if k != "values"}
+
+
+@dataclass
+class Questionnaire:
+    """What a new user is asked: attribute questions, then items (inner indices, most useful first)."""
+
+    questions: list[Question]
+    items: list[int] = field(default_factory=list)
+
+    def question(self, name: str) -> Question | None:
+        return next((q for q in self.questions if q.name == name), None)
+
+    def to_json(self) -> dict:
+        return {"questions": [q.to_json() for q in self.questions], "items": list(map(int, self.items))}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Questionnaire":
+        return cls([Question(**q) for q in d["questions"]], [int(i) for i in d["items"]])
+
+
+def _is_number(v) -> bool:  # noqa: ANN001
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def infer_questions(attributes: list[dict]) -> list[Question]:
+    """One question per attribute seen on warm users, typed by its values."""
+    names = sorted({k for a in attributes for k in a})
+    out = []
+    for name in names:
+        vals = [a[name] for a in attributes if a.get(name) is not None]
+        if vals and all(_is_number(v) for v in vals):
+            out.append(Question(name, "number"))
+        else:
+            distinct = sorted({str(v) for v in vals})
+            if len(distinct) <= MAX_CATEGORIES:
+                out.append(Question(name, "category", distinct))
+            else:
+                out.append(Question(name, "text"))
+    return out
+
+
+def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: int,
+                 strategy: str = "popularity") -> list[int]:
+    """Items to ask about, most useful first, from training ratings (inner item indices).
+
+    "popularity": most-rated first (the most likely to have been seen, so the most answers);
+    "entropy": log-popularity × entropy of the item's rating distribution."""
+    counts = np.bincount(items, minlength=n_items).astype(float)
+    if strategy == "popularity":
+        score = counts
+    elif strategy == "entropy":
+        levels = np.unique(ratings)
+        hist = np.stack([np.bincount(items[ratings == lv], minlength=n_items) for lv in levels], axis=1)
+        p = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+        entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1)
+        score = np.log1p(counts) * entropy
+    else:
+        raise ValueError(f"unknown questionnaire strategy {strategy!r}")
+    order = np.lexsort((np.arange(n_items), -score))
+    return [int(i) for i in order[:budget] if counts[i] > 0]

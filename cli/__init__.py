@@ -1,0 +1,1 @@
+"""The `cfb` command line (click). Heavy modules are imported inside commands, so serving stays fast."""

@@ -1,0 +1,280 @@
+"""`cfb`: ingest ratings, retrain, onboard new users, recommend, evaluate."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..cf_core.errors import CfbError
+
+
+def emit(obj, as_json: bool, text: str | None = None) -> None:
+    """Print ``obj`` as JSON, or ``text`` for people."""
+    click.echo(json.dumps(obj, ensure_ascii=False) if as_json or text is None else text)
+
+
+def fail_cleanly(fn):
+    """Turn expected errors into one line on stderr and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        try:
+            return fn(*args, **kwargs)
+        except CfbError as e:
+            raise click.ClickException(str(e)) from None
+        except (OperationalError, ProgrammingError) as e:
+            msg = str(e.orig) if getattr(e, "orig", None) else str(e).splitlines()[0]
+            if "no such table" in msg or "does not exist" in msg:
+                msg = "the database is empty: run `cfb ingest …` first"
+            raise click.ClickException(f"database error: {msg}") from None
+
+    return wrapper
+
+
+class Ctx:
+    def __init__(self, url: str | None):
+        self.url = url
+        self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from ..db.engine import make_engine
+
+            self._engine = make_engine(self.url)
+        return self._engine
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group()
+@click.option("--db", "url", envvar="CFB_DATABASE_URL", help="Database URL (default: SQLite at $CFB_HOME/cfb.db).")
+@click.pass_context
+def cli(ctx: click.Context, url: str | None) -> None:
+    """cfb: cold-start collaborative filtering (fastai embeddings + a signup questionnaire)."""
+    ctx.obj = Ctx(url)
+
+
+# --- ingest -----------------------------------------------------------------------------------
+@cli.group()
+def ingest() -> None:
+    """Load ratings, items and users into the database (all or nothing)."""
+
+
+def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "") -> None:
+    from ..service.ingest import ingest_dataset
+
+    out = ingest_dataset(ctx.engine, ds, scale=scale, source=source)
+    emit(out, as_json, f"ingested {out['ratings']} ratings, {out['users']} users, {out['items']} items")
+
+
+def _scale(value: str | None):
+    if not value:
+        return None
+    try:
+        lo, hi = (float(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected LO,HI, e.g. 1,5") from None
+    return lo, hi
+
+
+@ingest.command("movielens")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def ingest_movielens(ctx: Ctx, folder: Path, as_json: bool) -> None:
+    """MovieLens 100k from FOLDER (u.data, u.item, u.user)."""
+    from ..db.sources import read_movielens
+
+    _ingest(ctx, read_movielens(folder), as_json, source=str(folder / "u.data"))
+
+
+@ingest.command("goodbooks")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def ingest_goodbooks(ctx: Ctx, folder: Path, as_json: bool) -> None:
+    """goodbooks-10k from FOLDER (ratings.csv, books.csv)."""
+    from ..db.sources import read_goodbooks
+
+    _ingest(ctx, read_goodbooks(folder), as_json, source=str(folder / "ratings.csv"))
+
+
+@ingest.command("ratings")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--user-col", default="user", show_default=True)
+@click.option("--item-col", default="item", show_default=True)
+@click.option("--rating-col", default="rating", show_default=True)
+@click.option("--time-col", default="timestamp", show_default=True)
+@click.option("--scale", help="Rating scale LO,HI (default: the database's, else the data's range).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def ingest_ratings(ctx: Ctx, file: Path, user_col, item_col, rating_col, time_col, scale, as_json) -> None:
+    """Add ratings from a CSV with a header (user,item,rating[,timestamp])."""
+    from ..db.sources import Dataset, read_ratings_csv
+
+    ds = Dataset(read_ratings_csv(file, user_col, item_col, rating_col, time_col))
+    _ingest(ctx, ds, as_json, scale=_scale(scale), source=str(file))
+
+
+@ingest.command("users")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--user-col", default="user", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def ingest_users(ctx: Ctx, file: Path, user_col: str, as_json: bool) -> None:
+    """User attributes from a CSV with a header (user, then one column per attribute)."""
+    import pandas as pd
+
+    from ..db.sources import Dataset, read_users_csv
+
+    ds = Dataset(pd.DataFrame({"user": [], "item": [], "rating": [], "timestamp": []}), users=read_users_csv(file, user_col))
+    _ingest(ctx, ds, as_json, source=str(file))
+
+
+# --- data ---------------------------------------------------------------------------------------
+@cli.group()
+def data() -> None:
+    """Public datasets."""
+
+
+@data.command("download")
+@click.argument("name", type=click.Choice(["movielens-100k", "goodbooks-10k"]))
+@click.option("--json", "as_json", is_flag=True)
+@fail_cleanly
+def data_download(name: str, as_json: bool) -> None:
+    """Fetch NAME from its official address into $CFB_HOME/data and print the folder."""
+    from ..db.download import download
+
+    folder = download(name)
+    emit({"dataset": name, "path": str(folder)}, as_json, str(folder))
+
+
+# --- training -------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--full", is_flag=True, help="Retrain from scratch on every rating.")
+@click.option("--model", "kind", type=click.Choice(["dot", "nn"]), default="dot", show_default=True)
+@click.option("--factors", "n_factors", type=int)
+@click.option("--epochs", type=int)
+@click.option("--lr", type=float)
+@click.option("--wd", type=float)
+@click.option("--bs", type=int, help="Batch size.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--valid-pct", type=float, default=0.2, show_default=True,
+              help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed, valid_pct, quiet, as_json) -> None:
+    """Train a new model version and serve it."""
+    from ..service.training import retrain_full
+
+    params = {"n_factors": n_factors, "epochs": epochs, "lr": lr, "wd": wd, "bs": bs, "seed": seed}
+    if not full:
+        from ..service.incremental import retrain_auto
+
+        out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json), **params)
+    else:
+        out = retrain_full(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json), **params)
+    text = f"version {out['version']} ({out['kind']}, {out['mode']}) serving"
+    if out.get("valid_rmse") is not None:
+        text += f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f}"
+    if out.get("reason"):
+        text += f"; {out['reason']}"
+    emit(out, as_json, text)
+
+
+# --- serving ----------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("users", nargs=-1, required=True)
+@click.option("-n", "n", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def recommend(ctx: Ctx, users: tuple[str, ...], n: int, as_json: bool) -> None:
+    """Top N items each USER has not rated."""
+    from ..service.serving import recommend as recommend_items
+
+    with ctx.engine.connect() as conn:
+        out = [recommend_items(conn, u, n) for u in users]
+    lines = []
+    for rec in out:
+        lines.append(f"user {rec['user']}:")
+        lines += [f"  {r['score']:.2f}  {r['title'] or r['item']}" for r in rec["items"]]
+    emit(out, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), required=True, help="CSV with header user,item.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
+    """Predicted rating for each user,item row of a CSV; prints CSV user,item,prediction."""
+    import csv
+
+    from ..db.sources import read_text
+    from ..service.serving import predict_pairs
+
+    rows = list(csv.DictReader(read_text(pairs_file).splitlines()))
+    if rows and not {"user", "item"} <= set(rows[0]):
+        raise CfbError(f"{pairs_file}: line 1: header must have columns user,item")
+    pairs = [(r["user"].strip(), r["item"].strip()) for r in rows]
+    with ctx.engine.connect() as conn:
+        preds = predict_pairs(conn, pairs)
+    if as_json:
+        emit([{"user": u, "item": i, "prediction": round(p, 4)} for (u, i), p in zip(pairs, preds)], True)
+    else:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["user", "item", "prediction"])
+        w.writerows([u, i, f"{p:.4f}"] for (u, i), p in zip(pairs, preds))
+
+
+@cli.command()
+@click.argument("item")
+@click.option("-n", "n", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def similar(ctx: Ctx, item: str, n: int, as_json: bool) -> None:
+    """Items most similar to ITEM (id or exact title), by cosine similarity of item factors."""
+    from ..service.serving import similar as similar_items
+
+    with ctx.engine.connect() as conn:
+        out = similar_items(conn, item, n)
+    text = "\n".join([f"similar to {out['title'] or out['item']}:"] +
+                     [f"  {r['score']:.3f}  {r['title'] or r['item']}" for r in out["items"]])
+    emit(out, as_json, text)
+
+
+@cli.group()
+def inspect() -> None:
+    """Look inside the serving model."""
+
+
+@inspect.command("biases")
+@click.option("-n", "n", type=int, default=10, show_default=True)
+@click.option("--min-ratings", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
+    """Items with the lowest and highest learned bias."""
+    from ..service.serving import biases
+
+    with ctx.engine.connect() as conn:
+        out = biases(conn, n, min_ratings)
+    text = "\n".join(["lowest bias:"] + [f"  {r['score']:+.3f}  {r['title'] or r['item']}" for r in out["lowest"]]
+                     + ["highest bias:"] + [f"  {r['score']:+.3f}  {r['title'] or r['item']}" for r in out["highest"]])
+    emit(out, as_json, text)

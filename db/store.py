@@ -1,0 +1,150 @@
+"""Reads and writes of users, items and ratings (bulk, transactional, SQLite or PostgreSQL)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import Connection, Engine, func, insert, select, update
+
+from ..cf_core.errors import CfbError
+from .schema import Base, Item, Rating, Setting, User
+
+CHUNK = 20_000
+
+
+def create_schema(engine: Engine) -> None:
+    """Create every table that is missing."""
+    Base.metadata.create_all(engine)
+
+
+def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_cols: list[str]) -> None:
+    """INSERT … ON CONFLICT (keys) DO UPDATE, for SQLite and PostgreSQL alike."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    for start in range(0, len(rows), CHUNK):
+        stmt = dialect_insert(table)
+        if update_cols:
+            stmt = stmt.on_conflict_do_update(index_elements=keys,
+                                              set_={c: stmt.excluded[c] for c in update_cols})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+        conn.execute(stmt, rows[start:start + CHUNK])
+
+
+def get_setting(conn: Connection, key: str) -> str | None:
+    return conn.scalar(select(Setting.value).where(Setting.key == key))
+
+
+def set_setting(conn: Connection, key: str, value: str) -> None:
+    _upsert(conn, Setting.__table__, [{"key": key, "value": value}], ["key"], ["value"])
+
+
+def rating_scale(conn: Connection) -> tuple[float, float] | None:
+    """The rating scale fixed by the first ingest (e.g. 1..5), or None for an empty database."""
+    v = get_setting(conn, "rating_scale")
+    return tuple(float(x) for x in v.split(",")) if v else None  # type: ignore[return-value]
+
+
+def id_map(conn: Connection, table) -> dict[str, int]:
+    """external id -> database id for users or items."""
+    return dict(conn.execute(select(table.external_id, table.id)).all())
+
+
+def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | None = None,
+               update_cols: tuple[str, ...] = ()) -> dict[str, int]:
+    """Insert the external ids that are missing (with optional extra columns); return the id map.
+
+    Columns in ``update_cols`` are overwritten for ids that already exist."""
+    external_ids = [str(x) for x in external_ids]
+    if extra:
+        rows = [{"external_id": e, **{k: v[i] for k, v in extra.items()}} for i, e in enumerate(external_ids)]
+        _upsert(conn, table.__table__, rows, ["external_id"], list(update_cols))
+    else:
+        known = id_map(conn, table)
+        new = sorted(set(external_ids) - known.keys())
+        if new:
+            defaults = {"attributes": {}} if hasattr(table, "attributes") else {}
+            for start in range(0, len(new), CHUNK):
+                conn.execute(insert(table), [{"external_id": e, **defaults} for e in new[start:start + CHUNK]])
+    return id_map(conn, table)
+
+
+def next_seq(conn: Connection) -> int:
+    return int(conn.scalar(select(func.coalesce(func.max(Rating.seq), 0)))) + 1
+
+
+def write_ratings(conn: Connection, users: list[int], items: list[int], ratings, timestamps) -> int:
+    """Upsert ratings by database ids (latest wins), in the given order; returns the count."""
+    seq0 = next_seq(conn)
+    rows = [{"user_id": int(u), "item_id": int(i), "rating": float(r),
+             "timestamp": None if t is None or (isinstance(t, float) and np.isnan(t)) else int(t),
+             "seq": seq0 + k}
+            for k, (u, i, r, t) in enumerate(zip(users, items, ratings, timestamps))]
+    _upsert(conn, Rating.__table__, rows, ["user_id", "item_id"], ["rating", "timestamp", "seq"])
+    return len(rows)
+
+
+@dataclass
+class RatingsArrays:
+    """Every rating, in write order: database ids, values, timestamps (-1 unknown), seq."""
+
+    user_id: np.ndarray
+    item_id: np.ndarray
+    rating: np.ndarray
+    timestamp: np.ndarray
+    seq: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rating)
+
+
+def load_ratings(conn: Connection, since_seq: int = 0) -> RatingsArrays:
+    """Ratings with ``seq > since_seq``, ordered by seq, as numpy arrays (one cursor, no ORM objects)."""
+    stmt = (select(Rating.user_id, Rating.item_id, Rating.rating, func.coalesce(Rating.timestamp, -1), Rating.seq)
+            .where(Rating.seq > since_seq).order_by(Rating.seq))
+    rows = conn.execute(stmt).all()
+    if not rows:
+        z = np.zeros(0, dtype=np.int64)
+        return RatingsArrays(z, z, np.zeros(0, dtype=np.float32), z, z)
+    arr = np.array(rows, dtype=np.float64)
+    return RatingsArrays(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.float32),
+                         arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64))
+
+
+def user_id_of(conn: Connection, external_id: str) -> int:
+    uid = conn.scalar(select(User.id).where(User.external_id == str(external_id)))
+    if uid is None:
+        raise CfbError(f"unknown user {external_id!r}")
+    return uid
+
+
+def item_titles(conn: Connection, item_ids) -> dict[int, tuple[str, str | None]]:
+    """database id -> (external id, title)."""
+    ids = [int(i) for i in item_ids]
+    out = {}
+    for start in range(0, len(ids), 900):
+        for row in conn.execute(select(Item.id, Item.external_id, Item.title).where(Item.id.in_(ids[start:start + 900]))):
+            out[row[0]] = (row[1], row[2])
+    return out
+
+
+def user_ratings(conn: Connection, user_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, ratings) of one user."""
+    rows = conn.execute(select(Rating.item_id, Rating.rating).where(Rating.user_id == user_id)).all()
+    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
+
+
+def user_attributes_of(conn: Connection, user_id: int) -> dict:
+    return conn.scalar(select(User.attributes).where(User.id == user_id)) or {}
+
+
+def user_attributes(conn: Connection) -> dict[int, dict]:
+    return dict(conn.execute(select(User.id, User.attributes)).all())
+
+
+def set_user_attributes(conn: Connection, user_id: int, attributes: dict) -> None:
+    conn.execute(update(User).where(User.id == user_id).values(attributes=attributes))

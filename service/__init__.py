@@ -1,0 +1,1 @@
+"""Workflows behind the commands (ingest, retrain, onboard, recommend), shared by the CLI and the evaluation."""

@@ -1,0 +1,105 @@
+"""Answers from the serving model: recommendations, predictions, similar items, biases."""
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+from sqlalchemy import Connection, select
+
+from ..cf_core.errors import CfbError
+from ..cf_core.scoring import top_n
+from ..db import store
+from ..db.schema import Item
+from .state import ServingState, load_state, user_factors
+
+
+def _items_out(conn: Connection, state: ServingState, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
+    titles = store.item_titles(conn, state.item_ids[rows])
+    return [{"item": titles[int(i)][0], "title": titles[int(i)][1], "score": round(float(s), 4)}
+            for i, s in zip(state.item_ids[rows], scores)]
+
+
+def user_scores(conn: Connection, state: ServingState, user_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ranking score of every catalogue item, inner indices of the items the user has rated)."""
+    vec, bias = user_factors(conn, state, user_id)
+    rated = state.item_index(store.user_ratings(conn, user_id)[0])
+    return state.ranking_scores(vec, bias), rated[rated >= 0]
+
+
+def recommend(conn: Connection, external_user: str, n: int = 10) -> dict:
+    """Top ``n`` unrated items for a user, by ranking score."""
+    state = load_state(conn)
+    uid = store.user_id_of(conn, external_user)
+    scores, rated = user_scores(conn, state, uid)
+    scores = scores.astype(np.float64)
+    scores[rated] = -np.inf
+    top = top_n(scores, n)
+    vec, bias = user_factors(conn, state, uid)
+    predicted = state.scoring.predict_user(vec, bias, top)
+    return {"user": str(external_user), "items": _items_out(conn, state, top, predicted)}
+
+
+def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]:
+    """Predicted rating for each (external user, external item) pair; unknown ids are errors."""
+    state = load_state(conn)
+    users = store.id_map(conn, store.User)
+    items = store.id_map(conn, Item)
+    cache: dict[int, tuple[np.ndarray, float]] = {}
+    out = []
+    for k, (u, i) in enumerate(pairs):
+        if u not in users:
+            raise CfbError(f"row {k + 1}: unknown user {u!r}")
+        if i not in items:
+            raise CfbError(f"row {k + 1}: unknown item {i!r}")
+        inner = int(state.item_index([items[i]])[0])
+        if inner < 0:
+            raise CfbError(f"row {k + 1}: item {i!r} is not in the serving model yet (run `cfb retrain`)")
+        if users[u] not in cache:
+            cache[users[u]] = user_factors(conn, state, users[u])
+        vec, bias = cache[users[u]]
+        out.append(float(state.scoring.predict_user(vec, bias, np.array([inner]))[0]))
+    return out
+
+
+def find_item(conn: Connection, query: str) -> int:
+    """An item's database id by external id or exact title; a near miss suggests close titles."""
+    hit = conn.scalar(select(Item.id).where(Item.external_id == query))
+    if hit is None:
+        hits = conn.scalars(select(Item.id).where(Item.title == query)).all()
+        if len(hits) > 1:
+            raise CfbError(f"{len(hits)} items are titled {query!r}; use an item id")
+        hit = hits[0] if hits else None
+    if hit is None:
+        titles = conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()
+        close = difflib.get_close_matches(query, titles, n=5, cutoff=0.5)
+        if not close:
+            low = query.lower()
+            close = [t for t in titles if low in t.lower()][:5]
+        hint = f"; did you mean: {'; '.join(close)}?" if close else ""
+        raise CfbError(f"unknown item {query!r}{hint}")
+    return hit
+
+
+def similar(conn: Connection, query: str, n: int = 10) -> dict:
+    """Items closest to ``query`` by cosine similarity of item factors."""
+    state = load_state(conn)
+    db_id = find_item(conn, query)
+    inner = int(state.item_index([db_id])[0])
+    if inner < 0:
+        raise CfbError(f"item {query!r} is not in the serving model yet (run `cfb retrain`)")
+    top, sims = state.scoring.similar_items(inner, n)
+    ext, title = store.item_titles(conn, [db_id])[db_id]
+    return {"item": ext, "title": title, "items": _items_out(conn, state, top, sims)}
+
+
+def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
+    """Items with the lowest and highest learned bias (dot model), as in chapter 8."""
+    state = load_state(conn)
+    if state.kind != "dot":
+        raise CfbError("biases are learned by the dot model only (this version is 'nn')")
+    b = state.scoring.item_bias.astype(np.float64).copy()
+    b[state.counts < min_ratings] = np.nan
+    ok = np.flatnonzero(~np.isnan(b))
+    order = ok[np.argsort(b[ok], kind="stable")]
+    return {"lowest": _items_out(conn, state, order[:n], b[order[:n]]),
+            "highest": _items_out(conn, state, order[::-1][:n], b[order[::-1][:n]])}

@@ -1,0 +1,88 @@
+"""Full retrain: ratings from the database -> fastai model -> bootstrap -> a new serving version."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sqlalchemy import Engine
+
+from ..bootstrap.fit import fit_bootstrap
+from ..cf_core.data import CollabData, default_y_range, index_ids
+from ..cf_core.errors import CfbError
+from ..cf_core.scoring import to_npz
+from ..cf_core.split import valid_split
+from ..cf_core.train import MODELS
+from ..db import store, versions
+from ..db.versions import FactorRows
+
+VALID_SEED = 42  # COLDSTART_PROTOCOL.md §7
+DEFAULTS = {
+    "dot": {"n_factors": 50, "epochs": 8, "lr": 5e-3, "wd": 0.3, "bs": 1024},
+    "nn": {"n_factors": 50, "epochs": 5, "lr": 5e-3, "wd": 0.1, "bs": 1024, "layers": (100, 50)},
+}
+SERVING_DEFAULTS = {"popularity_weight": 0.0, "foldin_reg": 5.0, "foldin_reg_bias": 1.0, "bootstrap_alpha": 30.0}
+
+
+def load_training_data(engine: Engine):
+    """Every rating as inner-index ``CollabData``, with the id maps, attributes, scale and max seq."""
+    t0 = time.perf_counter()
+    with engine.connect() as conn:
+        scale = store.rating_scale(conn)
+        r = store.load_ratings(conn)
+        attrs = store.user_attributes(conn)
+    if len(r) == 0 or scale is None:
+        raise CfbError("no ratings in the database: run `cfb ingest …` first")
+    user_ids, u = index_ids(r.user_id)
+    item_ids, i = index_ids(r.item_id)
+    data = CollabData(u, i, r.rating, len(user_ids), len(item_ids))
+    return data, user_ids, item_ids, [attrs.get(int(x)) or {} for x in user_ids], scale, int(r.seq.max()), \
+        time.perf_counter() - t0
+
+
+def item_stats_npz(item_ids: np.ndarray, data: CollabData) -> bytes:
+    counts = np.bincount(data.items, minlength=data.n_items)
+    sums = np.bincount(data.items, weights=data.ratings, minlength=data.n_items)
+    return to_npz({"item_ids": item_ids, "counts": counts.astype(np.int64), "sums": sums})
+
+
+def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.2, progress: bool = True,
+                 serving: dict | None = None, **params) -> dict:
+    """Train ``kind`` on every rating (minus the §7 validation split), fit the bootstrap, and store a
+    new serving version in one transaction. Returns the report (version, metrics, timings)."""
+    if kind not in MODELS:
+        raise CfbError(f"unknown model kind {kind!r} (choose from {', '.join(MODELS)})")
+    if not 0 <= valid_pct < 1:
+        raise CfbError("--valid-pct must be in [0, 1)")
+    lock = versions.acquire_retrain_lock(engine)
+    try:
+        data, user_ids, item_ids, attributes, scale, max_seq, load_s = load_training_data(engine)
+        hp = {**DEFAULTS[kind], **{k: v for k, v in params.items() if v is not None}}
+        train_idx, valid_idx = valid_split(len(data), valid_pct, VALID_SEED)
+        train, valid = data.subset(train_idx), data.subset(valid_idx)
+        model = MODELS[kind](y_range=default_y_range(*scale), progress=progress, **hp).fit(
+            train, valid if len(valid) else None)
+        metrics = {"n_ratings": len(data), "n_train": len(train), "n_valid": len(valid),
+                   "load_s": round(load_s, 3), "epoch_s": model.report_.epoch_s, "fit_s": model.report_.fit_s,
+                   "device": model.report_.device}
+        if len(valid):
+            mse = float(np.mean((model.predict(valid.users, valid.items) - valid.ratings) ** 2))
+            metrics.update(valid_mse=round(mse, 4), valid_rmse=round(mse ** 0.5, 4))
+        else:
+            metrics.update(valid_mse=None, valid_rmse=None)
+        serve_hp = {**SERVING_DEFAULTS, **(serving or {})}
+        t0 = time.perf_counter()
+        boot = fit_bootstrap(train, model.user_factors_, model.user_bias_, attributes,
+                             alpha=serve_hp["bootstrap_alpha"], seed=hp.get("seed", 42))
+        metrics["bootstrap_s"] = round(time.perf_counter() - t0, 3)
+        arrays = {"item_stats.npz": item_stats_npz(item_ids, train), "bootstrap.npz": boot.to_npz()}
+        if kind == "nn":
+            arrays["nn_head.npz"] = model.scoring_model().head_to_npz()
+        hyperparams = {**model.get_params(), **serve_hp, "valid_pct": valid_pct, "valid_seed": VALID_SEED}
+        with engine.begin() as conn:
+            version = versions.save_version(
+                conn, kind=kind, mode="full", parent_id=None, hyperparams=hyperparams, metrics=metrics,
+                max_seq=max_seq, users=FactorRows(user_ids, model.user_bias_, model.user_factors_),
+                items=FactorRows(item_ids, model.item_bias_, model.item_factors_), arrays=arrays)
+        return {"version": version, "kind": kind, "mode": "full", **metrics, "hyperparams": hyperparams}
+    finally:
+        versions.release_retrain_lock(engine, lock)
