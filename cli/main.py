@@ -278,3 +278,94 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
     text = "\n".join(["lowest bias:"] + [f"  {r['score']:+.3f}  {r['title'] or r['item']}" for r in out["lowest"]]
                      + ["highest bias:"] + [f"  {r['score']:+.3f}  {r['title'] or r['item']}" for r in out["highest"]])
     emit(out, as_json, text)
+
+
+# --- cold start -----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--budget", type=int, default=15, show_default=True, help="Number of items to ask about.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
+    """The signup questionnaire of the serving model."""
+    from ..service.onboard import questionnaire_json
+
+    with ctx.engine.connect() as conn:
+        out = questionnaire_json(conn, budget)
+    lines = ["attributes:"]
+    for a in out["attributes"]:
+        values = f" ({', '.join(a['values'])})" if a.get("values") else ""
+        lines.append(f"  {a['name']}: {a['type']}{values}")
+    lines.append("rate these if you have seen them:")
+    lines += [f"  {r['item']}: {r['title']}" for r in out["items"]]
+    emit(out, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.option("--answers", "answers_file", type=click.Path(path_type=Path), required=True,
+              help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}}.")
+@click.option("--skip-invalid", is_flag=True, help="Store the valid entries and report the others.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> None:
+    """Sign up new users from their questionnaire answers; prints each new user's id."""
+    from ..service.onboard import onboard as onboard_users
+    from ..service.onboard import read_answers_file
+
+    out = onboard_users(ctx.engine, read_answers_file(answers_file), skip_invalid=skip_invalid)
+    lines = [u["user"] for u in out["onboarded"]]
+    lines += [f"skipped {s['entry']}: {s['error']}" for s in out["skipped"]]
+    emit(out, as_json, "\n".join(lines))
+    if out["skipped"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("item")
+@click.argument("rating", type=float)
+@click.option("--new-item", is_flag=True, help="Create ITEM if it is not in the catalogue.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def rate(ctx: Ctx, user: str, item: str, rating: float, new_item: bool, as_json: bool) -> None:
+    """Record USER's RATING of ITEM (id or exact title); `cfb retrain` folds it in."""
+    from ..service.ratings import rate_item
+
+    out = rate_item(ctx.engine, user, item, rating, create_item=new_item)
+    emit(out, as_json, f"user {out['user']} rated {out['title'] or out['item']}: {out['rating']:g}")
+
+
+# --- versions -------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def models(ctx: Ctx, as_json: bool) -> None:
+    """List model versions."""
+    from ..db import versions
+
+    with ctx.engine.connect() as conn:
+        out = versions.list_versions(conn)
+    lines = []
+    for v in out:
+        m = v["metrics"] or {}
+        rmse = f" valid RMSE {m['valid_rmse']:.4f}" if m.get("valid_rmse") is not None else ""
+        lines.append(f"{'*' if v['serving'] else ' '} {v['version']:>4}  {v['kind']:<3} {v['mode']:<11} "
+                     f"{v['created']}{rmse}")
+    emit(out, as_json, "\n".join(lines) or "no model versions yet")
+
+
+@cli.command()
+@click.argument("version", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def rollback(ctx: Ctx, version: int, as_json: bool) -> None:
+    """Serve an earlier VERSION."""
+    from ..db import versions
+
+    with ctx.engine.begin() as conn:
+        versions.set_serving(conn, version)
+    emit({"serving": version}, as_json, f"version {version} serving")

@@ -138,6 +138,16 @@ def user_ratings(conn: Connection, user_id: int) -> tuple[np.ndarray, np.ndarray
     return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
 
 
+def item_ratings(conn: Connection, item_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user ids, ratings) of one item."""
+    rows = conn.execute(select(Rating.user_id, Rating.rating).where(Rating.item_id == item_id)).all()
+    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
+
+
+def count_ratings(conn: Connection, since_seq: int = 0) -> int:
+    return int(conn.scalar(select(func.count()).select_from(Rating).where(Rating.seq > since_seq)))
+
+
 def user_attributes_of(conn: Connection, user_id: int) -> dict:
     return conn.scalar(select(User.attributes).where(User.id == user_id)) or {}
 

@@ -1,0 +1,30 @@
+"""Single ratings from `cfb rate`."""
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import Engine, insert
+
+from ..cf_core.errors import CfbError
+from ..db import store
+from ..db.schema import Item
+from .serving import find_item
+
+
+def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: bool = False) -> dict:
+    """Store one rating (the latest wins); the item is found by id or exact title, or created."""
+    with engine.begin() as conn:
+        scale = store.rating_scale(conn)
+        if scale and not scale[0] <= rating <= scale[1]:
+            raise CfbError(f"rating {rating:g} outside the scale {scale[0]:g}..{scale[1]:g}")
+        uid = store.user_id_of(conn, user)
+        try:
+            iid = find_item(conn, item)
+        except CfbError:
+            if not create_item:
+                raise
+            iid = conn.execute(insert(Item).values(external_id=item, title=None, attributes={})
+                               .returning(Item.id)).scalar_one()
+        store.write_ratings(conn, [uid], [iid], [rating], [int(time.time())])
+        ext, title = store.item_titles(conn, [iid])[iid]
+    return {"user": user, "item": ext, "title": title, "rating": rating}
