@@ -1,0 +1,283 @@
+"""COLDSTART_PROTOCOL.md §1–6, run through the real pipeline: a temporary SQLite database, the
+same ingest, retrain, questionnaire, onboard, recommend and incremental-retrain code as the commands."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import text
+
+from ..db import store, versions
+from ..db.engine import make_engine
+from ..db.schema import Item
+from ..db.sources import Dataset
+from ..service.incremental import retrain_incremental
+from ..service.ingest import ingest_dataset
+from ..service.onboard import onboard, questionnaire_json
+from ..service.serving import user_scores
+from ..service.state import load_state, user_factors
+from ..service.training import retrain_full
+from .baselines import DemographicPopularity, Popularity
+from .metrics import ndcg_at_k, recall_at_k, rmse
+from ..cf_core.split import answer_pool_split, cold_users
+
+K = 10
+METHODS = ("cfb", "average_user", "popularity", "demographic_popularity")
+
+
+class Tally:
+    """Pooled squared errors and per-user ranking metrics for one method."""
+
+    def __init__(self):
+        self.sq, self.n, self.ndcg, self.recall = 0.0, 0, [], []
+
+    def add(self, pred: np.ndarray, truth: np.ndarray, ranked: list, relevant: set) -> None:
+        self.sq += float(np.sum((np.asarray(pred, float) - truth) ** 2))
+        self.n += len(truth)
+        if relevant:
+            self.ndcg.append(ndcg_at_k(ranked, relevant, K))
+            self.recall.append(recall_at_k(ranked, relevant, K))
+
+    def result(self) -> dict:
+        return {"rmse": round((self.sq / self.n) ** 0.5, 4) if self.n else None,
+                "ndcg@10": round(float(np.mean(self.ndcg)), 4) if self.ndcg else None,
+                "recall@10": round(float(np.mean(self.recall)), 4) if self.recall else None,
+                "users": len(self.ndcg)}
+
+
+@contextmanager
+def _db_copy(src: Path, dst: Path):
+    shutil.copy(src, dst)
+    engine = make_engine(f"sqlite:///{dst}")
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+class Catalogue:
+    """Maps between the serving model's inner item indices and external item ids."""
+
+    def __init__(self, conn, state):  # noqa: ANN001
+        ext_of = {v: k for k, v in store.id_map(conn, Item).items()}
+        self.ext = [ext_of[int(i)] for i in state.item_ids]
+        self.inner = {e: k for k, e in enumerate(self.ext)}
+
+    def index(self, ext_ids) -> np.ndarray:  # noqa: ANN001
+        return np.array([self.inner.get(e, -1) for e in ext_ids], dtype=np.int64)
+
+
+def _top(scores: np.ndarray, exclude: np.ndarray, cat: Catalogue) -> list:
+    s = scores.astype(np.float64).copy()
+    ex = exclude[exclude >= 0]
+    s[ex] = -np.inf
+    n = min(K, int(np.isfinite(s).sum()))
+    part = np.argpartition(-s, n - 1)[:n]
+    return [cat.ext[i] for i in part[np.lexsort((part, -s[part]))]]
+
+
+def _score_user(tallies: dict, conn, state, cat: Catalogue, baselines: dict, avg: tuple, user: str,  # noqa: ANN001
+                attrs: dict, exclude_ext: list, test: pd.DataFrame) -> None:
+    """Rank and predict for one cold user with every method; ``exclude_ext`` leaves the ranking."""
+    uid = store.user_id_of(conn, user)
+    scores, rated = user_scores(conn, state, uid)
+    vec, bias = user_factors(conn, state, uid)
+    exclude = np.concatenate([rated, cat.index(exclude_ext)])
+    relevant = set(test.loc[test.rating >= 4, "item"])
+    test_inner = cat.index(test["item"])
+    known = test_inner >= 0
+    truth = test["rating"].to_numpy(float)[known]
+    tallies["cfb"].add(state.scoring.predict_user(vec, bias, test_inner[known]), truth,
+                       _top(scores, exclude, cat), relevant)
+    tallies["average_user"].add(state.scoring.predict_user(avg[0], avg[1], test_inner[known]), truth,
+                                _top(state.ranking_scores(*avg), exclude, cat), relevant)
+    for name, model in baselines.items():
+        tallies[name].add(model.predict(test_inner[known], attrs), truth, _top(model.scores(attrs), exclude, cat), relevant)
+
+
+def run_seed(ds: Dataset, seed: int, budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10), kind: str = "dot",
+             train_params: dict | None = None, serving: dict | None = None, workdir: Path | None = None,
+             progress: bool = False) -> dict:
+    """Every figure of the protocol for one seed (§4b per budget, §5 fold-in curve)."""
+    own_tmp = workdir is None
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="cfb-eval-"))
+    try:
+        return _run_seed(ds, seed, budgets, fold_steps, kind, train_params or {}, serving or {}, workdir, progress)
+    finally:
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdir, progress) -> dict:  # noqa: ANN001
+    ratings = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
+    users = sorted(ratings.user.unique().tolist())
+    user_index = {u: k for k, u in enumerate(users)}
+    cold = cold_users(users, seed)
+    is_cold = ratings.user.isin(cold)
+    attrs_of = dict(zip(ds.users.user, ds.users.attributes)) if ds.users is not None else {}
+    warm_users = ds.users[~ds.users.user.isin(cold)] if ds.users is not None else None
+    timings: dict = {}
+
+    base = workdir / f"seed{seed}.db"
+    engine = make_engine(f"sqlite:///{base}")
+    t0 = time.perf_counter()
+    ingest_dataset(engine, Dataset(ratings[~is_cold], ds.items, warm_users, ds.scale, ds.name))
+    timings["ingest_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    train = retrain_full(engine, kind=kind, valid_pct=0.0, progress=progress, serving=serving, seed=seed, **train_params)
+    timings["retrain_s"] = round(time.perf_counter() - t0, 3)
+    with engine.begin() as conn:
+        conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    engine.dispose()
+
+    # §6 baselines on the warm users' ratings
+    warm = ratings[~is_cold]
+    item_ids = sorted(set(warm.item))
+    inner = {e: k for k, e in enumerate(item_ids)}
+    w_items = warm.item.map(inner).to_numpy()
+    w_users_ids = sorted(set(warm.user))
+    w_users = warm.user.map({u: k for k, u in enumerate(w_users_ids)}).to_numpy()
+    pop = Popularity().fit(w_items, warm.rating.to_numpy(float), len(item_ids))
+    demo = DemographicPopularity().fit(w_items, warm.rating.to_numpy(float), len(item_ids))
+    demo.fit_groups(w_users, w_items, [attrs_of.get(u, {}) for u in w_users_ids], len(item_ids))
+
+    cold_sorted = sorted(cold)
+    by_user = {u: g.sort_values("item") for u, g in ratings[is_cold].groupby("user")}
+    splits = {u: answer_pool_split(user_index[u], by_user[u]["item"].tolist(), seed) for u in cold_sorted}
+
+    out = {"seed": seed, "n_cold": len(cold), "n_warm": len(users) - len(cold), "train": _train_summary(train),
+           "budgets": {}, "timings": timings}
+    for q in budgets:
+        with _db_copy(base, workdir / f"seed{seed}_q{q}.db") as eng:
+            with eng.connect() as conn:
+                asked = [r["item"] for r in questionnaire_json(conn, q)["items"]] if q else []
+            entries, answers = [], 0
+            for u in cold_sorted:
+                pool = by_user[u].set_index("item").loc[splits[u][0], "rating"]
+                given = {i: float(pool[i]) for i in asked if i in pool.index}
+                answers += len(given)
+                entries.append((f"cold user {u}", {"user": u, "answers": attrs_of.get(u, {}), "ratings": given}))
+            t0 = time.perf_counter()
+            onboard(eng, entries)
+            onboard_ms = (time.perf_counter() - t0) * 1000 / max(len(entries), 1)
+            tallies = {m: Tally() for m in METHODS}
+            t0 = time.perf_counter()
+            with eng.connect() as conn:
+                state = load_state(conn)
+                cat = Catalogue(conn, state)
+                avg = _average_user(conn, state)
+                bl = _aligned_baselines(pop, demo, item_ids, cat)
+                for u in cold_sorted:
+                    g = by_user[u].set_index("item")
+                    test = g.loc[splits[u][1]].reset_index()
+                    _score_user(tallies, conn, state, cat, bl, avg, u, attrs_of.get(u, {}), splits[u][0], test)
+            out["budgets"][q] = {"answers_per_user": round(answers / len(cold_sorted), 2),
+                                 "onboard_ms_per_user": round(onboard_ms, 2),
+                                 "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
+                                 **{m: t.result() for m, t in tallies.items()}}
+    if fold_steps:
+        with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
+            out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, fold_steps, pop, demo, item_ids)
+    return out
+
+
+def _train_summary(train: dict) -> dict:
+    keys = ("version", "kind", "n_ratings", "load_s", "fit_s", "bootstrap_s", "device")
+    return {**{k: train.get(k) for k in keys}, "hyperparams": train["hyperparams"]}
+
+
+def _average_user(conn, state) -> tuple[np.ndarray, float]:  # noqa: ANN001
+    rows = versions.load_users(conn, state.version)
+    return rows.factors.mean(0), float(rows.bias.mean())
+
+
+class _Aligned:
+    """A baseline re-indexed onto the serving catalogue."""
+
+    def __init__(self, model: Popularity, item_ids: list, cat: Catalogue):
+        self.model = model
+        pos = {e: k for k, e in enumerate(item_ids)}
+        self.map = np.array([pos.get(e, -1) for e in cat.ext], dtype=np.int64)
+
+    def scores(self, attrs: dict) -> np.ndarray:
+        s = self.model.scores(attrs)
+        return np.where(self.map >= 0, s[np.maximum(self.map, 0)], -1.0)
+
+    def predict(self, inner: np.ndarray, attrs: dict) -> np.ndarray:
+        return self.model.predict(np.where(inner >= 0, self.map[np.maximum(inner, 0)], -1))
+
+
+def _aligned_baselines(pop, demo, item_ids, cat) -> dict:  # noqa: ANN001
+    return {"popularity": _Aligned(pop, item_ids, cat), "demographic_popularity": _Aligned(demo, item_ids, cat)}
+
+
+def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, steps, pop, demo,  # noqa: ANN001
+                   item_ids) -> dict:
+    """§5: onboard with Q = 0, reveal the first n ratings in time order, incremental retrain after each step."""
+    onboard(eng, [(f"cold user {u}", {"user": u, "answers": attrs_of.get(u, {}), "ratings": {}}) for u in cold_sorted])
+    timeline = {u: g.sort_values(["timestamp", "item"], kind="stable") for u, g in cold_ratings.groupby("user")}
+    first10 = {u: timeline[u].iloc[:10] for u in cold_sorted}
+    evalset = {u: timeline[u].iloc[10:] for u in cold_sorted}
+    out, shown = {}, 0
+    for n in sorted(steps):
+        retrain_s = None
+        if n > shown:
+            new = pd.concat([first10[u].iloc[shown:n] for u in cold_sorted])
+            ingest_dataset(eng, Dataset(new[["user", "item", "rating", "timestamp"]]))
+            t0 = time.perf_counter()
+            report = retrain_incremental(eng)
+            retrain_s = round(time.perf_counter() - t0, 4)
+            shown = n
+        tallies = {m: Tally() for m in ("cfb", "popularity", "demographic_popularity")}
+        with eng.connect() as conn:
+            state = load_state(conn)
+            cat = Catalogue(conn, state)
+            bl = _aligned_baselines(pop, demo, item_ids, cat)
+            for u in cold_sorted:
+                if evalset[u].empty:
+                    continue
+                uid = store.user_id_of(conn, u)
+                scores, rated = user_scores(conn, state, uid)
+                vec, bias = user_factors(conn, state, uid)
+                exclude = np.concatenate([rated, cat.index(first10[u]["item"])])
+                relevant = set(evalset[u].loc[evalset[u].rating >= 4, "item"])
+                ev = cat.index(evalset[u]["item"])
+                known = ev >= 0
+                truth = evalset[u]["rating"].to_numpy(float)[known]
+                tallies["cfb"].add(state.scoring.predict_user(vec, bias, ev[known]), truth,
+                                   _top(scores, exclude, cat), relevant)
+                attrs = attrs_of.get(u, {})
+                for name, model in bl.items():
+                    tallies[name].add(model.predict(ev[known], attrs), truth, _top(model.scores(attrs), exclude, cat), relevant)
+        out[n] = {"retrain_s": retrain_s, **{m: t.result() for m, t in tallies.items()}}
+    return out
+
+
+def mean_over_seeds(results: list[dict]) -> dict:
+    """Average every metric over seeds (same structure as one seed's ``budgets`` and ``fold_in``)."""
+    def avg(path):  # noqa: ANN001
+        vals = []
+        for r in results:
+            v = r
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            if v is not None:
+                vals.append(v)
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    first = results[0]
+    out: dict = {"budgets": {}, "fold_in": {}}
+    for section in ("budgets", "fold_in"):
+        for key, block in first.get(section, {}).items():
+            out[section][key] = {}
+            for m, v in block.items():
+                if isinstance(v, dict):
+                    out[section][key][m] = {mk: avg([section, key, m, mk]) for mk in v}
+                else:
+                    out[section][key][m] = avg([section, key, m])
+    return out
