@@ -1,0 +1,82 @@
+"""Shared fixtures: a synthetic ratings set with planted structure, and temporary databases."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cfb.db.engine import make_engine
+from cfb.db.sources import Dataset
+
+SHARED_ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
+# Small, fast training settings that learn the planted structure.
+FAST = {"n_factors": 8, "epochs": 12, "lr": 0.03, "bs": 256, "wd": 0.05}
+
+
+def planted_ratings(n_users: int = 60, n_items: int = 40, seed: int = 0) -> Dataset:
+    """Two taste groups: "a" users (gender F) love items a0.. and dislike b0..; "b" users (M) the opposite.
+
+    Each user rates a random 60% of the items; ratings are 1..5 with a little noise."""
+    rng = np.random.default_rng(seed)
+    rows, users = [], []
+    half = n_items // 2
+    for u in range(n_users):
+        group = "a" if u % 2 == 0 else "b"
+        users.append({"user": f"{group}{u}", "attributes": {"gender": "F" if group == "a" else "M",
+                                                            "age": int(rng.integers(18, 60))}})
+        for i in rng.permutation(n_items)[: int(n_items * 0.6)]:
+            item_group = "a" if i < half else "b"
+            base = 4.6 if item_group == group else 1.6
+            r = float(np.clip(np.round(base + rng.normal(0, 0.4)), 1, 5))
+            rows.append((f"{group}{u}", f"{item_group}{i}", r, 1_000_000 + len(rows)))
+    ratings = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+    items = pd.DataFrame({"item": [f"{'a' if i < half else 'b'}{i}" for i in range(n_items)],
+                          "title": [f"{'Alpha' if i < half else 'Beta'} film {i}" for i in range(n_items)],
+                          "attributes": [{} for _ in range(n_items)]})
+    return Dataset(ratings, items, pd.DataFrame(users), scale=(1.0, 5.0), name="planted")
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cfb.db'}"
+
+
+@pytest.fixture
+def engine(db_url: str):
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def planted() -> Dataset:
+    return planted_ratings()
+
+
+@pytest.fixture
+def trained(engine, planted):
+    """A database holding the planted set and a trained dot model (version 1)."""
+    from cfb.service.ingest import ingest_dataset
+    from cfb.service.training import retrain_full
+
+    ingest_dataset(engine, planted)
+    report = retrain_full(engine, kind="dot", valid_pct=0.2, progress=False, **FAST)
+    return engine, report
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("CFB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CFB_DATABASE_URL", raising=False)
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def ml100k_available() -> bool:
+    return (SHARED_ML100K / "u.data").exists() and os.access(SHARED_ML100K / "u.data", os.R_OK)

@@ -1,0 +1,66 @@
+"""Malformed input: one clear line naming file, line and field; nothing written."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from cfb.cf_core.errors import InputError
+from cfb.db.schema import Rating, User
+from cfb.db.sources import Dataset, read_movielens, read_ratings_csv, read_users_csv
+from cfb.service.ingest import ingest_dataset
+
+from .conftest import write
+
+
+@pytest.mark.parametrize("body, message", [
+    ("user,item\n1,2\n", r"ratings.csv, line 1, field 'rating': missing column\(s\) rating"),
+    ("user,item,rating\n1,2,4\n1,3,four\n", r"ratings.csv, line 3, field 'rating': not a number: 'four'"),
+    ("user,item,rating\n1,2,4\n,3,5\n", r"ratings.csv, line 3, field 'user': empty id"),
+    ("user,item,rating,timestamp\n1,2,4,12.5\n", r"line 2, field 'timestamp': not a number"),
+    ("", r"ratings.csv, line 1: empty file"),
+])
+def test_bad_ratings_csv(tmp_path, body, message):
+    with pytest.raises(InputError, match=message):
+        read_ratings_csv(write(tmp_path / "ratings.csv", body))
+
+
+def test_bad_encoding_names_the_line(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_bytes(b"user,item,rating\n1,2,4\n1,caf\xe9,5\n")
+    with pytest.raises(InputError, match=r"ratings.csv, line 3: not valid utf-8"):
+        read_ratings_csv(path)
+
+
+def test_out_of_scale_rating_writes_nothing(engine, tmp_path, planted):
+    ingest_dataset(engine, planted)
+    with engine.connect() as conn:
+        before = conn.scalar(select(func.count()).select_from(Rating))
+    bad = read_ratings_csv(write(tmp_path / "r.csv", "user,item,rating\nnew-user,a1,4\nnew-user,a2,7\n"))
+    with pytest.raises(InputError, match=r"r.csv, line 3, field 'rating': rating 7 outside the scale 1..5"):
+        ingest_dataset(engine, Dataset(bad), source=str(tmp_path / "r.csv"))
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Rating)) == before
+        assert conn.scalar(select(User.id).where(User.external_id == "new-user")) is None
+
+
+def test_custom_column_names_and_users_file(engine, tmp_path):
+    r = read_ratings_csv(write(tmp_path / "r.csv", "who,what,stars,when\nu1,i1,4.5,100\nu2,i1,2,101\n"),
+                         "who", "what", "stars", "when")
+    assert r["rating"].tolist() == [4.5, 2.0] and r["timestamp"].tolist() == [100, 101]
+    users = read_users_csv(write(tmp_path / "u.csv", "user,age,city\nu1,30,Paris\nu2,,Rome\n"))
+    assert users["attributes"].tolist() == [{"age": 30, "city": "Paris"}, {"city": "Rome"}]
+    out = ingest_dataset(engine, Dataset(r, users=users), scale=(0.5, 5))
+    assert out == {"ratings": 2, "users": 2, "items": 0, "scale": [0.5, 5.0]}
+
+
+def test_movielens_layout_errors(tmp_path):
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    write(folder / "u.data", "1\t2\t5\t881250949\n1\t3\t5\n")
+    with pytest.raises(InputError, match=r"u.data, line 2: expected 4 tab-separated fields, found 3"):
+        read_movielens(folder)
+    write(folder / "u.data", "1\t2\t5\t881250949\n1\t3\t9\t881250950\n")
+    with pytest.raises(InputError, match=r"u.data, line 2, field 'rating': rating 9 outside the scale"):
+        read_movielens(folder)
+    with pytest.raises(InputError, match="file not found"):
+        read_movielens(tmp_path / "nowhere")

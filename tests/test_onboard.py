@@ -1,0 +1,103 @@
+"""Onboarding: answers determine taste; bad answer files fail cleanly with nothing stored."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from cfb.cf_core.errors import InputError
+from cfb.db.schema import Answer, Rating, User
+from cfb.service.onboard import onboard, questionnaire_json, read_answers_file
+from cfb.service.serving import predict_pairs, recommend
+
+from .conftest import write
+
+
+def counts(engine) -> tuple[int, int, int]:
+    with engine.connect() as conn:
+        return tuple(conn.scalar(select(func.count()).select_from(t)) for t in (User, Rating, Answer))
+
+
+def test_questionnaire_lists_attributes_and_items(trained):
+    engine, _ = trained
+    with engine.connect() as conn:
+        q = questionnaire_json(conn, budget=5)
+    assert {a["name"]: a["type"] for a in q["attributes"]} == {"age": "number", "gender": "category"}
+    assert next(a for a in q["attributes"] if a["name"] == "gender")["values"] == ["F", "M"]
+    assert len(q["items"]) == 5 and all(i["title"] for i in q["items"])
+
+
+@pytest.mark.parametrize("gender, group", [("F", "a"), ("M", "b")])
+def test_answers_alone_give_the_groups_items(trained, tmp_path, gender, group):
+    engine, _ = trained
+    path = write(tmp_path / "q.json", json.dumps({"user": "new", "answers": {"gender": gender, "age": 30}}))
+    out = onboard(engine, read_answers_file(path))
+    assert out["onboarded"] == [{"user": "new", "ratings": 0}]
+    with engine.connect() as conn:
+        rec = recommend(conn, "new", n=5)
+    assert [r["item"][0] for r in rec["items"]] == [group] * 5
+
+
+def test_ratings_fold_in_overrides_a_misleading_answer(trained, tmp_path):
+    """A user who says M but loves the "a" films gets "a" films: their ratings outweigh the prior."""
+    engine, _ = trained
+    ratings = {f"Alpha film {i}": 5 for i in range(6)} | {f"Beta film {i}": 1 for i in range(20, 26)}
+    path = write(tmp_path / "q.json", json.dumps({"user": "x", "answers": {"gender": "M"}, "ratings": ratings}))
+    onboard(engine, read_answers_file(path))
+    with engine.connect() as conn:
+        rec = recommend(conn, "x", n=5)
+        assert [r["item"][0] for r in rec["items"]] == ["a"] * 5
+        high, low = predict_pairs(conn, [("x", "a10"), ("x", "b30")])
+    assert high > low
+
+
+def test_batch_formats_and_generated_ids(trained, tmp_path):
+    engine, _ = trained
+    lines = "\n".join(json.dumps({"answers": {"gender": g}}) for g in ("F", "M"))
+    out = onboard(engine, read_answers_file(write(tmp_path / "q.jsonl", lines)))
+    assert [u["user"] for u in out["onboarded"]] == ["new-61", "new-62"]
+    listed = json.dumps([{"user": "l1", "answers": {}}, {"user": "l2", "answers": {"age": None}}])
+    assert len(onboard(engine, read_answers_file(write(tmp_path / "q.json", listed)))["onboarded"]) == 2
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"answers": {"shoe_size": 42}}, r"entry 2, field 'answers.shoe_size': unknown attribute"),
+    ({"answers": {"age": "old"}}, r"entry 2, field 'answers.age': expected a number"),
+    ({"answers": {"gender": "X"}}, r"entry 2, field 'answers.gender': 'X' is not one of F, M"),
+    ({"ratings": {"a1": 9}}, r"entry 2, field 'ratings.a1': rating 9 outside the scale 1..5"),
+    ({"ratings": {"No Such Film": 4}}, r"entry 2, field 'ratings.No Such Film': unknown item"),
+    ({"ratings": {"a1": "five"}}, r"entry 2, field 'ratings.a1': rating must be a number"),
+    ({"user": "a0"}, r"entry 2, field 'user': user 'a0' already exists"),
+    ({"user": "first"}, r"entry 2, field 'user': user 'first' already exists"),
+    ({"colour": "red"}, r"entry 2, field 'colour': unknown key"),
+])
+def test_bad_entries_fail_the_whole_batch(trained, tmp_path, entry, message):
+    engine, _ = trained
+    before = counts(engine)
+    good = {"user": "first", "answers": {"gender": "F"}, "ratings": {"a1": 5}}
+    path = write(tmp_path / "q.json", json.dumps([good, entry]))
+    with pytest.raises(InputError, match=message):
+        onboard(engine, read_answers_file(path))
+    assert counts(engine) == before
+
+
+def test_skip_invalid_stores_the_valid_entries(trained, tmp_path):
+    engine, _ = trained
+    before = counts(engine)
+    path = write(tmp_path / "q.json", json.dumps([{"user": "ok", "ratings": {"a1": 5}}, {"answers": {"gender": "X"}}]))
+    out = onboard(engine, read_answers_file(path), skip_invalid=True)
+    assert [u["user"] for u in out["onboarded"]] == ["ok"]
+    assert len(out["skipped"]) == 1 and "answers.gender" in out["skipped"][0]["error"]
+    assert counts(engine) == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("{not json", r"q.json, line 1: invalid JSON"),
+    ('{"user": "a"}\n{"user": \n', r"q.json, line 2: invalid JSON"),
+    ("[1, 2]", r"q.json: entry 1: each entry must be a JSON object"),
+    ("", r"q.json, line 1: empty file"),
+])
+def test_unreadable_answer_files(tmp_path, body, message):
+    with pytest.raises(InputError, match=message):
+        read_answers_file(write(tmp_path / "q.json", body))
