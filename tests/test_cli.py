@@ -1,0 +1,121 @@
+"""The `cfb` command line, through click's runner and a real subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cfb.cli.main import cli
+
+from .conftest import FAST, write
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run(runner, url, *args):  # noqa: ANN001
+    return runner.invoke(cli, ["--db", url, *args])
+
+
+@pytest.fixture
+def cli_db(tmp_path, runner, planted):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    planted.ratings.to_csv(tmp_path / "ratings.csv", index=False)
+    users = planted.users.assign(gender=[a["gender"] for a in planted.users.attributes],
+                                 age=[a["age"] for a in planted.users.attributes])[["user", "gender", "age"]]
+    users.to_csv(tmp_path / "users.csv", index=False)
+    assert run(runner, url, "ingest", "users", str(tmp_path / "users.csv")).exit_code == 0
+    res = run(runner, url, "ingest", "ratings", str(tmp_path / "ratings.csv"), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["ratings"] == len(planted.ratings)
+    args = ["retrain", "--full", "--json", "--factors", "8", "--epochs", str(FAST["epochs"]), "--lr", "0.03",
+            "--bs", "256", "--wd", "0.05"]
+    res = run(runner, url, *args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert {"version", "valid_mse", "valid_rmse", "epoch_s", "fit_s", "load_s"} <= report.keys()
+    assert len(report["epoch_s"]) == FAST["epochs"]
+    return url
+
+
+def test_recommend_json(runner, cli_db):
+    res = run(runner, cli_db, "recommend", "a0", "b1", "-n", "3", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [o["user"] for o in out] == ["a0", "b1"]
+    assert [r["item"][0] for r in out[0]["items"]] == ["a"] * 3
+    assert set(out[0]["items"][0]) == {"item", "title", "score"}
+
+
+def test_predict_csv(runner, cli_db, tmp_path):
+    pairs = write(tmp_path / "pairs.csv", "user,item\na0,a1\nb1,a1\n")
+    res = run(runner, cli_db, "predict", "--pairs", str(pairs))
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0] == "user,item,prediction" and len(lines) == 3
+    assert float(lines[1].split(",")[2]) > float(lines[2].split(",")[2])
+
+
+def test_similar_and_biases_and_models(runner, cli_db):
+    out = json.loads(run(runner, cli_db, "similar", "a3", "-n", "4", "--json").output)
+    assert out["item"] == "a3" and out["title"] is None and len(out["items"]) == 4
+    res = run(runner, cli_db, "inspect", "biases", "-n", "2")
+    assert res.exit_code == 0 and "lowest bias" in res.output
+    models = json.loads(run(runner, cli_db, "models", "--json").output)
+    assert len(models) == 1 and models[0]["serving"]
+
+
+def test_onboard_rate_retrain_rollback(runner, cli_db, tmp_path):
+    answers = write(tmp_path / "q.json", json.dumps({"user": "zoe", "answers": {"gender": "M"}}))
+    res = run(runner, cli_db, "onboard", "--answers", str(answers))
+    assert res.exit_code == 0 and res.output.strip() == "zoe"
+    assert run(runner, cli_db, "rate", "zoe", "a1", "5").exit_code == 0
+    out = json.loads(run(runner, cli_db, "retrain", "--json").output)
+    assert out["mode"] == "incremental" and out["users_folded"] == 1
+    assert json.loads(run(runner, cli_db, "rollback", "1", "--json").output) == {"serving": 1}
+    q = json.loads(run(runner, cli_db, "questionnaire", "--budget", "3", "--json").output)
+    assert len(q["items"]) == 3 and {a["name"] for a in q["attributes"]} == {"age", "gender"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recommend", "ghost"], "Error: unknown user 'ghost'"),
+    (["similar", "a3x"], "Error: unknown item 'a3x'"),
+    (["rollback", "99"], "Error: no model version 99"),
+    (["rate", "a0", "a1", "9"], "outside the scale"),
+])
+def test_errors_are_one_line_and_nonzero(runner, cli_db, args, message):
+    res = run(runner, cli_db, *args)
+    assert res.exit_code == 1
+    assert message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_empty_database_is_a_clear_error(runner, tmp_path):
+    res = run(runner, f"sqlite:///{tmp_path / 'empty.db'}", "recommend", "1")
+    assert res.exit_code == 1 and "the database is empty" in res.output
+
+
+def test_bad_ingest_file_exits_nonzero(runner, tmp_path):
+    bad = write(tmp_path / "bad.csv", "user,item,rating\n1,2,x\n")
+    res = run(runner, f"sqlite:///{tmp_path / 'x.db'}", "ingest", "ratings", str(bad))
+    assert res.exit_code == 1 and "bad.csv, line 2, field 'rating': not a number" in res.output
+
+
+def test_real_cfb_subprocess(cli_db, tmp_path):
+    """The installed console script, in its own process, answers from the stored arrays."""
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    env = {**os.environ, "CFB_DATABASE_URL": cli_db}
+    res = subprocess.run([*cmd, "recommend", "b1", "-n", "2", "--json"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [r["item"][0] for r in json.loads(res.stdout)[0]["items"]] == ["b", "b"]
+    res = subprocess.run([*cmd, "recommend", "ghost"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == "Error: unknown user 'ghost'"

@@ -1,0 +1,62 @@
+"""The protocol's splits and metrics, checked against hand-computed cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cfb.cf_core.split import answer_pool_split, cold_users, valid_split
+from cfb.evaluation.baselines import DemographicPopularity, Popularity, age_band
+from cfb.evaluation.metrics import ndcg_at_k, recall_at_k
+
+
+def test_cold_users_follow_section_1():
+    users = [str(u) for u in range(1, 101)]
+    cold = cold_users(users, 42)
+    expected = set(np.random.default_rng(42).choice(sorted(users), size=20, replace=False).tolist())
+    assert cold == expected and len(cold) == 20
+    assert cold_users(list(reversed(users)), 42) == cold  # order of input does not matter
+    assert cold_users(users, 43) != cold
+
+
+def test_answer_pool_follows_section_3():
+    items = ["10", "2", "33", "4", "5"]
+    pool, test = answer_pool_split(7, items, 42)
+    srt = sorted(items)
+    perm = np.random.default_rng([42, 7]).permutation(5)
+    assert pool == [srt[i] for i in perm[:2]] and test == [srt[i] for i in perm[2:]]
+
+
+def test_valid_split_is_a_seeded_permutation():
+    tr, va = valid_split(100, 0.2, 42)
+    assert len(va) == 20 and set(tr) | set(va) == set(range(100)) and not set(tr) & set(va)
+    assert set(va) == set(np.random.default_rng(42).permutation(100)[:20])
+
+
+def test_ndcg_and_recall():
+    ranked = ["a", "x", "b", "y"]
+    relevant = {"a", "b", "z"}
+    dcg = 1 + 1 / math.log2(4)
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg_at_k(ranked, relevant) == pytest.approx(dcg / idcg)
+    assert recall_at_k(ranked, relevant) == pytest.approx(2 / 3)
+    assert ndcg_at_k(["x"], {"a"}) == 0.0
+    many = {str(i) for i in range(20)}
+    assert recall_at_k([str(i) for i in range(10)], many) == 1.0  # min(10, relevant)
+
+
+def test_popularity_baselines():
+    items = np.array([0, 0, 0, 1, 2, 2])
+    ratings = np.array([5, 4, 3, 1, 2, 2], float)
+    pop = Popularity().fit(items, ratings, 4)
+    assert list(np.argsort(-pop.scores(), kind="stable")[:3]) == [0, 2, 1]
+    gm = ratings.mean()
+    assert pop.predict(np.array([0, 3, -1])) == pytest.approx([(12 + 10 * gm) / 13, gm, gm])
+    users = np.array([0, 0, 0, 1, 1, 1])
+    demo = DemographicPopularity().fit(items, ratings, 4).fit_groups(
+        users, items, [{"gender": "F", "age": 20}, {"gender": "M", "age": 60}], 4)
+    assert np.argmax(demo.scores({"gender": "M", "age": 61})) == 2
+    assert np.argmax(demo.scores({"gender": "F", "age": 19})) == 0
+    assert np.argmax(demo.scores({})) == 0  # unknown group: popularity
+    assert [age_band(a) for a in (17, 18, 24, 25, 49, 50, 55, 56)] == [0, 1, 1, 2, 4, 5, 5, 6]

@@ -1,0 +1,89 @@
+"""Crash safety with real processes: SIGKILL mid-retrain, concurrent retrains, serving during a retrain."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from cfb.db import versions
+from cfb.db.schema import ItemFactors, ModelArrays, ModelVersion, Rating, UserFactors
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+def cfb_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("cfb")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+
+
+def start_long_retrain(url: str) -> subprocess.Popen:
+    return subprocess.Popen([*cfb_cmd(), "--db", url, "retrain", "--full", "--quiet", "--epochs", "300",
+                             "--bs", "64", "--factors", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lock(engine, proc, timeout: float = 60) -> None:  # noqa: ANN001
+    """Until the retrain holds its lock (it is then loading or training)."""
+    from cfb.db.store import get_setting
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with engine.connect() as conn:
+            if get_setting(conn, versions.LOCK_KEY):
+                return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    raise AssertionError("retrain never took its lock")
+
+
+def table_counts(engine) -> dict:  # noqa: ANN001
+    with engine.connect() as conn:
+        return {t.__tablename__: conn.scalar(select(func.count()).select_from(t))
+                for t in (ModelVersion, UserFactors, ItemFactors, ModelArrays, Rating)}
+
+
+@pytest.mark.parametrize("extra_delay", [0.0, 1.5])
+def test_sigkill_mid_retrain_keeps_previous_version(trained, db_url, extra_delay):
+    engine, report = trained
+    before = table_counts(engine)
+    proc = start_long_retrain(db_url)
+    wait_for_lock(engine, proc)
+    time.sleep(extra_delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert table_counts(engine) == before  # no partial rows, no lost ratings
+    with engine.connect() as conn:
+        assert versions.serving_version(conn) == report["version"]
+    # the dead process's lock is taken over by the next retrain
+    res = subprocess.run([*cfb_cmd(), "--db", db_url, "retrain", "--full", "--json", "--epochs", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["version"] == report["version"] + 1
+
+
+def test_second_retrain_fails_clearly_and_serving_continues(trained, db_url):
+    engine, report = trained
+    proc = start_long_retrain(db_url)
+    try:
+        wait_for_lock(engine, proc)
+        second = subprocess.run([*cfb_cmd(), "--db", db_url, "retrain", "--full"], capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 1
+        assert "another retrain is running" in second.stderr and "Traceback" not in second.stderr
+        served = subprocess.run([*cfb_cmd(), "--db", db_url, "recommend", "a0", "-n", "3", "--json"],
+                                capture_output=True, text=True, timeout=120)
+        assert served.returncode == 0, served.stderr
+        assert len(json.loads(served.stdout)[0]["items"]) == 3
+        assert proc.poll() is None  # the first retrain was still running throughout
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    with engine.connect() as conn:
+        assert versions.serving_version(conn) == report["version"]
