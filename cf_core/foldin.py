@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scoring import ScoringModel, logit_range
+from .scoring import ScoringModel
 
 
 def fold_in_user(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray,
                  prior_bias: float, reg: float = 5.0, reg_bias: float = 1.0) -> tuple[np.ndarray, float]:
     """Solve for a user's embedding and bias given their ratings, shrunk toward a prior.
 
-    Dot model: ridge regression in the logit space of ``sigmoid_range`` (closed form, numpy).
+    Dot model: Gauss-Newton on squared error in rating units with a Gaussian prior (numpy).
     NN model: a few hundred Adam steps on the user's embedding (torch). With no ratings the prior
     is returned unchanged."""
     items = np.asarray(items, dtype=np.int64)
@@ -18,13 +18,28 @@ def fold_in_user(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, pr
         return prior_vec.astype(np.float32), float(prior_bias)
     if model.kind == "nn":
         return _fold_in_nn(model, items, ratings, prior_vec, reg)
+    return _fold_in_dot(model, items, np.asarray(ratings, np.float64), prior_vec, prior_bias, reg, reg_bias)
+
+
+def _fold_in_dot(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray,
+                 prior_bias: float, reg: float, reg_bias: float, iterations: int = 8) -> tuple[np.ndarray, float]:
+    """Gauss-Newton on the squared error in rating units (through ``sigmoid_range``), with a
+    Gaussian prior: minimise sum (r - pred)^2 + reg |u - u0|^2 + reg_bias (b - b0)^2."""
     lo, hi = model.y_range
-    target = logit_range(ratings, lo, hi) - model.item_bias[items]
     X = np.concatenate([model.item_factors[items].astype(np.float64), np.ones((len(items), 1))], axis=1)
+    offset = model.item_bias[items].astype(np.float64)
     lam = np.r_[np.full(model.n_factors, reg), reg_bias]
-    prior = np.r_[prior_vec, prior_bias]
-    sol = np.linalg.solve(X.T @ X + np.diag(lam), X.T @ target + lam * prior)
-    return sol[:-1].astype(np.float32), float(sol[-1])
+    prior = np.r_[prior_vec, prior_bias].astype(np.float64)
+    theta = prior.copy()
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(X @ theta + offset)))
+        resid = ratings - (lo + (hi - lo) * p)
+        J = X * ((hi - lo) * p * (1 - p))[:, None]
+        step = np.linalg.solve(J.T @ J + np.diag(lam), J.T @ resid - lam * (theta - prior))
+        theta += step
+        if np.abs(step).max() < 1e-6:
+            break
+    return theta[:-1].astype(np.float32), float(theta[-1])
 
 
 def _fold_in_nn(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray,
