@@ -7,18 +7,45 @@ from .scoring import ScoringModel
 
 
 def fold_in_user(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray,
-                 prior_bias: float, reg: float = 5.0, reg_bias: float = 1.0) -> tuple[np.ndarray, float]:
+                 prior_bias: float, reg: float = 5.0, reg_bias: float = 1.0,
+                 rank_reg: float = 5.0) -> tuple[np.ndarray, float]:
     """Solve for a user's embedding and bias given their ratings, shrunk toward a prior.
 
-    Dot model: Gauss-Newton on squared error in rating units with a Gaussian prior (numpy).
-    NN model: a few hundred Adam steps on the user's embedding (torch). With no ratings the prior
-    is returned unchanged."""
+    Rating part, dot model: Gauss-Newton on squared error in rating units with a Gaussian prior
+    (numpy); NN model: Adam steps on the user's embedding (torch). Ranking part (when the model has
+    one): the rated items are positives of a logistic model, solved by Newton's method. With no
+    ratings the prior is returned unchanged."""
     items = np.asarray(items, dtype=np.int64)
+    prior_vec = np.asarray(prior_vec, dtype=np.float32)
     if len(items) == 0:
-        return prior_vec.astype(np.float32), float(prior_bias)
+        return prior_vec, float(prior_bias)
+    prior_rating, prior_rank = model.split_user(prior_vec)
     if model.kind == "nn":
-        return _fold_in_nn(model, items, ratings, prior_vec, reg)
-    return _fold_in_dot(model, items, np.asarray(ratings, np.float64), prior_vec, prior_bias, reg, reg_bias)
+        vec, bias = _fold_in_nn(model, items, ratings, prior_rating, reg)
+    else:
+        vec, bias = _fold_in_dot(model, items, np.asarray(ratings, np.float64), prior_rating, prior_bias, reg, reg_bias)
+    if model.rank_factors is not None:
+        vec = np.concatenate([vec, fold_in_ranking(model.rank_factors, model.rank_bias, items, prior_rank, rank_reg)])
+    return vec.astype(np.float32), bias
+
+
+def fold_in_ranking(rank_factors: np.ndarray, rank_bias: np.ndarray, items: np.ndarray, prior: np.ndarray,
+                    reg: float, iterations: int = 10) -> np.ndarray:
+    """Ranking embedding that makes the user's rated ``items`` likely: maximise
+    sum log sigmoid(f_i . u + b_i) - reg/2 |u - prior|^2 (Newton's method; concave, so it converges)."""
+    F = rank_factors[items].astype(np.float64)
+    b = rank_bias[items].astype(np.float64)
+    prior = prior.astype(np.float64)
+    u = prior.copy()
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(F @ u + b)))
+        grad = F.T @ (1 - p) - reg * (u - prior)
+        hess = F.T @ (F * (p * (1 - p))[:, None]) + reg * np.eye(len(u))
+        step = np.linalg.solve(hess, grad)
+        u += step
+        if np.abs(step).max() < 1e-6:
+            break
+    return u.astype(np.float32)
 
 
 def _fold_in_dot(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray,

@@ -38,21 +38,52 @@ def run_head(head: Head, x: np.ndarray) -> np.ndarray:
 class ScoringModel:
     """Item side of a trained model, enough to score any user given their embedding and bias.
 
-    ``kind`` is "dot" (EmbeddingDotBias) or "nn" (EmbeddingNN, whose ``head`` is the exported MLP)."""
+    ``kind`` is "dot" (EmbeddingDotBias) or "nn" (EmbeddingNN, whose ``head`` is the exported MLP).
+    With a ranking model (``rank_factors``, ``rank_bias``: ``ImplicitDotBias``), a user's vector is
+    the rating embedding followed by the ranking embedding; ``split_user`` separates them."""
 
     kind: str
     y_range: tuple[float, float]
     item_factors: np.ndarray  # (n_items, k) float32
     item_bias: np.ndarray  # (n_items,) float32; zeros for nn
     head: Head | None = None
+    rank_factors: np.ndarray | None = None  # (n_items, k2)
+    rank_bias: np.ndarray | None = None  # (n_items,)
     _norms: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_factors(self) -> int:
         return self.item_factors.shape[1]
 
+    @property
+    def n_rank_factors(self) -> int:
+        return 0 if self.rank_factors is None else self.rank_factors.shape[1]
+
+    def split_user(self, vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rating embedding, ranking embedding) of user vector(s)."""
+        k = self.n_factors
+        return vec[..., :k], vec[..., k:]
+
+    def rank_logits(self, user_vec: np.ndarray) -> np.ndarray:
+        """The ranking model's logit of "this user would rate the item", for every item."""
+        return self.rank_factors @ self.split_user(user_vec)[1] + self.rank_bias
+
+    # --- stored item rows: [rating factors | ranking factors | ranking bias] -------------------
+    def item_rows(self) -> np.ndarray:
+        if self.rank_factors is None:
+            return self.item_factors
+        return np.concatenate([self.item_factors, self.rank_factors, self.rank_bias[:, None]], axis=1)
+
+    @staticmethod
+    def unpack_item_rows(rows: np.ndarray, n_factors: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(item factors, ranking factors, ranking bias) from stored rows."""
+        if rows.shape[1] == n_factors:
+            return rows, None, None
+        return rows[:, :n_factors], rows[:, n_factors:-1], rows[:, -1]
+
     def raw_scores(self, user_vecs: np.ndarray, user_bias: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Pre-activation scores for pairs (row r of users with items[r])."""
+        user_vecs = self.split_user(user_vecs)[0]
         if self.kind == "dot":
             return (np.einsum("ij,ij->i", user_vecs, self.item_factors[items])
                     + user_bias + self.item_bias[items])
@@ -67,7 +98,7 @@ class ScoringModel:
         """Predicted ratings of one user for ``items`` (all items when None)."""
         if items is None:
             if self.kind == "dot":
-                raw = self.item_factors @ user_vec + user_bias + self.item_bias
+                raw = self.item_factors @ self.split_user(user_vec)[0] + user_bias + self.item_bias
                 return sigmoid_range(raw, *self.y_range)
             items = np.arange(len(self.item_factors))
         n = len(items)

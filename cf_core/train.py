@@ -58,24 +58,13 @@ class CollabModel:
         from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
         from fastai.data.core import DataLoaders
         from fastai.learner import Learner
-        from fastai.losses import MSELossFlat
         from fastai.torch_core import set_seed
-
-        from .loader import TensorBatches
 
         device = pick_device(self.device)
         set_seed(self.seed, reproducible=True)
         gen = torch.Generator().manual_seed(self.seed)
 
-        def batches(d: CollabData | None, shuffle: bool) -> TensorBatches:
-            if d is None or len(d) == 0:
-                x, y = torch.zeros((0, 2), dtype=torch.long), torch.zeros(0)
-            else:
-                x = torch.from_numpy(np.stack([d.users, d.items], axis=1))
-                y = torch.from_numpy(d.ratings)
-            return TensorBatches(x, y, self.bs, shuffle=shuffle, generator=gen)
-
-        dls = DataLoaders(batches(train, True), batches(valid, False), device=device)
+        dls = DataLoaders(self._batches(train, True, gen), self._batches(valid, False, gen), device=device)
         module = self._build(train.n_users, train.n_items).to(device)
 
         class EpochClock(Callback):
@@ -91,7 +80,7 @@ class CollabModel:
                 self.epoch_s.append(time.perf_counter() - self.t0)
 
         clock = EpochClock()
-        learn = Learner(dls, module, loss_func=MSELossFlat(), cbs=[clock])
+        learn = Learner(dls, module, loss_func=self._loss(), cbs=[clock])
         t0 = time.perf_counter()
         if self.progress:
             learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
@@ -108,6 +97,23 @@ class CollabModel:
             valid_loss=[float(v[1]) if len(v) > 1 and v[1] is not None else None for v in values],
             device=str(device))
         return self
+
+    def _batches(self, d: CollabData | None, shuffle: bool, gen):  # noqa: ANN001
+        import torch
+
+        from .loader import TensorBatches
+
+        if d is None or len(d) == 0:
+            x, y = torch.zeros((0, 2), dtype=torch.long), torch.zeros(0)
+        else:
+            x = torch.from_numpy(np.stack([d.users, d.items], axis=1))
+            y = torch.from_numpy(d.ratings)
+        return TensorBatches(x, y, self.bs, shuffle=shuffle, generator=gen)
+
+    def _loss(self):
+        from fastai.losses import MSELossFlat
+
+        return MSELossFlat()
 
     def scoring_model(self) -> ScoringModel:
         """The trained item side as plain arrays."""
@@ -188,6 +194,49 @@ def export_head(layers) -> Head:  # noqa: ANN001
             scale = _np(m.weight) / np.sqrt(_np(m.running_var) + m.eps)
             head.append(("affine", [scale.astype(np.float32), (_np(m.bias) - _np(m.running_mean) * scale).astype(np.float32)]))
     return head
+
+
+class ImplicitDotBias(DotBias):
+    """The ranking model: ``EmbeddingDotBias`` without ``y_range``, trained with binary cross-entropy
+    on which items a user rated (1) against uniformly sampled items (0). Its item bias is a smoothed
+    log-popularity and its user factors say *what* a user watches, which ranking for new users needs
+    and a rating model does not learn (see docs/coldstart.md)."""
+
+    kind = "implicit"
+
+    def __init__(self, n_factors: int = 32, epochs: int = 5, lr: float = 1e-2, wd: float = 0.05,
+                 bs: int = 4096, neg_ratio: int = 4, seed: int = 42, device: str | None = None,
+                 progress: bool = True):
+        super().__init__(n_factors, epochs, lr, wd, bs, (0.0, 1.0), seed, device, progress)
+        self.neg_ratio = neg_ratio
+
+    def get_params(self) -> dict:
+        p = super().get_params()
+        p.pop("y_range")
+        return {**p, "neg_ratio": self.neg_ratio}
+
+    def _build(self, n_users: int, n_items: int):
+        from fastai.collab import EmbeddingDotBias
+
+        return EmbeddingDotBias(self.n_factors, n_users, n_items, y_range=None)
+
+    def _batches(self, d: CollabData | None, shuffle: bool, gen):  # noqa: ANN001
+        import torch
+
+        from .loader import NegativeSampledBatches, TensorBatches
+
+        if not shuffle or d is None:  # no validation loss for the ranking model
+            return TensorBatches(torch.zeros((0, 2), dtype=torch.long), torch.zeros(0), self.bs, False)
+        x = torch.from_numpy(np.stack([d.users, d.items], axis=1))
+        return NegativeSampledBatches(x, d.n_items, self.neg_ratio, self.bs, generator=gen)
+
+    def _loss(self):
+        from fastai.losses import BCEWithLogitsLossFlat
+
+        return BCEWithLogitsLossFlat()
+
+    def fit(self, train: CollabData, valid: CollabData | None = None) -> "ImplicitDotBias":
+        return super().fit(train, None)
 
 
 MODELS = {"dot": DotBias, "nn": NeuralCF}

@@ -15,7 +15,7 @@ from ..cf_core.foldin import fold_in_user
 from ..cf_core.scoring import ScoringModel, from_npz, to_npz
 from ..db import store, versions
 from ..db.versions import FactorRows
-from .state import load_state, prior_factors
+from .state import foldin_params, load_state, prior_factors
 from .training import DEFAULTS, retrain_full
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
@@ -73,9 +73,7 @@ def retrain_incremental(engine: Engine) -> dict:
             item_rows = _fold_in_items(conn, state, parent, new_item_ids) if len(new_item_ids) else FactorRows.empty()
         scoring = state.scoring
         if len(item_rows.ids):  # score users against the catalogue including the new items
-            scoring = ScoringModel(state.kind, state.scoring.y_range,
-                                   np.concatenate([state.scoring.item_factors, item_rows.factors]),
-                                   np.concatenate([state.scoring.item_bias, item_rows.bias]), state.scoring.head)
+            scoring = _with_items(scoring, item_rows)
         all_item_ids = np.concatenate([state.item_ids, item_rows.ids])
         order = np.argsort(all_item_ids)
         t_fold = time.perf_counter()
@@ -88,8 +86,7 @@ def retrain_incremental(engine: Engine) -> dict:
                 prior_vec, prior_bias = current[u]
             else:
                 prior_vec, prior_bias = prior_factors(state, attributes[u], {})
-            vec, bias = fold_in_user(scoring, inner, ratings, prior_vec, prior_bias,
-                                     reg=hp.get("foldin_reg", 5.0), reg_bias=hp.get("foldin_reg_bias", 1.0))
+            vec, bias = fold_in_user(scoring, inner, ratings, prior_vec, prior_bias, **foldin_params(hp))
             vecs.append(vec)
             biases.append(bias)
         fold_s = time.perf_counter() - t_fold
@@ -110,22 +107,41 @@ def retrain_incremental(engine: Engine) -> dict:
 
 
 def _fold_in_items(conn, state, version: int, item_ids: np.ndarray) -> FactorRows:  # noqa: ANN001
-    """New items' factors and biases, solved against their raters' frozen user factors (dot model)."""
+    """New items' stored rows, solved against their raters' frozen user factors (dot model).
+
+    The rating part is a fold-in with users and items swapped; the ranking part (if any) starts at
+    zero factors and the lowest ranking bias: a new item is ranked by its predicted rating until
+    the next full retrain."""
     if state.kind != "dot":
         raise CfbError("new items need a full retrain for the nn model: run `cfb retrain --full`")
+    sm = state.scoring
     vecs, biases = [], []
-    k = state.scoring.n_factors
     for item in item_ids.tolist():
         users, ratings = store.item_ratings(conn, item)
         rows = versions.load_users(conn, version, users)
         keep = np.isin(users, rows.ids)
-        raters = ScoringModel("dot", state.scoring.y_range, rows.factors, rows.bias)
+        raters = ScoringModel("dot", sm.y_range, sm.split_user(rows.factors)[0], rows.bias)
         inner = np.searchsorted(rows.ids, users[keep])
-        vec, bias = fold_in_user(raters, inner, ratings[keep], np.zeros(k, np.float32), 0.0,
+        vec, bias = fold_in_user(raters, inner, ratings[keep], np.zeros(sm.n_factors, np.float32), 0.0,
                                  reg=state.hyperparams.get("foldin_reg", 5.0), reg_bias=1.0)
         vecs.append(vec)
         biases.append(bias)
-    return FactorRows(item_ids, np.array(biases, np.float32), np.stack(vecs))
+    new = ScoringModel("dot", sm.y_range, np.stack(vecs), np.array(biases, np.float32))
+    if sm.rank_factors is not None:
+        new.rank_factors = np.zeros((len(vecs), sm.n_rank_factors), np.float32)
+        new.rank_bias = np.full(len(vecs), sm.rank_bias.min(), np.float32)
+    return FactorRows(item_ids, new.item_bias, new.item_rows())
+
+
+def _with_items(sm: ScoringModel, rows: FactorRows) -> ScoringModel:
+    """The scoring model with the new item rows appended."""
+    factors, rank_factors, rank_bias = ScoringModel.unpack_item_rows(rows.factors, sm.n_factors)
+    extended = ScoringModel(sm.kind, sm.y_range, np.concatenate([sm.item_factors, factors]),
+                            np.concatenate([sm.item_bias, rows.bias]), sm.head)
+    if sm.rank_factors is not None:
+        extended.rank_factors = np.concatenate([sm.rank_factors, rank_factors])
+        extended.rank_bias = np.concatenate([sm.rank_bias, rank_bias])
+    return extended
 
 
 def _updated_stats(stats: dict, new) -> bytes:  # noqa: ANN001

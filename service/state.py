@@ -35,10 +35,16 @@ class ServingState:
         return np.where(ok, pos, -1)
 
     def ranking_scores(self, vec: np.ndarray, bias: float) -> np.ndarray:
-        """What recommendations are ranked by: the predicted rating, plus ``popularity_weight`` × log
-        of the item's number of ratings (a new user's taste is mostly unknown; what people watch is)."""
-        w = float(self.hyperparams.get("popularity_weight", 0.0))
+        """What recommendations are ranked by.
+
+        With a ranking model: its logit that the user would rate the item, plus ``rating_weight`` ×
+        the predicted rating (relevant = seen *and* liked). Without: the predicted rating, plus
+        ``popularity_weight`` × log of the item's number of ratings."""
+        hp = self.hyperparams
         pred = self.scoring.predict_user(vec, bias)
+        if self.scoring.rank_factors is not None:
+            return self.scoring.rank_logits(vec) + float(hp.get("rating_weight", 1.0)) * pred
+        w = float(hp.get("popularity_weight", 0.0))
         return pred + w * np.log1p(self.counts) if w else pred
 
 
@@ -52,8 +58,9 @@ def load_state(conn: Connection, version: int | None = None) -> ServingState:
     items = versions.load_items(conn, version)
     hp = mv["hyperparams"]
     head_blob = versions.load_array(conn, version, "nn_head.npz")
-    scoring = ScoringModel(mv["kind"], tuple(hp["y_range"]), items.factors, items.bias,
-                           head_from_npz(head_blob) if head_blob else None)
+    factors, rank_factors, rank_bias = ScoringModel.unpack_item_rows(items.factors, hp["n_factors"])
+    scoring = ScoringModel(mv["kind"], tuple(hp["y_range"]), factors, items.bias,
+                           head_from_npz(head_blob) if head_blob else None, rank_factors, rank_bias)
     stats = from_npz(versions.load_array(conn, version, "item_stats.npz"))
     counts = np.zeros(len(items.ids))
     counts[np.searchsorted(items.ids, stats["item_ids"])] = stats["counts"]
@@ -66,7 +73,7 @@ def load_state(conn: Connection, version: int | None = None) -> ServingState:
 
 def prior_factors(state: ServingState, attributes: dict, item_ratings: dict[int, float]) -> tuple[np.ndarray, float]:
     """A new user's starting point: the bootstrap regressor's output (or zeros without one)."""
-    k = state.scoring.n_factors
+    k = state.scoring.n_factors + state.scoring.n_rank_factors
     if state.bootstrap is None:
         return np.zeros(k, np.float32), 0.0
     vec, bias = state.bootstrap.initial_factors([attributes], [item_ratings])
@@ -79,8 +86,13 @@ def cold_factors(state: ServingState, attributes: dict, items: np.ndarray, ratin
     items, ratings = items[known], np.asarray(ratings, np.float32)[known]
     vec, bias = prior_factors(state, attributes, dict(zip(items.tolist(), ratings.tolist())))
     hp = state.hyperparams
-    return fold_in_user(state.scoring, items, ratings, vec, bias,
-                        reg=hp.get("foldin_reg", 5.0), reg_bias=hp.get("foldin_reg_bias", 1.0))
+    return fold_in_user(state.scoring, items, ratings, vec, bias, **foldin_params(hp))
+
+
+def foldin_params(hyperparams: dict) -> dict:
+    """The version's fold-in shrinkage settings."""
+    return {"reg": hyperparams.get("foldin_reg", 5.0), "reg_bias": hyperparams.get("foldin_reg_bias", 1.0),
+            "rank_reg": hyperparams.get("foldin_rank_reg", 5.0)}
 
 
 def user_factors(conn: Connection, state: ServingState, user_id: int) -> tuple[np.ndarray, float]:

@@ -11,7 +11,7 @@ from ..cf_core.data import CollabData, default_y_range, index_ids
 from ..cf_core.errors import CfbError
 from ..cf_core.scoring import to_npz
 from ..cf_core.split import valid_split
-from ..cf_core.train import MODELS
+from ..cf_core.train import MODELS, ImplicitDotBias
 from ..db import store, versions
 from ..db.versions import FactorRows
 
@@ -20,7 +20,9 @@ DEFAULTS = {
     "dot": {"n_factors": 50, "epochs": 8, "lr": 5e-3, "wd": 0.3, "bs": 1024},
     "nn": {"n_factors": 50, "epochs": 5, "lr": 5e-3, "wd": 0.1, "bs": 1024, "layers": (100, 50)},
 }
-SERVING_DEFAULTS = {"popularity_weight": 0.0, "foldin_reg": 5.0, "foldin_reg_bias": 1.0, "bootstrap_alpha": 30.0}
+RANKER_DEFAULTS = {"n_factors": 32, "epochs": 5, "lr": 1e-2, "wd": 0.05, "bs": 4096, "neg_ratio": 4}
+SERVING_DEFAULTS = {"ranker": "implicit", "rating_weight": 1.0, "popularity_weight": 1.0, "foldin_reg": 5.0,
+                    "foldin_reg_bias": 1.0, "foldin_rank_reg": 5.0, "bootstrap_alpha": 30.0}
 
 
 def load_training_data(engine: Engine):
@@ -70,19 +72,28 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.2, prog
         else:
             metrics.update(valid_mse=None, valid_rmse=None)
         serve_hp = {**SERVING_DEFAULTS, **(serving or {})}
+        scoring, user_vecs = model.scoring_model(), model.user_factors_
+        if serve_hp["ranker"] == "implicit":
+            rank_hp = {**RANKER_DEFAULTS, **serve_hp.get("ranker_params", {})}
+            ranker = ImplicitDotBias(seed=hp.get("seed", 42), device=model.device, progress=progress,
+                                     **rank_hp).fit(train)
+            scoring.rank_factors, scoring.rank_bias = ranker.item_factors_, ranker.item_bias_
+            user_vecs = np.concatenate([user_vecs, ranker.user_factors_], axis=1)
+            metrics["ranker_fit_s"] = ranker.report_.fit_s
+            serve_hp["ranker_params"] = ranker.get_params()
         t0 = time.perf_counter()
-        boot = fit_bootstrap(train, model.user_factors_, model.user_bias_, attributes,
+        boot = fit_bootstrap(train, user_vecs, model.user_bias_, attributes,
                              alpha=serve_hp["bootstrap_alpha"], seed=hp.get("seed", 42))
         metrics["bootstrap_s"] = round(time.perf_counter() - t0, 3)
         arrays = {"item_stats.npz": item_stats_npz(item_ids, train), "bootstrap.npz": boot.to_npz()}
         if kind == "nn":
-            arrays["nn_head.npz"] = model.scoring_model().head_to_npz()
+            arrays["nn_head.npz"] = scoring.head_to_npz()
         hyperparams = {**model.get_params(), **serve_hp, "valid_pct": valid_pct, "valid_seed": VALID_SEED}
         with engine.begin() as conn:
             version = versions.save_version(
                 conn, kind=kind, mode="full", parent_id=None, hyperparams=hyperparams, metrics=metrics,
-                max_seq=max_seq, users=FactorRows(user_ids, model.user_bias_, model.user_factors_),
-                items=FactorRows(item_ids, model.item_bias_, model.item_factors_), arrays=arrays)
+                max_seq=max_seq, users=FactorRows(user_ids, model.user_bias_, user_vecs),
+                items=FactorRows(item_ids, model.item_bias_, scoring.item_rows()), arrays=arrays)
         return {"version": version, "kind": kind, "mode": "full", **metrics, "hyperparams": hyperparams}
     finally:
         versions.release_retrain_lock(engine, lock)

@@ -162,7 +162,9 @@ def test_stored_model_matches_trained_predictions(engine, planted):
         state = load_state(conn)
         users = versions.load_users(conn, report["version"])
     assert np.array_equal(users.ids, user_ids) and np.array_equal(state.item_ids, item_ids)
-    assert np.allclose(users.factors, model.user_factors_) and np.allclose(users.bias, model.user_bias_)
+    rating_part, ranking_part = state.scoring.split_user(users.factors)
+    assert np.allclose(rating_part, model.user_factors_) and np.allclose(users.bias, model.user_bias_)
+    assert ranking_part.shape == (len(user_ids), state.scoring.n_rank_factors) and state.scoring.n_rank_factors > 0
     assert np.allclose(state.scoring.item_factors, model.item_factors_)
     served = state.scoring.predict_pairs(users.factors[data.users], users.bias[data.users], data.items)
     assert np.allclose(served, model.predict(data.users, data.items), atol=1e-5)
