@@ -21,8 +21,10 @@ def warm_only(ds: Dataset, seed: int) -> Dataset:
 
 
 def main() -> None:
-    ds = read_movielens(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("{") else "../shared/data/ml-100k")
+    ds = read_movielens(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1][0] not in "{-" else "../shared/data/ml-100k")
     candidates = [json.loads(a) for a in sys.argv[1:] if a.startswith("{")] or [{}]
+    for c in candidates:
+        c.setdefault("fold", [0, 1, 3, 5, 10])
     seeds = (42,)
     for cand in candidates:
         t0 = time.time()
@@ -32,6 +34,10 @@ def main() -> None:
         m = mean_over_seeds(runs)
         row = {q: (b["cfb"]["ndcg@10"], b["cfb"]["rmse"]) for q, b in m["budgets"].items()}
         fold_row = {n: (b["cfb"]["ndcg@10"], b["cfb"]["rmse"]) for n, b in m["fold_in"].items()}
+        if "--baselines" in sys.argv:
+            for name in ("popularity", "demographic_popularity", "average_user"):
+                print(name, {q: (b[name]["ndcg@10"], b[name]["rmse"]) for q, b in m["budgets"].items()},
+                      {n: b[name]["ndcg@10"] for n, b in m["fold_in"].items() if name in b})
         print(json.dumps({"serving": cand, "train": train}), row, fold_row, f"{time.time() - t0:.0f}s", flush=True)
 
 

@@ -369,3 +369,44 @@ def rollback(ctx: Ctx, version: int, as_json: bool) -> None:
     with ctx.engine.begin() as conn:
         versions.set_serving(conn, version)
     emit({"serving": version}, as_json, f"version {version} serving")
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+@cli.group("eval")
+def eval_group() -> None:
+    """Measure quality."""
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@eval_group.command("cold-start")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default="../shared/data/ml-100k",
+              show_default=True, help="MovieLens 100k folder (downloaded if absent and this is the default).")
+@click.option("--seeds", default="42,43,44", show_default=True)
+@click.option("--budgets", default="0,5,15,30", show_default=True)
+@click.option("--fold-steps", default="0,1,3,5,10", show_default=True, help="Protocol §5; empty to skip.")
+@click.option("--model", "kind", type=click.Choice(["dot", "nn"]), default="dot", show_default=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@fail_cleanly
+def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, kind: str, quiet: bool,
+                    as_json: bool) -> None:
+    """COLDSTART_PROTOCOL.md §1–6 through the real pipeline in a temporary database."""
+    from ..db.sources import read_movielens
+    from ..evaluation.coldstart import run_protocol
+    from ..evaluation.report import render
+
+    if not (data_dir / "u.data").exists():
+        from ..db.download import download
+
+        data_dir = download("movielens-100k")
+    seed_list = _ints(seeds)
+    if not quiet and not as_json:
+        click.echo(f"running the protocol on {data_dir} for seeds {seed_list} ...", err=True)
+    out = run_protocol(read_movielens(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind)
+    emit(out, as_json, render(out))

@@ -281,3 +281,15 @@ def mean_over_seeds(results: list[dict]) -> dict:
                 else:
                     out[section][key][m] = avg([section, key, m])
     return out
+
+
+def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10),
+                 kind: str = "dot", train_params: dict | None = None, serving: dict | None = None,
+                 progress: bool = False) -> dict:
+    """The protocol for every seed, with the mean over seeds."""
+    per_seed = []
+    for seed in seeds:
+        per_seed.append(run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, progress=progress))
+    settings = {"kind": kind, **per_seed[0]["train"]["hyperparams"]}
+    return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "per_seed": per_seed,
+            "mean": mean_over_seeds(per_seed)}

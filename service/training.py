@@ -21,8 +21,9 @@ DEFAULTS = {
     "nn": {"n_factors": 50, "epochs": 5, "lr": 5e-3, "wd": 0.1, "bs": 1024, "layers": (100, 50)},
 }
 RANKER_DEFAULTS = {"n_factors": 32, "epochs": 5, "lr": 1e-2, "wd": 0.05, "bs": 4096, "neg_ratio": 4}
-SERVING_DEFAULTS = {"ranker": "implicit", "rating_weight": 1.0, "popularity_weight": 1.0, "foldin_reg": 5.0,
-                    "foldin_reg_bias": 1.0, "foldin_rank_reg": 5.0, "bootstrap_alpha": 30.0}
+SERVING_DEFAULTS = {"ranker": "implicit", "rating_weight": 0.5, "popularity_weight": 1.0, "foldin_reg": 20.0,
+                    "foldin_reg_bias": 100.0, "foldin_rank_reg": 100.0, "bootstrap_alpha": 30.0,
+                    "questionnaire": "popularity"}
 
 
 def load_training_data(engine: Engine):
@@ -82,8 +83,8 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.2, prog
             metrics["ranker_fit_s"] = ranker.report_.fit_s
             serve_hp["ranker_params"] = ranker.get_params()
         t0 = time.perf_counter()
-        boot = fit_bootstrap(train, user_vecs, model.user_bias_, attributes,
-                             alpha=serve_hp["bootstrap_alpha"], seed=hp.get("seed", 42))
+        boot = fit_bootstrap(train, user_vecs, model.user_bias_, attributes, alpha=serve_hp["bootstrap_alpha"],
+                             strategy=serve_hp["questionnaire"], seed=hp.get("seed", 42))
         metrics["bootstrap_s"] = round(time.perf_counter() - t0, 3)
         arrays = {"item_stats.npz": item_stats_npz(item_ids, train), "bootstrap.npz": boot.to_npz()}
         if kind == "nn":

@@ -1,0 +1,51 @@
+"""The protocol's output table, as text."""
+from __future__ import annotations
+
+METHOD_NAMES = {"cfb": "cfb", "average_user": "average user", "popularity": "popularity",
+                "demographic_popularity": "demographic popularity"}
+
+
+def _fmt(v) -> str:  # noqa: ANN001
+    return "   -  " if v is None else f"{v:.4f}"
+
+
+def budget_table(block: dict) -> list[str]:
+    """Rows: methods; columns: RMSE / NDCG@10 / Recall@10 per budget Q."""
+    budgets = list(block)
+    head = "method                  " + "".join(f"| Q={q:<2} RMSE  NDCG@10 Rec@10 " for q in budgets)
+    lines = [head, "-" * len(head)]
+    for m, name in METHOD_NAMES.items():
+        cells = "".join(f"| {_fmt(block[q][m]['rmse'])} {_fmt(block[q][m]['ndcg@10'])}  {_fmt(block[q][m]['recall@10'])} "
+                        for q in budgets)
+        lines.append(f"{name:<24}{cells}")
+    lines.append("answers per user        " + "".join(f"| {block[q]['answers_per_user']:<23}" for q in budgets))
+    return lines
+
+
+def fold_table(block: dict) -> list[str]:
+    """Rows: methods; columns: RMSE / NDCG@10 / Recall@10 per number n of revealed ratings."""
+    steps = list(block)
+    head = "method                  " + "".join(f"| n={n:<2} RMSE  NDCG@10 Rec@10 " for n in steps)
+    lines = [head, "-" * len(head)]
+    for m in ("cfb", "popularity", "demographic_popularity"):
+        cells = "".join(f"| {_fmt(block[n][m]['rmse'])} {_fmt(block[n][m]['ndcg@10'])}  {_fmt(block[n][m]['recall@10'])} "
+                        for n in steps)
+        lines.append(f"{METHOD_NAMES[m]:<24}{cells}")
+    lines.append("incremental retrain (s) " + "".join(
+        f"| {'-' if block[n]['retrain_s'] is None else block[n]['retrain_s']:<23}" for n in steps))
+    return lines
+
+
+def render(result: dict) -> str:
+    """The whole report: settings, per-seed and mean tables."""
+    lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}",
+             f"model: {result['settings']}", ""]
+    for title, block in [(f"seed {r['seed']}", r) for r in result["per_seed"][:1]] + [("mean over seeds", result["mean"])]:
+        lines += [f"== cold start (protocol §4b), {title} =="] + budget_table(block["budgets"]) + [""]
+        if block.get("fold_in"):
+            lines += [f"== fold-in curve (protocol §5), {title} =="] + fold_table(block["fold_in"]) + [""]
+    t = result["per_seed"][0]["timings"]
+    lines.append(f"timings (seed {result['per_seed'][0]['seed']}): ingest {t['ingest_s']} s, full retrain {t['retrain_s']} s, "
+                 + ", ".join(f"onboard Q={q} {b['onboard_ms_per_user']} ms/user"
+                             for q, b in result["per_seed"][0]["budgets"].items()))
+    return "\n".join(lines)
