@@ -224,7 +224,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     """Predicted rating for each user,item row of a CSV; prints CSV user,item,prediction."""
     import csv
 
-    from ..db.sources import read_text
+    from ..db.textfile import read_text
     from ..service.serving import predict_pairs
 
     rows = list(csv.DictReader(read_text(pairs_file).splitlines()))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
+from .textfile import read_text
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -28,18 +29,6 @@ class Dataset:
     users: pd.DataFrame | None = None  # user, attributes (dict)
     scale: tuple[float, float] | None = None
     name: str = "ratings"
-
-
-def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """Whole file as text; a bad byte is reported with its line number."""
-    if not path.exists():
-        raise InputError("file not found", source=str(path))
-    data = path.read_bytes()
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"not valid {encoding} text (byte 0x{data[e.start]:02x})", source=str(path), line=line) from None
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False) -> np.ndarray:

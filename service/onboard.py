@@ -27,7 +27,7 @@ class Signup:
 
 def read_answers_file(path: Path) -> list[tuple[str, dict]]:
     """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location."""
-    from ..db.sources import read_text
+    from ..db.textfile import read_text
 
     text = read_text(Path(path))
     stripped = text.strip()

@@ -92,7 +92,7 @@ def cold_factors(state: ServingState, attributes: dict, items: np.ndarray, ratin
 def foldin_params(hyperparams: dict) -> dict:
     """The version's fold-in shrinkage settings."""
     return {"reg": hyperparams.get("foldin_reg", 5.0), "reg_bias": hyperparams.get("foldin_reg_bias", 1.0),
-            "rank_reg": hyperparams.get("foldin_rank_reg", 5.0)}
+            "rank_reg": hyperparams.get("foldin_rank_reg", 5.0), "rank_neg": hyperparams.get("foldin_rank_neg", 0.0)}
 
 
 def user_factors(conn: Connection, state: ServingState, user_id: int) -> tuple[np.ndarray, float]:

@@ -20,9 +20,9 @@ DEFAULTS = {
     "dot": {"n_factors": 50, "epochs": 8, "lr": 5e-3, "wd": 0.3, "bs": 1024},
     "nn": {"n_factors": 50, "epochs": 5, "lr": 5e-3, "wd": 0.1, "bs": 1024, "layers": (100, 50)},
 }
-RANKER_DEFAULTS = {"n_factors": 32, "epochs": 5, "lr": 1e-2, "wd": 0.05, "bs": 4096, "neg_ratio": 4}
+RANKER_DEFAULTS = {"n_factors": 32, "epochs": 10, "lr": 1e-2, "wd": 0.05, "bs": 4096, "neg_ratio": 4}
 SERVING_DEFAULTS = {"ranker": "implicit", "rating_weight": 0.5, "popularity_weight": 1.0, "foldin_reg": 20.0,
-                    "foldin_reg_bias": 100.0, "foldin_rank_reg": 100.0, "bootstrap_alpha": 30.0,
+                    "foldin_reg_bias": 100.0, "foldin_rank_reg": 100.0, "foldin_rank_neg": 0.0, "bootstrap_alpha": 30.0,
                     "questionnaire": "popularity"}
 
 
