@@ -103,14 +103,23 @@ class RatingsArrays:
 
 
 def load_ratings(conn: Connection, since_seq: int = 0) -> RatingsArrays:
-    """Ratings with ``seq > since_seq``, ordered by seq, as numpy arrays (one cursor, no ORM objects)."""
-    stmt = (select(Rating.user_id, Rating.item_id, Rating.rating, func.coalesce(Rating.timestamp, -1), Rating.seq)
-            .where(Rating.seq > since_seq).order_by(Rating.seq))
-    rows = conn.execute(stmt).all()
-    if not rows:
+    """Ratings with ``seq > since_seq``, ordered by seq, as numpy arrays.
+
+    Read through the raw DB-API cursor in large chunks: no Row objects for millions of ratings."""
+    sql = ("SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq FROM ratings "
+           f"WHERE seq > {int(since_seq)} ORDER BY seq")
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(sql)
+        chunks = []
+        while rows := cursor.fetchmany(500_000):
+            chunks.append(np.array(rows, dtype=np.float64))
+    finally:
+        cursor.close()
+    if not chunks:
         z = np.zeros(0, dtype=np.int64)
         return RatingsArrays(z, z, np.zeros(0, dtype=np.float32), z, z)
-    arr = np.array(rows, dtype=np.float64)
+    arr = np.concatenate(chunks)
     return RatingsArrays(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.float32),
                          arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64))
 
