@@ -108,7 +108,8 @@ class CollabModel:
         else:
             x = torch.from_numpy(np.stack([d.users, d.items], axis=1))
             y = torch.from_numpy(d.ratings)
-        return TensorBatches(x, y, self.bs, shuffle=shuffle, generator=gen)
+        # validation needs no gradients: large batches cut fastai's per-batch overhead
+        return TensorBatches(x, y, self.bs if shuffle else max(self.bs, 16384), shuffle=shuffle, generator=gen)
 
     def _loss(self):
         from fastai.losses import MSELossFlat
