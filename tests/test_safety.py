@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -87,3 +88,33 @@ def test_second_retrain_fails_clearly_and_serving_continues(trained, db_url):
         proc.wait(timeout=30)
     with engine.connect() as conn:
         assert versions.serving_version(conn) == report["version"]
+
+
+def test_sigkill_at_any_moment_of_incremental_retrains(trained, db_url):
+    """Kill `cfb retrain` (incremental) at spread-out moments: every version is whole or absent."""
+    import pandas as pd
+
+    from cfb.db.sources import Dataset
+    from cfb.service.ingest import ingest_dataset
+
+    engine, _ = trained
+    for attempt, delay in enumerate(np.linspace(0.2, 2.0, 8)):
+        new = pd.DataFrame([{"user": f"b{2 * attempt + 1}", "item": "a3", "rating": 5.0, "timestamp": attempt}])
+        ingest_dataset(engine, Dataset(new))
+        ratings_before = table_counts(engine)["ratings"]
+        proc = subprocess.Popen([*cfb_cmd(), "--db", db_url, "retrain", "--quiet"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        with engine.connect() as conn:
+            serving = versions.serving_version(conn)
+            for v in versions.list_versions(conn):
+                n_users = conn.scalar(select(func.count()).select_from(UserFactors)
+                                      .where(UserFactors.version_id == v["version"]))
+                if v["mode"] == "incremental":  # written whole: exactly the users it folded in
+                    assert n_users == v["metrics"]["users_folded"]
+                assert conn.scalar(select(func.count()).select_from(ModelArrays)
+                                   .where(ModelArrays.version_id == v["version"])) >= 1
+            assert serving == max(v["version"] for v in versions.list_versions(conn))
+        assert table_counts(engine)["ratings"] == ratings_before  # no rating lost
