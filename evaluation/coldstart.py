@@ -20,7 +20,7 @@ from ..service.incremental import retrain_incremental
 from ..service.ingest import ingest_dataset
 from ..service.onboard import onboard, questionnaire_json
 from ..service.serving import user_scores
-from ..service.state import load_state, user_factors
+from ..service.state import load_state
 from ..service.training import retrain_full
 from .baselines import DemographicPopularity, Popularity
 from .metrics import ndcg_at_k, recall_at_k, rmse
@@ -81,12 +81,12 @@ def _top(scores: np.ndarray, exclude: np.ndarray, cat: Catalogue) -> list:
     return [cat.ext[i] for i in part[np.lexsort((part, -s[part]))]]
 
 
-def _score_user(tallies: dict, conn, state, cat: Catalogue, baselines: dict, avg: tuple, user: str,  # noqa: ANN001
+def _score_user(tallies: dict, conn, state, cat: Catalogue, baselines: dict, avg: tuple | None, user: str,  # noqa: ANN001
                 attrs: dict, exclude_ext: list, test: pd.DataFrame) -> None:
-    """Rank and predict for one cold user with every method; ``exclude_ext`` leaves the ranking."""
+    """Rank and predict for one cold user with every method (the average user when ``avg`` is
+    given); the user's rated items and ``exclude_ext`` leave the ranking; ``test`` is scored."""
     uid = store.user_id_of(conn, user)
-    scores, rated = user_scores(conn, state, uid)
-    vec, bias = user_factors(conn, state, uid)
+    scores, rated, (vec, bias) = user_scores(conn, state, uid)
     exclude = np.concatenate([rated, cat.index(exclude_ext)])
     relevant = set(test.loc[test.rating >= 4, "item"])
     test_inner = cat.index(test["item"])
@@ -94,8 +94,9 @@ def _score_user(tallies: dict, conn, state, cat: Catalogue, baselines: dict, avg
     truth = test["rating"].to_numpy(float)[known]
     tallies["cfb"].add(state.scoring.predict_user(vec, bias, test_inner[known]), truth,
                        _top(scores, exclude, cat), relevant)
-    tallies["average_user"].add(state.scoring.predict_user(avg[0], avg[1], test_inner[known]), truth,
-                                _top(state.ranking_scores(*avg), exclude, cat), relevant)
+    if avg is not None:
+        tallies["average_user"].add(state.scoring.predict_user(avg[0], avg[1], test_inner[known]), truth,
+                                    _top(state.ranking_scores(*avg), exclude, cat), relevant)
     for name, model in baselines.items():
         tallies[name].add(model.predict(test_inner[known], attrs), truth, _top(model.scores(attrs), exclude, cat), relevant)
 
@@ -230,7 +231,7 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
             new = pd.concat([first10[u].iloc[shown:n] for u in cold_sorted])
             ingest_dataset(eng, Dataset(new[["user", "item", "rating", "timestamp"]]))
             t0 = time.perf_counter()
-            report = retrain_incremental(eng)
+            retrain_incremental(eng)
             retrain_s = round(time.perf_counter() - t0, 4)
             shown = n
         tallies = {m: Tally() for m in ("cfb", "popularity", "demographic_popularity")}
@@ -239,21 +240,9 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
             cat = Catalogue(conn, state)
             bl = _aligned_baselines(pop, demo, item_ids, cat)
             for u in cold_sorted:
-                if evalset[u].empty:
-                    continue
-                uid = store.user_id_of(conn, u)
-                scores, rated = user_scores(conn, state, uid)
-                vec, bias = user_factors(conn, state, uid)
-                exclude = np.concatenate([rated, cat.index(first10[u]["item"])])
-                relevant = set(evalset[u].loc[evalset[u].rating >= 4, "item"])
-                ev = cat.index(evalset[u]["item"])
-                known = ev >= 0
-                truth = evalset[u]["rating"].to_numpy(float)[known]
-                tallies["cfb"].add(state.scoring.predict_user(vec, bias, ev[known]), truth,
-                                   _top(scores, exclude, cat), relevant)
-                attrs = attrs_of.get(u, {})
-                for name, model in bl.items():
-                    tallies[name].add(model.predict(ev[known], attrs), truth, _top(model.scores(attrs), exclude, cat), relevant)
+                if not evalset[u].empty:
+                    _score_user(tallies, conn, state, cat, bl, None, u, attrs_of.get(u, {}),
+                                first10[u]["item"].tolist(), evalset[u])
         out[n] = {"retrain_s": retrain_s, **{m: t.result() for m, t in tallies.items()}}
     return out
 

@@ -19,22 +19,22 @@ def _items_out(conn: Connection, state: ServingState, rows: np.ndarray, scores: 
             for i, s in zip(state.item_ids[rows], scores)]
 
 
-def user_scores(conn: Connection, state: ServingState, user_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ranking score of every catalogue item, inner indices of the items the user has rated)."""
+def user_scores(conn: Connection, state: ServingState, user_id: int):  # noqa: ANN201
+    """(ranking score of every catalogue item, inner indices of the items the user has rated,
+    and the user's (embedding, bias))."""
     vec, bias = user_factors(conn, state, user_id)
     rated = state.item_index(store.user_ratings(conn, user_id)[0])
-    return state.ranking_scores(vec, bias), rated[rated >= 0]
+    return state.ranking_scores(vec, bias), rated[rated >= 0], (vec, bias)
 
 
 def recommend(conn: Connection, external_user: str, n: int = 10) -> dict:
     """Top ``n`` unrated items for a user, by ranking score."""
     state = load_state(conn)
     uid = store.user_id_of(conn, external_user)
-    scores, rated = user_scores(conn, state, uid)
+    scores, rated, (vec, bias) = user_scores(conn, state, uid)
     scores = scores.astype(np.float64)
     scores[rated] = -np.inf
     top = top_n(scores, n)
-    vec, bias = user_factors(conn, state, uid)
     predicted = state.scoring.predict_user(vec, bias, top)
     return {"user": str(external_user), "items": _items_out(conn, state, top, predicted)}
 
