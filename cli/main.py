@@ -67,10 +67,13 @@ def ingest() -> None:
     """Load ratings, items and users into the database (all or nothing)."""
 
 
-def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "") -> None:
+def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "", quiet: bool = False) -> None:
     from ..service.ingest import ingest_dataset
 
-    out = ingest_dataset(ctx.engine, ds, scale=scale, source=source)
+    show = not (quiet or as_json) and len(ds.ratings) >= 100_000
+    with click.progressbar(length=len(ds.ratings), label="writing ratings", file=sys.stderr,
+                           hidden=not show) as bar:
+        out = ingest_dataset(ctx.engine, ds, scale=scale, source=source, progress=bar.update)
     emit(out, as_json, f"ingested {out['ratings']} ratings, {out['users']} users, {out['items']} items")
 
 
@@ -86,26 +89,28 @@ def _scale(value: str | None):
 
 @ingest.command("movielens")
 @click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def ingest_movielens(ctx: Ctx, folder: Path, as_json: bool) -> None:
+def ingest_movielens(ctx: Ctx, folder: Path, quiet: bool, as_json: bool) -> None:
     """MovieLens 100k from FOLDER (u.data, u.item, u.user)."""
     from ..db.sources import read_movielens
 
-    _ingest(ctx, read_movielens(folder), as_json, source=str(folder / "u.data"))
+    _ingest(ctx, read_movielens(folder), as_json, source=str(folder / "u.data"), quiet=quiet)
 
 
 @ingest.command("goodbooks")
 @click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def ingest_goodbooks(ctx: Ctx, folder: Path, as_json: bool) -> None:
+def ingest_goodbooks(ctx: Ctx, folder: Path, quiet: bool, as_json: bool) -> None:
     """goodbooks-10k from FOLDER (ratings.csv, books.csv)."""
     from ..db.sources import read_goodbooks
 
-    _ingest(ctx, read_goodbooks(folder), as_json, source=str(folder / "ratings.csv"))
+    _ingest(ctx, read_goodbooks(folder), as_json, source=str(folder / "ratings.csv"), quiet=quiet)
 
 
 @ingest.command("ratings")
@@ -115,15 +120,16 @@ def ingest_goodbooks(ctx: Ctx, folder: Path, as_json: bool) -> None:
 @click.option("--rating-col", default="rating", show_default=True)
 @click.option("--time-col", default="timestamp", show_default=True)
 @click.option("--scale", help="Rating scale LO,HI (default: the database's, else the data's range).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def ingest_ratings(ctx: Ctx, file: Path, user_col, item_col, rating_col, time_col, scale, as_json) -> None:
+def ingest_ratings(ctx: Ctx, file: Path, user_col, item_col, rating_col, time_col, scale, quiet, as_json) -> None:
     """Add ratings from a CSV with a header (user,item,rating[,timestamp])."""
     from ..db.sources import Dataset, read_ratings_csv
 
     ds = Dataset(read_ratings_csv(file, user_col, item_col, rating_col, time_col))
-    _ingest(ctx, ds, as_json, scale=_scale(scale), source=str(file))
+    _ingest(ctx, ds, as_json, scale=_scale(scale), source=str(file), quiet=quiet)
 
 
 @ingest.command("users")

@@ -17,7 +17,8 @@ def create_schema(engine: Engine) -> None:
     Base.metadata.create_all(engine)
 
 
-def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_cols: list[str]) -> None:
+def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_cols: list[str],
+            progress=None) -> None:  # noqa: ANN001
     """INSERT … ON CONFLICT (keys) DO UPDATE, for SQLite and PostgreSQL alike."""
     if not rows:
         return
@@ -33,6 +34,8 @@ def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_c
         else:
             stmt = stmt.on_conflict_do_nothing(index_elements=keys)
         conn.execute(stmt, rows[start:start + CHUNK])
+        if progress:
+            progress(len(rows[start:start + CHUNK]))
 
 
 def get_setting(conn: Connection, key: str) -> str | None:
@@ -77,14 +80,17 @@ def next_seq(conn: Connection) -> int:
     return int(conn.scalar(select(func.coalesce(func.max(Rating.seq), 0)))) + 1
 
 
-def write_ratings(conn: Connection, users: list[int], items: list[int], ratings, timestamps) -> int:
-    """Upsert ratings by database ids (latest wins), in the given order; returns the count."""
+def write_ratings(conn: Connection, users: list[int], items: list[int], ratings, timestamps,
+                  progress=None) -> int:  # noqa: ANN001
+    """Upsert ratings by database ids (latest wins), in the given order; returns the count.
+
+    ``progress(n)`` is called after each chunk of ``n`` rows."""
     seq0 = next_seq(conn)
     rows = [{"user_id": int(u), "item_id": int(i), "rating": float(r),
              "timestamp": None if t is None or (isinstance(t, float) and np.isnan(t)) else int(t),
              "seq": seq0 + k}
             for k, (u, i, r, t) in enumerate(zip(users, items, ratings, timestamps))]
-    _upsert(conn, Rating.__table__, rows, ["user_id", "item_id"], ["rating", "timestamp", "seq"])
+    _upsert(conn, Rating.__table__, rows, ["user_id", "item_id"], ["rating", "timestamp", "seq"], progress)
     return len(rows)
 
 

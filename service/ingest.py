@@ -10,7 +10,7 @@ from ..db.sources import Dataset, check_scale
 
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
-                   source: str = "ratings") -> dict:
+                   source: str = "ratings", progress=None) -> dict:  # noqa: ANN001
     """Store users, items and ratings of ``ds`` (all or nothing); returns counts.
 
     The rating scale is fixed by the first ingest (the dataset's, ``scale``, or the data's range);
@@ -47,5 +47,5 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             umap = store.ensure_ids(conn, User, r["user"].unique().tolist())
             imap = store.ensure_ids(conn, Item, r["item"].unique().tolist())
             n = store.write_ratings(conn, r["user"].map(umap).tolist(), r["item"].map(imap).tolist(),
-                                    r["rating"].tolist(), r["timestamp"].tolist())
+                                    r["rating"].tolist(), r["timestamp"].tolist(), progress)
     return {"ratings": n, "users": n_users, "items": n_items, "scale": list(scale) if scale else None}

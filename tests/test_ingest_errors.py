@@ -64,3 +64,28 @@ def test_movielens_layout_errors(tmp_path):
         read_movielens(folder)
     with pytest.raises(InputError, match="file not found"):
         read_movielens(tmp_path / "nowhere")
+
+
+def test_goodbooks_layout(engine, tmp_path):
+    from cfb.db.sources import read_goodbooks
+
+    folder = tmp_path / "gb"
+    folder.mkdir()
+    write(folder / "ratings.csv", "user_id,book_id,rating\n1,10,5\n2,10,3\n2,11,4\n")
+    write(folder / "books.csv", "book_id,title,authors\n10,The Hunger Games,Suzanne Collins\n11,Twilight,Stephenie Meyer\n")
+    out = ingest_dataset(engine, read_goodbooks(folder))
+    assert out == {"ratings": 3, "users": 0, "items": 2, "scale": [1.0, 5.0]}
+    write(folder / "ratings.csv", "user_id,book_id,rating\n1,10,6\n")
+    with pytest.raises(InputError, match=r"ratings.csv, line 2, field 'rating': rating 6 outside the scale"):
+        read_goodbooks(folder)
+
+
+def test_download_offline_points_at_ingest(tmp_path, monkeypatch):
+    from cfb.cf_core.errors import CfbError
+    from cfb.db import download
+
+    closed_port = "http://127.0.0.1:9/ml-100k.zip"  # nothing listens there: behaves like no network
+    monkeypatch.setitem(download.SOURCES, "movielens-100k", (closed_port, "ml-100k", "u.data"))
+    with pytest.raises(CfbError, match=r"could not download movielens-100k .*use `cfb ingest movielens PATH`"):
+        download.download("movielens-100k", cache=tmp_path)
+    assert not list(tmp_path.rglob("*.part"))  # nothing half-written
