@@ -169,7 +169,8 @@ def data_download(name: str, as_json: bool) -> None:
 # --- training -------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--full", is_flag=True, help="Retrain from scratch on every rating.")
-@click.option("--model", "kind", type=click.Choice(["dot", "nn"]), default="dot", show_default=True)
+@click.option("--model", "kind", type=click.Choice(["dot", "nn"]),
+              help="Model kind [default: dot for a first or --full retrain, else the serving version's].")
 @click.option("--factors", "n_factors", type=int)
 @click.option("--epochs", type=int)
 @click.option("--lr", type=float)
@@ -192,7 +193,8 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
 
         out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json), **params)
     else:
-        out = retrain_full(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json), **params)
+        out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not (quiet or as_json),
+                           **params)
     text = f"version {out['version']} ({out['kind']}, {out['mode']}) serving"
     if out.get("valid_rmse") is not None:
         text += f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f}"

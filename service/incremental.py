@@ -19,6 +19,7 @@ from .state import foldin_params, load_state, prior_factors
 from .training import DEFAULTS, retrain_full
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
+ITEM_BIAS_REG = 1.0  # a new item's bias is what its raters say (the strong user-bias shrinkage is for users)
 
 
 def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
@@ -123,7 +124,7 @@ def _fold_in_items(conn, state, version: int, item_ids: np.ndarray) -> FactorRow
         raters = ScoringModel("dot", sm.y_range, sm.split_user(rows.factors)[0], rows.bias)
         inner = np.searchsorted(rows.ids, users[keep])
         vec, bias = fold_in_user(raters, inner, ratings[keep], np.zeros(sm.n_factors, np.float32), 0.0,
-                                 reg=state.hyperparams.get("foldin_reg", 5.0), reg_bias=1.0)
+                                 reg=foldin_params(state.hyperparams)["reg"], reg_bias=ITEM_BIAS_REG)
         vecs.append(vec)
         biases.append(bias)
     new = ScoringModel("dot", sm.y_range, np.stack(vecs), np.array(biases, np.float32))

@@ -13,6 +13,12 @@ from ..db import store, versions
 
 _CACHE: dict[tuple[str, int], "ServingState"] = {}
 
+# How a version ranks and folds users in; stored in its hyperparams. Chosen on pseudo-cold users
+# (docs/coldstart.md): never on the protocol's test users.
+SERVING_DEFAULTS = {"ranker": "implicit", "rating_weight": 0.5, "popularity_weight": 1.0, "foldin_reg": 20.0,
+                    "foldin_reg_bias": 100.0, "foldin_rank_reg": 100.0, "foldin_rank_neg": 0.0,
+                    "bootstrap_alpha": 30.0, "questionnaire": "popularity"}
+
 
 @dataclass
 class ServingState:
@@ -26,13 +32,13 @@ class ServingState:
     bootstrap: Bootstrap | None
     hyperparams: dict
 
-    def item_index(self, db_ids) -> np.ndarray:
+    def item_index(self, db_ids) -> np.ndarray:  # noqa: ANN001
         """Inner indices of database item ids (-1 for items this model does not know)."""
         db_ids = np.asarray(db_ids, dtype=np.int64)
-        pos = np.searchsorted(self.item_ids, db_ids)
-        pos = np.clip(pos, 0, max(len(self.item_ids) - 1, 0))
-        ok = (len(self.item_ids) > 0) & (self.item_ids[pos] == db_ids) if len(self.item_ids) else np.zeros(len(db_ids), bool)
-        return np.where(ok, pos, -1)
+        if len(self.item_ids) == 0:
+            return np.full(len(db_ids), -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.item_ids, db_ids), 0, len(self.item_ids) - 1)
+        return np.where(self.item_ids[pos] == db_ids, pos, -1)
 
     def ranking_scores(self, vec: np.ndarray, bias: float) -> np.ndarray:
         """What recommendations are ranked by.
@@ -40,12 +46,11 @@ class ServingState:
         With a ranking model: its logit that the user would rate the item, plus ``rating_weight`` ×
         the predicted rating (relevant = seen *and* liked). Without: the predicted rating, plus
         ``popularity_weight`` × log of the item's number of ratings."""
-        hp = self.hyperparams
+        hp = {**SERVING_DEFAULTS, **self.hyperparams}
         pred = self.scoring.predict_user(vec, bias)
         if self.scoring.rank_factors is not None:
-            return self.scoring.rank_logits(vec) + float(hp.get("rating_weight", 1.0)) * pred
-        w = float(hp.get("popularity_weight", 0.0))
-        return pred + w * np.log1p(self.counts) if w else pred
+            return self.scoring.rank_logits(vec) + float(hp["rating_weight"]) * pred
+        return pred + float(hp["popularity_weight"]) * np.log1p(self.counts)
 
 
 def load_state(conn: Connection, version: int | None = None) -> ServingState:
@@ -85,14 +90,14 @@ def cold_factors(state: ServingState, attributes: dict, items: np.ndarray, ratin
     known = items >= 0
     items, ratings = items[known], np.asarray(ratings, np.float32)[known]
     vec, bias = prior_factors(state, attributes, dict(zip(items.tolist(), ratings.tolist())))
-    hp = state.hyperparams
-    return fold_in_user(state.scoring, items, ratings, vec, bias, **foldin_params(hp))
+    return fold_in_user(state.scoring, items, ratings, vec, bias, **foldin_params(state.hyperparams))
 
 
 def foldin_params(hyperparams: dict) -> dict:
     """The version's fold-in shrinkage settings."""
-    return {"reg": hyperparams.get("foldin_reg", 5.0), "reg_bias": hyperparams.get("foldin_reg_bias", 1.0),
-            "rank_reg": hyperparams.get("foldin_rank_reg", 5.0), "rank_neg": hyperparams.get("foldin_rank_neg", 0.0)}
+    hp = {**SERVING_DEFAULTS, **hyperparams}
+    return {"reg": hp["foldin_reg"], "reg_bias": hp["foldin_reg_bias"], "rank_reg": hp["foldin_rank_reg"],
+            "rank_neg": hp["foldin_rank_neg"]}
 
 
 def user_factors(conn: Connection, state: ServingState, user_id: int) -> tuple[np.ndarray, float]:

@@ -14,6 +14,7 @@ from ..cf_core.split import valid_split
 from ..cf_core.train import MODELS, ImplicitDotBias
 from ..db import store, versions
 from ..db.versions import FactorRows
+from .state import SERVING_DEFAULTS
 
 VALID_SEED = 42  # COLDSTART_PROTOCOL.md §7
 DEFAULTS = {
@@ -21,9 +22,6 @@ DEFAULTS = {
     "nn": {"n_factors": 50, "epochs": 5, "lr": 5e-3, "wd": 0.1, "bs": 1024, "layers": (100, 50)},
 }
 RANKER_DEFAULTS = {"n_factors": 32, "epochs": 10, "lr": 1e-2, "wd": 0.05, "bs": 4096, "neg_ratio": 4}
-SERVING_DEFAULTS = {"ranker": "implicit", "rating_weight": 0.5, "popularity_weight": 1.0, "foldin_reg": 20.0,
-                    "foldin_reg_bias": 100.0, "foldin_rank_reg": 100.0, "foldin_rank_neg": 0.0, "bootstrap_alpha": 30.0,
-                    "questionnaire": "popularity"}
 
 
 BASE_TRAIN = 80_000  # the defaults above are tuned on MovieLens 100k's 80% training split
