@@ -53,15 +53,11 @@ def fit_bootstrap(data: CollabData, user_factors: np.ndarray, user_bias: np.ndar
                                   choose_items(data.items, data.ratings, data.n_items, max_budget, strategy))
     encoder = AnswerEncoder.fit(questionnaire, attributes, item_means(data))
     users, budgets, answers = simulated_answers(data, questionnaire.items, rng=np.random.default_rng(seed))
-    X = np.concatenate([encoder.transform([attributes[u] for u in users[budgets_idx]],
-                                          [answers[k] for k in budgets_idx], budget=q)
-                        for q, budgets_idx in _by_budget(budgets)]) if len(users) else np.zeros((0, 0))
-    order = np.concatenate([idx for _, idx in _by_budget(budgets)]) if len(users) else np.zeros(0, np.int64)
-    Y = np.concatenate([user_factors, user_bias[:, None]], axis=1)[users[order]]
-    return Bootstrap(encoder, RidgeBootstrap(alpha).fit(X, Y))
-
-
-def _by_budget(budgets: list[int]):
-    b = np.array(budgets)
-    for q in sorted(set(budgets)):
-        yield q, np.flatnonzero(b == q)
+    budgets = np.array(budgets)
+    blocks, rows = [], []
+    for q in np.unique(budgets):  # one transform per budget: only the first q items count as asked
+        idx = np.flatnonzero(budgets == q)
+        blocks.append(encoder.transform([attributes[u] for u in users[idx]], [answers[k] for k in idx], budget=int(q)))
+        rows.append(users[idx])
+    targets = np.concatenate([user_factors, user_bias[:, None]], axis=1)
+    return Bootstrap(encoder, RidgeBootstrap(alpha).fit(np.concatenate(blocks), targets[np.concatenate(rows)]))

@@ -71,7 +71,7 @@ class CollabModel:
             order = 100
 
             def before_fit(self):
-                self.starts, self.epoch_s = [], []
+                self.epoch_s = []
 
             def before_epoch(self):
                 self.t0 = time.perf_counter()
