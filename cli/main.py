@@ -21,14 +21,16 @@ def fail_cleanly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from sqlalchemy.exc import OperationalError, ProgrammingError
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, ProgrammingError
 
         try:
             return fn(*args, **kwargs)
         except CfbError as e:
             raise click.ClickException(str(e)) from None
+        except (ArgumentError, NoSuchModuleError) as e:
+            raise click.ClickException(f"invalid database URL: {str(e).splitlines()[0]}") from None
         except (OperationalError, ProgrammingError) as e:
-            msg = str(e.orig) if getattr(e, "orig", None) else str(e).splitlines()[0]
+            msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
             if "no such table" in msg or "does not exist" in msg:
                 msg = "the database is empty: run `cfb ingest …` first"
             raise click.ClickException(f"database error: {msg}") from None

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 
+from ..cf_core.errors import CfbError
+
 
 def cfb_home() -> Path:
     """The folder for cfb's default database and caches (``$CFB_HOME``, default ``~/.cfb``)."""
@@ -47,4 +49,8 @@ def make_engine(url: str | None = None) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as e:
+        raise CfbError(f"the database driver for {url.split(':', 1)[0]} is not installed ({e.name}); "
+                       "for PostgreSQL: pip install 'cfb[postgres]'") from None

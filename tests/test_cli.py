@@ -102,6 +102,17 @@ def test_empty_database_is_a_clear_error(runner, tmp_path):
     assert res.exit_code == 1 and "the database is empty" in res.output
 
 
+@pytest.mark.parametrize("url, message", [
+    ("not-a-url", "invalid database URL"),
+    ("postgresql+psycopg://nobody:x@127.0.0.1:9/none", "database"),  # refused, or no driver installed
+    ("mysql+nosuchdriver://x/y", "invalid database URL"),
+])
+def test_bad_database_url_is_one_line(runner, url, message):
+    res = run(runner, url, "recommend", "1")
+    assert res.exit_code == 1 and message in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
 def test_bad_ingest_file_exits_nonzero(runner, tmp_path):
     bad = write(tmp_path / "bad.csv", "user,item,rating\n1,2,x\n")
     res = run(runner, f"sqlite:///{tmp_path / 'x.db'}", "ingest", "ratings", str(bad))
