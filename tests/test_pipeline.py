@@ -144,27 +144,3 @@ def test_rollback_serves_previous_version(trained):
         assert versions.serving_version(conn) == report["version"]
         listed = versions.list_versions(conn)
     assert [v["serving"] for v in listed] == [True, False]
-
-
-def test_stored_model_matches_trained_predictions(engine, planted):
-    """Determinism and save/load round trip: retraining by hand on the same data and seed gives the
-    stored rows exactly, and the numpy serving path reproduces the trained model's predictions."""
-    from cfb.cf_core.data import default_y_range
-    from cfb.cf_core.train import DotBias
-    from cfb.service.state import load_state
-    from cfb.service.training import load_training_data
-
-    ingest_dataset(engine, planted)
-    report = retrain_full(engine, valid_pct=0.0, progress=False, **FAST)
-    data, user_ids, item_ids, *_ = load_training_data(engine)
-    model = DotBias(progress=False, y_range=default_y_range(1, 5), **FAST).fit(data)
-    with engine.connect() as conn:
-        state = load_state(conn)
-        users = versions.load_users(conn, report["version"])
-    assert np.array_equal(users.ids, user_ids) and np.array_equal(state.item_ids, item_ids)
-    rating_part, ranking_part = state.scoring.split_user(users.factors)
-    assert np.allclose(rating_part, model.user_factors_) and np.allclose(users.bias, model.user_bias_)
-    assert ranking_part.shape == (len(user_ids), state.scoring.n_rank_factors) and state.scoring.n_rank_factors > 0
-    assert np.allclose(state.scoring.item_factors, model.item_factors_)
-    served = state.scoring.predict_pairs(users.factors[data.users], users.bias[data.users], data.items)
-    assert np.allclose(served, model.predict(data.users, data.items), atol=1e-5)
