@@ -23,7 +23,7 @@ from ..service.serving import user_scores
 from ..service.state import load_state
 from ..service.training import retrain_full
 from .baselines import DemographicPopularity, Popularity
-from .metrics import ndcg_at_k, recall_at_k, rmse
+from .metrics import ndcg_at_k, recall_at_k
 from ..cf_core.split import answer_pool_split, cold_users
 
 K = 10

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, insert, select
 
 from ..cf_core.errors import CfbError, InputError
-from ..db import store, versions
+from ..db import store
 from ..db.schema import Answer, Item, User, UserFactors
 from .state import ServingState, cold_factors, load_state
 

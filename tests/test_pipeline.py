@@ -1,7 +1,6 @@
 """Integration: planted structure in -> trained model -> recommendations and similar items that follow it."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import func, select
