@@ -3,6 +3,7 @@ learned arrays end in ``_``. Training goes through fastai's ``Learner`` and ``fi
 on whole-tensor batches (``TensorBatches``), on CUDA when present."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -61,6 +62,10 @@ class CollabModel:
         from fastai.torch_core import set_seed
 
         device = pick_device(self.device)
+        if str(device).startswith("cuda"):  # CUDA's embedding backward adds with atomics unless told not to
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
         set_seed(self.seed, reproducible=True)
         gen = torch.Generator().manual_seed(self.seed)
 
@@ -88,6 +93,7 @@ class CollabModel:
             with learn.no_bar(), learn.no_logging():
                 learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
         fit_s = time.perf_counter() - t0
+        torch.use_deterministic_algorithms(deterministic)
         values = learn.recorder.values
         module.eval()
         self._export(module)
