@@ -181,19 +181,23 @@ def data_download(name: str, as_json: bool) -> None:
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--valid-pct", type=float, default=0.2, show_default=True,
               help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
+@click.option("--drift-limit", type=float, default=0.2, show_default=True,
+              help="Without --full: retrain fully when this share of ratings is newer than the last full retrain.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed, valid_pct, quiet, as_json) -> None:
-    """Train a new model version and serve it."""
+def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed, valid_pct, drift_limit, quiet,
+            as_json) -> None:
+    """Train a new model version and serve it (incremental fold-in unless --full or drift is large)."""
     from ..service.training import retrain_full
 
     params = {"n_factors": n_factors, "epochs": epochs, "lr": lr, "wd": wd, "bs": bs, "seed": seed}
     if not full:
         from ..service.incremental import retrain_auto
 
-        out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json), **params)
+        out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json),
+                           drift_limit=drift_limit, **params)
     else:
         out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not (quiet or as_json),
                            **params)
