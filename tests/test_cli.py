@@ -130,3 +130,9 @@ def test_real_cfb_subprocess(cli_db, tmp_path):
     assert [r["item"][0] for r in json.loads(res.stdout)[0]["items"]] == ["b", "b"]
     res = subprocess.run([*cmd, "recommend", "ghost"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 1 and res.stderr.strip() == "Error: unknown user 'ghost'"
+
+
+def test_drift_limit_turns_a_retrain_full(runner, cli_db):
+    assert run(runner, cli_db, "rate", "a0", "b30", "1").exit_code == 0
+    out = json.loads(run(runner, cli_db, "retrain", "--json", "--drift-limit", "0", "--epochs", "2").output)
+    assert out["mode"] == "full" and "(limit 0%): full retrain" in out["reason"]
