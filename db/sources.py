@@ -114,16 +114,20 @@ def _scalar(v: str):
     return int(f) if f.is_integer() and "." not in v else f
 
 
+def _fields(path: Path, sep: str, encoding: str = "utf-8") -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every line of a delimited file without a header."""
+    return [(n, line.split(sep)) for n, line in enumerate(read_text(path, encoding).splitlines(), start=1)]
+
+
 def read_movielens(folder: Path) -> Dataset:
     """MovieLens 100k: ``u.data`` (tab-separated), ``u.item`` (titles, genre flags), ``u.user``."""
     folder = Path(folder)
     ratings_path = folder / "u.data"
-    text = read_text(ratings_path)
-    rows = [line.split("\t") for line in text.splitlines()]
-    for n, row in enumerate(rows, start=1):
+    rows = _fields(ratings_path, "\t")
+    for n, row in rows:
         if len(row) != 4:
             raise InputError(f"expected 4 tab-separated fields, found {len(row)}", source=str(ratings_path), line=n)
-    raw = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+    raw = pd.DataFrame([row for _, row in rows], columns=["user", "item", "rating", "timestamp"])
     ratings = pd.DataFrame({
         "user": raw["user"].str.strip(), "item": raw["item"].str.strip(),
         "rating": _numeric(raw, "rating", ratings_path, 1).astype(np.float32),
@@ -134,8 +138,7 @@ def read_movielens(folder: Path) -> Dataset:
     item_path = folder / "u.item"
     if item_path.exists():
         recs = []
-        for n, line in enumerate(read_text(item_path, "latin-1").splitlines(), start=1):
-            f = line.split("|")
+        for n, f in _fields(item_path, "|", "latin-1"):
             if len(f) < 5 + len(ML100K_GENRES):
                 raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
                                  source=str(item_path), line=n)
@@ -148,8 +151,7 @@ def read_movielens(folder: Path) -> Dataset:
     user_path = folder / "u.user"
     if user_path.exists():
         recs = []
-        for n, line in enumerate(read_text(user_path, "latin-1").splitlines(), start=1):
-            f = line.split("|")
+        for n, f in _fields(user_path, "|", "latin-1"):
             if len(f) != 5 or not f[1].strip().isdigit():
                 raise InputError("expected id|age|gender|occupation|zip", source=str(user_path), line=n)
             recs.append({"user": f[0].strip(), "attributes": {
