@@ -89,30 +89,23 @@ def _scale(value: str | None):
     return lo, hi
 
 
-@ingest.command("movielens")
-@click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True)
-@pass_ctx
-@fail_cleanly
-def ingest_movielens(ctx: Ctx, folder: Path, quiet: bool, as_json: bool) -> None:
-    """MovieLens 100k from FOLDER (u.data, u.item, u.user)."""
-    from ..db.sources import read_movielens
+def _dataset_command(name: str, reader: str, marker: str, help_text: str) -> None:
+    """`cfb ingest NAME FOLDER` for a public dataset's layout (``reader`` in ``cfb.db.sources``)."""
 
-    _ingest(ctx, read_movielens(folder), as_json, source=str(folder / "u.data"), quiet=quiet)
+    @ingest.command(name, help=help_text)
+    @click.argument("folder", type=click.Path(path_type=Path))
+    @click.option("--quiet", is_flag=True, help="No progress bar.")
+    @click.option("--json", "as_json", is_flag=True)
+    @pass_ctx
+    @fail_cleanly
+    def command(ctx: Ctx, folder: Path, quiet: bool, as_json: bool) -> None:
+        from ..db import sources
+
+        _ingest(ctx, getattr(sources, reader)(folder), as_json, source=str(folder / marker), quiet=quiet)
 
 
-@ingest.command("goodbooks")
-@click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True)
-@pass_ctx
-@fail_cleanly
-def ingest_goodbooks(ctx: Ctx, folder: Path, quiet: bool, as_json: bool) -> None:
-    """goodbooks-10k from FOLDER (ratings.csv, books.csv)."""
-    from ..db.sources import read_goodbooks
-
-    _ingest(ctx, read_goodbooks(folder), as_json, source=str(folder / "ratings.csv"), quiet=quiet)
+_dataset_command("movielens", "read_movielens", "u.data", "MovieLens 100k from FOLDER (u.data, u.item, u.user).")
+_dataset_command("goodbooks", "read_goodbooks", "ratings.csv", "goodbooks-10k from FOLDER (ratings.csv, books.csv).")
 
 
 @ingest.command("ratings")
