@@ -8,7 +8,7 @@ from .scoring import ScoringModel
 
 def fold_in_user(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray,
                  prior_bias: float, reg: float = 5.0, reg_bias: float = 1.0,
-                 rank_reg: float = 5.0, rank_neg: float = 0.0) -> tuple[np.ndarray, float]:
+                 rank_reg: float = 5.0) -> tuple[np.ndarray, float]:
     """Solve for a user's embedding and bias given their ratings, shrunk toward a prior.
 
     Rating part, dot model: Gauss-Newton on squared error in rating units with a Gaussian prior
@@ -25,28 +25,22 @@ def fold_in_user(model: ScoringModel, items: np.ndarray, ratings: np.ndarray, pr
     else:
         vec, bias = _fold_in_dot(model, items, np.asarray(ratings, np.float64), prior_rating, prior_bias, reg, reg_bias)
     if model.rank_factors is not None:
-        vec = np.concatenate([vec, fold_in_ranking(model.rank_factors, model.rank_bias, items, prior_rank, rank_reg, rank_neg)])
+        vec = np.concatenate([vec, fold_in_ranking(model.rank_factors, model.rank_bias, items, prior_rank, rank_reg)])
     return vec.astype(np.float32), bias
 
 
 def fold_in_ranking(rank_factors: np.ndarray, rank_bias: np.ndarray, items: np.ndarray, prior: np.ndarray,
-                    reg: float, neg_ratio: float = 0.0, iterations: int = 10) -> np.ndarray:
+                    reg: float, iterations: int = 10) -> np.ndarray:
     """Ranking embedding that makes the user's rated ``items`` likely: maximise
     sum log sigmoid(f_i . u + b_i) - reg/2 |u - prior|^2 (Newton's method; concave, so it converges)."""
     F = rank_factors[items].astype(np.float64)
     b = rank_bias[items].astype(np.float64)
     prior = prior.astype(np.float64)
     u = prior.copy()
-    A = rank_factors.astype(np.float64)
-    w = neg_ratio * len(items) / len(A)  # the sampled negatives of training, spread over every item
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-(F @ u + b)))
         grad = F.T @ (1 - p) - reg * (u - prior)
         hess = F.T @ (F * (p * (1 - p))[:, None]) + reg * np.eye(len(u))
-        if w:
-            q = 1.0 / (1.0 + np.exp(-(A @ u + rank_bias)))
-            grad -= w * (A.T @ q)
-            hess += w * (A.T @ (A * (q * (1 - q))[:, None]))
         step = np.linalg.solve(hess, grad)
         u += step
         if np.abs(step).max() < 1e-6:

@@ -14,12 +14,6 @@ def sigmoid_range(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x))) * (hi - lo) + lo
 
 
-def logit_range(y: np.ndarray, lo: float, hi: float, eps: float = 1e-3) -> np.ndarray:
-    """Inverse of ``sigmoid_range`` (clipped inside the open range)."""
-    p = np.clip((np.asarray(y, dtype=np.float64) - lo) / (hi - lo), eps, 1 - eps)
-    return np.log(p / (1 - p))
-
-
 def run_head(head: Head, x: np.ndarray) -> np.ndarray:
     """Apply an exported MLP head (eval mode: batch norm folded to an affine map) to rows of ``x``."""
     for op, params in head:

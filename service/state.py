@@ -16,7 +16,7 @@ _CACHE: dict[tuple[str, int], "ServingState"] = {}
 # How a version ranks and folds users in; stored in its hyperparams. Chosen on pseudo-cold users
 # (docs/coldstart.md): never on the protocol's test users.
 SERVING_DEFAULTS = {"ranker": "implicit", "rating_weight": 0.5, "popularity_weight": 1.0, "foldin_reg": 20.0,
-                    "foldin_reg_bias": 100.0, "foldin_rank_reg": 100.0, "foldin_rank_neg": 0.0,
+                    "foldin_reg_bias": 100.0, "foldin_rank_reg": 100.0,
                     "bootstrap_alpha": 30.0, "questionnaire": "popularity"}
 
 
@@ -96,8 +96,7 @@ def cold_factors(state: ServingState, attributes: dict, items: np.ndarray, ratin
 def foldin_params(hyperparams: dict) -> dict:
     """The version's fold-in shrinkage settings."""
     hp = {**SERVING_DEFAULTS, **hyperparams}
-    return {"reg": hp["foldin_reg"], "reg_bias": hp["foldin_reg_bias"], "rank_reg": hp["foldin_rank_reg"],
-            "rank_neg": hp["foldin_rank_neg"]}
+    return {"reg": hp["foldin_reg"], "reg_bias": hp["foldin_reg_bias"], "rank_reg": hp["foldin_rank_reg"]}
 
 
 def user_factors(conn: Connection, state: ServingState, user_id: int) -> tuple[np.ndarray, float]:
