@@ -148,7 +148,7 @@ def store_signup(conn: Connection, state: ServingState, signup: Signup) -> tuple
     values = np.array(list(signup.ratings.values()), dtype=np.float32)
     if len(items):
         now = int(time.time())
-        store.write_ratings(conn, items * 0 + uid, items.tolist(), values.tolist(), [now] * len(items))
+        store.write_ratings(conn, [uid] * len(items), items.tolist(), values.tolist(), [now] * len(items))
     vec, bias = cold_factors(state, signup.attributes, state.item_index(items), values)
     # The row joins the serving version: a new user changes no other row, so no new version is needed.
     conn.execute(insert(UserFactors).values(version_id=state.version, user_id=uid, bias=float(bias),
