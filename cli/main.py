@@ -206,18 +206,21 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
 @cli.command()
 @click.argument("users", nargs=-1, required=True)
 @click.option("-n", "n", type=int, default=10, show_default=True)
+@click.option("--by", type=click.Choice(["rank", "rating"]), default="rank", show_default=True,
+              help="rank: what the user would watch and like (ranking model + predicted rating); "
+                   "rating: predicted rating alone.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def recommend(ctx: Ctx, users: tuple[str, ...], n: int, as_json: bool) -> None:
-    """Top N items each USER has not rated."""
+def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) -> None:
+    """Top N items each USER has not rated; the score is the predicted rating."""
     from ..service.serving import recommend as recommend_items
 
     with ctx.engine.connect() as conn:
-        out = [recommend_items(conn, u, n) for u in users]
+        out = [recommend_items(conn, u, n, by) for u in users]
     lines = []
     for rec in out:
-        lines.append(f"user {rec['user']}:")
+        lines.append(f"user {rec['user']} (predicted rating, title):")
         lines += [f"  {r['score']:.2f}  {r['title'] or r['item']}" for r in rec["items"]]
     emit(out, as_json, "\n".join(lines))
 

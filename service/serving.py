@@ -27,11 +27,16 @@ def user_scores(conn: Connection, state: ServingState, user_id: int):  # noqa: A
     return state.ranking_scores(vec, bias), rated[rated >= 0], (vec, bias)
 
 
-def recommend(conn: Connection, external_user: str, n: int = 10) -> dict:
-    """Top ``n`` unrated items for a user, by ranking score."""
+def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank") -> dict:
+    """Top ``n`` unrated items for a user, with their predicted ratings as ``score``.
+
+    ``by="rank"`` orders by the version's ranking score (what the user would watch and like);
+    ``by="rating"`` by predicted rating alone."""
     state = load_state(conn)
     uid = store.user_id_of(conn, external_user)
     scores, rated, (vec, bias) = user_scores(conn, state, uid)
+    if by == "rating":
+        scores = state.scoring.predict_user(vec, bias)
     scores = scores.astype(np.float64)
     scores[rated] = -np.inf
     top = top_n(scores, n)

@@ -41,6 +41,13 @@ def test_recommendations_follow_planted_groups(trained):
             assert [group_of(r["item"]) for r in rec["items"]] == [user[0]] * 5
 
 
+def test_recommend_by_rating_is_sorted_by_predicted_rating(trained):
+    engine, _ = trained
+    with engine.connect() as conn:
+        scores = [r["score"] for r in recommend(conn, "a0", n=8, by="rating")["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
 def test_recommend_excludes_rated_items(trained, planted):
     engine, _ = trained
     rated = set(planted.ratings.loc[planted.ratings.user == "a0", "item"])
