@@ -14,8 +14,7 @@ SIM_BUDGETS = (0, 5, 15, 30)
 
 def item_means(data: CollabData) -> np.ndarray:
     """Each item's mean training rating (the global mean for items with none)."""
-    counts = np.bincount(data.items, minlength=data.n_items)
-    sums = np.bincount(data.items, weights=data.ratings, minlength=data.n_items)
+    counts, sums = data.item_totals()
     glob = float(data.ratings.mean()) if len(data) else 0.0
     return np.where(counts > 0, sums / np.maximum(counts, 1), glob)
 

@@ -30,6 +30,11 @@ class CollabData:
     def __len__(self) -> int:
         return len(self.ratings)
 
+    def item_totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """(number of ratings, sum of ratings) of every item."""
+        return (np.bincount(self.items, minlength=self.n_items),
+                np.bincount(self.items, weights=self.ratings, minlength=self.n_items))
+
     def subset(self, idx: np.ndarray) -> "CollabData":
         return CollabData(self.users[idx], self.items[idx], self.ratings[idx], self.n_users, self.n_items)
 

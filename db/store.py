@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select
 
 from ..cf_core.errors import CfbError
 from .schema import Base, Item, Rating, Setting, User
@@ -147,16 +147,19 @@ def item_titles(conn: Connection, item_ids) -> dict[int, tuple[str, str | None]]
     return out
 
 
+def _ratings_where(conn: Connection, key, other, value: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = conn.execute(select(other, Rating.rating).where(key == value)).all()
+    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
+
+
 def user_ratings(conn: Connection, user_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(item ids, ratings) of one user."""
-    rows = conn.execute(select(Rating.item_id, Rating.rating).where(Rating.user_id == user_id)).all()
-    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
+    return _ratings_where(conn, Rating.user_id, Rating.item_id, user_id)
 
 
 def item_ratings(conn: Connection, item_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(user ids, ratings) of one item."""
-    rows = conn.execute(select(Rating.user_id, Rating.rating).where(Rating.item_id == item_id)).all()
-    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
+    return _ratings_where(conn, Rating.item_id, Rating.user_id, item_id)
 
 
 def count_ratings(conn: Connection, since_seq: int = 0) -> int:
@@ -170,6 +173,3 @@ def user_attributes_of(conn: Connection, user_id: int) -> dict:
 def user_attributes(conn: Connection) -> dict[int, dict]:
     return dict(conn.execute(select(User.id, User.attributes)).all())
 
-
-def set_user_attributes(conn: Connection, user_id: int, attributes: dict) -> None:
-    conn.execute(update(User).where(User.id == user_id).values(attributes=attributes))

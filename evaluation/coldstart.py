@@ -24,6 +24,7 @@ from ..service.state import load_state
 from ..service.training import retrain_full
 from .baselines import DemographicPopularity, Popularity
 from .metrics import ndcg_at_k, recall_at_k
+from ..cf_core.scoring import top_n
 from ..cf_core.split import answer_pool_split, cold_users
 
 K = 10
@@ -73,12 +74,10 @@ class Catalogue:
 
 
 def _top(scores: np.ndarray, exclude: np.ndarray, cat: Catalogue) -> list:
+    """External ids of the top K items, ``exclude`` (inner indices, -1 ignored) left out."""
     s = scores.astype(np.float64).copy()
-    ex = exclude[exclude >= 0]
-    s[ex] = -np.inf
-    n = min(K, int(np.isfinite(s).sum()))
-    part = np.argpartition(-s, n - 1)[:n]
-    return [cat.ext[i] for i in part[np.lexsort((part, -s[part]))]]
+    s[exclude[exclude >= 0]] = -np.inf
+    return [cat.ext[i] for i in top_n(s, K)]
 
 
 def _score_user(tallies: dict, conn, state, cat: Catalogue, baselines: dict, avg: tuple | None, user: str,  # noqa: ANN001

@@ -55,8 +55,7 @@ def load_training_data(engine: Engine):
 
 
 def item_stats_npz(item_ids: np.ndarray, data: CollabData) -> bytes:
-    counts = np.bincount(data.items, minlength=data.n_items)
-    sums = np.bincount(data.items, weights=data.ratings, minlength=data.n_items)
+    counts, sums = data.item_totals()
     return to_npz({"item_ids": item_ids, "counts": counts.astype(np.int64), "sums": sums})
 
 
