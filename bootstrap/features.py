@@ -25,7 +25,8 @@ class AnswerEncoder:
     item_means: list[float]  # aligned with questionnaire.items
 
     @classmethod
-    def fit(cls, questionnaire: Questionnaire, attributes: list[dict], item_means: np.ndarray) -> "AnswerEncoder":
+    def fit(cls, questionnaire: Questionnaire, attributes: list[dict], item_means: list[float]) -> "AnswerEncoder":
+        """Statistics of the attribute answers of training users; ``item_means`` of the asked items."""
         numeric, text = {}, {}
         for q in questionnaire.questions:
             vals = [a.get(q.name) for a in attributes if a.get(q.name) is not None]
@@ -35,8 +36,7 @@ class AnswerEncoder:
                 numeric[q.name] = {"mean": float(v.mean()), "std": float(v.std() or 1.0), "edges": edges}
             elif q.type == "text":
                 text[q.name] = sorted({str(x)[:1] for x in vals if str(x)})
-        means = [float(item_means[i]) for i in questionnaire.items]
-        return cls(questionnaire, numeric, text, means)
+        return cls(questionnaire, numeric, text, [float(m) for m in item_means])
 
     @property
     def n_features(self) -> int:
@@ -44,7 +44,7 @@ class AnswerEncoder:
 
     def transform(self, attributes: list[dict], item_ratings: list[dict[int, float]],
                   budget: int | None = None) -> np.ndarray:
-        """Rows of features for users' attribute answers and ratings of asked items (inner index -> rating).
+        """Rows of features for users' attribute answers and ratings of asked items (item db id -> rating).
 
         Only the first ``budget`` questionnaire items count as asked."""
         cols: list[np.ndarray] = []

@@ -6,7 +6,7 @@ import numpy as np
 from ..cf_core.data import CollabData
 from .features import AnswerEncoder
 from .questionnaire import Questionnaire, choose_items, infer_questions
-from .regressor import Bootstrap, RidgeBootstrap
+from .regressor import Bootstrap
 
 MAX_BUDGET = 30
 SIM_BUDGETS = (0, 5, 15, 30)
@@ -19,14 +19,14 @@ def item_means(data: CollabData) -> np.ndarray:
     return np.where(counts > 0, sums / np.maximum(counts, 1), glob)
 
 
-def simulated_answers(data: CollabData, items: list[int], budgets=SIM_BUDGETS,
+def simulated_answers(data: CollabData, asked: list[int], budgets=SIM_BUDGETS,
                       rng: np.random.Generator | None = None) -> tuple[np.ndarray, list[int], list[dict[int, float]]]:
     """Pretend each warm user is new: they know a random half of their ratings (like the protocol's
-    answer pool) and answer the first Q asked items they know, for each budget Q.
+    answer pool) and answer the first Q ``asked`` items (inner indices) they know, for each budget Q.
 
-    Returns (user of each row, budget of each row, item answers of each row)."""
+    Returns (user of each row, budget of each row, item answers of each row by inner index)."""
     rng = rng or np.random.default_rng(0)
-    asked = np.array(items, dtype=np.int64)
+    asked_arr = np.array(asked, dtype=np.int64)
     order = np.argsort(data.users, kind="stable")
     bounds = np.searchsorted(data.users[order], np.arange(data.n_users + 1))
     rows_u, rows_q, rows_a = [], [], []
@@ -39,19 +39,20 @@ def simulated_answers(data: CollabData, items: list[int], budgets=SIM_BUDGETS,
         for q in budgets:
             rows_u.append(u)
             rows_q.append(q)
-            rows_a.append({int(i): pool[i] for i in asked[:q].tolist() if i in pool})
+            rows_a.append({int(i): pool[i] for i in asked_arr[:q].tolist() if i in pool})
     return np.array(rows_u, dtype=np.int64), rows_q, rows_a
 
 
-def fit_bootstrap(data: CollabData, user_factors: np.ndarray, user_bias: np.ndarray, attributes: list[dict],
-                  alpha: float = 30.0, strategy: str = "popularity", max_budget: int = MAX_BUDGET,
-                  seed: int = 42) -> Bootstrap:
-    """Questionnaire (attribute questions + ``max_budget`` items) and ridge regressor from answers to
-    [embedding, bias], trained on warm users with the questionnaire simulated on them."""
-    questionnaire = Questionnaire(infer_questions(attributes),
-                                  choose_items(data.items, data.ratings, data.n_items, max_budget, strategy))
-    encoder = AnswerEncoder.fit(questionnaire, attributes, item_means(data))
-    users, budgets, answers = simulated_answers(data, questionnaire.items, rng=np.random.default_rng(seed))
+def fit_bootstrap(data: CollabData, item_ids: np.ndarray, user_factors: np.ndarray, user_bias: np.ndarray,
+                  attributes: list[dict], alpha: float = 30.0, strategy: str = "popularity",
+                  max_budget: int = MAX_BUDGET, seed: int = 42) -> Bootstrap:
+    """Questionnaire (attribute questions + ``max_budget`` items, by database id) and a ridge map from
+    answers to [embedding, bias], trained on warm users with the questionnaire simulated on them."""
+    asked = choose_items(data.items, data.ratings, data.n_items, max_budget, strategy)
+    questionnaire = Questionnaire(infer_questions(attributes), [int(item_ids[i]) for i in asked])
+    encoder = AnswerEncoder.fit(questionnaire, attributes, item_means(data)[asked].tolist())
+    users, budgets, answers = simulated_answers(data, asked, rng=np.random.default_rng(seed))
+    answers = [{int(item_ids[i]): r for i, r in a.items()} for a in answers]  # by database id, as served
     budgets = np.array(budgets)
     blocks, rows = [], []
     for q in np.unique(budgets):  # one transform per budget: only the first q items count as asked
@@ -59,4 +60,4 @@ def fit_bootstrap(data: CollabData, user_factors: np.ndarray, user_bias: np.ndar
         blocks.append(encoder.transform([attributes[u] for u in users[idx]], [answers[k] for k in idx], budget=int(q)))
         rows.append(users[idx])
     targets = np.concatenate([user_factors, user_bias[:, None]], axis=1)
-    return Bootstrap(encoder, RidgeBootstrap(alpha).fit(np.concatenate(blocks), targets[np.concatenate(rows)]))
+    return Bootstrap.fit(encoder, np.concatenate(blocks), targets[np.concatenate(rows)], alpha)

@@ -23,7 +23,10 @@ class Question:
 
 @dataclass
 class Questionnaire:
-    """What a new user is asked: attribute questions, then items (inner indices, most useful first)."""
+    """What a new user is asked: attribute questions, then items (database ids, most useful first).
+
+    Items are kept by database id, never by a model's inner index, so a questionnaire means the
+    same items in every version whatever items are added later."""
 
     questions: list[Question]
     items: list[int] = field(default_factory=list)
@@ -62,7 +65,7 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
 
 def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: int,
                  strategy: str = "popularity") -> list[int]:
-    """Items to ask about, most useful first, from training ratings (inner item indices).
+    """Items to ask about, most useful first, from training ratings (returns inner item indices).
 
     "popularity": most-rated first (the most likely to have been seen, so the most answers);
     "entropy": log-popularity × entropy of the item's rating distribution."""

@@ -1,55 +1,44 @@
-"""The bootstrap regressor: questionnaire features -> a new user's initial embedding and bias.
+"""The bootstrap regressor: questionnaire answers -> a new user's initial embedding and bias.
 
-Ridge regression in closed form, stored as plain arrays (no pickles), so onboarding needs numpy only."""
+scikit-learn's ``Ridge``, whose learned coefficients are stored as plain arrays (no pickles), so
+onboarding needs numpy only."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 
-from ..cf_core.scoring import from_npz, to_npz
 from .features import AnswerEncoder
 
 
-class RidgeBootstrap:
-    """Multi-output ridge regression (scikit-learn style: ``fit`` returns self, learned ``coef_``...)."""
-
-    def __init__(self, alpha: float = 30.0):
-        self.alpha = alpha
-
-    def fit(self, X: np.ndarray, Y: np.ndarray, sample_weight: np.ndarray | None = None) -> "RidgeBootstrap":
-        w = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, float)
-        self.x_mean_ = (w[:, None] * X).sum(0) / w.sum()
-        self.intercept_ = (w[:, None] * Y).sum(0) / w.sum()
-        Xc, Yc = X - self.x_mean_, Y - self.intercept_
-        A = Xc.T @ (w[:, None] * Xc) + self.alpha * np.eye(X.shape[1])
-        self.coef_ = np.linalg.solve(A, Xc.T @ (w[:, None] * Yc))
-        return self
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return (X - self.x_mean_) @ self.coef_ + self.intercept_
-
-
 class Bootstrap:
-    """Encoder and regressor together: answers in, (embedding, bias) out."""
+    """Encoder and linear map together: answers in, (embedding, bias) out (chapter 8's "bootstrapping")."""
 
-    def __init__(self, encoder: AnswerEncoder, regressor: RidgeBootstrap):
-        self.encoder, self.regressor = encoder, regressor
+    def __init__(self, encoder: AnswerEncoder, coef: np.ndarray, intercept: np.ndarray):
+        self.encoder, self.coef_, self.intercept_ = encoder, coef, intercept
+
+    @classmethod
+    def fit(cls, encoder: AnswerEncoder, X: np.ndarray, Y: np.ndarray, alpha: float) -> "Bootstrap":
+        """Ridge regression (scikit-learn) from encoded answers ``X`` to targets ``Y`` = [embedding, bias]."""
+        from sklearn.linear_model import Ridge
+
+        ridge = Ridge(alpha=alpha).fit(X, Y)
+        return cls(encoder, ridge.coef_.astype(np.float64), np.atleast_1d(ridge.intercept_).astype(np.float64))
+
+    @property
+    def questionnaire(self):  # noqa: ANN201
+        return self.encoder.questionnaire
 
     def initial_factors(self, attributes: list[dict], item_ratings: list[dict[int, float]],
                         budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Initial (embeddings (n, k), biases (n,)) for users with these answers."""
-        Y = self.regressor.predict(self.encoder.transform(attributes, item_ratings, budget))
+        """Initial (embeddings (n, k), biases (n,)) for users with these answers (ratings by item db id)."""
+        Y = self.encoder.transform(attributes, item_ratings, budget) @ self.coef_.T + self.intercept_
         return Y[:, :-1].astype(np.float32), Y[:, -1].astype(np.float32)
 
-    def to_npz(self) -> bytes:
-        r = self.regressor
-        return to_npz({"encoder": np.array(json.dumps(self.encoder.to_json())), "alpha": np.array(r.alpha),
-                       "x_mean": r.x_mean_, "intercept": r.intercept_, "coef": r.coef_})
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"encoder": np.array(json.dumps(self.encoder.to_json())), "coef": self.coef_,
+                "intercept": self.intercept_}
 
     @classmethod
-    def from_npz(cls, blob: bytes) -> "Bootstrap":
-        a = from_npz(blob)
-        reg = RidgeBootstrap(float(a["alpha"]))
-        reg.x_mean_, reg.intercept_, reg.coef_ = a["x_mean"], a["intercept"], a["coef"]
-        return cls(AnswerEncoder.from_json(json.loads(str(a["encoder"]))), reg)
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "Bootstrap":
+        return cls(AnswerEncoder.from_json(json.loads(str(a["encoder"]))), a["coef"], a["intercept"])

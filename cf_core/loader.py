@@ -43,28 +43,3 @@ class TensorBatches:
         else:
             for start in range(0, self.n, self.bs):
                 yield self.x[start:start + self.bs], self.y[start:start + self.bs]
-
-
-class NegativeSampledBatches(TensorBatches):
-    """Implicit-feedback batches: the observed (user, item) pairs with target 1, plus ``neg_ratio``
-    pairs per observation of the same users with uniformly drawn items and target 0, redrawn each epoch."""
-
-    def __init__(self, x: torch.Tensor, n_items: int, neg_ratio: int, bs: int,
-                 generator: torch.Generator | None = None):
-        super().__init__(x, torch.ones(len(x)), bs, shuffle=True, generator=generator)
-        self.n_items, self.neg_ratio = n_items, int(neg_ratio)
-
-    @property
-    def n(self) -> int:
-        return len(self.y) * (1 + self.neg_ratio)
-
-    def __iter__(self):
-        n_pos = len(self.y)
-        users = self.x[:, 0].repeat(self.neg_ratio)
-        items = torch.randint(self.n_items, (n_pos * self.neg_ratio,), generator=self.generator).to(self.x.device)
-        x = torch.cat([self.x, torch.stack([users, items], 1)])
-        y = torch.cat([self.y, torch.zeros(len(items), device=self.y.device)])
-        order = torch.randperm(len(y), generator=self.generator).to(self.x.device)
-        for start in range(0, len(y), self.bs):
-            idx = order[start:start + self.bs]
-            yield x[idx], y[idx]

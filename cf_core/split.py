@@ -1,4 +1,4 @@
-"""The splits of the cold-start protocol (COLDSTART_PROTOCOL.md §1, §3, §7)."""
+"""The splits of the cold-start protocol (docs/protocol.md §1, §3, §7)."""
 from __future__ import annotations
 
 import numpy as np

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import CollabData
-from .scoring import Head, ScoringModel
+from .rating import DotRating, NNRating
+from .scoring import Head
 
 
 @dataclass
@@ -122,14 +123,18 @@ class CollabModel:
 
         return MSELossFlat()
 
-    def scoring_model(self) -> ScoringModel:
-        """The trained item side as plain arrays."""
-        return ScoringModel(self.kind, self.y_range, self.item_factors_, self.item_bias_,
-                            getattr(self, "head_", None))
+    def rating_model(self) -> DotRating | NNRating:
+        """The trained item side as plain arrays, served with numpy."""
+        if self.kind == "nn":
+            return NNRating(self.y_range, self.item_factors_, self.item_bias_, head=self.head_)
+        return DotRating(self.y_range, self.item_factors_, self.item_bias_)
 
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Predicted ratings for (inner user, inner item) pairs."""
-        return self.scoring_model().predict_pairs(self.user_factors_[users], self.user_bias_[users], items)
+        rm = self.rating_model()
+        return np.concatenate([rm.predict_pairs(self.user_factors_[users[s:s + 65536]],
+                                                self.user_bias_[users[s:s + 65536]], items[s:s + 65536])
+                               for s in range(0, len(users), 65536)] or [np.zeros(0, np.float32)])
 
 
 def _np(t) -> np.ndarray:  # noqa: ANN001
@@ -201,49 +206,6 @@ def export_head(layers) -> Head:  # noqa: ANN001
             scale = _np(m.weight) / np.sqrt(_np(m.running_var) + m.eps)
             head.append(("affine", [scale.astype(np.float32), (_np(m.bias) - _np(m.running_mean) * scale).astype(np.float32)]))
     return head
-
-
-class ImplicitDotBias(DotBias):
-    """The ranking model: ``EmbeddingDotBias`` without ``y_range``, trained with binary cross-entropy
-    on which items a user rated (1) against uniformly sampled items (0). Its item bias is a smoothed
-    log-popularity and its user factors say *what* a user watches, which ranking for new users needs
-    and a rating model does not learn (see docs/coldstart.md)."""
-
-    kind = "implicit"
-
-    def __init__(self, n_factors: int = 32, epochs: int = 5, lr: float = 1e-2, wd: float = 0.05,
-                 bs: int = 4096, neg_ratio: int = 4, seed: int = 42, device: str | None = None,
-                 progress: bool = True):
-        super().__init__(n_factors, epochs, lr, wd, bs, (0.0, 1.0), seed, device, progress)
-        self.neg_ratio = neg_ratio
-
-    def get_params(self) -> dict:
-        p = super().get_params()
-        p.pop("y_range")
-        return {**p, "neg_ratio": self.neg_ratio}
-
-    def _build(self, n_users: int, n_items: int):
-        from fastai.collab import EmbeddingDotBias
-
-        return EmbeddingDotBias(self.n_factors, n_users, n_items, y_range=None)
-
-    def _batches(self, d: CollabData | None, shuffle: bool, gen):  # noqa: ANN001
-        import torch
-
-        from .loader import NegativeSampledBatches, TensorBatches
-
-        if not shuffle or d is None:  # no validation loss for the ranking model
-            return TensorBatches(torch.zeros((0, 2), dtype=torch.long), torch.zeros(0), self.bs, False)
-        x = torch.from_numpy(np.stack([d.users, d.items], axis=1))
-        return NegativeSampledBatches(x, d.n_items, self.neg_ratio, self.bs, generator=gen)
-
-    def _loss(self):
-        from fastai.losses import BCEWithLogitsLossFlat
-
-        return BCEWithLogitsLossFlat()
-
-    def fit(self, train: CollabData, valid: CollabData | None = None) -> "ImplicitDotBias":
-        return super().fit(train, None)
 
 
 MODELS = {"dot": DotBias, "nn": NeuralCF}

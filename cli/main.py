@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,6 +37,32 @@ def fail_cleanly(fn):
             raise click.ClickException(f"database error: {msg}") from None
 
     return wrapper
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float (no nan/inf) within optional bounds; ``min_open``/``max_open`` exclude the bound."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False,
+                 max_open: bool = False):
+        self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            x = float(value)
+        else:
+            try:
+                x = float(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and (x < self.min or (self.min_open and x == self.min)):
+            self.fail(f"{x:g} must be {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
+        if self.max is not None and (x > self.max or (self.max_open and x == self.max)):
+            self.fail(f"{x:g} must be {'<' if self.max_open else '<='} {self.max:g}", param, ctx)
+        return x
 
 
 class Ctx:
@@ -86,7 +113,15 @@ def _scale(value: str | None):
         lo, hi = (float(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter("expected LO,HI, e.g. 1,5") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise click.BadParameter(f"expected finite LO < HI, got {value!r}")
     return lo, hi
+
+
+def _check_scale(ctx, param, value: str | None) -> str | None:
+    """Option callback: reject a bad --scale while parsing (the value is kept as text)."""
+    _scale(value)
+    return value
 
 
 def _dataset_command(name: str, reader: str, marker: str, help_text: str) -> None:
@@ -101,20 +136,45 @@ def _dataset_command(name: str, reader: str, marker: str, help_text: str) -> Non
     def command(ctx: Ctx, folder: Path, quiet: bool, as_json: bool) -> None:
         from ..db import sources
 
-        _ingest(ctx, getattr(sources, reader)(folder), as_json, source=str(folder / marker), quiet=quiet)
+        ds = getattr(sources, reader)(folder)
+        _ingest(ctx, ds, as_json, source=ds.source or str(folder / marker), quiet=quiet)
 
 
-_dataset_command("movielens", "read_movielens", "u.data", "MovieLens 100k from FOLDER (u.data, u.item, u.user).")
-_dataset_command("goodbooks", "read_goodbooks", "ratings.csv", "goodbooks-10k from FOLDER (ratings.csv, books.csv).")
+_dataset_command("movielens", "read_movielens", "u.data",
+                 "Any MovieLens release from FOLDER, recognised by its files: 100k (u.data, u.item, u.user), "
+                 "1M (ratings.dat, movies.dat, users.dat), 10M (ratings.dat, movies.dat, tags.dat), "
+                 "20M/25M/32M/latest/latest-small (ratings.csv, movies.csv, tags.csv). Titles, genres, year "
+                 "and top tags become item attributes; 1M's demographics user attributes.")
+_dataset_command("goodbooks", "read_goodbooks", "ratings.csv",
+                 "goodbooks-10k from FOLDER, v1 or v2 (ratings.csv, books.csv, book_tags.csv + tags.csv): "
+                 "titles, authors, original_publication_year and top tags become item attributes.")
+
+
+@ingest.command("items")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def ingest_items(ctx: Ctx, file: Path, as_json: bool) -> None:
+    """Add or update items from a CSV with a header (item,title, then one column per attribute).
+
+    Numbers stay numbers, a value with '|' becomes a list ("Drama|War"), empty cells change nothing;
+    given attributes replace those of the same name, others are kept."""
+    from ..db.sources import read_items_csv
+    from ..service.ingest import upsert_items
+
+    out = upsert_items(ctx.engine, read_items_csv(file))
+    emit(out, as_json, f"{out['added']} items added, {out['updated']} updated")
 
 
 @ingest.command("ratings")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--user-col", default="user", show_default=True)
 @click.option("--item-col", default="item", show_default=True)
 @click.option("--rating-col", default="rating", show_default=True)
 @click.option("--time-col", default="timestamp", show_default=True)
-@click.option("--scale", help="Rating scale LO,HI (default: the database's, else the data's range).")
+@click.option("--scale", callback=_check_scale,
+              help="Rating scale LO,HI (default: the database's, else the data's range).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -128,7 +188,7 @@ def ingest_ratings(ctx: Ctx, file: Path, user_col, item_col, rating_col, time_co
 
 
 @ingest.command("users")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--user-col", default="user", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -149,15 +209,25 @@ def data() -> None:
     """Public datasets."""
 
 
+DATASETS = ["movielens-100k", "movielens-1m", "movielens-10m", "movielens-25m", "movielens-32m",
+            "movielens-latest-small", "goodbooks-10k"]  # cfb.db.download.SOURCES (kept here: no import at startup)
+
+
 @data.command("download")
-@click.argument("name", type=click.Choice(["movielens-100k", "goodbooks-10k"]))
+@click.argument("name", type=click.Choice(DATASETS))
+@click.option("--sha256", help="Also check the archive against this SHA-256.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @fail_cleanly
-def data_download(name: str, as_json: bool) -> None:
-    """Fetch NAME from its official address into $CFB_HOME/data and print the folder."""
+def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> None:
+    """Fetch NAME from its official address into $CFB_HOME/data, verified and unpacked; print the folder."""
     from ..db.download import download
 
-    folder = download(name)
+    def bar(total):
+        return click.progressbar(length=total or 0, label=f"downloading {name}", file=sys.stderr,
+                                 hidden=quiet or as_json or not total)
+
+    folder = download(name, progress=bar, sha256=sha256)
     emit({"dataset": name, "path": str(folder)}, as_json, str(folder))
 
 
@@ -166,15 +236,15 @@ def data_download(name: str, as_json: bool) -> None:
 @click.option("--full", is_flag=True, help="Retrain from scratch on every rating.")
 @click.option("--model", "kind", type=click.Choice(["dot", "nn"]),
               help="Model kind [default: dot for a first or --full retrain, else the serving version's].")
-@click.option("--factors", "n_factors", type=int)
-@click.option("--epochs", type=int)
-@click.option("--lr", type=float)
-@click.option("--wd", type=float)
-@click.option("--bs", type=int, help="Batch size.")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--valid-pct", type=float, default=0.2, show_default=True,
+@click.option("--factors", "n_factors", type=click.IntRange(1, 1024))
+@click.option("--epochs", type=click.IntRange(1, 1000))
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True))
+@click.option("--wd", type=FiniteFloat(min=0))
+@click.option("--bs", type=click.IntRange(min=1), help="Batch size.")
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@click.option("--valid-pct", type=FiniteFloat(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
-@click.option("--drift-limit", type=float, default=0.2, show_default=True,
+@click.option("--drift-limit", type=FiniteFloat(0, 1), default=0.2, show_default=True,
               help="Without --full: retrain fully when this share of ratings is newer than the last full retrain.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True)
@@ -205,7 +275,7 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
 # --- serving ----------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("users", nargs=-1, required=True)
-@click.option("-n", "n", type=int, default=10, show_default=True)
+@click.option("-n", "n", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--by", type=click.Choice(["rank", "rating"]), default="rank", show_default=True,
               help="rank: what the user would watch and like (ranking model + predicted rating); "
                    "rating: predicted rating alone.")
@@ -226,23 +296,57 @@ def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) 
 
 
 @cli.command()
-@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), required=True, help="CSV with header user,item.")
+@click.option("--pairs", "pairs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="CSV with header user,item.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
 def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     """Predicted rating for each user,item row of a CSV; prints CSV user,item,prediction."""
     import csv
+    import io
+    import re
 
+    from ..cf_core.errors import InputError
     from ..db.textfile import read_text
     from ..service.serving import predict_pairs
 
-    rows = list(csv.DictReader(read_text(pairs_file).splitlines()))
-    if rows and not {"user", "item"} <= set(rows[0]):
-        raise CfbError(f"{pairs_file}: line 1: header must have columns user,item")
-    pairs = [(r["user"].strip(), r["item"].strip()) for r in rows]
-    with ctx.engine.connect() as conn:
-        preds = predict_pairs(conn, pairs)
+    src = str(pairs_file)
+    text = read_text(pairs_file).lstrip("\ufeff")
+    if not text.strip():
+        raise InputError("empty file (expected a header user,item)", source=src, line=1)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    pairs, lines = [], []
+    try:
+        header = [h.strip() for h in next(reader)]
+        missing = [c for c in ("user", "item") if c not in header]
+        if missing:
+            raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'}",
+                             source=src, line=1, field=missing[0])
+        cols = {c: header.index(c) for c in ("user", "item")}
+        for row in reader:
+            if not any(f.strip() for f in row):
+                continue
+            if len(row) != len(header):
+                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=reader.line_num)
+            pair = tuple(row[cols[c]].strip() for c in ("user", "item"))
+            for c, v in zip(("user", "item"), pair):
+                if not v:
+                    raise InputError("empty id", source=src, line=reader.line_num, field=c)
+            pairs.append(pair)
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise InputError(f"malformed CSV ({e})", source=src, line=reader.line_num) from None
+    if not pairs:
+        raise InputError("no user,item rows after the header", source=src, line=2)
+    try:
+        with ctx.engine.connect() as conn:
+            preds = predict_pairs(conn, pairs)
+    except CfbError as e:  # "row K: ..." -> the file and line of that row
+        m = re.match(r"row (\d+): (.*)", str(e))
+        if not m or not 1 <= int(m.group(1)) <= len(lines):
+            raise
+        raise InputError(m.group(2), source=src, line=lines[int(m.group(1)) - 1]) from None
     if as_json:
         emit([{"user": u, "item": i, "prediction": round(p, 4)} for (u, i), p in zip(pairs, preds)], True)
     else:
@@ -253,7 +357,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("item")
-@click.option("-n", "n", type=int, default=10, show_default=True)
+@click.option("-n", "n", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -274,8 +378,8 @@ def inspect() -> None:
 
 
 @inspect.command("biases")
-@click.option("-n", "n", type=int, default=10, show_default=True)
-@click.option("--min-ratings", type=int, default=0, show_default=True)
+@click.option("-n", "n", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--min-ratings", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -292,7 +396,8 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 
 # --- cold start -----------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--budget", type=int, default=15, show_default=True, help="Number of items to ask about.")
+@click.option("--budget", type=click.IntRange(min=0), default=15, show_default=True,
+              help="Number of items to ask about.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -312,7 +417,7 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--answers", "answers_file", type=click.Path(path_type=Path), required=True,
+@click.option("--answers", "answers_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}}.")
 @click.option("--skip-invalid", is_flag=True, help="Store the valid entries and report the others.")
 @click.option("--json", "as_json", is_flag=True)
@@ -334,7 +439,7 @@ def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> 
 @cli.command()
 @click.argument("user")
 @click.argument("item")
-@click.argument("rating", type=float)
+@click.argument("rating", type=FiniteFloat())
 @click.option("--new-item", is_flag=True, help="Create ITEM if it is not in the catalogue.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -368,15 +473,16 @@ def models(ctx: Ctx, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("version", type=int)
+@click.argument("version", type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
 def rollback(ctx: Ctx, version: int, as_json: bool) -> None:
     """Serve an earlier VERSION."""
     from ..db import versions
+    from ..db.engine import writing
 
-    with ctx.engine.begin() as conn:
+    with writing(ctx.engine) as conn:
         versions.set_serving(conn, version)
     emit({"serving": version}, as_json, f"version {version} serving")
 
@@ -388,35 +494,52 @@ def eval_group() -> None:
 
 
 def _ints(value: str) -> tuple[int, ...]:
+    """Comma-separated non-negative integers (empty entries ignored)."""
     try:
-        return tuple(int(x) for x in value.split(",") if x.strip())
+        out = tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if any(x < 0 for x in out):
+        raise click.BadParameter(f"expected non-negative integers, got {value!r}")
+    return out
+
+
+def _check_ints(ctx, param, value: str) -> str:
+    """Option callback: reject a bad --seeds/--budgets/--fold-steps while parsing (the value is kept as text)."""
+    _ints(value)
+    return value
+
+
+DEFAULT_EVAL_DATA = "../shared/data/ml-100k"
 
 
 @eval_group.command("cold-start")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default="../shared/data/ml-100k",
-              show_default=True, help="MovieLens 100k folder (downloaded if absent and this is the default).")
-@click.option("--seeds", default="42,43,44", show_default=True)
-@click.option("--budgets", default="0,5,15,30", show_default=True)
-@click.option("--fold-steps", default="0,1,3,5,10", show_default=True, help="Protocol §5; empty to skip.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=DEFAULT_EVAL_DATA,
+              show_default=True, help="A MovieLens or goodbooks folder (MovieLens 100k is downloaded if the default is absent).")
+@click.option("--seeds", default="42,43,44", show_default=True, callback=_check_ints)
+@click.option("--budgets", default="0,5,15,30", show_default=True, callback=_check_ints)
+@click.option("--fold-steps", default="0,1,3,5,10", show_default=True, callback=_check_ints,
+              help="Protocol §5; empty to skip.")
 @click.option("--model", "kind", type=click.Choice(["dot", "nn"]), default="dot", show_default=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @fail_cleanly
 def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, kind: str, quiet: bool,
                     as_json: bool) -> None:
-    """COLDSTART_PROTOCOL.md §1–6 through the real pipeline in a temporary database."""
-    from ..db.sources import read_movielens
+    """The cold-start protocol (docs/protocol.md) through the real pipeline in a temporary database.
+
+    --data takes any folder `cfb ingest movielens` or `cfb ingest goodbooks` reads."""
+    from ..db.sources import read_goodbooks, read_movielens
     from ..evaluation.coldstart import run_protocol
     from ..evaluation.report import render
 
-    if not (data_dir / "u.data").exists():
+    if not data_dir.exists() and str(data_dir) == DEFAULT_EVAL_DATA:
         from ..db.download import download
 
         data_dir = download("movielens-100k")
+    read = read_goodbooks if (data_dir / "books.csv").exists() else read_movielens
     seed_list = _ints(seeds)
     if not quiet and not as_json:
         click.echo(f"running the protocol on {data_dir} for seeds {seed_list} ...", err=True)
-    out = run_protocol(read_movielens(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind)
+    out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind)
     emit(out, as_json, render(out))

@@ -1,7 +1,24 @@
-"""Fetch public datasets from their official addresses into ``$CFB_HOME/data`` (never into the repo)."""
+"""Fetch public datasets from their official addresses into ``$CFB_HOME/data`` (never into the repo).
+
+A download goes to ``NAME.zip.part``, is checked (size, checksum), unpacked into a hidden temporary
+folder next to the destination, and only then renamed to ``$CFB_HOME/data/NAME``: an interrupted or
+corrupt download never leaves a folder that looks complete (leftovers are cleared by the next try).
+
+Checksums: GroupLens publishes an MD5 beside each zip (``ml-25m.zip.md5``). The MD5s of the releases
+that never change (100k, 1M, 10M, 25M) are pinned here; for 32M and latest-small the ``.md5`` file is
+fetched beside the archive (latest-small is regenerated from time to time). goodbooks-10k has no
+published checksum: pass ``sha256`` to check it, else its SHA-256 is only recorded. Each copy's
+address, MD5, SHA-256 and how it was verified are written to ``.cfb-download.json`` in its folder.
+"""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import re
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -10,34 +27,146 @@ from pathlib import Path
 from ..cf_core.errors import CfbError
 from .engine import cfb_home
 
+GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 SOURCES = {
     # name: (official address, folder inside the zip, file that marks a complete copy)
-    "movielens-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip", "ml-100k", "u.data"),
+    "movielens-100k": (f"{GROUPLENS}/ml-100k.zip", "ml-100k", "u.data"),
+    "movielens-1m": (f"{GROUPLENS}/ml-1m.zip", "ml-1m", "ratings.dat"),
+    "movielens-10m": (f"{GROUPLENS}/ml-10m.zip", "ml-10M100K", "ratings.dat"),
+    "movielens-25m": (f"{GROUPLENS}/ml-25m.zip", "ml-25m", "ratings.csv"),
+    "movielens-32m": (f"{GROUPLENS}/ml-32m.zip", "ml-32m", "ratings.csv"),
+    "movielens-latest-small": (f"{GROUPLENS}/ml-latest-small.zip", "ml-latest-small", "ratings.csv"),
     "goodbooks-10k": ("https://github.com/zygmuntz/goodbooks-10k/releases/download/v1.0/goodbooks-10k.zip",
                       "", "ratings.csv"),
 }
-INGEST = {"movielens-100k": "movielens", "goodbooks-10k": "goodbooks"}
+# "md5:<hex>" / "sha256:<hex>": pinned; "url:<address>": an MD5 file published beside the archive; None: none
+CHECKSUMS: dict[str, str | None] = {
+    # GroupLens's published ml-*.zip.md5 values for the frozen releases
+    "movielens-100k": "md5:0e33842e24a9c977be4e0107933c0723",
+    "movielens-1m": "md5:c4d9eecfca2ab87c1945afe126590906",
+    "movielens-10m": "md5:ce571fd55effeba0271552578f2648bd",
+    "movielens-25m": "md5:6b51fb2759a8657d3bfcbfc42b592ada",
+    "movielens-32m": f"url:{GROUPLENS}/ml-32m.zip.md5",
+    "movielens-latest-small": f"url:{GROUPLENS}/ml-latest-small.zip.md5",
+    "goodbooks-10k": None,
+}
+INGEST = {name: "goodbooks" if name.startswith("goodbooks") else "movielens" for name in SOURCES}
+STAMP = ".cfb-download.json"
+CHUNK = 1 << 20
 
 
-def download(name: str, cache: Path | None = None, timeout: float = 30) -> Path:
-    """The dataset's folder, downloading and unpacking it first if it is not cached."""
+def _find_marker(root: Path, inner: str, marker: str) -> Path | None:
+    """The folder holding ``marker``: ``root/inner``, else ``root`` or one level below."""
+    for folder in ([root / inner] if inner else []) + [root] + sorted(p for p in root.glob("*") if p.is_dir()):
+        if (folder / marker).is_file():
+            return folder
+    return None
+
+
+def _clear_leftovers(base: Path, name: str) -> None:
+    """Remove what an interrupted earlier try left: the ``.part`` file and temporary folders."""
+    (base / f"{name}.zip.part").unlink(missing_ok=True)
+    for tmp in base.glob(f".{name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch(url: str, out, timeout: float, progress, hashes) -> tuple[int, int | None]:  # noqa: ANN001
+    """Stream ``url`` into ``out``; returns (bytes read, Content-Length or None)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        bar = progress(total) if progress else contextlib.nullcontext(None)
+        got = 0
+        with bar as b:
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                for h in hashes:
+                    h.update(chunk)
+                got += len(chunk)
+                if b is not None:
+                    b.update(len(chunk))
+    return got, total
+
+
+def _published_md5(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        text = resp.read(4096).decode("ascii", "replace")
+    m = re.search(r"\b[0-9a-fA-F]{32}\b", text)
+    if not m:
+        raise CfbError(f"no MD5 in the checksum file {url}")
+    return m.group(0).lower()
+
+
+def _verify(name: str, md5: str, sha256: str, expected_sha256: str | None, timeout: float) -> str:
+    """Check the archive's digests; returns how it was verified."""
+    checks = []
+    if expected_sha256:
+        checks.append(("sha256", expected_sha256.lower(), sha256, "the given SHA-256"))
+    pin = CHECKSUMS.get(name)
+    if pin and pin.startswith("url:"):
+        url = pin[4:]
+        try:
+            checks.append(("md5", _published_md5(url, timeout), md5, url))
+        except (urllib.error.URLError, OSError) as e:
+            raise CfbError(f"could not fetch the checksum {url} ({getattr(e, 'reason', e)}); pass the archive's "
+                           "SHA-256 to verify it instead") from None
+    elif pin:
+        kind, value = pin.split(":", 1)
+        checks.append((kind, value, md5 if kind == "md5" else sha256, f"the pinned {kind.upper()}"))
+    for kind, want, got, what in checks:
+        if want != got:
+            raise CfbError(f"{name}: checksum mismatch ({kind} {got}, expected {want} from {what}); "
+                           "the download is corrupt or the file has changed")
+    return ", ".join(f"{kind} = {what}" for kind, _, _, what in checks) or "none (no published checksum)"
+
+
+def download(name: str, cache: Path | None = None, timeout: float = 30, progress=None,  # noqa: ANN001
+             sha256: str | None = None) -> Path:
+    """The dataset's folder, downloading, verifying and unpacking it first if it is not cached.
+
+    ``progress(total_bytes_or_None)`` returns a context manager whose ``update(n)`` is called per chunk
+    (e.g. a click progress bar)."""
+    if name not in SOURCES:
+        raise CfbError(f"unknown dataset {name!r} (known: {', '.join(SOURCES)})")
     url, inner, marker = SOURCES[name]
-    root = (cache or cfb_home() / "data") / name
-    folder = root / inner if inner else root
-    if (folder / marker).exists():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    archive = root / "download.zip.part"
+    base = Path(cache or cfb_home() / "data")
+    root = base / name
+    if root.is_dir():
+        found = _find_marker(root, inner, marker)
+        if found is not None:
+            return found
+        shutil.rmtree(root)  # an incomplete copy made by an older cfb
+    base.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(base, name)
+    part = base / f"{name}.zip.part"
+    tmp: Path | None = None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(archive, "wb") as out:
-            shutil.copyfileobj(resp, out)
-    except (urllib.error.URLError, OSError) as e:
-        archive.unlink(missing_ok=True)
-        raise CfbError(f"could not download {name} from {url} ({getattr(e, 'reason', e)}); if you have the files, "
-                       f"use `cfb ingest {INGEST[name]} PATH`") from None
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(root)
-    archive.unlink()
-    if not (folder / marker).exists():
-        raise CfbError(f"{url} did not contain {inner}/{marker}")
-    return folder
+        md5, sha = hashlib.md5(), hashlib.sha256()
+        try:
+            with open(part, "wb") as out:
+                got, total = _fetch(url, out, timeout, progress, (md5, sha))
+        except (urllib.error.URLError, OSError) as e:
+            raise CfbError(f"could not download {name} from {url} ({getattr(e, 'reason', e)}); if you have the "
+                           f"files, use `cfb ingest {INGEST[name]} PATH`") from None
+        if total is not None and got != total:
+            raise CfbError(f"download of {name} from {url} stopped after {got} of {total} bytes; try again")
+        verified = _verify(name, md5.hexdigest(), sha.hexdigest(), sha256, timeout)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=base))
+        try:
+            with zipfile.ZipFile(part) as z:
+                z.extractall(tmp)
+        except zipfile.BadZipFile:
+            raise CfbError(f"{url} is not a valid zip archive") from None
+        found = _find_marker(tmp, inner, marker)
+        if found is None:
+            raise CfbError(f"{url} did not contain {inner + '/' if inner else ''}{marker}")
+        (found / STAMP).write_text(json.dumps({"dataset": name, "url": url, "bytes": got, "md5": md5.hexdigest(),
+                                               "sha256": sha.hexdigest(), "verified_by": verified}, indent=1))
+        inside = found.relative_to(tmp)
+        os.replace(tmp, root)  # atomic: the folder appears complete or not at all
+        tmp = None
+        return root / inside
+    finally:
+        part.unlink(missing_ok=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

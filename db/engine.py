@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 
 from ..cf_core.errors import CfbError
+
+WRITE_OPTION = "cfb_write"  # execution option: this connection's transactions write (see ``writing``)
 
 
 def cfb_home() -> Path:
@@ -34,6 +38,24 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A connection in a write transaction, committed on success, rolled back on error.
+
+    Use it instead of ``engine.begin()`` for every transaction that writes: on SQLite it starts with
+    ``BEGIN IMMEDIATE`` (writers queue on the busy timeout instead of failing when a deferred
+    transaction tries to upgrade its read lock); on PostgreSQL it is an ordinary transaction.
+    Reads through ``engine.connect()`` keep a deferred BEGIN, so readers never wait (WAL)."""
+    with engine.connect() as conn:
+        conn.execution_options(**{WRITE_OPTION: True})  # in place, for this Connection only
+        with conn.begin():
+            yield conn
+
+
 def make_engine(url: str | None = None) -> Engine:
     """Create an engine for ``url`` (see ``resolve_url``); SQLite gets WAL mode and a busy timeout."""
     url = resolve_url(url)
@@ -41,8 +63,10 @@ def make_engine(url: str | None = None) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; emit it ourselves so that a
-        # write transaction is one unit (SQLAlchemy's documented recipe).
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        # write transaction is one unit (SQLAlchemy's documented recipe). Writers (``writing``)
+        # take the write lock up front with BEGIN IMMEDIATE, so a second writer waits in
+        # busy_timeout instead of failing with "database is locked" when it first writes.
+        event.listen(engine, "begin", _sqlite_begin)
 
         @event.listens_for(engine, "connect")
         def _no_autobegin(dbapi_conn, _record):  # noqa: ANN001

@@ -72,7 +72,7 @@ class ModelVersion(Base):
     __tablename__ = "model_versions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # "dot" | "nn"
-    mode: Mapped[str] = mapped_column(String(16))  # "full" | "incremental" | "onboard"
+    mode: Mapped[str] = mapped_column(String(16))  # "full" | "incremental"
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     hyperparams: Mapped[dict] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -81,6 +81,8 @@ class ModelVersion(Base):
 
 
 class UserFactors(Base):
+    """A trained user's row in a full version (embedding as float32 little-endian, and bias)."""
+
     __tablename__ = "user_factors"
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True, index=True)
@@ -88,16 +90,8 @@ class UserFactors(Base):
     factors: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian
 
 
-class ItemFactors(Base):
-    __tablename__ = "item_factors"
-    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
-    bias: Mapped[float] = mapped_column(Float)
-    factors: Mapped[bytes] = mapped_column(LargeBinary)
-
-
 class ModelArrays(Base):
-    """Named .npz blobs of a version: the NN head, the questionnaire, the bootstrap regressor."""
+    """Named .npz blobs of a version: ``model.npz`` (a full version's arrays) or ``delta.npz`` (an incremental one's)."""
 
     __tablename__ = "model_arrays"
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)

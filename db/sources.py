@@ -1,4 +1,5 @@
-"""Readers for ratings files (MovieLens 100k, goodbooks-10k, generic CSV), validated up front.
+"""Readers for ratings files (generic CSV, users and items CSVs; the public datasets' layouts are in
+``layouts``), validated up front.
 
 Each returns pandas frames with raw string ids; any problem raises ``InputError`` naming the file,
 line and field, before anything is written."""
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class Dataset:
     users: pd.DataFrame | None = None  # user, attributes (dict)
     scale: tuple[float, float] | None = None
     name: str = "ratings"
+    source: str | None = None  # the ratings file, for errors found while writing
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False) -> np.ndarray:
@@ -93,25 +96,83 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
 
 
 def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
-    """User attributes: a CSV with a ``user`` column; every other column is an attribute
-    (numbers stay numbers, empty cells are left out)."""
+    """User attributes: a CSV with a ``user`` column; every other column is an attribute.
+
+    Every value is read as text ("nan", "NA", "null" stay text); a column becomes numbers only when all
+    its non-empty values are plain finite decimal numbers without leading zeros (so zip code "02139"
+    stays "02139"). Empty cells are left out. Bad rows are reported with file, line and field."""
     path = Path(path)
-    df = read_csv_table(path, [user_col])
-    _nonempty_ids(df, user_col, path, 2)
-    attrs = [c for c in df.columns if c != user_col]
-    records = []
-    for row in df[attrs].to_dict("records"):
-        records.append({k: _scalar(v) for k, v in row.items() if str(v).strip() != ""})
-    return pd.DataFrame({"user": df[user_col].str.strip(), "attributes": records})
+    src = str(path)
+    text = read_text(path).lstrip("\ufeff")
+    if not text.strip():
+        raise InputError("empty file", source=src, line=1)
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        header = [h.strip() for h in next(reader)]
+        if user_col not in header:
+            raise InputError(f"missing column(s) {user_col}; header has {', '.join(header) or 'nothing'}",
+                             source=src, line=1, field=user_col)
+        for k, name in enumerate(header):
+            if not name:
+                raise InputError(f"column {k + 1} has no name", source=src, line=1)
+            if name in header[:k]:
+                raise InputError("duplicate column", source=src, line=1, field=name)
+        for row in reader:
+            if not any(f.strip() for f in row):
+                continue
+            if len(row) != len(header):
+                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src,
+                                 line=reader.line_num)
+            rows.append((reader.line_num, [f.strip() for f in row]))
+    except csv.Error as e:
+        raise InputError(f"malformed CSV ({e})", source=src, line=reader.line_num) from None
+    if not rows:
+        raise InputError("no users after the header", source=src, line=2)
+    u = header.index(user_col)
+    seen: dict[str, int] = {}
+    for n, row in rows:
+        if not row[u]:
+            raise InputError("empty id", source=src, line=n, field=user_col)
+        if row[u] in seen:
+            raise InputError(f"duplicate user {row[u]!r} (first on line {seen[row[u]]})", source=src, line=n,
+                             field=user_col)
+        seen[row[u]] = n
+    records: list[dict] = [{} for _ in rows]
+    for k, name in enumerate(header):
+        if k == u:
+            continue
+        values = [row[k] for _, row in rows]
+        numbers = [_plain_number(v) for v in values if v != ""]
+        numeric = all(x is not None for x in numbers)
+        for rec, v in zip(records, values):
+            if v != "":
+                rec[name] = _scalar(v) if numeric else v
+    return pd.DataFrame({"user": [row[u] for _, row in rows], "attributes": records})
+
+
+_PLAIN_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
+
+
+def _plain_number(v: str) -> int | float | None:
+    """``v`` as a number if it is a plain finite decimal number without leading zeros ("42", "-1.5",
+    "0.25"), else None ("02139", "1e3", "nan", "inf", "+4", " ")."""
+    if not _PLAIN_NUMBER.fullmatch(v):
+        return None
+    try:
+        x = float(v)
+        if not np.isfinite(x):
+            return None
+        return int(v) if "." not in v else x
+    except (OverflowError, ValueError):
+        return None
 
 
 def _scalar(v: str):
+    """A plain decimal number as int/float, anything else as its stripped text."""
     v = str(v).strip()
-    try:
-        f = float(v)
-    except ValueError:
-        return v
-    return int(f) if f.is_integer() and "." not in v else f
+    x = _plain_number(v)
+    return v if x is None else x
 
 
 def _fields(path: Path, sep: str, encoding: str = "utf-8") -> list[tuple[int, list[str]]]:
@@ -120,56 +181,75 @@ def _fields(path: Path, sep: str, encoding: str = "utf-8") -> list[tuple[int, li
 
 
 def read_movielens(folder: Path) -> Dataset:
-    """MovieLens 100k: ``u.data`` (tab-separated), ``u.item`` (titles, genre flags), ``u.user``."""
-    folder = Path(folder)
-    ratings_path = folder / "u.data"
-    rows = _fields(ratings_path, "\t")
-    for n, row in rows:
-        if len(row) != 4:
-            raise InputError(f"expected 4 tab-separated fields, found {len(row)}", source=str(ratings_path), line=n)
-    raw = pd.DataFrame([row for _, row in rows], columns=["user", "item", "rating", "timestamp"])
-    ratings = pd.DataFrame({
-        "user": raw["user"].str.strip(), "item": raw["item"].str.strip(),
-        "rating": _numeric(raw, "rating", ratings_path, 1).astype(np.float32),
-        "timestamp": _numeric(raw, "timestamp", ratings_path, 1, integer=True).astype(np.int64)})
-    check_scale(ratings, (1, 5), str(ratings_path), first_line=1)
+    """Any MovieLens release in ``folder``, recognised by its files (100k, 1M, 10M, 20M/25M/32M/latest);
+    see ``cfb.db.layouts``."""
+    from .layouts import read_movielens as read
 
-    items = None
-    item_path = folder / "u.item"
-    if item_path.exists():
-        recs = []
-        for n, f in _fields(item_path, "|", "latin-1"):
-            if len(f) < 5 + len(ML100K_GENRES):
-                raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
-                                 source=str(item_path), line=n)
-            genres = [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1"]
-            recs.append({"item": f[0].strip(), "title": f[1],
-                         "attributes": {"genres": genres, "release_date": f[2]}})
-        items = pd.DataFrame(recs)
-
-    users = None
-    user_path = folder / "u.user"
-    if user_path.exists():
-        recs = []
-        for n, f in _fields(user_path, "|", "latin-1"):
-            if len(f) != 5 or not f[1].strip().isdigit():
-                raise InputError("expected id|age|gender|occupation|zip", source=str(user_path), line=n)
-            recs.append({"user": f[0].strip(), "attributes": {
-                "age": int(f[1]), "gender": f[2], "occupation": f[3], "zip": f[4]}})
-        users = pd.DataFrame(recs)
-    return Dataset(ratings, items, users, scale=(1.0, 5.0), name="movielens")
+    return read(folder)
 
 
 def read_goodbooks(folder: Path) -> Dataset:
-    """goodbooks-10k: ``ratings.csv`` (user_id, book_id, rating) and ``books.csv`` (book_id, title, ...)."""
-    folder = Path(folder)
-    ratings = read_ratings_csv(folder / "ratings.csv", "user_id", "book_id", "rating", None)
-    check_scale(ratings, (1, 5), str(folder / "ratings.csv"))
-    items = None
-    books_path = folder / "books.csv"
-    if books_path.exists():
-        books = read_csv_table(books_path, ["book_id", "title"])
-        extra = [c for c in ("authors", "original_publication_year", "language_code") if c in books.columns]
-        items = pd.DataFrame({"item": books["book_id"].str.strip(), "title": books["title"],
-                              "attributes": books[extra].to_dict("records")})
-    return Dataset(ratings, items, None, scale=(1.0, 5.0), name="goodbooks")
+    """goodbooks-10k, v1 or v2 (told apart by ratings.csv's header); see ``cfb.db.layouts``."""
+    from .layouts import read_goodbooks as read
+
+    return read(folder)
+
+
+def read_items_csv(path: Path) -> pd.DataFrame:
+    """Your own catalogue: a CSV with a header ``item[,title][,attribute columns...]``.
+
+    Returns item, title (None where the cell is empty) and attributes: a column whose values contain
+    '|' holds lists ("Drama|War" -> ["Drama", "War"]); a column whose non-empty values are all plain
+    numbers holds numbers; empty cells are left out. Problems name file, line and field."""
+    path = Path(path)
+    src = str(path)
+    text = read_text(path).lstrip("\ufeff")
+    if not text.strip():
+        raise InputError("empty file", source=src, line=1)
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        header = [h.strip() for h in next(reader)]
+        if "item" not in header:
+            raise InputError(f"missing column(s) item; header has {', '.join(header) or 'nothing'}",
+                             source=src, line=1, field="item")
+        for k, name in enumerate(header):
+            if not name:
+                raise InputError(f"column {k + 1} has no name", source=src, line=1)
+            if name in header[:k]:
+                raise InputError("duplicate column", source=src, line=1, field=name)
+        for row in reader:
+            if not any(f.strip() for f in row):
+                continue
+            if len(row) != len(header):
+                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=reader.line_num)
+            rows.append((reader.line_num, [f.strip() for f in row]))
+    except csv.Error as e:
+        raise InputError(f"malformed CSV ({e})", source=src, line=reader.line_num) from None
+    if not rows:
+        raise InputError("no items after the header", source=src, line=2)
+    k_item = header.index("item")
+    seen: dict[str, int] = {}
+    for n, row in rows:
+        if not row[k_item]:
+            raise InputError("empty id", source=src, line=n, field="item")
+        if row[k_item] in seen:
+            raise InputError(f"duplicate item {row[k_item]!r} (first on line {seen[row[k_item]]})", source=src,
+                             line=n, field="item")
+        seen[row[k_item]] = n
+    records: list[dict] = [{} for _ in rows]
+    for k, name in enumerate(header):
+        if name in ("item", "title"):
+            continue
+        values = [row[k] for _, row in rows]
+        if any("|" in v for v in values):
+            for rec, v in zip(records, values):
+                if v:
+                    rec[name] = [x.strip() for x in v.split("|") if x.strip()]
+            continue
+        numeric = all(not isinstance(_scalar(v), str) for v in values if v)
+        for rec, v in zip(records, values):
+            if v:
+                rec[name] = _scalar(v) if numeric else v
+    titles = [row[header.index("title")] or None for _, row in rows] if "title" in header else [None] * len(rows)
+    return pd.DataFrame({"item": [row[k_item] for _, row in rows], "title": titles, "attributes": records})

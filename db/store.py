@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select, text
 
 from ..cf_core.errors import CfbError
 from .schema import Base, Item, Rating, Setting, User
@@ -80,11 +80,28 @@ def next_seq(conn: Connection) -> int:
     return int(conn.scalar(select(func.coalesce(func.max(Rating.seq), 0)))) + 1
 
 
+# pg_advisory_xact_lock key serialising rating writers on PostgreSQL (any constant bigint; the lock is per database)
+RATINGS_LOCK_KEY = 0x63666272617465  # "cfbrate"
+
+
+def lock_rating_writers(conn: Connection) -> None:
+    """Hold, until this transaction ends, the right to write ratings (PostgreSQL; re-entrant).
+
+    seq numbers come from max(seq)+1, so writers must not overlap: with the lock taken before that
+    read, each writer sees the previous one's committed rows and seq order is commit order (an
+    incremental retrain reading ``seq > max_seq`` then misses nothing). SQLite's BEGIN IMMEDIATE
+    (``db.engine.writing``) already serialises writers."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RATINGS_LOCK_KEY})
+
+
 def write_ratings(conn: Connection, users: list[int], items: list[int], ratings, timestamps,
                   progress=None) -> int:  # noqa: ANN001
     """Upsert ratings by database ids (latest wins), in the given order; returns the count.
 
-    ``progress(n)`` is called after each chunk of ``n`` rows."""
+    ``progress(n)`` is called after each chunk of ``n`` rows. Writers are serialised (see
+    ``lock_rating_writers``), so call it inside a write transaction that commits promptly."""
+    lock_rating_writers(conn)
     seq0 = next_seq(conn)
     rows = [{"user_id": int(u), "item_id": int(i), "rating": float(r),
              "timestamp": None if t is None or (isinstance(t, float) and np.isnan(t)) else int(t),
@@ -147,14 +164,15 @@ def item_titles(conn: Connection, item_ids) -> dict[int, tuple[str, str | None]]
     return out
 
 
-def _ratings_where(conn: Connection, key, other, value: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = conn.execute(select(other, Rating.rating).where(key == value)).all()
-    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
+def _ratings_where(conn: Connection, key, other, value: int, with_seq: bool = False):  # noqa: ANN001, ANN202
+    rows = conn.execute(select(other, Rating.rating, Rating.seq).where(key == value).order_by(Rating.seq)).all()
+    out = (np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32))
+    return (*out, np.array([r[2] for r in rows], np.int64)) if with_seq else out
 
 
-def user_ratings(conn: Connection, user_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(item ids, ratings) of one user."""
-    return _ratings_where(conn, Rating.user_id, Rating.item_id, user_id)
+def user_ratings(conn: Connection, user_id: int, with_seq: bool = False):  # noqa: ANN201
+    """(item ids, ratings[, seq]) of one user, in write order."""
+    return _ratings_where(conn, Rating.user_id, Rating.item_id, user_id, with_seq)
 
 
 def item_ratings(conn: Connection, item_id: int) -> tuple[np.ndarray, np.ndarray]:

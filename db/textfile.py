@@ -11,7 +11,12 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", source=str(path))
-    data = path.read_bytes()
+    if path.is_dir():
+        raise InputError("is a directory, expected a file", source=str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e})", source=str(path)) from None
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:

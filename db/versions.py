@@ -1,59 +1,117 @@
-"""Model versions: their factor rows, named array blobs, the serving pointer, and the retrain lock.
+"""Model versions: a trained model's arrays, its trained users' rows, the serving pointer, and the retrain lock.
 
-A full version stores every user and item row; an incremental version stores only the rows it
-changed and points at its parent, so its cost grows with what changed, not with the catalogue.
-Every version is written in one transaction, serving pointer included: a crash leaves the
-previous version serving and no partial rows."""
+A *full* version stores the whole ``TrainedModel`` as one .npz of plain arrays plus one row per
+trained user; an *incremental* version stores only a delta (items it added, item statistics) and
+points at its parent, so its cost grows with what changed, not with the catalogue. Every version is
+written in one transaction, serving pointer included: a crash leaves the previous version serving
+and no partial rows. Item rows are kept by database id; inner indices never leave the model."""
 from __future__ import annotations
 
 import json
 import os
 import socket
-from dataclasses import dataclass
+import threading
+import uuid
 
 import numpy as np
-from sqlalchemy import Connection, Engine, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 
 from ..cf_core.errors import CfbError
-from .schema import ItemFactors, ModelArrays, ModelVersion, UserFactors
+from ..cf_core.model import TrainedModel
+from ..cf_core.scoring import from_npz, to_npz
+from .schema import ModelArrays, ModelVersion, UserFactors
 from .store import CHUNK, get_setting, set_setting
 
-
-@dataclass
-class FactorRows:
-    """Database ids with their bias and float32 factor vectors."""
-
-    ids: np.ndarray
-    bias: np.ndarray
-    factors: np.ndarray
-
-    @classmethod
-    def empty(cls, k: int = 0) -> "FactorRows":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, k), np.float32))
+MODEL_BLOB = "model.npz"  # a full version's TrainedModel.to_arrays()
+DELTA_BLOB = "delta.npz"  # an incremental version's changes
 
 
-def _rows(version: int, key: str, rows: FactorRows) -> list[dict]:
-    f = np.ascontiguousarray(rows.factors, dtype="<f4")
-    return [{"version_id": version, key: int(i), "bias": float(b), "factors": f[n].tobytes()}
-            for n, (i, b) in enumerate(zip(rows.ids, rows.bias))]
+def _check_serving(conn: Connection, expected: int | None) -> int | None:
+    """The serving version now; ``expected`` is what it was when the retrain started."""
+    now = serving_version(conn)
+    return now if now != expected else None
 
 
-def save_version(conn: Connection, *, kind: str, mode: str, parent_id: int | None, hyperparams: dict,
-                 metrics: dict, max_seq: int, users: FactorRows, items: FactorRows,
-                 arrays: dict[str, bytes] | None = None, serve: bool = True) -> int:
-    """Write a version, its rows and blobs; make it serving. Call inside ``engine.begin()``."""
+def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: int,
+              expected_serving: int | None) -> tuple[int, bool]:
+    """Write a full version (model arrays, trained users' rows). It becomes serving unless the serving
+    version changed since the retrain started (a rollback): then it is stored but not served.
+    Returns (version, serving). Call inside a write transaction."""
     version = conn.execute(insert(ModelVersion).values(
-        kind=kind, mode=mode, parent_id=parent_id, hyperparams=hyperparams, metrics=metrics,
+        kind=model.kind, mode="full", parent_id=None, hyperparams=model.settings, metrics=metrics,
         max_seq=int(max_seq)).returning(ModelVersion.id)).scalar_one()
-    for table, key, rows in ((UserFactors, "user_id", users), (ItemFactors, "item_id", items)):
-        data = _rows(version, key, rows)
-        for start in range(0, len(data), CHUNK):
-            conn.execute(insert(table), data[start:start + CHUNK])
-    for name, blob in (arrays or {}).items():
-        conn.execute(insert(ModelArrays).values(version_id=version, name=name, data=blob))
+    f = np.ascontiguousarray(model.user_factors, dtype="<f4")
+    rows = [{"version_id": version, "user_id": int(u), "bias": float(b), "factors": f[n].tobytes()}
+            for n, (u, b) in enumerate(zip(model.user_ids, model.user_bias))]
+    for start in range(0, len(rows), CHUNK):
+        conn.execute(insert(UserFactors), rows[start:start + CHUNK])
+    conn.execute(insert(ModelArrays).values(version_id=version, name=MODEL_BLOB, data=to_npz(model.to_arrays())))
+    serve = _check_serving(conn, expected_serving) is None
     if serve:
         set_setting(conn, "serving_version", str(version))
+    return version, serve
+
+
+def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray], *, kind: str,
+                     settings: dict, metrics: dict, max_seq: int) -> int:
+    """Write an incremental version holding ``delta`` (see ``apply_delta``) and serve it, unless the
+    serving version is no longer ``parent`` (a rollback during the retrain): then nothing is written."""
+    moved = _check_serving(conn, parent)
+    if moved is not None:
+        raise CfbError(f"the serving version changed from {parent} to {moved} during the retrain "
+                       "(a rollback?); nothing was saved: run `cfb retrain` again")
+    version = conn.execute(insert(ModelVersion).values(
+        kind=kind, mode="incremental", parent_id=parent, hyperparams=settings, metrics=metrics,
+        max_seq=int(max_seq)).returning(ModelVersion.id)).scalar_one()
+    conn.execute(insert(ModelArrays).values(version_id=version, name=DELTA_BLOB, data=to_npz(delta)))
+    set_serving(conn, version)
     return version
+
+
+def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], model: TrainedModel) -> dict:
+    """What an incremental version stores: the items it added (database ids, rating-model rows)
+    and the item statistics after it."""
+    return {"added/item_ids": np.asarray(added_item_ids, np.int64),
+            **{f"added/{k}": v for k, v in added_rows.items()},
+            "item_counts": model.item_counts, "item_sums": model.item_sums}
+
+
+def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedModel:
+    """The model after an incremental version's changes."""
+    from dataclasses import replace
+
+    ids = delta["added/item_ids"]
+    if len(ids):
+        rows = {k[len("added/"):]: v for k, v in delta.items() if k.startswith("added/") and k != "added/item_ids"}
+        model = model.add_items(ids, rows)
+    return replace(model, item_counts=delta["item_counts"], item_sums=delta["item_sums"])
+
+
+def load_model(conn: Connection, version: int) -> TrainedModel:
+    """The version's ``TrainedModel`` (without trained users' rows: see ``trained_row``)."""
+    versions = chain(conn, version)
+    blob = conn.scalar(select(ModelArrays.data).where(ModelArrays.version_id == versions[0],
+                                                      ModelArrays.name == MODEL_BLOB))
+    if blob is None:
+        raise CfbError(f"model version {versions[0]} was written by an older cfb: run `cfb retrain --full`")
+    model = TrainedModel.from_arrays(from_npz(blob))
+    for v in versions[1:]:
+        model = apply_delta(model, from_npz(conn.scalar(select(ModelArrays.data).where(
+            ModelArrays.version_id == v, ModelArrays.name == DELTA_BLOB))))
+    return model
+
+
+def trained_rows(conn: Connection, version: int, user_ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user ids, factors, biases) of the users trained in the version's full ancestor (all, or ``user_ids``)."""
+    root = chain(conn, version)[0]
+    stmt = select(UserFactors.user_id, UserFactors.bias, UserFactors.factors).where(UserFactors.version_id == root)
+    if user_ids is not None:
+        stmt = stmt.where(UserFactors.user_id.in_([int(u) for u in user_ids]))
+    rows = conn.execute(stmt.order_by(UserFactors.user_id)).all()
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+    factors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1).astype(np.float32)
+    return np.array([r[0] for r in rows], np.int64), factors, np.array([r[1] for r in rows], np.float32)
 
 
 def serving_version(conn: Connection) -> int | None:
@@ -87,40 +145,9 @@ def chain(conn: Connection, version: int) -> list[int]:
     return out[::-1]
 
 
-def _load_rows(conn: Connection, table, key: str, versions: list[int], ids=None) -> FactorRows:
-    col = getattr(table, key)
-    stmt = select(col, table.bias, table.factors).where(table.version_id.in_(versions))
-    if ids is not None:
-        stmt = stmt.where(col.in_([int(i) for i in ids]))
-    rows = conn.execute(stmt.order_by(table.version_id)).all()
-    latest: dict[int, tuple[float, bytes]] = {}
-    for i, b, f in rows:  # later versions override earlier ones
-        latest[i] = (b, f)
-    if not latest:
-        return FactorRows.empty()
-    ordered = sorted(latest)
-    blobs = b"".join(latest[i][1] for i in ordered)
-    factors = np.frombuffer(blobs, dtype="<f4").reshape(len(ordered), -1).astype(np.float32)
-    return FactorRows(np.array(ordered, np.int64), np.array([latest[i][0] for i in ordered], np.float32), factors)
-
-
-def load_items(conn: Connection, version: int) -> FactorRows:
-    """Every item row of ``version`` (resolved through its chain), sorted by item id."""
-    return _load_rows(conn, ItemFactors, "item_id", chain(conn, version))
-
-
-def load_users(conn: Connection, version: int, user_ids=None) -> FactorRows:
-    """User rows of ``version`` (all, or only ``user_ids``), sorted by user id."""
-    return _load_rows(conn, UserFactors, "user_id", chain(conn, version), user_ids)
-
-
-def load_array(conn: Connection, version: int, name: str) -> bytes | None:
-    """The newest blob called ``name`` along the version's chain."""
-    for v in reversed(chain(conn, version)):
-        blob = conn.scalar(select(ModelArrays.data).where(ModelArrays.version_id == v, ModelArrays.name == name))
-        if blob is not None:
-            return blob
-    return None
+def root_max_seq(conn: Connection, version: int) -> int:
+    """The last rating sequence number the version's full ancestor was trained on."""
+    return int(get_version(conn, chain(conn, version)[0])["max_seq"])
 
 
 def list_versions(conn: Connection) -> list[dict]:
@@ -140,12 +167,34 @@ def set_serving(conn: Connection, version: int) -> None:
 
 
 # --- the retrain lock -----------------------------------------------------------------------
+# A row in ``settings`` holding {"pid", "host", "token", "heartbeat"}. The holder's daemon thread
+# refreshes "heartbeat" (database clock, epoch seconds) every HEARTBEAT_S; a lock whose heartbeat is
+# older than the stale limit is taken over whatever the host, and one held by a dead process on
+# this host at once.
 LOCK_KEY = "retrain_lock"
+HEARTBEAT_S = 5.0
+DEFAULT_STALE_S = 120.0
+_heartbeats: dict[str, tuple[threading.Thread, threading.Event]] = {}
+
+
+def lock_stale_s() -> float:
+    """Seconds without a heartbeat after which a retrain lock is taken over (``$CFB_LOCK_STALE_S``)."""
+    try:
+        return float(os.environ.get("CFB_LOCK_STALE_S") or DEFAULT_STALE_S)
+    except ValueError:
+        raise CfbError(f"CFB_LOCK_STALE_S must be a number of seconds, not {os.environ['CFB_LOCK_STALE_S']!r}") from None
+
+
+def db_now(conn: Connection) -> float:
+    """The database server's clock in epoch seconds (one clock for every host)."""
+    if conn.dialect.name == "postgresql":
+        return float(conn.scalar(text("SELECT extract(epoch FROM clock_timestamp())")))
+    return float(conn.scalar(text("SELECT (julianday('now') - 2440587.5) * 86400.0")))
 
 
 def _holder_alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
-        return True  # cannot check another machine's process: assume it runs
+        return True  # cannot check another machine's process: its heartbeat tells
     try:
         os.kill(int(holder["pid"]), 0)
     except ProcessLookupError:
@@ -155,36 +204,75 @@ def _holder_alive(holder: dict) -> bool:
     return True
 
 
-def acquire_retrain_lock(engine: Engine) -> dict:
-    """Take the retrain lock, or fail clearly if a live retrain holds it (a dead holder's lock is taken over).
+def _same_holder(holder: dict | None, me: dict) -> bool:
+    if not holder:
+        return False
+    return all(holder.get(k) == me.get(k) for k in ("pid", "host", "token") if k in me)
 
-    The lock is a row whose insert is the transaction's first statement, so two retrains racing
-    for it are ordered by the database itself."""
-    from sqlalchemy.exc import IntegrityError
 
+def _heartbeat_loop(engine: Engine, me: dict, stop: threading.Event) -> None:
+    from .engine import writing
     from .schema import Setting
 
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
+    while not stop.wait(HEARTBEAT_S):
         try:
-            with engine.begin() as conn:
-                conn.execute(insert(Setting).values(key=LOCK_KEY, value=json.dumps(me)))
-            return me
+            with writing(engine) as conn:
+                raw = get_setting(conn, LOCK_KEY)
+                if not _same_holder(json.loads(raw) if raw else None, me):
+                    return  # released, or taken over: nothing left to keep alive
+                conn.execute(update(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw)
+                             .values(value=json.dumps({**me, "heartbeat": db_now(conn)})))
+        except Exception:  # noqa: BLE001 - a transient error (busy, connection lost): try again next beat
+            continue
+
+
+def acquire_retrain_lock(engine: Engine) -> dict:
+    """Take the retrain lock, or fail clearly if a live retrain holds it; start its heartbeat.
+
+    A lock whose heartbeat is older than ``lock_stale_s()`` is taken over, as is one whose holder
+    is a dead process on this host. The lock is a row whose insert is the transaction's first
+    statement, so two retrains racing for it are ordered by the database itself."""
+    from sqlalchemy.exc import IntegrityError
+
+    from .engine import writing
+    from .schema import Setting
+
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
+    for _ in range(3):
+        try:
+            with writing(engine) as conn:
+                conn.execute(insert(Setting).values(key=LOCK_KEY, value=json.dumps({**me, "heartbeat": db_now(conn)})))
+            break
         except IntegrityError:
-            with engine.begin() as conn:
+            with writing(engine) as conn:
                 raw = get_setting(conn, LOCK_KEY)
                 holder = json.loads(raw) if raw else None
-                if holder and _holder_alive(holder):
-                    raise CfbError(f"another retrain is running (pid {holder['pid']} on {holder['host']}); "
-                                   "try again when it has finished") from None
+                if holder:
+                    age = db_now(conn) - float(holder.get("heartbeat") or 0)
+                    if _holder_alive(holder) and age <= lock_stale_s():
+                        raise CfbError(f"another retrain is running (pid {holder['pid']} on {holder['host']}, "
+                                       f"last heartbeat {age:.0f} s ago); try again when it has finished") from None
                 conn.execute(delete(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw))
-    raise CfbError("could not take the retrain lock; try again")
+    else:
+        raise CfbError("could not take the retrain lock; try again")
+    stop = threading.Event()
+    thread = threading.Thread(target=_heartbeat_loop, args=(engine, me, stop), name="cfb-retrain-lock-heartbeat",
+                              daemon=True)
+    _heartbeats[me["token"]] = (thread, stop)
+    thread.start()
+    return me
 
 
 def release_retrain_lock(engine: Engine, me: dict) -> None:
-    with engine.begin() as conn:
-        raw = get_setting(conn, LOCK_KEY)
-        if raw and json.loads(raw) == me:
-            from .schema import Setting
+    """Stop the lock's heartbeat and delete the lock if it is still ``me``'s."""
+    from .engine import writing
+    from .schema import Setting
 
-            conn.execute(delete(Setting).where(Setting.key == LOCK_KEY))
+    thread, stop = _heartbeats.pop(me.get("token"), (None, None))
+    if stop is not None:
+        stop.set()
+        thread.join(timeout=60)
+    with writing(engine) as conn:
+        raw = get_setting(conn, LOCK_KEY)
+        if raw and _same_holder(json.loads(raw), me):
+            conn.execute(delete(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw))

@@ -1,1 +1,1 @@
-"""Measurement: ranking metrics, baselines, and the cold-start protocol (COLDSTART_PROTOCOL.md)."""
+"""Measurement: ranking metrics, baselines, and the cold-start protocol (docs/protocol.md)."""

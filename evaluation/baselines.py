@@ -34,6 +34,22 @@ class Popularity:
         return np.where(items >= 0, self.damped_mean_[np.maximum(items, 0)], self.global_mean_)
 
 
+class PositivePopularity(Popularity):
+    """Rank by number of training ratings >= 4 (ties: more ratings, then item id); predict as popularity."""
+
+    def fit(self, items: np.ndarray, ratings: np.ndarray, n_items: int) -> "PositivePopularity":
+        super().fit(items, ratings, n_items)
+        positives = np.bincount(items[np.asarray(ratings) >= 4], minlength=n_items).astype(float)
+        # ties: more ratings first, then the lower index (the callers index items by id sorted as
+        # strings); both terms together stay below 1, so they never outweigh one positive rating
+        order = (n_items - np.arange(n_items)) / (n_items + 1)
+        self.positive_scores_ = positives + (self.counts_ + order) / (self.counts_.max() + 2)
+        return self
+
+    def scores(self, attributes: dict | None = None) -> np.ndarray:
+        return self.positive_scores_.copy()
+
+
 class DemographicPopularity(Popularity):
     """Popularity among warm users of the same gender and age band, falling back to popularity
     (global counts break ties and rank the items the group never rated)."""

@@ -1,4 +1,4 @@
-"""COLDSTART_PROTOCOL.md §1–6, run through the real pipeline: a temporary SQLite database, the
+"""The cold-start protocol (docs/protocol.md §1–6), run through the real pipeline: a temporary SQLite database, the
 same ingest, retrain, questionnaire, onboard, recommend and incremental-retrain code as the commands."""
 from __future__ import annotations
 
@@ -19,16 +19,17 @@ from ..db.sources import Dataset
 from ..service.incremental import retrain_incremental
 from ..service.ingest import ingest_dataset
 from ..service.onboard import onboard, questionnaire_json
-from ..service.serving import user_scores
-from ..service.state import load_state
+from ..service.state import load_served, user_vector
 from ..service.training import retrain_full
-from .baselines import DemographicPopularity, Popularity
-from .metrics import ndcg_at_k, recall_at_k
+from ..cf_core.model import ServingConfig, UserVector
 from ..cf_core.scoring import top_n
 from ..cf_core.split import answer_pool_split, cold_users
+from .baselines import DemographicPopularity, Popularity, PositivePopularity
+from .metrics import ndcg_at_k, recall_at_k
 
 K = 10
-METHODS = ("cfb", "average_user", "popularity", "demographic_popularity")
+BASELINES = ("popularity", "positive_popularity", "demographic_popularity")
+METHODS = ("cfb", "average_user", *BASELINES)
 
 
 class Tally:
@@ -64,9 +65,9 @@ def _db_copy(src: Path, dst: Path):
 class Catalogue:
     """Maps between the serving model's inner item indices and external item ids."""
 
-    def __init__(self, conn, state):  # noqa: ANN001
+    def __init__(self, conn, served):  # noqa: ANN001
         ext_of = {v: k for k, v in store.id_map(conn, Item).items()}
-        self.ext = [ext_of[int(i)] for i in state.item_ids]
+        self.ext = [ext_of[int(i)] for i in served.model.item_ids]
         self.inner = {e: k for k, e in enumerate(self.ext)}
 
     def index(self, ext_ids) -> np.ndarray:  # noqa: ANN001
@@ -80,24 +81,24 @@ def _top(scores: np.ndarray, exclude: np.ndarray, cat: Catalogue) -> list:
     return [cat.ext[i] for i in top_n(s, K)]
 
 
-def _score_user(tallies: dict, conn, state, cat: Catalogue, baselines: dict, avg: tuple | None, user: str,  # noqa: ANN001
-                attrs: dict, exclude_ext: list, test: pd.DataFrame) -> None:
+def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, avg: UserVector | None,  # noqa: ANN001
+                user: str, attrs: dict, exclude_ext: list, test: pd.DataFrame) -> None:
     """Rank and predict for one cold user with every method (the average user when ``avg`` is
     given); the user's rated items and ``exclude_ext`` leave the ranking; ``test`` is scored."""
-    uid = store.user_id_of(conn, user)
-    scores, rated, (vec, bias) = user_scores(conn, state, uid)
+    model = served.model
+    vec, rated = user_vector(conn, served, store.user_id_of(conn, user))
     exclude = np.concatenate([rated, cat.index(exclude_ext)])
     relevant = set(test.loc[test.rating >= 4, "item"])
     test_inner = cat.index(test["item"])
     known = test_inner >= 0
     truth = test["rating"].to_numpy(float)[known]
-    tallies["cfb"].add(state.scoring.predict_user(vec, bias, test_inner[known]), truth,
-                       _top(scores, exclude, cat), relevant)
+    tallies["cfb"].add(model.predict(vec, test_inner[known]), truth, _top(model.scores(vec), exclude, cat), relevant)
     if avg is not None:
-        tallies["average_user"].add(state.scoring.predict_user(avg[0], avg[1], test_inner[known]), truth,
-                                    _top(state.ranking_scores(*avg), exclude, cat), relevant)
-    for name, model in baselines.items():
-        tallies[name].add(model.predict(test_inner[known], attrs), truth, _top(model.scores(attrs), exclude, cat), relevant)
+        tallies["average_user"].add(model.predict(avg, test_inner[known]), truth,
+                                    _top(model.scores(avg), exclude, cat), relevant)
+    for name, baseline in baselines.items():
+        tallies[name].add(baseline.predict(test_inner[known], attrs), truth,
+                          _top(baseline.scores(attrs), exclude, cat), relevant)
 
 
 def run_seed(ds: Dataset, seed: int, budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10), kind: str = "dot",
@@ -129,9 +130,11 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     ingest_dataset(engine, Dataset(ratings[~is_cold], ds.items, warm_users, ds.scale, ds.name))
     timings["ingest_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    train = retrain_full(engine, kind=kind, valid_pct=0.0, progress=progress, serving=serving, seed=seed, **train_params)
+    train = retrain_full(engine, kind=kind, valid_pct=0.0, progress=progress, seed=seed,
+                         serving=ServingConfig.from_json(serving), **train_params)
     timings["retrain_s"] = round(time.perf_counter() - t0, 3)
-    with engine.begin() as conn:
+    with engine.connect() as conn:
+        avg = _average_user(conn, load_served(conn))  # warm users only: the same at every budget
         conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
     engine.dispose()
 
@@ -142,9 +145,11 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     w_items = warm.item.map(inner).to_numpy()
     w_users_ids = sorted(set(warm.user))
     w_users = warm.user.map({u: k for k, u in enumerate(w_users_ids)}).to_numpy()
-    pop = Popularity().fit(w_items, warm.rating.to_numpy(float), len(item_ids))
-    demo = DemographicPopularity().fit(w_items, warm.rating.to_numpy(float), len(item_ids))
-    demo.fit_groups(w_users, w_items, [attrs_of.get(u, {}) for u in w_users_ids], len(item_ids))
+    w_ratings = warm.rating.to_numpy(float)
+    fitted = {"popularity": Popularity().fit(w_items, w_ratings, len(item_ids)),
+              "positive_popularity": PositivePopularity().fit(w_items, w_ratings, len(item_ids)),
+              "demographic_popularity": DemographicPopularity().fit(w_items, w_ratings, len(item_ids)).fit_groups(
+                  w_users, w_items, [attrs_of.get(u, {}) for u in w_users_ids], len(item_ids))}
 
     cold_sorted = sorted(cold)
     by_user = {u: g.sort_values("item") for u, g in ratings[is_cold].groupby("user")}
@@ -168,21 +173,20 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
             tallies = {m: Tally() for m in METHODS}
             t0 = time.perf_counter()
             with eng.connect() as conn:
-                state = load_state(conn)
-                cat = Catalogue(conn, state)
-                avg = _average_user(conn, state)
-                bl = _aligned_baselines(pop, demo, item_ids, cat)
+                served = load_served(conn)
+                cat = Catalogue(conn, served)
+                bl = _aligned_baselines(fitted, item_ids, cat)
                 for u in cold_sorted:
                     g = by_user[u].set_index("item")
                     test = g.loc[splits[u][1]].reset_index()
-                    _score_user(tallies, conn, state, cat, bl, avg, u, attrs_of.get(u, {}), splits[u][0], test)
+                    _score_user(tallies, conn, served, cat, bl, avg, u, attrs_of.get(u, {}), splits[u][0], test)
             out["budgets"][q] = {"answers_per_user": round(answers / len(cold_sorted), 2),
                                  "onboard_ms_per_user": round(onboard_ms, 2),
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
                                  **{m: t.result() for m, t in tallies.items()}}
     if fold_steps:
         with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
-            out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, fold_steps, pop, demo, item_ids)
+            out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, fold_steps, fitted, item_ids)
     return out
 
 
@@ -191,9 +195,10 @@ def _train_summary(train: dict) -> dict:
     return {**{k: train.get(k) for k in keys}, "hyperparams": train["hyperparams"]}
 
 
-def _average_user(conn, state) -> tuple[np.ndarray, float]:  # noqa: ANN001
-    rows = versions.load_users(conn, state.version)
-    return rows.factors.mean(0), float(rows.bias.mean())
+def _average_user(conn, served) -> UserVector:  # noqa: ANN001
+    """§6 "average user": the mean of the trained (warm) users' rows."""
+    _, factors, bias = versions.trained_rows(conn, served.version)
+    return served.model.average_user(factors, bias)
 
 
 class _Aligned:
@@ -212,11 +217,11 @@ class _Aligned:
         return self.model.predict(np.where(inner >= 0, self.map[np.maximum(inner, 0)], -1))
 
 
-def _aligned_baselines(pop, demo, item_ids, cat) -> dict:  # noqa: ANN001
-    return {"popularity": _Aligned(pop, item_ids, cat), "demographic_popularity": _Aligned(demo, item_ids, cat)}
+def _aligned_baselines(fitted: dict, item_ids, cat) -> dict:  # noqa: ANN001
+    return {name: _Aligned(model, item_ids, cat) for name, model in fitted.items()}
 
 
-def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, steps, pop, demo,  # noqa: ANN001
+def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, steps, fitted,  # noqa: ANN001
                    item_ids) -> dict:
     """§5: onboard with Q = 0, reveal the first n ratings in time order, incremental retrain after each step."""
     onboard(eng, [(f"cold user {u}", {"user": u, "answers": attrs_of.get(u, {}), "ratings": {}}) for u in cold_sorted])
@@ -233,14 +238,14 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
             retrain_incremental(eng)
             retrain_s = round(time.perf_counter() - t0, 4)
             shown = n
-        tallies = {m: Tally() for m in ("cfb", "popularity", "demographic_popularity")}
+        tallies = {m: Tally() for m in ("cfb", *BASELINES)}
         with eng.connect() as conn:
-            state = load_state(conn)
-            cat = Catalogue(conn, state)
-            bl = _aligned_baselines(pop, demo, item_ids, cat)
+            served = load_served(conn)
+            cat = Catalogue(conn, served)
+            bl = _aligned_baselines(fitted, item_ids, cat)
             for u in cold_sorted:
                 if not evalset[u].empty:
-                    _score_user(tallies, conn, state, cat, bl, None, u, attrs_of.get(u, {}),
+                    _score_user(tallies, conn, served, cat, bl, None, u, attrs_of.get(u, {}),
                                 first10[u]["item"].tolist(), evalset[u])
         out[n] = {"retrain_s": retrain_s, **{m: t.result() for m, t in tallies.items()}}
     return out

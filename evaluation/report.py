@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 METHOD_NAMES = {"cfb": "cfb", "average_user": "average user", "popularity": "popularity",
-                "demographic_popularity": "demographic popularity"}
+                "positive_popularity": "positive popularity", "demographic_popularity": "demographic popularity"}
 
 
 def _fmt(v) -> str:  # noqa: ANN001
@@ -27,7 +27,7 @@ def fold_table(block: dict) -> list[str]:
     steps = list(block)
     head = "method                  " + "".join(f"| n={n:<2} RMSE  NDCG@10 Rec@10 " for n in steps)
     lines = [head, "-" * len(head)]
-    for m in ("cfb", "popularity", "demographic_popularity"):
+    for m in ("cfb", "popularity", "positive_popularity", "demographic_popularity"):
         cells = "".join(f"| {_fmt(block[n][m]['rmse'])} {_fmt(block[n][m]['ndcg@10'])}  {_fmt(block[n][m]['recall@10'])} "
                         for n in steps)
         lines.append(f"{METHOD_NAMES[m]:<24}{cells}")

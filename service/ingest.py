@@ -5,6 +5,7 @@ from sqlalchemy import Engine
 
 from ..cf_core.errors import CfbError
 from ..db import store
+from ..db.engine import writing
 from ..db.schema import Item, User
 from ..db.sources import Dataset, check_scale
 
@@ -16,7 +17,7 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     The rating scale is fixed by the first ingest (the dataset's, ``scale``, or the data's range);
     later ratings outside it are refused."""
     store.create_schema(engine)
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         known = store.rating_scale(conn)
         if known and scale and tuple(scale) != known:
             raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
@@ -49,3 +50,28 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             n = store.write_ratings(conn, r["user"].map(umap).tolist(), r["item"].map(imap).tolist(),
                                     r["rating"].tolist(), r["timestamp"].tolist(), progress)
     return {"ratings": n, "users": n_users, "items": n_items, "scale": list(scale) if scale else None}
+
+
+def upsert_items(engine: Engine, items) -> dict:  # noqa: ANN001
+    """Add or update items (item, title, attributes) in one transaction.
+
+    An empty title keeps the stored one; given attributes replace those of the same name, the others
+    are kept. Returns counts."""
+    from sqlalchemy import select
+
+    store.create_schema(engine)
+    ids = [str(x) for x in items["item"]]
+    with writing(engine) as conn:
+        existing: dict[str, tuple] = {}
+        for start in range(0, len(ids), 900):
+            rows = conn.execute(select(Item.external_id, Item.title, Item.attributes)
+                                .where(Item.external_id.in_(ids[start:start + 900])))
+            existing.update({ext: (title, attrs or {}) for ext, title, attrs in rows})
+        titles, attributes = [], []
+        for item, title, attrs in zip(ids, items["title"], items["attributes"]):
+            old_title, old_attrs = existing.get(item, (None, {}))
+            titles.append(title if isinstance(title, str) and title else old_title)
+            attributes.append({**old_attrs, **attrs})
+        store.ensure_ids(conn, Item, ids, {"title": titles, "attributes": attributes},
+                         update_cols=("title", "attributes"))
+    return {"items": len(ids), "added": len(ids) - len(existing), "updated": len(existing)}

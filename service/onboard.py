@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,9 @@ from sqlalchemy import Connection, Engine, insert, select
 
 from ..cf_core.errors import CfbError, InputError
 from ..db import store
-from ..db.schema import Answer, Item, User, UserFactors
-from .state import ServingState, cold_factors, load_state
+from ..db.engine import writing
+from ..db.schema import Answer, Item, User
+from .state import Served, load_served
 
 
 @dataclass
@@ -25,30 +27,95 @@ class Signup:
     raw_ratings: dict
 
 
+class _NonFinite:
+    """Stands in for a NaN/Infinity token (or an overflowing number) while an answers file is parsed."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+
+def _short(token: str) -> str:
+    return token if len(token) <= 24 else f"{token[:12]}...({len(token)} digits)"
+
+
+def _parse_float(token: str):
+    value = float(token)
+    return value if math.isfinite(value) else _NonFinite(_short(token))
+
+
+def _parse_int(token: str):
+    try:
+        value = int(token)
+        float(value)
+    except (ValueError, OverflowError):  # too many digits for an int or a float
+        return _NonFinite(_short(token))
+    return value
+
+
+def _loads(text: str):
+    return json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float, parse_int=_parse_int)
+
+
+def _first_non_finite(value) -> tuple[str, str] | None:
+    """(field path, token) of the first NaN/Infinity in a parsed entry, else None."""
+    stack = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, _NonFinite):
+            return path, v.token
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in reversed(list(v.items())))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{k}]", x) for k, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def read_answers_file(path: Path) -> list[tuple[str, dict]]:
-    """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location."""
+    """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location.
+
+    NaN, Infinity and numbers too large for a float are rejected here, naming the entry and field."""
     from ..db.textfile import read_text
 
-    text = read_text(Path(path))
+    text = read_text(Path(path)).lstrip("\ufeff")
     stripped = text.strip()
     if not stripped:
         raise InputError("empty file", source=str(path), line=1)
     try:
-        doc = json.loads(stripped)
-        entries = doc if isinstance(doc, list) else [doc]
-        located = [(f"{path}: entry {k + 1}", e) for k, e in enumerate(entries)]
-    except json.JSONDecodeError as whole:
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        first = lines[0][1].strip()
-        if len(lines) < 2 or not (first.startswith("{") and first.endswith("}")):
-            raise InputError(f"invalid JSON ({whole.msg})", source=str(path), line=whole.lineno) from None
-        located = []
-        for n, line in lines:  # JSON lines
-            try:
-                located.append((f"{path}: line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(f"invalid JSON ({e.msg})", source=str(path), line=n) from None
+        try:
+            doc = _loads(stripped)
+            entries = doc if isinstance(doc, list) else [doc]
+            located = [(f"{path}: entry {k + 1}", e) for k, e in enumerate(entries)]
+        except json.JSONDecodeError as whole:
+            lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+            first = lines[0][1].strip()
+            if len(lines) < 2 or not (first.startswith("{") and first.endswith("}")):
+                raise InputError(f"invalid JSON ({whole.msg})", source=str(path), line=whole.lineno) from None
+            located = []
+            for n, line in lines:  # JSON lines
+                try:
+                    located.append((f"{path}: line {n}", _loads(line)))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"invalid JSON ({e.msg})", source=str(path), line=n) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply", source=str(path)) from None
     for where, e in located:
+        bad = _first_non_finite(e)
+        if bad is not None:
+            raise InputError(f"{bad[1]} is not allowed: numbers must be finite", source=where,
+                             field=bad[0] or None)
         if not isinstance(e, dict):
             raise InputError("each entry must be a JSON object", source=where)
     return located
@@ -57,10 +124,8 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
 class SignupValidator:
     """Checks entries against the serving questionnaire, the rating scale and the catalogue."""
 
-    def __init__(self, conn: Connection, state: ServingState):
-        if state.bootstrap is None:
-            raise CfbError("the serving model has no questionnaire; run `cfb retrain --full`")
-        self.questionnaire = state.bootstrap.encoder.questionnaire
+    def __init__(self, conn: Connection, served: Served):
+        self.questionnaire = served.model.questionnaire
         self.scale = store.rating_scale(conn)
         self.items = store.id_map(conn, Item)
         titles: dict[str, list[int]] = {}
@@ -76,6 +141,8 @@ class SignupValidator:
             raise InputError(f"unknown key(s) {', '.join(sorted(unknown_keys))}", source=where, field=sorted(unknown_keys)[0])
         user = entry.get("user")
         if user is not None:
+            if isinstance(user, (dict, list, bool, float)):
+                raise InputError(f"user id must be text, got {user!r}", source=where, field="user")
             user = str(user).strip()
             if not user:
                 raise InputError("empty user id", source=where, field="user")
@@ -93,8 +160,9 @@ class SignupValidator:
             if value is None:
                 continue
             if q.type == "number":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise InputError(f"expected a number, got {value!r}", source=where, field=f"answers.{name}")
+                if not _is_finite_number(value):
+                    raise InputError(f"expected a {'finite ' if _is_number(value) else ''}number, got {value!r}",
+                                     source=where, field=f"answers.{name}")
             elif q.type == "category":
                 if isinstance(value, (dict, list, bool)) or str(value) not in (q.values or []):
                     raise InputError(f"{value!r} is not one of {', '.join(q.values or [])}", source=where,
@@ -118,8 +186,9 @@ class SignupValidator:
                     raise InputError("unknown item" if not hits else "ambiguous title; use the item id",
                                      source=where, field=field)
                 item = hits[0]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise InputError(f"rating must be a number, got {value!r}", source=where, field=field)
+            if not _is_finite_number(value):
+                raise InputError(f"rating must be a {'finite ' if _is_number(value) else ''}number, got {value!r}",
+                                 source=where, field=field)
             if self.scale and not self.scale[0] <= value <= self.scale[1]:
                 raise InputError(f"rating {value:g} outside the scale {self.scale[0]:g}..{self.scale[1]:g}",
                                  source=where, field=field)
@@ -137,30 +206,28 @@ def _new_external_id(conn: Connection) -> str:
     return f"new-{n}"
 
 
-def store_signup(conn: Connection, state: ServingState, signup: Signup) -> tuple[str, int]:
-    """Write one validated signup and the user's initial factors (bootstrap prior + fold-in). Returns ids."""
+def store_signup(conn: Connection, served: Served, signup: Signup) -> tuple[str, int]:
+    """Write one validated signup: the user, their answers and their ratings. Nothing of the model
+    changes: the user's representation is computed from these whenever it is asked for."""
     external = signup.user or _new_external_id(conn)
     uid = conn.execute(insert(User).values(external_id=external, attributes=signup.attributes)
                        .returning(User.id)).scalar_one()
-    conn.execute(insert(Answer).values(user_id=uid, answers=signup.attributes, ratings=signup.raw_ratings,
-                                       model_version=state.version))
-    items = np.array(list(signup.ratings), dtype=np.int64)
-    values = np.array(list(signup.ratings.values()), dtype=np.float32)
-    if len(items):
+    items = list(signup.ratings)
+    names = store.item_titles(conn, items)
+    conn.execute(insert(Answer).values(user_id=uid, answers=signup.attributes,
+                                       ratings={names[i][0]: signup.ratings[i] for i in items},
+                                       model_version=served.version))
+    if items:
         now = int(time.time())
-        store.write_ratings(conn, [uid] * len(items), items.tolist(), values.tolist(), [now] * len(items))
-    vec, bias = cold_factors(state, signup.attributes, state.item_index(items), values)
-    # The row joins the serving version: a new user changes no other row, so no new version is needed.
-    conn.execute(insert(UserFactors).values(version_id=state.version, user_id=uid, bias=float(bias),
-                                            factors=np.ascontiguousarray(vec, "<f4").tobytes()))
+        store.write_ratings(conn, [uid] * len(items), items, list(signup.ratings.values()), [now] * len(items))
     return external, uid
 
 
 def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool = False) -> dict:
     """Validate then store every entry in one transaction (all or nothing unless ``skip_invalid``)."""
-    with engine.begin() as conn:
-        state = load_state(conn)
-        validator = SignupValidator(conn, state)
+    with writing(engine) as conn:
+        served = load_served(conn)
+        validator = SignupValidator(conn, served)
         valid, skipped = [], []
         for where, entry in entries:
             try:
@@ -171,19 +238,17 @@ def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool 
                 skipped.append({"entry": where, "error": str(e)})
         done = []
         for signup in valid:
-            external, _ = store_signup(conn, state, signup)
+            external, _ = store_signup(conn, served, signup)
             done.append({"user": external, "ratings": len(signup.ratings)})
-    return {"version": state.version, "onboarded": done, "skipped": skipped}
+    return {"version": served.version, "onboarded": done, "skipped": skipped}
 
 
 def questionnaire_json(conn: Connection, budget: int = 15) -> dict:
     """The serving questionnaire: attribute questions and the first ``budget`` items to ask about."""
-    state = load_state(conn)
-    if state.bootstrap is None:
-        raise CfbError("the serving model has no questionnaire; run `cfb retrain --full`")
-    q = state.bootstrap.encoder.questionnaire
-    asked = state.item_ids[np.array(q.items[:budget], dtype=np.int64)]
+    served = load_served(conn)
+    q = served.model.questionnaire
+    asked = q.items[:budget]
     titles = store.item_titles(conn, asked)
-    return {"version": state.version,
+    return {"version": served.version,
             "attributes": [x.to_json() for x in q.questions],
             "items": [{"item": titles[int(i)][0], "title": titles[int(i)][1]} for i in asked]}

@@ -7,13 +7,14 @@ from sqlalchemy import Engine, insert
 
 from ..cf_core.errors import CfbError
 from ..db import store
+from ..db.engine import writing
 from ..db.schema import Item
 from .serving import find_item
 
 
 def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: bool = False) -> dict:
     """Store one rating (the latest wins); the item is found by id or exact title, or created."""
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         scale = store.rating_scale(conn)
         if scale and not scale[0] <= rating <= scale[1]:
             raise CfbError(f"rating {rating:g} outside the scale {scale[0]:g}..{scale[1]:g}")

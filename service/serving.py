@@ -7,62 +7,48 @@ import numpy as np
 from sqlalchemy import Connection, select
 
 from ..cf_core.errors import CfbError
-from ..cf_core.scoring import top_n
 from ..db import store
 from ..db.schema import Item
-from .state import ServingState, load_state, user_factors
+from .state import Served, load_served, user_vector
 
 
-def _items_out(conn: Connection, state: ServingState, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
-    titles = store.item_titles(conn, state.item_ids[rows])
+def _items_out(conn: Connection, served: Served, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
+    ids = served.model.item_ids[rows]
+    titles = store.item_titles(conn, ids)
     return [{"item": titles[int(i)][0], "title": titles[int(i)][1], "score": round(float(s), 4)}
-            for i, s in zip(state.item_ids[rows], scores)]
-
-
-def user_scores(conn: Connection, state: ServingState, user_id: int):  # noqa: ANN201
-    """(ranking score of every catalogue item, inner indices of the items the user has rated,
-    and the user's (embedding, bias))."""
-    vec, bias = user_factors(conn, state, user_id)
-    rated = state.item_index(store.user_ratings(conn, user_id)[0])
-    return state.ranking_scores(vec, bias), rated[rated >= 0], (vec, bias)
+            for i, s in zip(ids, scores)]
 
 
 def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank") -> dict:
     """Top ``n`` unrated items for a user, with their predicted ratings as ``score``.
 
     ``by="rank"`` orders by the version's ranking score (what the user would watch and like);
-    ``by="rating"`` by predicted rating alone."""
-    state = load_state(conn)
+    ``by="rating"`` by predicted rating alone. Every stored rating and answer counts at once."""
+    served = load_served(conn)
     uid = store.user_id_of(conn, external_user)
-    scores, rated, (vec, bias) = user_scores(conn, state, uid)
-    if by == "rating":
-        scores = state.scoring.predict_user(vec, bias)
-    scores = scores.astype(np.float64)
-    scores[rated] = -np.inf
-    top = top_n(scores, n)
-    predicted = state.scoring.predict_user(vec, bias, top)
-    return {"user": str(external_user), "items": _items_out(conn, state, top, predicted)}
+    user, rated = user_vector(conn, served, uid)
+    top = served.model.recommend(user, rated, n, by)
+    return {"user": str(external_user), "items": _items_out(conn, served, top, served.model.predict(user, top))}
 
 
 def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]:
     """Predicted rating for each (external user, external item) pair; unknown ids are errors."""
-    state = load_state(conn)
+    served = load_served(conn)
     users = store.id_map(conn, store.User)
     items = store.id_map(conn, Item)
-    cache: dict[int, tuple[np.ndarray, float]] = {}
+    cache: dict = {}
     out = []
     for k, (u, i) in enumerate(pairs):
         if u not in users:
             raise CfbError(f"row {k + 1}: unknown user {u!r}")
         if i not in items:
             raise CfbError(f"row {k + 1}: unknown item {i!r}")
-        inner = int(state.item_index([items[i]])[0])
+        inner = int(served.model.item_index([items[i]])[0])
         if inner < 0:
             raise CfbError(f"row {k + 1}: item {i!r} is not in the serving model yet (run `cfb retrain`)")
         if users[u] not in cache:
-            cache[users[u]] = user_factors(conn, state, users[u])
-        vec, bias = cache[users[u]]
-        out.append(float(state.scoring.predict_user(vec, bias, np.array([inner]))[0]))
+            cache[users[u]] = user_vector(conn, served, users[u])[0]
+        out.append(float(served.model.predict(cache[users[u]], np.array([inner]))[0]))
     return out
 
 
@@ -87,24 +73,25 @@ def find_item(conn: Connection, query: str) -> int:
 
 def similar(conn: Connection, query: str, n: int = 10) -> dict:
     """Items closest to ``query`` by cosine similarity of item factors."""
-    state = load_state(conn)
+    served = load_served(conn)
     db_id = find_item(conn, query)
-    inner = int(state.item_index([db_id])[0])
+    inner = int(served.model.item_index([db_id])[0])
     if inner < 0:
         raise CfbError(f"item {query!r} is not in the serving model yet (run `cfb retrain`)")
-    top, sims = state.scoring.similar_items(inner, n)
+    top, sims = served.model.similar_items(inner, n)
     ext, title = store.item_titles(conn, [db_id])[db_id]
-    return {"item": ext, "title": title, "items": _items_out(conn, state, top, sims)}
+    return {"item": ext, "title": title, "items": _items_out(conn, served, top, sims)}
 
 
 def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
     """Items with the lowest and highest learned bias (dot model), as in chapter 8."""
-    state = load_state(conn)
-    if state.kind != "dot":
-        raise CfbError("biases are learned by the dot model only (this version is 'nn')")
-    b = state.scoring.item_bias.astype(np.float64).copy()
-    b[state.counts < min_ratings] = np.nan
+    served = load_served(conn)
+    model = served.model
+    if model.kind != "dot":
+        raise CfbError(f"biases are learned by the dot model only (this version is {model.kind!r})")
+    b = model.rating.item_bias.astype(np.float64).copy()
+    b[model.item_counts < min_ratings] = np.nan
     ok = np.flatnonzero(~np.isnan(b))
     order = ok[np.argsort(b[ok], kind="stable")]
-    return {"lowest": _items_out(conn, state, order[:n], b[order[:n]]),
-            "highest": _items_out(conn, state, order[::-1][:n], b[order[::-1][:n]])}
+    return {"lowest": _items_out(conn, served, order[:n], b[order[:n]]),
+            "highest": _items_out(conn, served, order[::-1][:n], b[order[::-1][:n]])}

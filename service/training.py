@@ -1,7 +1,8 @@
-"""Full retrain: ratings from the database -> fastai model -> bootstrap -> a new serving version."""
+"""Full retrain: every rating from the database -> fastai models -> a ``TrainedModel`` -> a new serving version."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import Engine
@@ -9,21 +10,18 @@ from sqlalchemy import Engine
 from ..bootstrap.fit import fit_bootstrap
 from ..cf_core.data import CollabData, default_y_range, index_ids
 from ..cf_core.errors import CfbError
-from ..cf_core.scoring import to_npz
+from ..cf_core.model import ServingConfig, TrainedModel
 from ..cf_core.split import valid_split
-from ..cf_core.train import MODELS, ImplicitDotBias
+from ..cf_core.train import MODELS
 from ..db import store, versions
-from ..db.versions import FactorRows
-from .state import SERVING_DEFAULTS
+from ..db.engine import writing
 
-VALID_SEED = 42  # COLDSTART_PROTOCOL.md §7
+VALID_SEED = 42  # docs/protocol.md §7
 DEFAULTS = {
     "dot": {"n_factors": 50, "epochs": 8, "lr": 5e-3, "wd": 0.3, "bs": 1024},
-    "nn": {"n_factors": 50, "epochs": 5, "lr": 5e-3, "wd": 0.1, "bs": 1024, "layers": (100, 50)},
+    "nn": {"n_factors": 50, "epochs": 5, "lr": 5e-3, "wd": 0.1, "bs": 256, "layers": (100, 50)},
 }
-RANKER_DEFAULTS = {"n_factors": 32, "epochs": 10, "lr": 1e-2, "wd": 0.05, "bs": 4096, "neg_ratio": 4}
-
-
+BOOTSTRAP_ALPHA = 30.0  # ridge penalty of the bootstrap map, chosen on pseudo-cold users
 BASE_TRAIN = 80_000  # the defaults above are tuned on MovieLens 100k's 80% training split
 
 
@@ -38,8 +36,21 @@ def scaled_defaults(defaults: dict, n_train: int, min_epochs: int) -> dict:
             "epochs": max(min_epochs, round(defaults["epochs"] / scale ** 0.5))}
 
 
-def load_training_data(engine: Engine):
-    """Every rating as inner-index ``CollabData``, with the id maps, attributes, scale and max seq."""
+@dataclass
+class TrainingData:
+    """Every rating on inner indices, with the maps back to database ids and what else training needs."""
+
+    data: CollabData
+    user_ids: np.ndarray  # database id of each inner user
+    item_ids: np.ndarray  # database id of each inner item
+    timestamps: np.ndarray  # per rating (-1 unknown)
+    attributes: list[dict]  # per inner user
+    scale: tuple[float, float]
+    max_seq: int
+
+
+def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
+    """Every rating in the database as ``TrainingData``, and the seconds it took to read."""
     t0 = time.perf_counter()
     with engine.connect() as conn:
         scale = store.rating_scale(conn)
@@ -49,64 +60,93 @@ def load_training_data(engine: Engine):
         raise CfbError("no ratings in the database: run `cfb ingest …` first")
     user_ids, u = index_ids(r.user_id)
     item_ids, i = index_ids(r.item_id)
-    data = CollabData(u, i, r.rating, len(user_ids), len(item_ids))
-    return data, user_ids, item_ids, [attrs.get(int(x)) or {} for x in user_ids], scale, int(r.seq.max()), \
-        time.perf_counter() - t0
+    td = TrainingData(CollabData(u, i, r.rating, len(user_ids), len(item_ids)), user_ids, item_ids, r.timestamp,
+                      [attrs.get(int(x)) or {} for x in user_ids], scale, int(r.seq.max()))
+    return td, time.perf_counter() - t0
 
 
-def item_stats_npz(item_ids: np.ndarray, data: CollabData) -> bytes:
-    counts, sums = data.item_totals()
-    return to_npz({"item_ids": item_ids, "counts": counts.astype(np.int64), "sums": sums})
-
-
-def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.2, progress: bool = True,
-                 serving: dict | None = None, **params) -> dict:
-    """Train ``kind`` on every rating (minus the §7 validation split), fit the bootstrap, and store a
-    new serving version in one transaction. Returns the report (version, metrics, timings)."""
+def rating_params(kind: str, n_train: int, params: dict) -> dict:
+    """The rating model's settings: scaled defaults, overridden by the given ones (None: default)."""
     if kind not in MODELS:
         raise CfbError(f"unknown model kind {kind!r} (choose from {', '.join(MODELS)})")
+    return {**scaled_defaults(DEFAULTS[kind], n_train, 3), **{k: v for k, v in params.items() if v is not None}}
+
+
+def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, seed: int = 42,
+              config: ServingConfig | None = None, ranker: bool = True, progress: bool = True,
+              device: str | None = None) -> tuple[TrainedModel, dict]:
+    """Train every part of a version on all of ``td`` (in memory, no database): the rating model,
+    the bootstrap prior and questionnaire, and the cold-start ranker. Returns (model, timings)."""
+    hp = rating_params(kind, len(td.data), params or {})
+    t0 = time.perf_counter()
+    est = MODELS[kind](y_range=default_y_range(*td.scale), seed=seed, device=device, progress=progress, **hp)
+    est.fit(td.data)
+    report = {"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device}
+    t0 = time.perf_counter()
+    boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
+                         alpha=BOOTSTRAP_ALPHA, seed=seed)
+    report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
+    fitted_ranker = None
+    settings = {"kind": kind, **est.get_params(), "bootstrap_alpha": BOOTSTRAP_ALPHA}
+    if ranker:
+        from ..cf_core.feature_model import FeatureUserModel
+
+        t0 = time.perf_counter()
+        inner_asked = list(np.searchsorted(td.item_ids, boot.questionnaire.items))
+        fitted_ranker = FeatureUserModel(seed=seed, device=device, progress=progress).fit(
+            td.data, td.timestamps, td.attributes, boot.questionnaire.questions, inner_asked, td.scale)
+        report["ranker_fit_s"] = round(time.perf_counter() - t0, 3)
+        settings["ranker"] = fitted_ranker.config.to_json()
+    counts, sums = td.data.item_totals()
+    model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
+                         item_counts=counts.astype(np.float64), item_sums=sums, config=config or ServingConfig(),
+                         ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
+                         user_bias=est.user_bias_, settings=settings)
+    return model, report
+
+
+def validate(td: TrainingData, kind: str, params: dict, valid_pct: float, seed: int, progress: bool) -> dict:
+    """Protocol §7: train the rating model on a random (1 - ``valid_pct``) of the ratings and report
+    the validation MSE/RMSE on the rest. A measurement only: the served model learns from every rating."""
+    train_idx, valid_idx = valid_split(len(td.data), valid_pct, VALID_SEED)
+    train, valid = td.data.subset(train_idx), td.data.subset(valid_idx)
+    hp = rating_params(kind, len(train), params)
+    est = MODELS[kind](y_range=default_y_range(*td.scale), seed=seed, progress=progress, **hp).fit(train, valid)
+    mse = float(np.mean((est.predict(valid.users, valid.items) - valid.ratings) ** 2))
+    return {"valid_pct": valid_pct, "n_valid": len(valid), "valid_mse": round(mse, 4),
+            "valid_rmse": round(mse ** 0.5, 4), "valid_fit_s": est.report_.fit_s}
+
+
+def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, progress: bool = True,
+                 serving: ServingConfig | None = None, ranker: bool = True, seed: int = 42, **params) -> dict:
+    """Train a version on every rating and store it as serving, in one transaction. With
+    ``valid_pct`` > 0 the rating model is first measured on the §7 split (then refit on everything).
+    If the serving version changes meanwhile (a rollback), the new version is stored but not served."""
     if not 0 <= valid_pct < 1:
         raise CfbError("--valid-pct must be in [0, 1)")
     lock = versions.acquire_retrain_lock(engine)
     try:
-        data, user_ids, item_ids, attributes, scale, max_seq, load_s = load_training_data(engine)
-        train_idx, valid_idx = valid_split(len(data), valid_pct, VALID_SEED)
-        hp = {**scaled_defaults(DEFAULTS[kind], len(train_idx), 3),
-              **{k: v for k, v in params.items() if v is not None}}
-        train, valid = data.subset(train_idx), data.subset(valid_idx)
-        model = MODELS[kind](y_range=default_y_range(*scale), progress=progress, **hp).fit(
-            train, valid if len(valid) else None)
-        metrics = {"n_ratings": len(data), "n_train": len(train), "n_valid": len(valid),
-                   "load_s": round(load_s, 3), "epoch_s": model.report_.epoch_s, "fit_s": model.report_.fit_s,
-                   "device": model.report_.device}
-        if len(valid):
-            mse = float(np.mean((model.predict(valid.users, valid.items) - valid.ratings) ** 2))
-            metrics.update(valid_mse=round(mse, 4), valid_rmse=round(mse ** 0.5, 4))
-        else:
-            metrics.update(valid_mse=None, valid_rmse=None)
-        serve_hp = {**SERVING_DEFAULTS, **(serving or {})}
-        scoring, user_vecs = model.scoring_model(), model.user_factors_
-        if serve_hp["ranker"] == "implicit":
-            rank_hp = {**scaled_defaults(RANKER_DEFAULTS, len(train), 2), **serve_hp.get("ranker_params", {})}
-            ranker = ImplicitDotBias(seed=hp.get("seed", 42), device=model.device, progress=progress,
-                                     **rank_hp).fit(train)
-            scoring.rank_factors, scoring.rank_bias = ranker.item_factors_, ranker.item_bias_
-            user_vecs = np.concatenate([user_vecs, ranker.user_factors_], axis=1)
-            metrics["ranker_fit_s"] = ranker.report_.fit_s
-            serve_hp["ranker_params"] = ranker.get_params()
-        t0 = time.perf_counter()
-        boot = fit_bootstrap(train, user_vecs, model.user_bias_, attributes, alpha=serve_hp["bootstrap_alpha"],
-                             strategy=serve_hp["questionnaire"], seed=hp.get("seed", 42))
-        metrics["bootstrap_s"] = round(time.perf_counter() - t0, 3)
-        arrays = {"item_stats.npz": item_stats_npz(item_ids, train), "bootstrap.npz": boot.to_npz()}
-        if kind == "nn":
-            arrays["nn_head.npz"] = scoring.head_to_npz()
-        hyperparams = {**model.get_params(), **serve_hp, "valid_pct": valid_pct, "valid_seed": VALID_SEED}
-        with engine.begin() as conn:
-            version = versions.save_version(
-                conn, kind=kind, mode="full", parent_id=None, hyperparams=hyperparams, metrics=metrics,
-                max_seq=max_seq, users=FactorRows(user_ids, model.user_bias_, user_vecs),
-                items=FactorRows(item_ids, model.item_bias_, scoring.item_rows()), arrays=arrays)
-        return {"version": version, "kind": kind, "mode": "full", **metrics, "hyperparams": hyperparams}
+        with engine.connect() as conn:
+            started_serving = versions.serving_version(conn)
+        td, load_s = load_training_data(engine)
+        metrics: dict = {"n_ratings": len(td.data), "load_s": round(load_s, 3)}
+        if valid_pct > 0:
+            metrics.update(validate(td, kind, params, valid_pct, seed, progress))
+        model, report = fit_model(td, kind, params, seed, serving, ranker, progress)
+        metrics.update(report)
+        with writing(engine) as conn:
+            version, served = versions.save_full(conn, model, metrics=metrics, max_seq=td.max_seq,
+                                                 expected_serving=started_serving)
+        out = {"version": version, "kind": kind, "mode": "full", "serving": served, **metrics,
+               "hyperparams": model.settings}
+        if not served:
+            out["reason"] = (f"version {versions_now(engine)} was made serving during the retrain; version "
+                             f"{version} is stored but not serving (`cfb rollback {version}` serves it)")
+        return out
     finally:
         versions.release_retrain_lock(engine, lock)
+
+
+def versions_now(engine: Engine) -> int | None:
+    with engine.connect() as conn:
+        return versions.serving_version(conn)

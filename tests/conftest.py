@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,14 @@ from cfb.db.sources import Dataset
 SHARED_ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
 # Small, fast training settings that learn the planted structure.
 FAST = {"n_factors": 8, "epochs": 12, "lr": 0.03, "bs": 256, "wd": 0.05}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests train tiny models, where a second thread only adds contention (see docs/bench)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def planted_ratings(n_users: int = 60, n_items: int = 40, seed: int = 0) -> Dataset:
@@ -56,14 +65,34 @@ def planted() -> Dataset:
     return planted_ratings()
 
 
-@pytest.fixture
-def trained(engine, planted):
-    """A database holding the planted set and a trained dot model (version 1)."""
+def checkpointed_copy(engine, dst: Path) -> None:  # noqa: ANN001
+    """Copy a SQLite database (WAL folded in first) to ``dst``."""
+    src = Path(engine.url.database)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    shutil.copy(src, dst)
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory):
+    """The planted set ingested and a dot model trained (version 1), once per test session."""
     from cfb.service.ingest import ingest_dataset
     from cfb.service.training import retrain_full
 
-    ingest_dataset(engine, planted)
+    path = tmp_path_factory.mktemp("template") / "cfb.db"
+    engine = make_engine(f"sqlite:///{path}")
+    ingest_dataset(engine, planted_ratings())
     report = retrain_full(engine, kind="dot", valid_pct=0.2, progress=False, **FAST)
+    engine.dispose()
+    return engine, report
+
+
+@pytest.fixture
+def trained(trained_template, engine, tmp_path):
+    """A fresh copy of the trained template database, at ``db_url``."""
+    template, report = trained_template
+    checkpointed_copy(template, tmp_path / "cfb.db")
     return engine, report
 
 

@@ -12,7 +12,9 @@ from click.testing import CliRunner
 
 from cfb.cli.main import cli
 
-from .conftest import FAST, write
+from cfb.db.engine import make_engine
+
+from .conftest import FAST, checkpointed_copy, planted_ratings, write
 
 
 @pytest.fixture
@@ -24,8 +26,10 @@ def run(runner, url, *args):  # noqa: ANN001
     return runner.invoke(cli, ["--db", url, *args])
 
 
-@pytest.fixture
-def cli_db(tmp_path, runner, planted):
+@pytest.fixture(scope="session")
+def cli_template(tmp_path_factory):
+    """Ingest and a full retrain through the CLI, once per session."""
+    runner, tmp_path, planted = CliRunner(), tmp_path_factory.mktemp("cli"), planted_ratings()
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     planted.ratings.to_csv(tmp_path / "ratings.csv", index=False)
     users = planted.users.assign(gender=[a["gender"] for a in planted.users.attributes],
@@ -42,7 +46,13 @@ def cli_db(tmp_path, runner, planted):
     report = json.loads(res.output)
     assert {"version", "valid_mse", "valid_rmse", "epoch_s", "fit_s", "load_s"} <= report.keys()
     assert len(report["epoch_s"]) == FAST["epochs"]
-    return url
+    return make_engine(url)
+
+
+@pytest.fixture
+def cli_db(cli_template, tmp_path):
+    checkpointed_copy(cli_template, tmp_path / "cli.db")
+    return f"sqlite:///{tmp_path / 'cli.db'}"
 
 
 def test_recommend_json(runner, cli_db):
@@ -78,7 +88,7 @@ def test_onboard_rate_retrain_rollback(runner, cli_db, tmp_path):
     assert res.exit_code == 0 and res.output.strip() == "zoe"
     assert run(runner, cli_db, "rate", "zoe", "a1", "5").exit_code == 0
     out = json.loads(run(runner, cli_db, "retrain", "--json").output)
-    assert out["mode"] == "incremental" and out["users_folded"] == 1
+    assert out["mode"] == "incremental" and out["users_with_new_ratings"] == 1
     assert json.loads(run(runner, cli_db, "rollback", "1", "--json").output) == {"serving": 1}
     q = json.loads(run(runner, cli_db, "questionnaire", "--budget", "3", "--json").output)
     assert len(q["items"]) == 3 and {a["name"] for a in q["attributes"]} == {"age", "gender"}

@@ -1,47 +1,74 @@
-"""Fold-in recovers a user's factors from their ratings, and shrinks toward the prior."""
+"""Fold-in recovers a user's factors from their ratings, shrinks toward the prior, and is idempotent."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from cfb.cf_core.foldin import fold_in_ranking, fold_in_user
-from cfb.cf_core.scoring import ScoringModel
+from cfb.cf_core.rating import DotRating, FoldInConfig, NNRating
 
 
-def model(rng, n_items=300, k=4, rank_k=0) -> ScoringModel:
-    m = ScoringModel("dot", (0.0, 5.5), rng.normal(0, 1, (n_items, k)).astype(np.float32),
+def dot_model(rng, n_items=300, k=4) -> DotRating:
+    return DotRating((0.0, 5.5), rng.normal(0, 1, (n_items, k)).astype(np.float32),
                      rng.normal(0, 0.3, n_items).astype(np.float32))
-    if rank_k:
-        m.rank_factors = rng.normal(0, 1, (n_items, rank_k)).astype(np.float32)
-        m.rank_bias = rng.normal(-2, 0.5, n_items).astype(np.float32)
-    return m
+
+
+def nn_model(rng, n_items=300, k=4) -> NNRating:
+    head = [("linear", [rng.normal(0, 0.5, (8, 2 * k)).astype(np.float32), np.zeros(8, np.float32)]),
+            ("relu", []), ("affine", [np.ones(8, np.float32), np.full(8, 0.1, np.float32)]),
+            ("linear", [rng.normal(0, 0.5, (1, 8)).astype(np.float32), np.zeros(1, np.float32)])]
+    return NNRating((0.0, 5.5), rng.normal(0, 1, (n_items, k)).astype(np.float32), np.zeros(n_items, np.float32),
+                    head=head)
 
 
 def test_many_ratings_recover_the_true_user():
-    rng = np.random.default_rng(0)
-    m = model(rng)
+    m = dot_model(np.random.default_rng(0))
     true_vec, true_bias = np.array([0.5, -0.3, 0.2, 0.1], np.float32), 0.4
     items = np.arange(300)
-    ratings = m.predict_user(true_vec, true_bias, items)
-    vec, bias = fold_in_user(m, items, ratings, np.zeros(4, np.float32), 0.0, reg=1e-3, reg_bias=1e-3)
+    ratings = m.predict(true_vec, true_bias, items)
+    vec, bias = m.fold_in(items, ratings, np.zeros(4, np.float32), 0.0, FoldInConfig(1e-3, 1e-3))
     assert np.allclose(vec, true_vec, atol=1e-2) and abs(bias - true_bias) < 1e-2
 
 
-def test_no_ratings_or_strong_shrinkage_keep_the_prior():
+@pytest.mark.parametrize("make", [dot_model, nn_model])
+def test_no_ratings_or_strong_shrinkage_keep_the_prior(make):
     rng = np.random.default_rng(1)
-    m = model(rng, rank_k=3)
-    prior = rng.normal(0, 0.1, 7).astype(np.float32)
-    vec, bias = fold_in_user(m, np.array([], np.int64), np.array([]), prior, 0.2)
+    m = make(rng)
+    prior = rng.normal(0, 0.1, 4).astype(np.float32)
+    vec, bias = m.fold_in(np.array([], np.int64), np.array([]), prior, 0.2)
     assert np.array_equal(vec, prior) and bias == 0.2
-    vec, bias = fold_in_user(m, np.array([1, 2]), np.array([5.0, 5.0]), prior, 0.2, reg=1e9, reg_bias=1e9, rank_reg=1e9)
-    assert np.allclose(vec, prior, atol=1e-6) and abs(bias - 0.2) < 1e-6
+    vec, bias = m.fold_in(np.array([1, 2]), np.array([5.0, 5.0]), prior, 0.2, FoldInConfig(1e9, 1e9))
+    assert np.allclose(vec, prior, atol=1e-5) and abs(bias - 0.2) < 1e-5
 
 
-def test_ranking_fold_in_raises_the_rated_items():
-    rng = np.random.default_rng(2)
-    m = model(rng, rank_k=3)
-    prior = np.zeros(3, np.float32)
-    liked = np.array([3, 7, 11])
-    u = fold_in_ranking(m.rank_factors, m.rank_bias, liked, prior, reg=1.0)
-    before = m.rank_factors[liked] @ prior + m.rank_bias[liked]
-    after = m.rank_factors[liked] @ u + m.rank_bias[liked]
-    assert (after > before).all()
+@pytest.mark.parametrize("make", [dot_model, nn_model])
+def test_fold_in_moves_predictions_toward_the_ratings(make):
+    m = make(np.random.default_rng(2))
+    items = np.arange(20)
+    prior = np.zeros(4, np.float32)
+    before = m.predict(prior, 0.0, items)
+    vec, bias = m.fold_in(items, np.full(20, 5.0), prior, 0.0, FoldInConfig(1.0, 1.0))
+    assert m.predict(vec, bias, items).mean() > before.mean() + 0.3
+
+
+@pytest.mark.parametrize("make", [dot_model, nn_model])
+def test_folding_the_same_ratings_twice_gives_the_same_user(make):
+    """Fold-in is a pure function of (prior, ratings): nothing accumulates between calls."""
+    m = make(np.random.default_rng(3))
+    items, ratings = np.array([4, 9, 17]), np.array([5.0, 1.0, 4.0])
+    prior = np.full(4, 0.1, np.float32)
+    once = m.fold_in(items, ratings, prior, 0.1)
+    twice = m.fold_in(items, ratings, prior, 0.1)
+    assert np.array_equal(once[0], twice[0]) and once[1] == twice[1]
+
+
+def test_nn_backward_matches_finite_differences():
+    """The numpy backprop through the exported head is the gradient of the head's output."""
+    from cfb.cf_core.scoring import run_head, run_head_backward
+
+    m = nn_model(np.random.default_rng(4))
+    x = np.random.default_rng(5).normal(0, 1, (1, 8))
+    out, cache = run_head(m.head, x, keep=True)
+    grad = run_head_backward(m.head, cache, np.ones_like(out))
+    eps = 1e-6
+    numeric = [(run_head(m.head, x + eps * np.eye(8)[j]) - out)[0, 0] / eps for j in range(8)]
+    assert np.allclose(grad[0], numeric, atol=1e-4)

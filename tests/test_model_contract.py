@@ -1,4 +1,5 @@
-"""One contract for every model kind: determinism, save/load round trip, unknown user, empty history."""
+"""One contract for every model kind: determinism, save/load round trip with numpy-only serving,
+unknown user, empty history, and ids that stay put when items are added."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,49 +8,65 @@ import pytest
 
 from cfb.cf_core.data import default_y_range
 from cfb.cf_core.errors import CfbError
+from cfb.cf_core.model import TrainedModel, UserHistory
 from cfb.cf_core.train import MODELS
 from cfb.db import versions
 from cfb.db.sources import Dataset
 from cfb.service.ingest import ingest_dataset
 from cfb.service.serving import predict_pairs, recommend
-from cfb.service.state import load_state
 from cfb.service.training import load_training_data, retrain_full
 
-from .conftest import FAST
+from cfb.db.engine import make_engine
+
+from .conftest import FAST, checkpointed_copy, planted_ratings
 
 KINDS = sorted(MODELS)
 
 
-@pytest.fixture(params=KINDS)
-def kind_db(request, engine, planted):
-    ingest_dataset(engine, planted)
+@pytest.fixture(scope="module", params=KINDS)
+def kind_template(request, tmp_path_factory):
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp(request.param) / 'cfb.db'}")
+    ingest_dataset(engine, planted_ratings())
     report = retrain_full(engine, kind=request.param, valid_pct=0.0, progress=False, **FAST)
     return request.param, engine, report
+
+
+@pytest.fixture
+def kind_db(kind_template, engine, tmp_path):
+    """A fresh copy of the kind's trained database (at ``db_url``)."""
+    kind, template, report = kind_template
+    checkpointed_copy(template, tmp_path / "cfb.db")
+    return kind, engine, report
+
+
+def _arrays_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_retraining_is_deterministic(kind_db):
     kind, engine, first = kind_db
     second = retrain_full(engine, kind=kind, valid_pct=0.0, progress=False, **FAST)
     with engine.connect() as conn:
-        a = versions.load_users(conn, first["version"])
-        b = versions.load_users(conn, second["version"])
-        ia, ib = versions.load_items(conn, first["version"]), versions.load_items(conn, second["version"])
-    assert np.array_equal(a.factors, b.factors) and np.array_equal(ia.factors, ib.factors)
+        a, b = versions.load_model(conn, first["version"]), versions.load_model(conn, second["version"])
+        ua, ub = versions.trained_rows(conn, first["version"]), versions.trained_rows(conn, second["version"])
+    assert _arrays_equal(a.to_arrays(), b.to_arrays())
+    assert all(np.array_equal(x, y) for x, y in zip(ua, ub))
     assert first["hyperparams"]["seed"] == 42
 
 
 def test_stored_arrays_serve_what_was_trained(kind_db):
     """Round trip: numpy serving from the stored arrays predicts what the torch model predicts."""
     kind, engine, report = kind_db
-    data, *_ = load_training_data(engine)
-    model = MODELS[kind](progress=False, y_range=default_y_range(1, 5), **FAST).fit(data)
+    td, _ = load_training_data(engine)
+    est = MODELS[kind](progress=False, y_range=default_y_range(1, 5), **FAST).fit(td.data)
     with engine.connect() as conn:
-        state = load_state(conn)
-        users = versions.load_users(conn, report["version"])
-    rating_part, _ = state.scoring.split_user(users.factors)
-    assert np.allclose(rating_part, model.user_factors_, atol=1e-6)
-    served = state.scoring.predict_pairs(users.factors[data.users], users.bias[data.users], data.items)
-    assert np.allclose(served, model.predict(data.users, data.items), atol=1e-4)
+        model = versions.load_model(conn, report["version"])
+        ids, factors, bias = versions.trained_rows(conn, report["version"])
+    assert np.array_equal(ids, td.user_ids) and np.allclose(factors, est.user_factors_, atol=1e-6)
+    served = model.rating.predict_pairs(factors[td.data.users], bias[td.data.users], td.data.items)
+    assert np.allclose(served, est.predict(td.data.users, td.data.items), atol=1e-4)
+    again = TrainedModel.from_arrays(model.to_arrays())
+    assert _arrays_equal(again.to_arrays(), model.to_arrays())
 
 
 def test_unknown_user_is_an_error(kind_db):
@@ -69,3 +86,18 @@ def test_user_with_empty_history_gets_the_prior(kind_db, planted):
         assert [r["item"][0] for r in rec["items"]] == ["a"] * 5
         (p,) = predict_pairs(conn, [("quiet-f", "a1")])
     assert 1 <= p <= 5.5
+
+
+def test_adding_items_keeps_every_inner_index(kind_db):
+    """New items (even with lower database ids) are appended: nothing already known moves."""
+    kind, engine, report = kind_db
+    with engine.connect() as conn:
+        model = versions.load_model(conn, report["version"])
+    k = model.rating.n_factors
+    grown = model.add_items(np.array([-5, -1]), {"item_factors": np.zeros((2, k), np.float32),
+                                                 "item_bias": np.zeros(2, np.float32)})
+    assert np.array_equal(grown.item_index(model.item_ids), np.arange(model.n_items))
+    assert list(grown.item_index([-5, -1])) == [model.n_items, model.n_items + 1]
+    assert grown.questionnaire.items == model.questionnaire.items
+    user = grown.user_vector(UserHistory({"gender": "F"}, np.array([-5]), np.array([5.0])))
+    assert np.isfinite(grown.scores(user)).all()

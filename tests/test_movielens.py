@@ -24,7 +24,7 @@ def ml_engine(tmp_path_factory):
 
 
 def test_dot_model_reaches_chapter_8_accuracy(ml_engine):
-    report = retrain_full(ml_engine, kind="dot", progress=False)
+    report = retrain_full(ml_engine, kind="dot", valid_pct=0.2, progress=False)
     assert report["n_valid"] == 20_000
     assert 0.85 < report["valid_rmse"] <= 0.915  # fastai chapter 8: MSE ~0.83
     with ml_engine.connect() as conn:
@@ -35,5 +35,21 @@ def test_dot_model_reaches_chapter_8_accuracy(ml_engine):
 
 
 def test_nn_model_band(ml_engine):
-    report = retrain_full(ml_engine, kind="nn", progress=False)
+    report = retrain_full(ml_engine, kind="nn", valid_pct=0.2, progress=False)
     assert report["valid_rmse"] <= 0.98
+
+
+def test_real_100k_layout_fields():
+    """The real 100k files through the layout dispatcher: every field where it was, plus the title's year."""
+    from cfb.db.layouts import movielens_layout
+
+    assert movielens_layout(SHARED_ML100K) == "100k"
+    ds = read_movielens(SHARED_ML100K)
+    assert (len(ds.ratings), len(ds.users), len(ds.items)) == (100_000, 943, 1682)
+    assert ds.scale == (1.0, 5.0) and ds.ratings["rating"].between(1, 5).all()
+    star_wars = ds.items.set_index("item").loc["50"]
+    assert star_wars["title"] == "Star Wars (1977)"
+    assert star_wars["attributes"]["year"] == 1977
+    assert {"Action", "Sci-Fi"} <= set(star_wars["attributes"]["genres"])
+    assert ds.users.set_index("user").loc["1"]["attributes"] == {"age": 24, "gender": "M",
+                                                                 "occupation": "technician", "zip": "85711"}

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from cfb.cf_core.errors import CfbError
 from cfb.db import versions
-from cfb.db.schema import Rating, UserFactors
+from cfb.db.schema import ModelArrays, Rating, UserFactors
 from cfb.db.sources import Dataset
 from cfb.service.incremental import retrain_auto, retrain_incremental
 from cfb.service.ingest import ingest_dataset
@@ -111,19 +111,24 @@ def test_nn_model_trains_and_serves(engine, planted):
     assert [group_of(r["item"]) for r in rec["items"]] == ["a"] * 3
 
 
-def test_incremental_retrain_writes_only_changed_rows(trained):
+def test_new_ratings_count_at_once_and_incremental_retrain_adds_only_new_items(trained):
     engine, report = trained
-    new = pd.DataFrame([{"user": "b1", "item": "a2", "rating": 5.0, "timestamp": 9},
+    with engine.connect() as conn:
+        before = [r["item"] for r in recommend(conn, "b1", n=40)["items"]]
+    new = pd.DataFrame([{"user": "b1", "item": before[0], "rating": 1.0, "timestamp": 9},
                         {"user": "b1", "item": "new-item", "rating": 4.0, "timestamp": 10},
                         {"user": "a0", "item": "new-item", "rating": 5.0, "timestamp": 11}])
     ingest_dataset(engine, Dataset(new))
+    with engine.connect() as conn:  # no retrain needed for b1's own rating to count
+        assert before[0] not in {r["item"] for r in recommend(conn, "b1", n=40)["items"]}
     out = retrain_incremental(engine)
     assert out["mode"] == "incremental" and out["parent"] == report["version"]
-    assert out["users_folded"] == 2 and out["items_added"] == 1
+    assert out["users_with_new_ratings"] == 2 and out["items_added"] == 1
     with engine.connect() as conn:
-        rows = conn.scalar(select(func.count()).select_from(UserFactors).where(UserFactors.version_id == out["version"]))
-        assert rows == 2
-        assert versions.serving_version(conn) == out["version"]
+        v = out["version"]
+        assert conn.scalar(select(func.count()).select_from(UserFactors).where(UserFactors.version_id == v)) == 0
+        assert conn.scalar(select(func.count()).select_from(ModelArrays).where(ModelArrays.version_id == v)) == 1
+        assert versions.serving_version(conn) == v
         assert "new-item" in {r["item"] for r in recommend(conn, "b3", n=40)["items"]}
     # nothing new: no new version
     assert retrain_incremental(engine)["mode"] == "none"
@@ -143,7 +148,7 @@ def test_drift_policy_triggers_full_retrain(trained, planted):
 def test_rollback_serves_previous_version(trained):
     engine, report = trained
     second = retrain_full(engine, valid_pct=0.0, progress=False, **FAST)
-    assert second["valid_rmse"] is None
+    assert "valid_rmse" not in second
     with engine.begin() as conn:
         versions.set_serving(conn, report["version"])
     with engine.connect() as conn:

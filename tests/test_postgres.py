@@ -47,6 +47,6 @@ def test_whole_pipeline_on_postgres(pg_engine, planted):
     assert out["onboarded"] == [{"user": "pg", "ratings": 0}]
     ingest_dataset(pg_engine, Dataset(pd.DataFrame([{"user": "pg", "item": "b20", "rating": 5.0, "timestamp": 3}])))
     inc = retrain_incremental(pg_engine)
-    assert inc["mode"] == "incremental" and inc["users_folded"] == 1
+    assert inc["mode"] == "incremental" and inc["users_with_new_ratings"] == 1
     with pg_engine.connect() as conn:
         assert [r["item"][0] for r in recommend(conn, "pg", n=3)["items"]] == ["b"] * 3

@@ -60,3 +60,15 @@ def test_popularity_baselines():
     assert np.argmax(demo.scores({"gender": "F", "age": 19})) == 0
     assert np.argmax(demo.scores({})) == 0  # unknown group: popularity
     assert [age_band(a) for a in (17, 18, 24, 25, 49, 50, 55, 56)] == [0, 1, 1, 2, 4, 5, 5, 6]
+
+
+def test_positive_popularity_counts_ratings_of_4_and_5_with_section_6_ties():
+    from cfb.evaluation.baselines import PositivePopularity
+
+    # item 0: two 5s; item 1: two 4s and one 1 (more ratings than item 0); item 2: five 3s; item 3: two 4s
+    items = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3])
+    ratings = np.array([5, 5, 4, 4, 1, 3, 3, 3, 3, 3, 4, 4], float)
+    pp = PositivePopularity().fit(items, ratings, 4)
+    order = list(np.argsort(-pp.scores(), kind="stable"))
+    assert order == [1, 0, 3, 2]  # 1 before 0 and 3 (more ratings), 0 before 3 (lower id), 2 has none
+    assert pp.predict(np.array([0])) == pytest.approx(Popularity().fit(items, ratings, 4).predict(np.array([0])))

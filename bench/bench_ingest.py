@@ -1,0 +1,158 @@
+"""Ratings-ingest speed on a MovieLens-25M-shaped release (synthetic rows, the real file layout).
+
+    python bench/bench_ingest.py [--rows 3000000] [--db sqlite:///...] [--keep DIR] [--json]
+
+Writes ``ratings.csv`` (``userId,movieId,rating,timestamp``, half stars, sorted by user then movie, as
+the release) and ``movies.csv`` into a temporary folder, with a realistic skew: movie popularity
+follows a Zipf law, user activity a log-normal with at least 20 ratings per user (25M: 162k users,
+62k movies, 25M ratings). Then it times
+
+- the whole ``cfb ingest movielens DIR --quiet --json`` process into a fresh SQLite database, and
+- the same ingest in this process, phase by phase: reading the files, ``store.ensure_ids`` (users
+  and items) and ``store.write_ratings``,
+
+and prints ratings per second for each (the target is >= 500k ratings/s for the whole ingest).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HALF_STARS = np.arange(1, 11) / 2
+# share of each half-star value in MovieLens 25M (0.5 .. 5.0), rounded
+STAR_SHARE = np.array([1.6, 3.3, 1.7, 6.8, 4.9, 19.6, 12.8, 26.6, 8.8, 13.9])
+
+
+def generate(folder: Path, rows: int, seed: int = 0) -> dict:
+    """Write a 25M-shaped ratings.csv and movies.csv with about ``rows`` ratings; returns their shape."""
+    rng = np.random.default_rng(seed)
+    n_users = max(rows // 154, 10)  # 25M: 154 ratings per user on average
+    n_items = int(min(62_423, max(rows // 400, 2_000)))
+    # movie popularity: Zipf over a random order of the ids
+    pop = 1.0 / np.arange(1, n_items + 1) ** 1.05
+    pop /= pop.sum()
+    item_ids = rng.permutation(np.arange(1, n_items + 1))
+    # user activity: log-normal, at least 20 ratings, scaled to about ``rows`` in all
+    act = np.exp(rng.normal(0, 1.1, n_users))
+    pairs = pd.DataFrame({"userId": [], "movieId": []}, dtype=np.int64)
+    for _ in range(6):  # popular movies repeat within a user: top up until about ``rows`` distinct pairs
+        missing = rows - len(pairs)
+        if missing < rows * 0.01:
+            break
+        counts = np.maximum(20 if pairs.empty else 0, np.round(act / act.sum() * missing * 1.1)).astype(np.int64)
+        counts = np.minimum(counts, n_items // 2)
+        users = np.repeat(np.arange(1, n_users + 1), counts)
+        items = item_ids[rng.choice(n_items, size=len(users), p=pop)]
+        pairs = pd.concat([pairs, pd.DataFrame({"userId": users, "movieId": items})]).drop_duplicates()
+    pairs = pairs.iloc[:rows]
+    pairs = pairs.sort_values(["userId", "movieId"], kind="stable").reset_index(drop=True)
+    n = len(pairs)
+    pairs["rating"] = rng.choice(HALF_STARS, size=n, p=STAR_SHARE / STAR_SHARE.sum())
+    pairs["timestamp"] = rng.integers(789_652_009, 1_574_327_703, size=n)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs.to_csv(folder / "ratings.csv", index=False, float_format="%.1f")
+    movies = pd.DataFrame({"movieId": np.arange(1, n_items + 1),
+                           "title": [f"Movie {i}, The ({1900 + i % 120})" for i in range(1, n_items + 1)],
+                           "genres": rng.choice(["Drama", "Comedy|Romance", "Action|Sci-Fi|Thriller",
+                                                 "(no genres listed)"], size=n_items)})
+    movies.to_csv(folder / "movies.csv", index=False)
+    return {"ratings": n, "users": int(pairs["userId"].nunique()), "items": n_items,
+            "ratings_csv_mb": round((folder / "ratings.csv").stat().st_size / 2**20, 1)}
+
+
+def timed_cli(folder: Path, url: str) -> tuple[float, dict]:
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    t = time.perf_counter()
+    res = subprocess.run(cmd + ["--db", url, "ingest", "movielens", str(folder), "--quiet", "--json"],
+                         capture_output=True, text=True)
+    took = time.perf_counter() - t
+    if res.returncode:
+        raise SystemExit(f"cfb ingest failed: {res.stderr.strip()}")
+    return took, json.loads(res.stdout)
+
+
+def timed_phases(folder: Path, url: str) -> dict:
+    from cfb.db import store
+    from cfb.db.engine import make_engine
+    from cfb.db.sources import read_movielens
+    from cfb.service.ingest import ingest_dataset
+
+    spent: dict[str, float] = {"ensure_ids": 0.0, "write_ratings": 0.0}
+
+    def timer(name, fn):
+        def wrapped(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return wrapped
+
+    t = time.perf_counter()
+    ds = read_movielens(folder)
+    spent["read"] = time.perf_counter() - t
+    engine = make_engine(url)
+    orig = store.ensure_ids, store.write_ratings
+    store.ensure_ids, store.write_ratings = timer("ensure_ids", orig[0]), timer("write_ratings", orig[1])
+    try:
+        t = time.perf_counter()
+        ingest_dataset(engine, ds)
+        spent["ingest_total"] = time.perf_counter() - t
+    finally:
+        store.ensure_ids, store.write_ratings = orig
+        engine.dispose()
+    spent["other"] = spent["ingest_total"] - spent["ensure_ids"] - spent["write_ratings"]
+    return {k: round(v, 2) for k, v in spent.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=3_000_000, help="about this many ratings")
+    ap.add_argument("--db", help="database URL for the in-process run (default: a temporary SQLite file)")
+    ap.add_argument("--keep", type=Path, help="write the generated release here and keep it")
+    ap.add_argument("--no-cli", action="store_true", help="skip the whole-process run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="cfb-bench-ingest-"))
+    try:
+        folder = args.keep or tmp / "ml-25m-shaped"
+        t = time.perf_counter()
+        shape = generate(folder, args.rows, args.seed)
+        out: dict = {"shape": shape, "generate_s": round(time.perf_counter() - t, 1)}
+        n = shape["ratings"]
+        if not args.no_cli:
+            took, res = timed_cli(folder, f"sqlite:///{tmp / 'cli.db'}")
+            assert res["ratings"] == n, res
+            out["cli"] = {"seconds": round(took, 2), "ratings_per_s": int(n / took)}
+            (tmp / "cli.db").unlink(missing_ok=True)
+        phases = timed_phases(folder, args.db or f"sqlite:///{tmp / 'phases.db'}")
+        out["phases_s"] = phases
+        out["ratings_per_s"] = {k: int(n / v) for k, v in phases.items() if v > 0 and k != "other"}
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(f"{n:,} ratings, {shape['users']:,} users, {shape['items']:,} movies "
+                  f"({shape['ratings_csv_mb']} MiB ratings.csv)")
+            if "cli" in out:
+                print(f"cfb ingest movielens (whole process): {out['cli']['seconds']} s, "
+                      f"{out['cli']['ratings_per_s']:,} ratings/s")
+            for k, v in phases.items():
+                rate = out["ratings_per_s"].get(k)
+                print(f"  {k:<14} {v:>7.2f} s" + (f"  ({rate:,} ratings/s)" if rate else ""))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Choose ``FeatureUserModel`` settings on pseudo-cold users, then report the protocol's real test numbers.
+
+(1) Pseudo-cold: for each protocol seed s, keep only its warm users (COLDSTART_PROTOCOL.md §1) and run the
+protocol on them with seed s + 1000 (a fifth of them become pseudo-cold, §3 answer pools with that seed), as
+bench/tune_coldstart.py does; the protocol's cold users are never seen. (2) Real: the protocol's split of
+seed s (cold users of seeds 42, 43, 44), with the chosen settings. Both score §4b (Q = 0/5/15/30, the
+questionnaire = the 30 most-rated training items, most-rated first) and §5 (first 10 ratings in time order
+revealed at n = 0/1/3/5/10, evaluation on the ratings after the first 10) exactly as the protocol does,
+in memory (no database), side by side with positive popularity (§6). RMSE is not reported: the model ranks.
+
+Usage:
+  python bench/tune_feature_model.py [--data DIR] [--mode pseudo|real|both] [--seeds 42,43,44]
+      [--json OUT] ['{"n_factors": 64}' ...]      # candidate settings (overrides of the defaults)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cfb.bootstrap.questionnaire import choose_items, infer_questions
+from cfb.cf_core.data import CollabData
+from cfb.cf_core.feature_model import FeatureModelConfig, FeatureUserModel, Reveal
+from cfb.cf_core.split import answer_pool_split, cold_users
+from cfb.db.sources import read_movielens
+from cfb.evaluation.metrics import ndcg_at_k, recall_at_k
+
+K = 10
+BUDGETS = (0, 5, 15, 30)
+STEPS = (0, 1, 3, 5, 10)
+
+
+@dataclass
+class Split:
+    """One protocol run prepared in memory: training data for the model, and every cold user's reveals,
+    exclusions and relevant items per budget (§4b) and per fold-in step (§5)."""
+
+    data: CollabData
+    timestamps: np.ndarray
+    attributes: list[dict]
+    questions: list
+    questionnaire: list[int]
+    scale: tuple[float, float]
+    item_ids: list[str]
+    pos_pop: np.ndarray  # positive-popularity ranking score of each catalogue item
+    cases: dict  # ("q", Q) or ("n", n) -> (reveals, exclude lists, relevant sets)
+
+
+def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.0)) -> Split:  # noqa: ANN001
+    users = sorted(ratings.user.unique().tolist())
+    user_index = {u: k for k, u in enumerate(users)}
+    cold = cold_users(users, seed)
+    is_cold = ratings.user.isin(cold)
+    warm = ratings[~is_cold]
+    item_ids = sorted(set(warm.item))
+    inner_item = {e: k for k, e in enumerate(item_ids)}
+    warm_ids = sorted(set(warm.user))
+    inner_user = {u: k for k, u in enumerate(warm_ids)}
+    data = CollabData(warm.user.map(inner_user).to_numpy(), warm.item.map(inner_item).to_numpy(),
+                      warm.rating.to_numpy(np.float32), len(warm_ids), len(item_ids))
+    attributes = [attrs_of.get(u, {}) for u in warm_ids]
+    ts = warm.timestamp.to_numpy(dtype=float, na_value=-1.0) if "timestamp" in warm else np.full(len(warm), -1.0)
+    questionnaire = choose_items(data.items, data.ratings, data.n_items, max(BUDGETS))
+    # positive popularity: count of ratings >= 4, ties by count, then item id as a string (= inner order)
+    pos_n = np.bincount(data.items[data.ratings >= 4], minlength=data.n_items).astype(float)
+    cnt = np.bincount(data.items, minlength=data.n_items).astype(float)
+    order = np.lexsort((np.arange(data.n_items), -cnt, -pos_n))
+    pos_pop = np.empty(data.n_items)
+    pos_pop[order] = -np.arange(data.n_items, dtype=float)
+
+    def inner(ids) -> np.ndarray:  # noqa: ANN001
+        return np.array([inner_item.get(e, -1) for e in ids], dtype=np.int64)
+
+    cold_sorted = sorted(cold)
+    groups = {u: g for u, g in ratings[is_cold].groupby("user")}
+    cases: dict = {}
+    for q in BUDGETS:
+        asked = set(questionnaire[:q])
+        reveals, excl, rel = [], [], []
+        for u in cold_sorted:
+            g = groups[u].sort_values("item")
+            pool, test = answer_pool_split(user_index[u], g["item"].tolist(), seed)
+            r_of = dict(zip(g["item"], g["rating"]))
+            pool_inner = inner(pool)
+            given = [(int(i), float(r_of[e])) for e, i in zip(pool, pool_inner) if i in asked]
+            reveals.append(Reveal(attrs_of.get(u, {}), np.array([i for i, _ in given], np.int64),
+                                  np.array([r for _, r in given], float), budget=q))
+            excl.append(pool_inner[pool_inner >= 0])
+            rel.append({e for e in test if r_of[e] >= 4})
+        cases[("q", q)] = (reveals, excl, rel)
+    timeline = {u: groups[u].sort_values(["timestamp", "item"], kind="stable") for u in cold_sorted}
+    for n in STEPS:
+        reveals, excl, rel = [], [], []
+        for u in cold_sorted:
+            tl = timeline[u]
+            if len(tl) <= 10:
+                continue
+            first = tl.iloc[:10]
+            shown = first.iloc[:n]
+            si = inner(shown["item"])
+            keep = si >= 0
+            reveals.append(Reveal(attrs_of.get(u, {}), si[keep], shown["rating"].to_numpy(float)[keep],
+                                  budget=0 if n == 0 else None))
+            fi = inner(first["item"])
+            excl.append(fi[fi >= 0])
+            ev = tl.iloc[10:]
+            rel.append(set(ev.loc[ev.rating >= 4, "item"]))
+        cases[("n", n)] = (reveals, excl, rel)
+    return Split(data, ts, attributes, infer_questions(attributes), questionnaire, tuple(scale), item_ids,
+                 pos_pop, cases)
+
+
+def score_cases(split: Split, score_fn) -> dict:  # noqa: ANN001
+    """NDCG@10 / Recall@10 per case; ``score_fn(reveals) -> (n, n_items)`` scores or None for pos. popularity."""
+    out = {}
+    for key, (reveals, excl, rel) in split.cases.items():
+        s = (np.tile(split.pos_pop, (len(reveals), 1)) if score_fn is None else score_fn(reveals)).astype(np.float64)
+        nd, rc = [], []
+        for k, (r, ex, relevant) in enumerate(zip(reveals, excl, rel)):
+            if not relevant:
+                continue
+            row = s[k]
+            row[np.asarray(r.items, dtype=np.int64)] = -np.inf
+            row[ex] = -np.inf
+            top = np.lexsort((np.arange(len(row)), -row))[:K]
+            ranked = [split.item_ids[i] for i in top]
+            nd.append(ndcg_at_k(ranked, relevant, K))
+            rc.append(recall_at_k(ranked, relevant, K))
+        out[f"{key[0]}{key[1]}"] = {"ndcg": float(np.mean(nd)), "recall": float(np.mean(rc)), "users": len(nd)}
+    return out
+
+
+def fit_model(split: Split, config: FeatureModelConfig, seed: int) -> FeatureUserModel:
+    return FeatureUserModel(config, seed=seed, progress=False).fit(
+        split.data, split.timestamps, split.attributes, split.questions, split.questionnaire, split.scale)
+
+
+def run(split: Split, config: FeatureModelConfig, seed: int) -> dict:
+    t0 = time.perf_counter()
+    model = fit_model(split, config, seed)
+    fit_s = time.perf_counter() - t0
+    res = score_cases(split, lambda rv: model.item_scores(model.user_vectors(rv)))
+    return {"model": res, "fit_s": round(fit_s, 2)}
+
+
+def load(path: str):  # noqa: ANN201
+    ds = read_movielens(path)
+    ratings = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
+    attrs_of = dict(zip(ds.users.user.astype(str), ds.users.attributes)) if ds.users is not None else {}
+    return ratings, attrs_of, ds.scale or (1.0, 5.0)
+
+
+def pseudo_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale) -> Split:  # noqa: ANN001
+    """Warm users of protocol seed ``seed`` only, split again with seed + 1000."""
+    cold = cold_users(sorted(ratings.user.unique().tolist()), seed)
+    return build_split(ratings[~ratings.user.isin(cold)], attrs_of, seed + 1000, scale)
+
+
+COLS = [f"q{q}" for q in BUDGETS] + [f"n{n}" for n in STEPS]
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    return {c: float(np.mean([r[c]["ndcg"] for r in rows])) for c in COLS}
+
+
+def fmt(name: str, row: dict, extra: str = "") -> str:
+    return f"{name:<40}" + " ".join(f"{row[c]:.3f}" for c in COLS) + f"  {extra}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="/work/shared/data/ml-100k")
+    ap.add_argument("--mode", choices=["pseudo", "real", "both"], default="both")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("candidates", nargs="*", help="JSON overrides of FeatureModelConfig")
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    ratings, attrs_of, scale = load(a.data)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    cands = [json.loads(c) for c in a.candidates] or [{}]
+    modes = ["pseudo", "real"] if a.mode == "both" else [a.mode]
+    report: dict = {"dataset": a.data, "seeds": seeds, "results": []}
+    print(f"{'NDCG@10':<40}" + " ".join(f"{c:>5}" for c in COLS))
+    for mode in modes:
+        splits = {s: (pseudo_split(ratings, attrs_of, s, scale) if mode == "pseudo" else
+                      build_split(ratings, attrs_of, s, scale)) for s in seeds}
+        base = [score_cases(splits[s], None) for s in seeds]
+        print(fmt(f"[{mode}] positive popularity", mean_rows(base)))
+        report["results"].append({"mode": mode, "method": "positive_popularity",
+                                  "mean": mean_rows(base), "per_seed": dict(zip(seeds, base))})
+        for cand in cands:
+            cfg = FeatureModelConfig.from_json({**FeatureModelConfig().to_json(), **cand})
+            runs = [run(splits[s], cfg, s) for s in seeds]
+            m = mean_rows([r["model"] for r in runs])
+            fit = [r["fit_s"] for r in runs]
+            print(fmt(f"[{mode}] {json.dumps(cand)}"[:40], m, f"fit {np.mean(fit):.1f}s"), flush=True)
+            report["results"].append({"mode": mode, "method": "feature_model", "overrides": cand,
+                                      "config": cfg.to_json(), "mean": m, "fit_s": fit,
+                                      "per_seed": {s: r["model"] for s, r in zip(seeds, runs)}})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

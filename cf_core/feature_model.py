@@ -1,0 +1,506 @@
+"""Cold start v2: a user vector *computed* from what is known about the user.
+
+A user's vector is a constant, plus one embedding per attribute answer (category → its value; number →
+quantile bin of the training users' values; text → first character; each with a "missing" row), plus
+the revealed items (sum of an input "seen" table / √n), plus how they were rated (sum of a second item
+table weighted by the centred rating (r − mid) / half-range / √n), plus an embedding of the number of
+revealed items (log₂ buckets) and of how they were revealed (questionnaire of size Q, or organic). An
+item's score is ``user_vec · out_item + out_bias``.
+
+It is trained (fastai ``Learner`` + ``fit_one_cycle`` on whole-tensor batches built here) only on
+training users whose reveals are simulated afresh for every sample: (a) their first n ratings in time
+order, (b) the popular questionnaire answered from a random half of their ratings, (c) a random subset of
+their ratings; the targets are their other items rated in the top quarter of the scale (≥ 4 on 1..5),
+with a full softmax over the catalogue and every positive weighted equally. Items the evaluation would
+remove from the ranking (revealed items, the rest of the answer pool, the rest of the first ten) are
+masked out of the softmax rather than counted as negatives.
+
+Inference (``user_vectors``, ``item_scores``, ``to_arrays``/``from_arrays``) is numpy only; torch and
+fastai are imported inside ``fit``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .data import CollabData
+
+N_COUNT_BUCKETS = 12  # n = 0, 1, 2–3, 4–7, …, ≥ 1024
+
+
+@dataclass(frozen=True)
+class FeatureModelConfig:
+    """Settings of ``FeatureUserModel`` (defaults chosen on pseudo-cold MovieLens 100k users,
+    bench/tune_feature_model.py).
+
+    n_factors: width d of every embedding.
+    epochs: epochs of ``fit_one_cycle``; one epoch = ``samples_per_user`` simulated reveals per training user.
+    lr: peak learning rate of the one-cycle schedule.
+    wd: fastai (decoupled) weight decay.
+    dropout: dropout on each attribute embedding and on the user vector.
+    users_per_batch: simulated users per batch (rule, not a constant: capped at a quarter of the
+        training users so that small data sets still take several steps per epoch).
+    samples_per_user: simulated reveals per training user and epoch.
+    mix: probabilities of the reveal simulations (first n in time order, questionnaire, random subset).
+    max_time_reveals: n of simulation (a) is drawn uniformly from 0..max_time_reveals.
+    budgets: questionnaire sizes Q of simulation (b); the questionnaire is the ``questionnaire_items``
+        passed to ``fit``, answered from a random half of the user's ratings.
+    time_mask_first: in simulation (a) the first ``time_mask_first`` items in time order are neither
+        revealed-and-learned-from nor targets (masked), as in the protocol's fold-in evaluation.
+    item_dropout: share of the revealed items dropped in training (input dropout on the item bags).
+    n_bins: quantile bins of a number attribute (edges from the training users' values).
+    positive_share: top share of the rating scale that counts as a positive (0.25: ≥ 4 on 1..5).
+    pop_mix: weight of log(1 + number of training positives) added to every item's score.
+    rating_centre: where the rating weight is zero, as a share of the scale (0.5: the middle, 3 on 1..5);
+        the weight is (r − centre) / half-range.
+    hidden: width of a residual ReLU layer on the user vector (0 = none).
+    user_dropout: dropout on the user vector (None = ``dropout``).
+    shrink: the item bags are divided by √(n + shrink) rather than √n (damps the first few reveals).
+    """
+
+    n_factors: int = 128
+    epochs: int = 30
+    lr: float = 1e-2
+    wd: float = 1.0
+    dropout: float = 0.7
+    users_per_batch: int = 256
+    samples_per_user: int = 3
+    mix: tuple[float, float, float] = (0.45, 0.45, 0.10)
+    max_time_reveals: int = 15
+    budgets: tuple[int, ...] = (0, 5, 15, 30)
+    time_mask_first: int = 10
+    item_dropout: float = 0.0
+    n_bins: int = 10
+    positive_share: float = 0.25
+    pop_mix: float = 0.0
+    rating_centre: float = 0.5
+    hidden: int = 0
+    user_dropout: float | None = None
+    shrink: float = 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FeatureModelConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kw)
+
+
+@dataclass
+class Reveal:
+    """What is known of one user: attribute answers, revealed items (inner item indices) and their ratings, and how they were revealed."""
+
+    attributes: dict
+    items: np.ndarray  # int64 inner indices
+    ratings: np.ndarray  # float
+    budget: int | None = None  # questionnaire size Q when the items are questionnaire answers; None = organic ratings
+
+
+def count_bucket(n: np.ndarray | int) -> np.ndarray:
+    """Log₂ bucket of a number of revealed items: 0 → 0, 1 → 1, 2–3 → 2, 4–7 → 3, …"""
+    n = np.asarray(n, dtype=np.int64)
+    b = np.where(n > 0, np.floor(np.log2(np.maximum(n, 1))).astype(np.int64) + 1, 0)
+    return np.minimum(b, N_COUNT_BUCKETS - 1)
+
+
+def _first_char(v) -> str:  # noqa: ANN001
+    s = str(v).strip()
+    return s[:1].upper()
+
+
+class _AttrEncoder:
+    """Attribute answers → one table row per question (0 = missing or unknown)."""
+
+    def __init__(self, spec: list[dict]):
+        self.spec = spec
+        self._lookup = [{v: k + 1 for k, v in enumerate(s["vocab"])} if s["type"] != "number" else None
+                        for s in spec]
+
+    @classmethod
+    def fit(cls, questions: list, attributes: list[dict], n_bins: int) -> "_AttrEncoder":
+        spec = []
+        for q in questions:
+            vals = [a.get(q.name) for a in attributes if a.get(q.name) is not None]
+            if q.type == "number":
+                x = np.array([float(v) for v in vals if _is_num(v)], dtype=float)
+                edges = (np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1])).tolist()
+                         if len(x) else [])
+                spec.append({"name": q.name, "type": "number", "edges": edges})
+            elif q.type == "category":
+                vocab = list(q.values) if q.values is not None else sorted({str(v) for v in vals})
+                spec.append({"name": q.name, "type": "category", "vocab": vocab})
+            else:
+                spec.append({"name": q.name, "type": "text", "vocab": sorted({_first_char(v) for v in vals} - {""})})
+        return cls(spec)
+
+    def sizes(self) -> list[int]:
+        return [len(s["edges"]) + 2 if s["type"] == "number" else len(s["vocab"]) + 1 for s in self.spec]
+
+    def encode(self, attributes: dict) -> np.ndarray:
+        out = np.zeros(len(self.spec), dtype=np.int64)
+        for k, s in enumerate(self.spec):
+            v = (attributes or {}).get(s["name"])
+            if v is None:
+                continue
+            if s["type"] == "number":
+                if _is_num(v) and np.isfinite(float(v)):
+                    out[k] = 1 + int(np.searchsorted(s["edges"], float(v), side="right"))
+            elif s["type"] == "category":
+                out[k] = self._lookup[k].get(str(v), 0)
+            else:
+                out[k] = self._lookup[k].get(_first_char(v), 0)
+        return out
+
+
+def _is_num(v) -> bool:  # noqa: ANN001
+    if isinstance(v, bool):
+        return False
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def budget_code(budget: int | None, budgets: tuple[int, ...]) -> int:
+    """How the items were revealed: 0 = organic (or no questionnaire), else 1 + index of the trained
+    questionnaire size nearest to ``budget`` on a log scale."""
+    pos = [b for b in budgets if b > 0]
+    if budget is None or budget <= 0 or not pos:
+        return 0
+    return 1 + int(np.argmin([abs(math.log(budget) - math.log(b)) for b in pos]))
+
+
+class _Batches:
+    """Simulated reveals for fastai's Learner: each epoch, ``samples_per_user`` passes over a permutation
+    of the training users in batches of ``bs``; every sample draws its own simulation. Yields
+    ``((attrs, items, offsets, w_seen, w_rated, count, how), y)`` with ``y`` (bs × n_items, int8):
+    1 = positive, 0 = negative, −1 = masked out of the softmax."""
+
+    n_inp = 1
+
+    def __init__(self, fm: "FeatureUserModel", prep: dict, rng: np.random.Generator, bs: int, device: str):
+        self.fm, self.p, self.rng, self.bs, self.device = fm, prep, rng, bs, device
+        self.n_users = len(prep["lens"])
+
+    @property
+    def n(self) -> int:
+        return self.n_users * self.fm.config.samples_per_user
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.bs)
+
+    def to(self, device) -> "_Batches":  # noqa: ANN001
+        self.device = device
+        return self
+
+    def __iter__(self):
+        order = np.concatenate([self.rng.permutation(self.n_users) for _ in range(self.fm.config.samples_per_user)])
+        for start in range(0, len(order), self.bs):
+            yield self.make(order[start:start + self.bs])
+
+    def make(self, ub: np.ndarray):
+        import torch
+
+        cfg, p, rng = self.fm.config, self.p, self.rng
+        n_items = p["n_items"]
+        B = len(ub)
+        lens = p["lens"][ub]
+        seg_start = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        total = int(lens.sum())
+        seg = np.repeat(np.arange(B), lens)
+        idx = np.repeat(p["indptr"][ub] - seg_start, lens) + np.arange(total)
+        items, rat, trank, pos = p["items"][idx], p["ratings"][idx], p["trank"][idx], p["pos"][idx]
+        o2 = np.lexsort((rng.random(total), seg))
+        rrank = np.empty(total, dtype=np.int64)
+        rrank[o2] = np.arange(total) - seg_start[seg[o2]]
+
+        sc = rng.choice(3, size=B, p=np.asarray(cfg.mix) / np.sum(cfg.mix))
+        # (a) first n in time order
+        n_t = rng.integers(0, cfg.max_time_reveals + 1, size=B)
+        hide_t = np.maximum(n_t, cfg.time_mask_first)
+        rev_a = trank < n_t[seg]
+        tgt_a = (trank >= hide_t[seg]) & pos
+        # (b) questionnaire answered from a random half
+        budgets = np.asarray(cfg.budgets)
+        q = budgets[rng.integers(0, len(budgets), size=B)]
+        pool = rrank < (lens // 2)[seg]
+        rev_b = pool & (p["qrank"][items] < q[seg])
+        tgt_b = ~pool & pos
+        # (c) organic: a random subset (size log-uniform in 1..len-1)
+        m = np.floor(np.exp(rng.random(B) * np.log(np.maximum(lens, 2)))).astype(np.int64)
+        m = np.clip(m, 1, np.maximum(lens - 1, 1))
+        rev_c = rrank < m[seg]
+        tgt_c = ~rev_c & pos
+
+        s = sc[seg]
+        rev = np.select([s == 0, s == 1], [rev_a, rev_b], rev_c)
+        tgt = np.select([s == 0, s == 1], [tgt_a, tgt_b], tgt_c)
+        masked = np.select([s == 0, s == 1], [trank < hide_t[seg], pool], rev_c)
+        if cfg.item_dropout > 0:
+            rev = rev & (rng.random(total) >= cfg.item_dropout)
+
+        n_rev = np.bincount(seg[rev], minlength=B)
+        inv = 1.0 / np.sqrt(np.maximum(n_rev + cfg.shrink, 1e-9))
+        r_items = items[rev]
+        w_seen = inv[seg[rev]]
+        w_rated = p["centred"][idx][rev] * w_seen
+        offsets = np.concatenate([[0], np.cumsum(n_rev)[:-1]])
+        how = np.array([budget_code(int(qq), cfg.budgets) if s_ == 1 else 0 for s_, qq in zip(sc, q)], dtype=np.int64)
+        y = np.zeros((B, n_items), dtype=np.int8)
+        y[seg[masked], items[masked]] = -1
+        y[seg[tgt], items[tgt]] = 1
+
+        t = lambda a, dt=torch.long: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
+        x = (t(p["attrs"][ub]), t(r_items), t(offsets), t(w_seen, torch.float32), t(w_rated, torch.float32),
+             t(count_bucket(n_rev)), t(how))
+        return x, t(y, torch.int8)
+
+
+class _EmptyBatches:
+    n_inp, n, bs = 1, 0, 1
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iter__(self):
+        return iter(())
+
+    def to(self, device) -> "_EmptyBatches":  # noqa: ANN001
+        return self
+
+
+def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureModelConfig):  # -> torch.nn.Module
+    import torch
+    import torch.nn as nn
+    from fastai.layers import Embedding
+
+    d = cfg.n_factors
+
+    class FeatureUserNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attrs = nn.ModuleList([Embedding(s, d) for s in attr_sizes])
+            self.seen = nn.EmbeddingBag(n_items, d, mode="sum")
+            self.rated = nn.EmbeddingBag(n_items, d, mode="sum")
+            for bag in (self.seen, self.rated):
+                nn.init.trunc_normal_(bag.weight, std=0.01)
+            self.count = Embedding(N_COUNT_BUCKETS, d)
+            self.how = Embedding(n_how, d)
+            self.const = nn.Parameter(torch.zeros(d))
+            self.out = Embedding(n_items, d)
+            self.out_bias = nn.Parameter(torch.zeros(n_items))
+            self.drop_attr = nn.Dropout(cfg.dropout)
+            self.drop_user = nn.Dropout(cfg.dropout if cfg.user_dropout is None else cfg.user_dropout)
+            if cfg.hidden:
+                self.mlp = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, d))
+                nn.init.zeros_(self.mlp[2].weight)
+                nn.init.zeros_(self.mlp[2].bias)
+
+        def user(self, x):  # noqa: ANN001
+            attrs, items, offsets, w_seen, w_rated, count, how = x
+            u = self.const + self.count(count) + self.how(how)
+            for k, emb in enumerate(self.attrs):
+                u = u + self.drop_attr(emb(attrs[:, k]))
+            u = u + self.seen(items, offsets, per_sample_weights=w_seen)
+            u = u + self.rated(items, offsets, per_sample_weights=w_rated)
+            if cfg.hidden:
+                u = u + self.mlp(u)
+            return self.drop_user(u)
+
+        def forward(self, x):  # noqa: ANN001
+            return self.user(x) @ self.out.weight.T + self.out_bias
+
+    return FeatureUserNet()
+
+
+def _softmax_loss(logits, y):  # noqa: ANN001
+    """Full-softmax cross-entropy, masked items left out, every positive weighted equally."""
+    import torch
+
+    logits = logits.masked_fill(y < 0, float("-inf"))
+    logp = torch.log_softmax(logits, dim=1)
+    pos = y > 0
+    return -torch.where(pos, logp, torch.zeros_like(logp)).sum() / pos.sum().clamp(min=1)
+
+
+class FeatureUserModel:
+    """Cold-start model whose user side is computed from features and revealed ratings (see module doc)."""
+
+    def __init__(self, config: FeatureModelConfig = FeatureModelConfig(), seed: int = 42, device: str | None = None,
+                 progress: bool = True):
+        self.config, self.seed, self.device, self.progress = config, seed, device, progress
+
+    # ----------------------------------------------------------------- training
+    def _prepare(self, data: CollabData, timestamps: np.ndarray, attributes: list[dict],
+                 questionnaire_items: list[int], scale: tuple[float, float]) -> dict:
+        cfg = self.config
+        lo, hi = float(scale[0]), float(scale[1])
+        ts = np.asarray(timestamps, dtype=np.float64)
+        if len(ts) != len(data):
+            raise ValueError("timestamps must have one entry per rating")
+        unknown = ts < 0
+        position = np.arange(len(data))
+        # time order within user; ties by item (inner order = id order); unknown times in data order, first
+        order = np.lexsort((np.where(unknown, position, data.items), np.where(unknown, -1.0, ts), data.users))
+        users, items, ratings = data.users[order], data.items[order], data.ratings[order].astype(np.float64)
+        lens = np.bincount(users, minlength=data.n_users)
+        indptr = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        trank = np.arange(len(users)) - indptr[users]
+        qrank = np.full(data.n_items, np.iinfo(np.int64).max // 2, dtype=np.int64)
+        for k, i in enumerate(questionnaire_items):
+            if 0 <= int(i) < data.n_items:
+                qrank[int(i)] = min(qrank[int(i)], k)
+        attrs = np.stack([self.encoder_.encode(attributes[u] if u < len(attributes) else {})
+                          for u in range(data.n_users)]) if self.encoder_.spec else np.zeros((data.n_users, 0), np.int64)
+        return {"n_items": data.n_items, "lens": lens, "indptr": indptr, "items": items, "ratings": ratings,
+                "trank": trank, "pos": ratings >= self.threshold_, "qrank": qrank, "attrs": attrs,
+                "centred": self._centred(ratings)}
+
+    def _centred(self, ratings: np.ndarray) -> np.ndarray:
+        """The weight of a revealed rating in the rated-items table."""
+        lo, hi = self.scale_
+        centre = lo + self.config.rating_centre * (hi - lo)
+        return (np.asarray(ratings, dtype=np.float64) - centre) / ((hi - lo) / 2 if hi > lo else 1.0)
+
+    def fit(self, data: CollabData, timestamps: np.ndarray, attributes: list[dict], questions: list,
+            questionnaire_items: list[int], scale: tuple[float, float]) -> "FeatureUserModel":
+        """Train on ``data`` (training users only); ``attributes[u]`` are inner user u's answers,
+        ``timestamps`` one per rating (−1 = unknown: data order), ``questions`` the attribute questions
+        (``bootstrap.questionnaire.Question``), ``questionnaire_items`` the items a new user is asked,
+        most-rated first, ``scale`` the rating scale (lo, hi)."""
+        import torch
+        from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
+        from fastai.data.core import DataLoaders
+        from fastai.learner import Learner
+        from fastai.torch_core import set_seed
+
+        from .train import pick_device
+
+        cfg = self.config
+        lo, hi = float(scale[0]), float(scale[1])
+        self.scale_ = (lo, hi)
+        self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
+        self.encoder_ = _AttrEncoder.fit(questions, [attributes[u] for u in range(min(len(attributes), data.n_users))],
+                                         cfg.n_bins)
+        prep = self._prepare(data, timestamps, attributes, questionnaire_items, scale)
+        self.pos_count_ = np.bincount(data.items[data.ratings >= self.threshold_], minlength=data.n_items).astype(np.float32)
+
+        device = pick_device(self.device)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        bs = max(1, min(cfg.users_per_batch, math.ceil(data.n_users / 4)))
+        n_how = 1 + len([b for b in cfg.budgets if b > 0])
+        set_seed(self.seed, reproducible=True)
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        net = _build_net(data.n_items, self.encoder_.sizes(), n_how, cfg).to(device)
+        dls = DataLoaders(_Batches(self, prep, rng, bs, device), _EmptyBatches(), device=device)
+        learn = Learner(dls, net, loss_func=_softmax_loss)
+        t0 = time.perf_counter()
+        try:
+            if self.progress:
+                learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd)
+            else:
+                with learn.no_bar(), learn.no_logging():
+                    learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        self.fit_s_ = round(time.perf_counter() - t0, 3)
+        self.train_loss_ = [float(v[0]) for v in learn.recorder.values]
+        net.eval()
+
+        def npy(t):  # noqa: ANN001
+            return t.detach().float().cpu().numpy().astype(np.float32)
+
+        self.const_ = npy(net.const)
+        self.attr_tables_ = [npy(e.weight) for e in net.attrs]
+        self.seen_, self.rated_ = npy(net.seen.weight), npy(net.rated.weight)
+        self.count_, self.how_ = npy(net.count.weight), npy(net.how.weight)
+        self.out_, self.out_bias_ = npy(net.out.weight), npy(net.out_bias)
+        self.hidden_ = ([(npy(net.mlp[0].weight), npy(net.mlp[0].bias)), (npy(net.mlp[2].weight), npy(net.mlp[2].bias))]
+                        if cfg.hidden else [])
+        return self
+
+    # ----------------------------------------------------------------- inference (numpy only)
+    @property
+    def n_items(self) -> int:
+        return len(self.out_bias_)
+
+    def user_vectors(self, reveals: list[Reveal]) -> np.ndarray:
+        """(n, d) user vectors of the reveals (eval mode: no dropout)."""
+        n_items = self.n_items
+        out = np.empty((len(reveals), len(self.const_)), dtype=np.float32)
+        for k, r in enumerate(reveals):
+            u = self.const_.astype(np.float64)
+            for table, code in zip(self.attr_tables_, self.encoder_.encode(r.attributes)):
+                u = u + table[code]
+            items = np.asarray(r.items, dtype=np.int64).reshape(-1)
+            ratings = np.asarray(r.ratings, dtype=np.float64).reshape(-1)
+            keep = (items >= 0) & (items < n_items)
+            items, ratings = items[keep], ratings[keep]
+            n = len(items)
+            u = u + self.count_[int(count_bucket(n))] + self.how_[budget_code(r.budget, self.config.budgets)]
+            if n:
+                c = self._centred(ratings)
+                u = u + (self.seen_[items].sum(0) + (self.rated_[items] * c[:, None]).sum(0)) / math.sqrt(n + self.config.shrink)
+            out[k] = u
+        if self.hidden_:
+            (w1, b1), (w2, b2) = self.hidden_
+            out = out + np.maximum(out @ w1.T + b1, 0) @ w2.T + b2
+        return out.astype(np.float32)
+
+    def item_scores(self, user_vecs: np.ndarray) -> np.ndarray:
+        """(n, n_items) ranking scores of user vectors (higher = recommend first)."""
+        s = np.asarray(user_vecs, dtype=np.float32) @ self.out_.T + self.out_bias_
+        if self.config.pop_mix:
+            s = s + self.config.pop_mix * np.log1p(self.pos_count_)
+        return s
+
+    def add_items(self, n_new: int) -> None:
+        """Append ``n_new`` catalogue items: zero input and output rows, output bias = the minimum bias."""
+        if n_new <= 0:
+            return
+        d = self.out_.shape[1]
+        z = np.zeros((n_new, d), dtype=np.float32)
+        self.seen_ = np.concatenate([self.seen_, z])
+        self.rated_ = np.concatenate([self.rated_, z])
+        self.out_ = np.concatenate([self.out_, z])
+        self.out_bias_ = np.concatenate([self.out_bias_, np.full(n_new, self.out_bias_.min(), np.float32)])
+        self.pos_count_ = np.concatenate([self.pos_count_, np.zeros(n_new, np.float32)])
+
+    # ----------------------------------------------------------------- persistence
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (one JSON string array for the settings and attribute encoders); no pickles."""
+        meta = {"config": self.config.to_json(), "seed": self.seed, "scale": list(self.scale_),
+                "threshold": self.threshold_, "attributes": self.encoder_.spec}
+        arrays = {"meta_json": np.array(json.dumps(meta)), "const": self.const_, "seen": self.seen_,
+                  "rated": self.rated_, "count": self.count_, "how": self.how_, "out": self.out_,
+                  "out_bias": self.out_bias_, "pos_count": self.pos_count_}
+        for k, t in enumerate(self.attr_tables_):
+            arrays[f"attr_{k}"] = t
+        for k, (w, b) in enumerate(self.hidden_):
+            arrays[f"hidden_w{k}"], arrays[f"hidden_b{k}"] = w, b
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "FeatureUserModel":
+        """Rebuild a trained model from ``to_arrays`` (numpy only: imports neither torch nor fastai)."""
+        meta = json.loads(str(np.asarray(arrays["meta_json"])[()]))
+        m = cls(FeatureModelConfig.from_json(meta["config"]), seed=int(meta["seed"]), progress=False)
+        m.scale_ = tuple(float(v) for v in meta["scale"])
+        m.threshold_ = float(meta["threshold"])
+        m.encoder_ = _AttrEncoder(meta["attributes"])
+        for name in ("const", "seen", "rated", "count", "how", "out", "out_bias", "pos_count"):
+            setattr(m, name + "_", np.asarray(arrays[name], dtype=np.float32))
+        m.attr_tables_ = [np.asarray(arrays[f"attr_{k}"], dtype=np.float32) for k in range(len(m.encoder_.spec))]
+        m.hidden_ = [(np.asarray(arrays[f"hidden_w{k}"], np.float32), np.asarray(arrays[f"hidden_b{k}"], np.float32))
+                     for k in range(2) if f"hidden_w{k}" in arrays]
+        return m

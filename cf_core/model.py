@@ -1,0 +1,248 @@
+"""One trained model version: what it is (item vocabulary, arrays, settings) and what it does.
+
+``TrainedModel`` owns everything a version is: the item vocabulary (database ids; an item's inner
+index is its position and never leaves this object), the rating model's item side, the users it
+was trained on, the questionnaire and bootstrap prior, the cold-start ranker whose user side is
+computed from what is known of a user, item statistics, and the serving settings. The database
+layer stores it (``to_arrays``/``from_arrays``, plain arrays only), the services serve it, and the
+evaluation uses it in memory. Serving imports numpy only."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+
+from ..bootstrap.regressor import Bootstrap
+from .rating import FoldInConfig, rating_model_from_arrays
+from .scoring import top_n
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How a version ranks users' items and folds ratings in (chosen on pseudo-cold users, docs/coldstart.md)."""
+
+    rating_weight: float = 0.5  # with a ranker: ranker score + rating_weight × predicted rating
+    popularity_weight: float = 1.0  # without one: predicted rating + popularity_weight × log(1 + ratings)
+    foldin_reg: float = 20.0  # a user's fold-in: shrinkage of the embedding toward the prior
+    foldin_reg_bias: float = 100.0  # ... and of the bias
+    item_foldin_reg: float = 20.0  # a new item's fold-in against its raters (embedding)
+    item_foldin_reg_bias: float = 1.0  # ... a new item's bias is what its raters say
+
+    def user_foldin(self) -> FoldInConfig:
+        return FoldInConfig(self.foldin_reg, self.foldin_reg_bias)
+
+    def item_foldin(self) -> FoldInConfig:
+        return FoldInConfig(self.item_foldin_reg, self.item_foldin_reg_bias)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ServingConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: float(v) for k, v in d.items() if k in names})
+
+
+@dataclass
+class UserHistory:
+    """What is known of one user, by database item ids (read by the db layer, or made in memory)."""
+
+    attributes: dict
+    items: np.ndarray  # item database ids
+    ratings: np.ndarray
+    newer: np.ndarray | None = None  # per rating: newer than the version's full retrain (None: all are)
+    signup_items: frozenset = frozenset()  # items rated in the signup questionnaire
+    trained_row: tuple[np.ndarray, float] | None = None  # the user's row in the full version, if trained there
+
+
+@dataclass
+class UserVector:
+    """A user as the model sees them: rating embedding and bias, and the ranker's user vector."""
+
+    vec: np.ndarray
+    bias: float
+    rank_vec: np.ndarray | None = None
+
+
+@dataclass
+class TrainedModel:
+    kind: str  # the rating model: "dot" | "nn"
+    item_ids: np.ndarray  # vocabulary: database id of each inner item index
+    rating: object  # DotRating | NNRating
+    bootstrap: Bootstrap  # questionnaire + answers -> initial rating embedding and bias
+    item_counts: np.ndarray  # training ratings per item
+    item_sums: np.ndarray  # their sum
+    config: ServingConfig = field(default_factory=ServingConfig)
+    ranker: object | None = None  # FeatureUserModel: the cold-start ranker (user side computed from features)
+    user_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # trained users (db ids)
+    user_factors: np.ndarray | None = None  # their rows, aligned with user_ids
+    user_bias: np.ndarray | None = None
+    settings: dict = field(default_factory=dict)  # how it was trained (for the record)
+
+    # --- vocabulary -------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return int(len(self.item_ids))
+
+    def item_index(self, db_ids) -> np.ndarray:  # noqa: ANN001
+        """Inner indices of database item ids (-1 for items this model does not know)."""
+        db_ids = np.asarray(db_ids, dtype=np.int64)
+        if self.n_items == 0:
+            return np.full(len(db_ids), -1, np.int64)
+        order = self._order()
+        pos = np.clip(np.searchsorted(self.item_ids[order], db_ids), 0, self.n_items - 1)
+        return np.where(self.item_ids[order][pos] == db_ids, order[pos], -1)
+
+    def _order(self) -> np.ndarray:
+        if getattr(self, "_sorted", None) is None or len(self._sorted) != self.n_items:
+            self._sorted = np.argsort(self.item_ids, kind="stable")
+        return self._sorted
+
+    @property
+    def questionnaire(self):  # noqa: ANN201
+        return self.bootstrap.questionnaire
+
+    # --- users ------------------------------------------------------------------------------
+    def trained_row(self, user_id: int) -> tuple[np.ndarray, float] | None:
+        """The user's row from training (when in memory and the user was trained)."""
+        if self.user_factors is None:
+            return None
+        pos = np.searchsorted(self.user_ids, user_id)
+        if pos < len(self.user_ids) and self.user_ids[pos] == user_id:
+            return self.user_factors[pos], float(self.user_bias[pos])
+        return None
+
+    def average_user(self, factors: np.ndarray, biases: np.ndarray) -> UserVector:
+        """The protocol's "average user": the mean of trained users' rows; to the ranker, a user
+        of whom nothing is known."""
+        rank_vec = None
+        if self.ranker is not None:
+            from .feature_model import Reveal
+
+            empty = np.zeros(0, np.int64)
+            rank_vec = self.ranker.user_vectors([Reveal({}, empty, empty.astype(np.float32), 0)])[0]
+        return UserVector(factors.mean(0), float(biases.mean()), rank_vec)
+
+    def budget_of(self, history: UserHistory) -> int | None:
+        """How the user's items were revealed: the questionnaire size Q whose first Q items hold every
+        answer (0 with no ratings), or None when some ratings came from elsewhere (organic)."""
+        if len(history.items) == 0:
+            return 0
+        if not set(history.items.tolist()) <= set(history.signup_items):
+            return None
+        asked = {int(i): k for k, i in enumerate(self.questionnaire.items)}
+        last = max(asked.get(int(i), 10 ** 9) for i in history.items)
+        if last >= len(asked):
+            return None
+        for q in (5, 15, 30):
+            if last < q:
+                return q
+        return len(asked)
+
+    def user_vector(self, history: UserHistory) -> UserVector:
+        """The user's representation, a pure function of their history.
+
+        Rating part: a trained user starts from their trained row and folds in only the ratings
+        newer than the full retrain (those it learned from are never counted twice); anyone else
+        starts from the bootstrap prior of their answers and folds in every rating. Ranking part:
+        the ranker's user side computed from attributes and every rating."""
+        inner = self.item_index(history.items)
+        ratings = np.asarray(history.ratings, np.float32)
+        known = inner >= 0
+        if history.trained_row is not None:
+            prior_vec, prior_bias = history.trained_row
+            fold = known & (np.ones(len(inner), bool) if history.newer is None else np.asarray(history.newer, bool))
+        else:
+            answers = {int(i): float(r) for i, r in zip(history.items, ratings)}
+            v, b = self.bootstrap.initial_factors([history.attributes], [answers])
+            prior_vec, prior_bias, fold = v[0], float(b[0]), known
+        vec, bias = self.rating.fold_in(inner[fold], ratings[fold], prior_vec, prior_bias, self.config.user_foldin())
+        rank_vec = None
+        if self.ranker is not None:
+            from .feature_model import Reveal
+
+            reveal = Reveal(history.attributes, inner[known], ratings[known], self.budget_of(history))
+            rank_vec = self.ranker.user_vectors([reveal])[0]
+        return UserVector(vec, bias, rank_vec)
+
+    # --- scoring ----------------------------------------------------------------------------
+    def predict(self, user: UserVector, items: np.ndarray | None = None) -> np.ndarray:
+        """Predicted ratings of the user for ``items`` (inner indices; all when None)."""
+        return self.rating.predict(user.vec, user.bias, items)
+
+    def scores(self, user: UserVector) -> np.ndarray:
+        """What recommendations are ranked by, for every item (higher is better)."""
+        pred = self.predict(user)
+        if self.ranker is not None and user.rank_vec is not None:
+            return self.ranker.item_scores(user.rank_vec[None])[0] + self.config.rating_weight * pred
+        return pred + self.config.popularity_weight * np.log1p(self.item_counts)
+
+    def recommend(self, user: UserVector, exclude: np.ndarray, n: int = 10, by: str = "rank") -> np.ndarray:
+        """Inner indices of the user's top ``n`` items, ``exclude`` (inner indices, -1 ignored) left out."""
+        s = (self.scores(user) if by == "rank" else self.predict(user)).astype(np.float64)
+        exclude = np.asarray(exclude, np.int64)
+        s[exclude[exclude >= 0]] = -np.inf
+        return top_n(s, n)
+
+    def similar_items(self, item: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        return self.rating.similar_items(item, n)
+
+    # --- growth -----------------------------------------------------------------------------
+    def add_items(self, db_ids: np.ndarray, rating_rows: dict[str, np.ndarray]) -> "TrainedModel":
+        """A new model with items appended (their rating-model rows given; the ranker gets empty rows).
+
+        Existing items keep their inner indices."""
+        db_ids = np.asarray(db_ids, np.int64)
+        if np.isin(db_ids, self.item_ids).any():
+            raise ValueError("add_items: some items are already in the model")
+        ranker = self.ranker
+        if ranker is not None:
+            ranker = type(ranker).from_arrays(ranker.to_arrays())
+            ranker.add_items(len(db_ids))
+        zeros = np.zeros(len(db_ids))
+        return replace(self, item_ids=np.concatenate([self.item_ids, db_ids]),
+                       rating=self.rating.with_items(rating_rows), ranker=ranker,
+                       item_counts=np.concatenate([self.item_counts, zeros]),
+                       item_sums=np.concatenate([self.item_sums, zeros]))
+
+    def with_ratings_counted(self, items: np.ndarray, ratings: np.ndarray) -> "TrainedModel":
+        """A new model whose item statistics include these ratings (inner indices; -1 ignored)."""
+        items = np.asarray(items, np.int64)
+        keep = items >= 0
+        counts, sums = self.item_counts.copy(), self.item_sums.copy()
+        np.add.at(counts, items[keep], 1)
+        np.add.at(sums, items[keep], np.asarray(ratings, np.float64)[keep])
+        return replace(self, item_counts=counts, item_sums=sums)
+
+    # --- plain arrays -----------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every array of the version, by name (``part/name``); no pickles. Trained users' rows are
+        stored apart by the db layer (one row per user) and are not included."""
+        out = {"model/kind": np.array(self.kind), "model/item_ids": self.item_ids.astype(np.int64),
+               "model/item_counts": self.item_counts.astype(np.float64),
+               "model/item_sums": self.item_sums.astype(np.float64),
+               "model/config": np.array(json.dumps(self.config.to_json())),
+               "model/settings": np.array(json.dumps(self.settings))}
+        out.update({f"rating/{k}": v for k, v in self.rating.to_arrays().items()})
+        out.update({f"bootstrap/{k}": v for k, v in self.bootstrap.to_arrays().items()})
+        if self.ranker is not None:
+            out.update({f"ranker/{k}": v for k, v in self.ranker.to_arrays().items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "TrainedModel":
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix) + 1:]: v for k, v in a.items() if k.startswith(prefix + "/")}
+
+        ranker = None
+        if part("ranker"):
+            from .feature_model import FeatureUserModel
+
+            ranker = FeatureUserModel.from_arrays(part("ranker"))
+        return cls(kind=str(a["model/kind"]), item_ids=a["model/item_ids"].astype(np.int64),
+                   rating=rating_model_from_arrays(part("rating")),
+                   bootstrap=Bootstrap.from_arrays(part("bootstrap")),
+                   item_counts=a["model/item_counts"], item_sums=a["model/item_sums"],
+                   config=ServingConfig.from_json(json.loads(str(a["model/config"]))), ranker=ranker,
+                   settings=json.loads(str(a["model/settings"])))

@@ -1,0 +1,185 @@
+"""The rating models' item side as plain float32 arrays, served with numpy only (no torch, no fastai).
+
+Two small classes with the same methods, after implicit's uniform model classes: ``predict``,
+``fold_in`` (a user's embedding and bias from their ratings, item side frozen), ``similar_items``,
+``with_items`` (append rows for new items), ``to_arrays``/``from_arrays``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .scoring import Head, run_head, run_head_backward, sigmoid_range, top_n
+
+
+@dataclass(frozen=True)
+class FoldInConfig:
+    """Shrinkage of a fold-in toward its prior (Gaussian prior precision, in rating units)."""
+
+    reg: float = 20.0  # on the embedding
+    reg_bias: float = 100.0  # on the bias
+
+
+@dataclass
+class _RatingModel:
+    y_range: tuple[float, float]
+    item_factors: np.ndarray  # (n_items, k) float32
+    item_bias: np.ndarray  # (n_items,) float32
+    _norms: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    kind = ""
+
+    @property
+    def n_factors(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    @property
+    def n_items(self) -> int:
+        return int(len(self.item_factors))
+
+    def predict(self, user_vec: np.ndarray, user_bias: float, items: np.ndarray | None = None) -> np.ndarray:
+        """Predicted ratings of one user for ``items`` (inner indices; all items when None)."""
+        items = np.arange(self.n_items) if items is None else np.asarray(items, np.int64)
+        vec = np.asarray(user_vec, np.float32)
+        return self.predict_pairs(np.broadcast_to(vec, (len(items), len(vec))),
+                                  np.full(len(items), user_bias, np.float32), items)
+
+    def predict_pairs(self, user_vecs: np.ndarray, user_bias: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Predicted ratings for pairs: row r of ``user_vecs``/``user_bias`` with ``items[r]``."""
+        return sigmoid_range(self._raw(user_vecs, np.asarray(user_bias, np.float32), np.asarray(items, np.int64)),
+                             *self.y_range)
+
+    def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def fold_in(self, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray, prior_bias: float,
+                config: FoldInConfig = FoldInConfig()) -> tuple[np.ndarray, float]:
+        """The user's (embedding, bias) given their ratings of ``items``, shrunk toward the prior.
+
+        A pure function of its arguments: folding the same ratings in again from the same prior
+        gives the same user. With no ratings the prior is returned unchanged."""
+        raise NotImplementedError
+
+    def similar_items(self, item: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Items ranked by cosine similarity of item factors to ``item`` (itself excluded)."""
+        if self._norms is None:
+            self._norms = np.linalg.norm(self.item_factors, axis=1) + 1e-12
+        sims = (self.item_factors @ self.item_factors[item]) / (self._norms * self._norms[item])
+        sims[item] = -np.inf
+        top = top_n(sims, n)
+        return top, sims[top]
+
+    def item_rows(self) -> dict[str, np.ndarray]:
+        """The arrays with one row per item (appended to by ``with_items``)."""
+        return {"item_factors": self.item_factors, "item_bias": self.item_bias}
+
+    def with_items(self, rows: dict[str, np.ndarray]) -> "_RatingModel":
+        """A copy with rows for new items appended (same names as ``item_rows``)."""
+        out = self.from_arrays(self.to_arrays())
+        out.item_factors = np.concatenate([self.item_factors, rows["item_factors"]]).astype(np.float32)
+        out.item_bias = np.concatenate([self.item_bias, rows["item_bias"]]).astype(np.float32)
+        return out
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"kind": np.array(self.kind), "y_range": np.array(self.y_range, np.float64), **self.item_rows()}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "_RatingModel":
+        return cls(tuple(float(x) for x in a["y_range"]), a["item_factors"].astype(np.float32),
+                   a["item_bias"].astype(np.float32))
+
+
+class DotRating(_RatingModel):
+    """fastai's ``EmbeddingDotBias``: ``sigmoid_range(u·i + b_u + b_i)``."""
+
+    kind = "dot"
+
+    def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", vecs, self.item_factors[items]) + biases + self.item_bias[items]
+
+    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig()):  # noqa: ANN001
+        """Gauss-Newton on the squared error in rating units (through ``sigmoid_range``) with a
+        Gaussian prior: minimise Σ (r - pred)² + reg |u - u0|² + reg_bias (b - b0)²."""
+        items = np.asarray(items, np.int64)
+        prior_vec = np.asarray(prior_vec, np.float32)
+        if len(items) == 0:
+            return prior_vec, float(prior_bias)
+        lo, hi = self.y_range
+        X = np.concatenate([self.item_factors[items].astype(np.float64), np.ones((len(items), 1))], axis=1)
+        offset = self.item_bias[items].astype(np.float64)
+        lam = np.r_[np.full(self.n_factors, config.reg), config.reg_bias]
+        prior = np.r_[prior_vec, prior_bias].astype(np.float64)
+        r = np.asarray(ratings, np.float64)
+        theta = prior.copy()
+        for _ in range(8):
+            p = 1.0 / (1.0 + np.exp(-(X @ theta + offset)))
+            J = X * ((hi - lo) * p * (1 - p))[:, None]
+            step = np.linalg.solve(J.T @ J + np.diag(lam), J.T @ (r - (lo + (hi - lo) * p)) - lam * (theta - prior))
+            theta += step
+            if np.abs(step).max() < 1e-6:
+                break
+        return theta[:-1].astype(np.float32), float(theta[-1])
+
+
+@dataclass
+class NNRating(_RatingModel):
+    """fastai's ``EmbeddingNN``: ``[user emb | item emb]`` through an MLP (``head``, batch norm folded)."""
+
+    head: Head = field(default_factory=list)
+
+    kind = "nn"
+
+    def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return run_head(self.head, np.concatenate([vecs, self.item_factors[items]], axis=1))[:, 0]
+
+    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), steps: int = 150):  # noqa: ANN001
+        """Adam on Σ (r - pred)² + reg |u - u0|² over the user embedding (numpy backprop through the head)."""
+        items = np.asarray(items, np.int64)
+        u = np.asarray(prior_vec, np.float64).copy()
+        if len(items) == 0:
+            return u.astype(np.float32), float(prior_bias)
+        lo, hi = self.y_range
+        r = np.asarray(ratings, np.float64)
+        item_emb = self.item_factors[items].astype(np.float64)
+        prior = u.copy()
+        m = np.zeros_like(u)
+        v = np.zeros_like(u)
+        for t in range(1, steps + 1):
+            x = np.concatenate([np.broadcast_to(u, (len(items), len(u))), item_emb], axis=1)
+            out, cache = run_head(self.head, x, keep=True)
+            s = 1.0 / (1.0 + np.exp(-out[:, 0]))
+            dpred = 2 * (lo + (hi - lo) * s - r) * (hi - lo) * s * (1 - s)
+            dx = run_head_backward(self.head, cache, dpred[:, None])
+            grad = dx[:, :len(u)].sum(0) + 2 * config.reg * (u - prior)
+            m = 0.9 * m + 0.1 * grad
+            v = 0.999 * v + 0.001 * grad ** 2
+            u -= 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        return u.astype(np.float32), float(prior_bias)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = super().to_arrays()
+        out["head_ops"] = np.array([op for op, _ in self.head])
+        for i, (_, params) in enumerate(self.head):
+            for j, p in enumerate(params):
+                out[f"head_{i}_{j}"] = p.astype(np.float32)
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "NNRating":
+        head: Head = []
+        for i, op in enumerate(a["head_ops"].tolist()):
+            params, j = [], 0
+            while f"head_{i}_{j}" in a:
+                params.append(a[f"head_{i}_{j}"])
+                j += 1
+            head.append((op, params))
+        return cls(tuple(float(x) for x in a["y_range"]), a["item_factors"].astype(np.float32),
+                   a["item_bias"].astype(np.float32), head=head)
+
+
+RATING_MODELS: dict[str, type[_RatingModel]] = {"dot": DotRating, "nn": NNRating}
+
+
+def rating_model_from_arrays(a: dict[str, np.ndarray]) -> _RatingModel:
+    """The rating model stored in ``a`` (its ``kind`` says which class)."""
+    return RATING_MODELS[str(a["kind"])].from_arrays(a)

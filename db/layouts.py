@@ -1,0 +1,517 @@
+"""Readers for the public datasets' own layouts, recognised by their files.
+
+MovieLens:
+- 100k: ``u.data`` (tab-separated ``user item rating timestamp``), ``u.item`` (``|``-separated, 19 genre
+  flags, ISO-8859-1), ``u.user`` (``id|age|gender|occupation|zip``); scale 1..5.
+- 1M: ``ratings.dat``, ``movies.dat``, ``users.dat``, ``::``-separated, ISO-8859-1; scale 1..5. Its
+  ``users.dat`` codes are decoded: ``age`` becomes a number, the band's lower bound (18, 25, 35, 45, 50,
+  56), except code 1 ("Under 18") which becomes 15, a typical age in that band (the bound would be 0),
+  so a new user's real age can be compared with it; ``occupation`` becomes its name ("programmer").
+- 10M: ``ratings.dat``, ``movies.dat`` (and ``tags.dat``), ``::``-separated, no ``users.dat``; half stars,
+  scale 0.5..5. A ``::`` folder with ``users.dat`` is read as 1M, without it as 10M.
+- 20M, 25M, 32M, latest, latest-small: ``ratings.csv`` (``userId,movieId,rating,timestamp``),
+  ``movies.csv`` (``movieId,title,genres``), optional ``tags.csv`` (``userId,movieId,tag,timestamp``);
+  half stars, scale 0.5..5.
+
+Items get ``title`` and attributes ``genres`` (list; "(no genres listed)" is none), ``year`` (from the
+title's trailing "(1995)", absent when the title has none) and, where the release has tags, ``tags``:
+the 10 most applied tags (lower-cased), most applied first.
+
+goodbooks-10k, both releases, told apart by the header of ``ratings.csv``:
+- v1 (Kaggle): ``book_id,user_id,rating`` with duplicate pairs (the last one is kept); its ``books.csv``
+  keys books by ``id`` (what ratings' ``book_id`` means), its own ``book_id`` being the Goodreads id.
+- v2: ``user_id,book_id,rating``; ``books.csv`` keyed by ``book_id``, with ``goodreads_book_id``.
+Items get ``title`` and attributes ``authors`` (list), ``original_publication_year`` (int),
+``language_code`` and ``tags``: the 10 most used shelf names from ``book_tags.csv`` + ``tags.csv``
+(keyed by the Goodreads id), leaving out Goodreads' default shelves read/to-read/currently-reading.
+
+Every problem raises ``InputError`` naming file, line and field before anything is written. Large
+ratings files are parsed by pandas' C reader; when it objects, the file is re-read line by line to
+name the first bad line and field.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..cf_core.errors import InputError
+from .sources import ML100K_GENRES, Dataset, _fields, _numeric, check_scale
+from .textfile import read_text
+
+HALF_STARS = (0.5, 5.0)
+WHOLE_STARS = (1.0, 5.0)
+TOP_TAGS = 10
+
+ML1M_AGES = {"1": 15, "18": 18, "25": 25, "35": 35, "45": 45, "50": 50, "56": 56}
+ML1M_OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+                    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+                    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+                    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer"]
+NO_GENRES = "(no genres listed)"
+GOODREADS_DEFAULT_SHELVES = {"read", "to-read", "currently-reading"}
+
+_YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*(?:\d{4})?)?\)\s*$")
+
+# what each MovieLens layout is recognised by (in this order)
+MOVIELENS_MARKERS = [("u.data", "100k"), ("ratings.dat", "1M/10M"), ("ratings.csv", "20M/25M/32M/latest")]
+
+
+def title_year(title: str) -> int | None:
+    """The year in a MovieLens title's trailing parentheses ("Toy Story (1995)" -> 1995)."""
+    m = _YEAR.search(title or "")
+    return int(m.group(1)) if m else None
+
+
+def _genres(value: str) -> list[str]:
+    return [g for g in (x.strip() for x in value.split("|")) if g and g != NO_GENRES]
+
+
+def _item_attrs(title: str, genres: list[str], **extra) -> dict:
+    attrs: dict = {"genres": genres}
+    year = title_year(title)
+    if year is not None:
+        attrs["year"] = year
+    attrs.update({k: v for k, v in extra.items() if v not in (None, "")})
+    return attrs
+
+
+# --- ratings files ---------------------------------------------------------------------------------------
+def _diagnose(path: Path, lines: list[tuple[int, list[str]]], names: list[str], cols: dict[str, int],
+              layout: str) -> None:
+    """Raise for the first bad line: field count, empty ids, non-numeric rating or timestamp."""
+    for n, f in lines:
+        if len(f) != len(names):
+            raise InputError(f"expected {len(names)} fields ({layout}), found {len(f)}", source=str(path), line=n)
+        for key in ("user", "item"):
+            if not f[cols[key]].strip():
+                raise InputError("empty id", source=str(path), line=n, field=names[cols[key]])
+        try:
+            r = float(f[cols["rating"]])
+            if not np.isfinite(r):
+                raise ValueError
+        except ValueError:
+            raise InputError(f"not a number: {f[cols['rating']]!r}", source=str(path), line=n,
+                             field=names[cols["rating"]]) from None
+        if "timestamp" in cols:
+            t = f[cols["timestamp"]].strip()
+            if not t.lstrip("-").isdigit():
+                raise InputError(f"not a whole number: {f[cols['timestamp']]!r}", source=str(path), line=n,
+                                 field=names[cols["timestamp"]])
+
+
+def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
+    """``UserID::MovieID::Rating::Timestamp`` lines (MovieLens 1M and 10M)."""
+    names = ["UserID", "MovieID", "Rating", "Timestamp"]
+    cols = {"user": 0, "item": 1, "rating": 2, "timestamp": 3}
+    if not path.exists():
+        raise InputError("file not found", source=str(path))
+    try:
+        # "a::b::c::d" split on ":" is 7 columns, the odd ones empty
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding,
+                             engine="c", dtype={0: str, 1: "category", 2: str, 3: "category", 4: "float64",
+                                                5: "category", 6: "int64"}, keep_default_na=False,
+                             skip_blank_lines=False)
+        ok = all(set(df[c].cat.categories) <= {""} for c in (1, 3, 5))
+        ok = ok and not (df[0] == "").any() and not (df[2] == "").any() and bool(np.isfinite(df[4]).all())
+    except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
+        ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
+    if not ok:
+        _diagnose(path, [(n, line.split("::")) for n, line in
+                         enumerate(read_text(path, encoding).splitlines(), start=1)], names, cols, "'::'-separated")
+        raise InputError("malformed ratings file", source=str(path))
+    return pd.DataFrame({"user": df[0].to_numpy(), "item": df[2].to_numpy(),
+                         "rating": df[4].to_numpy(np.float32), "timestamp": df[6].to_numpy(np.int64)})
+
+
+def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: str | None) -> pd.DataFrame:
+    """A ratings CSV whose header is exactly the release's columns (in any order)."""
+    text_head = _first_line(path)
+    header = next(csv.reader([text_head]), [])
+    header = [h.strip() for h in header]
+    wanted = [c for c in (user, item, rating, timestamp) if c]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}",
+                         source=str(path), line=1, field=missing[0])
+    dtype = {user: str, item: str, rating: "float64"}
+    if timestamp:
+        dtype[timestamp] = "int64"
+    try:
+        with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, header=0, index_col=False, dtype=dtype, encoding="utf-8-sig", engine="c",
+                             keep_default_na=False, skip_blank_lines=False, skipinitialspace=True)
+        ok = len(df.columns) == len(header) and not (df[user].str.strip() == "").any() \
+            and not (df[item].str.strip() == "").any() and bool(np.isfinite(df[rating]).all())
+    except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
+        ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
+    if not ok:
+        reader = csv.reader(io.StringIO(read_text(path), newline=""))
+        lines = []
+        try:
+            next(reader)
+            lines = [(reader.line_num, row) for row in reader]
+        except csv.Error as e:
+            raise InputError(f"malformed CSV ({e})", source=str(path), line=reader.line_num) from None
+        _diagnose(path, lines, header, {k: header.index(c) for k, c in
+                                         (("user", user), ("item", item), ("rating", rating), ("timestamp", timestamp))
+                                         if c}, "comma-separated")
+        raise InputError("malformed ratings file", source=str(path))
+    out = pd.DataFrame({"user": df[user].str.strip().to_numpy(), "item": df[item].str.strip().to_numpy(),
+                        "rating": df[rating].to_numpy(np.float32)})
+    out["timestamp"] = df[timestamp].to_numpy(np.int64) if timestamp else None
+    return out
+
+
+def _first_line(path: Path) -> str:
+    if not path.exists():
+        raise InputError("file not found", source=str(path))
+    with open(path, "rb") as f:
+        head = f.readline()
+    try:
+        line = head.decode("utf-8").lstrip("\ufeff").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise InputError("not valid utf-8 text", source=str(path), line=1) from None
+    if not line.strip():
+        raise InputError("empty file" if not head else "empty header", source=str(path), line=1)
+    return line
+
+
+def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line, fields) of a small CSV, checked for its column count."""
+    text = read_text(path).lstrip("\ufeff")
+    if not text.strip():
+        raise InputError("empty file", source=str(path), line=1)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        header = [h.strip() for h in next(reader)]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}",
+                             source=str(path), line=1, field=missing[0])
+        for row in reader:
+            if len(row) != len(header):
+                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=str(path),
+                                 line=reader.line_num)
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise InputError(f"malformed CSV ({e})", source=str(path), line=reader.line_num) from None
+    return header, rows
+
+
+def _check_ids(path: Path, rows: list[tuple[int, list[str]]], k: int, field: str) -> None:
+    seen: dict[str, int] = {}
+    for n, f in rows:
+        v = f[k].strip()
+        if not v:
+            raise InputError("empty id", source=str(path), line=n, field=field)
+        if v in seen:
+            raise InputError(f"duplicate id {v!r} (first on line {seen[v]})", source=str(path), line=n, field=field)
+        seen[v] = n
+
+
+def _top_tags(df: pd.DataFrame, key: str, tag: str, weight: str | None = None,
+              n: int = TOP_TAGS) -> dict[str, list[str]]:
+    """key -> its ``n`` most applied tags (by count of applications, or summed ``weight``)."""
+    if df.empty:
+        return {}
+    d = pd.DataFrame({"key": df[key].to_numpy(), "tag": df[tag].to_numpy(),
+                      "w": df[weight].to_numpy(np.float64) if weight else 1.0})
+    d["order"] = np.arange(len(d))
+    g = d.groupby(["key", "tag"], sort=False).agg(w=("w", "sum"), order=("order", "min")).reset_index()
+    g = g.sort_values(["key", "w", "order"], ascending=[True, False, True])
+    g = g.groupby("key", sort=False).head(n)
+    return {k: list(v) for k, v in g.groupby("key", sort=False)["tag"]}
+
+
+# --- MovieLens -----------------------------------------------------------------------------------------
+def movielens_layout(folder: Path) -> str:
+    """'100k', '1m', '10m' or 'csv', from the files in ``folder``."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError("file not found", source=str(folder))
+    if not folder.is_dir():
+        raise InputError("expected a folder", source=str(folder))
+    if (folder / "u.data").exists():
+        return "100k"
+    if (folder / "ratings.dat").exists():
+        return "1m" if (folder / "users.dat").exists() else "10m"
+    if (folder / "ratings.csv").exists():
+        return "csv"
+    looked = ", ".join(f"{name} ({what})" for name, what in MOVIELENS_MARKERS)
+    raise InputError(f"not a MovieLens folder: looked for {looked}", source=str(folder))
+
+
+def read_movielens(folder: Path) -> Dataset:
+    """Any MovieLens release, recognised by its files (see the module docstring)."""
+    layout = movielens_layout(folder)
+    return {"100k": read_ml100k, "1m": read_ml1m, "10m": read_ml10m, "csv": read_ml_csv}[layout](Path(folder))
+
+
+def read_ml100k(folder: Path) -> Dataset:
+    """MovieLens 100k: ``u.data`` (tab-separated), ``u.item`` (titles, genre flags), ``u.user``."""
+    folder = Path(folder)
+    ratings_path = folder / "u.data"
+    rows = _fields(ratings_path, "\t")
+    for n, row in rows:
+        if len(row) != 4:
+            raise InputError(f"expected 4 tab-separated fields, found {len(row)}", source=str(ratings_path), line=n)
+    raw = pd.DataFrame([row for _, row in rows], columns=["user", "item", "rating", "timestamp"])
+    ratings = pd.DataFrame({
+        "user": raw["user"].str.strip(), "item": raw["item"].str.strip(),
+        "rating": _numeric(raw, "rating", ratings_path, 1).astype(np.float32),
+        "timestamp": _numeric(raw, "timestamp", ratings_path, 1, integer=True).astype(np.int64)})
+    check_scale(ratings, WHOLE_STARS, str(ratings_path), first_line=1)
+
+    items = None
+    item_path = folder / "u.item"
+    if item_path.exists():
+        recs = []
+        for n, f in _fields(item_path, "|", "latin-1"):
+            if len(f) < 5 + len(ML100K_GENRES):
+                raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
+                                 source=str(item_path), line=n)
+            genres = [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1"]
+            recs.append({"item": f[0].strip(), "title": f[1],
+                         "attributes": _item_attrs(f[1], genres, release_date=f[2])})
+        items = pd.DataFrame(recs)
+
+    users = None
+    user_path = folder / "u.user"
+    if user_path.exists():
+        recs = []
+        for n, f in _fields(user_path, "|", "latin-1"):
+            if len(f) != 5 or not f[1].strip().isdigit():
+                raise InputError("expected id|age|gender|occupation|zip", source=str(user_path), line=n)
+            recs.append({"user": f[0].strip(), "attributes": {
+                "age": int(f[1]), "gender": f[2], "occupation": f[3], "zip": f[4]}})
+        users = pd.DataFrame(recs)
+    return Dataset(ratings, items, users, scale=WHOLE_STARS, name="movielens", source=str(ratings_path))
+
+
+def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
+    recs = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(read_text(path, encoding).splitlines(), start=1):
+        f = line.split("::")
+        if len(f) < 3:
+            raise InputError(f"expected MovieID::Title::Genres, found {len(f)} '::'-separated fields",
+                             source=str(path), line=n)
+        f = [f[0], "::".join(f[1:-1]), f[-1]]  # a title may hold "::"
+        item = f[0].strip()
+        if not item:
+            raise InputError("empty id", source=str(path), line=n, field="MovieID")
+        if item in seen:
+            raise InputError(f"duplicate id {item!r} (first on line {seen[item]})", source=str(path), line=n,
+                             field="MovieID")
+        seen[item] = n
+        title = f[1].strip()
+        if not title:
+            raise InputError("empty title", source=str(path), line=n, field="Title")
+        recs.append({"item": item, "title": title, "attributes": _item_attrs(title, _genres(f[2]))})
+    return pd.DataFrame(recs, columns=["item", "title", "attributes"])
+
+
+def _guess_encoding(path: Path) -> str:
+    """UTF-8 when the file decodes as such, else ISO-8859-1 (older MovieLens releases)."""
+    try:
+        path.read_bytes().decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def read_ml1m(folder: Path) -> Dataset:
+    """MovieLens 1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``, ISO-8859-1)."""
+    folder = Path(folder)
+    rpath = folder / "ratings.dat"
+    ratings = read_dat_ratings(rpath, "latin-1")
+    check_scale(ratings, WHOLE_STARS, str(rpath), first_line=1, field="Rating")
+    mpath = folder / "movies.dat"
+    items = _read_dat_movies(mpath, "latin-1") if mpath.exists() else None
+    upath = folder / "users.dat"
+    recs = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(read_text(upath, "latin-1").splitlines(), start=1):
+        f = [x.strip() for x in line.split("::")]
+        if len(f) != 5:
+            raise InputError(f"expected UserID::Gender::Age::Occupation::Zip-code, found {len(f)} '::'-separated "
+                             "fields", source=str(upath), line=n)
+        user, gender, age, occupation, zipcode = f
+        if not user:
+            raise InputError("empty id", source=str(upath), line=n, field="UserID")
+        if user in seen:
+            raise InputError(f"duplicate id {user!r} (first on line {seen[user]})", source=str(upath), line=n,
+                             field="UserID")
+        seen[user] = n
+        if gender not in ("M", "F"):
+            raise InputError(f"expected M or F, found {gender!r}", source=str(upath), line=n, field="Gender")
+        if age not in ML1M_AGES:
+            raise InputError(f"unknown age code {age!r} (codes: {', '.join(ML1M_AGES)})", source=str(upath),
+                             line=n, field="Age")
+        if not occupation.isdigit() or int(occupation) >= len(ML1M_OCCUPATIONS):
+            raise InputError(f"unknown occupation code {occupation!r} (codes: 0..{len(ML1M_OCCUPATIONS) - 1})",
+                             source=str(upath), line=n, field="Occupation")
+        attrs = {"age": ML1M_AGES[age], "gender": gender, "occupation": ML1M_OCCUPATIONS[int(occupation)]}
+        if zipcode:
+            attrs["zip"] = zipcode
+        recs.append({"user": user, "attributes": attrs})
+    users = pd.DataFrame(recs, columns=["user", "attributes"])
+    return Dataset(ratings, items, users, scale=WHOLE_STARS, name="movielens-1m", source=str(rpath))
+
+
+def read_ml10m(folder: Path) -> Dataset:
+    """MovieLens 10M: ``ratings.dat`` (half stars), ``movies.dat``, optional ``tags.dat`` (all ``::``)."""
+    folder = Path(folder)
+    rpath = folder / "ratings.dat"
+    ratings = read_dat_ratings(rpath, "latin-1")
+    check_scale(ratings, HALF_STARS, str(rpath), first_line=1, field="Rating")
+    items = None
+    mpath = folder / "movies.dat"
+    if mpath.exists():
+        items = _read_dat_movies(mpath, _guess_encoding(mpath))
+        tpath = folder / "tags.dat"
+        if tpath.exists():
+            rows = []
+            for n, line in enumerate(read_text(tpath, _guess_encoding(tpath)).splitlines(), start=1):
+                f = line.split("::")
+                if len(f) < 4:
+                    raise InputError(f"expected UserID::MovieID::Tag::Timestamp, found {len(f)} '::'-separated "
+                                     "fields", source=str(tpath), line=n)
+                f = [f[0], f[1], "::".join(f[2:-1]), f[-1]]  # a tag may hold "::"
+                if f[2].strip():
+                    rows.append((f[1].strip(), f[2].strip().lower()))
+            _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
+    return Dataset(ratings, items, None, scale=HALF_STARS, name="movielens-10m", source=str(rpath))
+
+
+def _add_tags(items: pd.DataFrame, tags: dict[str, list[str]]) -> None:
+    for attrs, item in zip(items["attributes"], items["item"]):
+        if item in tags:
+            attrs["tags"] = tags[item]
+
+
+def read_ml_csv(folder: Path) -> Dataset:
+    """MovieLens 20M/25M/32M/latest(-small): ``ratings.csv``, ``movies.csv``, optional ``tags.csv``."""
+    folder = Path(folder)
+    rpath = folder / "ratings.csv"
+    ratings = read_csv_ratings(rpath, "userId", "movieId", "rating", "timestamp")
+    check_scale(ratings, HALF_STARS, str(rpath), first_line=2)
+    items = None
+    mpath = folder / "movies.csv"
+    if mpath.exists():
+        header, rows = _csv_rows(mpath, ["movieId", "title", "genres"])
+        k_id, k_title, k_genres = (header.index(c) for c in ("movieId", "title", "genres"))
+        _check_ids(mpath, rows, k_id, "movieId")
+        recs = []
+        for n, f in rows:
+            title = f[k_title].strip()
+            if not title:
+                raise InputError("empty title", source=str(mpath), line=n, field="title")
+            recs.append({"item": f[k_id].strip(), "title": title,
+                         "attributes": _item_attrs(title, _genres(f[k_genres]))})
+        items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+        tpath = folder / "tags.csv"
+        if tpath.exists():
+            header, rows = _csv_rows(tpath, ["userId", "movieId", "tag"])
+            k_item, k_tag = header.index("movieId"), header.index("tag")
+            tags = pd.DataFrame([(f[k_item].strip(), f[k_tag].strip().lower()) for _, f in rows if f[k_tag].strip()],
+                                columns=["item", "tag"])
+            _add_tags(items, _top_tags(tags, "item", "tag"))
+    return Dataset(ratings, items, None, scale=HALF_STARS, name="movielens", source=str(rpath))
+
+
+# --- goodbooks-10k -------------------------------------------------------------------------------------
+def goodbooks_release(folder: Path) -> str:
+    """'v1' (``book_id,user_id,rating``) or 'v2' (``user_id,book_id,rating``), from ratings.csv's header."""
+    path = Path(folder) / "ratings.csv"
+    header = [h.strip() for h in next(csv.reader([_first_line(path)]), [])]
+    if header[:2] == ["book_id", "user_id"]:
+        return "v1"
+    if {"user_id", "book_id", "rating"} <= set(header):
+        return "v2"
+    raise InputError(f"expected the header user_id,book_id,rating (v2) or book_id,user_id,rating (v1); found "
+                     f"{','.join(header)}", source=str(path), line=1)
+
+
+def read_goodbooks(folder: Path) -> Dataset:
+    """goodbooks-10k, v1 or v2 (see the module docstring)."""
+    folder = Path(folder)
+    release = goodbooks_release(folder)
+    rpath = folder / "ratings.csv"
+    ratings = read_csv_ratings(rpath, "user_id", "book_id", "rating", None)
+    check_scale(ratings, WHOLE_STARS, str(rpath))
+    ratings = ratings.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
+    items = None
+    bpath = folder / "books.csv"
+    if bpath.exists():
+        items = _read_books(folder, bpath)
+    return Dataset(ratings, items, None, scale=WHOLE_STARS, name=f"goodbooks-{release}", source=str(rpath))
+
+
+def _read_books(folder: Path, bpath: Path) -> pd.DataFrame:
+    header, rows = _csv_rows(bpath, ["title"])
+    if "id" in header:  # v1: id is what ratings' book_id means; its book_id is the Goodreads id
+        key, goodreads = "id", "book_id"
+    elif "book_id" in header:
+        key, goodreads = "book_id", "goodreads_book_id"
+    else:
+        raise InputError(f"missing column(s) book_id; header has {', '.join(header)}", source=str(bpath), line=1,
+                         field="book_id")
+    _check_ids(bpath, rows, header.index(key), key)
+    col = {c: header.index(c) for c in header}
+    recs = []
+    by_goodreads: dict[str, int] = {}
+    for n, f in rows:
+        title = f[col["title"]].strip()
+        attrs: dict = {}
+        if "authors" in col and f[col["authors"]].strip():
+            attrs["authors"] = [a.strip() for a in f[col["authors"]].split(",") if a.strip()]
+        if "original_publication_year" in col and f[col["original_publication_year"]].strip():
+            v = f[col["original_publication_year"]].strip()
+            try:
+                year = float(v)
+                if not np.isfinite(year) or not year.is_integer():
+                    raise ValueError
+            except ValueError:
+                raise InputError(f"not a year: {v!r}", source=str(bpath), line=n,
+                                 field="original_publication_year") from None
+            attrs["original_publication_year"] = int(year)
+        if "language_code" in col and f[col["language_code"]].strip():
+            attrs["language_code"] = f[col["language_code"]].strip()
+        if goodreads in col and f[col[goodreads]].strip():
+            by_goodreads[f[col[goodreads]].strip()] = len(recs)
+        recs.append({"item": f[col[key]].strip(), "title": title or None, "attributes": attrs})
+    items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+    btpath, tpath = folder / "book_tags.csv", folder / "tags.csv"
+    if btpath.exists() and tpath.exists() and by_goodreads:
+        theader, trows = _csv_rows(tpath, ["tag_id", "tag_name"])
+        names = {f[theader.index("tag_id")].strip(): f[theader.index("tag_name")].strip() for _, f in trows}
+        bheader, brows = _csv_rows(btpath, ["goodreads_book_id", "tag_id", "count"])
+        kb, kt, kc = (bheader.index(c) for c in ("goodreads_book_id", "tag_id", "count"))
+        data = []
+        for n, f in brows:
+            tag = names.get(f[kt].strip())
+            if tag is None:
+                raise InputError(f"tag id {f[kt].strip()!r} is not in {tpath.name}", source=str(btpath), line=n,
+                                 field="tag_id")
+            try:
+                count = float(f[kc])
+            except ValueError:
+                raise InputError(f"not a number: {f[kc]!r}", source=str(btpath), line=n, field="count") from None
+            book = by_goodreads.get(f[kb].strip())
+            if book is not None and tag.lower() not in GOODREADS_DEFAULT_SHELVES:
+                data.append((book, tag, count))
+        tags = _top_tags(pd.DataFrame(data, columns=["book", "tag", "count"]), "book", "tag", "count")
+        for book, top in tags.items():
+            items["attributes"].iat[book]["tags"] = top
+    return items

@@ -1,0 +1,127 @@
+"""Looking inside the serving model: a PCA map of the item factors (fastai book, chapter 8).
+
+Numpy only (an SVD of the centred factors); matplotlib is imported by ``plot_pca`` alone."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Connection
+
+from ..cf_core.errors import CfbError
+from ..db import store
+from .state import load_served
+
+N_COMPONENTS = 3
+
+
+def pca_coordinates(factors: np.ndarray, k: int = N_COMPONENTS) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinates (n, k), explained variance ratio (k,)) of the rows of ``factors``.
+
+    The rows are centred and projected on their first ``k`` principal axes (SVD); each axis's
+    sign is fixed so that its largest loading is positive (the same model always gives the same map)."""
+    x = np.asarray(factors, np.float64)
+    x = x - x.mean(0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    k = min(k, vt.shape[0])
+    vt = vt[:k]
+    signs = np.sign(vt[np.arange(k), np.abs(vt).argmax(1)])
+    signs[signs == 0] = 1
+    vt = vt * signs[:, None]
+    total = float((s ** 2).sum())
+    ratio = (s[:k] ** 2) / total if total > 0 else np.zeros(k)
+    return x @ vt.T, ratio
+
+
+def pca(conn: Connection, n: int = 50) -> dict:
+    """PCA of the item factors of the ``n`` most-rated items of the serving version.
+
+    Returns ``{"version", "explained_variance": [pc1, pc2, pc3], "items": [{item, title, ratings,
+    pc1, pc2, pc3}]}``, the items most-rated first. As in chapter 8, the axes are fitted on those
+    items only, so the map shows how the model separates the films people know best."""
+    served = load_served(conn)
+    model = served.model
+    if model.n_items < 2:
+        raise CfbError("the serving model has fewer than 2 items: nothing to map")
+    n = int(min(max(n, 2), model.n_items))
+    counts = np.asarray(model.item_counts, np.float64)
+    top = np.argsort(-counts, kind="stable")[:n]
+    coords, ratio = pca_coordinates(model.rating.item_factors[top])
+    ids = model.item_ids[top]
+    titles = store.item_titles(conn, ids)
+    items = []
+    for row, db_id, c in zip(coords, ids, counts[top]):
+        ext, title = titles[int(db_id)]
+        entry = {"item": ext, "title": title, "ratings": int(c)}
+        entry.update({f"pc{k + 1}": round(float(v), 4) for k, v in enumerate(row)})
+        items.append(entry)
+    return {"version": served.version, "explained_variance": [round(float(r), 4) for r in ratio], "items": items}
+
+
+def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: int = 50) -> Path:
+    """A labelled scatter PNG of ``pca``'s output (like chapter 8's figure), matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = result["items"]
+    xs = np.array([it.get(x, 0.0) for it in items])
+    ys = np.array([it.get(y, 0.0) for it in items])
+    fig, ax = plt.subplots(figsize=(12, 12))
+    try:
+        ax.scatter(xs, ys, s=12, color="tab:blue")
+        for it, a, b in list(zip(items, xs, ys))[:labels]:
+            colour = np.random.default_rng(zlib.crc32(str(it["item"]).encode())).uniform(0, 0.8, 3)
+            ax.text(a, b, str(it["title"] or it["item"]), fontsize=9, color=colour)
+        ev = result.get("explained_variance") or []
+        names = {f"pc{k + 1}": f"PC{k + 1}" + (f" ({ev[k]:.0%} of variance)" if k < len(ev) else "")
+                 for k in range(N_COMPONENTS)}
+        ax.set_xlabel(names.get(x, x))
+        ax.set_ylabel(names.get(y, y))
+        ax.set_title(f"Item factors of the {len(items)} most-rated items (model version {result.get('version')})")
+        path = Path(path)
+        fig.savefig(path, dpi=80, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y: str = "pc2") -> str:
+    """The same map as inline SVG (every title escaped), for the web page: no image library needed."""
+    from html import escape
+
+    items = result["items"]
+    if not items:
+        return "<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'></svg>"
+    xs = np.array([it.get(x, 0.0) for it in items], np.float64)
+    ys = np.array([it.get(y, 0.0) for it in items], np.float64)
+    pad = 40
+
+    def scale(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        span = float(v.max() - v.min()) or 1.0
+        return lo + (v - v.min()) / span * (hi - lo)
+
+    px = scale(xs, pad, width - 160)
+    py = scale(ys, height - pad, pad)  # up is positive
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' class='pca' viewBox='0 0 {width} {height}' "
+             f"width='{width}' height='{height}' role='img' aria-label='PCA map of item factors'>",
+             f"<rect x='0' y='0' width='{width}' height='{height}' fill='white' stroke='#ccc'/>",
+             f"<text x='{width / 2:.0f}' y='{height - 8}' text-anchor='middle' font-size='12'>{escape(x.upper())}</text>",
+             f"<text x='12' y='{height / 2:.0f}' font-size='12' transform='rotate(-90 12 {height / 2:.0f})' "
+             f"text-anchor='middle'>{escape(y.upper())}</text>"]
+    for it, a, b in zip(items, px, py):
+        label = escape(str(it["title"] or it["item"]))
+        href = "/item/" + escape(_quote(str(it["item"])))
+        parts.append(f"<a href='{href}'><circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='#1f77b4'>"
+                     f"<title>{label}</title></circle>"
+                     f"<text x='{a + 5:.1f}' y='{b + 3:.1f}' font-size='10'>{label}</text></a>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _quote(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")

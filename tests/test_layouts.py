@@ -1,0 +1,490 @@
+"""The public datasets' exact file layouts (made-up rows), through `cfb ingest`, into the database.
+
+Each layout follows its official README (MovieLens 100k/1M/10M/CSV releases, goodbooks-10k v1 and v2);
+each has a malformed variant that must fail with one line naming file, line and field, writing nothing."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import inspect, select
+
+from cfb.cli.main import DATASETS, cli
+from cfb.db.engine import make_engine
+from cfb.db.schema import Item, Rating, User
+
+from .conftest import write
+
+
+def run(db_url: str, *args: str):
+    return CliRunner().invoke(cli, ["--db", db_url, *args])
+
+
+def dump(db_url: str) -> dict:
+    """Everything an ingest writes: users, items, ratings and the scale ({} tables when none exist)."""
+    engine = make_engine(db_url)
+    try:
+        if not inspect(engine).has_table("ratings"):
+            return {"users": {}, "items": {}, "ratings": {}, "scale": None}
+        with engine.connect() as conn:
+            users = dict(conn.execute(select(User.external_id, User.attributes)).all())
+            items = {e: (t, a) for e, t, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
+            uid = {v: k for k, v in conn.execute(select(User.external_id, User.id)).all()}
+            iid = {v: k for k, v in conn.execute(select(Item.external_id, Item.id)).all()}
+            ratings = {(uid[u], iid[i]): (r, t) for u, i, r, t in
+                       conn.execute(select(Rating.user_id, Rating.item_id, Rating.rating, Rating.timestamp))}
+            from cfb.db.store import rating_scale
+
+            scale = rating_scale(conn)
+    finally:
+        engine.dispose()
+    return {"users": users, "items": items, "ratings": ratings, "scale": scale}
+
+
+def ok(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def fails(result, pattern: str) -> None:
+    """Exit 1 with a single error line matching ``pattern`` and no traceback."""
+    import re
+
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def assert_nothing_written(db_url: str) -> None:
+    d = dump(db_url)
+    assert d["users"] == {} and d["items"] == {} and d["ratings"] == {} and d["scale"] is None
+
+
+# --- MovieLens 100k ---------------------------------------------------------------------------------------
+def ml100k(folder: Path, bad: bool = False) -> Path:
+    folder.mkdir()
+    write(folder / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n" +
+          ("22\t377\tone\t878887116\n" if bad else "22\t377\t1\t878887116\n"))
+    flags = ["0"] * 19
+    tale = flags.copy()
+    tale[5] = tale[8] = "1"  # Comedy, Drama
+    write(folder / "u.item",
+          "242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(tale) + "\n"
+          "302|L.A. Confidential (1997)|01-Jan-1997||http://x|" + "|".join(flags[:10] + ["1"] + flags[11:]) + "\n"
+          "377|Heavyweights (1994)|01-Jan-1994||http://x|" + "|".join(flags[:5] + ["1"] + flags[6:]) + "\n",
+          "latin-1")
+    write(folder / "u.user", "196|49|M|writer|55105\n186|39|F|executive|00000\n22|25|M|writer|40206\n")
+    return folder
+
+
+def test_movielens_100k(tmp_path, db_url):
+    out = ok(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
+    assert out == {"ratings": 3, "users": 3, "items": 3, "scale": [1.0, 5.0]}
+    d = dump(db_url)
+    assert d["users"]["186"] == {"age": 39, "gender": "F", "occupation": "executive", "zip": "00000"}
+    assert d["items"]["242"] == ("Kolya (1996)", {"genres": ["Comedy", "Drama"], "year": 1996,
+                                                  "release_date": "24-Jan-1997"})
+    assert d["items"]["302"][1]["genres"] == ["Film-Noir"]
+    assert d["ratings"][("22", "377")] == (1.0, 878887116)
+    assert d["scale"] == (1.0, 5.0)
+
+
+def test_movielens_100k_malformed(tmp_path, db_url):
+    fails(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k", bad=True))),
+          r"u\.data, line 3, field 'rating': not a number: 'one'")
+    assert_nothing_written(db_url)
+
+
+# --- MovieLens 1M -----------------------------------------------------------------------------------------
+def ml1m(folder: Path, bad_users: bool = False) -> Path:
+    folder.mkdir()
+    write(folder / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
+                                  "3::3408::1::978297039\n")
+    write(folder / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+                                 "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
+                                 "3408::Misérables, Les (1995)::Drama|War\n", "latin-1")
+    write(folder / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n" +
+          ("3::M::30::15::55117\n" if bad_users else "3::M::25::15::55117\n"))
+    return folder
+
+
+def test_movielens_1m(tmp_path, db_url):
+    out = ok(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m")), "--json"))
+    assert out == {"ratings": 4, "users": 3, "items": 3, "scale": [1.0, 5.0]}
+    d = dump(db_url)
+    # age: the band's lower bound, "Under 18" (code 1) as 15; occupation decoded from the README's codes
+    assert d["users"] == {"1": {"age": 15, "gender": "F", "occupation": "K-12 student", "zip": "48067"},
+                          "2": {"age": 56, "gender": "M", "occupation": "self-employed", "zip": "70072"},
+                          "3": {"age": 25, "gender": "M", "occupation": "scientist", "zip": "55117"}}
+    assert d["items"]["3408"] == ("Misérables, Les (1995)", {"genres": ["Drama", "War"], "year": 1995})
+    assert d["items"]["661"][1] == {"genres": ["Animation", "Children's", "Musical"], "year": 1996}
+    assert d["ratings"] == {("1", "1193"): (5.0, 978300760), ("1", "661"): (3.0, 978302109),
+                            ("2", "1193"): (4.0, 978298413), ("3", "3408"): (1.0, 978297039)}
+    assert d["scale"] == (1.0, 5.0)
+
+
+def test_movielens_1m_malformed(tmp_path, db_url):
+    fails(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m", bad_users=True))),
+          r"users\.dat, line 3, field 'Age': unknown age code '30'")
+    assert_nothing_written(db_url)
+    folder = tmp_path / "ml-1m"
+    write(folder / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117\n")
+    write(folder / "ratings.dat", "1::1193::5::978300760\n1::661::3\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)),
+          r"ratings\.dat, line 2: expected 4 fields \('::'-separated\), found 3")
+    write(folder / "ratings.dat", "1::1193::5::978300760\n1::661::4.5::978302109\n1::662::6::978302109\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)),
+          r"ratings\.dat, line 3, field 'Rating': rating 6 outside the scale 1\.\.5")
+    assert_nothing_written(db_url)
+
+
+# --- MovieLens 10M ----------------------------------------------------------------------------------------
+def ml10m(folder: Path, bad: bool = False) -> Path:
+    folder.mkdir()
+    write(folder / "ratings.dat", "1::122::5::838985046\n1::185::4.5::838983525\n2::122::0.5::868245777\n" +
+          ("2::185::x::868244562\n" if bad else "2::185::3.5::868244562\n"))
+    write(folder / "movies.dat", "122::Boomerang (1992)::Comedy|Romance\n185::Net, The (1995)::Action|Crime|Thriller\n")
+    write(folder / "tags.dat", "15::185::hacker::1215184630\n20::185::Sandra Bullock::1188263867\n"
+                               "21::185::hacker::1188263868\n22::122::Eddie Murphy::1188263869\n")
+    return folder
+
+
+def test_movielens_10m(tmp_path, db_url):
+    out = ok(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K")), "--json"))
+    assert out == {"ratings": 4, "users": 0, "items": 2, "scale": [0.5, 5.0]}
+    d = dump(db_url)
+    assert d["items"]["185"] == ("Net, The (1995)", {"genres": ["Action", "Crime", "Thriller"], "year": 1995,
+                                                     "tags": ["hacker", "sandra bullock"]})
+    assert d["items"]["122"][1]["tags"] == ["eddie murphy"]
+    assert d["ratings"][("1", "185")] == (4.5, 838983525) and d["ratings"][("2", "122")] == (0.5, 868245777)
+    assert d["users"] == {"1": {}, "2": {}}
+    assert d["scale"] == (0.5, 5.0)
+
+
+def test_movielens_10m_malformed(tmp_path, db_url):
+    fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K", bad=True))),
+          r"ratings\.dat, line 4, field 'Rating': not a number: 'x'")
+    assert_nothing_written(db_url)
+
+
+# --- MovieLens CSV releases (20M/25M/32M/latest/latest-small) ----------------------------------------------
+def ml_csv(folder: Path, bad: bool = False) -> Path:
+    folder.mkdir()
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,0.5,964981247\n"
+                                  "2,1,5.0,964982224\n" + ("2,6,3.5,\n" if bad else "2,6,3.5,964982400\n"))
+    write(folder / "movies.csv", 'movieId,title,genres\n1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy\n'
+                                 '3,"American President, The (1995)",Comedy|Drama|Romance\n'
+                                 '6,"Misérables, Les (2012) ",Drama|Musical\n'
+                                 '7,Black Mirror,(no genres listed)\n')
+    write(folder / "tags.csv", 'userId,movieId,tag,timestamp\n2,1,pixar,1445714994\n3,1,Pixar,1445714996\n'
+                               '2,1,fun,1445715000\n4,3,"politics, romance",1445715001\n')
+    write(folder / "links.csv", "movieId,imdbId,tmdbId\n1,0114709,862\n")
+    return folder
+
+
+def test_movielens_csv_release(tmp_path, db_url):
+    out = ok(run(db_url, "ingest", "movielens", str(ml_csv(tmp_path / "ml-latest-small")), "--json"))
+    assert out == {"ratings": 4, "users": 0, "items": 4, "scale": [0.5, 5.0]}
+    d = dump(db_url)
+    assert d["items"]["1"] == ("Toy Story (1995)", {"genres": ["Adventure", "Animation", "Children", "Comedy",
+                                                               "Fantasy"], "year": 1995, "tags": ["pixar", "fun"]})
+    assert d["items"]["3"] == ("American President, The (1995)", {"genres": ["Comedy", "Drama", "Romance"],
+                                                                   "year": 1995, "tags": ["politics, romance"]})
+    assert d["items"]["6"] == ("Misérables, Les (2012)", {"genres": ["Drama", "Musical"], "year": 2012})
+    assert d["items"]["7"] == ("Black Mirror", {"genres": []})  # no year in the title, no genres
+    assert d["ratings"] == {("1", "1"): (4.0, 964982703), ("1", "3"): (0.5, 964981247),
+                            ("2", "1"): (5.0, 964982224), ("2", "6"): (3.5, 964982400)}
+    assert d["scale"] == (0.5, 5.0)
+
+
+def test_movielens_csv_malformed(tmp_path, db_url):
+    fails(run(db_url, "ingest", "movielens", str(ml_csv(tmp_path / "ml-32m", bad=True))),
+          r"ratings\.csv, line 5, field 'timestamp': not a whole number: ''")
+    assert_nothing_written(db_url)
+    folder = tmp_path / "ml-32m"
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n")
+    write(folder / "movies.csv", 'movieId,title,genres\n1,"Toy Story (1995)\n')
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"movies\.csv, line 2: expected 3 fields, found 2")
+    write(folder / "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n1,Jumanji (1995),Fantasy\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)),
+          r"movies\.csv, line 3, field 'movieId': duplicate id '1' \(first on line 2\)")
+    write(folder / "ratings.csv", "userId,movieId,rating\n1,1,4.0\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)),
+          r"ratings\.csv, line 1, field 'timestamp': missing column\(s\) timestamp")
+    assert_nothing_written(db_url)
+
+
+def test_not_a_movielens_folder(tmp_path, db_url):
+    (tmp_path / "empty").mkdir()
+    fails(run(db_url, "ingest", "movielens", str(tmp_path / "empty")),
+          r"empty: not a MovieLens folder: looked for u\.data \(100k\), ratings\.dat \(1M/10M\), "
+          r"ratings\.csv \(20M/25M/32M/latest\)")
+    fails(run(db_url, "ingest", "movielens", str(tmp_path / "nowhere")), r"nowhere: file not found")
+    assert_nothing_written(db_url)
+
+
+# --- goodbooks-10k ----------------------------------------------------------------------------------------
+BOOKS_V2 = ("book_id,goodreads_book_id,best_book_id,work_id,books_count,isbn,isbn13,authors,original_publication_year,"
+            "original_title,title,language_code,average_rating,ratings_count,work_ratings_count,"
+            "work_text_reviews_count,ratings_1,ratings_2,ratings_3,ratings_4,ratings_5,image_url,small_image_url\n"
+            '1,2767052,2767052,2792775,272,439023483,9.78043902348e+12,Ann Writer,2008.0,The Games,'
+            '"The Games (The Games, #1)",eng,4.34,10,10,1,1,1,1,1,1,https://x/1.jpg,https://x/1s.jpg\n'
+            '2,3,3,4640799,491,439554934,9.78043955493e+12,"J.K. Author, Mary Drawer",1997.0,The Stone,'
+            '"The Stone (Series, #1)",eng,4.44,10,10,1,1,1,1,1,1,https://x/2.jpg,https://x/2s.jpg\n'
+            '3,41865,41865,3212258,226,316015849,9.78031601584e+12,Old Poet,-750.0,The Epic,The Epic,,3.57,10,10,'
+            '1,1,1,1,1,1,https://x/3.jpg,https://x/3s.jpg\n')
+BOOK_TAGS = ("goodreads_book_id,tag_id,count\n2767052,30574,167697\n2767052,11305,37174\n2767052,11557,34173\n"
+             "3,30574,50000\n3,8717,12986\n41865,11557,900\n")
+TAGS = "tag_id,tag_name\n8717,magic\n11305,dystopia\n11557,fiction\n30574,to-read\n"
+
+
+def test_goodbooks_v2(tmp_path, db_url):
+    folder = tmp_path / "gb2"
+    folder.mkdir()
+    write(folder / "ratings.csv", "user_id,book_id,rating\n1,3,5\n2,1,4\n2,2,5\n")
+    write(folder / "books.csv", BOOKS_V2)
+    write(folder / "book_tags.csv", BOOK_TAGS)
+    write(folder / "tags.csv", TAGS)
+    write(folder / "to_read.csv", "user_id,book_id\n9,8\n")
+    out = ok(run(db_url, "ingest", "goodbooks", str(folder), "--json"))
+    assert out == {"ratings": 3, "users": 0, "items": 3, "scale": [1.0, 5.0]}
+    d = dump(db_url)
+    assert d["items"]["1"] == ("The Games (The Games, #1)", {"authors": ["Ann Writer"],
+                               "original_publication_year": 2008, "language_code": "eng",
+                               "tags": ["dystopia", "fiction"]})  # "to-read" is a default shelf
+    assert d["items"]["2"][1]["authors"] == ["J.K. Author", "Mary Drawer"]
+    assert d["items"]["2"][1]["tags"] == ["magic"]
+    assert d["items"]["3"] == ("The Epic", {"authors": ["Old Poet"], "original_publication_year": -750,
+                                            "tags": ["fiction"]})
+    assert d["ratings"] == {("1", "3"): (5.0, None), ("2", "1"): (4.0, None), ("2", "2"): (5.0, None)}
+
+
+def test_goodbooks_v1_keys_books_by_id(tmp_path, db_url):
+    """v1: ratings are book_id,user_id,rating with duplicate pairs (last kept); books.csv's ``id`` is the key
+    and its ``book_id`` the Goodreads id (here book 2's Goodreads id 3 would wrongly match book 3)."""
+    folder = tmp_path / "gb1"
+    folder.mkdir()
+    write(folder / "ratings.csv", "book_id,user_id,rating\n1,314,5\n1,439,3\n3,314,2\n1,314,4\n2,588,5\n")
+    write(folder / "books.csv", BOOKS_V2.replace("book_id,goodreads_book_id,", "id,book_id,", 1))
+    write(folder / "book_tags.csv", BOOK_TAGS)
+    write(folder / "tags.csv", TAGS)
+    out = ok(run(db_url, "ingest", "goodbooks", str(folder), "--json"))
+    assert out == {"ratings": 4, "users": 0, "items": 3, "scale": [1.0, 5.0]}
+    d = dump(db_url)
+    assert d["items"]["1"][0] == "The Games (The Games, #1)"
+    assert d["items"]["2"][0] == "The Stone (Series, #1)" and d["items"]["2"][1]["tags"] == ["magic"]
+    assert d["items"]["3"][0] == "The Epic"
+    assert d["ratings"] == {("314", "1"): (4.0, None), ("439", "1"): (3.0, None), ("314", "3"): (2.0, None),
+                            ("588", "2"): (5.0, None)}
+
+
+def test_goodbooks_v1_header_layout(tmp_path):
+    """The v1 books.csv header as released: id first, then the Goodreads book_id."""
+    from cfb.db.layouts import read_goodbooks
+
+    folder = tmp_path / "gb1"
+    folder.mkdir()
+    write(folder / "ratings.csv", "book_id,user_id,rating\n2,1,5\n")
+    write(folder / "books.csv", "id,book_id,best_book_id,work_id,books_count,isbn,isbn13,authors,"
+                                "original_publication_year,original_title,title,language_code\n"
+                                "1,2767052,2767052,2792775,272,439023483,9.78e+12,Ann Writer,2008.0,G,The Games,eng\n"
+                                "2,3,3,4640799,491,439554934,9.78e+12,Bo Writer,1997.0,S,The Stone,eng\n")
+    ds = read_goodbooks(folder)
+    assert ds.name == "goodbooks-v1"
+    assert dict(zip(ds.items["item"], ds.items["title"])) == {"1": "The Games", "2": "The Stone"}
+
+
+def test_goodbooks_malformed(tmp_path, db_url):
+    folder = tmp_path / "gb"
+    folder.mkdir()
+    write(folder / "ratings.csv", "user_id,book_id,rating\n1,3,5\n2,1,4\n2,2,five\n")
+    write(folder / "books.csv", BOOKS_V2)
+    fails(run(db_url, "ingest", "goodbooks", str(folder)), r"ratings\.csv, line 4, field 'rating': not a number: 'five'")
+    write(folder / "ratings.csv", "book_id,user_id,rating\n1,3,5\n2,,4\n")
+    fails(run(db_url, "ingest", "goodbooks", str(folder)), r"ratings\.csv, line 3, field 'user_id': empty id")
+    write(folder / "ratings.csv", "user_id,book_id,rating\n1,3,5\n")
+    write(folder / "books.csv", BOOKS_V2.replace(",2008.0,", ",around 2008,"))
+    fails(run(db_url, "ingest", "goodbooks", str(folder)),
+          r"books\.csv, line 2, field 'original_publication_year': not a year: 'around 2008'")
+    write(folder / "ratings.csv", "user,book,stars\n1,3,5\n")
+    fails(run(db_url, "ingest", "goodbooks", str(folder)), r"ratings\.csv, line 1: expected the header")
+    assert_nothing_written(db_url)
+
+
+# --- your own catalogue: cfb ingest items -------------------------------------------------------------
+def test_ingest_items_adds_and_updates(tmp_path, db_url):
+    folder = ml1m(tmp_path / "ml-1m")
+    ok(run(db_url, "ingest", "movielens", str(folder), "--json"))
+    items = write(tmp_path / "items.csv", 'item,title,director,runtime,genres\n'
+                                          '1193,,Milos Forman,133,Drama\n'
+                                          'new1,"Brand New, The (2030)",Ann Director,95,Sci-Fi|Drama\n')
+    out = ok(run(db_url, "ingest", "items", str(items), "--json"))
+    assert out == {"items": 2, "added": 1, "updated": 1}
+    d = dump(db_url)
+    # the empty title keeps the stored one; given attributes replace theirs, the rest stay
+    assert d["items"]["1193"] == ("One Flew Over the Cuckoo's Nest (1975)",
+                                  {"genres": ["Drama"], "year": 1975, "director": "Milos Forman", "runtime": 133})
+    assert d["items"]["new1"] == ("Brand New, The (2030)",
+                                  {"director": "Ann Director", "runtime": 95, "genres": ["Sci-Fi", "Drama"]})
+    assert len(d["ratings"]) == 4
+
+
+def test_ingest_items_errors_write_nothing(tmp_path, db_url):
+    bad = write(tmp_path / "items.csv", "item,title,year\na,Alpha,2001\n,Beta,2002\n")
+    fails(run(db_url, "ingest", "items", str(bad)), r"items\.csv, line 3, field 'item': empty id")
+    write(bad, "item,title,year\na,Alpha,2001\nb,Beta\n")
+    fails(run(db_url, "ingest", "items", str(bad)), r"items\.csv, line 3: expected 3 fields, found 2")
+    write(bad, "item,title,year\na,Alpha,2001\na,Beta,2002\n")
+    fails(run(db_url, "ingest", "items", str(bad)), r"items\.csv, line 3, field 'item': duplicate item 'a'")
+    write(bad, "id,title\na,Alpha\n")
+    fails(run(db_url, "ingest", "items", str(bad)), r"items\.csv, line 1, field 'item': missing column")
+    assert_nothing_written(db_url)
+
+
+# --- cfb data download: verify, unpack, rename into place -------------------------------------------------
+def make_zip(path: Path, inner: str = "ml-test", marker: str = "ratings.csv") -> Path:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"{inner}/{marker}", "userId,movieId,rating,timestamp\n1,1,4.0,1\n")
+        z.writestr(f"{inner}/movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.fixture
+def fake_source(tmp_path, monkeypatch):
+    from cfb.db import download
+
+    archive = make_zip(tmp_path / "ml-test.zip")
+    monkeypatch.setitem(download.SOURCES, "movielens-test", (archive.as_uri(), "ml-test", "ratings.csv"))
+    monkeypatch.setitem(download.INGEST, "movielens-test", "movielens")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(download.CHECKSUMS, "movielens-test", f"md5:{md5}")
+    return download, archive
+
+
+def leftovers(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_download_verifies_unpacks_and_renames(tmp_path, fake_source, monkeypatch):
+    download, archive = fake_source
+    cache = tmp_path / "cache"
+    updates = []
+
+    class Bar:
+        def __init__(self, total):
+            updates.append(("total", total))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            updates.append(n)
+
+    folder = download.download("movielens-test", cache=cache, progress=Bar)
+    assert folder == cache / "movielens-test" / "ml-test"
+    assert leftovers(cache) == ["movielens-test"]  # no .part, no temporary folder
+    stamp = json.loads((folder / download.STAMP).read_text())
+    assert stamp["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert stamp["verified_by"] == "md5 = the pinned MD5"
+    assert updates[0] == ("total", archive.stat().st_size) and sum(updates[1:]) == archive.stat().st_size
+    # cached: no second fetch
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched again"))
+    assert download.download("movielens-test", cache=cache) == folder
+    from cfb.db.sources import read_movielens
+
+    assert len(read_movielens(folder).ratings) == 1
+
+
+def test_download_checksum_mismatch_leaves_nothing(tmp_path, fake_source, monkeypatch):
+    from cfb.cf_core.errors import CfbError
+
+    download, _ = fake_source
+    cache = tmp_path / "cache"
+    monkeypatch.setitem(download.CHECKSUMS, "movielens-test", "md5:" + "0" * 32)
+    with pytest.raises(CfbError, match=r"movielens-test: checksum mismatch \(md5 [0-9a-f]{32}, expected 0{32}"):
+        download.download("movielens-test", cache=cache)
+    assert leftovers(cache) == []
+    monkeypatch.setitem(download.CHECKSUMS, "movielens-test", None)
+    with pytest.raises(CfbError, match="checksum mismatch"):
+        download.download("movielens-test", cache=cache, sha256="f" * 64)
+    assert leftovers(cache) == []
+
+
+def test_download_published_md5_beside_the_archive(tmp_path, fake_source, monkeypatch):
+    download, archive = fake_source
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    sums = write(tmp_path / "ml-test.zip.md5", f"MD5 (ml-test.zip) = {md5}\n")
+    monkeypatch.setitem(download.CHECKSUMS, "movielens-test", f"url:{sums.as_uri()}")
+    folder = download.download("movielens-test", cache=tmp_path / "cache")
+    assert json.loads((folder / download.STAMP).read_text())["verified_by"] == f"md5 = {sums.as_uri()}"
+
+
+def test_interrupted_download_leaves_no_complete_looking_folder(tmp_path, fake_source, monkeypatch):
+    from cfb.cf_core.errors import CfbError
+
+    download, archive = fake_source
+    cache = tmp_path / "cache"
+    data = archive.read_bytes()
+
+    class Dropped(io.BytesIO):
+        headers = {"Content-Length": str(len(data))}
+
+        def read(self, n=-1):
+            chunk = super().read(min(n, 10))
+            if self.tell() > len(data) // 2:
+                raise urllib.error.URLError("connection reset")
+            return chunk
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda *a, **k: Dropped(data))
+    with pytest.raises(CfbError, match=r"could not download movielens-test .*connection reset"):
+        download.download("movielens-test", cache=cache)
+    assert leftovers(cache) == []
+
+    class Short(Dropped):  # the server closes early without an error
+        def read(self, n=-1):
+            return io.BytesIO.read(self, n) if self.tell() < len(data) // 2 else b""
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda *a, **k: Short(data[: len(data) // 2 + 1]))
+    with pytest.raises(CfbError, match=r"stopped after \d+ of \d+ bytes"):
+        download.download("movielens-test", cache=cache)
+    assert leftovers(cache) == []
+
+
+def test_download_after_kill_clears_leftovers(tmp_path, fake_source):
+    download, _ = fake_source
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "movielens-test.zip.part").write_bytes(b"junk")
+    (cache / ".movielens-test.abc.tmp").mkdir()
+    (cache / ".movielens-test.abc.tmp" / "ratings.csv").write_text("half")
+    folder = download.download("movielens-test", cache=cache)
+    assert leftovers(cache) == ["movielens-test"] and (folder / "movies.csv").exists()
+
+
+def test_download_cli_names_match_sources(tmp_path, db_url, monkeypatch):
+    from cfb.db import download
+
+    assert DATASETS == list(download.SOURCES)
+    assert set(download.CHECKSUMS) == set(download.SOURCES)
+    closed_port = "http://127.0.0.1:9/ml-1m.zip"  # nothing listens there: like no network
+    monkeypatch.setitem(download.SOURCES, "movielens-1m", (closed_port, "ml-1m", "ratings.dat"))
+    fails(run(db_url, "data", "download", "movielens-1m", "--quiet"),
+          r"could not download movielens-1m .*use `cfb ingest movielens PATH`")

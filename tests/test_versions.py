@@ -1,0 +1,147 @@
+"""The served model is right: it learns from every rating, keeps ids stable across versions, folds
+in honestly, and onboarding never edits a stored version (issue: one trained-model object)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import func, select
+
+from cfb.cf_core.errors import CfbError
+from cfb.db import versions
+from cfb.db.engine import writing
+from cfb.db.schema import ModelArrays, ModelVersion, UserFactors
+from cfb.db.sources import Dataset
+from cfb.service.incremental import retrain_incremental
+from cfb.service.ingest import ingest_dataset
+from cfb.service.onboard import onboard, questionnaire_json
+from cfb.service.ratings import rate_item
+from cfb.service.state import load_served, user_vector
+from cfb.service.training import retrain_full
+
+from .conftest import FAST
+
+
+def test_served_model_learns_from_every_rating(trained, planted):
+    """Validation is a measurement: the served version is refit on every rating, so every user
+    with ratings has a trained row and every rating is counted."""
+    engine, report = trained
+    assert report["valid_pct"] == 0.2 and report["valid_rmse"] is not None
+    assert report["n_ratings"] == len(planted.ratings)
+    with engine.connect() as conn:
+        ids, _, _ = versions.trained_rows(conn, report["version"])
+        model = load_served(conn).model
+    assert len(ids) == planted.ratings.user.nunique()
+    assert model.item_counts.sum() == len(planted.ratings)
+
+
+def test_questionnaire_and_answers_survive_an_item_with_a_lower_id(engine, planted):
+    """An item that had no ratings at the full retrain (so a low database id outside the model)
+    gets its first rating: the next version's questionnaire asks the same items, and the same
+    answers give the same prior."""
+    unrated = pd.DataFrame({"item": ["aaa-first"], "title": ["First film"], "attributes": [{}]})
+    ingest_dataset(engine, Dataset(planted.ratings, pd.concat([unrated, planted.items]), planted.users, planted.scale))
+    retrain_full(engine, progress=False, **FAST)
+    with engine.connect() as conn:
+        before = questionnaire_json(conn, 30)["items"]
+        served = load_served(conn)
+    rate_item(engine, "a0", "aaa-first", 5.0)
+    out = retrain_incremental(engine)
+    assert out["items_added"] == 1
+    with engine.connect() as conn:
+        after = questionnaire_json(conn, 30)
+        grown = load_served(conn)
+    assert after["version"] == out["version"] and after["items"] == before
+    assert grown.model.item_index([grown.model.item_ids[-1]])[0] == served.model.n_items  # appended
+    assert np.array_equal(grown.model.item_index(served.model.item_ids), np.arange(served.model.n_items))
+    answers = {int(i): 5.0 for i in served.model.questionnaire.items[:5]}
+    a = served.model.bootstrap.initial_factors([{"gender": "F"}], [answers])
+    b = grown.model.bootstrap.initial_factors([{"gender": "F"}], [answers])
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_refolding_the_same_ratings_gives_the_same_user(trained):
+    """A user's new ratings are applied once, from the full version's row: later incremental
+    retrains (for other users' ratings) leave them exactly where they were."""
+    engine, _ = trained
+    rate_item(engine, "a0", "b30", 1.0)
+    retrain_incremental(engine)
+    with engine.connect() as conn:
+        first, _ = user_vector(conn, load_served(conn), 1)
+    for k in range(3):
+        rate_item(engine, f"b{2 * k + 1}", "a3", 5.0)
+        retrain_incremental(engine)
+    with engine.connect() as conn:
+        served = load_served(conn)
+        again, _ = user_vector(conn, served, 1)
+    assert served.version == 5
+    assert np.array_equal(first.vec, again.vec) and first.bias == again.bias
+
+
+def test_onboarding_leaves_stored_versions_alone(trained):
+    engine, report = trained
+
+    def snapshot():
+        with engine.connect() as conn:
+            return (conn.scalar(select(func.count()).select_from(UserFactors)),
+                    conn.scalar(select(func.count()).select_from(ModelArrays)),
+                    conn.scalar(select(func.count()).select_from(ModelVersion)),
+                    versions.trained_rows(conn, report["version"])[1].mean(0).tolist())
+
+    before = snapshot()
+    onboard(engine, [(f"e{k}", {"user": f"new{k}", "answers": {"gender": "F"}, "ratings": {"a1": 5}})
+                     for k in range(5)])
+    assert snapshot() == before
+
+
+def test_rollback_during_a_full_retrain_is_not_overwritten(trained, monkeypatch):
+    """A rollback made while a retrain runs stays: the new version is stored but not served."""
+    engine, report = trained
+    second = retrain_full(engine, progress=False, **FAST)
+    import cfb.service.training as training
+
+    real_fit = training.fit_model
+
+    def fit_then_rollback(*args, **kwargs):  # the rollback lands while the retrain trains
+        out = real_fit(*args, **kwargs)
+        with writing(engine) as conn:
+            versions.set_serving(conn, report["version"])
+        return out
+
+    monkeypatch.setattr(training, "fit_model", fit_then_rollback)
+    third = retrain_full(engine, progress=False, **FAST)
+    assert third["serving"] is False and f"cfb rollback {third['version']}" in third["reason"]
+    with engine.connect() as conn:
+        assert versions.serving_version(conn) == report["version"] != second["version"]
+
+
+def test_rollback_during_an_incremental_retrain_saves_nothing(trained, monkeypatch):
+    engine, report = trained
+    retrain_full(engine, progress=False, **FAST)
+    rate_item(engine, "a0", "b30", 1.0)
+    real_save = versions.save_incremental
+
+    def rollback_then_save(conn, parent, *args, **kwargs):  # noqa: ANN001
+        versions.set_serving(conn, report["version"])
+        return real_save(conn, parent, *args, **kwargs)
+
+    monkeypatch.setattr(versions, "save_incremental", rollback_then_save)
+    with engine.connect() as conn:
+        n_before = conn.scalar(select(func.count()).select_from(ModelVersion))
+    with pytest.raises(CfbError, match="changed from 2 to 1"):
+        retrain_incremental(engine)
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(ModelVersion)) == n_before
+        assert versions.serving_version(conn) == 2  # the failed transaction rolled the rollback back too
+
+
+def test_rollback_then_incremental_retrain_builds_on_the_rolled_back_version(trained):
+    engine, report = trained
+    rate_item(engine, "a0", "b30", 1.0)
+    v2 = retrain_incremental(engine)["version"]
+    with writing(engine) as conn:
+        versions.set_serving(conn, report["version"])
+    rate_item(engine, "a2", "b31", 1.0)
+    out = retrain_incremental(engine)
+    assert out["parent"] == report["version"] != v2
+    assert out["new_ratings"] == 2  # both ratings newer than the version it builds on
