@@ -1,12 +1,19 @@
 """Choose ``FeatureUserModel`` settings on pseudo-cold users, then report the protocol's real test numbers.
 
 (1) Pseudo-cold: for each protocol seed s, keep only its warm users (COLDSTART_PROTOCOL.md §1) and run the
-protocol on them with seed s + 1000 (a fifth of them become pseudo-cold, §3 answer pools with that seed), as
-bench/tune_coldstart.py does; the protocol's cold users are never seen. (2) Real: the protocol's split of
+protocol on them with seed s + 1000 and again with s + 2000 (each time a fifth of them become pseudo-cold,
+§3 answer pools with that seed; six pseudo-cold sets in all), as bench/tune_coldstart.py does; the
+protocol's cold users are never seen. (2) Real: the protocol's split of
 seed s (cold users of seeds 42, 43, 44), with the chosen settings. Both score §4b (Q = 0/5/15/30, the
 questionnaire = the 30 most-rated training items, most-rated first) and §5 (first 10 ratings in time order
 revealed at n = 0/1/3/5/10, evaluation on the ratings after the first 10) exactly as the protocol does,
 in memory (no database), side by side with positive popularity (§6). RMSE is not reported: the model ranks.
+
+Settings that scale with the data rather than being constants: number attributes are binned at quantiles
+of the training users' values; the batch is min(users_per_batch, n_training_users / 4) users, so an epoch
+is 12 steps for up to 1,024 training users and grows with them beyond; the questionnaire is the 30
+most-rated items of the training data. The rest (epochs, lr, wd, dropout, d, ...) are constants chosen
+here on MovieLens 100k.
 
 Usage:
   python bench/tune_feature_model.py [--data DIR] [--mode pseudo|real|both] [--seeds 42,43,44]
@@ -15,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -155,10 +161,10 @@ def load(path: str):  # noqa: ANN201
     return ratings, attrs_of, ds.scale or (1.0, 5.0)
 
 
-def pseudo_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale) -> Split:  # noqa: ANN001
-    """Warm users of protocol seed ``seed`` only, split again with seed + 1000."""
+def pseudo_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale, offset: int = 1000) -> Split:  # noqa: ANN001
+    """Warm users of protocol seed ``seed`` only, split again with seed + ``offset``."""
     cold = cold_users(sorted(ratings.user.unique().tolist()), seed)
-    return build_split(ratings[~ratings.user.isin(cold)], attrs_of, seed + 1000, scale)
+    return build_split(ratings[~ratings.user.isin(cold)], attrs_of, seed + offset, scale)
 
 
 COLS = [f"q{q}" for q in BUDGETS] + [f"n{n}" for n in STEPS]
@@ -177,6 +183,7 @@ def main() -> None:
     ap.add_argument("--data", default="/work/shared/data/ml-100k")
     ap.add_argument("--mode", choices=["pseudo", "real", "both"], default="both")
     ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--pseudo-offsets", default="1000,2000", help="pseudo-cold splits per seed (seed + offset)")
     ap.add_argument("--json", default=None)
     ap.add_argument("candidates", nargs="*", help="JSON overrides of FeatureModelConfig")
     a = ap.parse_args()
@@ -190,21 +197,26 @@ def main() -> None:
     report: dict = {"dataset": a.data, "seeds": seeds, "results": []}
     print(f"{'NDCG@10':<40}" + " ".join(f"{c:>5}" for c in COLS))
     for mode in modes:
-        splits = {s: (pseudo_split(ratings, attrs_of, s, scale) if mode == "pseudo" else
-                      build_split(ratings, attrs_of, s, scale)) for s in seeds}
-        base = [score_cases(splits[s], None) for s in seeds]
+        if mode == "pseudo":  # keyed (and the model seeded) by seed + offset - 1000
+            splits = {s + o - 1000: pseudo_split(ratings, attrs_of, s, scale, o)
+                      for o in map(int, a.pseudo_offsets.split(",")) for s in seeds}
+        else:
+            splits = {s: build_split(ratings, attrs_of, s, scale) for s in seeds}
+        keys = list(splits)
+        base = [score_cases(splits[k], None) for k in keys]
         print(fmt(f"[{mode}] positive popularity", mean_rows(base)))
         report["results"].append({"mode": mode, "method": "positive_popularity",
-                                  "mean": mean_rows(base), "per_seed": dict(zip(seeds, base))})
+                                  "mean": mean_rows(base), "per_split": dict(zip(keys, base))})
         for cand in cands:
             cfg = FeatureModelConfig.from_json({**FeatureModelConfig().to_json(), **cand})
-            runs = [run(splits[s], cfg, s) for s in seeds]
+            runs = [run(splits[k], cfg, k) for k in keys]
             m = mean_rows([r["model"] for r in runs])
             fit = [r["fit_s"] for r in runs]
-            print(fmt(f"[{mode}] {json.dumps(cand)}"[:40], m, f"fit {np.mean(fit):.1f}s"), flush=True)
+            print(fmt(f"[{mode}] {json.dumps(cand) if cand else 'feature model (defaults)'}"[:40], m,
+                      "fit " + "/".join(f"{f:.1f}" for f in fit) + " s"), flush=True)
             report["results"].append({"mode": mode, "method": "feature_model", "overrides": cand,
                                       "config": cfg.to_json(), "mean": m, "fit_s": fit,
-                                      "per_seed": {s: r["model"] for s, r in zip(seeds, runs)}})
+                                      "per_split": {k: r["model"] for k, r in zip(keys, runs)}})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

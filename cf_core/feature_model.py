@@ -42,15 +42,15 @@ class FeatureModelConfig:
     lr: peak learning rate of the one-cycle schedule.
     wd: fastai (decoupled) weight decay.
     dropout: dropout on each attribute embedding and on the user vector.
-    users_per_batch: simulated users per batch (rule, not a constant: capped at a quarter of the
-        training users so that small data sets still take several steps per epoch).
+    users_per_batch: simulated users per batch, capped at a quarter of the training users (a rule that
+        scales with the data: 12 steps per epoch up to 4 × users_per_batch training users, more beyond).
     samples_per_user: simulated reveals per training user and epoch.
     mix: probabilities of the reveal simulations (first n in time order, questionnaire, random subset).
     max_time_reveals: n of simulation (a) is drawn uniformly from 0..max_time_reveals.
     budgets: questionnaire sizes Q of simulation (b); the questionnaire is the ``questionnaire_items``
         passed to ``fit``, answered from a random half of the user's ratings.
-    time_mask_first: in simulation (a) the first ``time_mask_first`` items in time order are neither
-        revealed-and-learned-from nor targets (masked), as in the protocol's fold-in evaluation.
+    time_mask_first: in simulation (a) the unrevealed items among the first ``time_mask_first`` in time
+        order are masked out of the softmax (neither positive nor negative), as the fold-in evaluation does.
     item_dropout: share of the revealed items dropped in training (input dropout on the item bags).
     n_bins: quantile bins of a number attribute (edges from the training users' values).
     positive_share: top share of the rating scale that counts as a positive (0.25: ≥ 4 on 1..5).
@@ -59,17 +59,19 @@ class FeatureModelConfig:
         the weight is (r − centre) / half-range.
     hidden: width of a residual ReLU layer on the user vector (0 = none).
     user_dropout: dropout on the user vector (None = ``dropout``).
+    rating_levels: when > 0, a third item table indexed by (item, rating level), the scale cut into this
+        many equal bins (5 on 1..5: one row per star), summed / √n like the others (0 = none).
     shrink: the item bags are divided by √(n + shrink) rather than √n (damps the first few reveals).
     """
 
     n_factors: int = 128
     epochs: int = 30
     lr: float = 1e-2
-    wd: float = 1.0
+    wd: float = 0.3
     dropout: float = 0.7
     users_per_batch: int = 256
     samples_per_user: int = 3
-    mix: tuple[float, float, float] = (0.45, 0.45, 0.10)
+    mix: tuple[float, float, float] = (0.4, 0.5, 0.1)
     max_time_reveals: int = 15
     budgets: tuple[int, ...] = (0, 5, 15, 30)
     time_mask_first: int = 10
@@ -80,7 +82,8 @@ class FeatureModelConfig:
     rating_centre: float = 0.5
     hidden: int = 0
     user_dropout: float | None = None
-    shrink: float = 0.0
+    shrink: float = 1.0
+    rating_levels: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -95,7 +98,8 @@ class FeatureModelConfig:
 
 @dataclass
 class Reveal:
-    """What is known of one user: attribute answers, revealed items (inner item indices) and their ratings, and how they were revealed."""
+    """What is known of one user: attribute answers, revealed items (inner item indices) and their
+    ratings, and how they were revealed."""
 
     attributes: dict
     items: np.ndarray  # int64 inner indices
@@ -217,7 +221,7 @@ class _Batches:
         total = int(lens.sum())
         seg = np.repeat(np.arange(B), lens)
         idx = np.repeat(p["indptr"][ub] - seg_start, lens) + np.arange(total)
-        items, rat, trank, pos = p["items"][idx], p["ratings"][idx], p["trank"][idx], p["pos"][idx]
+        items, trank, pos = p["items"][idx], p["trank"][idx], p["pos"][idx]
         o2 = np.lexsort((rng.random(total), seg))
         rrank = np.empty(total, dtype=np.int64)
         rrank[o2] = np.arange(total) - seg_start[seg[o2]]
@@ -260,7 +264,7 @@ class _Batches:
 
         t = lambda a, dt=torch.long: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
         x = (t(p["attrs"][ub]), t(r_items), t(offsets), t(w_seen, torch.float32), t(w_rated, torch.float32),
-             t(count_bucket(n_rev)), t(how))
+             t(count_bucket(n_rev)), t(how), t(r_items * max(cfg.rating_levels, 1) + p["level"][idx][rev]))
         return x, t(y, torch.int8)
 
 
@@ -290,7 +294,11 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
             self.attrs = nn.ModuleList([Embedding(s, d) for s in attr_sizes])
             self.seen = nn.EmbeddingBag(n_items, d, mode="sum")
             self.rated = nn.EmbeddingBag(n_items, d, mode="sum")
-            for bag in (self.seen, self.rated):
+            bags = [self.seen, self.rated]
+            if cfg.rating_levels:
+                self.levels = nn.EmbeddingBag(n_items * cfg.rating_levels, d, mode="sum")
+                bags.append(self.levels)
+            for bag in bags:
                 nn.init.trunc_normal_(bag.weight, std=0.01)
             self.count = Embedding(N_COUNT_BUCKETS, d)
             self.how = Embedding(n_how, d)
@@ -305,12 +313,14 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
                 nn.init.zeros_(self.mlp[2].bias)
 
         def user(self, x):  # noqa: ANN001
-            attrs, items, offsets, w_seen, w_rated, count, how = x
+            attrs, items, offsets, w_seen, w_rated, count, how, levels = x
             u = self.const + self.count(count) + self.how(how)
             for k, emb in enumerate(self.attrs):
                 u = u + self.drop_attr(emb(attrs[:, k]))
             u = u + self.seen(items, offsets, per_sample_weights=w_seen)
             u = u + self.rated(items, offsets, per_sample_weights=w_rated)
+            if cfg.rating_levels:
+                u = u + self.levels(levels, offsets, per_sample_weights=w_seen)
             if cfg.hidden:
                 u = u + self.mlp(u)
             return self.drop_user(u)
@@ -341,8 +351,6 @@ class FeatureUserModel:
     # ----------------------------------------------------------------- training
     def _prepare(self, data: CollabData, timestamps: np.ndarray, attributes: list[dict],
                  questionnaire_items: list[int], scale: tuple[float, float]) -> dict:
-        cfg = self.config
-        lo, hi = float(scale[0]), float(scale[1])
         ts = np.asarray(timestamps, dtype=np.float64)
         if len(ts) != len(data):
             raise ValueError("timestamps must have one entry per rating")
@@ -358,11 +366,19 @@ class FeatureUserModel:
         for k, i in enumerate(questionnaire_items):
             if 0 <= int(i) < data.n_items:
                 qrank[int(i)] = min(qrank[int(i)], k)
-        attrs = np.stack([self.encoder_.encode(attributes[u] if u < len(attributes) else {})
-                          for u in range(data.n_users)]) if self.encoder_.spec else np.zeros((data.n_users, 0), np.int64)
+        attrs = np.zeros((data.n_users, len(self.encoder_.spec)), np.int64)
+        for u in range(min(data.n_users, len(attributes))):
+            attrs[u] = self.encoder_.encode(attributes[u])
         return {"n_items": data.n_items, "lens": lens, "indptr": indptr, "items": items, "ratings": ratings,
                 "trank": trank, "pos": ratings >= self.threshold_, "qrank": qrank, "attrs": attrs,
-                "centred": self._centred(ratings)}
+                "centred": self._centred(ratings), "level": self._level(ratings)}
+
+    def _level(self, ratings: np.ndarray) -> np.ndarray:
+        """Rating level 0..rating_levels−1 (equal bins of the scale)."""
+        L = max(self.config.rating_levels, 1)
+        lo, hi = self.scale_
+        x = (np.asarray(ratings, dtype=np.float64) - lo) / ((hi - lo) if hi > lo else 1.0)
+        return np.clip(np.floor(x * L * (1 - 1e-9)), 0, L - 1).astype(np.int64) if L > 1 else np.zeros(len(x), np.int64)
 
     def _centred(self, ratings: np.ndarray) -> np.ndarray:
         """The weight of a revealed rating in the rated-items table."""
@@ -391,7 +407,8 @@ class FeatureUserModel:
         self.encoder_ = _AttrEncoder.fit(questions, [attributes[u] for u in range(min(len(attributes), data.n_users))],
                                          cfg.n_bins)
         prep = self._prepare(data, timestamps, attributes, questionnaire_items, scale)
-        self.pos_count_ = np.bincount(data.items[data.ratings >= self.threshold_], minlength=data.n_items).astype(np.float32)
+        self.pos_count_ = np.bincount(data.items[data.ratings >= self.threshold_],
+                                      minlength=data.n_items).astype(np.float32)
 
         device = pick_device(self.device)
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -425,6 +442,8 @@ class FeatureUserModel:
         self.seen_, self.rated_ = npy(net.seen.weight), npy(net.rated.weight)
         self.count_, self.how_ = npy(net.count.weight), npy(net.how.weight)
         self.out_, self.out_bias_ = npy(net.out.weight), npy(net.out_bias)
+        self.levels_ = (npy(net.levels.weight).reshape(data.n_items, cfg.rating_levels, -1) if cfg.rating_levels
+                        else np.zeros((data.n_items, 0, len(self.const_)), np.float32))
         self.hidden_ = ([(npy(net.mlp[0].weight), npy(net.mlp[0].bias)), (npy(net.mlp[2].weight), npy(net.mlp[2].bias))]
                         if cfg.hidden else [])
         return self
@@ -450,7 +469,10 @@ class FeatureUserModel:
             u = u + self.count_[int(count_bucket(n))] + self.how_[budget_code(r.budget, self.config.budgets)]
             if n:
                 c = self._centred(ratings)
-                u = u + (self.seen_[items].sum(0) + (self.rated_[items] * c[:, None]).sum(0)) / math.sqrt(n + self.config.shrink)
+                bag = self.seen_[items].sum(0) + (self.rated_[items] * c[:, None]).sum(0)
+                if self.levels_.shape[1]:
+                    bag = bag + self.levels_[items, self._level(ratings)].sum(0)
+                u = u + bag / math.sqrt(n + self.config.shrink)
             out[k] = u
         if self.hidden_:
             (w1, b1), (w2, b2) = self.hidden_
@@ -473,6 +495,7 @@ class FeatureUserModel:
         self.seen_ = np.concatenate([self.seen_, z])
         self.rated_ = np.concatenate([self.rated_, z])
         self.out_ = np.concatenate([self.out_, z])
+        self.levels_ = np.concatenate([self.levels_, np.zeros((n_new,) + self.levels_.shape[1:], np.float32)])
         self.out_bias_ = np.concatenate([self.out_bias_, np.full(n_new, self.out_bias_.min(), np.float32)])
         self.pos_count_ = np.concatenate([self.pos_count_, np.zeros(n_new, np.float32)])
 
@@ -483,7 +506,7 @@ class FeatureUserModel:
                 "threshold": self.threshold_, "attributes": self.encoder_.spec}
         arrays = {"meta_json": np.array(json.dumps(meta)), "const": self.const_, "seen": self.seen_,
                   "rated": self.rated_, "count": self.count_, "how": self.how_, "out": self.out_,
-                  "out_bias": self.out_bias_, "pos_count": self.pos_count_}
+                  "out_bias": self.out_bias_, "pos_count": self.pos_count_, "levels": self.levels_}
         for k, t in enumerate(self.attr_tables_):
             arrays[f"attr_{k}"] = t
         for k, (w, b) in enumerate(self.hidden_):
@@ -498,7 +521,7 @@ class FeatureUserModel:
         m.scale_ = tuple(float(v) for v in meta["scale"])
         m.threshold_ = float(meta["threshold"])
         m.encoder_ = _AttrEncoder(meta["attributes"])
-        for name in ("const", "seen", "rated", "count", "how", "out", "out_bias", "pos_count"):
+        for name in ("const", "seen", "rated", "count", "how", "out", "out_bias", "pos_count", "levels"):
             setattr(m, name + "_", np.asarray(arrays[name], dtype=np.float32))
         m.attr_tables_ = [np.asarray(arrays[f"attr_{k}"], dtype=np.float32) for k in range(len(m.encoder_.spec))]
         m.hidden_ = [(np.asarray(arrays[f"hidden_w{k}"], np.float32), np.asarray(arrays[f"hidden_b{k}"], np.float32))

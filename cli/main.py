@@ -394,6 +394,53 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
     emit(out, as_json, text)
 
 
+@inspect.command("pca")
+@click.option("-n", "n", type=click.IntRange(2, 100_000), default=50, show_default=True,
+              help="Map the N most-rated items.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a labelled scatter of PC1 and PC2 to this PNG (matplotlib).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
+    """PCA of the item factors of the N most-rated items (fastai book, chapter 8): pc1..pc3 per item."""
+    from ..service.inspect import pca, plot_pca
+
+    with ctx.engine.connect() as conn:
+        out = pca(conn, n)
+    if plot is not None:
+        try:
+            plot_pca(out, plot)
+        except OSError as e:
+            raise CfbError(f"cannot write {plot}: {e.strerror or e}") from None
+        out["plot"] = str(plot)
+    ev = ", ".join(f"PC{k + 1} {v:.1%}" for k, v in enumerate(out["explained_variance"]))
+    lines = [f"explained variance: {ev}", "     pc1     pc2     pc3  title"]
+    lines += [f"{r.get('pc1', 0):+8.3f}{r.get('pc2', 0):+8.3f}{r.get('pc3', 0):+8.3f}  {r['title'] or r['item']}"
+              for r in out["items"]]
+    if plot is not None:
+        lines.append(f"plot written to {plot}")
+    emit(out, as_json, "\n".join(lines))
+
+
+# --- the HTTP server ------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (default: this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token", envvar="CFB_API_TOKEN", help="Require `Authorization: Bearer TOKEN` on writes [env CFB_API_TOKEN].")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Server processes.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+@pass_ctx
+@fail_cleanly
+def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_level: str) -> None:
+    """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
+    from ..service.http import serve as run_server
+
+    click.echo(f"cfb serving http://{host}:{port}/ (API docs at /docs)", err=True)
+    run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level)
+
+
 # --- cold start -----------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--budget", type=click.IntRange(min=0), default=15, show_default=True,

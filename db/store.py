@@ -1,6 +1,7 @@
 """Reads and writes of users, items and ratings (bulk, transactional, SQLite or PostgreSQL)."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ from ..cf_core.errors import CfbError
 from .schema import Base, Item, Rating, Setting, User
 
 CHUNK = 20_000
+BULK_ROWS = 200_000  # a first ingest this large into an empty ratings table takes the bulk path
 
 
 def create_schema(engine: Engine) -> None:
@@ -95,20 +97,41 @@ def lock_rating_writers(conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RATINGS_LOCK_KEY})
 
 
-def write_ratings(conn: Connection, users: list[int], items: list[int], ratings, timestamps,
-                  progress=None) -> int:  # noqa: ANN001
+def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=None) -> int:  # noqa: ANN001
     """Upsert ratings by database ids (latest wins), in the given order; returns the count.
 
-    ``progress(n)`` is called after each chunk of ``n`` rows. Writers are serialised (see
+    Bulk: one prepared upsert through the DB-API cursor's ``executemany`` over plain tuples, in
+    chunks. ``progress(n)`` is called after each chunk of ``n`` rows. Writers are serialised (see
     ``lock_rating_writers``), so call it inside a write transaction that commits promptly."""
     lock_rating_writers(conn)
     seq0 = next_seq(conn)
-    rows = [{"user_id": int(u), "item_id": int(i), "rating": float(r),
-             "timestamp": None if t is None or (isinstance(t, float) and np.isnan(t)) else int(t),
-             "seq": seq0 + k}
-            for k, (u, i, r, t) in enumerate(zip(users, items, ratings, timestamps))]
-    _upsert(conn, Rating.__table__, rows, ["user_id", "item_id"], ["rating", "timestamp", "seq"], progress)
-    return len(rows)
+    ts = np.asarray(timestamps, dtype=object)
+    ts = [None if t is None or (isinstance(t, float) and np.isnan(t)) else int(t) for t in ts.tolist()]
+    n = len(ts)
+    rows = zip(np.asarray(users, np.int64).tolist(), np.asarray(items, np.int64).tolist(),
+               np.asarray(ratings, np.float64).tolist(), ts, range(seq0, seq0 + n))
+    bulk = conn.dialect.name == "sqlite" and n >= BULK_ROWS and seq0 == 1
+    if bulk:  # a first large ingest: key order into the primary key, secondary indexes built once at the end
+        rows = iter(sorted(rows, key=lambda r: (r[0], r[1])))
+        for index in Rating.__table__.indexes:
+            index.drop(conn)
+    mark = "%s" if conn.dialect.name == "postgresql" else "?"
+    sql = (f"INSERT INTO ratings (user_id, item_id, rating, timestamp, seq) VALUES ({', '.join([mark] * 5)}) "
+           "ON CONFLICT (user_id, item_id) DO UPDATE SET rating = excluded.rating, "
+           "timestamp = excluded.timestamp, seq = excluded.seq")
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        for start in range(0, n, CHUNK * 5):
+            chunk = list(itertools.islice(rows, CHUNK * 5))
+            cursor.executemany(sql, chunk)
+            if progress:
+                progress(len(chunk))
+    finally:
+        cursor.close()
+    if bulk:
+        for index in Rating.__table__.indexes:
+            index.create(conn)
+    return n
 
 
 @dataclass

@@ -3,14 +3,14 @@ same ingest, retrain, questionnaire, onboard, recommend and incremental-retrain 
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import text
 
 from ..db import store, versions
 from ..db.engine import make_engine
@@ -135,8 +135,9 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     timings["retrain_s"] = round(time.perf_counter() - t0, 3)
     with engine.connect() as conn:
         avg = _average_user(conn, load_served(conn))  # warm users only: the same at every budget
-        conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
     engine.dispose()
+    with closing(sqlite3.connect(base)) as raw:  # fold the WAL in, so that plain file copies are whole
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # §6 baselines on the warm users' ratings
     warm = ratings[~is_cold]

@@ -54,7 +54,7 @@ def pca(conn: Connection, n: int = 50) -> dict:
     for row, db_id, c in zip(coords, ids, counts[top]):
         ext, title = titles[int(db_id)]
         entry = {"item": ext, "title": title, "ratings": int(c)}
-        entry.update({f"pc{k + 1}": round(float(v), 4) for k, v in enumerate(row)})
+        entry.update({f"pc{k + 1}": round(float(v), 4) + 0.0 for k, v in enumerate(row)})
         items.append(entry)
     return {"version": served.version, "explained_variance": [round(float(r), 4) for r in ratio], "items": items}
 

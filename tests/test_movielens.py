@@ -34,9 +34,10 @@ def test_dot_model_reaches_chapter_8_accuracy(ml_engine):
     assert len(rec["items"]) == 10
 
 
-def test_nn_model_band(ml_engine):
+def test_nn_model_matches_the_books_recipe(ml_engine):
+    """Stock fastai EmbeddingNN (layers 100-50, bs 64, 5 epochs, lr 5e-3, wd 0.1) reaches MSE 0.876 on this split."""
     report = retrain_full(ml_engine, kind="nn", valid_pct=0.2, progress=False)
-    assert report["valid_rmse"] <= 0.98
+    assert report["valid_mse"] <= 0.876
 
 
 def test_real_100k_layout_fields():

@@ -52,6 +52,22 @@ def test_ratings_fold_in_overrides_a_misleading_answer(trained, tmp_path):
     assert high > low
 
 
+@pytest.mark.parametrize("group", ["a", "b"])
+def test_each_of_the_first_ratings_moves_an_unknown_user_to_their_group(trained, group):
+    """No attributes at signup; then the user's first ratings, one at a time, each counted at once:
+    after every one of them the top items are the group's."""
+    from cfb.service.ratings import rate_item
+
+    engine, _ = trained
+    onboard(engine, [("e", {"user": "fresh", "answers": {}})])
+    loved = [f"{group}{i}" for i in ((1, 3, 5) if group == "a" else (21, 23, 25))]
+    for k, item in enumerate(loved, start=1):
+        rate_item(engine, "fresh", item, 5.0)
+        with engine.connect() as conn:
+            rec = recommend(conn, "fresh", n=5)
+        assert [r["item"][0] for r in rec["items"]] == [group] * 5, f"after {k} rating(s)"
+
+
 def test_batch_formats_and_generated_ids(trained, tmp_path):
     engine, _ = trained
     lines = "\n".join(json.dumps({"answers": {"gender": g}}) for g in ("F", "M"))

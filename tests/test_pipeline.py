@@ -155,3 +155,23 @@ def test_rollback_serves_previous_version(trained):
         assert versions.serving_version(conn) == report["version"]
         listed = versions.list_versions(conn)
     assert [v["serving"] for v in listed] == [True, False]
+
+
+def test_bulk_first_ingest_stores_the_same_as_row_order(tmp_path, planted, monkeypatch):
+    """The bulk path of a first large ingest (key order, indexes rebuilt) stores exactly what the
+    ordinary path stores, seq (the write order) included."""
+    from cfb.db import store
+    from cfb.db.engine import make_engine
+
+    tables = []
+    for bulk_rows in (10**9, 10):
+        monkeypatch.setattr(store, "BULK_ROWS", bulk_rows)
+        engine = make_engine(f"sqlite:///{tmp_path / f'{bulk_rows}.db'}")
+        ingest_dataset(engine, planted)
+        with engine.connect() as conn:
+            tables.append(conn.exec_driver_sql(
+                "SELECT user_id, item_id, rating, timestamp, seq FROM ratings ORDER BY seq").all())
+            indexes = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"ix_ratings_seq", "ix_ratings_item_id"} <= indexes
+        engine.dispose()
+    assert tables[0] == tables[1] and len(tables[0]) == len(planted.ratings)

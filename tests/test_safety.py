@@ -90,6 +90,31 @@ def test_second_retrain_fails_clearly_and_serving_continues(trained, db_url):
         assert versions.serving_version(conn) == report["version"]
 
 
+def test_onboarding_during_a_full_retrain(trained, db_url, tmp_path):
+    """A signup while a full retrain trains is stored at once and served from the version serving now;
+    the retrain that then finishes serves the new user too."""
+    engine, report = trained
+    answers = tmp_path / "q.json"
+    answers.write_text(json.dumps({"user": "mid-retrain", "answers": {"gender": "M"}, "ratings": {"b21": 5}}))
+    proc = subprocess.Popen([*cfb_cmd(), "--db", db_url, "retrain", "--full", "--quiet", "--json", "--epochs", "40",
+                             "--bs", "64", "--factors", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_lock(engine, proc)
+    res = subprocess.run([*cfb_cmd(), "--db", db_url, "onboard", "--answers", str(answers), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert proc.poll() is None  # the onboarding did not wait for the retrain
+    rec = subprocess.run([*cfb_cmd(), "--db", db_url, "recommend", "mid-retrain", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert rec.returncode == 0 and json.loads(rec.stdout)[0]["items"]
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    with engine.connect() as conn:
+        assert versions.serving_version(conn) == json.loads(out)["version"] == report["version"] + 1
+    rec = subprocess.run([*cfb_cmd(), "--db", db_url, "recommend", "mid-retrain", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert rec.returncode == 0 and json.loads(rec.stdout)[0]["items"]
+
+
 def test_sigkill_at_any_moment_of_incremental_retrains(trained, db_url):
     """Kill `cfb retrain` (incremental) at spread-out moments: every version is whole or absent."""
     import pandas as pd

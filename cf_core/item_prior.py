@@ -1,0 +1,367 @@
+"""Item cold start: a new item's initial rows from its metadata alone (the bootstrapping idea of
+fastai's chapter 8, applied to items; docs/protocol.md §8).
+
+Metadata encoding (``MetaEncoder``), generic over attribute types and fitted on the training items:
+list-valued attributes (genres, tags, authors) → multi-hot over the values held by at least
+``min_count`` items (at most ``max_vocab``, most frequent first), divided by √(number of known values);
+numbers (year) → one-hot quantile bin of the training items' values (+ a "missing" column); other
+scalars → one-hot of the frequent values (+ "other"). A constant column is always there.
+
+The prior is fitted *to the ratings*, not to trained item rows (a two-stage ridge from metadata to
+trained rows is weak, docs/protocol.md §8): with the version's users as the model sees them held
+fixed, an item is represented by its metadata only, so every training item acts as a new item.
+
+* Rating part: ``item_factors = X W``, ``item_bias = X w``, trained on every training rating with the
+  rating model's trained user rows: min Σ (r − sigmoid_range(u·f_i + b_u + b_i))² + l2 (|W|² + |w|²).
+* Ranking part (the ranker's rows ``out``/``out_bias``): ``rank_out = X V`` (+ a ReLU layer on X when
+  ``hidden``), ``rank_bias = X v``; trained with a full softmax over the training items for each user
+  (user vector: the ranker's vector of the user's full history), every item the user rated in the top
+  quarter of the scale a positive weighted equally, and the serving score's other term,
+  ``rating_weight × predicted rating`` from the rating part, added to the logits, so the rows are
+  trained for the score the version ranks by.
+
+Torch is imported inside ``fit`` only; ``rows``, ``to_arrays``/``from_arrays`` are numpy only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ItemPriorConfig:
+    """Settings (chosen on pseudo-cold items, bench/tune_item_coldstart.py).
+
+    min_count / max_vocab: vocabulary of a list or category attribute (values held by >= min_count
+        training items, at most max_vocab of them); scales with the catalogue.
+    n_bins: quantile bins of a number attribute (edges from the training items' values).
+    crosses: also a multi-hot of (list value, number bin) pairs for every list and number attribute
+        (genre × release-year bin), with the same vocabulary rule.
+    mode: "joint" (fit to the ratings with users fixed, see module doc) or "ridge" (two-stage:
+        ridge regression from metadata to the trained item rows, the §8 reference point).
+    l2 / steps / lr: rating part (full-batch Adam).
+    rank_l2 / rank_steps / rank_lr: ranking part (full-batch Adam on the softmax).
+    hidden: width of a ReLU layer of the ranking part on the metadata (0 = linear).
+    rating_weight: the serving score's weight of the predicted rating (``ServingConfig.rating_weight``).
+    positive_share: top share of the scale that counts as a positive (0.25: >= 4 on 1..5).
+    ridge_alpha: penalty of mode "ridge".
+    """
+
+    min_count: int = 5
+    max_vocab: int = 500
+    n_bins: int = 10
+    crosses: bool = False
+    mode: str = "joint"
+    l2: float = 1e-4
+    steps: int = 300
+    lr: float = 0.05
+    rank_l2: float = 1e-4
+    rank_steps: int = 300
+    rank_lr: float = 0.05
+    hidden: int = 0
+    rating_weight: float = 0.5
+    positive_share: float = 0.25
+    ridge_alpha: float = 10.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ItemPriorConfig":
+        names = {f.name: f for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _is_num(v) -> bool:  # noqa: ANN001
+    if isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+class MetaEncoder:
+    """Item metadata → dense features (see module doc); ``spec`` is plain JSON."""
+
+    def __init__(self, spec: list[dict]):
+        self.spec = spec
+        self._lookup = [{v: k for k, v in enumerate(s.get("vocab", []))} for s in spec]
+
+    @classmethod
+    def fit(cls, item_attributes: list[dict], names: list[str] | tuple[str, ...] | None = None,
+            min_count: int = 5, max_vocab: int = 500, n_bins: int = 10, crosses: bool = False) -> "MetaEncoder":
+        attrs = [a or {} for a in item_attributes]
+        if names is None:
+            names = sorted({k for a in attrs for k in a})
+        spec = []
+        for name in names:
+            vals = [a[name] for a in attrs if a.get(name) is not None]
+            if not vals:
+                continue
+            if any(isinstance(v, (list, tuple, set)) for v in vals):
+                counts: dict = {}
+                for v in vals:
+                    for x in set(v if isinstance(v, (list, tuple, set)) else [v]):
+                        counts[str(x)] = counts.get(str(x), 0) + 1
+                vocab = sorted((x for x, c in counts.items() if c >= min_count), key=lambda x: (-counts[x], x))
+                spec.append({"name": name, "type": "list", "vocab": vocab[:max_vocab]})
+            elif all(_is_num(v) for v in vals):
+                x = np.array([float(v) for v in vals])
+                edges = np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1])).tolist()
+                spec.append({"name": name, "type": "number", "edges": edges})
+            else:
+                counts = {}
+                for v in vals:
+                    counts[str(v)] = counts.get(str(v), 0) + 1
+                vocab = sorted((x for x, c in counts.items() if c >= min_count), key=lambda x: (-counts[x], x))
+                if vocab:
+                    spec.append({"name": name, "type": "category", "vocab": vocab[:max_vocab]})
+        if crosses:
+            lists = [x for x in spec if x["type"] == "list"]
+            numbers = [x for x in spec if x["type"] == "number"]
+            for L in lists:
+                for N in numbers:
+                    probe = cls([{"name": L["name"], "b": N["name"], "type": "cross", "vocab": [],
+                                  "edges": N["edges"]}])
+                    counts = {}
+                    for a in attrs:
+                        for key in probe._cross_keys(probe.spec[0], a):
+                            counts[key] = counts.get(key, 0) + 1
+                    vocab = sorted((x for x, c in counts.items() if c >= min_count), key=lambda x: (-counts[x], x))
+                    spec.append({**probe.spec[0], "vocab": vocab[:max_vocab]})
+        return cls(spec)
+
+    @staticmethod
+    def _cross_keys(s: dict, a: dict) -> list[str]:
+        v, n = a.get(s["name"]), a.get(s["b"])
+        if v is None or n is None or not _is_num(n):
+            return []
+        vs = v if isinstance(v, (list, tuple, set)) else [v]
+        b = int(np.searchsorted(s["edges"], float(n), side="right"))
+        return list(dict.fromkeys(f"{x}|{b}" for x in vs))
+
+    @property
+    def n_features(self) -> int:
+        return 1 + sum(len(s["edges"]) + 2 if s["type"] == "number" else
+                       len(s["vocab"]) + (1 if s["type"] == "category" else 0) for s in self.spec)
+
+    def encode(self, item_attributes: list[dict]) -> np.ndarray:
+        X = np.zeros((len(item_attributes), self.n_features), np.float32)
+        X[:, 0] = 1.0
+        for row, a in enumerate(item_attributes):
+            a = a or {}
+            col = 1
+            for s, look in zip(self.spec, self._lookup):
+                v = a.get(s["name"])
+                if s["type"] == "cross":
+                    hits = [look[x] for x in self._cross_keys(s, a) if x in look]
+                    if hits:
+                        X[row, col + np.array(hits)] = 1.0 / math.sqrt(len(hits))
+                    col += len(s["vocab"])
+                elif s["type"] == "list":
+                    vs = v if isinstance(v, (list, tuple, set)) else ([] if v is None else [v])
+                    hits = [look[str(x)] for x in dict.fromkeys(str(x) for x in vs) if str(x) in look]
+                    if hits:
+                        X[row, col + np.array(hits)] = 1.0 / math.sqrt(len(hits))
+                    col += len(s["vocab"])
+                elif s["type"] == "number":
+                    if v is not None and _is_num(v):
+                        X[row, col + 1 + int(np.searchsorted(s["edges"], float(v), side="right"))] = 1.0
+                    else:
+                        X[row, col] = 1.0
+                    col += len(s["edges"]) + 2
+                else:
+                    k = look.get(str(v)) if v is not None else None
+                    X[row, col + (k if k is not None else len(s["vocab"]))] = 1.0
+                    col += len(s["vocab"]) + 1
+        return X
+
+
+def full_history_user_vectors(ranker, data, attributes: list[dict]) -> np.ndarray:  # noqa: ANN001
+    """The ranker's (``FeatureUserModel``) vector of every user of ``data`` (``CollabData``) from
+    their full history, as organic ratings (``Reveal(budget=None)``): the user side the ranking part
+    is fitted against. ``attributes[u]``: inner user u's attributes."""
+    from .feature_model import Reveal
+
+    order = np.argsort(data.users, kind="stable")
+    bounds = np.searchsorted(data.users[order], np.arange(data.n_users + 1))
+    reveals = [Reveal(attributes[u] if u < len(attributes) else {}, data.items[order[bounds[u]:bounds[u + 1]]],
+                      data.ratings[order[bounds[u]:bounds[u + 1]]], None) for u in range(data.n_users)]
+    return ranker.user_vectors(reveals)
+
+
+class ItemPrior:
+    """Metadata → a new item's initial rows: ``item_factors``/``item_bias`` (rating model) and
+    ``rank_out``/``rank_bias`` (the ranker's output row and bias)."""
+
+    def __init__(self, config: ItemPriorConfig = ItemPriorConfig(), attributes: tuple[str, ...] | None = None,
+                 seed: int = 42):
+        self.config, self.attributes, self.seed = config, attributes, seed
+
+    # ------------------------------------------------------------------------------- training
+    def fit_version(self, model, td, item_attributes: list[dict], rank_vecs: np.ndarray | None = None,  # noqa: ANN001
+                    device: str | None = None) -> "ItemPrior":
+        """Fit on a trained version (``TrainedModel``) and its ``TrainingData``: the rating model's
+        trained user rows; ``rank_vecs`` the ranker's full-history user vectors (None: no ranking part)."""
+        return self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
+                        model.user_bias, model.rating.y_range, td.scale, rank_vecs,
+                        item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
+                        rank_out=None if model.ranker is None else model.ranker.out_,
+                        rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
+
+    fit_model = fit_version
+
+    def fit(self, item_attributes: list[dict], users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+            user_factors: np.ndarray, user_bias: np.ndarray, y_range: tuple[float, float],
+            scale: tuple[float, float], rank_vecs: np.ndarray | None = None, *,
+            item_factors: np.ndarray | None = None, item_bias: np.ndarray | None = None,
+            rank_out: np.ndarray | None = None, rank_bias: np.ndarray | None = None,
+            device: str | None = None) -> "ItemPrior":
+        """``item_attributes[i]``: training item i's metadata; ratings as (inner user, inner item, rating);
+        ``user_factors``/``user_bias`` the rating model's user rows (fixed); ``rank_vecs`` (n_users, d)
+        the ranker's user vectors (fixed). The trained item rows (``item_factors`` …) are needed by
+        mode "ridge" only."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.encoder_ = MetaEncoder.fit(item_attributes, self.attributes, cfg.min_count, cfg.max_vocab, cfg.n_bins,
+                                       cfg.crosses)
+        X = self.encoder_.encode(item_attributes)
+        self.y_range_ = tuple(float(v) for v in y_range)
+        lo, hi = float(scale[0]), float(scale[1])
+        self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
+        k = user_factors.shape[1]
+        d = 0 if rank_vecs is None else rank_vecs.shape[1]
+        if cfg.mode == "ridge":
+            self._fit_ridge(X, item_factors, item_bias, rank_out, rank_bias)
+        else:
+            self._fit_joint(X, np.asarray(users, np.int64), np.asarray(items, np.int64),
+                            np.asarray(ratings, np.float32), user_factors, user_bias, rank_vecs, device)
+        if d == 0:
+            self.V_ = np.zeros((X.shape[1], 0), np.float32)
+            self.v_ = np.zeros(X.shape[1], np.float32)
+            self.hidden_ = []
+        assert self.W_.shape == (X.shape[1], k)
+        self.fit_s_ = round(time.perf_counter() - t0, 3)
+        return self
+
+    def _fit_ridge(self, X, item_factors, item_bias, rank_out, rank_bias) -> None:  # noqa: ANN001
+        def ridge(Y):  # noqa: ANN001
+            A = X.T.astype(np.float64) @ X + self.config.ridge_alpha * np.eye(X.shape[1])
+            return np.linalg.solve(A, X.T.astype(np.float64) @ Y).astype(np.float32)
+
+        self.W_ = ridge(item_factors)
+        self.w_ = ridge(item_bias[:, None])[:, 0]
+        self.hidden_ = []
+        if rank_out is not None:
+            self.V_ = ridge(rank_out)
+            self.v_ = ridge(rank_bias[:, None])[:, 0]
+
+    def _fit_joint(self, X, users, items, ratings, user_factors, user_bias, rank_vecs, device) -> None:  # noqa: ANN001
+        import torch
+
+        cfg = self.config
+        torch.manual_seed(self.seed)
+        dev = device or "cpu"
+        t = lambda a, dt=torch.float32: torch.as_tensor(np.asarray(a), dtype=dt, device=dev)  # noqa: E731
+        Xt, U, bu = t(X), t(user_factors), t(user_bias)
+        ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)
+        lo, hi = self.y_range_
+        p, k = X.shape[1], U.shape[1]
+        W = torch.zeros((p, k), device=dev, requires_grad=True)
+        w = torch.zeros(p, device=dev)
+        # start the bias at the logit of the global mean minus the mean user bias
+        m = float(np.clip((ratings.mean() - lo) / (hi - lo), 1e-3, 1 - 1e-3))
+        w[0] = math.log(m / (1 - m)) - float(np.mean(user_bias))
+        w.requires_grad_(True)
+        opt = torch.optim.Adam([W, w], lr=cfg.lr)
+        Ur = U[ut]
+        for _ in range(cfg.steps):
+            opt.zero_grad()
+            f, b = Xt @ W, Xt @ w
+            pred = lo + (hi - lo) * torch.sigmoid((Ur * f[it]).sum(1) + bu[ut] + b[it])
+            loss = ((pred - rt) ** 2).mean() + cfg.l2 * ((W ** 2).sum() + (w[1:] ** 2).sum())
+            loss.backward()
+            opt.step()
+        self.W_ = W.detach().cpu().numpy().astype(np.float32)
+        self.w_ = w.detach().cpu().numpy().astype(np.float32)
+        self.rating_loss_ = float(loss.detach())
+        self.hidden_ = []
+        if rank_vecs is None:
+            return
+        # ranking part: full softmax over the training items per user, positives weighted equally
+        n_users, n_items = len(user_factors), X.shape[0]
+        R = t(rank_vecs)
+        pos = ratings >= self.threshold_
+        Y = torch.zeros((n_users, n_items), device=dev)
+        Y[ut[t(pos, torch.bool)], it[t(pos, torch.bool)]] = 1.0
+        has = Y.sum(1) > 0
+        R, Y = R[has], Y[has]
+        with torch.no_grad():  # the serving score's rating term, fixed
+            f, b = Xt @ W, Xt @ w
+            offset = cfg.rating_weight * (lo + (hi - lo) * torch.sigmoid(U[has] @ f.T + bu[has][:, None] + b[None]))
+        d = R.shape[1]
+        V = torch.zeros((p, d), device=dev, requires_grad=True)
+        v = torch.zeros(p, device=dev, requires_grad=True)
+        params = [V, v]
+        if cfg.hidden:
+            A = (torch.randn((p, cfg.hidden), device=dev) / math.sqrt(p)).requires_grad_(True)
+            a = torch.zeros(cfg.hidden, device=dev, requires_grad=True)
+            B = torch.zeros((cfg.hidden, d), device=dev, requires_grad=True)
+            params += [A, a, B]
+        opt = torch.optim.Adam(params, lr=cfg.rank_lr)
+        n_pos = Y.sum()
+        for _ in range(cfg.rank_steps):
+            opt.zero_grad()
+            out = Xt @ V
+            if cfg.hidden:
+                out = out + torch.relu(Xt @ A + a) @ B
+            logits = R @ out.T + (Xt @ v)[None] + offset
+            loss = -(torch.log_softmax(logits, 1) * Y).sum() / n_pos
+            reg = (V ** 2).sum() + (v[1:] ** 2).sum() + (sum((q ** 2).sum() for q in params[2:]) if cfg.hidden else 0)
+            (loss + cfg.rank_l2 * reg).backward()
+            opt.step()
+        self.rank_loss_ = float(loss.detach())
+        self.V_ = V.detach().cpu().numpy().astype(np.float32)
+        self.v_ = v.detach().cpu().numpy().astype(np.float32)
+        if cfg.hidden:
+            self.hidden_ = [x.detach().cpu().numpy().astype(np.float32) for x in (A, a, B)]
+
+    # ------------------------------------------------------------------------------- inference
+    def rows(self, item_attributes: list[dict]) -> dict[str, np.ndarray]:
+        """The new items' initial rows: ``item_factors`` (n, k), ``item_bias`` (n,) for the rating
+        model; ``rank_out`` (n, d), ``rank_bias`` (n,) for the ranker (d = 0 when fitted without one)."""
+        X = self.encoder_.encode(item_attributes)
+        out = X @ self.V_
+        if self.hidden_:
+            A, a, B = self.hidden_
+            out = out + np.maximum(X @ A + a, 0) @ B
+        return {"item_factors": (X @ self.W_).astype(np.float32), "item_bias": (X @ self.w_).astype(np.float32),
+                "rank_out": out.astype(np.float32), "rank_bias": (X @ self.v_).astype(np.float32)}
+
+    # ------------------------------------------------------------------------------- persistence
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        meta = {"config": self.config.to_json(), "seed": self.seed, "attributes": self.attributes,
+                "encoder": self.encoder_.spec, "y_range": list(self.y_range_), "threshold": self.threshold_}
+        out = {"meta_json": np.array(json.dumps(meta)), "W": self.W_, "w": self.w_, "V": self.V_, "v": self.v_}
+        for k, h in enumerate(self.hidden_):
+            out[f"hidden_{k}"] = h
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "ItemPrior":
+        meta = json.loads(str(np.asarray(a["meta_json"])[()]))
+        attrs = meta["attributes"]
+        m = cls(ItemPriorConfig.from_json(meta["config"]), tuple(attrs) if attrs is not None else None,
+                int(meta["seed"]))
+        m.encoder_ = MetaEncoder(meta["encoder"])
+        m.y_range_ = tuple(float(v) for v in meta["y_range"])
+        m.threshold_ = float(meta["threshold"])
+        m.W_, m.w_ = np.asarray(a["W"], np.float32), np.asarray(a["w"], np.float32)
+        m.V_, m.v_ = np.asarray(a["V"], np.float32), np.asarray(a["v"], np.float32)
+        m.hidden_ = [np.asarray(a[f"hidden_{k}"], np.float32) for k in range(3) if f"hidden_{k}" in a]
+        return m

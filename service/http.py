@@ -1,0 +1,689 @@
+"""`cfb serve`: the JSON API and the web page over one database (FastAPI, served by uvicorn).
+
+Every answer is what the CLI's ``--json`` prints for the same question, computed by the same
+service functions (numpy only: no torch in the server process). A user's recommendations are
+computed from their stored answers and ratings on every request, so a rating counts at once; the
+serving version is read from the database on every request too, so a version written by another
+process (a retrain, a rollback) is served from the next request on.
+
+Reads run on the event loop (each is a few SQLite reads and a little numpy: faster than a hop to
+the thread pool, measured in bench/bench_http.py); writes run in the thread pool, since a write may
+wait for the database's write lock. On SQLite, recommendations take a fast path that reads the
+same rows with the driver's own cursor (``_FastReader``); its answers equal ``serving.recommend``'s
+(tests/test_http.py checks it)."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+from html import escape
+from pathlib import Path
+from string import Template
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+
+from ..cf_core.errors import CfbError, InputError
+from ..cf_core.model import UserHistory
+from ..db import versions
+from ..db.engine import make_engine, writing
+from . import serving
+from .state import load_served
+
+MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
+MAX_N = 100
+WEB = Path(__file__).parent / "web"
+POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message[, "field": name]}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
+    """``obj`` as JSON (UTF-8, like the CLI's ``--json``)."""
+    body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _error_status(e: CfbError) -> int:
+    msg = str(e)
+    if msg.startswith("unknown user") or msg.startswith("unknown item"):
+        return 404
+    if msg.startswith("no trained model yet"):
+        return 503
+    if "is not in the serving model yet" in msg:
+        return 409
+    return 422
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose declared Content-Length is over ``max_body`` gets 413 at once
+    (a chunked body is counted while it is read: see ``read_json``)."""
+
+    def __init__(self, app, max_body: int = MAX_BODY):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    try:
+                        too_big = int(value) > self.max_body
+                    except ValueError:
+                        too_big = None
+                    if too_big is not False:
+                        status, msg = (413, f"request body over {self.max_body} bytes") if too_big else (
+                            400, "invalid Content-Length")
+                        await json_response({"error": msg}, status)(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)
+
+
+# --- fast reads on SQLite ---------------------------------------------------------------------
+class _FastReader:
+    """A user's recommendations read with the SQLite driver's own cursor (a pooled connection, one
+    read transaction per request): the rows ``state.user_history`` reads, without the cost of
+    building SQLAlchemy statements for each, and the answer reused while nothing it depends on changed."""
+
+    SQL_VERSION = "SELECT value FROM settings WHERE key = 'serving_version'"
+    SQL_USER = ("SELECT u.id, u.attributes, a.ratings, f.bias, f.factors FROM users u "
+                "LEFT JOIN answers a ON a.user_id = u.id "
+                "LEFT JOIN user_factors f ON f.user_id = u.id AND f.version_id = ? WHERE u.external_id = ?")
+    SQL_RATINGS = "SELECT item_id, rating, seq FROM ratings WHERE user_id = ? ORDER BY seq"
+    SQL_STAMP = "SELECT count(*), max(seq) FROM ratings WHERE user_id = ?"
+
+    def __init__(self, engine: Engine, cache_size: int = 10_000):
+        self.engine = engine
+        self.roots: dict[int, int] = {}  # version -> its full ancestor (versions never change)
+        self.item_ids: dict[str, int] = {}  # external id -> database id (neither ever changes)
+        self.served: dict = {}  # the last few versions' state.Served (what load_served caches)
+        # (user, n, by) -> (everything the answer depends on, top items, scores): a user asking again
+        # with nothing changed (same version, attributes, answers, ratings) gets the same items
+        # without recomputing them; any change (a rating gets a new seq) recomputes at once.
+        self.cache: dict | None = {} if cache_size > 0 else None
+        self.cache_size = cache_size
+
+    def _root(self, version: int) -> int:
+        if version not in self.roots:
+            with self.engine.connect() as conn:
+                self.roots[version] = versions.chain(conn, version)[0]
+        return self.roots[version]
+
+    def recommend(self, user: str, n: int, by: str) -> dict:
+        raw = self.engine.raw_connection()  # from the engine's pool: its pragmas (WAL, busy timeout)
+        try:
+            return self._recommend(raw, user, n, by)
+        finally:
+            raw.close()  # back to the pool
+
+    def _recommend(self, raw, user: str, n: int, by: str) -> dict:
+        cur = raw.cursor()
+        cur.execute("BEGIN")  # one snapshot for every read below
+        try:
+            row = cur.execute(self.SQL_VERSION).fetchone()
+            if not row or not row[0]:
+                raise CfbError("no trained model yet: run `cfb retrain --full` first")
+            version = int(row[0])
+            served = self._served(version)
+            hit = cur.execute(self.SQL_USER, (self._root(version), str(user))).fetchone()
+            if hit is None:
+                raise CfbError(f"unknown user {str(user)!r}")
+            uid, attrs, answer, bias, factors = hit
+            state = (version, attrs, answer, factors is not None, tuple(cur.execute(self.SQL_STAMP, (uid,)).fetchone()))
+            key = (uid, n, by)
+            hit = self.cache.get(key) if self.cache is not None else None
+            if hit is not None and hit[0] == state:
+                top, scores = hit[1], hit[2]
+            else:
+                top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
+                if self.cache is not None:
+                    if len(self.cache) >= self.cache_size:
+                        try:
+                            self.cache.pop(next(iter(self.cache)), None)  # the oldest entry
+                        except (RuntimeError, StopIteration):  # another thread changed it meanwhile
+                            pass
+                    self.cache[key] = (state, top, scores)
+            model = served.model
+            ids = [int(i) for i in model.item_ids[top]]
+            titles = {}
+            if ids:
+                titles = {r[0]: (r[1], r[2]) for r in cur.execute(
+                    f"SELECT id, external_id, title FROM items WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        finally:
+            cur.execute("COMMIT")
+            cur.close()
+        return {"user": str(user), "items": [{"item": titles[i][0], "title": titles[i][1], "score": round(float(s), 4)}
+                                             for i, s in zip(ids, scores)]}
+
+    def _compute(self, cur, served, uid, attrs, answer, bias, factors, n: int, by: str):
+        """(top inner items, their predicted ratings): what ``serving.recommend`` computes."""
+        attrs = json.loads(attrs) if isinstance(attrs, str) else attrs
+        rows = cur.execute(self.SQL_RATINGS, (uid,)).fetchall()
+        if rows:
+            arr = np.array(rows, dtype=np.float64)
+            items, ratings, seq = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.float32), arr[:, 2]
+        else:
+            items, ratings, seq = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0)
+        row_ = None
+        if factors is not None:
+            row_ = (np.frombuffer(factors, dtype="<f4").astype(np.float32), float(bias))
+        signup = frozenset()
+        answer = json.loads(answer) if isinstance(answer, str) else answer
+        if answer:
+            signup = frozenset(self._item_ids(cur, [str(k) for k in answer]))
+        history = UserHistory(attrs or {}, items, ratings, newer=seq > served.root_seq, signup_items=signup,
+                              trained_row=row_)
+        model = served.model
+        vector = model.user_vector(history)
+        top = model.recommend(vector, model.item_index(history.items), n, by)
+        scores = model.predict(vector, top)
+        return top, scores
+
+    def _item_ids(self, cur, keys: list[str]) -> list[int]:
+        missing = [k for k in keys if k not in self.item_ids]
+        for start in range(0, len(missing), 900):
+            part = missing[start:start + 900]
+            self.item_ids.update(cur.execute(
+                f"SELECT external_id, id FROM items WHERE external_id IN ({','.join('?' * len(part))})", part).fetchall())
+        return [self.item_ids[k] for k in keys if k in self.item_ids]
+
+    def _served(self, version: int):
+        served = self.served.get(version)
+        if served is None:
+            with self.engine.connect() as conn:
+                served = load_served(conn, version)
+            while len(self.served) >= 4:  # a long-running server sees many versions: keep the latest few
+                self.served.pop(next(iter(self.served)))
+            self.served[version] = served
+        return served
+
+
+# --- one signup, without reading the whole catalogue ------------------------------------------------
+class _Lookup:
+    """A read-only mapping answered by one query per key (``get``, ``in``), for ``SignupValidator``."""
+
+    def __init__(self, conn, stmt, many: bool = False):
+        self.conn, self.stmt, self.many, self.seen = conn, stmt, many, {}
+
+    def get(self, key, default=None):
+        key = str(key)
+        if key not in self.seen:
+            rows = self.conn.execute(self.stmt, {"key": key}).scalars().all()
+            self.seen[key] = rows if self.many else (rows[0] if rows else None)
+        value = self.seen[key]
+        return default if value is None or value == [] else value
+
+    def __contains__(self, key) -> bool:
+        return self.get(key) is not None
+
+
+def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict:
+    """``onboard(engine, [(where, entry)])`` for one entry: the same checks (``SignupValidator.validate``)
+    and the same rows (``store_signup``), with the catalogue and the users looked up per key instead of
+    read whole (a signup costs the same with 1,000 or 1,000,000 users)."""
+    from sqlalchemy import bindparam, select
+
+    from ..db import store
+    from ..db.schema import Item, User
+    from .onboard import SignupValidator, store_signup
+
+    with writing(engine) as conn:
+        served = load_served(conn)
+        validator = SignupValidator.__new__(SignupValidator)
+        validator.questionnaire = served.model.questionnaire
+        validator.scale = store.rating_scale(conn)
+        validator.items = _Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key")))
+        validator.titles = _Lookup(conn, select(Item.id).where(Item.title == bindparam("key")), many=True)
+        validator.known_users = _Lookup(conn, select(User.id).where(User.external_id == bindparam("key")))
+        validator.batch_users = set()
+        signup = validator.validate(where, entry)
+        if signup.user is None:  # onboard's `new-N` (N = the next row id), without reading every user
+            n = int(conn.scalar(select(User.id).order_by(User.id.desc()).limit(1)) or 0) + 1
+            while f"new-{n}" in validator.known_users:
+                n += 1
+            signup.user = f"new-{n}"
+        external, _ = store_signup(conn, served, signup)
+    return {"version": served.version, "onboarded": [{"user": external, "ratings": len(signup.ratings)}],
+            "skipped": []}
+
+
+# --- the app ---------------------------------------------------------------------------------------
+def _page(title: str, body: str, token_required: bool = False) -> HTMLResponse:
+    base = Template((WEB / "templates" / "base.html").read_text(encoding="utf-8"))
+    return HTMLResponse(base.substitute(title=escape(title), body=body,
+                                        token_required="true" if token_required else "false"))
+
+
+def _item_href(item: str) -> str:
+    return escape("/item/" + quote(str(item), safe=""))
+
+
+def _user_href(user: str) -> str:
+    return escape("/user/" + quote(str(user), safe=""))
+
+
+def _name(entry: dict) -> str:
+    return escape(str(entry.get("title") or entry.get("item")))
+
+
+def create_app(engine_or_url: Engine | str | None = None, token: str | None = None, max_body: int = MAX_BODY,
+               fast_path: bool = True, reads_in_threadpool: bool | None = None,
+               cache_size: int | None = None) -> FastAPI:
+    """The API and web page over ``engine_or_url`` (an Engine or a database URL; None: the CLI's default).
+
+    With ``token``, every request that writes must carry ``Authorization: Bearer <token>``.
+    ``reads_in_threadpool`` (default: ``$CFB_HTTP_READS == "thread"``) computes recommendations in
+    the thread pool instead of on the event loop: slower, measured by bench/bench_http.py.
+    ``cache_size`` (default ``$CFB_HTTP_CACHE`` or 10,000; 0: none) bounds the users whose last
+    answer is kept for when they ask again with nothing changed."""
+    if cache_size is None:
+        cache_size = int(os.environ.get("CFB_HTTP_CACHE") or 10_000)
+    if reads_in_threadpool is None:
+        reads_in_threadpool = os.environ.get("CFB_HTTP_READS", "") == "thread"
+    engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
+    fast = _FastReader(engine, cache_size) if fast_path and engine.dialect.name == "sqlite" else None
+    token = token or None
+
+    async def _poll_versions() -> None:
+        """Load a new serving version into memory as soon as it appears (before a request needs it)."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                await run_in_threadpool(_load_serving)
+            except Exception:  # noqa: BLE001 - an empty or busy database: the requests will say so
+                pass
+
+    def _load_serving() -> None:
+        with engine.connect() as conn:
+            if versions.serving_version(conn) is not None:
+                load_served(conn)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.create_task(_poll_versions())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="cfb", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description="Cold-start collaborative filtering: the same answers as the `cfb` CLI's `--json`. "
+                              "Writing endpoints need `Authorization: Bearer <token>` when the server has a token.")
+    app.state.engine = engine
+
+    # --- plumbing: errors, body limit, auth ---------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, e: ApiError):
+        body = {"error": e.message}
+        if e.field:
+            body["field"] = e.field
+        return json_response(body, e.status, e.headers)
+
+    @app.exception_handler(CfbError)
+    async def _cfb_error(_request: Request, e: CfbError):
+        body = {"error": str(e)}
+        if isinstance(e, InputError) and e.field:
+            body["field"] = e.field
+        return json_response(body, _error_status(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, e: RequestValidationError):
+        err = (e.errors() or [{}])[0]
+        loc = [str(x) for x in err.get("loc", ())]
+        field = loc[-1] if loc else None
+        where = f"{loc[0]} parameter '{field}'" if len(loc) >= 2 and loc[0] in ("query", "path") else f"field '{field}'"
+        return json_response({"error": f"{where}: {err.get('msg', 'invalid')}", "field": field}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException):
+        return json_response({"error": str(e.detail)}, e.status_code, getattr(e, "headers", None))
+
+    app.add_middleware(BodyLimit, max_body=max_body)
+
+    async def read_json(request: Request) -> dict:
+        """The request body as a JSON object, at most ``max_body`` bytes (also when chunked)."""
+        size, chunks = 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise ApiError(413, f"request body over {max_body} bytes")
+            chunks.append(chunk)
+        from .onboard import _first_non_finite, _loads
+
+        try:
+            doc = _loads(b"".join(chunks).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(422, f"request body: invalid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
+        except RecursionError:
+            raise ApiError(422, "request body: JSON nested too deeply") from None
+        bad = _first_non_finite(doc)
+        if bad is not None:
+            raise ApiError(422, f"request body, field '{bad[0]}': {bad[1]} is not allowed: numbers must be finite",
+                           field=bad[0] or None)
+        if not isinstance(doc, dict):
+            raise ApiError(422, "request body: expected a JSON object")
+        return doc
+
+    def check_token(request: Request) -> None:
+        if token is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(401, "this server needs `Authorization: Bearer <token>` to write",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    # --- JSON API ----------------------------------------------------------------------------------
+    @app.get("/health", tags=["api"], summary="Liveness and the serving model version")
+    async def health():
+        with engine.connect() as conn:
+            return json_response({"status": "ok", "version": versions.serving_version(conn)})
+
+    @app.get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)")
+    async def questionnaire(budget: int = Query(15, ge=0, le=1000, description="Number of items to ask about")):
+        from .onboard import questionnaire_json
+
+        with engine.connect() as conn:
+            return json_response(questionnaire_json(conn, budget))
+
+    signup_schema = {"type": "object", "additionalProperties": False, "properties": {
+        "user": {"type": "string", "description": "external user id (default: one is assigned)"},
+        "answers": {"type": "object", "description": "attribute answers, as named by GET /questionnaire"},
+        "ratings": {"type": "object", "additionalProperties": {"type": "number"},
+                    "description": "item id or exact title -> rating; leave out items not seen"}},
+        "example": {"answers": {"gender": "F"}, "ratings": {"50": 5, "181": 4}}}
+
+    @app.post("/users", status_code=201, tags=["api"], summary="Sign a user up (`cfb onboard` with one entry)",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": signup_schema}}}},
+              responses={201: {"description": '{"user": id, "ratings": k, "version": v}'},
+                         409: {"description": "the user id exists"}, 422: {"description": "invalid answers"}})
+    async def create_user(request: Request):
+        check_token(request)
+        entry = await read_json(request)
+
+        def run():
+            try:
+                return signup_one(engine, entry)
+            except InputError as e:
+                if e.field == "user" and "already exists" in str(e):
+                    raise ApiError(409, str(e), "user") from None
+                raise ApiError(422, str(e), e.field) from None
+            except IntegrityError:  # a concurrent signup took the id first
+                raise ApiError(409, f"request body, field 'user': user {entry.get('user')!r} already exists",
+                               "user") from None
+
+        out = await run_in_threadpool(run)
+        done = out["onboarded"][0]
+        return json_response({"user": done["user"], "ratings": done["ratings"], "version": out["version"]}, 201,
+                             {"Location": f"/users/{quote(done['user'], safe='')}/recommendations"})
+
+    @app.get("/users/{user}/recommendations", tags=["api"], summary="Top n items for a user (`cfb recommend --json`)",
+             responses={404: {"description": "unknown user"}})
+    async def recommendations(user: str, n: int = Query(10, ge=1, le=MAX_N),
+                              by: str = Query("rank", pattern="^(rank|rating)$")):
+        if fast is not None:
+            if reads_in_threadpool:
+                return json_response(await run_in_threadpool(fast.recommend, user, n, by))
+            return json_response(fast.recommend(user, n, by))
+
+        def run():
+            with engine.connect() as conn:
+                return serving.recommend(conn, user, n, by)
+
+        return json_response(await run_in_threadpool(run) if reads_in_threadpool else run())
+
+    rating_schema = {"type": "object", "required": ["item", "rating"], "additionalProperties": False,
+                     "properties": {"item": {"type": "string", "description": "item id or exact title"},
+                                    "rating": {"type": "number"}},
+                     "example": {"item": "50", "rating": 5}}
+
+    @app.post("/users/{user}/ratings", status_code=201, tags=["api"], summary="Store a rating (`cfb rate --json`)",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": rating_schema}}}},
+              responses={404: {"description": "unknown user or item"}, 422: {"description": "invalid rating"}})
+    async def rate(user: str, request: Request):
+        check_token(request)
+        body = await read_json(request)
+        extra = sorted(set(body) - {"item", "rating"})
+        if extra:
+            raise ApiError(422, f"request body, field '{extra[0]}': unknown key(s) {', '.join(extra)}", extra[0])
+        for key in ("item", "rating"):
+            if key not in body:
+                raise ApiError(422, f"request body, field '{key}': missing", key)
+        item, rating = body["item"], body["rating"]
+        if isinstance(item, (dict, list, bool)) or item is None or not str(item).strip():
+            raise ApiError(422, "request body, field 'item': expected an item id or title", "item")
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)):
+            raise ApiError(422, f"request body, field 'rating': expected a number, got {rating!r}", "rating")
+        from .ratings import rate_item
+
+        def run():
+            try:
+                return rate_item(engine, user, str(item), float(rating))
+            except CfbError as e:
+                msg = str(e)
+                field = ("item" if msg.startswith("unknown item") or "titled" in msg else
+                         "rating" if "outside the scale" in msg else None)
+                raise ApiError(_error_status(e), msg, field) from None
+
+        return json_response(await run_in_threadpool(run), 201)
+
+    @app.get("/items/{item:path}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
+             responses={404: {"description": "unknown item"}})
+    async def similar(item: str, n: int = Query(10, ge=1, le=MAX_N)):
+        with engine.connect() as conn:
+            return json_response(serving.similar(conn, item, n))
+
+    @app.get("/models", tags=["api"], summary="Model versions (`cfb models --json`)")
+    async def models():
+        with engine.connect() as conn:
+            return json_response(versions.list_versions(conn))
+
+    @app.get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)")
+    async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N), min_ratings: int = Query(0, ge=0)):
+        with engine.connect() as conn:
+            return json_response(serving.biases(conn, n, min_ratings))
+
+    @app.get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)")
+    async def inspect_pca(n: int = Query(50, ge=2, le=5000)):
+        from .inspect import pca
+
+        with engine.connect() as conn:
+            return json_response(pca(conn, n))
+
+    # --- docs, offline ---------------------------------------------------------------------------
+    swagger = _swagger_dir()
+    if swagger is not None:
+        app.mount("/static/swagger", StaticFiles(directory=swagger), name="swagger")
+    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        if swagger is None:
+            return HTMLResponse("<!doctype html><title>cfb API</title><p>Swagger UI is not installed "
+                                "(pip install swagger-ui-bundle-v2); the schema is at "
+                                "<a href='/openapi.json'>/openapi.json</a>.</p>")
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="cfb API",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
+
+    # --- web pages ---------------------------------------------------------------------------------
+    def _scale(conn) -> list[float]:
+        from ..db import store
+
+        scale = store.rating_scale(conn) or (1.0, 5.0)
+        lo, hi = scale
+        return [float(x) for x in np.arange(lo, hi + 1e-9, 1.0)] if hi - lo <= 20 else [lo, hi]
+
+    def _rating_select(scale: list[float], name: str, item: str, blank: str) -> str:
+        opts = [f"<option value=''>{escape(blank)}</option>"]
+        opts += [f"<option value='{v:g}'>{v:g}</option>" for v in scale]
+        return (f"<select name='{escape(name)}' data-item='{escape(str(item))}' "
+                f"aria-label='rating'>{''.join(opts)}</select>")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home(budget: int = Query(15, ge=0, le=100)):
+        from .onboard import questionnaire_json
+
+        with engine.connect() as conn:
+            try:
+                q = questionnaire_json(conn, budget)
+            except CfbError as e:
+                return _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>")
+            scale = _scale(conn)
+        rows = []
+        for a in q["attributes"]:
+            name = escape(a["name"])
+            if a.get("type") == "category":
+                opts = "".join(f"<option>{escape(str(v))}</option>" for v in a.get("values") or [])
+                field = f"<select name='{name}' data-attr='{name}'><option value=''>(no answer)</option>{opts}</select>"
+            elif a.get("type") == "number":
+                field = f"<input type='number' step='any' name='{name}' data-attr='{name}' data-number='1'>"
+            else:
+                field = f"<input type='text' name='{name}' data-attr='{name}'>"
+            rows.append(f"<label>{name} {field}</label>")
+        items = [f"<li><span class='title'>{_name(it)}</span> "
+                 f"{_rating_select(scale, 'rate', it['item'], 'not seen')}</li>" for it in q["items"]]
+        body = (f"<h1>Sign up</h1><form id='signup'>"
+                f"<fieldset><legend>About you</legend>"
+                f"<label>user id (optional) <input type='text' name='user' id='user-id'></label>"
+                f"{''.join(rows)}</fieldset>"
+                f"<fieldset><legend>Rate what you have seen</legend><ol class='rate-items'>{''.join(items)}</ol>"
+                f"</fieldset><button type='submit' id='signup-submit'>Sign up and get recommendations</button>"
+                f"<p id='signup-error' class='error' role='alert'></p></form>"
+                f"<p class='small'>Model version {q['version']}.</p>")
+        return _page("cfb: sign up", body, token is not None)
+
+    @app.get("/user/{user}", response_class=HTMLResponse, include_in_schema=False)
+    def user_page(user: str, n: int = Query(10, ge=1, le=MAX_N)):
+        with engine.connect() as conn:
+            try:
+                rec = serving.recommend(conn, user, n)
+            except CfbError as e:
+                page = _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>", token is not None)
+                page.status_code = _error_status(e)
+                return page
+            scale = _scale(conn)
+        items = "".join(_rec_row(it, scale) for it in rec["items"])
+        body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
+                f"<p>Rate any of them: the list updates at once.</p>"
+                f"<ol id='recs' data-user='{escape(rec['user'])}' data-n='{n}' "
+                f"data-scale='{escape(json.dumps(scale))}'>{items}</ol>"
+                f"<p id='rate-status' role='status'></p><p id='rate-error' class='error' role='alert'></p>")
+        return _page(f"cfb: {rec['user']}", body, token is not None)
+
+    def _rec_row(it: dict, scale: list[float]) -> str:
+        return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{_item_href(it['item'])}'>"
+                f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
+                f"{_rating_select(scale, 'rate', it['item'], 'rate…')}</li>")
+
+    @app.get("/item/{item:path}", response_class=HTMLResponse, include_in_schema=False)
+    def item_page(item: str, n: int = Query(10, ge=1, le=MAX_N)):
+        with engine.connect() as conn:
+            try:
+                out = serving.similar(conn, item, n)
+            except CfbError as e:
+                page = _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>", token is not None)
+                page.status_code = _error_status(e)
+                return page
+        rows = "".join(f"<li><a href='{_item_href(it['item'])}'>{_name(it)}</a> "
+                       f"<span class='score'>{it['score']:.3f}</span></li>" for it in out["items"])
+        body = (f"<h1 id='item-title'>{_name(out)}</h1><p class='small'>item {escape(str(out['item']))}</p>"
+                f"<h2>Similar items</h2><ol id='similar'>{rows}</ol>")
+        return _page(f"cfb: {out.get('title') or out['item']}", body, token is not None)
+
+    @app.get("/explore", response_class=HTMLResponse, include_in_schema=False)
+    def explore(n: int = Query(50, ge=2, le=500), min_ratings: int = Query(0, ge=0)):
+        from .inspect import pca, pca_svg
+
+        with engine.connect() as conn:
+            try:
+                result = pca(conn, n)
+            except CfbError as e:
+                return _page("cfb: explore", f"<h1>Explore</h1><p class='error'>{escape(str(e))}</p>")
+            try:
+                b = serving.biases(conn, 10, min_ratings)
+                biases_html = "".join(
+                    f"<div><h2>{label} bias</h2><ol>" + "".join(
+                        f"<li><a href='{_item_href(it['item'])}'>{_name(it)}</a> "
+                        f"<span class='score'>{it['score']:+.3f}</span></li>" for it in b[key]) + "</ol></div>"
+                    for label, key in (("Lowest", "lowest"), ("Highest", "highest")))
+            except CfbError as e:
+                biases_html = f"<p class='error'>{escape(str(e))}</p>"
+        ev = ", ".join(f"PC{k + 1} {v:.0%}" for k, v in enumerate(result["explained_variance"]))
+        body = (f"<h1>Explore the model (version {result['version']})</h1>"
+                f"<h2>Item factors of the {len(result['items'])} most-rated items: PCA</h2>"
+                f"<p class='small'>Share of variance: {escape(ev)}. Items close together are liked by the same "
+                f"people. <a href='/inspect/pca?n={n}'>JSON</a></p>"
+                f"<figure id='pca'>{pca_svg(result)}</figure>"
+                f"<section class='biases'>{biases_html}</section>")
+        return _page("cfb: explore", body)
+
+    return app
+
+
+def _swagger_dir() -> str | None:
+    """Swagger UI's files from a pip package (``swagger-ui-bundle-v2``), so /docs works offline."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    return str(swagger_ui_path) if Path(swagger_ui_path, "swagger-ui-bundle.js").exists() else None
+
+
+def one_blas_thread() -> None:
+    """Serve on one BLAS thread per process: a request's matrix products are small, and OpenBLAS's
+    threads only contend with the other requests (about 30% less time per request, bench/bench_http.py)."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")  # for worker processes started from here
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn's dependency; without it the environment above still holds for workers
+        return
+    threadpool_limits(limits=int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
+
+
+def app_from_env() -> FastAPI:
+    """The app for ``uvicorn --factory`` (several workers): URL and token from the environment."""
+    one_blas_thread()
+    return create_app(os.environ.get("CFB_DATABASE_URL") or None, os.environ.get("CFB_API_TOKEN") or None)
+
+
+def serve(url: str | None = None, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          workers: int = 1, log_level: str = "warning") -> None:
+    """Run the server (blocks). With ``workers`` > 1, uvicorn forks that many processes."""
+    import uvicorn
+
+    from ..db.engine import resolve_url
+
+    url = resolve_url(url)
+    one_blas_thread()
+    if workers > 1:
+        os.environ["CFB_DATABASE_URL"] = url
+        if token:
+            os.environ["CFB_API_TOKEN"] = token
+        uvicorn.run("cfb.service.http:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, access_log=False)
+    else:
+        uvicorn.run(create_app(url, token), host=host, port=port, log_level=log_level, access_log=False)

@@ -1,0 +1,121 @@
+// cfb web page: sign-up, and recommendations that update in place when an item is rated.
+// Every text from the data is set with textContent (data is never parsed as HTML), so titles stay text.
+"use strict";
+
+(function () {
+  var tokenRequired = document.body.dataset.tokenRequired === "true";
+  var tokenInput = document.getElementById("api-token");
+  if (tokenRequired && tokenInput) {
+    document.getElementById("token-box").hidden = false;
+    tokenInput.value = sessionStorage.getItem("cfbToken") || "";
+    tokenInput.addEventListener("change", function () { sessionStorage.setItem("cfbToken", tokenInput.value); });
+  }
+
+  function headers() {
+    var h = { "Content-Type": "application/json", "Accept": "application/json" };
+    var t = tokenInput ? tokenInput.value : "";
+    if (t) { h["Authorization"] = "Bearer " + t; }
+    return h;
+  }
+
+  function api(method, url, body) {
+    return fetch(url, { method: method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body) })
+      .then(function (r) {
+        return r.json().catch(function () { return {}; }).then(function (data) {
+          if (!r.ok) { throw new Error(data.error || ("HTTP " + r.status)); }
+          return data;
+        });
+      });
+  }
+
+  // --- sign up ---------------------------------------------------------------------------------
+  var signup = document.getElementById("signup");
+  if (signup) {
+    signup.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var err = document.getElementById("signup-error");
+      err.textContent = "";
+      var entry = { answers: {}, ratings: {} };
+      var user = document.getElementById("user-id").value.trim();
+      if (user) { entry.user = user; }
+      signup.querySelectorAll("[data-attr]").forEach(function (el) {
+        var v = el.value.trim();
+        if (v === "") { return; }
+        entry.answers[el.dataset.attr] = el.dataset.number ? Number(v) : v;
+      });
+      signup.querySelectorAll(".rate-items select").forEach(function (el) {
+        if (el.value !== "") { entry.ratings[el.dataset.item] = Number(el.value); }
+      });
+      var button = document.getElementById("signup-submit");
+      button.disabled = true;
+      api("POST", "/users", entry).then(function (out) {
+        window.location.href = "/user/" + encodeURIComponent(out.user);
+      }).catch(function (e) {
+        err.textContent = e.message;
+        button.disabled = false;
+      });
+    });
+  }
+
+  // --- recommendations ---------------------------------------------------------------------------
+  var recs = document.getElementById("recs");
+  if (recs) {
+    var user = recs.dataset.user;
+    var scale = JSON.parse(recs.dataset.scale || "[1,2,3,4,5]");
+    var status = document.getElementById("rate-status");
+    var error = document.getElementById("rate-error");
+
+    var ratingSelect = function (item) {
+      var sel = document.createElement("select");
+      sel.name = "rate";
+      sel.dataset.item = item;
+      sel.setAttribute("aria-label", "rating");
+      var blank = document.createElement("option");
+      blank.value = "";
+      blank.textContent = "rate…";
+      sel.appendChild(blank);
+      scale.forEach(function (v) {
+        var o = document.createElement("option");
+        o.value = String(v);
+        o.textContent = String(v);
+        sel.appendChild(o);
+      });
+      return sel;
+    };
+
+    var render = function (items) {
+      var rows = items.map(function (it) {
+        var li = document.createElement("li");
+        li.dataset.item = it.item;
+        var a = document.createElement("a");
+        a.className = "title";
+        a.href = "/item/" + encodeURIComponent(it.item);
+        a.textContent = it.title || it.item;
+        var score = document.createElement("span");
+        score.className = "score";
+        score.textContent = Number(it.score).toFixed(2);
+        li.appendChild(a);
+        li.appendChild(document.createTextNode(" "));
+        li.appendChild(score);
+        li.appendChild(document.createTextNode(" "));
+        li.appendChild(ratingSelect(it.item));
+        return li;
+      });
+      recs.replaceChildren.apply(recs, rows);
+    };
+
+    recs.addEventListener("change", function (ev) {
+      var sel = ev.target;
+      if (sel.tagName !== "SELECT" || sel.value === "") { return; }
+      error.textContent = "";
+      var base = "/users/" + encodeURIComponent(user);
+      api("POST", base + "/ratings", { item: sel.dataset.item, rating: Number(sel.value) })
+        .then(function (out) {
+          status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
+          return api("GET", base + "/recommendations?n=" + encodeURIComponent(recs.dataset.n || "10"));
+        })
+        .then(function (out) { render(out.items); recs.dataset.updated = String(Date.now()); })
+        .catch(function (e) { error.textContent = e.message; });
+    });
+  }
+})();

@@ -1,0 +1,349 @@
+"""`cfb serve`: a real uvicorn server on 127.0.0.1 over a copy of the trained planted database,
+driven with httpx: every endpoint's shape (the CLI's --json), the error codes, ratings that count
+at once, and a version written by another connection served within a second."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from click.testing import CliRunner  # noqa: E402
+
+from cfb.cli.main import cli  # noqa: E402
+
+XSS = "<script>alert(1)</script>"
+
+
+@contextmanager
+def running_server(url_or_engine, token: str | None = None, **kwargs):
+    """``cfb serve``'s app in a uvicorn server on a free 127.0.0.1 port (a thread); yields its base URL."""
+    from cfb.service.http import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(url_or_engine, token=token, **kwargs), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def cli_json(db_url: str, *args: str):
+    res = CliRunner().invoke(cli, ["--db", db_url, *args, "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def user_count(engine) -> int:
+    from sqlalchemy import func, select
+
+    from cfb.db.schema import User
+
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(User)))
+
+
+@pytest.fixture
+def server(trained, db_url):
+    with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        yield client
+
+
+def test_read_endpoints_answer_what_the_cli_prints(server, db_url):
+    assert server.get("/health").json() == {"status": "ok", "version": 1}
+    assert server.get("/questionnaire", params={"budget": 4}).json() == cli_json(db_url, "questionnaire", "--budget", "4")
+    assert server.get("/models").json() == cli_json(db_url, "models")
+    for by in ("rank", "rating"):
+        r = server.get("/users/a0/recommendations", params={"n": 5, "by": by})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+        assert r.json() == cli_json(db_url, "recommend", "a0", "-n", "5", "--by", by)[0]
+    rec = server.get("/users/b1/recommendations").json()
+    assert set(rec) == {"user", "items"} and len(rec["items"]) == 10
+    assert all(set(i) == {"item", "title", "score"} for i in rec["items"])
+    sim = server.get("/items/a1/similar", params={"n": 3}).json()
+    assert sim == cli_json(db_url, "similar", "a1", "-n", "3")
+    assert server.get("/items/Alpha film 1/similar", params={"n": 3}).json() == sim  # by exact title
+    assert server.get("/inspect/biases", params={"n": 3}).json() == cli_json(db_url, "inspect", "biases", "-n", "3")
+    pca = server.get("/inspect/pca", params={"n": 10}).json()
+    assert pca == cli_json(db_url, "inspect", "pca", "-n", "10")
+    assert len(pca["items"]) == 10 and {"item", "title", "pc1", "pc2", "pc3"} <= set(pca["items"][0])
+
+
+def test_docs_and_openapi_are_served_offline(server):
+    spec = server.get("/openapi.json").json()
+    for path in ("/health", "/questionnaire", "/users", "/users/{user}/recommendations", "/users/{user}/ratings",
+                 "/items/{item}/similar", "/models"):
+        assert path in spec["paths"], path
+    page = server.get("/docs")
+    assert page.status_code == 200
+    assert "https://" not in page.text and "http://" not in page.text  # nothing from a CDN
+    if "/static/swagger/swagger-ui-bundle.js" in page.text:
+        assert server.get("/static/swagger/swagger-ui-bundle.js").status_code == 200
+
+
+def test_signup_then_rating_changes_the_next_recommendations(server, trained, db_url):
+    engine, _ = trained
+    r = server.post("/users", json={"user": "web1", "answers": {"gender": "F"}, "ratings": {"a1": 5, "b21": 1}})
+    assert r.status_code == 201, r.text
+    assert r.json()["user"] == "web1" and r.json()["ratings"] == 2
+    before = server.get("/users/web1/recommendations", params={"n": 10}).json()
+    assert before["user"] == "web1" and len(before["items"]) == 10
+    assert {"a1", "b21"}.isdisjoint(i["item"] for i in before["items"])
+    top = before["items"][0]["item"]
+    r = server.post("/users/web1/ratings", json={"item": top, "rating": 1})
+    assert r.status_code == 201, r.text
+    assert r.json() == {"user": "web1", "item": top, "title": before["items"][0]["title"], "rating": 1.0}
+    after = server.get("/users/web1/recommendations", params={"n": 10}).json()
+    assert after != before and top not in [i["item"] for i in after["items"]]
+    # the server's fast path answers what the service function answers
+    from cfb.service.serving import recommend
+
+    with engine.connect() as conn:
+        assert after == recommend(conn, "web1", 10)
+    # by title, and an assigned id when none is given
+    r = server.post("/users/web1/ratings", json={"item": "Beta film 22", "rating": 2.5})
+    assert r.status_code == 201 and r.json()["item"] == "b22"
+    r = server.post("/users", json={"answers": {"gender": "M"}})
+    assert r.status_code == 201 and r.json()["user"].startswith("new-")
+    assert r.headers["location"].endswith("/recommendations")
+    assert server.get(r.headers["location"]).status_code == 200
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"answers": {"gender": "X"}}, "answers.gender"),
+    ({"answers": {"shoe": 1}}, "answers.shoe"),
+    ({"ratings": {"nope": 5}}, "ratings.nope"),
+    ({"ratings": {"a1": 9}}, "ratings.a1"),
+    ({"ratings": {"a1": "five"}}, "ratings.a1"),
+    ({"user": ["x"]}, "user"),
+    ({"colour": "red"}, "colour"),
+])
+def test_invalid_signup_is_422_naming_the_field_and_writes_nothing(server, trained, body, field):
+    engine, _ = trained
+    n = user_count(engine)
+    r = server.post("/users", json=body)
+    assert r.status_code == 422, r.text
+    out = r.json()
+    assert out["field"] == field and f"field '{field}'" in out["error"] and "\n" not in out["error"]
+    assert user_count(engine) == n
+
+
+def test_error_codes(server, trained):
+    engine, _ = trained
+    n = user_count(engine)
+    r = server.post("/users", json={"user": "a0", "answers": {}})
+    assert r.status_code == 409 and "already exists" in r.json()["error"]
+    for raw in ('{"answers": {"age": NaN}}', '{"answers": ', '[1, 2]', '{"answers": {"age": 1e999}}'):
+        r = server.post("/users", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (raw, r.text)
+    assert user_count(engine) == n
+    assert server.get("/users/nobody/recommendations").status_code == 404
+    assert server.get("/items/nothing-like-it/similar").status_code == 404
+    assert server.post("/users/nobody/ratings", json={"item": "a1", "rating": 3}).status_code == 404
+    r = server.post("/users/a0/ratings", json={"item": "no such item", "rating": 3})
+    assert r.status_code == 404 and r.json()["field"] == "item"
+    r = server.post("/users/a0/ratings", json={"item": "a1", "rating": 7})
+    assert r.status_code == 422 and r.json()["field"] == "rating"
+    assert server.post("/users/a0/ratings", json={"item": "a1"}).status_code == 422
+    assert server.post("/users/a0/ratings", json={"item": "a1", "rating": True}).status_code == 422
+    for n_ in (0, 101, "x"):
+        r = server.get("/users/a0/recommendations", params={"n": n_})
+        assert r.status_code == 422 and r.json()["field"] == "n", r.text
+    assert server.get("/users/a0/recommendations", params={"n": 100}).status_code == 200
+    assert server.get("/users/a0/recommendations", params={"by": "magic"}).status_code == 422
+    assert server.get("/questionnaire", params={"budget": -1}).status_code == 422
+
+
+def test_request_bodies_are_size_limited(server, trained):
+    engine, _ = trained
+    n = user_count(engine)
+    big = json.dumps({"answers": {}, "ratings": {}, "user": "x" * (70 * 1024)})
+    r = server.post("/users", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = server.post("/users", content=iter([big[:40_000].encode(), big[40_000:].encode()]),  # chunked: no length
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert user_count(engine) == n
+
+
+def test_writes_need_the_token_when_one_is_set(trained, db_url):
+    engine, _ = trained
+    with running_server(db_url, token="s3cret") as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/users/a0/recommendations").status_code == 200  # reads are open
+        n = user_count(engine)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            r = client.post("/users", json={"answers": {}}, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert client.post("/users/a0/ratings", json={"item": "a1", "rating": 3}, headers=headers).status_code == 401
+        assert user_count(engine) == n
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.post("/users", json={"user": "t1", "answers": {}}, headers=ok).status_code == 201
+        assert client.post("/users/t1/ratings", json={"item": "a1", "rating": 3}, headers=ok).status_code == 201
+
+
+def _wait_for(client, predicate, limit_s: float = 1.0):
+    """Seconds until ``predicate(client)`` holds (fails after ``limit_s``)."""
+    t0 = time.monotonic()
+    while not predicate(client):
+        assert time.monotonic() - t0 < limit_s, "the server did not pick up the new serving version in time"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_a_version_written_elsewhere_is_served_within_a_second(server, trained, db_url):
+    from .conftest import FAST
+
+    from cfb.db import versions
+    from cfb.db.engine import make_engine, writing
+    from cfb.service.training import retrain_full
+
+    first = server.get("/users/a0/recommendations").json()
+    other = make_engine(db_url)  # another connection pool, as another process would have
+    try:
+        out = retrain_full(other, kind="dot", valid_pct=0.0, progress=False, seed=7, **{**FAST, "n_factors": 4})
+        assert out["version"] == 2 and out["serving"]
+        _wait_for(server, lambda c: c.get("/health").json()["version"] == 2)
+        assert server.get("/models").json()[-1]["serving"] is True
+        assert server.get("/users/a0/recommendations").json() != first
+        with writing(other) as conn:  # a rollback, as `cfb rollback 1` does
+            versions.set_serving(conn, 1)
+        _wait_for(server, lambda c: c.get("/health").json()["version"] == 1)
+        assert server.get("/users/a0/recommendations").json() == first
+    finally:
+        other.dispose()
+
+
+def test_web_pages_escape_every_title(trained, db_url, tmp_path):
+    csv = tmp_path / "items.csv"
+    csv.write_text(f'item,title\na1,"{XSS}"\n', encoding="utf-8")
+    res = CliRunner().invoke(cli, ["--db", db_url, "ingest", "items", str(csv)])
+    assert res.exit_code == 0, res.output
+    with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert client.post("/users", json={"user": "x1", "answers": {"gender": "F"}}).status_code == 201
+        pages = [client.get("/", params={"budget": 40}), client.get("/user/x1", params={"n": 40}),
+                 client.get("/item/a1"), client.get("/item/a2"), client.get("/explore", params={"n": 40})]
+        for page in pages:
+            assert page.status_code == 200, page.url
+            assert page.headers["content-type"].startswith("text/html")
+            assert XSS not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text, page.url
+            assert "https://" not in page.text and "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")
+        assert "<svg" in pages[-1].text
+        assert client.get("/user/nobody").status_code == 404
+        assert client.get("/static/app.js").status_code == 200
+        assert "innerHTML" not in client.get("/static/app.js").text
+
+
+def test_server_process_imports_no_training_framework(trained, db_url):
+    """The whole API driven in a server process: torch, fastai, pandas and sklearn stay out of it."""
+    script = f"""
+import sys, httpx
+sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+from test_http import running_server
+with running_server({db_url!r}) as base, httpx.Client(base_url=base, timeout=30) as c:
+    for path in ["/health", "/questionnaire", "/models", "/users/a0/recommendations", "/items/a1/similar",
+                 "/inspect/biases", "/inspect/pca", "/", "/user/a0", "/item/a1", "/explore", "/docs", "/openapi.json"]:
+        assert c.get(path).status_code == 200, path
+    assert c.post("/users", json={{"user": "p1", "answers": {{"gender": "F"}}, "ratings": {{"a1": 5}}}}).status_code == 201
+    assert c.post("/users/p1/ratings", json={{"item": "a2", "rating": 4}}).status_code == 201
+    assert c.get("/users/p1/recommendations").status_code == 200
+print(sorted(m for m in ("torch", "fastai", "pandas", "sklearn", "matplotlib") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_serve_command_binds_localhost_by_default():
+    from cfb.cli.main import serve
+
+    params = {p.name: p for p in serve.params}
+    assert params["host"].default == "127.0.0.1"
+    assert params["token"].envvar == "CFB_API_TOKEN"
+
+
+@pytest.mark.parametrize("entry", [
+    {"answers": {"gender": "X"}}, {"ratings": {"nope": 5}}, {"ratings": {"a1": 9}}, {"user": "a0"},
+    {"user": "  "}, {"answers": {"age": "old"}}, {"ratings": {"Alpha film 1": "x"}}, {"extra": 1},
+])
+def test_server_signup_checks_what_onboard_checks(trained, entry):
+    from cfb.cf_core.errors import InputError
+    from cfb.service.http import signup_one
+    from cfb.service.onboard import onboard
+
+    engine, _ = trained
+    with pytest.raises(InputError) as expected:
+        onboard(engine, [("request body", entry)])
+    with pytest.raises(InputError) as got:
+        signup_one(engine, entry)
+    assert str(got.value) == str(expected.value) and got.value.field == expected.value.field
+
+
+def test_server_signup_stores_what_onboard_stores(trained):
+    from sqlalchemy import text
+
+    from cfb.service.http import signup_one
+    from cfb.service.onboard import onboard
+
+    engine, _ = trained
+    entry = {"answers": {"gender": "F", "age": 30}, "ratings": {"a1": 5, "Beta film 21": 1}}
+    first = onboard(engine, [("e", entry)])["onboarded"][0]
+    second = signup_one(engine, entry)["onboarded"][0]
+    assert first["ratings"] == second["ratings"] == 2
+    n1, n2 = int(first["user"].split("-")[1]), int(second["user"].split("-")[1])
+    assert first["user"].startswith("new-") and n2 == n1 + 1
+    q = ("SELECT u.attributes, a.answers, a.ratings, (SELECT group_concat(item_id || ':' || rating) FROM ratings r "
+         "WHERE r.user_id = u.id) FROM users u JOIN answers a ON a.user_id = u.id WHERE u.external_id = :u")
+    with engine.connect() as conn:
+        rows = [conn.execute(text(q), {"u": f["user"]}).one() for f in (first, second)]
+    assert rows[0] == rows[1]
+
+
+def test_the_servers_answer_cache_never_serves_a_stale_answer(server, trained, db_url, tmp_path):
+    from cfb.service.serving import recommend
+
+    engine, _ = trained
+
+    def same_as_service(user: str, n: int = 10) -> dict:
+        got = server.get(f"/users/{user}/recommendations", params={"n": n}).json()
+        with engine.connect() as conn:
+            assert got == recommend(conn, user, n)
+        return got
+
+    first = same_as_service("b1")
+    assert same_as_service("b1") == first  # asked again, nothing changed
+    rated = server.post("/users/b1/ratings", json={"item": first["items"][3]["item"], "rating": 5}).json()
+    second = same_as_service("b1")
+    assert rated["item"] not in [i["item"] for i in second["items"]]
+    # re-rating an item the user already rated (same number of ratings) counts too
+    again = server.post("/users/b1/ratings", json={"item": rated["item"], "rating": 1})
+    assert again.status_code == 201
+    same_as_service("b1")
+    # new attributes (cfb ingest users) count at once
+    users = tmp_path / "users.csv"
+    users.write_text("user,gender,age\nb1,F,20\n", encoding="utf-8")
+    assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "users", str(users)]).exit_code == 0
+    same_as_service("b1")
+    same_as_service("b1", 3)

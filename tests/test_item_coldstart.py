@@ -1,0 +1,140 @@
+"""Item cold start (protocol §8): the split, the item prior, the baselines."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cfb.cf_core.item_prior import ItemPrior, ItemPriorConfig, MetaEncoder
+from cfb.evaluation.item_coldstart import (GenrePopularity, UserGenreAffinity, cold_items, expected_metrics,
+                                           run_items_protocol, split_dataset)
+from tests.conftest import FAST, planted_ratings
+
+FAST_PRIOR = ItemPriorConfig(min_count=1, steps=100, rank_steps=100)
+
+
+def _planted_items(seed: int = 0):
+    """Genre-"A" items loved by group a (rated 5) and disliked by group b (1); genre "B" the opposite."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 40, 30
+    group = np.arange(n_users) % 2  # 0 = a, 1 = b
+    genre = np.arange(n_items) % 2  # 0 = A, 1 = B
+    users, items, ratings = [], [], []
+    for u in range(n_users):
+        for i in rng.permutation(n_items)[:20]:
+            users.append(u)
+            items.append(i)
+            ratings.append(5.0 if group[u] == genre[i] else 1.0)
+    attrs = [{"genres": ["A" if g == 0 else "B"], "year": int(rng.integers(1950, 2000))} for g in genre]
+    user_factors = np.where(group[:, None] == 0, [[1.0, 0.0]], [[-1.0, 0.0]]).astype(np.float32)
+    rank_vecs = np.where(group[:, None] == 0, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]).astype(np.float32)
+    return (attrs, np.array(users), np.array(items), np.array(ratings, np.float32), user_factors,
+            np.zeros(n_users, np.float32), rank_vecs, group)
+
+
+def _score(prior: ItemPrior, rows: dict, uf, ub, rv):  # noqa: ANN001
+    lo, hi = prior.y_range_
+    pred = lo + (hi - lo) / (1 + np.exp(-(uf @ rows["item_factors"].T + ub[:, None] + rows["item_bias"][None])))
+    return rv @ rows["rank_out"].T + rows["rank_bias"][None] + 0.5 * pred, pred
+
+
+def test_new_item_ranks_by_its_genre_for_each_group():
+    attrs, users, items, ratings, uf, ub, rv, group = _planted_items()
+    prior = ItemPrior(FAST_PRIOR, attributes=("genres", "year")).fit(
+        attrs, users, items, ratings, uf, ub, (0.0, 5.5), (1.0, 5.0), rv)
+    rows = prior.rows([{"genres": ["A"], "year": 1990}, {"genres": ["B"], "year": 1990}])
+    score, pred = _score(prior, rows, uf, ub, rv)
+    a, b = group == 0, group == 1
+    assert np.all(score[a, 0] > score[a, 1]) and np.all(score[b, 1] > score[b, 0])
+    assert pred[a, 0].min() > 4 and pred[a, 1].max() < 2
+    assert pred[b, 1].min() > 4 and pred[b, 0].max() < 2
+
+
+def test_prior_round_trip_is_plain_arrays():
+    attrs, users, items, ratings, uf, ub, rv, _ = _planted_items(1)
+    prior = ItemPrior(ItemPriorConfig(min_count=1, steps=20, rank_steps=20, hidden=4)).fit(
+        attrs, users, items, ratings, uf, ub, (0.0, 5.5), (1.0, 5.0), rv)
+    arrays = prior.to_arrays()
+    assert all(isinstance(v, np.ndarray) and v.dtype != object for v in arrays.values())
+    back = ItemPrior.from_arrays({k: v.copy() for k, v in arrays.items()})
+    new = [{"genres": ["A", "B"], "year": 1970}, {"genres": ["C"]}, {}]
+    for k, v in prior.rows(new).items():
+        np.testing.assert_array_equal(v, back.rows(new)[k])
+    assert back.config == prior.config and back.encoder_.spec == prior.encoder_.spec
+
+
+def test_encoder_is_generic_over_attribute_types():
+    attrs = [{"tags": ["x", "y"], "year": 1990, "lang": "en"}, {"tags": ["x"], "year": 2000, "lang": "fr"},
+             {"tags": ["z"], "lang": "en"}, {"year": 1995}]
+    enc = MetaEncoder.fit(attrs, min_count=2, n_bins=2)
+    kinds = {s["name"]: s["type"] for s in enc.spec}
+    assert kinds == {"lang": "category", "tags": "list", "year": "number"}
+    X = enc.encode(attrs + [{"tags": ["unseen"], "year": "n/a", "lang": "de"}])
+    assert X.shape == (5, enc.n_features) and np.all(X[:, 0] == 1)
+    # "x" is the only tag held by >= 2 items; a list is divided by sqrt(known values)
+    assert [s["vocab"] for s in enc.spec if s["name"] == "tags"] == [["x"]]
+    assert X[4, 1:].sum() == 2.0  # unknown language -> "other", unparseable year -> "missing"
+
+
+def test_split_follows_protocol_text():
+    items = [str(i) for i in range(1, 21)]
+    # sorted as strings: 1, 10, 11, ..., 19, 2, 20, 3, ..., 9; default_rng(42).choice(size=20 // 10 = 2)
+    assert cold_items(items[::-1], 42) == {"10", "5"}
+    assert cold_items(items, 7) == {"20", "7"}
+    ds = planted_ratings(n_users=10, n_items=20)
+    cold = cold_items(ds.ratings.item.unique().tolist(), 42)
+    assert len(cold) == 2
+    sp = split_dataset(ds, cold)
+    warm_names = {sp["all_items"][i] for i in sp["td"].item_ids}
+    assert warm_names.isdisjoint(cold) and warm_names | cold == set(ds.ratings.item)
+    assert set(sp["cold_ratings"].item) == cold
+    assert len(sp["td"].data) + len(sp["cold_ratings"]) == len(ds.ratings)
+    assert len(sp["td"].user_ids) == ds.ratings.user.nunique()  # all users train
+
+
+def test_baselines_by_hand():
+    # warm items: 0 = [A] rated 5, 3; 1 = [A, B] rated 4; 2 = [B] rated 1, 2, 3; global mean 3
+    warm = [{"genres": ["A"]}, {"genres": ["A", "B"]}, {"genres": ["B"]}]
+    users = np.array([0, 0, 1, 1, 2, 3])
+    items = np.array([0, 1, 0, 2, 2, 2])
+    ratings = np.array([5, 4, 3, 1, 2, 3], float)
+    counts = np.bincount(items, minlength=3)
+    sums = np.bincount(items, weights=ratings, minlength=3)
+    pop = GenrePopularity().fit(warm, counts, sums)
+    new = [{"genres": ["A"]}, {"genres": ["B"]}, {"genres": ["A", "B"]}, {}]
+    # A: (2 + 1) / 2 items; B: (1 + 3) / 2 items; both: mean of the two; none: 0
+    assert [pop.score(a) for a in new] == [1.5, 2.0, 1.75, 0.0]
+    # damped mean of the ratings of warm items sharing a genre: A -> items 0, 1; B -> 1, 2
+    assert [pop.predict(a) for a in new] == pytest.approx([42 / 13, 40 / 14, 48 / 16, 3.0])
+    aff = UserGenreAffinity(pop).fit(users, items, ratings, 4)
+    s, tie = aff.scores(0, new)  # user 0: positives on A twice, on B once; 2 training ratings
+    assert s.tolist() == [1.0, 0.5, 1.5, 0.0] and tie.tolist() == [1.5, 2.0, 1.75, 0.0]
+    # offset: (5 - 42/13) + (4 - 3) over 2 + 10 pseudo-ratings
+    assert aff.predict(0, new[0]) == pytest.approx(42 / 13 + 3 / 13)
+    assert aff.scores(3, new)[0].tolist() == [0.0, 0.0, 0.0, 0.0]  # user 3's rating 3 is no positive
+
+
+def test_ties_scored_at_their_expected_value():
+    # four tied items, one relevant, top 2: expected DCG (1 + 1/log2 3) / 4, recall 2/4
+    ndcg, rec = expected_metrics([np.zeros(4)], np.array([False, True, False, False]), k=2)
+    assert ndcg == pytest.approx((1 + 1 / math.log2(3)) / 4) and rec == pytest.approx(0.5)
+    # the second key breaks the first key's ties; no tie left
+    ndcg, rec = expected_metrics([np.array([1, 0, 0, 0]), np.array([0, 0, 5, 0])],
+                                 np.array([False, False, True, False]), k=2)
+    assert ndcg == pytest.approx(1 / math.log2(3)) and rec == 1.0
+
+
+def test_protocol_end_to_end_on_planted_items():
+    import torch
+
+    torch.set_num_threads(1)
+    ds = planted_ratings(n_users=40, n_items=40)
+    rng = np.random.default_rng(0)
+    ds.items["attributes"] = [{"genres": ["A" if str(i).startswith("a") else "B"], "year": int(rng.integers(1950, 2000))}
+                              for i in ds.items.item]
+    res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR)
+    r = res["per_seed"][0]
+    assert r["n_cold_items"] == 4 and r["cfb"]["users"] > 0
+    assert r["cfb"]["ndcg@10"] > r["random"]["ndcg@10"] + 0.1
+    assert r["cfb"]["rmse"] < r["random"]["rmse"]

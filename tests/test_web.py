@@ -1,0 +1,101 @@
+"""The web page in headless Chromium: sign up -> recommendations -> a rating updates them in place;
+a title like <script>alert(1)</script> shows as text and runs nothing. Skipped without Chromium
+(.ci/run installs Debian's chromium and chromium-driver)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from click.testing import CliRunner  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from cfb.cli.main import cli  # noqa: E402
+
+from .test_http import XSS, running_server  # noqa: E402
+
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and Path(CHROMEDRIVER).exists()),
+                                reason="needs Debian's chromium and chromium-driver")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1200,1000"]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        opts.add_argument(flag)
+    opts.set_capability("unhandledPromptBehavior", "ignore")  # an alert must stay visible to the check
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def no_alert(driver) -> bool:
+    try:
+        driver.switch_to.alert
+    except NoAlertPresentException:
+        return True
+    return False
+
+
+def rec_items(driver) -> list[str]:
+    return [li.get_attribute("data-item") for li in driver.find_elements(By.CSS_SELECTOR, "#recs > li")]
+
+
+def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browser):
+    csv = tmp_path / "items.csv"  # an item whose title is markup: it must show as text and run nothing
+    csv.write_text(f'item,title\na1,"{XSS}"\n', encoding="utf-8")
+    assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "items", str(csv)]).exit_code == 0
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/?budget=40")
+        assert no_alert(browser)
+        titles = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".rate-items .title")]
+        assert XSS in titles  # shown as text
+        Select(browser.find_element(By.CSS_SELECTOR, "select[data-attr='gender']")).select_by_visible_text("F")
+        browser.find_element(By.ID, "user-id").send_keys("browser1")
+        for sel in browser.find_elements(By.CSS_SELECTOR, ".rate-items select")[:6]:
+            Select(sel).select_by_value("5" if sel.get_attribute("data-item").startswith("a") else "1")
+        browser.find_element(By.ID, "signup-submit").click()
+        wait.until(lambda d: "/user/browser1" in d.current_url)
+        wait.until(lambda d: len(rec_items(d)) == 10)
+        assert no_alert(browser)
+        before = rec_items(browser)
+        first = browser.find_element(By.CSS_SELECTOR, "#recs > li select")
+        Select(first).select_by_value("1")  # rate the top recommendation: the list updates in place
+        wait.until(lambda d: d.find_element(By.ID, "recs").get_attribute("data-updated"))
+        after = rec_items(browser)
+        assert len(after) == 10 and before[0] not in after and after != before
+        assert "Rated" in browser.find_element(By.ID, "rate-status").text
+        assert browser.find_element(By.ID, "rate-error").text == ""
+
+        # all of the user's unrated items: the markup title is among them, as text
+        browser.get(base + "/user/browser1?n=100")
+        links = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#recs a.title")]
+        if "a1" in rec_items(browser):
+            assert XSS in links
+        browser.get(base + "/item/a1")
+        assert browser.find_element(By.ID, "item-title").text == XSS
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#similar li")) == 10
+        browser.get(base + "/explore?n=40")
+        assert browser.find_elements(By.CSS_SELECTOR, "#pca svg circle")
+        assert XSS in browser.find_element(By.ID, "pca").text
+        assert no_alert(browser)
+        assert browser.execute_script("return document.querySelectorAll('main script').length") == 0
