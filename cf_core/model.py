@@ -22,7 +22,7 @@ from .scoring import top_n
 class ServingConfig:
     """How a version ranks users' items and folds ratings in (chosen on pseudo-cold users, docs/coldstart.md)."""
 
-    rating_weight: float = 0.5  # with a ranker: ranker score + rating_weight × predicted rating
+    rating_weight: float = 0.0  # with a ranker: ranker score + rating_weight × predicted rating (0 measured best)
     popularity_weight: float = 1.0  # without one: predicted rating + popularity_weight × log(1 + ratings)
     foldin_reg: float = 20.0  # a user's fold-in: shrinkage of the embedding toward the prior
     foldin_reg_bias: float = 100.0  # ... and of the bias

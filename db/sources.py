@@ -95,13 +95,10 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     return out
 
 
-def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
-    """User attributes: a CSV with a ``user`` column; every other column is an attribute.
-
-    Every value is read as text ("nan", "NA", "null" stay text); a column becomes numbers only when all
-    its non-empty values are plain finite decimal numbers without leading zeros (so zip code "02139"
-    stays "02139"). Empty cells are left out. Bad rows are reported with file, line and field."""
-    path = Path(path)
+def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line, stripped fields)]) of a CSV with one row per ``key``; every problem (empty
+    file, missing/unnamed/duplicate column, wrong field count, empty or duplicate key, no rows) is an
+    ``InputError`` naming file, line and field."""
     src = str(path)
     text = read_text(path).lstrip("\ufeff")
     if not text.strip():
@@ -110,9 +107,9 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
     rows: list[tuple[int, list[str]]] = []
     try:
         header = [h.strip() for h in next(reader)]
-        if user_col not in header:
-            raise InputError(f"missing column(s) {user_col}; header has {', '.join(header) or 'nothing'}",
-                             source=src, line=1, field=user_col)
+        if key not in header:
+            raise InputError(f"missing column(s) {key}; header has {', '.join(header) or 'nothing'}",
+                             source=src, line=1, field=key)
         for k, name in enumerate(header):
             if not name:
                 raise InputError(f"column {k + 1} has no name", source=src, line=1)
@@ -128,16 +125,26 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
     except csv.Error as e:
         raise InputError(f"malformed CSV ({e})", source=src, line=reader.line_num) from None
     if not rows:
-        raise InputError("no users after the header", source=src, line=2)
-    u = header.index(user_col)
-    seen: dict[str, int] = {}
+        raise InputError(f"no {what}s after the header", source=src, line=2)
+    k, seen = header.index(key), {}
     for n, row in rows:
-        if not row[u]:
-            raise InputError("empty id", source=src, line=n, field=user_col)
-        if row[u] in seen:
-            raise InputError(f"duplicate user {row[u]!r} (first on line {seen[row[u]]})", source=src, line=n,
-                             field=user_col)
-        seen[row[u]] = n
+        if not row[k]:
+            raise InputError("empty id", source=src, line=n, field=key)
+        if row[k] in seen:
+            raise InputError(f"duplicate {what} {row[k]!r} (first on line {seen[row[k]]})", source=src, line=n,
+                             field=key)
+        seen[row[k]] = n
+    return header, rows
+
+
+def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
+    """User attributes: a CSV with a ``user`` column; every other column is an attribute.
+
+    Every value is read as text ("nan", "NA", "null" stay text); a column becomes numbers only when all
+    its non-empty values are plain finite decimal numbers without leading zeros (so zip code "02139"
+    stays "02139"). Empty cells are left out. Bad rows are reported with file, line and field."""
+    header, rows = _keyed_rows(Path(path), user_col, "user")
+    u = header.index(user_col)
     records: list[dict] = [{} for _ in rows]
     for k, name in enumerate(header):
         if k == u:
@@ -201,42 +208,8 @@ def read_items_csv(path: Path) -> pd.DataFrame:
     Returns item, title (None where the cell is empty) and attributes: a column whose values contain
     '|' holds lists ("Drama|War" -> ["Drama", "War"]); a column whose non-empty values are all plain
     numbers holds numbers; empty cells are left out. Problems name file, line and field."""
-    path = Path(path)
-    src = str(path)
-    text = read_text(path).lstrip("\ufeff")
-    if not text.strip():
-        raise InputError("empty file", source=src, line=1)
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
-    rows: list[tuple[int, list[str]]] = []
-    try:
-        header = [h.strip() for h in next(reader)]
-        if "item" not in header:
-            raise InputError(f"missing column(s) item; header has {', '.join(header) or 'nothing'}",
-                             source=src, line=1, field="item")
-        for k, name in enumerate(header):
-            if not name:
-                raise InputError(f"column {k + 1} has no name", source=src, line=1)
-            if name in header[:k]:
-                raise InputError("duplicate column", source=src, line=1, field=name)
-        for row in reader:
-            if not any(f.strip() for f in row):
-                continue
-            if len(row) != len(header):
-                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=reader.line_num)
-            rows.append((reader.line_num, [f.strip() for f in row]))
-    except csv.Error as e:
-        raise InputError(f"malformed CSV ({e})", source=src, line=reader.line_num) from None
-    if not rows:
-        raise InputError("no items after the header", source=src, line=2)
+    header, rows = _keyed_rows(Path(path), "item", "item")
     k_item = header.index("item")
-    seen: dict[str, int] = {}
-    for n, row in rows:
-        if not row[k_item]:
-            raise InputError("empty id", source=src, line=n, field="item")
-        if row[k_item] in seen:
-            raise InputError(f"duplicate item {row[k_item]!r} (first on line {seen[row[k_item]]})", source=src,
-                             line=n, field="item")
-        seen[row[k_item]] = n
     records: list[dict] = [{} for _ in rows]
     for k, name in enumerate(header):
         if name in ("item", "title"):

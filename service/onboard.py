@@ -7,10 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy import Connection, Engine, insert, select
 
-from ..cf_core.errors import CfbError, InputError
+from ..cf_core.errors import InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
