@@ -84,6 +84,8 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     """A ratings CSV with a header: ``user,item,rating[,timestamp]`` (column names configurable)."""
     path = Path(path)
     df = read_csv_table(path, [user_col, item_col, rating_col])
+    if df.empty:
+        raise InputError("no ratings after the header", source=str(path), line=2)
     _nonempty_ids(df, user_col, path, 2)
     _nonempty_ids(df, item_col, path, 2)
     out = pd.DataFrame({"user": df[user_col].str.strip(), "item": df[item_col].str.strip(),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import os
 from html import escape
@@ -323,7 +324,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         finally:
             task.cancel()
 
-    app = FastAPI(title="cfb", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
+    extra = {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:  # FastAPI >= 0.16x: no tracing hooks
+        extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    app = FastAPI(title="cfb", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan, **extra,
                   description="Cold-start collaborative filtering: the same answers as the `cfb` CLI's `--json`. "
                               "Writing endpoints need `Authorization: Bearer <token>` when the server has a token.")
     app.state.engine = engine
@@ -435,10 +439,28 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return json_response({"user": done["user"], "ratings": done["ratings"], "version": out["version"]}, 201,
                              {"Location": f"/users/{quote(done['user'], safe='')}/recommendations"})
 
+    rec_params = [  # parsed by hand below (the hottest endpoint: FastAPI's parameter machinery costs ~15%)
+        {"name": "n", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 10}},
+        {"name": "by", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": ["rank", "rating"], "default": "rank"},
+         "description": "rank: what the user would watch and like; rating: predicted rating alone"}]
+
     @app.get("/users/{user}/recommendations", tags=["api"], summary="Top n items for a user (`cfb recommend --json`)",
-             responses={404: {"description": "unknown user"}})
-    async def recommendations(user: str, n: int = Query(10, ge=1, le=MAX_N),
-                              by: str = Query("rank", pattern="^(rank|rating)$")):
+             responses={404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
+             openapi_extra={"parameters": rec_params})
+    async def recommendations(user: str, request: Request):
+        query = request.query_params
+        raw_n, by = query.get("n", "10"), query.get("by", "rank")
+        try:
+            n = int(raw_n)
+        except ValueError:
+            raise ApiError(422, "query parameter 'n': Input should be a valid integer", "n") from None
+        if not 1 <= n <= MAX_N:
+            bound = "greater than or equal to 1" if n < 1 else f"less than or equal to {MAX_N}"
+            raise ApiError(422, f"query parameter 'n': Input should be {bound}", "n")
+        if by not in ("rank", "rating"):
+            raise ApiError(422, "query parameter 'by': Input should be 'rank' or 'rating'", "by")
         if fast is not None:
             if reads_in_threadpool:
                 return json_response(await run_in_threadpool(fast.recommend, user, n, by))
@@ -587,7 +609,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             scale = _scale(conn)
         items = "".join(_rec_row(it, scale) for it in rec["items"])
         body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
-                f"<p>Rate any of them: the list updates at once.</p>"
+                f"<p>The number is the predicted rating. Rate any of them: the list updates at once.</p>"
                 f"<ol id='recs' data-user='{escape(rec['user'])}' data-n='{n}' "
                 f"data-scale='{escape(json.dumps(scale))}'>{items}</ol>"
                 f"<p id='rate-status' role='status'></p><p id='rate-error' class='error' role='alert'></p>")

@@ -106,7 +106,7 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
     px = scale(xs, pad, width - 160)
     py = scale(ys, height - pad, pad)  # up is positive
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' class='pca' viewBox='0 0 {width} {height}' "
-             f"width='{width}' height='{height}' role='img' aria-label='PCA map of item factors'>",
+             f"width='{width}' height='{height}' overflow='visible' role='img' aria-label='PCA map of item factors'>",
              f"<rect x='0' y='0' width='{width}' height='{height}' fill='white' stroke='#ccc'/>",
              f"<text x='{width / 2:.0f}' y='{height - 8}' text-anchor='middle' font-size='12'>{escape(x.upper())}</text>",
              f"<text x='12' y='{height / 2:.0f}' font-size='12' transform='rotate(-90 12 {height / 2:.0f})' "

@@ -11,6 +11,7 @@ from ..db import store, versions
 from ..db.schema import Answer, Item
 
 _CACHE: dict[tuple[str, int], "Served"] = {}
+CACHED_VERSIONS = 4  # a long-running server keeps the newest few versions it has served
 
 
 @dataclass
@@ -28,6 +29,8 @@ def load_served(conn: Connection, version: int | None = None) -> Served:
     key = (str(conn.engine.url), version)
     if key not in _CACHE:
         _CACHE[key] = Served(version, versions.load_model(conn, version), versions.root_max_seq(conn, version))
+        while len(_CACHE) > CACHED_VERSIONS:
+            del _CACHE[next(iter(_CACHE))]  # the oldest loaded
     return _CACHE[key]
 
 

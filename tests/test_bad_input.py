@@ -151,6 +151,8 @@ def test_ingest_rejects_directories_and_bad_scale(trained_db):
     check_rejected(url, ["ingest", "ratings", str(good), "--scale", "5,1"], "--scale")
     check_rejected(url, ["ingest", "ratings", str(fresh(folder, ".csv", "user,item,rating\nn1,a1,nan\n"))],
                    "line 2", "rating")
+    check_rejected(url, ["ingest", "ratings", str(fresh(folder, ".csv", "user,item,rating\n"))],
+                   "line 2", "no ratings after the header")
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -347,3 +347,39 @@ def test_the_servers_answer_cache_never_serves_a_stale_answer(server, trained, d
     assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "users", str(users)]).exit_code == 0
     same_as_service("b1")
     same_as_service("b1", 3)
+
+
+def test_inspect_pca_command_and_plot(trained, db_url, tmp_path):
+    out = cli_json(db_url, "inspect", "pca", "-n", "12")
+    assert out["version"] == 1 and len(out["items"]) == 12 and len(out["explained_variance"]) == 3
+    counts = [i["ratings"] for i in out["items"]]
+    assert counts == sorted(counts, reverse=True)  # the most-rated items
+    png = tmp_path / "map.png"
+    res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "12", "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written" in res.output
+    # the planted taste groups separate along the first component
+    a = [i["pc1"] for i in out["items"] if i["item"].startswith("a")]
+    b = [i["pc1"] for i in out["items"] if i["item"].startswith("b")]
+    assert a and b and (max(a) < min(b) or max(b) < min(a))
+
+
+def test_python_api(trained, db_url, tmp_path):
+    import cfb
+
+    assert cfb.CfbError.__name__ == "CfbError"
+    with cfb.open(db_url) as db:
+        q = db.questionnaire(budget=3)
+        assert len(q["items"]) == 3 and q["attributes"]
+        user = db.onboard({"answers": {"gender": "F"}, "ratings": {"a1": 5}})
+        assert user.startswith("new-")
+        recs = db.recommend(user, n=5)
+        assert list(recs.columns) == ["item", "title", "score"] and len(recs) == 5
+        db.rate(user, recs.item[0], 1)
+        assert recs.item[0] not in set(db.recommend(user, n=5).item)
+        sim = db.similar("a1", n=3)
+        assert len(sim) == 3 and "a1" not in set(sim.item)
+        assert db.pca(n=10, plot=tmp_path / "m.png").shape[0] == 10
+        assert db.models().serving.tolist() == [True]
+        with pytest.raises(cfb.CfbError, match="unknown user"):
+            db.recommend("nobody")

@@ -99,3 +99,14 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         assert XSS in browser.find_element(By.ID, "pca").text
         assert no_alert(browser)
         assert browser.execute_script("return document.querySelectorAll('main script').length") == 0
+
+
+def test_api_docs_render_offline(trained, db_url, browser):
+    """Swagger UI comes from a pip package, not a CDN: the docs page renders with no network."""
+    with running_server(db_url) as base:
+        browser.get(base + "/docs")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"))
+        text = browser.find_element(By.CSS_SELECTOR, ".swagger-ui").text
+        assert "/users/{user}/recommendations" in text and "cfb" in text
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(u.startswith(base) for u in loaded), loaded
