@@ -78,7 +78,6 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     """Train every part of a version on all of ``td`` (in memory, no database): the rating model,
     the bootstrap prior and questionnaire, and the cold-start ranker. Returns (model, timings)."""
     hp = rating_params(kind, len(td.data), params or {})
-    t0 = time.perf_counter()
     est = MODELS[kind](y_range=default_y_range(*td.scale), seed=seed, device=device, progress=progress, **hp)
     est.fit(td.data)
     report = {"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device}
@@ -97,9 +96,11 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
             td.data, td.timestamps, td.attributes, boot.questionnaire.questions, inner_asked, td.scale)
         report["ranker_fit_s"] = round(time.perf_counter() - t0, 3)
         settings["ranker"] = fitted_ranker.config.to_json()
+    config = config or ServingConfig()
+    settings["serving"] = config.to_json()
     counts, sums = td.data.item_totals()
     model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
-                         item_counts=counts.astype(np.float64), item_sums=sums, config=config or ServingConfig(),
+                         item_counts=counts.astype(np.float64), item_sums=sums, config=config,
                          ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
                          user_bias=est.user_bias_, settings=settings)
     return model, report
