@@ -125,9 +125,7 @@ class CollabModel:
 
     def rating_model(self) -> DotRating | NNRating:
         """The trained item side as plain arrays, served with numpy."""
-        if self.kind == "nn":
-            return NNRating(self.y_range, self.item_factors_, self.item_bias_, head=self.head_)
-        return DotRating(self.y_range, self.item_factors_, self.item_bias_)
+        raise NotImplementedError
 
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Predicted ratings for (inner user, inner item) pairs."""
@@ -151,6 +149,9 @@ class DotBias(CollabModel):
         from fastai.collab import EmbeddingDotBias
 
         return EmbeddingDotBias(self.n_factors, n_users, n_items, y_range=self.y_range)
+
+    def rating_model(self) -> DotRating:
+        return DotRating(self.y_range, self.item_factors_, self.item_bias_)
 
     def _export(self, module) -> None:  # noqa: ANN001
         self.user_factors_ = _np(module.u_weight.weight)
@@ -178,6 +179,9 @@ class NeuralCF(CollabModel):
 
         return EmbeddingNN([(n_users, self.n_factors), (n_items, self.n_factors)],
                            layers=list(self.layers), y_range=self.y_range)
+
+    def rating_model(self) -> NNRating:
+        return NNRating(self.y_range, self.item_factors_, self.item_bias_, head=self.head_)
 
     def _export(self, module) -> None:  # noqa: ANN001
         self.user_factors_ = _np(module.embeds[0].weight)
