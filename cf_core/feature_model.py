@@ -92,6 +92,7 @@ class FeatureModelConfig:
     shrink: float = 1.0
     rating_levels: int = 0
     max_user_epochs: int = 600_000
+    time_reveals_draw: str = "uniform"  # TUNING (helper): "uniform" | "log" | "small"
 
     def epochs_for(self, n_users: int) -> int:
         """Epochs for ``n_users`` training users (see ``max_user_epochs``)."""
@@ -241,6 +242,12 @@ class _Batches:
         sc = rng.choice(3, size=B, p=np.asarray(cfg.mix) / np.sum(cfg.mix))
         # (a) first n in time order
         n_t = rng.integers(0, cfg.max_time_reveals + 1, size=B)
+        if cfg.time_reveals_draw == "log":  # TUNING (helper): log-uniform on 0..max_time_reveals
+            n_t = np.floor(np.exp(rng.random(B) * np.log(cfg.max_time_reveals + 2))).astype(np.int64) - 1
+            n_t = np.clip(n_t, 0, cfg.max_time_reveals)
+        elif cfg.time_reveals_draw.startswith("small"):  # TUNING (helper): "small[:share]" (0.5) of draws on 0,1,2
+            share = float(cfg.time_reveals_draw[6:] or 0.5)
+            n_t = np.where(rng.random(B) < share, rng.integers(0, 3, size=B), n_t)
         hide_t = np.maximum(n_t, cfg.time_mask_first)
         rev_a = trank < n_t[seg]
         tgt_a = (trank >= hide_t[seg]) & pos
@@ -499,17 +506,19 @@ class FeatureUserModel:
             s = s + self.config.pop_mix * np.log1p(self.pos_count_)
         return s
 
-    def add_items(self, n_new: int) -> None:
-        """Append ``n_new`` catalogue items: zero input and output rows, output bias = the minimum bias."""
+    def add_items(self, n_new: int, out: np.ndarray | None = None, out_bias: np.ndarray | None = None) -> None:
+        """Append ``n_new`` catalogue items: zero input rows; output rows and biases as given (e.g. from
+        their metadata, ``ItemPrior``), else zero rows and the minimum bias."""
         if n_new <= 0:
             return
         d = self.out_.shape[1]
         z = np.zeros((n_new, d), dtype=np.float32)
         self.seen_ = np.concatenate([self.seen_, z])
         self.rated_ = np.concatenate([self.rated_, z])
-        self.out_ = np.concatenate([self.out_, z])
+        self.out_ = np.concatenate([self.out_, z if out is None else np.asarray(out, np.float32)])
         self.levels_ = np.concatenate([self.levels_, np.zeros((n_new,) + self.levels_.shape[1:], np.float32)])
-        self.out_bias_ = np.concatenate([self.out_bias_, np.full(n_new, self.out_bias_.min(), np.float32)])
+        self.out_bias_ = np.concatenate([self.out_bias_, np.full(n_new, self.out_bias_.min(), np.float32)
+                                         if out_bias is None else np.asarray(out_bias, np.float32)])
         self.pos_count_ = np.concatenate([self.pos_count_, np.zeros(n_new, np.float32)])
 
     # ----------------------------------------------------------------- persistence

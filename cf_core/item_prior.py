@@ -32,6 +32,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 
+MAX_RATINGS_PER_STEP = 1_000_000  # rating part: full batch up to this, else random batches of it
+MAX_LOGITS_PER_STEP = 20_000_000  # ranking part: users per step so that users × items stays below this
+
+
 @dataclass(frozen=True)
 class ItemPriorConfig:
     """Settings (chosen on pseudo-cold items, bench/tune_item_coldstart.py).
@@ -53,10 +57,10 @@ class ItemPriorConfig:
 
     min_count: int = 5
     max_vocab: int = 500
-    n_bins: int = 10
+    n_bins: int = 20
     crosses: bool = False
     mode: str = "joint"
-    l2: float = 1e-4
+    l2: float = 3e-3
     steps: int = 300
     lr: float = 0.05
     rank_l2: float = 1e-4
@@ -208,13 +212,26 @@ class ItemPrior:
                     device: str | None = None) -> "ItemPrior":
         """Fit on a trained version (``TrainedModel``) and its ``TrainingData``: the rating model's
         trained user rows; ``rank_vecs`` the ranker's full-history user vectors (None: no ranking part)."""
-        return self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
-                        model.user_bias, model.rating.y_range, td.scale, rank_vecs,
-                        item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
-                        rank_out=None if model.ranker is None else model.ranker.out_,
-                        rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
+        self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
+                 model.user_bias, model.rating.y_range, td.scale, rank_vecs,
+                 item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
+                 rank_out=None if model.ranker is None else model.ranker.out_,
+                 rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
+        if model.ranker is not None and rank_vecs is not None and self.V_.shape[1]:
+            self.calibrate_ranking(item_attributes, model.ranker.out_, model.ranker.out_bias_, rank_vecs)
+        return self
 
-    fit_model = fit_version
+    def calibrate_ranking(self, item_attributes: list[dict], out: np.ndarray, out_bias: np.ndarray,
+                          rank_vecs: np.ndarray) -> None:
+        """A softmax fixes scores only up to a constant, so the ranking part's scores live on their own
+        level; shift its bias so that, averaged over the training users and items, a metadata row scores
+        like the ranker's own rows (a new item then competes fairly with the items already known)."""
+        rows = self.rows(item_attributes)
+        mean_user = rank_vecs.mean(0)
+        gap = (float(mean_user @ (out.mean(0) - rows["rank_out"].mean(0)))
+               + float(out_bias.mean() - rows["rank_bias"].mean()))
+        self.v_ = self.v_.copy()
+        self.v_[0] += gap  # column 0 of the encoded metadata is the constant 1
 
     def fit(self, item_attributes: list[dict], users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
             user_factors: np.ndarray, user_bias: np.ndarray, y_range: tuple[float, float],
@@ -266,6 +283,7 @@ class ItemPrior:
 
         cfg = self.config
         torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
         dev = device or "cpu"
         t = lambda a, dt=torch.float32: torch.as_tensor(np.asarray(a), dtype=dt, device=dev)  # noqa: E731
         Xt, U, bu = t(X), t(user_factors), t(user_bias)
@@ -279,12 +297,15 @@ class ItemPrior:
         w[0] = math.log(m / (1 - m)) - float(np.mean(user_bias))
         w.requires_grad_(True)
         opt = torch.optim.Adam([W, w], lr=cfg.lr)
-        Ur = U[ut]
-        for _ in range(cfg.steps):
+        n = len(ratings)
+        for _ in range(cfg.steps):  # full batch up to MAX_RATINGS_PER_STEP ratings, else a random batch
+            sel = (slice(None) if n <= MAX_RATINGS_PER_STEP else
+                   torch.randint(0, n, (MAX_RATINGS_PER_STEP,), generator=gen).to(dev))
+            us, its, rs = ut[sel], it[sel], rt[sel]
             opt.zero_grad()
             f, b = Xt @ W, Xt @ w
-            pred = lo + (hi - lo) * torch.sigmoid((Ur * f[it]).sum(1) + bu[ut] + b[it])
-            loss = ((pred - rt) ** 2).mean() + cfg.l2 * ((W ** 2).sum() + (w[1:] ** 2).sum())
+            pred = lo + (hi - lo) * torch.sigmoid((U[us] * f[its]).sum(1) + bu[us] + b[its])
+            loss = ((pred - rs) ** 2).mean() + cfg.l2 * ((W ** 2).sum() + (w[1:] ** 2).sum())
             loss.backward()
             opt.step()
         self.W_ = W.detach().cpu().numpy().astype(np.float32)
@@ -294,34 +315,44 @@ class ItemPrior:
         if rank_vecs is None:
             return
         # ranking part: full softmax over the training items per user, positives weighted equally
-        n_users, n_items = len(user_factors), X.shape[0]
-        R = t(rank_vecs)
+        n_items = X.shape[0]
         pos = ratings >= self.threshold_
-        Y = torch.zeros((n_users, n_items), device=dev)
-        Y[ut[t(pos, torch.bool)], it[t(pos, torch.bool)]] = 1.0
-        has = Y.sum(1) > 0
-        R, Y = R[has], Y[has]
-        with torch.no_grad():  # the serving score's rating term, fixed
+        pu, pi = users[pos], items[pos]
+        rows = np.unique(pu)  # users with a positive
+        R_all = t(rank_vecs)
+        with torch.no_grad():
             f, b = Xt @ W, Xt @ w
-            offset = cfg.rating_weight * (lo + (hi - lo) * torch.sigmoid(U[has] @ f.T + bu[has][:, None] + b[None]))
-        d = R.shape[1]
+        bs = max(1, min(len(rows), MAX_LOGITS_PER_STEP // max(n_items, 1)))
+
+        def batch(sel_rows: np.ndarray):  # noqa: ANN202
+            Y = torch.zeros((len(sel_rows), n_items), device=dev)
+            mask = np.isin(pu, sel_rows)
+            Y[t(np.searchsorted(sel_rows, pu[mask]), torch.long), t(pi[mask], torch.long)] = 1.0
+            ur = t(sel_rows, torch.long)
+            with torch.no_grad():  # the serving score's rating term, fixed
+                off = cfg.rating_weight * (lo + (hi - lo) * torch.sigmoid(U[ur] @ f.T + bu[ur][:, None] + b[None]))
+            return R_all[ur], Y, off
+
+        full = batch(rows) if bs >= len(rows) else None
+        d = R_all.shape[1]
         V = torch.zeros((p, d), device=dev, requires_grad=True)
         v = torch.zeros(p, device=dev, requires_grad=True)
         params = [V, v]
         if cfg.hidden:
-            A = (torch.randn((p, cfg.hidden), device=dev) / math.sqrt(p)).requires_grad_(True)
+            A = (torch.randn((p, cfg.hidden), device=dev, generator=None) / math.sqrt(p)).requires_grad_(True)
             a = torch.zeros(cfg.hidden, device=dev, requires_grad=True)
             B = torch.zeros((cfg.hidden, d), device=dev, requires_grad=True)
             params += [A, a, B]
         opt = torch.optim.Adam(params, lr=cfg.rank_lr)
-        n_pos = Y.sum()
+        rng = np.random.default_rng(self.seed)
         for _ in range(cfg.rank_steps):
+            R, Y, off = full if full is not None else batch(np.sort(rng.choice(rows, size=bs, replace=False)))
             opt.zero_grad()
             out = Xt @ V
             if cfg.hidden:
                 out = out + torch.relu(Xt @ A + a) @ B
-            logits = R @ out.T + (Xt @ v)[None] + offset
-            loss = -(torch.log_softmax(logits, 1) * Y).sum() / n_pos
+            logits = R @ out.T + (Xt @ v)[None] + off
+            loss = -(torch.log_softmax(logits, 1) * Y).sum() / Y.sum()
             reg = (V ** 2).sum() + (v[1:] ** 2).sum() + (sum((q ** 2).sum() for q in params[2:]) if cfg.hidden else 0)
             (loss + cfg.rank_l2 * reg).backward()
             opt.step()

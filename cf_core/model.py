@@ -75,6 +75,7 @@ class TrainedModel:
     item_sums: np.ndarray  # their sum
     config: ServingConfig = field(default_factory=ServingConfig)
     ranker: object | None = None  # FeatureUserModel: the cold-start ranker (user side computed from features)
+    item_prior: object | None = None  # ItemPrior: a new item's rows from its metadata
     user_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # trained users (db ids)
     user_factors: np.ndarray | None = None  # their rows, aligned with user_ids
     user_bias: np.ndarray | None = None
@@ -189,22 +190,35 @@ class TrainedModel:
         return self.rating.similar_items(item, n)
 
     # --- growth -----------------------------------------------------------------------------
-    def add_items(self, db_ids: np.ndarray, rating_rows: dict[str, np.ndarray]) -> "TrainedModel":
-        """A new model with items appended (their rating-model rows given; the ranker gets empty rows).
-
-        Existing items keep their inner indices."""
+    def add_items(self, db_ids: np.ndarray, rating_rows: dict[str, np.ndarray],
+                  ranker_rows: dict[str, np.ndarray] | None = None) -> "TrainedModel":
+        """A new model with items appended: their rating-model rows, and the ranker's output rows
+        (``out``, ``out_bias``; without them, empty rows). Existing items keep their inner indices."""
         db_ids = np.asarray(db_ids, np.int64)
         if np.isin(db_ids, self.item_ids).any():
             raise ValueError("add_items: some items are already in the model")
         ranker = self.ranker
         if ranker is not None:
             ranker = type(ranker).from_arrays(ranker.to_arrays())
-            ranker.add_items(len(db_ids))
+            ranker.add_items(len(db_ids), **(ranker_rows or {}))
         zeros = np.zeros(len(db_ids))
         return replace(self, item_ids=np.concatenate([self.item_ids, db_ids]),
                        rating=self.rating.with_items(rating_rows), ranker=ranker,
                        item_counts=np.concatenate([self.item_counts, zeros]),
                        item_sums=np.concatenate([self.item_sums, zeros]))
+
+    def metadata_rows(self, attributes: list[dict]) -> tuple[dict, dict | None]:
+        """(rating-model rows, ranker rows) for new items from their metadata alone (the bootstrap
+        idea for items); without an item prior: zero rows and the mean item bias."""
+        n = len(attributes)
+        if self.item_prior is None:
+            return ({"item_factors": np.zeros((n, self.rating.n_factors), np.float32),
+                     "item_bias": np.full(n, float(np.mean(self.rating.item_bias)), np.float32)}, None)
+        rows = self.item_prior.rows(attributes)
+        ranker_rows = None
+        if self.ranker is not None and rows["rank_out"].shape[1] == self.ranker.out_.shape[1]:
+            ranker_rows = {"out": rows["rank_out"], "out_bias": rows["rank_bias"]}
+        return {"item_factors": rows["item_factors"], "item_bias": rows["item_bias"]}, ranker_rows
 
     def with_ratings_counted(self, items: np.ndarray, ratings: np.ndarray) -> "TrainedModel":
         """A new model whose item statistics include these ratings (inner indices; -1 ignored)."""
@@ -228,6 +242,8 @@ class TrainedModel:
         out.update({f"bootstrap/{k}": v for k, v in self.bootstrap.to_arrays().items()})
         if self.ranker is not None:
             out.update({f"ranker/{k}": v for k, v in self.ranker.to_arrays().items()})
+        if self.item_prior is not None:
+            out.update({f"item_prior/{k}": v for k, v in self.item_prior.to_arrays().items()})
         return out
 
     @classmethod
@@ -240,9 +256,15 @@ class TrainedModel:
             from .feature_model import FeatureUserModel
 
             ranker = FeatureUserModel.from_arrays(part("ranker"))
+        item_prior = None
+        if part("item_prior"):
+            from .item_prior import ItemPrior
+
+            item_prior = ItemPrior.from_arrays(part("item_prior"))
         return cls(kind=str(a["model/kind"]), item_ids=a["model/item_ids"].astype(np.int64),
                    rating=rating_model_from_arrays(part("rating")),
                    bootstrap=Bootstrap.from_arrays(part("bootstrap")),
                    item_counts=a["model/item_counts"], item_sums=a["model/item_sums"],
                    config=ServingConfig.from_json(json.loads(str(a["model/config"]))), ranker=ranker,
+                   item_prior=item_prior,
                    settings=json.loads(str(a["model/settings"])))

@@ -568,11 +568,12 @@ DEFAULT_EVAL_DATA = "../shared/data/ml-100k"
 @click.option("--fold-steps", default="0,1,3,5,10", show_default=True, callback=_check_ints,
               help="Protocol §5; empty to skip.")
 @click.option("--model", "kind", type=click.Choice(["dot", "nn"]), default="dot", show_default=True)
+@click.option("--items", "new_items", is_flag=True, help="New items instead of new users (protocol §8).")
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @fail_cleanly
-def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, kind: str, quiet: bool,
-                    as_json: bool) -> None:
+def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, kind: str, new_items: bool,
+                    quiet: bool, as_json: bool) -> None:
     """The cold-start protocol (docs/protocol.md) through the real pipeline in a temporary database.
 
     --data takes any folder `cfb ingest movielens` or `cfb ingest goodbooks` reads."""
@@ -588,5 +589,11 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
     seed_list = _ints(seeds)
     if not quiet and not as_json:
         click.echo(f"running the protocol on {data_dir} for seeds {seed_list} ...", err=True)
+    if new_items:
+        from ..evaluation import item_coldstart
+
+        out = item_coldstart.run_items_protocol(read(data_dir), seed_list, kind)
+        emit(out, as_json, item_coldstart.render(out))
+        return
     out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind)
     emit(out, as_json, render(out))

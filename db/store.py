@@ -214,3 +214,16 @@ def user_attributes_of(conn: Connection, user_id: int) -> dict:
 def user_attributes(conn: Connection) -> dict[int, dict]:
     return dict(conn.execute(select(User.id, User.attributes)).all())
 
+
+def all_item_ids(conn: Connection) -> np.ndarray:
+    """Every item's database id (catalogue items with or without ratings)."""
+    return np.array(conn.scalars(select(Item.id)).all(), np.int64)
+
+
+def item_attributes(conn: Connection, item_ids=None) -> dict[int, dict]:  # noqa: ANN001
+    """database id -> item metadata (all items, or ``item_ids``)."""
+    stmt = select(Item.id, Item.attributes)
+    if item_ids is not None:
+        stmt = stmt.where(Item.id.in_([int(i) for i in item_ids]))
+    return {i: a or {} for i, a in conn.execute(stmt).all()}
+

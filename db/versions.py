@@ -68,11 +68,13 @@ def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray]
     return version
 
 
-def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], model: TrainedModel) -> dict:
-    """What an incremental version stores: the items it added (database ids, rating-model rows)
-    and the item statistics after it."""
+def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], model: TrainedModel,
+               ranker_rows: dict[str, np.ndarray] | None = None) -> dict:
+    """What an incremental version stores: the items it added (database ids, rating-model rows and,
+    when given, the ranker's output rows) and the item statistics after it."""
     return {"added/item_ids": np.asarray(added_item_ids, np.int64),
             **{f"added/{k}": v for k, v in added_rows.items()},
+            **{f"added_ranker/{k}": v for k, v in (ranker_rows or {}).items()},
             "item_counts": model.item_counts, "item_sums": model.item_sums}
 
 
@@ -83,7 +85,8 @@ def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedMod
     ids = delta["added/item_ids"]
     if len(ids):
         rows = {k[len("added/"):]: v for k, v in delta.items() if k.startswith("added/") and k != "added/item_ids"}
-        model = model.add_items(ids, rows)
+        ranker_rows = {k[len("added_ranker/"):]: v for k, v in delta.items() if k.startswith("added_ranker/")}
+        model = model.add_items(ids, rows, ranker_rows or None)
     return replace(model, item_counts=delta["item_counts"], item_sums=delta["item_sums"])
 
 

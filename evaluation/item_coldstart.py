@@ -11,7 +11,6 @@ the cold items that user rated >= 4, RMSE over every rating of a cold item. The 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -181,13 +180,14 @@ def split_dataset(ds: Dataset, cold: set[str]) -> dict:
     item_attrs = dict(zip(ds.items.item.astype(str), ds.items.attributes)) if ds.items is not None else {}
     ts = warm.timestamp.to_numpy() if "timestamp" in warm else None
     ts = np.where(pd.isna(ts), -1, ts).astype(np.float64) if ts is not None else np.full(len(warm), -1.0)
+    warm_attrs = [item_attrs.get(all_items[x]) or {} for x in item_ids]
     td = TrainingData(CollabData(u, i, warm.rating.to_numpy(np.float32), len(user_ids), len(item_ids)),
                       user_ids, item_ids, ts, [user_attrs.get(all_users[x]) or {} for x in user_ids],
-                      tuple(ds.scale), len(warm))
+                      tuple(ds.scale), len(warm), warm_attrs)
     cold_sorted = sorted(cold)
     cr = r[is_cold]
     return {"td": td, "all_users": all_users, "all_items": all_items, "uid": uid, "iid": iid,
-            "warm_attrs": [item_attrs.get(all_items[x]) or {} for x in item_ids],
+            "warm_attrs": warm_attrs,
             "cold_items": cold_sorted, "cold_db": np.array([iid[c] for c in cold_sorted], np.int64),
             "cold_attrs": [item_attrs.get(c) or {} for c in cold_sorted],
             "cold_ratings": cr, "user_attrs": user_attrs}
@@ -201,17 +201,11 @@ def full_history_vectors(model, td) -> np.ndarray:  # noqa: ANN001
     return full_history_user_vectors(model.ranker, td.data, td.attributes)
 
 
-def with_cold_items(model, prior, cold_db: np.ndarray, cold_attrs: list[dict]):  # noqa: ANN001
-    """The version with the cold items added from metadata alone: ``add_items`` with the prior's rating
-    rows, then the prior's ranker rows written over the ranker's placeholder rows (the hook
-    ``add_items(..., ranker_rows=...)`` would do this inside ``TrainedModel``)."""
-    rows = prior.rows(cold_attrs)
-    out = model.add_items(cold_db, {"item_factors": rows["item_factors"], "item_bias": rows["item_bias"]})
-    if out.ranker is not None and "rank_out" in rows:
-        n = len(cold_db)
-        out.ranker.out_[-n:] = rows["rank_out"]
-        out.ranker.out_bias_[-n:] = rows["rank_bias"]
-    return out
+def with_cold_items(model, cold_db: np.ndarray, cold_attrs: list[dict]):  # noqa: ANN001
+    """The version with the cold items added from their metadata alone, the way cfb adds any new
+    item (``TrainedModel.metadata_rows`` then ``add_items``)."""
+    rows, ranker_rows = model.metadata_rows(cold_attrs)
+    return model.add_items(cold_db, rows, ranker_rows)
 
 
 # ------------------------------------------------------------------------------------------ one seed
@@ -284,20 +278,26 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     sp = split_dataset(ds, cold_items(items, seed) if cold is None else cold)
     timings = {}
     t0 = time.perf_counter()
-    model = fitted if fitted is not None else fit_model(sp["td"], kind, params, seed, progress=progress)[0]
+    if fitted is not None:
+        model = fitted
+    else:  # the product's full retrain: rating model, ranker, and the item prior from the warm items' metadata
+        model, report = fit_model(sp["td"], kind, params, seed, progress=progress)
+        timings["item_prior_s"] = report.get("item_prior_s")
     timings["retrain_s"] = round(time.perf_counter() - t0, 2)
     rank_vecs = full_history_vectors(model, sp["td"]) if model.ranker is not None else None
+    if prior_config is not None or model.item_prior is None:  # tuning: another prior on the same version
+        t0 = time.perf_counter()
+        model.item_prior = ItemPrior(prior_config or ItemPriorConfig(), attributes=attributes, seed=seed).fit_version(
+            model, sp["td"], sp["warm_attrs"], rank_vecs)
+        timings["item_prior_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    prior = ItemPrior(prior_config or ItemPriorConfig(), attributes=attributes, seed=seed).fit_version(
-        model, sp["td"], sp["warm_attrs"], rank_vecs)
-    timings["prior_fit_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    grown = with_cold_items(model, prior, sp["cold_db"], sp["cold_attrs"])
+    grown = with_cold_items(model, sp["cold_db"], sp["cold_attrs"])
     timings["add_items_s"] = round(time.perf_counter() - t0, 4)
     res = evaluate_split(sp, grown, rank_vecs, seed)
     return {"seed": seed, "n_cold_items": len(sp["cold_items"]), "n_warm_items": len(sp["td"].item_ids),
             "n_cold_ratings": len(sp["cold_ratings"]), "timings": timings,
-            "prior": prior.config.to_json(), **res}
+            "prior": {"attributes": list(model.item_prior.attributes or ()), **model.item_prior.config.to_json()},
+            **res}
 
 
 def mean_over_seeds(per_seed: list[dict]) -> dict:

@@ -61,43 +61,59 @@ def retrain_incremental(engine: Engine) -> dict:
             parent = versions.require_serving(conn)
             row = versions.get_version(conn, parent)
             served = load_served(conn, parent)
+            model = served.model
             new = store.load_ratings(conn, since_seq=row["max_seq"])
-            if len(new) == 0:
-                return {"version": parent, "kind": served.model.kind, "mode": "none", "new_ratings": 0,
-                        "reason": f"no new ratings since version {parent}"}
+            rated = np.setdiff1d(np.unique(new.item_id), model.item_ids)
+            unrated = np.zeros(0, np.int64)
+            if model.item_prior is not None:  # catalogue items with metadata and no rating yet
+                unrated = np.setdiff1d(np.setdiff1d(store.all_item_ids(conn), model.item_ids), rated)
+                attrs = store.item_attributes(conn, unrated)
+                unrated = np.array([i for i in unrated.tolist() if attrs.get(i)], np.int64)
+            if len(new) == 0 and len(unrated) == 0:
+                return {"version": parent, "kind": model.kind, "mode": "none", "new_ratings": 0,
+                        "reason": f"no new ratings or items since version {parent}"}
+            new_items = np.concatenate([rated, unrated])
             t_fold = time.perf_counter()
-            new_items = np.setdiff1d(np.unique(new.item_id), served.model.item_ids)
-            added = _fold_in_items(conn, served, new_items) if len(new_items) else {}
+            added, ranker_rows = model.metadata_rows(_attributes_in_order(conn, new_items))
+            if len(rated):
+                added = _fold_in_items(conn, served, rated, added)
             fold_s = time.perf_counter() - t_fold
-        model = served.model.add_items(new_items, added) if len(new_items) else served.model
+        if len(new_items):
+            model = model.add_items(new_items, added, ranker_rows)
         model = model.with_ratings_counted(model.item_index(new.item_id), new.rating)
         metrics = {"new_ratings": len(new), "users_with_new_ratings": int(len(np.unique(new.user_id))),
-                   "items_added": int(len(new_items)), "fold_s": round(fold_s, 4)}
-        delta = versions.make_delta(new_items, added, model)
+                   "items_added": int(len(new_items)), "items_from_metadata": int(len(unrated)),
+                   "fold_s": round(fold_s, 4)}
+        delta = versions.make_delta(new_items, added, model, ranker_rows)
+        max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:
             version = versions.save_incremental(conn, parent, delta, kind=model.kind, settings=model.settings,
-                                                metrics=metrics, max_seq=int(new.seq.max()))
+                                                metrics=metrics, max_seq=max_seq)
         metrics["total_s"] = round(time.perf_counter() - t_start, 4)
         return {"version": version, "kind": model.kind, "mode": "incremental", "parent": parent, **metrics}
     finally:
         versions.release_retrain_lock(engine, lock)
 
 
-def _fold_in_items(conn, served: Served, item_ids: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """Rating-model rows of new items, each solved against its raters' current user vectors
-    (a fold-in with users and items swapped: dot model only)."""
+def _attributes_in_order(conn, item_ids: np.ndarray) -> list[dict]:  # noqa: ANN001
+    attrs = store.item_attributes(conn, item_ids)
+    return [attrs.get(int(i), {}) for i in item_ids]
+
+
+def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Rating-model rows of items that got their first ratings: each solved against its raters'
+    current user vectors (a fold-in with users and items swapped: dot model only), starting from
+    (and shrunk toward) the item's prior row (from its metadata, else zeros). ``prior`` holds rows
+    for ``item_ids`` first, then possibly more, which are returned unchanged."""
     model = served.model
     if model.kind != "dot":
         raise CfbError("new items need a full retrain for the nn model: run `cfb retrain --full`")
-    factors, biases = [], []
-    k = model.rating.n_factors
-    for item in item_ids.tolist():
+    factors, biases = prior["item_factors"].copy(), prior["item_bias"].copy()
+    for k, item in enumerate(item_ids.tolist()):
         users, ratings = store.item_ratings(conn, item)
         vecs = [model.user_vector(user_history(conn, served, int(u))) for u in users]
         raters = DotRating(model.rating.y_range, np.stack([v.vec for v in vecs]).astype(np.float32),
                            np.array([v.bias for v in vecs], np.float32))
-        vec, bias = raters.fold_in(np.arange(len(users)), ratings, np.zeros(k, np.float32), 0.0,
-                                   model.config.item_foldin())
-        factors.append(vec)
-        biases.append(bias)
-    return {"item_factors": np.stack(factors).astype(np.float32), "item_bias": np.array(biases, np.float32)}
+        factors[k], biases[k] = raters.fold_in(np.arange(len(users)), ratings, factors[k], float(biases[k]),
+                                               model.config.item_foldin())
+    return {"item_factors": factors.astype(np.float32), "item_bias": biases.astype(np.float32)}

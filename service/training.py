@@ -47,6 +47,7 @@ class TrainingData:
     attributes: list[dict]  # per inner user
     scale: tuple[float, float]
     max_seq: int
+    item_attributes: list[dict] | None = None  # per inner item: its metadata
 
 
 def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
@@ -56,12 +57,14 @@ def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
         scale = store.rating_scale(conn)
         r = store.load_ratings(conn)
         attrs = store.user_attributes(conn)
+        item_attrs = store.item_attributes(conn)
     if len(r) == 0 or scale is None:
         raise CfbError("no ratings in the database: run `cfb ingest …` first")
     user_ids, u = index_ids(r.user_id)
     item_ids, i = index_ids(r.item_id)
     td = TrainingData(CollabData(u, i, r.rating, len(user_ids), len(item_ids)), user_ids, item_ids, r.timestamp,
-                      [attrs.get(int(x)) or {} for x in user_ids], scale, int(r.seq.max()))
+                      [attrs.get(int(x)) or {} for x in user_ids], scale, int(r.seq.max()),
+                      [item_attrs.get(int(x)) or {} for x in item_ids])
     return td, time.perf_counter() - t0
 
 
@@ -103,7 +106,29 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
                          item_counts=counts.astype(np.float64), item_sums=sums, config=config,
                          ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
                          user_bias=est.user_bias_, settings=settings)
+    names = metadata_names(td.item_attributes or [])
+    if names and kind == "dot":
+        from ..cf_core.item_prior import ItemPrior, full_history_user_vectors
+
+        t0 = time.perf_counter()
+        rank_vecs = None if fitted_ranker is None else full_history_user_vectors(fitted_ranker, td.data, td.attributes)
+        model.item_prior = ItemPrior(attributes=names, seed=seed).fit_version(model, td, td.item_attributes, rank_vecs)
+        report["item_prior_s"] = round(time.perf_counter() - t0, 3)
+        settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
     return model, report
+
+
+def metadata_names(item_attributes: list[dict], min_share: float = 0.5) -> tuple[str, ...]:
+    """The item metadata a new item is bootstrapped from: attributes held by at least ``min_share``
+    of the items whose values are lists (genres, authors, tags) or numbers (year). Free-text
+    scalars (titles, dates as text) are left out."""
+    n = len(item_attributes)
+    names = {}
+    for attrs in item_attributes:
+        for k, v in attrs.items():
+            if isinstance(v, list) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+                names[k] = names.get(k, 0) + 1
+    return tuple(sorted(k for k, c in names.items() if n and c >= min_share * n))
 
 
 def validate(td: TrainingData, kind: str, params: dict, valid_pct: float, seed: int, progress: bool) -> dict:

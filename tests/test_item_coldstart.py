@@ -138,3 +138,16 @@ def test_protocol_end_to_end_on_planted_items():
     assert r["n_cold_items"] == 4 and r["cfb"]["users"] > 0
     assert r["cfb"]["ndcg@10"] > r["random"]["ndcg@10"] + 0.1
     assert r["cfb"]["rmse"] < r["random"]["rmse"]
+
+
+def test_large_data_path_batches_and_still_learns(monkeypatch):
+    import cfb.cf_core.item_prior as ip
+
+    monkeypatch.setattr(ip, "MAX_RATINGS_PER_STEP", 200)
+    monkeypatch.setattr(ip, "MAX_LOGITS_PER_STEP", 300)  # 10 users of 30 items per step
+    attrs, users, items, ratings, uf, ub, rv, group = _planted_items(2)
+    prior = ItemPrior(FAST_PRIOR, attributes=("genres",)).fit(attrs, users, items, ratings, uf, ub, (0.0, 5.5),
+                                                               (1.0, 5.0), rv)
+    score, pred = _score(prior, prior.rows([{"genres": ["A"]}, {"genres": ["B"]}]), uf, ub, rv)
+    a = group == 0
+    assert np.all(score[a, 0] > score[a, 1]) and np.all(score[~a, 1] > score[~a, 0])

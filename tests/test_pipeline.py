@@ -175,3 +175,24 @@ def test_bulk_first_ingest_stores_the_same_as_row_order(tmp_path, planted, monke
         assert {"ix_ratings_seq", "ix_ratings_item_id"} <= indexes
         engine.dispose()
     assert tables[0] == tables[1] and len(tables[0]) == len(planted.ratings)
+
+
+def test_a_new_item_with_metadata_and_no_rating_reaches_the_users_it_suits(engine, planted, tmp_path):
+    """Bootstrapping an item: the full retrain learns metadata -> item rows (genre A is the a-group's,
+    B the b-group's); an item ingested with genre A and no rating joins at the next `cfb retrain`
+    and ranks high for a-users, low for b-users."""
+    from cfb.service.ingest import upsert_items
+
+    genre = {i: ("A" if i.startswith("a") else "B") for i in planted.items.item}
+    items = planted.items.assign(attributes=[{"genres": [genre[i]], "year": 1990} for i in planted.items.item])
+    ingest_dataset(engine, Dataset(planted.ratings, items, planted.users, planted.scale))
+    report = retrain_full(engine, progress=False, **FAST)
+    assert report["hyperparams"]["item_prior"]["attributes"] == ["genres", "year"]
+    upsert_items(engine, pd.DataFrame({"item": ["newA"], "title": ["New Alpha"],
+                                       "attributes": [{"genres": ["A"], "year": 1991}]}))
+    out = retrain_incremental(engine)
+    assert out["mode"] == "incremental" and out["items_from_metadata"] == 1 and out["new_ratings"] == 0
+    with engine.connect() as conn:
+        rank_a = [r["item"] for r in recommend(conn, "a0", n=40)["items"]].index("newA")
+        rank_b = [r["item"] for r in recommend(conn, "b1", n=40)["items"]].index("newA")
+    assert rank_a < 8 < rank_b
