@@ -92,7 +92,6 @@ class FeatureModelConfig:
     shrink: float = 1.0
     rating_levels: int = 0
     max_user_epochs: int = 600_000
-    time_reveals_draw: str = "uniform"  # TUNING (helper): "uniform" | "log" | "small"
 
     def epochs_for(self, n_users: int) -> int:
         """Epochs for ``n_users`` training users (see ``max_user_epochs``)."""
@@ -242,12 +241,6 @@ class _Batches:
         sc = rng.choice(3, size=B, p=np.asarray(cfg.mix) / np.sum(cfg.mix))
         # (a) first n in time order
         n_t = rng.integers(0, cfg.max_time_reveals + 1, size=B)
-        if cfg.time_reveals_draw == "log":  # TUNING (helper): log-uniform on 0..max_time_reveals
-            n_t = np.floor(np.exp(rng.random(B) * np.log(cfg.max_time_reveals + 2))).astype(np.int64) - 1
-            n_t = np.clip(n_t, 0, cfg.max_time_reveals)
-        elif cfg.time_reveals_draw.startswith("small"):  # TUNING (helper): "small[:share]" (0.5) of draws on 0,1,2
-            share = float(cfg.time_reveals_draw[6:] or 0.5)
-            n_t = np.where(rng.random(B) < share, rng.integers(0, 3, size=B), n_t)
         hide_t = np.maximum(n_t, cfg.time_mask_first)
         rev_a = trank < n_t[seg]
         tgt_a = (trank >= hide_t[seg]) & pos
