@@ -360,6 +360,17 @@ def _csv(rows: list[list[str]]) -> str:
     return "".join(",".join(r) + "\n" for r in rows)
 
 
+def _encoded(draw, kind: str, header: list[str], rows: list[list[str]]) -> bytes:  # noqa: ANN001
+    """The CSV's bytes, with the encoding-level defects applied (a byte that is not UTF-8, an empty file)."""
+    data = _csv([header] + rows).encode("utf-8")
+    if kind == "bad_bytes":
+        pos = draw(st.integers(0, len(data)))
+        data = data[:pos] + b"\xff" + data[pos:]
+    elif kind == "empty_file":
+        data = draw(st.sampled_from([b"", b"\n", b"  \n\n"]))
+    return data
+
+
 @st.composite
 def bad_ratings_files(draw) -> bytes:
     """A ratings CSV (user,item,rating[,timestamp]) of new users with exactly one defect."""
@@ -391,13 +402,7 @@ def bad_ratings_files(draw) -> bytes:
             header.append("timestamp")
             rows = [r + ["1000"] for r in rows]
         rows[k][3] = draw(st.sampled_from(["nan", "12.5", "inf", "soon", "1e999"]))
-    data = _csv([header] + rows).encode("utf-8")
-    if kind == "bad_bytes":
-        pos = draw(st.integers(0, len(data)))
-        data = data[:pos] + b"\xff" + data[pos:]
-    elif kind == "empty_file":
-        data = draw(st.sampled_from([b"", b"\n", b"  \n\n"]))
-    return data
+    return _encoded(draw, kind, header, rows)
 
 
 @PROPS
@@ -432,13 +437,7 @@ def bad_users_files(draw) -> bytes:
         header[2] = "age"
     elif kind == "header_only":
         rows = []
-    data = _csv([header] + rows).encode("utf-8")
-    if kind == "bad_bytes":
-        pos = draw(st.integers(0, len(data)))
-        data = data[:pos] + b"\xff" + data[pos:]
-    elif kind == "empty_file":
-        data = draw(st.sampled_from([b"", b"\n", b"  \n\n"]))
-    return data
+    return _encoded(draw, kind, header, rows)
 
 
 @PROPS
