@@ -82,15 +82,16 @@ def _top(scores: np.ndarray, exclude: np.ndarray, cat: Catalogue) -> list:
 
 
 def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, avg: UserVector | None,  # noqa: ANN001
-                user: str, attrs: dict, exclude_ext: list, test: pd.DataFrame) -> None:
+                user: str, attrs: dict, exclude_ext: list, test: pd.DataFrame, train_items: set) -> None:
     """Rank and predict for one cold user with every method (the average user when ``avg`` is
-    given); the user's rated items and ``exclude_ext`` leave the ranking; ``test`` is scored."""
+    given); the user's rated items and ``exclude_ext`` leave the ranking; ``test`` is scored
+    (RMSE over items of the training catalogue ``train_items``, as §4b says)."""
     model = served.model
     vec, rated = user_vector(conn, served, store.user_id_of(conn, user))
     exclude = np.concatenate([rated, cat.index(exclude_ext)])
     relevant = set(test.loc[test.rating >= 4, "item"])
     test_inner = cat.index(test["item"])
-    known = test_inner >= 0
+    known = (test_inner >= 0) & test["item"].isin(train_items).to_numpy()
     truth = test["rating"].to_numpy(float)[known]
     tallies["cfb"].add(model.predict(vec, test_inner[known]), truth, _top(model.scores(vec), exclude, cat), relevant)
     if avg is not None:
@@ -180,7 +181,8 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                 for u in cold_sorted:
                     g = by_user[u].set_index("item")
                     test = g.loc[splits[u][1]].reset_index()
-                    _score_user(tallies, conn, served, cat, bl, avg, u, attrs_of.get(u, {}), splits[u][0], test)
+                    _score_user(tallies, conn, served, cat, bl, avg, u, attrs_of.get(u, {}), splits[u][0], test,
+                                set(item_ids))
             out["budgets"][q] = {"answers_per_user": round(answers / len(cold_sorted), 2),
                                  "onboard_ms_per_user": round(onboard_ms, 2),
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
@@ -247,7 +249,7 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
             for u in cold_sorted:
                 if not evalset[u].empty:
                     _score_user(tallies, conn, served, cat, bl, None, u, attrs_of.get(u, {}),
-                                first10[u]["item"].tolist(), evalset[u])
+                                first10[u]["item"].tolist(), evalset[u], set(item_ids))
         out[n] = {"retrain_s": retrain_s, **{m: t.result() for m, t in tallies.items()}}
     return out
 
