@@ -55,16 +55,10 @@ class FeatureModelConfig:
         passed to ``fit``, answered from a random half of the user's ratings.
     time_mask_first: in simulation (a) the unrevealed items among the first ``time_mask_first`` in time
         order are masked out of the softmax (neither positive nor negative), as the fold-in evaluation does.
-    item_dropout: share of the revealed items dropped in training (input dropout on the item bags).
     n_bins: quantile bins of a number attribute (edges from the training users' values).
     positive_share: top share of the rating scale that counts as a positive (0.25: ≥ 4 on 1..5).
-    pop_mix: weight of log(1 + number of training positives) added to every item's score.
     rating_centre: where the rating weight is zero, as a share of the scale (0.5: the middle, 3 on 1..5);
         the weight is (r − centre) / half-range.
-    hidden: width of a residual ReLU layer on the user vector (0 = none).
-    user_dropout: dropout on the user vector (None = ``dropout``).
-    rating_levels: when > 0, a third item table indexed by (item, rating level), the scale cut into this
-        many equal bins (5 on 1..5: one row per star), summed / √n like the others (0 = none).
     shrink: the item bags are divided by √(n + shrink) rather than √n (damps the first few reveals).
     max_user_epochs: a rule that scales with the data: beyond this many (training users × epochs) the
         epochs shrink in proportion (at least 2), so a large ratings set costs about as many passes
@@ -82,15 +76,10 @@ class FeatureModelConfig:
     max_time_reveals: int = 15
     budgets: tuple[int, ...] = (0, 5, 15, 30)
     time_mask_first: int = 10
-    item_dropout: float = 0.0
     n_bins: int = 10
     positive_share: float = 0.25
-    pop_mix: float = 0.0
     rating_centre: float = 0.5
-    hidden: int = 0
-    user_dropout: float | None = None
     shrink: float = 1.0
-    rating_levels: int = 0
     max_user_epochs: int = 600_000
 
     def epochs_for(self, n_users: int) -> int:
@@ -197,7 +186,7 @@ def budget_code(budget: int | None, budgets: tuple[int, ...]) -> int:
 class _Batches:
     """Simulated reveals for fastai's Learner: each epoch, ``samples_per_user`` passes over a permutation
     of the training users in batches of ``bs``; every sample draws its own simulation. Yields
-    ``((attrs, items, offsets, w_seen, w_rated, count, how, item_levels), y)`` with ``y`` (bs × n_items, int8):
+    ``((attrs, items, offsets, w_seen, w_rated, count, how), y)`` with ``y`` (bs × n_items, int8):
     1 = positive, 0 = negative, −1 = masked out of the softmax."""
 
     n_inp = 1
@@ -260,8 +249,6 @@ class _Batches:
         rev = np.select([s == 0, s == 1], [rev_a, rev_b], rev_c)
         tgt = np.select([s == 0, s == 1], [tgt_a, tgt_b], tgt_c)
         masked = np.select([s == 0, s == 1], [trank < hide_t[seg], pool], rev_c)
-        if cfg.item_dropout > 0:
-            rev = rev & (rng.random(total) >= cfg.item_dropout)
 
         n_rev = np.bincount(seg[rev], minlength=B)
         inv = 1.0 / np.sqrt(np.maximum(n_rev + cfg.shrink, 1e-9))
@@ -276,7 +263,7 @@ class _Batches:
 
         t = lambda a, dt=torch.long: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
         x = (t(p["attrs"][ub]), t(r_items), t(offsets), t(w_seen, torch.float32), t(w_rated, torch.float32),
-             t(count_bucket(n_rev)), t(how), t(r_items * max(cfg.rating_levels, 1) + p["level"][idx][rev]))
+             t(count_bucket(n_rev)), t(how))
         return x, t(y, torch.int8)
 
 
@@ -306,11 +293,7 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
             self.attrs = nn.ModuleList([Embedding(s, d) for s in attr_sizes])
             self.seen = nn.EmbeddingBag(n_items, d, mode="sum")
             self.rated = nn.EmbeddingBag(n_items, d, mode="sum")
-            bags = [self.seen, self.rated]
-            if cfg.rating_levels:
-                self.levels = nn.EmbeddingBag(n_items * cfg.rating_levels, d, mode="sum")
-                bags.append(self.levels)
-            for bag in bags:
+            for bag in (self.seen, self.rated):
                 nn.init.trunc_normal_(bag.weight, std=0.01)
             self.count = Embedding(N_COUNT_BUCKETS, d)
             self.how = Embedding(n_how, d)
@@ -318,23 +301,15 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
             self.out = Embedding(n_items, d)
             self.out_bias = nn.Parameter(torch.zeros(n_items))
             self.drop_attr = nn.Dropout(cfg.dropout)
-            self.drop_user = nn.Dropout(cfg.dropout if cfg.user_dropout is None else cfg.user_dropout)
-            if cfg.hidden:
-                self.mlp = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, d))
-                nn.init.zeros_(self.mlp[2].weight)
-                nn.init.zeros_(self.mlp[2].bias)
+            self.drop_user = nn.Dropout(cfg.dropout)
 
         def user(self, x):  # noqa: ANN001
-            attrs, items, offsets, w_seen, w_rated, count, how, levels = x
+            attrs, items, offsets, w_seen, w_rated, count, how = x
             u = self.const + self.count(count) + self.how(how)
             for k, emb in enumerate(self.attrs):
                 u = u + self.drop_attr(emb(attrs[:, k]))
             u = u + self.seen(items, offsets, per_sample_weights=w_seen)
             u = u + self.rated(items, offsets, per_sample_weights=w_rated)
-            if cfg.rating_levels:
-                u = u + self.levels(levels, offsets, per_sample_weights=w_seen)
-            if cfg.hidden:
-                u = u + self.mlp(u)
             return self.drop_user(u)
 
         def forward(self, x):  # noqa: ANN001
@@ -383,14 +358,7 @@ class FeatureUserModel:
             attrs[u] = self.encoder_.encode(attributes[u])
         return {"n_items": data.n_items, "lens": lens, "indptr": indptr, "items": items, "ratings": ratings,
                 "trank": trank, "pos": ratings >= self.threshold_, "qrank": qrank, "attrs": attrs,
-                "centred": self._centred(ratings), "level": self._level(ratings)}
-
-    def _level(self, ratings: np.ndarray) -> np.ndarray:
-        """Rating level 0..rating_levels−1 (equal bins of the scale)."""
-        L = max(self.config.rating_levels, 1)
-        lo, hi = self.scale_
-        x = (np.asarray(ratings, dtype=np.float64) - lo) / ((hi - lo) if hi > lo else 1.0)
-        return np.clip(np.floor(x * L * (1 - 1e-9)), 0, L - 1).astype(np.int64) if L > 1 else np.zeros(len(x), np.int64)
+                "centred": self._centred(ratings)}
 
     def _centred(self, ratings: np.ndarray) -> np.ndarray:
         """The weight of a revealed rating in the rated-items table."""
@@ -419,8 +387,6 @@ class FeatureUserModel:
         self.encoder_ = _AttrEncoder.fit(questions, [attributes[u] for u in range(min(len(attributes), data.n_users))],
                                          cfg.n_bins)
         prep = self._prepare(data, timestamps, attributes, questionnaire_items, scale)
-        self.pos_count_ = np.bincount(data.items[data.ratings >= self.threshold_],
-                                      minlength=data.n_items).astype(np.float32)
 
         device = pick_device(self.device)
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -455,10 +421,6 @@ class FeatureUserModel:
         self.seen_, self.rated_ = npy(net.seen.weight), npy(net.rated.weight)
         self.count_, self.how_ = npy(net.count.weight), npy(net.how.weight)
         self.out_, self.out_bias_ = npy(net.out.weight), npy(net.out_bias)
-        self.levels_ = (npy(net.levels.weight).reshape(data.n_items, cfg.rating_levels, -1) if cfg.rating_levels
-                        else np.zeros((data.n_items, 0, len(self.const_)), np.float32))
-        self.hidden_ = ([(npy(net.mlp[0].weight), npy(net.mlp[0].bias)), (npy(net.mlp[2].weight), npy(net.mlp[2].bias))]
-                        if cfg.hidden else [])
         return self
 
     # ----------------------------------------------------------------- inference (numpy only)
@@ -483,21 +445,13 @@ class FeatureUserModel:
             if n:
                 c = self._centred(ratings)
                 bag = self.seen_[items].sum(0) + (self.rated_[items] * c[:, None]).sum(0)
-                if self.levels_.shape[1]:
-                    bag = bag + self.levels_[items, self._level(ratings)].sum(0)
                 u = u + bag / math.sqrt(n + self.config.shrink)
             out[k] = u
-        if self.hidden_:
-            (w1, b1), (w2, b2) = self.hidden_
-            out = out + np.maximum(out @ w1.T + b1, 0) @ w2.T + b2
         return out.astype(np.float32)
 
     def item_scores(self, user_vecs: np.ndarray) -> np.ndarray:
         """(n, n_items) ranking scores of user vectors (higher = recommend first)."""
-        s = np.asarray(user_vecs, dtype=np.float32) @ self.out_.T + self.out_bias_
-        if self.config.pop_mix:
-            s = s + self.config.pop_mix * np.log1p(self.pos_count_)
-        return s
+        return np.asarray(user_vecs, dtype=np.float32) @ self.out_.T + self.out_bias_
 
     def add_items(self, n_new: int, out: np.ndarray | None = None, out_bias: np.ndarray | None = None) -> None:
         """Append ``n_new`` catalogue items: zero input rows; output rows and biases as given (e.g. from
@@ -509,10 +463,8 @@ class FeatureUserModel:
         self.seen_ = np.concatenate([self.seen_, z])
         self.rated_ = np.concatenate([self.rated_, z])
         self.out_ = np.concatenate([self.out_, z if out is None else np.asarray(out, np.float32)])
-        self.levels_ = np.concatenate([self.levels_, np.zeros((n_new,) + self.levels_.shape[1:], np.float32)])
         self.out_bias_ = np.concatenate([self.out_bias_, np.full(n_new, self.out_bias_.min(), np.float32)
                                          if out_bias is None else np.asarray(out_bias, np.float32)])
-        self.pos_count_ = np.concatenate([self.pos_count_, np.zeros(n_new, np.float32)])
 
     # ----------------------------------------------------------------- persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -521,11 +473,9 @@ class FeatureUserModel:
                 "threshold": self.threshold_, "attributes": self.encoder_.spec}
         arrays = {"meta_json": np.array(json.dumps(meta)), "const": self.const_, "seen": self.seen_,
                   "rated": self.rated_, "count": self.count_, "how": self.how_, "out": self.out_,
-                  "out_bias": self.out_bias_, "pos_count": self.pos_count_, "levels": self.levels_}
+                  "out_bias": self.out_bias_}
         for k, t in enumerate(self.attr_tables_):
             arrays[f"attr_{k}"] = t
-        for k, (w, b) in enumerate(self.hidden_):
-            arrays[f"hidden_w{k}"], arrays[f"hidden_b{k}"] = w, b
         return arrays
 
     @classmethod
@@ -536,9 +486,7 @@ class FeatureUserModel:
         m.scale_ = tuple(float(v) for v in meta["scale"])
         m.threshold_ = float(meta["threshold"])
         m.encoder_ = _AttrEncoder(meta["attributes"])
-        for name in ("const", "seen", "rated", "count", "how", "out", "out_bias", "pos_count", "levels"):
+        for name in ("const", "seen", "rated", "count", "how", "out", "out_bias"):
             setattr(m, name + "_", np.asarray(arrays[name], dtype=np.float32))
         m.attr_tables_ = [np.asarray(arrays[f"attr_{k}"], dtype=np.float32) for k in range(len(m.encoder_.spec))]
-        m.hidden_ = [(np.asarray(arrays[f"hidden_w{k}"], np.float32), np.asarray(arrays[f"hidden_b{k}"], np.float32))
-                     for k in range(2) if f"hidden_w{k}" in arrays]
         return m
