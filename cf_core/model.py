@@ -80,6 +80,7 @@ class TrainedModel:
     user_factors: np.ndarray | None = None  # their rows, aligned with user_ids
     user_bias: np.ndarray | None = None
     settings: dict = field(default_factory=dict)  # how it was trained (for the record)
+    n_trained_items: int | None = None  # items the full retrain learned (inner 0..n-1); later ones were added
 
     # --- vocabulary -------------------------------------------------------------------------
     @property
@@ -145,7 +146,9 @@ class TrainedModel:
         """The user's representation, a pure function of their history.
 
         Rating part: a trained user starts from their trained row and folds in only the ratings
-        newer than the full retrain (those it learned from are never counted twice); anyone else
+        newer than the full retrain (those it learned from are not counted again; a rating *changed*
+        since then counts with its new value on top of the row's old one until the next full
+        retrain); anyone else
         starts from the bootstrap prior of their answers and folds in every rating. Ranking part:
         the ranker's user side computed from attributes and every rating."""
         inner = self.item_index(history.items)
@@ -220,14 +223,28 @@ class TrainedModel:
             ranker_rows = {"out": rows["rank_out"], "out_bias": rows["rank_bias"]}
         return {"item_factors": rows["item_factors"], "item_bias": rows["item_bias"]}, ranker_rows
 
-    def with_ratings_counted(self, items: np.ndarray, ratings: np.ndarray) -> "TrainedModel":
-        """A new model whose item statistics include these ratings (inner indices; -1 ignored)."""
+    def added_items(self) -> np.ndarray:
+        """Inner indices of the items added after the full retrain (from metadata or first ratings)."""
+        return np.arange(self.n_items if self.n_trained_items is None else self.n_trained_items, self.n_items)
+
+    def with_item_rows(self, items: np.ndarray, rating_rows: dict[str, np.ndarray]) -> "TrainedModel":
+        """A new model whose rating-model rows of ``items`` (inner indices) are replaced."""
+        items = np.asarray(items, np.int64)
+        rating = self.rating.from_arrays(self.rating.to_arrays())
+        rating.item_factors = rating.item_factors.copy()
+        rating.item_bias = rating.item_bias.copy()
+        rating.item_factors[items] = rating_rows["item_factors"]
+        rating.item_bias[items] = rating_rows["item_bias"]
+        return replace(self, rating=rating)
+
+    def with_item_totals(self, items: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> "TrainedModel":
+        """A new model whose statistics of ``items`` (inner indices; -1 ignored) are these totals."""
         items = np.asarray(items, np.int64)
         keep = items >= 0
-        counts, sums = self.item_counts.copy(), self.item_sums.copy()
-        np.add.at(counts, items[keep], 1)
-        np.add.at(sums, items[keep], np.asarray(ratings, np.float64)[keep])
-        return replace(self, item_counts=counts, item_sums=sums)
+        item_counts, item_sums = self.item_counts.copy(), self.item_sums.copy()
+        item_counts[items[keep]] = np.asarray(counts)[keep]
+        item_sums[items[keep]] = np.asarray(sums)[keep]
+        return replace(self, item_counts=item_counts, item_sums=item_sums)
 
     # --- plain arrays -----------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -237,7 +254,8 @@ class TrainedModel:
                "model/item_counts": self.item_counts.astype(np.float64),
                "model/item_sums": self.item_sums.astype(np.float64),
                "model/config": np.array(json.dumps(self.config.to_json())),
-               "model/settings": np.array(json.dumps(self.settings))}
+               "model/settings": np.array(json.dumps(self.settings)),
+               "model/n_trained_items": np.array(self.n_items if self.n_trained_items is None else self.n_trained_items)}
         out.update({f"rating/{k}": v for k, v in self.rating.to_arrays().items()})
         out.update({f"bootstrap/{k}": v for k, v in self.bootstrap.to_arrays().items()})
         if self.ranker is not None:
@@ -267,4 +285,5 @@ class TrainedModel:
                    item_counts=a["model/item_counts"], item_sums=a["model/item_sums"],
                    config=ServingConfig.from_json(json.loads(str(a["model/config"]))), ranker=ranker,
                    item_prior=item_prior,
-                   settings=json.loads(str(a["model/settings"])))
+                   settings=json.loads(str(a["model/settings"])),
+                   n_trained_items=int(a["model/n_trained_items"]) if "model/n_trained_items" in a else None)

@@ -116,9 +116,12 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
         for index in Rating.__table__.indexes:
             index.drop(conn)
     mark = "%s" if conn.dialect.name == "postgresql" else "?"
+    differs = "IS DISTINCT FROM" if conn.dialect.name == "postgresql" else "IS NOT"
+    # a rating written again unchanged keeps its seq: it is not new to any model version
     sql = (f"INSERT INTO ratings (user_id, item_id, rating, timestamp, seq) VALUES ({', '.join([mark] * 5)}) "
            "ON CONFLICT (user_id, item_id) DO UPDATE SET rating = excluded.rating, "
-           "timestamp = excluded.timestamp, seq = excluded.seq")
+           "timestamp = excluded.timestamp, seq = excluded.seq "
+           f"WHERE ratings.rating {differs} excluded.rating OR ratings.timestamp {differs} excluded.timestamp")
     cursor = conn.connection.driver_connection.cursor()
     try:
         for start in range(0, n, CHUNK * 5):
@@ -213,6 +216,18 @@ def user_attributes_of(conn: Connection, user_id: int) -> dict:
 
 def user_attributes(conn: Connection) -> dict[int, dict]:
     return dict(conn.execute(select(User.id, User.attributes)).all())
+
+
+def item_totals(conn: Connection, item_ids) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """(number of ratings, sum of ratings) of each of ``item_ids``, as the table holds them now."""
+    ids = [int(i) for i in item_ids]
+    found: dict[int, tuple[int, float]] = {}
+    for start in range(0, len(ids), 900):
+        rows = conn.execute(select(Rating.item_id, func.count(), func.sum(Rating.rating))
+                            .where(Rating.item_id.in_(ids[start:start + 900])).group_by(Rating.item_id)).all()
+        found.update({int(i): (int(c), float(t)) for i, c, t in rows})
+    return (np.array([found.get(i, (0, 0.0))[0] for i in ids], np.float64),
+            np.array([found.get(i, (0, 0.0))[1] for i in ids], np.float64))
 
 
 def all_item_ids(conn: Connection) -> np.ndarray:

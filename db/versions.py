@@ -1,8 +1,8 @@
 """Model versions: a trained model's arrays, its trained users' rows, the serving pointer, and the retrain lock.
 
 A *full* version stores the whole ``TrainedModel`` as one .npz of plain arrays plus one row per
-trained user; an *incremental* version stores only a delta (items it added, item statistics) and
-points at its parent, so its cost grows with what changed, not with the catalogue. Every version is
+trained user; an *incremental* version stores only a delta (the items it added or re-solved, and the
+item statistics) and points at its parent; loading replays the chain from the full version. Every version is
 written in one transaction, serving pointer included: a crash leaves the previous version serving
 and no partial rows. Item rows are kept by database id; inner indices never leave the model."""
 from __future__ import annotations
@@ -27,8 +27,13 @@ DELTA_BLOB = "delta.npz"  # an incremental version's changes
 
 
 def _check_serving(conn: Connection, expected: int | None) -> int | None:
-    """The serving version now; ``expected`` is what it was when the retrain started."""
-    now = serving_version(conn)
+    """The serving version now if it is not ``expected`` (what it was when the retrain started),
+    else None. The pointer's row stays locked until the transaction ends (PostgreSQL: FOR UPDATE;
+    SQLite: the write transaction's BEGIN IMMEDIATE), so no rollback lands between check and write."""
+    from .schema import Setting
+
+    raw = conn.scalar(select(Setting.value).where(Setting.key == "serving_version").with_for_update())
+    now = int(raw) if raw else None
     return now if now != expected else None
 
 
@@ -69,12 +74,16 @@ def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray]
 
 
 def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], model: TrainedModel,
-               ranker_rows: dict[str, np.ndarray] | None = None) -> dict:
+               ranker_rows: dict[str, np.ndarray] | None = None, replaced_item_ids: np.ndarray | None = None,
+               replaced_rows: dict[str, np.ndarray] | None = None) -> dict:
     """What an incremental version stores: the items it added (database ids, rating-model rows and,
-    when given, the ranker's output rows) and the item statistics after it."""
+    when given, the ranker's output rows), the items whose rating rows it re-solved, and the item
+    statistics after it."""
     return {"added/item_ids": np.asarray(added_item_ids, np.int64),
             **{f"added/{k}": v for k, v in added_rows.items()},
             **{f"added_ranker/{k}": v for k, v in (ranker_rows or {}).items()},
+            "replaced/item_ids": np.asarray(replaced_item_ids if replaced_item_ids is not None else [], np.int64),
+            **{f"replaced/{k}": v for k, v in (replaced_rows or {}).items()},
             "item_counts": model.item_counts, "item_sums": model.item_sums}
 
 
@@ -87,6 +96,11 @@ def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedMod
         rows = {k[len("added/"):]: v for k, v in delta.items() if k.startswith("added/") and k != "added/item_ids"}
         ranker_rows = {k[len("added_ranker/"):]: v for k, v in delta.items() if k.startswith("added_ranker/")}
         model = model.add_items(ids, rows, ranker_rows or None)
+    replaced = delta.get("replaced/item_ids", np.zeros(0, np.int64))
+    if len(replaced):
+        rows = {k[len("replaced/"):]: v for k, v in delta.items()
+                if k.startswith("replaced/") and k != "replaced/item_ids"}
+        model = model.with_item_rows(model.item_index(replaced), rows)
     return replace(model, item_counts=delta["item_counts"], item_sums=delta["item_sums"])
 
 

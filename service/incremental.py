@@ -11,7 +11,6 @@ import time
 import numpy as np
 from sqlalchemy import Engine
 
-from ..cf_core.errors import CfbError
 from ..cf_core.rating import DotRating
 from ..db import store, versions
 from ..db.engine import writing
@@ -53,7 +52,12 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
 
 
 def retrain_incremental(engine: Engine) -> dict:
-    """Fold what changed into the serving version; write and serve the result."""
+    """Fold what changed into the serving version; write and serve the result.
+
+    Items that got ratings for the first time, and items added since the full retrain that got new
+    ratings, are solved against all their raters from their metadata row (or zeros); catalogue items
+    with metadata and no rating join from their metadata; the statistics of every touched item are
+    re-read from the ratings table."""
     t_start = time.perf_counter()
     lock = versions.acquire_retrain_lock(engine)
     try:
@@ -63,7 +67,8 @@ def retrain_incremental(engine: Engine) -> dict:
             served = load_served(conn, parent)
             model = served.model
             new = store.load_ratings(conn, since_seq=row["max_seq"])
-            rated = np.setdiff1d(np.unique(new.item_id), model.item_ids)
+            touched = np.unique(new.item_id)
+            rated = np.setdiff1d(touched, model.item_ids)
             unrated = np.zeros(0, np.int64)
             if model.item_prior is not None:  # catalogue items with metadata and no rating yet
                 unrated = np.setdiff1d(np.setdiff1d(store.all_item_ids(conn), model.item_ids), rated)
@@ -72,19 +77,27 @@ def retrain_incremental(engine: Engine) -> dict:
             if len(new) == 0 and len(unrated) == 0:
                 return {"version": parent, "kind": model.kind, "mode": "none", "new_ratings": 0,
                         "reason": f"no new ratings or items since version {parent}"}
+            resolve = model.item_ids[np.intersect1d(model.added_items(), model.item_index(touched))]
             new_items = np.concatenate([rated, unrated])
             t_fold = time.perf_counter()
             added, ranker_rows = model.metadata_rows(_attributes_in_order(conn, new_items))
-            if len(rated):
-                added = _fold_in_items(conn, served, rated, added)
+            priors, _ = model.metadata_rows(_attributes_in_order(conn, resolve))
+            solve = np.concatenate([rated, resolve])
+            solved = _fold_in_items(conn, served, solve, {k: np.concatenate([added[k][:len(rated)], priors[k]])
+                                                          for k in added})
+            added = {k: np.concatenate([solved[k][:len(rated)], added[k][len(rated):]]) for k in added}
+            replaced = {k: v[len(rated):] for k, v in solved.items()}
+            counts, sums = store.item_totals(conn, touched)
             fold_s = time.perf_counter() - t_fold
         if len(new_items):
             model = model.add_items(new_items, added, ranker_rows)
-        model = model.with_ratings_counted(model.item_index(new.item_id), new.rating)
+        if len(resolve):
+            model = model.with_item_rows(model.item_index(resolve), replaced)
+        model = model.with_item_totals(model.item_index(touched), counts, sums)
         metrics = {"new_ratings": len(new), "users_with_new_ratings": int(len(np.unique(new.user_id))),
                    "items_added": int(len(new_items)), "items_from_metadata": int(len(unrated)),
-                   "fold_s": round(fold_s, 4)}
-        delta = versions.make_delta(new_items, added, model, ranker_rows)
+                   "items_resolved": int(len(resolve)), "fold_s": round(fold_s, 4)}
+        delta = versions.make_delta(new_items, added, model, ranker_rows, resolve, replaced)
         max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:
             version = versions.save_incremental(conn, parent, delta, kind=model.kind, settings=model.settings,
@@ -101,14 +114,14 @@ def _attributes_in_order(conn, item_ids: np.ndarray) -> list[dict]:  # noqa: ANN
 
 
 def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """Rating-model rows of items that got their first ratings: each solved against its raters'
-    current user vectors (a fold-in with users and items swapped: dot model only), starting from
-    (and shrunk toward) the item's prior row (from its metadata, else zeros). ``prior`` holds rows
-    for ``item_ids`` first, then possibly more, which are returned unchanged."""
+    """Rating-model rows of ``item_ids``, each solved against all its raters' current user vectors
+    (a fold-in with users and items swapped), starting from and shrunk toward its ``prior`` row: a
+    pure function of the item's ratings, so nothing is counted twice. The nn model's items keep
+    their prior rows (an item embedding through the MLP is left to the next full retrain)."""
     model = served.model
-    if model.kind != "dot":
-        raise CfbError("new items need a full retrain for the nn model: run `cfb retrain --full`")
     factors, biases = prior["item_factors"].copy(), prior["item_bias"].copy()
+    if model.kind != "dot":
+        return {"item_factors": factors, "item_bias": biases}
     for k, item in enumerate(item_ids.tolist()):
         users, ratings = store.item_ratings(conn, item)
         vecs = [model.user_vector(user_history(conn, served, int(u))) for u in users]

@@ -1,6 +1,7 @@
 """The serving model of a database, loaded once per process, and users as the model sees them."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from ..db import store, versions
 from ..db.schema import Answer, Item
 
 _CACHE: dict[tuple[str, int], "Served"] = {}
+_CACHE_LOCK = threading.Lock()
 CACHED_VERSIONS = 4  # a long-running server keeps the newest few versions it has served
 
 
@@ -27,11 +29,14 @@ def load_served(conn: Connection, version: int | None = None) -> Served:
     """The serving (or given) version, cached per database and version (versions never change)."""
     version = version if version is not None else versions.require_serving(conn)
     key = (str(conn.engine.url), version)
-    if key not in _CACHE:
-        _CACHE[key] = Served(version, versions.load_model(conn, version), versions.root_max_seq(conn, version))
-        while len(_CACHE) > CACHED_VERSIONS:
-            del _CACHE[next(iter(_CACHE))]  # the oldest loaded
-    return _CACHE[key]
+    served = _CACHE.get(key)
+    if served is None:
+        served = Served(version, versions.load_model(conn, version), versions.root_max_seq(conn, version))
+        with _CACHE_LOCK:  # server threads share the cache
+            _CACHE[key] = served
+            while len(_CACHE) > CACHED_VERSIONS:
+                _CACHE.pop(next(iter(_CACHE)), None)  # the oldest loaded
+    return served
 
 
 def signup_items(conn: Connection, user_id: int) -> frozenset:

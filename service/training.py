@@ -105,7 +105,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
                          item_counts=counts.astype(np.float64), item_sums=sums, config=config,
                          ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
-                         user_bias=est.user_bias_, settings=settings)
+                         user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
     names = metadata_names(td.item_attributes or [])
     if names and kind == "dot":
         from ..cf_core.item_prior import ItemPrior, full_history_user_vectors

@@ -195,4 +195,41 @@ def test_a_new_item_with_metadata_and_no_rating_reaches_the_users_it_suits(engin
     with engine.connect() as conn:
         rank_a = [r["item"] for r in recommend(conn, "a0", n=40)["items"]].index("newA")
         rank_b = [r["item"] for r in recommend(conn, "b1", n=40)["items"]].index("newA")
+        (before,) = predict_pairs(conn, [("b1", "newA")])
     assert rank_a < 8 < rank_b
+    # its ratings then fold it in (from its metadata row, every rating once): b-users love it after all
+    ingest_dataset(engine, Dataset(pd.DataFrame([{"user": f"b{k}", "item": "newA", "rating": 5.0, "timestamp": k}
+                                                 for k in range(1, 40, 2)])))
+    out = retrain_incremental(engine)
+    assert out["items_resolved"] == 1 and out["items_added"] == 0
+    with engine.connect() as conn:
+        (after,) = predict_pairs(conn, [("b3", "newA")])
+    assert after > before + 0.5
+
+
+def test_ratings_written_again_are_not_new_and_statistics_stay_exact(trained, planted):
+    """The same file ingested again moves no seq (nothing is new to the model); a changed rating is
+    new once, and the item statistics are the table's, not a running sum."""
+    from cfb.service.state import load_served
+
+    engine, _ = trained
+    ingest_dataset(engine, planted)
+    assert retrain_incremental(engine)["mode"] == "none"
+    first = planted.ratings.iloc[0]
+    ingest_dataset(engine, Dataset(pd.DataFrame([{**first.to_dict(), "rating": 6 - first["rating"]}])))
+    out = retrain_incremental(engine)
+    assert out["new_ratings"] == 1
+    with engine.connect() as conn:
+        model = load_served(conn).model
+        stored = conn.scalar(select(func.sum(Rating.rating)))
+    assert model.item_counts.sum() == len(planted.ratings) and model.item_sums.sum() == pytest.approx(stored)
+
+
+def test_nn_incremental_retrain_adds_a_first_rated_item(engine, planted):
+    ingest_dataset(engine, planted)
+    retrain_full(engine, kind="nn", progress=False, **FAST)
+    ingest_dataset(engine, Dataset(pd.DataFrame([{"user": "a0", "item": "brand-new", "rating": 5.0, "timestamp": 1}])))
+    out = retrain_incremental(engine)
+    assert out["mode"] == "incremental" and out["items_added"] == 1
+    with engine.connect() as conn:
+        assert "brand-new" in {r["item"] for r in recommend(conn, "b1", n=40)["items"]}
