@@ -597,15 +597,18 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"<p class='small'>Model version {q['version']}.</p>")
         return _page("cfb: sign up", body, token is not None)
 
+    def _error_page(e: CfbError) -> HTMLResponse:
+        page = _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>", token is not None)
+        page.status_code = _error_status(e)
+        return page
+
     @app.get("/user/{user}", response_class=HTMLResponse, include_in_schema=False)
     def user_page(user: str, n: int = Query(10, ge=1, le=MAX_N)):
         with engine.connect() as conn:
             try:
                 rec = serving.recommend(conn, user, n)
             except CfbError as e:
-                page = _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>", token is not None)
-                page.status_code = _error_status(e)
-                return page
+                return _error_page(e)
             scale = _scale(conn)
         items = "".join(_rec_row(it, scale) for it in rec["items"])
         body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
@@ -626,9 +629,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             try:
                 out = serving.similar(conn, item, n)
             except CfbError as e:
-                page = _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>", token is not None)
-                page.status_code = _error_status(e)
-                return page
+                return _error_page(e)
         rows = "".join(f"<li><a href='{_item_href(it['item'])}'>{_name(it)}</a> "
                        f"<span class='score'>{it['score']:.3f}</span></li>" for it in out["items"])
         body = (f"<h1 id='item-title'>{_name(out)}</h1><p class='small'>item {escape(str(out['item']))}</p>"
