@@ -14,6 +14,8 @@ For each server configuration (``--workers``, default 1 and 2 processes) it star
     By Little's law the latency here is clients / throughput, so it shows queueing, not service time;
   - paced (each client waits so that the 16 together offer ``--rate`` requests/s, 300 and 600 by
     default): p50, p99 at a load the server keeps up with: the latency a user sees at that load;
+  - (1 worker) closed loop while one more client posts ``--write-rate`` ratings/s (20 by default) to
+    the same server: after each write the server confirms a cached answer with a database read again;
 * ``POST /users`` (a signup with 4 attribute answers and 10 ratings): p50, p99, one client at a time;
 * ``POST /users/{user}/ratings``: p50, one client at a time;
 
@@ -199,6 +201,41 @@ def load(base: str, users: list[str], clients: int, duration: float, pause_ms: f
     return asyncio.run(_httpx_load(base, users, clients, duration, pause_ms, max_requests))
 
 
+class RatingWriter:
+    """A thread posting ``rate`` ratings/s (one user, every MovieLens 100k item in turn) until ``stop``."""
+
+    USER = "bench-writer"
+
+    def __init__(self, base: str, rate: float):
+        import threading
+
+        self.base, self.rate, self.latencies = base, rate, []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.base, timeout=30) as c:
+            c.post("/users", json={"user": self.USER, "answers": {}})  # 201, or 409 from an earlier run
+            k = 0
+            while not self.done.is_set():
+                t0 = time.perf_counter()
+                r = c.post(f"/users/{self.USER}/ratings", json={"item": str(k % 1682 + 1), "rating": 1 + k % 5})
+                self.latencies.append((time.perf_counter() - t0) * 1e3)
+                assert r.status_code == 201, r.text
+                k += 1
+                self.done.wait(max(0.0, 1 / self.rate - (time.perf_counter() - t0)))
+
+    def stop(self, seconds: float) -> str:
+        self.done.set()
+        self.thread.join(timeout=60)
+        lat = self.latencies
+        return (f"{len(lat) / seconds:.1f} ratings/s posted, p50 {pct(lat, 50):.2f} ms, "
+                f"p99 {pct(lat, 99):.2f} ms")
+
+
 def signups(base: str, count: int, seed: int = 0) -> dict:
     import httpx
 
@@ -262,6 +299,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
     ap.add_argument("--rate", default="300,600", help="offered requests/s (all clients together) of the paced runs")
     ap.add_argument("--max-requests", type=int, default=200_000, help="bound of the httpx load loop")
+    ap.add_argument("--write-rate", type=float, default=20.0,
+                    help="ratings/s posted during the 'ratings posted meanwhile' run (0: no such run)")
     ap.add_argument("--signups", type=int, default=200)
     ap.add_argument("--threadpool", action="store_true",
                     help="also measure recommendations computed in the thread pool (CFB_HTTP_READS=thread)")
@@ -277,7 +316,8 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     log(f"# cfb serve on MovieLens 100k, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    log(f"# machine: {os.cpu_count()} CPUs ({cpu}), shared with other jobs; Python {platform.python_version()}")
+    log(f"# machine: {os.cpu_count()} CPUs ({cpu}), shared with other jobs (load average at start: {loadavg()}); "
+        f"Python {platform.python_version()}")
     log(f"# command: python bench/bench_http.py {' '.join(sys.argv[1:])}")
     log(f"# load generator: {'wrk (1 thread)' if shutil.which('wrk') else 'asyncio httpx'}, "
         f"{args.clients} concurrent clients, {args.duration:g} s per run")
@@ -286,21 +326,31 @@ def main() -> None:
         db = args.db or tmp / "ml100k.db"
         url = prepare(db, args.data, log)
         users = [str(u) for u in range(1, 944)]
-        configs = [(f"{w} worker{'s' if int(w) > 1 else ''}", int(w), {}) for w in args.workers.split(",") if w.strip()]
-        configs.insert(1, ("1 worker, no answer cache", 1, {"CFB_HTTP_CACHE": "0"}))
+        # (name, server processes, server environment, ratings/s posted during the closed loop)
+        configs = [(f"{w} worker{'s' if int(w) > 1 else ''}", int(w), {}, 0.0)
+                   for w in args.workers.split(",") if w.strip()]
+        configs.insert(1, ("1 worker, no answer cache", 1, {"CFB_HTTP_CACHE": "0"}, 0.0))
+        if args.write_rate > 0:
+            configs.insert(2, (f"1 worker, {args.write_rate:g} ratings/s", 1, {}, args.write_rate))
         if args.threadpool:
-            configs.append(("1 worker, thread pool", 1, {"CFB_HTTP_READS": "thread"}))
+            configs.append(("1 worker, thread pool", 1, {"CFB_HTTP_READS": "thread"}, 0.0))
+        notes = []
         log("")
         log("GET /users/{user}/recommendations?n=10 (every user in turn)")
         log(f"{'server':<27}{'mode':<22}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'errors':>8}  load avg")
         results = {}
-        for name, workers, env in configs:
+        for name, workers, env, write_rate in configs:
             server = Server(url, workers, env)
             try:  # warm up (the model loads in each worker), then measure
                 load(server.base, users, args.clients, min(3.0, args.duration), 0, tmp, args.max_requests)
+                writer = RatingWriter(server.base, write_rate) if write_rate else None
                 closed = load(server.base, users, args.clients, args.duration, 0, tmp, args.max_requests)
-                runs = [("closed loop", closed, loadavg())]
-                for rate in (float(r) for r in args.rate.split(",") if r.strip()):
+                runs = [("closed loop" + (" + writes" if writer else ""), closed, loadavg())]
+                rates = [float(r) for r in args.rate.split(",") if r.strip()]
+                if writer is not None:  # the closed loop alone
+                    notes.append(f"{name}: during the closed loop, {writer.stop(args.duration)}")
+                    rates = []
+                for rate in rates:
                     paced = load(server.base, users, args.clients, args.duration, args.clients / rate * 1e3, tmp,
                                  args.max_requests)
                     runs.append((f"paced {rate:g}/s offered", paced, loadavg()))
@@ -312,6 +362,8 @@ def main() -> None:
                     results[name]["signups"] = {**signups(server.base, args.signups), "load": loadavg()}
             finally:
                 server.stop()
+        for note in notes:
+            log(note)
         one = results.get("1 worker", {}).get("signups")
         if one:
             log("")

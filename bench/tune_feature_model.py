@@ -57,7 +57,8 @@ class Split:
     cases: dict  # ("q", Q) or ("n", n) -> (reveals, exclude lists, relevant sets)
 
 
-def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.0)) -> Split:  # noqa: ANN001
+def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.0),  # noqa: ANN001
+                strategy: str = "popularity") -> Split:
     users = sorted(ratings.user.unique().tolist())
     user_index = {u: k for k, u in enumerate(users)}
     cold = cold_users(users, seed)
@@ -71,7 +72,7 @@ def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.
                       warm.rating.to_numpy(np.float32), len(warm_ids), len(item_ids))
     attributes = [attrs_of.get(u, {}) for u in warm_ids]
     ts = warm.timestamp.to_numpy(dtype=float, na_value=-1.0) if "timestamp" in warm else np.full(len(warm), -1.0)
-    questionnaire = choose_items(data.items, data.ratings, data.n_items, max(BUDGETS))
+    questionnaire = choose_items(data.items, data.ratings, data.n_items, max(BUDGETS), strategy)
     # positive popularity: count of ratings >= 4, ties by count, then item id as a string (= inner order)
     pos_n = np.bincount(data.items[data.ratings >= 4], minlength=data.n_items).astype(float)
     cnt = np.bincount(data.items, minlength=data.n_items).astype(float)
@@ -161,10 +162,11 @@ def load(path: str):  # noqa: ANN201
     return ratings, attrs_of, ds.scale or (1.0, 5.0)
 
 
-def pseudo_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale, offset: int = 1000) -> Split:  # noqa: ANN001
+def pseudo_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale, offset: int = 1000,  # noqa: ANN001
+                 strategy: str = "popularity") -> Split:
     """Warm users of protocol seed ``seed`` only, split again with seed + ``offset``."""
     cold = cold_users(sorted(ratings.user.unique().tolist()), seed)
-    return build_split(ratings[~ratings.user.isin(cold)], attrs_of, seed + offset, scale)
+    return build_split(ratings[~ratings.user.isin(cold)], attrs_of, seed + offset, scale, strategy)
 
 
 COLS = [f"q{q}" for q in BUDGETS] + [f"n{n}" for n in STEPS]
@@ -185,6 +187,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--pseudo-offsets", default="1000,2000", help="pseudo-cold splits per seed (seed + offset)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--questionnaire", default="popularity", choices=["popularity", "entropy"],
+                    help="how the questionnaire items are chosen (bootstrap.questionnaire.choose_items)")
     ap.add_argument("candidates", nargs="*", help="JSON overrides of FeatureModelConfig")
     a = ap.parse_args()
     import torch
@@ -198,10 +202,10 @@ def main() -> None:
     print(f"{'NDCG@10':<40}" + " ".join(f"{c:>5}" for c in COLS))
     for mode in modes:
         if mode == "pseudo":  # keyed (and the model seeded) by seed + offset - 1000
-            splits = {s + o - 1000: pseudo_split(ratings, attrs_of, s, scale, o)
+            splits = {s + o - 1000: pseudo_split(ratings, attrs_of, s, scale, o, a.questionnaire)
                       for o in map(int, a.pseudo_offsets.split(",")) for s in seeds}
         else:
-            splits = {s: build_split(ratings, attrs_of, s, scale) for s in seeds}
+            splits = {s: build_split(ratings, attrs_of, s, scale, a.questionnaire) for s in seeds}
         keys = list(splits)
         base = [score_cases(splits[k], None) for k in keys]
         print(fmt(f"[{mode}] positive popularity", mean_rows(base)))

@@ -61,8 +61,12 @@ class FeatureModelConfig:
         the weight is (r − centre) / half-range.
     shrink: the item bags are divided by √(n + shrink) rather than √n (damps the first few reveals).
     max_user_epochs: a rule that scales with the data: beyond this many (training users × epochs) the
-        epochs shrink in proportion (at least 2), so a large ratings set costs about as many passes
-        over users as 20k users do.
+        epochs shrink in proportion; at the floor of 2 epochs each epoch draws a random
+        ``max_user_epochs / 2`` of the users, so the ranker's cost stops growing with the users.
+    full_softmax_items: up to this many catalogue items the softmax is over the whole catalogue; beyond
+        it (a rule that scales with the catalogue) it is a sampled softmax: each positive against
+        ``negatives`` items drawn per batch in proportion to popularity^0.75, with the log-inclusion
+        correction, the user's masked items and positives left out.
     """
 
     n_factors: int = 128
@@ -80,11 +84,17 @@ class FeatureModelConfig:
     positive_share: float = 0.25
     rating_centre: float = 0.5
     shrink: float = 1.0
-    max_user_epochs: int = 600_000
+    max_user_epochs: int = 200_000
+    full_softmax_items: int = 4096
+    negatives: int = 2048
 
     def epochs_for(self, n_users: int) -> int:
         """Epochs for ``n_users`` training users (see ``max_user_epochs``)."""
         return int(max(min(2, self.epochs), min(self.epochs, self.max_user_epochs // max(n_users, 1))))
+
+    def users_per_epoch(self, n_users: int) -> int:
+        """Users drawn per epoch (all of them unless the epoch floor is reached; see ``max_user_epochs``)."""
+        return int(min(n_users, max(1, self.max_user_epochs // self.epochs_for(n_users))))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -113,6 +123,19 @@ def count_bucket(n: np.ndarray | int) -> np.ndarray:
     n = np.asarray(n, dtype=np.int64)
     b = np.where(n > 0, np.floor(np.log2(np.maximum(n, 1))).astype(np.int64) + 1, 0)
     return np.minimum(b, N_COUNT_BUCKETS - 1)
+
+
+def inclusion_probabilities(w: np.ndarray, m: int) -> np.ndarray:
+    """Approximate probability that each item is among ``m`` drawn without replacement in proportion to
+    ``w``: min(1, c · w) with c chosen so that they sum to m (1 for every item when m = len(w))."""
+    order = np.argsort(-w, kind="stable")
+    ws = w[order]
+    tail = np.cumsum(ws[::-1])[::-1]  # sum of w over the k-th largest and smaller
+    k = np.arange(len(w))
+    c = (m - k) / tail
+    ok = (c * ws <= 1.0 + 1e-12) & (k < m)
+    c_star = c[np.argmax(ok)] if ok.any() else np.inf
+    return np.minimum(1.0, c_star * w)
 
 
 def _first_char(v) -> str:  # noqa: ANN001
@@ -197,7 +220,7 @@ class _Batches:
 
     @property
     def n(self) -> int:
-        return self.n_users * self.fm.config.samples_per_user
+        return self.fm.config.users_per_epoch(self.n_users) * self.fm.config.samples_per_user
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.bs)
@@ -207,7 +230,9 @@ class _Batches:
         return self
 
     def __iter__(self):
-        order = np.concatenate([self.rng.permutation(self.n_users) for _ in range(self.fm.config.samples_per_user)])
+        take = self.fm.config.users_per_epoch(self.n_users)
+        order = np.concatenate([self.rng.permutation(self.n_users)[:take]
+                                for _ in range(self.fm.config.samples_per_user)])
         for start in range(0, len(order), self.bs):
             yield self.make(order[start:start + self.bs])
 
@@ -257,14 +282,32 @@ class _Batches:
         w_rated = p["centred"][idx][rev] * w_seen
         offsets = np.concatenate([[0], np.cumsum(n_rev)[:-1]])
         how = np.array([budget_code(int(qq), cfg.budgets) if s_ == 1 else 0 for s_, qq in zip(sc, q)], dtype=np.int64)
-        y = np.zeros((B, n_items), dtype=np.int8)
-        y[seg[masked], items[masked]] = -1
-        y[seg[tgt], items[tgt]] = 1
-
         t = lambda a, dt=torch.long: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
         x = (t(p["attrs"][ub]), t(r_items), t(offsets), t(w_seen, torch.float32), t(w_rated, torch.float32),
              t(count_bucket(n_rev)), t(how))
+        if "neg_logw" in p:
+            return x, self._sampled_targets(seg, items, masked, tgt, B, t)
+        y = np.zeros((B, n_items), dtype=np.int8)
+        y[seg[masked], items[masked]] = -1
+        y[seg[tgt], items[tgt]] = 1
         return x, t(y, torch.int8)
+
+    def _sampled_targets(self, seg, items, masked, tgt, B: int, t):  # noqa: ANN001, ANN202
+        """Targets of the sampled softmax: the positives as (row, item) pairs, the batch's negatives
+        (drawn without replacement by Gumbel top-k on popularity^0.75), which of them each row leaves
+        out (its masked items and positives), and their log inclusion probabilities."""
+        import torch
+
+        logw, m = self.p["neg_logw"], min(self.fm.config.negatives, self.p["n_items"])
+        neg = np.argpartition(-(logw + self.rng.gumbel(size=len(logw))), m - 1)[:m]
+        log_pi = self.p["neg_log_pi"][neg]
+        slot = np.full(self.p["n_items"], -1, dtype=np.int64)
+        slot[neg] = np.arange(m)
+        out = masked | tgt
+        k = slot[items[out]]
+        left_out = np.zeros((B, m), dtype=bool)
+        left_out[seg[out][k >= 0], k[k >= 0]] = True
+        return (t(seg[tgt]), t(items[tgt]), t(neg), t(left_out, torch.bool), t(log_pi, torch.float32))
 
 
 class _EmptyBatches:
@@ -280,7 +323,8 @@ class _EmptyBatches:
         return self
 
 
-def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureModelConfig):  # -> torch.nn.Module
+def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureModelConfig,  # -> torch.nn.Module
+               sampled: bool = False):
     import torch
     import torch.nn as nn
     from fastai.layers import Embedding
@@ -313,9 +357,31 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
             return self.drop_user(u)
 
         def forward(self, x):  # noqa: ANN001
+            if sampled:  # the loss scores the positives and the sampled negatives itself
+                return self.user(x)
             return self.user(x) @ self.out.weight.T + self.out_bias
 
     return FeatureUserNet()
+
+
+def _sampled_softmax_loss(net):  # noqa: ANN001, ANN202
+    """The full softmax's loss with its normaliser estimated on a sample: a row's log-sum-exp runs over
+    its positives and the batch's sampled negatives (log-inclusion corrected; the row's masked items
+    and positives left out of them); every positive weighted equally."""
+    import torch
+
+    def loss(u, y):  # noqa: ANN001
+        rows, pos_items, neg, left_out, log_pi = y
+        if not len(rows):
+            return u.sum() * 0.0
+        s_pos = (u[rows] * net.out.weight[pos_items]).sum(1) + net.out_bias[pos_items]
+        s_neg = (u @ net.out.weight[neg].T + net.out_bias[neg] - log_pi).masked_fill(left_out, float("-inf"))
+        top = torch.full((len(u),), float("-inf"), device=u.device).scatter_reduce(0, rows, s_pos, "amax")
+        top = torch.maximum(top, s_neg.max(1).values).detach()
+        total = torch.exp(s_neg - top[:, None]).sum(1).index_add(0, rows, torch.exp(s_pos - top[rows]))
+        return (torch.log(total[rows]) + top[rows] - s_pos).mean()
+
+    return loss
 
 
 def _softmax_loss(logits, y):  # noqa: ANN001
@@ -356,9 +422,14 @@ class FeatureUserModel:
         attrs = np.zeros((data.n_users, len(self.encoder_.spec)), np.int64)
         for u in range(min(data.n_users, len(attributes))):
             attrs[u] = self.encoder_.encode(attributes[u])
-        return {"n_items": data.n_items, "lens": lens, "indptr": indptr, "items": items, "ratings": ratings,
+        prep = {"n_items": data.n_items, "lens": lens, "indptr": indptr, "items": items, "ratings": ratings,
                 "trank": trank, "pos": ratings >= self.threshold_, "qrank": qrank, "attrs": attrs,
                 "centred": self._centred(ratings)}
+        if data.n_items > self.config.full_softmax_items:
+            w = (np.bincount(items, minlength=data.n_items) + 1.0) ** 0.75
+            prep["neg_logw"] = np.log(w)
+            prep["neg_log_pi"] = np.log(inclusion_probabilities(w, min(self.config.negatives, data.n_items)))
+        return prep
 
     def _centred(self, ratings: np.ndarray) -> np.ndarray:
         """The weight of a revealed rating in the rated-items table."""
@@ -378,7 +449,7 @@ class FeatureUserModel:
         from fastai.learner import Learner
         from fastai.torch_core import set_seed
 
-        from .train import pick_device
+        from .train import compact_losses, pick_device
 
         cfg = self.config
         lo, hi = float(scale[0]), float(scale[1])
@@ -396,9 +467,12 @@ class FeatureUserModel:
         set_seed(self.seed, reproducible=True)
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
-        net = _build_net(data.n_items, self.encoder_.sizes(), n_how, cfg).to(device)
+        sampled = "neg_logw" in prep
+        net = _build_net(data.n_items, self.encoder_.sizes(), n_how, cfg, sampled).to(device)
         dls = DataLoaders(_Batches(self, prep, rng, bs, device), _EmptyBatches(), device=device)
-        learn = Learner(dls, net, loss_func=_softmax_loss)
+        learn = Learner(dls, net, loss_func=_sampled_softmax_loss(net) if sampled else _softmax_loss,
+                        cbs=[compact_losses()])
+        self.sampled_softmax_ = sampled
         t0 = time.perf_counter()
         try:
             epochs = cfg.epochs_for(data.n_users)

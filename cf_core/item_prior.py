@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 
-MAX_RATINGS_PER_STEP = 1_000_000  # rating part: full batch up to this, else random batches of it
-MAX_LOGITS_PER_STEP = 20_000_000  # ranking part: users per step so that users × items stays below this
+MAX_RATINGS_PER_STEP = 100_000  # rating part: full batch up to this, else random batches of it
+MAX_LOGITS_PER_STEP = 2_000_000  # ranking part: users per step so that users × items stays below this
 
 
 @dataclass(frozen=True)
@@ -317,23 +317,27 @@ class ItemPrior:
         # ranking part: full softmax over the training items per user, positives weighted equally
         n_items = X.shape[0]
         pos = ratings >= self.threshold_
-        pu, pi = users[pos], items[pos]
+        by_user = np.argsort(users[pos], kind="stable")
+        pu, pi = users[pos][by_user], items[pos][by_user]
         rows = np.unique(pu)  # users with a positive
+        starts = np.searchsorted(pu, rows)
+        ends = np.searchsorted(pu, rows, side="right")
         R_all = t(rank_vecs)
         with torch.no_grad():
             f, b = Xt @ W, Xt @ w
         bs = max(1, min(len(rows), MAX_LOGITS_PER_STEP // max(n_items, 1)))
 
-        def batch(sel_rows: np.ndarray):  # noqa: ANN202
-            Y = torch.zeros((len(sel_rows), n_items), device=dev)
-            mask = np.isin(pu, sel_rows)
-            Y[t(np.searchsorted(sel_rows, pu[mask]), torch.long), t(pi[mask], torch.long)] = 1.0
-            ur = t(sel_rows, torch.long)
+        def batch(sel: np.ndarray):  # noqa: ANN202  (sel: positions in ``rows``, ascending)
+            Y = torch.zeros((len(sel), n_items), device=dev)
+            lens = ends[sel] - starts[sel]
+            at = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+            Y[t(np.repeat(np.arange(len(sel)), lens), torch.long), t(pi[at], torch.long)] = 1.0
+            ur = t(rows[sel], torch.long)
             with torch.no_grad():  # the serving score's rating term, fixed
                 off = cfg.rating_weight * (lo + (hi - lo) * torch.sigmoid(U[ur] @ f.T + bu[ur][:, None] + b[None]))
             return R_all[ur], Y, off
 
-        full = batch(rows) if bs >= len(rows) else None
+        full = batch(np.arange(len(rows))) if bs >= len(rows) else None
         d = R_all.shape[1]
         V = torch.zeros((p, d), device=dev, requires_grad=True)
         v = torch.zeros(p, device=dev, requires_grad=True)
@@ -346,7 +350,7 @@ class ItemPrior:
         opt = torch.optim.Adam(params, lr=cfg.rank_lr)
         rng = np.random.default_rng(self.seed)
         for _ in range(cfg.rank_steps):
-            R, Y, off = full if full is not None else batch(np.sort(rng.choice(rows, size=bs, replace=False)))
+            R, Y, off = full if full is not None else batch(np.sort(rng.choice(len(rows), size=bs, replace=False)))
             opt.zero_grad()
             out = Xt @ V
             if cfg.hidden:

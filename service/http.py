@@ -2,15 +2,17 @@
 
 Every answer is what the CLI's ``--json`` prints for the same question, computed by the same
 service functions (numpy only: no torch in the server process). A user's recommendations are
-computed from their stored answers and ratings on every request, so a rating counts at once; the
-serving version is read from the database on every request too, so a version written by another
-process (a retrain, a rollback) is served from the next request on.
+computed from their stored answers and ratings, so a rating counts at once; the serving version is
+read from the database too, so a version written by another process (a retrain, a rollback) is
+served from the next request on. An answer is kept while nothing it depends on changed: each
+request checks that first, in one SQLite statement (none while the database is unchanged).
 
 Reads run on the event loop (each is a few SQLite reads and a little numpy: faster than a hop to
 the thread pool, measured in bench/bench_http.py); writes run in the thread pool, since a write may
-wait for the database's write lock. On SQLite, recommendations take a fast path that reads the
-same rows with the driver's own cursor (``_FastReader``); its answers equal ``serving.recommend``'s
-(tests/test_http.py checks it)."""
+wait for the database's write lock. On SQLite, GET /users/{user}/recommendations is answered by an
+ASGI middleware in front of FastAPI's routing (``FastRecommendations``) that reads the same rows
+with the driver's own cursor (``_FastReader``); its answers and errors equal the route's and
+``serving.recommend``'s (tests/test_http.py, tests/test_http_fast.py check it)."""
 from __future__ import annotations
 
 import asyncio
@@ -18,10 +20,13 @@ import hmac
 import inspect
 import json
 import os
+import sqlite3
+import threading
 from html import escape
 from pathlib import Path
 from string import Template
-from urllib.parse import quote
+from typing import NamedTuple
+from urllib.parse import parse_qsl, quote
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -71,6 +76,35 @@ def _error_status(e: CfbError) -> int:
     return 422
 
 
+def error_response(e: ApiError | CfbError) -> Response:
+    """An error's answer: ``{"error": message[, "field": name]}`` with its HTTP status."""
+    if isinstance(e, ApiError):
+        body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
+    else:
+        body, status, headers = {"error": str(e)}, _error_status(e), None
+        field = e.field if isinstance(e, InputError) else None
+    if field:
+        body["field"] = field
+    return json_response(body, status, headers)
+
+
+def recommendation_query(query_string: bytes) -> tuple[int, str]:
+    """(n, by) from the query string of GET /users/{user}/recommendations, checked as its schema says
+    (ApiError 422 naming the parameter); of a repeated parameter the last counts, as in Starlette."""
+    query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+    raw_n, by = query.get("n", "10"), query.get("by", "rank")
+    try:
+        n = int(raw_n)
+    except ValueError:
+        raise ApiError(422, "query parameter 'n': Input should be a valid integer", "n") from None
+    if not 1 <= n <= MAX_N:
+        bound = "greater than or equal to 1" if n < 1 else f"less than or equal to {MAX_N}"
+        raise ApiError(422, f"query parameter 'n': Input should be {bound}", "n")
+    if by not in ("rank", "rating"):
+        raise ApiError(422, "query parameter 'by': Input should be 'rank' or 'rating'", "by")
+    return n, by
+
+
 class BodyLimit:
     """ASGI middleware: a request whose declared Content-Length is over ``max_body`` gets 413 at once
     (a chunked body is counted while it is read: see ``read_json``)."""
@@ -96,28 +130,57 @@ class BodyLimit:
 
 
 # --- fast reads on SQLite ---------------------------------------------------------------------
-class _FastReader:
-    """A user's recommendations read with the SQLite driver's own cursor (a pooled connection, one
-    read transaction per request): the rows ``state.user_history`` reads, without the cost of
-    building SQLAlchemy statements for each, and the answer reused while nothing it depends on changed."""
+class _Cached(NamedTuple):
+    """A computed answer and what it depends on (``_FastReader.cache``)."""
 
+    state: tuple  # SQL_STATE's row less its last two columns, when the answer was computed
+    root: int  # the serving version's full ancestor then
+    ids: str  # the answer's item ids (JSON)
+    body: bytes  # the answer (JSON)
+    seq: int  # every rating's latest seq when ``state`` was last confirmed
+    checked: tuple | None  # (connection, its PRAGMA data_version) then
+
+
+class _FastReader:
+    """A user's recommendations read with the SQLite driver's own cursor (one connection per thread,
+    one read transaction per computed answer): the rows ``state.user_history`` reads, without the cost
+    of building SQLAlchemy statements for each, and the JSON answer reused while nothing it depends on
+    changed."""
+
+    SCAN_MAX = 200  # over this many ratings written since an answer was confirmed: recompute it
     SQL_VERSION = "SELECT value FROM settings WHERE key = 'serving_version'"
-    SQL_USER = ("SELECT u.id, u.attributes, a.ratings, f.bias, f.factors FROM users u "
-                "LEFT JOIN answers a ON a.user_id = u.id "
-                "LEFT JOIN user_factors f ON f.user_id = u.id AND f.version_id = ? WHERE u.external_id = ?")
+    # :ids (a JSON list of item ids) -> '[[id, external id, title], ...]' in that order
+    SQL_TITLES = ("(SELECT json_group_array(json_array(id, external_id, title)) FROM (SELECT i.id, i.external_id, "
+                  "i.title FROM json_each(:ids) AS j JOIN items AS i ON i.id = j.value ORDER BY j.key))")
+    # What an answer depends on, in one statement (one snapshot): the serving version; the user's id,
+    # attributes and signup answers; whether the version's full ancestor (:root) has trained factors for
+    # them; their ratings' count; the answer's items' titles; then every rating's latest seq, and whether
+    # the user has a rating with seq > :seq (1 too when over SCAN_MAX ratings were written since :seq).
+    # A new or changed rating gets seq = max(seq) + 1 (db/store.py: seq order is commit order), so the
+    # user's ratings are the same as when all ratings' latest seq was :seq iff their count is the same
+    # and none has seq > :seq: found on the seq index (``+user_id``: not on the user's every rating).
+    SQL_STATE = ("SELECT (SELECT value FROM settings WHERE key = 'serving_version'), u.id, u.attributes, a.ratings, "
+                 "EXISTS (SELECT 1 FROM user_factors f WHERE f.user_id = u.id AND f.version_id = :root), "
+                 "(SELECT count(*) FROM ratings r WHERE r.user_id = u.id), " + SQL_TITLES + ", "
+                 "(SELECT max(seq) FROM ratings), "
+                 f"CASE WHEN (SELECT max(seq) FROM ratings) - :seq > {SCAN_MAX} THEN 1 "
+                 "ELSE EXISTS (SELECT 1 FROM ratings r WHERE r.seq > :seq AND +r.user_id = u.id) END "
+                 "FROM users u LEFT JOIN answers a ON a.user_id = u.id WHERE u.external_id = :user")
+    SQL_FACTORS = "SELECT bias, factors FROM user_factors WHERE user_id = ? AND version_id = ?"
     SQL_RATINGS = "SELECT item_id, rating, seq FROM ratings WHERE user_id = ? ORDER BY seq"
-    SQL_STAMP = "SELECT count(*), max(seq) FROM ratings WHERE user_id = ?"
 
     def __init__(self, engine: Engine, cache_size: int = 10_000):
         self.engine = engine
         self.roots: dict[int, int] = {}  # version -> its full ancestor (versions never change)
         self.item_ids: dict[str, int] = {}  # external id -> database id (neither ever changes)
         self.served: dict = {}  # the last few versions' state.Served (what load_served caches)
-        # (user, n, by) -> (everything the answer depends on, top items, scores): a user asking again
-        # with nothing changed (same version, attributes, answers, ratings) gets the same items
-        # without recomputing them; any change (a rating gets a new seq) recomputes at once.
-        self.cache: dict | None = {} if cache_size > 0 else None
+        # (user, n, by) -> _Cached: a user asking again with nothing changed gets the same body without
+        # recomputing it; any change (a rating gets a new seq) recomputes at once. While the connection
+        # that last confirmed an answer reads the same PRAGMA data_version, no other connection or
+        # process has committed anything since, so nothing needs reading again.
+        self.cache: dict[tuple, _Cached] | None = {} if cache_size > 0 else None
         self.cache_size = cache_size
+        self.local = threading.local()  # each thread's own connection
 
     def _root(self, version: int) -> int:
         if version not in self.roots:
@@ -125,51 +188,68 @@ class _FastReader:
                 self.roots[version] = versions.chain(conn, version)[0]
         return self.roots[version]
 
-    def recommend(self, user: str, n: int, by: str) -> dict:
-        raw = self.engine.raw_connection()  # from the engine's pool: its pragmas (WAL, busy timeout)
-        try:
-            return self._recommend(raw, user, n, by)
-        finally:
-            raw.close()  # back to the pool
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection: the engine's (WAL, busy timeout, autocommit), kept out of the pool."""
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            raw = self.engine.raw_connection()
+            conn = self.local.conn = raw.driver_connection
+            raw.detach()  # this thread's for good: no pool checkout per request
+        return conn
 
-    def _recommend(self, raw, user: str, n: int, by: str) -> dict:
-        cur = raw.cursor()
+    def answer(self, user: str, n: int, by: str) -> bytes:
+        """``user``'s top ``n`` as the JSON body of ``serving.recommend``'s answer (UTF-8), from the cache
+        when nothing it depends on changed since it was computed."""
+        conn = self._conn()
+        key = (user, n, by)
+        hit = mark = None
+        if self.cache is not None:
+            mark = (conn, conn.execute("PRAGMA data_version").fetchone()[0])  # before any read below
+            hit = self.cache.get(key)
+        if hit is not None:
+            if hit.checked == mark:
+                return hit.body
+            row = conn.execute(self.SQL_STATE, {"root": hit.root, "ids": hit.ids, "seq": hit.seq,
+                                                "user": user}).fetchone()
+            if row is not None and row[:-2] == hit.state and not row[-1]:
+                self.cache[key] = hit._replace(seq=row[-2] or 0, checked=mark)
+                return hit.body
+        fresh = self._fresh(conn, user, n, by)
+        if self.cache is not None:
+            if len(self.cache) >= self.cache_size and key not in self.cache:
+                try:
+                    self.cache.pop(next(iter(self.cache)), None)  # the oldest entry
+                except (RuntimeError, StopIteration):  # another thread changed it meanwhile
+                    pass
+            self.cache[key] = fresh._replace(checked=mark)
+        return fresh.body
+
+    def _fresh(self, conn: sqlite3.Connection, user: str, n: int, by: str) -> _Cached:
+        """The answer computed in one read transaction, with what it depends on."""
+        cur = conn.cursor()
         cur.execute("BEGIN")  # one snapshot for every read below
         try:
             row = cur.execute(self.SQL_VERSION).fetchone()
             if not row or not row[0]:
                 raise CfbError("no trained model yet: run `cfb retrain --full` first")
             version = int(row[0])
-            served = self._served(version)
-            hit = cur.execute(self.SQL_USER, (self._root(version), str(user))).fetchone()
-            if hit is None:
-                raise CfbError(f"unknown user {str(user)!r}")
-            uid, attrs, answer, bias, factors = hit
-            state = (version, attrs, answer, factors is not None, tuple(cur.execute(self.SQL_STAMP, (uid,)).fetchone()))
-            key = (uid, n, by)
-            hit = self.cache.get(key) if self.cache is not None else None
-            if hit is not None and hit[0] == state:
-                top, scores = hit[1], hit[2]
-            else:
-                top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
-                if self.cache is not None:
-                    if len(self.cache) >= self.cache_size:
-                        try:
-                            self.cache.pop(next(iter(self.cache)), None)  # the oldest entry
-                        except (RuntimeError, StopIteration):  # another thread changed it meanwhile
-                            pass
-                    self.cache[key] = (state, top, scores)
-            model = served.model
-            ids = [int(i) for i in model.item_ids[top]]
-            titles = {}
-            if ids:
-                titles = {r[0]: (r[1], r[2]) for r in cur.execute(
-                    f"SELECT id, external_id, title FROM items WHERE id IN ({','.join('?' * len(ids))})", ids)}
+            served, root = self._served(version), self._root(version)
+            row = cur.execute(self.SQL_STATE, {"root": root, "ids": "[]", "seq": 1 << 62, "user": user}).fetchone()
+            if row is None:
+                raise CfbError(f"unknown user {user!r}")
+            uid, attrs, answer = row[1:4]
+            bias, factors = cur.execute(self.SQL_FACTORS, (uid, root)).fetchone() or (None, None)
+            top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
+            ids = json.dumps([int(i) for i in served.model.item_ids[top]])
+            titles = cur.execute("SELECT " + self.SQL_TITLES, {"ids": ids}).fetchone()[0]
         finally:
             cur.execute("COMMIT")
             cur.close()
-        return {"user": str(user), "items": [{"item": titles[i][0], "title": titles[i][1], "score": round(float(s), 4)}
-                                             for i, s in zip(ids, scores)]}
+        found = {i: (item, title) for i, item, title in json.loads(titles)}
+        items = [{"item": found[i][0], "title": found[i][1], "score": round(float(s), 4)}
+                 for i, s in zip(json.loads(ids), scores)]
+        body = json.dumps({"user": user, "items": items}, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return _Cached(row[:-3] + (titles,), root, ids, body, row[-2] or 0, None)
 
     def _compute(self, cur, served, uid, attrs, answer, bias, factors, n: int, by: str):
         """(top inner items, their predicted ratings): what ``serving.recommend`` computes."""
@@ -212,6 +292,40 @@ class _FastReader:
                 self.served.pop(next(iter(self.served)))
             self.served[version] = served
         return served
+
+
+class FastRecommendations:
+    """ASGI middleware: ``GET /users/{user}/recommendations`` answered from ``_FastReader.answer`` without
+    FastAPI's routing, parameter and response machinery, which cost many times what a cached answer
+    does (the hottest endpoint; bench/bench_http.py), with the route's body, status and errors; every
+    other request goes on to ``app``."""
+
+    PREFIX, SUFFIX = "/users/", "/recommendations"
+
+    def __init__(self, app, fast: _FastReader, in_threadpool: bool = False):
+        self.app, self.fast, self.in_threadpool = app, fast, in_threadpool
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        user = ""
+        if (scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path")
+                and path.startswith(self.PREFIX) and path.endswith(self.SUFFIX)):
+            user = path[len(self.PREFIX):-len(self.SUFFIX)]
+        if not user or "/" in user:  # the route's {user} is one non-empty path segment
+            await self.app(scope, receive, send)
+            return
+        try:
+            n, by = recommendation_query(scope["query_string"])
+            if self.in_threadpool:
+                body = await run_in_threadpool(self.fast.answer, user, n, by)
+            else:
+                body = self.fast.answer(user, n, by)
+        except (ApiError, CfbError) as e:
+            await error_response(e)(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
 
 
 # --- one signup, without reading the whole catalogue ------------------------------------------------
@@ -334,18 +448,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     # --- plumbing: errors, body limit, auth ---------------------------------------------------
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, e: ApiError):
-        body = {"error": e.message}
-        if e.field:
-            body["field"] = e.field
-        return json_response(body, e.status, e.headers)
-
     @app.exception_handler(CfbError)
-    async def _cfb_error(_request: Request, e: CfbError):
-        body = {"error": str(e)}
-        if isinstance(e, InputError) and e.field:
-            body["field"] = e.field
-        return json_response(body, _error_status(e))
+    async def _api_error(_request: Request, e: ApiError | CfbError):
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, e: RequestValidationError):
@@ -359,6 +464,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     async def _http_error(_request: Request, e: StarletteHTTPException):
         return json_response({"error": str(e.detail)}, e.status_code, getattr(e, "headers", None))
 
+    if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
+        app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
     app.add_middleware(BodyLimit, max_body=max_body)
 
     async def read_json(request: Request) -> dict:
@@ -450,21 +557,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
              responses={404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
              openapi_extra={"parameters": rec_params})
     async def recommendations(user: str, request: Request):
-        query = request.query_params
-        raw_n, by = query.get("n", "10"), query.get("by", "rank")
-        try:
-            n = int(raw_n)
-        except ValueError:
-            raise ApiError(422, "query parameter 'n': Input should be a valid integer", "n") from None
-        if not 1 <= n <= MAX_N:
-            bound = "greater than or equal to 1" if n < 1 else f"less than or equal to {MAX_N}"
-            raise ApiError(422, f"query parameter 'n': Input should be {bound}", "n")
-        if by not in ("rank", "rating"):
-            raise ApiError(422, "query parameter 'by': Input should be 'rank' or 'rating'", "by")
-        if fast is not None:
-            if reads_in_threadpool:
-                return json_response(await run_in_threadpool(fast.recommend, user, n, by))
-            return json_response(fast.recommend(user, n, by))
+        # on SQLite a GET is answered before it gets here, by FastRecommendations (the same answers)
+        n, by = recommendation_query(request.scope["query_string"])
 
         def run():
             with engine.connect() as conn:

@@ -1,0 +1,160 @@
+"""Full retrain at real size: goodbooks-10k-shaped (6M ratings) and MovieLens-25M-shaped (25M ratings).
+
+    python bench/bench_retrain_scale.py --shape goodbooks            # 53k users, 10k books, 6M ratings
+    python bench/bench_retrain_scale.py --shape ml25m                # 162k users, 59k movies, 25M ratings
+    python bench/bench_retrain_scale.py --shape goodbooks --rows 1000000 --out FILE
+
+Writes a synthetic release in the real file layout (goodbooks v2 ``ratings.csv`` + ``books.csv`` with
+authors and year; MovieLens ``ratings.csv`` + ``movies.csv`` with genres) with taste structure (each user
+belongs to one of 20 taste groups whose item popularity is a Zipf law over a group-specific blend of the
+global order; ratings depend on the group's affinity for the item) and popularity skew, then runs the CLI
+as a user would, each command its own process, on a fresh SQLite database:
+
+  cfb ingest … DIR --quiet --json; cfb retrain --full --quiet --json (phase timings from its report, peak
+  RSS of the process); cfb recommend USER --json; cfb rate USER ITEM R + cfb retrain --quiet --json (an
+  incremental retrain after one rating).
+
+Targets (issue #11, 2 cores): goodbooks-shaped full retrain < 30 s; 25M-shaped < 5 min with peak memory
+< 8 GB; recommend and incremental retrain as fast as on MovieLens 100k. Synthetic data measures speed and
+memory only, not accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SHAPES = {  # users, items, ratings, rating values (with their shares)
+    "goodbooks": (53_424, 10_000, 5_976_479, np.arange(1, 6, dtype=float)),
+    "ml25m": (162_541, 59_047, 25_000_095, np.arange(1, 11) / 2),
+}
+GROUPS = 20
+
+
+def generate(folder: Path, shape: str, rows: int | None, seed: int = 0) -> dict:
+    """Write the synthetic release; returns its size."""
+    n_users, n_items, n_rows, values = SHAPES[shape]
+    if rows:  # a smaller set of the same shape: users and items shrink with the ratings
+        f = rows / n_rows
+        n_users, n_items, n_rows = max(int(n_users * f), 50), max(int(n_items * f ** 0.5), 100), rows
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, GROUPS, n_users)
+    act = np.exp(rng.normal(0, 0.9, n_users))
+    per_user = np.maximum(np.round(act / act.sum() * n_rows * 1.3), 5).astype(np.int64)  # repeats are dropped
+    per_user = np.minimum(per_user, n_items // 3)
+    base_rank = rng.permutation(n_items)  # the global popularity order
+    parts = []
+    for g in range(GROUPS):
+        users = np.flatnonzero(group == g)
+        # the group's order: the global order with a random share of items moved up
+        key = base_rank + rng.exponential(n_items / 8, n_items) * (rng.random(n_items) < 0.3) * -1
+        order = np.argsort(key)
+        p = np.empty(n_items)
+        p[order] = 1.0 / np.arange(1, n_items + 1) ** 0.9
+        p /= p.sum()
+        counts = per_user[users]
+        u = np.repeat(users, counts)
+        i = rng.choice(n_items, size=len(u), p=p)
+        affinity = np.zeros(n_items)
+        affinity[order[: n_items // 5]] = 0.6
+        parts.append(pd.DataFrame({"u": u, "i": i, "a": affinity[i]}))
+    df = pd.concat(parts).drop_duplicates(["u", "i"])
+    df = df.sample(n=min(n_rows, len(df)), random_state=seed).sort_values(["u", "i"], kind="stable")
+    user_bias = rng.normal(0, 0.4, n_users)
+    raw = 0.55 + 0.35 * (df["a"].to_numpy() + user_bias[df["u"].to_numpy()]) + rng.normal(0, 0.18, len(df))
+    ratings = values[np.clip(np.round(raw * (len(values) - 1)), 0, len(values) - 1).astype(int)]
+    folder.mkdir(parents=True, exist_ok=True)
+    uid, iid = df["u"].to_numpy() + 1, df["i"].to_numpy() + 1
+    if shape == "goodbooks":
+        pd.DataFrame({"user_id": uid, "book_id": iid, "rating": ratings.astype(int)}).to_csv(
+            folder / "ratings.csv", index=False)
+        authors = rng.integers(0, n_items // 3, n_items)
+        pd.DataFrame({"book_id": np.arange(1, n_items + 1), "goodreads_book_id": np.arange(1, n_items + 1) + 10**6,
+                      "title": [f"Book {k}" for k in range(1, n_items + 1)],
+                      "authors": [f"Author {a}" for a in authors],
+                      "original_publication_year": rng.integers(1900, 2018, n_items)}).to_csv(
+            folder / "books.csv", index=False)
+    else:
+        ts = rng.integers(789_652_009, 1_574_327_703, len(df))
+        pd.DataFrame({"userId": uid, "movieId": iid, "rating": ratings, "timestamp": ts}).to_csv(
+            folder / "ratings.csv", index=False, float_format="%.1f")
+        genres = np.array(["Drama", "Comedy|Romance", "Action|Sci-Fi|Thriller", "Horror", "Animation|Children"])
+        pd.DataFrame({"movieId": np.arange(1, n_items + 1),
+                      "title": [f"Movie {k} ({1900 + k % 120})" for k in range(1, n_items + 1)],
+                      "genres": genres[rng.integers(0, len(genres), n_items)]}).to_csv(folder / "movies.csv", index=False)
+    return {"ratings": len(df), "users": int(df["u"].nunique()), "items": n_items}
+
+
+def cfb(url: str, *args: str) -> tuple[float, float, dict | str]:
+    """Run one cfb command in its own process: (seconds, peak RSS of that process in GB, JSON or text)."""
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]) + ["--db", url, *args]
+    t = time.perf_counter()
+    # a fresh child per command: RUSAGE_CHILDREN's peak is the largest child so far, so read it in a wrapper
+    wrapper = ("import resource, subprocess, sys, json; r = subprocess.run(sys.argv[1:]); "
+               "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr); "
+               "sys.exit(r.returncode)")
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    took = time.perf_counter() - t
+    if res.returncode:
+        raise SystemExit(f"{' '.join(args)} failed: {res.stderr.strip()[-2000:]}")
+    rss_gb = int(res.stderr.strip().splitlines()[-1]) / 2**20
+    try:
+        return took, rss_gb, json.loads(res.stdout)
+    except json.JSONDecodeError:
+        return took, rss_gb, res.stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="goodbooks")
+    ap.add_argument("--rows", type=int, default=None, help="fewer ratings, same shape")
+    ap.add_argument("--keep", default=None, help="folder for the data and database (default: a temp folder)")
+    ap.add_argument("--out", default=None, help="also write the report here")
+    a = ap.parse_args()
+    tmp = Path(a.keep or tempfile.mkdtemp(prefix="cfb-scale-"))
+    lines: list[str] = []
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    log(f"# cfb full retrain at size, {a.shape}-shaped synthetic data, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    log(f"# machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python {platform.python_version()}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load avg {os.getloadavg()[0]:.2f}")
+    t = time.perf_counter()
+    shape = generate(tmp / "data", a.shape, a.rows)
+    log(f"generated {shape} in {time.perf_counter() - t:.1f} s")
+    url = f"sqlite:///{tmp / 'cfb.db'}"
+    kind = "goodbooks" if a.shape == "goodbooks" else "movielens"
+    took, rss, out = cfb(url, "ingest", kind, str(tmp / "data"), "--quiet", "--json")
+    log(f"ingest: {took:.1f} s ({shape['ratings'] / took:,.0f} ratings/s), peak RSS {rss:.2f} GB")
+    took, rss, rep = cfb(url, "retrain", "--full", "--quiet", "--json")
+    phases = {k: rep.get(k) for k in ("load_s", "fit_s", "bootstrap_s", "ranker_fit_s", "item_prior_s")}
+    log(f"full retrain: {took:.1f} s wall (process), peak RSS {rss:.2f} GB; phases (s): {phases}; "
+        f"rating model: bs {rep['hyperparams'].get('bs')}, epochs {rep['hyperparams'].get('epochs')}; "
+        f"ranker epochs {rep['hyperparams'].get('ranker', {}).get('epochs')}  (load avg {os.getloadavg()[0]:.2f})")
+    user = "1"
+    took, _, rec = cfb(url, "recommend", user, "-n", "10", "--json")
+    log(f"cfb recommend {user}: {took:.2f} s (process)")
+    item = rec[0]["items"][0]["item"]
+    cfb(url, "rate", user, str(item), str(float(SHAPES[a.shape][3][-1])))
+    took, _, inc = cfb(url, "retrain", "--quiet", "--json")
+    log(f"cfb rate + incremental retrain: {took:.2f} s (process), {inc.get('mode')} version {inc.get('version')}")
+    log("targets: goodbooks-shaped full retrain < 30 s; 25M-shaped < 300 s and < 8 GB peak")
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

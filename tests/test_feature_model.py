@@ -1,0 +1,63 @@
+"""The cold-start ranker on its own: the sampled softmax used for large catalogues learns the planted
+taste, and the rules that bound its cost at scale do what they say."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cfb.bootstrap.questionnaire import choose_items, infer_questions
+from cfb.cf_core.data import CollabData
+from cfb.cf_core.feature_model import FeatureModelConfig, FeatureUserModel, Reveal, inclusion_probabilities
+
+from .conftest import planted_ratings
+
+
+def _fit(config: FeatureModelConfig):  # noqa: ANN202
+    ds = planted_ratings(n_users=80, n_items=60)
+    users = sorted(ds.ratings.user.unique())
+    items = sorted(ds.ratings.item.unique())
+    u = ds.ratings.user.map({x: k for k, x in enumerate(users)}).to_numpy()
+    i = ds.ratings.item.map({x: k for k, x in enumerate(items)}).to_numpy()
+    data = CollabData(u, i, ds.ratings.rating.to_numpy(np.float32), len(users), len(items))
+    attrs_of = dict(zip(ds.users.user, ds.users.attributes))
+    attributes = [attrs_of[x] for x in users]
+    asked = choose_items(data.items, data.ratings, data.n_items, 10)
+    model = FeatureUserModel(config, seed=3, progress=False).fit(
+        data, ds.ratings.timestamp.to_numpy(float), attributes, infer_questions(attributes), asked, (1.0, 5.0))
+    return model, items
+
+
+def test_sampled_softmax_learns_the_planted_taste():
+    cfg = FeatureModelConfig(n_factors=16, epochs=15, lr=3e-2, dropout=0.1, full_softmax_items=20, negatives=16)
+    model, items = _fit(cfg)
+    assert model.sampled_softmax_
+    empty = np.zeros(0, np.int64)
+    a_items = np.array([k for k, x in enumerate(items) if x.startswith("a")][:3])
+    reveals = [Reveal({"gender": "F"}, empty, empty.astype(float)), Reveal({"gender": "M"}, empty, empty.astype(float)),
+               Reveal({}, a_items, np.full(3, 5.0))]
+    scores = model.item_scores(model.user_vectors(reveals))
+    for row, group in zip(scores, "aba"):
+        top = [items[k] for k in np.argsort(-row)[:5]]
+        assert [x[0] for x in top] == [group] * 5, top
+
+
+def test_full_softmax_below_the_catalogue_threshold():
+    model, _ = _fit(FeatureModelConfig(n_factors=8, epochs=2))
+    assert not model.sampled_softmax_
+
+
+@pytest.mark.parametrize("m", [1, 3, 7, 10])
+def test_inclusion_probabilities_sum_to_the_sample_size(m):
+    w = np.array([50.0, 20, 5, 5, 1, 1, 1, 0.5, 0.5, 0.1])
+    p = inclusion_probabilities(w, m)
+    assert p.sum() == pytest.approx(m) and (p <= 1).all() and (p > 0).all()
+    assert (np.diff(p[np.argsort(-w)]) <= 1e-12).all()  # more weight, at least as likely
+    if m == len(w):
+        assert (p == 1).all()
+
+
+def test_epochs_and_users_per_epoch_stop_growing_with_the_users():
+    cfg = FeatureModelConfig(epochs=30, max_user_epochs=200_000)
+    assert (cfg.epochs_for(754), cfg.users_per_epoch(754)) == (30, 754)  # MovieLens 100k: every user, 30 epochs
+    assert (cfg.epochs_for(53_424), cfg.users_per_epoch(53_424)) == (3, 53_424)
+    assert (cfg.epochs_for(162_541), cfg.users_per_epoch(162_541)) == (2, 100_000)
