@@ -1,6 +1,6 @@
 """Ratings-ingest speed on a MovieLens-25M-shaped release (synthetic rows, the real file layout).
 
-    python bench/bench_ingest.py [--rows 3000000] [--db sqlite:///...] [--keep DIR] [--json]
+    python bench/bench_ingest.py [--rows 3000000] [--db sqlite:///...] [--keep DIR | --data DIR] [--json]
 
 Writes ``ratings.csv`` (``userId,movieId,rating,timestamp``, half stars, sorted by user then movie, as
 the release) and ``movies.csv`` into a temporary folder, with a realistic skew: movie popularity
@@ -11,12 +11,16 @@ follows a Zipf law, user activity a log-normal with at least 20 ratings per user
 - the same ingest in this process, phase by phase: reading the files, ``store.ensure_ids`` (users
   and items) and ``store.write_ratings``,
 
-and prints ratings per second for each (the target is >= 500k ratings/s for the whole ingest).
+and prints ratings per second for each (the target is >= 500k ratings/s for the whole ingest), with
+the CLI process's CPU time and peak memory and the load average (on a shared machine, wall time
+counts other jobs' time too).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -69,16 +73,29 @@ def generate(folder: Path, rows: int, seed: int = 0) -> dict:
             "ratings_csv_mb": round((folder / "ratings.csv").stat().st_size / 2**20, 1)}
 
 
-def timed_cli(folder: Path, url: str) -> tuple[float, dict]:
+def timed_cli(folder: Path, url: str) -> tuple[dict, dict]:
+    """({seconds, cpu_s, peak_rss_mib}, the command's JSON output) of one `cfb ingest movielens`."""
     exe = Path(sys.executable).with_name("cfb")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     res = subprocess.run(cmd + ["--db", url, "ingest", "movielens", str(folder), "--quiet", "--json"],
                          capture_output=True, text=True)
     took = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode:
         raise SystemExit(f"cfb ingest failed: {res.stderr.strip()}")
-    return took, json.loads(res.stdout)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return ({"seconds": round(took, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": after.ru_maxrss // 1024},
+            json.loads(res.stdout))
+
+
+def describe(folder: Path) -> dict:
+    """The shape of a release written before."""
+    ratings = pd.read_csv(folder / "ratings.csv", usecols=["userId", "movieId"])
+    return {"ratings": len(ratings), "users": int(ratings["userId"].nunique()),
+            "items": len(pd.read_csv(folder / "movies.csv", usecols=["movieId"])),
+            "ratings_csv_mb": round((folder / "ratings.csv").stat().st_size / 2**20, 1)}
 
 
 def timed_phases(folder: Path, url: str) -> dict:
@@ -101,7 +118,7 @@ def timed_phases(folder: Path, url: str) -> dict:
     t = time.perf_counter()
     ds = read_movielens(folder)
     spent["read"] = time.perf_counter() - t
-    engine = make_engine(url)
+    engine = make_engine(url, bulk=True)  # as `cfb ingest` does
     orig = store.ensure_ids, store.write_ratings
     store.ensure_ids, store.write_ratings = timer("ensure_ids", orig[0]), timer("write_ratings", orig[1])
     try:
@@ -120,21 +137,24 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=3_000_000, help="about this many ratings")
     ap.add_argument("--db", help="database URL for the in-process run (default: a temporary SQLite file)")
     ap.add_argument("--keep", type=Path, help="write the generated release here and keep it")
+    ap.add_argument("--data", type=Path, help="time this release (e.g. one written by --keep) instead")
     ap.add_argument("--no-cli", action="store_true", help="skip the whole-process run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cfb-bench-ingest-"))
     try:
-        folder = args.keep or tmp / "ml-25m-shaped"
+        folder = args.data or args.keep or tmp / "ml-25m-shaped"
         t = time.perf_counter()
-        shape = generate(folder, args.rows, args.seed)
+        shape = describe(folder) if args.data else generate(folder, args.rows, args.seed)
         out: dict = {"shape": shape, "generate_s": round(time.perf_counter() - t, 1)}
         n = shape["ratings"]
         if not args.no_cli:
-            took, res = timed_cli(folder, f"sqlite:///{tmp / 'cli.db'}")
+            load = os.getloadavg()
+            cli, res = timed_cli(folder, f"sqlite:///{tmp / 'cli.db'}")
             assert res["ratings"] == n, res
-            out["cli"] = {"seconds": round(took, 2), "ratings_per_s": int(n / took)}
+            out["cli"] = {**cli, "ratings_per_s": int(n / cli["seconds"]),
+                          "load_average": [round(x, 2) for x in (*load, *os.getloadavg())]}
             (tmp / "cli.db").unlink(missing_ok=True)
         phases = timed_phases(folder, args.db or f"sqlite:///{tmp / 'phases.db'}")
         out["phases_s"] = phases
@@ -145,8 +165,10 @@ def main() -> None:
             print(f"{n:,} ratings, {shape['users']:,} users, {shape['items']:,} movies "
                   f"({shape['ratings_csv_mb']} MiB ratings.csv)")
             if "cli" in out:
-                print(f"cfb ingest movielens (whole process): {out['cli']['seconds']} s, "
-                      f"{out['cli']['ratings_per_s']:,} ratings/s")
+                cli = out["cli"]
+                print(f"cfb ingest movielens (whole process): {cli['seconds']} s, {cli['ratings_per_s']:,} ratings/s "
+                      f"(CPU {cli['cpu_s']} s, peak RSS {cli['peak_rss_mib']:,} MiB; load average before "
+                      f"{'/'.join(map(str, cli['load_average'][:3]))}, after {'/'.join(map(str, cli['load_average'][3:]))})")
             for k, v in phases.items():
                 rate = out["ratings_per_s"].get(k)
                 print(f"  {k:<14} {v:>7.2f} s" + (f"  ({rate:,} ratings/s)" if rate else ""))

@@ -97,12 +97,17 @@ def ingest() -> None:
 
 
 def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "", quiet: bool = False) -> None:
+    from ..db.engine import make_engine
     from ..service.ingest import ingest_dataset
 
     show = not (quiet or as_json) and len(ds.ratings) >= 100_000
-    with click.progressbar(length=len(ds.ratings), label="writing ratings", file=sys.stderr,
-                           hidden=not show) as bar:
-        out = ingest_dataset(ctx.engine, ds, scale=scale, source=source, progress=bar.update)
+    engine = make_engine(ctx.url, bulk=True)  # ids checked once per ingest, not row by row
+    try:
+        with click.progressbar(length=len(ds.ratings), label="writing ratings", file=sys.stderr,
+                               hidden=not show) as bar:
+            out = ingest_dataset(engine, ds, scale=scale, source=source, progress=bar.update)
+    finally:
+        engine.dispose()
     emit(out, as_json, f"ingested {out['ratings']} ratings, {out['users']} users, {out['items']} items")
 
 

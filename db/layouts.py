@@ -26,8 +26,9 @@ Items get ``title`` and attributes ``authors`` (list), ``original_publication_ye
 (keyed by the Goodreads id), leaving out Goodreads' default shelves read/to-read/currently-reading.
 
 Every problem raises ``InputError`` naming file, line and field before anything is written. Large
-ratings files are parsed by pandas' C reader; when it objects, the file is re-read line by line to
-name the first bad line and field.
+ratings files are parsed by pandas' C reader, user and item ids as whole numbers when they all are
+(else as text), into categorical columns of their text; when the reader objects, the file is
+re-read line by line to name the first bad line and field.
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ import csv
 import io
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .sources import ML100K_GENRES, Dataset, _fields, _numeric, check_scale
+from .sources import ML100K_GENRES, Dataset, _fields, _numeric, check_scale, id_column
 from .textfile import read_text
 
 HALF_STARS = (0.5, 5.0)
@@ -115,20 +117,21 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
         # "a::b::c::d" split on ":" is 7 columns, the odd ones empty
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding,
-                             engine="c", dtype={0: str, 1: "category", 2: str, 3: "category", 4: "float64",
-                                                5: "category", 6: "int64"}, keep_default_na=False,
-                             skip_blank_lines=False)
+            df = read_ids_as_numbers(lambda ids: pd.read_csv(
+                path, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding, engine="c",
+                dtype={0: ids, 1: "category", 2: ids, 3: "category", 4: "float64", 5: "category", 6: "int64"},
+                keep_default_na=False, skip_blank_lines=False))
+        users, items = id_column(df[0]), id_column(df[2])
         ok = all(set(df[c].cat.categories) <= {""} for c in (1, 3, 5))
-        ok = ok and not (df[0] == "").any() and not (df[2] == "").any() and bool(np.isfinite(df[4]).all())
+        ok = ok and "" not in users.categories and "" not in items.categories and bool(np.isfinite(df[4]).all())
     except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
         _diagnose(path, [(n, line.split("::")) for n, line in
                          enumerate(read_text(path, encoding).splitlines(), start=1)], names, cols, "'::'-separated")
         raise InputError("malformed ratings file", source=str(path))
-    return pd.DataFrame({"user": df[0].to_numpy(), "item": df[2].to_numpy(),
-                         "rating": df[4].to_numpy(np.float32), "timestamp": df[6].to_numpy(np.int64)})
+    return pd.DataFrame({"user": users, "item": items, "rating": df[4].to_numpy(np.float32),
+                         "timestamp": df[6].to_numpy(np.int64)})
 
 
 def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: str | None) -> pd.DataFrame:
@@ -141,16 +144,16 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     if missing:
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}",
                          source=str(path), line=1, field=missing[0])
-    dtype = {user: str, item: str, rating: "float64"}
-    if timestamp:
-        dtype[timestamp] = "int64"
+    numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
     try:
         with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, header=0, index_col=False, dtype=dtype, encoding="utf-8-sig", engine="c",
-                             keep_default_na=False, skip_blank_lines=False, skipinitialspace=True)
-        ok = len(df.columns) == len(header) and not (df[user].str.strip() == "").any() \
-            and not (df[item].str.strip() == "").any() and bool(np.isfinite(df[rating]).all())
+            df = read_ids_as_numbers(lambda ids: pd.read_csv(
+                path, header=0, index_col=False, dtype={user: ids, item: ids, **numbers}, encoding="utf-8-sig",
+                engine="c", keep_default_na=False, skip_blank_lines=False, skipinitialspace=True))
+        users, items = id_column(df[user]), id_column(df[item])
+        ok = len(df.columns) == len(header) and "" not in users.categories and "" not in items.categories \
+            and bool(np.isfinite(df[rating]).all())
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
@@ -165,10 +168,18 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
                                          (("user", user), ("item", item), ("rating", rating), ("timestamp", timestamp))
                                          if c}, "comma-separated")
         raise InputError("malformed ratings file", source=str(path))
-    out = pd.DataFrame({"user": df[user].str.strip().to_numpy(), "item": df[item].str.strip().to_numpy(),
-                        "rating": df[rating].to_numpy(np.float32)})
+    out = pd.DataFrame({"user": users, "item": items, "rating": df[rating].to_numpy(np.float32)})
     out["timestamp"] = df[timestamp].to_numpy(np.int64) if timestamp else None
     return out
+
+
+def read_ids_as_numbers(read: Callable[[object], pd.DataFrame]) -> pd.DataFrame:
+    """``read(dtype of the id columns)``, the ids read as whole numbers when they all are (several
+    times faster than as text; "007" is then movie 7, as in these releases), else as text."""
+    try:
+        return read("int64")
+    except (ValueError, OverflowError):
+        return read(str)
 
 
 def _first_line(path: Path) -> str:

@@ -1,8 +1,9 @@
 """Readers for ratings files (generic CSV, users and items CSVs; the public datasets' layouts are in
 ``layouts``), validated up front.
 
-Each returns pandas frames with raw string ids; any problem raises ``InputError`` naming the file,
-line and field, before anything is written."""
+Each returns pandas frames with raw string ids (in ratings, categorical columns of them: see
+``id_column``); any problem raises ``InputError`` naming the file, line and field, before anything
+is written."""
 from __future__ import annotations
 
 import csv
@@ -52,6 +53,17 @@ def _nonempty_ids(df: pd.DataFrame, col: str, path: Path, first_line: int) -> No
         raise InputError("empty id", source=str(path), line=first_line + pos, field=col)
 
 
+def id_column(values: pd.Series) -> pd.Categorical:
+    """Ids as a categorical of their stripped text: a few distinct ids, each kept once, so grouping,
+    de-duplicating and mapping them to database ids work on small integer codes."""
+    codes, uniques = pd.factorize(values)  # categories in order of first appearance
+    text = pd.Index(uniques).astype(str).str.strip()
+    if not text.is_unique:  # "7" and " 7" are one id
+        merged, text = pd.factorize(text)
+        codes = merged[codes]
+    return pd.Categorical.from_codes(codes, categories=text)
+
+
 def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: int = 2,
                 field: str = "rating") -> None:
     """Every rating lies within ``scale`` (inclusive), else an error naming the first offender."""
@@ -88,7 +100,7 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
         raise InputError("no ratings after the header", source=str(path), line=2)
     _nonempty_ids(df, user_col, path, 2)
     _nonempty_ids(df, item_col, path, 2)
-    out = pd.DataFrame({"user": df[user_col].str.strip(), "item": df[item_col].str.strip(),
+    out = pd.DataFrame({"user": id_column(df[user_col]), "item": id_column(df[item_col]),
                         "rating": _numeric(df, rating_col, path, 2).astype(np.float32)})
     if time_col and time_col in df.columns:
         out["timestamp"] = _numeric(df, time_col, path, 2, integer=True).astype(np.int64)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, insert, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 
 from ..cf_core.errors import CfbError
-from .schema import Base, Item, Rating, Setting, User
+from .schema import Base, Item, Rating, Setting, User, utcnow
 
 CHUNK = 20_000
 BULK_ROWS = 200_000  # a first ingest this large into an empty ratings table takes the bulk path
@@ -54,9 +56,14 @@ def rating_scale(conn: Connection) -> tuple[float, float] | None:
     return tuple(float(x) for x in v.split(",")) if v else None  # type: ignore[return-value]
 
 
-def id_map(conn: Connection, table) -> dict[str, int]:
+def id_map(conn: Connection, table) -> dict[str, int]:  # noqa: ANN001
     """external id -> database id for users or items."""
-    return dict(conn.execute(select(table.external_id, table.id)).all())
+    cursor = conn.connection.driver_connection.cursor()  # no Row objects for a million ids
+    try:
+        cursor.execute(f"SELECT external_id, id FROM {table.__tablename__}")
+        return dict(cursor.fetchall())
+    finally:
+        cursor.close()
 
 
 def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | None = None,
@@ -69,12 +76,16 @@ def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | N
         rows = [{"external_id": e, **{k: v[i] for k, v in extra.items()}} for i, e in enumerate(external_ids)]
         _upsert(conn, table.__table__, rows, ["external_id"], list(update_cols))
     else:
-        known = id_map(conn, table)
-        new = sorted(set(external_ids) - known.keys())
-        if new:
-            defaults = {"attributes": {}} if hasattr(table, "attributes") else {}
-            for start in range(0, len(new), CHUNK):
-                conn.execute(insert(table), [{"external_id": e, **defaults} for e in new[start:start + CHUNK]])
+        new = sorted(set(external_ids) - id_map(conn, table).keys())
+        # the columns' defaults, made and converted for the driver once for all rows
+        defaults = {"attributes": {}, "created_at": utcnow()}
+        columns = [c for c in table.__table__.columns if c.name in defaults]
+        values = []
+        for c in columns:
+            to_driver = c.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+            values.append(to_driver(defaults[c.name]) if to_driver else defaults[c.name])
+        _insert(conn, table.__tablename__, ["external_id", *(c.name for c in columns)], len(new),
+                lambda rows: [x for e in new[rows] for x in (e, *values)])
     return id_map(conn, table)
 
 
@@ -98,43 +109,130 @@ def lock_rating_writers(conn: Connection) -> None:
 
 
 def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=None) -> int:  # noqa: ANN001
-    """Upsert ratings by database ids (latest wins), in the given order; returns the count.
+    """Upsert ratings by database ids; returns how many pairs were written.
 
-    Bulk: one prepared upsert through the DB-API cursor's ``executemany`` over plain tuples, in
-    chunks. ``progress(n)`` is called after each chunk of ``n`` rows. Writers are serialised (see
-    ``lock_rating_writers``), so call it inside a write transaction that commits promptly."""
+    A pair given twice keeps its last row (latest wins), and seq numbers the kept rows in the given
+    order. Rows go in (user, item) order, many to a statement (see ``_insert``). A first large
+    ingest into SQLite (``BULK_ROWS`` or more into an empty table) drops the secondary indexes and
+    builds them once at the end, in the same transaction. On a SQLite connection without foreign
+    keys (``make_engine(bulk=True)``) every id is checked here, at once. ``progress(n)`` is called
+    after each statement of ``n`` rows. Writers are serialised (see ``lock_rating_writers``), so
+    call it inside a write transaction that commits promptly."""
     lock_rating_writers(conn)
     seq0 = next_seq(conn)
-    ts = np.asarray(timestamps, dtype=object)
-    ts = [None if t is None or (isinstance(t, float) and np.isnan(t)) else int(t) for t in ts.tolist()]
-    n = len(ts)
-    rows = zip(np.asarray(users, np.int64).tolist(), np.asarray(items, np.int64).tolist(),
-               np.asarray(ratings, np.float64).tolist(), ts, range(seq0, seq0 + n))
-    bulk = conn.dialect.name == "sqlite" and n >= BULK_ROWS and seq0 == 1
-    if bulk:  # a first large ingest: key order into the primary key, secondary indexes built once at the end
-        rows = iter(sorted(rows, key=lambda r: (r[0], r[1])))
+    u, i, r = _array(users, np.int64), _array(items, np.int64), _array(ratings, np.float64)
+    ts, missing = _timestamps(timestamps)
+    keep = latest_per_pair(u, i)
+    kept = np.zeros(len(r), bool)
+    kept[keep] = True
+    seq = seq0 - 1 + np.cumsum(kept)  # the kept rows' order, as given
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite and not conn.exec_driver_sql("PRAGMA foreign_keys").scalar():
+        _check_references(conn, u, i)
+    bulk = sqlite and len(keep) >= BULK_ROWS and seq0 == 1
+    if bulk:  # secondary indexes are built once, after the rows
         for index in Rating.__table__.indexes:
             index.drop(conn)
-    mark = "%s" if conn.dialect.name == "postgresql" else "?"
-    differs = "IS DISTINCT FROM" if conn.dialect.name == "postgresql" else "IS NOT"
+    differs = "IS NOT" if sqlite else "IS DISTINCT FROM"
     # a rating written again unchanged keeps its seq: it is not new to any model version
-    sql = (f"INSERT INTO ratings (user_id, item_id, rating, timestamp, seq) VALUES ({', '.join([mark] * 5)}) "
-           "ON CONFLICT (user_id, item_id) DO UPDATE SET rating = excluded.rating, "
-           "timestamp = excluded.timestamp, seq = excluded.seq "
-           f"WHERE ratings.rating {differs} excluded.rating OR ratings.timestamp {differs} excluded.timestamp")
-    cursor = conn.connection.driver_connection.cursor()
-    try:
-        for start in range(0, n, CHUNK * 5):
-            chunk = list(itertools.islice(rows, CHUNK * 5))
-            cursor.executemany(sql, chunk)
-            if progress:
-                progress(len(chunk))
-    finally:
-        cursor.close()
+    upsert = ("ON CONFLICT (user_id, item_id) DO UPDATE SET rating = excluded.rating, "
+              "timestamp = excluded.timestamp, seq = excluded.seq "
+              f"WHERE ratings.rating {differs} excluded.rating OR ratings.timestamp {differs} excluded.timestamp")
+
+    def params(rows: slice) -> list:
+        at = keep[rows]
+        stamps = ts[at].tolist()
+        if missing[at].any():
+            stamps = [None if m else t for t, m in zip(stamps, missing[at].tolist())]
+        cols = (u[at].tolist(), i[at].tolist(), r[at].tolist(), stamps, seq[at].tolist())
+        return list(itertools.chain.from_iterable(zip(*cols)))
+
+    _insert(conn, "ratings", ["user_id", "item_id", "rating", "timestamp", "seq"], len(keep), params, upsert,
+            progress)
     if bulk:
         for index in Rating.__table__.indexes:
             index.create(conn)
-    return n
+    return len(keep)
+
+
+def _insert(conn: Connection, table: str, columns: list[str], n: int, params: Callable[[slice], list],
+            suffix: str = "", progress=None) -> None:  # noqa: ANN001
+    """INSERT ``n`` rows into ``table``, as many to a multi-row ``VALUES`` statement as the driver may
+    bind (binding a statement's parameters in C is several times faster than ``executemany``'s
+    row by row): ``params(rows)`` gives the flat parameters of a slice of the rows; ``suffix`` ends
+    each statement (ON CONFLICT …); ``progress(k)`` follows each statement of ``k`` rows."""
+    mark = "%s" if conn.dialect.name == "postgresql" else "?"
+    row = f"({', '.join([mark] * len(columns))})"
+    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+    per_statement = max_parameters(conn) // len(columns)
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        for start in range(0, n, per_statement):
+            rows = slice(start, min(n, start + per_statement))
+            count = rows.stop - rows.start
+            cursor.execute(f"{head}{', '.join([row] * count)} {suffix}", params(rows))
+            if progress:
+                progress(count)
+    finally:
+        cursor.close()
+
+
+def _check_references(conn: Connection, users: np.ndarray, items: np.ndarray) -> None:
+    """What the foreign keys check row by row, for all rows at once: every user and item id exists."""
+    import pandas as pd  # (not at the top: the HTTP server imports this module, and no pandas)
+
+    for table, ids in ((User, users), (Item, items)):
+        known = np.fromiter(conn.scalars(select(table.id)), np.int64)
+        unknown = np.setdiff1d(pd.unique(ids), known)
+        if len(unknown):
+            raise CfbError(f"no {table.__tablename__[:-1]} with database id {unknown[0]}")
+
+
+def _array(values, dtype: type) -> np.ndarray:  # noqa: ANN001
+    """``values`` as an array; a list of Python numbers without numpy's type discovery pass over it."""
+    if isinstance(values, list):
+        try:
+            return np.fromiter(values, dtype, len(values))
+        except (TypeError, ValueError):  # e.g. None among them
+            pass
+    return np.asarray(values, dtype)
+
+
+def _timestamps(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """(int64 timestamps, where there is none: None or NaN)."""
+    if not (isinstance(values, np.ndarray) and values.dtype.kind == "f"):
+        try:
+            t = _array(values, np.int64)  # whole numbers, none missing: the usual case
+            return t, np.zeros(len(t), bool)
+        except (TypeError, ValueError):
+            pass
+    t = np.array([np.nan if v is None else v for v in np.asarray(values, object).tolist()], np.float64)
+    missing = np.isnan(t)
+    return np.where(missing, 0, t).astype(np.int64), missing
+
+
+def latest_per_pair(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Positions of each (user, item) pair's last row, in (user, item) order."""
+    if len(users) and 0 <= min(users.min(), items.min()) and max(users.max(), items.max()) < 2**31:
+        key = (users << 32) | items  # one int64 key: sorts several times faster than lexsort
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        differs = key[1:] != key[:-1]
+    else:
+        order = np.lexsort((items, users))
+        u, i = users[order], items[order]
+        differs = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    last = np.ones(len(order), bool)
+    last[:-1] = differs
+    return order[last]
+
+
+def max_parameters(conn: Connection) -> int:
+    """How many bound parameters one statement may hold (SQLite's compile-time limit; psycopg's 65535)."""
+    if conn.dialect.name == "postgresql":
+        return 65_535
+    getlimit = getattr(conn.connection.driver_connection, "getlimit", None)  # Python 3.11+
+    return getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit else 999
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Write a validated dataset into the database in one transaction."""
 from __future__ import annotations
 
+import numpy as np
 from sqlalchemy import Engine
 
 from ..cf_core.errors import CfbError
@@ -41,15 +42,22 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                              {"title": ds.items["title"].tolist(), "attributes": ds.items["attributes"].tolist()},
                              update_cols=("title", "attributes"))
             n_items = len(ds.items)
-        # one row per (user, item), the last one winning, as the table keeps it
-        r = ds.ratings.drop_duplicates(["user", "item"], keep="last")
-        n = 0
-        if len(r):
-            umap = store.ensure_ids(conn, User, r["user"].unique().tolist())
-            imap = store.ensure_ids(conn, Item, r["item"].unique().tolist())
-            n = store.write_ratings(conn, r["user"].map(umap).tolist(), r["item"].map(imap).tolist(),
-                                    r["rating"].tolist(), r["timestamp"].tolist(), progress)
+        r, n = ds.ratings, 0
+        if len(r):  # write_ratings keeps one row per (user, item), the last one, as the table does
+            n = store.write_ratings(conn, database_ids(conn, User, r["user"]), database_ids(conn, Item, r["item"]),
+                                    r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(), progress)
     return {"ratings": n, "users": n_users, "items": n_items, "scale": list(scale) if scale else None}
+
+
+def database_ids(conn, table, external) -> np.ndarray:  # noqa: ANN001
+    """The database id of every external id in ``external`` (a column; categorical from the readers),
+    created where new: each distinct id is looked up once, then spread by its category code."""
+    import pandas as pd
+
+    cat = external.array if isinstance(external.dtype, pd.CategoricalDtype) else pd.Categorical(external)
+    names = [str(c) for c in cat.categories]
+    ids = store.ensure_ids(conn, table, names)
+    return np.array([ids[x] for x in names], dtype=np.int64)[cat.codes]
 
 
 def upsert_items(engine: Engine, items) -> dict:  # noqa: ANN001

@@ -1,0 +1,147 @@
+"""Bulk writes of ratings (issue #11): the fast paths store exactly what row-by-row upserts would."""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import func, inspect, select, text
+
+from cfb.cf_core.errors import CfbError
+from cfb.db import store
+from cfb.db.engine import make_engine, writing
+from cfb.db.schema import Item, Rating, User
+from cfb.db.sources import Dataset, read_movielens
+from cfb.service.ingest import ingest_dataset
+
+from .conftest import write
+
+PG_URL = os.environ.get("CFB_TEST_POSTGRES_URL")
+PG_SCHEMA = "cfb_test_ingest_bulk"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_engine(request, tmp_path: Path):
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'cfb.db'}")
+        yield engine
+        engine.dispose()
+        return
+    if not PG_URL:
+        pytest.skip("set CFB_TEST_POSTGRES_URL to run against PostgreSQL")
+    base = make_engine(PG_URL)
+    with base.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
+    engine = make_engine(PG_URL + ("&" if "?" in PG_URL else "?") + "options=" + quote(f"-csearch_path={PG_SCHEMA}"))
+    yield engine
+    engine.dispose()
+    with base.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+    base.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _small_statements(monkeypatch):
+    """7 rows to a statement, so that every write here spans several."""
+    monkeypatch.setattr(store, "max_parameters", lambda conn: 35)
+
+
+def stored(engine) -> dict[tuple[str, str], tuple[float, int | None, int]]:  # noqa: ANN001
+    """(user, item) -> (rating, timestamp, seq), by external ids."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(User.external_id, Item.external_id, Rating.rating, Rating.timestamp, Rating.seq)
+                            .join(User, User.id == Rating.user_id).join(Item, Item.id == Rating.item_id))
+        return {(u, i): (r, t, s) for u, i, r, t, s in rows}
+
+
+def ratings_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """``n`` ratings of 30 users on 25 items, some pairs given more than once."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"user": [f"u{k}" for k in rng.integers(0, 30, n)],
+                         "item": [str(k) for k in rng.integers(0, 25, n)],
+                         "rating": rng.integers(1, 11, n) / 2, "timestamp": 1_000 + np.arange(n)})
+
+
+def test_bulk_ingest_stores_what_row_by_row_upserts_store(tmp_path, monkeypatch):
+    df = ratings_frame()
+    expected: dict = {}
+    for k, (u, i, r, t) in enumerate(df.itertuples(index=False), start=1):  # the upserts' meaning
+        old = expected.get((u, i))
+        expected[(u, i)] = old if old and old[:2] == (r, t) else (r, t, k)
+    ordinary = make_engine(f"sqlite:///{tmp_path / 'ordinary.db'}")
+    ingest_dataset(ordinary, Dataset(df))
+    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    bulk = make_engine(f"sqlite:///{tmp_path / 'bulk.db'}", bulk=True)
+    ingest_dataset(bulk, Dataset(df))
+    # the ingest keeps each pair's last row; seq follows the file's order
+    last = df.drop_duplicates(["user", "item"], keep="last")
+    assert stored(bulk) == stored(ordinary) == {
+        (u, i): (r, t, k) for k, (u, i, r, t) in enumerate(last.itertuples(index=False), start=1)}
+    assert {k: v[:2] for k, v in stored(bulk).items()} == {k: v[:2] for k, v in expected.items()}
+    assert {ix["name"] for ix in inspect(bulk).get_indexes("ratings")} == {"ix_ratings_item_id", "ix_ratings_seq"}
+    for engine in (ordinary, bulk):
+        engine.dispose()
+
+
+def test_later_writes_keep_unchanged_seq_and_the_last_of_a_pair(any_engine):
+    ingest_dataset(any_engine, Dataset(ratings_frame(60)))
+    before = stored(any_engine)
+    (same, kept), (changed, old) = list(before.items())[:2]
+    with writing(any_engine) as conn:
+        pairs = [same, changed, changed, ("u1", "new item"), ("new user", "3")]
+        store.ensure_ids(conn, User, [p[0] for p in pairs])
+        store.ensure_ids(conn, Item, [p[1] for p in pairs])
+        users, items = store.id_map(conn, User), store.id_map(conn, Item)
+        n = store.write_ratings(conn, [users[u] for u, _ in pairs], [items[i] for _, i in pairs],
+                                [kept[0], 1.0, 0.5 if old[0] != 0.5 else 1.5, 4.0, 3.0],
+                                [kept[1], None, 7, None, float("nan")])
+    assert n == 4  # distinct pairs
+    after = stored(any_engine)
+    top = max(s for _, _, s in before.values())
+    assert after[same] == kept  # written again unchanged: not new to any model version
+    assert after[changed][:2] == (0.5 if old[0] != 0.5 else 1.5, 7) and after[changed][2] > top
+    assert after[("u1", "new item")][:2] == (4.0, None) and after[("new user", "3")][:2] == (3.0, None)
+    assert len(after) == len(before) + 2
+
+
+def test_a_failed_bulk_ingest_leaves_nothing_and_keeps_the_indexes(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    engine = make_engine(f"sqlite:///{tmp_path / 'cfb.db'}", bulk=True)
+    df = ratings_frame()
+    df.loc[len(df) - 1, "rating"] = float("nan")  # NOT NULL fails among the inserts, after the first ones
+    with pytest.raises(sqlite3.IntegrityError):  # from the DB-API cursor the rows go through
+        ingest_dataset(engine, Dataset(df), scale=(0.5, 5.0))
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Rating)) == 0
+        assert conn.scalar(select(func.count()).select_from(User)) == 0
+    assert {ix["name"] for ix in inspect(engine).get_indexes("ratings")} == {"ix_ratings_item_id", "ix_ratings_seq"}
+    engine.dispose()
+
+
+def test_without_foreign_keys_write_ratings_checks_the_ids_itself(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'cfb.db'}", bulk=True)
+    ingest_dataset(engine, Dataset(ratings_frame(50)))
+    before = stored(engine)
+    for users, items, unknown in (([999], [1], "user with database id 999"), ([1], [999], "item with database id 999")):
+        with pytest.raises(CfbError, match=unknown), writing(engine) as conn:
+            store.write_ratings(conn, [1, *users], [2, *items], [4.0, 4.0], [None, None])
+    assert stored(engine) == before
+    engine.dispose()
+
+
+def test_movielens_ids_are_read_as_numbers_or_else_as_text(tmp_path):
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n2,10,4.0,5\n1,10,3.5,6\n2,007,1.0,7\n")
+    r = read_movielens(folder).ratings
+    assert isinstance(r["user"].dtype, pd.CategoricalDtype)
+    assert r["user"].tolist() == ["2", "1", "2"] and r["item"].tolist() == ["10", "10", "7"]  # the number 7
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp\nu2, m10 ,4.0,5\nu1,m10,3.5,6\n")
+    r = read_movielens(folder).ratings
+    assert r["user"].tolist() == ["u2", "u1"] and r["item"].tolist() == ["m10", "m10"]
+    assert r["item"].cat.categories.tolist() == ["m10"]
