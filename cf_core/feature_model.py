@@ -335,8 +335,9 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
         def __init__(self):
             super().__init__()
             self.attrs = nn.ModuleList([Embedding(s, d) for s in attr_sizes])
-            self.seen = nn.EmbeddingBag(n_items, d, mode="sum")
-            self.rated = nn.EmbeddingBag(n_items, d, mode="sum")
+            # sampled (large catalogue): sparse gradients, so a step touches only the batch's rows
+            self.seen = nn.EmbeddingBag(n_items, d, mode="sum", sparse=sampled)
+            self.rated = nn.EmbeddingBag(n_items, d, mode="sum", sparse=sampled)
             for bag in (self.seen, self.rated):
                 nn.init.trunc_normal_(bag.weight, std=0.01)
             self.count = Embedding(N_COUNT_BUCKETS, d)
@@ -369,13 +370,15 @@ def _sampled_softmax_loss(net):  # noqa: ANN001, ANN202
     its positives and the batch's sampled negatives (log-inclusion corrected; the row's masked items
     and positives left out of them); every positive weighted equally."""
     import torch
+    import torch.nn.functional as F
 
     def loss(u, y):  # noqa: ANN001
         rows, pos_items, neg, left_out, log_pi = y
         if not len(rows):
             return u.sum() * 0.0
-        s_pos = (u[rows] * net.out.weight[pos_items]).sum(1) + net.out_bias[pos_items]
-        s_neg = (u @ net.out.weight[neg].T + net.out_bias[neg] - log_pi).masked_fill(left_out, float("-inf"))
+        out = lambda i: F.embedding(i, net.out.weight, sparse=True)  # noqa: E731  (sparse gradient)
+        s_pos = (u[rows] * out(pos_items)).sum(1) + net.out_bias[pos_items]
+        s_neg = (u @ out(neg).T + net.out_bias[neg] - log_pi).masked_fill(left_out, float("-inf"))
         top = torch.full((len(u),), float("-inf"), device=u.device).scatter_reduce(0, rows, s_pos, "amax")
         top = torch.maximum(top, s_neg.max(1).values).detach()
         total = torch.exp(s_neg - top[:, None]).sum(1).index_add(0, rows, torch.exp(s_pos - top[rows]))
@@ -470,8 +473,17 @@ class FeatureUserModel:
         sampled = "neg_logw" in prep
         net = _build_net(data.n_items, self.encoder_.sizes(), n_how, cfg, sampled).to(device)
         dls = DataLoaders(_Batches(self, prep, rng, bs, device), _EmptyBatches(), device=device)
-        learn = Learner(dls, net, loss_func=_sampled_softmax_loss(net) if sampled else _softmax_loss,
-                        cbs=[compact_losses()])
+        if sampled:
+            from functools import partial
+
+            from fastai.optimizer import OptimWrapper
+
+            from .lazy_adam import LazyAdamW
+
+            learn = Learner(dls, net, loss_func=_sampled_softmax_loss(net), cbs=[compact_losses()],
+                            opt_func=partial(OptimWrapper, opt=LazyAdamW))
+        else:
+            learn = Learner(dls, net, loss_func=_softmax_loss, cbs=[compact_losses()])
         self.sampled_softmax_ = sampled
         t0 = time.perf_counter()
         try:

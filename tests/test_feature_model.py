@@ -61,3 +61,30 @@ def test_epochs_and_users_per_epoch_stop_growing_with_the_users():
     assert (cfg.epochs_for(754), cfg.users_per_epoch(754)) == (30, 754)  # MovieLens 100k: every user, 30 epochs
     assert (cfg.epochs_for(53_424), cfg.users_per_epoch(53_424)) == (3, 53_424)
     assert (cfg.epochs_for(162_541), cfg.users_per_epoch(162_541)) == (2, 100_000)
+
+
+def test_lazy_adamw_matches_adamw_and_leaves_untouched_rows_alone():
+    import torch
+
+    from cfb.cf_core.lazy_adam import LazyAdamW
+
+    torch.manual_seed(0)
+    w0 = torch.randn(6, 3)
+    dense, ref, sparse = (torch.nn.Parameter(w0.clone()) for _ in range(3))
+    opt = LazyAdamW([dense], lr=0.1, weight_decay=0.3)
+    opt_ref = torch.optim.AdamW([ref], lr=0.1, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.3)
+    opt_sparse = LazyAdamW([sparse], lr=0.1, weight_decay=0.3)
+    rows = torch.tensor([1, 4, 1])
+    for _ in range(3):
+        for p, o in ((dense, opt), (ref, opt_ref)):
+            o.zero_grad()
+            (p[rows] ** 2).sum().backward()
+            o.step()
+        opt_sparse.zero_grad()
+        (torch.nn.functional.embedding(rows, sparse, sparse=True) ** 2).sum().backward()
+        opt_sparse.step()
+    assert torch.allclose(dense, ref, atol=1e-6)  # dense gradients: AdamW
+    touched = torch.tensor([1, 4])
+    untouched = torch.tensor([0, 2, 3, 5])
+    assert torch.equal(sparse.detach()[untouched], w0[untouched])  # no decay, no move
+    assert torch.allclose(sparse.detach()[touched], dense.detach()[touched], atol=1e-6)  # rows used every step
