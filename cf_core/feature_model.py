@@ -127,15 +127,18 @@ def count_bucket(n: np.ndarray | int) -> np.ndarray:
 
 def inclusion_probabilities(w: np.ndarray, m: int) -> np.ndarray:
     """Approximate probability that each item is among ``m`` drawn without replacement in proportion to
-    ``w``: min(1, c · w) with c chosen so that they sum to m (1 for every item when m = len(w))."""
-    order = np.argsort(-w, kind="stable")
-    ws = w[order]
-    tail = np.cumsum(ws[::-1])[::-1]  # sum of w over the k-th largest and smaller
-    k = np.arange(len(w))
-    c = (m - k) / tail
-    ok = (c * ws <= 1.0 + 1e-12) & (k < m)
-    c_star = c[np.argmax(ok)] if ok.any() else np.inf
-    return np.minimum(1.0, c_star * w)
+    ``w`` (Gumbel top-k, i.e. successive sampling): 1 − exp(−λ · w), with λ chosen so that they sum to
+    m (1 for every item when m ≥ len(w))."""
+    w = np.asarray(w, dtype=np.float64)
+    if m >= len(w):
+        return np.ones(len(w))
+    lo, hi = 0.0, 1.0
+    while (1 - np.exp(-hi * w)).sum() < m:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (1 - np.exp(-mid * w)).sum() < m else (lo, mid)
+    return np.maximum(1 - np.exp(-hi * w), 1e-12)
 
 
 def _first_char(v) -> str:  # noqa: ANN001

@@ -26,9 +26,9 @@ Items get ``title`` and attributes ``authors`` (list), ``original_publication_ye
 (keyed by the Goodreads id), leaving out Goodreads' default shelves read/to-read/currently-reading.
 
 Every problem raises ``InputError`` naming file, line and field before anything is written. Large
-ratings files are parsed by pandas' C reader, user and item ids as whole numbers when they all are
-(else as text), into categorical columns of their text; when the reader objects, the file is
-re-read line by line to name the first bad line and field.
+ratings files are parsed by pandas' C reader, user and item ids as text exactly as written (so that they
+match the ids of the release's other files), into categorical columns; when the reader objects, the
+file is re-read line by line to name the first bad line and field.
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import csv
 import io
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -117,10 +116,10 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
         # "a::b::c::d" split on ":" is 7 columns, the odd ones empty
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = read_ids_as_numbers(lambda ids: pd.read_csv(
-                path, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding, engine="c",
-                dtype={0: ids, 1: "category", 2: ids, 3: "category", 4: "float64", 5: "category", 6: "int64"},
-                keep_default_na=False, skip_blank_lines=False))
+            df = pd.read_csv(path, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding,
+                             engine="c", dtype={0: str, 1: "category", 2: str, 3: "category", 4: "float64",
+                                                5: "category", 6: "int64"}, keep_default_na=False,
+                             skip_blank_lines=False)
         users, items = id_column(df[0]), id_column(df[2])
         ok = all(set(df[c].cat.categories) <= {""} for c in (1, 3, 5))
         ok = ok and "" not in users.categories and "" not in items.categories and bool(np.isfinite(df[4]).all())
@@ -148,9 +147,9 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     try:
         with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = read_ids_as_numbers(lambda ids: pd.read_csv(
-                path, header=0, index_col=False, dtype={user: ids, item: ids, **numbers}, encoding="utf-8-sig",
-                engine="c", keep_default_na=False, skip_blank_lines=False, skipinitialspace=True))
+            df = pd.read_csv(path, header=0, index_col=False, dtype={user: str, item: str, **numbers},
+                             encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False,
+                             skipinitialspace=True)
         users, items = id_column(df[user]), id_column(df[item])
         ok = len(df.columns) == len(header) and "" not in users.categories and "" not in items.categories \
             and bool(np.isfinite(df[rating]).all())
@@ -171,15 +170,6 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     out = pd.DataFrame({"user": users, "item": items, "rating": df[rating].to_numpy(np.float32)})
     out["timestamp"] = df[timestamp].to_numpy(np.int64) if timestamp else None
     return out
-
-
-def read_ids_as_numbers(read: Callable[[object], pd.DataFrame]) -> pd.DataFrame:
-    """``read(dtype of the id columns)``, the ids read as whole numbers when they all are (several
-    times faster than as text; "007" is then movie 7, as in these releases), else as text."""
-    try:
-        return read("int64")
-    except (ValueError, OverflowError):
-        return read(str)
 
 
 def _first_line(path: Path) -> str:

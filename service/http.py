@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import itertools
 import json
 import os
 import sqlite3
 import threading
+import weakref
 from html import escape
 from pathlib import Path
 from string import Template
@@ -138,7 +140,18 @@ class _Cached(NamedTuple):
     ids: str  # the answer's item ids (JSON)
     body: bytes  # the answer (JSON)
     seq: int  # every rating's latest seq when ``state`` was last confirmed
-    checked: tuple | None  # (connection, its PRAGMA data_version) then
+    checked: tuple | None  # (the connection's number, its PRAGMA data_version) then
+
+
+class _ThreadOwned:
+    """Lives as long as a thread's local values (``_FastReader._conn``)."""
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
 
 
 class _FastReader:
@@ -181,6 +194,7 @@ class _FastReader:
         self.cache: dict[tuple, _Cached] | None = {} if cache_size > 0 else None
         self.cache_size = cache_size
         self.local = threading.local()  # each thread's own connection
+        self._tokens = itertools.count()
 
     def _root(self, version: int) -> int:
         if version not in self.roots:
@@ -188,23 +202,28 @@ class _FastReader:
                 self.roots[version] = versions.chain(conn, version)[0]
         return self.roots[version]
 
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection: the engine's (WAL, busy timeout, autocommit), kept out of the pool."""
+    def _conn(self) -> tuple[sqlite3.Connection, int]:
+        """This thread's connection (the engine's: WAL, busy timeout, autocommit; kept out of the pool),
+        and a number naming it that is never reused (the cache keeps that, not the connection)."""
         conn = getattr(self.local, "conn", None)
         if conn is None:
             raw = self.engine.raw_connection()
             conn = self.local.conn = raw.driver_connection
             raw.detach()  # this thread's for good: no pool checkout per request
-        return conn
+            self.local.token = next(self._tokens)
+            # when the thread ends its local values go, and the connection is closed with them
+            self.local.owner = _ThreadOwned()
+            weakref.finalize(self.local.owner, _close_quietly, conn)
+        return conn, self.local.token
 
     def answer(self, user: str, n: int, by: str) -> bytes:
         """``user``'s top ``n`` as the JSON body of ``serving.recommend``'s answer (UTF-8), from the cache
         when nothing it depends on changed since it was computed."""
-        conn = self._conn()
+        conn, token = self._conn()
         key = (user, n, by)
         hit = mark = None
         if self.cache is not None:
-            mark = (conn, conn.execute("PRAGMA data_version").fetchone()[0])  # before any read below
+            mark = (token, conn.execute("PRAGMA data_version").fetchone()[0])  # before any read below
             hit = self.cache.get(key)
         if hit is not None:
             if hit.checked == mark:
@@ -411,7 +430,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     if reads_in_threadpool is None:
         reads_in_threadpool = os.environ.get("CFB_HTTP_READS", "") == "thread"
     engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
-    fast = _FastReader(engine, cache_size) if fast_path and engine.dialect.name == "sqlite" else None
+    on_file = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
+    fast = _FastReader(engine, cache_size) if fast_path and on_file else None  # (it keeps its own connections)
     token = token or None
 
     async def _poll_versions() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sqlalchemy import Engine
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item, User
@@ -55,6 +55,10 @@ def database_ids(conn, table, external) -> np.ndarray:  # noqa: ANN001
     import pandas as pd
 
     cat = external.array if isinstance(external.dtype, pd.CategoricalDtype) else pd.Categorical(external)
+    cat = cat.remove_unused_categories()
+    if (cat.codes < 0).any():
+        raise InputError(f"row {int(np.argmax(cat.codes < 0)) + 1}: missing {external.name or 'id'}",
+                         field=str(external.name or "id"))
     names = [str(c) for c in cat.categories]
     ids = store.ensure_ids(conn, table, names)
     return np.array([ids[x] for x in names], dtype=np.int64)[cat.codes]

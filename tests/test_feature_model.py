@@ -47,13 +47,19 @@ def test_full_softmax_below_the_catalogue_threshold():
 
 
 @pytest.mark.parametrize("m", [1, 3, 7, 10])
-def test_inclusion_probabilities_sum_to_the_sample_size(m):
+def test_inclusion_probabilities_sum_to_the_sample_size_and_match_the_sampler(m):
     w = np.array([50.0, 20, 5, 5, 1, 1, 1, 0.5, 0.5, 0.1])
     p = inclusion_probabilities(w, m)
     assert p.sum() == pytest.approx(m) and (p <= 1).all() and (p > 0).all()
     assert (np.diff(p[np.argsort(-w)]) <= 1e-12).all()  # more weight, at least as likely
     if m == len(w):
         assert (p == 1).all()
+    else:  # the Gumbel top-k draw the batches use
+        rng = np.random.default_rng(0)
+        hits = np.zeros(len(w))
+        for _ in range(4000):
+            hits[np.argpartition(-(np.log(w) + rng.gumbel(size=len(w))), m - 1)[:m]] += 1
+        assert np.abs(hits / 4000 - p).max() < 0.06
 
 
 def test_epochs_and_users_per_epoch_stop_growing_with_the_users():

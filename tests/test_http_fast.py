@@ -150,10 +150,10 @@ def test_the_cache_recomputes_only_what_changed(trained, db_url, monkeypatch):
     try:
         first = answer()
         statements = []
-        reader._conn().set_trace_callback(statements.append)
+        reader._conn()[0].set_trace_callback(statements.append)
         assert answer() is first and computed == ["a0"]
         assert statements == ["PRAGMA data_version"]  # nothing written since: nothing else read
-        reader._conn().set_trace_callback(None)
+        reader._conn()[0].set_trace_callback(None)
         rate_item(other, "b1", "b21", 2.0)
         assert answer() is first and computed == ["a0"]  # checked, not recomputed
         rate_item(other, "a0", "b21", 4.0)

@@ -134,14 +134,30 @@ def test_without_foreign_keys_write_ratings_checks_the_ids_itself(tmp_path):
     engine.dispose()
 
 
-def test_movielens_ids_are_read_as_numbers_or_else_as_text(tmp_path):
+def test_movielens_ids_are_read_as_written(tmp_path):
     folder = tmp_path / "ml"
     folder.mkdir()
     write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n2,10,4.0,5\n1,10,3.5,6\n2,007,1.0,7\n")
     r = read_movielens(folder).ratings
     assert isinstance(r["user"].dtype, pd.CategoricalDtype)
-    assert r["user"].tolist() == ["2", "1", "2"] and r["item"].tolist() == ["10", "10", "7"]  # the number 7
+    assert r["user"].tolist() == ["2", "1", "2"] and r["item"].tolist() == ["10", "10", "007"]  # as movies.csv has it
     write(folder / "ratings.csv", "userId,movieId,rating,timestamp\nu2, m10 ,4.0,5\nu1,m10,3.5,6\n")
     r = read_movielens(folder).ratings
     assert r["user"].tolist() == ["u2", "u1"] and r["item"].tolist() == ["m10", "m10"]
     assert r["item"].cat.categories.tolist() == ["m10"]
+
+
+def test_a_missing_id_fails_the_ingest_and_unused_ids_are_not_created(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    frame = pd.DataFrame({"user": pd.Categorical(["a", "b", None]), "item": ["x", "y", "z"],
+                          "rating": [5.0, 4.0, 3.0], "timestamp": [1, 2, 3]})
+    with pytest.raises(CfbError, match="row 3: missing user"):
+        ingest_dataset(engine, Dataset(frame, scale=(1.0, 5.0)))
+    assert stored(engine) == {}
+    cats = pd.DataFrame({"user": pd.Categorical(["c", "d"]), "item": ["x", "y"], "rating": [5.0, 4.0],
+                         "timestamp": [1, 2]})
+    ingest_dataset(engine, Dataset(cats[cats.user == "c"], scale=(1.0, 5.0)))
+    with engine.connect() as conn:
+        assert sorted(conn.scalars(select(User.external_id))) == ["c"]
+    assert list(stored(engine)) == [("c", "x")]
+    engine.dispose()
