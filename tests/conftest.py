@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from sqlalchemy import text
 
 from cfb.db.engine import make_engine
 from cfb.db.sources import Dataset
@@ -109,3 +114,23 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
 
 def ml100k_available() -> bool:
     return (SHARED_ML100K / "u.data").exists() and os.access(SHARED_ML100K / "u.data", os.R_OK)
+
+
+@contextmanager
+def fresh_pg_schema(schema: str) -> Iterator[str]:
+    """A URL of the PostgreSQL test server ($CFB_TEST_POSTGRES_URL) whose search path is ``schema``,
+    created empty and dropped afterwards (test_postgres.py drops every table of the default one);
+    skips the test without a server."""
+    url = os.environ.get("CFB_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set CFB_TEST_POSTGRES_URL to run against PostgreSQL")
+    base = make_engine(url)
+    with base.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield url + ("&" if "?" in url else "?") + "options=" + quote(f"-csearch_path={schema}")
+    finally:
+        with base.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        base.dispose()

@@ -9,7 +9,6 @@ import socket
 import sys
 import threading
 import time
-from urllib.parse import quote
 
 import pandas as pd
 import pytest
@@ -22,11 +21,10 @@ from cfb.db.schema import Base, Item, Rating, Setting, User
 from cfb.db.sources import Dataset
 from cfb.service.ingest import ingest_dataset
 
-from .conftest import planted_ratings
+from .conftest import fresh_pg_schema, planted_ratings
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
 
-PG_URL = os.environ.get("CFB_TEST_POSTGRES_URL")
 PG_SCHEMA = "cfb_concurrency"  # its own schema: test_postgres.py drops every table of the default one
 WORKERS, PER_WORKER = 4, 12
 
@@ -122,17 +120,8 @@ def test_concurrent_rate_commands(engine, db_url):
 # --- (b) PostgreSQL: distinct seq numbers, in commit order ----------------------------------------
 @pytest.fixture
 def pg_url():
-    if not PG_URL:
-        pytest.skip("set CFB_TEST_POSTGRES_URL to run against PostgreSQL")
-    base = make_engine(PG_URL)
-    with base.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
-    url = PG_URL + ("&" if "?" in PG_URL else "?") + "options=" + quote(f"-csearch_path={PG_SCHEMA}")
-    yield url
-    with base.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
-    base.dispose()
+    with fresh_pg_schema(PG_SCHEMA) as url:
+        yield url
 
 
 def test_concurrent_ratings_on_postgres_keep_commit_order(pg_url):

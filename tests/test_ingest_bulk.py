@@ -1,15 +1,13 @@
 """Bulk writes of ratings (issue #11): the fast paths store exactly what row-by-row upserts would."""
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import func, inspect, select
 
 from cfb.cf_core.errors import CfbError
 from cfb.db import store
@@ -18,9 +16,8 @@ from cfb.db.schema import Item, Rating, User
 from cfb.db.sources import Dataset, read_movielens
 from cfb.service.ingest import ingest_dataset
 
-from .conftest import write
+from .conftest import fresh_pg_schema, write
 
-PG_URL = os.environ.get("CFB_TEST_POSTGRES_URL")
 PG_SCHEMA = "cfb_test_ingest_bulk"
 
 
@@ -31,18 +28,10 @@ def any_engine(request, tmp_path: Path):
         yield engine
         engine.dispose()
         return
-    if not PG_URL:
-        pytest.skip("set CFB_TEST_POSTGRES_URL to run against PostgreSQL")
-    base = make_engine(PG_URL)
-    with base.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
-    engine = make_engine(PG_URL + ("&" if "?" in PG_URL else "?") + "options=" + quote(f"-csearch_path={PG_SCHEMA}"))
-    yield engine
-    engine.dispose()
-    with base.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
-    base.dispose()
+    with fresh_pg_schema(PG_SCHEMA) as url:
+        engine = make_engine(url)
+        yield engine
+        engine.dispose()
 
 
 @pytest.fixture(autouse=True)
