@@ -64,9 +64,10 @@ class FeatureModelConfig:
         epochs shrink in proportion; at the floor of 2 epochs each epoch draws a random
         ``max_user_epochs / 2`` of the users, so the ranker's cost stops growing with the users.
     full_softmax_items: up to this many catalogue items the softmax is over the whole catalogue; beyond
-        it (a rule that scales with the catalogue) it is a sampled softmax: each positive against
-        ``negatives`` items drawn per batch in proportion to popularity^0.75, with the log-inclusion
-        correction, the user's masked items and positives left out.
+        it (a rule that scales with the catalogue) it is sampled: a row's normaliser runs over its
+        positives and ``negatives`` items drawn per batch in proportion to popularity^0.75 (log-inclusion
+        corrected; its masked items and positives left out of them), and the item tables get sparse
+        gradients and a lazy AdamW (``lazy_adam``).
     """
 
     n_factors: int = 128

@@ -50,9 +50,14 @@ def pick_device(device: str | None = None) -> str:
 
 
 class CollabModel:
-    """Shared fit loop; subclasses build the torch module and export its arrays."""
+    """Shared fit loop; subclasses build the torch module and export its arrays.
+
+    ``lazy_at``: from this many training ratings on, the embeddings get sparse gradients and a lazy
+    AdamW (``lazy_adam``): a dense Adam step over every user's and item's row is most of a step's time
+    at tens of millions of ratings. None: never."""
 
     kind = ""
+    lazy_at: int | None = None
 
     def __init__(self, n_factors: int = 50, epochs: int = 8, lr: float = 5e-3, wd: float = 0.3,
                  bs: int = 1024, y_range: tuple[float, float] = (0.0, 5.5), seed: int = 42,
@@ -103,7 +108,19 @@ class CollabModel:
                 self.epoch_s.append(time.perf_counter() - self.t0)
 
         clock = EpochClock()
-        learn = Learner(dls, module, loss_func=self._loss(), cbs=[clock, compact_losses()])
+        extra = {}
+        if self.lazy_at is not None and len(train) >= self.lazy_at:  # only the batch's rows move
+            from functools import partial
+
+            from fastai.optimizer import OptimWrapper
+
+            from .lazy_adam import LazyAdamW
+
+            for m in module.modules():
+                if isinstance(m, torch.nn.Embedding):
+                    m.sparse = True
+            extra["opt_func"] = partial(OptimWrapper, opt=LazyAdamW)
+        learn = Learner(dls, module, loss_func=self._loss(), cbs=[clock, compact_losses()], **extra)
         t0 = time.perf_counter()
         if self.progress:
             learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
@@ -161,6 +178,7 @@ class DotBias(CollabModel):
     squashed by ``sigmoid_range`` into ``y_range``."""
 
     kind = "dot"
+    lazy_at = 5_000_000  # (MovieLens 1M and smaller train exactly as before)
 
     def _build(self, n_users: int, n_items: int):
         from fastai.collab import EmbeddingDotBias
