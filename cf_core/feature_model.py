@@ -477,15 +477,11 @@ class FeatureUserModel:
         sampled = "neg_logw" in prep
         net = _build_net(data.n_items, self.encoder_.sizes(), n_how, cfg, sampled).to(device)
         dls = DataLoaders(_Batches(self, prep, rng, bs, device), _EmptyBatches(), device=device)
-        if sampled:
-            from functools import partial
-
-            from fastai.optimizer import OptimWrapper
-
-            from .lazy_adam import LazyAdamW
+        if sampled:  # sparse item tables: only the batch's rows move
+            from .lazy_adam import lazy_adamw_opt_func
 
             learn = Learner(dls, net, loss_func=_sampled_softmax_loss(net), cbs=[compact_losses()],
-                            opt_func=partial(OptimWrapper, opt=LazyAdamW))
+                            opt_func=lazy_adamw_opt_func())
         else:
             learn = Learner(dls, net, loss_func=_softmax_loss, cbs=[compact_losses()])
         self.sampled_softmax_ = sampled

@@ -343,7 +343,7 @@ class ItemPrior:
         v = torch.zeros(p, device=dev, requires_grad=True)
         params = [V, v]
         if cfg.hidden:
-            A = (torch.randn((p, cfg.hidden), device=dev, generator=None) / math.sqrt(p)).requires_grad_(True)
+            A = (torch.randn((p, cfg.hidden), device=dev) / math.sqrt(p)).requires_grad_(True)
             a = torch.zeros(cfg.hidden, device=dev, requires_grad=True)
             B = torch.zeros((cfg.hidden, d), device=dev, requires_grad=True)
             params += [A, a, B]

@@ -49,3 +49,12 @@ class LazyAdamW(torch.optim.Optimizer):
                     v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                     p.addcdiv_(m / c1, (v / c2).sqrt_().add_(eps), value=-lr)
         return loss
+
+
+def lazy_adamw_opt_func():  # -> fastai opt_func
+    """``LazyAdamW`` as a fastai ``Learner``'s ``opt_func`` (wrapped so ``fit_one_cycle`` schedules it)."""
+    from functools import partial
+
+    from fastai.optimizer import OptimWrapper
+
+    return partial(OptimWrapper, opt=LazyAdamW)

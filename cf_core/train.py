@@ -110,16 +110,12 @@ class CollabModel:
         clock = EpochClock()
         extra = {}
         if self.lazy_at is not None and len(train) >= self.lazy_at:  # only the batch's rows move
-            from functools import partial
-
-            from fastai.optimizer import OptimWrapper
-
-            from .lazy_adam import LazyAdamW
+            from .lazy_adam import lazy_adamw_opt_func
 
             for m in module.modules():
                 if isinstance(m, torch.nn.Embedding):
                     m.sparse = True
-            extra["opt_func"] = partial(OptimWrapper, opt=LazyAdamW)
+            extra["opt_func"] = lazy_adamw_opt_func()
         learn = Learner(dls, module, loss_func=self._loss(), cbs=[clock, compact_losses()], **extra)
         t0 = time.perf_counter()
         if self.progress:

@@ -474,13 +474,7 @@ def bad_pairs_files(draw) -> bytes:
         rows[k] = rows[k][:1] if draw(st.booleans()) else rows[k] + ["x"]
     elif kind == "header_only":
         rows = []
-    data = _csv([header] + rows).encode("utf-8")
-    if kind == "bad_bytes":
-        pos = draw(st.integers(0, len(data)))
-        data = data[:pos] + b"\xff" + data[pos:]
-    elif kind == "empty_file":
-        data = draw(st.sampled_from([b"", b"\n", b" \n\n"]))
-    return data
+    return _encoded(draw, kind, header, rows)
 
 
 @PROPS
