@@ -41,5 +41,11 @@ class CollabData:
 
 def index_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Map raw ids to inner indices: returns (sorted unique ids, inner index of each input)."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iu" and len(ids) and ids.min() >= 0 and ids.max() < 4 * len(ids) + 1024:
+        present = np.zeros(int(ids.max()) + 1, dtype=bool)  # database ids: small whole numbers, no sort
+        present[ids] = True
+        uniq = np.flatnonzero(present)
+        return uniq.astype(ids.dtype), (np.cumsum(present) - 1)[ids].astype(np.int64)
     uniq, inv = np.unique(ids, return_inverse=True)
     return uniq, inv.astype(np.int64)

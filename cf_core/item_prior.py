@@ -186,6 +186,21 @@ class MetaEncoder:
         return X
 
 
+def multi_hot_product(X: np.ndarray, device: str):  # -> Callable[[torch.Tensor], torch.Tensor]
+    """``M ↦ X @ M`` for the encoded metadata ``X`` (items × features, a few non-zeros per row) as a
+    weighted ``embedding_bag`` over each row's non-zero columns: its cost and its gradient's grow with
+    the non-zeros, not with items × features (59k movies × 600 features as a dense product was most of
+    the prior's time)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, cols = np.nonzero(X)
+    t = lambda a, dt=torch.long: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+    cols_t, vals_t = t(cols), t(X[rows, cols], torch.float32)
+    offsets_t = t(np.searchsorted(rows, np.arange(X.shape[0])))
+    return lambda M: F.embedding_bag(cols_t, M, offsets_t, mode="sum", per_sample_weights=vals_t)
+
+
 def full_history_user_vectors(ranker, data, attributes: list[dict]) -> np.ndarray:  # noqa: ANN001
     """The ranker's (``FeatureUserModel``) vector of every user of ``data`` (``CollabData``) from
     their full history, as organic ratings (``Reveal(budget=None)``): the user side the ranking part
@@ -280,13 +295,15 @@ class ItemPrior:
 
     def _fit_joint(self, X, users, items, ratings, user_factors, user_bias, rank_vecs, device) -> None:  # noqa: ANN001
         import torch
+        import torch.nn.functional as F
 
         cfg = self.config
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         dev = device or "cpu"
         t = lambda a, dt=torch.float32: torch.as_tensor(np.asarray(a), dtype=dt, device=dev)  # noqa: E731
-        Xt, U, bu = t(X), t(user_factors), t(user_bias)
+        mh = multi_hot_product(X, dev)  # mh(M) = X @ M, X kept sparse
+        U, bu = t(user_factors), t(user_bias)
         ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)
         lo, hi = self.y_range_
         p, k = X.shape[1], U.shape[1]
@@ -298,13 +315,16 @@ class ItemPrior:
         w.requires_grad_(True)
         opt = torch.optim.Adam([W, w], lr=cfg.lr)
         n = len(ratings)
+        # a rating's logit u·f + b_u + b_i as one dot product: [u, b_u, 1] · [f, 1, b_i]
+        Ua = torch.cat([U, bu[:, None], torch.ones((len(U), 1), device=dev)], 1)
+        one = torch.ones((X.shape[0], 1), device=dev)
         for _ in range(cfg.steps):  # full batch up to MAX_RATINGS_PER_STEP ratings, else a random batch
             sel = (slice(None) if n <= MAX_RATINGS_PER_STEP else
                    torch.randint(0, n, (MAX_RATINGS_PER_STEP,), generator=gen).to(dev))
             us, its, rs = ut[sel], it[sel], rt[sel]
             opt.zero_grad()
-            f, b = Xt @ W, Xt @ w
-            pred = lo + (hi - lo) * torch.sigmoid((U[us] * f[its]).sum(1) + bu[us] + b[its])
+            fa = torch.cat([mh(W), one, mh(w[:, None])], 1)
+            pred = lo + (hi - lo) * torch.sigmoid((Ua.index_select(0, us) * F.embedding(its, fa)).sum(1))
             loss = ((pred - rs) ** 2).mean() + cfg.l2 * ((W ** 2).sum() + (w[1:] ** 2).sum())
             loss.backward()
             opt.step()
@@ -324,7 +344,7 @@ class ItemPrior:
         ends = np.searchsorted(pu, rows, side="right")
         R_all = t(rank_vecs)
         with torch.no_grad():
-            f, b = Xt @ W, Xt @ w
+            f, b = mh(W), mh(w[:, None])[:, 0]
         bs = max(1, min(len(rows), MAX_LOGITS_PER_STEP // max(n_items, 1)))
 
         def batch(sel: np.ndarray):  # noqa: ANN202  (sel: positions in ``rows``, ascending)
@@ -352,10 +372,10 @@ class ItemPrior:
         for _ in range(cfg.rank_steps):
             R, Y, off = full if full is not None else batch(np.sort(rng.choice(len(rows), size=bs, replace=False)))
             opt.zero_grad()
-            out = Xt @ V
+            out = mh(V)
             if cfg.hidden:
-                out = out + torch.relu(Xt @ A + a) @ B
-            logits = R @ out.T + (Xt @ v)[None] + off
+                out = out + torch.relu(mh(A) + a) @ B
+            logits = R @ out.T + mh(v[:, None])[:, 0][None] + off
             loss = -(torch.log_softmax(logits, 1) * Y).sum() / Y.sum()
             reg = (V ** 2).sum() + (v[1:] ** 2).sum() + (sum((q ** 2).sum() for q in params[2:]) if cfg.hidden else 0)
             (loss + cfg.rank_l2 * reg).backward()

@@ -35,20 +35,33 @@ class LazyAdamW(torch.optim.Optimizer):
                 c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
                 m, v = state["m"], state["v"]
                 if p.grad.is_sparse:
-                    g = p.grad.coalesce()
-                    rows, vals = g.indices()[0], g.values()
-                    m_rows = m[rows].mul_(b1).add_(vals, alpha=1 - b1)
-                    v_rows = v[rows].mul_(b2).addcmul_(vals, vals, value=1 - b2)
-                    m[rows], v[rows] = m_rows, v_rows
-                    p_rows = p[rows].mul_(1 - lr * wd)
-                    p_rows.addcdiv_(m_rows / c1, (v_rows / c2).sqrt_().add_(eps), value=-lr)
-                    p[rows] = p_rows
+                    rows, vals = _sum_rows(p.grad)
+                    m_rows = m.index_select(0, rows).lerp_(vals, 1 - b1)
+                    v_rows = v.index_select(0, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
+                    m.index_copy_(0, rows, m_rows)
+                    v.index_copy_(0, rows, v_rows)
+                    denom = v_rows.sqrt_().div_(c2 ** 0.5).add_(eps)
+                    p_rows = p.index_select(0, rows).mul_(1 - lr * wd).addcdiv_(m_rows, denom, value=-lr / c1)
+                    p.index_copy_(0, rows, p_rows)
                 else:
                     p.mul_(1 - lr * wd)
                     m.mul_(b1).add_(p.grad, alpha=1 - b1)
                     v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                     p.addcdiv_(m / c1, (v / c2).sqrt_().add_(eps), value=-lr)
         return loss
+
+
+def _sum_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a sparse (COO, uncoalesced) gradient touches, ascending, and each row's summed
+    gradient: ``coalesce`` without its sort (a mark per table row, then one ``index_add_``)."""
+    idx, vals = grad._indices()[0], grad._values()
+    seen = torch.zeros(grad.shape[0], dtype=torch.bool, device=idx.device)
+    seen.index_fill_(0, idx, True)
+    rows = seen.nonzero().squeeze(1)
+    slot = torch.empty(grad.shape[0], dtype=torch.long, device=idx.device)
+    slot.index_copy_(0, rows, torch.arange(len(rows), device=idx.device))
+    summed = torch.zeros((len(rows), *vals.shape[1:]), dtype=vals.dtype, device=vals.device)
+    return rows, summed.index_add_(0, slot[idx], vals)
 
 
 def lazy_adamw_opt_func():  # -> fastai opt_func

@@ -144,7 +144,7 @@ class CollabModel:
             x, y = torch.zeros((0, 2), dtype=torch.long), torch.zeros(0)
         else:
             x = torch.from_numpy(np.stack([d.users, d.items], axis=1))
-            y = torch.from_numpy(d.ratings)
+            y = torch.from_numpy(np.array(d.ratings))  # a copy: pandas may hand over read-only arrays
         # validation needs no gradients: large batches cut fastai's per-batch overhead
         return TensorBatches(x, y, self.bs if shuffle else max(self.bs, 16384), shuffle=shuffle, generator=gen)
 

@@ -252,9 +252,19 @@ class RatingsArrays:
 def load_ratings(conn: Connection, since_seq: int = 0) -> RatingsArrays:
     """Ratings with ``seq > since_seq``, ordered by seq, as numpy arrays.
 
-    Read through the raw DB-API cursor in large chunks: no Row objects for millions of ratings."""
-    sql = ("SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq FROM ratings "
-           f"WHERE seq > {int(since_seq)} ORDER BY seq")
+    Read through the raw DB-API cursor in large chunks: no Row objects for millions of ratings. All
+    of a SQLite database's ratings (a full retrain) are read as text columns (``_scan_sqlite``)."""
+    if since_seq <= 0 and conn.dialect.name == "sqlite":
+        columns = _scan_sqlite(conn)
+    else:
+        columns = _fetch_rows(conn, f"SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq FROM ratings "
+                                    f"WHERE seq > {int(since_seq)} ORDER BY seq")
+    order = np.argsort(columns[4], kind="stable")
+    return RatingsArrays(*(c[order] for c in columns))
+
+
+def _fetch_rows(conn: Connection, sql: str) -> list[np.ndarray]:
+    """(user_id, item_id, rating, timestamp, seq) columns of ``sql``'s rows."""
     cursor = conn.connection.driver_connection.cursor()
     try:
         cursor.execute(sql)
@@ -263,12 +273,42 @@ def load_ratings(conn: Connection, since_seq: int = 0) -> RatingsArrays:
             chunks.append(np.array(rows, dtype=np.float64))
     finally:
         cursor.close()
-    if not chunks:
-        z = np.zeros(0, dtype=np.int64)
-        return RatingsArrays(z, z, np.zeros(0, dtype=np.float32), z, z)
-    arr = np.concatenate(chunks)
-    return RatingsArrays(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.float32),
-                         arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64))
+    arr = np.concatenate(chunks) if chunks else np.zeros((0, 5))
+    return [arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.float32),
+            arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64)]
+
+
+SCAN_CHUNK = 2_000_000  # ratings per statement of ``_scan_sqlite`` (about, for evenly spread user ids)
+
+
+def _scan_sqlite(conn: Connection) -> list[np.ndarray]:
+    """Every rating of a SQLite database as (user_id, item_id, rating, timestamp, seq) columns, in key
+    order. Python's sqlite3 makes an object per value (most of a full read's time at millions of
+    ratings); here SQLite joins each column of a range of users into one comma-separated text, which
+    numpy parses. The five aggregates run over the same rows, so position k of each is one rating."""
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        lo, hi, n = cursor.execute("SELECT min(user_id), max(user_id), max(seq) FROM ratings").fetchone()
+        parts = []
+        if lo is not None:
+            edges = np.unique(np.linspace(lo, hi + 1, max(2, -(-n // SCAN_CHUNK) + 1)).astype(np.int64))
+            sql = ("SELECT group_concat(user_id), group_concat(item_id), group_concat(CASE WHEN rating = "
+                   "CAST(rating AS INTEGER) THEN CAST(rating AS INTEGER) ELSE rating END), "  # "4", not "4.0"
+                   "group_concat(COALESCE(timestamp, -1)), group_concat(seq) FROM ratings "
+                   "WHERE user_id >= ? AND user_id < ?")
+            for a, b in zip(edges[:-1], edges[1:]):
+                texts = cursor.execute(sql, (int(a), int(b))).fetchone()
+                if texts[0] is not None:
+                    parts.append([np.fromstring(t, sep=",", dtype=np.float64 if k == 2 else np.int64)
+                                  for k, t in enumerate(texts)])
+    finally:
+        cursor.close()
+    if not parts:
+        return [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                np.zeros(0, np.int64)]
+    cols = [np.concatenate([p[k] for p in parts]) for k in range(5)]
+    cols[2] = cols[2].astype(np.float32)
+    return cols
 
 
 def user_id_of(conn: Connection, external_id: str) -> int:

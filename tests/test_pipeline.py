@@ -233,3 +233,13 @@ def test_nn_incremental_retrain_adds_a_first_rated_item(engine, planted):
     assert out["mode"] == "incremental" and out["items_added"] == 1
     with engine.connect() as conn:
         assert "brand-new" in {r["item"] for r in recommend(conn, "b1", n=40)["items"]}
+
+
+def test_rating_defaults_scale_with_the_data_and_keep_the_tuned_ones_on_100k():
+    from cfb.service.training import DEFAULTS, MAX_BATCH_SCALE, rating_params
+
+    assert rating_params("dot", 80_000, {}) == DEFAULTS["dot"]  # MovieLens 100k's training split
+    mid = rating_params("dot", 1_000_000, {})  # ×16: 2^round(log2(12.5))
+    assert (mid["bs"], mid["epochs"]) == (16 * 1024, 3) and mid["lr"] == pytest.approx(5e-3 * 4)
+    big = rating_params("dot", 25_000_000, {"epochs": 5})
+    assert big["bs"] == MAX_BATCH_SCALE * 1024 and big["epochs"] == 5  # capped; the user's setting wins
