@@ -187,18 +187,33 @@ class MetaEncoder:
 
 
 def multi_hot_product(X: np.ndarray, device: str):  # -> Callable[[torch.Tensor], torch.Tensor]
-    """``M ↦ X @ M`` for the encoded metadata ``X`` (items × features, a few non-zeros per row) as a
-    weighted ``embedding_bag`` over each row's non-zero columns: its cost and its gradient's grow with
-    the non-zeros, not with items × features (59k movies × 600 features as a dense product was most of
-    the prior's time)."""
-    import torch
-    import torch.nn.functional as F
+    """``M ↦ X @ M`` for the encoded metadata ``X`` (items × features, a few non-zeros per row), with X
+    and its transpose (for the gradient) held as sparse CSR matrices: the cost grows with the non-zeros,
+    not with items × features (59k movies × 600 features as a dense product was most of the prior's
+    time, and ``embedding_bag``'s backward sorts the non-zeros on every call)."""
+    import warnings
 
-    rows, cols = np.nonzero(X)
-    t = lambda a, dt=torch.long: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
-    cols_t, vals_t = t(cols), t(X[rows, cols], torch.float32)
-    offsets_t = t(np.searchsorted(rows, np.arange(X.shape[0])))
-    return lambda M: F.embedding_bag(cols_t, M, offsets_t, mode="sum", per_sample_weights=vals_t)
+    import torch
+
+    def csr(A: np.ndarray):  # noqa: ANN202
+        rows, cols = np.nonzero(A)
+        crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=A.shape[0]))])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(torch.as_tensor(crow, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long),
+                                           torch.as_tensor(A[rows, cols], dtype=torch.float32), A.shape, device=device)
+
+    class Product(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, M):  # noqa: ANN001, ANN205
+            return X_csr @ M
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            return XT_csr @ grad
+
+    X_csr, XT_csr = csr(X), csr(np.ascontiguousarray(X.T))
+    return Product.apply
 
 
 def full_history_user_vectors(ranker, data, attributes: list[dict]) -> np.ndarray:  # noqa: ANN001

@@ -109,3 +109,16 @@ def test_dot_model_with_sparse_gradients_and_lazy_adam_learns_the_ratings():
     model.lazy_at = 0  # what 5M ratings and more get
     model.fit(CollabData(u, i, r, len(users), len(items)))
     assert float(np.mean((model.predict(u, i) - r) ** 2)) < 0.3  # a constant predictor: about 2.3
+
+
+@pytest.mark.parametrize("times", ["whole", "fractional"])
+def test_time_order_is_user_then_time_then_item_with_unknown_times_first(times):
+    from cfb.cf_core.feature_model import time_order
+
+    rng = np.random.default_rng(3)
+    pairs = rng.permutation(np.array([(u, i) for u in range(6) for i in range(25)]))[:90]  # each pair once
+    users, items = pairs[:, 0], pairs[:, 1]
+    ts = rng.integers(-1, 5, len(pairs)).astype(float) + (0.5 if times == "fractional" else 0.0)
+    unknown = ts < 0
+    expected = np.lexsort((np.where(unknown, np.arange(len(ts)), items), np.where(unknown, -1.0, ts), users))
+    assert np.array_equal(time_order(users, items, ts), expected)
