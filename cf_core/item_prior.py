@@ -200,7 +200,8 @@ def multi_hot_product(X: np.ndarray, device: str):  # -> Callable[[torch.Tensor]
         crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=A.shape[0]))])
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(torch.as_tensor(crow, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long),
+            return torch.sparse_csr_tensor(torch.as_tensor(crow, dtype=torch.long),
+                                           torch.as_tensor(cols, dtype=torch.long),
                                            torch.as_tensor(A[rows, cols], dtype=torch.float32), A.shape, device=device)
 
     class Product(torch.autograd.Function):
@@ -316,7 +317,8 @@ class ItemPrior:
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         dev = device or "cpu"
-        t = lambda a, dt=torch.float32: torch.as_tensor(np.asarray(a), dtype=dt, device=dev)  # noqa: E731
+        # (copies: pandas may hand over read-only arrays)
+        t = lambda a, dt=torch.float32: torch.as_tensor(np.array(a), dtype=dt, device=dev)  # noqa: E731
         mh = multi_hot_product(X, dev)  # mh(M) = X @ M, X kept sparse
         U, bu = t(user_factors), t(user_bias)
         ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)
