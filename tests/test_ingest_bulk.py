@@ -150,3 +150,21 @@ def test_a_missing_id_fails_the_ingest_and_unused_ids_are_not_created(tmp_path):
         assert sorted(conn.scalars(select(User.external_id))) == ["c"]
     assert list(stored(engine)) == [("c", "x")]
     engine.dispose()
+
+
+def test_a_full_read_returns_every_rating_in_seq_order_as_the_row_query_does(any_engine, monkeypatch):
+    df = ratings_frame(300)
+    df.loc[::7, "timestamp"] = None  # unknown times come back as -1
+    df.loc[::5, "rating"] = 2.25  # a value that is not a half star
+    ingest_dataset(any_engine, Dataset(df))
+    monkeypatch.setattr(store, "SCAN_CHUNK", 40)  # several user ranges per read
+    with any_engine.connect() as conn:
+        full = store.load_ratings(conn)
+        rows = store._fetch_rows(conn, "SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq FROM ratings "
+                                       "ORDER BY seq")
+        tail = store.load_ratings(conn, since_seq=int(full.seq[-10]))
+    assert len(full) == df.drop_duplicates(["user", "item"]).shape[0]
+    for got, want in zip((full.user_id, full.item_id, full.rating, full.timestamp, full.seq), rows):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert np.all(np.diff(full.seq) > 0) and set(np.round(full.rating, 2)) >= {2.25} and (full.timestamp == -1).any()
+    assert np.array_equal(tail.seq, full.seq[-9:]) and np.array_equal(tail.rating, full.rating[-9:])

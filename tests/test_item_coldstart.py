@@ -151,3 +151,19 @@ def test_large_data_path_batches_and_still_learns(monkeypatch):
     score, pred = _score(prior, prior.rows([{"genres": ["A"]}, {"genres": ["B"]}]), uf, ub, rv)
     a = group == 0
     assert np.all(score[a, 0] > score[a, 1]) and np.all(score[~a, 1] > score[~a, 0])
+
+
+def test_the_sparse_metadata_product_and_its_gradient_equal_the_dense_ones():
+    import torch
+
+    from cfb.cf_core.item_prior import multi_hot_product
+
+    rng = np.random.default_rng(0)
+    X = (rng.random((30, 9)) < 0.25) * rng.random((30, 9))
+    X[:, 0], X[4] = 1.0, 0.0  # a constant column, and an item with no metadata at all
+    X = X.astype(np.float32)
+    M = torch.randn(9, 4, requires_grad=True)
+    G = torch.randn(30, 4)
+    (multi_hot_product(X, "cpu")(M) * G).sum().backward()
+    assert torch.allclose(multi_hot_product(X, "cpu")(M), torch.from_numpy(X) @ M, atol=1e-6)
+    assert torch.allclose(M.grad, torch.from_numpy(X).T @ G, atol=1e-5)

@@ -243,3 +243,15 @@ def test_rating_defaults_scale_with_the_data_and_keep_the_tuned_ones_on_100k():
     assert (mid["bs"], mid["epochs"]) == (16 * 1024, 3) and mid["lr"] == pytest.approx(5e-3 * 4)
     big = rating_params("dot", 25_000_000, {"epochs": 5})
     assert big["bs"] == MAX_BATCH_SCALE * 1024 and big["epochs"] == 5  # capped; the user's setting wins
+
+
+def test_inner_indices_of_whole_number_ids_match_a_sorted_unique():
+    import numpy as np
+
+    from cfb.cf_core.data import index_ids
+
+    rng = np.random.default_rng(0)
+    for ids in (rng.integers(1, 500, 2_000), np.array([7, 3, 7, 10**12]), np.array(["b", "a", "b"])):
+        uniq, inner = index_ids(ids)
+        want_uniq, want_inner = np.unique(ids, return_inverse=True)
+        assert np.array_equal(uniq, want_uniq) and np.array_equal(inner, want_inner) and inner.dtype == np.int64
