@@ -28,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,8 +96,30 @@ def generate(folder: Path, shape: str, rows: int | None, seed: int = 0) -> dict:
     return {"ratings": len(df), "users": int(df["u"].nunique()), "items": n_items}
 
 
-def cfb(url: str, *args: str) -> tuple[float, float, dict | str]:
-    """Run one cfb command in its own process: (seconds, peak RSS of that process in GB, JSON or text)."""
+def tree_rss_gb(root: int) -> float:
+    """Resident memory of a process and all its descendants (Linux ``/proc``), in GB."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+        todo += children.get(pid, [])
+    return total / 2**30
+
+
+def cfb(url: str, *args: str) -> tuple[float, float, float, dict | str]:
+    """Run one cfb command in its own process: (seconds, peak RSS of its largest process in GB, peak
+    RSS of its whole process tree in GB (sampled twice a second), JSON or text)."""
     exe = Path(sys.executable).with_name("cfb")
     cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]) + ["--db", url, *args]
     t = time.perf_counter()
@@ -104,15 +127,27 @@ def cfb(url: str, *args: str) -> tuple[float, float, dict | str]:
     wrapper = ("import resource, subprocess, sys, json; r = subprocess.run(sys.argv[1:]); "
                "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr); "
                "sys.exit(r.returncode)")
-    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    tree_peak = [0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            tree_peak[0] = max(tree_peak[0], tree_rss_gb(proc.pid))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.join()
     took = time.perf_counter() - t
-    if res.returncode:
-        raise SystemExit(f"{' '.join(args)} failed: {res.stderr.strip()[-2000:]}")
-    rss_gb = int(res.stderr.strip().splitlines()[-1]) / 2**20
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed: {stderr.strip()[-2000:]}")
+    rss_gb = int(stderr.strip().splitlines()[-1]) / 2**20
     try:
-        return took, rss_gb, json.loads(res.stdout)
+        return took, rss_gb, tree_peak[0], json.loads(stdout)
     except json.JSONDecodeError:
-        return took, rss_gb, res.stdout.strip()
+        return took, rss_gb, tree_peak[0], stdout.strip()
 
 
 def main() -> None:
@@ -137,19 +172,20 @@ def main() -> None:
     log(f"generated {shape} in {time.perf_counter() - t:.1f} s")
     url = f"sqlite:///{tmp / 'cfb.db'}"
     kind = "goodbooks" if a.shape == "goodbooks" else "movielens"
-    took, rss, out = cfb(url, "ingest", kind, str(tmp / "data"), "--quiet", "--json")
+    took, rss, _, out = cfb(url, "ingest", kind, str(tmp / "data"), "--quiet", "--json")
     log(f"ingest: {took:.1f} s ({shape['ratings'] / took:,.0f} ratings/s), peak RSS {rss:.2f} GB")
-    took, rss, rep = cfb(url, "retrain", "--full", "--valid-pct", "0", "--quiet", "--json")
+    took, rss, tree, rep = cfb(url, "retrain", "--full", "--valid-pct", "0", "--quiet", "--json")
     phases = {k: rep.get(k) for k in ("load_s", "fit_s", "bootstrap_s", "ranker_fit_s", "item_prior_s")}
-    log(f"full retrain: {took:.1f} s wall (process), peak RSS {rss:.2f} GB; phases (s): {phases}; "
-        f"rating model: bs {rep['hyperparams'].get('bs')}, epochs {rep['hyperparams'].get('epochs')}  "
-        f"(load avg {os.getloadavg()[0]:.2f})")
+    log(f"full retrain: {took:.1f} s wall (process), peak RSS {rss:.2f} GB (largest process), "
+        f"{tree:.2f} GB (all its processes); phases (s): {phases}; ranker beside the rating model: "
+        f"{bool(rep.get('side_by_side'))}; rating model: bs {rep['hyperparams'].get('bs')}, "
+        f"epochs {rep['hyperparams'].get('epochs')}  (load avg {os.getloadavg()[0]:.2f})")
     user = "1"
-    took, _, rec = cfb(url, "recommend", user, "-n", "10", "--json")
+    took, _, _, rec = cfb(url, "recommend", user, "-n", "10", "--json")
     log(f"cfb recommend {user}: {took:.2f} s (process)")
     item = rec[0]["items"][0]["item"]
     cfb(url, "rate", user, str(item), str(float(SHAPES[a.shape][3][-1])))
-    took, _, inc = cfb(url, "retrain", "--quiet", "--json")
+    took, _, _, inc = cfb(url, "retrain", "--quiet", "--json")
     log(f"cfb rate + incremental retrain: {took:.2f} s (process), {inc.get('mode')} version {inc.get('version')}")
     log("targets: goodbooks-shaped full retrain < 30 s; 25M-shaped < 300 s and < 8 GB peak")
     if a.out:

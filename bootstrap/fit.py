@@ -43,13 +43,21 @@ def simulated_answers(data: CollabData, asked: list[int], budgets=SIM_BUDGETS,
     return np.array(rows_u, dtype=np.int64), rows_q, rows_a
 
 
+def make_questionnaire(data: CollabData, item_ids: np.ndarray, attributes: list[dict],
+                       strategy: str = "popularity", max_budget: int = MAX_BUDGET) -> Questionnaire:
+    """The sign-up questionnaire: attribute questions + ``max_budget`` items (by database id), from the
+    ratings alone (it does not depend on a trained model)."""
+    asked = choose_items(data.items, data.ratings, data.n_items, max_budget, strategy)
+    return Questionnaire(infer_questions(attributes), [int(item_ids[i]) for i in asked])
+
+
 def fit_bootstrap(data: CollabData, item_ids: np.ndarray, user_factors: np.ndarray, user_bias: np.ndarray,
                   attributes: list[dict], alpha: float = 30.0, strategy: str = "popularity",
                   max_budget: int = MAX_BUDGET, seed: int = 42) -> Bootstrap:
-    """Questionnaire (attribute questions + ``max_budget`` items, by database id) and a ridge map from
-    answers to [embedding, bias], trained on warm users with the questionnaire simulated on them."""
-    asked = choose_items(data.items, data.ratings, data.n_items, max_budget, strategy)
-    questionnaire = Questionnaire(infer_questions(attributes), [int(item_ids[i]) for i in asked])
+    """Questionnaire (``make_questionnaire``) and a ridge map from answers to [embedding, bias],
+    trained on warm users with the questionnaire simulated on them."""
+    questionnaire = make_questionnaire(data, item_ids, attributes, strategy, max_budget)
+    asked = list(np.searchsorted(item_ids, questionnaire.items))
     encoder = AnswerEncoder.fit(questionnaire, attributes, item_means(data)[asked].tolist())
     users, budgets, answers = simulated_answers(data, asked, rng=np.random.default_rng(seed))
     answers = [{int(item_ids[i]): r for i, r in a.items()} for a in answers]  # by database id, as served

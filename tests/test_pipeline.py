@@ -255,3 +255,19 @@ def test_inner_indices_of_whole_number_ids_match_a_sorted_unique():
         uniq, inner = index_ids(ids)
         want_uniq, want_inner = np.unique(ids, return_inverse=True)
         assert np.array_equal(uniq, want_uniq) and np.array_equal(inner, want_inner) and inner.dtype == np.int64
+
+
+def test_the_ranker_trained_beside_the_rating_model_is_the_one_trained_after_it(engine, planted, monkeypatch):
+    import numpy as np
+
+    from cfb.service import training
+
+    ingest_dataset(engine, planted)
+    td, _ = training.load_training_data(engine)
+    in_turn, report = training.fit_model(td, "dot", FAST, progress=False)  # the tests run torch on one thread
+    monkeypatch.setattr(training, "SIDE_BY_SIDE_AT", 1)  # any size: the ranker in its own process
+    beside, report_beside = training.fit_model(td, "dot", FAST, progress=False)
+    assert report_beside.get("side_by_side") and "side_by_side" not in report
+    a, b = in_turn.ranker.to_arrays(), beside.ranker.to_arrays()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert np.array_equal(in_turn.user_factors, beside.user_factors)
