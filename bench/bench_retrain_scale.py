@@ -11,7 +11,8 @@ global order; ratings depend on the group's affinity for the item) and popularit
 as a user would, each command its own process, on a fresh SQLite database:
 
   cfb ingest … DIR --quiet --json; cfb retrain --full --valid-pct 0 --quiet --json (training and storing
-  the version, without the §7 measurement; phase timings from its report, peak RSS of the process); cfb recommend USER --json; cfb rate USER ITEM R + cfb retrain --quiet --json (an
+  the version, without the §7 measurement; phase timings from its report, peak RSS of its largest process and
+  of all its processes together); cfb recommend USER --json; cfb rate USER ITEM R + cfb retrain --quiet --json (an
   incremental retrain after one rating).
 
 Targets (issue #11, 2 cores): goodbooks-shaped full retrain < 30 s; 25M-shaped < 5 min with peak memory
