@@ -255,12 +255,11 @@ def load_ratings(conn: Connection, since_seq: int = 0) -> RatingsArrays:
     Read through the raw DB-API cursor in large chunks: no Row objects for millions of ratings. All
     of a SQLite database's ratings (a full retrain) are read as text columns (``_scan_sqlite``)."""
     if since_seq <= 0 and conn.dialect.name == "sqlite":
-        columns = _scan_sqlite(conn)
-    else:
-        columns = _fetch_rows(conn, f"SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq FROM ratings "
-                                    f"WHERE seq > {int(since_seq)} ORDER BY seq")
-    order = np.argsort(columns[4], kind="stable")
-    return RatingsArrays(*(c[order] for c in columns))
+        columns = _scan_sqlite(conn)  # in key order
+        order = np.argsort(columns[4])  # seq is unique
+        return RatingsArrays(*(c[order] for c in columns))
+    return RatingsArrays(*_fetch_rows(conn, f"SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq "
+                                            f"FROM ratings WHERE seq > {int(since_seq)} ORDER BY seq"))
 
 
 def _fetch_rows(conn: Connection, sql: str) -> list[np.ndarray]:

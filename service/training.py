@@ -102,7 +102,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         report.update({"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device})
         t0 = time.perf_counter()
         boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
-                             alpha=BOOTSTRAP_ALPHA, seed=seed)
+                             alpha=BOOTSTRAP_ALPHA, seed=seed, questionnaire=questionnaire)
         report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
         fitted_ranker = None
         if side_by_side:
