@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 from ..cf_core.errors import CfbError
 from ..cf_core.model import TrainedModel
 from ..cf_core.scoring import from_npz, to_npz
+from .array_cache import stored_arrays
 from .schema import ModelArrays, ModelVersion, UserFactors
 from .store import CHUNK, get_setting, set_setting
 
@@ -107,11 +108,11 @@ def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedMod
 def load_model(conn: Connection, version: int) -> TrainedModel:
     """The version's ``TrainedModel`` (without trained users' rows: see ``trained_row``)."""
     versions = chain(conn, version)
-    blob = conn.scalar(select(ModelArrays.data).where(ModelArrays.version_id == versions[0],
-                                                      ModelArrays.name == MODEL_BLOB))
-    if blob is None:
-        raise CfbError(f"model version {versions[0]} was written by an older cfb: run `cfb retrain --full`")
-    model = TrainedModel.from_arrays(from_npz(blob))
+    try:
+        arrays = stored_arrays(conn, versions[0], MODEL_BLOB)
+    except LookupError:
+        raise CfbError(f"model version {versions[0]} was written by an older cfb: run `cfb retrain --full`") from None
+    model = TrainedModel.from_arrays(arrays)
     for v in versions[1:]:
         model = apply_delta(model, from_npz(conn.scalar(select(ModelArrays.data).where(
             ModelArrays.version_id == v, ModelArrays.name == DELTA_BLOB))))

@@ -232,6 +232,8 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         with writing(engine) as conn:
             version, served = versions.save_full(conn, model, metrics=metrics, max_seq=td.max_seq,
                                                  expected_serving=started_serving)
+        with engine.connect() as conn:  # the next process to serve it maps the local copy at once
+            versions.load_model(conn, version)
         out = {"version": version, "kind": kind, "mode": "full", "serving": served, **metrics,
                "hyperparams": model.settings}
         if not served:
