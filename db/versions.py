@@ -76,16 +76,22 @@ def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray]
 
 def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], model: TrainedModel,
                ranker_rows: dict[str, np.ndarray] | None = None, replaced_item_ids: np.ndarray | None = None,
-               replaced_rows: dict[str, np.ndarray] | None = None) -> dict:
+               replaced_rows: dict[str, np.ndarray] | None = None, totals_item_ids: np.ndarray | None = None) -> dict:
     """What an incremental version stores: the items it added (database ids, rating-model rows and,
-    when given, the ranker's output rows), the items whose rating rows it re-solved, and the item
-    statistics after it."""
+    when given, the ranker's output rows), the items whose rating rows it re-solved, and the
+    statistics after it of the items whose ratings changed (``totals_item_ids``, database ids; None:
+    of every item). A delta's size follows what changed, not the catalogue."""
+    if totals_item_ids is None:
+        totals = {"item_counts": model.item_counts, "item_sums": model.item_sums}
+    else:
+        at = model.item_index(totals_item_ids)
+        totals = {"totals/item_ids": np.asarray(totals_item_ids, np.int64)[at >= 0],
+                  "totals/counts": model.item_counts[at[at >= 0]], "totals/sums": model.item_sums[at[at >= 0]]}
     return {"added/item_ids": np.asarray(added_item_ids, np.int64),
             **{f"added/{k}": v for k, v in added_rows.items()},
             **{f"added_ranker/{k}": v for k, v in (ranker_rows or {}).items()},
             "replaced/item_ids": np.asarray(replaced_item_ids if replaced_item_ids is not None else [], np.int64),
-            **{f"replaced/{k}": v for k, v in (replaced_rows or {}).items()},
-            "item_counts": model.item_counts, "item_sums": model.item_sums}
+            **{f"replaced/{k}": v for k, v in (replaced_rows or {}).items()}, **totals}
 
 
 def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedModel:
@@ -102,7 +108,10 @@ def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedMod
         rows = {k[len("replaced/"):]: v for k, v in delta.items()
                 if k.startswith("replaced/") and k != "replaced/item_ids"}
         model = model.with_item_rows(model.item_index(replaced), rows)
-    return replace(model, item_counts=delta["item_counts"], item_sums=delta["item_sums"])
+    if "totals/item_ids" in delta:
+        return model.with_item_totals(model.item_index(delta["totals/item_ids"]), delta["totals/counts"],
+                                      delta["totals/sums"])
+    return replace(model, item_counts=delta["item_counts"], item_sums=delta["item_sums"])  # every item's
 
 
 def load_model(conn: Connection, version: int) -> TrainedModel:

@@ -21,10 +21,16 @@ DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forc
 
 
 def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
-    """(share of all ratings written after the version's full ancestor was trained, that ancestor)."""
+    """(share of the ratings written after the version's full ancestor was trained, that ancestor).
+
+    The share is newer / (learned + newer), with ``learned`` the number of ratings the full version
+    trained on (its stored metrics): exact while the newer ratings are new pairs, and without a
+    count over the whole table (a third of a second at 25M ratings)."""
     root = versions.chain(conn, version)[0]
-    total = store.count_ratings(conn)
-    newer = store.count_ratings(conn, since_seq=versions.get_version(conn, root)["max_seq"])
+    row = versions.get_version(conn, root)
+    newer = store.count_ratings(conn, since_seq=row["max_seq"])
+    learned = (row["metrics"] or {}).get("n_ratings")
+    total = learned + newer if learned is not None else store.count_ratings(conn)
     return (newer / total if total else 0.0), root
 
 
@@ -97,7 +103,7 @@ def retrain_incremental(engine: Engine) -> dict:
         metrics = {"new_ratings": len(new), "users_with_new_ratings": int(len(np.unique(new.user_id))),
                    "items_added": int(len(new_items)), "items_from_metadata": int(len(unrated)),
                    "items_resolved": int(len(resolve)), "fold_s": round(fold_s, 4)}
-        delta = versions.make_delta(new_items, added, model, ranker_rows, resolve, replaced)
+        delta = versions.make_delta(new_items, added, model, ranker_rows, resolve, replaced, touched)
         max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:
             version = versions.save_incremental(conn, parent, delta, kind=model.kind, settings=model.settings,

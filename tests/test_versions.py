@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import func, select
 
 from cfb.cf_core.errors import CfbError
-from cfb.db import versions
+from cfb.db import store, versions
 from cfb.db.engine import writing
-from cfb.db.schema import ModelArrays, ModelVersion, UserFactors
+from cfb.db.schema import Item, ModelArrays, ModelVersion, UserFactors
 from cfb.db.sources import Dataset
 from cfb.service.incremental import retrain_incremental
 from cfb.service.ingest import ingest_dataset
@@ -145,3 +145,27 @@ def test_rollback_then_incremental_retrain_builds_on_the_rolled_back_version(tra
     out = retrain_incremental(engine)
     assert out["parent"] == report["version"] != v2
     assert out["new_ratings"] == 2  # both ratings newer than the version it builds on
+
+
+def test_an_incremental_version_stores_only_the_touched_items_statistics(trained):
+    """A delta holds the statistics of the items whose ratings changed, not the whole catalogue's, and
+    a delta written the older way (every item's statistics) still loads to the same model."""
+    engine, report = trained
+    rate_item(engine, "a0", "b21", 1.0)
+    rate_item(engine, "a2", "b21", 2.0)
+    out = retrain_incremental(engine)
+    with engine.connect() as conn:
+        blob = conn.scalar(select(ModelArrays.data).where(ModelArrays.version_id == out["version"]))
+        delta = versions.from_npz(blob)
+        parent = versions.load_model(conn, report["version"])
+        child = versions.load_model(conn, out["version"])
+        b21 = store.id_map(conn, Item)["b21"]
+        counts, sums = store.item_totals(conn, [b21])
+    assert "item_counts" not in delta and delta["totals/item_ids"].tolist() == [b21]
+    changed = parent.item_index([b21])
+    assert child.item_counts[changed].tolist() == counts.tolist() and child.item_sums[changed].tolist() == sums.tolist()
+    others = np.setdiff1d(np.arange(parent.n_items), changed)
+    assert np.array_equal(child.item_counts[others], parent.item_counts[others])
+    full = versions.make_delta(delta["added/item_ids"], {}, child)
+    assert np.array_equal(versions.apply_delta(parent, full).item_counts, child.item_counts)
+    assert np.array_equal(versions.apply_delta(parent, full).item_sums, child.item_sums)
