@@ -144,6 +144,9 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}",
                          source=str(path), line=1, field=missing[0])
     numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
+    fast = _with_whole_number_ids(path, header, user, item, rating, timestamp)
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
             warnings.simplefilter("error", pd.errors.ParserWarning)
@@ -168,6 +171,54 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
                                          if c}, "comma-separated")
         raise InputError("malformed ratings file", source=str(path))
     out = pd.DataFrame({"user": users, "item": items, "rating": df[rating].to_numpy(np.float32)})
+    out["timestamp"] = df[timestamp].to_numpy(np.int64) if timestamp else None
+    return out
+
+
+POWERS_OF_TEN = 10 ** np.arange(1, 19, dtype=np.int64)
+
+
+def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, rating: str,
+                           timestamp: str | None) -> pd.DataFrame | None:
+    """The ratings read with their ids parsed as whole numbers (several times faster than as text), or
+    None unless that gives exactly what reading them as text gives: the ids are the first two columns
+    and every one is written as ``str(int)`` writes it (no sign, leading zero, space or quote), which
+    is checked on the raw bytes: each id's text must be exactly as long as its number's digits."""
+    if sorted(header[:2]) != sorted([user, item]) or len(header) != len(set(header)):
+        return None
+    numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, header=0, index_col=False, dtype={user: "int64", item: "int64", **numbers},
+                             encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False)
+    except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError, UnicodeError):
+        return None
+    if len(df.columns) != len(header) or not np.isfinite(df[rating]).all():
+        return None
+    raw = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    chunk = 1 << 24  # in slices: one comparison over the whole file costs twice as much in page faults
+    starts = np.concatenate([np.flatnonzero(raw[at:at + chunk] == ord("\n")) + at + 1
+                             for at in range(0, len(raw), chunk)] or [np.zeros(0, np.int64)])
+    starts = starts[starts < len(raw)]  # each data line's first byte (the header's line is first)
+    if len(starts) != len(df):
+        return None  # blank lines, quoted line breaks...: the careful reader decides
+    for k, column in enumerate(header[:2]):
+        ids = df[column].to_numpy()
+        if len(ids) and ids.min() < 0:
+            return None
+        ends = starts + 1 + np.searchsorted(POWERS_OF_TEN, ids, side="right")
+        inside = ends < len(raw)
+        after = raw[np.minimum(ends, len(raw) - 1)]
+        if k == 0 or len(header) > 2:
+            ok = inside & (after == ord(","))
+        else:  # the last column: the line ends there
+            ok = ~inside | (after == ord("\n")) | (after == ord("\r"))
+        if not ok.all():
+            return None
+        starts = ends + 1
+    out = pd.DataFrame({"user": id_column(df[user]), "item": id_column(df[item]),
+                        "rating": df[rating].to_numpy(np.float32)})
     out["timestamp"] = df[timestamp].to_numpy(np.int64) if timestamp else None
     return out
 

@@ -215,8 +215,11 @@ def latest_per_pair(users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Positions of each (user, item) pair's last row, in (user, item) order."""
     if len(users) and 0 <= min(users.min(), items.min()) and max(users.max(), items.max()) < 2**31:
         key = (users << 32) | items  # one int64 key: sorts several times faster than lexsort
-        order = np.argsort(key, kind="stable")
-        key = key[order]
+        if len(key) > 1 and (key[1:] >= key[:-1]).all():  # already in order (releases sorted by user, item)
+            order = np.arange(len(key))
+        else:
+            order = np.argsort(key, kind="stable")
+            key = key[order]
         differs = key[1:] != key[:-1]
     else:
         order = np.lexsort((items, users))

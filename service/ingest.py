@@ -55,13 +55,16 @@ def database_ids(conn, table, external) -> np.ndarray:  # noqa: ANN001
     import pandas as pd
 
     cat = external.array if isinstance(external.dtype, pd.CategoricalDtype) else pd.Categorical(external)
-    cat = cat.remove_unused_categories()
-    if (cat.codes < 0).any():
-        raise InputError(f"row {int(np.argmax(cat.codes < 0)) + 1}: missing {external.name or 'id'}",
+    codes = np.asarray(cat.codes)
+    if (codes < 0).any():
+        raise InputError(f"row {int(np.argmax(codes < 0)) + 1}: missing {external.name or 'id'}",
                          field=str(external.name or "id"))
-    names = [str(c) for c in cat.categories]
+    used = np.flatnonzero(np.bincount(codes, minlength=len(cat.categories)))  # (no sort, unlike np.unique)
+    names = [str(c) for c in np.asarray(cat.categories, dtype=object)[used].tolist()]
     ids = store.ensure_ids(conn, table, names)
-    return np.array([ids[x] for x in names], dtype=np.int64)[cat.codes]
+    by_code = np.full(len(cat.categories), -1, np.int64)
+    by_code[used] = [ids[x] for x in names]
+    return by_code[codes]
 
 
 def upsert_items(engine: Engine, items) -> dict:  # noqa: ANN001

@@ -168,3 +168,51 @@ def test_a_full_read_returns_every_rating_in_seq_order_as_the_row_query_does(any
         assert got.dtype == want.dtype and np.array_equal(got, want)
     assert np.all(np.diff(full.seq) > 0) and set(np.round(full.rating, 2)) >= {2.25} and (full.timestamp == -1).any()
     assert np.array_equal(tail.seq, full.seq[-9:]) and np.array_equal(tail.rating, full.rating[-9:])
+
+
+@pytest.mark.parametrize("presorted", [True, False])
+def test_latest_per_pair_keeps_each_pairs_last_row_in_pair_order(presorted):
+    """Input already in (user, item) order skips the sort; either way the answer is the lexsort one."""
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 50, 5000), rng.integers(0, 30, 5000)  # many repeated pairs
+    if presorted:
+        order = np.lexsort((items, users))
+        users, items = users[order], items[order]
+    got = store.latest_per_pair(users, items)
+    ref = {}
+    for k, pair in enumerate(zip(users.tolist(), items.tolist())):
+        ref[pair] = k  # the last row of each pair
+    assert got.tolist() == [ref[p] for p in sorted(ref)]
+
+
+@pytest.mark.parametrize("body", [
+    "1,10,4.0,5\n2,7,3.5,6\n1,7,1.0,7\n",  # whole numbers as str(int) writes them: the fast reader
+    "1,10,4.0,5\n2,007,3.5,6\n2,7,1.0,7\n",  # "007" and "7" are different ids
+    "1,10,4.0,5\n+2,7,3.5,6\n",  # a sign
+    "1,10,4.0,5\n 2,7,3.5,6\n",  # a space
+    "1,10,4.0,5\n\"2\",7,3.5,6\n",  # quotes
+    "0,0,4.0,5\n00,0,3.5,6\n",  # "00" is not "0"
+    "1,10,4.0,5\r\n2,7,3.5,6\r\n",  # Windows line ends
+    "1,10,4.0,5\n2,7,3.5,6",  # no line end at the end
+    "1,-3,4.0,5\n2,7,3.5,6\n",  # a negative id
+])
+def test_ids_read_as_whole_numbers_only_when_that_equals_reading_them_as_text(tmp_path, body, monkeypatch):
+    from cfb.db import layouts
+
+    path = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n" + body)
+    read = layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp")
+    monkeypatch.setattr(layouts, "_with_whole_number_ids", lambda *a: None)
+    as_text = layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp")
+    pd.testing.assert_frame_equal(read, as_text)
+    assert read["item"].cat.categories.tolist() == as_text["item"].cat.categories.tolist()
+
+
+def test_the_whole_number_reader_is_used_on_a_plain_release(tmp_path, monkeypatch):
+    from cfb.db import layouts
+
+    path = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,5\n2,7,3.5,6\n")
+    assert layouts._with_whole_number_ids(path, ["userId", "movieId", "rating", "timestamp"], "userId",
+                                          "movieId", "rating", "timestamp") is not None
+    bad = write(tmp_path / "bad.csv", "userId,movieId,rating,timestamp\n1,010,4.0,5\n")
+    assert layouts._with_whole_number_ids(bad, ["userId", "movieId", "rating", "timestamp"], "userId",
+                                          "movieId", "rating", "timestamp") is None
