@@ -118,9 +118,10 @@ def tree_rss_gb(root: int) -> float:
     return total / 2**30
 
 
-def cfb(url: str, *args: str) -> tuple[float, float, float, dict | str]:
-    """Run one cfb command in its own process: (seconds, peak RSS of its largest process in GB, peak
-    RSS of its whole process tree in GB (sampled twice a second), JSON or text)."""
+def cfb(url: str, *args: str, env: dict | None = None) -> tuple[float, float, float, dict | str]:
+    """Run one cfb command in its own process (``env``: its environment, default ours): (seconds, peak
+    RSS of its largest process in GB, peak RSS of its whole process tree in GB (sampled twice a
+    second), JSON or text)."""
     exe = Path(sys.executable).with_name("cfb")
     cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]) + ["--db", url, *args]
     t = time.perf_counter()
@@ -129,7 +130,7 @@ def cfb(url: str, *args: str) -> tuple[float, float, float, dict | str]:
                "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr); "
                "sys.exit(r.returncode)")
     proc = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     tree_peak = [0.0]
 
     def sample() -> None:
@@ -140,8 +141,8 @@ def cfb(url: str, *args: str) -> tuple[float, float, float, dict | str]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     stdout, stderr = proc.communicate()
+    took = time.perf_counter() - t  # (before joining the sampler, which may still be asleep)
     sampler.join()
-    took = time.perf_counter() - t
     if proc.returncode:
         raise SystemExit(f"{' '.join(args)} failed: {stderr.strip()[-2000:]}")
     rss_gb = int(stderr.strip().splitlines()[-1]) / 2**20
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the report here")
     a = ap.parse_args()
     tmp = Path(a.keep or tempfile.mkdtemp(prefix="cfb-scale-"))
+    os.environ["CFB_HOME"] = str(tmp / "home")  # the commands' model cache
     lines: list[str] = []
 
     def log(s: str) -> None:
@@ -182,12 +184,26 @@ def main() -> None:
         f"{bool(rep.get('side_by_side'))}; rating model: bs {rep['hyperparams'].get('bs')}, "
         f"epochs {rep['hyperparams'].get('epochs')}  (load avg {os.getloadavg()[0]:.2f})")
     user = "1"
-    took, _, _, rec = cfb(url, "recommend", user, "-n", "10", "--json")
-    log(f"cfb recommend {user}: {took:.2f} s (process)")
-    item = rec[0]["items"][0]["item"]
-    cfb(url, "rate", user, str(item), str(float(SHAPES[a.shape][3][-1])))
-    took, _, _, inc = cfb(url, "retrain", "--quiet", "--json")
-    log(f"cfb rate + incremental retrain: {took:.2f} s (process), {inc.get('mode')} version {inc.get('version')}")
+    seconds: dict[str, list[float]] = {"cached": [], "uncached": []}
+    answers = []
+    for _ in range(3):  # median of three of each: one process start is noisy on a shared machine
+        for label, env in (("cached", None), ("uncached", {**os.environ, "CFB_MODEL_CACHE": "0"})):
+            took, _, _, rec = cfb(url, "recommend", user, "-n", "10", "--json", env=env)
+            seconds[label].append(took)
+            answers.append(rec)
+    assert all(a == answers[0] for a in answers)  # the same recommendations either way
+    rec = answers[0]
+    took, uncached = float(np.median(seconds["cached"])), float(np.median(seconds["uncached"]))
+    log(f"cfb recommend {user}: {took:.2f} s (process, median of 3, mapping the local copy of the version "
+        f"the retrain wrote); {uncached:.2f} s reading the version from the database (CFB_MODEL_CACHE=0)")
+    incremental = []
+    for k in range(3):  # a new rating, then an incremental retrain; median of three
+        cfb(url, "rate", user, str(rec[0]["items"][k]["item"]), str(float(SHAPES[a.shape][3][-1])))
+        took, _, _, inc = cfb(url, "retrain", "--quiet", "--json")
+        assert inc.get("mode") == "incremental", inc
+        incremental.append(took)
+    log(f"cfb retrain after a new rating: {float(np.median(incremental)):.2f} s (process, median of 3), "
+        f"incremental, versions 2-{inc.get('version')}")
     log("targets: goodbooks-shaped full retrain < 30 s; 25M-shaped < 300 s and < 8 GB peak")
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

@@ -49,7 +49,10 @@ def stored_arrays(conn: Connection, version: int, name: str) -> dict[str, np.nda
     if root is None or size < CACHE_FROM_BYTES:
         return _from_database(conn, version, name)
     created = conn.scalar(select(ModelVersion.created_at).where(ModelVersion.id == version))
-    key = hashlib.sha256(json.dumps([conn.engine.url.render_as_string(hide_password=True), version, name,
+    url = conn.engine.url
+    if url.get_backend_name() == "sqlite" and url.database:  # "sqlite:///cfb.db" means a file in the cwd
+        url = url.set(database=os.path.abspath(url.database))
+    key = hashlib.sha256(json.dumps([url.render_as_string(hide_password=True), version, name,
                                      str(created), int(size)]).encode()).hexdigest()[:32]
     cached = _read_entry(root / key)
     if cached is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, text
 
 from cfb.cf_core.errors import CfbError
 from cfb.db import store
@@ -216,3 +216,28 @@ def test_the_whole_number_reader_is_used_on_a_plain_release(tmp_path, monkeypatc
     bad = write(tmp_path / "bad.csv", "userId,movieId,rating,timestamp\n1,010,4.0,5\n")
     assert layouts._with_whole_number_ids(bad, ["userId", "movieId", "rating", "timestamp"], "userId",
                                           "movieId", "rating", "timestamp") is None
+
+
+def test_a_bulk_ingest_in_key_order_keeps_the_seq_index_and_stores_the_same(tmp_path, monkeypatch):
+    """Rows in (user, item) order (as releases come) go in with the seq index in place, which then
+    receives ascending seqs; the other index is built after. What is stored is the same."""
+    from sqlalchemy import Index
+
+    df = ratings_frame().drop_duplicates(["user", "item"], keep="last")
+    users, items = sorted(df.user.unique()), sorted(df.item.unique())
+    df = df.assign(u=df.user.map(users.index), i=df.item.map(items.index)).sort_values(["u", "i"])
+    df = df.drop(columns=["u", "i"]).reset_index(drop=True)
+    catalogue = pd.DataFrame({"item": items, "title": items, "attributes": [{}] * len(items)})
+    ordinary = make_engine(f"sqlite:///{tmp_path / 'ordinary.db'}")
+    ingest_dataset(ordinary, Dataset(df, catalogue))
+    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    dropped = []
+    monkeypatch.setattr(Index, "drop", lambda self, conn, **kw: (dropped.append(self.name),
+                                                                 conn.execute(text(f"DROP INDEX {self.name}"))))
+    bulk = make_engine(f"sqlite:///{tmp_path / 'bulk.db'}", bulk=True)
+    ingest_dataset(bulk, Dataset(df, catalogue))
+    assert dropped == ["ix_ratings_item_id"]
+    assert stored(bulk) == stored(ordinary)
+    assert {ix["name"] for ix in inspect(bulk).get_indexes("ratings")} == {"ix_ratings_item_id", "ix_ratings_seq"}
+    for engine in (ordinary, bulk):
+        engine.dispose()
