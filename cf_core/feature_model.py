@@ -60,6 +60,8 @@ class FeatureModelConfig:
     rating_centre: where the rating weight is zero, as a share of the scale (0.5: the middle, 3 on 1..5);
         the weight is (r − centre) / half-range.
     shrink: the item bags are divided by √(n + shrink) rather than √n (damps the first few reveals).
+    count_scale: the item bags are also weighted by a learned factor per count bucket (1 + a parameter
+        that weight decay pulls toward 0), so the model can set how much one, two, … reveals count.
     max_user_epochs: a rule that scales with the data: beyond this many (training users × epochs) the
         epochs shrink in proportion; at the floor of 2 epochs each epoch draws a random
         ``max_user_epochs / 2`` of the users, so the ranker's cost stops growing with the users.
@@ -88,6 +90,7 @@ class FeatureModelConfig:
     max_user_epochs: int = 200_000
     full_softmax_items: int = 4096
     negatives: int = 2048
+    count_scale: bool = True
 
     def epochs_for(self, n_users: int) -> int:
         """Epochs for ``n_users`` training users (see ``max_user_epochs``)."""
@@ -364,6 +367,8 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
             self.count = Embedding(N_COUNT_BUCKETS, d)
             self.how = Embedding(n_how, d)
             self.const = nn.Parameter(torch.zeros(d))
+            # the item bags' weight per count bucket is 1 + this (weight decay pulls it toward 1)
+            self.bag_scale = nn.Parameter(torch.zeros(N_COUNT_BUCKETS)) if cfg.count_scale else None
             self.out = Embedding(n_items, d)
             self.out_bias = nn.Parameter(torch.zeros(n_items))
             self.drop_attr = nn.Dropout(cfg.dropout)
@@ -374,9 +379,11 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
             u = self.const + self.count(count) + self.how(how)
             for k, emb in enumerate(self.attrs):
                 u = u + self.drop_attr(emb(attrs[:, k]))
-            u = u + self.seen(items, offsets, per_sample_weights=w_seen)
-            u = u + self.rated(items, offsets, per_sample_weights=w_rated)
-            return self.drop_user(u)
+            bag = self.seen(items, offsets, per_sample_weights=w_seen)
+            bag = bag + self.rated(items, offsets, per_sample_weights=w_rated)
+            if self.bag_scale is not None:
+                bag = bag * (1 + self.bag_scale[count])[:, None]
+            return self.drop_user(u + bag)
 
         def forward(self, x):  # noqa: ANN001
             if sampled:  # the loss scores the positives and the sampled negatives itself
@@ -424,6 +431,7 @@ class FeatureUserModel:
     def __init__(self, config: FeatureModelConfig = FeatureModelConfig(), seed: int = 42, device: str | None = None,
                  progress: bool = True):
         self.config, self.seed, self.device, self.progress = config, seed, device, progress
+        self.bag_scale_: np.ndarray | None = None  # (with count_scale) the item bags' weight per count bucket
 
     # ----------------------------------------------------------------- training
     def _prepare(self, data: CollabData, timestamps: np.ndarray, attributes: list[dict],
@@ -520,6 +528,7 @@ class FeatureUserModel:
         self.attr_tables_ = [npy(e.weight) for e in net.attrs]
         self.seen_, self.rated_ = npy(net.seen.weight), npy(net.rated.weight)
         self.count_, self.how_ = npy(net.count.weight), npy(net.how.weight)
+        self.bag_scale_ = None if net.bag_scale is None else 1 + npy(net.bag_scale)
         self.out_, self.out_bias_ = npy(net.out.weight), npy(net.out_bias)
         return self
 
@@ -545,7 +554,8 @@ class FeatureUserModel:
             if n:
                 c = self._centred(ratings)
                 bag = self.seen_[items].sum(0) + (self.rated_[items] * c[:, None]).sum(0)
-                u = u + bag / math.sqrt(n + self.config.shrink)
+                scale = 1.0 if self.bag_scale_ is None else float(self.bag_scale_[int(count_bucket(n))])
+                u = u + bag * (scale / math.sqrt(n + self.config.shrink))
             out[k] = u
         return out.astype(np.float32)
 
@@ -576,6 +586,8 @@ class FeatureUserModel:
                   "out_bias": self.out_bias_}
         for k, t in enumerate(self.attr_tables_):
             arrays[f"attr_{k}"] = t
+        if self.bag_scale_ is not None:
+            arrays["bag_scale"] = self.bag_scale_
         return arrays
 
     @classmethod
@@ -589,4 +601,5 @@ class FeatureUserModel:
         for name in ("const", "seen", "rated", "count", "how", "out", "out_bias"):
             setattr(m, name + "_", np.asarray(arrays[name], dtype=np.float32))
         m.attr_tables_ = [np.asarray(arrays[f"attr_{k}"], dtype=np.float32) for k in range(len(m.encoder_.spec))]
+        m.bag_scale_ = np.asarray(arrays["bag_scale"], dtype=np.float32) if "bag_scale" in arrays else None
         return m

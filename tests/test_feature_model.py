@@ -122,3 +122,24 @@ def test_time_order_is_user_then_time_then_item_with_unknown_times_first(times):
     unknown = ts < 0
     expected = np.lexsort((np.where(unknown, np.arange(len(ts)), items), np.where(unknown, -1.0, ts), users))
     assert np.array_equal(time_order(users, items, ts), expected)
+
+
+def test_the_bags_weight_per_count_is_learned_stored_and_optional():
+    """count_scale: a learned weight per count bucket multiplies the item bags; it survives the plain
+    arrays, and a version stored without it (before it existed) serves with weight 1."""
+    cfg = FeatureModelConfig(n_factors=16, epochs=6, lr=3e-2, dropout=0.1)
+    model, items = _fit(cfg)
+    assert model.bag_scale_ is not None and model.bag_scale_.shape == (12,)
+    assert not np.allclose(model.bag_scale_[1:5], 1.0)  # learned, not left at its start
+    a_items = np.array([k for k, x in enumerate(items) if x.startswith("a")][:3])
+    reveals = [Reveal({}, a_items[:n], np.full(n, 5.0)) for n in (0, 1, 3)]
+    again = FeatureUserModel.from_arrays(model.to_arrays())
+    assert np.array_equal(again.user_vectors(reveals), model.user_vectors(reveals))
+    older = model.to_arrays()
+    del older["bag_scale"]
+    unscaled = FeatureUserModel.from_arrays(older)
+    assert unscaled.bag_scale_ is None
+    assert np.array_equal(unscaled.user_vectors(reveals[:1]), model.user_vectors(reveals[:1]))  # no bag at n = 0
+    assert not np.allclose(unscaled.user_vectors(reveals[1:]), model.user_vectors(reveals[1:]))
+    off, _ = _fit(FeatureModelConfig(n_factors=16, epochs=2, count_scale=False))
+    assert off.bag_scale_ is None and "bag_scale" not in off.to_arrays()
