@@ -191,10 +191,11 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(path, header=0, index_col=False, dtype={user: "int64", item: "int64", **numbers},
-                             encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False)
+                             encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False,
+                             skipinitialspace=True)
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError, UnicodeError):
         return None
-    if len(df.columns) != len(header) or not np.isfinite(df[rating]).all():
+    if list(df.columns) != header or not np.isfinite(df[rating]).all():
         return None
     raw = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     chunk = 1 << 24  # in slices: one comparison over the whole file costs twice as much in page faults

@@ -241,3 +241,13 @@ def test_a_bulk_ingest_in_key_order_keeps_the_seq_index_and_stores_the_same(tmp_
     assert {ix["name"] for ix in inspect(bulk).get_indexes("ratings")} == {"ix_ratings_item_id", "ix_ratings_seq"}
     for engine in (ordinary, bulk):
         engine.dispose()
+
+
+def test_a_header_with_spaces_is_read_the_same_either_way(tmp_path, monkeypatch):
+    from cfb.db import layouts
+
+    path = write(tmp_path / "ratings.csv", "userId, movieId, rating, timestamp\n1,10,4.0,5\n2,7,3.5,6\n")
+    read = layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp")
+    monkeypatch.setattr(layouts, "_with_whole_number_ids", lambda *a: None)
+    pd.testing.assert_frame_equal(read, layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp"))
+    assert read["item"].tolist() == ["10", "7"]
