@@ -152,12 +152,55 @@ def cfb(url: str, *args: str, env: dict | None = None) -> tuple[float, float, fl
         return took, rss_gb, tree_peak[0], stdout.strip()
 
 
+def blob_mb(url: str) -> float:
+    """Size of the serving version's stored arrays in MB (SQLite database)."""
+    import sqlite3
+
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as con:
+        (size,) = con.execute("SELECT length(a.data) FROM model_arrays a JOIN settings s ON s.key = 'serving_version' "
+                              "AND a.version_id = CAST(s.value AS INTEGER) WHERE a.name = 'model.npz'").fetchone()
+    return size / 2**20
+
+
+def measure_serving(url: str, user: str, value: str, log) -> None:  # noqa: ANN001
+    """`cfb recommend` with and without the local copy, then `cfb rate` + incremental `cfb retrain`; medians of 3."""
+    from cfb.db.array_cache import CACHE_FROM_BYTES
+
+    size = blob_mb(url)
+    copied = size * 2**20 >= CACHE_FROM_BYTES
+    seconds: dict[str, list[float]] = {"cached": [], "uncached": []}
+    answers = []
+    for _ in range(3):  # median of three of each: one process start is noisy on a shared machine
+        for label, env in (("cached", None), ("uncached", {**os.environ, "CFB_MODEL_CACHE": "0"})):
+            took, _, _, rec = cfb(url, "recommend", user, "-n", "10", "--json", env=env)
+            seconds[label].append(took)
+            answers.append(rec)
+    assert all(a == answers[0] for a in answers)  # the same recommendations either way
+    rec = answers[0]
+    took, uncached = float(np.median(seconds["cached"])), float(np.median(seconds["uncached"]))
+    how = ("mapping the local copy the retrain wrote" if copied else
+           f"read from the database: under the {CACHE_FROM_BYTES >> 20} MB the local copy starts at")
+    log(f"cfb recommend {user}: {took:.2f} s (process, median of 3, version {size:.1f} MB, {how}); "
+        f"{uncached:.2f} s with CFB_MODEL_CACHE=0")
+    incremental = []
+    for k in range(3):  # a new rating, then an incremental retrain; median of three
+        cfb(url, "rate", user, str(rec[0]["items"][k]["item"]), value)
+        took, _, _, inc = cfb(url, "retrain", "--quiet", "--json")
+        assert inc.get("mode") == "incremental", inc
+        incremental.append(took)
+    log(f"cfb retrain after a new rating: {float(np.median(incremental)):.2f} s (process, median of 3), "
+        f"incremental, up to version {inc.get('version')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="goodbooks")
     ap.add_argument("--rows", type=int, default=None, help="fewer ratings, same shape")
     ap.add_argument("--keep", default=None, help="folder for the data and database (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the report here")
+    ap.add_argument("--reference", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/ml-100k"),
+                    help="a MovieLens 100k folder: recommend and incremental retrain measured on it too, beside "
+                         "(default ../shared/data/ml-100k; skipped when absent)")
     a = ap.parse_args()
     tmp = Path(a.keep or tempfile.mkdtemp(prefix="cfb-scale-"))
     os.environ["CFB_HOME"] = str(tmp / "home")  # the commands' model cache
@@ -183,27 +226,15 @@ def main() -> None:
         f"{tree:.2f} GB (all its processes); phases (s): {phases}; ranker beside the rating model: "
         f"{bool(rep.get('side_by_side'))}; rating model: bs {rep['hyperparams'].get('bs')}, "
         f"epochs {rep['hyperparams'].get('epochs')}  (load avg {os.getloadavg()[0]:.2f})")
-    user = "1"
-    seconds: dict[str, list[float]] = {"cached": [], "uncached": []}
-    answers = []
-    for _ in range(3):  # median of three of each: one process start is noisy on a shared machine
-        for label, env in (("cached", None), ("uncached", {**os.environ, "CFB_MODEL_CACHE": "0"})):
-            took, _, _, rec = cfb(url, "recommend", user, "-n", "10", "--json", env=env)
-            seconds[label].append(took)
-            answers.append(rec)
-    assert all(a == answers[0] for a in answers)  # the same recommendations either way
-    rec = answers[0]
-    took, uncached = float(np.median(seconds["cached"])), float(np.median(seconds["uncached"]))
-    log(f"cfb recommend {user}: {took:.2f} s (process, median of 3, mapping the local copy of the version "
-        f"the retrain wrote); {uncached:.2f} s reading the version from the database (CFB_MODEL_CACHE=0)")
-    incremental = []
-    for k in range(3):  # a new rating, then an incremental retrain; median of three
-        cfb(url, "rate", user, str(rec[0]["items"][k]["item"]), str(float(SHAPES[a.shape][3][-1])))
-        took, _, _, inc = cfb(url, "retrain", "--quiet", "--json")
-        assert inc.get("mode") == "incremental", inc
-        incremental.append(took)
-    log(f"cfb retrain after a new rating: {float(np.median(incremental)):.2f} s (process, median of 3), "
-        f"incremental, versions 2-{inc.get('version')}")
+    measure_serving(url, "1", str(float(SHAPES[a.shape][3][-1])), log)
+    if a.reference and Path(a.reference, "u.data").exists():  # the same measurements on MovieLens 100k, now
+        ref = f"sqlite:///{tmp / 'ml100k.db'}"
+        cfb(ref, "ingest", "movielens", a.reference, "--quiet", "--json")
+        took, _, _, _ = cfb(ref, "retrain", "--full", "--valid-pct", "0", "--quiet", "--json")
+        log(f"reference: MovieLens 100k from {a.reference}, full retrain {took:.1f} s")
+        measure_serving(ref, "1", "5.0", log)
+    elif a.reference:
+        log(f"reference: no MovieLens 100k at {a.reference} (u.data missing); not measured")
     log("targets: goodbooks-shaped full retrain < 30 s; 25M-shaped < 300 s and < 8 GB peak")
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

@@ -367,7 +367,7 @@ def _build_net(n_items: int, attr_sizes: list[int], n_how: int, cfg: FeatureMode
             self.count = Embedding(N_COUNT_BUCKETS, d)
             self.how = Embedding(n_how, d)
             self.const = nn.Parameter(torch.zeros(d))
-            # the item bags' weight per count bucket is 1 + this (weight decay pulls it toward 1)
+            # the item bags' weight per count bucket is 1 + this (weight decay pulls this toward 0, the weight toward 1)
             self.bag_scale = nn.Parameter(torch.zeros(N_COUNT_BUCKETS)) if cfg.count_scale else None
             self.out = Embedding(n_items, d)
             self.out_bias = nn.Parameter(torch.zeros(n_items))

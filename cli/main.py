@@ -251,7 +251,7 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
               help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
 @click.option("--drift-limit", type=FiniteFloat(0, 1), default=0.2, show_default=True,
               help="Without --full: retrain fully when the ratings newer than the last full retrain are this share "
-                   "of those it learned plus them.")
+                   "of those it learned plus them (a changed re-rating counts as a newer rating).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx

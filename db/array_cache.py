@@ -5,7 +5,7 @@ and reading and unpacking it took most of a `cfb recommend` process. Versions ne
 written, so the first process that reads a large one also writes its arrays as .npy files under
 ``$CFB_HOME/model-cache/<key>/`` (into a temporary folder renamed into place, so a folder that
 exists is complete), and later processes map them read-only: a request then touches only the pages
-it uses. The key hashes the database URL (password hidden), the version id, its creation time and the
+it uses (arrays that a request converts or copies are read whole). The key hashes the database URL (password hidden), the version id, its creation time and the
 blob's length, so a recreated database never meets a stale copy. The cache is only a copy: any
 failure to read or write it falls back to the database, and ``CFB_MODEL_CACHE=0`` turns it off.
 """
@@ -28,7 +28,7 @@ from .schema import ModelArrays, ModelVersion
 
 CACHE_FROM_BYTES = 16 << 20  # smaller blobs are read from the database directly (a few ms)
 MMAP_FROM_BYTES = 1 << 20  # arrays at least this large are mapped, smaller ones read
-KEEP_ENTRIES = 4  # the newest cached versions kept on disk
+KEEP_ENTRIES = 4  # the most recently used cached versions kept (across every database under $CFB_HOME)
 MANIFEST = "arrays.json"
 
 
@@ -57,6 +57,7 @@ def stored_arrays(conn: Connection, version: int, name: str) -> dict[str, np.nda
     cached = _read_entry(root / key)
     if cached is not None:
         return cached
+    shutil.rmtree(root / key, ignore_errors=True)  # a damaged entry: rewritten below
     arrays = _from_database(conn, version, name)
     _write_entry(root, key, arrays)
     return arrays
@@ -77,7 +78,7 @@ def _read_entry(folder: Path) -> dict[str, np.ndarray] | None:
             out[name] = np.load(folder / file, mmap_mode=mmap, allow_pickle=False)
         os.utime(folder)  # recently used: kept by the pruning below
         return out
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # absent, truncated (EOFError), garbled: the database has the arrays
         return None
 
 
@@ -89,18 +90,37 @@ def _write_entry(root: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
         files = {}
         for k, (name, a) in enumerate(arrays.items()):
-            np.save(tmp / f"{k}.npy", a, allow_pickle=False)
+            _write_synced(tmp / f"{k}.npy", lambda f, a=a: np.save(f, a, allow_pickle=False))
             files[name] = [f"{k}.npy", int(a.nbytes)]
-        (tmp / MANIFEST).write_text(json.dumps(files))
+        _write_synced(tmp / MANIFEST, lambda f: f.write(json.dumps(files).encode()))
         os.rename(tmp, root / key)  # fails if another process got there first: theirs is as good
         tmp = None
-        entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
-        stale = [p for p in root.glob(".partial-*") if time.time() - p.stat().st_mtime > 3600]  # killed writers
-        for old in entries[KEEP_ENTRIES:] + stale:
-            shutil.rmtree(old, ignore_errors=True)  # processes that mapped it keep their mapping
+        _prune(root)
     except OSError:
         pass  # the cache is optional: the arrays came from the database
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_synced(path: Path, write) -> None:
+    """Write a file and flush it to disk, so that a crash after the rename cannot leave an empty one."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed by another process meanwhile
+        return 0.0
+
+
+def _prune(root: Path) -> None:
+    """Keep the most recently used entries; remove the rest and partial folders of killed writers."""
+    entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=_mtime, reverse=True)
+    stale = [p for p in root.glob(".partial-*") if time.time() - _mtime(p) > 3600]
+    for old in entries[KEEP_ENTRIES:] + stale:
+        shutil.rmtree(old, ignore_errors=True)  # processes that mapped it keep their mapping

@@ -18,7 +18,7 @@ from ..cf_core.feature_model import FeatureUserModel
 from ..cf_core.model import ServingConfig, TrainedModel
 from ..cf_core.split import valid_split
 from ..cf_core.train import MODELS, pick_device
-from ..db import store, versions
+from ..db import array_cache, store, versions
 from ..db.engine import writing
 
 VALID_SEED = 42  # docs/protocol.md §7
@@ -232,8 +232,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         with writing(engine) as conn:
             version, served = versions.save_full(conn, model, metrics=metrics, max_seq=td.max_seq,
                                                  expected_serving=started_serving)
-        with engine.connect() as conn:  # the next process to serve it maps the local copy at once
-            versions.load_model(conn, version)
+        warm_model_cache(engine, version)
         out = {"version": version, "kind": kind, "mode": "full", "serving": served, **metrics,
                "hyperparams": model.settings}
         if not served:
@@ -242,6 +241,20 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         return out
     finally:
         versions.release_retrain_lock(engine, lock)
+
+
+def warm_model_cache(engine: Engine, version: int) -> None:
+    """Write the local copy of a new version now, so that the next process to serve it maps it at once.
+
+    The version is already stored (and maybe serving): a failure here must not fail the retrain.
+    """
+    if array_cache.cache_dir() is None:
+        return
+    try:
+        with engine.connect() as conn:
+            versions.load_model(conn, version)
+    except Exception:  # the cache is only a copy; the next load reads the database
+        pass
 
 
 def versions_now(engine: Engine) -> int | None:

@@ -63,16 +63,22 @@ def test_serving_from_the_copy_gives_the_same_recommendations(trained, cache_eve
         assert "b21" not in [i["item"] for i in recommend(conn, "a0", 40)["items"]]  # rated now
 
 
-def test_a_damaged_copy_falls_back_to_the_database(trained, cache_everything):
+@pytest.mark.parametrize("damage", [b"not an array", b""])
+def test_a_damaged_copy_falls_back_to_the_database_and_is_repaired(trained, cache_everything, damage):
+    """Garbled or empty files (a crash before the data reached the disk) read the database, then rewrite the copy."""
     engine, report = trained
     with engine.connect() as conn:
         array_cache.stored_arrays(conn, report["version"], versions.MODEL_BLOB)
         entry = array_cache.cache_dir() / _entries()[0]
         for f in entry.glob("*.npy"):
-            f.write_bytes(b"not an array")
+            f.write_bytes(damage)
         got = array_cache.stored_arrays(conn, report["version"], versions.MODEL_BLOB)
         stored = _database_arrays(conn, report["version"])
-    assert all(np.array_equal(got[k], stored[k]) for k in stored)
+        assert all(np.array_equal(got[k], stored[k]) for k in stored)
+        assert array_cache._read_entry(entry) is not None  # the entry was written anew
+        repaired = array_cache.stored_arrays(conn, report["version"], versions.MODEL_BLOB)
+    assert isinstance(repaired["ranker/out"], np.memmap)
+    assert all(np.array_equal(repaired[k], stored[k]) for k in stored)
 
 
 def test_each_version_has_its_own_copy_and_old_ones_are_pruned(engine, planted, cache_everything, monkeypatch):
