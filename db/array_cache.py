@@ -4,8 +4,9 @@ A full version's arrays are one .npz blob in the database; at MovieLens-25M size
 and reading and unpacking it took most of a `cfb recommend` process. Versions never change once
 written, so the first process that reads a large one also writes its arrays as .npy files under
 ``$CFB_HOME/model-cache/<key>/`` (into a temporary folder renamed into place, so a folder that
-exists is complete), and later processes map them read-only: a request then touches only the pages
-it uses (arrays that a request converts or copies are read whole). The key hashes the database URL (password hidden), the version id, its creation time and the
+exists is complete), and later processes map them read-only: a request then reads only the arrays it
+touches (whole when it scores every item; of the ranker's input tables, the rows of the user's
+items). The key hashes the database URL (password hidden), the version id, its creation time and the
 blob's length, so a recreated database never meets a stale copy. The cache is only a copy: any
 failure to read or write it falls back to the database, and ``CFB_MODEL_CACHE=0`` turns it off.
 """
