@@ -375,7 +375,8 @@ def item_totals(conn: Connection, item_ids) -> tuple[np.ndarray, np.ndarray]:  #
 
 def all_item_ids(conn: Connection) -> np.ndarray:
     """Every item's database id (catalogue items with or without ratings)."""
-    return np.array(conn.scalars(select(Item.id)).all(), np.int64)
+    rows = conn.exec_driver_sql("SELECT id FROM items ORDER BY id").fetchall()  # plain tuples: 59k ids in a few ms
+    return np.fromiter((r[0] for r in rows), np.int64, len(rows))
 
 
 def item_attributes(conn: Connection, item_ids=None) -> dict[int, dict]:  # noqa: ANN001

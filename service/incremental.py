@@ -77,7 +77,8 @@ def retrain_incremental(engine: Engine) -> dict:
             rated = np.setdiff1d(touched, model.item_ids)
             unrated = np.zeros(0, np.int64)
             if model.item_prior is not None:  # catalogue items with metadata and no rating yet
-                unrated = np.setdiff1d(np.setdiff1d(store.all_item_ids(conn), model.item_ids), rated)
+                catalogue = store.all_item_ids(conn)
+                unrated = catalogue[~np.isin(catalogue, model.item_ids) & ~np.isin(catalogue, rated)]
                 attrs = store.item_attributes(conn, unrated)
                 unrated = np.array([i for i in unrated.tolist() if attrs.get(i)], np.int64)
             if len(new) == 0 and len(unrated) == 0:
