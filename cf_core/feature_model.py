@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -557,6 +558,42 @@ class FeatureUserModel:
                 scale = 1.0 if self.bag_scale_ is None else float(self.bag_scale_[int(count_bucket(n))])
                 u = u + bag * (scale / math.sqrt(n + self.config.shrink))
             out[k] = u
+        return out.astype(np.float32)
+
+    def history_vectors(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, n_users: int,
+                        attributes: list[dict]) -> np.ndarray:
+        """(n_users, d) vectors of users 0..n_users−1, each from all their (user, item, rating) triples
+        as organic reveals: ``user_vectors`` of one ``Reveal(attributes[u], items, ratings, None)`` per
+        user, with the item bags as two sparse products (torch, every thread) instead of a loop over
+        users: 162k users and 25M ratings in seconds rather than half a minute. Training only."""
+        import torch
+
+        users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
+        keep = (items >= 0) & (items < self.n_items)
+        users, items, ratings = users[keep], items[keep], np.asarray(ratings)[keep]
+        if len(users) and (users[1:] < users[:-1]).any():  # rows of a CSR matrix go by user
+            order = np.argsort(users, kind="stable")
+            users, items, ratings = users[order], items[order], ratings[order]
+        n = np.bincount(users, minlength=n_users)
+        bucket = count_bucket(n)
+        scale = np.ones(n_users) if self.bag_scale_ is None else self.bag_scale_[bucket].astype(np.float64)
+        w = (scale / np.sqrt(n + self.config.shrink))[users]
+        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(n)]))
+
+        def bag(weights: np.ndarray, table: np.ndarray) -> np.ndarray:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                m = torch.sparse_csr_tensor(indptr, torch.from_numpy(items),
+                                            torch.from_numpy(weights.astype(np.float32)), size=(n_users, self.n_items))
+            return (m @ torch.from_numpy(np.array(table, np.float32))).numpy().astype(np.float64)
+
+        out = bag(w, self.seen_) + bag(w * self._centred(ratings), self.rated_)
+        out += self.const_ + self.count_[bucket] + self.how_[budget_code(None, self.config.budgets)]
+        if self.attr_tables_:
+            codes = np.stack([self.encoder_.encode(attributes[u] if u < len(attributes) else {})
+                              for u in range(n_users)])
+            for k, table in enumerate(self.attr_tables_):
+                out += table[codes[:, k]]
         return out.astype(np.float32)
 
     def item_scores(self, user_vecs: np.ndarray) -> np.ndarray:

@@ -221,13 +221,7 @@ def full_history_user_vectors(ranker, data, attributes: list[dict]) -> np.ndarra
     """The ranker's (``FeatureUserModel``) vector of every user of ``data`` (``CollabData``) from
     their full history, as organic ratings (``Reveal(budget=None)``): the user side the ranking part
     is fitted against. ``attributes[u]``: inner user u's attributes."""
-    from .feature_model import Reveal
-
-    order = np.argsort(data.users, kind="stable")
-    bounds = np.searchsorted(data.users[order], np.arange(data.n_users + 1))
-    reveals = [Reveal(attributes[u] if u < len(attributes) else {}, data.items[order[bounds[u]:bounds[u + 1]]],
-                      data.ratings[order[bounds[u]:bounds[u + 1]]], None) for u in range(data.n_users)]
-    return ranker.user_vectors(reveals)
+    return ranker.history_vectors(data.users, data.items, data.ratings, data.n_users, attributes)
 
 
 class ItemPrior:

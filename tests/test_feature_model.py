@@ -143,3 +143,24 @@ def test_the_bags_weight_per_count_is_learned_stored_and_optional():
     assert not np.allclose(unscaled.user_vectors(reveals[1:]), model.user_vectors(reveals[1:]))
     off, _ = _fit(FeatureModelConfig(n_factors=16, epochs=2, count_scale=False))
     assert off.bag_scale_ is None and "bag_scale" not in off.to_arrays()
+
+
+@pytest.mark.parametrize("count_scale", [True, False])
+def test_history_vectors_equal_one_reveal_per_user(count_scale):
+    """The batched full-history vectors (sparse products) are the per-user loop's, attributes included,
+    for users with many, one or no ratings, a repeated item and an item outside the catalogue."""
+    model, items = _fit(FeatureModelConfig(n_factors=16, epochs=2, count_scale=count_scale))
+    rng = np.random.default_rng(5)
+    n_users = 6
+    users = np.concatenate([np.zeros(20, np.int64), [1], np.full(5, 3), [4, 4], [5]])
+    item = rng.integers(0, len(items), len(users))
+    item[-3] = item[-2]  # user 4 rates the same item twice
+    item[-1] = len(items) + 3  # not in the catalogue: ignored, as user_vectors ignores it
+    ratings = rng.integers(1, 6, len(users)).astype(float)
+    attributes = [{"gender": "F", "age": 30}, {"gender": "M"}, {}, {"age": 70}, {"gender": "F"}]  # user 5: none
+    batched = model.history_vectors(users, item, ratings, n_users, attributes)
+    one_by_one = model.user_vectors([Reveal(attributes[u] if u < len(attributes) else {}, item[users == u],
+                                            ratings[users == u], None) for u in range(n_users)])
+    assert batched.shape == (n_users, 16) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(batched[0], batched[2])  # many ratings against none
