@@ -29,12 +29,15 @@ def simulated_answers(data: CollabData, asked: list[int], budgets=SIM_BUDGETS,
     asked_arr = np.array(asked, dtype=np.int64)
     order = np.argsort(data.users, kind="stable")
     bounds = np.searchsorted(data.users[order], np.arange(data.n_users + 1))
+    rank = np.full(data.n_items, len(asked_arr))  # position of each item in the questionnaire
+    rank[asked_arr] = np.arange(len(asked_arr))
     rows_u, rows_q, rows_a = [], [], []
     for u in range(data.n_users):
         idx = order[bounds[u]:bounds[u + 1]]
         if len(idx) == 0:
             continue
         known = idx[rng.permutation(len(idx))[: len(idx) // 2]]
+        known = known[rank[data.items[known]] < len(asked_arr)]  # only asked items can be answered
         pool = dict(zip(data.items[known].tolist(), data.ratings[known].tolist()))
         for q in budgets:
             rows_u.append(u)

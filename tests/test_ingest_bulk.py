@@ -170,6 +170,12 @@ def test_a_full_read_returns_every_rating_in_seq_order_as_the_row_query_does(any
     assert np.array_equal(tail.seq, full.seq[-9:]) and np.array_equal(tail.rating, full.rating[-9:])
 
 
+def test_seq_order_sorts_dense_and_sparse_numbers():
+    rng = np.random.default_rng(1)
+    for seq in (rng.permutation(500) + 7, rng.choice(10**6, 50, replace=False), np.array([3]), np.zeros(0, np.int64)):
+        assert np.array_equal(store.seq_order(seq), np.argsort(seq))
+
+
 @pytest.mark.parametrize("presorted", [True, False])
 def test_latest_per_pair_keeps_each_pairs_last_row_in_pair_order(presorted):
     """Input already in (user, item) order skips the sort; either way the answer is the lexsort one."""
