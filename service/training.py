@@ -95,8 +95,10 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     ranker_args = (td.data, td.timestamps, td.attributes, questionnaire.questions,
                    list(np.searchsorted(td.item_ids, questionnaire.items)), td.scale, seed, device)
     side_by_side = ranker and len(td.data) >= SIDE_BY_SIDE_AT and pick_device(device) == "cpu"
+    names = metadata_names(td.item_attributes or []) if kind == "dot" else ()  # the item prior's metadata
     report: dict = {}
-    with (ranker_beside(ranker_args) if side_by_side else nullcontext()) as pending:
+    rank_vecs = None
+    with (ranker_beside(ranker_args, bool(names)) if side_by_side else nullcontext()) as pending:
         with torch_threads(1 if side_by_side else None):
             est.fit(td.data)
         report.update({"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device})
@@ -106,7 +108,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
         fitted_ranker = None
         if side_by_side:
-            arrays, report["ranker_fit_s"] = pending.get()
+            arrays, report["ranker_fit_s"], rank_vecs = pending.get()
             fitted_ranker = FeatureUserModel.from_arrays(arrays)
             report["side_by_side"] = True
         elif ranker:
@@ -123,12 +125,12 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
                          item_counts=counts.astype(np.float64), item_sums=sums, config=config,
                          ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
                          user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
-    names = metadata_names(td.item_attributes or [])
-    if names and kind == "dot":
+    if names:
         from ..cf_core.item_prior import ItemPrior, full_history_user_vectors
 
         t0 = time.perf_counter()
-        rank_vecs = None if fitted_ranker is None else full_history_user_vectors(fitted_ranker, td.data, td.attributes)
+        if rank_vecs is None and fitted_ranker is not None:  # (made by the side process when there was one)
+            rank_vecs = full_history_user_vectors(fitted_ranker, td.data, td.attributes)
         model.item_prior = ItemPrior(attributes=names, seed=seed).fit_version(model, td, td.item_attributes, rank_vecs)
         report["item_prior_s"] = round(time.perf_counter() - t0, 3)
         settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
@@ -143,8 +145,11 @@ def fit_ranker(data: CollabData, timestamps: np.ndarray, attributes: list[dict],
         data, timestamps, attributes, questions, inner_asked, scale)
 
 
-def _ranker_arrays_in_child(args: tuple) -> tuple[dict[str, np.ndarray], float]:
-    """In the side process: one torch thread, the ranker fitted, its plain arrays and seconds back."""
+def _ranker_arrays_in_child(args: tuple, with_vectors: bool = False) -> tuple[dict[str, np.ndarray], float,
+                                                                              np.ndarray | None]:
+    """In the side process: one torch thread, the ranker fitted; its plain arrays, seconds, and (with
+    ``with_vectors``) every training user's full-history vector for the item prior, computed here while
+    the rating model still trains in the parent."""
     import os
     import threading
 
@@ -160,17 +165,24 @@ def _ranker_arrays_in_child(args: tuple) -> tuple[dict[str, np.ndarray], float]:
 
     threading.Thread(target=leave_with_parent, daemon=True).start()
     t0 = time.perf_counter()
-    arrays = fit_ranker(*args).to_arrays()
-    return arrays, round(time.perf_counter() - t0, 3)
+    fitted = fit_ranker(*args)
+    seconds = round(time.perf_counter() - t0, 3)
+    vectors = None
+    if with_vectors:
+        from ..cf_core.item_prior import full_history_user_vectors
+
+        data, _, attributes = args[:3]
+        vectors = full_history_user_vectors(fitted, data, attributes)
+    return fitted.to_arrays(), seconds, vectors
 
 
 @contextmanager
-def ranker_beside(args: tuple) -> Iterator[AsyncResult]:
+def ranker_beside(args: tuple, with_vectors: bool = False) -> Iterator[AsyncResult]:
     """Fit the ranker in a separate process (spawned: torch's thread pools do not survive a fork)
-    while the caller trains the rating model; ``.get()`` gives (arrays, seconds). Leaving the block
-    ends the process, also on an error here."""
+    while the caller trains the rating model; ``.get()`` gives (arrays, seconds, full-history user
+    vectors or None). Leaving the block ends the process, also on an error here."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        yield pool.apply_async(_ranker_arrays_in_child, (args,))
+        yield pool.apply_async(_ranker_arrays_in_child, (args, with_vectors))
 
 
 @contextmanager

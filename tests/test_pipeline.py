@@ -262,6 +262,8 @@ def test_the_ranker_trained_beside_the_rating_model_is_the_one_trained_after_it(
 
     from cfb.service import training
 
+    planted.items["attributes"] = [{"genres": [str(i)[0]], "year": 1950 + k % 40}  # so the item prior is fitted,
+                                   for k, i in enumerate(planted.items["item"])]  # on user vectors made beside
     ingest_dataset(engine, planted)
     td, _ = training.load_training_data(engine)
     in_turn, report = training.fit_model(td, "dot", FAST, progress=False)  # the tests run torch on one thread
@@ -271,3 +273,6 @@ def test_the_ranker_trained_beside_the_rating_model_is_the_one_trained_after_it(
     a, b = in_turn.ranker.to_arrays(), beside.ranker.to_arrays()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert np.array_equal(in_turn.user_factors, beside.user_factors)
+    assert in_turn.item_prior is not None and beside.item_prior is not None
+    a, b = in_turn.item_prior.to_arrays(), beside.item_prior.to_arrays()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
