@@ -388,7 +388,11 @@ def item_totals(conn: Connection, item_ids) -> tuple[np.ndarray, np.ndarray]:  #
 
 def all_item_ids(conn: Connection) -> np.ndarray:
     """Every item's database id (catalogue items with or without ratings)."""
-    rows = conn.exec_driver_sql("SELECT id FROM items ORDER BY id").fetchall()  # plain tuples: 59k ids in a few ms
+    cursor = conn.connection.driver_connection.cursor()  # plain tuples: 59k ids in a few ms
+    try:
+        rows = cursor.execute("SELECT id FROM items ORDER BY id").fetchall()
+    finally:
+        cursor.close()
     return np.fromiter((r[0] for r in rows), np.int64, len(rows))
 
 
