@@ -106,34 +106,41 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
                              alpha=BOOTSTRAP_ALPHA, seed=seed, questionnaire=questionnaire)
         report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
-        fitted_ranker = None
+        settings = {"kind": kind, **est.get_params(), "bootstrap_alpha": BOOTSTRAP_ALPHA}
+        config = config or ServingConfig()
+        settings["serving"] = config.to_json()
+        counts, sums = td.data.item_totals()
+        model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
+                             item_counts=counts.astype(np.float64), item_sums=sums, config=config,
+                             ranker=None, user_ids=td.user_ids, user_factors=est.user_factors_,
+                             user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
+        if names:  # the item prior's rating part needs only the rating model: fitted while the ranker trains
+            from ..cf_core.item_prior import ItemPrior
+
+            t0 = time.perf_counter()
+            with torch_threads(1 if side_by_side else None):
+                model.item_prior = ItemPrior(attributes=names, seed=seed).fit_rating_version(
+                    model, td, td.item_attributes)
+            report["item_prior_s"] = round(time.perf_counter() - t0, 3)
+            settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
         if side_by_side:
             arrays, report["ranker_fit_s"], rank_vecs = pending.get()
-            fitted_ranker = FeatureUserModel.from_arrays(arrays)
+            model.ranker = FeatureUserModel.from_arrays(arrays)
             report["side_by_side"] = True
         elif ranker:
             t0 = time.perf_counter()
-            fitted_ranker = fit_ranker(*ranker_args, progress=progress)
+            model.ranker = fit_ranker(*ranker_args, progress=progress)
             report["ranker_fit_s"] = round(time.perf_counter() - t0, 3)
-    settings = {"kind": kind, **est.get_params(), "bootstrap_alpha": BOOTSTRAP_ALPHA}
-    if fitted_ranker is not None:
-        settings["ranker"] = fitted_ranker.config.to_json()
-    config = config or ServingConfig()
-    settings["serving"] = config.to_json()
-    counts, sums = td.data.item_totals()
-    model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
-                         item_counts=counts.astype(np.float64), item_sums=sums, config=config,
-                         ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
-                         user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
-    if names:
-        from ..cf_core.item_prior import ItemPrior, full_history_user_vectors
+    if model.ranker is not None:
+        settings["ranker"] = model.ranker.config.to_json()
+        if model.item_prior is not None:  # its ranking part, against the ranker's full-history user vectors
+            from ..cf_core.item_prior import full_history_user_vectors
 
-        t0 = time.perf_counter()
-        if rank_vecs is None and fitted_ranker is not None:  # (made by the side process when there was one)
-            rank_vecs = full_history_user_vectors(fitted_ranker, td.data, td.attributes)
-        model.item_prior = ItemPrior(attributes=names, seed=seed).fit_version(model, td, td.item_attributes, rank_vecs)
-        report["item_prior_s"] = round(time.perf_counter() - t0, 3)
-        settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
+            t0 = time.perf_counter()
+            if rank_vecs is None:  # (made by the side process when there was one)
+                rank_vecs = full_history_user_vectors(model.ranker, td.data, td.attributes)
+            model.item_prior.fit_ranking_version(model, td, td.item_attributes, rank_vecs)
+            report["item_prior_s"] = round(report["item_prior_s"] + time.perf_counter() - t0, 3)
     return model, report
 
 
