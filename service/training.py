@@ -86,9 +86,10 @@ def rating_params(kind: str, n_train: int, params: dict) -> dict:
 
 def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, seed: int = 42,
               config: ServingConfig | None = None, ranker: bool = True, progress: bool = True,
-              device: str | None = None) -> tuple[TrainedModel, dict]:
+              device: str | None = None, side: SideProcess | None = None) -> tuple[TrainedModel, dict]:
     """Train every part of a version on all of ``td`` (in memory, no database): the rating model,
-    the bootstrap prior and questionnaire, and the cold-start ranker. Returns (model, timings)."""
+    the bootstrap prior and questionnaire, and the cold-start ranker (from ``SIDE_BY_SIDE_AT`` ratings
+    on a CPU, in a side process: ``side`` when given, else one of its own). Returns (model, timings)."""
     hp = rating_params(kind, len(td.data), params or {})
     est = MODELS[kind](y_range=default_y_range(*td.scale), seed=seed, device=device, progress=progress, **hp)
     questionnaire = make_questionnaire(td.data, td.item_ids, td.attributes)
@@ -98,7 +99,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     names = metadata_names(td.item_attributes or []) if kind == "dot" else ()  # the item prior's metadata
     report: dict = {}
     rank_vecs = None
-    with (ranker_beside(ranker_args, bool(names)) if side_by_side else nullcontext()) as pending:
+    with (ranker_beside(ranker_args, bool(names), side) if side_by_side else nullcontext()) as pending:
         with torch_threads(1 if side_by_side else None):
             est.fit(td.data)
         report.update({"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device})
@@ -154,9 +155,24 @@ def fit_ranker(data: CollabData, timestamps: np.ndarray, attributes: list[dict],
 
 def _ranker_arrays_in_child(args: tuple, with_vectors: bool = False) -> tuple[dict[str, np.ndarray], float,
                                                                               np.ndarray | None]:
-    """In the side process: one torch thread, the ranker fitted; its plain arrays, seconds, and (with
+    """In the side process (after ``_warm_up``): the ranker fitted; its plain arrays, seconds, and (with
     ``with_vectors``) every training user's full-history vector for the item prior, computed here while
     the rating model still trains in the parent."""
+    t0 = time.perf_counter()
+    fitted = fit_ranker(*args)
+    seconds = round(time.perf_counter() - t0, 3)
+    vectors = None
+    if with_vectors:
+        from ..cf_core.item_prior import full_history_user_vectors
+
+        data, _, attributes = args[:3]
+        vectors = full_history_user_vectors(fitted, data, attributes)
+    return fitted.to_arrays(), seconds, vectors
+
+
+def _warm_up() -> None:
+    """In the side process, first: one torch thread, a watch on the parent, and the imports the ranker
+    needs (seconds), done while the parent reads the ratings."""
     import os
     import threading
 
@@ -171,25 +187,49 @@ def _ranker_arrays_in_child(args: tuple, with_vectors: bool = False) -> tuple[di
         os._exit(1)
 
     threading.Thread(target=leave_with_parent, daemon=True).start()
-    t0 = time.perf_counter()
-    fitted = fit_ranker(*args)
-    seconds = round(time.perf_counter() - t0, 3)
-    vectors = None
-    if with_vectors:
-        from ..cf_core.item_prior import full_history_user_vectors
+    import fastai.callback.schedule  # noqa: F401
+    import fastai.learner  # noqa: F401
 
-        data, _, attributes = args[:3]
-        vectors = full_history_user_vectors(fitted, data, attributes)
-    return fitted.to_arrays(), seconds, vectors
+    from ..cf_core import feature_model  # noqa: F401
+
+
+class SideProcess:
+    """A spawned process (torch's thread pools do not survive a fork) that fits the ranker beside the
+    rating model. Started before the ratings are read, it does its imports meanwhile."""
+
+    def __init__(self) -> None:
+        self.pool = multiprocessing.get_context("spawn").Pool(1)
+        self.pool.apply_async(_warm_up)
+
+    def fit_ranker(self, args: tuple, with_vectors: bool) -> AsyncResult:
+        """``.get()`` gives (arrays, seconds, full-history user vectors or None)."""
+        return self.pool.apply_async(_ranker_arrays_in_child, (args, with_vectors))
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
 
 
 @contextmanager
-def ranker_beside(args: tuple, with_vectors: bool = False) -> Iterator[AsyncResult]:
-    """Fit the ranker in a separate process (spawned: torch's thread pools do not survive a fork)
-    while the caller trains the rating model; ``.get()`` gives (arrays, seconds, full-history user
-    vectors or None). Leaving the block ends the process, also on an error here."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        yield pool.apply_async(_ranker_arrays_in_child, (args, with_vectors))
+def side_process(wanted: bool = True) -> Iterator[SideProcess | None]:
+    """A ``SideProcess`` for the block (None unless ``wanted``); leaving the block ends it, also on an error."""
+    side = SideProcess() if wanted else None
+    try:
+        yield side
+    finally:
+        if side is not None:
+            side.close()
+
+
+@contextmanager
+def ranker_beside(args: tuple, with_vectors: bool = False, side: SideProcess | None = None) -> Iterator[AsyncResult]:
+    """Fit the ranker in ``side`` (or a side process of its own, ended with the block) while the
+    caller trains the rating model; ``.get()`` gives (arrays, seconds, full-history user vectors or None)."""
+    if side is not None:
+        yield side.fit_ranker(args, with_vectors)
+        return
+    with side_process() as own:
+        yield own.fit_ranker(args, with_vectors)
 
 
 @contextmanager
@@ -242,11 +282,14 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
     try:
         with engine.connect() as conn:
             started_serving = versions.serving_version(conn)
-        td, load_s = load_training_data(engine)
-        metrics: dict = {"n_ratings": len(td.data), "load_s": round(load_s, 3)}
-        if valid_pct > 0:
-            metrics.update(validate(td, kind, params, valid_pct, seed, progress))
-        model, report = fit_model(td, kind, params, seed, serving, ranker, progress)
+            newest_seq = store.next_seq(conn) - 1  # at least the number of ratings
+        beside = ranker and newest_seq >= SIDE_BY_SIDE_AT and pick_device() == "cpu"
+        with side_process(beside) as side:  # started now: its imports overlap the read
+            td, load_s = load_training_data(engine)
+            metrics: dict = {"n_ratings": len(td.data), "load_s": round(load_s, 3)}
+            if valid_pct > 0:
+                metrics.update(validate(td, kind, params, valid_pct, seed, progress))
+            model, report = fit_model(td, kind, params, seed, serving, ranker, progress, side=side)
         metrics.update(report)
         with writing(engine) as conn:
             version, served = versions.save_full(conn, model, metrics=metrics, max_seq=td.max_seq,

@@ -276,3 +276,20 @@ def test_the_ranker_trained_beside_the_rating_model_is_the_one_trained_after_it(
     assert in_turn.item_prior is not None and beside.item_prior is not None
     a, b = in_turn.item_prior.to_arrays(), beside.item_prior.to_arrays()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_retrain_at_size_starts_its_side_process_before_reading(engine, planted, monkeypatch):
+    """From SIDE_BY_SIDE_AT ratings the ranker's process is spawned before the ratings are read (its
+    imports overlap the read), trains beside the rating model, and the version serves."""
+    from cfb.service import training
+
+    events = []
+    start, load = training.SideProcess.__init__, training.load_training_data
+    monkeypatch.setattr(training.SideProcess, "__init__", lambda self: (events.append("side"), start(self))[1])
+    monkeypatch.setattr(training, "load_training_data", lambda e: (events.append("read"), load(e))[1])
+    monkeypatch.setattr(training, "SIDE_BY_SIDE_AT", 1)
+    ingest_dataset(engine, planted)
+    out = training.retrain_full(engine, progress=False, **FAST)
+    assert events == ["side", "read"] and out["side_by_side"] and out["serving"]
+    with engine.connect() as conn:
+        assert recommend(conn, "a0", 5)["items"]
