@@ -333,8 +333,8 @@ class ItemPrior:
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         dev = device or "cpu"
-        # (copies: pandas may hand over read-only arrays)
-        t = lambda a, dt=torch.float32: torch.as_tensor(np.array(a), dtype=dt, device=dev)  # noqa: E731
+        # (no copy of a writeable array: 25M ratings are 0.5 GB; read-only ones, as pandas may give, are copied)
+        t = lambda a, dt=torch.float32: torch.as_tensor(np.require(a, requirements="W"), dtype=dt, device=dev)  # noqa: E731
         mh = multi_hot_product(X, dev)  # mh(M) = X @ M, X kept sparse
         U, bu = t(user_factors), t(user_bias)
         ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)

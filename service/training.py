@@ -115,15 +115,6 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
                              item_counts=counts.astype(np.float64), item_sums=sums, config=config,
                              ranker=None, user_ids=td.user_ids, user_factors=est.user_factors_,
                              user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
-        if names:  # the item prior's rating part needs only the rating model: fitted while the ranker trains
-            from ..cf_core.item_prior import ItemPrior
-
-            t0 = time.perf_counter()
-            with torch_threads(1 if side_by_side else None):
-                model.item_prior = ItemPrior(attributes=names, seed=seed).fit_rating_version(
-                    model, td, td.item_attributes)
-            report["item_prior_s"] = round(time.perf_counter() - t0, 3)
-            settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
         if side_by_side:
             arrays, report["ranker_fit_s"], rank_vecs = pending.get()
             model.ranker = FeatureUserModel.from_arrays(arrays)
@@ -134,14 +125,15 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
             report["ranker_fit_s"] = round(time.perf_counter() - t0, 3)
     if model.ranker is not None:
         settings["ranker"] = model.ranker.config.to_json()
-        if model.item_prior is not None:  # its ranking part, against the ranker's full-history user vectors
-            from ..cf_core.item_prior import full_history_user_vectors
+    if names:  # after the side process has ended: the item prior's torch work gets both cores and its memory
+        from ..cf_core.item_prior import ItemPrior, full_history_user_vectors
 
-            t0 = time.perf_counter()
-            if rank_vecs is None:  # (made by the side process when there was one)
-                rank_vecs = full_history_user_vectors(model.ranker, td.data, td.attributes)
-            model.item_prior.fit_ranking_version(model, td, td.item_attributes, rank_vecs)
-            report["item_prior_s"] = round(report["item_prior_s"] + time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        if rank_vecs is None and model.ranker is not None:  # (made by the side process when there was one)
+            rank_vecs = full_history_user_vectors(model.ranker, td.data, td.attributes)
+        model.item_prior = ItemPrior(attributes=names, seed=seed).fit_version(model, td, td.item_attributes, rank_vecs)
+        report["item_prior_s"] = round(time.perf_counter() - t0, 3)
+        settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
     return model, report
 
 
@@ -198,7 +190,7 @@ class SideProcess:
     rating model. Started before the ratings are read, it does its imports meanwhile."""
 
     def __init__(self) -> None:
-        self.pool = multiprocessing.get_context("spawn").Pool(1)
+        self.pool: multiprocessing.pool.Pool | None = multiprocessing.get_context("spawn").Pool(1)
         self.pool.apply_async(_warm_up)
 
     def fit_ranker(self, args: tuple, with_vectors: bool) -> AsyncResult:
@@ -206,8 +198,11 @@ class SideProcess:
         return self.pool.apply_async(_ranker_arrays_in_child, (args, with_vectors))
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        """End the process (again: nothing)."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
 
 @contextmanager
@@ -223,13 +218,14 @@ def side_process(wanted: bool = True) -> Iterator[SideProcess | None]:
 
 @contextmanager
 def ranker_beside(args: tuple, with_vectors: bool = False, side: SideProcess | None = None) -> Iterator[AsyncResult]:
-    """Fit the ranker in ``side`` (or a side process of its own, ended with the block) while the
-    caller trains the rating model; ``.get()`` gives (arrays, seconds, full-history user vectors or None)."""
-    if side is not None:
+    """Fit the ranker in ``side`` (or a new side process) while the caller trains the rating model;
+    ``.get()`` gives (arrays, seconds, full-history user vectors or None). Leaving the block ends the
+    process, also on an error here: what runs after has both cores and the memory."""
+    side = side or SideProcess()
+    try:
         yield side.fit_ranker(args, with_vectors)
-        return
-    with side_process() as own:
-        yield own.fit_ranker(args, with_vectors)
+    finally:
+        side.close()
 
 
 @contextmanager
