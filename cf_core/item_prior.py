@@ -249,8 +249,8 @@ class ItemPrior:
         return self
 
     def fit_rating_version(self, model, td, item_attributes: list[dict], device: str | None = None) -> "ItemPrior":  # noqa: ANN001
-        """The rating part alone (it needs only the rating model: a full retrain fits it while the
-        ranker still trains); ``fit_ranking_version`` then adds the ranking part, as ``fit_version`` does."""
+        """The rating part alone (it needs only the rating model); ``fit_ranking_version`` then adds
+        the ranking part, as ``fit_version`` does."""
         return self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
                         model.user_bias, model.rating.y_range, td.scale, None, device=device)
 
