@@ -237,35 +237,13 @@ class ItemPrior:
                     device: str | None = None) -> "ItemPrior":
         """Fit on a trained version (``TrainedModel``) and its ``TrainingData``: the rating model's
         trained user rows; ``rank_vecs`` the ranker's full-history user vectors (None: no ranking part)."""
-        if self.config.mode == "ridge":  # both parts at once, from the trained item rows
-            return self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
-                            model.user_bias, model.rating.y_range, td.scale, rank_vecs,
-                            item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
-                            rank_out=None if model.ranker is None else model.ranker.out_,
-                            rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
-        self.fit_rating_version(model, td, item_attributes, device)
-        if model.ranker is not None and rank_vecs is not None:
-            self.fit_ranking_version(model, td, item_attributes, rank_vecs, device)
-        return self
-
-    def fit_rating_version(self, model, td, item_attributes: list[dict], device: str | None = None) -> "ItemPrior":  # noqa: ANN001
-        """The rating part alone (it needs only the rating model); ``fit_ranking_version`` then adds
-        the ranking part, as ``fit_version`` does."""
-        return self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
-                        model.user_bias, model.rating.y_range, td.scale, None, device=device)
-
-    def fit_ranking_version(self, model, td, item_attributes: list[dict], rank_vecs: np.ndarray,  # noqa: ANN001
-                            device: str | None = None) -> "ItemPrior":
-        """The ranking part, after ``fit_rating_version``: against the ranker's user vectors, with the
-        rating part's rows in the serving score; then calibrated (``calibrate_ranking``)."""
-        t0 = time.perf_counter()
-        X = self.encoder_.encode(item_attributes)
-        self._fit_ranking(X, np.asarray(td.data.users, np.int64), np.asarray(td.data.items, np.int64),
-                          np.asarray(td.data.ratings, np.float32), model.user_factors, model.user_bias, rank_vecs,
-                          device)
-        if self.V_.shape[1]:
+        self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
+                 model.user_bias, model.rating.y_range, td.scale, rank_vecs,
+                 item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
+                 rank_out=None if model.ranker is None else model.ranker.out_,
+                 rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
+        if model.ranker is not None and rank_vecs is not None and self.V_.shape[1]:
             self.calibrate_ranking(item_attributes, model.ranker.out_, model.ranker.out_bias_, rank_vecs)
-        self.fit_s_ = round(self.fit_s_ + time.perf_counter() - t0, 3)
         return self
 
     def calibrate_ranking(self, item_attributes: list[dict], out: np.ndarray, out_bias: np.ndarray,
@@ -365,22 +343,9 @@ class ItemPrior:
         self.w_ = w.detach().cpu().numpy().astype(np.float32)
         self.rating_loss_ = float(loss.detach())
         self.hidden_ = []
-        if rank_vecs is not None:
-            self._fit_ranking(X, users, items, ratings, user_factors, user_bias, rank_vecs, device)
-
-    def _fit_ranking(self, X, users, items, ratings, user_factors, user_bias, rank_vecs, device) -> None:  # noqa: ANN001
-        """The ranking part: full softmax over the training items per user, positives weighted equally,
-        the rating part's rows (``W_``, ``w_``) fixed in the serving score."""
-        import torch
-
-        cfg = self.config
-        torch.manual_seed(self.seed)  # (the rating part draws from its own generator only)
-        dev = device or "cpu"
-        t = lambda a, dt=torch.float32: torch.as_tensor(np.array(a), dtype=dt, device=dev)  # noqa: E731
-        mh = multi_hot_product(X, dev)
-        U, bu = t(user_factors), t(user_bias)
-        lo, hi = self.y_range_
-        p = X.shape[1]
+        if rank_vecs is None:
+            return
+        # ranking part: full softmax over the training items per user, positives weighted equally
         n_items = X.shape[0]
         pos = ratings >= self.threshold_
         by_user = np.argsort(users[pos], kind="stable")
@@ -390,7 +355,7 @@ class ItemPrior:
         ends = np.searchsorted(pu, rows, side="right")
         R_all = t(rank_vecs)
         with torch.no_grad():
-            f, b = mh(t(self.W_)), mh(t(self.w_)[:, None])[:, 0]
+            f, b = mh(W), mh(w[:, None])[:, 0]
         bs = max(1, min(len(rows), MAX_LOGITS_PER_STEP // max(n_items, 1)))
 
         def batch(sel: np.ndarray):  # noqa: ANN202  (sel: positions in ``rows``, ascending)

@@ -95,7 +95,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     questionnaire = make_questionnaire(td.data, td.item_ids, td.attributes)
     ranker_args = (td.data, td.timestamps, td.attributes, questionnaire.questions,
                    list(np.searchsorted(td.item_ids, questionnaire.items)), td.scale, seed, device)
-    side_by_side = ranker and len(td.data) >= SIDE_BY_SIDE_AT and pick_device(device) == "cpu"
+    side_by_side = ranker_goes_beside(ranker, len(td.data), device)
     names = metadata_names(td.item_attributes or []) if kind == "dot" else ()  # the item prior's metadata
     report: dict = {}
     rank_vecs = None
@@ -107,34 +107,41 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
                              alpha=BOOTSTRAP_ALPHA, seed=seed, questionnaire=questionnaire)
         report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
-        settings = {"kind": kind, **est.get_params(), "bootstrap_alpha": BOOTSTRAP_ALPHA}
-        config = config or ServingConfig()
-        settings["serving"] = config.to_json()
-        counts, sums = td.data.item_totals()
-        model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
-                             item_counts=counts.astype(np.float64), item_sums=sums, config=config,
-                             ranker=None, user_ids=td.user_ids, user_factors=est.user_factors_,
-                             user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
+        fitted_ranker = None
         if side_by_side:
             arrays, report["ranker_fit_s"], rank_vecs = pending.get()
-            model.ranker = FeatureUserModel.from_arrays(arrays)
+            fitted_ranker = FeatureUserModel.from_arrays(arrays)
             report["side_by_side"] = True
         elif ranker:
             t0 = time.perf_counter()
-            model.ranker = fit_ranker(*ranker_args, progress=progress)
+            fitted_ranker = fit_ranker(*ranker_args, progress=progress)
             report["ranker_fit_s"] = round(time.perf_counter() - t0, 3)
-    if model.ranker is not None:
-        settings["ranker"] = model.ranker.config.to_json()
+    settings = {"kind": kind, **est.get_params(), "bootstrap_alpha": BOOTSTRAP_ALPHA}
+    if fitted_ranker is not None:
+        settings["ranker"] = fitted_ranker.config.to_json()
+    config = config or ServingConfig()
+    settings["serving"] = config.to_json()
+    counts, sums = td.data.item_totals()
+    model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
+                         item_counts=counts.astype(np.float64), item_sums=sums, config=config,
+                         ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
+                         user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
     if names:  # after the side process has ended: the item prior's torch work gets both cores and its memory
         from ..cf_core.item_prior import ItemPrior, full_history_user_vectors
 
         t0 = time.perf_counter()
-        if rank_vecs is None and model.ranker is not None:  # (made by the side process when there was one)
-            rank_vecs = full_history_user_vectors(model.ranker, td.data, td.attributes)
+        if rank_vecs is None and fitted_ranker is not None:  # (made by the side process when there was one)
+            rank_vecs = full_history_user_vectors(fitted_ranker, td.data, td.attributes)
         model.item_prior = ItemPrior(attributes=names, seed=seed).fit_version(model, td, td.item_attributes, rank_vecs)
         report["item_prior_s"] = round(time.perf_counter() - t0, 3)
         settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
     return model, report
+
+
+def ranker_goes_beside(ranker: bool, n_ratings: int, device: str | None = None) -> bool:
+    """Whether the ranker trains in a side process beside the rating model: from ``SIDE_BY_SIDE_AT``
+    ratings, on a CPU (on a GPU both share the device)."""
+    return ranker and n_ratings >= SIDE_BY_SIDE_AT and pick_device(device) == "cpu"
 
 
 def fit_ranker(data: CollabData, timestamps: np.ndarray, attributes: list[dict], questions: list,
@@ -279,8 +286,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         with engine.connect() as conn:
             started_serving = versions.serving_version(conn)
             newest_seq = store.next_seq(conn) - 1  # at least the number of ratings
-        beside = ranker and newest_seq >= SIDE_BY_SIDE_AT and pick_device() == "cpu"
-        with side_process(beside) as side:  # started now: its imports overlap the read
+        with side_process(ranker_goes_beside(ranker, newest_seq)) as side:  # started now: its imports overlap the read
             td, load_s = load_training_data(engine)
             metrics: dict = {"n_ratings": len(td.data), "load_s": round(load_s, 3)}
             if valid_pct > 0:

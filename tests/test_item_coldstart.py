@@ -167,26 +167,3 @@ def test_the_sparse_metadata_product_and_its_gradient_equal_the_dense_ones():
     (multi_hot_product(X, "cpu")(M) * G).sum().backward()
     assert torch.allclose(multi_hot_product(X, "cpu")(M), torch.from_numpy(X) @ M, atol=1e-6)
     assert torch.allclose(M.grad, torch.from_numpy(X).T @ G, atol=1e-5)
-
-
-def test_the_rating_part_then_the_ranking_part_equal_fitting_both_at_once():
-    """A full retrain fits the rating part while the ranker trains and the ranking part after it; the
-    arrays are those of one joint fit (the ranking part draws nothing the rating part drew)."""
-    import dataclasses
-    from types import SimpleNamespace as NS
-
-    attrs, users, items, ratings, uf, ub, rv, _ = _planted_items()
-    cfg = dataclasses.replace(FAST_PRIOR, hidden=4)
-    joint = ItemPrior(cfg, attributes=("genres", "year")).fit(attrs, users, items, ratings, uf, ub, (0.0, 5.5),
-                                                              (1.0, 5.0), rv)
-    td = NS(data=NS(users=users, items=items, ratings=ratings), scale=(1.0, 5.0))
-    ranker = NS(out_=np.random.default_rng(0).standard_normal((30, 3)).astype(np.float32),
-                out_bias_=np.zeros(30, np.float32))
-    model = NS(user_factors=uf, user_bias=ub, rating=NS(y_range=(0.0, 5.5)), ranker=ranker)
-    split = ItemPrior(cfg, attributes=("genres", "year")).fit_rating_version(model, td, attrs)
-    assert split.V_.shape[1] == 0  # no ranking part yet
-    split.fit_ranking_version(model, td, attrs, rv)
-    joint.calibrate_ranking(attrs, ranker.out_, ranker.out_bias_, rv)
-    a, b = joint.to_arrays(), split.to_arrays()
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert np.abs(b["V"]).sum() > 0
