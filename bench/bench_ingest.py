@@ -9,7 +9,8 @@ follows a Zipf law, user activity a log-normal with at least 20 ratings per user
 
 - the whole ``cfb ingest movielens DIR --quiet --json`` process into a fresh SQLite database, and
 - the same ingest in this process, phase by phase: reading the files, ``store.ensure_ids`` (users
-  and items) and ``store.write_ratings``,
+  and items) and ``store.write_ratings`` (into ``--db``: a temporary SQLite file, or e.g. an empty
+  PostgreSQL database), then reading every rating back as a full retrain does (``read_back``),
 
 and prints ratings per second for each (the target is >= 500k ratings/s for the whole ingest), with
 the CLI process's CPU time and peak memory and the load average (on a shared machine, wall time
@@ -103,6 +104,7 @@ def timed_phases(folder: Path, url: str) -> dict:
     from cfb.db.engine import make_engine
     from cfb.db.sources import read_movielens
     from cfb.service.ingest import ingest_dataset
+    from cfb.service.training import load_training_data
 
     spent: dict[str, float] = {"ensure_ids": 0.0, "write_ratings": 0.0}
 
@@ -129,6 +131,13 @@ def timed_phases(folder: Path, url: str) -> dict:
         store.ensure_ids, store.write_ratings = orig
         engine.dispose()
     spent["other"] = spent["ingest_total"] - spent["ensure_ids"] - spent["write_ratings"]
+    engine = make_engine(url)
+    try:  # what a full retrain then reads: every rating, as arrays
+        t = time.perf_counter()
+        load_training_data(engine)
+        spent["read_back"] = time.perf_counter() - t
+    finally:
+        engine.dispose()
     return {k: round(v, 2) for k, v in spent.items()}
 
 

@@ -47,7 +47,11 @@ class Rating(Base):
     ``seq`` is the write order (file order within an ingest): it tells which ratings are newer
     than a model version and gives the protocol's "source file order". On SQLite the table is
     ``WITHOUT ROWID``: rows live in the primary key's b-tree, with no rowid b-tree beside it (about a
-    quarter smaller; databases made before keep their rowid table and work alike)."""
+    quarter smaller; databases made before keep their rowid table and work alike).
+
+    ``prev_rating``/``prev_seq``: when a write replaces a pair's rating, the row it replaced (NULL for
+    a pair's first rating). An incremental retrain updates item statistics from the rows newer than
+    its version alone, without reading every rating of a touched item (``store.totals_since``)."""
 
     __tablename__ = "ratings"
     __table_args__ = {"sqlite_with_rowid": False}
@@ -56,6 +60,8 @@ class Rating(Base):
     rating: Mapped[float] = mapped_column(Float, nullable=False)
     timestamp: Mapped[int | None] = mapped_column(BigInteger)
     seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    prev_rating: Mapped[float | None] = mapped_column(Float)
+    prev_seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Answer(Base):

@@ -7,18 +7,49 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, inspect, select, text
 
 from ..cf_core.errors import CfbError
+from .engine import writing
 from .schema import Base, Item, Rating, Setting, User, utcnow
 
 CHUNK = 20_000
 BULK_ROWS = 200_000  # a first ingest this large into an empty ratings table takes the bulk path
 
 
+HISTORY_FROM_KEY = "rating_history_from_seq"  # setting: the first seq whose row records what it replaced
+_HAVE_HISTORY: set[str] = set()  # database URLs whose ratings table has prev_rating/prev_seq (checked once)
+
+
 def create_schema(engine: Engine) -> None:
-    """Create every table that is missing."""
+    """Create every table that is missing, and the columns that tables made by an earlier cfb lack."""
     Base.metadata.create_all(engine)
+    if str(engine.url) not in _HAVE_HISTORY:
+        with engine.connect() as conn:
+            if _has_history_columns(conn):
+                _HAVE_HISTORY.add(str(engine.url))
+                return
+        with writing(engine) as conn:
+            ensure_rating_history(conn)
+
+
+def _has_history_columns(conn: Connection) -> bool:
+    return "prev_seq" in {c["name"] for c in inspect(conn).get_columns("ratings")}
+
+
+def ensure_rating_history(conn: Connection) -> None:
+    """Give a ratings table made before ``prev_rating``/``prev_seq`` those columns (in the caller's
+    write transaction); its rows written before then are marked as not recording what they replaced
+    (``HISTORY_FROM_KEY``), so ``totals_since`` reads their items' statistics from the table."""
+    url = str(conn.engine.url)
+    if url in _HAVE_HISTORY:
+        return
+    if not _has_history_columns(conn):
+        first_tracked = next_seq(conn)
+        conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_rating FLOAT")
+        conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_seq BIGINT")
+        set_setting(conn, HISTORY_FROM_KEY, str(first_tracked))
+    _HAVE_HISTORY.add(url)
 
 
 def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_cols: list[str],
@@ -119,6 +150,7 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     after each statement of ``n`` rows. Writers are serialised (see ``lock_rating_writers``), so
     call it inside a write transaction that commits promptly."""
     lock_rating_writers(conn)
+    ensure_rating_history(conn)
     seq0 = next_seq(conn)
     u, i, r = _array(users, np.int64), _array(items, np.int64), _array(ratings, np.float64)
     ts, missing = _timestamps(timestamps)
@@ -138,8 +170,10 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     for index in rebuilt:
         index.drop(conn)
     differs = "IS NOT" if sqlite else "IS DISTINCT FROM"
-    # a rating written again unchanged keeps its seq: it is not new to any model version
-    upsert = ("ON CONFLICT (user_id, item_id) DO UPDATE SET rating = excluded.rating, "
+    # a rating written again unchanged keeps its seq: it is not new to any model version; a changed
+    # one records the row it replaces (the SET expressions read the row as it was)
+    upsert = ("ON CONFLICT (user_id, item_id) DO UPDATE SET prev_rating = ratings.rating, prev_seq = ratings.seq, "
+              "rating = excluded.rating, "
               "timestamp = excluded.timestamp, seq = excluded.seq "
               f"WHERE ratings.rating {differs} excluded.rating OR ratings.timestamp {differs} excluded.timestamp")
 
@@ -243,29 +277,83 @@ def max_parameters(conn: Connection) -> int:
 
 @dataclass
 class RatingsArrays:
-    """Every rating, in write order: database ids, values, timestamps (-1 unknown), seq."""
+    """Every rating, in write order: database ids, values, timestamps (-1 unknown), seq; with
+    ``load_ratings(…, with_replaced=True)`` also the rating and seq of the row each replaced (-1: none)."""
 
     user_id: np.ndarray
     item_id: np.ndarray
     rating: np.ndarray
     timestamp: np.ndarray
     seq: np.ndarray
+    prev_rating: np.ndarray | None = None
+    prev_seq: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rating)
 
 
-def load_ratings(conn: Connection, since_seq: int = 0) -> RatingsArrays:
-    """Ratings with ``seq > since_seq``, ordered by seq, as numpy arrays.
+def load_ratings(conn: Connection, since_seq: int = 0, with_replaced: bool = False) -> RatingsArrays:
+    """Ratings with ``seq > since_seq``, ordered by seq, as numpy arrays (``with_replaced``: also what
+    each row replaced).
 
-    Read through the raw DB-API cursor in large chunks: no Row objects for millions of ratings. All
-    of a SQLite database's ratings (a full retrain) are read as text columns (``_scan_sqlite``)."""
-    if since_seq <= 0 and conn.dialect.name == "sqlite":
+    Read through the raw DB-API cursor: no Row objects for millions of ratings. All of a SQLite
+    database's ratings (a full retrain) are read as text columns (``_scan_sqlite``), PostgreSQL's
+    as binary COPY output (``_copy_postgres``)."""
+    if since_seq <= 0 and conn.dialect.name == "sqlite" and not with_replaced:
         columns = _scan_sqlite(conn)  # in key order
         order = seq_order(columns[4])
         return RatingsArrays(*(c[order] for c in columns))
-    return RatingsArrays(*_fetch_rows(conn, f"SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq "
-                                            f"FROM ratings WHERE seq > {int(since_seq)} ORDER BY seq"))
+    columns = ["user_id", "item_id", "rating", "COALESCE(timestamp, -1)", "seq"]
+    if with_replaced:
+        columns += ["COALESCE(prev_rating, -1)", "COALESCE(prev_seq, -1)"]
+    rest = f"FROM ratings WHERE seq > {int(since_seq)}"
+    if conn.dialect.name == "postgresql":  # ordered here: a full read's sort by seq took PostgreSQL seconds
+        arrays = _copy_postgres(conn, columns, "iifll" + ("fl" if with_replaced else ""), rest)
+        order = seq_order(arrays[4])
+        arrays = [a[order] for a in arrays]
+    else:
+        arrays = _fetch_rows(conn, f"SELECT {', '.join(columns)} {rest} ORDER BY seq", len(columns))
+    arrays[2] = arrays[2].astype(np.float32)
+    if with_replaced:
+        arrays[5], arrays[6] = arrays[5].astype(np.float32), arrays[6].astype(np.int64)
+    return RatingsArrays(*arrays)
+
+
+_PG_BINARY = {"i": ("int4", ">i4"), "l": ("int8", ">i8"), "f": ("float8", ">f8")}
+COPY_BLOCK = 1 << 26  # bytes of COPY output parsed at a time
+
+
+def _copy_postgres(conn: Connection, columns: list[str], kinds: str, rest: str) -> list[np.ndarray]:
+    """``SELECT columns rest`` (no NULLs; ``kinds``: i = int4, l = int8, f = float8 per column) as
+    arrays, through ``COPY … TO STDOUT (FORMAT BINARY)``: every row then has the same layout, which
+    numpy reads as a structured array (no Python object per value, as a row by row fetch makes)."""
+    cast = ", ".join(f"({c})::{_PG_BINARY[k][0]}" for c, k in zip(columns, kinds))
+    fields = [("n", ">i2")]
+    for k, kind in enumerate(kinds):
+        fields += [(f"len{k}", ">i4"), (f"c{k}", _PG_BINARY[kind][1])]
+    row = np.dtype(fields)
+    parts, pending, header = [], bytearray(), True
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        with cursor.copy(f"COPY (SELECT {cast} {rest}) TO STDOUT (FORMAT BINARY)") as copy:
+            for data in itertools.chain(copy, [None]):
+                if data is not None:
+                    pending += data
+                    if len(pending) < COPY_BLOCK:
+                        continue
+                if header:  # signature (11 bytes), flags, then the header extension's length and bytes
+                    del pending[:19 + int.from_bytes(pending[15:19], "big")]
+                    header = False
+                whole = len(pending) // row.itemsize * row.itemsize
+                if whole:
+                    parts.append(np.frombuffer(bytes(pending[:whole]), row))
+                    del pending[:whole]
+    finally:
+        cursor.close()
+    if pending != b"\xff\xff":  # only the trailer (-1 as int16) may remain
+        raise CfbError("unexpected COPY output from PostgreSQL")
+    rows = np.concatenate(parts) if parts else np.zeros(0, row)
+    return [rows[f"c{k}"].astype(np.float64 if kind == "f" else np.int64) for k, kind in enumerate(kinds)]
 
 
 def seq_order(seq: np.ndarray) -> np.ndarray:
@@ -281,8 +369,8 @@ def seq_order(seq: np.ndarray) -> np.ndarray:
     return slot[slot >= 0]
 
 
-def _fetch_rows(conn: Connection, sql: str) -> list[np.ndarray]:
-    """(user_id, item_id, rating, timestamp, seq) columns of ``sql``'s rows."""
+def _fetch_rows(conn: Connection, sql: str, n_columns: int = 5) -> list[np.ndarray]:
+    """(user_id, item_id, rating, timestamp, seq[, more as float64]) columns of ``sql``'s rows."""
     cursor = conn.connection.driver_connection.cursor()
     try:
         cursor.execute(sql)
@@ -291,9 +379,9 @@ def _fetch_rows(conn: Connection, sql: str) -> list[np.ndarray]:
             chunks.append(np.array(rows, dtype=np.float64))
     finally:
         cursor.close()
-    arr = np.concatenate(chunks) if chunks else np.zeros((0, 5))
+    arr = np.concatenate(chunks) if chunks else np.zeros((0, n_columns))
     return [arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.float32),
-            arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64)]
+            arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64), *(arr[:, k] for k in range(5, n_columns))]
 
 
 SCAN_CHUNK = 2_000_000  # ratings per statement of ``_scan_sqlite`` (about, for evenly spread user ids)
@@ -384,6 +472,29 @@ def item_totals(conn: Connection, item_ids) -> tuple[np.ndarray, np.ndarray]:  #
         found.update({int(i): (int(c), float(t)) for i, c, t in rows})
     return (np.array([found.get(i, (0, 0.0))[0] for i in ids], np.float64),
             np.array([found.get(i, (0, 0.0))[1] for i in ids], np.float64))
+
+
+def totals_since(conn: Connection, new: RatingsArrays, since_seq: int, item_ids: np.ndarray,
+                 counts: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(number of ratings, sum of ratings) of each of ``item_ids`` after ``new`` (the ratings with seq
+    > ``since_seq``, read ``with_replaced``), given their ``counts`` and ``sums`` at ``since_seq``.
+
+    A pair's first rating adds one rating; a rating that replaced a row of seq ≤ ``since_seq`` swaps
+    that row's value for its own. Only an item where that is unknown (a pair rated again twice since
+    ``since_seq``, or a row written before the table recorded what it replaced) is re-read from the
+    table, so the work follows the new ratings, not the items' popularity."""
+    item_ids = np.asarray(item_ids, np.int64)
+    counts, sums = np.array(counts, np.float64), np.array(sums, np.float64)
+    at = np.searchsorted(item_ids, new.item_id)  # item_ids sorted and holding every new rating's item
+    tracked = new.seq >= int(get_setting(conn, HISTORY_FROM_KEY) or 0)
+    first = tracked & (new.prev_seq < 0)
+    swapped = (new.prev_seq >= 0) & (new.prev_seq <= since_seq)
+    np.add.at(counts, at[first], 1.0)
+    np.add.at(sums, at, np.where(first, new.rating, 0.0) + np.where(swapped, new.rating - new.prev_rating, 0.0))
+    unknown = np.unique(at[~(first | swapped)])
+    if len(unknown):
+        counts[unknown], sums[unknown] = item_totals(conn, item_ids[unknown])
+    return counts, sums
 
 
 def all_item_ids(conn: Connection) -> np.ndarray:

@@ -63,16 +63,18 @@ def retrain_incremental(engine: Engine) -> dict:
     Items that got ratings for the first time, and items added since the full retrain that got new
     ratings, are solved against all their raters from their metadata row (or zeros); catalogue items
     with metadata and no rating join from their metadata; the statistics of every touched item are
-    re-read from the ratings table."""
+    the version's plus what the new ratings changed (``store.totals_since``)."""
     t_start = time.perf_counter()
     lock = versions.acquire_retrain_lock(engine)
     try:
         with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":  # one snapshot for every read below, as SQLite's BEGIN gives
+                conn.execution_options(isolation_level="REPEATABLE READ")
             parent = versions.require_serving(conn)
             row = versions.get_version(conn, parent)
             served = load_served(conn, parent)
             model = served.model
-            new = store.load_ratings(conn, since_seq=row["max_seq"])
+            new = store.load_ratings(conn, since_seq=row["max_seq"], with_replaced=True)
             touched = np.unique(new.item_id)
             rated = np.setdiff1d(touched, model.item_ids)
             unrated = np.zeros(0, np.int64)
@@ -94,7 +96,10 @@ def retrain_incremental(engine: Engine) -> dict:
                                                           for k in added})
             added = {k: np.concatenate([solved[k][:len(rated)], added[k][len(rated):]]) for k in added}
             replaced = {k: v[len(rated):] for k, v in solved.items()}
-            counts, sums = store.item_totals(conn, touched)
+            known = model.item_index(touched)  # (-1: an item new since the version, no ratings then)
+            counts, sums = store.totals_since(conn, new, int(row["max_seq"]), touched,
+                                              np.where(known >= 0, model.item_counts[known], 0.0),
+                                              np.where(known >= 0, model.item_sums[known], 0.0))
             fold_s = time.perf_counter() - t_fold
         if len(new_items):
             model = model.add_items(new_items, added, ranker_rows)

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from cfb.cf_core.errors import CfbError
 from cfb.db import store, versions
 from cfb.db.engine import writing
-from cfb.db.schema import Item, ModelArrays, ModelVersion, UserFactors
+from cfb.db.schema import Item, ModelArrays, ModelVersion, Rating, UserFactors
 from cfb.db.sources import Dataset
 from cfb.service.incremental import retrain_incremental
 from cfb.service.ingest import ingest_dataset
@@ -169,3 +169,61 @@ def test_an_incremental_version_stores_only_the_touched_items_statistics(trained
     full = versions.make_delta(delta["added/item_ids"], {}, child)
     assert np.array_equal(versions.apply_delta(parent, full).item_counts, child.item_counts)
     assert np.array_equal(versions.apply_delta(parent, full).item_sums, child.item_sums)
+
+
+def assert_statistics_are_the_tables(engine) -> None:  # noqa: ANN001
+    with engine.connect() as conn:
+        model = load_served(conn).model
+        counts, sums = store.item_totals(conn, model.item_ids)
+    assert np.array_equal(model.item_counts, counts) and np.allclose(model.item_sums, sums)
+
+
+def test_incremental_statistics_follow_first_ratings_and_replaced_ones(trained, planted):
+    """An incremental version's item statistics are the version's plus what the new rows changed: a
+    first rating adds one, a changed rating swaps its old value for the new, a pair rated again twice
+    since the version (its first value unknown from the row) re-reads its item, and a rollback's
+    next version counts from the older version's statistics."""
+    engine, report = trained
+    rated = set(zip(planted.ratings.user, planted.ratings.item))
+    old = next(p for p in sorted(rated) if p[0] == "a0")
+    fresh = next((u, i) for u in ("a2",) for i in planted.items.item if (u, i) not in rated)
+    rate_item(engine, *old, 6 - dict(zip(zip(planted.ratings.user, planted.ratings.item), planted.ratings.rating))[old])
+    rate_item(engine, *fresh, 5.0)
+    rate_item(engine, *fresh, 4.0)  # twice since the version
+    with engine.connect() as conn:
+        since = versions.get_version(conn, report["version"])["max_seq"]
+        new = store.load_ratings(conn, since_seq=since, with_replaced=True)
+    assert len(new) == 2 and 0 <= new.prev_seq[0] <= since < new.prev_seq[1]  # replaced: before, after it
+    retrain_incremental(engine)
+    assert_statistics_are_the_tables(engine)
+    rate_item(engine, "b1", "a5", 2.0)
+    rate_item(engine, "b1", "a5", 2.0)  # the same again: not new
+    retrain_incremental(engine)
+    assert_statistics_are_the_tables(engine)
+    with writing(engine) as conn:
+        versions.set_serving(conn, report["version"])
+    rate_item(engine, "b3", "a7", 3.0)
+    assert retrain_incremental(engine)["new_ratings"] == 4  # everything since the older version, once
+    assert_statistics_are_the_tables(engine)
+
+
+def test_a_ratings_table_from_before_the_replaced_columns_gets_them(trained):
+    """A database made before ``prev_rating``/``prev_seq``: the first write adds them; rows written
+    before that are re-read for their items' statistics, rows after count as their own."""
+    engine, _ = trained
+    with writing(engine) as conn:
+        conn.exec_driver_sql("ALTER TABLE ratings DROP COLUMN prev_rating")
+        conn.exec_driver_sql("ALTER TABLE ratings DROP COLUMN prev_seq")
+        # an earlier cfb's write after the version: a changed rating that does not say what it replaced
+        conn.exec_driver_sql("UPDATE ratings SET rating = 6 - rating, seq = (SELECT max(seq) + 1 FROM ratings) "
+                             "WHERE seq = (SELECT min(seq) FROM ratings)")
+    store._HAVE_HISTORY.discard(str(engine.url))
+    rate_item(engine, "a0", "a1", 2.0)  # adds the columns, in the same transaction as the rating
+    with engine.connect() as conn:
+        first_tracked = int(store.get_setting(conn, store.HISTORY_FROM_KEY))
+        seq = conn.scalar(select(func.max(Rating.seq)))
+    assert first_tracked == seq
+    rate_item(engine, "a0", "a1", 3.0)
+    rate_item(engine, "b1", "b31", 1.0)
+    retrain_incremental(engine)
+    assert_statistics_are_the_tables(engine)
