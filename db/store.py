@@ -143,9 +143,10 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     """Upsert ratings by database ids; returns how many pairs were written.
 
     A pair given twice keeps its last row (latest wins), and seq numbers the kept rows in the given
-    order. Rows go in (user, item) order, many to a statement (see ``_insert``). A first large
-    ingest into SQLite (``BULK_ROWS`` or more into an empty table) drops the secondary indexes and
-    builds them once at the end, in the same transaction. On a SQLite connection without foreign
+    order. Rows go in (user, item) order, many to a statement (see ``_insert``; on PostgreSQL from
+    ``PG_COPY_ROWS`` rows through COPY, ``_write_postgres_by_copy``). A first large ingest
+    (``BULK_ROWS`` or more into an empty table) drops the secondary indexes (on PostgreSQL also the
+    keys) and builds them once at the end, in the same transaction. On a SQLite connection without foreign
     keys (``make_engine(bulk=True)``) every id is checked here, at once. ``progress(n)`` is called
     after each statement of ``n`` rows. Writers are serialised (see ``lock_rating_writers``), so
     call it inside a write transaction that commits promptly."""
@@ -162,6 +163,7 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     if sqlite and not conn.exec_driver_sql("PRAGMA foreign_keys").scalar():
         _check_references(conn, u, i)
     bulk = sqlite and len(keep) >= BULK_ROWS and seq0 == 1
+    bulk_postgres = not sqlite and len(keep) >= BULK_ROWS and seq0 == 1
     # a bulk ingest builds the secondary indexes once, after the rows; but when the rows come in key
     # order their seq ascends as they go in, and appending to the seq index costs less than building it
     in_order = bulk and bool((keep[1:] > keep[:-1]).all())
@@ -177,6 +179,16 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
               "timestamp = excluded.timestamp, seq = excluded.seq "
               f"WHERE ratings.rating {differs} excluded.rating OR ratings.timestamp {differs} excluded.timestamp")
 
+    if not sqlite and len(keep) >= PG_COPY_ROWS:
+        if bulk_postgres:  # keys and indexes built once after the rows: seconds, where checks per row took minutes
+            _check_references(conn, u, i)
+            _drop_rating_constraints_postgres(conn)
+        _write_postgres_by_copy(conn, u[keep], i[keep], r[keep], ts[keep], missing[keep], seq[keep],
+                                "" if bulk_postgres else upsert, progress)
+        if bulk_postgres:
+            _restore_rating_constraints_postgres(conn)
+        return len(keep)
+
     def params(rows: slice) -> list:
         at = keep[rows]
         stamps = ts[at].tolist()
@@ -190,6 +202,64 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     for index in rebuilt:
         index.create(conn)
     return len(keep)
+
+
+PG_COPY_ROWS = 10_000  # from this many ratings, PostgreSQL gets them through COPY (one INSERT … SELECT after)
+COPY_CHUNK = 1_000_000  # rows encoded and sent at a time
+
+
+def _drop_rating_constraints_postgres(conn: Connection) -> None:
+    """Before a first bulk ingest into PostgreSQL: the ratings table's keys and indexes dropped
+    (``_restore_rating_constraints_postgres`` builds them after the rows, in the same transaction)."""
+    found = inspect(conn)
+    for name in [fk["name"] for fk in found.get_foreign_keys("ratings")] + [found.get_pk_constraint("ratings")["name"]]:
+        conn.exec_driver_sql(f'ALTER TABLE ratings DROP CONSTRAINT "{name}"')
+    for index in Rating.__table__.indexes:
+        index.drop(conn)
+
+
+def _restore_rating_constraints_postgres(conn: Connection) -> None:
+    # (plain SQL: SQLAlchemy's AddConstraint would leave the constraint out of later CREATE TABLEs)
+    table = Rating.__table__
+    conn.exec_driver_sql(f"ALTER TABLE ratings ADD PRIMARY KEY ({', '.join(c.name for c in table.primary_key)})")
+    for index in table.indexes:
+        index.create(conn)
+    for fk in table.foreign_key_constraints:  # each checked by one join, not a trigger per row
+        conn.exec_driver_sql(f"ALTER TABLE ratings ADD FOREIGN KEY ({', '.join(fk.column_keys)}) REFERENCES "
+                             f"{fk.referred_table.name} ({', '.join(e.column.name for e in fk.elements)})")
+
+
+def _write_postgres_by_copy(conn: Connection, u: np.ndarray, i: np.ndarray, r: np.ndarray, ts: np.ndarray,
+                            missing: np.ndarray, seq: np.ndarray, upsert: str, progress=None) -> None:  # noqa: ANN001
+    """Many ratings into PostgreSQL: ``COPY … FROM STDIN (FORMAT BINARY)`` into a temporary table
+    (rows encoded by numpy, no Python object per value), then one ``INSERT … SELECT`` into
+    ``ratings``, ending with ``upsert`` (ON CONFLICT …; none into an empty table). Multi-row INSERT
+    statements managed about 23k ratings/s."""
+    conn.exec_driver_sql("DROP TABLE IF EXISTS pg_temp.ratings_in")
+    conn.exec_driver_sql("CREATE TEMP TABLE ratings_in (user_id int4, item_id int4, rating float8, "
+                         "timestamp int8, missing bool, seq int8) ON COMMIT DROP")
+    columns = [(u, ">i4"), (i, ">i4"), (r, ">f8"), (ts, ">i8"), (missing, "?"), (seq, ">i8")]
+    row = np.dtype([("n", ">i2")] + [f for k, (_, t) in enumerate(columns) for f in ((f"len{k}", ">i4"), (f"c{k}", t))])
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        with cursor.copy("COPY ratings_in FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(b"PGCOPY\n\xff\r\n\x00" + bytes(8))  # signature, flags, no header extension
+            for start in range(0, len(u), COPY_CHUNK):
+                part = slice(start, start + COPY_CHUNK)
+                rows = np.empty(len(u[part]), row)
+                rows["n"] = len(columns)
+                for k, (values, t) in enumerate(columns):
+                    rows[f"len{k}"], rows[f"c{k}"] = np.dtype(t).itemsize, values[part]
+                copy.write(rows.tobytes())
+                if progress:
+                    progress(len(rows))
+            copy.write(b"\xff\xff")
+    finally:
+        cursor.close()
+    conn.exec_driver_sql("INSERT INTO ratings (user_id, item_id, rating, timestamp, seq) SELECT user_id, item_id, "
+                         "rating, CASE WHEN missing THEN NULL ELSE timestamp END, seq FROM ratings_in "
+                         f"ORDER BY user_id, item_id {upsert}")
+    conn.exec_driver_sql("DROP TABLE ratings_in")
 
 
 def _insert(conn: Connection, table: str, columns: list[str], n: int, params: Callable[[slice], list],

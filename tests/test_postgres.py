@@ -50,3 +50,59 @@ def test_whole_pipeline_on_postgres(pg_engine, planted):
     assert inc["mode"] == "incremental" and inc["users_with_new_ratings"] == 1
     with pg_engine.connect() as conn:
         assert [r["item"][0] for r in recommend(conn, "pg", n=3)["items"]] == ["b"] * 3
+
+
+def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, monkeypatch):
+    """From ``PG_COPY_ROWS`` ratings PostgreSQL gets them through COPY (and a first bulk ingest builds
+    its keys and indexes after the rows): the same ingests leave the same rows as on SQLite, replaced
+    values and missing timestamps included, and the keys are back."""
+    import numpy as np
+    from sqlalchemy import inspect
+
+    from cfb.db import store
+
+    monkeypatch.setattr(store, "PG_COPY_ROWS", 100)
+    monkeypatch.setattr(store, "BULK_ROWS", 1000)
+    assert len(planted.ratings) >= 1000
+    changed = planted.ratings.iloc[::7].assign(rating=lambda d: 6 - d.rating, timestamp=None)
+    new_pairs = pd.DataFrame([{"user": f"n{k}", "item": f"a{k % 20}", "rating": 4.0, "timestamp": k} for k in range(90)])
+    later = pd.concat([changed, new_pairs, planted.ratings.iloc[1:8:7]])  # and two rows written again unchanged
+    sqlite = make_engine(f"sqlite:///{tmp_path / 'same.db'}")
+    rows = []
+    for engine in (pg_engine, sqlite):
+        ingest_dataset(engine, planted)
+        ingest_dataset(engine, Dataset(later.reset_index(drop=True)))
+        with engine.connect() as conn:
+            r = store.load_ratings(conn, with_replaced=True)
+        rows.append(pd.DataFrame(vars(r)).sort_values("seq").reset_index(drop=True))
+    sqlite.dispose()
+    pd.testing.assert_frame_equal(rows[0], rows[1])
+    assert (rows[0].prev_seq >= 0).sum() == len(changed) and (rows[0].timestamp == -1).sum() == len(changed)
+    found = inspect(pg_engine)
+    assert found.get_pk_constraint("ratings")["constrained_columns"] == ["user_id", "item_id"]
+    assert {tuple(fk["constrained_columns"]) for fk in found.get_foreign_keys("ratings")} == {("user_id",), ("item_id",)}
+    assert {tuple(ix["column_names"]) for ix in found.get_indexes("ratings")} == {("item_id",), ("seq",)}
+    assert np.isfinite(rows[0].rating).all()
+
+
+def test_a_bulk_write_with_an_unknown_id_writes_nothing_on_postgres(pg_engine, monkeypatch):
+    from sqlalchemy import func, inspect, select
+
+    from cfb.cf_core.errors import CfbError
+    from cfb.db import store
+    from cfb.db.engine import writing
+    from cfb.db.schema import Item, Rating, User
+
+    monkeypatch.setattr(store, "BULK_ROWS", 10)
+    monkeypatch.setattr(store, "PG_COPY_ROWS", 10)
+    ingest_dataset(pg_engine, Dataset(pd.DataFrame([{"user": "u", "item": f"i{k}", "rating": 3.0, "timestamp": k}
+                                                    for k in range(20)])))
+    with writing(pg_engine) as conn:
+        conn.execute(Rating.__table__.delete())
+        uid, items = conn.scalar(select(User.id)), sorted(conn.scalars(select(Item.id)))
+    with pytest.raises(CfbError, match="no item with database id 999"):
+        with writing(pg_engine) as conn:
+            store.write_ratings(conn, [uid] * 20, items[:19] + [999], [3.0] * 20, list(range(20)))
+    with pg_engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Rating)) == 0
+    assert len(inspect(pg_engine).get_foreign_keys("ratings")) == 2
