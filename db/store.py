@@ -229,6 +229,12 @@ def _restore_rating_constraints_postgres(conn: Connection) -> None:
                              f"{fk.referred_table.name} ({', '.join(e.column.name for e in fk.elements)})")
 
 
+def _copy_row(types: list[str]) -> np.dtype:
+    """A row of PostgreSQL's binary COPY format whose fields have these fixed-width numpy types (big
+    endian; no NULLs): the number of fields, then each field's length and value."""
+    return np.dtype([("n", ">i2")] + [f for k, t in enumerate(types) for f in ((f"len{k}", ">i4"), (f"c{k}", t))])
+
+
 def _write_postgres_by_copy(conn: Connection, u: np.ndarray, i: np.ndarray, r: np.ndarray, ts: np.ndarray,
                             missing: np.ndarray, seq: np.ndarray, upsert: str, progress=None) -> None:  # noqa: ANN001
     """Many ratings into PostgreSQL: ``COPY … FROM STDIN (FORMAT BINARY)`` into a temporary table
@@ -239,7 +245,7 @@ def _write_postgres_by_copy(conn: Connection, u: np.ndarray, i: np.ndarray, r: n
     conn.exec_driver_sql("CREATE TEMP TABLE ratings_in (user_id int4, item_id int4, rating float8, "
                          "timestamp int8, missing bool, seq int8) ON COMMIT DROP")
     columns = [(u, ">i4"), (i, ">i4"), (r, ">f8"), (ts, ">i8"), (missing, "?"), (seq, ">i8")]
-    row = np.dtype([("n", ">i2")] + [f for k, (_, t) in enumerate(columns) for f in ((f"len{k}", ">i4"), (f"c{k}", t))])
+    row = _copy_row([t for _, t in columns])
     cursor = conn.connection.driver_connection.cursor()
     try:
         with cursor.copy("COPY ratings_in FROM STDIN (FORMAT BINARY)") as copy:
@@ -398,10 +404,7 @@ def _copy_postgres(conn: Connection, columns: list[str], kinds: str, rest: str) 
     arrays, through ``COPY … TO STDOUT (FORMAT BINARY)``: every row then has the same layout, which
     numpy reads as a structured array (no Python object per value, as a row by row fetch makes)."""
     cast = ", ".join(f"({c})::{_PG_BINARY[k][0]}" for c, k in zip(columns, kinds))
-    fields = [("n", ">i2")]
-    for k, kind in enumerate(kinds):
-        fields += [(f"len{k}", ">i4"), (f"c{k}", _PG_BINARY[kind][1])]
-    row = np.dtype(fields)
+    row = _copy_row([_PG_BINARY[k][1] for k in kinds])
     parts, pending, header = [], bytearray(), True
     cursor = conn.connection.driver_connection.cursor()
     try:
