@@ -275,7 +275,8 @@ class _Batches:
         idx = np.repeat(p["indptr"][ub] - seg_start, lens) + np.arange(total)
         items, trank, pos = p["items"][idx], p["trank"][idx], p["pos"][idx]
         # each rating's rank within its user in a random order: by the random key, then stably by user
-        # (what np.lexsort((key, seg)) gives, in a third of its time: the second sort is a radix sort)
+        # (what np.lexsort((key, seg)) gives, ties between random keys aside, in a third of its time:
+        # the second sort is a radix sort)
         by_key = np.argsort(rng.random(total))
         o2 = by_key[np.argsort(seg.astype(np.int16 if B < 2**15 else np.int64)[by_key], kind="stable")]
         rrank = np.empty(total, dtype=np.int64)

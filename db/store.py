@@ -18,7 +18,7 @@ BULK_ROWS = 200_000  # a first ingest this large into an empty ratings table tak
 
 
 HISTORY_FROM_KEY = "rating_history_from_seq"  # setting: the first seq whose row records what it replaced
-_HAVE_HISTORY: set[str] = set()  # database URLs whose ratings table has prev_rating/prev_seq (checked once)
+_HAVE_HISTORY: set[str] = set()  # database URLs whose ratings table was found with prev_rating/prev_seq
 
 
 def create_schema(engine: Engine) -> None:
@@ -40,16 +40,22 @@ def _has_history_columns(conn: Connection) -> bool:
 def ensure_rating_history(conn: Connection) -> None:
     """Give a ratings table made before ``prev_rating``/``prev_seq`` those columns (in the caller's
     write transaction); its rows written before then are marked as not recording what they replaced
-    (``HISTORY_FROM_KEY``), so ``totals_since`` reads their items' statistics from the table."""
+    (``HISTORY_FROM_KEY``), so ``totals_since`` reads their items' statistics from the table.
+
+    The URL is remembered only once the columns were found, i.e. committed: a migration rolled back
+    with its transaction is made again by the next writer. (A cfb older than these columns must not
+    write to the database after them: its replaced rows would not say so.)"""
     url = str(conn.engine.url)
     if url in _HAVE_HISTORY:
         return
-    if not _has_history_columns(conn):
-        first_tracked = next_seq(conn)
-        conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_rating FLOAT")
-        conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_seq BIGINT")
-        set_setting(conn, HISTORY_FROM_KEY, str(first_tracked))
-    _HAVE_HISTORY.add(url)
+    lock_rating_writers(conn)  # PostgreSQL: one migration at a time (SQLite's writers already queue)
+    if _has_history_columns(conn):
+        _HAVE_HISTORY.add(url)
+        return
+    first_tracked = next_seq(conn)
+    conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_rating FLOAT")
+    conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_seq BIGINT")
+    set_setting(conn, HISTORY_FROM_KEY, str(first_tracked))
 
 
 def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_cols: list[str],
@@ -227,6 +233,7 @@ def _restore_rating_constraints_postgres(conn: Connection) -> None:
     for fk in table.foreign_key_constraints:  # each checked by one join, not a trigger per row
         conn.exec_driver_sql(f"ALTER TABLE ratings ADD FOREIGN KEY ({', '.join(fk.column_keys)}) REFERENCES "
                              f"{fk.referred_table.name} ({', '.join(e.column.name for e in fk.elements)})")
+    conn.exec_driver_sql("ANALYZE ratings")  # the planner's statistics for the table it has not seen filled
 
 
 def _copy_row(types: list[str]) -> np.dtype:
@@ -423,9 +430,11 @@ def _copy_postgres(conn: Connection, columns: list[str], kinds: str, rest: str) 
                     del pending[:whole]
     finally:
         cursor.close()
-    if pending != b"\xff\xff":  # only the trailer (-1 as int16) may remain
-        raise CfbError("unexpected COPY output from PostgreSQL")
     rows = np.concatenate(parts) if parts else np.zeros(0, row)
+    widths = [np.dtype(_PG_BINARY[k][1]).itemsize for k in kinds]
+    if pending != b"\xff\xff" or (rows["n"] != len(kinds)).any() or any(
+            (rows[f"len{k}"] != w).any() for k, w in enumerate(widths)):  # (a NULL would have length -1)
+        raise CfbError("unexpected COPY output from PostgreSQL")
     return [rows[f"c{k}"].astype(np.float64 if kind == "f" else np.int64) for k, kind in enumerate(kinds)]
 
 

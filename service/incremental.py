@@ -65,6 +65,7 @@ def retrain_incremental(engine: Engine) -> dict:
     with metadata and no rating join from their metadata; the statistics of every touched item are
     the version's plus what the new ratings changed (``store.totals_since``)."""
     t_start = time.perf_counter()
+    store.create_schema(engine)  # (a database from before the replaced-value columns gets them)
     lock = versions.acquire_retrain_lock(engine)
     try:
         with engine.connect() as conn:

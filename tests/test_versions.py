@@ -218,6 +218,11 @@ def test_a_ratings_table_from_before_the_replaced_columns_gets_them(trained):
         conn.exec_driver_sql("UPDATE ratings SET rating = 6 - rating, seq = (SELECT max(seq) + 1 FROM ratings) "
                              "WHERE seq = (SELECT min(seq) FROM ratings)")
     store._HAVE_HISTORY.discard(str(engine.url))
+    with pytest.raises(RuntimeError), writing(engine) as conn:  # a migration rolled back with its transaction
+        store.write_ratings(conn, [1], [1], [4.0], [1])
+        raise RuntimeError("a later step of the same transaction fails")
+    with engine.connect() as conn:
+        assert not store._has_history_columns(conn)
     rate_item(engine, "a0", "a1", 2.0)  # adds the columns, in the same transaction as the rating
     with engine.connect() as conn:
         first_tracked = int(store.get_setting(conn, store.HISTORY_FROM_KEY))
