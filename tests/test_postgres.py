@@ -106,3 +106,43 @@ def test_a_bulk_write_with_an_unknown_id_writes_nothing_on_postgres(pg_engine, m
     with pg_engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Rating)) == 0
     assert len(inspect(pg_engine).get_foreign_keys("ratings")) == 2
+
+
+def test_two_writers_migrating_an_older_ratings_table_at_once_on_postgres(pg_engine, planted):
+    """Two processes meeting a ratings table without the replaced-value columns: the second waits for
+    the first's migration and finds the columns, instead of failing to add them again."""
+    import threading
+    import time
+
+    from cfb.db import store
+    from cfb.db.engine import writing
+
+    ingest_dataset(pg_engine, planted)
+    with writing(pg_engine) as conn:
+        conn.exec_driver_sql("ALTER TABLE ratings DROP COLUMN prev_rating")
+        conn.exec_driver_sql("ALTER TABLE ratings DROP COLUMN prev_seq")
+    first_migrated, commit_first, errors = threading.Event(), threading.Event(), []
+
+    def migrate(first: bool) -> None:
+        try:
+            with writing(pg_engine) as conn:
+                store._HAVE_HISTORY.discard(str(pg_engine.url))  # (as in another process)
+                store.ensure_rating_history(conn)
+                if first:
+                    first_migrated.set()
+                    commit_first.wait(10)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    first = threading.Thread(target=migrate, args=(True,))
+    first.start()
+    assert first_migrated.wait(10)
+    second = threading.Thread(target=migrate, args=(False,))
+    second.start()
+    time.sleep(0.5)  # the second is now waiting on the first's transaction
+    commit_first.set()
+    first.join()
+    second.join()
+    assert errors == []
+    with pg_engine.connect() as conn:
+        assert store._has_history_columns(conn)
