@@ -572,7 +572,8 @@ def totals_since(conn: Connection, new: RatingsArrays, since_seq: int, item_ids:
     first = tracked & (new.prev_seq < 0)
     swapped = (new.prev_seq >= 0) & (new.prev_seq <= since_seq)
     np.add.at(counts, at[first], 1.0)
-    np.add.at(sums, at, np.where(first, new.rating, 0.0) + np.where(swapped, new.rating - new.prev_rating, 0.0))
+    r, before = new.rating.astype(np.float64), new.prev_rating.astype(np.float64)  # (as a full retrain sums them)
+    np.add.at(sums, at, np.where(first, r, 0.0) + np.where(swapped, r - before, 0.0))
     unknown = np.unique(at[~(first | swapped)])
     if len(unknown):
         counts[unknown], sums[unknown] = item_totals(conn, item_ids[unknown])
