@@ -1,6 +1,7 @@
 """Full retrain: every rating from the database -> fastai models -> a ``TrainedModel`` -> a new serving version."""
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -102,6 +103,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     with (ranker_beside(ranker_args, bool(names), side) if side_by_side else nullcontext()) as pending:
         with torch_threads(1 if side_by_side else None):
             est.fit(td.data)
+        gc.collect()  # fastai's Learner is a reference cycle holding the training tensors: free them now
         report.update({"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device})
         t0 = time.perf_counter()
         boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
@@ -160,6 +162,7 @@ def _ranker_arrays_in_child(args: tuple, with_vectors: bool = False) -> tuple[di
     t0 = time.perf_counter()
     fitted = fit_ranker(*args)
     seconds = round(time.perf_counter() - t0, 3)
+    gc.collect()  # (the Learner's cycle holds the batches' arrays, several hundred MB at 25M ratings)
     vectors = None
     if with_vectors:
         from ..cf_core.item_prior import full_history_user_vectors
