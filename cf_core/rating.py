@@ -85,8 +85,9 @@ class _RatingModel:
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> "_RatingModel":
-        return cls(tuple(float(x) for x in a["y_range"]), a["item_factors"].astype(np.float32),
-                   a["item_bias"].astype(np.float32))
+        # (no copy when already float32: a mapped version's rows are read from disk only where used)
+        return cls(tuple(float(x) for x in a["y_range"]), np.asarray(a["item_factors"], np.float32),
+                   np.asarray(a["item_bias"], np.float32))
 
 
 class DotRating(_RatingModel):
