@@ -50,8 +50,9 @@ class Rating(Base):
     quarter smaller; databases made before keep their rowid table and work alike).
 
     ``prev_rating``/``prev_seq``: when a write replaces a pair's rating, the row it replaced (NULL for
-    a pair's first rating, and for rows written before these columns: see ``store.HISTORY_FROM_KEY``). An incremental retrain updates item statistics from the rows newer than
-    its version alone, without reading every rating of a touched item (``store.totals_since``)."""
+    a pair's first rating, and for rows written before these columns: see ``store.HISTORY_FROM_KEY``).
+    An incremental retrain updates item statistics from the rows newer than its version alone,
+    without reading every rating of a touched item (``store.totals_since``)."""
 
     __tablename__ = "ratings"
     __table_args__ = {"sqlite_with_rowid": False}

@@ -248,7 +248,6 @@ def _write_postgres_by_copy(conn: Connection, u: np.ndarray, i: np.ndarray, r: n
     (rows encoded by numpy, no Python object per value), then one ``INSERT … SELECT`` into
     ``ratings``, ending with ``upsert`` (ON CONFLICT …; none into an empty table). Multi-row INSERT
     statements managed about 23k ratings/s."""
-    conn.exec_driver_sql("DROP TABLE IF EXISTS pg_temp.ratings_in")
     conn.exec_driver_sql("CREATE TEMP TABLE ratings_in (user_id int4, item_id int4, rating float8, "
                          "timestamp int8, missing bool, seq int8) ON COMMIT DROP")
     columns = [(u, ">i4"), (i, ">i4"), (r, ">f8"), (ts, ">i8"), (missing, "?"), (seq, ">i8")]
