@@ -53,9 +53,9 @@ def test_whole_pipeline_on_postgres(pg_engine, planted):
 
 
 def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, monkeypatch):
-    """From ``PG_COPY_ROWS`` ratings PostgreSQL gets them through COPY (and a first bulk ingest builds
-    its keys and indexes after the rows): the same ingests leave the same rows as on SQLite, replaced
-    values and missing timestamps included, and the keys are back."""
+    """From ``PG_COPY_ROWS`` ratings PostgreSQL gets them through COPY, chunk by chunk (and a first bulk
+    ingest builds its keys and indexes after the rows): the same ingests leave the same rows as on
+    SQLite, replaced values and missing timestamps included, and the keys are back."""
     import numpy as np
     from sqlalchemy import inspect
 
@@ -63,6 +63,7 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
 
     monkeypatch.setattr(store, "PG_COPY_ROWS", 100)
     monkeypatch.setattr(store, "BULK_ROWS", 1000)
+    monkeypatch.setattr(store, "COPY_CHUNK", 64)  # the later ingest's upserts span several chunks too
     assert len(planted.ratings) >= 1000
     changed = planted.ratings.iloc[::7].assign(rating=lambda d: 6 - d.rating, timestamp=None)
     new_pairs = pd.DataFrame([{"user": f"n{k}", "item": f"a{k % 20}", "rating": 4.0, "timestamp": k} for k in range(90)])
@@ -83,6 +84,33 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
     assert {tuple(fk["constrained_columns"]) for fk in found.get_foreign_keys("ratings")} == {("user_id",), ("item_id",)}
     assert {tuple(ix["column_names"]) for ix in found.get_indexes("ratings")} == {("item_id",), ("seq",)}
     assert np.isfinite(rows[0].rating).all()
+
+
+def test_a_large_write_on_postgres_reports_progress_as_its_rows_land(pg_engine, monkeypatch):
+    """Each COPY chunk goes into ``ratings`` before the next is sent, and the progress follows it, so
+    a large write's progress bar does not sit full while the rows are still being inserted."""
+    from psycopg.pq import TransactionStatus
+    from sqlalchemy import func, select
+
+    from cfb.db import store
+    from cfb.db.engine import writing
+    from cfb.db.schema import Item, Rating, User
+
+    monkeypatch.setattr(store, "PG_COPY_ROWS", 10)
+    monkeypatch.setattr(store, "COPY_CHUNK", 7)
+    ingest_dataset(pg_engine, Dataset(pd.DataFrame([{"user": "u", "item": f"i{k}", "rating": 3.0, "timestamp": k}
+                                                    for k in range(30)])))
+    with writing(pg_engine) as conn:
+        uid, items = conn.scalar(select(User.id)), sorted(conn.scalars(select(Item.id)))
+        conn.execute(Rating.__table__.delete())
+        landed = []
+
+        def progress(n: int) -> None:  # the rows in the table by then (None: a statement, e.g. COPY, still open)
+            idle = conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
+            landed.append((n, conn.scalar(select(func.count()).select_from(Rating)) if idle else None))
+
+        store.write_ratings(conn, [uid] * 30, items, [4.0] * 30, list(range(30)), progress=progress)
+    assert landed == [(7, 7), (7, 14), (7, 21), (7, 28), (2, 30)]
 
 
 def test_a_bulk_write_with_an_unknown_id_writes_nothing_on_postgres(pg_engine, monkeypatch):
