@@ -242,8 +242,6 @@ class ItemPrior:
                  item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
                  rank_out=None if model.ranker is None else model.ranker.out_,
                  rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
-        if model.ranker is not None and rank_vecs is not None and self.V_.shape[1]:
-            self.calibrate_ranking(item_attributes, model.ranker.out_, model.ranker.out_bias_, rank_vecs)
         return self
 
     def calibrate_ranking(self, item_attributes: list[dict], out: np.ndarray, out_bias: np.ndarray,
@@ -251,7 +249,10 @@ class ItemPrior:
         """A softmax fixes scores only up to a constant, so the ranking part's scores live on their own
         level; shift its bias so that, averaged over the training users and items, a metadata row scores
         like the ranker's own rows (a new item then competes fairly with the items already known)."""
-        rows = self.rows(item_attributes)
+        self._calibrate(self.encoder_.encode(item_attributes), out, out_bias, rank_vecs)
+
+    def _calibrate(self, X: np.ndarray, out: np.ndarray, out_bias: np.ndarray, rank_vecs: np.ndarray) -> None:
+        rows = self._rows(X)
         mean_user = rank_vecs.mean(0)
         gap = (float(mean_user @ (out.mean(0) - rows["rank_out"].mean(0)))
                + float(out_bias.mean() - rows["rank_bias"].mean()))
@@ -267,7 +268,20 @@ class ItemPrior:
         """``item_attributes[i]``: training item i's metadata; ratings as (inner user, inner item, rating);
         ``user_factors``/``user_bias`` the rating model's user rows (fixed); ``rank_vecs`` (n_users, d)
         the ranker's user vectors (fixed). The trained item rows (``item_factors`` …) are needed by
-        mode "ridge" only."""
+        mode "ridge" only; given the ranker's (``rank_out``, ``rank_bias``), the ranking part is calibrated
+        to them. ``fit_rating_part`` then ``fit_ranking_part``."""
+        self.fit_rating_part(item_attributes, users, items, ratings, user_factors, user_bias, y_range, scale,
+                             item_factors=item_factors, item_bias=item_bias, device=device)
+        return self.fit_ranking_part(rank_vecs, rank_out=rank_out, rank_bias=rank_bias)
+
+    def fit_rating_part(self, item_attributes: list[dict], users: np.ndarray, items: np.ndarray,
+                        ratings: np.ndarray, user_factors: np.ndarray, user_bias: np.ndarray,
+                        y_range: tuple[float, float], scale: tuple[float, float], *,
+                        item_factors: np.ndarray | None = None, item_bias: np.ndarray | None = None,
+                        device: str | None = None) -> "ItemPrior":
+        """The metadata encoder and the rating part (``W_``, ``w_``; arguments as ``fit``). It needs the
+        rating model only, so a full retrain runs it while the ranker still trains; ``fit_ranking_part``
+        completes the prior."""
         cfg = self.config
         t0 = time.perf_counter()
         self.encoder_ = MetaEncoder.fit(item_attributes, self.attributes, cfg.min_count, cfg.max_vocab, cfg.n_bins,
@@ -276,34 +290,58 @@ class ItemPrior:
         self.y_range_ = tuple(float(v) for v in y_range)
         lo, hi = float(scale[0]), float(scale[1])
         self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
-        k = user_factors.shape[1]
-        d = 0 if rank_vecs is None else rank_vecs.shape[1]
+        users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
+        ratings = np.asarray(ratings, np.float32)
         if cfg.mode == "ridge":
-            self._fit_ridge(X, item_factors, item_bias, rank_out, rank_bias)
+            self.W_ = self._ridge(X, item_factors)
+            self.w_ = self._ridge(X, item_bias[:, None])[:, 0]
         else:
-            self._fit_joint(X, np.asarray(users, np.int64), np.asarray(items, np.int64),
-                            np.asarray(ratings, np.float32), user_factors, user_bias, rank_vecs, device)
-        if d == 0:
-            self.V_ = np.zeros((X.shape[1], 0), np.float32)
-            self.v_ = np.zeros(X.shape[1], np.float32)
-            self.hidden_ = []
-        assert self.W_.shape == (X.shape[1], k)
+            self._fit_rating_joint(X, users, items, ratings, user_factors, user_bias, device)
+        assert self.W_.shape == (X.shape[1], user_factors.shape[1])
+        # what the ranking part needs (references, not copies), until it has run
+        self._pending = {"X": X, "users": users, "items": items, "ratings": ratings, "user_factors": user_factors,
+                         "user_bias": user_bias, "device": device}
         self.fit_s_ = round(time.perf_counter() - t0, 3)
         return self
 
-    def _fit_ridge(self, X, item_factors, item_bias, rank_out, rank_bias) -> None:  # noqa: ANN001
-        def ridge(Y):  # noqa: ANN001
-            A = X.T.astype(np.float64) @ X + self.config.ridge_alpha * np.eye(X.shape[1])
-            return np.linalg.solve(A, X.T.astype(np.float64) @ Y).astype(np.float32)
-
-        self.W_ = ridge(item_factors)
-        self.w_ = ridge(item_bias[:, None])[:, 0]
+    def fit_ranking_part(self, rank_vecs: np.ndarray | None = None, *, rank_out: np.ndarray | None = None,
+                         rank_bias: np.ndarray | None = None) -> "ItemPrior":
+        """The ranking part (``V_``, ``v_``) against the ranker's user vectors ``rank_vecs`` (None: no
+        ranking part, zero columns), on the data of the preceding ``fit_rating_part``; given the ranker's
+        own rows (``rank_out``, ``rank_bias``), then calibrated to them (``calibrate_ranking``)."""
+        if not hasattr(self, "_pending"):
+            raise RuntimeError("fit_ranking_part needs fit_rating_part first")
+        p = self.__dict__.pop("_pending")
+        t0 = time.perf_counter()
+        X = p["X"]
         self.hidden_ = []
-        if rank_out is not None:
-            self.V_ = ridge(rank_out)
-            self.v_ = ridge(rank_bias[:, None])[:, 0]
+        if rank_vecs is None or (self.config.mode == "ridge" and rank_out is None):
+            self.V_ = np.zeros((X.shape[1], 0), np.float32)
+            self.v_ = np.zeros(X.shape[1], np.float32)
+        elif self.config.mode == "ridge":
+            self.V_ = self._ridge(X, rank_out)
+            self.v_ = self._ridge(X, rank_bias[:, None])[:, 0]
+        else:
+            self._fit_ranking_joint(X, p["users"], p["items"], p["ratings"], p["user_factors"], p["user_bias"],
+                                    rank_vecs, p["device"])
+        if rank_vecs is not None and rank_out is not None and self.V_.shape[1]:
+            self._calibrate(X, rank_out, rank_bias, rank_vecs)
+        self.fit_s_ = round(self.fit_s_ + time.perf_counter() - t0, 3)
+        return self
 
-    def _fit_joint(self, X, users, items, ratings, user_factors, user_bias, rank_vecs, device) -> None:  # noqa: ANN001
+    def _ridge(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        A = X.T.astype(np.float64) @ X + self.config.ridge_alpha * np.eye(X.shape[1])
+        return np.linalg.solve(A, X.T.astype(np.float64) @ Y).astype(np.float32)
+
+    @staticmethod
+    def _tensor(a, dt, dev: str):  # noqa: ANN001, ANN205
+        """``a`` as a torch tensor without a copy when it is writeable (25M ratings are 0.5 GB; read-only
+        ones, as pandas may give, are copied)."""
+        import torch
+
+        return torch.as_tensor(np.require(a, requirements="W"), dtype=dt, device=dev)
+
+    def _fit_rating_joint(self, X, users, items, ratings, user_factors, user_bias, device) -> None:  # noqa: ANN001
         import torch
         import torch.nn.functional as F
 
@@ -311,8 +349,7 @@ class ItemPrior:
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         dev = device or "cpu"
-        # (no copy of a writeable array: 25M ratings are 0.5 GB; read-only ones, as pandas may give, are copied)
-        t = lambda a, dt=torch.float32: torch.as_tensor(np.require(a, requirements="W"), dtype=dt, device=dev)  # noqa: E731
+        t = lambda a, dt=torch.float32: self._tensor(a, dt, dev)  # noqa: E731
         mh = multi_hot_product(X, dev)  # mh(M) = X @ M, X kept sparse
         U, bu = t(user_factors), t(user_bias)
         ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)
@@ -342,10 +379,19 @@ class ItemPrior:
         self.W_ = W.detach().cpu().numpy().astype(np.float32)
         self.w_ = w.detach().cpu().numpy().astype(np.float32)
         self.rating_loss_ = float(loss.detach())
-        self.hidden_ = []
-        if rank_vecs is None:
-            return
-        # ranking part: full softmax over the training items per user, positives weighted equally
+
+    def _fit_ranking_joint(self, X, users, items, ratings, user_factors, user_bias, rank_vecs, device) -> None:  # noqa: ANN001
+        import torch
+
+        cfg = self.config
+        torch.manual_seed(self.seed)
+        dev = device or "cpu"
+        t = lambda a, dt=torch.float32: self._tensor(a, dt, dev)  # noqa: E731
+        mh = multi_hot_product(X, dev)
+        U, bu = t(user_factors), t(user_bias)
+        lo, hi = self.y_range_
+        p = X.shape[1]
+        # full softmax over the training items per user, positives weighted equally
         n_items = X.shape[0]
         pos = ratings >= self.threshold_
         by_user = np.argsort(users[pos], kind="stable")
@@ -354,8 +400,8 @@ class ItemPrior:
         starts = np.searchsorted(pu, rows)
         ends = np.searchsorted(pu, rows, side="right")
         R_all = t(rank_vecs)
-        with torch.no_grad():
-            f, b = mh(W), mh(w[:, None])[:, 0]
+        with torch.no_grad():  # the rating part's rows
+            f, b = mh(t(self.W_)), mh(t(self.w_)[:, None])[:, 0]
         bs = max(1, min(len(rows), MAX_LOGITS_PER_STEP // max(n_items, 1)))
 
         def batch(sel: np.ndarray):  # noqa: ANN202  (sel: positions in ``rows``, ascending)
@@ -401,7 +447,9 @@ class ItemPrior:
     def rows(self, item_attributes: list[dict]) -> dict[str, np.ndarray]:
         """The new items' initial rows: ``item_factors`` (n, k), ``item_bias`` (n,) for the rating
         model; ``rank_out`` (n, d), ``rank_bias`` (n,) for the ranker (d = 0 when fitted without one)."""
-        X = self.encoder_.encode(item_attributes)
+        return self._rows(self.encoder_.encode(item_attributes))
+
+    def _rows(self, X: np.ndarray) -> dict[str, np.ndarray]:
         out = X @ self.V_
         if self.hidden_:
             A, a, B = self.hidden_

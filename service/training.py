@@ -96,7 +96,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     questionnaire = make_questionnaire(td.data, td.item_ids, td.attributes)
     ranker_args = (td.data, td.timestamps, td.attributes, questionnaire.questions,
                    list(np.searchsorted(td.item_ids, questionnaire.items)), td.scale, seed, device)
-    side_by_side = ranker_goes_beside(ranker, len(td.data), device)
+    side_by_side = ranker_goes_beside(ranker, len(td.data), device, side)
     names = metadata_names(td.item_attributes or []) if kind == "dot" else ()  # the item prior's metadata
     report: dict = {}
     rank_vecs = None
@@ -109,6 +109,16 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
                              alpha=BOOTSTRAP_ALPHA, seed=seed, questionnaire=questionnaire)
         report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
+        prior = None
+        if names:  # the item prior's rating part needs the rating model only: fitted while the ranker trains
+            from ..cf_core.item_prior import ItemPrior
+
+            t0 = time.perf_counter()
+            with torch_threads(1 if side_by_side else None):
+                prior = ItemPrior(attributes=names, seed=seed).fit_rating_part(
+                    td.item_attributes, td.data.users, td.data.items, td.data.ratings, est.user_factors_,
+                    est.user_bias_, est.y_range, td.scale, device=device)
+            report["item_prior_rating_s"] = round(time.perf_counter() - t0, 3)
         fitted_ranker = None
         if side_by_side:
             arrays, report["ranker_fit_s"], rank_vecs = pending.get()
@@ -128,22 +138,35 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
                          item_counts=counts.astype(np.float64), item_sums=sums, config=config,
                          ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
                          user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
-    if names:  # after the side process has ended: the item prior's torch work gets both cores and its memory
-        from ..cf_core.item_prior import ItemPrior, full_history_user_vectors
+    if prior is not None:  # the ranking part, after the side process has ended: both cores and its memory
+        from ..cf_core.item_prior import full_history_user_vectors
 
         t0 = time.perf_counter()
         if rank_vecs is None and fitted_ranker is not None:  # (made by the side process when there was one)
             rank_vecs = full_history_user_vectors(fitted_ranker, td.data, td.attributes)
-        model.item_prior = ItemPrior(attributes=names, seed=seed).fit_version(model, td, td.item_attributes, rank_vecs)
-        report["item_prior_s"] = round(time.perf_counter() - t0, 3)
+        model.item_prior = prior.fit_ranking_part(
+            rank_vecs, rank_out=None if fitted_ranker is None else fitted_ranker.out_,
+            rank_bias=None if fitted_ranker is None else fitted_ranker.out_bias_)
+        report["item_prior_s"] = round(report["item_prior_rating_s"] + time.perf_counter() - t0, 3)
         settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
     return model, report
 
 
-def ranker_goes_beside(ranker: bool, n_ratings: int, device: str | None = None) -> bool:
+def ranker_may_go_beside(ranker: bool, n_ratings: int) -> bool:
+    """Whether a retrain of ``n_ratings`` ratings starts a side process for its ranker (from
+    ``SIDE_BY_SIDE_AT``); ``ranker_goes_beside`` then decides whether it trains there."""
+    return ranker and n_ratings >= SIDE_BY_SIDE_AT
+
+
+def ranker_goes_beside(ranker: bool, n_ratings: int, device: str | None = None,
+                       side: SideProcess | None = None) -> bool:
     """Whether the ranker trains in a side process beside the rating model: from ``SIDE_BY_SIDE_AT``
-    ratings, on a CPU (on a GPU both share the device)."""
-    return ranker and n_ratings >= SIDE_BY_SIDE_AT and pick_device(device) == "cpu"
+    ratings, on a CPU (on a GPU both share the device). With ``side`` started, that process (which
+    has imported torch) says which device there is: torch's import (2 s) then need not come before
+    the ratings are read and sent to it."""
+    if not ranker_may_go_beside(ranker, n_ratings):
+        return False
+    return (side.device() if side is not None and device is None else pick_device(device)) == "cpu"
 
 
 def fit_ranker(data: CollabData, timestamps: np.ndarray, attributes: list[dict], questions: list,
@@ -172,9 +195,9 @@ def _ranker_arrays_in_child(args: tuple, with_vectors: bool = False) -> tuple[di
     return fitted.to_arrays(), seconds, vectors
 
 
-def _warm_up() -> None:
+def _warm_up() -> str:
     """In the side process, first: one torch thread, a watch on the parent, and the imports the ranker
-    needs (seconds), done while the parent reads the ratings."""
+    needs (seconds), done while the parent reads the ratings. Returns the device torch would use."""
     import os
     import threading
 
@@ -194,6 +217,8 @@ def _warm_up() -> None:
 
     from ..cf_core import feature_model  # noqa: F401
 
+    return pick_device()
+
 
 class SideProcess:
     """A spawned process (torch's thread pools do not survive a fork) that fits the ranker beside the
@@ -201,7 +226,11 @@ class SideProcess:
 
     def __init__(self) -> None:
         self.pool: multiprocessing.pool.Pool | None = multiprocessing.get_context("spawn").Pool(1)
-        self.pool.apply_async(_warm_up)
+        self._warmed = self.pool.apply_async(_warm_up)
+
+    def device(self) -> str:
+        """The device torch uses in the side process (waits for its imports)."""
+        return self._warmed.get()
 
     def fit_ranker(self, args: tuple, with_vectors: bool) -> AsyncResult:
         """``.get()`` gives (arrays, seconds, full-history user vectors or None)."""
@@ -289,7 +318,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         with engine.connect() as conn:
             started_serving = versions.serving_version(conn)
             newest_seq = store.next_seq(conn) - 1  # at least the number of ratings
-        with side_process(ranker_goes_beside(ranker, newest_seq)) as side:  # started now: its imports overlap the read
+        with side_process(ranker_may_go_beside(ranker, newest_seq)) as side:  # started now: its imports overlap the read
             td, load_s = load_training_data(engine)
             metrics: dict = {"n_ratings": len(td.data), "load_s": round(load_s, 3)}
             if valid_pct > 0:
