@@ -244,7 +244,8 @@ def main() -> None:
     took, rss, _, out = cfb(url, "ingest", kind, str(tmp / "data"), "--quiet", "--json")
     log(f"ingest: {took:.1f} s ({shape['ratings'] / took:,.0f} ratings/s), peak RSS {rss:.2f} GB")
     took, rss, tree, rep = cfb(url, "retrain", "--full", "--valid-pct", "0", "--quiet", "--json")
-    phases = {k: rep.get(k) for k in ("load_s", "fit_s", "bootstrap_s", "ranker_fit_s", "item_prior_s")}
+    phases = {k: rep.get(k) for k in ("load_s", "fit_s", "bootstrap_s", "item_prior_rating_s", "ranker_fit_s",
+                                      "item_prior_s")}
     log(f"full retrain: {took:.1f} s wall (process), peak RSS {rss:.2f} GB (largest process), "
         f"{tree:.2f} GB (all its processes); phases (s): {phases}; ranker beside the rating model: "
         f"{bool(rep.get('side_by_side'))}; rating model: bs {rep['hyperparams'].get('bs')}, "

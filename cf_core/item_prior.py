@@ -315,7 +315,7 @@ class ItemPrior:
         t0 = time.perf_counter()
         X = p["X"]
         self.hidden_ = []
-        if rank_vecs is None or (self.config.mode == "ridge" and rank_out is None):
+        if rank_vecs is None or rank_vecs.shape[1] == 0 or (self.config.mode == "ridge" and rank_out is None):
             self.V_ = np.zeros((X.shape[1], 0), np.float32)
             self.v_ = np.zeros(X.shape[1], np.float32)
         elif self.config.mode == "ridge":

@@ -210,8 +210,8 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     return len(keep)
 
 
-PG_COPY_ROWS = 10_000  # from this many ratings, PostgreSQL gets them through COPY (one INSERT … SELECT after)
-COPY_CHUNK = 1_000_000  # rows encoded and sent at a time
+PG_COPY_ROWS = 10_000  # from this many ratings, PostgreSQL gets them through COPY (an INSERT … SELECT per chunk)
+COPY_CHUNK = 1_000_000  # rows encoded, sent and inserted at a time
 
 
 def _drop_rating_constraints_postgres(conn: Connection) -> None:
@@ -265,10 +265,10 @@ def _write_postgres_by_copy(conn: Connection, u: np.ndarray, i: np.ndarray, r: n
                 copy.write(b"PGCOPY\n\xff\r\n\x00" + bytes(8))  # signature, flags, no header extension
                 copy.write(rows.tobytes())
                 copy.write(b"\xff\xff")
-            cursor.execute("INSERT INTO ratings (user_id, item_id, rating, timestamp, seq) SELECT user_id, item_id, "
-                           "rating, CASE WHEN missing THEN NULL ELSE timestamp END, seq FROM ratings_in "
-                           f"ORDER BY user_id, item_id {upsert}")
-            cursor.execute("TRUNCATE ratings_in")
+            conn.exec_driver_sql("INSERT INTO ratings (user_id, item_id, rating, timestamp, seq) SELECT user_id, "
+                                 "item_id, rating, CASE WHEN missing THEN NULL ELSE timestamp END, seq FROM ratings_in "
+                                 f"ORDER BY user_id, item_id {upsert}")
+            conn.exec_driver_sql("TRUNCATE ratings_in")
             if progress:
                 progress(len(rows))
     finally:

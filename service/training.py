@@ -32,6 +32,7 @@ BOOTSTRAP_ALPHA = 30.0  # ridge penalty of the bootstrap map, chosen on pseudo-c
 # trains here, one torch thread each: 25M-shaped set 182 s side by side against 263 s one after the other
 SIDE_BY_SIDE_AT = 5_000_000
 BASE_TRAIN = 80_000  # the defaults above are tuned on MovieLens 100k's 80% training split
+WARM_UP_WAIT_S = 60  # how long a retrain waits for its side process to say which device it sees
 MAX_BATCH_SCALE = 32  # measured on a 6M-rating set: ×32 ran 1.8× faster than ×16 at the same MSE, ×64 lost accuracy
 
 
@@ -97,6 +98,8 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     ranker_args = (td.data, td.timestamps, td.attributes, questionnaire.questions,
                    list(np.searchsorted(td.item_ids, questionnaire.items)), td.scale, seed, device)
     side_by_side = ranker_goes_beside(ranker, len(td.data), device, side)
+    if side is not None and not side_by_side:  # (a GPU): its memory back now
+        side.close()
     names = metadata_names(td.item_attributes or []) if kind == "dot" else ()  # the item prior's metadata
     report: dict = {}
     rank_vecs = None
@@ -229,8 +232,12 @@ class SideProcess:
         self._warmed = self.pool.apply_async(_warm_up)
 
     def device(self) -> str:
-        """The device torch uses in the side process (waits for its imports)."""
-        return self._warmed.get()
+        """The device torch uses in the side process (waits for its imports; should the process die in
+        them, the pool's replacement never answers: after a minute the device is picked here)."""
+        try:
+            return self._warmed.get(timeout=WARM_UP_WAIT_S)
+        except multiprocessing.TimeoutError:
+            return pick_device()
 
     def fit_ranker(self, args: tuple, with_vectors: bool) -> AsyncResult:
         """``.get()`` gives (arrays, seconds, full-history user vectors or None)."""

@@ -293,3 +293,31 @@ def test_a_full_retrain_at_size_starts_its_side_process_before_reading(engine, p
     assert events == ["side", "read"] and out["side_by_side"] and out["serving"]
     with engine.connect() as conn:
         assert recommend(conn, "a0", 5)["items"]
+
+
+def test_a_side_process_is_closed_when_unused_and_never_waited_on_forever(engine, planted, monkeypatch):
+    """When the side process sees a GPU the ranker trains in the retrain's own process and the side
+    process ends at once; a side process that never says which device it sees (it died in its imports)
+    is waited on for ``WARM_UP_WAIT_S`` only."""
+    import time
+
+    from cfb.service import training
+
+    ingest_dataset(engine, planted)
+    td, _ = training.load_training_data(engine)
+    monkeypatch.setattr(training, "SIDE_BY_SIDE_AT", 1)
+    side = training.SideProcess()
+    try:
+        monkeypatch.setattr(side, "device", lambda: "cuda")
+        _, report = training.fit_model(td, "dot", FAST, progress=False, side=side)
+        assert side.pool is None and "side_by_side" not in report and report["ranker_fit_s"] > 0
+    finally:
+        side.close()
+    monkeypatch.setattr(training, "WARM_UP_WAIT_S", 0.5)
+    side = training.SideProcess()
+    try:
+        side._warmed = side.pool.apply_async(time.sleep, (30,))  # no answer in time
+        t0 = time.perf_counter()
+        assert side.device() == "cpu" and time.perf_counter() - t0 < 10
+    finally:
+        side.close()
