@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 
 from ..cf_core.errors import CfbError
 
+BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a connection waits for another's lock
 WRITE_OPTION = "cfb_write"  # execution option: this connection's transactions write (see ``writing``)
 
 
@@ -35,7 +37,7 @@ def _sqlite_pragmas(dbapi_conn, foreign_keys: bool) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.close()
 
 
@@ -44,17 +46,55 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 @contextmanager
-def writing(engine: Engine) -> Iterator[Connection]:
+def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
     """A connection in a write transaction, committed on success, rolled back on error.
 
     Use it instead of ``engine.begin()`` for every transaction that writes: on SQLite it starts with
     ``BEGIN IMMEDIATE`` (writers queue on the busy timeout instead of failing when a deferred
     transaction tries to upgrade its read lock); on PostgreSQL it is an ordinary transaction.
-    Reads through ``engine.connect()`` keep a deferred BEGIN, so readers never wait (WAL)."""
+    Reads through ``engine.connect()`` keep a deferred BEGIN, so readers never wait (WAL).
+
+    ``first_load`` (a first large ingest): on SQLite, when no other connection has the database
+    open, the transaction goes through a rollback journal instead of the write-ahead log (see
+    ``_rollback_journal``): its pages are written once, not to the log and then again by the
+    checkpoint after the commit. It is as atomic; other processes wait for it, as they would for
+    any writer, instead of reading beside it."""
     with engine.connect() as conn:
         conn.execution_options(**{WRITE_OPTION: True})  # in place, for this Connection only
-        with conn.begin():
-            yield conn
+        with _rollback_journal(conn, first_load and conn.dialect.name == "sqlite"):
+            with conn.begin():
+                yield conn
+
+
+@contextmanager
+def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
+    """Within: this SQLite connection's database in ``journal_mode=DELETE`` with ``synchronous=FULL``
+    (every commit durable, a crash rolled back from the journal by the next connection) and
+    multi-threaded sorting for index builds; WAL again after. Nothing changes when the switch is
+    refused at once (another connection has the database open: leaving WAL needs it alone)."""
+    raw = conn.connection.driver_connection if wanted else None
+    switched = False
+    if raw is not None:
+        raw.execute("PRAGMA busy_timeout=0")
+        try:
+            switched = raw.execute("PRAGMA journal_mode=DELETE").fetchone()[0].lower() == "delete"
+        except sqlite3.OperationalError:  # database is locked
+            switched = False
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    if switched:
+        raw.execute("PRAGMA synchronous=FULL")
+        raw.execute("PRAGMA threads=2")
+    try:
+        yield
+    finally:
+        if switched:
+            raw.execute("PRAGMA threads=0")
+            raw.execute("PRAGMA synchronous=NORMAL")
+            try:
+                raw.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError:  # (another connection came in: every cfb connection sets WAL on connect)
+                pass
 
 
 def make_engine(url: str | None = None, bulk: bool = False) -> Engine:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,19 +282,30 @@ def _insert(conn: Connection, table: str, columns: list[str], n: int, params: Ca
     """INSERT ``n`` rows into ``table``, as many to a multi-row ``VALUES`` statement as the driver may
     bind (binding a statement's parameters in C is several times faster than ``executemany``'s
     row by row): ``params(rows)`` gives the flat parameters of a slice of the rows; ``suffix`` ends
-    each statement (ON CONFLICT …); ``progress(k)`` follows each statement of ``k`` rows."""
+    each statement (ON CONFLICT …); ``progress(k)`` follows each statement of ``k`` rows.
+
+    The next statement's parameters are made in a second thread while the database runs the current
+    one (the driver lets go of the GIL while the statement runs): on 2 cores a large ingest's
+    parameter lists then cost almost nothing."""
     mark = "%s" if conn.dialect.name == "postgresql" else "?"
     row = f"({', '.join([mark] * len(columns))})"
     head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
     per_statement = max_parameters(conn) // len(columns)
+    slices = [slice(start, min(n, start + per_statement)) for start in range(0, n, per_statement)]
+    statements: dict[int, str] = {}
     cursor = conn.connection.driver_connection.cursor()
     try:
-        for start in range(0, n, per_statement):
-            rows = slice(start, min(n, start + per_statement))
-            count = rows.stop - rows.start
-            cursor.execute(f"{head}{', '.join([row] * count)} {suffix}", params(rows))
-            if progress:
-                progress(count)
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            upcoming = ahead.submit(params, slices[0]) if slices else None
+            for k, rows in enumerate(slices):
+                values = upcoming.result()
+                upcoming = ahead.submit(params, slices[k + 1]) if k + 1 < len(slices) else None
+                count = rows.stop - rows.start
+                if count not in statements:
+                    statements[count] = f"{head}{', '.join([row] * count)} {suffix}"
+                cursor.execute(statements[count], values)
+                if progress:
+                    progress(count)
     finally:
         cursor.close()
 

@@ -18,7 +18,9 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     The rating scale is fixed by the first ingest (the dataset's, ``scale``, or the data's range);
     later ratings outside it are refused."""
     store.create_schema(engine)
-    with writing(engine) as conn:
+    with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
+        first_load = len(ds.ratings) >= store.BULK_ROWS and store.next_seq(conn) == 1
+    with writing(engine, first_load=first_load) as conn:
         known = store.rating_scale(conn)
         if known and scale and tuple(scale) != known:
             raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")

@@ -1,7 +1,10 @@
 """Bulk writes of ratings (issue #11): the fast paths store exactly what row-by-row upserts would."""
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +260,69 @@ def test_a_header_with_spaces_is_read_the_same_either_way(tmp_path, monkeypatch)
     monkeypatch.setattr(layouts, "_with_whole_number_ids", lambda *a: None)
     pd.testing.assert_frame_equal(read, layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp"))
     assert read["item"].tolist() == ["10", "7"]
+
+
+def journal_mode(path: Path) -> str:
+    with sqlite3.connect(path) as raw:
+        return raw.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_a_first_large_ingest_writes_through_a_rollback_journal_and_leaves_wal(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    path = tmp_path / "cfb.db"
+    journal = path.with_name("cfb.db-journal")
+    engine = make_engine(f"sqlite:///{path}", bulk=True)
+    seen: list[bool] = []
+    ingest_dataset(engine, Dataset(ratings_frame()), progress=lambda n: seen.append(journal.exists()))
+    assert seen and all(seen)  # the first load's pages went through a rollback journal
+    assert not journal.exists() and journal_mode(path) == "wal"
+    seen.clear()
+    ingest_dataset(engine, Dataset(ratings_frame(seed=1)), progress=lambda n: seen.append(journal.exists()))
+    assert seen and not any(seen)  # a later one goes through the write-ahead log as every write does
+    engine.dispose()
+
+
+def test_a_first_large_ingest_beside_an_open_connection_keeps_the_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    path = tmp_path / "cfb.db"
+    engine = make_engine(f"sqlite:///{path}", bulk=True)
+    store.create_schema(engine)
+    reader = sqlite3.connect(path)  # e.g. a server that has the database open: leaving WAL needs it alone
+    reader.execute("SELECT count(*) FROM ratings").fetchone()
+    seen: list[bool] = []
+    ingest_dataset(engine, Dataset(ratings_frame()), progress=lambda n: seen.append(path.with_name("cfb.db-journal").exists()))
+    assert seen and not any(seen)
+    assert reader.execute("SELECT count(*) FROM ratings").fetchone()[0] == len(stored(engine)) > 0
+    reader.close()
+    engine.dispose()
+    assert journal_mode(path) == "wal"
+
+
+def test_a_first_large_ingest_killed_midway_leaves_an_empty_database_in_wal(tmp_path):
+    path = tmp_path / "cfb.db"
+    frame = tmp_path / "ratings.csv"
+    ratings_frame().to_csv(frame, index=False)
+    script = f"""
+import os, signal
+import pandas as pd
+from cfb.db import store
+from cfb.db.engine import make_engine
+from cfb.db.sources import Dataset
+from cfb.service.ingest import ingest_dataset
+store.BULK_ROWS = 100
+store.max_parameters = lambda conn: 35
+def die(n):  # after the first statement's rows are written
+    os.kill(os.getpid(), signal.SIGKILL)
+ingest_dataset(make_engine({f"sqlite:///{path}"!r}, bulk=True),
+               Dataset(pd.read_csv({str(frame)!r}, dtype={{"user": str, "item": str}})), progress=die)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert path.with_name("cfb.db-journal").exists()  # hot: the next connection rolls it back
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Rating)) == 0
+        assert conn.scalar(select(func.count()).select_from(User)) == 0
+    assert journal_mode(path) == "wal"
+    assert ingest_dataset(engine, Dataset(ratings_frame()))["ratings"] == len(stored(engine)) > 0
+    engine.dispose()
