@@ -198,27 +198,35 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
     if list(df.columns) != header or not np.isfinite(df[rating]).all():
         return None
     raw = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    # byte offsets as int32 when they fit, and arrays reused in place: on a large release each fresh
+    # array of offsets costs more in first-touched memory than the arithmetic on it
+    at_type = np.int32 if len(raw) < 2**31 - 64 else np.int64
     chunk = 1 << 24  # in slices: one comparison over the whole file costs twice as much in page faults
-    starts = np.concatenate([np.flatnonzero(raw[at:at + chunk] == ord("\n")) + at + 1
-                             for at in range(0, len(raw), chunk)] or [np.zeros(0, np.int64)])
-    starts = starts[starts < len(raw)]  # each data line's first byte (the header's line is first)
+    starts = np.concatenate([(np.flatnonzero(raw[at:at + chunk] == ord("\n")) + (at + 1)).astype(at_type)
+                             for at in range(0, len(raw), chunk)] or [np.zeros(0, at_type)])
+    if len(starts) and starts[-1] >= len(raw):
+        starts = starts[:-1]  # each data line's first byte (the header's line is first)
     if len(starts) != len(df):
         return None  # blank lines, quoted line breaks...: the careful reader decides
+    factorized = {}
+    last = len(raw) - 1
     for k, column in enumerate(header[:2]):
-        ids = df[column].to_numpy()
-        if len(ids) and ids.min() < 0:
+        codes, distinct = factorized[column] = pd.factorize(df[column].to_numpy())
+        if len(distinct) and distinct.min() < 0:
             return None
-        ends = starts + 1 + np.searchsorted(POWERS_OF_TEN, ids, side="right")
-        inside = ends < len(raw)
-        after = raw[np.minimum(ends, len(raw) - 1)]
+        ends = np.searchsorted(POWERS_OF_TEN, distinct, side="right").astype(at_type)[codes]  # each id's digits - 1
+        ends += starts
+        ends += 1  # the byte after the id
+        after = raw[np.minimum(ends, last)]
         if k == 0 or len(header) > 2:
-            ok = inside & (after == ord(","))
+            ok = (ends <= last) & (after == ord(","))
         else:  # the last column: the line ends there
-            ok = ~inside | (after == ord("\n")) | (after == ord("\r"))
+            ok = (ends > last) | (after == ord("\n")) | (after == ord("\r"))
         if not ok.all():
             return None
-        starts = ends + 1
-    out = pd.DataFrame({"user": id_column(df[user]), "item": id_column(df[item]),
+        starts = ends
+        starts += 1
+    out = pd.DataFrame({"user": id_column(df[user], factorized[user]), "item": id_column(df[item], factorized[item]),
                         "rating": df[rating].to_numpy(np.float32)})
     out["timestamp"] = df[timestamp].to_numpy(np.int64) if timestamp else None
     return out

@@ -53,10 +53,11 @@ def _nonempty_ids(df: pd.DataFrame, col: str, path: Path, first_line: int) -> No
         raise InputError("empty id", source=str(path), line=first_line + pos, field=col)
 
 
-def id_column(values: pd.Series) -> pd.Categorical:
+def id_column(values: pd.Series, factorized: tuple[np.ndarray, np.ndarray] | None = None) -> pd.Categorical:
     """Ids as a categorical of their stripped text: a few distinct ids, each kept once, so grouping,
-    de-duplicating and mapping them to database ids work on small integer codes."""
-    codes, uniques = pd.factorize(values)  # categories in order of first appearance
+    de-duplicating and mapping them to database ids work on small integer codes. ``factorized``:
+    ``pd.factorize(values)`` when the caller has it already."""
+    codes, uniques = factorized if factorized is not None else pd.factorize(values)  # categories in order of first appearance
     text = pd.Index(uniques).astype(str).str.strip()
     if not text.is_unique:  # "7" and " 7" are one id
         merged, text = pd.factorize(text)
