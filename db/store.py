@@ -106,7 +106,8 @@ def id_map(conn: Connection, table) -> dict[str, int]:  # noqa: ANN001
 
 def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | None = None,
                update_cols: tuple[str, ...] = ()) -> dict[str, int]:
-    """Insert the external ids that are missing (with optional extra columns); return the id map.
+    """Insert the external ids that are missing (with optional extra columns), numbered in the order
+    given; return the id map.
 
     Columns in ``update_cols`` are overwritten for ids that already exist."""
     external_ids = [str(x) for x in external_ids]
@@ -114,7 +115,10 @@ def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | N
         rows = [{"external_id": e, **{k: v[i] for k, v in extra.items()}} for i, e in enumerate(external_ids)]
         _upsert(conn, table.__table__, rows, ["external_id"], list(update_cols))
     else:
-        new = sorted(set(external_ids) - id_map(conn, table).keys())
+        known = id_map(conn, table)
+        # numbered in the order given (a release's order of first appearance, not the ids' text order):
+        # ratings sorted by user then item then come in key order (see ``write_ratings``)
+        new = [e for e in dict.fromkeys(external_ids) if e not in known]
         # the columns' defaults, made and converted for the driver once for all rows
         defaults = {"attributes": {}, "created_at": utcnow()}
         columns = [c for c in table.__table__.columns if c.name in defaults]

@@ -56,15 +56,17 @@ def database_ids(conn, table, external) -> np.ndarray:  # noqa: ANN001
     created where new: each distinct id is looked up once, then spread by its category code."""
     import pandas as pd
 
-    cat = external.array if isinstance(external.dtype, pd.CategoricalDtype) else pd.Categorical(external)
-    codes = np.asarray(cat.codes)
+    if isinstance(external.dtype, pd.CategoricalDtype):
+        codes, categories = np.asarray(external.array.codes), external.array.categories
+    else:  # in order of first appearance, as the readers' categoricals are
+        codes, categories = pd.factorize(external)
     if (codes < 0).any():
         raise InputError(f"row {int(np.argmax(codes < 0)) + 1}: missing {external.name or 'id'}",
                          field=str(external.name or "id"))
-    used = np.flatnonzero(np.bincount(codes, minlength=len(cat.categories)))  # (no sort, unlike np.unique)
-    names = [str(c) for c in np.asarray(cat.categories, dtype=object)[used].tolist()]
+    used = np.flatnonzero(np.bincount(codes, minlength=len(categories)))  # (no sort, unlike np.unique)
+    names = [str(c) for c in np.asarray(categories, dtype=object)[used].tolist()]
     ids = store.ensure_ids(conn, table, names)
-    by_code = np.full(len(cat.categories), -1, np.int64)
+    by_code = np.full(len(categories), -1, np.int64)
     by_code[used] = [ids[x] for x in names]
     return by_code[codes]
 

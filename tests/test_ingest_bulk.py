@@ -326,3 +326,17 @@ ingest_dataset(make_engine({f"sqlite:///{path}"!r}, bulk=True),
     assert journal_mode(path) == "wal"
     assert ingest_dataset(engine, Dataset(ratings_frame()))["ratings"] == len(stored(engine)) > 0
     engine.dispose()
+
+
+def test_new_ids_are_numbered_in_the_order_given_so_a_sorted_release_comes_in_key_order(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'cfb.db'}")
+    df = pd.DataFrame({"user": ["1", "1", "2", "10", "10"], "item": ["5", "40", "5", "5", "300"],
+                       "rating": [4.0, 3.0, 5.0, 2.0, 1.0], "timestamp": [1, 2, 3, 4, 5]})
+    ingest_dataset(engine, Dataset(df))
+    with engine.connect() as conn:
+        users, items = store.id_map(conn, User), store.id_map(conn, Item)
+        keys = conn.execute(select(Rating.user_id, Rating.item_id).order_by(Rating.seq)).all()
+    assert users["1"] < users["2"] < users["10"]  # not "1" < "10" < "2", the ids' text order
+    assert items["5"] < items["40"] < items["300"]
+    assert keys == sorted(keys)  # the file's order is the key order
+    engine.dispose()
