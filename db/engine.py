@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +35,26 @@ def resolve_url(url: str | None = None) -> str:
 def _sqlite_pragmas(dbapi_conn, foreign_keys: bool) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA page_size=16384")  # a new database only (before WAL): fewer, fuller b-tree pages
-    cur.execute("PRAGMA journal_mode=WAL")
+    _set_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.close()
+
+
+def _set_wal(cur: sqlite3.Cursor) -> None:
+    """``journal_mode=WAL``. SQLite refuses the switch at once, without its busy timeout, while
+    another connection holds the database in a rollback journal (a first load, see ``writing``): try
+    again until the busy timeout, as any other wait for a lock."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _sqlite_begin(conn: Connection) -> None:
@@ -71,7 +87,8 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
     """Within: this SQLite connection's database in ``journal_mode=DELETE`` with ``synchronous=FULL``
     (every commit durable, a crash rolled back from the journal by the next connection) and
     multi-threaded sorting for index builds; WAL again after. Nothing changes when the switch is
-    refused at once (another connection has the database open: leaving WAL needs it alone)."""
+    refused at once (another connection has the database open: leaving WAL needs it alone). Within,
+    other connections wait for the transaction (``_set_wal``), and its COMMIT waits for readers."""
     raw = conn.connection.driver_connection if wanted else None
     switched = False
     if raw is not None:
@@ -89,12 +106,14 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
         yield
     finally:
         if switched:
-            raw.execute("PRAGMA threads=0")
-            raw.execute("PRAGMA synchronous=NORMAL")
+            if raw.in_transaction:  # its COMMIT failed (a reader kept its lock past the busy timeout)
+                raw.execute("ROLLBACK")
             try:
+                raw.execute("PRAGMA threads=0")
                 raw.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.OperationalError:  # (another connection came in: every cfb connection sets WAL on connect)
-                pass
+                raw.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError:  # a reader still holds the database: this connection is
+                conn.invalidate()  # dropped, and the next one sets WAL when it connects (``_set_wal``)
 
 
 def make_engine(url: str | None = None, bulk: bool = False) -> Engine:

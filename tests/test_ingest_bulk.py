@@ -5,6 +5,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -339,4 +341,61 @@ def test_new_ids_are_numbered_in_the_order_given_so_a_sorted_release_comes_in_ke
     assert users["1"] < users["2"] < users["10"]  # not "1" < "10" < "2", the ids' text order
     assert items["5"] < items["40"] < items["300"]
     assert keys == sorted(keys)  # the file's order is the key order
+    engine.dispose()
+
+
+def test_a_connection_opened_during_a_first_load_waits_for_it_and_sees_every_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    url = f"sqlite:///{tmp_path / 'cfb.db'}"
+    engine = make_engine(url, bulk=True)
+    seen: dict = {}
+
+    def newcomer() -> None:  # e.g. `cfb recommend` started while the load runs
+        other = make_engine(url)
+        try:
+            with other.connect() as conn:
+                seen["ratings"] = conn.scalar(select(func.count()).select_from(Rating))
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            seen["error"] = repr(e)
+        other.dispose()
+
+    thread = threading.Thread(target=newcomer)
+
+    def progress(n: int) -> None:
+        if not thread.is_alive() and "started" not in seen:
+            seen["started"] = True
+            thread.start()
+            time.sleep(0.3)  # it connects while the load holds the database
+
+    n = ingest_dataset(engine, Dataset(ratings_frame()), progress=progress)["ratings"]
+    thread.join(timeout=60)
+    assert seen.get("ratings") == n > 0, seen
+    engine.dispose()
+
+
+def test_a_first_load_whose_commit_times_out_writes_nothing_and_leaves_wal(tmp_path, monkeypatch):
+    from cfb.db import engine as engine_module
+
+    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 300)
+    path = tmp_path / "cfb.db"
+    engine = make_engine(f"sqlite:///{path}", bulk=True)
+    store.create_schema(engine)
+    readers: list[sqlite3.Connection] = []
+
+    def progress(n: int) -> None:  # a reader takes its lock during the load and keeps it
+        if not readers:
+            reader = sqlite3.connect(path, isolation_level=None)
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM settings").fetchone()
+            readers.append(reader)
+
+    with pytest.raises(Exception, match="locked"):
+        ingest_dataset(engine, Dataset(ratings_frame()), progress=progress)
+    readers[0].execute("ROLLBACK")
+    readers[0].close()
+    with engine.connect() as conn:  # (the load's connection was dropped: it could not leave the journal)
+        assert conn.scalar(select(func.count()).select_from(Rating)) == 0
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL, as every connection
+    assert journal_mode(path) == "wal"
     engine.dispose()
