@@ -202,8 +202,13 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
     # array of offsets costs more in first-touched memory than the arithmetic on it
     at_type = np.int32 if len(raw) < 2**31 - 64 else np.int64
     chunk = 1 << 24  # in slices: one comparison over the whole file costs twice as much in page faults
-    starts = np.concatenate([(np.flatnonzero(raw[at:at + chunk] == ord("\n")) + (at + 1)).astype(at_type)
-                             for at in range(0, len(raw), chunk)] or [np.zeros(0, at_type)])
+    pieces = [np.zeros(0, at_type)]
+    for at in range(0, len(raw), chunk):
+        piece = raw[at:at + chunk]
+        if (piece == ord('"')).any():
+            return None  # a quoted field may hold a line break: line counts alone cannot tell
+        pieces.append((np.flatnonzero(piece == ord("\n")) + (at + 1)).astype(at_type))
+    starts = np.concatenate(pieces)
     if len(starts) and starts[-1] >= len(raw):
         starts = starts[:-1]  # each data line's first byte (the header's line is first)
     if len(starts) != len(df):

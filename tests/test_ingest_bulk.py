@@ -206,14 +206,17 @@ def test_latest_per_pair_keeps_each_pairs_last_row_in_pair_order(presorted):
     "1,10,4.0,5\r\n2,7,3.5,6\r\n",  # Windows line ends
     "1,10,4.0,5\n2,7,3.5,6",  # no line end at the end
     "1,-3,4.0,5\n2,7,3.5,6\n",  # a negative id
+    '1,2,3.0,"x\n9,8,"\n6,7,3.0,z\r04,5,3.0,w\n',  # a quoted line break and a lone CR: line counts agree
 ])
 def test_ids_read_as_whole_numbers_only_when_that_equals_reading_them_as_text(tmp_path, body, monkeypatch):
     from cfb.db import layouts
 
-    path = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n" + body)
-    read = layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp")
+    last = "note" if '"' in body else "timestamp"  # (a text column for the quoted case)
+    path = write(tmp_path / "ratings.csv", f"userId,movieId,rating,{last}\n" + body)
+    time_column = None if last == "note" else "timestamp"
+    read = layouts.read_csv_ratings(path, "userId", "movieId", "rating", time_column)
     monkeypatch.setattr(layouts, "_with_whole_number_ids", lambda *a: None)
-    as_text = layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp")
+    as_text = layouts.read_csv_ratings(path, "userId", "movieId", "rating", time_column)
     pd.testing.assert_frame_equal(read, as_text)
     assert read["item"].cat.categories.tolist() == as_text["item"].cat.categories.tolist()
 
