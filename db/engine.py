@@ -106,14 +106,14 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
         yield
     finally:
         if switched:
-            if raw.in_transaction:  # its COMMIT failed (a reader kept its lock past the busy timeout)
-                raw.execute("ROLLBACK")
             try:
+                if raw.in_transaction:  # its COMMIT failed (a reader kept its lock past the busy timeout)
+                    raw.execute("ROLLBACK")
                 raw.execute("PRAGMA threads=0")
                 raw.execute("PRAGMA journal_mode=WAL")
                 raw.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.OperationalError:  # a reader still holds the database: this connection is
-                conn.invalidate()  # dropped, and the next one sets WAL when it connects (``_set_wal``)
+            except sqlite3.Error:  # (a reader still holds the database) this connection is dropped,
+                conn.invalidate()  # and the next one sets WAL when it connects (``_set_wal``)
 
 
 def make_engine(url: str | None = None, bulk: bool = False) -> Engine:
@@ -124,7 +124,7 @@ def make_engine(url: str | None = None, bulk: bool = False) -> Engine:
     a large ingest's insert time)."""
     url = resolve_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", lambda dbapi_conn, _record: _sqlite_pragmas(dbapi_conn, not bulk))
         # pysqlite's own transaction handling defers BEGIN; emit it ourselves so that a
         # write transaction is one unit (SQLAlchemy's documented recipe). Writers (``writing``)
