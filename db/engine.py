@@ -95,8 +95,8 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
         raw.execute("PRAGMA busy_timeout=0")
         try:
             switched = raw.execute("PRAGMA journal_mode=DELETE").fetchone()[0].lower() == "delete"
-        except sqlite3.OperationalError:  # database is locked
-            switched = False
+        except sqlite3.OperationalError:  # database is locked: it stays in WAL
+            pass
         finally:
             raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     if switched:
