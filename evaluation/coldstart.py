@@ -48,8 +48,24 @@ class Tally:
     def result(self) -> dict:
         return {"rmse": round((self.sq / self.n) ** 0.5, 4) if self.n else None,
                 "ndcg@10": round(float(np.mean(self.ndcg)), 4) if self.ndcg else None,
+                "ndcg@10_se": _standard_error(self.ndcg),
                 "recall@10": round(float(np.mean(self.recall)), 4) if self.recall else None,
                 "users": len(self.ndcg)}
+
+
+def _standard_error(values) -> float | None:  # noqa: ANN001
+    """Standard error of the mean of per-user values (None under two users)."""
+    v = np.asarray(values, dtype=float)
+    return round(float(v.std(ddof=1) / np.sqrt(len(v))), 4) if len(v) >= 2 else None
+
+
+def paired_difference(a: Tally, b: Tally) -> dict:
+    """NDCG@10 of ``a`` minus that of ``b`` on the same users (scored in the same order): the mean
+    per-user difference and its standard error."""
+    if len(a.ndcg) != len(b.ndcg):
+        raise ValueError("paired tallies must score the same users")
+    d = np.asarray(a.ndcg, dtype=float) - np.asarray(b.ndcg, dtype=float)
+    return {"diff": round(float(d.mean()), 4) if len(d) else None, "se": _standard_error(d)}
 
 
 @contextmanager
@@ -186,7 +202,8 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
             out["budgets"][q] = {"answers_per_user": round(answers / len(cold_sorted), 2),
                                  "onboard_ms_per_user": round(onboard_ms, 2),
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
-                                 **{m: t.result() for m, t in tallies.items()}}
+                                 **{m: t.result() for m, t in tallies.items()},
+                                 "cfb_vs": {m: paired_difference(tallies["cfb"], tallies[m]) for m in METHODS[1:]}}
     if fold_steps:
         with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
             out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, fold_steps, fitted, item_ids)
@@ -231,7 +248,7 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
     timeline = {u: g.sort_values(["timestamp", "item"], kind="stable") for u, g in cold_ratings.groupby("user")}
     first10 = {u: timeline[u].iloc[:10] for u in cold_sorted}
     evalset = {u: timeline[u].iloc[10:] for u in cold_sorted}
-    out, shown = {}, 0
+    out, shown, previous = {}, 0, None
     for n in sorted(steps):
         retrain_s = None
         if n > shown:
@@ -250,33 +267,32 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
                 if not evalset[u].empty:
                     _score_user(tallies, conn, served, cat, bl, None, u, attrs_of.get(u, {}),
                                 first10[u]["item"].tolist(), evalset[u], set(item_ids))
-        out[n] = {"retrain_s": retrain_s, **{m: t.result() for m, t in tallies.items()}}
+        out[n] = {"retrain_s": retrain_s, **{m: t.result() for m, t in tallies.items()},
+                  "cfb_vs": {m: paired_difference(tallies["cfb"], tallies[m]) for m in BASELINES},
+                  # the same users at every step: the step's gain over the previous n, paired
+                  "cfb_step": None if previous is None else paired_difference(tallies["cfb"], previous)}
+        previous = tallies["cfb"]
     return out
 
 
 def mean_over_seeds(results: list[dict]) -> dict:
-    """Average every metric over seeds (same structure as one seed's ``budgets`` and ``fold_in``)."""
-    def avg(path):  # noqa: ANN001
-        vals = []
-        for r in results:
-            v = r
-            for p in path:
-                v = v.get(p) if isinstance(v, dict) else None
-            if v is not None:
-                vals.append(v)
-        return round(float(np.mean(vals)), 4) if vals else None
+    """Average every metric over seeds (same structure as one seed's ``budgets`` and ``fold_in``); a
+    standard error (key ``se`` or ``…_se``) becomes that of the mean of the seeds' means,
+    √(Σ se²) / seeds (the seeds' cold users taken as independent)."""
+    def combine(values: list, key: str):  # noqa: ANN202
+        if any(isinstance(v, dict) for v in values):
+            return {k: combine([v.get(k) for v in values if isinstance(v, dict)], k)
+                    for k in next(v for v in values if isinstance(v, dict))}
+        vals = [float(v) for v in values if v is not None]
+        if not vals:
+            return None
+        if key == "se" or key.endswith("_se"):
+            return round(float(np.sqrt(np.sum(np.square(vals)))) / len(vals), 4)
+        return round(float(np.mean(vals)), 4)
 
-    first = results[0]
-    out: dict = {"budgets": {}, "fold_in": {}}
-    for section in ("budgets", "fold_in"):
-        for key, block in first.get(section, {}).items():
-            out[section][key] = {}
-            for m, v in block.items():
-                if isinstance(v, dict):
-                    out[section][key][m] = {mk: avg([section, key, m, mk]) for mk in v}
-                else:
-                    out[section][key][m] = avg([section, key, m])
-    return out
+    return {section: {key: combine([r.get(section, {}).get(key) for r in results], "")
+                      for key in results[0].get(section, {})}
+            for section in ("budgets", "fold_in")}
 
 
 def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10),

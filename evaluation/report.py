@@ -9,6 +9,28 @@ def _fmt(v) -> str:  # noqa: ANN001
     return "   -  " if v is None else f"{v:.4f}"
 
 
+def _with_se(value: float | None, se: float | None, signed: bool = False) -> str:
+    """One cell: "0.3089 ±0.0123", or "+0.0196 ±0.0101" for a difference; "-" when unknown."""
+    if value is None:
+        return "-"
+    return (f"{value:+.4f}" if signed else f"{value:.4f}") + ("" if se is None else f" ±{se:.4f}")
+
+
+def _uncertainty_rows(block: dict, columns: list, step: bool) -> list[str]:
+    """cfb's NDCG@10 ± its standard error over users, its paired difference from positive popularity
+    and (``step``) from the previous column, each ± its standard error."""
+    def diff(c, key: str, method: str | None = None) -> str:  # noqa: ANN001
+        d = block[c].get(key) or {}
+        d = (d.get(method) or {}) if method else d
+        return _with_se(d.get("diff"), d.get("se"), signed=True)
+
+    rows = [("cfb NDCG@10 ± SE", lambda c: _with_se(block[c]["cfb"]["ndcg@10"], block[c]["cfb"].get("ndcg@10_se"))),
+            ("cfb − positive pop.", lambda c: diff(c, "cfb_vs", "positive_popularity"))]
+    if step:
+        rows.append(("cfb − previous n", lambda c: diff(c, "cfb_step")))
+    return [f"{name:<24}" + "".join(f"| {cell(c):<25} " for c in columns) for name, cell in rows]
+
+
 def budget_table(block: dict) -> list[str]:
     """Rows: methods; columns: RMSE / NDCG@10 / Recall@10 per budget Q."""
     budgets = list(block)
@@ -18,6 +40,7 @@ def budget_table(block: dict) -> list[str]:
         cells = "".join(f"| {_fmt(block[q][m]['rmse'])} {_fmt(block[q][m]['ndcg@10'])}  {_fmt(block[q][m]['recall@10'])} "
                         for q in budgets)
         lines.append(f"{name:<24}{cells}")
+    lines += _uncertainty_rows(block, budgets, step=False)
     lines.append("answers per user        " + "".join(f"| {block[q]['answers_per_user']:<23}" for q in budgets))
     return lines
 
@@ -31,6 +54,7 @@ def fold_table(block: dict) -> list[str]:
         cells = "".join(f"| {_fmt(block[n][m]['rmse'])} {_fmt(block[n][m]['ndcg@10'])}  {_fmt(block[n][m]['recall@10'])} "
                         for n in steps)
         lines.append(f"{METHOD_NAMES[m]:<24}{cells}")
+    lines += _uncertainty_rows(block, steps, step=True)
     lines.append("incremental retrain (s) " + "".join(
         f"| {'-' if block[n]['retrain_s'] is None else block[n]['retrain_s']:<23}" for n in steps))
     return lines

@@ -72,3 +72,55 @@ def test_positive_popularity_counts_ratings_of_4_and_5_with_section_6_ties():
     order = list(np.argsort(-pp.scores(), kind="stable"))
     assert order == [1, 0, 3, 2]  # 1 before 0 and 3 (more ratings), 0 before 3 (lower id), 2 has none
     assert pp.predict(np.array([0])) == pytest.approx(Popularity().fit(items, ratings, 4).predict(np.array([0])))
+
+
+def test_paired_difference_and_standard_errors_by_hand():
+    from cfb.evaluation.coldstart import Tally, paired_difference
+
+    a, b = Tally(), Tally()
+    for x, y in [(1.0, 0.5), (0.5, 0.5), (0.0, 0.5), (0.5, 0.0)]:  # ranked/relevant chosen for these NDCGs
+        a.ndcg.append(x)
+        b.ndcg.append(y)
+    d = np.array([0.5, 0.0, -0.5, 0.5])
+    assert paired_difference(a, b) == {"diff": round(d.mean(), 4), "se": round(d.std(ddof=1) / 2, 4)}
+    assert a.result()["ndcg@10_se"] == round(np.std([1.0, 0.5, 0.0, 0.5], ddof=1) / 2, 4)
+    b.ndcg.pop()
+    with pytest.raises(ValueError, match="same users"):
+        paired_difference(a, b)
+    one = Tally()
+    one.ndcg.append(1.0)
+    assert one.result()["ndcg@10_se"] is None
+
+
+def test_mean_over_seeds_combines_standard_errors_of_the_seed_means():
+    from cfb.evaluation.coldstart import mean_over_seeds
+
+    def seed(ndcg, se, diff, diff_se, step):  # noqa: ANN001, ANN202
+        return {"budgets": {0: {"answers_per_user": 0.0, "cfb": {"rmse": ndcg + 0.6, "ndcg@10": ndcg, "ndcg@10_se": se},
+                                "cfb_vs": {"positive_popularity": {"diff": diff, "se": diff_se}}}},
+                "fold_in": {1: {"retrain_s": None, "cfb_step": step}}}
+
+    m = mean_over_seeds([seed(0.3, 0.03, 0.02, 0.01, None), seed(0.4, 0.04, 0.0, None, {"diff": 0.01, "se": 0.02})])
+    assert m["budgets"][0]["cfb"] == {"rmse": 0.95, "ndcg@10": 0.35, "ndcg@10_se": 0.025}  # SE: √(0.03² + 0.04²) / 2
+    assert m["budgets"][0]["cfb_vs"]["positive_popularity"] == {"diff": 0.01, "se": 0.01}  # the one known
+    assert m["fold_in"][1] == {"retrain_s": None, "cfb_step": {"diff": 0.01, "se": 0.02}}
+
+
+def test_protocol_reports_paired_differences_through_the_pipeline(planted):
+    """One seed of §4b and §5 on the planted set: each paired difference is the difference of the two
+    methods' means on the same users, and the text report shows them."""
+    from cfb.evaluation.coldstart import run_protocol
+    from cfb.evaluation.report import render
+
+    out = run_protocol(planted, seeds=(42,), budgets=(0, 5), fold_steps=(0, 1))
+    for block in (*out["per_seed"][0]["budgets"].values(), *out["per_seed"][0]["fold_in"].values()):
+        cfb, pp = block["cfb"], block["positive_popularity"]
+        assert cfb["users"] == pp["users"] >= 2
+        assert block["cfb_vs"]["positive_popularity"]["diff"] == pytest.approx(cfb["ndcg@10"] - pp["ndcg@10"], abs=2e-4)
+        assert cfb["ndcg@10_se"] > 0
+    fold = out["per_seed"][0]["fold_in"]
+    assert fold[0]["cfb_step"] is None
+    assert fold[1]["cfb_step"]["diff"] == pytest.approx(fold[1]["cfb"]["ndcg@10"] - fold[0]["cfb"]["ndcg@10"], abs=2e-4)
+    text = render(out)
+    assert text.count("cfb − positive pop.") == 4 and text.count("cfb − previous n") == 2
+    assert f"{fold[1]['cfb_step']['diff']:+.4f} ±{fold[1]['cfb_step']['se']:.4f}" in text
