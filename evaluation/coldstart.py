@@ -25,47 +25,21 @@ from ..cf_core.model import ServingConfig, UserVector
 from ..cf_core.scoring import top_n
 from ..cf_core.split import answer_pool_split, cold_users
 from .baselines import DemographicPopularity, Popularity, PositivePopularity
-from .metrics import ndcg_at_k, recall_at_k
+from . import metrics
+from .metrics import combine_seeds, ndcg_at_k, paired_difference, recall_at_k
 
 K = 10
 BASELINES = ("popularity", "positive_popularity", "demographic_popularity")
 METHODS = ("cfb", "average_user", *BASELINES)
 
 
-class Tally:
-    """Pooled squared errors and per-user ranking metrics for one method."""
-
-    def __init__(self):
-        self.sq, self.n, self.ndcg, self.recall = 0.0, 0, [], []
+class Tally(metrics.Tally):
+    """A method's tally on §4b/§5 users: the user's test ratings and their ranking at once."""
 
     def add(self, pred: np.ndarray, truth: np.ndarray, ranked: list, relevant: set) -> None:
-        self.sq += float(np.sum((np.asarray(pred, float) - truth) ** 2))
-        self.n += len(truth)
+        self.add_rating(pred, truth)
         if relevant:
-            self.ndcg.append(ndcg_at_k(ranked, relevant, K))
-            self.recall.append(recall_at_k(ranked, relevant, K))
-
-    def result(self) -> dict:
-        return {"rmse": round((self.sq / self.n) ** 0.5, 4) if self.n else None,
-                "ndcg@10": round(float(np.mean(self.ndcg)), 4) if self.ndcg else None,
-                "ndcg@10_se": _standard_error(self.ndcg),
-                "recall@10": round(float(np.mean(self.recall)), 4) if self.recall else None,
-                "users": len(self.ndcg)}
-
-
-def _standard_error(values) -> float | None:  # noqa: ANN001
-    """Standard error of the mean of per-user values (None under two users)."""
-    v = np.asarray(values, dtype=float)
-    return round(float(v.std(ddof=1) / np.sqrt(len(v))), 4) if len(v) >= 2 else None
-
-
-def paired_difference(a: Tally, b: Tally) -> dict:
-    """NDCG@10 of ``a`` minus that of ``b`` on the same users (scored in the same order): the mean
-    per-user difference and its standard error."""
-    if len(a.ndcg) != len(b.ndcg):
-        raise ValueError("paired tallies must score the same users")
-    d = np.asarray(a.ndcg, dtype=float) - np.asarray(b.ndcg, dtype=float)
-    return {"diff": round(float(d.mean()), 4) if len(d) else None, "se": _standard_error(d)}
+            self.add_rank(ndcg_at_k(ranked, relevant, K), recall_at_k(ranked, relevant, K))
 
 
 @contextmanager
@@ -276,21 +250,9 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
 
 
 def mean_over_seeds(results: list[dict]) -> dict:
-    """Average every metric over seeds (same structure as one seed's ``budgets`` and ``fold_in``); a
-    standard error (key ``se`` or ``…_se``) becomes that of the mean of the seeds' means,
-    √(Σ se²) / seeds (the seeds' cold users taken as independent)."""
-    def combine(values: list, key: str):  # noqa: ANN202
-        if any(isinstance(v, dict) for v in values):
-            return {k: combine([v.get(k) for v in values if isinstance(v, dict)], k)
-                    for k in next(v for v in values if isinstance(v, dict))}
-        vals = [float(v) for v in values if v is not None]
-        if not vals:
-            return None
-        if key == "se" or key.endswith("_se"):
-            return round(float(np.sqrt(np.sum(np.square(vals)))) / len(vals), 4)
-        return round(float(np.mean(vals)), 4)
-
-    return {section: {key: combine([r.get(section, {}).get(key) for r in results], "")
+    """Every figure averaged over seeds, standard errors combined (``metrics.combine_seeds``); the
+    same structure as one seed's ``budgets`` and ``fold_in``."""
+    return {section: {key: combine_seeds([r.get(section, {}).get(key) for r in results])
                       for key in results[0].get(section, {})}
             for section in ("budgets", "fold_in")}
 

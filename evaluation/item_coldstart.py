@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..db.sources import Dataset
-from .metrics import ndcg_at_k, recall_at_k
+from .metrics import Tally, combine_seeds, ndcg_at_k, paired_difference, recall_at_k
+from .report import with_se
 
 K = 10
 METHODS = ("cfb", "user_genre_affinity", "genre_popularity", "random")
@@ -141,26 +142,6 @@ def expected_metrics(keys: list[np.ndarray], relevant: np.ndarray, k: int = K) -
     return dcg / ideal, hits / m
 
 
-class Tally:
-    def __init__(self):
-        self.sq, self.n, self.ndcg, self.recall = 0.0, 0, [], []
-
-    def add_rating(self, pred: np.ndarray, truth: np.ndarray) -> None:
-        self.sq += float(np.sum((np.asarray(pred, float) - np.asarray(truth, float)) ** 2))
-        self.n += len(truth)
-
-    def add_rank(self, ndcg: float, recall: float) -> None:
-        self.ndcg.append(ndcg)
-        self.recall.append(recall)
-
-    def result(self) -> dict:
-        return {"rmse": round((self.sq / self.n) ** 0.5, 4) if self.n else None,
-                "ndcg@10": round(float(np.mean(self.ndcg)), 4) if self.ndcg else None,
-                "recall@10": round(float(np.mean(self.recall)), 4) if self.recall else None,
-                "users": len(self.ndcg)}
-
-
-# ---------------------------------------------------------------------------------------- the split
 def split_dataset(ds: Dataset, cold: set[str]) -> dict:
     """Warm training data in memory (``TrainingData`` with database ids = positions in the sorted
     string ids of all users / items) and the cold items' ratings and metadata."""
@@ -263,7 +244,8 @@ def evaluate_split(sp: dict, model, rank_vecs: np.ndarray | None, seed: int) -> 
             tallies["user_genre_affinity"].add_rank(*expected_metrics([a_s, a_t], relevant))
             tallies["genre_popularity"].add_rank(*expected_metrics([pop_score], relevant))
             tallies["random"].add_rank(*expected_metrics([np.zeros(n_cold)], relevant))
-    return {m: t.result() for m, t in tallies.items()}
+    return {**{m: t.result() for m, t in tallies.items()},
+            "cfb_vs": {m: paired_difference(tallies["cfb"], tallies[m]) for m in METHODS[1:]}}
 
 
 def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = None, prior_config=None,  # noqa: ANN001
@@ -301,13 +283,8 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
 
 
 def mean_over_seeds(per_seed: list[dict]) -> dict:
-    out = {}
-    for m in METHODS:
-        out[m] = {}
-        for key in ("rmse", "ndcg@10", "recall@10", "users"):
-            vals = [r[m][key] for r in per_seed if r[m][key] is not None]
-            out[m][key] = round(float(np.mean(vals)), 4) if vals else None
-    return out
+    """Every method's figures (and cfb's paired differences) averaged over seeds, standard errors combined."""
+    return {key: combine_seeds([r.get(key) for r in per_seed]) for key in (*METHODS, "cfb_vs")}
 
 
 def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", params: dict | None = None,  # noqa: ANN001
@@ -321,12 +298,16 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
 
 
 def table(block: dict) -> list[str]:
-    head = f"{'method':<24}| NDCG@10 | Rec@10 | RMSE   | users"
+    """Rows: methods; NDCG@10 ± its standard error over users, cfb's paired difference from the
+    method ± its standard error, Recall@10, RMSE, users."""
+    head = f"{'method':<24}| NDCG@10 ± SE    | cfb − method ± SE | Rec@10 | RMSE   | users"
     lines = [head, "-" * len(head)]
+    f = lambda v: "   -   " if v is None else f"{v:.4f} "  # noqa: E731
     for m in METHODS:
-        r = block[m]
-        f = lambda v: "   -   " if v is None else f"{v:.4f} "  # noqa: E731
-        lines.append(f"{METHOD_NAMES[m]:<24}| {f(r['ndcg@10'])} | {f(r['recall@10'])}| {f(r['rmse'])}| {r['users']}")
+        r, d = block[m], (block.get("cfb_vs") or {}).get(m) or {}
+        ndcg, diff = with_se(r["ndcg@10"], r.get("ndcg@10_se")), with_se(d.get("diff"), d.get("se"), signed=True)
+        lines.append(f"{METHOD_NAMES[m]:<24}| {ndcg:<16}| {'' if m == 'cfb' else diff:<18}| {f(r['recall@10'])}| "
+                     f"{f(r['rmse'])}| {r['users']}")
     return lines
 
 

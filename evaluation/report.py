@@ -9,7 +9,7 @@ def _fmt(v) -> str:  # noqa: ANN001
     return "   -  " if v is None else f"{v:.4f}"
 
 
-def _with_se(value: float | None, se: float | None, signed: bool = False) -> str:
+def with_se(value: float | None, se: float | None, signed: bool = False) -> str:
     """One cell: "0.3089 ±0.0123", or "+0.0196 ±0.0101" for a difference; "-" when unknown."""
     if value is None:
         return "-"
@@ -22,9 +22,9 @@ def _uncertainty_rows(block: dict, columns: list, step: bool) -> list[str]:
     def diff(c, key: str, method: str | None = None) -> str:  # noqa: ANN001
         d = block[c].get(key) or {}
         d = (d.get(method) or {}) if method else d
-        return _with_se(d.get("diff"), d.get("se"), signed=True)
+        return with_se(d.get("diff"), d.get("se"), signed=True)
 
-    rows = [("cfb NDCG@10 ± SE", lambda c: _with_se(block[c]["cfb"]["ndcg@10"], block[c]["cfb"].get("ndcg@10_se"))),
+    rows = [("cfb NDCG@10 ± SE", lambda c: with_se(block[c]["cfb"]["ndcg@10"], block[c]["cfb"].get("ndcg@10_se"))),
             ("cfb − positive pop.", lambda c: diff(c, "cfb_vs", "positive_popularity"))]
     if step:
         rows.append(("cfb − previous n", lambda c: diff(c, "cfb_step")))

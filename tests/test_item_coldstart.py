@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cfb.cf_core.item_prior import ItemPrior, ItemPriorConfig, MetaEncoder
-from cfb.evaluation.item_coldstart import (GenrePopularity, UserGenreAffinity, cold_items, expected_metrics,
+from cfb.evaluation.item_coldstart import (GenrePopularity, UserGenreAffinity, cold_items, expected_metrics, render,
                                            run_items_protocol, split_dataset)
 from tests.conftest import FAST, planted_ratings
 
@@ -138,6 +138,12 @@ def test_protocol_end_to_end_on_planted_items():
     assert r["n_cold_items"] == 4 and r["cfb"]["users"] > 0
     assert r["cfb"]["ndcg@10"] > r["random"]["ndcg@10"] + 0.1
     assert r["cfb"]["rmse"] < r["random"]["rmse"]
+    # cfb's paired difference from each baseline: the difference of the means on the same users
+    for m in ("user_genre_affinity", "genre_popularity", "random"):
+        assert r["cfb_vs"][m]["diff"] == pytest.approx(r["cfb"]["ndcg@10"] - r[m]["ndcg@10"], abs=2e-4)
+    assert res["mean"]["cfb_vs"] == r["cfb_vs"]  # one seed: its own figures
+    d = r["cfb_vs"]["random"]
+    assert f"{d['diff']:+.4f} ±{d['se']:.4f}" in render(res)
 
 
 def test_large_data_path_batches_and_still_learns(monkeypatch):
