@@ -25,21 +25,21 @@ from ..cf_core.model import ServingConfig, UserVector
 from ..cf_core.scoring import top_n
 from ..cf_core.split import answer_pool_split, cold_users
 from .baselines import DemographicPopularity, Popularity, PositivePopularity
-from . import metrics
-from .metrics import combine_seeds, ndcg_at_k, paired_difference, recall_at_k
+from .metrics import (Tally, combine_seeds, ndcg_at_k, paired_difference, recall_at_k, with_differences,
+                      with_seed_errors, without_per_user)
 
 K = 10
 BASELINES = ("popularity", "positive_popularity", "demographic_popularity")
 METHODS = ("cfb", "average_user", *BASELINES)
 
 
-class Tally(metrics.Tally):
+class UserTally(Tally):
     """A method's tally on §4b/§5 users: the user's test ratings and their ranking at once."""
 
-    def add(self, pred: np.ndarray, truth: np.ndarray, ranked: list, relevant: set) -> None:
+    def add(self, user: str, pred: np.ndarray, truth: np.ndarray, ranked: list, relevant: set) -> None:
         self.add_rating(pred, truth)
         if relevant:
-            self.add_rank(ndcg_at_k(ranked, relevant, K), recall_at_k(ranked, relevant, K))
+            self.add_rank(user, ndcg_at_k(ranked, relevant, K), recall_at_k(ranked, relevant, K))
 
 
 @contextmanager
@@ -83,12 +83,12 @@ def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, av
     test_inner = cat.index(test["item"])
     known = (test_inner >= 0) & test["item"].isin(train_items).to_numpy()
     truth = test["rating"].to_numpy(float)[known]
-    tallies["cfb"].add(model.predict(vec, test_inner[known]), truth, _top(model.scores(vec), exclude, cat), relevant)
+    tallies["cfb"].add(user, model.predict(vec, test_inner[known]), truth, _top(model.scores(vec), exclude, cat), relevant)
     if avg is not None:
-        tallies["average_user"].add(model.predict(avg, test_inner[known]), truth,
+        tallies["average_user"].add(user, model.predict(avg, test_inner[known]), truth,
                                     _top(model.scores(avg), exclude, cat), relevant)
     for name, baseline in baselines.items():
-        tallies[name].add(baseline.predict(test_inner[known], attrs), truth,
+        tallies[name].add(user, baseline.predict(test_inner[known], attrs), truth,
                           _top(baseline.scores(attrs), exclude, cat), relevant)
 
 
@@ -162,7 +162,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
             t0 = time.perf_counter()
             onboard(eng, entries)
             onboard_ms = (time.perf_counter() - t0) * 1000 / max(len(entries), 1)
-            tallies = {m: Tally() for m in METHODS}
+            tallies = {m: UserTally() for m in METHODS}
             t0 = time.perf_counter()
             with eng.connect() as conn:
                 served = load_served(conn)
@@ -176,8 +176,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
             out["budgets"][q] = {"answers_per_user": round(answers / len(cold_sorted), 2),
                                  "onboard_ms_per_user": round(onboard_ms, 2),
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
-                                 **{m: t.result() for m, t in tallies.items()},
-                                 "cfb_vs": {m: paired_difference(tallies["cfb"], tallies[m]) for m in METHODS[1:]}}
+                                 **with_differences({m: t.result() for m, t in tallies.items()})}
     if fold_steps:
         with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
             out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, fold_steps, fitted, item_ids)
@@ -232,7 +231,7 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
             retrain_incremental(eng)
             retrain_s = round(time.perf_counter() - t0, 4)
             shown = n
-        tallies = {m: Tally() for m in ("cfb", *BASELINES)}
+        tallies = {m: UserTally() for m in ("cfb", *BASELINES)}
         with eng.connect() as conn:
             served = load_served(conn)
             cat = Catalogue(conn, served)
@@ -241,20 +240,28 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
                 if not evalset[u].empty:
                     _score_user(tallies, conn, served, cat, bl, None, u, attrs_of.get(u, {}),
                                 first10[u]["item"].tolist(), evalset[u], set(item_ids))
-        out[n] = {"retrain_s": retrain_s, **{m: t.result() for m, t in tallies.items()},
-                  "cfb_vs": {m: paired_difference(tallies["cfb"], tallies[m]) for m in BASELINES},
-                  # the same users at every step: the step's gain over the previous n, paired
-                  "cfb_step": None if previous is None else paired_difference(tallies["cfb"], previous)}
-        previous = tallies["cfb"]
+        results = with_differences({m: t.result() for m, t in tallies.items()})
+        # the same users at every step: the step's gain over the previous n, paired
+        results["cfb_step"] = None if previous is None else paired_difference(results["cfb"], previous)
+        out[n] = {"retrain_s": retrain_s, **results}
+        previous = results["cfb"]
     return out
 
 
 def mean_over_seeds(results: list[dict]) -> dict:
-    """Every figure averaged over seeds, standard errors combined (``metrics.combine_seeds``); the
-    same structure as one seed's ``budgets`` and ``fold_in``."""
-    return {section: {key: combine_seeds([r.get(section, {}).get(key) for r in results])
+    """Every figure averaged over seeds (same structure as one seed's ``budgets`` and ``fold_in``),
+    with standard errors over the seeds' users (``metrics.with_seed_errors``; the results must still
+    hold their ``per_user`` lists)."""
+    mean = {section: {key: combine_seeds([r.get(section, {}).get(key) for r in results])
                       for key in results[0].get(section, {})}
             for section in ("budgets", "fold_in")}
+    for q in mean["budgets"]:
+        with_seed_errors(mean["budgets"][q], [r["budgets"][q] for r in results], METHODS)
+    steps = list(mean["fold_in"])
+    for k, n in enumerate(steps):
+        with_seed_errors(mean["fold_in"][n], [r["fold_in"][n] for r in results], ("cfb", *BASELINES),
+                         None if k == 0 else [r["fold_in"][steps[k - 1]] for r in results])
+    return mean
 
 
 def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10),
@@ -265,5 +272,5 @@ def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_s
     for seed in seeds:
         per_seed.append(run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, progress=progress))
     settings = {"kind": kind, **per_seed[0]["train"]["hyperparams"]}
-    return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "per_seed": per_seed,
+    return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "per_seed": without_per_user(per_seed),
             "mean": mean_over_seeds(per_seed)}

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..db.sources import Dataset
-from .metrics import Tally, combine_seeds, ndcg_at_k, paired_difference, recall_at_k
+from .metrics import (Tally, combine_seeds, ndcg_at_k, recall_at_k, with_differences, with_seed_errors,
+                      without_per_user)
 from .report import with_se
 
 K = 10
@@ -240,12 +241,11 @@ def evaluate_split(sp: dict, model, rank_vecs: np.ndarray | None, seed: int) -> 
         if relevant.any():
             ranked = list(np.argsort(-s.astype(np.float64), kind="stable")[:K])
             rel = set(np.flatnonzero(relevant).tolist())
-            tallies["cfb"].add_rank(ndcg_at_k(ranked, rel, K), recall_at_k(ranked, rel, K))
-            tallies["user_genre_affinity"].add_rank(*expected_metrics([a_s, a_t], relevant))
-            tallies["genre_popularity"].add_rank(*expected_metrics([pop_score], relevant))
-            tallies["random"].add_rank(*expected_metrics([np.zeros(n_cold)], relevant))
-    return {**{m: t.result() for m, t in tallies.items()},
-            "cfb_vs": {m: paired_difference(tallies["cfb"], tallies[m]) for m in METHODS[1:]}}
+            tallies["cfb"].add_rank(db_u, ndcg_at_k(ranked, rel, K), recall_at_k(ranked, rel, K))
+            tallies["user_genre_affinity"].add_rank(db_u, *expected_metrics([a_s, a_t], relevant))
+            tallies["genre_popularity"].add_rank(db_u, *expected_metrics([pop_score], relevant))
+            tallies["random"].add_rank(db_u, *expected_metrics([np.zeros(n_cold)], relevant))
+    return with_differences({m: t.result() for m, t in tallies.items()})
 
 
 def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = None, prior_config=None,  # noqa: ANN001
@@ -283,8 +283,10 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
 
 
 def mean_over_seeds(per_seed: list[dict]) -> dict:
-    """Every method's figures (and cfb's paired differences) averaged over seeds, standard errors combined."""
-    return {key: combine_seeds([r.get(key) for r in per_seed]) for key in (*METHODS, "cfb_vs")}
+    """Every method's figures (and cfb's paired differences) averaged over seeds, with standard errors
+    over the seeds' users (the results must still hold their ``per_user`` lists)."""
+    mean = {key: combine_seeds([r.get(key) for r in per_seed]) for key in (*METHODS, "cfb_vs")}
+    return with_seed_errors(mean, per_seed, METHODS)
 
 
 def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", params: dict | None = None,  # noqa: ANN001
@@ -294,7 +296,7 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
     (MovieLens 100k: the genre flags and the release year; None = every attribute)."""
     per_seed = [run_seed(ds, s, kind, params, prior_config, attributes, progress) for s in seeds]
     return {"dataset": ds.name, "seeds": list(seeds), "kind": kind, "attributes": list(attributes or []),
-            "prior": per_seed[0]["prior"], "per_seed": per_seed, "mean": mean_over_seeds(per_seed)}
+            "prior": per_seed[0]["prior"], "per_seed": without_per_user(per_seed), "mean": mean_over_seeds(per_seed)}
 
 
 def table(block: dict) -> list[str]:

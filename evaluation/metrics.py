@@ -30,46 +30,125 @@ def standard_error(values) -> float | None:  # noqa: ANN001
 
 
 class Tally:
-    """One method's pooled squared rating errors and per-user ranking metrics."""
+    """One method's pooled squared rating errors and per-user ranking metrics (with the user of each)."""
 
     def __init__(self):
-        self.sq, self.n, self.ndcg, self.recall = 0.0, 0, [], []
+        self.sq, self.n, self.users, self.ndcg, self.recall = 0.0, 0, [], [], []
 
     def add_rating(self, pred: np.ndarray, truth: np.ndarray) -> None:
         self.sq += float(np.sum((np.asarray(pred, float) - np.asarray(truth, float)) ** 2))
         self.n += len(truth)
 
-    def add_rank(self, ndcg: float, recall: float) -> None:
+    def add_rank(self, user, ndcg: float, recall: float) -> None:  # noqa: ANN001
+        self.users.append(user)
         self.ndcg.append(ndcg)
         self.recall.append(recall)
 
     def result(self) -> dict:
+        """The figures, and ``per_user`` (user ids and their NDCG@10, for ``mean_over_seeds``)."""
         return {"rmse": round((self.sq / self.n) ** 0.5, 4) if self.n else None,
                 "ndcg@10": round(float(np.mean(self.ndcg)), 4) if self.ndcg else None,
                 "ndcg@10_se": standard_error(self.ndcg),
                 "recall@10": round(float(np.mean(self.recall)), 4) if self.recall else None,
-                "users": len(self.ndcg)}
+                "users": len(self.ndcg),
+                PER_USER: {"user": [_plain(u) for u in self.users], "ndcg@10": [float(x) for x in self.ndcg]}}
 
 
-def paired_difference(a: Tally, b: Tally) -> dict:
-    """NDCG@10 of ``a`` minus that of ``b`` on the same users (ranked in the same order): the mean
+PER_USER = "per_user"
+
+
+def _plain(user):  # noqa: ANN001, ANN202
+    return user.item() if isinstance(user, np.generic) else user
+
+
+def paired_values(a: dict, b: dict) -> tuple[list, np.ndarray]:
+    """The users two methods' results (``Tally.result``) both scored, and the per-user NDCG@10 of
+    ``a`` minus ``b``; they must have scored the same users in the same order."""
+    ua, ub = a[PER_USER]["user"], b[PER_USER]["user"]
+    if ua != ub:
+        raise ValueError("paired results must score the same users in the same order")
+    return ua, np.asarray(a[PER_USER]["ndcg@10"], float) - np.asarray(b[PER_USER]["ndcg@10"], float)
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """NDCG@10 of ``a`` minus that of ``b`` (``Tally.result``s) on the same users: the mean
     per-user difference and its standard error."""
-    if len(a.ndcg) != len(b.ndcg):
-        raise ValueError("paired tallies must score the same users")
-    d = np.asarray(a.ndcg, dtype=float) - np.asarray(b.ndcg, dtype=float)
+    _, d = paired_values(a, b)
     return {"diff": round(float(d.mean()), 4) if len(d) else None, "se": standard_error(d)}
 
 
+def with_differences(results: dict) -> dict:
+    """Every method's results (``Tally.result``, with ``cfb``), and cfb's paired difference from each
+    other method (``cfb_vs``)."""
+    return {**results, "cfb_vs": {m: paired_difference(results["cfb"], r) for m, r in results.items() if m != "cfb"}}
+
+
+def clustered_standard_error(samples: list[tuple[list, np.ndarray]]) -> float | None:
+    """Standard error of the mean over seeds of per-seed means, from each seed's (users, values).
+    Seeds share users (a user cold in two seeds is one person twice), so users, not seeds or
+    (seed, user) pairs, are the independent units: the mean is Σ_u c_u with c_u = Σ over the seeds
+    that scored u of value / (seeds × that seed's users), and its variance is estimated as
+    N / (N − 1) · Σ_u (c_u − mean / N)² over the N distinct users. With one seed this is the usual
+    standard error of a mean."""
+    contrib: dict = {}
+    samples = [(users, np.asarray(v, float)) for users, v in samples if len(v)]
+    for users, values in samples:
+        for u, x in zip(users, values / (len(samples) * len(values))):
+            contrib[u] = contrib.get(u, 0.0) + float(x)
+    c = np.fromiter(contrib.values(), dtype=float, count=len(contrib))
+    if len(c) < 2:
+        return None
+    return round(float(np.sqrt(len(c) / (len(c) - 1) * np.sum((c - c.mean()) ** 2))), 4)
+
+
 def combine_seeds(values: list, key: str = ""):  # noqa: ANN201
-    """One figure over seeds (nested dicts key by key): the mean, or for a standard error (key ``se``
-    or ``…_se``) that of the mean of the seeds' means, √(Σ se²) / seeds, the seeds' users taken as
-    independent. Seeds without the figure (None) are left out."""
+    """One figure over seeds (nested dicts key by key): the mean of the seeds that have it (None
+    left out). Standard errors (key ``se`` or ``…_se``) come out None here: over seeds they need the
+    users (``clustered_standard_error``); per-user lists are dropped."""
+    if key == PER_USER:
+        return None
     if any(isinstance(v, dict) for v in values):
         first = next(v for v in values if isinstance(v, dict))
-        return {k: combine_seeds([v.get(k) for v in values if isinstance(v, dict)], k) for k in first}
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
+        out = {k: combine_seeds([v.get(k) for v in values if isinstance(v, dict)], str(k)) for k in first}
+        return {k: v for k, v in out.items() if k != PER_USER}
     if key == "se" or key.endswith("_se"):
-        return round(float(np.sqrt(np.sum(np.square(vals)))) / len(vals), 4)
-    return round(float(np.mean(vals)), 4)
+        return None
+    vals = [float(v) for v in values if v is not None]
+    return round(float(np.mean(vals)), 4) if vals else None
+
+
+def seed_errors(cells: list[dict], methods: tuple[str, ...], previous: list[dict] | None = None) -> dict:
+    """Standard errors over seeds for one cell (a budget, a step, or §8's block), from each seed's
+    cell (``Tally.result`` per method, with ``per_user``): ``ndcg@10_se`` per method, ``cfb_vs`` per
+    other method (paired), and with ``previous`` (each seed's cell of the step before) ``cfb_step``."""
+    def per_user(m: str) -> list:  # noqa: ANN202
+        return [(c[m][PER_USER]["user"], c[m][PER_USER]["ndcg@10"]) for c in cells]
+
+    out: dict = {"ndcg@10_se": {m: clustered_standard_error(per_user(m)) for m in methods},
+                 "cfb_vs": {m: clustered_standard_error([paired_values(c["cfb"], c[m]) for c in cells])
+                            for m in methods if m != "cfb"}}
+    if previous is not None:
+        out["cfb_step"] = clustered_standard_error([paired_values(c["cfb"], p["cfb"]) for c, p in zip(cells, previous)])
+    return out
+
+
+def with_seed_errors(mean: dict, cells: list[dict], methods: tuple[str, ...], previous: list[dict] | None = None) -> dict:
+    """``mean`` (a cell of ``combine_seeds``) with its standard errors from ``seed_errors``."""
+    err = seed_errors(cells, methods, previous)
+    for m in methods:
+        mean[m]["ndcg@10_se"] = err["ndcg@10_se"][m]
+    for m, se in err["cfb_vs"].items():
+        if mean.get("cfb_vs", {}).get(m) is not None:
+            mean["cfb_vs"][m]["se"] = se
+    if mean.get("cfb_step") is not None:
+        mean["cfb_step"]["se"] = err["cfb_step"]
+    return mean
+
+
+def without_per_user(result):  # noqa: ANN001, ANN201
+    """A result (nested dicts and lists) without its ``per_user`` lists, as reported."""
+    if isinstance(result, dict):
+        return {k: without_per_user(v) for k, v in result.items() if k != PER_USER}
+    if isinstance(result, list):
+        return [without_per_user(v) for v in result]
+    return result

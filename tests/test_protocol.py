@@ -1,6 +1,7 @@
 """The protocol's splits and metrics, checked against hand-computed cases."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -74,36 +75,44 @@ def test_positive_popularity_counts_ratings_of_4_and_5_with_section_6_ties():
     assert pp.predict(np.array([0])) == pytest.approx(Popularity().fit(items, ratings, 4).predict(np.array([0])))
 
 
-def test_paired_difference_and_standard_errors_by_hand():
-    from cfb.evaluation.coldstart import Tally, paired_difference
+def _result(users, ndcgs):  # noqa: ANN001, ANN202
+    from cfb.evaluation.metrics import Tally
 
-    a, b = Tally(), Tally()
-    for x, y in [(1.0, 0.5), (0.5, 0.5), (0.0, 0.5), (0.5, 0.0)]:  # ranked/relevant chosen for these NDCGs
-        a.ndcg.append(x)
-        b.ndcg.append(y)
+    t = Tally()
+    for u, x in zip(users, ndcgs):
+        t.add_rank(u, x, x)
+    return t.result()
+
+
+def test_paired_difference_and_standard_errors_by_hand():
+    from cfb.evaluation.metrics import paired_difference
+
+    a, b = _result("wxyz", [1.0, 0.5, 0.0, 0.5]), _result("wxyz", [0.5, 0.5, 0.5, 0.0])
     d = np.array([0.5, 0.0, -0.5, 0.5])
     assert paired_difference(a, b) == {"diff": round(d.mean(), 4), "se": round(d.std(ddof=1) / 2, 4)}
-    assert a.result()["ndcg@10_se"] == round(np.std([1.0, 0.5, 0.0, 0.5], ddof=1) / 2, 4)
-    b.ndcg.pop()
+    assert a["ndcg@10_se"] == round(np.std([1.0, 0.5, 0.0, 0.5], ddof=1) / 2, 4)
     with pytest.raises(ValueError, match="same users"):
-        paired_difference(a, b)
-    one = Tally()
-    one.ndcg.append(1.0)
-    assert one.result()["ndcg@10_se"] is None
+        paired_difference(a, _result("wxzy", [0.5, 0.5, 0.5, 0.0]))  # the same users in another order
+    assert _result("w", [1.0])["ndcg@10_se"] is None
 
 
-def test_mean_over_seeds_combines_standard_errors_of_the_seed_means():
-    from cfb.evaluation.coldstart import mean_over_seeds
+def test_standard_error_over_seeds_counts_each_user_once():
+    from cfb.evaluation.metrics import clustered_standard_error, combine_seeds
 
-    def seed(ndcg, se, diff, diff_se, step):  # noqa: ANN001, ANN202
-        return {"budgets": {0: {"answers_per_user": 0.0, "cfb": {"rmse": ndcg + 0.6, "ndcg@10": ndcg, "ndcg@10_se": se},
-                                "cfb_vs": {"positive_popularity": {"diff": diff, "se": diff_se}}}},
-                "fold_in": {1: {"retrain_s": None, "cfb_step": step}}}
-
-    m = mean_over_seeds([seed(0.3, 0.03, 0.02, 0.01, None), seed(0.4, 0.04, 0.0, None, {"diff": 0.01, "se": 0.02})])
-    assert m["budgets"][0]["cfb"] == {"rmse": 0.95, "ndcg@10": 0.35, "ndcg@10_se": 0.025}  # SE: √(0.03² + 0.04²) / 2
-    assert m["budgets"][0]["cfb_vs"]["positive_popularity"] == {"diff": 0.01, "se": 0.01}  # the one known
-    assert m["fold_in"][1] == {"retrain_s": None, "cfb_step": {"diff": 0.01, "se": 0.02}}
+    rng = np.random.default_rng(0)
+    x, y = rng.random(50), rng.random(60)
+    one = clustered_standard_error([(list(range(50)), x)])
+    assert one == round(x.std(ddof=1) / np.sqrt(50), 4)  # one seed: the usual standard error
+    # the same users twice (two seeds that drew the same cold users) are no more evidence than once
+    assert clustered_standard_error([(list(range(50)), x), (list(range(50)), x)]) == one
+    # disjoint users: about √(se₁² + se₂²) / 2, the independent seeds' formula
+    apart = clustered_standard_error([(list(range(50)), x), (list(range(100, 160)), y)])
+    independent = np.sqrt((x.std(ddof=1) ** 2 / 50) + (y.std(ddof=1) ** 2 / 60)) / 2
+    assert apart == pytest.approx(independent, rel=0.03)
+    # plain means over seeds; standard errors need the users, so combine_seeds leaves them None
+    m = combine_seeds([{"rmse": 0.9, "ndcg@10": 0.3, "ndcg@10_se": 0.03, "per_user": {"user": [1]}},
+                       {"rmse": 1.0, "ndcg@10": None, "ndcg@10_se": 0.04, "per_user": {"user": [2]}}])
+    assert m == {"rmse": 0.95, "ndcg@10": 0.3, "ndcg@10_se": None}
 
 
 def test_protocol_reports_paired_differences_through_the_pipeline(planted):
@@ -113,6 +122,9 @@ def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     from cfb.evaluation.report import render
 
     out = run_protocol(planted, seeds=(42,), budgets=(0, 5), fold_steps=(0, 1))
+    assert '"per_user":' not in json.dumps(out)  # per-user lists serve the seed mean, not the report
+    assert out["mean"]["fold_in"][1]["cfb_step"] == out["per_seed"][0]["fold_in"][1]["cfb_step"]  # one seed
+    assert out["mean"]["budgets"][5]["cfb"]["ndcg@10_se"] == out["per_seed"][0]["budgets"][5]["cfb"]["ndcg@10_se"]
     for block in (*out["per_seed"][0]["budgets"].values(), *out["per_seed"][0]["fold_in"].values()):
         cfb, pp = block["cfb"], block["positive_popularity"]
         assert cfb["users"] == pp["users"] >= 2
