@@ -86,19 +86,19 @@ def with_differences(results: dict) -> dict:
 def clustered_standard_error(samples: list[tuple[list, np.ndarray]]) -> float | None:
     """Standard error of the mean over seeds of per-seed means, from each seed's (users, values).
     Seeds share users (a user cold in two seeds is one person twice), so users, not seeds or
-    (seed, user) pairs, are the independent units: the mean is Σ_u c_u with c_u = Σ over the seeds
-    that scored u of value / (seeds × that seed's users), and its variance is estimated as
-    N / (N − 1) · Σ_u (c_u − mean / N)² over the N distinct users. With one seed this is the usual
-    standard error of a mean."""
-    contrib: dict = {}
+    (seed, user) pairs, are the independent units: the mean's deviation is Σ_u e_u with
+    e_u = Σ over the seeds that scored u of (value − that seed's mean) / (seeds × that seed's users),
+    and its variance is estimated as N / (N − 1) · Σ_u e_u² over the N distinct users (a
+    cluster-robust variance). With one seed this is the usual standard error of a mean."""
     samples = [(users, np.asarray(v, float)) for users, v in samples if len(v)]
+    share: dict = {}
     for users, values in samples:
-        for u, x in zip(users, values / (len(samples) * len(values))):
-            contrib[u] = contrib.get(u, 0.0) + float(x)
-    c = np.fromiter(contrib.values(), dtype=float, count=len(contrib))
-    if len(c) < 2:
+        for u, e in zip(users, (values - values.mean()) / (len(samples) * len(values))):
+            share[u] = share.get(u, 0.0) + float(e)
+    e = np.fromiter(share.values(), dtype=float, count=len(share))
+    if len(e) < 2:
         return None
-    return round(float(np.sqrt(len(c) / (len(c) - 1) * np.sum((c - c.mean()) ** 2))), 4)
+    return round(float(np.sqrt(len(e) / (len(e) - 1) * np.sum(e ** 2))), 4)
 
 
 def combine_seeds(values: list, key: str = ""):  # noqa: ANN201

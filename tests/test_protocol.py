@@ -109,6 +109,8 @@ def test_standard_error_over_seeds_counts_each_user_once():
     apart = clustered_standard_error([(list(range(50)), x), (list(range(100, 160)), y)])
     independent = np.sqrt((x.std(ddof=1) ** 2 / 50) + (y.std(ddof=1) ** 2 / 60)) / 2
     assert apart == pytest.approx(independent, rel=0.03)
+    # every user alike: nothing to be unsure of, however the seeds share their users
+    assert clustered_standard_error([(list(range(50)), np.full(50, 0.3)), (list(range(25, 60)), np.full(35, 0.3))]) == 0
     # plain means over seeds; standard errors need the users, so combine_seeds leaves them None
     m = combine_seeds([{"rmse": 0.9, "ndcg@10": 0.3, "ndcg@10_se": 0.03, "per_user": {"user": [1]}},
                        {"rmse": 1.0, "ndcg@10": None, "ndcg@10_se": 0.04, "per_user": {"user": [2]}}])
