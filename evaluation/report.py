@@ -32,7 +32,8 @@ def _uncertainty_rows(block: dict, columns: list, step: bool) -> list[str]:
 
 
 def budget_table(block: dict) -> list[str]:
-    """Rows: methods; columns: RMSE / NDCG@10 / Recall@10 per budget Q."""
+    """Rows: methods, then cfb's NDCG@10 ± SE and its paired difference from positive popularity;
+    columns: RMSE / NDCG@10 / Recall@10 per budget Q."""
     budgets = list(block)
     head = "method                  " + "".join(f"| Q={q:<2} RMSE  NDCG@10 Rec@10 " for q in budgets)
     lines = [head, "-" * len(head)]
@@ -46,7 +47,8 @@ def budget_table(block: dict) -> list[str]:
 
 
 def fold_table(block: dict) -> list[str]:
-    """Rows: methods; columns: RMSE / NDCG@10 / Recall@10 per number n of revealed ratings."""
+    """Rows: methods, then cfb's NDCG@10 ± SE and its paired differences from positive popularity and
+    from the previous n; columns: RMSE / NDCG@10 / Recall@10 per number n of revealed ratings."""
     steps = list(block)
     head = "method                  " + "".join(f"| n={n:<2} RMSE  NDCG@10 Rec@10 " for n in steps)
     lines = [head, "-" * len(head)]
