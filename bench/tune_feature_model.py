@@ -18,6 +18,10 @@ here on MovieLens 100k.
 Usage:
   python bench/tune_feature_model.py [--data DIR] [--mode pseudo|real|both] [--seeds 42,43,44]
       [--json OUT] ['{"n_factors": 64}' ...]      # candidate settings (overrides of the defaults)
+
+Each candidate after the first is also shown as its paired difference from the first on the same users
+(mean over splits), with a standard error clustered by user (the splits share users): pass '{}' first to
+compare candidates with the defaults.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from cfb.cf_core.data import CollabData
 from cfb.cf_core.feature_model import FeatureModelConfig, FeatureUserModel, Reveal
 from cfb.cf_core.split import answer_pool_split, cold_users
 from cfb.db.sources import read_movielens
-from cfb.evaluation.metrics import ndcg_at_k, recall_at_k
+from cfb.evaluation.metrics import clustered_standard_error, ndcg_at_k, recall_at_k
 
 K = 10
 BUDGETS = (0, 5, 15, 30)
@@ -54,7 +58,7 @@ class Split:
     scale: tuple[float, float]
     item_ids: list[str]
     pos_pop: np.ndarray  # positive-popularity ranking score of each catalogue item
-    cases: dict  # ("q", Q) or ("n", n) -> (reveals, exclude lists, relevant sets)
+    cases: dict  # ("q", Q) or ("n", n) -> (reveals, exclude lists, relevant sets, user ids)
 
 
 def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.0),  # noqa: ANN001
@@ -88,8 +92,9 @@ def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.
     cases: dict = {}
     for q in BUDGETS:
         asked = set(questionnaire[:q])
-        reveals, excl, rel = [], [], []
+        reveals, excl, rel, who = [], [], [], []
         for u in cold_sorted:
+            who.append(u)
             g = groups[u].sort_values("item")
             pool, test = answer_pool_split(user_index[u], g["item"].tolist(), seed)
             r_of = dict(zip(g["item"], g["rating"]))
@@ -99,14 +104,15 @@ def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.
                                   np.array([r for _, r in given], float), budget=q))
             excl.append(pool_inner[pool_inner >= 0])
             rel.append({e for e in test if r_of[e] >= 4})
-        cases[("q", q)] = (reveals, excl, rel)
+        cases[("q", q)] = (reveals, excl, rel, who)
     timeline = {u: groups[u].sort_values(["timestamp", "item"], kind="stable") for u in cold_sorted}
     for n in STEPS:
-        reveals, excl, rel = [], [], []
+        reveals, excl, rel, who = [], [], [], []
         for u in cold_sorted:
             tl = timeline[u]
             if len(tl) <= 10:
                 continue
+            who.append(u)
             first = tl.iloc[:10]
             shown = first.iloc[:n]
             si = inner(shown["item"])
@@ -117,18 +123,19 @@ def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.
             excl.append(fi[fi >= 0])
             ev = tl.iloc[10:]
             rel.append(set(ev.loc[ev.rating >= 4, "item"]))
-        cases[("n", n)] = (reveals, excl, rel)
+        cases[("n", n)] = (reveals, excl, rel, who)
     return Split(data, ts, attributes, infer_questions(attributes), questionnaire, tuple(scale), item_ids,
                  pos_pop, cases)
 
 
 def score_cases(split: Split, score_fn) -> dict:  # noqa: ANN001
-    """NDCG@10 / Recall@10 per case; ``score_fn(reveals) -> (n, n_items)`` scores or None for pos. popularity."""
+    """NDCG@10 / Recall@10 per case (and each scored user's NDCG@10); ``score_fn(reveals) -> (n, n_items)``
+    scores or None for pos. popularity."""
     out = {}
-    for key, (reveals, excl, rel) in split.cases.items():
+    for key, (reveals, excl, rel, who) in split.cases.items():
         s = (np.tile(split.pos_pop, (len(reveals), 1)) if score_fn is None else score_fn(reveals)).astype(np.float64)
-        nd, rc = [], []
-        for k, (r, ex, relevant) in enumerate(zip(reveals, excl, rel)):
+        nd, rc, scored = [], [], []
+        for k, (r, ex, relevant, user) in enumerate(zip(reveals, excl, rel, who)):
             if not relevant:
                 continue
             row = s[k]
@@ -138,7 +145,9 @@ def score_cases(split: Split, score_fn) -> dict:  # noqa: ANN001
             ranked = [split.item_ids[i] for i in top]
             nd.append(ndcg_at_k(ranked, relevant, K))
             rc.append(recall_at_k(ranked, relevant, K))
-        out[f"{key[0]}{key[1]}"] = {"ndcg": float(np.mean(nd)), "recall": float(np.mean(rc)), "users": len(nd)}
+            scored.append(user)
+        out[f"{key[0]}{key[1]}"] = {"ndcg": float(np.mean(nd)), "recall": float(np.mean(rc)), "users": len(nd),
+                                    "per_user": (scored, nd)}
     return out
 
 
@@ -180,6 +189,21 @@ def fmt(name: str, row: dict, extra: str = "") -> str:
     return f"{name:<40}" + " ".join(f"{row[c]:.3f}" for c in COLS) + f"  {extra}"
 
 
+def paired_rows(runs: list[dict], base: list[dict]) -> tuple[dict, dict]:
+    """Per column: the mean over splits of a candidate's NDCG@10 minus the first candidate's on the same
+    users, and its standard error (clustered by user: the splits share users)."""
+    diff, se = {}, {}
+    for c in COLS:
+        samples = []
+        for r, b in zip(runs, base):
+            (users, x), (users_b, y) = r[c]["per_user"], b[c]["per_user"]
+            assert users == users_b
+            samples.append((users, np.asarray(x) - np.asarray(y)))
+        diff[c] = float(np.mean([d.mean() for _, d in samples]))
+        se[c] = clustered_standard_error(samples) or 0.0
+    return diff, se
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="/work/shared/data/ml-100k")
@@ -211,6 +235,7 @@ def main() -> None:
         print(fmt(f"[{mode}] positive popularity", mean_rows(base)))
         report["results"].append({"mode": mode, "method": "positive_popularity",
                                   "mean": mean_rows(base), "per_split": dict(zip(keys, base))})
+        first = None
         for cand in cands:
             cfg = FeatureModelConfig.from_json({**FeatureModelConfig().to_json(), **cand})
             runs = [run(splits[k], cfg, k) for k in keys]
@@ -218,6 +243,13 @@ def main() -> None:
             fit = [r["fit_s"] for r in runs]
             print(fmt(f"[{mode}] {json.dumps(cand) if cand else 'feature model (defaults)'}"[:40], m,
                       "fit " + "/".join(f"{f:.1f}" for f in fit) + " s"), flush=True)
+            if first is None:
+                first = [r["model"] for r in runs]
+            else:  # the same users scored by both: a paired difference tells settings apart better than two means
+                diff, se = paired_rows([r["model"] for r in runs], first)
+                print(f"{'  minus the first candidate':<40}" + " ".join(f"{diff[c]:+.3f}".replace("0.", ".", 1)
+                                                                         for c in COLS))
+                print(f"{'  ± its standard error':<40}" + " ".join(f"{se[c]:.3f}" for c in COLS), flush=True)
             report["results"].append({"mode": mode, "method": "feature_model", "overrides": cand,
                                       "config": cfg.to_json(), "mean": m, "fit_s": fit,
                                       "per_split": {k: r["model"] for k, r in zip(keys, runs)}})
