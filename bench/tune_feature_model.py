@@ -38,7 +38,8 @@ from cfb.cf_core.data import CollabData
 from cfb.cf_core.feature_model import FeatureModelConfig, FeatureUserModel, Reveal
 from cfb.cf_core.split import answer_pool_split, cold_users
 from cfb.db.sources import read_movielens
-from cfb.evaluation.metrics import clustered_standard_error, ndcg_at_k, recall_at_k
+from cfb.evaluation.metrics import (PER_USER, clustered_standard_error, ndcg_at_k, paired_values, recall_at_k,
+                                    without_per_user)
 
 K = 10
 BUDGETS = (0, 5, 15, 30)
@@ -147,7 +148,7 @@ def score_cases(split: Split, score_fn) -> dict:  # noqa: ANN001
             rc.append(recall_at_k(ranked, relevant, K))
             scored.append(user)
         out[f"{key[0]}{key[1]}"] = {"ndcg": float(np.mean(nd)), "recall": float(np.mean(rc)), "users": len(nd),
-                                    "per_user": (scored, nd)}
+                                    PER_USER: {"user": scored, "ndcg@10": nd}}
     return out
 
 
@@ -191,16 +192,12 @@ def fmt(name: str, row: dict, extra: str = "") -> str:
 
 def paired_rows(runs: list[dict], base: list[dict]) -> tuple[dict, dict]:
     """Per column: the mean over splits of a candidate's NDCG@10 minus the first candidate's on the same
-    users, and its standard error (clustered by user: the splits share users)."""
+    users, and its standard error (clustered by user: the splits share users; None when unknown)."""
     diff, se = {}, {}
     for c in COLS:
-        samples = []
-        for r, b in zip(runs, base):
-            (users, x), (users_b, y) = r[c]["per_user"], b[c]["per_user"]
-            assert users == users_b
-            samples.append((users, np.asarray(x) - np.asarray(y)))
+        samples = [paired_values(r[c], b[c]) for r, b in zip(runs, base)]
         diff[c] = float(np.mean([d.mean() for _, d in samples]))
-        se[c] = clustered_standard_error(samples) or 0.0
+        se[c] = clustered_standard_error(samples)
     return diff, se
 
 
@@ -234,7 +231,7 @@ def main() -> None:
         base = [score_cases(splits[k], None) for k in keys]
         print(fmt(f"[{mode}] positive popularity", mean_rows(base)))
         report["results"].append({"mode": mode, "method": "positive_popularity",
-                                  "mean": mean_rows(base), "per_split": dict(zip(keys, base))})
+                                  "mean": mean_rows(base), "per_split": dict(zip(keys, without_per_user(base)))})
         first = None
         for cand in cands:
             cfg = FeatureModelConfig.from_json({**FeatureModelConfig().to_json(), **cand})
@@ -249,10 +246,11 @@ def main() -> None:
                 diff, se = paired_rows([r["model"] for r in runs], first)
                 print(f"{'  minus the first candidate':<40}" + " ".join(f"{diff[c]:+.3f}".replace("0.", ".", 1)
                                                                          for c in COLS))
-                print(f"{'  ± its standard error':<40}" + " ".join(f"{se[c]:.3f}" for c in COLS), flush=True)
+                print(f"{'  ± its standard error':<40}" + " ".join("  -  " if se[c] is None else f"{se[c]:.3f}"
+                                                                    for c in COLS), flush=True)
             report["results"].append({"mode": mode, "method": "feature_model", "overrides": cand,
                                       "config": cfg.to_json(), "mean": m, "fit_s": fit,
-                                      "per_split": {k: r["model"] for k, r in zip(keys, runs)}})
+                                      "per_split": {k: without_per_user(r["model"]) for k, r in zip(keys, runs)}})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

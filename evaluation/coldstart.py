@@ -83,7 +83,8 @@ def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, av
     test_inner = cat.index(test["item"])
     known = (test_inner >= 0) & test["item"].isin(train_items).to_numpy()
     truth = test["rating"].to_numpy(float)[known]
-    tallies["cfb"].add(user, model.predict(vec, test_inner[known]), truth, _top(model.scores(vec), exclude, cat), relevant)
+    tallies["cfb"].add(user, model.predict(vec, test_inner[known]), truth, _top(model.scores(vec), exclude, cat),
+                       relevant)
     if avg is not None:
         tallies["average_user"].add(user, model.predict(avg, test_inner[known]), truth,
                                     _top(model.scores(avg), exclude, cat), relevant)

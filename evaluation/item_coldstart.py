@@ -286,7 +286,8 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
     """Every method's figures (and cfb's paired differences) averaged over seeds, with standard errors
     over the seeds' users (the results must still hold their ``per_user`` lists)."""
     mean = {key: combine_seeds([r.get(key) for r in per_seed]) for key in (*METHODS, "cfb_vs")}
-    return with_seed_errors(mean, per_seed, METHODS)
+    with_seed_errors(mean, per_seed, METHODS)
+    return mean
 
 
 def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", params: dict | None = None,  # noqa: ANN001

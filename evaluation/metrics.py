@@ -29,6 +29,9 @@ def standard_error(values) -> float | None:  # noqa: ANN001
     return round(float(v.std(ddof=1) / np.sqrt(len(v))), 4) if len(v) >= 2 else None
 
 
+PER_USER = "per_user"  # a result's key for its users and their NDCG@10 (kept until the seed mean is made)
+
+
 class Tally:
     """One method's pooled squared rating errors and per-user ranking metrics (with the user of each)."""
 
@@ -51,10 +54,8 @@ class Tally:
                 "ndcg@10_se": standard_error(self.ndcg),
                 "recall@10": round(float(np.mean(self.recall)), 4) if self.recall else None,
                 "users": len(self.ndcg),
-                PER_USER: {"user": [_plain(u) for u in self.users], "ndcg@10": [float(x) for x in self.ndcg]}}
-
-
-PER_USER = "per_user"
+                PER_USER: {"user": [_plain(u) for u in self.users],
+                           "ndcg@10": [float(x) for x in self.ndcg]}}
 
 
 def _plain(user):  # noqa: ANN001, ANN202
@@ -80,7 +81,8 @@ def paired_difference(a: dict, b: dict) -> dict:
 def with_differences(results: dict) -> dict:
     """Every method's results (``Tally.result``, with ``cfb``), and cfb's paired difference from each
     other method (``cfb_vs``)."""
-    return {**results, "cfb_vs": {m: paired_difference(results["cfb"], r) for m, r in results.items() if m != "cfb"}}
+    return {**results,
+            "cfb_vs": {m: paired_difference(results["cfb"], r) for m, r in results.items() if m != "cfb"}}
 
 
 def clustered_standard_error(samples: list[tuple[list, np.ndarray]]) -> float | None:
@@ -89,8 +91,11 @@ def clustered_standard_error(samples: list[tuple[list, np.ndarray]]) -> float | 
     (seed, user) pairs, are the independent units: the mean's deviation is Σ_u e_u with
     e_u = Σ over the seeds that scored u of (value − that seed's mean) / (seeds × that seed's users),
     and its variance is estimated as N / (N − 1) · Σ_u e_u² over the N distinct users (a
-    cluster-robust variance). With one seed this is the usual standard error of a mean."""
+    cluster-robust variance). With one seed this is the usual standard error of a mean. A user is the
+    same user in every seed only under the same id of the same type ("1" and 1 are two users)."""
     samples = [(users, np.asarray(v, float)) for users, v in samples if len(v)]
+    if any(len(users) != len(v) for users, v in samples):
+        raise ValueError("one user per value")
     share: dict = {}
     for users, values in samples:
         for u, e in zip(users, (values - values.mean()) / (len(samples) * len(values))):
@@ -105,12 +110,10 @@ def combine_seeds(values: list, key: str = ""):  # noqa: ANN201
     """One figure over seeds (nested dicts key by key): the mean of the seeds that have it (None
     left out). Standard errors (key ``se`` or ``…_se``) come out None here: over seeds they need the
     users (``clustered_standard_error``); per-user lists are dropped."""
-    if key == PER_USER:
-        return None
     if any(isinstance(v, dict) for v in values):
         first = next(v for v in values if isinstance(v, dict))
-        out = {k: combine_seeds([v.get(k) for v in values if isinstance(v, dict)], str(k)) for k in first}
-        return {k: v for k, v in out.items() if k != PER_USER}
+        return {k: combine_seeds([v.get(k) for v in values if isinstance(v, dict)], str(k))
+                for k in first if k != PER_USER}
     if key == "se" or key.endswith("_se"):
         return None
     vals = [float(v) for v in values if v is not None]
@@ -128,12 +131,14 @@ def seed_errors(cells: list[dict], methods: tuple[str, ...], previous: list[dict
                  "cfb_vs": {m: clustered_standard_error([paired_values(c["cfb"], c[m]) for c in cells])
                             for m in methods if m != "cfb"}}
     if previous is not None:
-        out["cfb_step"] = clustered_standard_error([paired_values(c["cfb"], p["cfb"]) for c, p in zip(cells, previous)])
+        out["cfb_step"] = clustered_standard_error([paired_values(c["cfb"], p["cfb"])
+                                                    for c, p in zip(cells, previous)])
     return out
 
 
-def with_seed_errors(mean: dict, cells: list[dict], methods: tuple[str, ...], previous: list[dict] | None = None) -> dict:
-    """``mean`` (a cell of ``combine_seeds``) with its standard errors from ``seed_errors``."""
+def with_seed_errors(mean: dict, cells: list[dict], methods: tuple[str, ...],
+                     previous: list[dict] | None = None) -> None:
+    """Fill ``mean`` (a cell of ``combine_seeds``) in place with its standard errors from ``seed_errors``."""
     err = seed_errors(cells, methods, previous)
     for m in methods:
         mean[m]["ndcg@10_se"] = err["ndcg@10_se"][m]
@@ -142,7 +147,6 @@ def with_seed_errors(mean: dict, cells: list[dict], methods: tuple[str, ...], pr
             mean["cfb_vs"][m]["se"] = se
     if mean.get("cfb_step") is not None:
         mean["cfb_step"]["se"] = err["cfb_step"]
-    return mean
 
 
 def without_per_user(result):  # noqa: ANN001, ANN201

@@ -111,6 +111,8 @@ def test_standard_error_over_seeds_counts_each_user_once():
     assert apart == pytest.approx(independent, rel=0.03)
     # every user alike: nothing to be unsure of, however the seeds share their users
     assert clustered_standard_error([(list(range(50)), np.full(50, 0.3)), (list(range(25, 60)), np.full(35, 0.3))]) == 0
+    with pytest.raises(ValueError, match="one user per value"):
+        clustered_standard_error([(["a"], np.array([0.1, 0.2]))])
     # plain means over seeds; standard errors need the users, so combine_seeds leaves them None
     m = combine_seeds([{"rmse": 0.9, "ndcg@10": 0.3, "ndcg@10_se": 0.03, "per_user": {"user": [1]}},
                        {"rmse": 1.0, "ndcg@10": None, "ndcg@10_se": 0.04, "per_user": {"user": [2]}}])
