@@ -54,12 +54,7 @@ class Tally:
                 "ndcg@10_se": standard_error(self.ndcg),
                 "recall@10": round(float(np.mean(self.recall)), 4) if self.recall else None,
                 "users": len(self.ndcg),
-                PER_USER: {"user": [_plain(u) for u in self.users],
-                           "ndcg@10": [float(x) for x in self.ndcg]}}
-
-
-def _plain(user):  # noqa: ANN001, ANN202
-    return user.item() if isinstance(user, np.generic) else user
+                PER_USER: {"user": list(self.users), "ndcg@10": [float(x) for x in self.ndcg]}}
 
 
 def paired_values(a: dict, b: dict) -> tuple[list, np.ndarray]:
@@ -120,33 +115,20 @@ def combine_seeds(values: list, key: str = ""):  # noqa: ANN201
     return round(float(np.mean(vals)), 4) if vals else None
 
 
-def seed_errors(cells: list[dict], methods: tuple[str, ...], previous: list[dict] | None = None) -> dict:
-    """Standard errors over seeds for one cell (a budget, a step, or §8's block), from each seed's
-    cell (``Tally.result`` per method, with ``per_user``): ``ndcg@10_se`` per method, ``cfb_vs`` per
-    other method (paired), and with ``previous`` (each seed's cell of the step before) ``cfb_step``."""
-    def per_user(m: str) -> list:  # noqa: ANN202
-        return [(c[m][PER_USER]["user"], c[m][PER_USER]["ndcg@10"]) for c in cells]
-
-    out: dict = {"ndcg@10_se": {m: clustered_standard_error(per_user(m)) for m in methods},
-                 "cfb_vs": {m: clustered_standard_error([paired_values(c["cfb"], c[m]) for c in cells])
-                            for m in methods if m != "cfb"}}
-    if previous is not None:
-        out["cfb_step"] = clustered_standard_error([paired_values(c["cfb"], p["cfb"])
-                                                    for c, p in zip(cells, previous)])
-    return out
-
-
 def with_seed_errors(mean: dict, cells: list[dict], methods: tuple[str, ...],
                      previous: list[dict] | None = None) -> None:
-    """Fill ``mean`` (a cell of ``combine_seeds``) in place with its standard errors from ``seed_errors``."""
-    err = seed_errors(cells, methods, previous)
+    """Fill ``mean`` (a cell of ``combine_seeds``: a budget, a step, or §8's block) in place with its
+    standard errors over seeds, from each seed's cell (``Tally.result`` per method, with ``per_user``):
+    ``ndcg@10_se`` per method, ``cfb_vs`` per other method (paired), and with ``previous`` (each
+    seed's cell of the step before) ``cfb_step``."""
     for m in methods:
-        mean[m]["ndcg@10_se"] = err["ndcg@10_se"][m]
-    for m, se in err["cfb_vs"].items():
-        if mean.get("cfb_vs", {}).get(m) is not None:
-            mean["cfb_vs"][m]["se"] = se
-    if mean.get("cfb_step") is not None:
-        mean["cfb_step"]["se"] = err["cfb_step"]
+        mean[m]["ndcg@10_se"] = clustered_standard_error([(c[m][PER_USER]["user"], c[m][PER_USER]["ndcg@10"])
+                                                          for c in cells])
+        if m != "cfb" and mean.get("cfb_vs", {}).get(m) is not None:
+            mean["cfb_vs"][m]["se"] = clustered_standard_error([paired_values(c["cfb"], c[m]) for c in cells])
+    if previous is not None and mean.get("cfb_step") is not None:
+        mean["cfb_step"]["se"] = clustered_standard_error([paired_values(c["cfb"], p["cfb"])
+                                                           for c, p in zip(cells, previous)])
 
 
 def without_per_user(result):  # noqa: ANN001, ANN201
