@@ -63,7 +63,7 @@ class ItemPriorConfig:
     l2: float = 3e-3
     steps: int = 300
     lr: float = 0.05
-    rank_l2: float = 1e-4
+    rank_l2: float = 1e-3
     rank_steps: int = 300
     rank_lr: float = 0.05
     hidden: int = 0
