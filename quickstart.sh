@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q torch==2.13.0          # CPU build; a GPU machine keeps its own torch
+.venv/bin/pip install -q torch==2.13.0          # (fastai's torchvision then moves it to the torch it needs)
 .venv/bin/pip install -q -e '.[test]'
 cfb() { .venv/bin/cfb --db "sqlite:///$PWD/.cfb/demo.db" "$@"; }
 mkdir -p .cfb && rm -f .cfb/demo.db .cfb/demo.db-wal .cfb/demo.db-shm

@@ -10,15 +10,27 @@ MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text
 
 @dataclass
 class Question:
-    """One attribute question: ``type`` is "number", "category" (``values`` allowed) or "text"."""
+    """One attribute question: ``type`` is "number" (``range``: the training users' lowest and highest
+    value), "category" (``values`` allowed) or "text"."""
 
     name: str
     type: str
     values: list[str] | None = None
+    range: list[float] | None = None
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        return d if self.values is not None else {k: v for k, v in d.items() if k != "values"}
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("name", "type")}
+
+    def accepted_range(self) -> tuple[float, float] | None:
+        """The answers a number question takes: the training range widened on each side by its width
+        (at least by its largest value's size), since a new user may be older than every training user
+        but not by a hundred orders of magnitude; never below zero when no training value is (an age, a
+        count). None: no range known (a version from before ranges were kept)."""
+        if self.type != "number" or not self.range:
+            return None
+        lo, hi = (float(x) for x in self.range)
+        span = max(hi - lo, abs(hi), 1.0)
+        return (max(lo - span, 0.0) if lo >= 0 else lo - span), hi + span
 
 
 @dataclass
@@ -53,7 +65,7 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
     for name in names:
         vals = [a[name] for a in attributes if a.get(name) is not None]
         if vals and all(_is_number(v) for v in vals):
-            out.append(Question(name, "number"))
+            out.append(Question(name, "number", range=[float(min(vals)), float(max(vals))]))
         else:
             distinct = sorted({str(v) for v in vals})
             if len(distinct) <= MAX_CATEGORIES:

@@ -13,6 +13,8 @@ fixed, an item is represented by its metadata only, so every training item acts 
 
 * Rating part: ``item_factors = X W``, ``item_bias = X w``, trained on every training rating with the
   rating model's trained user rows: min Σ (r − sigmoid_range(u·f_i + b_u + b_i))² + l2 (|W|² + |w|²).
+  For a rating model that is not a dot product (fastai's ``EmbeddingNN``) a new item starts from the
+  average trained item row instead (``W`` and ``w`` are zero but for the constant column).
 * Ranking part (the ranker's rows ``out``/``out_bias``): ``rank_out = X V`` (+ a ReLU layer on X when
   ``hidden``), ``rank_bias = X v``; trained with a full softmax over the training items for each user
   (user vector: the ranker's vector of the user's full history), every item the user rated in the top
@@ -50,7 +52,8 @@ class ItemPriorConfig:
     l2 / steps / lr: rating part (full-batch Adam).
     rank_l2 / rank_steps / rank_lr: ranking part (full-batch Adam on the softmax).
     hidden: width of a ReLU layer of the ranking part on the metadata (0 = linear).
-    rating_weight: the serving score's weight of the predicted rating (``ServingConfig.rating_weight``).
+    rating_weight: the serving score's weight of the predicted rating: the version's
+        ``ServingConfig.rating_weight`` (a full retrain passes it), so the rows are fitted for the score served.
     positive_share: top share of the scale that counts as a positive (0.25: >= 4 on 1..5).
     ridge_alpha: penalty of mode "ridge".
     """
@@ -67,7 +70,7 @@ class ItemPriorConfig:
     rank_steps: int = 300
     rank_lr: float = 0.05
     hidden: int = 0
-    rating_weight: float = 0.5
+    rating_weight: float = 0.0
     positive_share: float = 0.25
     ridge_alpha: float = 10.0
 
@@ -237,8 +240,9 @@ class ItemPrior:
                     device: str | None = None) -> "ItemPrior":
         """Fit on a trained version (``TrainedModel``) and its ``TrainingData``: the rating model's
         trained user rows; ``rank_vecs`` the ranker's full-history user vectors (None: no ranking part)."""
-        self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
-                 model.user_bias, model.rating.y_range, td.scale, rank_vecs,
+        dot = model.kind == "dot"
+        self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors if dot else None,
+                 model.user_bias if dot else None, model.rating.y_range, td.scale, rank_vecs,
                  item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
                  rank_out=None if model.ranker is None else model.ranker.out_,
                  rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
@@ -266,7 +270,8 @@ class ItemPrior:
             rank_out: np.ndarray | None = None, rank_bias: np.ndarray | None = None,
             device: str | None = None) -> "ItemPrior":
         """``item_attributes[i]``: training item i's metadata; ratings as (inner user, inner item, rating);
-        ``user_factors``/``user_bias`` the rating model's user rows (fixed); ``rank_vecs`` (n_users, d)
+        ``user_factors``/``user_bias`` the rating model's user rows (fixed; None: not a dot-product model,
+        new items start from the average of ``item_factors``/``item_bias``); ``rank_vecs`` (n_users, d)
         the ranker's user vectors (fixed). The trained item rows (``item_factors`` …) are needed by
         mode "ridge" only; given the ranker's (``rank_out``, ``rank_bias``), the ranking part is calibrated
         to them. ``fit_rating_part`` then ``fit_ranking_part``."""
@@ -292,12 +297,16 @@ class ItemPrior:
         self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
         users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
         ratings = np.asarray(ratings, np.float32)
-        if cfg.mode == "ridge":
+        if user_factors is None:  # not a dot product: the average trained item (column 0 is the constant 1)
+            self.W_ = np.zeros((X.shape[1], item_factors.shape[1]), np.float32)
+            self.w_ = np.zeros(X.shape[1], np.float32)
+            self.W_[0], self.w_[0] = item_factors.mean(0), float(np.mean(item_bias))
+        elif cfg.mode == "ridge":
             self.W_ = self._ridge(X, item_factors)
             self.w_ = self._ridge(X, item_bias[:, None])[:, 0]
         else:
             self._fit_rating_joint(X, users, items, ratings, user_factors, user_bias, device)
-        assert self.W_.shape == (X.shape[1], user_factors.shape[1])
+            assert self.W_.shape == (X.shape[1], user_factors.shape[1])
         # what the ranking part needs (references, not copies), until it has run
         self._pending = {"X": X, "users": users, "items": items, "ratings": ratings, "user_factors": user_factors,
                          "user_bias": user_bias, "device": device}
@@ -388,7 +397,8 @@ class ItemPrior:
         dev = device or "cpu"
         t = lambda a, dt=torch.float32: self._tensor(a, dt, dev)  # noqa: E731
         mh = multi_hot_product(X, dev)
-        U, bu = t(user_factors), t(user_bias)
+        rated = bool(cfg.rating_weight) and user_factors is not None  # the serving score has a rating term
+        U, bu = (t(user_factors), t(user_bias)) if rated else (None, None)
         lo, hi = self.y_range_
         p = X.shape[1]
         # full softmax over the training items per user, positives weighted equally
@@ -410,8 +420,10 @@ class ItemPrior:
             at = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
             Y[t(np.repeat(np.arange(len(sel)), lens), torch.long), t(pi[at], torch.long)] = 1.0
             ur = t(rows[sel], torch.long)
-            with torch.no_grad():  # the serving score's rating term, fixed
-                off = cfg.rating_weight * (lo + (hi - lo) * torch.sigmoid(U[ur] @ f.T + bu[ur][:, None] + b[None]))
+            off = 0.0
+            if rated:
+                with torch.no_grad():  # the serving score's rating term, fixed
+                    off = cfg.rating_weight * (lo + (hi - lo) * torch.sigmoid(U[ur] @ f.T + bu[ur][:, None] + b[None]))
             return R_all[ur], Y, off
 
         full = batch(np.arange(len(rows))) if bs >= len(rows) else None

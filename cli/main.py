@@ -108,7 +108,8 @@ def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "", quiet: bo
             out = ingest_dataset(engine, ds, scale=scale, source=source, progress=bar.update)
     finally:
         engine.dispose()
-    emit(out, as_json, f"ingested {out['ratings']} ratings, {out['users']} users, {out['items']} items")
+    emit(out, as_json, f"ingested {out['ratings']} ratings, {out['users']} users ({out['new_users']} new), "
+                       f"{out['items']} items ({out['new_items']} new)")
 
 
 def _scale(value: str | None):
@@ -168,7 +169,7 @@ def ingest_items(ctx: Ctx, file: Path, as_json: bool) -> None:
     from ..db.sources import read_items_csv
     from ..service.ingest import upsert_items
 
-    out = upsert_items(ctx.engine, read_items_csv(file))
+    out = upsert_items(ctx.engine, read_items_csv(file), source=str(file))
     emit(out, as_json, f"{out['added']} items added, {out['updated']} updated")
 
 
@@ -463,6 +464,8 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
     lines = ["attributes:"]
     for a in out["attributes"]:
         values = f" ({', '.join(a['values'])})" if a.get("values") else ""
+        if a.get("accepts"):
+            values = f" ({a['accepts'][0]:g}..{a['accepts'][1]:g})"
         lines.append(f"  {a['name']}: {a['type']}{values}")
     lines.append("rate these if you have seen them:")
     lines += [f"  {r['item']}: {r['title']}" for r in out["items"]]
@@ -472,7 +475,8 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
 @cli.command()
 @click.option("--answers", "answers_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}}.")
-@click.option("--skip-invalid", is_flag=True, help="Store the valid entries and report the others.")
+@click.option("--skip-invalid", is_flag=True,
+              help="Store the valid entries and report the others (exit status 1 when any was skipped).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -483,7 +487,7 @@ def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> 
 
     out = onboard_users(ctx.engine, read_answers_file(answers_file), skip_invalid=skip_invalid)
     lines = [u["user"] for u in out["onboarded"]]
-    lines += [f"skipped {s['entry']}: {s['error']}" for s in out["skipped"]]
+    lines += [f"skipped: {s['error']}" for s in out["skipped"]]
     emit(out, as_json, "\n".join(lines))
     if out["skipped"]:
         sys.exit(1)

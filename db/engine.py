@@ -28,7 +28,11 @@ def resolve_url(url: str | None = None) -> str:
     if os.environ.get("CFB_DATABASE_URL"):
         return os.environ["CFB_DATABASE_URL"]
     home = cfb_home()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CfbError(f"cannot create cfb's folder {home} ({e.strerror or e}): set CFB_HOME to a writable "
+                       "folder, or give --db") from None
     return f"sqlite:///{home / 'cfb.db'}"
 
 

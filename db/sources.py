@@ -76,6 +76,22 @@ def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, 
                          source=source, line=first_line + pos, field=field)
 
 
+def _raise_csv_problem(path: Path, text: str) -> None:
+    """Raise an ``InputError`` naming the first line of ``text`` (a CSV with a header) whose number of
+    fields differs from the header's, or where a quote is left open; return if there is none."""
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    start = 1  # the line the record being read starts on
+    try:
+        header = next(reader)
+        start = reader.line_num + 1
+        for row in reader:
+            if row and len(row) != len(header):
+                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=str(path), line=start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path), line=start) from None
+
+
 def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     """A CSV with a header, all columns as strings; missing columns are named."""
     text = read_text(path)
@@ -84,6 +100,7 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, csv.Error) as e:
+        _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -157,7 +174,8 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
 
     Every value is read as text ("nan", "NA", "null" stay text); a column becomes numbers only when all
     its non-empty values are plain finite decimal numbers without leading zeros (so zip code "02139"
-    stays "02139"). Empty cells are left out. Bad rows are reported with file, line and field."""
+    stays "02139"). Empty cells are left out. Bad rows are reported with file, line and field; the
+    ``line`` column keeps each row's line for later checks."""
     header, rows = _keyed_rows(Path(path), user_col, "user")
     u = header.index(user_col)
     records: list[dict] = [{} for _ in rows]
@@ -165,18 +183,19 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
         if k == u:
             continue
         values = [row[k] for _, row in rows]
-        numbers = [_plain_number(v) for v in values if v != ""]
+        numbers = [plain_number(v) for v in values if v != ""]
         numeric = all(x is not None for x in numbers)
         for rec, v in zip(records, values):
             if v != "":
                 rec[name] = _scalar(v) if numeric else v
-    return pd.DataFrame({"user": [row[u] for _, row in rows], "attributes": records})
+    return pd.DataFrame({"user": [row[u] for _, row in rows], "attributes": records,
+                         "line": [line for line, _ in rows]})
 
 
 _PLAIN_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
 
 
-def _plain_number(v: str) -> int | float | None:
+def plain_number(v: str) -> int | float | None:
     """``v`` as a number if it is a plain finite decimal number without leading zeros ("42", "-1.5",
     "0.25"), else None ("02139", "1e3", "nan", "inf", "+4", " ")."""
     if not _PLAIN_NUMBER.fullmatch(v):
@@ -193,7 +212,7 @@ def _plain_number(v: str) -> int | float | None:
 def _scalar(v: str):
     """A plain decimal number as int/float, anything else as its stripped text."""
     v = str(v).strip()
-    x = _plain_number(v)
+    x = plain_number(v)
     return v if x is None else x
 
 
@@ -222,7 +241,8 @@ def read_items_csv(path: Path) -> pd.DataFrame:
 
     Returns item, title (None where the cell is empty) and attributes: a column whose values contain
     '|' holds lists ("Drama|War" -> ["Drama", "War"]); a column whose non-empty values are all plain
-    numbers holds numbers; empty cells are left out. Problems name file, line and field."""
+    numbers holds numbers; empty cells are left out. Problems name file, line and field (``line``: each
+    row's line)."""
     header, rows = _keyed_rows(Path(path), "item", "item")
     k_item = header.index("item")
     records: list[dict] = [{} for _ in rows]
@@ -240,4 +260,5 @@ def read_items_csv(path: Path) -> pd.DataFrame:
             if v:
                 rec[name] = _scalar(v) if numeric else v
     titles = [row[header.index("title")] or None for _, row in rows] if "title" in header else [None] * len(rows)
-    return pd.DataFrame({"item": [row[k_item] for _, row in rows], "title": titles, "attributes": records})
+    return pd.DataFrame({"item": [row[k_item] for _, row in rows], "title": titles, "attributes": records,
+                         "line": [line for line, _ in rows]})

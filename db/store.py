@@ -131,6 +131,10 @@ def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | N
     return id_map(conn, table)
 
 
+def count_rows(conn: Connection, table) -> int:  # noqa: ANN001
+    return int(conn.scalar(select(func.count()).select_from(table)))
+
+
 def next_seq(conn: Connection) -> int:
     return int(conn.scalar(select(func.coalesce(func.max(Rating.seq), 0)))) + 1
 
@@ -183,12 +187,13 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     for index in rebuilt:
         index.drop(conn)
     differs = "IS NOT" if sqlite else "IS DISTINCT FROM"
-    # a rating written again unchanged keeps its seq: it is not new to any model version; a changed
-    # one records the row it replaces (the SET expressions read the row as it was)
+    # a rating written again with the same value keeps its row (seq and time): it is not new to any model
+    # version (`cfb rate` stamps every rating with the time it is written); a changed one records the row
+    # it replaces (the SET expressions read the row as it was)
     upsert = ("ON CONFLICT (user_id, item_id) DO UPDATE SET prev_rating = ratings.rating, prev_seq = ratings.seq, "
               "rating = excluded.rating, "
               "timestamp = excluded.timestamp, seq = excluded.seq "
-              f"WHERE ratings.rating {differs} excluded.rating OR ratings.timestamp {differs} excluded.timestamp")
+              f"WHERE ratings.rating {differs} excluded.rating")
 
     if not sqlite and len(keep) >= PG_COPY_ROWS:
         if bulk_postgres:  # keys and indexes built once after the rows: seconds, where checks per row took minutes
@@ -517,7 +522,9 @@ def _scan_sqlite(conn: Connection) -> list[np.ndarray]:
 
 
 def user_id_of(conn: Connection, external_id: str) -> int:
-    uid = conn.scalar(select(User.id).where(User.external_id == str(external_id)))
+    """The database id of a user (the external id as written, surrounding spaces aside, as every reader
+    strips them)."""
+    uid = conn.scalar(select(User.id).where(User.external_id == str(external_id).strip()))
     if uid is None:
         raise CfbError(f"unknown user {external_id!r}")
     return uid

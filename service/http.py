@@ -382,7 +382,7 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
         validator.questionnaire = served.model.questionnaire
         validator.scale = store.rating_scale(conn)
         validator.items = _Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key")))
-        validator.titles = _Lookup(conn, select(Item.id).where(Item.title == bindparam("key")), many=True)
+        validator.titles = _Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True)
         validator.known_users = _Lookup(conn, select(User.id).where(User.external_id == bindparam("key")))
         validator.batch_users = set()
         signup = validator.validate(where, entry)
@@ -496,10 +496,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             if size > max_body:
                 raise ApiError(413, f"request body over {max_body} bytes")
             chunks.append(chunk)
-        from .onboard import _first_non_finite, _loads
+        from .onboard import DuplicateKeyError, _first_non_finite, _loads
 
         try:
             doc = _loads(b"".join(chunks).decode("utf-8"))
+        except DuplicateKeyError as e:
+            raise ApiError(422, f"request body, field '{e.key}': {e}", field=e.key) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(422, f"request body: invalid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
         except RecursionError:
@@ -618,7 +620,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 msg = str(e)
                 field = ("item" if msg.startswith("unknown item") or "titled" in msg else
                          "rating" if "outside the scale" in msg else None)
-                raise ApiError(_error_status(e), msg, field) from None
+                raise ApiError(_error_status(e), f"request body, field '{field}': {msg}" if field else msg,
+                               field) from None
 
         return json_response(await run_in_threadpool(run), 201)
 
@@ -695,7 +698,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 opts = "".join(f"<option>{escape(str(v))}</option>" for v in a.get("values") or [])
                 field = f"<select name='{name}' data-attr='{name}'><option value=''>(no answer)</option>{opts}</select>"
             elif a.get("type") == "number":
-                field = f"<input type='number' step='any' name='{name}' data-attr='{name}' data-number='1'>"
+                lo, hi = a.get("accepts") or (None, None)
+                bounds = "" if lo is None else f" min='{lo:g}' max='{hi:g}'"
+                field = f"<input type='number' step='any'{bounds} name='{name}' data-attr='{name}' data-number='1'>"
             else:
                 field = f"<input type='text' name='{name}' data-attr='{name}'>"
             rows.append(f"<label>{name} {field}</label>")

@@ -15,7 +15,7 @@ from ..cf_core.rating import DotRating
 from ..db import store, versions
 from ..db.engine import writing
 from .state import Served, load_served, user_history
-from .training import retrain_full
+from .training import item_attributes_in_order, metadata_only_items, retrain_full
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
 
@@ -78,20 +78,15 @@ def retrain_incremental(engine: Engine) -> dict:
             new = store.load_ratings(conn, since_seq=row["max_seq"], with_replaced=True)
             touched = np.unique(new.item_id)
             rated = np.setdiff1d(touched, model.item_ids)
-            unrated = np.zeros(0, np.int64)
-            if model.item_prior is not None:  # catalogue items with metadata and no rating yet
-                catalogue = store.all_item_ids(conn)
-                unrated = catalogue[~np.isin(catalogue, model.item_ids) & ~np.isin(catalogue, rated)]
-                attrs = store.item_attributes(conn, unrated)
-                unrated = np.array([i for i in unrated.tolist() if attrs.get(i)], np.int64)
+            unrated = metadata_only_items(conn, model, rated)  # catalogue items with metadata and no rating yet
             if len(new) == 0 and len(unrated) == 0:
                 return {"version": parent, "kind": model.kind, "mode": "none", "new_ratings": 0,
                         "reason": f"no new ratings or items since version {parent}"}
             resolve = model.item_ids[np.intersect1d(model.added_items(), model.item_index(touched))]
             new_items = np.concatenate([rated, unrated])
             t_fold = time.perf_counter()
-            added, ranker_rows = model.metadata_rows(_attributes_in_order(conn, new_items))
-            priors, _ = model.metadata_rows(_attributes_in_order(conn, resolve))
+            added, ranker_rows = model.metadata_rows(item_attributes_in_order(conn, new_items))
+            priors, _ = model.metadata_rows(item_attributes_in_order(conn, resolve))
             solve = np.concatenate([rated, resolve])
             solved = _fold_in_items(conn, served, solve, {k: np.concatenate([added[k][:len(rated)], priors[k]])
                                                           for k in added})
@@ -119,11 +114,6 @@ def retrain_incremental(engine: Engine) -> dict:
         return {"version": version, "kind": model.kind, "mode": "incremental", "parent": parent, **metrics}
     finally:
         versions.release_retrain_lock(engine, lock)
-
-
-def _attributes_in_order(conn, item_ids: np.ndarray) -> list[dict]:  # noqa: ANN001
-    attrs = store.item_attributes(conn, item_ids)
-    return [attrs.get(int(i), {}) for i in item_ids]
 
 
 def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001

@@ -13,10 +13,12 @@ from ..db.sources import Dataset, check_scale
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
                    source: str = "ratings", progress=None) -> dict:  # noqa: ANN001
-    """Store users, items and ratings of ``ds`` (all or nothing); returns counts.
+    """Store users, items and ratings of ``ds`` (all or nothing); returns counts: ratings written,
+    users and items given (with attributes or ratings), and how many of them are new.
 
-    The rating scale is fixed by the first ingest (the dataset's, ``scale``, or the data's range);
-    later ratings outside it are refused."""
+    The rating scale is fixed by the first ingest (the dataset's, ``scale``, or the data's range, which
+    must not be a single value); later ratings outside it are refused. Given attributes are merged over
+    the stored ones and typed as the database holds them (``conform_attributes``)."""
     store.create_schema(engine)
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
         first_load = len(ds.ratings) >= store.BULK_ROWS and store.next_seq(conn) == 1
@@ -29,31 +31,102 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                 scale = ds.scale
             if scale is None and len(ds.ratings):
                 scale = (float(ds.ratings["rating"].min()), float(ds.ratings["rating"].max()))
+                if scale[0] == scale[1]:
+                    raise InputError(f"every rating is {scale[0]:g}, so the rating scale cannot be told from "
+                                     "them: give it (--scale LO,HI)", source=source)
             if scale is not None:
                 store.set_setting(conn, "rating_scale", f"{scale[0]:g},{scale[1]:g}")
         scale = known or scale
         if scale is not None and len(ds.ratings):
             check_scale(ds.ratings, scale, source)
-        n_users = n_items = 0
+        before = {t: store.count_rows(conn, t) for t in (User, Item)}
+        given: dict = {User: set(), Item: set()}
         if ds.users is not None and len(ds.users):
-            store.ensure_ids(conn, User, ds.users["user"].tolist(),
-                             {"attributes": ds.users["attributes"].tolist()}, update_cols=("attributes",))
-            n_users = len(ds.users)
+            ids = [str(x) for x in ds.users["user"]]
+            attrs = conform_attributes(conn, User, ids, list(ds.users["attributes"]), _lines(ds.users), source)
+            store.ensure_ids(conn, User, ids, {"attributes": attrs}, update_cols=("attributes",))
+            given[User].update(ids)
         if ds.items is not None and len(ds.items):
-            store.ensure_ids(conn, Item, ds.items["item"].tolist(),
-                             {"title": ds.items["title"].tolist(), "attributes": ds.items["attributes"].tolist()},
-                             update_cols=("title", "attributes"))
-            n_items = len(ds.items)
+            write_items(conn, ds.items, source)
+            given[Item].update(str(x) for x in ds.items["item"])
         r, n = ds.ratings, 0
         if len(r):  # write_ratings keeps one row per (user, item), the last one, as the table does
-            n = store.write_ratings(conn, database_ids(conn, User, r["user"]), database_ids(conn, Item, r["item"]),
-                                    r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(), progress)
-    return {"ratings": n, "users": n_users, "items": n_items, "scale": list(scale) if scale else None}
+            users, items = database_ids(conn, User, r["user"], given[User]), database_ids(conn, Item, r["item"], given[Item])
+            n = store.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(),
+                                    progress)
+        new = {t: store.count_rows(conn, t) - before[t] for t in (User, Item)}
+    return {"ratings": n, "users": len(given[User]), "items": len(given[Item]), "new_users": new[User],
+            "new_items": new[Item], "scale": list(scale) if scale else None}
 
 
-def database_ids(conn, table, external) -> np.ndarray:  # noqa: ANN001
+def _lines(frame) -> list[int | None]:  # noqa: ANN001
+    """Each row's line in its file (the readers of a CSV give a ``line`` column), else None."""
+    return frame["line"].tolist() if "line" in frame else [None] * len(frame)
+
+
+def _kind(value) -> str:  # noqa: ANN001
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return "text"
+
+
+def conform_attributes(conn, table, ids: list[str], records: list[dict], lines: list[int | None],  # noqa: ANN001
+                       source: str | None = None) -> list[dict]:
+    """Each record merged over the stored attributes of its id (given names replace, the others are
+    kept), with values typed as the table holds them: where every stored value of an attribute is a
+    number, a given text that reads as a plain number becomes that number and any other text is
+    refused (naming file, line and field), so that one bad cell cannot turn a number question into
+    free text; where every stored value is text, a given number is stored as its text."""
+    from sqlalchemy import select
+
+    from ..db.sources import plain_number
+
+    stored: dict[str, dict] = {}
+    kinds: dict[str, set] = {}
+    for ext, attrs in conn.execute(select(table.external_id, table.attributes)):
+        stored[ext] = attrs or {}
+        for name, value in (attrs or {}).items():
+            if value is not None:
+                kinds.setdefault(name, set()).add(_kind(value))
+    out = []
+    what = table.__tablename__
+    for ext, attrs, line in zip(ids, records, lines):
+        attrs = dict(attrs or {})
+        for name, value in attrs.items():
+            held = kinds.get(name)
+            if held == {"number"} and isinstance(value, str):
+                number = plain_number(value.strip())
+                if number is None:
+                    where = {"line": line} if line is not None else {}
+                    raise InputError(f"{value!r} is not a number, and the stored {what} hold {name} as numbers"
+                                     + ("" if line is not None else f" ({what[:-1]} {ext!r})"),
+                                     source=source, field=name, **where)
+                attrs[name] = number
+            elif held == {"text"} and _kind(value) == "number":
+                attrs[name] = str(value)
+        out.append({**stored.get(ext, {}), **attrs})
+    return out
+
+
+def write_items(conn, items, source: str | None = None) -> int:  # noqa: ANN001
+    """Add or update items (item, title, attributes; optional line): an empty title keeps the stored one,
+    attributes as ``conform_attributes``. Returns how many already existed."""
+    from sqlalchemy import select
+
+    ids = [str(x) for x in items["item"]]
+    titles: dict[str, str | None] = dict(conn.execute(select(Item.external_id, Item.title)).all())
+    attrs = conform_attributes(conn, Item, ids, list(items["attributes"]), _lines(items), source)
+    new_titles = [t if isinstance(t, str) and t else titles.get(e) for e, t in zip(ids, items["title"])]
+    store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
+    return sum(1 for e in dict.fromkeys(ids) if e in titles)
+
+
+def database_ids(conn, table, external, seen: set | None = None) -> np.ndarray:  # noqa: ANN001
     """The database id of every external id in ``external`` (a column; categorical from the readers),
-    created where new: each distinct id is looked up once, then spread by its category code."""
+    created where new: each distinct id is looked up once, then spread by its category code. The
+    distinct ids are added to ``seen`` when given."""
     import pandas as pd
 
     if isinstance(external.dtype, pd.CategoricalDtype):
@@ -66,31 +139,18 @@ def database_ids(conn, table, external) -> np.ndarray:  # noqa: ANN001
     used = np.flatnonzero(np.bincount(codes, minlength=len(categories)))  # (no sort, unlike np.unique)
     names = [str(c) for c in np.asarray(categories, dtype=object)[used].tolist()]
     ids = store.ensure_ids(conn, table, names)
+    if seen is not None:
+        seen.update(names)
     by_code = np.full(len(categories), -1, np.int64)
     by_code[used] = [ids[x] for x in names]
     return by_code[codes]
 
 
-def upsert_items(engine: Engine, items) -> dict:  # noqa: ANN001
-    """Add or update items (item, title, attributes) in one transaction.
-
-    An empty title keeps the stored one; given attributes replace those of the same name, the others
-    are kept. Returns counts."""
-    from sqlalchemy import select
-
+def upsert_items(engine: Engine, items, source: str | None = None) -> dict:  # noqa: ANN001
+    """Add or update items (item, title, attributes) in one transaction (see ``write_items``).
+    Returns counts."""
     store.create_schema(engine)
-    ids = [str(x) for x in items["item"]]
     with writing(engine) as conn:
-        existing: dict[str, tuple] = {}
-        for start in range(0, len(ids), 900):
-            rows = conn.execute(select(Item.external_id, Item.title, Item.attributes)
-                                .where(Item.external_id.in_(ids[start:start + 900])))
-            existing.update({ext: (title, attrs or {}) for ext, title, attrs in rows})
-        titles, attributes = [], []
-        for item, title, attrs in zip(ids, items["title"], items["attributes"]):
-            old_title, old_attrs = existing.get(item, (None, {}))
-            titles.append(title if isinstance(title, str) and title else old_title)
-            attributes.append({**old_attrs, **attrs})
-        store.ensure_ids(conn, Item, ids, {"title": titles, "attributes": attributes},
-                         update_cols=("title", "attributes"))
-    return {"items": len(ids), "added": len(ids) - len(existing), "updated": len(existing)}
+        updated = write_items(conn, items, source)
+    n = len(set(map(str, items["item"])))
+    return {"items": n, "added": n - updated, "updated": updated}

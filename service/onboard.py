@@ -51,8 +51,38 @@ def _parse_int(token: str):
     return value
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice (``{"age": 30, "age": 40}``): which value was meant?"""
+
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} given twice in one object")
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def _line_with_duplicate(text: str) -> int | None:
+    """The first line that is a JSON document of its own giving a key twice (None: none is)."""
+    for n, line in enumerate(text.splitlines(), start=1):
+        try:
+            _loads(line)
+        except DuplicateKeyError:
+            return n
+        except (ValueError, RecursionError):
+            continue
+    return None
+
+
 def _loads(text: str):
-    return json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float, parse_int=_parse_int)
+    return json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float, parse_int=_parse_int,
+                      object_pairs_hook=_object)
 
 
 def _first_non_finite(value) -> tuple[str, str] | None:
@@ -97,6 +127,8 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
             doc = _loads(stripped)
             entries = doc if isinstance(doc, list) else [doc]
             located = [(f"{path}: entry {k + 1}", e) for k, e in enumerate(entries)]
+        except DuplicateKeyError as e:
+            raise InputError(str(e), source=str(path), line=_line_with_duplicate(text)) from None
         except json.JSONDecodeError as whole:
             lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
             first = lines[0][1].strip()
@@ -108,6 +140,8 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
                     located.append((f"{path}: line {n}", _loads(line)))
                 except json.JSONDecodeError as e:
                     raise InputError(f"invalid JSON ({e.msg})", source=str(path), line=n) from None
+                except DuplicateKeyError as e:
+                    raise InputError(str(e), source=str(path), line=n) from None
     except RecursionError:
         raise InputError("JSON nested too deeply", source=str(path)) from None
     for where, e in located:
@@ -127,9 +161,9 @@ class SignupValidator:
         self.questionnaire = served.model.questionnaire
         self.scale = store.rating_scale(conn)
         self.items = store.id_map(conn, Item)
-        titles: dict[str, list[int]] = {}
-        for i, t in conn.execute(select(Item.id, Item.title).where(Item.title.is_not(None))):
-            titles.setdefault(t, []).append(i)
+        titles: dict[str, list[str]] = {}  # title -> the external ids of the items so titled
+        for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))):
+            titles.setdefault(t, []).append(e)
         self.titles = titles
         self.known_users = set(store.id_map(conn, User))
         self.batch_users: set[str] = set()
@@ -162,6 +196,11 @@ class SignupValidator:
                 if not _is_finite_number(value):
                     raise InputError(f"expected a {'finite ' if _is_number(value) else ''}number, got {value!r}",
                                      source=where, field=f"answers.{name}")
+                accepted = q.accepted_range()
+                if accepted and not accepted[0] <= value <= accepted[1]:
+                    raise InputError(f"{value:g} is out of range: this model takes {accepted[0]:g}..{accepted[1]:g} "
+                                     f"(its training users' {name} spans {q.range[0]:g}..{q.range[1]:g})",
+                                     source=where, field=f"answers.{name}")
             elif q.type == "category":
                 if isinstance(value, (dict, list, bool)) or str(value) not in (q.values or []):
                     raise InputError(f"{value!r} is not one of {', '.join(q.values or [])}", source=where,
@@ -182,9 +221,10 @@ class SignupValidator:
             if item is None:
                 hits = self.titles.get(str(key), [])
                 if len(hits) != 1:
-                    raise InputError("unknown item" if not hits else "ambiguous title; use the item id",
+                    raise InputError("unknown item" if not hits else
+                                     f"ambiguous title (items {', '.join(sorted(hits))}); use the item id",
                                      source=where, field=field)
-                item = hits[0]
+                item = self.items.get(hits[0])
             if not _is_finite_number(value):
                 raise InputError(f"rating must be a {'finite ' if _is_number(value) else ''}number, got {value!r}",
                                  source=where, field=field)
@@ -249,5 +289,6 @@ def questionnaire_json(conn: Connection, budget: int = 15) -> dict:
     asked = q.items[:budget]
     titles = store.item_titles(conn, asked)
     return {"version": served.version,
-            "attributes": [x.to_json() for x in q.questions],
+            "attributes": [{**x.to_json(), **({"accepts": list(x.accepted_range())} if x.accepted_range() else {})}
+                           for x in q.questions],
             "items": [{"item": titles[int(i)][0], "title": titles[int(i)][1]} for i in asked]}

@@ -24,6 +24,10 @@ def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank
 
     ``by="rank"`` orders by the version's ranking score (what the user would watch and like);
     ``by="rating"`` by predicted rating alone. Every stored rating and answer counts at once."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1000:
+        raise CfbError(f"n must be a whole number from 1 to 1000, got {n!r}")
+    if by not in ("rank", "rating"):
+        raise CfbError(f"by must be 'rank' or 'rating', got {by!r}")
     served = load_served(conn)
     uid = store.user_id_of(conn, external_user)
     user, rated = user_vector(conn, served, uid)
@@ -32,18 +36,25 @@ def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank
 
 
 def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]:
-    """Predicted rating for each (external user, external item) pair; unknown ids are errors."""
+    """Predicted rating for each (external user, item) pair, the item by id or exact title (as
+    ``find_item``); unknown ones are errors naming the row."""
     served = load_served(conn)
     users = store.id_map(conn, store.User)
     items = store.id_map(conn, Item)
     cache: dict = {}
     out = []
     for k, (u, i) in enumerate(pairs):
+        u, i = str(u).strip(), str(i).strip()
         if u not in users:
             raise CfbError(f"row {k + 1}: unknown user {u!r}")
-        if i not in items:
-            raise CfbError(f"row {k + 1}: unknown item {i!r}")
-        inner = int(served.model.item_index([items[i]])[0])
+        if i in items:
+            item = items[i]
+        else:
+            try:
+                item = find_item(conn, i)
+            except CfbError as e:
+                raise CfbError(f"row {k + 1}: {e}") from None
+        inner = int(served.model.item_index([item])[0])
         if inner < 0:
             raise CfbError(f"row {k + 1}: item {i!r} is not in the serving model yet (run `cfb retrain`)")
         if users[u] not in cache:
@@ -58,7 +69,8 @@ def find_item(conn: Connection, query: str) -> int:
     if hit is None:
         hits = conn.scalars(select(Item.id).where(Item.title == query)).all()
         if len(hits) > 1:
-            raise CfbError(f"{len(hits)} items are titled {query!r}; use an item id")
+            ids = sorted(conn.scalars(select(Item.external_id).where(Item.id.in_(hits))).all())
+            raise CfbError(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id")
         hit = hits[0] if hits else None
     if hit is None:
         titles = conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()

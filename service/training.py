@@ -100,7 +100,8 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     side_by_side = ranker_goes_beside(ranker, len(td.data), device, side)
     if side is not None and not side_by_side:  # (a GPU): its memory back now
         side.close()
-    names = metadata_names(td.item_attributes or []) if kind == "dot" else ()  # the item prior's metadata
+    names = metadata_names(td.item_attributes or [])  # the item prior's metadata
+    config = config or ServingConfig()
     report: dict = {}
     rank_vecs = None
     with (ranker_beside(ranker_args, bool(names), side) if side_by_side else nullcontext()) as pending:
@@ -114,13 +115,17 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
         prior = None
         if names:  # the item prior's rating part needs the rating model only: fitted while the ranker trains
-            from ..cf_core.item_prior import ItemPrior
+            from ..cf_core.item_prior import ItemPrior, ItemPriorConfig
 
             t0 = time.perf_counter()
+            dot = kind == "dot"  # (another rating model: new items start from its average item)
+            rating = est.rating_model()
             with torch_threads(1 if side_by_side else None):
-                prior = ItemPrior(attributes=names, seed=seed).fit_rating_part(
-                    td.item_attributes, td.data.users, td.data.items, td.data.ratings, est.user_factors_,
-                    est.user_bias_, est.y_range, td.scale, device=device)
+                prior = ItemPrior(ItemPriorConfig(rating_weight=config.rating_weight), attributes=names,
+                                  seed=seed).fit_rating_part(
+                    td.item_attributes, td.data.users, td.data.items, td.data.ratings,
+                    est.user_factors_ if dot else None, est.user_bias_ if dot else None, est.y_range, td.scale,
+                    item_factors=rating.item_factors, item_bias=rating.item_bias, device=device)
             report["item_prior_rating_s"] = round(time.perf_counter() - t0, 3)
         fitted_ranker = None
         if side_by_side:
@@ -134,7 +139,6 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     settings = {"kind": kind, **est.get_params(), "bootstrap_alpha": BOOTSTRAP_ALPHA}
     if fitted_ranker is not None:
         settings["ranker"] = fitted_ranker.config.to_json()
-    config = config or ServingConfig()
     settings["serving"] = config.to_json()
     counts, sums = td.data.item_totals()
     model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
@@ -332,6 +336,11 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
                 metrics.update(validate(td, kind, params, valid_pct, seed, progress))
             model, report = fit_model(td, kind, params, seed, serving, ranker, progress, side=side)
         metrics.update(report)
+        with engine.connect() as conn:  # catalogue items with metadata and no rating yet join from it
+            unrated = metadata_only_items(conn, model)
+            if len(unrated):
+                model = model.add_items(unrated, *model.metadata_rows(item_attributes_in_order(conn, unrated)))
+        metrics["items_from_metadata"] = int(len(unrated))
         with writing(engine) as conn:
             version, served = versions.save_full(conn, model, metrics=metrics, max_seq=td.max_seq,
                                                  expected_serving=started_serving)
@@ -344,6 +353,24 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         return out
     finally:
         versions.release_retrain_lock(engine, lock)
+
+
+def metadata_only_items(conn, model: TrainedModel, rated: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
+    """Database ids of the catalogue items with metadata that ``model`` lacks, other than ``rated``
+    (items with ratings, which join from those): those a version adds from their metadata alone.
+    None without an item prior."""
+    if model.item_prior is None:
+        return np.zeros(0, np.int64)
+    catalogue = store.all_item_ids(conn)
+    missing = catalogue[~np.isin(catalogue, model.item_ids) & ~np.isin(catalogue, [] if rated is None else rated)]
+    attrs = store.item_attributes(conn, missing)
+    return np.array([i for i in missing.tolist() if attrs.get(i)], np.int64)
+
+
+def item_attributes_in_order(conn, item_ids: np.ndarray) -> list[dict]:  # noqa: ANN001
+    """The metadata of each of ``item_ids`` (database ids), in their order ({} where none)."""
+    attrs = store.item_attributes(conn, item_ids)
+    return [attrs.get(int(i), {}) for i in item_ids]
 
 
 def warm_model_cache(engine: Engine, version: int) -> None:

@@ -467,7 +467,7 @@ def bad_pairs_files(draw) -> bytes:
         rows[k][0] = draw(st.text(st.characters(min_codepoint=48, max_codepoint=122), min_size=1, max_size=6)
                           .filter(lambda s: s not in [f"{'a' if u % 2 == 0 else 'b'}{u}" for u in range(60)]))
     elif kind == "unknown_item":
-        rows[k][1] = draw(st.sampled_from(["zzz", "a99", "Alpha film 1", "c1"]))
+        rows[k][1] = draw(st.sampled_from(["zzz", "a99", "Alpha film 99", "c1"]))  # (an exact title is an item)
     elif kind == "empty_id":
         rows[k][draw(st.integers(0, 1))] = draw(st.sampled_from(["", " ", '""']))
     elif kind == "field_count":

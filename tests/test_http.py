@@ -131,6 +131,21 @@ def test_signup_then_rating_changes_the_next_recommendations(server, trained, db
     assert server.get(r.headers["location"]).status_code == 200
 
 
+@pytest.mark.parametrize("path, raw, field, message", [
+    ("/users", b'{"answers": {"age": 30, "age": 40}}', "age", "key 'age' given twice"),
+    ("/users", b'{"answers": {"age": 1e300}}', "answers.age", "is out of range"),
+    ("/users/a0/ratings", b'{"item": "a1", "rating": 9}', "rating", "rating 9 outside the scale"),
+])
+def test_more_invalid_bodies_are_422_naming_the_field(server, trained, path, raw, field, message):
+    engine, _ = trained
+    n = user_count(engine)
+    r = server.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    out = r.json()
+    assert out["field"] == field and out["error"].startswith(f"request body, field '{field}': ") and message in out["error"]
+    assert user_count(engine) == n
+
+
 @pytest.mark.parametrize("body, field", [
     ({"answers": {"gender": "X"}}, "answers.gender"),
     ({"answers": {"shoe": 1}}, "answers.shoe"),

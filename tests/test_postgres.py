@@ -78,7 +78,9 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
         rows.append(pd.DataFrame(vars(r)).sort_values("seq").reset_index(drop=True))
     sqlite.dispose()
     pd.testing.assert_frame_equal(rows[0], rows[1])
-    assert (rows[0].prev_seq >= 0).sum() == len(changed) and (rows[0].timestamp == -1).sum() == len(changed)
+    n_changed = int((changed.rating != planted.ratings.iloc[::7].rating).sum())  # (6 - 3 = 3: the same value)
+    assert 0 < n_changed < len(changed)
+    assert (rows[0].prev_seq >= 0).sum() == n_changed and (rows[0].timestamp == -1).sum() == n_changed
     found = inspect(pg_engine)
     assert found.get_pk_constraint("ratings")["constrained_columns"] == ["user_id", "item_id"]
     assert {tuple(fk["constrained_columns"]) for fk in found.get_foreign_keys("ratings")} == {("user_id",), ("item_id",)}
@@ -99,7 +101,7 @@ def test_a_large_write_on_postgres_reports_progress_as_its_rows_land(pg_engine, 
     monkeypatch.setattr(store, "PG_COPY_ROWS", 10)
     monkeypatch.setattr(store, "COPY_CHUNK", 7)
     ingest_dataset(pg_engine, Dataset(pd.DataFrame([{"user": "u", "item": f"i{k}", "rating": 3.0, "timestamp": k}
-                                                    for k in range(30)])))
+                                                    for k in range(30)]), scale=(1.0, 5.0)))
     with writing(pg_engine) as conn:
         uid, items = conn.scalar(select(User.id)), sorted(conn.scalars(select(Item.id)))
         conn.execute(Rating.__table__.delete())
@@ -124,7 +126,7 @@ def test_a_bulk_write_with_an_unknown_id_writes_nothing_on_postgres(pg_engine, m
     monkeypatch.setattr(store, "BULK_ROWS", 10)
     monkeypatch.setattr(store, "PG_COPY_ROWS", 10)
     ingest_dataset(pg_engine, Dataset(pd.DataFrame([{"user": "u", "item": f"i{k}", "rating": 3.0, "timestamp": k}
-                                                    for k in range(20)])))
+                                                    for k in range(20)]), scale=(1.0, 5.0)))
     with writing(pg_engine) as conn:
         conn.execute(Rating.__table__.delete())
         uid, items = conn.scalar(select(User.id)), sorted(conn.scalars(select(Item.id)))

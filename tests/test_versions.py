@@ -151,8 +151,8 @@ def test_an_incremental_version_stores_only_the_touched_items_statistics(trained
     """A delta holds the statistics of the items whose ratings changed, not the whole catalogue's, and
     a delta written the older way (every item's statistics) still loads to the same model."""
     engine, report = trained
-    rate_item(engine, "a0", "b21", 1.0)
-    rate_item(engine, "a2", "b21", 2.0)
+    rate_item(engine, "a0", "b21", 5.0)  # (a-users rate b-items 1 or 2: both ratings change or are new)
+    rate_item(engine, "a2", "b21", 4.0)
     out = retrain_incremental(engine)
     with engine.connect() as conn:
         blob = conn.scalar(select(ModelArrays.data).where(ModelArrays.version_id == out["version"]))
@@ -196,8 +196,8 @@ def test_incremental_statistics_follow_first_ratings_and_replaced_ones(trained, 
     assert len(new) == 2 and 0 <= new.prev_seq[0] <= since < new.prev_seq[1]  # replaced: before, after it
     retrain_incremental(engine)
     assert_statistics_are_the_tables(engine)
-    rate_item(engine, "b1", "a5", 2.0)
-    rate_item(engine, "b1", "a5", 2.0)  # the same again: not new
+    rate_item(engine, "b1", "a5", 5.0)  # (b-users rate a-items 1 or 2: new or changed)
+    rate_item(engine, "b1", "a5", 5.0)  # the same again: not new
     retrain_incremental(engine)
     assert_statistics_are_the_tables(engine)
     with writing(engine) as conn:

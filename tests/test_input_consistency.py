@@ -1,0 +1,194 @@
+"""What is stored stays consistent with what the model knows: attribute types and merges on ingest, a
+rating scale that can be told, number answers in a range the model can use, lookups that read ids as
+the readers do, and catalogue items from metadata in every kind of version."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from cfb.cf_core.errors import CfbError, InputError
+from cfb.cli.main import cli
+from cfb.db.schema import Rating, User
+from cfb.db.sources import Dataset, read_items_csv, read_ratings_csv, read_users_csv
+from cfb.service.incremental import retrain_incremental
+from cfb.service.ingest import ingest_dataset, upsert_items
+from cfb.service.onboard import onboard, questionnaire_json
+from cfb.service.serving import predict_pairs, recommend
+from cfb.service.training import retrain_full
+
+from .conftest import FAST, write
+
+
+def stored_attributes(engine, user: str) -> dict:
+    with engine.connect() as conn:
+        return conn.scalar(select(User.attributes).where(User.external_id == user))
+
+
+def users_file(engine, tmp_path, body: str, name: str = "u.csv") -> dict:
+    path = write(tmp_path / name, body)
+    return ingest_dataset(engine, Dataset(pd.DataFrame(columns=["user", "item", "rating", "timestamp"]),
+                                          users=read_users_csv(path)), source=str(path))
+
+
+def test_a_text_cell_cannot_turn_a_number_attribute_into_text(trained, tmp_path):
+    """The planted users hold age as numbers: a file whose age column has one word in it is refused
+    (file, line, field) with nothing written, and a number written as text in it is stored as a number."""
+    engine, _ = trained
+    with pytest.raises(InputError, match=r"u.csv, line 3, field 'age': 'abc' is not a number"):
+        users_file(engine, tmp_path, "user,age,gender\nnu5,31,F\nnu6,abc,F\n")
+    assert stored_attributes(engine, "nu5") is None
+    # "031" keeps the column text in the reader; the database's type turns the plain "31" back into a number
+    users_file(engine, tmp_path, "user,age\nnu5,31\nnu7,41\n", "ok.csv")
+    assert stored_attributes(engine, "nu5") == {"age": 31}
+    with pytest.raises(InputError, match=r"line 2, field 'age': '031' is not a number"):
+        users_file(engine, tmp_path, "user,age\nnu8,031\nnu9,40\n", "zero.csv")
+
+
+def test_ingested_attributes_merge_over_the_stored_ones(trained, tmp_path):
+    engine, _ = trained
+    before = stored_attributes(engine, "a0")
+    out = users_file(engine, tmp_path, "user,zip\na0,02139\n")
+    assert stored_attributes(engine, "a0") == {**before, "zip": "02139"}
+    assert (out["users"], out["new_users"]) == (1, 0)
+    # text attributes stay text: a later all-digit zip is stored as its text, not as a number
+    users_file(engine, tmp_path, "user,zip\na2,55105\n", "zip2.csv")
+    assert stored_attributes(engine, "a2")["zip"] == "55105"
+
+
+def test_item_metadata_is_typed_and_merged_as_user_attributes_are(engine, tmp_path):
+    ingest_dataset(engine, Dataset(pd.DataFrame([{"user": "u", "item": "i1", "rating": 4.0, "timestamp": 1},
+                                                 {"user": "u", "item": "i2", "rating": 2.0, "timestamp": 2}]),
+                                   scale=(1.0, 5.0)))
+    upsert_items(engine, read_items_csv(write(tmp_path / "a.csv", "item,title,year,genres\ni1,One,1990,A|B\n")))
+    with pytest.raises(InputError, match=r"b.csv, line 2, field 'year': 'soon' is not a number"):
+        path = write(tmp_path / "b.csv", "item,year\ni2,soon\n")
+        upsert_items(engine, read_items_csv(path), source=str(path))
+    out = upsert_items(engine, read_items_csv(write(tmp_path / "c.csv", "item,year\ni1,1991\n")))
+    assert out == {"items": 1, "added": 0, "updated": 1}
+    from cfb.db import store
+
+    with engine.connect() as conn:
+        ids = store.id_map(conn, store.Item)
+        assert store.item_attributes(conn, [ids["i1"]])[ids["i1"]] == {"year": 1991, "genres": ["A", "B"]}
+        assert store.item_titles(conn, [ids["i1"]])[ids["i1"]] == ("i1", "One")
+
+
+def test_a_scale_cannot_be_told_from_ratings_that_are_all_the_same(engine, tmp_path):
+    path = write(tmp_path / "same.csv", "user,item,rating\nu1,i1,4\nu2,i1,4\n")
+    with pytest.raises(InputError, match=r"same.csv: every rating is 4, so the rating scale cannot be told"):
+        ingest_dataset(engine, Dataset(read_ratings_csv(path)), source=str(path))
+    out = ingest_dataset(engine, Dataset(read_ratings_csv(path)), scale=(1, 5), source=str(path))
+    assert out["scale"] == [1.0, 5.0]
+
+
+@pytest.mark.parametrize("age, message", [(1e308, r"1e\+308 is out of range: this model takes 0\.\.\d+"),
+                                          (-5, r"-5 is out of range"), (10_000, "10000 is out of range")])
+def test_number_answers_outside_what_the_model_can_use_are_refused(trained, age, message):
+    engine, _ = trained
+    with engine.connect() as conn:
+        (q,) = [a for a in questionnaire_json(conn)["attributes"] if a["name"] == "age"]
+    lo, hi = q["range"]
+    assert 18 <= lo < hi < 60 and q["accepts"][0] == 0 and q["accepts"][1] > hi
+    with pytest.raises(InputError, match=rf"entry 1, field 'answers.age': {message}"):
+        onboard(engine, [("entry 1", {"user": "old", "answers": {"age": age}})])
+    onboard(engine, [("entry 1", {"user": "old", "answers": {"age": q["accepts"][1]}})])  # the bound itself
+    with engine.connect() as conn:
+        assert len(recommend(conn, "old", n=5)["items"]) == 5
+
+
+def test_lookups_read_ids_as_the_readers_store_them(trained):
+    engine, _ = trained
+    onboard(engine, [("entry 1", {"user": "  spaced  ", "answers": {"gender": "F"}})])
+    with engine.connect() as conn:
+        assert recommend(conn, "  spaced  ", n=3)["items"] == recommend(conn, "spaced", n=3)["items"]
+        by_title = predict_pairs(conn, [("a0", "Alpha film 1")])
+        assert by_title == predict_pairs(conn, [("a0", "a1")])
+        for n in (0, -3, 1001, 2.5, True):
+            with pytest.raises(CfbError, match="n must be a whole number from 1 to 1000"):
+                recommend(conn, "a0", n=n)
+        with pytest.raises(CfbError, match="by must be 'rank' or 'rating'"):
+            recommend(conn, "a0", by="title")
+
+
+def test_an_ambiguous_title_names_its_items(trained):
+    engine, _ = trained
+    upsert_items(engine, pd.DataFrame({"item": ["twin"], "title": ["Alpha film 1"], "attributes": [{}]}))
+    with engine.connect() as conn:
+        with pytest.raises(CfbError, match=r"row 1: 2 items are titled 'Alpha film 1' \(a1, twin\); use an item id"):
+            predict_pairs(conn, [("a0", "Alpha film 1")])
+    with pytest.raises(InputError, match=r"ambiguous title \(items a1, twin\); use the item id"):
+        onboard(engine, [("entry 1", {"ratings": {"Alpha film 1": 4}})])
+
+
+def test_a_rating_written_again_with_the_same_value_is_not_new(trained):
+    engine, _ = trained
+    first = {"user": "a0", "item": "a1", "rating": 2.0, "timestamp": 1}  # (new or changed: a-users like a-items)
+    ingest_dataset(engine, Dataset(pd.DataFrame([first])))
+    assert retrain_incremental(engine)["new_ratings"] == 1
+    with engine.connect() as conn:
+        seq = conn.scalar(select(Rating.seq).order_by(Rating.seq.desc()).limit(1))
+    ingest_dataset(engine, Dataset(pd.DataFrame([{**first, "timestamp": 99}])))  # as `cfb rate` writes it again
+    assert retrain_incremental(engine)["mode"] == "none"
+    with engine.connect() as conn:
+        assert conn.scalar(select(Rating.seq).order_by(Rating.seq.desc()).limit(1)) == seq
+
+
+@pytest.mark.parametrize("kind", ["dot", "nn"])
+def test_catalogue_items_with_metadata_are_served_after_any_retrain(engine, planted, kind):
+    """An item with metadata and no rating is in the version a full retrain makes (dot or nn), and in
+    the next incremental one when it comes later."""
+    genre = {i: ("A" if i.startswith("a") else "B") for i in planted.items.item}
+    items = planted.items.assign(attributes=[{"genres": [genre[i]], "year": 1990} for i in planted.items.item])
+    unrated = pd.DataFrame({"item": ["newA"], "title": ["New Alpha"], "attributes": [{"genres": ["A"], "year": 1991}]})
+    ingest_dataset(engine, Dataset(planted.ratings, pd.concat([items, unrated]), planted.users, planted.scale))
+    report = retrain_full(engine, kind=kind, progress=False, **FAST)
+    assert report["items_from_metadata"] == 1
+    with engine.connect() as conn:
+        assert "newA" in {r["item"] for r in recommend(conn, "a0", n=41)["items"]}
+    upsert_items(engine, pd.DataFrame({"item": ["newB"], "title": ["New Beta"],
+                                       "attributes": [{"genres": ["B"], "year": 1991}]}))
+    assert retrain_incremental(engine)["items_from_metadata"] == 1
+    with engine.connect() as conn:
+        assert "newB" in {r["item"] for r in recommend(conn, "b1", n=42)["items"]}
+        (pred,) = predict_pairs(conn, [("b1", "newB")])
+    assert 1.0 <= pred <= 5.0
+
+
+def test_an_unusable_home_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFB_HOME", str(write(tmp_path / "a-file", "")))
+    res = CliRunner().invoke(cli, ["models"])
+    assert res.exit_code == 1 and res.output.startswith("Error: cannot create cfb's folder")
+    assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("body, line, message", [
+    ("user,item,rating\nu1,i1,4\nu2,i2,3,9,9\n", 3, "expected 3 fields, found 5"),
+    ('user,item,rating\nu1,i1,4\n"u2,i2,3\nu3,i3,4\n', 3, "malformed CSV in the record that starts here"),
+])
+def test_malformed_rating_files_name_their_line(tmp_path, body, line, message):
+    with pytest.raises(InputError, match=rf"r.csv, line {line}: {message}"):
+        read_ratings_csv(write(tmp_path / "r.csv", body))
+
+
+def test_skipped_entries_are_reported_once(tmp_path, trained):
+    engine, _ = trained
+    path = write(tmp_path / "mixed.json", json.dumps([{"user": "ok1", "answers": {"gender": "F"}},
+                                                      {"user": "bad", "answers": {"age": "old"}}]))
+    res = CliRunner().invoke(cli, ["--db", str(engine.url), "onboard", "--answers", str(path), "--skip-invalid"])
+    assert res.exit_code == 1
+    assert res.output.splitlines() == ["ok1", f"skipped: {path}: entry 2, field 'answers.age': expected a number, "
+                                              "got 'old'"]
+
+
+@pytest.mark.parametrize("body, line", [('{"user": "d", "answers": {"age": 30, "age": 40}}\n', 1),
+                                        ('{"user": "d1"}\n{"user": "d2", "user": "d3"}\n', 2),
+                                        ('[{"user": "d1"},\n {"user": "d2", "ratings": {"a1": 4, "a1": 5}}]\n', 2)])
+def test_a_key_given_twice_is_refused(tmp_path, body, line):
+    from cfb.service.onboard import read_answers_file
+
+    with pytest.raises(InputError, match=rf"q.json, line {line}: key '\w+' given twice in one object"):
+        read_answers_file(write(tmp_path / "q.json", body))
