@@ -164,8 +164,9 @@ _dataset_command("goodbooks", "read_goodbooks", "ratings.csv",
 def ingest_items(ctx: Ctx, file: Path, as_json: bool) -> None:
     """Add or update items from a CSV with a header (item,title, then one column per attribute).
 
-    Numbers stay numbers, a value with '|' becomes a list ("Drama|War"), empty cells change nothing;
-    given attributes replace those of the same name, others are kept."""
+    Numbers stay numbers (as text where the stored items hold that attribute as text), a value with '|'
+    becomes a list ("Drama|War"), empty cells change nothing; given attributes replace those of the
+    same name, others are kept; a word where the stored items hold numbers is refused."""
     from ..db.sources import read_items_csv
     from ..service.ingest import upsert_items
 

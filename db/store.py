@@ -615,9 +615,14 @@ def all_item_ids(conn: Connection) -> np.ndarray:
 
 
 def item_attributes(conn: Connection, item_ids=None) -> dict[int, dict]:  # noqa: ANN001
-    """database id -> item metadata (all items, or ``item_ids``)."""
+    """database id -> item metadata (all items, or ``item_ids``: 10,000 to a query, as PostgreSQL takes
+    at most 65,535 parameters)."""
     stmt = select(Item.id, Item.attributes)
-    if item_ids is not None:
-        stmt = stmt.where(Item.id.in_([int(i) for i in item_ids]))
-    return {i: a or {} for i, a in conn.execute(stmt).all()}
+    if item_ids is None:
+        return {i: a or {} for i, a in conn.execute(stmt).all()}
+    ids = [int(i) for i in item_ids]
+    out: dict[int, dict] = {}
+    for start in range(0, len(ids), 10_000):
+        out.update({i: a or {} for i, a in conn.execute(stmt.where(Item.id.in_(ids[start:start + 10_000]))).all()})
+    return out
 

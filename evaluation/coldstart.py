@@ -120,7 +120,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     engine = make_engine(f"sqlite:///{base}")
     t0 = time.perf_counter()
     # the training catalogue only: an item that only cold users rated is something about them (§2)
-    warm_items = ds.items[ds.items.item.astype(str).isin(set(ratings.item[~is_cold]))] if ds.items is not None else None
+    warm_items = ds.items[ds.items.item.astype(str).isin(ratings.item[~is_cold].unique())] if ds.items is not None else None
     ingest_dataset(engine, Dataset(ratings[~is_cold], warm_items, warm_users, ds.scale, ds.name))
     timings["ingest_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()

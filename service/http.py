@@ -496,20 +496,17 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             if size > max_body:
                 raise ApiError(413, f"request body over {max_body} bytes")
             chunks.append(chunk)
-        from .onboard import DuplicateKeyError, _first_non_finite, _loads
+        from .onboard import _loads, first_unreadable_value
 
         try:
             doc = _loads(b"".join(chunks).decode("utf-8"))
-        except DuplicateKeyError as e:
-            raise ApiError(422, f"request body, field '{e.key}': {e}", field=e.key) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(422, f"request body: invalid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
         except RecursionError:
             raise ApiError(422, "request body: JSON nested too deeply") from None
-        bad = _first_non_finite(doc)
+        bad = first_unreadable_value(doc)
         if bad is not None:
-            raise ApiError(422, f"request body, field '{bad[0]}': {bad[1]} is not allowed: numbers must be finite",
-                           field=bad[0] or None)
+            raise ApiError(422, f"request body, field '{bad[0]}': {bad[1]}", field=bad[0] or None)
         if not isinstance(doc, dict):
             raise ApiError(422, "request body: expected a JSON object")
         return doc

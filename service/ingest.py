@@ -33,7 +33,7 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                 scale = (float(ds.ratings["rating"].min()), float(ds.ratings["rating"].max()))
                 if scale[0] == scale[1]:
                     raise InputError(f"every rating is {scale[0]:g}, so the rating scale cannot be told from "
-                                     "them: give it (--scale LO,HI)", source=source)
+                                     "them: give the scale (`--scale LO,HI`)", source=source)
             if scale is not None:
                 store.set_setting(conn, "rating_scale", f"{scale[0]:g},{scale[1]:g}")
         scale = known or scale
@@ -42,10 +42,8 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
         before = {t: store.count_rows(conn, t) for t in (User, Item)}
         given: dict = {User: set(), Item: set()}
         if ds.users is not None and len(ds.users):
-            ids = [str(x) for x in ds.users["user"]]
-            attrs = conform_attributes(conn, User, ids, list(ds.users["attributes"]), _lines(ds.users), source)
-            store.ensure_ids(conn, User, ids, {"attributes": attrs}, update_cols=("attributes",))
-            given[User].update(ids)
+            write_users(conn, ds.users, source)
+            given[User].update(str(x) for x in ds.users["user"])
         if ds.items is not None and len(ds.items):
             write_items(conn, ds.items, source)
             given[Item].update(str(x) for x in ds.items["item"])
@@ -61,7 +59,9 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
 
 def _lines(frame) -> list[int | None]:  # noqa: ANN001
     """Each row's line in its file (the readers of a CSV give a ``line`` column), else None."""
-    return frame["line"].tolist() if "line" in frame else [None] * len(frame)
+    if "line" not in frame:
+        return [None] * len(frame)
+    return [None if line is None or line != line else int(line) for line in frame["line"]]  # (NaN: none)
 
 
 def _kind(value) -> str:  # noqa: ANN001
@@ -72,42 +72,55 @@ def _kind(value) -> str:  # noqa: ANN001
     return "text"
 
 
-def conform_attributes(conn, table, ids: list[str], records: list[dict], lines: list[int | None],  # noqa: ANN001
-                       source: str | None = None) -> list[dict]:
-    """Each record merged over the stored attributes of its id (given names replace, the others are
-    kept), with values typed as the table holds them: where every stored value of an attribute is a
-    number, a given text that reads as a plain number becomes that number and any other text is
-    refused (naming file, line and field), so that one bad cell cannot turn a number question into
-    free text; where every stored value is text, a given number is stored as its text."""
-    from sqlalchemy import select
-
+def conform_attributes(table, ids: list[str], records: list[dict], lines: list[int | None],  # noqa: ANN001
+                       stored: dict[str, dict], source: str | None = None) -> list[dict]:
+    """Each record merged over the stored attributes of its id (``stored``: external id -> attributes;
+    given names replace, the others are kept), its values typed as the stored values that stay (those
+    it replaces do not count, so a corrected file can change a type):
+    - held as numbers: a text that reads as a plain number becomes that number; a text with no digit
+      in it ("unknown", "N/A") or a list is refused, naming file, line and field, so that one bad cell
+      cannot turn a number question into free text (a code with digits, such as the zip "02139",
+      stays text);
+    - held as text: a number is stored as its text; held as lists: a single text becomes a list of one."""
     from ..db.sources import plain_number
 
-    stored: dict[str, dict] = {}
+    given = {ext: set(attrs or {}) for ext, attrs in zip(ids, records)}
     kinds: dict[str, set] = {}
-    for ext, attrs in conn.execute(select(table.external_id, table.attributes)):
-        stored[ext] = attrs or {}
+    for ext, attrs in stored.items():
+        replaced = given.get(ext, ())
         for name, value in (attrs or {}).items():
-            if value is not None:
+            if value is not None and name not in replaced:
                 kinds.setdefault(name, set()).add(_kind(value))
     out = []
-    what = table.__tablename__
     for ext, attrs, line in zip(ids, records, lines):
         attrs = dict(attrs or {})
         for name, value in attrs.items():
-            held = kinds.get(name)
-            if held == {"number"} and isinstance(value, str):
-                number = plain_number(value.strip())
-                if number is None:
-                    where = {"line": line} if line is not None else {}
+            held, kind = kinds.get(name), _kind(value)
+            if held == {"number"} and kind != "number":
+                number = plain_number(value.strip()) if kind == "text" else None
+                if number is not None:
+                    attrs[name] = number
+                elif kind == "list" or not any(ch.isdigit() for ch in str(value)):
+                    what = table.__tablename__
                     raise InputError(f"{value!r} is not a number, and the stored {what} hold {name} as numbers"
                                      + ("" if line is not None else f" ({what[:-1]} {ext!r})"),
-                                     source=source, field=name, **where)
-                attrs[name] = number
-            elif held == {"text"} and _kind(value) == "number":
+                                     source=source, line=line, field=name)
+            elif held == {"text"} and kind == "number":
                 attrs[name] = str(value)
-        out.append({**stored.get(ext, {}), **attrs})
+            elif held == {"list"} and kind == "text":
+                attrs[name] = [value]
+        out.append({**(stored.get(ext) or {}), **attrs})
     return out
+
+
+def write_users(conn, users, source: str | None = None) -> None:  # noqa: ANN001
+    """Add or update users (user, attributes; optional line): attributes as ``conform_attributes``."""
+    from sqlalchemy import select
+
+    ids = [str(x) for x in users["user"]]
+    stored = dict(conn.execute(select(User.external_id, User.attributes)).all())
+    attrs = conform_attributes(User, ids, list(users["attributes"]), _lines(users), stored, source)
+    store.ensure_ids(conn, User, ids, {"attributes": attrs}, update_cols=("attributes",))
 
 
 def write_items(conn, items, source: str | None = None) -> int:  # noqa: ANN001
@@ -116,8 +129,10 @@ def write_items(conn, items, source: str | None = None) -> int:  # noqa: ANN001
     from sqlalchemy import select
 
     ids = [str(x) for x in items["item"]]
-    titles: dict[str, str | None] = dict(conn.execute(select(Item.external_id, Item.title)).all())
-    attrs = conform_attributes(conn, Item, ids, list(items["attributes"]), _lines(items), source)
+    rows = conn.execute(select(Item.external_id, Item.title, Item.attributes)).all()
+    titles = {ext: title for ext, title, _ in rows}
+    attrs = conform_attributes(Item, ids, list(items["attributes"]), _lines(items),
+                               {ext: a for ext, _, a in rows}, source)
     new_titles = [t if isinstance(t, str) and t else titles.get(e) for e, t in zip(ids, items["title"])]
     store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
     return sum(1 for e in dict.fromkeys(ids) if e in titles)

@@ -51,33 +51,20 @@ def _parse_int(token: str):
     return value
 
 
-class DuplicateKeyError(ValueError):
-    """A JSON object that gives one key twice (``{"age": 30, "age": 40}``): which value was meant?"""
+class _Object(dict):
+    """A parsed JSON object that remembers a key it was given twice (``{"age": 30, "age": 40}``:
+    which value was meant?), so that the entry and field can be named once the document is read."""
 
-    def __init__(self, key: str):
-        super().__init__(f"key {key!r} given twice in one object")
-        self.key = key
+    duplicate: str | None = None
 
 
 def _object(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
+    out = _Object()
     for key, value in pairs:
-        if key in out:
-            raise DuplicateKeyError(key)
+        if key in out and out.duplicate is None:
+            out.duplicate = key
         out[key] = value
     return out
-
-
-def _line_with_duplicate(text: str) -> int | None:
-    """The first line that is a JSON document of its own giving a key twice (None: none is)."""
-    for n, line in enumerate(text.splitlines(), start=1):
-        try:
-            _loads(line)
-        except DuplicateKeyError:
-            return n
-        except (ValueError, RecursionError):
-            continue
-    return None
 
 
 def _loads(text: str):
@@ -85,13 +72,16 @@ def _loads(text: str):
                       object_pairs_hook=_object)
 
 
-def _first_non_finite(value) -> tuple[str, str] | None:
-    """(field path, token) of the first NaN/Infinity in a parsed entry, else None."""
+def first_unreadable_value(value) -> tuple[str, str] | None:
+    """(field path, problem) of the first NaN/Infinity (or number too large for a float) or key given
+    twice in a parsed entry (``_loads``), else None."""
     stack = [("", value)]
     while stack:
         path, v = stack.pop()
         if isinstance(v, _NonFinite):
-            return path, v.token
+            return path, f"{v.token} is not allowed: numbers must be finite"
+        if isinstance(v, _Object) and v.duplicate is not None:
+            return (f"{path}.{v.duplicate}" if path else v.duplicate), f"key {v.duplicate!r} given twice in one object"
         if isinstance(v, dict):
             stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in reversed(list(v.items())))
         elif isinstance(v, list):
@@ -127,8 +117,6 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
             doc = _loads(stripped)
             entries = doc if isinstance(doc, list) else [doc]
             located = [(f"{path}: entry {k + 1}", e) for k, e in enumerate(entries)]
-        except DuplicateKeyError as e:
-            raise InputError(str(e), source=str(path), line=_line_with_duplicate(text)) from None
         except json.JSONDecodeError as whole:
             lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
             first = lines[0][1].strip()
@@ -140,15 +128,12 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
                     located.append((f"{path}: line {n}", _loads(line)))
                 except json.JSONDecodeError as e:
                     raise InputError(f"invalid JSON ({e.msg})", source=str(path), line=n) from None
-                except DuplicateKeyError as e:
-                    raise InputError(str(e), source=str(path), line=n) from None
     except RecursionError:
         raise InputError("JSON nested too deeply", source=str(path)) from None
     for where, e in located:
-        bad = _first_non_finite(e)
+        bad = first_unreadable_value(e)
         if bad is not None:
-            raise InputError(f"{bad[1]} is not allowed: numbers must be finite", source=where,
-                             field=bad[0] or None)
+            raise InputError(bad[1], source=where, field=bad[0] or None)
         if not isinstance(e, dict):
             raise InputError("each entry must be a JSON object", source=where)
     return located

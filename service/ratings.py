@@ -22,9 +22,9 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
         try:
             iid = find_item(conn, item)
         except CfbError:
-            if not create_item:
+            if not create_item or not str(item).strip():
                 raise
-            iid = conn.execute(insert(Item).values(external_id=item, title=None, attributes={})
+            iid = conn.execute(insert(Item).values(external_id=str(item).strip(), title=None, attributes={})
                                .returning(Item.id)).scalar_one()
         store.write_ratings(conn, [uid], [iid], [rating], [int(time.time())])
         ext, title = store.item_titles(conn, [iid])[iid]

@@ -64,7 +64,9 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
 
 
 def find_item(conn: Connection, query: str) -> int:
-    """An item's database id by external id or exact title; a near miss suggests close titles."""
+    """An item's database id by external id or exact title (surrounding spaces aside, as the readers
+    strip them); a near miss suggests close titles."""
+    query = str(query).strip()
     hit = conn.scalar(select(Item.id).where(Item.external_id == query))
     if hit is None:
         hits = conn.scalars(select(Item.id).where(Item.title == query)).all()

@@ -132,7 +132,7 @@ def test_signup_then_rating_changes_the_next_recommendations(server, trained, db
 
 
 @pytest.mark.parametrize("path, raw, field, message", [
-    ("/users", b'{"answers": {"age": 30, "age": 40}}', "age", "key 'age' given twice"),
+    ("/users", b'{"answers": {"age": 30, "age": 40}}', "answers.age", "key 'age' given twice"),
     ("/users", b'{"answers": {"age": 1e300}}', "answers.age", "is out of range"),
     ("/users/a0/ratings", b'{"item": "a1", "rating": 9}', "rating", "rating 9 outside the scale"),
 ])

@@ -36,16 +36,29 @@ def users_file(engine, tmp_path, body: str, name: str = "u.csv") -> dict:
 
 def test_a_text_cell_cannot_turn_a_number_attribute_into_text(trained, tmp_path):
     """The planted users hold age as numbers: a file whose age column has one word in it is refused
-    (file, line, field) with nothing written, and a number written as text in it is stored as a number."""
+    (file, line, field) with nothing written; a number given as text is stored as a number."""
     engine, _ = trained
     with pytest.raises(InputError, match=r"u.csv, line 3, field 'age': 'abc' is not a number"):
         users_file(engine, tmp_path, "user,age,gender\nnu5,31,F\nnu6,abc,F\n")
     assert stored_attributes(engine, "nu5") is None
-    # "031" keeps the column text in the reader; the database's type turns the plain "31" back into a number
-    users_file(engine, tmp_path, "user,age\nnu5,31\nnu7,41\n", "ok.csv")
+    users = pd.DataFrame({"user": ["nu5"], "attributes": [{"age": "31"}]})  # (the CSV reader makes it 31 itself)
+    ingest_dataset(engine, Dataset(pd.DataFrame(columns=["user", "item", "rating", "timestamp"]), users=users))
     assert stored_attributes(engine, "nu5") == {"age": 31}
-    with pytest.raises(InputError, match=r"line 2, field 'age': '031' is not a number"):
-        users_file(engine, tmp_path, "user,age\nnu8,031\nnu9,40\n", "zero.csv")
+    with pytest.raises(InputError, match=r"field 'age': \['x'\] is not a number, .*\(user 'nu6'\)"):
+        ingest_dataset(engine, Dataset(pd.DataFrame(columns=["user", "item", "rating", "timestamp"]),
+                                       users=pd.DataFrame({"user": ["nu6"], "attributes": [{"age": ["x"]}]})))
+
+
+def test_codes_stay_text_and_a_corrected_file_can_change_a_type(engine, tmp_path):
+    """Zips stored as numbers (no leading zero in the first file) still take "02139" as text; ages first
+    stored as text (one word kept the column text) become numbers when every stored age is corrected."""
+    users_file(engine, tmp_path, "user,zip,age\nu1,55105,31\nu2,40206,unknown\n")
+    assert stored_attributes(engine, "u2") == {"zip": 40206, "age": "unknown"}
+    users_file(engine, tmp_path, "user,zip\nu3,02139\n", "zip.csv")
+    assert stored_attributes(engine, "u3") == {"zip": "02139"}
+    users_file(engine, tmp_path, "user,age\nu1,31\nu2,45\n", "fixed.csv")
+    assert stored_attributes(engine, "u2") == {"zip": 40206, "age": 45}
+    assert stored_attributes(engine, "u1") == {"zip": 55105, "age": 31}
 
 
 def test_ingested_attributes_merge_over_the_stored_ones(trained, tmp_path):
@@ -64,6 +77,7 @@ def test_item_metadata_is_typed_and_merged_as_user_attributes_are(engine, tmp_pa
                                                  {"user": "u", "item": "i2", "rating": 2.0, "timestamp": 2}]),
                                    scale=(1.0, 5.0)))
     upsert_items(engine, read_items_csv(write(tmp_path / "a.csv", "item,title,year,genres\ni1,One,1990,A|B\n")))
+    upsert_items(engine, read_items_csv(write(tmp_path / "one.csv", "item,genres\ni2,Drama\n")))  # no '|': one genre
     with pytest.raises(InputError, match=r"b.csv, line 2, field 'year': 'soon' is not a number"):
         path = write(tmp_path / "b.csv", "item,year\ni2,soon\n")
         upsert_items(engine, read_items_csv(path), source=str(path))
@@ -74,6 +88,7 @@ def test_item_metadata_is_typed_and_merged_as_user_attributes_are(engine, tmp_pa
     with engine.connect() as conn:
         ids = store.id_map(conn, store.Item)
         assert store.item_attributes(conn, [ids["i1"]])[ids["i1"]] == {"year": 1991, "genres": ["A", "B"]}
+        assert store.item_attributes(conn, [ids["i2"]])[ids["i2"]] == {"genres": ["Drama"]}
         assert store.item_titles(conn, [ids["i1"]])[ids["i1"]] == ("i1", "One")
 
 
@@ -184,11 +199,14 @@ def test_skipped_entries_are_reported_once(tmp_path, trained):
                                               "got 'old'"]
 
 
-@pytest.mark.parametrize("body, line", [('{"user": "d", "answers": {"age": 30, "age": 40}}\n', 1),
-                                        ('{"user": "d1"}\n{"user": "d2", "user": "d3"}\n', 2),
-                                        ('[{"user": "d1"},\n {"user": "d2", "ratings": {"a1": 4, "a1": 5}}]\n', 2)])
-def test_a_key_given_twice_is_refused(tmp_path, body, line):
+@pytest.mark.parametrize("body, where", [
+    ('{"user": "d", "answers": {"age": 30, "age": 40}}\n', "entry 1, field 'answers.age'"),
+    ('{"user": "d1"}\n{"user": "d2", "user": "d3"}\n', "line 2, field 'user'"),
+    (json.dumps([{"user": "d1"}, {"user": "d2", "ratings": {"a1": 4}}], indent=2).replace('"a1": 4', '"a1": 4, "a1": 5'),
+     r"entry 2, field 'ratings\.a1'"),
+])
+def test_a_key_given_twice_is_refused_naming_entry_and_field(tmp_path, body, where):
     from cfb.service.onboard import read_answers_file
 
-    with pytest.raises(InputError, match=rf"q.json, line {line}: key '\w+' given twice in one object"):
+    with pytest.raises(InputError, match=rf"q.json: {where}: key '\w+' given twice in one object"):
         read_answers_file(write(tmp_path / "q.json", body))
