@@ -8,7 +8,7 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item, User
-from ..db.sources import Dataset, check_scale
+from ..db.sources import Dataset, check_scale, plain_number
 
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
@@ -82,8 +82,6 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
       cannot turn a number question into free text (a code with digits, such as the zip "02139",
       stays text);
     - held as text: a number is stored as its text; held as lists: a single text becomes a list of one."""
-    from ..db.sources import plain_number
-
     given = {ext: set(attrs or {}) for ext, attrs in zip(ids, records)}
     kinds: dict[str, set] = {}
     for ext, attrs in stored.items():

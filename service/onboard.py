@@ -274,6 +274,6 @@ def questionnaire_json(conn: Connection, budget: int = 15) -> dict:
     asked = q.items[:budget]
     titles = store.item_titles(conn, asked)
     return {"version": served.version,
-            "attributes": [{**x.to_json(), **({"accepts": list(x.accepted_range())} if x.accepted_range() else {})}
+            "attributes": [{**x.to_json(), **({"accepts": list(r)} if (r := x.accepted_range()) else {})}
                            for x in q.questions],
             "items": [{"item": titles[int(i)][0], "title": titles[int(i)][1]} for i in asked]}

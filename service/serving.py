@@ -69,11 +69,11 @@ def find_item(conn: Connection, query: str) -> int:
     query = str(query).strip()
     hit = conn.scalar(select(Item.id).where(Item.external_id == query))
     if hit is None:
-        hits = conn.scalars(select(Item.id).where(Item.title == query)).all()
+        hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == query)).all()
         if len(hits) > 1:
-            ids = sorted(conn.scalars(select(Item.external_id).where(Item.id.in_(hits))).all())
+            ids = sorted(ext for _, ext in hits)
             raise CfbError(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id")
-        hit = hits[0] if hits else None
+        hit = hits[0][0] if hits else None
     if hit is None:
         titles = conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()
         close = difflib.get_close_matches(query, titles, n=5, cutoff=0.5)

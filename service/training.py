@@ -119,13 +119,12 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
 
             t0 = time.perf_counter()
             dot = kind == "dot"  # (another rating model: new items start from its average item)
-            rating = est.rating_model()
             with torch_threads(1 if side_by_side else None):
                 prior = ItemPrior(ItemPriorConfig(rating_weight=config.rating_weight), attributes=names,
                                   seed=seed).fit_rating_part(
                     td.item_attributes, td.data.users, td.data.items, td.data.ratings,
                     est.user_factors_ if dot else None, est.user_bias_ if dot else None, est.y_range, td.scale,
-                    item_factors=rating.item_factors, item_bias=rating.item_bias, device=device)
+                    item_factors=est.item_factors_, item_bias=est.item_bias_, device=device)
             report["item_prior_rating_s"] = round(time.perf_counter() - t0, 3)
         fitted_ranker = None
         if side_by_side:
