@@ -108,7 +108,7 @@ def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "", quiet: bo
             out = ingest_dataset(engine, ds, scale=scale, source=source, progress=bar.update)
     finally:
         engine.dispose()
-    emit(out, as_json, f"ingested {out['ratings']} ratings, {out['users']} users ({out['new_users']} new), "
+    emit(out, as_json, f"ingested {out['ratings']} ratings ({out['new_ratings']} new or changed), {out['users']} users ({out['new_users']} new), "
                        f"{out['items']} items ({out['new_items']} new)")
 
 

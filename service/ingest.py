@@ -13,8 +13,9 @@ from ..db.sources import Dataset, check_scale, plain_number
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
                    source: str = "ratings", progress=None) -> dict:  # noqa: ANN001
-    """Store users, items and ratings of ``ds`` (all or nothing); returns counts: ratings written,
-    users and items given (with attributes or ratings), and how many of them are new.
+    """Store users, items and ratings of ``ds`` (all or nothing); returns counts: ratings given (one
+    per user and item), how many of them are new or change a stored value (``new_ratings``), users
+    and items given (with attributes or ratings), and how many of them are new.
 
     The rating scale is fixed by the first ingest (the dataset's, ``scale``, or the data's range, which
     must not be a single value); later ratings outside it are refused. Given attributes are merged over
@@ -47,13 +48,17 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
         if ds.items is not None and len(ds.items):
             write_items(conn, ds.items, source)
             given[Item].update(str(x) for x in ds.items["item"])
-        r, n = ds.ratings, 0
+        r, n, changed = ds.ratings, 0, 0
         if len(r):  # write_ratings keeps one row per (user, item), the last one, as the table does
             users, items = database_ids(conn, User, r["user"], given[User]), database_ids(conn, Item, r["item"], given[Item])
+            store.lock_rating_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
+            seq0 = store.next_seq(conn)
             n = store.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(),
                                     progress)
+            # a stored rating given again with the same value keeps its seq; every other row got one from seq0 on
+            changed = n if seq0 == 1 else store.count_ratings(conn, since_seq=seq0 - 1)
         new = {t: store.count_rows(conn, t) - before[t] for t in (User, Item)}
-    return {"ratings": n, "users": len(given[User]), "items": len(given[Item]), "new_users": new[User],
+    return {"ratings": n, "new_ratings": changed, "users": len(given[User]), "items": len(given[Item]), "new_users": new[User],
             "new_items": new[Item], "scale": list(scale) if scale else None}
 
 

@@ -51,7 +51,7 @@ def test_custom_column_names_and_users_file(engine, tmp_path):
     assert users["attributes"].tolist() == [{"age": 30, "city": "Paris"}, {"city": "Rome"}]
     out = ingest_dataset(engine, Dataset(r, users=users), scale=(0.5, 5))
     # users and items given or rated, and how many of them are new (i1 comes from the ratings alone)
-    assert out == {"ratings": 2, "users": 2, "items": 1, "new_users": 2, "new_items": 1, "scale": [0.5, 5.0]}
+    assert out == {"ratings": 2, "new_ratings": 2, "users": 2, "items": 1, "new_users": 2, "new_items": 1, "scale": [0.5, 5.0]}
 
 
 def test_movielens_layout_errors(tmp_path):
@@ -75,7 +75,7 @@ def test_goodbooks_layout(engine, tmp_path):
     write(folder / "ratings.csv", "user_id,book_id,rating\n1,10,5\n2,10,3\n2,11,4\n")
     write(folder / "books.csv", "book_id,title,authors\n10,The Hunger Games,Suzanne Collins\n11,Twilight,Stephenie Meyer\n")
     out = ingest_dataset(engine, read_goodbooks(folder))
-    assert out == {"ratings": 3, "users": 2, "items": 2, "new_users": 2, "new_items": 2, "scale": [1.0, 5.0]}
+    assert out == {"ratings": 3, "new_ratings": 3, "users": 2, "items": 2, "new_users": 2, "new_items": 2, "scale": [1.0, 5.0]}
     write(folder / "ratings.csv", "user_id,book_id,rating\n1,10,6\n")
     with pytest.raises(InputError, match=r"ratings.csv, line 2, field 'rating': rating 6 outside the scale"):
         read_goodbooks(folder)

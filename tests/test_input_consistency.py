@@ -142,14 +142,19 @@ def test_an_ambiguous_title_names_its_items(trained):
 def test_a_rating_written_again_with_the_same_value_is_not_new(trained):
     engine, _ = trained
     first = {"user": "a0", "item": "a1", "rating": 2.0, "timestamp": 1}  # (new or changed: a-users like a-items)
-    ingest_dataset(engine, Dataset(pd.DataFrame([first])))
+    assert ingest_dataset(engine, Dataset(pd.DataFrame([first])))["new_ratings"] == 1
     assert retrain_incremental(engine)["new_ratings"] == 1
     with engine.connect() as conn:
         seq = conn.scalar(select(Rating.seq).order_by(Rating.seq.desc()).limit(1))
-    ingest_dataset(engine, Dataset(pd.DataFrame([{**first, "timestamp": 99}])))  # as `cfb rate` writes it again
+    again = {**first, "timestamp": 99}  # as `cfb rate` writes it again, beside one changed rating
+    changed = {"user": "a0", "item": "a-new", "rating": 1.0, "timestamp": 99}
+    out = ingest_dataset(engine, Dataset(pd.DataFrame([again])))
+    assert (out["ratings"], out["new_ratings"]) == (1, 0)
     assert retrain_incremental(engine)["mode"] == "none"
     with engine.connect() as conn:
         assert conn.scalar(select(Rating.seq).order_by(Rating.seq.desc()).limit(1)) == seq
+    out = ingest_dataset(engine, Dataset(pd.DataFrame([again, changed])))
+    assert (out["ratings"], out["new_ratings"]) == (2, 1)
 
 
 @pytest.mark.parametrize("kind", ["dot", "nn"])

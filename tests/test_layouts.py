@@ -86,7 +86,7 @@ def ml100k(folder: Path, bad: bool = False) -> Path:
 
 def test_movielens_100k(tmp_path, db_url):
     out = ok(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
-    assert out == {"ratings": 3, "users": 3, "items": 3, "new_users": 3, "new_items": 3, "scale": [1.0, 5.0]}
+    assert out == {"ratings": 3, "new_ratings": 3, "users": 3, "items": 3, "new_users": 3, "new_items": 3, "scale": [1.0, 5.0]}
     d = dump(db_url)
     assert d["users"]["186"] == {"age": 39, "gender": "F", "occupation": "executive", "zip": "00000"}
     assert d["items"]["242"] == ("Kolya (1996)", {"genres": ["Comedy", "Drama"], "year": 1996,
@@ -117,7 +117,7 @@ def ml1m(folder: Path, bad_users: bool = False) -> Path:
 
 def test_movielens_1m(tmp_path, db_url):
     out = ok(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m")), "--json"))
-    assert out == {"ratings": 4, "users": 3, "items": 3, "new_users": 3, "new_items": 3, "scale": [1.0, 5.0]}
+    assert out == {"ratings": 4, "new_ratings": 4, "users": 3, "items": 3, "new_users": 3, "new_items": 3, "scale": [1.0, 5.0]}
     d = dump(db_url)
     # age: the band's lower bound, "Under 18" (code 1) as 15; occupation decoded from the README's codes
     assert d["users"] == {"1": {"age": 15, "gender": "F", "occupation": "K-12 student", "zip": "48067"},
@@ -158,7 +158,7 @@ def ml10m(folder: Path, bad: bool = False) -> Path:
 
 def test_movielens_10m(tmp_path, db_url):
     out = ok(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K")), "--json"))
-    assert out == {"ratings": 4, "users": 2, "items": 2, "new_users": 2, "new_items": 2, "scale": [0.5, 5.0]}
+    assert out == {"ratings": 4, "new_ratings": 4, "users": 2, "items": 2, "new_users": 2, "new_items": 2, "scale": [0.5, 5.0]}
     d = dump(db_url)
     assert d["items"]["185"] == ("Net, The (1995)", {"genres": ["Action", "Crime", "Thriller"], "year": 1995,
                                                      "tags": ["hacker", "sandra bullock"]})
@@ -191,7 +191,7 @@ def ml_csv(folder: Path, bad: bool = False) -> Path:
 
 def test_movielens_csv_release(tmp_path, db_url):
     out = ok(run(db_url, "ingest", "movielens", str(ml_csv(tmp_path / "ml-latest-small")), "--json"))
-    assert out == {"ratings": 4, "users": 2, "items": 4, "new_users": 2, "new_items": 4, "scale": [0.5, 5.0]}
+    assert out == {"ratings": 4, "new_ratings": 4, "users": 2, "items": 4, "new_users": 2, "new_items": 4, "scale": [0.5, 5.0]}
     d = dump(db_url)
     assert d["items"]["1"] == ("Toy Story (1995)", {"genres": ["Adventure", "Animation", "Children", "Comedy",
                                                                "Fantasy"], "year": 1995, "tags": ["pixar", "fun"]})
@@ -254,7 +254,7 @@ def test_goodbooks_v2(tmp_path, db_url):
     write(folder / "tags.csv", TAGS)
     write(folder / "to_read.csv", "user_id,book_id\n9,8\n")
     out = ok(run(db_url, "ingest", "goodbooks", str(folder), "--json"))
-    assert out == {"ratings": 3, "users": 2, "items": 3, "new_users": 2, "new_items": 3, "scale": [1.0, 5.0]}
+    assert out == {"ratings": 3, "new_ratings": 3, "users": 2, "items": 3, "new_users": 2, "new_items": 3, "scale": [1.0, 5.0]}
     d = dump(db_url)
     assert d["items"]["1"] == ("The Games (The Games, #1)", {"authors": ["Ann Writer"],
                                "original_publication_year": 2008, "language_code": "eng",
@@ -276,7 +276,7 @@ def test_goodbooks_v1_keys_books_by_id(tmp_path, db_url):
     write(folder / "book_tags.csv", BOOK_TAGS)
     write(folder / "tags.csv", TAGS)
     out = ok(run(db_url, "ingest", "goodbooks", str(folder), "--json"))
-    assert out == {"ratings": 4, "users": 3, "items": 3, "new_users": 3, "new_items": 3, "scale": [1.0, 5.0]}
+    assert out == {"ratings": 4, "new_ratings": 4, "users": 3, "items": 3, "new_users": 3, "new_items": 3, "scale": [1.0, 5.0]}
     d = dump(db_url)
     assert d["items"]["1"][0] == "The Games (The Games, #1)"
     assert d["items"]["2"][0] == "The Stone (Series, #1)" and d["items"]["2"][1]["tags"] == ["magic"]
