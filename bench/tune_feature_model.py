@@ -5,14 +5,14 @@ protocol on them with seed s + 1000 and again with s + 2000 (each time a fifth o
 §3 answer pools with that seed; six pseudo-cold sets in all), as bench/tune_coldstart.py does; the
 protocol's cold users are never seen. (2) Real: the protocol's split of
 seed s (cold users of seeds 42, 43, 44), with the chosen settings. Both score §4b (Q = 0/5/15/30, the
-questionnaire = the 30 most-rated training items, most-rated first) and §5 (first 10 ratings in time order
+questionnaire = the 30 training items most often rated in the top quarter of the scale, those first) and §5 (first 10 ratings in time order
 revealed at n = 0/1/3/5/10, evaluation on the ratings after the first 10) exactly as the protocol does,
 in memory (no database), side by side with positive popularity (§6). RMSE is not reported: the model ranks.
 
 Settings that scale with the data rather than being constants: number attributes are binned at quantiles
 of the training users' values; the batch is min(users_per_batch, n_training_users / 4) users, so an epoch
 is 12 steps for up to 1,024 training users and grows with them beyond; the questionnaire is the 30
-most-rated items of the training data. The rest (epochs, lr, wd, dropout, d, ...) are constants chosen
+most-liked items of the training data. The rest (epochs, lr, wd, dropout, d, ...) are constants chosen
 here on MovieLens 100k.
 
 Usage:
@@ -63,7 +63,7 @@ class Split:
 
 
 def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.0),  # noqa: ANN001
-                strategy: str = "popularity") -> Split:
+                strategy: str = "positive") -> Split:
     users = sorted(ratings.user.unique().tolist())
     user_index = {u: k for k, u in enumerate(users)}
     cold = cold_users(users, seed)
@@ -77,7 +77,7 @@ def build_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale=(1.0, 5.
                       warm.rating.to_numpy(np.float32), len(warm_ids), len(item_ids))
     attributes = [attrs_of.get(u, {}) for u in warm_ids]
     ts = warm.timestamp.to_numpy(dtype=float, na_value=-1.0) if "timestamp" in warm else np.full(len(warm), -1.0)
-    questionnaire = choose_items(data.items, data.ratings, data.n_items, max(BUDGETS), strategy)
+    questionnaire = choose_items(data.items, data.ratings, data.n_items, max(BUDGETS), strategy, scale)
     # positive popularity: count of ratings >= 4, ties by count, then item id as a string (= inner order)
     pos_n = np.bincount(data.items[data.ratings >= 4], minlength=data.n_items).astype(float)
     cnt = np.bincount(data.items, minlength=data.n_items).astype(float)
@@ -173,7 +173,7 @@ def load(path: str):  # noqa: ANN201
 
 
 def pseudo_split(ratings: pd.DataFrame, attrs_of: dict, seed: int, scale, offset: int = 1000,  # noqa: ANN001
-                 strategy: str = "popularity") -> Split:
+                 strategy: str = "positive") -> Split:
     """Warm users of protocol seed ``seed`` only, split again with seed + ``offset``."""
     cold = cold_users(sorted(ratings.user.unique().tolist()), seed)
     return build_split(ratings[~ratings.user.isin(cold)], attrs_of, seed + offset, scale, strategy)
@@ -208,9 +208,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--pseudo-offsets", default="1000,2000", help="pseudo-cold splits per seed (seed + offset)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--questionnaire", default="popularity", choices=["popularity", "entropy"],
+    ap.add_argument("--questionnaire", default="positive", choices=["positive", "popularity", "entropy"],
                     help="how the questionnaire items are chosen (bootstrap.questionnaire.choose_items)")
-    ap.add_argument("candidates", nargs="*", help="JSON overrides of FeatureModelConfig")
+    ap.add_argument("candidates", nargs="*", help="JSON overrides of FeatureModelConfig (and \"questionnaire\": "
+                    "a strategy for that candidate)")
     a = ap.parse_args()
     import torch
 
@@ -222,11 +223,17 @@ def main() -> None:
     report: dict = {"dataset": a.data, "seeds": seeds, "results": []}
     print(f"{'NDCG@10':<40}" + " ".join(f"{c:>5}" for c in COLS))
     for mode in modes:
-        if mode == "pseudo":  # keyed (and the model seeded) by seed + offset - 1000
-            splits = {s + o - 1000: pseudo_split(ratings, attrs_of, s, scale, o, a.questionnaire)
-                      for o in map(int, a.pseudo_offsets.split(",")) for s in seeds}
-        else:
-            splits = {s: build_split(ratings, attrs_of, s, scale, a.questionnaire) for s in seeds}
+        built: dict = {}
+
+        def splits_for(strategy: str) -> dict:  # noqa: ANN202  (keyed (and the model seeded) by seed + offset - 1000)
+            if strategy not in built:
+                built[strategy] = (
+                    {s + o - 1000: pseudo_split(ratings, attrs_of, s, scale, o, strategy)
+                     for o in map(int, a.pseudo_offsets.split(",")) for s in seeds} if mode == "pseudo"
+                    else {s: build_split(ratings, attrs_of, s, scale, strategy) for s in seeds})
+            return built[strategy]
+
+        splits = splits_for(a.questionnaire)
         keys = list(splits)
         base = [score_cases(splits[k], None) for k in keys]
         print(fmt(f"[{mode}] positive popularity", mean_rows(base)))
@@ -234,8 +241,10 @@ def main() -> None:
                                   "mean": mean_rows(base), "per_split": dict(zip(keys, without_per_user(base)))})
         first = None
         for cand in cands:
-            cfg = FeatureModelConfig.from_json({**FeatureModelConfig().to_json(), **cand})
-            runs = [run(splits[k], cfg, k) for k in keys]
+            overrides = {k: v for k, v in cand.items() if k != "questionnaire"}
+            cfg = FeatureModelConfig.from_json({**FeatureModelConfig().to_json(), **overrides})
+            cand_splits = splits_for(cand.get("questionnaire", a.questionnaire))
+            runs = [run(cand_splits[k], cfg, k) for k in keys]
             m = mean_rows([r["model"] for r in runs])
             fit = [r["fit_s"] for r in runs]
             print(fmt(f"[{mode}] {json.dumps(cand) if cand else 'feature model (defaults)'}"[:40], m,

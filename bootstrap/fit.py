@@ -47,15 +47,16 @@ def simulated_answers(data: CollabData, asked: list[int], budgets=SIM_BUDGETS,
 
 
 def make_questionnaire(data: CollabData, item_ids: np.ndarray, attributes: list[dict],
-                       strategy: str = "popularity", max_budget: int = MAX_BUDGET) -> Questionnaire:
+                       strategy: str = "positive", max_budget: int = MAX_BUDGET,
+                       scale: tuple[float, float] | None = None) -> Questionnaire:
     """The sign-up questionnaire: attribute questions + ``max_budget`` items (by database id), from the
-    ratings alone (it does not depend on a trained model)."""
-    asked = choose_items(data.items, data.ratings, data.n_items, max_budget, strategy)
+    ratings alone (it does not depend on a trained model); ``scale``: the rating scale (lo, hi)."""
+    asked = choose_items(data.items, data.ratings, data.n_items, max_budget, strategy, scale)
     return Questionnaire(infer_questions(attributes), [int(item_ids[i]) for i in asked])
 
 
 def fit_bootstrap(data: CollabData, item_ids: np.ndarray, user_factors: np.ndarray, user_bias: np.ndarray,
-                  attributes: list[dict], alpha: float = 30.0, strategy: str = "popularity",
+                  attributes: list[dict], alpha: float = 30.0, strategy: str = "positive",
                   max_budget: int = MAX_BUDGET, seed: int = 42,
                   questionnaire: Questionnaire | None = None) -> Bootstrap:
     """Questionnaire (``make_questionnaire``, unless the one made already is given) and a ridge map

@@ -75,14 +75,23 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
     return out
 
 
-def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: int,
-                 strategy: str = "popularity") -> list[int]:
+POSITIVE_SHARE = 0.25  # a rating in the top quarter of the scale is a "liked" (>= 4 on 1..5), as the ranker's positives
+
+
+def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: int, strategy: str = "positive",
+                 scale: tuple[float, float] | None = None) -> list[int]:
     """Items to ask about, most useful first, from training ratings (returns inner item indices).
 
-    "popularity": most-rated first (the most likely to have been seen, so the most answers);
-    "entropy": log-popularity × entropy of the item's rating distribution."""
+    "positive": most often liked first (ratings in the top quarter of ``scale``, else of the ratings'
+    range; ties: most-rated first), the protocol's positive-popularity order: items most users have
+    seen, and the ones that are commonly liked rather than only commonly watched (docs/coldstart.md);
+    "popularity": most-rated first; "entropy": log-popularity × entropy of the item's ratings."""
     counts = np.bincount(items, minlength=n_items).astype(float)
-    if strategy == "popularity":
+    if strategy == "positive":
+        lo, hi = scale if scale is not None else (float(ratings.min()), float(ratings.max()))
+        liked = np.bincount(items[ratings >= hi - POSITIVE_SHARE * (hi - lo)], minlength=n_items)
+        score = liked + counts / (counts.max() + 1)
+    elif strategy == "popularity":
         score = counts
     elif strategy == "entropy":
         levels = np.unique(ratings)

@@ -478,7 +478,7 @@ class FeatureUserModel:
         """Train on ``data`` (training users only); ``attributes[u]`` are inner user u's answers,
         ``timestamps`` one per rating (−1 = unknown: data order), ``questions`` the attribute questions
         (``bootstrap.questionnaire.Question``), ``questionnaire_items`` the items a new user is asked,
-        most-rated first, ``scale`` the rating scale (lo, hi)."""
+        most useful first, ``scale`` the rating scale (lo, hi)."""
         import torch
         from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
         from fastai.data.core import DataLoaders

@@ -23,6 +23,9 @@ class ServingConfig:
     """How a version ranks users' items and folds ratings in (chosen on pseudo-cold users, docs/coldstart.md)."""
 
     rating_weight: float = 0.0  # with a ranker: ranker score + rating_weight × predicted rating (0 measured best)
+    # a cold user's predicted rating (one the rating model never learned): + this × the scale's width × the
+    # ranker's score of the item standardised over the catalogue (chosen on pseudo-cold users; 0.1 on 1..5)
+    cold_rank_weight: float = 0.025
     popularity_weight: float = 1.0  # without one: predicted rating + popularity_weight × log(1 + ratings)
     foldin_reg: float = 20.0  # a user's fold-in: shrinkage of the embedding toward the prior
     foldin_reg_bias: float = 100.0  # ... and of the bias
@@ -63,6 +66,7 @@ class UserVector:
     vec: np.ndarray
     bias: float
     rank_vec: np.ndarray | None = None
+    cold: bool = False  # the rating model never learned this user: its part is the bootstrap prior + fold-in
 
 
 @dataclass
@@ -168,19 +172,30 @@ class TrainedModel:
 
             reveal = Reveal(history.attributes, inner[known], ratings[known], self.budget_of(history))
             rank_vec = self.ranker.user_vectors([reveal])[0]
-        return UserVector(vec, bias, rank_vec)
+        return UserVector(vec, bias, rank_vec, cold=history.trained_row is None)
 
     # --- scoring ----------------------------------------------------------------------------
     def predict(self, user: UserVector, items: np.ndarray | None = None) -> np.ndarray:
-        """Predicted ratings of the user for ``items`` (inner indices; all when None)."""
-        return self.rating.predict(user.vec, user.bias, items)
+        """Predicted ratings of the user for ``items`` (inner indices; all when None).
+
+        The rating model's; for a cold user, plus ``cold_rank_weight`` × the scale's width × the
+        ranker's score standardised over the catalogue (what the ranker knows of them, which the
+        bootstrap prior and a fold-in of a few ratings do not: docs/coldstart.md)."""
+        pred = self.rating.predict(user.vec, user.bias, items)
+        weight = self.config.cold_rank_weight
+        if not (user.cold and weight and self.ranker is not None and user.rank_vec is not None):
+            return pred
+        s = self.ranker.item_scores(user.rank_vec[None])[0].astype(np.float64)
+        z = (s - s.mean()) / (s.std() or 1.0)
+        lo, hi = self.ranker.scale_
+        return pred + (weight * (hi - lo) * (z if items is None else z[np.asarray(items, np.int64)])).astype(pred.dtype)
 
     def scores(self, user: UserVector) -> np.ndarray:
         """What recommendations are ranked by, for every item (higher is better)."""
-        pred = self.predict(user)
         if self.ranker is not None and user.rank_vec is not None:
-            return self.ranker.item_scores(user.rank_vec[None])[0] + self.config.rating_weight * pred
-        return pred + self.config.popularity_weight * np.log1p(self.item_counts)
+            s = self.ranker.item_scores(user.rank_vec[None])[0]
+            return s + self.config.rating_weight * self.predict(user) if self.config.rating_weight else s
+        return self.predict(user) + self.config.popularity_weight * np.log1p(self.item_counts)
 
     def recommend(self, user: UserVector, exclude: np.ndarray, n: int = 10, by: str = "rank") -> np.ndarray:
         """Inner indices of the user's top ``n`` items, ``exclude`` (inner indices, -1 ignored) left out."""

@@ -2,6 +2,8 @@
 unknown user, empty history, and ids that stay put when items are added."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -101,3 +103,29 @@ def test_adding_items_keeps_every_inner_index(kind_db):
     assert grown.questionnaire.items == model.questionnaire.items
     user = grown.user_vector(UserHistory({"gender": "F"}, np.array([-5]), np.array([5.0])))
     assert np.isfinite(grown.scores(user)).all()
+
+
+def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
+    """A user the rating model never learned: predicted rating = the rating model's + 0.1 (0.025 × the
+    1..5 scale's width) × the ranker's standardised score, so the items the ranker puts first gain
+    most; a trained user's predictions are the rating model's alone, and so are everyone's at weight 0."""
+    _, engine, report = kind_db
+    with engine.connect() as conn:
+        model = versions.load_model(conn, report["version"])
+        ids, factors, bias = versions.trained_rows(conn, report["version"])
+    items = model.item_ids[:3]
+    cold = model.user_vector(UserHistory({"gender": "F"}, items, np.array([5.0, 4.0, 1.0], np.float32)))
+    assert cold.cold
+    s = model.ranker.item_scores(cold.rank_vec[None])[0].astype(np.float64)
+    z = (s - s.mean()) / s.std()
+    plain = model.rating.predict(cold.vec, cold.bias)
+    assert np.allclose(model.predict(cold) - plain, 0.1 * z, atol=1e-5)
+    picked = np.array([int(np.argmax(s)), int(np.argmin(s))])
+    assert np.allclose(model.predict(cold, picked), model.predict(cold)[picked])
+    assert model.predict(cold)[picked[0]] - plain[picked[0]] > 0 > model.predict(cold)[picked[1]] - plain[picked[1]]
+    warm = model.user_vector(UserHistory({}, items[:0], np.zeros(0, np.float32),
+                                         trained_row=(factors[0], float(bias[0]))))
+    assert not warm.cold
+    assert np.array_equal(model.predict(warm), model.rating.predict(warm.vec, warm.bias))
+    model.config = replace(model.config, cold_rank_weight=0.0)
+    assert np.array_equal(model.predict(cold), plain)

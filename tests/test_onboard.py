@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
+
+from cfb.bootstrap.questionnaire import choose_items
 
 from cfb.cf_core.errors import InputError
 from cfb.db.schema import Answer, Rating, User
@@ -17,6 +20,18 @@ from .conftest import write
 def counts(engine) -> tuple[int, int, int]:
     with engine.connect() as conn:
         return tuple(conn.scalar(select(func.count()).select_from(t)) for t in (User, Rating, Answer))
+
+
+def test_questionnaire_asks_the_most_liked_items_first():
+    """Item 0 is rated most, item 1 liked most (top quarter of the scale): asked first. On a 1..10
+    scale a 5 is not a "liked", and the most-rated item leads again."""
+    items = np.array([0] * 5 + [1] * 4 + [2])
+    ratings = np.array([2.0] * 5 + [5.0] * 4 + [1.0])
+    assert choose_items(items, ratings, 4, 3) == [1, 0, 2]
+    assert choose_items(items, ratings, 4, 3, "popularity") == [0, 1, 2]
+    assert choose_items(items, ratings, 4, 2, scale=(1.0, 10.0)) == [0, 1]
+    with pytest.raises(ValueError, match="unknown questionnaire strategy"):
+        choose_items(items, ratings, 4, 2, "newest")
 
 
 def test_questionnaire_lists_attributes_and_items(trained):
