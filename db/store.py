@@ -207,9 +207,13 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
 
     def params(rows: slice) -> list:
         at = keep[rows]
-        stamps = ts[at].tolist()
-        if missing[at].any():
-            stamps = [None if m else t for t, m in zip(stamps, missing[at].tolist())]
+        gone = missing[at]
+        if gone.all():
+            stamps = [None] * len(at)
+        else:
+            stamps = ts[at].tolist()
+            if gone.any():
+                stamps = [None if m else t for t, m in zip(stamps, gone.tolist())]
         cols = (u[at].tolist(), i[at].tolist(), r[at].tolist(), stamps, seq[at].tolist())
         return list(itertools.chain.from_iterable(zip(*cols)))
 
@@ -342,15 +346,20 @@ def _array(values, dtype: type) -> np.ndarray:  # noqa: ANN001
 
 def _timestamps(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """(int64 timestamps, where there is none: None or NaN)."""
-    if not (isinstance(values, np.ndarray) and values.dtype.kind == "f"):
+    import pandas as pd
+
+    floats = isinstance(values, np.ndarray) and values.dtype.kind == "f"
+    if not floats:
         try:
             t = _array(values, np.int64)  # whole numbers, none missing: the usual case
             return t, np.zeros(len(t), bool)
         except (TypeError, ValueError):
-            pass
-    t = np.array([np.nan if v is None else v for v in np.asarray(values, object).tolist()], np.float64)
-    missing = np.isnan(t)
-    return np.where(missing, 0, t).astype(np.int64), missing
+            values = np.asarray(values, object)
+    missing = pd.isna(values)  # one C pass (a release without timestamps is all None)
+    t = np.zeros(len(values), np.int64)
+    if not missing.all():
+        t[~missing] = values[~missing].astype(np.float64)
+    return t, missing
 
 
 def latest_per_pair(users: np.ndarray, items: np.ndarray) -> np.ndarray:
