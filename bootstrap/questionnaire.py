@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text (e.g. a zip code)
+MAX_BUDGET = 30  # the most items a questionnaire asks about
 
 
 @dataclass

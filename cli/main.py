@@ -285,7 +285,7 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
 @click.argument("users", nargs=-1, required=True)
 @click.option("-n", "n", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--by", type=click.Choice(["rank", "rating"]), default="rank", show_default=True,
-              help="rank: what the user would watch and like (ranking model + predicted rating); "
+              help="rank: what the user would watch and like (the ranking model's order); "
                    "rating: predicted rating alone.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -451,8 +451,8 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
 
 # --- cold start -----------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--budget", type=click.IntRange(min=0), default=15, show_default=True,
-              help="Number of items to ask about.")
+@click.option("--budget", type=click.IntRange(0, 30), default=15, show_default=True,
+              help="Number of items to ask about (at most 30).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -469,7 +469,7 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
             values = f" ({a['accepts'][0]:g}..{a['accepts'][1]:g})"
         lines.append(f"  {a['name']}: {a['type']}{values}")
     lines.append("rate these if you have seen them:")
-    lines += [f"  {r['item']}: {r['title']}" for r in out["items"]]
+    lines += [f"  {r['item']}: {r['title'] or r['item']}" for r in out["items"]]
     emit(out, as_json, "\n".join(lines))
 
 
@@ -503,7 +503,8 @@ def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> 
 @pass_ctx
 @fail_cleanly
 def rate(ctx: Ctx, user: str, item: str, rating: float, new_item: bool, as_json: bool) -> None:
-    """Record USER's RATING of ITEM (id or exact title); `cfb retrain` folds it in."""
+    """Record USER's RATING of ITEM (id or exact title); it counts in their recommendations at once
+    (`cfb retrain` then folds it into the model)."""
     from ..service.ratings import rate_item
 
     out = rate_item(ctx.engine, user, item, rating, create_item=new_item)

@@ -346,8 +346,6 @@ def _array(values, dtype: type) -> np.ndarray:  # noqa: ANN001
 
 def _timestamps(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """(int64 timestamps, where there is none: None or NaN)."""
-    import pandas as pd
-
     floats = isinstance(values, np.ndarray) and values.dtype.kind == "f"
     if not floats:
         try:
@@ -355,6 +353,8 @@ def _timestamps(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
             return t, np.zeros(len(t), bool)
         except (TypeError, ValueError):
             values = np.asarray(values, object)
+    import pandas as pd  # (here only: a server writes whole numbers and stays without pandas)
+
     missing = pd.isna(values)  # one C pass (a release without timestamps is all None)
     t = np.zeros(len(values), np.int64)
     if not missing.all():

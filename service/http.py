@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
+from ..bootstrap.questionnaire import MAX_BUDGET
 from ..cf_core.errors import CfbError, InputError
 from ..cf_core.model import UserHistory
 from ..db import versions
@@ -527,7 +528,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response({"status": "ok", "version": versions.serving_version(conn)})
 
     @app.get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)")
-    async def questionnaire(budget: int = Query(15, ge=0, le=1000, description="Number of items to ask about")):
+    async def questionnaire(budget: int = Query(15, ge=0, le=MAX_BUDGET, description="Number of items to ask about")):
         from .onboard import questionnaire_json
 
         with engine.connect() as conn:
@@ -679,7 +680,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"aria-label='rating'>{''.join(opts)}</select>")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home(budget: int = Query(15, ge=0, le=100)):
+    def home(budget: int = Query(15, ge=0, le=MAX_BUDGET)):
         from .onboard import questionnaire_json
 
         with engine.connect() as conn:

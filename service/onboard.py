@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 
-from ..cf_core.errors import InputError
+from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
@@ -268,7 +268,12 @@ def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool 
 
 
 def questionnaire_json(conn: Connection, budget: int = 15) -> dict:
-    """The serving questionnaire: attribute questions and the first ``budget`` items to ask about."""
+    """The serving questionnaire: attribute questions and the first ``budget`` items to ask about
+    (0 to ``MAX_BUDGET``; fewer when the catalogue has fewer)."""
+    from ..bootstrap.questionnaire import MAX_BUDGET
+
+    if not 0 <= budget <= MAX_BUDGET:
+        raise CfbError(f"budget {budget}: a questionnaire asks about 0 to {MAX_BUDGET} items")
     served = load_served(conn)
     q = served.model.questionnaire
     asked = q.items[:budget]

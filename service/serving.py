@@ -41,8 +41,7 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
     served = load_served(conn)
     users = store.id_map(conn, store.User)
     items = store.id_map(conn, Item)
-    cache: dict = {}
-    out = []
+    rows: dict[int, list[tuple[int, int]]] = {}  # user -> [(row, inner item)]: one prediction call per user
     for k, (u, i) in enumerate(pairs):
         u, i = str(u).strip(), str(i).strip()
         if u not in users:
@@ -57,9 +56,12 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
         inner = int(served.model.item_index([item])[0])
         if inner < 0:
             raise CfbError(f"row {k + 1}: item {i!r} is not in the serving model yet (run `cfb retrain`)")
-        if users[u] not in cache:
-            cache[users[u]] = user_vector(conn, served, users[u])[0]
-        out.append(float(served.model.predict(cache[users[u]], np.array([inner]))[0]))
+        rows.setdefault(users[u], []).append((k, inner))
+    out = [0.0] * len(pairs)
+    for user, wanted in rows.items():
+        at, inner = zip(*wanted)
+        for k, p in zip(at, served.model.predict(user_vector(conn, served, user)[0], np.array(inner)).tolist()):
+            out[k] = float(p)
     return out
 
 

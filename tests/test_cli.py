@@ -94,6 +94,16 @@ def test_onboard_rate_retrain_rollback(runner, cli_db, tmp_path):
     assert len(q["items"]) == 3 and {a["name"] for a in q["attributes"]} == {"age", "gender"}
 
 
+def test_questionnaire_names_untitled_items_by_id_and_caps_the_budget(runner, cli_db):
+    """The ratings came without a catalogue: an item without a title is shown by its id."""
+    res = run(runner, cli_db, "questionnaire", "--budget", "3")
+    assert res.exit_code == 0, res.output
+    asked = res.output.split("rate these if you have seen them:")[1].split()
+    assert len(asked) == 6 and all(f"{a[:-1]}" == b for a, b in zip(asked[::2], asked[1::2])), res.output
+    res = run(runner, cli_db, "questionnaire", "--budget", "31")
+    assert res.exit_code == 2 and "0<=x<=30" in res.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["recommend", "ghost"], "Error: unknown user 'ghost'"),
     (["similar", "a3x"], "Error: unknown item 'a3x'"),

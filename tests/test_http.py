@@ -188,7 +188,8 @@ def test_error_codes(server, trained):
         assert r.status_code == 422 and r.json()["field"] == "n", r.text
     assert server.get("/users/a0/recommendations", params={"n": 100}).status_code == 200
     assert server.get("/users/a0/recommendations", params={"by": "magic"}).status_code == 422
-    assert server.get("/questionnaire", params={"budget": -1}).status_code == 422
+    for budget in (-1, 31):
+        assert server.get("/questionnaire", params={"budget": budget}).status_code == 422
 
 
 def test_request_bodies_are_size_limited(server, trained):
@@ -258,7 +259,7 @@ def test_web_pages_escape_every_title(trained, db_url, tmp_path):
     assert res.exit_code == 0, res.output
     with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
         assert client.post("/users", json={"user": "x1", "answers": {"gender": "F"}}).status_code == 201
-        pages = [client.get("/", params={"budget": 40}), client.get("/user/x1", params={"n": 40}),
+        pages = [client.get("/", params={"budget": 30}), client.get("/user/x1", params={"n": 40}),
                  client.get("/item/a1"), client.get("/item/a2"), client.get("/explore", params={"n": 40})]
         for page in pages:
             assert page.status_code == 200, page.url

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from cfb.bootstrap.questionnaire import choose_items
 
-from cfb.cf_core.errors import InputError
+from cfb.cf_core.errors import CfbError, InputError
 from cfb.db.schema import Answer, Rating, User
 from cfb.service.onboard import onboard, questionnaire_json, read_answers_file
 from cfb.service.serving import predict_pairs, recommend
@@ -41,6 +41,8 @@ def test_questionnaire_lists_attributes_and_items(trained):
     assert {a["name"]: a["type"] for a in q["attributes"]} == {"age": "number", "gender": "category"}
     assert next(a for a in q["attributes"] if a["name"] == "gender")["values"] == ["F", "M"]
     assert len(q["items"]) == 5 and all(i["title"] for i in q["items"])
+    with engine.connect() as conn, pytest.raises(CfbError, match="budget 31: a questionnaire asks about 0 to 30"):
+        questionnaire_json(conn, budget=31)
 
 
 @pytest.mark.parametrize("gender, group", [("F", "a"), ("M", "b")])
