@@ -7,6 +7,7 @@ import numpy as np
 
 MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text (e.g. a zip code)
 MAX_BUDGET = 30  # the most items a questionnaire asks about
+POSITIVE_SHARE = 0.25  # a rating in the top quarter of the scale is "liked" (>= 4 on 1..5), as the ranker's positives
 
 
 @dataclass
@@ -74,9 +75,6 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
             else:
                 out.append(Question(name, "text"))
     return out
-
-
-POSITIVE_SHARE = 0.25  # a rating in the top quarter of the scale is a "liked" (>= 4 on 1..5), as the ranker's positives
 
 
 def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: int, strategy: str = "positive",

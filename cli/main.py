@@ -108,8 +108,8 @@ def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "", quiet: bo
             out = ingest_dataset(engine, ds, scale=scale, source=source, progress=bar.update)
     finally:
         engine.dispose()
-    emit(out, as_json, f"ingested {out['ratings']} ratings ({out['new_ratings']} new or changed), {out['users']} users ({out['new_users']} new), "
-                       f"{out['items']} items ({out['new_items']} new)")
+    emit(out, as_json, f"ingested {out['ratings']} ratings ({out['new_ratings']} new or changed), "
+                       f"{out['users']} users ({out['new_users']} new), {out['items']} items ({out['new_items']} new)")
 
 
 def _scale(value: str | None):
@@ -451,7 +451,7 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
 
 # --- cold start -----------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--budget", type=click.IntRange(0, 30), default=15, show_default=True,
+@click.option("--budget", type=click.IntRange(0, 30), default=15, show_default=True,  # 30: bootstrap's MAX_BUDGET
               help="Number of items to ask about (at most 30).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
