@@ -65,7 +65,7 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
     assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "items", str(csv)]).exit_code == 0
     wait = WebDriverWait(browser, 20)
     with running_server(db_url) as base:
-        browser.get(base + "/?budget=40")
+        browser.get(base + "/?budget=30")
         assert no_alert(browser)
         titles = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".rate-items .title")]
         assert XSS in titles  # shown as text
