@@ -69,10 +69,10 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
     new_pairs = pd.DataFrame([{"user": f"n{k}", "item": f"a{k % 20}", "rating": 4.0, "timestamp": k} for k in range(90)])
     later = pd.concat([changed, new_pairs, planted.ratings.iloc[1:8:7]])  # and two rows written again unchanged
     sqlite = make_engine(f"sqlite:///{tmp_path / 'same.db'}")
-    rows = []
+    rows, reported = [], []
     for engine in (pg_engine, sqlite):
         ingest_dataset(engine, planted)
-        ingest_dataset(engine, Dataset(later.reset_index(drop=True)))
+        reported.append(ingest_dataset(engine, Dataset(later.reset_index(drop=True)))["new_ratings"])
         with engine.connect() as conn:
             r = store.load_ratings(conn, with_replaced=True)
         rows.append(pd.DataFrame(vars(r)).sort_values("seq").reset_index(drop=True))
@@ -80,6 +80,7 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
     pd.testing.assert_frame_equal(rows[0], rows[1])
     n_changed = int((changed.rating != planted.ratings.iloc[::7].rating).sum())  # (6 - 3 = 3: the same value)
     assert 0 < n_changed < len(changed)
+    assert reported == [n_changed + len(new_pairs)] * 2  # new or changed: the same rows on both
     assert (rows[0].prev_seq >= 0).sum() == n_changed and (rows[0].timestamp == -1).sum() == n_changed
     found = inspect(pg_engine)
     assert found.get_pk_constraint("ratings")["constrained_columns"] == ["user_id", "item_id"]
