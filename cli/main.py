@@ -171,7 +171,7 @@ def ingest_items(ctx: Ctx, file: Path, as_json: bool) -> None:
     from ..service.ingest import upsert_items
 
     out = upsert_items(ctx.engine, read_items_csv(file), source=str(file))
-    emit(out, as_json, f"{out['added']} items added, {out['updated']} updated")
+    emit(out, as_json, f"{out['added']} items added, {out['updated']} updated, {out['unchanged']} unchanged")
 
 
 @ingest.command("ratings")

@@ -126,9 +126,10 @@ def write_users(conn, users, source: str | None = None) -> None:  # noqa: ANN001
     store.ensure_ids(conn, User, ids, {"attributes": attrs}, update_cols=("attributes",))
 
 
-def write_items(conn, items, source: str | None = None) -> int:  # noqa: ANN001
+def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # noqa: ANN001
     """Add or update items (item, title, attributes; optional line): an empty title keeps the stored one,
-    attributes as ``conform_attributes``. Returns how many already existed."""
+    attributes as ``conform_attributes``. Returns how many already existed, and how many of those
+    this changes (title or attributes)."""
     from sqlalchemy import select
 
     ids = [str(x) for x in items["item"]]
@@ -138,7 +139,10 @@ def write_items(conn, items, source: str | None = None) -> int:  # noqa: ANN001
                                {ext: a for ext, _, a in rows}, source)
     new_titles = [t if isinstance(t, str) and t else titles.get(e) for e, t in zip(ids, items["title"])]
     store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
-    return sum(1 for e in dict.fromkeys(ids) if e in titles)
+    stored = {ext: (title, a) for ext, title, a in rows}
+    given = dict(zip(ids, zip(new_titles, attrs)))  # (an id given twice: its last row, as written)
+    existed = [e for e in given if e in stored]
+    return len(existed), sum(1 for e in existed if given[e] != stored[e])
 
 
 def database_ids(conn, table, external, seen: set | None = None) -> np.ndarray:  # noqa: ANN001
@@ -166,9 +170,10 @@ def database_ids(conn, table, external, seen: set | None = None) -> np.ndarray: 
 
 def upsert_items(engine: Engine, items, source: str | None = None) -> dict:  # noqa: ANN001
     """Add or update items (item, title, attributes) in one transaction (see ``write_items``).
-    Returns counts."""
+    Returns counts: items given, added, updated (a stored item whose title or attributes change) and
+    unchanged."""
     store.create_schema(engine)
     with writing(engine) as conn:
-        updated = write_items(conn, items, source)
+        existed, changed = write_items(conn, items, source)
     n = len(set(map(str, items["item"])))
-    return {"items": n, "added": n - updated, "updated": updated}
+    return {"items": n, "added": n - existed, "updated": changed, "unchanged": existed - changed}

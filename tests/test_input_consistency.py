@@ -82,7 +82,7 @@ def test_item_metadata_is_typed_and_merged_as_user_attributes_are(engine, tmp_pa
         path = write(tmp_path / "b.csv", "item,year\ni2,soon\n")
         upsert_items(engine, read_items_csv(path), source=str(path))
     out = upsert_items(engine, read_items_csv(write(tmp_path / "c.csv", "item,year\ni1,1991\n")))
-    assert out == {"items": 1, "added": 0, "updated": 1}
+    assert out == {"items": 1, "added": 0, "updated": 1, "unchanged": 0}
     from cfb.db import store
 
     with engine.connect() as conn:

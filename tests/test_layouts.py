@@ -326,7 +326,9 @@ def test_ingest_items_adds_and_updates(tmp_path, db_url):
                                           '1193,,Milos Forman,133,Drama\n'
                                           'new1,"Brand New, The (2030)",Ann Director,95,Sci-Fi|Drama\n')
     out = ok(run(db_url, "ingest", "items", str(items), "--json"))
-    assert out == {"items": 2, "added": 1, "updated": 1}
+    assert out == {"items": 2, "added": 1, "updated": 1, "unchanged": 0}
+    assert ok(run(db_url, "ingest", "items", str(items), "--json")) == {"items": 2, "added": 0, "updated": 0,
+                                                                         "unchanged": 2}
     d = dump(db_url)
     # the empty title keeps the stored one; given attributes replace theirs, the rest stay
     assert d["items"]["1193"] == ("One Flew Over the Cuckoo's Nest (1975)",
