@@ -186,14 +186,17 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
         if bulk else []
     for index in rebuilt:
         index.drop(conn)
-    differs = "IS NOT" if sqlite else "IS DISTINCT FROM"
+    changed = f"ratings.rating {'IS NOT' if sqlite else 'IS DISTINCT FROM'} excluded.rating"
     # a rating written again with the same value keeps its row (seq and time): it is not new to any model
-    # version (`cfb rate` stamps every rating with the time it is written); a changed one records the row
-    # it replaces (the SET expressions read the row as it was)
-    upsert = ("ON CONFLICT (user_id, item_id) DO UPDATE SET prev_rating = ratings.rating, prev_seq = ratings.seq, "
-              "rating = excluded.rating, "
-              "timestamp = excluded.timestamp, seq = excluded.seq "
-              f"WHERE ratings.rating {differs} excluded.rating")
+    # version (`cfb rate` stamps every rating with the time it is written); it only gives a row stored
+    # without a time the one it now comes with. A changed one records the row it replaces (the SET
+    # expressions read the row as it was).
+    upsert = ("ON CONFLICT (user_id, item_id) DO UPDATE SET "
+              f"prev_rating = CASE WHEN {changed} THEN ratings.rating ELSE ratings.prev_rating END, "
+              f"prev_seq = CASE WHEN {changed} THEN ratings.seq ELSE ratings.prev_seq END, "
+              "rating = excluded.rating, timestamp = excluded.timestamp, "
+              f"seq = CASE WHEN {changed} THEN excluded.seq ELSE ratings.seq END "
+              f"WHERE {changed} OR (ratings.timestamp IS NULL AND excluded.timestamp IS NOT NULL)")
 
     if not sqlite and len(keep) >= PG_COPY_ROWS:
         if bulk_postgres:  # keys and indexes built once after the rows: seconds, where checks per row took minutes

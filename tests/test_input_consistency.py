@@ -155,6 +155,20 @@ def test_a_rating_written_again_with_the_same_value_is_not_new(trained):
         assert conn.scalar(select(Rating.seq).order_by(Rating.seq.desc()).limit(1)) == seq
     out = ingest_dataset(engine, Dataset(pd.DataFrame([again, changed])))
     assert (out["ratings"], out["new_ratings"]) == (2, 1)
+    # stored without a time, then given again with one: the time is filled in, the rating is not new
+    untimed = {"user": "a0", "item": "a-untimed", "rating": 3.0, "timestamp": None}
+    ingest_dataset(engine, Dataset(pd.DataFrame([untimed])))
+    retrain_incremental(engine)
+    with engine.connect() as conn:
+        before = conn.execute(select(Rating.seq, Rating.timestamp, Rating.prev_rating).order_by(Rating.seq.desc())
+                              .limit(1)).one()
+    assert before.timestamp is None
+    assert ingest_dataset(engine, Dataset(pd.DataFrame([{**untimed, "timestamp": 7}])))["new_ratings"] == 0
+    assert retrain_incremental(engine)["mode"] == "none"
+    with engine.connect() as conn:
+        after = conn.execute(select(Rating.seq, Rating.timestamp, Rating.prev_rating).order_by(Rating.seq.desc())
+                             .limit(1)).one()
+    assert (after.seq, after.timestamp, after.prev_rating) == (before.seq, 7, before.prev_rating)
 
 
 @pytest.mark.parametrize("kind", ["dot", "nn"])

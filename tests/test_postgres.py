@@ -7,9 +7,10 @@ import os
 
 import pandas as pd
 import pytest
+from sqlalchemy import select
 
 from cfb.db.engine import make_engine
-from cfb.db.schema import Base
+from cfb.db.schema import Base, Rating
 from cfb.db.sources import Dataset
 from cfb.service.incremental import retrain_incremental
 from cfb.service.ingest import ingest_dataset
@@ -50,6 +51,13 @@ def test_whole_pipeline_on_postgres(pg_engine, planted):
     assert inc["mode"] == "incremental" and inc["users_with_new_ratings"] == 1
     with pg_engine.connect() as conn:
         assert [r["item"][0] for r in recommend(conn, "pg", n=3)["items"]] == ["b"] * 3
+    # the same rating again is not new; stored without a time, it takes the one it comes with
+    untimed = {"user": "pg", "item": "b21", "rating": 4.0, "timestamp": None}
+    assert ingest_dataset(pg_engine, Dataset(pd.DataFrame([untimed])))["new_ratings"] == 1
+    assert ingest_dataset(pg_engine, Dataset(pd.DataFrame([{**untimed, "timestamp": 9}])))["new_ratings"] == 0
+    with pg_engine.connect() as conn:
+        stamps = conn.execute(select(Rating.timestamp, Rating.prev_seq).order_by(Rating.seq.desc()).limit(1)).one()
+    assert tuple(stamps) == (9, None)
 
 
 def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, monkeypatch):
