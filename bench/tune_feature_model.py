@@ -5,8 +5,9 @@ protocol on them with seed s + 1000 and again with s + 2000 (each time a fifth o
 §3 answer pools with that seed; six pseudo-cold sets in all), as bench/tune_coldstart.py does; the
 protocol's cold users are never seen. (2) Real: the protocol's split of
 seed s (cold users of seeds 42, 43, 44), with the chosen settings. Both score §4b (Q = 0/5/15/30, the
-questionnaire = the 30 training items most often rated in the top quarter of the scale, those first) and §5 (first 10 ratings in time order
-revealed at n = 0/1/3/5/10, evaluation on the ratings after the first 10) exactly as the protocol does,
+questionnaire = the 30 training items most often rated in the top quarter of the scale, those first)
+and §5 (first 10 ratings in time order revealed at n = 0/1/3/5/10, evaluation on the ratings after the
+first 10) exactly as the protocol does,
 in memory (no database), side by side with positive popularity (§6). RMSE is not reported: the model ranks.
 
 Settings that scale with the data rather than being constants: number attributes are binned at quantiles

@@ -58,8 +58,8 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             # a stored rating given again with the same value keeps its seq; every other row got one from seq0 on
             changed = n if seq0 == 1 else store.count_ratings(conn, since_seq=seq0 - 1)
         new = {t: store.count_rows(conn, t) - before[t] for t in (User, Item)}
-    return {"ratings": n, "new_ratings": changed, "users": len(given[User]), "items": len(given[Item]), "new_users": new[User],
-            "new_items": new[Item], "scale": list(scale) if scale else None}
+    return {"ratings": n, "new_ratings": changed, "users": len(given[User]), "items": len(given[Item]),
+            "new_users": new[User], "new_items": new[Item], "scale": list(scale) if scale else None}
 
 
 def _lines(frame) -> list[int | None]:  # noqa: ANN001
@@ -133,13 +133,11 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     from sqlalchemy import select
 
     ids = [str(x) for x in items["item"]]
-    rows = conn.execute(select(Item.external_id, Item.title, Item.attributes)).all()
-    titles = {ext: title for ext, title, _ in rows}
+    stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
     attrs = conform_attributes(Item, ids, list(items["attributes"]), _lines(items),
-                               {ext: a for ext, _, a in rows}, source)
-    new_titles = [t if isinstance(t, str) and t else titles.get(e) for e, t in zip(ids, items["title"])]
+                               {ext: a for ext, (_, a) in stored.items()}, source)
+    new_titles = [t if isinstance(t, str) and t else stored.get(e, (None,))[0] for e, t in zip(ids, items["title"])]
     store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
-    stored = {ext: (title, a) for ext, title, a in rows}
     given = dict(zip(ids, zip(new_titles, attrs)))  # (an id given twice: its last row, as written)
     existed = [e for e in given if e in stored]
     return len(existed), sum(1 for e in existed if given[e] != stored[e])
