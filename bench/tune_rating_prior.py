@@ -48,8 +48,9 @@ def parse():
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=2, help="simulated reveal draws per training user")
-    ap.add_argument("--grid", choices=("wide", "narrow"), default="narrow",
-                    help="wide: round 1 (every feature set, α 10–1000, six fold-ins, 12 shrinks); narrow: round 2")
+    ap.add_argument("--grid", choices=("wide", "narrow", "folds"), default="narrow",
+                    help="wide: round 1 (every feature set, α 10–1000, six fold-ins, 12 shrinks); narrow: round 2; "
+                         "folds: today's prior with a grid of fold-in shrinkages, with and without the ranker term")
     return ap.parse_args()
 
 
@@ -141,6 +142,10 @@ def main():
         BASE_FOLDS = {"base": (20.0, 100.0), "base_f20_30": (20.0, 30.0)}
         SHRINK = [(0.5, 3.0), (0.3, 10.0), (0.5, 10.0)]
         zbetas = (0.05, 0.1, 0.2)
+    elif args.grid == "folds":
+        featsets, FOLDS, SHRINK, zbetas = {}, {}, [], (0.05, 0.1, 0.15)
+        BASE_FOLDS = {f"base_f{int(a)}_{int(b)}": (a, b) for a, b in
+                      ((20.0, 100.0), (10.0, 30.0), (10.0, 50.0), (20.0, 30.0), (7.0, 30.0))}
     ridges = {}
     from sklearn.linear_model import Ridge
     for name, parts in featsets.items():
@@ -188,7 +193,7 @@ def main():
             z = (sc[ti] - sc.mean()) / sc.std()
         for c, p in preds.items():
             add(c, cond, p, truth)
-            if args.grid == "narrow" or c == "base" or c.endswith(("_f20_100", "_nofold", "_f50_100")):
+            if args.grid in ("narrow", "folds") or c == "base" or c.endswith(("_f20_100", "_nofold", "_f50_100")):
                 for w0, k in SHRINK:
                     w = w0 * k / (k + n)
                     add(f"{c}+s{w0}_{int(k)}", cond, (1 - w) * p + w * dm, truth)
@@ -226,7 +231,7 @@ def main():
     os.makedirs(os.path.dirname(out), exist_ok=True)
     json.dump(acc, open(out, "w"))
     conds = [f"Q{q}" for q in BUDGETS] + [f"n{n}" for n in STEPS]
-    for c in ("popularity", "base", "R_a1000_nofold", "R_a1000_f20_100"):
+    for c in [c for c in ("popularity", "base", "R_a1000_nofold", "R_a1000_f20_100") if c in acc]:
         print(c, [round((acc[c][d][0] / acc[c][d][1]) ** 0.5, 4) for d in conds])
 
 

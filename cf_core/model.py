@@ -27,8 +27,8 @@ class ServingConfig:
     # ranker's score of the item standardised over the catalogue (chosen on pseudo-cold users; 0.1 on 1..5)
     cold_rank_weight: float = 0.025
     popularity_weight: float = 1.0  # without one: predicted rating + popularity_weight × log(1 + ratings)
-    foldin_reg: float = 20.0  # a user's fold-in: shrinkage of the embedding toward the prior
-    foldin_reg_bias: float = 100.0  # ... and of the bias
+    foldin_reg: float = 10.0  # a user's fold-in: shrinkage of the embedding toward the prior
+    foldin_reg_bias: float = 30.0  # ... and of the bias
     item_foldin_reg: float = 20.0  # a new item's fold-in against its raters (embedding)
     item_foldin_reg_bias: float = 1.0  # ... a new item's bias is what its raters say
 
