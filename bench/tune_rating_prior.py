@@ -1,6 +1,6 @@
 """Rating-model prior for cold users from the ranker's user vector (pseudo-cold tuning + real test).
 
-Usage: python bench/tune_rating_prior.py SEED [--real] [--out FILE]
+Usage: python bench/tune_rating_prior.py SEED [--real] [--out FILE] [--grid wide|narrow|folds]
 
 Pseudo-cold (default): the warm users of protocol seed SEED are split again with SEED + 1000; the
 models are trained on the pseudo-warm users; ridge priors are fitted on them with reveals simulated
