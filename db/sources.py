@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +39,14 @@ class Dataset:
 def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False) -> np.ndarray:
     values = pd.to_numeric(df[col], errors="coerce")
     bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
-    if integer:
-        bad |= values.fillna(0) % 1 != 0
+    what = "a number"
+    if integer:  # a whole number that int64 (and a float) holds exactly
+        v = values.to_numpy(dtype=float, na_value=0.0)
+        bad |= (v % 1 != 0) | (np.abs(v) >= 2.0 ** 53)
+        what = "a whole number under 2**53"
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"not a number: {df[col].iloc[pos]!r}", source=str(path), line=first_line + pos, field=col)
+        raise InputError(f"not {what}: {df[col].iloc[pos]!r}", source=str(path), line=first_line + pos, field=col)
     return values.to_numpy()
 
 
@@ -98,8 +102,13 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, csv.Error) as e:
+        with warnings.catch_warnings():  # a row longer than the header: an error (pandas would take the
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # first column as an index)
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True,
+                             index_col=False)
+        if len(df.columns) and (df[df.columns[-1]].isna() | (df[df.columns[-1]] == "")).any():
+            _raise_csv_problem(path, text)  # a row shorter than the header ends with an empty last field
+    except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
     missing = [c for c in required if c not in df.columns]
@@ -122,6 +131,10 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
                         "rating": _numeric(df, rating_col, path, 2).astype(np.float32)})
     if time_col and time_col in df.columns:
         out["timestamp"] = _numeric(df, time_col, path, 2, integer=True).astype(np.int64)
+        if (out["timestamp"] < 0).any():
+            pos = int(np.flatnonzero(out["timestamp"].to_numpy() < 0)[0])
+            raise InputError(f"negative time {df[time_col].iloc[pos]!r} (seconds since 1970 expected)",
+                             source=str(path), line=2 + pos, field=time_col)
     else:
         out["timestamp"] = None
     return out

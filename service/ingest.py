@@ -1,6 +1,9 @@
 """Write a validated dataset into the database in one transaction."""
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 from sqlalchemy import Engine
 
@@ -77,13 +80,41 @@ def _kind(value) -> str:  # noqa: ANN001
     return "text"
 
 
+ZERO_PADDED = re.compile(r"[+-]?0[0-9]")
+
+
+def number_in_text(value: str) -> int | float | None:
+    """The finite number a text writes, in any notation Python reads ("41", "1e5", "+4"), or None for
+    anything else, and for a zero-padded code such as the zip "02139", which stays text."""
+    v = value.strip()
+    number = plain_number(v)
+    if number is not None or ZERO_PADDED.match(v):
+        return number
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    if not math.isfinite(x):
+        return None
+    return int(x) if x.is_integer() and abs(x) < 2 ** 53 else x
+
+
+def _non_finite(value) -> bool:  # noqa: ANN001
+    """A text that Python reads as an infinite or undefined number ("inf", "1e400", "NaN")."""
+    try:
+        return not math.isfinite(float(str(value).strip()))
+    except ValueError:
+        return False
+
+
 def conform_attributes(table, ids: list[str], records: list[dict], lines: list[int | None],  # noqa: ANN001
                        stored: dict[str, dict], source: str | None = None) -> list[dict]:
     """Each record merged over the stored attributes of its id (``stored``: external id -> attributes;
     given names replace, the others are kept), its values typed as the stored values that stay (those
     it replaces do not count, so a corrected file can change a type):
-    - held as numbers: a text that reads as a plain number becomes that number; a text with no digit
-      in it ("unknown", "N/A") or a list is refused, naming file, line and field, so that one bad cell
+    - held as numbers: a text that reads as a finite number ("41", "1e5") becomes that number; a text
+      with no digit in it ("unknown", "N/A"), an infinite or undefined number ("inf", "1e400") or a
+      list is refused, naming file, line and field, so that one bad cell
       cannot turn a number question into free text (a code with digits, such as the zip "02139",
       stays text);
     - held as text: a number is stored as its text; held as lists: a single text becomes a list of one."""
@@ -100,12 +131,13 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
         for name, value in attrs.items():
             held, kind = kinds.get(name), _kind(value)
             if held == {"number"} and kind != "number":
-                number = plain_number(value.strip()) if kind == "text" else None
+                number = number_in_text(value) if kind == "text" else None
                 if number is not None:
                     attrs[name] = number
-                elif kind == "list" or not any(ch.isdigit() for ch in str(value)):
+                elif kind == "list" or not any(ch.isdigit() for ch in str(value)) or _non_finite(value):
                     what = table.__tablename__
-                    raise InputError(f"{value!r} is not a number, and the stored {what} hold {name} as numbers"
+                    not_a = "not a finite number" if kind == "text" and _non_finite(value) else "not a number"
+                    raise InputError(f"{value!r} is {not_a}, and the stored {what} hold {name} as numbers"
                                      + ("" if line is not None else f" ({what[:-1]} {ext!r})"),
                                      source=source, line=line, field=name)
             elif held == {"text"} and kind == "number":

@@ -16,7 +16,12 @@ from .conftest import write
     ("user,item\n1,2\n", r"ratings.csv, line 1, field 'rating': missing column\(s\) rating"),
     ("user,item,rating\n1,2,4\n1,3,four\n", r"ratings.csv, line 3, field 'rating': not a number: 'four'"),
     ("user,item,rating\n1,2,4\n,3,5\n", r"ratings.csv, line 3, field 'user': empty id"),
-    ("user,item,rating,timestamp\n1,2,4,12.5\n", r"line 2, field 'timestamp': not a number"),
+    ("user,item,rating,timestamp\n1,2,4,12.5\n", r"line 2, field 'timestamp': not a whole number"),
+    ("user,item,rating,timestamp\n1,2,4,9\n1,3,4,1e20\n", r"line 3, field 'timestamp': not a whole number under 2\*\*53: '1e20'"),
+    ("user,item,rating,timestamp\n1,2,4,-3\n", r"line 2, field 'timestamp': negative time '-3'"),
+    # one field too many: pandas alone would take the first column as an index and shift the rest
+    ("user,item,rating\nnewbie,50,1,2\n", r"ratings.csv, line 2: expected 3 fields, found 4"),
+    ("user,item,rating\nu1,i1,4\nnewbie,50\n", r"ratings.csv, line 3: expected 3 fields, found 2"),
     ("", r"ratings.csv, line 1: empty file"),
 ])
 def test_bad_ratings_csv(tmp_path, body, message):

@@ -47,6 +47,13 @@ def test_a_text_cell_cannot_turn_a_number_attribute_into_text(trained, tmp_path)
     with pytest.raises(InputError, match=r"field 'age': \['x'\] is not a number, .*\(user 'nu6'\)"):
         ingest_dataset(engine, Dataset(pd.DataFrame(columns=["user", "item", "rating", "timestamp"]),
                                        users=pd.DataFrame({"user": ["nu6"], "attributes": [{"age": ["x"]}]})))
+    # another notation of a finite number is that number; an infinite or undefined one is refused
+    users_file(engine, tmp_path, "user,age\nnu7,1e2\nnu8,+4\n", "e.csv")
+    assert (stored_attributes(engine, "nu7"), stored_attributes(engine, "nu8")) == ({"age": 100}, {"age": 4})
+    for bad in ("inf", "1e400", "NaN"):
+        with pytest.raises(InputError, match=rf"line 2, field 'age': '{bad}' is not a finite number"):
+            users_file(engine, tmp_path, f"user,age\nnu9,{bad}\n", "bad.csv")
+    assert stored_attributes(engine, "nu9") is None
 
 
 def test_codes_stay_text_and_a_corrected_file_can_change_a_type(engine, tmp_path):
