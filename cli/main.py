@@ -242,7 +242,8 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
 @cli.command()
 @click.option("--full", is_flag=True, help="Retrain from scratch on every rating.")
 @click.option("--model", "kind", type=click.Choice(["dot", "nn"]),
-              help="Model kind [default: dot for a first or --full retrain, else the serving version's].")
+              help="Model kind [default: dot for a first or --full retrain, else the serving version's]. This and "
+                   "the training options below apply to a full retrain (an incremental one refuses them).")
 @click.option("--factors", "n_factors", type=click.IntRange(1, 1024))
 @click.option("--epochs", type=click.IntRange(1, 1000))
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True))
@@ -267,8 +268,13 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
     if not full:
         from ..service.incremental import retrain_auto
 
+        given = click.get_current_context().get_parameter_source
+        options = {"kind": "--model", "n_factors": "--factors", "epochs": "--epochs", "lr": "--lr", "wd": "--wd",
+                   "bs": "--bs", "seed": "--seed", "valid_pct": "--valid-pct"}
+        full_only = tuple(flag for param, flag in options.items()
+                          if given(param) == click.core.ParameterSource.COMMANDLINE)
         out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json),
-                           drift_limit=drift_limit, **params)
+                           drift_limit=drift_limit, full_only=full_only, **params)
     else:
         out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not (quiet or as_json),
                            **params)

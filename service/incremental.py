@@ -11,6 +11,7 @@ import time
 import numpy as np
 from sqlalchemy import Engine
 
+from ..cf_core.errors import CfbError
 from ..cf_core.rating import DotRating
 from ..db import store, versions
 from ..db.engine import writing
@@ -35,8 +36,10 @@ def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
 
 
 def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0, progress: bool = True,
-                 drift_limit: float = DRIFT_LIMIT, seed: int = 42, **params) -> dict:
-    """`cfb retrain`: incremental when possible, full when there is no model or drift exceeds ``drift_limit``."""
+                 drift_limit: float = DRIFT_LIMIT, seed: int = 42, full_only: tuple[str, ...] = (), **params) -> dict:
+    """`cfb retrain`: incremental when possible, full when there is no model or drift exceeds ``drift_limit``.
+    ``full_only``: the options given that only a full retrain uses; an incremental retrain refuses them
+    (before writing anything) rather than ignore them."""
     store.create_schema(engine)
     with engine.connect() as conn:
         serving = versions.serving_version(conn)
@@ -54,6 +57,9 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
         out = retrain_full(engine, kind=kind, valid_pct=valid_pct, progress=progress, seed=seed, **params)
         return {**out, "reason": f"{share:.0%} of ratings are newer than full version {root} "
                                  f"(limit {drift_limit:.0%}): full retrain"}
+    if full_only:
+        raise CfbError(f"{', '.join(full_only)} only apply to a full retrain, and this one is incremental "
+                       f"({share:.0%} of ratings newer than full version {root}): add --full")
     return retrain_incremental(engine)
 
 

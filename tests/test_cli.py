@@ -87,6 +87,10 @@ def test_onboard_rate_retrain_rollback(runner, cli_db, tmp_path):
     res = run(runner, cli_db, "onboard", "--answers", str(answers))
     assert res.exit_code == 0 and res.output.strip() == "zoe"
     assert run(runner, cli_db, "rate", "zoe", "a1", "5").exit_code == 0
+    # options only a full retrain uses are refused by an incremental one, not ignored (nothing written)
+    res = run(runner, cli_db, "retrain", "--model", "nn", "--factors", "3")
+    assert res.exit_code == 1 and "--model, --factors only apply to a full retrain" in res.output
+    assert len(json.loads(run(runner, cli_db, "models", "--json").output)) == 1
     out = json.loads(run(runner, cli_db, "retrain", "--json").output)
     assert out["mode"] == "incremental" and out["users_with_new_ratings"] == 1
     assert json.loads(run(runner, cli_db, "rollback", "1", "--json").output) == {"serving": 1}
