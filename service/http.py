@@ -331,7 +331,7 @@ class FastRecommendations:
         if (scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path")
                 and path.startswith(self.PREFIX) and path.endswith(self.SUFFIX)):
             user = path[len(self.PREFIX):-len(self.SUFFIX)]
-        if not user or "/" in user:  # the route's {user} is one non-empty path segment
+        if not user:  # the route's {user} is non-empty (and may hold a "/", as an id may)
             await self.app(scope, receive, send)
             return
         try:
@@ -573,7 +573,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
          "schema": {"type": "string", "enum": ["rank", "rating"], "default": "rank"},
          "description": "rank: what the user would watch and like; rating: predicted rating alone"}]
 
-    @app.get("/users/{user}/recommendations", tags=["api"], summary="Top n items for a user (`cfb recommend --json`)",
+    @app.get("/users/{user:path}/recommendations", tags=["api"],
+             summary="Top n items for a user (`cfb recommend --json`)",
              responses={404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
              openapi_extra={"parameters": rec_params})
     async def recommendations(user: str, request: Request):
@@ -591,7 +592,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                                     "rating": {"type": "number"}},
                      "example": {"item": "50", "rating": 5}}
 
-    @app.post("/users/{user}/ratings", status_code=201, tags=["api"], summary="Store a rating (`cfb rate --json`)",
+    @app.post("/users/{user:path}/ratings", status_code=201, tags=["api"], summary="Store a rating (`cfb rate --json`)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": rating_schema}}}},
               responses={404: {"description": "unknown user or item"}, 422: {"description": "invalid rating"}})
@@ -719,7 +720,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         page.status_code = _error_status(e)
         return page
 
-    @app.get("/user/{user}", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/user/{user:path}", response_class=HTMLResponse, include_in_schema=False)
     def user_page(user: str, n: int = Query(10, ge=1, le=MAX_N)):
         with engine.connect() as conn:
             try:

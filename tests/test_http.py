@@ -131,6 +131,17 @@ def test_signup_then_rating_changes_the_next_recommendations(server, trained, db
     assert server.get(r.headers["location"]).status_code == 200
 
 
+def test_a_user_id_with_a_slash_is_reachable(server, trained):
+    r = server.post("/users", json={"user": "team/a", "answers": {"gender": "F"}})
+    assert r.status_code == 201, r.text
+    for path in ("/users/team%2Fa/recommendations", r.headers["location"]):
+        got = server.get(path)
+        assert got.status_code == 200 and got.json()["user"] == "team/a", path
+    r = server.post("/users/team%2Fa/ratings", json={"item": "a1", "rating": 5})
+    assert r.status_code == 201 and r.json()["user"] == "team/a"
+    assert server.get("/user/team%2Fa").status_code == 200
+
+
 @pytest.mark.parametrize("path, raw, field, message", [
     ("/users", b'{"answers": {"age": 30, "age": 40}}', "answers.age", "key 'age' given twice"),
     ("/users", b'{"answers": {"age": 1e300}}', "answers.age", "is out of range"),
