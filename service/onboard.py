@@ -200,6 +200,7 @@ class SignupValidator:
         if not isinstance(raw, dict):
             raise InputError("'ratings' must be an object of item: rating", source=where, field="ratings")
         ratings: dict[int, float] = {}
+        named: dict[int, str] = {}  # item -> the key that named it
         for key, value in raw.items():
             field = f"ratings.{key}"
             item = self.items.get(str(key))
@@ -216,6 +217,10 @@ class SignupValidator:
             if self.scale and not self.scale[0] <= value <= self.scale[1]:
                 raise InputError(f"rating {value:g} outside the scale {self.scale[0]:g}..{self.scale[1]:g}",
                                  source=where, field=field)
+            if item in named:
+                raise InputError(f"the same item as {named[item]!r} (an item is rated once)", source=where,
+                                 field=field)
+            named[item] = str(key)
             ratings[item] = float(value)
         if user is not None:
             self.batch_users.add(user)

@@ -146,6 +146,7 @@ def test_a_user_id_with_a_slash_is_reachable(server, trained):
     ("/users", b'{"answers": {"age": 30, "age": 40}}', "answers.age", "key 'age' given twice"),
     ("/users", b'{"answers": {"age": 1e300}}', "answers.age", "is out of range"),
     ("/users/a0/ratings", b'{"item": "a1", "rating": 9}', "rating", "rating 9 outside the scale"),
+    ("/users", b'{"ratings": {"b22": 4, "Beta film 22": 2}}', "ratings.Beta film 22", "the same item as 'b22'"),
 ])
 def test_more_invalid_bodies_are_422_naming_the_field(server, trained, path, raw, field, message):
     engine, _ = trained
