@@ -8,7 +8,7 @@ from sqlalchemy import Connection, select
 
 from ..cf_core.errors import CfbError
 from ..db import store
-from ..db.schema import Item
+from ..db.schema import Item, Rating
 from .state import Served, load_served, user_vector
 
 
@@ -55,7 +55,7 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
                 raise CfbError(f"row {k + 1}: {e}") from None
         inner = int(served.model.item_index([item])[0])
         if inner < 0:
-            raise CfbError(f"row {k + 1}: item {i!r} is not in the serving model yet (run `cfb retrain`)")
+            raise CfbError(f"row {k + 1}: {not_in_model(conn, served, item, i)}")
         rows.setdefault(users[u], []).append((k, inner))
     out = [0.0] * len(pairs)
     for user, wanted in rows.items():
@@ -63,6 +63,15 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
         for k, p in zip(at, served.model.predict(user_vector(conn, served, user)[0], np.array(inner)).tolist()):
             out[k] = float(p)
     return out
+
+
+def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> str:
+    """Why an item of the catalogue is not in the serving model, and what adds it."""
+    rated = conn.scalar(select(Rating.item_id).where(Rating.item_id == db_id).limit(1)) is not None
+    if rated or (served.model.item_prior is not None and store.item_attributes(conn, [db_id]).get(db_id)):
+        return f"item {query!r} is not in the serving model yet (run `cfb retrain`)"
+    return (f"item {query!r} is not in the serving model yet: it has no rating and no metadata to start it from, "
+            "so it joins at the first `cfb retrain` after it is rated")
 
 
 def find_item(conn: Connection, query: str) -> int:
@@ -93,7 +102,7 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
     db_id = find_item(conn, query)
     inner = int(served.model.item_index([db_id])[0])
     if inner < 0:
-        raise CfbError(f"item {query!r} is not in the serving model yet (run `cfb retrain`)")
+        raise CfbError(not_in_model(conn, served, db_id, query))
     top, sims = served.model.similar_items(inner, n)
     ext, title = store.item_titles(conn, [db_id])[db_id]
     return {"item": ext, "title": title, "items": _items_out(conn, served, top, sims)}

@@ -160,3 +160,16 @@ def test_drift_limit_turns_a_retrain_full(runner, cli_db):
     assert run(runner, cli_db, "rate", "a0", "b30", "1").exit_code == 0
     out = json.loads(run(runner, cli_db, "retrain", "--json", "--drift-limit", "0", "--epochs", "2").output)
     assert out["mode"] == "full" and "(limit 0%): full retrain" in out["reason"]
+
+
+def test_an_item_the_model_lacks_says_what_adds_it(runner, cli_db, tmp_path):
+    """A title alone is no metadata to start an item from: it joins after its first rating."""
+    assert run(runner, cli_db, "ingest", "items", str(write(tmp_path / "z.csv", "item,title\nzed,Zed\n"))).exit_code == 0
+    assert run(runner, cli_db, "retrain", "--json").exit_code == 0
+    res = run(runner, cli_db, "similar", "zed")
+    assert res.exit_code == 1 and "it has no rating and no metadata to start it from" in res.output
+    assert run(runner, cli_db, "rate", "a0", "zed", "4").exit_code == 0
+    res = run(runner, cli_db, "similar", "zed")
+    assert res.exit_code == 1 and "is not in the serving model yet (run `cfb retrain`)" in res.output
+    assert json.loads(run(runner, cli_db, "retrain", "--json").output)["items_added"] == 1
+    assert run(runner, cli_db, "similar", "zed").exit_code == 0
