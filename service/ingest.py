@@ -53,6 +53,8 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             given[Item].update(str(x) for x in ds.items["item"])
         r, n, changed = ds.ratings, 0, 0
         if len(r):  # write_ratings keeps one row per (user, item), the last one, as the table does
+            if before[Item]:
+                refuse_titles_as_ids(conn, r["item"], given[Item], source)
             users, items = database_ids(conn, User, r["user"], given[User]), database_ids(conn, Item, r["item"], given[Item])
             store.lock_rating_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
             seq0 = store.next_seq(conn)
@@ -173,6 +175,24 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     given = dict(zip(ids, zip(new_titles, attrs)))  # (an id given twice: its last row, as written)
     existed = [e for e in given if e in stored]
     return len(existed), sum(1 for e in existed if given[e] != stored[e])
+
+
+def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int = 2) -> None:  # noqa: ANN001
+    """Ratings name items by id: a new id that is the title of a stored item (``Star Wars (1977)`` for
+    item 50) is refused, naming its first line, rather than made into a second, untitled item."""
+    from sqlalchemy import select
+
+    distinct = {str(x) for x in (items.cat.categories if hasattr(items, "cat") else set(items))}
+    new = distinct - given - set(store.id_map(conn, Item))
+    if not new:
+        return
+    titled = {t: e for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None)))
+              if t in new}
+    if titled:
+        text = items.astype(str).to_numpy()
+        pos = int(np.flatnonzero(np.isin(text, list(titled)))[0])
+        raise InputError(f"{text[pos]!r} is the title of item {titled[text[pos]]!r}, not an item id "
+                         "(ratings name items by id)", source=source, line=first_line + pos, field="item")
 
 
 def database_ids(conn, table, external, seen: set | None = None) -> np.ndarray:  # noqa: ANN001

@@ -95,3 +95,17 @@ def test_download_offline_points_at_ingest(tmp_path, monkeypatch):
     with pytest.raises(CfbError, match=r"could not download movielens-100k .*use `cfb ingest movielens PATH`"):
         download.download("movielens-100k", cache=tmp_path)
     assert not list(tmp_path.rglob("*.part"))  # nothing half-written
+
+
+def test_a_title_given_as_an_item_id_is_refused(engine, tmp_path, planted):
+    """Ratings name items by id: a new id that is a stored item's title would make a second, untitled
+    item that hides the real one wherever the title is looked up."""
+    ingest_dataset(engine, planted)
+    path = write(tmp_path / "r.csv", "user,item,rating\nfan,a1,4\nfan,Beta film 22,5\n")
+    with pytest.raises(InputError, match=r"r.csv, line 3, field 'item': 'Beta film 22' is the title of item 'b22', "
+                                         r"not an item id"):
+        ingest_dataset(engine, Dataset(read_ratings_csv(path)), source=str(path))
+    with engine.connect() as conn:
+        assert conn.scalar(select(User.id).where(User.external_id == "fan")) is None
+    out = ingest_dataset(engine, Dataset(read_ratings_csv(write(tmp_path / "ok.csv", "user,item,rating\nfan,new1,5\n"))))
+    assert (out["new_users"], out["new_items"]) == (1, 1)
