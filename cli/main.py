@@ -150,7 +150,7 @@ _dataset_command("movielens", "read_movielens", "u.data",
                  "Any MovieLens release from FOLDER, recognised by its files: 100k (u.data, u.item, u.user), "
                  "1M (ratings.dat, movies.dat, users.dat), 10M (ratings.dat, movies.dat, tags.dat), "
                  "20M/25M/32M/latest/latest-small (ratings.csv, movies.csv, tags.csv). Titles, genres, year "
-                 "and top tags become item attributes; 1M's demographics user attributes.")
+                 "and top tags become item attributes; the demographics of 100k and 1M user attributes.")
 _dataset_command("goodbooks", "read_goodbooks", "ratings.csv",
                  "goodbooks-10k from FOLDER, v1 or v2 (ratings.csv, books.csv, book_tags.csv + tags.csv): "
                  "titles, authors, original_publication_year and top tags become item attributes.")
@@ -571,6 +571,10 @@ def _ints(value: str) -> tuple[int, ...]:
 
 def _check_ints(ctx, param, value: str) -> str:
     """Option callback: reject a bad --seeds/--budgets/--fold-steps while parsing (the value is kept as text)."""
+    from ..bootstrap.questionnaire import MAX_BUDGET
+
+    if param.name == "budgets" and any(q > MAX_BUDGET for q in _ints(value)):
+        raise click.BadParameter(f"a questionnaire asks about 0 to {MAX_BUDGET} items, got {value!r}")
     _ints(value)
     return value
 

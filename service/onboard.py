@@ -164,9 +164,11 @@ class SignupValidator:
             user = str(user).strip()
             if not user:
                 raise InputError("empty user id", source=where, field="user")
-            if user in self.known_users or user in self.batch_users:
+            if user in self.batch_users:
+                raise InputError(f"user {user!r} is signed up by an earlier entry", source=where, field="user")
+            if user in self.known_users:
                 raise InputError(f"user {user!r} already exists", source=where, field="user")
-        answers = entry.get("answers") or {}
+        answers = {} if entry.get("answers") is None else entry["answers"]
         if not isinstance(answers, dict):
             raise InputError("'answers' must be an object", source=where, field="answers")
         attributes = {}
@@ -196,7 +198,7 @@ class SignupValidator:
                     raise InputError(f"expected text, got {value!r}", source=where, field=f"answers.{name}")
                 value = str(value)
             attributes[name] = value
-        raw = entry.get("ratings") or {}
+        raw = {} if entry.get("ratings") is None else entry["ratings"]
         if not isinstance(raw, dict):
             raise InputError("'ratings' must be an object of item: rating", source=where, field="ratings")
         ratings: dict[int, float] = {}

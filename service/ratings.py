@@ -1,6 +1,7 @@
 """Single ratings from `cfb rate`."""
 from __future__ import annotations
 
+import math
 import time
 
 from sqlalchemy import Engine, insert
@@ -14,6 +15,15 @@ from .serving import find_item
 
 def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: bool = False) -> dict:
     """Store one rating (the latest wins); the item is found by id or exact title, or created."""
+    try:
+        value = float(rating)
+    except (TypeError, ValueError):
+        raise CfbError(f"rating {rating!r} is not a number") from None
+    if not math.isfinite(value):
+        raise CfbError(f"rating {rating!r} is not a finite number")
+    rating = value
+    if not str(item).strip():
+        raise CfbError("empty item id")
     with writing(engine) as conn:
         scale = store.rating_scale(conn)
         if scale and not scale[0] <= rating <= scale[1]:

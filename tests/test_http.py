@@ -411,3 +411,7 @@ def test_python_api(trained, db_url, tmp_path):
         assert db.models().serving.tolist() == [True]
         with pytest.raises(cfb.CfbError, match="unknown user"):
             db.recommend("nobody")
+        with pytest.raises(cfb.CfbError, match=r"rating nan is not a finite number"):
+            db.rate(user, "a2", float("nan"))
+        with pytest.raises(cfb.CfbError, match=r"^empty item id$"):
+            db.rate(user, " ", 4)

@@ -102,7 +102,9 @@ def test_batch_formats_and_generated_ids(trained, tmp_path):
     ({"ratings": {"No Such Film": 4}}, r"entry 2, field 'ratings.No Such Film': unknown item"),
     ({"ratings": {"a1": "five"}}, r"entry 2, field 'ratings.a1': rating must be a number"),
     ({"user": "a0"}, r"entry 2, field 'user': user 'a0' already exists"),
-    ({"user": "first"}, r"entry 2, field 'user': user 'first' already exists"),
+    ({"user": "first"}, r"entry 2, field 'user': user 'first' is signed up by an earlier entry"),
+    ({"answers": []}, r"entry 2, field 'answers': 'answers' must be an object"),
+    ({"ratings": []}, r"entry 2, field 'ratings': 'ratings' must be an object"),
     ({"colour": "red"}, r"entry 2, field 'colour': unknown key"),
 ])
 def test_bad_entries_fail_the_whole_batch(trained, tmp_path, entry, message):
