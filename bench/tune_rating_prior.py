@@ -48,6 +48,7 @@ def parse():
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=2, help="simulated reveal draws per training user")
+    ap.add_argument("--kind", choices=("dot", "nn"), default="dot", help="the rating model")
     ap.add_argument("--grid", choices=("wide", "narrow", "folds"), default="narrow",
                     help="wide: round 1 (every feature set, α 10–1000, six fold-ins, 12 shrinks); narrow: round 2; "
                          "folds: today's prior with a grid of fold-in shrinkages, with and without the ranker term")
@@ -79,7 +80,7 @@ def main():
     td = TrainingData(CollabData(u, i, tr.rating.to_numpy(), len(uids), len(iids_s)), np.arange(len(uids)), item_db,
                       tr.timestamp.to_numpy(), [attrs[x] for x in uids], (1.0, 5.0), 0)
     t0 = time.time()
-    model, rep = fit_model(td, progress=False, ranker=True, seed=seed)
+    model, rep = fit_model(td, args.kind, progress=False, ranker=True, seed=seed)
     print(f"fit {time.time() - t0:.1f}s", rep, flush=True)
     boot, enc = model.bootstrap, model.bootstrap.encoder
     q_items = list(model.questionnaire.items)
@@ -146,6 +147,9 @@ def main():
         featsets, FOLDS, SHRINK, zbetas = {}, {}, [], (0.05, 0.1, 0.15)
         BASE_FOLDS = {f"base_f{int(a)}_{int(b)}": (a, b) for a, b in
                       ((20.0, 100.0), (10.0, 30.0), (10.0, 50.0), (20.0, 30.0), (7.0, 30.0))}
+        if args.kind == "nn":  # (no user bias: the second number is unused)
+            BASE_FOLDS = {f"base_f{int(a)}": (a, 30.0) for a in (100.0, 200.0, 300.0, 600.0)}
+            SHRINK, zbetas = [(0.5, 3.0), (0.5, 10.0), (1.0, 3.0), (1.0, 10.0), (1.0, 30.0)], (0.025, 0.05)
     ridges = {}
     from sklearn.linear_model import Ridge
     for name, parts in featsets.items():

@@ -26,11 +26,24 @@ class ServingConfig:
     # a cold user's predicted rating (one the rating model never learned): + this × the scale's width × the
     # ranker's score of the item standardised over the catalogue (chosen on pseudo-cold users; 0.1 on 1..5)
     cold_rank_weight: float = 0.025
+    # ... and is moved toward the item's damped mean rating by cold_mean_weight × k / (k + n), n = the user's
+    # ratings the model knows, k = cold_mean_count (0 for the dot model; the NN's cold prior needs it)
+    cold_mean_weight: float = 0.0
+    cold_mean_count: float = 3.0
     popularity_weight: float = 1.0  # without one: predicted rating + popularity_weight × log(1 + ratings)
     foldin_reg: float = 10.0  # a user's fold-in: shrinkage of the embedding toward the prior
     foldin_reg_bias: float = 30.0  # ... and of the bias
     item_foldin_reg: float = 20.0  # a new item's fold-in against its raters (embedding)
     item_foldin_reg_bias: float = 1.0  # ... a new item's bias is what its raters say
+
+    @classmethod
+    def for_kind(cls, kind: str) -> "ServingConfig":
+        """The defaults for a rating model kind (each chosen on pseudo-cold users, docs/coldstart.md):
+        the NN's fold-in moves a user's embedding through an MLP and needs stronger shrinkage, and its
+        bootstrap prior alone predicts worse than the items' damped means."""
+        if kind == "nn":
+            return cls(cold_rank_weight=0.0125, cold_mean_weight=1.0, foldin_reg=100.0)
+        return cls()
 
     def user_foldin(self) -> FoldInConfig:
         return FoldInConfig(self.foldin_reg, self.foldin_reg_bias)
@@ -67,6 +80,7 @@ class UserVector:
     bias: float
     rank_vec: np.ndarray | None = None
     cold: bool = False  # the rating model never learned this user: its part is the bootstrap prior + fold-in
+    n_ratings: int = 0  # the user's ratings of items the model knows
 
 
 @dataclass
@@ -172,23 +186,36 @@ class TrainedModel:
 
             reveal = Reveal(history.attributes, inner[known], ratings[known], self.budget_of(history))
             rank_vec = self.ranker.user_vectors([reveal])[0]
-        return UserVector(vec, bias, rank_vec, cold=history.trained_row is None)
+        return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()))
 
     # --- scoring ----------------------------------------------------------------------------
     def predict(self, user: UserVector, items: np.ndarray | None = None) -> np.ndarray:
         """Predicted ratings of the user for ``items`` (inner indices; all when None).
 
-        The rating model's; for a cold user, plus ``cold_rank_weight`` × the scale's width × the
-        ranker's score standardised over the catalogue (what the ranker knows of them, which the
-        bootstrap prior and a fold-in of a few ratings do not: docs/coldstart.md)."""
+        The rating model's; for a cold user, moved toward the items' damped means by ``cold_mean_weight``
+        × k / (k + n) and then plus ``cold_rank_weight`` × the scale's width × the ranker's score
+        standardised over the catalogue (what the ranker knows of them, which the bootstrap prior and a
+        fold-in of a few ratings do not: docs/coldstart.md)."""
         pred = self.rating.predict(user.vec, user.bias, items)
-        weight = self.config.cold_rank_weight
-        if not (user.cold and weight and self.ranker is not None and user.rank_vec is not None):
+        if not user.cold:
             return pred
-        s = self.ranker.item_scores(user.rank_vec[None])[0].astype(np.float64)
-        z = (s - s.mean()) / (s.std() or 1.0)
-        lo, hi = self.ranker.scale_
-        return pred + (weight * (hi - lo) * (z if items is None else z[np.asarray(items, np.int64)])).astype(pred.dtype)
+        idx = slice(None) if items is None else np.asarray(items, np.int64)
+        cfg = self.config
+        if cfg.cold_mean_weight:
+            w = cfg.cold_mean_weight * cfg.cold_mean_count / (cfg.cold_mean_count + user.n_ratings)
+            pred = ((1 - w) * pred + w * self.damped_means()[idx]).astype(pred.dtype)
+        if cfg.cold_rank_weight and self.ranker is not None and user.rank_vec is not None:
+            s = self.ranker.item_scores(user.rank_vec[None])[0].astype(np.float64)
+            z = (s - s.mean()) / (s.std() or 1.0)
+            lo, hi = self.ranker.scale_
+            pred = pred + (cfg.cold_rank_weight * (hi - lo) * z[idx]).astype(pred.dtype)
+        return pred
+
+    def damped_means(self, damping: float = 10.0) -> np.ndarray:
+        """Each item's mean rating damped toward the global mean: (sum + damping × mean) / (count + damping)."""
+        total = float(self.item_counts.sum())
+        mean = float(self.item_sums.sum()) / total if total else 0.0
+        return (self.item_sums + damping * mean) / (self.item_counts + damping)
 
     def scores(self, user: UserVector) -> np.ndarray:
         """What recommendations are ranked by, for every item (higher is better)."""

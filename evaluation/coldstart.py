@@ -125,7 +125,8 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     timings["ingest_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     train = retrain_full(engine, kind=kind, valid_pct=0.0, progress=progress, seed=seed,
-                         serving=ServingConfig.from_json(serving), **train_params)
+                         serving=ServingConfig.from_json({**ServingConfig.for_kind(kind).to_json(), **serving}),
+                         **train_params)
     timings["retrain_s"] = round(time.perf_counter() - t0, 3)
     with engine.connect() as conn:
         avg = _average_user(conn, load_served(conn))  # warm users only: the same at every budget

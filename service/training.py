@@ -101,7 +101,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     if side is not None and not side_by_side:  # (a GPU): its memory back now
         side.close()
     names = metadata_names(td.item_attributes or [])  # the item prior's metadata
-    config = config or ServingConfig()
+    config = config or ServingConfig.for_kind(kind)
     report: dict = {}
     rank_vecs = None
     with (ranker_beside(ranker_args, bool(names), side) if side_by_side else nullcontext()) as pending:

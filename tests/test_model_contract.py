@@ -10,7 +10,7 @@ import pytest
 
 from cfb.cf_core.data import default_y_range
 from cfb.cf_core.errors import CfbError
-from cfb.cf_core.model import TrainedModel, UserHistory
+from cfb.cf_core.model import ServingConfig, TrainedModel, UserHistory
 from cfb.cf_core.train import MODELS
 from cfb.db import versions
 from cfb.db.sources import Dataset
@@ -106,10 +106,12 @@ def test_adding_items_keeps_every_inner_index(kind_db):
 
 
 def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
-    """A user the rating model never learned: predicted rating = the rating model's + 0.1 (0.025 × the
-    1..5 scale's width) × the ranker's standardised score, so the items the ranker puts first gain
-    most; a trained user's predictions are the rating model's alone, and so are everyone's at weight 0."""
-    _, engine, report = kind_db
+    """A user the rating model never learned: predicted rating = the rating model's, moved toward the
+    item's damped mean by w = cold_mean_weight × 3 / (3 + n) (0 for dot, 1 for nn), + cold_rank_weight
+    × the 1..5 scale's width (0.1 for dot, 0.05 for nn) × the ranker's standardised score, so the items
+    the ranker puts first gain most; a trained user's predictions are the rating model's alone, and so
+    are everyone's at weights 0."""
+    kind, engine, report = kind_db
     with engine.connect() as conn:
         model = versions.load_model(conn, report["version"])
         ids, factors, bias = versions.trained_rows(conn, report["version"])
@@ -119,13 +121,18 @@ def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
     s = model.ranker.item_scores(cold.rank_vec[None])[0].astype(np.float64)
     z = (s - s.mean()) / s.std()
     plain = model.rating.predict(cold.vec, cold.bias)
-    assert np.allclose(model.predict(cold) - plain, 0.1 * z, atol=1e-5)
+    assert model.config == ServingConfig.for_kind(kind)
+    w = {"dot": 0.0, "nn": 3 / (3 + 3)}[kind]
+    damped = (model.item_sums + 10 * model.item_sums.sum() / model.item_counts.sum()) / (model.item_counts + 10)
+    rank_term = {"dot": 0.1, "nn": 0.05}[kind] * z
+    assert np.allclose(model.predict(cold), (1 - w) * plain + w * damped + rank_term, atol=1e-5)
     picked = np.array([int(np.argmax(s)), int(np.argmin(s))])
     assert np.allclose(model.predict(cold, picked), model.predict(cold)[picked])
-    assert model.predict(cold)[picked[0]] - plain[picked[0]] > 0 > model.predict(cold)[picked[1]] - plain[picked[1]]
+    gain = model.predict(cold) - ((1 - w) * plain + w * damped)
+    assert gain[picked[0]] > 0 > gain[picked[1]]
     warm = model.user_vector(UserHistory({}, items[:0], np.zeros(0, np.float32),
                                          trained_row=(factors[0], float(bias[0]))))
     assert not warm.cold
     assert np.array_equal(model.predict(warm), model.rating.predict(warm.vec, warm.bias))
-    model.config = replace(model.config, cold_rank_weight=0.0)
+    model.config = replace(model.config, cold_rank_weight=0.0, cold_mean_weight=0.0)
     assert np.array_equal(model.predict(cold), plain)
