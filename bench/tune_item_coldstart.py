@@ -41,13 +41,13 @@ def pseudo_split(ds: Dataset, seed: int) -> tuple[Dataset, set[str]]:
     return warm, set(rng.choice(warm_items, size=len(warm_items) // 10, replace=False).tolist())
 
 
-def fitted_version(warm: Dataset, pseudo: set[str], seed: int, cache: Path | None):  # noqa: ANN201
+def fitted_version(warm: Dataset, pseudo: set[str], seed: int, cache: Path | None, kind: str = "dot"):  # noqa: ANN201
     from cfb.service.training import fit_model
 
-    path = None if cache is None else cache / f"pseudo_seed{seed}.pkl"
+    path = None if cache is None else cache / f"pseudo_seed{seed}{'' if kind == 'dot' else '_' + kind}.pkl"
     if path is not None and path.exists():
         return pickle.loads(path.read_bytes())
-    model = fit_model(split_dataset(warm, pseudo)["td"], "dot", None, seed, progress=False)[0]
+    model = fit_model(split_dataset(warm, pseudo)["td"], kind, None, seed, progress=False)[0]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(pickle.dumps(model))
@@ -60,13 +60,14 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/ml-100k")
     ap.add_argument("--seeds", default="42,43,44", help="comma-separated")
     ap.add_argument("--cache", default="/tmp/cfb-item-tune")
+    ap.add_argument("--kind", choices=("dot", "nn"), default="dot", help="the rating model")
     ap.add_argument("candidates", nargs="*")
     args = ap.parse_args()
     ds = read_movielens(Path(args.data))
     cands = [json.loads(c) for c in args.candidates] or [{}]
     seeds = [int(x) for x in args.seeds.split(",")]
     splits = {s: pseudo_split(ds, s) for s in seeds}
-    models = {s: fitted_version(*splits[s], s, Path(args.cache) if args.cache else None) for s in seeds}
+    models = {s: fitted_version(*splits[s], s, Path(args.cache) if args.cache else None, args.kind) for s in seeds}
     baselines_shown = False
     first = None
     for cand in cands:

@@ -13,8 +13,8 @@ fixed, an item is represented by its metadata only, so every training item acts 
 
 * Rating part: ``item_factors = X W``, ``item_bias = X w``, trained on every training rating with the
   rating model's trained user rows: min Σ (r − sigmoid_range(u·f_i + b_u + b_i))² + l2 (|W|² + |w|²).
-  For a rating model that is not a dot product (fastai's ``EmbeddingNN``) a new item starts from the
-  average trained item row instead (``W`` and ``w`` are zero but for the constant column).
+  For a rating model that is not a dot product (fastai's ``EmbeddingNN``, whose MLP the joint fit does
+  not run through) the rating part is the two-stage ridge from metadata to its trained item rows.
 * Ranking part (the ranker's rows ``out``/``out_bias``): ``rank_out = X V`` (+ a ReLU layer on X when
   ``hidden``), ``rank_bias = X v``; trained with a full softmax over the training items for each user
   (user vector: the ranker's vector of the user's full history), every item the user rated in the top
@@ -47,8 +47,10 @@ class ItemPriorConfig:
     n_bins: quantile bins of a number attribute (edges from the training items' values).
     crosses: also a multi-hot of (list value, number bin) pairs for every list and number attribute
         (genre × release-year bin), with the same vocabulary rule.
-    mode: "joint" (fit to the ratings with users fixed, see module doc) or "ridge" (two-stage:
-        ridge regression from metadata to the trained item rows, the §8 reference point).
+    mode: "joint" (fit to the ratings with users fixed, see module doc), "ridge" (two-stage: ridge
+        regression from metadata to the trained item rows, the §8 reference point, and what a rating
+        model that is not a dot product always gets) or "average" (every new item starts as the average
+        trained item; measured for the NN model, docs/coldstart.md).
     l2 / steps / lr: rating part (full-batch Adam).
     rank_l2 / rank_steps / rank_lr: ranking part (full-batch Adam on the softmax).
     hidden: width of a ReLU layer of the ranking part on the metadata (0 = linear).
@@ -297,11 +299,11 @@ class ItemPrior:
         self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
         users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
         ratings = np.asarray(ratings, np.float32)
-        if user_factors is None:  # not a dot product: the average trained item (column 0 is the constant 1)
+        if cfg.mode == "average":  # the average trained item (column 0 of X is the constant 1)
             self.W_ = np.zeros((X.shape[1], item_factors.shape[1]), np.float32)
             self.w_ = np.zeros(X.shape[1], np.float32)
             self.W_[0], self.w_[0] = item_factors.mean(0), float(np.mean(item_bias))
-        elif cfg.mode == "ridge":
+        elif user_factors is None or cfg.mode == "ridge":  # (not a dot product: no joint fit through its MLP)
             self.W_ = self._ridge(X, item_factors)
             self.w_ = self._ridge(X, item_bias[:, None])[:, 0]
         else:

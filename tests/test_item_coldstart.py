@@ -51,6 +51,25 @@ def test_new_item_ranks_by_its_genre_for_each_group():
     assert pred[b, 1].min() > 4 and pred[b, 0].max() < 2
 
 
+def test_a_model_without_a_dot_product_gets_its_rows_by_ridge_from_metadata():
+    """(fastai's EmbeddingNN): a new item's rating row is the ridge regression of its metadata onto the
+    trained item rows, so a genre-A item starts near the genre-A items, not at the average item."""
+    attrs, users, items, ratings, _, _, rv, _ = _planted_items(2)
+    genre = np.array([0 if a["genres"] == ["A"] else 1 for a in attrs])
+    item_factors = np.where(genre[:, None] == 0, [[1.0, 0.5]], [[-1.0, 0.5]]).astype(np.float32)
+    prior = ItemPrior(FAST_PRIOR, attributes=("genres", "year")).fit(
+        attrs, users, items, ratings, None, None, (0.0, 5.5), (1.0, 5.0), rv,
+        item_factors=item_factors, item_bias=np.zeros(len(attrs), np.float32))
+    rows = prior.rows([{"genres": ["A"], "year": 1990}, {"genres": ["B"], "year": 1990}])["item_factors"]
+    assert rows[0, 0] > 0.4 and rows[1, 0] < -0.4 and np.allclose(rows[:, 1], 0.5, atol=0.2)  # (shrunk by α = 10)
+    average = ItemPrior(ItemPriorConfig(min_count=1, steps=100, rank_steps=100, mode="average"),
+                        attributes=("genres", "year")).fit(
+        attrs, users, items, ratings, None, None, (0.0, 5.5), (1.0, 5.0), rv,
+        item_factors=item_factors, item_bias=np.zeros(len(attrs), np.float32))
+    same = average.rows([{"genres": ["A"]}, {"genres": ["B"]}])["item_factors"]
+    assert np.allclose(same, item_factors.mean(0), atol=1e-5)
+
+
 def test_prior_round_trip_is_plain_arrays():
     attrs, users, items, ratings, uf, ub, rv, _ = _planted_items(1)
     prior = ItemPrior(ItemPriorConfig(min_count=1, steps=20, rank_steps=20, hidden=4)).fit(
