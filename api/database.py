@@ -39,14 +39,17 @@ class Database:
                 **params) -> dict:
         """Train a new version and serve it (`cfb retrain [--full]`): incremental unless ``full``, or
         there is no model yet, or many ratings are newer than the last full retrain. ``params``:
-        n_factors, epochs, lr, wd, bs, seed."""
+        n_factors, epochs, lr, wd, bs, seed; an incremental retrain refuses them and ``kind`` (they
+        apply to a full one)."""
         if full:
             from .service.training import retrain_full
 
             return retrain_full(self.engine, kind=kind or "dot", valid_pct=valid_pct, progress=progress, **params)
         from .service.incremental import retrain_auto
 
-        return retrain_auto(self.engine, kind=kind, valid_pct=valid_pct, progress=progress, **params)
+        full_only = tuple(name for name, value in (("kind", kind), *params.items()) if value is not None)
+        return retrain_auto(self.engine, kind=kind, valid_pct=valid_pct, progress=progress, full_only=full_only,
+                            **params)
 
     def models(self):
         """Model versions as a DataFrame (`cfb models --json`)."""

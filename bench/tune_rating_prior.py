@@ -84,8 +84,7 @@ def main():
     print(f"fit {time.time() - t0:.1f}s", rep, flush=True)
     boot, enc = model.bootstrap, model.bootstrap.encoder
     q_items = list(model.questionnaire.items)
-    glob = model.item_sums.sum() / model.item_counts.sum()
-    damped_inner = (model.item_sums + 10 * glob) / (model.item_counts + 10)
+    damped_inner = model.damped_means()
     targets = np.concatenate([model.user_factors, model.user_bias[:, None]], axis=1)
 
     def feats(attributes, db_items, ratings, signup):

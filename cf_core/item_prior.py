@@ -57,7 +57,7 @@ class ItemPriorConfig:
     rating_weight: the serving score's weight of the predicted rating: the version's
         ``ServingConfig.rating_weight`` (a full retrain passes it), so the rows are fitted for the score served.
     positive_share: top share of the scale that counts as a positive (0.25: >= 4 on 1..5).
-    ridge_alpha: penalty of mode "ridge".
+    ridge_alpha: penalty of the ridge (mode "ridge", and a rating model that is not a dot product).
     """
 
     min_count: int = 5
@@ -273,10 +273,11 @@ class ItemPrior:
             device: str | None = None) -> "ItemPrior":
         """``item_attributes[i]``: training item i's metadata; ratings as (inner user, inner item, rating);
         ``user_factors``/``user_bias`` the rating model's user rows (fixed; None: not a dot-product model,
-        new items start from the average of ``item_factors``/``item_bias``); ``rank_vecs`` (n_users, d)
-        the ranker's user vectors (fixed). The trained item rows (``item_factors`` …) are needed by
-        mode "ridge" only; given the ranker's (``rank_out``, ``rank_bias``), the ranking part is calibrated
-        to them. ``fit_rating_part`` then ``fit_ranking_part``."""
+        whose rating part is then the ridge from metadata onto ``item_factors``/``item_bias``); ``rank_vecs``
+        (n_users, d) the ranker's user vectors (fixed). The trained item rows (``item_factors`` …) are
+        needed by modes "ridge" and "average" and for a model that is not a dot product; given the
+        ranker's (``rank_out``, ``rank_bias``), the ranking part is calibrated to them.
+        ``fit_rating_part`` then ``fit_ranking_part``."""
         self.fit_rating_part(item_attributes, users, items, ratings, user_factors, user_bias, y_range, scale,
                              item_factors=item_factors, item_bias=item_bias, device=device)
         return self.fit_ranking_part(rank_vecs, rank_out=rank_out, rank_bias=rank_bias)

@@ -202,7 +202,8 @@ class TrainedModel:
         idx = slice(None) if items is None else np.asarray(items, np.int64)
         cfg = self.config
         if cfg.cold_mean_weight:
-            w = cfg.cold_mean_weight * cfg.cold_mean_count / (cfg.cold_mean_count + user.n_ratings)
+            k, n = cfg.cold_mean_count, user.n_ratings
+            w = cfg.cold_mean_weight * (k / (k + n) if n else 1.0)
             pred = ((1 - w) * pred + w * self.damped_means()[idx]).astype(pred.dtype)
         if cfg.cold_rank_weight and self.ranker is not None and user.rank_vec is not None:
             s = self.ranker.item_scores(user.rank_vec[None])[0].astype(np.float64)

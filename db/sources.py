@@ -106,8 +106,9 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
             warnings.simplefilter("error", pd.errors.ParserWarning)  # first column as an index)
             df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True,
                              index_col=False)
-        if len(df.columns) and (df[df.columns[-1]].isna() | (df[df.columns[-1]] == "")).any():
-            _raise_csv_problem(path, text)  # a row shorter than the header ends with an empty last field
+        last = df.columns[-1] if len(df.columns) else None
+        if last in required and (df[last] == "").any():  # maybe a row shorter than the header (its missing
+            _raise_csv_problem(path, text)  # fields read as ""): name it (an unused last column may be empty)
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
@@ -186,8 +187,8 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
     """User attributes: a CSV with a ``user`` column; every other column is an attribute.
 
     Every value is read as text ("nan", "NA", "null" stay text); a column becomes numbers only when all
-    its non-empty values are plain finite decimal numbers without leading zeros (so zip code "02139"
-    stays "02139"). Empty cells are left out. Bad rows are reported with file, line and field; the
+    its non-empty values are finite numbers (``number_in_text``: "41", "1e5"; zip code "02139" stays
+    "02139"). Empty cells are left out. Bad rows are reported with file, line and field; the
     ``line`` column keeps each row's line for later checks."""
     header, rows = _keyed_rows(Path(path), user_col, "user")
     u = header.index(user_col)
@@ -196,7 +197,7 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
         if k == u:
             continue
         values = [row[k] for _, row in rows]
-        numbers = [plain_number(v) for v in values if v != ""]
+        numbers = [number_in_text(v) for v in values if v != ""]
         numeric = all(x is not None for x in numbers)
         for rec, v in zip(records, values):
             if v != "":
@@ -205,27 +206,39 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
                          "line": [line for line, _ in rows]})
 
 
-_PLAIN_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
+ZERO_PADDED = re.compile(r"[+-]?0[0-9]")
 
 
-def plain_number(v: str) -> int | float | None:
-    """``v`` as a number if it is a plain finite decimal number without leading zeros ("42", "-1.5",
-    "0.25"), else None ("02139", "1e3", "nan", "inf", "+4", " ")."""
-    if not _PLAIN_NUMBER.fullmatch(v):
+def number_in_text(v: str) -> int | float | None:
+    """The finite number a text writes, in any notation Python reads ("41", "-1.5", "1e5", "+4"; a whole
+    number as an int), else None: for words, for infinite or undefined numbers ("inf", "1e400", "nan")
+    and for zero-padded codes such as the zip "02139", which stay text."""
+    v = str(v).strip()
+    if not v or ZERO_PADDED.match(v) or "_" in v:  # (float() also reads "1_000")
         return None
     try:
         x = float(v)
-        if not np.isfinite(x):
-            return None
-        return int(v) if "." not in v else x
-    except (OverflowError, ValueError):
+    except ValueError:
         return None
+    if not np.isfinite(x):
+        return None
+    if x.is_integer() and abs(x) < 2 ** 53 and "." not in v:
+        return int(x)
+    return x
+
+
+def is_non_finite(v: str) -> bool:
+    """A text that Python reads as an infinite or undefined number ("inf", "1e400", "NaN")."""
+    try:
+        return not np.isfinite(float(str(v).strip()))
+    except ValueError:
+        return False
 
 
 def _scalar(v: str):
-    """A plain decimal number as int/float, anything else as its stripped text."""
+    """A number (``number_in_text``) as int/float, anything else as its stripped text."""
     v = str(v).strip()
-    x = plain_number(v)
+    x = number_in_text(v)
     return v if x is None else x
 
 
@@ -253,7 +266,7 @@ def read_items_csv(path: Path) -> pd.DataFrame:
     """Your own catalogue: a CSV with a header ``item[,title][,attribute columns...]``.
 
     Returns item, title (None where the cell is empty) and attributes: a column whose values contain
-    '|' holds lists ("Drama|War" -> ["Drama", "War"]); a column whose non-empty values are all plain
+    '|' holds lists ("Drama|War" -> ["Drama", "War"]); a column whose non-empty values are all finite
     numbers holds numbers; empty cells are left out. Problems name file, line and field (``line``: each
     row's line)."""
     header, rows = _keyed_rows(Path(path), "item", "item")

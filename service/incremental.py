@@ -59,7 +59,7 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
                                  f"(limit {drift_limit:.0%}): full retrain"}
     if full_only:
         raise CfbError(f"{', '.join(full_only)} only apply to a full retrain, and this one is incremental "
-                       f"({share:.0%} of ratings newer than full version {root}): add --full")
+                       f"({share:.0%} of ratings newer than full version {root}): add --full (full=True in Python)")
     return retrain_incremental(engine)
 
 

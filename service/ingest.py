@@ -1,9 +1,6 @@
 """Write a validated dataset into the database in one transaction."""
 from __future__ import annotations
 
-import math
-import re
-
 import numpy as np
 from sqlalchemy import Engine
 
@@ -11,7 +8,7 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item, User
-from ..db.sources import Dataset, check_scale, plain_number
+from ..db.sources import Dataset, check_scale, is_non_finite, number_in_text
 
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
@@ -82,33 +79,6 @@ def _kind(value) -> str:  # noqa: ANN001
     return "text"
 
 
-ZERO_PADDED = re.compile(r"[+-]?0[0-9]")
-
-
-def number_in_text(value: str) -> int | float | None:
-    """The finite number a text writes, in any notation Python reads ("41", "1e5", "+4"), or None for
-    anything else, and for a zero-padded code such as the zip "02139", which stays text."""
-    v = value.strip()
-    number = plain_number(v)
-    if number is not None or ZERO_PADDED.match(v):
-        return number
-    try:
-        x = float(v)
-    except ValueError:
-        return None
-    if not math.isfinite(x):
-        return None
-    return int(x) if x.is_integer() and abs(x) < 2 ** 53 else x
-
-
-def _non_finite(value) -> bool:  # noqa: ANN001
-    """A text that Python reads as an infinite or undefined number ("inf", "1e400", "NaN")."""
-    try:
-        return not math.isfinite(float(str(value).strip()))
-    except ValueError:
-        return False
-
-
 def conform_attributes(table, ids: list[str], records: list[dict], lines: list[int | None],  # noqa: ANN001
                        stored: dict[str, dict], source: str | None = None) -> list[dict]:
     """Each record merged over the stored attributes of its id (``stored``: external id -> attributes;
@@ -136,9 +106,9 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
                 number = number_in_text(value) if kind == "text" else None
                 if number is not None:
                     attrs[name] = number
-                elif kind == "list" or not any(ch.isdigit() for ch in str(value)) or _non_finite(value):
+                elif kind == "list" or not any(ch.isdigit() for ch in str(value)) or is_non_finite(value):
                     what = table.__tablename__
-                    not_a = "not a finite number" if kind == "text" and _non_finite(value) else "not a number"
+                    not_a = "not a finite number" if kind == "text" and is_non_finite(value) else "not a number"
                     raise InputError(f"{value!r} is {not_a}, and the stored {what} hold {name} as numbers"
                                      + ("" if line is not None else f" ({what[:-1]} {ext!r})"),
                                      source=source, line=line, field=name)
@@ -177,21 +147,39 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     return len(existed), sum(1 for e in existed if given[e] != stored[e])
 
 
+def distinct_ids(external) -> tuple[np.ndarray, np.ndarray, list[str]]:  # noqa: ANN001
+    """(codes, used, names) of an id column (categorical from the readers, else factorized in order of
+    first appearance): each row's code, the codes some row uses, and their ids as text."""
+    import pandas as pd
+
+    if isinstance(external.dtype, pd.CategoricalDtype):
+        codes, categories = np.asarray(external.array.codes), external.array.categories
+    else:
+        codes, categories = pd.factorize(external)
+    if (codes < 0).any():
+        raise InputError(f"row {int(np.argmax(codes < 0)) + 1}: missing {external.name or 'id'}",
+                         field=str(external.name or "id"))
+    used = np.flatnonzero(np.bincount(codes, minlength=len(categories)))  # (no sort, unlike np.unique)
+    return codes, used, [str(c) for c in np.asarray(categories, dtype=object)[used].tolist()]
+
+
 def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int = 2) -> None:  # noqa: ANN001
     """Ratings name items by id: a new id that is the title of a stored item (``Star Wars (1977)`` for
-    item 50) is refused, naming its first line, rather than made into a second, untitled item."""
+    item 50) is refused, naming its first line, rather than made into a second, untitled item. An id
+    of digits alone is taken as an id (a book may be titled "1984")."""
     from sqlalchemy import select
 
-    distinct = {str(x) for x in (items.cat.categories if hasattr(items, "cat") else set(items))}
-    new = distinct - given - set(store.id_map(conn, Item))
+    codes, used, names = distinct_ids(items)
+    new = {x for x in names if not x.isdigit()} - given
     if not new:
         return
+    new -= set(store.id_map(conn, Item))
     titled = {t: e for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None)))
-              if t in new}
+              if t in new} if new else {}
     if titled:
-        text = items.astype(str).to_numpy()
-        pos = int(np.flatnonzero(np.isin(text, list(titled)))[0])
-        raise InputError(f"{text[pos]!r} is the title of item {titled[text[pos]]!r}, not an item id "
+        hit = next(k for k, x in enumerate(names) if x in titled)
+        pos, name = int(np.argmax(codes == used[hit])), names[hit]
+        raise InputError(f"{name!r} is the title of item {titled[name]!r}, not an item id "
                          "(ratings name items by id)", source=source, line=first_line + pos, field="item")
 
 
@@ -199,21 +187,11 @@ def database_ids(conn, table, external, seen: set | None = None) -> np.ndarray: 
     """The database id of every external id in ``external`` (a column; categorical from the readers),
     created where new: each distinct id is looked up once, then spread by its category code. The
     distinct ids are added to ``seen`` when given."""
-    import pandas as pd
-
-    if isinstance(external.dtype, pd.CategoricalDtype):
-        codes, categories = np.asarray(external.array.codes), external.array.categories
-    else:  # in order of first appearance, as the readers' categoricals are
-        codes, categories = pd.factorize(external)
-    if (codes < 0).any():
-        raise InputError(f"row {int(np.argmax(codes < 0)) + 1}: missing {external.name or 'id'}",
-                         field=str(external.name or "id"))
-    used = np.flatnonzero(np.bincount(codes, minlength=len(categories)))  # (no sort, unlike np.unique)
-    names = [str(c) for c in np.asarray(categories, dtype=object)[used].tolist()]
+    codes, used, names = distinct_ids(external)
     ids = store.ensure_ids(conn, table, names)
     if seen is not None:
         seen.update(names)
-    by_code = np.full(len(categories), -1, np.int64)
+    by_code = np.full(int(used.max()) + 1 if len(used) else 0, -1, np.int64)
     by_code[used] = [ids[x] for x in names]
     return by_code[codes]
 

@@ -17,7 +17,7 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     """Store one rating (the latest wins); the item is found by id or exact title, or created."""
     try:
         value = float(rating)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise CfbError(f"rating {rating!r} is not a number") from None
     if not math.isfinite(value):
         raise CfbError(f"rating {rating!r} is not a finite number")

@@ -68,10 +68,12 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
 def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> str:
     """Why an item of the catalogue is not in the serving model, and what adds it."""
     rated = conn.scalar(select(Rating.item_id).where(Rating.item_id == db_id).limit(1)) is not None
-    if rated or (served.model.item_prior is not None and store.item_attributes(conn, [db_id]).get(db_id)):
+    has_metadata = bool(store.item_attributes(conn, [db_id]).get(db_id))
+    if rated or (served.model.item_prior is not None and has_metadata):
         return f"item {query!r} is not in the serving model yet (run `cfb retrain`)"
-    return (f"item {query!r} is not in the serving model yet: it has no rating and no metadata to start it from, "
-            "so it joins at the first `cfb retrain` after it is rated")
+    why = ("the serving version has no item prior to start it from its metadata" if has_metadata
+           else "it has no rating and no metadata to start it from")
+    return f"item {query!r} is not in the serving model yet: {why}, so it joins at the first `cfb retrain` after it is rated"
 
 
 def find_item(conn: Connection, query: str) -> int:

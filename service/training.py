@@ -118,7 +118,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
             from ..cf_core.item_prior import ItemPrior, ItemPriorConfig
 
             t0 = time.perf_counter()
-            dot = kind == "dot"  # (another rating model: new items start from its average item)
+            dot = kind == "dot"  # (another rating model: new items' rows by ridge from metadata onto its item rows)
             with torch_threads(1 if side_by_side else None):
                 prior = ItemPrior(ItemPriorConfig(rating_weight=config.rating_weight), attributes=names,
                                   seed=seed).fit_rating_part(

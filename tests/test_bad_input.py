@@ -109,9 +109,12 @@ def test_users_csv_values_stay_text_unless_the_column_is_plain_numbers(tmp_path)
         assert all(not isinstance(v, float) or math.isfinite(v) for v in a.values())
     numbers = read_users_csv(write(tmp_path / "n.csv", "user,x\nu1,-1.25\nu2,0\nu3,7\n"))
     assert numbers["attributes"].tolist() == [{"x": -1.25}, {"x": 0}, {"x": 7}]
-    for body in ("user,x\nu1,inf\n", "user,x\nu1,1e3\n", "user,x\nu1,+4\n", "user,x\nu1,007\n"):
+    for body in ("user,x\nu1,inf\n", "user,x\nu1,007\n", "user,x\nu1,1_000\n", "user,x\nu1,1e400\n"):
         (value,) = read_users_csv(write(tmp_path / "t.csv", body))["attributes"].tolist()
         assert isinstance(value["x"], str)
+    # another notation of a finite number reads as that number, in a first file as in a later one
+    other = read_users_csv(write(tmp_path / "o.csv", "user,x\nu1,1e3\nu2,+4\nu3,41\nu4,2.5e-1\n"))
+    assert other["attributes"].tolist() == [{"x": 1000}, {"x": 4}, {"x": 41}, {"x": 0.25}]
 
 
 def test_ingest_users_keeps_zip_codes_and_nan_as_text(db_url, tmp_path):

@@ -173,3 +173,8 @@ def test_an_item_the_model_lacks_says_what_adds_it(runner, cli_db, tmp_path):
     assert res.exit_code == 1 and "is not in the serving model yet (run `cfb retrain`)" in res.output
     assert json.loads(run(runner, cli_db, "retrain", "--json").output)["items_added"] == 1
     assert run(runner, cli_db, "similar", "zed").exit_code == 0
+
+
+def test_eval_refuses_a_budget_no_questionnaire_has(runner):
+    res = runner.invoke(cli, ["eval", "cold-start", "--budgets", "0,31", "--data", "/nonexistent"])
+    assert res.exit_code == 2 and "a questionnaire asks about 0 to 30 items, got '0,31'" in res.output

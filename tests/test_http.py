@@ -415,3 +415,5 @@ def test_python_api(trained, db_url, tmp_path):
             db.rate(user, "a2", float("nan"))
         with pytest.raises(cfb.CfbError, match=r"^empty item id$"):
             db.rate(user, " ", 4)
+        with pytest.raises(cfb.CfbError, match=r"kind, n_factors only apply to a full retrain"):
+            db.retrain(kind="nn", n_factors=3)

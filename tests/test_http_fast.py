@@ -51,6 +51,14 @@ def test_fast_path_answers_what_the_route_answers(fast_and_slow):
     assert len(calls) == len(USERS) * 5 * 2  # every one answered by the fast path
 
 
+def test_fast_path_answers_a_user_id_holding_a_slash(fast_and_slow):
+    fast, slow, calls = fast_and_slow
+    assert fast.post("/users", json={"user": "team/a", "answers": {"gender": "F"}}).status_code == 201
+    got, want = fast.get("/users/team%2Fa/recommendations"), slow.get("/users/team%2Fa/recommendations")
+    assert got.status_code == want.status_code == 200 and got.content == want.content
+    assert calls and calls[-1][0] == "team/a"  # answered by the fast path
+
+
 @pytest.mark.parametrize("path", [
     "/users/a0/recommendations?n=0", "/users/a0/recommendations?n=101", "/users/a0/recommendations?n=x",
     "/users/a0/recommendations?n=", "/users/a0/recommendations?n=2.5", "/users/a0/recommendations?by=magic",

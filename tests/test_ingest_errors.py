@@ -6,8 +6,8 @@ from sqlalchemy import func, select
 
 from cfb.cf_core.errors import InputError
 from cfb.db.schema import Rating, User
-from cfb.db.sources import Dataset, read_movielens, read_ratings_csv, read_users_csv
-from cfb.service.ingest import ingest_dataset
+from cfb.db.sources import Dataset, read_items_csv, read_movielens, read_ratings_csv, read_users_csv
+from cfb.service.ingest import ingest_dataset, upsert_items
 
 from .conftest import write
 
@@ -109,3 +109,7 @@ def test_a_title_given_as_an_item_id_is_refused(engine, tmp_path, planted):
         assert conn.scalar(select(User.id).where(User.external_id == "fan")) is None
     out = ingest_dataset(engine, Dataset(read_ratings_csv(write(tmp_path / "ok.csv", "user,item,rating\nfan,new1,5\n"))))
     assert (out["new_users"], out["new_items"]) == (1, 1)
+    # an id of digits alone is an id, even when a book is titled so
+    upsert_items(engine, read_items_csv(write(tmp_path / "books.csv", "item,title\nbook7,1984\n")))
+    out = ingest_dataset(engine, Dataset(read_ratings_csv(write(tmp_path / "n.csv", "user,item,rating\nfan,1984,5\n"))))
+    assert out["new_items"] == 1
