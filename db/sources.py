@@ -207,6 +207,7 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
 
 
 ZERO_PADDED = re.compile(r"[+-]?0[0-9]")
+WHOLE = re.compile(r"[+-]?[0-9]+")
 
 
 def number_in_text(v: str) -> int | float | None:
@@ -216,6 +217,8 @@ def number_in_text(v: str) -> int | float | None:
     v = str(v).strip()
     if not v or ZERO_PADDED.match(v) or "_" in v:  # (float() also reads "1_000")
         return None
+    if WHOLE.fullmatch(v):
+        return int(v)  # exactly, however long
     try:
         x = float(v)
     except ValueError:
