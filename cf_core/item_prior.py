@@ -13,8 +13,9 @@ fixed, an item is represented by its metadata only, so every training item acts 
 
 * Rating part: ``item_factors = X W``, ``item_bias = X w``, trained on every training rating with the
   rating model's trained user rows: min Σ (r − sigmoid_range(u·f_i + b_u + b_i))² + l2 (|W|² + |w|²).
-  For a rating model that is not a dot product (fastai's ``EmbeddingNN``, whose MLP the joint fit does
-  not run through) the rating part is the two-stage ridge from metadata to its trained item rows.
+  For a rating model that is not a dot product (fastai's ``EmbeddingNN``) the same fit runs through its
+  MLP: ``sigmoid_range(head([u, X W]))`` with the user embeddings and the MLP fixed, starting from (and
+  shrunk toward) the two-stage ridge from metadata to its trained item rows.
 * Ranking part (the ranker's rows ``out``/``out_bias``): ``rank_out = X V`` (+ a ReLU layer on X when
   ``hidden``), ``rank_bias = X v``; trained with a full softmax over the training items for each user
   (user vector: the ranker's vector of the user's full history), every item the user rated in the top
@@ -47,9 +48,9 @@ class ItemPriorConfig:
     n_bins: quantile bins of a number attribute (edges from the training items' values).
     crosses: also a multi-hot of (list value, number bin) pairs for every list and number attribute
         (genre × release-year bin), with the same vocabulary rule.
-    mode: "joint" (fit to the ratings with users fixed, see module doc), "ridge" (two-stage: ridge
-        regression from metadata to the trained item rows, the §8 reference point, and what a rating
-        model that is not a dot product always gets) or "average" (every new item starts as the average
+    mode: "joint" (fit to the ratings with users fixed, see module doc; through the MLP for a rating
+        model that is not a dot product), "ridge" (two-stage: ridge regression from metadata to the
+        trained item rows, the §8 reference point) or "average" (every new item starts as the average
         trained item; measured for the NN model, docs/coldstart.md).
     l2 / steps / lr: rating part (full-batch Adam).
     rank_l2 / rank_steps / rank_lr: ranking part (full-batch Adam on the softmax).
@@ -57,7 +58,7 @@ class ItemPriorConfig:
     rating_weight: the serving score's weight of the predicted rating: the version's
         ``ServingConfig.rating_weight`` (a full retrain passes it), so the rows are fitted for the score served.
     positive_share: top share of the scale that counts as a positive (0.25: >= 4 on 1..5).
-    ridge_alpha: penalty of the ridge (mode "ridge", and a rating model that is not a dot product).
+    ridge_alpha: penalty of the ridge (mode "ridge", and the start of the fit through an MLP).
     """
 
     min_count: int = 5
@@ -242,12 +243,12 @@ class ItemPrior:
                     device: str | None = None) -> "ItemPrior":
         """Fit on a trained version (``TrainedModel``) and its ``TrainingData``: the rating model's
         trained user rows; ``rank_vecs`` the ranker's full-history user vectors (None: no ranking part)."""
-        dot = model.kind == "dot"
-        self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors if dot else None,
-                 model.user_bias if dot else None, model.rating.y_range, td.scale, rank_vecs,
+        self.fit(item_attributes, td.data.users, td.data.items, td.data.ratings, model.user_factors,
+                 model.user_bias, model.rating.y_range, td.scale, rank_vecs,
                  item_factors=model.rating.item_factors, item_bias=model.rating.item_bias,
                  rank_out=None if model.ranker is None else model.ranker.out_,
-                 rank_bias=None if model.ranker is None else model.ranker.out_bias_, device=device)
+                 rank_bias=None if model.ranker is None else model.ranker.out_bias_,
+                 head=getattr(model.rating, "head", None), device=device)
         return self
 
     def calibrate_ranking(self, item_attributes: list[dict], out: np.ndarray, out_bias: np.ndarray,
@@ -270,24 +271,26 @@ class ItemPrior:
             scale: tuple[float, float], rank_vecs: np.ndarray | None = None, *,
             item_factors: np.ndarray | None = None, item_bias: np.ndarray | None = None,
             rank_out: np.ndarray | None = None, rank_bias: np.ndarray | None = None,
-            device: str | None = None) -> "ItemPrior":
+            head: list | None = None, device: str | None = None) -> "ItemPrior":
         """``item_attributes[i]``: training item i's metadata; ratings as (inner user, inner item, rating);
-        ``user_factors``/``user_bias`` the rating model's user rows (fixed; None: not a dot-product model,
-        whose rating part is then the ridge from metadata onto ``item_factors``/``item_bias``); ``rank_vecs``
-        (n_users, d) the ranker's user vectors (fixed). The trained item rows (``item_factors`` …) are
-        needed by modes "ridge" and "average" and for a model that is not a dot product; given the
-        ranker's (``rank_out``, ``rank_bias``), the ranking part is calibrated to them.
+        ``user_factors``/``user_bias`` the rating model's user rows (fixed; with ``head``, the MLP of a
+        model that is not a dot product, its user embeddings; None: the ridge from metadata onto
+        ``item_factors``/``item_bias``); ``rank_vecs`` (n_users, d) the ranker's user vectors (fixed). The
+        trained item rows (``item_factors`` …) are needed by modes "ridge" and "average" and with
+        ``head``; given the ranker's (``rank_out``, ``rank_bias``), the ranking part is calibrated to them.
         ``fit_rating_part`` then ``fit_ranking_part``."""
         self.fit_rating_part(item_attributes, users, items, ratings, user_factors, user_bias, y_range, scale,
-                             item_factors=item_factors, item_bias=item_bias, device=device)
+                             item_factors=item_factors, item_bias=item_bias, head=head, device=device)
         return self.fit_ranking_part(rank_vecs, rank_out=rank_out, rank_bias=rank_bias)
 
     def fit_rating_part(self, item_attributes: list[dict], users: np.ndarray, items: np.ndarray,
                         ratings: np.ndarray, user_factors: np.ndarray, user_bias: np.ndarray,
                         y_range: tuple[float, float], scale: tuple[float, float], *,
                         item_factors: np.ndarray | None = None, item_bias: np.ndarray | None = None,
-                        device: str | None = None) -> "ItemPrior":
-        """The metadata encoder and the rating part (``W_``, ``w_``; arguments as ``fit``). It needs the
+                        head: list | None = None, device: str | None = None) -> "ItemPrior":
+        """The metadata encoder and the rating part (``W_``, ``w_``; arguments as ``fit``; ``head``: the MLP
+        of a rating model that is not a dot product, whose ``user_factors`` are then its user embeddings
+        and whose rating is ``sigmoid_range(head([user, item]))``). It needs the
         rating model only, so a full retrain runs it while the ranker still trains; ``fit_ranking_part``
         completes the prior."""
         cfg = self.config
@@ -304,9 +307,13 @@ class ItemPrior:
             self.W_ = np.zeros((X.shape[1], item_factors.shape[1]), np.float32)
             self.w_ = np.zeros(X.shape[1], np.float32)
             self.W_[0], self.w_[0] = item_factors.mean(0), float(np.mean(item_bias))
-        elif user_factors is None or cfg.mode == "ridge":  # (not a dot product: no joint fit through its MLP)
+        elif user_factors is None or cfg.mode == "ridge":
             self.W_ = self._ridge(X, item_factors)
             self.w_ = self._ridge(X, item_bias[:, None])[:, 0]
+        elif head is not None:  # through the MLP, from the ridge's rows
+            self._fit_rating_mlp(X, users, items, ratings, user_factors, head, self._ridge(X, item_factors), device)
+            self.w_ = np.zeros(X.shape[1], np.float32)  # (the NN has no item bias)
+            user_factors = user_bias = None  # (the ranking part's rating term is a dot product's)
         else:
             self._fit_rating_joint(X, users, items, ratings, user_factors, user_bias, device)
             assert self.W_.shape == (X.shape[1], user_factors.shape[1])
@@ -390,6 +397,40 @@ class ItemPrior:
             opt.step()
         self.W_ = W.detach().cpu().numpy().astype(np.float32)
         self.w_ = w.detach().cpu().numpy().astype(np.float32)
+        self.rating_loss_ = float(loss.detach())
+
+    def _fit_rating_mlp(self, X, users, items, ratings, user_embs, head, W0, device) -> None:  # noqa: ANN001
+        """The rating part of a model that is not a dot product (fastai's ``EmbeddingNN``): ``W`` such that
+        ``sigmoid_range(head([u, X W]))`` fits the training ratings with the users and the MLP fixed
+        (random batches of ``MAX_RATINGS_PER_STEP // 10`` ratings, Adam, l2), from ``W0``."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.config
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        dev = device or "cpu"
+        t = lambda a, dt=torch.float32: self._tensor(a, dt, dev)  # noqa: E731
+        mh = multi_hot_product(X, dev)
+        U = t(user_embs)
+        ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)
+        layers = [(op, [t(p) for p in params]) for op, params in head]
+        lo, hi = self.y_range_
+        W = t(W0).clone().requires_grad_(True)
+        opt = torch.optim.Adam([W], lr=cfg.lr)
+        n, batch = len(ratings), MAX_RATINGS_PER_STEP // 10
+        for _ in range(cfg.steps):
+            sel = slice(None) if n <= batch else torch.randint(0, n, (batch,), generator=gen).to(dev)
+            opt.zero_grad()
+            x = torch.cat([U.index_select(0, ut[sel]), F.embedding(it[sel], mh(W))], 1)
+            for op, params in layers:
+                x = x @ params[0].T + params[1] if op == "linear" else torch.relu(x) if op == "relu" else \
+                    x * params[0] + params[1]
+            pred = lo + (hi - lo) * torch.sigmoid(x[:, 0])
+            loss = ((pred - rt[sel]) ** 2).mean() + cfg.l2 * ((W - t(W0)) ** 2).sum()
+            loss.backward()
+            opt.step()
+        self.W_ = W.detach().cpu().numpy().astype(np.float32)
         self.rating_loss_ = float(loss.detach())
 
     def _fit_ranking_joint(self, X, users, items, ratings, user_factors, user_bias, rank_vecs, device) -> None:  # noqa: ANN001

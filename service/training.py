@@ -118,13 +118,13 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
             from ..cf_core.item_prior import ItemPrior, ItemPriorConfig
 
             t0 = time.perf_counter()
-            dot = kind == "dot"  # (another rating model: new items' rows by ridge from metadata onto its item rows)
-            with torch_threads(1 if side_by_side else None):
+            with torch_threads(1 if side_by_side else None):  # (an NN's new items are fitted through its MLP)
                 prior = ItemPrior(ItemPriorConfig(rating_weight=config.rating_weight), attributes=names,
                                   seed=seed).fit_rating_part(
                     td.item_attributes, td.data.users, td.data.items, td.data.ratings,
-                    est.user_factors_ if dot else None, est.user_bias_ if dot else None, est.y_range, td.scale,
-                    item_factors=est.item_factors_, item_bias=est.item_bias_, device=device)
+                    est.user_factors_, est.user_bias_, est.y_range, td.scale,
+                    item_factors=est.item_factors_, item_bias=est.item_bias_,
+                    head=getattr(est, "head_", None), device=device)
             report["item_prior_rating_s"] = round(time.perf_counter() - t0, 3)
         fitted_ranker = None
         if side_by_side:

@@ -70,6 +70,24 @@ def test_a_model_without_a_dot_product_gets_its_rows_by_ridge_from_metadata():
     assert np.allclose(same, item_factors.mean(0), atol=1e-5)
 
 
+def test_an_nn_models_new_items_are_fitted_through_its_mlp():
+    """With the MLP given, the rows are fitted to the ratings through it (users and MLP fixed), not just
+    regressed onto the trained rows: here those rows are all zero, and the head reads the item's first
+    coordinate, so only a fit through the head can tell genre A (rated 5 by all) from B (rated 1)."""
+    attrs, users, items, _, _, _, rv, _ = _planted_items(3)
+    genre = np.array([0 if a["genres"] == ["A"] else 1 for a in attrs])
+    ratings = np.where(genre[items] == 0, 5.0, 1.0).astype(np.float32)
+    head = [("linear", [np.array([[0.0, 0.0, 1.0, 0.0]], np.float32), np.zeros(1, np.float32)])]
+    prior = ItemPrior(ItemPriorConfig(min_count=1, steps=300, rank_steps=50, lr=0.1),
+                      attributes=("genres", "year")).fit(
+        attrs, users, items, ratings, np.zeros((40, 2), np.float32), np.zeros(40, np.float32), (0.0, 5.5),
+        (1.0, 5.0), rv, item_factors=np.zeros((len(attrs), 2), np.float32),
+        item_bias=np.zeros(len(attrs), np.float32), head=head)
+    f = prior.rows([{"genres": ["A"], "year": 1990}, {"genres": ["B"], "year": 1990}])["item_factors"]
+    pred = 5.5 / (1 + np.exp(-f[:, 0]))
+    assert pred[0] > 4.5 and pred[1] < 1.5
+
+
 def test_prior_round_trip_is_plain_arrays():
     attrs, users, items, ratings, uf, ub, rv, _ = _planted_items(1)
     prior = ItemPrior(ItemPriorConfig(min_count=1, steps=20, rank_steps=20, hidden=4)).fit(
