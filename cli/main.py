@@ -32,7 +32,9 @@ def fail_cleanly(fn):
             raise click.ClickException(f"invalid database URL: {str(e).splitlines()[0]}") from None
         except (OperationalError, ProgrammingError) as e:
             msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
-            if "no such table" in msg or "does not exist" in msg:
+            if "connection failed" in msg:  # (PostgreSQL: e.g. the database itself does not exist)
+                msg = msg.split("FATAL:")[-1].strip()
+            elif "no such table" in msg or "does not exist" in msg:
                 msg = "the database is empty: run `cfb ingest …` first"
             raise click.ClickException(f"database error: {msg}") from None
 
@@ -249,7 +251,7 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True))
 @click.option("--wd", type=FiniteFloat(min=0))
 @click.option("--bs", type=click.IntRange(min=1), help="Batch size.")
-@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
 @click.option("--valid-pct", type=FiniteFloat(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
 @click.option("--drift-limit", type=FiniteFloat(0, 1), default=0.2, show_default=True,
@@ -538,7 +540,7 @@ def models(ctx: Ctx, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("version", type=click.IntRange(min=1))
+@click.argument("version", type=click.IntRange(1, 2**31 - 1))
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly

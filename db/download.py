@@ -135,7 +135,10 @@ def download(name: str, cache: Path | None = None, timeout: float = 30, progress
         found = _find_marker(root, inner, marker)
         if found is not None:
             return found
-        shutil.rmtree(root)  # an incomplete copy made by an older cfb
+        if any(root.iterdir()):  # not a copy cfb completed: the user's files, never deleted here
+            raise CfbError(f"{root} exists and does not hold {name}: move it away, or ingest it with "
+                           f"`cfb ingest {INGEST[name]} {root}`")
+        root.rmdir()
     base.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(base, name)
     part = base / f"{name}.zip.part"

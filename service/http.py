@@ -672,7 +672,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
         scale = store.rating_scale(conn) or (1.0, 5.0)
         lo, hi = scale
-        return [float(x) for x in np.arange(lo, hi + 1e-9, 1.0)] if hi - lo <= 20 else [lo, hi]
+        step = 0.5 if lo % 1 else 1.0  # a half-star scale (0.5..5) offers every half star
+        return [float(x) for x in np.arange(lo, hi + 1e-9, step)] if hi - lo <= 20 else [lo, hi]
 
     def _rating_select(scale: list[float], name: str, item: str, blank: str) -> str:
         opts = [f"<option value=''>{escape(blank)}</option>"]

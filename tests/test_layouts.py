@@ -490,3 +490,18 @@ def test_download_cli_names_match_sources(tmp_path, db_url, monkeypatch):
     monkeypatch.setitem(download.SOURCES, "movielens-1m", (closed_port, "ml-1m", "ratings.dat"))
     fails(run(db_url, "data", "download", "movielens-1m", "--quiet"),
           r"could not download movielens-1m .*use `cfb ingest movielens PATH`")
+
+
+def test_download_never_deletes_a_folder_it_did_not_complete(tmp_path, fake_source):
+    from cfb.cf_core.errors import CfbError
+
+    download, _ = fake_source
+    cache = tmp_path / "cache"
+    mine = cache / "movielens-test"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("important")
+    with pytest.raises(CfbError, match=r"movielens-test exists and does not hold movielens-test: move it away"):
+        download.download("movielens-test", cache=cache)
+    assert (mine / "notes.txt").read_text() == "important"
+    mine.joinpath("notes.txt").unlink()  # an empty folder is taken over
+    assert download.download("movielens-test", cache=cache) == mine / "ml-test"
