@@ -422,6 +422,8 @@ def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
     """PCA of the item factors of the N most-rated items (fastai book, chapter 8): pc1..pc3 per item."""
     from ..service.inspect import pca, plot_pca
 
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise CfbError(f"--plot {str(plot)!r}: the plot is a PNG, give a file name ending in .png")
     with ctx.engine.connect() as conn:
         out = pca(conn, n)
     if plot is not None:

@@ -386,6 +386,10 @@ def test_inspect_pca_command_and_plot(trained, db_url, tmp_path):
     res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "12", "--plot", str(png)])
     assert res.exit_code == 0, res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written" in res.output
+    for bad in ("noext", "x.xyz"):  # a name the PNG would not be written under: refused, nothing written
+        res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "--plot", str(tmp_path / bad)])
+        assert res.exit_code == 1 and "give a file name ending in .png" in res.output
+        assert not list(tmp_path.glob(bad + "*"))
     # the planted taste groups separate along the first component
     a = [i["pc1"] for i in out["items"] if i["item"].startswith("a")]
     b = [i["pc1"] for i in out["items"] if i["item"].startswith("b")]
