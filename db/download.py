@@ -139,7 +139,11 @@ def download(name: str, cache: Path | None = None, timeout: float = 30, progress
             raise CfbError(f"{root} exists and does not hold {name}: move it away, or ingest it with "
                            f"`cfb ingest {INGEST[name]} {root}`")
         root.rmdir()
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CfbError(f"cannot create the data folder {base} ({e.strerror or e}): set CFB_HOME to a writable "
+                       "folder") from None
     _clear_leftovers(base, name)
     part = base / f"{name}.zip.part"
     tmp: Path | None = None

@@ -505,3 +505,12 @@ def test_download_never_deletes_a_folder_it_did_not_complete(tmp_path, fake_sour
     assert (mine / "notes.txt").read_text() == "important"
     mine.joinpath("notes.txt").unlink()  # an empty folder is taken over
     assert download.download("movielens-test", cache=cache) == mine / "ml-test"
+
+
+def test_download_into_a_home_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    monkeypatch.setenv("CFB_HOME", str(a_file))
+    res = CliRunner().invoke(cli, ["data", "download", "movielens-100k"])
+    assert res.exit_code == 1 and res.output.startswith("Error: cannot create the data folder")
+    assert len(res.output.strip().splitlines()) == 1
