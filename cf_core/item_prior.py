@@ -416,7 +416,8 @@ class ItemPrior:
         ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)
         layers = [(op, [t(p) for p in params]) for op, params in head]
         lo, hi = self.y_range_
-        W = t(W0).clone().requires_grad_(True)
+        start = t(W0)
+        W = start.clone().requires_grad_(True)
         opt = torch.optim.Adam([W], lr=cfg.lr)
         n, batch = len(ratings), MAX_RATINGS_PER_STEP // 10
         for _ in range(cfg.steps):
@@ -427,7 +428,7 @@ class ItemPrior:
                 x = x @ params[0].T + params[1] if op == "linear" else torch.relu(x) if op == "relu" else \
                     x * params[0] + params[1]
             pred = lo + (hi - lo) * torch.sigmoid(x[:, 0])
-            loss = ((pred - rt[sel]) ** 2).mean() + cfg.l2 * ((W - t(W0)) ** 2).sum()
+            loss = ((pred - rt[sel]) ** 2).mean() + cfg.l2 * ((W - start) ** 2).sum()
             loss.backward()
             opt.step()
         self.W_ = W.detach().cpu().numpy().astype(np.float32)

@@ -171,11 +171,12 @@ def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int =
 
     codes, used, names = distinct_ids(items)
     new = {x for x in names if not x.isdigit()} - given
+    if new:
+        new -= set(store.id_map(conn, Item))
     if not new:
         return
-    new -= set(store.id_map(conn, Item))
     titled = {t: e for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None)))
-              if t in new} if new else {}
+              if t in new}
     if titled:
         hit = next(k for k, x in enumerate(names) if x in titled)
         pos, name = int(np.argmax(codes == used[hit])), names[hit]
