@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..bootstrap.questionnaire import Questionnaire
+from ..cf_core.errors import InputError
 from ..db import store, versions
 from ..db.engine import make_engine
 from ..db.schema import Item
 from ..db.sources import Dataset
 from ..service.incremental import retrain_incremental
 from ..service.ingest import ingest_dataset
-from ..service.onboard import onboard, questionnaire_json
+from ..service.onboard import conform_answer, onboard, questionnaire_json
 from ..service.state import load_served, user_vector
 from ..service.training import retrain_full
 from ..cf_core.model import ServingConfig, UserVector
@@ -129,7 +131,9 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                          **train_params)
     timings["retrain_s"] = round(time.perf_counter() - t0, 3)
     with engine.connect() as conn:
-        avg = _average_user(conn, load_served(conn))  # warm users only: the same at every budget
+        served = load_served(conn)
+        avg = _average_user(conn, served)  # warm users only: the same at every budget
+        answers_of = {u: accepted_answers(served.model.questionnaire, attrs_of.get(u, {})) for u in cold}
     engine.dispose()
     with closing(sqlite3.connect(base)) as raw:  # fold the WAL in, so that plain file copies are whole
         raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -152,6 +156,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     splits = {u: answer_pool_split(user_index[u], by_user[u]["item"].tolist(), seed) for u in cold_sorted}
 
     out = {"seed": seed, "n_cold": len(cold), "n_warm": len(users) - len(cold), "train": _train_summary(train),
+           "unanswerable_attributes": sum(len(attrs_of.get(u) or {}) - len(answers_of[u]) for u in cold),
            "budgets": {}, "timings": timings}
     for q in budgets:
         with _db_copy(base, workdir / f"seed{seed}_q{q}.db") as eng:
@@ -162,7 +167,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                 pool = by_user[u].set_index("item").loc[splits[u][0], "rating"]
                 given = {i: float(pool[i]) for i in asked if i in pool.index}
                 answers += len(given)
-                entries.append((f"cold user {u}", {"user": u, "answers": attrs_of.get(u, {}), "ratings": given}))
+                entries.append((f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": given}))
             t0 = time.perf_counter()
             onboard(eng, entries)
             onboard_ms = (time.perf_counter() - t0) * 1000 / max(len(entries), 1)
@@ -183,7 +188,23 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                                  **with_differences({m: t.result() for m, t in tallies.items()})}
     if fold_steps:
         with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
-            out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, fold_steps, fitted, item_ids)
+            out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, answers_of, fold_steps,
+                                            fitted, item_ids)
+    return out
+
+
+def accepted_answers(questionnaire: Questionnaire, attrs: dict) -> dict:
+    """The attribute answers a simulated new user gives: those the questionnaire accepts. A value it does
+    not offer (a category no training user had, a number far outside the training range, an attribute it
+    does not ask about) is left unanswered, as a real user facing the form would leave it."""
+    out = {}
+    for name, value in (attrs or {}).items():
+        q = questionnaire.question(name)
+        if q is not None and value is not None:
+            try:
+                out[name] = conform_answer(q, value)
+            except InputError:
+                pass
     return out
 
 
@@ -218,10 +239,10 @@ def _aligned_baselines(fitted: dict, item_ids, cat) -> dict:  # noqa: ANN001
     return {name: _Aligned(model, item_ids, cat) for name, model in fitted.items()}
 
 
-def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, steps, fitted,  # noqa: ANN001
-                   item_ids) -> dict:
+def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, answers_of: dict,  # noqa: ANN001
+                   steps, fitted, item_ids) -> dict:
     """§5: onboard with Q = 0, reveal the first n ratings in time order, incremental retrain after each step."""
-    onboard(eng, [(f"cold user {u}", {"user": u, "answers": attrs_of.get(u, {}), "ratings": {}}) for u in cold_sorted])
+    onboard(eng, [(f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": {}}) for u in cold_sorted])
     timeline = {u: g.sort_values(["timestamp", "item"], kind="stable") for u, g in cold_ratings.groupby("user")}
     first10 = {u: timeline[u].iloc[:10] for u in cold_sorted}
     evalset = {u: timeline[u].iloc[10:] for u in cold_sorted}

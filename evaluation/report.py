@@ -74,4 +74,8 @@ def render(result: dict) -> str:
     lines.append(f"timings (seed {result['per_seed'][0]['seed']}): ingest {t['ingest_s']} s, full retrain {t['retrain_s']} s, "
                  + ", ".join(f"onboard Q={q} {b['onboard_ms_per_user']} ms/user"
                              for q, b in result["per_seed"][0]["budgets"].items()))
+    left = sum(r.get("unanswerable_attributes", 0) for r in result["per_seed"])
+    if left:
+        lines.append(f"cold users' attribute answers left unanswered over the seeds: {left} (values the "
+                     "questionnaire does not offer, such as a category no training user had)")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 
+from ..bootstrap.questionnaire import Question
 from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
@@ -102,6 +103,28 @@ def _is_finite_number(value) -> bool:
         return False
 
 
+def conform_answer(q: Question, value, where: str | None = None):  # noqa: ANN001, ANN201
+    """An answer to attribute question ``q`` as stored (a category or text as text), or an InputError
+    naming the problem: a number that is not finite or far out of the training range, a category the
+    questionnaire does not offer, a list or object where text is asked."""
+    field = f"answers.{q.name}"
+    if q.type == "number":
+        if not _is_finite_number(value):
+            raise InputError(f"expected a {'finite ' if _is_number(value) else ''}number, got {value!r}",
+                             source=where, field=field)
+        accepted = q.accepted_range()
+        if accepted and not accepted[0] <= value <= accepted[1]:
+            raise InputError(f"{value:g} is out of range: this model takes {accepted[0]:g}..{accepted[1]:g} "
+                             f"(its training users' {q.name} spans {q.range[0]:g}..{q.range[1]:g})",
+                             source=where, field=field)
+        return value
+    if q.type == "category" and (isinstance(value, (dict, list, bool)) or str(value) not in (q.values or [])):
+        raise InputError(f"{value!r} is not one of {', '.join(q.values or [])}", source=where, field=field)
+    if isinstance(value, (dict, list, bool)):
+        raise InputError(f"expected text, got {value!r}", source=where, field=field)
+    return str(value)
+
+
 def read_answers_file(path: Path) -> list[tuple[str, dict]]:
     """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location.
 
@@ -177,27 +200,8 @@ class SignupValidator:
             if q is None:
                 names = ", ".join(x.name for x in self.questionnaire.questions)
                 raise InputError(f"unknown attribute (questions: {names})", source=where, field=f"answers.{name}")
-            if value is None:
-                continue
-            if q.type == "number":
-                if not _is_finite_number(value):
-                    raise InputError(f"expected a {'finite ' if _is_number(value) else ''}number, got {value!r}",
-                                     source=where, field=f"answers.{name}")
-                accepted = q.accepted_range()
-                if accepted and not accepted[0] <= value <= accepted[1]:
-                    raise InputError(f"{value:g} is out of range: this model takes {accepted[0]:g}..{accepted[1]:g} "
-                                     f"(its training users' {name} spans {q.range[0]:g}..{q.range[1]:g})",
-                                     source=where, field=f"answers.{name}")
-            elif q.type == "category":
-                if isinstance(value, (dict, list, bool)) or str(value) not in (q.values or []):
-                    raise InputError(f"{value!r} is not one of {', '.join(q.values or [])}", source=where,
-                                     field=f"answers.{name}")
-                value = str(value)
-            else:
-                if isinstance(value, (dict, list, bool)):
-                    raise InputError(f"expected text, got {value!r}", source=where, field=f"answers.{name}")
-                value = str(value)
-            attributes[name] = value
+            if value is not None:
+                attributes[name] = conform_answer(q, value, where)
         raw = {} if entry.get("ratings") is None else entry["ratings"]
         if not isinstance(raw, dict):
             raise InputError("'ratings' must be an object of item: rating", source=where, field="ratings")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cfb.cf_core.split import answer_pool_split, cold_users, valid_split
+from cfb.db.sources import Dataset
 from cfb.evaluation.baselines import DemographicPopularity, Popularity, age_band
 from cfb.evaluation.metrics import ndcg_at_k, recall_at_k
 
@@ -121,11 +122,18 @@ def test_standard_error_over_seeds_counts_each_user_once():
 
 def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     """One seed of §4b and §5 on the planted set: each paired difference is the difference of the two
-    methods' means on the same users, and the text report shows them."""
+    methods' means on the same users, and the text report shows them. A cold user whose attribute
+    values the questionnaire does not offer (a gender no training user has, an age far out of range)
+    leaves them unanswered instead of stopping the run."""
     from cfb.evaluation.coldstart import run_protocol
     from cfb.evaluation.report import render
 
+    odd = min(cold_users(sorted(planted.ratings.user.unique()), 42))
+    users = planted.users.copy()
+    users["attributes"] = [{"gender": "X", "age": 10**6} if u == odd else a for u, a in zip(users.user, users.attributes)]
+    planted = Dataset(planted.ratings, planted.items, users, planted.scale, planted.name)
     out = run_protocol(planted, seeds=(42,), budgets=(0, 5), fold_steps=(0, 1))
+    assert out["per_seed"][0]["unanswerable_attributes"] == 2
     assert '"per_user":' not in json.dumps(out)  # per-user lists serve the seed mean, not the report
     assert out["mean"]["fold_in"][1]["cfb_step"] == out["per_seed"][0]["fold_in"][1]["cfb_step"]  # one seed
     assert out["mean"]["budgets"][5]["cfb"]["ndcg@10_se"] == out["per_seed"][0]["budgets"][5]["cfb"]["ndcg@10_se"]
@@ -140,3 +148,4 @@ def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     text = render(out)
     assert text.count("cfb − positive pop.") == 4 and text.count("cfb − previous n") == 2
     assert f"{fold[1]['cfb_step']['diff']:+.4f} ±{fold[1]['cfb_step']['se']:.4f}" in text
+    assert "attribute answers left unanswered over the seeds: 2" in text
