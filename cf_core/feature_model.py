@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .data import CollabData
+from .progress import training_output
 
 N_COUNT_BUCKETS = 12  # n = 0, 1, 2–3, 4–7, …, ≥ 1024
 
@@ -517,11 +518,8 @@ class FeatureUserModel:
         t0 = time.perf_counter()
         try:
             epochs = cfg.epochs_for(data.n_users)
-            if self.progress:
+            with training_output(learn, self.progress):
                 learn.fit_one_cycle(epochs, cfg.lr, wd=cfg.wd)
-            else:
-                with learn.no_bar(), learn.no_logging():
-                    learn.fit_one_cycle(epochs, cfg.lr, wd=cfg.wd)
         finally:
             torch.use_deterministic_algorithms(deterministic)
         self.fit_s_ = round(time.perf_counter() - t0, 3)

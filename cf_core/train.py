@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import CollabData
+from .progress import training_output
 from .rating import DotRating, NNRating
 from .scoring import Head
 
@@ -118,11 +119,8 @@ class CollabModel:
             extra["opt_func"] = lazy_adamw_opt_func()
         learn = Learner(dls, module, loss_func=self._loss(), cbs=[clock, compact_losses()], **extra)
         t0 = time.perf_counter()
-        if self.progress:
+        with training_output(learn, self.progress):
             learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
-        else:
-            with learn.no_bar(), learn.no_logging():
-                learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
         fit_s = time.perf_counter() - t0
         torch.use_deterministic_algorithms(deterministic)
         values = learn.recorder.values

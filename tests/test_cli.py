@@ -156,6 +156,20 @@ def test_real_cfb_subprocess(cli_db, tmp_path):
     assert res.returncode == 1 and res.stderr.strip() == "Error: unknown user 'ghost'"
 
 
+def test_training_progress_goes_to_stderr(cli_db):
+    """A full retrain in its own process: stdout holds its one result line only (so it can be piped),
+    fastai's progress bars and epoch table go to stderr, and --quiet shows nothing."""
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    env = {**os.environ, "CFB_DATABASE_URL": cli_db}
+    res = subprocess.run([*cmd, "retrain", "--full"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("\n") == 1 and res.stdout.startswith("version ")
+    assert "train_loss" in res.stderr and "generator is empty" not in res.stderr
+    res = subprocess.run([*cmd, "retrain", "--full", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "train_loss" not in res.stderr + res.stdout
+
+
 def test_drift_limit_turns_a_retrain_full(runner, cli_db):
     assert run(runner, cli_db, "rate", "a0", "b30", "1").exit_code == 0
     out = json.loads(run(runner, cli_db, "retrain", "--json", "--drift-limit", "0", "--epochs", "2").output)
