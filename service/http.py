@@ -24,6 +24,7 @@ import os
 import sqlite3
 import threading
 import weakref
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
 from string import Template
@@ -50,6 +51,7 @@ from .state import load_served
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
 MAX_N = 100
+MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
 WEB = Path(__file__).parent / "web"
 POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
 
@@ -468,22 +470,48 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     app.state.engine = engine
 
     # --- plumbing: errors, body limit, auth ---------------------------------------------------
+    pages: set[Callable] = set()  # the web pages' endpoints (``page``): their errors are answered as HTML pages
+
+    def page(path: str) -> Callable[[Callable], Callable]:
+        """``app.get(path)`` for a web page: HTML (its errors too, by ``answer_error``), not in the API schema."""
+        def register(endpoint: Callable) -> Callable:
+            pages.add(endpoint)
+            return app.get(path, response_class=HTMLResponse, include_in_schema=False)(endpoint)
+        return register
+
+    def error_page(message: str, status: int, headers: dict | None = None) -> HTMLResponse:
+        """A web page's error: its one-line message (escaped) and a link back, with the API's status."""
+        body = (f"<h1>cfb</h1><p class='error' role='alert'>{escape(message)}</p>"
+                f"<p><a id='back' href='/'>Back to the start page</a></p>")
+        page_ = _page("cfb: error", body, token is not None)
+        page_.status_code = status
+        page_.headers.update(headers or {})
+        return page_
+
+    def answer_error(request: Request, e: ApiError | CfbError) -> Response:
+        """``error_response(e)`` (JSON), or on a web page the same message and status as an HTML page."""
+        if request.scope.get("endpoint") not in pages:
+            return error_response(e)
+        if isinstance(e, ApiError):
+            return error_page(e.message, e.status, e.headers)
+        return error_page(str(e), _error_status(e))
+
     @app.exception_handler(ApiError)
     @app.exception_handler(CfbError)
-    async def _api_error(_request: Request, e: ApiError | CfbError):
-        return error_response(e)
+    async def _api_error(request: Request, e: ApiError | CfbError):
+        return answer_error(request, e)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, e: RequestValidationError):
+    async def _validation_error(request: Request, e: RequestValidationError):
         err = (e.errors() or [{}])[0]
         loc = [str(x) for x in err.get("loc", ())]
         field = loc[-1] if loc else None
         where = f"{loc[0]} parameter '{field}'" if len(loc) >= 2 and loc[0] in ("query", "path") else f"field '{field}'"
-        return json_response({"error": f"{where}: {err.get('msg', 'invalid')}", "field": field}, 422)
+        return answer_error(request, ApiError(422, f"{where}: {err.get('msg', 'invalid')}", field))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, e: StarletteHTTPException):
-        return json_response({"error": str(e.detail)}, e.status_code, getattr(e, "headers", None))
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return answer_error(request, ApiError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)))
 
     if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
@@ -507,7 +535,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             raise ApiError(422, "request body: JSON nested too deeply") from None
         bad = first_unreadable_value(doc)
         if bad is not None:
-            raise ApiError(422, f"request body, field '{bad[0]}': {bad[1]}", field=bad[0] or None)
+            where = f"request body, field '{bad[0]}'" if bad[0] else "request body"  # '': the body itself
+            raise ApiError(422, f"{where}: {bad[1]}", field=bad[0] or None)
         if not isinstance(doc, dict):
             raise ApiError(422, "request body: expected a JSON object")
         return doc
@@ -636,7 +665,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response(versions.list_versions(conn))
 
     @app.get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)")
-    async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N), min_ratings: int = Query(0, ge=0)):
+    async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N),
+                             min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
         with engine.connect() as conn:
             return json_response(serving.biases(conn, n, min_ratings))
 
@@ -653,7 +683,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         app.mount("/static/swagger", StaticFiles(directory=swagger), name="swagger")
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
 
-    @app.get("/docs", include_in_schema=False)
+    @page("/docs")
     async def docs():
         if swagger is None:
             return HTMLResponse("<!doctype html><title>cfb API</title><p>Swagger UI is not installed "
@@ -681,15 +711,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return (f"<select name='{escape(name)}' data-item='{escape(str(item))}' "
                 f"aria-label='rating'>{''.join(opts)}</select>")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @page("/")
     def home(budget: int = Query(15, ge=0, le=MAX_BUDGET)):
         from .onboard import questionnaire_json
 
         with engine.connect() as conn:
-            try:
-                q = questionnaire_json(conn, budget)
-            except CfbError as e:
-                return _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>")
+            q = questionnaire_json(conn, budget)  # a CfbError: an error page (answer_error)
             scale = _scale(conn)
         rows = []
         for a in q["attributes"]:
@@ -716,18 +743,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"<p class='small'>Model version {q['version']}.</p>")
         return _page("cfb: sign up", body, token is not None)
 
-    def _error_page(e: CfbError) -> HTMLResponse:
-        page = _page("cfb", f"<h1>cfb</h1><p class='error'>{escape(str(e))}</p>", token is not None)
-        page.status_code = _error_status(e)
-        return page
-
-    @app.get("/user/{user:path}", response_class=HTMLResponse, include_in_schema=False)
+    @page("/user/{user:path}")
     def user_page(user: str, n: int = Query(10, ge=1, le=MAX_N)):
         with engine.connect() as conn:
-            try:
-                rec = serving.recommend(conn, user, n)
-            except CfbError as e:
-                return _error_page(e)
+            rec = serving.recommend(conn, user, n)
             scale = _scale(conn)
         items = "".join(_rec_row(it, scale) for it in rec["items"])
         body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
@@ -742,28 +761,22 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
                 f"{_rating_select(scale, 'rate', it['item'], 'rate…')}</li>")
 
-    @app.get("/item/{item:path}", response_class=HTMLResponse, include_in_schema=False)
+    @page("/item/{item:path}")
     def item_page(item: str, n: int = Query(10, ge=1, le=MAX_N)):
         with engine.connect() as conn:
-            try:
-                out = serving.similar(conn, item, n)
-            except CfbError as e:
-                return _error_page(e)
+            out = serving.similar(conn, item, n)
         rows = "".join(f"<li><a href='{_item_href(it['item'])}'>{_name(it)}</a> "
                        f"<span class='score'>{it['score']:.3f}</span></li>" for it in out["items"])
         body = (f"<h1 id='item-title'>{_name(out)}</h1><p class='small'>item {escape(str(out['item']))}</p>"
                 f"<h2>Similar items</h2><ol id='similar'>{rows}</ol>")
         return _page(f"cfb: {out.get('title') or out['item']}", body, token is not None)
 
-    @app.get("/explore", response_class=HTMLResponse, include_in_schema=False)
-    def explore(n: int = Query(50, ge=2, le=500), min_ratings: int = Query(0, ge=0)):
+    @page("/explore")
+    def explore(n: int = Query(50, ge=2, le=500), min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
         from .inspect import pca, pca_svg
 
         with engine.connect() as conn:
-            try:
-                result = pca(conn, n)
-            except CfbError as e:
-                return _page("cfb: explore", f"<h1>Explore</h1><p class='error'>{escape(str(e))}</p>")
+            result = pca(conn, n)
             try:
                 b = serving.biases(conn, 10, min_ratings)
                 biases_html = "".join(

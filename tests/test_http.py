@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from html import escape
 
 import pytest
 
@@ -202,6 +203,82 @@ def test_error_codes(server, trained):
     assert server.get("/users/a0/recommendations", params={"by": "magic"}).status_code == 422
     for budget in (-1, 31):
         assert server.get("/questionnaire", params={"budget": budget}).status_code == 422
+
+
+def rating_count(engine) -> int:
+    from sqlalchemy import func, select
+
+    from cfb.db.schema import Rating
+
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(Rating)))
+
+
+HUGE = "1" + "0" * 400  # 10**400 as JSON digits: a valid JSON number no float holds
+
+
+@pytest.mark.parametrize("path, raw, field", [
+    ("/users/a0/ratings", '{"item": "a1", "rating": %s}' % HUGE, "rating"),
+    ("/users/a0/ratings", '{"item": "a1", "rating": -%s}' % HUGE, "rating"),
+    ("/users/a0/ratings", '{"item": "a1", "rating": %s}' % ("9" * 5000), "rating"),  # over int()'s digit limit
+    ("/users/a0/ratings", '{"item": "a1", "rating": 1e400}', "rating"),  # Python's float: inf
+    ("/users/a0/ratings", '{"item": "a1", "rating": NaN}', "rating"),
+    ("/users/a0/ratings", '{"item": "a1", "rating": -Infinity}', "rating"),
+    ("/users/a0/ratings", '{"item": %s, "rating": 3}' % HUGE, "item"),
+    ("/users", '{"ratings": {"a1": %s}}' % HUGE, "ratings.a1"),
+    ("/users", '{"ratings": {"a1": 1e400}}', "ratings.a1"),
+    ("/users", '{"answers": {"age": %s}}' % HUGE, "answers.age"),
+    ("/users", '{"answers": {"age": -1e400}}', "answers.age"),
+    ("/users", '{"user": %s}' % HUGE, "user"),
+    ("/users", HUGE, None),  # not an object: no field to name
+])
+def test_huge_and_non_finite_numbers_are_422_naming_the_field(server, trained, path, raw, field):
+    engine, _ = trained
+    users, ratings = user_count(engine), rating_count(engine)
+    r = server.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    out = r.json()
+    assert out.get("field") == field and "\n" not in out["error"] and len(out["error"]) < 200
+    assert out["error"].startswith(f"request body, field '{field}': " if field else "request body: "), out["error"]
+    assert "numbers must be finite" in out["error"]
+    assert (user_count(engine), rating_count(engine)) == (users, ratings)
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/inspect/biases?min_ratings=" + HUGE, "min_ratings"), ("/inspect/biases?min_ratings=1e400", "min_ratings"),
+    ("/inspect/biases?n=" + HUGE, "n"), ("/inspect/pca?n=" + HUGE, "n"), ("/items/a1/similar?n=" + HUGE, "n"),
+    ("/questionnaire?budget=" + HUGE, "budget"), ("/questionnaire?budget=nan", "budget"),
+    ("/users/a0/recommendations?n=" + HUGE, "n"), ("/users/a0/recommendations?n=1e400", "n"),
+])
+def test_huge_query_numbers_are_422_naming_the_parameter(server, path, field):
+    r = server.get(path)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json", r.text
+    out = r.json()
+    assert out["field"] == field and out["error"].startswith(f"query parameter '{field}': ")
+    assert "\n" not in out["error"]
+    assert server.get("/inspect/biases", params={"min_ratings": 10**9}).json() == {"lowest": [], "highest": []}
+
+
+@pytest.mark.parametrize("page, api", [
+    ("/?budget=99", "/questionnaire?budget=99"), ("/?budget=x", "/questionnaire?budget=x"),
+    ("/user/a0?n=0", "/users/a0/recommendations?n=0"), ("/user/a0?n=" + HUGE, "/users/a0/recommendations?n=" + HUGE),
+    ("/item/a1?n=abc", "/items/a1/similar?n=abc"), ("/explore?n=1", "/inspect/pca?n=1"),
+    ("/explore?min_ratings=-1", "/inspect/biases?min_ratings=-1"),
+    ("/explore?min_ratings=" + HUGE, "/inspect/biases?min_ratings=" + HUGE),
+    ("/user/nobody", "/users/nobody/recommendations"), ("/item/nothing-like-it", "/items/nothing-like-it/similar"),
+    (f"/user/{XSS}", f"/users/{XSS}/recommendations"),
+])
+def test_web_pages_answer_bad_input_with_an_html_error_page(server, page, api):
+    """A page's error is an HTML page with the JSON API's status and one-line message (escaped) and a link
+    back; the API's answer to the same input stays JSON."""
+    want = server.get(api)
+    assert want.status_code in (404, 422) and want.headers["content-type"] == "application/json"
+    got = server.get(page)
+    assert got.status_code == want.status_code, got.text
+    assert got.headers["content-type"].startswith("text/html")
+    message = want.json()["error"]
+    assert "\n" not in message and f"<p class='error' role='alert'>{escape(message)}</p>" in got.text
+    assert "<a id='back' href='/'>" in got.text and XSS not in got.text
 
 
 def test_request_bodies_are_size_limited(server, trained):

@@ -66,6 +66,7 @@ def test_fast_path_answers_a_user_id_holding_a_slash(fast_and_slow):
     "/users/a0/recommendations?by=rating&by=", "/users/nobody/recommendations", "/users/nobody/recommendations?n=0",
     "/users/a%2F0/recommendations", "/users//recommendations", "/users/recommendations",
     "/users/a0/recommendations/", "/users/a0/recommendationsx", "/users/%C3%A9t%C3%A9/recommendations",
+    "/users/a0/recommendations?n=1" + "0" * 400, "/users/a0/recommendations?n=1e400", "/users/a0/recommendations?n=nan",
 ])
 def test_fast_path_parses_and_refuses_what_the_route_does(fast_and_slow, path):
     fast, slow, _ = fast_and_slow

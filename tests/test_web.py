@@ -110,3 +110,16 @@ def test_api_docs_render_offline(trained, db_url, browser):
         assert "/users/{user}/recommendations" in text and "cfb" in text
         loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert loaded and all(u.startswith(base) for u in loaded), loaded
+
+
+def test_bad_input_on_a_page_shows_an_html_error_with_a_link_back(trained, db_url, browser):
+    """A page asked with bad input (a hand-edited URL) shows the one-line error as text, not a JSON body."""
+    with running_server(db_url) as base:
+        for path, message in (("/?budget=99", "query parameter 'budget': Input should be less than or equal to 30"),
+                              (f"/user/{XSS}", f"unknown user '{XSS}'")):
+            browser.get(base + path)
+            assert no_alert(browser)
+            assert browser.find_element(By.CSS_SELECTOR, "main .error").text == message
+            browser.find_element(By.ID, "back").click()
+            WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "signup"))
+            assert browser.current_url == base + "/"
