@@ -25,7 +25,10 @@ Items get ``title`` and attributes ``authors`` (list), ``original_publication_ye
 ``language_code`` and ``tags``: the 10 most used shelf names from ``book_tags.csv`` + ``tags.csv``
 (keyed by the Goodreads id), leaving out Goodreads' default shelves read/to-read/currently-reading.
 
-Every problem raises ``InputError`` naming file, line and field before anything is written. Large
+Every release's ratings must lie on its scale in its steps (whole stars 1..5: 100k, 1M, goodbooks; half
+stars 0.5..5: 10M and the CSV releases), at no negative time, and (where the release has its item file)
+name items that file lists; blank lines at the end of any file are left out (one between rows is an
+error). Every problem raises ``InputError`` naming file, line and field before anything is written. Large
 ratings files are parsed by pandas' C reader, user and item ids as text exactly as written (so that they
 match the ids of the release's other files), into categorical columns; when the reader objects, the
 file is re-read line by line to name the first bad line and field.
@@ -42,11 +45,13 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .sources import ML100K_GENRES, Dataset, _fields, _numeric, check_scale, id_column
-from .textfile import read_text
+from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
+                      id_column)
+from .textfile import lines_before_trailing_blanks, read_text, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
 WHOLE_STARS = (1.0, 5.0)
+STEP = {HALF_STARS: 0.5, WHOLE_STARS: 1.0}  # each scale's step between ratings
 TOP_TAGS = 10
 
 ML1M_AGES = {"1": 15, "18": 18, "25": 25, "35": 35, "45": 45, "50": 50, "56": 56}
@@ -106,6 +111,26 @@ def _diagnose(path: Path, lines: list[tuple[int, list[str]]], names: list[str], 
                                  field=names[cols["timestamp"]])
 
 
+def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float], path: Path, first_line: int,
+                   rating: str = "rating", timestamp: str = "timestamp") -> None:
+    """The release's ratings on its scale, in its steps (whole or half stars), and no time negative."""
+    check_scale(ratings, scale, str(path), first_line=first_line, field=rating, step=STEP[scale])
+    if ratings["timestamp"].dtype != object:  # (a release without times holds None)
+        check_times(ratings["timestamp"].to_numpy(), str(path), first_line, timestamp)
+
+
+def _check_items(ratings: pd.DataFrame, items: pd.DataFrame | None, path: Path, first_line: int, field: str,
+                 item_file: str) -> None:
+    """Every rated item is in the release's item list (when the release has one)."""
+    if items is not None:
+        check_known_items(ratings, items["item"], str(path), first_line, field, item_file)
+
+
+def _text_lines(path: Path, encoding: str) -> list[str]:
+    """The lines of a text file, blank lines at its end left out."""
+    return without_trailing_blank_lines(read_text(path, encoding)).splitlines()
+
+
 def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
     """``UserID::MovieID::Rating::Timestamp`` lines (MovieLens 1M and 10M)."""
     names = ["UserID", "MovieID", "Rating", "Timestamp"]
@@ -113,21 +138,22 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
     if not path.exists():
         raise InputError("file not found", source=str(path))
     try:
+        rows = lines_before_trailing_blanks(path)  # (None: read to the end)
         # "a::b::c::d" split on ":" is 7 columns, the odd ones empty
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(path, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding,
                              engine="c", dtype={0: str, 1: "category", 2: str, 3: "category", 4: "float64",
                                                 5: "category", 6: "int64"}, keep_default_na=False,
-                             skip_blank_lines=False)
+                             skip_blank_lines=False, nrows=rows)
         users, items = id_column(df[0]), id_column(df[2])
         ok = all(set(df[c].cat.categories) <= {""} for c in (1, 3, 5))
         ok = ok and "" not in users.categories and "" not in items.categories and bool(np.isfinite(df[4]).all())
     except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
-        _diagnose(path, [(n, line.split("::")) for n, line in
-                         enumerate(read_text(path, encoding).splitlines(), start=1)], names, cols, "'::'-separated")
+        _diagnose(path, [(n, line.split("::")) for n, line in enumerate(_text_lines(path, encoding), start=1)],
+                  names, cols, "'::'-separated")
         raise InputError("malformed ratings file", source=str(path))
     return pd.DataFrame({"user": users, "item": items, "rating": df[4].to_numpy(np.float32),
                          "timestamp": df[6].to_numpy(np.int64)})
@@ -144,7 +170,9 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}",
                          source=str(path), line=1, field=missing[0])
     numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
-    fast = _with_whole_number_ids(path, header, user, item, rating, timestamp)
+    lines = lines_before_trailing_blanks(path)
+    rows = None if lines is None else lines - 1  # (None: read to the end)
+    fast = _with_whole_number_ids(path, header, user, item, rating, timestamp, rows)
     if fast is not None:
         return fast
     try:
@@ -152,14 +180,14 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(path, header=0, index_col=False, dtype={user: str, item: str, **numbers},
                              encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False,
-                             skipinitialspace=True)
+                             skipinitialspace=True, nrows=rows)
         users, items = id_column(df[user]), id_column(df[item])
         ok = len(df.columns) == len(header) and "" not in users.categories and "" not in items.categories \
             and bool(np.isfinite(df[rating]).all())
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
-        reader = csv.reader(io.StringIO(read_text(path), newline=""))
+        reader = csv.reader(io.StringIO(without_trailing_blank_lines(read_text(path)), newline=""))
         lines = []
         try:
             next(reader)
@@ -179,11 +207,12 @@ POWERS_OF_TEN = 10 ** np.arange(1, 19, dtype=np.int64)
 
 
 def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, rating: str,
-                           timestamp: str | None) -> pd.DataFrame | None:
+                           timestamp: str | None, rows: int | None = None) -> pd.DataFrame | None:
     """The ratings read with their ids parsed as whole numbers (several times faster than as text), or
     None unless that gives exactly what reading them as text gives: the ids are the first two columns
     and every one is written as ``str(int)`` writes it (no sign, leading zero, space or quote), which
-    is checked on the raw bytes: each id's text must be exactly as long as its number's digits."""
+    is checked on the raw bytes: each id's text must be exactly as long as its number's digits.
+    ``rows``: how many data lines to read (the blank lines after them left out), None: all."""
     if sorted(header[:2]) != sorted([user, item]) or len(header) != len(set(header)):
         return None
     numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
@@ -192,7 +221,7 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(path, header=0, index_col=False, dtype={user: "int64", item: "int64", **numbers},
                              encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False,
-                             skipinitialspace=True)
+                             skipinitialspace=True, nrows=rows)
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError, UnicodeError):
         return None
     if list(df.columns) != header or not np.isfinite(df[rating]).all():
@@ -211,6 +240,7 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
     starts = np.concatenate(pieces)
     if len(starts) and starts[-1] >= len(raw):
         starts = starts[:-1]  # each data line's first byte (the header's line is first)
+    starts = starts[:rows]  # (rows: the blank lines after them left out)
     if len(starts) != len(df):
         return None  # blank lines, quoted line breaks...: the careful reader decides
     factorized = {}
@@ -252,8 +282,9 @@ def _first_line(path: Path) -> str:
 
 
 def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line, fields) of a small CSV, checked for its column count."""
-    text = read_text(path).lstrip("\ufeff")
+    """Header and (line, fields) of a small CSV, checked for its column count (blank lines at its end
+    left out)."""
+    text = without_trailing_blank_lines(read_text(path).lstrip("\ufeff"))
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -336,7 +367,7 @@ def read_ml100k(folder: Path) -> Dataset:
         "user": raw["user"].str.strip(), "item": raw["item"].str.strip(),
         "rating": _numeric(raw, "rating", ratings_path, 1).astype(np.float32),
         "timestamp": _numeric(raw, "timestamp", ratings_path, 1, integer=True).astype(np.int64)})
-    check_scale(ratings, WHOLE_STARS, str(ratings_path), first_line=1)
+    _check_ratings(ratings, WHOLE_STARS, ratings_path, 1)
 
     items = None
     item_path = folder / "u.item"
@@ -349,7 +380,8 @@ def read_ml100k(folder: Path) -> Dataset:
             genres = [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1"]
             recs.append({"item": f[0].strip(), "title": f[1],
                          "attributes": _item_attrs(f[1], genres, release_date=f[2])})
-        items = pd.DataFrame(recs)
+        items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+    _check_items(ratings, items, ratings_path, 1, "item", item_path.name)
 
     users = None
     user_path = folder / "u.user"
@@ -361,13 +393,13 @@ def read_ml100k(folder: Path) -> Dataset:
             recs.append({"user": f[0].strip(), "attributes": {
                 "age": int(f[1]), "gender": f[2], "occupation": f[3], "zip": f[4]}})
         users = pd.DataFrame(recs)
-    return Dataset(ratings, items, users, scale=WHOLE_STARS, name="movielens", source=str(ratings_path))
+    return Dataset(ratings, items, users, scale=WHOLE_STARS, name="movielens", source=str(ratings_path), first_line=1)
 
 
 def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
     recs = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(read_text(path, encoding).splitlines(), start=1):
+    for n, line in enumerate(_text_lines(path, encoding), start=1):
         f = line.split("::")
         if len(f) < 3:
             raise InputError(f"expected MovieID::Title::Genres, found {len(f)} '::'-separated fields",
@@ -396,18 +428,23 @@ def _guess_encoding(path: Path) -> str:
         return "latin-1"
 
 
+DAT_FIELDS = ("Rating", "Timestamp")  # the names the README gives ratings.dat's fields
+DAT_COLUMNS = {"rating": "Rating", "item": "MovieID"}
+
+
 def read_ml1m(folder: Path) -> Dataset:
     """MovieLens 1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``, ISO-8859-1)."""
     folder = Path(folder)
     rpath = folder / "ratings.dat"
     ratings = read_dat_ratings(rpath, "latin-1")
-    check_scale(ratings, WHOLE_STARS, str(rpath), first_line=1, field="Rating")
+    _check_ratings(ratings, WHOLE_STARS, rpath, 1, *DAT_FIELDS)
     mpath = folder / "movies.dat"
     items = _read_dat_movies(mpath, "latin-1") if mpath.exists() else None
+    _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
     upath = folder / "users.dat"
     recs = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(read_text(upath, "latin-1").splitlines(), start=1):
+    for n, line in enumerate(_text_lines(upath, "latin-1"), start=1):
         f = [x.strip() for x in line.split("::")]
         if len(f) != 5:
             raise InputError(f"expected UserID::Gender::Age::Occupation::Zip-code, found {len(f)} '::'-separated "
@@ -432,7 +469,8 @@ def read_ml1m(folder: Path) -> Dataset:
             attrs["zip"] = zipcode
         recs.append({"user": user, "attributes": attrs})
     users = pd.DataFrame(recs, columns=["user", "attributes"])
-    return Dataset(ratings, items, users, scale=WHOLE_STARS, name="movielens-1m", source=str(rpath))
+    return Dataset(ratings, items, users, scale=WHOLE_STARS, name="movielens-1m", source=str(rpath),
+                   first_line=1, columns=DAT_COLUMNS)
 
 
 def read_ml10m(folder: Path) -> Dataset:
@@ -440,15 +478,16 @@ def read_ml10m(folder: Path) -> Dataset:
     folder = Path(folder)
     rpath = folder / "ratings.dat"
     ratings = read_dat_ratings(rpath, "latin-1")
-    check_scale(ratings, HALF_STARS, str(rpath), first_line=1, field="Rating")
+    _check_ratings(ratings, HALF_STARS, rpath, 1, *DAT_FIELDS)
     items = None
     mpath = folder / "movies.dat"
     if mpath.exists():
         items = _read_dat_movies(mpath, _guess_encoding(mpath))
+        _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
         tpath = folder / "tags.dat"
         if tpath.exists():
             rows = []
-            for n, line in enumerate(read_text(tpath, _guess_encoding(tpath)).splitlines(), start=1):
+            for n, line in enumerate(_text_lines(tpath, _guess_encoding(tpath)), start=1):
                 f = line.split("::")
                 if len(f) < 4:
                     raise InputError(f"expected UserID::MovieID::Tag::Timestamp, found {len(f)} '::'-separated "
@@ -457,7 +496,8 @@ def read_ml10m(folder: Path) -> Dataset:
                 if f[2].strip():
                     rows.append((f[1].strip(), f[2].strip().lower()))
             _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
-    return Dataset(ratings, items, None, scale=HALF_STARS, name="movielens-10m", source=str(rpath))
+    return Dataset(ratings, items, None, scale=HALF_STARS, name="movielens-10m", source=str(rpath), first_line=1,
+                   columns=DAT_COLUMNS)
 
 
 def _add_tags(items: pd.DataFrame, tags: dict[str, list[str]]) -> None:
@@ -471,7 +511,7 @@ def read_ml_csv(folder: Path) -> Dataset:
     folder = Path(folder)
     rpath = folder / "ratings.csv"
     ratings = read_csv_ratings(rpath, "userId", "movieId", "rating", "timestamp")
-    check_scale(ratings, HALF_STARS, str(rpath), first_line=2)
+    _check_ratings(ratings, HALF_STARS, rpath, 2)
     items = None
     mpath = folder / "movies.csv"
     if mpath.exists():
@@ -486,6 +526,7 @@ def read_ml_csv(folder: Path) -> Dataset:
             recs.append({"item": f[k_id].strip(), "title": title,
                          "attributes": _item_attrs(title, _genres(f[k_genres]))})
         items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+        _check_items(ratings, items, rpath, 2, "movieId", mpath.name)
         tpath = folder / "tags.csv"
         if tpath.exists():
             header, rows = _csv_rows(tpath, ["userId", "movieId", "tag"])
@@ -493,7 +534,8 @@ def read_ml_csv(folder: Path) -> Dataset:
             tags = pd.DataFrame([(f[k_item].strip(), f[k_tag].strip().lower()) for _, f in rows if f[k_tag].strip()],
                                 columns=["item", "tag"])
             _add_tags(items, _top_tags(tags, "item", "tag"))
-    return Dataset(ratings, items, None, scale=HALF_STARS, name="movielens", source=str(rpath))
+    return Dataset(ratings, items, None, scale=HALF_STARS, name="movielens", source=str(rpath),
+                   columns={"item": "movieId"})
 
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------
@@ -514,17 +556,21 @@ def read_goodbooks(folder: Path) -> Dataset:
     folder = Path(folder)
     release = goodbooks_release(folder)
     rpath = folder / "ratings.csv"
-    ratings = read_csv_ratings(rpath, "user_id", "book_id", "rating", None)
-    check_scale(ratings, WHOLE_STARS, str(rpath))
-    ratings = ratings.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
+    given = read_csv_ratings(rpath, "user_id", "book_id", "rating", None)
+    _check_ratings(given, WHOLE_STARS, rpath, 2)
     items = None
     bpath = folder / "books.csv"
     if bpath.exists():
-        items = _read_books(folder, bpath)
-    return Dataset(ratings, items, None, scale=WHOLE_STARS, name=f"goodbooks-{release}", source=str(rpath))
+        items, key = _read_books(folder, bpath)
+        _check_items(given, items, rpath, 2, "book_id", f"{bpath.name} (its {key} column)")
+    ratings = given.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
+    # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
+    return Dataset(ratings, items, None, scale=WHOLE_STARS, name=f"goodbooks-{release}", source=str(rpath),
+                   first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id"})
 
 
-def _read_books(folder: Path, bpath: Path) -> pd.DataFrame:
+def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
+    """The books (item, title, attributes) and the column that keys them (v1: id, v2: book_id)."""
     header, rows = _csv_rows(bpath, ["title"])
     if "id" in header:  # v1: id is what ratings' book_id means; its book_id is the Goodreads id
         key, goodreads = "id", "book_id"
@@ -580,4 +626,4 @@ def _read_books(folder: Path, bpath: Path) -> pd.DataFrame:
         tags = _top_tags(pd.DataFrame(data, columns=["book", "tag", "count"]), "book", "tag", "count")
         for book, top in tags.items():
             items["attributes"].iat[book]["tags"] = top
-    return items
+    return items, key

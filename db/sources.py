@@ -10,14 +10,14 @@ import csv
 import io
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .textfile import read_text
+from .textfile import read_text, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -34,6 +34,8 @@ class Dataset:
     scale: tuple[float, float] | None = None
     name: str = "ratings"
     source: str | None = None  # the ratings file, for errors found while writing
+    first_line: int | None = 2  # the line of ``source`` holding the first rating (None: rows are not its lines)
+    columns: dict[str, str] = field(default_factory=dict)  # {"rating"/"item": its name in ``source``} if not so
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False) -> np.ndarray:
@@ -69,15 +71,54 @@ def id_column(values: pd.Series, factorized: tuple[np.ndarray, np.ndarray] | Non
     return pd.Categorical.from_codes(codes, categories=text)
 
 
-def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: int = 2,
-                field: str = "rating") -> None:
-    """Every rating lies within ``scale`` (inclusive), else an error naming the first offender."""
+def _line(first_line: int | None, pos: int) -> int | None:
+    """The line of the row at ``pos`` when rows follow the lines from ``first_line`` on, else None."""
+    return None if first_line is None else first_line + pos
+
+
+def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: int | None = 2,
+                field: str = "rating", step: float | None = None) -> None:
+    """Every rating lies within ``scale`` (inclusive) and, given a ``step``, on a step from its low end,
+    else an error naming the first offender (first out of the scale, then off the steps)."""
     r = ratings["rating"].to_numpy(dtype=float)
     bad = (r < scale[0]) | (r > scale[1])
+    what = f"outside the scale {scale[0]:g}..{scale[1]:g}"
+    if step is not None and not bad.any():
+        steps = (r - scale[0]) / step
+        bad = np.abs(steps - np.round(steps)) > 1e-6
+        what = f"not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
     if bad.any():
         pos = int(np.flatnonzero(bad)[0])
-        raise InputError(f"rating {r[pos]:g} outside the scale {scale[0]:g}..{scale[1]:g}",
-                         source=source, line=first_line + pos, field=field)
+        raise InputError(f"rating {r[pos]:g} {what}", source=source, line=_line(first_line, pos), field=field)
+
+
+def check_times(times: np.ndarray, source: str, first_line: int, field: str = "timestamp") -> None:
+    """No time is negative (seconds since 1970), else an error naming the first one."""
+    bad = times < 0
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise InputError(f"negative time '{int(times[pos])}' (seconds since 1970 expected)", source=source,
+                         line=first_line + pos, field=field)
+
+
+def check_known_items(ratings: pd.DataFrame, items: pd.Series, source: str, first_line: int, field: str,
+                      item_file: str) -> None:
+    """Every rated item is one of ``items`` (the release's item list, ids as text), else an error naming
+    the first rating of an unknown one. Compares the distinct ids, then finds the row only on failure."""
+    codes, distinct = _codes(ratings["item"])
+    unknown = ~pd.Index(distinct).isin(pd.Index(items.astype(str)))
+    if unknown.any():
+        pos = int(np.flatnonzero(unknown[codes])[0])
+        raise InputError(f"item {str(distinct[codes[pos]])!r} is not in {item_file}", source=source,
+                         line=first_line + pos, field=field)
+
+
+def _codes(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(each row's code, the distinct ids as text) of an id column, categorical or not."""
+    if isinstance(ids.dtype, pd.CategoricalDtype):
+        return np.asarray(ids.array.codes), np.asarray(ids.array.categories.astype(str))
+    codes, distinct = pd.factorize(ids)
+    return codes, np.asarray(pd.Index(distinct).astype(str))
 
 
 def _raise_csv_problem(path: Path, text: str) -> None:
@@ -132,10 +173,7 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
                         "rating": _numeric(df, rating_col, path, 2).astype(np.float32)})
     if time_col and time_col in df.columns:
         out["timestamp"] = _numeric(df, time_col, path, 2, integer=True).astype(np.int64)
-        if (out["timestamp"] < 0).any():
-            pos = int(np.flatnonzero(out["timestamp"].to_numpy() < 0)[0])
-            raise InputError(f"negative time {df[time_col].iloc[pos]!r} (seconds since 1970 expected)",
-                             source=str(path), line=2 + pos, field=time_col)
+        check_times(out["timestamp"].to_numpy(), str(path), 2, time_col)
     else:
         out["timestamp"] = None
     return out
@@ -246,8 +284,10 @@ def _scalar(v: str):
 
 
 def _fields(path: Path, sep: str, encoding: str = "utf-8") -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every line of a delimited file without a header."""
-    return [(n, line.split(sep)) for n, line in enumerate(read_text(path, encoding).splitlines(), start=1)]
+    """(line number, fields) of every line of a delimited file without a header (blank lines at its end
+    left out)."""
+    text = without_trailing_blank_lines(read_text(path, encoding))
+    return [(n, line.split(sep)) for n, line in enumerate(text.splitlines(), start=1)]
 
 
 def read_movielens(folder: Path) -> Dataset:

@@ -22,3 +22,45 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise InputError(f"not valid {encoding} text (byte 0x{data[e.start]:02x})", source=str(path), line=line) from None
+
+
+BLANK = " \t\r\n"  # what a blank line holds
+TAIL_BLOCK = 1 << 16
+
+
+def without_trailing_blank_lines(text: str) -> str:
+    """``text`` less the blank lines at its end (its last line keeps its line break); ``text`` itself when
+    it has none, or holds nothing but blanks (the readers name an empty file)."""
+    end = len(text)
+    while end and text[end - 1] in BLANK:
+        end -= 1
+    tail = text[end:].splitlines(keepends=True)
+    return text if end == 0 or len(tail) < 2 else text[:end] + tail[0]
+
+
+def lines_before_trailing_blanks(path: Path) -> int | None:
+    """How many lines ``path`` has up to its last non-blank one when blank lines follow it, else None
+    (no blank line at its end, or nothing but blanks). Reads only the file's tail when there are none."""
+    with open(path, "rb") as f:
+        end = _content_end(f, f.seek(0, 2))
+        f.seek(end)
+        if end == 0 or len(f.read().decode("latin-1").splitlines()) < 2:
+            return None
+        f.seek(0)
+        breaks = 0
+        while f.tell() < end:
+            breaks += f.read(min(TAIL_BLOCK * 64, end - f.tell())).count(b"\n")
+    return breaks + 1
+
+
+def _content_end(f, size: int) -> int:  # noqa: ANN001
+    """The offset just after the last byte of an open binary file that is not blank (0: none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - TAIL_BLOCK)
+        f.seek(start)
+        kept = f.read(end - start).rstrip(BLANK.encode())
+        if kept:
+            return start + len(kept)
+        end = start
+    return 0

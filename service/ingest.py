@@ -38,8 +38,8 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             if scale is not None:
                 store.set_setting(conn, "rating_scale", f"{scale[0]:g},{scale[1]:g}")
         scale = known or scale
-        if scale is not None and len(ds.ratings):
-            check_scale(ds.ratings, scale, source)
+        if scale is not None and len(ds.ratings):  # lines and field as the reader names them
+            check_scale(ds.ratings, scale, source, ds.first_line, ds.columns.get("rating", "rating"))
         before = {t: store.count_rows(conn, t) for t in (User, Item)}
         given: dict = {User: set(), Item: set()}
         if ds.users is not None and len(ds.users):
@@ -51,7 +51,8 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
         r, n, changed = ds.ratings, 0, 0
         if len(r):  # write_ratings keeps one row per (user, item), the last one, as the table does
             if before[Item]:
-                refuse_titles_as_ids(conn, r["item"], given[Item], source)
+                refuse_titles_as_ids(conn, r["item"], given[Item], source, ds.first_line,
+                                     ds.columns.get("item", "item"))
             users, items = database_ids(conn, User, r["user"], given[User]), database_ids(conn, Item, r["item"], given[Item])
             store.lock_rating_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
             seq0 = store.next_seq(conn)
@@ -163,10 +164,12 @@ def distinct_ids(external) -> tuple[np.ndarray, np.ndarray, list[str]]:  # noqa:
     return codes, used, [str(c) for c in np.asarray(categories, dtype=object)[used].tolist()]
 
 
-def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int = 2) -> None:  # noqa: ANN001
+def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int | None = 2,  # noqa: ANN001
+                         field: str = "item") -> None:
     """Ratings name items by id: a new id that is the title of a stored item (``Star Wars (1977)`` for
-    item 50) is refused, naming its first line, rather than made into a second, untitled item. An id
-    of digits alone is taken as an id (a book may be titled "1984")."""
+    item 50) is refused, naming its first line (``first_line``: the first row's; None: rows are not the
+    file's lines) and ``field``, rather than made into a second, untitled item. An id of digits alone is
+    taken as an id (a book may be titled "1984")."""
     from sqlalchemy import select
 
     codes, used, names = distinct_ids(items)
@@ -181,7 +184,8 @@ def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int =
         hit = next(k for k, x in enumerate(names) if x in titled)
         pos, name = int(np.argmax(codes == used[hit])), names[hit]
         raise InputError(f"{name!r} is the title of item {titled[name]!r}, not an item id "
-                         "(ratings name items by id)", source=source, line=first_line + pos, field="item")
+                         "(ratings name items by id)", source=source,
+                         line=None if first_line is None else first_line + pos, field=field)
 
 
 def database_ids(conn, table, external, seen: set | None = None) -> np.ndarray:  # noqa: ANN001

@@ -113,3 +113,21 @@ def test_a_title_given_as_an_item_id_is_refused(engine, tmp_path, planted):
     upsert_items(engine, read_items_csv(write(tmp_path / "books.csv", "item,title\nbook7,1984\n")))
     out = ingest_dataset(engine, Dataset(read_ratings_csv(write(tmp_path / "n.csv", "user,item,rating\nfan,1984,5\n"))))
     assert out["new_items"] == 1
+
+
+def test_trailing_blank_lines_are_found_from_the_tail(tmp_path):
+    """Blank lines at a file's end are left out (the last line keeps its break), others kept; a long
+    blank tail spans several of the blocks read from the end."""
+    from cfb.db.textfile import TAIL_BLOCK, lines_before_trailing_blanks, without_trailing_blank_lines
+
+    assert without_trailing_blank_lines("a\nb  \n \n\t\r\n") == "a\nb  \n"
+    assert without_trailing_blank_lines("a\n\nb\n") == "a\n\nb\n"
+    for text, lines in [("a\nb\n", None), ("a\nb", None), ("a\nb\n\n", 2), ("h\r\na\r\n\r\n  ", 2), ("\n\n", None),
+                        ("x\n" * 5000 + "\n" * (3 * TAIL_BLOCK), 5000), ("\n\na\n \n", 3)]:
+        assert lines_before_trailing_blanks(write(tmp_path / "f.txt", text)) == lines, text[:20]
+
+
+def test_generic_ratings_csv_negative_time_names_the_text(tmp_path):
+    with pytest.raises(InputError, match=r"r.csv, line 3, field 'when': negative time '-7' \(seconds since 1970"):
+        read_ratings_csv(write(tmp_path / "r.csv", "who,what,stars,when\nu1,i1,4,1\nu2,i1,2,-7\n"),
+                         "who", "what", "stars", "when")

@@ -318,6 +318,133 @@ def test_goodbooks_malformed(tmp_path, db_url):
     assert_nothing_written(db_url)
 
 
+# --- checks every release reader makes -----------------------------------------------------------------
+def goodbooks(folder: Path, v1: bool = False) -> Path:
+    """A goodbooks-10k folder: v2, or v1 (ratings book_id,user_id,rating; books.csv keyed by ``id``)."""
+    folder.mkdir()
+    write(folder / "ratings.csv", "book_id,user_id,rating\n1,314,5\n3,314,2\n2,588,5\n" if v1 else
+          "user_id,book_id,rating\n1,3,5\n2,1,4\n2,2,5\n")
+    write(folder / "books.csv", BOOKS_V2.replace("book_id,goodreads_book_id,", "id,book_id,", 1) if v1 else BOOKS_V2)
+    write(folder / "book_tags.csv", BOOK_TAGS)
+    write(folder / "tags.csv", TAGS)
+    return folder
+
+
+RELEASES = {"100k": (ml100k, "movielens"), "1m": (ml1m, "movielens"), "10m": (ml10m, "movielens"),
+            "csv": (ml_csv, "movielens"), "goodbooks-v1": (lambda f: goodbooks(f, v1=True), "goodbooks"),
+            "goodbooks-v2": (goodbooks, "goodbooks")}
+
+
+def test_dat_rating_outside_the_database_scale_names_its_line(tmp_path, db_url):
+    """A release ingested into a database whose scale is narrower: the rating out of it is named at its
+    line of the file (ratings.dat and u.data have no header: their first row is line 1) and by the
+    field's name in that file, as the reader names it."""
+    ok(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
+    before = dump(db_url)
+    fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K"))),  # (a 0.5 on line 3)
+          r"ml-10M100K/ratings\.dat, line 3, field 'Rating': rating 0\.5 outside the scale 1\.\.5$")
+    assert dump(db_url) == before
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    ok(run(other, "ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\nu,i,4\n")), "--scale", "2,5",
+           "--json"))
+    fails(run(other, "ingest", "movielens", str(tmp_path / "ml-100k")),  # (a 1 on line 3)
+          r"u\.data, line 3, field 'rating': rating 1 outside the scale 2\.\.5$")
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("blanks", ["\n", "\n \n\t\n"])
+def test_trailing_blank_lines_are_accepted(tmp_path, release, blanks):
+    """Downloaded files sometimes end with a blank line: every file of every release may."""
+    make, kind = RELEASES[release]
+    got = []
+    for name, extra in (("as-released", ""), ("with-blanks", blanks)):
+        folder, url = make(tmp_path / name), f"sqlite:///{tmp_path / name}.db"
+        for path in folder.iterdir():
+            path.write_bytes(path.read_bytes() + extra.encode())
+        got.append((ok(run(url, "ingest", kind, str(folder), "--json")), dump(url)))
+    assert got[1] == got[0] and got[0][0]["ratings"] > 0
+
+
+def test_trailing_blank_lines_on_the_careful_paths_and_blank_lines_inside(tmp_path, db_url):
+    """Quoted ids (read as text, not as numbers) and a file ending in CRLF blank lines; a blank line
+    between ratings stays refused, at its line."""
+    folder = ml_csv(tmp_path / "ml-latest")
+    write(folder / "ratings.csv", 'userId,movieId,rating,timestamp\r\n"1",1,4.0,964982703\r\n2,3,0.5,964981247\r\n\r\n')
+    assert ok(run(db_url, "ingest", "movielens", str(folder), "--json"))["ratings"] == 2
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n\n2,3,0.5,964981247\n")
+    fails(run(other, "ingest", "movielens", str(folder)),
+          r"ratings\.csv, line 3: expected 4 fields \(comma-separated\), found 0$")
+    folder = ml1m(tmp_path / "ml-1m")
+    write(folder / "ratings.dat", "1::1193::5::978300760\n\n2::1193::4::978298413\n")
+    fails(run(other, "ingest", "movielens", str(folder)),
+          r"ratings\.dat, line 2: expected 4 fields \('::'-separated\), found 1$")
+    assert_nothing_written(other)
+
+
+@pytest.mark.parametrize("release, file, text, message", [
+    # half stars on whole-star releases; off the half-star steps on the others
+    pytest.param("100k", "u.data", "196\t242\t3\t881250949\n186\t302\t3.5\t891717742\n",
+        r"u\.data, line 2, field 'rating': rating 3\.5 not on the scale 1\.\.5 in steps of 1$", id="100k-half-star"),
+    pytest.param("1m", "ratings.dat", "1::1193::5::978300760\n1::661::4.5::978302109\n",
+        r"ratings\.dat, line 2, field 'Rating': rating 4\.5 not on the scale 1\.\.5 in steps of 1$", id="1m-half-star"),
+    pytest.param("goodbooks-v2", "ratings.csv", "user_id,book_id,rating\n1,3,5\n2,1,3.5\n",
+        r"ratings\.csv, line 3, field 'rating': rating 3\.5 not on the scale 1\.\.5 in steps of 1$",
+        id="goodbooks-v2-half-star"),
+    pytest.param("goodbooks-v1", "ratings.csv", "book_id,user_id,rating\n1,314,4.5\n",
+        r"ratings\.csv, line 2, field 'rating': rating 4\.5 not on the scale 1\.\.5 in steps of 1$",
+        id="goodbooks-v1-half-star"),
+    pytest.param("10m", "ratings.dat", "1::122::5::838985046\n1::185::3.25::838983525\n",
+        r"ratings\.dat, line 2, field 'Rating': rating 3\.25 not on the scale 0\.5\.\.5 in steps of 0\.5$",
+        id="10m-quarter-star"),
+    pytest.param("csv", "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,2.75,964981247\n",
+        r"ratings\.csv, line 3, field 'rating': rating 2\.75 not on the scale 0\.5\.\.5 in steps of 0\.5$",
+        id="csv-quarter-star"),
+    # negative times, on every release with times
+    pytest.param("100k", "u.data", "196\t242\t3\t881250949\n186\t302\t3\t-5\n",
+        r"u\.data, line 2, field 'timestamp': negative time '-5' \(seconds since 1970 expected\)$",
+        id="100k-negative-time"),
+    pytest.param("1m", "ratings.dat", "1::1193::5::-978300760\n",
+        r"ratings\.dat, line 1, field 'Timestamp': negative time '-978300760'", id="1m-negative-time"),
+    pytest.param("10m", "ratings.dat", "1::122::5::838985046\n1::185::4.5::838983525\n2::122::0.5::-1\n",
+        r"ratings\.dat, line 3, field 'Timestamp': negative time '-1'", id="10m-negative-time"),
+    pytest.param("csv", "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,0.5,-964981247\n",
+        r"ratings\.csv, line 3, field 'timestamp': negative time '-964981247'", id="csv-negative-time"),
+    # items missing from the release's item list
+    pytest.param("100k", "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t999\t1\t878887116\n",
+        r"u\.data, line 3, field 'item': item '999' is not in u\.item$", id="100k-unknown-item"),
+    pytest.param("1m", "ratings.dat", "1::1193::5::978300760\n1::1194::3::978302109\n",
+        r"ratings\.dat, line 2, field 'MovieID': item '1194' is not in movies\.dat$", id="1m-unknown-item"),
+    pytest.param("10m", "ratings.dat", "1::122::5::838985046\n1::186::4.5::838983525\n",
+        r"ratings\.dat, line 2, field 'MovieID': item '186' is not in movies\.dat$", id="10m-unknown-item"),
+    pytest.param("csv", "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,0.5,964981247\n",
+        r"ratings\.csv, line 3, field 'movieId': item '2' is not in movies\.csv$", id="csv-unknown-item"),
+    pytest.param("goodbooks-v2", "ratings.csv", "user_id,book_id,rating\n1,3,5\n2,4,3\n",
+        r"ratings\.csv, line 3, field 'book_id': item '4' is not in books\.csv \(its book_id column\)$",
+        id="goodbooks-v2-unknown-book"),
+    # v1: ratings' book_id is books.csv's id; 2767052 is only a Goodreads id there (its book_id column)
+    pytest.param("goodbooks-v1", "ratings.csv", "book_id,user_id,rating\n1,314,5\n2767052,439,3\n",
+        r"ratings\.csv, line 3, field 'book_id': item '2767052' is not in books\.csv \(its id column\)$",
+        id="goodbooks-v1-unknown-book"),
+])
+def test_release_ratings_refused(tmp_path, db_url, release, file, text, message):
+    """Ratings off the release's scale or steps, at a negative time, or of an item the release does not
+    list: one line naming file, line and field; nothing written."""
+    make, kind = RELEASES[release]
+    folder = make(tmp_path / release)
+    write(folder / file, text)
+    fails(run(db_url, "ingest", kind, str(folder)), message)
+    assert_nothing_written(db_url)
+
+
+def test_half_stars_stay_accepted_where_the_release_has_them(tmp_path):
+    from cfb.db.layouts import read_goodbooks, read_movielens
+
+    assert set(read_movielens(ml10m(tmp_path / "10m")).ratings["rating"]) == {5, 4.5, 0.5, 3.5}
+    assert set(read_movielens(ml_csv(tmp_path / "csv")).ratings["rating"]) == {4, 0.5, 5, 3.5}
+    assert set(read_goodbooks(goodbooks(tmp_path / "gb")).ratings["rating"]) == {5, 4}
+
+
 # --- your own catalogue: cfb ingest items -------------------------------------------------------------
 def test_ingest_items_adds_and_updates(tmp_path, db_url):
     folder = ml1m(tmp_path / "ml-1m")
