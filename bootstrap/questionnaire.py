@@ -1,9 +1,12 @@
 """The signup questionnaire: attribute questions inferred from warm users, and items to ask about."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from ..cf_core.errors import InputError
 
 MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text (e.g. a zip code)
 MAX_BUDGET = 30  # the most items a questionnaire asks about
@@ -34,6 +37,27 @@ class Question:
         span = max(hi - lo, abs(hi), 1.0)
         return (max(lo - span, 0.0) if lo >= 0 else lo - span), hi + span
 
+    def conform(self, value, where: str | None = None):  # noqa: ANN001, ANN201
+        """An answer as stored (a category or text as text), or an InputError naming the problem: a
+        number that is not finite or far outside the training range, a category this question does not
+        offer, a list or object where text is asked."""
+        field = f"answers.{self.name}"
+        if self.type == "number":
+            if not is_finite_number(value):
+                raise InputError(f"expected a {'finite ' if is_number(value) else ''}number, got {value!r}",
+                                 source=where, field=field)
+            accepted = self.accepted_range()
+            if accepted and not accepted[0] <= value <= accepted[1]:
+                raise InputError(f"{value:g} is out of range: this model takes {accepted[0]:g}..{accepted[1]:g} "
+                                 f"(its training users' {self.name} spans {self.range[0]:g}..{self.range[1]:g})",
+                                 source=where, field=field)
+            return value
+        if self.type == "category" and (isinstance(value, (dict, list, bool)) or str(value) not in (self.values or [])):
+            raise InputError(f"{value!r} is not one of {', '.join(self.values or [])}", source=where, field=field)
+        if isinstance(value, (dict, list, bool)):
+            raise InputError(f"expected text, got {value!r}", source=where, field=field)
+        return str(value)
+
 
 @dataclass
 class Questionnaire:
@@ -48,6 +72,21 @@ class Questionnaire:
     def question(self, name: str) -> Question | None:
         return next((q for q in self.questions if q.name == name), None)
 
+    def accepted_answers(self, attributes: dict | None) -> dict:
+        """The attribute answers this questionnaire takes, as it stores them: a value it would refuse
+        at sign-up (a category it does not offer, a number far outside the training range, an
+        attribute it does not ask about) is left unanswered, so that a user's stored attributes (from
+        ``cfb ingest users``, say) reach the model only as a sign-up could have given them."""
+        out = {}
+        for name, value in (attributes or {}).items():
+            q = self.question(name)
+            if q is not None and value is not None:
+                try:
+                    out[name] = q.conform(value)
+                except InputError:
+                    pass
+        return out
+
     def to_json(self) -> dict:
         return {"questions": [q.to_json() for q in self.questions], "items": list(map(int, self.items))}
 
@@ -56,8 +95,19 @@ class Questionnaire:
         return cls([Question(**q) for q in d["questions"]], [int(i) for i in d["items"]])
 
 
-def _is_number(v) -> bool:  # noqa: ANN001
+def is_number(v) -> bool:  # noqa: ANN001
+    """A number, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_finite_number(v) -> bool:  # noqa: ANN001
+    """A number (not a bool) that is finite (an int too large for a float is not)."""
+    if not is_number(v):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def infer_questions(attributes: list[dict]) -> list[Question]:
@@ -66,7 +116,7 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
     out = []
     for name in names:
         vals = [a[name] for a in attributes if a.get(name) is not None]
-        if vals and all(_is_number(v) for v in vals):
+        if vals and all(is_number(v) for v in vals):
             out.append(Question(name, "number", range=[float(min(vals)), float(max(vals))]))
         else:
             distinct = sorted({str(v) for v in vals})

@@ -99,6 +99,7 @@ class TrainedModel:
     user_bias: np.ndarray | None = None
     settings: dict = field(default_factory=dict)  # how it was trained (for the record)
     n_trained_items: int | None = None  # items the full retrain learned (inner 0..n-1); later ones were added
+    scale: tuple[float, float] | None = None  # the ratings' scale (lo, hi): predicted ratings stay on it
 
     # --- vocabulary -------------------------------------------------------------------------
     @property
@@ -168,7 +169,9 @@ class TrainedModel:
         since then counts with its new value on top of the row's old one until the next full
         retrain); anyone else
         starts from the bootstrap prior of their answers and folds in every rating. Ranking part:
-        the ranker's user side computed from attributes and every rating."""
+        the ranker's user side computed from attributes and every rating. Only the attribute answers
+        the questionnaire takes count (a stored value a sign-up would refuse is left unanswered)."""
+        attributes = self.questionnaire.accepted_answers(history.attributes)
         inner = self.item_index(history.items)
         ratings = np.asarray(history.ratings, np.float32)
         known = inner >= 0
@@ -177,14 +180,14 @@ class TrainedModel:
             fold = known & (np.ones(len(inner), bool) if history.newer is None else np.asarray(history.newer, bool))
         else:
             answers = {int(i): float(r) for i, r in zip(history.items, ratings)}
-            v, b = self.bootstrap.initial_factors([history.attributes], [answers])
+            v, b = self.bootstrap.initial_factors([attributes], [answers])
             prior_vec, prior_bias, fold = v[0], float(b[0]), known
         vec, bias = self.rating.fold_in(inner[fold], ratings[fold], prior_vec, prior_bias, self.config.user_foldin())
         rank_vec = None
         if self.ranker is not None:
             from .feature_model import Reveal
 
-            reveal = Reveal(history.attributes, inner[known], ratings[known], self.budget_of(history))
+            reveal = Reveal(attributes, inner[known], ratings[known], self.budget_of(history))
             rank_vec = self.ranker.user_vectors([reveal])[0]
         return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()))
 
@@ -195,10 +198,16 @@ class TrainedModel:
         The rating model's; for a cold user, moved toward the items' damped means by ``cold_mean_weight``
         × k / (k + n) and then plus ``cold_rank_weight`` × the scale's width × the ranker's score
         standardised over the catalogue (what the ranker knows of them, which the bootstrap prior and a
-        fold-in of a few ratings do not: docs/coldstart.md)."""
+        fold-in of a few ratings do not: docs/coldstart.md). Clipped to the ratings' scale: the book's
+        ``sigmoid_range`` runs a little past it (0..5.5 on 1..5) so that its ends can be reached, and a
+        rating off the scale is never the better guess."""
         pred = self.rating.predict(user.vec, user.bias, items)
-        if not user.cold:
-            return pred
+        if user.cold:
+            pred = self._cold_prediction(pred, user, items)
+        return pred if self.scale is None else np.clip(pred, *self.scale).astype(pred.dtype)
+
+    def _cold_prediction(self, pred: np.ndarray, user: UserVector, items: np.ndarray | None) -> np.ndarray:
+        """``pred`` for a user the rating model never learned, with the damped means and the ranker's view."""
         idx = slice(None) if items is None else np.asarray(items, np.int64)
         cfg = self.config
         if cfg.cold_mean_weight:
@@ -299,6 +308,8 @@ class TrainedModel:
                "model/config": np.array(json.dumps(self.config.to_json())),
                "model/settings": np.array(json.dumps(self.settings)),
                "model/n_trained_items": np.array(self.n_items if self.n_trained_items is None else self.n_trained_items)}
+        if self.scale is not None:
+            out["model/scale"] = np.array(self.scale, np.float64)
         out.update({f"rating/{k}": v for k, v in self.rating.to_arrays().items()})
         out.update({f"bootstrap/{k}": v for k, v in self.bootstrap.to_arrays().items()})
         if self.ranker is not None:
@@ -329,4 +340,13 @@ class TrainedModel:
                    config=ServingConfig.from_json(json.loads(str(a["model/config"]))), ranker=ranker,
                    item_prior=item_prior,
                    settings=json.loads(str(a["model/settings"])),
-                   n_trained_items=int(a["model/n_trained_items"]) if "model/n_trained_items" in a else None)
+                   n_trained_items=int(a["model/n_trained_items"]) if "model/n_trained_items" in a else None,
+                   scale=_stored_scale(a, ranker))
+
+
+def _stored_scale(a: dict[str, np.ndarray], ranker) -> tuple[float, float] | None:  # noqa: ANN001
+    """A version's rating scale: stored with it, else (a version from before it was) the ranker's."""
+    if "model/scale" in a:
+        lo, hi = (float(x) for x in a["model/scale"])
+        return lo, hi
+    return None if ranker is None else tuple(float(x) for x in ranker.scale_)

@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..bootstrap.questionnaire import Questionnaire
-from ..cf_core.errors import InputError
 from ..db import store, versions
 from ..db.engine import make_engine
 from ..db.schema import Item
 from ..db.sources import Dataset
 from ..service.incremental import retrain_incremental
 from ..service.ingest import ingest_dataset
-from ..service.onboard import conform_answer, onboard, questionnaire_json
+from ..service.onboard import onboard, questionnaire_json
 from ..service.state import load_served, user_vector
 from ..service.training import retrain_full
 from ..cf_core.model import ServingConfig, UserVector
@@ -133,7 +131,8 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     with engine.connect() as conn:
         served = load_served(conn)
         avg = _average_user(conn, served)  # warm users only: the same at every budget
-        answers_of = {u: accepted_answers(served.model.questionnaire, attrs_of.get(u, {})) for u in cold}
+        # what a cold user can answer: a value the questionnaire does not offer is left unanswered
+        answers_of = {u: served.model.questionnaire.accepted_answers(attrs_of.get(u)) for u in cold}
     engine.dispose()
     with closing(sqlite3.connect(base)) as raw:  # fold the WAL in, so that plain file copies are whole
         raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -190,21 +189,6 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
         with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
             out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, answers_of, fold_steps,
                                             fitted, item_ids)
-    return out
-
-
-def accepted_answers(questionnaire: Questionnaire, attrs: dict) -> dict:
-    """The attribute answers a simulated new user gives: those the questionnaire accepts. A value it does
-    not offer (a category no training user had, a number far outside the training range, an attribute it
-    does not ask about) is left unanswered, as a real user facing the form would leave it."""
-    out = {}
-    for name, value in (attrs or {}).items():
-        q = questionnaire.question(name)
-        if q is not None and value is not None:
-            try:
-                out[name] = conform_answer(q, value)
-            except InputError:
-                pass
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 
-from ..bootstrap.questionnaire import Question
+from ..bootstrap.questionnaire import is_finite_number, is_number
 from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
@@ -90,41 +90,6 @@ def first_unreadable_value(value) -> tuple[str, str] | None:
     return None
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_finite_number(value) -> bool:
-    if not _is_number(value):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def conform_answer(q: Question, value, where: str | None = None):  # noqa: ANN001, ANN201
-    """An answer to attribute question ``q`` as stored (a category or text as text), or an InputError
-    naming the problem: a number that is not finite or far out of the training range, a category the
-    questionnaire does not offer, a list or object where text is asked."""
-    field = f"answers.{q.name}"
-    if q.type == "number":
-        if not _is_finite_number(value):
-            raise InputError(f"expected a {'finite ' if _is_number(value) else ''}number, got {value!r}",
-                             source=where, field=field)
-        accepted = q.accepted_range()
-        if accepted and not accepted[0] <= value <= accepted[1]:
-            raise InputError(f"{value:g} is out of range: this model takes {accepted[0]:g}..{accepted[1]:g} "
-                             f"(its training users' {q.name} spans {q.range[0]:g}..{q.range[1]:g})",
-                             source=where, field=field)
-        return value
-    if q.type == "category" and (isinstance(value, (dict, list, bool)) or str(value) not in (q.values or [])):
-        raise InputError(f"{value!r} is not one of {', '.join(q.values or [])}", source=where, field=field)
-    if isinstance(value, (dict, list, bool)):
-        raise InputError(f"expected text, got {value!r}", source=where, field=field)
-    return str(value)
-
-
 def read_answers_file(path: Path) -> list[tuple[str, dict]]:
     """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location.
 
@@ -201,7 +166,7 @@ class SignupValidator:
                 names = ", ".join(x.name for x in self.questionnaire.questions)
                 raise InputError(f"unknown attribute (questions: {names})", source=where, field=f"answers.{name}")
             if value is not None:
-                attributes[name] = conform_answer(q, value, where)
+                attributes[name] = q.conform(value, where)
         raw = {} if entry.get("ratings") is None else entry["ratings"]
         if not isinstance(raw, dict):
             raise InputError("'ratings' must be an object of item: rating", source=where, field="ratings")
@@ -217,8 +182,8 @@ class SignupValidator:
                                      f"ambiguous title (items {', '.join(sorted(hits))}); use the item id",
                                      source=where, field=field)
                 item = self.items.get(hits[0])
-            if not _is_finite_number(value):
-                raise InputError(f"rating must be a {'finite ' if _is_number(value) else ''}number, got {value!r}",
+            if not is_finite_number(value):
+                raise InputError(f"rating must be a {'finite ' if is_number(value) else ''}number, got {value!r}",
                                  source=where, field=field)
             if self.scale and not self.scale[0] <= value <= self.scale[1]:
                 raise InputError(f"rating {value:g} outside the scale {self.scale[0]:g}..{self.scale[1]:g}",

@@ -87,7 +87,7 @@ def test_user_with_empty_history_gets_the_prior(kind_db, planted):
         assert len(rec["items"]) == 5
         assert [r["item"][0] for r in rec["items"]] == ["a"] * 5
         (p,) = predict_pairs(conn, [("quiet-f", "a1")])
-    assert 1 <= p <= 5.5
+    assert 1 <= p <= 5
 
 
 def test_adding_items_keeps_every_inner_index(kind_db):
@@ -125,7 +125,7 @@ def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
     w = {"dot": 0.0, "nn": 3 / (3 + 3)}[kind]
     damped = (model.item_sums + 10 * model.item_sums.sum() / model.item_counts.sum()) / (model.item_counts + 10)
     rank_term = {"dot": 0.1, "nn": 0.05}[kind] * z
-    assert np.allclose(model.predict(cold), (1 - w) * plain + w * damped + rank_term, atol=1e-5)
+    assert np.allclose(model.predict(cold), np.clip((1 - w) * plain + w * damped + rank_term, 1, 5), atol=1e-5)
     picked = np.array([int(np.argmax(s)), int(np.argmin(s))])
     assert np.allclose(model.predict(cold, picked), model.predict(cold)[picked])
     gain = model.predict(cold) - ((1 - w) * plain + w * damped)
@@ -136,3 +136,37 @@ def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
     assert np.array_equal(model.predict(warm), model.rating.predict(warm.vec, warm.bias))
     model.config = replace(model.config, cold_rank_weight=0.0, cold_mean_weight=0.0)
     assert np.array_equal(model.predict(cold), plain)
+
+
+def test_predicted_ratings_stay_on_the_scale(kind_db):
+    """sigmoid_range runs from 0 to 5.5 on a 1..5 scale; a served prediction is the model's clipped to
+    1..5, and the scale is part of a version. (Rows pushed past the ends stand in for a user whose
+    predictions pass them.)"""
+    kind, engine, report = kind_db
+    with engine.connect() as conn:
+        model = versions.load_model(conn, report["version"])
+        ids, factors, bias = versions.trained_rows(conn, report["version"])
+    assert model.scale == (1.0, 5.0) and TrainedModel.from_arrays(model.to_arrays()).scale == (1.0, 5.0)
+    rows = [(factors[k] * 3, float(bias[k]) + d) for k in range(4) for d in (-4.0, 0.0, 4.0)]
+    raw = np.stack([model.rating.predict(f, b) for f, b in rows])
+    served = np.stack([model.predict(model.user_vector(UserHistory({}, np.zeros(0, np.int64), np.zeros(0),
+                                                                   trained_row=row))) for row in rows])
+    assert raw.max() > 5 and raw.min() < 1
+    assert served.max() == 5 and served.min() == 1 and np.allclose(served, np.clip(raw, 1, 5), atol=1e-5)
+
+
+def test_stored_attributes_a_signup_would_refuse_are_left_unanswered(kind_db):
+    """Attributes stored by `cfb ingest users` reach the model only as a sign-up could give them: an age
+    far outside the training range or a gender no training user has counts as unanswered."""
+    _, engine, report = kind_db
+    with engine.connect() as conn:
+        model = versions.load_model(conn, report["version"])
+    none = np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+    def vector(attrs: dict):  # noqa: ANN202
+        v = model.user_vector(UserHistory(attrs, *none))
+        return np.concatenate([v.vec, [v.bias], v.rank_vec])
+
+    assert np.array_equal(vector({"gender": "F", "age": 500}), vector({"gender": "F"}))
+    assert np.array_equal(vector({"gender": "X", "age": 30}), vector({"age": 30}))
+    assert not np.array_equal(vector({"gender": "F", "age": 30}), vector({"gender": "F"}))
