@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -95,18 +96,20 @@ def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, av
 
 def run_seed(ds: Dataset, seed: int, budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10), kind: str = "dot",
              train_params: dict | None = None, serving: dict | None = None, workdir: Path | None = None,
-             progress: bool = False) -> dict:
-    """Every figure of the protocol for one seed (§4b per budget, §5 fold-in curve)."""
+             progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Every figure of the protocol for one seed (§4b per budget, §5 fold-in curve); ``log`` is told
+    each step as it starts."""
     own_tmp = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cfb-eval-"))
     try:
-        return _run_seed(ds, seed, budgets, fold_steps, kind, train_params or {}, serving or {}, workdir, progress)
+        return _run_seed(ds, seed, budgets, fold_steps, kind, train_params or {}, serving or {}, workdir, progress,
+                         log or (lambda _message: None))
     finally:
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdir, progress) -> dict:  # noqa: ANN001
+def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdir, progress, log) -> dict:  # noqa: ANN001
     ratings = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
     users = sorted(ratings.user.unique().tolist())
     user_index = {u: k for k, u in enumerate(users)}
@@ -124,6 +127,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     ingest_dataset(engine, Dataset(ratings[~is_cold], warm_items, warm_users, ds.scale, ds.name))
     timings["ingest_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
+    log(f"seed {seed}: training on {int((~is_cold).sum()):,} ratings of {len(users) - len(cold)} warm users")
     train = retrain_full(engine, kind=kind, valid_pct=0.0, progress=progress, seed=seed,
                          serving=ServingConfig.from_json({**ServingConfig.for_kind(kind).to_json(), **serving}),
                          **train_params)
@@ -158,6 +162,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
            "unanswerable_attributes": sum(len(attrs_of.get(u) or {}) - len(answers_of[u]) for u in cold),
            "budgets": {}, "timings": timings}
     for q in budgets:
+        log(f"seed {seed}: questionnaire of {q} items, {len(cold_sorted)} cold users (§4b)")
         with _db_copy(base, workdir / f"seed{seed}_q{q}.db") as eng:
             with eng.connect() as conn:
                 asked = [r["item"] for r in questionnaire_json(conn, q)["items"]] if q else []
@@ -186,6 +191,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
                                  **with_differences({m: t.result() for m, t in tallies.items()})}
     if fold_steps:
+        log(f"seed {seed}: fold-in curve n = {', '.join(map(str, sorted(fold_steps)))} (§5)")
         with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
             out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, answers_of, fold_steps,
                                             fitted, item_ids)
@@ -275,11 +281,12 @@ def mean_over_seeds(results: list[dict]) -> dict:
 
 def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10),
                  kind: str = "dot", train_params: dict | None = None, serving: dict | None = None,
-                 progress: bool = False) -> dict:
-    """The protocol for every seed, with the mean over seeds."""
+                 progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """The protocol for every seed, with the mean over seeds; ``log`` is told each step as it starts."""
     per_seed = []
     for seed in seeds:
-        per_seed.append(run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, progress=progress))
+        per_seed.append(run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, progress=progress,
+                                 log=log))
     settings = {"kind": kind, **per_seed[0]["train"]["hyperparams"]}
     return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "per_seed": without_per_user(per_seed),
             "mean": mean_over_seeds(per_seed)}

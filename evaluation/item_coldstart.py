@@ -11,6 +11,7 @@ the cold items that user rated >= 4, RMSE over every rating of a cold item. The 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -292,10 +293,15 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
 
 def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", params: dict | None = None,  # noqa: ANN001
                        prior_config=None, attributes: tuple[str, ...] | None = ("genres", "year"),
-                       progress: bool = False) -> dict:
+                       progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """§8 for every seed, with the mean over seeds. ``attributes``: the item metadata used
-    (MovieLens 100k: the genre flags and the release year; None = every attribute)."""
-    per_seed = [run_seed(ds, s, kind, params, prior_config, attributes, progress) for s in seeds]
+    (MovieLens 100k: the genre flags and the release year; None = every attribute). ``log`` is told
+    each seed as it starts."""
+    per_seed = []
+    for k, s in enumerate(seeds):
+        if log is not None:
+            log(f"seed {s} ({k + 1} of {len(seeds)}): training on the warm items, then scoring the new ones (§8)")
+        per_seed.append(run_seed(ds, s, kind, params, prior_config, attributes, progress))
     return {"dataset": ds.name, "seeds": list(seeds), "kind": kind, "attributes": list(attributes or []),
             "prior": per_seed[0]["prior"], "per_seed": without_per_user(per_seed), "mean": mean_over_seeds(per_seed)}
 

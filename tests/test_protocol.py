@@ -132,8 +132,11 @@ def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     users = planted.users.copy()
     users["attributes"] = [{"gender": "X", "age": 10**6} if u == odd else a for u, a in zip(users.user, users.attributes)]
     planted = Dataset(planted.ratings, planted.items, users, planted.scale, planted.name)
-    out = run_protocol(planted, seeds=(42,), budgets=(0, 5), fold_steps=(0, 1))
+    steps: list[str] = []
+    out = run_protocol(planted, seeds=(42,), budgets=(0, 5), fold_steps=(0, 1), log=steps.append)
     assert out["per_seed"][0]["unanswerable_attributes"] == 2
+    assert [m.split(":")[1].split()[0] for m in steps] == ["training", "questionnaire", "questionnaire", "fold-in"]
+    assert "questionnaire of 5 items" in steps[2] and steps[3].endswith("n = 0, 1 (§5)")
     assert '"per_user":' not in json.dumps(out)  # per-user lists serve the seed mean, not the report
     assert out["mean"]["fold_in"][1]["cfb_step"] == out["per_seed"][0]["fold_in"][1]["cfb_step"]  # one seed
     assert out["mean"]["budgets"][5]["cfb"]["ndcg@10_se"] == out["per_seed"][0]["budgets"][5]["cfb"]["ndcg@10_se"]
