@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, Engine, func, inspect, select, text
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, InputError
 from .engine import writing
 from .schema import Base, Item, Rating, Setting, User, utcnow
 
@@ -94,6 +94,47 @@ def rating_scale(conn: Connection) -> tuple[float, float] | None:
     return tuple(float(x) for x in v.split(",")) if v else None  # type: ignore[return-value]
 
 
+MAX_ID_LENGTH = 255  # users.external_id and items.external_id are VARCHAR(255)
+
+
+def id_problem(external_id: str) -> str | None:
+    """Why ``external_id`` cannot be a user's or item's id, else None: the one rule on every backend (at
+    most ``MAX_ID_LENGTH`` characters, no NUL: PostgreSQL refuses both, and SQLite must not take them)."""
+    if len(external_id) > MAX_ID_LENGTH:
+        return f"is {len(external_id)} characters long (at most {MAX_ID_LENGTH})"
+    if "\x00" in external_id:
+        return "contains a NUL character"
+    return None
+
+
+def can_exist(external_id: str) -> bool:
+    """Whether a user or item may have ``external_id``: one that cannot is unknown without asking the
+    database (PostgreSQL refuses a NUL even in a query)."""
+    return id_problem(external_id) is None
+
+
+def shown_id(external_id: str) -> str:
+    """An id for a one-line message: quoted (a NUL or line break escaped), a long one cut short."""
+    return repr(external_id if len(external_id) <= 40 else external_id[:20] + "...")
+
+
+def check_id(external_id: str, what: str = "id", *, source: str | None = None, line: int | None = None,
+             field: str | None = None) -> None:
+    """Raise ``InputError`` (naming ``source``, ``line`` and ``field``) when ``external_id`` cannot be
+    a ``what`` ("user", "item") id (``id_problem``)."""
+    problem = id_problem(external_id)
+    if problem is not None:
+        raise InputError(f"{what} id {shown_id(external_id)} {problem}", source=source, line=line, field=field)
+
+
+def first_bad_id(external_ids: list[str]) -> int | None:
+    """The position of the first id that cannot be a user's or item's (``id_problem``), else None;
+    quick when every one can (a million ids in about 40 ms)."""
+    if not external_ids or (max(map(len, external_ids)) <= MAX_ID_LENGTH and "\x00" not in "".join(external_ids)):
+        return None
+    return next(k for k, e in enumerate(external_ids) if id_problem(e) is not None)
+
+
 def id_map(conn: Connection, table) -> dict[str, int]:  # noqa: ANN001
     """external id -> database id for users or items."""
     cursor = conn.connection.driver_connection.cursor()  # no Row objects for a million ids
@@ -109,8 +150,13 @@ def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | N
     """Insert the external ids that are missing (with optional extra columns), numbered in the order
     given; return the id map.
 
-    Columns in ``update_cols`` are overwritten for ids that already exist."""
+    Columns in ``update_cols`` are overwritten for ids that already exist. An id that cannot be one
+    (``id_problem``) is an ``InputError``, before anything is written (callers that know the ids' file
+    lines check them first, to name the line)."""
     external_ids = [str(x) for x in external_ids]
+    bad = first_bad_id(external_ids)
+    if bad is not None:
+        check_id(external_ids[bad], table.__tablename__[:-1])
     if extra:
         rows = [{"external_id": e, **{k: v[i] for k, v in extra.items()}} for i, e in enumerate(external_ids)]
         _upsert(conn, table.__table__, rows, ["external_id"], list(update_cols))
@@ -535,8 +581,9 @@ def _scan_sqlite(conn: Connection) -> list[np.ndarray]:
 
 def user_id_of(conn: Connection, external_id: str) -> int:
     """The database id of a user (the external id as written, surrounding spaces aside, as every reader
-    strips them)."""
-    uid = conn.scalar(select(User.id).where(User.external_id == str(external_id).strip()))
+    strips them); one that no user can have (``can_exist``) is unknown without a query."""
+    key = str(external_id).strip()
+    uid = conn.scalar(select(User.id).where(User.external_id == key)) if can_exist(key) else None
     if uid is None:
         raise CfbError(f"unknown user {external_id!r}")
     return uid

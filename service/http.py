@@ -44,7 +44,7 @@ from starlette.staticfiles import StaticFiles
 from ..bootstrap.questionnaire import MAX_BUDGET
 from ..cf_core.errors import CfbError, InputError
 from ..cf_core.model import UserHistory
-from ..db import versions
+from ..db import store, versions
 from ..db.engine import make_engine, writing
 from . import serving
 from .state import load_served
@@ -256,7 +256,8 @@ class _FastReader:
                 raise CfbError("no trained model yet: run `cfb retrain --full` first")
             version = int(row[0])
             served, root = self._served(version), self._root(version)
-            row = cur.execute(self.SQL_STATE, {"root": root, "ids": "[]", "seq": 1 << 62, "user": user}).fetchone()
+            row = cur.execute(self.SQL_STATE, {"root": root, "ids": "[]", "seq": 1 << 62, "user": user}).fetchone() \
+                if store.can_exist(user) else None  # (as ``store.user_id_of``)
             if row is None:
                 raise CfbError(f"unknown user {user!r}")
             uid, attrs, answer = row[1:4]
@@ -352,15 +353,16 @@ class FastRecommendations:
 
 # --- one signup, without reading the whole catalogue ------------------------------------------------
 class _Lookup:
-    """A read-only mapping answered by one query per key (``get``, ``in``), for ``SignupValidator``."""
+    """A read-only mapping answered by one query per key (``get``, ``in``), for ``SignupValidator``; a key
+    that ``possible`` refuses (an id no row can have) is missing without a query."""
 
-    def __init__(self, conn, stmt, many: bool = False):
-        self.conn, self.stmt, self.many, self.seen = conn, stmt, many, {}
+    def __init__(self, conn, stmt, many: bool = False, possible: Callable[[str], bool] = store.can_exist):
+        self.conn, self.stmt, self.many, self.possible, self.seen = conn, stmt, many, possible, {}
 
     def get(self, key, default=None):
         key = str(key)
         if key not in self.seen:
-            rows = self.conn.execute(self.stmt, {"key": key}).scalars().all()
+            rows = self.conn.execute(self.stmt, {"key": key}).scalars().all() if self.possible(key) else []
             self.seen[key] = rows if self.many else (rows[0] if rows else None)
         value = self.seen[key]
         return default if value is None or value == [] else value
@@ -385,7 +387,8 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
         validator.questionnaire = served.model.questionnaire
         validator.scale = store.rating_scale(conn)
         validator.items = _Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key")))
-        validator.titles = _Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True)
+        validator.titles = _Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
+                                   possible=lambda title: "\x00" not in title)  # (as ``serving.find_item``)
         validator.known_users = _Lookup(conn, select(User.id).where(User.external_id == bindparam("key")))
         validator.batch_users = set()
         signup = validator.validate(where, entry)

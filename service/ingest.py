@@ -53,7 +53,9 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             if before[Item]:
                 refuse_titles_as_ids(conn, r["item"], given[Item], source, ds.first_line,
                                      ds.columns.get("item", "item"))
-            users, items = database_ids(conn, User, r["user"], given[User]), database_ids(conn, Item, r["item"], given[Item])
+            at = {"source": source, "first_line": ds.first_line}
+            users = database_ids(conn, User, r["user"], given[User], **at, field=ds.columns.get("user", "user"))
+            items = database_ids(conn, Item, r["item"], given[Item], **at, field=ds.columns.get("item", "item"))
             store.lock_rating_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
             seq0 = store.next_seq(conn)
             n = store.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(),
@@ -121,11 +123,20 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
     return out
 
 
+def check_ids(ids: list[str], lines: list[int | None], what: str, source: str | None = None) -> None:
+    """Refuse the first of ``ids`` that cannot be a ``what`` ("user", "item") id (``store.id_problem``),
+    naming ``source``, its line (``lines``: each id's, or None) and the field ``what``."""
+    bad = store.first_bad_id(ids)
+    if bad is not None:
+        store.check_id(ids[bad], what, source=source, line=lines[bad], field=what)
+
+
 def write_users(conn, users, source: str | None = None) -> None:  # noqa: ANN001
     """Add or update users (user, attributes; optional line): attributes as ``conform_attributes``."""
     from sqlalchemy import select
 
     ids = [str(x) for x in users["user"]]
+    check_ids(ids, _lines(users), "user", source)
     stored = dict(conn.execute(select(User.external_id, User.attributes)).all())
     attrs = conform_attributes(User, ids, list(users["attributes"]), _lines(users), stored, source)
     store.ensure_ids(conn, User, ids, {"attributes": attrs}, update_cols=("attributes",))
@@ -138,6 +149,7 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     from sqlalchemy import select
 
     ids = [str(x) for x in items["item"]]
+    check_ids(ids, _lines(items), "item", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
     attrs = conform_attributes(Item, ids, list(items["attributes"]), _lines(items),
                                {ext: a for ext, (_, a) in stored.items()}, source)
@@ -188,11 +200,19 @@ def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int |
                          line=None if first_line is None else first_line + pos, field=field)
 
 
-def database_ids(conn, table, external, seen: set | None = None) -> np.ndarray:  # noqa: ANN001
+def database_ids(conn, table, external, seen: set | None = None, *, source: str | None = None,  # noqa: ANN001
+                 first_line: int | None = None, field: str | None = None) -> np.ndarray:
     """The database id of every external id in ``external`` (a column; categorical from the readers),
     created where new: each distinct id is looked up once, then spread by its category code. The
-    distinct ids are added to ``seen`` when given."""
+    distinct ids are added to ``seen`` when given. An id that cannot be one (``store.id_problem``) is
+    an ``InputError`` naming ``source``, its first row's line (``first_line``: the first row's; None:
+    rows are not the file's lines) and ``field``."""
     codes, used, names = distinct_ids(external)
+    bad = store.first_bad_id(names)
+    if bad is not None:
+        pos = int(np.argmax(codes == used[bad]))
+        store.check_id(names[bad], table.__tablename__[:-1], source=source,
+                       line=None if first_line is None else first_line + pos, field=field)
     ids = store.ensure_ids(conn, table, names)
     if seen is not None:
         seen.update(names)

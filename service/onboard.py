@@ -152,6 +152,7 @@ class SignupValidator:
             user = str(user).strip()
             if not user:
                 raise InputError("empty user id", source=where, field="user")
+            store.check_id(user, "user", source=where, field="user")  # before it is looked up
             if user in self.batch_users:
                 raise InputError(f"user {user!r} is signed up by an earlier entry", source=where, field="user")
             if user in self.known_users:
@@ -210,6 +211,7 @@ def store_signup(conn: Connection, served: Served, signup: Signup) -> tuple[str,
     """Write one validated signup: the user, their answers and their ratings. Nothing of the model
     changes: the user's representation is computed from these whenever it is asked for."""
     external = signup.user or _new_external_id(conn)
+    store.check_id(external, "user", field="user")  # (``validate`` checked it: a Signup made otherwise)
     uid = conn.execute(insert(User).values(external_id=external, attributes=signup.attributes)
                        .returning(User.id)).scalar_one()
     items = list(signup.ratings)

@@ -34,6 +34,7 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
         except CfbError:
             if not create_item or not str(item).strip():
                 raise
+            store.check_id(str(item).strip(), "item")
             iid = conn.execute(insert(Item).values(external_id=str(item).strip(), title=None, attributes={})
                                .returning(Item.id)).scalar_one()
         store.write_ratings(conn, [uid], [iid], [rating], [int(time.time())])

@@ -76,17 +76,25 @@ def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> st
     return f"item {query!r} is not in the serving model yet: {why}, so it joins at the first `cfb retrain` after it is rated"
 
 
+def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
+    """The item whose external id or else whose exact title is ``query``, or None. An id no item can have
+    (``store.can_exist``: too long, a NUL) is not looked up; a NUL is no title either (PostgreSQL refuses
+    it even in a query), so such a query is unknown alike on every backend."""
+    hit = conn.scalar(select(Item.id).where(Item.external_id == query)) if store.can_exist(query) else None
+    if hit is not None or "\x00" in query:
+        return hit
+    hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == query)).all()
+    if len(hits) > 1:
+        ids = sorted(ext for _, ext in hits)
+        raise CfbError(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id")
+    return hits[0][0] if hits else None
+
+
 def find_item(conn: Connection, query: str) -> int:
     """An item's database id by external id or exact title (surrounding spaces aside, as the readers
     strip them); a near miss suggests close titles."""
     query = str(query).strip()
-    hit = conn.scalar(select(Item.id).where(Item.external_id == query))
-    if hit is None:
-        hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == query)).all()
-        if len(hits) > 1:
-            ids = sorted(ext for _, ext in hits)
-            raise CfbError(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id")
-        hit = hits[0][0] if hits else None
+    hit = _item_by_id_or_title(conn, query)
     if hit is None:
         titles = conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()
         close = difflib.get_close_matches(query, titles, n=5, cutoff=0.5)

@@ -227,6 +227,52 @@ def test_predict_still_works(trained_db):
     assert res.output.splitlines()[0] == "user,item,prediction" and len(res.output.splitlines()) == 3
 
 
+LONG_ID = "L" * 256  # users.external_id and items.external_id hold at most 255 characters
+
+
+@pytest.mark.parametrize("kind, body, args, expected", [
+    ("onboard", json.dumps({"user": LONG_ID, "answers": {}}), [],
+     ["entry 1", "field 'user'", "user id 'LLLLLLLLLLLLLLLLLLLL...' is 256 characters long (at most 255)"]),
+    ("onboard", json.dumps([{"answers": {}}, {"user": "a\u0000b"}]), [],
+     ["entry 2", "field 'user'", "user id 'a\\x00b' contains a NUL character"]),
+    ("ratings", f"user,item,rating\nn1,a1,4\n{LONG_ID},a2,3\n", [], ["line 3", "field 'user'", "at most 255"]),
+    ("ratings", "user,item,rating\nn1,a1,4\nn1,x\0y,3\n", [], ["line 3", "field 'item'", "NUL character"]),
+    ("ratings", f"who,what,stars\nn1,{LONG_ID},4\n", ["--user-col", "who", "--item-col", "what",
+                                                      "--rating-col", "stars"], ["line 2", "field 'item'", "item id"]),
+    ("users", f"user,age\nn1,30\n{LONG_ID},31\n", [], ["line 3", "field 'user'", "at most 255"]),
+    ("users", "user,age\nn\0,30\n", [], ["line 2", "field 'user'", "NUL character"]),
+    ("items", f"item,title\nnew1,Fine\n{LONG_ID},Too long\n", [], ["line 3", "field 'item'", "at most 255"]),
+])
+def test_ids_that_no_backend_can_store_are_refused_naming_line_and_field(trained_db, kind, body, args, expected):
+    """At most 255 characters and no NUL (PostgreSQL's VARCHAR(255) refuses the others: SQLite refuses
+    them alike, tests/test_postgres.py checks PostgreSQL), one error line, nothing written."""
+    url, folder = trained_db
+    path = fresh(folder, ".json" if kind == "onboard" else ".csv", body)
+    command = ["onboard", "--answers"] if kind == "onboard" else ["ingest", kind]
+    check_rejected(url, [*command, str(path), *args], str(path), *expected)
+
+
+def test_ids_that_cannot_exist_are_refused_or_unknown_on_the_command_line(trained_db):
+    url, folder = trained_db
+    check_rejected(url, ["rate", "a0", LONG_ID, "3", "--new-item"], "item id 'LLLL", "256 characters long")
+    check_rejected(url, ["recommend", LONG_ID], "unknown user")
+    check_rejected(url, ["similar", LONG_ID], "unknown item")
+    check_rejected(url, ["rate", LONG_ID, "a1", "3"], "unknown user")
+    pairs = fresh(folder, ".csv", "user,item\na0,a1\na0,x\0y\n")
+    check_rejected(url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "unknown item")
+
+
+def test_an_id_of_255_characters_is_fine(trained, db_url, tmp_path):
+    """The longest id a user or an item may have (255 characters, not bytes) works everywhere (here
+    SQLite; PostgreSQL in tests/test_postgres.py)."""
+    longest = "é" * 255
+    entry = write(tmp_path / "a.json", json.dumps({"user": longest, "answers": {"gender": "F"}}))
+    for args in (["onboard", "--answers", str(entry)], ["rate", longest, longest, "4", "--new-item"],
+                 ["recommend", longest]):
+        res = CliRunner().invoke(cli, ["--db", db_url, *args])
+        assert res.exit_code == 0, res.output
+
+
 # --- property-based ------------------------------------------------------------------------------
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999", "-1e400"]

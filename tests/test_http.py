@@ -205,6 +205,31 @@ def test_error_codes(server, trained):
         assert server.get("/questionnaire", params={"budget": budget}).status_code == 422
 
 
+def test_ids_that_cannot_be_stored_are_422_and_unknown_ones_404(server, trained):
+    """An id over 255 characters or with a NUL is refused where it would be created (422 naming the
+    field, nothing written) and unknown where it is looked up (404), as on PostgreSQL (tests/test_postgres.py)."""
+    engine, _ = trained
+    users, ratings = user_count(engine), rating_count(engine)
+    for user, problem in (("a" * 10_000, "is 10000 characters long (at most 255)"), ("a\x00b", "contains a NUL")):
+        r = server.post("/users", json={"user": user, "answers": {}})
+        assert r.status_code == 422 and r.json()["field"] == "user", r.text
+        assert r.json()["error"].startswith("request body, field 'user': user id ") and problem in r.json()["error"]
+    r = server.post("/users", json={"ratings": {"x\x00": 3}})
+    assert r.status_code == 422 and r.json()["field"] == "ratings.x\x00" and "unknown item" in r.json()["error"]
+    for path in ("/users/%00/recommendations", f"/users/{'L' * 256}/recommendations", "/user/%00"):
+        r = server.get(path)
+        assert r.status_code == 404 and "unknown user" in r.text, (path, r.text)
+    for path in ("/items/%00/similar", f"/items/{'L' * 256}/similar", "/item/%00"):
+        r = server.get(path)
+        assert r.status_code == 404 and "unknown item" in r.text, (path, r.text)
+    assert server.post("/users/%00/ratings", json={"item": "a1", "rating": 3}).status_code == 404
+    r = server.post("/users/a0/ratings", json={"item": "a1\x00", "rating": 3})
+    assert r.status_code == 404 and r.json()["field"] == "item" and "unknown item" in r.json()["error"]
+    assert (user_count(engine), rating_count(engine)) == (users, ratings)
+    r = server.post("/users", json={"user": "é" * 255, "answers": {}})  # the longest id there may be
+    assert r.status_code == 201 and server.get(r.headers["location"]).status_code == 200
+
+
 def rating_count(engine) -> int:
     from sqlalchemy import func, select
 
@@ -392,6 +417,7 @@ def test_serve_command_binds_localhost_by_default():
 @pytest.mark.parametrize("entry", [
     {"answers": {"gender": "X"}}, {"ratings": {"nope": 5}}, {"ratings": {"a1": 9}}, {"user": "a0"},
     {"user": "  "}, {"answers": {"age": "old"}}, {"ratings": {"Alpha film 1": "x"}}, {"extra": 1},
+    {"user": "L" * 256}, {"user": "a\x00b"}, {"ratings": {"x\x00": 3}}, {"ratings": {"L" * 256: 3}},
 ])
 def test_server_signup_checks_what_onboard_checks(trained, entry):
     from cfb.cf_core.errors import InputError

@@ -185,3 +185,53 @@ def test_two_writers_migrating_an_older_ratings_table_at_once_on_postgres(pg_eng
     assert errors == []
     with pg_engine.connect() as conn:
         assert store._has_history_columns(conn)
+
+
+def test_ids_postgres_cannot_store_are_refused_or_unknown_as_on_sqlite(pg_engine, planted, tmp_path):
+    """PostgreSQL refuses an id over 255 characters (VARCHAR(255)) or holding a NUL, even in a query:
+    each is refused where it would be created (one error line naming file, line and field, a 422 over
+    HTTP, nothing written) and unknown where it is looked up (a 404), as on SQLite
+    (tests/test_bad_input.py, tests/test_http.py); an id of 255 characters works."""
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from cfb.cli.main import cli
+    from cfb.service.http import create_app
+
+    from .conftest import write
+    from .test_bad_input import check_rejected
+
+    ingest_dataset(pg_engine, planted)
+    retrain_full(pg_engine, valid_pct=0.2, progress=False, **FAST)
+    long_id = "L" * 256
+    for kind, body, expected in [
+        ("onboard", json.dumps({"user": long_id, "answers": {}}), ["entry 1", "field 'user'", "at most 255"]),
+        ("onboard", json.dumps({"user": "a\u0000b", "answers": {}}), ["entry 1", "field 'user'", "NUL character"]),
+        ("ratings", f"user,item,rating\nn1,a1,4\n{long_id},a1,3\n", ["line 3", "field 'user'", "at most 255"]),
+        ("ratings", "user,item,rating\nn1,a1,4\nn1,x\0y,3\n", ["line 3", "field 'item'", "NUL character"]),
+        ("users", f"user,age\n{long_id},30\n", ["line 2", "field 'user'", "at most 255"]),
+        ("items", "item,title\nnew1,Fine\nx\0y,Nul\n", ["line 3", "field 'item'", "NUL character"]),
+    ]:
+        path = write(tmp_path / f"in{len(body)}.{'json' if kind == 'onboard' else 'csv'}", body)
+        command = ["onboard", "--answers"] if kind == "onboard" else ["ingest", kind]
+        check_rejected(URL, [*command, str(path)], str(path), *expected)
+    check_rejected(URL, ["rate", "a0", long_id, "3", "--new-item"], "item id 'LLLL", "256 characters long")
+    check_rejected(URL, ["recommend", long_id], "unknown user")
+    check_rejected(URL, ["similar", long_id], "unknown item")
+    pairs = write(tmp_path / "pairs.csv", "user,item\na0,a1\na0,x\0y\n")
+    check_rejected(URL, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "unknown item")
+    with TestClient(create_app(pg_engine), raise_server_exceptions=False) as client:
+        for user in ("a" * 10_000, "a\u0000b"):
+            r = client.post("/users", json={"user": user, "answers": {}})
+            assert r.status_code == 422 and r.json()["field"] == "user", r.text
+        r = client.post("/users", json={"ratings": {"x\u0000": 3}})
+        assert r.status_code == 422 and r.json()["field"] == "ratings.x\u0000", r.text
+        for path in ("/users/%00/recommendations", "/user/%00", "/items/%00/similar", "/item/%00"):
+            assert client.get(path).status_code == 404, path
+        assert client.post("/users/%00/ratings", json={"item": "a1", "rating": 3}).status_code == 404
+        r = client.post("/users/a0/ratings", json={"item": "a1\u0000", "rating": 3})
+        assert r.status_code == 404 and r.json()["field"] == "item", r.text
+        r = client.post("/users", json={"user": "é" * 255, "answers": {}})  # the longest id there may be
+        assert r.status_code == 201 and client.get(r.headers["location"]).status_code == 200
+    res = CliRunner().invoke(cli, ["--db", URL, "rate", "é" * 255, "é" * 255, "4", "--new-item"])
+    assert res.exit_code == 0, res.output
