@@ -73,12 +73,26 @@ def _loads(text: str):
                       object_pairs_hook=_object)
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's "\\ud800" escape gives a lone surrogate, which cannot)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def first_unreadable_value(value) -> tuple[str, str] | None:
-    """(field path, problem) of the first NaN/Infinity (or number too large for a float) or key given
-    twice in a parsed entry (``_loads``), else None."""
+    """(field path, problem) of the first NaN/Infinity (or number too large for a float), key given
+    twice, or text that is not valid Unicode (a lone surrogate such as "\\ud800", which no database
+    can store) in a parsed entry (``_loads``), else None."""
     stack = [("", value)]
     while stack:
         path, v = stack.pop()
+        if isinstance(v, dict) and (bad := next((k for k in v if not _is_unicode(k)), None)) is not None:
+            return path, f"key {bad!r} is not valid Unicode text"
+        if isinstance(v, str) and not _is_unicode(v):
+            return path, f"{v!r} is not valid Unicode text"
         if isinstance(v, _NonFinite):
             return path, f"{v.token} is not allowed: numbers must be finite"
         if isinstance(v, _Object) and v.duplicate is not None:

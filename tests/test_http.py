@@ -269,6 +269,22 @@ def test_huge_and_non_finite_numbers_are_422_naming_the_field(server, trained, p
     assert (user_count(engine), rating_count(engine)) == (users, ratings)
 
 
+@pytest.mark.parametrize("path, raw, field", [
+    ("/users", '{"user": "\\ud800"}', "user"),
+    ("/users", '{"answers": {"gender": "F\\udfff"}}', "answers.gender"),
+    ("/users", '{"ratings": {"a1\\ud800": 4}}', "ratings"),
+    ("/users/a0/ratings", '{"item": "\\ud800", "rating": 3}', "item"),
+])
+def test_text_that_is_not_unicode_is_422_naming_the_field(server, trained, path, raw, field):
+    """A lone surrogate ("\\ud800" in JSON) is no text a database can store: a 422, nothing written."""
+    engine, _ = trained
+    users, ratings = user_count(engine), rating_count(engine)
+    r = server.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json().get("field") == field and "not valid Unicode text" in r.json()["error"]
+    assert (user_count(engine), rating_count(engine)) == (users, ratings)
+
+
 @pytest.mark.parametrize("path, field", [
     ("/inspect/biases?min_ratings=" + HUGE, "min_ratings"), ("/inspect/biases?min_ratings=1e400", "min_ratings"),
     ("/inspect/biases?n=" + HUGE, "n"), ("/inspect/pca?n=" + HUGE, "n"), ("/items/a1/similar?n=" + HUGE, "n"),
