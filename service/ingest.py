@@ -131,6 +131,16 @@ def check_ids(ids: list[str], lines: list[int | None], what: str, source: str | 
         store.check_id(ids[bad], what, source=source, line=lines[bad], field=what)
 
 
+def refuse_nul_text(values, lines: list[int | None], field: str, source: str | None = None) -> None:  # noqa: ANN001
+    """Refuse the first text among ``values`` that holds a NUL character (PostgreSQL stores none),
+    naming ``source``, its line and ``field``: the same on every backend."""
+    values = list(values)
+    bad = next((k for k, v in enumerate(values) if isinstance(v, str) and "\x00" in v), None)
+    if bad is not None:
+        raise InputError(f"{field} {store.shown_id(values[bad])} contains a NUL character", source=source,
+                         line=lines[bad], field=field)
+
+
 def write_users(conn, users, source: str | None = None) -> None:  # noqa: ANN001
     """Add or update users (user, attributes; optional line): attributes as ``conform_attributes``."""
     from sqlalchemy import select
@@ -150,6 +160,7 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
 
     ids = [str(x) for x in items["item"]]
     check_ids(ids, _lines(items), "item", source)
+    refuse_nul_text(items["title"], _lines(items), "title", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
     attrs = conform_attributes(Item, ids, list(items["attributes"]), _lines(items),
                                {ext: a for ext, (_, a) in stored.items()}, source)

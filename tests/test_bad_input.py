@@ -242,6 +242,7 @@ LONG_ID = "L" * 256  # users.external_id and items.external_id hold at most 255 
     ("users", f"user,age\nn1,30\n{LONG_ID},31\n", [], ["line 3", "field 'user'", "at most 255"]),
     ("users", "user,age\nn\0,30\n", [], ["line 2", "field 'user'", "NUL character"]),
     ("items", f"item,title\nnew1,Fine\n{LONG_ID},Too long\n", [], ["line 3", "field 'item'", "at most 255"]),
+    ("items", "item,title\nnew1,Fine\nnew2,Nul\0title\n", [], ["line 3", "field 'title'", "NUL character"]),
 ])
 def test_ids_that_no_backend_can_store_are_refused_naming_line_and_field(trained_db, kind, body, args, expected):
     """At most 255 characters and no NUL (PostgreSQL's VARCHAR(255) refuses the others: SQLite refuses
