@@ -143,7 +143,8 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     model = TrainedModel(kind=kind, item_ids=td.item_ids, rating=est.rating_model(), bootstrap=boot,
                          item_counts=counts.astype(np.float64), item_sums=sums, config=config,
                          ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
-                         user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids))
+                         user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids),
+                         scale=tuple(map(float, td.scale)))
     if prior is not None:  # the ranking part, after the side process has ended: both cores and its memory
         from ..cf_core.item_prior import full_history_user_vectors
 
@@ -311,7 +312,8 @@ def validate(td: TrainingData, kind: str, params: dict, valid_pct: float, seed: 
     train, valid = td.data.subset(train_idx), td.data.subset(valid_idx)
     hp = rating_params(kind, len(train), params)
     est = MODELS[kind](y_range=default_y_range(*td.scale), seed=seed, progress=progress, **hp).fit(train, valid)
-    mse = float(np.mean((est.predict(valid.users, valid.items) - valid.ratings) ** 2))
+    pred = np.clip(est.predict(valid.users, valid.items), *td.scale)  # as served: on the scale
+    mse = float(np.mean((pred - valid.ratings) ** 2))
     return {"valid_pct": valid_pct, "n_valid": len(valid), "valid_mse": round(mse, 4),
             "valid_rmse": round(mse ** 0.5, 4), "valid_fit_s": est.report_.fit_s}
 
