@@ -1,7 +1,36 @@
 """``cfb.Database``: one database, and the service functions the CLI calls, as methods."""
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
+
+
+def _check_n(n: int) -> None:
+    """``n`` of a top-N list: a whole number from 1 to 1000, as `recommend` requires."""
+    from .cf_core.errors import CfbError
+
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 1000:
+        raise CfbError(f"n must be a whole number from 1 to 1000, got {n!r}")
+
+
+def _check_valid_pct(valid_pct: float) -> None:
+    """``valid_pct``: the share of ratings held out for validation, in [0, 1)."""
+    from .cf_core.errors import CfbError
+
+    ok = isinstance(valid_pct, numbers.Real) and not isinstance(valid_pct, bool) and math.isfinite(valid_pct)
+    if not (ok and 0 <= valid_pct < 1):
+        raise CfbError(f"valid_pct must be a number in [0, 1), got {valid_pct!r}")
+
+
+def _check_entries(entries: list) -> None:
+    """Each signup must be a dict; name the first that is not."""
+    from .cf_core.errors import InputError
+
+    for k, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise InputError(f"a signup must be a dict {{\"user\"?, \"answers\": {{...}}, \"ratings\": {{...}}}}, "
+                             f"got {type(e).__name__} {e!r:.40}", source=f"entry {k + 1}")
 
 
 class Database:
@@ -41,6 +70,7 @@ class Database:
         there is no model yet, or many ratings are newer than the last full retrain. ``params``:
         n_factors, epochs, lr, wd, bs, seed; an incremental retrain refuses them and ``kind`` (they
         apply to a full one)."""
+        _check_valid_pct(valid_pct)
         if full:
             from .service.training import retrain_full
 
@@ -82,6 +112,7 @@ class Database:
         from .service.onboard import onboard
 
         entries = answers if isinstance(answers, list) else [answers]
+        _check_entries(entries)
         out = onboard(self.engine, [(f"entry {k + 1}", e) for k, e in enumerate(entries)])
         ids = [u["user"] for u in out["onboarded"]]
         return ids if isinstance(answers, list) else ids[0]
@@ -116,6 +147,7 @@ class Database:
 
         from .service.serving import similar
 
+        _check_n(n)
         with self.engine.connect() as conn:
             out = similar(conn, str(item), n)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
@@ -126,6 +158,7 @@ class Database:
 
         from .service.serving import biases
 
+        _check_n(n)
         with self.engine.connect() as conn:
             out = biases(conn, n, min_ratings)
         return {k: pd.DataFrame(v, columns=["item", "title", "score"]) for k, v in out.items()}

@@ -102,7 +102,7 @@ def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "", quiet: bo
     from ..db.engine import make_engine
     from ..service.ingest import ingest_dataset
 
-    show = not (quiet or as_json) and len(ds.ratings) >= 100_000
+    show = not quiet and len(ds.ratings) >= 100_000
     engine = make_engine(ctx.url, bulk=True)  # ids checked once per ingest, not row by row
     try:
         with click.progressbar(length=len(ds.ratings), label="writing ratings", file=sys.stderr,
@@ -213,6 +213,16 @@ def ingest_users(ctx: Ctx, file: Path, user_col: str, as_json: bool) -> None:
 
 
 # --- data ---------------------------------------------------------------------------------------
+def download_bar(name: str, quiet: bool):  # -> (total bytes or None) -> click progress bar
+    """The ``progress`` of ``cfb.db.download.download``: a bar on stderr, hidden by ``quiet`` (or an unknown size)."""
+
+    def bar(total: int | None):
+        return click.progressbar(length=total or 0, label=f"downloading {name}", file=sys.stderr,
+                                 hidden=quiet or not total)
+
+    return bar
+
+
 @cli.group()
 def data() -> None:
     """Public datasets."""
@@ -232,11 +242,7 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
     """Fetch NAME from its official address into $CFB_HOME/data, verified and unpacked; print the folder."""
     from ..db.download import download
 
-    def bar(total):
-        return click.progressbar(length=total or 0, label=f"downloading {name}", file=sys.stderr,
-                                 hidden=quiet or as_json or not total)
-
-    folder = download(name, progress=bar, sha256=sha256)
+    folder = download(name, progress=download_bar(name, quiet), sha256=sha256)
     emit({"dataset": name, "path": str(folder)}, as_json, str(folder))
 
 
@@ -275,11 +281,10 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
                    "bs": "--bs", "seed": "--seed", "valid_pct": "--valid-pct"}
         full_only = tuple(flag for param, flag in options.items()
                           if given(param) == click.core.ParameterSource.COMMANDLINE)
-        out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not (quiet or as_json),
+        out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not quiet,
                            drift_limit=drift_limit, full_only=full_only, **params)
     else:
-        out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not (quiet or as_json),
-                           **params)
+        out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not quiet, **params)
     text = f"version {out['version']} ({out['kind']}, {out['mode']}) serving"
     if out.get("valid_rmse") is not None:
         text += f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f}"
@@ -493,10 +498,14 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
 @fail_cleanly
 def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> None:
     """Sign up new users from their questionnaire answers; prints each new user's id."""
+    from ..cf_core.errors import InputError
     from ..service.onboard import onboard as onboard_users
     from ..service.onboard import read_answers_file
 
-    out = onboard_users(ctx.engine, read_answers_file(answers_file), skip_invalid=skip_invalid)
+    entries = read_answers_file(answers_file)
+    if not entries:  # (`[]`): refused like a pairs file with no rows
+        raise InputError("no entries (an empty list): nobody to onboard", source=str(answers_file))
+    out = onboard_users(ctx.engine, entries, skip_invalid=skip_invalid)
     lines = [u["user"] for u in out["onboarded"]]
     lines += [f"skipped: {s['error']}" for s in out["skipped"]]
     emit(out, as_json, "\n".join(lines))
@@ -577,10 +586,25 @@ def _check_ints(ctx, param, value: str) -> str:
     """Option callback: reject a bad --seeds/--budgets/--fold-steps while parsing (the value is kept as text)."""
     from ..bootstrap.questionnaire import MAX_BUDGET
 
-    if param.name == "budgets" and any(q > MAX_BUDGET for q in _ints(value)):
+    values = _ints(value)
+    if param.name == "budgets" and any(q > MAX_BUDGET for q in values):
         raise click.BadParameter(f"a questionnaire asks about 0 to {MAX_BUDGET} items, got {value!r}")
-    _ints(value)
+    if param.name == "seeds" and not values:
+        raise click.UsageError("--seeds: give at least one seed", ctx)
     return value
+
+
+def _check_something_to_measure(budgets: str, fold_steps: str) -> None:
+    """The user protocol measures questionnaire budgets and fold-in steps: refuse to run it for neither."""
+    if not _ints(budgets) and not _ints(fold_steps):
+        raise click.UsageError("--budgets and --fold-steps are both empty: give at least one budget or fold-in step")
+
+
+def _for_eval(error: CfbError) -> CfbError:
+    """A download error worded for `cfb eval`: a folder one has is given with --data, not ingested."""
+    import re
+
+    return CfbError(re.sub(r"(use|ingest it with) `cfb ingest \w+ ([^`]+)`", r"pass `--data \2`", str(error)))
 
 
 DEFAULT_EVAL_DATA = "../shared/data/ml-100k"
@@ -607,19 +631,25 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
     from ..evaluation.coldstart import run_protocol
     from ..evaluation.report import render
 
+    if not new_items:
+        _check_something_to_measure(budgets, fold_steps)
     if not data_dir.exists() and str(data_dir) == DEFAULT_EVAL_DATA:
         from ..db.download import download
 
-        data_dir = download("movielens-100k")
+        try:
+            data_dir = download("movielens-100k", progress=download_bar("movielens-100k", quiet))
+        except CfbError as e:
+            raise _for_eval(e) from None
     read = read_goodbooks if (data_dir / "books.csv").exists() else read_movielens
     seed_list = _ints(seeds)
-    if not quiet and not as_json:
-        click.echo(f"running the protocol on {data_dir} for seeds {seed_list} ...", err=True)
+    log = None if quiet else (lambda message: click.echo(message, err=True))
+    if log:
+        log(f"running the protocol on {data_dir} for seeds {seed_list} ...")
     if new_items:
         from ..evaluation import item_coldstart
 
-        out = item_coldstart.run_items_protocol(read(data_dir), seed_list, kind)
+        out = item_coldstart.run_items_protocol(read(data_dir), seed_list, kind, log=log)
         emit(out, as_json, item_coldstart.render(out))
         return
-    out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind)
+    out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)
     emit(out, as_json, render(out))

@@ -58,7 +58,8 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
         return {**out, "reason": f"{share:.0%} of ratings are newer than full version {root} "
                                  f"(limit {drift_limit:.0%}): full retrain"}
     if full_only:
-        raise CfbError(f"{', '.join(full_only)} only apply to a full retrain, and this one is incremental "
+        verb = "applies" if len(full_only) == 1 else "apply"
+        raise CfbError(f"{', '.join(full_only)} only {verb} to a full retrain, and this one is incremental "
                        f"({share:.0%} of ratings newer than full version {root}): add --full (full=True in Python)")
     return retrain_incremental(engine)
 

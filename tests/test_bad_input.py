@@ -84,6 +84,8 @@ def check_rejected(url: str, args: list[str], *expected: str) -> str:
     ('{"user": {"x": 1}}', ["field 'user'"]),
     ("[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
     ("", ["empty file"]),
+    ("[]", ["no entries (an empty list): nobody to onboard"]),  # refused, like a pairs file with no rows
+    (" [ ]\n", ["no entries"]),
 ])
 def test_onboard_rejects_bad_answers(trained_db, body, expected):
     url, folder = trained_db
@@ -189,6 +191,10 @@ def test_ingest_rejects_directories_and_bad_scale(trained_db):
     (["eval", "cold-start", "--seeds", "-1"], "--seeds"),
     (["eval", "cold-start", "--budgets", "5,x"], "--budgets"),
     (["eval", "cold-start", "--fold-steps", "1,-3"], "--fold-steps"),
+    (["eval", "cold-start", "--seeds", "", "--data", "/nonexistent"], "--seeds: give at least one seed"),
+    (["eval", "cold-start", "--seeds", "", "--items", "--data", "/nonexistent"], "--seeds: give at least one seed"),
+    (["eval", "cold-start", "--budgets", "", "--fold-steps", "", "--data", "/nonexistent"],
+     "--budgets and --fold-steps are both empty"),
 ])
 def test_numeric_arguments_are_range_checked(trained_db, args, expected):
     url, _ = trained_db

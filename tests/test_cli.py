@@ -38,12 +38,12 @@ def cli_template(tmp_path_factory):
     assert run(runner, url, "ingest", "users", str(tmp_path / "users.csv")).exit_code == 0
     res = run(runner, url, "ingest", "ratings", str(tmp_path / "ratings.csv"), "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["ratings"] == len(planted.ratings)
+    assert json.loads(res.stdout)["ratings"] == len(planted.ratings)
     args = ["retrain", "--full", "--json", "--factors", "8", "--epochs", str(FAST["epochs"]), "--lr", "0.03",
             "--bs", "256", "--wd", "0.05"]
     res = run(runner, url, *args)
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     assert {"version", "valid_mse", "valid_rmse", "epoch_s", "fit_s", "load_s"} <= report.keys()
     assert len(report["epoch_s"]) == FAST["epochs"]
     return make_engine(url)
@@ -58,7 +58,7 @@ def cli_db(cli_template, tmp_path):
 def test_recommend_json(runner, cli_db):
     res = run(runner, cli_db, "recommend", "a0", "b1", "-n", "3", "--json")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     assert [o["user"] for o in out] == ["a0", "b1"]
     assert [r["item"][0] for r in out[0]["items"]] == ["a"] * 3
     assert set(out[0]["items"][0]) == {"item", "title", "score"}
@@ -74,11 +74,11 @@ def test_predict_csv(runner, cli_db, tmp_path):
 
 
 def test_similar_and_biases_and_models(runner, cli_db):
-    out = json.loads(run(runner, cli_db, "similar", "a3", "-n", "4", "--json").output)
+    out = json.loads(run(runner, cli_db, "similar", "a3", "-n", "4", "--json").stdout)
     assert out["item"] == "a3" and out["title"] is None and len(out["items"]) == 4
     res = run(runner, cli_db, "inspect", "biases", "-n", "2")
     assert res.exit_code == 0 and "lowest bias" in res.output
-    models = json.loads(run(runner, cli_db, "models", "--json").output)
+    models = json.loads(run(runner, cli_db, "models", "--json").stdout)
     assert len(models) == 1 and models[0]["serving"]
 
 
@@ -90,11 +90,13 @@ def test_onboard_rate_retrain_rollback(runner, cli_db, tmp_path):
     # options only a full retrain uses are refused by an incremental one, not ignored (nothing written)
     res = run(runner, cli_db, "retrain", "--model", "nn", "--factors", "3")
     assert res.exit_code == 1 and "--model, --factors only apply to a full retrain" in res.output
-    assert len(json.loads(run(runner, cli_db, "models", "--json").output)) == 1
-    out = json.loads(run(runner, cli_db, "retrain", "--json").output)
+    res = run(runner, cli_db, "retrain", "--factors", "3")
+    assert res.exit_code == 1 and res.output.startswith("Error: --factors only applies to a full retrain, and")
+    assert len(json.loads(run(runner, cli_db, "models", "--json").stdout)) == 1
+    out = json.loads(run(runner, cli_db, "retrain", "--json").stdout)
     assert out["mode"] == "incremental" and out["users_with_new_ratings"] == 1
-    assert json.loads(run(runner, cli_db, "rollback", "1", "--json").output) == {"serving": 1}
-    q = json.loads(run(runner, cli_db, "questionnaire", "--budget", "3", "--json").output)
+    assert json.loads(run(runner, cli_db, "rollback", "1", "--json").stdout) == {"serving": 1}
+    q = json.loads(run(runner, cli_db, "questionnaire", "--budget", "3", "--json").stdout)
     assert len(q["items"]) == 3 and {a["name"] for a in q["attributes"]} == {"age", "gender"}
 
 
@@ -172,7 +174,7 @@ def test_training_progress_goes_to_stderr(cli_db):
 
 def test_drift_limit_turns_a_retrain_full(runner, cli_db):
     assert run(runner, cli_db, "rate", "a0", "b30", "1").exit_code == 0
-    out = json.loads(run(runner, cli_db, "retrain", "--json", "--drift-limit", "0", "--epochs", "2").output)
+    out = json.loads(run(runner, cli_db, "retrain", "--json", "--drift-limit", "0", "--epochs", "2").stdout)
     assert out["mode"] == "full" and "(limit 0%): full retrain" in out["reason"]
 
 
@@ -185,10 +187,104 @@ def test_an_item_the_model_lacks_says_what_adds_it(runner, cli_db, tmp_path):
     assert run(runner, cli_db, "rate", "a0", "zed", "4").exit_code == 0
     res = run(runner, cli_db, "similar", "zed")
     assert res.exit_code == 1 and "is not in the serving model yet (run `cfb retrain`)" in res.output
-    assert json.loads(run(runner, cli_db, "retrain", "--json").output)["items_added"] == 1
+    assert json.loads(run(runner, cli_db, "retrain", "--json").stdout)["items_added"] == 1
     assert run(runner, cli_db, "similar", "zed").exit_code == 0
 
 
 def test_eval_refuses_a_budget_no_questionnaire_has(runner):
     res = runner.invoke(cli, ["eval", "cold-start", "--budgets", "0,31", "--data", "/nonexistent"])
     assert res.exit_code == 2 and "a questionnaire asks about 0 to 30 items, got '0,31'" in res.output
+
+
+FAST_ARGS = ["--factors", "8", "--epochs", "2", "--lr", "0.03", "--bs", "256", "--wd", "0.05"]
+
+
+def test_retrain_json_keeps_progress_on_stderr_and_only_quiet_hides_it(runner, cli_db):
+    """--json puts the result on stdout; the epoch table still goes to stderr unless --quiet."""
+    res = run(runner, cli_db, "retrain", "--full", "--json", *FAST_ARGS)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["mode"] == "full" and "train_loss" in res.stderr
+    res = run(runner, cli_db, "retrain", "--full", "--json", "--quiet", *FAST_ARGS)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["mode"] == "full" and "train_loss" not in res.stderr
+
+
+def test_training_without_a_validation_set_shows_no_validation_column(runner, cli_db):
+    """--valid-pct 0: no valid_loss column of None and no empty [0/0] validation bar; with a
+    validation set (the §7 measurement) its column stays."""
+    res = run(runner, cli_db, "retrain", "--full", "--valid-pct", "0", *FAST_ARGS)
+    assert res.exit_code == 0, res.output
+    assert "train_loss" in res.stderr
+    assert "valid_loss" not in res.stderr and "None" not in res.stderr and "[0/0]" not in res.stderr
+    res = run(runner, cli_db, "retrain", "--full", "--valid-pct", "0.2", *FAST_ARGS)
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("valid_loss") == 1 and "None" not in res.stderr  # the measurement's table only
+
+
+@pytest.mark.parametrize("lr", ["1e6", "5"])
+def test_a_diverging_retrain_is_one_line_and_the_previous_version_serves(runner, cli_db, lr):
+    res = run(runner, cli_db, "retrain", "--full", "--quiet", "--epochs", "1", "--lr", lr)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.startswith("Error: training diverged") and len(res.output.strip().splitlines()) == 1
+    assert f"lower the learning rate (--lr, now {float(lr):g})" in res.output
+    models = json.loads(run(runner, cli_db, "models", "--json").stdout)
+    assert len(models) == 1 and models[0]["serving"]
+    assert run(runner, cli_db, "recommend", "a0", "-n", "2").exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", ""], "Error: --seeds: give at least one seed"),
+    (["--seeds", " , ", "--items"], "Error: --seeds: give at least one seed"),
+    (["--budgets", "", "--fold-steps", ""], "Error: --budgets and --fold-steps are both empty"),
+])
+def test_eval_refuses_options_that_leave_nothing_to_run(runner, args, message):
+    res = runner.invoke(cli, ["eval", "cold-start", *args, "--data", "/nonexistent"])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_eval_without_its_data_says_to_pass_data(runner, tmp_path, monkeypatch):
+    """The default folder absent and no network: the way out is --data, not `cfb ingest`."""
+    from cfb.db import download
+
+    monkeypatch.chdir(tmp_path)  # (the default ../shared/data/ml-100k is not there)
+    monkeypatch.setitem(download.SOURCES, "movielens-100k", ("http://127.0.0.1:9/ml-100k.zip", "ml-100k", "u.data"))
+    for extra in ([], ["--items"]):
+        res = runner.invoke(cli, ["eval", "cold-start", "--quiet", *extra])
+        assert res.exit_code == 1, res.output
+        assert "could not download movielens-100k" in res.output and "pass `--data PATH`" in res.output
+        assert "cfb ingest" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def write_planted_ml100k(folder: Path) -> Path:
+    """The planted set in MovieLens 100k's layout (numeric ids, as the release has)."""
+    ds = planted_ratings()
+    user_no = {u: k + 1 for k, u in enumerate(ds.users.user)}
+    item_no = {i: k + 1 for k, i in enumerate(ds.items.item)}
+    folder.mkdir()
+    write(folder / "u.data", "".join(f"{user_no[r.user]}\t{item_no[r.item]}\t{int(r.rating)}\t{r.timestamp}\n"
+                                     for r in ds.ratings.itertuples()))
+    flags = "|".join(["0"] * 19)
+    write(folder / "u.item", "".join(f"{item_no[i]}|{t} (1990)|01-Jan-1990||http://x|{flags}\n"
+                                     for i, t in zip(ds.items.item, ds.items.title)), "latin-1")
+    write(folder / "u.user", "".join(f"{user_no[u]}|{a['age']}|{a['gender']}|writer|12345\n"
+                                     for u, a in zip(ds.users.user, ds.users.attributes)))
+    return folder
+
+
+def test_eval_shows_each_step_on_stderr_unless_quiet(tmp_path):
+    """`cfb eval cold-start` tells each step of the protocol on stderr as it starts (with --json too: stdout holds
+    only the JSON result); --quiet leaves stderr empty."""
+    folder = write_planted_ml100k(tmp_path / "ml-100k")
+    args = [str(Path(sys.executable).with_name("cfb")), "eval", "cold-start", "--data", str(folder), "--seeds", "42",
+            "--budgets", "0,5", "--fold-steps", "", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shown = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    out = json.loads(shown.stdout)
+    assert set(out["mean"]["budgets"]) == {"0", "5"}
+    assert "seed 42: training on" in shown.stderr and "seed 42: questionnaire of 5 items" in shown.stderr
+    quiet = subprocess.run([*args, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    again = json.loads(quiet.stdout)["mean"]["budgets"]
+    for q in ("0", "5"):  # the same seed gives the same figures
+        assert again[q]["cfb"] == out["mean"]["budgets"][q]["cfb"]

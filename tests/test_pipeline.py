@@ -321,3 +321,77 @@ def test_a_side_process_is_closed_when_unused_and_never_waited_on_forever(engine
         assert side.device() == "cpu" and time.perf_counter() - t0 < 10
     finally:
         side.close()
+
+
+@pytest.mark.parametrize("kind", ["dot", "nn"])
+@pytest.mark.parametrize("lr, message", [
+    (1e6, r"^training diverged \(non-finite loss at epoch \d+ of 12\); lower the learning rate \(--lr, now 1e\+06\)$"),
+    (5.0, r"^training diverged or stalled \(training MSE \d+\.\d{4} is over 1\.1 × the variance \d\.\d{4} of the "
+          r"training ratings: clearly worse than predicting their mean\); lower the learning rate \(--lr, now 5\)"),
+])
+def test_a_diverging_retrain_is_refused_and_the_previous_version_serves(trained, kind, lr, message):
+    """A learning rate that blows the weights up to NaN (1e6), or leaves a model worse than the mean
+    rating (5), is a one-line error raised before anything is stored: the trained version keeps serving."""
+    from cfb.cf_core.train import TrainingDiverged
+
+    engine, report = trained
+    with engine.connect() as conn:
+        before = versions.list_versions(conn)
+    with pytest.raises(TrainingDiverged, match=message):
+        retrain_full(engine, kind=kind, valid_pct=0.0, progress=False, **{**FAST, "lr": lr})
+    with pytest.raises(TrainingDiverged, match=message.split(";")[0]):  # the §7 measurement refuses it too
+        retrain_full(engine, kind=kind, valid_pct=0.2, progress=False, **{**FAST, "lr": lr})
+    with engine.connect() as conn:
+        assert versions.list_versions(conn) == before
+        assert versions.serving_version(conn) == report["version"]
+        assert len(recommend(conn, "a0", n=3)["items"]) == 3
+
+
+@pytest.mark.parametrize("kind", ["dot", "nn"])
+def test_non_finite_learned_weights_are_refused(planted, kind):
+    from cfb.cf_core.data import CollabData, default_y_range, index_ids
+    from cfb.cf_core.train import MODELS, TrainingDiverged
+
+    r = planted.ratings
+    (users, u), (items, i) = index_ids(r.user.to_numpy()), index_ids(r.item.to_numpy())
+    data = CollabData(u, i, r.rating.to_numpy(), len(users), len(items))
+    est = MODELS[kind](y_range=default_y_range(1, 5), progress=False, **FAST).fit(data)
+    est._check_learned(data)  # a good fit passes
+    arrays = est._learned_arrays()
+    arrays[-1].flat[0] = float("inf")  # the NN: a weight of its head; the dot model: an item bias
+    with pytest.raises(TrainingDiverged, match=r"^training diverged \(non-finite learned weights\)"):
+        est._check_learned(data)
+
+
+def test_python_api_refuses_plainly(trained, db_url):
+    """`Database` methods refuse bad arguments with messages in Python's terms, nothing written."""
+    import cfb
+
+    from cfb.db.schema import User
+
+    engine, _ = trained
+    with engine.connect() as conn:
+        users = conn.scalar(select(func.count()).select_from(User))
+    with cfb.open(db_url) as db:
+        with pytest.raises(cfb.CfbError, match=r"^n must be a whole number from 1 to 1000, got 0$"):
+            db.similar("a1", n=0)
+        with pytest.raises(cfb.CfbError, match=r"^n must be a whole number from 1 to 1000, got 0$"):
+            db.recommend("a0", n=0)  # (as before: the two agree)
+        with pytest.raises(cfb.CfbError, match=r"^n must be a whole number from 1 to 1000, got 0$"):
+            db.biases(n=0)
+        for bad in ("x", ["x"], [{"answers": {"gender": "F"}}, 3]):
+            where = "entry 2" if isinstance(bad, list) and len(bad) == 2 else "entry 1"
+            with pytest.raises(cfb.CfbError, match=rf"^{where}: a signup must be a dict") as e:
+                db.onboard(bad)
+            assert "unknown key" not in str(e.value)
+        for full in (True, False):
+            with pytest.raises(cfb.CfbError, match=r"^valid_pct must be a number in \[0, 1\), got 2$") as e:
+                db.retrain(full=full, valid_pct=2)
+            assert "--valid-pct" not in str(e.value)
+        with pytest.raises(cfb.CfbError, match=r"^n_factors only applies to a full retrain"):
+            db.retrain(n_factors=3)
+        with pytest.raises(cfb.CfbError, match=r"^kind, n_factors only apply to a full retrain"):
+            db.retrain(kind="nn", n_factors=3)
+        assert len(db.models()) == 1
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(User)) == users

@@ -63,7 +63,8 @@ def test_sigkill_mid_retrain_keeps_previous_version(trained, db_url, extra_delay
     with engine.connect() as conn:
         assert versions.serving_version(conn) == report["version"]
     # the dead process's lock is taken over by the next retrain
-    res = subprocess.run([*cfb_cmd(), "--db", db_url, "retrain", "--full", "--json", "--epochs", "2"],
+    res = subprocess.run([*cfb_cmd(), "--db", db_url, "retrain", "--full", "--json", "--epochs", "2", "--lr", "0.03",
+                          "--bs", "256", "--factors", "8"],  # (default settings learn nothing in 2 epochs here)
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["version"] == report["version"] + 1
