@@ -6,14 +6,6 @@ import numbers
 from pathlib import Path
 
 
-def _check_n(n: int) -> None:
-    """``n`` of a top-N list: a whole number from 1 to 1000, as `recommend` requires."""
-    from .cf_core.errors import CfbError
-
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 1000:
-        raise CfbError(f"n must be a whole number from 1 to 1000, got {n!r}")
-
-
 def _check_valid_pct(valid_pct: float) -> None:
     """``valid_pct``: the share of ratings held out for validation, in [0, 1)."""
     from .cf_core.errors import CfbError
@@ -147,7 +139,6 @@ class Database:
 
         from .service.serving import similar
 
-        _check_n(n)
         with self.engine.connect() as conn:
             out = similar(conn, str(item), n)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
@@ -158,7 +149,6 @@ class Database:
 
         from .service.serving import biases
 
-        _check_n(n)
         with self.engine.connect() as conn:
             out = biases(conn, n, min_ratings)
         return {k: pd.DataFrame(v, columns=["item", "title", "score"]) for k, v in out.items()}

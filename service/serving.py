@@ -19,13 +19,18 @@ def _items_out(conn: Connection, served: Served, rows: np.ndarray, scores: np.nd
             for i, s in zip(ids, scores)]
 
 
+def check_top_n(n: int) -> None:
+    """``n`` of a top-N list (`recommend`, `similar`, `biases`): a whole number from 1 to 1000."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1000:
+        raise CfbError(f"n must be a whole number from 1 to 1000, got {n!r}")
+
+
 def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank") -> dict:
     """Top ``n`` unrated items for a user, with their predicted ratings as ``score``.
 
     ``by="rank"`` orders by the version's ranking score (what the user would watch and like);
     ``by="rating"`` by predicted rating alone. Every stored rating and answer counts at once."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1000:
-        raise CfbError(f"n must be a whole number from 1 to 1000, got {n!r}")
+    check_top_n(n)
     if by not in ("rank", "rating"):
         raise CfbError(f"by must be 'rank' or 'rating', got {by!r}")
     served = load_served(conn)
@@ -108,6 +113,7 @@ def find_item(conn: Connection, query: str) -> int:
 
 def similar(conn: Connection, query: str, n: int = 10) -> dict:
     """Items closest to ``query`` by cosine similarity of item factors."""
+    check_top_n(n)
     served = load_served(conn)
     db_id = find_item(conn, query)
     inner = int(served.model.item_index([db_id])[0])
@@ -120,6 +126,7 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
 
 def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
     """Items with the lowest and highest learned bias (dot model), as in chapter 8."""
+    check_top_n(n)
     served = load_served(conn)
     model = served.model
     if model.kind != "dot":
