@@ -165,24 +165,31 @@ class TrainedModel:
         """The user's representation, a pure function of their history.
 
         Rating part: a trained user starts from their trained row and folds in only the ratings
-        newer than the full retrain (those it learned from are not counted again; a rating *changed*
-        since then counts with its new value on top of the row's old one until the next full
-        retrain); anyone else
-        starts from the bootstrap prior of their answers and folds in every rating. Ranking part:
+        newer than the full retrain, shrunk toward the row by everything it was learned from (the
+        information of the user's other ratings at the row, ``rating.information``): one new rating
+        moves a user with hundreds by what it adds to them. A rating *changed* since the full retrain
+        counts once, with its new value: its old value's curvature leaves the row's information (to
+        first order, the row fitted the old value). Anyone else starts from the bootstrap prior of
+        their answers and folds in every rating. Ranking part:
         the ranker's user side computed from attributes and every rating. Only the attribute answers
         the questionnaire takes count (a stored value a sign-up would refuse is left unanswered)."""
         attributes = self.questionnaire.accepted_answers(history.attributes)
         inner = self.item_index(history.items)
         ratings = np.asarray(history.ratings, np.float32)
         known = inner >= 0
+        information = None
         if history.trained_row is not None:
             prior_vec, prior_bias = history.trained_row
             fold = known & (np.ones(len(inner), bool) if history.newer is None else np.asarray(history.newer, bool))
+            learned = known & ~fold
+            if fold.any() and learned.any():
+                information = self.rating.information(inner[learned], prior_vec, prior_bias)
         else:
             answers = {int(i): float(r) for i, r in zip(history.items, ratings)}
             v, b = self.bootstrap.initial_factors([attributes], [answers])
             prior_vec, prior_bias, fold = v[0], float(b[0]), known
-        vec, bias = self.rating.fold_in(inner[fold], ratings[fold], prior_vec, prior_bias, self.config.user_foldin())
+        vec, bias = self.rating.fold_in(inner[fold], ratings[fold], prior_vec, prior_bias, self.config.user_foldin(),
+                                        information)
         rank_vec = None
         if self.ranker is not None:
             from .feature_model import Reveal

@@ -53,11 +53,21 @@ class _RatingModel:
         raise NotImplementedError
 
     def fold_in(self, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray, prior_bias: float,
-                config: FoldInConfig = FoldInConfig()) -> tuple[np.ndarray, float]:
+                config: FoldInConfig = FoldInConfig(),
+                prior_information: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """The user's (embedding, bias) given their ratings of ``items``, shrunk toward the prior.
 
+        ``prior_information`` (from ``information``): what ratings already learned say about the
+        user, added to the shrinkage as a full precision matrix, so that a trained user's row moves
+        by what a new rating adds to everything it was learned from, not as if it were all there is.
         A pure function of its arguments: folding the same ratings in again from the same prior
         gives the same user. With no ratings the prior is returned unchanged."""
+        raise NotImplementedError
+
+    def information(self, items: np.ndarray, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
+        """The Gauss-Newton information (Σ JᵀJ of the predicted ratings) of a user's ratings of
+        ``items`` about the user's parameters at (``user_vec``, ``user_bias``): the curvature their
+        squared errors give the row they were learned into. Same parameter order as ``fold_in``."""
         raise NotImplementedError
 
     def similar_items(self, item: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -98,24 +108,35 @@ class DotRating(_RatingModel):
     def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
         return np.einsum("ij,ij->i", vecs, self.item_factors[items]) + biases + self.item_bias[items]
 
-    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig()):  # noqa: ANN001
+    def _jacobian(self, items: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted ratings, their Jacobian) of ``items`` with respect to θ = (embedding, bias)."""
+        lo, hi = self.y_range
+        X = np.concatenate([self.item_factors[items].astype(np.float64), np.ones((len(items), 1))], axis=1)
+        p = 1.0 / (1.0 + np.exp(-(X @ theta + self.item_bias[items].astype(np.float64))))
+        return lo + (hi - lo) * p, X * ((hi - lo) * p * (1 - p))[:, None]
+
+    def information(self, items, user_vec, user_bias):  # noqa: ANN001
+        """Over θ = (embedding, bias)."""
+        J = self._jacobian(np.asarray(items, np.int64), np.r_[user_vec, user_bias].astype(np.float64))[1]
+        return J.T @ J
+
+    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None):  # noqa: ANN001
         """Gauss-Newton on the squared error in rating units (through ``sigmoid_range``) with a
-        Gaussian prior: minimise Σ (r - pred)² + reg |u - u0|² + reg_bias (b - b0)²."""
+        Gaussian prior: minimise Σ (r - pred)² + (θ - θ0)ᵀ (diag(reg, …, reg_bias) + P) (θ - θ0),
+        θ = (u, b), P = ``prior_information`` (none: 0)."""
         items = np.asarray(items, np.int64)
         prior_vec = np.asarray(prior_vec, np.float32)
         if len(items) == 0:
             return prior_vec, float(prior_bias)
-        lo, hi = self.y_range
-        X = np.concatenate([self.item_factors[items].astype(np.float64), np.ones((len(items), 1))], axis=1)
-        offset = self.item_bias[items].astype(np.float64)
-        lam = np.r_[np.full(self.n_factors, config.reg), config.reg_bias]
+        precision = np.diag(np.r_[np.full(self.n_factors, config.reg), config.reg_bias])
+        if prior_information is not None:
+            precision = precision + prior_information
         prior = np.r_[prior_vec, prior_bias].astype(np.float64)
         r = np.asarray(ratings, np.float64)
         theta = prior.copy()
         for _ in range(8):
-            p = 1.0 / (1.0 + np.exp(-(X @ theta + offset)))
-            J = X * ((hi - lo) * p * (1 - p))[:, None]
-            step = np.linalg.solve(J.T @ J + np.diag(lam), J.T @ (r - (lo + (hi - lo) * p)) - lam * (theta - prior))
+            pred, J = self._jacobian(items, theta)
+            step = np.linalg.solve(J.T @ J + precision, J.T @ (r - pred) - precision @ (theta - prior))
             theta += step
             if np.abs(step).max() < 1e-6:
                 break
@@ -133,12 +154,26 @@ class NNRating(_RatingModel):
     def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
         return run_head(self.head, np.concatenate([vecs, self.item_factors[items]], axis=1))[:, 0]
 
-    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), steps: int = 150):  # noqa: ANN001
-        """Adam on Σ (r - pred)² + reg |u - u0|² over the user embedding (numpy backprop through the head)."""
+    def information(self, items, user_vec, user_bias):  # noqa: ANN001
+        """Over the embedding (the nn model has no user bias): one backward pass per rating row."""
+        items = np.asarray(items, np.int64)
+        lo, hi = self.y_range
+        u = np.asarray(user_vec, np.float64)
+        x = np.concatenate([np.broadcast_to(u, (len(items), len(u))), self.item_factors[items].astype(np.float64)], axis=1)
+        out, cache = run_head(self.head, x, keep=True)
+        s = 1.0 / (1.0 + np.exp(-out[:, 0]))
+        J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, :len(u)]
+        return J.T @ J
+
+    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
+                steps: int = 150):
+        """Adam on Σ (r - pred)² + (u - u0)ᵀ (reg I + P) (u - u0) over the user embedding (numpy
+        backprop through the head), P = ``prior_information`` (none: 0)."""
         items = np.asarray(items, np.int64)
         u = np.asarray(prior_vec, np.float64).copy()
         if len(items) == 0:
             return u.astype(np.float32), float(prior_bias)
+        precision = config.reg * np.eye(len(u)) + (0 if prior_information is None else prior_information)
         lo, hi = self.y_range
         r = np.asarray(ratings, np.float64)
         item_emb = self.item_factors[items].astype(np.float64)
@@ -151,7 +186,7 @@ class NNRating(_RatingModel):
             s = 1.0 / (1.0 + np.exp(-out[:, 0]))
             dpred = 2 * (lo + (hi - lo) * s - r) * (hi - lo) * s * (1 - s)
             dx = run_head_backward(self.head, cache, dpred[:, None])
-            grad = dx[:, :len(u)].sum(0) + 2 * config.reg * (u - prior)
+            grad = dx[:, :len(u)].sum(0) + 2 * precision @ (u - prior)
             m = 0.9 * m + 0.1 * grad
             v = 0.999 * v + 0.001 * grad ** 2
             u -= 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)

@@ -170,3 +170,40 @@ def test_stored_attributes_a_signup_would_refuse_are_left_unanswered(kind_db):
     assert np.array_equal(vector({"gender": "F", "age": 500}), vector({"gender": "F"}))
     assert np.array_equal(vector({"gender": "X", "age": 30}), vector({"age": 30}))
     assert not np.array_equal(vector({"gender": "F", "age": 30}), vector({"gender": "F"}))
+
+
+def test_a_new_rating_moves_a_trained_user_by_what_it_adds_to_what_was_learned(kind_db):
+    """A trained user's fold-in is shrunk toward their row by the information of the ratings it was
+    learned from: one rating against their taste moves their other predictions far less than it
+    moves the same row with nothing learned behind it, and still moves the rated item's own
+    prediction toward the new rating. A changed rating counts once: re-rating a learned item with the
+    value the row predicts for it leaves the user where they were."""
+    kind, engine, report = kind_db
+    td, _ = load_training_data(engine)
+    with engine.connect() as conn:
+        model = versions.load_model(conn, report["version"])
+        ids, factors, bias = versions.trained_rows(conn, report["version"])
+    u = 0
+    learned = td.data.items[td.data.users == u]
+    items, ratings = td.item_ids[learned], td.data.ratings[td.data.users == u].astype(np.float32)
+    row = (factors[u], float(bias[u]))
+    before = model.rating.predict(*row)
+    unrated = np.setdiff1d(np.arange(model.n_items), model.item_index(items))
+    liked = unrated[np.argmax(before[unrated])]  # rated 1: against everything the row learned
+    others = np.setdiff1d(unrated, [liked])
+
+    def history(with_learned: bool, new_item: int, new_rating: float) -> UserHistory:
+        keep = slice(None) if with_learned else slice(0)
+        new_id = model.item_ids[new_item]
+        rest = items[keep] != new_id
+        return UserHistory({}, np.r_[items[keep][rest], new_id], np.r_[ratings[keep][rest], new_rating],
+                           newer=np.r_[np.zeros(rest.sum(), bool), True], trained_row=row)
+
+    shrunk = model.predict(model.user_vector(history(True, liked, 1.0)))
+    alone = model.predict(model.user_vector(history(False, liked, 1.0)))
+    moved, moved_alone = np.abs(shrunk - before)[others].max(), np.abs(alone - before)[others].max()
+    assert moved < 0.5 * moved_alone
+    assert shrunk[liked] < before[liked] - 0.01
+    again = model.item_index(items[:1])[0]
+    same = model.user_vector(history(True, again, float(before[again])))
+    assert np.abs(model.predict(same) - before).max() < 0.02
