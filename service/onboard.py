@@ -14,6 +14,7 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
+from .serving import title_hint
 from .state import Served, load_served
 
 
@@ -189,11 +190,13 @@ class SignupValidator:
         named: dict[int, str] = {}  # item -> the key that named it
         for key, value in raw.items():
             field = f"ratings.{key}"
-            item = self.items.get(str(key))
+            name = str(key).strip()  # (surrounding spaces aside, as the readers and `cfb rate` strip them)
+            item = self.items.get(name)
             if item is None:
-                hits = self.titles.get(str(key), [])
+                hits = self.titles.get(name, [])
                 if len(hits) != 1:
-                    raise InputError("unknown item" if not hits else
+                    choices = self.titles if isinstance(self.titles, dict) else ()  # (HTTP looks titles up per key)
+                    raise InputError(f"unknown item{title_hint(name, choices)}" if not hits else
                                      f"ambiguous title (items {', '.join(sorted(hits))}); use the item id",
                                      source=where, field=field)
                 item = self.items.get(hits[0])
@@ -213,18 +216,21 @@ class SignupValidator:
         return Signup(user, attributes, ratings, raw)
 
 
-def _new_external_id(conn: Connection) -> str:
+def _new_external_id(conn: Connection, reserved: frozenset[str] = frozenset()) -> str:
+    """``new-N``: the first free N from the next user row on, past the stored ids and ``reserved``."""
     n = int(conn.scalar(select(User.id).order_by(User.id.desc()).limit(1)) or 0) + 1
-    existing = set(store.id_map(conn, User))
-    while f"new-{n}" in existing:
+    taken = set(store.id_map(conn, User)) | set(reserved)
+    while f"new-{n}" in taken:
         n += 1
     return f"new-{n}"
 
 
-def store_signup(conn: Connection, served: Served, signup: Signup) -> tuple[str, int]:
+def store_signup(conn: Connection, served: Served, signup: Signup,
+                 reserved: frozenset[str] = frozenset()) -> tuple[str, int]:
     """Write one validated signup: the user, their answers and their ratings. Nothing of the model
-    changes: the user's representation is computed from these whenever it is asked for."""
-    external = signup.user or _new_external_id(conn)
+    changes: the user's representation is computed from these whenever it is asked for. A signup
+    without a user id gets ``new-N``, never one of ``reserved`` (ids later entries of a batch name)."""
+    external = signup.user or _new_external_id(conn, reserved)
     store.check_id(external, "user", field="user")  # (``validate`` checked it: a Signup made otherwise)
     uid = conn.execute(insert(User).values(external_id=external, attributes=signup.attributes)
                        .returning(User.id)).scalar_one()
@@ -253,8 +259,9 @@ def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool 
                     raise
                 skipped.append({"entry": where, "error": str(e)})
         done = []
+        named = frozenset(s.user for s in valid if s.user is not None)
         for signup in valid:
-            external, _ = store_signup(conn, served, signup)
+            external, _ = store_signup(conn, served, signup, named)
             done.append({"user": external, "ratings": len(signup.ratings)})
     return {"version": served.version, "onboarded": done, "skipped": skipped}
 

@@ -102,13 +102,18 @@ def find_item(conn: Connection, query: str) -> int:
     hit = _item_by_id_or_title(conn, query)
     if hit is None:
         titles = conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()
-        close = difflib.get_close_matches(query, titles, n=5, cutoff=0.5)
-        if not close:
-            low = query.lower()
-            close = [t for t in titles if low in t.lower()][:5]
-        hint = f"; did you mean: {'; '.join(close)}?" if close else ""
-        raise CfbError(f"unknown item {query!r}{hint}")
+        raise CfbError(f"unknown item {query!r}{title_hint(query, titles)}")
     return hit
+
+
+def title_hint(query: str, titles) -> str:  # noqa: ANN001
+    """"; did you mean: …?" with up to five titles close to ``query`` (else containing it), or ""."""
+    titles = list(titles)
+    close = difflib.get_close_matches(query, titles, n=5, cutoff=0.5)
+    if not close:
+        low = query.lower()
+        close = [t for t in titles if low in t.lower()][:5]
+    return f"; did you mean: {'; '.join(close)}?" if close else ""
 
 
 def similar(conn: Connection, query: str, n: int = 10) -> dict:

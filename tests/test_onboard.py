@@ -94,6 +94,29 @@ def test_batch_formats_and_generated_ids(trained, tmp_path):
     assert len(onboard(engine, read_answers_file(write(tmp_path / "q.json", listed)))["onboarded"]) == 2
 
 
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_a_generated_id_never_takes_one_a_later_entry_names(trained, tmp_path, skip_invalid):
+    """An entry without a user id gets new-N; a later entry of the same batch naming new-N keeps it."""
+    engine, _ = trained
+    before = counts(engine)
+    path = write(tmp_path / "q.json", json.dumps([{"answers": {"gender": "F"}}, {"user": "new-61", "answers": {}}]))
+    out = onboard(engine, read_answers_file(path), skip_invalid=skip_invalid)
+    assert [u["user"] for u in out["onboarded"]] == ["new-62", "new-61"]
+    assert counts(engine)[0] == before[0] + 2
+
+
+def test_item_keys_are_stripped_and_a_near_miss_suggests_titles(trained, tmp_path):
+    engine, _ = trained
+    out = onboard(engine, read_answers_file(write(tmp_path / "q.json", json.dumps({"ratings": {" a1 ": 5}}))))
+    with engine.connect() as conn:
+        assert predict_pairs(conn, [(out["onboarded"][0]["user"], "a1")])
+        assert conn.scalar(select(func.count()).select_from(Rating).join(User).where(
+            User.external_id == out["onboarded"][0]["user"])) == 1
+    path = write(tmp_path / "typo.json", json.dumps({"ratings": {"Alpha flim 1": 5}}))
+    with pytest.raises(InputError, match=r"field 'ratings.Alpha flim 1': unknown item; did you mean: Alpha film 1"):
+        onboard(engine, read_answers_file(path))
+
+
 @pytest.mark.parametrize("entry, message", [
     ({"answers": {"shoe_size": 42}}, r"entry 2, field 'answers.shoe_size': unknown attribute"),
     ({"answers": {"age": "old"}}, r"entry 2, field 'answers.age': expected a number"),
