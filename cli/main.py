@@ -24,6 +24,8 @@ def fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, ProgrammingError
 
+        from ..db.engine import EMPTY_DATABASE, is_missing_table
+
         try:
             return fn(*args, **kwargs)
         except CfbError as e:
@@ -34,8 +36,8 @@ def fail_cleanly(fn):
             msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
             if "connection failed" in msg:  # (PostgreSQL: e.g. the database itself does not exist)
                 msg = msg.split("FATAL:")[-1].strip()
-            elif "no such table" in msg or "does not exist" in msg:
-                msg = "the database is empty: run `cfb ingest …` first"
+            elif is_missing_table(e):
+                msg = EMPTY_DATABASE
             raise click.ClickException(f"database error: {msg}") from None
 
     return wrapper
@@ -77,7 +79,7 @@ class Ctx:
         if self._engine is None:
             from ..db.engine import make_engine
 
-            self._engine = make_engine(self.url)
+            self._engine = make_engine(self.url, must_exist=True)  # (only `cfb ingest` makes a database)
         return self._engine
 
 
@@ -460,6 +462,7 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
     """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
     from ..service.http import serve as run_server
 
+    ctx.engine  # a missing database file is an error here, not a server answering 503s
     click.echo(f"cfb serving http://{host}:{port}/ (API docs at /docs)", err=True)
     run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level)
 

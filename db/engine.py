@@ -36,6 +36,25 @@ def resolve_url(url: str | None = None) -> str:
     return f"sqlite:///{home / 'cfb.db'}"
 
 
+EMPTY_DATABASE = "the database is empty: run `cfb ingest …` first"
+
+
+def is_missing_table(e: BaseException) -> bool:
+    """Whether a database error says a table is missing: a database cfb has not written to yet."""
+    msg = str(getattr(e, "orig", None) or e)
+    return "no such table" in msg or ("relation" in msg and "does not exist" in msg)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None: another backend, or an in-memory database)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:") or u.database.startswith("file:"):
+        return None
+    return Path(u.database)
+
+
 def _sqlite_pragmas(dbapi_conn, foreign_keys: bool) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA page_size=16384")  # a new database only (before WAL): fewer, fuller b-tree pages
@@ -120,13 +139,19 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
                 conn.invalidate()  # and the next one sets WAL when it connects (``_set_wal``)
 
 
-def make_engine(url: str | None = None, bulk: bool = False) -> Engine:
+def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = False) -> Engine:
     """Create an engine for ``url`` (see ``resolve_url``); SQLite gets WAL mode and a busy timeout.
+
+    ``must_exist``: a SQLite file that is not there is an error, not a new empty database (commands
+    that only read or serve: a mistyped path makes no file).
 
     ``bulk`` (for ingests): SQLite does not check the foreign keys row by row; ``store.write_ratings``
     then checks every user and item id it writes at once (the row-by-row checks took about 40% of
     a large ingest's insert time)."""
     url = resolve_url(url)
+    path = sqlite_file(url) if must_exist else None
+    if path is not None and not path.exists():
+        raise CfbError(f"no database at {path}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", lambda dbapi_conn, _record: _sqlite_pragmas(dbapi_conn, not bulk))

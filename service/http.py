@@ -36,7 +36,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
@@ -45,7 +45,7 @@ from ..bootstrap.questionnaire import MAX_BUDGET
 from ..cf_core.errors import CfbError, InputError
 from ..cf_core.model import UserHistory
 from ..db import store, versions
-from ..db.engine import make_engine, writing
+from ..db.engine import EMPTY_DATABASE, is_missing_table, make_engine, writing
 from . import serving
 from .state import load_served
 
@@ -74,7 +74,7 @@ def _error_status(e: CfbError) -> int:
     msg = str(e)
     if msg.startswith("unknown user") or msg.startswith("unknown item"):
         return 404
-    if msg.startswith("no trained model yet"):
+    if msg.startswith("no trained model yet") or msg == EMPTY_DATABASE:
         return 503
     if "is not in the serving model yet" in msg:
         return 409
@@ -346,6 +346,11 @@ class FastRecommendations:
         except (ApiError, CfbError) as e:
             await error_response(e)(scope, receive, send)
             return
+        except Exception as e:
+            if not is_missing_table(e):
+                raise
+            await error_response(CfbError(EMPTY_DATABASE))(scope, receive, send)
+            return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
@@ -503,6 +508,13 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @app.exception_handler(CfbError)
     async def _api_error(request: Request, e: ApiError | CfbError):
         return answer_error(request, e)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(ProgrammingError)
+    async def _database_error(request: Request, e: OperationalError | ProgrammingError):
+        if not is_missing_table(e):
+            raise e
+        return answer_error(request, CfbError(EMPTY_DATABASE))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):

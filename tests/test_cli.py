@@ -124,8 +124,19 @@ def test_errors_are_one_line_and_nonzero(runner, cli_db, args, message):
 
 
 def test_empty_database_is_a_clear_error(runner, tmp_path):
+    (tmp_path / "empty.db").touch()
     res = run(runner, f"sqlite:///{tmp_path / 'empty.db'}", "recommend", "1")
     assert res.exit_code == 1 and "the database is empty" in res.output
+
+
+@pytest.mark.parametrize("args", [("recommend", "1"), ("models",), ("similar", "x"), ("questionnaire",),
+                                  ("rate", "1", "2", "3"), ("retrain",), ("serve", "--port", "1")])
+def test_a_missing_database_file_is_an_error_and_is_not_made(runner, tmp_path, args):
+    """Only `cfb ingest` makes a database: anything else on a mistyped path says so and leaves no file."""
+    path = tmp_path / "typo.db"
+    res = run(runner, f"sqlite:///{path}", *args)
+    assert res.exit_code == 1 and f"no database at {path}" in res.output and "Traceback" not in res.output
+    assert not path.exists() and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("url, message", [

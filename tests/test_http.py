@@ -540,3 +540,19 @@ def test_python_api(trained, db_url, tmp_path):
             db.rate(user, " ", 4)
         with pytest.raises(cfb.CfbError, match=r"kind, n_factors only apply to a full retrain"):
             db.retrain(kind="nn", n_factors=3)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_an_empty_database_answers_503_with_one_line_on_every_route(tmp_path, fast_path):
+    """A server on a database nothing was ingested into (tables missing) answers each request with 503
+    and what to do, as JSON (the web page: as a page), never a 500."""
+    (tmp_path / "empty.db").touch()
+    with running_server(f"sqlite:///{tmp_path / 'empty.db'}", fast_path=fast_path) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        for method, path in [("GET", "/health"), ("GET", "/questionnaire"), ("GET", "/users/1/recommendations"),
+                             ("GET", "/items/1/similar"), ("GET", "/models"), ("POST", "/users")]:
+            res = client.request(method, path, json={} if method == "POST" else None)
+            assert res.status_code == 503, (path, res.text)
+            assert res.json() == {"error": "the database is empty: run `cfb ingest …` first"}
+        page = client.get("/user/1")
+        assert page.status_code == 503 and "the database is empty" in page.text
