@@ -171,10 +171,11 @@ def ingest_items(ctx: Ctx, file: Path, as_json: bool) -> None:
     Numbers stay numbers (as text where the stored items hold that attribute as text), a value with '|'
     becomes a list ("Drama|War"), empty cells change nothing; given attributes replace those of the
     same name, others are kept; a word where the stored items hold numbers is refused."""
+    from ..db.engine import make_engine
     from ..db.sources import read_items_csv
     from ..service.ingest import upsert_items
 
-    out = upsert_items(ctx.engine, read_items_csv(file), source=str(file))
+    out = upsert_items(make_engine(ctx.url), read_items_csv(file), source=str(file))  # (an ingest: may make the database)
     emit(out, as_json, f"{out['added']} items added, {out['updated']} updated, {out['unchanged']} unchanged")
 
 
