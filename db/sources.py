@@ -32,6 +32,7 @@ class Dataset:
     items: pd.DataFrame | None = None  # item, title, attributes (dict)
     users: pd.DataFrame | None = None  # user, attributes (dict)
     scale: tuple[float, float] | None = None
+    step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
     name: str = "ratings"
     source: str | None = None  # the ratings file, for errors found while writing
     first_line: int | None = 2  # the line of ``source`` holding the first rating (None: rows are not its lines)
@@ -74,6 +75,17 @@ def id_column(values: pd.Series, factorized: tuple[np.ndarray, np.ndarray] | Non
 def _line(first_line: int | None, pos: int) -> int | None:
     """The line of the row at ``pos`` when rows follow the lines from ``first_line`` on, else None."""
     return None if first_line is None else first_line + pos
+
+
+def rating_problem(value: float, scale: tuple[float, float] | None, step: float | None) -> str | None:
+    """Why one rating cannot be stored on ``scale`` (with ``step`` between ratings, if any), else None."""
+    if scale is None:
+        return None
+    if not scale[0] <= value <= scale[1]:
+        return f"rating {value:g} outside the scale {scale[0]:g}..{scale[1]:g}"
+    if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > 1e-6:
+        return f"rating {value:g} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
+    return None
 
 
 def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: int | None = 2,

@@ -94,6 +94,12 @@ def rating_scale(conn: Connection) -> tuple[float, float] | None:
     return tuple(float(x) for x in v.split(",")) if v else None  # type: ignore[return-value]
 
 
+def rating_step(conn: Connection) -> float | None:
+    """The step between ratings fixed by the first ingest where its layout has one (MovieLens, goodbooks)."""
+    v = get_setting(conn, "rating_step")
+    return float(v) if v else None
+
+
 MAX_ID_LENGTH = 255  # users.external_id and items.external_id are VARCHAR(255)
 
 

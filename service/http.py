@@ -391,6 +391,7 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
         validator = SignupValidator.__new__(SignupValidator)
         validator.questionnaire = served.model.questionnaire
         validator.scale = store.rating_scale(conn)
+        validator.step = store.rating_step(conn)
         validator.items = _Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key")))
         validator.titles = _Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
                                    possible=lambda title: "\x00" not in title)  # (as ``serving.find_item``)
@@ -662,7 +663,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             except CfbError as e:
                 msg = str(e)
                 field = ("item" if msg.startswith("unknown item") or "titled" in msg else
-                         "rating" if "outside the scale" in msg else None)
+                         "rating" if msg.startswith("rating ") else None)
                 raise ApiError(_error_status(e), f"request body, field '{field}': {msg}" if field else msg,
                                field) from None
 

@@ -37,9 +37,12 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                                      "them: give the scale (`--scale LO,HI`)", source=source)
             if scale is not None:
                 store.set_setting(conn, "rating_scale", f"{scale[0]:g},{scale[1]:g}")
+                if ds.step is not None and tuple(scale) == tuple(ds.scale or ()):
+                    store.set_setting(conn, "rating_step", f"{ds.step:g}")
         scale = known or scale
         if scale is not None and len(ds.ratings):  # lines and field as the reader names them
-            check_scale(ds.ratings, scale, source, ds.first_line, ds.columns.get("rating", "rating"))
+            check_scale(ds.ratings, scale, source, ds.first_line, ds.columns.get("rating", "rating"),
+                        step=store.rating_step(conn))
         before = {t: store.count_rows(conn, t) for t in (User, Item)}
         given: dict = {User: set(), Item: set()}
         if ds.users is not None and len(ds.users):

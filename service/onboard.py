@@ -14,6 +14,7 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
+from ..db.sources import rating_problem
 from .serving import title_hint
 from .state import Served, load_served
 
@@ -148,6 +149,7 @@ class SignupValidator:
     def __init__(self, conn: Connection, served: Served):
         self.questionnaire = served.model.questionnaire
         self.scale = store.rating_scale(conn)
+        self.step = store.rating_step(conn)
         self.items = store.id_map(conn, Item)
         titles: dict[str, list[str]] = {}  # title -> the external ids of the items so titled
         for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))):
@@ -203,9 +205,9 @@ class SignupValidator:
             if not is_finite_number(value):
                 raise InputError(f"rating must be a {'finite ' if is_number(value) else ''}number, got {value!r}",
                                  source=where, field=field)
-            if self.scale and not self.scale[0] <= value <= self.scale[1]:
-                raise InputError(f"rating {value:g} outside the scale {self.scale[0]:g}..{self.scale[1]:g}",
-                                 source=where, field=field)
+            problem = rating_problem(value, self.scale, self.step)
+            if problem:
+                raise InputError(problem, source=where, field=field)
             if item in named:
                 raise InputError(f"the same item as {named[item]!r} (an item is rated once)", source=where,
                                  field=field)

@@ -10,6 +10,7 @@ from ..cf_core.errors import CfbError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item
+from ..db.sources import rating_problem
 from .serving import find_item
 
 
@@ -25,9 +26,9 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     if not str(item).strip():
         raise CfbError("empty item id")
     with writing(engine) as conn:
-        scale = store.rating_scale(conn)
-        if scale and not scale[0] <= rating <= scale[1]:
-            raise CfbError(f"rating {rating:g} outside the scale {scale[0]:g}..{scale[1]:g}")
+        problem = rating_problem(rating, store.rating_scale(conn), store.rating_step(conn))
+        if problem:
+            raise CfbError(problem)
         uid = store.user_id_of(conn, user)
         try:
             iid = find_item(conn, item)

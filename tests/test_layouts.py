@@ -641,3 +641,23 @@ def test_download_into_a_home_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["data", "download", "movielens-100k"])
     assert res.exit_code == 1 and res.output.startswith("Error: cannot create the data folder")
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_the_layouts_step_holds_for_every_later_rating(tmp_path, db_url):
+    """A layout's step between ratings (MovieLens 100k: whole stars) is the database's: `cfb rate`, a
+    later CSV ingest and a sign-up refuse 4.5 or 3.3 as its reader does; half-star releases take 4.5."""
+    ok(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
+    fails(run(db_url, "rate", "196", "302", "4.5"), r"^Error: rating 4\.5 not on the scale 1\.\.5 in steps of 1$")
+    fails(run(db_url, "ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\n196,302,4\n22,242,3.3\n"))),
+          r"r\.csv, line 3, field 'rating': rating 3\.3 not on the scale 1\.\.5 in steps of 1$")
+    assert ok(run(db_url, "rate", "196", "302", "4", "--json"))["rating"] == 4.0
+    assert dump(db_url)["ratings"][("196", "302")][0] == 4.0 and ("22", "242") not in dump(db_url)["ratings"]
+    from cfb.db.engine import make_engine
+    from cfb.db.store import rating_step
+
+    half = f"sqlite:///{tmp_path / 'half.db'}"
+    ok(run(half, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K")), "--json"))
+    assert ok(run(half, "rate", "1", "122", "4.5", "--json"))["rating"] == 4.5
+    fails(run(half, "rate", "1", "122", "4.25"), r"rating 4\.25 not on the scale 0\.5\.\.5 in steps of 0\.5$")
+    with make_engine(half).connect() as conn:
+        assert rating_step(conn) == 0.5

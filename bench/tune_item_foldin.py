@@ -1,0 +1,87 @@
+"""Choose a new item's fold-in shrinkage (``item_foldin_reg``, ``item_foldin_reg_bias``) on pseudo-cold items.
+
+The pseudo-cold items of ``tune_item_coldstart.py`` (never the protocol's cold items): a version trained
+without them; each pseudo-cold item then gets its first k ratings in time order (k = 1, 3, 10; items
+with more than k ratings), is solved against those raters' trained rows from its metadata row, exactly
+as an incremental retrain does (``DotRating.fold_in`` with users and items swapped), and is scored by
+RMSE on its other ratings. ``eb`` is the empirical-Bayes rule: the rating model's training MSE over
+the variance of the trained items' biases (bias) / of their factors per dimension (embedding).
+
+Usage: python bench/tune_item_foldin.py [--data ../shared/data/ml-100k] [--seeds 42,43,44] [--cache DIR]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from cfb.cf_core.rating import DotRating, FoldInConfig, empirical_bayes_item_shrinkage
+from cfb.db.sources import read_movielens
+from cfb.evaluation.item_coldstart import split_dataset
+
+from tune_item_coldstart import fitted_version, pseudo_split
+
+KS = (1, 3, 10)
+
+
+def shrinkage(model, td) -> FoldInConfig:  # noqa: ANN001
+    d = td.data
+    return empirical_bayes_item_shrinkage(model.rating, model.user_factors, model.user_bias, d.users, d.items, d.ratings)
+
+
+def score(model, split: dict, reg: float | str, reg_bias: float | str) -> dict[int, tuple[float, int]]:  # noqa: ANN001
+    """{k: (sum of squared errors, count)} over the pseudo-cold items."""
+    td = split["td"]
+    if "eb" in (reg, reg_bias):
+        eb = shrinkage(model, td)
+        reg, reg_bias = (eb.reg if reg == "eb" else reg), (eb.reg_bias if reg_bias == "eb" else reg_bias)
+    rows, _ = model.metadata_rows(split["cold_attrs"])
+    r = split["cold_ratings"].sort_values(["timestamp"], kind="stable")
+    pos = {u: k for k, u in enumerate(td.user_ids.tolist())}
+    out = {k: [0.0, 0] for k in KS}
+    for n, item in enumerate(split["cold_items"]):
+        ir = r[r.item == item]
+        users = np.array([pos.get(split["uid"][u], -1) for u in ir.user])
+        ratings = ir.rating.to_numpy(np.float64)[users >= 0]
+        users = users[users >= 0]
+        raters = DotRating(model.rating.y_range, model.user_factors[users], model.user_bias[users])
+        for k in KS:
+            if len(users) <= k:
+                continue
+            vec, bias = raters.fold_in(np.arange(k), ratings[:k], rows["item_factors"][n], float(rows["item_bias"][n]),
+                                       FoldInConfig(float(reg), float(reg_bias)))
+            rest = np.arange(k, len(users))
+            pred = np.clip(raters.predict_pairs(np.broadcast_to(vec, (len(rest), len(vec))),
+                                                np.full(len(rest), bias), rest), *td.scale)
+            out[k][0] += float(((pred - ratings[k:]) ** 2).sum())
+            out[k][1] += len(rest)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="../shared/data/ml-100k")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--cache", default="/tmp/cfb-item-tune")
+    args = ap.parse_args()
+    ds = read_movielens(Path(args.data))
+    grid = [(20.0, 1.0), (20.0, 5.0), (20.0, 10.0), (20.0, 20.0), (10.0, 10.0), (40.0, 10.0), (20.0, "eb")]
+    totals = {g: {k: [0.0, 0] for k in KS} for g in grid}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        warm, pseudo = pseudo_split(ds, seed)
+        model = fitted_version(warm, pseudo, seed, Path(args.cache) if args.cache else None)
+        split = split_dataset(warm, pseudo)
+        print(f"seed {seed}: empirical Bayes (embedding, bias) = "
+              f"{shrinkage(model, split['td'])}")
+        for g in grid:
+            for k, (sse, n) in score(model, split, *g).items():
+                totals[g][k][0] += sse
+                totals[g][k][1] += n
+    print("reg, reg_bias | " + " | ".join(f"RMSE k={k}" for k in KS))
+    for g in grid:
+        print(f"{g} | " + " | ".join(f"{np.sqrt(s / max(n, 1)):.4f} ({n})" for s, n in totals[g].values()))
+
+
+if __name__ == "__main__":
+    main()
