@@ -25,23 +25,34 @@ from .store import CHUNK, get_setting, set_setting
 
 MODEL_BLOB = "model.npz"  # a full version's TrainedModel.to_arrays()
 DELTA_BLOB = "delta.npz"  # an incremental version's changes
+SERVING_CHOICES = "serving_choices"  # setting: how many times a version was made serving by choice
 
 
-def _check_serving(conn: Connection, expected: int | None) -> int | None:
-    """The serving version now if it is not ``expected`` (what it was when the retrain started),
-    else None. The pointer's row stays locked until the transaction ends (PostgreSQL: FOR UPDATE;
-    SQLite: the write transaction's BEGIN IMMEDIATE), so no rollback lands between check and write."""
+def serving_state(conn: Connection) -> tuple[int | None, int]:
+    """(the serving version, how many times a serving version was chosen): what a retrain notes when it
+    starts, so that a rollback meanwhile, even to the version already serving, is never overridden."""
+    return serving_version(conn), int(get_setting(conn, SERVING_CHOICES) or 0)
+
+
+def _check_serving(conn: Connection, expected: int | None | tuple[int | None, int]) -> int | None:
+    """The serving version now if it is not ``expected`` (what it was when the retrain started; with
+    ``serving_state``'s count, also when it was chosen again meanwhile), else None. The pointer's row
+    stays locked until the transaction ends (PostgreSQL: FOR UPDATE; SQLite: the write transaction's
+    BEGIN IMMEDIATE), so no rollback lands between check and write."""
     from .schema import Setting
 
     raw = conn.scalar(select(Setting.value).where(Setting.key == "serving_version").with_for_update())
     now = int(raw) if raw else None
+    if isinstance(expected, tuple):
+        return now if (now, int(get_setting(conn, SERVING_CHOICES) or 0)) != expected else None
     return now if now != expected else None
 
 
 def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: int,
-              expected_serving: int | None) -> tuple[int, bool]:
+              expected_serving: int | None | tuple[int | None, int]) -> tuple[int, bool]:
     """Write a full version (model arrays, trained users' rows). It becomes serving unless the serving
-    version changed since the retrain started (a rollback): then it is stored but not served.
+    version changed since the retrain started, or was chosen again (``serving_state``; a rollback):
+    then it is stored but not served.
     Returns (version, serving). Call inside a write transaction."""
     version = conn.execute(insert(ModelVersion).values(
         kind=model.kind, mode="full", parent_id=None, hyperparams=model.settings, metrics=metrics,
@@ -189,8 +200,10 @@ def list_versions(conn: Connection) -> list[dict]:
 
 
 def set_serving(conn: Connection, version: int) -> None:
+    """Serve ``version`` by choice (a rollback, an incremental retrain): counted in ``serving_state``."""
     get_version(conn, version)
     set_setting(conn, "serving_version", str(version))
+    set_setting(conn, SERVING_CHOICES, str(int(get_setting(conn, SERVING_CHOICES) or 0) + 1))
 
 
 # --- the retrain lock -----------------------------------------------------------------------

@@ -328,7 +328,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
     lock = versions.acquire_retrain_lock(engine)
     try:
         with engine.connect() as conn:
-            started_serving = versions.serving_version(conn)
+            started_serving = versions.serving_state(conn)
             newest_seq = store.next_seq(conn) - 1  # at least the number of ratings
         with side_process(ranker_may_go_beside(ranker, newest_seq)) as side:  # started now: its imports overlap the read
             td, load_s = load_training_data(engine)

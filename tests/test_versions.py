@@ -94,10 +94,13 @@ def test_onboarding_leaves_stored_versions_alone(trained):
     assert snapshot() == before
 
 
-def test_rollback_during_a_full_retrain_is_not_overwritten(trained, monkeypatch):
-    """A rollback made while a retrain runs stays: the new version is stored but not served."""
+@pytest.mark.parametrize("to", ["earlier", "serving"])
+def test_rollback_during_a_full_retrain_is_not_overwritten(trained, monkeypatch, to):
+    """A rollback made while a retrain runs stays, to an earlier version or to the one already serving
+    (a choice to keep it): the new version is stored but not served."""
     engine, report = trained
     second = retrain_full(engine, progress=False, **FAST)
+    chosen = report["version"] if to == "earlier" else second["version"]
     import cfb.service.training as training
 
     real_fit = training.fit_model
@@ -105,14 +108,14 @@ def test_rollback_during_a_full_retrain_is_not_overwritten(trained, monkeypatch)
     def fit_then_rollback(*args, **kwargs):  # the rollback lands while the retrain trains
         out = real_fit(*args, **kwargs)
         with writing(engine) as conn:
-            versions.set_serving(conn, report["version"])
+            versions.set_serving(conn, chosen)
         return out
 
     monkeypatch.setattr(training, "fit_model", fit_then_rollback)
     third = retrain_full(engine, progress=False, **FAST)
     assert third["serving"] is False and f"cfb rollback {third['version']}" in third["reason"]
     with engine.connect() as conn:
-        assert versions.serving_version(conn) == report["version"] != second["version"]
+        assert versions.serving_version(conn) == chosen != third["version"]
 
 
 def test_rollback_during_an_incremental_retrain_saves_nothing(trained, monkeypatch):
