@@ -7,7 +7,13 @@ as an incremental retrain does (``DotRating.fold_in`` with users and items swapp
 RMSE on its other ratings. ``eb`` is the empirical-Bayes rule: the rating model's training MSE over
 the variance of the trained items' biases (bias) / of their factors per dimension (embedding).
 
-Usage: python bench/tune_item_foldin.py [--data ../shared/data/ml-100k] [--seeds 42,43,44] [--cache DIR]
+Measured (ml-100k, seeds 42-44, RMSE at k = 1 / 3 / 10): (20, 1) before 1.0011 / 0.9615 / 0.9402;
+(20, 5) 0.9668 / 0.9442 / 0.9300; (10, 10) 0.9681 / 0.9453 / 0.9254; (10, 5) adopted 0.9661 / 0.9426 /
+0.9271; (10, 3) 0.9685 / 0.9443 / 0.9300; empirical Bayes (about 43, 70) 0.9786 / 0.9647 / 0.9406 with
+reg 20 on the embedding: the trained biases are shrunk by weight decay, so their spread understates
+how far an item's bias may go.
+
+Usage: PYTHONPATH=bench python bench/tune_item_foldin.py [--data ../shared/data/ml-100k] [--seeds 42,43,44] [--cache DIR]
 """
 from __future__ import annotations
 
@@ -16,13 +22,32 @@ from pathlib import Path
 
 import numpy as np
 
-from cfb.cf_core.rating import DotRating, FoldInConfig, empirical_bayes_item_shrinkage
+from cfb.cf_core.rating import DotRating, FoldInConfig, _RatingModel
 from cfb.db.sources import read_movielens
 from cfb.evaluation.item_coldstart import split_dataset
 
 from tune_item_coldstart import fitted_version, pseudo_split
 
 KS = (1, 3, 10)
+
+
+def empirical_bayes_item_shrinkage(rating: _RatingModel, user_factors: np.ndarray, user_bias: np.ndarray,
+                                   users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+                                   sample: int = 200_000, seed: int = 0) -> FoldInConfig:
+    """A new item's fold-in shrinkage from what the full retrain learned (empirical Bayes): the
+    ratings' noise (training MSE, on up to ``sample`` ratings) over the spread of the trained items'
+    rows (variance of the biases; mean variance per dimension of the factors), so that an item solved
+    from its first ratings moves as far from its prior as trained items with that evidence do."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(ratings), min(sample, len(ratings)), replace=False) if len(ratings) > sample else slice(None)
+    u, i = np.asarray(users)[pick], np.asarray(items)[pick]
+    pred = rating.predict_pairs(user_factors[u], user_bias[u], i)
+    mse = float(np.mean((np.asarray(ratings, np.float64)[pick] - pred) ** 2))
+    var_f = float(np.var(rating.item_factors, axis=0).mean())
+    var_b = float(np.var(rating.item_bias))
+    default = FoldInConfig()
+    return FoldInConfig(mse / var_f if var_f > 0 else default.reg, mse / var_b if var_b > 0 else default.reg_bias)
+
 
 
 def shrinkage(model, td) -> FoldInConfig:  # noqa: ANN001
@@ -66,7 +91,8 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/cfb-item-tune")
     args = ap.parse_args()
     ds = read_movielens(Path(args.data))
-    grid = [(20.0, 1.0), (20.0, 5.0), (20.0, 10.0), (20.0, 20.0), (10.0, 10.0), (40.0, 10.0), (20.0, "eb")]
+    grid = [(20.0, 1.0), (20.0, 5.0), (20.0, 10.0), (20.0, 20.0), (10.0, 10.0), (10.0, 5.0), (10.0, 3.0), (40.0, 10.0),
+            (20.0, "eb")]
     totals = {g: {k: [0.0, 0] for k in KS} for g in grid}
     for seed in [int(s) for s in args.seeds.split(",")]:
         warm, pseudo = pseudo_split(ds, seed)

@@ -33,8 +33,9 @@ class ServingConfig:
     popularity_weight: float = 1.0  # without one: predicted rating + popularity_weight × log(1 + ratings)
     foldin_reg: float = 10.0  # a user's fold-in: shrinkage of the embedding toward the prior
     foldin_reg_bias: float = 30.0  # ... and of the bias
-    item_foldin_reg: float = 20.0  # a new item's fold-in against its raters (embedding)
-    item_foldin_reg_bias: float = 1.0  # ... a new item's bias is what its raters say
+    # a new item's fold-in against its raters (embedding, bias): chosen on pseudo-cold items (bench/tune_item_foldin.py)
+    item_foldin_reg: float = 10.0
+    item_foldin_reg_bias: float = 5.0
 
     @classmethod
     def for_kind(cls, kind: str) -> "ServingConfig":

@@ -220,20 +220,3 @@ def rating_model_from_arrays(a: dict[str, np.ndarray]) -> _RatingModel:
     """The rating model stored in ``a`` (its ``kind`` says which class)."""
     return RATING_MODELS[str(a["kind"])].from_arrays(a)
 
-
-def empirical_bayes_item_shrinkage(rating: _RatingModel, user_factors: np.ndarray, user_bias: np.ndarray,
-                                   users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
-                                   sample: int = 200_000, seed: int = 0) -> FoldInConfig:
-    """A new item's fold-in shrinkage from what the full retrain learned (empirical Bayes): the
-    ratings' noise (training MSE, on up to ``sample`` ratings) over the spread of the trained items'
-    rows (variance of the biases; mean variance per dimension of the factors), so that an item solved
-    from its first ratings moves as far from its prior as trained items with that evidence do."""
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(ratings), min(sample, len(ratings)), replace=False) if len(ratings) > sample else slice(None)
-    u, i = np.asarray(users)[pick], np.asarray(items)[pick]
-    pred = rating.predict_pairs(user_factors[u], user_bias[u], i)
-    mse = float(np.mean((np.asarray(ratings, np.float64)[pick] - pred) ** 2))
-    var_f = float(np.var(rating.item_factors, axis=0).mean())
-    var_b = float(np.var(rating.item_bias))
-    default = FoldInConfig()
-    return FoldInConfig(mse / var_f if var_f > 0 else default.reg, mse / var_b if var_b > 0 else default.reg_bias)
