@@ -463,7 +463,15 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
     """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
     from ..service.http import serve as run_server
 
+    import socket
+
     ctx.engine  # a missing database file is an error here, not a server answering 503s
+    try:  # a port in use is one line here, not uvicorn's log lines and exit status 3
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+            probe.bind((host, port))
+    except OSError as e:
+        raise CfbError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
     click.echo(f"cfb serving http://{host}:{port}/ (API docs at /docs)", err=True)
     run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level)
 

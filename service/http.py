@@ -558,6 +558,17 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return doc
 
     def check_token(request: Request) -> None:
+        """A write needs the token (when the server has one), and is never one a page of another site
+        made a browser send: a cross-site request carries an ``Origin`` other than this server."""
+        origin = request.headers.get("origin")
+        if origin is not None and origin != "null":
+            from urllib.parse import urlsplit
+
+            ours = {request.headers.get(h, "").lower() for h in ("host", "x-forwarded-host")}  # (behind a proxy)
+            if urlsplit(origin).netloc.lower() not in ours:
+                raise ApiError(403, f"writes from another site's page ({origin}) are refused")
+        elif origin == "null":
+            raise ApiError(403, "writes from a page without an origin are refused")
         if token is None:
             return
         got = request.headers.get("authorization", "")

@@ -299,3 +299,15 @@ def test_eval_shows_each_step_on_stderr_unless_quiet(tmp_path):
     again = json.loads(quiet.stdout)["mean"]["budgets"]
     for q in ("0", "5"):  # the same seed gives the same figures
         assert again[q]["cfb"] == out["mean"]["budgets"][q]["cfb"]
+
+
+def test_serve_on_a_port_in_use_is_one_line(runner, cli_db):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = run(runner, cli_db, "serve", "--port", str(port))
+    assert res.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output

@@ -556,3 +556,16 @@ def test_an_empty_database_answers_503_with_one_line_on_every_route(tmp_path, fa
             assert res.json() == {"error": "the database is empty: run `cfb ingest …` first"}
         page = client.get("/user/1")
         assert page.status_code == 503 and "the database is empty" in page.text
+
+
+def test_a_write_from_another_sites_page_is_refused(server, db_url):
+    """Without a token too: a browser on another site may POST text/plain here without asking (a
+    "simple" request), but it says where the page came from; this server's own page passes."""
+    body = '{"item": "a1", "rating": 4}'
+    for origin in ("http://evil.example", "null"):
+        res = server.post("/users/a0/ratings", content=body, headers={"Origin": origin, "Content-Type": "text/plain"})
+        assert res.status_code == 403 and "refused" in res.json()["error"]
+    own = server.base_url.netloc.decode() if isinstance(server.base_url.netloc, bytes) else server.base_url.netloc
+    res = server.post("/users/a0/ratings", content=body, headers={"Origin": f"http://{own}"})
+    assert res.status_code == 201
+    assert server.post("/users/a0/ratings", content=body).status_code == 201  # (no Origin: not a browser page)
