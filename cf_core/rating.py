@@ -219,4 +219,3 @@ RATING_MODELS: dict[str, type[_RatingModel]] = {"dot": DotRating, "nn": NNRating
 def rating_model_from_arrays(a: dict[str, np.ndarray]) -> _RatingModel:
     """The rating model stored in ``a`` (its ``kind`` says which class)."""
     return RATING_MODELS[str(a["kind"])].from_arrays(a)
-

@@ -461,9 +461,9 @@ def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
 @fail_cleanly
 def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_level: str) -> None:
     """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
-    from ..service.http import serve as run_server
-
     import socket
+
+    from ..service.http import serve as run_server
 
     ctx.engine  # a missing database file is an error here, not a server answering 503s
     try:  # a port in use is one line here, not uvicorn's log lines and exit status 3

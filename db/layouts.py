@@ -393,7 +393,8 @@ def read_ml100k(folder: Path) -> Dataset:
             recs.append({"user": f[0].strip(), "attributes": {
                 "age": int(f[1]), "gender": f[2], "occupation": f[3], "zip": f[4]}})
         users = pd.DataFrame(recs)
-    return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens", source=str(ratings_path), first_line=1)
+    return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens",
+                   source=str(ratings_path), first_line=1)
 
 
 def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
@@ -469,8 +470,8 @@ def read_ml1m(folder: Path) -> Dataset:
             attrs["zip"] = zipcode
         recs.append({"user": user, "attributes": attrs})
     users = pd.DataFrame(recs, columns=["user", "attributes"])
-    return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-1m", source=str(rpath),
-                   first_line=1, columns=DAT_COLUMNS)
+    return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-1m",
+                   source=str(rpath), first_line=1, columns=DAT_COLUMNS)
 
 
 def read_ml10m(folder: Path) -> Dataset:
@@ -496,8 +497,8 @@ def read_ml10m(folder: Path) -> Dataset:
                 if f[2].strip():
                     rows.append((f[1].strip(), f[2].strip().lower()))
             _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
-    return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens-10m", source=str(rpath), first_line=1,
-                   columns=DAT_COLUMNS)
+    return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens-10m",
+                   source=str(rpath), first_line=1, columns=DAT_COLUMNS)
 
 
 def _add_tags(items: pd.DataFrame, tags: dict[str, list[str]]) -> None:
@@ -534,8 +535,8 @@ def read_ml_csv(folder: Path) -> Dataset:
             tags = pd.DataFrame([(f[k_item].strip(), f[k_tag].strip().lower()) for _, f in rows if f[k_tag].strip()],
                                 columns=["item", "tag"])
             _add_tags(items, _top_tags(tags, "item", "tag"))
-    return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens", source=str(rpath),
-                   columns={"item": "movieId"})
+    return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens",
+                   source=str(rpath), columns={"item": "movieId"})
 
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------
@@ -565,8 +566,8 @@ def read_goodbooks(folder: Path) -> Dataset:
         _check_items(given, items, rpath, 2, "book_id", f"{bpath.name} (its {key} column)")
     ratings = given.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
     # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
-    return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}", source=str(rpath),
-                   first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id"})
+    return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}",
+                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id"})
 
 
 def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:

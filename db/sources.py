@@ -32,11 +32,11 @@ class Dataset:
     items: pd.DataFrame | None = None  # item, title, attributes (dict)
     users: pd.DataFrame | None = None  # user, attributes (dict)
     scale: tuple[float, float] | None = None
-    step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
     name: str = "ratings"
     source: str | None = None  # the ratings file, for errors found while writing
     first_line: int | None = 2  # the line of ``source`` holding the first rating (None: rows are not its lines)
     columns: dict[str, str] = field(default_factory=dict)  # {"rating"/"item": its name in ``source``} if not so
+    step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False) -> np.ndarray:

@@ -124,7 +124,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     t0 = time.perf_counter()
     # the training catalogue only: an item that only cold users rated is something about them (§2)
     warm_items = ds.items[ds.items.item.astype(str).isin(ratings.item[~is_cold].unique())] if ds.items is not None else None
-    ingest_dataset(engine, Dataset(ratings[~is_cold], warm_items, warm_users, ds.scale, ds.name))
+    ingest_dataset(engine, Dataset(ratings[~is_cold], warm_items, warm_users, ds.scale, ds.name, step=ds.step))
     timings["ingest_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     log(f"seed {seed}: training on {int((~is_cold).sum()):,} ratings of {len(users) - len(cold)} warm users")
