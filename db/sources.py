@@ -77,17 +77,6 @@ def _line(first_line: int | None, pos: int) -> int | None:
     return None if first_line is None else first_line + pos
 
 
-def rating_problem(value: float, scale: tuple[float, float] | None, step: float | None) -> str | None:
-    """Why one rating cannot be stored on ``scale`` (with ``step`` between ratings, if any), else None."""
-    if scale is None:
-        return None
-    if not scale[0] <= value <= scale[1]:
-        return f"rating {value:g} outside the scale {scale[0]:g}..{scale[1]:g}"
-    if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > 1e-6:
-        return f"rating {value:g} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
-    return None
-
-
 def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: int | None = 2,
                 field: str = "rating", step: float | None = None) -> None:
     """Every rating lies within ``scale`` (inclusive) and, given a ``step``, on a step from its low end,

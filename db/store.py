@@ -100,6 +100,17 @@ def rating_step(conn: Connection) -> float | None:
     return float(v) if v else None
 
 
+def rating_problem(value: float, scale: tuple[float, float] | None, step: float | None) -> str | None:
+    """Why one rating cannot be stored on ``scale`` (with ``step`` between ratings, if any), else None."""
+    if scale is None:
+        return None
+    if not scale[0] <= value <= scale[1]:
+        return f"rating {value:g} outside the scale {scale[0]:g}..{scale[1]:g}"
+    if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > 1e-6:
+        return f"rating {value:g} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
+    return None
+
+
 MAX_ID_LENGTH = 255  # users.external_id and items.external_id are VARCHAR(255)
 
 

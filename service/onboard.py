@@ -14,7 +14,6 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
-from ..db.sources import rating_problem
 from .serving import title_hint
 from .state import Served, load_served
 
@@ -205,7 +204,7 @@ class SignupValidator:
             if not is_finite_number(value):
                 raise InputError(f"rating must be a {'finite ' if is_number(value) else ''}number, got {value!r}",
                                  source=where, field=field)
-            problem = rating_problem(value, self.scale, self.step)
+            problem = store.rating_problem(value, self.scale, self.step)
             if problem:
                 raise InputError(problem, source=where, field=field)
             if item in named:

@@ -10,7 +10,6 @@ from ..cf_core.errors import CfbError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item
-from ..db.sources import rating_problem
 from .serving import find_item
 
 
@@ -26,7 +25,7 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     if not str(item).strip():
         raise CfbError("empty item id")
     with writing(engine) as conn:
-        problem = rating_problem(rating, store.rating_scale(conn), store.rating_step(conn))
+        problem = store.rating_problem(rating, store.rating_scale(conn), store.rating_step(conn))
         if problem:
             raise CfbError(problem)
         uid = store.user_id_of(conn, user)
