@@ -36,6 +36,10 @@ class ServingConfig:
     # a new item's fold-in against its raters (embedding, bias): chosen on pseudo-cold items (bench/tune_item_foldin.py)
     item_foldin_reg: float = 10.0
     item_foldin_reg_bias: float = 5.0
+    # a new item's predicted rating: + this × the user's metadata affinity for it (cf_core/meta_affinity.py),
+    # shrunk by metadata_affinity_shrink pseudo-ratings per feature; chosen on pseudo-cold items
+    metadata_affinity_weight: float = 1.0
+    metadata_affinity_shrink: float = 5.0
 
     @classmethod
     def for_kind(cls, kind: str) -> "ServingConfig":
@@ -82,6 +86,7 @@ class UserVector:
     rank_vec: np.ndarray | None = None
     cold: bool = False  # the rating model never learned this user: its part is the bootstrap prior + fold-in
     n_ratings: int = 0  # the user's ratings of items the model knows
+    meta_affinity: np.ndarray | None = None  # per metadata feature (``TrainedModel.metadata_affinity``)
 
 
 @dataclass
@@ -101,6 +106,7 @@ class TrainedModel:
     settings: dict = field(default_factory=dict)  # how it was trained (for the record)
     n_trained_items: int | None = None  # items the full retrain learned (inner 0..n-1); later ones were added
     scale: tuple[float, float] | None = None  # the ratings' scale (lo, hi): predicted ratings stay on it
+    item_meta: dict[str, np.ndarray] | None = None  # every item's encoded metadata (CSR arrays; with an item prior)
 
     # --- vocabulary -------------------------------------------------------------------------
     @property
@@ -197,7 +203,31 @@ class TrainedModel:
 
             reveal = Reveal(attributes, inner[known], ratings[known], self.budget_of(history))
             rank_vec = self.ranker.user_vectors([reveal])[0]
-        return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()))
+        return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()),
+                          meta_affinity=self.metadata_affinity(inner[known], ratings[known], vec, bias))
+
+    def metadata_affinity(self, items: np.ndarray, ratings: np.ndarray, vec: np.ndarray,
+                          bias: float) -> np.ndarray | None:
+        """The user's affinity per metadata feature (``cf_core/meta_affinity.py``) from their ratings of
+        ``items`` (inner indices) the full retrain learned, for a user whose rating row is (``vec``,
+        ``bias``); None without item metadata, with the nn model, with no item added after the full
+        retrain (the only ones it is used for), or with nothing to go on."""
+        from .meta_affinity import dense_rows, user_affinity
+        from .scoring import sigmoid_range
+
+        if self.kind != "dot" or self.item_meta is None or self.item_prior is None \
+                or not self.config.metadata_affinity_weight or not len(self.added_items()):
+            return None
+        items, ratings = np.asarray(items, np.int64), np.asarray(ratings, np.float64)
+        learned = items < (self.n_items if self.n_trained_items is None else self.n_trained_items)
+        if not learned.any():
+            return None
+        X = dense_rows(self.item_meta, items[learned], self.item_prior.W_.shape[0]).astype(np.float64)
+        z = X @ (self.item_prior.W_.astype(np.float64) @ np.asarray(vec, np.float64)) + bias + X @ self.item_prior.w_
+        pred = sigmoid_range(z, *self.rating.y_range)
+        if self.scale is not None:
+            pred = np.clip(pred, *self.scale)
+        return user_affinity(X, ratings[learned] - pred, self.config.metadata_affinity_shrink)
 
     # --- scoring ----------------------------------------------------------------------------
     def predict(self, user: UserVector, items: np.ndarray | None = None) -> np.ndarray:
@@ -212,7 +242,23 @@ class TrainedModel:
         pred = self.rating.predict(user.vec, user.bias, items)
         if user.cold:
             pred = self._cold_prediction(pred, user, items)
+        if user.meta_affinity is not None:
+            pred = self._with_metadata_affinity(pred, user.meta_affinity, items)
         return pred if self.scale is None else np.clip(pred, *self.scale).astype(pred.dtype)
+
+    def _with_metadata_affinity(self, pred: np.ndarray, affinity: np.ndarray, items: np.ndarray | None) -> np.ndarray:
+        """``pred`` with the user's metadata affinity added for the items known from metadata (those
+        added after the full retrain)."""
+        from .meta_affinity import dense_rows, item_term
+
+        idx = np.arange(self.n_items) if items is None else np.asarray(items, np.int64)
+        added = idx >= (self.n_items if self.n_trained_items is None else self.n_trained_items)
+        if not added.any():
+            return pred
+        pred = pred.copy()
+        X = dense_rows(self.item_meta, idx[added], len(affinity))
+        pred[added] += (self.config.metadata_affinity_weight * item_term(X, affinity)).astype(pred.dtype)
+        return pred
 
     def _cold_prediction(self, pred: np.ndarray, user: UserVector, items: np.ndarray | None) -> np.ndarray:
         """``pred`` for a user the rating model never learned, with the damped means and the ranker's view."""
@@ -255,8 +301,9 @@ class TrainedModel:
     # --- growth -----------------------------------------------------------------------------
     def add_items(self, db_ids: np.ndarray, rating_rows: dict[str, np.ndarray],
                   ranker_rows: dict[str, np.ndarray] | None = None) -> "TrainedModel":
-        """A new model with items appended: their rating-model rows, and the ranker's output rows
-        (``out``, ``out_bias``; without them, empty rows). Existing items keep their inner indices."""
+        """A new model with items appended: their rating-model rows (and ``item_meta``, their encoded
+        metadata, where ``metadata_rows`` made them), and the ranker's output rows (``out``,
+        ``out_bias``; without them, empty rows). Existing items keep their inner indices."""
         db_ids = np.asarray(db_ids, np.int64)
         if np.isin(db_ids, self.item_ids).any():
             raise ValueError("add_items: some items are already in the model")
@@ -265,14 +312,20 @@ class TrainedModel:
             ranker = type(ranker).from_arrays(ranker.to_arrays())
             ranker.add_items(len(db_ids), **(ranker_rows or {}))
         zeros = np.zeros(len(db_ids))
-        return replace(self, item_ids=np.concatenate([self.item_ids, db_ids]),
+        item_meta = self.item_meta
+        if item_meta is not None:
+            from .meta_affinity import append_rows
+
+            item_meta = append_rows(item_meta, rating_rows.get("item_meta"), len(db_ids))
+        return replace(self, item_ids=np.concatenate([self.item_ids, db_ids]), item_meta=item_meta,
                        rating=self.rating.with_items(rating_rows), ranker=ranker,
                        item_counts=np.concatenate([self.item_counts, zeros]),
                        item_sums=np.concatenate([self.item_sums, zeros]))
 
     def metadata_rows(self, attributes: list[dict]) -> tuple[dict, dict | None]:
         """(rating-model rows, ranker rows) for new items from their metadata alone (the bootstrap
-        idea for items); without an item prior: zero rows and the mean item bias."""
+        idea for items; the rating rows also carry ``item_meta``, the encoded metadata); without an
+        item prior: zero rows and the mean item bias."""
         n = len(attributes)
         if self.item_prior is None:
             return ({"item_factors": np.zeros((n, self.rating.n_factors), np.float32),
@@ -281,7 +334,8 @@ class TrainedModel:
         ranker_rows = None
         if self.ranker is not None and rows["rank_out"].shape[1] == self.ranker.out_.shape[1]:
             ranker_rows = {"out": rows["rank_out"], "out_bias": rows["rank_bias"]}
-        return {"item_factors": rows["item_factors"], "item_bias": rows["item_bias"]}, ranker_rows
+        return {"item_factors": rows["item_factors"], "item_bias": rows["item_bias"],
+                "item_meta": self.item_prior.encoder_.encode(attributes)}, ranker_rows
 
     def added_items(self) -> np.ndarray:
         """Inner indices of the items added after the full retrain (from metadata or first ratings)."""
@@ -318,6 +372,8 @@ class TrainedModel:
                "model/n_trained_items": np.array(self.n_items if self.n_trained_items is None else self.n_trained_items)}
         if self.scale is not None:
             out["model/scale"] = np.array(self.scale, np.float64)
+        if self.item_meta is not None:
+            out.update({f"model/item_meta_{k}": v for k, v in self.item_meta.items()})
         out.update({f"rating/{k}": v for k, v in self.rating.to_arrays().items()})
         out.update({f"bootstrap/{k}": v for k, v in self.bootstrap.to_arrays().items()})
         if self.ranker is not None:
@@ -349,7 +405,9 @@ class TrainedModel:
                    item_prior=item_prior,
                    settings=json.loads(str(a["model/settings"])),
                    n_trained_items=int(a["model/n_trained_items"]) if "model/n_trained_items" in a else None,
-                   scale=_stored_scale(a, ranker))
+                   scale=_stored_scale(a, ranker),
+                   item_meta={k: a[f"model/item_meta_{k}"] for k in ("indptr", "indices", "data")}
+                   if "model/item_meta_indptr" in a else None)
 
 
 def _stored_scale(a: dict[str, np.ndarray], ranker) -> tuple[float, float] | None:  # noqa: ANN001

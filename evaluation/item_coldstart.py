@@ -213,6 +213,8 @@ def evaluate_split(sp: dict, model, rank_vecs: np.ndarray | None, seed: int) -> 
     pop_pred = np.array([pop.predict(a) for a in cold_attrs])
     gmean = float(td.data.ratings.mean())
 
+    order = np.argsort(td.data.users, kind="stable")  # each trained user's training ratings, for their metadata affinity
+    bounds = np.searchsorted(td.data.users[order], np.arange(td.data.n_users + 1))
     tallies = {m: Tally() for m in METHODS}
     for db_u in sorted(set(cr_user.tolist())):
         rows = cr_user == db_u
@@ -223,8 +225,10 @@ def evaluate_split(sp: dict, model, rank_vecs: np.ndarray | None, seed: int) -> 
         trained = pos < len(td.user_ids) and td.user_ids[pos] == db_u
         # cfb: the version's own scores (ranker + rating_weight × predicted rating)
         if trained:
-            uv = UserVector(model.user_factors[pos], float(model.user_bias[pos]),
-                            None if rank_vecs is None else rank_vecs[pos])
+            mine = order[bounds[pos]:bounds[pos + 1]]
+            vec, bias = model.user_factors[pos], float(model.user_bias[pos])
+            uv = UserVector(vec, bias, None if rank_vecs is None else rank_vecs[pos],
+                            meta_affinity=model.metadata_affinity(td.data.items[mine], td.data.ratings[mine], vec, bias))
         else:  # a user with cold-item ratings only: what the version knows of a stranger
             uv = model.average_user(model.user_factors, model.user_bias)
         s = model.scores(uv)[cold_inner]

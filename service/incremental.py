@@ -97,7 +97,7 @@ def retrain_incremental(engine: Engine) -> dict:
             solve = np.concatenate([rated, resolve])
             solved = _fold_in_items(conn, served, solve, {k: np.concatenate([added[k][:len(rated)], priors[k]])
                                                           for k in added})
-            added = {k: np.concatenate([solved[k][:len(rated)], added[k][len(rated):]]) for k in added}
+            added = {**added, **{k: np.concatenate([solved[k][:len(rated)], added[k][len(rated):]]) for k in solved}}
             replaced = {k: v[len(rated):] for k, v in solved.items()}
             known = model.item_index(touched)  # (-1: an item new since the version, no ratings then)
             counts, sums = store.totals_since(conn, new, int(row["max_seq"]), touched,

@@ -154,6 +154,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         model.item_prior = prior.fit_ranking_part(
             rank_vecs, rank_out=None if fitted_ranker is None else fitted_ranker.out_,
             rank_bias=None if fitted_ranker is None else fitted_ranker.out_bias_)
+        model.item_meta = encoded_metadata(prior, td.item_attributes)
         report["item_prior_s"] = round(report["item_prior_rating_s"] + time.perf_counter() - t0, 3)
         settings["item_prior"] = {"attributes": list(names), **model.item_prior.config.to_json()}
     return model, report
@@ -354,6 +355,18 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         return out
     finally:
         versions.release_retrain_lock(engine, lock)
+
+
+def encoded_metadata(prior, item_attributes: list[dict], chunk: int = 4096) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Every trained item's metadata as the item prior encodes it, as CSR arrays (encoded densely a
+    chunk of items at a time: 59k items × 600 features at once would be 140 MB)."""
+    from ..cf_core.meta_affinity import append_rows, to_csr
+
+    csr = to_csr(np.zeros((0, 0), np.float32))
+    for start in range(0, len(item_attributes), chunk):
+        part = item_attributes[start:start + chunk]
+        csr = append_rows(csr, prior.encoder_.encode(part), len(part))
+    return csr
 
 
 def metadata_only_items(conn, model: TrainedModel, rated: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
