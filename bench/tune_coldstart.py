@@ -17,7 +17,7 @@ from cfb.evaluation.coldstart import mean_over_seeds, run_seed
 def warm_only(ds: Dataset, seed: int) -> Dataset:
     cold = cold_users(ds.ratings.user.unique().tolist(), seed)
     keep = ~ds.ratings.user.isin(cold)
-    return Dataset(ds.ratings[keep], ds.items, ds.users[~ds.users.user.isin(cold)], ds.scale, ds.name)
+    return Dataset(ds.ratings[keep], ds.items, ds.users[~ds.users.user.isin(cold)], ds.scale, ds.name, step=ds.step)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def pseudo_split(ds: Dataset, seed: int) -> tuple[Dataset, set[str]]:
     items = sorted(ds.ratings.item.astype(str).unique().tolist())
     cold = cold_items(items, seed)
     keep = ~ds.ratings.item.astype(str).isin(cold)
-    warm = Dataset(ds.ratings[keep], ds.items, ds.users, ds.scale, ds.name)
+    warm = Dataset(ds.ratings[keep], ds.items, ds.users, ds.scale, ds.name, step=ds.step)
     warm_items = sorted(set(items) - cold)
     rng = np.random.default_rng(seed + 1000)
     return warm, set(rng.choice(warm_items, size=len(warm_items) // 10, replace=False).tolist())

@@ -75,6 +75,8 @@ class UserHistory:
     newer: np.ndarray | None = None  # per rating: newer than the version's full retrain (None: all are)
     signup_items: frozenset = frozenset()  # items rated in the signup questionnaire
     trained_row: tuple[np.ndarray, float] | None = None  # the user's row in the full version, if trained there
+    # per rating: the value the full retrain learned for the pair, where it has changed since (NaN: none, unknown)
+    learned_values: np.ndarray | None = None
 
 
 @dataclass
@@ -173,30 +175,36 @@ class TrainedModel:
 
         Rating part: a trained user starts from their trained row and folds in only the ratings
         newer than the full retrain, shrunk toward the row by everything it was learned from (the
-        information of the user's other ratings at the row, ``rating.information``): one new rating
+        information of the ratings it learned, at the row, ``rating.information``): one new rating
         moves a user with hundreds by what it adds to them. A rating *changed* since the full retrain
-        counts once, with its new value: its old value's curvature leaves the row's information (to
-        first order, the row fitted the old value). Anyone else starts from the bootstrap prior of
-        their answers and folds in every rating. Ranking part:
+        counts once, with its new value: the value the row learned (``learned_values``) is folded
+        back out with weight −1; where that value is not known, the pair's curvature leaves the
+        row's information instead (to first order, as if the row had fitted it). Anyone else starts
+        from the bootstrap prior of their answers and folds in every rating. Ranking part:
         the ranker's user side computed from attributes and every rating. Only the attribute answers
         the questionnaire takes count (a stored value a sign-up would refuse is left unanswered)."""
         attributes = self.questionnaire.accepted_answers(history.attributes)
         inner = self.item_index(history.items)
         ratings = np.asarray(history.ratings, np.float32)
         known = inner >= 0
-        information = None
+        information, out_items, out_values = None, inner[:0], ratings[:0]
         if history.trained_row is not None:
             prior_vec, prior_bias = history.trained_row
             fold = known & (np.ones(len(inner), bool) if history.newer is None else np.asarray(history.newer, bool))
-            learned = known & ~fold
+            old = np.full(len(inner), np.nan) if history.learned_values is None else \
+                np.asarray(history.learned_values, np.float64)
+            changed = fold & ~np.isnan(old)
+            learned = known & (~fold | changed)
             if fold.any() and learned.any():
                 information = self.rating.information(inner[learned], prior_vec, prior_bias)
+            out_items, out_values = inner[changed], old[changed].astype(np.float32)
         else:
             answers = {int(i): float(r) for i, r in zip(history.items, ratings)}
             v, b = self.bootstrap.initial_factors([attributes], [answers])
             prior_vec, prior_bias, fold = v[0], float(b[0]), known
-        vec, bias = self.rating.fold_in(inner[fold], ratings[fold], prior_vec, prior_bias, self.config.user_foldin(),
-                                        information)
+        weights = np.r_[np.ones(int(fold.sum())), -np.ones(len(out_items))]
+        vec, bias = self.rating.fold_in(np.r_[inner[fold], out_items], np.r_[ratings[fold], out_values], prior_vec,
+                                        prior_bias, self.config.user_foldin(), information, weights)
         rank_vec = None
         if self.ranker is not None:
             from .feature_model import Reveal

@@ -53,9 +53,12 @@ class _RatingModel:
         raise NotImplementedError
 
     def fold_in(self, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray, prior_bias: float,
-                config: FoldInConfig = FoldInConfig(),
-                prior_information: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                config: FoldInConfig = FoldInConfig(), prior_information: np.ndarray | None = None,
+                weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """The user's (embedding, bias) given their ratings of ``items``, shrunk toward the prior.
+
+        ``weights``: each rating's weight in the squared error (default 1); −1 takes a rating back
+        out of a prior that learned it (a changed rating's old value, see ``TrainedModel.user_vector``).
 
         ``prior_information`` (from ``information``): what ratings already learned say about the
         user, added to the shrinkage as a full precision matrix, so that a trained user's row moves
@@ -120,10 +123,11 @@ class DotRating(_RatingModel):
         J = self._jacobian(np.asarray(items, np.int64), np.r_[user_vec, user_bias].astype(np.float64))[1]
         return J.T @ J
 
-    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None):  # noqa: ANN001
+    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
+                weights=None):
         """Gauss-Newton on the squared error in rating units (through ``sigmoid_range``) with a
-        Gaussian prior: minimise Σ (r - pred)² + (θ - θ0)ᵀ (diag(reg, …, reg_bias) + P) (θ - θ0),
-        θ = (u, b), P = ``prior_information`` (none: 0)."""
+        Gaussian prior: minimise Σ w (r - pred)² + (θ - θ0)ᵀ (diag(reg, …, reg_bias) + P) (θ - θ0),
+        θ = (u, b), P = ``prior_information`` (none: 0), w = ``weights`` (none: 1)."""
         items = np.asarray(items, np.int64)
         prior_vec = np.asarray(prior_vec, np.float32)
         if len(items) == 0:
@@ -133,10 +137,12 @@ class DotRating(_RatingModel):
             precision = precision + prior_information
         prior = np.r_[prior_vec, prior_bias].astype(np.float64)
         r = np.asarray(ratings, np.float64)
+        w = np.ones(len(items)) if weights is None else np.asarray(weights, np.float64)
         theta = prior.copy()
         for _ in range(8):
             pred, J = self._jacobian(items, theta)
-            step = np.linalg.solve(J.T @ J + precision, J.T @ (r - pred) - precision @ (theta - prior))
+            step = np.linalg.solve(J.T @ (w[:, None] * J) + precision,
+                                   J.T @ (w * (r - pred)) - precision @ (theta - prior))
             theta += step
             if np.abs(step).max() < 1e-6:
                 break
@@ -166,14 +172,15 @@ class NNRating(_RatingModel):
         return J.T @ J
 
     def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
-                steps: int = 150):
-        """Adam on Σ (r - pred)² + (u - u0)ᵀ (reg I + P) (u - u0) over the user embedding (numpy
-        backprop through the head), P = ``prior_information`` (none: 0)."""
+                weights=None, steps: int = 150):
+        """Adam on Σ w (r - pred)² + (u - u0)ᵀ (reg I + P) (u - u0) over the user embedding (numpy
+        backprop through the head), P = ``prior_information`` (none: 0), w = ``weights`` (none: 1)."""
         items = np.asarray(items, np.int64)
         u = np.asarray(prior_vec, np.float64).copy()
         if len(items) == 0:
             return u.astype(np.float32), float(prior_bias)
         precision = config.reg * np.eye(len(u)) + (0 if prior_information is None else prior_information)
+        w = np.ones(len(items)) if weights is None else np.asarray(weights, np.float64)
         lo, hi = self.y_range
         r = np.asarray(ratings, np.float64)
         item_emb = self.item_factors[items].astype(np.float64)
@@ -184,7 +191,7 @@ class NNRating(_RatingModel):
             x = np.concatenate([np.broadcast_to(u, (len(items), len(u))), item_emb], axis=1)
             out, cache = run_head(self.head, x, keep=True)
             s = 1.0 / (1.0 + np.exp(-out[:, 0]))
-            dpred = 2 * (lo + (hi - lo) * s - r) * (hi - lo) * s * (1 - s)
+            dpred = 2 * w * (lo + (hi - lo) * s - r) * (hi - lo) * s * (1 - s)
             dx = run_head_backward(self.head, cache, dpred[:, None])
             grad = dx[:, :len(u)].sum(0) + 2 * precision @ (u - prior)
             m = 0.9 * m + 0.1 * grad

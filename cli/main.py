@@ -455,11 +455,15 @@ def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--token", envvar="CFB_API_TOKEN", help="Require `Authorization: Bearer TOKEN` on writes [env CFB_API_TOKEN].")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Server processes.")
+@click.option("--allow-origin", "allowed_origins", multiple=True, envvar="CFB_ALLOWED_ORIGINS",
+              help="A site whose pages may write here (e.g. https://shop.example; repeatable) [env CFB_ALLOWED_ORIGINS]. "
+                   "This server's own pages always may.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @pass_ctx
 @fail_cleanly
-def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_level: str) -> None:
+def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_level: str,
+          allowed_origins: tuple[str, ...]) -> None:
     """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
     import socket
 
@@ -473,7 +477,8 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
     except OSError as e:
         raise CfbError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
     click.echo(f"cfb serving http://{host}:{port}/ (API docs at /docs)", err=True)
-    run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level)
+    run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level,
+               allowed_origins=allowed_origins)
 
 
 # --- cold start -----------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, 
     what = f"outside the scale {scale[0]:g}..{scale[1]:g}"
     if step is not None and not bad.any():
         steps = (r - scale[0]) / step
-        bad = np.abs(steps - np.round(steps)) > 1e-6
+        bad = np.abs(steps - np.round(steps)) > 1e-9
         what = f"not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
     if bad.any():
         pos = int(np.flatnonzero(bad)[0])

@@ -106,7 +106,7 @@ def rating_problem(value: float, scale: tuple[float, float] | None, step: float 
         return None
     if not scale[0] <= value <= scale[1]:
         return f"rating {value:g} outside the scale {scale[0]:g}..{scale[1]:g}"
-    if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > 1e-6:
+    if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > 1e-9:
         return f"rating {value:g} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
     return None
 
@@ -625,6 +625,29 @@ def _ratings_where(conn: Connection, key, other, value: int, with_seq: bool = Fa
 def user_ratings(conn: Connection, user_id: int, with_seq: bool = False):  # noqa: ANN201
     """(item ids, ratings[, seq]) of one user, in write order."""
     return _ratings_where(conn, Rating.user_id, Rating.item_id, user_id, with_seq)
+
+
+def has_rating_history(conn: Connection) -> bool:
+    """Whether the ratings table records what each row replaced (``prev_rating``/``prev_seq``; a
+    database made before them gets them from its next writer)."""
+    url = str(conn.engine.url)
+    if url not in _HAVE_HISTORY and _has_history_columns(conn):
+        _HAVE_HISTORY.add(url)
+    return url in _HAVE_HISTORY
+
+
+def user_ratings_replaced(conn: Connection, user_id: int) -> tuple[np.ndarray, ...]:
+    """(item ids, ratings, seq, prev_rating, prev_seq) of one user in write order, in one query
+    (NaN and -1 where a row replaced nothing, or the table does not record what it replaced)."""
+    history = has_rating_history(conn)
+    cols = [Rating.item_id, Rating.rating, Rating.seq] + ([Rating.prev_rating, Rating.prev_seq] if history else [])
+    rows = conn.execute(select(*cols).where(Rating.user_id == user_id).order_by(Rating.seq)).all()
+    items = np.array([r[0] for r in rows], np.int64)
+    ratings = np.array([r[1] for r in rows], np.float32)
+    seq = np.array([r[2] for r in rows], np.int64)
+    prev = np.array([np.nan if not history or r[3] is None else r[3] for r in rows], np.float64)
+    prev_seq = np.array([-1 if not history or r[4] is None else r[4] for r in rows], np.int64)
+    return items, ratings, seq, prev, prev_seq
 
 
 def item_ratings(conn: Connection, item_id: int) -> tuple[np.ndarray, np.ndarray]:

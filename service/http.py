@@ -47,7 +47,7 @@ from ..cf_core.model import UserHistory
 from ..db import store, versions
 from ..db.engine import EMPTY_DATABASE, is_missing_table, make_engine, writing
 from . import serving
-from .state import load_served
+from .state import learned_values, load_served
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
 MAX_N = 100
@@ -183,7 +183,8 @@ class _FastReader:
                  "ELSE EXISTS (SELECT 1 FROM ratings r WHERE r.seq > :seq AND +r.user_id = u.id) END "
                  "FROM users u LEFT JOIN answers a ON a.user_id = u.id WHERE u.external_id = :user")
     SQL_FACTORS = "SELECT bias, factors FROM user_factors WHERE user_id = ? AND version_id = ?"
-    SQL_RATINGS = "SELECT item_id, rating, seq FROM ratings WHERE user_id = ? ORDER BY seq"
+    SQL_RATINGS = "SELECT item_id, rating, seq, prev_rating, prev_seq FROM ratings WHERE user_id = ? ORDER BY seq"
+    SQL_RATINGS_BEFORE_HISTORY = "SELECT item_id, rating, seq, NULL, NULL FROM ratings WHERE user_id = ? ORDER BY seq"
 
     def __init__(self, engine: Engine, cache_size: int = 10_000):
         self.engine = engine
@@ -277,12 +278,19 @@ class _FastReader:
     def _compute(self, cur, served, uid, attrs, answer, bias, factors, n: int, by: str):
         """(top inner items, their predicted ratings): what ``serving.recommend`` computes."""
         attrs = json.loads(attrs) if isinstance(attrs, str) else attrs
-        rows = cur.execute(self.SQL_RATINGS, (uid,)).fetchall()
+        try:
+            rows = cur.execute(self.SQL_RATINGS, (uid,)).fetchall()
+        except sqlite3.OperationalError as e:  # a table from before prev_rating/prev_seq (its next writer adds them)
+            if "no such column" not in str(e):
+                raise
+            rows = cur.execute(self.SQL_RATINGS_BEFORE_HISTORY, (uid,)).fetchall()
         if rows:
-            arr = np.array(rows, dtype=np.float64)
+            arr = np.array(rows, dtype=np.float64)  # (NULL -> nan)
             items, ratings, seq = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.float32), arr[:, 2]
+            prev, prev_seq = arr[:, 3], np.nan_to_num(arr[:, 4], nan=-1).astype(np.int64)
         else:
             items, ratings, seq = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0)
+            prev, prev_seq = np.zeros(0), np.zeros(0, np.int64)
         row_ = None
         if factors is not None:
             row_ = (np.frombuffer(factors, dtype="<f4").astype(np.float32), float(bias))
@@ -291,7 +299,8 @@ class _FastReader:
         if answer:
             signup = frozenset(self._item_ids(cur, [str(k) for k in answer]))
         history = UserHistory(attrs or {}, items, ratings, newer=seq > served.root_seq, signup_items=signup,
-                              trained_row=row_)
+                              trained_row=row_, learned_values=None if row_ is None else
+                              learned_values(seq, prev, prev_seq, served.root_seq))
         model = served.model
         vector = model.user_vector(history)
         top = model.recommend(vector, model.item_index(history.items), n, by)
@@ -429,10 +438,13 @@ def _name(entry: dict) -> str:
 
 def create_app(engine_or_url: Engine | str | None = None, token: str | None = None, max_body: int = MAX_BODY,
                fast_path: bool = True, reads_in_threadpool: bool | None = None,
-               cache_size: int | None = None) -> FastAPI:
+               cache_size: int | None = None, allowed_origins: tuple[str, ...] | None = None) -> FastAPI:
     """The API and web page over ``engine_or_url`` (an Engine or a database URL; None: the CLI's default).
 
-    With ``token``, every request that writes must carry ``Authorization: Bearer <token>``.
+    With ``token``, every request that writes must carry ``Authorization: Bearer <token>``. A write
+    from a browser page is taken from this server's own origin (its ``Host``, or ``X-Forwarded-Host``
+    behind a proxy) and from ``allowed_origins`` (default ``$CFB_ALLOWED_ORIGINS``, comma-separated,
+    e.g. ``https://shop.example``), never from another site's page.
     ``reads_in_threadpool`` (default: ``$CFB_HTTP_READS == "thread"``) computes recommendations in
     the thread pool instead of on the event loop: slower, measured by bench/bench_http.py.
     ``cache_size`` (default ``$CFB_HTTP_CACHE`` or 10,000; 0: none) bounds the users whose last
@@ -441,6 +453,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         cache_size = int(os.environ.get("CFB_HTTP_CACHE") or 10_000)
     if reads_in_threadpool is None:
         reads_in_threadpool = os.environ.get("CFB_HTTP_READS", "") == "thread"
+    if allowed_origins is None:
+        allowed_origins = tuple(o for o in os.environ.get("CFB_ALLOWED_ORIGINS", "").split(",") if o.strip())
+    allowed = {o.strip().rstrip("/").lower() for o in allowed_origins}
     engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
     on_file = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
     fast = _FastReader(engine, cache_size) if fast_path and on_file else None  # (it keeps its own connections)
@@ -561,14 +576,13 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         """A write needs the token (when the server has one), and is never one a page of another site
         made a browser send: a cross-site request carries an ``Origin`` other than this server."""
         origin = request.headers.get("origin")
-        if origin is not None and origin != "null":
+        if origin is not None and origin.strip().rstrip("/").lower() not in allowed:
             from urllib.parse import urlsplit
 
-            ours = {request.headers.get(h, "").lower() for h in ("host", "x-forwarded-host")}  # (behind a proxy)
+            ours = {request.headers.get(h, "").lower() for h in ("host", "x-forwarded-host")} - {""}  # (behind a proxy)
             if urlsplit(origin).netloc.lower() not in ours:
-                raise ApiError(403, f"writes from another site's page ({origin}) are refused")
-        elif origin == "null":
-            raise ApiError(403, "writes from a page without an origin are refused")
+                raise ApiError(403, f"writes from another site's page ({origin or 'no origin'}) are refused "
+                                    "(`cfb serve --allow-origin URL` lets one in)")
         if token is None:
             return
         got = request.headers.get("authorization", "")
@@ -853,7 +867,7 @@ def app_from_env() -> FastAPI:
 
 
 def serve(url: str | None = None, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          workers: int = 1, log_level: str = "warning") -> None:
+          workers: int = 1, log_level: str = "warning", allowed_origins: tuple[str, ...] = ()) -> None:
     """Run the server (blocks). With ``workers`` > 1, uvicorn forks that many processes."""
     import uvicorn
 
@@ -861,6 +875,8 @@ def serve(url: str | None = None, host: str = "127.0.0.1", port: int = 8000, tok
 
     url = resolve_url(url)
     one_blas_thread()
+    if allowed_origins:
+        os.environ["CFB_ALLOWED_ORIGINS"] = ",".join(allowed_origins)
     if workers > 1:
         os.environ["CFB_DATABASE_URL"] = url
         if token:

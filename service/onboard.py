@@ -192,6 +192,8 @@ class SignupValidator:
         for key, value in raw.items():
             field = f"ratings.{key}"
             name = str(key).strip()  # (surrounding spaces aside, as the readers and `cfb rate` strip them)
+            if not name:
+                raise InputError("empty item id", source=where, field=field)
             item = self.items.get(name)
             if item is None:
                 hits = self.titles.get(name, [])

@@ -51,11 +51,21 @@ def signup_items(conn: Connection, user_id: int) -> frozenset:
 def user_history(conn: Connection, served: Served, user_id: int) -> UserHistory:
     """Everything the model needs to know of a user: answers, ratings (and which are newer than
     the full retrain), signup items, and their trained row if the full version learned them."""
-    items, ratings, seq = store.user_ratings(conn, user_id, with_seq=True)
+    items, ratings, seq, prev, prev_seq = store.user_ratings_replaced(conn, user_id)
     ids, factors, bias = versions.trained_rows(conn, served.version, [user_id])
     row = (factors[0], float(bias[0])) if len(ids) else None
+    learned = learned_values(seq, prev, prev_seq, served.root_seq) if row else None
     return UserHistory(store.user_attributes_of(conn, user_id), items, ratings, newer=seq > served.root_seq,
-                       signup_items=signup_items(conn, user_id), trained_row=row)
+                       signup_items=signup_items(conn, user_id), trained_row=row, learned_values=learned)
+
+
+def learned_values(seq: np.ndarray, prev_rating: np.ndarray, prev_seq: np.ndarray, root_seq: int) -> np.ndarray:
+    """Per rating: the value the full retrain (which read every row up to ``root_seq``) learned for
+    the pair, where the row is newer and replaced one it read; NaN elsewhere (a new pair, or one
+    changed twice since: the retrain's value is no longer recorded)."""
+    prev_seq = np.asarray(prev_seq, np.int64)
+    keep = (np.asarray(seq) > root_seq) & (prev_seq >= 0) & (prev_seq <= root_seq)
+    return np.where(keep, np.asarray(prev_rating, np.float64), np.nan)
 
 
 def user_vector(conn: Connection, served: Served, user_id: int) -> tuple[UserVector, np.ndarray]:

@@ -562,10 +562,20 @@ def test_a_write_from_another_sites_page_is_refused(server, db_url):
     """Without a token too: a browser on another site may POST text/plain here without asking (a
     "simple" request), but it says where the page came from; this server's own page passes."""
     body = '{"item": "a1", "rating": 4}'
-    for origin in ("http://evil.example", "null"):
+    for origin in ("http://evil.example", "null", "", "file://"):
         res = server.post("/users/a0/ratings", content=body, headers={"Origin": origin, "Content-Type": "text/plain"})
         assert res.status_code == 403 and "refused" in res.json()["error"]
     own = server.base_url.netloc.decode() if isinstance(server.base_url.netloc, bytes) else server.base_url.netloc
     res = server.post("/users/a0/ratings", content=body, headers={"Origin": f"http://{own}"})
     assert res.status_code == 201
     assert server.post("/users/a0/ratings", content=body).status_code == 201  # (no Origin: not a browser page)
+
+
+def test_a_site_let_in_may_write_and_a_proxys_host_counts_as_ours(trained, db_url):
+    body = '{"item": "a1", "rating": 4}'
+    with running_server(db_url, allowed_origins=("https://shop.example/",)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        assert client.post("/users/a0/ratings", content=body, headers={"Origin": "https://shop.example"}).status_code == 201
+        assert client.post("/users/a0/ratings", content=body, headers={"Origin": "https://other.example"}).status_code == 403
+        proxied = {"Origin": "https://cfb.example", "X-Forwarded-Host": "cfb.example"}
+        assert client.post("/users/a0/ratings", content=body, headers=proxied).status_code == 201

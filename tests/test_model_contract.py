@@ -176,8 +176,9 @@ def test_a_new_rating_moves_a_trained_user_by_what_it_adds_to_what_was_learned(k
     """A trained user's fold-in is shrunk toward their row by the information of the ratings it was
     learned from: one rating against their taste moves their other predictions far less than it
     moves the same row with nothing learned behind it, and still moves the rated item's own
-    prediction toward the new rating. A changed rating counts once: re-rating a learned item with the
-    value the row predicts for it leaves the user where they were."""
+    prediction toward the new rating. A changed rating counts once: re-rated with the value the row
+    learned, the user stays where they were; raised (lowered), its prediction rises (falls); with the
+    learned value unknown, re-rating with what the row predicts leaves the user where they were."""
     kind, engine, report = kind_db
     td, _ = load_training_data(engine)
     with engine.connect() as conn:
@@ -207,3 +208,15 @@ def test_a_new_rating_moves_a_trained_user_by_what_it_adds_to_what_was_learned(k
     again = model.item_index(items[:1])[0]
     same = model.user_vector(history(True, again, float(before[again])))
     assert np.abs(model.predict(same) - before).max() < 0.02
+
+    def rerated(value: float) -> np.ndarray:
+        h = history(True, again, value)
+        h.learned_values = np.where(h.newer, float(ratings[0]), np.nan)
+        return model.predict(model.user_vector(h))
+
+    assert np.allclose(rerated(float(ratings[0])), before, atol=1e-4)
+    up, down = min(float(ratings[0]) + 2, 5.0), max(float(ratings[0]) - 2, 1.0)
+    if up > ratings[0]:
+        assert rerated(up)[again] > before[again] + 0.005
+    if down < ratings[0]:
+        assert rerated(down)[again] < before[again] - 0.005

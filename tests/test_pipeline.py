@@ -395,3 +395,32 @@ def test_python_api_refuses_plainly(trained, db_url):
         assert len(db.models()) == 1
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == users
+
+
+def test_a_changed_rating_brings_the_value_the_full_retrain_learned(trained):
+    """The history a trained user is served from says, for a pair changed since the full retrain, the
+    value that retrain learned (the row it replaced), so the change is folded in as a change; changed
+    again, that value is no longer recorded (NaN: the fold-in then leaves the pair out of the row's
+    information instead). Pairs new since, and unchanged ones, have none."""
+    import numpy as np
+
+    from cfb.db import store
+    from cfb.service.ratings import rate_item
+    from cfb.service.state import load_served, user_history
+
+    engine, _ = trained
+    with engine.connect() as conn:
+        uid = store.user_id_of(conn, "a0")
+        items, ratings = store.user_ratings(conn, uid)
+        first = store.item_titles(conn, [int(items[0])])[int(items[0])][0]
+    new_value = 1.0 if ratings[0] >= 3 else 5.0
+    rate_item(engine, "a0", first, new_value)
+    with engine.connect() as conn:
+        h = user_history(conn, load_served(conn), uid)
+    changed = h.items == items[0]
+    assert h.ratings[changed][0] == new_value and h.learned_values[changed][0] == ratings[0]
+    assert np.isnan(h.learned_values[~changed]).all() and h.newer[changed].all()
+    rate_item(engine, "a0", first, 3.0)
+    with engine.connect() as conn:
+        h = user_history(conn, load_served(conn), uid)
+    assert np.isnan(h.learned_values).all()

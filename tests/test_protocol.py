@@ -131,7 +131,7 @@ def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     odd = min(cold_users(sorted(planted.ratings.user.unique()), 42))
     users = planted.users.copy()
     users["attributes"] = [{"gender": "X", "age": 10**6} if u == odd else a for u, a in zip(users.user, users.attributes)]
-    planted = Dataset(planted.ratings, planted.items, users, planted.scale, planted.name)
+    planted = Dataset(planted.ratings, planted.items, users, planted.scale, planted.name, step=planted.step)
     steps: list[str] = []
     out = run_protocol(planted, seeds=(42,), budgets=(0, 5), fold_steps=(0, 1), log=steps.append)
     assert out["per_seed"][0]["unanswerable_attributes"] == 2
