@@ -54,12 +54,17 @@ def fitted_version(warm: Dataset, pseudo: set[str], seed: int, cache: Path | Non
     return model
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    ap = argparse.ArgumentParser()
+def pseudo_cold_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--data, --seeds and --cache: what every pseudo-cold item tuner takes."""
     ap.add_argument("--data", default="../shared/data/ml-100k")
     ap.add_argument("--seeds", default="42,43,44", help="comma-separated")
     ap.add_argument("--cache", default="/tmp/cfb-item-tune")
+    return ap
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    ap = pseudo_cold_arguments(argparse.ArgumentParser())
     ap.add_argument("--kind", choices=("dot", "nn"), default="dot", help="the rating model")
     ap.add_argument("candidates", nargs="*")
     args = ap.parse_args()

@@ -26,7 +26,7 @@ from cfb.cf_core.rating import DotRating, FoldInConfig, _RatingModel
 from cfb.db.sources import read_movielens
 from cfb.evaluation.item_coldstart import split_dataset
 
-from tune_item_coldstart import fitted_version, pseudo_split
+from tune_item_coldstart import fitted_version, pseudo_cold_arguments, pseudo_split
 
 KS = (1, 3, 10)
 
@@ -85,11 +85,7 @@ def score(model, split: dict, reg: float | str, reg_bias: float | str) -> dict[i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/ml-100k")
-    ap.add_argument("--seeds", default="42,43,44")
-    ap.add_argument("--cache", default="/tmp/cfb-item-tune")
-    args = ap.parse_args()
+    args = pseudo_cold_arguments(argparse.ArgumentParser()).parse_args()
     ds = read_movielens(Path(args.data))
     grid = [(20.0, 1.0), (20.0, 5.0), (20.0, 10.0), (20.0, 20.0), (10.0, 10.0), (10.0, 5.0), (10.0, 3.0), (40.0, 10.0),
             (20.0, "eb")]

@@ -26,7 +26,7 @@ from cfb.db.sources import read_movielens
 from cfb.evaluation.item_coldstart import split_dataset
 from cfb.service.training import encoded_metadata
 
-from tune_item_coldstart import fitted_version, pseudo_split
+from tune_item_coldstart import fitted_version, pseudo_cold_arguments, pseudo_split
 
 GRID = [(5.0, 0.0), (1.0, 1.0), (2.0, 1.0), (3.0, 1.0), (5.0, 1.0), (5.0, 0.5), (5.0, 1.5), (5.0, 2.0),
         (10.0, 1.0), (20.0, 1.0), (50.0, 1.0), (100.0, 1.0)]
@@ -65,11 +65,7 @@ def squared_errors(model, sp: dict, shrink: float, weight: float) -> tuple[float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/ml-100k")
-    ap.add_argument("--seeds", default="42,43,44")
-    ap.add_argument("--cache", default="/tmp/cfb-item-tune")
-    args = ap.parse_args()
+    args = pseudo_cold_arguments(argparse.ArgumentParser()).parse_args()
     ds = read_movielens(Path(args.data))
     totals = {g: [0.0, 0] for g in GRID}
     for seed in [int(s) for s in args.seeds.split(",")]:
