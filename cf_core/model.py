@@ -115,6 +115,11 @@ class TrainedModel:
     def n_items(self) -> int:
         return int(len(self.item_ids))
 
+    @property
+    def n_learned_items(self) -> int:
+        """Items the full retrain learned: inner indices 0..n-1 (later ones were added)."""
+        return self.n_items if self.n_trained_items is None else self.n_trained_items
+
     def item_index(self, db_ids) -> np.ndarray:  # noqa: ANN001
         """Inner indices of database item ids (-1 for items this model does not know)."""
         db_ids = np.asarray(db_ids, dtype=np.int64)
@@ -227,7 +232,7 @@ class TrainedModel:
                 or not self.config.metadata_affinity_weight or not len(self.added_items()):
             return None
         items, ratings = np.asarray(items, np.int64), np.asarray(ratings, np.float64)
-        learned = items < (self.n_items if self.n_trained_items is None else self.n_trained_items)
+        learned = items < self.n_learned_items
         if not learned.any():
             return None
         X = dense_rows(self.item_meta, items[learned], self.item_prior.W_.shape[0]).astype(np.float64)
@@ -260,7 +265,7 @@ class TrainedModel:
         from .meta_affinity import dense_rows, item_term
 
         idx = np.arange(self.n_items) if items is None else np.asarray(items, np.int64)
-        added = idx >= (self.n_items if self.n_trained_items is None else self.n_trained_items)
+        added = idx >= self.n_learned_items
         if not added.any():
             return pred
         pred = pred.copy()
@@ -347,7 +352,7 @@ class TrainedModel:
 
     def added_items(self) -> np.ndarray:
         """Inner indices of the items added after the full retrain (from metadata or first ratings)."""
-        return np.arange(self.n_items if self.n_trained_items is None else self.n_trained_items, self.n_items)
+        return np.arange(self.n_learned_items, self.n_items)
 
     def with_item_rows(self, items: np.ndarray, rating_rows: dict[str, np.ndarray]) -> "TrainedModel":
         """A new model whose rating-model rows of ``items`` (inner indices) are replaced."""
@@ -377,7 +382,7 @@ class TrainedModel:
                "model/item_sums": self.item_sums.astype(np.float64),
                "model/config": np.array(json.dumps(self.config.to_json())),
                "model/settings": np.array(json.dumps(self.settings)),
-               "model/n_trained_items": np.array(self.n_items if self.n_trained_items is None else self.n_trained_items)}
+               "model/n_trained_items": np.array(self.n_learned_items)}
         if self.scale is not None:
             out["model/scale"] = np.array(self.scale, np.float64)
         if self.item_meta is not None:
