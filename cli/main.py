@@ -476,7 +476,7 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
             probe.bind((host, port))
     except OSError as e:
         raise CfbError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
-    click.echo(f"cfb serving http://{host}:{port}/ (API docs at /docs)", err=True)
+    click.echo(f"cfb serving http://{f'[{host}]' if ':' in host else host}:{port}/ (API docs at /docs)", err=True)
     run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level,
                allowed_origins=allowed_origins)
 

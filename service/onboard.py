@@ -154,6 +154,7 @@ class SignupValidator:
         for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))):
             titles.setdefault(t, []).append(e)
         self.titles = titles
+        self.all_titles = lambda: self.titles  # what an unknown item's hint picks from
         self.known_users = set(store.id_map(conn, User))
         self.batch_users: set[str] = set()
 
@@ -198,8 +199,7 @@ class SignupValidator:
             if item is None:
                 hits = self.titles.get(name, [])
                 if len(hits) != 1:
-                    choices = self.titles if isinstance(self.titles, dict) else ()  # (HTTP looks titles up per key)
-                    raise InputError(f"unknown item{title_hint(name, choices)}" if not hits else
+                    raise InputError(f"unknown item{title_hint(name, self.all_titles())}" if not hits else
                                      f"ambiguous title (items {', '.join(sorted(hits))}); use the item id",
                                      source=where, field=field)
                 item = self.items.get(hits[0])

@@ -579,3 +579,9 @@ def test_a_site_let_in_may_write_and_a_proxys_host_counts_as_ours(trained, db_ur
         assert client.post("/users/a0/ratings", content=body, headers={"Origin": "https://other.example"}).status_code == 403
         proxied = {"Origin": "https://cfb.example", "X-Forwarded-Host": "cfb.example"}
         assert client.post("/users/a0/ratings", content=body, headers=proxied).status_code == 201
+
+
+def test_a_signups_misspelt_title_suggests_titles_as_the_cli_does(server):
+    r = server.post("/users", json={"ratings": {"Alpha flim 1": 5}})
+    assert r.status_code == 422 and r.json()["field"] == "ratings.Alpha flim 1"
+    assert "unknown item; did you mean: Alpha film 1" in r.json()["error"]
