@@ -49,6 +49,8 @@ def user_affinity(X: np.ndarray, residuals: np.ndarray, shrink: float = SHRINK) 
 
 
 def item_term(X: np.ndarray, affinity: np.ndarray) -> np.ndarray:
-    """Each item's (rows of ``X``) average of the user's affinity over its features (0 without any)."""
+    """Each item's (rows of ``X``) average of the user's affinity over its features (0 for a row with
+    none). Every encoded item has the constant feature (and a "missing" one per absent number), so an
+    item added without metadata still gets the user's mean residual against the prior's rows."""
     weight = X.sum(1)
     return np.where(weight > 0, (X @ affinity) / np.maximum(weight, 1e-12), 0.0)

@@ -175,7 +175,7 @@ class TrainedModel:
                 return q
         return len(asked)
 
-    def user_vector(self, history: UserHistory) -> UserVector:
+    def user_vector(self, history: UserHistory, affinity: bool = True) -> UserVector:
         """The user's representation, a pure function of their history.
 
         Rating part: a trained user starts from their trained row and folds in only the ratings
@@ -185,7 +185,9 @@ class TrainedModel:
         counts once, with its new value: the value the row learned (``learned_values``) is folded
         back out with weight −1; where that value is not known, the pair's curvature leaves the
         row's information instead (to first order, as if the row had fitted it). Anyone else starts
-        from the bootstrap prior of their answers and folds in every rating. Ranking part:
+        from the bootstrap prior of their answers and folds in every rating. With ``affinity``, also
+        their metadata affinity (for the items added from metadata; leave it out where only the rating
+        row is wanted). Ranking part:
         the ranker's user side computed from attributes and every rating. Only the attribute answers
         the questionnaire takes count (a stored value a sign-up would refuse is left unanswered)."""
         attributes = self.questionnaire.accepted_answers(history.attributes)
@@ -216,8 +218,9 @@ class TrainedModel:
 
             reveal = Reveal(attributes, inner[known], ratings[known], self.budget_of(history))
             rank_vec = self.ranker.user_vectors([reveal])[0]
+        meta = self.metadata_affinity(inner[known], ratings[known], vec, bias) if affinity else None
         return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()),
-                          meta_affinity=self.metadata_affinity(inner[known], ratings[known], vec, bias))
+                          meta_affinity=meta)
 
     def metadata_affinity(self, items: np.ndarray, ratings: np.ndarray, vec: np.ndarray,
                           bias: float) -> np.ndarray | None:
@@ -260,8 +263,9 @@ class TrainedModel:
         return pred if self.scale is None else np.clip(pred, *self.scale).astype(pred.dtype)
 
     def _with_metadata_affinity(self, pred: np.ndarray, affinity: np.ndarray, items: np.ndarray | None) -> np.ndarray:
-        """``pred`` with the user's metadata affinity added for the items known from metadata (those
-        added after the full retrain)."""
+        """``pred`` with the user's metadata affinity added for the items added after the full retrain
+        (their rows came from metadata: even without any, the constant feature carries the user's mean
+        residual against the prior's rows)."""
         from .meta_affinity import dense_rows, item_term
 
         idx = np.arange(self.n_items) if items is None else np.asarray(items, np.int64)

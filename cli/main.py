@@ -469,6 +469,13 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
 
     from ..service.http import serve as run_server
 
+    from ..service.http import origin_key
+
+    for origin in allowed_origins:
+        for one in origin.replace(",", " ").split():
+            if origin_key(one) is None:
+                raise click.BadParameter(f"{one!r} is not an origin (scheme://host[:port], e.g. https://shop.example)",
+                                         param_hint="--allow-origin")
     ctx.engine  # a missing database file is an error here, not a server answering 503s
     try:  # a port in use is one line here, not uvicorn's log lines and exit status 3
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -110,6 +110,46 @@ def recommendation_query(query_string: bytes) -> tuple[int, str]:
     return n, by
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def origin_key(origin: str) -> str | None:
+    """``scheme://host[:port]`` as a browser sends it in ``Origin`` (lower case, no default port, no
+    trailing slash), or None when ``origin`` is not an http(s) origin."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(origin.strip())
+        port = u.port
+    except ValueError:
+        return None
+    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query or u.fragment:
+        return None
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    default = {"http": 80, "https": 443}[u.scheme]
+    return f"{u.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+class LocalHostsOnly:
+    """ASGI middleware for a server bound to this machine only: a request naming another host in its
+    ``Host`` header (a page of another site whose name was re-pointed at 127.0.0.1: DNS rebinding) gets
+    400, unless that host is one of ``allowed`` (the hosts of ``--allow-origin``)."""
+
+    def __init__(self, app, allowed: frozenset[str] = frozenset()):
+        self.app, self.allowed = app, LOOPBACK_NAMES | allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name not in self.allowed:
+                await error_response(ApiError(400, f"this server answers for this machine only, not for host "
+                                                   f"{host!r} (`cfb serve --allow-origin` names another)"))(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: a request whose declared Content-Length is over ``max_body`` gets 413 at once
     (a chunked body is counted while it is read: see ``read_json``)."""
@@ -439,13 +479,16 @@ def _name(entry: dict) -> str:
 
 def create_app(engine_or_url: Engine | str | None = None, token: str | None = None, max_body: int = MAX_BODY,
                fast_path: bool = True, reads_in_threadpool: bool | None = None,
-               cache_size: int | None = None, allowed_origins: tuple[str, ...] | None = None) -> FastAPI:
+               cache_size: int | None = None, allowed_origins: tuple[str, ...] | None = None,
+               local_hosts_only: bool | None = None) -> FastAPI:
     """The API and web page over ``engine_or_url`` (an Engine or a database URL; None: the CLI's default).
 
     With ``token``, every request that writes must carry ``Authorization: Bearer <token>``. A write
     from a browser page is taken from this server's own origin (its ``Host``, or ``X-Forwarded-Host``
     behind a proxy) and from ``allowed_origins`` (default ``$CFB_ALLOWED_ORIGINS``, comma-separated,
-    e.g. ``https://shop.example``), never from another site's page.
+    e.g. ``https://shop.example``), never from another site's page. ``local_hosts_only`` (default
+    ``$CFB_LOCAL_HOSTS_ONLY``; `cfb serve` on a loopback address sets it): requests must name this
+    machine (or an allowed origin's host) in ``Host``.
     ``reads_in_threadpool`` (default: ``$CFB_HTTP_READS == "thread"``) computes recommendations in
     the thread pool instead of on the event loop: slower, measured by bench/bench_http.py.
     ``cache_size`` (default ``$CFB_HTTP_CACHE`` or 10,000; 0: none) bounds the users whose last
@@ -455,8 +498,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     if reads_in_threadpool is None:
         reads_in_threadpool = os.environ.get("CFB_HTTP_READS", "") == "thread"
     if allowed_origins is None:
-        allowed_origins = tuple(o for o in os.environ.get("CFB_ALLOWED_ORIGINS", "").split(",") if o.strip())
-    allowed = {o.strip().rstrip("/").lower() for o in allowed_origins}
+        allowed_origins = tuple(os.environ.get("CFB_ALLOWED_ORIGINS", "").replace(",", " ").split())
+    allowed = {key for key in map(origin_key, allowed_origins) if key}
+    if local_hosts_only is None:
+        local_hosts_only = os.environ.get("CFB_LOCAL_HOSTS_ONLY", "") == "1"
     engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
     on_file = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
     fast = _FastReader(engine, cache_size) if fast_path and on_file else None  # (it keeps its own connections)
@@ -548,6 +593,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
     app.add_middleware(BodyLimit, max_body=max_body)
+    if local_hosts_only:  # outermost: before anything is read
+        from urllib.parse import urlsplit
+
+        app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed))
 
     async def read_json(request: Request) -> dict:
         """The request body as a JSON object, at most ``max_body`` bytes (also when chunked)."""
@@ -577,7 +626,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         """A write needs the token (when the server has one), and is never one a page of another site
         made a browser send: a cross-site request carries an ``Origin`` other than this server."""
         origin = request.headers.get("origin")
-        if origin is not None and origin.strip().rstrip("/").lower() not in allowed:
+        if origin is not None and origin_key(origin) not in allowed:
             from urllib.parse import urlsplit
 
             ours = {request.headers.get(h, "").lower() for h in ("host", "x-forwarded-host")} - {""}  # (behind a proxy)
@@ -878,6 +927,8 @@ def serve(url: str | None = None, host: str = "127.0.0.1", port: int = 8000, tok
     one_blas_thread()
     if allowed_origins:
         os.environ["CFB_ALLOWED_ORIGINS"] = ",".join(allowed_origins)
+    if host in LOOPBACK_NAMES:
+        os.environ["CFB_LOCAL_HOSTS_ONLY"] = "1"
     if workers > 1:
         os.environ["CFB_DATABASE_URL"] = url
         if token:

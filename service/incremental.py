@@ -134,7 +134,7 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
         return {"item_factors": factors, "item_bias": biases}
     for k, item in enumerate(item_ids.tolist()):
         users, ratings = store.item_ratings(conn, item)
-        vecs = [model.user_vector(user_history(conn, served, int(u))) for u in users]
+        vecs = [model.user_vector(user_history(conn, served, int(u)), affinity=False) for u in users]
         raters = DotRating(model.rating.y_range, np.stack([v.vec for v in vecs]).astype(np.float32),
                            np.array([v.bias for v in vecs], np.float32))
         factors[k], biases[k] = raters.fold_in(np.arange(len(users)), ratings, factors[k], float(biases[k]),

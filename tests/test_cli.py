@@ -311,3 +311,8 @@ def test_serve_on_a_port_in_use_is_one_line(runner, cli_db):
         res = run(runner, cli_db, "serve", "--port", str(port))
     assert res.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in res.output
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_serve_refuses_an_allowed_origin_that_is_not_one(runner, cli_db):
+    res = run(runner, cli_db, "serve", "--allow-origin", "shop.example")
+    assert res.exit_code == 2 and "'shop.example' is not an origin" in res.output

@@ -585,3 +585,29 @@ def test_a_signups_misspelt_title_suggests_titles_as_the_cli_does(server):
     r = server.post("/users", json={"ratings": {"Alpha flim 1": 5}})
     assert r.status_code == 422 and r.json()["field"] == "ratings.Alpha flim 1"
     assert "unknown item; did you mean: Alpha film 1" in r.json()["error"]
+
+
+def test_origin_keys_are_what_a_browser_sends():
+    from cfb.service.http import origin_key
+
+    assert origin_key("https://Shop.example:443/") == origin_key("https://shop.example") == "https://shop.example"
+    assert origin_key("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+    assert origin_key("http://[::1]:80") == "http://[::1]"
+    for bad in ("shop.example", "ftp://x", "null", "", "https://x/path", "file://"):
+        assert origin_key(bad) is None
+
+
+def test_a_server_for_this_machine_only_refuses_other_host_names(trained, db_url):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host and Origin
+    evil.example, which match each other; a server bound to this machine answers only for its names."""
+    body = '{"item": "a1", "rating": 4}'
+    with running_server(db_url, local_hosts_only=True, allowed_origins=("https://shop.example",)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        port = base.rsplit(":", 1)[1]
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        r = client.post("/users/a0/ratings", content=body, headers=rebound)
+        assert r.status_code == 400 and "this machine only" in r.json()["error"]
+        assert client.get("/users/a0/recommendations", headers={"Host": f"evil.example:{port}"}).status_code == 400
+        assert client.get("/health").status_code == 200
+        assert client.get("/health", headers={"Host": f"localhost:{port}"}).status_code == 200
+        assert client.get("/health", headers={"Host": "shop.example"}).status_code == 200
