@@ -69,8 +69,17 @@ class _RatingModel:
 
     def information(self, items: np.ndarray, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
         """The Gauss-Newton information (Σ JᵀJ of the predicted ratings) of a user's ratings of
-        ``items`` about the user's parameters at (``user_vec``, ``user_bias``): the curvature their
-        squared errors give the row they were learned into. Same parameter order as ``fold_in``."""
+        ``items`` about the user's parameters θ at (``user_vec``, ``user_bias``): the curvature their
+        squared errors give the row they were learned into. Same parameters as ``fold_in`` moves."""
+        J = self._jacobian(np.asarray(items, np.int64), self._theta(user_vec, user_bias))[1]
+        return J.T @ J
+
+    def _theta(self, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
+        """The user's parameters that ``fold_in`` moves, as one float64 vector."""
+        raise NotImplementedError
+
+    def _jacobian(self, items: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted ratings of ``items``, their Jacobian with respect to θ, one row per item)."""
         raise NotImplementedError
 
     def similar_items(self, item: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -111,17 +120,15 @@ class DotRating(_RatingModel):
     def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
         return np.einsum("ij,ij->i", vecs, self.item_factors[items]) + biases + self.item_bias[items]
 
-    def _jacobian(self, items: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted ratings, their Jacobian) of ``items`` with respect to θ = (embedding, bias)."""
+    def _theta(self, user_vec, user_bias):  # noqa: ANN001
+        """θ = (embedding, bias)."""
+        return np.r_[user_vec, user_bias].astype(np.float64)
+
+    def _jacobian(self, items, theta):  # noqa: ANN001
         lo, hi = self.y_range
         X = np.concatenate([self.item_factors[items].astype(np.float64), np.ones((len(items), 1))], axis=1)
         p = 1.0 / (1.0 + np.exp(-(X @ theta + self.item_bias[items].astype(np.float64))))
         return lo + (hi - lo) * p, X * ((hi - lo) * p * (1 - p))[:, None]
-
-    def information(self, items, user_vec, user_bias):  # noqa: ANN001
-        """Over θ = (embedding, bias)."""
-        J = self._jacobian(np.asarray(items, np.int64), np.r_[user_vec, user_bias].astype(np.float64))[1]
-        return J.T @ J
 
     def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
                 weights=None):
@@ -160,16 +167,19 @@ class NNRating(_RatingModel):
     def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
         return run_head(self.head, np.concatenate([vecs, self.item_factors[items]], axis=1))[:, 0]
 
-    def information(self, items, user_vec, user_bias):  # noqa: ANN001
-        """Over the embedding (the nn model has no user bias): one backward pass per rating row."""
-        items = np.asarray(items, np.int64)
+    def _theta(self, user_vec, user_bias):  # noqa: ANN001
+        """θ = the embedding (the nn model has no user bias)."""
+        return np.asarray(user_vec, np.float64)
+
+    def _jacobian(self, items, theta):  # noqa: ANN001
+        """Numpy backprop through the head, one row per rating (rows do not mix: batch norm is folded)."""
         lo, hi = self.y_range
-        u = np.asarray(user_vec, np.float64)
-        x = np.concatenate([np.broadcast_to(u, (len(items), len(u))), self.item_factors[items].astype(np.float64)], axis=1)
+        x = np.concatenate([np.broadcast_to(theta, (len(items), len(theta))),
+                            self.item_factors[items].astype(np.float64)], axis=1)
         out, cache = run_head(self.head, x, keep=True)
         s = 1.0 / (1.0 + np.exp(-out[:, 0]))
-        J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, :len(u)]
-        return J.T @ J
+        J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, :len(theta)]
+        return lo + (hi - lo) * s, J
 
     def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
                 weights=None, steps: int = 150):
@@ -181,19 +191,13 @@ class NNRating(_RatingModel):
             return u.astype(np.float32), float(prior_bias)
         precision = config.reg * np.eye(len(u)) + (0 if prior_information is None else prior_information)
         w = np.ones(len(items)) if weights is None else np.asarray(weights, np.float64)
-        lo, hi = self.y_range
         r = np.asarray(ratings, np.float64)
-        item_emb = self.item_factors[items].astype(np.float64)
         prior = u.copy()
         m = np.zeros_like(u)
         v = np.zeros_like(u)
         for t in range(1, steps + 1):
-            x = np.concatenate([np.broadcast_to(u, (len(items), len(u))), item_emb], axis=1)
-            out, cache = run_head(self.head, x, keep=True)
-            s = 1.0 / (1.0 + np.exp(-out[:, 0]))
-            dpred = 2 * w * (lo + (hi - lo) * s - r) * (hi - lo) * s * (1 - s)
-            dx = run_head_backward(self.head, cache, dpred[:, None])
-            grad = dx[:, :len(u)].sum(0) + 2 * precision @ (u - prior)
+            pred, J = self._jacobian(items, u)
+            grad = 2 * J.T @ (w * (pred - r)) + 2 * precision @ (u - prior)
             m = 0.9 * m + 0.1 * grad
             v = 0.999 * v + 0.001 * grad ** 2
             u -= 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
