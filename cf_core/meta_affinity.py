@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-SHRINK = 5.0  # pseudo-ratings of residual 0 per feature
-
 
 def to_csr(X: np.ndarray) -> dict[str, np.ndarray]:
     """Dense encoded metadata (items × features) as CSR arrays: ``indptr``, ``indices``, ``data``."""
@@ -43,8 +41,9 @@ def dense_rows(csr: dict[str, np.ndarray], rows: np.ndarray, n_features: int) ->
     return out
 
 
-def user_affinity(X: np.ndarray, residuals: np.ndarray, shrink: float = SHRINK) -> np.ndarray:
-    """Per feature: Σ x·residual / (Σ x + shrink) over a user's rated items (rows of ``X``)."""
+def user_affinity(X: np.ndarray, residuals: np.ndarray, shrink: float) -> np.ndarray:
+    """Per feature: Σ x·residual / (Σ x + shrink) over a user's rated items (rows of ``X``); ``shrink``
+    is ``ServingConfig.metadata_affinity_shrink`` (pseudo-ratings of residual 0 per feature)."""
     return (X.T @ residuals) / (X.sum(0) + shrink)
 
 

@@ -229,7 +229,6 @@ class TrainedModel:
         ``bias``); None without item metadata, with the nn model, with no item added after the full
         retrain (the only ones it is used for), or with nothing to go on."""
         from .meta_affinity import dense_rows, user_affinity
-        from .scoring import sigmoid_range
 
         if self.kind != "dot" or self.item_meta is None or self.item_prior is None \
                 or not self.config.metadata_affinity_weight or not len(self.added_items()):
@@ -238,12 +237,12 @@ class TrainedModel:
         learned = items < self.n_learned_items
         if not learned.any():
             return None
-        X = dense_rows(self.item_meta, items[learned], self.item_prior.W_.shape[0]).astype(np.float64)
-        z = X @ (self.item_prior.W_.astype(np.float64) @ np.asarray(vec, np.float64)) + bias + X @ self.item_prior.w_
-        pred = sigmoid_range(z, *self.rating.y_range)
+        X = dense_rows(self.item_meta, items[learned], self.item_prior.W_.shape[0])
+        as_new = type(self.rating)(self.rating.y_range, X @ self.item_prior.W_, X @ self.item_prior.w_)  # metadata rows
+        pred = as_new.predict(vec, bias).astype(np.float64)
         if self.scale is not None:
             pred = np.clip(pred, *self.scale)
-        return user_affinity(X, ratings[learned] - pred, self.config.metadata_affinity_shrink)
+        return user_affinity(X.astype(np.float64), ratings[learned] - pred, self.config.metadata_affinity_shrink)
 
     # --- scoring ----------------------------------------------------------------------------
     def predict(self, user: UserVector, items: np.ndarray | None = None) -> np.ndarray:
