@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
+from .store import rating_problem
 from .textfile import read_text, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -83,14 +84,13 @@ def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, 
     else an error naming the first offender (first out of the scale, then off the steps)."""
     r = ratings["rating"].to_numpy(dtype=float)
     bad = (r < scale[0]) | (r > scale[1])
-    what = f"outside the scale {scale[0]:g}..{scale[1]:g}"
     if step is not None and not bad.any():
         steps = (r - scale[0]) / step
         bad = np.abs(steps - np.round(steps)) > 1e-9
-        what = f"not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
-    if bad.any():
+    if bad.any():  # (the rule is ``store.rating_problem``'s, for the first offender: one message everywhere)
         pos = int(np.flatnonzero(bad)[0])
-        raise InputError(f"rating {r[pos]:g} {what}", source=source, line=_line(first_line, pos), field=field)
+        raise InputError(rating_problem(float(r[pos]), scale, step), source=source, line=_line(first_line, pos),
+                         field=field)
 
 
 def check_times(times: np.ndarray, source: str, first_line: int, field: str = "timestamp") -> None:
