@@ -616,15 +616,9 @@ def item_titles(conn: Connection, item_ids) -> dict[int, tuple[str, str | None]]
     return out
 
 
-def _ratings_where(conn: Connection, key, other, value: int, with_seq: bool = False):  # noqa: ANN001, ANN202
-    rows = conn.execute(select(other, Rating.rating, Rating.seq).where(key == value).order_by(Rating.seq)).all()
-    out = (np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32))
-    return (*out, np.array([r[2] for r in rows], np.int64)) if with_seq else out
-
-
-def user_ratings(conn: Connection, user_id: int, with_seq: bool = False):  # noqa: ANN201
-    """(item ids, ratings[, seq]) of one user, in write order."""
-    return _ratings_where(conn, Rating.user_id, Rating.item_id, user_id, with_seq)
+def item_title_list(conn: Connection) -> list[str]:
+    """Every item's title (items without one left out): what a near-miss title is matched against."""
+    return conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()
 
 
 def has_rating_history(conn: Connection) -> bool:
@@ -652,7 +646,9 @@ def user_ratings_replaced(conn: Connection, user_id: int) -> tuple[np.ndarray, .
 
 def item_ratings(conn: Connection, item_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(user ids, ratings) of one item."""
-    return _ratings_where(conn, Rating.item_id, Rating.user_id, item_id)
+    rows = conn.execute(select(Rating.user_id, Rating.rating).where(Rating.item_id == item_id)
+                        .order_by(Rating.seq)).all()
+    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
 
 
 def count_ratings(conn: Connection, since_seq: int = 0) -> int:

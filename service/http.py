@@ -444,7 +444,7 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
         validator.items = _Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key")))
         validator.titles = _Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
                                    possible=lambda title: "\x00" not in title)  # (as ``serving.find_item``)
-        validator.all_titles = lambda: conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()  # (errors only)
+        validator.all_titles = lambda: store.item_title_list(conn)  # (read on an unknown item only)
         validator.known_users = _Lookup(conn, select(User.id).where(User.external_id == bindparam("key")))
         validator.batch_users = set()
         signup = validator.validate(where, entry)

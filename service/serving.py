@@ -101,8 +101,7 @@ def find_item(conn: Connection, query: str) -> int:
     query = str(query).strip()
     hit = _item_by_id_or_title(conn, query)
     if hit is None:
-        titles = conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()
-        raise CfbError(f"unknown item {query!r}{title_hint(query, titles)}")
+        raise CfbError(f"unknown item {query!r}{title_hint(query, store.item_title_list(conn))}")
     return hit
 
 

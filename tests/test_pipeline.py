@@ -411,7 +411,7 @@ def test_a_changed_rating_brings_the_value_the_full_retrain_learned(trained):
     engine, _ = trained
     with engine.connect() as conn:
         uid = store.user_id_of(conn, "a0")
-        items, ratings = store.user_ratings(conn, uid)
+        items, ratings = store.user_ratings_replaced(conn, uid)[:2]
         first = store.item_titles(conn, [int(items[0])])[int(items[0])][0]
     new_value = 1.0 if ratings[0] >= 3 else 5.0
     rate_item(engine, "a0", first, new_value)
