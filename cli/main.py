@@ -467,9 +467,7 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
     """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
     import socket
 
-    from ..service.http import serve as run_server
-
-    from ..service.http import origin_key
+    from ..service.http import origin_key, serve as run_server
 
     for origin in allowed_origins:
         for one in origin.replace(",", " ").split():

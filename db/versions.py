@@ -31,7 +31,11 @@ SERVING_CHOICES = "serving_choices"  # setting: how many times a version was mad
 def serving_state(conn: Connection) -> tuple[int | None, int]:
     """(the serving version, how many times a serving version was chosen): what a retrain notes when it
     starts, so that a rollback meanwhile, even to the version already serving, is never overridden."""
-    return serving_version(conn), int(get_setting(conn, SERVING_CHOICES) or 0)
+    return serving_version(conn), _serving_choices(conn)
+
+
+def _serving_choices(conn: Connection) -> int:
+    return int(get_setting(conn, SERVING_CHOICES) or 0)
 
 
 def _check_serving(conn: Connection, expected: int | None | tuple[int | None, int]) -> int | None:
@@ -44,12 +48,12 @@ def _check_serving(conn: Connection, expected: int | None | tuple[int | None, in
     raw = conn.scalar(select(Setting.value).where(Setting.key == "serving_version").with_for_update())
     now = int(raw) if raw else None
     if isinstance(expected, tuple):
-        return now if (now, int(get_setting(conn, SERVING_CHOICES) or 0)) != expected else None
+        return now if (now, _serving_choices(conn)) != expected else None
     return now if now != expected else None
 
 
 def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: int,
-              expected_serving: int | None | tuple[int | None, int]) -> tuple[int, bool]:
+              expected_serving: tuple[int | None, int]) -> tuple[int, bool]:
     """Write a full version (model arrays, trained users' rows). It becomes serving unless the serving
     version changed since the retrain started, or was chosen again (``serving_state``; a rollback):
     then it is stored but not served.
@@ -203,7 +207,7 @@ def set_serving(conn: Connection, version: int) -> None:
     """Serve ``version`` by choice (a rollback, an incremental retrain): counted in ``serving_state``."""
     get_version(conn, version)
     set_setting(conn, "serving_version", str(version))
-    set_setting(conn, SERVING_CHOICES, str(int(get_setting(conn, SERVING_CHOICES) or 0) + 1))
+    set_setting(conn, SERVING_CHOICES, str(_serving_choices(conn) + 1))
 
 
 # --- the retrain lock -----------------------------------------------------------------------
