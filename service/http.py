@@ -29,7 +29,7 @@ from html import escape
 from pathlib import Path
 from string import Template
 from typing import NamedTuple
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -116,8 +116,6 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 def origin_key(origin: str) -> str | None:
     """``scheme://host[:port]`` as a browser sends it in ``Origin`` (lower case, no default port, no
     trailing slash), or None when ``origin`` is not an http(s) origin."""
-    from urllib.parse import urlsplit
-
     try:
         u = urlsplit(origin.strip())
         port = u.port
@@ -594,8 +592,6 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
     app.add_middleware(BodyLimit, max_body=max_body)
     if local_hosts_only:  # outermost: before anything is read
-        from urllib.parse import urlsplit
-
         app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed))
 
     async def read_json(request: Request) -> dict:
@@ -627,8 +623,6 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         made a browser send: a cross-site request carries an ``Origin`` other than this server."""
         origin = request.headers.get("origin")
         if origin is not None and origin_key(origin) not in allowed:
-            from urllib.parse import urlsplit
-
             ours = {request.headers.get(h, "").lower() for h in ("host", "x-forwarded-host")} - {""}  # (behind a proxy)
             if urlsplit(origin).netloc.lower() not in ours:
                 raise ApiError(403, f"writes from another site's page ({origin or 'no origin'}) are refused "
