@@ -25,6 +25,56 @@ def _check_entries(entries: list) -> None:
                              f"got {type(e).__name__} {e!r:.40}", source=f"entry {k + 1}")
 
 
+# name -> (whole number?, lowest, lowest excluded?, highest): the CLI's ranges for `cfb retrain --full`
+_TRAINING_SETTINGS = {"n_factors": (True, 1, False, 1024), "epochs": (True, 1, False, 1000),
+                      "lr": (False, 0, True, None), "wd": (False, 0, False, None), "bs": (True, 1, False, None),
+                      "seed": (True, 0, False, 2**32 - 1)}
+
+
+def _check_training_settings(kind: str | None, params: dict) -> dict:
+    """The retrain settings as plain numbers, each checked as `cfb retrain` checks its options."""
+    from .cf_core.errors import CfbError
+
+    unknown = sorted(set(params) - set(_TRAINING_SETTINGS))
+    if unknown:
+        raise CfbError(f"unknown training setting(s) {', '.join(unknown)} "
+                       f"(settings: kind, {', '.join(_TRAINING_SETTINGS)}, valid_pct)")
+    if kind not in (None, "dot", "nn"):
+        raise CfbError(f"kind must be 'dot' or 'nn', got {kind!r}")
+    out = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        whole, lo, lo_open, hi = _TRAINING_SETTINGS[name]
+        ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) \
+            and math.isfinite(value) and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            what = "a whole number" if whole else "a finite number"
+            bounds = f"{'above' if lo_open else 'from'} {lo}" + ("" if hi is None else f" to {hi}")
+            raise CfbError(f"{name} must be {what} {bounds}, got {value!r}")
+        out[name] = int(value) if whole else float(value)
+    return out
+
+
+def _plain(value):  # noqa: ANN001, ANN202
+    """``value`` with numpy scalars (as pandas hands them out) made Python numbers, in dicts and lists too."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+
+
+def _number(value, what: str) -> float:  # noqa: ANN001
+    """A finite number given from Python (numpy's too), as a float; bools, text and None are refused."""
+    from .cf_core.errors import CfbError
+
+    value = _plain(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise CfbError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
 class Database:
     """A cfb database (SQLite or PostgreSQL). Use ``cfb.open(url)``; ``close()`` (or ``with``) when done."""
 
@@ -46,6 +96,14 @@ class Database:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _existing(self):  # noqa: ANN202
+        """The engine, for what reads, trains or serves: a SQLite file that is not there is an error
+        (only an ingest makes a database)."""
+        from .db.engine import require_database
+
+        require_database(self.url)
+        return self.engine
+
     # --- data -------------------------------------------------------------------------------------
     def ingest_movielens(self, folder: str | Path) -> dict:
         """Load a MovieLens release from ``folder`` (`cfb ingest movielens FOLDER`)."""
@@ -63,14 +121,15 @@ class Database:
         n_factors, epochs, lr, wd, bs, seed; an incremental retrain refuses them and ``kind`` (they
         apply to a full one)."""
         _check_valid_pct(valid_pct)
+        params = _check_training_settings(kind, params)
         if full:
             from .service.training import retrain_full
 
-            return retrain_full(self.engine, kind=kind or "dot", valid_pct=valid_pct, progress=progress, **params)
+            return retrain_full(self._existing(), kind=kind or "dot", valid_pct=valid_pct, progress=progress, **params)
         from .service.incremental import retrain_auto
 
-        full_only = tuple(name for name, value in (("kind", kind), *params.items()) if value is not None)
-        return retrain_auto(self.engine, kind=kind, valid_pct=valid_pct, progress=progress, full_only=full_only,
+        full_only = (("kind",) if kind is not None else ()) + tuple(params)
+        return retrain_auto(self._existing(), kind=kind, valid_pct=valid_pct, progress=progress, full_only=full_only,
                             **params)
 
     def models(self):
@@ -79,7 +138,7 @@ class Database:
 
         from .db import versions
 
-        with self.engine.connect() as conn:
+        with self._existing().connect() as conn:
             return pd.DataFrame(versions.list_versions(conn))
 
     def rollback(self, version: int) -> None:
@@ -87,7 +146,12 @@ class Database:
         from .db import versions
         from .db.engine import writing
 
-        with writing(self.engine) as conn:
+        from .cf_core.errors import CfbError
+
+        version = _plain(version)
+        if not isinstance(version, numbers.Integral) or isinstance(version, bool):
+            raise CfbError(f"version must be a whole number, got {version!r}")
+        with writing(self._existing()) as conn:
             versions.set_serving(conn, int(version))
 
     # --- users ----------------------------------------------------------------------------------------
@@ -95,7 +159,7 @@ class Database:
         """The signup questionnaire (`cfb questionnaire --json`): attribute questions and items to rate."""
         from .service.onboard import questionnaire_json
 
-        with self.engine.connect() as conn:
+        with self._existing().connect() as conn:
             return questionnaire_json(conn, budget)
 
     def onboard(self, answers: dict | list[dict]):
@@ -103,9 +167,9 @@ class Database:
         several (a list, all or nothing); returns the new user id (or the list of ids)."""
         from .service.onboard import onboard
 
-        entries = answers if isinstance(answers, list) else [answers]
+        entries = _plain(answers if isinstance(answers, list) else [answers])
         _check_entries(entries)
-        out = onboard(self.engine, [(f"entry {k + 1}", e) for k, e in enumerate(entries)])
+        out = onboard(self._existing(), [(f"entry {k + 1}", e) for k, e in enumerate(entries)])
         ids = [u["user"] for u in out["onboarded"]]
         return ids if isinstance(answers, list) else ids[0]
 
@@ -113,7 +177,7 @@ class Database:
         """Store ``user``'s rating of ``item`` (id or exact title); the next recommendations use it."""
         from .service.ratings import rate_item
 
-        return rate_item(self.engine, str(user), str(item), float(rating), create_item=new_item)
+        return rate_item(self._existing(), str(user), str(item), _number(rating, "rating"), create_item=new_item)
 
     # --- answers --------------------------------------------------------------------------------------
     def recommend(self, user: str, n: int = 10, by: str = "rank"):
@@ -122,16 +186,28 @@ class Database:
 
         from .service.serving import recommend
 
-        with self.engine.connect() as conn:
+        with self._existing().connect() as conn:
             out = recommend(conn, str(user), n, by)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
 
     def predict(self, pairs) -> list[float]:
-        """Predicted ratings of (user, item) pairs."""
+        """Predicted ratings of (user, item) pairs: a list of pairs, or a DataFrame with columns user
+        and item (`cfb predict --pairs`)."""
+        from .cf_core.errors import CfbError
         from .service.serving import predict_pairs
 
-        with self.engine.connect() as conn:
-            return predict_pairs(conn, [(str(u), str(i)) for u, i in pairs])
+        if hasattr(pairs, "columns"):  # a DataFrame
+            if not {"user", "item"} <= set(pairs.columns):
+                raise CfbError(f"pairs: a DataFrame needs columns user and item, has {', '.join(map(str, pairs.columns))}")
+            pairs = list(zip(pairs["user"], pairs["item"]))
+        if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+            raise CfbError(f"pairs must be (user, item) pairs or a DataFrame with columns user and item, got {pairs!r:.60}")
+        pairs = list(pairs)
+        for k, pair in enumerate(pairs):
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+                raise CfbError(f"pairs: entry {k + 1} must be one (user, item) pair, got {pair!r:.60}")
+        with self._existing().connect() as conn:
+            return predict_pairs(conn, [(str(_plain(u)), str(_plain(i))) for u, i in pairs])
 
     def similar(self, item: str, n: int = 10):
         """Items closest to ``item`` (id or exact title) by item factors: a DataFrame item, title, score."""
@@ -139,7 +215,7 @@ class Database:
 
         from .service.serving import similar
 
-        with self.engine.connect() as conn:
+        with self._existing().connect() as conn:
             out = similar(conn, str(item), n)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
 
@@ -149,7 +225,7 @@ class Database:
 
         from .service.serving import biases
 
-        with self.engine.connect() as conn:
+        with self._existing().connect() as conn:
             out = biases(conn, n, min_ratings)
         return {k: pd.DataFrame(v, columns=["item", "title", "score"]) for k, v in out.items()}
 
@@ -160,7 +236,7 @@ class Database:
 
         from .service.inspect import pca, plot_pca
 
-        with self.engine.connect() as conn:
+        with self._existing().connect() as conn:
             out = pca(conn, n)
         if plot is not None:
             plot_pca(out, Path(plot))
@@ -171,7 +247,7 @@ class Database:
         """The HTTP app (FastAPI) over this database, e.g. for ``uvicorn`` or a test client."""
         from .service.http import create_app
 
-        return create_app(self.engine, token)
+        return create_app(self._existing(), token)
 
     def serve(self, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
         """Run `cfb serve` in this process (blocks)."""

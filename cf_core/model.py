@@ -60,9 +60,10 @@ class ServingConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "ServingConfig":
+    def from_json(cls, d: dict, kind: str = "dot") -> "ServingConfig":
+        """The stored settings; one a version stored before it existed takes its kind's default."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: float(v) for k, v in d.items() if k in names})
+        return replace(cls.for_kind(kind), **{k: float(v) for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -77,6 +78,7 @@ class UserHistory:
     trained_row: tuple[np.ndarray, float] | None = None  # the user's row in the full version, if trained there
     # per rating: the value the full retrain learned for the pair, where it has changed since (NaN: none, unknown)
     learned_values: np.ndarray | None = None
+    asked: int | None = None  # how many questionnaire items the signup showed them (None: not said)
 
 
 @dataclass
@@ -160,20 +162,24 @@ class TrainedModel:
         return UserVector(factors.mean(0), float(biases.mean()), rank_vec)
 
     def budget_of(self, history: UserHistory) -> int | None:
-        """How the user's items were revealed: the questionnaire size Q whose first Q items hold every
-        answer (0 with no ratings), or None when some ratings came from elsewhere (organic)."""
+        """How the user's items were revealed: the questionnaire size Q they were shown (``asked``,
+        when their signup said so and it holds every answer), or else the smallest of 5, 15, 30 whose
+        first Q items hold every answer (0 with no ratings); None when some ratings came from
+        elsewhere (organic). Q tells the ranker which items they left unrated ("not seen")."""
         if len(history.items) == 0:
-            return 0
+            return history.asked or 0
         if not set(history.items.tolist()) <= set(history.signup_items):
             return None
-        asked = {int(i): k for k, i in enumerate(self.questionnaire.items)}
-        last = max(asked.get(int(i), 10 ** 9) for i in history.items)
-        if last >= len(asked):
+        position = {int(i): k for k, i in enumerate(self.questionnaire.items)}
+        last = max(position.get(int(i), 10 ** 9) for i in history.items)
+        if last >= len(position):
             return None
+        if history.asked is not None and last < history.asked:
+            return history.asked
         for q in (5, 15, 30):
             if last < q:
                 return q
-        return len(asked)
+        return len(position)
 
     def user_vector(self, history: UserHistory, affinity: bool = True) -> UserVector:
         """The user's representation, a pure function of their history.
@@ -183,8 +189,8 @@ class TrainedModel:
         information of the ratings it learned, at the row, ``rating.information``): one new rating
         moves a user with hundreds by what it adds to them. A rating *changed* since the full retrain
         counts once, with its new value: the value the row learned (``learned_values``) is folded
-        back out with weight −1; where that value is not known, the pair's curvature leaves the
-        row's information instead (to first order, as if the row had fitted it). Anyone else starts
+        back out with weight −1; where that value is not known (a database that lost it), the pair's
+        curvature leaves the row's information instead (to first order, as if the row had fitted it). Anyone else starts
         from the bootstrap prior of their answers and folds in every rating. With ``affinity``, also
         their metadata affinity (for the items added from metadata; leave it out where only the rating
         row is wanted). Ranking part:
@@ -216,7 +222,10 @@ class TrainedModel:
         if self.ranker is not None:
             from .feature_model import Reveal
 
-            reveal = Reveal(attributes, inner[known], ratings[known], self.budget_of(history))
+            # items added after the full retrain have no input rows in the ranker (zeros): revealing
+            # them would only change how many items it thinks it was shown
+            shown = known & (inner < self.n_learned_items)
+            reveal = Reveal(attributes, inner[shown], ratings[shown], self.budget_of(history))
             rank_vec = self.ranker.user_vectors([reveal])[0]
         meta = self.metadata_affinity(inner[known], ratings[known], vec, bias) if affinity else None
         return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()),
@@ -263,12 +272,13 @@ class TrainedModel:
 
     def _with_metadata_affinity(self, pred: np.ndarray, affinity: np.ndarray, items: np.ndarray | None) -> np.ndarray:
         """``pred`` with the user's metadata affinity added for the items added after the full retrain
-        (their rows came from metadata: even without any, the constant feature carries the user's mean
-        residual against the prior's rows)."""
+        that this version knows no rating of: their rows came from metadata alone (even without any, the
+        constant feature carries the user's mean residual against the prior's rows). An added item
+        with ratings was solved against its raters, a fit of its own, and is left as it is."""
         from .meta_affinity import dense_rows, item_term
 
         idx = np.arange(self.n_items) if items is None else np.asarray(items, np.int64)
-        added = idx >= self.n_learned_items
+        added = (idx >= self.n_learned_items) & (self.item_counts[idx] == 0)
         if not added.any():
             return pred
         pred = pred.copy()
@@ -417,7 +427,8 @@ class TrainedModel:
                    rating=rating_model_from_arrays(part("rating")),
                    bootstrap=Bootstrap.from_arrays(part("bootstrap")),
                    item_counts=a["model/item_counts"], item_sums=a["model/item_sums"],
-                   config=ServingConfig.from_json(json.loads(str(a["model/config"]))), ranker=ranker,
+                   config=ServingConfig.from_json(json.loads(str(a["model/config"])), str(a["model/kind"])),
+                   ranker=ranker,
                    item_prior=item_prior,
                    settings=json.loads(str(a["model/settings"])),
                    n_trained_items=int(a["model/n_trained_items"]) if "model/n_trained_items" in a else None,

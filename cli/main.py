@@ -184,7 +184,7 @@ def ingest_items(ctx: Ctx, file: Path, as_json: bool) -> None:
 @click.option("--user-col", default="user", show_default=True)
 @click.option("--item-col", default="item", show_default=True)
 @click.option("--rating-col", default="rating", show_default=True)
-@click.option("--time-col", default="timestamp", show_default=True)
+@click.option("--time-col", help="Column of the rating times (must be there) [default: timestamp, if there].")
 @click.option("--scale", callback=_check_scale,
               help="Rating scale LO,HI (default: the database's, else the data's range).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -276,10 +276,13 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
     from ..service.training import retrain_full
 
     params = {"n_factors": n_factors, "epochs": epochs, "lr": lr, "wd": wd, "bs": bs, "seed": seed}
+    given = click.get_current_context().get_parameter_source
+    if full and given("drift_limit") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--drift-limit decides when a retrain without --full goes full; with --full it "
+                               "has nothing to decide")
     if not full:
         from ..service.incremental import retrain_auto
 
-        given = click.get_current_context().get_parameter_source
         options = {"kind": "--model", "n_factors": "--factors", "epochs": "--epochs", "lr": "--lr", "wd": "--wd",
                    "bs": "--bs", "seed": "--seed", "valid_pct": "--valid-pct"}
         full_only = tuple(flag for param, flag in options.items()

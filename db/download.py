@@ -128,6 +128,8 @@ def download(name: str, cache: Path | None = None, timeout: float = 30, progress
     (e.g. a click progress bar)."""
     if name not in SOURCES:
         raise CfbError(f"unknown dataset {name!r} (known: {', '.join(SOURCES)})")
+    if sha256 is not None and (len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256)):
+        raise CfbError(f"--sha256 {sha256!r} is not a SHA-256 (64 hexadecimal digits)")
     url, inner, marker = SOURCES[name]
     base = Path(cache or cfb_home() / "data")
     root = base / name

@@ -139,6 +139,14 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
                 conn.invalidate()  # and the next one sets WAL when it connects (``_set_wal``)
 
 
+def require_database(url: str) -> None:
+    """A SQLite file that is not there is an error, not a new empty database (what only reads or
+    serves: a mistyped path makes no file; an ingest makes a database)."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise CfbError(f"no database at {path}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")
+
+
 def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = False) -> Engine:
     """Create an engine for ``url`` (see ``resolve_url``); SQLite gets WAL mode and a busy timeout.
 
@@ -149,9 +157,8 @@ def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = F
     then checks every user and item id it writes at once (the row-by-row checks took about 40% of
     a large ingest's insert time)."""
     url = resolve_url(url)
-    path = sqlite_file(url) if must_exist else None
-    if path is not None and not path.exists():
-        raise CfbError(f"no database at {path}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")
+    if must_exist:
+        require_database(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", lambda dbapi_conn, _record: _sqlite_pragmas(dbapi_conn, not bulk))

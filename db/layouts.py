@@ -114,16 +114,24 @@ def _diagnose(path: Path, lines: list[tuple[int, list[str]]], names: list[str], 
 def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float], path: Path, first_line: int,
                    rating: str = "rating", timestamp: str = "timestamp") -> None:
     """The release's ratings on its scale, in its steps (whole or half stars), and no time negative."""
+    if ratings.empty:
+        raise InputError("no ratings", source=str(path), line=first_line)
     check_scale(ratings, scale, str(path), first_line=first_line, field=rating, step=STEP[scale])
     if ratings["timestamp"].dtype != object:  # (a release without times holds None)
         check_times(ratings["timestamp"].to_numpy(), str(path), first_line, timestamp)
 
 
-def _check_items(ratings: pd.DataFrame, items: pd.DataFrame | None, path: Path, first_line: int, field: str,
+def _require_item_file(path: Path) -> None:
+    """The release's item file is there: it names the items (the questionnaire asks by title)."""
+    if not path.exists():
+        raise InputError("file not found: the release lists its items there (for ratings alone: `cfb ingest "
+                         "ratings`)", source=str(path))
+
+
+def _check_items(ratings: pd.DataFrame, items: pd.DataFrame, path: Path, first_line: int, field: str,
                  item_file: str) -> None:
-    """Every rated item is in the release's item list (when the release has one)."""
-    if items is not None:
-        check_known_items(ratings, items["item"], str(path), first_line, field, item_file)
+    """Every rated item is in the release's item list."""
+    check_known_items(ratings, items["item"], str(path), first_line, field, item_file)
 
 
 def _text_lines(path: Path, encoding: str) -> list[str]:
@@ -369,27 +377,35 @@ def read_ml100k(folder: Path) -> Dataset:
         "timestamp": _numeric(raw, "timestamp", ratings_path, 1, integer=True).astype(np.int64)})
     _check_ratings(ratings, WHOLE_STARS, ratings_path, 1)
 
-    items = None
     item_path = folder / "u.item"
-    if item_path.exists():
-        recs = []
-        for n, f in _fields(item_path, "|", "latin-1"):
-            if len(f) < 5 + len(ML100K_GENRES):
-                raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
-                                 source=str(item_path), line=n)
-            genres = [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1"]
-            recs.append({"item": f[0].strip(), "title": f[1],
-                         "attributes": _item_attrs(f[1], genres, release_date=f[2])})
-        items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+    _require_item_file(item_path)
+    recs = []
+    for n, f in _fields(item_path, "|", "latin-1"):
+        if len(f) < 5 + len(ML100K_GENRES):
+            raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
+                             source=str(item_path), line=n)
+        genres = [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1"]
+        recs.append({"item": f[0].strip(), "title": f[1],
+                     "attributes": _item_attrs(f[1], genres, release_date=f[2])})
+    items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
     _check_items(ratings, items, ratings_path, 1, "item", item_path.name)
 
     users = None
     user_path = folder / "u.user"
     if user_path.exists():
         recs = []
+        seen: dict[str, int] = {}
         for n, f in _fields(user_path, "|", "latin-1"):
-            if len(f) != 5 or not f[1].strip().isdigit():
-                raise InputError("expected id|age|gender|occupation|zip", source=str(user_path), line=n)
+            if len(f) != 5:
+                raise InputError(f"expected id|age|gender|occupation|zip, found {len(f)} '|'-separated fields",
+                                 source=str(user_path), line=n)
+            if not f[1].strip().isdigit():
+                raise InputError(f"expected a whole number of years, found {f[1]!r}", source=str(user_path),
+                                 line=n, field="age")
+            if f[0].strip() in seen:
+                raise InputError(f"duplicate id {f[0].strip()!r} (first on line {seen[f[0].strip()]})",
+                                 source=str(user_path), line=n, field="id")
+            seen[f[0].strip()] = n
             recs.append({"user": f[0].strip(), "attributes": {
                 "age": int(f[1]), "gender": f[2], "occupation": f[3], "zip": f[4]}})
         users = pd.DataFrame(recs)
@@ -440,7 +456,8 @@ def read_ml1m(folder: Path) -> Dataset:
     ratings = read_dat_ratings(rpath, "latin-1")
     _check_ratings(ratings, WHOLE_STARS, rpath, 1, *DAT_FIELDS)
     mpath = folder / "movies.dat"
-    items = _read_dat_movies(mpath, "latin-1") if mpath.exists() else None
+    _require_item_file(mpath)
+    items = _read_dat_movies(mpath, "latin-1")
     _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
     upath = folder / "users.dat"
     recs = []
@@ -480,23 +497,22 @@ def read_ml10m(folder: Path) -> Dataset:
     rpath = folder / "ratings.dat"
     ratings = read_dat_ratings(rpath, "latin-1")
     _check_ratings(ratings, HALF_STARS, rpath, 1, *DAT_FIELDS)
-    items = None
     mpath = folder / "movies.dat"
-    if mpath.exists():
-        items = _read_dat_movies(mpath, _guess_encoding(mpath))
-        _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
-        tpath = folder / "tags.dat"
-        if tpath.exists():
-            rows = []
-            for n, line in enumerate(_text_lines(tpath, _guess_encoding(tpath)), start=1):
-                f = line.split("::")
-                if len(f) < 4:
-                    raise InputError(f"expected UserID::MovieID::Tag::Timestamp, found {len(f)} '::'-separated "
-                                     "fields", source=str(tpath), line=n)
-                f = [f[0], f[1], "::".join(f[2:-1]), f[-1]]  # a tag may hold "::"
-                if f[2].strip():
-                    rows.append((f[1].strip(), f[2].strip().lower()))
-            _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
+    _require_item_file(mpath)
+    items = _read_dat_movies(mpath, _guess_encoding(mpath))
+    _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
+    tpath = folder / "tags.dat"
+    if tpath.exists():
+        rows = []
+        for n, line in enumerate(_text_lines(tpath, _guess_encoding(tpath)), start=1):
+            f = line.split("::")
+            if len(f) < 4:
+                raise InputError(f"expected UserID::MovieID::Tag::Timestamp, found {len(f)} '::'-separated "
+                                 "fields", source=str(tpath), line=n)
+            f = [f[0], f[1], "::".join(f[2:-1]), f[-1]]  # a tag may hold "::"
+            if f[2].strip():
+                rows.append((f[1].strip(), f[2].strip().lower()))
+        _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
     return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens-10m",
                    source=str(rpath), first_line=1, columns=DAT_COLUMNS)
 
@@ -513,28 +529,27 @@ def read_ml_csv(folder: Path) -> Dataset:
     rpath = folder / "ratings.csv"
     ratings = read_csv_ratings(rpath, "userId", "movieId", "rating", "timestamp")
     _check_ratings(ratings, HALF_STARS, rpath, 2)
-    items = None
     mpath = folder / "movies.csv"
-    if mpath.exists():
-        header, rows = _csv_rows(mpath, ["movieId", "title", "genres"])
-        k_id, k_title, k_genres = (header.index(c) for c in ("movieId", "title", "genres"))
-        _check_ids(mpath, rows, k_id, "movieId")
-        recs = []
-        for n, f in rows:
-            title = f[k_title].strip()
-            if not title:
-                raise InputError("empty title", source=str(mpath), line=n, field="title")
-            recs.append({"item": f[k_id].strip(), "title": title,
-                         "attributes": _item_attrs(title, _genres(f[k_genres]))})
-        items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
-        _check_items(ratings, items, rpath, 2, "movieId", mpath.name)
-        tpath = folder / "tags.csv"
-        if tpath.exists():
-            header, rows = _csv_rows(tpath, ["userId", "movieId", "tag"])
-            k_item, k_tag = header.index("movieId"), header.index("tag")
-            tags = pd.DataFrame([(f[k_item].strip(), f[k_tag].strip().lower()) for _, f in rows if f[k_tag].strip()],
-                                columns=["item", "tag"])
-            _add_tags(items, _top_tags(tags, "item", "tag"))
+    _require_item_file(mpath)
+    header, rows = _csv_rows(mpath, ["movieId", "title", "genres"])
+    k_id, k_title, k_genres = (header.index(c) for c in ("movieId", "title", "genres"))
+    _check_ids(mpath, rows, k_id, "movieId")
+    recs = []
+    for n, f in rows:
+        title = f[k_title].strip()
+        if not title:
+            raise InputError("empty title", source=str(mpath), line=n, field="title")
+        recs.append({"item": f[k_id].strip(), "title": title,
+                     "attributes": _item_attrs(title, _genres(f[k_genres]))})
+    items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+    _check_items(ratings, items, rpath, 2, "movieId", mpath.name)
+    tpath = folder / "tags.csv"
+    if tpath.exists():
+        header, rows = _csv_rows(tpath, ["userId", "movieId", "tag"])
+        k_item, k_tag = header.index("movieId"), header.index("tag")
+        tags = pd.DataFrame([(f[k_item].strip(), f[k_tag].strip().lower()) for _, f in rows if f[k_tag].strip()],
+                            columns=["item", "tag"])
+        _add_tags(items, _top_tags(tags, "item", "tag"))
     return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens",
                    source=str(rpath), columns={"item": "movieId"})
 
@@ -559,11 +574,10 @@ def read_goodbooks(folder: Path) -> Dataset:
     rpath = folder / "ratings.csv"
     given = read_csv_ratings(rpath, "user_id", "book_id", "rating", None)
     _check_ratings(given, WHOLE_STARS, rpath, 2)
-    items = None
     bpath = folder / "books.csv"
-    if bpath.exists():
-        items, key = _read_books(folder, bpath)
-        _check_items(given, items, rpath, 2, "book_id", f"{bpath.name} (its {key} column)")
+    _require_item_file(bpath)
+    items, key = _read_books(folder, bpath)
+    _check_items(given, items, rpath, 2, "book_id", f"{bpath.name} (its {key} column)")
     ratings = given.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
     # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
     return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     DateTime,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -65,14 +67,48 @@ class Rating(Base):
     prev_seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
+class ReplacedRating(Base):
+    """A rating row that a later write replaced (its value and seq), kept by a trigger on ``ratings``
+    (``store.ensure_rating_history``): what a pair held at any seq, e.g. the value a full retrain
+    learned for a pair rated again twice or more since (``prev_rating`` holds only the latest)."""
+
+    __tablename__ = "replaced_ratings"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    item_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    rating: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+# Every rating row a later write replaces (a changed value gets a new seq) is copied into
+# ``replaced_ratings`` by a trigger, so that no writer can forget it. Made with the ratings table, and
+# given to a database from before it by ``store.ensure_rating_history``.
+REPLACED_RATING_TRIGGER = {
+    "sqlite": ["CREATE TRIGGER ratings_keep_replaced AFTER UPDATE OF seq ON ratings "
+               "FOR EACH ROW WHEN NEW.seq IS NOT OLD.seq BEGIN "
+               "INSERT INTO replaced_ratings (user_id, item_id, seq, rating) "
+               "VALUES (OLD.user_id, OLD.item_id, OLD.seq, OLD.rating); END"],
+    "postgresql": ["CREATE OR REPLACE FUNCTION cfb_keep_replaced_rating() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                   "BEGIN INSERT INTO replaced_ratings (user_id, item_id, seq, rating) "
+                   "VALUES (OLD.user_id, OLD.item_id, OLD.seq, OLD.rating); RETURN NULL; END $$",
+                   "CREATE TRIGGER ratings_keep_replaced AFTER UPDATE ON ratings FOR EACH ROW "
+                   "WHEN (NEW.seq IS DISTINCT FROM OLD.seq) EXECUTE FUNCTION cfb_keep_replaced_rating()"],
+}
+for _dialect, _statements in REPLACED_RATING_TRIGGER.items():
+    for _statement in _statements:
+        event.listen(Rating.__table__, "after_create", DDL(_statement).execute_if(dialect=_dialect))
+
+
 class Answer(Base):
-    """A user's signup questionnaire, as given (attribute answers and item ratings)."""
+    """A user's signup questionnaire, as given (attribute answers and item ratings), and ``asked``: how
+    many of the questionnaire's items they were shown, when the sign-up says so (the first ``asked``
+    of `cfb questionnaire`'s list; the ones they did not rate are "not seen")."""
 
     __tablename__ = "answers"
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
     answers: Mapped[dict] = mapped_column(JSON, default=dict)
     ratings: Mapped[dict] = mapped_column(JSON, default=dict)
     model_version: Mapped[int | None] = mapped_column(Integer)
+    asked: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

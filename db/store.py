@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, func, inspect, select, text
 
 from ..cf_core.errors import CfbError, InputError
 from .engine import writing
-from .schema import Base, Item, Rating, Setting, User, utcnow
+from .schema import REPLACED_RATING_TRIGGER, Base, Item, Rating, ReplacedRating, Setting, User, utcnow
 
 CHUNK = 20_000
 BULK_ROWS = 200_000  # a first ingest this large into an empty ratings table takes the bulk path
@@ -20,43 +20,85 @@ BULK_ROWS = 200_000  # a first ingest this large into an empty ratings table tak
 
 HISTORY_FROM_KEY = "rating_history_from_seq"  # setting: the first seq whose row records what it replaced
 _HAVE_HISTORY: set[str] = set()  # database URLs whose ratings table was found with prev_rating/prev_seq
+_HAVE_LOG: set[str] = set()  # database URLs found with the replaced-rating log (table and trigger)
 
 
 def create_schema(engine: Engine) -> None:
-    """Create every table that is missing, and the columns that tables made by an earlier cfb lack."""
+    """Create every table that is missing, and what tables made by an earlier cfb lack (the ratings
+    table's replaced-value columns and the trigger that logs replaced rows)."""
     Base.metadata.create_all(engine)
-    if str(engine.url) not in _HAVE_HISTORY:
+    url = str(engine.url)
+    if url not in _HAVE_HISTORY or url not in _HAVE_LOG:
         with engine.connect() as conn:
-            if _has_history_columns(conn):
-                _HAVE_HISTORY.add(str(engine.url))
+            if _has_history_columns(conn) and _has_replaced_log(conn):
+                _HAVE_HISTORY.add(url)
+                _HAVE_LOG.add(url)
                 return
         with writing(engine) as conn:
             ensure_rating_history(conn)
+
+
+_HAVE_ASKED: set[str] = set()  # database URLs whose answers table was found with ``asked``
+
+
+def has_answers_asked(conn: Connection) -> bool:
+    """Whether the answers table has ``asked`` (a database made before it gets it from its next sign-up)."""
+    url = str(conn.engine.url)
+    if url not in _HAVE_ASKED and "asked" in {c["name"] for c in inspect(conn).get_columns("answers")}:
+        _HAVE_ASKED.add(url)
+    return url in _HAVE_ASKED
+
+
+def ensure_answers_asked(conn: Connection) -> None:
+    """Give an answers table made before ``asked`` that column (in the caller's write transaction;
+    remembered once found, i.e. committed)."""
+    url = str(conn.engine.url)
+    if url in _HAVE_ASKED or "asked" in {c["name"] for c in inspect(conn).get_columns("answers")}:
+        return
+    if_missing = "" if conn.dialect.name == "sqlite" else "IF NOT EXISTS "  # (PostgreSQL: another writer's)
+    conn.exec_driver_sql(f"ALTER TABLE answers ADD COLUMN {if_missing}asked INTEGER")
 
 
 def _has_history_columns(conn: Connection) -> bool:
     return "prev_seq" in {c["name"] for c in inspect(conn).get_columns("ratings")}
 
 
-def ensure_rating_history(conn: Connection) -> None:
-    """Give a ratings table made before ``prev_rating``/``prev_seq`` those columns (in the caller's
-    write transaction); its rows written before then are marked as not recording what they replaced
-    (``HISTORY_FROM_KEY``), so ``totals_since`` reads their items' statistics from the table.
+def _has_replaced_log(conn: Connection) -> bool:
+    """Whether replaced rating rows are logged (the ``replaced_ratings`` table and its trigger)."""
+    if conn.dialect.name == "sqlite":
+        found = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'ratings_keep_replaced'"
+    else:
+        found = "SELECT 1 FROM pg_trigger WHERE tgname = 'ratings_keep_replaced' AND tgrelid = 'ratings'::regclass"
+    return conn.exec_driver_sql(found).first() is not None and inspect(conn).has_table(ReplacedRating.__tablename__)
 
-    The URL is remembered only once the columns were found, i.e. committed: a migration rolled back
-    with its transaction is made again by the next writer. (A cfb older than these columns must not
-    write to the database after them: its replaced rows would not say so.)"""
+
+def ensure_rating_history(conn: Connection) -> None:
+    """Give a ratings table made before ``prev_rating``/``prev_seq`` those columns, and one made before
+    the replaced-rating log its table and trigger (in the caller's write transaction). Rows written
+    before the columns are marked as not recording what they replaced (``HISTORY_FROM_KEY``), so
+    ``totals_since`` reads their items' statistics from the table.
+
+    The URL is remembered only once both were found, i.e. committed: a migration rolled back with its
+    transaction is made again by the next writer. (A cfb older than these must not write to the
+    database after them: its replaced rows would not say so.)"""
     url = str(conn.engine.url)
-    if url in _HAVE_HISTORY:
+    if url in _HAVE_HISTORY and url in _HAVE_LOG:
         return
     lock_rating_writers(conn)  # PostgreSQL: one migration at a time (SQLite's writers already queue)
-    if _has_history_columns(conn):
+    columns, logged = _has_history_columns(conn), _has_replaced_log(conn)
+    if columns and logged:
         _HAVE_HISTORY.add(url)
+        _HAVE_LOG.add(url)
         return
-    first_tracked = next_seq(conn)
-    conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_rating FLOAT")
-    conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_seq BIGINT")
-    set_setting(conn, HISTORY_FROM_KEY, str(first_tracked))
+    if not columns:
+        first_tracked = next_seq(conn)
+        conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_rating FLOAT")
+        conn.exec_driver_sql("ALTER TABLE ratings ADD COLUMN prev_seq BIGINT")
+        set_setting(conn, HISTORY_FROM_KEY, str(first_tracked))
+    if not logged:
+        ReplacedRating.__table__.create(conn, checkfirst=True)
+        for statement in REPLACED_RATING_TRIGGER[conn.dialect.name]:
+            conn.exec_driver_sql(statement)
 
 
 def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_cols: list[str],
@@ -105,10 +147,30 @@ def rating_problem(value: float, scale: tuple[float, float] | None, step: float 
     if scale is None:
         return None
     if not scale[0] <= value <= scale[1]:
-        return f"rating {value:g} outside the scale {scale[0]:g}..{scale[1]:g}"
-    if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > 1e-9:
-        return f"rating {value:g} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
+        return f"rating {_as_typed(value)} outside the scale {scale[0]:g}..{scale[1]:g}"
+    if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > STEP_TOLERANCE:
+        return f"rating {_as_typed(value)} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
     return None
+
+
+def _as_typed(value: float) -> str:
+    """A number as it was most likely typed: the shortest digits that read back as it (as a float32
+    where it is one, as the readers' arrays hold ratings: 3.3 read that way is "3.3"), or 12
+    significant digits for a long one."""
+    with np.errstate(over="ignore"):  # (a number too large for a float32 is not one)
+        single = np.float32(value)
+    text = np.format_float_positional(single if float(single) == float(value) else float(value), trim="-")
+    return text if len(text) <= 16 else f"{float(value):.12g}"
+
+
+STEP_TOLERANCE = 1e-9  # (of a step) how far off a step a rating may be, as typed decimals are: stored on the step
+
+
+def on_step(ratings, scale: tuple[float, float] | None, step: float | None):  # noqa: ANN001, ANN201
+    """Ratings that ``rating_problem`` let through, put exactly on their step (3.9999999999 is 4)."""
+    if step is None or scale is None:
+        return ratings
+    return scale[0] + np.round((np.asarray(ratings, np.float64) - scale[0]) / step) * step
 
 
 MAX_ID_LENGTH = 255  # users.external_id and items.external_id are VARCHAR(255)
@@ -232,6 +294,7 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     ensure_rating_history(conn)
     seq0 = next_seq(conn)
     u, i, r = _array(users, np.int64), _array(items, np.int64), _array(ratings, np.float64)
+    r = on_step(r, rating_scale(conn), rating_step(conn))
     ts, missing = _timestamps(timestamps)
     keep = latest_per_pair(u, i)
     kept = np.zeros(len(r), bool)
@@ -642,6 +705,18 @@ def user_ratings_replaced(conn: Connection, user_id: int) -> tuple[np.ndarray, .
     prev = np.array([np.nan if not history or r[3] is None else r[3] for r in rows], np.float64)
     prev_seq = np.array([-1 if not history or r[4] is None else r[4] for r in rows], np.int64)
     return items, ratings, seq, prev, prev_seq
+
+
+def replaced_ratings_of(conn: Connection, user_id: int, max_seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item ids, seq, ratings) of the user's replaced rating rows with seq ≤ ``max_seq``, in seq order
+    (none on a database whose next writer has yet to start the log)."""
+    if not inspect(conn).has_table(ReplacedRating.__tablename__):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+    rows = conn.execute(select(ReplacedRating.item_id, ReplacedRating.seq, ReplacedRating.rating)
+                        .where(ReplacedRating.user_id == user_id, ReplacedRating.seq <= max_seq)
+                        .order_by(ReplacedRating.seq)).all()
+    return (np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.int64),
+            np.array([r[2] for r in rows], np.float64))
 
 
 def item_ratings(conn: Connection, item_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -171,7 +171,8 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                 pool = by_user[u].set_index("item").loc[splits[u][0], "rating"]
                 given = {i: float(pool[i]) for i in asked if i in pool.index}
                 answers += len(given)
-                entries.append((f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": given}))
+                entries.append((f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": given,
+                                                   "asked": q}))  # (the questionnaire it published: §4)
             t0 = time.perf_counter()
             onboard(eng, entries)
             onboard_ms = (time.perf_counter() - t0) * 1000 / max(len(entries), 1)
@@ -232,7 +233,8 @@ def _aligned_baselines(fitted: dict, item_ids, cat) -> dict:  # noqa: ANN001
 def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, answers_of: dict,  # noqa: ANN001
                    steps, fitted, item_ids) -> dict:
     """§5: onboard with Q = 0, reveal the first n ratings in time order, incremental retrain after each step."""
-    onboard(eng, [(f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": {}}) for u in cold_sorted])
+    onboard(eng, [(f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": {}, "asked": 0})
+                  for u in cold_sorted])
     timeline = {u: g.sort_values(["timestamp", "item"], kind="stable") for u, g in cold_ratings.groupby("user")}
     first10 = {u: timeline[u].iloc[:10] for u in cold_sorted}
     evalset = {u: timeline[u].iloc[10:] for u in cold_sorted}

@@ -47,7 +47,7 @@ from ..cf_core.model import UserHistory
 from ..db import store, versions
 from ..db.engine import EMPTY_DATABASE, is_missing_table, make_engine, writing
 from . import serving
-from .state import learned_values, load_served
+from .state import changed_again, learned_values, load_served
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
 MAX_N = 100
@@ -222,6 +222,8 @@ class _FastReader:
                  "FROM users u LEFT JOIN answers a ON a.user_id = u.id WHERE u.external_id = :user")
     SQL_FACTORS = "SELECT bias, factors FROM user_factors WHERE user_id = ? AND version_id = ?"
     SQL_RATINGS = "SELECT item_id, rating, seq, prev_rating, prev_seq FROM ratings WHERE user_id = ? ORDER BY seq"
+    SQL_ASKED = "SELECT asked FROM answers WHERE user_id = ?"
+    SQL_REPLACED = "SELECT item_id, seq, rating FROM replaced_ratings WHERE user_id = ? AND seq <= ? ORDER BY seq"
     SQL_RATINGS_BEFORE_HISTORY = "SELECT item_id, rating, seq, NULL, NULL FROM ratings WHERE user_id = ? ORDER BY seq"
 
     def __init__(self, engine: Engine, cache_size: int = 10_000):
@@ -336,9 +338,28 @@ class _FastReader:
         answer = json.loads(answer) if isinstance(answer, str) else answer
         if answer:
             signup = frozenset(self._item_ids(cur, [str(k) for k in answer]))
+        asked = None
+        if answer is not None:  # a signup: how many questionnaire items it showed (an answers row never changes)
+            try:
+                asked = cur.execute(self.SQL_ASKED, (uid,)).fetchone()[0]
+            except sqlite3.OperationalError as e:  # a table from before ``asked`` (its next signup adds it)
+                if "no such column" not in str(e):
+                    raise
+        learned = None
+        if row_ is not None:
+            replaced = None
+            if changed_again(seq, prev_seq, served.root_seq).any():
+                try:
+                    found = np.array(cur.execute(self.SQL_REPLACED, (uid, served.root_seq)).fetchall(),
+                                     np.float64).reshape(-1, 3)
+                except sqlite3.OperationalError as e:  # a database whose next writer has yet to start the log
+                    if "no such table" not in str(e):
+                        raise
+                    found = np.zeros((0, 3))
+                replaced = (found[:, 0].astype(np.int64), found[:, 1].astype(np.int64), found[:, 2])
+            learned = learned_values(items, seq, prev, prev_seq, served.root_seq, replaced)
         history = UserHistory(attrs or {}, items, ratings, newer=seq > served.root_seq, signup_items=signup,
-                              trained_row=row_, learned_values=None if row_ is None else
-                              learned_values(seq, prev, prev_seq, served.root_seq))
+                              trained_row=row_, learned_values=learned, asked=asked)
         model = served.model
         vector = model.user_vector(history)
         top = model.recommend(vector, model.item_index(history.items), n, by)
@@ -632,7 +653,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise ApiError(401, "this server needs `Authorization: Bearer <token>` to write",
+            said = "the token given is not this server's: " if scheme.lower() == "bearer" else ""
+            raise ApiError(401, f"{said}this server needs `Authorization: Bearer <token>` to write",
                            headers={"WWW-Authenticate": "Bearer"})
 
     # --- JSON API ----------------------------------------------------------------------------------
@@ -652,8 +674,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         "user": {"type": "string", "description": "external user id (default: one is assigned)"},
         "answers": {"type": "object", "description": "attribute answers, as named by GET /questionnaire"},
         "ratings": {"type": "object", "additionalProperties": {"type": "number"},
-                    "description": "item id or exact title -> rating; leave out items not seen"}},
-        "example": {"answers": {"gender": "F"}, "ratings": {"50": 5, "181": 4}}}
+                    "description": "item id or exact title -> rating; leave out items not seen"},
+        "asked": {"type": "integer", "minimum": 0, "maximum": MAX_BUDGET,
+                  "description": "how many of GET /questionnaire's items were shown (its budget): the ones "
+                                 "not rated count as not seen"}},
+        "example": {"answers": {"gender": "F"}, "ratings": {"50": 5, "181": 4}, "asked": 15}}
 
     @app.post("/users", status_code=201, tags=["api"], summary="Sign a user up (`cfb onboard` with one entry)",
               openapi_extra={"requestBody": {"required": True,
@@ -818,7 +843,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             rows.append(f"<label>{name} {field}</label>")
         items = [f"<li><span class='title'>{_name(it)}</span> "
                  f"{_rating_select(scale, 'rate', it['item'], 'not seen')}</li>" for it in q["items"]]
-        body = (f"<h1>Sign up</h1><form id='signup'>"
+        body = (f"<h1>Sign up</h1><form id='signup' data-asked='{len(q['items'])}'>"
                 f"<fieldset><legend>About you</legend>"
                 f"<label>user id (optional) <input type='text' name='user' id='user-id'></label>"
                 f"{''.join(rows)}</fieldset>"

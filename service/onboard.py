@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 
-from ..bootstrap.questionnaire import is_finite_number, is_number
+from ..bootstrap.questionnaire import MAX_BUDGET, is_finite_number, is_number
 from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
@@ -26,6 +26,7 @@ class Signup:
     attributes: dict
     ratings: dict[int, float]
     raw_ratings: dict
+    asked: int | None = None  # how many questionnaire items they were shown (None: not said)
 
 
 class _NonFinite:
@@ -159,7 +160,7 @@ class SignupValidator:
         self.batch_users: set[str] = set()
 
     def validate(self, where: str, entry: dict) -> Signup:
-        unknown_keys = set(entry) - {"user", "answers", "ratings"}
+        unknown_keys = set(entry) - {"user", "answers", "ratings", "asked"}
         if unknown_keys:
             raise InputError(f"unknown key(s) {', '.join(sorted(unknown_keys))}", source=where, field=sorted(unknown_keys)[0])
         user = entry.get("user")
@@ -214,9 +215,15 @@ class SignupValidator:
                                  field=field)
             named[item] = str(key)
             ratings[item] = float(value)
+        asked = entry.get("asked")
+        if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool)
+                                  or not 0 <= asked <= MAX_BUDGET):
+            got = asked.token if isinstance(asked, _NonFinite) else repr(asked)
+            raise InputError(f"'asked' must be the number of questionnaire items shown, 0 to {MAX_BUDGET}, "
+                             f"got {got}", source=where, field="asked")
         if user is not None:
             self.batch_users.add(user)
-        return Signup(user, attributes, ratings, raw)
+        return Signup(user, attributes, ratings, raw, asked)
 
 
 def _new_external_id(conn: Connection, reserved: frozenset[str] = frozenset()) -> str:
@@ -239,9 +246,13 @@ def store_signup(conn: Connection, served: Served, signup: Signup,
                        .returning(User.id)).scalar_one()
     items = list(signup.ratings)
     names = store.item_titles(conn, items)
+    asked = {}
+    if signup.asked is not None:
+        store.ensure_answers_asked(conn)
+        asked = {"asked": signup.asked}
     conn.execute(insert(Answer).values(user_id=uid, answers=signup.attributes,
                                        ratings={names[i][0]: signup.ratings[i] for i in items},
-                                       model_version=served.version))
+                                       model_version=served.version, **asked))
     if items:
         now = int(time.time())
         store.write_ratings(conn, [uid] * len(items), items, list(signup.ratings.values()), [now] * len(items))
@@ -272,8 +283,6 @@ def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool 
 def questionnaire_json(conn: Connection, budget: int = 15) -> dict:
     """The serving questionnaire: attribute questions and the first ``budget`` items to ask about
     (0 to ``MAX_BUDGET``; fewer when the catalogue has fewer)."""
-    from ..bootstrap.questionnaire import MAX_BUDGET
-
     if not 0 <= budget <= MAX_BUDGET:
         raise CfbError(f"budget {budget}: a questionnaire asks about 0 to {MAX_BUDGET} items")
     served = load_served(conn)

@@ -25,9 +25,11 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     if not str(item).strip():
         raise CfbError("empty item id")
     with writing(engine) as conn:
-        problem = store.rating_problem(rating, store.rating_scale(conn), store.rating_step(conn))
+        scale, step = store.rating_scale(conn), store.rating_step(conn)
+        problem = store.rating_problem(rating, scale, step)
         if problem:
             raise CfbError(problem)
+        rating = float(store.on_step(rating, scale, step))  # (as it is stored)
         uid = store.user_id_of(conn, user)
         try:
             iid = find_item(conn, item)

@@ -92,6 +92,8 @@ def test_onboard_rate_retrain_rollback(runner, cli_db, tmp_path):
     assert res.exit_code == 1 and "--model, --factors only apply to a full retrain" in res.output
     res = run(runner, cli_db, "retrain", "--factors", "3")
     assert res.exit_code == 1 and res.output.startswith("Error: --factors only applies to a full retrain, and")
+    res = run(runner, cli_db, "retrain", "--full", "--drift-limit", "0.5")  # and the other way round
+    assert res.exit_code == 2 and "--drift-limit decides when a retrain without --full goes full" in res.output
     assert len(json.loads(run(runner, cli_db, "models", "--json").stdout)) == 1
     out = json.loads(run(runner, cli_db, "retrain", "--json").stdout)
     assert out["mode"] == "incremental" and out["users_with_new_ratings"] == 1

@@ -343,6 +343,8 @@ def test_writes_need_the_token_when_one_is_set(trained, db_url):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
             r = client.post("/users", json={"answers": {}}, headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            wrong = "the token given is not this server's: " if "Bearer" in headers.get("Authorization", "") else ""
+            assert r.json()["error"] == f"{wrong}this server needs `Authorization: Bearer <token>` to write"
             assert client.post("/users/a0/ratings", json={"item": "a1", "rating": 3}, headers=headers).status_code == 401
         assert user_count(engine) == n
         ok = {"Authorization": "Bearer s3cret"}
@@ -469,6 +471,10 @@ def test_server_signup_stores_what_onboard_stores(trained):
 
 
 def test_the_servers_answer_cache_never_serves_a_stale_answer(server, trained, db_url, tmp_path):
+    from sqlalchemy import select
+
+    from cfb.db import store
+    from cfb.db.schema import Item
     from cfb.service.serving import recommend
 
     engine, _ = trained
@@ -488,6 +494,13 @@ def test_the_servers_answer_cache_never_serves_a_stale_answer(server, trained, d
     again = server.post("/users/b1/ratings", json={"item": rated["item"], "rating": 1})
     assert again.status_code == 201
     same_as_service("b1")
+    # a pair the full retrain learned, changed twice since (its learned value read from the replaced rows)
+    with engine.connect() as conn:
+        learned = store.user_ratings_replaced(conn, store.user_id_of(conn, "b1"))[0][0]
+        key = conn.scalar(select(Item.external_id).where(Item.id == int(learned)))
+    for value in (1, 4):
+        assert server.post("/users/b1/ratings", json={"item": key, "rating": value}).status_code == 201
+        same_as_service("b1")
     # new attributes (cfb ingest users) count at once
     users = tmp_path / "users.csv"
     users.write_text("user,gender,age\nb1,F,20\n", encoding="utf-8")
@@ -540,6 +553,13 @@ def test_python_api(trained, db_url, tmp_path):
             db.rate(user, " ", 4)
         with pytest.raises(cfb.CfbError, match=r"kind, n_factors only apply to a full retrain"):
             db.retrain(kind="nn", n_factors=3)
+    missing = tmp_path / "typo.db"  # a mistyped path: only an ingest makes a database
+    with cfb.open(f"sqlite:///{missing}") as db:
+        for call in (lambda: db.recommend("1"), db.models, lambda: db.retrain(full=True),
+                     lambda: db.rate("u", "i", 4), lambda: db.onboard({"answers": {}}), db.app):
+            with pytest.raises(cfb.CfbError, match=r"^no database at .*typo\.db: `cfb ingest"):
+                call()
+    assert not missing.exists()
 
 
 @pytest.mark.parametrize("fast_path", [True, False])

@@ -51,6 +51,21 @@ def test_fast_path_answers_what_the_route_answers(fast_and_slow):
     assert len(calls) == len(USERS) * 5 * 2  # every one answered by the fast path
 
 
+def test_fast_path_answers_a_signup_that_says_how_many_items_it_showed(fast_and_slow):
+    """A signup with ``asked`` (the questionnaire size shown: unrated items are "not seen") is answered
+    alike by both paths, and differently from one that does not say it."""
+    fast, slow, calls = fast_and_slow
+    for user, asked in (("shown", 15), ("unsaid", None)):
+        body = {"user": user, "answers": {"gender": "F"}} | ({"asked": asked} if asked is not None else {})
+        assert fast.post("/users", json=body).status_code == 201
+    got = {u: fast.get(f"/users/{u}/recommendations", params={"n": 20}) for u in ("shown", "unsaid")}
+    want = {u: slow.get(f"/users/{u}/recommendations", params={"n": 20}) for u in ("shown", "unsaid")}
+    assert all(got[u].content == want[u].content for u in got) and len(calls) == 2
+    assert got["shown"].json()["items"] != got["unsaid"].json()["items"]
+    bad = fast.post("/users", json={"answers": {}, "asked": 99})
+    assert bad.status_code == 422 and bad.json()["field"] == "asked"
+
+
 def test_fast_path_answers_a_user_id_holding_a_slash(fast_and_slow):
     fast, slow, calls = fast_and_slow
     assert fast.post("/users", json={"user": "team/a", "answers": {"gender": "F"}}).status_code == 201

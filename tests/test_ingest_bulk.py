@@ -132,6 +132,7 @@ def test_movielens_ids_are_read_as_written(tmp_path):
     folder = tmp_path / "ml"
     folder.mkdir()
     write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n2,10,4.0,5\n1,10,3.5,6\n2,007,1.0,7\n")
+    write(folder / "movies.csv", "movieId,title,genres\n10,Ten (1990),Drama\n007,Seven (1990),Drama\nm10,M (1990),Drama\n")
     r = read_movielens(folder).ratings
     assert isinstance(r["user"].dtype, pd.CategoricalDtype)
     assert r["user"].tolist() == ["2", "1", "2"] and r["item"].tolist() == ["10", "10", "007"]  # as movies.csv has it

@@ -23,10 +23,23 @@ from .conftest import write
     ("user,item,rating\nnewbie,50,1,2\n", r"ratings.csv, line 2: expected 3 fields, found 4"),
     ("user,item,rating\nu1,i1,4\nnewbie,50\n", r"ratings.csv, line 3: expected 3 fields, found 2"),
     ("", r"ratings.csv, line 1: empty file"),
+    ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
 ])
 def test_bad_ratings_csv(tmp_path, body, message):
     with pytest.raises(InputError, match=message):
         read_ratings_csv(write(tmp_path / "ratings.csv", body))
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"user_col": "user", "item_col": "user"}, r"r.csv: column 'user' is given as both the user and the item column"),
+    ({"rating_col": "item"}, r"r.csv: column 'item' is given as both the item and the rating column"),
+    ({"time_col": "ts"}, r"r.csv, line 1, field 'ts': missing column\(s\) ts; header has user, item, rating"),
+])
+def test_column_options_must_name_distinct_columns_that_are_there(tmp_path, columns, message):
+    path = write(tmp_path / "r.csv", "user,item,rating\nu1,i1,5\nu2,i1,3\n")
+    with pytest.raises(InputError, match=message):
+        read_ratings_csv(path, **columns)
+    assert read_ratings_csv(path)["timestamp"].isna().all()  # the default: a timestamp column if there is one
 
 
 def test_bad_encoding_names_the_line(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -437,6 +438,40 @@ def test_release_ratings_refused(tmp_path, db_url, release, file, text, message)
     assert_nothing_written(db_url)
 
 
+ITEM_FILES = {"100k": ("u.item", "u.data", ""), "1m": ("movies.dat", "ratings.dat", ""),
+              "10m": ("movies.dat", "ratings.dat", ""), "csv": ("movies.csv", "ratings.csv", "userId,movieId,rating,timestamp\n"),
+              "goodbooks-v1": ("books.csv", "ratings.csv", "book_id,user_id,rating\n"),
+              "goodbooks-v2": ("books.csv", "ratings.csv", "user_id,book_id,rating\n")}
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_release_without_its_item_file_or_its_ratings_is_refused(tmp_path, db_url, release):
+    """Every release lists its items (titles: what the questionnaire asks about) and has ratings: a folder
+    without the item file, or with an empty ratings file, is one line naming the file; nothing written."""
+    make, kind = RELEASES[release]
+    item_file, ratings_file, header = ITEM_FILES[release]
+    folder = make(tmp_path / release)
+    (folder / item_file).unlink()
+    fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(item_file)}: file not found: the release lists "
+          r"its items there \(for ratings alone: `cfb ingest ratings`\)$")
+    folder = make(tmp_path / f"{release}-empty")
+    write(folder / ratings_file, header)
+    fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(ratings_file)}(, line \d)?: no ratings")
+    assert_nothing_written(db_url)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1|24|M|technician|85711\n1|40|F|artist|11111\n", r"u\.user, line 2, field 'id': duplicate id '1' \(first on line 1\)$"),
+    ("1|abc|M|technician|85711\n", r"u\.user, line 1, field 'age': expected a whole number of years, found 'abc'$"),
+    ("1|24|M|technician\n", r"u\.user, line 1: expected id\|age\|gender\|occupation\|zip, found 4 '\|'-separated fields$"),
+])
+def test_a_100k_user_file_names_the_line_and_field_at_fault(tmp_path, db_url, text, message):
+    folder = ml100k(tmp_path / "ml-100k")
+    write(folder / "u.user", text)
+    fails(run(db_url, "ingest", "movielens", str(folder)), message)
+    assert_nothing_written(db_url)
+
+
 def test_half_stars_stay_accepted_where_the_release_has_them(tmp_path):
     from cfb.db.layouts import read_goodbooks, read_movielens
 
@@ -549,6 +584,9 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, fake_source, monkey
     with pytest.raises(CfbError, match="checksum mismatch"):
         download.download("movielens-test", cache=cache, sha256="f" * 64)
     assert leftovers(cache) == []
+    for bad in ("xyz", "f" * 63, "g" * 64):  # refused before anything is fetched
+        with pytest.raises(CfbError, match=rf"^--sha256 '{bad}' is not a SHA-256 \(64 hexadecimal digits\)$"):
+            download.download("movielens-test", cache=cache, sha256=bad)
 
 
 def test_download_published_md5_beside_the_archive(tmp_path, fake_source, monkeypatch):
@@ -652,6 +690,11 @@ def test_the_layouts_step_holds_for_every_later_rating(tmp_path, db_url):
           r"r\.csv, line 3, field 'rating': rating 3\.3 not on the scale 1\.\.5 in steps of 1$")
     assert ok(run(db_url, "rate", "196", "302", "4", "--json"))["rating"] == 4.0
     assert dump(db_url)["ratings"][("196", "302")][0] == 4.0 and ("22", "242") not in dump(db_url)["ratings"]
+    # a hair off a step (as typed decimals are) is the step, stored as such; a little more is named as given
+    assert ok(run(db_url, "rate", "196", "302", "3.9999999999", "--json"))["rating"] == 4.0
+    assert dump(db_url)["ratings"][("196", "302")][0] == 4.0
+    fails(run(db_url, "rate", "196", "302", "3.9999999"),
+          r"^Error: rating 3\.9999999 not on the scale 1\.\.5 in steps of 1$")
     from cfb.db.engine import make_engine
     from cfb.db.store import rating_step
 

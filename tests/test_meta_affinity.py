@@ -91,3 +91,9 @@ def test_a_new_items_prediction_carries_the_users_metadata_affinity(engine):
     assert len(after.item_meta["indptr"]) == after.n_items + 1
     assert np.array_equal(dense_rows(after.item_meta, [after.n_items - 1], n_features),
                           after.item_prior.encoder_.encode([{"genres": ["Alpha"], "year": 1990}]))
+    # solved against its rater, the item's row is a fit of its own: no affinity on top of it
+    rated = after.item_index([after.item_ids[-1]])
+    assert after.item_counts[rated[0]] == 1
+    user = after.user_vector(history)
+    plain = np.clip(after.rating.predict(user.vec, user.bias, rated), 1, 5)
+    assert user.meta_affinity is not None and np.array_equal(after.predict(user, rated), plain)

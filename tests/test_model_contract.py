@@ -103,6 +103,11 @@ def test_adding_items_keeps_every_inner_index(kind_db):
     assert grown.questionnaire.items == model.questionnaire.items
     user = grown.user_vector(UserHistory({"gender": "F"}, np.array([-5]), np.array([5.0])))
     assert np.isfinite(grown.scores(user)).all()
+    # the ranker has no input rows for an added item: rating it leaves the ranker's user side as it was
+    some = model.item_ids[:3]
+    before = grown.user_vector(UserHistory({"gender": "F"}, some, np.array([5.0, 4.0, 2.0])))
+    after = grown.user_vector(UserHistory({"gender": "F"}, np.r_[some, -5], np.array([5.0, 4.0, 2.0, 1.0])))
+    assert np.array_equal(before.rank_vec, after.rank_vec)
 
 
 def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
@@ -220,3 +225,11 @@ def test_a_new_rating_moves_a_trained_user_by_what_it_adds_to_what_was_learned(k
         assert rerated(up)[again] > before[again] + 0.005
     if down < ratings[0]:
         assert rerated(down)[again] < before[again] - 0.005
+
+
+def test_a_setting_a_stored_version_lacks_takes_its_kinds_default():
+    """Serving settings added after a version was stored: the default for that version's model kind."""
+    assert ServingConfig.from_json({}, "dot") == ServingConfig()
+    old_nn = ServingConfig.from_json({"foldin_reg": 100.0, "cold_rank_weight": 0.0125}, "nn")
+    assert old_nn == ServingConfig.for_kind("nn") and old_nn.cold_mean_weight == 1.0
+    assert ServingConfig.from_json({"foldin_reg": 7.0}, "nn").foldin_reg == 7.0  # what it stored stays

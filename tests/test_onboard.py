@@ -129,6 +129,11 @@ def test_item_keys_are_stripped_and_a_near_miss_suggests_titles(trained, tmp_pat
     ({"answers": []}, r"entry 2, field 'answers': 'answers' must be an object"),
     ({"ratings": []}, r"entry 2, field 'ratings': 'ratings' must be an object"),
     ({"colour": "red"}, r"entry 2, field 'colour': unknown key"),
+    ({"asked": -1}, r"entry 2, field 'asked': 'asked' must be the number of questionnaire items shown, 0 to 30, got -1"),
+    ({"asked": 31}, r"entry 2, field 'asked': .* got 31$"),
+    ({"asked": 1.5}, r"entry 2, field 'asked': .* got 1.5$"),
+    ({"asked": "5"}, r"entry 2, field 'asked': .* got '5'$"),
+    ({"asked": True}, r"entry 2, field 'asked': .* got True$"),
 ])
 def test_bad_entries_fail_the_whole_batch(trained, tmp_path, entry, message):
     engine, _ = trained
@@ -159,3 +164,44 @@ def test_skip_invalid_stores_the_valid_entries(trained, tmp_path):
 def test_unreadable_answer_files(tmp_path, body, message):
     with pytest.raises(InputError, match=message):
         read_answers_file(write(tmp_path / "q.json", body))
+
+
+def test_a_signup_says_how_many_questionnaire_items_it_showed(trained, tmp_path):
+    """``asked``: the questionnaire size the user was shown, stored with their answers; the items they
+    left unrated are then "not seen" to the ranker (its view of a user shown 15 who rated none differs
+    from one of a user shown nothing). Without it the size is inferred from the answers, as before."""
+    from cfb.db import store
+    from cfb.db.engine import writing
+    from cfb.service.state import load_served, user_history, user_vector
+
+    engine, _ = trained
+    with engine.connect() as conn:
+        first = questionnaire_json(conn, 3)["items"][0]["item"]
+    entries = [("e1", {"user": "shown15", "answers": {"gender": "F"}, "asked": 15}),
+               ("e2", {"user": "shown0", "answers": {"gender": "F"}}),
+               ("e3", {"user": "rated", "answers": {"gender": "F"}, "ratings": {first: 5}, "asked": 15}),
+               ("e4", {"user": "rated5", "answers": {"gender": "F"}, "ratings": {first: 5}})]
+    onboard(engine, entries)
+    with engine.connect() as conn:
+        served = load_served(conn)
+        uid = {u: store.user_id_of(conn, u) for u in ("shown15", "shown0", "rated", "rated5")}
+        h = {u: user_history(conn, served, i) for u, i in uid.items()}
+        v = {u: user_vector(conn, served, i)[0] for u, i in uid.items()}
+    model = served.model
+    assert [h[u].asked for u in uid] == [15, None, 15, None]
+    assert [model.budget_of(h[u]) for u in uid] == [15, 0, 15, 5]
+    assert not np.allclose(v["shown15"].rank_vec, v["shown0"].rank_vec)
+    assert not np.allclose(v["rated"].rank_vec, v["rated5"].rank_vec)
+    with engine.connect() as conn:  # the rating model's side is the same: Q only tells the ranker
+        assert conn.scalar(select(Answer.asked).where(Answer.user_id == uid["shown15"])) == 15
+    assert np.allclose(v["shown15"].vec, v["shown0"].vec)
+
+    # a database from before ``asked``: read as not said; its first signup saying it adds the column
+    with writing(engine) as conn:
+        conn.exec_driver_sql("ALTER TABLE answers DROP COLUMN asked")
+    store._HAVE_ASKED.discard(str(engine.url))
+    with engine.connect() as conn:
+        assert user_history(conn, load_served(conn), uid["shown15"]).asked is None
+    onboard(engine, [("e", {"user": "later", "answers": {}, "asked": 5})])
+    with engine.connect() as conn:
+        assert user_history(conn, load_served(conn), store.user_id_of(conn, "later")).asked == 5

@@ -1,6 +1,7 @@
 """Integration: planted structure in -> trained model -> recommendations and similar items that follow it."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import func, select
@@ -246,8 +247,6 @@ def test_rating_defaults_scale_with_the_data_and_keep_the_tuned_ones_on_100k():
 
 
 def test_inner_indices_of_whole_number_ids_match_a_sorted_unique():
-    import numpy as np
-
     from cfb.cf_core.data import index_ids
 
     rng = np.random.default_rng(0)
@@ -258,8 +257,6 @@ def test_inner_indices_of_whole_number_ids_match_a_sorted_unique():
 
 
 def test_the_ranker_trained_beside_the_rating_model_is_the_one_trained_after_it(engine, planted, monkeypatch):
-    import numpy as np
-
     from cfb.service import training
 
     planted.items["attributes"] = [{"genres": [str(i)[0]], "year": 1950 + k % 40}  # so the item prior is fitted,
@@ -392,19 +389,44 @@ def test_python_api_refuses_plainly(trained, db_url):
             db.retrain(n_factors=3)
         with pytest.raises(cfb.CfbError, match=r"^kind, n_factors only apply to a full retrain"):
             db.retrain(kind="nn", n_factors=3)
+        # the settings `cfb retrain --full` checks, checked before anything trains
+        for full in (True, False):
+            for bad, message in [({"n_factors": 0}, r"n_factors must be a whole number from 1 to 1024, got 0"),
+                                 ({"n_factors": 2.5}, r"n_factors must be a whole number from 1 to 1024, got 2.5"),
+                                 ({"epochs": True}, r"epochs must be a whole number from 1 to 1000, got True"),
+                                 ({"lr": 0}, r"lr must be a finite number above 0, got 0"),
+                                 ({"wd": float("nan")}, r"wd must be a finite number from 0, got nan"),
+                                 ({"seed": -1}, r"seed must be a whole number from 0 to 4294967295, got -1"),
+                                 ({"factors": 8}, r"unknown training setting\(s\) factors \(settings: kind, n_factors"),
+                                 ({"kind": "svd"}, r"kind must be 'dot' or 'nn', got 'svd'")]:
+                with pytest.raises(cfb.CfbError, match="^" + message):
+                    db.retrain(full=full, **bad)
+        user = db.onboard({"answers": {"age": np.int64(30)}, "ratings": {"a1": np.float32(4)}})  # numpy, as pandas gives
+        for bad in (True, None, "4"):
+            with pytest.raises(cfb.CfbError, match=rf"^rating must be a number, got {bad!r}$"):
+                db.rate(user, "a2", bad)
+        for bad in (True, "1", 1.0):
+            with pytest.raises(cfb.CfbError, match=rf"^version must be a whole number, got {bad!r}$"):
+                db.rollback(bad)
+        assert db.predict(pd.DataFrame({"user": [user], "item": ["a1"]})) == db.predict([(user, "a1")])
+        for bad, message in [(pd.DataFrame({"u": [user]}), r"pairs: a DataFrame needs columns user and item, has u"),
+                             ("pairs.csv", r"pairs must be \(user, item\) pairs"),
+                             ([(user, "a1", "x")], r"pairs: entry 1 must be one \(user, item\) pair")]:
+            with pytest.raises(cfb.CfbError, match="^" + message):
+                db.predict(bad)
         assert len(db.models()) == 1
     with engine.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(User)) == users
+        assert conn.scalar(select(func.count()).select_from(User)) == users + 1
 
 
 def test_a_changed_rating_brings_the_value_the_full_retrain_learned(trained):
     """The history a trained user is served from says, for a pair changed since the full retrain, the
     value that retrain learned (the row it replaced), so the change is folded in as a change; changed
-    again, that value is no longer recorded (NaN: the fold-in then leaves the pair out of the row's
-    information instead). Pairs new since, and unchanged ones, have none."""
-    import numpy as np
+    again, that value comes from the log of replaced rows. Pairs new since, and unchanged ones, have
+    none; a database from before the log (its pair changed twice before it) has none either."""
 
     from cfb.db import store
+    from cfb.db.engine import writing
     from cfb.service.ratings import rate_item
     from cfb.service.state import load_served, user_history
 
@@ -420,7 +442,15 @@ def test_a_changed_rating_brings_the_value_the_full_retrain_learned(trained):
     changed = h.items == items[0]
     assert h.ratings[changed][0] == new_value and h.learned_values[changed][0] == ratings[0]
     assert np.isnan(h.learned_values[~changed]).all() and h.newer[changed].all()
-    rate_item(engine, "a0", first, 3.0)
+    for again in (3.0, 2.0):
+        rate_item(engine, "a0", first, again)
+        with engine.connect() as conn:
+            h = user_history(conn, load_served(conn), uid)
+        assert h.ratings[changed][0] == again and h.learned_values[changed][0] == ratings[0]
+        assert np.isnan(h.learned_values[~changed]).all()
+    with writing(engine) as conn:  # as a database whose pair was changed twice before the log began
+        conn.exec_driver_sql("DROP TRIGGER ratings_keep_replaced")
+        conn.exec_driver_sql("DROP TABLE replaced_ratings")
     with engine.connect() as conn:
         h = user_history(conn, load_served(conn), uid)
     assert np.isnan(h.learned_values).all()

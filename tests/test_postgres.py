@@ -77,16 +77,22 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
     new_pairs = pd.DataFrame([{"user": f"n{k}", "item": f"a{k % 20}", "rating": 4.0, "timestamp": k} for k in range(90)])
     later = pd.concat([changed, new_pairs, planted.ratings.iloc[1:8:7]])  # and two rows written again unchanged
     sqlite = make_engine(f"sqlite:///{tmp_path / 'same.db'}")
-    rows, reported = [], []
+    rows, reported, replaced = [], [], []
     for engine in (pg_engine, sqlite):
         ingest_dataset(engine, planted)
         reported.append(ingest_dataset(engine, Dataset(later.reset_index(drop=True)))["new_ratings"])
         with engine.connect() as conn:
             r = store.load_ratings(conn, with_replaced=True)
         rows.append(pd.DataFrame(vars(r)).sort_values("seq").reset_index(drop=True))
+        ingest_dataset(engine, Dataset(changed.assign(rating=changed.rating % 5 + 1).reset_index(drop=True)))
+        with engine.connect() as conn:  # every replaced row is logged (by a trigger: plpgsql here)
+            replaced.append(pd.read_sql("SELECT user_id, item_id, seq, rating FROM replaced_ratings "
+                                        "ORDER BY seq", conn))
     sqlite.dispose()
     pd.testing.assert_frame_equal(rows[0], rows[1])
+    pd.testing.assert_frame_equal(replaced[0], replaced[1])
     n_changed = int((changed.rating != planted.ratings.iloc[::7].rating).sum())  # (6 - 3 = 3: the same value)
+    assert len(replaced[0]) == n_changed + len(changed)  # changed once by `later`, all again by the last
     assert 0 < n_changed < len(changed)
     assert reported == [n_changed + len(new_pairs)] * 2  # new or changed: the same rows on both
     assert (rows[0].prev_seq >= 0).sum() == n_changed and (rows[0].timestamp == -1).sum() == n_changed

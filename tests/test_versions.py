@@ -210,6 +210,26 @@ def test_incremental_statistics_follow_first_ratings_and_replaced_ones(trained, 
     assert_statistics_are_the_tables(engine)
 
 
+def test_a_database_from_before_the_replaced_rating_log_gets_it_from_its_next_writer(trained):
+    """A database with the replaced-value columns but no log (made by the cfb before it): a process
+    whose first use is a read (a server's first request) still starts the log at its first write."""
+    engine, _ = trained
+    url = str(engine.url)
+    with writing(engine) as conn:
+        conn.exec_driver_sql("DROP TRIGGER ratings_keep_replaced")
+        conn.exec_driver_sql("DROP TABLE replaced_ratings")
+    store._HAVE_HISTORY.discard(url), store._HAVE_LOG.discard(url)  # (as in a new process)
+    with engine.connect() as conn:
+        a0 = store.user_id_of(conn, "a0")
+        assert store.has_rating_history(conn) and len(store.user_ratings_replaced(conn, a0)[0])
+        assert len(store.replaced_ratings_of(conn, a0, 10**9)[0]) == 0
+    rate_item(engine, "a0", "a1", 2.0)
+    rate_item(engine, "a0", "a1", 3.0)
+    with engine.connect() as conn:
+        assert store._has_replaced_log(conn)
+        assert store.replaced_ratings_of(conn, a0, 10**9)[2][-1] == 2.0
+
+
 def test_a_ratings_table_from_before_the_replaced_columns_gets_them(trained):
     """A database made before ``prev_rating``/``prev_seq``: the first write adds them; rows written
     before that are re-read for their items' statistics, rows after count as their own."""
@@ -217,6 +237,8 @@ def test_a_ratings_table_from_before_the_replaced_columns_gets_them(trained):
     with writing(engine) as conn:
         conn.exec_driver_sql("ALTER TABLE ratings DROP COLUMN prev_rating")
         conn.exec_driver_sql("ALTER TABLE ratings DROP COLUMN prev_seq")
+        conn.exec_driver_sql("DROP TRIGGER ratings_keep_replaced")
+        conn.exec_driver_sql("DROP TABLE replaced_ratings")
         # an earlier cfb's write after the version: a changed rating that does not say what it replaced
         conn.exec_driver_sql("UPDATE ratings SET rating = 6 - rating, seq = (SELECT max(seq) + 1 FROM ratings) "
                              "WHERE seq = (SELECT min(seq) FROM ratings)")
@@ -225,13 +247,39 @@ def test_a_ratings_table_from_before_the_replaced_columns_gets_them(trained):
         store.write_ratings(conn, [1], [1], [4.0], [1])
         raise RuntimeError("a later step of the same transaction fails")
     with engine.connect() as conn:
-        assert not store._has_history_columns(conn)
-    rate_item(engine, "a0", "a1", 2.0)  # adds the columns, in the same transaction as the rating
+        assert not store._has_history_columns(conn) and not store._has_replaced_log(conn)
+    rate_item(engine, "a0", "a1", 2.0)  # adds the columns and the log, in the same transaction as the rating
     with engine.connect() as conn:
         first_tracked = int(store.get_setting(conn, store.HISTORY_FROM_KEY))
         seq = conn.scalar(select(func.max(Rating.seq)))
+        assert store._has_replaced_log(conn)
     assert first_tracked == seq
     rate_item(engine, "a0", "a1", 3.0)
+    with engine.connect() as conn:
+        a0 = store.user_id_of(conn, "a0")
+        logged = store.replaced_ratings_of(conn, a0, seq)[2].tolist()
+    assert len(logged) == 2 and logged[1] == 2.0  # the rows both writes replaced (the log began with the first)
     rate_item(engine, "b1", "b31", 1.0)
     retrain_incremental(engine)
     assert_statistics_are_the_tables(engine)
+
+
+def test_a_database_made_again_at_the_same_address_is_not_served_from_the_old_ones_cache(trained, tmp_path):
+    """The process keeps loaded versions per database address and version id; a database deleted and
+    made again at the same address starts its ids at 1 again, and must serve its own model."""
+    from cfb.db.engine import make_engine
+
+    from .conftest import planted_ratings
+
+    engine, _ = trained
+    with engine.connect() as conn:
+        assert load_served(conn).model.kind == "dot"
+    engine.dispose()
+    for f in tmp_path.glob("cfb.db*"):
+        f.unlink()
+    again = make_engine(str(engine.url))
+    ingest_dataset(again, planted_ratings(seed=1))
+    assert retrain_full(again, kind="nn", valid_pct=0, progress=False, **FAST)["version"] == 1
+    with again.connect() as conn:
+        assert load_served(conn).model.kind == "nn"
+    again.dispose()

@@ -35,7 +35,7 @@
       ev.preventDefault();
       var err = document.getElementById("signup-error");
       err.textContent = "";
-      var entry = { answers: {}, ratings: {} };
+      var entry = { answers: {}, ratings: {}, asked: Number(signup.dataset.asked) };
       var user = document.getElementById("user-id").value.trim();
       if (user) { entry.user = user; }
       signup.querySelectorAll("[data-attr]").forEach(function (el) {
