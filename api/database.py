@@ -25,9 +25,10 @@ def _check_entries(entries: list) -> None:
                              f"got {type(e).__name__} {e!r:.40}", source=f"entry {k + 1}")
 
 
+MAX_BATCH = 2**20  # the largest batch a retrain takes (`--bs`)
 # name -> (whole number?, lowest, lowest excluded?, highest): the CLI's ranges for `cfb retrain --full`
 _TRAINING_SETTINGS = {"n_factors": (True, 1, False, 1024), "epochs": (True, 1, False, 1000),
-                      "lr": (False, 0, True, None), "wd": (False, 0, False, None), "bs": (True, 1, False, None),
+                      "lr": (False, 0, True, None), "wd": (False, 0, False, None), "bs": (True, 1, False, MAX_BATCH),
                       "seed": (True, 0, False, 2**32 - 1)}
 
 
@@ -47,7 +48,8 @@ def _check_training_settings(kind: str | None, params: dict) -> dict:
             continue
         whole, lo, lo_open, hi = _TRAINING_SETTINGS[name]
         ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) \
-            and math.isfinite(value) and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+            and (whole or math.isfinite(value)) and (value > lo if lo_open else value >= lo) \
+            and (hi is None or value <= hi)
         if not ok:
             what = "a whole number" if whole else "a finite number"
             bounds = f"{'above' if lo_open else 'from'} {lo}" + ("" if hi is None else f" to {hi}")
@@ -66,13 +68,17 @@ def _plain(value):  # noqa: ANN001, ANN202
 
 
 def _number(value, what: str) -> float:  # noqa: ANN001
-    """A finite number given from Python (numpy's too), as a float; bools, text and None are refused."""
+    """A number given from Python (numpy's too), as a float; bools, text and None are refused (and
+    a whole number too large for a float: the caller refuses NaN and infinities in its own words)."""
     from .cf_core.errors import CfbError
 
     value = _plain(value)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise CfbError(f"{what} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise CfbError(f"{what} must be a finite number, got a number of {len(str(abs(value)))} digits") from None
 
 
 class Database:
@@ -143,10 +149,9 @@ class Database:
 
     def rollback(self, version: int) -> None:
         """Serve an earlier ``version`` (`cfb rollback`)."""
+        from .cf_core.errors import CfbError
         from .db import versions
         from .db.engine import writing
-
-        from .cf_core.errors import CfbError
 
         version = _plain(version)
         if not isinstance(version, numbers.Integral) or isinstance(version, bool):
@@ -198,10 +203,12 @@ class Database:
 
         if hasattr(pairs, "columns"):  # a DataFrame
             if not {"user", "item"} <= set(pairs.columns):
-                raise CfbError(f"pairs: a DataFrame needs columns user and item, has {', '.join(map(str, pairs.columns))}")
+                raise CfbError("pairs: a DataFrame needs columns user and item, has "
+                               f"{', '.join(map(str, pairs.columns))}")
             pairs = list(zip(pairs["user"], pairs["item"]))
         if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
-            raise CfbError(f"pairs must be (user, item) pairs or a DataFrame with columns user and item, got {pairs!r:.60}")
+            raise CfbError("pairs must be (user, item) pairs or a DataFrame with columns user and item, "
+                           f"got {pairs!r:.60}")
         pairs = list(pairs)
         for k, pair in enumerate(pairs):
             if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
@@ -253,4 +260,5 @@ class Database:
         """Run `cfb serve` in this process (blocks)."""
         from .service.http import serve
 
+        self._existing()
         serve(self.url, host=host, port=port, token=token)

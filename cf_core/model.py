@@ -189,9 +189,10 @@ class TrainedModel:
         information of the ratings it learned, at the row, ``rating.information``): one new rating
         moves a user with hundreds by what it adds to them. A rating *changed* since the full retrain
         counts once, with its new value: the value the row learned (``learned_values``) is folded
-        back out with weight −1; where that value is not known (a database that lost it), the pair's
-        curvature leaves the row's information instead (to first order, as if the row had fitted it). Anyone else starts
-        from the bootstrap prior of their answers and folds in every rating. With ``affinity``, also
+        back out with weight −1; where that value is not known (a database that lost it), the
+        pair's curvature leaves the row's information instead (to first order, as if the row had
+        fitted it). Anyone else starts from the bootstrap prior of their answers and folds in every
+        rating. With ``affinity``, also
         their metadata affinity (for the items added from metadata; leave it out where only the rating
         row is wanted). Ranking part:
         the ranker's user side computed from attributes and every rating. Only the attribute answers

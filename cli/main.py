@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..cf_core.errors import CfbError
+from ..database import MAX_BATCH
 
 
 def emit(obj, as_json: bool, text: str | None = None) -> None:
@@ -259,7 +260,7 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
 @click.option("--epochs", type=click.IntRange(1, 1000))
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True))
 @click.option("--wd", type=FiniteFloat(min=0))
-@click.option("--bs", type=click.IntRange(min=1), help="Batch size.")
+@click.option("--bs", type=click.IntRange(1, MAX_BATCH), help="Batch size.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
 @click.option("--valid-pct", type=FiniteFloat(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of ratings held out for validation (protocol §7); 0 trains on all.")

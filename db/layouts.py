@@ -399,7 +399,7 @@ def read_ml100k(folder: Path) -> Dataset:
             if len(f) != 5:
                 raise InputError(f"expected id|age|gender|occupation|zip, found {len(f)} '|'-separated fields",
                                  source=str(user_path), line=n)
-            if not f[1].strip().isdigit():
+            if not (f[1].strip().isascii() and f[1].strip().isdigit()):
                 raise InputError(f"expected a whole number of years, found {f[1]!r}", source=str(user_path),
                                  line=n, field="age")
             if f[0].strip() in seen:

@@ -154,7 +154,8 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
-    header = next(csv.reader(io.StringIO(text.lstrip("\ufeff").splitlines()[0]), skipinitialspace=True), [])
+    first = next((line for line in text.lstrip("\ufeff").splitlines() if line.strip()), "")  # (as pandas skips blanks)
+    header = next(csv.reader([first], skipinitialspace=True), [])
     for k, name in enumerate(header):
         if name in header[:k]:  # (pandas would read the second as "name.1")
             raise InputError("duplicate column", source=str(path), line=1, field=name)
@@ -170,14 +171,16 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     """A ratings CSV with a header: ``user,item,rating[,timestamp]`` (column names configurable; a
     ``time_col`` named must be there, while the default takes a ``timestamp`` column if there is one)."""
     path = Path(path)
+    optional_time = time_col is None  # then a "timestamp" column is taken if there is one (and no other role's)
+    if optional_time and "timestamp" not in (user_col, item_col, rating_col):
+        time_col = "timestamp"
     roles = {"user": user_col, "item": item_col, "rating": rating_col, "time": time_col}
     for role, col in roles.items():
         others = [r for r, c in roles.items() if c == col and r != role]
         if col is not None and others:
             raise InputError(f"column {col!r} is given as both the {role} and the {others[0]} column",
                              source=str(path))
-    df = read_csv_table(path, [user_col, item_col, rating_col] + ([time_col] if time_col else []))
-    time_col = time_col or "timestamp"
+    df = read_csv_table(path, [user_col, item_col, rating_col] + ([] if optional_time else [time_col]))
     if df.empty:
         raise InputError("no ratings after the header", source=str(path), line=2)
     _nonempty_ids(df, user_col, path, 2)

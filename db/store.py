@@ -21,6 +21,7 @@ BULK_ROWS = 200_000  # a first ingest this large into an empty ratings table tak
 HISTORY_FROM_KEY = "rating_history_from_seq"  # setting: the first seq whose row records what it replaced
 _HAVE_HISTORY: set[str] = set()  # database URLs whose ratings table was found with prev_rating/prev_seq
 _HAVE_LOG: set[str] = set()  # database URLs found with the replaced-rating log (table and trigger)
+_HAVE_ASKED: set[str] = set()  # database URLs whose answers table was found with ``asked``
 
 
 def create_schema(engine: Engine) -> None:
@@ -36,9 +37,6 @@ def create_schema(engine: Engine) -> None:
                 return
         with writing(engine) as conn:
             ensure_rating_history(conn)
-
-
-_HAVE_ASKED: set[str] = set()  # database URLs whose answers table was found with ``asked``
 
 
 def has_answers_asked(conn: Connection) -> bool:

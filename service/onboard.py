@@ -214,13 +214,19 @@ class SignupValidator:
                 raise InputError(f"the same item as {named[item]!r} (an item is rated once)", source=where,
                                  field=field)
             named[item] = str(key)
-            ratings[item] = float(value)
+            ratings[item] = float(store.on_step(float(value), self.scale, self.step))  # (as it is stored)
         asked = entry.get("asked")
         if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool)
                                   or not 0 <= asked <= MAX_BUDGET):
             got = asked.token if isinstance(asked, _NonFinite) else repr(asked)
             raise InputError(f"'asked' must be the number of questionnaire items shown, 0 to {MAX_BUDGET}, "
                              f"got {got}", source=where, field="asked")
+        if asked is not None:  # the first `asked` were shown: a later questionnaire item cannot have been
+            position = {int(i): k for k, i in enumerate(self.questionnaire.items)}
+            for item, key in named.items():
+                if position.get(item, -1) >= asked:
+                    raise InputError(f"questionnaire item {position[item] + 1}, past the {asked} asked",
+                                     source=where, field=f"ratings.{key}")
         if user is not None:
             self.batch_users.add(user)
         return Signup(user, attributes, ratings, raw, asked)

@@ -556,7 +556,8 @@ def test_python_api(trained, db_url, tmp_path):
     missing = tmp_path / "typo.db"  # a mistyped path: only an ingest makes a database
     with cfb.open(f"sqlite:///{missing}") as db:
         for call in (lambda: db.recommend("1"), db.models, lambda: db.retrain(full=True),
-                     lambda: db.rate("u", "i", 4), lambda: db.onboard({"answers": {}}), db.app):
+                     lambda: db.rate("u", "i", 4), lambda: db.onboard({"answers": {}}), db.app,
+                     lambda: db.serve(port=1)):
             with pytest.raises(cfb.CfbError, match=r"^no database at .*typo\.db: `cfb ingest"):
                 call()
     assert not missing.exists()

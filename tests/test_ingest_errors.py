@@ -24,6 +24,7 @@ from .conftest import write
     ("user,item,rating\nu1,i1,4\nnewbie,50\n", r"ratings.csv, line 3: expected 3 fields, found 2"),
     ("", r"ratings.csv, line 1: empty file"),
     ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
+    ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 1, field 'rating': duplicate column$"),
 ])
 def test_bad_ratings_csv(tmp_path, body, message):
     with pytest.raises(InputError, match=message):
@@ -34,6 +35,7 @@ def test_bad_ratings_csv(tmp_path, body, message):
     ({"user_col": "user", "item_col": "user"}, r"r.csv: column 'user' is given as both the user and the item column"),
     ({"rating_col": "item"}, r"r.csv: column 'item' is given as both the item and the rating column"),
     ({"time_col": "ts"}, r"r.csv, line 1, field 'ts': missing column\(s\) ts; header has user, item, rating"),
+    ({"user_col": "timestamp"}, r"r.csv, line 1, field 'timestamp': missing column\(s\) timestamp"),
 ])
 def test_column_options_must_name_distinct_columns_that_are_there(tmp_path, columns, message):
     path = write(tmp_path / "r.csv", "user,item,rating\nu1,i1,5\nu2,i1,3\n")

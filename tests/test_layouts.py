@@ -463,11 +463,12 @@ def test_a_release_without_its_item_file_or_its_ratings_is_refused(tmp_path, db_
 @pytest.mark.parametrize("text, message", [
     ("1|24|M|technician|85711\n1|40|F|artist|11111\n", r"u\.user, line 2, field 'id': duplicate id '1' \(first on line 1\)$"),
     ("1|abc|M|technician|85711\n", r"u\.user, line 1, field 'age': expected a whole number of years, found 'abc'$"),
+    ("1|\u00b2|M|technician|85711\n", r"u\.user, line 1, field 'age': expected a whole number of years, found '\u00b2'$"),
     ("1|24|M|technician\n", r"u\.user, line 1: expected id\|age\|gender\|occupation\|zip, found 4 '\|'-separated fields$"),
 ])
 def test_a_100k_user_file_names_the_line_and_field_at_fault(tmp_path, db_url, text, message):
     folder = ml100k(tmp_path / "ml-100k")
-    write(folder / "u.user", text)
+    (folder / "u.user").write_bytes(text.encode("latin-1"))  # (the release's encoding)
     fails(run(db_url, "ingest", "movielens", str(folder)), message)
     assert_nothing_written(db_url)
 

@@ -176,7 +176,12 @@ def test_a_signup_says_how_many_questionnaire_items_it_showed(trained, tmp_path)
 
     engine, _ = trained
     with engine.connect() as conn:
-        first = questionnaire_json(conn, 3)["items"][0]["item"]
+        listed = [it["item"] for it in questionnaire_json(conn, 10)["items"]]
+    first = listed[0]
+    for asked, item in ((5, listed[7]), (0, first)):  # a questionnaire item past those shown: not from it
+        with pytest.raises(InputError, match=rf"^e, field 'ratings.{item}': questionnaire item "
+                                             rf"{listed.index(item) + 1}, past the {asked} asked$"):
+            onboard(engine, [("e", {"answers": {}, "ratings": {item: 4}, "asked": asked})])
     entries = [("e1", {"user": "shown15", "answers": {"gender": "F"}, "asked": 15}),
                ("e2", {"user": "shown0", "answers": {"gender": "F"}}),
                ("e3", {"user": "rated", "answers": {"gender": "F"}, "ratings": {first: 5}, "asked": 15}),

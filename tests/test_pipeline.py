@@ -397,6 +397,7 @@ def test_python_api_refuses_plainly(trained, db_url):
                                  ({"lr": 0}, r"lr must be a finite number above 0, got 0"),
                                  ({"wd": float("nan")}, r"wd must be a finite number from 0, got nan"),
                                  ({"seed": -1}, r"seed must be a whole number from 0 to 4294967295, got -1"),
+                                 ({"bs": 10**400}, r"bs must be a whole number from 1 to 1048576, got 1000000"),
                                  ({"factors": 8}, r"unknown training setting\(s\) factors \(settings: kind, n_factors"),
                                  ({"kind": "svd"}, r"kind must be 'dot' or 'nn', got 'svd'")]:
                 with pytest.raises(cfb.CfbError, match="^" + message):
@@ -405,6 +406,8 @@ def test_python_api_refuses_plainly(trained, db_url):
         for bad in (True, None, "4"):
             with pytest.raises(cfb.CfbError, match=rf"^rating must be a number, got {bad!r}$"):
                 db.rate(user, "a2", bad)
+        with pytest.raises(cfb.CfbError, match=r"^rating must be a finite number, got a number of 401 digits$"):
+            db.rate(user, "a2", 10**400)
         for bad in (True, "1", 1.0):
             with pytest.raises(cfb.CfbError, match=rf"^version must be a whole number, got {bad!r}$"):
                 db.rollback(bad)
