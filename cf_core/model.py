@@ -154,7 +154,7 @@ class TrainedModel:
         """The protocol's "average user": the mean of trained users' rows; to the ranker, a user
         of whom nothing is known."""
         rank_vec = None
-        if self.ranker is not None:
+        if self.ranker is not None and ranking:
             from .feature_model import Reveal
 
             empty = np.zeros(0, np.int64)
@@ -181,7 +181,7 @@ class TrainedModel:
                 return q
         return len(position)
 
-    def user_vector(self, history: UserHistory, affinity: bool = True) -> UserVector:
+    def user_vector(self, history: UserHistory, affinity: bool = True, ranking: bool = True) -> UserVector:
         """The user's representation, a pure function of their history.
 
         Rating part: a trained user starts from their trained row and folds in only the ratings
@@ -194,7 +194,7 @@ class TrainedModel:
         fitted it). Anyone else starts from the bootstrap prior of their answers and folds in every
         rating. With ``affinity``, also
         their metadata affinity (for the items added from metadata; leave it out where only the rating
-        row is wanted). Ranking part:
+        row is wanted). Ranking part (with ``ranking``; None without):
         the ranker's user side computed from attributes and every rating. Only the attribute answers
         the questionnaire takes count (a stored value a sign-up would refuse is left unanswered)."""
         attributes = self.questionnaire.accepted_answers(history.attributes)
@@ -220,7 +220,7 @@ class TrainedModel:
         vec, bias = self.rating.fold_in(np.r_[inner[fold], out_items], np.r_[ratings[fold], out_values], prior_vec,
                                         prior_bias, self.config.user_foldin(), information, weights)
         rank_vec = None
-        if self.ranker is not None:
+        if self.ranker is not None and ranking:
             from .feature_model import Reveal
 
             # items added after the full retrain have no input rows in the ranker (zeros): revealing

@@ -692,17 +692,32 @@ def has_rating_history(conn: Connection) -> bool:
 
 
 def user_ratings_replaced(conn: Connection, user_id: int) -> tuple[np.ndarray, ...]:
-    """(item ids, ratings, seq, prev_rating, prev_seq) of one user in write order, in one query
-    (NaN and -1 where a row replaced nothing, or the table does not record what it replaced)."""
+    """(item ids, ratings, seq, prev_rating, prev_seq) of one user in write order (see
+    ``users_ratings_replaced``)."""
+    return users_ratings_replaced(conn, [user_id])[int(user_id)]
+
+
+def users_ratings_replaced(conn: Connection, user_ids) -> dict[int, tuple[np.ndarray, ...]]:  # noqa: ANN001
+    """user id -> (item ids, ratings, seq, prev_rating, prev_seq) of each of ``user_ids`` in write order,
+    a query per 900 users (NaN and -1 where a row replaced nothing, or the table does not record
+    what it replaced)."""
     history = has_rating_history(conn)
-    cols = [Rating.item_id, Rating.rating, Rating.seq] + ([Rating.prev_rating, Rating.prev_seq] if history else [])
-    rows = conn.execute(select(*cols).where(Rating.user_id == user_id).order_by(Rating.seq)).all()
-    items = np.array([r[0] for r in rows], np.int64)
-    ratings = np.array([r[1] for r in rows], np.float32)
-    seq = np.array([r[2] for r in rows], np.int64)
-    prev = np.array([np.nan if not history or r[3] is None else r[3] for r in rows], np.float64)
-    prev_seq = np.array([-1 if not history or r[4] is None else r[4] for r in rows], np.int64)
-    return items, ratings, seq, prev, prev_seq
+    cols = [Rating.user_id, Rating.item_id, Rating.rating, Rating.seq] + \
+        ([Rating.prev_rating, Rating.prev_seq] if history else [])
+    ids = sorted({int(u) for u in user_ids})
+    rows: list = []
+    for start in range(0, len(ids), 900):
+        rows += conn.execute(select(*cols).where(Rating.user_id.in_(ids[start:start + 900]))
+                             .order_by(Rating.user_id, Rating.seq)).all()
+    users = np.array([r[0] for r in rows], np.int64)
+    items = np.array([r[1] for r in rows], np.int64)
+    ratings = np.array([r[2] for r in rows], np.float32)
+    seq = np.array([r[3] for r in rows], np.int64)
+    prev = np.array([np.nan if not history or r[4] is None else r[4] for r in rows], np.float64)
+    prev_seq = np.array([-1 if not history or r[5] is None else r[5] for r in rows], np.int64)
+    bounds = np.searchsorted(users, ids, side="left"), np.searchsorted(users, ids, side="right")
+    return {u: tuple(a[lo:hi] for a in (items, ratings, seq, prev, prev_seq))
+            for u, lo, hi in zip(ids, *bounds)}
 
 
 def replaced_ratings_of(conn: Connection, user_id: int, max_seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -728,8 +743,13 @@ def count_ratings(conn: Connection, since_seq: int = 0) -> int:
     return int(conn.scalar(select(func.count()).select_from(Rating).where(Rating.seq > since_seq)))
 
 
-def user_attributes_of(conn: Connection, user_id: int) -> dict:
-    return conn.scalar(select(User.attributes).where(User.id == user_id)) or {}
+def users_attributes_of(conn: Connection, user_ids) -> dict[int, dict]:  # noqa: ANN001
+    """user id -> attributes ({} for none) of each of ``user_ids``, a query per 900 users."""
+    ids = sorted({int(u) for u in user_ids})
+    found: dict[int, dict] = {}
+    for start in range(0, len(ids), 900):
+        found.update(conn.execute(select(User.id, User.attributes).where(User.id.in_(ids[start:start + 900]))).all())
+    return {u: found.get(u) or {} for u in ids}
 
 
 def user_attributes(conn: Connection) -> dict[int, dict]:

@@ -15,7 +15,7 @@ from ..cf_core.errors import CfbError
 from ..cf_core.rating import DotRating
 from ..db import store, versions
 from ..db.engine import writing
-from .state import Served, load_served, user_history
+from .state import Served, load_served, user_histories
 from .training import item_attributes_in_order, metadata_only_items, retrain_full
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
@@ -134,7 +134,7 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
         return {"item_factors": factors, "item_bias": biases}
     for k, item in enumerate(item_ids.tolist()):
         users, ratings = store.item_ratings(conn, item)
-        vecs = [model.user_vector(user_history(conn, served, int(u)), affinity=False) for u in users]
+        vecs = [model.user_vector(h, affinity=False, ranking=False) for h in user_histories(conn, served, users)]
         raters = DotRating(model.rating.y_range, np.stack([v.vec for v in vecs]).astype(np.float32),
                            np.array([v.bias for v in vecs], np.float32))
         factors[k], biases[k] = raters.fold_in(np.arange(len(users)), ratings, factors[k], float(biases[k]),

@@ -41,34 +41,52 @@ def load_served(conn: Connection, version: int | None = None) -> Served:
     return served
 
 
-def signup_of(conn: Connection, user_id: int) -> tuple[frozenset, int | None]:
-    """Database ids of the items the user rated in their signup questionnaire, and how many
-    questionnaire items it showed them (None: not said)."""
-    cols = [Answer.ratings] + ([Answer.asked] if store.has_answers_asked(conn) else [])
-    answer = conn.execute(select(*cols).where(Answer.user_id == user_id)).first()
-    if answer is None:
-        return frozenset(), None
-    asked = answer[1] if len(answer) > 1 else None
-    if not answer[0]:
-        return frozenset(), asked
-    ids = conn.scalars(select(Item.id).where(Item.external_id.in_([str(k) for k in answer[0]]))).all()
-    return frozenset(int(i) for i in ids), asked
+def signups_of(conn: Connection, user_ids) -> dict[int, tuple[frozenset, int | None]]:  # noqa: ANN001
+    """user id -> (database ids of the items they rated in their signup questionnaire, how many
+    questionnaire items it showed them (None: not said)) of each of ``user_ids``."""
+    ids = sorted({int(u) for u in user_ids})
+    cols = [Answer.user_id, Answer.ratings] + ([Answer.asked] if store.has_answers_asked(conn) else [])
+    answers: dict[int, tuple] = {}
+    for start in range(0, len(ids), 900):
+        for row in conn.execute(select(*cols).where(Answer.user_id.in_(ids[start:start + 900]))):
+            answers[int(row[0])] = (row[1] or {}, row[2] if len(row) > 2 else None)
+    keys = sorted({str(k) for given, _ in answers.values() for k in given})
+    item_of: dict[str, int] = {}
+    for start in range(0, len(keys), 900):
+        item_of.update(conn.execute(select(Item.external_id, Item.id)
+                                    .where(Item.external_id.in_(keys[start:start + 900]))).all())
+    out = {}
+    for u in ids:
+        given, asked = answers.get(u, ({}, None))
+        out[u] = frozenset(int(item_of[str(k)]) for k in given if str(k) in item_of), asked
+    return out
 
 
 def user_history(conn: Connection, served: Served, user_id: int) -> UserHistory:
     """Everything the model needs to know of a user: answers, ratings (and which are newer than
     the full retrain), signup items, and their trained row if the full version learned them."""
-    items, ratings, seq, prev, prev_seq = store.user_ratings_replaced(conn, user_id)
-    ids, factors, bias = versions.trained_rows(conn, served.version, [user_id])
-    row = (factors[0], float(bias[0])) if len(ids) else None
-    learned = None
-    if row:
-        replaced = store.replaced_ratings_of(conn, user_id, served.root_seq) \
-            if changed_again(seq, prev_seq, served.root_seq).any() else None
-        learned = learned_values(items, seq, prev, prev_seq, served.root_seq, replaced)
-    signup, asked = signup_of(conn, user_id)
-    return UserHistory(store.user_attributes_of(conn, user_id), items, ratings, newer=seq > served.root_seq,
-                       signup_items=signup, trained_row=row, learned_values=learned, asked=asked)
+    return user_histories(conn, served, [user_id])[0]
+
+
+def user_histories(conn: Connection, served: Served, user_ids) -> list[UserHistory]:  # noqa: ANN001
+    """``user_history`` of each of ``user_ids`` (in that order), in a few queries for all of them."""
+    ids = [int(u) for u in user_ids]
+    rated = store.users_ratings_replaced(conn, ids)
+    trained_ids, factors, biases = versions.trained_rows(conn, served.version, ids)
+    rows = {int(u): (factors[k], float(biases[k])) for k, u in enumerate(trained_ids)}
+    attributes, signups = store.users_attributes_of(conn, ids), signups_of(conn, ids)
+    out = []
+    for u in ids:
+        items, ratings, seq, prev, prev_seq = rated[u]
+        row, learned = rows.get(u), None
+        if row is not None:
+            replaced = store.replaced_ratings_of(conn, u, served.root_seq) \
+                if changed_again(seq, prev_seq, served.root_seq).any() else None
+            learned = learned_values(items, seq, prev, prev_seq, served.root_seq, replaced)
+        signup, asked = signups[u]
+        out.append(UserHistory(attributes[u], items, ratings, newer=seq > served.root_seq, signup_items=signup,
+                               trained_row=row, learned_values=learned, asked=asked))
+    return out
 
 
 def changed_again(seq: np.ndarray, prev_seq: np.ndarray, root_seq: int) -> np.ndarray:

@@ -283,3 +283,30 @@ def test_a_database_made_again_at_the_same_address_is_not_served_from_the_old_on
     with again.connect() as conn:
         assert load_served(conn).model.kind == "nn"
     again.dispose()
+
+
+def test_histories_read_together_are_the_ones_read_one_by_one(trained):
+    """``user_histories`` (a few queries for many users: an incremental retrain's raters of an item)
+    gives each user the history ``user_history`` reads alone: trained, onboarded (with ``asked``),
+    with a pair changed twice since the retrain, and unknown to the ratings table."""
+    from cfb.service.state import user_histories, user_history
+
+    engine, _ = trained
+    onboard(engine, [("e", {"user": "fresh", "answers": {"gender": "F"}, "ratings": {"a1": 5}, "asked": 5}),
+                     ("f", {"user": "quiet", "answers": {}})])
+    for value in (1.0, 2.0):
+        rate_item(engine, "a0", "a2", value)
+    with engine.connect() as conn:
+        served = load_served(conn)
+        ids = [store.user_id_of(conn, u) for u in ("fresh", "a0", "quiet", "b3", "a0")]
+        together = user_histories(conn, served, ids)
+        alone = [user_history(conn, served, u) for u in ids]
+    for a, b in zip(together, alone):
+        assert a.attributes == b.attributes and a.signup_items == b.signup_items and a.asked == b.asked
+        for field in ("items", "ratings", "newer", "learned_values"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None and y is None) or np.array_equal(x, y, equal_nan=True), field
+        assert (a.trained_row is None) == (b.trained_row is None)
+        assert a.trained_row is None or np.array_equal(a.trained_row[0], b.trained_row[0])
+    assert together[0].asked == 5 and len(together[0].signup_items) == 1 and together[2].items.size == 0
+    assert np.isfinite(together[1].learned_values).sum() == 1  # a0's pair: the value the retrain learned
