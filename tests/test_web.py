@@ -16,8 +16,10 @@ from click.testing import CliRunner  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from sqlalchemy import text  # noqa: E402
 
 from cfb.cli.main import cli  # noqa: E402
+from cfb.db.engine import make_engine  # noqa: E402
 
 from .test_http import XSS, running_server  # noqa: E402
 
@@ -73,10 +75,14 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         browser.find_element(By.ID, "user-id").send_keys("browser1")
         for sel in browser.find_elements(By.CSS_SELECTOR, ".rate-items select")[:6]:
             Select(sel).select_by_value("5" if sel.get_attribute("data-item").startswith("a") else "1")
+        shown = len(browser.find_elements(By.CSS_SELECTOR, ".rate-items select"))
         browser.find_element(By.ID, "signup-submit").click()
         wait.until(lambda d: "/user/browser1" in d.current_url)
         wait.until(lambda d: len(rec_items(d)) == 10)
         assert no_alert(browser)
+        with make_engine(db_url).connect() as conn:  # the page said how many items it showed
+            assert conn.scalar(text("SELECT a.asked FROM answers a JOIN users u ON u.id = a.user_id "
+                                    "WHERE u.external_id = 'browser1'")) == shown > 6
         before = rec_items(browser)
         first = browser.find_element(By.CSS_SELECTOR, "#recs > li select")
         Select(first).select_by_value("1")  # rate the top recommendation: the list updates in place
