@@ -154,7 +154,7 @@ class TrainedModel:
         """The protocol's "average user": the mean of trained users' rows; to the ranker, a user
         of whom nothing is known."""
         rank_vec = None
-        if self.ranker is not None and ranking:
+        if self.ranker is not None:
             from .feature_model import Reveal
 
             empty = np.zeros(0, np.int64)

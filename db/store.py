@@ -26,17 +26,18 @@ _HAVE_ASKED: set[str] = set()  # database URLs whose answers table was found wit
 
 def create_schema(engine: Engine) -> None:
     """Create every table that is missing, and what tables made by an earlier cfb lack (the ratings
-    table's replaced-value columns and the trigger that logs replaced rows)."""
+    table's replaced-value columns, the trigger that logs replaced rows, the answers' ``asked``)."""
     Base.metadata.create_all(engine)
     url = str(engine.url)
-    if url not in _HAVE_HISTORY or url not in _HAVE_LOG:
+    if url not in _HAVE_HISTORY or url not in _HAVE_LOG or url not in _HAVE_ASKED:
         with engine.connect() as conn:
-            if _has_history_columns(conn) and _has_replaced_log(conn):
+            if _has_history_columns(conn) and _has_replaced_log(conn) and has_answers_asked(conn):
                 _HAVE_HISTORY.add(url)
                 _HAVE_LOG.add(url)
                 return
-        with writing(engine) as conn:
+        with writing(engine) as conn:  # (so that a sign-up seldom has to add ``asked`` itself)
             ensure_rating_history(conn)
+            ensure_answers_asked(conn)
 
 
 def has_answers_asked(conn: Connection) -> bool:

@@ -210,3 +210,10 @@ def test_a_signup_says_how_many_questionnaire_items_it_showed(trained, tmp_path)
     onboard(engine, [("e", {"user": "later", "answers": {}, "asked": 5})])
     with engine.connect() as conn:
         assert user_history(conn, load_served(conn), store.user_id_of(conn, "later")).asked == 5
+    with writing(engine) as conn:  # an ingest or retrain (``create_schema``) adds it too, before any sign-up
+        conn.exec_driver_sql("ALTER TABLE answers DROP COLUMN asked")
+    store._HAVE_ASKED.discard(str(engine.url))
+    store.create_schema(engine)
+    store._HAVE_ASKED.discard(str(engine.url))
+    with engine.connect() as conn:
+        assert store.has_answers_asked(conn)
