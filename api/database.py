@@ -168,8 +168,9 @@ class Database:
             return questionnaire_json(conn, budget)
 
     def onboard(self, answers: dict | list[dict]):
-        """Sign up one user (a dict ``{"user"?, "answers": {...}, "ratings": {item: rating}}``) or
-        several (a list, all or nothing); returns the new user id (or the list of ids)."""
+        """Sign up one user (a dict ``{"user"?, "answers": {...}, "ratings": {item: rating}, "asked"?}``,
+        ``asked``: how many of the questionnaire's items were shown) or several (a list, all or
+        nothing); returns the new user id (or the list of ids)."""
         from .service.onboard import onboard
 
         entries = _plain(answers if isinstance(answers, list) else [answers])

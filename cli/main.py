@@ -516,7 +516,8 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--answers", "answers_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}}.")
+              help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}, asked?} "
+                   "(asked: how many of `cfb questionnaire`'s items were shown).")
 @click.option("--skip-invalid", is_flag=True,
               help="Store the valid entries and report the others (exit status 1 when any was skipped).")
 @click.option("--json", "as_json", is_flag=True)
