@@ -236,12 +236,12 @@ class TrainedModel:
                           bias: float) -> np.ndarray | None:
         """The user's affinity per metadata feature (``cf_core/meta_affinity.py``) from their ratings of
         ``items`` (inner indices) the full retrain learned, for a user whose rating row is (``vec``,
-        ``bias``); None without item metadata, with the nn model, with no item added after the full
-        retrain (the only ones it is used for), or with nothing to go on."""
+        ``bias``); None without item metadata, with the nn model, with no item known from its
+        metadata alone (the only ones it is used for), or with nothing to go on."""
         from .meta_affinity import dense_rows, user_affinity
 
         if self.kind != "dot" or self.item_meta is None or self.item_prior is None \
-                or not self.config.metadata_affinity_weight or not len(self.added_items()):
+                or not self.config.metadata_affinity_weight or not self._from_metadata_alone(self.added_items()).any():
             return None
         items, ratings = np.asarray(items, np.int64), np.asarray(ratings, np.float64)
         learned = items < self.n_learned_items
@@ -279,13 +279,19 @@ class TrainedModel:
         from .meta_affinity import dense_rows, item_term
 
         idx = np.arange(self.n_items) if items is None else np.asarray(items, np.int64)
-        added = (idx >= self.n_learned_items) & (self.item_counts[idx] == 0)
+        added = self._from_metadata_alone(idx)
         if not added.any():
             return pred
         pred = pred.copy()
         X = dense_rows(self.item_meta, idx[added], len(affinity))
         pred[added] += (self.config.metadata_affinity_weight * item_term(X, affinity)).astype(pred.dtype)
         return pred
+
+    def _from_metadata_alone(self, items: np.ndarray) -> np.ndarray:
+        """Per item (inner indices): added after the full retrain and with no rating this version
+        knows, so its rating row is the item prior's from metadata (what the affinity is for)."""
+        items = np.asarray(items, np.int64)
+        return (items >= self.n_learned_items) & (self.item_counts[items] == 0)
 
     def _cold_prediction(self, pred: np.ndarray, user: UserVector, items: np.ndarray | None) -> np.ndarray:
         """``pred`` for a user the rating model never learned, with the damped means and the ranker's view."""

@@ -94,6 +94,8 @@ def test_a_new_items_prediction_carries_the_users_metadata_affinity(engine):
     # solved against its rater, the item's row is a fit of its own: no affinity on top of it
     rated = after.item_index([after.item_ids[-1]])
     assert after.item_counts[rated[0]] == 1
-    user = after.user_vector(history)
-    plain = np.clip(after.rating.predict(user.vec, user.bias, rated), 1, 5)
-    assert user.meta_affinity is not None and np.array_equal(after.predict(user, rated), plain)
+    assert after.user_vector(history).meta_affinity is None  # no item known from metadata alone: none computed
+    beside = after.add_items(np.array([10_003]), *after.metadata_rows([{"genres": ["Beta"], "year": 1985}]))
+    user = beside.user_vector(history)  # (one unrated item beside it: the affinity is computed)
+    plain = np.clip(beside.rating.predict(user.vec, user.bias, rated), 1, 5)
+    assert user.meta_affinity is not None and np.array_equal(beside.predict(user, rated), plain)
