@@ -43,7 +43,7 @@ def create_schema(engine: Engine) -> None:
 def has_answers_asked(conn: Connection) -> bool:
     """Whether the answers table has ``asked`` (a database made before it gets it from its next sign-up)."""
     url = str(conn.engine.url)
-    if url not in _HAVE_ASKED and "asked" in {c["name"] for c in inspect(conn).get_columns("answers")}:
+    if url not in _HAVE_ASKED and _has_asked_column(conn):
         _HAVE_ASKED.add(url)
     return url in _HAVE_ASKED
 
@@ -51,11 +51,14 @@ def has_answers_asked(conn: Connection) -> bool:
 def ensure_answers_asked(conn: Connection) -> None:
     """Give an answers table made before ``asked`` that column (in the caller's write transaction;
     remembered once found, i.e. committed)."""
-    url = str(conn.engine.url)
-    if url in _HAVE_ASKED or "asked" in {c["name"] for c in inspect(conn).get_columns("answers")}:
+    if str(conn.engine.url) in _HAVE_ASKED or _has_asked_column(conn):
         return
     if_missing = "" if conn.dialect.name == "sqlite" else "IF NOT EXISTS "  # (PostgreSQL: another writer's)
     conn.exec_driver_sql(f"ALTER TABLE answers ADD COLUMN {if_missing}asked INTEGER")
+
+
+def _has_asked_column(conn: Connection) -> bool:
+    return "asked" in {c["name"] for c in inspect(conn).get_columns("answers")}
 
 
 def _has_history_columns(conn: Connection) -> bool:
