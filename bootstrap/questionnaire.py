@@ -72,6 +72,10 @@ class Questionnaire:
     def question(self, name: str) -> Question | None:
         return next((q for q in self.questions if q.name == name), None)
 
+    def positions(self) -> dict[int, int]:
+        """Where each item (database id) is asked: 0 first (a budget Q shows positions 0..Q-1)."""
+        return {int(i): k for k, i in enumerate(self.items)}
+
     def accepted_answers(self, attributes: dict | None) -> dict:
         """The attribute answers this questionnaire takes, as it stores them: a value it would refuse
         at sign-up (a category it does not offer, a number far outside the training range, an

@@ -170,7 +170,7 @@ class TrainedModel:
             return history.asked or 0
         if not set(history.items.tolist()) <= set(history.signup_items):
             return None
-        position = {int(i): k for k, i in enumerate(self.questionnaire.items)}
+        position = self.questionnaire.positions()
         last = max(position.get(int(i), 10 ** 9) for i in history.items)
         if last >= len(position):
             return None

@@ -222,7 +222,7 @@ class SignupValidator:
             raise InputError(f"'asked' must be the number of questionnaire items shown, 0 to {MAX_BUDGET}, "
                              f"got {got}", source=where, field="asked")
         if asked is not None:  # the first `asked` were shown: a later questionnaire item cannot have been
-            position = {int(i): k for k, i in enumerate(self.questionnaire.items)}
+            position = self.questionnaire.positions()
             for item, key in named.items():
                 if position.get(item, -1) >= asked:
                     raise InputError(f"questionnaire item {position[item] + 1}, past the {asked} asked",
