@@ -394,18 +394,15 @@ def read_ml100k(folder: Path) -> Dataset:
     user_path = folder / "u.user"
     if user_path.exists():
         recs = []
-        seen: dict[str, int] = {}
-        for n, f in _fields(user_path, "|", "latin-1"):
+        rows = _fields(user_path, "|", "latin-1")
+        _check_ids(user_path, rows, 0, "id")
+        for n, f in rows:
             if len(f) != 5:
                 raise InputError(f"expected id|age|gender|occupation|zip, found {len(f)} '|'-separated fields",
                                  source=str(user_path), line=n)
             if not (f[1].strip().isascii() and f[1].strip().isdigit()):
                 raise InputError(f"expected a whole number of years, found {f[1]!r}", source=str(user_path),
                                  line=n, field="age")
-            if f[0].strip() in seen:
-                raise InputError(f"duplicate id {f[0].strip()!r} (first on line {seen[f[0].strip()]})",
-                                 source=str(user_path), line=n, field="id")
-            seen[f[0].strip()] = n
             recs.append({"user": f[0].strip(), "attributes": {
                 "age": int(f[1]), "gender": f[2], "occupation": f[3], "zip": f[4]}})
         users = pd.DataFrame(recs)
