@@ -25,28 +25,28 @@ def _check_entries(entries: list) -> None:
                              f"got {type(e).__name__} {e!r:.40}", source=f"entry {k + 1}")
 
 
-MAX_BATCH = 2**20  # the largest batch a retrain takes (`--bs`)
-# name -> (whole number?, lowest, lowest excluded?, highest): the CLI's ranges for `cfb retrain --full`
-_TRAINING_SETTINGS = {"n_factors": (True, 1, False, 1024), "epochs": (True, 1, False, 1000),
-                      "lr": (False, 0, True, None), "wd": (False, 0, False, None), "bs": (True, 1, False, MAX_BATCH),
-                      "seed": (True, 0, False, 2**32 - 1)}
+# name -> (whole number?, lowest, lowest excluded?, highest): a full retrain's settings, checked here
+# and as `cfb retrain --full`'s options (``cli.main.setting_type``)
+TRAINING_SETTINGS = {"n_factors": (True, 1, False, 1024), "epochs": (True, 1, False, 1000),
+                     "lr": (False, 0, True, None), "wd": (False, 0, False, None), "bs": (True, 1, False, 2**20),
+                     "seed": (True, 0, False, 2**32 - 1)}
 
 
 def _check_training_settings(kind: str | None, params: dict) -> dict:
     """The retrain settings as plain numbers, each checked as `cfb retrain` checks its options."""
     from .cf_core.errors import CfbError
 
-    unknown = sorted(set(params) - set(_TRAINING_SETTINGS))
+    unknown = sorted(set(params) - set(TRAINING_SETTINGS))
     if unknown:
         raise CfbError(f"unknown training setting(s) {', '.join(unknown)} "
-                       f"(settings: kind, {', '.join(_TRAINING_SETTINGS)}, valid_pct)")
+                       f"(settings: kind, {', '.join(TRAINING_SETTINGS)}, valid_pct)")
     if kind not in (None, "dot", "nn"):
         raise CfbError(f"kind must be 'dot' or 'nn', got {kind!r}")
     out = {}
     for name, value in params.items():
         if value is None:
             continue
-        whole, lo, lo_open, hi = _TRAINING_SETTINGS[name]
+        whole, lo, lo_open, hi = TRAINING_SETTINGS[name]
         ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) \
             and (whole or math.isfinite(value)) and (value > lo if lo_open else value >= lo) \
             and (hi is None or value <= hi)

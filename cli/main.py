@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..cf_core.errors import CfbError
-from ..database import MAX_BATCH
+from ..database import TRAINING_SETTINGS
 
 
 def emit(obj, as_json: bool, text: str | None = None) -> None:
@@ -68,6 +68,12 @@ class FiniteFloat(click.ParamType):
         if self.max is not None and (x > self.max or (self.max_open and x == self.max)):
             self.fail(f"{x:g} must be {'<' if self.max_open else '<='} {self.max:g}", param, ctx)
         return x
+
+
+def setting_type(name: str) -> click.ParamType:
+    """The option type of a full retrain's setting ``name`` (its range in ``TRAINING_SETTINGS``)."""
+    whole, lo, lo_open, hi = TRAINING_SETTINGS[name]
+    return click.IntRange(lo, hi) if whole else FiniteFloat(min=lo, max=hi, min_open=lo_open)
 
 
 class Ctx:
@@ -256,12 +262,12 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
 @click.option("--model", "kind", type=click.Choice(["dot", "nn"]),
               help="Model kind [default: dot for a first or --full retrain, else the serving version's]. This and "
                    "the training options below apply to a full retrain (an incremental one refuses them).")
-@click.option("--factors", "n_factors", type=click.IntRange(1, 1024))
-@click.option("--epochs", type=click.IntRange(1, 1000))
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True))
-@click.option("--wd", type=FiniteFloat(min=0))
-@click.option("--bs", type=click.IntRange(1, MAX_BATCH), help="Batch size.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
+@click.option("--factors", "n_factors", type=setting_type("n_factors"))
+@click.option("--epochs", type=setting_type("epochs"))
+@click.option("--lr", type=setting_type("lr"))
+@click.option("--wd", type=setting_type("wd"))
+@click.option("--bs", type=setting_type("bs"), help="Batch size.")
+@click.option("--seed", type=setting_type("seed"), default=42, show_default=True)
 @click.option("--valid-pct", type=FiniteFloat(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
 @click.option("--drift-limit", type=FiniteFloat(0, 1), default=0.2, show_default=True,
