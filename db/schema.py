@@ -70,7 +70,8 @@ class Rating(Base):
 class ReplacedRating(Base):
     """A rating row that a later write replaced (its value and seq), kept by a trigger on ``ratings``
     (``store.ensure_rating_history``): what a pair held at any seq, e.g. the value a full retrain
-    learned for a pair rated again twice or more since (``prev_rating`` holds only the latest)."""
+    learned for a pair rated again twice or more since (``prev_rating`` holds only the latest). Each
+    full version drops the rows no version learned (``store.prune_replaced_ratings``)."""
 
     __tablename__ = "replaced_ratings"
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)

@@ -736,6 +736,27 @@ def replaced_ratings_of(conn: Connection, user_id: int, max_seq: int) -> tuple[n
             np.array([r[2] for r in rows], np.float64))
 
 
+def prune_replaced_ratings(conn: Connection) -> int:
+    """Delete the replaced rating rows that no full version learned, and that none ever will; returns
+    how many. A full version read every row up to its ``max_seq``, so of a pair's rows it learned the
+    one with seq ≤ ``max_seq`` < the seq of the pair's next row (a later replaced row, or the current
+    rating); a replaced row is kept while some full version's ``max_seq`` lies in that span (a rollback
+    may serve any version). Future full versions read from the current rows, so a row no version
+    learned is never needed again. Call in the write transaction that stores a full version (the
+    retrain lock keeps any other full retrain from being in flight)."""
+    if not inspect(conn).has_table(ReplacedRating.__tablename__):
+        return 0
+    return conn.execute(text(
+        "DELETE FROM replaced_ratings WHERE NOT EXISTS ("
+        " SELECT 1 FROM model_versions v WHERE v.mode = 'full' AND v.max_seq >= replaced_ratings.seq"
+        " AND v.max_seq < COALESCE("
+        "  (SELECT MIN(n.seq) FROM replaced_ratings n WHERE n.user_id = replaced_ratings.user_id"
+        "   AND n.item_id = replaced_ratings.item_id AND n.seq > replaced_ratings.seq),"
+        "  (SELECT r.seq FROM ratings r WHERE r.user_id = replaced_ratings.user_id"
+        "   AND r.item_id = replaced_ratings.item_id),"
+        "  9223372036854775807))")).rowcount
+
+
 def item_ratings(conn: Connection, item_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(user ids, ratings) of one item."""
     rows = conn.execute(select(Rating.user_id, Rating.rating).where(Rating.item_id == item_id)

@@ -21,7 +21,7 @@ from ..cf_core.model import TrainedModel
 from ..cf_core.scoring import from_npz, to_npz
 from .array_cache import stored_arrays
 from .schema import ModelArrays, ModelVersion, UserFactors
-from .store import CHUNK, get_setting, set_setting
+from .store import CHUNK, get_setting, prune_replaced_ratings, set_setting
 
 MODEL_BLOB = "model.npz"  # a full version's TrainedModel.to_arrays()
 DELTA_BLOB = "delta.npz"  # an incremental version's changes
@@ -54,7 +54,8 @@ def _check_serving(conn: Connection, expected: int | None | tuple[int | None, in
 
 def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: int,
               expected_serving: tuple[int | None, int]) -> tuple[int, bool]:
-    """Write a full version (model arrays, trained users' rows). It becomes serving unless the serving
+    """Write a full version (model arrays, trained users' rows) and drop the replaced rating rows no
+    version needs (``store.prune_replaced_ratings``). It becomes serving unless the serving
     version changed since the retrain started, or was chosen again (``serving_state``; a rollback):
     then it is stored but not served.
     Returns (version, serving). Call inside a write transaction."""
@@ -67,6 +68,7 @@ def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: 
     for start in range(0, len(rows), CHUNK):
         conn.execute(insert(UserFactors), rows[start:start + CHUNK])
     conn.execute(insert(ModelArrays).values(version_id=version, name=MODEL_BLOB, data=to_npz(model.to_arrays())))
+    prune_replaced_ratings(conn)
     serve = _check_serving(conn, expected_serving) is None
     if serve:
         set_setting(conn, "serving_version", str(version))

@@ -65,9 +65,11 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
     ingest builds its keys and indexes after the rows): the same ingests leave the same rows as on
     SQLite, replaced values and missing timestamps included, and the keys are back."""
     import numpy as np
-    from sqlalchemy import inspect
+    from sqlalchemy import insert, inspect
 
     from cfb.db import store
+    from cfb.db.engine import writing
+    from cfb.db.schema import ModelVersion
 
     monkeypatch.setattr(store, "PG_COPY_ROWS", 100)
     monkeypatch.setattr(store, "BULK_ROWS", 1000)
@@ -77,7 +79,7 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
     new_pairs = pd.DataFrame([{"user": f"n{k}", "item": f"a{k % 20}", "rating": 4.0, "timestamp": k} for k in range(90)])
     later = pd.concat([changed, new_pairs, planted.ratings.iloc[1:8:7]])  # and two rows written again unchanged
     sqlite = make_engine(f"sqlite:///{tmp_path / 'same.db'}")
-    rows, reported, replaced = [], [], []
+    rows, reported, replaced, pruned = [], [], [], []
     for engine in (pg_engine, sqlite):
         ingest_dataset(engine, planted)
         reported.append(ingest_dataset(engine, Dataset(later.reset_index(drop=True)))["new_ratings"])
@@ -88,11 +90,15 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
         with engine.connect() as conn:  # every replaced row is logged (by a trigger: plpgsql here)
             replaced.append(pd.read_sql("SELECT user_id, item_id, seq, rating FROM replaced_ratings "
                                         "ORDER BY seq", conn))
+        with writing(engine) as conn:  # a full version that read up to `later`: it learned only `later`'s rows
+            conn.execute(insert(ModelVersion).values(kind="dot", mode="full", max_seq=int(r.seq.max())))
+            pruned.append(store.prune_replaced_ratings(conn))
     sqlite.dispose()
     pd.testing.assert_frame_equal(rows[0], rows[1])
     pd.testing.assert_frame_equal(replaced[0], replaced[1])
     n_changed = int((changed.rating != planted.ratings.iloc[::7].rating).sum())  # (6 - 3 = 3: the same value)
     assert len(replaced[0]) == n_changed + len(changed)  # changed once by `later`, all again by the last
+    assert pruned == [n_changed] * 2  # the rows `later` replaced: no version read them
     assert 0 < n_changed < len(changed)
     assert reported == [n_changed + len(new_pairs)] * 2  # new or changed: the same rows on both
     assert (rows[0].prev_seq >= 0).sum() == n_changed and (rows[0].timestamp == -1).sum() == n_changed

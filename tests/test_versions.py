@@ -16,7 +16,7 @@ from cfb.service.incremental import retrain_incremental
 from cfb.service.ingest import ingest_dataset
 from cfb.service.onboard import onboard, questionnaire_json
 from cfb.service.ratings import rate_item
-from cfb.service.state import load_served, user_vector
+from cfb.service.state import learned_values, load_served, user_vector
 from cfb.service.training import retrain_full
 
 from .conftest import FAST
@@ -208,6 +208,44 @@ def test_incremental_statistics_follow_first_ratings_and_replaced_ones(trained, 
     rate_item(engine, "b3", "a7", 3.0)
     assert retrain_incremental(engine)["new_ratings"] == 4  # everything since the older version, once
     assert_statistics_are_the_tables(engine)
+
+
+def test_a_full_retrain_keeps_the_replaced_rows_a_version_learned_and_drops_the_rest(trained, planted):
+    """The log of replaced rating rows does not grow without end: a full version drops the rows no
+    version learned (changed again before any full retrain read them), and keeps the row each full
+    version learned for a pair changed since, so a rollback to it still folds out the right value."""
+    engine, report = trained
+    pair = ("a0", next(i for u, i in zip(planted.ratings.user, planted.ratings.item) if u == "a0"))
+    original = float(planted.ratings[(planted.ratings.user == pair[0]) & (planted.ratings.item == pair[1])].rating.iloc[0])
+    changes = [v for v in (1.0, 2.0, 3.0, 4.0, 5.0) if v != original]
+    for value in changes[:3]:
+        rate_item(engine, *pair, value)
+    with engine.connect() as conn:
+        uid, iid = store.user_id_of(conn, pair[0]), conn.scalar(select(Item.id).where(Item.external_id == pair[1]))
+        root1 = versions.get_version(conn, report["version"])["max_seq"]
+
+    def logged() -> list[float]:
+        with engine.connect() as conn:
+            items, _, values = store.replaced_ratings_of(conn, uid, 10**12)
+        return values[items == iid].tolist()
+
+    assert logged() == [original, *changes[:2]]
+    second = retrain_full(engine, progress=False, **FAST)
+    assert logged() == [original]  # learned by version 1; the two in between by no version
+    rate_item(engine, *pair, changes[3])
+    rate_item(engine, *pair, original)
+    assert logged() == [original, changes[2], changes[3]]
+    with writing(engine) as conn:
+        assert store.prune_replaced_ratings(conn) == 1  # changes[3]: no full version read it
+    assert logged() == [original, changes[2]]
+    with engine.connect() as conn:  # what each version learned for the pair, as served
+        for version, learned in ((report["version"], original), (second["version"], changes[2])):
+            root = versions.get_version(conn, version)["max_seq"]
+            items, ratings, seq, prev, prev_seq = store.user_ratings_replaced(conn, uid)
+            k = int(np.flatnonzero(items == iid)[0])
+            assert learned_values(items, seq, prev, prev_seq, root,
+                                  store.replaced_ratings_of(conn, uid, root))[k] == learned
+    assert root1 < root
 
 
 def test_a_database_from_before_the_replaced_rating_log_gets_it_from_its_next_writer(trained):
