@@ -456,16 +456,12 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
 
     with writing(engine) as conn:
         served = load_served(conn)
-        validator = SignupValidator.__new__(SignupValidator)
-        validator.questionnaire = served.model.questionnaire
-        validator.scale = store.rating_scale(conn)
-        validator.step = store.rating_step(conn)
-        validator.items = _Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key")))
-        validator.titles = _Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
-                                   possible=lambda title: "\x00" not in title)  # (as ``serving.find_item``)
-        validator.all_titles = lambda: store.item_title_list(conn)  # (read on an unknown item only)
-        validator.known_users = _Lookup(conn, select(User.id).where(User.external_id == bindparam("key")))
-        validator.batch_users = set()
+        validator = SignupValidator(
+            conn, served, items=_Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key"))),
+            titles=_Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
+                           possible=lambda title: "\x00" not in title),  # (as ``serving.find_item``)
+            all_titles=lambda: store.item_title_list(conn),  # (read on an unknown item only)
+            known_users=_Lookup(conn, select(User.id).where(User.external_id == bindparam("key"))))
         signup = validator.validate(where, entry)
         if signup.user is None:  # onboard's `new-N` (N = the next row id), without reading every user
             n = int(conn.scalar(select(User.id).order_by(User.id.desc()).limit(1)) or 0) + 1
@@ -677,8 +673,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                     "description": "item id or exact title -> rating; leave out items not seen"},
         "asked": {"type": "integer", "minimum": 0, "maximum": MAX_BUDGET,
                   "description": "how many of GET /questionnaire's items were shown (its budget): the ones "
-                                 "not rated count as not seen"}},
-        "example": {"answers": {"gender": "F"}, "ratings": {"50": 5, "181": 4}, "asked": 15}}
+                                 "not rated count as not seen"},
+        "version": {"type": "integer", "minimum": 1,
+                    "description": "the model version whose questionnaire was shown (GET /questionnaire's "
+                                   "`version`): answers are checked against it, as a full retrain since may "
+                                   "have changed the questionnaire (default: the serving version)"}},
+        "example": {"answers": {"gender": "F"}, "ratings": {"50": 5, "181": 4}, "asked": 15, "version": 1}}
 
     @app.post("/users", status_code=201, tags=["api"], summary="Sign a user up (`cfb onboard` with one entry)",
               openapi_extra={"requestBody": {"required": True,
@@ -843,7 +843,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             rows.append(f"<label>{name} {field}</label>")
         items = [f"<li><span class='title'>{_name(it)}</span> "
                  f"{_rating_select(scale, 'rate', it['item'], 'not seen')}</li>" for it in q["items"]]
-        body = (f"<h1>Sign up</h1><form id='signup' data-asked='{len(q['items'])}'>"
+        body = (f"<h1>Sign up</h1><form id='signup' data-asked='{len(q['items'])}' data-version='{q['version']}'>"
                 f"<fieldset><legend>About you</legend>"
                 f"<label>user id (optional) <input type='text' name='user' id='user-id'></label>"
                 f"{''.join(rows)}</fieldset>"

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 
-from ..bootstrap.questionnaire import MAX_BUDGET, is_finite_number, is_number
+from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
 from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
@@ -144,23 +145,32 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
 
 
 class SignupValidator:
-    """Checks entries against the serving questionnaire, the rating scale and the catalogue."""
+    """Checks entries against the serving questionnaire (or the one a sign-up page showed), the rating
+    scale and the catalogue. ``items``/``known_users`` map external ids to database ids, ``titles``
+    titles to the external ids so titled (any mappings: ``for_connection`` reads them whole, the HTTP
+    server looks each key up); ``all_titles`` gives what an unknown item's hint picks from."""
 
-    def __init__(self, conn: Connection, served: Served):
+    def __init__(self, conn: Connection, served: Served, *, items, titles, all_titles: Callable[[], object],  # noqa: ANN001
+                 known_users):  # noqa: ANN001
         self.questionnaire = served.model.questionnaire
+        self.version = served.version
+        self._questionnaire_of = lambda version: load_served(conn, version).model.questionnaire
         self.scale = store.rating_scale(conn)
         self.step = store.rating_step(conn)
-        self.items = store.id_map(conn, Item)
+        self.items, self.titles, self.all_titles, self.known_users = items, titles, all_titles, known_users
+        self.batch_users: set[str] = set()
+
+    @classmethod
+    def for_connection(cls, conn: Connection, served: Served) -> "SignupValidator":
+        """A validator with the catalogue and the users read whole (for a batch of entries)."""
         titles: dict[str, list[str]] = {}  # title -> the external ids of the items so titled
         for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))):
             titles.setdefault(t, []).append(e)
-        self.titles = titles
-        self.all_titles = lambda: self.titles  # what an unknown item's hint picks from
-        self.known_users = set(store.id_map(conn, User))
-        self.batch_users: set[str] = set()
+        return cls(conn, served, items=store.id_map(conn, Item), titles=titles, all_titles=lambda: titles,
+                   known_users=set(store.id_map(conn, User)))
 
     def validate(self, where: str, entry: dict) -> Signup:
-        unknown_keys = set(entry) - {"user", "answers", "ratings", "asked"}
+        unknown_keys = set(entry) - {"user", "answers", "ratings", "asked", "version"}
         if unknown_keys:
             raise InputError(f"unknown key(s) {', '.join(sorted(unknown_keys))}", source=where, field=sorted(unknown_keys)[0])
         user = entry.get("user")
@@ -221,15 +231,36 @@ class SignupValidator:
             got = asked.token if isinstance(asked, _NonFinite) else repr(asked)
             raise InputError(f"'asked' must be the number of questionnaire items shown, 0 to {MAX_BUDGET}, "
                              f"got {got}", source=where, field="asked")
+        shown = self._shown_questionnaire(where, entry.get("version"))
         if asked is not None:  # the first `asked` were shown: a later questionnaire item cannot have been
-            position = self.questionnaire.positions()
+            position = shown.positions()
             for item, key in named.items():
                 if position.get(item, -1) >= asked:
                     raise InputError(f"questionnaire item {position[item] + 1}, past the {asked} asked",
                                      source=where, field=f"ratings.{key}")
+            if set(shown.items[:asked]) != set(self.questionnaire.items[:asked]):
+                asked = None  # not the serving questionnaire's first `asked`: its Q is inferred from the answers
         if user is not None:
             self.batch_users.add(user)
         return Signup(user, attributes, ratings, raw, asked)
+
+
+    def _shown_questionnaire(self, where: str, version) -> Questionnaire:  # noqa: ANN001
+        """The questionnaire the signup answered: that of ``version`` (the model version whose
+        questionnaire a sign-up page showed; a full retrain since may have changed it), else the
+        serving one."""
+        if version is None or version == self.version:
+            return self.questionnaire
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            got = version.token if isinstance(version, _NonFinite) else repr(version)
+            raise InputError(f"'version' must be the model version whose questionnaire was shown, got {got}",
+                             source=where, field="version")
+        if version > 2**31 - 1:  # (past any stored version id; PostgreSQL would refuse the query)
+            raise InputError(f"no model version {version}", source=where, field="version")
+        try:
+            return self._questionnaire_of(version)
+        except CfbError as e:
+            raise InputError(str(e), source=where, field="version") from None
 
 
 def _new_external_id(conn: Connection, reserved: frozenset[str] = frozenset()) -> str:
@@ -269,7 +300,7 @@ def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool 
     """Validate then store every entry in one transaction (all or nothing unless ``skip_invalid``)."""
     with writing(engine) as conn:
         served = load_served(conn)
-        validator = SignupValidator(conn, served)
+        validator = SignupValidator.for_connection(conn, served)
         valid, skipped = [], []
         for where, entry in entries:
             try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, select
 
+from ..cf_core.errors import CfbError
 from ..cf_core.model import TrainedModel, UserHistory, UserVector
 from ..db import store, versions
 from ..db.schema import Answer, Item, ModelVersion
@@ -29,8 +30,10 @@ def load_served(conn: Connection, version: int | None = None) -> Served:
     """The serving (or given) version, cached per database and version (versions never change; the
     version's creation time tells a database made again at the same address from the one before)."""
     version = version if version is not None else versions.require_serving(conn)
-    key = (str(conn.engine.url), version, str(conn.scalar(select(ModelVersion.created_at)
-                                                          .where(ModelVersion.id == version))))
+    created = conn.scalar(select(ModelVersion.created_at).where(ModelVersion.id == version))
+    if created is None:
+        raise CfbError(f"no model version {version}")
+    key = (str(conn.engine.url), version, str(created))
     served = _CACHE.get(key)
     if served is None:
         served = Served(version, versions.load_model(conn, version), versions.root_max_seq(conn, version))

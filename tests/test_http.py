@@ -167,6 +167,7 @@ def test_more_invalid_bodies_are_422_naming_the_field(server, trained, path, raw
     ({"ratings": {"a1": "five"}}, "ratings.a1"),
     ({"user": ["x"]}, "user"),
     ({"colour": "red"}, "colour"),
+    ({"version": 99}, "version"),
 ])
 def test_invalid_signup_is_422_naming_the_field_and_writes_nothing(server, trained, body, field):
     engine, _ = trained

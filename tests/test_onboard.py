@@ -134,6 +134,10 @@ def test_item_keys_are_stripped_and_a_near_miss_suggests_titles(trained, tmp_pat
     ({"asked": 1.5}, r"entry 2, field 'asked': .* got 1.5$"),
     ({"asked": "5"}, r"entry 2, field 'asked': .* got '5'$"),
     ({"asked": True}, r"entry 2, field 'asked': .* got True$"),
+    ({"version": 0}, r"entry 2, field 'version': 'version' must be the model version whose questionnaire was shown, got 0$"),
+    ({"version": "1"}, r"entry 2, field 'version': .* got '1'$"),
+    ({"version": 99}, r"entry 2, field 'version': no model version 99$"),
+    ({"version": 2**40}, r"entry 2, field 'version': no model version 1099511627776$"),
 ])
 def test_bad_entries_fail_the_whole_batch(trained, tmp_path, entry, message):
     engine, _ = trained
@@ -217,3 +221,39 @@ def test_a_signup_says_how_many_questionnaire_items_it_showed(trained, tmp_path)
     store._HAVE_ASKED.discard(str(engine.url))
     with engine.connect() as conn:
         assert store.has_answers_asked(conn)
+
+
+def test_a_signup_is_checked_against_the_questionnaire_it_was_shown(trained, planted):
+    """A sign-up page loaded before a full retrain that reordered the questionnaire sends its version:
+    its answers are checked against that version's questionnaire (the item the page showed third is
+    no longer the serving one's third), and where the items it showed are not the serving
+    questionnaire's first ``asked``, the size is inferred as if not said."""
+    from cfb.db import store
+    from cfb.db.sources import Dataset
+    from cfb.service.ingest import ingest_dataset
+    from cfb.service.state import load_served, user_history
+    from cfb.service.training import retrain_full
+
+    from .conftest import FAST
+
+    engine, report = trained
+    with engine.connect() as conn:
+        shown = [it["item"] for it in questionnaire_json(conn, 3)["items"]]
+    liked = planted.ratings.assign(rating=np.where(planted.ratings.item == shown[2], 5.0, planted.ratings.rating))
+    ingest_dataset(engine, Dataset(liked))
+    second = retrain_full(engine, progress=False, **FAST)["version"]
+    with engine.connect() as conn:
+        now = [it["item"] for it in questionnaire_json(conn, 3)["items"]]
+    assert now == [shown[2], *shown[:2]]  # the questionnaire changed: the third is asked first
+    page = {"answers": {}, "asked": 2, "version": report["version"]}
+    with pytest.raises(InputError, match=rf"field 'ratings.{shown[2]}': questionnaire item 3, past the 2 asked$"):
+        onboard(engine, [("e", {**page, "ratings": {shown[2]: 5}})])  # past what that page showed
+    with pytest.raises(InputError, match=rf"field 'ratings.{shown[1]}': questionnaire item 3, past the 2 asked$"):
+        onboard(engine, [("e", {"answers": {}, "asked": 2, "ratings": {shown[1]: 5}})])  # no version: the serving one's
+    out = onboard(engine, [("e1", {**page, "user": "stale", "ratings": {shown[1]: 5}}),
+                           ("e2", {**page, "user": "same", "version": second, "ratings": {now[1]: 5}})])
+    assert out["version"] == second
+    with engine.connect() as conn:
+        served = load_served(conn)
+        stale, same = (user_history(conn, served, store.user_id_of(conn, u)) for u in ("stale", "same"))
+    assert stale.asked is None and same.asked == 2  # the first two shown are not the serving ones: not said

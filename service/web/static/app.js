@@ -35,7 +35,8 @@
       ev.preventDefault();
       var err = document.getElementById("signup-error");
       err.textContent = "";
-      var entry = { answers: {}, ratings: {}, asked: Number(signup.dataset.asked) };
+      var entry = { answers: {}, ratings: {}, asked: Number(signup.dataset.asked),
+                    version: Number(signup.dataset.version) };
       var user = document.getElementById("user-id").value.trim();
       if (user) { entry.user = user; }
       signup.querySelectorAll("[data-attr]").forEach(function (el) {
