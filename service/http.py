@@ -35,7 +35,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,7 +47,7 @@ from ..cf_core.model import UserHistory
 from ..db import store, versions
 from ..db.engine import EMPTY_DATABASE, is_missing_table, make_engine, writing
 from . import serving
-from .state import changed_again, learned_values, load_served
+from .state import Served, changed_again, learned_values, load_served
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
 MAX_N = 100
@@ -454,14 +454,19 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
     from ..db.schema import Item, User
     from .onboard import SignupValidator, store_signup
 
-    with writing(engine) as conn:
-        served = load_served(conn)
-        validator = SignupValidator(
+    def validator_on(conn: Connection, served: Served) -> SignupValidator:
+        return SignupValidator(
             conn, served, items=_Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key"))),
             titles=_Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
                            possible=lambda title: "\x00" not in title),  # (as ``serving.find_item``)
             all_titles=lambda: store.item_title_list(conn),  # (read on an unknown item only)
             known_users=_Lookup(conn, select(User.id).where(User.external_id == bindparam("key"))))
+
+    with engine.connect() as conn:  # bad input is found here, outside the write lock (an unknown item's
+        validator_on(conn, load_served(conn)).validate(where, entry)  # hint reads every title)
+    with writing(engine) as conn:
+        served = load_served(conn)
+        validator = validator_on(conn, served)
         signup = validator.validate(where, entry)
         if signup.user is None:  # onboard's `new-N` (N = the next row id), without reading every user
             n = int(conn.scalar(select(User.id).order_by(User.id.desc()).limit(1)) or 0) + 1
@@ -766,8 +771,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @app.get("/items/{item:path}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
              responses={404: {"description": "unknown item"}})
     async def similar(item: str, n: int = Query(10, ge=1, le=MAX_N)):
-        with engine.connect() as conn:
-            return json_response(serving.similar(conn, item, n))
+        def run():  # (an unknown item's hint reads every title: not on the event loop)
+            with engine.connect() as conn:
+                return serving.similar(conn, item, n)
+
+        return json_response(await run_in_threadpool(run))
 
     @app.get("/models", tags=["api"], summary="Model versions (`cfb models --json`)")
     async def models():

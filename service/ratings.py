@@ -24,6 +24,9 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     rating = value
     if not str(item).strip():
         raise CfbError("empty item id")
+    if not create_item:  # an unknown item is refused here, outside the write lock (its hint reads every title)
+        with engine.connect() as conn:
+            find_item(conn, item)
     with writing(engine) as conn:
         scale, step = store.rating_scale(conn), store.rating_step(conn)
         problem = store.rating_problem(rating, scale, step)

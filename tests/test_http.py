@@ -20,6 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from click.testing import CliRunner  # noqa: E402
 
+from cfb.cf_core.errors import CfbError, InputError  # noqa: E402
 from cfb.cli.main import cli  # noqa: E402
 
 XSS = "<script>alert(1)</script>"
@@ -633,3 +634,38 @@ def test_a_server_for_this_machine_only_refuses_other_host_names(trained, db_url
         assert client.get("/health").status_code == 200
         assert client.get("/health", headers={"Host": f"localhost:{port}"}).status_code == 200
         assert client.get("/health", headers={"Host": "shop.example"}).status_code == 200
+
+
+def test_an_unknown_items_hint_is_found_outside_the_write_lock(trained, monkeypatch):
+    """The hint for an unknown item reads and compares every title (seconds on a large catalogue), so a
+    sign-up or a rating naming one is refused before the write transaction: other writers never wait
+    for it."""
+    import sqlite3
+
+    from cfb.service import onboard, serving
+    from cfb.service.http import signup_one
+    from cfb.service.ratings import rate_item
+
+    engine, _ = trained
+    locked = []
+
+    def hint_noting_the_lock(query, titles):  # noqa: ANN001
+        probe = sqlite3.connect(engine.url.database, timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.rollback()
+            locked.append(False)
+        except sqlite3.OperationalError:  # database is locked: a writer holds it
+            locked.append(True)
+        finally:
+            probe.close()
+        return real_hint(query, titles)
+
+    real_hint = serving.title_hint
+    monkeypatch.setattr(serving, "title_hint", hint_noting_the_lock)
+    monkeypatch.setattr(onboard, "title_hint", hint_noting_the_lock)
+    with pytest.raises(InputError, match="field 'ratings.Alpha flim 1': unknown item; did you mean: Alpha film 1"):
+        signup_one(engine, {"ratings": {"Alpha flim 1": 5}})
+    with pytest.raises(CfbError, match="unknown item 'Alpha flim 1'; did you mean: Alpha film 1"):
+        rate_item(engine, "a0", "Alpha flim 1", 5)
+    assert locked == [False, False]
