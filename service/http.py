@@ -39,6 +39,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
@@ -613,6 +614,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
     app.add_middleware(BodyLimit, max_body=max_body)
+    if allowed:  # an allowed site's page asks the browser first (a JSON body or a token is not a "simple"
+        # request) and may read the answers: CORS for those sites only, answered before any route
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(allowed), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
     if local_hosts_only:  # outermost: before anything is read
         app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed))
 

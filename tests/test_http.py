@@ -602,6 +602,20 @@ def test_a_site_let_in_may_write_and_a_proxys_host_counts_as_ours(trained, db_ur
         assert client.post("/users/a0/ratings", content=body, headers={"Origin": "https://other.example"}).status_code == 403
         proxied = {"Origin": "https://cfb.example", "X-Forwarded-Host": "cfb.example"}
         assert client.post("/users/a0/ratings", content=body, headers=proxied).status_code == 201
+        # a browser asks first (a JSON body, a token), then lets the page read the answer: CORS for that site only
+        ask = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization,content-type"}
+        r = client.options("/users/a0/ratings", headers=ask)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://shop.example"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = client.options("/users/a0/ratings", headers={**ask, "Origin": "https://other.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        for r in (client.post("/users/a0/ratings", json={"item": "a1", "rating": 4}, headers={"Origin": "https://shop.example"}),
+                  client.get("/users/a0/recommendations", headers={"Origin": "https://shop.example"})):
+            assert r.status_code in (200, 201) and r.headers["access-control-allow-origin"] == "https://shop.example"
+        r = client.get("/users/a0/recommendations", headers={"Origin": "https://other.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # (the browser hides it)
 
 
 def test_a_signups_misspelt_title_suggests_titles_as_the_cli_does(server):
