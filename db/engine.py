@@ -45,6 +45,13 @@ def is_missing_table(e: BaseException) -> bool:
     return "no such table" in msg or ("relation" in msg and "does not exist" in msg)
 
 
+def is_busy(e: BaseException) -> bool:
+    """Whether a database error says another connection held a lock past the wait (SQLite's busy
+    timeout; PostgreSQL's lock timeout, where one is set)."""
+    msg = str(getattr(e, "orig", None) or e)
+    return "database is locked" in msg or "lock timeout" in msg
+
+
 def sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL (None: another backend, or an in-memory database)."""
     from sqlalchemy.engine import make_url

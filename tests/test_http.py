@@ -683,3 +683,29 @@ def test_an_unknown_items_hint_is_found_outside_the_write_lock(trained, monkeypa
     with pytest.raises(CfbError, match="unknown item 'Alpha flim 1'; did you mean: Alpha film 1"):
         rate_item(engine, "a0", "Alpha flim 1", 5)
     assert locked == [False, False]
+
+
+def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, db_url, monkeypatch):
+    """A long ingest holds SQLite's write lock past the busy timeout: a rating or sign-up sent meanwhile
+    is told to try again (503, Retry-After, one line), while reads go on; nothing is written."""
+    import sqlite3
+
+    from cfb.db import engine as engine_module
+
+    engine, _ = trained
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 300)
+    body = {"item": "a1", "rating": 4}
+    with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        n = user_count(engine)
+        writer = sqlite3.connect(engine.url.database, timeout=0)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            for r in (client.post("/users/a0/ratings", json=body), client.post("/users", json={"answers": {}})):
+                assert r.status_code == 503 and r.headers["retry-after"] == "10", r.text
+                assert "busy" in r.json()["error"] and "\n" not in r.json()["error"]
+            assert client.get("/users/a0/recommendations").status_code == 200
+        finally:
+            writer.rollback()
+            writer.close()
+        assert user_count(engine) == n
+        assert client.post("/users/a0/ratings", json=body).status_code == 201
