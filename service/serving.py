@@ -37,7 +37,7 @@ def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank
     uid = store.user_id_of(conn, external_user)
     user, rated = user_vector(conn, served, uid)
     top = served.model.recommend(user, rated, n, by)
-    return {"user": str(external_user), "items": _items_out(conn, served, top, served.model.predict(user, top))}
+    return {"user": str(external_user).strip(), "items": _items_out(conn, served, top, served.model.predict(user, top))}
 
 
 def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]:

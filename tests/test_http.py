@@ -212,7 +212,8 @@ def test_ids_that_cannot_be_stored_are_422_and_unknown_ones_404(server, trained)
     field, nothing written) and unknown where it is looked up (404), as on PostgreSQL (tests/test_postgres.py)."""
     engine, _ = trained
     users, ratings = user_count(engine), rating_count(engine)
-    for user, problem in (("a" * 10_000, "is 10000 characters long (at most 255)"), ("a\x00b", "contains a NUL")):
+    for user, problem in (("a" * 10_000, "is 10000 characters long (at most 255)"), ("a\x00b", "contains a NUL"),
+                          ("..", "which a URL cannot name")):
         r = server.post("/users", json={"user": user, "answers": {}})
         assert r.status_code == 422 and r.json()["field"] == "user", r.text
         assert r.json()["error"].startswith("request body, field 'user': user id ") and problem in r.json()["error"]
@@ -709,3 +710,13 @@ def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, 
             writer.close()
         assert user_count(engine) == n
         assert client.post("/users/a0/ratings", json=body).status_code == 201
+
+
+def test_a_user_id_with_surrounding_spaces_is_the_user_on_every_path(trained, db_url):
+    """As every reader strips an id's surrounding spaces, so do the recommendations, on the fast path
+    (SQLite) as on the route."""
+    for fast in (True, False):
+        with running_server(db_url, fast_path=fast) as base, httpx.Client(base_url=base, timeout=30) as client:
+            plain = client.get("/users/a0/recommendations").json()
+            assert client.get("/users/%20a0%20/recommendations").json() == plain
+            assert plain["user"] == "a0"
