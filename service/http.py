@@ -568,7 +568,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         """``app.get(path)`` for a web page: HTML (its errors too, by ``answer_error``), not in the API schema."""
         def register(endpoint: Callable) -> Callable:
             pages.add(endpoint)
-            return app.get(path, response_class=HTMLResponse, include_in_schema=False)(endpoint)
+            return app.api_route(path, methods=["GET", "HEAD"], response_class=HTMLResponse,  # (HEAD: monitors)
+                                 include_in_schema=False)(endpoint)
         return register
 
     def error_page(message: str, status: int, headers: dict | None = None) -> HTMLResponse:
@@ -669,6 +670,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                            headers={"WWW-Authenticate": "Bearer"})
 
     # --- JSON API ----------------------------------------------------------------------------------
+    @app.head("/health", include_in_schema=False)  # (monitors probe with HEAD)
     @app.get("/health", tags=["api"], summary="Liveness and the serving model version")
     async def health():
         with engine.connect() as conn:

@@ -75,6 +75,9 @@ def server(trained, db_url):
 
 def test_read_endpoints_answer_what_the_cli_prints(server, db_url):
     assert server.get("/health").json() == {"status": "ok", "version": 1}
+    for path in ("/health", "/"):  # (monitors probe with HEAD)
+        r = server.head(path)
+        assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
     assert server.get("/questionnaire", params={"budget": 4}).json() == cli_json(db_url, "questionnaire", "--budget", "4")
     assert server.get("/models").json() == cli_json(db_url, "models")
     for by in ("rank", "rating"):
