@@ -126,6 +126,10 @@ class Database:
         there is no model yet, or many ratings are newer than the last full retrain. ``params``:
         n_factors, epochs, lr, wd, bs, seed; an incremental retrain refuses them and ``kind`` (they
         apply to a full one)."""
+        from .cf_core.errors import CfbError
+
+        if not isinstance(_plain(full), bool):
+            raise CfbError(f"full must be True or False, got {full!r}")
         _check_valid_pct(valid_pct)
         params = _check_training_settings(kind, params)
         if full:
@@ -263,3 +267,29 @@ class Database:
 
         self._existing()
         serve(self.url, host=host, port=port, token=token)
+
+
+def _database_errors_as_cfb_errors(method):  # noqa: ANN001, ANN202
+    """``method`` raising a database's or URL's error as the ``CfbError`` the CLI prints for it."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from .db.engine import database_error
+
+        try:
+            return method(*args, **kwargs)
+        except SQLAlchemyError as e:
+            error = database_error(e)
+            if error is None:
+                raise
+            raise error from None
+
+    return wrapper
+
+
+for _name, _method in list(vars(Database).items()):
+    if callable(_method) and (_name == "__init__" or not _name.startswith("_")):
+        setattr(Database, _name, _database_errors_as_cfb_errors(_method))

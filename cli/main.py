@@ -23,23 +23,19 @@ def fail_cleanly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, ProgrammingError
+        from sqlalchemy.exc import SQLAlchemyError
 
-        from ..db.engine import EMPTY_DATABASE, is_missing_table
+        from ..db.engine import database_error
 
         try:
             return fn(*args, **kwargs)
         except CfbError as e:
             raise click.ClickException(str(e)) from None
-        except (ArgumentError, NoSuchModuleError) as e:
-            raise click.ClickException(f"invalid database URL: {str(e).splitlines()[0]}") from None
-        except (OperationalError, ProgrammingError) as e:
-            msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
-            if "connection failed" in msg:  # (PostgreSQL: e.g. the database itself does not exist)
-                msg = msg.split("FATAL:")[-1].strip()
-            elif is_missing_table(e):
-                msg = EMPTY_DATABASE
-            raise click.ClickException(f"database error: {msg}") from None
+        except SQLAlchemyError as e:
+            error = database_error(e)
+            if error is None:
+                raise
+            raise click.ClickException(str(error)) from None
 
     return wrapper
 

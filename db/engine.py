@@ -45,6 +45,23 @@ def is_missing_table(e: BaseException) -> bool:
     return "no such table" in msg or ("relation" in msg and "does not exist" in msg)
 
 
+def database_error(e: BaseException) -> CfbError | None:
+    """The one-line ``CfbError`` for a database URL's or driver's error (a bad URL, a server that
+    refuses, a file that is not a database, …), else None."""
+    from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
+
+    if isinstance(e, (ArgumentError, NoSuchModuleError)):
+        return CfbError(f"invalid database URL: {str(e).splitlines()[0]}")
+    if not isinstance(e, DatabaseError):
+        return None
+    msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
+    if "connection failed" in msg:  # (PostgreSQL: e.g. the database itself does not exist)
+        msg = msg.split("FATAL:")[-1].strip()
+    elif is_missing_table(e):
+        msg = EMPTY_DATABASE
+    return CfbError(f"database error: {msg}")
+
+
 def is_busy(e: BaseException) -> bool:
     """Whether a database error says another connection held a lock past the wait (SQLite's busy
     timeout; PostgreSQL's lock timeout, where one is set)."""

@@ -147,9 +147,29 @@ def test_a_missing_database_file_is_an_error_and_is_not_made(runner, tmp_path, a
     ("mysql+nosuchdriver://x/y", "invalid database URL"),
 ])
 def test_bad_database_url_is_one_line(runner, url, message):
+    import cfb
+
     res = run(runner, url, "recommend", "1")
     assert res.exit_code == 1 and message in res.output
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    with pytest.raises(cfb.CfbError, match=message):  # the Python API's error too
+        cfb.open(url).recommend("1")
+
+
+def test_a_file_that_is_not_a_database_is_one_line(runner, tmp_path, cli_db):
+    """A picture given as the database, or a database cut short, is one line from the CLI and a
+    ``CfbError`` from Python, not the driver's traceback."""
+    import cfb
+
+    picture = tmp_path / "map.png"
+    picture.write_bytes(bytes(range(256)) * 64)
+    cut = tmp_path / "cut.db"
+    cut.write_bytes(Path(cli_db.removeprefix("sqlite:///")).read_bytes()[:40_000])
+    for path, message in ((picture, "file is not a database"), (cut, "database disk image is malformed")):
+        res = run(runner, f"sqlite:///{path}", "recommend", "1")
+        assert res.exit_code == 1 and res.output.strip() == f"Error: database error: {message}", res.output
+        with pytest.raises(cfb.CfbError, match=f"^database error: {message}$"):
+            cfb.open(f"sqlite:///{path}").recommend("1")
 
 
 def test_bad_ingest_file_exits_nonzero(runner, tmp_path):

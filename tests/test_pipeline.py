@@ -402,6 +402,9 @@ def test_python_api_refuses_plainly(trained, db_url):
                                  ({"kind": "svd"}, r"kind must be 'dot' or 'nn', got 'svd'")]:
                 with pytest.raises(cfb.CfbError, match="^" + message):
                     db.retrain(full=full, **bad)
+        for bad in ("no", 1, None):  # (a truthy word would train a full version)
+            with pytest.raises(cfb.CfbError, match=rf"^full must be True or False, got {bad!r}$"):
+                db.retrain(full=bad)
         user = db.onboard({"answers": {"age": np.int64(30)}, "ratings": {"a1": np.float32(4)}})  # numpy, as pandas gives
         for bad in (True, None, "4"):
             with pytest.raises(cfb.CfbError, match=rf"^rating must be a number, got {bad!r}$"):
