@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
 from ..cf_core.errors import CfbError, InputError
@@ -298,6 +299,20 @@ def store_signup(conn: Connection, served: Served, signup: Signup,
 
 def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool = False) -> dict:
     """Validate then store every entry in one transaction (all or nothing unless ``skip_invalid``)."""
+    try:
+        return _onboard(engine, entries, skip_invalid)
+    except IntegrityError:  # (PostgreSQL) another process signed up a user of these meanwhile: nothing was written
+        with engine.connect() as conn:
+            known = set(store.id_map(conn, User))
+        for where, entry in entries:
+            user = entry.get("user") if isinstance(entry, dict) else None
+            if isinstance(user, str) and user.strip() in known:
+                raise InputError(f"user {user.strip()!r} already exists (signed up meanwhile)", source=where,
+                                 field="user") from None
+        raise
+
+
+def _onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool) -> dict:
     with writing(engine) as conn:
         served = load_served(conn)
         validator = SignupValidator.for_connection(conn, served)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pandas as pd
 import pytest
@@ -247,3 +248,44 @@ def test_ids_postgres_cannot_store_are_refused_or_unknown_as_on_sqlite(pg_engine
         assert r.status_code == 201 and client.get(r.headers["location"]).status_code == 200
     res = CliRunner().invoke(cli, ["--db", URL, "rate", "é" * 255, "é" * 255, "4", "--new-item"])
     assert res.exit_code == 0, res.output
+
+
+def test_two_signups_of_one_user_at_once_on_postgres(pg_engine, planted):
+    """On PostgreSQL a sign-up validates before the row is written, so another process can sign the same
+    user up in between: the loser gets the one-line "already exists" naming entry and field, and
+    nothing of its batch is written."""
+    import threading
+
+    from sqlalchemy import func, insert, text
+
+    from cfb.cf_core.errors import InputError
+    from cfb.db.schema import User
+
+    ingest_dataset(pg_engine, planted)
+    retrain_full(pg_engine, progress=False, **FAST)
+    entries = [("entry 1", {"user": "fresh", "answers": {}}), ("entry 2", {"user": "race1", "answers": {}})]
+    with pg_engine.connect() as other:
+        other.execute(insert(User).values(external_id="race1", attributes={}))  # not committed yet
+        failed = []
+        loser = threading.Thread(target=lambda: failed.append(_error_of(lambda: onboard(pg_engine, entries))))
+        loser.start()
+        deadline = time.monotonic() + 30
+        with pg_engine.connect() as watch:  # until it has validated and waits on the unique key
+            while not watch.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND datname = current_database()")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                watch.rollback()
+        other.commit()
+    loser.join(30)
+    assert isinstance(failed[0], InputError)
+    assert str(failed[0]) == "entry 2, field 'user': user 'race1' already exists (signed up meanwhile)"
+    with pg_engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(User).where(User.external_id.in_(["fresh", "race1"]))) == 1
+
+
+def _error_of(call) -> BaseException | None:  # noqa: ANN001
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001
+        return e
+    return None
