@@ -151,6 +151,8 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
         last = df.columns[-1] if len(df.columns) else None
         if last in required and (df[last] == "").any():  # maybe a row shorter than the header (its missing
             _raise_csv_problem(path, text)  # fields read as ""): name it (an unused last column may be empty)
+        if '"' in text:  # pandas reads a stray quote into the value ("ab"cd as abcd): the csv module refuses it
+            _raise_csv_problem(path, text)
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
@@ -203,7 +205,7 @@ def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[
     text = read_text(path).lstrip("\ufeff")
     if not text.strip():
         raise InputError("empty file", source=src, line=1)
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
     rows: list[tuple[int, list[str]]] = []
     try:
         header = [h.strip() for h in next(reader)]
@@ -242,7 +244,7 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
 
     Every value is read as text ("nan", "NA", "null" stay text); a column becomes numbers only when all
     its non-empty values are finite numbers (``number_in_text``: "41", "1e5"; zip code "02139" stays
-    "02139"). Empty cells are left out. Bad rows are reported with file, line and field; the
+    "02139"), and a column of numbers with such a word in it is refused (``_numeric_column``). Empty cells are left out. Bad rows are reported with file, line and field; the
     ``line`` column keeps each row's line for later checks."""
     header, rows = _keyed_rows(Path(path), user_col, "user")
     u = header.index(user_col)
@@ -251,13 +253,31 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
         if k == u:
             continue
         values = [row[k] for _, row in rows]
-        numbers = [number_in_text(v) for v in values if v != ""]
-        numeric = all(x is not None for x in numbers)
+        numeric = _numeric_column(values, [line for line, _ in rows], name, str(path))
         for rec, v in zip(records, values):
             if v != "":
                 rec[name] = _scalar(v) if numeric else v
     return pd.DataFrame({"user": [row[u] for _, row in rows], "attributes": records,
                          "line": [line for line, _ in rows]})
+
+
+def _numeric_column(values: list[str], lines: list[int], name: str, source: str) -> bool:
+    """Whether a column holds numbers: every non-empty value is a finite number (``number_in_text``).
+    A column of numbers but for words with no digit ("NA", "unknown") or infinite or undefined numbers
+    ("nan", "inf", "1e400") is refused at the first of those, naming ``source``, its line and the field
+    ``name``: one such cell would turn the column into text (as a later file's cell would be refused by
+    the stored numbers); an empty cell is the way to give no value. Codes with digits (the zip "02139")
+    make a column text."""
+    others = [(v, line) for v, line in zip(values, lines) if v != "" and number_in_text(v) is None]
+    if not others:
+        return True
+    if len(others) < sum(v != "" for v in values) and all(
+            is_non_finite(v) or not any(ch.isdigit() for ch in v) for v, _ in others):
+        value, line = others[0]
+        not_a = "not a finite number" if is_non_finite(value) else "not a number"
+        raise InputError(f"{value!r} is {not_a}, and the column's other values are numbers (leave a cell "
+                         "empty for no value)", source=source, line=line, field=name)
+    return False
 
 
 ZERO_PADDED = re.compile(r"[+-]?0[0-9]")
@@ -340,7 +360,7 @@ def read_items_csv(path: Path) -> pd.DataFrame:
                 if v:
                     rec[name] = [x.strip() for x in v.split("|") if x.strip()]
             continue
-        numeric = all(not isinstance(_scalar(v), str) for v in values if v)
+        numeric = _numeric_column(values, [line for line, _ in rows], name, str(path))
         for rec, v in zip(records, values):
             if v:
                 rec[name] = _scalar(v) if numeric else v

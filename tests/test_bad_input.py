@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from cfb.cf_core.errors import InputError
 from cfb.cli.main import cli
 from cfb.db.engine import make_engine
 from cfb.db.schema import Base, User
@@ -101,12 +102,16 @@ def test_onboard_rejects_a_directory_and_a_missing_file(trained_db):
 
 def test_users_csv_values_stay_text_unless_the_column_is_plain_numbers(tmp_path):
     path = write(tmp_path / "u.csv", "user,zip,score,age,note\n"
-                                     "u1,02139,nan,30,NA\nu2,10001,1.5,41,null\nu3,,2,,\n")
+                                     "u1,02139,a1,30,NA\nu2,10001,1.5,41,null\nu3,,2,,\n")
     users = read_users_csv(path)
     assert users["attributes"].tolist() == [
-        {"zip": "02139", "score": "nan", "age": 30, "note": "NA"},
+        {"zip": "02139", "score": "a1", "age": 30, "note": "NA"},
         {"zip": "10001", "score": "1.5", "age": 41, "note": "null"},
         {"score": "2"}]
+    for cell, message in (("nan", "'nan' is not a finite number"), ("NA", "'NA' is not a number")):
+        with pytest.raises(InputError, match=rf"u.csv, line 2, field 'score': {message}, and the column's other "
+                                             r"values are numbers \(leave a cell empty for no value\)$"):
+            read_users_csv(write(tmp_path / "u.csv", f"user,score\nu1,{cell}\nu2,1.5\n"))
     for a in users["attributes"]:
         assert all(not isinstance(v, float) or math.isfinite(v) for v in a.values())
     numbers = read_users_csv(write(tmp_path / "n.csv", "user,x\nu1,-1.25\nu2,0\nu3,7\n"))

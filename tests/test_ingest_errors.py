@@ -25,10 +25,27 @@ from .conftest import write
     ("", r"ratings.csv, line 1: empty file"),
     ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
     ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 1, field 'rating': duplicate column$"),
+    # a quote inside a field: pandas alone would store user "abcd"
+    ("user,item,rating\nu1,i1,4\n\"ab\"cd,50,4\n", r"ratings.csv, line 3: malformed CSV .*',' expected after '\"'"),
 ])
 def test_bad_ratings_csv(tmp_path, body, message):
     with pytest.raises(InputError, match=message):
         read_ratings_csv(write(tmp_path / "ratings.csv", body))
+
+
+@pytest.mark.parametrize("reader, body, message", [
+    (read_users_csv, "user,age\na,25\nb,nan\nc,40\n", r"u.csv, line 3, field 'age': 'nan' is not a finite number"),
+    (read_items_csv, "item,title,year\na,A,1999\nb,B,inf\n", r"u.csv, line 3, field 'year': 'inf' is not a finite number"),
+    (read_items_csv, "item,title\n50,\"Star \"Wars\" (1977)\"\n", r"u.csv, line 2: malformed CSV \(',' expected after '\"'\)"),
+    (read_users_csv, "user,age\n\"x\"y,3\n", r"u.csv, line 2: malformed CSV"),
+])
+def test_bad_users_and_items_csv(tmp_path, reader, body, message):
+    """One infinite or undefined value would turn a column of numbers into text (an age of "25"), and a
+    quote inside a field would be read into the value: both are refused, naming line and field."""
+    with pytest.raises(InputError, match=message):
+        reader(write(tmp_path / "u.csv", body))
+    names = reader(write(tmp_path / "u.csv", "user,item,name\na,a,Nan\nb,b,Bob\n"))  # words stay text
+    assert [a["name"] for a in names["attributes"]] == ["Nan", "Bob"]
 
 
 @pytest.mark.parametrize("columns, message", [
