@@ -213,6 +213,10 @@ class Database:
             if not {"user", "item"} <= set(pairs.columns):
                 raise CfbError("pairs: a DataFrame needs columns user and item, has "
                                f"{', '.join(map(str, pairs.columns))}")
+            for column in ("user", "item"):  # (a missing id makes pandas turn the column's ids into floats)
+                missing = pairs[column].isna().to_numpy()
+                if missing.any():
+                    raise CfbError(f"pairs: row {int(missing.argmax()) + 1} has no {column}")
             pairs = list(zip(pairs["user"], pairs["item"]))
         if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
             raise CfbError("pairs must be (user, item) pairs or a DataFrame with columns user and item, "

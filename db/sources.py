@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .store import rating_problem
+from .store import STEP_TOLERANCE, rating_problem, scale_slack
 from .textfile import read_text, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -40,14 +40,21 @@ class Dataset:
     step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
 
 
-def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False) -> np.ndarray:
+def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False,
+             single: bool = False) -> np.ndarray:
+    """A column's values as finite numbers (``integer``: whole ones under 2**53; ``single``: ones a
+    float32 holds), else an error naming the first other value, its line and the column."""
     values = pd.to_numeric(df[col], errors="coerce")
-    bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+    x = values.to_numpy(dtype=float, na_value=np.nan)
+    bad = values.isna() | ~np.isfinite(x)
     what = "a number"
     if integer:  # a whole number that int64 (and a float) holds exactly
         v = values.to_numpy(dtype=float, na_value=0.0)
         bad |= (v % 1 != 0) | (np.abs(v) >= 2.0 ** 53)
         what = "a whole number under 2**53"
+    if single and not bad.any():
+        bad |= np.abs(x) > np.finfo(np.float32).max
+        what = "a number under 3.4e38 (a 32-bit float)"
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(f"not {what}: {df[col].iloc[pos]!r}", source=str(path), line=first_line + pos, field=col)
@@ -83,10 +90,11 @@ def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, 
     """Every rating lies within ``scale`` (inclusive) and, given a ``step``, on a step from its low end,
     else an error naming the first offender (first out of the scale, then off the steps)."""
     r = ratings["rating"].to_numpy(dtype=float)
-    bad = (r < scale[0]) | (r > scale[1])
+    slack = scale_slack(scale)
+    bad = (r < scale[0] - slack) | (r > scale[1] + slack)
     if step is not None and not bad.any():
         steps = (r - scale[0]) / step
-        bad = np.abs(steps - np.round(steps)) > 1e-9
+        bad = np.abs(steps - np.round(steps)) > STEP_TOLERANCE
     if bad.any():  # (the rule is ``store.rating_problem``'s, for the first offender: one message everywhere)
         pos = int(np.flatnonzero(bad)[0])
         raise InputError(rating_problem(float(r[pos]), scale, step), source=source, line=_line(first_line, pos),
@@ -188,7 +196,7 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     _nonempty_ids(df, user_col, path, 2)
     _nonempty_ids(df, item_col, path, 2)
     out = pd.DataFrame({"user": id_column(df[user_col]), "item": id_column(df[item_col]),
-                        "rating": _numeric(df, rating_col, path, 2).astype(np.float32)})
+                        "rating": _numeric(df, rating_col, path, 2, single=True).astype(np.float32)})
     if time_col and time_col in df.columns:
         out["timestamp"] = _numeric(df, time_col, path, 2, integer=True).astype(np.int64)
         check_times(out["timestamp"].to_numpy(), str(path), 2, time_col)

@@ -148,14 +148,15 @@ def rating_problem(value: float, scale: tuple[float, float] | None, step: float 
     """Why one rating cannot be stored on ``scale`` (with ``step`` between ratings, if any), else None."""
     if scale is None:
         return None
-    if not scale[0] <= value <= scale[1]:
-        return f"rating {_as_typed(value)} outside the scale {scale[0]:g}..{scale[1]:g}"
+    slack = scale_slack(scale)
+    if not scale[0] - slack <= value <= scale[1] + slack:
+        return f"rating {as_typed(value)} outside the scale {scale[0]:g}..{scale[1]:g}"
     if step is not None and abs((value - scale[0]) / step - round((value - scale[0]) / step)) > STEP_TOLERANCE:
-        return f"rating {_as_typed(value)} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
+        return f"rating {as_typed(value)} not on the scale {scale[0]:g}..{scale[1]:g} in steps of {step:g}"
     return None
 
 
-def _as_typed(value: float) -> str:
+def as_typed(value: float) -> str:
     """A number as it was most likely typed: the shortest digits that read back as it (as a float32
     where it is one, as the readers' arrays hold ratings: 3.3 read that way is "3.3"), or 12
     significant digits for a long one."""
@@ -165,14 +166,27 @@ def _as_typed(value: float) -> str:
     return text if len(text) <= 16 else f"{float(value):.12g}"
 
 
-STEP_TOLERANCE = 1e-9  # (of a step) how far off a step a rating may be, as typed decimals are: stored on the step
+# How far off its step (a share of the step) and off its scale's ends (a share of the scale's largest
+# end or width) a rating may be: as far as a typed decimal read as a float32 is (4.0000001 reads as 4,
+# 0.3 as 0.30000001); such a rating is stored on its step and within the scale (``on_step``).
+STEP_TOLERANCE = 1e-5
+SCALE_TOLERANCE = 1e-6
+
+
+def scale_slack(scale: tuple[float, float]) -> float:
+    """How far outside ``scale`` a rating may lie and still be on it (``SCALE_TOLERANCE``)."""
+    return SCALE_TOLERANCE * max(abs(scale[0]), abs(scale[1]), scale[1] - scale[0])
 
 
 def on_step(ratings, scale: tuple[float, float] | None, step: float | None):  # noqa: ANN001, ANN201
-    """Ratings that ``rating_problem`` let through, put exactly on their step (3.9999999999 is 4)."""
-    if step is None or scale is None:
+    """Ratings that ``rating_problem`` let through, put exactly on their step (3.9999999999 is 4) and
+    within the scale (0.30000001 on 0.1..0.3 is 0.3)."""
+    if scale is None:
         return ratings
-    return scale[0] + np.round((np.asarray(ratings, np.float64) - scale[0]) / step) * step
+    r = np.asarray(ratings, np.float64)
+    if step is not None:
+        r = scale[0] + np.round((r - scale[0]) / step) * step
+    return np.clip(r, scale[0], scale[1])
 
 
 MAX_ID_LENGTH = 255  # users.external_id and items.external_id are VARCHAR(255)

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import uuid
+from datetime import datetime, timezone
 
 import numpy as np
 from sqlalchemy import Connection, Engine, delete, insert, select, text, update
@@ -194,13 +195,18 @@ def root_max_seq(conn: Connection, version: int) -> int:
     return int(get_version(conn, chain(conn, version)[0])["max_seq"])
 
 
+def _utc(moment: datetime) -> datetime:
+    """A stored time in UTC with its offset said (SQLite hands back naive UTC, PostgreSQL an aware time)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 def list_versions(conn: Connection) -> list[dict]:
     serving = serving_version(conn)
     out = []
     table = ModelVersion.__table__
     for v in conn.execute(select(table).order_by(table.c.id)).mappings():
         out.append({"version": v["id"], "kind": v["kind"], "mode": v["mode"], "parent": v["parent_id"],
-                    "created": v["created_at"].isoformat(timespec="seconds") if v["created_at"] else None,
+                    "created": _utc(v["created_at"]).isoformat(timespec="seconds") if v["created_at"] else None,
                     "metrics": v["metrics"], "hyperparams": v["hyperparams"], "serving": v["id"] == serving})
     return out
 

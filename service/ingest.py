@@ -31,12 +31,13 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             if scale is None:
                 scale = ds.scale
             if scale is None and len(ds.ratings):
-                scale = (float(ds.ratings["rating"].min()), float(ds.ratings["rating"].max()))
+                r = ds.ratings["rating"]  # (as typed: a float32 0.3 is the 0.3 of the file)
+                scale = (float(store.as_typed(r.min())), float(store.as_typed(r.max())))
                 if scale[0] == scale[1]:
                     raise InputError(f"every rating is {scale[0]:g}, so the rating scale cannot be told from "
                                      "them: give the scale (`--scale LO,HI`)", source=source)
             if scale is not None:
-                store.set_setting(conn, "rating_scale", f"{scale[0]:g},{scale[1]:g}")
+                store.set_setting(conn, "rating_scale", f"{float(scale[0])!r},{float(scale[1])!r}")
                 if ds.step is not None and tuple(scale) == tuple(ds.scale or ()):
                     store.set_setting(conn, "rating_step", f"{ds.step:g}")
         scale = known or scale

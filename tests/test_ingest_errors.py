@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from cfb.cf_core.errors import InputError
+from cfb.cf_core.errors import CfbError, InputError
+from cfb.db.engine import make_engine, writing
 from cfb.db.schema import Rating, User
 from cfb.db.sources import Dataset, read_items_csv, read_movielens, read_ratings_csv, read_users_csv
 from cfb.service.ingest import ingest_dataset, upsert_items
@@ -25,6 +26,7 @@ from .conftest import write
     ("", r"ratings.csv, line 1: empty file"),
     ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
     ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 1, field 'rating': duplicate column$"),
+    ("user,item,rating\n1,50,1e39\n", r"ratings.csv, line 2, field 'rating': not a number under 3.4e38 \(a 32-bit float\): '1e39'$"),
     # a quote inside a field: pandas alone would store user "abcd"
     ("user,item,rating\nu1,i1,4\n\"ab\"cd,50,4\n", r"ratings.csv, line 3: malformed CSV .*',' expected after '\"'"),
 ])
@@ -163,3 +165,29 @@ def test_generic_ratings_csv_negative_time_names_the_text(tmp_path):
     with pytest.raises(InputError, match=r"r.csv, line 3, field 'when': negative time '-7' \(seconds since 1970"):
         read_ratings_csv(write(tmp_path / "r.csv", "who,what,stars,when\nu1,i1,4,1\nu2,i1,2,-7\n"),
                          "who", "what", "stars", "when")
+
+
+def test_a_scale_and_ratings_that_a_float32_does_not_hold_exactly(engine, tmp_path):
+    """0.3 read as a float32 is 0.30000001: the scale told from the data is 0.1..0.3 as typed, the same
+    file ingests again, --scale 0.1,0.3 takes it, and a rating a float32 reads onto a step (4.0000001)
+    is on it from `cfb rate` too."""
+    from cfb.db import store
+    from cfb.service.ingest import ingest_dataset
+    from cfb.service.ratings import rate_item
+
+    path = write(tmp_path / "s.csv", "user,item,rating\n1,a,0.1\n2,b,0.3\n")
+    assert ingest_dataset(engine, Dataset(read_ratings_csv(path)))["scale"] == [0.1, 0.3]
+    assert ingest_dataset(engine, Dataset(read_ratings_csv(path)))["new_ratings"] == 0
+    with engine.connect() as conn:
+        assert store.rating_scale(conn) == (0.1, 0.3)
+        assert max(store.load_ratings(conn).rating) <= 0.3
+    other = make_engine(f"sqlite:///{tmp_path / 'given.db'}")
+    assert ingest_dataset(other, Dataset(read_ratings_csv(path)), scale=(0.1, 0.3))["ratings"] == 2
+    whole = make_engine(f"sqlite:///{tmp_path / 'whole.db'}")
+    stars = write(tmp_path / "w.csv", "user,item,rating\n1,a,1\n2,b,5\n3,a,4.0000001\n")
+    ingest_dataset(whole, Dataset(read_ratings_csv(stars)), scale=(1.0, 5.0))
+    with writing(whole) as conn:
+        store.set_setting(conn, "rating_step", "1")
+    assert rate_item(whole, "1", "b", 4.0000001)["rating"] == 4.0
+    with pytest.raises(CfbError, match=r"^rating 4.1 not on the scale 1..5 in steps of 1$"):
+        rate_item(whole, "1", "b", 4.1)

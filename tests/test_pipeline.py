@@ -417,10 +417,12 @@ def test_python_api_refuses_plainly(trained, db_url):
         assert db.predict(pd.DataFrame({"user": [user], "item": ["a1"]})) == db.predict([(user, "a1")])
         for bad, message in [(pd.DataFrame({"u": [user]}), r"pairs: a DataFrame needs columns user and item, has u"),
                              ("pairs.csv", r"pairs must be \(user, item\) pairs"),
-                             ([(user, "a1", "x")], r"pairs: entry 1 must be one \(user, item\) pair")]:
+                             ([(user, "a1", "x")], r"pairs: entry 1 must be one \(user, item\) pair"),
+                             (pd.DataFrame({"user": [1, None], "item": ["a1", "a2"]}), r"pairs: row 2 has no user$")]:
             with pytest.raises(cfb.CfbError, match="^" + message):
                 db.predict(bad)
         assert len(db.models()) == 1
+        assert db.models()["created"][0].endswith("+00:00")  # (UTC, said, as PostgreSQL's)
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == users + 1
 
