@@ -364,3 +364,13 @@ def test_a_failed_first_ingest_leaves_no_database(runner, tmp_path):
     assert res.exit_code == 1
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM ratings").fetchone() == (2,)
+
+
+def test_a_title_hint_in_a_large_catalogue_compares_titles_sharing_a_word():
+    """Past ``HINT_ALL_TITLES`` titles only those sharing a word with the query are compared: a
+    misspelt title still finds its neighbours."""
+    from cfb.service.serving import HINT_ALL_TITLES, title_hint
+
+    titles = [f"Film number {k} ({1900 + k % 100})" for k in range(HINT_ALL_TITLES + 1000)] + ["Star Wars (1977)"]
+    assert title_hint("Star Wras (1977)", titles).startswith("; did you mean: Star Wars (1977)")
+    assert title_hint("Star Wras (1977)", titles[-3:]) == "; did you mean: Star Wars (1977)?"
