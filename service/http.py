@@ -46,7 +46,7 @@ from ..bootstrap.questionnaire import MAX_BUDGET
 from ..cf_core.errors import CfbError, InputError
 from ..cf_core.model import UserHistory
 from ..db import store, versions
-from ..db.engine import EMPTY_DATABASE, is_busy, is_missing_table, make_engine, writing
+from ..db.engine import EMPTY_DATABASE, is_busy, is_missing_table, make_engine, sqlite_file, writing
 from . import serving
 from .state import Served, changed_again, learned_values, load_served
 
@@ -240,6 +240,14 @@ class _FastReader:
         self.cache_size = cache_size
         self.local = threading.local()  # each thread's own connection
         self._tokens = itertools.count()
+        self.generation = 0  # ``reopen`` makes every thread open a new connection
+
+    def reopen(self) -> None:
+        """Drop every thread's connection and the answers cached: the database file was made again."""
+        self.generation += 1
+        if self.cache is not None:
+            self.cache.clear()
+        self.roots.clear()
 
     def _root(self, version: int) -> int:
         if version not in self.roots:
@@ -251,7 +259,11 @@ class _FastReader:
         """This thread's connection (the engine's: WAL, busy timeout, autocommit; kept out of the pool),
         and a number naming it that is never reused (the cache keeps that, not the connection)."""
         conn = getattr(self.local, "conn", None)
+        if conn is not None and self.local.generation != self.generation:
+            _close_quietly(conn)
+            conn = None
         if conn is None:
+            self.local.generation = self.generation
             raw = self.engine.raw_connection()
             conn = self.local.conn = raw.driver_connection
             raw.detach()  # this thread's for good: no pool checkout per request
@@ -480,6 +492,15 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
             "skipped": []}
 
 
+def _file_identity(path: Path | None) -> tuple[int, int] | None:
+    """(device, inode) of a database file, to tell a file made again at the same path (None: no file)."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
 # --- the app ---------------------------------------------------------------------------------------
 def _page(title: str, body: str, token_required: bool = False) -> HTMLResponse:
     base = Template((WEB / "templates" / "base.html").read_text(encoding="utf-8"))
@@ -538,7 +559,16 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             except Exception:  # noqa: BLE001 - an empty or busy database: the requests will say so
                 pass
 
+    file = sqlite_file(str(engine.url.render_as_string(hide_password=False)))
+    seen_file = [_file_identity(file)]
+
     def _load_serving() -> None:
+        now = _file_identity(file)
+        if now is not None and now != seen_file[0]:  # the database was deleted and made again (a new
+            seen_file[0] = now  # quickstart): every connection still reads and writes the old file
+            engine.dispose()
+            if fast is not None:
+                fast.reopen()
         with engine.connect() as conn:
             if versions.serving_version(conn) is not None:
                 load_served(conn)

@@ -723,3 +723,37 @@ def test_a_user_id_with_surrounding_spaces_is_the_user_on_every_path(trained, db
             plain = client.get("/users/a0/recommendations").json()
             assert client.get("/users/%20a0%20/recommendations").json() == plain
             assert plain["user"] == "a0"
+
+
+def test_a_database_made_again_at_the_same_path_is_served_within_a_second(trained, db_url, tmp_path):
+    """`./quickstart.sh` deletes and makes the demo database again while a server may still run on it:
+    the server notices the new file and reads and writes it, not the deleted one (its connections
+    would otherwise keep the old file open)."""
+    import sqlite3
+    from pathlib import Path
+
+    from cfb.db.engine import make_engine
+    from cfb.service.onboard import onboard
+
+    from .conftest import checkpointed_copy
+
+    engine, _ = trained
+    (tmp_path / "other").mkdir()
+    checkpointed_copy(engine, tmp_path / "other" / "cfb.db")
+    other = make_engine(f"sqlite:///{tmp_path / 'other' / 'cfb.db'}")
+    onboard(other, [("e", {"user": "only-in-the-new-file", "answers": {}})])
+    with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert client.get("/users/only-in-the-new-file/recommendations").status_code == 404
+        assert client.get("/users/a0/recommendations").status_code == 200  # (the fast path has its connection)
+        path = Path(engine.url.database)
+        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        checkpointed_copy(other, path)
+        deadline = time.monotonic() + 10
+        while client.get("/users/only-in-the-new-file/recommendations").status_code != 200:
+            assert time.monotonic() < deadline, "the server still reads the deleted file"
+            time.sleep(0.1)
+        assert client.post("/users/only-in-the-new-file/ratings", json={"item": "a1", "rating": 5}).status_code == 201
+    with sqlite3.connect(path) as conn:  # the write went to the new file
+        assert conn.execute("SELECT count(*) FROM ratings r JOIN users u ON u.id = r.user_id "
+                            "WHERE u.external_id = 'only-in-the-new-file'").fetchone() == (1,)
