@@ -116,11 +116,8 @@ class Database:
         from .db.sources import read_movielens
         from .service.ingest import ingest_dataset
 
-        from .db.engine import made_only_if_it_succeeds
-
         ds = read_movielens(Path(folder))
-        with made_only_if_it_succeeds(self.url, self.engine):
-            return ingest_dataset(self.engine, ds, source=ds.source or str(folder))
+        return ingest_dataset(self.engine, ds, source=ds.source or str(folder))
 
     # --- training -----------------------------------------------------------------------------------
     def retrain(self, full: bool = False, kind: str | None = None, valid_pct: float = 0.2, progress: bool = False,

@@ -171,24 +171,6 @@ def require_database(url: str) -> None:
         raise CfbError(f"no database at {path}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")
 
 
-@contextmanager
-def made_only_if_it_succeeds(url: str | None, engine: Engine | None = None) -> Iterator[None]:
-    """An ingest into a SQLite file that is not there yet: if it fails, the file it made (with its
-    journal) is removed again, so a failed first ingest leaves no empty database behind. ``engine``
-    (its connections are closed first) is the one writing to it, if already made."""
-    path = sqlite_file(resolve_url(url))
-    new = path is not None and not path.exists()
-    try:
-        yield
-    except BaseException:
-        if new:
-            if engine is not None:
-                engine.dispose()
-            for leftover in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-journal"))):
-                leftover.unlink(missing_ok=True)
-        raise
-
-
 def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = False) -> Engine:
     """Create an engine for ``url`` (see ``resolve_url``); SQLite gets WAL mode and a busy timeout.
 

@@ -340,32 +340,6 @@ def test_serve_refuses_an_allowed_origin_that_is_not_one(runner, cli_db):
     assert res.exit_code == 2 and "'shop.example' is not an origin" in res.output
 
 
-def test_a_failed_first_ingest_leaves_no_database(runner, tmp_path):
-    """A first ingest that fails (here after the file was opened: the scale cannot be told) removes the
-    database it made, so the next command says "no database", not "empty"; one that fails on an
-    existing database leaves it as it was."""
-    import sqlite3
-
-    import cfb
-
-    one_value = write(tmp_path / "same.csv", "user,item,rating\n1,a,3\n2,b,3\n")
-    db = tmp_path / "new.db"
-    res = run(runner, f"sqlite:///{db}", "ingest", "ratings", str(one_value))
-    assert res.exit_code == 1 and "give the scale" in res.output
-    assert not list(tmp_path.glob("new.db*"))
-    bad_items = write(tmp_path / "items.csv", "item,title\n.,Dot\n")
-    assert run(runner, f"sqlite:///{db}", "ingest", "items", str(bad_items)).exit_code == 1
-    assert not list(tmp_path.glob("new.db*"))
-    with pytest.raises(cfb.CfbError):
-        cfb.open(f"sqlite:///{db}").ingest_movielens(tmp_path)  # (no release there)
-    assert not list(tmp_path.glob("new.db*"))
-    assert run(runner, f"sqlite:///{db}", "ingest", "ratings", str(one_value), "--scale", "1,5").exit_code == 0
-    res = run(runner, f"sqlite:///{db}", "ingest", "ratings", str(write(tmp_path / "bad.csv", "user,item,rating\n1,a,9\n")))
-    assert res.exit_code == 1
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM ratings").fetchone() == (2,)
-
-
 def test_a_title_hint_in_a_large_catalogue_compares_titles_sharing_a_word():
     """Past ``HINT_ALL_TITLES`` titles only those sharing a word with the query are compared: a
     misspelt title still finds its neighbours."""
