@@ -130,16 +130,17 @@ def _codes(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.asarray(pd.Index(distinct).astype(str))
 
 
-def _raise_csv_problem(path: Path, text: str) -> None:
+def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None:
     """Raise an ``InputError`` naming the first line of ``text`` (a CSV with a header) whose number of
-    fields differs from the header's, or where a quote is left open; return if there is none."""
+    fields differs from the header's (unless ``quotes_only``), or where a quote is left open or stands
+    inside a field; return if there is none."""
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
     start = 1  # the line the record being read starts on
     try:
         header = next(reader)
         start = reader.line_num + 1
         for row in reader:
-            if row and len(row) != len(header):
+            if not quotes_only and row and len(row) != len(header):
                 raise InputError(f"expected {len(header)} fields, found {len(row)}", source=str(path), line=start)
             start = reader.line_num + 1
     except csv.Error as e:
@@ -160,7 +161,7 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
         if last in required and (df[last] == "").any():  # maybe a row shorter than the header (its missing
             _raise_csv_problem(path, text)  # fields read as ""): name it (an unused last column may be empty)
         if '"' in text:  # pandas reads a stray quote into the value ("ab"cd as abcd): the csv module refuses it
-            _raise_csv_problem(path, text)
+            _raise_csv_problem(path, text, quotes_only=True)
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
@@ -269,18 +270,21 @@ def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
                          "line": [line for line, _ in rows]})
 
 
+NO_VALUE = {"na", "n/a", "nan", "null", "none", "unknown", "missing", "-", "?"}  # (lower case)
+
+
 def _numeric_column(values: list[str], lines: list[int], name: str, source: str) -> bool:
     """Whether a column holds numbers: every non-empty value is a finite number (``number_in_text``).
-    A column of numbers but for words with no digit ("NA", "unknown") or infinite or undefined numbers
-    ("nan", "inf", "1e400") is refused at the first of those, naming ``source``, its line and the field
-    ``name``: one such cell would turn the column into text (as a later file's cell would be refused by
-    the stored numbers); an empty cell is the way to give no value. Codes with digits (the zip "02139")
-    make a column text."""
+    A column of numbers but for "no value" markers ("NA", "null", "unknown", …) or infinite or
+    undefined numbers ("nan", "inf", "1e400") is refused at the first of those, naming ``source``, its
+    line and the field ``name``: one such cell would turn the column into text (as a later file's cell
+    would be refused by the stored numbers); an empty cell is the way to give no value. Any other
+    text (a title "1984" among words, a code "02139") makes the column text."""
     others = [(v, line) for v, line in zip(values, lines) if v != "" and number_in_text(v) is None]
     if not others:
         return True
     if len(others) < sum(v != "" for v in values) and all(
-            is_non_finite(v) or not any(ch.isdigit() for ch in v) for v, _ in others):
+            is_non_finite(v) or v.strip().lower() in NO_VALUE for v, _ in others):
         value, line = others[0]
         not_a = "not a finite number" if is_non_finite(value) else "not a number"
         raise InputError(f"{value!r} is {not_a}, and the column's other values are numbers (leave a cell "

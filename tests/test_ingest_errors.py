@@ -46,8 +46,16 @@ def test_bad_users_and_items_csv(tmp_path, reader, body, message):
     quote inside a field would be read into the value: both are refused, naming line and field."""
     with pytest.raises(InputError, match=message):
         reader(write(tmp_path / "u.csv", body))
-    names = reader(write(tmp_path / "u.csv", "user,item,name\na,a,Nan\nb,b,Bob\n"))  # words stay text
-    assert [a["name"] for a in names["attributes"]] == ["Nan", "Bob"]
+    words = reader(write(tmp_path / "u.csv", "user,item,name,band\na,a,Nan,Blur\nb,b,Bob,311\nc,c,1984,Oasis\n"))
+    assert [a["band"] for a in words["attributes"]] == ["Blur", "311", "Oasis"]  # a number among words: text
+    assert [a["name"] for a in words["attributes"]] == ["Nan", "Bob", "1984"]
+
+
+def test_a_quote_anywhere_does_not_make_a_ratings_file_stricter(tmp_path):
+    """The quote check finds quotes only: a file pandas reads (a blank line at the end, a short row in
+    an unused last column) reads the same with a quoted field in it."""
+    body = 'user,item,rating,note\nu1,i1,4,"a, b"\nu2,i1,3\n \n'
+    assert len(read_ratings_csv(write(tmp_path / "r.csv", body))) == 2
 
 
 @pytest.mark.parametrize("columns, message", [
