@@ -653,7 +653,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     if allowed:  # an allowed site's page asks the browser first (a JSON body or a token is not a "simple"
         # request) and may read the answers: CORS for those sites only, answered before any route
         app.add_middleware(CORSMiddleware, allow_origins=sorted(allowed), allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"], max_age=600)
+                           allow_headers=["authorization", "content-type"],
+                           expose_headers=["Location", "Retry-After"], max_age=600)
     if local_hosts_only:  # outermost: before anything is read
         app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed))
 

@@ -17,7 +17,7 @@ from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
 from .serving import title_hint
-from .state import Served, load_served
+from .state import Served, load_served, questionnaire_of
 
 
 @dataclass
@@ -155,7 +155,7 @@ class SignupValidator:
                  known_users):  # noqa: ANN001
         self.questionnaire = served.model.questionnaire
         self.version = served.version
-        self._questionnaire_of = lambda version: load_served(conn, version).model.questionnaire
+        self._questionnaire_of = lambda version: questionnaire_of(conn, version)
         self.scale = store.rating_scale(conn)
         self.step = store.rating_step(conn)
         self.items, self.titles, self.all_titles, self.known_users = items, titles, all_titles, known_users
@@ -250,12 +250,14 @@ class SignupValidator:
         """The questionnaire the signup answered: that of ``version`` (the model version whose
         questionnaire a sign-up page showed; a full retrain since may have changed it), else the
         serving one."""
-        if version is None or version == self.version:
+        if version is None:
             return self.questionnaire
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             got = version.token if isinstance(version, _NonFinite) else repr(version)
             raise InputError(f"'version' must be the model version whose questionnaire was shown, got {got}",
                              source=where, field="version")
+        if version == self.version:
+            return self.questionnaire
         if version > 2**31 - 1:  # (past any stored version id; PostgreSQL would refuse the query)
             raise InputError(f"no model version {version}", source=where, field="version")
         try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, select
 
+from ..bootstrap.questionnaire import Questionnaire
 from ..cf_core.errors import CfbError
 from ..cf_core.model import TrainedModel, UserHistory, UserVector
 from ..db import store, versions
@@ -26,14 +27,35 @@ class Served:
     root_seq: int
 
 
-def load_served(conn: Connection, version: int | None = None) -> Served:
-    """The serving (or given) version, cached per database and version (versions never change; the
-    version's creation time tells a database made again at the same address from the one before)."""
-    version = version if version is not None else versions.require_serving(conn)
+def _cache_key(conn: Connection, version: int) -> tuple[str, int, str]:
+    """A version's key in the caches: database, version and its creation time (versions never change;
+    the time tells a database made again at the same address from the one before)."""
     created = conn.scalar(select(ModelVersion.created_at).where(ModelVersion.id == version))
     if created is None:
         raise CfbError(f"no model version {version}")
-    key = (str(conn.engine.url), version, str(created))
+    return str(conn.engine.url), version, str(created)
+
+
+_QUESTIONNAIRES: dict[tuple[str, int, str], Questionnaire] = {}
+
+
+def questionnaire_of(conn: Connection, version: int) -> Questionnaire:
+    """A version's questionnaire (what a sign-up page showed), without making it a served version: an
+    older one is read once and only its questionnaire kept."""
+    key = _cache_key(conn, version)
+    served = _CACHE.get(key)
+    if served is not None:
+        return served.model.questionnaire
+    if key not in _QUESTIONNAIRES:
+        with _CACHE_LOCK:
+            _QUESTIONNAIRES[key] = versions.load_model(conn, version).questionnaire
+    return _QUESTIONNAIRES[key]
+
+
+def load_served(conn: Connection, version: int | None = None) -> Served:
+    """The serving (or given) version, cached per database and version (``_cache_key``)."""
+    version = version if version is not None else versions.require_serving(conn)
+    key = _cache_key(conn, version)
     served = _CACHE.get(key)
     if served is None:
         served = Served(version, versions.load_model(conn, version), versions.root_max_seq(conn, version))

@@ -136,6 +136,8 @@ def test_item_keys_are_stripped_and_a_near_miss_suggests_titles(trained, tmp_pat
     ({"asked": True}, r"entry 2, field 'asked': .* got True$"),
     ({"version": 0}, r"entry 2, field 'version': 'version' must be the model version whose questionnaire was shown, got 0$"),
     ({"version": "1"}, r"entry 2, field 'version': .* got '1'$"),
+    ({"version": True}, r"entry 2, field 'version': .* got True$"),
+    ({"version": 1.0}, r"entry 2, field 'version': .* got 1.0$"),
     ({"version": 99}, r"entry 2, field 'version': no model version 99$"),
     ({"version": 2**40}, r"entry 2, field 'version': no model version 1099511627776$"),
 ])
