@@ -618,8 +618,16 @@ def _check_ints(ctx, param, value: str) -> str:
     values = _ints(value)
     if param.name == "budgets" and any(q > MAX_BUDGET for q in values):
         raise click.BadParameter(f"a questionnaire asks about 0 to {MAX_BUDGET} items, got {value!r}")
+    if param.name == "fold_steps":
+        from ..evaluation.coldstart import FIRST_REVEALS
+
+        if any(n > FIRST_REVEALS for n in values):
+            raise click.BadParameter(f"the fold-in curve reveals 0 to {FIRST_REVEALS} ratings (it is scored on "
+                                     f"the ratings after the first {FIRST_REVEALS}), got {value!r}")
     if param.name == "seeds" and not values:
         raise click.UsageError("--seeds: give at least one seed", ctx)
+    if len(set(values)) < len(values):
+        raise click.BadParameter(f"{value!r} names a value twice")
     return value
 
 
@@ -662,6 +670,12 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
 
     if not new_items:
         _check_something_to_measure(budgets, fold_steps)
+    else:
+        source = click.get_current_context().get_parameter_source
+        given = [f"--{n.replace('_', '-')}" for n in ("budgets", "fold_steps")
+                 if source(n) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: new users' settings; --items measures new items (protocol §8)")
     if not data_dir.exists() and str(data_dir) == DEFAULT_EVAL_DATA:
         from ..db.download import download
 

@@ -30,6 +30,7 @@ from .metrics import (Tally, combine_seeds, ndcg_at_k, paired_difference, recall
                       with_seed_errors, without_per_user)
 
 K = 10
+FIRST_REVEALS = 10  # §5: the fold-in curve reveals up to a user's first ten ratings and scores the rest
 BASELINES = ("popularity", "positive_popularity", "demographic_popularity")
 METHODS = ("cfb", "average_user", *BASELINES)
 
@@ -236,8 +237,8 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
     onboard(eng, [(f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": {}, "asked": 0})
                   for u in cold_sorted])
     timeline = {u: g.sort_values(["timestamp", "item"], kind="stable") for u, g in cold_ratings.groupby("user")}
-    first10 = {u: timeline[u].iloc[:10] for u in cold_sorted}
-    evalset = {u: timeline[u].iloc[10:] for u in cold_sorted}
+    first10 = {u: timeline[u].iloc[:FIRST_REVEALS] for u in cold_sorted}
+    evalset = {u: timeline[u].iloc[FIRST_REVEALS:] for u in cold_sorted}
     out, shown, previous = {}, 0, None
     for n in sorted(steps):
         retrain_s = None

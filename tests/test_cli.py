@@ -269,6 +269,11 @@ def test_a_diverging_retrain_is_one_line_and_the_previous_version_serves(runner,
     (["--seeds", ""], "Error: --seeds: give at least one seed"),
     (["--seeds", " , ", "--items"], "Error: --seeds: give at least one seed"),
     (["--budgets", "", "--fold-steps", ""], "Error: --budgets and --fold-steps are both empty"),
+    (["--fold-steps", "10,11"], "the fold-in curve reveals 0 to 10 ratings"),  # (n = 11 would measure n = 10)
+    (["--seeds", "42,42"], "'42,42' names a value twice"),
+    (["--budgets", "5,5"], "'5,5' names a value twice"),
+    (["--items", "--budgets", "5"], "Error: --budgets: new users' settings; --items measures new items"),
+    (["--items", "--fold-steps", "1"], "Error: --fold-steps: new users' settings"),
 ])
 def test_eval_refuses_options_that_leave_nothing_to_run(runner, args, message):
     res = runner.invoke(cli, ["eval", "cold-start", *args, "--data", "/nonexistent"])
