@@ -433,7 +433,8 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 @pass_ctx
 @fail_cleanly
 def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
-    """PCA of the item factors of the N most-rated items (fastai book, chapter 8): pc1..pc3 per item."""
+    """PCA of the item factors of the N most-rated items (fastai book, chapter 8): pc1..pc3 per item
+    (as many axes as N items and the factors allow)."""
     from ..service.inspect import pca, plot_pca
 
     if plot is not None and plot.suffix.lower() != ".png":
@@ -447,8 +448,9 @@ def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
             raise CfbError(f"cannot write {plot}: {e.strerror or e}") from None
         out["plot"] = str(plot)
     ev = ", ".join(f"PC{k + 1} {v:.1%}" for k, v in enumerate(out["explained_variance"]))
-    lines = [f"explained variance: {ev}", "     pc1     pc2     pc3  title"]
-    lines += [f"{r.get('pc1', 0):+8.3f}{r.get('pc2', 0):+8.3f}{r.get('pc3', 0):+8.3f}  {r['title'] or r['item']}"
+    axes = [f"pc{k + 1}" for k in range(len(out["explained_variance"]))]  # (up to three: fewer items, fewer axes)
+    lines = [f"explained variance: {ev}", "".join(f"{a:>8}" for a in axes) + "  title"]
+    lines += ["".join(f"{r[a]:+8.3f}" for a in axes) + f"  {r['title'] or r['item']}"
               for r in out["items"]]
     if plot is not None:
         lines.append(f"plot written to {plot}")

@@ -757,3 +757,11 @@ def test_a_database_made_again_at_the_same_path_is_served_within_a_second(traine
     with sqlite3.connect(path) as conn:  # the write went to the new file
         assert conn.execute("SELECT count(*) FROM ratings r JOIN users u ON u.id = r.user_id "
                             "WHERE u.external_id = 'only-in-the-new-file'").fetchone() == (1,)
+
+
+def test_inspect_pca_of_two_items_prints_the_axes_it_has(trained, db_url):
+    """Two items have two principal axes: the text shows pc1 and pc2, as the JSON does (no column of zeros)."""
+    out = cli_json(db_url, "inspect", "pca", "-n", "2")
+    assert len(out["explained_variance"]) == 2 and "pc3" not in out["items"][0]
+    res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "2"])
+    assert res.exit_code == 0 and res.output.splitlines()[1].split() == ["pc1", "pc2", "title"], res.output
