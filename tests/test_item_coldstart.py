@@ -181,6 +181,11 @@ def test_protocol_end_to_end_on_planted_items():
     assert res["mean"]["cfb_vs"] == r["cfb_vs"]  # one seed: its own figures
     d = r["cfb_vs"]["random"]
     assert f"{d['diff']:+.4f} ±{d['se']:.4f}" in render(res)
+    assert res["attributes"] == res["prior"]["attributes"] == ["genres", "year"] and res["notes"] == []
+    # data without genres (goodbooks: authors, tags): the report says the genre baselines do not apply
+    ds.items["attributes"] = [{"authors": [f"w{k % 3}"], "year": a["year"]} for k, a in enumerate(ds.items.attributes)]
+    res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)
+    assert "genres" not in res["attributes"] and "no genres" in res["notes"][0] and "note: this data has no genres" in render(res)
 
 
 def test_large_data_path_batches_and_still_learns(monkeypatch):
