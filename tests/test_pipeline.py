@@ -244,6 +244,9 @@ def test_rating_defaults_scale_with_the_data_and_keep_the_tuned_ones_on_100k():
     assert (mid["bs"], mid["epochs"]) == (16 * 1024, 3) and mid["lr"] == pytest.approx(5e-3 * 4)
     big = rating_params("dot", 25_000_000, {"epochs": 5})
     assert big["bs"] == MAX_BATCH_SCALE * 1024 and big["epochs"] == 5  # capped; the user's setting wins
+    small = rating_params("dot", 10_000, {})  # ×1/8: as many steps an epoch, the same learning rate
+    assert (small["bs"], small["epochs"], small["lr"]) == (128, 8, 5e-3)
+    assert rating_params("dot", 1_400, {})["bs"] == rating_params("nn", 1_400, {})["bs"] == 32  # (at least)
 
 
 def test_inner_indices_of_whole_number_ids_match_a_sorted_unique():
