@@ -690,11 +690,17 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
     log = None if quiet else (lambda message: click.echo(message, err=True))
     if log:
         log(f"running the protocol on {data_dir} for seeds {seed_list} ...")
-    if new_items:
-        from ..evaluation import item_coldstart
+    from ..cf_core.train import TrainingDiverged
 
-        out = item_coldstart.run_items_protocol(read(data_dir), seed_list, kind, log=log)
-        emit(out, as_json, item_coldstart.render(out))
-        return
-    out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)
+    try:
+        if new_items:
+            from ..evaluation import item_coldstart
+
+            out = item_coldstart.run_items_protocol(read(data_dir), seed_list, kind, log=log)
+            emit(out, as_json, item_coldstart.render(out))
+            return
+        out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)
+    except TrainingDiverged as e:  # (its advice names `cfb retrain`'s options, which eval does not take)
+        raise CfbError(str(e).split("; lower the learning rate")[0] + "; cfb eval trains with `cfb retrain "
+                       "--full`'s defaults for the data's size: try those settings with `cfb retrain --full`") from None
     emit(out, as_json, render(out))

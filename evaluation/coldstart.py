@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..cf_core.errors import CfbError
 from ..db import store, versions
 from ..db.engine import make_engine
 from ..db.schema import Item
@@ -115,6 +116,9 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     users = sorted(ratings.user.unique().tolist())
     user_index = {u: k for k, u in enumerate(users)}
     cold = cold_users(users, seed)
+    if not cold:
+        raise CfbError(f"the protocol makes a fifth of the users new (§1): the data's {len(users)} users make "
+                       "none (it needs at least 5)")
     is_cold = ratings.user.isin(cold)
     attrs_of = dict(zip(ds.users.user, ds.users.attributes)) if ds.users is not None else {}
     warm_users = ds.users[~ds.users.user.isin(cold)] if ds.users is not None else None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from ..cf_core.errors import CfbError
 from ..db.sources import Dataset
 from .metrics import (Tally, combine_seeds, ndcg_at_k, recall_at_k, with_differences, with_seed_errors,
                       without_per_user)
@@ -262,7 +263,11 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     from ..service.training import fit_model
 
     items = sorted(ds.ratings.item.astype(str).unique().tolist())
-    sp = split_dataset(ds, cold_items(items, seed) if cold is None else cold)
+    cold = cold_items(items, seed) if cold is None else cold
+    if not cold:
+        raise CfbError(f"§8 makes a tenth of the rated items new: the data's {len(items)} rated items make none "
+                       "(it needs at least 10)")
+    sp = split_dataset(ds, cold)
     timings = {}
     t0 = time.perf_counter()
     if fitted is not None:

@@ -152,3 +152,18 @@ def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     assert text.count("cfb − positive pop.") == 4 and text.count("cfb − previous n") == 2
     assert f"{fold[1]['cfb_step']['diff']:+.4f} ±{fold[1]['cfb_step']['se']:.4f}" in text
     assert "attribute answers left unanswered over the seeds: 2" in text
+
+
+def test_too_little_data_for_the_protocol_says_so():
+    """Four users make no new user (a fifth, rounded down), nine items no new item: one line each, not a
+    division by zero after training."""
+    from cfb.cf_core.errors import CfbError
+    from cfb.evaluation.coldstart import run_protocol
+    from cfb.evaluation.item_coldstart import run_items_protocol
+
+    from .conftest import planted_ratings
+
+    with pytest.raises(CfbError, match=r"the data's 4 users make none \(it needs at least 5\)$"):
+        run_protocol(planted_ratings(n_users=4, n_items=20), seeds=(42,))
+    with pytest.raises(CfbError, match=r"the data's 8 rated items make none \(it needs at least 10\)$"):
+        run_items_protocol(planted_ratings(n_users=20, n_items=8), seeds=(42,))
