@@ -251,10 +251,11 @@ def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[
 def read_users_csv(path: Path, user_col: str = "user") -> pd.DataFrame:
     """User attributes: a CSV with a ``user`` column; every other column is an attribute.
 
-    Every value is read as text ("nan", "NA", "null" stay text); a column becomes numbers only when all
-    its non-empty values are finite numbers (``number_in_text``: "41", "1e5"; zip code "02139" stays
-    "02139"), and a column of numbers with such a word in it is refused (``_numeric_column``). Empty cells are left out. Bad rows are reported with file, line and field; the
-    ``line`` column keeps each row's line for later checks."""
+    Every value is read as text; a column becomes numbers only when all its non-empty values are
+    finite numbers (``number_in_text``: "41", "1e5"; zip code "02139" stays "02139"), and a column of
+    numbers with a "no value" word or a nan in it is refused (``_numeric_column``). Empty cells are
+    left out. Bad rows are reported with file, line and field; the ``line`` column keeps each row's
+    line for later checks."""
     header, rows = _keyed_rows(Path(path), user_col, "user")
     u = header.index(user_col)
     records: list[dict] = [{} for _ in rows]

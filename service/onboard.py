@@ -245,7 +245,6 @@ class SignupValidator:
             self.batch_users.add(user)
         return Signup(user, attributes, ratings, raw, asked)
 
-
     def _shown_questionnaire(self, where: str, version) -> Questionnaire:  # noqa: ANN001
         """The questionnaire the signup answered: that of ``version`` (the model version whose
         questionnaire a sign-up page showed; a full retrain since may have changed it), else the
