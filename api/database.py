@@ -58,6 +58,15 @@ def _check_training_settings(kind: str | None, params: dict) -> dict:
     return out
 
 
+def _check_token(token):  # noqa: ANN001, ANN202
+    """A server's bearer token: non-empty text, or None for none (an empty one would leave writes open)."""
+    from .cf_core.errors import CfbError
+
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise CfbError(f"token must be non-empty text (or None: no token), got {token!r}")
+    return token
+
+
 def _plain(value):  # noqa: ANN001, ANN202
     """``value`` with numpy scalars (as pandas hands them out) made Python numbers, in dicts and lists too."""
     if isinstance(value, dict):
@@ -120,26 +129,30 @@ class Database:
         return ingest_dataset(self.engine, ds, source=ds.source or str(folder))
 
     # --- training -----------------------------------------------------------------------------------
-    def retrain(self, full: bool = False, kind: str | None = None, valid_pct: float = 0.2, progress: bool = False,
-                **params) -> dict:
+    def retrain(self, full: bool = False, kind: str | None = None, valid_pct: float | None = None,
+                progress: bool = False, **params) -> dict:
         """Train a new version and serve it (`cfb retrain [--full]`): incremental unless ``full``, or
-        there is no model yet, or many ratings are newer than the last full retrain. ``params``:
-        n_factors, epochs, lr, wd, bs, seed; an incremental retrain refuses them and ``kind`` (they
-        apply to a full one)."""
+        there is no model yet, or many ratings are newer than the last full retrain. ``valid_pct``
+        (default 0.2) and ``params`` (n_factors, epochs, lr, wd, bs, seed) apply to a full retrain; an
+        incremental one refuses them and ``kind``."""
         from .cf_core.errors import CfbError
 
-        if not isinstance(_plain(full), bool):
-            raise CfbError(f"full must be True or False, got {full!r}")
-        _check_valid_pct(valid_pct)
+        for name, value in (("full", full), ("progress", progress)):
+            if not isinstance(_plain(value), bool):
+                raise CfbError(f"{name} must be True or False, got {value!r}")
+        if valid_pct is not None:
+            _check_valid_pct(valid_pct)
         params = _check_training_settings(kind, params)
+        measure = 0.2 if valid_pct is None else float(valid_pct)
         if full:
             from .service.training import retrain_full
 
-            return retrain_full(self._existing(), kind=kind or "dot", valid_pct=valid_pct, progress=progress, **params)
+            return retrain_full(self._existing(), kind=kind or "dot", valid_pct=measure, progress=progress, **params)
         from .service.incremental import retrain_auto
 
-        full_only = (("kind",) if kind is not None else ()) + tuple(params)
-        return retrain_auto(self._existing(), kind=kind, valid_pct=valid_pct, progress=progress, full_only=full_only,
+        full_only = (("kind",) if kind is not None else ()) + (("valid_pct",) if valid_pct is not None else ()) \
+            + tuple(params)
+        return retrain_auto(self._existing(), kind=kind, valid_pct=measure, progress=progress, full_only=full_only,
                             **params)
 
     def models(self):
@@ -252,10 +265,18 @@ class Database:
 
         from .service.inspect import pca, plot_pca
 
+        from .cf_core.errors import CfbError
+
+        if plot is not None:  # (checked as `cfb inspect pca --plot` checks it)
+            if not isinstance(plot, (str, Path)) or Path(plot).suffix.lower() != ".png" or Path(plot).is_dir():
+                raise CfbError(f"plot {plot!r}: the plot is a PNG, give a file name ending in .png")
         with self._existing().connect() as conn:
             out = pca(conn, n)
         if plot is not None:
-            plot_pca(out, Path(plot))
+            try:
+                plot_pca(out, Path(plot))
+            except OSError as e:
+                raise CfbError(f"cannot write {plot}: {e.strerror or e}") from None
         return pd.DataFrame(out["items"])
 
     # --- serving ------------------------------------------------------------------------------------
@@ -263,12 +284,17 @@ class Database:
         """The HTTP app (FastAPI) over this database, e.g. for ``uvicorn`` or a test client."""
         from .service.http import create_app
 
-        return create_app(self._existing(), token)
+        return create_app(self._existing(), _check_token(token))
 
     def serve(self, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
         """Run `cfb serve` in this process (blocks)."""
+        from .cf_core.errors import CfbError, check_whole
         from .service.http import serve
 
+        if not isinstance(host, str) or not host.strip():
+            raise CfbError(f"host must be a host name or address, got {host!r}")
+        port = check_whole(_plain(port), "port", 0, 65535)
+        token = _check_token(token)
         self._existing()
         serve(self.url, host=host, port=port, token=token)
 

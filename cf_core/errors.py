@@ -16,3 +16,16 @@ class InputError(CfbError):
             f"field '{field}'" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
         self.source, self.line, self.field = source, line, field
+
+
+def check_whole(value, name: str, lo: int, hi: int | None = None) -> int:  # noqa: ANN001
+    """``value`` as an int if it is a whole number (numpy's too; not a bool) from ``lo`` to ``hi``,
+    else a one-line ``CfbError`` naming ``name`` (the API's arguments, checked as the CLI's options)."""
+    import numbers
+
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo \
+        and (hi is None or value <= hi)
+    if not ok:
+        raise CfbError(f"{name} must be a whole number from {lo}" + ("" if hi is None else f" to {hi}")
+                       + f", got {value!r}")
+    return int(value)

@@ -165,10 +165,12 @@ _dataset_command("goodbooks", "read_goodbooks", "ratings.csv",
 
 @ingest.command("items")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress output (an items file shows none: for scripts "
+                                            "that pass it to every ingest).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def ingest_items(ctx: Ctx, file: Path, as_json: bool) -> None:
+def ingest_items(ctx: Ctx, file: Path, quiet: bool, as_json: bool) -> None:
     """Add or update items from a CSV with a header (item,title, then one column per attribute).
 
     Numbers stay numbers (as text where the stored items hold that attribute as text), a value with '|'
@@ -205,10 +207,12 @@ def ingest_ratings(ctx: Ctx, file: Path, user_col, item_col, rating_col, time_co
 @ingest.command("users")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--user-col", default="user", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress output (a users file shows none: for scripts "
+                                            "that pass it to every ingest).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def ingest_users(ctx: Ctx, file: Path, user_col: str, as_json: bool) -> None:
+def ingest_users(ctx: Ctx, file: Path, user_col: str, quiet: bool, as_json: bool) -> None:
     """User attributes from a CSV with a header (user, then one column per attribute)."""
     import pandas as pd
 
@@ -482,14 +486,16 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
             if origin_key(one) is None:
                 raise click.BadParameter(f"{one!r} is not an origin (scheme://host[:port], e.g. https://shop.example)",
                                          param_hint="--allow-origin")
-    ctx.engine  # a missing database file is an error here, not a server answering 503s
+    with ctx.engine.connect():  # a missing database file or a server that refuses is an error here, not
+        pass  # a server answering every request with one
     try:  # a port in use is one line here, not uvicorn's log lines and exit status 3
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
             probe.bind((host, port))
     except OSError as e:
         raise CfbError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
-    click.echo(f"cfb serving http://{f'[{host}]' if ':' in host else host}:{port}/ (API docs at /docs)", err=True)
+    if port:  # (port 0: the system chooses one, which uvicorn's own line then says)
+        click.echo(f"cfb serving http://{f'[{host}]' if ':' in host else host}:{port}/ (API docs at /docs)", err=True)
     run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level,
                allowed_origins=allowed_origins)
 

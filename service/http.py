@@ -46,7 +46,8 @@ from ..bootstrap.questionnaire import MAX_BUDGET
 from ..cf_core.errors import CfbError, InputError
 from ..cf_core.model import UserHistory
 from ..db import store, versions
-from ..db.engine import EMPTY_DATABASE, is_busy, is_missing_table, make_engine, sqlite_file, writing
+from ..db.engine import (EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file,
+                         writing)
 from . import serving
 from .state import Served, changed_again, learned_values, load_served
 
@@ -631,9 +632,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return answer_error(request, ApiError(
                 503, "the database is busy with another writer (an ingest or a retrain's save): try again shortly",
                 headers={"Retry-After": "10"}))
-        if not is_missing_table(e):
-            raise e
-        return answer_error(request, CfbError(EMPTY_DATABASE))
+        if is_missing_table(e):
+            return answer_error(request, CfbError(EMPTY_DATABASE))
+        if isinstance(e, OperationalError):  # the database went away (a server stopped, a file unreadable)
+            return answer_error(request, ApiError(503, str(database_error(e)), headers={"Retry-After": "10"}))
+        raise e
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):

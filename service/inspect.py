@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Connection
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, check_whole
 from ..db import store
 from .state import load_served
 
@@ -34,12 +34,16 @@ def pca_coordinates(factors: np.ndarray, k: int = N_COMPONENTS) -> tuple[np.ndar
     return x @ vt.T, ratio
 
 
+PCA_MAX_ITEMS = 100_000
+
+
 def pca(conn: Connection, n: int = 50) -> dict:
     """PCA of the item factors of the ``n`` most-rated items of the serving version.
 
     Returns ``{"version", "explained_variance": [pc1, pc2, pc3], "items": [{item, title, ratings,
     pc1, pc2, pc3}]}``, the items most-rated first. As in chapter 8, the axes are fitted on those
     items only, so the map shows how the model separates the films people know best."""
+    n = check_whole(n, "n", 2, PCA_MAX_ITEMS)
     served = load_served(conn)
     model = served.model
     if model.n_items < 2:

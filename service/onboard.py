@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
-from ..cf_core.errors import CfbError, InputError
+from ..cf_core.errors import CfbError, InputError, check_whole
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
@@ -336,8 +336,7 @@ def _onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool
 def questionnaire_json(conn: Connection, budget: int = 15) -> dict:
     """The serving questionnaire: attribute questions and the first ``budget`` items to ask about
     (0 to ``MAX_BUDGET``; fewer when the catalogue has fewer)."""
-    if not 0 <= budget <= MAX_BUDGET:
-        raise CfbError(f"budget {budget}: a questionnaire asks about 0 to {MAX_BUDGET} items")
+    check_whole(budget, "budget (the items a questionnaire asks about)", 0, MAX_BUDGET)
     served = load_served(conn)
     q = served.model.questionnaire
     asked = q.items[:budget]

@@ -7,7 +7,7 @@ import re
 import numpy as np
 from sqlalchemy import Connection, select
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, check_whole
 from ..db import store
 from ..db.schema import Item, Rating
 from .state import Served, load_served, user_vector
@@ -22,8 +22,7 @@ def _items_out(conn: Connection, served: Served, rows: np.ndarray, scores: np.nd
 
 def check_top_n(n: int) -> None:
     """``n`` of a top-N list (`recommend`, `similar`, `biases`): a whole number from 1 to 1000."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1000:
-        raise CfbError(f"n must be a whole number from 1 to 1000, got {n!r}")
+    check_whole(n, "n", 1, 1000)
 
 
 def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank") -> dict:
@@ -141,6 +140,7 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
 def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
     """Items with the lowest and highest learned bias (dot model), as in chapter 8."""
     check_top_n(n)
+    min_ratings = check_whole(min_ratings, "min_ratings", 0)
     served = load_served(conn)
     model = served.model
     if model.kind != "dot":

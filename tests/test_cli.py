@@ -353,3 +353,13 @@ def test_a_title_hint_in_a_large_catalogue_compares_titles_sharing_a_word():
     titles = [f"Film number {k} ({1900 + k % 100})" for k in range(HINT_ALL_TITLES + 1000)] + ["Star Wars (1977)"]
     assert title_hint("Star Wras (1977)", titles).startswith("; did you mean: Star Wars (1977)")
     assert title_hint("Star Wras (1977)", titles[-3:]) == "; did you mean: Star Wars (1977)?"
+
+
+def test_every_ingest_takes_quiet(runner, tmp_path):
+    """Scripts pass --quiet to every ingest: the items and users files (which show no progress) take it too."""
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    users = write(tmp_path / "u.csv", "user,age\nu1,30\n")
+    items = write(tmp_path / "i.csv", "item,title\ni1,One\n")
+    for args in (["users", str(users)], ["items", str(items)]):
+        res = run(runner, db, "ingest", *args, "--quiet", "--json")
+        assert res.exit_code == 0 and json.loads(res.stdout), res.output

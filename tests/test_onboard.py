@@ -41,7 +41,7 @@ def test_questionnaire_lists_attributes_and_items(trained):
     assert {a["name"]: a["type"] for a in q["attributes"]} == {"age": "number", "gender": "category"}
     assert next(a for a in q["attributes"] if a["name"] == "gender")["values"] == ["F", "M"]
     assert len(q["items"]) == 5 and all(i["title"] for i in q["items"])
-    with engine.connect() as conn, pytest.raises(CfbError, match="budget 31: a questionnaire asks about 0 to 30"):
+    with engine.connect() as conn, pytest.raises(CfbError, match=r"budget \(the items a questionnaire asks about\) must be a whole number from 0 to 30, got 31"):
         questionnaire_json(conn, budget=31)
 
 

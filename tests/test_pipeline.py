@@ -363,7 +363,7 @@ def test_non_finite_learned_weights_are_refused(planted, kind):
         est._check_learned(data)
 
 
-def test_python_api_refuses_plainly(trained, db_url):
+def test_python_api_refuses_plainly(trained, db_url, tmp_path):
     """`Database` methods refuse bad arguments with messages in Python's terms, nothing written."""
     import cfb
 
@@ -426,6 +426,26 @@ def test_python_api_refuses_plainly(trained, db_url):
                 db.predict(bad)
         assert len(db.models()) == 1
         assert db.models()["created"][0].endswith("+00:00")  # (UTC, said, as PostgreSQL's)
+        # every argument the CLI checks as an option, checked before anything runs or is written
+        for call, message in [
+                (lambda: db.retrain(valid_pct=0.5), r"valid_pct only applies to a full retrain"),
+                (lambda: db.retrain(progress="x"), r"progress must be True or False, got 'x'$"),
+                (lambda: db.biases(min_ratings=-1), r"min_ratings must be a whole number from 0, got -1$"),
+                (lambda: db.biases(min_ratings="5"), r"min_ratings must be a whole number from 0, got '5'$"),
+                (lambda: db.questionnaire(2.0), r"budget .* must be a whole number from 0 to 30, got 2.0$"),
+                (lambda: db.questionnaire(True), r"budget .* got True$"),
+                (lambda: db.pca(n=1), r"n must be a whole number from 2 to 100000, got 1$"),
+                (lambda: db.pca(n=2.5), r"n must be a whole number from 2 to 100000, got 2.5$"),
+                (lambda: db.pca(n=5, plot=str(tmp_path)), r"the plot is a PNG, give a file name ending in .png$"),
+                (lambda: db.pca(n=5, plot=tmp_path / "map.txt"), r"the plot is a PNG"),
+                (lambda: db.pca(n=5, plot=tmp_path / "no" / "map.png"), r"^cannot write .*map.png"),
+                (lambda: db.serve(port=70000), r"port must be a whole number from 0 to 65535, got 70000$"),
+                (lambda: db.serve(host=5), r"host must be a host name or address, got 5$"),
+                (lambda: db.serve(token=123), r"token must be non-empty text \(or None: no token\), got 123$"),
+                (lambda: db.app(token=""), r"token must be non-empty text")]:
+            with pytest.raises(cfb.CfbError, match=message):
+                call()
+        assert not list(tmp_path.glob("*.png")) and len(db.models()) == 1
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == users + 1
 

@@ -289,3 +289,24 @@ def _error_of(call) -> BaseException | None:  # noqa: ANN001
     except BaseException as e:  # noqa: BLE001
         return e
     return None
+
+
+def test_a_postgres_database_that_is_not_there_is_one_line_to_serve_and_503_to_requests(tmp_path):
+    """`cfb serve` on a PostgreSQL URL that cannot be reached stops at once with the one-line error the
+    other commands give; an app made over it answers JSON 503s, not plain-text 500s."""
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from cfb.cli.main import cli
+    from cfb.service.http import create_app
+
+    gone = URL.rsplit("/", 1)[0] + "/no_such_database_here"
+    res = CliRunner().invoke(cli, ["--db", gone, "serve", "--port", "0"])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        'Error: database error: database "no_such_database_here" does not exist'], res.output
+    with TestClient(create_app(gone), raise_server_exceptions=False) as client:
+        for path in ("/health", "/users/1/recommendations", "/"):
+            r = client.get(path)
+            assert r.status_code == 503 and "no_such_database_here" in r.text, (path, r.text)
+        assert r.headers["content-type"].startswith("text/html")  # (the page: as a page)
+        assert client.get("/health").json()["error"].startswith("database error: ")
