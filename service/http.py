@@ -230,8 +230,10 @@ class _FastReader:
 
     def __init__(self, engine: Engine, cache_size: int = 10_000):
         self.engine = engine
-        self.roots: dict[int, int] = {}  # version -> its full ancestor (versions never change)
-        self.item_ids: dict[str, int] = {}  # external id -> database id (neither ever changes)
+        # (keyed by ``generation`` too: a request still running on a connection to a file made again
+        # never fills them for the requests on the new file)
+        self.roots: dict[tuple[int, int], int] = {}  # version -> its full ancestor (versions never change)
+        self.item_ids: dict[tuple[int, str], int] = {}  # external id -> database id (neither ever changes)
         self.served: dict = {}  # the last few versions' state.Served (what load_served caches)
         # (user, n, by) -> _Cached: a user asking again with nothing changed gets the same body without
         # recomputing it; any change (a rating gets a new seq) recomputes at once. While the connection
@@ -244,17 +246,20 @@ class _FastReader:
         self.generation = 0  # ``reopen`` makes every thread open a new connection
 
     def reopen(self) -> None:
-        """Drop every thread's connection and the answers cached: the database file was made again."""
+        """Drop every thread's connection and everything read from the file: it was made again (its
+        version 1 is another model, its ids other items)."""
         self.generation += 1
-        if self.cache is not None:
-            self.cache.clear()
-        self.roots.clear()
+        for known in (self.cache, self.roots, self.item_ids, self.served):
+            if known is not None:
+                known.clear()
 
     def _root(self, version: int) -> int:
-        if version not in self.roots:
+        key = (self.local.generation, version)
+        root = self.roots.get(key)
+        if root is None:
             with self.engine.connect() as conn:
-                self.roots[version] = versions.chain(conn, version)[0]
-        return self.roots[version]
+                root = self.roots[key] = versions.chain(conn, version)[0]
+        return root
 
     def _conn(self) -> tuple[sqlite3.Connection, int]:
         """This thread's connection (the engine's: WAL, busy timeout, autocommit; kept out of the pool),
@@ -382,21 +387,27 @@ class _FastReader:
         return top, scores
 
     def _item_ids(self, cur, keys: list[str]) -> list[int]:
-        missing = [k for k in keys if k not in self.item_ids]
+        gen = self.local.generation
+        missing = [k for k in keys if (gen, k) not in self.item_ids]
         for start in range(0, len(missing), 900):
             part = missing[start:start + 900]
-            self.item_ids.update(cur.execute(
-                f"SELECT external_id, id FROM items WHERE external_id IN ({','.join('?' * len(part))})", part).fetchall())
-        return [self.item_ids[k] for k in keys if k in self.item_ids]
+            self.item_ids.update(((gen, e), i) for e, i in cur.execute(
+                f"SELECT external_id, id FROM items WHERE external_id IN ({','.join('?' * len(part))})", part))
+        found = [self.item_ids.get((gen, k)) for k in keys]
+        return [i for i in found if i is not None]
 
     def _served(self, version: int):
-        served = self.served.get(version)
+        key = (self.local.generation, version)
+        served = self.served.get(key)
         if served is None:
             with self.engine.connect() as conn:
                 served = load_served(conn, version)
             while len(self.served) >= 4:  # a long-running server sees many versions: keep the latest few
-                self.served.pop(next(iter(self.served)))
-            self.served[version] = served
+                try:
+                    self.served.pop(next(iter(self.served)), None)
+                except (RuntimeError, StopIteration):  # another thread changed it meanwhile
+                    break
+            self.served[key] = served
         return served
 
 

@@ -16,7 +16,7 @@ from ..cf_core.rating import DotRating
 from ..db import store, versions
 from ..db.engine import writing
 from .state import Served, load_served, user_histories
-from .training import item_attributes_in_order, metadata_only_items, retrain_full
+from .training import item_attributes_in_order, metadata_only_items, rating_params, retrain_full
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
 
@@ -52,8 +52,7 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
     if share > drift_limit:
         kind = kind or root_row["kind"]
         if kind == root_row["kind"]:  # keep the settings of the version being replaced unless told otherwise
-            params = {**{k: v for k, v in root_row["hyperparams"].items() if k in ("n_factors", "epochs", "lr", "wd", "bs")},
-                      **{k: v for k, v in params.items() if v is not None}}
+            params = {**chosen_settings(root_row), **{k: v for k, v in params.items() if v is not None}}
         out = retrain_full(engine, kind=kind, valid_pct=valid_pct, progress=progress, seed=seed, **params)
         return {**out, "reason": f"{share:.0%} of ratings are newer than full version {root} "
                                  f"(limit {drift_limit:.0%}): full retrain"}
@@ -62,6 +61,18 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
         raise CfbError(f"{', '.join(full_only)} only {verb} to a full retrain, and this one is incremental "
                        f"({share:.0%} of ratings newer than full version {root}): add --full (full=True in Python)")
     return retrain_incremental(engine)
+
+
+def chosen_settings(version_row) -> dict:  # noqa: ANN001
+    """The rating-model settings a full version was trained with that were chosen for it rather than
+    defaults for its size (``rating_params``): a version's stored settings are the ones it used, and the
+    defaults (batch, learning rate, epochs) scale with the data, so a set that grew keeps only what
+    was chosen, not the small set's batch."""
+    used = version_row["hyperparams"]
+    n = (version_row["metrics"] or {}).get("n_ratings")
+    defaults = rating_params(version_row["kind"], int(n), {}) if n else {}
+    return {k: v for k, v in used.items()
+            if k in ("n_factors", "epochs", "lr", "wd", "bs") and (k not in defaults or defaults[k] != v)}
 
 
 def retrain_incremental(engine: Engine) -> dict:

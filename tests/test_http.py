@@ -728,20 +728,31 @@ def test_a_user_id_with_surrounding_spaces_is_the_user_on_every_path(trained, db
 def test_a_database_made_again_at_the_same_path_is_served_within_a_second(trained, db_url, tmp_path):
     """`./quickstart.sh` deletes and makes the demo database again while a server may still run on it:
     the server notices the new file and reads and writes it, not the deleted one (its connections
-    would otherwise keep the old file open)."""
+    would otherwise keep the old file open), and answers from the new file's model and ids though
+    its version has the same number."""
     import sqlite3
     from pathlib import Path
 
-    from cfb.db.engine import make_engine
-    from cfb.service.onboard import onboard
+    import pandas as pd
 
-    from .conftest import checkpointed_copy
+    from cfb.db.engine import make_engine
+    from cfb.db.sources import Dataset
+    from cfb.service.ingest import ingest_dataset
+    from cfb.service.onboard import onboard
+    from cfb.service.training import retrain_full
+
+    from .conftest import FAST, checkpointed_copy, planted_ratings
 
     engine, _ = trained
     (tmp_path / "other").mkdir()
-    checkpointed_copy(engine, tmp_path / "other" / "cfb.db")
     other = make_engine(f"sqlite:///{tmp_path / 'other' / 'cfb.db'}")
-    onboard(other, [("e", {"user": "only-in-the-new-file", "answers": {}})])
+    again = planted_ratings(seed=1)  # other ratings, and every item one database id further on
+    again.items = pd.concat([pd.DataFrame({"item": ["aaa-first"], "title": ["First"], "attributes": [{}]}), again.items])
+    again.ratings = pd.concat([pd.DataFrame([{"user": "a0", "item": "aaa-first", "rating": 5.0, "timestamp": 0}]),
+                               again.ratings])
+    ingest_dataset(other, again)
+    assert retrain_full(other, progress=False, **{**FAST, "seed": 7})["version"] == 1
+    onboard(other, [("e", {"user": "only-in-the-new-file", "answers": {}, "ratings": {"a1": 5}})])
     with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
         assert client.get("/users/only-in-the-new-file/recommendations").status_code == 404
         assert client.get("/users/a0/recommendations").status_code == 200  # (the fast path has its connection)
@@ -753,10 +764,14 @@ def test_a_database_made_again_at_the_same_path_is_served_within_a_second(traine
         while client.get("/users/only-in-the-new-file/recommendations").status_code != 200:
             assert time.monotonic() < deadline, "the server still reads the deleted file"
             time.sleep(0.1)
-        assert client.post("/users/only-in-the-new-file/ratings", json={"item": "a1", "rating": 5}).status_code == 201
+        with running_server(db_url, fast_path=False) as fresh_base, httpx.Client(base_url=fresh_base) as fresh:
+            for user in ("a0", "only-in-the-new-file"):
+                url = f"/users/{user}/recommendations"
+                assert client.get(url).json() == fresh.get(url).json()  # the new file's model and ids
+        assert client.post("/users/only-in-the-new-file/ratings", json={"item": "a2", "rating": 5}).status_code == 201
     with sqlite3.connect(path) as conn:  # the write went to the new file
         assert conn.execute("SELECT count(*) FROM ratings r JOIN users u ON u.id = r.user_id "
-                            "WHERE u.external_id = 'only-in-the-new-file'").fetchone() == (1,)
+                            "WHERE u.external_id = 'only-in-the-new-file'").fetchone() == (2,)
 
 
 def test_inspect_pca_of_two_items_prints_the_axes_it_has(trained, db_url):

@@ -146,6 +146,21 @@ def test_drift_policy_triggers_full_retrain(trained, planted):
     assert [group_of(r["item"]) for r in rec["items"]] == ["b"] * 5
 
 
+def test_a_drift_retrain_keeps_the_chosen_settings_not_a_small_sets_defaults():
+    """A full retrain forced by drift keeps the settings chosen for the version it replaces, but not the
+    defaults that scaled with that version's size: a set that started with 1,400 ratings (batch 32)
+    and grew gets the batch for its new size."""
+    from cfb.service.incremental import chosen_settings
+    from cfb.service.training import rating_params
+
+    small = {"kind": "dot", "metrics": {"n_ratings": 1_400}, "hyperparams": rating_params("dot", 1_400, {})}
+    assert small["hyperparams"]["bs"] == 32 and chosen_settings(small) == {}
+    chosen = {**small, "hyperparams": rating_params("dot", 1_400, {"epochs": 20, "n_factors": 16})}
+    assert chosen_settings(chosen) == {"epochs": 20, "n_factors": 16}
+    older = {**small, "metrics": {}}  # (a version that does not say its size: everything kept, as before)
+    assert chosen_settings(older)["bs"] == 32
+
+
 def test_rollback_serves_previous_version(trained):
     engine, report = trained
     second = retrain_full(engine, valid_pct=0.0, progress=False, **FAST)
