@@ -34,7 +34,7 @@ TRAINING_SETTINGS = {"n_factors": (True, 1, False, 1024), "epochs": (True, 1, Fa
 
 def _check_training_settings(kind: str | None, params: dict) -> dict:
     """The retrain settings as plain numbers, each checked as `cfb retrain` checks its options."""
-    from .cf_core.errors import CfbError
+    from .cf_core.errors import CfbError, check_whole
 
     unknown = sorted(set(params) - set(TRAINING_SETTINGS))
     if unknown:
@@ -47,14 +47,15 @@ def _check_training_settings(kind: str | None, params: dict) -> dict:
         if value is None:
             continue
         whole, lo, lo_open, hi = TRAINING_SETTINGS[name]
-        ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) \
-            and (whole or math.isfinite(value)) and (value > lo if lo_open else value >= lo) \
-            and (hi is None or value <= hi)
+        if whole:  # (no whole-number setting excludes its lowest value)
+            out[name] = check_whole(value, name, lo, hi)
+            continue
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
         if not ok:
-            what = "a whole number" if whole else "a finite number"
             bounds = f"{'above' if lo_open else 'from'} {lo}" + ("" if hi is None else f" to {hi}")
-            raise CfbError(f"{name} must be {what} {bounds}, got {value!r}")
-        out[name] = int(value) if whole else float(value)
+            raise CfbError(f"{name} must be a finite number {bounds}, got {value!r}")
+        out[name] = float(value)
     return out
 
 
@@ -263,9 +264,8 @@ class Database:
         pc1, pc2, pc3 (and, with ``plot``, a labelled PNG of PC1 and PC2 written there)."""
         import pandas as pd
 
-        from .service.inspect import pca, plot_pca
-
         from .cf_core.errors import CfbError
+        from .service.inspect import pca, plot_pca
 
         if plot is not None:  # (checked as `cfb inspect pca --plot` checks it)
             if not isinstance(plot, (str, Path)) or Path(plot).suffix.lower() != ".png" or Path(plot).is_dir():

@@ -506,11 +506,13 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
 
 def _file_identity(path: Path | None) -> tuple[int, int] | None:
     """(device, inode) of a database file, to tell a file made again at the same path (None: no file)."""
+    if path is None:
+        return None
     try:
-        st = os.stat(path) if path is not None else None
+        st = os.stat(path)
     except OSError:
         return None
-    return None if st is None else (st.st_dev, st.st_ino)
+    return st.st_dev, st.st_ino
 
 
 # --- the app ---------------------------------------------------------------------------------------
@@ -571,7 +573,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             except Exception:  # noqa: BLE001 - an empty or busy database: the requests will say so
                 pass
 
-    file = sqlite_file(str(engine.url.render_as_string(hide_password=False)))
+    file = sqlite_file(engine.url.render_as_string(hide_password=False))
     seen_file = [_file_identity(file)]
 
     def _load_serving() -> None:

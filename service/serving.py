@@ -115,7 +115,7 @@ def title_hint(query: str, titles) -> str:  # noqa: ANN001
     titles = list(titles)
     candidates = titles
     if len(titles) > HINT_ALL_TITLES:
-        words = {w for w in re.findall(r"\w{3,}", query.lower())}
+        words = set(re.findall(r"\w{3,}", query.lower()))
         candidates = [t for t in titles if words & set(re.findall(r"\w{3,}", t.lower()))]
     close = difflib.get_close_matches(query, candidates, n=5, cutoff=0.5)
     if not close:

@@ -48,7 +48,7 @@ def scaled_defaults(defaults: dict, n_train: int, min_epochs: int) -> dict:
     trained 16 steps in all, and stalled)."""
     ratio = 2.0 ** round(np.log2(max(n_train, 1) / BASE_TRAIN))
     if ratio < 1:
-        return {**defaults, "bs": int(max(MIN_BATCH, min(defaults["bs"], defaults["bs"] * ratio)))}
+        return {**defaults, "bs": max(MIN_BATCH, int(defaults["bs"] * ratio))}
     scale = int(min(ratio, MAX_BATCH_SCALE))
     if scale == 1:
         return dict(defaults)
