@@ -90,7 +90,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group()
-@click.option("--db", "url", envvar="CFB_DATABASE_URL", help="Database URL (default: SQLite at $CFB_HOME/cfb.db).")
+@click.option("--db", "url", envvar="CFB_DATABASE_URL", help="Database URL (sqlite:///FILE, postgresql://…) or a SQLite file's path (default: SQLite at $CFB_HOME/cfb.db).")
 @click.pass_context
 def cli(ctx: click.Context, url: str | None) -> None:
     """cfb: cold-start collaborative filtering (fastai embeddings + a signup questionnaire)."""

@@ -22,11 +22,11 @@ def cfb_home() -> Path:
 
 
 def resolve_url(url: str | None = None) -> str:
-    """The database URL: the explicit one, else ``$CFB_DATABASE_URL``, else SQLite in ``cfb_home()``."""
+    """The database URL: the explicit one, else ``$CFB_DATABASE_URL``, else SQLite in ``cfb_home()``.
+    A value without ``://`` is a SQLite file's path (``--db ratings.db``)."""
+    url = url or os.environ.get("CFB_DATABASE_URL")
     if url:
-        return url
-    if os.environ.get("CFB_DATABASE_URL"):
-        return os.environ["CFB_DATABASE_URL"]
+        return url if "://" in url else f"sqlite:///{Path(url).expanduser().absolute()}"
     home = cfb_home()
     try:
         home.mkdir(parents=True, exist_ok=True)

@@ -260,7 +260,7 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     """§8 for one seed. ``fitted``: a version already trained on this split's warm items (reused by
     tuning); ``cold``: the cold items (default: §8's split for ``seed``; tuning passes pseudo-cold items)."""
     from ..cf_core.item_prior import ItemPrior, ItemPriorConfig
-    from ..service.training import fit_model
+    from ..service.training import encoded_metadata, fit_model
 
     items = sorted(ds.ratings.item.astype(str).unique().tolist())
     cold = cold_items(items, seed) if cold is None else cold
@@ -281,6 +281,7 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
         t0 = time.perf_counter()
         model.item_prior = ItemPrior(prior_config or ItemPriorConfig(), attributes=attributes, seed=seed).fit_version(
             model, sp["td"], sp["warm_attrs"], rank_vecs)
+        model.item_meta = encoded_metadata(model.item_prior, sp["td"].item_attributes)  # for the metadata affinity
         timings["item_prior_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     grown = with_cold_items(model, sp["cold_db"], sp["cold_attrs"])
@@ -289,7 +290,8 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     return {"seed": seed, "n_cold_items": len(sp["cold_items"]), "n_warm_items": len(sp["td"].item_ids),
             "has_genres": any(_genres(a, "genres") for a in sp["warm_attrs"]),
             "n_cold_ratings": len(sp["cold_ratings"]), "timings": timings,
-            "prior": {"attributes": list(model.item_prior.attributes or ()), **model.item_prior.config.to_json()},
+            "prior": {"attributes": [spec["name"] for spec in model.item_prior.encoder_.spec],  # what it really used
+                      **model.item_prior.config.to_json()},
             **res}
 
 
@@ -336,9 +338,8 @@ def table(block: dict) -> list[str]:
 
 def render(result: dict) -> str:
     """The §8 report as text: settings, seed 42 (the first seed) and the mean over seeds."""
-    first = result["per_seed"][0]
-    lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}  "
-             f"item metadata: {', '.join(result['attributes']) or 'all'}",
+    first, used = result["per_seed"][0], ", ".join(result["attributes"]) or "none (a constant row only)"
+    lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}  item metadata: {used}",
              f"item prior: {result['prior']}",
              f"cold items: {first['n_cold_items']} (of {first['n_cold_items'] + first['n_warm_items']}), "
              f"cold ratings: {first['n_cold_ratings']}", ""]

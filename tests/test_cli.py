@@ -142,7 +142,7 @@ def test_a_missing_database_file_is_an_error_and_is_not_made(runner, tmp_path, a
 
 
 @pytest.mark.parametrize("url, message", [
-    ("not-a-url", "invalid database URL"),
+    ("no such://x", "invalid database URL"),
     ("postgresql+psycopg://nobody:x@127.0.0.1:9/none", "database"),  # refused, or no driver installed
     ("mysql+nosuchdriver://x/y", "invalid database URL"),
 ])
@@ -154,6 +154,20 @@ def test_bad_database_url_is_one_line(runner, url, message):
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
     with pytest.raises(cfb.CfbError, match=message):  # the Python API's error too
         cfb.open(url).recommend("1")
+
+
+def test_a_path_is_a_sqlite_database(runner, cli_db, tmp_path, monkeypatch):
+    """``--db FILE`` (and CFB_DATABASE_URL=FILE), relative or absolute, is that SQLite file."""
+    expected = run(runner, cli_db, "recommend", "a0", "--json").stdout
+    path = cli_db.removeprefix("sqlite:///")
+    monkeypatch.chdir(tmp_path)
+    for db in (path, "cli.db", "./cli.db"):
+        res = run(runner, db, "recommend", "a0", "--json")
+        assert res.exit_code == 0 and res.stdout == expected, res.output
+    res = run(runner, "typo.db", "recommend", "a0")
+    assert res.exit_code == 1 and f"no database at {tmp_path / 'typo.db'}" in res.output
+    monkeypatch.setenv("CFB_DATABASE_URL", "cli.db")
+    assert runner.invoke(cli, ["recommend", "a0", "--json"]).stdout == expected
 
 
 def test_a_file_that_is_not_a_database_is_one_line(runner, tmp_path, cli_db):

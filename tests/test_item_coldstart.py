@@ -186,6 +186,11 @@ def test_protocol_end_to_end_on_planted_items():
     ds.items["attributes"] = [{"authors": [f"w{k % 3}"], "year": a["year"]} for k, a in enumerate(ds.items.attributes)]
     res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)
     assert "genres" not in res["attributes"] and "no genres" in res["notes"][0] and "note: this data has no genres" in render(res)
+    assert "item metadata: authors, year" in render(res)
+    # no metadata at all: the prior has its constant row only, and the report says so (not "all")
+    ds.items["attributes"] = [{} for _ in ds.items.attributes]
+    res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)
+    assert res["attributes"] == [] and "item metadata: none (a constant row only)" in render(res)
 
 
 def test_large_data_path_batches_and_still_learns(monkeypatch):
