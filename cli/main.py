@@ -301,6 +301,8 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
     text = f"version {out['version']} ({out['kind']}, {out['mode']}) serving"
     if out.get("valid_rmse") is not None:
         text += f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f}"
+    elif out.get("valid_note"):
+        text += f"; not validated ({out['valid_note']})"
     if out.get("reason"):
         text += f"; {out['reason']}"
     emit(out, as_json, text)

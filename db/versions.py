@@ -150,9 +150,12 @@ def trained_rows(conn: Connection, version: int, user_ids=None) -> tuple[np.ndar
     """(user ids, factors, biases) of the users trained in the version's full ancestor (all, or ``user_ids``)."""
     root = chain(conn, version)[0]
     stmt = select(UserFactors.user_id, UserFactors.bias, UserFactors.factors).where(UserFactors.version_id == root)
-    if user_ids is not None:
-        stmt = stmt.where(UserFactors.user_id.in_([int(u) for u in user_ids]))
-    rows = conn.execute(stmt.order_by(UserFactors.user_id)).all()
+    if user_ids is None:
+        rows = conn.execute(stmt.order_by(UserFactors.user_id)).all()
+    else:  # a query per 900 users (a database's limit on a statement's parameters)
+        ids = sorted({int(u) for u in user_ids})
+        rows = [row for start in range(0, len(ids), 900) for row in conn.execute(
+            stmt.where(UserFactors.user_id.in_(ids[start:start + 900])).order_by(UserFactors.user_id))]
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
     factors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1).astype(np.float32)

@@ -115,6 +115,20 @@ def recommendation_query(query_string: bytes) -> tuple[int, str]:
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def rating_choices(scale: tuple[float, float], step: float | None) -> list[float]:
+    """The ratings the web page offers: each step of the scale (the step its first ingest fixed; else
+    whole stars, half stars on a scale that starts at a half, or tenths of a scale narrower than two
+    stars), or 11 of them spread evenly where there would be over 101."""
+    lo, hi = scale
+    if step is None:
+        step = 0.5 if lo % 1 else 1.0
+        if hi - lo < 2 * step:
+            step = (hi - lo) / 10 or 1.0
+    n = int(round((hi - lo) / step))
+    k = np.round(np.linspace(0, n, 11)) if n > 100 else np.arange(n + 1)
+    return [round(lo + float(x) * step, 10) for x in k]
+
+
 def origin_key(origin: str) -> str | None:
     """``scheme://host[:port]`` as a browser sends it in ``Origin`` (lower case, no default port, no
     trailing slash), or None when ``origin`` is not an http(s) origin."""
@@ -875,12 +889,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     # --- web pages ---------------------------------------------------------------------------------
     def _scale(conn) -> list[float]:
-        from ..db import store
-
-        scale = store.rating_scale(conn) or (1.0, 5.0)
-        lo, hi = scale
-        step = 0.5 if lo % 1 else 1.0  # a half-star scale (0.5..5) offers every half star
-        return [float(x) for x in np.arange(lo, hi + 1e-9, step)] if hi - lo <= 20 else [lo, hi]
+        return rating_choices(store.rating_scale(conn) or (1.0, 5.0), store.rating_step(conn))
 
     def _rating_select(scale: list[float], name: str, item: str, blank: str) -> str:
         opts = [f"<option value=''>{escape(blank)}</option>"]

@@ -143,11 +143,15 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
     factors, biases = prior["item_factors"].copy(), prior["item_bias"].copy()
     if model.kind != "dot":
         return {"item_factors": factors, "item_bias": biases}
-    for k, item in enumerate(item_ids.tolist()):
-        users, ratings = store.item_ratings(conn, item)
-        vecs = [model.user_vector(h, affinity=False, ranking=False) for h in user_histories(conn, served, users)]
+    rated = [store.item_ratings(conn, item) for item in item_ids.tolist()]
+    everyone = np.unique(np.concatenate([users for users, _ in rated])) if rated else np.zeros(0, np.int64)
+    vecs = [model.user_vector(h, affinity=False, ranking=False) for h in user_histories(conn, served, everyone)]
+    if vecs:  # every rater's vector once (their histories read together), then each item against its raters
         raters = DotRating(model.rating.y_range, np.stack([v.vec for v in vecs]).astype(np.float32),
                            np.array([v.bias for v in vecs], np.float32))
-        factors[k], biases[k] = raters.fold_in(np.arange(len(users)), ratings, factors[k], float(biases[k]),
-                                               model.config.item_foldin())
+    for k, (users, ratings) in enumerate(rated):
+        if len(users) == 0:  # (no rating left: it keeps its prior row)
+            continue
+        factors[k], biases[k] = raters.fold_in(np.searchsorted(everyone, users), ratings, factors[k],
+                                               float(biases[k]), model.config.item_foldin())
     return {"item_factors": factors.astype(np.float32), "item_bias": biases.astype(np.float32)}

@@ -628,6 +628,24 @@ def test_a_signups_misspelt_title_suggests_titles_as_the_cli_does(server):
     assert "unknown item; did you mean: Alpha film 1" in r.json()["error"]
 
 
+def test_the_page_offers_the_ratings_the_scale_takes():
+    """The sign-up and rating pages offer each rating the database takes: its fixed step, half
+    stars, tenths of a narrow scale; never a value the API would refuse."""
+    from cfb.db.store import rating_problem
+    from cfb.service.http import rating_choices
+
+    assert rating_choices((1.0, 5.0), 1.0) == rating_choices((1.0, 5.0), None) == [1, 2, 3, 4, 5]
+    assert rating_choices((0.5, 5.0), 0.5) == [k / 2 for k in range(1, 11)]
+    assert rating_choices((1.0, 5.0), 0.5) == [1 + k / 2 for k in range(9)]  # whole ends, half stars
+    assert rating_choices((0.1, 0.3), None) == [0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3]
+    assert rating_choices((0.0, 1.0), None) == [k / 10 for k in range(11)]
+    assert rating_choices((1.0, 3.0), None) == [1, 2, 3]
+    wide = rating_choices((0.0, 1000.0), 1.0)
+    assert len(wide) == 11 and wide[0] == 0 and wide[-1] == 1000
+    for scale, step in (((1.0, 5.0), 0.5), ((0.5, 5.0), 0.5), ((0.0, 1000.0), 1.0), ((0.1, 0.3), None)):
+        assert all(rating_problem(v, scale, step) is None for v in rating_choices(scale, step))
+
+
 def test_origin_keys_are_what_a_browser_sends():
     from cfb.service.http import origin_key
 

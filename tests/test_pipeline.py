@@ -161,6 +161,19 @@ def test_a_drift_retrain_keeps_the_chosen_settings_not_a_small_sets_defaults():
     assert chosen_settings(older)["bs"] == 32
 
 
+def test_too_few_ratings_to_validate_are_not_validated(engine):
+    """A share of a handful of ratings that holds out none is no measurement: the report says so
+    (it was NaN, stored in the version and refused by every JSON answer after)."""
+    import json
+
+    ratings = pd.DataFrame({"user": ["a", "b"], "item": ["x", "y"], "rating": [1.0, 5.0], "timestamp": [1, 2]})
+    ingest_dataset(engine, Dataset(ratings, scale=(1.0, 5.0)))
+    report = retrain_full(engine, valid_pct=0.2, progress=False, **FAST)
+    assert report["n_valid"] == 0 and report["valid_mse"] is None and "holds out none" in report["valid_note"]
+    with engine.connect() as conn:
+        json.dumps([report, versions.list_versions(conn)], allow_nan=False, default=str)
+
+
 def test_rollback_serves_previous_version(trained):
     engine, report = trained
     second = retrain_full(engine, valid_pct=0.0, progress=False, **FAST)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
+from cfb.db import versions
 from cfb.db.engine import make_engine
 from cfb.db.schema import Base, Rating
 from cfb.db.sources import Dataset
@@ -44,6 +45,10 @@ def test_whole_pipeline_on_postgres(pg_engine, planted):
     assert report["valid_rmse"] < 0.8
     with pg_engine.connect() as conn:
         assert [r["item"][0] for r in recommend(conn, "b1", n=5)["items"]] == ["b"] * 5
+        # the trained rows of more users than a statement takes parameters (65,535)
+        everyone = versions.trained_rows(conn, report["version"])
+        asked = versions.trained_rows(conn, report["version"], range(70_000))
+        assert all((a == b).all() for a, b in zip(everyone, asked)) and len(asked[0]) == planted.ratings.user.nunique()
         assert all(r["item"][0] == "a" for r in similar(conn, "a3", n=3)["items"])
     out = onboard(pg_engine, [("entry 1", json.loads('{"user": "pg", "answers": {"gender": "M"}}'))])
     assert out["onboarded"] == [{"user": "pg", "ratings": 0}]
