@@ -8,7 +8,9 @@ MovieLens:
   56), except code 1 ("Under 18") which becomes 15, a typical age in that band (the bound would be 0),
   so a new user's real age can be compared with it; ``occupation`` becomes its name ("programmer").
 - 10M: ``ratings.dat``, ``movies.dat`` (and ``tags.dat``), ``::``-separated, no ``users.dat``; half stars,
-  scale 0.5..5. A ``::`` folder with ``users.dat`` is read as 1M, without it as 10M.
+  scale 0.5..5. A ``::`` folder with ``users.dat`` is read as 1M; without it, as 10M, unless it has no
+  ``tags.dat`` and only whole stars: 1M's files without its users (scale 1..5, no demographics).
+A folder with the files of two releases (``u.data``, ``ratings.dat``, ``ratings.csv``) is refused.
 - 20M, 25M, 32M, latest, latest-small: ``ratings.csv`` (``userId,movieId,rating,timestamp``),
   ``movies.csv`` (``movieId,title,genres``), optional ``tags.csv`` (``userId,movieId,tag,timestamp``);
   half stars, scale 0.5..5.
@@ -45,9 +47,9 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
-                      id_column)
-from .textfile import lines_before_trailing_blanks, read_text, without_trailing_blank_lines
+from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, _raise_csv_problem, check_known_items, check_scale,
+                      check_times, id_column)
+from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
 WHOLE_STARS = (1.0, 5.0)
@@ -150,10 +152,12 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
         # "a::b::c::d" split on ":" is 7 columns, the odd ones empty
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding,
-                             engine="c", dtype={0: str, 1: "category", 2: str, 3: "category", 4: "float64",
-                                                5: "category", 6: "int64"}, keep_default_na=False,
-                             skip_blank_lines=False, nrows=rows)
+            with open(path, "rb") as f:
+                f.seek(len(UTF8_BOM) if f.read(len(UTF8_BOM)) == UTF8_BOM else 0)  # (not part of the first id)
+                df = pd.read_csv(f, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding,
+                                 engine="c", dtype={0: str, 1: "category", 2: str, 3: "category", 4: "float64",
+                                                    5: "category", 6: "int64"}, keep_default_na=False,
+                                 skip_blank_lines=False, nrows=rows)
         users, items = id_column(df[0]), id_column(df[2])
         ok = all(set(df[c].cat.categories) <= {""} for c in (1, 3, 5))
         ok = ok and "" not in users.categories and "" not in items.categories and bool(np.isfinite(df[4]).all())
@@ -192,6 +196,8 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
         users, items = id_column(df[user]), id_column(df[item])
         ok = len(df.columns) == len(header) and "" not in users.categories and "" not in items.categories \
             and bool(np.isfinite(df[rating]).all())
+        if ok and _holds_a_quote(path):  # pandas reads a stray quote into the value ("2"2 as 22)
+            _raise_csv_problem(path, without_trailing_blank_lines(read_text(path)), quotes_only=True)
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
@@ -209,6 +215,11 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     out = pd.DataFrame({"user": users, "item": items, "rating": df[rating].to_numpy(np.float32)})
     out["timestamp"] = df[timestamp].to_numpy(np.int64) if timestamp else None
     return out
+
+
+def _holds_a_quote(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return any(b'"' in block for block in iter(lambda: f.read(1 << 24), b""))
 
 
 POWERS_OF_TEN = 10 ** np.arange(1, 19, dtype=np.int64)
@@ -295,7 +306,7 @@ def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[in
     text = without_trailing_blank_lines(read_text(path).lstrip("\ufeff"))
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # ("ab"cd: an error, not abcd)
     rows = []
     try:
         header = [h.strip() for h in next(reader)]
@@ -346,11 +357,15 @@ def movielens_layout(folder: Path) -> str:
         raise InputError("file not found", source=str(folder))
     if not folder.is_dir():
         raise InputError("expected a folder", source=str(folder))
-    if (folder / "u.data").exists():
+    found = [name for name, _ in MOVIELENS_MARKERS if (folder / name).exists()]
+    if len(found) > 1:
+        raise InputError(f"holds the ratings of two MovieLens layouts ({' and '.join(found)}): keep one release "
+                         "a folder", source=str(folder))
+    if found == ["u.data"]:
         return "100k"
-    if (folder / "ratings.dat").exists():
+    if found == ["ratings.dat"]:
         return "1m" if (folder / "users.dat").exists() else "10m"
-    if (folder / "ratings.csv").exists():
+    if found == ["ratings.csv"]:
         return "csv"
     looked = ", ".join(f"{name} ({what})" for name, what in MOVIELENS_MARKERS)
     raise InputError(f"not a MovieLens folder: looked for {looked}", source=str(folder))
@@ -380,11 +395,16 @@ def read_ml100k(folder: Path) -> Dataset:
     item_path = folder / "u.item"
     _require_item_file(item_path)
     recs = []
-    for n, f in _fields(item_path, "|", "latin-1"):
+    for n, f in _fields(item_path, "|", _guess_encoding(item_path)):
         if len(f) < 5 + len(ML100K_GENRES):
             raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
                              source=str(item_path), line=n)
-        genres = [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1"]
+        flags = [flag.strip() for flag in f[5:5 + len(ML100K_GENRES)]]
+        for genre, flag in zip(ML100K_GENRES, flags):
+            if flag not in ("0", "1"):
+                raise InputError(f"expected a genre flag 0 or 1, found {flag!r}", source=str(item_path), line=n,
+                                 field=genre)
+        genres = [g for g, flag in zip(ML100K_GENRES, flags) if flag == "1"]
         recs.append({"item": f[0].strip(), "title": f[1],
                      "attributes": _item_attrs(f[1], genres, release_date=f[2])})
     items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
@@ -394,8 +414,11 @@ def read_ml100k(folder: Path) -> Dataset:
     user_path = folder / "u.user"
     if user_path.exists():
         recs = []
-        rows = _fields(user_path, "|", "latin-1")
+        rows = _fields(user_path, "|", _guess_encoding(user_path))
         _check_ids(user_path, rows, 0, "id")
+        occupation_path = folder / "u.occupation"  # (the release lists its occupations)
+        occupations = {line.strip() for _, (line, *_) in _fields(occupation_path, "|", _guess_encoding(occupation_path))
+                       if line.strip()} if occupation_path.exists() else None
         for n, f in rows:
             if len(f) != 5:
                 raise InputError(f"expected id|age|gender|occupation|zip, found {len(f)} '|'-separated fields",
@@ -403,8 +426,13 @@ def read_ml100k(folder: Path) -> Dataset:
             if not (f[1].strip().isascii() and f[1].strip().isdigit()):
                 raise InputError(f"expected a whole number of years, found {f[1]!r}", source=str(user_path),
                                  line=n, field="age")
+            if f[2].strip() not in ("M", "F"):
+                raise InputError(f"expected M or F, found {f[2]!r}", source=str(user_path), line=n, field="gender")
+            if occupations is not None and f[3].strip() not in occupations:
+                raise InputError(f"occupation {f[3]!r} is not in {occupation_path.name}", source=str(user_path),
+                                 line=n, field="occupation")
             recs.append({"user": f[0].strip(), "attributes": {
-                "age": int(f[1]), "gender": f[2], "occupation": f[3], "zip": f[4]}})
+                "age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip(), "zip": f[4].strip()}})
         users = pd.DataFrame(recs)
     return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens",
                    source=str(ratings_path), first_line=1)
@@ -434,7 +462,10 @@ def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
 
 
 def _guess_encoding(path: Path) -> str:
-    """UTF-8 when the file decodes as such, else ISO-8859-1 (older MovieLens releases)."""
+    """UTF-8 when the file decodes as such, else ISO-8859-1 (older MovieLens releases: a file of theirs
+    saved again as UTF-8 is read as such, not as ISO-8859-1's mojibake)."""
+    if not path.exists():
+        return "latin-1"  # (the reader names the missing file)
     try:
         path.read_bytes().decode("utf-8")
         return "utf-8"
@@ -454,12 +485,12 @@ def read_ml1m(folder: Path) -> Dataset:
     _check_ratings(ratings, WHOLE_STARS, rpath, 1, *DAT_FIELDS)
     mpath = folder / "movies.dat"
     _require_item_file(mpath)
-    items = _read_dat_movies(mpath, "latin-1")
+    items = _read_dat_movies(mpath, _guess_encoding(mpath))
     _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
     upath = folder / "users.dat"
     recs = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(_text_lines(upath, "latin-1"), start=1):
+    for n, line in enumerate(_text_lines(upath, _guess_encoding(upath)), start=1):
         f = [x.strip() for x in line.split("::")]
         if len(f) != 5:
             raise InputError(f"expected UserID::Gender::Age::Occupation::Zip-code, found {len(f)} '::'-separated "
@@ -499,6 +530,9 @@ def read_ml10m(folder: Path) -> Dataset:
     items = _read_dat_movies(mpath, _guess_encoding(mpath))
     _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
     tpath = folder / "tags.dat"
+    if not tpath.exists() and bool((ratings.rating.to_numpy() % 1 == 0).all()):  # 1M's files, users.dat left out
+        return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-1m",
+                       source=str(rpath), first_line=1, columns=DAT_COLUMNS)
     if tpath.exists():
         rows = []
         for n, line in enumerate(_text_lines(tpath, _guess_encoding(tpath)), start=1):

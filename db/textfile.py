@@ -7,7 +7,8 @@ from ..cf_core.errors import InputError
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """Whole file as text; a bad byte is reported with its line number."""
+    """Whole file as text; a bad byte is reported with its line number. A file that starts with the UTF-8
+    byte order mark is read as UTF-8 without it, whatever ``encoding`` says."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", source=str(path))
@@ -17,6 +18,8 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read ({e.strerror or e})", source=str(path)) from None
+    if data.startswith(UTF8_BOM):  # an editor's mark that the file is UTF-8, not part of its first field
+        data, encoding = data[len(UTF8_BOM):], "utf-8"
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -24,6 +27,7 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         raise InputError(f"not valid {encoding} text (byte 0x{data[e.start]:02x})", source=str(path), line=line) from None
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
 BLANK = " \t\r\n"  # what a blank line holds
 TAIL_BLOCK = 1 << 16
 

@@ -212,7 +212,7 @@ def test_movielens_csv_malformed(tmp_path, db_url):
     folder = tmp_path / "ml-32m"
     write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n")
     write(folder / "movies.csv", 'movieId,title,genres\n1,"Toy Story (1995)\n')
-    fails(run(db_url, "ingest", "movielens", str(folder)), r"movies\.csv, line 2: expected 3 fields, found 2")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"movies\.csv, line 2: malformed CSV \(unexpected end of data\)")  # a quote left open
     write(folder / "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n1,Jumanji (1995),Fantasy\n")
     fails(run(db_url, "ingest", "movielens", str(folder)),
           r"movies\.csv, line 3, field 'movieId': duplicate id '1' \(first on line 2\)")
@@ -469,6 +469,87 @@ def test_a_release_without_its_item_file_or_its_ratings_is_refused(tmp_path, db_
 def test_a_100k_user_file_names_the_line_and_field_at_fault(tmp_path, db_url, text, message):
     folder = ml100k(tmp_path / "ml-100k")
     (folder / "u.user").write_bytes(text.encode("latin-1"))  # (the release's encoding)
+    fails(run(db_url, "ingest", "movielens", str(folder)), message)
+    assert_nothing_written(db_url)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1|24|X|technician|85711\n", r"u\.user, line 1, field 'gender': expected M or F, found 'X'$"),
+    ("1|24|M|astronaut|85711\n", r"u\.user, line 1, field 'occupation': occupation 'astronaut' is not in u\.occupation$"),
+])
+def test_a_100k_user_file_is_checked_as_1ms_is(tmp_path, db_url, text, message):
+    folder = ml100k(tmp_path / "ml-100k")
+    write(folder / "u.occupation", "executive\ntechnician\nwriter\n")
+    (folder / "u.user").write_bytes(("196|49|M|writer|55105\n186|39|F|executive|00000\n22|25|M|writer|40206\n"
+                                     + text).encode("latin-1"))
+    fails(run(db_url, "ingest", "movielens", str(folder)), message.replace("line 1", "line 4"))
+    assert_nothing_written(db_url)
+
+
+def test_a_100k_genre_flag_other_than_0_or_1_is_named(tmp_path, db_url):
+    folder = ml100k(tmp_path / "ml-100k")
+    text = (folder / "u.item").read_bytes().decode("latin-1").splitlines()
+    fields = text[2].split("|")
+    fields[6] = "2"  # Action
+    write(folder / "u.item", "\n".join([*text[:2], "|".join(fields)]) + "\n", "latin-1")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"u\.item, line 3, field 'Action': expected a genre flag 0 or 1, found '2'$")
+    assert_nothing_written(db_url)
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("release, file", [("100k", "u.data"), ("100k", "u.user"), ("100k", "u.item"),
+                                           ("1m", "ratings.dat"), ("1m", "users.dat"), ("1m", "movies.dat")])
+def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path, release, file):
+    """A release file saved again by an editor that starts it with the UTF-8 byte order mark reads as
+    the file without it (its first id was an id of its own, with the mark in it)."""
+    make = RELEASES[release][0]
+    plain = dump_of(tmp_path / "plain", make(tmp_path / "a"))
+    folder = make(tmp_path / "b")
+    (folder / file).write_bytes(BOM.encode() + (folder / file).read_bytes().decode("latin-1").encode())
+    assert dump_of(tmp_path / "marked", folder) == plain
+
+
+def test_a_1m_movie_file_saved_as_utf8_is_read_as_utf8(tmp_path):
+    folder = ml1m(tmp_path / "ml-1m")
+    (folder / "movies.dat").write_bytes((folder / "movies.dat").read_bytes().decode("latin-1").encode())
+    assert dump_of(tmp_path / "db", folder)["items"]["3408"][0] == "Misérables, Les (1995)"
+
+
+def dump_of(where: Path, folder: Path) -> dict:
+    where.mkdir()
+    url = f"sqlite:///{where / 'cfb.db'}"
+    ok(run(url, "ingest", "movielens", str(folder), "--json"))
+    return dump(url)
+
+
+def test_a_1m_folder_without_users_is_whole_stars_and_two_layouts_are_refused(tmp_path, db_url):
+    """ratings.dat without users.dat is 10M's layout, but whole stars and no tags.dat are 1M's files:
+    its scale is 1..5 (10M's half stars would let a 0.5 in). Two releases in a folder: refused."""
+    folder = ml1m(tmp_path / "ml-1m")
+    (folder / "users.dat").unlink()
+    assert ok(run(db_url, "ingest", "movielens", str(folder), "--json"))["scale"] == [1.0, 5.0]
+    assert dump(db_url)["users"] == {"1": {}, "2": {}, "3": {}}
+    tenm = ml10m(tmp_path / "ml-10m")
+    (tenm / "tags.dat").unlink()  # half stars alone say 10M
+    other = tmp_path / "other.db"
+    assert ok(run(f"sqlite:///{other}", "ingest", "movielens", str(tenm), "--json"))["scale"] == [0.5, 5.0]
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1193,4.0,964982703\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)),
+          r"ml-1m: holds the ratings of two MovieLens layouts \(ratings\.dat and ratings\.csv\)")
+
+
+@pytest.mark.parametrize("file, text, message", [
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n41,\"2\"2,4.0,978300000\n",
+     r"ratings\.csv, line 3: malformed CSV"),
+    ("movies.csv", 'movieId,title,genres\n1,Toy Story (1995),Comedy\n3,"Quote "Bad" Movie (2000)",Drama\n'
+     '6,Heat (1995),Action\n', r"movies\.csv, line 3: malformed CSV"),
+    ("tags.csv", 'userId,movieId,tag,timestamp\n1,1,"funny"x,978300000\n', r"tags\.csv, line 2: malformed CSV"),
+])
+def test_a_stray_quote_in_a_csv_release_is_malformed_not_read_into_the_value(tmp_path, db_url, file, text, message):
+    folder = ml_csv(tmp_path / "ml-32m")
+    write(folder / file, text)
     fails(run(db_url, "ingest", "movielens", str(folder)), message)
     assert_nothing_written(db_url)
 
