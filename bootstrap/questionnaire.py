@@ -124,7 +124,7 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
             out.append(Question(name, "number", range=[float(min(vals)), float(max(vals))]))
         else:
             distinct = sorted({str(v) for v in vals})
-            if len(distinct) <= MAX_CATEGORIES:
+            if len(distinct) <= MAX_CATEGORIES and len(distinct) < len(vals):  # (every value its own: id-like, text)
                 out.append(Question(name, "category", distinct))
             else:
                 out.append(Question(name, "text"))

@@ -34,6 +34,16 @@ def test_questionnaire_asks_the_most_liked_items_first():
         choose_items(items, ratings, 4, 2, "newest")
 
 
+def test_an_attribute_whose_every_value_is_its_own_is_text_not_a_closed_list():
+    """40 users with 40 zip codes: a category of them would refuse every new user's zip code."""
+    from cfb.bootstrap.questionnaire import infer_questions
+
+    users = [{"gender": "MF"[k % 2], "zip": f"{k:05d}", "age": 20 + k} for k in range(40)]
+    kinds = {q.name: q.type for q in infer_questions(users)}
+    assert kinds == {"gender": "category", "zip": "text", "age": "number"}
+    assert [q.values for q in infer_questions(users) if q.name == "gender"] == [["F", "M"]]
+
+
 def test_questionnaire_lists_attributes_and_items(trained):
     engine, _ = trained
     with engine.connect() as conn:
