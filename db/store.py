@@ -302,8 +302,8 @@ def lock_rating_writers(conn: Connection) -> None:
 def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=None) -> int:  # noqa: ANN001
     """Upsert ratings by database ids; returns how many pairs were written.
 
-    A pair given twice keeps its last row (latest wins), and seq numbers the kept rows in the given
-    order. Rows go in (user, item) order, many to a statement (see ``_insert``; on PostgreSQL from
+    A pair given twice keeps its row with the latest timestamp (a row with one over a row without; the
+    last of those rows), and seq numbers the kept rows in the given order. Rows go in (user, item) order, many to a statement (see ``_insert``; on PostgreSQL from
     ``PG_COPY_ROWS`` rows through COPY, ``_write_postgres_by_copy``). A first large ingest
     (``BULK_ROWS`` or more into an empty table) drops the secondary indexes (on PostgreSQL also the
     keys) and builds them once at the end, in the same transaction. On a SQLite connection without foreign
@@ -317,6 +317,8 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     r = on_step(r, rating_scale(conn), rating_step(conn))
     ts, missing = _timestamps(timestamps)
     keep = latest_per_pair(u, i)
+    if len(keep) < len(u) and not missing.all():  # a pair given twice: its row with the latest time wins
+        keep = latest_per_pair(u, i, np.where(missing, np.iinfo(np.int64).min, ts))
     kept = np.zeros(len(r), bool)
     kept[keep] = True
     seq = seq0 - 1 + np.cumsum(kept)  # the kept rows' order, as given
@@ -511,9 +513,14 @@ def _timestamps(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     return t, missing
 
 
-def latest_per_pair(users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Positions of each (user, item) pair's last row, in (user, item) order."""
-    if len(users) and 0 <= min(users.min(), items.min()) and max(users.max(), items.max()) < 2**31:
+def latest_per_pair(users: np.ndarray, items: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
+    """Positions of each (user, item) pair's last row, in (user, item) order; with ``times``, its row
+    with the latest time (of those, the last)."""
+    if times is not None:
+        order = np.lexsort((np.arange(len(users)), times, items, users))
+        u, i = users[order], items[order]
+        differs = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    elif len(users) and 0 <= min(users.min(), items.min()) and max(users.max(), items.max()) < 2**31:
         key = (users << 32) | items  # one int64 key: sorts several times faster than lexsort
         if len(key) > 1 and (key[1:] >= key[:-1]).all():  # already in order (releases sorted by user, item)
             order = np.arange(len(key))

@@ -197,6 +197,18 @@ def test_latest_per_pair_keeps_each_pairs_last_row_in_pair_order(presorted):
     assert got.tolist() == [ref[p] for p in sorted(ref)]
 
 
+def test_a_pair_given_twice_keeps_its_latest_timed_row(engine):
+    """In one file, the row with the latest timestamp wins (file order only breaks ties and orders
+    rows without a time); a row with a time wins over one without."""
+    rows = pd.DataFrame({"user": ["1", "1", "2", "2", "3", "3", "4", "4"], "item": ["a", "a", "b", "b", "c", "c", "d", "d"],
+                         "rating": [4.0, 2.0, 3.0, 5.0, 1.0, 2.0, 1.0, 5.0],
+                         "timestamp": [100, 50, 10, None, None, None, 7, 7]})
+    ingest_dataset(engine, Dataset(rows, scale=(1.0, 5.0)))
+    with engine.connect() as conn:
+        got = dict(conn.execute(select(User.external_id, Rating.rating).join(Rating, Rating.user_id == User.id)).all())
+    assert got == {"1": 4.0, "2": 3.0, "3": 2.0, "4": 5.0}
+
+
 @pytest.mark.parametrize("body", [
     "1,10,4.0,5\n2,7,3.5,6\n1,7,1.0,7\n",  # whole numbers as str(int) writes them: the fast reader
     "1,10,4.0,5\n2,007,3.5,6\n2,7,1.0,7\n",  # "007" and "7" are different ids
