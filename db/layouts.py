@@ -619,7 +619,7 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
     """The books (item, title, attributes) and the column that keys them (v1: id, v2: book_id)."""
     header, rows = _csv_rows(bpath, ["title"])
     if "id" in header:  # v1: id is what ratings' book_id means; its book_id is the Goodreads id
-        key, goodreads = "id", "book_id"
+        key, goodreads = "id", "book_id" if "book_id" in header else "goodreads_book_id"
     elif "book_id" in header:
         key, goodreads = "book_id", "goodreads_book_id"
     else:
@@ -651,6 +651,13 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
         recs.append({"item": f[col[key]].strip(), "title": title or None, "attributes": attrs})
     items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
     btpath, tpath = folder / "book_tags.csv", folder / "tags.csv"
+    if btpath.exists() != tpath.exists():  # (the tags would be left out without a word)
+        given, lacking = (btpath, tpath) if btpath.exists() else (tpath, btpath)
+        raise InputError(f"{given.name} needs {lacking.name} beside it (book_tags.csv gives tag ids and counts, "
+                         "tags.csv their names)", source=str(lacking))
+    if btpath.exists() and goodreads not in col:
+        raise InputError(f"book_tags.csv keys books by their Goodreads id: {bpath.name} has no {goodreads} column",
+                         source=str(bpath), line=1, field=goodreads)
     if btpath.exists() and tpath.exists() and by_goodreads:
         theader, trows = _csv_rows(tpath, ["tag_id", "tag_name"])
         names = {f[theader.index("tag_id")].strip(): f[theader.index("tag_name")].strip() for _, f in trows}

@@ -286,6 +286,24 @@ def test_goodbooks_v1_keys_books_by_id(tmp_path, db_url):
                             ("588", "2"): (5.0, None)}
 
 
+def test_goodbooks_tags_are_read_or_their_missing_half_is_named(tmp_path, db_url):
+    """A v1 books.csv naming the Goodreads id goodreads_book_id still gets its tags; book_tags.csv
+    without tags.csv (or the reverse), or books without a Goodreads id, is an error, not tags left out."""
+    folder = goodbooks(tmp_path / "gb1", v1=True)
+    books = BOOKS_V2.replace("book_id,goodreads_book_id,", "id,goodreads_book_id,", 1)
+    write(folder / "books.csv", books)
+    ok(run(db_url, "ingest", "goodbooks", str(folder), "--json"))
+    assert dump(db_url)["items"]["2"][1]["tags"] == ["magic"]
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    (folder / "tags.csv").unlink()
+    fails(run(other, "ingest", "goodbooks", str(folder)), r"tags\.csv: book_tags\.csv needs tags\.csv beside it")
+    write(folder / "tags.csv", TAGS)
+    write(folder / "books.csv", books.replace("id,goodreads_book_id,", "id,gr_id,", 1))
+    fails(run(other, "ingest", "goodbooks", str(folder)),
+          r"books\.csv, line 1, field 'goodreads_book_id': book_tags\.csv keys books by their Goodreads id")
+    assert_nothing_written(other)
+
+
 def test_goodbooks_v1_header_layout(tmp_path):
     """The v1 books.csv header as released: id first, then the Goodreads book_id."""
     from cfb.db.layouts import read_goodbooks
