@@ -104,17 +104,21 @@ def ingest() -> None:
 
 
 def _ingest(ctx: Ctx, ds, as_json: bool, scale=None, source: str = "", quiet: bool = False) -> None:
-    from ..db.engine import make_engine
+    from ..db.engine import made_whole, make_engine
     from ..service.ingest import ingest_dataset
 
     show = not quiet and len(ds.ratings) >= 100_000
-    engine = make_engine(ctx.url, bulk=True)  # ids checked once per ingest, not row by row
-    try:
-        with click.progressbar(length=len(ds.ratings), label="writing ratings", file=sys.stderr,
-                               hidden=not show) as bar:
-            out = ingest_dataset(engine, ds, scale=scale, source=source, progress=bar.update)
-    finally:
-        engine.dispose()
+
+    def write(url: str) -> dict:
+        engine = make_engine(url, bulk=True)  # ids checked once per ingest, not row by row
+        try:
+            with click.progressbar(length=len(ds.ratings), label="writing ratings", file=sys.stderr,
+                                   hidden=not show) as bar:
+                return ingest_dataset(engine, ds, scale=scale, source=source, progress=bar.update)
+        finally:
+            engine.dispose()
+
+    out = made_whole(ctx.url, write)  # a failed first ingest leaves no database file
     emit(out, as_json, f"ingested {out['ratings']} ratings ({out['new_ratings']} new or changed), "
                        f"{out['users']} users ({out['new_users']} new), {out['items']} items ({out['new_items']} new)")
 
@@ -176,11 +180,20 @@ def ingest_items(ctx: Ctx, file: Path, quiet: bool, as_json: bool) -> None:
     Numbers stay numbers (as text where the stored items hold that attribute as text), a value with '|'
     becomes a list ("Drama|War"), empty cells change nothing; given attributes replace those of the
     same name, others are kept; a word where the stored items hold numbers is refused."""
-    from ..db.engine import make_engine
+    from ..db.engine import made_whole, make_engine
     from ..db.sources import read_items_csv
     from ..service.ingest import upsert_items
 
-    out = upsert_items(make_engine(ctx.url), read_items_csv(file), source=str(file))  # (an ingest: may make the database)
+    items = read_items_csv(file)
+
+    def write(url: str) -> dict:
+        engine = make_engine(url)
+        try:
+            return upsert_items(engine, items, source=str(file))
+        finally:
+            engine.dispose()
+
+    out = made_whole(ctx.url, write)  # (an ingest: may make the database, whole or not at all)
     emit(out, as_json, f"{out['added']} items added, {out['updated']} updated, {out['unchanged']} unchanged")
 
 

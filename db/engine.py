@@ -4,15 +4,17 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 
 from ..cf_core.errors import CfbError
 
 BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a connection waits for another's lock
+T = TypeVar("T")
 WRITE_OPTION = "cfb_write"  # execution option: this connection's transactions write (see ``writing``)
 
 
@@ -67,6 +69,51 @@ def is_busy(e: BaseException) -> bool:
     timeout; PostgreSQL's lock timeout, where one is set)."""
     msg = str(getattr(e, "orig", None) or e)
     return "database is locked" in msg or "lock timeout" in msg
+
+
+def made_whole(url: str | None, write: Callable[[str], T]) -> T:
+    """``write(url)`` (which must dispose of its engines before it returns), where a SQLite file that is
+    not there yet is made whole or not at all: ``write`` gets a temporary file beside it, linked into
+    place when ``write`` returns, so a failed first ingest leaves no database behind (a linked file
+    never replaces one another process made meanwhile: ``write`` then runs again, into that one)."""
+    url = resolve_url(url)
+    path = sqlite_file(url)
+    if path is None or path.exists() or not path.parent.is_dir():
+        return write(url)
+    _remove_dead_partials(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        out = write(f"sqlite:///{partial.absolute()}")
+        try:
+            os.link(partial, path)  # (fails where a file is there: never replaces one)
+        except FileExistsError:
+            return write(url)
+        except OSError:  # a file system without hard links
+            if path.exists():
+                return write(url)
+            os.replace(partial, path)
+        return out
+    finally:
+        for leftover in (partial, *(partial.with_name(partial.name + end) for end in ("-wal", "-shm", "-journal"))):
+            leftover.unlink(missing_ok=True)
+
+
+def _remove_dead_partials(path: Path) -> None:
+    """The partial files (``made_whole``) of first ingests into ``path`` whose process was killed."""
+    for leftover in path.parent.glob(f".{path.name}.*.partial*"):
+        pid = leftover.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (alive, another user's)
+        return True
+    return True
 
 
 def sqlite_file(url: str) -> Path | None:

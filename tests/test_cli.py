@@ -156,6 +156,47 @@ def test_bad_database_url_is_one_line(runner, url, message):
         cfb.open(url).recommend("1")
 
 
+def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeypatch):
+    """A first ingest is made whole or not at all: a refused file leaves neither the database nor a
+    partial one beside it, and the next command still says there is no database."""
+    ratings = write(tmp_path / "r.csv", "user,item,rating\n1,a,4\n2,b,4\n")  # no scale to tell
+    items = write(tmp_path / "items.csv", "item,title,year\na,Alpha,2001\n,Beta,2002\n")  # an empty id
+    path = tmp_path / "db" / "new.db"
+    path.parent.mkdir()
+    for args in (("ingest", "ratings", str(ratings)), ("ingest", "items", str(items))):
+        assert run(runner, str(path), *args).exit_code == 1
+        assert list(path.parent.iterdir()) == []
+    assert "no database at" in run(runner, str(path), "recommend", "1").output
+    killed = path.parent / ".new.db.999999999.partial"  # a first ingest killed midway (no such process)
+    for end in ("", "-journal"):
+        write(killed.with_name(killed.name + end), "half")
+    write(ratings, "user,item,rating\n1,a,4\n2,b,5\n")
+    assert run(runner, str(path), "ingest", "ratings", str(ratings)).exit_code == 0
+    assert [p.name for p in path.parent.iterdir()] == ["new.db"]
+    # a database another process made meanwhile is written into, never replaced
+    from cfb.db import engine as engine_module
+
+    other = tmp_path / "db" / "raced.db"
+    real_link = engine_module.os.link
+
+    def made_meanwhile(src, dst):  # noqa: ANN001
+        monkeypatch.setattr(engine_module.os, "link", real_link)
+        assert run(runner, str(dst), "ingest", "ratings", str(ratings)).exit_code == 0  # (the other process)
+        return real_link(src, dst)
+
+    monkeypatch.setattr(engine_module.os, "link", made_meanwhile)
+    write(tmp_path / "more.csv", "user,item,rating\n3,c,4\n3,d,5\n")
+    assert run(runner, str(other), "ingest", "ratings", str(tmp_path / "more.csv")).exit_code == 0
+    monkeypatch.undo()
+    from sqlalchemy import create_engine, text
+
+    check = create_engine(f"sqlite:///{other}")
+    with check.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM ratings")).scalar() == 4  # both ingests' ratings
+    check.dispose()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["new.db", "raced.db"]
+
+
 def test_a_path_is_a_sqlite_database(runner, cli_db, tmp_path, monkeypatch):
     """``--db FILE`` (and CFB_DATABASE_URL=FILE), relative or absolute, is that SQLite file."""
     expected = run(runner, cli_db, "recommend", "a0", "--json").stdout
