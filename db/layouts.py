@@ -10,10 +10,10 @@ MovieLens:
 - 10M: ``ratings.dat``, ``movies.dat`` (and ``tags.dat``), ``::``-separated, no ``users.dat``; half stars,
   scale 0.5..5. A ``::`` folder with ``users.dat`` is read as 1M; without it, as 10M, unless it has no
   ``tags.dat`` and only whole stars: 1M's files without its users (scale 1..5, no demographics).
-A folder with the files of two releases (``u.data``, ``ratings.dat``, ``ratings.csv``) is refused.
 - 20M, 25M, 32M, latest, latest-small: ``ratings.csv`` (``userId,movieId,rating,timestamp``),
   ``movies.csv`` (``movieId,title,genres``), optional ``tags.csv`` (``userId,movieId,tag,timestamp``);
   half stars, scale 0.5..5.
+A folder with the ratings files of two releases (``u.data``, ``ratings.dat``, ``ratings.csv``) is refused.
 
 Items get ``title`` and attributes ``genres`` (list; "(no genres listed)" is none), ``year`` (from the
 title's trailing "(1995)", absent when the title has none) and, where the release has tags, ``tags``:

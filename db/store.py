@@ -303,11 +303,11 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     """Upsert ratings by database ids; returns how many pairs were written.
 
     A pair given twice keeps its row with the latest timestamp (a row with one over a row without; the
-    last of those rows), and seq numbers the kept rows in the given order. Rows go in (user, item) order, many to a statement (see ``_insert``; on PostgreSQL from
-    ``PG_COPY_ROWS`` rows through COPY, ``_write_postgres_by_copy``). A first large ingest
-    (``BULK_ROWS`` or more into an empty table) drops the secondary indexes (on PostgreSQL also the
-    keys) and builds them once at the end, in the same transaction. On a SQLite connection without foreign
-    keys (``make_engine(bulk=True)``) every id is checked here, at once. ``progress(n)`` is called
+    last of those rows), and seq numbers the kept rows in the given order. Rows go in (user, item)
+    order, many to a statement (see ``_insert``; on PostgreSQL from ``PG_COPY_ROWS`` rows through
+    COPY, ``_write_postgres_by_copy``). A first large ingest (``BULK_ROWS`` or more into an empty
+    table) drops the secondary indexes (on PostgreSQL also the keys) and builds them once at the end,
+    in the same transaction. On a SQLite connection without foreign keys (``make_engine(bulk=True)``) every id is checked here, at once. ``progress(n)`` is called
     after each statement of ``n`` rows. Writers are serialised (see ``lock_rating_writers``), so
     call it inside a write transaction that commits promptly."""
     lock_rating_writers(conn)
