@@ -123,11 +123,20 @@ class Database:
     # --- data -------------------------------------------------------------------------------------
     def ingest_movielens(self, folder: str | Path) -> dict:
         """Load a MovieLens release from ``folder`` (`cfb ingest movielens FOLDER`)."""
+        from .db.engine import made_whole, make_engine
         from .db.sources import read_movielens
         from .service.ingest import ingest_dataset
 
         ds = read_movielens(Path(folder))
-        return ingest_dataset(self.engine, ds, source=ds.source or str(folder))
+
+        def write(url: str) -> dict:
+            engine = make_engine(url, bulk=True)  # (as `cfb ingest`)
+            try:
+                return ingest_dataset(engine, ds, source=ds.source or str(folder))
+            finally:
+                engine.dispose()
+
+        return made_whole(self.url, write)  # a first ingest makes the database whole or not at all
 
     # --- training -----------------------------------------------------------------------------------
     def retrain(self, full: bool = False, kind: str | None = None, valid_pct: float | None = None,

@@ -97,6 +97,20 @@ def test_movielens_100k(tmp_path, db_url):
     assert d["scale"] == (1.0, 5.0)
 
 
+def test_the_python_api_ingests_a_release_whole_or_not_at_all(tmp_path):
+    import cfb
+
+    path = tmp_path / "db" / "api.db"
+    path.parent.mkdir()
+    with cfb.open(str(path)) as db, pytest.raises(cfb.CfbError, match=r"u\.data, line 3, field 'rating'"):
+        db.ingest_movielens(ml100k(tmp_path / "bad", bad=True))
+    assert list(path.parent.iterdir()) == []
+    with cfb.open(str(path)) as db:
+        assert db.ingest_movielens(ml100k(tmp_path / "good"))["new_ratings"] == 3
+        assert db.ingest_movielens(tmp_path / "good")["new_ratings"] == 0
+    assert dump(f"sqlite:///{path}")["ratings"][("22", "377")] == (1.0, 878887116)
+
+
 def test_movielens_100k_malformed(tmp_path, db_url):
     fails(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k", bad=True))),
           r"u\.data, line 3, field 'rating': not a number: 'one'")
