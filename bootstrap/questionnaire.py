@@ -114,6 +114,9 @@ def is_finite_number(v) -> bool:  # noqa: ANN001
         return False
 
 
+MIN_ID_LIKE = 10  # users from whom a column whose every value differs is taken for an id-like one (text)
+
+
 def infer_questions(attributes: list[dict]) -> list[Question]:
     """One question per attribute seen on warm users, typed by its values."""
     names = sorted({k for a in attributes for k in a})
@@ -124,7 +127,8 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
             out.append(Question(name, "number", range=[float(min(vals)), float(max(vals))]))
         else:
             distinct = sorted({str(v) for v in vals})
-            if len(distinct) <= MAX_CATEGORIES and len(distinct) < len(vals):  # (every value its own: id-like, text)
+            id_like = len(distinct) == len(vals) >= MIN_ID_LIKE  # every value its own (zip codes): text
+            if len(distinct) <= MAX_CATEGORIES and not id_like:
                 out.append(Question(name, "category", distinct))
             else:
                 out.append(Question(name, "text"))

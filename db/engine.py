@@ -1,7 +1,10 @@
 """Database URL resolution and engine creation (SQLite in WAL mode by default)."""
 from __future__ import annotations
 
+import glob
 import os
+import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +18,7 @@ from ..cf_core.errors import CfbError
 
 BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a connection waits for another's lock
 T = TypeVar("T")
+_HOST = socket.gethostname().replace(".", "-").replace("/", "-") or "host"  # (in partial files' names)
 WRITE_OPTION = "cfb_write"  # execution option: this connection's transactions write (see ``writing``)
 
 
@@ -28,7 +32,7 @@ def resolve_url(url: str | None = None) -> str:
     A value without ``://`` is a SQLite file's path (``--db ratings.db``)."""
     url = url or os.environ.get("CFB_DATABASE_URL")
     if url:
-        return url if "://" in url else f"sqlite:///{Path(url).expanduser().absolute()}"
+        return url if "://" in url else sqlite_url(Path(url).expanduser().absolute())
     home = cfb_home()
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,15 @@ def is_busy(e: BaseException) -> bool:
     return "database is locked" in msg or "lock timeout" in msg
 
 
+def sqlite_url(path: Path, like: str | None = None) -> str:
+    """The URL of the SQLite file ``path`` (a ``?`` or ``%`` in its name escaped), with the options of
+    the URL ``like`` when given."""
+    from sqlalchemy.engine import URL, make_url
+
+    base = make_url(like) if like else URL.create("sqlite")
+    return base.set(database=str(path)).render_as_string(hide_password=False)
+
+
 def made_whole(url: str | None, write: Callable[[str], T]) -> T:
     """``write(url)`` (which must dispose of its engines before it returns), where a SQLite file that is
     not there yet is made whole or not at all: ``write`` gets a temporary file beside it, linked into
@@ -78,12 +91,17 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
     never replaces one another process made meanwhile: ``write`` then runs again, into that one)."""
     url = resolve_url(url)
     path = sqlite_file(url)
-    if path is None or path.exists() or not path.parent.is_dir():
+    if path is not None and path.is_dir():
+        raise CfbError(f"{path} is a folder, not a database file")
+    if path is not None and not path.parent.is_dir():
+        raise CfbError(f"no folder {path.parent} to make the database {path.name} in")
+    if path is None or path.exists():
         return write(url)
     _remove_dead_partials(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # unique to this call: another thread of this process, or a process of another machine sharing the folder
+    partial = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
-        out = write(f"sqlite:///{partial.absolute()}")
+        out = write(sqlite_url(partial.absolute(), like=url))
         try:
             os.link(partial, path)  # (fails where a file is there: never replaces one)
         except FileExistsError:
@@ -99,9 +117,10 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
 
 
 def _remove_dead_partials(path: Path) -> None:
-    """The partial files (``made_whole``) of first ingests into ``path`` whose process was killed."""
-    for leftover in path.parent.glob(f".{path.name}.*.partial*"):
-        pid = leftover.name[len(path.name) + 2:].split(".")[0]
+    """The partial files (``made_whole``) of first ingests into ``path`` on this machine whose process
+    was killed."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}.*.partial*"):
+        pid = leftover.name[len(path.name) + len(_HOST) + 3:].split(".")[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             leftover.unlink(missing_ok=True)
 
@@ -211,11 +230,14 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
 
 
 def require_database(url: str) -> None:
-    """A SQLite file that is not there is an error, not a new empty database (what only reads or
-    serves: a mistyped path makes no file; an ingest makes a database)."""
+    """A SQLite file that is not there (or is empty) is an error, not a new empty database (what only
+    reads or serves: a mistyped path makes no file, an empty one stays empty; an ingest makes a database)."""
     path = sqlite_file(url)
-    if path is not None and not path.exists():
-        raise CfbError(f"no database at {path}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")
+    if path is not None and path.is_dir():
+        raise CfbError(f"{path} is a folder, not a database file")
+    if path is not None and (not path.exists() or path.stat().st_size == 0):
+        empty = " (an empty file)" if path.exists() else ""  # (reading it would write a database's header into it)
+        raise CfbError(f"no database at {path}{empty}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")
 
 
 def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = False) -> Engine:

@@ -47,8 +47,8 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, _raise_csv_problem, check_known_items, check_scale,
-                      check_times, id_column)
+from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
+                      id_column)
 from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
@@ -197,7 +197,7 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
         ok = len(df.columns) == len(header) and "" not in users.categories and "" not in items.categories \
             and bool(np.isfinite(df[rating]).all())
         if ok and _holds_a_quote(path):  # pandas reads a stray quote into the value ("2"2 as 22)
-            _raise_csv_problem(path, without_trailing_blank_lines(read_text(path)), quotes_only=True)
+            _refuse_stray_quotes(path)
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
@@ -220,6 +220,20 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
 def _holds_a_quote(path: Path) -> bool:
     with open(path, "rb") as f:
         return any(b'"' in block for block in iter(lambda: f.read(1 << 24), b""))
+
+
+def _refuse_stray_quotes(path: Path) -> None:
+    """An ``InputError`` naming the line of the first record where a quote is left open or stands inside
+    a field (read as the csv module reads it, a line at a time: not the whole file in memory)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path),
+                             line=start) from None
 
 
 POWERS_OF_TEN = 10 ** np.arange(1, 19, dtype=np.int64)

@@ -66,6 +66,11 @@ class ApiError(Exception):
         self.status, self.message, self.field, self.headers = status, message, field, headers
 
 
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "string", "description": "the problem, one line"},
+    "field": {"type": "string", "description": "the parameter or body field at fault, where there is one"}}}
+
+
 def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
     """``obj`` as JSON (UTF-8, like the CLI's ``--json``)."""
     body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -185,6 +190,24 @@ class BodyLimit:
                         await json_response({"error": msg}, status)(scope, receive, send)
                         return
                     break
+        await self.app(scope, receive, send)
+
+
+class DatabaseFileGone:
+    """ASGI middleware: while the SQLite file is not at its path (deleted under a running server), every
+    request but a static file's is 503, not read from or written into the deleted file that the
+    server's connections still hold; ``page(message)`` answers a browser."""
+
+    def __init__(self, app, file: Path, page: Callable[[str], Response]):
+        self.app, self.file, self.page = app, file, page
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not scope["path"].startswith("/static/") and not os.path.exists(self.file):
+            message = f"no database at {self.file} (deleted while this server runs): `cfb ingest …` makes one"
+            browser = any(name == b"accept" and b"text/html" in value for name, value in scope["headers"])
+            answer = self.page(message) if browser else json_response({"error": message}, 503, {"Retry-After": "10"})
+            await answer(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -630,6 +653,13 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                                  include_in_schema=False)(endpoint)
         return register
 
+    def api_get(path: str, **kwargs) -> Callable[[Callable], Callable]:
+        """``app.get(path, **kwargs)``, answering HEAD too (a monitor's or a cache's probe)."""
+        def register(endpoint: Callable) -> Callable:
+            app.head(path, include_in_schema=False)(endpoint)
+            return app.get(path, **kwargs)(endpoint)
+        return register
+
     def error_page(message: str, status: int, headers: dict | None = None) -> HTMLResponse:
         """A web page's error: its one-line message (escaped) and a link back, with the API's status."""
         body = (f"<h1>cfb</h1><p class='error' role='alert'>{escape(message)}</p>"
@@ -680,6 +710,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
     app.add_middleware(BodyLimit, max_body=max_body)
+    if file is not None:  # before the fast path: nothing is read from a deleted file
+        app.add_middleware(DatabaseFileGone, file=file,
+                           page=lambda message: error_page(message, 503, {"Retry-After": "10"}))
     if allowed:  # an allowed site's page asks the browser first (a JSON body or a token is not a "simple"
         # request) and may read the answers: CORS for those sites only, answered before any route
         app.add_middleware(CORSMiddleware, allow_origins=sorted(allowed), allow_methods=["GET", "POST"],
@@ -731,13 +764,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                            headers={"WWW-Authenticate": "Bearer"})
 
     # --- JSON API ----------------------------------------------------------------------------------
-    @app.head("/health", include_in_schema=False)  # (monitors probe with HEAD)
-    @app.get("/health", tags=["api"], summary="Liveness and the serving model version")
+    @api_get("/health", tags=["api"], summary="Liveness and the serving model version")
     async def health():
         with engine.connect() as conn:
             return json_response({"status": "ok", "version": versions.serving_version(conn)})
 
-    @app.get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)")
+    @api_get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)")
     async def questionnaire(budget: int = Query(15, ge=0, le=MAX_BUDGET, description="Number of items to ask about")):
         from .onboard import questionnaire_json
 
@@ -790,7 +822,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
          "schema": {"type": "string", "enum": ["rank", "rating"], "default": "rank"},
          "description": "rank: what the user would watch and like; rating: predicted rating alone"}]
 
-    @app.get("/users/{user:path}/recommendations", tags=["api"],
+    @api_get("/users/{user:path}/recommendations", tags=["api"],
              summary="Top n items for a user (`cfb recommend --json`)",
              responses={404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
              openapi_extra={"parameters": rec_params})
@@ -841,7 +873,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
         return json_response(await run_in_threadpool(run), 201)
 
-    @app.get("/items/{item:path}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
+    @api_get("/items/{item:path}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
              responses={404: {"description": "unknown item"}})
     async def similar(item: str, n: int = Query(10, ge=1, le=MAX_N)):
         def run():  # (an unknown item's hint reads every title: not on the event loop)
@@ -850,18 +882,18 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
         return json_response(await run_in_threadpool(run))
 
-    @app.get("/models", tags=["api"], summary="Model versions (`cfb models --json`)")
+    @api_get("/models", tags=["api"], summary="Model versions (`cfb models --json`)")
     async def models():
         with engine.connect() as conn:
             return json_response(versions.list_versions(conn))
 
-    @app.get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)")
+    @api_get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)")
     async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N),
                              min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
         with engine.connect() as conn:
             return json_response(serving.biases(conn, n, min_ratings))
 
-    @app.get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)")
+    @api_get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)")
     async def inspect_pca(n: int = Query(50, ge=2, le=5000)):
         from .inspect import pca
 
@@ -869,6 +901,27 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response(pca(conn, n))
 
     # --- docs, offline ---------------------------------------------------------------------------
+    def openapi() -> dict:
+        """FastAPI's schema with this server's error body on every error response (a 422 is
+        ``{"error": …, "field": …}`` here, not FastAPI's ``{"detail": […]}``)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            spec.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec["components"]["schemas"].pop(name, None)
+            spec["components"]["schemas"]["Error"] = ERROR_SCHEMA
+            for operation in (op for ops in spec["paths"].values() for op in ops.values()):
+                for status, response in operation.get("responses", {}).items():
+                    if status[0] in "45":
+                        response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+                        if response.get("description") == "Validation Error":
+                            response["description"] = "a parameter out of range"
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
     swagger = _swagger_dir()
     if swagger is not None:
         app.mount("/static/swagger", StaticFiles(directory=swagger), name="swagger")

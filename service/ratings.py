@@ -44,4 +44,4 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
                                .returning(Item.id)).scalar_one()
         store.write_ratings(conn, [uid], [iid], [rating], [int(time.time())])
         ext, title = store.item_titles(conn, [iid])[iid]
-    return {"user": user, "item": ext, "title": title, "rating": rating}
+    return {"user": str(user).strip(), "item": ext, "title": title, "rating": rating}  # (the id as stored)

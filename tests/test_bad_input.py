@@ -248,6 +248,7 @@ LONG_ID = "L" * 256  # users.external_id and items.external_id hold at most 255 
      ["entry 2", "field 'user'", "user id 'a\\x00b' contains a NUL character"]),
     ("ratings", f"user,item,rating\nn1,a1,4\n{LONG_ID},a2,3\n", [], ["line 3", "field 'user'", "at most 255"]),
     ("ratings", "user,item,rating\nn1,a1,4\nn1,x\0y,3\n", [], ["line 3", "field 'item'", "NUL character"]),
+    ("ratings", 'user,item,rating\nn1,a1,4\n"n\n2",a2,3\n', [], ["line 3", "field 'user'", "line break"]),
     ("ratings", f"who,what,stars\nn1,{LONG_ID},4\n", ["--user-col", "who", "--item-col", "what",
                                                       "--rating-col", "stars"], ["line 2", "field 'item'", "item id"]),
     ("users", f"user,age\nn1,30\n{LONG_ID},31\n", [], ["line 3", "field 'user'", "at most 255"]),

@@ -126,9 +126,13 @@ def test_errors_are_one_line_and_nonzero(runner, cli_db, args, message):
 
 
 def test_empty_database_is_a_clear_error(runner, tmp_path):
-    (tmp_path / "empty.db").touch()
+    (tmp_path / "empty.db").touch()  # an empty file
     res = run(runner, f"sqlite:///{tmp_path / 'empty.db'}", "recommend", "1")
-    assert res.exit_code == 1 and "the database is empty" in res.output
+    assert res.exit_code == 1 and "(an empty file): `cfb ingest …` makes one" in res.output
+    write(tmp_path / "r.csv", "user,item,rating\n1,a,4\n2,b,5\n")
+    assert run(runner, str(tmp_path / "empty.db"), "ingest", "ratings", str(tmp_path / "r.csv")).exit_code == 0
+    res = run(runner, f"sqlite:///{tmp_path / 'empty.db'}", "recommend", "1")  # a database with ratings, no model
+    assert res.exit_code == 1 and "no trained model yet" in res.output
 
 
 @pytest.mark.parametrize("args", [("recommend", "1"), ("models",), ("similar", "x"), ("questionnaire",),
@@ -139,6 +143,10 @@ def test_a_missing_database_file_is_an_error_and_is_not_made(runner, tmp_path, a
     res = run(runner, f"sqlite:///{path}", *args)
     assert res.exit_code == 1 and f"no database at {path}" in res.output and "Traceback" not in res.output
     assert not path.exists() and not list(tmp_path.iterdir())
+    path.touch()  # an empty file: not a database, and left empty (reading it would write a header)
+    res = run(runner, f"sqlite:///{path}", *args)
+    assert res.exit_code == 1 and f"no database at {path} (an empty file)" in res.output
+    assert path.stat().st_size == 0 and [p.name for p in tmp_path.iterdir()] == ["typo.db"]
 
 
 @pytest.mark.parametrize("url, message", [
@@ -160,14 +168,16 @@ def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeyp
     """A first ingest is made whole or not at all: a refused file leaves neither the database nor a
     partial one beside it, and the next command still says there is no database."""
     ratings = write(tmp_path / "r.csv", "user,item,rating\n1,a,4\n2,b,4\n")  # no scale to tell
-    items = write(tmp_path / "items.csv", "item,title,year\na,Alpha,2001\n,Beta,2002\n")  # an empty id
+    items = write(tmp_path / "items.csv", f"item,title,year\na,Alpha,2001\n{'L' * 256},Beta,2002\n")  # (too long)
     path = tmp_path / "db" / "new.db"
     path.parent.mkdir()
     for args in (("ingest", "ratings", str(ratings)), ("ingest", "items", str(items))):
         assert run(runner, str(path), *args).exit_code == 1
         assert list(path.parent.iterdir()) == []
     assert "no database at" in run(runner, str(path), "recommend", "1").output
-    killed = path.parent / ".new.db.999999999.partial"  # a first ingest killed midway (no such process)
+    from cfb.db.engine import _HOST
+
+    killed = path.parent / f".new.db.{_HOST}.999999999.1a2b3c4d.partial"  # a first ingest killed midway
     for end in ("", "-journal"):
         write(killed.with_name(killed.name + end), "half")
     write(ratings, "user,item,rating\n1,a,4\n2,b,5\n")

@@ -75,9 +75,11 @@ def server(trained, db_url):
 
 def test_read_endpoints_answer_what_the_cli_prints(server, db_url):
     assert server.get("/health").json() == {"status": "ok", "version": 1}
-    for path in ("/health", "/"):  # (monitors probe with HEAD)
+    for path in ("/health", "/", "/questionnaire", "/models", "/users/a0/recommendations", "/items/a1/similar",
+                 "/inspect/biases", "/inspect/pca"):  # (HEAD wherever GET: monitors and caches probe with it)
         r = server.head(path)
-        assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
+        assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0, path
+    assert server.head("/users/nobody/recommendations").status_code == 404
     assert server.get("/questionnaire", params={"budget": 4}).json() == cli_json(db_url, "questionnaire", "--budget", "4")
     assert server.get("/models").json() == cli_json(db_url, "models")
     for by in ("rank", "rating"):
@@ -210,13 +212,25 @@ def test_error_codes(server, trained):
         assert server.get("/questionnaire", params={"budget": budget}).status_code == 422
 
 
+def test_the_openapi_schema_describes_the_error_bodies_the_server_sends(server):
+    spec = server.get("/openapi.json").json()
+    assert set(spec["components"]["schemas"]) == {"Error"}
+    errors = [response for ops in spec["paths"].values() for op in ops.values()
+              for status, response in op["responses"].items() if status[0] in "45"]
+    assert len(errors) >= 8 and all(r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+                                    for r in errors)
+    r = server.get("/questionnaire", params={"budget": 31})
+    assert r.status_code == 422 and set(r.json()) <= set(spec["components"]["schemas"]["Error"]["properties"])
+
+
 def test_ids_that_cannot_be_stored_are_422_and_unknown_ones_404(server, trained):
     """An id over 255 characters or with a NUL is refused where it would be created (422 naming the
     field, nothing written) and unknown where it is looked up (404), as on PostgreSQL (tests/test_postgres.py)."""
     engine, _ = trained
     users, ratings = user_count(engine), rating_count(engine)
     for user, problem in (("a" * 10_000, "is 10000 characters long (at most 255)"), ("a\x00b", "contains a NUL"),
-                          ("..", "which a URL cannot name")):
+                          ("..", "which a URL cannot name"), ("new\nline", "contains a line break"),
+                          ("a\rb", "contains a line break")):
         r = server.post("/users", json={"user": user, "answers": {}})
         assert r.status_code == 422 and r.json()["field"] == "user", r.text
         assert r.json()["error"].startswith("request body, field 'user': user id ") and problem in r.json()["error"]
@@ -741,6 +755,8 @@ def test_a_user_id_with_surrounding_spaces_is_the_user_on_every_path(trained, db
             plain = client.get("/users/a0/recommendations").json()
             assert client.get("/users/%20a0%20/recommendations").json() == plain
             assert plain["user"] == "a0"
+            rated = client.post("/users/%20a0%20/ratings", json={"item": "a1", "rating": 4})
+            assert rated.status_code == 201 and rated.json()["user"] == "a0"  # the user it was stored for
 
 
 def test_a_database_made_again_at_the_same_path_is_served_within_a_second(trained, db_url, tmp_path):
@@ -777,6 +793,13 @@ def test_a_database_made_again_at_the_same_path_is_served_within_a_second(traine
         path = Path(engine.url.database)
         for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             leftover.unlink(missing_ok=True)
+        # while no file is there: 503 to every request (not answered from, nor written into, the deleted file)
+        for r in (client.get("/health"), client.get("/users/a0/recommendations"),
+                  client.post("/users/a0/ratings", json={"item": "a2", "rating": 5})):
+            assert r.status_code == 503 and f"no database at {path}" in r.json()["error"], r.text
+        page = client.get("/", headers={"accept": "text/html"})
+        assert page.status_code == 503 and "no database at" in page.text and "<html" in page.text.lower()
+        assert not path.exists()
         checkpointed_copy(other, path)
         deadline = time.monotonic() + 10
         while client.get("/users/only-in-the-new-file/recommendations").status_code != 200:

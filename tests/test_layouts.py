@@ -102,8 +102,10 @@ def test_the_python_api_ingests_a_release_whole_or_not_at_all(tmp_path):
 
     path = tmp_path / "db" / "api.db"
     path.parent.mkdir()
-    with cfb.open(str(path)) as db, pytest.raises(cfb.CfbError, match=r"u\.data, line 3, field 'rating'"):
-        db.ingest_movielens(ml100k(tmp_path / "bad", bad=True))
+    bad = ml100k(tmp_path / "bad")
+    write(bad / "u.data", (bad / "u.data").read_text() + f"{'L' * 256}\t242\t3\t881250949\n")  # found writing
+    with cfb.open(str(path)) as db, pytest.raises(cfb.CfbError, match=r"u\.data, line 4, field 'user'"):
+        db.ingest_movielens(bad)
     assert list(path.parent.iterdir()) == []
     with cfb.open(str(path)) as db:
         assert db.ingest_movielens(ml100k(tmp_path / "good"))["new_ratings"] == 3

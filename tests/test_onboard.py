@@ -42,6 +42,7 @@ def test_an_attribute_whose_every_value_is_its_own_is_text_not_a_closed_list():
     kinds = {q.name: q.type for q in infer_questions(users)}
     assert kinds == {"gender": "category", "zip": "text", "age": "number"}
     assert [q.values for q in infer_questions(users) if q.name == "gender"] == [["F", "M"]]
+    assert [q.type for q in infer_questions([{"gender": "M"}, {"gender": "F"}])] == ["category"]  # (a tiny demo)
 
 
 def test_questionnaire_lists_attributes_and_items(trained):
@@ -64,6 +65,19 @@ def test_answers_alone_give_the_groups_items(trained, tmp_path, gender, group):
     with engine.connect() as conn:
         rec = recommend(conn, "new", n=5)
     assert [r["item"][0] for r in rec["items"]] == [group] * 5
+
+
+def test_a_blank_answer_is_not_said(trained, tmp_path):
+    """"gender": "" (a form's empty choice) is no answer, as null is: not refused, not stored as ""."""
+    engine, _ = trained
+    out = onboard(engine, [("e1", {"user": "blank", "answers": {"gender": " ", "age": 30}}),
+                           ("e2", {"user": "null", "answers": {"gender": None, "age": 30}})])
+    assert [o["user"] for o in out["onboarded"]] == ["blank", "null"]
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(User.external_id, User.attributes)
+                                   .where(User.external_id.in_(["blank", "null"]))).all())
+        assert stored["blank"] == stored["null"] == {"age": 30}
+        assert recommend(conn, "blank", n=5) == {**recommend(conn, "null", n=5), "user": "blank"}
 
 
 def test_ratings_fold_in_overrides_a_misleading_answer(trained, tmp_path):
