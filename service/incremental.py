@@ -134,6 +134,9 @@ def retrain_incremental(engine: Engine) -> dict:
         versions.release_retrain_lock(engine, lock)
 
 
+RATERS_AT_ONCE = 5_000  # the new items' raters whose histories are read at a time (``_fold_in_items``)
+
+
 def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
     """Rating-model rows of ``item_ids``, each solved against all its raters' current user vectors
     (a fold-in with users and items swapped), starting from and shrunk toward its ``prior`` row: a
@@ -145,10 +148,13 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
         return {"item_factors": factors, "item_bias": biases}
     rated = [store.item_ratings(conn, item) for item in item_ids.tolist()]
     everyone = np.unique(np.concatenate([users for users, _ in rated])) if rated else np.zeros(0, np.int64)
-    vecs = [model.user_vector(h, affinity=False, ranking=False) for h in user_histories(conn, served, everyone)]
-    if vecs:  # every rater's vector once (their histories read together), then each item against its raters
-        raters = DotRating(model.rating.y_range, np.stack([v.vec for v in vecs]).astype(np.float32),
-                           np.array([v.bias for v in vecs], np.float32))
+    vecs, bias = np.zeros((len(everyone), factors.shape[1]), np.float32), np.zeros(len(everyone), np.float32)
+    for start in range(0, len(everyone), RATERS_AT_ONCE):  # every rater's vector once, their histories read together
+        part = slice(start, start + RATERS_AT_ONCE)
+        for k, h in enumerate(user_histories(conn, served, everyone[part]), start=start):
+            v = model.user_vector(h, affinity=False, ranking=False)
+            vecs[k], bias[k] = v.vec, v.bias
+    raters = DotRating(model.rating.y_range, vecs, bias)  # then each item against its raters
     for k, (users, ratings) in enumerate(rated):
         if len(users) == 0:  # (no rating left: it keeps its prior row)
             continue

@@ -135,6 +135,29 @@ def test_new_ratings_count_at_once_and_incremental_retrain_adds_only_new_items(t
     assert retrain_incremental(engine)["mode"] == "none"
 
 
+def test_new_items_are_solved_alike_whatever_number_of_raters_is_read_at_once(trained, monkeypatch):
+    import cfb.service.incremental as incremental
+    from cfb.db import store
+    from cfb.db.schema import Item
+    from cfb.service.state import load_served
+
+    engine, _ = trained
+    new = pd.DataFrame([{"user": u, "item": i, "rating": r, "timestamp": 20}
+                        for i, raters in (("n1", ("a0", "a1", "b1")), ("n2", ("b1", "b2", "a3", "a4")))
+                        for u, r in zip(raters, (5.0, 4.0, 2.0, 1.0))])
+    ingest_dataset(engine, Dataset(new))
+    with engine.connect() as conn:
+        served = load_served(conn)
+        ids = np.array([store.id_map(conn, Item)[i] for i in ("n1", "n2")])
+        prior = {"item_factors": np.zeros((2, served.model.rating.item_factors.shape[1]), np.float32),
+                 "item_bias": np.zeros(2, np.float32)}
+        together = incremental._fold_in_items(conn, served, ids, prior)
+        monkeypatch.setattr(incremental, "RATERS_AT_ONCE", 2)
+        in_parts = incremental._fold_in_items(conn, served, ids, prior)
+    for name in ("item_factors", "item_bias"):
+        assert np.allclose(together[name], in_parts[name], atol=1e-6) and np.abs(together[name]).max() > 0.01
+
+
 def test_drift_policy_triggers_full_retrain(trained, planted):
     engine, _ = trained
     shifted = planted.ratings.assign(rating=6 - planted.ratings.rating)  # everyone changes their mind
