@@ -53,6 +53,7 @@ MSE_SAMPLE = 500_000  # training ratings the final MSE is measured on (all of th
 # ratings that (nearly) never vary have a variance of (about) 0, which a sigmoid never quite reaches
 MSE_WORSE = 1.1
 MSE_SLACK = 1e-3
+STALLED = 1e-4  # a fit no better than the mean whose weights moved by at most this share of their norm learned nothing
 
 
 def stop_on_non_finite():  # -> fastai Callback
@@ -151,12 +152,17 @@ class CollabModel:
                 if isinstance(m, torch.nn.Embedding):
                     m.sparse = True
             extra["opt_func"] = lazy_adamw_opt_func()
+        start = [p.detach().clone() for p in module.parameters()]  # to tell a fit that never moved
         stop = stop_on_non_finite()
         learn = Learner(dls, module, loss_func=self._loss(), cbs=[clock, compact_losses(), stop], **extra)
         t0 = time.perf_counter()
         try:
             with training_output(learn, self.progress):
                 learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
+        except RuntimeError as e:  # a learning rate or weight decay past float32 (1e39): Adam's step overflows
+            if "overflow" not in str(e):
+                raise
+            raise self._diverged("a step overflowed float32") from None
         finally:
             torch.use_deterministic_algorithms(deterministic)
         fit_s = time.perf_counter() - t0
@@ -165,7 +171,11 @@ class CollabModel:
         values = learn.recorder.values
         module.eval()
         self._export(module)
-        self._check_learned(train)
+        with torch.no_grad():
+            moved = float(sum(((p.detach() - p0) ** 2).sum() for p, p0 in zip(module.parameters(), start)) ** 0.5
+                          / max(float(sum((p0 ** 2).sum() for p0 in start)) ** 0.5, 1e-12))
+        del start
+        self._check_learned(train, moved)
         self.report_ = TrainReport(
             epoch_s=[round(s, 4) for s in clock.epoch_s], fit_s=round(fit_s, 3),
             train_loss=[float(v[0]) for v in values],
@@ -173,37 +183,58 @@ class CollabModel:
             device=str(device))
         return self
 
+    def _settings(self) -> str:
+        """The learning rate, and the weight decay where it is large enough to be the cause."""
+        return f"the learning rate (--lr, now {self.lr:g})" + (
+            f" or the weight decay (--wd, now {self.wd:g})" if self.wd > 10 else "")
+
     def _diverged(self, what: str) -> TrainingDiverged:
-        return TrainingDiverged(f"training diverged ({what}); lower the learning rate (--lr, now {self.lr:g})")
+        return TrainingDiverged(f"training diverged ({what}); lower {self._settings()}")
 
     def _stalled(self, mse: float, var: float) -> TrainingDiverged:
         return TrainingDiverged(
             f"training diverged or stalled (training MSE {mse:.4f} is over {MSE_WORSE:g} × the variance {var:.4f} of "
-            f"the training ratings: clearly worse than predicting their mean); lower the learning rate (--lr, now {self.lr:g}) or "
+            f"the training ratings: clearly worse than predicting their mean); lower {self._settings()} or "
             f"train more epochs (--epochs, now {self.epochs})")
+
+    def _did_not_learn(self, mse: float, var: float) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training stalled (its weights did not move in {self.epochs} epochs, and its MSE {mse:.4f} is no better "
+            f"than the variance {var:.4f} of the training ratings); raise the learning rate (--lr, now {self.lr:g})")
 
     def _learned_arrays(self) -> list[np.ndarray]:
         """Every exported array the served model is made of."""
         return [self.user_factors_, self.item_factors_, self.user_bias_, self.item_bias_]
 
-    def _check_learned(self, train: CollabData) -> None:
-        """Raise ``TrainingDiverged`` unless every learned array is finite and the model fits the training
-        ratings about as well as their mean does or better (its MSE, on up to ``MSE_SAMPLE`` of them, at most
-        ``MSE_WORSE`` × their variance)."""
-        if not all(np.isfinite(a).all() for a in self._learned_arrays()):
-            raise self._diverged("non-finite learned weights")
+    def _sample_mse(self, train: CollabData) -> tuple[float, float]:
+        """(the model's MSE, the ratings' variance) on up to ``MSE_SAMPLE`` training ratings."""
         if len(train) == 0:
-            return
+            return float("nan"), float("nan")
         idx = slice(None)
         if len(train) > MSE_SAMPLE:
             idx = np.random.default_rng(self.seed).integers(0, len(train), MSE_SAMPLE)
         ratings = train.ratings[idx].astype(np.float64)
         with np.errstate(over="ignore"):  # (a saturated sigmoid of huge weights: exp overflows to a bound)
             pred = self.predict(train.users[idx], train.items[idx])
-        mse = float(np.mean((pred - ratings) ** 2))
-        var = float(np.var(ratings))
+        return float(np.mean((pred - ratings) ** 2)), float(np.var(ratings))
+
+    def _check_learned(self, train: CollabData, moved: float | None = None) -> None:
+        """Raise ``TrainingDiverged`` unless every learned array is finite and the model fits the training
+        ratings about as well as their mean does or better (its MSE, on up to ``MSE_SAMPLE`` of them, at most
+        ``MSE_WORSE`` × their variance), and, where it is no better than their mean, its weights moved
+        (``moved``: the norm of their change over the norm of the untrained ones): a model that learned
+        nothing (a learning rate of 1e-300) is not served as one that is only undertrained, nor told to
+        lower its learning rate."""
+        if not all(np.isfinite(a).all() for a in self._learned_arrays()):
+            raise self._diverged("non-finite learned weights")
+        if len(train) == 0:
+            return
+        mse, var = self._sample_mse(train)
+        unmoved = moved is not None and moved <= STALLED
         if not mse <= MSE_WORSE * var + MSE_SLACK * (self.y_range[1] - self.y_range[0]) ** 2:
-            raise self._stalled(mse, var)
+            raise self._did_not_learn(mse, var) if unmoved else self._stalled(mse, var)
+        if unmoved and mse > var:
+            raise self._did_not_learn(mse, var)
 
     def _batches(self, d: CollabData | None, shuffle: bool, gen):  # noqa: ANN001
         import torch

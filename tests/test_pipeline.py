@@ -193,6 +193,8 @@ def test_too_few_ratings_to_validate_are_not_validated(engine):
     ingest_dataset(engine, Dataset(ratings, scale=(1.0, 5.0)))
     report = retrain_full(engine, valid_pct=0.2, progress=False, **FAST)
     assert report["n_valid"] == 0 and report["valid_mse"] is None and "holds out none" in report["valid_note"]
+    report = retrain_full(engine, valid_pct=0.9999, progress=False, **FAST)
+    assert report["n_valid"] == 2 and report["valid_mse"] is None and "leaves none to train on" in report["valid_note"]
     with engine.connect() as conn:
         json.dumps([report, versions.list_versions(conn)], allow_nan=False, default=str)
 
@@ -379,6 +381,9 @@ def test_a_side_process_is_closed_when_unused_and_never_waited_on_forever(engine
     (1e6, r"^training diverged \(non-finite loss at epoch \d+ of 12\); lower the learning rate \(--lr, now 1e\+06\)$"),
     (50.0, r"^training diverged or stalled \(training MSE \d+\.\d{4} is over 1\.1 × the variance \d\.\d{4} of the "
           r"training ratings: clearly worse than predicting their mean\); lower the learning rate \(--lr, now 50\)"),
+    (1e39, r"^training diverged \(a step overflowed float32\); lower the learning rate \(--lr, now 1e\+39\)$"),
+    (1e-300, r"^training stalled \(its weights did not move in 12 epochs, and its MSE \d\.\d{4} is no better than the "
+             r"variance \d\.\d{4} of the training ratings\); raise the learning rate \(--lr, now 1e-300\)$"),
 ])
 def test_a_diverging_retrain_is_refused_and_the_previous_version_serves(trained, kind, lr, message):
     """A learning rate that blows the weights up to NaN (1e6), or leaves a model worse than the mean
@@ -396,6 +401,15 @@ def test_a_diverging_retrain_is_refused_and_the_previous_version_serves(trained,
         assert versions.list_versions(conn) == before
         assert versions.serving_version(conn) == report["version"]
         assert len(recommend(conn, "a0", n=3)["items"]) == 3
+
+
+def test_a_weight_decay_that_diverges_is_named(trained):
+    from cfb.cf_core.train import TrainingDiverged
+
+    engine, _ = trained
+    with pytest.raises(TrainingDiverged, match=r"lower the learning rate \(--lr, now [\d.e+-]+\) or the weight decay "
+                                               r"\(--wd, now 1e\+09\)"):
+        retrain_full(engine, valid_pct=0.0, progress=False, **{**FAST, "wd": 1e9})
 
 
 @pytest.mark.parametrize("kind", ["dot", "nn"])
