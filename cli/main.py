@@ -311,7 +311,8 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
                            drift_limit=drift_limit, full_only=full_only, **params)
     else:
         out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not quiet, **params)
-    text = f"version {out['version']} ({out['kind']}, {out['mode']}) serving"
+    seed = (out.get("hyperparams") or {}).get("seed")
+    text = f"version {out['version']} ({out['kind']}, {out['mode']}{'' if seed is None else f', seed {seed}'}) serving"
     if out.get("valid_rmse") is not None:
         text += f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f}"
     elif out.get("valid_note"):
@@ -565,7 +566,7 @@ def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> 
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})  # (a negative number is a value, not an option)
 @click.argument("user")
 @click.argument("item")
 @click.argument("rating", type=FiniteFloat())
@@ -597,12 +598,13 @@ def models(ctx: Ctx, as_json: bool) -> None:
     for v in out:
         m = v["metrics"] or {}
         rmse = f" valid RMSE {m['valid_rmse']:.4f}" if m.get("valid_rmse") is not None else ""
+        seed = (v.get("hyperparams") or {}).get("seed")
         lines.append(f"{'*' if v['serving'] else ' '} {v['version']:>4}  {v['kind']:<3} {v['mode']:<11} "
-                     f"{v['created']}{rmse}")
+                     f"{v['created']}{'' if seed is None else f' seed {seed}'}{rmse}")
     emit(out, as_json, "\n".join(lines) or "no model versions yet")
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})  # (a negative number is a value, not an option)
 @click.argument("version", type=click.IntRange(1, 2**31 - 1))
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -624,9 +626,14 @@ def eval_group() -> None:
 
 
 def _ints(value: str) -> tuple[int, ...]:
-    """Comma-separated non-negative integers (empty entries ignored)."""
+    """Comma-separated non-negative integers (an empty value: none; an empty entry among others is refused)."""
+    entries = value.split(",")
+    if all(not x.strip() for x in entries):
+        return ()
+    if any(not x.strip() for x in entries):
+        raise click.BadParameter(f"an empty entry in {value!r}")
     try:
-        out = tuple(int(x) for x in value.split(",") if x.strip())
+        out = tuple(int(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if any(x < 0 for x in out):
@@ -674,7 +681,8 @@ DEFAULT_EVAL_DATA = "../shared/data/ml-100k"
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=DEFAULT_EVAL_DATA,
               show_default=True, help="A MovieLens or goodbooks folder (MovieLens 100k is downloaded if the default is absent).")
 @click.option("--seeds", default="42,43,44", show_default=True, callback=_check_ints)
-@click.option("--budgets", default="0,5,15,30", show_default=True, callback=_check_ints)
+@click.option("--budgets", default="0,5,15,30", show_default=True, callback=_check_ints,
+              help="Protocol §4b's questionnaire sizes; empty to skip.")
 @click.option("--fold-steps", default="0,1,3,5,10", show_default=True, callback=_check_ints,
               help="Protocol §5; empty to skip.")
 @click.option("--model", "kind", type=click.Choice(["dot", "nn"]), default="dot", show_default=True)
@@ -722,6 +730,6 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
             return
         out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)
     except TrainingDiverged as e:  # (its advice names `cfb retrain`'s options, which eval does not take)
-        raise CfbError(str(e).split("; lower the learning rate")[0] + "; cfb eval trains with `cfb retrain "
+        raise CfbError(str(e).split("; ")[0] + "; cfb eval trains with `cfb retrain "
                        "--full`'s defaults for the data's size: try those settings with `cfb retrain --full`") from None
     emit(out, as_json, render(out))

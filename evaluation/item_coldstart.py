@@ -314,6 +314,9 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
         if log is not None:
             log(f"seed {s} ({k + 1} of {len(seeds)}): training on the warm items, then scoring the new ones (§8)")
         per_seed.append(run_seed(ds, s, kind, params, prior_config, attributes, progress))
+        if not per_seed[-1]["cfb"]["users"]:
+            raise CfbError(f"seed {s}: no user liked a new item (rated it in the top quarter of the scale), so §8 "
+                           "has no ranking to score: the data needs more users rating the items")
     notes = [] if per_seed[0]["has_genres"] else [
         "this data has no genres: genre popularity and user-genre affinity fall back to the random order's "
         "ranking and the items' damped means"]

@@ -65,7 +65,7 @@ def fold_table(block: dict) -> list[str]:
 def render(result: dict) -> str:
     """The whole report: settings, per-seed and mean tables."""
     lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}",
-             f"model: {result['settings']}", ""]
+             f"model (each seed's trains with that seed; seed {result['seeds'][0]}'s): {result['settings']}", ""]
     for title, block in [(f"seed {r['seed']}", r) for r in result["per_seed"][:1]] + [("mean over seeds", result["mean"])]:
         lines += [f"== cold start (protocol §4b), {title} =="] + budget_table(block["budgets"]) + [""]
         if block.get("fold_in"):

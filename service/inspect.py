@@ -24,7 +24,7 @@ def pca_coordinates(factors: np.ndarray, k: int = N_COMPONENTS) -> tuple[np.ndar
     x = np.asarray(factors, np.float64)
     x = x - x.mean(0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
-    k = min(k, vt.shape[0])
+    k = max(1, min(k, vt.shape[0], len(x) - 1))  # (n centred rows span at most n - 1 axes)
     vt = vt[:k]
     signs = np.sign(vt[np.arange(k), np.abs(vt).argmax(1)])
     signs[signs == 0] = 1

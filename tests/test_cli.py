@@ -207,6 +207,13 @@ def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeyp
     assert sorted(p.name for p in path.parent.iterdir()) == ["new.db", "raced.db"]
 
 
+def test_a_negative_number_is_a_value_not_an_option(runner, cli_db):
+    res = run(runner, cli_db, "rate", "a0", "a1", "-1")
+    assert res.exit_code == 1 and "rating -1 outside the scale 1..5" in res.output
+    res = run(runner, cli_db, "rollback", "-1")
+    assert res.exit_code == 2 and "-1 is not in the range" in res.output
+
+
 def test_a_path_is_a_sqlite_database(runner, cli_db, tmp_path, monkeypatch):
     """``--db FILE`` (and CFB_DATABASE_URL=FILE), relative or absolute, is that SQLite file."""
     expected = run(runner, cli_db, "recommend", "a0", "--json").stdout
@@ -310,9 +317,11 @@ def test_retrain_json_keeps_progress_on_stderr_and_only_quiet_hides_it(runner, c
 def test_training_without_a_validation_set_shows_no_validation_column(runner, cli_db):
     """--valid-pct 0: no valid_loss column of None and no empty [0/0] validation bar; with a
     validation set (the §7 measurement) its column stays."""
-    res = run(runner, cli_db, "retrain", "--full", "--valid-pct", "0", *FAST_ARGS)
+    res = run(runner, cli_db, "retrain", "--full", "--valid-pct", "0", *FAST_ARGS, "--seed", "7")
     assert res.exit_code == 0, res.output
     assert "train_loss" in res.stderr
+    assert "(dot, full, seed 7) serving" in res.stdout  # the seed, reported
+    assert [line for line in run(runner, cli_db, "models").stdout.splitlines() if " seed 7" in line][0][0] == "*"
     assert "valid_loss" not in res.stderr and "None" not in res.stderr and "[0/0]" not in res.stderr
     res = run(runner, cli_db, "retrain", "--full", "--valid-pct", "0.2", *FAST_ARGS)
     assert res.exit_code == 0, res.output
@@ -336,6 +345,7 @@ def test_a_diverging_retrain_is_one_line_and_the_previous_version_serves(runner,
     (["--budgets", "", "--fold-steps", ""], "Error: --budgets and --fold-steps are both empty"),
     (["--fold-steps", "10,11"], "the fold-in curve reveals 0 to 10 ratings"),  # (n = 11 would measure n = 10)
     (["--seeds", "42,42"], "'42,42' names a value twice"),
+    (["--seeds", "42,,43"], "an empty entry in '42,,43'"),
     (["--budgets", "5,5"], "'5,5' names a value twice"),
     (["--items", "--budgets", "5"], "Error: --budgets: new users' settings; --items measures new items"),
     (["--items", "--fold-steps", "1"], "Error: --fold-steps: new users' settings"),

@@ -816,8 +816,11 @@ def test_a_database_made_again_at_the_same_path_is_served_within_a_second(traine
 
 
 def test_inspect_pca_of_two_items_prints_the_axes_it_has(trained, db_url):
-    """Two items have two principal axes: the text shows pc1 and pc2, as the JSON does (no column of zeros)."""
+    """Two items, centred, lie on one principal axis (three on two): the text shows the axes there are,
+    as the JSON does (no axis of zeros)."""
     out = cli_json(db_url, "inspect", "pca", "-n", "2")
-    assert len(out["explained_variance"]) == 2 and "pc3" not in out["items"][0]
+    assert out["explained_variance"] == [1.0] and "pc2" not in out["items"][0]
     res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "2"])
-    assert res.exit_code == 0 and res.output.splitlines()[1].split() == ["pc1", "pc2", "title"], res.output
+    assert res.exit_code == 0 and res.output.splitlines()[1].split() == ["pc1", "title"], res.output
+    out = cli_json(db_url, "inspect", "pca", "-n", "3")
+    assert len(out["explained_variance"]) == 2 and min(out["explained_variance"]) > 0 and "pc3" not in out["items"][0]

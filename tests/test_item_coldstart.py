@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from cfb.cf_core.errors import CfbError
+
 from cfb.cf_core.item_prior import ItemPrior, ItemPriorConfig, MetaEncoder
 from cfb.evaluation.item_coldstart import (GenrePopularity, UserGenreAffinity, cold_items, expected_metrics, render,
                                            run_items_protocol, split_dataset)
@@ -191,6 +193,14 @@ def test_protocol_end_to_end_on_planted_items():
     ds.items["attributes"] = [{} for _ in ds.items.attributes]
     res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)
     assert res["attributes"] == [] and "item metadata: none (a constant row only)" in render(res)
+
+
+def test_no_user_to_score_is_one_line_not_an_empty_report():
+    ds = planted_ratings(n_users=40, n_items=40)
+    ds.ratings["rating"] = ds.ratings.rating.clip(upper=3.0)  # nobody likes anything: nothing to rank
+    ds.scale = (1.0, 5.0)
+    with pytest.raises(CfbError, match=r"^seed 42: no user liked a new item"):
+        run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR)
 
 
 def test_large_data_path_batches_and_still_learns(monkeypatch):
