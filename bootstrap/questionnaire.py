@@ -114,7 +114,7 @@ def is_finite_number(v) -> bool:  # noqa: ANN001
         return False
 
 
-MIN_ID_LIKE = 10  # users from whom a column whose every value differs is taken for an id-like one (text)
+MIN_ID_LIKE = 3  # users from whom a column whose every value differs is taken for an id-like one (text)
 
 
 def infer_questions(attributes: list[dict]) -> list[Question]:

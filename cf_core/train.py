@@ -160,7 +160,7 @@ class CollabModel:
             with training_output(learn, self.progress):
                 learn.fit_one_cycle(self.epochs, self.lr, wd=self.wd)
         except RuntimeError as e:  # a learning rate or weight decay past float32 (1e39): Adam's step overflows
-            if "overflow" not in str(e):
+            if "without overflow" not in str(e):  # (torch: "value cannot be converted to type float without overflow")
                 raise
             raise self._diverged("a step overflowed float32") from None
         finally:

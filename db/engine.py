@@ -39,7 +39,7 @@ def resolve_url(url: str | None = None) -> str:
     except OSError as e:
         raise CfbError(f"cannot create cfb's folder {home} ({e.strerror or e}): set CFB_HOME to a writable "
                        "folder, or give --db") from None
-    return f"sqlite:///{home / 'cfb.db'}"
+    return sqlite_url(home / "cfb.db")
 
 
 EMPTY_DATABASE = "the database is empty: run `cfb ingest …` first"
@@ -116,12 +116,24 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
             leftover.unlink(missing_ok=True)
 
 
+STALE_PARTIAL_S = 24 * 3600  # another machine's partial file untouched this long: its ingest was killed
+
+
 def _remove_dead_partials(path: Path) -> None:
-    """The partial files (``made_whole``) of first ingests into ``path`` on this machine whose process
-    was killed."""
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}.*.partial*"):
-        pid = leftover.name[len(path.name) + len(_HOST) + 3:].split(".")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+    """The partial files (``made_whole``) of first ingests into ``path`` that were killed: on this
+    machine, those whose process is gone; of another machine (a container run before), those untouched
+    for ``STALE_PARTIAL_S`` (a running ingest writes its file all along)."""
+    mine = f".{path.name}.{_HOST}."
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.partial*"):
+        if leftover.name.startswith(mine):
+            pid = leftover.name[len(mine):].split(".")[0]
+            dead = pid.isdigit() and not _process_alive(int(pid))
+        else:
+            try:
+                dead = time.time() - leftover.stat().st_mtime > STALE_PARTIAL_S
+            except OSError:
+                continue
+        if dead:
             leftover.unlink(missing_ok=True)
 
 

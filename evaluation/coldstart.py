@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..cf_core.errors import CfbError
 from ..db import store, versions
-from ..db.engine import make_engine
+from ..db.engine import make_engine, sqlite_url
 from ..db.schema import Item
 from ..db.sources import Dataset
 from ..service.incremental import retrain_incremental
@@ -48,7 +48,7 @@ class UserTally(Tally):
 @contextmanager
 def _db_copy(src: Path, dst: Path):
     shutil.copy(src, dst)
-    engine = make_engine(f"sqlite:///{dst}")
+    engine = make_engine(sqlite_url(dst))
     try:
         yield engine
     finally:
@@ -125,7 +125,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     timings: dict = {}
 
     base = workdir / f"seed{seed}.db"
-    engine = make_engine(f"sqlite:///{base}")
+    engine = make_engine(sqlite_url(base))
     t0 = time.perf_counter()
     # the training catalogue only: an item that only cold users rated is something about them (§2)
     warm_items = ds.items[ds.items.item.astype(str).isin(ratings.item[~is_cold].unique())] if ds.items is not None else None

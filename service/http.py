@@ -196,13 +196,14 @@ class BodyLimit:
 class DatabaseFileGone:
     """ASGI middleware: while the SQLite file is not at its path (deleted under a running server), every
     request but a static file's is 503, not read from or written into the deleted file that the
-    server's connections still hold; ``page(message)`` answers a browser."""
+    server's connections still hold; ``present()`` says whether it is there (and moves the server to a
+    file made again there before the request goes on); ``page(message)`` answers a browser."""
 
-    def __init__(self, app, file: Path, page: Callable[[str], Response]):
-        self.app, self.file, self.page = app, file, page
+    def __init__(self, app, file: Path, present: Callable[[], bool], page: Callable[[str], Response]):
+        self.app, self.file, self.present, self.page = app, file, present, page
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not scope["path"].startswith("/static/") and not os.path.exists(self.file):
+        if scope["type"] == "http" and not scope["path"].startswith("/static/") and not self.present():
             message = f"no database at {self.file} (deleted while this server runs): `cfb ingest …` makes one"
             browser = any(name == b"accept" and b"text/html" in value for name, value in scope["headers"])
             answer = self.page(message) if browser else json_response({"error": message}, 503, {"Retry-After": "10"})
@@ -613,13 +614,23 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     file = sqlite_file(engine.url.render_as_string(hide_password=False))
     seen_file = [_file_identity(file)]
 
-    def _load_serving() -> None:
+    follow_lock = threading.Lock()
+
+    def _follow_file() -> bool:
+        """Whether the database file is there; one made again at its path (a new quickstart) since the
+        last look is the one read and written from now on (every connection held the old file)."""
         now = _file_identity(file)
-        if now is not None and now != seen_file[0]:  # the database was deleted and made again (a new
-            seen_file[0] = now  # quickstart): every connection still reads and writes the old file
-            engine.dispose()
-            if fast is not None:
-                fast.reopen()
+        if now is not None and now != seen_file[0]:
+            with follow_lock:
+                if now != seen_file[0]:
+                    engine.dispose()
+                    if fast is not None:
+                        fast.reopen()
+                    seen_file[0] = now
+        return now is not None
+
+    def _load_serving() -> None:
+        _follow_file()
         with engine.connect() as conn:
             if versions.serving_version(conn) is not None:
                 load_served(conn)
@@ -711,7 +722,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
     app.add_middleware(BodyLimit, max_body=max_body)
     if file is not None:  # before the fast path: nothing is read from a deleted file
-        app.add_middleware(DatabaseFileGone, file=file,
+        app.add_middleware(DatabaseFileGone, file=file, present=_follow_file,
                            page=lambda message: error_page(message, 503, {"Retry-After": "10"}))
     if allowed:  # an allowed site's page asks the browser first (a JSON body or a token is not a "simple"
         # request) and may read the answers: CORS for those sites only, answered before any route

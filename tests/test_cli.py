@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,9 +181,14 @@ def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeyp
     killed = path.parent / f".new.db.{_HOST}.999999999.1a2b3c4d.partial"  # a first ingest killed midway
     for end in ("", "-journal"):
         write(killed.with_name(killed.name + end), "half")
+    elsewhere, running = (path.parent / f".new.db.{name}.7.1a2b3c4d.partial" for name in ("old-box", "new-box"))
+    write(elsewhere, "half")  # another machine's (a container run before), untouched for two days
+    os.utime(elsewhere, (time.time() - 2 * 86400,) * 2)
+    write(running, "half")  # another machine's, being written: kept
     write(ratings, "user,item,rating\n1,a,4\n2,b,5\n")
     assert run(runner, str(path), "ingest", "ratings", str(ratings)).exit_code == 0
-    assert [p.name for p in path.parent.iterdir()] == ["new.db"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [running.name, "new.db"]
+    running.unlink()
     # a database another process made meanwhile is written into, never replaced
     from cfb.db import engine as engine_module
 

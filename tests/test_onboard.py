@@ -43,6 +43,7 @@ def test_an_attribute_whose_every_value_is_its_own_is_text_not_a_closed_list():
     assert kinds == {"gender": "category", "zip": "text", "age": "number"}
     assert [q.values for q in infer_questions(users) if q.name == "gender"] == [["F", "M"]]
     assert [q.type for q in infer_questions([{"gender": "M"}, {"gender": "F"}])] == ["category"]  # (a tiny demo)
+    assert [q.type for q in infer_questions([{"zip": f"0{k}139"} for k in range(5)])] == ["text"]  # (five users)
 
 
 def test_questionnaire_lists_attributes_and_items(trained):
