@@ -207,9 +207,7 @@ class CollabModel:
         return [self.user_factors_, self.item_factors_, self.user_bias_, self.item_bias_]
 
     def _sample_mse(self, train: CollabData) -> tuple[float, float]:
-        """(the model's MSE, the ratings' variance) on up to ``MSE_SAMPLE`` training ratings."""
-        if len(train) == 0:
-            return float("nan"), float("nan")
+        """(the model's MSE, the ratings' variance) on up to ``MSE_SAMPLE`` training ratings (at least one)."""
         idx = slice(None)
         if len(train) > MSE_SAMPLE:
             idx = np.random.default_rng(self.seed).integers(0, len(train), MSE_SAMPLE)

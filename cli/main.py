@@ -90,7 +90,9 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group()
-@click.option("--db", "url", envvar="CFB_DATABASE_URL", help="Database URL (sqlite:///FILE, postgresql://…) or a SQLite file's path (default: SQLite at $CFB_HOME/cfb.db).")
+@click.option("--db", "url", envvar="CFB_DATABASE_URL",
+              help="Database URL (sqlite:///FILE, postgresql://…) or a SQLite file's path "
+                   "(default: SQLite at $CFB_HOME/cfb.db).")
 @click.pass_context
 def cli(ctx: click.Context, url: str | None) -> None:
     """cfb: cold-start collaborative filtering (fastai embeddings + a signup questionnaire)."""
@@ -633,7 +635,7 @@ def _ints(value: str) -> tuple[int, ...]:
     if any(not x.strip() for x in entries):
         raise click.BadParameter(f"an empty entry in {value!r}")
     try:
-        out = tuple(int(x) for x in value.split(","))
+        out = tuple(int(x) for x in entries)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if any(x < 0 for x in out):

@@ -91,8 +91,7 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
     never replaces one another process made meanwhile: ``write`` then runs again, into that one)."""
     url = resolve_url(url)
     path = sqlite_file(url)
-    if path is not None and path.is_dir():
-        raise CfbError(f"{path} is a folder, not a database file")
+    _refuse_a_folder(path)
     if path is not None and not path.parent.is_dir():
         raise CfbError(f"no folder {path.parent} to make the database {path.name} in")
     if path is None or path.exists():
@@ -241,12 +240,16 @@ def _rollback_journal(conn: Connection, wanted: bool) -> Iterator[None]:
                 conn.invalidate()  # and the next one sets WAL when it connects (``_set_wal``)
 
 
+def _refuse_a_folder(path: Path | None) -> None:
+    if path is not None and path.is_dir():
+        raise CfbError(f"{path} is a folder, not a database file")
+
+
 def require_database(url: str) -> None:
     """A SQLite file that is not there (or is empty) is an error, not a new empty database (what only
     reads or serves: a mistyped path makes no file, an empty one stays empty; an ingest makes a database)."""
     path = sqlite_file(url)
-    if path is not None and path.is_dir():
-        raise CfbError(f"{path} is a folder, not a database file")
+    _refuse_a_folder(path)
     if path is not None and (not path.exists() or path.stat().st_size == 0):
         empty = " (an empty file)" if path.exists() else ""  # (reading it would write a database's header into it)
         raise CfbError(f"no database at {path}{empty}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")

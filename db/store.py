@@ -312,9 +312,10 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     order, many to a statement (see ``_insert``; on PostgreSQL from ``PG_COPY_ROWS`` rows through
     COPY, ``_write_postgres_by_copy``). A first large ingest (``BULK_ROWS`` or more into an empty
     table) drops the secondary indexes (on PostgreSQL also the keys) and builds them once at the end,
-    in the same transaction. On a SQLite connection without foreign keys (``make_engine(bulk=True)``) every id is checked here, at once. ``progress(n)`` is called
-    after each statement of ``n`` rows. Writers are serialised (see ``lock_rating_writers``), so
-    call it inside a write transaction that commits promptly."""
+    in the same transaction. On a SQLite connection without foreign keys (``make_engine(bulk=True)``)
+    every id is checked here, at once. ``progress(n)`` is called after each statement of ``n`` rows.
+    Writers are serialised (see ``lock_rating_writers``), so call it inside a write transaction that
+    commits promptly."""
     lock_rating_writers(conn)
     ensure_rating_history(conn)
     seq0 = next_seq(conn)
@@ -521,11 +522,8 @@ def _timestamps(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
 def latest_per_pair(users: np.ndarray, items: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
     """Positions of each (user, item) pair's last row, in (user, item) order; with ``times``, its row
     with the latest time (of those, the last)."""
-    if times is not None:
-        order = np.lexsort((np.arange(len(users)), times, items, users))
-        u, i = users[order], items[order]
-        differs = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
-    elif len(users) and 0 <= min(users.min(), items.min()) and max(users.max(), items.max()) < 2**31:
+    fits = len(users) and 0 <= min(users.min(), items.min()) and max(users.max(), items.max()) < 2**31
+    if times is None and fits:
         key = (users << 32) | items  # one int64 key: sorts several times faster than lexsort
         if len(key) > 1 and (key[1:] >= key[:-1]).all():  # already in order (releases sorted by user, item)
             order = np.arange(len(key))
@@ -533,8 +531,8 @@ def latest_per_pair(users: np.ndarray, items: np.ndarray, times: np.ndarray | No
             order = np.argsort(key, kind="stable")
             key = key[order]
         differs = key[1:] != key[:-1]
-    else:
-        order = np.lexsort((items, users))
+    else:  # (lexsort is stable: of equal keys, the last row given is last)
+        order = np.lexsort((items, users) if times is None else (times, items, users))
         u, i = users[order], items[order]
         differs = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
     last = np.ones(len(order), bool)
