@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from pathlib import Path
 
 
@@ -19,10 +20,15 @@ def _check_entries(entries: list) -> None:
     """Each signup must be a dict; name the first that is not."""
     from .cf_core.errors import InputError
 
+    from .service.onboard import first_unreadable_value
+
     for k, e in enumerate(entries):
         if not isinstance(e, dict):
             raise InputError(f"a signup must be a dict {{\"user\"?, \"answers\": {{...}}, \"ratings\": {{...}}}}, "
                              f"got {type(e).__name__} {e!r:.40}", source=f"entry {k + 1}")
+        bad = first_unreadable_value(e)  # (text that is not valid Unicode, as the JSON readers refuse it)
+        if bad is not None:
+            raise InputError(bad[1], source=f"entry {k + 1}", field=bad[0] or None)
 
 
 # name -> (whole number?, lowest, lowest excluded?, highest): a full retrain's settings, checked here
@@ -91,13 +97,40 @@ def _number(value, what: str) -> float:  # noqa: ANN001
         raise CfbError(f"{what} must be a finite number, got a number of {len(str(abs(value)))} digits") from None
 
 
+def _id(value, what: str) -> str:  # noqa: ANN001
+    """A user's or item's id (or an item's title) given from Python: text, or a whole number (numpy's
+    too) as its digits; anything else (None, a float, a list, text that is not valid Unicode) refused."""
+    from .cf_core.errors import CfbError
+
+    value = _plain(value)
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise CfbError(f"{what} must be an id (text or a whole number), got {type(value).__name__} {value!r:.60}")
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CfbError(f"{what} {text!r:.60} is not valid Unicode text") from None
+    return text
+
+
+def _path(value, what: str) -> Path:  # noqa: ANN001
+    from .cf_core.errors import CfbError
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise CfbError(f"{what} must be a path, got {type(value).__name__} {value!r:.60}")
+    return Path(value)
+
+
 class Database:
     """A cfb database (SQLite or PostgreSQL). Use ``cfb.open(url)``; ``close()`` (or ``with``) when done."""
 
     def __init__(self, url: str | None = None):
+        from .cf_core.errors import CfbError
         from .db.engine import make_engine, resolve_url
 
-        self.url = resolve_url(url)
+        if url is not None and not isinstance(url, (str, os.PathLike)):
+            raise CfbError(f"url must be a database URL or a SQLite file's path, got {type(url).__name__} {url!r:.60}")
+        self.url = resolve_url(None if url is None else os.fspath(url))
         self.engine = make_engine(self.url)
 
     def __repr__(self) -> str:
@@ -127,7 +160,7 @@ class Database:
         from .db.sources import read_movielens
         from .service.ingest import ingest_dataset
 
-        ds = read_movielens(Path(folder))
+        ds = read_movielens(_path(folder, "folder"))
 
         def write(url: str) -> dict:
             engine = make_engine(url, bulk=True)  # (as `cfb ingest`)
@@ -210,7 +243,12 @@ class Database:
         """Store ``user``'s rating of ``item`` (id or exact title); the next recommendations use it."""
         from .service.ratings import rate_item
 
-        return rate_item(self._existing(), str(user), str(item), _number(rating, "rating"), create_item=new_item)
+        from .cf_core.errors import CfbError
+
+        if not isinstance(_plain(new_item), bool):
+            raise CfbError(f"new_item must be True or False, got {new_item!r:.60}")
+        return rate_item(self._existing(), _id(user, "user"), _id(item, "item"), _number(rating, "rating"),
+                         create_item=new_item)
 
     # --- answers --------------------------------------------------------------------------------------
     def recommend(self, user: str, n: int = 10, by: str = "rank"):
@@ -220,7 +258,7 @@ class Database:
         from .service.serving import recommend
 
         with self._existing().connect() as conn:
-            out = recommend(conn, str(user), n, by)
+            out = recommend(conn, _id(user, "user"), n, by)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
 
     def predict(self, pairs) -> list[float]:
@@ -246,7 +284,8 @@ class Database:
             if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
                 raise CfbError(f"pairs: entry {k + 1} must be one (user, item) pair, got {pair!r:.60}")
         with self._existing().connect() as conn:
-            return predict_pairs(conn, [(str(_plain(u)), str(_plain(i))) for u, i in pairs])
+            return predict_pairs(conn, [(_id(u, f"pairs: entry {k + 1}'s user"), _id(i, f"pairs: entry {k + 1}'s item"))
+                                        for k, (u, i) in enumerate(pairs)])
 
     def similar(self, item: str, n: int = 10):
         """Items closest to ``item`` (id or exact title) by item factors: a DataFrame item, title, score."""
@@ -255,7 +294,7 @@ class Database:
         from .service.serving import similar
 
         with self._existing().connect() as conn:
-            out = similar(conn, str(item), n)
+            out = similar(conn, _id(item, "item"), n)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
 
     def biases(self, n: int = 10, min_ratings: int = 0) -> dict:

@@ -161,17 +161,19 @@ class TrainedModel:
             rank_vec = self.ranker.user_vectors([Reveal({}, empty, empty.astype(np.float32), 0)])[0]
         return UserVector(factors.mean(0), float(biases.mean()), rank_vec)
 
-    def budget_of(self, history: UserHistory) -> int | None:
-        """How the user's items were revealed: the questionnaire size Q they were shown (``asked``,
-        when their signup said so and it holds every answer), or else the smallest of 5, 15, 30 whose
-        first Q items hold every answer (0 with no ratings); None when some ratings came from
-        elsewhere (organic). Q tells the ranker which items they left unrated ("not seen")."""
-        if len(history.items) == 0:
+    def budget_of(self, history: UserHistory, items: np.ndarray | None = None) -> int | None:
+        """How the user's ``items`` (database ids; all of their history's without) were revealed: the
+        questionnaire size Q they were shown (``asked``, when their signup said so and it holds every
+        answer), or else the smallest of 5, 15, 30 whose first Q items hold every answer (0 with no
+        ratings); None when some ratings came from elsewhere (organic). Q tells the ranker which items
+        they left unrated ("not seen")."""
+        items = history.items if items is None else items
+        if len(items) == 0:
             return history.asked or 0
-        if not set(history.items.tolist()) <= set(history.signup_items):
+        if not set(items.tolist()) <= set(history.signup_items):
             return None
         position = self.questionnaire.positions()
-        last = max(position.get(int(i), 10 ** 9) for i in history.items)
+        last = max(position.get(int(i), 10 ** 9) for i in items)
         if last >= len(position):
             return None
         if history.asked is not None and last < history.asked:
@@ -224,9 +226,10 @@ class TrainedModel:
             from .feature_model import Reveal
 
             # items added after the full retrain have no input rows in the ranker (zeros): revealing
-            # them would only change how many items it thinks it was shown
+            # them would only change how many items it thinks it was shown, or how
             shown = known & (inner < self.n_learned_items)
-            reveal = Reveal(attributes, inner[shown], ratings[shown], self.budget_of(history))
+            reveal = Reveal(attributes, inner[shown], ratings[shown],
+                            self.budget_of(history, np.asarray(history.items)[shown]))
             rank_vec = self.ranker.user_vectors([reveal])[0]
         meta = self.metadata_affinity(inner[known], ratings[known], vec, bias) if affinity else None
         return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()),

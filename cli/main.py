@@ -89,7 +89,40 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group()
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # (click >= 8.2)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error as one line on stderr, naming the command's --help; exit status 2."""
+
+    def show(self, file=None) -> None:  # noqa: ANN001
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{hint}", file=file or click.get_text_stream("stderr"))
+
+
+class CfbGroup(click.Group):
+    """The ``cfb`` command: an argument that is not UTF-8 text is refused before anything runs, and a
+    usage error (an option out of range, a missing argument) is one line, as every other error."""
+
+    def main(self, args=None, *rest, **kwargs):  # noqa: ANN001, ANN201
+        args = list(sys.argv[1:] if args is None else args)
+        for k, arg in enumerate(args, 1):
+            bad = next((c for c in arg if "\udc80" <= c <= "\udcff"), None)  # (bytes the locale could not decode)
+            if bad is not None:
+                click.echo(f"Error: argument {k} is not valid UTF-8 text (byte 0x{ord(bad) - 0xDC00:02x})", err=True)
+                sys.exit(2)
+        return super().main(args, *rest, **kwargs)
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if isinstance(e, (OneLineUsageError, NO_ARGS_IS_HELP)):  # (a group without its command: its help)
+                raise
+            raise OneLineUsageError(e.format_message(), e.ctx) from None
+
+
+@click.group(cls=CfbGroup)
 @click.option("--db", "url", envvar="CFB_DATABASE_URL",
               help="Database URL (sqlite:///FILE, postgresql://…) or a SQLite file's path "
                    "(default: SQLite at $CFB_HOME/cfb.db).")
@@ -314,7 +347,8 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
     else:
         out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not quiet, **params)
     seed = (out.get("hyperparams") or {}).get("seed")
-    text = f"version {out['version']} ({out['kind']}, {out['mode']}{'' if seed is None else f', seed {seed}'}) serving"
+    text = (f"version {out['version']} ({out['kind']}, {out['mode']}{'' if seed is None else f', seed {seed}'}) "
+            f"{'serving' if out.get('serving', True) else 'stored'}")
     if out.get("valid_rmse") is not None:
         text += f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f}"
     elif out.get("valid_note"):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 
 from ..cf_core.errors import CfbError
 
@@ -191,7 +191,7 @@ def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
 
     Use it instead of ``engine.begin()`` for every transaction that writes: on SQLite it starts with
     ``BEGIN IMMEDIATE`` (writers queue on the busy timeout instead of failing when a deferred
-    transaction tries to upgrade its read lock); on PostgreSQL it is an ordinary transaction.
+    transaction tries to upgrade its read lock); on PostgreSQL it takes an advisory lock first (``lock_writers``), to the same effect.
     Reads through ``engine.connect()`` keep a deferred BEGIN, so readers never wait (WAL).
 
     ``first_load`` (a first large ingest): on SQLite, when no other connection has the database
@@ -203,7 +203,24 @@ def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
         conn.execution_options(**{WRITE_OPTION: True})  # in place, for this Connection only
         with _rollback_journal(conn, first_load and conn.dialect.name == "sqlite"):
             with conn.begin():
+                lock_writers(conn)
                 yield conn
+
+
+# pg_advisory_xact_lock key serialising writers on PostgreSQL (any constant bigint; the lock is per database)
+WRITERS_LOCK_KEY = 0x63666272617465  # "cfbrate"
+
+
+def lock_writers(conn: Connection) -> None:
+    """Hold, until this transaction ends, the right to write (PostgreSQL; re-entrant): what SQLite's
+    ``BEGIN IMMEDIATE`` gives every transaction of ``writing``.
+
+    Writers read before they write (a rating's seq is max(seq)+1, an anonymous sign-up's id the first
+    free ``new-N``, a first rating of a new item looks the item up before adding it), so they must not
+    overlap: with the lock taken first, each sees the previous one's committed rows, and seq order is
+    commit order (an incremental retrain reading ``seq > max_seq`` then misses nothing)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITERS_LOCK_KEY})
 
 
 @contextmanager
@@ -250,6 +267,8 @@ def require_database(url: str) -> None:
     reads or serves: a mistyped path makes no file, an empty one stays empty; an ingest makes a database)."""
     path = sqlite_file(url)
     _refuse_a_folder(path)
+    if path is not None and not path.exists():
+        _remove_dead_partials(path)  # (a killed first ingest's: whoever next looks for the database)
     if path is not None and (not path.exists() or path.stat().st_size == 0):
         empty = " (an empty file)" if path.exists() else ""  # (reading it would write a database's header into it)
         raise CfbError(f"no database at {path}{empty}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")

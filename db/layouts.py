@@ -108,9 +108,9 @@ def _diagnose(path: Path, lines: list[tuple[int, list[str]]], names: list[str], 
                              field=names[cols["rating"]]) from None
         if "timestamp" in cols:
             t = f[cols["timestamp"]].strip()
-            if not t.lstrip("-").isdigit():
-                raise InputError(f"not a whole number: {f[cols['timestamp']]!r}", source=str(path), line=n,
-                                 field=names[cols["timestamp"]])
+            if not t.lstrip("-").isdigit() or abs(int(t)) >= 2**53:
+                raise InputError(f"not a whole number under 2**53: {f[cols['timestamp']]!r}", source=str(path),
+                                 line=n, field=names[cols["timestamp"]])
 
 
 def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float], path: Path, first_line: int,

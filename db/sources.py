@@ -102,12 +102,13 @@ def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, 
 
 
 def check_times(times: np.ndarray, source: str, first_line: int, field: str = "timestamp") -> None:
-    """No time is negative (seconds since 1970), else an error naming the first one."""
-    bad = times < 0
-    if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        raise InputError(f"negative time '{int(times[pos])}' (seconds since 1970 expected)", source=source,
-                         line=first_line + pos, field=field)
+    """No time is negative (seconds since 1970) or 2**53 or more (every reader's rule, as ``_numeric``'s),
+    else an error naming the first one."""
+    for bad, what in ((times < 0, "negative time '{}' (seconds since 1970 expected)"),
+                      (times >= 2**53, "not a whole number under 2**53: '{}'")):
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise InputError(what.format(int(times[pos])), source=source, line=first_line + pos, field=field)
 
 
 def check_known_items(ratings: pd.DataFrame, items: pd.Series, source: str, first_line: int, field: str,
@@ -198,9 +199,12 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     _nonempty_ids(df, item_col, path, 2)
     out = pd.DataFrame({"user": id_column(df[user_col]), "item": id_column(df[item_col]),
                         "rating": _numeric(df, rating_col, path, 2, single=True).astype(np.float32)})
-    if time_col and time_col in df.columns:
-        out["timestamp"] = _numeric(df, time_col, path, 2, integer=True).astype(np.int64)
-        check_times(out["timestamp"].to_numpy(), str(path), 2, time_col)
+    if time_col and time_col in df.columns:  # an empty cell: a rating without a time
+        empty = (df[time_col].isna() | (df[time_col].astype(str).str.strip() == "")).to_numpy()
+        times = _numeric(df.assign(**{time_col: df[time_col].where(~empty, "0")}), time_col, path, 2,
+                         integer=True).astype(np.int64)
+        check_times(times, str(path), 2, time_col)
+        out["timestamp"] = np.where(empty, np.nan, times) if empty.any() else times
     else:
         out["timestamp"] = None
     return out

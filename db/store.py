@@ -11,7 +11,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, func, inspect, select, text
 
 from ..cf_core.errors import CfbError, InputError
-from .engine import writing
+from .engine import lock_writers, writing
 from .schema import REPLACED_RATING_TRIGGER, Base, Item, Rating, ReplacedRating, Setting, User, utcnow
 
 CHUNK = 20_000
@@ -86,7 +86,7 @@ def ensure_rating_history(conn: Connection) -> None:
     url = str(conn.engine.url)
     if url in _HAVE_HISTORY and url in _HAVE_LOG:
         return
-    lock_rating_writers(conn)  # PostgreSQL: one migration at a time (SQLite's writers already queue)
+    lock_writers(conn)  # PostgreSQL: one migration at a time (SQLite's writers already queue)
     columns, logged = _has_history_columns(conn), _has_replaced_log(conn)
     if columns and logged:
         _HAVE_HISTORY.add(url)
@@ -289,21 +289,6 @@ def next_seq(conn: Connection) -> int:
     return int(conn.scalar(select(func.coalesce(func.max(Rating.seq), 0)))) + 1
 
 
-# pg_advisory_xact_lock key serialising rating writers on PostgreSQL (any constant bigint; the lock is per database)
-RATINGS_LOCK_KEY = 0x63666272617465  # "cfbrate"
-
-
-def lock_rating_writers(conn: Connection) -> None:
-    """Hold, until this transaction ends, the right to write ratings (PostgreSQL; re-entrant).
-
-    seq numbers come from max(seq)+1, so writers must not overlap: with the lock taken before that
-    read, each writer sees the previous one's committed rows and seq order is commit order (an
-    incremental retrain reading ``seq > max_seq`` then misses nothing). SQLite's BEGIN IMMEDIATE
-    (``db.engine.writing``) already serialises writers."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RATINGS_LOCK_KEY})
-
-
 def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=None) -> int:  # noqa: ANN001
     """Upsert ratings by database ids; returns how many pairs were written.
 
@@ -314,9 +299,9 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     table) drops the secondary indexes (on PostgreSQL also the keys) and builds them once at the end,
     in the same transaction. On a SQLite connection without foreign keys (``make_engine(bulk=True)``)
     every id is checked here, at once. ``progress(n)`` is called after each statement of ``n`` rows.
-    Writers are serialised (see ``lock_rating_writers``), so call it inside a write transaction that
+    Writers are serialised (see ``engine.lock_writers``), so call it inside a write transaction that
     commits promptly."""
-    lock_rating_writers(conn)
+    lock_writers(conn)
     ensure_rating_history(conn)
     seq0 = next_seq(conn)
     u, i, r = _array(users, np.int64), _array(items, np.int64), _array(ratings, np.float64)
@@ -695,7 +680,7 @@ def user_id_of(conn: Connection, external_id: str) -> int:
     key = str(external_id).strip()
     uid = conn.scalar(select(User.id).where(User.external_id == key)) if can_exist(key) else None
     if uid is None:
-        raise CfbError(f"unknown user {external_id!r}")
+        raise CfbError(f"unknown user {shown_id(str(external_id))}")
     return uid
 
 

@@ -94,7 +94,8 @@ def error_response(e: ApiError | CfbError) -> Response:
         body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
     else:
         body, status, headers = {"error": str(e)}, _error_status(e), None
-        field = e.field if isinstance(e, InputError) else None
+        field = e.field if isinstance(e, InputError) else \
+            next((who for who in ("user", "item") if str(e).startswith(f"unknown {who}")), None)
     if field:
         body["field"] = field
     return json_response(body, status, headers)
@@ -358,7 +359,7 @@ class _FastReader:
             row = cur.execute(self.SQL_STATE, {"root": root, "ids": "[]", "seq": 1 << 62, "user": user}).fetchone() \
                 if store.can_exist(user) else None  # (as ``store.user_id_of``)
             if row is None:
-                raise CfbError(f"unknown user {user!r}")
+                raise CfbError(f"unknown user {store.shown_id(user)}")
             uid, attrs, answer = row[1:4]
             bias, factors = cur.execute(self.SQL_FACTORS, (uid, root)).fetchone() or (None, None)
             top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
@@ -734,12 +735,17 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     async def read_json(request: Request) -> dict:
         """The request body as a JSON object, at most ``max_body`` bytes (also when chunked)."""
+        from starlette.requests import ClientDisconnect
+
         size, chunks = 0, []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise ApiError(413, f"request body over {max_body} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise ApiError(413, f"request body over {max_body} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # (nobody reads the answer; not a server error to log)
+            raise ApiError(400, "request body: the client closed the connection before sending all of it") from None
         from .onboard import _loads, first_unreadable_value
 
         try:

@@ -60,7 +60,7 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             at = {"source": source, "first_line": ds.first_line}
             users = database_ids(conn, User, r["user"], given[User], **at, field=ds.columns.get("user", "user"))
             items = database_ids(conn, Item, r["item"], given[Item], **at, field=ds.columns.get("item", "item"))
-            store.lock_rating_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
+            store.lock_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
             seq0 = store.next_seq(conn)
             n = store.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(),
                                     progress)

@@ -78,7 +78,10 @@ def _loads(text: str):
 
 
 def _is_unicode(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (JSON's "\\ud800" escape gives a lone surrogate, which cannot)."""
+    """Whether ``text`` can be written as UTF-8 (JSON's "\\ud800" escape gives a lone surrogate, which cannot);
+    True for what is not text (a key given from Python as a number)."""
+    if not isinstance(text, str):
+        return True
     try:
         text.encode("utf-8")
         return True

@@ -101,7 +101,7 @@ def find_item(conn: Connection, query: str) -> int:
     query = str(query).strip()
     hit = _item_by_id_or_title(conn, query)
     if hit is None:
-        raise CfbError(f"unknown item {query!r}{title_hint(query, store.item_title_list(conn))}")
+        raise CfbError(f"unknown item {store.shown_id(query)}{title_hint(query, store.item_title_list(conn))}")
     return hit
 
 
@@ -112,6 +112,8 @@ def title_hint(query: str, titles) -> str:  # noqa: ANN001
     """"; did you mean: …?" with up to five titles close to ``query`` (else containing it), or "".
     In a catalogue of more than ``HINT_ALL_TITLES`` titles only those sharing a word of three letters
     or more with ``query`` are compared (difflib costs about 10 µs a title: 60,000 took 0.6–2.5 s)."""
+    if len(query) > store.MAX_ID_LENGTH:  # (no title is compared with a page of text)
+        return ""
     titles = list(titles)
     candidates = titles
     if len(titles) > HINT_ALL_TITLES:

@@ -185,6 +185,9 @@ def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeyp
     write(elsewhere, "half")  # another machine's (a container run before), untouched for two days
     os.utime(elsewhere, (time.time() - 2 * 86400,) * 2)
     write(running, "half")  # another machine's, being written: kept
+    assert "no database at" in run(runner, str(path), "models").output  # any command that looks for it
+    assert sorted(p.name for p in path.parent.iterdir()) == [running.name]
+    write(killed, "half")
     write(ratings, "user,item,rating\n1,a,4\n2,b,5\n")
     assert run(runner, str(path), "ingest", "ratings", str(ratings)).exit_code == 0
     assert sorted(p.name for p in path.parent.iterdir()) == [running.name, "new.db"]
@@ -267,6 +270,12 @@ def test_real_cfb_subprocess(cli_db, tmp_path):
     assert [r["item"][0] for r in json.loads(res.stdout)[0]["items"]] == ["b", "b"]
     res = subprocess.run([*cmd, "recommend", "ghost"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 1 and res.stderr.strip() == "Error: unknown user 'ghost'"
+    # an argument that is not UTF-8 (bytes from a file name or another locale), and a usage error: one line
+    res = subprocess.run([*cmd, "rate", b"b\xff1", "b2", "4"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and res.stderr == "Error: argument 2 is not valid UTF-8 text (byte 0xff)\n"
+    res = subprocess.run([*cmd, "recommend", "b1", "-n", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and res.stderr == ("Error: Invalid value for '-n': 0 is not in the range 1<=x<=1000. "
+                                                  "(see 'cfb recommend --help')\n")
 
 
 def test_training_progress_goes_to_stderr(cli_db):

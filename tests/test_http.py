@@ -194,8 +194,10 @@ def test_error_codes(server, trained):
         r = server.post("/users", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422, (raw, r.text)
     assert user_count(engine) == n
-    assert server.get("/users/nobody/recommendations").status_code == 404
-    assert server.get("/items/nothing-like-it/similar").status_code == 404
+    for path, field in (("/users/nobody/recommendations", "user"), ("/items/nothing-like-it/similar", "item"),
+                        (f"/users/{'x' * 5000}/recommendations", "user"), (f"/items/{'y' * 5000}/similar", "item")):
+        r = server.get(path)  # the id in the path is the field; a long one is cut short in the message
+        assert r.status_code == 404 and r.json()["field"] == field and len(r.json()["error"]) < 120, (path, r.text)
     assert server.post("/users/nobody/ratings", json={"item": "a1", "rating": 3}).status_code == 404
     r = server.post("/users/a0/ratings", json={"item": "no such item", "rating": 3})
     assert r.status_code == 404 and r.json()["field"] == "item"
@@ -210,6 +212,33 @@ def test_error_codes(server, trained):
     assert server.get("/users/a0/recommendations", params={"by": "magic"}).status_code == 422
     for budget in (-1, 31):
         assert server.get("/questionnaire", params={"budget": budget}).status_code == 422
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_server_error(trained, db_url):
+    """A client that closes the connection before sending the body it announced: nothing written, and
+    no "Exception in ASGI application" traceback in the server's log."""
+    import logging
+
+    engine, _ = trained
+    n = user_count(engine)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    with running_server(db_url) as base:
+        host, port = base.removeprefix("http://").split(":")
+        logger.addHandler(handler)
+        try:
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(f"POST /users HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                          "Content-Length: 50\r\n\r\n".encode() + b'{"user": "half", "answ')
+                time.sleep(0.3)
+            time.sleep(0.5)
+            assert httpx.get(base + "/health").status_code == 200
+        finally:
+            logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
+    assert user_count(engine) == n
 
 
 def test_the_openapi_schema_describes_the_error_bodies_the_server_sends(server):

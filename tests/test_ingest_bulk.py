@@ -209,6 +209,23 @@ def test_a_pair_given_twice_keeps_its_latest_timed_row(engine):
     assert got == {"1": 4.0, "2": 3.0, "3": 2.0, "4": 5.0}
 
 
+def test_a_ratings_csv_row_with_an_empty_time_is_a_rating_without_one(engine, tmp_path):
+    """`cfb ingest ratings`: an empty timestamp cell is a rating without a time (so a pair given twice
+    keeps its row with a time), not an error; a bad time still names its line."""
+    from cfb.cf_core.errors import InputError
+    from cfb.db.sources import read_ratings_csv
+
+    path = write(tmp_path / "r.csv", "user,item,rating,timestamp\nu1,m9,2,100\nu2,m9,5,\nu1,m9,4, \nu3,m1,3,7\n")
+    ingest_dataset(engine, Dataset(read_ratings_csv(path), scale=(1.0, 5.0)))
+    with engine.connect() as conn:
+        got = {u: (r, t) for u, r, t in conn.execute(select(User.external_id, Rating.rating, Rating.timestamp)
+                                                     .join(Rating, Rating.user_id == User.id))}
+    assert got == {"u1": (2.0, 100), "u2": (5.0, None), "u3": (3.0, 7)}
+    write(path, "user,item,rating,timestamp\nu1,m9,2,\nu2,m9,5,x\n")
+    with pytest.raises(InputError, match=r"r\.csv, line 3, field 'timestamp': not a whole number under 2\*\*53: 'x'$"):
+        read_ratings_csv(path)
+
+
 @pytest.mark.parametrize("body", [
     "1,10,4.0,5\n2,7,3.5,6\n1,7,1.0,7\n",  # whole numbers as str(int) writes them: the fast reader
     "1,10,4.0,5\n2,007,3.5,6\n2,7,1.0,7\n",  # "007" and "7" are different ids

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -206,14 +207,15 @@ def test_no_user_to_score_is_one_line_not_an_empty_report():
 def test_large_data_path_batches_and_still_learns(monkeypatch):
     import cfb.cf_core.item_prior as ip
 
-    monkeypatch.setattr(ip, "MAX_RATINGS_PER_STEP", 200)
     monkeypatch.setattr(ip, "MAX_LOGITS_PER_STEP", 300)  # 10 users of 30 items per step
     attrs, users, items, ratings, uf, ub, rv, group = _planted_items(2)
-    prior = ItemPrior(FAST_PRIOR, attributes=("genres",)).fit(attrs, users, items, ratings, uf, ub, (0.0, 5.5),
-                                                               (1.0, 5.0), rv)
+    assert len(ratings) > 400
+    prior = ItemPrior(replace(FAST_PRIOR, sample=200), attributes=("genres",)).fit(  # the rating part: a sample
+        attrs, users, items, ratings, uf, ub, (0.0, 5.5), (1.0, 5.0), rv)
     score, pred = _score(prior, prior.rows([{"genres": ["A"]}, {"genres": ["B"]}]), uf, ub, rv)
     a = group == 0
     assert np.all(score[a, 0] > score[a, 1]) and np.all(score[~a, 1] > score[~a, 0])
+    assert pred[a, 0].min() > 4 and pred[a, 1].max() < 2 and pred[~a, 1].min() > 4 and pred[~a, 0].max() < 2
 
 
 def test_the_sparse_metadata_product_and_its_gradient_equal_the_dense_ones():

@@ -159,6 +159,10 @@ def test_movielens_1m_malformed(tmp_path, db_url):
     write(folder / "ratings.dat", "1::1193::5::978300760\n1::661::4.5::978302109\n1::662::6::978302109\n")
     fails(run(db_url, "ingest", "movielens", str(folder)),
           r"ratings\.dat, line 3, field 'Rating': rating 6 outside the scale 1\.\.5")
+    for big in (2**53, 2**63):
+        write(folder / "ratings.dat", f"1::1193::5::978300760\n1::661::4::{big}\n")
+        fails(run(db_url, "ingest", "movielens", str(folder)),
+              rf"ratings\.dat, line 2, field 'Timestamp': not a whole number under 2\*\*53: '{big}'")
     assert_nothing_written(db_url)
 
 
@@ -223,7 +227,7 @@ def test_movielens_csv_release(tmp_path, db_url):
 
 def test_movielens_csv_malformed(tmp_path, db_url):
     fails(run(db_url, "ingest", "movielens", str(ml_csv(tmp_path / "ml-32m", bad=True))),
-          r"ratings\.csv, line 5, field 'timestamp': not a whole number: ''")
+          r"ratings\.csv, line 5, field 'timestamp': not a whole number under 2\*\*53: ''")
     assert_nothing_written(db_url)
     folder = tmp_path / "ml-32m"
     write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n")
@@ -235,6 +239,11 @@ def test_movielens_csv_malformed(tmp_path, db_url):
     write(folder / "ratings.csv", "userId,movieId,rating\n1,1,4.0\n")
     fails(run(db_url, "ingest", "movielens", str(folder)),
           r"ratings\.csv, line 1, field 'timestamp': missing column\(s\) timestamp")
+    write(folder / "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n")
+    for big in (2**53, 2**63):  # one rule for times in every reader: whole seconds under 2**53
+        write(folder / "ratings.csv", f"userId,movieId,rating,timestamp\n1,1,4.0,1\n2,1,3.0,{big}\n")
+        fails(run(db_url, "ingest", "movielens", str(folder)),
+              rf"ratings\.csv, line 3, field 'timestamp': not a whole number under 2\*\*53: '{big}'")
     assert_nothing_written(db_url)
 
 

@@ -231,6 +231,14 @@ def test_a_signup_says_how_many_questionnaire_items_it_showed(trained, tmp_path)
     with engine.connect() as conn:  # the rating model's side is the same: Q only tells the ranker
         assert conn.scalar(select(Answer.asked).where(Answer.user_id == uid["shown15"])) == 15
     assert np.allclose(v["shown15"].vec, v["shown0"].vec)
+    # an item the ranker cannot see (added after the full retrain) says nothing of how the sign-up went
+    from cfb.service.ratings import rate_item
+
+    rate_item(engine, "shown15", "brand-new-item", 5, create_item=True)
+    with engine.connect() as conn:
+        after = user_history(conn, load_served(conn), uid["shown15"])
+        assert model.budget_of(after) is None and model.budget_of(after, after.items[:0]) == 15
+        assert np.allclose(user_vector(conn, load_served(conn), uid["shown15"])[0].rank_vec, v["shown15"].rank_vec)
 
     # a database from before ``asked``: read as not said; its first signup saying it adds the column
     with writing(engine) as conn:

@@ -432,7 +432,7 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
     """`Database` methods refuse bad arguments with messages in Python's terms, nothing written."""
     import cfb
 
-    from cfb.db.schema import User
+    from cfb.db.schema import Item, User
 
     engine, _ = trained
     with engine.connect() as conn:
@@ -507,12 +507,28 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
                 (lambda: db.serve(port=70000), r"port must be a whole number from 0 to 65535, got 70000$"),
                 (lambda: db.serve(host=5), r"host must be a host name or address, got 5$"),
                 (lambda: db.serve(token=123), r"token must be non-empty text \(or None: no token\), got 123$"),
-                (lambda: db.app(token=""), r"token must be non-empty text")]:
+                (lambda: db.app(token=""), r"token must be non-empty text"),
+                # ids: text or whole numbers, never None, a float, a list or text no database can store
+                (lambda: db.rate(user, None, 4, new_item=True), r"^item must be an id \(text or a whole number\), "
+                                                                r"got NoneType None$"),
+                (lambda: db.rate(user, float("nan"), 4, new_item=True), r"^item must be an id .*got float nan$"),
+                (lambda: db.rate(user, ["a", "b"], 4, new_item=True), r"^item must be an id .*got list"),
+                (lambda: db.rate(user, "made", 4, new_item="no"), r"^new_item must be True or False, got 'no'$"),
+                (lambda: db.rate(None, "a1", 5), r"^user must be an id"),
+                (lambda: db.rate("a\udc00", "a1", 4), r"^user 'a\\udc00' is not valid Unicode text$"),
+                (lambda: db.recommend(None), r"^user must be an id"),
+                (lambda: db.similar(1.5), r"^item must be an id .*got float 1.5$"),
+                (lambda: db.predict([(True, "a1")]), r"^pairs: entry 1's user must be an id .*got bool True$"),
+                (lambda: db.onboard({"user": "u\ud800"}), r"^entry 1, field 'user': 'u\\ud800' is not valid Unicode"),
+                (lambda: db.onboard({"answers": {"gender": "F\ud800"}}), r"^entry 1, field 'answers.gender': "),
+                (lambda: db.ingest_movielens(None), r"^folder must be a path, got NoneType None$"),
+                (lambda: cfb.open(5), r"^url must be a database URL or a SQLite file's path, got int 5$")]:
             with pytest.raises(cfb.CfbError, match=message):
                 call()
         assert not list(tmp_path.glob("*.png")) and len(db.models()) == 1
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == users + 1
+        assert conn.scalar(select(func.count()).select_from(Item).where(Item.external_id.in_(["None", "nan", "made"]))) == 0
 
 
 def test_a_changed_rating_brings_the_value_the_full_retrain_learned(trained):

@@ -288,6 +288,43 @@ def test_two_signups_of_one_user_at_once_on_postgres(pg_engine, planted):
         assert conn.scalar(select(func.count()).select_from(User).where(User.external_id.in_(["fresh", "race1"]))) == 1
 
 
+def test_writers_that_choose_or_look_up_ids_queue_on_postgres(pg_engine, planted):
+    """Anonymous sign-ups pick the first free ``new-N`` and a first rating of a new item adds it after
+    looking it up: on PostgreSQL, as on SQLite, such writers queue instead of failing on the unique key."""
+    import threading
+
+    from sqlalchemy import func
+
+    from cfb.db.schema import Item, User
+    from cfb.service.ratings import rate_item
+
+    ingest_dataset(pg_engine, planted)
+    retrain_full(pg_engine, progress=False, **FAST)
+    errors, users = [], []
+    barrier = threading.Barrier(4)
+
+    def sign_up_and_rate(k: int) -> None:
+        barrier.wait()
+        for j in range(5):
+            try:
+                user = onboard(pg_engine, [(f"t{k}", {"answers": {}})])["onboarded"][0]["user"]
+                users.append(user)
+                rate_item(pg_engine, user, f"fresh-{j}", 4, create_item=True)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    threads = [threading.Thread(target=sign_up_and_rate, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(set(users)) == 20
+    with pg_engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Item).where(Item.external_id.like("fresh-%"))) == 5
+        assert conn.scalar(select(func.count()).select_from(Rating).join(User, User.id == Rating.user_id)
+                           .where(User.external_id.in_(users))) == 20
+
+
 def _error_of(call) -> BaseException | None:  # noqa: ANN001
     try:
         call()

@@ -116,6 +116,17 @@ def test_rollback_during_a_full_retrain_is_not_overwritten(trained, monkeypatch,
     assert third["serving"] is False and f"cfb rollback {third['version']}" in third["reason"]
     with engine.connect() as conn:
         assert versions.serving_version(conn) == chosen != third["version"]
+    if to == "earlier":  # `cfb retrain --full` says so, and does not call the version serving first
+        from click.testing import CliRunner
+
+        from cfb.cli.main import cli
+
+        url = engine.url.render_as_string(hide_password=False)
+        res = CliRunner().invoke(cli, ["--db", url, "retrain", "--full", "--quiet", "--valid-pct", "0",
+                                       "--factors", "8", "--epochs", "2"])
+        assert res.exit_code == 0, res.output
+        assert res.stdout.startswith(f"version {third['version'] + 1} (dot, full, seed 42) stored;"), res.stdout
+        assert f"version {chosen} was made serving during the retrain" in res.stdout
 
 
 def test_rollback_during_an_incremental_retrain_saves_nothing(trained, monkeypatch):
