@@ -19,7 +19,6 @@ def _check_valid_pct(valid_pct: float) -> None:
 def _check_entries(entries: list) -> None:
     """Each signup must be a dict; name the first that is not."""
     from .cf_core.errors import InputError
-
     from .service.onboard import first_unreadable_value
 
     for k, e in enumerate(entries):
@@ -114,6 +113,7 @@ def _id(value, what: str) -> str:  # noqa: ANN001
 
 
 def _path(value, what: str) -> Path:  # noqa: ANN001
+    """A file or folder given from Python: text or a path-like object."""
     from .cf_core.errors import CfbError
 
     if not isinstance(value, (str, os.PathLike)):
@@ -241,9 +241,8 @@ class Database:
 
     def rate(self, user: str, item: str, rating: float, new_item: bool = False) -> dict:
         """Store ``user``'s rating of ``item`` (id or exact title); the next recommendations use it."""
-        from .service.ratings import rate_item
-
         from .cf_core.errors import CfbError
+        from .service.ratings import rate_item
 
         if not isinstance(_plain(new_item), bool):
             raise CfbError(f"new_item must be True or False, got {new_item!r:.60}")

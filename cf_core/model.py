@@ -226,7 +226,7 @@ class TrainedModel:
             from .feature_model import Reveal
 
             # items added after the full retrain have no input rows in the ranker (zeros): revealing
-            # them would only change how many items it thinks it was shown, or how
+            # them would only change how many items it thinks it was shown, and how (``budget_of``)
             shown = known & (inner < self.n_learned_items)
             reveal = Reveal(attributes, inner[shown], ratings[shown],
                             self.budget_of(history, np.asarray(history.items)[shown]))

@@ -191,7 +191,8 @@ def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
 
     Use it instead of ``engine.begin()`` for every transaction that writes: on SQLite it starts with
     ``BEGIN IMMEDIATE`` (writers queue on the busy timeout instead of failing when a deferred
-    transaction tries to upgrade its read lock); on PostgreSQL it takes an advisory lock first (``lock_writers``), to the same effect.
+    transaction tries to upgrade its read lock); on PostgreSQL it takes an advisory lock first
+    (``lock_writers``), to the same effect.
     Reads through ``engine.connect()`` keep a deferred BEGIN, so readers never wait (WAL).
 
     ``first_load`` (a first large ingest): on SQLite, when no other connection has the database
