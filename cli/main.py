@@ -4,7 +4,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -97,7 +100,8 @@ class OneLineUsageError(click.UsageError):
 
     def show(self, file=None) -> None:  # noqa: ANN001
         hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
-        click.echo(f"Error: {self.format_message()}{hint}", file=file or click.get_text_stream("stderr"))
+        message = " ".join(self.format_message().split())  # (a choice's list of values is one line too)
+        click.echo(f"Error: {message}{hint}", file=file, err=file is None)
 
 
 class CfbGroup(click.Group):
@@ -113,13 +117,23 @@ class CfbGroup(click.Group):
                 sys.exit(2)
         return super().main(args, *rest, **kwargs)
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201
-        try:
+    def make_context(self, *args, **kwargs) -> click.Context:  # noqa: ANN002, ANN003  (cfb's own options)
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201  (a command's options and arguments)
+        with _one_line_usage_errors():
             return super().invoke(ctx)
-        except click.UsageError as e:
-            if isinstance(e, (OneLineUsageError, NO_ARGS_IS_HELP)):  # (a group without its command: its help)
-                raise
-            raise OneLineUsageError(e.format_message(), e.ctx) from None
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as e:
+        if isinstance(e, (OneLineUsageError, NO_ARGS_IS_HELP)):  # (a group without its command: its help)
+            raise
+        raise OneLineUsageError(e.format_message(), e.ctx) from None
 
 
 @click.group(cls=CfbGroup)
@@ -692,9 +706,16 @@ def _check_ints(ctx, param, value: str) -> str:
                                      f"the ratings after the first {FIRST_REVEALS}), got {value!r}")
     if param.name == "seeds" and not values:
         raise click.UsageError("--seeds: give at least one seed", ctx)
+    if param.name == "seeds" and max(values) > 2**32 - 1:  # (as `cfb retrain --seed`)
+        raise click.BadParameter(f"a seed is a whole number from 0 to {2**32 - 1}, got {max(values)}")
     if len(set(values)) < len(values):
         raise click.BadParameter(f"{value!r} names a value twice")
     return value
+
+
+def _exit_on_sigterm(signum: int, _frame) -> None:  # noqa: ANN001
+    """A SIGTERM (``timeout``, a CI job's end) as an exit: ``finally`` blocks run, temporary files go."""
+    raise SystemExit(128 + signum)
 
 
 def _check_something_to_measure(budgets: str, fold_steps: str) -> None:
@@ -757,6 +778,7 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
         log(f"running the protocol on {data_dir} for seeds {seed_list} ...")
     from ..cf_core.train import TrainingDiverged
 
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # (the temporary databases then go, as on Ctrl-C)
     try:
         if new_items:
             from ..evaluation import item_coldstart
@@ -768,4 +790,6 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
     except TrainingDiverged as e:  # (its advice names `cfb retrain`'s options, which eval does not take)
         raise CfbError(str(e).split("; ")[0] + "; cfb eval trains with `cfb retrain "
                        "--full`'s defaults for the data's size: try those settings with `cfb retrain --full`") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     emit(out, as_json, render(out))

@@ -133,7 +133,10 @@ def _remove_dead_partials(path: Path) -> None:
             except OSError:
                 continue
         if dead:
-            leftover.unlink(missing_ok=True)
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:  # (another user's, in a shared folder: theirs to remove)
+                pass
 
 
 def _process_alive(pid: int) -> bool:
@@ -219,8 +222,11 @@ def lock_writers(conn: Connection) -> None:
     Writers read before they write (a rating's seq is max(seq)+1, an anonymous sign-up's id the first
     free ``new-N``, a first rating of a new item looks the item up before adding it), so they must not
     overlap: with the lock taken first, each sees the previous one's committed rows, and seq order is
-    commit order (an incremental retrain reading ``seq > max_seq`` then misses nothing)."""
+    commit order (an incremental retrain reading ``seq > max_seq`` then misses nothing). A writer waits
+    for the lock, and for any other in its transaction, at most ``BUSY_TIMEOUT_MS`` (as SQLite's busy
+    timeout), then fails as busy (``is_busy``: a 503 over HTTP) instead of holding a pooled connection on."""
     if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SET LOCAL lock_timeout = {int(BUSY_TIMEOUT_MS)}"))
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITERS_LOCK_KEY})
 
 

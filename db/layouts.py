@@ -108,7 +108,7 @@ def _diagnose(path: Path, lines: list[tuple[int, list[str]]], names: list[str], 
                              field=names[cols["rating"]]) from None
         if "timestamp" in cols:
             t = f[cols["timestamp"]].strip()
-            if not t.lstrip("-").isdigit() or abs(int(t)) >= 2**53:
+            if not re.fullmatch(r"-?[0-9]+", t) or abs(int(t)) >= 2**53:  # (isdigit takes "²", int does not)
                 raise InputError(f"not a whole number under 2**53: {f[cols['timestamp']]!r}", source=str(path),
                                  line=n, field=names[cols["timestamp"]])
 

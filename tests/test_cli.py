@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -276,6 +277,40 @@ def test_real_cfb_subprocess(cli_db, tmp_path):
     res = subprocess.run([*cmd, "recommend", "b1", "-n", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and res.stderr == ("Error: Invalid value for '-n': 0 is not in the range 1<=x<=1000. "
                                                   "(see 'cfb recommend --help')\n")
+    for args, message in ((["--bogus"], "Error: No such option '--bogus'. (see 'cfb --help')"),
+                          (["data", "download"], "Error: Missing argument '{movielens-100k|")):
+        res = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 2 and res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
+    res = subprocess.run([*cmd], capture_output=True, text=True, env=env, timeout=120)  # no command: the help
+    shown = res.stdout + res.stderr  # (click >= 8.2 shows it on stderr, with exit status 2)
+    assert shown.startswith("Usage: cfb [OPTIONS] COMMAND [ARGS]...") and "Commands:" in shown
+
+
+def test_an_eval_stopped_by_sigterm_leaves_no_temporary_database(tmp_path):
+    """`timeout` and CI end a run with SIGTERM: `cfb eval cold-start` removes its temporary databases
+    then, as it does on Ctrl-C, and exits with 128 + 15."""
+    import signal
+
+    planted = planted_ratings()
+    folder = tmp_path / "ml-latest-small"
+    folder.mkdir()
+    r = planted.ratings.assign(rating=planted.ratings.rating.round().clip(1, 5), timestamp=range(len(planted.ratings)))
+    r.rename(columns={"user": "userId", "item": "movieId"}).to_csv(folder / "ratings.csv", index=False)
+    pd.DataFrame({"movieId": sorted(r["item"].unique()), "title": "t", "genres": "Drama"}).to_csv(
+        folder / "movies.csv", index=False)
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.Popen([*cmd, "eval", "cold-start", "--data", str(folder), "--seeds", "42", "--quiet"],
+                            env={**os.environ, "TMPDIR": str(temp)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(temp.glob("cfb-eval-*/*.db")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and list(temp.iterdir()) == []
 
 
 def test_training_progress_goes_to_stderr(cli_db):

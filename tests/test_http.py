@@ -198,7 +198,8 @@ def test_error_codes(server, trained):
                         (f"/users/{'x' * 5000}/recommendations", "user"), (f"/items/{'y' * 5000}/similar", "item")):
         r = server.get(path)  # the id in the path is the field; a long one is cut short in the message
         assert r.status_code == 404 and r.json()["field"] == field and len(r.json()["error"]) < 120, (path, r.text)
-    assert server.post("/users/nobody/ratings", json={"item": "a1", "rating": 3}).status_code == 404
+    r = server.post("/users/nobody/ratings", json={"item": "a1", "rating": 3})
+    assert r.status_code == 404 and r.json() == {"error": "unknown user 'nobody'", "field": "user"}
     r = server.post("/users/a0/ratings", json={"item": "no such item", "rating": 3})
     assert r.status_code == 404 and r.json()["field"] == "item"
     r = server.post("/users/a0/ratings", json={"item": "a1", "rating": 7})

@@ -194,6 +194,10 @@ def test_protocol_end_to_end_on_planted_items():
     ds.items["attributes"] = [{} for _ in ds.items.attributes]
     res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)
     assert res["attributes"] == [] and "item metadata: none (a constant row only)" in render(res)
+    # then every new item looks alike: cfb ranks them as a random order does, whatever their ids say
+    r = res["per_seed"][0]
+    assert r["cfb"]["ndcg@10"] == pytest.approx(r["random"]["ndcg@10"], abs=1e-9)
+    assert r["cfb"]["recall@10"] == pytest.approx(r["random"]["recall@10"], abs=1e-9)
 
 
 def test_no_user_to_score_is_one_line_not_an_empty_report():

@@ -240,7 +240,7 @@ def test_movielens_csv_malformed(tmp_path, db_url):
     fails(run(db_url, "ingest", "movielens", str(folder)),
           r"ratings\.csv, line 1, field 'timestamp': missing column\(s\) timestamp")
     write(folder / "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n")
-    for big in (2**53, 2**63):  # one rule for times in every reader: whole seconds under 2**53
+    for big in (2**53, 2**63, "²", "--5"):  # one rule for times in every reader: whole seconds under 2**53
         write(folder / "ratings.csv", f"userId,movieId,rating,timestamp\n1,1,4.0,1\n2,1,3.0,{big}\n")
         fails(run(db_url, "ingest", "movielens", str(folder)),
               rf"ratings\.csv, line 3, field 'timestamp': not a whole number under 2\*\*53: '{big}'")

@@ -8,7 +8,7 @@ import time
 
 import pandas as pd
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cfb.db import versions
 from cfb.db.engine import make_engine
@@ -323,6 +323,52 @@ def test_writers_that_choose_or_look_up_ids_queue_on_postgres(pg_engine, planted
         assert conn.scalar(select(func.count()).select_from(Item).where(Item.external_id.like("fresh-%"))) == 5
         assert conn.scalar(select(func.count()).select_from(Rating).join(User, User.id == Rating.user_id)
                            .where(User.external_id.in_(users))) == 20
+
+
+def test_a_writer_waits_for_another_at_most_the_busy_timeout_on_postgres(pg_engine, planted, monkeypatch):
+    """A writer queued behind another (a long ingest, a retrain's save) gives up after the busy timeout, as
+    on SQLite, as busy (a 503 over HTTP) rather than holding a pooled connection for as long as it takes."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from cfb.db import engine as engine_module
+    from cfb.db.schema import User
+
+    ingest_dataset(pg_engine, planted)
+    retrain_full(pg_engine, progress=False, **FAST)
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 300)
+    with pg_engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": engine_module.WRITERS_LOCK_KEY})
+        started = time.monotonic()
+        with pytest.raises(OperationalError) as e:
+            onboard(pg_engine, [("entry 1", {"user": "queued", "answers": {}})])
+        assert engine_module.is_busy(e.value) and time.monotonic() - started < 10
+        holder.rollback()
+    with pg_engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(User).where(User.external_id == "queued")) == 0
+    onboard(pg_engine, [("entry 1", {"user": "queued", "answers": {}})])  # the lock released: it goes through
+
+
+def test_first_ingests_at_once_into_an_empty_postgres_database(pg_engine, planted):
+    """Two first ingests at once: the second waits for the first's tables rather than failing to make them too."""
+    import threading
+
+    errors = []
+
+    def ingest() -> None:
+        try:
+            ingest_dataset(pg_engine, planted)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=ingest) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    with pg_engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Rating)) == len(planted.ratings)
 
 
 def _error_of(call) -> BaseException | None:  # noqa: ANN001
