@@ -2,7 +2,7 @@
 
 For each protocol seed, the warm users of that seed's split are split again (seed + 1000) into
 pseudo-warm and pseudo-cold users, and the protocol is run on that; candidates are compared by
-NDCG@10 and RMSE. Usage: python bench/tune_coldstart.py '{"popularity_weight": 1.0}' ..."""
+NDCG@10 and RMSE. Usage: python bench/tune_coldstart.py [--seeds=42,43,44] '{"popularity_weight": 1.0}' ..."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,8 @@ def main() -> None:
     candidates = [json.loads(a) for a in sys.argv[1:] if a.startswith("{")] or [{}]
     for c in candidates:
         c.setdefault("fold", [0, 1, 3, 5, 10])
-    seeds = (42,)
+    seeds = next((tuple(int(x) for x in a.split("=", 1)[1].split(",")) for a in sys.argv if a.startswith("--seeds=")),
+                 (42,))
     for cand in candidates:
         t0 = time.time()
         train = cand.pop("train", {})

@@ -228,7 +228,7 @@ def evaluate_split(sp: dict, model, rank_vecs: np.ndarray | None, seed: int) -> 
         if trained:
             mine = order[bounds[pos]:bounds[pos + 1]]
             vec, bias = model.user_factors[pos], float(model.user_bias[pos])
-            uv = UserVector(vec, bias, None if rank_vecs is None else rank_vecs[pos],
+            uv = UserVector(vec, bias, None if rank_vecs is None else rank_vecs[pos], n_ratings=len(mine),
                             meta_affinity=model.metadata_affinity(td.data.items[mine], td.data.ratings[mine], vec, bias))
         else:  # a user with cold-item ratings only: what the version knows of a stranger
             uv = model.average_user(model.user_factors, model.user_bias)
