@@ -100,15 +100,14 @@ def _id(value, what: str) -> str:  # noqa: ANN001
     """A user's or item's id (or an item's title) given from Python: text, or a whole number (numpy's
     too) as its digits; anything else (None, a float, a list, text that is not valid Unicode) refused."""
     from .cf_core.errors import CfbError
+    from .service.onboard import _is_unicode
 
     value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
         raise CfbError(f"{what} must be an id (text or a whole number), got {type(value).__name__} {value!r:.60}")
     text = str(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CfbError(f"{what} {text!r:.60} is not valid Unicode text") from None
+    if not _is_unicode(text):
+        raise CfbError(f"{what} {text!r:.60} is not valid Unicode text")
     return text
 
 

@@ -328,14 +328,15 @@ class TrainedModel:
         if self.ranker is not None and user.rank_vec is not None:
             s = self.ranker.item_scores(user.rank_vec[None])[0]
             cfg, n = self.config, user.n_ratings
-            if cfg.rating_weight:
-                s = s + cfg.rating_weight * self.predict(user)
             own = cfg.own_rating_weight * n / (n + cfg.own_rating_count)
-            if own:  # centred on the user's mean over the items the full retrain learned; 0 for the others
-                pred = self.predict(user)  # (an item known from metadata or a few ratings: its ranker row alone)
-                learned = pred[:self.n_learned_items]
-                s = s + own * np.r_[learned - learned.mean(), np.zeros(len(pred) - len(learned))]
-            return s
+            if not (cfg.rating_weight or own):
+                return s
+            pred = self.predict(user)
+            # own: centred on the user's mean over the items the full retrain learned; 0 for the others
+            # (an item known from metadata or a few ratings: its ranker row alone)
+            learned = pred[:self.n_learned_items]
+            centred = np.r_[learned - learned.mean(), np.zeros(len(pred) - len(learned))]
+            return s + cfg.rating_weight * pred + own * centred
         return self.predict(user) + self.config.popularity_weight * np.log1p(self.item_counts)
 
     def recommend(self, user: UserVector, exclude: np.ndarray, n: int = 10, by: str = "rank") -> np.ndarray:

@@ -27,11 +27,8 @@ _HAVE_ASKED: set[str] = set()  # database URLs whose answers table was found wit
 def create_schema(engine: Engine) -> None:
     """Create every table that is missing, and what tables made by an earlier cfb lack (the ratings
     table's replaced-value columns, the trigger that logs replaced rows, the answers' ``asked``)."""
-    if engine.dialect.name == "postgresql":  # one writer at a time makes them (two first ingests at once)
-        with writing(engine) as conn:
-            Base.metadata.create_all(conn)
-    else:
-        Base.metadata.create_all(engine)
+    with writing(engine) as conn:  # one writer at a time makes them (two first ingests at once on PostgreSQL)
+        Base.metadata.create_all(conn)
     url = str(engine.url)
     if url not in _HAVE_HISTORY or url not in _HAVE_LOG or url not in _HAVE_ASKED:
         with engine.connect() as conn:

@@ -18,8 +18,7 @@ import pandas as pd
 
 from ..cf_core.errors import CfbError
 from ..db.sources import Dataset
-from .metrics import (Tally, combine_seeds, with_differences, with_seed_errors,
-                      without_per_user)
+from .metrics import Tally, combine_seeds, with_differences, with_seed_errors, without_per_user
 from .report import with_se
 
 K = 10
@@ -342,8 +341,9 @@ def render(result: dict) -> str:
     first, used = result["per_seed"][0], ", ".join(result["attributes"]) or "none (a constant row only)"
     lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}  item metadata: {used}",
              f"item prior: {result['prior']}",
-             "cold items: " + "; ".join(f"seed {r['seed']}: {r['n_cold_items']} (of {r['n_cold_items'] + r['n_warm_items']}), "
-                                        f"cold ratings: {r['n_cold_ratings']}" for r in result["per_seed"]), ""]
+             "cold items: " + "; ".join(f"seed {r['seed']}: {r['n_cold_items']} (of "
+                                        f"{r['n_cold_items'] + r['n_warm_items']}), cold ratings: {r['n_cold_ratings']}"
+                                        for r in result["per_seed"]), ""]
     lines += [f"== new items (protocol §8), seed {first['seed']} =="] + table(first) + [""]
     lines += ["== new items (protocol §8), mean over seeds =="] + table(result["mean"]) + [""]
     lines += [f"note: {note}" for note in result.get("notes", [])]

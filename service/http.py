@@ -883,8 +883,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 return rate_item(engine, user, str(item), float(rating))
             except CfbError as e:
                 msg = str(e)
-                if msg.startswith("unknown user"):  # (the user is the path's)
-                    raise ApiError(404, msg, "user") from None
+                if msg.startswith("unknown user"):  # (the path's: answered as every route answers it)
+                    raise
                 field = ("item" if msg.startswith("unknown item") or "titled" in msg else
                          "rating" if msg.startswith("rating ") else None)
                 raise ApiError(_error_status(e), f"request body, field '{field}': {msg}" if field else msg,
