@@ -824,8 +824,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                     raise ApiError(409, str(e), "user") from None
                 raise ApiError(422, str(e), e.field) from None
             except IntegrityError:  # a concurrent signup took the id first
-                raise ApiError(409, f"request body, field 'user': user {entry.get('user')!r} already exists",
-                               "user") from None
+                user = entry.get("user")
+                said = (f"user {user!r} already exists" if user is not None
+                        else "the id assigned was taken meanwhile by another writer; send the sign-up again")
+                raise ApiError(409, f"request body, field 'user': {said}", "user") from None
 
         out = await run_in_threadpool(run)
         done = out["onboarded"][0]
