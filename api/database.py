@@ -68,9 +68,11 @@ def _check_token(token):  # noqa: ANN001, ANN202
     """A server's bearer token: non-empty text, or None for none (an empty one would leave writes open)."""
     from .cf_core.errors import CfbError
 
+    from .service.http import check_token_text
+
     if token is not None and (not isinstance(token, str) or not token.strip()):
         raise CfbError(f"token must be non-empty text (or None: no token), got {token!r}")
-    return token
+    return check_token_text(token)
 
 
 def _plain(value):  # noqa: ANN001, ANN202
@@ -172,18 +174,26 @@ class Database:
 
     # --- training -----------------------------------------------------------------------------------
     def retrain(self, full: bool = False, kind: str | None = None, valid_pct: float | None = None,
-                progress: bool = False, **params) -> dict:
+                progress: bool = False, drift_limit: float | None = None, **params) -> dict:
         """Train a new version and serve it (`cfb retrain [--full]`): incremental unless ``full``, or
-        there is no model yet, or many ratings are newer than the last full retrain. ``valid_pct``
-        (default 0.2) and ``params`` (n_factors, epochs, lr, wd, bs, seed) apply to a full retrain; an
-        incremental one refuses them and ``kind``."""
+        there is no model yet, or more than ``drift_limit`` (default 0.2) of the ratings are newer
+        than the last full retrain. ``valid_pct`` (default 0.2) and ``params`` (n_factors, epochs, lr,
+        wd, bs, seed) apply to a full retrain; an incremental one refuses them and ``kind``."""
         from .cf_core.errors import CfbError
+        from .service.incremental import DRIFT_LIMIT
 
         for name, value in (("full", full), ("progress", progress)):
             if not isinstance(_plain(value), bool):
                 raise CfbError(f"{name} must be True or False, got {value!r}")
         if valid_pct is not None:
             _check_valid_pct(valid_pct)
+        if drift_limit is not None:
+            value = _plain(drift_limit)
+            if full:
+                raise CfbError("drift_limit decides when a retrain without full=True goes full; with full=True "
+                               "it has no effect")
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise CfbError(f"drift_limit must be a number from 0 to 1, got {drift_limit!r}")
         params = _check_training_settings(kind, params)
         measure = 0.2 if valid_pct is None else float(valid_pct)
         if full:
@@ -195,7 +205,7 @@ class Database:
         full_only = (("kind",) if kind is not None else ()) + (("valid_pct",) if valid_pct is not None else ()) \
             + tuple(params)
         return retrain_auto(self._existing(), kind=kind, valid_pct=measure, progress=progress, full_only=full_only,
-                            **params)
+                            drift_limit=DRIFT_LIMIT if drift_limit is None else float(drift_limit), **params)
 
     def models(self):
         """Model versions as a DataFrame (`cfb models --json`)."""

@@ -123,8 +123,9 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
     out = []
     for name in names:
         vals = [a[name] for a in attributes if a.get(name) is not None]
-        if vals and all(is_number(v) for v in vals):
-            out.append(Question(name, "number", range=[float(min(vals)), float(max(vals))]))
+        finite = [float(v) for v in vals if is_finite_number(v)]  # (a database from before ingest refused others)
+        if finite and all(is_number(v) for v in vals):
+            out.append(Question(name, "number", range=[min(finite), max(finite)]))
         else:
             distinct = sorted({str(v) for v in vals})
             id_like = len(distinct) == len(vals) >= MIN_ID_LIKE  # every value its own (zip codes): text

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 
 class CfbError(Exception):
-    """An error with a message fit for the user (no traceback is shown for it)."""
+    """An error with a message fit for the user (no traceback is shown for it); ``field``: the
+    argument it is about, where one is (the HTTP API names it beside the message)."""
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class InputError(CfbError):

@@ -96,7 +96,7 @@ def _is_num(v) -> bool:  # noqa: ANN001
         return False
     try:
         return math.isfinite(float(v))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 

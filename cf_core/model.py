@@ -20,7 +20,11 @@ from .scoring import top_n
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """How a version ranks users' items and folds ratings in (chosen on pseudo-cold users, docs/coldstart.md)."""
+    """How a version ranks users' items and folds ratings in (chosen on pseudo-cold users, docs/coldstart.md).
+
+    Terms in rating units are given for a scale ``REFERENCE_WIDTH`` wide (1..5) and follow the
+    version's scale: a fold-in's shrinkage grows with the square of its width (as the squared error it
+    is weighed against does), and a predicted rating's weight in the ranking score is per 1..5 star."""
 
     rating_weight: float = 0.0  # with a ranker: ranker score + rating_weight × predicted rating (0 measured best)
     # ... + own_rating_weight × n / (n + own_rating_count) × the predicted rating less its mean over the items
@@ -56,11 +60,15 @@ class ServingConfig:
             return cls(cold_rank_weight=0.0125, cold_mean_weight=1.0, foldin_reg=100.0)
         return cls()
 
-    def user_foldin(self) -> FoldInConfig:
-        return FoldInConfig(self.foldin_reg, self.foldin_reg_bias)
+    def user_foldin(self, width: float | None = None) -> FoldInConfig:
+        """A user's fold-in shrinkage on a rating scale ``width`` wide (None: the reference scale)."""
+        k = width_ratio(width) ** 2
+        return FoldInConfig(self.foldin_reg * k, self.foldin_reg_bias * k)
 
-    def item_foldin(self) -> FoldInConfig:
-        return FoldInConfig(self.item_foldin_reg, self.item_foldin_reg_bias)
+    def item_foldin(self, width: float | None = None) -> FoldInConfig:
+        """A new item's fold-in shrinkage against its raters on a rating scale ``width`` wide."""
+        k = width_ratio(width) ** 2
+        return FoldInConfig(self.item_foldin_reg * k, self.item_foldin_reg_bias * k)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,6 +78,14 @@ class ServingConfig:
         """The stored settings; one a version stored before it existed takes its kind's default."""
         names = {f.name for f in fields(cls)}
         return replace(cls.for_kind(kind), **{k: float(v) for k, v in d.items() if k in names})
+
+
+REFERENCE_WIDTH = 4.0  # the rating scale ServingConfig's terms in rating units are given for (1..5)
+
+
+def width_ratio(width: float | None) -> float:
+    """A rating scale's width over the reference scale's (1 when unknown)."""
+    return 1.0 if not width else float(width) / REFERENCE_WIDTH
 
 
 @dataclass
@@ -127,6 +143,11 @@ class TrainedModel:
     def n_learned_items(self) -> int:
         """Items the full retrain learned: inner indices 0..n-1 (later ones were added)."""
         return self.n_items if self.n_trained_items is None else self.n_trained_items
+
+    @property
+    def scale_width(self) -> float | None:
+        """The width of the ratings' scale (4 on 1..5; None when the version does not say)."""
+        return None if self.scale is None else float(self.scale[1] - self.scale[0])
 
     def item_index(self, db_ids) -> np.ndarray:  # noqa: ANN001
         """Inner indices of database item ids (-1 for items this model does not know)."""
@@ -226,7 +247,7 @@ class TrainedModel:
             prior_vec, prior_bias, fold = v[0], float(b[0]), known
         weights = np.r_[np.ones(int(fold.sum())), -np.ones(len(out_items))]
         vec, bias = self.rating.fold_in(np.r_[inner[fold], out_items], np.r_[ratings[fold], out_values], prior_vec,
-                                        prior_bias, self.config.user_foldin(), information, weights)
+                                        prior_bias, self.config.user_foldin(self.scale_width), information, weights)
         rank_vec = None
         if self.ranker is not None and ranking:
             from .feature_model import Reveal
@@ -336,7 +357,8 @@ class TrainedModel:
             # (an item known from metadata or a few ratings: its ranker row alone)
             learned = pred[:self.n_learned_items]
             centred = np.r_[learned - learned.mean(), np.zeros(len(pred) - len(learned))]
-            return s + cfg.rating_weight * pred + own * centred
+            per_star = 1.0 / width_ratio(self.scale_width)  # (the weights are per 1..5 star)
+            return s + per_star * (cfg.rating_weight * pred + own * centred)
         return self.predict(user) + self.config.popularity_weight * np.log1p(self.item_counts)
 
     def recommend(self, user: UserVector, exclude: np.ndarray, n: int = 10, by: str = "rank") -> np.ndarray:

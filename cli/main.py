@@ -545,8 +545,12 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
     """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
     import socket
 
-    from ..service.http import origin_key, serve as run_server
+    from ..service.http import check_token_text, origin_key, serve as run_server
 
+    try:
+        check_token_text(token or None)
+    except CfbError as e:
+        raise click.BadParameter(str(e), param_hint="--token (or $CFB_API_TOKEN)") from None
     for origin in allowed_origins:
         for one in origin.replace(",", " ").split():
             if origin_key(one) is None:

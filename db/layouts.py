@@ -91,17 +91,21 @@ def _item_attrs(title: str, genres: list[str], **extra) -> dict:
 
 # --- ratings files ---------------------------------------------------------------------------------------
 def _diagnose(path: Path, lines: list[tuple[int, list[str]]], names: list[str], cols: dict[str, int],
-              layout: str) -> None:
-    """Raise for the first bad line: field count, empty ids, non-numeric rating or timestamp."""
+              layout: str, stray: str | None = None) -> None:
+    """Raise for the first bad line: field count, empty ids, a lone ``stray`` character in a field (a
+    ':' in a '::'-separated line), non-numeric rating or timestamp."""
     for n, f in lines:
         if len(f) != len(names):
             raise InputError(f"expected {len(names)} fields ({layout}), found {len(f)}", source=str(path), line=n)
         for key in ("user", "item"):
             if not f[cols[key]].strip():
                 raise InputError("empty id", source=str(path), line=n, field=names[cols[key]])
+        if stray and (k := next((k for k, x in enumerate(f) if stray in x), None)) is not None:
+            raise InputError(f"a single {stray!r} in {f[k]!r}: fields are {layout}", source=str(path), line=n,
+                             field=names[k])
         try:
             r = float(f[cols["rating"]])
-            if not np.isfinite(r):
+            if not np.isfinite(r) or "_" in f[cols["rating"]]:  # (float reads "1_0" as 10; pandas does not)
                 raise ValueError
         except ValueError:
             raise InputError(f"not a number: {f[cols['rating']]!r}", source=str(path), line=n,
@@ -165,7 +169,7 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
         _diagnose(path, [(n, line.split("::")) for n, line in enumerate(_text_lines(path, encoding), start=1)],
-                  names, cols, "'::'-separated")
+                  names, cols, "'::'-separated", stray=":")
         raise InputError("malformed ratings file", source=str(path))
     return pd.DataFrame({"user": users, "item": items, "rating": df[4].to_numpy(np.float32),
                          "timestamp": df[6].to_numpy(np.int64)})
@@ -190,7 +194,7 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     try:
         with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, header=0, index_col=False, dtype={user: str, item: str, **numbers},
+            df = pd.read_csv(path, header=0, names=header, index_col=False, dtype={user: str, item: str, **numbers},
                              encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False,
                              skipinitialspace=True, nrows=rows)
         users, items = id_column(df[user]), id_column(df[item])

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .store import STEP_TOLERANCE, rating_problem, scale_slack
+from .store import STEP_TOLERANCE, rating_problem, scale_slack, shown_id
 from .textfile import read_text, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -291,8 +291,8 @@ def _numeric_column(values: list[str], lines: list[int], name: str, source: str)
     if len(others) < sum(v != "" for v in values) and all(
             is_non_finite(v) or v.strip().lower() in NO_VALUE for v, _ in others):
         value, line = others[0]
-        not_a = "not a finite number" if is_non_finite(value) else "not a number"
-        raise InputError(f"{value!r} is {not_a}, and the column's other values are numbers (leave a cell "
+        not_a = non_finite_said(value) if is_non_finite(value) else "not a number"
+        raise InputError(f"{shown_id(value)} is {not_a}, and the column's other values are numbers (leave a cell "
                          "empty for no value)", source=source, line=line, field=name)
     return False
 
@@ -301,32 +301,44 @@ ZERO_PADDED = re.compile(r"[+-]?0[0-9]")
 WHOLE = re.compile(r"[+-]?[0-9]+")
 
 
+NUMBER_LIMIT = float(np.finfo(np.float32).max)  # an attribute's number: one a 32-bit float holds, as a rating
+
+
 def number_in_text(v: str) -> int | float | None:
     """The finite number a text writes, in any notation Python reads ("41", "-1.5", "1e5", "+4"; a whole
     number as an int), else None: for words, for infinite or undefined numbers ("inf", "1e400", "nan")
-    and for zero-padded codes such as the zip "02139", which stay text."""
+    or ones beyond ``NUMBER_LIMIT`` (whose arithmetic overflows), and for zero-padded codes such as the
+    zip "02139", which stay text."""
     v = str(v).strip()
     if not v or ZERO_PADDED.match(v) or "_" in v:  # (float() also reads "1_000")
         return None
-    if WHOLE.fullmatch(v):
-        return int(v)  # exactly, however long
     try:
         x = float(v)
     except ValueError:
         return None
-    if not np.isfinite(x):
+    if not abs(x) <= NUMBER_LIMIT:
         return None
+    if WHOLE.fullmatch(v):
+        return int(v)  # exactly
     if x.is_integer() and abs(x) < 2 ** 53 and "." not in v:
         return int(x)
     return x
 
 
 def is_non_finite(v: str) -> bool:
-    """A text that Python reads as an infinite or undefined number ("inf", "1e400", "NaN")."""
+    """A text that Python reads as an infinite or undefined number ("inf", "1e400", "NaN"), or as one
+    beyond ``NUMBER_LIMIT``."""
     try:
-        return not np.isfinite(float(str(v).strip()))
+        return not abs(float(str(v).strip())) <= NUMBER_LIMIT
     except ValueError:
         return False
+
+
+def non_finite_said(v: str) -> str:
+    """What is wrong with a text ``is_non_finite`` finds, for a message."""
+    v = str(v).strip()
+    return "larger than a 32-bit float holds (3.4e38)" if WHOLE.fullmatch(v) or np.isfinite(float(v)) \
+        else "not a finite number"
 
 
 def _scalar(v: str):

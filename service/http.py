@@ -35,6 +35,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from starlette.concurrency import run_in_threadpool
@@ -94,11 +95,13 @@ def error_response(e: ApiError | CfbError) -> Response:
         body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
     else:
         body, status, headers = {"error": str(e)}, _error_status(e), None
-        field = e.field if isinstance(e, InputError) else \
-            next((who for who in ("user", "item") if str(e).startswith(f"unknown {who}")), None)
+        field = e.field or next((who for who in ("user", "item") if str(e).startswith(f"unknown {who}")), None)
     if field:
         body["field"] = field
     return json_response(body, status, headers)
+
+
+QUERY_INT = TypeAdapter(int)
 
 
 def recommendation_query(query_string: bytes) -> tuple[int, str]:
@@ -107,9 +110,9 @@ def recommendation_query(query_string: bytes) -> tuple[int, str]:
     query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
     raw_n, by = query.get("n", "10"), query.get("by", "rank")
     try:
-        n = int(raw_n)
-    except ValueError:
-        raise ApiError(422, "query parameter 'n': Input should be a valid integer", "n") from None
+        n = QUERY_INT.validate_python(raw_n)  # (what FastAPI takes for an int on every other route)
+    except ValidationError as e:
+        raise ApiError(422, f"query parameter 'n': {e.errors()[0]['msg']}", "n") from None
     if not 1 <= n <= MAX_N:
         bound = "greater than or equal to 1" if n < 1 else f"less than or equal to {MAX_N}"
         raise ApiError(422, f"query parameter 'n': Input should be {bound}", "n")
@@ -573,6 +576,15 @@ def _name(entry: dict) -> str:
     return escape(str(entry.get("title") or entry.get("item")))
 
 
+def check_token_text(token: str | None) -> str | None:
+    """A bearer token a client can send: printable ASCII (HTTP header values are read as Latin-1, and
+    browsers refuse to send other characters in one), with no space at either end."""
+    if token is not None and (not token.isascii() or not token.isprintable() or token != token.strip()):
+        raise CfbError("the token must be printable ASCII characters with no space at either end "
+                       "(what an HTTP header carries as it is)")
+    return token
+
+
 def create_app(engine_or_url: Engine | str | None = None, token: str | None = None, max_body: int = MAX_BODY,
                fast_path: bool = True, reads_in_threadpool: bool | None = None,
                cache_size: int | None = None, allowed_origins: tuple[str, ...] | None = None,
@@ -601,7 +613,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
     on_file = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
     fast = _FastReader(engine, cache_size) if fast_path and on_file else None  # (it keeps its own connections)
-    token = token or None
+    token = check_token_text(token or None)
 
     async def _poll_versions() -> None:
         """Load a new serving version into memory as soon as it appears (before a request needs it)."""

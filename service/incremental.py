@@ -159,5 +159,5 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
         if len(users) == 0:  # (no rating left: it keeps its prior row)
             continue
         factors[k], biases[k] = raters.fold_in(np.searchsorted(everyone, users), ratings, factors[k],
-                                               float(biases[k]), model.config.item_foldin())
+                                               float(biases[k]), model.config.item_foldin(model.scale_width))
     return {"item_factors": factors.astype(np.float32), "item_bias": biases.astype(np.float32)}

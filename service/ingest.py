@@ -8,7 +8,7 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item, User
-from ..db.sources import Dataset, check_scale, is_non_finite, number_in_text
+from ..db.sources import Dataset, check_scale, is_non_finite, non_finite_said, number_in_text
 
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
@@ -115,8 +115,8 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
                     attrs[name] = number
                 elif kind == "list" or not any(ch.isdigit() for ch in str(value)) or is_non_finite(value):
                     what = table.__tablename__
-                    not_a = "not a finite number" if kind == "text" and is_non_finite(value) else "not a number"
-                    raise InputError(f"{value!r} is {not_a}, and the stored {what} hold {name} as numbers"
+                    not_a = non_finite_said(value) if kind == "text" and is_non_finite(value) else "not a number"
+                    raise InputError(f"{store.shown_id(value)} is {not_a}, and the stored {what} hold {name} as numbers"
                                      + ("" if line is not None else f" ({what[:-1]} {ext!r})"),
                                      source=source, line=line, field=name)
             elif held == {"text"} and kind == "number":

@@ -91,7 +91,8 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
     hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == query)).all()
     if len(hits) > 1:
         ids = sorted(ext for _, ext in hits)
-        raise CfbError(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id")
+        raise CfbError(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id",
+                       field="item")
     return hits[0][0] if hits else None
 
 
@@ -99,6 +100,8 @@ def find_item(conn: Connection, query: str) -> int:
     """An item's database id by external id or exact title (surrounding spaces aside, as the readers
     strip them); a near miss suggests close titles."""
     query = str(query).strip()
+    if not query:
+        raise CfbError("empty item id", field="item")
     hit = _item_by_id_or_title(conn, query)
     if hit is None:
         raise CfbError(f"unknown item {store.shown_id(query)}{title_hint(query, store.item_title_list(conn))}")
@@ -133,7 +136,7 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
     db_id = find_item(conn, query)
     inner = int(served.model.item_index([db_id])[0])
     if inner < 0:
-        raise CfbError(not_in_model(conn, served, db_id, query))
+        raise CfbError(not_in_model(conn, served, db_id, query), field="item")
     top, sims = served.model.similar_items(inner, n)
     ext, title = store.item_titles(conn, [db_id])[db_id]
     return {"item": ext, "title": title, "items": _items_out(conn, served, top, sims)}

@@ -72,3 +72,35 @@ def test_nn_backward_matches_finite_differences():
     eps = 1e-6
     numeric = [(run_head(m.head, x + eps * np.eye(8)[j]) - out)[0, 0] / eps for j in range(8)]
     assert np.allclose(grad[0], numeric, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [dot_model, nn_model])
+def test_ratings_that_cancel_leave_the_prior_exactly(make):
+    """A changed rating changed back is folded in (+1) and out (−1) at once: the user must not move
+    (Adam's full-size steps on a rounding-error gradient once moved the nn user by ~1e-5)."""
+    rng = np.random.default_rng(3)
+    m = make(rng)
+    prior = rng.normal(0, 0.3, 4).astype(np.float32)
+    vec, bias = m.fold_in(np.array([7, 7]), np.array([2.0, 2.0]), prior, 0.1, FoldInConfig(10.0, 30.0),
+                          weights=np.array([1.0, -1.0]))
+    assert np.array_equal(vec, prior) and np.float32(bias) == np.float32(0.1)
+
+
+@pytest.mark.parametrize("make", [dot_model, nn_model])
+def test_fold_in_moves_a_user_alike_on_any_rating_scale(make):
+    """The shrinkage follows the scale's width squared (ServingConfig.user_foldin): the same model on
+    1..10 (every rating mapped a + s·r) moves a user by the same share of the scale as on 1..5."""
+    from cfb.cf_core.model import ServingConfig
+
+    rng = np.random.default_rng(4)
+    m = make(rng)
+    prior = rng.normal(0, 0.3, 4).astype(np.float32)
+    items, ratings = np.array([3, 8, 11]), np.array([5.0, 4.0, 1.0])
+    moves = []
+    for a, s in [(0.0, 1.0), (1 - 2.25, 2.25)]:  # 1..5, and 1..10
+        scaled = type(m).from_arrays({**m.to_arrays(), "y_range": np.array([a + s * 0.0, a + s * 5.5])})
+        before = scaled.predict(prior, 0.0)
+        vec, bias = scaled.fold_in(items, a + s * ratings, prior, 0.0, ServingConfig().user_foldin(4.0 * s))
+        moves.append((scaled.predict(vec, bias) - before) / s)
+    assert np.abs(moves[0]).max() > 0.05
+    assert np.allclose(moves[0], moves[1], atol=1e-3)

@@ -22,6 +22,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from cfb.cf_core.errors import CfbError, InputError  # noqa: E402
 from cfb.cli.main import cli  # noqa: E402
+from cfb.service.http import create_app  # noqa: E402
 
 XSS = "<script>alert(1)</script>"
 
@@ -211,6 +212,14 @@ def test_error_codes(server, trained):
         assert r.status_code == 422 and r.json()["field"] == "n", r.text
     assert server.get("/users/a0/recommendations", params={"n": 100}).status_code == 200
     assert server.get("/users/a0/recommendations", params={"by": "magic"}).status_code == 422
+    for raw, ok in (("2.0", True), ("+2", True), ("\u0662", False), ("0x2", False), ("2e0", False)):
+        # the hand-parsed recommendations take n as FastAPI takes it on every other route
+        for path in ("/users/a0/recommendations", "/items/a1/similar"):
+            r = server.get(path, params={"n": raw})
+            assert r.status_code == (200 if ok else 422), (path, raw, r.text)
+            assert ok or r.json()["field"] == "n"
+    r = server.get("/items/%20/similar")  # a blank id is no id: 422 as everywhere, not 404 listing titles
+    assert r.status_code == 422 and r.json() == {"error": "empty item id", "field": "item"}, r.text
     for budget in (-1, 31):
         assert server.get("/questionnaire", params={"budget": budget}).status_code == 422
 
@@ -240,6 +249,18 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(trained, db_url):
             logger.removeHandler(handler)
     assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
     assert user_count(engine) == n
+
+
+def test_similar_names_the_item_it_cannot_answer_for(server, db_url, tmp_path):
+    """An ambiguous title (422) and an item not in the serving model yet (409) name the field, as an
+    unknown item (404) does."""
+    items = tmp_path / "items.csv"
+    items.write_text("item,title\nx3,Alpha film 1\nx4,Gamma film\n")
+    assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "items", str(items), "--quiet"]).exit_code == 0
+    for path, status, said in (("/items/Alpha%20film%201/similar", 422, "2 items are titled 'Alpha film 1'"),
+                               ("/items/x4/similar", 409, "item 'x4' is not in the serving model yet")):
+        r = server.get(path)
+        assert r.status_code == status and r.json()["field"] == "item" and r.json()["error"].startswith(said), r.text
 
 
 def test_the_openapi_schema_describes_the_error_bodies_the_server_sends(server):
@@ -400,6 +421,12 @@ def test_writes_need_the_token_when_one_is_set(trained, db_url):
         ok = {"Authorization": "Bearer s3cret"}
         assert client.post("/users", json={"user": "t1", "answers": {}}, headers=ok).status_code == 201
         assert client.post("/users/t1/ratings", json={"item": "a1", "rating": 3}, headers=ok).status_code == 201
+    # a token no client can send as it is (a header is read as Latin-1) is refused at the start
+    for bad in ("pässwörd", " s3cret", "s3\ncret"):
+        with pytest.raises(CfbError, match=r"^the token must be printable ASCII characters"):
+            create_app(db_url, token=bad)
+        r = CliRunner().invoke(cli, ["--db", db_url, "serve", "--port", "0", "--token", bad])
+        assert r.exit_code == 2 and "--token" in r.output and "printable ASCII" in r.output, r.output
 
 
 def _wait_for(client, predicate, limit_s: float = 1.0):

@@ -38,6 +38,10 @@ def test_bad_ratings_csv(tmp_path, body, message):
 @pytest.mark.parametrize("reader, body, message", [
     (read_users_csv, "user,age\na,25\nb,nan\nc,40\n", r"u.csv, line 3, field 'age': 'nan' is not a finite number"),
     (read_items_csv, "item,title,year\na,A,1999\nb,B,inf\n", r"u.csv, line 3, field 'year': 'inf' is not a finite number"),
+    # a number too large for arithmetic (it once broke every retrain after the ingest), cut short in the message
+    (read_users_csv, "user,age\na,25\nb,1" + "0" * 400 + "\n", r"u.csv, line 3, field 'age': '10000000000000000000\.\.\.' "
+                                                            r"is larger than a 32-bit float holds \(3.4e38\), and the"),
+    (read_items_csv, "item,title,year\na,A,1999\nb,B,1.7e308\n", r"line 3, field 'year': '1.7e308' is larger than a 32-bit float"),
     (read_items_csv, "item,title\n50,\"Star \"Wars\" (1977)\"\n", r"u.csv, line 2: malformed CSV \(',' expected after '\"'\)"),
     (read_users_csv, "user,age\n\"x\"y,3\n", r"u.csv, line 2: malformed CSV"),
 ])

@@ -225,6 +225,18 @@ def test_movielens_csv_release(tmp_path, db_url):
     assert d["scale"] == (0.5, 5.0)
 
 
+@pytest.mark.parametrize("header", ["userId,movieId,rating,timestamp ", "userId ,movieId, rating,timestamp"])
+def test_a_csv_releases_header_names_are_read_without_surrounding_spaces(tmp_path, db_url, header):
+    """As the check for missing columns reads them (it once passed, and the reader then failed)."""
+    folder = tmp_path / "ml-latest-small"
+    folder.mkdir()
+    write(folder / "ratings.csv", f"{header}\n1,1,4.0,964982703\n2,1,3.5,964982704\n")
+    write(folder / "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Animation|Children\n")
+    assert run(db_url, "ingest", "movielens", str(folder)).exit_code == 0
+    with make_engine(db_url).connect() as conn:
+        assert conn.execute(select(Rating.rating).order_by(Rating.rating)).scalars().all() == [3.5, 4.0]
+
+
 def test_movielens_csv_malformed(tmp_path, db_url):
     fails(run(db_url, "ingest", "movielens", str(ml_csv(tmp_path / "ml-32m", bad=True))),
           r"ratings\.csv, line 5, field 'timestamp': not a whole number under 2\*\*53: ''")
@@ -470,6 +482,11 @@ def test_trailing_blank_lines_on_the_careful_paths_and_blank_lines_inside(tmp_pa
     pytest.param("goodbooks-v1", "ratings.csv", "book_id,user_id,rating\n1,314,5\n2767052,439,3\n",
         r"ratings\.csv, line 3, field 'book_id': item '2767052' is not in books\.csv \(its id column\)$",
         id="goodbooks-v1-unknown-book"),
+    # lines pandas refuses but a field-by-field check once passed: each named, not "malformed ratings file"
+    pytest.param("1m", "ratings.dat", "1::1193::5::978300760\n7:7::1193::3::5\n",
+        r"ratings\.dat, line 2, field 'UserID': a single ':' in '7:7': fields are '::'-separated$", id="1m-single-colon"),
+    pytest.param("1m", "ratings.dat", "1::1193::5::978300760\n7::1193::1_0::5\n",
+        r"ratings\.dat, line 2, field 'Rating': not a number: '1_0'$", id="1m-underscore-rating"),
 ])
 def test_release_ratings_refused(tmp_path, db_url, release, file, text, message):
     """Ratings off the release's scale or steps, at a negative time, or of an item the release does not

@@ -495,6 +495,10 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
         for call, message in [
                 (lambda: db.retrain(valid_pct=0.5), r"valid_pct only applies to a full retrain"),
                 (lambda: db.retrain(progress="x"), r"progress must be True or False, got 'x'$"),
+                (lambda: db.retrain(drift_limit=1.5), r"^drift_limit must be a number from 0 to 1, got 1.5$"),
+                (lambda: db.retrain(drift_limit=float("nan")), r"^drift_limit must be a number from 0 to 1"),
+                (lambda: db.retrain(drift_limit="0.5"), r"^drift_limit must be a number from 0 to 1, got '0.5'$"),
+                (lambda: db.retrain(full=True, drift_limit=0.5), r"^drift_limit decides when a retrain without"),
                 (lambda: db.biases(min_ratings=-1), r"min_ratings must be a whole number from 0, got -1$"),
                 (lambda: db.biases(min_ratings="5"), r"min_ratings must be a whole number from 0, got '5'$"),
                 (lambda: db.questionnaire(2.0), r"budget .* must be a whole number from 0 to 30, got 2.0$"),
@@ -526,6 +530,10 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
             with pytest.raises(cfb.CfbError, match=message):
                 call()
         assert not list(tmp_path.glob("*.png")) and len(db.models()) == 1
+        # as `cfb retrain --drift-limit`: the onboarded user's rating is drift, and a limit of 0 makes it full
+        assert db.retrain(drift_limit=np.float64(1.0))["mode"] == "incremental"
+        db.rate(user, "a2", 5)
+        assert db.retrain(drift_limit=0.0)["mode"] == "full"
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == users + 1
         assert conn.scalar(select(func.count()).select_from(Item).where(Item.external_id.in_(["None", "nan", "made"]))) == 0

@@ -83,6 +83,11 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         with make_engine(db_url).connect() as conn:  # the page said how many items it showed
             assert conn.scalar(text("SELECT a.asked FROM answers a JOIN users u ON u.id = a.user_id "
                                     "WHERE u.external_id = 'browser1'")) == shown > 6
+        browser.back()  # the form comes back as it was left, maybe mid-submit, from the page cache
+        wait.until(lambda d: "/user/" not in d.current_url)
+        wait.until(lambda d: d.find_element(By.ID, "signup-submit").is_enabled())  # (another may sign up)
+        browser.forward()
+        wait.until(lambda d: "/user/browser1" in d.current_url and len(rec_items(d)) == 10)
         before = rec_items(browser)
         first = browser.find_element(By.CSS_SELECTOR, "#recs > li select")
         Select(first).select_by_value("1")  # rate the top recommendation: the list updates in place

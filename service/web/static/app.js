@@ -56,6 +56,10 @@
         button.disabled = false;
       });
     });
+    // Back from the recommendations: the browser may restore this page as it was left, mid-submit
+    window.addEventListener("pageshow", function () {
+      document.getElementById("signup-submit").disabled = false;
+    });
   }
 
   // --- recommendations ---------------------------------------------------------------------------
