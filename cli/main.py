@@ -181,6 +181,11 @@ def _scale(value: str | None):
         raise click.BadParameter("expected LO,HI, e.g. 1,5") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise click.BadParameter(f"expected finite LO < HI, got {value!r}")
+    from ..db.sources import NUMBER_LIMIT
+
+    if not max(abs(lo), abs(hi), hi - lo) <= NUMBER_LIMIT:  # (ratings are 32-bit floats, as training's are)
+        raise click.BadParameter(f"expected LO, HI and HI - LO within what a 32-bit float holds (3.4e38), "
+                                 f"got {value!r}")
     return lo, hi
 
 
@@ -262,7 +267,8 @@ def ingest_ratings(ctx: Ctx, file: Path, user_col, item_col, rating_col, time_co
     """Add ratings from a CSV with a header (user,item,rating[,timestamp])."""
     from ..db.sources import Dataset, read_ratings_csv
 
-    ds = Dataset(read_ratings_csv(file, user_col, item_col, rating_col, time_col))
+    ratings = read_ratings_csv(file, user_col, item_col, rating_col, time_col)
+    ds = Dataset(ratings, first_line=ratings.attrs["lines"])
     _ingest(ctx, ds, as_json, scale=_scale(scale), source=str(file), quiet=quiet)
 
 
@@ -415,8 +421,8 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     text = read_text(pairs_file).lstrip("\ufeff")
     if not text.strip():
         raise InputError("empty file (expected a header user,item)", source=src, line=1)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    pairs, lines = [], []
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)  # ("ab"cd: refused)
+    pairs, lines, start = [], [], 1  # start: the line the record being read starts on
     try:
         header = [h.strip() for h in next(reader)]
         missing = [c for c in ("user", "item") if c not in header]
@@ -424,19 +430,21 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
             raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'}",
                              source=src, line=1, field=missing[0])
         cols = {c: header.index(c) for c in ("user", "item")}
+        start = reader.line_num + 1
         for row in reader:
+            line, start = start, reader.line_num + 1
             if not any(f.strip() for f in row):
                 continue
             if len(row) != len(header):
-                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=reader.line_num)
+                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=line)
             pair = tuple(row[cols[c]].strip() for c in ("user", "item"))
             for c, v in zip(("user", "item"), pair):
                 if not v:
-                    raise InputError("empty id", source=src, line=reader.line_num, field=c)
+                    raise InputError("empty id", source=src, line=line, field=c)
             pairs.append(pair)
-            lines.append(reader.line_num)
+            lines.append(line)
     except csv.Error as e:
-        raise InputError(f"malformed CSV ({e})", source=src, line=reader.line_num) from None
+        raise InputError(f"malformed CSV in the record that starts here ({e})", source=src, line=start) from None
     if not pairs:
         raise InputError("no user,item rows after the header", source=src, line=2)
     try:

@@ -48,7 +48,7 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
-                      id_column)
+                      id_column, number_in_text)
 from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
@@ -413,10 +413,15 @@ def read_ml100k(folder: Path) -> Dataset:
     item_path = folder / "u.item"
     _require_item_file(item_path)
     recs = []
-    for n, f in _fields(item_path, "|", _guess_encoding(item_path)):
+    item_rows = _fields(item_path, "|", _guess_encoding(item_path))
+    for n, f in item_rows:
         if len(f) < 5 + len(ML100K_GENRES):
             raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
                              source=str(item_path), line=n)
+        if not f[1].strip():
+            raise InputError("empty title", source=str(item_path), line=n, field="title")
+    _check_ids(item_path, item_rows, 0, "id")
+    for n, f in item_rows:
         flags = [flag.strip() for flag in f[5:5 + len(ML100K_GENRES)]]
         for genre, flag in zip(ML100K_GENRES, flags):
             if flag not in ("0", "1"):
@@ -687,10 +692,9 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
             if tag is None:
                 raise InputError(f"tag id {f[kt].strip()!r} is not in {tpath.name}", source=str(btpath), line=n,
                                  field="tag_id")
-            try:
-                count = float(f[kc])
-            except ValueError:
-                raise InputError(f"not a number: {f[kc]!r}", source=str(btpath), line=n, field="count") from None
+            count = number_in_text(f[kc])  # (a finite number: "nan" or "inf" would rank a tag first or last)
+            if count is None:
+                raise InputError(f"not a finite number: {f[kc]!r}", source=str(btpath), line=n, field="count")
             book = by_goodreads.get(f[kb].strip())
             if book is not None and tag.lower() not in GOODREADS_DEFAULT_SHELVES:
                 data.append((book, tag, count))

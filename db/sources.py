@@ -25,6 +25,9 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 
 
+RowLines = int | np.ndarray | None  # where rows are in their file: the first row's line, each row's, or unknown
+
+
 @dataclass
 class Dataset:
     """What an ingest writes: ratings (user, item, rating, timestamp), and optionally items and users."""
@@ -35,12 +38,12 @@ class Dataset:
     scale: tuple[float, float] | None = None
     name: str = "ratings"
     source: str | None = None  # the ratings file, for errors found while writing
-    first_line: int | None = 2  # the line of ``source`` holding the first rating (None: rows are not its lines)
+    first_line: RowLines = 2  # the line of ``source`` holding the first rating (an array: each rating's; None: none)
     columns: dict[str, str] = field(default_factory=dict)  # {"rating"/"item": its name in ``source``} if not so
     step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
 
 
-def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: bool = False,
+def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: RowLines, integer: bool = False,
              single: bool = False) -> np.ndarray:
     """A column's values as finite numbers (``integer``: whole ones under 2**53; ``single``: ones a
     float32 holds), else an error naming the first other value, its line and the column."""
@@ -57,15 +60,16 @@ def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: int, integer: b
         what = "a number under 3.4e38 (a 32-bit float)"
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"not {what}: {df[col].iloc[pos]!r}", source=str(path), line=first_line + pos, field=col)
+        raise InputError(f"not {what}: {df[col].iloc[pos]!r}", source=str(path), line=row_line(first_line, pos),
+                         field=col)
     return values.to_numpy()
 
 
-def _nonempty_ids(df: pd.DataFrame, col: str, path: Path, first_line: int) -> None:
+def _nonempty_ids(df: pd.DataFrame, col: str, path: Path, first_line: RowLines) -> None:
     empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
     if empty.any():
         pos = int(np.flatnonzero(empty.to_numpy())[0])
-        raise InputError("empty id", source=str(path), line=first_line + pos, field=col)
+        raise InputError("empty id", source=str(path), line=row_line(first_line, pos), field=col)
 
 
 def id_column(values: pd.Series, factorized: tuple[np.ndarray, np.ndarray] | None = None) -> pd.Categorical:
@@ -80,12 +84,15 @@ def id_column(values: pd.Series, factorized: tuple[np.ndarray, np.ndarray] | Non
     return pd.Categorical.from_codes(codes, categories=text)
 
 
-def _line(first_line: int | None, pos: int) -> int | None:
-    """The line of the row at ``pos`` when rows follow the lines from ``first_line`` on, else None."""
-    return None if first_line is None else first_line + pos
+def row_line(first_line: RowLines, pos: int) -> int | None:
+    """The line of the row at ``pos``: ``first_line + pos`` when rows follow the lines from
+    ``first_line`` on, ``first_line[pos]`` when it holds each row's line, None when rows are not lines."""
+    if first_line is None:
+        return None
+    return int(first_line[pos]) if isinstance(first_line, np.ndarray) else first_line + int(pos)
 
 
-def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: int | None = 2,
+def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: RowLines = 2,
                 field: str = "rating", step: float | None = None) -> None:
     """Every rating lies within ``scale`` (inclusive) and, given a ``step``, on a step from its low end,
     else an error naming the first offender (first out of the scale, then off the steps)."""
@@ -97,21 +104,21 @@ def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, 
         bad = np.abs(steps - np.round(steps)) > STEP_TOLERANCE
     if bad.any():  # (the rule is ``store.rating_problem``'s, for the first offender: one message everywhere)
         pos = int(np.flatnonzero(bad)[0])
-        raise InputError(rating_problem(float(r[pos]), scale, step), source=source, line=_line(first_line, pos),
+        raise InputError(rating_problem(float(r[pos]), scale, step), source=source, line=row_line(first_line, pos),
                          field=field)
 
 
-def check_times(times: np.ndarray, source: str, first_line: int, field: str = "timestamp") -> None:
+def check_times(times: np.ndarray, source: str, first_line: RowLines, field: str = "timestamp") -> None:
     """No time is negative (seconds since 1970) or 2**53 or more (every reader's rule, as ``_numeric``'s),
     else an error naming the first one."""
     for bad, what in ((times < 0, "negative time '{}' (seconds since 1970 expected)"),
                       (times >= 2**53, "not a whole number under 2**53: '{}'")):
         if bad.any():
             pos = int(np.flatnonzero(bad)[0])
-            raise InputError(what.format(int(times[pos])), source=source, line=first_line + pos, field=field)
+            raise InputError(what.format(int(times[pos])), source=source, line=row_line(first_line, pos), field=field)
 
 
-def check_known_items(ratings: pd.DataFrame, items: pd.Series, source: str, first_line: int, field: str,
+def check_known_items(ratings: pd.DataFrame, items: pd.Series, source: str, first_line: RowLines, field: str,
                       item_file: str) -> None:
     """Every rated item is one of ``items`` (the release's item list, ids as text), else an error naming
     the first rating of an unknown one. Compares the distinct ids, then finds the row only on failure."""
@@ -120,7 +127,7 @@ def check_known_items(ratings: pd.DataFrame, items: pd.Series, source: str, firs
     if unknown.any():
         pos = int(np.flatnonzero(unknown[codes])[0])
         raise InputError(f"item {str(distinct[codes[pos]])!r} is not in {item_file}", source=source,
-                         line=first_line + pos, field=field)
+                         line=row_line(first_line, pos), field=field)
 
 
 def _codes(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +155,28 @@ def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None
         raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path), line=start) from None
 
 
+def _row_lines(text: str, n_rows: int) -> RowLines:
+    """Each row's line, as pandas reads the rows of ``text`` (a CSV with a header): 2 (the rows follow
+    the lines) unless a blank line, which pandas skips, or a quoted line break comes before or between
+    them; None if the count does not come out as pandas'."""
+    text = text.lstrip("\ufeff")
+    if re.search(r"\n[ \t\r]*\n", text.rstrip()) is None and '"' not in text and text[:1] not in "\r\n":
+        return 2
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    lines, start = [], 1
+    try:
+        for row in reader:
+            if len(row) > 1 or (row and row[0].strip()):  # (not blank: the header, then the rows)
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error:
+        return None
+    return np.array(lines[1:], np.int64) if len(lines) == n_rows + 1 else None
+
+
 def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
-    """A CSV with a header, all columns as strings; missing columns are named."""
+    """A CSV with a header, all columns as strings; missing columns are named. ``df.attrs["lines"]``:
+    where its rows are (``RowLines``)."""
     text = read_text(path)
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
@@ -175,13 +202,15 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     if missing:
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(df.columns)}",
                          source=str(path), line=1, field=missing[0])
+    df.attrs["lines"] = _row_lines(text, len(df))
     return df
 
 
 def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item", rating_col: str = "rating",
                      time_col: str | None = None) -> pd.DataFrame:
     """A ratings CSV with a header: ``user,item,rating[,timestamp]`` (column names configurable; a
-    ``time_col`` named must be there, while the default takes a ``timestamp`` column if there is one)."""
+    ``time_col`` named must be there, while the default takes a ``timestamp`` column if there is one).
+    ``out.attrs["lines"]``: where its rows are in the file (``RowLines``)."""
     path = Path(path)
     optional_time = time_col is None  # then a "timestamp" column is taken if there is one (and no other role's)
     if optional_time and "timestamp" not in (user_col, item_col, rating_col):
@@ -195,18 +224,20 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     df = read_csv_table(path, [user_col, item_col, rating_col] + ([] if optional_time else [time_col]))
     if df.empty:
         raise InputError("no ratings after the header", source=str(path), line=2)
-    _nonempty_ids(df, user_col, path, 2)
-    _nonempty_ids(df, item_col, path, 2)
+    lines = df.attrs["lines"]
+    _nonempty_ids(df, user_col, path, lines)
+    _nonempty_ids(df, item_col, path, lines)
     out = pd.DataFrame({"user": id_column(df[user_col]), "item": id_column(df[item_col]),
-                        "rating": _numeric(df, rating_col, path, 2, single=True).astype(np.float32)})
+                        "rating": _numeric(df, rating_col, path, lines, single=True).astype(np.float32)})
     if time_col and time_col in df.columns:  # an empty cell: a rating without a time
         empty = (df[time_col].isna() | (df[time_col].astype(str).str.strip() == "")).to_numpy()
-        times = _numeric(df.assign(**{time_col: df[time_col].where(~empty, "0")}), time_col, path, 2,
+        times = _numeric(df.assign(**{time_col: df[time_col].where(~empty, "0")}), time_col, path, lines,
                          integer=True).astype(np.int64)
-        check_times(times, str(path), 2, time_col)
+        check_times(times, str(path), lines, time_col)
         out["timestamp"] = np.where(empty, np.nan, times) if empty.any() else times
     else:
         out["timestamp"] = None
+    out.attrs["lines"] = lines
     return out
 
 

@@ -8,7 +8,7 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item, User
-from ..db.sources import Dataset, check_scale, is_non_finite, non_finite_said, number_in_text
+from ..db.sources import Dataset, RowLines, check_scale, is_non_finite, non_finite_said, number_in_text, row_line
 
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
@@ -191,7 +191,7 @@ def distinct_ids(external) -> tuple[np.ndarray, np.ndarray, list[str]]:  # noqa:
     return codes, used, [str(c) for c in np.asarray(categories, dtype=object)[used].tolist()]
 
 
-def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int | None = 2,  # noqa: ANN001
+def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: RowLines = 2,  # noqa: ANN001
                          field: str = "item") -> None:
     """Ratings name items by id: a new id that is the title of a stored item (``Star Wars (1977)`` for
     item 50) is refused, naming its first line (``first_line``: the first row's; None: rows are not the
@@ -212,11 +212,11 @@ def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: int |
         pos, name = int(np.argmax(codes == used[hit])), names[hit]
         raise InputError(f"{name!r} is the title of item {titled[name]!r}, not an item id "
                          "(ratings name items by id)", source=source,
-                         line=None if first_line is None else first_line + pos, field=field)
+                         line=row_line(first_line, pos), field=field)
 
 
 def database_ids(conn, table, external, seen: set | None = None, *, source: str | None = None,  # noqa: ANN001
-                 first_line: int | None = None, field: str | None = None) -> np.ndarray:
+                 first_line: RowLines = None, field: str | None = None) -> np.ndarray:
     """The database id of every external id in ``external`` (a column; categorical from the readers),
     created where new: each distinct id is looked up once, then spread by its category code. The
     distinct ids are added to ``seen`` when given. An id that cannot be one (``store.id_problem``) is
@@ -227,7 +227,7 @@ def database_ids(conn, table, external, seen: set | None = None, *, source: str 
     if bad is not None:
         pos = int(np.argmax(codes == used[bad]))
         store.check_id(names[bad], table.__tablename__[:-1], source=source,
-                       line=None if first_line is None else first_line + pos, field=field)
+                       line=row_line(first_line, pos), field=field)
     ids = store.ensure_ids(conn, table, names)
     if seen is not None:
         seen.update(names)

@@ -158,6 +158,8 @@ def test_ingest_rejects_directories_and_bad_scale(trained_db):
     good = fresh(folder, ".csv", "user,item,rating\nn1,a1,4\n")
     check_rejected(url, ["ingest", "ratings", str(good), "--scale", "nan,5"], "--scale")
     check_rejected(url, ["ingest", "ratings", str(good), "--scale", "5,1"], "--scale")
+    for wide in ("-1e308,1e308", "0,1e39", "-2e38,2e38"):  # (stored for good; every retrain then diverged)
+        check_rejected(url, ["ingest", "ratings", str(good), "--scale", wide], "--scale", "32-bit float")
     check_rejected(url, ["ingest", "ratings", str(fresh(folder, ".csv", "user,item,rating\nn1,a1,nan\n"))],
                    "line 2", "rating")
     check_rejected(url, ["ingest", "ratings", str(fresh(folder, ".csv", "user,item,rating\n"))],
@@ -218,6 +220,8 @@ def test_numeric_arguments_are_range_checked(trained_db, args, expected):
     ("user,item\na0,a1\nghost,a2\n", ["line 3", "unknown user"]),
     ("user,item\na0,zzz\n", ["line 2", "unknown item"]),
     (b"user,item\na0,\xff\n", ["line 2", "not valid utf-8"]),
+    ('user,item\na0,"a"1\n', ["line 2", "malformed CSV"]),  # (it was read as item a1)
+    ('user,item\na0,a1\n"two\nlines",a2\n', ["line 3", "unknown user 'two\\nlines'"]),  # (where it starts)
 ])
 def test_predict_rejects(trained_db, body, expected):
     url, folder = trained_db

@@ -26,6 +26,11 @@ from .conftest import write
     ("", r"ratings.csv, line 1: empty file"),
     ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
     ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 1, field 'rating': duplicate column$"),
+    # rows that do not follow the lines one to one: a blank line (skipped), a quoted line break
+    ("user,item,rating\n1,a,3\n\n \n2,a,4\n3,a,x\n", r"ratings.csv, line 6, field 'rating': not a number: 'x'$"),
+    ("\nuser,item,rating\n1,a,3\n3,,4\n", r"ratings.csv, line 4, field 'item': empty id$"),
+    ("user,item,rating,note\n1,a,3,\"two\nlines\"\n2,a,x,y\n", r"ratings.csv, line 4, field 'rating': not a number"),
+    ("user,item,rating,timestamp\r\n1,a,3,5\r\n\r\n2,a,4,-3\r\n", r"line 4, field 'timestamp': negative time '-3' \("),
     ("user,item,rating\n1,50,1e39\n", r"ratings.csv, line 2, field 'rating': not a number under 3.4e38 \(a 32-bit float\): '1e39'$"),
     # a quote inside a field: pandas alone would store user "abcd"
     ("user,item,rating\nu1,i1,4\n\"ab\"cd,50,4\n", r"ratings.csv, line 3: malformed CSV .*',' expected after '\"'"),

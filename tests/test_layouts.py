@@ -371,6 +371,13 @@ def test_goodbooks_malformed(tmp_path, db_url):
           r"books\.csv, line 2, field 'original_publication_year': not a year: 'around 2008'")
     write(folder / "ratings.csv", "user,book,stars\n1,3,5\n")
     fails(run(db_url, "ingest", "goodbooks", str(folder)), r"ratings\.csv, line 1: expected the header")
+    write(folder / "ratings.csv", "user_id,book_id,rating\n1,3,5\n")
+    write(folder / "books.csv", BOOKS_V2)
+    write(folder / "tags.csv", TAGS)
+    for count in ("inf", "nan", "1_0"):  # (an infinite count once ranked its tag first)
+        write(folder / "book_tags.csv", BOOK_TAGS + f"3,11305,{count}\n")
+        fails(run(db_url, "ingest", "goodbooks", str(folder)),
+              rf"book_tags\.csv, line 8, field 'count': not a finite number: '{count}'$")
     assert_nothing_written(db_url)
 
 
@@ -553,6 +560,20 @@ def test_a_100k_genre_flag_other_than_0_or_1_is_named(tmp_path, db_url):
     fields[6] = "2"  # Action
     write(folder / "u.item", "\n".join([*text[:2], "|".join(fields)]) + "\n", "latin-1")
     fails(run(db_url, "ingest", "movielens", str(folder)), r"u\.item, line 3, field 'Action': expected a genre flag 0 or 1, found '2'$")
+    assert_nothing_written(db_url)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("242|Dup (1995)|01-Jan-1995||http://x|", r"line 4, field 'id': duplicate id '242' \(first on line 1\)$"),
+    ("|X (1995)|01-Jan-1995||http://x|", r"line 4, field 'id': empty id$"),
+    ("1683||01-Jan-1995||http://x|", r"line 4, field 'title': empty title$"),
+])
+def test_a_100k_item_file_is_checked_as_1ms_is(tmp_path, db_url, line, message):
+    """A repeated id once replaced an item's title silently; an empty id or title was stored."""
+    folder = ml100k(tmp_path / "ml-100k")
+    with open(folder / "u.item", "a", encoding="latin-1") as f:
+        f.write(line + "|".join(["0"] * 19) + "\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"u\.item, " + message)
     assert_nothing_written(db_url)
 
 
