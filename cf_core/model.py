@@ -177,11 +177,11 @@ class TrainedModel:
             return self.user_factors[pos], float(self.user_bias[pos])
         return None
 
-    def average_user(self, factors: np.ndarray, biases: np.ndarray) -> UserVector:
-        """The protocol's "average user": the mean of trained users' rows; to the ranker, a user
-        of whom nothing is known."""
-        rank_vec = None
-        if self.ranker is not None:
+    def average_user(self, factors: np.ndarray, biases: np.ndarray, rank_vecs: np.ndarray | None = None) -> UserVector:
+        """The protocol's "average user": the mean of trained users' rows, and to the ranker the mean
+        of their user vectors ``rank_vecs`` (without them: a user of whom nothing is known)."""
+        rank_vec = None if rank_vecs is None or not len(rank_vecs) else rank_vecs.mean(0).astype(np.float32)
+        if self.ranker is not None and rank_vec is None:
             from .feature_model import Reveal
 
             empty = np.zeros(0, np.int64)

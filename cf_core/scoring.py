@@ -49,6 +49,9 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
     part = np.argpartition(-scores, n - 1)[:n]
+    cut = scores[part].min()  # (argpartition picks any of the items tied at the cut: take the lowest)
+    above = np.flatnonzero(scores > cut)
+    part = np.concatenate([above, np.flatnonzero(scores == cut)[:n - len(above)]])
     return part[np.lexsort((part, -scores[part]))]
 
 

@@ -62,16 +62,18 @@ class Catalogue:
         ext_of = {v: k for k, v in store.id_map(conn, Item).items()}
         self.ext = [ext_of[int(i)] for i in served.model.item_ids]
         self.inner = {e: k for k, e in enumerate(self.ext)}
+        self.by_id = np.array(sorted(range(len(self.ext)), key=self.ext.__getitem__), np.int64)  # (ids as strings)
 
     def index(self, ext_ids) -> np.ndarray:  # noqa: ANN001
         return np.array([self.inner.get(e, -1) for e in ext_ids], dtype=np.int64)
 
 
 def _top(scores: np.ndarray, exclude: np.ndarray, cat: Catalogue) -> list:
-    """External ids of the top K items, ``exclude`` (inner indices, -1 ignored) left out."""
+    """External ids of the top K items, ``exclude`` (inner indices, -1 ignored) left out; ties by item id
+    as a string, as the protocol breaks them."""
     s = scores.astype(np.float64).copy()
     s[exclude[exclude >= 0]] = -np.inf
-    return [cat.ext[i] for i in top_n(s, K)]
+    return [cat.ext[i] for i in cat.by_id[top_n(s[cat.by_id], K)]]
 
 
 def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, avg: UserVector | None,  # noqa: ANN001
@@ -139,7 +141,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     timings["retrain_s"] = round(time.perf_counter() - t0, 3)
     with engine.connect() as conn:
         served = load_served(conn)
-        avg = _average_user(conn, served)  # warm users only: the same at every budget
+        avg = _average_user(engine, conn, served)  # warm users only: the same at every budget
         # what a cold user can answer: a value the questionnaire does not offer is left unanswered
         answers_of = {u: served.model.questionnaire.accepted_answers(attrs_of.get(u)) for u in cold}
     engine.dispose()
@@ -196,11 +198,16 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                                  "onboard_ms_per_user": round(onboard_ms, 2),
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
                                  **with_differences({m: t.result() for m, t in tallies.items()})}
-    if fold_steps:
+    untimed = bool(pd.to_numeric(ratings.timestamp[is_cold], errors="coerce").isna().any())
+    if fold_steps and untimed:  # (sorted by item id instead, the "first ratings" would be no one's first)
+        out["fold_in_skipped"] = ("no fold-in curve (§5): it reveals each user's first ratings in time order, "
+                                  "and the data's ratings have no time (some or all)")
+        log(f"seed {seed}: {out['fold_in_skipped']}")
+    elif fold_steps:
         log(f"seed {seed}: fold-in curve n = {', '.join(map(str, sorted(fold_steps)))} (§5)")
         with _db_copy(base, workdir / f"seed{seed}_fold.db") as eng:
             out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, answers_of, fold_steps,
-                                            fitted, item_ids)
+                                            fitted, item_ids, avg)
     return out
 
 
@@ -209,10 +216,18 @@ def _train_summary(train: dict) -> dict:
     return {**{k: train.get(k) for k in keys}, "hyperparams": train["hyperparams"]}
 
 
-def _average_user(conn, served) -> UserVector:  # noqa: ANN001
-    """§6 "average user": the mean of the trained (warm) users' rows."""
+def _average_user(engine, conn, served) -> UserVector:  # noqa: ANN001
+    """§6 "average user": the trained model with the mean of the trained (warm) users' embeddings and
+    biases: their rating-model rows, and their ranker vectors, computed from their whole histories."""
     _, factors, bias = versions.trained_rows(conn, served.version)
-    return served.model.average_user(factors, bias)
+    rank_vecs = None
+    if served.model.ranker is not None:
+        from ..cf_core.item_prior import full_history_user_vectors
+        from ..service.training import load_training_data
+
+        td, _ = load_training_data(engine)
+        rank_vecs = full_history_user_vectors(served.model.ranker, td.data, td.attributes)
+    return served.model.average_user(factors, bias, rank_vecs)
 
 
 class _Aligned:
@@ -236,7 +251,7 @@ def _aligned_baselines(fitted: dict, item_ids, cat) -> dict:  # noqa: ANN001
 
 
 def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, answers_of: dict,  # noqa: ANN001
-                   steps, fitted, item_ids) -> dict:
+                   steps, fitted, item_ids, avg: UserVector | None = None) -> dict:
     """§5: onboard with Q = 0, reveal the first n ratings in time order, incremental retrain after each step."""
     onboard(eng, [(f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": {}, "asked": 0})
                   for u in cold_sorted])
@@ -253,14 +268,14 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
             retrain_incremental(eng)
             retrain_s = round(time.perf_counter() - t0, 4)
             shown = n
-        tallies = {m: UserTally() for m in ("cfb", *BASELINES)}
+        tallies = {m: UserTally() for m in METHODS if m != "average_user" or avg is not None}
         with eng.connect() as conn:
             served = load_served(conn)
             cat = Catalogue(conn, served)
             bl = _aligned_baselines(fitted, item_ids, cat)
             for u in cold_sorted:
                 if not evalset[u].empty:
-                    _score_user(tallies, conn, served, cat, bl, None, u, attrs_of.get(u, {}),
+                    _score_user(tallies, conn, served, cat, bl, avg, u, attrs_of.get(u, {}),
                                 first10[u]["item"].tolist(), evalset[u], set(item_ids))
         results = with_differences({m: t.result() for m, t in tallies.items()})
         # the same users at every step: the step's gain over the previous n, paired
@@ -281,7 +296,7 @@ def mean_over_seeds(results: list[dict]) -> dict:
         with_seed_errors(mean["budgets"][q], [r["budgets"][q] for r in results], METHODS)
     steps = list(mean["fold_in"])
     for k, n in enumerate(steps):
-        with_seed_errors(mean["fold_in"][n], [r["fold_in"][n] for r in results], ("cfb", *BASELINES),
+        with_seed_errors(mean["fold_in"][n], [r["fold_in"][n] for r in results], METHODS,
                          None if k == 0 else [r["fold_in"][steps[k - 1]] for r in results])
     return mean
 
@@ -295,5 +310,6 @@ def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_s
         per_seed.append(run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, progress=progress,
                                  log=log))
     settings = {"kind": kind, **per_seed[0]["train"]["hyperparams"]}
-    return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "per_seed": without_per_user(per_seed),
-            "mean": mean_over_seeds(per_seed)}
+    notes = sorted({r["fold_in_skipped"] for r in per_seed if "fold_in_skipped" in r})
+    return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "notes": notes,
+            "per_seed": without_per_user(per_seed), "mean": mean_over_seeds(per_seed)}

@@ -52,7 +52,9 @@ def fold_table(block: dict) -> list[str]:
     steps = list(block)
     head = "method                  " + "".join(f"| n={n:<2} RMSE  NDCG@10 Rec@10 " for n in steps)
     lines = [head, "-" * len(head)]
-    for m in ("cfb", "popularity", "positive_popularity", "demographic_popularity"):
+    for m in ("cfb", "average_user", "popularity", "positive_popularity", "demographic_popularity"):
+        if m not in block[steps[0]]:
+            continue
         cells = "".join(f"| {_fmt(block[n][m]['rmse'])} {_fmt(block[n][m]['ndcg@10'])}  {_fmt(block[n][m]['recall@10'])} "
                         for n in steps)
         lines.append(f"{METHOD_NAMES[m]:<24}{cells}")
@@ -78,4 +80,5 @@ def render(result: dict) -> str:
     if left:
         lines.append(f"cold users' attribute answers left unanswered over the seeds: {left} (values the "
                      "questionnaire does not offer, such as a category no training user had)")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

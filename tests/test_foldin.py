@@ -104,3 +104,17 @@ def test_fold_in_moves_a_user_alike_on_any_rating_scale(make):
         moves.append((scaled.predict(vec, bias) - before) / s)
     assert np.abs(moves[0]).max() > 0.05
     assert np.allclose(moves[0], moves[1], atol=1e-3)
+
+
+def test_top_n_breaks_ties_by_lower_index_at_the_cut():
+    """The protocol breaks ties by id order: argpartition alone took any of the items tied at the
+    10th place (popularity's ranking has such ties)."""
+    from cfb.cf_core.scoring import top_n
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        scores = rng.integers(0, 5, size=int(rng.integers(1, 300))).astype(np.float64)
+        scores[rng.random(len(scores)) < 0.1] = -np.inf  # (left out: never ranked)
+        n = int(rng.integers(1, 15))
+        expected = [i for i in np.lexsort((np.arange(len(scores)), -scores)) if np.isfinite(scores[i])][:n]
+        assert top_n(scores, n).tolist() == expected

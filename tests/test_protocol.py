@@ -147,11 +147,31 @@ def test_protocol_reports_paired_differences_through_the_pipeline(planted):
         assert cfb["ndcg@10_se"] > 0
     fold = out["per_seed"][0]["fold_in"]
     assert fold[0]["cfb_step"] is None
+    # §6's average user is in the §5 table too: it knows nothing of the user, so it is the same at every n
+    assert fold[0]["average_user"]["ndcg@10"] == fold[1]["average_user"]["ndcg@10"]
+    assert out["per_seed"][0]["budgets"][0]["average_user"]["ndcg@10"] == \
+        out["per_seed"][0]["budgets"][5]["average_user"]["ndcg@10"]
     assert fold[1]["cfb_step"]["diff"] == pytest.approx(fold[1]["cfb"]["ndcg@10"] - fold[0]["cfb"]["ndcg@10"], abs=2e-4)
     text = render(out)
     assert text.count("cfb − positive pop.") == 4 and text.count("cfb − previous n") == 2
     assert f"{fold[1]['cfb_step']['diff']:+.4f} ±{fold[1]['cfb_step']['se']:.4f}" in text
     assert "attribute answers left unanswered over the seeds: 2" in text
+
+
+def test_data_without_times_has_no_fold_in_curve_and_says_so(planted):
+    """§5 reveals each user's first ratings in time order: without times it is not drawn (sorted by item
+    id, the "first" ratings would be nobody's), and the report says why."""
+    from cfb.evaluation.coldstart import run_protocol
+    from cfb.evaluation.report import render
+
+    untimed = Dataset(planted.ratings.assign(timestamp=None), planted.items, planted.users, planted.scale,
+                      planted.name, step=planted.step)
+    out = run_protocol(untimed, seeds=(42,), budgets=(0,), fold_steps=(0, 1))
+    assert "fold_in" not in out["per_seed"][0] and out["mean"]["fold_in"] == {}
+    assert out["notes"] == ["no fold-in curve (§5): it reveals each user's first ratings in time order, and the "
+                            "data's ratings have no time (some or all)"]
+    text = render(out)
+    assert "fold-in curve (protocol §5)" not in text and "note: no fold-in curve (§5)" in text
 
 
 def test_too_little_data_for_the_protocol_says_so():
