@@ -67,7 +67,6 @@ def _check_training_settings(kind: str | None, params: dict) -> dict:
 def _check_token(token):  # noqa: ANN001, ANN202
     """A server's bearer token: non-empty text, or None for none (an empty one would leave writes open)."""
     from .cf_core.errors import CfbError
-
     from .service.http import check_token_text
 
     if token is not None and (not isinstance(token, str) or not token.strip()):

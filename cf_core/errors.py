@@ -11,14 +11,20 @@ class CfbError(Exception):
         self.field = field
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that would not print (a line break, a NUL) escaped, as ``repr``
+    writes it: a name from the input (a JSON key, a column) stays on the message's one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class InputError(CfbError):
     """Bad input: names the file (or entry), the line and the field."""
 
     def __init__(self, message: str, *, source: str | None = None, line: int | None = None,
                  field: str | None = None):
         where = ", ".join(p for p in (
-            source, f"line {line}" if line is not None else None,
-            f"field '{field}'" if field else None) if p)
+            None if source is None else printable(source), f"line {line}" if line is not None else None,
+            f"field '{printable(field)}'" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
         self.source, self.line, self.field = source, line, field
 

@@ -492,7 +492,7 @@ def inspect() -> None:
 @pass_ctx
 @fail_cleanly
 def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
-    """Items with the lowest and highest learned bias."""
+    """Items with the lowest and highest learned bias (the dot model's: an nn version has none)."""
     from ..service.serving import biases
 
     with ctx.engine.connect() as conn:
@@ -604,8 +604,9 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--answers", "answers_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}, asked?} "
-                   "(asked: how many of `cfb questionnaire`'s items were shown).")
+              help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}, asked?, "
+                   "version?} (asked: how many of `cfb questionnaire`'s items were shown; version: the model "
+                   "version whose questionnaire was shown).")
 @click.option("--skip-invalid", is_flag=True,
               help="Store the valid entries and report the others (exit status 1 when any was skipped).")
 @click.option("--json", "as_json", is_flag=True)

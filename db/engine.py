@@ -51,6 +51,9 @@ def is_missing_table(e: BaseException) -> bool:
     return "no such table" in msg or ("relation" in msg and "does not exist" in msg)
 
 
+BUSY = "the database is busy with another writer (an ingest or a retrain's save): try again shortly"
+
+
 def database_error(e: BaseException) -> CfbError | None:
     """The one-line ``CfbError`` for a database URL's or driver's error (a bad URL, a server that
     refuses, a file that is not a database, …), else None."""
@@ -65,6 +68,8 @@ def database_error(e: BaseException) -> CfbError | None:
         msg = msg.split("FATAL:")[-1].strip()
     elif is_missing_table(e):
         msg = EMPTY_DATABASE
+    elif is_busy(e):
+        return CfbError(BUSY)
     return CfbError(f"database error: {msg}")
 
 

@@ -47,7 +47,7 @@ from ..bootstrap.questionnaire import MAX_BUDGET
 from ..cf_core.errors import CfbError, InputError
 from ..cf_core.model import UserHistory
 from ..db import store, versions
-from ..db.engine import (EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file,
+from ..db.engine import (BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file,
                          writing)
 from . import serving
 from .state import Served, changed_again, learned_values, load_served
@@ -710,9 +710,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @app.exception_handler(ProgrammingError)
     async def _database_error(request: Request, e: OperationalError | ProgrammingError):
         if is_busy(e):  # a write that waited out the busy timeout behind another writer (a long ingest)
-            return answer_error(request, ApiError(
-                503, "the database is busy with another writer (an ingest or a retrain's save): try again shortly",
-                headers={"Retry-After": "10"}))
+            return answer_error(request, ApiError(503, BUSY, headers={"Retry-After": "10"}))
         if is_missing_table(e):
             return answer_error(request, CfbError(EMPTY_DATABASE))
         if isinstance(e, OperationalError):  # the database went away (a server stopped, a file unreadable)

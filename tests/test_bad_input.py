@@ -93,6 +93,17 @@ def test_onboard_rejects_bad_answers(trained_db, body, expected):
     check_rejected(url, ["onboard", "--answers", str(path)], str(path), *expected)
 
 
+@pytest.mark.parametrize("body, field", [
+    ('{"answers": {"a\\nb": 1}}', r"field 'answers.a\nb'"),
+    ('{"ratings": {"Fargo\\u0000 (1996)": 4}}', r"field 'ratings.Fargo\x00 (1996)'"),
+])
+def test_a_field_named_by_the_input_stays_on_the_errors_one_line(trained_db, body, field):
+    """A JSON key (or a column) holding a line break or a NUL is escaped in the message, as values are."""
+    url, folder = trained_db
+    line = check_rejected(url, ["onboard", "--answers", str(fresh(folder, ".json", body))], field)
+    assert "\x00" not in line
+
+
 def test_onboard_rejects_a_directory_and_a_missing_file(trained_db):
     url, folder = trained_db
     check_rejected(url, ["onboard", "--answers", str(folder)], "is a directory")

@@ -22,6 +22,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from cfb.cf_core.errors import CfbError, InputError  # noqa: E402
 from cfb.cli.main import cli  # noqa: E402
+from cfb.db.engine import BUSY  # noqa: E402
 from cfb.service.http import create_app  # noqa: E402
 
 XSS = "<script>alert(1)</script>"
@@ -797,6 +798,8 @@ def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, 
                 assert r.status_code == 503 and r.headers["retry-after"] == "10", r.text
                 assert "busy" in r.json()["error"] and "\n" not in r.json()["error"]
             assert client.get("/users/a0/recommendations").status_code == 200
+            res = CliRunner().invoke(cli, ["--db", db_url, "rate", "a0", "a1", "4"])  # the CLI says the same
+            assert res.exit_code == 1 and res.output.strip() == f"Error: {BUSY}", res.output
         finally:
             writer.rollback()
             writer.close()
