@@ -357,9 +357,12 @@ class TrainedModel:
             # (an item known from metadata or a few ratings: its ranker row alone)
             learned = pred[:self.n_learned_items]
             centred = np.r_[learned - learned.mean(), np.zeros(len(pred) - len(learned))]
-            per_star = 1.0 / width_ratio(self.scale_width)  # (the weights are per 1..5 star)
-            return s + per_star * (cfg.rating_weight * pred + own * centred)
-        return self.predict(user) + self.config.popularity_weight * np.log1p(self.item_counts)
+            return s + self._per_star() * (cfg.rating_weight * pred + own * centred)
+        return self._per_star() * self.predict(user) + self.config.popularity_weight * np.log1p(self.item_counts)
+
+    def _per_star(self) -> float:
+        """A predicted rating's weight in a ranking score: per 1..5 star (``ServingConfig``)."""
+        return 1.0 / width_ratio(self.scale_width)
 
     def recommend(self, user: UserVector, exclude: np.ndarray, n: int = 10, by: str = "rank") -> np.ndarray:
         """Inner indices of the user's top ``n`` items, ``exclude`` (inner indices, -1 ignored) left out."""

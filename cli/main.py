@@ -181,11 +181,10 @@ def _scale(value: str | None):
         raise click.BadParameter("expected LO,HI, e.g. 1,5") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise click.BadParameter(f"expected finite LO < HI, got {value!r}")
-    from ..db.sources import NUMBER_LIMIT
+    from ..db.store import scale_problem
 
-    if not max(abs(lo), abs(hi), hi - lo) <= NUMBER_LIMIT:  # (ratings are 32-bit floats, as training's are)
-        raise click.BadParameter(f"expected LO, HI and HI - LO within what a 32-bit float holds (3.4e38), "
-                                 f"got {value!r}")
+    if problem := scale_problem((lo, hi)):
+        raise click.BadParameter(problem)
     return lo, hi
 
 
@@ -265,10 +264,10 @@ def ingest_items(ctx: Ctx, file: Path, quiet: bool, as_json: bool) -> None:
 @fail_cleanly
 def ingest_ratings(ctx: Ctx, file: Path, user_col, item_col, rating_col, time_col, scale, quiet, as_json) -> None:
     """Add ratings from a CSV with a header (user,item,rating[,timestamp])."""
-    from ..db.sources import Dataset, read_ratings_csv
+    from ..db.sources import CsvRowLines, Dataset, read_ratings_csv
 
     ratings = read_ratings_csv(file, user_col, item_col, rating_col, time_col)
-    ds = Dataset(ratings, first_line=ratings.attrs["lines"])
+    ds = Dataset(ratings, first_line=CsvRowLines(file, len(ratings)))
     _ingest(ctx, ds, as_json, scale=_scale(scale), source=str(file), quiet=quiet)
 
 

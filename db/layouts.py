@@ -48,7 +48,7 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
-                      id_column, number_in_text)
+                      id_column, is_non_finite, non_finite_said, number_in_text)
 from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
@@ -342,8 +342,10 @@ def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[in
     return header, rows
 
 
-def _check_ids(path: Path, rows: list[tuple[int, list[str]]], k: int, field: str) -> None:
-    seen: dict[str, int] = {}
+def _check_ids(path: Path, rows: list[tuple[int, list[str]]], k: int, field: str,
+               seen: dict[str, int] | None = None) -> None:
+    """Field ``k`` of every row is a non-empty id not seen before (``seen``: id -> line, kept across calls)."""
+    seen = {} if seen is None else seen
     for n, f in rows:
         v = f[k].strip()
         if not v:
@@ -413,15 +415,14 @@ def read_ml100k(folder: Path) -> Dataset:
     item_path = folder / "u.item"
     _require_item_file(item_path)
     recs = []
-    item_rows = _fields(item_path, "|", _guess_encoding(item_path))
-    for n, f in item_rows:
+    seen: dict[str, int] = {}
+    for n, f in _fields(item_path, "|", _guess_encoding(item_path)):
         if len(f) < 5 + len(ML100K_GENRES):
             raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
                              source=str(item_path), line=n)
+        _check_ids(item_path, [(n, f)], 0, "id", seen)
         if not f[1].strip():
             raise InputError("empty title", source=str(item_path), line=n, field="title")
-    _check_ids(item_path, item_rows, 0, "id")
-    for n, f in item_rows:
         flags = [flag.strip() for flag in f[5:5 + len(ML100K_GENRES)]]
         for genre, flag in zip(ML100K_GENRES, flags):
             if flag not in ("0", "1"):
@@ -694,7 +695,8 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
                                  field="tag_id")
             count = number_in_text(f[kc])  # (a finite number: "nan" or "inf" would rank a tag first or last)
             if count is None:
-                raise InputError(f"not a finite number: {f[kc]!r}", source=str(btpath), line=n, field="count")
+                said = non_finite_said(f[kc]) if is_non_finite(f[kc]) else "not a number"
+                raise InputError(f"{said}: {f[kc]!r}", source=str(btpath), line=n, field="count")
             book = by_goodreads.get(f[kb].strip())
             if book is not None and tag.lower() not in GOODREADS_DEFAULT_SHELVES:
                 data.append((book, tag, count))

@@ -25,7 +25,32 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 
 
-RowLines = int | np.ndarray | None  # where rows are in their file: the first row's line, each row's, or unknown
+class CsvRowLines:
+    """Each row's line in a CSV file with a header, as pandas reads its ``n_rows`` rows, found when first
+    asked for (by an error naming one): pandas skips blank lines and a quoted line break spans two, so
+    row k is not always on line k + 2. None for a row when the count does not come out as pandas'."""
+
+    def __init__(self, path: Path, n_rows: int):
+        self.path, self.n_rows, self._lines = Path(path), n_rows, None
+
+    def __getitem__(self, pos: int) -> int | None:
+        if self._lines is None:
+            reader = csv.reader(io.StringIO(read_text(self.path).lstrip("\ufeff"), newline=""), skipinitialspace=True)
+            lines, start = [], 1
+            try:
+                for row in reader:
+                    if len(row) > 1 or (row and row[0].strip()):  # (not blank: the header, then the rows)
+                        lines.append(start)
+                    start = reader.line_num + 1
+            except csv.Error:
+                lines = []
+            self._lines = lines[1:] if len(lines) == self.n_rows + 1 else []
+        return self._lines[pos] if pos < len(self._lines) else None
+
+
+# where a dataset's rows are in their file: the first row's line (the others follow), each row's line
+# (``CsvRowLines``), or None (rows are not lines of a file)
+RowLines = int | CsvRowLines | None
 
 
 @dataclass
@@ -38,7 +63,7 @@ class Dataset:
     scale: tuple[float, float] | None = None
     name: str = "ratings"
     source: str | None = None  # the ratings file, for errors found while writing
-    first_line: RowLines = 2  # the line of ``source`` holding the first rating (an array: each rating's; None: none)
+    first_line: RowLines = 2  # where the ratings are in ``source`` (``RowLines``)
     columns: dict[str, str] = field(default_factory=dict)  # {"rating"/"item": its name in ``source``} if not so
     step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
 
@@ -86,10 +111,10 @@ def id_column(values: pd.Series, factorized: tuple[np.ndarray, np.ndarray] | Non
 
 def row_line(first_line: RowLines, pos: int) -> int | None:
     """The line of the row at ``pos``: ``first_line + pos`` when rows follow the lines from
-    ``first_line`` on, ``first_line[pos]`` when it holds each row's line, None when rows are not lines."""
+    ``first_line`` on, ``first_line[pos]`` when it knows each row's line, None when rows are not lines."""
     if first_line is None:
         return None
-    return int(first_line[pos]) if isinstance(first_line, np.ndarray) else first_line + int(pos)
+    return first_line + int(pos) if isinstance(first_line, int) else first_line[int(pos)]
 
 
 def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: RowLines = 2,
@@ -155,28 +180,8 @@ def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None
         raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path), line=start) from None
 
 
-def _row_lines(text: str, n_rows: int) -> RowLines:
-    """Each row's line, as pandas reads the rows of ``text`` (a CSV with a header): 2 (the rows follow
-    the lines) unless a blank line, which pandas skips, or a quoted line break comes before or between
-    them; None if the count does not come out as pandas'."""
-    text = text.lstrip("\ufeff")
-    if re.search(r"\n[ \t\r]*\n", text.rstrip()) is None and '"' not in text and text[:1] not in "\r\n":
-        return 2
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
-    lines, start = [], 1
-    try:
-        for row in reader:
-            if len(row) > 1 or (row and row[0].strip()):  # (not blank: the header, then the rows)
-                lines.append(start)
-            start = reader.line_num + 1
-    except csv.Error:
-        return None
-    return np.array(lines[1:], np.int64) if len(lines) == n_rows + 1 else None
-
-
 def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
-    """A CSV with a header, all columns as strings; missing columns are named. ``df.attrs["lines"]``:
-    where its rows are (``RowLines``)."""
+    """A CSV with a header, all columns as strings; missing columns are named."""
     text = read_text(path)
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
@@ -202,7 +207,6 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     if missing:
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(df.columns)}",
                          source=str(path), line=1, field=missing[0])
-    df.attrs["lines"] = _row_lines(text, len(df))
     return df
 
 
@@ -210,7 +214,7 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
                      time_col: str | None = None) -> pd.DataFrame:
     """A ratings CSV with a header: ``user,item,rating[,timestamp]`` (column names configurable; a
     ``time_col`` named must be there, while the default takes a ``timestamp`` column if there is one).
-    ``out.attrs["lines"]``: where its rows are in the file (``RowLines``)."""
+    Its rows' lines in the file: ``CsvRowLines(path, len(out))``."""
     path = Path(path)
     optional_time = time_col is None  # then a "timestamp" column is taken if there is one (and no other role's)
     if optional_time and "timestamp" not in (user_col, item_col, rating_col):
@@ -224,7 +228,7 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     df = read_csv_table(path, [user_col, item_col, rating_col] + ([] if optional_time else [time_col]))
     if df.empty:
         raise InputError("no ratings after the header", source=str(path), line=2)
-    lines = df.attrs["lines"]
+    lines = CsvRowLines(path, len(df))
     _nonempty_ids(df, user_col, path, lines)
     _nonempty_ids(df, item_col, path, lines)
     out = pd.DataFrame({"user": id_column(df[user_col]), "item": id_column(df[item_col]),
@@ -237,7 +241,6 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
         out["timestamp"] = np.where(empty, np.nan, times) if empty.any() else times
     else:
         out["timestamp"] = None
-    out.attrs["lines"] = lines
     return out
 
 
@@ -367,9 +370,8 @@ def is_non_finite(v: str) -> bool:
 
 def non_finite_said(v: str) -> str:
     """What is wrong with a text ``is_non_finite`` finds, for a message."""
-    v = str(v).strip()
-    return "larger than a 32-bit float holds (3.4e38)" if WHOLE.fullmatch(v) or np.isfinite(float(v)) \
-        else "not a finite number"
+    undefined = any(word in str(v).lower() for word in ("nan", "inf"))  # (not "1e400": a number, too large)
+    return "not a finite number" if undefined else "larger than a 32-bit float holds (3.4e38)"
 
 
 def _scalar(v: str):

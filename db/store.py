@@ -145,6 +145,18 @@ def rating_step(conn: Connection) -> float | None:
     return float(v) if v else None
 
 
+SCALE_LIMIT = 1e6  # the widest rating scale taken: training's squared errors are 32-bit floats
+
+
+def scale_problem(scale: tuple[float, float]) -> str | None:
+    """Why a rating scale cannot be trained on (its ends or width out of bounds), or None."""
+    lo, hi = (float(x) for x in scale)
+    if not max(abs(lo), abs(hi), hi - lo) <= SCALE_LIMIT:
+        return (f"a rating scale {lo:g}..{hi:g} is not taken: its ends and width must be within "
+                f"{SCALE_LIMIT:,.0f} (training works in 32-bit floats)")
+    return None
+
+
 def rating_problem(value: float, scale: tuple[float, float] | None, step: float | None) -> str | None:
     """Why one rating cannot be stored on ``scale`` (with ``step`` between ratings, if any), else None."""
     if scale is None:

@@ -198,7 +198,7 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                                  "onboard_ms_per_user": round(onboard_ms, 2),
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
                                  **with_differences({m: t.result() for m, t in tallies.items()})}
-    untimed = bool(pd.to_numeric(ratings.timestamp[is_cold], errors="coerce").isna().any())
+    untimed = bool(pd.to_numeric(ratings.timestamp, errors="coerce").isna().any())  # (the same for every seed)
     if fold_steps and untimed:  # (sorted by item id instead, the "first ratings" would be no one's first)
         out["fold_in_skipped"] = ("no fold-in curve (§5): it reveals each user's first ratings in time order, "
                                   "and the data's ratings have no time (some or all)")
@@ -251,7 +251,7 @@ def _aligned_baselines(fitted: dict, item_ids, cat) -> dict:  # noqa: ANN001
 
 
 def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of: dict, answers_of: dict,  # noqa: ANN001
-                   steps, fitted, item_ids, avg: UserVector | None = None) -> dict:
+                   steps, fitted, item_ids, avg: UserVector) -> dict:
     """§5: onboard with Q = 0, reveal the first n ratings in time order, incremental retrain after each step."""
     onboard(eng, [(f"cold user {u}", {"user": u, "answers": answers_of[u], "ratings": {}, "asked": 0})
                   for u in cold_sorted])
@@ -268,7 +268,7 @@ def _fold_in_curve(eng, cold_ratings: pd.DataFrame, cold_sorted: list, attrs_of:
             retrain_incremental(eng)
             retrain_s = round(time.perf_counter() - t0, 4)
             shown = n
-        tallies = {m: UserTally() for m in METHODS if m != "average_user" or avg is not None}
+        tallies = {m: UserTally() for m in METHODS}
         with eng.connect() as conn:
             served = load_served(conn)
             cat = Catalogue(conn, served)

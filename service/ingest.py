@@ -36,6 +36,9 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                 if scale[0] == scale[1]:
                     raise InputError(f"every rating is {scale[0]:g}, so the rating scale cannot be told from "
                                      "them: give the scale (`--scale LO,HI`)", source=source)
+            if scale is not None and (problem := store.scale_problem(scale)):
+                raise InputError(problem + ("" if ds.scale is not None else " (the scale is the ratings' range: "
+                                            "give one with `--scale LO,HI`)"), source=source)
             if scale is not None:
                 store.set_setting(conn, "rating_scale", f"{float(scale[0])!r},{float(scale[1])!r}")
                 if ds.step is not None and tuple(scale) == tuple(ds.scale or ()):

@@ -29,6 +29,8 @@ from .conftest import write
     # rows that do not follow the lines one to one: a blank line (skipped), a quoted line break
     ("user,item,rating\n1,a,3\n\n \n2,a,4\n3,a,x\n", r"ratings.csv, line 6, field 'rating': not a number: 'x'$"),
     ("\nuser,item,rating\n1,a,3\n3,,4\n", r"ratings.csv, line 4, field 'item': empty id$"),
+    (" \nuser,item,rating\n1,a,3\n2,a,x\n", r"ratings.csv, line 4, field 'rating': not a number: 'x'$"),
+    ("user,item,rating\r1,a,3\r\r2,a,x\r", r"ratings.csv, line 4, field 'rating': not a number: 'x'$"),
     ("user,item,rating,note\n1,a,3,\"two\nlines\"\n2,a,x,y\n", r"ratings.csv, line 4, field 'rating': not a number"),
     ("user,item,rating,timestamp\r\n1,a,3,5\r\n\r\n2,a,4,-3\r\n", r"line 4, field 'timestamp': negative time '-3' \("),
     ("user,item,rating\n1,50,1e39\n", r"ratings.csv, line 2, field 'rating': not a number under 3.4e38 \(a 32-bit float\): '1e39'$"),
@@ -208,3 +210,14 @@ def test_a_scale_and_ratings_that_a_float32_does_not_hold_exactly(engine, tmp_pa
     assert rate_item(whole, "1", "b", 4.0000001)["rating"] == 4.0
     with pytest.raises(CfbError, match=r"^rating 4.1 not on the scale 1..5 in steps of 1$"):
         rate_item(whole, "1", "b", 4.1)
+
+
+def test_a_scale_too_wide_to_train_on_is_refused_before_anything_is_stored(engine, tmp_path):
+    """The first ingest fixes the scale for good: taken from ratings 3e38 apart (each a 32-bit float),
+    every retrain once diverged with advice to lower the learning rate."""
+    path = write(tmp_path / "ratings.csv", "user,item,rating\nu1,a,-3e38\nu2,a,3e38\nu3,b,1\n")
+    with pytest.raises(InputError, match=r"ratings.csv: a rating scale -3e\+38..3e\+38 is not taken: its ends and "
+                                         r"width must be within 1,000,000 .*give one with `--scale LO,HI`\)$"):
+        ingest_dataset(engine, Dataset(read_ratings_csv(path)), source=str(path))
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Rating)) == 0

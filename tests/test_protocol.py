@@ -187,3 +187,40 @@ def test_too_little_data_for_the_protocol_says_so():
         run_protocol(planted_ratings(n_users=4, n_items=20), seeds=(42,))
     with pytest.raises(CfbError, match=r"the data's 8 rated items make none \(it needs at least 10\)$"):
         run_items_protocol(planted_ratings(n_users=20, n_items=8), seeds=(42,))
+
+
+def test_rankings_break_ties_by_item_id_as_a_string(trained):
+    """§6's tie rule for every ranking: with every score equal, the top ten are the first ten ids in string
+    order ("a10" before "a2"), not the catalogue's order."""
+    import numpy as np
+
+    from cfb.evaluation.coldstart import Catalogue, _top
+    from cfb.service.state import load_served
+
+    engine, _ = trained
+    with engine.connect() as conn:
+        cat = Catalogue(conn, load_served(conn))
+    top = _top(np.zeros(len(cat.ext)), np.array([-1]), cat)
+    assert top == sorted(cat.ext)[:10] and top != cat.ext[:10]
+
+
+def test_the_average_user_is_the_mean_of_the_warm_users_embeddings(trained):
+    """§6: the trained model with the mean of the warm users' embeddings and biases: for cfb's ranker,
+    whose user embedding is computed from a history, the mean of their full-history vectors."""
+    import numpy as np
+
+    from cfb.cf_core.item_prior import full_history_user_vectors
+    from cfb.db import versions
+    from cfb.evaluation.coldstart import _average_user
+    from cfb.service.state import load_served
+    from cfb.service.training import load_training_data
+
+    engine, _ = trained
+    with engine.connect() as conn:
+        served = load_served(conn)
+        avg = _average_user(engine, conn, served)
+        _, factors, bias = versions.trained_rows(conn, served.version)
+    td, _ = load_training_data(engine)
+    vectors = full_history_user_vectors(served.model.ranker, td.data, td.attributes)
+    assert np.allclose(avg.rank_vec, vectors.mean(0), atol=1e-6) and np.allclose(avg.vec, factors.mean(0))
+    assert avg.bias == pytest.approx(float(bias.mean()))
