@@ -52,6 +52,9 @@ from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_ite
 from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
+# whose item ids a release's are: 100k numbers its movies its own way; 1M, 10M and the CSV releases
+# share the MovieLens site's movieId
+ML100K_CATALOGUE, MOVIELENS_CATALOGUE = "MovieLens 100k", "MovieLens (movieId)"
 WHOLE_STARS = (1.0, 5.0)
 STEP = {HALF_STARS: 0.5, WHOLE_STARS: 1.0}  # each scale's step between ratings
 TOP_TAGS = 10
@@ -459,7 +462,7 @@ def read_ml100k(folder: Path) -> Dataset:
                 "age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip(), "zip": f[4].strip()}})
         users = pd.DataFrame(recs)
     return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens",
-                   source=str(ratings_path), first_line=1)
+                   source=str(ratings_path), first_line=1, catalogue=ML100K_CATALOGUE)
 
 
 def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
@@ -540,7 +543,7 @@ def read_ml1m(folder: Path) -> Dataset:
         recs.append({"user": user, "attributes": attrs})
     users = pd.DataFrame(recs, columns=["user", "attributes"])
     return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-1m",
-                   source=str(rpath), first_line=1, columns=DAT_COLUMNS)
+                   source=str(rpath), first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
 
 
 def read_ml10m(folder: Path) -> Dataset:
@@ -556,7 +559,7 @@ def read_ml10m(folder: Path) -> Dataset:
     tpath = folder / "tags.dat"
     if not tpath.exists() and bool((ratings.rating.to_numpy() % 1 == 0).all()):  # 1M's files, users.dat left out
         return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-1m",
-                       source=str(rpath), first_line=1, columns=DAT_COLUMNS)
+                       source=str(rpath), first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
     if tpath.exists():
         rows = []
         for n, line in enumerate(_text_lines(tpath, _guess_encoding(tpath)), start=1):
@@ -569,7 +572,7 @@ def read_ml10m(folder: Path) -> Dataset:
                 rows.append((f[1].strip(), f[2].strip().lower()))
         _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
     return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens-10m",
-                   source=str(rpath), first_line=1, columns=DAT_COLUMNS)
+                   source=str(rpath), first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
 
 
 def _add_tags(items: pd.DataFrame, tags: dict[str, list[str]]) -> None:
@@ -606,7 +609,7 @@ def read_ml_csv(folder: Path) -> Dataset:
                             columns=["item", "tag"])
         _add_tags(items, _top_tags(tags, "item", "tag"))
     return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens",
-                   source=str(rpath), columns={"item": "movieId"})
+                   source=str(rpath), columns={"item": "movieId"}, catalogue=MOVIELENS_CATALOGUE)
 
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------
@@ -636,7 +639,8 @@ def read_goodbooks(folder: Path) -> Dataset:
     ratings = given.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
     # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
     return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}",
-                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id"})
+                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id"},
+                   catalogue="goodbooks-10k")
 
 
 def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:

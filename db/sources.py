@@ -66,6 +66,7 @@ class Dataset:
     first_line: RowLines = 2  # where the ratings are in ``source`` (``RowLines``)
     columns: dict[str, str] = field(default_factory=dict)  # {"rating"/"item": its name in ``source``} if not so
     step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
+    catalogue: str | None = None  # whose item ids these are, for a public release ("movielens", "goodbooks", ...)
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: RowLines, integer: bool = False,

@@ -24,6 +24,13 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
         first_load = len(ds.ratings) >= store.BULK_ROWS and store.next_seq(conn) == 1
     with writing(engine, first_load=first_load) as conn:
+        if ds.catalogue is not None:
+            held = store.get_setting(conn, "catalogue")
+            if held is not None and held != ds.catalogue:
+                raise CfbError(f"this database holds {held}'s items, and {ds.catalogue}'s ids name other items "
+                               f"(its item 1 is not {held}'s item 1): ingest it into another database (--db)")
+            if held is None:
+                store.set_setting(conn, "catalogue", ds.catalogue)
         known = store.rating_scale(conn)
         if known and scale and tuple(scale) != known:
             raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")

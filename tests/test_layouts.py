@@ -868,3 +868,20 @@ def test_the_layouts_step_holds_for_every_later_rating(tmp_path, db_url):
     fails(run(half, "rate", "1", "122", "4.25"), r"rating 4\.25 not on the scale 0\.5\.\.5 in steps of 0\.5$")
     with make_engine(half).connect() as conn:
         assert rating_step(conn) == 0.5
+
+
+def test_a_release_of_another_catalogue_is_refused(tmp_path, db_url):
+    """Goodbooks' book 1 is not MovieLens 100k's movie 1: ingested into one database, the books once
+    took over the movies' titles under their ratings. Releases of one catalogue (1M, its users left
+    out, and 1M again) go on."""
+    assert run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))).exit_code == 0
+    before = dump(db_url)
+    for other in (goodbooks(tmp_path / "gb"), ml1m(tmp_path / "ml-1m")):
+        fails(run(db_url, "ingest", "goodbooks" if other.name == "gb" else "movielens", str(other)),
+              r"^Error: this database holds MovieLens 100k's items, and (goodbooks-10k|MovieLens \(movieId\))'s ids name "
+              r"other items .*: ingest it into another database \(--db\)$")
+        assert dump(db_url) == before
+    other_db = db_url.replace("cfb.db", "other.db")
+    assert run(other_db, "ingest", "movielens", str(tmp_path / "ml-1m")).exit_code == 0
+    (tmp_path / "ml-1m" / "users.dat").unlink()
+    assert run(other_db, "ingest", "movielens", str(tmp_path / "ml-1m")).exit_code == 0
