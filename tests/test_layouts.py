@@ -401,7 +401,7 @@ def test_dat_rating_outside_the_database_scale_names_its_line(tmp_path, db_url):
     """A release ingested into a database whose scale is narrower: the rating out of it is named at its
     line of the file (ratings.dat and u.data have no header: their first row is line 1) and by the
     field's name in that file, as the reader names it."""
-    ok(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
+    ok(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m")), "--json"))  # (the same catalogue)
     before = dump(db_url)
     fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K"))),  # (a 0.5 on line 3)
           r"ml-10M100K/ratings\.dat, line 3, field 'Rating': rating 0\.5 outside the scale 1\.\.5$")
@@ -409,7 +409,7 @@ def test_dat_rating_outside_the_database_scale_names_its_line(tmp_path, db_url):
     other = f"sqlite:///{tmp_path / 'other.db'}"
     ok(run(other, "ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\nu,i,4\n")), "--scale", "2,5",
            "--json"))
-    fails(run(other, "ingest", "movielens", str(tmp_path / "ml-100k")),  # (a 1 on line 3)
+    fails(run(other, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))),  # (a 1 on line 3)
           r"u\.data, line 3, field 'rating': rating 1 outside the scale 2\.\.5$")
 
 
