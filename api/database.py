@@ -224,6 +224,8 @@ class Database:
         version = _plain(version)
         if not isinstance(version, numbers.Integral) or isinstance(version, bool):
             raise CfbError(f"version must be a whole number, got {version!r}")
+        if not 1 <= version <= 2**31 - 1:  # (as `cfb rollback`; a larger one does not fit the database's integer)
+            raise CfbError(f"version must be a whole number from 1 to {2**31 - 1}, got {version}")
         with writing(self._existing()) as conn:
             versions.set_serving(conn, int(version))
 

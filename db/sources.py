@@ -420,8 +420,8 @@ def read_items_csv(path: Path) -> pd.DataFrame:
         values = [row[k] for _, row in rows]
         if any("|" in v for v in values):
             for rec, v in zip(records, values):
-                if v:
-                    rec[name] = [x.strip() for x in v.split("|") if x.strip()]
+                if listed := [x.strip() for x in v.split("|") if x.strip()]:  # ("|" alone: no value, as "")
+                    rec[name] = listed
             continue
         numeric = _numeric_column(values, [line for line, _ in rows], name, str(path))
         for rec, v in zip(records, values):

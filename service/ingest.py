@@ -1,6 +1,8 @@
 """Write a validated dataset into the database in one transaction."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from sqlalchemy import Engine
 
@@ -96,16 +98,19 @@ def _kind(value) -> str:  # noqa: ANN001
     return "text"
 
 
+DIGIT_CODE = re.compile(r"[0-9]+([ -][0-9]+)*")  # a code of digits (a zip), not a number
+
+
 def conform_attributes(table, ids: list[str], records: list[dict], lines: list[int | None],  # noqa: ANN001
                        stored: dict[str, dict], source: str | None = None) -> list[dict]:
     """Each record merged over the stored attributes of its id (``stored``: external id -> attributes;
     given names replace, the others are kept), its values typed as the stored values that stay (those
     it replaces do not count, so a corrected file can change a type):
-    - held as numbers: a text that reads as a finite number ("41", "1e5") becomes that number; a text
-      with no digit in it ("unknown", "N/A"), an infinite or undefined number ("inf", "1e400") or a
-      list is refused, naming file, line and field, so that one bad cell
-      cannot turn a number question into free text (a code with digits, such as the zip "02139",
-      stays text);
+    - held as numbers: a text that reads as a finite number ("41", "1e5") becomes that number; any other
+      text ("unknown", "N/A", "30s", "c.1991"), an infinite or undefined number ("inf", "1e400") or a
+      list is refused, naming file, line and field, so that one bad cell cannot turn a number question
+      into free text (or a category) — but for a code of digits, such as the zip "02139" or "02139-4307",
+      which stays text;
     - held as text: a number is stored as its text; held as lists: a single text becomes a list of one."""
     given = {ext: set(attrs or {}) for ext, attrs in zip(ids, records)}
     kinds: dict[str, set] = {}
@@ -123,7 +128,7 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
                 number = number_in_text(value) if kind == "text" else None
                 if number is not None:
                     attrs[name] = number
-                elif kind == "list" or not any(ch.isdigit() for ch in str(value)) or is_non_finite(value):
+                elif kind == "list" or not DIGIT_CODE.fullmatch(str(value).strip()) or is_non_finite(value):
                     what = table.__tablename__
                     not_a = non_finite_said(value) if kind == "text" and is_non_finite(value) else "not a number"
                     raise InputError(f"{store.shown_id(value)} is {not_a}, and the stored {what} hold {name} as numbers"
@@ -176,6 +181,12 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     check_ids(ids, _lines(items), "item", source)
     refuse_nul_text(items["title"], _lines(items), "title", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
+    titled = {title: ext for ext, (title, _) in stored.items() if title}
+    lines = _lines(items)
+    for k, ext in enumerate(ids):  # (as ratings are refused: lookups by id or title would find this one)
+        if ext not in stored and not ext.isdigit() and ext in titled:
+            raise InputError(f"{ext!r} is the title of item {titled[ext]!r}: a new item's id cannot be another "
+                             "item's title", source=source, line=lines[k], field="item")
     attrs = conform_attributes(Item, ids, list(items["attributes"]), _lines(items),
                                {ext: a for ext, (_, a) in stored.items()}, source)
     new_titles = [t if isinstance(t, str) and t else stored.get(e, (None,))[0] for e, t in zip(ids, items["title"])]

@@ -41,6 +41,10 @@ def test_a_text_cell_cannot_turn_a_number_attribute_into_text(trained, tmp_path)
     with pytest.raises(InputError, match=r"u.csv, line 3, field 'age': 'abc' is not a number"):
         users_file(engine, tmp_path, "user,age,gender\nnu5,31,F\nnu6,abc,F\n")
     assert stored_attributes(engine, "nu5") is None
+    for cell in ("30s", "c.1991"):  # (digits in it once let it through as text: age became a category)
+        with pytest.raises(InputError, match=rf"u.csv, line 2, field 'age': '{cell}' is not a number, and the "
+                                             r"stored users hold age as numbers"):
+            users_file(engine, tmp_path, f"user,age\nnu5,{cell}\n")
     users = pd.DataFrame({"user": ["nu5"], "attributes": [{"age": "31"}]})  # (the CSV reader makes it 31 itself)
     ingest_dataset(engine, Dataset(pd.DataFrame(columns=["user", "item", "rating", "timestamp"]), users=users))
     assert stored_attributes(engine, "nu5") == {"age": 31}

@@ -660,6 +660,10 @@ def test_ingest_items_adds_and_updates(tmp_path, db_url):
     assert d["items"]["new1"] == ("Brand New, The (2030)",
                                   {"director": "Ann Director", "runtime": 95, "genres": ["Sci-Fi", "Drama"]})
     assert len(d["ratings"]) == 4
+    write(items, "item,title,genres\nnew2,Nothing Listed,|\nnew3,Listed,Drama|\n")  # ("|" alone: no value)
+    ok(run(db_url, "ingest", "items", str(items), "--json"))
+    d = dump(db_url)
+    assert d["items"]["new2"] == ("Nothing Listed", {}) and d["items"]["new3"][1] == {"genres": ["Drama"]}
 
 
 def test_ingest_items_errors_write_nothing(tmp_path, db_url):
@@ -672,6 +676,11 @@ def test_ingest_items_errors_write_nothing(tmp_path, db_url):
     write(bad, "id,title\na,Alpha\n")
     fails(run(db_url, "ingest", "items", str(bad)), r"items\.csv, line 1, field 'item': missing column")
     assert_nothing_written(db_url)
+    # a new id that is a stored item's title: lookups by id or title would then find it, not that item
+    assert run(db_url, "ingest", "items", str(write(bad, "item,title\na,Alpha film 1\n"))).exit_code == 0
+    fails(run(db_url, "ingest", "items", str(write(bad, "item,genres\nb,Drama\nAlpha film 1,Drama\n"))),
+          r"items\.csv, line 3, field 'item': 'Alpha film 1' is the title of item 'a': a new item's id cannot be")
+    assert run(db_url, "ingest", "items", str(write(bad, "item,title\na,Alpha film 1\n1984,1984\n"))).exit_code == 0
 
 
 # --- cfb data download: verify, unpack, rename into place -------------------------------------------------

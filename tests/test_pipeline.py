@@ -482,6 +482,9 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
         for bad in (True, "1", 1.0):
             with pytest.raises(cfb.CfbError, match=rf"^version must be a whole number, got {bad!r}$"):
                 db.rollback(bad)
+        for bad in (0, 2**63):  # (2**63 escaped as the driver's OverflowError)
+            with pytest.raises(cfb.CfbError, match=rf"^version must be a whole number from 1 to 2147483647, got {bad}$"):
+                db.rollback(bad)
         assert db.predict(pd.DataFrame({"user": [user], "item": ["a1"]})) == db.predict([(user, "a1")])
         for bad, message in [(pd.DataFrame({"u": [user]}), r"pairs: a DataFrame needs columns user and item, has u"),
                              ("pairs.csv", r"pairs must be \(user, item\) pairs"),
