@@ -121,6 +121,18 @@ def _path(value, what: str) -> Path:  # noqa: ANN001
     return Path(value)
 
 
+def _file(value) -> Path:  # noqa: ANN001
+    """An existing file given from Python (as the CLI's ``click.Path(exists=True, dir_okay=False)``)."""
+    from .cf_core.errors import CfbError
+
+    path = _path(value, "file")
+    if path.is_dir():
+        raise CfbError(f"file {str(path)!r} is a directory")
+    if not path.exists():
+        raise CfbError(f"file {str(path)!r} does not exist")
+    return path
+
+
 class Database:
     """A cfb database (SQLite or PostgreSQL). Use ``cfb.open(url)``; ``close()`` (or ``with``) when done."""
 
@@ -156,20 +168,81 @@ class Database:
     # --- data -------------------------------------------------------------------------------------
     def ingest_movielens(self, folder: str | Path) -> dict:
         """Load a MovieLens release from ``folder`` (`cfb ingest movielens FOLDER`)."""
-        from .db.engine import made_whole, make_engine
         from .db.sources import read_movielens
-        from .service.ingest import ingest_dataset
 
         ds = read_movielens(_path(folder, "folder"))
+        return self._write(ds, ds.source or str(folder))
+
+    def ingest_goodbooks(self, folder: str | Path) -> dict:
+        """Load a goodbooks-10k release (v1 or v2) from ``folder`` (`cfb ingest goodbooks FOLDER`)."""
+        from .db.sources import read_goodbooks
+
+        ds = read_goodbooks(_path(folder, "folder"))
+        return self._write(ds, ds.source or str(folder))
+
+    def ingest_ratings(self, file: str | Path, scale: tuple[float, float] | None = None, user_col: str = "user",
+                       item_col: str = "item", rating_col: str = "rating", time_col: str | None = None) -> dict:
+        """Add ratings from a CSV with a header (`cfb ingest ratings FILE [--scale LO,HI]`)."""
+        from .cf_core.errors import CfbError
+        from .db.sources import CsvRowLines, Dataset, read_ratings_csv
+        from .db.store import scale_problem
+
+        if scale is not None:  # (as `--scale LO,HI`)
+            ends = list(scale) if isinstance(scale, (tuple, list)) else []
+            lo, hi = (_number(x, "scale") for x in ends) if len(ends) == 2 else (math.nan, math.nan)
+            if not lo < hi:
+                raise CfbError(f"scale must be (low, high) with low < high, got {scale!r:.60}")
+            if problem := scale_problem((lo, hi)):
+                raise CfbError(problem)
+            scale = (lo, hi)
+        path = _file(file)
+        ratings = read_ratings_csv(path, user_col, item_col, rating_col, time_col)
+        return self._write(Dataset(ratings, first_line=CsvRowLines(path, len(ratings))), str(path), scale)
+
+    def ingest_users(self, file: str | Path, user_col: str = "user") -> dict:
+        """Add or update user attributes from a CSV with a header (`cfb ingest users FILE`)."""
+        import pandas as pd
+
+        from .db.sources import Dataset, read_users_csv
+
+        path = _file(file)
+        users = read_users_csv(path, user_col)
+        return self._write(Dataset(pd.DataFrame({"user": [], "item": [], "rating": [], "timestamp": []}),
+                                   users=users), str(path))
+
+    def ingest_items(self, file: str | Path) -> dict:
+        """Add or update items from a CSV ``item,title,<attribute>...`` (`cfb ingest items FILE`); a
+        retrain then adds those with metadata and no rating from their metadata."""
+        from .db.engine import made_whole, make_engine
+        from .db.sources import read_items_csv
+        from .service.ingest import upsert_items
+
+        path = _file(file)
+        items = read_items_csv(path)
+
+        def write(url: str) -> dict:
+            engine = make_engine(url)
+            try:
+                return upsert_items(engine, items, source=str(path))
+            finally:
+                engine.dispose()
+
+        return made_whole(self.url, write)
+
+    def _write(self, ds, source: str, scale: tuple[float, float] | None = None) -> dict:  # noqa: ANN001
+        """Ingest ``ds`` as `cfb ingest` does: one transaction; a first ingest makes the database whole
+        or not at all."""
+        from .db.engine import made_whole, make_engine
+        from .service.ingest import ingest_dataset
 
         def write(url: str) -> dict:
             engine = make_engine(url, bulk=True)  # (as `cfb ingest`)
             try:
-                return ingest_dataset(engine, ds, source=ds.source or str(folder))
+                return ingest_dataset(engine, ds, scale=scale, source=source)
             finally:
                 engine.dispose()
 
-        return made_whole(self.url, write)  # a first ingest makes the database whole or not at all
+        return made_whole(self.url, write)
 
     # --- training -----------------------------------------------------------------------------------
     def retrain(self, full: bool = False, kind: str | None = None, valid_pct: float | None = None,

@@ -631,6 +631,25 @@ def test_python_api(trained, db_url, tmp_path):
             db.rate(user, " ", 4)
         with pytest.raises(cfb.CfbError, match=r"kind, n_factors only apply to a full retrain"):
             db.retrain(kind="nn", n_factors=3)
+        # every `cfb ingest` command has its method, with the CLI's checks
+        items = tmp_path / "items.csv"
+        items.write_text("item,title,genres\nfresh1,Fresh One,Action|Thriller\n")
+        assert db.ingest_items(items) == {"items": 1, "added": 1, "updated": 0, "unchanged": 0}
+        users = tmp_path / "users.csv"
+        users.write_text("user,age\n" + user + ",33\n")
+        assert db.ingest_users(str(users))["users"] == 1
+        ratings = tmp_path / "ratings.csv"
+        ratings.write_text("user,item,rating\n" + user + ",fresh1,5\n")
+        assert db.ingest_ratings(ratings)["new_ratings"] == 1
+        assert db.retrain()["items_added"] == 1 and db.predict([(user, "fresh1")])[0] > 0
+        for call, message in [(lambda: db.ingest_ratings(ratings, scale=(1, 10)), r"rating scale is 1..5, not 1..10"),
+                              (lambda: db.ingest_ratings(ratings, scale=(5, 1)), r"^scale must be \(low, high\)"),
+                              (lambda: db.ingest_ratings(ratings, scale=(0, 3e38)), r"^a rating scale 0..3e\+38"),
+                              (lambda: db.ingest_items(tmp_path), r"^file .* is a directory$"),
+                              (lambda: db.ingest_users(tmp_path / "no.csv"), r"^file .*no.csv' does not exist$"),
+                              (lambda: db.ingest_goodbooks(tmp_path / "none"), r"ratings.csv")]:
+            with pytest.raises(cfb.CfbError, match=message):
+                call()
     missing = tmp_path / "typo.db"  # a mistyped path: only an ingest makes a database
     with cfb.open(f"sqlite:///{missing}") as db:
         for call in (lambda: db.recommend("1"), db.models, lambda: db.retrain(full=True),
