@@ -213,21 +213,11 @@ class Database:
     def ingest_items(self, file: str | Path) -> dict:
         """Add or update items from a CSV ``item,title,<attribute>...`` (`cfb ingest items FILE`); a
         retrain then adds those with metadata and no rating from their metadata."""
-        from .db.engine import made_whole, make_engine
         from .db.sources import read_items_csv
-        from .service.ingest import upsert_items
+        from .service.ingest import upsert_items_at
 
         path = _file(file)
-        items = read_items_csv(path)
-
-        def write(url: str) -> dict:
-            engine = make_engine(url)
-            try:
-                return upsert_items(engine, items, source=str(path))
-            finally:
-                engine.dispose()
-
-        return made_whole(self.url, write)
+        return upsert_items_at(self.url, read_items_csv(path), source=str(path))
 
     def _write(self, ds, source: str, scale: tuple[float, float] | None = None) -> dict:  # noqa: ANN001
         """Ingest ``ds`` as `cfb ingest` does: one transaction; a first ingest makes the database whole

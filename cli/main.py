@@ -233,20 +233,10 @@ def ingest_items(ctx: Ctx, file: Path, quiet: bool, as_json: bool) -> None:
     Numbers stay numbers (as text where the stored items hold that attribute as text), a value with '|'
     becomes a list ("Drama|War"), empty cells change nothing; given attributes replace those of the
     same name, others are kept; a word where the stored items hold numbers is refused."""
-    from ..db.engine import made_whole, make_engine
     from ..db.sources import read_items_csv
-    from ..service.ingest import upsert_items
+    from ..service.ingest import upsert_items_at
 
-    items = read_items_csv(file)
-
-    def write(url: str) -> dict:
-        engine = make_engine(url)
-        try:
-            return upsert_items(engine, items, source=str(file))
-        finally:
-            engine.dispose()
-
-    out = made_whole(ctx.url, write)  # (an ingest: may make the database, whole or not at all)
+    out = upsert_items_at(ctx.url, read_items_csv(file), source=str(file))  # (may make the database, whole)
     emit(out, as_json, f"{out['added']} items added, {out['updated']} updated, {out['unchanged']} unchanged")
 
 

@@ -257,6 +257,21 @@ def database_ids(conn, table, external, seen: set | None = None, *, source: str 
     return by_code[codes]
 
 
+def upsert_items_at(url: str, items, source: str | None = None) -> dict:  # noqa: ANN001
+    """``upsert_items`` into the database at ``url`` (`cfb ingest items`): a first ingest makes the
+    database whole or not at all."""
+    from ..db.engine import made_whole, make_engine
+
+    def write(at: str) -> dict:
+        engine = make_engine(at)
+        try:
+            return upsert_items(engine, items, source)
+        finally:
+            engine.dispose()
+
+    return made_whole(url, write)
+
+
 def upsert_items(engine: Engine, items, source: str | None = None) -> dict:  # noqa: ANN001
     """Add or update items (item, title, attributes) in one transaction (see ``write_items``).
     Returns counts: items given, added, updated (a stored item whose title or attributes change) and
