@@ -276,7 +276,10 @@ class Database:
         from .db import versions
 
         with self._existing().connect() as conn:
-            return pd.DataFrame(versions.list_versions(conn))
+            rows = versions.list_versions(conn)
+        frame = pd.DataFrame(rows, columns=["version", "kind", "mode", "parent", "created", "metrics", "hyperparams",
+                                            "serving"])  # (the columns even with no version yet)
+        return frame.astype({"parent": "Int64"})  # (a whole number or missing, however many versions)
 
     def rollback(self, version: int) -> None:
         """Serve an earlier ``version`` (`cfb rollback`)."""

@@ -658,6 +658,9 @@ def test_python_api(trained, db_url, tmp_path):
             with pytest.raises(cfb.CfbError, match=r"^no database at .*typo\.db: `cfb ingest"):
                 call()
     assert not missing.exists()
+    with cfb.open(f"sqlite:///{missing}") as db:  # ingested, not trained: no version, the columns still there
+        db.ingest_ratings(ratings, scale=(1, 5))
+        assert db.models().empty and "serving" in db.models().columns
 
 
 @pytest.mark.parametrize("fast_path", [True, False])

@@ -537,6 +537,7 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
         assert db.retrain(drift_limit=np.float64(1.0))["mode"] == "incremental"
         db.rate(user, "a2", 5)
         assert db.retrain(drift_limit=0.0)["mode"] == "full"
+        assert db.models()["parent"].tolist()[:2] == [pd.NA, 1]  # (whole numbers, or missing, at any count)
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == users + 1
         assert conn.scalar(select(func.count()).select_from(Item).where(Item.external_id.in_(["None", "nan", "made"]))) == 0
