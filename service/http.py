@@ -992,11 +992,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         for a in q["attributes"]:
             name = escape(a["name"])
             if a.get("type") == "category":
-                opts = "".join(f"<option>{escape(str(v))}</option>" for v in a.get("values") or [])
+                opts = "".join(f"<option value='{escape(str(v))}'>{escape(str(v))}</option>"  # (the value
+                               for v in a.get("values") or [])  # exactly: a browser trims an option's text)
                 field = f"<select name='{name}' data-attr='{name}'><option value=''>(no answer)</option>{opts}</select>"
             elif a.get("type") == "number":
                 lo, hi = a.get("accepts") or (None, None)
-                bounds = "" if lo is None else f" min='{lo:g}' max='{hi:g}'"
+                bounds = "" if lo is None else f" min='{lo!r}' max='{hi!r}'"  # (exactly: ':g' rounds 2469134)
                 field = f"<input type='number' step='any'{bounds} name='{name}' data-attr='{name}' data-number='1'>"
             else:
                 field = f"<input type='text' name='{name}' data-attr='{name}'>"
@@ -1063,7 +1064,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"people. <a href='/inspect/pca?n={n}'>JSON</a></p>"
                 f"<figure id='pca'>{pca_svg(result)}</figure>"
                 f"<section class='biases'>{biases_html}</section>")
-        return _page("cfb: explore", body)
+        return _page("cfb: explore", body, token is not None)
 
     return app
 

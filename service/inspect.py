@@ -92,6 +92,9 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
     return path
 
 
+LABEL_CHARS = 24  # a map label's length (the 160 px the map leaves right of its points); the full title on hover
+
+
 def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y: str = "pc2") -> str:
     """The same map as inline SVG (every title escaped), for the web page: no image library needed."""
     from html import escape
@@ -116,10 +119,11 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
              f"<text x='12' y='{height / 2:.0f}' font-size='12' transform='rotate(-90 12 {height / 2:.0f})' "
              f"text-anchor='middle'>{escape(y.upper())}</text>"]
     for it, a, b in zip(items, px, py):
-        label = escape(str(it["title"] or it["item"]))
+        full = str(it["title"] or it["item"])
+        label = escape(full if len(full) <= LABEL_CHARS else full[:LABEL_CHARS - 1] + "…")  # (in full on hover)
         href = "/item/" + escape(_quote(str(it["item"])))
         parts.append(f"<a href='{href}'><circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='#1f77b4'>"
-                     f"<title>{label}</title></circle>"
+                     f"<title>{escape(full)}</title></circle>"
                      f"<text x='{a + 5:.1f}' y='{b + 3:.1f}' font-size='10'>{label}</text></a>")
     parts.append("</svg>")
     return "".join(parts)

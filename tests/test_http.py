@@ -722,6 +722,26 @@ def test_a_signups_misspelt_title_suggests_titles_as_the_cli_does(server):
     assert "unknown item; did you mean: Alpha film 1" in r.json()["error"]
 
 
+def test_the_sign_up_page_sends_an_answer_exactly_as_stored(trained, db_url, tmp_path):
+    """An option's value is its stored text: without ``value`` a browser sends the option's text with
+    its spaces trimmed and collapsed ("Bosnia  and Herzegovina" became a value no question offers)."""
+    from cfb.service.training import retrain_full
+
+    from .conftest import FAST
+
+    engine, _ = trained
+    users = tmp_path / "users.csv"
+    users.write_text("user,country\n" + "".join(f"a{k},{'Bosnia  and Herzegovina' if k % 4 else 'Brazil'}\n"
+                                                for k in range(0, 24, 2)))  # (trained users: a0, a2, ...)
+    assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "users", str(users)]).exit_code == 0
+    retrain_full(engine, kind="dot", valid_pct=0.0, progress=False, **FAST)
+    with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        page = client.get("/").text
+        assert "<option value='Bosnia  and Herzegovina'>" in page and "<option>" not in page
+        signup = {"answers": {"country": "Bosnia  and Herzegovina"}}
+        assert client.post("/users", json=signup).status_code == 201
+
+
 def test_the_page_offers_the_ratings_the_scale_takes():
     """The sign-up and rating pages offer each rating the database takes: its fixed step, half
     stars, tenths of a narrow scale; never a value the API would refuse."""
