@@ -48,7 +48,7 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
-                      id_column, is_non_finite, non_finite_said, number_in_text)
+                      id_column, not_a_number_said, number_in_text)
 from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
@@ -699,8 +699,7 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
                                  field="tag_id")
             count = number_in_text(f[kc])  # (a finite number: "nan" or "inf" would rank a tag first or last)
             if count is None:
-                said = non_finite_said(f[kc]) if is_non_finite(f[kc]) else "not a number"
-                raise InputError(f"{said}: {f[kc]!r}", source=str(btpath), line=n, field="count")
+                raise InputError(f"{not_a_number_said(f[kc])}: {f[kc]!r}", source=str(btpath), line=n, field="count")
             book = by_goodreads.get(f[kb].strip())
             if book is not None and tag.lower() not in GOODREADS_DEFAULT_SHELVES:
                 data.append((book, tag, count))

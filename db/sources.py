@@ -326,9 +326,8 @@ def _numeric_column(values: list[str], lines: list[int], name: str, source: str)
     if len(others) < sum(v != "" for v in values) and all(
             is_non_finite(v) or v.strip().lower() in NO_VALUE for v, _ in others):
         value, line = others[0]
-        not_a = non_finite_said(value) if is_non_finite(value) else "not a number"
-        raise InputError(f"{shown_id(value)} is {not_a}, and the column's other values are numbers (leave a cell "
-                         "empty for no value)", source=source, line=line, field=name)
+        raise InputError(f"{shown_id(value)} is {not_a_number_said(value)}, and the column's other values are "
+                         "numbers (leave a cell empty for no value)", source=source, line=line, field=name)
     return False
 
 
@@ -369,8 +368,10 @@ def is_non_finite(v: str) -> bool:
         return False
 
 
-def non_finite_said(v: str) -> str:
-    """What is wrong with a text ``is_non_finite`` finds, for a message."""
+def not_a_number_said(v) -> str:  # noqa: ANN001
+    """What keeps a value that ``number_in_text`` does not read from being a number, for a message."""
+    if not is_non_finite(v):
+        return "not a number"
     undefined = any(word in str(v).lower() for word in ("nan", "inf"))  # (not "1e400": a number, too large)
     return "not a finite number" if undefined else "larger than a 32-bit float holds (3.4e38)"
 

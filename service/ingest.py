@@ -10,7 +10,8 @@ from ..cf_core.errors import CfbError, InputError
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Item, User
-from ..db.sources import Dataset, RowLines, check_scale, is_non_finite, non_finite_said, number_in_text, row_line
+from ..db.sources import (Dataset, RowLines, check_scale, is_non_finite, not_a_number_said, number_in_text,
+                          row_line)
 
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
@@ -130,8 +131,8 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
                     attrs[name] = number
                 elif kind == "list" or not DIGIT_CODE.fullmatch(str(value).strip()) or is_non_finite(value):
                     what = table.__tablename__
-                    not_a = non_finite_said(value) if kind == "text" and is_non_finite(value) else "not a number"
-                    raise InputError(f"{store.shown_id(value)} is {not_a}, and the stored {what} hold {name} as numbers"
+                    raise InputError(f"{store.shown_id(value)} is {not_a_number_said(value)}, and the stored {what} "
+                                     f"hold {name} as numbers"
                                      + ("" if line is not None else f" ({what[:-1]} {ext!r})"),
                                      source=source, line=line, field=name)
             elif held == {"text"} and kind == "number":
@@ -178,16 +179,16 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     from sqlalchemy import select
 
     ids = [str(x) for x in items["item"]]
-    check_ids(ids, _lines(items), "item", source)
-    refuse_nul_text(items["title"], _lines(items), "title", source)
+    lines = _lines(items)
+    check_ids(ids, lines, "item", source)
+    refuse_nul_text(items["title"], lines, "title", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
     titled = {title: ext for ext, (title, _) in stored.items() if title}
-    lines = _lines(items)
     for k, ext in enumerate(ids):  # (as ratings are refused: lookups by id or title would find this one)
         if ext not in stored and not ext.isdigit() and ext in titled:
             raise InputError(f"{ext!r} is the title of item {titled[ext]!r}: a new item's id cannot be another "
                              "item's title", source=source, line=lines[k], field="item")
-    attrs = conform_attributes(Item, ids, list(items["attributes"]), _lines(items),
+    attrs = conform_attributes(Item, ids, list(items["attributes"]), lines,
                                {ext: a for ext, (_, a) in stored.items()}, source)
     new_titles = [t if isinstance(t, str) and t else stored.get(e, (None,))[0] for e, t in zip(ids, items["title"])]
     store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
