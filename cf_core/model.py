@@ -46,6 +46,10 @@ class ServingConfig:
     # a new item's fold-in against its raters (embedding, bias): chosen on pseudo-cold items (bench/tune_item_foldin.py)
     item_foldin_reg: float = 10.0
     item_foldin_reg_bias: float = 5.0
+    # ... and its ranker row follows: it moves by what the ratings move its rating row, solved again with
+    # this many times that shrinkage, carried over by the least-squares map from the learned items' rating
+    # rows to their ranker rows (2 to 3 best on pseudo-cold items, bench/tune_item_foldin.py --rank)
+    ranker_item_foldin_scale: float = 3.0
     # a new item's predicted rating: + this × the user's metadata affinity for it (cf_core/meta_affinity.py),
     # shrunk by metadata_affinity_shrink pseudo-ratings per feature; chosen on pseudo-cold items
     metadata_affinity_weight: float = 1.0
@@ -69,6 +73,11 @@ class ServingConfig:
         """A new item's fold-in shrinkage against its raters on a rating scale ``width`` wide."""
         k = width_ratio(width) ** 2
         return FoldInConfig(self.item_foldin_reg * k, self.item_foldin_reg_bias * k)
+
+    def ranker_item_foldin(self, width: float | None = None) -> FoldInConfig:
+        """The shrinkage of the rating-row fold-in whose move a new item's ranker row follows."""
+        cfg, k = self.item_foldin(width), self.ranker_item_foldin_scale
+        return FoldInConfig(cfg.reg * k, cfg.reg_bias * k)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -101,6 +110,16 @@ class UserHistory:
     # per rating: the value the full retrain learned for the pair, where it has changed since (NaN: none, unknown)
     learned_values: np.ndarray | None = None
     asked: int | None = None  # how many questionnaire items the signup showed them (None: not said)
+
+    def restricted_to(self, keep: np.ndarray) -> "UserHistory":
+        """The same user with only the ratings where ``keep`` (a bool per rating) is true."""
+        keep = np.asarray(keep, bool)
+
+        def part(a):  # noqa: ANN001, ANN202
+            return None if a is None else np.asarray(a)[keep]
+
+        return replace(self, items=np.asarray(self.items)[keep], ratings=np.asarray(self.ratings)[keep],
+                       newer=part(self.newer), learned_values=part(self.learned_values))
 
 
 @dataclass
@@ -401,31 +420,64 @@ class TrainedModel:
     def metadata_rows(self, attributes: list[dict]) -> tuple[dict, dict | None]:
         """(rating-model rows, ranker rows) for new items from their metadata alone (the bootstrap
         idea for items; the rating rows also carry ``item_meta``, the encoded metadata); without an
-        item prior: zero rows and the mean item bias."""
+        item prior: zero rows and the learned items' mean bias, and zero ranker rows with their lowest
+        ranker bias (ranker rows None: no ranker): rows that items added since do not move."""
         n = len(attributes)
+        no_ranker_part = None if self.ranker is None else {
+            "out": np.zeros((n, self.ranker.out_.shape[1]), np.float32),
+            "out_bias": np.full(n, self.ranker.out_bias_[:self.n_learned_items].min(), np.float32)}
         if self.item_prior is None:
             return ({"item_factors": np.zeros((n, self.rating.n_factors), np.float32),
-                     "item_bias": np.full(n, float(np.mean(self.rating.item_bias)), np.float32)}, None)
+                     "item_bias": np.full(n, float(np.mean(self.rating.item_bias[:self.n_learned_items])), np.float32)},
+                    no_ranker_part)
         rows = self.item_prior.rows(attributes)
-        ranker_rows = None
+        ranker_rows = no_ranker_part
         if self.ranker is not None and rows["rank_out"].shape[1] == self.ranker.out_.shape[1]:
             ranker_rows = {"out": rows["rank_out"], "out_bias": rows["rank_bias"]}
         return {"item_factors": rows["item_factors"], "item_bias": rows["item_bias"],
                 "item_meta": self.item_prior.encoder_.encode(attributes)}, ranker_rows
 
+    def ranker_rows_following(self, prior: dict[str, np.ndarray], solved: dict[str, np.ndarray],
+                              prior_ranker: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """New items' ranker rows after their ratings: their ``prior_ranker`` rows (``metadata_rows``) moved
+        by what the ratings moved their
+        rating rows from ``prior`` to ``solved`` (``item_factors``, ``item_bias``; solved with
+        ``ServingConfig.ranker_item_foldin``), carried over by the least-squares map from the learned
+        items' rating rows to their ranker rows. The ranker learns what users like from the same
+        ratings the rating model does, so an item that its raters liked moves toward the items they
+        liked in both. None without a ranker."""
+        if self.ranker is None or prior_ranker is None:
+            return None
+        n, m = self.n_learned_items, len(prior["item_bias"])
+        X = np.c_[self.rating.item_factors[:n], self.rating.item_bias[:n], np.ones(n)].astype(np.float64)
+        Y = np.c_[self.ranker.out_[:n], self.ranker.out_bias_[:n]].astype(np.float64)
+        moves = np.c_[np.asarray(solved["item_factors"], np.float64) - prior["item_factors"],
+                      np.asarray(solved["item_bias"], np.float64) - prior["item_bias"], np.zeros(m)]
+        moved = moves @ np.linalg.lstsq(X, Y, rcond=None)[0]
+        return {"out": (prior_ranker["out"] + moved[:, :-1]).astype(np.float32),
+                "out_bias": (prior_ranker["out_bias"] + moved[:, -1]).astype(np.float32)}
+
     def added_items(self) -> np.ndarray:
         """Inner indices of the items added after the full retrain (from metadata or first ratings)."""
         return np.arange(self.n_learned_items, self.n_items)
 
-    def with_item_rows(self, items: np.ndarray, rating_rows: dict[str, np.ndarray]) -> "TrainedModel":
-        """A new model whose rating-model rows of ``items`` (inner indices) are replaced."""
+    def with_item_rows(self, items: np.ndarray, rating_rows: dict[str, np.ndarray],
+                       ranker_rows: dict[str, np.ndarray] | None = None) -> "TrainedModel":
+        """A new model whose rating-model rows of ``items`` (inner indices) are replaced, and their
+        ranker output rows (``out``, ``out_bias``) where given."""
         items = np.asarray(items, np.int64)
         rating = self.rating.from_arrays(self.rating.to_arrays())
         rating.item_factors = rating.item_factors.copy()
         rating.item_bias = rating.item_bias.copy()
         rating.item_factors[items] = rating_rows["item_factors"]
         rating.item_bias[items] = rating_rows["item_bias"]
-        return replace(self, rating=rating)
+        ranker = self.ranker
+        if ranker is not None and ranker_rows:
+            ranker = type(ranker).from_arrays(ranker.to_arrays())
+            ranker.out_, ranker.out_bias_ = ranker.out_.copy(), ranker.out_bias_.copy()
+            ranker.out_[items] = ranker_rows["out"]
+            ranker.out_bias_[items] = ranker_rows["out_bias"]
+        return replace(self, rating=rating, ranker=ranker)
 
     def with_item_totals(self, items: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> "TrainedModel":
         """A new model whose statistics of ``items`` (inner indices; -1 ignored) are these totals."""

@@ -324,7 +324,8 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
 @click.option("--lr", type=setting_type("lr"))
 @click.option("--wd", type=setting_type("wd"))
 @click.option("--bs", type=setting_type("bs"), help="Batch size.")
-@click.option("--seed", type=setting_type("seed"), default=42, show_default=True)
+@click.option("--seed", type=setting_type("seed"),
+              help="[default: 42; a full retrain that drift forces keeps the seed of the version it replaces]")
 @click.option("--valid-pct", type=FiniteFloat(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
 @click.option("--drift-limit", type=FiniteFloat(0, 1), default=0.2, show_default=True,
@@ -339,7 +340,8 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
     """Train a new model version and serve it (incremental fold-in unless --full or drift is large)."""
     from ..service.training import retrain_full
 
-    params = {"n_factors": n_factors, "epochs": epochs, "lr": lr, "wd": wd, "bs": bs, "seed": seed}
+    params = {"n_factors": n_factors, "epochs": epochs, "lr": lr, "wd": wd, "bs": bs,
+              **({} if seed is None else {"seed": seed})}
     given = click.get_current_context().get_parameter_source
     if full and given("drift_limit") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--drift-limit decides when a retrain without --full goes full; with --full it "

@@ -659,6 +659,8 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
     by_goodreads: dict[str, int] = {}
     for n, f in rows:
         title = f[col["title"]].strip()
+        if not title:  # (the questionnaire and the web page ask about a book by its title)
+            raise InputError("empty title", source=str(bpath), line=n, field="title")
         attrs: dict = {}
         if "authors" in col and f[col["authors"]].strip():
             attrs["authors"] = [a.strip() for a in f[col["authors"]].split(",") if a.strip()]
@@ -676,7 +678,7 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
             attrs["language_code"] = f[col["language_code"]].strip()
         if goodreads in col and f[col[goodreads]].strip():
             by_goodreads[f[col[goodreads]].strip()] = len(recs)
-        recs.append({"item": f[col[key]].strip(), "title": title or None, "attributes": attrs})
+        recs.append({"item": f[col[key]].strip(), "title": title, "attributes": attrs})
     items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
     btpath, tpath = folder / "book_tags.csv", folder / "tags.csv"
     if btpath.exists() != tpath.exists():  # (the tags would be left out without a word)

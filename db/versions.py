@@ -94,9 +94,11 @@ def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray]
 
 def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], model: TrainedModel,
                ranker_rows: dict[str, np.ndarray] | None = None, replaced_item_ids: np.ndarray | None = None,
-               replaced_rows: dict[str, np.ndarray] | None = None, totals_item_ids: np.ndarray | None = None) -> dict:
+               replaced_rows: dict[str, np.ndarray] | None = None, totals_item_ids: np.ndarray | None = None,
+               replaced_ranker_rows: dict[str, np.ndarray] | None = None) -> dict:
     """What an incremental version stores: the items it added (database ids, rating-model rows and,
-    when given, the ranker's output rows), the items whose rating rows it re-solved, and the
+    when given, the ranker's output rows), the items whose rows it re-solved (rating rows, and
+    ranker rows where given), and the
     statistics after it of the items whose ratings changed (``totals_item_ids``, database ids; None:
     of every item). A delta's size follows what changed, not the catalogue."""
     if totals_item_ids is None:
@@ -109,7 +111,8 @@ def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], mo
             **{f"added/{k}": v for k, v in added_rows.items()},
             **{f"added_ranker/{k}": v for k, v in (ranker_rows or {}).items()},
             "replaced/item_ids": np.asarray(replaced_item_ids if replaced_item_ids is not None else [], np.int64),
-            **{f"replaced/{k}": v for k, v in (replaced_rows or {}).items()}, **totals}
+            **{f"replaced/{k}": v for k, v in (replaced_rows or {}).items()},
+            **{f"replaced_ranker/{k}": v for k, v in (replaced_ranker_rows or {}).items()}, **totals}
 
 
 def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedModel:
@@ -125,7 +128,8 @@ def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedMod
     if len(replaced):
         rows = {k[len("replaced/"):]: v for k, v in delta.items()
                 if k.startswith("replaced/") and k != "replaced/item_ids"}
-        model = model.with_item_rows(model.item_index(replaced), rows)
+        ranker_rows = {k[len("replaced_ranker/"):]: v for k, v in delta.items() if k.startswith("replaced_ranker/")}
+        model = model.with_item_rows(model.item_index(replaced), rows, ranker_rows or None)
     if "totals/item_ids" in delta:
         return model.with_item_totals(model.item_index(delta["totals/item_ids"]), delta["totals/counts"],
                                       delta["totals/sums"])

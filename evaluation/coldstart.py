@@ -301,6 +301,12 @@ def mean_over_seeds(results: list[dict]) -> dict:
     return mean
 
 
+def has_demographics(ds: Dataset) -> bool:
+    """Whether any user has the gender or age that demographic popularity groups by."""
+    return ds.users is not None and any(
+        isinstance(a, dict) and (a.get("gender") is not None or a.get("age") is not None) for a in ds.users.attributes)
+
+
 def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10),
                  kind: str = "dot", train_params: dict | None = None, serving: dict | None = None,
                  progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
@@ -311,5 +317,7 @@ def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_s
                                  log=log))
     settings = {"kind": kind, **per_seed[0]["train"]["hyperparams"]}
     notes = sorted({r["fold_in_skipped"] for r in per_seed if "fold_in_skipped" in r})
+    if not has_demographics(ds):
+        notes.append("demographic popularity (§6) is popularity here: the data's users have no gender or age")
     return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "notes": notes,
             "per_seed": without_per_user(per_seed), "mean": mean_over_seeds(per_seed)}

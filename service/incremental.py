@@ -19,6 +19,7 @@ from .state import Served, load_served, user_histories
 from .training import item_attributes_in_order, metadata_only_items, rating_params, retrain_full
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
+DEFAULT_SEED = 42  # a first model's (a full retrain forced by drift keeps the replaced version's)
 
 
 def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
@@ -36,10 +37,12 @@ def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
 
 
 def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0, progress: bool = True,
-                 drift_limit: float = DRIFT_LIMIT, seed: int = 42, full_only: tuple[str, ...] = (), **params) -> dict:
+                 drift_limit: float = DRIFT_LIMIT, seed: int | None = None, full_only: tuple[str, ...] = (),
+                 **params) -> dict:
     """`cfb retrain`: incremental when possible, full when there is no model or drift exceeds ``drift_limit``.
     ``full_only``: the options given that only a full retrain uses; an incremental retrain refuses them
-    (before writing anything) rather than ignore them."""
+    (before writing anything) rather than ignore them. ``seed`` None: 42 for a first model, and a full
+    retrain forced by drift keeps the seed of the version it replaces."""
     store.create_schema(engine)
     with engine.connect() as conn:
         serving = versions.serving_version(conn)
@@ -47,12 +50,15 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
             share, root = drift(conn, serving)
             root_row = versions.get_version(conn, root)
     if serving is None:
-        out = retrain_full(engine, kind=kind or "dot", valid_pct=valid_pct, progress=progress, seed=seed, **params)
+        out = retrain_full(engine, kind=kind or "dot", valid_pct=valid_pct, progress=progress,
+                           seed=DEFAULT_SEED if seed is None else seed, **params)
         return {**out, "reason": "no model yet: full retrain"}
     if share > drift_limit:
         kind = kind or root_row["kind"]
         if kind == root_row["kind"]:  # keep the settings of the version being replaced unless told otherwise
             params = {**chosen_settings(root_row), **{k: v for k, v in params.items() if v is not None}}
+        if seed is None:
+            seed = int((root_row["hyperparams"] or {}).get("seed", DEFAULT_SEED))
         out = retrain_full(engine, kind=kind, valid_pct=valid_pct, progress=progress, seed=seed, **params)
         return {**out, "reason": f"{share:.0%} of ratings are newer than full version {root} "
                                  f"(limit {drift_limit:.0%}): full retrain"}
@@ -104,12 +110,21 @@ def retrain_incremental(engine: Engine) -> dict:
             new_items = np.concatenate([rated, unrated])
             t_fold = time.perf_counter()
             added, ranker_rows = model.metadata_rows(item_attributes_in_order(conn, new_items))
-            priors, _ = model.metadata_rows(item_attributes_in_order(conn, resolve))
+            priors, prior_ranker = model.metadata_rows(item_attributes_in_order(conn, resolve))
             solve = np.concatenate([rated, resolve])
-            solved = _fold_in_items(conn, served, solve, {k: np.concatenate([added[k][:len(rated)], priors[k]])
-                                                          for k in added})
-            added = {**added, **{k: np.concatenate([solved[k][:len(rated)], added[k][len(rated):]]) for k in solved}}
-            replaced = {k: v[len(rated):] for k, v in solved.items()}
+            first = len(rated)  # solve = the newly rated items, then the added ones that got more ratings
+
+            def rated_then_resolved(rows: dict | None, more: dict | None) -> dict | None:
+                return None if rows is None else {k: np.concatenate([rows[k][:first], more[k]]) for k in more}
+
+            solved, solved_ranker = _fold_in_items(conn, served, solve, rated_then_resolved(added, priors),
+                                                   rated_then_resolved(ranker_rows, prior_ranker))
+            added = {**added, **{k: np.concatenate([solved[k][:first], added[k][first:]]) for k in solved}}
+            replaced = {k: v[first:] for k, v in solved.items()}
+            replaced_ranker = None
+            if solved_ranker is not None:
+                ranker_rows = {k: np.concatenate([solved_ranker[k][:first], ranker_rows[k][first:]]) for k in ranker_rows}
+                replaced_ranker = {k: v[first:] for k, v in solved_ranker.items()}
             known = model.item_index(touched)  # (-1: an item new since the version, no ratings then)
             counts, sums = store.totals_since(conn, new, int(row["max_seq"]), touched,
                                               np.where(known >= 0, model.item_counts[known], 0.0),
@@ -118,12 +133,12 @@ def retrain_incremental(engine: Engine) -> dict:
         if len(new_items):
             model = model.add_items(new_items, added, ranker_rows)
         if len(resolve):
-            model = model.with_item_rows(model.item_index(resolve), replaced)
+            model = model.with_item_rows(model.item_index(resolve), replaced, replaced_ranker)
         model = model.with_item_totals(model.item_index(touched), counts, sums)
         metrics = {"new_ratings": len(new), "users_with_new_ratings": int(len(np.unique(new.user_id))),
                    "items_added": int(len(new_items)), "items_from_metadata": int(len(unrated)),
                    "items_resolved": int(len(resolve)), "fold_s": round(fold_s, 4)}
-        delta = versions.make_delta(new_items, added, model, ranker_rows, resolve, replaced, touched)
+        delta = versions.make_delta(new_items, added, model, ranker_rows, resolve, replaced, touched, replaced_ranker)
         max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:
             version = versions.save_incremental(conn, parent, delta, kind=model.kind, settings=model.settings,
@@ -137,27 +152,41 @@ def retrain_incremental(engine: Engine) -> dict:
 RATERS_AT_ONCE = 5_000  # the new items' raters whose histories are read at a time (``_fold_in_items``)
 
 
-def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """Rating-model rows of ``item_ids``, each solved against all its raters' current user vectors
-    (a fold-in with users and items swapped), starting from and shrunk toward its ``prior`` row: a
-    pure function of the item's ratings, so nothing is counted twice. The nn model's items keep
-    their prior rows (an item embedding through the MLP is left to the next full retrain)."""
+def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, np.ndarray],  # noqa: ANN001
+                   prior_ranker: dict[str, np.ndarray] | None) -> tuple[dict, dict | None]:
+    """(rating-model rows, ranker rows) of ``item_ids``. Each rating row is solved against all the item's
+    raters' user vectors (a fold-in with users and items swapped), starting from and shrunk toward its
+    ``prior`` row. A rater's vector here leaves out their ratings of every item added since the full
+    retrain: those items' rows are the ones being solved (or were solved by an earlier incremental
+    retrain), so the solution is a pure function of the ratings, whatever retrains came before. Its
+    ranker row is its ``prior_ranker`` row moved as the ratings move its rating row
+    (``TrainedModel.ranker_rows_following``). The nn model's items keep their prior rows (an item
+    embedding through the MLP is left to the next full retrain)."""
     model = served.model
     factors, biases = prior["item_factors"].copy(), prior["item_bias"].copy()
     if model.kind != "dot":
-        return {"item_factors": factors, "item_bias": biases}
+        return {"item_factors": factors, "item_bias": biases}, prior_ranker
+    for_ranker = {"item_factors": factors.copy(), "item_bias": biases.copy()}
     rated = [store.item_ratings(conn, item) for item in item_ids.tolist()]
     everyone = np.unique(np.concatenate([users for users, _ in rated])) if rated else np.zeros(0, np.int64)
     vecs, bias = np.zeros((len(everyone), factors.shape[1]), np.float32), np.zeros(len(everyone), np.float32)
     for start in range(0, len(everyone), RATERS_AT_ONCE):  # every rater's vector once, their histories read together
         part = slice(start, start + RATERS_AT_ONCE)
         for k, h in enumerate(user_histories(conn, served, everyone[part]), start=start):
-            v = model.user_vector(h, affinity=False, ranking=False)
+            inner = model.item_index(h.items)
+            v = model.user_vector(h.restricted_to((inner >= 0) & (inner < model.n_learned_items)),
+                                  affinity=False, ranking=False)
             vecs[k], bias[k] = v.vec, v.bias
     raters = DotRating(model.rating.y_range, vecs, bias)  # then each item against its raters
     for k, (users, ratings) in enumerate(rated):
         if len(users) == 0:  # (no rating left: it keeps its prior row)
             continue
-        factors[k], biases[k] = raters.fold_in(np.searchsorted(everyone, users), ratings, factors[k],
-                                               float(biases[k]), model.config.item_foldin(model.scale_width))
-    return {"item_factors": factors.astype(np.float32), "item_bias": biases.astype(np.float32)}
+        at = np.searchsorted(everyone, users)
+        factors[k], biases[k] = raters.fold_in(at, ratings, factors[k], float(biases[k]),
+                                               model.config.item_foldin(model.scale_width))
+        if prior_ranker is not None:
+            f, b = raters.fold_in(at, ratings, prior["item_factors"][k], float(prior["item_bias"][k]),
+                                  model.config.ranker_item_foldin(model.scale_width))
+            for_ranker["item_factors"][k], for_ranker["item_bias"][k] = f, b
+    ranker_rows = model.ranker_rows_following(prior, for_ranker, prior_ranker)
+    return {"item_factors": factors.astype(np.float32), "item_bias": biases.astype(np.float32)}, ranker_rows

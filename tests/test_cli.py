@@ -488,3 +488,16 @@ def test_every_ingest_takes_quiet(runner, tmp_path):
     for args in (["users", str(users)], ["items", str(items)]):
         res = run(runner, db, "ingest", *args, "--quiet", "--json")
         assert res.exit_code == 0 and json.loads(res.stdout), res.output
+
+
+def test_a_full_retrain_that_drift_forces_keeps_the_replaced_versions_seed(runner, cli_db, tmp_path):
+    """`cfb retrain` without --seed: a first model gets 42; a full retrain forced by drift keeps the seed
+    of the version it replaces (it used to be 42 again), and --full without --seed is 42."""
+    args = ["--factors", "8", "--epochs", "3", "--valid-pct", "0", "--json"]
+    assert json.loads(run(runner, cli_db, "retrain", "--full", "--seed", "7", *args).stdout)["hyperparams"]["seed"] == 7
+    planted = planted_ratings()
+    planted.ratings.assign(rating=6 - planted.ratings.rating).to_csv(tmp_path / "shifted.csv", index=False)
+    assert run(runner, cli_db, "ingest", "ratings", str(tmp_path / "shifted.csv")).exit_code == 0
+    out = json.loads(run(runner, cli_db, "retrain", "--json").stdout)
+    assert out["mode"] == "full" and "full retrain" in out["reason"] and out["hyperparams"]["seed"] == 7
+    assert json.loads(run(runner, cli_db, "retrain", "--full", *args).stdout)["hyperparams"]["seed"] == 42

@@ -369,6 +369,8 @@ def test_goodbooks_malformed(tmp_path, db_url):
     write(folder / "books.csv", BOOKS_V2.replace(",2008.0,", ",around 2008,"))
     fails(run(db_url, "ingest", "goodbooks", str(folder)),
           r"books\.csv, line 2, field 'original_publication_year': not a year: 'around 2008'")
+    write(folder / "books.csv", BOOKS_V2.replace('"The Games (The Games, #1)"', '" "'))  # (asked about as "1")
+    fails(run(db_url, "ingest", "goodbooks", str(folder)), r"books\.csv, line 2, field 'title': empty title$")
     write(folder / "ratings.csv", "user,book,stars\n1,3,5\n")
     fails(run(db_url, "ingest", "goodbooks", str(folder)), r"ratings\.csv, line 1: expected the header")
     write(folder / "ratings.csv", "user_id,book_id,rating\n1,3,5\n")

@@ -151,11 +151,14 @@ def test_new_items_are_solved_alike_whatever_number_of_raters_is_read_at_once(tr
         ids = np.array([store.id_map(conn, Item)[i] for i in ("n1", "n2")])
         prior = {"item_factors": np.zeros((2, served.model.rating.item_factors.shape[1]), np.float32),
                  "item_bias": np.zeros(2, np.float32)}
-        together = incremental._fold_in_items(conn, served, ids, prior)
+        prior_ranker = {"out": np.zeros((2, served.model.ranker.out_.shape[1]), np.float32),
+                        "out_bias": np.zeros(2, np.float32)}
+        together = incremental._fold_in_items(conn, served, ids, prior, prior_ranker)
         monkeypatch.setattr(incremental, "RATERS_AT_ONCE", 2)
-        in_parts = incremental._fold_in_items(conn, served, ids, prior)
-    for name in ("item_factors", "item_bias"):
-        assert np.allclose(together[name], in_parts[name], atol=1e-6) and np.abs(together[name]).max() > 0.01
+        in_parts = incremental._fold_in_items(conn, served, ids, prior, prior_ranker)
+    for rows, more in zip(together, in_parts):
+        for name in rows:
+            assert np.allclose(rows[name], more[name], atol=1e-6) and np.abs(rows[name]).max() > 0.01
 
 
 def test_drift_policy_triggers_full_retrain(trained, planted):

@@ -172,6 +172,12 @@ def test_data_without_times_has_no_fold_in_curve_and_says_so(planted):
                             "data's ratings have no time (some or all)"]
     text = render(out)
     assert "fold-in curve (protocol §5)" not in text and "note: no fold-in curve (§5)" in text
+    # users without gender or age: demographic popularity is popularity, and the report says why
+    plain = Dataset(untimed.ratings, planted.items, None, planted.scale, planted.name, step=planted.step)
+    out = run_protocol(plain, seeds=(42,), budgets=(0,), fold_steps=())
+    budget = out["mean"]["budgets"][0]
+    assert budget["demographic_popularity"]["ndcg@10"] == budget["popularity"]["ndcg@10"]
+    assert out["notes"] == ["demographic popularity (§6) is popularity here: the data's users have no gender or age"]
 
 
 def test_too_little_data_for_the_protocol_says_so():

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cfb.cf_core.errors import CfbError
+from cfb.cf_core.model import UserHistory
 from cfb.db import store, versions
 from cfb.db.engine import writing
 from cfb.db.schema import Item, ModelArrays, ModelVersion, Rating, UserFactors
@@ -359,3 +360,75 @@ def test_histories_read_together_are_the_ones_read_one_by_one(trained):
         assert a.trained_row is None or np.array_equal(a.trained_row[0], b.trained_row[0])
     assert together[0].asked == 5 and len(together[0].signup_items) == 1 and together[2].items.size == 0
     assert np.isfinite(together[1].learned_values).sum() == 1  # a0's pair: the value the retrain learned
+
+
+def test_a_new_items_ranking_follows_its_ratings(trained):
+    """An item added after the full retrain and rated 5 by "a" users and 1 by "b" users climbs the
+    ranking of a new "a" user (whom the ranker knows from their answers alone) and stays low for a
+    new "b" user; its stored ranker rows load back as they were served. (Its ranker row used to stay
+    the one it was added with, so its place moved with no rating.)"""
+    engine, _ = trained
+    rows = [(f"a{u}", "fresh", 5.0, 9_000_000 + u) for u in range(0, 24, 2)]
+    rows += [(f"b{u}", "fresh", 1.0, 9_000_100 + u) for u in range(1, 25, 2)]
+    items = pd.DataFrame({"item": ["fresh"], "title": ["A fresh film"], "attributes": [{}]})
+    ingest_dataset(engine, Dataset(pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"]), items))
+    out = retrain_incremental(engine)
+    assert out["mode"] == "incremental" and out["items_added"] == 1
+    with engine.connect() as conn:
+        served = load_served(conn)
+        model = served.model
+        ids = store.id_map(conn, Item)
+        fresh = model.item_index([ids["fresh"]])[0]
+        stored = versions.load_model(conn, out["version"])
+    assert fresh == model.n_learned_items  # an added item
+    assert np.array_equal(stored.ranker.out_, model.ranker.out_)
+
+    def scores(gender: str) -> np.ndarray:  # of a new user who gave their gender only
+        return model.scores(model.user_vector(UserHistory({"gender": gender}, np.zeros(0, np.int64), np.zeros(0))))
+
+    f, m = scores("F"), scores("M")
+    alpha, beta = (model.item_index([ids[f"{g}{i}"] for i in range(40) if f"{g}{i}" in ids]) for g in "ab")
+    assert f[fresh] > f[beta].max() and m[fresh] < m[beta].min()  # with the "a" items for both
+    assert f[fresh] - m[fresh] > 0.5 * np.median(f[alpha] - m[alpha]) > 0.5
+    # one more 5 from an "a" user: a re-solved item moves again, from its prior, by all its ratings
+    ingest_dataset(engine, Dataset(pd.DataFrame([("a30", "fresh", 5.0, 9_000_200)],
+                                                columns=["user", "item", "rating", "timestamp"])))
+    again = retrain_incremental(engine)
+    assert again["items_resolved"] == 1
+    with engine.connect() as conn:
+        after = versions.load_model(conn, again["version"])
+    assert after.ranker.out_bias_[fresh] > model.ranker.out_bias_[fresh]
+    assert np.array_equal(after.ranker.out_[:fresh], model.ranker.out_[:fresh])  # the learned items' rows stay
+
+
+def test_added_items_are_solved_from_their_ratings_whatever_retrains_came_before(trained):
+    """Items added after the full retrain, rated by the same users: after one of those ratings is
+    changed and changed back (two more incremental retrains), every added item's rows, and so every
+    prediction, are what they were. (A rater's vector used to fold in their ratings of the added items
+    with those items' rows from the retrain before, so each retrain's solution moved the next one.)"""
+    engine, _ = trained
+
+    def rate(rows: list[tuple[str, str, float]], at: int) -> None:
+        ratings = pd.DataFrame([(u, i, r, at + k) for k, (u, i, r) in enumerate(rows)],
+                               columns=["user", "item", "rating", "timestamp"])
+        ingest_dataset(engine, Dataset(ratings))
+        assert retrain_incremental(engine)["mode"] == "incremental"
+
+    rate([("a0", "n1", 5.0), ("a2", "n1", 4.0), ("b1", "n1", 2.0), ("a0", "n2", 3.0), ("b3", "n2", 5.0),
+          ("a2", "n2", 1.0)], 9_000_000)
+
+    def rows_of_added() -> dict[str, np.ndarray]:
+        with engine.connect() as conn:
+            model = load_served(conn).model
+        added = model.added_items()
+        assert len(added) == 2
+        return {"factors": model.rating.item_factors[added], "bias": model.rating.item_bias[added],
+                "out": model.ranker.out_[added], "out_bias": model.ranker.out_bias_[added]}
+
+    before = rows_of_added()
+    rate([("a0", "n1", 1.0)], 9_000_100)
+    assert not np.allclose(rows_of_added()["bias"], before["bias"])
+    rate([("a0", "n1", 5.0)], 9_000_200)
+    after = rows_of_added()
+    for name in before:
+        assert np.allclose(after[name], before[name], atol=1e-6), name
