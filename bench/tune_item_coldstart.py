@@ -58,7 +58,9 @@ def pseudo_cold_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
     """--data, --seeds and --cache: what every pseudo-cold item tuner takes."""
     ap.add_argument("--data", default="../shared/data/ml-100k")
     ap.add_argument("--seeds", default="42,43,44", help="comma-separated")
-    ap.add_argument("--cache", default="/tmp/cfb-item-tune")
+    ap.add_argument("--cache", default=None,
+                    help="keep the versions trained here (pickles) and reuse them: only while the training code does "
+                         "not change (a stale folder once made a tuner measure a days-old model)")
     return ap
 
 

@@ -13,15 +13,24 @@ Measured (ml-100k, seeds 42-44, RMSE at k = 1 / 3 / 10): (20, 1) before 1.0011 /
 reg 20 on the embedding: the trained biases are shrunk by weight decay, so their spread understates
 how far an item's bias may go.
 
-With ``--rank``: the same items and reveals choose ``ranker_item_foldin_scale``, how a new item's ranker
-row follows its ratings (``TrainedModel.ranker_rows_following``: its metadata row moved by what the
-ratings move its rating row, solved with this many times the fold-in's shrinkage, through the
-least-squares map from the learned items' rating rows to their ranker rows). Scored like §8: every
-trained user with a rating >= 4 of a pseudo-cold item that is not among that item's first k ranks the
-pseudo-cold items (the ones they revealed left out) by the version's scores; NDCG@10 at k = 0 / 1 / 3 / 10.
-Measured (ml-100k, seeds 42-44): the ranker row kept (before) 0.349 / 0.350 / 0.350 / 0.350; scale 1
-0.349 / 0.348 / 0.388 / 0.458; 2 0.349 / 0.374 / 0.413 / 0.464; 3 (adopted) 0.349 / 0.379 / 0.419 /
-0.467; 5 0.349 / 0.377 / 0.417 / 0.466; 10 0.349 / 0.370 / 0.400 / 0.450.
+With ``--rank``: the same items and reveals choose how a new item's ranker row follows its ratings
+(``TrainedModel.ranker_rows_following``; candidates (ranker_item_foldin_scale, ranker_item_map_count)).
+Scored like §8: every trained user with a rating >= 4 of a pseudo-cold item that is not among that
+item's first k ranks the pseudo-cold items (the ones they revealed left out) by the version's scores;
+NDCG@10 at k = 0 / 1 / 3 / 10. That ranks new items among themselves only; ``--level`` measures where
+an item with all its ratings (20 or more) lands among the learned items, against a full retrain that
+learned it (a second version trained on every warm rating): per user, the share of learned items
+scored above it in each, their mean absolute difference, correlation and mean difference.
+Measured (ml-100k, seeds 42-44, 2026-12-06), --rank | --level:
+  metadata row kept (before):  0.349 / 0.350 / 0.350 / 0.350 | 0.231, 0.531, +0.196
+  (3, inf): moved, bias not drawn 0.349 / 0.381 / 0.420 / 0.470 | 0.245, 0.617, +0.235
+  (3, 1)                        0.349 / 0.378 / 0.417 / 0.475 | 0.123, 0.600, -0.089
+  (3, 10)                       0.349 / 0.382 / 0.423 / 0.479 | 0.105, 0.616, -0.048
+  (3, 30) adopted               0.349 / 0.382 / 0.423 / 0.479 | 0.101, 0.629, +0.008
+Drawing the whole row (not only the bias) toward the map's row put well-rated items closer to the
+full retrain (0.066 at count 3) but ranked new items among themselves far worse at small k (k = 3:
+0.19 at count 3, 0.39 at 100). The scale at count 30: 1 0.349 / 0.359 / 0.399 / 0.469; 10 0.349 / 0.370 /
+0.401 / 0.463.
 
 Usage: PYTHONPATH=bench python bench/tune_item_foldin.py [--data ../shared/data/ml-100k] [--seeds 42,43,44] [--cache DIR] [--rank]
 """
@@ -33,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfb.cf_core.rating import DotRating, FoldInConfig, _RatingModel
+from cfb.cf_core.rating import FoldInConfig, _RatingModel
 from cfb.db.sources import read_movielens
 from cfb.cf_core.model import UserVector
 from cfb.evaluation.item_coldstart import expected_metrics, full_history_vectors, split_dataset, with_cold_items
@@ -82,15 +91,16 @@ def score(model, split: dict, reg: float | str, reg_bias: float | str) -> dict[i
         users = np.array([pos.get(split["uid"][u], -1) for u in ir.user])
         ratings = ir.rating.to_numpy(np.float64)[users >= 0]
         users = users[users >= 0]
-        raters = DotRating(model.rating.y_range, model.user_factors[users], model.user_bias[users])
         for k in KS:
             if len(users) <= k:
                 continue
-            vec, bias = raters.fold_in(np.arange(k), ratings[:k], rows["item_factors"][n], float(rows["item_bias"][n]),
-                                       FoldInConfig(float(reg), float(reg_bias)))
-            rest = np.arange(k, len(users))
-            pred = np.clip(raters.predict_pairs(np.broadcast_to(vec, (len(rest), len(vec))),
-                                                np.full(len(rest), bias), rest), *td.scale)
+            vec, bias = model.rating.fold_in_item(model.user_factors[users[:k]], model.user_bias[users[:k]], ratings[:k],
+                                                  rows["item_factors"][n], float(rows["item_bias"][n]),
+                                                  FoldInConfig(float(reg), float(reg_bias)))
+            rest = users[k:]
+            one = model.rating.with_items({"item_factors": vec[None], "item_bias": np.array([bias])})
+            pred = np.clip(one.predict_pairs(model.user_factors[rest], model.user_bias[rest],
+                                             np.full(len(rest), one.n_items - 1)), *td.scale)
             out[k][0] += float(((pred - ratings[k:]) ** 2).sum())
             out[k][1] += len(rest)
     return out
@@ -113,14 +123,14 @@ def first_ratings(model, split: dict) -> list[tuple[np.ndarray, np.ndarray]]:  #
 
 
 def rank_score(model, split: dict, scales: list[float | None]) -> dict:  # noqa: ANN001
-    """{scale: {k: [NDCG@10 of each scored user]}}; scale None: the ranker row stays its metadata row."""
+    """{(ranker_item_foldin_scale, ranker_item_map_count): {k: [NDCG@10 of each scored user]}}; None: the
+    ranker row stays its metadata row."""
     td = split["td"]
     grown = with_cold_items(model, split["cold_db"], split["cold_attrs"])
     cold = grown.item_index(split["cold_db"])
     prior, prior_ranker = model.metadata_rows(split["cold_attrs"])
     rank_vecs = full_history_vectors(model, td)
     n_ratings = np.bincount(td.data.users, minlength=td.data.n_users)
-    raters = DotRating(model.rating.y_range, model.user_factors, model.user_bias)
     by_item = first_ratings(model, split)
     threshold = model.ranker.threshold_
     out = {s: {k: [] for k in RANK_KS} for s in scales}
@@ -129,8 +139,9 @@ def rank_score(model, split: dict, scales: list[float | None]) -> dict:  # noqa:
         rows = {n: prior[n].copy() for n in ("item_factors", "item_bias")}
         for j, (u, r) in enumerate(shown):
             if len(u):
-                rows["item_factors"][j], rows["item_bias"][j] = raters.fold_in(
-                    u, r, prior["item_factors"][j], float(prior["item_bias"][j]), model.config.item_foldin(model.scale_width))
+                rows["item_factors"][j], rows["item_bias"][j] = model.rating.fold_in_item(
+                    model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j], float(prior["item_bias"][j]),
+                    model.config.item_foldin(model.scale_width))
         held = {}  # user -> (relevant pseudo-cold items, the ones they revealed)
         for j, (u, r) in enumerate(by_item):
             for at, (user, rating) in enumerate(zip(u.tolist(), r.tolist())):
@@ -139,14 +150,15 @@ def rank_score(model, split: dict, scales: list[float | None]) -> dict:  # noqa:
         for scale in scales:
             ranker_rows = prior_ranker
             if scale is not None:
-                m = replace(model, config=replace(model.config, ranker_item_foldin_scale=scale))
+                m = replace(model, config=replace(model.config, ranker_item_foldin_scale=scale[0],
+                                                  ranker_item_map_count=scale[1]))
                 moved = {n: prior[n].copy() for n in ("item_factors", "item_bias")}
                 for j, (u, r) in enumerate(shown):
                     if len(u):
-                        moved["item_factors"][j], moved["item_bias"][j] = raters.fold_in(
-                            u, r, prior["item_factors"][j], float(prior["item_bias"][j]),
-                            m.config.ranker_item_foldin(m.scale_width))
-                ranker_rows = m.ranker_rows_following(prior, moved, prior_ranker)
+                        moved["item_factors"][j], moved["item_bias"][j] = model.rating.fold_in_item(
+                            model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j],
+                            float(prior["item_bias"][j]), m.config.ranker_item_foldin(m.scale_width))
+                ranker_rows = m.ranker_rows_following(prior, moved, prior_ranker, np.array([len(u) for u, _ in shown]))
             version = grown.with_item_rows(cold, rows, ranker_rows)
             for user, (rel, mine) in sorted(held.items()):
                 rel = rel - mine
@@ -162,17 +174,74 @@ def rank_score(model, split: dict, scales: list[float | None]) -> dict:  # noqa:
     return out
 
 
+def level_score(model, full, split: dict, full_split: dict, candidates: list, min_ratings: int = 20) -> dict:  # noqa: ANN001
+    """Where an added item lands among the learned items once it has all its ratings, against where a
+    full retrain that learned it (``full``, on ``full_split``) puts it: for each pseudo-cold item with at
+    least ``min_ratings`` ratings by trained users and each user both versions trained, the share of the
+    learned (warm) items the user's ranker scores above it, in each version. {candidate: (mean absolute
+    difference of those shares, their mean correlation over items, the mean difference)}; a candidate is
+    (ranker_item_foldin_scale, ranker_item_map_count), or None: the metadata row kept."""
+    td, full_td = split["td"], full_split["td"]
+    common = np.intersect1d(td.user_ids, full_td.user_ids)
+    mine, theirs = np.searchsorted(td.user_ids, common), np.searchsorted(full_td.user_ids, common)
+    vecs, full_vecs = full_history_vectors(model, td)[mine], full_history_vectors(full, full_td)[theirs]
+    n = model.n_learned_items
+    learned = vecs @ model.ranker.out_[:n].T + model.ranker.out_bias_[:n]
+    in_full = full.item_index(split["cold_db"])
+    warm = np.setdiff1d(np.arange(full.n_learned_items), in_full)
+    full_scores = full_vecs @ full.ranker.out_.T + full.ranker.out_bias_
+    prior, prior_ranker = model.metadata_rows(split["cold_attrs"])
+    out = {c: [] for c in candidates}
+    for j, (u, r) in enumerate(first_ratings(model, split)):
+        if len(u) < min_ratings:
+            continue
+        truth = (full_scores[:, warm] > full_scores[:, [in_full[j]]]).mean(1)
+        for c in candidates:
+            o, b = prior_ranker["out"][j], prior_ranker["out_bias"][j]
+            if c is not None:
+                m = replace(model, config=replace(model.config, ranker_item_foldin_scale=c[0], ranker_item_map_count=c[1]))
+                f, fb = model.rating.fold_in_item(model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j],
+                                                  float(prior["item_bias"][j]), m.config.ranker_item_foldin(m.scale_width))
+                rows = m.ranker_rows_following({k: prior[k][j:j + 1] for k in ("item_factors", "item_bias")},
+                                               {"item_factors": f[None], "item_bias": np.array([fb])},
+                                               {k: prior_ranker[k][j:j + 1] for k in prior_ranker}, np.array([len(u)]))
+                o, b = rows["out"][0], rows["out_bias"][0]
+            share = (learned > (vecs @ o + b)[:, None]).mean(1)
+            out[c].append((np.abs(share - truth).mean(), np.corrcoef(share, truth)[0, 1], (share - truth).mean()))
+    return {c: tuple(np.mean(np.array(v), axis=0)) for c, v in out.items()}
+
+
 def main() -> None:
     ap = pseudo_cold_arguments(argparse.ArgumentParser())
-    ap.add_argument("--rank", action="store_true", help="choose ranker_item_foldin_scale instead")
+    ap.add_argument("--rank", action="store_true", help="choose how a new item's ranker row follows its ratings")
+    ap.add_argument("--kind", choices=["dot", "nn"], default="dot", help="the rating model")
+    ap.add_argument("--level", action="store_true", help="where a well-rated added item lands against a full retrain")
     args = ap.parse_args()
     ds = read_movielens(Path(args.data))
+    if args.level:
+        from cfb.service.training import fit_model
+
+        candidates = [None] + [(3.0, count) for count in (1.0, 3.0, 10.0, 30.0, float("inf"))]
+        per_seed = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            warm, pseudo = pseudo_split(ds, seed)
+            model = fitted_version(warm, pseudo, seed, Path(args.cache) if args.cache else None, args.kind)
+            full_split = split_dataset(warm, set())  # the same warm data with the pseudo-cold items learned
+            full = fit_model(full_split["td"], args.kind, None, seed, progress=False)[0]
+            per_seed.append(level_score(model, full, split_dataset(warm, pseudo), full_split, candidates))
+            print(f"seed {seed}: " + "; ".join(f"{c}: {v[0]:.3f}" for c, v in per_seed[-1].items()), flush=True)
+        print("candidate | mean |share difference| | correlation | mean difference")
+        for c in candidates:
+            v = np.mean([p[c] for p in per_seed], axis=0)
+            print(f"{'kept' if c is None else c} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:+.3f}")
+        return
     if args.rank:
-        scales = [None, 1.0, 2.0, 3.0, 5.0, 10.0]
+        scales = [None] + [(3.0, count) for count in (1.0, 3.0, 10.0, 30.0, float("inf"))] + \
+            [(scale, 30.0) for scale in (1.0, 10.0)]
         means = {s: {k: [] for k in RANK_KS} for s in scales}
         for seed in [int(s) for s in args.seeds.split(",")]:
             warm, pseudo = pseudo_split(ds, seed)
-            model = fitted_version(warm, pseudo, seed, Path(args.cache) if args.cache else None)
+            model = fitted_version(warm, pseudo, seed, Path(args.cache) if args.cache else None, args.kind)
             for s, per_k in rank_score(model, split_dataset(warm, pseudo), scales).items():
                 for k, v in per_k.items():
                     means[s][k].append(float(np.mean(v)))
@@ -182,14 +251,14 @@ def main() -> None:
             print(f"{'kept' if s is None else s} | " + " | ".join(f"{np.mean(v):.4f}" for v in means[s].values()))
         return
     grid = [(20.0, 1.0), (20.0, 5.0), (20.0, 10.0), (20.0, 20.0), (10.0, 10.0), (10.0, 5.0), (10.0, 3.0), (40.0, 10.0),
-            (20.0, "eb")]
+            (20.0, "eb")] if args.kind == "dot" else [(r, 5.0) for r in (3.0, 5.0, 10.0, 20.0, 30.0, 100.0, 1e9)]
     totals = {g: {k: [0.0, 0] for k in KS} for g in grid}
     for seed in [int(s) for s in args.seeds.split(",")]:
         warm, pseudo = pseudo_split(ds, seed)
-        model = fitted_version(warm, pseudo, seed, Path(args.cache) if args.cache else None)
+        model = fitted_version(warm, pseudo, seed, Path(args.cache) if args.cache else None, args.kind)
         split = split_dataset(warm, pseudo)
-        print(f"seed {seed}: empirical Bayes (embedding, bias) = "
-              f"{shrinkage(model, split['td'])}")
+        if args.kind == "dot":
+            print(f"seed {seed}: empirical Bayes (embedding, bias) = {shrinkage(model, split['td'])}")
         for g in grid:
             for k, (sse, n) in score(model, split, *g).items():
                 totals[g][k][0] += sse

@@ -46,10 +46,12 @@ class ServingConfig:
     # a new item's fold-in against its raters (embedding, bias): chosen on pseudo-cold items (bench/tune_item_foldin.py)
     item_foldin_reg: float = 10.0
     item_foldin_reg_bias: float = 5.0
-    # ... and its ranker row follows: it moves by what the ratings move its rating row, solved again with
-    # this many times that shrinkage, carried over by the least-squares map from the learned items' rating
-    # rows to their ranker rows (2 to 3 best on pseudo-cold items, bench/tune_item_foldin.py --rank)
+    # ... and its ranker row follows (``TrainedModel.ranker_rows_following``): its metadata row moved by what
+    # the ratings move its rating row (solved again with ranker_item_foldin_scale × that shrinkage), and its
+    # bias drawn toward what learned items' rows and rating counts predict for it by n / (n +
+    # ranker_item_map_count), n = its ratings (pseudo-cold items: bench/tune_item_foldin.py --rank, --level)
     ranker_item_foldin_scale: float = 3.0
+    ranker_item_map_count: float = 30.0
     # a new item's predicted rating: + this × the user's metadata affinity for it (cf_core/meta_affinity.py),
     # shrunk by metadata_affinity_shrink pseudo-ratings per feature; chosen on pseudo-cold items
     metadata_affinity_weight: float = 1.0
@@ -90,11 +92,28 @@ class ServingConfig:
 
 
 REFERENCE_WIDTH = 4.0  # the rating scale ServingConfig's terms in rating units are given for (1..5)
+# the ridge of the map from learned items' rating rows to their ranker rows (``fit_ranker_map``), as a
+# share of the mean diagonal of its Gram matrix
+MAP_RIDGE = 0.01
 
 
 def width_ratio(width: float | None) -> float:
     """A rating scale's width over the reference scale's (1 when unknown)."""
     return 1.0 if not width else float(width) / REFERENCE_WIDTH
+
+
+def fit_ranker_map(model: "TrainedModel", with_count: bool = True) -> np.ndarray:
+    """The map from a learned item's rating row, bias, log(1 + its ratings) (``with_count``) and a constant
+    to its ranker row and bias: a ridge regression over the items the full retrain learned (``MAP_RIDGE``
+    × the mean diagonal of its Gram matrix: weight decay leaves some factors nearly collinear, and plain
+    least squares then swings on rounding). (k + 2 or k + 3, d + 1), float64."""
+    n = model.n_learned_items
+    counts = [np.log1p(model.item_counts[:n])] if with_count else []
+    X = np.column_stack([model.rating.item_factors[:n], model.rating.item_bias[:n], *counts,
+                         np.ones(n)]).astype(np.float64)
+    Y = np.c_[model.ranker.out_[:n], model.ranker.out_bias_[:n]].astype(np.float64)
+    gram = X.T @ X
+    return np.linalg.solve(gram + MAP_RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram)), X.T @ Y)
 
 
 @dataclass
@@ -152,6 +171,9 @@ class TrainedModel:
     n_trained_items: int | None = None  # items the full retrain learned (inner 0..n-1); later ones were added
     scale: tuple[float, float] | None = None  # the ratings' scale (lo, hi): predicted ratings stay on it
     item_meta: dict[str, np.ndarray] | None = None  # every item's encoded metadata (CSR arrays; with an item prior)
+    # the full retrain's map from an item's rating row and rating count to its ranker row (``fit_ranker_map``;
+    # fitted then, as the learned items' counts move with later ratings)
+    ranker_map: np.ndarray | None = None
 
     # --- vocabulary -------------------------------------------------------------------------
     @property
@@ -438,24 +460,31 @@ class TrainedModel:
                 "item_meta": self.item_prior.encoder_.encode(attributes)}, ranker_rows
 
     def ranker_rows_following(self, prior: dict[str, np.ndarray], solved: dict[str, np.ndarray],
-                              prior_ranker: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
-        """New items' ranker rows after their ratings: their ``prior_ranker`` rows (``metadata_rows``) moved
-        by what the ratings moved their
-        rating rows from ``prior`` to ``solved`` (``item_factors``, ``item_bias``; solved with
-        ``ServingConfig.ranker_item_foldin``), carried over by the least-squares map from the learned
-        items' rating rows to their ranker rows. The ranker learns what users like from the same
-        ratings the rating model does, so an item that its raters liked moves toward the items they
-        liked in both. None without a ranker."""
+                              prior_ranker: dict[str, np.ndarray] | None,
+                              n_ratings: np.ndarray) -> dict[str, np.ndarray] | None:
+        """New items' ranker rows after their ratings (``n_ratings`` each). ``solved``: their rating rows
+        (``item_factors``, ``item_bias``) solved from ``prior`` with ``ServingConfig.ranker_item_foldin``;
+        ``prior_ranker``: their ranker rows from metadata (``metadata_rows``). The ratings' move of the
+        rating row is carried over to the metadata ranker row by the map from learned items' rating rows to
+        their ranker rows (``fit_ranker_map``): an item its raters liked moves toward the items they liked.
+        Its bias is then drawn, by n / (n + ``ServingConfig.ranker_item_map_count``), toward the bias that
+        the version's map with rating counts (``ranker_map``) gives its solved rating row and count: a
+        metadata row's bias sits on a level of its own (a softmax fixes scores only up to a constant), and
+        an item with as many ratings as a learned one should land about where a full retrain puts it.
+        None without a ranker."""
         if self.ranker is None or prior_ranker is None:
             return None
-        n, m = self.n_learned_items, len(prior["item_bias"])
-        X = np.c_[self.rating.item_factors[:n], self.rating.item_bias[:n], np.ones(n)].astype(np.float64)
-        Y = np.c_[self.ranker.out_[:n], self.ranker.out_bias_[:n]].astype(np.float64)
-        moves = np.c_[np.asarray(solved["item_factors"], np.float64) - prior["item_factors"],
-                      np.asarray(solved["item_bias"], np.float64) - prior["item_bias"], np.zeros(m)]
-        moved = moves @ np.linalg.lstsq(X, Y, rcond=None)[0]
-        return {"out": (prior_ranker["out"] + moved[:, :-1]).astype(np.float32),
-                "out_bias": (prior_ranker["out_bias"] + moved[:, -1]).astype(np.float32)}
+        M = fit_ranker_map(self, with_count=False)  # (the learned rows never change within a full version's line)
+        bias_map = (self.ranker_map if self.ranker_map is not None else fit_ranker_map(self))[:, -1]
+        m = len(prior["item_bias"])
+        f, b = np.asarray(solved["item_factors"], np.float64), np.asarray(solved["item_bias"], np.float64)
+        n = np.asarray(n_ratings, np.float64)
+        moved = np.c_[prior_ranker["out"], prior_ranker["out_bias"]] + \
+            np.c_[f - prior["item_factors"], b - prior["item_bias"], np.zeros(m)] @ M
+        own_bias = np.c_[f, b, np.log1p(n), np.ones(m)] @ bias_map
+        w = n / (n + self.config.ranker_item_map_count)
+        return {"out": moved[:, :-1].astype(np.float32),
+                "out_bias": ((1 - w) * moved[:, -1] + w * own_bias).astype(np.float32)}
 
     def added_items(self) -> np.ndarray:
         """Inner indices of the items added after the full retrain (from metadata or first ratings)."""
@@ -502,6 +531,8 @@ class TrainedModel:
             out["model/scale"] = np.array(self.scale, np.float64)
         if self.item_meta is not None:
             out.update({f"model/item_meta_{k}": v for k, v in self.item_meta.items()})
+        if self.ranker_map is not None:
+            out["model/ranker_map"] = self.ranker_map
         out.update({f"rating/{k}": v for k, v in self.rating.to_arrays().items()})
         out.update({f"bootstrap/{k}": v for k, v in self.bootstrap.to_arrays().items()})
         if self.ranker is not None:
@@ -536,7 +567,8 @@ class TrainedModel:
                    n_trained_items=int(a["model/n_trained_items"]) if "model/n_trained_items" in a else None,
                    scale=_stored_scale(a, ranker),
                    item_meta={k: a[f"model/item_meta_{k}"] for k in ("indptr", "indices", "data")}
-                   if "model/item_meta_indptr" in a else None)
+                   if "model/item_meta_indptr" in a else None,
+                   ranker_map=np.asarray(a["model/ranker_map"], np.float64) if "model/ranker_map" in a else None)
 
 
 def _stored_scale(a: dict[str, np.ndarray], ranker) -> tuple[float, float] | None:  # noqa: ANN001

@@ -1,8 +1,9 @@
 """The rating models' item side as plain float32 arrays, served with numpy only (no torch, no fastai).
 
 Two small classes with the same methods, after implicit's uniform model classes: ``predict``,
-``fold_in`` (a user's embedding and bias from their ratings, item side frozen), ``similar_items``,
-``with_items`` (append rows for new items), ``to_arrays``/``from_arrays``."""
+``fold_in`` (a user's embedding and bias from their ratings, item side frozen), ``fold_in_item`` (a new
+item's row from its raters, user side frozen), ``similar_items``, ``with_items`` (append rows for new
+items), ``to_arrays``/``from_arrays``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ class _RatingModel:
         by what a new rating adds to everything it was learned from, not as if it were all there is.
         A pure function of its arguments: folding the same ratings in again from the same prior
         gives the same user. With no ratings the prior is returned unchanged."""
+        raise NotImplementedError
+
+    def fold_in_item(self, user_vecs: np.ndarray, user_bias: np.ndarray, ratings: np.ndarray,
+                     prior_vec: np.ndarray, prior_bias: float,
+                     config: FoldInConfig = FoldInConfig()) -> tuple[np.ndarray, float]:
+        """A new item's (embedding, bias) given its ratings by users with these rows (embedding, bias),
+        shrunk toward its prior row: ``fold_in`` with users and items swapped."""
         raise NotImplementedError
 
     def information(self, items: np.ndarray, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
@@ -130,6 +138,11 @@ class DotRating(_RatingModel):
         p = 1.0 / (1.0 + np.exp(-(X @ theta + self.item_bias[items].astype(np.float64))))
         return lo + (hi - lo) * p, X * ((hi - lo) * p * (1 - p))[:, None]
 
+    def fold_in_item(self, user_vecs, user_bias, ratings, prior_vec, prior_bias, config=FoldInConfig()):  # noqa: ANN001
+        """The dot product is symmetric: the raters are the "items" of a user fold-in."""
+        raters = DotRating(self.y_range, np.asarray(user_vecs, np.float32), np.asarray(user_bias, np.float32))
+        return raters.fold_in(np.arange(len(raters.item_bias)), ratings, prior_vec, prior_bias, config)
+
     def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
                 weights=None):
         """Gauss-Newton on the squared error in rating units (through ``sigmoid_range``) with a
@@ -181,6 +194,16 @@ class NNRating(_RatingModel):
         J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, :len(theta)]
         return lo + (hi - lo) * s, J
 
+    def _item_jacobian(self, user_vecs, theta):  # noqa: ANN001
+        """As ``_jacobian``, with respect to an item embedding θ rated by users with ``user_vecs``."""
+        lo, hi = self.y_range
+        k = user_vecs.shape[1]
+        x = np.concatenate([user_vecs.astype(np.float64), np.broadcast_to(theta, (len(user_vecs), len(theta)))], axis=1)
+        out, cache = run_head(self.head, x, keep=True)
+        s = 1.0 / (1.0 + np.exp(-out[:, 0]))
+        J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, k:]
+        return lo + (hi - lo) * s, J
+
     def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
                 weights=None, steps: int = 150):
         """Adam on Σ w (r - pred)² + (u - u0)ᵀ (reg I + P) (u - u0) over the user embedding (numpy
@@ -189,24 +212,21 @@ class NNRating(_RatingModel):
         is 2 reg), so that ratings that cancel (a changed rating changed back) leave the prior exactly
         as it is: Adam's steps are full-size on any gradient, however small."""
         items = np.asarray(items, np.int64)
-        u = np.asarray(prior_vec, np.float64).copy()
         if len(items) == 0:
-            return u.astype(np.float32), float(prior_bias)
-        precision = config.reg * np.eye(len(u)) + (0 if prior_information is None else prior_information)
-        w = np.ones(len(items)) if weights is None else np.asarray(weights, np.float64)
-        r = np.asarray(ratings, np.float64)
-        prior = u.copy()
-        m = np.zeros_like(u)
-        v = np.zeros_like(u)
-        for t in range(1, steps + 1):
-            pred, J = self._jacobian(items, u)
-            grad = 2 * J.T @ (w * (pred - r)) + 2 * precision @ (u - prior)
-            if np.abs(grad).max() <= 2e-6 * max(config.reg, 1e-3):
-                break
-            m = 0.9 * m + 0.1 * grad
-            v = 0.999 * v + 0.001 * grad ** 2
-            u -= 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-        return u.astype(np.float32), float(prior_bias)
+            return np.asarray(prior_vec, np.float32), float(prior_bias)
+        u = _adam_fold_in(lambda theta: self._jacobian(items, theta), ratings, prior_vec, config.reg,
+                          prior_information, weights, steps)
+        return u, float(prior_bias)
+
+    def fold_in_item(self, user_vecs, user_bias, ratings, prior_vec, prior_bias, config=FoldInConfig(),  # noqa: ANN001
+                     steps: int = 150):
+        """The same Adam over the item's embedding, its raters' embeddings fixed (no item bias here)."""
+        user_vecs = np.asarray(user_vecs, np.float64)
+        if len(user_vecs) == 0:
+            return np.asarray(prior_vec, np.float32), float(prior_bias)
+        v = _adam_fold_in(lambda theta: self._item_jacobian(user_vecs, theta), ratings, prior_vec, config.reg,
+                          steps=steps)
+        return v, float(prior_bias)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = super().to_arrays()
@@ -227,6 +247,29 @@ class NNRating(_RatingModel):
             head.append((op, params))
         return cls(tuple(float(x) for x in a["y_range"]), a["item_factors"].astype(np.float32),
                    a["item_bias"].astype(np.float32), head=head)
+
+
+def _adam_fold_in(jacobian, ratings, prior_vec, reg: float, prior_information=None, weights=None,  # noqa: ANN001
+                  steps: int = 150) -> np.ndarray:
+    """Adam on Σ w (r − pred)² + (θ − θ0)ᵀ (reg I + P) (θ − θ0), ``jacobian(θ)`` → (pred, J): the NN's
+    fold-ins (``NNRating.fold_in``, ``fold_in_item``). Stops on a gradient that puts the optimum within
+    about 1e-6 of θ."""
+    theta = np.asarray(prior_vec, np.float64).copy()
+    precision = reg * np.eye(len(theta)) + (0 if prior_information is None else prior_information)
+    r = np.asarray(ratings, np.float64)
+    w = np.ones(len(r)) if weights is None else np.asarray(weights, np.float64)
+    prior = theta.copy()
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    for t in range(1, steps + 1):
+        pred, J = jacobian(theta)
+        grad = 2 * J.T @ (w * (pred - r)) + 2 * precision @ (theta - prior)
+        if np.abs(grad).max() <= 2e-6 * max(reg, 1e-3):
+            break
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad ** 2
+        theta -= 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    return theta.astype(np.float32)
 
 
 RATING_MODELS: dict[str, type[_RatingModel]] = {"dot": DotRating, "nn": NNRating}

@@ -56,8 +56,11 @@ class FiniteFloat(click.ParamType):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             x = float(value)
         else:
+            text = str(value).strip()
             try:
-                x = float(str(value).strip())
+                if not text.isascii() or "_" in text:  # (float reads "４" and "5_0"; the file readers do not)
+                    raise ValueError
+                x = float(text)
             except ValueError:
                 self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(x):

@@ -99,9 +99,10 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
     _refuse_a_folder(path)
     if path is not None and not path.parent.is_dir():
         raise CfbError(f"no folder {path.parent} to make the database {path.name} in")
+    if path is not None:  # (one killed just after linking its file into place leaves it beside the database)
+        _remove_dead_partials(path)
     if path is None or path.exists():
         return write(url)
-    _remove_dead_partials(path)
     # unique to this call: another thread of this process, or a process of another machine sharing the folder
     partial = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
@@ -279,7 +280,7 @@ def require_database(url: str) -> None:
     reads or serves: a mistyped path makes no file, an empty one stays empty; an ingest makes a database)."""
     path = sqlite_file(url)
     _refuse_a_folder(path)
-    if path is not None and not path.exists():
+    if path is not None:
         _remove_dead_partials(path)  # (a killed first ingest's: whoever next looks for the database)
     if path is not None and (not path.exists() or path.stat().st_size == 0):
         empty = " (an empty file)" if path.exists() else ""  # (reading it would write a database's header into it)

@@ -255,6 +255,7 @@ def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[
         raise InputError("empty file", source=src, line=1)
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
     rows: list[tuple[int, list[str]]] = []
+    start = 1  # the line the record being read starts on (a quoted field may hold line breaks)
     try:
         header = [h.strip() for h in next(reader)]
         if key not in header:
@@ -265,15 +266,15 @@ def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[
                 raise InputError(f"column {k + 1} has no name", source=src, line=1)
             if name in header[:k]:
                 raise InputError("duplicate column", source=src, line=1, field=name)
+        start = reader.line_num + 1
         for row in reader:
-            if not any(f.strip() for f in row):
-                continue
-            if len(row) != len(header):
-                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src,
-                                 line=reader.line_num)
-            rows.append((reader.line_num, [f.strip() for f in row]))
+            if any(f.strip() for f in row):
+                if len(row) != len(header):
+                    raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=start)
+                rows.append((start, [f.strip() for f in row]))
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise InputError(f"malformed CSV ({e})", source=src, line=reader.line_num) from None
+        raise InputError(f"malformed CSV in the record that starts here ({e})", source=src, line=start) from None
     if not rows:
         raise InputError(f"no {what}s after the header", source=src, line=2)
     k, seen = header.index(key), {}

@@ -727,6 +727,18 @@ def user_ratings_replaced(conn: Connection, user_id: int) -> tuple[np.ndarray, .
     return users_ratings_replaced(conn, [user_id])[int(user_id)]
 
 
+def items_rated_by(conn: Connection, user_ids, among: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """The item ids of ``among`` that any of ``user_ids`` has rated (sorted; a query per 900 users)."""
+    among = np.unique(np.asarray(among, np.int64))
+    ids = sorted({int(u) for u in user_ids})
+    if not len(among) or not ids:
+        return among[:0]
+    found: set[int] = set()
+    for start in range(0, len(ids), 900):
+        found.update(conn.scalars(select(Rating.item_id).distinct().where(Rating.user_id.in_(ids[start:start + 900]))))
+    return among[np.isin(among, np.fromiter(found, np.int64, len(found)))]
+
+
 def users_ratings_replaced(conn: Connection, user_ids) -> dict[int, tuple[np.ndarray, ...]]:  # noqa: ANN001
     """user id -> (item ids, ratings, seq, prev_rating, prev_seq) of each of ``user_ids`` in write order,
     a query per 900 users (NaN and -1 where a row replaced nothing, or the table does not record

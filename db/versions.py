@@ -8,6 +8,7 @@ and no partial rows. Item rows are kept by database id; inner indices never leav
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -24,7 +25,11 @@ from .array_cache import stored_arrays
 from .schema import ModelArrays, ModelVersion, UserFactors
 from .store import CHUNK, get_setting, prune_replaced_ratings, set_setting
 
-MODEL_BLOB = "model.npz"  # a full version's TrainedModel.to_arrays()
+MODEL_BLOB = "model.npz"  # a full version's TrainedModel.to_arrays() (and an incremental one's checkpoint)
+# an incremental version also stores its whole model (a checkpoint) where loading it would otherwise
+# apply this many deltas in a row: loading stays one blob and fewer deltas than this, however many
+# incremental retrains run between full ones
+CHECKPOINT_EVERY = 16
 DELTA_BLOB = "delta.npz"  # an incremental version's changes
 SERVING_CHOICES = "serving_choices"  # setting: how many times a version was made serving by choice
 
@@ -77,9 +82,11 @@ def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: 
 
 
 def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray], *, kind: str,
-                     settings: dict, metrics: dict, max_seq: int) -> int:
+                     settings: dict, metrics: dict, max_seq: int, model: TrainedModel | None = None) -> int:
     """Write an incremental version holding ``delta`` (see ``apply_delta``) and serve it, unless the
-    serving version is no longer ``parent`` (a rollback during the retrain): then nothing is written."""
+    serving version is no longer ``parent`` (a rollback during the retrain): then nothing is written.
+    ``model`` (the version's whole model) is stored beside the delta as a checkpoint where loading the
+    version would otherwise apply ``CHECKPOINT_EVERY`` deltas in a row."""
     moved = _check_serving(conn, parent)
     if moved is not None:
         raise CfbError(f"the serving version changed from {parent} to {moved} during the retrain "
@@ -88,8 +95,18 @@ def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray]
         kind=kind, mode="incremental", parent_id=parent, hyperparams=settings, metrics=metrics,
         max_seq=int(max_seq)).returning(ModelVersion.id)).scalar_one()
     conn.execute(insert(ModelArrays).values(version_id=version, name=DELTA_BLOB, data=to_npz(delta)))
+    if model is not None and len(_deltas_to_apply(conn, chain(conn, parent))) + 1 >= CHECKPOINT_EVERY:
+        conn.execute(insert(ModelArrays).values(version_id=version, name=MODEL_BLOB, data=to_npz(model.to_arrays())))
     set_serving(conn, version)
     return version
+
+
+def _deltas_to_apply(conn: Connection, versions: list[int]) -> list[int]:
+    """Of a chain (``chain``), the versions after the last one that stores a whole model: the deltas
+    that loading the chain's last version applies."""
+    whole = set(conn.scalars(select(ModelArrays.version_id).where(ModelArrays.name == MODEL_BLOB)))
+    start = max((k for k, v in enumerate(versions) if v in whole), default=0)
+    return versions[start + 1:]
 
 
 def make_delta(added_item_ids: np.ndarray, added_rows: dict[str, np.ndarray], model: TrainedModel,
@@ -139,12 +156,14 @@ def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedMod
 def load_model(conn: Connection, version: int) -> TrainedModel:
     """The version's ``TrainedModel`` (without trained users' rows: see ``trained_row``)."""
     versions = chain(conn, version)
+    deltas = _deltas_to_apply(conn, versions)
+    start = versions[len(versions) - len(deltas) - 1]  # the full version, or the latest checkpoint
     try:
-        arrays = stored_arrays(conn, versions[0], MODEL_BLOB)
+        arrays = stored_arrays(conn, start, MODEL_BLOB)
     except LookupError:
-        raise CfbError(f"model version {versions[0]} was written by an older cfb: run `cfb retrain --full`") from None
+        raise CfbError(f"model version {start} was written by an older cfb: run `cfb retrain --full`") from None
     model = TrainedModel.from_arrays(arrays)
-    for v in versions[1:]:
+    for v in deltas:
         model = apply_delta(model, from_npz(conn.scalar(select(ModelArrays.data).where(
             ModelArrays.version_id == v, ModelArrays.name == DELTA_BLOB))))
     return model
@@ -251,6 +270,19 @@ def db_now(conn: Connection) -> float:
     return float(conn.scalar(text("SELECT (julianday('now') - 2440587.5) * 86400.0")))
 
 
+def _lock_holder(raw: str | None) -> dict | None:
+    """The lock row's holder, or None where the row is not one this code writes (an empty, truncated or
+    hand-edited row has no live holder to wait for: it is taken over)."""
+    try:
+        holder = json.loads(raw) if raw else None
+        if not isinstance(holder, dict):
+            return None
+        holder["pid"], holder["heartbeat"] = int(holder["pid"]), float(holder.get("heartbeat") or 0)
+        return holder if isinstance(holder.get("host"), str) and math.isfinite(holder["heartbeat"]) else None
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def _holder_alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # cannot check another machine's process: its heartbeat tells
@@ -277,7 +309,7 @@ def _heartbeat_loop(engine: Engine, me: dict, stop: threading.Event) -> None:
         try:
             with writing(engine) as conn:
                 raw = get_setting(conn, LOCK_KEY)
-                if not _same_holder(json.loads(raw) if raw else None, me):
+                if not _same_holder(_lock_holder(raw), me):
                     return  # released, or taken over: nothing left to keep alive
                 conn.execute(update(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw)
                              .values(value=json.dumps({**me, "heartbeat": db_now(conn)})))
@@ -305,9 +337,9 @@ def acquire_retrain_lock(engine: Engine) -> dict:
         except IntegrityError:
             with writing(engine) as conn:
                 raw = get_setting(conn, LOCK_KEY)
-                holder = json.loads(raw) if raw else None
+                holder = _lock_holder(raw)
                 if holder:
-                    age = db_now(conn) - float(holder.get("heartbeat") or 0)
+                    age = db_now(conn) - holder["heartbeat"]
                     if _holder_alive(holder) and age <= lock_stale_s():
                         raise CfbError(f"another retrain is running (pid {holder['pid']} on {holder['host']}, "
                                        f"last heartbeat {age:.0f} s ago); try again when it has finished") from None
@@ -333,5 +365,5 @@ def release_retrain_lock(engine: Engine, me: dict) -> None:
         thread.join(timeout=60)
     with writing(engine) as conn:
         raw = get_setting(conn, LOCK_KEY)
-        if raw and _same_holder(json.loads(raw), me):
+        if _same_holder(_lock_holder(raw), me):
             conn.execute(delete(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw))

@@ -12,7 +12,6 @@ import numpy as np
 from sqlalchemy import Engine
 
 from ..cf_core.errors import CfbError
-from ..cf_core.rating import DotRating
 from ..db import store, versions
 from ..db.engine import writing
 from .state import Served, load_served, user_histories
@@ -85,7 +84,8 @@ def retrain_incremental(engine: Engine) -> dict:
     """Fold what changed into the serving version; write and serve the result.
 
     Items that got ratings for the first time, and items added since the full retrain that got new
-    ratings, are solved against all their raters from their metadata row (or zeros); catalogue items
+    ratings or whose raters did, are solved against all their raters from their metadata row (or
+    zeros); catalogue items
     with metadata and no rating join from their metadata; the statistics of every touched item are
     the version's plus what the new ratings changed (``store.totals_since``)."""
     t_start = time.perf_counter()
@@ -106,7 +106,11 @@ def retrain_incremental(engine: Engine) -> dict:
             if len(new) == 0 and len(unrated) == 0:
                 return {"version": parent, "kind": model.kind, "mode": "none", "new_ratings": 0,
                         "reason": f"no new ratings or items since version {parent}"}
-            resolve = model.item_ids[np.intersect1d(model.added_items(), model.item_index(touched))]
+            # added items solved again: those with new ratings, and those whose raters have new ratings (a
+            # rater's vector moves with their ratings of learned items: the row stays a function of the ratings)
+            added_ids = model.item_ids[model.added_items()]
+            resolve = np.union1d(np.intersect1d(added_ids, touched),
+                                 store.items_rated_by(conn, np.unique(new.user_id), added_ids))
             new_items = np.concatenate([rated, unrated])
             t_fold = time.perf_counter()
             added, ranker_rows = model.metadata_rows(item_attributes_in_order(conn, new_items))
@@ -142,7 +146,7 @@ def retrain_incremental(engine: Engine) -> dict:
         max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:
             version = versions.save_incremental(conn, parent, delta, kind=model.kind, settings=model.settings,
-                                                metrics=metrics, max_seq=max_seq)
+                                                metrics=metrics, max_seq=max_seq, model=model)
         metrics["total_s"] = round(time.perf_counter() - t_start, 4)
         return {"version": version, "kind": model.kind, "mode": "incremental", "parent": parent, **metrics}
     finally:
@@ -159,34 +163,32 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
     ``prior`` row. A rater's vector here leaves out their ratings of every item added since the full
     retrain: those items' rows are the ones being solved (or were solved by an earlier incremental
     retrain), so the solution is a pure function of the ratings, whatever retrains came before. Its
-    ranker row is its ``prior_ranker`` row moved as the ratings move its rating row
-    (``TrainedModel.ranker_rows_following``). The nn model's items keep their prior rows (an item
-    embedding through the MLP is left to the next full retrain)."""
+    ranker row follows its rating row from its ``prior_ranker`` row (``TrainedModel.ranker_rows_following``). The nn model's item embedding is solved through its MLP
+    (``NNRating.fold_in_item``)."""
     model = served.model
     factors, biases = prior["item_factors"].copy(), prior["item_bias"].copy()
-    if model.kind != "dot":
-        return {"item_factors": factors, "item_bias": biases}, prior_ranker
     for_ranker = {"item_factors": factors.copy(), "item_bias": biases.copy()}
     rated = [store.item_ratings(conn, item) for item in item_ids.tolist()]
     everyone = np.unique(np.concatenate([users for users, _ in rated])) if rated else np.zeros(0, np.int64)
-    vecs, bias = np.zeros((len(everyone), factors.shape[1]), np.float32), np.zeros(len(everyone), np.float32)
+    raters = []
     for start in range(0, len(everyone), RATERS_AT_ONCE):  # every rater's vector once, their histories read together
-        part = slice(start, start + RATERS_AT_ONCE)
-        for k, h in enumerate(user_histories(conn, served, everyone[part]), start=start):
+        for h in user_histories(conn, served, everyone[start:start + RATERS_AT_ONCE]):
             inner = model.item_index(h.items)
-            v = model.user_vector(h.restricted_to((inner >= 0) & (inner < model.n_learned_items)),
-                                  affinity=False, ranking=False)
-            vecs[k], bias[k] = v.vec, v.bias
-    raters = DotRating(model.rating.y_range, vecs, bias)  # then each item against its raters
-    for k, (users, ratings) in enumerate(rated):
+            raters.append(model.user_vector(h.restricted_to((inner >= 0) & (inner < model.n_learned_items)),
+                                            affinity=False, ranking=False))
+    vecs = np.array([v.vec for v in raters], np.float32)  # (items without raters need none)
+    bias = np.array([v.bias for v in raters], np.float32)
+    for k, (users, ratings) in enumerate(rated):  # then each item against its raters
         if len(users) == 0:  # (no rating left: it keeps its prior row)
             continue
         at = np.searchsorted(everyone, users)
-        factors[k], biases[k] = raters.fold_in(at, ratings, factors[k], float(biases[k]),
-                                               model.config.item_foldin(model.scale_width))
+        factors[k], biases[k] = model.rating.fold_in_item(vecs[at], bias[at], ratings, factors[k], float(biases[k]),
+                                                          model.config.item_foldin(model.scale_width))
         if prior_ranker is not None:
-            f, b = raters.fold_in(at, ratings, prior["item_factors"][k], float(prior["item_bias"][k]),
-                                  model.config.ranker_item_foldin(model.scale_width))
+            f, b = model.rating.fold_in_item(vecs[at], bias[at], ratings, prior["item_factors"][k],
+                                             float(prior["item_bias"][k]),
+                                             model.config.ranker_item_foldin(model.scale_width))
             for_ranker["item_factors"][k], for_ranker["item_bias"][k] = f, b
-    ranker_rows = model.ranker_rows_following(prior, for_ranker, prior_ranker)
+    ranker_rows = model.ranker_rows_following(prior, for_ranker, prior_ranker,
+                                              np.array([len(users) for users, _ in rated]))
     return {"item_factors": factors.astype(np.float32), "item_bias": biases.astype(np.float32)}, ranker_rows

@@ -16,6 +16,8 @@ from .serving import find_item
 def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: bool = False) -> dict:
     """Store one rating (the latest wins); the item is found by id or exact title, or created."""
     try:
+        if isinstance(rating, str) and (not rating.isascii() or "_" in rating):  # (float reads "４" and "5_0";
+            raise ValueError                                                      # the ingest readers do not)
         value = float(rating)
     except (TypeError, ValueError, OverflowError):
         raise CfbError(f"rating {rating!r} is not a number") from None

@@ -16,7 +16,7 @@ from ..bootstrap.fit import fit_bootstrap, make_questionnaire
 from ..cf_core.data import CollabData, default_y_range, index_ids
 from ..cf_core.errors import CfbError
 from ..cf_core.feature_model import FeatureUserModel
-from ..cf_core.model import ServingConfig, TrainedModel
+from ..cf_core.model import ServingConfig, TrainedModel, fit_ranker_map
 from ..cf_core.split import valid_split
 from ..cf_core.train import MODELS, pick_device
 from ..db import array_cache, store, versions
@@ -154,6 +154,8 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
                          ranker=fitted_ranker, user_ids=td.user_ids, user_factors=est.user_factors_,
                          user_bias=est.user_bias_, settings=settings, n_trained_items=len(td.item_ids),
                          scale=tuple(map(float, td.scale)))
+    if fitted_ranker is not None:  # how an item added later carries what its ratings say over to its ranker row
+        model.ranker_map = fit_ranker_map(model)
     if prior is not None:  # the ranking part, after the side process has ended: both cores and its memory
         from ..cf_core.item_prior import full_history_user_vectors
 

