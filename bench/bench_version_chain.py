@@ -3,7 +3,7 @@ and by applying every delta from the full version, side by side on one database.
 
 MovieLens 100k, a full retrain, then 100 incremental retrains of one random rating each (seed 0); the
 median of five ``load_model`` calls of the serving version (the local array copy off). Measured
-2026-12-06: 0.015 s with checkpoints against 0.094 s for every delta (99 incremental versions: one
+2026-12-06: 0.010 s with checkpoints against 0.105 s for every delta (99 incremental versions: one
 rating drawn was already stored).
 
 Usage: python bench/bench_version_chain.py [--data ../shared/data/ml-100k] [--db /tmp/cfb-chain.db]

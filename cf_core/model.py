@@ -470,18 +470,19 @@ class TrainedModel:
         Its bias is then drawn, by n / (n + ``ServingConfig.ranker_item_map_count``), toward the bias that
         the version's map with rating counts (``ranker_map``) gives its solved rating row and count: a
         metadata row's bias sits on a level of its own (a softmax fixes scores only up to a constant), and
-        an item with as many ratings as a learned one should land about where a full retrain puts it.
-        None without a ranker."""
+        an item with as many ratings as a learned one should land about where a full retrain puts it (a
+        version stored without the map keeps the moved bias). None without a ranker."""
         if self.ranker is None or prior_ranker is None:
             return None
         M = fit_ranker_map(self, with_count=False)  # (the learned rows never change within a full version's line)
-        bias_map = (self.ranker_map if self.ranker_map is not None else fit_ranker_map(self))[:, -1]
         m = len(prior["item_bias"])
         f, b = np.asarray(solved["item_factors"], np.float64), np.asarray(solved["item_bias"], np.float64)
         n = np.asarray(n_ratings, np.float64)
         moved = np.c_[prior_ranker["out"], prior_ranker["out_bias"]] + \
             np.c_[f - prior["item_factors"], b - prior["item_bias"], np.zeros(m)] @ M
-        own_bias = np.c_[f, b, np.log1p(n), np.ones(m)] @ bias_map
+        if self.ranker_map is None:  # (a version from before the map: the learned items' counts have moved since)
+            return {"out": moved[:, :-1].astype(np.float32), "out_bias": moved[:, -1].astype(np.float32)}
+        own_bias = np.c_[f, b, np.log1p(n), np.ones(m)] @ self.ranker_map[:, -1]
         w = n / (n + self.config.ranker_item_map_count)
         return {"out": moved[:, :-1].astype(np.float32),
                 "out_bias": ((1 - w) * moved[:, -1] + w * own_bias).astype(np.float32)}
