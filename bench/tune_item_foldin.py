@@ -122,7 +122,25 @@ def first_ratings(model, split: dict) -> list[tuple[np.ndarray, np.ndarray]]:  #
     return out
 
 
-def rank_score(model, split: dict, scales: list[float | None]) -> dict:  # noqa: ANN001
+def candidate_ranker_rows(model, candidate: tuple[float, float] | None, prior: dict, prior_ranker: dict,  # noqa: ANN001
+                          reveals: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The pseudo-cold items' ranker rows after ``reveals`` (per item: inner users, their ratings), as an
+    incremental retrain makes them with ``candidate`` = (ranker_item_foldin_scale, ranker_item_map_count);
+    None: their metadata rows."""
+    if candidate is None:
+        return prior_ranker
+    m = replace(model, config=replace(model.config, ranker_item_foldin_scale=candidate[0],
+                                      ranker_item_map_count=candidate[1]))
+    moved = {n: prior[n].copy() for n in ("item_factors", "item_bias")}
+    for j, (u, r) in enumerate(reveals):
+        if len(u):
+            moved["item_factors"][j], moved["item_bias"][j] = model.rating.fold_in_item(
+                model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j], float(prior["item_bias"][j]),
+                m.config.ranker_item_foldin(m.scale_width))
+    return m.ranker_rows_following(prior, moved, prior_ranker, np.array([len(u) for u, _ in reveals]))
+
+
+def rank_score(model, split: dict, scales: list[tuple[float, float] | None]) -> dict:  # noqa: ANN001
     """{(ranker_item_foldin_scale, ranker_item_map_count): {k: [NDCG@10 of each scored user]}}; None: the
     ranker row stays its metadata row."""
     td = split["td"]
@@ -148,18 +166,7 @@ def rank_score(model, split: dict, scales: list[float | None]) -> dict:  # noqa:
                 rel, mine = held.setdefault(user, (set(), set()))
                 (mine if at < len(shown[j][0]) else rel if rating >= threshold else set()).add(j)
         for scale in scales:
-            ranker_rows = prior_ranker
-            if scale is not None:
-                m = replace(model, config=replace(model.config, ranker_item_foldin_scale=scale[0],
-                                                  ranker_item_map_count=scale[1]))
-                moved = {n: prior[n].copy() for n in ("item_factors", "item_bias")}
-                for j, (u, r) in enumerate(shown):
-                    if len(u):
-                        moved["item_factors"][j], moved["item_bias"][j] = model.rating.fold_in_item(
-                            model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j],
-                            float(prior["item_bias"][j]), m.config.ranker_item_foldin(m.scale_width))
-                ranker_rows = m.ranker_rows_following(prior, moved, prior_ranker, np.array([len(u) for u, _ in shown]))
-            version = grown.with_item_rows(cold, rows, ranker_rows)
+            version = grown.with_item_rows(cold, rows, candidate_ranker_rows(model, scale, prior, prior_ranker, shown))
             for user, (rel, mine) in sorted(held.items()):
                 rel = rel - mine
                 if not rel:
@@ -191,22 +198,15 @@ def level_score(model, full, split: dict, full_split: dict, candidates: list, mi
     warm = np.setdiff1d(np.arange(full.n_learned_items), in_full)
     full_scores = full_vecs @ full.ranker.out_.T + full.ranker.out_bias_
     prior, prior_ranker = model.metadata_rows(split["cold_attrs"])
+    reveals = [(u, r) if len(u) >= min_ratings else (u[:0], r[:0]) for u, r in first_ratings(model, split)]
+    rows = {c: candidate_ranker_rows(model, c, prior, prior_ranker, reveals) for c in candidates}
     out = {c: [] for c in candidates}
-    for j, (u, r) in enumerate(first_ratings(model, split)):
-        if len(u) < min_ratings:
+    for j, (u, _) in enumerate(reveals):
+        if not len(u):
             continue
         truth = (full_scores[:, warm] > full_scores[:, [in_full[j]]]).mean(1)
         for c in candidates:
-            o, b = prior_ranker["out"][j], prior_ranker["out_bias"][j]
-            if c is not None:
-                m = replace(model, config=replace(model.config, ranker_item_foldin_scale=c[0], ranker_item_map_count=c[1]))
-                f, fb = model.rating.fold_in_item(model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j],
-                                                  float(prior["item_bias"][j]), m.config.ranker_item_foldin(m.scale_width))
-                rows = m.ranker_rows_following({k: prior[k][j:j + 1] for k in ("item_factors", "item_bias")},
-                                               {"item_factors": f[None], "item_bias": np.array([fb])},
-                                               {k: prior_ranker[k][j:j + 1] for k in prior_ranker}, np.array([len(u)]))
-                o, b = rows["out"][0], rows["out_bias"][0]
-            share = (learned > (vecs @ o + b)[:, None]).mean(1)
+            share = (learned > (vecs @ rows[c]["out"][j] + rows[c]["out_bias"][j])[:, None]).mean(1)
             out[c].append((np.abs(share - truth).mean(), np.corrcoef(share, truth)[0, 1], (share - truth).mean()))
     return {c: tuple(np.mean(np.array(v), axis=0)) for c, v in out.items()}
 

@@ -56,11 +56,10 @@ class FiniteFloat(click.ParamType):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             x = float(value)
         else:
-            text = str(value).strip()
+            from ..db.textfile import plain_float
+
             try:
-                if not text.isascii() or "_" in text:  # (float reads "４" and "5_0"; the file readers do not)
-                    raise ValueError
-                x = float(text)
+                x = plain_float(value)
             except ValueError:
                 self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(x):

@@ -68,3 +68,12 @@ def _content_end(f, size: int) -> int:  # noqa: ANN001
             return start + len(kept)
         end = start
     return 0
+
+
+def plain_float(text: str) -> float:
+    """``float(text)`` as the file readers take a number: ASCII only and no '_' (``float`` alone reads
+    "４" and "5_0"); ValueError otherwise."""
+    text = str(text).strip()
+    if not text.isascii() or "_" in text:
+        raise ValueError(f"not a number: {text!r}")
+    return float(text)

@@ -50,6 +50,9 @@ class PositivePopularity(Popularity):
         return self.positive_scores_.copy()
 
 
+DEMOGRAPHICS = ("gender", "age")  # the user attributes demographic popularity groups by
+
+
 class DemographicPopularity(Popularity):
     """Popularity among warm users of the same gender and age band, falling back to popularity
     (global counts break ties and rank the items the group never rated)."""
@@ -65,7 +68,8 @@ class DemographicPopularity(Popularity):
 
     @staticmethod
     def group(attributes: dict) -> tuple:
-        return (attributes.get("gender"), age_band(attributes.get("age")))
+        gender, age = (attributes.get(k) for k in DEMOGRAPHICS)
+        return (gender, age_band(age))
 
     def scores(self, attributes: dict | None = None) -> np.ndarray:
         group = self.group_counts_.get(self.group(attributes or {}))

@@ -26,7 +26,7 @@ from ..service.training import retrain_full
 from ..cf_core.model import ServingConfig, UserVector
 from ..cf_core.scoring import top_n
 from ..cf_core.split import answer_pool_split, cold_users
-from .baselines import DemographicPopularity, Popularity, PositivePopularity
+from .baselines import DEMOGRAPHICS, DemographicPopularity, Popularity, PositivePopularity
 from .metrics import (Tally, combine_seeds, ndcg_at_k, paired_difference, recall_at_k, with_differences,
                       with_seed_errors, without_per_user)
 
@@ -302,9 +302,9 @@ def mean_over_seeds(results: list[dict]) -> dict:
 
 
 def has_demographics(ds: Dataset) -> bool:
-    """Whether any user has the gender or age that demographic popularity groups by."""
+    """Whether any user has one of the attributes demographic popularity groups by (gender, age)."""
     return ds.users is not None and any(
-        isinstance(a, dict) and (a.get("gender") is not None or a.get("age") is not None) for a in ds.users.attributes)
+        isinstance(a, dict) and any(a.get(k) is not None for k in DEMOGRAPHICS) for a in ds.users.attributes)
 
 
 def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10),

@@ -163,8 +163,8 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
     ``prior`` row. A rater's vector here leaves out their ratings of every item added since the full
     retrain: those items' rows are the ones being solved (or were solved by an earlier incremental
     retrain), so the solution is a pure function of the ratings, whatever retrains came before. Its
-    ranker row follows its rating row from its ``prior_ranker`` row (``TrainedModel.ranker_rows_following``). The nn model's item embedding is solved through its MLP
-    (``NNRating.fold_in_item``)."""
+    ranker row follows its rating row from its ``prior_ranker`` row (``TrainedModel.ranker_rows_following``).
+    The nn model's item embedding is solved through its MLP (``NNRating.fold_in_item``)."""
     model = served.model
     factors, biases = prior["item_factors"].copy(), prior["item_bias"].copy()
     for_ranker = {"item_factors": factors.copy(), "item_bias": biases.copy()}

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, insert
 from ..cf_core.errors import CfbError
 from ..db import store
 from ..db.engine import writing
+from ..db.textfile import plain_float
 from ..db.schema import Item
 from .serving import find_item
 
@@ -16,9 +17,7 @@ from .serving import find_item
 def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: bool = False) -> dict:
     """Store one rating (the latest wins); the item is found by id or exact title, or created."""
     try:
-        if isinstance(rating, str) and (not rating.isascii() or "_" in rating):  # (float reads "４" and "5_0";
-            raise ValueError                                                      # the ingest readers do not)
-        value = float(rating)
+        value = plain_float(rating) if isinstance(rating, str) else float(rating)
     except (TypeError, ValueError, OverflowError):
         raise CfbError(f"rating {rating!r} is not a number") from None
     if not math.isfinite(value):
