@@ -122,6 +122,18 @@ def first_ratings(model, split: dict) -> list[tuple[np.ndarray, np.ndarray]]:  #
     return out
 
 
+def folded_rows(model, prior: dict, reveals: list[tuple[np.ndarray, np.ndarray]], shrinkage: FoldInConfig) -> dict:  # noqa: ANN001
+    """The pseudo-cold items' rating rows solved from ``prior`` against ``reveals`` (per item: inner users,
+    their ratings) with ``shrinkage``, as an incremental retrain solves an added item."""
+    rows = {n: prior[n].copy() for n in ("item_factors", "item_bias")}
+    for j, (u, r) in enumerate(reveals):
+        if len(u):
+            rows["item_factors"][j], rows["item_bias"][j] = model.rating.fold_in_item(
+                model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j], float(prior["item_bias"][j]),
+                shrinkage)
+    return rows
+
+
 def candidate_ranker_rows(model, candidate: tuple[float, float] | None, prior: dict, prior_ranker: dict,  # noqa: ANN001
                           reveals: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     """The pseudo-cold items' ranker rows after ``reveals`` (per item: inner users, their ratings), as an
@@ -131,12 +143,7 @@ def candidate_ranker_rows(model, candidate: tuple[float, float] | None, prior: d
         return prior_ranker
     m = replace(model, config=replace(model.config, ranker_item_foldin_scale=candidate[0],
                                       ranker_item_map_count=candidate[1]))
-    moved = {n: prior[n].copy() for n in ("item_factors", "item_bias")}
-    for j, (u, r) in enumerate(reveals):
-        if len(u):
-            moved["item_factors"][j], moved["item_bias"][j] = model.rating.fold_in_item(
-                model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j], float(prior["item_bias"][j]),
-                m.config.ranker_item_foldin(m.scale_width))
+    moved = folded_rows(model, prior, reveals, m.config.ranker_item_foldin(m.scale_width))
     return m.ranker_rows_following(prior, moved, prior_ranker, np.array([len(u) for u, _ in reveals]))
 
 
@@ -154,12 +161,7 @@ def rank_score(model, split: dict, scales: list[tuple[float, float] | None]) -> 
     out = {s: {k: [] for k in RANK_KS} for s in scales}
     for k in RANK_KS:
         shown = [(u[:k], r[:k]) if len(u) > k else (u[:0], r[:0]) for u, r in by_item]
-        rows = {n: prior[n].copy() for n in ("item_factors", "item_bias")}
-        for j, (u, r) in enumerate(shown):
-            if len(u):
-                rows["item_factors"][j], rows["item_bias"][j] = model.rating.fold_in_item(
-                    model.user_factors[u], model.user_bias[u], r, prior["item_factors"][j], float(prior["item_bias"][j]),
-                    model.config.item_foldin(model.scale_width))
+        rows = folded_rows(model, prior, shown, model.config.item_foldin(model.scale_width))
         held = {}  # user -> (relevant pseudo-cold items, the ones they revealed)
         for j, (u, r) in enumerate(by_item):
             for at, (user, rating) in enumerate(zip(u.tolist(), r.tolist())):
