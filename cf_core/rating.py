@@ -75,6 +75,19 @@ class _RatingModel:
         shrunk toward its prior row: ``fold_in`` with users and items swapped."""
         raise NotImplementedError
 
+    def fold_in_items(self, user_vecs: np.ndarray, user_bias: np.ndarray, item_of_rating: np.ndarray,
+                      ratings: np.ndarray, prior_vecs: np.ndarray, prior_bias: np.ndarray,
+                      config: FoldInConfig = FoldInConfig()) -> tuple[np.ndarray, np.ndarray]:
+        """``fold_in_item`` for many items at once: item k's (embedding, bias) from the ratings r with
+        ``item_of_rating[r] == k``, each by the user with row r of ``user_vecs``/``user_bias``, shrunk
+        toward row k of ``prior_vecs``/``prior_bias``. An item without ratings keeps its prior row."""
+        vecs = np.array(prior_vecs, np.float32)
+        biases = np.array(prior_bias, np.float32)
+        for k, at in _rows_by_item(item_of_rating):
+            vecs[k], biases[k] = self.fold_in_item(user_vecs[at], user_bias[at], ratings[at], vecs[k],
+                                                   float(biases[k]), config)
+        return vecs, biases
+
     def information(self, items: np.ndarray, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
         """The Gauss-Newton information (Σ JᵀJ of the predicted ratings) of a user's ratings of
         ``items`` about the user's parameters θ at (``user_vec``, ``user_bias``): the curvature their
@@ -194,11 +207,12 @@ class NNRating(_RatingModel):
         J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, :len(theta)]
         return lo + (hi - lo) * s, J
 
-    def _item_jacobian(self, user_vecs, theta):  # noqa: ANN001
-        """As ``_jacobian``, with respect to an item embedding θ rated by users with ``user_vecs``."""
+    def _item_jacobian(self, user_vecs, item_vecs):  # noqa: ANN001
+        """As ``_jacobian``, with respect to the item embeddings: row r is the rating by the user with
+        ``user_vecs[r]`` of an item with ``item_vecs[r]``."""
         lo, hi = self.y_range
         k = user_vecs.shape[1]
-        x = np.concatenate([user_vecs.astype(np.float64), np.broadcast_to(theta, (len(user_vecs), len(theta)))], axis=1)
+        x = np.concatenate([user_vecs.astype(np.float64), item_vecs], axis=1)
         out, cache = run_head(self.head, x, keep=True)
         s = 1.0 / (1.0 + np.exp(-out[:, 0]))
         J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, k:]
@@ -214,19 +228,56 @@ class NNRating(_RatingModel):
         items = np.asarray(items, np.int64)
         if len(items) == 0:
             return np.asarray(prior_vec, np.float32), float(prior_bias)
-        u = _adam_fold_in(lambda theta: self._jacobian(items, theta), ratings, prior_vec, config.reg,
-                          prior_information, weights, steps)
-        return u, float(prior_bias)
+        r = np.asarray(ratings, np.float64)
+        w = np.ones(len(r)) if weights is None else np.asarray(weights, np.float64)
+
+        def data_gradient(theta: np.ndarray) -> np.ndarray:
+            pred, J = self._jacobian(items, theta[0])
+            return (J.T @ (w * (pred - r)))[None]
+
+        u = _adam_fold_in(data_gradient, np.asarray(prior_vec, np.float64)[None], config.reg, prior_information,
+                          steps)
+        return u[0], float(prior_bias)
 
     def fold_in_item(self, user_vecs, user_bias, ratings, prior_vec, prior_bias, config=FoldInConfig(),  # noqa: ANN001
                      steps: int = 150):
         """The same Adam over the item's embedding, its raters' embeddings fixed (no item bias here)."""
-        user_vecs = np.asarray(user_vecs, np.float64)
-        if len(user_vecs) == 0:
-            return np.asarray(prior_vec, np.float32), float(prior_bias)
-        v = _adam_fold_in(lambda theta: self._item_jacobian(user_vecs, theta), ratings, prior_vec, config.reg,
-                          steps=steps)
-        return v, float(prior_bias)
+        vecs, _ = self.fold_in_items(user_vecs, user_bias, np.zeros(len(ratings), np.int64), ratings,
+                                     np.asarray(prior_vec)[None], np.array([prior_bias], np.float32), config, steps)
+        return vecs[0], float(prior_bias)
+
+    def fold_in_items(self, user_vecs, user_bias, item_of_rating, ratings, prior_vecs, prior_bias,  # noqa: ANN001
+                      config=FoldInConfig(), steps: int = 150):
+        """Many items' Adam together, one pass through the MLP a step for the ratings of up to
+        ``RATINGS_AT_ONCE`` ratings' items (larger passes leave the processor's cache and run slower);
+        each item stops on its own gradient, so its row is the one ``fold_in_item`` gives it alone."""
+        vecs = np.array(prior_vecs, np.float32)
+        user_vecs, ratings = np.asarray(user_vecs, np.float64), np.asarray(ratings, np.float64)
+        prior_vecs = np.asarray(prior_vecs, np.float64)
+        item_of_rating = np.asarray(item_of_rating, np.int64)
+        order = np.argsort(item_of_rating, kind="stable")
+        rated, starts = np.unique(item_of_rating[order], return_index=True)
+        ends = np.r_[starts[1:], len(order)]
+        first = 0
+        while first < len(rated):  # items with at most RATINGS_AT_ONCE ratings together (or one item)
+            last = max(first + 1, int(np.searchsorted(ends, starts[first] + RATINGS_AT_ONCE, side="right")))
+            take = order[starts[first]:ends[last - 1]]
+            vecs[rated[first:last]] = self._fold_in_rated_items(user_vecs[take], ratings[take],
+                                                                starts[first:last] - starts[first],
+                                                                prior_vecs[rated[first:last]], config.reg, steps)
+            first = last
+        return vecs, np.array(prior_bias, np.float32)
+
+    def _fold_in_rated_items(self, user_vecs: np.ndarray, r: np.ndarray, starts: np.ndarray, priors: np.ndarray,
+                             reg: float, steps: int) -> np.ndarray:
+        """Item k's embedding from the ratings from ``starts[k]`` to the next start, all items at once."""
+        at = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(r)]))  # each rating's item
+
+        def data_gradient(theta: np.ndarray) -> np.ndarray:
+            pred, J = self._item_jacobian(user_vecs, theta[at])
+            return np.add.reduceat(J * (pred - r)[:, None], starts, axis=0)
+
+        return _adam_fold_in(data_gradient, priors, reg, steps=steps)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = super().to_arrays()
@@ -249,27 +300,39 @@ class NNRating(_RatingModel):
                    a["item_bias"].astype(np.float32), head=head)
 
 
-def _adam_fold_in(jacobian, ratings, prior_vec, reg: float, prior_information=None, weights=None,  # noqa: ANN001
+RATINGS_AT_ONCE = 512  # the most ratings an nn item fold-in runs through the MLP in one pass (several items')
+
+
+def _adam_fold_in(data_gradient, prior: np.ndarray, reg: float, prior_information=None,  # noqa: ANN001
                   steps: int = 150) -> np.ndarray:
-    """Adam on Σ w (r − pred)² + (θ − θ0)ᵀ (reg I + P) (θ − θ0), ``jacobian(θ)`` → (pred, J): the NN's
-    fold-ins (``NNRating.fold_in``, ``fold_in_item``). Stops on a gradient that puts the optimum within
-    about 1e-6 of θ."""
-    theta = np.asarray(prior_vec, np.float64).copy()
-    precision = reg * np.eye(len(theta)) + (0 if prior_information is None else prior_information)
-    r = np.asarray(ratings, np.float64)
-    w = np.ones(len(r)) if weights is None else np.asarray(weights, np.float64)
-    prior = theta.copy()
+    """Adam on Σ w (r − pred)² + (θ − θ0)ᵀ (reg I + P) (θ − θ0) for each row θ of ``prior`` (θ0) at once,
+    ``data_gradient(θs)`` → each row's Σ w (pred − r) ∂pred/∂θ: the NN's fold-ins (``NNRating.fold_in``,
+    ``fold_in_items``). A row stops on a gradient that puts its optimum within about 1e-6 of it."""
+    prior = np.asarray(prior, np.float64)
+    theta = prior.copy()
+    precision = reg * np.eye(theta.shape[1]) + (0 if prior_information is None else prior_information)
     m = np.zeros_like(theta)
     v = np.zeros_like(theta)
+    rows = np.arange(len(theta))  # those still moving
     for t in range(1, steps + 1):
-        pred, J = jacobian(theta)
-        grad = 2 * J.T @ (w * (pred - r)) + 2 * precision @ (theta - prior)
-        if np.abs(grad).max() <= 2e-6 * max(reg, 1e-3):
+        grad = 2 * data_gradient(theta)[rows] + 2 * (theta[rows] - prior[rows]) @ precision
+        keep = np.abs(grad).max(axis=1) > 2e-6 * max(reg, 1e-3)
+        rows, grad = rows[keep], grad[keep]
+        if len(rows) == 0:
             break
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad ** 2
-        theta -= 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        m[rows] = 0.9 * m[rows] + 0.1 * grad
+        v[rows] = 0.999 * v[rows] + 0.001 * grad ** 2
+        theta[rows] -= 0.05 * (m[rows] / (1 - 0.9 ** t)) / (np.sqrt(v[rows] / (1 - 0.999 ** t)) + 1e-8)
     return theta.astype(np.float32)
+
+
+def _rows_by_item(item_of_rating: np.ndarray):  # noqa: ANN202
+    """(item, the positions of its ratings) for each item that has ratings, in item order."""
+    item_of_rating = np.asarray(item_of_rating, np.int64)
+    order = np.argsort(item_of_rating, kind="stable")
+    items, starts = np.unique(item_of_rating[order], return_index=True)
+    for k, group in zip(items.tolist(), np.split(order, starts[1:])):
+        yield k, group
 
 
 RATING_MODELS: dict[str, type[_RatingModel]] = {"dot": DotRating, "nn": NNRating}

@@ -164,31 +164,30 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
     retrain: those items' rows are the ones being solved (or were solved by an earlier incremental
     retrain), so the solution is a pure function of the ratings, whatever retrains came before. Its
     ranker row follows its rating row from its ``prior_ranker`` row (``TrainedModel.ranker_rows_following``).
-    The nn model's item embedding is solved through its MLP (``NNRating.fold_in_item``)."""
+    The nn model's item embeddings are solved through its MLP, all at once (``NNRating.fold_in_items``)."""
     model = served.model
-    factors, biases = prior["item_factors"].copy(), prior["item_bias"].copy()
-    for_ranker = {"item_factors": factors.copy(), "item_bias": biases.copy()}
     rated = [store.item_ratings(conn, item) for item in item_ids.tolist()]
-    everyone = np.unique(np.concatenate([users for users, _ in rated])) if rated else np.zeros(0, np.int64)
-    raters = []
+    counts = np.array([len(users) for users, _ in rated], np.int64)
+    raters = np.concatenate([users for users, _ in rated] or [np.zeros(0, np.int64)])
+    ratings = np.concatenate([r for _, r in rated] or [np.zeros(0)])
+    everyone = np.unique(raters)
+    vectors = []
     for start in range(0, len(everyone), RATERS_AT_ONCE):  # every rater's vector once, their histories read together
         for h in user_histories(conn, served, everyone[start:start + RATERS_AT_ONCE]):
             inner = model.item_index(h.items)
-            raters.append(model.user_vector(h.restricted_to((inner >= 0) & (inner < model.n_learned_items)),
-                                            affinity=False, ranking=False))
-    vecs = np.array([v.vec for v in raters], np.float32)  # (items without raters need none)
-    bias = np.array([v.bias for v in raters], np.float32)
-    for k, (users, ratings) in enumerate(rated):  # then each item against its raters
-        if len(users) == 0:  # (no rating left: it keeps its prior row)
-            continue
-        at = np.searchsorted(everyone, users)
-        factors[k], biases[k] = model.rating.fold_in_item(vecs[at], bias[at], ratings, factors[k], float(biases[k]),
-                                                          model.config.item_foldin(model.scale_width))
-        if prior_ranker is not None:
-            f, b = model.rating.fold_in_item(vecs[at], bias[at], ratings, prior["item_factors"][k],
-                                             float(prior["item_bias"][k]),
-                                             model.config.ranker_item_foldin(model.scale_width))
-            for_ranker["item_factors"][k], for_ranker["item_bias"][k] = f, b
-    ranker_rows = model.ranker_rows_following(prior, for_ranker, prior_ranker,
-                                              np.array([len(users) for users, _ in rated]))
+            vectors.append(model.user_vector(h.restricted_to((inner >= 0) & (inner < model.n_learned_items)),
+                                             affinity=False, ranking=False))
+    at = np.searchsorted(everyone, raters)  # each rating's rater
+    vecs = np.array([v.vec for v in vectors], np.float32).reshape(len(vectors), model.rating.n_factors)[at]
+    bias = np.array([v.bias for v in vectors], np.float32)[at]
+    item_of_rating = np.repeat(np.arange(len(rated)), counts)
+    # every item against its raters at once (an item with no rating left keeps its prior row)
+    factors, biases = model.rating.fold_in_items(vecs, bias, item_of_rating, ratings, prior["item_factors"],
+                                                 prior["item_bias"], model.config.item_foldin(model.scale_width))
+    for_ranker = prior
+    if prior_ranker is not None:
+        f, b = model.rating.fold_in_items(vecs, bias, item_of_rating, ratings, prior["item_factors"],
+                                          prior["item_bias"], model.config.ranker_item_foldin(model.scale_width))
+        for_ranker = {"item_factors": f, "item_bias": b}
+    ranker_rows = model.ranker_rows_following(prior, for_ranker, prior_ranker, counts)
     return {"item_factors": factors.astype(np.float32), "item_bias": biases.astype(np.float32)}, ranker_rows

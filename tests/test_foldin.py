@@ -118,3 +118,30 @@ def test_top_n_breaks_ties_by_lower_index_at_the_cut():
         n = int(rng.integers(1, 15))
         expected = [i for i in np.lexsort((np.arange(len(scores)), -scores)) if np.isfinite(scores[i])][:n]
         assert top_n(scores, n).tolist() == expected
+
+
+@pytest.mark.parametrize("make,at_once", [(dot_model, None), (nn_model, 1024), (nn_model, 12)])
+def test_many_items_solved_at_once_get_the_rows_each_gets_alone(make, at_once, monkeypatch):
+    """``fold_in_items`` (an incremental retrain solves every re-solved item in one call; the nn model
+    runs their ratings through its MLP together, ``RATINGS_AT_ONCE`` at a time) gives each item the row
+    ``fold_in_item`` gives it alone, whatever order its ratings come in; an item with no rating keeps its
+    prior row."""
+    from cfb.cf_core import rating
+
+    if at_once is not None:
+        monkeypatch.setattr(rating, "RATINGS_AT_ONCE", at_once)
+    rng = np.random.default_rng(6)
+    m = make(rng)
+    n = 40
+    users, bias = rng.normal(0, 1, (n, 4)).astype(np.float32), rng.normal(0, 0.3, n).astype(np.float32)
+    item_of_rating = rng.permutation(np.repeat([0, 1, 3], [5, 15, 20]))  # item 2: no rating
+    ratings = rng.integers(1, 6, n).astype(np.float64)
+    priors, prior_bias = rng.normal(0, 0.3, (4, 4)).astype(np.float32), rng.normal(0, 0.3, 4).astype(np.float32)
+    config = FoldInConfig(2.0, 3.0)
+    vecs, biases = m.fold_in_items(users, bias, item_of_rating, ratings, priors, prior_bias, config)
+    for k in range(4):
+        at = item_of_rating == k
+        alone = m.fold_in_item(users[at], bias[at], ratings[at], priors[k], float(prior_bias[k]), config)
+        assert np.allclose(vecs[k], alone[0], atol=1e-6) and abs(biases[k] - alone[1]) < 1e-6
+    assert np.array_equal(vecs[2], priors[2]) and biases[2] == prior_bias[2]
+    assert not np.allclose(vecs[1], priors[1], atol=1e-2)
