@@ -71,10 +71,20 @@ class FiniteFloat(click.ParamType):
         return x
 
 
+class WholeRange(click.IntRange):
+    """``click.IntRange`` read as the file readers read numbers: ASCII digits only, no '_' (``int``
+    alone reads "１" and "1_0")."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and (not value.strip().isascii() or "_" in value):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def setting_type(name: str) -> click.ParamType:
     """The option type of a full retrain's setting ``name`` (its range in ``TRAINING_SETTINGS``)."""
     whole, lo, lo_open, hi = TRAINING_SETTINGS[name]
-    return click.IntRange(lo, hi) if whole else FiniteFloat(min=lo, max=hi, min_open=lo_open)
+    return WholeRange(lo, hi) if whole else FiniteFloat(min=lo, max=hi, min_open=lo_open)
 
 
 class Ctx:
@@ -178,7 +188,9 @@ def _scale(value: str | None):
     if not value:
         return None
     try:
-        lo, hi = (float(x) for x in value.split(","))
+        from ..db.textfile import plain_float
+
+        lo, hi = (plain_float(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter("expected LO,HI, e.g. 1,5") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -374,7 +386,7 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
 # --- serving ----------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("users", nargs=-1, required=True)
-@click.option("-n", "n", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("-n", "n", type=WholeRange(1, 1000), default=10, show_default=True)
 @click.option("--by", type=click.Choice(["rank", "rating"]), default="rank", show_default=True,
               help="rank: what the user would watch and like (the ranking model's order); "
                    "rating: predicted rating alone.")
@@ -458,7 +470,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("item")
-@click.option("-n", "n", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("-n", "n", type=WholeRange(1, 1000), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -479,8 +491,8 @@ def inspect() -> None:
 
 
 @inspect.command("biases")
-@click.option("-n", "n", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--min-ratings", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("-n", "n", type=WholeRange(1, 1000), default=10, show_default=True)
+@click.option("--min-ratings", type=WholeRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -496,7 +508,7 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 
 
 @inspect.command("pca")
-@click.option("-n", "n", type=click.IntRange(2, 100_000), default=50, show_default=True,
+@click.option("-n", "n", type=WholeRange(2, 100_000), default=50, show_default=True,
               help="Map the N most-rated items.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a labelled scatter of PC1 and PC2 to this PNG (matplotlib).")
@@ -531,9 +543,9 @@ def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
 # --- the HTTP server ------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (default: this machine only).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=WholeRange(0, 65535), default=8000, show_default=True)
 @click.option("--token", envvar="CFB_API_TOKEN", help="Require `Authorization: Bearer TOKEN` on writes [env CFB_API_TOKEN].")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Server processes.")
+@click.option("--workers", type=WholeRange(1, 64), default=1, show_default=True, help="Server processes.")
 @click.option("--allow-origin", "allowed_origins", multiple=True, envvar="CFB_ALLOWED_ORIGINS",
               help="A site whose pages may write here (e.g. https://shop.example; repeatable) [env CFB_ALLOWED_ORIGINS]. "
                    "This server's own pages always may.")
@@ -573,7 +585,7 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
 
 # --- cold start -----------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--budget", type=click.IntRange(0, 30), default=15, show_default=True,  # 30: bootstrap's MAX_BUDGET
+@click.option("--budget", type=WholeRange(0, 30), default=15, show_default=True,  # 30: bootstrap's MAX_BUDGET
               help="Number of items to ask about (at most 30).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -661,7 +673,7 @@ def models(ctx: Ctx, as_json: bool) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})  # (a negative number is a value, not an option)
-@click.argument("version", type=click.IntRange(1, 2**31 - 1))
+@click.argument("version", type=WholeRange(1, 2**31 - 1))
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly

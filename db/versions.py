@@ -282,7 +282,7 @@ def _lock_holder(raw: str | None) -> dict | None:
             return None
         holder["pid"], holder["heartbeat"] = int(holder["pid"]), float(holder.get("heartbeat") or 0)
         return holder if isinstance(holder.get("host"), str) and math.isfinite(holder["heartbeat"]) else None
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, OverflowError):  # (OverflowError: a pid of Infinity)
         return None
 
 
@@ -346,7 +346,8 @@ def acquire_retrain_lock(engine: Engine) -> dict:
                 holder = _lock_holder(raw)
                 if holder:
                     age = db_now(conn) - holder["heartbeat"]
-                    if _holder_alive(holder) and age <= lock_stale_s():
+                    # (a heartbeat further ahead of the database's clock than that is no live holder's)
+                    if _holder_alive(holder) and abs(age) <= lock_stale_s():
                         raise CfbError(f"another retrain is running (pid {holder['pid']} on {holder['host']}, "
                                        f"last heartbeat {age:.0f} s ago); try again when it has finished") from None
                 conn.execute(delete(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw))

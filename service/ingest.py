@@ -99,7 +99,9 @@ def _kind(value) -> str:  # noqa: ANN001
     return "text"
 
 
-DIGIT_CODE = re.compile(r"[0-9]+([ -][0-9]+)*")  # a code of digits (a zip), not a number
+# a code of digits (a zip "02139" or "02139-4307"), not a number: its leading zero says so (an age band
+# "25-34" or "18 24" in a column of ages is refused: stored as text, it made age a category at the next retrain)
+DIGIT_CODE = re.compile(r"0[0-9]+([ -][0-9]+)*")
 
 
 def conform_attributes(table, ids: list[str], records: list[dict], lines: list[int | None],  # noqa: ANN001
@@ -110,8 +112,8 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
     - held as numbers: a text that reads as a finite number ("41", "1e5") becomes that number; any other
       text ("unknown", "N/A", "30s", "c.1991"), an infinite or undefined number ("inf", "1e400") or a
       list is refused, naming file, line and field, so that one bad cell cannot turn a number question
-      into free text (or a category) — but for a code of digits, such as the zip "02139" or "02139-4307",
-      which stays text;
+      into free text (or a category) — but for a code of digits with a leading zero, such as the zip
+      "02139" or "02139-4307", which stays text;
     - held as text: a number is stored as its text; held as lists: a single text becomes a list of one."""
     given = {ext: set(attrs or {}) for ext, attrs in zip(ids, records)}
     kinds: dict[str, set] = {}

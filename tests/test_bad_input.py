@@ -169,6 +169,8 @@ def test_ingest_rejects_directories_and_bad_scale(trained_db):
     good = fresh(folder, ".csv", "user,item,rating\nn1,a1,4\n")
     check_rejected(url, ["ingest", "ratings", str(good), "--scale", "nan,5"], "--scale")
     check_rejected(url, ["ingest", "ratings", str(good), "--scale", "5,1"], "--scale")
+    for plain_only in ("1,1_0", "\uff11,\uff15"):  # (float() reads them as 1,10 and 1,5)
+        check_rejected(url, ["ingest", "ratings", str(good), "--scale", plain_only], "--scale")
     for wide in ("-1e308,1e308", "0,1e39", "0,3e38", "-2e6,0"):  # (stored for good; every retrain then diverged)
         check_rejected(url, ["ingest", "ratings", str(good), "--scale", wide], "--scale", "32-bit float")
     check_rejected(url, ["ingest", "ratings", str(fresh(folder, ".csv", "user,item,rating\nn1,a1,nan\n"))],
@@ -187,6 +189,9 @@ def test_ingest_rejects_directories_and_bad_scale(trained_db):
     (["retrain", "--full", "--quiet", "--epochs", "-3"], "--epochs"),
     (["retrain", "--full", "--quiet", "--epochs", "0"], "--epochs"),
     (["retrain", "--full", "--quiet", "--factors", "0"], "--factors"),
+    (["retrain", "--full", "--quiet", "--epochs", "1_0"], "--epochs"),  # (int() reads it as 10)
+    (["retrain", "--full", "--quiet", "--epochs", "\uff11"], "--epochs"),  # a full-width 1
+    (["recommend", "a0", "-n", "\uff15"], "-n"),
     (["retrain", "--full", "--quiet", "--bs", "0"], "--bs"),
     (["retrain", "--full", "--quiet", "--lr", "nan"], "--lr"),
     (["retrain", "--full", "--quiet", "--lr", "inf"], "--lr"),

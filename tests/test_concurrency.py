@@ -218,7 +218,9 @@ def test_dead_process_on_this_host_is_taken_over_at_once(engine):
 @pytest.mark.parametrize("row", ["garbage", "[1, 2]", '{"pid": "abc", "host": "h"}', '{"host": "h"}',
                                  '{"pid": 1, "host": 7, "heartbeat": 0}', '{"pid": 1, "host": "h", "heartbeat": "NaN"}',
                                  '{"pid": 100000000000000000000000, "host": "HOST", "heartbeat": 0}',
-                                 '{"pid": -1, "host": "HOST", "heartbeat": 1e18}'])
+                                 '{"pid": -1, "host": "HOST", "heartbeat": 1e18}',
+                                 '{"pid": Infinity, "host": "h", "heartbeat": 0}',
+                                 '{"pid": 7, "host": "elsewhere", "heartbeat": 1e12}'])
 def test_a_lock_row_this_code_did_not_write_is_taken_over(engine, row):
     """A truncated or hand-edited lock row has no holder to wait for: the next retrain takes the lock
     (it used to end every retrain in a traceback)."""

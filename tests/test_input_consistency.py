@@ -74,6 +74,10 @@ def test_codes_stay_text_and_a_corrected_file_can_change_a_type(engine, tmp_path
     users_file(engine, tmp_path, "user,age\nu1,31\nu2,45\n", "fixed.csv")
     assert stored_attributes(engine, "u2") == {"zip": 40206, "age": 45}
     assert stored_attributes(engine, "u1") == {"zip": 55105, "age": 31}
+    for band in ("25-34", "18 24"):  # (no leading zero: not a code; as text it made age a category)
+        with pytest.raises(InputError, match=rf"band.csv, line 2, field 'age': '{band}' is not a number"):
+            users_file(engine, tmp_path, f"user,age\nu1,{band}\n", "band.csv")
+    assert stored_attributes(engine, "u1") == {"zip": 55105, "age": 31}
 
 
 def test_ingested_attributes_merge_over_the_stored_ones(trained, tmp_path):
