@@ -199,15 +199,16 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
-    first = next((line for line in text.lstrip("\ufeff").splitlines() if line.strip()), "")  # (as pandas skips blanks)
+    at, first = next(((n, line) for n, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1)
+                      if line.strip()), (1, ""))  # (the header: pandas skips blank lines before it)
     header = next(csv.reader([first], skipinitialspace=True), [])
     for k, name in enumerate(header):
         if name in header[:k]:  # (pandas would read the second as "name.1")
-            raise InputError("duplicate column", source=str(path), line=1, field=name)
+            raise InputError("duplicate column", source=str(path), line=at, field=name)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(df.columns)}",
-                         source=str(path), line=1, field=missing[0])
+                         source=str(path), line=at, field=missing[0])
     return df
 
 
@@ -257,15 +258,19 @@ def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[
     rows: list[tuple[int, list[str]]] = []
     start = 1  # the line the record being read starts on (a quoted field may hold line breaks)
     try:
-        header = [h.strip() for h in next(reader)]
+        # the header: the first row with a field (blank lines before it are skipped, as in a ratings file)
+        header = next(([h.strip() for h in row] for row in reader if any(f.strip() for f in row)), None)
+        if header is None:
+            raise InputError("empty file", source=src, line=1)
+        at = reader.line_num
         if key not in header:
             raise InputError(f"missing column(s) {key}; header has {', '.join(header) or 'nothing'}",
-                             source=src, line=1, field=key)
+                             source=src, line=at, field=key)
         for k, name in enumerate(header):
             if not name:
-                raise InputError(f"column {k + 1} has no name", source=src, line=1)
+                raise InputError(f"column {k + 1} has no name", source=src, line=at)
             if name in header[:k]:
-                raise InputError("duplicate column", source=src, line=1, field=name)
+                raise InputError("duplicate column", source=src, line=at, field=name)
         start = reader.line_num + 1
         for row in reader:
             if any(f.strip() for f in row):

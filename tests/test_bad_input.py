@@ -145,6 +145,23 @@ def test_ingest_users_keeps_zip_codes_and_nan_as_text(db_url, tmp_path):
     assert attrs == {"u1": {"zip": "02139", "city": "nan"}, "u2": {"zip": "10001", "city": "Paris"}}
 
 
+def test_blank_lines_before_a_header_are_skipped_and_errors_name_the_headers_line(tmp_path):
+    """As in a ratings file (pandas skips them): a users or items file with blank lines before its header
+    is read, and a problem with its header names the line it is on (a users file used to be refused
+    as "header has nothing" on line 1)."""
+    from cfb.db.sources import read_items_csv, read_ratings_csv
+
+    users = read_users_csv(write(tmp_path / "u.csv", "\n\nuser,age\nu1,30\n"))
+    assert users["user"].tolist() == ["u1"] and users["attributes"].tolist() == [{"age": 30}]
+    items = read_items_csv(write(tmp_path / "i.csv", "\n \nitem,title\ni1,One\n"))
+    assert items["item"].tolist() == ["i1"]
+    for read, body, field in ((read_users_csv, "\n\nwho,age\nu1,30\n", "user"),
+                              (read_items_csv, "\n\nitem,title,year,year\ni1,One,1,2\n", "year"),
+                              (read_ratings_csv, "\n\nuser,item\nu1,i1\n", "rating")):
+        with pytest.raises(InputError, match=rf"line 3, field '{field}'"):
+            read(write(tmp_path / "bad.csv", body))
+
+
 @pytest.mark.parametrize("body, expected", [
     ("user,age\nu1,30,extra\n", ["line 2", "expected 2 fields, found 3"]),
     ("user,age\nu1\n", ["line 2", "expected 2 fields, found 1"]),

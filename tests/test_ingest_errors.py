@@ -25,7 +25,7 @@ from .conftest import write
     ("user,item,rating\nu1,i1,4\nnewbie,50\n", r"ratings.csv, line 3: expected 3 fields, found 2"),
     ("", r"ratings.csv, line 1: empty file"),
     ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
-    ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 1, field 'rating': duplicate column$"),
+    ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 2, field 'rating': duplicate column$"),  # (the header's line)
     # rows that do not follow the lines one to one: a blank line (skipped), a quoted line break
     ("user,item,rating\n1,a,3\n\n \n2,a,4\n3,a,x\n", r"ratings.csv, line 6, field 'rating': not a number: 'x'$"),
     ("\nuser,item,rating\n1,a,3\n3,,4\n", r"ratings.csv, line 4, field 'item': empty id$"),
