@@ -7,6 +7,7 @@ their raters, item side of everything else frozen) and the item statistics after
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 from sqlalchemy import Engine
@@ -162,7 +163,9 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
     raters' user vectors (a fold-in with users and items swapped), starting from and shrunk toward its
     ``prior`` row. A rater's vector here leaves out their ratings of every item added since the full
     retrain: those items' rows are the ones being solved (or were solved by an earlier incremental
-    retrain), so the solution is a pure function of the ratings, whatever retrains came before. Its
+    retrain), so the solution is a pure function of the ratings, whatever retrains came before; nor does
+    it use their attributes (an untrained rater's prior is the bootstrap's for a user of whom nothing is
+    known), which change without a rating to mark the item for solving again. Its
     ranker row follows its rating row from its ``prior_ranker`` row (``TrainedModel.ranker_rows_following``).
     The nn model's item embeddings are solved through its MLP, all at once (``NNRating.fold_in_items``)."""
     model = served.model
@@ -175,8 +178,8 @@ def _fold_in_items(conn, served: Served, item_ids: np.ndarray, prior: dict[str, 
     for start in range(0, len(everyone), RATERS_AT_ONCE):  # every rater's vector once, their histories read together
         for h in user_histories(conn, served, everyone[start:start + RATERS_AT_ONCE]):
             inner = model.item_index(h.items)
-            vectors.append(model.user_vector(h.restricted_to((inner >= 0) & (inner < model.n_learned_items)),
-                                             affinity=False, ranking=False))
+            learned_only = h.restricted_to((inner >= 0) & (inner < model.n_learned_items))
+            vectors.append(model.user_vector(replace(learned_only, attributes={}), affinity=False, ranking=False))
     at = np.searchsorted(everyone, raters)  # each rating's rater
     vecs = np.array([v.vec for v in vectors], np.float32).reshape(len(vectors), model.rating.n_factors)[at]
     bias = np.array([v.bias for v in vectors], np.float32)[at]
