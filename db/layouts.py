@@ -323,25 +323,28 @@ def _first_line(path: Path) -> str:
 
 def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line, fields) of a small CSV, checked for its column count (blank lines at its end
-    left out)."""
+    left out); a record's line is the one it starts on (a quoted field may hold line breaks)."""
     text = without_trailing_blank_lines(read_text(path).lstrip("\ufeff"))
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # ("ab"cd: an error, not abcd)
     rows = []
+    start = 1  # the line the record being read starts on
     try:
         header = [h.strip() for h in next(reader)]
         missing = [c for c in required if c not in header]
         if missing:
             raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}",
                              source=str(path), line=1, field=missing[0])
+        start = reader.line_num + 1
         for row in reader:
             if len(row) != len(header):
-                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=str(path),
-                                 line=reader.line_num)
-            rows.append((reader.line_num, row))
+                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=str(path), line=start)
+            rows.append((start, row))
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise InputError(f"malformed CSV ({e})", source=str(path), line=reader.line_num) from None
+        raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path),
+                         line=start) from None
     return header, rows
 
 

@@ -244,7 +244,7 @@ def test_movielens_csv_malformed(tmp_path, db_url):
     folder = tmp_path / "ml-32m"
     write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n")
     write(folder / "movies.csv", 'movieId,title,genres\n1,"Toy Story (1995)\n')
-    fails(run(db_url, "ingest", "movielens", str(folder)), r"movies\.csv, line 2: malformed CSV \(unexpected end of data\)")  # a quote left open
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"movies\.csv, line 2: malformed CSV in the record that starts here \(unexpected end of data\)")  # a quote left open
     write(folder / "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n1,Jumanji (1995),Fantasy\n")
     fails(run(db_url, "ingest", "movielens", str(folder)),
           r"movies\.csv, line 3, field 'movieId': duplicate id '1' \(first on line 2\)")
@@ -368,6 +368,9 @@ def test_goodbooks_malformed(tmp_path, db_url):
     write(folder / "ratings.csv", "user_id,book_id,rating\n1,3,5\n")
     write(folder / "books.csv", BOOKS_V2.replace(",2008.0,", ",around 2008,"))
     fails(run(db_url, "ingest", "goodbooks", str(folder)),
+          r"books\.csv, line 2, field 'original_publication_year': not a year: 'around 2008'")
+    write(folder / "books.csv", BOOKS_V2.replace(",2008.0,The Games,", ',around 2008,"The\nGames",'))
+    fails(run(db_url, "ingest", "goodbooks", str(folder)),  # (the line its record starts on, not where it ends)
           r"books\.csv, line 2, field 'original_publication_year': not a year: 'around 2008'")
     write(folder / "books.csv", BOOKS_V2.replace('"The Games (The Games, #1)"', '" "'))  # (asked about as "1")
     fails(run(db_url, "ingest", "goodbooks", str(folder)), r"books\.csv, line 2, field 'title': empty title$")
