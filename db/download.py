@@ -3,6 +3,7 @@
 A download goes to ``NAME.zip.part``, is checked (size, checksum), unpacked into a hidden temporary
 folder next to the destination, and only then renamed to ``$CFB_HOME/data/NAME``: an interrupted or
 corrupt download never leaves a folder that looks complete (leftovers are cleared by the next try).
+One process downloads a dataset at a time (a lock file beside it): a second waits, then finds the copy.
 
 Checksums: GroupLens publishes an MD5 beside each zip (``ml-25m.zip.md5``). The MD5s of the releases
 that never change (100k, 1M, 10M, 25M) are pinned here; for 32M and latest-small the ``.md5`` file is
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..cf_core.errors import CfbError
@@ -70,6 +73,32 @@ def _clear_leftovers(base: Path, name: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _one_download_at_a_time(base: Path, name: str):  # noqa: ANN202
+    """Hold an exclusive lock on ``base/.NAME.lock`` (waiting for another process that holds it): two
+    downloads of one dataset at once cleared each other's temporary files and could rename an incomplete
+    folder into place."""
+    try:
+        import fcntl
+    except ImportError:  # (not a POSIX system: no lock)
+        yield
+        return
+    with open(base / f".{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _WriteError(Exception):
+    """Writing the downloaded bytes here failed (a full disk), as opposed to fetching them."""
+
+
+def _one_line(reason) -> str:  # noqa: ANN001
+    return " ".join(str(reason).split())
+
+
 def _fetch(url: str, out, timeout: float, progress, hashes) -> tuple[int, int | None]:  # noqa: ANN001
     """Stream ``url`` into ``out``; returns (bytes read, Content-Length or None)."""
     with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -79,7 +108,10 @@ def _fetch(url: str, out, timeout: float, progress, hashes) -> tuple[int, int | 
         got = 0
         with bar as b:
             while chunk := resp.read(CHUNK):
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as e:
+                    raise _WriteError(e.strerror or e) from None
                 for h in hashes:
                     h.update(chunk)
                 got += len(chunk)
@@ -107,9 +139,10 @@ def _verify(name: str, md5: str, sha256: str, expected_sha256: str | None, timeo
         url = pin[4:]
         try:
             checks.append(("md5", _published_md5(url, timeout), md5, url))
-        except (urllib.error.URLError, OSError) as e:
-            raise CfbError(f"could not fetch the checksum {url} ({getattr(e, 'reason', e)}); pass the archive's "
-                           "SHA-256 to verify it instead") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if not expected_sha256:  # (with the SHA-256 given, it verifies the archive alone)
+                raise CfbError(f"could not fetch the checksum {url} ({_one_line(getattr(e, 'reason', e))}); "
+                               "pass the archive's SHA-256 (--sha256) to verify it instead") from None
     elif pin:
         kind, value = pin.split(":", 1)
         checks.append((kind, value, md5 if kind == "md5" else sha256, f"the pinned {kind.upper()}"))
@@ -130,22 +163,49 @@ def download(name: str, cache: Path | None = None, timeout: float = 30, progress
         raise CfbError(f"unknown dataset {name!r} (known: {', '.join(SOURCES)})")
     if sha256 is not None and (len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256)):
         raise CfbError(f"--sha256 {sha256!r} is not a SHA-256 (64 hexadecimal digits)")
-    url, inner, marker = SOURCES[name]
     base = Path(cache or cfb_home() / "data")
     root = base / name
-    if root.is_dir():
-        found = _find_marker(root, inner, marker)
-        if found is not None:
-            return found
-        if any(root.iterdir()):  # not a copy cfb completed: the user's files, never deleted here
-            raise CfbError(f"{root} exists and does not hold {name}: move it away, or ingest it with "
-                           f"`cfb ingest {INGEST[name]} {root}`")
-        root.rmdir()
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CfbError(f"cannot create the data folder {base} ({e.strerror or e}): set CFB_HOME to a writable "
                        "folder") from None
+    with _one_download_at_a_time(base, name):
+        found = _cached_copy(root, name, sha256)
+        return found if found is not None else _download_unlocked(name, base, root, timeout, progress, sha256)
+
+
+def _cached_copy(root: Path, name: str, sha256: str | None) -> Path | None:
+    """The complete copy already at ``root``, if any (an empty folder there is removed); one that holds
+    something else is refused, never deleted, as is a copy whose recorded SHA-256 is not ``sha256``."""
+    _, inner, marker = SOURCES[name]
+    if (root.is_symlink() and not root.exists()) or (root.exists() and not root.is_dir()):
+        raise CfbError(f"{root} exists and is not a folder: move it away to download {name}")
+    if not root.is_dir():
+        return None
+    found = _find_marker(root, inner, marker)
+    if found is None:
+        if any(root.iterdir()):  # not a copy cfb completed: the user's files, never deleted here
+            raise CfbError(f"{root} exists and does not hold {name}: move it away, or ingest it with "
+                           f"`cfb ingest {INGEST[name]} {root}`")
+        root.rmdir()
+        return None
+    if sha256 is not None:
+        try:
+            recorded = json.loads((found / STAMP).read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != sha256.lower():
+            said = f"its recorded SHA-256 is {recorded}" if recorded else "it has no download record to check"
+            raise CfbError(f"{root} holds a copy of {name}, but {said}, not the given {sha256.lower()}: "
+                           "move it away to download it again")
+    return found
+
+
+def _download_unlocked(name: str, base: Path, root: Path, timeout: float, progress,  # noqa: ANN001
+                       sha256: str | None) -> Path:
+    """Fetch, verify, unpack and rename into place (the caller holds the dataset's lock)."""
+    url, inner, marker = SOURCES[name]
     _clear_leftovers(base, name)
     part = base / f"{name}.zip.part"
     tmp: Path | None = None
@@ -154,18 +214,26 @@ def download(name: str, cache: Path | None = None, timeout: float = 30, progress
         try:
             with open(part, "wb") as out:
                 got, total = _fetch(url, out, timeout, progress, (md5, sha))
-        except (urllib.error.URLError, OSError) as e:
-            raise CfbError(f"could not download {name} from {url} ({getattr(e, 'reason', e)}); if you have the "
-                           f"files, use `cfb ingest {INGEST[name]} PATH`") from None
+        except _WriteError as e:
+            raise CfbError(f"cannot write the download of {name} to {part} ({e}): free some space, or set "
+                           "CFB_HOME to another folder") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            raise CfbError(f"could not download {name} from {url} ({_one_line(getattr(e, 'reason', e))}); if "
+                           f"you have the files, use `cfb ingest {INGEST[name]} PATH`") from None
         if total is not None and got != total:
             raise CfbError(f"download of {name} from {url} stopped after {got} of {total} bytes; try again")
         verified = _verify(name, md5.hexdigest(), sha.hexdigest(), sha256, timeout)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=base))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # (mkdtemp's 0700 would keep the data from the other users of CFB_HOME)
         try:
             with zipfile.ZipFile(part) as z:
                 z.extractall(tmp)
-        except zipfile.BadZipFile:
-            raise CfbError(f"{url} is not a valid zip archive") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+            raise CfbError(f"{url} is not a valid zip archive ({_one_line(e)})") from None
+        except OSError as e:
+            raise CfbError(f"cannot unpack {name} into {base} ({_one_line(e.strerror or e)})") from None
         found = _find_marker(tmp, inner, marker)
         if found is None:
             raise CfbError(f"{url} did not contain {inner + '/' if inner else ''}{marker}")

@@ -460,30 +460,43 @@ def test_a_long_run_of_incremental_versions_loads_from_a_checkpoint(trained, mon
         assert np.array_equal(a[name], b[name]), name
 
 
-def test_an_added_items_rows_are_the_same_whichever_retrain_brought_its_raters_other_ratings(trained_template, tmp_path):
-    """The same ratings in one incremental retrain, or in two where the second brings only a rater's
-    ratings of learned items: the added item's rows are the same (a rater's vector moves with those
-    ratings, so the item is solved again; it used to keep the row of the retrain before)."""
+def added_rows_after_each_path(template, tmp_path, paths: dict) -> dict[str, list[np.ndarray]]:  # noqa: ANN001
+    """Each path (name -> steps on an engine) run on its own copy of the trained ``template``; then every
+    added item's rating row, rating bias, ranker row and ranker bias in the version it serves."""
     from cfb.db.engine import make_engine
 
     from .conftest import checkpointed_copy
 
-    template, _ = trained_template
-    first = [("a0", "newZ", 5.0, 9_000_001)]
-    then = [("a0", "b21", 1.0, 9_000_002), ("a0", "b22", 1.0, 9_000_003), ("a0", "a3", 5.0, 9_000_004)]
     rows = {}
-    for name, batches in (("one", [first + then]), ("two", [first, then])):
+    for name, steps in paths.items():
         checkpointed_copy(template, tmp_path / f"{name}.db")
         engine = make_engine(f"sqlite:///{tmp_path / name}.db")
-        for batch in batches:
-            ingest_dataset(engine, Dataset(pd.DataFrame(batch, columns=["user", "item", "rating", "timestamp"])))
-            assert retrain_incremental(engine)["mode"] == "incremental"
+        steps(engine)
         with engine.connect() as conn:
             model = load_served(conn).model
         at = model.added_items()
         rows[name] = [model.rating.item_factors[at], model.rating.item_bias[at], model.ranker.out_[at],
                       model.ranker.out_bias_[at]]
         engine.dispose()
+    return rows
+
+
+def test_an_added_items_rows_are_the_same_whichever_retrain_brought_its_raters_other_ratings(trained_template, tmp_path):
+    """The same ratings in one incremental retrain, or in two where the second brings only a rater's
+    ratings of learned items: the added item's rows are the same (a rater's vector moves with those
+    ratings, so the item is solved again; it used to keep the row of the retrain before)."""
+    first = [("a0", "newZ", 5.0, 9_000_001)]
+    then = [("a0", "b21", 1.0, 9_000_002), ("a0", "b22", 1.0, 9_000_003), ("a0", "a3", 5.0, 9_000_004)]
+
+    def retrains(*batches):  # noqa: ANN002, ANN202
+        def steps(engine) -> None:  # noqa: ANN001
+            for batch in batches:
+                ingest_dataset(engine, Dataset(pd.DataFrame(batch, columns=["user", "item", "rating", "timestamp"])))
+                assert retrain_incremental(engine)["mode"] == "incremental"
+        return steps
+
+    rows = added_rows_after_each_path(trained_template[0], tmp_path,
+                                      {"one": retrains(first + then), "two": retrains(first, then)})
     for a, b in zip(rows["one"], rows["two"]):
         assert np.allclose(a, b, atol=1e-6)
 
@@ -493,30 +506,22 @@ def test_an_added_items_rows_do_not_depend_on_when_a_raters_attributes_changed(t
     incremental retrain, or after it (then a second retrain): the same ratings and attributes, the same
     rows. (An untrained rater's prior came from their attributes, and a change of attributes alone never
     marks the item for solving again; a helper's review found it.)"""
-    from cfb.db.engine import make_engine
-
-    from .conftest import checkpointed_copy
-
-    template, _ = trained_template
     ratings = pd.DataFrame([("z1", "fresh", 5.0, 9_000_001), ("z1", "a1", 5.0, 9_000_002),
                             ("z1", "b21", 1.0, 9_000_003), ("a0", "fresh", 4.0, 9_000_004)],
                            columns=["user", "item", "rating", "timestamp"])
     said = {g: pd.DataFrame({"user": ["z1"], "attributes": [{"gender": g, "age": 30}]}) for g in "FM"}
-    rows = {}
-    for name in ("before", "after"):
-        checkpointed_copy(template, tmp_path / f"{name}.db")
-        engine = make_engine(f"sqlite:///{tmp_path / name}.db")
-        ingest_dataset(engine, Dataset(ratings, users=said["M" if name == "before" else "F"]))
+
+    def before(engine) -> None:  # noqa: ANN001
+        ingest_dataset(engine, Dataset(ratings, users=said["M"]))
         assert retrain_incremental(engine)["items_added"] == 1
-        if name == "after":
-            ingest_dataset(engine, Dataset(ratings.iloc[:0], users=said["M"]))
-            retrain_incremental(engine)
-        with engine.connect() as conn:
-            model = load_served(conn).model
-        at = model.added_items()
-        rows[name] = [model.rating.item_factors[at], model.rating.item_bias[at], model.ranker.out_[at],
-                      model.ranker.out_bias_[at]]
-        engine.dispose()
+
+    def after(engine) -> None:  # noqa: ANN001
+        ingest_dataset(engine, Dataset(ratings, users=said["F"]))
+        assert retrain_incremental(engine)["items_added"] == 1
+        ingest_dataset(engine, Dataset(ratings.iloc[:0], users=said["M"]))
+        retrain_incremental(engine)
+
+    rows = added_rows_after_each_path(trained_template[0], tmp_path, {"before": before, "after": after})
     for a, b in zip(rows["before"], rows["after"]):
         assert np.allclose(a, b, atol=1e-6)
 
