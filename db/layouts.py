@@ -349,16 +349,37 @@ def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[in
 
 
 def _check_ids(path: Path, rows: list[tuple[int, list[str]]], k: int, field: str,
-               seen: dict[str, int] | None = None) -> None:
-    """Field ``k`` of every row is a non-empty id not seen before (``seen``: id -> line, kept across calls)."""
+               seen: dict[str, int] | None = None, what: str = "item") -> None:
+    """Field ``k`` of every row is a non-empty id not seen before (``seen``: id -> line, kept across
+    calls) that a ``what`` ("item", "user") can have (``store.id_problem``: not too long, no NUL)."""
     seen = {} if seen is None else seen
     for n, f in rows:
-        v = f[k].strip()
-        if not v:
-            raise InputError("empty id", source=str(path), line=n, field=field)
-        if v in seen:
-            raise InputError(f"duplicate id {v!r} (first on line {seen[v]})", source=str(path), line=n, field=field)
-        seen[v] = n
+        _check_id(f[k].strip(), path, n, field, seen, what)
+
+
+def _check_id(v: str, path: Path, n: int, field: str, seen: dict[str, int], what: str) -> None:
+    """One row's id ``v`` for ``_check_ids``, named by its file, line ``n`` and ``field``."""
+    from .store import check_id
+
+    if not v:
+        raise InputError("empty id", source=str(path), line=n, field=field)
+    if v in seen:
+        raise InputError(f"duplicate id {v!r} (first on line {seen[v]})", source=str(path), line=n, field=field)
+    check_id(v, what, source=str(path), line=n, field=field)
+    seen[v] = n
+
+
+def _title(text: str, path: Path, n: int, field: str) -> str:
+    """An item's title from its file, surrounding spaces stripped (a lookup by title strips the query
+    alike); an empty one, or one holding a NUL (PostgreSQL stores none), is refused."""
+    from .store import shown_id
+
+    title = text.strip()
+    if not title:  # (the questionnaire and the web page ask about an item by its title)
+        raise InputError("empty title", source=str(path), line=n, field=field)
+    if "\x00" in title:
+        raise InputError(f"title {shown_id(title)} contains a NUL character", source=str(path), line=n, field=field)
+    return title
 
 
 def _top_tags(df: pd.DataFrame, key: str, tag: str, weight: str | None = None,
@@ -427,16 +448,15 @@ def read_ml100k(folder: Path) -> Dataset:
             raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
                              source=str(item_path), line=n)
         _check_ids(item_path, [(n, f)], 0, "id", seen)
-        if not f[1].strip():
-            raise InputError("empty title", source=str(item_path), line=n, field="title")
+        title = _title(f[1], item_path, n, "title")
         flags = [flag.strip() for flag in f[5:5 + len(ML100K_GENRES)]]
         for genre, flag in zip(ML100K_GENRES, flags):
             if flag not in ("0", "1"):
                 raise InputError(f"expected a genre flag 0 or 1, found {flag!r}", source=str(item_path), line=n,
                                  field=genre)
         genres = [g for g, flag in zip(ML100K_GENRES, flags) if flag == "1"]
-        recs.append({"item": f[0].strip(), "title": f[1],
-                     "attributes": _item_attrs(f[1], genres, release_date=f[2])})
+        recs.append({"item": f[0].strip(), "title": title,
+                     "attributes": _item_attrs(title, genres, release_date=f[2])})
     items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
     _check_items(ratings, items, ratings_path, 1, "item", item_path.name)
 
@@ -445,7 +465,7 @@ def read_ml100k(folder: Path) -> Dataset:
     if user_path.exists():
         recs = []
         rows = _fields(user_path, "|", _guess_encoding(user_path))
-        _check_ids(user_path, rows, 0, "id")
+        _check_ids(user_path, rows, 0, "id", what="user")
         occupation_path = folder / "u.occupation"  # (the release lists its occupations)
         occupations = {line.strip() for _, (line, *_) in _fields(occupation_path, "|", _guess_encoding(occupation_path))
                        if line.strip()} if occupation_path.exists() else None
@@ -476,17 +496,11 @@ def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
         if len(f) < 3:
             raise InputError(f"expected MovieID::Title::Genres, found {len(f)} '::'-separated fields",
                              source=str(path), line=n)
-        f = [f[0], "::".join(f[1:-1]), f[-1]]  # a title may hold "::"
+        head, genres = line.rsplit("::", 1)  # a title may hold "::" or end in ':' (the genres never do)
+        f = [*head.split("::", 1), genres]
         item = f[0].strip()
-        if not item:
-            raise InputError("empty id", source=str(path), line=n, field="MovieID")
-        if item in seen:
-            raise InputError(f"duplicate id {item!r} (first on line {seen[item]})", source=str(path), line=n,
-                             field="MovieID")
-        seen[item] = n
-        title = f[1].strip()
-        if not title:
-            raise InputError("empty title", source=str(path), line=n, field="Title")
+        _check_id(item, path, n, "MovieID", seen, "item")
+        title = _title(f[1], path, n, "Title")
         recs.append({"item": item, "title": title, "attributes": _item_attrs(title, _genres(f[2]))})
     return pd.DataFrame(recs, columns=["item", "title", "attributes"])
 
@@ -504,7 +518,7 @@ def _guess_encoding(path: Path) -> str:
 
 
 DAT_FIELDS = ("Rating", "Timestamp")  # the names the README gives ratings.dat's fields
-DAT_COLUMNS = {"rating": "Rating", "item": "MovieID"}
+DAT_COLUMNS = {"rating": "Rating", "item": "MovieID", "user": "UserID"}
 
 
 def read_ml1m(folder: Path) -> Dataset:
@@ -526,12 +540,7 @@ def read_ml1m(folder: Path) -> Dataset:
             raise InputError(f"expected UserID::Gender::Age::Occupation::Zip-code, found {len(f)} '::'-separated "
                              "fields", source=str(upath), line=n)
         user, gender, age, occupation, zipcode = f
-        if not user:
-            raise InputError("empty id", source=str(upath), line=n, field="UserID")
-        if user in seen:
-            raise InputError(f"duplicate id {user!r} (first on line {seen[user]})", source=str(upath), line=n,
-                             field="UserID")
-        seen[user] = n
+        _check_id(user, upath, n, "UserID", seen, "user")
         if gender not in ("M", "F"):
             raise InputError(f"expected M or F, found {gender!r}", source=str(upath), line=n, field="Gender")
         if age not in ML1M_AGES:
@@ -570,7 +579,8 @@ def read_ml10m(folder: Path) -> Dataset:
             if len(f) < 4:
                 raise InputError(f"expected UserID::MovieID::Tag::Timestamp, found {len(f)} '::'-separated "
                                  "fields", source=str(tpath), line=n)
-            f = [f[0], f[1], "::".join(f[2:-1]), f[-1]]  # a tag may hold "::"
+            head, stamp = line.rsplit("::", 1)  # a tag may hold "::" or end in ':' (a timestamp never does)
+            f = [*head.split("::", 2), stamp]
             if f[2].strip():
                 rows.append((f[1].strip(), f[2].strip().lower()))
         _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
@@ -597,9 +607,7 @@ def read_ml_csv(folder: Path) -> Dataset:
     _check_ids(mpath, rows, k_id, "movieId")
     recs = []
     for n, f in rows:
-        title = f[k_title].strip()
-        if not title:
-            raise InputError("empty title", source=str(mpath), line=n, field="title")
+        title = _title(f[k_title], mpath, n, "title")
         recs.append({"item": f[k_id].strip(), "title": title,
                      "attributes": _item_attrs(title, _genres(f[k_genres]))})
     items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
@@ -612,7 +620,7 @@ def read_ml_csv(folder: Path) -> Dataset:
                             columns=["item", "tag"])
         _add_tags(items, _top_tags(tags, "item", "tag"))
     return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens",
-                   source=str(rpath), columns={"item": "movieId"}, catalogue=MOVIELENS_CATALOGUE)
+                   source=str(rpath), columns={"item": "movieId", "user": "userId"}, catalogue=MOVIELENS_CATALOGUE)
 
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------
@@ -642,7 +650,7 @@ def read_goodbooks(folder: Path) -> Dataset:
     ratings = given.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
     # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
     return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}",
-                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id"},
+                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id", "user": "user_id"},
                    catalogue="goodbooks-10k")
 
 
@@ -661,9 +669,7 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
     recs = []
     by_goodreads: dict[str, int] = {}
     for n, f in rows:
-        title = f[col["title"]].strip()
-        if not title:  # (the questionnaire and the web page ask about a book by its title)
-            raise InputError("empty title", source=str(bpath), line=n, field="title")
+        title = _title(f[col["title"]], bpath, n, "title")
         attrs: dict = {}
         if "authors" in col and f[col["authors"]].strip():
             attrs["authors"] = [a.strip() for a in f[col["authors"]].split(",") if a.strip()]

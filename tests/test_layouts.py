@@ -402,6 +402,25 @@ RELEASES = {"100k": (ml100k, "movielens"), "1m": (ml1m, "movielens"), "10m": (ml
             "goodbooks-v2": (goodbooks, "goodbooks")}
 
 
+def test_titles_and_tags_are_read_as_written(tmp_path, db_url):
+    """A 100k title with a space after it (three in the real u.item) is stored without it, so that it can
+    be named (a lookup strips the query); a 10M title or tag that ends in ':' keeps it."""
+    from cfb.db.layouts import read_ml100k, read_ml10m
+
+    folder = ml100k(tmp_path / "ml-100k")
+    item = (folder / "u.item").read_text("latin-1").replace("Kolya (1996)|", "Kolya (1996) |")
+    write(folder / "u.item", item, "latin-1")
+    assert read_ml100k(folder).items.set_index("item").loc["242", "title"] == "Kolya (1996)"
+    ok(run(db_url, "ingest", "movielens", str(folder), "--json"))
+    assert ok(run(db_url, "rate", "22", "Kolya (1996)", "4", "--json"))["item"] == "242"
+    folder = ml10m(tmp_path / "ml-10M100K")
+    write(folder / "movies.dat", "122::Boomerang:::Comedy|Romance\n185::Net, The (1995)::Action\n")
+    write(folder / "tags.dat", "15::185::Oscar winner:::1215184630\n16::185:::odd::1215184631\n")
+    items = read_ml10m(folder).items.set_index("item")
+    assert items.loc["122", "title"] == "Boomerang:" and items.loc["122", "attributes"]["genres"] == ["Comedy", "Romance"]
+    assert items.loc["185", "attributes"]["tags"] == ["oscar winner:", ":odd"]
+
+
 def test_dat_rating_outside_the_database_scale_names_its_line(tmp_path, db_url):
     """A release ingested into a database whose scale is narrower: the rating out of it is named at its
     line of the file (ratings.dat and u.data have no header: their first row is line 1) and by the
@@ -498,10 +517,22 @@ def test_trailing_blank_lines_on_the_careful_paths_and_blank_lines_inside(tmp_pa
         r"ratings\.dat, line 2, field 'UserID': a single ':' in '7:7': fields are '::'-separated$", id="1m-single-colon"),
     pytest.param("1m", "ratings.dat", "1::1193::5::978300760\n7::1193::1_0::5\n",
         r"ratings\.dat, line 2, field 'Rating': not a number: '1_0'$", id="1m-underscore-rating"),
+    # ids no user or item can have (too long, a NUL), named by the file that holds them and its own field names
+    pytest.param("10m", "ratings.dat", "1::122::5::838985046\n" + "7" * 300 + "::185::4.5::838983525\n",
+        r"ratings\.dat, line 2, field 'UserID': user id '7{20}\.\.\.' is 300 characters long", id="10m-long-user-id"),
+    pytest.param("goodbooks-v2", "ratings.csv", "user_id,book_id,rating\n1,3,5\n" + "8" * 300 + ",3,3\n",
+        r"ratings\.csv, line 3, field 'user_id': user id '8{20}\.\.\.' is 300 characters long",
+        id="goodbooks-v2-long-user-id"),
+    pytest.param("csv", "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n3,A (1995),Drama\n"
+                 "6,B (2012),Drama\n" + "9" * 300 + ",C (2000),Drama\n",
+        r"movies\.csv, line 5, field 'movieId': item id '9{20}\.\.\.' is 300 characters long", id="csv-long-item-id"),
+    pytest.param("csv", "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n3,A\x00B (1995),Drama\n"
+                 "6,B (2012),Drama\n",
+        r"movies\.csv, line 3, field 'title': title 'A\\x00B \(1995\)' contains a NUL character$", id="csv-nul-title"),
 ])
 def test_release_ratings_refused(tmp_path, db_url, release, file, text, message):
     """Ratings off the release's scale or steps, at a negative time, or of an item the release does not
-    list: one line naming file, line and field; nothing written."""
+    list, and ids or titles no user or item can have: one line naming file, line and field; nothing written."""
     make, kind = RELEASES[release]
     folder = make(tmp_path / release)
     write(folder / file, text)
