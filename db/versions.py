@@ -59,12 +59,14 @@ def _check_serving(conn: Connection, expected: int | None | tuple[int | None, in
 
 
 def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: int,
-              expected_serving: tuple[int | None, int]) -> tuple[int, bool]:
+              expected_serving: tuple[int | None, int], lock: dict | None = None) -> tuple[int, bool]:
     """Write a full version (model arrays, trained users' rows) and drop the replaced rating rows no
     version needs (``store.prune_replaced_ratings``). It becomes serving unless the serving
     version changed since the retrain started, or was chosen again (``serving_state``; a rollback):
-    then it is stored but not served.
-    Returns (version, serving). Call inside a write transaction."""
+    then it is stored but not served. ``lock``: the retrain lock taken for it, which must still be
+    held (``check_lock_held``). Returns (version, serving). Call inside a write transaction."""
+    if lock is not None:
+        check_lock_held(conn, lock)
     version = conn.execute(insert(ModelVersion).values(
         kind=model.kind, mode="full", parent_id=None, hyperparams=model.settings, metrics=metrics,
         max_seq=int(max_seq)).returning(ModelVersion.id)).scalar_one()
@@ -82,11 +84,14 @@ def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: 
 
 
 def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray], *, kind: str,
-                     settings: dict, metrics: dict, max_seq: int, model: TrainedModel | None = None) -> int:
+                     settings: dict, metrics: dict, max_seq: int, model: TrainedModel | None = None,
+                     lock: dict | None = None) -> int:
     """Write an incremental version holding ``delta`` (see ``apply_delta``) and serve it, unless the
     serving version is no longer ``parent`` (a rollback during the retrain): then nothing is written.
     ``model`` (the version's whole model) is stored beside the delta as a checkpoint where loading the
-    version would otherwise apply ``CHECKPOINT_EVERY`` deltas in a row."""
+    version would otherwise apply ``CHECKPOINT_EVERY`` deltas in a row. ``lock`` as in ``save_full``."""
+    if lock is not None:
+        check_lock_held(conn, lock)
     moved = _check_serving(conn, parent)
     if moved is not None:
         raise CfbError(f"the serving version changed from {parent} to {moved} during the retrain "
@@ -259,11 +264,18 @@ _heartbeats: dict[str, tuple[threading.Thread, threading.Event]] = {}
 
 
 def lock_stale_s() -> float:
-    """Seconds without a heartbeat after which a retrain lock is taken over (``$CFB_LOCK_STALE_S``)."""
+    """Seconds without a heartbeat after which a retrain lock is taken over (``$CFB_LOCK_STALE_S``): a
+    finite number of at least two heartbeats (a shorter limit, zero, a negative or NaN one would take
+    over a running retrain between its beats)."""
+    raw = os.environ.get("CFB_LOCK_STALE_S") or str(DEFAULT_STALE_S)
     try:
-        return float(os.environ.get("CFB_LOCK_STALE_S") or DEFAULT_STALE_S)
+        value = float(raw)
     except ValueError:
-        raise CfbError(f"CFB_LOCK_STALE_S must be a number of seconds, not {os.environ['CFB_LOCK_STALE_S']!r}") from None
+        value = math.nan
+    if not (2 * HEARTBEAT_S <= value < math.inf):
+        raise CfbError(f"CFB_LOCK_STALE_S must be a number of seconds from {2 * HEARTBEAT_S:g} (two heartbeats), "
+                       f"not {raw!r}")
+    return value
 
 
 def db_now(conn: Connection) -> float:
@@ -307,6 +319,17 @@ def _same_holder(holder: dict | None, me: dict) -> bool:
     return all(holder.get(k) == me.get(k) for k in ("pid", "host", "token") if k in me)
 
 
+def check_lock_held(conn: Connection, me: dict) -> None:
+    """Refuse to save for a retrain whose lock is no longer ``me``'s: another process took it over
+    after its heartbeat had stopped for longer than ``lock_stale_s()`` (a paused process, a lost
+    connection), and may be saving a version of its own."""
+    holder = _lock_holder(get_setting(conn, LOCK_KEY))
+    if not _same_holder(holder, me):
+        now = f"pid {holder['pid']} on {holder['host']} holds it now" if holder else "no retrain holds it now"
+        raise CfbError(f"this retrain's lock was taken over while it ran (no heartbeat for over {lock_stale_s():g} s; "
+                       f"{now}): nothing was saved; run `cfb retrain` again")
+
+
 def _heartbeat_loop(engine: Engine, me: dict, stop: threading.Event) -> None:
     from .engine import writing
     from .schema import Setting
@@ -334,6 +357,7 @@ def acquire_retrain_lock(engine: Engine) -> dict:
     from .engine import writing
     from .schema import Setting
 
+    stale = lock_stale_s()  # (a bad setting is refused whether or not a lock is held)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
     for _ in range(3):
         try:
@@ -347,7 +371,7 @@ def acquire_retrain_lock(engine: Engine) -> dict:
                 if holder:
                     age = db_now(conn) - holder["heartbeat"]
                     # (a heartbeat further ahead of the database's clock than that is no live holder's)
-                    if _holder_alive(holder) and abs(age) <= lock_stale_s():
+                    if _holder_alive(holder) and abs(age) <= stale:
                         raise CfbError(f"another retrain is running (pid {holder['pid']} on {holder['host']}, "
                                        f"last heartbeat {age:.0f} s ago); try again when it has finished") from None
                 conn.execute(delete(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw))

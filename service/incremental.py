@@ -147,7 +147,7 @@ def retrain_incremental(engine: Engine) -> dict:
         max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:
             version = versions.save_incremental(conn, parent, delta, kind=model.kind, settings=model.settings,
-                                                metrics=metrics, max_seq=max_seq, model=model)
+                                                metrics=metrics, max_seq=max_seq, model=model, lock=lock)
         metrics["total_s"] = round(time.perf_counter() - t_start, 4)
         return {"version": version, "kind": model.kind, "mode": "incremental", "parent": parent, **metrics}
     finally:

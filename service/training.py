@@ -360,7 +360,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
         metrics["items_from_metadata"] = int(len(unrated))
         with writing(engine) as conn:
             version, served = versions.save_full(conn, model, metrics=metrics, max_seq=td.max_seq,
-                                                 expected_serving=started_serving)
+                                                 expected_serving=started_serving, lock=lock)
         warm_model_cache(engine, version)
         out = {"version": version, "kind": kind, "mode": "full", "serving": served, **metrics,
                "hyperparams": model.settings}

@@ -194,11 +194,17 @@ def test_stale_lock_from_another_host_is_taken_over(engine, monkeypatch):
         versions.release_retrain_lock(engine, me)
     assert lock_row(engine) is None
 
-    monkeypatch.setenv("CFB_LOCK_STALE_S", "5")  # the limit is configurable
-    plant_lock(engine, "elsewhere.example", 4242, age=8)
+    monkeypatch.setenv("CFB_LOCK_STALE_S", "15")  # the limit is configurable
+    plant_lock(engine, "elsewhere.example", 4242, age=20)
     me = versions.acquire_retrain_lock(engine)
     versions.release_retrain_lock(engine, me)
     assert lock_row(engine) is None
+    for limit in ("-5", "0", "3", "nan", "inf", "abc"):  # (-5 took over a lock with a fresh heartbeat)
+        monkeypatch.setenv("CFB_LOCK_STALE_S", limit)
+        plant_lock(engine, "elsewhere.example", 4242, age=1)
+        with pytest.raises(CfbError, match=rf"^CFB_LOCK_STALE_S must be a number of seconds from 10 .*not '{limit}'$"):
+            versions.acquire_retrain_lock(engine)
+        assert lock_row(engine)["host"] == "elsewhere.example"
 
 
 def test_dead_process_on_this_host_is_taken_over_at_once(engine):

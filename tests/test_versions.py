@@ -2,6 +2,8 @@
 in honestly, and onboarding never edits a stored version (issue: one trained-model object)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from cfb.cf_core.errors import CfbError
 from cfb.cf_core.model import UserHistory
 from cfb.db import store, versions
 from cfb.db.engine import writing
-from cfb.db.schema import Item, ModelArrays, ModelVersion, Rating, UserFactors
+from cfb.db.schema import Item, ModelArrays, ModelVersion, Rating, Setting, UserFactors
 from cfb.db.sources import Dataset
 from cfb.service.incremental import retrain_incremental
 from cfb.service.ingest import ingest_dataset
@@ -148,6 +150,50 @@ def test_rollback_during_an_incremental_retrain_saves_nothing(trained, monkeypat
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(ModelVersion)) == n_before
         assert versions.serving_version(conn) == 2  # the failed transaction rolled the rollback back too
+
+
+def take_over_the_lock(engine) -> None:  # noqa: ANN001
+    """What another process does to a retrain lock whose heartbeat it finds stale: replace it."""
+    with writing(engine) as conn:
+        conn.execute(Setting.__table__.delete().where(Setting.key == versions.LOCK_KEY))
+        store.set_setting(conn, versions.LOCK_KEY, json.dumps(
+            {"pid": 4242, "host": "elsewhere.example", "token": "x", "heartbeat": versions.db_now(conn)}))
+
+
+def test_a_retrain_whose_lock_was_taken_over_saves_nothing(trained, monkeypatch):
+    """A retrain paused past the stale limit (its lock taken over by another, which may be saving a
+    version of its own) saves nothing, full or incremental, and says why; it used to save all the same."""
+    engine, report = trained
+    import cfb.service.training as training
+
+    real_fit, real_delta = training.fit_model, versions.make_delta
+
+    def fit_then_lose_the_lock(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = real_fit(*args, **kwargs)
+        take_over_the_lock(engine)
+        return out
+
+    def delta_then_lose_the_lock(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        take_over_the_lock(engine)
+        return real_delta(*args, **kwargs)
+
+    rate_item(engine, "a0", "b30", 1.0)
+    with engine.connect() as conn:
+        n_before, serving = conn.scalar(select(func.count()).select_from(ModelVersion)), versions.serving_version(conn)
+    for path, patch in (("full", (training, "fit_model", fit_then_lose_the_lock)),
+                        ("incremental", (versions, "make_delta", delta_then_lose_the_lock))):
+        with monkeypatch.context() as m:
+            m.setattr(*patch)
+            with pytest.raises(CfbError, match=r"^this retrain's lock was taken over while it ran \(no heartbeat for "
+                                               r"over 120 s; pid 4242 on elsewhere\.example holds it now\): nothing"):
+                retrain_full(engine, progress=False, **FAST) if path == "full" else retrain_incremental(engine)
+        with engine.connect() as conn:
+            assert conn.scalar(select(func.count()).select_from(ModelVersion)) == n_before, path
+            assert versions.serving_version(conn) == serving
+            assert json.loads(store.get_setting(conn, versions.LOCK_KEY))["host"] == "elsewhere.example"
+        with writing(engine) as conn:  # (the other process finishes)
+            conn.execute(Setting.__table__.delete().where(Setting.key == versions.LOCK_KEY))
+    assert retrain_incremental(engine)["new_ratings"] == 1
 
 
 def test_rollback_then_incremental_retrain_builds_on_the_rolled_back_version(trained):
