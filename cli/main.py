@@ -14,6 +14,7 @@ import click
 
 from ..cf_core.errors import CfbError
 from ..database import TRAINING_SETTINGS
+from ..db.textfile import plain_int
 
 
 def emit(obj, as_json: bool, text: str | None = None) -> None:
@@ -76,8 +77,11 @@ class WholeRange(click.IntRange):
     alone reads "１" and "1_0")."""
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and (not value.strip().isascii() or "_" in value):
-            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if isinstance(value, str):
+            try:
+                plain_int(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -701,7 +705,7 @@ def _ints(value: str) -> tuple[int, ...]:
     if any(not x.strip() for x in entries):
         raise click.BadParameter(f"an empty entry in {value!r}")
     try:
-        out = tuple(int(x) for x in entries)
+        out = tuple(plain_int(x) for x in entries)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if any(x < 0 for x in out):

@@ -3,7 +3,8 @@
 A download goes to ``NAME.zip.part``, is checked (size, checksum), unpacked into a hidden temporary
 folder next to the destination, and only then renamed to ``$CFB_HOME/data/NAME``: an interrupted or
 corrupt download never leaves a folder that looks complete (leftovers are cleared by the next try).
-One process downloads a dataset at a time (a lock file beside it): a second waits, then finds the copy.
+One process downloads a dataset at a time (on POSIX, a lock file beside it): a second waits, then
+finds the copy; a copy already there is used without writing anything.
 
 Checksums: GroupLens publishes an MD5 beside each zip (``ml-25m.zip.md5``). The MD5s of the releases
 that never change (100k, 1M, 10M, 25M) are pinned here; for 32M and latest-small the ``.md5`` file is
@@ -20,7 +21,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -74,21 +75,32 @@ def _clear_leftovers(base: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _one_download_at_a_time(base: Path, name: str):  # noqa: ANN202
-    """Hold an exclusive lock on ``base/.NAME.lock`` (waiting for another process that holds it): two
-    downloads of one dataset at once cleared each other's temporary files and could rename an incomplete
-    folder into place."""
+def _one_download_at_a_time(base: Path, name: str, progress=None):  # noqa: ANN001, ANN202
+    """Hold an exclusive lock on ``base/.NAME.lock``, waiting (and saying so when ``progress``) for
+    another process that holds it: two downloads of one dataset at once cleared each other's temporary
+    files and could rename an incomplete folder into place. POSIX only; a filesystem that cannot lock
+    (NFS without a lock daemon) downloads without it."""
     try:
         import fcntl
-    except ImportError:  # (not a POSIX system: no lock)
+    except ImportError:  # (Windows: no lock)
         yield
         return
-    with open(base / f".{name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        fd = os.open(base / f".{name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)  # (flock needs no write access)
+    except OSError as e:
+        raise _cannot(f"download {name}", base, e.strerror or e) from None
+    try:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another download of {name} to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # (no locks on this filesystem)
+            pass
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 class _WriteError(Exception):
@@ -97,6 +109,12 @@ class _WriteError(Exception):
 
 def _one_line(reason) -> str:  # noqa: ANN001
     return " ".join(str(reason).split())
+
+
+def _cannot(doing: str, base: Path, reason) -> CfbError:  # noqa: ANN001
+    """The one-line error for a local write that failed (a full disk, a read-only folder)."""
+    return CfbError(f"cannot {doing} into {base} ({_one_line(reason)}): free some space, or set CFB_HOME to "
+                    "another folder")
 
 
 def _fetch(url: str, out, timeout: float, progress, hashes) -> tuple[int, int | None]:  # noqa: ANN001
@@ -120,12 +138,19 @@ def _fetch(url: str, out, timeout: float, progress, hashes) -> tuple[int, int | 
     return got, total
 
 
+class _NoChecksum(Exception):
+    """The published checksum could not be had (not fetched, or no MD5 in what came)."""
+
+
 def _published_md5(url: str, timeout: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        text = resp.read(4096).decode("ascii", "replace")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read(4096).decode("ascii", "replace")
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise _NoChecksum(f"could not fetch the checksum {url} ({_one_line(getattr(e, 'reason', e))})") from None
     m = re.search(r"\b[0-9a-fA-F]{32}\b", text)
     if not m:
-        raise CfbError(f"no MD5 in the checksum file {url}")
+        raise _NoChecksum(f"no MD5 in the checksum file {url}")
     return m.group(0).lower()
 
 
@@ -139,10 +164,9 @@ def _verify(name: str, md5: str, sha256: str, expected_sha256: str | None, timeo
         url = pin[4:]
         try:
             checks.append(("md5", _published_md5(url, timeout), md5, url))
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        except _NoChecksum as e:
             if not expected_sha256:  # (with the SHA-256 given, it verifies the archive alone)
-                raise CfbError(f"could not fetch the checksum {url} ({_one_line(getattr(e, 'reason', e))}); "
-                               "pass the archive's SHA-256 (--sha256) to verify it instead") from None
+                raise CfbError(f"{e}; pass the archive's SHA-256 (--sha256) to verify it instead") from None
     elif pin:
         kind, value = pin.split(":", 1)
         checks.append((kind, value, md5 if kind == "md5" else sha256, f"the pinned {kind.upper()}"))
@@ -165,13 +189,16 @@ def download(name: str, cache: Path | None = None, timeout: float = 30, progress
         raise CfbError(f"--sha256 {sha256!r} is not a SHA-256 (64 hexadecimal digits)")
     base = Path(cache or cfb_home() / "data")
     root = base / name
+    found = _cached_copy(root, name, sha256)  # (a copy there is used without writing: a read-only folder serves)
+    if found is not None:
+        return found
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CfbError(f"cannot create the data folder {base} ({e.strerror or e}): set CFB_HOME to a writable "
                        "folder") from None
-    with _one_download_at_a_time(base, name):
-        found = _cached_copy(root, name, sha256)
+    with _one_download_at_a_time(base, name, progress):
+        found = _cached_copy(root, name, sha256)  # (another process's download, finished while this one waited)
         return found if found is not None else _download_unlocked(name, base, root, timeout, progress, sha256)
 
 
@@ -196,8 +223,8 @@ def _cached_copy(root: Path, name: str, sha256: str | None) -> Path | None:
         except (OSError, ValueError, AttributeError):
             recorded = None
         if recorded != sha256.lower():
-            said = f"its recorded SHA-256 is {recorded}" if recorded else "it has no download record to check"
-            raise CfbError(f"{root} holds a copy of {name}, but {said}, not the given {sha256.lower()}: "
+            said = f"its recorded SHA-256 is {recorded}, not" if recorded else "it has no recorded SHA-256 to compare with"
+            raise CfbError(f"{root} holds a copy of {name}, but {said} the given {sha256.lower()}: "
                            "move it away to download it again")
     return found
 
@@ -208,42 +235,37 @@ def _download_unlocked(name: str, base: Path, root: Path, timeout: float, progre
     url, inner, marker = SOURCES[name]
     _clear_leftovers(base, name)
     part = base / f"{name}.zip.part"
-    tmp: Path | None = None
+    tmp = base / f".{name}.{os.getpid()}.tmp"  # (unique while the lock is held; made as the umask allows)
     try:
         md5, sha = hashlib.md5(), hashlib.sha256()
         try:
             with open(part, "wb") as out:
                 got, total = _fetch(url, out, timeout, progress, (md5, sha))
         except _WriteError as e:
-            raise CfbError(f"cannot write the download of {name} to {part} ({e}): free some space, or set "
-                           "CFB_HOME to another folder") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            raise _cannot(f"write the download of {name}", base, e) from None
+        except (urllib.error.URLError, http.client.HTTPException) as e:
             raise CfbError(f"could not download {name} from {url} ({_one_line(getattr(e, 'reason', e))}); if "
                            f"you have the files, use `cfb ingest {INGEST[name]} PATH`") from None
+        except OSError as e:  # (the .part file could not be made; a socket's errors are URLErrors above)
+            raise _cannot(f"write the download of {name}", base, e.strerror or e) from None
         if total is not None and got != total:
             raise CfbError(f"download of {name} from {url} stopped after {got} of {total} bytes; try again")
         verified = _verify(name, md5.hexdigest(), sha.hexdigest(), sha256, timeout)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=base))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # (mkdtemp's 0700 would keep the data from the other users of CFB_HOME)
         try:
+            tmp.mkdir()
             with zipfile.ZipFile(part) as z:
                 z.extractall(tmp)
+            found = _find_marker(tmp, inner, marker)
+            if found is None:
+                raise CfbError(f"{url} did not contain {inner + '/' if inner else ''}{marker}")
+            (found / STAMP).write_text(json.dumps({"dataset": name, "url": url, "bytes": got, "md5": md5.hexdigest(),
+                                                   "sha256": sha.hexdigest(), "verified_by": verified}, indent=1))
+            os.replace(tmp, root)  # atomic: the folder appears complete or not at all
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
             raise CfbError(f"{url} is not a valid zip archive ({_one_line(e)})") from None
         except OSError as e:
-            raise CfbError(f"cannot unpack {name} into {base} ({_one_line(e.strerror or e)})") from None
-        found = _find_marker(tmp, inner, marker)
-        if found is None:
-            raise CfbError(f"{url} did not contain {inner + '/' if inner else ''}{marker}")
-        (found / STAMP).write_text(json.dumps({"dataset": name, "url": url, "bytes": got, "md5": md5.hexdigest(),
-                                               "sha256": sha.hexdigest(), "verified_by": verified}, indent=1))
-        inside = found.relative_to(tmp)
-        os.replace(tmp, root)  # atomic: the folder appears complete or not at all
-        tmp = None
-        return root / inside
+            raise _cannot(f"unpack {name}", base, e.strerror or e) from None
+        return root / found.relative_to(tmp)
     finally:
         part.unlink(missing_ok=True)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # (nothing there once renamed into place)

@@ -73,7 +73,16 @@ def _content_end(f, size: int) -> int:  # noqa: ANN001
 def plain_float(text: str) -> float:
     """``float(text)`` as the file readers take a number: ASCII only and no '_' (``float`` alone reads
     "４" and "5_0"); ValueError otherwise."""
+    return float(_plain(text))
+
+
+def plain_int(text: str) -> int:
+    """``int(text)`` as ``plain_float`` takes a number ("１" and "1_0" refused); ValueError otherwise."""
+    return int(_plain(text))
+
+
+def _plain(text: str) -> str:
     text = str(text).strip()
     if not text.isascii() or "_" in text:
         raise ValueError(f"not a number: {text!r}")
-    return float(text)
+    return text

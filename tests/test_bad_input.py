@@ -233,6 +233,8 @@ def test_ingest_rejects_directories_and_bad_scale(trained_db):
     (["eval", "cold-start", "--seeds", "42,18446744073709551616", "--data", "/nonexistent"],
      "a seed is a whole number from 0 to 4294967295, got 18446744073709551616"),
     (["eval", "cold-start", "--budgets", "5,x"], "--budgets"),
+    (["eval", "cold-start", "--seeds", "4_2", "--data", "/nonexistent"], "--seeds"),  # (int() reads it as 42)
+    (["eval", "cold-start", "--budgets", "5,\uff11"], "--budgets"),  # a full-width 1
     (["eval", "cold-start", "--fold-steps", "1,-3"], "--fold-steps"),
     (["eval", "cold-start", "--seeds", "", "--data", "/nonexistent"], "--seeds: give at least one seed"),
     (["eval", "cold-start", "--seeds", "", "--items", "--data", "/nonexistent"], "--seeds: give at least one seed"),

@@ -890,11 +890,12 @@ def test_download_into_a_home_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1
 
 
-def test_two_downloads_at_once_leave_one_complete_copy(tmp_path, fake_source, monkeypatch):
+def test_two_downloads_at_once_leave_one_complete_copy(tmp_path, fake_source, monkeypatch, capfd):
     """A second download of the dataset (another `cfb data download`, or `cfb eval`, which downloads
     MovieLens 100k itself) started while the first unpacks waits for it and then finds its copy. (It used
     to clear the first one's temporary folder, so the first renamed a folder holding only the marker
     into place, which every later run took for a complete copy; a helper's review found it.)"""
+    import contextlib
     import threading
 
     download, _ = fake_source
@@ -913,7 +914,8 @@ def test_two_downloads_at_once_leave_one_complete_copy(tmp_path, fake_source, mo
 
     def run(name: str) -> None:
         try:
-            found[name] = download.download("movielens-test", cache=cache)
+            found[name] = download.download("movielens-test", cache=cache,
+                                            progress=lambda total: contextlib.nullcontext(None))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -930,6 +932,7 @@ def test_two_downloads_at_once_leave_one_complete_copy(tmp_path, fake_source, mo
     assert errors == [] and found["first"] == found["second"] == cache / "movielens-test" / "ml-test"
     assert sorted(p.name for p in found["first"].iterdir()) == [".cfb-download.json", "movies.csv", "ratings.csv"]
     assert leftovers(cache) == ["movielens-test"]
+    assert capfd.readouterr().err.count("waiting for another download of movielens-test to finish") == 1
 
 
 def test_download_problems_are_one_line_errors_that_leave_nothing(tmp_path, fake_source, monkeypatch):
@@ -963,7 +966,7 @@ def test_download_problems_are_one_line_errors_that_leave_nothing(tmp_path, fake
 
     with monkeypatch.context() as m:
         m.setattr(zipfile.ZipFile, "extractall", full)
-        with pytest.raises(CfbError, match=r"^cannot unpack movielens-test into .*\(No space left on device\)$"):
+        with pytest.raises(CfbError, match=r"^cannot unpack movielens-test into .*\(No space left on device\): free some space"):
             download.download("movielens-test", cache=cache)
     assert leftovers(cache) == []
 
@@ -1002,7 +1005,7 @@ def test_download_problems_are_one_line_errors_that_leave_nothing(tmp_path, fake
 
     with monkeypatch.context() as m:
         m.setattr(download, "open", no_space, raising=False)
-        with pytest.raises(CfbError, match=r"^cannot write the download of movielens-test to .*part \(No space"):
+        with pytest.raises(CfbError, match=r"^cannot write the download of movielens-test into .*cache \(No space"):
             download.download("movielens-test", cache=cache)
     assert leftovers(cache) == []
     (cache / "movielens-test").write_text("mine")
@@ -1010,6 +1013,54 @@ def test_download_problems_are_one_line_errors_that_leave_nothing(tmp_path, fake
     with pytest.raises(CfbError, match=r"movielens-test exists and is not a folder: move it away"):
         download.download("movielens-test", cache=cache)
     assert (cache / "movielens-test").read_text() == "mine"
+
+
+def test_download_in_a_folder_it_cannot_write(tmp_path, fake_source, monkeypatch):
+    """A copy already there is used without writing (a read-only data folder served it before the
+    download lock, then crashed with a traceback); with none there, and where the lock file, the
+    unpacking folder or the download record cannot be written, one line and nothing left; a filesystem
+    without locks downloads without one (a helper's review)."""
+    import errno
+    import fcntl
+    from pathlib import Path as RealPath
+
+    from cfb.cf_core.errors import CfbError
+
+    download, _ = fake_source
+    cache = tmp_path / "cache"
+    folder = download.download("movielens-test", cache=cache)
+    real_open, real_mkdir, real_write = download.os.open, RealPath.mkdir, RealPath.write_text
+
+    def read_only(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(download.os, "open", read_only)
+        assert download.download("movielens-test", cache=cache) == folder
+        with pytest.raises(CfbError, match=r"^cannot download movielens-test into .*other \(Read-only file system\)"):
+            download.download("movielens-test", cache=tmp_path / "other")
+    def no_space_for(real, hits):  # noqa: ANN001, ANN202
+        def method(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if hits(self):
+                raise OSError(errno.ENOSPC, "No space left")
+            return real(self, *args, **kwargs)
+        return method
+
+    for name, patch in (("mkdir", no_space_for(real_mkdir, lambda p: p.name.endswith(".tmp"))),
+                        ("write_text", no_space_for(real_write, lambda p: p.name == download.STAMP))):
+        with monkeypatch.context() as m:
+            m.setattr(RealPath, name, patch)
+            with pytest.raises(CfbError, match=r"^cannot unpack movielens-test into .*third \(No space left\): free"):
+                download.download("movielens-test", cache=tmp_path / "third")
+        assert leftovers(tmp_path / "third") == [], name
+
+    def no_locks(fd, op):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert download.download("movielens-test", cache=tmp_path / "nfs").name == "ml-test"
 
 
 def test_download_sha256_checks_what_it_says(tmp_path, fake_source, monkeypatch):
@@ -1025,6 +1076,10 @@ def test_download_sha256_checks_what_it_says(tmp_path, fake_source, monkeypatch)
     with pytest.raises(CfbError, match=r"could not fetch the checksum .*pass the archive's SHA-256 \(--sha256\)"):
         download.download("movielens-test", cache=tmp_path / "c")
     sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    (tmp_path / "login.md5").write_text("<html>proxy login</html>")
+    monkeypatch.setitem(download.CHECKSUMS, "movielens-test", "url:" + (tmp_path / "login.md5").as_uri())
+    with pytest.raises(CfbError, match=r"no MD5 in the checksum file .*pass the archive's SHA-256 \(--sha256\)"):
+        download.download("movielens-test", cache=tmp_path / "c")
     folder = download.download("movielens-test", cache=tmp_path / "c", sha256=sha)
     assert json.loads((folder / download.STAMP).read_text())["verified_by"] == "sha256 = the given SHA-256"
     assert download.download("movielens-test", cache=tmp_path / "c", sha256=sha.upper()) == folder
