@@ -254,10 +254,7 @@ class NNRating(_RatingModel):
         vecs = np.array(prior_vecs, np.float32)
         user_vecs, ratings = np.asarray(user_vecs, np.float64), np.asarray(ratings, np.float64)
         prior_vecs = np.asarray(prior_vecs, np.float64)
-        item_of_rating = np.asarray(item_of_rating, np.int64)
-        order = np.argsort(item_of_rating, kind="stable")
-        rated, starts = np.unique(item_of_rating[order], return_index=True)
-        ends = np.r_[starts[1:], len(order)]
+        order, rated, starts, ends = _grouped_by_item(item_of_rating)
         first = 0
         while first < len(rated):  # items with at most RATINGS_AT_ONCE ratings together (or one item)
             last = max(first + 1, int(np.searchsorted(ends, starts[first] + RATINGS_AT_ONCE, side="right")))
@@ -326,13 +323,20 @@ def _adam_fold_in(data_gradient, prior: np.ndarray, reg: float, prior_informatio
     return theta.astype(np.float32)
 
 
-def _rows_by_item(item_of_rating: np.ndarray):  # noqa: ANN202
-    """(item, the positions of its ratings) for each item that has ratings, in item order."""
+def _grouped_by_item(item_of_rating) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001
+    """(order, items, starts, ends): the ratings' positions sorted by item (stably), the items that have
+    ratings, in item order, and where each item's positions begin and end in ``order``."""
     item_of_rating = np.asarray(item_of_rating, np.int64)
     order = np.argsort(item_of_rating, kind="stable")
     items, starts = np.unique(item_of_rating[order], return_index=True)
-    for k, group in zip(items.tolist(), np.split(order, starts[1:])):
-        yield k, group
+    return order, items, starts, np.r_[starts[1:], len(order)]
+
+
+def _rows_by_item(item_of_rating: np.ndarray):  # noqa: ANN202
+    """(item, the positions of its ratings) for each item that has ratings, in item order."""
+    order, items, starts, ends = _grouped_by_item(item_of_rating)
+    for k, start, end in zip(items.tolist(), starts, ends):
+        yield k, order[start:end]
 
 
 RATING_MODELS: dict[str, type[_RatingModel]] = {"dot": DotRating, "nn": NNRating}
