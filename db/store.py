@@ -708,8 +708,18 @@ def item_titles(conn: Connection, item_ids) -> dict[int, tuple[str, str | None]]
 
 
 def item_title_list(conn: Connection) -> list[str]:
-    """Every item's title (items without one left out): what a near-miss title is matched against."""
-    return conn.scalars(select(Item.title).where(Item.title.is_not(None))).all()
+    """Every item's title (items without one left out), in item order (the same on every backend: a
+    hint's titles are the first close ones): what a near-miss title is matched against."""
+    return conn.scalars(select(Item.title).where(Item.title.is_not(None)).order_by(Item.id)).all()
+
+
+def items_by_title(conn: Connection) -> dict[str, list[str]]:
+    """title -> the external ids of the items so titled (sorted), titles in item order."""
+    out: dict[str, list[str]] = {}
+    for ext, title in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))
+                                   .order_by(Item.id)):
+        out.setdefault(title, []).append(ext)
+    return {t: sorted(ids) for t, ids in out.items()}
 
 
 def has_rating_history(conn: Connection) -> bool:

@@ -185,11 +185,11 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     check_ids(ids, lines, "item", source)
     refuse_nul_text(items["title"], lines, "title", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
-    titled = {title: ext for ext, (title, _) in stored.items() if title}
+    titled = store.items_by_title(conn)
     for k, ext in enumerate(ids):  # (as ratings are refused: lookups by id or title would find this one)
         if ext not in stored and not ext.isdigit() and ext in titled:
-            raise InputError(f"{ext!r} is the title of item {titled[ext]!r}: a new item's id cannot be another "
-                             "item's title", source=source, line=lines[k], field="item")
+            raise InputError(f"{ext!r} is the title of {_items_named(titled[ext])}: a new item's id cannot be "
+                             "another item's title", source=source, line=lines[k], field="item")
     attrs = conform_attributes(Item, ids, list(items["attributes"]), lines,
                                {ext: a for ext, (_, a) in stored.items()}, source)
     new_titles = [t if isinstance(t, str) and t else stored.get(e, (None,))[0] for e, t in zip(ids, items["title"])]
@@ -221,22 +221,24 @@ def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: RowLi
     item 50) is refused, naming its first line (``first_line``: the first row's; None: rows are not the
     file's lines) and ``field``, rather than made into a second, untitled item. An id of digits alone is
     taken as an id (a book may be titled "1984")."""
-    from sqlalchemy import select
-
     codes, used, names = distinct_ids(items)
     new = {x for x in names if not x.isdigit()} - given
     if new:
         new -= set(store.id_map(conn, Item))
     if not new:
         return
-    titled = {t: e for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None)))
-              if t in new}
+    titled = {t: ids for t, ids in store.items_by_title(conn).items() if t in new}
     if titled:
         hit = next(k for k, x in enumerate(names) if x in titled)
         pos, name = int(np.argmax(codes == used[hit])), names[hit]
-        raise InputError(f"{name!r} is the title of item {titled[name]!r}, not an item id "
+        raise InputError(f"{name!r} is the title of {_items_named(titled[name])}, not an item id "
                          "(ratings name items by id)", source=source,
                          line=row_line(first_line, pos), field=field)
+
+
+def _items_named(ids: list[str]) -> str:
+    """"item 'x'", or "items 'x', 'y'" (sorted ids, as ``store.items_by_title`` gives them)."""
+    return f"item{'s' if len(ids) > 1 else ''} {', '.join(repr(e) for e in ids)}"
 
 
 def database_ids(conn, table, external, seen: set | None = None, *, source: str | None = None,  # noqa: ANN001

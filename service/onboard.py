@@ -167,9 +167,7 @@ class SignupValidator:
     @classmethod
     def for_connection(cls, conn: Connection, served: Served) -> "SignupValidator":
         """A validator with the catalogue and the users read whole (for a batch of entries)."""
-        titles: dict[str, list[str]] = {}  # title -> the external ids of the items so titled
-        for e, t in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))):
-            titles.setdefault(t, []).append(e)
+        titles = store.items_by_title(conn)
         return cls(conn, served, items=store.id_map(conn, Item), titles=titles, all_titles=lambda: titles,
                    known_users=set(store.id_map(conn, User)))
 

@@ -1,6 +1,7 @@
 """Malformed input: one clear line naming file, line and field; nothing written."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from sqlalchemy import func, select
 
@@ -153,6 +154,35 @@ def test_download_offline_points_at_ingest(tmp_path, monkeypatch):
     with pytest.raises(CfbError, match=r"could not download movielens-100k .*use `cfb ingest movielens PATH`"):
         download.download("movielens-100k", cache=tmp_path)
     assert not list(tmp_path.rglob("*.part"))  # nothing half-written
+
+
+def titles_read_in_item_order_after_an_update(engine, tmp_path) -> None:  # noqa: ANN001
+    """Two items titled "Dup" and items titled "Dup film N"; one item updated (PostgreSQL then returns
+    its row last). A title given as an id names both items, and a hint lists titles in item order, the
+    same on every backend (the last row read won, and hints followed the table's order)."""
+    from cfb.db import store
+    from cfb.service.ingest import write_items
+    from cfb.service.serving import find_item
+
+    items = pd.DataFrame({"item": ["Item", "item"] + [f"x{k}" for k in range(8)],
+                          "title": ["Dup", "Dup"] + [f"Dup film {k}" for k in range(8)], "attributes": [{}] * 10})
+    ingest_dataset(engine, Dataset(pd.DataFrame(columns=["user", "item", "rating", "timestamp"]), items,
+                                   scale=(1.0, 5.0)))
+    with writing(engine) as conn:
+        write_items(conn, pd.DataFrame({"item": ["Item", "x0"], "title": ["Dup", "Dup film 0 (restored)"],
+                                        "attributes": [{"year": 1}, {}]}))
+    path = write(tmp_path / "dup.csv", "user,item,rating\nfan,Dup,4\n")
+    with pytest.raises(InputError, match=r"'Dup' is the title of items 'Item', 'item', not an item id"):
+        ingest_dataset(engine, Dataset(read_ratings_csv(path)), source=str(path))
+    with engine.connect() as conn:
+        assert store.item_title_list(conn) == ["Dup", "Dup", "Dup film 0 (restored)"] + [f"Dup film {k}" for k in range(1, 8)]
+        with pytest.raises(CfbError, match=r"did you mean: Dup film 0 \(restored\); Dup film 1; Dup film 2; "
+                                           r"Dup film 3; Dup film 4\?$"):
+            find_item(conn, "ilm")  # (no title close enough: the first five holding it, in item order)
+
+
+def test_titles_are_read_in_item_order_after_an_update(engine, tmp_path):
+    titles_read_in_item_order_after_an_update(engine, tmp_path)
 
 
 def test_a_title_given_as_an_item_id_is_refused(engine, tmp_path, planted):

@@ -398,3 +398,10 @@ def test_a_postgres_database_that_is_not_there_is_one_line_to_serve_and_503_to_r
             assert r.status_code == 503 and "no_such_database_here" in r.text, (path, r.text)
         assert r.headers["content-type"].startswith("text/html")  # (the page: as a page)
         assert client.get("/health").json()["error"].startswith("database error: ")
+
+
+def test_titles_are_read_in_item_order_after_an_update_on_postgres(pg_engine, tmp_path):
+    """PostgreSQL returns an updated row last: titles are still read in item order (as on SQLite)."""
+    from .test_ingest_errors import titles_read_in_item_order_after_an_update
+
+    titles_read_in_item_order_after_an_update(pg_engine, tmp_path)
