@@ -669,7 +669,9 @@ def _scan_sqlite(conn: Connection) -> list[np.ndarray]:
         if lo is not None:
             edges = np.unique(np.linspace(lo, hi + 1, max(2, -(-n // SCAN_CHUNK) + 1)).astype(np.int64))
             sql = ("SELECT group_concat(user_id), group_concat(item_id), group_concat(CASE WHEN rating = "
-                   "CAST(rating AS INTEGER) THEN CAST(rating AS INTEGER) ELSE rating END), "  # "4", not "4.0"
+                   "CAST(rating AS INTEGER) THEN CAST(rating AS INTEGER) ELSE printf('%!.17g', rating) END), "  # "4", not "4.0";
+                   # (the digits that give the stored double back: group_concat's 15 could move a rating
+                   # by one float32 step, 3.000000119209289 read as 3.0000002 where PostgreSQL reads 3.0)
                    "group_concat(COALESCE(timestamp, -1)), group_concat(seq) FROM ratings "
                    "WHERE user_id >= ? AND user_id < ?")
             for a, b in zip(edges[:-1], edges[1:]):

@@ -61,6 +61,24 @@ def ratings_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
                          "rating": rng.integers(1, 11, n) / 2, "timestamp": 1_000 + np.arange(n)})
 
 
+def test_a_full_read_gives_the_ratings_a_row_read_gives(tmp_path):
+    """SQLite's full read (text columns) gives each stored double back exactly, as its row-by-row read
+    and PostgreSQL's binary read do: with 15 digits, a rating stored by `cfb rate` on a scale without
+    steps (3.000000119209289, a float32 midpoint) came back as the next float32 up."""
+    from cfb.service.ratings import rate_item
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'cfb.db'}")
+    ingest_dataset(engine, Dataset(pd.DataFrame({"user": ["u0", "u1", "u1"], "item": ["1", "2", "3"],
+                                                 "rating": [1.0, 5.0, 2.0], "timestamp": [1, 2, 3]})))
+    for k, value in enumerate((3.000000119209289, 0.1 + 0.2 + 3, 1 / 3 + 2)):
+        rate_item(engine, "u0", str(k + 1), value)
+    with engine.connect() as conn:
+        full, rows = store.load_ratings(conn), store.load_ratings(conn, with_replaced=True)
+    assert np.array_equal(full.rating, rows.rating) and full.rating.dtype == np.float32
+    assert np.float32(3.000000119209289) == np.float32(3.0) in full.rating
+    engine.dispose()
+
+
 def test_bulk_ingest_stores_what_row_by_row_upserts_store(tmp_path, monkeypatch):
     df = ratings_frame()
     expected: dict = {}
