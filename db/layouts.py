@@ -650,8 +650,8 @@ def read_goodbooks(folder: Path) -> Dataset:
     ratings = given.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
     # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
     return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}",
-                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None, columns={"item": "book_id", "user": "user_id"},
-                   catalogue="goodbooks-10k")
+                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None,
+                   columns={"item": "book_id", "user": "user_id"}, catalogue="goodbooks-10k")
 
 
 def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:

@@ -564,6 +564,11 @@ def _page(title: str, body: str, token_required: bool = False) -> HTMLResponse:
                                         token_required="true" if token_required else "false"))
 
 
+def _wants_html(request: Request) -> bool:
+    """A browser's GET (its Accept header names text/html; an API client's says */* or JSON)."""
+    return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("accept", "")
+
+
 def _item_href(item: str) -> str:
     return escape("/item/" + quote(str(item), safe=""))
 
@@ -694,8 +699,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return page_
 
     def answer_error(request: Request, e: ApiError | CfbError) -> Response:
-        """``error_response(e)`` (JSON), or on a web page the same message and status as an HTML page."""
-        if request.scope.get("endpoint") not in pages:
+        """``error_response(e)`` (JSON), or on a web page the same message and status as an HTML page; an
+        address no route has is answered as a page to a browser (which asks for HTML first)."""
+        endpoint = request.scope.get("endpoint")
+        if endpoint not in pages and not (endpoint is None and _wants_html(request)):
             return error_response(e)
         if isinstance(e, ApiError):
             return error_page(e.message, e.status, e.headers)

@@ -394,6 +394,18 @@ def test_web_pages_answer_bad_input_with_an_html_error_page(server, page, api):
     assert "<a id='back' href='/'>" in got.text and XSS not in got.text
 
 
+def test_an_address_no_route_has_is_a_page_to_a_browser_and_json_to_a_client(server):
+    """A browser following a wrong link gets the 404 as a page with a link back; an API client (curl,
+    fetch: Accept */*) gets it as JSON."""
+    api = server.get("/no/such/page")
+    assert api.status_code == 404 and api.headers["content-type"] == "application/json" and api.json()["error"]
+    page = server.get("/no/such/page", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert f"<p class='error' role='alert'>{escape(api.json()['error'])}</p>" in page.text
+    assert "<a id='back' href='/'>" in page.text
+    assert server.post("/no/such/page", headers={"Accept": "text/html"}).headers["content-type"] == "application/json"
+
+
 def test_request_bodies_are_size_limited(server, trained):
     engine, _ = trained
     n = user_count(engine)
