@@ -14,7 +14,7 @@ import click
 
 from ..cf_core.errors import CfbError
 from ..database import TRAINING_SETTINGS
-from ..db.textfile import plain_int
+from ..db.textfile import plain_float, plain_int
 
 
 def emit(obj, as_json: bool, text: str | None = None) -> None:
@@ -57,8 +57,6 @@ class FiniteFloat(click.ParamType):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             x = float(value)
         else:
-            from ..db.textfile import plain_float
-
             try:
                 x = plain_float(value)
             except ValueError:
@@ -192,8 +190,6 @@ def _scale(value: str | None):
     if not value:
         return None
     try:
-        from ..db.textfile import plain_float
-
         lo, hi = (plain_float(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter("expected LO,HI, e.g. 1,5") from None

@@ -185,9 +185,11 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     check_ids(ids, lines, "item", source)
     refuse_nul_text(items["title"], lines, "title", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
-    titled = store.items_by_title(conn)
-    for k, ext in enumerate(ids):  # (as ratings are refused: lookups by id or title would find this one)
-        if ext not in stored and not ext.isdigit() and ext in titled:
+    new = [k for k, ext in enumerate(ids) if ext not in stored and not ext.isdigit()]
+    titled = store.items_by_title(conn) if new and stored else {}  # (read only where a new id could be a title)
+    for k in new:  # (as ratings are refused: lookups by id or title would find this one)
+        ext = ids[k]
+        if ext in titled:
             raise InputError(f"{ext!r} is the title of {_items_named(titled[ext])}: a new item's id cannot be "
                              "another item's title", source=source, line=lines[k], field="item")
     attrs = conform_attributes(Item, ids, list(items["attributes"]), lines,

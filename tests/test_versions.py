@@ -23,6 +23,7 @@ from cfb.service.state import learned_values, load_served, user_vector
 from cfb.service.training import retrain_full
 
 from .conftest import FAST
+from .test_concurrency import plant_lock
 
 
 def test_served_model_learns_from_every_rating(trained, planted):
@@ -152,14 +153,6 @@ def test_rollback_during_an_incremental_retrain_saves_nothing(trained, monkeypat
         assert versions.serving_version(conn) == 2  # the failed transaction rolled the rollback back too
 
 
-def take_over_the_lock(engine) -> None:  # noqa: ANN001
-    """What another process does to a retrain lock whose heartbeat it finds stale: replace it."""
-    with writing(engine) as conn:
-        conn.execute(Setting.__table__.delete().where(Setting.key == versions.LOCK_KEY))
-        store.set_setting(conn, versions.LOCK_KEY, json.dumps(
-            {"pid": 4242, "host": "elsewhere.example", "token": "x", "heartbeat": versions.db_now(conn)}))
-
-
 def test_a_retrain_whose_lock_was_taken_over_saves_nothing(trained, monkeypatch):
     """A retrain paused past the stale limit (its lock taken over by another, which may be saving a
     version of its own) saves nothing, full or incremental, and says why; it used to save all the same."""
@@ -170,11 +163,11 @@ def test_a_retrain_whose_lock_was_taken_over_saves_nothing(trained, monkeypatch)
 
     def fit_then_lose_the_lock(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         out = real_fit(*args, **kwargs)
-        take_over_the_lock(engine)
+        plant_lock(engine, "elsewhere.example", 4242, age=0)  # (another process takes the lock over)
         return out
 
     def delta_then_lose_the_lock(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        take_over_the_lock(engine)
+        plant_lock(engine, "elsewhere.example", 4242, age=0)  # (another process takes the lock over)
         return real_delta(*args, **kwargs)
 
     rate_item(engine, "a0", "b30", 1.0)
