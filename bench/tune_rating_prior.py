@@ -49,9 +49,11 @@ def parse():
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=2, help="simulated reveal draws per training user")
     ap.add_argument("--kind", choices=("dot", "nn"), default="dot", help="the rating model")
-    ap.add_argument("--grid", choices=("wide", "narrow", "folds"), default="narrow",
+    ap.add_argument("--grid", choices=("wide", "narrow", "folds", "attrprior"), default="narrow",
                     help="wide: round 1 (every feature set, α 10–1000, six fold-ins, 12 shrinks); narrow: round 2; "
-                         "folds: today's prior with a grid of fold-in shrinkages, with and without the ranker term")
+                         "folds: today's prior with a grid of fold-in shrinkages, with and without the ranker term; "
+                         "attrprior: today's prior against one from the attribute answers alone (the fold-in then "
+                         "counts each revealed rating once), over a grid of fold-in shrinkages")
     return ap.parse_args()
 
 
@@ -149,6 +151,10 @@ def main():
         if args.kind == "nn":  # (no user bias: the second number is unused)
             BASE_FOLDS = {f"base_f{int(a)}": (a, 30.0) for a in (100.0, 200.0, 300.0, 600.0)}
             SHRINK, zbetas = [(0.5, 3.0), (0.5, 10.0), (1.0, 3.0), (1.0, 10.0), (1.0, 30.0)], (0.025, 0.05)
+    elif args.grid == "attrprior":
+        featsets, FOLDS, SHRINK, zbetas = {}, {}, [], (0.1,)
+        BASE_FOLDS = {f"{p}_f{int(a)}_{int(b)}": (a, b) for p in ("base", "attr") for a, b in
+                      ((10.0, 30.0), (5.0, 30.0), (5.0, 15.0), (10.0, 15.0), (20.0, 30.0), (3.0, 10.0))}
     ridges = {}
     from sklearn.linear_model import Ridge
     for name, parts in featsets.items():
@@ -176,7 +182,8 @@ def main():
         preds = {}
         for bname, (rg, rb) in BASE_FOLDS.items():
             inn = model.item_index(h.items)
-            v, bb = boot.initial_factors([attributes], [{int(a): float(c) for a, c in zip(its, rs)}])
+            revealed = {} if bname.startswith("attr") else {int(a): float(c) for a, c in zip(its, rs)}
+            v, bb = boot.initial_factors([attributes], [revealed])
             vec, bias = model.rating.fold_in(inn[inn >= 0], h.ratings[inn >= 0], v[0], float(b_ := bb[0]),
                                              FoldInConfig(rg, rb))
             preds[bname] = model.rating.predict(vec, bias, ti)
@@ -196,7 +203,7 @@ def main():
             z = (sc[ti] - sc.mean()) / sc.std()
         for c, p in preds.items():
             add(c, cond, p, truth)
-            if args.grid in ("narrow", "folds") or c == "base" or c.endswith(("_f20_100", "_nofold", "_f50_100")):
+            if args.grid in ("narrow", "folds", "attrprior") or c == "base" or c.endswith(("_f20_100", "_nofold", "_f50_100")):
                 for w0, k in SHRINK:
                     w = w0 * k / (k + n)
                     add(f"{c}+s{w0}_{int(k)}", cond, (1 - w) * p + w * dm, truth)
