@@ -118,12 +118,13 @@ def ml100k_available() -> bool:
 
 @contextmanager
 def fresh_pg_schema(schema: str) -> Iterator[str]:
-    """A URL of the PostgreSQL test server ($CFB_TEST_POSTGRES_URL) whose search path is ``schema``,
-    created empty and dropped afterwards (test_postgres.py drops every table of the default one);
-    skips the test without a server."""
+    """A URL of the PostgreSQL test server ($CFB_TEST_POSTGRES_URL) whose search path is a schema of
+    this test run's own (``schema`` and the process id: two runs against one server do not meet),
+    created empty and dropped afterwards; skips the test without a server."""
     url = os.environ.get("CFB_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("set CFB_TEST_POSTGRES_URL to run against PostgreSQL")
+    schema = f"{schema}_{os.getpid()}"
     base = make_engine(url)
     with base.begin() as conn:
         conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))

@@ -25,7 +25,7 @@ from .conftest import fresh_pg_schema, planted_ratings
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
 
-PG_SCHEMA = "cfb_concurrency"  # its own schema: test_postgres.py drops every table of the default one
+PG_SCHEMA = "cfb_concurrency"  # a schema of its own (with the process id: conftest.fresh_pg_schema)
 WORKERS, PER_WORKER = 4, 12
 
 
@@ -129,7 +129,7 @@ def test_concurrent_ratings_on_postgres_keep_commit_order(pg_url):
     try:
         assert engine.dialect.name == "postgresql"
         with engine.connect() as conn:
-            assert conn.scalar(text("SELECT current_schema()")) == PG_SCHEMA
+            assert conn.scalar(text("SELECT current_schema()")) == f"{PG_SCHEMA}_{os.getpid()}"
         seed(engine)
         with engine.connect() as conn:
             start = conn.scalar(select(func.max(Rating.seq)))

@@ -1,5 +1,6 @@
-"""The same code on PostgreSQL: runs when CFB_TEST_POSTGRES_URL points at a database it may wipe
-(e.g. postgresql+psycopg://cfb:cfb@localhost/cfb_test); skipped otherwise."""
+"""The same code on PostgreSQL: runs when CFB_TEST_POSTGRES_URL points at a database in which it may
+create schemas (e.g. postgresql+psycopg://cfb:cfb@localhost/cfb_test; each test works in a schema of
+its own, dropped after it); skipped otherwise."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from sqlalchemy import func, select
 
 from cfb.db import versions
 from cfb.db.engine import make_engine
-from cfb.db.schema import Base, Rating
+from cfb.db.schema import Rating
 from cfb.db.sources import Dataset
 from cfb.service.incremental import retrain_incremental
 from cfb.service.ingest import ingest_dataset
@@ -20,18 +21,23 @@ from cfb.service.onboard import onboard
 from cfb.service.serving import recommend, similar
 from cfb.service.training import retrain_full
 
-from .conftest import FAST
+from .conftest import FAST, fresh_pg_schema
 
 URL = os.environ.get("CFB_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="set CFB_TEST_POSTGRES_URL to run against PostgreSQL")
 
 
 @pytest.fixture
-def pg_engine():
-    engine = make_engine(URL)
-    Base.metadata.drop_all(engine)
+def pg_url():
+    """The test server's URL with a schema of this test's own as its search path."""
+    with fresh_pg_schema("cfb_test_postgres") as url:
+        yield url
+
+
+@pytest.fixture
+def pg_engine(pg_url):
+    engine = make_engine(pg_url)
     yield engine
-    Base.metadata.drop_all(engine)
     engine.dispose()
 
 
@@ -205,7 +211,7 @@ def test_two_writers_migrating_an_older_ratings_table_at_once_on_postgres(pg_eng
         assert store._has_history_columns(conn)
 
 
-def test_ids_postgres_cannot_store_are_refused_or_unknown_as_on_sqlite(pg_engine, planted, tmp_path):
+def test_ids_postgres_cannot_store_are_refused_or_unknown_as_on_sqlite(pg_engine, pg_url, planted, tmp_path):
     """PostgreSQL refuses an id over 255 characters (VARCHAR(255)) or holding a NUL, even in a query:
     each is refused where it would be created (one error line naming file, line and field, a 422 over
     HTTP, nothing written) and unknown where it is looked up (a 404), as on SQLite
@@ -232,12 +238,12 @@ def test_ids_postgres_cannot_store_are_refused_or_unknown_as_on_sqlite(pg_engine
     ]:
         path = write(tmp_path / f"in{len(body)}.{'json' if kind == 'onboard' else 'csv'}", body)
         command = ["onboard", "--answers"] if kind == "onboard" else ["ingest", kind]
-        check_rejected(URL, [*command, str(path)], str(path), *expected)
-    check_rejected(URL, ["rate", "a0", long_id, "3", "--new-item"], "item id 'LLLL", "256 characters long")
-    check_rejected(URL, ["recommend", long_id], "unknown user")
-    check_rejected(URL, ["similar", long_id], "unknown item")
+        check_rejected(pg_url, [*command, str(path)], str(path), *expected)
+    check_rejected(pg_url, ["rate", "a0", long_id, "3", "--new-item"], "item id 'LLLL", "256 characters long")
+    check_rejected(pg_url, ["recommend", long_id], "unknown user")
+    check_rejected(pg_url, ["similar", long_id], "unknown item")
     pairs = write(tmp_path / "pairs.csv", "user,item\na0,a1\na0,x\0y\n")
-    check_rejected(URL, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "unknown item")
+    check_rejected(pg_url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "unknown item")
     with TestClient(create_app(pg_engine), raise_server_exceptions=False) as client:
         for user in ("a" * 10_000, "a\u0000b"):
             r = client.post("/users", json={"user": user, "answers": {}})
@@ -251,7 +257,7 @@ def test_ids_postgres_cannot_store_are_refused_or_unknown_as_on_sqlite(pg_engine
         assert r.status_code == 404 and r.json()["field"] == "item", r.text
         r = client.post("/users", json={"user": "é" * 255, "answers": {}})  # the longest id there may be
         assert r.status_code == 201 and client.get(r.headers["location"]).status_code == 200
-    res = CliRunner().invoke(cli, ["--db", URL, "rate", "é" * 255, "é" * 255, "4", "--new-item"])
+    res = CliRunner().invoke(cli, ["--db", pg_url, "rate", "é" * 255, "é" * 255, "4", "--new-item"])
     assert res.exit_code == 0, res.output
 
 
