@@ -734,7 +734,17 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return answer_error(request, ApiError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)))
+        headers = getattr(e, "headers", None)
+        if e.status_code == 405:  # every method a route of the path takes (Starlette names the first route's)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.scope))}
+        return answer_error(request, ApiError(e.status_code, str(e.detail), headers=headers))
+
+    def allowed_methods(scope: dict) -> list[str]:
+        """The methods the routes matching the request's path take (GET's HEAD included)."""
+        from starlette.routing import Match
+
+        return sorted({m for r in app.router.routes if getattr(r, "methods", None)
+                       and r.matches(scope)[0] != Match.NONE for m in r.methods})
 
     if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
@@ -982,11 +992,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     def _scale(conn) -> list[float]:
         return rating_choices(store.rating_scale(conn) or (1.0, 5.0), store.rating_step(conn))
 
-    def _rating_select(scale: list[float], name: str, item: str, blank: str) -> str:
+    def _rating_select(scale: list[float], name: str, entry: dict, blank: str) -> str:
+        """The rating control of an item (``entry``: its "item" and "title"), named after the item."""
         opts = [f"<option value=''>{escape(blank)}</option>"]
         opts += [f"<option value='{v:g}'>{v:g}</option>" for v in scale]
-        return (f"<select name='{escape(name)}' data-item='{escape(str(item))}' "
-                f"aria-label='rating'>{''.join(opts)}</select>")
+        return (f"<select name='{escape(name)}' data-item='{escape(str(entry['item']))}' "
+                f"aria-label='rating for {_name(entry)}'>{''.join(opts)}</select>")
 
     @page("/")
     def home(budget: int = Query(15, ge=0, le=MAX_BUDGET)):
@@ -1010,7 +1021,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 field = f"<input type='text' name='{name}' data-attr='{name}'>"
             rows.append(f"<label>{name} {field}</label>")
         items = [f"<li><span class='title'>{_name(it)}</span> "
-                 f"{_rating_select(scale, 'rate', it['item'], 'not seen')}</li>" for it in q["items"]]
+                 f"{_rating_select(scale, 'rate', it, 'not seen')}</li>" for it in q["items"]]
         body = (f"<h1>Sign up</h1><form id='signup' data-asked='{len(q['items'])}' data-version='{q['version']}'>"
                 f"<fieldset><legend>About you</legend>"
                 f"<label>user id (optional) <input type='text' name='user' id='user-id'></label>"
@@ -1037,7 +1048,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     def _rec_row(it: dict, scale: list[float]) -> str:
         return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{_item_href(it['item'])}'>"
                 f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
-                f"{_rating_select(scale, 'rate', it['item'], 'rate…')}</li>")
+                f"{_rating_select(scale, 'rate', it, 'rate…')}</li>")
 
     @page("/item/{item:path}")
     def item_page(item: str, n: int = Query(10, ge=1, le=MAX_N)):

@@ -82,6 +82,11 @@ def test_read_endpoints_answer_what_the_cli_prints(server, db_url):
         r = server.head(path)
         assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0, path
     assert server.head("/users/nobody/recommendations").status_code == 404
+    for method, path, allow in [("PUT", "/health", "GET, HEAD"), ("DELETE", "/users/a0/recommendations", "GET, HEAD"),
+                                ("PUT", "/items/a1/similar", "GET, HEAD"), ("PUT", "/", "GET, HEAD"),
+                                ("GET", "/users/a0/ratings", "POST"), ("DELETE", "/users", "POST")]:
+        r = server.request(method, path)  # a 405 names every method the path takes
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
     assert server.get("/questionnaire", params={"budget": 4}).json() == cli_json(db_url, "questionnaire", "--budget", "4")
     assert server.get("/models").json() == cli_json(db_url, "models")
     for by in ("rank", "rating"):

@@ -71,6 +71,8 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         assert no_alert(browser)
         titles = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".rate-items .title")]
         assert XSS in titles  # shown as text
+        named = [e.get_attribute("aria-label") for e in browser.find_elements(By.CSS_SELECTOR, ".rate-items select")]
+        assert named == [f"rating for {t}" for t in titles]  # a screen reader says which item each control rates
         Select(browser.find_element(By.CSS_SELECTOR, "select[data-attr='gender']")).select_by_visible_text("F")
         browser.find_element(By.ID, "user-id").send_keys("browser1")
         for sel in browser.find_elements(By.CSS_SELECTOR, ".rate-items select")[:6]:
@@ -94,6 +96,9 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         wait.until(lambda d: d.find_element(By.ID, "recs").get_attribute("data-updated"))
         after = rec_items(browser)
         assert len(after) == 10 and before[0] not in after and after != before
+        shown_titles = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#recs a.title")]
+        assert [e.get_attribute("aria-label") for e in browser.find_elements(By.CSS_SELECTOR, "#recs select")] \
+            == [f"rating for {t}" for t in shown_titles]  # (the list the script drew, too)
         assert "Rated" in browser.find_element(By.ID, "rate-status").text
         assert browser.find_element(By.ID, "rate-error").text == ""
 

@@ -70,11 +70,11 @@
     var status = document.getElementById("rate-status");
     var error = document.getElementById("rate-error");
 
-    var ratingSelect = function (item) {
+    var ratingSelect = function (it) {
       var sel = document.createElement("select");
       sel.name = "rate";
-      sel.dataset.item = item;
-      sel.setAttribute("aria-label", "rating");
+      sel.dataset.item = it.item;
+      sel.setAttribute("aria-label", "rating for " + (it.title || it.item));
       var blank = document.createElement("option");
       blank.value = "";
       blank.textContent = "rate…";
@@ -103,23 +103,29 @@
         li.appendChild(document.createTextNode(" "));
         li.appendChild(score);
         li.appendChild(document.createTextNode(" "));
-        li.appendChild(ratingSelect(it.item));
+        li.appendChild(ratingSelect(it));
         return li;
       });
       recs.replaceChildren.apply(recs, rows);
     };
 
+    var latest = 0;  // the last rating's list is the one shown, whichever answer comes back first
     recs.addEventListener("change", function (ev) {
       var sel = ev.target;
       if (sel.tagName !== "SELECT" || sel.value === "") { return; }
       error.textContent = "";
+      var mine = ++latest;
       var base = "/users/" + encodeURIComponent(user);
       api("POST", base + "/ratings", { item: sel.dataset.item, rating: Number(sel.value) })
         .then(function (out) {
           status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
           return api("GET", base + "/recommendations?n=" + encodeURIComponent(recs.dataset.n || "10"));
         })
-        .then(function (out) { render(out.items); recs.dataset.updated = String(Date.now()); })
+        .then(function (out) {
+          if (mine !== latest) { return; }
+          render(out.items);
+          recs.dataset.updated = String(Date.now());
+        })
         .catch(function (e) { error.textContent = e.message; });
     });
   }
