@@ -72,6 +72,14 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "field": {"type": "string", "description": "the parameter or body field at fault, where there is one"}}}
 
 
+COMMON_ERRORS = {  # error answers any route may give, for the OpenAPI schema
+    "503": "no database, nothing ingested or no trained model yet; or a write that waited out another "
+           "writer (with Retry-After)",
+    "post": {"401": "this server has a token and the request did not give it (`Authorization: Bearer <token>`)",
+             "403": "a write sent by another site's page (its Origin is not allowed)",
+             "413": "a body over 64 KiB"}}
+
+
 def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
     """``obj`` as JSON (UTF-8, like the CLI's ``--json``)."""
     body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -808,12 +816,15 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                            headers={"WWW-Authenticate": "Bearer"})
 
     # --- JSON API ----------------------------------------------------------------------------------
-    @api_get("/health", tags=["api"], summary="Liveness and the serving model version")
+    @api_get("/health", tags=["api"], summary="Liveness and the serving model version",
+             responses={200: {"description": '{"status": "ok", "version": v}'}})
     async def health():
         with engine.connect() as conn:
             return json_response({"status": "ok", "version": versions.serving_version(conn)})
 
-    @api_get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)")
+    @api_get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)",
+             responses={200: {"description": '{"version": v, "attributes": [{"name", "type", ...}], '
+                                             '"items": [{"item", "title"}]}'}})
     async def questionnaire(budget: int = Query(15, ge=0, le=MAX_BUDGET, description="Number of items to ask about")):
         from .onboard import questionnaire_json
 
@@ -870,7 +881,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     @api_get("/users/{user:path}/recommendations", tags=["api"],
              summary="Top n items for a user (`cfb recommend --json`)",
-             responses={404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
+             responses={200: {"description": '{"user": id, "items": [{"item", "title", "score"}]}'},
+                        404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
              openapi_extra={"parameters": rec_params})
     async def recommendations(user: str, request: Request):
         # on SQLite a GET is answered before it gets here, by FastRecommendations (the same answers)
@@ -890,7 +902,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @app.post("/users/{user:path}/ratings", status_code=201, tags=["api"], summary="Store a rating (`cfb rate --json`)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": rating_schema}}}},
-              responses={404: {"description": "unknown user or item"}, 422: {"description": "invalid rating"}})
+              responses={201: {"description": '{"user", "item", "title", "rating"}'},
+                         404: {"description": "unknown user or item"}, 422: {"description": "invalid rating"}})
     async def rate(user: str, request: Request):
         check_token(request)
         body = await read_json(request)
@@ -922,7 +935,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return json_response(await run_in_threadpool(run), 201)
 
     @api_get("/items/{item:path}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
-             responses={404: {"description": "unknown item"}})
+             responses={200: {"description": '{"item": id, "title", "items": [{"item", "title", "score"}]}'},
+                        404: {"description": "unknown item"},
+                        409: {"description": "the item is not in the serving model yet (a retrain brings it)"}})
     async def similar(item: str, n: int = Query(10, ge=1, le=MAX_N)):
         def run():  # (an unknown item's hint reads every title: not on the event loop)
             with engine.connect() as conn:
@@ -930,18 +945,23 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
         return json_response(await run_in_threadpool(run))
 
-    @api_get("/models", tags=["api"], summary="Model versions (`cfb models --json`)")
+    @api_get("/models", tags=["api"], summary="Model versions (`cfb models --json`)",
+             responses={200: {"description": '[{"version", "kind", "mode", "parent", "created", '
+                                             '"metrics", "hyperparams", "serving"}]'}})
     async def models():
         with engine.connect() as conn:
             return json_response(versions.list_versions(conn))
 
-    @api_get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)")
+    @api_get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)",
+             responses={200: {"description": '{"lowest": [{"item", "title", "score"}], "highest": [...]}'}})
     async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N),
                              min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
         with engine.connect() as conn:
             return json_response(serving.biases(conn, n, min_ratings))
 
-    @api_get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)")
+    @api_get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)",
+             responses={200: {"description": '{"version", "explained_variance", '
+                                             '"items": [{"item", "title", "pc1", "pc2", "pc3"}]}'}})
     async def inspect_pca(n: int = Query(50, ge=2, le=5000)):
         from .inspect import pca
 
@@ -960,8 +980,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             for name in ("HTTPValidationError", "ValidationError"):
                 spec["components"]["schemas"].pop(name, None)
             spec["components"]["schemas"]["Error"] = ERROR_SCHEMA
-            for operation in (op for ops in spec["paths"].values() for op in ops.values()):
-                for status, response in operation.get("responses", {}).items():
+            for method, operation in ((m, op) for ops in spec["paths"].values() for m, op in ops.items()):
+                responses = operation.setdefault("responses", {})
+                for status, description in (COMMON_ERRORS["post"] if method == "post" else {}).items():
+                    responses.setdefault(status, {"description": description})
+                responses.setdefault("503", {"description": COMMON_ERRORS["503"]})
+                for status, response in responses.items():
                     if status[0] in "45":
                         response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
                         if response.get("description") == "Validation Error":

@@ -278,6 +278,15 @@ def test_the_openapi_schema_describes_the_error_bodies_the_server_sends(server):
                                     for r in errors)
     r = server.get("/questionnaire", params={"budget": 31})
     assert r.status_code == 422 and set(r.json()) <= set(spec["components"]["schemas"]["Error"]["properties"])
+    for path, ops in spec["paths"].items():  # each answer's shape, and the errors any route may give
+        for method, op in ops.items():
+            ok = op["responses"].get("201" if method == "post" else "200")
+            assert ok and ok["description"] != "Successful Response" and "{" in ok["description"], (method, path)
+            assert {"503", *(("401", "403", "413") if method == "post" else ())} <= set(op["responses"]), (method, path)
+    assert "409" in spec["paths"]["/items/{item}/similar"]["get"]["responses"]
+    rec = server.get("/users/a0/recommendations").json()
+    assert all(f'"{key}"' in spec["paths"]["/users/{user}/recommendations"]["get"]["responses"]["200"]["description"]
+               for key in [*rec, *rec["items"][0]])
 
 
 def test_ids_that_cannot_be_stored_are_422_and_unknown_ones_404(server, trained):
