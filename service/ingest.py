@@ -99,8 +99,7 @@ def _kind(value) -> str:  # noqa: ANN001
     return "text"
 
 
-# a code of digits (a zip "02139" or "02139-4307"), not a number: its leading zero says so (an age band
-# "25-34" or "18 24" in a column of ages is refused: stored as text, it made age a category at the next retrain)
+# a code of digits (a zip "02139" or "02139-4307"), not a number: its leading zero says so
 DIGIT_CODE = re.compile(r"0[0-9]+([ -][0-9]+)*")
 
 
@@ -110,10 +109,10 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
     given names replace, the others are kept), its values typed as the stored values that stay (those
     it replaces do not count, so a corrected file can change a type):
     - held as numbers: a text that reads as a finite number ("41", "1e5") becomes that number; any other
-      text ("unknown", "N/A", "30s", "c.1991"), an infinite or undefined number ("inf", "1e400") or a
-      list is refused, naming file, line and field, so that one bad cell cannot turn a number question
-      into free text (or a category) — but for a code of digits with a leading zero, such as the zip
-      "02139" or "02139-4307", which stays text;
+      text ("unknown", "N/A", "30s", "25-34", "c.1991", a code with a leading zero such as "07" or the zip
+      "02139"), an infinite or undefined number ("inf", "1e400") or a list is refused, naming file, line
+      and field, so that one cell cannot turn a number question into free text (or a category) at the
+      next retrain; a file giving the column again for every id that holds it can change its type;
     - held as text: a number is stored as its text; held as lists: a single text becomes a list of one."""
     given = {ext: set(attrs or {}) for ext, attrs in zip(ids, records)}
     kinds: dict[str, set] = {}
@@ -131,11 +130,14 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
                 number = number_in_text(value) if kind == "text" else None
                 if number is not None:
                     attrs[name] = number
-                elif kind == "list" or not DIGIT_CODE.fullmatch(str(value).strip()) or is_non_finite(value):
+                else:
                     what = table.__tablename__
-                    raise InputError(f"{store.shown_id(value)} is {not_a_number_said(value)}, and the stored {what} "
-                                     f"hold {name} as numbers"
-                                     + ("" if line is not None else f" ({what[:-1]} {ext!r})"),
+                    code = kind == "text" and DIGIT_CODE.fullmatch(str(value).strip())
+                    said = ("a code with a leading zero, not a number" if code else not_a_number_said(value))
+                    raise InputError(f"{store.shown_id(value)} is {said}, and the stored {what} hold {name} as numbers"
+                                     + ("" if line is not None else f" ({what[:-1]} {ext!r})")
+                                     + (f" (to hold {name} as text, give it again for every {what[:-1]} that has it)"
+                                        if code else ""),
                                      source=source, line=line, field=name)
             elif held == {"text"} and kind == "number":
                 attrs[name] = str(value)

@@ -62,22 +62,30 @@ def test_a_text_cell_cannot_turn_a_number_attribute_into_text(trained, tmp_path)
 
 
 def test_codes_stay_text_and_a_corrected_file_can_change_a_type(engine, tmp_path):
-    """Zips stored as numbers (no leading zero in the first file) still take "02139" as text; ages first
-    stored as text (a code with digits kept the column text) become numbers when every stored age is
-    corrected. A word in a first file's column of numbers is refused, as it would be in a later file's."""
+    """A code with a leading zero in a column stored as numbers is refused, as any text is there (an age
+    "07" turned the age question into free text at the next retrain); a file giving the column again for
+    every user stores it as text. Ages first stored as text (a code with digits kept the column text)
+    become numbers when every stored age is corrected. A word in a first file's column of numbers is
+    refused, as it would be in a later file's."""
     with pytest.raises(InputError, match=r"line 3, field 'age': 'unknown' is not a number, and the column's other"):
         users_file(engine, tmp_path, "user,zip,age\nu1,55105,31\nu2,40206,unknown\n")
     users_file(engine, tmp_path, "user,zip,age\nu1,55105,31\nu2,40206,40s\n")
     assert stored_attributes(engine, "u2") == {"zip": 40206, "age": "40s"}
-    users_file(engine, tmp_path, "user,zip\nu3,02139\n", "zip.csv")
-    assert stored_attributes(engine, "u3") == {"zip": "02139"}
+    for code in ("02139", "07", "02139-4307"):
+        with pytest.raises(InputError, match=rf"zip.csv, line 2, field 'zip': '{code}' is a code with a leading zero, "
+                                             r"not a number, and the stored users hold zip as numbers \(to hold zip "
+                                             r"as text, give it again for every user that has it\)"):
+            users_file(engine, tmp_path, f"user,zip\nu3,{code}\n", "zip.csv")
+    assert stored_attributes(engine, "u3") is None
+    users_file(engine, tmp_path, "user,zip\nu1,55105\nu2,40206\nu3,02139\n", "zips.csv")
+    assert [stored_attributes(engine, u)["zip"] for u in ("u1", "u2", "u3")] == ["55105", "40206", "02139"]
     users_file(engine, tmp_path, "user,age\nu1,31\nu2,45\n", "fixed.csv")
-    assert stored_attributes(engine, "u2") == {"zip": 40206, "age": 45}
-    assert stored_attributes(engine, "u1") == {"zip": 55105, "age": 31}
+    assert stored_attributes(engine, "u2") == {"zip": "40206", "age": 45}
+    assert stored_attributes(engine, "u1") == {"zip": "55105", "age": 31}
     for band in ("25-34", "18 24"):  # (no leading zero: not a code; as text it made age a category)
         with pytest.raises(InputError, match=rf"band.csv, line 2, field 'age': '{band}' is not a number"):
             users_file(engine, tmp_path, f"user,age\nu1,{band}\n", "band.csv")
-    assert stored_attributes(engine, "u1") == {"zip": 55105, "age": 31}
+    assert stored_attributes(engine, "u1") == {"zip": "55105", "age": 31}
 
 
 def test_ingested_attributes_merge_over_the_stored_ones(trained, tmp_path):
@@ -99,6 +107,9 @@ def test_item_metadata_is_typed_and_merged_as_user_attributes_are(engine, tmp_pa
     upsert_items(engine, read_items_csv(write(tmp_path / "one.csv", "item,genres\ni2,Drama\n")))  # no '|': one genre
     with pytest.raises(InputError, match=r"b.csv, line 2, field 'year': 'soon' is not a number"):
         path = write(tmp_path / "b.csv", "item,year\ni2,soon\n")
+        upsert_items(engine, read_items_csv(path), source=str(path))
+    with pytest.raises(InputError, match=r"z.csv, line 2, field 'year': '02001' is a code with a leading zero"):
+        path = write(tmp_path / "z.csv", "item,year\ni2,02001\n")
         upsert_items(engine, read_items_csv(path), source=str(path))
     out = upsert_items(engine, read_items_csv(write(tmp_path / "c.csv", "item,year\ni1,1991\n")))
     assert out == {"items": 1, "added": 0, "updated": 1, "unchanged": 0}
