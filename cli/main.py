@@ -242,7 +242,7 @@ _dataset_command("goodbooks", "read_goodbooks", "ratings.csv",
 @pass_ctx
 @fail_cleanly
 def ingest_items(ctx: Ctx, file: Path, quiet: bool, as_json: bool) -> None:
-    """Add or update items from a CSV with a header (item,title, then one column per attribute).
+    """Add or update items from a CSV with a header (item, an optional title, then one column per attribute).
 
     Numbers stay numbers (as text where the stored items hold that attribute as text), a value with '|'
     becomes a list ("Drama|War"), empty cells change nothing; given attributes replace those of the

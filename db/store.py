@@ -205,13 +205,14 @@ def on_step(ratings, scale: tuple[float, float] | None, step: float | None):  # 
 MAX_ID_LENGTH = 255  # users.external_id and items.external_id are VARCHAR(255)
 
 
-def id_problem(external_id: str) -> str | None:
-    """Why ``external_id`` cannot be a user's or item's id, else None: the one rule on every backend (at
-    most ``MAX_ID_LENGTH`` characters, no NUL: PostgreSQL refuses both, and SQLite must not take them;
-    not ``.`` or ``..``, which no URL path can name: a browser or client resolves them away; no line
-    break, which no route of the HTTP API matches)."""
+def id_problem(external_id: str, what: str = "user") -> str | None:
+    """Why ``external_id`` cannot be a ``what``'s ("user", "item") id, else None: the one rule on every
+    backend (at most ``MAX_ID_LENGTH`` characters, no NUL: PostgreSQL refuses both, and SQLite must not
+    take them; not ``.`` or ``..``, which no URL path can name: a browser or client resolves them away;
+    no line break, which no route of the HTTP API matches)."""
     if external_id in (".", ".."):
-        return f"is {external_id!r}, which a URL cannot name (/users/{external_id}/… is read as another path)"
+        where = "/items/" if what == "item" else "/users/"
+        return f"is {external_id!r}, which a URL cannot name ({where}{external_id}/… is read as another path)"
     if len(external_id) > MAX_ID_LENGTH:
         return f"is {len(external_id)} characters long (at most {MAX_ID_LENGTH})"
     if "\x00" in external_id:
@@ -236,7 +237,7 @@ def check_id(external_id: str, what: str = "id", *, source: str | None = None, l
              field: str | None = None) -> None:
     """Raise ``InputError`` (naming ``source``, ``line`` and ``field``) when ``external_id`` cannot be
     a ``what`` ("user", "item") id (``id_problem``)."""
-    problem = id_problem(external_id)
+    problem = id_problem(external_id, what)
     if problem is not None:
         raise InputError(f"{what} id {shown_id(external_id)} {problem}", source=source, line=line, field=field)
 

@@ -295,7 +295,8 @@ LONG_ID = "L" * 256  # users.external_id and items.external_id hold at most 255 
                                                       "--rating-col", "stars"], ["line 2", "field 'item'", "item id"]),
     ("users", f"user,age\nn1,30\n{LONG_ID},31\n", [], ["line 3", "field 'user'", "at most 255"]),
     ("users", "user,age\nn\0,30\n", [], ["line 2", "field 'user'", "NUL character"]),
-    ("ratings", "user,item,rating\nn1,a1,4\n.,a2,3\n", [], ["line 3", "field 'user'", "a URL cannot name"]),
+    ("ratings", "user,item,rating\nn1,a1,4\n.,a2,3\n", [], ["line 3", "field 'user'", "a URL cannot name (/users/./"]),
+    ("ratings", "user,item,rating\nn1,a1,4\nn1,..,3\n", [], ["line 3", "field 'item'", "a URL cannot name (/items/../"]),
     ("items", f"item,title\nnew1,Fine\n{LONG_ID},Too long\n", [], ["line 3", "field 'item'", "at most 255"]),
     ("items", "item,title\nnew1,Fine\nnew2,Nul\0title\n", [], ["line 3", "field 'title'", "NUL character"]),
 ])
