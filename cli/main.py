@@ -83,6 +83,36 @@ class WholeRange(click.IntRange):
         return super().convert(value, param, ctx)
 
 
+class NumberArguments(click.Command):
+    """A command whose arguments may be negative numbers ("-1" is a value, not an option: click's
+    ``ignore_unknown_options``), but that still refuses an unknown option by its name ("--jsn"), instead
+    of reading it as an argument and failing on another."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        kwargs["context_settings"] = {**(kwargs.get("context_settings") or {}), "ignore_unknown_options": True}
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        import difflib
+
+        known = {opt for param in self.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if arg.startswith("-") and name not in known and not _reads_as_number(arg):
+                raise click.NoSuchOption(name, possibilities=difflib.get_close_matches(name, sorted(known)), ctx=ctx)
+        return super().parse_args(ctx, args)
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def setting_type(name: str) -> click.ParamType:
     """The option type of a full retrain's setting ``name`` (its range in ``TRAINING_SETTINGS``)."""
     whole, lo, lo_open, hi = TRAINING_SETTINGS[name]
@@ -459,7 +489,8 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
         m = re.match(r"row (\d+): (.*)", str(e))
         if not m or not 1 <= int(m.group(1)) <= len(lines):
             raise
-        raise InputError(m.group(2), source=src, line=lines[int(m.group(1)) - 1]) from None
+        field = "user" if m.group(2).startswith("unknown user") else "item"  # (the rest are the item's)
+        raise InputError(m.group(2), source=src, line=lines[int(m.group(1)) - 1], field=field) from None
     if as_json:
         emit([{"user": u, "item": i, "prediction": round(p, 4)} for (u, i), p in zip(pairs, preds)], True)
     else:
@@ -634,7 +665,7 @@ def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> 
         sys.exit(1)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})  # (a negative number is a value, not an option)
+@cli.command(cls=NumberArguments)  # (a negative number is a value, not an option)
 @click.argument("user")
 @click.argument("item")
 @click.argument("rating", type=FiniteFloat())
@@ -672,7 +703,7 @@ def models(ctx: Ctx, as_json: bool) -> None:
     emit(out, as_json, "\n".join(lines) or "no model versions yet")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})  # (a negative number is a value, not an option)
+@cli.command(cls=NumberArguments)  # (a negative number is a value, not an option)
 @click.argument("version", type=WholeRange(1, 2**31 - 1))
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx

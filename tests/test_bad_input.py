@@ -316,7 +316,9 @@ def test_ids_that_cannot_exist_are_refused_or_unknown_on_the_command_line(traine
     check_rejected(url, ["similar", LONG_ID], "unknown item")
     check_rejected(url, ["rate", LONG_ID, "a1", "3"], "unknown user")
     pairs = fresh(folder, ".csv", "user,item\na0,a1\na0,x\0y\n")
-    check_rejected(url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "unknown item")
+    check_rejected(url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "field 'item'", "unknown item")
+    pairs = fresh(folder, ".csv", "user,item\na0,a1\nnobody,a1\n")
+    check_rejected(url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "field 'user'", "unknown user")
 
 
 def test_an_id_of_255_characters_is_fine(trained, db_url, tmp_path):

@@ -225,6 +225,13 @@ def test_a_negative_number_is_a_value_not_an_option(runner, cli_db):
     assert res.exit_code == 1 and "rating -1 outside the scale 1..5" in res.output
     res = run(runner, cli_db, "rollback", "-1")
     assert res.exit_code == 2 and "-1 is not in the range" in res.output
+    # an unknown option is still refused by its name, not read as an argument
+    for args, said in ((("rate", "--jsn", "a0", "a1", "4"), "No such option '--jsn'. Did you mean '--json'?"),
+                       (("rate", "--new_item", "a0", "x", "4"), "No such option '--new_item'. Did you mean '--new-item'?"),
+                       (("rate", "-x", "a0", "a1", "4"), "No such option '-x'"),
+                       (("rollback", "--jso", "1"), "No such option '--jso'. Did you mean '--json'?")):
+        res = run(runner, cli_db, *args)
+        assert res.exit_code == 2 and said in res.output and len(res.output.strip().splitlines()) == 1, res.output
 
 
 def test_a_path_is_a_sqlite_database(runner, cli_db, tmp_path, monkeypatch):
