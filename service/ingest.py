@@ -37,6 +37,10 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
         known = store.rating_scale(conn)
         if known and scale and tuple(scale) != known:
             raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
+        if known and ds.scale and tuple(ds.scale) != known:  # (a release's own scale: 0.5..5 against 1..5)
+            raise InputError(f"the release's ratings are on {ds.scale[0]:g}..{ds.scale[1]:g} and the database's (from "
+                             f"its first ingest) on {known[0]:g}..{known[1]:g}: ingest it into a database of its own",
+                             source=source)
         if known is None:
             if scale is None:
                 scale = ds.scale

@@ -428,6 +428,13 @@ def test_eval_without_its_data_says_to_pass_data(runner, tmp_path, monkeypatch):
         assert "cfb ingest" not in res.output and len(res.output.strip().splitlines()) == 1
 
 
+def test_eval_on_a_folder_of_no_dataset_names_every_layout_it_takes(runner, tmp_path):
+    res = runner.invoke(cli, ["eval", "cold-start", "--quiet", "--data", str(tmp_path)])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(f"Error: {tmp_path}: not a MovieLens or goodbooks folder: looked for u.data")
+    assert "books.csv (goodbooks)" in res.output
+
+
 def write_planted_ml100k(folder: Path) -> Path:
     """The planted set in MovieLens 100k's layout (numeric ids, as the release has)."""
     ds = planted_ratings()

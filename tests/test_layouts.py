@@ -421,20 +421,23 @@ def test_titles_and_tags_are_read_as_written(tmp_path, db_url):
     assert items.loc["185", "attributes"]["tags"] == ["oscar winner:", ":odd"]
 
 
-def test_dat_rating_outside_the_database_scale_names_its_line(tmp_path, db_url):
-    """A release ingested into a database whose scale is narrower: the rating out of it is named at its
-    line of the file (ratings.dat and u.data have no header: their first row is line 1) and by the
-    field's name in that file, as the reader names it."""
+def test_a_release_on_another_scale_than_the_database_is_refused_saying_so(tmp_path, db_url):
+    """A release ingested into a database whose scale is another (MovieLens 10M's half stars after 1M's
+    whole ones): refused for that reason, naming both scales, before any rating is read against the
+    database's; a ratings file without a scale of its own has its first rating off the scale named at
+    its line (ratings.dat and u.data have no header: their first row is line 1) and by its field."""
     ok(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m")), "--json"))  # (the same catalogue)
     before = dump(db_url)
-    fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K"))),  # (a 0.5 on line 3)
-          r"ml-10M100K/ratings\.dat, line 3, field 'Rating': rating 0\.5 outside the scale 1\.\.5$")
+    fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K"))),
+          r"ml-10M100K/ratings\.dat: the release's ratings are on 0\.5\.\.5 and the database's \(from its first ingest\) on "
+          r"1\.\.5: ingest it into a database of its own$")
     assert dump(db_url) == before
     other = f"sqlite:///{tmp_path / 'other.db'}"
     ok(run(other, "ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\nu,i,4\n")), "--scale", "2,5",
            "--json"))
-    fails(run(other, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))),  # (a 1 on line 3)
-          r"u\.data, line 3, field 'rating': rating 1 outside the scale 2\.\.5$")
+    fails(run(other, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))), r"on 1\.\.5 and the database's")
+    fails(run(other, "ingest", "ratings", str(write(tmp_path / "r2.csv", "user,item,rating\nu,i,4\nv,i,1\n"))),
+          r"r2\.csv, line 3, field 'rating': rating 1 outside the scale 2\.\.5$")
 
 
 @pytest.mark.parametrize("release", RELEASES)
