@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..cf_core.errors import InputError
+from ..cf_core.errors import InputError, json_shown
 
 MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text (e.g. a zip code)
 MAX_BUDGET = 30  # the most items a questionnaire asks about
@@ -44,7 +44,7 @@ class Question:
         field = f"answers.{self.name}"
         if self.type == "number":
             if not is_finite_number(value):
-                raise InputError(f"expected a {'finite ' if is_number(value) else ''}number, got {value!r}",
+                raise InputError(f"expected a {'finite ' if is_number(value) else ''}number, got {json_shown(value)}",
                                  source=where, field=field)
             accepted = self.accepted_range()
             if accepted and not accepted[0] <= value <= accepted[1]:
@@ -53,9 +53,9 @@ class Question:
                                  source=where, field=field)
             return value
         if self.type == "category" and (isinstance(value, (dict, list, bool)) or str(value) not in (self.values or [])):
-            raise InputError(f"{value!r} is not one of {', '.join(self.values or [])}", source=where, field=field)
+            raise InputError(f"{json_shown(value)} is not one of {', '.join(self.values or [])}", source=where, field=field)
         if isinstance(value, (dict, list, bool)):
-            raise InputError(f"expected text, got {value!r}", source=where, field=field)
+            raise InputError(f"expected text, got {json_shown(value)}", source=where, field=field)
         return str(value)
 
 

@@ -17,6 +17,18 @@ def printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def json_shown(value) -> str:  # noqa: ANN001
+    """A value read from JSON, for a message, as JSON writes it where Python's spelling differs (true,
+    null, [1, 2], {"a": 1}; a long one cut short); a text or a number as ``repr`` writes it."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        import json
+
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    token = getattr(value, "token", None)  # (a NaN or Infinity token as the file wrote it)
+    return token if isinstance(token, str) else repr(value)
+
+
 class InputError(CfbError):
     """Bad input: names the file (or entry), the line and the field."""
 

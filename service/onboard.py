@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
-from ..cf_core.errors import CfbError, InputError, check_whole
+from ..cf_core.errors import CfbError, InputError, check_whole, json_shown
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
@@ -178,7 +178,7 @@ class SignupValidator:
         user = entry.get("user")
         if user is not None:
             if isinstance(user, (dict, list, bool, float)):
-                raise InputError(f"user id must be text, got {user!r}", source=where, field="user")
+                raise InputError(f"user id must be text, got {json_shown(user)}", source=where, field="user")
             user = str(user).strip()
             if not user:
                 raise InputError("empty user id", source=where, field="user")
@@ -217,7 +217,7 @@ class SignupValidator:
                                      source=where, field=field)
                 item = self.items.get(hits[0])
             if not is_finite_number(value):
-                raise InputError(f"rating must be a {'finite ' if is_number(value) else ''}number, got {value!r}",
+                raise InputError(f"rating must be a {'finite ' if is_number(value) else ''}number, got {json_shown(value)}",
                                  source=where, field=field)
             problem = store.rating_problem(value, self.scale, self.step)
             if problem:
@@ -230,9 +230,8 @@ class SignupValidator:
         asked = entry.get("asked")
         if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool)
                                   or not 0 <= asked <= MAX_BUDGET):
-            got = asked.token if isinstance(asked, _NonFinite) else repr(asked)
             raise InputError(f"'asked' must be the number of questionnaire items shown, 0 to {MAX_BUDGET}, "
-                             f"got {got}", source=where, field="asked")
+                             f"got {json_shown(asked)}", source=where, field="asked")
         shown = self._shown_questionnaire(where, entry.get("version"))
         if asked is not None:  # the first `asked` were shown: a later questionnaire item cannot have been
             position = shown.positions()
@@ -253,8 +252,7 @@ class SignupValidator:
         if version is None:
             return self.questionnaire
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            got = version.token if isinstance(version, _NonFinite) else repr(version)
-            raise InputError(f"'version' must be the model version whose questionnaire was shown, got {got}",
+            raise InputError(f"'version' must be the model version whose questionnaire was shown, got {json_shown(version)}",
                              source=where, field="version")
         if version == self.version:
             return self.questionnaire
