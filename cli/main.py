@@ -242,7 +242,7 @@ def _dataset_command(name: str, reader: str, marker: str, help_text: str) -> Non
     """`cfb ingest NAME FOLDER` for a public dataset's layout (``reader`` in ``cfb.db.sources``)."""
 
     @ingest.command(name, help=help_text)
-    @click.argument("folder", type=click.Path(path_type=Path))
+    @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
     @click.option("--quiet", is_flag=True, help="No progress bar.")
     @click.option("--json", "as_json", is_flag=True)
     @pass_ctx

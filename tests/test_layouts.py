@@ -264,7 +264,13 @@ def test_not_a_movielens_folder(tmp_path, db_url):
     fails(run(db_url, "ingest", "movielens", str(tmp_path / "empty")),
           r"empty: not a MovieLens folder: looked for u\.data \(100k\), ratings\.dat \(1M/10M\), "
           r"ratings\.csv \(20M/25M/32M/latest\)")
-    fails(run(db_url, "ingest", "movielens", str(tmp_path / "nowhere")), r"nowhere: file not found")
+    for kind in ("movielens", "goodbooks"):  # a missing folder, or a file: a usage error, as for a missing file
+        res = run(db_url, "ingest", kind, str(tmp_path / "nowhere"))
+        assert res.exit_code == 2 and res.stderr.strip().splitlines() == [
+            f"Error: Invalid value for 'FOLDER': Directory '{tmp_path / 'nowhere'}' does not exist. "
+            f"(see 'cli ingest {kind} --help')"], res.stderr  # (CliRunner names the program 'cli')
+    res = run(db_url, "ingest", "movielens", str(write(tmp_path / "u.data", "1\t1\t5\t1\n")))
+    assert res.exit_code == 2 and "is a file" in res.stderr
     assert_nothing_written(db_url)
 
 
