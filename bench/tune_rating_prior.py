@@ -1,6 +1,6 @@
 """Rating-model prior for cold users from the ranker's user vector (pseudo-cold tuning + real test).
 
-Usage: python bench/tune_rating_prior.py SEED [--real] [--out FILE] [--grid wide|narrow|folds]
+Usage: python bench/tune_rating_prior.py SEED [--real] [--out FILE] [--grid wide|narrow|folds|attrprior] [--params JSON]
 
 Pseudo-cold (default): the warm users of protocol seed SEED are split again with SEED + 1000; the
 models are trained on the pseudo-warm users; ridge priors are fitted on them with reveals simulated
@@ -49,6 +49,7 @@ def parse():
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=2, help="simulated reveal draws per training user")
     ap.add_argument("--kind", choices=("dot", "nn"), default="dot", help="the rating model")
+    ap.add_argument("--params", default="{}", help="the rating model's settings, as JSON (e.g. '{\"wd\": 1.0}')")
     ap.add_argument("--grid", choices=("wide", "narrow", "folds", "attrprior"), default="narrow",
                     help="wide: round 1 (every feature set, α 10–1000, six fold-ins, 12 shrinks); narrow: round 2; "
                          "folds: today's prior with a grid of fold-in shrinkages, with and without the ranker term; "
@@ -82,7 +83,7 @@ def main():
     td = TrainingData(CollabData(u, i, tr.rating.to_numpy(), len(uids), len(iids_s)), np.arange(len(uids)), item_db,
                       tr.timestamp.to_numpy(), [attrs[x] for x in uids], (1.0, 5.0), 0)
     t0 = time.time()
-    model, rep = fit_model(td, args.kind, progress=False, ranker=True, seed=seed)
+    model, rep = fit_model(td, args.kind, json.loads(args.params), progress=False, ranker=True, seed=seed)
     print(f"fit {time.time() - t0:.1f}s", rep, flush=True)
     boot, enc = model.bootstrap, model.bootstrap.encoder
     q_items = list(model.questionnaire.items)
