@@ -121,6 +121,15 @@ def _path(value, what: str) -> Path:  # noqa: ANN001
     return Path(value)
 
 
+def _column(value, what: str) -> str:  # noqa: ANN001
+    """A column's name given from Python: text (as the CLI's ``--user-col`` and the like)."""
+    from .cf_core.errors import CfbError
+
+    if not isinstance(value, str):
+        raise CfbError(f"{what} must be a column's name, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 def _file(value) -> Path:  # noqa: ANN001
     """An existing file given from Python (as the CLI's ``click.Path(exists=True, dir_okay=False)``)."""
     from .cf_core.errors import CfbError
@@ -195,6 +204,9 @@ class Database:
             if problem := scale_problem((lo, hi)):
                 raise CfbError(problem)
             scale = (lo, hi)
+        user_col, item_col, rating_col = (_column(c, n) for c, n in ((user_col, "user_col"), (item_col, "item_col"),
+                                                                    (rating_col, "rating_col")))
+        time_col = None if time_col is None else _column(time_col, "time_col")
         path = _file(file)
         ratings = read_ratings_csv(path, user_col, item_col, rating_col, time_col)
         return self._write(Dataset(ratings, first_line=CsvRowLines(path, len(ratings))), str(path), scale)
@@ -205,13 +217,14 @@ class Database:
 
         from .db.sources import Dataset, read_users_csv
 
+        user_col = _column(user_col, "user_col")
         path = _file(file)
         users = read_users_csv(path, user_col)
         return self._write(Dataset(pd.DataFrame({"user": [], "item": [], "rating": [], "timestamp": []}),
                                    users=users), str(path))
 
     def ingest_items(self, file: str | Path) -> dict:
-        """Add or update items from a CSV ``item,title,<attribute>...`` (`cfb ingest items FILE`); a
+        """Add or update items from a CSV ``item[,title],<attribute>...`` (`cfb ingest items FILE`); a
         retrain then adds those with metadata and no rating from their metadata."""
         from .db.sources import read_items_csv
         from .service.ingest import upsert_items_at

@@ -401,7 +401,7 @@ def movielens_layout(folder: Path) -> str:
     """'100k', '1m', '10m' or 'csv', from the files in ``folder``."""
     folder = Path(folder)
     if not folder.exists():
-        raise InputError("file not found", source=str(folder))
+        raise InputError("folder not found", source=str(folder))
     if not folder.is_dir():
         raise InputError("expected a folder", source=str(folder))
     found = [name for name, _ in MOVIELENS_MARKERS if (folder / name).exists()]

@@ -202,6 +202,15 @@ def on_step(ratings, scale: tuple[float, float] | None, step: float | None):  # 
     return np.clip(r, scale[0], scale[1])
 
 
+def as_stored(ratings, scale: tuple[float, float] | None, step: float | None):  # noqa: ANN001, ANN201
+    """Ratings as they are stored: read as 32-bit floats, as every file reader reads them and every
+    model learns them (so `cfb rate X I 3.7` stores what an ingest of 3.7 does, and writing it again is
+    no change), then put on their step and within the scale (``on_step``)."""
+    with np.errstate(over="ignore"):
+        r = np.asarray(ratings, np.float64).astype(np.float32).astype(np.float64)
+    return on_step(r, scale, step)
+
+
 MAX_ID_LENGTH = 255  # users.external_id and items.external_id are VARCHAR(255)
 
 
@@ -318,8 +327,8 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     lock_writers(conn)
     ensure_rating_history(conn)
     seq0 = next_seq(conn)
-    u, i, r = _array(users, np.int64), _array(items, np.int64), _array(ratings, np.float64)
-    r = on_step(r, rating_scale(conn), rating_step(conn))
+    u, i = _array(users, np.int64), _array(items, np.int64)
+    r = as_stored(_array(ratings, np.float64), rating_scale(conn), rating_step(conn))
     ts, missing = _timestamps(timestamps)
     keep = latest_per_pair(u, i)
     if len(keep) < len(u) and not missing.all():  # a pair given twice: its row with the latest time wins

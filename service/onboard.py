@@ -226,7 +226,7 @@ class SignupValidator:
                 raise InputError(f"the same item as {named[item]!r} (an item is rated once)", source=where,
                                  field=field)
             named[item] = str(key)
-            ratings[item] = float(store.on_step(float(value), self.scale, self.step))  # (as it is stored)
+            ratings[item] = float(store.as_stored(float(value), self.scale, self.step))
         asked = entry.get("asked")
         if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool)
                                   or not 0 <= asked <= MAX_BUDGET):

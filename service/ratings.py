@@ -33,7 +33,7 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
         problem = store.rating_problem(rating, scale, step)
         if problem:
             raise CfbError(problem)
-        rating = float(store.on_step(rating, scale, step))  # (as it is stored)
+        rating = float(store.as_stored(rating, scale, step))
         uid = store.user_id_of(conn, user)
         try:
             iid = find_item(conn, item)
@@ -45,4 +45,5 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
                                .returning(Item.id)).scalar_one()
         store.write_ratings(conn, [uid], [iid], [rating], [int(time.time())])
         ext, title = store.item_titles(conn, [iid])[iid]
-    return {"user": str(user).strip(), "item": ext, "title": title, "rating": rating}  # (the id as stored)
+    # (the id as stored; the rating as stored, in the digits it was typed with: 3.7, not 3.700000047683716)
+    return {"user": str(user).strip(), "item": ext, "title": title, "rating": float(store.as_typed(rating))}

@@ -127,7 +127,7 @@ def test_movielens_layout_errors(tmp_path):
     write(folder / "u.data", "1\t2\t5\t881250949\n1\t3\t9\t881250950\n")
     with pytest.raises(InputError, match=r"u.data, line 2, field 'rating': rating 9 outside the scale"):
         read_movielens(folder)
-    with pytest.raises(InputError, match="file not found"):
+    with pytest.raises(InputError, match="nowhere: folder not found"):
         read_movielens(tmp_path / "nowhere")
 
 

@@ -201,6 +201,28 @@ def test_a_rating_written_again_with_the_same_value_is_not_new(trained):
     assert (after.seq, after.timestamp, after.prev_rating) == (before.seq, 7, before.prev_rating)
 
 
+def test_a_rating_rated_as_it_was_ingested_is_not_new(engine, tmp_path):
+    """An ingest reads ratings as 32-bit floats (3.7 is 3.700000047683716) and `cfb rate` takes a
+    float: both store the same value, so rating a pair as it was ingested, or ingesting the file again
+    after, changes nothing (no new seq, nothing in the replaced log), and the rating is shown as typed."""
+    from cfb.db.schema import ReplacedRating
+    from cfb.service.ratings import rate_item
+
+    path = write(tmp_path / "r.csv", "user,item,rating\na,x,3.7\na,y,2\nb,x,4\nb,y,1.3\n")
+    ingest_dataset(engine, Dataset(read_ratings_csv(path)), scale=(1.0, 5.0))
+
+    def rows():  # noqa: ANN202
+        with engine.connect() as conn:
+            return (conn.execute(select(Rating.rating, Rating.seq, Rating.prev_rating).order_by(Rating.seq)).all(),
+                    conn.execute(select(ReplacedRating)).all())
+
+    before = rows()
+    assert rate_item(engine, "a", "x", 3.7)["rating"] == 3.7 and rate_item(engine, "b", "y", 1.3)["rating"] == 1.3
+    assert rows() == before
+    assert ingest_dataset(engine, Dataset(read_ratings_csv(path)))["new_ratings"] == 0 and rows() == before
+    assert rate_item(engine, "a", "x", 3.8)["rating"] == 3.8 and rows() != before
+
+
 @pytest.mark.parametrize("kind", ["dot", "nn"])
 def test_catalogue_items_with_metadata_are_served_after_any_retrain(engine, planted, kind):
     """An item with metadata and no rating is in the version a full retrain makes (dot or nn), and in

@@ -532,6 +532,12 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
                 (lambda: db.onboard({"user": "u\ud800"}), r"^entry 1, field 'user': 'u\\ud800' is not valid Unicode"),
                 (lambda: db.onboard({"answers": {"gender": "F\ud800"}}), r"^entry 1, field 'answers.gender': "),
                 (lambda: db.ingest_movielens(None), r"^folder must be a path, got NoneType None$"),
+                (lambda: db.ingest_movielens(tmp_path / "nowhere"), r"nowhere: folder not found$"),
+                (lambda: db.ingest_ratings(tmp_path / "r.csv", user_col=5), r"^user_col must be a column's name, got int 5$"),
+                (lambda: db.ingest_ratings(tmp_path / "r.csv", item_col=None), r"^item_col must be a column's name"),
+                (lambda: db.ingest_ratings(tmp_path / "r.csv", rating_col=["x"]), r"^rating_col must be a column's name"),
+                (lambda: db.ingest_ratings(tmp_path / "r.csv", time_col=3), r"^time_col must be a column's name"),
+                (lambda: db.ingest_users(tmp_path / "r.csv", user_col=1), r"^user_col must be a column's name"),
                 (lambda: cfb.open(5), r"^url must be a database URL or a SQLite file's path, got int 5$")]:
             with pytest.raises(cfb.CfbError, match=message):
                 call()
