@@ -260,6 +260,7 @@ def set_serving(conn: Connection, version: int) -> None:
 LOCK_KEY = "retrain_lock"
 HEARTBEAT_S = 5.0
 DEFAULT_STALE_S = 120.0
+CLOCK_STEP_S = 86400.0  # how far this host's clock may have stepped back under a live holder's heartbeat
 _heartbeats: dict[str, tuple[threading.Thread, threading.Event]] = {}
 
 
@@ -370,8 +371,11 @@ def acquire_retrain_lock(engine: Engine) -> dict:
                 holder = _lock_holder(raw)
                 if holder:
                     age = db_now(conn) - holder["heartbeat"]
-                    # (a heartbeat further ahead of the database's clock than that is no live holder's)
-                    if _holder_alive(holder) and abs(age) <= stale:
+                    # a heartbeat further ahead of the database's clock than that is no live holder's,
+                    # but for a live process of this host up to ``CLOCK_STEP_S`` ahead: the clock stepped
+                    # back since it beat (on SQLite the clock is this host's), and its next beat says so
+                    stepped_back = holder["host"] == socket.gethostname() and -CLOCK_STEP_S <= age < -stale
+                    if _holder_alive(holder) and (abs(age) <= stale or stepped_back):
                         raise CfbError(f"another retrain is running (pid {holder['pid']} on {holder['host']}, "
                                        f"last heartbeat {age:.0f} s ago); try again when it has finished") from None
                 conn.execute(delete(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw))

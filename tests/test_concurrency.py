@@ -219,6 +219,13 @@ def test_dead_process_on_this_host_is_taken_over_at_once(engine):
     plant_lock(engine, socket.gethostname(), os.getpid(), age=0)  # alive: refused
     with pytest.raises(CfbError, match="another retrain is running"):
         versions.acquire_retrain_lock(engine)
+    # alive, its heartbeat ahead of this host's clock (the clock stepped back since it beat): still refused
+    plant_lock(engine, socket.gethostname(), os.getpid(), age=-(versions.DEFAULT_STALE_S + 3600))
+    with pytest.raises(CfbError, match="another retrain is running"):
+        versions.acquire_retrain_lock(engine)
+    plant_lock(engine, socket.gethostname(), os.getpid(), age=-2 * versions.CLOCK_STEP_S)  # no clock steps that far
+    me = versions.acquire_retrain_lock(engine)
+    versions.release_retrain_lock(engine, me)
 
 
 @pytest.mark.parametrize("row", ["garbage", "[1, 2]", '{"pid": "abc", "host": "h"}', '{"host": "h"}',
