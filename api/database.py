@@ -252,8 +252,9 @@ class Database:
                 progress: bool = False, drift_limit: float | None = None, **params) -> dict:
         """Train a new version and serve it (`cfb retrain [--full]`): incremental unless ``full``, or
         there is no model yet, or more than ``drift_limit`` (default 0.2) of the ratings are newer
-        than the last full retrain. ``valid_pct`` (default 0.2) and ``params`` (n_factors, epochs, lr,
-        wd, bs, seed) apply to a full retrain; an incremental one refuses them and ``kind``."""
+        than the last full retrain. ``valid_pct`` (default 0.2; a full retrain that drift forces keeps the
+        replaced version's, as its seed) and ``params`` (n_factors, epochs, lr, wd, bs, seed) apply to a
+        full retrain; an incremental one refuses them and ``kind``."""
         from .cf_core.errors import CfbError
         from .service.incremental import DRIFT_LIMIT
 
@@ -270,16 +271,16 @@ class Database:
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
                 raise CfbError(f"drift_limit must be a number from 0 to 1, got {drift_limit!r}")
         params = _check_training_settings(kind, params)
-        measure = 0.2 if valid_pct is None else float(valid_pct)
         if full:
             from .service.training import retrain_full
 
-            return retrain_full(self._existing(), kind=kind or "dot", valid_pct=measure, progress=progress, **params)
+            return retrain_full(self._existing(), kind=kind or "dot", progress=progress, **params,
+                                valid_pct=0.2 if valid_pct is None else float(valid_pct))
         from .service.incremental import retrain_auto
 
         full_only = (("kind",) if kind is not None else ()) + (("valid_pct",) if valid_pct is not None else ()) \
             + tuple(params)
-        return retrain_auto(self._existing(), kind=kind, valid_pct=measure, progress=progress, full_only=full_only,
+        return retrain_auto(self._existing(), kind=kind, valid_pct=valid_pct, progress=progress, full_only=full_only,
                             drift_limit=DRIFT_LIMIT if drift_limit is None else float(drift_limit), **params)
 
     def models(self):

@@ -371,7 +371,8 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
 @click.option("--seed", type=setting_type("seed"),
               help="[default: 42; a full retrain that drift forces keeps the seed of the version it replaces]")
 @click.option("--valid-pct", type=FiniteFloat(0, 1, max_open=True), default=0.2, show_default=True,
-              help="Share of ratings held out for validation (protocol §7); 0 trains on all.")
+              help="Share of ratings held out for validation (protocol §7); 0 trains on all. A full retrain "
+                   "that drift forces keeps the share of the version it replaces.")
 @click.option("--drift-limit", type=FiniteFloat(0, 1), default=0.2, show_default=True,
               help="Without --full: retrain fully when the ratings newer than the last full retrain are this share "
                    "of those it learned plus them (a changed re-rating counts as a newer rating).")
@@ -397,8 +398,8 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
                    "bs": "--bs", "seed": "--seed", "valid_pct": "--valid-pct"}
         full_only = tuple(flag for param, flag in options.items()
                           if given(param) == click.core.ParameterSource.COMMANDLINE)
-        out = retrain_auto(ctx.engine, kind=kind, valid_pct=valid_pct, progress=not quiet,
-                           drift_limit=drift_limit, full_only=full_only, **params)
+        out = retrain_auto(ctx.engine, kind=kind, progress=not quiet, drift_limit=drift_limit, full_only=full_only,
+                           valid_pct=valid_pct if "--valid-pct" in full_only else None, **params)
     else:
         out = retrain_full(ctx.engine, kind=kind or "dot", valid_pct=valid_pct, progress=not quiet, **params)
     seed = (out.get("hyperparams") or {}).get("seed")

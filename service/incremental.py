@@ -20,6 +20,7 @@ from .training import item_attributes_in_order, metadata_only_items, rating_para
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
 DEFAULT_SEED = 42  # a first model's (a full retrain forced by drift keeps the replaced version's)
+DEFAULT_VALID_PCT = 0.2  # a first model's §7 measurement (likewise)
 
 
 def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
@@ -36,13 +37,14 @@ def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
     return (newer / total if total else 0.0), root
 
 
-def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0, progress: bool = True,
+def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float | None = None, progress: bool = True,
                  drift_limit: float = DRIFT_LIMIT, seed: int | None = None, full_only: tuple[str, ...] = (),
                  **params) -> dict:
     """`cfb retrain`: incremental when possible, full when there is no model or drift exceeds ``drift_limit``.
     ``full_only``: the options given that only a full retrain uses; an incremental retrain refuses them
-    (before writing anything) rather than ignore them. ``seed`` None: 42 for a first model, and a full
-    retrain forced by drift keeps the seed of the version it replaces."""
+    (before writing anything) rather than ignore them. ``seed`` and ``valid_pct`` None: 42 and 0.2 for a
+    first model, and a full retrain forced by drift keeps those of the version it replaces (a version
+    trained without the §7 measurement is replaced without it: at size it is a second training)."""
     store.create_schema(engine)
     with engine.connect() as conn:
         serving = versions.serving_version(conn)
@@ -50,7 +52,8 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
             share, root = drift(conn, serving)
             root_row = versions.get_version(conn, root)
     if serving is None:
-        out = retrain_full(engine, kind=kind or "dot", valid_pct=valid_pct, progress=progress,
+        out = retrain_full(engine, kind=kind or "dot", progress=progress,
+                           valid_pct=DEFAULT_VALID_PCT if valid_pct is None else valid_pct,
                            seed=DEFAULT_SEED if seed is None else seed, **params)
         return {**out, "reason": "no model yet: full retrain"}
     if share > drift_limit:
@@ -59,6 +62,8 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float = 0.0
             params = {**chosen_settings(root_row), **{k: v for k, v in params.items() if v is not None}}
         if seed is None:
             seed = int((root_row["hyperparams"] or {}).get("seed", DEFAULT_SEED))
+        if valid_pct is None:
+            valid_pct = float((root_row["metrics"] or {}).get("valid_pct") or 0.0)
         out = retrain_full(engine, kind=kind, valid_pct=valid_pct, progress=progress, seed=seed, **params)
         return {**out, "reason": f"{share:.0%} of ratings are newer than full version {root} "
                                  f"(limit {drift_limit:.0%}): full retrain"}

@@ -509,12 +509,19 @@ def test_every_ingest_takes_quiet(runner, tmp_path):
 
 def test_a_full_retrain_that_drift_forces_keeps_the_replaced_versions_seed(runner, cli_db, tmp_path):
     """`cfb retrain` without --seed: a first model gets 42; a full retrain forced by drift keeps the seed
-    of the version it replaces (it used to be 42 again), and --full without --seed is 42."""
+    of the version it replaces (it used to be 42 again), and --full without --seed is 42. Likewise its
+    §7 measurement: a version trained without one is replaced without one (the default 0.2 measured it:
+    a second training, minutes at size), one trained with --valid-pct 0.1 with 0.1."""
     args = ["--factors", "8", "--epochs", "3", "--valid-pct", "0", "--json"]
     assert json.loads(run(runner, cli_db, "retrain", "--full", "--seed", "7", *args).stdout)["hyperparams"]["seed"] == 7
     planted = planted_ratings()
-    planted.ratings.assign(rating=6 - planted.ratings.rating).to_csv(tmp_path / "shifted.csv", index=False)
-    assert run(runner, cli_db, "ingest", "ratings", str(tmp_path / "shifted.csv")).exit_code == 0
-    out = json.loads(run(runner, cli_db, "retrain", "--json").stdout)
-    assert out["mode"] == "full" and "full retrain" in out["reason"] and out["hyperparams"]["seed"] == 7
+    for k, shift in enumerate((6, 7)):
+        planted.ratings.assign(rating=(shift - planted.ratings.rating).clip(1, 5)).to_csv(tmp_path / "s.csv", index=False)
+        assert run(runner, cli_db, "ingest", "ratings", str(tmp_path / "s.csv")).exit_code == 0
+        out = json.loads(run(runner, cli_db, "retrain", "--json").stdout)
+        assert out["mode"] == "full" and "full retrain" in out["reason"] and out["hyperparams"]["seed"] == 7
+        assert out.get("valid_pct") == (None, 0.1)[k], out.get("valid_pct")
+        if k == 0:  # (the next one replaces a version measured on 0.1)
+            assert run(runner, cli_db, "retrain", "--full", "--seed", "7", "--factors", "8", "--epochs", "3",
+                       "--valid-pct", "0.1").exit_code == 0
     assert json.loads(run(runner, cli_db, "retrain", "--full", *args).stdout)["hyperparams"]["seed"] == 42
