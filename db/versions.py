@@ -376,8 +376,9 @@ def acquire_retrain_lock(engine: Engine) -> dict:
                     # back since it beat (on SQLite the clock is this host's), and its next beat says so
                     stepped_back = holder["host"] == socket.gethostname() and -CLOCK_STEP_S <= age < -stale
                     if _holder_alive(holder) and (abs(age) <= stale or stepped_back):
+                        when = f"{age:.0f} s ago" if age >= 0 else f"{-age:.0f} s ahead of this clock"
                         raise CfbError(f"another retrain is running (pid {holder['pid']} on {holder['host']}, "
-                                       f"last heartbeat {age:.0f} s ago); try again when it has finished") from None
+                                       f"last heartbeat {when}); try again when it has finished") from None
                 conn.execute(delete(Setting).where(Setting.key == LOCK_KEY, Setting.value == raw))
     else:
         raise CfbError("could not take the retrain lock; try again")
