@@ -100,8 +100,10 @@ class NumberArguments(click.Command):
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
-            if arg.startswith("-") and name not in known and not _reads_as_number(arg):
-                raise click.NoSuchOption(name, possibilities=difflib.get_close_matches(name, sorted(known)), ctx=ctx)
+            if arg.startswith("-") and arg != "-" and name not in known and not _reads_as_number(arg):
+                close = difflib.get_close_matches(name, sorted(known))
+                raise click.NoSuchOption(name, None if close else f"No such option '{name}' (an argument that "
+                                         "starts with '-', such as an id, goes after '--')", close, ctx=ctx)
         return super().parse_args(ctx, args)
 
 

@@ -157,8 +157,14 @@ def scale_problem(scale: tuple[float, float]) -> str | None:
     return None
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def rating_problem(value: float, scale: tuple[float, float] | None, step: float | None) -> str | None:
-    """Why one rating cannot be stored on ``scale`` (with ``step`` between ratings, if any), else None."""
+    """Why one rating cannot be stored on ``scale`` (with ``step`` between ratings, if any), else None;
+    with no scale yet, a rating beyond what a 32-bit float holds (the models' arrays) is the one refused."""
+    if not abs(value) <= FLOAT32_MAX:
+        return f"rating {value:g} is larger than a 32-bit float holds (3.4e38)"
     if scale is None:
         return None
     slack = scale_slack(scale)
@@ -171,12 +177,15 @@ def rating_problem(value: float, scale: tuple[float, float] | None, step: float 
 
 def as_typed(value: float) -> str:
     """A number as it was most likely typed: the shortest digits that read back as it (as a float32
-    where it is one, as the readers' arrays hold ratings: 3.3 read that way is "3.3"), or 12
-    significant digits for a long one."""
+    where it is one, as the readers' arrays hold ratings: 3.3 read that way is "3.3"; 1e+38 for a large
+    one), or 12 significant digits for a long one."""
     with np.errstate(over="ignore"):  # (a number too large for a float32 is not one)
         single = np.float32(value)
-    text = np.format_float_positional(single if float(single) == float(value) else float(value), trim="-")
-    return text if len(text) <= 16 else f"{float(value):.12g}"
+    x = single if float(single) == float(value) else float(value)
+    text = np.format_float_positional(x, trim="-")
+    if len(text) <= 16:
+        return text
+    return np.format_float_scientific(x, trim="-") if abs(float(value)) >= 1e16 else f"{float(value):.12g}"
 
 
 # How far off its step (a share of the step) and off its scale's ends (a share of the scale's largest

@@ -44,7 +44,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
-from ..cf_core.errors import CfbError, InputError
+from ..cf_core.errors import CfbError, InputError, json_shown
 from ..cf_core.model import UserHistory
 from ..db import store, versions
 from ..db.engine import (BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file,
@@ -743,8 +743,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         headers = getattr(e, "headers", None)
-        if e.status_code == 405:  # every method a route of the path takes (Starlette names the first route's)
-            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.scope))}
+        methods = allowed_methods(request.scope) if e.status_code == 405 else []
+        if methods:  # every method a route of the path takes (Starlette names the first route's; a mount its own)
+            headers = {**(headers or {}), "Allow": ", ".join(methods)}
         return answer_error(request, ApiError(e.status_code, str(e.detail), headers=headers))
 
     def allowed_methods(scope: dict) -> list[str]:
@@ -917,7 +918,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         if isinstance(item, (dict, list, bool)) or item is None or not str(item).strip():
             raise ApiError(422, "request body, field 'item': expected an item id or title", "item")
         if isinstance(rating, bool) or not isinstance(rating, (int, float)):
-            raise ApiError(422, f"request body, field 'rating': expected a number, got {rating!r}", "rating")
+            raise ApiError(422, f"request body, field 'rating': expected a number, got {json_shown(rating)}", "rating")
         from .ratings import rate_item
 
         def run():

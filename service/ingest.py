@@ -37,9 +37,10 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
         known = store.rating_scale(conn)
         if known and scale and tuple(scale) != known:
             raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
-        if known and ds.scale and tuple(ds.scale) != known:  # (a release's own scale: 0.5..5 against 1..5)
-            raise InputError(f"the release's ratings are on {ds.scale[0]:g}..{ds.scale[1]:g} and the database's (from "
-                             f"its first ingest) on {known[0]:g}..{known[1]:g}: ingest it into a database of its own",
+        if known and ds.scale and not known[0] <= ds.scale[0] <= ds.scale[1] <= known[1]:
+            # (a release whose own scale reaches beyond the database's: 10M's half stars after 1M's whole ones)
+            raise InputError(f"the release's ratings are on {ds.scale[0]:g}..{ds.scale[1]:g}, beyond the database's "
+                             f"{known[0]:g}..{known[1]:g} (from its first ingest): ingest it into a database of its own",
                              source=source)
         if known is None:
             if scale is None:

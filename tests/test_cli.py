@@ -228,10 +228,14 @@ def test_a_negative_number_is_a_value_not_an_option(runner, cli_db):
     # an unknown option is still refused by its name, not read as an argument
     for args, said in ((("rate", "--jsn", "a0", "a1", "4"), "No such option '--jsn'. Did you mean '--json'?"),
                        (("rate", "--new_item", "a0", "x", "4"), "No such option '--new_item'. Did you mean '--new-item'?"),
-                       (("rate", "-x", "a0", "a1", "4"), "No such option '-x'"),
+                       (("rate", "-x", "a0", "a1", "4"), "No such option '-x' (an argument that starts with '-', "
+                                                         "such as an id, goes after '--')"),
                        (("rollback", "--jso", "1"), "No such option '--jso'. Did you mean '--json'?")):
         res = run(runner, cli_db, *args)
         assert res.exit_code == 2 and said in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert run(runner, cli_db, "rate", "a0", "-", "4", "--new-item").exit_code == 0  # ('-' is never an option)
+    res = run(runner, cli_db, "rate", "--", "-u3", "a1", "2")  # (read as the user: there is no such user)
+    assert res.exit_code == 1 and "unknown user '-u3'" in res.output, res.output
 
 
 def test_a_path_is_a_sqlite_database(runner, cli_db, tmp_path, monkeypatch):

@@ -223,6 +223,17 @@ def test_a_rating_rated_as_it_was_ingested_is_not_new(engine, tmp_path):
     assert rate_item(engine, "a", "x", 3.8)["rating"] == 3.8 and rows() != before
 
 
+def test_a_rating_no_32_bit_float_holds_is_refused_before_any_scale(engine, tmp_path):
+    """A database of users only has no scale yet: a rating of 1e39 is refused (it was stored as Infinity,
+    and the HTTP endpoint answered 500 after writing it), one of 1e38 is a rating."""
+    from cfb.service.ratings import rate_item
+
+    users_file(engine, tmp_path, "user,zip\nu1,55105\n")
+    with pytest.raises(CfbError, match=r"^rating 1e\+39 is larger than a 32-bit float holds \(3.4e38\)$"):
+        rate_item(engine, "u1", "x", 1e39, create_item=True)
+    assert rate_item(engine, "u1", "x", 1e38, create_item=True)["rating"] == 1e38
+
+
 @pytest.mark.parametrize("kind", ["dot", "nn"])
 def test_catalogue_items_with_metadata_are_served_after_any_retrain(engine, planted, kind):
     """An item with metadata and no rating is in the version a full retrain makes (dot or nn), and in

@@ -435,13 +435,16 @@ def test_a_release_on_another_scale_than_the_database_is_refused_saying_so(tmp_p
     ok(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m")), "--json"))  # (the same catalogue)
     before = dump(db_url)
     fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K"))),
-          r"ml-10M100K/ratings\.dat: the release's ratings are on 0\.5\.\.5 and the database's \(from its first ingest\) on "
-          r"1\.\.5: ingest it into a database of its own$")
+          r"ml-10M100K/ratings\.dat: the release's ratings are on 0\.5\.\.5, beyond the database's 1\.\.5 \(from its "
+          r"first ingest\): ingest it into a database of its own$")
     assert dump(db_url) == before
+    halves = f"sqlite:///{tmp_path / 'halves.db'}"  # the other way round: whole stars are on a half-star scale
+    ok(run(halves, "ingest", "movielens", str(tmp_path / "ml-10M100K"), "--json"))
+    assert ok(run(halves, "ingest", "movielens", str(tmp_path / "ml-1m"), "--json"))["scale"] == [0.5, 5.0]
     other = f"sqlite:///{tmp_path / 'other.db'}"
     ok(run(other, "ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\nu,i,4\n")), "--scale", "2,5",
            "--json"))
-    fails(run(other, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))), r"on 1\.\.5 and the database's")
+    fails(run(other, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))), r"on 1\.\.5, beyond the database's")
     fails(run(other, "ingest", "ratings", str(write(tmp_path / "r2.csv", "user,item,rating\nu,i,4\nv,i,1\n"))),
           r"r2\.csv, line 3, field 'rating': rating 1 outside the scale 2\.\.5$")
 

@@ -109,20 +109,25 @@
       recs.replaceChildren.apply(recs, rows);
     };
 
-    var latest = 0;  // the last rating's list is the one shown, whichever answer comes back first
+    // ratings in quick succession: a list (or status) older than the one shown is not drawn over it
+    var started = 0, listShown = 0, statusShown = 0;
     recs.addEventListener("change", function (ev) {
       var sel = ev.target;
       if (sel.tagName !== "SELECT" || sel.value === "") { return; }
       error.textContent = "";
-      var mine = ++latest;
+      var mine = ++started;
       var base = "/users/" + encodeURIComponent(user);
       api("POST", base + "/ratings", { item: sel.dataset.item, rating: Number(sel.value) })
         .then(function (out) {
-          status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
+          if (mine > statusShown) {
+            statusShown = mine;
+            status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
+          }
           return api("GET", base + "/recommendations?n=" + encodeURIComponent(recs.dataset.n || "10"));
         })
         .then(function (out) {
-          if (mine !== latest) { return; }
+          if (mine < listShown) { return; }
+          listShown = mine;
           render(out.items);
           recs.dataset.updated = String(Date.now());
         })
