@@ -116,17 +116,33 @@ def ml100k_available() -> bool:
     return (SHARED_ML100K / "u.data").exists() and os.access(SHARED_ML100K / "u.data", os.R_OK)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 @contextmanager
 def fresh_pg_schema(schema: str) -> Iterator[str]:
     """A URL of the PostgreSQL test server ($CFB_TEST_POSTGRES_URL) whose search path is a schema of
     this test run's own (``schema`` and the process id: two runs against one server do not meet),
-    created empty and dropped afterwards; skips the test without a server."""
+    created empty and dropped afterwards (as are those a killed run of this machine left); skips the
+    test without a server."""
     url = os.environ.get("CFB_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("set CFB_TEST_POSTGRES_URL to run against PostgreSQL")
-    schema = f"{schema}_{os.getpid()}"
+    prefix, schema = f"{schema}_", f"{schema}_{os.getpid()}"
     base = make_engine(url)
     with base.begin() as conn:
+        for (left,) in conn.execute(text("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, :p)"),
+                                    {"p": prefix}).all():  # a killed run's (its process is gone): dropped
+            pid = left[len(prefix):]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {left} CASCADE"))
         conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         conn.execute(text(f"CREATE SCHEMA {schema}"))
     try:
