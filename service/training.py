@@ -306,15 +306,24 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 def metadata_names(item_attributes: list[dict], min_share: float = 0.5) -> tuple[str, ...]:
     """The item metadata a new item is bootstrapped from: attributes held by at least ``min_share``
-    of the items whose values are lists (genres, authors, tags) or numbers (year). Free-text
-    scalars (titles, dates as text) are left out."""
+    of the items whose values are lists (genres, authors, tags), numbers (year) or a category (text
+    with at most ``MAX_CATEGORIES`` values, the questionnaire's rule: a single genre, a language code).
+    Free text (titles, dates as text: MovieLens 100k's 241 release dates) is left out."""
+    from ..bootstrap.questionnaire import MAX_CATEGORIES
+
     n = len(item_attributes)
-    names = {}
+    names: dict[str, int] = {}
+    texts: dict[str, set] = {}
     for attrs in item_attributes:
         for k, v in attrs.items():
             if isinstance(v, list) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
                 names[k] = names.get(k, 0) + 1
-    return tuple(sorted(k for k, c in names.items() if n and c >= min_share * n))
+            elif isinstance(v, str):
+                texts.setdefault(k, set()).add(v)
+                names[k] = names.get(k, 0) + 1
+    categories = {k for k, values in texts.items() if len(values) <= MAX_CATEGORIES}
+    return tuple(sorted(k for k, c in names.items()
+                        if n and c >= min_share * n and (k not in texts or k in categories)))
 
 
 def validate(td: TrainingData, kind: str, params: dict, valid_pct: float, seed: int, progress: bool) -> dict:

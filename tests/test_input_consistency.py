@@ -234,6 +234,29 @@ def test_a_rating_no_32_bit_float_holds_is_refused_before_any_scale(engine, tmp_
     assert rate_item(engine, "u1", "x", 1e38, create_item=True)["rating"] == 1e38
 
 
+def test_a_text_category_is_metadata_a_new_item_starts_from(engine, planted):
+    """A catalogue whose only metadata is one text category per item (a genre, a language code): an
+    item with it and no rating is added from it and ranked for the users its category suits. Free
+    text (more than the questionnaire's 40 values, MovieLens 100k's release dates) is left out."""
+    from cfb.service.training import metadata_names
+
+    genre = {i: ("Alpha" if i.startswith("a") else "Beta") for i in planted.items.item}
+    items = planted.items.assign(attributes=[{"genre": genre[i], "code": f"c{k}"}
+                                             for k, i in enumerate(planted.items.item)])
+    assert metadata_names(list(items.attributes)) == ("code", "genre")  # (40 codes: still a category)
+    assert metadata_names(list(items.attributes) + [{"code": "c40"}]) == ("genre",)  # (41: free text)
+    items = items.assign(attributes=[{"genre": a["genre"]} for a in items.attributes])
+    unrated = pd.DataFrame({"item": ["newA", "newB"], "title": ["New Alpha", "New Beta"],
+                            "attributes": [{"genre": "Alpha"}, {"genre": "Beta"}]})
+    ingest_dataset(engine, Dataset(planted.ratings, pd.concat([items, unrated]), planted.users, planted.scale))
+    report = retrain_full(engine, progress=False, **FAST)
+    assert report["items_from_metadata"] == 2
+    with engine.connect() as conn:
+        for user, liked, other in (("a0", "newA", "newB"), ("b1", "newB", "newA")):
+            ranked = [r["item"] for r in recommend(conn, user, n=42)["items"]]
+            assert ranked.index(liked) < ranked.index(other), (user, ranked)
+
+
 @pytest.mark.parametrize("kind", ["dot", "nn"])
 def test_catalogue_items_with_metadata_are_served_after_any_retrain(engine, planted, kind):
     """An item with metadata and no rating is in the version a full retrain makes (dot or nn), and in
