@@ -195,7 +195,8 @@ class SignupValidator:
             q = self.questionnaire.question(name)
             if q is None:
                 names = ", ".join(x.name for x in self.questionnaire.questions)
-                raise InputError(f"unknown attribute (questions: {names})", source=where, field=f"answers.{name}")
+                asked = f"questions: {names}" if names else "this model asks no attribute questions: its users have none"
+                raise InputError(f"unknown attribute ({asked})", source=where, field=f"answers.{name}")
             if value is not None and not (isinstance(value, str) and not value.strip()):  # (blank: not said)
                 attributes[name] = q.conform(value, where)
         raw = {} if entry.get("ratings") is None else entry["ratings"]

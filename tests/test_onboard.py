@@ -181,6 +181,23 @@ def test_bad_entries_fail_the_whole_batch(trained, tmp_path, entry, message):
     assert counts(engine) == before
 
 
+def test_an_attribute_answer_to_a_model_that_asks_none_says_so(engine, planted, tmp_path):
+    """Data whose users have no attributes (MovieLens 10M, the CSV releases, goodbooks): an answer
+    naming one is refused saying the model asks none (the message listed an empty set of questions)."""
+    from cfb.db.sources import Dataset
+    from cfb.service.ingest import ingest_dataset
+    from cfb.service.training import retrain_full
+
+    from .conftest import FAST
+
+    ingest_dataset(engine, Dataset(planted.ratings, planted.items, scale=planted.scale))
+    retrain_full(engine, progress=False, **FAST)
+    path = write(tmp_path / "q.json", json.dumps({"user": "new", "answers": {"age": 30}}))
+    with pytest.raises(InputError, match=r"entry 1, field 'answers.age': unknown attribute \(this model asks no "
+                                         r"attribute questions: its users have none\)$"):
+        onboard(engine, read_answers_file(path))
+
+
 def test_skip_invalid_stores_the_valid_entries(trained, tmp_path):
     engine, _ = trained
     before = counts(engine)
