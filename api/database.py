@@ -256,7 +256,7 @@ class Database:
         replaced version's, as its seed) and ``params`` (n_factors, epochs, lr, wd, bs, seed) apply to a
         full retrain; an incremental one refuses them and ``kind``."""
         from .cf_core.errors import CfbError
-        from .service.incremental import DRIFT_LIMIT
+        from .service.incremental import DEFAULT_VALID_PCT, DRIFT_LIMIT
 
         for name, value in (("full", full), ("progress", progress)):
             if not isinstance(_plain(value), bool):
@@ -275,7 +275,7 @@ class Database:
             from .service.training import retrain_full
 
             return retrain_full(self._existing(), kind=kind or "dot", progress=progress, **params,
-                                valid_pct=0.2 if valid_pct is None else float(valid_pct))
+                                valid_pct=DEFAULT_VALID_PCT if valid_pct is None else float(valid_pct))
         from .service.incremental import retrain_auto
 
         full_only = (("kind",) if kind is not None else ()) + (("valid_pct",) if valid_pct is not None else ()) \

@@ -26,7 +26,7 @@ import numpy as np
 from cfb.cf_core.split import cold_users
 from cfb.db.sources import read_movielens
 from cfb.evaluation.coldstart import run_seed
-from cfb.evaluation.metrics import PER_USER
+from cfb.evaluation.metrics import PER_USER, clustered_standard_error, paired_values
 
 TUNING_OFFSETS = {"+1000, +2000": (1000, 2000), "+1000 to +4000": (1000, 2000, 3000, 4000)}
 
@@ -42,24 +42,18 @@ def tuned_users(all_users: list[str], seeds: list[int], offsets: tuple[int, ...]
     return out
 
 
-def lead_by_user(cell: dict) -> dict[str, list[float]]:
-    """Per user, cfb's NDCG@10 minus positive popularity's (one value per seed that scored them)."""
-    a, b = cell["cfb"][PER_USER], cell["positive_popularity"][PER_USER]
-    assert a["user"] == b["user"]
-    out: dict[str, list[float]] = {}
-    for u, x, y in zip(a["user"], a["ndcg@10"], b["ndcg@10"]):
-        out.setdefault(str(u), []).append(x - y)
-    return out
-
-
-def clustered_mean(values: dict[str, list[float]]) -> tuple[float, float, int]:
-    """Mean over every (seed, user) value, its standard error clustered by user, and the users."""
-    flat = np.array([v for vs in values.values() for v in vs])
-    if not len(flat):
-        return float("nan"), float("nan"), 0
-    m = flat.mean()
-    sums = np.array([np.sum(np.asarray(vs) - m) for vs in values.values()])
-    return float(m), float(np.sqrt((sums ** 2).sum()) / len(flat)), len(values)
+def group_lead(group_cells: list[dict], keep: set[str]) -> tuple[float, float | None, int]:
+    """cfb's NDCG@10 minus positive popularity's on the users in ``keep``: the mean over seeds of each
+    seed's mean (as the protocol's means are made), its standard error clustered by user
+    (``metrics.clustered_standard_error``, as the reported ones) and the distinct users."""
+    samples = []
+    for cell in group_cells:
+        users, diff = paired_values(cell["cfb"], cell["positive_popularity"])
+        mask = np.array([str(u) in keep for u in users], bool)
+        samples.append(([u for u, k in zip(users, mask) if k], diff[mask]))
+    means = [float(d.mean()) for _, d in samples if len(d)]
+    distinct = {u for users, _ in samples for u in users}
+    return float(np.mean(means)), clustered_standard_error(samples), len(distinct)
 
 
 def main() -> None:
@@ -93,12 +87,9 @@ def main() -> None:
         print("cfb − positive popularity, NDCG@10, mean ± SE clustered by user [users]")
         print(f"{'cell':6} | {'tuned on':24} | {'never seen':24} | tuned on − never seen")
         for name, group in cells.items():
-            leads: dict[str, list[float]] = {}
-            for cell in group:
-                for u, vs in lead_by_user(cell).items():
-                    leads.setdefault(u, []).extend(vs)
-            (m1, s1, n1) = clustered_mean({u: v for u, v in leads.items() if u in tuned})
-            (m2, s2, n2) = clustered_mean({u: v for u, v in leads.items() if u not in tuned})
+            scored = {str(u) for cell in group for u in cell["cfb"][PER_USER]["user"]}
+            (m1, s1, n1) = group_lead(group, scored & tuned)
+            (m2, s2, n2) = group_lead(group, scored - tuned)
             print(f"{name:6} | {m1:+.4f} ± {s1:.4f} [{n1:3}] | {m2:+.4f} ± {s2:.4f} [{n2:3}] | "
                   f"{m1 - m2:+.4f} ± {np.hypot(s1, s2):.4f}")
 

@@ -824,12 +824,14 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
         except CfbError as e:
             raise _for_eval(e) from None
     read = read_goodbooks if (data_dir / "books.csv").exists() else read_movielens
-    if read is read_movielens and data_dir.is_dir() and not any((data_dir / f).exists() for f in
-                                                                ("u.data", "ratings.dat", "ratings.csv")):
+    from ..db.layouts import MOVIELENS_MARKERS
+
+    if read is read_movielens and data_dir.is_dir() and not any((data_dir / f).exists() for f, _ in MOVIELENS_MARKERS):
         from ..cf_core.errors import InputError
 
-        raise InputError("not a MovieLens or goodbooks folder: looked for u.data (MovieLens 100k), ratings.dat "
-                         "(1M/10M), ratings.csv (20M/25M/32M/latest) and books.csv (goodbooks)", source=str(data_dir))
+        looked = ", ".join(f"{name} (MovieLens {what})" for name, what in MOVIELENS_MARKERS)
+        raise InputError(f"not a MovieLens or goodbooks folder: looked for {looked} and books.csv (goodbooks)",
+                         source=str(data_dir))
     seed_list = _ints(seeds)
     log = None if quiet else (lambda message: click.echo(message, err=True))
     if log:

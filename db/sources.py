@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .store import STEP_TOLERANCE, rating_problem, scale_slack, shown_id
+from .store import FLOAT32_MAX, STEP_TOLERANCE, rating_problem, scale_slack, shown_id
 from .textfile import read_text, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -341,7 +341,7 @@ ZERO_PADDED = re.compile(r"[+-]?0[0-9]")
 WHOLE = re.compile(r"[+-]?[0-9]+")
 
 
-NUMBER_LIMIT = float(np.finfo(np.float32).max)  # an attribute's number: one a 32-bit float holds, as a rating
+NUMBER_LIMIT = FLOAT32_MAX  # an attribute's number: one a 32-bit float holds, as a rating
 
 
 def number_in_text(v: str) -> int | float | None:

@@ -157,7 +157,7 @@ def scale_problem(scale: tuple[float, float]) -> str | None:
     return None
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the largest rating or attribute number (the models' arrays)
 
 
 def rating_problem(value: float, scale: tuple[float, float] | None, step: float | None) -> str | None:
