@@ -521,16 +521,28 @@ DAT_FIELDS = ("Rating", "Timestamp")  # the names the README gives ratings.dat's
 DAT_COLUMNS = {"rating": "Rating", "item": "MovieID", "user": "UserID"}
 
 
-def read_ml1m(folder: Path) -> Dataset:
-    """MovieLens 1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``, ISO-8859-1)."""
-    folder = Path(folder)
-    rpath = folder / "ratings.dat"
+def _read_dat_release(folder: Path, scale: tuple[float, float]) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """The ratings (checked against ``scale``) and movies of a ``::`` release (1M, 10M), and the ratings' path."""
+    rpath = Path(folder) / "ratings.dat"
     ratings = read_dat_ratings(rpath, "latin-1")
-    _check_ratings(ratings, WHOLE_STARS, rpath, 1, *DAT_FIELDS)
-    mpath = folder / "movies.dat"
+    _check_ratings(ratings, scale, rpath, 1, *DAT_FIELDS)
+    mpath = Path(folder) / "movies.dat"
     _require_item_file(mpath)
     items = _read_dat_movies(mpath, _guess_encoding(mpath))
     _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
+    return ratings, items, rpath
+
+
+def _dat_dataset(ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None, rpath: Path,
+                 scale: tuple[float, float], name: str) -> Dataset:
+    return Dataset(ratings, items, users, scale=scale, step=STEP[scale], name=name, source=str(rpath),
+                   first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
+
+
+def read_ml1m(folder: Path) -> Dataset:
+    """MovieLens 1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``, ISO-8859-1)."""
+    folder = Path(folder)
+    ratings, items, rpath = _read_dat_release(folder, WHOLE_STARS)
     upath = folder / "users.dat"
     recs = []
     seen: dict[str, int] = {}
@@ -554,24 +566,16 @@ def read_ml1m(folder: Path) -> Dataset:
             attrs["zip"] = zipcode
         recs.append({"user": user, "attributes": attrs})
     users = pd.DataFrame(recs, columns=["user", "attributes"])
-    return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-1m",
-                   source=str(rpath), first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
+    return _dat_dataset(ratings, items, users, rpath, WHOLE_STARS, "movielens-1m")
 
 
 def read_ml10m(folder: Path) -> Dataset:
     """MovieLens 10M: ``ratings.dat`` (half stars), ``movies.dat``, optional ``tags.dat`` (all ``::``)."""
     folder = Path(folder)
-    rpath = folder / "ratings.dat"
-    ratings = read_dat_ratings(rpath, "latin-1")
-    _check_ratings(ratings, HALF_STARS, rpath, 1, *DAT_FIELDS)
-    mpath = folder / "movies.dat"
-    _require_item_file(mpath)
-    items = _read_dat_movies(mpath, _guess_encoding(mpath))
-    _check_items(ratings, items, rpath, 1, "MovieID", mpath.name)
+    ratings, items, rpath = _read_dat_release(folder, HALF_STARS)
     tpath = folder / "tags.dat"
     if not tpath.exists() and bool((ratings.rating.to_numpy() % 1 == 0).all()):  # 1M's files, users.dat left out
-        return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-1m",
-                       source=str(rpath), first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
+        return _dat_dataset(ratings, items, None, rpath, WHOLE_STARS, "movielens-1m")
     if tpath.exists():
         rows = []
         for n, line in enumerate(_text_lines(tpath, _guess_encoding(tpath)), start=1):
@@ -584,8 +588,7 @@ def read_ml10m(folder: Path) -> Dataset:
             if f[2].strip():
                 rows.append((f[1].strip(), f[2].strip().lower()))
         _add_tags(items, _top_tags(pd.DataFrame(rows, columns=["item", "tag"]), "item", "tag"))
-    return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens-10m",
-                   source=str(rpath), first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
+    return _dat_dataset(ratings, items, None, rpath, HALF_STARS, "movielens-10m")
 
 
 def _add_tags(items: pd.DataFrame, tags: dict[str, list[str]]) -> None:
