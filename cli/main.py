@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import sys
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,17 @@ from ..db.textfile import plain_float, plain_int
 def emit(obj, as_json: bool, text: str | None = None) -> None:
     """Print ``obj`` as JSON, or ``text`` for people."""
     click.echo(json.dumps(obj, ensure_ascii=False) if as_json or text is None else text)
+
+
+def shown(text: object) -> str:
+    """``text`` for a terminal line: control characters (a line break, an escape code) written as escapes."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in str(text))
+
+
+def named(entry: dict) -> str:
+    """An item as text output names it: its title, else its id (``shown``)."""
+    return shown(entry.get("title") or entry["item"])
 
 
 def fail_cleanly(fn):
@@ -435,7 +447,7 @@ def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) 
     lines = []
     for rec in out:
         lines.append(f"user {rec['user']} (predicted rating, title):")
-        lines += [f"  {r['score']:.2f}  {r['title'] or r['item']}" for r in rec["items"]]
+        lines += [f"  {r['score']:.2f}  {named(r)}" for r in rec["items"]]
     emit(out, as_json, "\n".join(lines))
 
 
@@ -514,8 +526,8 @@ def similar(ctx: Ctx, item: str, n: int, as_json: bool) -> None:
 
     with ctx.engine.connect() as conn:
         out = similar_items(conn, item, n)
-    text = "\n".join([f"similar to {out['title'] or out['item']}:"] +
-                     [f"  {r['score']:.3f}  {r['title'] or r['item']}" for r in out["items"]])
+    text = "\n".join([f"similar to {named(out)}:"] +
+                     [f"  {r['score']:.3f}  {named(r)}" for r in out["items"]])
     emit(out, as_json, text)
 
 
@@ -536,8 +548,8 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 
     with ctx.engine.connect() as conn:
         out = biases(conn, n, min_ratings)
-    text = "\n".join(["lowest bias:"] + [f"  {r['score']:+.3f}  {r['title'] or r['item']}" for r in out["lowest"]]
-                     + ["highest bias:"] + [f"  {r['score']:+.3f}  {r['title'] or r['item']}" for r in out["highest"]])
+    text = "\n".join(["lowest bias:"] + [f"  {r['score']:+.3f}  {named(r)}" for r in out["lowest"]]
+                     + ["highest bias:"] + [f"  {r['score']:+.3f}  {named(r)}" for r in out["highest"]])
     emit(out, as_json, text)
 
 
@@ -550,8 +562,9 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 @pass_ctx
 @fail_cleanly
 def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
-    """PCA of the item factors of the N most-rated items (fastai book, chapter 8): pc1..pc3 per item
-    (as many axes as N items and the factors allow)."""
+    """PCA of the item factors, mapping the N most-rated items (fastai book, chapter 8: the axes are fitted
+    on the 1,000 most-rated items, or the N if more): pc1..pc3 per item (as many axes as the items and the
+    factors allow)."""
     from ..service.inspect import pca, plot_pca
 
     if plot is not None and plot.suffix.lower() != ".png":
@@ -566,8 +579,9 @@ def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
         out["plot"] = str(plot)
     ev = ", ".join(f"PC{k + 1} {v:.1%}" for k, v in enumerate(out["explained_variance"]))
     axes = [f"pc{k + 1}" for k in range(len(out["explained_variance"]))]  # (up to three: fewer items, fewer axes)
-    lines = [f"explained variance: {ev}", "".join(f"{a:>8}" for a in axes) + "  title"]
-    lines += ["".join(f"{r[a]:+8.3f}" for a in axes) + f"  {r['title'] or r['item']}"
+    lines = [f"explained variance (axes fitted on the {out['fitted_on']} most-rated items): {ev}",
+             "".join(f"{a:>8}" for a in axes) + "  title"]
+    lines += ["".join(f"{r[a]:+8.3f}" for a in axes) + f"  {named(r)}"
               for r in out["items"]]
     if plot is not None:
         lines.append(f"plot written to {plot}")
@@ -632,12 +646,12 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
         out = questionnaire_json(conn, budget)
     lines = ["attributes:"]
     for a in out["attributes"]:
-        values = f" ({', '.join(a['values'])})" if a.get("values") else ""
+        values = f" ({', '.join(map(shown, a['values']))})" if a.get("values") else ""
         if a.get("accepts"):
             values = f" ({a['accepts'][0]:g}..{a['accepts'][1]:g})"
-        lines.append(f"  {a['name']}: {a['type']}{values}")
+        lines.append(f"  {shown(a['name'])}: {a['type']}{values}")
     lines.append("rate these if you have seen them:")
-    lines += [f"  {r['item']}: {r['title'] or r['item']}" for r in out["items"]]
+    lines += [f"  {shown(r['item'])}: {named(r)}" for r in out["items"]]
     emit(out, as_json, "\n".join(lines))
 
 
@@ -682,7 +696,7 @@ def rate(ctx: Ctx, user: str, item: str, rating: float, new_item: bool, as_json:
     from ..service.ratings import rate_item
 
     out = rate_item(ctx.engine, user, item, rating, create_item=new_item)
-    emit(out, as_json, f"user {out['user']} rated {out['title'] or out['item']}: {out['rating']:g}")
+    emit(out, as_json, f"user {out['user']} rated {named(out)}: {out['rating']:g}")
 
 
 # --- versions -------------------------------------------------------------------------------------------

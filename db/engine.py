@@ -42,7 +42,7 @@ def resolve_url(url: str | None = None) -> str:
     return sqlite_url(home / "cfb.db")
 
 
-EMPTY_DATABASE = "the database is empty: run `cfb ingest …` first"
+EMPTY_DATABASE = "the database holds no cfb data yet: run `cfb ingest …` first"
 
 
 def is_missing_table(e: BaseException) -> bool:

@@ -10,6 +10,7 @@ the cold items that user rated >= 4, RMSE over every rating of a cold item. The 
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -286,7 +287,7 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     res = evaluate_split(sp, grown, rank_vecs, seed)
     return {"seed": seed, "n_cold_items": len(sp["cold_items"]), "n_warm_items": len(sp["td"].item_ids),
             "has_genres": any(_genres(a, "genres") for a in sp["warm_attrs"]),
-            "n_cold_ratings": len(sp["cold_ratings"]), "timings": timings,
+            "n_cold_ratings": len(sp["cold_ratings"]), "timings": timings, "settings": dict(model.settings),
             "prior": {"attributes": [spec["name"] for spec in model.item_prior.encoder_.spec],  # what it really used
                       **model.item_prior.config.to_json()},
             **res}
@@ -317,7 +318,8 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
     notes = [] if per_seed[0]["has_genres"] else [
         "this data has no genres: genre popularity and user-genre affinity fall back to the random order's "
         "ranking and the items' damped means"]
-    return {"dataset": ds.name, "seeds": list(seeds), "kind": kind, "attributes": per_seed[0]["prior"]["attributes"],
+    return {"dataset": ds.name, "seeds": list(seeds), "kind": kind, "settings": {"kind": kind, **per_seed[0]["settings"]},
+            "attributes": per_seed[0]["prior"]["attributes"],
             "prior": per_seed[0]["prior"], "notes": notes, "per_seed": without_per_user(per_seed),
             "mean": mean_over_seeds(per_seed)}
 
@@ -340,7 +342,8 @@ def render(result: dict) -> str:
     """The §8 report as text: settings, seed 42 (the first seed) and the mean over seeds."""
     first, used = result["per_seed"][0], ", ".join(result["attributes"]) or "none (a constant row only)"
     lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}  item metadata: {used}",
-             f"item prior: {result['prior']}",
+             f"model (each seed's trains with that seed; seed {first['seed']}'s): {json.dumps(result['settings'])}",
+             f"item prior: {json.dumps(result['prior'])}",
              "cold items: " + "; ".join(f"seed {r['seed']}: {r['n_cold_items']} (of "
                                         f"{r['n_cold_items'] + r['n_warm_items']}), cold ratings: {r['n_cold_ratings']}"
                                         for r in result["per_seed"]), ""]
@@ -355,7 +358,6 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """python -m cfb.evaluation.item_coldstart DATA_FOLDER [--seeds 42,43,44] [--json OUT] [--prior JSON]"""
     import argparse
-    import json
     from pathlib import Path
 
     import torch

@@ -1,6 +1,8 @@
 """The protocol's output table, as text."""
 from __future__ import annotations
 
+import json
+
 METHOD_NAMES = {"cfb": "cfb", "average_user": "average user", "popularity": "popularity",
                 "positive_popularity": "positive popularity", "demographic_popularity": "demographic popularity"}
 
@@ -67,15 +69,17 @@ def fold_table(block: dict) -> list[str]:
 def render(result: dict) -> str:
     """The whole report: settings, per-seed and mean tables."""
     lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}",
-             f"model (each seed's trains with that seed; seed {result['seeds'][0]}'s): {result['settings']}", ""]
+             f"model (each seed's trains with that seed; seed {result['seeds'][0]}'s): {json.dumps(result['settings'])}",
+             ""]
     for title, block in [(f"seed {r['seed']}", r) for r in result["per_seed"][:1]] + [("mean over seeds", result["mean"])]:
-        lines += [f"== cold start (protocol §4b), {title} =="] + budget_table(block["budgets"]) + [""]
+        if block.get("budgets"):
+            lines += [f"== cold start (protocol §4b), {title} =="] + budget_table(block["budgets"]) + [""]
         if block.get("fold_in"):
             lines += [f"== fold-in curve (protocol §5), {title} =="] + fold_table(block["fold_in"]) + [""]
     t = result["per_seed"][0]["timings"]
-    lines.append(f"timings (seed {result['per_seed'][0]['seed']}): ingest {t['ingest_s']} s, full retrain {t['retrain_s']} s, "
-                 + ", ".join(f"onboard Q={q} {b['onboard_ms_per_user']} ms/user"
-                             for q, b in result["per_seed"][0]["budgets"].items()))
+    lines.append(f"timings (seed {result['per_seed'][0]['seed']}): " + ", ".join(
+        [f"ingest {t['ingest_s']} s", f"full retrain {t['retrain_s']} s"]
+        + [f"onboard Q={q} {b['onboard_ms_per_user']} ms/user" for q, b in result["per_seed"][0]["budgets"].items()]))
     left = sum(r.get("unanswerable_attributes", 0) for r in result["per_seed"])
     if left:
         lines.append(f"cold users' attribute answers left unanswered over the seeds: {left} (values the "

@@ -961,8 +961,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response(serving.biases(conn, n, min_ratings))
 
     @api_get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)",
-             responses={200: {"description": '{"version", "explained_variance", '
-                                             '"items": [{"item", "title", "pc1", "pc2", "pc3"}]}'}})
+             responses={200: {"description": '{"version", "fitted_on", "explained_variance", '
+                                             '"items": [{"item", "title", "ratings", "pc1", "pc2", "pc3"}]}'}})
     async def inspect_pca(n: int = Query(50, ge=2, le=5000)):
         from .inspect import pca
 
@@ -1103,7 +1103,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         ev = ", ".join(f"PC{k + 1} {v:.0%}" for k, v in enumerate(result["explained_variance"]))
         body = (f"<h1>Explore the model (version {result['version']})</h1>"
                 f"<h2>Item factors of the {len(result['items'])} most-rated items: PCA</h2>"
-                f"<p class='small'>Share of variance: {escape(ev)}. Items close together are liked by the same "
+                f"<p class='small'>Axes fitted on the {result['fitted_on']} most-rated items; share of their "
+                f"variance: {escape(ev)}. Items close together are liked by the same "
                 f"people. <a href='/inspect/pca?n={n}'>JSON</a></p>"
                 f"<figure id='pca'>{pca_svg(result)}</figure>"
                 f"<section class='biases'>{biases_html}</section>")

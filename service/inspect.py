@@ -35,14 +35,16 @@ def pca_coordinates(factors: np.ndarray, k: int = N_COMPONENTS) -> tuple[np.ndar
 
 
 PCA_MAX_ITEMS = 100_000
+PCA_FIT_ITEMS = 1000  # chapter 8 fits the axes on the 1,000 most-rated films, then maps the first 50
 
 
 def pca(conn: Connection, n: int = 50) -> dict:
-    """PCA of the item factors of the ``n`` most-rated items of the serving version.
+    """PCA of the item factors of the serving version, mapping its ``n`` most-rated items.
 
-    Returns ``{"version", "explained_variance": [pc1, pc2, pc3], "items": [{item, title, ratings,
-    pc1, pc2, pc3}]}``, the items most-rated first. As in chapter 8, the axes are fitted on those
-    items only, so the map shows how the model separates the films people know best."""
+    Returns ``{"version", "fitted_on", "explained_variance": [pc1, pc2, pc3], "items": [{item, title,
+    ratings, pc1, pc2, pc3}]}``, the items most-rated first. As in chapter 8, the axes are fitted on the
+    ``PCA_FIT_ITEMS`` most-rated items (or the ``n`` mapped, if more; ``fitted_on`` says how many), so
+    the map shows how the model separates the films people know best, whatever ``n``."""
     n = check_whole(n, "n", 2, PCA_MAX_ITEMS)
     served = load_served(conn)
     model = served.model
@@ -50,8 +52,9 @@ def pca(conn: Connection, n: int = 50) -> dict:
         raise CfbError("the serving model has fewer than 2 items: nothing to map")
     n = int(min(max(n, 2), model.n_items))
     counts = np.asarray(model.item_counts, np.float64)
-    top = np.argsort(-counts, kind="stable")[:n]
-    coords, ratio = pca_coordinates(model.rating.item_factors[top])
+    fitted = np.argsort(-counts, kind="stable")[:max(n, PCA_FIT_ITEMS)]
+    coords, ratio = pca_coordinates(model.rating.item_factors[fitted])
+    coords, top = coords[:n], fitted[:n]
     ids = model.item_ids[top]
     titles = store.item_titles(conn, ids)
     items = []
@@ -60,7 +63,8 @@ def pca(conn: Connection, n: int = 50) -> dict:
         entry = {"item": ext, "title": title, "ratings": int(c)}
         entry.update({f"pc{k + 1}": round(float(v), 4) + 0.0 for k, v in enumerate(row)})
         items.append(entry)
-    return {"version": served.version, "explained_variance": [round(float(r), 4) for r in ratio], "items": items}
+    return {"version": served.version, "fitted_on": len(fitted),
+            "explained_variance": [round(float(r), 4) for r in ratio], "items": items}
 
 
 def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: int = 50) -> Path:

@@ -137,6 +137,17 @@ def test_empty_database_is_a_clear_error(runner, tmp_path):
     assert res.exit_code == 1 and "no trained model yet" in res.output
 
 
+def test_a_database_of_other_tables_is_not_called_empty(runner, tmp_path):
+    """A SQLite file another program made (tables, none of cfb's): the error says it holds no cfb data."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "other.db") as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    res = run(runner, f"sqlite:///{tmp_path / 'other.db'}", "recommend", "1")
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "holds no cfb data yet: run `cfb ingest …` first" in res.output and "empty" not in res.output
+
+
 @pytest.mark.parametrize("args", [("recommend", "1"), ("models",), ("similar", "x"), ("questionnaire",),
                                   ("rate", "1", "2", "3"), ("retrain",), ("serve", "--port", "1")])
 def test_a_missing_database_file_is_an_error_and_is_not_made(runner, tmp_path, args):
@@ -529,3 +540,22 @@ def test_a_full_retrain_that_drift_forces_keeps_the_replaced_versions_seed(runne
             assert run(runner, cli_db, "retrain", "--full", "--seed", "7", "--factors", "8", "--epochs", "3",
                        "--valid-pct", "0.1").exit_code == 0
     assert json.loads(run(runner, cli_db, "retrain", "--full", *args).stdout)["hyperparams"]["seed"] == 42
+
+
+def test_text_output_writes_a_titles_control_characters_as_escapes(runner, cli_db, tmp_path):
+    """A title may hold a line break or a terminal escape code (`cfb ingest items` takes any text): each
+    text listing keeps one line per item and writes them as escapes; --json keeps the title as it is."""
+    title = "Two\nLines\x1b[31mRED"
+    items = write(tmp_path / "titles.csv", 'item,title\na1,"Two\nLines\x1b[31mRED"\n')
+    assert run(runner, cli_db, "ingest", "items", str(items), "--quiet").exit_code == 0
+    listed = 0
+    for args in (["similar", "a2", "-n", "100"], ["recommend", "b1", "-n", "100"], ["inspect", "biases", "-n", "100"],
+                 ["inspect", "pca", "-n", "100"], ["questionnaire", "--budget", "30"]):
+        res = run(runner, cli_db, *args)
+        assert res.exit_code == 0, res.output
+        assert "\x1b" not in res.output and "Lines" not in res.output.replace("Two\\nLines", ""), args
+        out = json.loads(run(runner, cli_db, *args, "--json").stdout)
+        if json.dumps(title, ensure_ascii=False) in json.dumps(out, ensure_ascii=False):  # (the item is in this listing: b1 may have rated it)
+            assert "Two\\nLines\\x1b[31mRED" in res.output, args
+            listed += 1
+    assert listed >= 4

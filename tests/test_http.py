@@ -703,9 +703,9 @@ def test_an_empty_database_answers_503_with_one_line_on_every_route(tmp_path, fa
                              ("GET", "/items/1/similar"), ("GET", "/models"), ("POST", "/users")]:
             res = client.request(method, path, json={} if method == "POST" else None)
             assert res.status_code == 503, (path, res.text)
-            assert res.json() == {"error": "the database is empty: run `cfb ingest …` first"}
+            assert res.json() == {"error": "the database holds no cfb data yet: run `cfb ingest …` first"}
         page = client.get("/user/1")
-        assert page.status_code == 503 and "the database is empty" in page.text
+        assert page.status_code == 503 and "the database holds no cfb data yet" in page.text
 
 
 def test_a_write_from_another_sites_page_is_refused(server, db_url):
@@ -948,12 +948,36 @@ def test_a_database_made_again_at_the_same_path_is_served_within_a_second(traine
                             "WHERE u.external_id = 'only-in-the-new-file'").fetchone() == (3,)
 
 
-def test_inspect_pca_of_two_items_prints_the_axes_it_has(trained, db_url):
+def test_inspect_pca_of_two_items_prints_the_axes_it_has(tmp_path):
     """Two items, centred, lie on one principal axis (three on two): the text shows the axes there are,
     as the JSON does (no axis of zeros)."""
-    out = cli_json(db_url, "inspect", "pca", "-n", "2")
-    assert out["explained_variance"] == [1.0] and "pc2" not in out["items"][0]
-    res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "2"])
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    ratings = tmp_path / "r.csv"
+
+    def trained_on(items: str) -> None:
+        ratings.write_text("user,item,rating\n" + "".join(f"u{u},{i},{1 + (u * 7 + k * 3) % 5}\n"
+                                                         for u in range(8) for k, i in enumerate(items)))
+        for args in (["ingest", "ratings", str(ratings), "--quiet"], ["retrain", "--full", "--valid-pct", "0", "--quiet"]):
+            res = CliRunner().invoke(cli, ["--db", url, *args])
+            assert res.exit_code == 0, res.output
+
+    trained_on("xy")
+    out = cli_json(url, "inspect", "pca", "-n", "2")
+    assert out["explained_variance"] == [1.0] and "pc2" not in out["items"][0] and out["fitted_on"] == 2
+    res = CliRunner().invoke(cli, ["--db", url, "inspect", "pca", "-n", "2"])
     assert res.exit_code == 0 and res.output.splitlines()[1].split() == ["pc1", "title"], res.output
-    out = cli_json(db_url, "inspect", "pca", "-n", "3")
+    trained_on("xyz")
+    out = cli_json(url, "inspect", "pca", "-n", "3")
     assert len(out["explained_variance"]) == 2 and min(out["explained_variance"]) > 0 and "pc3" not in out["items"][0]
+
+
+def test_inspect_pca_fits_its_axes_on_the_most_rated_items_whatever_it_maps(trained, db_url):
+    """As chapter 8: the axes come from the 1,000 most-rated items (here every item), and -n says only how
+    many of them the map shows, so the first items of a short map sit where they do in a long one."""
+    long, short = cli_json(db_url, "inspect", "pca", "-n", "12"), cli_json(db_url, "inspect", "pca", "-n", "3")
+    assert short["fitted_on"] == long["fitted_on"] > 12
+    assert short["items"] == long["items"][:3] and short["explained_variance"] == long["explained_variance"]
+    res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "3"])
+    assert f"axes fitted on the {long['fitted_on']} most-rated items" in res.output.splitlines()[0]
+
+

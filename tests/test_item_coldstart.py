@@ -1,6 +1,7 @@
 """Item cold start (protocol §8): the split, the item prior, the baselines."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -185,6 +186,10 @@ def test_protocol_end_to_end_on_planted_items():
     d = r["cfb_vs"]["random"]
     assert f"{d['diff']:+.4f} ±{d['se']:.4f}" in render(res)
     assert res["attributes"] == res["prior"]["attributes"] == ["genres", "year"] and res["notes"] == []
+    # the report names the model that ranked (as the new users' report does), as JSON
+    model_line = next(line for line in render(res).splitlines() if line.startswith("model ("))
+    settings = json.loads(model_line.split("'s): ", 1)[1])
+    assert settings["kind"] == "dot" and settings["seed"] == 42 and settings == res["settings"]
     # data without genres (goodbooks: authors, tags): the report says the genre baselines do not apply
     ds.items["attributes"] = [{"authors": [f"w{k % 3}"], "year": a["year"]} for k, a in enumerate(ds.items.attributes)]
     res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)

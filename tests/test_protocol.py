@@ -156,6 +156,19 @@ def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     assert text.count("cfb − positive pop.") == 4 and text.count("cfb − previous n") == 2
     assert f"{fold[1]['cfb_step']['diff']:+.4f} ±{fold[1]['cfb_step']['se']:.4f}" in text
     assert "attribute answers left unanswered over the seeds: 2" in text
+    settings = json.loads(text.splitlines()[1].split("'s): ", 1)[1])  # the model's settings, as JSON
+    assert settings == json.loads(json.dumps(out["settings"])) and settings["kind"] == "dot"
+
+
+def test_a_report_without_budgets_leaves_their_table_out(planted):
+    """`--budgets ''` skips §4b: the report has no empty §4b table, and its timings line no dangling comma."""
+    from cfb.evaluation.coldstart import run_protocol
+    from cfb.evaluation.report import render
+
+    text = render(run_protocol(planted, seeds=(42,), budgets=(), fold_steps=(0, 1)))
+    assert "§4b" not in text and "== fold-in curve (protocol §5), seed 42 ==" in text
+    timings = next(line for line in text.splitlines() if line.startswith("timings"))
+    assert "full retrain" in timings and not timings.rstrip().endswith(",")
 
 
 def test_data_without_times_has_no_fold_in_curve_and_says_so(planted):
