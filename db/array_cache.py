@@ -8,7 +8,9 @@ exists is complete), and later processes map them read-only: a request then read
 touches (whole when it scores every item; of the ranker's input tables, the rows of the user's
 items). The key hashes the database URL (password hidden), the version id, its creation time and the
 blob's length, so a recreated database never meets a stale copy. The cache is only a copy: any
-failure to read or write it falls back to the database, and ``CFB_MODEL_CACHE=0`` turns it off.
+failure to read or write it falls back to the database, and ``CFB_MODEL_CACHE=0`` turns it off. A copy
+is checked for its files and their shapes, not summed: bytes changed inside an array (a failing disk, a
+hand edit) are served; a checksum would read every page, which mapping the copy avoids.
 """
 from __future__ import annotations
 

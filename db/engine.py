@@ -132,7 +132,7 @@ def _remove_dead_partials(path: Path) -> None:
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.partial*"):
         if leftover.name.startswith(mine):
             pid = leftover.name[len(mine):].split(".")[0]
-            dead = pid.isdigit() and not _process_alive(int(pid))
+            dead = pid.isdigit() and not process_alive(int(pid))
         else:
             try:
                 dead = time.time() - leftover.stat().st_mtime > STALE_PARTIAL_S
@@ -145,14 +145,22 @@ def _remove_dead_partials(path: Path) -> None:
                 pass
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running. A zombie (killed, its parent has not yet
+    reaped it) is not: it holds nothing and will never run again."""
+    if pid <= 0:  # (os.kill would signal a process group, or every process)
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (no such process; no pid this machine can have)
         return False
     except OSError:  # (alive, another user's)
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:  # "pid (name) state ...": Linux's; elsewhere no such file
+            return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
         return True
-    return True
 
 
 def sqlite_file(url: str) -> Path | None:

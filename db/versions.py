@@ -22,6 +22,7 @@ from ..cf_core.errors import CfbError
 from ..cf_core.model import TrainedModel
 from ..cf_core.scoring import from_npz, to_npz
 from .array_cache import stored_arrays
+from .engine import process_alive
 from .schema import ModelArrays, ModelVersion, UserFactors
 from .store import CHUNK, get_setting, prune_replaced_ratings, set_setting
 
@@ -83,16 +84,22 @@ def save_full(conn: Connection, model: TrainedModel, *, metrics: dict, max_seq: 
     return version, serve
 
 
-def save_incremental(conn: Connection, parent: int, delta: dict[str, np.ndarray], *, kind: str,
+def save_incremental(conn: Connection, started: tuple[int, int], delta: dict[str, np.ndarray], *, kind: str,
                      settings: dict, metrics: dict, max_seq: int, model: TrainedModel | None = None,
                      lock: dict | None = None) -> int:
-    """Write an incremental version holding ``delta`` (see ``apply_delta``) and serve it, unless the
-    serving version is no longer ``parent`` (a rollback during the retrain): then nothing is written.
-    ``model`` (the version's whole model) is stored beside the delta as a checkpoint where loading the
-    version would otherwise apply ``CHECKPOINT_EVERY`` deltas in a row. ``lock`` as in ``save_full``."""
+    """Write an incremental version on the parent ``started[0]`` holding ``delta`` (see ``apply_delta``)
+    and serve it, unless the serving version changed since the retrain started, or was chosen again
+    (``started``: ``serving_state`` then; a rollback meanwhile, even to the parent): then nothing is
+    written. ``model`` (the version's whole model) is stored beside the delta as a checkpoint where
+    loading the version would otherwise apply ``CHECKPOINT_EVERY`` deltas in a row. ``lock`` as in
+    ``save_full``."""
+    parent = started[0]
     if lock is not None:
         check_lock_held(conn, lock)
-    moved = _check_serving(conn, parent)
+    moved = _check_serving(conn, started)
+    if moved == parent:
+        raise CfbError(f"version {parent} was chosen as the serving one during the retrain (`cfb rollback "
+                       f"{parent}`); nothing was saved, so that choice stays: run `cfb retrain` again")
     if moved is not None:
         raise CfbError(f"the serving version changed from {parent} to {moved} during the retrain "
                        "(a rollback?); nothing was saved: run `cfb retrain` again")
@@ -302,16 +309,7 @@ def _lock_holder(raw: str | None) -> dict | None:
 def _holder_alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # cannot check another machine's process: its heartbeat tells
-    pid = int(holder["pid"])
-    if pid <= 0:  # (os.kill would signal a process group, or every process)
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # (no such process; no pid this machine can have)
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(int(holder["pid"]))
 
 
 def _same_holder(holder: dict | None, me: dict) -> bool:

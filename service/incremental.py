@@ -102,6 +102,7 @@ def retrain_incremental(engine: Engine) -> dict:
             if conn.dialect.name == "postgresql":  # one snapshot for every read below, as SQLite's BEGIN gives
                 conn.execution_options(isolation_level="REPEATABLE READ")
             parent = versions.require_serving(conn)
+            started = versions.serving_state(conn)  # (a rollback meanwhile, even to ``parent``, stays)
             row = versions.get_version(conn, parent)
             served = load_served(conn, parent)
             model = served.model
@@ -151,7 +152,7 @@ def retrain_incremental(engine: Engine) -> dict:
         delta = versions.make_delta(new_items, added, model, ranker_rows, resolve, replaced, touched, replaced_ranker)
         max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:
-            version = versions.save_incremental(conn, parent, delta, kind=model.kind, settings=model.settings,
+            version = versions.save_incremental(conn, started, delta, kind=model.kind, settings=model.settings,
                                                 metrics=metrics, max_seq=max_seq, model=model, lock=lock)
         metrics["total_s"] = round(time.perf_counter() - t_start, 4)
         return {"version": version, "kind": model.kind, "mode": "incremental", "parent": parent, **metrics}

@@ -14,7 +14,7 @@ import pytest
 
 from sqlalchemy import text
 
-from cfb.db.engine import make_engine
+from cfb.db.engine import make_engine, process_alive
 from cfb.db.sources import Dataset
 
 SHARED_ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
@@ -116,16 +116,6 @@ def ml100k_available() -> bool:
     return (SHARED_ML100K / "u.data").exists() and os.access(SHARED_ML100K / "u.data", os.R_OK)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 @contextmanager
 def fresh_pg_schema(schema: str) -> Iterator[str]:
     """A URL of the PostgreSQL test server ($CFB_TEST_POSTGRES_URL) whose search path is a schema of
@@ -141,7 +131,7 @@ def fresh_pg_schema(schema: str) -> Iterator[str]:
         for (left,) in conn.execute(text("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, :p)"),
                                     {"p": prefix}).all():  # a killed run's (its process is gone): dropped
             pid = left[len(prefix):]
-            if pid.isdigit() and not _process_alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 conn.execute(text(f"DROP SCHEMA IF EXISTS {left} CASCADE"))
         conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         conn.execute(text(f"CREATE SCHEMA {schema}"))

@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -226,6 +227,35 @@ def test_dead_process_on_this_host_is_taken_over_at_once(engine):
     plant_lock(engine, socket.gethostname(), os.getpid(), age=-2 * versions.CLOCK_STEP_S)  # no clock steps that far
     me = versions.acquire_retrain_lock(engine)
     versions.release_retrain_lock(engine, me)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through Linux's /proc")
+def test_a_killed_holder_its_parent_has_not_reaped_is_dead(engine):
+    """A retrain killed under a supervisor that has not yet waited for it (Python's subprocess, an init
+    that does not reap) is a zombie: its lock is taken over at once (it blocked the next retrain for the
+    stale limit, two minutes, saying "another retrain is running")."""
+    import signal
+    import subprocess
+
+    from cfb.db.engine import process_alive
+
+    store.create_schema(engine)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        assert process_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        for _ in range(200):  # (until the kernel has made it a zombie)
+            if Path(f"/proc/{child.pid}/stat").read_bytes().rpartition(b")")[2].split()[0] == b"Z":
+                break
+            time.sleep(0.01)
+        assert not process_alive(child.pid)
+        plant_lock(engine, socket.gethostname(), child.pid, age=0)
+        me = versions.acquire_retrain_lock(engine)
+        versions.release_retrain_lock(engine, me)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(0) and not process_alive(-1) and not process_alive(2**80)
 
 
 @pytest.mark.parametrize("row", ["garbage", "[1, 2]", '{"pid": "abc", "host": "h"}', '{"host": "h"}',

@@ -133,24 +133,30 @@ def test_rollback_during_a_full_retrain_is_not_overwritten(trained, monkeypatch,
         assert f"version {chosen} was made serving during the retrain" in res.stdout
 
 
-def test_rollback_during_an_incremental_retrain_saves_nothing(trained, monkeypatch):
+@pytest.mark.parametrize("to", ["earlier", "serving"])
+def test_rollback_during_an_incremental_retrain_saves_nothing(trained, monkeypatch, to):
+    """A rollback while an incremental retrain runs, to an earlier version or to the one it builds on
+    (a choice to keep it: the retrain used to serve its version over that one), makes it save nothing."""
     engine, report = trained
     retrain_full(engine, progress=False, **FAST)
     rate_item(engine, "a0", "b30", 1.0)
-    real_save = versions.save_incremental
+    chosen = report["version"] if to == "earlier" else 2
+    real_delta = versions.make_delta
 
-    def rollback_then_save(conn, parent, *args, **kwargs):  # noqa: ANN001
-        versions.set_serving(conn, report["version"])
-        return real_save(conn, parent, *args, **kwargs)
+    def rollback_then_delta(*args, **kwargs):  # noqa: ANN001
+        with writing(engine) as conn:  # (another process's rollback, while the retrain works)
+            versions.set_serving(conn, chosen)
+        return real_delta(*args, **kwargs)
 
-    monkeypatch.setattr(versions, "save_incremental", rollback_then_save)
+    monkeypatch.setattr(versions, "make_delta", rollback_then_delta)
     with engine.connect() as conn:
         n_before = conn.scalar(select(func.count()).select_from(ModelVersion))
-    with pytest.raises(CfbError, match="changed from 2 to 1"):
+    with pytest.raises(CfbError, match="changed from 2 to 1" if to == "earlier" else
+                       r"version 2 was chosen as the serving one during the retrain \(`cfb rollback 2`\)"):
         retrain_incremental(engine)
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(ModelVersion)) == n_before
-        assert versions.serving_version(conn) == 2  # the failed transaction rolled the rollback back too
+        assert versions.serving_version(conn) == chosen  # the rollback stays
 
 
 def test_a_retrain_whose_lock_was_taken_over_saves_nothing(trained, monkeypatch):
