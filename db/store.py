@@ -125,6 +125,12 @@ def _upsert(conn: Connection, table, rows: list[dict], keys: list[str], update_c
             progress(len(rows[start:start + CHUNK]))
 
 
+def one_of(column, values: list):  # noqa: ANN001, ANN201
+    """``column IN values``, written ``column = value`` for one value: a request about one user is the
+    common case, and an IN list is rendered again at every execution."""
+    return column == values[0] if len(values) == 1 else column.in_(values)
+
+
 def get_setting(conn: Connection, key: str) -> str | None:
     return conn.scalar(select(Setting.value).where(Setting.key == key))
 
@@ -766,7 +772,7 @@ def items_rated_by(conn: Connection, user_ids, among: np.ndarray) -> np.ndarray:
         return among[:0]
     found: set[int] = set()
     for start in range(0, len(ids), 900):
-        found.update(conn.scalars(select(Rating.item_id).distinct().where(Rating.user_id.in_(ids[start:start + 900]))))
+        found.update(conn.scalars(select(Rating.item_id).distinct().where(one_of(Rating.user_id, ids[start:start + 900]))))
     return among[np.isin(among, np.fromiter(found, np.int64, len(found)))]
 
 
@@ -780,7 +786,7 @@ def users_ratings_replaced(conn: Connection, user_ids) -> dict[int, tuple[np.nda
     ids = sorted({int(u) for u in user_ids})
     rows: list = []
     for start in range(0, len(ids), 900):
-        rows += conn.execute(select(*cols).where(Rating.user_id.in_(ids[start:start + 900]))
+        rows += conn.execute(select(*cols).where(one_of(Rating.user_id, ids[start:start + 900]))
                              .order_by(Rating.user_id, Rating.seq)).all()
     users = np.array([r[0] for r in rows], np.int64)
     items = np.array([r[1] for r in rows], np.int64)
@@ -842,7 +848,7 @@ def users_attributes_of(conn: Connection, user_ids) -> dict[int, dict]:  # noqa:
     ids = sorted({int(u) for u in user_ids})
     found: dict[int, dict] = {}
     for start in range(0, len(ids), 900):
-        found.update(conn.execute(select(User.id, User.attributes).where(User.id.in_(ids[start:start + 900]))).all())
+        found.update(conn.execute(select(User.id, User.attributes).where(one_of(User.id, ids[start:start + 900]))).all())
     return {u: found.get(u) or {} for u in ids}
 
 

@@ -24,7 +24,7 @@ from ..cf_core.scoring import from_npz, to_npz
 from .array_cache import stored_arrays
 from .engine import process_alive
 from .schema import ModelArrays, ModelVersion, UserFactors
-from .store import CHUNK, get_setting, prune_replaced_ratings, set_setting
+from .store import CHUNK, get_setting, one_of, prune_replaced_ratings, set_setting
 
 MODEL_BLOB = "model.npz"  # a full version's TrainedModel.to_arrays() (and an incremental one's checkpoint)
 # an incremental version also stores its whole model (a checkpoint) where loading it would otherwise
@@ -190,7 +190,7 @@ def trained_rows(conn: Connection, version: int, user_ids=None) -> tuple[np.ndar
     else:  # a query per 900 users (a database's limit on a statement's parameters)
         ids = sorted({int(u) for u in user_ids})
         rows = [row for start in range(0, len(ids), 900) for row in conn.execute(
-            stmt.where(UserFactors.user_id.in_(ids[start:start + 900])).order_by(UserFactors.user_id))]
+            stmt.where(one_of(UserFactors.user_id, ids[start:start + 900])).order_by(UserFactors.user_id))]
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
     factors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1).astype(np.float32)

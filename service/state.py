@@ -73,13 +73,13 @@ def signups_of(conn: Connection, user_ids) -> dict[int, tuple[frozenset, int | N
     cols = [Answer.user_id, Answer.ratings] + ([Answer.asked] if store.has_answers_asked(conn) else [])
     answers: dict[int, tuple] = {}
     for start in range(0, len(ids), 900):
-        for row in conn.execute(select(*cols).where(Answer.user_id.in_(ids[start:start + 900]))):
+        for row in conn.execute(select(*cols).where(store.one_of(Answer.user_id, ids[start:start + 900]))):
             answers[int(row[0])] = (row[1] or {}, row[2] if len(row) > 2 else None)
     keys = sorted({str(k) for given, _ in answers.values() for k in given})
     item_of: dict[str, int] = {}
     for start in range(0, len(keys), 900):
         item_of.update(conn.execute(select(Item.external_id, Item.id)
-                                    .where(Item.external_id.in_(keys[start:start + 900]))).all())
+                                    .where(store.one_of(Item.external_id, keys[start:start + 900]))).all())
     out = {}
     for u in ids:
         given, asked = answers.get(u, ({}, None))
