@@ -121,6 +121,26 @@ def test_later_writes_keep_unchanged_seq_and_the_last_of_a_pair(any_engine):
     assert len(after) == len(before) + 2
 
 
+def test_one_statement_starts_no_thread_and_many_make_the_next_ahead(tmp_path, monkeypatch):
+    """A rating or a sign-up is one INSERT, written at once (starting a thread cost more than it); rows
+    that take several statements have the next one's parameters made in a second thread meanwhile."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    ingest_dataset(engine, Dataset(ratings_frame(60)))
+    started = []
+    real = store.ThreadPoolExecutor
+    monkeypatch.setattr(store, "ThreadPoolExecutor", lambda *a, **k: started.append(1) or real(*a, **k))
+    with writing(engine) as conn:
+        store.write_ratings(conn, [1], [1], [2.0], [5])
+    assert started == []
+    monkeypatch.setattr(store, "max_parameters", lambda conn: 10)  # two rows a statement
+    with writing(engine) as conn:
+        store.write_ratings(conn, [1, 1, 1], [1, 2, 3], [4.0, 4.0, 4.0], [6, 6, 6])
+    with engine.connect() as conn:
+        written = set(conn.execute(select(Rating.item_id, Rating.rating).where(Rating.user_id == 1)).all())
+    assert started == [1] and {(1, 4.0), (2, 4.0), (3, 4.0)} <= written
+    engine.dispose()
+
+
 def test_a_failed_bulk_ingest_leaves_nothing_and_keeps_the_indexes(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "BULK_ROWS", 100)
     engine = make_engine(f"sqlite:///{tmp_path / 'cfb.db'}", bulk=True)
