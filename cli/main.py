@@ -579,7 +579,7 @@ def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
         out["plot"] = str(plot)
     ev = ", ".join(f"PC{k + 1} {v:.1%}" for k, v in enumerate(out["explained_variance"]))
     axes = [f"pc{k + 1}" for k in range(len(out["explained_variance"]))]  # (up to three: fewer items, fewer axes)
-    lines = [f"explained variance (axes fitted on the {out['fitted_on']} most-rated items): {ev}",
+    lines = [f"explained variance (axes fitted on the {out['fitted_on']:,} most-rated items): {ev}",
              "".join(f"{a:>8}" for a in axes) + "  title"]
     lines += ["".join(f"{r[a]:+8.3f}" for a in axes) + f"  {named(r)}"
               for r in out["items"]]

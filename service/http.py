@@ -1103,7 +1103,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         ev = ", ".join(f"PC{k + 1} {v:.0%}" for k, v in enumerate(result["explained_variance"]))
         body = (f"<h1>Explore the model (version {result['version']})</h1>"
                 f"<h2>Item factors of the {len(result['items'])} most-rated items: PCA</h2>"
-                f"<p class='small'>Axes fitted on the {result['fitted_on']} most-rated items; share of their "
+                f"<p class='small'>Axes fitted on the {result['fitted_on']:,} most-rated items; share of their "
                 f"variance: {escape(ev)}. Items close together are liked by the same "
                 f"people. <a href='/inspect/pca?n={n}'>JSON</a></p>"
                 f"<figure id='pca'>{pca_svg(result)}</figure>"
