@@ -498,11 +498,12 @@ def _insert(conn: Connection, table: str, columns: list[str], n: int, params: Ca
             progress(count)
 
     try:
-        if len(slices) == 1:
-            execute(slices[0], params(slices[0]))
+        if len(slices) <= 1:
+            for rows in slices:
+                execute(rows, params(rows))
             return
         with ThreadPoolExecutor(max_workers=1) as ahead:
-            upcoming = ahead.submit(params, slices[0]) if slices else None
+            upcoming = ahead.submit(params, slices[0])
             for k, rows in enumerate(slices):
                 values = upcoming.result()
                 upcoming = ahead.submit(params, slices[k + 1]) if k + 1 < len(slices) else None
