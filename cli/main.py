@@ -446,7 +446,7 @@ def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) 
         out = [recommend_items(conn, u, n, by) for u in users]
     lines = []
     for rec in out:
-        lines.append(f"user {rec['user']} (predicted rating, title):")
+        lines.append(f"user {shown(rec['user'])} (predicted rating, title):")
         lines += [f"  {r['score']:.2f}  {named(r)}" for r in rec["items"]]
     emit(out, as_json, "\n".join(lines))
 
@@ -675,7 +675,7 @@ def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> 
     if not entries:  # (`[]`): refused like a pairs file with no rows
         raise InputError("no entries (an empty list): nobody to onboard", source=str(answers_file))
     out = onboard_users(ctx.engine, entries, skip_invalid=skip_invalid)
-    lines = [u["user"] for u in out["onboarded"]]
+    lines = [shown(u["user"]) for u in out["onboarded"]]
     lines += [f"skipped: {s['error']}" for s in out["skipped"]]
     emit(out, as_json, "\n".join(lines))
     if out["skipped"]:
@@ -696,7 +696,7 @@ def rate(ctx: Ctx, user: str, item: str, rating: float, new_item: bool, as_json:
     from ..service.ratings import rate_item
 
     out = rate_item(ctx.engine, user, item, rating, create_item=new_item)
-    emit(out, as_json, f"user {out['user']} rated {named(out)}: {out['rating']:g}")
+    emit(out, as_json, f"user {shown(out['user'])} rated {named(out)}: {out['rating']:g}")
 
 
 # --- versions -------------------------------------------------------------------------------------------

@@ -559,3 +559,8 @@ def test_text_output_writes_a_titles_control_characters_as_escapes(runner, cli_d
             assert "Two\\nLines\\x1b[31mRED" in res.output, args
             listed += 1
     assert listed >= 4
+    answers = write(tmp_path / "a.json", json.dumps({"user": "esc\x1b[31mX", "ratings": {"a2": 5}}))  # (an id may hold one)
+    for args in (["onboard", "--answers", str(answers)], ["rate", "esc\x1b[31mX", "a3", "4"],
+                 ["recommend", "esc\x1b[31mX", "-n", "3"]):
+        res = run(runner, cli_db, *args)
+        assert res.exit_code == 0 and "\x1b" not in res.output and "esc\\x1b[31mX" in res.output, res.output
