@@ -141,14 +141,25 @@ def set_setting(conn: Connection, key: str, value: str) -> None:
 
 def rating_scale(conn: Connection) -> tuple[float, float] | None:
     """The rating scale fixed by the first ingest (e.g. 1..5), or None for an empty database."""
-    v = get_setting(conn, "rating_scale")
-    return tuple(float(x) for x in v.split(",")) if v else None  # type: ignore[return-value]
+    return _as_scale(get_setting(conn, "rating_scale"))
 
 
 def rating_step(conn: Connection) -> float | None:
     """The step between ratings fixed by the first ingest where its layout has one (MovieLens, goodbooks)."""
     v = get_setting(conn, "rating_step")
     return float(v) if v else None
+
+
+def rating_scale_and_step(conn: Connection) -> tuple[tuple[float, float] | None, float | None]:
+    """``(rating_scale(conn), rating_step(conn))`` read in one query."""
+    values = dict(conn.execute(select(Setting.key, Setting.value)
+                               .where(Setting.key.in_(("rating_scale", "rating_step")))).all())
+    step = values.get("rating_step")
+    return _as_scale(values.get("rating_scale")), float(step) if step else None
+
+
+def _as_scale(value: str | None) -> tuple[float, float] | None:
+    return tuple(float(x) for x in value.split(",")) if value else None  # type: ignore[return-value]
 
 
 SCALE_LIMIT = 1e6  # the widest rating scale taken: training's squared errors are 32-bit floats
@@ -343,7 +354,7 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     ensure_rating_history(conn)
     seq0 = next_seq(conn)
     u, i = _array(users, np.int64), _array(items, np.int64)
-    r = as_stored(_array(ratings, np.float64), rating_scale(conn), rating_step(conn))
+    r = as_stored(_array(ratings, np.float64), *rating_scale_and_step(conn))
     ts, missing = _timestamps(timestamps)
     keep = latest_per_pair(u, i)
     if len(keep) < len(u) and not missing.all():  # a pair given twice: its row with the latest time wins

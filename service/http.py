@@ -503,10 +503,23 @@ class FastRecommendations:
 # --- one signup, without reading the whole catalogue ------------------------------------------------
 class _Lookup:
     """A read-only mapping answered by one query per key (``get``, ``in``), for ``SignupValidator``; a key
-    that ``possible`` refuses (an id no row can have) is missing without a query."""
+    that ``possible`` refuses (an id no row can have) is missing without a query. ``prefetch`` answers
+    many keys in one query where the lookup has a ``batch`` statement (``keys``: a list parameter)."""
 
-    def __init__(self, conn, stmt, many: bool = False, possible: Callable[[str], bool] = store.can_exist):
-        self.conn, self.stmt, self.many, self.possible, self.seen = conn, stmt, many, possible, {}
+    PREFETCH_MAX = 500  # keys a prefetch asks for in one statement (the rest are looked up one by one)
+
+    def __init__(self, conn, stmt, many: bool = False, possible: Callable[[str], bool] = store.can_exist,
+                 batch=None):  # noqa: ANN001
+        self.conn, self.stmt, self.many, self.possible, self.batch, self.seen = conn, stmt, many, possible, batch, {}
+
+    def prefetch(self, keys) -> None:  # noqa: ANN001
+        """Look up ``keys`` (those not seen yet, up to PREFETCH_MAX) in one query (one-to-one lookups)."""
+        wanted = list(dict.fromkeys(k for k in map(str, keys) if k not in self.seen and self.possible(k)))
+        wanted = wanted[:self.PREFETCH_MAX]
+        if self.batch is None or self.many or not wanted:
+            return
+        found = dict(self.conn.execute(self.batch, {"keys": wanted}).all())
+        self.seen.update({k: found.get(k) for k in wanted})
 
     def get(self, key, default=None):
         key = str(key)
@@ -530,16 +543,25 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
     from ..db.schema import Item, User
     from .onboard import SignupValidator, store_signup
 
+    # an item's external id and database id never change (items are never deleted or renumbered): the
+    # entry's items are looked up once, in one query, and the answers reused under the write lock
+    items = _Lookup(None, select(Item.id).where(Item.external_id == bindparam("key")),
+                    batch=select(Item.external_id, Item.id).where(Item.external_id.in_(bindparam("keys", expanding=True))))
+
     def validator_on(conn: Connection, served: Served) -> SignupValidator:
+        items.conn = conn
         return SignupValidator(
-            conn, served, items=_Lookup(conn, select(Item.id).where(Item.external_id == bindparam("key"))),
+            conn, served, items=items,
             titles=_Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
                            possible=lambda title: "\x00" not in title),  # (as ``serving.find_item``)
             all_titles=lambda: store.item_title_list(conn),  # (read on an unknown item only)
             known_users=_Lookup(conn, select(User.id).where(User.external_id == bindparam("key"))))
 
     with engine.connect() as conn:  # bad input is found here, outside the write lock (an unknown item's
-        validator_on(conn, load_served(conn)).validate(where, entry)  # hint reads every title)
+        validator = validator_on(conn, load_served(conn))  # hint reads every title)
+        if isinstance(entry.get("ratings"), dict):
+            items.prefetch(str(key).strip() for key in entry["ratings"])
+        validator.validate(where, entry)
     with writing(engine) as conn:
         served = load_served(conn)
         validator = validator_on(conn, served)
@@ -1015,7 +1037,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     # --- web pages ---------------------------------------------------------------------------------
     def _scale(conn) -> list[float]:
-        return rating_choices(store.rating_scale(conn) or (1.0, 5.0), store.rating_step(conn))
+        scale, step = store.rating_scale_and_step(conn)
+        return rating_choices(scale or (1.0, 5.0), step)
 
     def _rating_select(scale: list[float], name: str, entry: dict, blank: str) -> str:
         """The rating control of an item (``entry``: its "item" and "title"), named after the item."""

@@ -159,8 +159,7 @@ class SignupValidator:
         self.questionnaire = served.model.questionnaire
         self.version = served.version
         self._questionnaire_of = lambda version: questionnaire_of(conn, version)
-        self.scale = store.rating_scale(conn)
-        self.step = store.rating_step(conn)
+        self.scale, self.step = store.rating_scale_and_step(conn)
         self.items, self.titles, self.all_titles, self.known_users = items, titles, all_titles, known_users
         self.batch_users: set[str] = set()
 

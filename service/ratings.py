@@ -29,7 +29,7 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
         with engine.connect() as conn:
             find_item(conn, item)
     with writing(engine) as conn:
-        scale, step = store.rating_scale(conn), store.rating_step(conn)
+        scale, step = store.rating_scale_and_step(conn)
         problem = store.rating_problem(rating, scale, step)
         if problem:
             raise CfbError(problem)

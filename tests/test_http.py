@@ -577,6 +577,36 @@ def test_server_signup_stores_what_onboard_stores(trained):
     assert rows[0] == rows[1]
 
 
+def test_a_servers_signup_looks_its_items_up_in_one_query(trained):
+    """A signup's statements do not grow with its ratings (each item was once a query of its own, twice:
+    checked outside the write lock and again inside), and items named by title still land."""
+    from sqlalchemy import event, text
+
+    from cfb.service.http import signup_one
+
+    engine, _ = trained
+
+    def statements(entry: dict) -> tuple[list[str], str]:
+        seen: list[str] = []
+        listener = lambda conn, cursor, statement, *rest: seen.append(statement)  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            user = signup_one(engine, entry)["onboarded"][0]["user"]
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+        return seen, user
+
+    statements({"ratings": {"a1": 5}})  # (the serving version is loaded and cached)
+    few, _ = statements({"ratings": {"a1": 5, "b21": 1}})
+    many, _ = statements({"ratings": {f"a{i}": 5 for i in range(12)} | {"b21": 1, "b23": 2}})
+    assert len(many) == len(few)
+    _, user = statements({"ratings": {**{f"a{i}": 5 for i in range(12)}, "Beta film 22": 1, "b23": 2}})
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT i.external_id, r.rating FROM ratings r JOIN users u ON u.id = r.user_id "
+                                        "JOIN items i ON i.id = r.item_id WHERE u.external_id = :u"), {"u": user}).all())
+    assert stored == {**{f"a{i}": 5.0 for i in range(12)}, "b22": 1.0, "b23": 2.0}
+
+
 def test_the_servers_answer_cache_never_serves_a_stale_answer(server, trained, db_url, tmp_path):
     from sqlalchemy import select
 
