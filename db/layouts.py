@@ -49,7 +49,7 @@ import pandas as pd
 from ..cf_core.errors import InputError
 from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
                       id_column, not_a_number_said, number_in_text)
-from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, without_trailing_blank_lines
+from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, text_lines, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
 # whose item ids a release's are: 100k numbers its movies its own way; 1M, 10M and the CSV releases
@@ -145,7 +145,15 @@ def _check_items(ratings: pd.DataFrame, items: pd.DataFrame, path: Path, first_l
 
 def _text_lines(path: Path, encoding: str) -> list[str]:
     """The lines of a text file, blank lines at its end left out."""
-    return without_trailing_blank_lines(read_text(path, encoding)).splitlines()
+    return text_lines(without_trailing_blank_lines(read_text(path, encoding)))
+
+
+def _listed(path: Path, rows: list) -> list:  # noqa: ANN001
+    """``rows`` (lines or fields) of a release's item, user or tag file, refused when it lists nothing:
+    an empty ``users.dat`` is a damaged release, not one without demographics."""
+    if not rows or all(not "".join(r).strip() for r in (x[1] if isinstance(x, tuple) else x for x in rows)):
+        raise InputError("empty file", source=str(path), line=1)
+    return rows
 
 
 def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
@@ -183,6 +191,9 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     text_head = _first_line(path)
     header = next(csv.reader([text_head]), [])
     header = [h.strip() for h in header]
+    for k, name in enumerate(header):
+        if name in header[:k]:
+            raise InputError("duplicate column", source=str(path), line=1, field=name)
     wanted = [c for c in (user, item, rating, timestamp) if c]
     missing = [c for c in wanted if c not in header]
     if missing:
@@ -317,16 +328,22 @@ def _first_line(path: Path) -> str:
     except UnicodeDecodeError:
         raise InputError("not valid utf-8 text", source=str(path), line=1) from None
     if not line.strip():
-        raise InputError("empty file" if not head else "empty header", source=str(path), line=1)
+        raise InputError("empty file" if not head else BLANK_HEADER, source=str(path), line=1)
     return line
 
 
-def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[int, list[str]]]]:
+BLANK_HEADER = "blank line where the header should be (the header is the file's first line)"
+
+
+def _csv_rows(path: Path, required: list[str], listing: str | None = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line, fields) of a small CSV, checked for its column count (blank lines at its end
-    left out); a record's line is the one it starts on (a quoted field may hold line breaks)."""
+    left out); a record's line is the one it starts on (a quoted field may hold line breaks). A file
+    ``listing`` something (its items) is refused when it has no row after its header."""
     text = without_trailing_blank_lines(read_text(path).lstrip("\ufeff"))
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
+    if not text_lines(text)[0].strip():
+        raise InputError(BLANK_HEADER, source=str(path), line=1)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # ("ab"cd: an error, not abcd)
     rows = []
     start = 1  # the line the record being read starts on
@@ -345,6 +362,8 @@ def _csv_rows(path: Path, required: list[str]) -> tuple[list[str], list[tuple[in
     except csv.Error as e:
         raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path),
                          line=start) from None
+    if listing and not rows:
+        raise InputError(f"no {listing} after the header", source=str(path), line=2)
     return header, rows
 
 
@@ -443,7 +462,7 @@ def read_ml100k(folder: Path) -> Dataset:
     _require_item_file(item_path)
     recs = []
     seen: dict[str, int] = {}
-    for n, f in _fields(item_path, "|", _guess_encoding(item_path)):
+    for n, f in _listed(item_path, _fields(item_path, "|", _guess_encoding(item_path))):
         if len(f) < 5 + len(ML100K_GENRES):
             raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
                              source=str(item_path), line=n)
@@ -464,11 +483,11 @@ def read_ml100k(folder: Path) -> Dataset:
     user_path = folder / "u.user"
     if user_path.exists():
         recs = []
-        rows = _fields(user_path, "|", _guess_encoding(user_path))
+        rows = _listed(user_path, _fields(user_path, "|", _guess_encoding(user_path)))
         _check_ids(user_path, rows, 0, "id", what="user")
         occupation_path = folder / "u.occupation"  # (the release lists its occupations)
-        occupations = {line.strip() for _, (line, *_) in _fields(occupation_path, "|", _guess_encoding(occupation_path))
-                       if line.strip()} if occupation_path.exists() else None
+        occupations = {line.strip() for _, (line, *_) in _listed(occupation_path, _fields(
+            occupation_path, "|", _guess_encoding(occupation_path))) if line.strip()} if occupation_path.exists() else None
         for n, f in rows:
             if len(f) != 5:
                 raise InputError(f"expected id|age|gender|occupation|zip, found {len(f)} '|'-separated fields",
@@ -491,7 +510,7 @@ def read_ml100k(folder: Path) -> Dataset:
 def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
     recs = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(_text_lines(path, encoding), start=1):
+    for n, line in enumerate(_listed(path, _text_lines(path, encoding)), start=1):
         f = line.split("::")
         if len(f) < 3:
             raise InputError(f"expected MovieID::Title::Genres, found {len(f)} '::'-separated fields",
@@ -546,7 +565,7 @@ def read_ml1m(folder: Path) -> Dataset:
     upath = folder / "users.dat"
     recs = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(_text_lines(upath, _guess_encoding(upath)), start=1):
+    for n, line in enumerate(_listed(upath, _text_lines(upath, _guess_encoding(upath))), start=1):
         f = [x.strip() for x in line.split("::")]
         if len(f) != 5:
             raise InputError(f"expected UserID::Gender::Age::Occupation::Zip-code, found {len(f)} '::'-separated "
@@ -578,7 +597,7 @@ def read_ml10m(folder: Path) -> Dataset:
         return _dat_dataset(ratings, items, None, rpath, WHOLE_STARS, "movielens-1m")
     if tpath.exists():
         rows = []
-        for n, line in enumerate(_text_lines(tpath, _guess_encoding(tpath)), start=1):
+        for n, line in enumerate(_listed(tpath, _text_lines(tpath, _guess_encoding(tpath))), start=1):
             f = line.split("::")
             if len(f) < 4:
                 raise InputError(f"expected UserID::MovieID::Tag::Timestamp, found {len(f)} '::'-separated "
@@ -605,7 +624,7 @@ def read_ml_csv(folder: Path) -> Dataset:
     _check_ratings(ratings, HALF_STARS, rpath, 2)
     mpath = folder / "movies.csv"
     _require_item_file(mpath)
-    header, rows = _csv_rows(mpath, ["movieId", "title", "genres"])
+    header, rows = _csv_rows(mpath, ["movieId", "title", "genres"], listing="items")
     k_id, k_title, k_genres = (header.index(c) for c in ("movieId", "title", "genres"))
     _check_ids(mpath, rows, k_id, "movieId")
     recs = []
@@ -659,7 +678,7 @@ def read_goodbooks(folder: Path) -> Dataset:
 
 def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
     """The books (item, title, attributes) and the column that keys them (v1: id, v2: book_id)."""
-    header, rows = _csv_rows(bpath, ["title"])
+    header, rows = _csv_rows(bpath, ["title"], listing="items")
     if "id" in header:  # v1: id is what ratings' book_id means; its book_id is the Goodreads id
         key, goodreads = "id", "book_id" if "book_id" in header else "goodreads_book_id"
     elif "book_id" in header:

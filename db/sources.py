@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .store import FLOAT32_MAX, STEP_TOLERANCE, rating_problem, scale_slack, shown_id
-from .textfile import read_text, without_trailing_blank_lines
+from .textfile import read_text, text_lines, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -199,7 +199,7 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
-    at, first = next(((n, line) for n, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1)
+    at, first = next(((n, line) for n, line in enumerate(text_lines(text.lstrip("\ufeff")), start=1)
                       if line.strip()), (1, ""))  # (the header: pandas skips blank lines before it)
     header = next(csv.reader([first], skipinitialspace=True), [])
     for k, name in enumerate(header):
@@ -393,7 +393,7 @@ def _fields(path: Path, sep: str, encoding: str = "utf-8") -> list[tuple[int, li
     """(line number, fields) of every line of a delimited file without a header (blank lines at its end
     left out)."""
     text = without_trailing_blank_lines(read_text(path, encoding))
-    return [(n, line.split(sep)) for n, line in enumerate(text.splitlines(), start=1)]
+    return [(n, line.split(sep)) for n, line in enumerate(text_lines(text), start=1)]
 
 
 def read_movielens(folder: Path) -> Dataset:

@@ -32,6 +32,16 @@ BLANK = " \t\r\n"  # what a blank line holds
 TAIL_BLOCK = 1 << 16
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a file's text, broken at "\n", "\r\n" or "\r" (universal newlines, as pandas reads
+    them) and nowhere else: unlike ``str.splitlines``, a title holding a form feed, U+0085 (the byte 0x85
+    of a Windows "…" read as ISO-8859-1) or U+2028 stays one line."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # (the break that ends the last line)
+    return lines
+
+
 def without_trailing_blank_lines(text: str) -> str:
     """``text`` less the blank lines at its end (its last line keeps its line break); ``text`` itself when
     it has none, or holds nothing but blanks (the readers name an empty file)."""

@@ -115,7 +115,7 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
     """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location.
 
     NaN, Infinity and numbers too large for a float are rejected here, naming the entry and field."""
-    from ..db.textfile import read_text
+    from ..db.textfile import read_text, text_lines
 
     text = read_text(Path(path)).lstrip("\ufeff")
     stripped = text.strip()
@@ -127,7 +127,7 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
             entries = doc if isinstance(doc, list) else [doc]
             located = [(f"{path}: entry {k + 1}", e) for k, e in enumerate(entries)]
         except json.JSONDecodeError as whole:
-            lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+            lines = [(n, line) for n, line in enumerate(text_lines(text), start=1) if line.strip()]
             first = lines[0][1].strip()
             if len(lines) < 2 or not (first.startswith("{") and first.endswith("}")):
                 raise InputError(f"invalid JSON ({whole.msg})", source=str(path), line=whole.lineno) from None

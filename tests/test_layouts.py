@@ -427,6 +427,66 @@ def test_titles_and_tags_are_read_as_written(tmp_path, db_url):
     assert items.loc["185", "attributes"]["tags"] == ["oscar winner:", ":odd"]
 
 
+@pytest.mark.parametrize("mark", ["\x85", "\x0c", "\x1e", "\u2028"])
+def test_a_title_holding_a_character_str_splitlines_breaks_at_stays_one_line(tmp_path, mark):
+    """The formats break lines at "\n" alone: a title holding U+0085 (a Windows "…" byte read as
+    ISO-8859-1), a form feed or U+2028 is stored as written, not refused as a line of too few fields."""
+    encoding = "utf-8" if mark == "\u2028" else "latin-1"
+    folder = ml100k(tmp_path / "ml-100k")
+    item = (folder / "u.item").read_text("latin-1").replace("Kolya (1996)|", f"Kolya{mark} again (1996)|")
+    (folder / "u.item").write_bytes(item.encode(encoding))
+    assert dump_of(tmp_path / "db100k", folder)["items"]["242"][0] == f"Kolya{mark} again (1996)"
+    folder = ml1m(tmp_path / "ml-1m")
+    movies = (folder / "movies.dat").read_text("latin-1").replace("James and", f"James{mark} and")
+    (folder / "movies.dat").write_bytes(movies.encode(encoding))
+    assert dump_of(tmp_path / "db1m", folder)["items"]["661"][0] == f"James{mark} and the Giant Peach (1996)"
+
+
+@pytest.mark.parametrize("release, file", [("100k", "u.item"), ("100k", "u.user"), ("1m", "movies.dat"),
+                                           ("1m", "users.dat"), ("10m", "movies.dat"), ("10m", "tags.dat")])
+@pytest.mark.parametrize("text", ["", "\n", " \n\n"])
+def test_an_empty_item_user_or_tag_file_is_named_as_empty(tmp_path, db_url, release, file, text):
+    """An empty users.dat is a damaged release, not one without demographics; an empty movies.dat is
+    named, not blamed on the ratings that name its movies."""
+    make, kind = RELEASES[release]
+    folder = make(tmp_path / release)
+    write(folder / file, text)
+    fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(file)}, line 1: empty file$")
+    assert_nothing_written(db_url)
+
+
+@pytest.mark.parametrize("release, file, header", [
+    ("csv", "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n"),
+    ("csv", "movies.csv", "movieId,title,genres\n1,Toy Story (1995),Comedy\n"),
+    ("goodbooks-v2", "ratings.csv", "user_id,book_id,rating\n1,1,5\n"),
+    ("goodbooks-v2", "books.csv", BOOKS_V2)])
+def test_a_blank_line_before_a_csv_header_is_named(tmp_path, db_url, release, file, header):
+    make, kind = RELEASES[release]
+    folder = make(tmp_path / release)
+    write(folder / file, "\n" + header)
+    fails(run(db_url, "ingest", kind, str(folder)),
+          rf"{re.escape(file)}, line 1: blank line where the header should be \(the header is the file's first line\)$")
+    assert_nothing_written(db_url)
+
+
+@pytest.mark.parametrize("release, file, header", [("csv", "movies.csv", "movieId,title,genres\n"),
+                                                   ("goodbooks-v2", "books.csv", BOOKS_V2.splitlines()[0] + "\n"),
+                                                   ("goodbooks-v1", "books.csv", "id,book_id,title\n")])
+def test_an_item_file_with_a_header_alone_is_named(tmp_path, db_url, release, file, header):
+    make, kind = RELEASES[release]
+    folder = make(tmp_path / release)
+    write(folder / file, header)
+    fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(file)}, line 2: no items after the header$")
+    assert_nothing_written(db_url)
+
+
+def test_a_duplicate_column_in_a_ratings_header_is_named(tmp_path, db_url):
+    folder = ml_csv(tmp_path / "ml-latest-small")
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp,rating\n1,1,4.0,964982703,4.0\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"ratings\.csv, line 1, field 'rating': duplicate column$")
+    assert_nothing_written(db_url)
+
+
 def test_a_release_on_another_scale_than_the_database_is_refused_saying_so(tmp_path, db_url):
     """A release ingested into a database whose scale is another (MovieLens 10M's half stars after 1M's
     whole ones): refused for that reason, naming both scales, before any rating is read against the

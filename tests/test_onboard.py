@@ -119,6 +119,15 @@ def test_batch_formats_and_generated_ids(trained, tmp_path):
     assert len(onboard(engine, read_answers_file(write(tmp_path / "q.json", listed)))["onboarded"]) == 2
 
 
+def test_json_lines_break_at_newlines_alone(trained, tmp_path):
+    """A JSON string may hold U+2028 or U+0085 as they are (JSON escapes neither): a JSON Lines entry
+    holding one stays one entry (str.splitlines broke it in two, refused as invalid JSON)."""
+    engine, _ = trained
+    lines = json.dumps({"user": "odd\u2028id\u0085x"}, ensure_ascii=False) + "\n" + json.dumps({"user": "plain"})
+    entries = read_answers_file(write(tmp_path / "q.jsonl", lines))
+    assert [e["user"] for _, e in entries] == ["odd\u2028id\u0085x", "plain"]
+
+
 @pytest.mark.parametrize("skip_invalid", [False, True])
 def test_a_generated_id_never_takes_one_a_later_entry_names(trained, tmp_path, skip_invalid):
     """An entry without a user id gets new-N; a later entry of the same batch naming new-N keeps it."""
