@@ -657,8 +657,8 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--answers", "answers_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="JSON object, list, or JSON lines: {user?, answers: {...}, ratings: {item: rating}, asked?, "
-                   "version?} (asked: how many of `cfb questionnaire`'s items were shown; version: the model "
+              help="JSON object, list, or JSON lines: {user?, answers?: {...}, ratings?: {item: rating}, asked?, "
+                   "version?} (?: optional; asked: how many of `cfb questionnaire`'s items were shown; version: the model "
                    "version whose questionnaire was shown).")
 @click.option("--skip-invalid", is_flag=True,
               help="Store the valid entries and report the others (exit status 1 when any was skipped).")

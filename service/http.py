@@ -804,12 +804,14 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 chunks.append(chunk)
         except ClientDisconnect:  # (nobody reads the answer; not a server error to log)
             raise ApiError(400, "request body: the client closed the connection before sending all of it") from None
-        from .onboard import _loads, first_unreadable_value
+        from .onboard import _loads, first_unreadable_value, json_problem
 
         try:
             doc = _loads(b"".join(chunks).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(422, f"request body: invalid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
+        except UnicodeDecodeError:
+            raise ApiError(422, "request body: invalid JSON (not UTF-8)") from None
+        except json.JSONDecodeError as e:
+            raise ApiError(422, f"request body: {json_problem(e, line=True)}") from None
         except RecursionError:
             raise ApiError(422, "request body: JSON nested too deeply") from None
         bad = first_unreadable_value(doc)

@@ -37,6 +37,12 @@ def drift(conn, version: int) -> tuple[float, int]:  # noqa: ANN001
     return (newer / total if total else 0.0), root
 
 
+def percent(share: float) -> str:
+    """A share as a percentage with three significant digits: 0.009% over a 0.001% limit reads so, not
+    as 0% over 0%."""
+    return f"{100 * share:.3g}%"
+
+
 def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float | None = None, progress: bool = True,
                  drift_limit: float = DRIFT_LIMIT, seed: int | None = None, full_only: tuple[str, ...] = (),
                  **params) -> dict:
@@ -65,12 +71,12 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float | Non
         if valid_pct is None:
             valid_pct = float((root_row["metrics"] or {}).get("valid_pct") or 0.0)
         out = retrain_full(engine, kind=kind, valid_pct=valid_pct, progress=progress, seed=seed, **params)
-        return {**out, "reason": f"{share:.0%} of ratings are newer than full version {root} "
-                                 f"(limit {drift_limit:.0%}): full retrain"}
+        return {**out, "reason": f"{percent(share)} of ratings are newer than full version {root} "
+                                 f"(limit {percent(drift_limit)}): full retrain"}
     if full_only:
         verb = "applies" if len(full_only) == 1 else "apply"
         raise CfbError(f"{', '.join(full_only)} only {verb} to a full retrain, and this one is incremental "
-                       f"({share:.0%} of ratings newer than full version {root}): add --full (full=True in Python)")
+                       f"({percent(share)} of ratings newer than full version {root}): add --full (full=True in Python)")
     return retrain_incremental(engine)
 
 

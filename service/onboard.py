@@ -111,6 +111,14 @@ def first_unreadable_value(value) -> tuple[str, str] | None:
     return None
 
 
+def json_problem(e: json.JSONDecodeError, line: bool = False) -> str:
+    """``invalid JSON (<what> at column C)`` (``line``: at line L column C), with the position that the
+    decoder's message leaves for its string form ("Unterminated string starting at": at where?)."""
+    at = f"line {e.lineno} column {e.colno}" if line else f"column {e.colno}"
+    msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg
+    return f"invalid JSON ({msg} at {at})"
+
+
 def read_answers_file(path: Path) -> list[tuple[str, dict]]:
     """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location.
 
@@ -130,22 +138,16 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
             lines = [(n, line) for n, line in enumerate(text_lines(text), start=1) if line.strip()]
             first = lines[0][1].strip()
             if len(lines) < 2 or not (first.startswith("{") and first.endswith("}")):
-                raise InputError(f"invalid JSON ({whole.msg})", source=str(path), line=whole.lineno) from None
+                raise InputError(json_problem(whole), source=str(path), line=whole.lineno) from None
             located = []
             for n, line in lines:  # JSON lines
                 try:
                     located.append((f"{path}: line {n}", _loads(line)))
                 except json.JSONDecodeError as e:
-                    raise InputError(f"invalid JSON ({e.msg})", source=str(path), line=n) from None
+                    raise InputError(json_problem(e), source=str(path), line=n) from None
     except RecursionError:
         raise InputError("JSON nested too deeply", source=str(path)) from None
-    for where, e in located:
-        bad = first_unreadable_value(e)
-        if bad is not None:
-            raise InputError(bad[1], source=where, field=bad[0] or None)
-        if not isinstance(e, dict):
-            raise InputError("each entry must be a JSON object", source=where)
-    return located
+    return located  # (each entry is checked by ``SignupValidator.validate``: one that is not an object too)
 
 
 class SignupValidator:
@@ -171,6 +173,11 @@ class SignupValidator:
                    known_users=set(store.id_map(conn, User)))
 
     def validate(self, where: str, entry: dict) -> Signup:
+        bad = first_unreadable_value(entry)
+        if bad is not None:
+            raise InputError(bad[1], source=where, field=bad[0] or None)
+        if not isinstance(entry, dict):
+            raise InputError("each entry must be a JSON object", source=where)
         unknown_keys = set(entry) - {"user", "answers", "ratings", "asked", "version"}
         if unknown_keys:
             raise InputError(f"unknown key(s) {', '.join(sorted(unknown_keys))}", source=where, field=sorted(unknown_keys)[0])

@@ -356,6 +356,7 @@ def test_drift_limit_turns_a_retrain_full(runner, cli_db):
     assert run(runner, cli_db, "rate", "a0", "b30", "1").exit_code == 0
     out = json.loads(run(runner, cli_db, "retrain", "--json", "--drift-limit", "0", "--epochs", "2").stdout)
     assert out["mode"] == "full" and "(limit 0%): full retrain" in out["reason"]
+    assert not out["reason"].startswith("0%")  # (one rating in 1,440: a share over the limit reads so)
 
 
 def test_an_item_the_model_lacks_says_what_adds_it(runner, cli_db, tmp_path):

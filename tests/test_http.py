@@ -193,6 +193,18 @@ def test_invalid_signup_is_422_naming_the_field_and_writes_nothing(server, train
     assert user_count(engine) == n
 
 
+@pytest.mark.parametrize("body, message", [
+    (b'{"user":"', "invalid JSON (Unterminated string starting at line 1 column 9)"),
+    (b'{"user": "a"} x', "invalid JSON (Extra data at line 1 column 15)"),
+    (b'\xff{}', "invalid JSON (not UTF-8)")])
+def test_an_unreadable_body_is_422_saying_where(server, trained, body, message):
+    engine, _ = trained
+    n = user_count(engine)
+    r = server.post("/users", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == f"request body: {message}"
+    assert user_count(engine) == n
+
+
 def test_error_codes(server, trained):
     engine, _ = trained
     n = user_count(engine)

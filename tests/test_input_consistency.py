@@ -310,8 +310,9 @@ def test_skipped_entries_are_reported_once(tmp_path, trained):
     (json.dumps([{"user": "d1"}, {"user": "d2", "ratings": {"a1": 4}}], indent=2).replace('"a1": 4', '"a1": 4, "a1": 5'),
      r"entry 2, field 'ratings\.a1'"),
 ])
-def test_a_key_given_twice_is_refused_naming_entry_and_field(tmp_path, body, where):
-    from cfb.service.onboard import read_answers_file
+def test_a_key_given_twice_is_refused_naming_entry_and_field(trained, tmp_path, body, where):
+    from cfb.service.onboard import onboard, read_answers_file
 
+    engine, _ = trained
     with pytest.raises(InputError, match=rf"q.json: {where}: key '\w+' given twice in one object"):
-        read_answers_file(write(tmp_path / "q.json", body))
+        onboard(engine, read_answers_file(write(tmp_path / "q.json", body)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -218,14 +219,30 @@ def test_skip_invalid_stores_the_valid_entries(trained, tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("{not json", r"q.json, line 1: invalid JSON"),
-    ('{"user": "a"}\n{"user": \n', r"q.json, line 2: invalid JSON"),
-    ("[1, 2]", r"q.json: entry 1: each entry must be a JSON object"),
+    ("{not json", r"q.json, line 1: invalid JSON \(Expecting property name enclosed in double quotes at column 2\)$"),
+    ('{"user": "a"}\n{"user": \n', r"q.json, line 2: invalid JSON \(Expecting value at column 10\)$"),
+    ('{"user": "a', r"q.json, line 1: invalid JSON \(Unterminated string starting at column 10\)$"),
     ("", r"q.json, line 1: empty file"),
 ])
 def test_unreadable_answer_files(tmp_path, body, message):
     with pytest.raises(InputError, match=message):
         read_answers_file(write(tmp_path / "q.json", body))
+
+
+@pytest.mark.parametrize("body, where", [('[{"user": "k1"}, 5]', "entry 2"), ('{"user": "k1"}\n[1]\n', "line 2"),
+                                         ('[{"user": "k1"}, {"user": "bad\\ud800"}]', "entry 2")])
+def test_an_entry_that_is_not_an_object_is_one_skip_invalid_skips(trained, tmp_path, body, where):
+    """An entry that is not a JSON object (or holds text that is not Unicode) is refused as any invalid
+    entry is: the whole file without --skip-invalid, that entry alone with it."""
+    engine, _ = trained
+    path = write(tmp_path / "q.json", body)
+    before = counts(engine)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {where}"):
+        onboard(engine, read_answers_file(path))
+    assert counts(engine) == before
+    out = onboard(engine, read_answers_file(path), skip_invalid=True)
+    assert [u["user"] for u in out["onboarded"]] == ["k1"]
+    assert [s["entry"] for s in out["skipped"]] == [f"{path}: {where}"]
 
 
 def test_a_signup_says_how_many_questionnaire_items_it_showed(trained, tmp_path):
