@@ -555,11 +555,12 @@ class FeatureUserModel:
             keep = (items >= 0) & (items < n_items)
             items, ratings = items[keep], ratings[keep]
             n = len(items)
-            u = u + self.count_[int(count_bucket(n))] + self.how_[budget_code(r.budget, self.config.budgets)]
+            bucket = int(count_bucket(n))
+            u = u + self.count_[bucket] + self.how_[budget_code(r.budget, self.config.budgets)]
             if n:
                 c = self._centred(ratings)
                 bag = self.seen_[items].sum(0) + (self.rated_[items] * c[:, None]).sum(0)
-                scale = 1.0 if self.bag_scale_ is None else float(self.bag_scale_[int(count_bucket(n))])
+                scale = 1.0 if self.bag_scale_ is None else float(self.bag_scale_[bucket])
                 u = u + bag * (scale / math.sqrt(n + self.config.shrink))
             out[k] = u
         return out.astype(np.float32)

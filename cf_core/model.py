@@ -286,8 +286,9 @@ class TrainedModel:
             answers = {int(i): float(r) for i, r in zip(history.items, ratings)}
             v, b = self.bootstrap.initial_factors([attributes], [answers])
             prior_vec, prior_bias, fold = v[0], float(b[0]), known
-        weights = np.r_[np.ones(int(fold.sum())), -np.ones(len(out_items))]
-        vec, bias = self.rating.fold_in(np.r_[inner[fold], out_items], np.r_[ratings[fold], out_values], prior_vec,
+        weights = np.concatenate([np.ones(int(fold.sum())), -np.ones(len(out_items))])
+        vec, bias = self.rating.fold_in(np.concatenate([inner[fold], out_items]),
+                                        np.concatenate([ratings[fold], out_values]), prior_vec,
                                         prior_bias, self.config.user_foldin(self.scale_width), information, weights)
         rank_vec = None
         if self.ranker is not None and ranking:
@@ -397,7 +398,7 @@ class TrainedModel:
             # own: centred on the user's mean over the items the full retrain learned; 0 for the others
             # (an item known from metadata or a few ratings: its ranker row alone)
             learned = pred[:self.n_learned_items]
-            centred = np.r_[learned - learned.mean(), np.zeros(len(pred) - len(learned))]
+            centred = np.concatenate([learned - learned.mean(), np.zeros(len(pred) - len(learned))])
             return s + self._per_star() * (cfg.rating_weight * pred + own * centred)
         return self._per_star() * self.predict(user) + self.config.popularity_weight * np.log1p(self.item_counts)
 

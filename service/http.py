@@ -397,7 +397,7 @@ class _FastReader:
         if rows:
             arr = np.array(rows, dtype=np.float64)  # (NULL -> nan)
             items, ratings, seq = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.float32), arr[:, 2]
-            prev, prev_seq = arr[:, 3], np.nan_to_num(arr[:, 4], nan=-1).astype(np.int64)
+            prev, prev_seq = arr[:, 3], np.where(np.isnan(arr[:, 4]), -1, arr[:, 4]).astype(np.int64)
         else:
             items, ratings, seq = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0)
             prev, prev_seq = np.zeros(0), np.zeros(0, np.int64)
