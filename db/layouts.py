@@ -193,7 +193,8 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     header = [h.strip() for h in header]
     for k, name in enumerate(header):
         if name in header[:k]:
-            raise InputError("duplicate column", source=str(path), line=1, field=name)
+            raise InputError("duplicate column" if name else f"columns {header.index(name) + 1} and {k + 1} have no name",
+                             source=str(path), line=1, field=name or None)
     wanted = [c for c in (user, item, rating, timestamp) if c]
     missing = [c for c in wanted if c not in header]
     if missing:

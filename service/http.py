@@ -544,7 +544,8 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
     from .onboard import SignupValidator, store_signup
 
     # an item's external id and database id never change (items are never deleted or renumbered): the
-    # entry's items are looked up once, in one query, and the answers reused under the write lock
+    # entry's items are looked up once, in one query, and the ids found reused under the write lock (a
+    # miss is asked again there: another writer may have added that id meanwhile)
     items = _Lookup(None, select(Item.id).where(Item.external_id == bindparam("key")),
                     batch=select(Item.external_id, Item.id).where(Item.external_id.in_(bindparam("keys", expanding=True))))
 
@@ -562,6 +563,7 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
         if isinstance(entry.get("ratings"), dict):
             items.prefetch(str(key).strip() for key in entry["ratings"])
         validator.validate(where, entry)
+    items.seen = {key: found for key, found in items.seen.items() if found is not None}
     with writing(engine) as conn:
         served = load_served(conn)
         validator = validator_on(conn, served)

@@ -589,6 +589,35 @@ def test_server_signup_stores_what_onboard_stores(trained):
     assert rows[0] == rows[1]
 
 
+def test_a_signup_asks_again_under_the_lock_for_an_id_it_missed(trained, monkeypatch):
+    """A title misses as an id when the signup is checked; if another writer adds an item with that id
+    before the write lock is taken, the id wins under the lock, as `cfb onboard` would have it (only
+    the ids found are reused from the first check)."""
+    import contextlib
+
+    from sqlalchemy import insert, text
+
+    import cfb.service.http as http
+    from cfb.db.schema import Item
+
+    engine, _ = trained
+    real = http.writing
+
+    @contextlib.contextmanager
+    def another_writer_first(eng):  # noqa: ANN001, ANN202
+        with eng.begin() as conn:
+            conn.execute(insert(Item).values(external_id="Alpha film 0", title=None, attributes={}))
+        with real(eng) as conn:
+            yield conn
+
+    monkeypatch.setattr(http, "writing", another_writer_first)
+    user = http.signup_one(engine, {"ratings": {"Alpha film 0": 5}})["onboarded"][0]["user"]
+    with engine.connect() as conn:
+        rated = conn.execute(text("SELECT i.external_id FROM ratings r JOIN users u ON u.id = r.user_id "
+                                  "JOIN items i ON i.id = r.item_id WHERE u.external_id = :u"), {"u": user}).scalars().all()
+    assert rated == ["Alpha film 0"]  # the item whose id it is, not a0 (titled so)
+
+
 def test_a_servers_signup_looks_its_items_up_in_one_query(trained):
     """A signup's statements do not grow with its ratings (each item was once a query of its own, twice:
     checked outside the write lock and again inside), and items named by title still land."""

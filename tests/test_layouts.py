@@ -484,6 +484,8 @@ def test_a_duplicate_column_in_a_ratings_header_is_named(tmp_path, db_url):
     folder = ml_csv(tmp_path / "ml-latest-small")
     write(folder / "ratings.csv", "userId,movieId,rating,timestamp,rating\n1,1,4.0,964982703,4.0\n")
     fails(run(db_url, "ingest", "movielens", str(folder)), r"ratings\.csv, line 1, field 'rating': duplicate column$")
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp,,\n1,1,4.0,964982703,,\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"ratings\.csv, line 1: columns 5 and 6 have no name$")
     assert_nothing_written(db_url)
 
 
