@@ -48,7 +48,7 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
-                      id_column, not_a_number_said, number_in_text)
+                      check_unique_columns, id_column, not_a_number_said, number_in_text)
 from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, text_lines, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
@@ -151,7 +151,8 @@ def _text_lines(path: Path, encoding: str) -> list[str]:
 def _listed(path: Path, rows: list) -> list:  # noqa: ANN001
     """``rows`` (lines or fields) of a release's item, user or tag file, refused when it lists nothing:
     an empty ``users.dat`` is a damaged release, not one without demographics."""
-    if not rows or all(not "".join(r).strip() for r in (x[1] if isinstance(x, tuple) else x for x in rows)):
+    texts = ("".join(row[1]) if isinstance(row, tuple) else row for row in rows)  # ((line, fields) or a line)
+    if not any(text.strip() for text in texts):
         raise InputError("empty file", source=str(path), line=1)
     return rows
 
@@ -191,10 +192,7 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     text_head = _first_line(path)
     header = next(csv.reader([text_head]), [])
     header = [h.strip() for h in header]
-    for k, name in enumerate(header):
-        if name in header[:k]:
-            raise InputError("duplicate column" if name else f"columns {header.index(name) + 1} and {k + 1} have no name",
-                             source=str(path), line=1, field=name or None)
+    check_unique_columns(header, path, 1)
     wanted = [c for c in (user, item, rating, timestamp) if c]
     missing = [c for c in wanted if c not in header]
     if missing:

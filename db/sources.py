@@ -181,6 +181,15 @@ def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None
         raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path), line=start) from None
 
 
+def check_unique_columns(header: list[str], path: Path, line: int) -> None:
+    """Every column of a CSV header (``line`` of ``path``) named once (pandas would read a second
+    "rating" as "rating.1", and leave a nameless one "Unnamed: 4")."""
+    for k, name in enumerate(header):
+        if name in header[:k]:
+            raise InputError("duplicate column" if name else f"columns {header.index(name) + 1} and {k + 1} have no name",
+                             source=str(path), line=line, field=name or None)
+
+
 def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     """A CSV with a header, all columns as strings; missing columns are named."""
     text = read_text(path)
@@ -201,10 +210,7 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
     at, first = next(((n, line) for n, line in enumerate(text_lines(text.lstrip("\ufeff")), start=1)
                       if line.strip()), (1, ""))  # (the header: pandas skips blank lines before it)
-    header = next(csv.reader([first], skipinitialspace=True), [])
-    for k, name in enumerate(header):
-        if name in header[:k]:  # (pandas would read the second as "name.1")
-            raise InputError("duplicate column", source=str(path), line=at, field=name)
+    check_unique_columns(next(csv.reader([first], skipinitialspace=True), []), path, at)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(df.columns)}",

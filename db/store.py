@@ -146,20 +146,22 @@ def rating_scale(conn: Connection) -> tuple[float, float] | None:
 
 def rating_step(conn: Connection) -> float | None:
     """The step between ratings fixed by the first ingest where its layout has one (MovieLens, goodbooks)."""
-    v = get_setting(conn, "rating_step")
-    return float(v) if v else None
+    return _as_step(get_setting(conn, "rating_step"))
 
 
 def rating_scale_and_step(conn: Connection) -> tuple[tuple[float, float] | None, float | None]:
     """``(rating_scale(conn), rating_step(conn))`` read in one query."""
     values = dict(conn.execute(select(Setting.key, Setting.value)
                                .where(Setting.key.in_(("rating_scale", "rating_step")))).all())
-    step = values.get("rating_step")
-    return _as_scale(values.get("rating_scale")), float(step) if step else None
+    return _as_scale(values.get("rating_scale")), _as_step(values.get("rating_step"))
 
 
 def _as_scale(value: str | None) -> tuple[float, float] | None:
     return tuple(float(x) for x in value.split(",")) if value else None  # type: ignore[return-value]
+
+
+def _as_step(value: str | None) -> float | None:
+    return float(value) if value else None
 
 
 SCALE_LIMIT = 1e6  # the widest rating scale taken: training's squared errors are 32-bit floats

@@ -122,7 +122,9 @@ def json_problem(e: json.JSONDecodeError, line: bool = False) -> str:
 def read_answers_file(path: Path) -> list[tuple[str, dict]]:
     """Entries of an answers file (one JSON object, a JSON list, or JSON lines), each with its location.
 
-    NaN, Infinity and numbers too large for a float are rejected here, naming the entry and field."""
+    Only the file's JSON is checked here; each entry (an object? NaN, Infinity, a number too large for a
+    float, a key given twice?) is checked by ``SignupValidator.validate``, naming the entry and field,
+    so that ``--skip-invalid`` skips that entry alone."""
     from ..db.textfile import read_text, text_lines
 
     text = read_text(Path(path)).lstrip("\ufeff")

@@ -27,6 +27,7 @@ from .conftest import write
     ("", r"ratings.csv, line 1: empty file"),
     ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
     ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 2, field 'rating': duplicate column$"),  # (the header's line)
+    ("user,item,rating,,\n1,2,4,,\n", r"ratings.csv, line 1: columns 4 and 5 have no name$"),
     # rows that do not follow the lines one to one: a blank line (skipped), a quoted line break
     ("user,item,rating\n1,a,3\n\n \n2,a,4\n3,a,x\n", r"ratings.csv, line 6, field 'rating': not a number: 'x'$"),
     ("\nuser,item,rating\n1,a,3\n3,,4\n", r"ratings.csv, line 4, field 'item': empty id$"),
