@@ -151,8 +151,18 @@ class Database:
 
         if url is not None and not isinstance(url, (str, os.PathLike)):
             raise CfbError(f"url must be a database URL or a SQLite file's path, got {type(url).__name__} {url!r:.60}")
-        self.url = resolve_url(None if url is None else os.fspath(url))
-        self.engine = make_engine(self.url)
+        self._url = resolve_url(None if url is None else os.fspath(url))
+        self.engine = make_engine(self._url)
+        self.closed = False
+
+    @property
+    def url(self) -> str:
+        """The database's URL; every method reaches the database through it, so a closed one refuses."""
+        if self.closed:
+            from .cf_core.errors import CfbError
+
+            raise CfbError("this cfb.Database is closed: open it again with cfb.open(url)")
+        return self._url
 
     def __repr__(self) -> str:
         return f"cfb.Database({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -164,7 +174,9 @@ class Database:
         self.close()
 
     def close(self) -> None:
+        """Release the database's connections; the object cannot be used after (``closed``)."""
         self.engine.dispose()
+        self.closed = True
 
     def _existing(self):  # noqa: ANN202
         """The engine, for what reads, trains or serves: a SQLite file that is not there is an error
@@ -341,7 +353,9 @@ class Database:
 
     # --- answers --------------------------------------------------------------------------------------
     def recommend(self, user: str, n: int = 10, by: str = "rank"):
-        """The user's top ``n`` unrated items: a DataFrame with columns item, title, score."""
+        """The user's top ``n`` unrated items: a DataFrame with columns item, title, score (the predicted
+        rating), in the order ``by`` says: the version's ranking score (``"rank"``: what the user would
+        watch and like, so the scores need not fall row by row) or the predicted rating (``"rating"``)."""
         import pandas as pd
 
         from .service.serving import recommend

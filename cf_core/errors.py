@@ -17,16 +17,24 @@ def printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def cut(text: str, keep: int = 40) -> str:
+    """``text`` for a one-line message: over ``keep`` characters, its first half of that and "..."."""
+    return text if len(text) <= keep else text[:keep // 2] + "..."
+
+
 def json_shown(value) -> str:  # noqa: ANN001
     """A value read from JSON, for a message, as JSON writes it where Python's spelling differs (true,
-    null, [1, 2], {"a": 1}; a long one cut short); a text or a number as ``repr`` writes it."""
+    null, [1, 2], {"a": 1}); a text or a number as ``repr`` writes it; a long one cut short."""
     if value is None or isinstance(value, (bool, list, dict)):
         import json
 
         text = json.dumps(value, ensure_ascii=False, default=str)
         return text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, str):
+        return repr(cut(value))
     token = getattr(value, "token", None)  # (a NaN or Infinity token as the file wrote it)
-    return token if isinstance(token, str) else repr(value)
+    text = token if isinstance(token, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class InputError(CfbError):

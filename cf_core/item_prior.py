@@ -13,6 +13,10 @@ fixed, an item is represented by its metadata only, so every training item acts 
 
 * Rating part: ``item_factors = X W``, ``item_bias = X w``, trained on every training rating with the
   rating model's trained user rows: min Σ (r − sigmoid_range(u·f_i + b_u + b_i))² + l2 (|W|² + |w|²).
+  The penalty l2 is chosen by the data: fitted on four fifths of the training items at each value of
+  ``l2_grid``, the value whose rows predict the other fifth's ratings best is refitted on every item, so
+  metadata that says little about a catalogue's ratings is shrunk further (a rule that scales with the
+  data, not a constant tuned to one catalogue).
   For a rating model that is not a dot product (fastai's ``EmbeddingNN``) the same fit runs through its
   MLP: ``sigmoid_range(head([u, X W]))`` with the user embeddings and the MLP fixed, starting from (and
   shrunk toward) the two-stage ridge from metadata to its trained item rows.
@@ -36,6 +40,7 @@ import numpy as np
 
 
 MAX_RATINGS_PER_STEP = 10_000  # the rating part through an MLP: random batches of this many ratings
+MIN_HELD_OUT_ITEMS = 5  # fewer held-out items than this: the rating part's penalty is not chosen (``l2``)
 MAX_LOGITS_PER_STEP = 2_000_000  # ranking part: users per step so that users × items stays below this
 
 
@@ -54,7 +59,11 @@ class ItemPriorConfig:
         trained item; measured for the NN model, docs/coldstart.md).
     l2 / iterations / sample: rating part of a dot-product rating model: L-BFGS (at most ``iterations``
         steps, strong Wolfe line search) on every training rating, or a random ``sample`` of them when
-        there are more.
+        there are more; ``l2`` is the penalty when ``l2_grid`` is empty (and the NN's shrinkage).
+    l2_grid / holdout_share / select_iterations: the rating part's penalty chosen among ``l2_grid``: each
+        fitted (at most ``select_iterations`` L-BFGS steps, from the larger one's rows) with a random
+        ``holdout_share`` of the training items held out, the one with the least squared error on the
+        held-out items' ratings is refitted on all of them (``l2_`` records it).
     steps / lr: rating part through an MLP (Adam, random batches of ``MAX_RATINGS_PER_STEP`` ratings).
     rank_l2 / rank_steps / rank_lr: ranking part (full-batch Adam on the softmax).
     hidden: width of a ReLU layer of the ranking part on the metadata (0 = linear).
@@ -70,6 +79,9 @@ class ItemPriorConfig:
     crosses: bool = False
     mode: str = "joint"
     l2: float = 3e-3
+    l2_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    holdout_share: float = 0.2
+    select_iterations: int = 15
     steps: int = 300
     lr: float = 0.05
     iterations: int = 100
@@ -83,12 +95,17 @@ class ItemPriorConfig:
     ridge_alpha: float = 10.0
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "l2_grid": list(self.l2_grid)}
 
     @classmethod
     def from_json(cls, d: dict) -> "ItemPriorConfig":
         names = {f.name: f for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kept = {k: v for k, v in d.items() if k in names}
+        if "l2_grid" in kept:
+            kept["l2_grid"] = tuple(float(v) for v in kept["l2_grid"])
+        elif "l2" in kept:  # a version from before the grid: its penalty was fixed
+            kept["l2_grid"] = ()
+        return cls(**kept)
 
 
 def _is_num(v) -> bool:  # noqa: ANN001
@@ -235,6 +252,53 @@ def full_history_user_vectors(ranker, data, attributes: list[dict]) -> np.ndarra
     return ranker.history_vectors(data.users, data.items, data.ratings, data.n_users, attributes)
 
 
+class _RatingRowsFit:
+    """The rating part's fit: every item's rows ``X W``, ``X w`` from its metadata against fixed users (a
+    rating's ``[u, b_u, 1]`` row), squared error in rating units + l2 (|W|² + |w|² but the constant's bias),
+    full batch by L-BFGS: a few thousand parameters and a smooth loss (300 full-batch Adam steps reached
+    the same rows to 0.002, in a seventh of the time on MovieLens 100k: docs/coldstart.md)."""
+
+    def __init__(self, mh, one, lo: float, hi: float):  # noqa: ANN001  (mh(M) = X @ M; one: a column of ones)
+        self.mh, self.one, self.lo, self.hi = mh, one, lo, hi
+
+    def predict(self, Uu, its, W, w):  # noqa: ANN001, ANN201
+        import torch
+        import torch.nn.functional as F
+
+        fa = torch.cat([self.mh(W), self.one, self.mh(w[:, None])], 1)
+        return self.lo + (self.hi - self.lo) * torch.sigmoid((Uu * F.embedding(its, fa)).sum(1))
+
+    def rows(self, Uu, its, rs, l2: float, W0, w0, max_iter: int) -> tuple:  # noqa: ANN001
+        """(W, w, the loss there) after at most ``max_iter`` L-BFGS steps from (``W0``, ``w0``)."""
+        import torch
+
+        W = W0.detach().clone().requires_grad_(True)
+        w = w0.detach().clone().requires_grad_(True)
+
+        def loss_of():  # noqa: ANN202
+            return ((self.predict(Uu, its, W, w) - rs) ** 2).mean() + l2 * ((W ** 2).sum() + (w[1:] ** 2).sum())
+
+        opt = torch.optim.LBFGS([W, w], lr=1.0, max_iter=max_iter, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+
+        def closure():  # noqa: ANN202
+            opt.zero_grad()
+            loss = loss_of()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            return W.detach(), w.detach(), float(loss_of())
+
+    def mse(self, Uu, its, rs, W, w) -> float:  # noqa: ANN001
+        """Mean squared error of the rows' predictions of ratings ``rs``."""
+        import torch
+
+        with torch.no_grad():
+            return float(((self.predict(Uu, its, W, w) - rs) ** 2).mean())
+
+
 class ItemPrior:
     """Metadata → a new item's initial rows: ``item_factors``/``item_bias`` (rating model) and
     ``rank_out``/``rank_bias`` (the ranker's output row and bias)."""
@@ -308,6 +372,7 @@ class ItemPrior:
         self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
         users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
         ratings = np.asarray(ratings, np.float32)
+        self.l2_, self.l2_errors_ = None, {}  # (the dot model's joint fit chooses one)
         if cfg.mode == "average":  # the average trained item (column 0 of X is the constant 1)
             self.W_ = np.zeros((X.shape[1], item_factors.shape[1]), np.float32)
             self.w_ = np.zeros(X.shape[1], np.float32)
@@ -367,7 +432,6 @@ class ItemPrior:
 
     def _fit_rating_joint(self, X, users, items, ratings, user_factors, user_bias, device) -> None:  # noqa: ANN001
         import torch
-        import torch.nn.functional as F
 
         cfg = self.config
         torch.manual_seed(self.seed)
@@ -378,41 +442,44 @@ class ItemPrior:
         U, bu = t(user_factors), t(user_bias)
         ut, it, rt = t(users, torch.long), t(items, torch.long), t(ratings)
         lo, hi = self.y_range_
-        p, k = X.shape[1], U.shape[1]
-        W = torch.zeros((p, k), device=dev, requires_grad=True)
-        w = torch.zeros(p, device=dev)
+        W = torch.zeros((X.shape[1], U.shape[1]), device=dev)
+        w = torch.zeros(X.shape[1], device=dev)
         # start the bias at the logit of the global mean minus the mean user bias
         m = float(np.clip((ratings.mean() - lo) / (hi - lo), 1e-3, 1 - 1e-3))
         w[0] = math.log(m / (1 - m)) - float(np.mean(user_bias))
-        w.requires_grad_(True)
         n = len(ratings)
         sel = slice(None) if n <= cfg.sample else torch.randperm(n, generator=gen)[:cfg.sample].sort().values.to(dev)
         # a rating's logit u·f + b_u + b_i as one dot product: [u, b_u, 1] · [f, 1, b_i]; the users are fixed
         Uu = torch.cat([U, bu[:, None], torch.ones((len(U), 1), device=dev)], 1).index_select(0, ut[sel])
         its, rs = it[sel], rt[sel]
-        one = torch.ones((X.shape[0], 1), device=dev)
-        # full batch: a few thousand parameters, a smooth loss (300 full-batch Adam steps reached the same
-        # rows to 0.002, in a seventh of the time on MovieLens 100k: docs/coldstart.md)
-        opt = torch.optim.LBFGS([W, w], lr=1.0, max_iter=cfg.iterations, history_size=20,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+        fit = _RatingRowsFit(mh, torch.ones((X.shape[0], 1), device=dev), lo, hi)
+        self.l2_, self.l2_errors_ = (cfg.l2_grid[0] if len(cfg.l2_grid) == 1 else cfg.l2), {}
+        held = self._held_out_items(X.shape[0], its.cpu().numpy())
+        if held is not None:  # choose the penalty on held-out items: from strong to weak, each from the last rows
+            out = torch.as_tensor(held, device=dev)[its]
+            ins = ~out
+            rows_at = {}
+            for l2 in sorted(cfg.l2_grid, reverse=True):
+                W, w, _ = fit.rows(Uu[ins], its[ins], rs[ins], l2, W, w, cfg.select_iterations)
+                rows_at[l2], self.l2_errors_[l2] = (W, w), fit.mse(Uu[out], its[out], rs[out], W, w)
+            self.l2_ = min(self.l2_errors_, key=self.l2_errors_.get)
+            W, w = rows_at[self.l2_]  # the refit on every item starts from the chosen penalty's rows
+        W, w, loss = fit.rows(Uu, its, rs, self.l2_, W, w, cfg.iterations)
+        self.W_ = W.cpu().numpy().astype(np.float32)
+        self.w_ = w.cpu().numpy().astype(np.float32)
+        self.rating_loss_ = loss
 
-        def loss_of() -> torch.Tensor:
-            fa = torch.cat([mh(W), one, mh(w[:, None])], 1)
-            pred = lo + (hi - lo) * torch.sigmoid((Uu * F.embedding(its, fa)).sum(1))
-            return ((pred - rs) ** 2).mean() + cfg.l2 * ((W ** 2).sum() + (w[1:] ** 2).sum())
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_of()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            loss = loss_of()
-        self.W_ = W.detach().cpu().numpy().astype(np.float32)
-        self.w_ = w.detach().cpu().numpy().astype(np.float32)
-        self.rating_loss_ = float(loss.detach())
+    def _held_out_items(self, n_items: int, rated: np.ndarray) -> np.ndarray | None:
+        """A random ``holdout_share`` of the rated training items, as a mask over the items, to choose the
+        rating part's penalty on; None (the fixed ``l2``) without a grid to choose from, or with fewer than
+        ``MIN_HELD_OUT_ITEMS`` to hold out or none left to fit on."""
+        rated = np.unique(rated)
+        k = int(round(self.config.holdout_share * len(rated)))
+        if len(self.config.l2_grid) < 2 or k < MIN_HELD_OUT_ITEMS or k >= len(rated):
+            return None
+        held = np.zeros(n_items, bool)
+        held[np.random.default_rng(self.seed).permutation(rated)[:k]] = True
+        return held
 
     def _fit_rating_mlp(self, X, users, items, ratings, user_embs, head, W0, device) -> None:  # noqa: ANN001
         """The rating part of a model that is not a dot product (fastai's ``EmbeddingNN``): ``W`` such that
@@ -532,7 +599,8 @@ class ItemPrior:
     # ------------------------------------------------------------------------------- persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
         meta = {"config": self.config.to_json(), "seed": self.seed, "attributes": self.attributes,
-                "encoder": self.encoder_.spec, "y_range": list(self.y_range_), "threshold": self.threshold_}
+                "encoder": self.encoder_.spec, "y_range": list(self.y_range_), "threshold": self.threshold_,
+                "l2_chosen": getattr(self, "l2_", None)}
         out = {"meta_json": np.array(json.dumps(meta)), "W": self.W_, "w": self.w_, "V": self.V_, "v": self.v_}
         for k, h in enumerate(self.hidden_):
             out[f"hidden_{k}"] = h
@@ -547,6 +615,7 @@ class ItemPrior:
         m.encoder_ = MetaEncoder(meta["encoder"])
         m.y_range_ = tuple(float(v) for v in meta["y_range"])
         m.threshold_ = float(meta["threshold"])
+        m.l2_ = meta.get("l2_chosen")
         m.W_, m.w_ = np.asarray(a["W"], np.float32), np.asarray(a["w"], np.float32)
         m.V_, m.v_ = np.asarray(a["V"], np.float32), np.asarray(a["v"], np.float32)
         m.hidden_ = [np.asarray(a[f"hidden_{k}"], np.float32) for k in range(3) if f"hidden_{k}" in a]

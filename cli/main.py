@@ -146,6 +146,13 @@ class Ctx:
             self._engine = make_engine(self.url, must_exist=True)  # (only `cfb ingest` makes a database)
         return self._engine
 
+    def close(self) -> None:
+        """Close the engine's connections when the command ends (a SQLite file's -wal and -shm go with
+        the last one), rather than whenever the engine is garbage collected."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
@@ -202,6 +209,7 @@ def _one_line_usage_errors() -> Iterator[None]:
 def cli(ctx: click.Context, url: str | None) -> None:
     """cfb: cold-start collaborative filtering (fastai embeddings + a signup questionnaire)."""
     ctx.obj = Ctx(url)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # --- ingest -----------------------------------------------------------------------------------
@@ -791,10 +799,12 @@ def _check_something_to_measure(budgets: str, fold_steps: str) -> None:
 
 
 def _for_eval(error: CfbError) -> CfbError:
-    """A download error worded for `cfb eval`: a folder one has is given with --data, not ingested."""
+    """A download or reading error worded for `cfb eval`: a folder one has is given with --data, not
+    ingested, and a release without its item file cannot be measured from its ratings alone."""
     import re
 
-    return CfbError(re.sub(r"(use|ingest it with) `cfb ingest \w+ ([^`]+)`", r"pass `--data \2`", str(error)))
+    text = re.sub(r"(use|ingest it with) `cfb ingest \w+ ([^`]+)`", r"pass `--data \2`", str(error))
+    return CfbError(text.replace(" (for ratings alone: `cfb ingest ratings`)", ""))
 
 
 DEFAULT_EVAL_DATA = "../shared/data/ml-100k"
@@ -854,16 +864,21 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
 
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # (the temporary databases then go, as on Ctrl-C)
     try:
+        try:
+            ds = read(data_dir)
+        except CfbError as e:
+            raise _for_eval(e) from None
         if new_items:
             from ..evaluation import item_coldstart
 
-            out = item_coldstart.run_items_protocol(read(data_dir), seed_list, kind, log=log)
+            out = item_coldstart.run_items_protocol(ds, seed_list, kind, log=log)
             emit(out, as_json, item_coldstart.render(out))
             return
-        out = run_protocol(read(data_dir), seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)
+        out = run_protocol(ds, seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)
     except TrainingDiverged as e:  # (its advice names `cfb retrain`'s options, which eval does not take)
-        raise CfbError(str(e).split("; ")[0] + "; cfb eval trains with `cfb retrain "
-                       "--full`'s defaults for the data's size: try those settings with `cfb retrain --full`") from None
+        raise CfbError(str(e).split("; ")[0] + f"; cfb eval trains with `cfb retrain --full`'s defaults, which "
+                       f"did not fit this data's training split ({len(ds.ratings):,} ratings in all): with more "
+                       "data they may, or `cfb retrain --full` on it can try other settings") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     emit(out, as_json, render(out))

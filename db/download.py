@@ -239,14 +239,21 @@ def _download_unlocked(name: str, base: Path, root: Path, timeout: float, progre
     try:
         md5, sha = hashlib.md5(), hashlib.sha256()
         try:
-            with open(part, "wb") as out:
-                got, total = _fetch(url, out, timeout, progress, (md5, sha))
+            out = open(part, "wb")
+        except OSError as e:
+            raise _cannot(f"write the download of {name}", base, e.strerror or e) from None
+        try:
+            with out:
+                try:
+                    got, total = _fetch(url, out, timeout, progress, (md5, sha))
+                # the network's: urllib wraps only what fails before the answer; a timeout or a reset while
+                # reading it is a bare OSError (writing the file fails as a _WriteError)
+                except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                    raise CfbError(f"could not download {name} from {url} ({_one_line(getattr(e, 'reason', e))}); "
+                                   f"if you have the files, use `cfb ingest {INGEST[name]} PATH`") from None
         except _WriteError as e:
             raise _cannot(f"write the download of {name}", base, e) from None
-        except (urllib.error.URLError, http.client.HTTPException) as e:
-            raise CfbError(f"could not download {name} from {url} ({_one_line(getattr(e, 'reason', e))}); if "
-                           f"you have the files, use `cfb ingest {INGEST[name]} PATH`") from None
-        except OSError as e:  # (the .part file could not be made; a socket's errors are URLErrors above)
+        except OSError as e:  # (closing the file: its last bytes could not be written)
             raise _cannot(f"write the download of {name}", base, e.strerror or e) from None
         if total is not None and got != total:
             raise CfbError(f"download of {name} from {url} stopped after {got} of {total} bytes; try again")

@@ -66,8 +66,8 @@ def database_error(e: BaseException) -> CfbError | None:
     msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
     if "connection failed" in msg:  # (PostgreSQL: e.g. the database itself does not exist)
         msg = msg.split("FATAL:")[-1].strip()
-    elif is_missing_table(e):
-        msg = EMPTY_DATABASE
+    elif is_missing_table(e):  # (a state, not a failure: said as every command says it)
+        return CfbError(EMPTY_DATABASE)
     elif is_busy(e):
         return CfbError(BUSY)
     return CfbError(f"database error: {msg}")
@@ -321,8 +321,14 @@ def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = F
             dbapi_conn.isolation_level = None
 
         return engine
+    scheme = url.split(":", 1)[0]
+    if scheme == "postgres":  # (the short form some hosts print; SQLAlchemy knows only the long one)
+        raise CfbError(f"invalid database URL: {scheme}:// is written postgresql:// here "
+                       "(or postgresql+psycopg://, the driver `pip install 'cfb[postgres]'` installs)")
     try:
         return create_engine(url, pool_pre_ping=True)
     except ModuleNotFoundError as e:
-        raise CfbError(f"the database driver for {url.split(':', 1)[0]} is not installed ({e.name}); "
-                       "for PostgreSQL: pip install 'cfb[postgres]'") from None
+        advice = ("pip install 'cfb[postgres]' installs psycopg (version 3): use postgresql+psycopg://"
+                  if scheme.startswith("postgresql+") and scheme != "postgresql+psycopg" else
+                  "for PostgreSQL: pip install 'cfb[postgres]'")
+        raise CfbError(f"the database driver for {scheme} is not installed ({e.name}); {advice}") from None

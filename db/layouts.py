@@ -502,7 +502,7 @@ def read_ml100k(folder: Path) -> Dataset:
             recs.append({"user": f[0].strip(), "attributes": {
                 "age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip(), "zip": f[4].strip()}})
         users = pd.DataFrame(recs)
-    return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens",
+    return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-100k",
                    source=str(ratings_path), first_line=1, catalogue=ML100K_CATALOGUE)
 
 
@@ -640,7 +640,7 @@ def read_ml_csv(folder: Path) -> Dataset:
         tags = pd.DataFrame([(f[k_item].strip(), f[k_tag].strip().lower()) for _, f in rows if f[k_tag].strip()],
                             columns=["item", "tag"])
         _add_tags(items, _top_tags(tags, "item", "tag"))
-    return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens",
+    return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens-csv",
                    source=str(rpath), columns={"item": "movieId", "user": "userId"}, catalogue=MOVIELENS_CATALOGUE)
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, Engine, func, inspect, select, text
 
-from ..cf_core.errors import CfbError, InputError
-from .engine import lock_writers, writing
+from ..cf_core.errors import CfbError, InputError, cut
+from .engine import EMPTY_DATABASE, lock_writers, writing
 from .schema import REPLACED_RATING_TRIGGER, Base, Item, Rating, ReplacedRating, Setting, User, utcnow
 
 CHUNK = 20_000
@@ -22,6 +22,15 @@ HISTORY_FROM_KEY = "rating_history_from_seq"  # setting: the first seq whose row
 _HAVE_HISTORY: set[str] = set()  # database URLs whose ratings table was found with prev_rating/prev_seq
 _HAVE_LOG: set[str] = set()  # database URLs found with the replaced-rating log (table and trigger)
 _HAVE_ASKED: set[str] = set()  # database URLs whose answers table was found with ``asked``
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """``create_schema`` for a database cfb has written (one from an earlier cfb gets what it lacks);
+    any other (tables of another program's, or none) is refused, as every reading command refuses it,
+    and nothing is written into it."""
+    if not inspect(engine).has_table(Rating.__tablename__):
+        raise CfbError(EMPTY_DATABASE)
+    create_schema(engine)
 
 
 def create_schema(engine: Engine) -> None:
@@ -267,7 +276,7 @@ def can_exist(external_id: str) -> bool:
 
 def shown_id(external_id: str) -> str:
     """An id for a one-line message: quoted (a NUL or line break escaped), a long one cut short."""
-    return repr(external_id if len(external_id) <= 40 else external_id[:20] + "...")
+    return repr(cut(external_id))
 
 
 def check_id(external_id: str, what: str = "id", *, source: str | None = None, line: int | None = None,
@@ -740,6 +749,8 @@ def user_id_of(conn: Connection, external_id: str) -> int:
     """The database id of a user (the external id as written, surrounding spaces aside, as every reader
     strips them); one that no user can have (``can_exist``) is unknown without a query."""
     key = str(external_id).strip()
+    if not key:  # (as `cfb onboard` and an item say it)
+        raise CfbError("empty user id", field="user")
     uid = conn.scalar(select(User.id).where(User.external_id == key)) if can_exist(key) else None
     if uid is None:
         raise CfbError(f"unknown user {shown_id(str(external_id))}")

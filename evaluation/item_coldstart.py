@@ -290,6 +290,7 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
             "n_cold_ratings": len(sp["cold_ratings"]), "timings": timings, "settings": dict(model.settings),
             "prior": {"attributes": [spec["name"] for spec in model.item_prior.encoder_.spec],  # what it really used
                       **model.item_prior.config.to_json()},
+            "prior_l2": getattr(model.item_prior, "l2_", None),  # the rating part's penalty its held-out items chose
             **res}
 
 
@@ -316,8 +317,9 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
             raise CfbError(f"seed {s}: no user liked a new item (rated it in the top quarter of the scale), so §8 "
                            "has no ranking to score: the data needs more users rating the items")
     notes = [] if per_seed[0]["has_genres"] else [
-        "this data has no genres: genre popularity and user-genre affinity fall back to the random order's "
-        "ranking and the items' damped means"]
+        "this data has no genres: genre popularity and user-genre affinity rank new items as the random order "
+        "does; genre popularity predicts the global mean rating, user-genre affinity that plus the user's "
+        "damped offset from it"]
     return {"dataset": ds.name, "seeds": list(seeds), "kind": kind, "settings": {"kind": kind, **per_seed[0]["settings"]},
             "attributes": per_seed[0]["prior"]["attributes"],
             "prior": per_seed[0]["prior"], "notes": notes, "per_seed": without_per_user(per_seed),
@@ -346,6 +348,8 @@ def render(result: dict) -> str:
              f"item prior: {json.dumps(result['prior'])}",
              "cold items: " + "; ".join(f"seed {r['seed']}: {r['n_cold_items']} (of "
                                         f"{r['n_cold_items'] + r['n_warm_items']}), cold ratings: {r['n_cold_ratings']}"
+                                        + ("" if r.get("prior_l2") is None else
+                                           f", the prior's rating penalty chosen: {r['prior_l2']:g}")
                                         for r in result["per_seed"]), ""]
     lines += [f"== new items (protocol §8), seed {first['seed']} =="] + table(first) + [""]
     lines += ["== new items (protocol §8), mean over seeds =="] + table(result["mean"]) + [""]

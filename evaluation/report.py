@@ -7,8 +7,17 @@ METHOD_NAMES = {"cfb": "cfb", "average_user": "average user", "popularity": "pop
                 "positive_popularity": "positive popularity", "demographic_popularity": "demographic popularity"}
 
 
-def _fmt(v) -> str:  # noqa: ANN001
-    return "   -  " if v is None else f"{v:.4f}"
+CELL = 21  # every column's cell is this wide, so the | separators line up under one another
+METRICS = f"{'RMSE':>6} {'NDCG@10':>7} {'Rec@10':>6}"  # the three figures of a method's cell, as ``_figures``
+
+
+def _row(name: str, cells: list) -> str:
+    return f"{name:<24}" + "".join(f"| {str(c):<{CELL}} " for c in cells)
+
+
+def _figures(r: dict) -> str:
+    return " ".join(f"{'-' if v is None else f'{v:.4f}':>{w}}" for v, w in
+                    ((r["rmse"], 6), (r["ndcg@10"], 7), (r["recall@10"], 6)))
 
 
 def with_se(value: float | None, se: float | None, signed: bool = False) -> str:
@@ -30,40 +39,33 @@ def _uncertainty_rows(block: dict, columns: list, step: bool) -> list[str]:
             ("cfb − positive pop.", lambda c: diff(c, "cfb_vs", "positive_popularity"))]
     if step:
         rows.append(("cfb − previous n", lambda c: diff(c, "cfb_step")))
-    return [f"{name:<24}" + "".join(f"| {cell(c):<25} " for c in columns) for name, cell in rows]
+    return [_row(name, [cell(c) for c in columns]) for name, cell in rows]
+
+
+def _table(block: dict, label: str) -> list[str]:
+    """Rows: methods (RMSE, NDCG@10, Recall@10 in each column ``label``=key), then cfb's NDCG@10 ± SE
+    and its paired differences."""
+    keys = list(block)
+    head = [_row("", [f"{label}={k}" for k in keys]), _row("method", [METRICS] * len(keys))]
+    lines = head + ["-" * len(head[1].rstrip())]
+    for m, name in METHOD_NAMES.items():
+        if m in block[keys[0]]:
+            lines.append(_row(name, [_figures(block[k][m]) for k in keys]))
+    return lines + _uncertainty_rows(block, keys, step=label == "n")
 
 
 def budget_table(block: dict) -> list[str]:
-    """Rows: methods, then cfb's NDCG@10 ± SE and its paired difference from positive popularity;
-    columns: RMSE / NDCG@10 / Recall@10 per budget Q."""
-    budgets = list(block)
-    head = "method                  " + "".join(f"| Q={q:<2} RMSE  NDCG@10 Rec@10 " for q in budgets)
-    lines = [head, "-" * len(head)]
-    for m, name in METHOD_NAMES.items():
-        cells = "".join(f"| {_fmt(block[q][m]['rmse'])} {_fmt(block[q][m]['ndcg@10'])}  {_fmt(block[q][m]['recall@10'])} "
-                        for q in budgets)
-        lines.append(f"{name:<24}{cells}")
-    lines += _uncertainty_rows(block, budgets, step=False)
-    lines.append("answers per user        " + "".join(f"| {block[q]['answers_per_user']:<23}" for q in budgets))
-    return lines
+    """Rows: methods, then cfb's NDCG@10 ± SE and its paired difference from positive popularity, and
+    the answers per user; columns: RMSE / NDCG@10 / Recall@10 per budget Q."""
+    return _table(block, "Q") + [_row("answers per user", [block[q]["answers_per_user"] for q in block])]
 
 
 def fold_table(block: dict) -> list[str]:
     """Rows: methods, then cfb's NDCG@10 ± SE and its paired differences from positive popularity and
-    from the previous n; columns: RMSE / NDCG@10 / Recall@10 per number n of revealed ratings."""
-    steps = list(block)
-    head = "method                  " + "".join(f"| n={n:<2} RMSE  NDCG@10 Rec@10 " for n in steps)
-    lines = [head, "-" * len(head)]
-    for m in ("cfb", "average_user", "popularity", "positive_popularity", "demographic_popularity"):
-        if m not in block[steps[0]]:
-            continue
-        cells = "".join(f"| {_fmt(block[n][m]['rmse'])} {_fmt(block[n][m]['ndcg@10'])}  {_fmt(block[n][m]['recall@10'])} "
-                        for n in steps)
-        lines.append(f"{METHOD_NAMES[m]:<24}{cells}")
-    lines += _uncertainty_rows(block, steps, step=True)
-    lines.append("incremental retrain (s) " + "".join(
-        f"| {'-' if block[n]['retrain_s'] is None else block[n]['retrain_s']:<23}" for n in steps))
-    return lines
+    from the previous n, and the incremental retrain's time; columns: RMSE / NDCG@10 / Recall@10 per
+    number n of revealed ratings."""
+    return _table(block, "n") + [_row("incremental retrain (s)",
+                                      ["-" if block[n]["retrain_s"] is None else block[n]["retrain_s"] for n in block])]
 
 
 def render(result: dict) -> str:

@@ -39,12 +39,13 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
-from ..cf_core.errors import CfbError, InputError, json_shown
+from ..cf_core.errors import CfbError, InputError, cut, json_shown
 from ..cf_core.model import UserHistory
 from ..db import store, versions
 from ..db.engine import (BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file,
@@ -53,6 +54,16 @@ from . import serving
 from .state import Served, changed_again, learned_values, load_served
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
+
+
+class IdConvertor(PathConvertor):
+    """A user or item id in a path: any text, slashes and line breaks included (Starlette's ``path``
+    matches no line break, so such an id got a bare "Not Found" instead of "unknown user ...")."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("id", IdConvertor())
 MAX_N = 100
 MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
 WEB = Path(__file__).parent / "web"
@@ -92,8 +103,8 @@ def _error_status(e: CfbError) -> int:
         return 404
     if msg.startswith("no trained model yet") or msg == EMPTY_DATABASE:
         return 503
-    if "is not in the serving model yet" in msg:
-        return 409
+    if "is not in the serving model yet" in msg or msg.startswith("biases are learned by the dot model only"):
+        return 409  # (a valid request the serving version cannot answer)
     return 422
 
 
@@ -906,7 +917,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
          "schema": {"type": "string", "enum": ["rank", "rating"], "default": "rank"},
          "description": "rank: what the user would watch and like; rating: predicted rating alone"}]
 
-    @api_get("/users/{user:path}/recommendations", tags=["api"],
+    @api_get("/users/{user:id}/recommendations", tags=["api"],
              summary="Top n items for a user (`cfb recommend --json`)",
              responses={200: {"description": '{"user": id, "items": [{"item", "title", "score"}]}'},
                         404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
@@ -926,7 +937,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                                     "rating": {"type": "number"}},
                      "example": {"item": "50", "rating": 5}}
 
-    @app.post("/users/{user:path}/ratings", status_code=201, tags=["api"], summary="Store a rating (`cfb rate --json`)",
+    @app.post("/users/{user:id}/ratings", status_code=201, tags=["api"], summary="Store a rating (`cfb rate --json`)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": rating_schema}}}},
               responses={201: {"description": '{"user", "item", "title", "rating"}'},
@@ -934,7 +945,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     async def rate(user: str, request: Request):
         check_token(request)
         body = await read_json(request)
-        extra = sorted(set(body) - {"item", "rating"})
+        extra = [cut(k) for k in sorted(set(body) - {"item", "rating"})]
         if extra:
             raise ApiError(422, f"request body, field '{extra[0]}': unknown key(s) {', '.join(extra)}", extra[0])
         for key in ("item", "rating"):
@@ -961,7 +972,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
         return json_response(await run_in_threadpool(run), 201)
 
-    @api_get("/items/{item:path}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
+    @api_get("/items/{item:id}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
              responses={200: {"description": '{"item": id, "title", "items": [{"item", "title", "score"}]}'},
                         404: {"description": "unknown item"},
                         409: {"description": "the item is not in the serving model yet (a retrain brings it)"}})
@@ -980,7 +991,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response(versions.list_versions(conn))
 
     @api_get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)",
-             responses={200: {"description": '{"lowest": [{"item", "title", "score"}], "highest": [...]}'}})
+             responses={200: {"description": '{"lowest": [{"item", "title", "score"}], "highest": [...]}'},
+                        409: {"description": "the serving version is an nn model: it learns no item biases"}})
     async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N),
                              min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
         with engine.connect() as conn:
@@ -1007,7 +1019,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             for name in ("HTTPValidationError", "ValidationError"):
                 spec["components"]["schemas"].pop(name, None)
             spec["components"]["schemas"]["Error"] = ERROR_SCHEMA
+            if token is not None:  # the writes need the token: /docs then has an "Authorize" button for it
+                spec["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
             for method, operation in ((m, op) for ops in spec["paths"].values() for m, op in ops.items()):
+                if token is not None and method == "post":
+                    operation["security"] = [{"bearerAuth": []}]
                 responses = operation.setdefault("responses", {})
                 for status, description in (COMMON_ERRORS["post"] if method == "post" else {}).items():
                     responses.setdefault(status, {"description": description})
@@ -1084,7 +1100,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"<p class='small'>Model version {q['version']}.</p>")
         return _page("cfb: sign up", body, token is not None)
 
-    @page("/user/{user:path}")
+    @page("/user/{user:id}")
     def user_page(user: str, n: int = Query(10, ge=1, le=MAX_N)):
         with engine.connect() as conn:
             rec = serving.recommend(conn, user, n)
@@ -1102,7 +1118,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
                 f"{_rating_select(scale, 'rate', it, 'rate…')}</li>")
 
-    @page("/item/{item:path}")
+    @page("/item/{item:id}")
     def item_page(item: str, n: int = Query(10, ge=1, le=MAX_N)):
         with engine.connect() as conn:
             out = serving.similar(conn, item, n)

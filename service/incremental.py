@@ -51,7 +51,7 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float | Non
     (before writing anything) rather than ignore them. ``seed`` and ``valid_pct`` None: 42 and 0.2 for a
     first model, and a full retrain forced by drift keeps those of the version it replaces (a version
     trained without the §7 measurement is replaced without it: at size it is a second training)."""
-    store.create_schema(engine)
+    store.upgrade_schema(engine)
     with engine.connect() as conn:
         serving = versions.serving_version(conn)
         if serving is not None:
@@ -101,7 +101,7 @@ def retrain_incremental(engine: Engine) -> dict:
     with metadata and no rating join from their metadata; the statistics of every touched item are
     the version's plus what the new ratings changed (``store.totals_since``)."""
     t_start = time.perf_counter()
-    store.create_schema(engine)  # (a database from before the replaced-value columns gets them)
+    store.upgrade_schema(engine)  # (a database from before the replaced-value columns gets them)
     lock = versions.acquire_retrain_lock(engine)
     try:
         with engine.connect() as conn:

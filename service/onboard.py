@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
-from ..cf_core.errors import CfbError, InputError, check_whole, json_shown
+from ..cf_core.errors import CfbError, InputError, check_whole, cut, json_shown
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
@@ -182,7 +182,8 @@ class SignupValidator:
             raise InputError("each entry must be a JSON object", source=where)
         unknown_keys = set(entry) - {"user", "answers", "ratings", "asked", "version"}
         if unknown_keys:
-            raise InputError(f"unknown key(s) {', '.join(sorted(unknown_keys))}", source=where, field=sorted(unknown_keys)[0])
+            names = [cut(k) for k in sorted(unknown_keys)]
+            raise InputError(f"unknown key(s) {', '.join(names)}", source=where, field=names[0])
         user = entry.get("user")
         if user is not None:
             if isinstance(user, (dict, list, bool, float)):
@@ -204,7 +205,7 @@ class SignupValidator:
             if q is None:
                 names = ", ".join(x.name for x in self.questionnaire.questions)
                 asked = f"questions: {names}" if names else "this model asks no attribute questions: its users have none"
-                raise InputError(f"unknown attribute ({asked})", source=where, field=f"answers.{name}")
+                raise InputError(f"unknown attribute ({asked})", source=where, field=f"answers.{cut(name)}")
             if value is not None and not (isinstance(value, str) and not value.strip()):  # (blank: not said)
                 attributes[name] = q.conform(value, where)
         raw = {} if entry.get("ratings") is None else entry["ratings"]
@@ -213,7 +214,7 @@ class SignupValidator:
         ratings: dict[int, float] = {}
         named: dict[int, str] = {}  # item -> the key that named it
         for key, value in raw.items():
-            field = f"ratings.{key}"
+            field = f"ratings.{cut(key)}"
             name = str(key).strip()  # (surrounding spaces aside, as the readers and `cfb rate` strip them)
             if not name:
                 raise InputError("empty item id", source=where, field=field)
@@ -232,7 +233,7 @@ class SignupValidator:
             if problem:
                 raise InputError(problem, source=where, field=field)
             if item in named:
-                raise InputError(f"the same item as {named[item]!r} (an item is rated once)", source=where,
+                raise InputError(f"the same item as {cut(named[item])!r} (an item is rated once)", source=where,
                                  field=field)
             named[item] = str(key)
             ratings[item] = float(store.as_stored(float(value), self.scale, self.step))
@@ -247,7 +248,7 @@ class SignupValidator:
             for item, key in named.items():
                 if position.get(item, -1) >= asked:
                     raise InputError(f"questionnaire item {position[item] + 1}, past the {asked} asked",
-                                     source=where, field=f"ratings.{key}")
+                                     source=where, field=f"ratings.{cut(key)}")
             if set(shown.items[:asked]) != set(self.questionnaire.items[:asked]):
                 asked = None  # not the serving questionnaire's first `asked`: its Q is inferred from the answers
         if user is not None:

@@ -135,6 +135,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
                     item_factors=est.item_factors_, item_bias=est.item_bias_,
                     head=getattr(est, "head_", None), device=device)
             report["item_prior_rating_s"] = round(time.perf_counter() - t0, 3)
+            report["item_prior_l2"] = prior.l2_  # the penalty its held-out items chose (None: an NN's fit)
         fitted_ranker = None
         if side_by_side:
             arrays, report["ranker_fit_s"], rank_vecs = pending.get()

@@ -315,6 +315,8 @@ def test_ids_that_cannot_exist_are_refused_or_unknown_on_the_command_line(traine
     check_rejected(url, ["recommend", LONG_ID], "unknown user")
     check_rejected(url, ["similar", LONG_ID], "unknown item")
     check_rejected(url, ["rate", LONG_ID, "a1", "3"], "unknown user")
+    for args in (["rate", " ", "a1", "3"], ["recommend", ""]):  # said as `cfb onboard` and an item say it
+        check_rejected(url, args, "empty user id")
     pairs = fresh(folder, ".csv", "user,item\na0,a1\na0,x\0y\n")
     check_rejected(url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "field 'item'", "unknown item")
     pairs = fresh(folder, ".csv", "user,item\na0,a1\nnobody,a1\n")

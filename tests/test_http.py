@@ -193,6 +193,27 @@ def test_invalid_signup_is_422_naming_the_field_and_writes_nothing(server, train
     assert user_count(engine) == n
 
 
+LONG = "x" * 60_000
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/users", {"answers": {"gender": LONG}}, "answers.gender"),
+    ("/users", {"answers": {"age": "9" * 60_000}}, "answers.age"),
+    ("/users", {"ratings": {"a1": LONG}}, "ratings.a1"),
+    ("/users", {"ratings": {LONG: 4}}, "ratings.xxxxxxxxxxxxxxxxxxxx..."),
+    ("/users", {"user": "b", LONG: 1}, "xxxxxxxxxxxxxxxxxxxx..."),
+    ("/users", {"answers": {LONG: 1}}, "answers.xxxxxxxxxxxxxxxxxxxx..."),
+    ("/users/a0/ratings", {"item": "a1", "rating": LONG}, "rating"),
+    ("/users/a0/ratings", {"item": "a1", "rating": 4, LONG: 1}, "xxxxxxxxxxxxxxxxxxxx..."),
+])
+def test_a_long_value_or_key_is_cut_short_in_the_error(server, trained, path, body, field):
+    """A 60,000-character value or key came back whole in the message, up to three times (a review)."""
+    r = server.post(path, json=body)
+    assert r.status_code == 422, r.text
+    out = r.json()
+    assert out["field"] == field and len(out["error"]) < 300, out["error"][:300]
+
+
 @pytest.mark.parametrize("body, message", [
     (b'{"user":"', "invalid JSON (Unterminated string starting at line 1 column 9)"),
     (b'{"user": "a"} x', "invalid JSON (Extra data at line 1 column 15)"),
@@ -299,9 +320,30 @@ def test_the_openapi_schema_describes_the_error_bodies_the_server_sends(server):
             assert ok and ok["description"] != "Successful Response" and "{" in ok["description"], (method, path)
             assert {"503", *(("401", "403", "413") if method == "post" else ())} <= set(op["responses"]), (method, path)
     assert "409" in spec["paths"]["/items/{item}/similar"]["get"]["responses"]
+    assert "securitySchemes" not in spec["components"]  # (no token: nothing to authorise)
     rec = server.get("/users/a0/recommendations").json()
     assert all(f'"{key}"' in spec["paths"]["/users/{user}/recommendations"]["get"]["responses"]["200"]["description"]
                for key in [*rec, *rec["items"][0]])
+
+
+def test_an_id_with_a_line_break_is_an_unknown_id_on_every_route(server, trained):
+    """Starlette's path parameter matches no line break: such an id got a bare "Not Found" on some routes
+    and "unknown user" on others (a review)."""
+    for method, path, who in (("get", "/users/a%0Ab/recommendations", "user"), ("post", "/users/a%0Ab/ratings", "user"),
+                              ("get", "/items/a%0Ab/similar", "item")):
+        r = server.request(method, path, json={"item": "a1", "rating": 3} if method == "post" else None)
+        assert r.status_code == 404 and r.json() == {"error": f"unknown {who} 'a\\nb'", "field": who}, (path, r.text)
+    for page in ("/user/a%0Ab", "/item/a%0Ab"):
+        r = server.get(page)
+        assert r.status_code == 404 and "unknown" in r.text and "Not Found" not in r.text, (page, r.text[:300])
+
+
+def test_biases_of_an_nn_version_are_a_conflict_not_a_bad_parameter():
+    """An nn version learns no item biases: the request is valid, the serving version cannot answer it (409)."""
+    from cfb.service.http import error_response
+
+    r = error_response(CfbError("biases are learned by the dot model only (this version is 'nn')"))
+    assert r.status_code == 409
 
 
 def test_ids_that_cannot_be_stored_are_422_and_unknown_ones_404(server, trained):
@@ -463,6 +505,11 @@ def test_writes_need_the_token_when_one_is_set(trained, db_url):
         ok = {"Authorization": "Bearer s3cret"}
         assert client.post("/users", json={"user": "t1", "answers": {}}, headers=ok).status_code == 201
         assert client.post("/users/t1/ratings", json={"item": "a1", "rating": 3}, headers=ok).status_code == 201
+        # /docs can send it: the schema says the writes need a bearer token (it had no "Authorize" button)
+        spec = client.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"] == {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        ops = [(m, op) for path_ops in spec["paths"].values() for m, op in path_ops.items()]
+        assert all((op.get("security") == [{"bearerAuth": []}]) == (m == "post") for m, op in ops)
     # a token no client can send as it is (a header is read as Latin-1) is refused at the start
     for bad in ("pässwörd", " s3cret", "s3\ncret"):
         with pytest.raises(CfbError, match=r"^the token must be printable ASCII characters"):

@@ -630,6 +630,9 @@ def test_a_release_without_its_item_file_or_its_ratings_is_refused(tmp_path, db_
     (folder / item_file).unlink()
     fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(item_file)}: file not found: the release lists "
           r"its items there \(for ratings alone: `cfb ingest ratings`\)$")
+    if kind == "movielens":  # `cfb eval cold-start --data` cannot use ratings alone: no `cfb ingest ratings` hint
+        fails(run(db_url, "eval", "cold-start", "--data", str(folder), "--quiet"),
+              rf"{re.escape(item_file)}: file not found: the release lists its items there$")
     folder = make(tmp_path / f"{release}-empty")
     write(folder / ratings_file, header)
     fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(ratings_file)}(, line \d)?: no ratings")
@@ -1007,6 +1010,61 @@ def test_two_downloads_at_once_leave_one_complete_copy(tmp_path, fake_source, mo
     assert sorted(p.name for p in found["first"].iterdir()) == [".cfb-download.json", "movies.csv", "ratings.csv"]
     assert leftovers(cache) == ["movielens-test"]
     assert capfd.readouterr().err.count("waiting for another download of movielens-test to finish") == 1
+
+
+def test_a_stalled_or_reset_download_is_a_network_error(tmp_path, fake_source, monkeypatch):
+    """A server that stops sending (the read times out) or resets the connection mid-answer is a network
+    problem, said as one: it was reported as a full disk (a review found it; urllib wraps only errors
+    before the answer, so these came as bare OSErrors)."""
+    import http.server
+    import threading
+    import time
+
+    from cfb.cf_core.errors import CfbError
+
+    download, _ = fake_source
+    cache = tmp_path / "cache"
+
+    class Stalls(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 50)
+            self.wfile.flush()
+            time.sleep(2)
+
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalls)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/ml-test.zip"
+        monkeypatch.setitem(download.SOURCES, "movielens-test", (url, "ml-test", "ratings.csv"))
+        with pytest.raises(CfbError, match=r"^could not download movielens-test from .* \(timed out\); if you have"):
+            download.download("movielens-test", cache=cache, timeout=0.3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert leftovers(cache) == []
+
+    class Reset(io.BytesIO):
+        headers = {"Content-Length": "1000"}
+
+        def read(self, n=-1):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda *a, **k: Reset())
+    with pytest.raises(CfbError, match=r"^could not download movielens-test .*Connection reset by peer"):
+        download.download("movielens-test", cache=cache)
+    assert leftovers(cache) == []
 
 
 def test_download_problems_are_one_line_errors_that_leave_nothing(tmp_path, fake_source, monkeypatch):

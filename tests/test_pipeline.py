@@ -547,6 +547,11 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
         db.rate(user, "a2", 5)
         assert db.retrain(drift_limit=0.0)["mode"] == "full"
         assert db.models()["parent"].tolist()[:2] == [pd.NA, 1]  # (whole numbers, or missing, at any count)
+    # closed (here by the with block) it refuses, as a closed file does; it went on working before
+    assert db.closed
+    for call in (lambda: db.recommend(user), lambda: db.models(), lambda: db.retrain(full=False)):
+        with pytest.raises(cfb.CfbError, match=r"^this cfb.Database is closed: open it again with cfb.open\(url\)$"):
+            call()
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == users + 1
         assert conn.scalar(select(func.count()).select_from(Item).where(Item.external_id.in_(["None", "nan", "made"]))) == 0
