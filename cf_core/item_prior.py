@@ -103,7 +103,7 @@ class ItemPriorConfig:
         kept = {k: v for k, v in d.items() if k in names}
         if "l2_grid" in kept:
             kept["l2_grid"] = tuple(float(v) for v in kept["l2_grid"])
-        elif "l2" in kept:  # a version from before the grid: its penalty was fixed
+        elif "l2" in kept:  # a version from before the grid, or a setting that names the penalty: fixed
             kept["l2_grid"] = ()
         return cls(**kept)
 
