@@ -17,9 +17,11 @@ def printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def cut(text: str, keep: int = 40) -> str:
-    """``text`` for a one-line message: over ``keep`` characters, its first half of that and "..."."""
-    return text if len(text) <= keep else text[:keep // 2] + "..."
+def cut(text, keep: int = 40, head: int | None = None) -> str:  # noqa: ANN001
+    """``text`` (made a ``str``: a key given from Python may be a number) for a one-line message: over
+    ``keep`` characters, its first ``head`` (half of ``keep`` unless given) and "..."."""
+    text = str(text)
+    return text if len(text) <= keep else text[:keep // 2 if head is None else head] + "..."
 
 
 def json_shown(value) -> str:  # noqa: ANN001
@@ -28,13 +30,11 @@ def json_shown(value) -> str:  # noqa: ANN001
     if value is None or isinstance(value, (bool, list, dict)):
         import json
 
-        text = json.dumps(value, ensure_ascii=False, default=str)
-        return text if len(text) <= 60 else text[:57] + "..."
+        return cut(json.dumps(value, ensure_ascii=False, default=str), 60, 57)
     if isinstance(value, str):
         return repr(cut(value))
     token = getattr(value, "token", None)  # (a NaN or Infinity token as the file wrote it)
-    text = token if isinstance(token, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return cut(token if isinstance(token, str) else repr(value), 60, 57)
 
 
 class InputError(CfbError):

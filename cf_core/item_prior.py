@@ -40,7 +40,7 @@ import numpy as np
 
 
 MAX_RATINGS_PER_STEP = 10_000  # the rating part through an MLP: random batches of this many ratings
-MIN_HELD_OUT_ITEMS = 5  # fewer held-out items than this: the rating part's penalty is not chosen (``l2``)
+MIN_HELD_OUT_ITEMS = 5  # fewer held-out items than this: the rating part takes its grid's strongest penalty
 MAX_LOGITS_PER_STEP = 2_000_000  # ranking part: users per step so that users × items stays below this
 
 
@@ -63,7 +63,8 @@ class ItemPriorConfig:
     l2_grid / holdout_share / select_iterations: the rating part's penalty chosen among ``l2_grid``: each
         fitted (at most ``select_iterations`` L-BFGS steps, from the larger one's rows) with a random
         ``holdout_share`` of the training items held out, the one with the least squared error on the
-        held-out items' ratings is refitted on all of them (``l2_`` records it).
+        held-out items' ratings is refitted on all of them (``l2_`` records it); with fewer than
+        ``MIN_HELD_OUT_ITEMS`` items to hold out, the grid's strongest.
     steps / lr: rating part through an MLP (Adam, random batches of ``MAX_RATINGS_PER_STEP`` ratings).
     rank_l2 / rank_steps / rank_lr: ranking part (full-batch Adam on the softmax).
     hidden: width of a ReLU layer of the ranking part on the metadata (0 = linear).
@@ -453,15 +454,18 @@ class ItemPrior:
         Uu = torch.cat([U, bu[:, None], torch.ones((len(U), 1), device=dev)], 1).index_select(0, ut[sel])
         its, rs = it[sel], rt[sel]
         fit = _RatingRowsFit(mh, torch.ones((X.shape[0], 1), device=dev), lo, hi)
-        self.l2_, self.l2_errors_ = (cfg.l2_grid[0] if len(cfg.l2_grid) == 1 else cfg.l2), {}
+        # no grid: the fixed penalty; a grid but too few items to choose on: its strongest (small catalogues
+        # are where metadata is least to be trusted)
+        self.l2_, self.l2_errors_ = (max(cfg.l2_grid) if cfg.l2_grid else cfg.l2), {}
         held = self._held_out_items(X.shape[0], its.cpu().numpy())
         if held is not None:  # choose the penalty on held-out items: from strong to weak, each from the last rows
             out = torch.as_tensor(held, device=dev)[its]
-            ins = ~out
+            fit_on, score_on = (Uu[~out], its[~out], rs[~out]), (Uu[out], its[out], rs[out])
             rows_at = {}
             for l2 in sorted(cfg.l2_grid, reverse=True):
-                W, w, _ = fit.rows(Uu[ins], its[ins], rs[ins], l2, W, w, cfg.select_iterations)
-                rows_at[l2], self.l2_errors_[l2] = (W, w), fit.mse(Uu[out], its[out], rs[out], W, w)
+                W, w, _ = fit.rows(*fit_on, l2, W, w, cfg.select_iterations)
+                rows_at[l2], self.l2_errors_[l2] = (W, w), fit.mse(*score_on, W, w)
+            del fit_on, score_on
             self.l2_ = min(self.l2_errors_, key=self.l2_errors_.get)
             W, w = rows_at[self.l2_]  # the refit on every item starts from the chosen penalty's rows
         W, w, loss = fit.rows(Uu, its, rs, self.l2_, W, w, cfg.iterations)
@@ -471,7 +475,7 @@ class ItemPrior:
 
     def _held_out_items(self, n_items: int, rated: np.ndarray) -> np.ndarray | None:
         """A random ``holdout_share`` of the rated training items, as a mask over the items, to choose the
-        rating part's penalty on; None (the fixed ``l2``) without a grid to choose from, or with fewer than
+        rating part's penalty on; None without two penalties to choose from, or with fewer than
         ``MIN_HELD_OUT_ITEMS`` to hold out or none left to fit on."""
         rated = np.unique(rated)
         k = int(round(self.config.holdout_share * len(rated)))

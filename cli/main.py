@@ -803,8 +803,10 @@ def _for_eval(error: CfbError) -> CfbError:
     ingested, and a release without its item file cannot be measured from its ratings alone."""
     import re
 
+    from ..db.layouts import RATINGS_ALONE
+
     text = re.sub(r"(use|ingest it with) `cfb ingest \w+ ([^`]+)`", r"pass `--data \2`", str(error))
-    return CfbError(text.replace(" (for ratings alone: `cfb ingest ratings`)", ""))
+    return CfbError(text.replace(RATINGS_ALONE, ""))
 
 
 DEFAULT_EVAL_DATA = "../shared/data/ml-100k"

@@ -322,13 +322,12 @@ def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = F
 
         return engine
     scheme = url.split(":", 1)[0]
-    if scheme == "postgres":  # (the short form some hosts print; SQLAlchemy knows only the long one)
-        raise CfbError(f"invalid database URL: {scheme}:// is written postgresql:// here "
-                       "(or postgresql+psycopg://, the driver `pip install 'cfb[postgres]'` installs)")
+    if scheme.lower().split("+")[0] == "postgres":  # (the short form some hosts print; SQLAlchemy has the long one)
+        raise CfbError(f"invalid database URL: {scheme}:// is written postgresql+psycopg:// here (psycopg 3, the "
+                       "driver `pip install 'cfb[postgres]'` installs)")
     try:
         return create_engine(url, pool_pre_ping=True)
-    except ModuleNotFoundError as e:
-        advice = ("pip install 'cfb[postgres]' installs psycopg (version 3): use postgresql+psycopg://"
-                  if scheme.startswith("postgresql+") and scheme != "postgresql+psycopg" else
-                  "for PostgreSQL: pip install 'cfb[postgres]'")
+    except ModuleNotFoundError as e:  # (psycopg2: what postgresql:// means to SQLAlchemy before 2.1)
+        advice = ("use postgresql+psycopg:// (psycopg 3, what pip install 'cfb[postgres]' installs)"
+                  if e.name == "psycopg2" else "for PostgreSQL: pip install 'cfb[postgres]'")
         raise CfbError(f"the database driver for {scheme} is not installed ({e.name}); {advice}") from None

@@ -130,11 +130,13 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float], path: Path
         check_times(ratings["timestamp"].to_numpy(), str(path), first_line, timestamp)
 
 
+RATINGS_ALONE = " (for ratings alone: `cfb ingest ratings`)"  # (`cfb eval` leaves it out: it measures releases)
+
+
 def _require_item_file(path: Path) -> None:
     """The release's item file is there: it names the items (the questionnaire asks by title)."""
     if not path.exists():
-        raise InputError("file not found: the release lists its items there (for ratings alone: `cfb ingest "
-                         "ratings`)", source=str(path))
+        raise InputError(f"file not found: the release lists its items there{RATINGS_ALONE}", source=str(path))
 
 
 def _check_items(ratings: pd.DataFrame, items: pd.DataFrame, path: Path, first_line: int, field: str,

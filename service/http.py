@@ -103,7 +103,7 @@ def _error_status(e: CfbError) -> int:
         return 404
     if msg.startswith("no trained model yet") or msg == EMPTY_DATABASE:
         return 503
-    if "is not in the serving model yet" in msg or msg.startswith("biases are learned by the dot model only"):
+    if "is not in the serving model yet" in msg or msg.startswith(serving.NO_BIASES):
         return 409  # (a valid request the serving version cannot answer)
     return 422
 

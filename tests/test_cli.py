@@ -174,8 +174,9 @@ def test_a_missing_database_file_is_an_error_and_is_not_made(runner, tmp_path, a
     ("postgresql+psycopg://nobody:x@127.0.0.1:9/none", "database"),  # refused, or no driver installed
     ("mysql+nosuchdriver://x/y", "invalid database URL"),
     # the short form some hosts print, and a driver cfb's extra does not install: said how to write them
-    ("postgres://u:p@localhost/db", "invalid database URL: postgres:// is written postgresql:// here"),
-    ("postgresql+psycopg2://u:p@localhost/db", "installs psycopg (version 3): use postgresql+psycopg://"),
+    ("postgres://u:p@localhost/db", "invalid database URL: postgres:// is written postgresql+psycopg:// here"),
+    ("POSTGRES+psycopg://u:p@localhost/db", "is written postgresql+psycopg:// here"),
+    ("postgresql+psycopg2://u:p@localhost/db", "(psycopg2); use postgresql+psycopg:// (psycopg 3, what pip"),
 ])
 def test_bad_database_url_is_one_line(runner, url, message):
     import cfb

@@ -338,12 +338,19 @@ def test_an_id_with_a_line_break_is_an_unknown_id_on_every_route(server, trained
         assert r.status_code == 404 and "unknown" in r.text and "Not Found" not in r.text, (page, r.text[:300])
 
 
-def test_biases_of_an_nn_version_are_a_conflict_not_a_bad_parameter():
+def test_biases_of_an_nn_version_are_a_conflict_not_a_bad_parameter(trained, monkeypatch):
     """An nn version learns no item biases: the request is valid, the serving version cannot answer it (409)."""
+    from types import SimpleNamespace
+
+    from cfb.service import serving
     from cfb.service.http import error_response
 
-    r = error_response(CfbError("biases are learned by the dot model only (this version is 'nn')"))
-    assert r.status_code == 409
+    engine, _ = trained
+    monkeypatch.setattr(serving, "load_served", lambda conn: SimpleNamespace(model=SimpleNamespace(kind="nn")))
+    with engine.connect() as conn, pytest.raises(CfbError) as e:
+        serving.biases(conn)
+    assert str(e.value) == "biases are learned by the dot model only (this version is 'nn')"
+    assert error_response(e.value).status_code == 409
 
 
 def test_ids_that_cannot_be_stored_are_422_and_unknown_ones_404(server, trained):

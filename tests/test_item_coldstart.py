@@ -84,13 +84,28 @@ def test_rating_penalty_is_chosen_on_held_out_items():
             new = ~train
             logit = (uf[users[new]] * rows["item_factors"][items[new]]).sum(1) + rows["item_bias"][items[new]]
             rmse[grid] = float(np.sqrt(np.mean((5.5 / (1 + np.exp(-logit)) - ratings[new]) ** 2)))
-            assert prior.l2_ == (max(grid) if grid else ItemPriorConfig().l2)
+            assert prior.l2_ >= 0.1 if grid else prior.l2_ == ItemPriorConfig().l2
         assert rmse[ItemPriorConfig().l2_grid] < rmse[()] - 0.1
     attrs, users, items, ratings, uf, ub, rv, _ = _planted_items()
     prior = ItemPrior(FAST_PRIOR, attributes=("genres", "year")).fit(
         attrs, users, items, ratings, uf, ub, (0.0, 5.5), (1.0, 5.0), rv)
     assert sorted(prior.l2_errors_) == sorted(FAST_PRIOR.l2_grid) and prior.l2_ <= 1e-2
     assert ItemPrior.from_arrays(prior.to_arrays()).l2_ == prior.l2_  # a version records the penalty it chose
+    # nothing to choose between, or too few items to choose on (20 rated: 4 to hold out): no held-out fit
+    small = np.isin(items, np.arange(20))
+    for grid, l2 in (((0.05,), 0.05), ((0.1, 0.3), 0.3)):
+        prior = ItemPrior(replace(FAST_PRIOR, l2_grid=grid), attributes=("genres", "year")).fit_rating_part(
+            attrs, users[small], items[small], ratings[small], uf, ub, (0.0, 5.5), (1.0, 5.0))
+        assert prior.l2_ == l2 and prior.l2_errors_ == {}  # (the strongest, where metadata is least sure)
+    # a version from before the grid was fitted with its fixed penalty, and says none was chosen
+    old = {**FAST_PRIOR.to_json(), "l2": 0.01}
+    del old["l2_grid"], old["holdout_share"], old["select_iterations"]
+    assert ItemPriorConfig.from_json(old).l2_grid == () and ItemPriorConfig.from_json(old).l2 == 0.01
+    arrays = ItemPrior(FAST_PRIOR, attributes=("genres", "year")).fit(
+        attrs, users, items, ratings, uf, ub, (0.0, 5.5), (1.0, 5.0), rv).to_arrays()
+    meta = json.loads(str(arrays["meta_json"]))
+    del meta["l2_chosen"]
+    assert ItemPrior.from_arrays({**arrays, "meta_json": np.array(json.dumps(meta))}).l2_ is None
 
 
 def test_a_model_without_a_dot_product_gets_its_rows_by_ridge_from_metadata():

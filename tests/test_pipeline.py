@@ -530,6 +530,10 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
                 (lambda: db.similar(1.5), r"^item must be an id .*got float 1.5$"),
                 (lambda: db.predict([(True, "a1")]), r"^pairs: entry 1's user must be an id .*got bool True$"),
                 (lambda: db.onboard({"user": "u\ud800"}), r"^entry 1, field 'user': 'u\\ud800' is not valid Unicode"),
+                # keys given from Python as numbers are named as text (they raised a TypeError)
+                (lambda: db.onboard({"answers": {7: 4}}), r"^entry 1, field 'answers.7': unknown attribute"),
+                (lambda: db.onboard({"ratings": {10**60: 4}}), r"^entry 1, field 'ratings.10000000000000000000\.\.\.': "
+                                                                r"unknown item"),
                 (lambda: db.onboard({"answers": {"gender": "F\ud800"}}), r"^entry 1, field 'answers.gender': "),
                 (lambda: db.ingest_movielens(None), r"^folder must be a path, got NoneType None$"),
                 (lambda: db.ingest_movielens(tmp_path / "nowhere"), r"nowhere: folder not found$"),
