@@ -42,29 +42,29 @@ def _uncertainty_rows(block: dict, columns: list, step: bool) -> list[str]:
     return [_row(name, [cell(c) for c in columns]) for name, cell in rows]
 
 
-def _table(block: dict, label: str) -> list[str]:
+def _table(block: dict, label: str, step: bool) -> list[str]:
     """Rows: methods (RMSE, NDCG@10, Recall@10 in each column ``label``=key), then cfb's NDCG@10 ± SE
-    and its paired differences."""
+    and its paired differences (``step``: from the previous column too)."""
     keys = list(block)
     head = [_row("", [f"{label}={k}" for k in keys]), _row("method", [METRICS] * len(keys))]
     lines = head + ["-" * len(head[1].rstrip())]
     for m, name in METHOD_NAMES.items():
         if m in block[keys[0]]:
             lines.append(_row(name, [_figures(block[k][m]) for k in keys]))
-    return lines + _uncertainty_rows(block, keys, step=label == "n")
+    return lines + _uncertainty_rows(block, keys, step)
 
 
 def budget_table(block: dict) -> list[str]:
     """Rows: methods, then cfb's NDCG@10 ± SE and its paired difference from positive popularity, and
     the answers per user; columns: RMSE / NDCG@10 / Recall@10 per budget Q."""
-    return _table(block, "Q") + [_row("answers per user", [block[q]["answers_per_user"] for q in block])]
+    return _table(block, "Q", step=False) + [_row("answers per user", [block[q]["answers_per_user"] for q in block])]
 
 
 def fold_table(block: dict) -> list[str]:
     """Rows: methods, then cfb's NDCG@10 ± SE and its paired differences from positive popularity and
     from the previous n, and the incremental retrain's time; columns: RMSE / NDCG@10 / Recall@10 per
     number n of revealed ratings."""
-    return _table(block, "n") + [_row("incremental retrain (s)",
+    return _table(block, "n", step=True) + [_row("incremental retrain (s)",
                                       ["-" if block[n]["retrain_s"] is None else block[n]["retrain_s"] for n in block])]
 
 

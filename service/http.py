@@ -54,6 +54,10 @@ from . import serving
 from .state import Served, changed_again, learned_values, load_served
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
+MAX_N = 100
+MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
+WEB = Path(__file__).parent / "web"
+POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
 
 
 class IdConvertor(PathConvertor):
@@ -63,11 +67,7 @@ class IdConvertor(PathConvertor):
     regex = "(?s:.*)"
 
 
-register_url_convertor("id", IdConvertor())
-MAX_N = 100
-MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
-WEB = Path(__file__).parent / "web"
-POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
+register_url_convertor("id", IdConvertor())  # (the routes below name it: ``{user:id}``)
 
 
 class ApiError(Exception):
