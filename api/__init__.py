@@ -12,7 +12,10 @@
     >>> db.pca(n=50, plot="map.png")                 # chapter 8's map of the item factors
 
 Each method calls the same service function as the CLI command of the same name and returns what
-its ``--json`` prints (tables as DataFrames). Errors are ``cfb.CfbError`` with a one-line message.
+its ``--json`` prints (tables as DataFrames). Errors are ``cfb.CfbError`` with a one-line message; its
+kinds: ``cfb.InputError`` (bad input; ``cfb.UserExistsError``, a sign-up under a taken id),
+``cfb.UnknownIdError`` (no such user or item), ``cfb.NotReadyError`` (nothing ingested or trained yet)
+and ``cfb.CannotAnswerError`` (the serving version cannot answer it: an item it does not hold yet).
 
 This module imports nothing heavy: ``import cfb.service.serving`` (which imports this package first)
 stays free of torch and pandas."""
@@ -24,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .database import Database
 
 __version__ = "0.1.0"
-__all__ = ["open", "Database", "CfbError", "InputError", "__version__"]
+ERRORS = ("CfbError", "InputError", "UserExistsError", "UnknownIdError", "NotReadyError", "CannotAnswerError")
+__all__ = ["open", "Database", *ERRORS, "__version__"]
 
 
 def open(url: str | None = None) -> "Database":  # noqa: A001 - cfb.open(url), like sqlite3.connect
@@ -39,7 +43,7 @@ def __getattr__(name: str):
         from .database import Database
 
         return Database
-    if name in ("CfbError", "InputError"):
+    if name in ERRORS:
         from .cf_core import errors
 
         return getattr(errors, name)

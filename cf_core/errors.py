@@ -11,6 +11,19 @@ class CfbError(Exception):
         self.field = field
 
 
+class UnknownIdError(CfbError):
+    """A user or item that nothing stored is (``field``: "user" or "item"); HTTP answers 404."""
+
+
+class NotReadyError(CfbError):
+    """Nothing to answer from yet: a database with no cfb data, or no trained model; HTTP answers 503."""
+
+
+class CannotAnswerError(CfbError):
+    """A valid request that the serving version cannot answer (an item it does not hold yet, the biases
+    of an nn version); HTTP answers 409."""
+
+
 def printable(text: str) -> str:
     """``text`` with each character that would not print (a line break, a NUL) escaped, as ``repr``
     writes it: a name from the input (a JSON key, a column) stays on the message's one line."""
@@ -47,6 +60,10 @@ class InputError(CfbError):
             f"field '{printable(field)}'" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
         self.source, self.line, self.field = source, line, field
+
+
+class UserExistsError(InputError):
+    """A sign-up under a user id that is taken; HTTP answers 409."""
 
 
 def check_whole(value, name: str, lo: int, hi: int | None = None) -> int:  # noqa: ANN001

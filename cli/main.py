@@ -512,8 +512,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
         m = re.match(r"row (\d+): (.*)", str(e))
         if not m or not 1 <= int(m.group(1)) <= len(lines):
             raise
-        field = "user" if m.group(2).startswith("unknown user") else "item"  # (the rest are the item's)
-        raise InputError(m.group(2), source=src, line=lines[int(m.group(1)) - 1], field=field) from None
+        raise InputError(m.group(2), source=src, line=lines[int(m.group(1)) - 1], field=e.field or "item") from None
     if as_json:
         emit([{"user": u, "item": i, "prediction": round(p, 4)} for (u, i), p in zip(pairs, preds)], True)
     else:

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, NotReadyError
 
 BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a connection waits for another's lock
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def database_error(e: BaseException) -> CfbError | None:
     if "connection failed" in msg:  # (PostgreSQL: e.g. the database itself does not exist)
         msg = msg.split("FATAL:")[-1].strip()
     elif is_missing_table(e):  # (a state, not a failure: said as every command says it)
-        return CfbError(EMPTY_DATABASE)
+        return NotReadyError(EMPTY_DATABASE)
     elif is_busy(e):
         return CfbError(BUSY)
     return CfbError(f"database error: {msg}")

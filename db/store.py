@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, Engine, func, inspect, select, text
 
-from ..cf_core.errors import CfbError, InputError
+from ..cf_core.errors import CfbError, InputError, NotReadyError, UnknownIdError
 from .engine import EMPTY_DATABASE, lock_writers, writing
 from .schema import REPLACED_RATING_TRIGGER, Base, Item, Rating, ReplacedRating, Setting, User, utcnow
 
@@ -29,7 +29,7 @@ def upgrade_schema(engine: Engine) -> None:
     any other (tables of another program's, or none) is refused, as every reading command refuses it,
     and nothing is written into it."""
     if not inspect(engine).has_table(Rating.__tablename__):
-        raise CfbError(EMPTY_DATABASE)
+        raise NotReadyError(EMPTY_DATABASE)
     create_schema(engine)
 
 
@@ -753,7 +753,7 @@ def user_id_of(conn: Connection, external_id: str) -> int:
         raise CfbError("empty user id", field="user")
     uid = conn.scalar(select(User.id).where(User.external_id == key)) if can_exist(key) else None
     if uid is None:
-        raise CfbError(f"unknown user {shown_id(str(external_id))}")
+        raise UnknownIdError(f"unknown user {shown_id(str(external_id))}", field="user")
     return uid
 
 

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, NotReadyError
 from ..cf_core.model import TrainedModel
 from ..cf_core.scoring import from_npz, to_npz
 from .array_cache import stored_arrays
@@ -32,6 +32,7 @@ MODEL_BLOB = "model.npz"  # a full version's TrainedModel.to_arrays() (and an in
 # incremental retrains run between full ones
 CHECKPOINT_EVERY = 16
 DELTA_BLOB = "delta.npz"  # an incremental version's changes
+NO_MODEL = "no trained model yet: run `cfb retrain --full` first"
 SERVING_CHOICES = "serving_choices"  # setting: how many times a version was made serving by choice
 
 
@@ -205,7 +206,7 @@ def serving_version(conn: Connection) -> int | None:
 def require_serving(conn: Connection) -> int:
     v = serving_version(conn)
     if v is None:
-        raise CfbError("no trained model yet: run `cfb retrain --full` first")
+        raise NotReadyError(NO_MODEL)
     return v
 
 

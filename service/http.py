@@ -45,7 +45,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
-from ..cf_core.errors import CfbError, InputError, cut, json_shown
+from ..cf_core.errors import (CannotAnswerError, CfbError, InputError, NotReadyError, UnknownIdError, UserExistsError,
+                              cut, json_shown)
 from ..cf_core.model import UserHistory
 from ..db import store, versions
 from ..db.engine import (BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file,
@@ -97,15 +98,11 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (CannotAnswerError, 409))  # any other CfbError: 422
+
+
 def _error_status(e: CfbError) -> int:
-    msg = str(e)
-    if msg.startswith("unknown user") or msg.startswith("unknown item"):
-        return 404
-    if msg.startswith("no trained model yet") or msg == EMPTY_DATABASE:
-        return 503
-    if "is not in the serving model yet" in msg or msg.startswith(serving.NO_BIASES):
-        return 409  # (a valid request the serving version cannot answer)
-    return 422
+    return next((status for kind, status in ERROR_STATUS if isinstance(e, kind)), 422)
 
 
 def error_response(e: ApiError | CfbError) -> Response:
@@ -114,7 +111,7 @@ def error_response(e: ApiError | CfbError) -> Response:
         body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
     else:
         body, status, headers = {"error": str(e)}, _error_status(e), None
-        field = e.field or next((who for who in ("user", "item") if str(e).startswith(f"unknown {who}")), None)
+        field = e.field
     if field:
         body["field"] = field
     return json_response(body, status, headers)
@@ -375,13 +372,13 @@ class _FastReader:
         try:
             row = cur.execute(self.SQL_VERSION).fetchone()
             if not row or not row[0]:
-                raise CfbError("no trained model yet: run `cfb retrain --full` first")
+                raise NotReadyError(versions.NO_MODEL)
             version = int(row[0])
             served, root = self._served(version), self._root(version)
             row = cur.execute(self.SQL_STATE, {"root": root, "ids": "[]", "seq": 1 << 62, "user": user}).fetchone() \
                 if store.can_exist(user) else None  # (as ``store.user_id_of``)
             if row is None:
-                raise CfbError(f"unknown user {store.shown_id(user)}")
+                raise UnknownIdError(f"unknown user {store.shown_id(user)}", field="user")
             uid, attrs, answer = row[1:4]
             bias, factors = cur.execute(self.SQL_FACTORS, (uid, root)).fetchone() or (None, None)
             top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
@@ -504,7 +501,7 @@ class FastRecommendations:
         except Exception as e:
             if not is_missing_table(e):
                 raise
-            await error_response(CfbError(EMPTY_DATABASE))(scope, receive, send)
+            await error_response(NotReadyError(EMPTY_DATABASE))(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
@@ -762,7 +759,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         if is_busy(e):  # a write that waited out the busy timeout behind another writer (a long ingest)
             return answer_error(request, ApiError(503, BUSY, headers={"Retry-After": "10"}))
         if is_missing_table(e):
-            return answer_error(request, CfbError(EMPTY_DATABASE))
+            return answer_error(request, NotReadyError(EMPTY_DATABASE))
         if isinstance(e, OperationalError):  # the database went away (a server stopped, a file unreadable)
             return answer_error(request, ApiError(503, str(database_error(e)), headers={"Retry-After": "10"}))
         raise e
@@ -896,9 +893,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             try:
                 return signup_one(engine, entry)
             except InputError as e:
-                if e.field == "user" and "already exists" in str(e):
-                    raise ApiError(409, str(e), "user") from None
-                raise ApiError(422, str(e), e.field) from None
+                raise ApiError(409 if isinstance(e, UserExistsError) else 422, str(e), e.field) from None
             except IntegrityError:  # a concurrent signup took the id first
                 user = entry.get("user")
                 said = (f"user {user!r} already exists" if user is not None
@@ -962,13 +957,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             try:
                 return rate_item(engine, user, str(item), float(rating))
             except CfbError as e:
-                msg = str(e)
-                if msg.startswith("unknown user"):  # (the path's: answered as every route answers it)
+                if e.field == "user":  # (the path's: answered as every route answers it)
                     raise
-                field = ("item" if msg.startswith("unknown item") or "titled" in msg else
-                         "rating" if msg.startswith("rating ") else None)
-                raise ApiError(_error_status(e), f"request body, field '{field}': {msg}" if field else msg,
-                               field) from None
+                raise ApiError(_error_status(e), f"request body, field '{e.field}': {e}" if e.field else str(e),
+                               e.field) from None
 
         return json_response(await run_in_threadpool(run), 201)
 

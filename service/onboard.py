@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
-from ..cf_core.errors import CfbError, InputError, check_whole, cut, json_shown
+from ..cf_core.errors import CfbError, InputError, UserExistsError, check_whole, cut, json_shown
 from ..db import store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
@@ -195,7 +195,7 @@ class SignupValidator:
             if user in self.batch_users:
                 raise InputError(f"user {user!r} is signed up by an earlier entry", source=where, field="user")
             if user in self.known_users:
-                raise InputError(f"user {user!r} already exists", source=where, field="user")
+                raise UserExistsError(f"user {user!r} already exists", source=where, field="user")
         answers = {} if entry.get("answers") is None else entry["answers"]
         if not isinstance(answers, dict):
             raise InputError("'answers' must be an object", source=where, field="answers")
@@ -317,8 +317,8 @@ def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool 
         for where, entry in entries:
             user = entry.get("user") if isinstance(entry, dict) else None
             if isinstance(user, str) and user.strip() in known:
-                raise InputError(f"user {user.strip()!r} already exists (signed up meanwhile)", source=where,
-                                 field="user") from None
+                raise UserExistsError(f"user {user.strip()!r} already exists (signed up meanwhile)", source=where,
+                                      field="user") from None
         raise
 
 

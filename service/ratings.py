@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy import Engine, insert
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, UnknownIdError
 from ..db import store
 from ..db.engine import writing
 from ..db.textfile import plain_float
@@ -19,12 +19,12 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     try:
         value = plain_float(rating) if isinstance(rating, str) else float(rating)
     except (TypeError, ValueError, OverflowError):
-        raise CfbError(f"rating {rating!r} is not a number") from None
+        raise CfbError(f"rating {rating!r} is not a number", field="rating") from None
     if not math.isfinite(value):
-        raise CfbError(f"rating {rating!r} is not a finite number")
+        raise CfbError(f"rating {rating!r} is not a finite number", field="rating")
     rating = value
     if not str(item).strip():
-        raise CfbError("empty item id")
+        raise CfbError("empty item id", field="item")
     if not create_item:  # an unknown item is refused here, outside the write lock (its hint reads every title)
         with engine.connect() as conn:
             find_item(conn, item)
@@ -32,13 +32,13 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
         scale, step = store.rating_scale_and_step(conn)
         problem = store.rating_problem(rating, scale, step)
         if problem:
-            raise CfbError(problem)
+            raise CfbError(problem, field="rating")
         rating = float(store.as_stored(rating, scale, step))
         uid = store.user_id_of(conn, user)
         try:
             iid = find_item(conn, item)
-        except CfbError:
-            if not create_item or not str(item).strip():
+        except UnknownIdError:  # (an ambiguous title is no new item's id)
+            if not create_item:
                 raise
             store.check_id(str(item).strip(), "item")
             iid = conn.execute(insert(Item).values(external_id=str(item).strip(), title=None, attributes={})

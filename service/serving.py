@@ -7,7 +7,7 @@ import re
 import numpy as np
 from sqlalchemy import Connection, select
 
-from ..cf_core.errors import CfbError, check_whole
+from ..cf_core.errors import CannotAnswerError, CfbError, UnknownIdError, check_whole
 from ..db import store
 from ..db.schema import Item, Rating
 from .state import Served, load_served, user_vector
@@ -53,17 +53,17 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
     for k, (u, i) in enumerate(pairs):
         u, i = str(u).strip(), str(i).strip()
         if u not in users:
-            raise CfbError(f"row {k + 1}: unknown user {u!r}")
+            raise UnknownIdError(f"row {k + 1}: unknown user {u!r}", field="user")
         if i in items:
             item = items[i]
         else:
             try:
                 item = find_item(conn, i)
             except CfbError as e:
-                raise CfbError(f"row {k + 1}: {e}") from None
+                raise type(e)(f"row {k + 1}: {e}", field=e.field) from None
         inner = int(served.model.item_index([item])[0])
         if inner < 0:
-            raise CfbError(f"row {k + 1}: {not_in_model(conn, served, item, i)}")
+            raise CannotAnswerError(f"row {k + 1}: {not_in_model(conn, served, item, i)}", field="item")
         rows.setdefault(users[u], []).append((k, inner))
     out = [0.0] * len(pairs)
     for user, wanted in rows.items():
@@ -107,7 +107,8 @@ def find_item(conn: Connection, query: str) -> int:
         raise CfbError("empty item id", field="item")
     hit = _item_by_id_or_title(conn, query)
     if hit is None:
-        raise CfbError(f"unknown item {store.shown_id(query)}{title_hint(query, store.item_title_list(conn))}")
+        raise UnknownIdError(f"unknown item {store.shown_id(query)}{title_hint(query, store.item_title_list(conn))}",
+                             field="item")
     return hit
 
 
@@ -139,7 +140,7 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
     db_id = find_item(conn, query)
     inner = int(served.model.item_index([db_id])[0])
     if inner < 0:
-        raise CfbError(not_in_model(conn, served, db_id, query), field="item")
+        raise CannotAnswerError(not_in_model(conn, served, db_id, query), field="item")
     top, sims = served.model.similar_items(inner, n)
     ext, title = store.item_titles(conn, [db_id])[db_id]
     return {"item": ext, "title": title, "items": _items_out(conn, served, top, sims)}
@@ -152,7 +153,7 @@ def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
     served = load_served(conn)
     model = served.model
     if model.kind != "dot":
-        raise CfbError(f"{NO_BIASES} (this version is {model.kind!r})")
+        raise CannotAnswerError(f"{NO_BIASES} (this version is {model.kind!r})")
     b = model.rating.item_bias.astype(np.float64).copy()
     b[model.item_counts < min_ratings] = np.nan
     ok = np.flatnonzero(~np.isnan(b))

@@ -305,6 +305,21 @@ def test_similar_names_the_item_it_cannot_answer_for(server, db_url, tmp_path):
         assert r.status_code == status and r.json()["field"] == "item" and r.json()["error"].startswith(said), r.text
 
 
+def test_an_error_status_follows_what_went_wrong_not_the_words_of_the_input(server, engine):
+    """A sign-up naming an item "… is not in the serving model yet" or "unknown user …" is bad input
+    (422), whatever its words; a rating of an unknown item is 404 and one off the scale 422, each
+    naming its field."""
+    users = user_count(engine)
+    for name in ("x is not in the serving model yet", "unknown user x", "biases are learned by the dot model only"):
+        r = server.post("/users", json={"ratings": {name: 4}})
+        assert r.status_code == 422 and r.json()["field"] == f"ratings.{name}", r.text
+    assert user_count(engine) == users
+    r = server.post("/users/a0/ratings", json={"item": "no such film", "rating": 3})
+    assert r.status_code == 404 and r.json()["field"] == "item", r.text
+    r = server.post("/users/a0/ratings", json={"item": "a1", "rating": 9})
+    assert (r.status_code, r.json()["field"]) == (422, "rating") and "outside the scale" in r.json()["error"]
+
+
 def test_the_openapi_schema_describes_the_error_bodies_the_server_sends(server):
     spec = server.get("/openapi.json").json()
     assert set(spec["components"]["schemas"]) == {"Error"}
@@ -777,8 +792,13 @@ def test_python_api(trained, db_url, tmp_path):
         assert len(sim) == 3 and "a1" not in set(sim.item)
         assert db.pca(n=10, plot=tmp_path / "m.png").shape[0] == 10
         assert db.models().serving.tolist() == [True]
-        with pytest.raises(cfb.CfbError, match="unknown user"):
+        with pytest.raises(cfb.UnknownIdError, match="unknown user"):  # (a CfbError of its kind)
             db.recommend("nobody")
+        with pytest.raises(cfb.UnknownIdError, match="unknown item") as caught:
+            db.similar("no such film")
+        assert caught.value.field == "item" and isinstance(caught.value, cfb.CfbError)
+        with pytest.raises(cfb.UserExistsError, match="already exists"):
+            db.onboard({"user": user, "answers": {}})
         with pytest.raises(cfb.CfbError, match=r"rating nan is not a finite number"):
             db.rate(user, "a2", float("nan"))
         with pytest.raises(cfb.CfbError, match=r"^empty item id$"):

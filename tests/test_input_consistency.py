@@ -8,11 +8,11 @@ import json
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cfb.cf_core.errors import CfbError, InputError
 from cfb.cli.main import cli
-from cfb.db.schema import Rating, User
+from cfb.db.schema import Item, Rating, User
 from cfb.db.sources import Dataset, read_items_csv, read_ratings_csv, read_users_csv
 from cfb.service.incremental import retrain_incremental
 from cfb.service.ingest import ingest_dataset, upsert_items
@@ -167,6 +167,14 @@ def test_an_ambiguous_title_names_its_items(trained):
             predict_pairs(conn, [("a0", "Alpha film 1")])
     with pytest.raises(InputError, match=r"ambiguous title \(items a1, twin\); use the item id"):
         onboard(engine, [("entry 1", {"ratings": {"Alpha film 1": 4}})])
+    from cfb.service.ratings import rate_item
+
+    with engine.connect() as conn:  # `cfb rate --new-item` with the title: no third item named by the title
+        items = conn.scalar(select(func.count()).select_from(Item))
+    with pytest.raises(CfbError, match=r"2 items are titled 'Alpha film 1' \(a1, twin\); use an item id"):
+        rate_item(engine, "a0", "Alpha film 1", 4, create_item=True)
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Item)) == items
 
 
 def test_a_rating_written_again_with_the_same_value_is_not_new(trained):
