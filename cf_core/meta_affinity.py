@@ -30,6 +30,20 @@ def append_rows(csr: dict[str, np.ndarray], X: np.ndarray | None, n_new: int) ->
             "data": np.concatenate([csr["data"], more["data"]])}
 
 
+def with_rows(csr: dict[str, np.ndarray], rows: np.ndarray, X: np.ndarray) -> dict[str, np.ndarray]:
+    """``csr`` with its ``rows`` (distinct inner item indices) replaced by those of dense ``X``."""
+    rows, more = np.asarray(rows, np.int64), to_csr(X)
+    n_rows = len(csr["indptr"]) - 1
+    row_of = np.repeat(np.arange(n_rows), np.diff(csr["indptr"]))  # each stored entry's row
+    kept = ~np.isin(row_of, rows)
+    row_of = np.concatenate([row_of[kept], np.repeat(rows, np.diff(more["indptr"]))])
+    order = np.argsort(row_of, kind="stable")  # (a row's entries are all old or all new: their order stays)
+    indptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(row_of, minlength=n_rows), out=indptr[1:])
+    return {"indptr": indptr, "indices": np.concatenate([csr["indices"][kept], more["indices"]])[order],
+            "data": np.concatenate([csr["data"][kept], more["data"]])[order]}
+
+
 def dense_rows(csr: dict[str, np.ndarray], rows: np.ndarray, n_features: int) -> np.ndarray:
     """The dense encoded metadata of ``rows`` (inner item indices)."""
     rows = np.asarray(rows, np.int64)

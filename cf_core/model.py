@@ -460,6 +460,17 @@ class TrainedModel:
         return {"item_factors": rows["item_factors"], "item_bias": rows["item_bias"],
                 "item_meta": self.item_prior.encoder_.encode(attributes)}, ranker_rows
 
+    def metadata_changed(self, items: np.ndarray, attributes: list[dict]) -> np.ndarray:
+        """Per item (inner indices) with its metadata now ``attributes``: whether the version holds
+        other encoded metadata for it (all False without an item prior or stored metadata)."""
+        from .meta_affinity import dense_rows
+
+        items = np.asarray(items, np.int64)
+        if self.item_prior is None or self.item_meta is None or not len(items):
+            return np.zeros(len(items), bool)
+        now = np.asarray(self.item_prior.encoder_.encode(attributes), np.float32)  # (as stored)
+        return (dense_rows(self.item_meta, items, now.shape[1]) != now).any(1)
+
     def ranker_rows_following(self, prior: dict[str, np.ndarray], solved: dict[str, np.ndarray],
                               prior_ranker: dict[str, np.ndarray] | None,
                               n_ratings: np.ndarray) -> dict[str, np.ndarray] | None:
@@ -494,9 +505,15 @@ class TrainedModel:
 
     def with_item_rows(self, items: np.ndarray, rating_rows: dict[str, np.ndarray],
                        ranker_rows: dict[str, np.ndarray] | None = None) -> "TrainedModel":
-        """A new model whose rating-model rows of ``items`` (inner indices) are replaced, and their
-        ranker output rows (``out``, ``out_bias``) where given."""
+        """A new model whose rating-model rows of ``items`` (inner indices) are replaced (and their
+        encoded metadata, ``item_meta``, where given), and their ranker output rows (``out``,
+        ``out_bias``) where given."""
         items = np.asarray(items, np.int64)
+        item_meta = self.item_meta
+        if item_meta is not None and rating_rows.get("item_meta") is not None:
+            from .meta_affinity import with_rows
+
+            item_meta = with_rows(item_meta, items, rating_rows["item_meta"])
         rating = self.rating.from_arrays(self.rating.to_arrays())
         rating.item_factors = rating.item_factors.copy()
         rating.item_bias = rating.item_bias.copy()
@@ -508,7 +525,7 @@ class TrainedModel:
             ranker.out_, ranker.out_bias_ = ranker.out_.copy(), ranker.out_bias_.copy()
             ranker.out_[items] = ranker_rows["out"]
             ranker.out_bias_[items] = ranker_rows["out_bias"]
-        return replace(self, rating=rating, ranker=ranker)
+        return replace(self, rating=rating, ranker=ranker, item_meta=item_meta)
 
     def with_item_totals(self, items: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> "TrainedModel":
         """A new model whose statistics of ``items`` (inner indices; -1 ignored) are these totals."""

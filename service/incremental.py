@@ -116,14 +116,18 @@ def retrain_incremental(engine: Engine) -> dict:
             touched = np.unique(new.item_id)
             rated = np.setdiff1d(touched, model.item_ids)
             unrated = metadata_only_items(conn, model, rated)  # catalogue items with metadata and no rating yet
-            if len(new) == 0 and len(unrated) == 0:
-                return {"version": parent, "kind": model.kind, "mode": "none", "new_ratings": 0,
-                        "reason": f"no new ratings or items since version {parent}"}
-            # added items solved again: those with new ratings, and those whose raters have new ratings (a
-            # rater's vector moves with their ratings of learned items: the row stays a function of the ratings)
+            # items added since the full retrain whose metadata changed (`cfb ingest items`): their rows
+            # start from it, so they are solved again (one with no rating: its metadata row)
             added_ids = model.item_ids[model.added_items()]
-            resolve = np.union1d(np.intersect1d(added_ids, touched),
-                                 store.items_rated_by(conn, np.unique(new.user_id), added_ids))
+            relabelled = added_ids[model.metadata_changed(model.added_items(), item_attributes_in_order(conn, added_ids))]
+            if len(new) == 0 and len(unrated) == 0 and len(relabelled) == 0:
+                return {"version": parent, "kind": model.kind, "mode": "none", "new_ratings": 0,
+                        "reason": f"no new ratings, items or item metadata since version {parent}"}
+            # added items solved again: those with new ratings, and those whose raters have new ratings (a
+            # rater's vector moves with their ratings of learned items: the row stays a function of the
+            # ratings), and those whose metadata changed
+            resolve = np.union1d(np.union1d(np.intersect1d(added_ids, touched),
+                                            store.items_rated_by(conn, np.unique(new.user_id), added_ids)), relabelled)
             new_items = np.concatenate([rated, unrated])
             t_fold = time.perf_counter()
             added, ranker_rows = model.metadata_rows(item_attributes_in_order(conn, new_items))
@@ -138,6 +142,8 @@ def retrain_incremental(engine: Engine) -> dict:
                                                    rated_then_resolved(ranker_rows, prior_ranker))
             added = {**added, **{k: np.concatenate([solved[k][:first], added[k][first:]]) for k in solved}}
             replaced = {k: v[first:] for k, v in solved.items()}
+            if "item_meta" in priors:  # (their metadata as now encoded: it may have changed)
+                replaced["item_meta"] = priors["item_meta"]
             replaced_ranker = None
             if solved_ranker is not None:
                 ranker_rows = {k: np.concatenate([solved_ranker[k][:first], ranker_rows[k][first:]]) for k in ranker_rows}
@@ -154,7 +160,8 @@ def retrain_incremental(engine: Engine) -> dict:
         model = model.with_item_totals(model.item_index(touched), counts, sums)
         metrics = {"new_ratings": len(new), "users_with_new_ratings": int(len(np.unique(new.user_id))),
                    "items_added": int(len(new_items)), "items_from_metadata": int(len(unrated)),
-                   "items_resolved": int(len(resolve)), "fold_s": round(fold_s, 4)}
+                   "items_resolved": int(len(resolve)), "items_metadata_changed": int(len(relabelled)),
+                   "fold_s": round(fold_s, 4)}
         delta = versions.make_delta(new_items, added, model, ranker_rows, resolve, replaced, touched, replaced_ranker)
         max_seq = int(new.seq.max()) if len(new) else int(row["max_seq"])
         with writing(engine) as conn:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from cfb.cf_core.meta_affinity import append_rows, dense_rows, item_term, to_csr, user_affinity
+from cfb.cf_core.meta_affinity import append_rows, dense_rows, item_term, to_csr, user_affinity, with_rows
 from cfb.cf_core.model import TrainedModel, UserHistory
 from cfb.cf_core.scoring import sigmoid_range
 from cfb.db import versions
@@ -26,6 +26,11 @@ def test_csr_rows_round_trip_and_append():
     both = append_rows(csr, X[:2], 2)
     assert np.array_equal(dense_rows(both, np.arange(5), 3), np.vstack([X, X[:2]]))
     assert np.array_equal(dense_rows(append_rows(csr, None, 2), [3, 4], 3), np.zeros((2, 3)))
+    new_rows = np.array([[0, 2, 0], [0, 0, 0]], np.float32)  # rows replaced in place, other rows kept
+    expected = X.copy()
+    expected[[2, 0]] = new_rows
+    assert np.array_equal(dense_rows(with_rows(csr, [2, 0], new_rows), np.arange(3), 3), expected)
+    assert np.array_equal(dense_rows(with_rows(csr, [], np.zeros((0, 3))), np.arange(3), 3), X)
 
 
 def test_affinity_is_a_shrunk_mean_residual_per_feature_and_an_items_average_over_its_features():

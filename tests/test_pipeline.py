@@ -254,6 +254,20 @@ def test_a_new_item_with_metadata_and_no_rating_reaches_the_users_it_suits(engin
         rank_b = [r["item"] for r in recommend(conn, "b1", n=40)["items"]].index("newA")
         (before,) = predict_pairs(conn, [("b1", "newA")])
     assert rank_a < 8 < rank_b
+    # its genre corrected before any rating: the next retrain starts it from the new metadata
+    upsert_items(engine, pd.DataFrame({"item": ["newA"], "title": ["New Alpha"],
+                                       "attributes": [{"genres": ["B"], "year": 1991}]}))
+    out = retrain_incremental(engine)
+    assert (out["mode"], out["items_metadata_changed"], out["items_resolved"]) == ("incremental", 1, 1)
+    with engine.connect() as conn:
+        ranks = [[r["item"] for r in recommend(conn, u, n=40)["items"]].index("newA") for u in ("a0", "b1")]
+    assert ranks[1] < 8 < ranks[0]
+    assert retrain_incremental(engine)["mode"] == "none"  # (nothing changed since)
+    upsert_items(engine, pd.DataFrame({"item": ["newA"], "title": ["New Alpha"],
+                                       "attributes": [{"genres": ["A"], "year": 1991}]}))
+    assert retrain_incremental(engine)["items_metadata_changed"] == 1
+    with engine.connect() as conn:
+        assert [r["item"] for r in recommend(conn, "a0", n=40)["items"]].index("newA") == rank_a
     # its ratings then fold it in (from its metadata row, every rating once): b-users love it after all
     ingest_dataset(engine, Dataset(pd.DataFrame([{"user": f"b{k}", "item": "newA", "rating": 5.0, "timestamp": k}
                                                  for k in range(1, 40, 2)])))
