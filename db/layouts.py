@@ -476,8 +476,8 @@ def read_ml100k(folder: Path) -> Dataset:
                                  field=genre)
         genres = [g for g, flag in zip(ML100K_GENRES, flags) if flag == "1"]
         recs.append({"item": f[0].strip(), "title": title,
-                     "attributes": _item_attrs(title, genres, release_date=f[2])})
-    items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+                     "attributes": _item_attrs(title, genres, release_date=f[2]), "line": n})
+    items = pd.DataFrame(recs, columns=["item", "title", "attributes", "line"])
     _check_items(ratings, items, ratings_path, 1, "item", item_path.name)
 
     users = None
@@ -502,10 +502,11 @@ def read_ml100k(folder: Path) -> Dataset:
                 raise InputError(f"occupation {f[3]!r} is not in {occupation_path.name}", source=str(user_path),
                                  line=n, field="occupation")
             recs.append({"user": f[0].strip(), "attributes": {
-                "age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip(), "zip": f[4].strip()}})
+                "age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip(), "zip": f[4].strip()}, "line": n})
         users = pd.DataFrame(recs)
     return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-100k",
-                   source=str(ratings_path), first_line=1, catalogue=ML100K_CATALOGUE)
+                   source=str(ratings_path), first_line=1, catalogue=ML100K_CATALOGUE, population="movielens-100k",
+                   items_source=str(item_path), users_source=str(user_path))
 
 
 def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
@@ -521,8 +522,8 @@ def _read_dat_movies(path: Path, encoding: str) -> pd.DataFrame:
         item = f[0].strip()
         _check_id(item, path, n, "MovieID", seen, "item")
         title = _title(f[1], path, n, "Title")
-        recs.append({"item": item, "title": title, "attributes": _item_attrs(title, _genres(f[2]))})
-    return pd.DataFrame(recs, columns=["item", "title", "attributes"])
+        recs.append({"item": item, "title": title, "attributes": _item_attrs(title, _genres(f[2])), "line": n})
+    return pd.DataFrame(recs, columns=["item", "title", "attributes", "line"])
 
 
 def _guess_encoding(path: Path) -> str:
@@ -542,7 +543,8 @@ DAT_COLUMNS = {"rating": "Rating", "item": "MovieID", "user": "UserID"}
 
 
 def _read_dat_release(folder: Path, scale: tuple[float, float]) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """The ratings (checked against ``scale``) and movies of a ``::`` release (1M, 10M), and the ratings' path."""
+    """The ratings (checked against ``scale``) and movies of a ``::`` release (1M, 10M), and the ratings'
+    path (movies.dat is beside it)."""
     rpath = Path(folder) / "ratings.dat"
     ratings = read_dat_ratings(rpath, "latin-1")
     _check_ratings(ratings, scale, rpath, 1, *DAT_FIELDS)
@@ -556,7 +558,8 @@ def _read_dat_release(folder: Path, scale: tuple[float, float]) -> tuple[pd.Data
 def _dat_dataset(ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None, rpath: Path,
                  scale: tuple[float, float], name: str) -> Dataset:
     return Dataset(ratings, items, users, scale=scale, step=STEP[scale], name=name, source=str(rpath),
-                   first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE)
+                   first_line=1, columns=DAT_COLUMNS, catalogue=MOVIELENS_CATALOGUE, population=name,
+                   items_source=str(rpath.parent / "movies.dat"), users_source=str(rpath.parent / "users.dat"))
 
 
 def read_ml1m(folder: Path) -> Dataset:
@@ -584,8 +587,8 @@ def read_ml1m(folder: Path) -> Dataset:
         attrs = {"age": ML1M_AGES[age], "gender": gender, "occupation": ML1M_OCCUPATIONS[int(occupation)]}
         if zipcode:
             attrs["zip"] = zipcode
-        recs.append({"user": user, "attributes": attrs})
-    users = pd.DataFrame(recs, columns=["user", "attributes"])
+        recs.append({"user": user, "attributes": attrs, "line": n})
+    users = pd.DataFrame(recs, columns=["user", "attributes", "line"])
     return _dat_dataset(ratings, items, users, rpath, WHOLE_STARS, "movielens-1m")
 
 
@@ -632,8 +635,8 @@ def read_ml_csv(folder: Path) -> Dataset:
     for n, f in rows:
         title = _title(f[k_title], mpath, n, "title")
         recs.append({"item": f[k_id].strip(), "title": title,
-                     "attributes": _item_attrs(title, _genres(f[k_genres]))})
-    items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+                     "attributes": _item_attrs(title, _genres(f[k_genres])), "line": n})
+    items = pd.DataFrame(recs, columns=["item", "title", "attributes", "line"])
     _check_items(ratings, items, rpath, 2, "movieId", mpath.name)
     tpath = folder / "tags.csv"
     if tpath.exists():
@@ -643,7 +646,20 @@ def read_ml_csv(folder: Path) -> Dataset:
                             columns=["item", "tag"])
         _add_tags(items, _top_tags(tags, "item", "tag"))
     return Dataset(ratings, items, None, scale=HALF_STARS, step=STEP[HALF_STARS], name="movielens-csv",
-                   source=str(rpath), columns={"item": "movieId", "user": "userId"}, catalogue=MOVIELENS_CATALOGUE)
+                   source=str(rpath), columns={"item": "movieId", "user": "userId"}, catalogue=MOVIELENS_CATALOGUE,
+                   population=csv_release_population(ratings), items_source=str(mpath))
+
+
+def csv_release_population(ratings: pd.DataFrame) -> str:
+    """Whose user ids a MovieLens CSV release's are: 20M, 25M, 32M and each "latest" have the same files
+    and number their users anew, so a release is told by its first user's ratings (what the same release
+    read again repeats)."""
+    if not len(ratings):
+        return "movielens-csv"
+    first = ratings["user"].iloc[0]
+    mine = ratings[ratings["user"] == first]
+    return (f"the MovieLens CSV release whose first user, {first}, rated {len(mine)} movies, first movie "
+            f"{mine['item'].iloc[0]} at time {int(mine['timestamp'].iloc[0])}")
 
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------
@@ -674,7 +690,8 @@ def read_goodbooks(folder: Path) -> Dataset:
     # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
     return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}",
                    source=str(rpath), first_line=2 if len(ratings) == len(given) else None,
-                   columns={"item": "book_id", "user": "user_id"}, catalogue="goodbooks-10k")
+                   columns={"item": "book_id", "user": "user_id"}, catalogue="goodbooks-10k",
+                   population="goodbooks-10k", items_source=str(bpath))  # (v2 is v1 cleaned: the same users)
 
 
 def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
@@ -710,8 +727,8 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
             attrs["language_code"] = f[col["language_code"]].strip()
         if goodreads in col and f[col[goodreads]].strip():
             by_goodreads[f[col[goodreads]].strip()] = len(recs)
-        recs.append({"item": f[col[key]].strip(), "title": title, "attributes": attrs})
-    items = pd.DataFrame(recs, columns=["item", "title", "attributes"])
+        recs.append({"item": f[col[key]].strip(), "title": title, "attributes": attrs, "line": n})
+    items = pd.DataFrame(recs, columns=["item", "title", "attributes", "line"])
     btpath, tpath = folder / "book_tags.csv", folder / "tags.csv"
     if btpath.exists() != tpath.exists():  # (the tags would be left out without a word)
         given, lacking = (btpath, tpath) if btpath.exists() else (tpath, btpath)

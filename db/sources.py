@@ -67,6 +67,9 @@ class Dataset:
     columns: dict[str, str] = field(default_factory=dict)  # {"rating"/"item": its name in ``source``} if not so
     step: float | None = None  # the step between ratings where the layout fixes one (whole or half stars)
     catalogue: str | None = None  # whose item ids these are, for a public release ("movielens", "goodbooks", ...)
+    population: str | None = None  # whose user ids these are, for a public release (each numbers its users anew)
+    items_source: str | None = None  # the items file, for errors found while writing (else ``source``)
+    users_source: str | None = None  # the users file, likewise
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, first_line: RowLines, integer: bool = False,

@@ -27,13 +27,7 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
         first_load = len(ds.ratings) >= store.BULK_ROWS and store.next_seq(conn) == 1
     with writing(engine, first_load=first_load) as conn:
-        if ds.catalogue is not None:
-            held = store.get_setting(conn, "catalogue")
-            if held is not None and held != ds.catalogue:
-                raise CfbError(f"this database holds {held}'s items, and {ds.catalogue}'s ids name other items "
-                               f"(its item 1 is not {held}'s item 1): ingest it into another database (--db)")
-            if held is None:
-                store.set_setting(conn, "catalogue", ds.catalogue)
+        claim_catalogue(conn, ds)
         known = store.rating_scale(conn)
         if known and scale and tuple(scale) != known:
             raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
@@ -59,16 +53,17 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                 if ds.step is not None and tuple(scale) == tuple(ds.scale or ()):
                     store.set_setting(conn, "rating_step", f"{ds.step:g}")
         scale = known or scale
+        claim_users(conn, ds)
         if scale is not None and len(ds.ratings):  # lines and field as the reader names them
             check_scale(ds.ratings, scale, source, ds.first_line, ds.columns.get("rating", "rating"),
                         step=store.rating_step(conn))
         before = {t: store.count_rows(conn, t) for t in (User, Item)}
         given: dict = {User: set(), Item: set()}
         if ds.users is not None and len(ds.users):
-            write_users(conn, ds.users, source)
+            write_users(conn, ds.users, ds.users_source or source)
             given[User].update(str(x) for x in ds.users["user"])
         if ds.items is not None and len(ds.items):
-            write_items(conn, ds.items, source)
+            write_items(conn, ds.items, ds.items_source or source)
             given[Item].update(str(x) for x in ds.items["item"])
         r, n, changed = ds.ratings, 0, 0
         if len(r):  # write_ratings keeps one row per (user, item), the last one, as the table does
@@ -87,6 +82,43 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
         new = {t: store.count_rows(conn, t) - before[t] for t in (User, Item)}
     return {"ratings": n, "new_ratings": changed, "users": len(given[User]), "items": len(given[Item]),
             "new_users": new[User], "new_items": new[Item], "scale": list(scale) if scale else None}
+
+
+def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
+    """Refuse a public release whose item ids name other items than the database's, else note whose
+    they are: a release of another catalogue (MovieLens 100k numbers its movies its own way, the other
+    MovieLens releases share the site's movieId, goodbooks numbers books), or the first release into a
+    database whose own items (`cfb ingest items`) the release titles otherwise."""
+    from sqlalchemy import select
+
+    if ds.catalogue is not None:
+        held = store.get_setting(conn, "catalogue")
+        if held is not None and held != ds.catalogue:
+            raise CfbError(f"this database holds {held}'s items, and {ds.catalogue}'s ids name other items "
+                           f"(its item 1 is not {held}'s item 1): ingest it into another database (--db)")
+        if held is None and ds.items is not None and len(ds.items):
+            titles = dict(zip(ds.items["item"].astype(str), ds.items["title"]))
+            for ext, title in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))):
+                if ext in titles and isinstance(titles[ext], str) and titles[ext] != title:
+                    raise CfbError(f"this database's item {store.shown_id(ext)} is {store.shown_id(title)}, and "
+                                   f"{ds.catalogue}'s is {store.shown_id(titles[ext])}: the database holds another "
+                                   "catalogue; ingest the release into another database (--db)")
+        if held is None:
+            store.set_setting(conn, "catalogue", ds.catalogue)
+
+
+def claim_users(conn, ds: Dataset) -> None:  # noqa: ANN001
+    """Refuse a public release whose user ids name other people than the database's, else note whose
+    they are: each release numbers its users anew (MovieLens 1M's user 1 is not 10M's user 1), so a
+    database holds one release's users."""
+    if ds.population is not None and (len(ds.ratings) or (ds.users is not None and len(ds.users))):
+        held = store.get_setting(conn, "users_of")
+        if held is not None and held != ds.population:
+            raise CfbError(f"this database holds the users of {held}, and those of {ds.population} are other "
+                           "people under the same ids (each release numbers its users anew): ingest it into "
+                           "another database (--db)")
+        if held is None:
+            store.set_setting(conn, "users_of", ds.population)
 
 
 def _lines(frame) -> list[int | None]:  # noqa: ANN001
@@ -118,7 +150,8 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
       "02139"), an infinite or undefined number ("inf", "1e400") or a list is refused, naming file, line
       and field, so that one cell cannot turn a number question into free text (or a category) at the
       next retrain; a file giving the column again for every id that holds it can change its type;
-    - held as text: a number is stored as its text; held as lists: a single text becomes a list of one."""
+    - held as text: a number is stored as its text; held as lists: a single text or number becomes a
+      list of one."""
     given = {ext: set(attrs or {}) for ext, attrs in zip(ids, records)}
     kinds: dict[str, set] = {}
     for ext, attrs in stored.items():
@@ -146,7 +179,7 @@ def conform_attributes(table, ids: list[str], records: list[dict], lines: list[i
                                      source=source, line=line, field=name)
             elif held == {"text"} and kind == "number":
                 attrs[name] = str(value)
-            elif held == {"list"} and kind == "text":
+            elif held == {"list"} and kind in ("text", "number"):
                 attrs[name] = [value]
         out.append({**(stored.get(ext) or {}), **attrs})
     return out

@@ -502,13 +502,79 @@ def test_a_release_on_another_scale_than_the_database_is_refused_saying_so(tmp_p
     assert dump(db_url) == before
     halves = f"sqlite:///{tmp_path / 'halves.db'}"  # the other way round: whole stars are on a half-star scale
     ok(run(halves, "ingest", "movielens", str(tmp_path / "ml-10M100K"), "--json"))
-    assert ok(run(halves, "ingest", "movielens", str(tmp_path / "ml-1m"), "--json"))["scale"] == [0.5, 5.0]
+    whole = write(tmp_path / "whole.csv", "user,item,rating\n1,1193,4\n")
+    assert ok(run(halves, "ingest", "ratings", str(whole), "--json"))["scale"] == [0.5, 5.0]
     other = f"sqlite:///{tmp_path / 'other.db'}"
     ok(run(other, "ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\nu,i,4\n")), "--scale", "2,5",
            "--json"))
     fails(run(other, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))), r"on 1\.\.5, beyond the database's")
     fails(run(other, "ingest", "ratings", str(write(tmp_path / "r2.csv", "user,item,rating\nu,i,4\nv,i,1\n"))),
           r"r2\.csv, line 3, field 'rating': rating 1 outside the scale 2\.\.5$")
+
+
+def test_a_release_of_other_users_under_the_same_ids_is_refused(tmp_path, db_url):
+    """Each release numbers its users anew (1M's user 1 is not 10M's): a database holds one release's
+    users, whatever the scales; the same release ingested again is fine, and so is another CSV release
+    only if it is the same one (told by its first user's ratings)."""
+    ok(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K")), "--json"))
+    before = dump(db_url)
+    fails(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m"))),
+          r"^Error: this database holds the users of movielens-10m, and those of movielens-1m are other people under "
+          r"the same ids \(each release numbers its users anew\): ingest it into another database \(--db\)$")
+    assert dump(db_url) == before
+    assert ok(run(db_url, "ingest", "movielens", str(tmp_path / "ml-10M100K"), "--json"))["new_ratings"] == 0
+    small = f"sqlite:///{tmp_path / 'small.db'}"
+    ok(run(small, "ingest", "movielens", str(ml_csv(tmp_path / "ml-latest-small")), "--json"))
+    assert ok(run(small, "ingest", "movielens", str(tmp_path / "ml-latest-small"), "--json"))["new_ratings"] == 0
+    other = ml_csv(tmp_path / "ml-25m")
+    write(other / "ratings.csv", "userId,movieId,rating,timestamp\n1,3,2.0,1147880044\n2,1,5.0,964982224\n")
+    before = dump(small)
+    fails(run(small, "ingest", "movielens", str(other)),
+          r"holds the users of the MovieLens CSV release whose first user, 1, rated 2 movies, first movie 1 at time "
+          r"964982703, and those of the MovieLens CSV release whose first user, 1, rated 1 movies, first movie 3 at")
+    assert dump(small) == before
+
+
+def test_a_release_is_refused_where_the_database_titles_its_own_items_otherwise(tmp_path, db_url):
+    """Your own catalogue (`cfb ingest items`, numbered 1, 2, ...) is not written over by a release
+    whose item 1 is another item; a catalogue whose titles agree (or that has none) takes the release."""
+    mine = write(tmp_path / "items.csv", "item,title,genres\n1,My Own Widget,Gadgets\n")
+    ok(run(db_url, "ingest", "items", str(mine), "--json"))
+    before = dump(db_url)
+    for kind, folder, theirs in (("movielens", ml_csv(tmp_path / "ml-latest-small"), "Toy Story (1995)"),
+                                 ("goodbooks", goodbooks(tmp_path / "goodbooks"), None)):
+        res = run(db_url, "ingest", kind, str(folder))
+        fails(res, r"^Error: this database's item '1' is 'My Own Widget', and .+'s is '[^']+': the database "
+                   r"holds another catalogue; ingest the release into another database \(--db\)$")
+        assert theirs is None or theirs in res.stderr
+        assert dump(db_url) == before
+    agree = f"sqlite:///{tmp_path / 'agree.db'}"
+    ok(run(agree, "ingest", "items", str(write(tmp_path / "same.csv", "item,title\n1,Toy Story (1995)\n7,\n")),
+           "--json"))
+    assert ok(run(agree, "ingest", "movielens", str(tmp_path / "ml-latest-small"), "--json"))["new_ratings"] == 4
+
+
+def test_a_release_names_its_users_file_for_a_users_attribute_it_cannot_store(tmp_path, db_url):
+    """A release's user or item row that the stored attributes refuse is named by its own file and line
+    (u.user, users.dat, movies.csv), not the ratings file."""
+    ok(run(db_url, "ingest", "users", str(write(tmp_path / "u.csv", "user,zip\nweb1,55455\n")), "--json"))
+    fails(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k"))),
+          r"ml-100k/u\.user, line 2, field 'zip': '00000' is a code with a leading zero, not a number")
+    folder = ml1m(tmp_path / "ml-1m")
+    write(folder / "users.dat", (folder / "users.dat").read_text().replace("70072", "02139"))
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"ml-1m/users\.dat, line 2, field 'zip': '02139' is a code")
+    items = f"sqlite:///{tmp_path / 'items.db'}"
+    ok(run(items, "ingest", "items", str(write(tmp_path / "i.csv", "item,title,genres\n9999,Mine,7\n")), "--json"))
+    fails(run(items, "ingest", "movielens", str(ml_csv(tmp_path / "ml-latest-small"))),
+          r"ml-latest-small/movies\.csv, line 2, field 'genres': .* the stored items hold genres as numbers")
+
+
+def test_a_number_given_for_a_list_attribute_is_a_list_of_one(tmp_path, db_url):
+    ok(run(db_url, "ingest", "items", str(write(tmp_path / "a.csv", "item,title,genres\n1,One,Drama|War\n")), "--json"))
+    ok(run(db_url, "ingest", "items", str(write(tmp_path / "b.csv", "item,genres\n2,5\n")), "--json"))
+    ok(run(db_url, "ingest", "items", str(write(tmp_path / "c.csv", "item,genres\n3,Noir\n")), "--json"))
+    items = dump(db_url)["items"]
+    assert (items["2"][1]["genres"], items["3"][1]["genres"]) == ([5], ["Noir"])  # (was 5: a list column held a number)
 
 
 @pytest.mark.parametrize("release", RELEASES)
