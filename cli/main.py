@@ -208,6 +208,9 @@ def _one_line_usage_errors() -> Iterator[None]:
 @click.pass_context
 def cli(ctx: click.Context, url: str | None) -> None:
     """cfb: cold-start collaborative filtering (fastai embeddings + a signup questionnaire)."""
+    if url and "://" in url and url.lower().startswith("sqlite") and url.split("://", 1)[1] in ("", "/:memory:"):
+        raise click.BadParameter("an in-memory SQLite database keeps nothing after the command: give a file "
+                                 "(sqlite:///cfb.db, or a path)", param_hint="--db (or $CFB_DATABASE_URL)")
     ctx.obj = Ctx(url)
     ctx.call_on_close(ctx.obj.close)
 
@@ -437,7 +440,7 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
 
 
 # --- serving ----------------------------------------------------------------------------------------
-@cli.command()
+@cli.command(cls=NumberArguments)  # (a negative number is an id, not an option)
 @click.argument("users", nargs=-1, required=True)
 @click.option("-n", "n", type=WholeRange(1, 1000), default=10, show_default=True)
 @click.option("--by", type=click.Choice(["rank", "rating"]), default="rank", show_default=True,
@@ -472,6 +475,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     import re
 
     from ..cf_core.errors import InputError
+    from ..db.sources import check_unique_columns
     from ..db.textfile import read_text
     from ..service.serving import predict_pairs
 
@@ -483,6 +487,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     pairs, lines, start = [], [], 1  # start: the line the record being read starts on
     try:
         header = [h.strip() for h in next(reader)]
+        check_unique_columns(header, pairs_file, 1)
         missing = [c for c in ("user", "item") if c not in header]
         if missing:
             raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'}",
@@ -521,7 +526,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
         w.writerows([u, i, f"{p:.4f}"] for (u, i), p in zip(pairs, preds))
 
 
-@cli.command()
+@cli.command(cls=NumberArguments)  # (a negative number is an id, not an option)
 @click.argument("item")
 @click.option("-n", "n", type=WholeRange(1, 1000), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -615,6 +620,8 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
 
     from ..service.http import check_token_text, origin_key, serve as run_server
 
+    if not host.strip():  # (an empty host listens on every interface: `--host "$HOST"` with HOST unset)
+        raise click.BadParameter("give an address (0.0.0.0 to listen on every interface)", param_hint="--host")
     try:
         check_token_text(token or None)
     except CfbError as e:
@@ -848,10 +855,14 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
             data_dir = download("movielens-100k", progress=download_bar("movielens-100k", quiet))
         except CfbError as e:
             raise _for_eval(e) from None
+    if not data_dir.is_dir():
+        from ..cf_core.errors import InputError
+
+        raise InputError("folder not found" if not data_dir.exists() else "not a folder", source=str(data_dir))
     read = read_goodbooks if (data_dir / "books.csv").exists() else read_movielens
     from ..db.layouts import MOVIELENS_MARKERS
 
-    if read is read_movielens and data_dir.is_dir() and not any((data_dir / f).exists() for f, _ in MOVIELENS_MARKERS):
+    if read is read_movielens and not any((data_dir / f).exists() for f, _ in MOVIELENS_MARKERS):
         from ..cf_core.errors import InputError
 
         looked = ", ".join(f"{name} (MovieLens {what})" for name, what in MOVIELENS_MARKERS)

@@ -198,11 +198,17 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     text = read_text(path)
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
+    at, first = next(((n, line) for n, line in enumerate(text_lines(text.lstrip("\ufeff")), start=1)
+                      if line.strip()), (1, ""))  # (the header: pandas skips blank lines before it)
+    header = [h.strip() for h in next(csv.reader([first], skipinitialspace=True), [])]  # ("rating " is rating)
+    check_unique_columns(header, path, at)
     try:
         with warnings.catch_warnings():  # a row longer than the header: an error (pandas would take the
             warnings.simplefilter("error", pd.errors.ParserWarning)  # first column as an index)
             df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True,
                              index_col=False)
+        if len(df.columns) == len(header):
+            df.columns = header
         last = df.columns[-1] if len(df.columns) else None
         if last in required and (df[last] == "").any():  # maybe a row shorter than the header (its missing
             _raise_csv_problem(path, text)  # fields read as ""): name it (an unused last column may be empty)
@@ -211,12 +217,10 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:
         _raise_csv_problem(path, text)  # the line at fault, found again by the csv module
         raise InputError(f"malformed CSV ({str(e).splitlines()[0]})", source=str(path)) from None
-    at, first = next(((n, line) for n, line in enumerate(text_lines(text.lstrip("\ufeff")), start=1)
-                      if line.strip()), (1, ""))  # (the header: pandas skips blank lines before it)
-    check_unique_columns(next(csv.reader([first], skipinitialspace=True), []), path, at)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(df.columns)}",
+        named = ", ".join(name or f"column {k + 1} (no name)" for k, name in enumerate(header))
+        raise InputError(f"missing column(s) {', '.join(missing)}; header has {named}",
                          source=str(path), line=at, field=missing[0])
     return df
 

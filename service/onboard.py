@@ -128,12 +128,11 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
     from ..db.textfile import read_text, text_lines
 
     text = read_text(Path(path)).lstrip("\ufeff")
-    stripped = text.strip()
-    if not stripped:
+    if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
     try:
         try:
-            doc = _loads(stripped)
+            doc = _loads(text.rstrip())  # (leading lines kept: an error's line and column are the file's)
             entries = doc if isinstance(doc, list) else [doc]
             located = [(f"{path}: entry {k + 1}", e) for k, e in enumerate(entries)]
         except json.JSONDecodeError as whole:

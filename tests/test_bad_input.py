@@ -259,6 +259,7 @@ def test_numeric_arguments_are_range_checked(trained_db, args, expected):
     (b"user,item\na0,\xff\n", ["line 2", "not valid utf-8"]),
     ('user,item\na0,"a"1\n', ["line 2", "malformed CSV"]),  # (it was read as item a1)
     ('user,item\na0,a1\n"two\nlines",a2\n', ["line 3", "unknown user 'two\\nlines'"]),  # (where it starts)
+    ("user,item,user\na0,a1,b1\n", ["line 1", "field 'user'", "duplicate column"]),  # (it took the first)
 ])
 def test_predict_rejects(trained_db, body, expected):
     url, folder = trained_db
@@ -321,6 +322,32 @@ def test_ids_that_cannot_exist_are_refused_or_unknown_on_the_command_line(traine
     check_rejected(url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "field 'item'", "unknown item")
     pairs = fresh(folder, ".csv", "user,item\na0,a1\nnobody,a1\n")
     check_rejected(url, ["predict", "--pairs", str(pairs)], str(pairs), "line 3", "field 'user'", "unknown user")
+
+
+def test_a_command_line_that_would_lose_or_expose_data_is_refused(trained_db, tmp_path):
+    """An id such as -1 is an id for `recommend` and `similar` too (it read as an unknown option); an
+    in-memory database (its ingest reported ratings that were then gone) and an empty --host (it
+    listened on every interface) are refused; `eval --data` of no folder is one line."""
+    url, folder = trained_db
+    check_rejected(url, ["recommend", "-1"], "unknown user '-1'")
+    check_rejected(url, ["similar", "-1", "-n", "3"], "unknown item '-1'")
+    ratings = fresh(folder, ".csv", "user,item,rating\nu,i,4\nv,i,2\n")
+    for memory in ("sqlite://", "sqlite:///:memory:"):
+        res = CliRunner().invoke(cli, ["--db", memory, "ingest", "ratings", str(ratings)])
+        assert res.exit_code == 2 and "in-memory SQLite database keeps nothing" in res.output, res.output
+    check_rejected(url, ["serve", "--host", " "], "--host", "give an address")
+    check_rejected(url, ["eval", "cold-start", "--data", str(tmp_path / "nowhere")], "nowhere: folder not found")
+
+
+def test_a_ratings_header_is_read_without_spaces_around_its_names(trained_db, tmp_path):
+    """"timestamp " is the timestamp column (its times were dropped), "rating " the rating."""
+    from cfb.db.sources import read_ratings_csv
+
+    path = fresh(trained_db[1], ".csv", "user , item,rating ,timestamp \nfresh1,a1,3,881250949\n")
+    assert read_ratings_csv(path).iloc[0].to_dict() == {"user": "fresh1", "item": "a1", "rating": 3.0,
+                                                        "timestamp": 881250949}
+    check_rejected(trained_db[0], ["ingest", "ratings", str(fresh(trained_db[1], ".csv", "user,item,rating,rating \n"
+                                                                  "a0,a1,3,4\n"))], "line 1", "duplicate column")
 
 
 def test_an_id_of_255_characters_is_fine(trained, db_url, tmp_path):

@@ -222,6 +222,8 @@ def test_skip_invalid_stores_the_valid_entries(trained, tmp_path):
     ("{not json", r"q.json, line 1: invalid JSON \(Expecting property name enclosed in double quotes at column 2\)$"),
     ('{"user": "a"}\n{"user": \n', r"q.json, line 2: invalid JSON \(Expecting value at column 10\)$"),
     ('{"user": "a', r"q.json, line 1: invalid JSON \(Unterminated string starting at column 10\)$"),
+    ('\n\n\n{"user": "x",\n "answers": {"age": 30,}}\n', r"q.json, line 5: invalid JSON \(Expecting property name "
+                                                       r"enclosed in double quotes at column 24\)$"),  # (the file's line)
     ("", r"q.json, line 1: empty file"),
 ])
 def test_unreadable_answer_files(tmp_path, body, message):
