@@ -254,15 +254,14 @@ class TrainedModel:
     def user_vector(self, history: UserHistory, affinity: bool = True, ranking: bool = True) -> UserVector:
         """The user's representation, a pure function of their history.
 
-        Rating part: a trained user starts from their trained row and folds in only the ratings
-        newer than the full retrain, shrunk toward the row by everything it was learned from (the
-        information of the ratings it learned, at the row, ``rating.information``): one new rating
-        moves a user with hundreds by what it adds to them. A rating *changed* since the full retrain
-        counts once, with its new value: the value the row learned (``learned_values``) is folded
-        back out with weight −1; where that value is not known (a database that lost it), the
-        pair's curvature leaves the row's information instead (to first order, as if the row had
-        fitted it). Anyone else starts from the bootstrap prior of their answers and folds in every
-        rating. With ``affinity``, also
+        Rating part: a trained user with ratings newer than the full retrain starts from their trained
+        row and fits all their ratings, each once at its current value, with the row's own pull toward
+        the ratings it learned taken out (``rating.fold_in``'s ``learned``): one new rating moves a
+        user with hundreds by what it adds to them, and a rating *changed* since the full retrain
+        counts once, with its new value (the value the row learned is ``learned_values``; where it is
+        not known, a database that lost it, that pair's pull stays out, to first order as if the row
+        had fitted it), however many change. Anyone else starts from the bootstrap prior of their
+        answers and folds in every rating. With ``affinity``, also
         their metadata affinity (for the items added from metadata; leave it out where only the rating
         row is wanted). Ranking part (with ``ranking``; None without):
         the ranker's user side computed from attributes and every rating. Only the attribute answers
@@ -271,25 +270,21 @@ class TrainedModel:
         inner = self.item_index(history.items)
         ratings = np.asarray(history.ratings, np.float32)
         known = inner >= 0
-        information, out_items, out_values = None, inner[:0], ratings[:0]
+        learned = None
         if history.trained_row is not None:
             prior_vec, prior_bias = history.trained_row
-            fold = known & (np.ones(len(inner), bool) if history.newer is None else np.asarray(history.newer, bool))
+            newer = known & (np.ones(len(inner), bool) if history.newer is None else np.asarray(history.newer, bool))
             old = np.full(len(inner), np.nan) if history.learned_values is None else \
                 np.asarray(history.learned_values, np.float64)
-            changed = fold & ~np.isnan(old)
-            learned = known & (~fold | changed)
-            if fold.any() and learned.any():
-                information = self.rating.information(inner[learned], prior_vec, prior_bias)
-            out_items, out_values = inner[changed], old[changed].astype(np.float32)
+            was = known & (~newer | ~np.isnan(old))  # the ratings the row learned, at the values it learned
+            learned = (inner[was], np.where(newer, old, ratings)[was])
+            fold = known if newer.any() else newer  # (nothing newer: the row as it is)
         else:
             answers = {int(i): float(r) for i, r in zip(history.items, ratings)}
             v, b = self.bootstrap.initial_factors([attributes], [answers])
             prior_vec, prior_bias, fold = v[0], float(b[0]), known
-        weights = np.concatenate([np.ones(int(fold.sum())), -np.ones(len(out_items))])
-        vec, bias = self.rating.fold_in(np.concatenate([inner[fold], out_items]),
-                                        np.concatenate([ratings[fold], out_values]), prior_vec,
-                                        prior_bias, self.config.user_foldin(self.scale_width), information, weights)
+        vec, bias = self.rating.fold_in(inner[fold], ratings[fold], prior_vec, prior_bias,
+                                        self.config.user_foldin(self.scale_width), learned)
         rank_vec = None
         if self.ranker is not None and ranking:
             from .feature_model import Reveal

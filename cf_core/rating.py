@@ -54,19 +54,27 @@ class _RatingModel:
         raise NotImplementedError
 
     def fold_in(self, items: np.ndarray, ratings: np.ndarray, prior_vec: np.ndarray, prior_bias: float,
-                config: FoldInConfig = FoldInConfig(), prior_information: np.ndarray | None = None,
-                weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                config: FoldInConfig = FoldInConfig(),
+                learned: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
         """The user's (embedding, bias) given their ratings of ``items``, shrunk toward the prior.
 
-        ``weights``: each rating's weight in the squared error (default 1); −1 takes a rating back
-        out of a prior that learned it (a changed rating's old value, see ``TrainedModel.user_vector``).
-
-        ``prior_information`` (from ``information``): what ratings already learned say about the
-        user, added to the shrinkage as a full precision matrix, so that a trained user's row moves
-        by what a new rating adds to everything it was learned from, not as if it were all there is.
-        A pure function of its arguments: folding the same ratings in again from the same prior
-        gives the same user. With no ratings the prior is returned unchanged."""
+        ``learned`` (items, ratings): for a prior that is a trained row, the ratings it was learned
+        from, at the values it learned. ``items``/``ratings`` are then all the user's ratings now (each
+        once, at its current value), and the row's own pull toward the learned ratings at the prior
+        (Σ J (r − pred) there, which training balanced) is taken out, so that the prior is where the
+        user stays while their ratings are the learned ones, and a rating changed since counts once,
+        with its new value, against the exact squared error of every other rating, however far it
+        moves the user. A pure function of its arguments: folding the same ratings in again from the
+        same prior gives the same user. With no ratings the prior is returned unchanged."""
         raise NotImplementedError
+
+    def _learned_pull(self, learned: tuple[np.ndarray, np.ndarray] | None, theta: np.ndarray) -> np.ndarray:
+        """Σ J (r − pred) of the ``learned`` (items, ratings) at θ (zeros without them): the pull their
+        squared errors give a row there (``fold_in``)."""
+        if learned is None or not len(learned[0]):
+            return np.zeros(len(theta))
+        pred, J = self._jacobian(np.asarray(learned[0], np.int64), theta)
+        return J.T @ (np.asarray(learned[1], np.float64) - pred)
 
     def fold_in_item(self, user_vecs: np.ndarray, user_bias: np.ndarray, ratings: np.ndarray,
                      prior_vec: np.ndarray, prior_bias: float,
@@ -87,13 +95,6 @@ class _RatingModel:
             vecs[k], biases[k] = self.fold_in_item(user_vecs[at], user_bias[at], ratings[at], vecs[k],
                                                    float(biases[k]), config)
         return vecs, biases
-
-    def information(self, items: np.ndarray, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
-        """The Gauss-Newton information (Σ JᵀJ of the predicted ratings) of a user's ratings of
-        ``items`` about the user's parameters θ at (``user_vec``, ``user_bias``): the curvature their
-        squared errors give the row they were learned into. Same parameters as ``fold_in`` moves."""
-        J = self._jacobian(np.asarray(items, np.int64), self._theta(user_vec, user_bias))[1]
-        return J.T @ J
 
     def _theta(self, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
         """The user's parameters that ``fold_in`` moves, as one float64 vector."""
@@ -156,27 +157,38 @@ class DotRating(_RatingModel):
         raters = DotRating(self.y_range, np.asarray(user_vecs, np.float32), np.asarray(user_bias, np.float32))
         return raters.fold_in(np.arange(len(raters.item_bias)), ratings, prior_vec, prior_bias, config)
 
-    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
-                weights=None):
+    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), learned=None):  # noqa: ANN001
         """Gauss-Newton on the squared error in rating units (through ``sigmoid_range``) with a
-        Gaussian prior: minimise Σ w (r - pred)² + (θ - θ0)ᵀ (diag(reg, …, reg_bias) + P) (θ - θ0),
-        θ = (u, b), P = ``prior_information`` (none: 0), w = ``weights`` (none: 1)."""
+        Gaussian prior: minimise Σ (r - pred)² + (θ - θ0)ᵀ diag(reg, …, reg_bias) (θ - θ0) + 2 gᵀ(θ - θ0),
+        θ = (u, b), g = the ``learned`` ratings' pull at θ0 (none: 0), each step halved while it
+        does not lower the objective (a step far from θ0 can overshoot where the sigmoid flattens)."""
         items = np.asarray(items, np.int64)
         prior_vec = np.asarray(prior_vec, np.float32)
         if len(items) == 0:
             return prior_vec, float(prior_bias)
-        precision = np.diag(np.r_[np.full(self.n_factors, config.reg), config.reg_bias])
-        if prior_information is not None:
-            precision = precision + prior_information
+        reg = np.r_[np.full(self.n_factors, config.reg), config.reg_bias]
         prior = np.r_[prior_vec, prior_bias].astype(np.float64)
+        pull = self._learned_pull(learned, prior)
         r = np.asarray(ratings, np.float64)
-        w = np.ones(len(items)) if weights is None else np.asarray(weights, np.float64)
+
+        def objective(theta: np.ndarray, pred: np.ndarray) -> float:
+            d = theta - prior
+            return float(((r - pred) ** 2).sum() + (reg * d * d).sum() + 2 * pull @ d)
+
         theta = prior.copy()
+        pred, J = self._jacobian(items, theta)
+        at = objective(theta, pred)
         for _ in range(8):
-            pred, J = self._jacobian(items, theta)
-            step = np.linalg.solve(J.T @ (w[:, None] * J) + precision,
-                                   J.T @ (w * (r - pred)) - precision @ (theta - prior))
-            theta += step
+            step = np.linalg.solve(J.T @ J + np.diag(reg), J.T @ (r - pred) - reg * (theta - prior) - pull)
+            for _halving in range(6):
+                new_pred, new_J = self._jacobian(items, theta + step)
+                new_at = objective(theta + step, new_pred)
+                if new_at <= at:
+                    break
+                step = step / 2
+            else:
+                break  # (no step lowers it: θ is the optimum to rounding)
+            theta, pred, J, at = theta + step, new_pred, new_J, new_at
             if np.abs(step).max() < 1e-6:
                 break
         return theta[:-1].astype(np.float32), float(theta[-1])
@@ -218,25 +230,24 @@ class NNRating(_RatingModel):
         J = run_head_backward(self.head, cache, ((hi - lo) * s * (1 - s))[:, None])[:, k:]
         return lo + (hi - lo) * s, J
 
-    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), prior_information=None,  # noqa: ANN001
-                weights=None, steps: int = 150):
-        """Adam on Σ w (r - pred)² + (u - u0)ᵀ (reg I + P) (u - u0) over the user embedding (numpy
-        backprop through the head), P = ``prior_information`` (none: 0), w = ``weights`` (none: 1).
-        It stops where the gradient puts the optimum within about 1e-6 of u (the shrinkage's curvature
-        is 2 reg), so that ratings that cancel (a changed rating changed back) leave the prior exactly
-        as it is: Adam's steps are full-size on any gradient, however small."""
+    def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), learned=None,  # noqa: ANN001
+                steps: int = 150):
+        """Adam on Σ (r - pred)² + reg |u - u0|² + 2 gᵀ(u - u0) over the user embedding (numpy backprop
+        through the head), g = the ``learned`` ratings' pull at u0 (none: 0). It stops where the
+        gradient puts the optimum within about 1e-6 of u (the shrinkage's curvature is 2 reg), so that
+        the learned ratings themselves (a changed rating changed back) leave the prior exactly as it is:
+        Adam's steps are full-size on any gradient, however small."""
         items = np.asarray(items, np.int64)
         if len(items) == 0:
             return np.asarray(prior_vec, np.float32), float(prior_bias)
         r = np.asarray(ratings, np.float64)
-        w = np.ones(len(r)) if weights is None else np.asarray(weights, np.float64)
+        pull = self._learned_pull(learned, self._theta(prior_vec, prior_bias))
 
         def data_gradient(theta: np.ndarray) -> np.ndarray:
             pred, J = self._jacobian(items, theta[0])
-            return (J.T @ (w * (pred - r)))[None]
+            return (J.T @ (pred - r) + pull)[None]
 
-        u = _adam_fold_in(data_gradient, np.asarray(prior_vec, np.float64)[None], config.reg, prior_information,
-                          steps)
+        u = _adam_fold_in(data_gradient, np.asarray(prior_vec, np.float64)[None], config.reg, steps)
         return u[0], float(prior_bias)
 
     def fold_in_item(self, user_vecs, user_bias, ratings, prior_vec, prior_bias, config=FoldInConfig(),  # noqa: ANN001
@@ -300,14 +311,14 @@ class NNRating(_RatingModel):
 RATINGS_AT_ONCE = 512  # the most ratings an nn item fold-in runs through the MLP in one pass (several items')
 
 
-def _adam_fold_in(data_gradient, prior: np.ndarray, reg: float, prior_information=None,  # noqa: ANN001
-                  steps: int = 150) -> np.ndarray:
-    """Adam on Σ w (r − pred)² + (θ − θ0)ᵀ (reg I + P) (θ − θ0) for each row θ of ``prior`` (θ0) at once,
-    ``data_gradient(θs)`` → each row's Σ w (pred − r) ∂pred/∂θ: the NN's fold-ins (``NNRating.fold_in``,
-    ``fold_in_items``). A row stops on a gradient that puts its optimum within about 1e-6 of it."""
+def _adam_fold_in(data_gradient, prior: np.ndarray, reg: float, steps: int = 150) -> np.ndarray:  # noqa: ANN001
+    """Adam on the data's squared error + reg |θ − θ0|² for each row θ of ``prior`` (θ0) at once,
+    ``data_gradient(θs)`` → each row's half gradient of the data's part (Σ (pred − r) ∂pred/∂θ, and
+    any linear term's): the NN's fold-ins (``NNRating.fold_in``, ``fold_in_items``). A row stops on a
+    gradient that puts its optimum within about 1e-6 of it."""
     prior = np.asarray(prior, np.float64)
     theta = prior.copy()
-    precision = reg * np.eye(theta.shape[1]) + (0 if prior_information is None else prior_information)
+    precision = reg * np.eye(theta.shape[1])
     m = np.zeros_like(theta)
     v = np.zeros_like(theta)
     rows = np.arange(len(theta))  # those still moving

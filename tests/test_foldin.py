@@ -76,13 +76,13 @@ def test_nn_backward_matches_finite_differences():
 
 @pytest.mark.parametrize("make", [dot_model, nn_model])
 def test_ratings_that_cancel_leave_the_prior_exactly(make):
-    """A changed rating changed back is folded in (+1) and out (−1) at once: the user must not move
-    (Adam's full-size steps on a rounding-error gradient once moved the nn user by ~1e-5)."""
+    """A changed rating changed back: the ratings are the ones the row learned, so the user must not
+    move (Adam's full-size steps on a rounding-error gradient once moved the nn user by ~1e-5)."""
     rng = np.random.default_rng(3)
     m = make(rng)
     prior = rng.normal(0, 0.3, 4).astype(np.float32)
-    vec, bias = m.fold_in(np.array([7, 7]), np.array([2.0, 2.0]), prior, 0.1, FoldInConfig(10.0, 30.0),
-                          weights=np.array([1.0, -1.0]))
+    items, ratings = np.array([7, 2, 11]), np.array([2.0, 4.5, 1.0])
+    vec, bias = m.fold_in(items, ratings, prior, 0.1, FoldInConfig(10.0, 30.0), learned=(items[::-1], ratings[::-1]))
     assert np.array_equal(vec, prior) and np.float32(bias) == np.float32(0.1)
 
 

@@ -250,6 +250,39 @@ def test_a_new_rating_moves_a_trained_user_by_what_it_adds_to_what_was_learned(k
         assert rerated(down)[again] < before[again] - 0.005
 
 
+@pytest.mark.parametrize("share", [0.2, 0.4])
+def test_many_changed_ratings_count_once_against_the_others(kind_db, share):
+    """A trained user who turns a minority of their ratings round (r → lo + hi − r) is moved by them
+    against the exact error of every other rating: the ratings left as they were stay better
+    predicted than the changed ones, and the changed ones better than by the row before. (The
+    learned ratings' curvature held fixed at the row let the changes outweigh the rest far from it:
+    a review found such users' tastes turned upside down.)"""
+    kind, engine, report = kind_db
+    td, _ = load_training_data(engine)
+    with engine.connect() as conn:
+        model = versions.load_model(conn, report["version"])
+        ids, factors, bias = versions.trained_rows(conn, report["version"])
+    lo, hi = model.scale
+    worst = []
+    for u in range(0, td.data.n_users, 7):
+        mine = td.data.users == u
+        items, ratings = td.item_ids[td.data.items[mine]], td.data.ratings[mine].astype(np.float64)
+        inner = model.item_index(items)
+        rng = np.random.default_rng(u)
+        changed = (rng.random(len(items)) < share) & (np.abs(ratings - (lo + hi) / 2) >= 1)
+        if changed.sum() < 2:
+            continue
+        now = np.where(changed, lo + hi - ratings, ratings)
+        h = UserHistory({}, items, now, newer=changed, trained_row=(factors[u], float(bias[u])),
+                        learned_values=np.where(changed, ratings, np.nan))
+        pred = model.predict(model.user_vector(h), inner)
+        before = model.rating.predict(factors[u], float(bias[u]), inner)
+        rmse = lambda p, m: float(np.sqrt(np.mean((p[m] - now[m]) ** 2)))  # noqa: E731
+        worst.append(rmse(pred, ~changed) - rmse(pred, changed))
+        assert rmse(pred, changed) < rmse(before, changed), u
+    assert len(worst) >= 5 and max(worst) < 0, worst
+
+
 def test_a_setting_a_stored_version_lacks_takes_its_kinds_default():
     """Serving settings added after a version was stored: the default for that version's model kind."""
     assert ServingConfig.from_json({}, "dot") == ServingConfig()
