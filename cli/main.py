@@ -475,8 +475,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     import re
 
     from ..cf_core.errors import InputError
-    from ..db.sources import check_unique_columns
-    from ..db.textfile import read_text
+    from ..db.textfile import check_unique_columns, read_text
     from ..service.serving import predict_pairs
 
     src = str(pairs_file)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .store import FLOAT32_MAX, STEP_TOLERANCE, rating_problem, scale_slack, shown_id
-from .textfile import read_text, text_lines, without_trailing_blank_lines
+from .textfile import check_unique_columns, read_text, text_lines, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -182,15 +182,6 @@ def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None
             start = reader.line_num + 1
     except csv.Error as e:
         raise InputError(f"malformed CSV in the record that starts here ({e})", source=str(path), line=start) from None
-
-
-def check_unique_columns(header: list[str], path: Path, line: int) -> None:
-    """Every column of a CSV header (``line`` of ``path``) named once (pandas would read a second
-    "rating" as "rating.1", and leave a nameless one "Unnamed: 4")."""
-    for k, name in enumerate(header):
-        if name in header[:k]:
-            raise InputError("duplicate column" if name else f"columns {header.index(name) + 1} and {k + 1} have no name",
-                             source=str(path), line=line, field=name or None)
 
 
 def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:

@@ -96,3 +96,12 @@ def _plain(text: str) -> str:
     if not text.isascii() or "_" in text:
         raise ValueError(f"not a number: {text!r}")
     return text
+
+
+def check_unique_columns(header: list[str], path: Path, line: int) -> None:
+    """Every column of a CSV header (``line`` of ``path``) named once (pandas would read a second
+    "rating" as "rating.1", and leave a nameless one "Unnamed: 4")."""
+    for k, name in enumerate(header):
+        if name in header[:k]:
+            raise InputError("duplicate column" if name else f"columns {header.index(name) + 1} and {k + 1} have no name",
+                             source=str(path), line=line, field=name or None)
