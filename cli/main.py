@@ -112,7 +112,8 @@ class NumberArguments(click.Command):
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
-            if arg.startswith("-") and arg != "-" and name not in known and not _reads_as_number(arg):
+            attached = not arg.startswith("--") and arg[:2] in known  # (a short option with its value: -n2)
+            if arg.startswith("-") and arg != "-" and name not in known and not attached and not _reads_as_number(arg):
                 close = difflib.get_close_matches(name, sorted(known))
                 raise click.NoSuchOption(name, None if close else f"No such option '{name}' (an argument that "
                                          "starts with '-', such as an id, goes after '--')", close, ctx=ctx)
@@ -208,7 +209,9 @@ def _one_line_usage_errors() -> Iterator[None]:
 @click.pass_context
 def cli(ctx: click.Context, url: str | None) -> None:
     """cfb: cold-start collaborative filtering (fastai embeddings + a signup questionnaire)."""
-    if url and "://" in url and url.lower().startswith("sqlite") and url.split("://", 1)[1] in ("", "/:memory:"):
+    from ..db.engine import in_memory_sqlite
+
+    if url and "://" in url and in_memory_sqlite(url):
         raise click.BadParameter("an in-memory SQLite database keeps nothing after the command: give a file "
                                  "(sqlite:///cfb.db, or a path)", param_hint="--db (or $CFB_DATABASE_URL)")
     ctx.obj = Ctx(url)

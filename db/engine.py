@@ -173,6 +173,23 @@ def sqlite_file(url: str) -> Path | None:
     return Path(u.database)
 
 
+def in_memory_sqlite(url: str) -> bool:
+    """Whether ``url`` names an in-memory SQLite database (``sqlite://``, ``:memory:``, a ``file:``
+    URI of one): gone when the process ends. A URL that does not parse is not one (it fails later)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        return False
+    if u.get_backend_name() != "sqlite":
+        return False
+    where = u.database or ""
+    return where in ("", ":memory:") or ":memory:" in where or "mode=memory" in where \
+        or u.query.get("mode") == "memory"
+
+
 def _sqlite_pragmas(dbapi_conn, foreign_keys: bool) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA page_size=16384")  # a new database only (before WAL): fewer, fuller b-tree pages

@@ -96,8 +96,8 @@ def retrain_incremental(engine: Engine) -> dict:
     """Fold what changed into the serving version; write and serve the result.
 
     Items that got ratings for the first time, and items added since the full retrain that got new
-    ratings or whose raters did, are solved against all their raters from their metadata row (or
-    zeros); catalogue items
+    ratings, whose raters did, or whose metadata changed, are solved against all their raters from
+    their metadata row (or zeros); catalogue items
     with metadata and no rating join from their metadata; the statistics of every touched item are
     the version's plus what the new ratings changed (``store.totals_since``)."""
     t_start = time.perf_counter()

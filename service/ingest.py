@@ -88,7 +88,9 @@ def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
     """Refuse a public release whose item ids name other items than the database's, else note whose
     they are: a release of another catalogue (MovieLens 100k numbers its movies its own way, the other
     MovieLens releases share the site's movieId, goodbooks numbers books), or the first release into a
-    database whose own items (`cfb ingest items`) the release titles otherwise."""
+    database whose own items (`cfb ingest items`) the release titles otherwise: most of the titles
+    under the ids both have differ, spaces and case aside (a database of the same release made before
+    the catalogue was noted, or with a title corrected here and there, takes it)."""
     from sqlalchemy import select
 
     if ds.catalogue is not None:
@@ -97,20 +99,32 @@ def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
             raise CfbError(f"this database holds {held}'s items, and {ds.catalogue}'s ids name other items "
                            f"(its item 1 is not {held}'s item 1): ingest it into another database (--db)")
         if held is None and ds.items is not None and len(ds.items):
-            titles = dict(zip(ds.items["item"].astype(str), ds.items["title"]))
-            for ext, title in conn.execute(select(Item.external_id, Item.title).where(Item.title.is_not(None))):
-                if ext in titles and isinstance(titles[ext], str) and titles[ext] != title:
-                    raise CfbError(f"this database's item {store.shown_id(ext)} is {store.shown_id(title)}, and "
-                                   f"{ds.catalogue}'s is {store.shown_id(titles[ext])}: the database holds another "
-                                   "catalogue; ingest the release into another database (--db)")
+            titles = {ext: _title_key(t) for ext, t in zip(ds.items["item"].astype(str), ds.items["title"])
+                      if isinstance(t, str)}
+            both = [(ext, title) for ext, title in conn.execute(select(Item.external_id, Item.title)
+                                                                .where(Item.title.is_not(None))) if ext in titles]
+            differ = [(ext, title) for ext, title in both if _title_key(title) != titles[ext]]
+            if differ and len(differ) > len(both) / 2:
+                ext, title = differ[0]
+                theirs = ds.items["title"][ds.items["item"].astype(str) == ext].iloc[0]
+                raise CfbError(f"this database's item {store.shown_id(ext)} is {store.shown_id(title)}, and "
+                               f"{ds.catalogue}'s is {store.shown_id(theirs)} ({len(differ)} of the {len(both)} "
+                               "titled items they share ids with differ): the database holds another catalogue; "
+                               "ingest the release into another database (--db)")
         if held is None:
             store.set_setting(conn, "catalogue", ds.catalogue)
+
+
+def _title_key(title: str) -> str:
+    return " ".join(title.split()).casefold()
 
 
 def claim_users(conn, ds: Dataset) -> None:  # noqa: ANN001
     """Refuse a public release whose user ids name other people than the database's, else note whose
     they are: each release numbers its users anew (MovieLens 1M's user 1 is not 10M's user 1), so a
-    database holds one release's users."""
+    database holds one release's users. Where the database does not say whose users it holds (made
+    before this was noted, or holding users of your own), the release is refused if most of the
+    stored ratings of the users it shares ids with (up to ``USERS_COMPARED`` of them) are not its own."""
     if ds.population is not None and (len(ds.ratings) or (ds.users is not None and len(ds.users))):
         held = store.get_setting(conn, "users_of")
         if held is not None and held != ds.population:
@@ -118,7 +132,35 @@ def claim_users(conn, ds: Dataset) -> None:  # noqa: ANN001
                            "people under the same ids (each release numbers its users anew): ingest it into "
                            "another database (--db)")
         if held is None:
+            _refuse_other_people(conn, ds)
             store.set_setting(conn, "users_of", ds.population)
+
+
+USERS_COMPARED = 1_000  # users a release shares ids with whose stored ratings ``claim_users`` compares
+
+
+def _refuse_other_people(conn, ds: Dataset) -> None:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from ..db.schema import Rating
+
+    stored = {ext for (ext,) in conn.execute(select(User.external_id))}
+    if not stored:  # (a first ingest: nothing to compare)
+        return
+    users = ds.ratings["user"].astype(str)
+    shared = sorted(set(users.unique()) & stored)[:USERS_COMPARED]
+    if not shared:
+        return
+    mine = users.isin(shared).to_numpy()
+    theirs = set(zip(users[mine], ds.ratings["item"].astype(str)[mine]))
+    ours = [pair for start in range(0, len(shared), store.CHUNK) for pair in conn.execute(
+        select(User.external_id, Item.external_id).join(Rating, Rating.user_id == User.id)
+        .join(Item, Item.id == Rating.item_id).where(User.external_id.in_(shared[start:start + store.CHUNK])))]
+    if ours and sum(pair in theirs for pair in ours) < len(ours) / 2:
+        raise CfbError(f"this database holds other users under {ds.name}'s user ids: of the {len(ours)} stored "
+                       f"ratings of the users they share ids with (user {store.shown_id(shared[0])} …), most are "
+                       "not the release's (each release numbers its users anew): ingest it into another "
+                       "database (--db)")
 
 
 def _lines(frame) -> list[int | None]:  # noqa: ANN001

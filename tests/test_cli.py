@@ -256,6 +256,10 @@ def test_a_negative_number_is_a_value_not_an_option(runner, cli_db):
         res = run(runner, cli_db, *args)
         assert res.exit_code == 2 and said in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert run(runner, cli_db, "rate", "a0", "-", "4", "--new-item").exit_code == 0  # ('-' is never an option)
+    for args in (("recommend", "-n2", "a0", "--json"), ("similar", "a1", "-n2", "--json")):  # (a short option's value attached)
+        res = run(runner, cli_db, *args)
+        out = json.loads(res.stdout) if res.exit_code == 0 else res.output
+        assert len((out[0] if isinstance(out, list) else out)["items"]) == 2, out
     res = run(runner, cli_db, "rate", "--", "-u3", "a1", "2")  # (read as the user: there is no such user)
     assert res.exit_code == 1 and "unknown user '-u3'" in res.output, res.output
 

@@ -313,6 +313,8 @@ def test_an_error_status_follows_what_went_wrong_not_the_words_of_the_input(serv
     for name in ("x is not in the serving model yet", "unknown user x", "biases are learned by the dot model only"):
         r = server.post("/users", json={"ratings": {name: 4}})
         assert r.status_code == 422 and r.json()["field"] == f"ratings.{name}", r.text
+    r = server.post("/users", json={"user": "already exists " + "x" * 300, "answers": {}})  # (too long: not taken)
+    assert (r.status_code, r.json()["field"]) == (422, "user") and "characters long" in r.json()["error"], r.text
     assert user_count(engine) == users
     r = server.post("/users/a0/ratings", json={"item": "no such film", "rating": 3})
     assert r.status_code == 404 and r.json()["field"] == "item", r.text

@@ -544,14 +544,43 @@ def test_a_release_is_refused_where_the_database_titles_its_own_items_otherwise(
     for kind, folder, theirs in (("movielens", ml_csv(tmp_path / "ml-latest-small"), "Toy Story (1995)"),
                                  ("goodbooks", goodbooks(tmp_path / "goodbooks"), None)):
         res = run(db_url, "ingest", kind, str(folder))
-        fails(res, r"^Error: this database's item '1' is 'My Own Widget', and .+'s is '[^']+': the database "
-                   r"holds another catalogue; ingest the release into another database \(--db\)$")
+        fails(res, r"^Error: this database's item '1' is 'My Own Widget', and .+'s is '[^']+' \(1 of the 1 titled "
+                   r"items they share ids with differ\): the database holds another catalogue; ingest the release into "
+                   r"another database \(--db\)$")
         assert theirs is None or theirs in res.stderr
         assert dump(db_url) == before
-    agree = f"sqlite:///{tmp_path / 'agree.db'}"
-    ok(run(agree, "ingest", "items", str(write(tmp_path / "same.csv", "item,title\n1,Toy Story (1995)\n7,\n")),
-           "--json"))
+    agree = f"sqlite:///{tmp_path / 'agree.db'}"  # (spaces and case aside; one title of three corrected)
+    same = "item,title\n1,toy story  (1995) \n3,\"American President, The (1995)\"\n6,Les Misérables (2012)\n7,\n"
+    ok(run(agree, "ingest", "items", str(write(tmp_path / "same.csv", same)), "--json"))
     assert ok(run(agree, "ingest", "movielens", str(tmp_path / "ml-latest-small"), "--json"))["new_ratings"] == 4
+
+
+def test_a_database_that_does_not_say_whose_users_it_holds_takes_only_its_own_release_again(tmp_path, db_url):
+    """A database made before the release's users were noted (or holding users of your own): the same
+    release again is fine; another release whose users share ids with the stored ones is refused when
+    most of their stored ratings are not its own."""
+    from cfb.db.schema import Setting
+    from sqlalchemy import delete
+
+    def forget() -> None:  # (as a database of an earlier cfb has it)
+        engine = make_engine(db_url)
+        with engine.begin() as conn:
+            conn.execute(delete(Setting).where(Setting.key == "users_of"))
+        engine.dispose()
+
+    ok(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K")), "--json"))
+    forget()
+    assert ok(run(db_url, "ingest", "movielens", str(tmp_path / "ml-10M100K"), "--json"))["new_ratings"] == 0
+    forget()
+    before = dump(db_url)
+    fails(run(db_url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m"))),
+          r"^Error: this database holds other users under movielens-1m's user ids: of the \d+ stored ratings of the "
+          r"users they share ids with \(user '1' …\), most are not the release's")
+    assert dump(db_url) == before
+    mine = f"sqlite:///{tmp_path / 'mine.db'}"
+    ok(run(mine, "ingest", "ratings", str(write(tmp_path / "mine.csv", "user,item,rating\n1,my-a,4\n2,my-b,2\n")),
+           "--scale", "1,5", "--json"))
+    fails(run(mine, "ingest", "movielens", str(tmp_path / "ml-1m")), r"holds other users under movielens-1m's user ids")
 
 
 def test_a_release_names_its_users_file_for_a_users_attribute_it_cannot_store(tmp_path, db_url):

@@ -201,8 +201,8 @@ def test_stored_attributes_a_signup_would_refuse_are_left_unanswered(kind_db):
 
 
 def test_a_new_rating_moves_a_trained_user_by_what_it_adds_to_what_was_learned(kind_db):
-    """A trained user's fold-in is shrunk toward their row by the information of the ratings it was
-    learned from: one rating against their taste moves their other predictions far less than it
+    """A trained user's fit starts from their row, with the row's pull toward the ratings it was
+    learned from taken out: one rating against their taste moves their other predictions far less than it
     moves the same row with nothing learned behind it, and still moves the rated item's own
     prediction toward the new rating. A changed rating counts once: re-rated with the value the row
     learned, the user stays where they were; raised (lowered), its prediction rises (falls); with the
