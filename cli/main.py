@@ -112,7 +112,7 @@ class NumberArguments(click.Command):
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
-            attached = not arg.startswith("--") and arg[:2] in known  # (a short option with its value: -n2)
+            attached = not arg.startswith("--") and arg[:2] in known and _reads_as_number(arg[2:])  # (-n2)
             if arg.startswith("-") and arg != "-" and name not in known and not attached and not _reads_as_number(arg):
                 close = difflib.get_close_matches(name, sorted(known))
                 raise click.NoSuchOption(name, None if close else f"No such option '{name}' (an argument that "

@@ -186,8 +186,10 @@ def in_memory_sqlite(url: str) -> bool:
     if u.get_backend_name() != "sqlite":
         return False
     where = u.database or ""
-    return where in ("", ":memory:") or ":memory:" in where or "mode=memory" in where \
-        or u.query.get("mode") == "memory"
+    if where.startswith("file:"):  # (a URI: its path, and its own mode)
+        path, _, query = where[len("file:"):].partition("?")
+        return path == ":memory:" or "mode=memory" in query.split("&") or u.query.get("mode") == "memory"
+    return where in ("", ":memory:")
 
 
 def _sqlite_pragmas(dbapi_conn, foreign_keys: bool) -> None:

@@ -88,9 +88,10 @@ def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
     """Refuse a public release whose item ids name other items than the database's, else note whose
     they are: a release of another catalogue (MovieLens 100k numbers its movies its own way, the other
     MovieLens releases share the site's movieId, goodbooks numbers books), or the first release into a
-    database whose own items (`cfb ingest items`) the release titles otherwise: most of the titles
-    under the ids both have differ, spaces and case aside (a database of the same release made before
-    the catalogue was noted, or with a title corrected here and there, takes it)."""
+    database whose own items (`cfb ingest items`) the release titles otherwise: more than
+    ``TITLES_MAY_DIFFER`` of the titles under the ids both have differ, spaces and case aside (a
+    database of the same release made before the catalogue was noted, or with a title corrected here
+    and there, takes it)."""
     from sqlalchemy import select
 
     if ds.catalogue is not None:
@@ -104,7 +105,7 @@ def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
             both = [(ext, title) for ext, title in conn.execute(select(Item.external_id, Item.title)
                                                                 .where(Item.title.is_not(None))) if ext in titles]
             differ = [(ext, title) for ext, title in both if _title_key(title) != titles[ext]]
-            if differ and len(differ) > len(both) / 2:
+            if len(differ) > TITLES_MAY_DIFFER * len(both):
                 ext, title = differ[0]
                 theirs = ds.items["title"][ds.items["item"].astype(str) == ext].iloc[0]
                 raise CfbError(f"this database's item {store.shown_id(ext)} is {store.shown_id(title)}, and "
@@ -113,6 +114,9 @@ def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
                                "ingest the release into another database (--db)")
         if held is None:
             store.set_setting(conn, "catalogue", ds.catalogue)
+
+
+TITLES_MAY_DIFFER = 0.05  # the share of shared ids whose titles may differ (corrected ones) in a release's catalogue
 
 
 def _title_key(title: str) -> str:

@@ -145,3 +145,33 @@ def test_many_items_solved_at_once_get_the_rows_each_gets_alone(make, at_once, m
         assert np.allclose(vecs[k], alone[0], atol=1e-6) and abs(biases[k] - alone[1]) < 1e-6
     assert np.array_equal(vecs[2], priors[2]) and biases[2] == prior_bias[2]
     assert not np.allclose(vecs[1], priors[1], atol=1e-2)
+
+
+@pytest.mark.parametrize("make", [dot_model, nn_model])
+def test_a_trained_users_fit_reaches_its_optimum_when_its_ratings_turn_round(make):
+    """From a trained row whose ratings all turn round (r → 5.5 − r), the fit ends at its objective's
+    minimum (Σ (r − pred)² + reg |θ − θ0|² + 2 gᵀ(θ − θ0)), as far as a long plain gradient descent
+    gets: Gauss-Newton through the nn's ReLUs stopped well short of it after 8 steps (a review)."""
+    rng = np.random.default_rng(3)  # (with 8 steps the nn's fit here ended 2% above the minimum)
+    m = make(rng)
+    cfg = FoldInConfig(1.0, 1.0)
+    row = rng.normal(0, 0.8, 4).astype(np.float32)
+    items = np.arange(120)
+    learned = np.clip(m.predict(row, 0.0, items) + rng.normal(0, 0.3, 120), 0.5, 5.0)
+    now = 5.5 - learned
+    vec, bias = m.fold_in(items, now, row, 0.0, cfg, learned=(items, learned))
+    theta0 = m._theta(row, 0.0)
+    pull = m._learned_pull((items, learned), theta0)
+    reg = np.r_[np.full(4, cfg.reg), cfg.reg_bias][:len(theta0)]
+
+    def objective(theta: np.ndarray) -> float:
+        pred, _ = m._jacobian(items, theta)
+        d = theta - theta0
+        return float(((now - pred) ** 2).sum() + (reg * d * d).sum() + 2 * pull @ d)
+
+    theta = m._theta(vec, bias).copy()
+    fitted = objective(theta)
+    for _ in range(20_000):  # a long, small-step descent from the fit: it must find nothing much lower
+        pred, J = m._jacobian(items, theta)
+        theta -= 2e-4 * (-2 * J.T @ (now - pred) + 2 * reg * (theta - theta0) + 2 * pull)
+    assert fitted <= objective(theta) * 1.001 + 1e-9
