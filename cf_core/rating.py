@@ -247,10 +247,10 @@ class NNRating(_RatingModel):
         through the head), g = the ``learned`` ratings' pull at u0 (none: 0). From a trained row
         (``learned`` given), whose fit runs every rating the user has through the MLP: Gauss-Newton
         steps (``_gauss_newton``, up to ``NN_GAUSS_NEWTON_STEPS``; on MovieLens 100k users with 272–636
-        ratings 12–37 ms, against 94–210 ms for Adam's 150 steps to the same fit). Otherwise Adam, which stops where the
-        gradient puts the optimum within about 1e-6 of u (the shrinkage's curvature is 2 reg), so that
-        ratings that cancel leave the prior exactly as it is: Adam's steps are full-size on any
-        gradient, however small."""
+        ratings 12–37 ms, against 94–210 ms for Adam's 150 steps to the same fit). Otherwise (g = 0)
+        Adam, which stops where the gradient puts the optimum within about 1e-6 of u (the shrinkage's
+        curvature is 2 reg), so that ratings that cancel leave the prior exactly as it is: Adam's steps
+        are full-size on any gradient, however small."""
         items = np.asarray(items, np.int64)
         if len(items) == 0:
             return np.asarray(prior_vec, np.float32), float(prior_bias)
@@ -259,11 +259,10 @@ class NNRating(_RatingModel):
             u0 = self._theta(prior_vec, prior_bias)
             return self._gauss_newton(items, r, u0, np.full(len(u0), config.reg), learned, NN_GAUSS_NEWTON_STEPS,
                                       NN_GAUSS_NEWTON_TOL).astype(np.float32), float(prior_bias)
-        pull = self._learned_pull(learned, self._theta(prior_vec, prior_bias))
 
         def data_gradient(theta: np.ndarray) -> np.ndarray:
             pred, J = self._jacobian(items, theta[0])
-            return (J.T @ (pred - r) + pull)[None]
+            return (J.T @ (pred - r))[None]
 
         u = _adam_fold_in(data_gradient, np.asarray(prior_vec, np.float64)[None], config.reg, steps)
         return u[0], float(prior_bias)
@@ -337,8 +336,7 @@ RATINGS_AT_ONCE = 512  # the most ratings an nn item fold-in runs through the ML
 
 def _adam_fold_in(data_gradient, prior: np.ndarray, reg: float, steps: int = 150) -> np.ndarray:  # noqa: ANN001
     """Adam on the data's squared error + reg |θ − θ0|² for each row θ of ``prior`` (θ0) at once,
-    ``data_gradient(θs)`` → each row's half gradient of the data's part (Σ (pred − r) ∂pred/∂θ, and
-    any linear term's): the NN's fold-ins (``NNRating.fold_in``, ``fold_in_items``). A row stops on a
+    ``data_gradient(θs)`` → each row's Σ (pred − r) ∂pred/∂θ: the NN's fold-ins (``NNRating.fold_in``, ``fold_in_items``). A row stops on a
     gradient that puts its optimum within about 1e-6 of it."""
     prior = np.asarray(prior, np.float64)
     theta = prior.copy()
