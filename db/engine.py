@@ -186,9 +186,11 @@ def in_memory_sqlite(url: str) -> bool:
     if u.get_backend_name() != "sqlite":
         return False
     where = u.database or ""
-    if where.startswith("file:"):  # (a URI: its path, and its own mode)
-        path, _, query = where[len("file:"):].partition("?")
-        return path == ":memory:" or "mode=memory" in query.split("&") or u.query.get("mode") == "memory"
+    if u.query.get("uri") == "true" and where.startswith("file:"):  # (a URI only with uri=true)
+        path, fragment = where[len("file:"):].partition("#")[::2]
+        query = {} if fragment else u.query  # (after a '#' the parameters are the fragment's)
+        return path.partition("?")[0] in ("", ":memory:") or query.get("mode") == "memory" \
+            or query.get("vfs") == "memdb"
     return where in ("", ":memory:")
 
 

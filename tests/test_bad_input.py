@@ -333,7 +333,8 @@ def test_a_command_line_that_would_lose_or_expose_data_is_refused(trained_db, tm
     check_rejected(url, ["similar", "-1", "-n", "3"], "unknown item '-1'")
     ratings = fresh(folder, ".csv", "user,item,rating\nu,i,4\nv,i,2\n")
     for memory in ("sqlite://", "sqlite:///:memory:", "sqlite:///:memory:?cache=shared",
-                   "sqlite:///file::memory:?uri=true", "sqlite:///file:x?mode=memory&uri=true"):
+                   "sqlite:///file::memory:?uri=true", "sqlite:///file:x?mode=memory&uri=true",
+                   "sqlite:///file:?uri=true", "sqlite:///file:m.db?vfs=memdb&uri=true"):
         res = CliRunner().invoke(cli, ["--db", memory, "ingest", "ratings", str(ratings)])
         assert res.exit_code == 2 and "in-memory SQLite database keeps nothing" in res.output, res.output
     check_rejected(url, ["serve", "--host", " "], "--host", "give an address")
@@ -341,6 +342,11 @@ def test_a_command_line_that_would_lose_or_expose_data_is_refused(trained_db, tm
     for real in ("mode=memory.db", "my:memory:notes.db"):  # files, not in-memory databases
         res = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / real}", "ingest", "ratings", str(ratings)])
         assert res.exit_code == 0 and (tmp_path / real).exists(), res.output
+    from cfb.db.engine import in_memory_sqlite
+
+    for other in ("sqlite:///file::memory:", "sqlite:///file:y.db?mode=memory", "sqlite:///file:z.db#a?mode=memory&uri=true",
+                "sqlite:///memory.db", "postgresql+psycopg://u@h/memory"):  # (without uri=true a file: name is a file)
+        assert not in_memory_sqlite(other), other
     check_rejected(url, ["eval", "cold-start", "--data", str(tmp_path / "nowhere")], "nowhere: folder not found")
 
 

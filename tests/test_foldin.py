@@ -149,9 +149,10 @@ def test_many_items_solved_at_once_get_the_rows_each_gets_alone(make, at_once, m
 
 @pytest.mark.parametrize("make", [dot_model, nn_model])
 def test_a_trained_users_fit_reaches_its_optimum_when_its_ratings_turn_round(make):
-    """From a trained row whose ratings all turn round (r → 5.5 − r), the fit ends at its objective's
-    minimum (Σ (r − pred)² + reg |θ − θ0|² + 2 gᵀ(θ − θ0)), as far as a long plain gradient descent
-    gets: Gauss-Newton through the nn's ReLUs stopped well short of it after 8 steps (a review)."""
+    """From a trained row whose ratings all turn round (r → 5.5 − r), the fit ends at a minimum of its
+    objective (Σ (r − pred)² + reg |θ − θ0|² + 2 gᵀ(θ − θ0); through the nn's ReLUs a local one): a long
+    plain gradient descent from it finds nothing lower. Gauss-Newton through the ReLUs stopped well
+    short of it after 8 steps (a review)."""
     rng = np.random.default_rng(3)  # (with 8 steps the nn's fit here ended 2% above the minimum)
     m = make(rng)
     cfg = FoldInConfig(1.0, 1.0)
