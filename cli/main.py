@@ -857,16 +857,13 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
             data_dir = download("movielens-100k", progress=download_bar("movielens-100k", quiet))
         except CfbError as e:
             raise _for_eval(e) from None
-    if not data_dir.is_dir():
-        from ..cf_core.errors import InputError
-
-        raise InputError("folder not found" if not data_dir.exists() else "not a folder", source=str(data_dir))
-    read = read_goodbooks if (data_dir / "books.csv").exists() else read_movielens
+    from ..cf_core.errors import InputError
     from ..db.layouts import MOVIELENS_MARKERS
 
+    if not data_dir.is_dir():
+        raise InputError("folder not found" if not data_dir.exists() else "not a folder", source=str(data_dir))
+    read = read_goodbooks if (data_dir / "books.csv").exists() else read_movielens
     if read is read_movielens and not any((data_dir / f).exists() for f, _ in MOVIELENS_MARKERS):
-        from ..cf_core.errors import InputError
-
         looked = ", ".join(f"{name} (MovieLens {what})" for name, what in MOVIELENS_MARKERS)
         raise InputError(f"not a MovieLens or goodbooks folder: looked for {looked} and books.csv (goodbooks)",
                          source=str(data_dir))

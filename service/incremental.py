@@ -118,8 +118,10 @@ def retrain_incremental(engine: Engine) -> dict:
             unrated = metadata_only_items(conn, model, rated)  # catalogue items with metadata and no rating yet
             # items added since the full retrain whose metadata changed (`cfb ingest items`): their rows
             # start from it, so they are solved again (one with no rating: its metadata row)
-            added_ids = model.item_ids[model.added_items()]
-            relabelled = added_ids[model.metadata_changed(model.added_items(), item_attributes_in_order(conn, added_ids))]
+            added_inner = model.added_items()
+            added_ids = model.item_ids[added_inner]
+            attributes_of_added = item_attributes_in_order(conn, added_ids)
+            relabelled = added_ids[model.metadata_changed(added_inner, attributes_of_added)]
             if len(new) == 0 and len(unrated) == 0 and len(relabelled) == 0:
                 return {"version": parent, "kind": model.kind, "mode": "none", "new_ratings": 0,
                         "reason": f"no new ratings, items or item metadata since version {parent}"}
@@ -131,7 +133,8 @@ def retrain_incremental(engine: Engine) -> dict:
             new_items = np.concatenate([rated, unrated])
             t_fold = time.perf_counter()
             added, ranker_rows = model.metadata_rows(item_attributes_in_order(conn, new_items))
-            priors, prior_ranker = model.metadata_rows(item_attributes_in_order(conn, resolve))
+            of_added = dict(zip(added_ids.tolist(), attributes_of_added))  # (resolve: added items only)
+            priors, prior_ranker = model.metadata_rows([of_added[i] for i in resolve.tolist()])
             solve = np.concatenate([rated, resolve])
             first = len(rated)  # solve = the newly rated items, then the added ones that got more ratings
 

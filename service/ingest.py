@@ -140,7 +140,7 @@ def claim_users(conn, ds: Dataset) -> None:  # noqa: ANN001
             store.set_setting(conn, "users_of", ds.population)
 
 
-USERS_COMPARED = 1_000  # users a release shares ids with whose stored ratings ``claim_users`` compares
+USERS_COMPARED = 1_000  # users a release shares ids with whose stored ratings ``claim_users`` compares (one query)
 
 
 def _refuse_other_people(conn, ds: Dataset) -> None:  # noqa: ANN001
@@ -157,9 +157,8 @@ def _refuse_other_people(conn, ds: Dataset) -> None:  # noqa: ANN001
         return
     mine = users.isin(shared).to_numpy()
     theirs = set(zip(users[mine], ds.ratings["item"].astype(str)[mine]))
-    ours = [pair for start in range(0, len(shared), store.CHUNK) for pair in conn.execute(
-        select(User.external_id, Item.external_id).join(Rating, Rating.user_id == User.id)
-        .join(Item, Item.id == Rating.item_id).where(User.external_id.in_(shared[start:start + store.CHUNK])))]
+    ours = conn.execute(select(User.external_id, Item.external_id).join(Rating, Rating.user_id == User.id)
+                        .join(Item, Item.id == Rating.item_id).where(User.external_id.in_(shared))).all()
     if ours and sum(pair in theirs for pair in ours) < len(ours) / 2:
         raise CfbError(f"this database holds other users under {ds.name}'s user ids: of the {len(ours)} stored "
                        f"ratings of the users they share ids with (user {store.shown_id(shared[0])} …), most are "

@@ -20,9 +20,6 @@ def _items_out(conn: Connection, served: Served, rows: np.ndarray, scores: np.nd
             for i, s in zip(ids, scores)]
 
 
-NO_BIASES = "biases are learned by the dot model only"  # (a valid request an nn version cannot answer: HTTP 409)
-
-
 def check_top_n(n: int) -> None:
     """``n`` of a top-N list (`recommend`, `similar`, `biases`): a whole number from 1 to 1000."""
     check_whole(n, "n", 1, 1000)
@@ -153,7 +150,7 @@ def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
     served = load_served(conn)
     model = served.model
     if model.kind != "dot":
-        raise CannotAnswerError(f"{NO_BIASES} (this version is {model.kind!r})")
+        raise CannotAnswerError(f"biases are learned by the dot model only (this version is {model.kind!r})")
     b = model.rating.item_bias.astype(np.float64).copy()
     b[model.item_counts < min_ratings] = np.nan
     ok = np.flatnonzero(~np.isnan(b))
