@@ -475,7 +475,6 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     """Predicted rating for each user,item row of a CSV; prints CSV user,item,prediction."""
     import csv
     import io
-    import re
 
     from ..cf_core.errors import InputError
     from ..db.textfile import check_unique_columns, read_text
@@ -515,11 +514,11 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     try:
         with ctx.engine.connect() as conn:
             preds = predict_pairs(conn, pairs)
-    except CfbError as e:  # "row K: ..." -> the file and line of that row
-        m = re.match(r"row (\d+): (.*)", str(e))
-        if not m or not 1 <= int(m.group(1)) <= len(lines):
+    except CfbError as e:  # an error about row K -> the file and line of that row
+        row = getattr(e, "row", None)
+        if row is None:
             raise
-        raise InputError(m.group(2), source=src, line=lines[int(m.group(1)) - 1], field=e.field or "item") from None
+        raise InputError(e.detail, source=src, line=lines[row - 1], field=e.field or "item") from None
     if as_json:
         emit([{"user": u, "item": i, "prediction": round(p, 4)} for (u, i), p in zip(pairs, preds)], True)
     else:

@@ -33,13 +33,20 @@ def resolve_url(url: str | None = None) -> str:
     url = url or os.environ.get("CFB_DATABASE_URL")
     if url:
         return url if "://" in url else sqlite_url(Path(url).expanduser().absolute())
+    return sqlite_url(cfb_home() / "cfb.db")
+
+
+def _make_home_for(path: Path | None) -> None:
+    """cfb's own folder, made when a database is first written in it (the default database): a command
+    that only reads, and fails for want of a database, leaves no folder behind."""
     home = cfb_home()
+    if path is None or path.parent != home or home.is_dir():
+        return
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CfbError(f"cannot create cfb's folder {home} ({e.strerror or e}): set CFB_HOME to a writable "
                        "folder, or give --db") from None
-    return sqlite_url(home / "cfb.db")
 
 
 EMPTY_DATABASE = "the database holds no cfb data yet: run `cfb ingest …` first"
@@ -97,6 +104,7 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
     url = resolve_url(url)
     path = sqlite_file(url)
     _refuse_a_folder(path)
+    _make_home_for(path)
     if path is not None and not path.parent.is_dir():
         raise CfbError(f"no folder {path.parent} to make the database {path.name} in")
     if path is not None:  # (one killed just after linking its file into place leaves it beside the database)
@@ -328,6 +336,8 @@ def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = F
     url = resolve_url(url)
     if must_exist:
         require_database(url)
+    else:
+        _make_home_for(sqlite_file(url))
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", lambda dbapi_conn, _record: _sqlite_pragmas(dbapi_conn, not bulk))

@@ -947,8 +947,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             if key not in body:
                 raise ApiError(422, f"request body, field '{key}': missing", key)
         item, rating = body["item"], body["rating"]
-        if isinstance(item, (dict, list, bool)) or item is None or not str(item).strip():
-            raise ApiError(422, "request body, field 'item': expected an item id or title", "item")
+        if isinstance(item, (dict, list, bool, float)) or item is None or not str(item).strip():
+            # (a float's text is not an id: 50.0 would be item "50.0", as a sign-up's user id)
+            raise ApiError(422, f"request body, field 'item': expected an item id or title (text or a whole number), "
+                           f"got {json_shown(item)}", "item")
         if isinstance(rating, bool) or not isinstance(rating, (int, float)):
             raise ApiError(422, f"request body, field 'rating': expected a number, got {json_shown(rating)}", "rating")
         from .ratings import rate_item

@@ -42,32 +42,44 @@ def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank
 
 def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]:
     """Predicted rating for each (external user, item) pair, the item by id or exact title (as
-    ``find_item``); unknown ones are errors naming the row."""
+    ``find_item``); an unknown one is an error whose message names its row ("row K: ..."), with
+    ``row`` (K, from 1) and ``detail`` (the message without the row) set on it for a caller that
+    names the row its own way (the CLI names the file's line)."""
     served = load_served(conn)
     users = store.id_map(conn, store.User)
     items = store.id_map(conn, Item)
     rows: dict[int, list[tuple[int, int]]] = {}  # user -> [(row, inner item)]: one prediction call per user
     for k, (u, i) in enumerate(pairs):
-        u, i = str(u).strip(), str(i).strip()
-        if u not in users:
-            raise UnknownIdError(f"row {k + 1}: unknown user {u!r}", field="user")
-        if i in items:
-            item = items[i]
-        else:
-            try:
-                item = find_item(conn, i)
-            except CfbError as e:
-                raise type(e)(f"row {k + 1}: {e}", field=e.field) from None
-        inner = int(served.model.item_index([item])[0])
-        if inner < 0:
-            raise CannotAnswerError(f"row {k + 1}: {not_in_model(conn, served, item, i)}", field="item")
-        rows.setdefault(users[u], []).append((k, inner))
+        try:
+            user, inner = _pair_indices(conn, served, users, items, str(u).strip(), str(i).strip())
+        except CfbError as e:
+            raise _naming_row(e, k + 1) from None
+        rows.setdefault(user, []).append((k, inner))
     out = [0.0] * len(pairs)
     for user, wanted in rows.items():
         at, inner = zip(*wanted)
         for k, p in zip(at, served.model.predict(user_vector(conn, served, user)[0], np.array(inner)).tolist()):
             out[k] = float(p)
     return out
+
+
+def _pair_indices(conn: Connection, served: Served, users: dict[str, int], items: dict[str, int],
+                  u: str, i: str) -> tuple[int, int]:
+    """The database id of user ``u`` and the serving model's index of item ``i`` (id or exact title)."""
+    if u not in users:
+        raise UnknownIdError(f"unknown user {u!r}", field="user")
+    item = items[i] if i in items else find_item(conn, i)
+    inner = int(served.model.item_index([item])[0])
+    if inner < 0:
+        raise CannotAnswerError(not_in_model(conn, served, item, i), field="item")
+    return users[u], inner
+
+
+def _naming_row(error: CfbError, row: int) -> CfbError:
+    """``error`` again, of its type, its message prefixed "row ``row``: ", with ``row`` and ``detail`` set."""
+    named = type(error)(f"row {row}: {error}", field=error.field)
+    named.row, named.detail = row, str(error)
+    return named
 
 
 def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> str:

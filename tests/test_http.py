@@ -246,6 +246,9 @@ def test_error_codes(server, trained):
     r = server.post("/users/a0/ratings", json={"item": "a1", "rating": 7})
     assert r.status_code == 422 and r.json()["field"] == "rating"
     assert server.post("/users/a0/ratings", json={"item": "a1"}).status_code == 422
+    for value, said in ((50.0, "50.0"), (None, "null"), ({"id": 1}, '{"id": 1}')):  # (50.0 was item "50.0")
+        r = server.post("/users/a0/ratings", json={"item": value, "rating": 4})
+        assert r.status_code == 422 and r.json()["field"] == "item" and r.json()["error"].endswith(f"got {said}"), r.text
     for value, said in ((True, "true"), (None, "null"), ([4], "[4]")):  # (named as the JSON wrote it)
         r = server.post("/users/a0/ratings", json={"item": "a1", "rating": value})
         assert r.status_code == 422 and r.json()["error"].endswith(f"expected a number, got {said}"), r.text

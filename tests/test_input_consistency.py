@@ -288,9 +288,26 @@ def test_catalogue_items_with_metadata_are_served_after_any_retrain(engine, plan
 
 def test_an_unusable_home_folder_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CFB_HOME", str(write(tmp_path / "a-file", "")))
-    res = CliRunner().invoke(cli, ["models"])
+    ratings = write(tmp_path / "r.csv", "user,item,rating\nu1,i1,4\n")
+    res = CliRunner().invoke(cli, ["ingest", "ratings", str(ratings)])
     assert res.exit_code == 1 and res.output.startswith("Error: cannot create cfb's folder")
     assert len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(cli, ["models"])
+    assert res.exit_code == 1 and res.output.startswith("Error: no database at")
+
+
+def test_a_command_that_only_reads_makes_no_home_folder(tmp_path, monkeypatch):
+    """Only a command that writes the default database makes $CFB_HOME: a mistyped `cfb recommend` on
+    a fresh machine leaves nothing behind."""
+    home = tmp_path / "fresh" / "home"
+    monkeypatch.setenv("CFB_HOME", str(home))
+    for args in (["recommend", "1"], ["models"], ["similar", "1"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1 and "no database at" in res.output
+    assert not (tmp_path / "fresh").exists()
+    ratings = write(tmp_path / "r.csv", "user,item,rating\nu1,i1,4\n")
+    assert CliRunner().invoke(cli, ["ingest", "ratings", str(ratings), "--scale", "1,5"]).exit_code == 0
+    assert (home / "cfb.db").is_file()
 
 
 @pytest.mark.parametrize("body, line, message", [
