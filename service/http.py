@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -59,6 +60,9 @@ MAX_N = 100
 MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
 WEB = Path(__file__).parent / "web"
 POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
+# writes let wait for the database's one writer at once, each holding a pooled connection meanwhile; the
+# others wait for a turn holding none, so that the pool (15 connections) never runs dry for the reads
+WAITING_WRITERS = 4
 
 
 class IdConvertor(PathConvertor):
@@ -764,6 +768,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return answer_error(request, ApiError(503, str(database_error(e)), headers={"Retry-After": "10"}))
         raise e
 
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_timeout(request: Request, e: PoolTimeoutError):  # every pooled connection busy past the wait
+        return answer_error(request, ApiError(503, "the server is busy: try again shortly", headers={"Retry-After": "10"}))
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         err = (e.errors() or [{}])[0]
@@ -800,6 +808,23 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                            expose_headers=["Location", "Retry-After"], max_age=600)
     if local_hosts_only:  # outermost: before anything is read
         app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed))
+
+    waiting_writers = threading.BoundedSemaphore(WAITING_WRITERS)
+
+    def one_writer_of_few(write: Callable[[], object]) -> Callable[[], object]:
+        """``write`` (run in the thread pool) once it is one of the ``WAITING_WRITERS`` writes let wait
+        for the database's writer; a write that gets no turn within the busy timeout is answered as busy."""
+        from ..db import engine as engine_module
+
+        def gated():  # noqa: ANN202
+            if not waiting_writers.acquire(timeout=engine_module.BUSY_TIMEOUT_MS / 1000):
+                raise ApiError(503, BUSY, headers={"Retry-After": "10"})
+            try:
+                return write()
+            finally:
+                waiting_writers.release()
+
+        return gated
 
     async def read_json(request: Request) -> dict:
         """The request body as a JSON object, at most ``max_body`` bytes (also when chunked)."""
@@ -900,7 +925,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                         else "the id assigned was taken meanwhile by another writer; send the sign-up again")
                 raise ApiError(409, f"request body, field 'user': {said}", "user") from None
 
-        out = await run_in_threadpool(run)
+        out = await run_in_threadpool(one_writer_of_few(run))
         done = out["onboarded"][0]
         return json_response({"user": done["user"], "ratings": done["ratings"], "version": out["version"]}, 201,
                              {"Location": f"/users/{quote(done['user'], safe='')}/recommendations"})
@@ -964,7 +989,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 raise ApiError(_error_status(e), f"request body, field '{e.field}': {e}" if e.field else str(e),
                                e.field) from None
 
-        return json_response(await run_in_threadpool(run), 201)
+        return json_response(await run_in_threadpool(one_writer_of_few(run)), 201)
 
     @api_get("/items/{item:id}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
              responses={200: {"description": '{"item": id, "title", "items": [{"item", "title", "score"}]}'},

@@ -1028,6 +1028,59 @@ def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, 
         assert client.post("/users/a0/ratings", json=body).status_code == 201
 
 
+def test_many_writes_waiting_on_another_writer_leave_connections_for_the_reads(trained, db_url, monkeypatch):
+    """Twenty writes sent while another process holds the write lock: at most ``WAITING_WRITERS`` of
+    them hold a pooled connection while they wait (they held one each, so past 15 the pool ran dry:
+    the rest failed with a 500 and every read, on the event loop, waited for a connection); each is
+    answered 503 with Retry-After, and reads are answered meanwhile."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cfb.db import engine as engine_module
+    from cfb.db.engine import make_engine
+    from cfb.service.http import WAITING_WRITERS
+
+    engine, _ = trained
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 3000)
+    served = make_engine(db_url)
+    held = []
+    with running_server(served, fast_path=False) as base, httpx.Client(base_url=base, timeout=60) as client:
+        assert client.get("/health").status_code == 200
+        n = user_count(engine)
+        writer = sqlite3.connect(engine.url.database, timeout=0)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            with ThreadPoolExecutor(20) as pool:
+                sent = [pool.submit(client.post, "/users", json={"answers": {}}) for _ in range(20)]
+                while not all(f.done() for f in sent):
+                    held.append(served.pool.checkedout())
+                    assert client.get("/health").status_code == 200
+                    time.sleep(0.05)
+                answers = [f.result() for f in sent]
+        finally:
+            writer.rollback()
+            writer.close()
+        assert {r.status_code for r in answers} == {503}, {r.status_code for r in answers}
+        assert all(r.headers["retry-after"] == "10" for r in answers)
+        assert user_count(engine) == n
+    assert 1 <= max(held) <= WAITING_WRITERS + 1  # (+ the read of the moment)
+    served.dispose()
+
+
+def test_a_pool_with_no_free_connection_is_503_not_500(trained, db_url):
+    """A request that waits out the connection pool's timeout (every connection in use) is told to try
+    again, as a busy database is, not answered with a server error."""
+    from sqlalchemy import create_engine
+
+    tiny = create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+    with running_server(tiny, fast_path=False) as base, httpx.Client(base_url=base, timeout=30) as client:
+        with tiny.connect():  # the pool's one connection, held
+            r = client.get("/users/a0/recommendations")
+        assert r.status_code == 503 and r.headers["retry-after"] == "10" and "busy" in r.json()["error"], r.text
+        assert client.get("/users/a0/recommendations").status_code == 200
+    tiny.dispose()
+
+
 def test_a_user_id_with_surrounding_spaces_is_the_user_on_every_path(trained, db_url):
     """As every reader strips an id's surrounding spaces, so do the recommendations, on the fast path
     (SQLite) as on the route."""
