@@ -619,7 +619,8 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
     """Serve the JSON API, the web page (/) and the API docs (/docs) over HTTP."""
     import socket
 
-    from ..service.http import check_token_text, origin_key, serve as run_server
+    from ..service.http import check_token_text, serve as run_server
+    from ..service.http_guards import origin_key
 
     if not host.strip():  # (an empty host listens on every interface: `--host "$HOST"` with HOST unset)
         raise click.BadParameter("give an address (0.0.0.0 to listen on every interface)", param_hint="--host")

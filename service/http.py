@@ -11,32 +11,27 @@ Reads run on the event loop (each is a few SQLite reads and a little numpy: fast
 the thread pool, measured in bench/bench_http.py); writes run in the thread pool, since a write may
 wait for the database's write lock. On SQLite, GET /users/{user}/recommendations is answered by an
 ASGI middleware in front of FastAPI's routing (``FastRecommendations``) that reads the same rows
-with the driver's own cursor (``_FastReader``); its answers and errors equal the route's and
+with the driver's own cursor (``FastReader``); its answers and errors equal the route's and
 ``serving.recommend``'s (tests/test_http.py, tests/test_http_fast.py check it)."""
 from __future__ import annotations
 
 import asyncio
 import hmac
 import inspect
-import itertools
 import json
 import os
-import sqlite3
 import threading
-import weakref
 from collections.abc import Callable
 from html import escape
 from pathlib import Path
 from string import Template
-from typing import NamedTuple
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.concurrency import run_in_threadpool
@@ -46,17 +41,16 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
-from ..cf_core.errors import (CannotAnswerError, CfbError, InputError, NotReadyError, UnknownIdError, UserExistsError,
-                              cut, json_shown)
-from ..cf_core.model import UserHistory
+from ..cf_core.errors import CfbError, InputError, NotReadyError, UserExistsError, cut, json_shown
 from ..db import store, versions
-from ..db.engine import (BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file,
-                         writing)
+from ..db.engine import BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file
 from . import serving
-from .state import Served, changed_again, learned_values, load_served
+from .fast_recommendations import FastRecommendations, FastReader
+from .http_guards import LOOPBACK_NAMES, MAX_BODY, BodyLimit, DatabaseFileGone, LocalHostsOnly, origin_key
+from .http_json import MAX_N, ApiError, error_response, error_status, json_response, recommendation_query
+from .signup import signup_one
+from .state import load_served
 
-MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
-MAX_N = 100
 MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
 WEB = Path(__file__).parent / "web"
 POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
@@ -75,14 +69,6 @@ class IdConvertor(PathConvertor):
 register_url_convertor("id", IdConvertor())  # (the routes below name it: ``{user:id}``)
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": message[, "field": name]}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field, self.headers = status, message, field, headers
-
-
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "string", "description": "the problem, one line"},
     "field": {"type": "string", "description": "the parameter or body field at fault, where there is one"}}}
@@ -94,54 +80,6 @@ COMMON_ERRORS = {  # error answers any route may give, for the OpenAPI schema
     "post": {"401": "this server has a token and the request did not give it (`Authorization: Bearer <token>`)",
              "403": "a write sent by another site's page (its Origin is not allowed)",
              "413": "a body over 64 KiB"}}
-
-
-def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
-    """``obj`` as JSON (UTF-8, like the CLI's ``--json``)."""
-    body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (CannotAnswerError, 409))  # any other CfbError: 422
-
-
-def _error_status(e: CfbError) -> int:
-    return next((status for kind, status in ERROR_STATUS if isinstance(e, kind)), 422)
-
-
-def error_response(e: ApiError | CfbError) -> Response:
-    """An error's answer: ``{"error": message[, "field": name]}`` with its HTTP status."""
-    if isinstance(e, ApiError):
-        body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
-    else:
-        body, status, headers = {"error": str(e)}, _error_status(e), None
-        field = e.field
-    if field:
-        body["field"] = field
-    return json_response(body, status, headers)
-
-
-QUERY_INT = TypeAdapter(int)
-
-
-def recommendation_query(query_string: bytes) -> tuple[int, str]:
-    """(n, by) from the query string of GET /users/{user}/recommendations, checked as its schema says
-    (ApiError 422 naming the parameter); of a repeated parameter the last counts, as in Starlette."""
-    query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
-    raw_n, by = query.get("n", "10"), query.get("by", "rank")
-    try:
-        n = QUERY_INT.validate_python(raw_n)  # (what FastAPI takes for an int on every other route)
-    except ValidationError as e:
-        raise ApiError(422, f"query parameter 'n': {e.errors()[0]['msg']}", "n") from None
-    if not 1 <= n <= MAX_N:
-        bound = "greater than or equal to 1" if n < 1 else f"less than or equal to {MAX_N}"
-        raise ApiError(422, f"query parameter 'n': Input should be {bound}", "n")
-    if by not in ("rank", "rating"):
-        raise ApiError(422, "query parameter 'by': Input should be 'rank' or 'rating'", "by")
-    return n, by
-
-
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def rating_choices(scale: tuple[float, float], step: float | None) -> list[float]:
@@ -156,438 +94,6 @@ def rating_choices(scale: tuple[float, float], step: float | None) -> list[float
     n = int(round((hi - lo) / step))
     k = np.round(np.linspace(0, n, 11)) if n > 100 else np.arange(n + 1)
     return [round(lo + float(x) * step, 10) for x in k]
-
-
-def origin_key(origin: str) -> str | None:
-    """``scheme://host[:port]`` as a browser sends it in ``Origin`` (lower case, no default port, no
-    trailing slash), or None when ``origin`` is not an http(s) origin."""
-    try:
-        u = urlsplit(origin.strip())
-        port = u.port
-    except ValueError:
-        return None
-    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query or u.fragment:
-        return None
-    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    default = {"http": 80, "https": 443}[u.scheme]
-    return f"{u.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
-
-
-class LocalHostsOnly:
-    """ASGI middleware for a server bound to this machine only: a request naming another host in its
-    ``Host`` header (a page of another site whose name was re-pointed at 127.0.0.1: DNS rebinding) gets
-    400, unless that host is one of ``allowed`` (the hosts of ``--allow-origin``)."""
-
-    def __init__(self, app, allowed: frozenset[str] = frozenset()):
-        self.app, self.allowed = app, LOOPBACK_NAMES | allowed
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
-            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-            if name not in self.allowed:
-                await error_response(ApiError(400, f"this server answers for this machine only, not for host "
-                                                   f"{host!r} (`cfb serve --allow-origin` names another)"))(
-                    scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class BodyLimit:
-    """ASGI middleware: a request whose declared Content-Length is over ``max_body`` gets 413 at once
-    (a chunked body is counted while it is read: see ``read_json``)."""
-
-    def __init__(self, app, max_body: int = MAX_BODY):
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length":
-                    try:
-                        too_big = int(value) > self.max_body
-                    except ValueError:
-                        too_big = None
-                    if too_big is not False:
-                        status, msg = (413, f"request body over {self.max_body} bytes") if too_big else (
-                            400, "invalid Content-Length")
-                        await json_response({"error": msg}, status)(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
-
-
-class DatabaseFileGone:
-    """ASGI middleware: while the SQLite file is not at its path (deleted under a running server), every
-    request but a static file's is 503, not read from or written into the deleted file that the
-    server's connections still hold; ``present()`` says whether it is there (and moves the server to a
-    file made again there before the request goes on); ``page(message)`` answers a browser."""
-
-    def __init__(self, app, file: Path, present: Callable[[], bool], page: Callable[[str], Response]):
-        self.app, self.file, self.present, self.page = app, file, present, page
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not scope["path"].startswith("/static/") and not self.present():
-            message = f"no database at {self.file} (deleted while this server runs): `cfb ingest …` makes one"
-            browser = any(name == b"accept" and b"text/html" in value for name, value in scope["headers"])
-            answer = self.page(message) if browser else json_response({"error": message}, 503, {"Retry-After": "10"})
-            await answer(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-# --- fast reads on SQLite ---------------------------------------------------------------------
-class _Cached(NamedTuple):
-    """A computed answer and what it depends on (``_FastReader.cache``)."""
-
-    state: tuple  # SQL_STATE's row less its last two columns, when the answer was computed
-    root: int  # the serving version's full ancestor then
-    ids: str  # the answer's item ids (JSON)
-    body: bytes  # the answer (JSON)
-    seq: int  # every rating's latest seq when ``state`` was last confirmed
-    checked: tuple | None  # (the connection's number, its PRAGMA data_version) then
-
-
-class _ThreadOwned:
-    """Lives as long as a thread's local values (``_FastReader._conn``)."""
-
-
-def _close_quietly(conn: sqlite3.Connection) -> None:
-    try:
-        conn.close()
-    except sqlite3.Error:
-        pass
-
-
-class _FastReader:
-    """A user's recommendations read with the SQLite driver's own cursor (one connection per thread,
-    one read transaction per computed answer): the rows ``state.user_history`` reads, without the cost
-    of building SQLAlchemy statements for each, and the JSON answer reused while nothing it depends on
-    changed."""
-
-    SCAN_MAX = 200  # over this many ratings written since an answer was confirmed: recompute it
-    SQL_VERSION = "SELECT value FROM settings WHERE key = 'serving_version'"
-    # :ids (a JSON list of item ids) -> '[[id, external id, title], ...]' in that order
-    SQL_TITLES = ("(SELECT json_group_array(json_array(id, external_id, title)) FROM (SELECT i.id, i.external_id, "
-                  "i.title FROM json_each(:ids) AS j JOIN items AS i ON i.id = j.value ORDER BY j.key))")
-    # What an answer depends on, in one statement (one snapshot): the serving version; the user's id,
-    # attributes and signup answers; whether the version's full ancestor (:root) has trained factors for
-    # them; their ratings' count; the answer's items' titles; then every rating's latest seq, and whether
-    # the user has a rating with seq > :seq (1 too when over SCAN_MAX ratings were written since :seq).
-    # A new or changed rating gets seq = max(seq) + 1 (db/store.py: seq order is commit order), so the
-    # user's ratings are the same as when all ratings' latest seq was :seq iff their count is the same
-    # and none has seq > :seq: found on the seq index (``+user_id``: not on the user's every rating).
-    SQL_STATE = ("SELECT (SELECT value FROM settings WHERE key = 'serving_version'), u.id, u.attributes, a.ratings, "
-                 "EXISTS (SELECT 1 FROM user_factors f WHERE f.user_id = u.id AND f.version_id = :root), "
-                 "(SELECT count(*) FROM ratings r WHERE r.user_id = u.id), " + SQL_TITLES + ", "
-                 "(SELECT max(seq) FROM ratings), "
-                 f"CASE WHEN (SELECT max(seq) FROM ratings) - :seq > {SCAN_MAX} THEN 1 "
-                 "ELSE EXISTS (SELECT 1 FROM ratings r WHERE r.seq > :seq AND +r.user_id = u.id) END "
-                 "FROM users u LEFT JOIN answers a ON a.user_id = u.id WHERE u.external_id = :user")
-    SQL_FACTORS = "SELECT bias, factors FROM user_factors WHERE user_id = ? AND version_id = ?"
-    SQL_RATINGS = "SELECT item_id, rating, seq, prev_rating, prev_seq FROM ratings WHERE user_id = ? ORDER BY seq"
-    SQL_ASKED = "SELECT asked FROM answers WHERE user_id = ?"
-    SQL_REPLACED = "SELECT item_id, seq, rating FROM replaced_ratings WHERE user_id = ? AND seq <= ? ORDER BY seq"
-    SQL_RATINGS_BEFORE_HISTORY = "SELECT item_id, rating, seq, NULL, NULL FROM ratings WHERE user_id = ? ORDER BY seq"
-
-    def __init__(self, engine: Engine, cache_size: int = 10_000):
-        self.engine = engine
-        # (keyed by ``generation`` too: a request still running on a connection to a file made again
-        # never fills them for the requests on the new file)
-        self.roots: dict[tuple[int, int], int] = {}  # version -> its full ancestor (versions never change)
-        self.item_ids: dict[tuple[int, str], int] = {}  # external id -> database id (neither ever changes)
-        self.served: dict = {}  # the last few versions' state.Served (what load_served caches)
-        # (user, n, by) -> _Cached: a user asking again with nothing changed gets the same body without
-        # recomputing it; any change (a rating gets a new seq) recomputes at once. While the connection
-        # that last confirmed an answer reads the same PRAGMA data_version, no other connection or
-        # process has committed anything since, so nothing needs reading again.
-        self.cache: dict[tuple, _Cached] | None = {} if cache_size > 0 else None
-        self.cache_size = cache_size
-        self.local = threading.local()  # each thread's own connection
-        self._tokens = itertools.count()
-        self.generation = 0  # ``reopen`` makes every thread open a new connection
-
-    def reopen(self) -> None:
-        """Drop every thread's connection and everything read from the file: it was made again (its
-        version 1 is another model, its ids other items)."""
-        self.generation += 1
-        for known in (self.cache, self.roots, self.item_ids, self.served):
-            if known is not None:
-                known.clear()
-
-    def _root(self, version: int) -> int:
-        key = (self.local.generation, version)
-        root = self.roots.get(key)
-        if root is None:
-            with self.engine.connect() as conn:
-                root = self.roots[key] = versions.chain(conn, version)[0]
-        return root
-
-    def _conn(self) -> tuple[sqlite3.Connection, int]:
-        """This thread's connection (the engine's: WAL, busy timeout, autocommit; kept out of the pool),
-        and a number naming it that is never reused (the cache keeps that, not the connection)."""
-        conn = getattr(self.local, "conn", None)
-        if conn is not None and self.local.generation != self.generation:
-            _close_quietly(conn)
-            conn = None
-        if conn is None:
-            self.local.generation = self.generation
-            raw = self.engine.raw_connection()
-            conn = self.local.conn = raw.driver_connection
-            raw.detach()  # this thread's for good: no pool checkout per request
-            self.local.token = next(self._tokens)
-            # when the thread ends its local values go, and the connection is closed with them
-            self.local.owner = _ThreadOwned()
-            weakref.finalize(self.local.owner, _close_quietly, conn)
-        return conn, self.local.token
-
-    def answer(self, user: str, n: int, by: str) -> bytes:
-        """``user``'s top ``n`` as the JSON body of ``serving.recommend``'s answer (UTF-8), from the cache
-        when nothing it depends on changed since it was computed."""
-        user = user.strip()  # (surrounding spaces aside, as ``store.user_id_of`` and every reader)
-        conn, token = self._conn()
-        key = (user, n, by)
-        hit = mark = None
-        if self.cache is not None:
-            mark = (token, conn.execute("PRAGMA data_version").fetchone()[0])  # before any read below
-            hit = self.cache.get(key)
-        if hit is not None:
-            if hit.checked == mark:
-                return hit.body
-            row = conn.execute(self.SQL_STATE, {"root": hit.root, "ids": hit.ids, "seq": hit.seq,
-                                                "user": user}).fetchone()
-            if row is not None and row[:-2] == hit.state and not row[-1]:
-                self.cache[key] = hit._replace(seq=row[-2] or 0, checked=mark)
-                return hit.body
-        fresh = self._fresh(conn, user, n, by)
-        if self.cache is not None:
-            if len(self.cache) >= self.cache_size and key not in self.cache:
-                try:
-                    self.cache.pop(next(iter(self.cache)), None)  # the oldest entry
-                except (RuntimeError, StopIteration):  # another thread changed it meanwhile
-                    pass
-            self.cache[key] = fresh._replace(checked=mark)
-        return fresh.body
-
-    def _fresh(self, conn: sqlite3.Connection, user: str, n: int, by: str) -> _Cached:
-        """The answer computed in one read transaction, with what it depends on."""
-        cur = conn.cursor()
-        cur.execute("BEGIN")  # one snapshot for every read below
-        try:
-            row = cur.execute(self.SQL_VERSION).fetchone()
-            if not row or not row[0]:
-                raise NotReadyError(versions.NO_MODEL)
-            version = int(row[0])
-            served, root = self._served(version), self._root(version)
-            row = cur.execute(self.SQL_STATE, {"root": root, "ids": "[]", "seq": 1 << 62, "user": user}).fetchone() \
-                if store.can_exist(user) else None  # (as ``store.user_id_of``)
-            if row is None:
-                raise UnknownIdError(f"unknown user {store.shown_id(user)}", field="user")
-            uid, attrs, answer = row[1:4]
-            bias, factors = cur.execute(self.SQL_FACTORS, (uid, root)).fetchone() or (None, None)
-            top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
-            ids = json.dumps([int(i) for i in served.model.item_ids[top]])
-            titles = cur.execute("SELECT " + self.SQL_TITLES, {"ids": ids}).fetchone()[0]
-        finally:
-            cur.execute("COMMIT")
-            cur.close()
-        found = {i: (item, title) for i, item, title in json.loads(titles)}
-        items = [{"item": found[i][0], "title": found[i][1], "score": round(float(s), 4)}
-                 for i, s in zip(json.loads(ids), scores)]
-        body = json.dumps({"user": user, "items": items}, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        return _Cached(row[:-3] + (titles,), root, ids, body, row[-2] or 0, None)
-
-    def _compute(self, cur, served, uid, attrs, answer, bias, factors, n: int, by: str):
-        """(top inner items, their predicted ratings): what ``serving.recommend`` computes."""
-        attrs = json.loads(attrs) if isinstance(attrs, str) else attrs
-        try:
-            rows = cur.execute(self.SQL_RATINGS, (uid,)).fetchall()
-        except sqlite3.OperationalError as e:  # a table from before prev_rating/prev_seq (its next writer adds them)
-            if "no such column" not in str(e):
-                raise
-            rows = cur.execute(self.SQL_RATINGS_BEFORE_HISTORY, (uid,)).fetchall()
-        if rows:
-            arr = np.array(rows, dtype=np.float64)  # (NULL -> nan)
-            items, ratings, seq = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.float32), arr[:, 2]
-            prev, prev_seq = arr[:, 3], np.where(np.isnan(arr[:, 4]), -1, arr[:, 4]).astype(np.int64)
-        else:
-            items, ratings, seq = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0)
-            prev, prev_seq = np.zeros(0), np.zeros(0, np.int64)
-        row_ = None
-        if factors is not None:
-            row_ = (np.frombuffer(factors, dtype="<f4").astype(np.float32), float(bias))
-        signup = frozenset()
-        answer = json.loads(answer) if isinstance(answer, str) else answer
-        if answer:
-            signup = frozenset(self._item_ids(cur, [str(k) for k in answer]))
-        asked = None
-        if answer is not None:  # a signup: how many questionnaire items it showed (an answers row never changes)
-            try:
-                asked = cur.execute(self.SQL_ASKED, (uid,)).fetchone()[0]
-            except sqlite3.OperationalError as e:  # a table from before ``asked`` (its next signup adds it)
-                if "no such column" not in str(e):
-                    raise
-        learned = None
-        if row_ is not None:
-            replaced = None
-            if changed_again(seq, prev_seq, served.root_seq).any():
-                try:
-                    found = np.array(cur.execute(self.SQL_REPLACED, (uid, served.root_seq)).fetchall(),
-                                     np.float64).reshape(-1, 3)
-                except sqlite3.OperationalError as e:  # a database whose next writer has yet to start the log
-                    if "no such table" not in str(e):
-                        raise
-                    found = np.zeros((0, 3))
-                replaced = (found[:, 0].astype(np.int64), found[:, 1].astype(np.int64), found[:, 2])
-            learned = learned_values(items, seq, prev, prev_seq, served.root_seq, replaced)
-        history = UserHistory(attrs or {}, items, ratings, newer=seq > served.root_seq, signup_items=signup,
-                              trained_row=row_, learned_values=learned, asked=asked)
-        model = served.model
-        vector = model.user_vector(history)
-        top = model.recommend(vector, model.item_index(history.items), n, by)
-        scores = model.predict(vector, top)
-        return top, scores
-
-    def _item_ids(self, cur, keys: list[str]) -> list[int]:
-        gen = self.local.generation
-        missing = [k for k in keys if (gen, k) not in self.item_ids]
-        for start in range(0, len(missing), 900):
-            part = missing[start:start + 900]
-            self.item_ids.update(((gen, e), i) for e, i in cur.execute(
-                f"SELECT external_id, id FROM items WHERE external_id IN ({','.join('?' * len(part))})", part))
-        found = [self.item_ids.get((gen, k)) for k in keys]
-        return [i for i in found if i is not None]
-
-    def _served(self, version: int):
-        key = (self.local.generation, version)
-        served = self.served.get(key)
-        if served is None:
-            with self.engine.connect() as conn:
-                served = load_served(conn, version)
-            while len(self.served) >= 4:  # a long-running server sees many versions: keep the latest few
-                try:
-                    self.served.pop(next(iter(self.served)), None)
-                except (RuntimeError, StopIteration):  # another thread changed it meanwhile
-                    break
-            self.served[key] = served
-        return served
-
-
-class FastRecommendations:
-    """ASGI middleware: ``GET /users/{user}/recommendations`` answered from ``_FastReader.answer`` without
-    FastAPI's routing, parameter and response machinery, which cost many times what a cached answer
-    does (the hottest endpoint; bench/bench_http.py), with the route's body, status and errors; every
-    other request goes on to ``app``."""
-
-    PREFIX, SUFFIX = "/users/", "/recommendations"
-
-    def __init__(self, app, fast: _FastReader, in_threadpool: bool = False):
-        self.app, self.fast, self.in_threadpool = app, fast, in_threadpool
-
-    async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "")
-        user = ""
-        if (scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path")
-                and path.startswith(self.PREFIX) and path.endswith(self.SUFFIX)):
-            user = path[len(self.PREFIX):-len(self.SUFFIX)]
-        if not user:  # the route's {user} is non-empty (and may hold a "/", as an id may)
-            await self.app(scope, receive, send)
-            return
-        try:
-            n, by = recommendation_query(scope["query_string"])
-            if self.in_threadpool:
-                body = await run_in_threadpool(self.fast.answer, user, n, by)
-            else:
-                body = self.fast.answer(user, n, by)
-        except (ApiError, CfbError) as e:
-            await error_response(e)(scope, receive, send)
-            return
-        except Exception as e:
-            if not is_missing_table(e):
-                raise
-            await error_response(NotReadyError(EMPTY_DATABASE))(scope, receive, send)
-            return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
-        await send({"type": "http.response.body", "body": body})
-
-
-# --- one signup, without reading the whole catalogue ------------------------------------------------
-class _Lookup:
-    """A read-only mapping answered by one query per key (``get``, ``in``), for ``SignupValidator``; a key
-    that ``possible`` refuses (an id no row can have) is missing without a query. ``prefetch`` answers
-    many keys in one query where the lookup has a ``batch`` statement (``keys``: a list parameter)."""
-
-    PREFETCH_MAX = 500  # keys a prefetch asks for in one statement (the rest are looked up one by one)
-
-    def __init__(self, conn, stmt, many: bool = False, possible: Callable[[str], bool] = store.can_exist,
-                 batch=None):  # noqa: ANN001
-        self.conn, self.stmt, self.many, self.possible, self.batch, self.seen = conn, stmt, many, possible, batch, {}
-
-    def prefetch(self, keys) -> None:  # noqa: ANN001
-        """Look up ``keys`` (those not seen yet, up to PREFETCH_MAX) in one query (one-to-one lookups)."""
-        wanted = list(dict.fromkeys(k for k in map(str, keys) if k not in self.seen and self.possible(k)))
-        wanted = wanted[:self.PREFETCH_MAX]
-        if self.batch is None or self.many or not wanted:
-            return
-        found = dict(self.conn.execute(self.batch, {"keys": wanted}).all())
-        self.seen.update({k: found.get(k) for k in wanted})
-
-    def get(self, key, default=None):
-        key = str(key)
-        if key not in self.seen:
-            rows = self.conn.execute(self.stmt, {"key": key}).scalars().all() if self.possible(key) else []
-            self.seen[key] = rows if self.many else (rows[0] if rows else None)
-        value = self.seen[key]
-        return default if value is None or value == [] else value
-
-    def __contains__(self, key) -> bool:
-        return self.get(key) is not None
-
-
-def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict:
-    """``onboard(engine, [(where, entry)])`` for one entry: the same checks (``SignupValidator.validate``)
-    and the same rows (``store_signup``), with the catalogue and the users looked up per key instead of
-    read whole (a signup costs the same with 1,000 or 1,000,000 users)."""
-    from sqlalchemy import bindparam, select
-
-    from ..db import store
-    from ..db.schema import Item, User
-    from .onboard import SignupValidator, store_signup
-
-    # an item's external id and database id never change (items are never deleted or renumbered): the
-    # entry's items are looked up once, in one query, and the ids found reused under the write lock (a
-    # miss is asked again there: another writer may have added that id meanwhile)
-    items = _Lookup(None, select(Item.id).where(Item.external_id == bindparam("key")),
-                    batch=select(Item.external_id, Item.id).where(Item.external_id.in_(bindparam("keys", expanding=True))))
-
-    def validator_on(conn: Connection, served: Served) -> SignupValidator:
-        items.conn = conn
-        return SignupValidator(
-            conn, served, items=items,
-            titles=_Lookup(conn, select(Item.external_id).where(Item.title == bindparam("key")), many=True,
-                           possible=lambda title: "\x00" not in title),  # (as ``serving.find_item``)
-            all_titles=lambda: store.item_title_list(conn),  # (read on an unknown item only)
-            known_users=_Lookup(conn, select(User.id).where(User.external_id == bindparam("key"))))
-
-    with engine.connect() as conn:  # bad input is found here, outside the write lock (an unknown item's
-        validator = validator_on(conn, load_served(conn))  # hint reads every title)
-        if isinstance(entry.get("ratings"), dict):
-            items.prefetch(str(key).strip() for key in entry["ratings"])
-        validator.validate(where, entry)
-    items.seen = {key: found for key, found in items.seen.items() if found is not None}
-    with writing(engine) as conn:
-        served = load_served(conn)
-        validator = validator_on(conn, served)
-        signup = validator.validate(where, entry)
-        if signup.user is None:  # onboard's `new-N` (N = the next row id), without reading every user
-            n = int(conn.scalar(select(User.id).order_by(User.id.desc()).limit(1)) or 0) + 1
-            while f"new-{n}" in validator.known_users:
-                n += 1
-            signup.user = f"new-{n}"
-        external, _ = store_signup(conn, served, signup)
-    return {"version": served.version, "onboarded": [{"user": external, "ratings": len(signup.ratings)}],
-            "skipped": []}
 
 
 def _file_identity(path: Path | None) -> tuple[int, int] | None:
@@ -661,7 +167,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         local_hosts_only = os.environ.get("CFB_LOCAL_HOSTS_ONLY", "") == "1"
     engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
     on_file = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
-    fast = _FastReader(engine, cache_size) if fast_path and on_file else None  # (it keeps its own connections)
+    fast = FastReader(engine, cache_size) if fast_path and on_file else None  # (it keeps its own connections)
     token = check_token_text(token or None)
 
     async def _poll_versions() -> None:
@@ -750,7 +256,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return error_response(e)
         if isinstance(e, ApiError):
             return error_page(e.message, e.status, e.headers)
-        return error_page(str(e), _error_status(e))
+        return error_page(str(e), error_status(e))
 
     @app.exception_handler(ApiError)
     @app.exception_handler(CfbError)
@@ -986,7 +492,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             except CfbError as e:
                 if e.field == "user":  # (the path's: answered as every route answers it)
                     raise
-                raise ApiError(_error_status(e), f"request body, field '{e.field}': {e}" if e.field else str(e),
+                raise ApiError(error_status(e), f"request body, field '{e.field}': {e}" if e.field else str(e),
                                e.field) from None
 
         return json_response(await run_in_threadpool(one_writer_of_few(run)), 201)

@@ -363,7 +363,7 @@ def test_biases_of_an_nn_version_are_a_conflict_not_a_bad_parameter(trained, mon
     from types import SimpleNamespace
 
     from cfb.service import serving
-    from cfb.service.http import error_response
+    from cfb.service.http_json import error_response
 
     engine, _ = trained
     monkeypatch.setattr(serving, "load_served", lambda conn: SimpleNamespace(model=SimpleNamespace(kind="nn")))
@@ -632,7 +632,7 @@ def test_serve_command_binds_localhost_by_default():
 ])
 def test_server_signup_checks_what_onboard_checks(trained, entry):
     from cfb.cf_core.errors import InputError
-    from cfb.service.http import signup_one
+    from cfb.service.signup import signup_one
     from cfb.service.onboard import onboard
 
     engine, _ = trained
@@ -646,7 +646,7 @@ def test_server_signup_checks_what_onboard_checks(trained, entry):
 def test_server_signup_stores_what_onboard_stores(trained):
     from sqlalchemy import text
 
-    from cfb.service.http import signup_one
+    from cfb.service.signup import signup_one
     from cfb.service.onboard import onboard
 
     engine, _ = trained
@@ -671,11 +671,11 @@ def test_a_signup_asks_again_under_the_lock_for_an_id_it_missed(trained, monkeyp
 
     from sqlalchemy import insert, text
 
-    import cfb.service.http as http
+    import cfb.service.signup as signup
     from cfb.db.schema import Item
 
     engine, _ = trained
-    real = http.writing
+    real = signup.writing
 
     @contextlib.contextmanager
     def another_writer_first(eng):  # noqa: ANN001, ANN202
@@ -684,8 +684,8 @@ def test_a_signup_asks_again_under_the_lock_for_an_id_it_missed(trained, monkeyp
         with real(eng) as conn:
             yield conn
 
-    monkeypatch.setattr(http, "writing", another_writer_first)
-    user = http.signup_one(engine, {"ratings": {"Alpha film 0": 5}})["onboarded"][0]["user"]
+    monkeypatch.setattr(signup, "writing", another_writer_first)
+    user = signup.signup_one(engine, {"ratings": {"Alpha film 0": 5}})["onboarded"][0]["user"]
     with engine.connect() as conn:
         rated = conn.execute(text("SELECT i.external_id FROM ratings r JOIN users u ON u.id = r.user_id "
                                   "JOIN items i ON i.id = r.item_id WHERE u.external_id = :u"), {"u": user}).scalars().all()
@@ -697,7 +697,7 @@ def test_a_servers_signup_looks_its_items_up_in_one_query(trained):
     checked outside the write lock and again inside), and items named by title still land."""
     from sqlalchemy import event, text
 
-    from cfb.service.http import signup_one
+    from cfb.service.signup import signup_one
 
     engine, _ = trained
 
@@ -940,7 +940,7 @@ def test_the_page_offers_the_ratings_the_scale_takes():
 
 
 def test_origin_keys_are_what_a_browser_sends():
-    from cfb.service.http import origin_key
+    from cfb.service.http_guards import origin_key
 
     assert origin_key("https://Shop.example:443/") == origin_key("https://shop.example") == "https://shop.example"
     assert origin_key("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
@@ -972,7 +972,7 @@ def test_an_unknown_items_hint_is_found_outside_the_write_lock(trained, monkeypa
     import sqlite3
 
     from cfb.service import onboard, serving
-    from cfb.service.http import signup_one
+    from cfb.service.signup import signup_one
     from cfb.service.ratings import rate_item
 
     engine, _ = trained
@@ -1104,7 +1104,6 @@ def test_a_database_made_again_at_the_same_path_is_served_within_a_second(traine
     import pandas as pd
 
     from cfb.db.engine import make_engine
-    from cfb.db.sources import Dataset
     from cfb.service.ingest import ingest_dataset
     from cfb.service.onboard import onboard
     from cfb.service.training import retrain_full

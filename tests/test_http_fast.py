@@ -1,4 +1,4 @@
-"""The fast path of GET /users/{user}/recommendations (``FastRecommendations`` over ``_FastReader``):
+"""The fast path of GET /users/{user}/recommendations (``FastRecommendations`` over ``FastReader``):
 the same bodies and errors as the FastAPI route over ``serving.recommend``, and never a stale answer:
 what another connection writes (as another process would) counts from the next request on."""
 from __future__ import annotations
@@ -22,16 +22,16 @@ USERS = ["a0", "b1", "a2", "b3", "a10", "b59"]
 def fast_and_slow(trained, db_url, monkeypatch):
     """(fast client, slow client, the fast path's calls): two servers over one database, one with the
     fast path, one answering from the FastAPI route (``fast_path=False``)."""
-    from cfb.service import http
+    from cfb.service import fast_recommendations
 
     calls = []
-    answer = http._FastReader.answer
+    answer = fast_recommendations.FastReader.answer
 
     def counted(self, user: str, n: int, by: str) -> bytes:
         calls.append((user, n, by))
         return answer(self, user, n, by)
 
-    monkeypatch.setattr(http._FastReader, "answer", counted)
+    monkeypatch.setattr(fast_recommendations.FastReader, "answer", counted)
     with running_server(db_url) as fast, running_server(db_url, fast_path=False) as slow, \
             httpx.Client(base_url=fast, timeout=30) as f, httpx.Client(base_url=slow, timeout=30) as s:
         yield f, s, calls
@@ -152,12 +152,12 @@ def test_the_cache_recomputes_only_what_changed(trained, db_url, monkeypatch):
     """A write of another user's rating costs a check, not a recomputation; one of the user's own, or
     more writes since than the check looks through, recompute; any answer equals the service's."""
     from cfb.db.engine import make_engine
-    from cfb.service.http import _FastReader
+    from cfb.service.fast_recommendations import FastReader
     from cfb.service.ratings import rate_item
     from cfb.service.serving import recommend
 
     engine, _ = trained
-    reader = _FastReader(engine)
+    reader = FastReader(engine)
     computed = []
     fresh = reader._fresh
     monkeypatch.setattr(reader, "_fresh", lambda *a: computed.append(a[1]) or fresh(*a))
@@ -183,7 +183,7 @@ def test_the_cache_recomputes_only_what_changed(trained, db_url, monkeypatch):
         rate_item(other, "a0", "b21", 4.0)
         answer()
         assert computed == ["a0", "a0"]
-        for k in range(2 * _FastReader.SCAN_MAX):  # more ratings written than the check looks through
+        for k in range(2 * FastReader.SCAN_MAX):  # more ratings written than the check looks through
             rate_item(other, f"b{1 + 2 * (k % 30)}", f"b{20 + k // 30}", 1.0 + k % 5)
         answer()
         assert computed == ["a0"] * 3
@@ -193,13 +193,13 @@ def test_the_cache_recomputes_only_what_changed(trained, db_url, monkeypatch):
 
 def test_the_check_reads_no_whole_table(trained):
     """SQL_STATE finds each row by an index (a full scan of the ratings would cost ~1 ms on 100k)."""
-    from cfb.service.http import _FastReader
+    from cfb.service.fast_recommendations import FastReader
 
     engine, _ = trained
     raw = engine.raw_connection()
     try:
         plan = [row[-1] for row in raw.cursor().execute(
-            "EXPLAIN QUERY PLAN " + _FastReader.SQL_STATE, {"root": 1, "ids": "[1, 2]", "seq": 0, "user": "a0"})]
+            "EXPLAIN QUERY PLAN " + FastReader.SQL_STATE, {"root": 1, "ids": "[1, 2]", "seq": 0, "user": "a0"})]
     finally:
         raw.close()
     scans = [p for p in plan if p.startswith("SCAN") and "VIRTUAL TABLE" not in p and "subquery" not in p]

@@ -1,0 +1,66 @@
+"""JSON in and out of the HTTP API, shared by its routes, its middleware and the fast path: an error's
+answer (``{"error": message[, "field": name]}`` with its status) and the recommendations' query."""
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qsl
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.responses import Response
+
+from ..cf_core.errors import CannotAnswerError, CfbError, NotReadyError, UnknownIdError
+
+MAX_N = 100  # the most recommendations or similar items one request asks for
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message[, "field": name]}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
+    """``obj`` as JSON (UTF-8, like the CLI's ``--json``)."""
+    body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (CannotAnswerError, 409))  # any other CfbError: 422
+
+
+def error_status(e: CfbError) -> int:
+    return next((status for kind, status in ERROR_STATUS if isinstance(e, kind)), 422)
+
+
+def error_response(e: ApiError | CfbError) -> Response:
+    """An error's answer: ``{"error": message[, "field": name]}`` with its HTTP status."""
+    if isinstance(e, ApiError):
+        body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
+    else:
+        body, status, headers = {"error": str(e)}, error_status(e), None
+        field = e.field
+    if field:
+        body["field"] = field
+    return json_response(body, status, headers)
+
+
+QUERY_INT = TypeAdapter(int)
+
+
+def recommendation_query(query_string: bytes) -> tuple[int, str]:
+    """(n, by) from the query string of GET /users/{user}/recommendations, checked as its schema says
+    (ApiError 422 naming the parameter); of a repeated parameter the last counts, as in Starlette."""
+    query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+    raw_n, by = query.get("n", "10"), query.get("by", "rank")
+    try:
+        n = QUERY_INT.validate_python(raw_n)  # (what FastAPI takes for an int on every other route)
+    except ValidationError as e:
+        raise ApiError(422, f"query parameter 'n': {e.errors()[0]['msg']}", "n") from None
+    if not 1 <= n <= MAX_N:
+        bound = "greater than or equal to 1" if n < 1 else f"less than or equal to {MAX_N}"
+        raise ApiError(422, f"query parameter 'n': Input should be {bound}", "n")
+    if by not in ("rank", "rating"):
+        raise ApiError(422, "query parameter 'by': Input should be 'rank' or 'rating'", "by")
+    return n, by
