@@ -472,13 +472,14 @@ def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) 
 @pass_ctx
 @fail_cleanly
 def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
-    """Predicted rating for each user,item row of a CSV; prints CSV user,item,prediction."""
+    """Predicted rating for each user,item row of a CSV (an item by id or exact title); prints CSV
+    user,item,prediction, the item by its id (--json: with its title)."""
     import csv
     import io
 
     from ..cf_core.errors import InputError
     from ..db.textfile import check_unique_columns, read_text
-    from ..service.serving import predict_pairs
+    from ..service.serving import predictions_table
 
     src = str(pairs_file)
     text = read_text(pairs_file).lstrip("\ufeff")
@@ -513,18 +514,18 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
         raise InputError("no user,item rows after the header", source=src, line=2)
     try:
         with ctx.engine.connect() as conn:
-            preds = predict_pairs(conn, pairs)
+            table = predictions_table(conn, pairs)
     except CfbError as e:  # an error about row K -> the file and line of that row
         row = getattr(e, "row", None)
         if row is None:
             raise
         raise InputError(e.detail, source=src, line=lines[row - 1], field=e.field or "item") from None
     if as_json:
-        emit([{"user": u, "item": i, "prediction": round(p, 4)} for (u, i), p in zip(pairs, preds)], True)
+        emit([{**row, "prediction": round(row["prediction"], 4)} for row in table], True)
     else:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["user", "item", "prediction"])
-        w.writerows([u, i, f"{p:.4f}"] for (u, i), p in zip(pairs, preds))
+        w.writerows([row["user"], row["item"], f"{row['prediction']:.4f}"] for row in table)
 
 
 @cli.command(cls=NumberArguments)  # (a negative number is an id, not an option)

@@ -45,34 +45,51 @@ def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]
     ``find_item``); an unknown one is an error whose message names its row ("row K: ..."), with
     ``row`` (K, from 1) and ``detail`` (the message without the row) set on it for a caller that
     names the row its own way (the CLI names the file's line)."""
+    return _predicted(conn, pairs)[0]
+
+
+def predictions_table(conn: Connection, pairs: list[tuple[str, str]]) -> list[dict]:
+    """``predict_pairs`` as rows ``{"user", "item", "title", "prediction"}``, the item as stored (its
+    id, also where the pair named it by title), as ``recommend`` and ``similar`` give items."""
+    predictions, item_ids = _predicted(conn, pairs)
+    titles = store.item_titles(conn, set(item_ids))
+    return [{"user": str(u).strip(), "item": titles[i][0], "title": titles[i][1], "prediction": p}
+            for (u, _), i, p in zip(pairs, item_ids, predictions)]
+
+
+def _predicted(conn: Connection, pairs: list[tuple[str, str]]) -> tuple[list[float], list[int]]:
+    """(the predicted ratings, the items' database ids) of ``predict_pairs``."""
     served = load_served(conn)
     users = store.id_map(conn, store.User)
     items = store.id_map(conn, Item)
     rows: dict[int, list[tuple[int, int]]] = {}  # user -> [(row, inner item)]: one prediction call per user
+    item_ids = []
     for k, (u, i) in enumerate(pairs):
         try:
-            user, inner = _pair_indices(conn, served, users, items, str(u).strip(), str(i).strip())
+            user, item, inner = _pair_indices(conn, served, users, items, str(u).strip(), str(i).strip())
         except CfbError as e:
             raise _naming_row(e, k + 1) from None
         rows.setdefault(user, []).append((k, inner))
+        item_ids.append(item)
     out = [0.0] * len(pairs)
     for user, wanted in rows.items():
         at, inner = zip(*wanted)
         for k, p in zip(at, served.model.predict(user_vector(conn, served, user)[0], np.array(inner)).tolist()):
             out[k] = float(p)
-    return out
+    return out, item_ids
 
 
 def _pair_indices(conn: Connection, served: Served, users: dict[str, int], items: dict[str, int],
-                  u: str, i: str) -> tuple[int, int]:
-    """The database id of user ``u`` and the serving model's index of item ``i`` (id or exact title)."""
+                  u: str, i: str) -> tuple[int, int, int]:
+    """The database ids of user ``u`` and item ``i`` (id or exact title), and the item's index in the
+    serving model."""
     if u not in users:
         raise UnknownIdError(f"unknown user {u!r}", field="user")
     item = items[i] if i in items else find_item(conn, i)
     inner = int(served.model.item_index([item])[0])
     if inner < 0:
         raise CannotAnswerError(not_in_model(conn, served, item, i), field="item")
-    return users[u], inner
+    return users[u], item, inner
 
 
 def _naming_row(error: CfbError, row: int) -> CfbError:

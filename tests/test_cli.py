@@ -76,6 +76,19 @@ def test_predict_csv(runner, cli_db, tmp_path):
     assert float(lines[1].split(",")[2]) > float(lines[2].split(",")[2])
 
 
+def test_predict_names_an_item_given_by_title_by_its_id(runner, cli_db, tmp_path):
+    """A row may name its item by exact title; the output names it as every command does, by its id
+    (it echoed the title, so the item column mixed ids and titles), with the title beside it in JSON."""
+    items = write(tmp_path / "items.csv", "item,title\na1,Alpha One\n")
+    assert run(runner, cli_db, "ingest", "items", str(items)).exit_code == 0
+    pairs = write(tmp_path / "pairs.csv", "user,item\na0,Alpha One\nb1,a1\n")
+    lines = run(runner, cli_db, "predict", "--pairs", str(pairs)).stdout.strip().splitlines()
+    assert [line.rsplit(",", 1)[0] for line in lines] == ["user,item", "a0,a1", "b1,a1"]
+    out = json.loads(run(runner, cli_db, "predict", "--pairs", str(pairs), "--json").stdout)
+    assert [(o["user"], o["item"], o["title"]) for o in out] == [("a0", "a1", "Alpha One"), ("b1", "a1", "Alpha One")]
+    assert float(lines[1].rsplit(",", 1)[1]) == out[0]["prediction"]
+
+
 def test_similar_and_biases_and_models(runner, cli_db):
     out = json.loads(run(runner, cli_db, "similar", "a3", "-n", "4", "--json").stdout)
     assert out["item"] == "a3" and out["title"] is None and len(out["items"]) == 4
