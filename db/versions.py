@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import uuid
+import zipfile
 from datetime import datetime, timezone
 
 import numpy as np
@@ -175,11 +176,30 @@ def load_model(conn: Connection, version: int) -> TrainedModel:
         arrays = stored_arrays(conn, start, MODEL_BLOB)
     except LookupError:
         raise CfbError(f"model version {start} was written by an older cfb: run `cfb retrain --full`") from None
-    model = TrainedModel.from_arrays(arrays)
+    except UNREADABLE as e:
+        raise _damaged(start, e) from None
+    try:
+        model = TrainedModel.from_arrays(arrays)
+    except UNREADABLE as e:
+        raise _damaged(start, e) from None
     for v in deltas:
-        model = apply_delta(model, from_npz(conn.scalar(select(ModelArrays.data).where(
-            ModelArrays.version_id == v, ModelArrays.name == DELTA_BLOB))))
+        try:
+            model = apply_delta(model, from_npz(conn.scalar(select(ModelArrays.data).where(
+                ModelArrays.version_id == v, ModelArrays.name == DELTA_BLOB))))
+        except UNREADABLE as e:
+            raise _damaged(v, e) from None
     return model
+
+
+# what decoding arrays that are not what cfb stored raises (a blob changed or cut short in the database)
+UNREADABLE = (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile)
+
+
+def _damaged(version: int, e: BaseException) -> CfbError:
+    """The error for a version whose arrays do not decode (HTTP 503, as a database with no model)."""
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    return NotReadyError(f"model version {version} is damaged: its stored arrays cannot be read ({type(e).__name__}: "
+                    f"{reason[:120]}); `cfb rollback` to an earlier version, or `cfb retrain --full`")
 
 
 def trained_rows(conn: Connection, version: int, user_ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -610,3 +610,34 @@ def test_an_added_copy_of_a_learned_items_ratings_gets_a_ranker_bias_like_the_or
     beta = model.item_index([ids[f"b{i}"] for i in range(20, 40)])
     s = model.scores(model.user_vector(UserHistory({"gender": "F"}, np.zeros(0, np.int64), np.zeros(0))))
     assert s[twin] > s[beta].max()
+
+
+def test_a_damaged_stored_version_is_one_line_and_rollback_serves_again(trained, db_url):
+    """A version's arrays changed in the database (here, a delta cut short and a full version's blob
+    overwritten) make every command that loads it say so in one line, naming the version and what to
+    do, instead of a traceback; rolling back to an intact version serves again."""
+    from click.testing import CliRunner
+
+    from cfb.cli.main import cli
+    from cfb.service import state
+
+    def command(*args: str):  # noqa: ANN202  (as a fresh process: nothing loaded before)
+        state._CACHE.clear()
+        return CliRunner().invoke(cli, ["--db", db_url, *args])
+
+    engine, report = trained
+    first = report["version"]
+    rate_item(engine, "a0", "a1", 1)
+    second = retrain_incremental(engine)["version"]
+    with writing(engine) as conn:
+        blob = conn.scalar(select(ModelArrays.data).where(ModelArrays.version_id == second))
+        conn.execute(ModelArrays.__table__.update().where(ModelArrays.version_id == second).values(data=blob[:len(blob) // 2]))
+    res = command("recommend", "a0", "--json")
+    assert res.exit_code == 1 and res.output.startswith(f"Error: model version {second} is damaged"), res.output
+    assert len(res.output.strip().splitlines()) == 1 and "cfb rollback" in res.output
+    assert command("rollback", str(first)).exit_code == 0
+    assert command("recommend", "a0", "--json").exit_code == 0
+    with writing(engine) as conn:
+        conn.execute(ModelArrays.__table__.update().where(ModelArrays.version_id == first).values(data=b"garbage"))
+    res = command("similar", "a1")
+    assert res.exit_code == 1 and res.output.startswith(f"Error: model version {first} is damaged"), res.output
