@@ -65,6 +65,9 @@ class ItemPriorConfig:
         ``holdout_share`` of the training items held out, the one with the least squared error on the
         held-out items' ratings is refitted on all of them (``l2_`` records it); with fewer than
         ``MIN_HELD_OUT_ITEMS`` items to hold out, the grid's strongest.
+    select_tolerance: the strongest penalty whose held-out error is within this share of the least is
+        chosen: a weaker one must predict the held-out ratings better by more than that (metadata is
+        trusted only as far as it earns; near ties went either way with the thread count's summation order).
     steps / lr: rating part through an MLP (Adam, random batches of ``MAX_RATINGS_PER_STEP`` ratings).
     rank_l2 / rank_steps / rank_lr: ranking part (full-batch Adam on the softmax).
     hidden: width of a ReLU layer of the ranking part on the metadata (0 = linear).
@@ -83,6 +86,7 @@ class ItemPriorConfig:
     l2_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     holdout_share: float = 0.2
     select_iterations: int = 15
+    select_tolerance: float = 1e-3
     steps: int = 300
     lr: float = 0.05
     iterations: int = 100
@@ -466,7 +470,8 @@ class ItemPrior:
                 W, w, _ = fit.rows(*fit_on, l2, W, w, cfg.select_iterations)
                 rows_at[l2], self.l2_errors_[l2] = (W, w), fit.mse(*score_on, W, w)
             del fit_on, score_on
-            self.l2_ = min(self.l2_errors_, key=self.l2_errors_.get)
+            least = min(self.l2_errors_.values())
+            self.l2_ = max(l2 for l2, err in self.l2_errors_.items() if err <= least * (1 + cfg.select_tolerance))
             W, w = rows_at[self.l2_]  # the refit on every item starts from the chosen penalty's rows
         W, w, loss = fit.rows(Uu, its, rs, self.l2_, W, w, cfg.iterations)
         self.W_ = W.cpu().numpy().astype(np.float32)

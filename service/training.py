@@ -117,7 +117,9 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
         with torch_threads(1 if side_by_side else None):
             est.fit(td.data)
         gc.collect()  # fastai's Learner is a reference cycle holding the training tensors: free them now
-        report.update({"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device})
+        report.update({"epoch_s": est.report_.epoch_s, "fit_s": est.report_.fit_s, "device": est.report_.device,
+                       # (a sum over threads adds in another order: the nn model's arrays follow the count)
+                       "torch_threads": 1 if side_by_side else torch_thread_count()})
         t0 = time.perf_counter()
         boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
                              alpha=BOOTSTRAP_ALPHA, seed=seed, questionnaire=questionnaire)
@@ -289,6 +291,12 @@ def ranker_beside(args: tuple, with_vectors: bool = False, side: SideProcess | N
         yield side.fit_ranker(args, with_vectors)
     finally:
         side.close()
+
+
+def torch_thread_count() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 @contextmanager
