@@ -167,6 +167,17 @@ def apply_delta(model: TrainedModel, delta: dict[str, np.ndarray]) -> TrainedMod
     return replace(model, item_counts=delta["item_counts"], item_sums=delta["item_sums"])  # every item's
 
 
+# what decoding arrays that are not what cfb stored raises (a blob changed or cut short in the database)
+UNREADABLE = (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile)
+
+
+def _damaged(version: int, e: BaseException) -> CfbError:
+    """The error for a version whose arrays do not decode (HTTP 503, as a database with no model)."""
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    return NotReadyError(f"model version {version} is damaged: its stored arrays cannot be read ({type(e).__name__}: "
+                         f"{reason[:120]}); `cfb rollback` to an earlier version, or `cfb retrain --full`")
+
+
 def load_model(conn: Connection, version: int) -> TrainedModel:
     """The version's ``TrainedModel`` (without trained users' rows: see ``trained_row``)."""
     versions = chain(conn, version)
@@ -189,17 +200,6 @@ def load_model(conn: Connection, version: int) -> TrainedModel:
         except UNREADABLE as e:
             raise _damaged(v, e) from None
     return model
-
-
-# what decoding arrays that are not what cfb stored raises (a blob changed or cut short in the database)
-UNREADABLE = (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile)
-
-
-def _damaged(version: int, e: BaseException) -> CfbError:
-    """The error for a version whose arrays do not decode (HTTP 503, as a database with no model)."""
-    reason = (str(e).splitlines() or [type(e).__name__])[0]
-    return NotReadyError(f"model version {version} is damaged: its stored arrays cannot be read ({type(e).__name__}: "
-                    f"{reason[:120]}); `cfb rollback` to an earlier version, or `cfb retrain --full`")
 
 
 def trained_rows(conn: Connection, version: int, user_ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
