@@ -9,7 +9,7 @@ follows a Zipf law, user activity a log-normal with at least 20 ratings per user
 
 - the whole ``cfb ingest movielens DIR --quiet --json`` process into a fresh SQLite database, and
 - the same ingest in this process, phase by phase: reading the files, ``store.ensure_ids`` (users
-  and items) and ``store.write_ratings`` (into ``--db``: a temporary SQLite file, or e.g. an empty
+  and items) and ``ratings_io.write_ratings`` (into ``--db``: a temporary SQLite file, or e.g. an empty
   PostgreSQL database), then reading every rating back as a full retrain does (``read_back``),
 
 and prints ratings per second for each (the target is >= 500k ratings/s for the whole ingest), with
@@ -100,7 +100,7 @@ def describe(folder: Path) -> dict:
 
 
 def timed_phases(folder: Path, url: str) -> dict:
-    from cfb.db import store
+    from cfb.db import ratings_io, store
     from cfb.db.engine import make_engine
     from cfb.db.sources import read_movielens
     from cfb.service.ingest import ingest_dataset
@@ -121,14 +121,14 @@ def timed_phases(folder: Path, url: str) -> dict:
     ds = read_movielens(folder)
     spent["read"] = time.perf_counter() - t
     engine = make_engine(url, bulk=True)  # as `cfb ingest` does
-    orig = store.ensure_ids, store.write_ratings
-    store.ensure_ids, store.write_ratings = timer("ensure_ids", orig[0]), timer("write_ratings", orig[1])
+    orig = store.ensure_ids, ratings_io.write_ratings
+    store.ensure_ids, ratings_io.write_ratings = timer("ensure_ids", orig[0]), timer("write_ratings", orig[1])
     try:
         t = time.perf_counter()
         ingest_dataset(engine, ds)
         spent["ingest_total"] = time.perf_counter() - t
     finally:
-        store.ensure_ids, store.write_ratings = orig
+        store.ensure_ids, ratings_io.write_ratings = orig
         engine.dispose()
     spent["other"] = spent["ingest_total"] - spent["ensure_ids"] - spent["write_ratings"]
     engine = make_engine(url)

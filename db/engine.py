@@ -330,7 +330,7 @@ def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = F
     ``must_exist``: a SQLite file that is not there is an error, not a new empty database (commands
     that only read or serve: a mistyped path makes no file).
 
-    ``bulk`` (for ingests): SQLite does not check the foreign keys row by row; ``store.write_ratings``
+    ``bulk`` (for ingests): SQLite does not check the foreign keys row by row; ``ratings_io.write_ratings``
     then checks every user and item id it writes at once (the row-by-row checks took about 40% of
     a large ingest's insert time)."""
     url = resolve_url(url)

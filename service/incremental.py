@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from ..cf_core.errors import CfbError
-from ..db import store, versions
+from ..db import ratings_io, store, versions
 from ..db.engine import writing
 from .state import Served, load_served, user_histories
 from .training import item_attributes_in_order, metadata_only_items, rating_params, retrain_full
@@ -112,7 +112,7 @@ def retrain_incremental(engine: Engine) -> dict:
             row = versions.get_version(conn, parent)
             served = load_served(conn, parent)
             model = served.model
-            new = store.load_ratings(conn, since_seq=row["max_seq"], with_replaced=True)
+            new = ratings_io.load_ratings(conn, since_seq=row["max_seq"], with_replaced=True)
             touched = np.unique(new.item_id)
             rated = np.setdiff1d(touched, model.item_ids)
             unrated = metadata_only_items(conn, model, rated)  # catalogue items with metadata and no rating yet

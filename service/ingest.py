@@ -7,10 +7,10 @@ import numpy as np
 from sqlalchemy import Engine
 
 from ..cf_core.errors import CfbError, InputError
-from ..db import store
+from ..db import ratings_io, store
 from ..db.engine import writing
 from ..db.schema import Item, User
-from ..db.sources import (Dataset, RowLines, check_scale, is_non_finite, not_a_number_said, number_in_text,
+from ..db.sources import (Dataset, RowLines, check_scale, not_a_number_said, number_in_text,
                           row_line)
 
 
@@ -25,7 +25,7 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     the stored ones and typed as the database holds them (``conform_attributes``)."""
     store.create_schema(engine)
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
-        first_load = len(ds.ratings) >= store.BULK_ROWS and store.next_seq(conn) == 1
+        first_load = len(ds.ratings) >= ratings_io.BULK_ROWS and store.next_seq(conn) == 1
     with writing(engine, first_load=first_load) as conn:
         claim_catalogue(conn, ds)
         known = store.rating_scale(conn)
@@ -75,7 +75,7 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             items = database_ids(conn, Item, r["item"], given[Item], **at, field=ds.columns.get("item", "item"))
             store.lock_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
             seq0 = store.next_seq(conn)
-            n = store.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(),
+            n = ratings_io.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(),
                                     progress)
             # a stored rating given again with the same value keeps its seq; every other row got one from seq0 on
             changed = n if seq0 == 1 else store.count_ratings(conn, since_seq=seq0 - 1)

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
 from ..cf_core.errors import CfbError, InputError, UserExistsError, check_whole, cut, json_shown
-from ..db import store
+from ..db import ratings_io, store
 from ..db.engine import writing
 from ..db.schema import Answer, Item, User
 from .serving import title_hint
@@ -302,7 +302,7 @@ def store_signup(conn: Connection, served: Served, signup: Signup,
                                        model_version=served.version, **asked))
     if items:
         now = int(time.time())
-        store.write_ratings(conn, [uid] * len(items), items, list(signup.ratings.values()), [now] * len(items))
+        ratings_io.write_ratings(conn, [uid] * len(items), items, list(signup.ratings.values()), [now] * len(items))
     return external, uid
 
 

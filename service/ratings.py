@@ -7,7 +7,7 @@ import time
 from sqlalchemy import Engine, insert
 
 from ..cf_core.errors import CfbError, UnknownIdError
-from ..db import store
+from ..db import ratings_io, store
 from ..db.engine import writing
 from ..db.textfile import plain_float
 from ..db.schema import Item
@@ -43,7 +43,7 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
             store.check_id(str(item).strip(), "item")
             iid = conn.execute(insert(Item).values(external_id=str(item).strip(), title=None, attributes={})
                                .returning(Item.id)).scalar_one()
-        store.write_ratings(conn, [uid], [iid], [rating], [int(time.time())])
+        ratings_io.write_ratings(conn, [uid], [iid], [rating], [int(time.time())])
         ext, title = store.item_titles(conn, [iid])[iid]
     # (the id as stored; the rating as stored, in the digits it was typed with: 3.7, not 3.700000047683716)
     return {"user": str(user).strip(), "item": ext, "title": title, "rating": float(store.as_typed(rating))}

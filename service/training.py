@@ -19,7 +19,7 @@ from ..cf_core.feature_model import FeatureUserModel
 from ..cf_core.model import ServingConfig, TrainedModel, fit_ranker_map
 from ..cf_core.split import valid_split
 from ..cf_core.train import MODELS, pick_device
-from ..db import array_cache, store, versions
+from ..db import array_cache, ratings_io, store, versions
 from ..db.engine import writing
 
 VALID_SEED = 42  # docs/protocol.md §7
@@ -75,7 +75,7 @@ def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
     t0 = time.perf_counter()
     with engine.connect() as conn:
         scale = store.rating_scale(conn)
-        r = store.load_ratings(conn)
+        r = ratings_io.load_ratings(conn)
         attrs = store.user_attributes(conn)
         item_attrs = store.item_attributes(conn)
     if len(r) == 0 or scale is None:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, insert, select, text
 
 from cfb.cf_core.errors import CfbError
-from cfb.db import store, versions
+from cfb.db import ratings_io, store, versions
 from cfb.db.engine import make_engine, writing
 from cfb.db.schema import Base, Item, Rating, Setting, User
 from cfb.db.sources import Dataset
@@ -56,7 +56,7 @@ def _rate_worker(url: str, w: int, barrier, hold: float) -> None:  # noqa: ANN00
             with writing(engine) as conn:
                 uid = store.user_id_of(conn, f"w{w}")
                 iid = conn.scalar(select(Item.id).where(Item.external_id == f"i{k}"))
-                store.write_ratings(conn, [uid], [iid], [wanted(w, k)], [k])
+                ratings_io.write_ratings(conn, [uid], [iid], [wanted(w, k)], [k])
                 time.sleep(hold * ((w + k) % 3))
         else:
             from cfb.service.ratings import rate_item
@@ -142,7 +142,7 @@ def test_concurrent_ratings_on_postgres_keep_commit_order(pg_url):
             while True:
                 alive = running()
                 with engine.connect() as conn:
-                    new = store.load_ratings(conn, since_seq=last)
+                    new = ratings_io.load_ratings(conn, since_seq=last)
                 for u, i, s in zip(new.user_id, new.item_id, new.seq):
                     seen[(int(u), int(i))] = int(s)
                 if len(new):
@@ -155,7 +155,7 @@ def test_concurrent_ratings_on_postgres_keep_commit_order(pg_url):
         run_writers(pg_url, hold=0.02, during=poll)
         seqs = check_all_stored(engine)
         with engine.connect() as conn:
-            final = store.load_ratings(conn, since_seq=start)
+            final = ratings_io.load_ratings(conn, since_seq=start)
         # every rating was seen by the poller, with its final seq: none committed behind its back
         assert {(int(u), int(i)): int(s) for u, i, s in zip(final.user_id, final.item_id, final.seq)} == seen
         assert len(seen) == WORKERS * PER_WORKER and len(set(seqs)) == len(seqs)
@@ -325,7 +325,7 @@ def test_readers_do_not_wait_for_an_open_write_transaction(engine):
     with engine.connect() as conn:
         before = store.count_ratings(conn)
     with writing(engine) as w:
-        store.write_ratings(w, [1], [2], [5.0], [None])
+        ratings_io.write_ratings(w, [1], [2], [5.0], [None])
         done = []
 
         def read() -> None:

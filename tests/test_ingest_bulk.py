@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, inspect, select, text
 
 from cfb.cf_core.errors import CfbError
-from cfb.db import store
+from cfb.db import ratings_io, store
 from cfb.db.engine import make_engine, writing
 from cfb.db.schema import Item, Rating, User
 from cfb.db.sources import Dataset, read_movielens
@@ -73,7 +73,7 @@ def test_a_full_read_gives_the_ratings_a_row_read_gives(tmp_path):
     for k, value in enumerate((3.000000119209289, 0.1 + 0.2 + 3, 1 / 3 + 2)):
         rate_item(engine, "u0", str(k + 1), value)
     with engine.connect() as conn:
-        full, rows = store.load_ratings(conn), store.load_ratings(conn, with_replaced=True)
+        full, rows = ratings_io.load_ratings(conn), ratings_io.load_ratings(conn, with_replaced=True)
     assert np.array_equal(full.rating, rows.rating) and full.rating.dtype == np.float32
     assert np.float32(3.000000119209289) == np.float32(3.0) in full.rating
     engine.dispose()
@@ -87,7 +87,7 @@ def test_bulk_ingest_stores_what_row_by_row_upserts_store(tmp_path, monkeypatch)
         expected[(u, i)] = old if old and old[:2] == (r, t) else (r, t, k)
     ordinary = make_engine(f"sqlite:///{tmp_path / 'ordinary.db'}")
     ingest_dataset(ordinary, Dataset(df))
-    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)
     bulk = make_engine(f"sqlite:///{tmp_path / 'bulk.db'}", bulk=True)
     ingest_dataset(bulk, Dataset(df))
     # the ingest keeps each pair's last row; seq follows the file's order
@@ -109,7 +109,7 @@ def test_later_writes_keep_unchanged_seq_and_the_last_of_a_pair(any_engine):
         store.ensure_ids(conn, User, [p[0] for p in pairs])
         store.ensure_ids(conn, Item, [p[1] for p in pairs])
         users, items = store.id_map(conn, User), store.id_map(conn, Item)
-        n = store.write_ratings(conn, [users[u] for u, _ in pairs], [items[i] for _, i in pairs],
+        n = ratings_io.write_ratings(conn, [users[u] for u, _ in pairs], [items[i] for _, i in pairs],
                                 [kept[0], 1.0, 0.5 if old[0] != 0.5 else 1.5, 4.0, 3.0],
                                 [kept[1], None, 7, None, float("nan")])
     assert n == 4  # distinct pairs
@@ -130,11 +130,11 @@ def test_one_statement_starts_no_thread_and_many_make_the_next_ahead(tmp_path, m
     real = store.ThreadPoolExecutor
     monkeypatch.setattr(store, "ThreadPoolExecutor", lambda *a, **k: started.append(1) or real(*a, **k))
     with writing(engine) as conn:
-        store.write_ratings(conn, [1], [1], [2.0], [5])
+        ratings_io.write_ratings(conn, [1], [1], [2.0], [5])
     assert started == []
     monkeypatch.setattr(store, "max_parameters", lambda conn: 10)  # two rows a statement
     with writing(engine) as conn:
-        store.write_ratings(conn, [1, 1, 1], [1, 2, 3], [4.0, 4.0, 4.0], [6, 6, 6])
+        ratings_io.write_ratings(conn, [1, 1, 1], [1, 2, 3], [4.0, 4.0, 4.0], [6, 6, 6])
     with engine.connect() as conn:
         written = set(conn.execute(select(Rating.item_id, Rating.rating).where(Rating.user_id == 1)).all())
     assert started == [1] and {(1, 4.0), (2, 4.0), (3, 4.0)} <= written
@@ -142,7 +142,7 @@ def test_one_statement_starts_no_thread_and_many_make_the_next_ahead(tmp_path, m
 
 
 def test_a_failed_bulk_ingest_leaves_nothing_and_keeps_the_indexes(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)
     engine = make_engine(f"sqlite:///{tmp_path / 'cfb.db'}", bulk=True)
     df = ratings_frame()
     df.loc[len(df) - 1, "rating"] = float("nan")  # NOT NULL fails among the inserts, after the first ones
@@ -161,7 +161,7 @@ def test_without_foreign_keys_write_ratings_checks_the_ids_itself(tmp_path):
     before = stored(engine)
     for users, items, unknown in (([999], [1], "user with database id 999"), ([1], [999], "item with database id 999")):
         with pytest.raises(CfbError, match=unknown), writing(engine) as conn:
-            store.write_ratings(conn, [1, *users], [2, *items], [4.0, 4.0], [None, None])
+            ratings_io.write_ratings(conn, [1, *users], [2, *items], [4.0, 4.0], [None, None])
     assert stored(engine) == before
     engine.dispose()
 
@@ -201,12 +201,12 @@ def test_a_full_read_returns_every_rating_in_seq_order_as_the_row_query_does(any
     df.loc[::7, "timestamp"] = None  # unknown times come back as -1
     df.loc[::5, "rating"] = 2.25  # a value that is not a half star
     ingest_dataset(any_engine, Dataset(df))
-    monkeypatch.setattr(store, "SCAN_CHUNK", 40)  # several user ranges per read
+    monkeypatch.setattr(ratings_io, "SCAN_CHUNK", 40)  # several user ranges per read
     with any_engine.connect() as conn:
-        full = store.load_ratings(conn)
-        rows = store._fetch_rows(conn, "SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq FROM ratings "
+        full = ratings_io.load_ratings(conn)
+        rows = ratings_io._fetch_rows(conn, "SELECT user_id, item_id, rating, COALESCE(timestamp, -1), seq FROM ratings "
                                        "ORDER BY seq")
-        tail = store.load_ratings(conn, since_seq=int(full.seq[-10]))
+        tail = ratings_io.load_ratings(conn, since_seq=int(full.seq[-10]))
     assert len(full) == df.drop_duplicates(["user", "item"]).shape[0]
     for got, want in zip((full.user_id, full.item_id, full.rating, full.timestamp, full.seq), rows):
         assert got.dtype == want.dtype and np.array_equal(got, want)
@@ -217,7 +217,7 @@ def test_a_full_read_returns_every_rating_in_seq_order_as_the_row_query_does(any
 def test_seq_order_sorts_dense_and_sparse_numbers():
     rng = np.random.default_rng(1)
     for seq in (rng.permutation(500) + 7, rng.choice(10**6, 50, replace=False), np.array([3]), np.zeros(0, np.int64)):
-        assert np.array_equal(store.seq_order(seq), np.argsort(seq))
+        assert np.array_equal(ratings_io.seq_order(seq), np.argsort(seq))
 
 
 @pytest.mark.parametrize("presorted", [True, False])
@@ -228,7 +228,7 @@ def test_latest_per_pair_keeps_each_pairs_last_row_in_pair_order(presorted):
     if presorted:
         order = np.lexsort((items, users))
         users, items = users[order], items[order]
-    got = store.latest_per_pair(users, items)
+    got = ratings_io.latest_per_pair(users, items)
     ref = {}
     for k, pair in enumerate(zip(users.tolist(), items.tolist())):
         ref[pair] = k  # the last row of each pair
@@ -312,7 +312,7 @@ def test_a_bulk_ingest_in_key_order_keeps_the_seq_index_and_stores_the_same(tmp_
     catalogue = pd.DataFrame({"item": items, "title": items, "attributes": [{}] * len(items)})
     ordinary = make_engine(f"sqlite:///{tmp_path / 'ordinary.db'}")
     ingest_dataset(ordinary, Dataset(df, catalogue))
-    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)
     dropped = []
     monkeypatch.setattr(Index, "drop", lambda self, conn, **kw: (dropped.append(self.name),
                                                                  conn.execute(text(f"DROP INDEX {self.name}"))))
@@ -341,7 +341,7 @@ def journal_mode(path: Path) -> str:
 
 
 def test_a_first_large_ingest_writes_through_a_rollback_journal_and_leaves_wal(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)
     path = tmp_path / "cfb.db"
     journal = path.with_name("cfb.db-journal")
     engine = make_engine(f"sqlite:///{path}", bulk=True)
@@ -356,7 +356,7 @@ def test_a_first_large_ingest_writes_through_a_rollback_journal_and_leaves_wal(t
 
 
 def test_a_first_large_ingest_beside_an_open_connection_keeps_the_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)
     path = tmp_path / "cfb.db"
     engine = make_engine(f"sqlite:///{path}", bulk=True)
     store.create_schema(engine)
@@ -378,11 +378,11 @@ def test_a_first_large_ingest_killed_midway_leaves_an_empty_database_in_wal(tmp_
     script = f"""
 import os, signal
 import pandas as pd
-from cfb.db import store
+from cfb.db import ratings_io, store
 from cfb.db.engine import make_engine
 from cfb.db.sources import Dataset
 from cfb.service.ingest import ingest_dataset
-store.BULK_ROWS = 100
+ratings_io.BULK_ROWS = 100
 store.max_parameters = lambda conn: 35
 def die(n):  # after the first statement's rows are written
     os.kill(os.getpid(), signal.SIGKILL)
@@ -416,7 +416,7 @@ def test_new_ids_are_numbered_in_the_order_given_so_a_sorted_release_comes_in_ke
 
 
 def test_a_connection_opened_during_a_first_load_waits_for_it_and_sees_every_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)
     url = f"sqlite:///{tmp_path / 'cfb.db'}"
     engine = make_engine(url, bulk=True)
     seen: dict = {}
@@ -447,7 +447,7 @@ def test_a_connection_opened_during_a_first_load_waits_for_it_and_sees_every_row
 def test_a_first_load_whose_commit_times_out_writes_nothing_and_leaves_wal(tmp_path, monkeypatch):
     from cfb.db import engine as engine_module
 
-    monkeypatch.setattr(store, "BULK_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)
     monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 300)
     path = tmp_path / "cfb.db"
     engine = make_engine(f"sqlite:///{path}", bulk=True)

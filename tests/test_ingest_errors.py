@@ -226,7 +226,7 @@ def test_a_scale_and_ratings_that_a_float32_does_not_hold_exactly(engine, tmp_pa
     """0.3 read as a float32 is 0.30000001: the scale told from the data is 0.1..0.3 as typed, the same
     file ingests again, --scale 0.1,0.3 takes it, and a rating a float32 reads onto a step (4.0000001)
     is on it from `cfb rate` too."""
-    from cfb.db import store
+    from cfb.db import ratings_io, store
     from cfb.service.ingest import ingest_dataset
     from cfb.service.ratings import rate_item
 
@@ -235,7 +235,7 @@ def test_a_scale_and_ratings_that_a_float32_does_not_hold_exactly(engine, tmp_pa
     assert ingest_dataset(engine, Dataset(read_ratings_csv(path)))["new_ratings"] == 0
     with engine.connect() as conn:
         assert store.rating_scale(conn) == (0.1, 0.3)
-        assert max(store.load_ratings(conn).rating) <= 0.3
+        assert max(ratings_io.load_ratings(conn).rating) <= 0.3
     other = make_engine(f"sqlite:///{tmp_path / 'given.db'}")
     assert ingest_dataset(other, Dataset(read_ratings_csv(path)), scale=(0.1, 0.3))["ratings"] == 2
     whole = make_engine(f"sqlite:///{tmp_path / 'whole.db'}")

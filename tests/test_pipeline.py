@@ -217,12 +217,12 @@ def test_rollback_serves_previous_version(trained):
 def test_bulk_first_ingest_stores_the_same_as_row_order(tmp_path, planted, monkeypatch):
     """The bulk path of a first large ingest (key order, indexes rebuilt) stores exactly what the
     ordinary path stores, seq (the write order) included."""
-    from cfb.db import store
+    from cfb.db import ratings_io
     from cfb.db.engine import make_engine
 
     tables = []
     for bulk_rows in (10**9, 10):
-        monkeypatch.setattr(store, "BULK_ROWS", bulk_rows)
+        monkeypatch.setattr(ratings_io, "BULK_ROWS", bulk_rows)
         engine = make_engine(f"sqlite:///{tmp_path / f'{bulk_rows}.db'}")
         ingest_dataset(engine, planted)
         with engine.connect() as conn:

@@ -79,13 +79,13 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
     import numpy as np
     from sqlalchemy import insert, inspect
 
-    from cfb.db import store
+    from cfb.db import ratings_io, store
     from cfb.db.engine import writing
     from cfb.db.schema import ModelVersion
 
-    monkeypatch.setattr(store, "PG_COPY_ROWS", 100)
-    monkeypatch.setattr(store, "BULK_ROWS", 1000)
-    monkeypatch.setattr(store, "COPY_CHUNK", 64)  # the later ingest's upserts span several chunks too
+    monkeypatch.setattr(ratings_io, "PG_COPY_ROWS", 100)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 1000)
+    monkeypatch.setattr(ratings_io, "COPY_CHUNK", 64)  # the later ingest's upserts span several chunks too
     assert len(planted.ratings) >= 1000
     changed = planted.ratings.iloc[::7].assign(rating=lambda d: 6 - d.rating, timestamp=None)
     new_pairs = pd.DataFrame([{"user": f"n{k}", "item": f"a{k % 20}", "rating": 4.0, "timestamp": k} for k in range(90)])
@@ -96,7 +96,7 @@ def test_large_writes_through_copy_match_sqlite(pg_engine, planted, tmp_path, mo
         ingest_dataset(engine, planted)
         reported.append(ingest_dataset(engine, Dataset(later.reset_index(drop=True)))["new_ratings"])
         with engine.connect() as conn:
-            r = store.load_ratings(conn, with_replaced=True)
+            r = ratings_io.load_ratings(conn, with_replaced=True)
         rows.append(pd.DataFrame(vars(r)).sort_values("seq").reset_index(drop=True))
         ingest_dataset(engine, Dataset(changed.assign(rating=changed.rating % 5 + 1).reset_index(drop=True)))
         with engine.connect() as conn:  # every replaced row is logged (by a trigger: plpgsql here)
@@ -127,12 +127,12 @@ def test_a_large_write_on_postgres_reports_progress_as_its_rows_land(pg_engine, 
     from psycopg.pq import TransactionStatus
     from sqlalchemy import func, select
 
-    from cfb.db import store
+    from cfb.db import ratings_io
     from cfb.db.engine import writing
     from cfb.db.schema import Item, Rating, User
 
-    monkeypatch.setattr(store, "PG_COPY_ROWS", 10)
-    monkeypatch.setattr(store, "COPY_CHUNK", 7)
+    monkeypatch.setattr(ratings_io, "PG_COPY_ROWS", 10)
+    monkeypatch.setattr(ratings_io, "COPY_CHUNK", 7)
     ingest_dataset(pg_engine, Dataset(pd.DataFrame([{"user": "u", "item": f"i{k}", "rating": 3.0, "timestamp": k}
                                                     for k in range(30)]), scale=(1.0, 5.0)))
     with writing(pg_engine) as conn:
@@ -144,7 +144,7 @@ def test_a_large_write_on_postgres_reports_progress_as_its_rows_land(pg_engine, 
             idle = conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
             landed.append((n, conn.scalar(select(func.count()).select_from(Rating)) if idle else None))
 
-        store.write_ratings(conn, [uid] * 30, items, [4.0] * 30, list(range(30)), progress=progress)
+        ratings_io.write_ratings(conn, [uid] * 30, items, [4.0] * 30, list(range(30)), progress=progress)
     assert landed == [(7, 7), (7, 14), (7, 21), (7, 28), (2, 30)]
 
 
@@ -152,12 +152,12 @@ def test_a_bulk_write_with_an_unknown_id_writes_nothing_on_postgres(pg_engine, m
     from sqlalchemy import func, inspect, select
 
     from cfb.cf_core.errors import CfbError
-    from cfb.db import store
+    from cfb.db import ratings_io
     from cfb.db.engine import writing
     from cfb.db.schema import Item, Rating, User
 
-    monkeypatch.setattr(store, "BULK_ROWS", 10)
-    monkeypatch.setattr(store, "PG_COPY_ROWS", 10)
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 10)
+    monkeypatch.setattr(ratings_io, "PG_COPY_ROWS", 10)
     ingest_dataset(pg_engine, Dataset(pd.DataFrame([{"user": "u", "item": f"i{k}", "rating": 3.0, "timestamp": k}
                                                     for k in range(20)]), scale=(1.0, 5.0)))
     with writing(pg_engine) as conn:
@@ -165,7 +165,7 @@ def test_a_bulk_write_with_an_unknown_id_writes_nothing_on_postgres(pg_engine, m
         uid, items = conn.scalar(select(User.id)), sorted(conn.scalars(select(Item.id)))
     with pytest.raises(CfbError, match="no item with database id 999"):
         with writing(pg_engine) as conn:
-            store.write_ratings(conn, [uid] * 20, items[:19] + [999], [3.0] * 20, list(range(20)))
+            ratings_io.write_ratings(conn, [uid] * 20, items[:19] + [999], [3.0] * 20, list(range(20)))
     with pg_engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Rating)) == 0
     assert len(inspect(pg_engine).get_foreign_keys("ratings")) == 2

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from cfb.cf_core.errors import CfbError
 from cfb.cf_core.model import UserHistory
-from cfb.db import store, versions
+from cfb.db import ratings_io, store, versions
 from cfb.db.engine import writing
 from cfb.db.schema import Item, ModelArrays, ModelVersion, Rating, Setting, UserFactors
 from cfb.db.sources import Dataset
@@ -252,7 +252,7 @@ def test_incremental_statistics_follow_first_ratings_and_replaced_ones(trained, 
     rate_item(engine, *fresh, 4.0)  # twice since the version
     with engine.connect() as conn:
         since = versions.get_version(conn, report["version"])["max_seq"]
-        new = store.load_ratings(conn, since_seq=since, with_replaced=True)
+        new = ratings_io.load_ratings(conn, since_seq=since, with_replaced=True)
     assert len(new) == 2 and 0 <= new.prev_seq[0] <= since < new.prev_seq[1]  # replaced: before, after it
     retrain_incremental(engine)
     assert_statistics_are_the_tables(engine)
@@ -339,7 +339,7 @@ def test_a_ratings_table_from_before_the_replaced_columns_gets_them(trained):
                              "WHERE seq = (SELECT min(seq) FROM ratings)")
     store._HAVE_HISTORY.discard(str(engine.url))
     with pytest.raises(RuntimeError), writing(engine) as conn:  # a migration rolled back with its transaction
-        store.write_ratings(conn, [1], [1], [4.0], [1])
+        ratings_io.write_ratings(conn, [1], [1], [4.0], [1])
         raise RuntimeError("a later step of the same transaction fails")
     with engine.connect() as conn:
         assert not store._has_history_columns(conn) and not store._has_replaced_log(conn)
