@@ -31,8 +31,11 @@ def resolve_url(url: str | None = None) -> str:
     """The database URL: the explicit one, else ``$CFB_DATABASE_URL``, else SQLite in ``cfb_home()``.
     A value without ``://`` is a SQLite file's path (``--db ratings.db``)."""
     url = url or os.environ.get("CFB_DATABASE_URL")
+    if url and "://" in url:  # a URL's scheme is case-insensitive (POSTGRESQL://); SQLAlchemy's names are lower case
+        scheme, rest = url.split("://", 1)
+        return f"{scheme.lower()}://{rest}"
     if url:
-        return url if "://" in url else sqlite_url(Path(url).expanduser().absolute())
+        return sqlite_url(Path(url).expanduser().absolute())
     return sqlite_url(cfb_home() / "cfb.db")
 
 
@@ -65,9 +68,12 @@ def database_error(e: BaseException) -> CfbError | None:
     """The one-line ``CfbError`` for a database URL's or driver's error (a bad URL, a server that
     refuses, a file that is not a database, …), else None."""
     from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
     if isinstance(e, (ArgumentError, NoSuchModuleError)):
         return CfbError(f"invalid database URL: {str(e).splitlines()[0]}")
+    if isinstance(e, PoolTimeoutError):  # every pooled connection in use past the wait (threads sharing a cfb.open)
+        return CfbError(BUSY)
     if not isinstance(e, DatabaseError):
         return None
     msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]

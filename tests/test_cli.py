@@ -201,6 +201,20 @@ def test_bad_database_url_is_one_line(runner, url, message):
         cfb.open(url).recommend("1")
 
 
+def test_a_url_scheme_in_capitals_and_a_pool_with_no_free_connection(runner, cli_db):
+    """SQLITE:/// is sqlite:///; every pooled connection in use past the pool's wait (threads sharing one
+    ``cfb.open``) is the busy database's one line, not SQLAlchemy's QueuePool error."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+    from cfb.db.engine import BUSY, database_error
+
+    assert run(runner, cli_db.replace("sqlite://", "SQLite://", 1), "recommend", "a0").exit_code == 0
+    res = run(runner, "POSTGRESQL://nobody:x@127.0.0.1:9/none", "recommend", "1")  # (refused, or no driver)
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "plugin" not in res.output, res.output  # (it was "Can't load plugin: sqlalchemy.dialects:POSTGRESQL")
+    assert str(database_error(PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"))) == BUSY
+
+
 def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeypatch):
     """A first ingest is made whole or not at all: a refused file leaves neither the database nor a
     partial one beside it, and the next command still says there is no database."""
