@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from html import escape
 
@@ -22,6 +23,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from cfb.cf_core.errors import CfbError, InputError  # noqa: E402
 from cfb.cli.main import cli  # noqa: E402
+from sqlalchemy import Engine  # noqa: E402
+
 from cfb.db.engine import BUSY  # noqa: E402
 from cfb.service.http import create_app  # noqa: E402
 
@@ -1032,38 +1035,51 @@ def test_many_writes_waiting_on_another_writer_leave_connections_for_the_reads(t
     """Twenty writes sent while another process holds the write lock: at most ``WAITING_WRITERS`` of
     them hold a pooled connection while they wait (they held one each, so past 15 the pool ran dry:
     the rest failed with a 500 and every read, on the event loop, waited for a connection); each is
-    answered 503 with Retry-After, and reads are answered meanwhile."""
+    answered 503 with Retry-After, and reads are answered meanwhile. (tests/test_postgres.py: the same
+    on PostgreSQL.)"""
     import sqlite3
-    from concurrent.futures import ThreadPoolExecutor
 
     from cfb.db import engine as engine_module
     from cfb.db.engine import make_engine
-    from cfb.service.http import WAITING_WRITERS
 
-    engine, _ = trained
-    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 3000)
-    served = make_engine(db_url)
-    held = []
-    with running_server(served, fast_path=False) as base, httpx.Client(base_url=base, timeout=60) as client:
-        assert client.get("/health").status_code == 200
-        n = user_count(engine)
+    @contextmanager
+    def another_writer():  # noqa: ANN202
         writer = sqlite3.connect(engine.url.database, timeout=0)
         writer.execute("BEGIN IMMEDIATE")
         try:
-            with ThreadPoolExecutor(20) as pool:
-                sent = [pool.submit(client.post, "/users", json={"answers": {}}) for _ in range(20)]
-                while not all(f.done() for f in sent):
-                    held.append(served.pool.checkedout())
-                    assert client.get("/health").status_code == 200
-                    time.sleep(0.05)
-                answers = [f.result() for f in sent]
+            yield
         finally:
             writer.rollback()
             writer.close()
+
+    engine, _ = trained
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 3000)
+    check_writes_wait_without_starving_reads(make_engine(db_url), another_writer, lambda: user_count(engine))
+
+
+def check_writes_wait_without_starving_reads(served: Engine, another_writer, users: Callable[[], int]) -> None:
+    """20 sign-ups at once to a server over ``served`` while ``another_writer()`` holds the write lock:
+    each answered 503 with Retry-After, none written, /health answered all along, and at most
+    ``WAITING_WRITERS`` (+ the read of the moment) of ``served``'s pooled connections in use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cfb.service.http import WAITING_WRITERS
+
+    held = []
+    with running_server(served, fast_path=False) as base, httpx.Client(base_url=base, timeout=60) as client:
+        assert client.get("/health").status_code == 200
+        n = users()
+        with another_writer(), ThreadPoolExecutor(20) as pool:
+            sent = [pool.submit(client.post, "/users", json={"answers": {}}) for _ in range(20)]
+            while not all(f.done() for f in sent):
+                held.append(served.pool.checkedout())
+                assert client.get("/health").status_code == 200
+                time.sleep(0.05)
+            answers = [f.result() for f in sent]
         assert {r.status_code for r in answers} == {503}, {r.status_code for r in answers}
         assert all(r.headers["retry-after"] == "10" for r in answers)
-        assert user_count(engine) == n
-    assert 1 <= max(held) <= WAITING_WRITERS + 1  # (+ the read of the moment)
+        assert users() == n
+    assert 1 <= max(held) <= WAITING_WRITERS + 1
     served.dispose()
 
 

@@ -411,3 +411,36 @@ def test_titles_are_read_in_item_order_after_an_update_on_postgres(pg_engine, tm
     from .test_ingest_errors import titles_read_in_item_order_after_an_update
 
     titles_read_in_item_order_after_an_update(pg_engine, tmp_path)
+
+
+def test_many_writes_waiting_on_another_writer_leave_connections_for_the_reads_on_postgres(
+        pg_engine, pg_url, planted, monkeypatch):
+    """As on SQLite (tests/test_http.py): writes queued behind a long writer hold at most a few pooled
+    connections, so reads (on the event loop: no fast path here) are answered meanwhile and every queued
+    write gets 503 (on PostgreSQL a GET waited 28 s and some answers were 500s)."""
+    from contextlib import contextmanager
+
+    from sqlalchemy import text
+
+    from cfb.db import engine as engine_module
+    from cfb.db.engine import make_engine
+    from cfb.db.schema import User
+
+    from .test_http import check_writes_wait_without_starving_reads
+
+    ingest_dataset(pg_engine, planted)
+    retrain_full(pg_engine, progress=False, **FAST)
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 3000)
+
+    @contextmanager
+    def another_writer():  # noqa: ANN202  (what an ingest holds: the writers' lock)
+        with pg_engine.connect() as holder:
+            holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": engine_module.WRITERS_LOCK_KEY})
+            yield
+            holder.rollback()
+
+    def users() -> int:
+        with pg_engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(User)))
+
+    check_writes_wait_without_starving_reads(make_engine(pg_url), another_writer, users)
