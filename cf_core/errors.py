@@ -19,6 +19,11 @@ class NotReadyError(CfbError):
     """Nothing to answer from yet: a database with no cfb data, or no trained model; HTTP answers 503."""
 
 
+class BusyError(CfbError):
+    """A write that waited out the busy timeout behind another writer, or found every connection in use:
+    try again shortly (HTTP answers 503 with Retry-After)."""
+
+
 class CannotAnswerError(CfbError):
     """A valid request that the serving version cannot answer (an item it does not hold yet, the biases
     of an nn version); HTTP answers 409."""

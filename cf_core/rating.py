@@ -35,6 +35,11 @@ class _RatingModel:
         return int(self.item_factors.shape[1])
 
     @property
+    def user_dims(self) -> int:
+        """The width of a user's embedding (the dot product's: the items')."""
+        return self.n_factors
+
+    @property
     def n_items(self) -> int:
         return int(len(self.item_factors))
 
@@ -213,6 +218,12 @@ class NNRating(_RatingModel):
     head: Head = field(default_factory=list)
 
     kind = "nn"
+
+    @property
+    def user_dims(self) -> int:
+        """The width of a user's embedding: the MLP's input less the item embedding's."""
+        op, params = self.head[0]
+        return int(params[0].shape[1] if op == "linear" else params[0].shape[0]) - self.n_factors
 
     def _raw(self, vecs: np.ndarray, biases: np.ndarray, items: np.ndarray) -> np.ndarray:
         return run_head(self.head, np.concatenate([vecs, self.item_factors[items]], axis=1))[:, 0]

@@ -6,15 +6,17 @@ import os
 import secrets
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 
-from ..cf_core.errors import CfbError, NotReadyError
+from ..cf_core.errors import BusyError, CfbError, NotReadyError
 
 BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a connection waits for another's lock
 T = TypeVar("T")
@@ -62,6 +64,7 @@ def is_missing_table(e: BaseException) -> bool:
 
 
 BUSY = "the database is busy with another writer (an ingest or a retrain's save): try again shortly"
+NO_FREE_CONNECTION = "every database connection of this process is in use (threads sharing one cfb.open): try again shortly"
 
 
 def database_error(e: BaseException) -> CfbError | None:
@@ -73,7 +76,7 @@ def database_error(e: BaseException) -> CfbError | None:
     if isinstance(e, (ArgumentError, NoSuchModuleError)):
         return CfbError(f"invalid database URL: {str(e).splitlines()[0]}")
     if isinstance(e, PoolTimeoutError):  # every pooled connection in use past the wait (threads sharing a cfb.open)
-        return CfbError(BUSY)
+        return BusyError(NO_FREE_CONNECTION)
     if not isinstance(e, DatabaseError):
         return None
     msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
@@ -82,7 +85,7 @@ def database_error(e: BaseException) -> CfbError | None:
     elif is_missing_table(e):  # (a state, not a failure: said as every command says it)
         return NotReadyError(EMPTY_DATABASE)
     elif is_busy(e):
-        return CfbError(BUSY)
+        return BusyError(BUSY)
     return CfbError(f"database error: {msg}")
 
 
@@ -182,7 +185,7 @@ def sqlite_file(url: str) -> Path | None:
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
-    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:") or u.database.startswith("file:"):
+    if u.get_backend_name().lower() != "sqlite" or u.database in (None, "", ":memory:") or u.database.startswith("file:"):
         return None
     return Path(u.database)
 
@@ -197,7 +200,7 @@ def in_memory_sqlite(url: str) -> bool:
         u = make_url(url)
     except ArgumentError:
         return False
-    if u.get_backend_name() != "sqlite":
+    if u.get_backend_name().lower() != "sqlite":
         return False
     where = u.database or ""
     if u.query.get("uri") == "true" and where.startswith("file:"):  # (a URI only with uri=true)
@@ -251,20 +254,53 @@ def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
     open, the transaction goes through a rollback journal instead of the write-ahead log (see
     ``_rollback_journal``): its pages are written once, not to the log and then again by the
     checkpoint after the commit. It is as atomic; other processes wait for it, as they would for
-    any writer, instead of reading beside it."""
-    with engine.connect() as conn:
-        conn.execution_options(**{WRITE_OPTION: True})  # in place, for this Connection only
-        with _rollback_journal(conn, first_load and conn.dialect.name == "sqlite"):
-            with conn.begin():
-                lock_writers(conn)
-                yield conn
+    any writer, instead of reading beside it.
+
+    Where ``WRITE_TURNS`` holds a semaphore (the HTTP server's writes), a turn in it is taken first,
+    within the busy timeout, and the wait for the database's writer gets what is left of it."""
+    turns = WRITE_TURNS.get()
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    if turns is not None and not turns.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+        raise BusyError(BUSY)
+    try:
+        wait_ms = max(1, int((deadline - time.monotonic()) * 1000))  # what is left of the busy timeout
+        with engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: True})  # in place, for this Connection only
+            with _rollback_journal(conn, first_load and conn.dialect.name == "sqlite"), \
+                    _sqlite_busy_timeout(conn, wait_ms):
+                with conn.begin():
+                    lock_writers(conn, wait_ms)
+                    yield conn
+    finally:
+        if turns is not None:
+            turns.release()
+
+
+# A process that runs many writes at once (the HTTP server) sets a semaphore here for the thread of each
+# write: ``writing`` takes one of its turns before it takes a pooled connection, so at most that many
+# writes hold a connection while they wait for the database's writer (the pool stays for the reads); the
+# wait for a turn counts in the busy timeout, and the wait for the writer gets only what is left of it.
+WRITE_TURNS: ContextVar[threading.BoundedSemaphore | None] = ContextVar("cfb_write_turns", default=None)
+
+
+@contextmanager
+def _sqlite_busy_timeout(conn: Connection, wait_ms: int) -> Iterator[None]:
+    """Within: this SQLite connection waits at most ``wait_ms`` for a lock (the busy timeout after)."""
+    raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" and wait_ms < BUSY_TIMEOUT_MS else None
+    if raw is not None:
+        raw.execute(f"PRAGMA busy_timeout={wait_ms}")
+    try:
+        yield
+    finally:
+        if raw is not None:
+            raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 # pg_advisory_xact_lock key serialising writers on PostgreSQL (any constant bigint; the lock is per database)
 WRITERS_LOCK_KEY = 0x63666272617465  # "cfbrate"
 
 
-def lock_writers(conn: Connection) -> None:
+def lock_writers(conn: Connection, wait_ms: int | None = None) -> None:
     """Hold, until this transaction ends, the right to write (PostgreSQL; re-entrant): what SQLite's
     ``BEGIN IMMEDIATE`` gives every transaction of ``writing``.
 
@@ -273,9 +309,10 @@ def lock_writers(conn: Connection) -> None:
     overlap: with the lock taken first, each sees the previous one's committed rows, and seq order is
     commit order (an incremental retrain reading ``seq > max_seq`` then misses nothing). A writer waits
     for the lock, and for any other in its transaction, at most ``BUSY_TIMEOUT_MS`` (as SQLite's busy
-    timeout), then fails as busy (``is_busy``: a 503 over HTTP) instead of holding a pooled connection on."""
+    timeout; ``wait_ms`` when given), then fails as busy (``is_busy``: a 503 over HTTP) instead of
+    holding a pooled connection on."""
     if conn.dialect.name == "postgresql":
-        conn.execute(text(f"SET LOCAL lock_timeout = {int(BUSY_TIMEOUT_MS)}"))
+        conn.execute(text(f"SET LOCAL lock_timeout = {int(BUSY_TIMEOUT_MS if wait_ms is None else wait_ms)}"))
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITERS_LOCK_KEY})
 
 

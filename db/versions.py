@@ -202,8 +202,10 @@ def load_model(conn: Connection, version: int) -> TrainedModel:
     return model
 
 
-def trained_rows(conn: Connection, version: int, user_ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(user ids, factors, biases) of the users trained in the version's full ancestor (all, or ``user_ids``)."""
+def trained_rows(conn: Connection, version: int, user_ids=None,
+                 n_factors: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user ids, factors, biases) of the users trained in the version's full ancestor (all, or ``user_ids``);
+    a row that is not ``n_factors`` 32-bit floats (when given; else as many as the first row's) is damage."""
     root = chain(conn, version)[0]
     stmt = select(UserFactors.user_id, UserFactors.bias, UserFactors.factors).where(UserFactors.version_id == root)
     if user_ids is None:
@@ -214,8 +216,20 @@ def trained_rows(conn: Connection, version: int, user_ids=None) -> tuple[np.ndar
             stmt.where(one_of(UserFactors.user_id, ids[start:start + 900])).order_by(UserFactors.user_id))]
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+    n_factors = len(rows[0][2]) // 4 if n_factors is None else n_factors
+    for user, _, blob in rows:
+        check_user_row(blob, n_factors, root, user)
     factors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1).astype(np.float32)
     return np.array([r[0] for r in rows], np.int64), factors, np.array([r[1] for r in rows], np.float32)
+
+
+def check_user_row(blob: bytes, n_factors: int, version: int, user_id: int) -> bytes:
+    """``blob``, a trained user's stored row, if it holds ``n_factors`` 32-bit floats; else the damage
+    of the ``version`` it belongs to."""
+    if len(blob) != 4 * n_factors:
+        raise _damaged(version, ValueError(f"the trained row of user {user_id} holds {len(blob)} bytes, "
+                                           f"not {4 * n_factors}"))
+    return blob
 
 
 def serving_version(conn: Connection) -> int | None:

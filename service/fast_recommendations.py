@@ -172,6 +172,8 @@ class FastReader:
                 raise UnknownIdError(f"unknown user {store.shown_id(user)}", field="user")
             uid, attrs, answer = row[1:4]
             bias, factors = cur.execute(self.SQL_FACTORS, (uid, root)).fetchone() or (None, None)
+            if factors is not None:
+                versions.check_user_row(factors, served.model.rating.user_dims, root, uid)
             top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
             ids = json.dumps([int(i) for i in served.model.item_ids[top]])
             titles = cur.execute("SELECT " + self.SQL_TITLES, {"ids": ids}).fetchone()[0]

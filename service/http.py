@@ -27,6 +27,8 @@ from pathlib import Path
 from string import Template
 from urllib.parse import quote, urlsplit
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,22 +43,27 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
-from ..cf_core.errors import CfbError, InputError, NotReadyError, UserExistsError, cut, json_shown
+from ..cf_core.errors import BusyError, CfbError, InputError, NotReadyError, UserExistsError, cut, json_shown
 from ..db import store, versions
-from ..db.engine import BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table, make_engine, sqlite_file
+from ..db.engine import (BUSY, EMPTY_DATABASE, WRITE_TURNS, database_error, is_busy, is_missing_table, make_engine,
+                         sqlite_file)
 from . import serving
 from .fast_recommendations import FastRecommendations, FastReader
 from .http_guards import LOOPBACK_NAMES, MAX_BODY, BodyLimit, DatabaseFileGone, LocalHostsOnly, origin_key
-from .http_json import MAX_N, ApiError, error_response, error_status, json_response, recommendation_query
+from .http_json import (MAX_N, RETRY_AFTER, ApiError, error_response, error_status, json_response,
+                        recommendation_query)
 from .signup import signup_one
 from .state import load_served
 
 MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
 WEB = Path(__file__).parent / "web"
 POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
-# writes let wait for the database's one writer at once, each holding a pooled connection meanwhile; the
-# others wait for a turn holding none, so that the pool (15 connections) never runs dry for the reads
+# writes let wait for the database's one writer at once, each holding a pooled connection meanwhile
+# (``db.engine.WRITE_TURNS``); the others wait for a turn holding none, so the pool stays for the reads
 WAITING_WRITERS = 4
+# writes in progress at once, each on a thread of their own pool (not the one the reads and pages run
+# in); one more is answered 503 at once
+MAX_WRITES = 64
 
 
 class IdConvertor(PathConvertor):
@@ -267,16 +274,16 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @app.exception_handler(ProgrammingError)
     async def _database_error(request: Request, e: OperationalError | ProgrammingError):
         if is_busy(e):  # a write that waited out the busy timeout behind another writer (a long ingest)
-            return answer_error(request, ApiError(503, BUSY, headers={"Retry-After": "10"}))
+            return answer_error(request, ApiError(503, BUSY, headers=RETRY_AFTER))
         if is_missing_table(e):
             return answer_error(request, NotReadyError(EMPTY_DATABASE))
         if isinstance(e, OperationalError):  # the database went away (a server stopped, a file unreadable)
-            return answer_error(request, ApiError(503, str(database_error(e)), headers={"Retry-After": "10"}))
+            return answer_error(request, ApiError(503, str(database_error(e)), headers=RETRY_AFTER))
         raise e
 
     @app.exception_handler(PoolTimeoutError)
     async def _pool_timeout(request: Request, e: PoolTimeoutError):  # every pooled connection busy past the wait
-        return answer_error(request, ApiError(503, "the server is busy: try again shortly", headers={"Retry-After": "10"}))
+        return answer_error(request, ApiError(503, "the server is busy: try again shortly", headers=RETRY_AFTER))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -306,7 +313,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     app.add_middleware(BodyLimit, max_body=max_body)
     if file is not None:  # before the fast path: nothing is read from a deleted file
         app.add_middleware(DatabaseFileGone, file=file, present=_follow_file,
-                           page=lambda message: error_page(message, 503, {"Retry-After": "10"}))
+                           page=lambda message: error_page(message, 503, RETRY_AFTER))
     if allowed:  # an allowed site's page asks the browser first (a JSON body or a token is not a "simple"
         # request) and may read the answers: CORS for those sites only, answered before any route
         app.add_middleware(CORSMiddleware, allow_origins=sorted(allowed), allow_methods=["GET", "POST"],
@@ -316,21 +323,28 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed))
 
     waiting_writers = threading.BoundedSemaphore(WAITING_WRITERS)
+    writes: dict = {"running": 0, "threads": None}  # (the threads' limiter is made in the event loop)
 
-    def one_writer_of_few(write: Callable[[], object]) -> Callable[[], object]:
-        """``write`` (run in the thread pool) once it is one of the ``WAITING_WRITERS`` writes let wait
-        for the database's writer; a write that gets no turn within the busy timeout is answered as busy."""
-        from ..db import engine as engine_module
+    async def run_write(write: Callable[[], object]) -> object:
+        """``write()`` on a thread of the writes' own pool, taking one of the ``WAITING_WRITERS`` turns
+        when it writes (``writing``); past ``MAX_WRITES`` at once, 503 at once."""
+        if writes["running"] >= MAX_WRITES:
+            raise ApiError(503, BUSY, headers=RETRY_AFTER)
+        if writes["threads"] is None:
+            writes["threads"] = anyio.CapacityLimiter(MAX_WRITES)
 
-        def gated():  # noqa: ANN202
-            if not waiting_writers.acquire(timeout=engine_module.BUSY_TIMEOUT_MS / 1000):
-                raise ApiError(503, BUSY, headers={"Retry-After": "10"})
+        def in_turn():  # noqa: ANN202
+            token = WRITE_TURNS.set(waiting_writers)
             try:
                 return write()
             finally:
-                waiting_writers.release()
+                WRITE_TURNS.reset(token)
 
-        return gated
+        writes["running"] += 1
+        try:
+            return await anyio.to_thread.run_sync(in_turn, limiter=writes["threads"])
+        finally:
+            writes["running"] -= 1
 
     async def read_json(request: Request) -> dict:
         """The request body as a JSON object, at most ``max_body`` bytes (also when chunked)."""
@@ -431,7 +445,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                         else "the id assigned was taken meanwhile by another writer; send the sign-up again")
                 raise ApiError(409, f"request body, field 'user': {said}", "user") from None
 
-        out = await run_in_threadpool(one_writer_of_few(run))
+        out = await run_write(run)
         done = out["onboarded"][0]
         return json_response({"user": done["user"], "ratings": done["ratings"], "version": out["version"]}, 201,
                              {"Location": f"/users/{quote(done['user'], safe='')}/recommendations"})
@@ -490,12 +504,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             try:
                 return rate_item(engine, user, str(item), float(rating))
             except CfbError as e:
-                if e.field == "user":  # (the path's: answered as every route answers it)
+                if e.field == "user" or isinstance(e, BusyError):  # (answered as every route answers them)
                     raise
                 raise ApiError(error_status(e), f"request body, field '{e.field}': {e}" if e.field else str(e),
                                e.field) from None
 
-        return json_response(await run_in_threadpool(one_writer_of_few(run)), 201)
+        return json_response(await run_write(run), 201)
 
     @api_get("/items/{item:id}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
              responses={200: {"description": '{"item": id, "title", "items": [{"item", "title", "score"}]}'},

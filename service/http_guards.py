@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from starlette.responses import Response
 
-from .http_json import ApiError, error_response, json_response
+from .http_json import RETRY_AFTER, ApiError, error_response, json_response
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
 
@@ -87,7 +87,7 @@ class DatabaseFileGone:
         if scope["type"] == "http" and not scope["path"].startswith("/static/") and not self.present():
             message = f"no database at {self.file} (deleted while this server runs): `cfb ingest …` makes one"
             browser = any(name == b"accept" and b"text/html" in value for name, value in scope["headers"])
-            answer = self.page(message) if browser else json_response({"error": message}, 503, {"Retry-After": "10"})
+            answer = self.page(message) if browser else json_response({"error": message}, 503, RETRY_AFTER)
             await answer(scope, receive, send)
             return
         await self.app(scope, receive, send)

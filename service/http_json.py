@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
-from ..cf_core.errors import CannotAnswerError, CfbError, NotReadyError, UnknownIdError
+from ..cf_core.errors import BusyError, CannotAnswerError, CfbError, NotReadyError, UnknownIdError
 
 MAX_N = 100  # the most recommendations or similar items one request asks for
 
@@ -27,7 +27,9 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (CannotAnswerError, 409))  # any other CfbError: 422
+ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (BusyError, 503),  # any other CfbError: 422
+                (CannotAnswerError, 409))
+RETRY_AFTER = {"Retry-After": "10"}  # seconds: with a 503 that trying again will cure (a busy database)
 
 
 def error_status(e: CfbError) -> int:
@@ -39,7 +41,7 @@ def error_response(e: ApiError | CfbError) -> Response:
     if isinstance(e, ApiError):
         body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
     else:
-        body, status, headers = {"error": str(e)}, error_status(e), None
+        body, status, headers = {"error": str(e)}, error_status(e), RETRY_AFTER if isinstance(e, BusyError) else None
         field = e.field
     if field:
         body["field"] = field

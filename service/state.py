@@ -97,7 +97,7 @@ def user_histories(conn: Connection, served: Served, user_ids) -> list[UserHisto
     """``user_history`` of each of ``user_ids`` (in that order), in a few queries for all of them."""
     ids = [int(u) for u in user_ids]
     rated = store.users_ratings_replaced(conn, ids)
-    trained_ids, factors, biases = versions.trained_rows(conn, served.version, ids)
+    trained_ids, factors, biases = versions.trained_rows(conn, served.version, ids, served.model.rating.user_dims)
     rows = {int(u): (factors[k], float(biases[k])) for k, u in enumerate(trained_ids)}
     attributes, signups = store.users_attributes_of(conn, ids), signups_of(conn, ids)
     out = []

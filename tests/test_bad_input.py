@@ -332,9 +332,10 @@ def test_a_command_line_that_would_lose_or_expose_data_is_refused(trained_db, tm
     check_rejected(url, ["recommend", "-1"], "unknown user '-1'")
     check_rejected(url, ["similar", "-1", "-n", "3"], "unknown item '-1'")
     ratings = fresh(folder, ".csv", "user,item,rating\nu,i,4\nv,i,2\n")
-    for memory in ("sqlite://", "sqlite:///:memory:", "sqlite:///:memory:?cache=shared",
-                   "sqlite:///file::memory:?uri=true", "sqlite:///file:x?mode=memory&uri=true",
-                   "sqlite:///file:?uri=true", "sqlite:///file:m.db?vfs=memdb&uri=true"):
+    for memory in ("sqlite://", "SQLITE://", "Sqlite:///:memory:", "sqlite:///:memory:",  # (a scheme in capitals too)
+                   "sqlite:///:memory:?cache=shared", "sqlite:///file::memory:?uri=true",
+                   "sqlite:///file:x?mode=memory&uri=true", "sqlite:///file:?uri=true",
+                   "sqlite:///file:m.db?vfs=memdb&uri=true"):
         res = CliRunner().invoke(cli, ["--db", memory, "ingest", "ratings", str(ratings)])
         assert res.exit_code == 2 and "in-memory SQLite database keeps nothing" in res.output, res.output
     check_rejected(url, ["serve", "--host", " "], "--host", "give an address")

@@ -206,13 +206,13 @@ def test_a_url_scheme_in_capitals_and_a_pool_with_no_free_connection(runner, cli
     ``cfb.open``) is the busy database's one line, not SQLAlchemy's QueuePool error."""
     from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-    from cfb.db.engine import BUSY, database_error
+    from cfb.db.engine import NO_FREE_CONNECTION, database_error
 
     assert run(runner, cli_db.replace("sqlite://", "SQLite://", 1), "recommend", "a0").exit_code == 0
     res = run(runner, "POSTGRESQL://nobody:x@127.0.0.1:9/none", "recommend", "1")  # (refused, or no driver)
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
     assert "plugin" not in res.output, res.output  # (it was "Can't load plugin: sqlalchemy.dialects:POSTGRESQL")
-    assert str(database_error(PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"))) == BUSY
+    assert str(database_error(PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"))) == NO_FREE_CONNECTION
 
 
 def test_a_failed_first_ingest_leaves_no_database_file(runner, tmp_path, monkeypatch):

@@ -1059,10 +1059,13 @@ def test_many_writes_waiting_on_another_writer_leave_connections_for_the_reads(t
 
 def check_writes_wait_without_starving_reads(served: Engine, another_writer, users: Callable[[], int]) -> None:
     """20 sign-ups at once to a server over ``served`` while ``another_writer()`` holds the write lock:
-    each answered 503 with Retry-After, none written, /health answered all along, and at most
-    ``WAITING_WRITERS`` (+ the read of the moment) of ``served``'s pooled connections in use."""
+    each answered 503 with Retry-After within about the busy timeout (the wait for a turn counts in it),
+    none written; meanwhile reads on the event loop and on the thread pool (/health, similar items, a
+    page) are answered, bad input is answered as such (it is found before the write waits), and at most
+    ``WAITING_WRITERS`` (+ the read of the moment) of ``served``'s pooled connections are in use."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from cfb.db import engine as engine_module
     from cfb.service.http import WAITING_WRITERS
 
     held = []
@@ -1070,14 +1073,21 @@ def check_writes_wait_without_starving_reads(served: Engine, another_writer, use
         assert client.get("/health").status_code == 200
         n = users()
         with another_writer(), ThreadPoolExecutor(20) as pool:
+            started = time.monotonic()
             sent = [pool.submit(client.post, "/users", json={"answers": {}}) for _ in range(20)]
+            time.sleep(0.3)
+            assert client.get("/items/a1/similar").status_code == 200 and client.get("/user/a0").status_code == 200
+            assert client.post("/users/a0/ratings", json={"item": "no such item", "rating": 4}).status_code == 404
+            assert client.post("/users", json={"ratings": {"no such item": 4}}).status_code == 422
+            assert not any(f.done() for f in sent)  # (all of that while every write still waited)
             while not all(f.done() for f in sent):
                 held.append(served.pool.checkedout())
                 assert client.get("/health").status_code == 200
                 time.sleep(0.05)
-            answers = [f.result() for f in sent]
+            answers, waited = [f.result() for f in sent], time.monotonic() - started
         assert {r.status_code for r in answers} == {503}, {r.status_code for r in answers}
         assert all(r.headers["retry-after"] == "10" for r in answers)
+        assert waited < 1.5 * engine_module.BUSY_TIMEOUT_MS / 1000  # (a turn's wait and the lock's were added)
         assert users() == n
     assert 1 <= max(held) <= WAITING_WRITERS + 1
     served.dispose()

@@ -641,3 +641,32 @@ def test_a_damaged_stored_version_is_one_line_and_rollback_serves_again(trained,
         conn.execute(ModelArrays.__table__.update().where(ModelArrays.version_id == first).values(data=b"garbage"))
     res = command("similar", "a1")
     assert res.exit_code == 1 and res.output.startswith(f"Error: model version {first} is damaged"), res.output
+
+
+def test_a_damaged_trained_user_row_is_one_line(trained, db_url):
+    """A trained user's stored row cut short (by 2 bytes: no whole float; by 4: one float less, what a
+    row of its own seems fine) names the version it belongs to, as a damaged model does, not a traceback."""
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+    from sqlalchemy import update
+
+    from cfb.cli.main import cli
+    from cfb.service import state
+    from cfb.service.http import create_app
+
+    engine, report = trained
+    with engine.connect() as conn:
+        uid = store.user_id_of(conn, "a0")
+        row = conn.scalar(select(UserFactors.factors).where(UserFactors.user_id == uid))
+    for cut in (2, 4):
+        with writing(engine) as conn:
+            conn.execute(update(UserFactors).where(UserFactors.user_id == uid).values(factors=row[:-cut]))
+        state._CACHE.clear()
+        res = CliRunner().invoke(cli, ["--db", db_url, "recommend", "a0"])
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+        assert res.output.startswith(f"Error: model version {report['version']} is damaged") and "bytes" in res.output
+        with TestClient(create_app(db_url)) as client:  # the server's fast path (SQLite) reads the row itself
+            r = client.get("/users/a0/recommendations")
+            assert r.status_code == 503 and r.json()["error"] == res.output.strip().removeprefix("Error: ")
+    state._CACHE.clear()
+    assert CliRunner().invoke(cli, ["--db", db_url, "recommend", "b1"]).exit_code == 0  # (another user's row is whole)
