@@ -146,7 +146,8 @@ class MetaEncoder:
                     for x in set(v if isinstance(v, (list, tuple, set)) else [v]):
                         counts[str(x)] = counts.get(str(x), 0) + 1
                 vocab = sorted((x for x, c in counts.items() if c >= min_count), key=lambda x: (-counts[x], x))
-                spec.append({"name": name, "type": "list", "vocab": vocab[:max_vocab]})
+                if vocab:  # (every list empty, "(no genres listed)", or no value held by min_count items: nothing)
+                    spec.append({"name": name, "type": "list", "vocab": vocab[:max_vocab]})
             elif all(_is_num(v) for v in vals):
                 x = np.array([float(v) for v in vals])
                 edges = np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1])).tolist()

@@ -840,7 +840,7 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
 
     --data takes any folder `cfb ingest movielens` or `cfb ingest goodbooks` reads."""
     from ..db.sources import read_goodbooks, read_movielens
-    from ..evaluation.coldstart import run_protocol
+    from ..evaluation.coldstart import run_protocol, untimed
     from ..evaluation.report import render
 
     if not new_items:
@@ -859,11 +859,11 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
         except CfbError as e:
             raise _for_eval(e) from None
     from ..cf_core.errors import InputError
-    from ..db.layouts import MOVIELENS_MARKERS
+    from ..db.layouts import MOVIELENS_MARKERS, is_goodbooks
 
     if not data_dir.is_dir():
         raise InputError("folder not found" if not data_dir.exists() else "not a folder", source=str(data_dir))
-    read = read_goodbooks if (data_dir / "books.csv").exists() else read_movielens
+    read = read_goodbooks if is_goodbooks(data_dir) else read_movielens
     if read is read_movielens and not any((data_dir / f).exists() for f, _ in MOVIELENS_MARKERS):
         looked = ", ".join(f"{name} (MovieLens {what})" for name, what in MOVIELENS_MARKERS)
         raise InputError(f"not a MovieLens or goodbooks folder: looked for {looked} and books.csv (goodbooks)",
@@ -871,7 +871,7 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
     seed_list = _ints(seeds)
     log = None if quiet else (lambda message: click.echo(message, err=True))
     if log:
-        log(f"running the protocol on {data_dir} for seeds {seed_list} ...")
+        log(f"running the protocol on {data_dir} for seeds {', '.join(map(str, seed_list))} ...")
     from ..cf_core.train import TrainingDiverged
 
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # (the temporary databases then go, as on Ctrl-C)
@@ -880,13 +880,16 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
             ds = read(data_dir)
         except CfbError as e:
             raise _for_eval(e) from None
+        if not new_items and not _ints(budgets) and untimed(ds.ratings):
+            raise click.UsageError("--budgets is empty, and the data's ratings have no time (some or all), so there is "
+                                   "no fold-in curve (§5) to measure either: give a budget")
         if new_items:
             from ..evaluation import item_coldstart
 
-            out = item_coldstart.run_items_protocol(ds, seed_list, kind, log=log)
+            out = {"data": str(data_dir), **item_coldstart.run_items_protocol(ds, seed_list, kind, log=log)}
             emit(out, as_json, item_coldstart.render(out))
             return
-        out = run_protocol(ds, seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)
+        out = {"data": str(data_dir), **run_protocol(ds, seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)}
     except TrainingDiverged as e:  # (its advice names `cfb retrain`'s options, which eval does not take)
         raise CfbError(str(e).split("; ")[0] + f"; cfb eval trains with `cfb retrain --full`'s defaults, which "
                        f"did not fit this data's training split ({len(ds.ratings):,} ratings in all): with more "

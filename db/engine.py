@@ -263,7 +263,8 @@ def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
     if turns is not None and not turns.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
         raise BusyError(BUSY)
     try:
-        wait_ms = max(1, int((deadline - time.monotonic()) * 1000))  # what is left of the busy timeout
+        # a turn's wait counts in the busy timeout: the wait for the writer gets what is left of it
+        wait_ms = None if turns is None else max(1, int((deadline - time.monotonic()) * 1000))
         with engine.connect() as conn:
             conn.execution_options(**{WRITE_OPTION: True})  # in place, for this Connection only
             with _rollback_journal(conn, first_load and conn.dialect.name == "sqlite"), \
@@ -284,16 +285,20 @@ WRITE_TURNS: ContextVar[threading.BoundedSemaphore | None] = ContextVar("cfb_wri
 
 
 @contextmanager
-def _sqlite_busy_timeout(conn: Connection, wait_ms: int) -> Iterator[None]:
-    """Within: this SQLite connection waits at most ``wait_ms`` for a lock (the busy timeout after)."""
-    raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" and wait_ms < BUSY_TIMEOUT_MS else None
+def _sqlite_busy_timeout(conn: Connection, wait_ms: int | None) -> Iterator[None]:
+    """Within: this SQLite connection waits at most ``wait_ms`` (when given) for a lock; the busy
+    timeout again after (unless the connection was closed meanwhile: an exit on a signal)."""
+    raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" and wait_ms is not None else None
     if raw is not None:
         raw.execute(f"PRAGMA busy_timeout={wait_ms}")
     try:
         yield
     finally:
         if raw is not None:
-            raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            try:
+                raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            except sqlite3.Error:
+                pass
 
 
 # pg_advisory_xact_lock key serialising writers on PostgreSQL (any constant bigint; the lock is per database)

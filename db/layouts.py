@@ -663,6 +663,19 @@ def csv_release_population(ratings: pd.DataFrame) -> str:
 
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------
+def is_goodbooks(folder: Path) -> bool:
+    """Whether ``folder`` holds goodbooks-10k: its books.csv, or a ratings.csv whose header names book_id
+    (a MovieLens CSV release's names movieId)."""
+    folder = Path(folder)
+    if (folder / "books.csv").exists():
+        return True
+    try:
+        header = next(csv.reader([_first_line(folder / "ratings.csv")]), [])
+    except (InputError, OSError):
+        return False
+    return "book_id" in (h.strip() for h in header)
+
+
 def goodbooks_release(folder: Path) -> str:
     """'v1' (``book_id,user_id,rating``) or 'v2' (``user_id,book_id,rating``), from ratings.csv's header."""
     path = Path(folder) / "ratings.csv"

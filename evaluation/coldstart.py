@@ -198,10 +198,14 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
                                  "onboard_ms_per_user": round(onboard_ms, 2),
                                  "recommend_ms_per_user": round((time.perf_counter() - t0) * 1000 / len(cold_sorted), 2),
                                  **with_differences({m: t.result() for m, t in tallies.items()})}
-    untimed = bool(pd.to_numeric(ratings.timestamp, errors="coerce").isna().any())  # (the same for every seed)
-    if fold_steps and untimed:  # (sorted by item id instead, the "first ratings" would be no one's first)
+    scored = sum(len(by_user[u]) > FIRST_REVEALS for u in cold_sorted)  # (users the curve would score)
+    if fold_steps and untimed(ratings):  # (sorted by item id instead, the "first ratings" would be no one's first)
         out["fold_in_skipped"] = ("no fold-in curve (§5): it reveals each user's first ratings in time order, "
                                   "and the data's ratings have no time (some or all)")
+        log(f"seed {seed}: {out['fold_in_skipped']}")
+    elif fold_steps and not scored:
+        out["fold_in_skipped"] = (f"no fold-in curve (§5): it scores each user's ratings after their first "
+                                  f"{FIRST_REVEALS}, and no cold user has more than {FIRST_REVEALS}")
         log(f"seed {seed}: {out['fold_in_skipped']}")
     elif fold_steps:
         log(f"seed {seed}: fold-in curve n = {', '.join(map(str, sorted(fold_steps)))} (§5)")
@@ -209,6 +213,11 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
             out["fold_in"] = _fold_in_curve(eng, ratings[is_cold], cold_sorted, attrs_of, answers_of, fold_steps,
                                             fitted, item_ids, avg)
     return out
+
+
+def untimed(ratings: pd.DataFrame) -> bool:
+    """Whether some or all ratings have no time (goodbooks): §5's first ratings in time order are unknown."""
+    return "timestamp" not in ratings or bool(pd.to_numeric(ratings.timestamp, errors="coerce").isna().any())
 
 
 def _train_summary(train: dict) -> dict:

@@ -20,7 +20,7 @@ import pandas as pd
 from ..cf_core.errors import CfbError
 from ..db.sources import Dataset
 from .metrics import Tally, combine_seeds, with_differences, with_seed_errors, without_per_user
-from .report import with_se
+from .report import dataset_line, with_se
 
 K = 10
 METHODS = ("cfb", "user_genre_affinity", "genre_popularity", "random")
@@ -308,6 +308,7 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
     """§8 for every seed, with the mean over seeds. ``attributes``: the item metadata a prior fitted
     here uses (tuning; the product's retrain chooses its own, which the report names). ``log`` is told
     each seed as it starts."""
+    check_metadata_tells_items_apart(ds)
     per_seed = []
     for k, s in enumerate(seeds):
         if log is not None:
@@ -324,6 +325,24 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
             "attributes": per_seed[0]["prior"]["attributes"],
             "prior": per_seed[0]["prior"], "notes": notes, "per_seed": without_per_user(per_seed),
             "mean": mean_over_seeds(per_seed)}
+
+
+def check_metadata_tells_items_apart(ds: Dataset) -> None:
+    """§8 starts new items from their metadata: refused, before any training, for data whose items hold
+    none that the item prior would use (every new item would start from the same row: a random order)."""
+    from ..cf_core.item_prior import ItemPriorConfig, MetaEncoder
+    from ..service.training import metadata_names
+
+    rated = set(ds.ratings.item.astype(str))
+    attrs = [] if ds.items is None else [a or {} for i, a in zip(ds.items.item.astype(str), ds.items.attributes)
+                                         if i in rated]
+    config = ItemPriorConfig()
+    encoder = MetaEncoder.fit(attrs, metadata_names(attrs), config.min_count, config.max_vocab, config.n_bins)
+    rows = encoder.encode(attrs)
+    if len(rows) == 0 or not (rows != rows[0]).any():  # (every item's metadata row the same: the constant's)
+        raise CfbError("§8 starts new items from their metadata (genres, authors, tags, a year, ...), and this data's "
+                       "rated items hold none that tells them apart: every new item would start alike, a random "
+                       "order; `cfb ingest items` can add metadata to a database of your own")
 
 
 def table(block: dict) -> list[str]:
@@ -343,7 +362,7 @@ def table(block: dict) -> list[str]:
 def render(result: dict) -> str:
     """The §8 report as text: settings, seed 42 (the first seed) and the mean over seeds."""
     first, used = result["per_seed"][0], ", ".join(result["attributes"]) or "none (a constant row only)"
-    lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}  item metadata: {used}",
+    lines = [f"{dataset_line(result)}  item metadata: {used}",
              f"model (each seed's trains with that seed; seed {first['seed']}'s): {json.dumps(result['settings'])}",
              f"item prior: {json.dumps(result['prior'])}",
              "cold items: " + "; ".join(f"seed {r['seed']}: {r['n_cold_items']} (of "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 METHOD_NAMES = {"cfb": "cfb", "average_user": "average user", "popularity": "popularity",
                 "positive_popularity": "positive popularity", "demographic_popularity": "demographic popularity"}
@@ -68,9 +69,15 @@ def fold_table(block: dict) -> list[str]:
                                       ["-" if block[n]["retrain_s"] is None else block[n]["retrain_s"] for n in block])]
 
 
+def dataset_line(result: dict) -> str:
+    """"dataset: <layout> (folder <name>)  seeds: 42, 43": what was measured, for a report's first line."""
+    folder = f" (folder {Path(result['data']).name})" if result.get("data") else ""
+    return f"dataset: {result['dataset']}{folder}  seeds: {', '.join(map(str, result['seeds']))}"
+
+
 def render(result: dict) -> str:
     """The whole report: settings, per-seed and mean tables."""
-    lines = [f"dataset: {result['dataset']}  seeds: {', '.join(map(str, result['seeds']))}",
+    lines = [dataset_line(result),
              f"model (each seed's trains with that seed; seed {result['seeds'][0]}'s): {json.dumps(result['settings'])}",
              ""]
     for title, block in [(f"seed {r['seed']}", r) for r in result["per_seed"][:1]] + [("mean over seeds", result["mean"])]:

@@ -376,8 +376,8 @@ def test_an_eval_stopped_by_sigterm_leaves_no_temporary_database(tmp_path):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and list(temp.iterdir()) == []
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and list(temp.iterdir()) == [], err.decode()
 
 
 def test_training_progress_goes_to_stderr(cli_db):

@@ -11,8 +11,9 @@ import pytest
 from cfb.cf_core.errors import CfbError
 
 from cfb.cf_core.item_prior import ItemPrior, ItemPriorConfig, MetaEncoder
-from cfb.evaluation.item_coldstart import (GenrePopularity, UserGenreAffinity, cold_items, expected_metrics, render,
-                                           run_items_protocol, split_dataset)
+from cfb.evaluation.item_coldstart import (GenrePopularity, UserGenreAffinity, check_metadata_tells_items_apart,
+                                           cold_items, expected_metrics, render, run_items_protocol, run_seed,
+                                           split_dataset)
 from tests.conftest import FAST, planted_ratings
 
 FAST_PRIOR = ItemPriorConfig(min_count=1, steps=100, rank_steps=100)
@@ -265,18 +266,34 @@ def test_protocol_end_to_end_on_planted_items():
     res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)
     assert "genres" not in res["attributes"] and "no genres" in res["notes"][0] and "note: this data has no genres" in render(res)
     assert "item metadata: authors, year" in render(res)
-    # no metadata at all: the prior has its constant row only, and the report says so (not "all")
+    # no metadata at all: §8 is refused (below); a version fitted anyway has the prior's constant row only,
+    # so every new item looks alike: cfb ranks them as a random order does, whatever their ids say
     ds.items["attributes"] = [{} for _ in ds.items.attributes]
-    res = run_items_protocol(ds, seeds=(42,), params=FAST, prior_config=FAST_PRIOR, attributes=None)
-    assert res["attributes"] == [] and "item metadata: none (a constant row only)" in render(res)
-    # then every new item looks alike: cfb ranks them as a random order does, whatever their ids say
-    r = res["per_seed"][0]
+    r = run_seed(ds, 42, params=FAST, prior_config=FAST_PRIOR, attributes=None)
+    assert r["prior"]["attributes"] == []
     assert r["cfb"]["ndcg@10"] == pytest.approx(r["random"]["ndcg@10"], abs=1e-9)
     assert r["cfb"]["recall@10"] == pytest.approx(r["random"]["recall@10"], abs=1e-9)
 
 
+def test_data_whose_items_hold_no_usable_metadata_is_refused_before_training(monkeypatch):
+    """§8 starts new items from metadata: with none (no attributes; only empty genre lists, as MovieLens'
+    "(no genres listed)"; only titles) every new item would start alike, and the report was a table of
+    random orders with "item metadata: genres" above it. One line, before any training."""
+    import cfb.evaluation.item_coldstart as item_coldstart
+
+    monkeypatch.setattr(item_coldstart, "run_seed", lambda *a, **k: pytest.fail("trained"))
+    ds = planted_ratings(n_users=40, n_items=40)
+    for attributes in ({}, {"genres": []}, {"genres": [], "title_words": "one two"}):
+        ds.items["attributes"] = [dict(attributes) for _ in ds.items.item]
+        with pytest.raises(CfbError, match="this data's rated items hold none that tells them apart"):
+            run_items_protocol(ds, seeds=(42,))
+    ds.items["attributes"] = [{"genres": ["A" if i.startswith("a") else "B"]} for i in ds.items.item]
+    check_metadata_tells_items_apart(ds)  # (genres that differ: measured)
+
+
 def test_no_user_to_score_is_one_line_not_an_empty_report():
     ds = planted_ratings(n_users=40, n_items=40)
+    ds.items["attributes"] = [{"genres": ["A" if i.startswith("a") else "B"]} for i in ds.items.item]
     ds.ratings["rating"] = ds.ratings.rating.clip(upper=3.0)  # nobody likes anything: nothing to rank
     ds.scale = (1.0, 5.0)
     with pytest.raises(CfbError, match=r"^seed 42: no user liked a new item"):

@@ -725,13 +725,22 @@ def test_a_release_without_its_item_file_or_its_ratings_is_refused(tmp_path, db_
     (folder / item_file).unlink()
     fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(item_file)}: file not found: the release lists "
           r"its items there \(for ratings alone: `cfb ingest ratings`\)$")
-    if kind == "movielens":  # `cfb eval cold-start --data` cannot use ratings alone: no `cfb ingest ratings` hint
-        fails(run(db_url, "eval", "cold-start", "--data", str(folder), "--quiet"),
-              rf"{re.escape(item_file)}: file not found: the release lists its items there$")
+    # `cfb eval cold-start --data` cannot use ratings alone: no `cfb ingest ratings` hint (and goodbooks' ratings.csv
+    # is told from a MovieLens one by its header: it was read as MovieLens, "missing column(s) userId, ...")
+    fails(run(db_url, "eval", "cold-start", "--data", str(folder), "--quiet"),
+          rf"{re.escape(item_file)}: file not found: the release lists its items there$")
     folder = make(tmp_path / f"{release}-empty")
     write(folder / ratings_file, header)
     fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(ratings_file)}(, line \d)?: no ratings")
     assert_nothing_written(db_url)
+
+
+def test_eval_on_ratings_without_time_and_no_budget_is_refused_before_training(tmp_path, db_url):
+    """goodbooks has no rating times, so no fold-in curve (§5): with --budgets empty there is nothing to
+    measure, said before training (it trained, then printed no table and exited 0)."""
+    folder = RELEASES["goodbooks-v2"][0](tmp_path / "goodbooks")
+    res = run(db_url, "eval", "cold-start", "--data", str(folder), "--budgets", "", "--quiet")
+    assert res.exit_code == 2 and "no fold-in curve (§5) to measure either" in res.output, res.output
 
 
 @pytest.mark.parametrize("text, message", [

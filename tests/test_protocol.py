@@ -193,6 +193,20 @@ def test_data_without_times_has_no_fold_in_curve_and_says_so(planted):
     assert out["notes"] == ["demographic popularity (§6) is popularity here: the data's users have no gender or age"]
 
 
+def test_users_with_no_rating_after_their_first_ten_have_no_fold_in_curve_and_say_so(planted):
+    """§5 scores each user's ratings after their first ten: with at most ten each there is nothing to
+    score, and the report says so (it showed a curve of dashes and no word why)."""
+    from cfb.evaluation.coldstart import run_protocol
+
+    r = planted.ratings.sort_values("timestamp")
+    few = Dataset(r[r.groupby("user").cumcount() < 10], planted.items, planted.users, planted.scale, planted.name,
+                  step=planted.step)
+    out = run_protocol(few, seeds=(42,), budgets=(0,), fold_steps=(0, 1))
+    assert "fold_in" not in out["per_seed"][0]
+    assert out["notes"] == ["no fold-in curve (§5): it scores each user's ratings after their first 10, and no "
+                            "cold user has more than 10"]
+
+
 def test_too_little_data_for_the_protocol_says_so():
     """Four users make no new user (a fifth, rounded down), nine items no new item: one line each, not a
     division by zero after training."""
@@ -204,8 +218,10 @@ def test_too_little_data_for_the_protocol_says_so():
 
     with pytest.raises(CfbError, match=r"the data's 4 users make none \(it needs at least 5\)$"):
         run_protocol(planted_ratings(n_users=4, n_items=20), seeds=(42,))
+    few_items = planted_ratings(n_users=20, n_items=8)
+    few_items.items["attributes"] = [{"year": 1990 + k} for k in range(8)]  # (metadata that tells them apart)
     with pytest.raises(CfbError, match=r"the data's 8 rated items make none \(it needs at least 10\)$"):
-        run_items_protocol(planted_ratings(n_users=20, n_items=8), seeds=(42,))
+        run_items_protocol(few_items, seeds=(42,))
 
 
 def test_rankings_break_ties_by_item_id_as_a_string(trained):
