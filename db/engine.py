@@ -64,7 +64,8 @@ def is_missing_table(e: BaseException) -> bool:
 
 
 BUSY = "the database is busy with another writer (an ingest or a retrain's save): try again shortly"
-NO_FREE_CONNECTION = "every database connection of this process is in use (threads sharing one cfb.open): try again shortly"
+NO_FREE_CONNECTION = ("every database connection of this process is in use (threads sharing one cfb.open): try "
+                      "again shortly")
 
 
 def database_error(e: BaseException) -> CfbError | None:
@@ -185,7 +186,8 @@ def sqlite_file(url: str) -> Path | None:
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
-    if u.get_backend_name().lower() != "sqlite" or u.database in (None, "", ":memory:") or u.database.startswith("file:"):
+    if u.get_backend_name().lower() != "sqlite" or u.database in (None, "", ":memory:") \
+            or u.database.startswith("file:"):
         return None
     return Path(u.database)
 
@@ -240,6 +242,13 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
 
 
+# A process that runs many writes at once (the HTTP server) sets a semaphore here for the thread of each
+# write: ``writing`` takes one of its turns before it takes a pooled connection, so at most that many
+# writes hold a connection while they wait for the database's writer (the pool stays for the reads); the
+# wait for a turn counts in the busy timeout, and the wait for the writer gets only what is left of it.
+WRITE_TURNS: ContextVar[threading.BoundedSemaphore | None] = ContextVar("cfb_write_turns", default=None)
+
+
 @contextmanager
 def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
     """A connection in a write transaction, committed on success, rolled back on error.
@@ -275,13 +284,6 @@ def writing(engine: Engine, first_load: bool = False) -> Iterator[Connection]:
     finally:
         if turns is not None:
             turns.release()
-
-
-# A process that runs many writes at once (the HTTP server) sets a semaphore here for the thread of each
-# write: ``writing`` takes one of its turns before it takes a pooled connection, so at most that many
-# writes hold a connection while they wait for the database's writer (the pool stays for the reads); the
-# wait for a turn counts in the busy timeout, and the wait for the writer gets only what is left of it.
-WRITE_TURNS: ContextVar[threading.BoundedSemaphore | None] = ContextVar("cfb_write_turns", default=None)
 
 
 @contextmanager
