@@ -14,8 +14,9 @@
 Each method calls the same service function as the CLI command of the same name and returns what
 its ``--json`` prints (tables as DataFrames). Errors are ``cfb.CfbError`` with a one-line message; its
 kinds: ``cfb.InputError`` (bad input; ``cfb.UserExistsError``, a sign-up under a taken id),
-``cfb.UnknownIdError`` (no such user or item), ``cfb.NotReadyError`` (nothing ingested or trained yet)
-and ``cfb.CannotAnswerError`` (the serving version cannot answer it: an item it does not hold yet).
+``cfb.UnknownIdError`` (no such user or item), ``cfb.NotReadyError`` (nothing ingested or trained yet),
+``cfb.CannotAnswerError`` (the serving version cannot answer it: an item it does not hold yet) and
+``cfb.BusyError`` (a write that waited out another writer: try again shortly).
 
 This module imports nothing heavy: ``import cfb.service.serving`` (which imports this package first)
 stays free of torch and pandas."""
@@ -27,7 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .database import Database
 
 __version__ = "0.1.0"
-ERRORS = ("CfbError", "InputError", "UserExistsError", "UnknownIdError", "NotReadyError", "CannotAnswerError")
+ERRORS = ("CfbError", "InputError", "UserExistsError", "UnknownIdError", "NotReadyError", "CannotAnswerError",
+          "BusyError")
 __all__ = ["open", "Database", *ERRORS, "__version__"]
 
 

@@ -840,7 +840,7 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
 
     --data takes any folder `cfb ingest movielens` or `cfb ingest goodbooks` reads."""
     from ..db.sources import read_goodbooks, read_movielens
-    from ..evaluation.coldstart import run_protocol, untimed
+    from ..evaluation.coldstart import no_fold_in_curve, run_protocol
     from ..evaluation.report import render
 
     if not new_items:
@@ -880,16 +880,18 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
             ds = read(data_dir)
         except CfbError as e:
             raise _for_eval(e) from None
-        if not new_items and not _ints(budgets) and untimed(ds.ratings):
-            raise click.UsageError("--budgets is empty, and the data's ratings have no time (some or all), so there is "
-                                   "no fold-in curve (§5) to measure either: give a budget")
+        why = None if new_items or _ints(budgets) else no_fold_in_curve(ds.ratings)
+        if why:
+            raise click.UsageError(f"--budgets is empty, and there is no fold-in curve (§5) to measure either "
+                                   f"(the data: {why}): give a budget")
         if new_items:
             from ..evaluation import item_coldstart
 
-            out = {"data": str(data_dir), **item_coldstart.run_items_protocol(ds, seed_list, kind, log=log)}
+            out = {"data": str(data_dir.resolve()), **item_coldstart.run_items_protocol(ds, seed_list, kind, log=log)}
             emit(out, as_json, item_coldstart.render(out))
             return
-        out = {"data": str(data_dir), **run_protocol(ds, seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)}
+        out = {"data": str(data_dir.resolve()),
+               **run_protocol(ds, seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)}
     except TrainingDiverged as e:  # (its advice names `cfb retrain`'s options, which eval does not take)
         raise CfbError(str(e).split("; ")[0] + f"; cfb eval trains with `cfb retrain --full`'s defaults, which "
                        f"did not fit this data's training split ({len(ds.ratings):,} ratings in all): with more "

@@ -220,6 +220,15 @@ def untimed(ratings: pd.DataFrame) -> bool:
     return "timestamp" not in ratings or bool(pd.to_numeric(ratings.timestamp, errors="coerce").isna().any())
 
 
+def no_fold_in_curve(ratings: pd.DataFrame) -> str | None:
+    """Why the data can draw no fold-in curve (§5) for any user, whoever is cold; None: it can."""
+    if untimed(ratings):
+        return "its ratings have no time (some or all)"
+    if not (ratings.groupby("user").size() > FIRST_REVEALS).any():
+        return f"no user has more than {FIRST_REVEALS} ratings"
+    return None
+
+
 def _train_summary(train: dict) -> dict:
     keys = ("version", "kind", "n_ratings", "load_s", "fit_s", "bootstrap_s", "device")
     return {**{k: train.get(k) for k in keys}, "hyperparams": train["hyperparams"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Connection, Engine, insert
 
 from ..cf_core.errors import CfbError, UnknownIdError
 from ..db import ratings_io, store
@@ -25,15 +25,13 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     rating = value
     if not str(item).strip():
         raise CfbError("empty item id", field="item")
-    if not create_item:  # an unknown item is refused here, outside the write lock (its hint reads every title)
-        with engine.connect() as conn:
+    with engine.connect() as conn:  # bad input is refused here, before the write waits for the writer's lock
+        _check_rating(conn, rating)  # (checked again under it: another writer may change what they depend on)
+        store.user_id_of(conn, user)
+        if not create_item:  # (an unknown item's hint reads every title)
             find_item(conn, item)
     with writing(engine) as conn:
-        scale, step = store.rating_scale_and_step(conn)
-        problem = store.rating_problem(rating, scale, step)
-        if problem:
-            raise CfbError(problem, field="rating")
-        rating = float(store.as_stored(rating, scale, step))
+        rating = _check_rating(conn, rating)
         uid = store.user_id_of(conn, user)
         try:
             iid = find_item(conn, item)
@@ -47,3 +45,12 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
         ext, title = store.item_titles(conn, [iid])[iid]
     # (the id as stored; the rating as stored, in the digits it was typed with: 3.7, not 3.700000047683716)
     return {"user": str(user).strip(), "item": ext, "title": title, "rating": float(store.as_typed(rating))}
+
+
+def _check_rating(conn: Connection, rating: float) -> float:
+    """``rating`` as stored on the database's scale and step; off them, a ``CfbError`` naming it."""
+    scale, step = store.rating_scale_and_step(conn)
+    problem = store.rating_problem(rating, scale, step)
+    if problem:
+        raise CfbError(problem, field="rating")
+    return float(store.as_stored(rating, scale, step))

@@ -519,7 +519,7 @@ def test_eval_shows_each_step_on_stderr_unless_quiet(tmp_path):
     shown = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert shown.returncode == 0, shown.stderr
     out = json.loads(shown.stdout)
-    assert set(out["mean"]["budgets"]) == {"0", "5"}
+    assert set(out["mean"]["budgets"]) == {"0", "5"} and out["data"] == str(folder.resolve())  # (what was measured)
     assert "seed 42: training on" in shown.stderr and "seed 42: questionnaire of 5 items" in shown.stderr
     quiet = subprocess.run([*args, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert quiet.returncode == 0 and quiet.stderr == ""

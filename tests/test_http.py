@@ -4,6 +4,7 @@ at once, and a version written by another connection served within a second."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -1008,6 +1009,8 @@ def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, 
     is told to try again (503, Retry-After, one line), while reads go on; nothing is written."""
     import sqlite3
 
+    import cfb
+
     from cfb.db import engine as engine_module
 
     engine, _ = trained
@@ -1024,6 +1027,8 @@ def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, 
             assert client.get("/users/a0/recommendations").status_code == 200
             res = CliRunner().invoke(cli, ["--db", db_url, "rate", "a0", "a1", "4"])  # the CLI says the same
             assert res.exit_code == 1 and res.output.strip() == f"Error: {BUSY}", res.output
+            with cfb.open(db_url) as db, pytest.raises(cfb.BusyError, match=re.escape(BUSY)):  # and Python, a kind of its own
+                db.rate("a0", "a1", 4)
         finally:
             writer.rollback()
             writer.close()
@@ -1078,6 +1083,8 @@ def check_writes_wait_without_starving_reads(served: Engine, another_writer, use
             time.sleep(0.3)
             assert client.get("/items/a1/similar").status_code == 200 and client.get("/user/a0").status_code == 200
             assert client.post("/users/a0/ratings", json={"item": "no such item", "rating": 4}).status_code == 404
+            assert client.post("/users/nobody/ratings", json={"item": "a1", "rating": 4}).status_code == 404
+            assert client.post("/users/a0/ratings", json={"item": "a1", "rating": 99}).status_code == 422
             assert client.post("/users", json={"ratings": {"no such item": 4}}).status_code == 422
             assert not any(f.done() for f in sent)  # (all of that while every write still waited)
             while not all(f.done() for f in sent):

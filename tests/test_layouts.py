@@ -741,6 +741,11 @@ def test_eval_on_ratings_without_time_and_no_budget_is_refused_before_training(t
     folder = RELEASES["goodbooks-v2"][0](tmp_path / "goodbooks")
     res = run(db_url, "eval", "cold-start", "--data", str(folder), "--budgets", "", "--quiet")
     assert res.exit_code == 2 and "no fold-in curve (§5) to measure either" in res.output, res.output
+    assert "its ratings have no time" in res.output
+    # timed ratings, but nobody with more than ten: §5 has nothing to score either
+    folder = RELEASES["csv"][0](tmp_path / "ml-csv")
+    res = run(db_url, "eval", "cold-start", "--data", str(folder), "--budgets", "", "--quiet")
+    assert res.exit_code == 2 and "no user has more than 10 ratings" in res.output, res.output
 
 
 @pytest.mark.parametrize("text, message", [
