@@ -322,6 +322,11 @@ def onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool 
 
 
 def _onboard(engine: Engine, entries: list[tuple[str, dict]], skip_invalid: bool) -> dict:
+    if not skip_invalid:  # bad input is refused here, before the write waits for the writer's lock (checked
+        with engine.connect() as conn:  # again under it: another writer may take an id meanwhile)
+            validator = SignupValidator.for_connection(conn, load_served(conn))
+            for where, entry in entries:
+                validator.validate(where, entry)
     with writing(engine) as conn:
         served = load_served(conn)
         validator = SignupValidator.for_connection(conn, served)

@@ -1004,12 +1004,14 @@ def test_an_unknown_items_hint_is_found_outside_the_write_lock(trained, monkeypa
     assert locked == [False, False]
 
 
-def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, db_url, monkeypatch):
+def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, db_url, monkeypatch, tmp_path):
     """A long ingest holds SQLite's write lock past the busy timeout: a rating or sign-up sent meanwhile
     is told to try again (503, Retry-After, one line), while reads go on; nothing is written."""
     import sqlite3
 
     import cfb
+
+    from .conftest import write
 
     from cfb.db import engine as engine_module
 
@@ -1029,6 +1031,12 @@ def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, 
             assert res.exit_code == 1 and res.output.strip() == f"Error: {BUSY}", res.output
             with cfb.open(db_url) as db, pytest.raises(cfb.BusyError, match=re.escape(BUSY)):  # and Python, a kind of its own
                 db.rate("a0", "a1", 4)
+            for args, said in ((["rate", "nobody", "a1", "4"], "unknown user 'nobody'"),  # bad input: its own error,
+                               (["rate", "a0", "a1", "9"], "outside the scale"),  # found before the wait
+                               (["onboard", "--answers", str(write(tmp_path / "a.json", '[{"user": "a0"}]'))],
+                                "user 'a0' already exists")):
+                res = CliRunner().invoke(cli, ["--db", db_url, *args])
+                assert res.exit_code == 1 and said in res.output and "busy" not in res.output, res.output
         finally:
             writer.rollback()
             writer.close()
