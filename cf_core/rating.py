@@ -349,16 +349,15 @@ RATINGS_AT_ONCE = 512  # the most ratings an nn item fold-in runs through the ML
 
 def _adam_fold_in(data_gradient, prior: np.ndarray, reg: float, steps: int = 150) -> np.ndarray:  # noqa: ANN001
     """Adam on the data's squared error + reg |θ − θ0|² for each row θ of ``prior`` (θ0) at once,
-    ``data_gradient(θs)`` → each row's Σ (pred − r) ∂pred/∂θ: the NN's fold-ins (``NNRating.fold_in``, ``fold_in_items``). A row stops on a
-    gradient that puts its optimum within about 1e-6 of it."""
+    ``data_gradient(θs)`` → each row's Σ (pred − r) ∂pred/∂θ: the NN's fold-ins (``NNRating.fold_in``,
+    ``fold_in_items``). A row stops on a gradient that puts its optimum within about 1e-6 of it."""
     prior = np.asarray(prior, np.float64)
     theta = prior.copy()
-    precision = reg * np.eye(theta.shape[1])
     m = np.zeros_like(theta)
     v = np.zeros_like(theta)
     rows = np.arange(len(theta))  # those still moving
     for t in range(1, steps + 1):
-        grad = 2 * data_gradient(theta)[rows] + 2 * (theta[rows] - prior[rows]) @ precision
+        grad = 2 * data_gradient(theta)[rows] + 2 * reg * (theta[rows] - prior[rows])
         keep = np.abs(grad).max(axis=1) > 2e-6 * max(reg, 1e-3)
         rows, grad = rows[keep], grad[keep]
         if len(rows) == 0:

@@ -670,16 +670,20 @@ def is_goodbooks(folder: Path) -> bool:
     if (folder / "books.csv").exists():
         return True
     try:
-        header = next(csv.reader([_first_line(folder / "ratings.csv")]), [])
+        return "book_id" in _ratings_header(folder)
     except (InputError, OSError):
         return False
-    return "book_id" in (h.strip() for h in header)
+
+
+def _ratings_header(folder: Path) -> list[str]:
+    """The column names of ``folder``'s ratings.csv (spaces around them left out)."""
+    return [h.strip() for h in next(csv.reader([_first_line(Path(folder) / "ratings.csv")]), [])]
 
 
 def goodbooks_release(folder: Path) -> str:
     """'v1' (``book_id,user_id,rating``) or 'v2' (``user_id,book_id,rating``), from ratings.csv's header."""
     path = Path(folder) / "ratings.csv"
-    header = [h.strip() for h in next(csv.reader([_first_line(path)]), [])]
+    header = _ratings_header(folder)
     if header[:2] == ["book_id", "user_id"]:
         return "v1"
     if {"user_id", "book_id", "rating"} <= set(header):

@@ -223,13 +223,12 @@ def trained_rows(conn: Connection, version: int, user_ids=None,
     return np.array([r[0] for r in rows], np.int64), factors, np.array([r[1] for r in rows], np.float32)
 
 
-def check_user_row(blob: bytes, n_factors: int, version: int, user_id: int) -> bytes:
-    """``blob``, a trained user's stored row, if it holds ``n_factors`` 32-bit floats; else the damage
-    of the ``version`` it belongs to."""
+def check_user_row(blob: bytes, n_factors: int, version: int, user_id: int) -> None:
+    """A trained user's stored row that does not hold ``n_factors`` 32-bit floats is the damage of the
+    ``version`` it belongs to."""
     if len(blob) != 4 * n_factors:
         raise _damaged(version, ValueError(f"the trained row of user {user_id} holds {len(blob)} bytes, "
                                            f"not {4 * n_factors}"))
-    return blob
 
 
 def serving_version(conn: Connection) -> int | None:

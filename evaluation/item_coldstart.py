@@ -327,6 +327,9 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
             "mean": mean_over_seeds(per_seed)}
 
 
+CHUNK_ITEMS = 4096  # items whose metadata is encoded (densely) at a time
+
+
 def check_metadata_tells_items_apart(ds: Dataset) -> None:
     """§8 starts new items from their metadata: refused, before any training, for data whose items hold
     none that the item prior would use (every new item would start from the same row: a random order)."""
@@ -338,11 +341,13 @@ def check_metadata_tells_items_apart(ds: Dataset) -> None:
                                          if i in rated]
     config = ItemPriorConfig()
     encoder = MetaEncoder.fit(attrs, metadata_names(attrs), config.min_count, config.max_vocab, config.n_bins)
-    rows = encoder.encode(attrs)
-    if len(rows) == 0 or not (rows != rows[0]).any():  # (every item's metadata row the same: the constant's)
-        raise CfbError("§8 starts new items from their metadata (genres, authors, tags, a year, ...), and this data's "
-                       "rated items hold none that tells them apart: every new item would start alike, a random "
-                       "order; `cfb ingest items` can add metadata to a database of your own")
+    first = encoder.encode(attrs[:1])
+    for start in range(0, len(attrs), CHUNK_ITEMS):  # (a chunk at a time, as ``encoded_metadata``: dense rows)
+        if (encoder.encode(attrs[start:start + CHUNK_ITEMS]) != first).any():
+            return
+    raise CfbError("§8 starts new items from their metadata (genres, authors, tags, a year, ...), and this data's "
+                   "rated items hold none that tells them apart: every new item would start alike, a random "
+                   "order; `cfb ingest items` can add metadata to a database of your own")
 
 
 def table(block: dict) -> list[str]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from ..cf_core.errors import CfbError, InputError
 from ..db import ratings_io, store
 from ..db.engine import writing
-from ..db.schema import Item, User
-from ..db.sources import (Dataset, RowLines, check_scale, not_a_number_said, number_in_text,
-                          row_line)
+from ..db.schema import Item, Rating, User
+from ..db.sources import Dataset, RowLines, check_scale, not_a_number_said, number_in_text, row_line
 
 
 def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | None = None,
@@ -75,8 +74,8 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
             items = database_ids(conn, Item, r["item"], given[Item], **at, field=ds.columns.get("item", "item"))
             store.lock_writers(conn)  # (re-entrant) so that the rows from seq0 on are this ingest's
             seq0 = store.next_seq(conn)
-            n = ratings_io.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64), r["timestamp"].to_numpy(),
-                                    progress)
+            n = ratings_io.write_ratings(conn, users, items, r["rating"].to_numpy(np.float64),
+                                         r["timestamp"].to_numpy(), progress)
             # a stored rating given again with the same value keeps its seq; every other row got one from seq0 on
             changed = n if seq0 == 1 else store.count_ratings(conn, since_seq=seq0 - 1)
         new = {t: store.count_rows(conn, t) - before[t] for t in (User, Item)}
@@ -92,8 +91,6 @@ def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
     ``TITLES_MAY_DIFFER`` of the titles under the ids both have differ, spaces and case aside (a
     database of the same release made before the catalogue was noted, or with a title corrected here
     and there, takes it)."""
-    from sqlalchemy import select
-
     if ds.catalogue is not None:
         held = store.get_setting(conn, "catalogue")
         if held is not None and held != ds.catalogue:
@@ -144,10 +141,6 @@ USERS_COMPARED = 1_000  # users a release shares ids with whose stored ratings `
 
 
 def _refuse_other_people(conn, ds: Dataset) -> None:  # noqa: ANN001
-    from sqlalchemy import select
-
-    from ..db.schema import Rating
-
     stored = {ext for (ext,) in conn.execute(select(User.external_id))}
     if not stored:  # (a first ingest: nothing to compare)
         return
@@ -250,8 +243,6 @@ def refuse_nul_text(values, lines: list[int | None], field: str, source: str | N
 
 def write_users(conn, users, source: str | None = None) -> None:  # noqa: ANN001
     """Add or update users (user, attributes; optional line): attributes as ``conform_attributes``."""
-    from sqlalchemy import select
-
     ids = [str(x) for x in users["user"]]
     check_ids(ids, _lines(users), "user", source)
     stored = dict(conn.execute(select(User.external_id, User.attributes)).all())
@@ -263,8 +254,6 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     """Add or update items (item, title, attributes; optional line): an empty title keeps the stored one,
     attributes as ``conform_attributes``. Returns how many already existed, and how many of those
     this changes (title or attributes)."""
-    from sqlalchemy import select
-
     ids = [str(x) for x in items["item"]]
     lines = _lines(items)
     check_ids(ids, lines, "item", source)
