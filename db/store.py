@@ -38,8 +38,11 @@ def upgrade_schema(engine: Engine) -> None:
 def create_schema(engine: Engine) -> None:
     """Create every table that is missing, and what tables made by an earlier cfb lack (the ratings
     table's replaced-value columns, the trigger that logs replaced rows, the answers' ``asked``)."""
-    with writing(engine) as conn:  # one writer at a time makes them (two first ingests at once on PostgreSQL)
-        Base.metadata.create_all(conn)
+    with engine.connect() as conn:  # (a database that has them all is not made to wait for another writer)
+        missing = set(Base.metadata.tables) - set(inspect(conn).get_table_names())
+    if missing:
+        with writing(engine) as conn:  # one writer at a time makes them (two first ingests at once on PostgreSQL)
+            Base.metadata.create_all(conn)
     url = str(engine.url)
     if url not in _HAVE_HISTORY or url not in _HAVE_LOG or url not in _HAVE_ASKED:
         with engine.connect() as conn:

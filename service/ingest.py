@@ -25,16 +25,10 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     store.create_schema(engine)
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
         first_load = len(ds.ratings) >= ratings_io.BULK_ROWS and store.next_seq(conn) == 1
-    with writing(engine, first_load=first_load) as conn:
+        checked = _check_stored_scale(conn, ds, scale, source)  # (before waiting for another writer: bad input
+    with writing(engine, first_load=first_load) as conn:       # is refused at once, not told "busy")
         claim_catalogue(conn, ds)
-        known = store.rating_scale(conn)
-        if known and scale and tuple(scale) != known:
-            raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
-        if known and ds.scale and not known[0] <= ds.scale[0] <= ds.scale[1] <= known[1]:
-            # (a release whose own scale reaches beyond the database's: 10M's half stars after 1M's whole ones)
-            raise InputError(f"the release's ratings are on {ds.scale[0]:g}..{ds.scale[1]:g}, beyond the database's "
-                             f"{known[0]:g}..{known[1]:g} (from its first ingest): ingest it into a database of its own",
-                             source=source)
+        known = checked or _check_stored_scale(conn, ds, scale, source)  # (a first ingest may have set it since)
         if known is None:
             if scale is None:
                 scale = ds.scale
@@ -51,11 +45,11 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                 store.set_setting(conn, "rating_scale", f"{float(scale[0])!r},{float(scale[1])!r}")
                 if ds.step is not None and tuple(scale) == tuple(ds.scale or ()):
                     store.set_setting(conn, "rating_step", f"{ds.step:g}")
+            if scale is not None and len(ds.ratings):  # lines and field as the reader names them
+                check_scale(ds.ratings, scale, source, ds.first_line, ds.columns.get("rating", "rating"),
+                            step=store.rating_step(conn))
         scale = known or scale
         claim_users(conn, ds)
-        if scale is not None and len(ds.ratings):  # lines and field as the reader names them
-            check_scale(ds.ratings, scale, source, ds.first_line, ds.columns.get("rating", "rating"),
-                        step=store.rating_step(conn))
         before = {t: store.count_rows(conn, t) for t in (User, Item)}
         given: dict = {User: set(), Item: set()}
         if ds.users is not None and len(ds.users):
@@ -81,6 +75,26 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
         new = {t: store.count_rows(conn, t) - before[t] for t in (User, Item)}
     return {"ratings": n, "new_ratings": changed, "users": len(given[User]), "items": len(given[Item]),
             "new_users": new[User], "new_items": new[Item], "scale": list(scale) if scale else None}
+
+
+def _check_stored_scale(conn, ds: Dataset, scale: tuple[float, float] | None,  # noqa: ANN001
+                        source: str) -> tuple[float, float] | None:
+    """The database's rating scale (None before its first ingest), once ``ds`` is found to fit it: the
+    scale asked for, the release's own and every rating (lines and field as the reader names them)."""
+    known = store.rating_scale(conn)
+    if known is None:
+        return None
+    if scale and tuple(scale) != known:
+        raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
+    if ds.scale and not known[0] <= ds.scale[0] <= ds.scale[1] <= known[1]:
+        # (a release whose own scale reaches beyond the database's: 10M's half stars after 1M's whole ones)
+        raise InputError(f"the release's ratings are on {ds.scale[0]:g}..{ds.scale[1]:g}, beyond the database's "
+                         f"{known[0]:g}..{known[1]:g} (from its first ingest): ingest it into a database of its own",
+                         source=source)
+    if len(ds.ratings):
+        check_scale(ds.ratings, known, source, ds.first_line, ds.columns.get("rating", "rating"),
+                    step=store.rating_step(conn))
+    return known
 
 
 def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001

@@ -1034,7 +1034,9 @@ def test_a_write_that_waits_out_another_writer_is_503_with_retry_after(trained, 
             for args, said in ((["rate", "nobody", "a1", "4"], "unknown user 'nobody'"),  # bad input: its own error,
                                (["rate", "a0", "a1", "9"], "outside the scale"),  # found before the wait
                                (["onboard", "--answers", str(write(tmp_path / "a.json", '[{"user": "a0"}]'))],
-                                "user 'a0' already exists")):
+                                "user 'a0' already exists"),
+                               (["ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\na0,a1,9\n"))],
+                                "outside the scale")):
                 res = CliRunner().invoke(cli, ["--db", db_url, *args])
                 assert res.exit_code == 1 and said in res.output and "busy" not in res.output, res.output
         finally:
