@@ -64,7 +64,7 @@ class InputError(CfbError):
             None if source is None else printable(source), f"line {line}" if line is not None else None,
             f"field '{printable(field)}'" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
-        self.source, self.line, self.field = source, line, field
+        self.source, self.line, self.field, self.problem = source, line, field, message
 
 
 class UserExistsError(InputError):

@@ -52,6 +52,9 @@ def fail_cleanly(fn):
             if error is None:
                 raise
             raise click.ClickException(str(error)) from None
+        except OSError as e:  # (a file the readers did not name themselves: still one line)
+            said = e.strerror or str(e)
+            raise click.ClickException(f"{e.filename}: {said}" if e.filename else said) from None
 
     return wrapper
 

@@ -47,9 +47,9 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import InputError
-from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_known_items, check_scale, check_times,
+from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_listed, check_scale, check_times,
                       check_unique_columns, id_column, not_a_number_said, number_in_text)
-from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, text_lines, without_trailing_blank_lines
+from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, require_file, text_lines, without_trailing_blank_lines
 
 HALF_STARS = (0.5, 5.0)
 # whose item ids a release's are: 100k numbers its movies its own way; 1M, 10M and the CSV releases
@@ -142,7 +142,7 @@ def _require_item_file(path: Path) -> None:
 def _check_items(ratings: pd.DataFrame, items: pd.DataFrame, path: Path, first_line: int, field: str,
                  item_file: str) -> None:
     """Every rated item is in the release's item list."""
-    check_known_items(ratings, items["item"], str(path), first_line, field, item_file)
+    check_listed(ratings, items["item"], str(path), first_line, field, item_file)
 
 
 def _text_lines(path: Path, encoding: str) -> list[str]:
@@ -163,8 +163,7 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
     """``UserID::MovieID::Rating::Timestamp`` lines (MovieLens 1M and 10M)."""
     names = ["UserID", "MovieID", "Rating", "Timestamp"]
     cols = {"user": 0, "item": 1, "rating": 2, "timestamp": 3}
-    if not path.exists():
-        raise InputError("file not found", source=str(path))
+    require_file(path)
     try:
         rows = lines_before_trailing_blanks(path)  # (None: read to the end)
         # "a::b::c::d" split on ":" is 7 columns, the odd ones empty
@@ -320,9 +319,7 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
 
 
 def _first_line(path: Path) -> str:
-    if not path.exists():
-        raise InputError("file not found", source=str(path))
-    with open(path, "rb") as f:
+    with open(require_file(path), "rb") as f:
         head = f.readline()
     try:
         line = head.decode("utf-8").lstrip("\ufeff").rstrip("\r\n")
@@ -464,7 +461,7 @@ def read_ml100k(folder: Path) -> Dataset:
     recs = []
     seen: dict[str, int] = {}
     for n, f in _listed(item_path, _fields(item_path, "|", _guess_encoding(item_path))):
-        if len(f) < 5 + len(ML100K_GENRES):
+        if len(f) != 5 + len(ML100K_GENRES):
             raise InputError(f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, found {len(f)}",
                              source=str(item_path), line=n)
         _check_ids(item_path, [(n, f)], 0, "id", seen)
@@ -504,6 +501,8 @@ def read_ml100k(folder: Path) -> Dataset:
             recs.append({"user": f[0].strip(), "attributes": {
                 "age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip(), "zip": f[4].strip()}, "line": n})
         users = pd.DataFrame(recs)
+        # (its README: every user who rated is listed, with demographics; an id that is not is damage)
+        check_listed(ratings, users["user"], str(ratings_path), 1, "user", user_path.name, column="user")
     return Dataset(ratings, items, users, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name="movielens-100k",
                    source=str(ratings_path), first_line=1, catalogue=ML100K_CATALOGUE, population="movielens-100k",
                    items_source=str(item_path), users_source=str(user_path))
@@ -532,7 +531,7 @@ def _guess_encoding(path: Path) -> str:
     if not path.exists():
         return "latin-1"  # (the reader names the missing file)
     try:
-        path.read_bytes().decode("utf-8")
+        require_file(path).read_bytes().decode("utf-8")
         return "utf-8"
     except UnicodeDecodeError:
         return "latin-1"
@@ -565,8 +564,14 @@ def _dat_dataset(ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame
 def read_ml1m(folder: Path) -> Dataset:
     """MovieLens 1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``, ISO-8859-1)."""
     folder = Path(folder)
-    ratings, items, rpath = _read_dat_release(folder, WHOLE_STARS)
     upath = folder / "users.dat"
+    try:
+        ratings, items, rpath = _read_dat_release(folder, WHOLE_STARS)
+    except InputError as e:  # (10M's half stars, with a users.dat put beside them)
+        if e.field != DAT_FIELDS[0] or "the scale" not in e.problem:
+            raise
+        raise InputError(f"{e.problem} (read as MovieLens 1M, whose ratings are whole stars, since the folder "
+                         f"has {upath.name})", source=e.source, line=e.line, field=e.field) from None
     recs = []
     seen: dict[str, int] = {}
     for n, line in enumerate(_listed(upath, _text_lines(upath, _guess_encoding(upath))), start=1):
@@ -589,6 +594,7 @@ def read_ml1m(folder: Path) -> Dataset:
             attrs["zip"] = zipcode
         recs.append({"user": user, "attributes": attrs, "line": n})
     users = pd.DataFrame(recs, columns=["user", "attributes", "line"])
+    check_listed(ratings, users["user"], str(rpath), 1, "UserID", upath.name, column="user")
     return _dat_dataset(ratings, items, users, rpath, WHOLE_STARS, "movielens-1m")
 
 

@@ -147,15 +147,16 @@ def check_times(times: np.ndarray, source: str, first_line: RowLines, field: str
             raise InputError(what.format(int(times[pos])), source=source, line=row_line(first_line, pos), field=field)
 
 
-def check_known_items(ratings: pd.DataFrame, items: pd.Series, source: str, first_line: RowLines, field: str,
-                      item_file: str) -> None:
-    """Every rated item is one of ``items`` (the release's item list, ids as text), else an error naming
-    the first rating of an unknown one. Compares the distinct ids, then finds the row only on failure."""
-    codes, distinct = _codes(ratings["item"])
-    unknown = ~pd.Index(distinct).isin(pd.Index(items.astype(str)))
+def check_listed(ratings: pd.DataFrame, listed: pd.Series, source: str, first_line: RowLines, field: str,
+                 listing_file: str, column: str = "item") -> None:
+    """Every rating's ``column`` ("item" or "user") is one of ``listed`` (the release's item or user list,
+    ids as text), else an error naming the first rating of an unknown one. Compares the distinct ids,
+    then finds the row only on failure."""
+    codes, distinct = _codes(ratings[column])
+    unknown = ~pd.Index(distinct).isin(pd.Index(listed.astype(str)))
     if unknown.any():
         pos = int(np.flatnonzero(unknown[codes])[0])
-        raise InputError(f"item {str(distinct[codes[pos]])!r} is not in {item_file}", source=source,
+        raise InputError(f"{column} {str(distinct[codes[pos]])!r} is not in {listing_file}", source=source,
                          line=row_line(first_line, pos), field=field)
 
 

@@ -6,14 +6,26 @@ from pathlib import Path
 from ..cf_core.errors import InputError
 
 
-def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """Whole file as text; a bad byte is reported with its line number. A file that starts with the UTF-8
-    byte order mark is read as UTF-8 without it, whatever ``encoding`` says."""
+def require_file(path: Path) -> Path:
+    """``path``, a file that can be opened for reading, else an ``InputError`` naming it: not found, a
+    directory, or unreadable (e.g. its permissions)."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", source=str(path))
     if path.is_dir():
         raise InputError("is a directory, expected a file", source=str(path))
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e})", source=str(path)) from None
+    return path
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """Whole file as text; a bad byte is reported with its line number. A file that starts with the UTF-8
+    byte order mark is read as UTF-8 without it, whatever ``encoding`` says."""
+    path = require_file(path)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -55,7 +67,7 @@ def without_trailing_blank_lines(text: str) -> str:
 def lines_before_trailing_blanks(path: Path) -> int | None:
     """How many lines ``path`` has up to its last non-blank one when blank lines follow it, else None
     (no blank line at its end, or nothing but blanks). Reads only the file's tail when there are none."""
-    with open(path, "rb") as f:
+    with open(require_file(path), "rb") as f:
         end = _content_end(f, f.seek(0, 2))
         f.seek(end)
         if end == 0 or len(f.read().decode("latin-1").splitlines()) < 2:

@@ -642,7 +642,8 @@ def test_trailing_blank_lines_on_the_careful_paths_and_blank_lines_inside(tmp_pa
     pytest.param("100k", "u.data", "196\t242\t3\t881250949\n186\t302\t3.5\t891717742\n",
         r"u\.data, line 2, field 'rating': rating 3\.5 not on the scale 1\.\.5 in steps of 1$", id="100k-half-star"),
     pytest.param("1m", "ratings.dat", "1::1193::5::978300760\n1::661::4.5::978302109\n",
-        r"ratings\.dat, line 2, field 'Rating': rating 4\.5 not on the scale 1\.\.5 in steps of 1$", id="1m-half-star"),
+        r"ratings\.dat, line 2, field 'Rating': rating 4\.5 not on the scale 1\.\.5 in steps of 1 \(read as MovieLens "
+        r"1M, whose ratings are whole stars, since the folder has users\.dat\)$", id="1m-half-star"),
     pytest.param("goodbooks-v2", "ratings.csv", "user_id,book_id,rating\n1,3,5\n2,1,3.5\n",
         r"ratings\.csv, line 3, field 'rating': rating 3\.5 not on the scale 1\.\.5 in steps of 1$",
         id="goodbooks-v2-half-star"),
@@ -1374,3 +1375,53 @@ def test_a_release_of_another_catalogue_is_refused(tmp_path, db_url):
     assert run(other_db, "ingest", "movielens", str(tmp_path / "ml-1m")).exit_code == 0
     (tmp_path / "ml-1m" / "users.dat").unlink()
     assert run(other_db, "ingest", "movielens", str(tmp_path / "ml-1m")).exit_code == 0
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_folder_where_a_release_has_a_file_is_named_in_one_line(tmp_path, db_url, release):
+    """Each of a release's files made a directory (u.user, ratings.dat, ... once gave IsADirectoryError and a
+    traceback): one line naming it, nothing written; from Python, a ``cfb.InputError``."""
+    import cfb
+
+    make, kind = RELEASES[release]
+    names = sorted(p.name for p in make(tmp_path / "names").iterdir() if p.name != "links.csv")  # (not read)
+    for name in names:
+        folder = make(tmp_path / f"{release}-{name}")
+        (folder / name).unlink()
+        (folder / name).mkdir()
+        fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(name)}: is a directory, expected a file$")
+        with cfb.open(str(tmp_path / "api.db")) as db, pytest.raises(cfb.InputError, match="is a directory"):
+            getattr(db, f"ingest_{kind}")(folder)
+    assert_nothing_written(db_url)
+
+
+@pytest.mark.parametrize("release, file, line, message", [
+    ("100k", "u.data", "abc\t242\t3\t881250949\n", r"u\.data, line 4, field 'user': user 'abc' is not in u\.user$"),
+    ("1m", "ratings.dat", "99::1193::3::978300000\n",
+     r"ratings\.dat, line 5, field 'UserID': user '99' is not in users\.dat$"),
+])
+def test_a_rating_by_a_user_the_release_does_not_list_is_refused(tmp_path, db_url, release, file, line, message):
+    """100k and 1M list every user who rated (with demographics, their READMEs say): a rating by another id is
+    damage, refused as a rating of an unlisted item is (it was stored as a user without attributes)."""
+    make, kind = RELEASES[release]
+    folder = make(tmp_path / release)
+    write(folder / file, (folder / file).read_text() + line)
+    fails(run(db_url, "ingest", kind, str(folder)), message)
+    assert_nothing_written(db_url)
+
+
+def test_a_100k_item_line_with_more_fields_than_the_release_is_refused(tmp_path, db_url):
+    folder = ml100k(tmp_path / "ml-100k")
+    with open(folder / "u.item", "a", encoding="latin-1") as f:
+        f.write("1683|X (1995)|01-Jan-1995||http://x|" + "|".join(["0"] * 20) + "\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"u\.item, line 4: expected 24 '\|'-separated fields, found 25$")
+    assert_nothing_written(db_url)
+
+
+def test_half_stars_beside_a_users_file_say_the_folder_was_read_as_1m(tmp_path, db_url):
+    folder = ml10m(tmp_path / "ml-10m")
+    write(folder / "users.dat", "1::F::1::10::48067\n")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"ratings\.dat, line \d+, field 'Rating': rating [\d.]+ "
+          r"(outside|not on) the scale 1\.\.5.* \(read as MovieLens 1M, whose ratings are whole stars, since the "
+          r"folder has users\.dat\)$")
+    assert_nothing_written(db_url)
