@@ -45,16 +45,16 @@ def fail_cleanly(fn):
 
         try:
             return fn(*args, **kwargs)
-        except CfbError as e:
-            raise click.ClickException(str(e)) from None
+        except CfbError as e:  # (``shown``: one line, whatever text from the input a message quotes)
+            raise click.ClickException(shown(e)) from None
         except SQLAlchemyError as e:
             error = database_error(e)
             if error is None:
                 raise
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(shown(error)) from None
         except OSError as e:  # (a file the readers did not name themselves: still one line)
             said = e.strerror or str(e)
-            raise click.ClickException(f"{e.filename}: {said}" if e.filename else said) from None
+            raise click.ClickException(shown(f"{e.filename}: {said}" if e.filename else said)) from None
 
     return wrapper
 
@@ -695,9 +695,11 @@ def onboard(ctx: Ctx, answers_file: Path, skip_invalid: bool, as_json: bool) -> 
     if not entries:  # (`[]`): refused like a pairs file with no rows
         raise InputError("no entries (an empty list): nobody to onboard", source=str(answers_file))
     out = onboard_users(ctx.engine, entries, skip_invalid=skip_invalid)
-    lines = [shown(u["user"]) for u in out["onboarded"]]
-    lines += [f"skipped: {s['error']}" for s in out["skipped"]]
-    emit(out, as_json, "\n".join(lines))
+    if as_json or out["onboarded"]:
+        emit(out, as_json, "\n".join(shown(u["user"]) for u in out["onboarded"]))
+    if not as_json:  # (stdout holds the new ids alone; with --json the skipped entries are in its JSON)
+        for s in out["skipped"]:
+            click.echo(f"skipped: {shown(s['error'])}", err=True)
     if out["skipped"]:
         sys.exit(1)
 

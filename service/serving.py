@@ -7,7 +7,7 @@ import re
 import numpy as np
 from sqlalchemy import Connection, select
 
-from ..cf_core.errors import CannotAnswerError, CfbError, UnknownIdError, check_whole
+from ..cf_core.errors import CannotAnswerError, CfbError, UnknownIdError, check_whole, printable
 from ..db import store
 from ..db.schema import Item, Rating
 from .state import Served, load_served, user_vector
@@ -156,7 +156,7 @@ def title_hint(query: str, titles) -> str:  # noqa: ANN001
     if not close:
         low = query.lower()
         close = [t for t in titles if low in t.lower()][:5]
-    return f"; did you mean: {'; '.join(close)}?" if close else ""
+    return f"; did you mean: {'; '.join(printable(t) for t in close)}?" if close else ""  # (a title may hold a line break)
 
 
 def similar(conn: Connection, query: str, n: int = 10) -> dict:

@@ -607,3 +607,21 @@ def test_text_output_writes_a_titles_control_characters_as_escapes(runner, cli_d
                  ["recommend", "esc\x1b[31mX", "-n", "3"]):
         res = run(runner, cli_db, *args)
         assert res.exit_code == 0 and "\x1b" not in res.output and "esc\\x1b[31mX" in res.output, res.output
+
+
+def test_a_title_hint_quoting_a_title_with_a_line_break_stays_one_line(trained, tmp_path):
+    """A stored title may hold a line break or an escape code (a CSV's quoted cell): the error's
+    "did you mean" writes it escaped, as every other quoted text is, so the error stays one line."""
+    from cfb.service.serving import title_hint
+
+    assert title_hint("Evil Title (1999)", ["Evil\nTitle (1999)", "Bad\x1b[31m (1999)"]) == \
+        "; did you mean: Evil\\nTitle (1999)?"
+    engine, _ = trained
+    url = str(engine.url)
+    res = CliRunner().invoke(cli, ["--db", url, "ingest", "items", str(write(tmp_path / "i.csv",
+                                                                             'item,title\nz4,"Evil\nTitle (1999)"\n'))])
+    assert res.exit_code == 0, res.output
+    for args in (["similar", "Evil Title (1999)"], ["rate", "a0", "Evil Title (1999)", "3"]):
+        res = CliRunner().invoke(cli, ["--db", url, *args])
+        assert res.exit_code == 1 and res.stdout == "", res.output
+        assert res.stderr.count("\n") == 1 and "did you mean: Evil\\nTitle (1999)" in res.stderr, res.stderr
