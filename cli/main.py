@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -219,6 +220,9 @@ def cli(ctx: click.Context, url: str | None) -> None:
                                  "(sqlite:///cfb.db, or a path)", param_hint="--db (or $CFB_DATABASE_URL)")
     ctx.obj = Ctx(url)
     ctx.call_on_close(ctx.obj.close)
+    if threading.current_thread() is threading.main_thread():  # (signal handlers belong to the main thread)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 # --- ingest -----------------------------------------------------------------------------------
@@ -647,6 +651,7 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
         raise CfbError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
     if port:  # (port 0: the system chooses one, which uvicorn's own line then says)
         click.echo(f"cfb serving http://{f'[{host}]' if ':' in host else host}:{port}/ (API docs at /docs)", err=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (uvicorn shuts down on it gracefully, then ends by it)
     run_server(ctx.url, host=host, port=port, token=token, workers=workers, log_level=log_level,
                allowed_origins=allowed_origins)
 
@@ -802,7 +807,10 @@ def _check_ints(ctx, param, value: str) -> str:
 
 
 def _exit_on_sigterm(signum: int, _frame) -> None:  # noqa: ANN001
-    """A SIGTERM (``timeout``, a CI job's end) as an exit: ``finally`` blocks run, temporary files go."""
+    """A SIGTERM (``timeout``, ``docker stop``, systemd, a CI job's end) as an exit, as Ctrl-C is: ``finally``
+    blocks run (a retrain's lock is released, an eval's temporary databases go), one line says so, and the
+    exit status is 128 + 15. What was not committed is not written; the serving version stays."""
+    click.echo("Aborted! (SIGTERM)", err=True)
     raise SystemExit(128 + signum)
 
 
@@ -879,7 +887,6 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
         log(f"running the protocol on {data_dir} for seeds {', '.join(map(str, seed_list))} ...")
     from ..cf_core.train import TrainingDiverged
 
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # (the temporary databases then go, as on Ctrl-C)
     try:
         try:
             ds = read(data_dir)
@@ -901,6 +908,4 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
         raise CfbError(str(e).split("; ")[0] + f"; cfb eval trains with `cfb retrain --full`'s defaults, which "
                        f"did not fit this data's training split ({len(ds.ratings):,} ratings in all): with more "
                        "data they may, or `cfb retrain --full` on it can try other settings") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     emit(out, as_json, render(out))

@@ -625,3 +625,39 @@ def test_a_title_hint_quoting_a_title_with_a_line_break_stays_one_line(trained, 
         res = CliRunner().invoke(cli, ["--db", url, *args])
         assert res.exit_code == 1 and res.stdout == "", res.output
         assert res.stderr.count("\n") == 1 and "did you mean: Evil\\nTitle (1999)" in res.stderr, res.stderr
+
+
+def test_a_retrain_stopped_by_sigterm_says_so_and_releases_its_lock(cli_db):
+    """`docker stop`, systemd and Kubernetes stop a job with SIGTERM: a retrain so stopped exits as on Ctrl-C
+    (one line, status 128 + 15) with its lock released, so that a retrain on another host is not refused
+    for the lock's stale time (it exited silently, by the signal, its lock left behind); the serving
+    version stays."""
+    import signal
+
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(cli_db)
+    with engine.connect() as conn:
+        serving = conn.execute(text("SELECT value FROM settings WHERE key = 'serving_version'")).scalar()
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    proc = subprocess.Popen([*cmd, "--db", cli_db, "retrain", "--full", "--epochs", "50", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def lock() -> str | None:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT value FROM settings WHERE key = 'retrain_lock'")).scalar()
+
+    deadline = time.monotonic() + 120
+    while lock() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(1.0)  # (into its training)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert err.decode().splitlines()[-1:] == ["Aborted! (SIGTERM)"] and out == b""
+    assert lock() is None
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT value FROM settings WHERE key = 'serving_version'")).scalar() == serving
+    engine.dispose()
