@@ -64,7 +64,10 @@ class AnswerEncoder:
                 v = np.array([st["mean"] if m else float(x) for x, m in zip(raw, missing)])
                 bins = np.zeros((n, len(st["edges"]) + 1))
                 bins[np.arange(n), np.searchsorted(st["edges"], v, side="right")] = 1 - missing
-                cols += [((v - st["mean"]) / st["std"])[:, None], bins, missing[:, None]]
+                # the linear term within the training users' range: an answer past it (an age of 146, which a
+                # question accepts) says no more than the range's end, as its bin does (no ridge extrapolation)
+                lin = np.clip(v, *q.range) if q.range else v
+                cols += [((lin - st["mean"]) / st["std"])[:, None], bins, missing[:, None]]
             else:
                 prefixes = {p: k for k, p in enumerate(self.text_prefixes.get(q.name, []))}
                 block = np.zeros((n, len(prefixes)))

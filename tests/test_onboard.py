@@ -342,3 +342,16 @@ def test_a_signup_is_checked_against_the_questionnaire_it_was_shown(trained, pla
         served = load_served(conn)
         stale, same = (user_history(conn, served, store.user_id_of(conn, u)) for u in ("stale", "same"))
     assert stale.asked is None and same.asked == 2  # the first two shown are not the serving ones: not said
+
+
+def test_a_number_answer_past_the_training_range_says_what_its_end_says():
+    """A question accepts answers past its training range (an age of 146 where users were 7 to 73): the
+    bootstrap prior's linear term of it was extrapolated 10 standard deviations, pushing a new user's
+    predicted ratings to the top of the scale; it is now the range's end, as its bin is."""
+    from cfb.bootstrap.features import AnswerEncoder
+    from cfb.bootstrap.questionnaire import Questionnaire, infer_questions
+
+    users = [{"age": 7 + k % 67, "gender": "MF"[k % 2]} for k in range(200)]
+    enc = AnswerEncoder.fit(Questionnaire(infer_questions(users), []), users, [])
+    x = enc.transform([{"age": 146}, {"age": 73}, {"age": 0}, {"age": 7}, {"age": 40}], [{}] * 5)
+    assert np.array_equal(x[0], x[1]) and np.array_equal(x[2], x[3]) and not np.array_equal(x[1], x[4])
