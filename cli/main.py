@@ -221,8 +221,8 @@ def cli(ctx: click.Context, url: str | None) -> None:
     ctx.obj = Ctx(url)
     ctx.call_on_close(ctx.obj.close)
     if threading.current_thread() is threading.main_thread():  # (signal handlers belong to the main thread)
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # (None: a handler set outside Python)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous))
 
 
 # --- ingest -----------------------------------------------------------------------------------
