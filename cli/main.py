@@ -892,7 +892,7 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
             ds = read(data_dir)
         except CfbError as e:
             raise _for_eval(e) from None
-        why = None if new_items or _ints(budgets) else no_fold_in_curve(ds.ratings)
+        why = None if new_items or _ints(budgets) else no_fold_in_curve(ds.ratings, seed_list)
         if why:
             raise click.UsageError(f"--budgets is empty, and there is no fold-in curve (§5) to measure either "
                                    f"(the data: {why}): give a budget")

@@ -34,9 +34,7 @@ def write_ratings(conn: Connection, users, items, ratings, timestamps, progress=
     u, i = _array(users, np.int64), _array(items, np.int64)
     r = as_stored(_array(ratings, np.float64), *rating_scale_and_step(conn))
     ts, missing = _timestamps(timestamps)
-    keep = latest_per_pair(u, i)
-    if len(keep) < len(u) and not missing.all():  # a pair given twice: its row with the latest time wins
-        keep = latest_per_pair(u, i, np.where(missing, np.iinfo(np.int64).min, ts))
+    keep = rows_kept(u, i, ts, missing)
     kept = np.zeros(len(r), bool)
     kept[keep] = True
     seq = seq0 - 1 + np.cumsum(kept)  # the kept rows' order, as given
@@ -196,6 +194,26 @@ def _timestamps(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     if not missing.all():
         t[~missing] = values[~missing].astype(np.float64)
     return t, missing
+
+
+def rows_kept(users: np.ndarray, items: np.ndarray, ts: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Positions of the row each (user, item) pair keeps, in (user, item) order: of a pair given twice,
+    its row with the latest timestamp (a row with one over a row without; the last of those rows)."""
+    keep = latest_per_pair(users, items)
+    if len(keep) < len(users) and not missing.all():
+        keep = latest_per_pair(users, items, np.where(missing, np.iinfo(np.int64).min, ts))
+    return keep
+
+
+def one_row_per_pair(ratings):  # noqa: ANN001, ANN201  (a DataFrame of user, item, rating[, timestamp])
+    """``ratings`` as an ingest stores them: one row per (user, item) (``rows_kept``), in the given order."""
+    import pandas as pd
+
+    u = pd.factorize(ratings["user"].astype(str))[0].astype(np.int64)
+    i = pd.factorize(ratings["item"].astype(str))[0].astype(np.int64)
+    ts, missing = _timestamps(ratings["timestamp"].to_numpy() if "timestamp" in ratings else [None] * len(u))
+    keep = rows_kept(u, i, ts, missing)
+    return ratings if len(keep) == len(ratings) else ratings.iloc[np.sort(keep)].reset_index(drop=True)
 
 
 def latest_per_pair(users: np.ndarray, items: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:

@@ -17,6 +17,7 @@ from ..cf_core.errors import CfbError
 from ..db import store, versions
 from ..db.engine import make_engine, sqlite_url
 from ..db.schema import Item
+from ..db.ratings_io import one_row_per_pair
 from ..db.sources import Dataset
 from ..service.incremental import retrain_incremental
 from ..service.ingest import ingest_dataset
@@ -114,7 +115,8 @@ def run_seed(ds: Dataset, seed: int, budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3
 
 
 def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdir, progress, log) -> dict:  # noqa: ANN001
-    ratings = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
+    ratings = one_row_per_pair(ds.ratings)  # (as an ingest stores them: a pair given twice is one rating, once
+    ratings = ratings.assign(user=ratings.user.astype(str), item=ratings.item.astype(str))  # in pool or test)
     users = sorted(ratings.user.unique().tolist())
     user_index = {u: k for k, u in enumerate(users)}
     cold = cold_users(users, seed)
@@ -220,12 +222,18 @@ def untimed(ratings: pd.DataFrame) -> bool:
     return "timestamp" not in ratings or bool(pd.to_numeric(ratings.timestamp, errors="coerce").isna().any())
 
 
-def no_fold_in_curve(ratings: pd.DataFrame) -> str | None:
-    """Why the data can draw no fold-in curve (§5) for any user, whoever is cold; None: it can."""
+def no_fold_in_curve(ratings: pd.DataFrame, seeds=(42, 43, 44)) -> str | None:  # noqa: ANN001
+    """Why the fold-in curve (§5) cannot be drawn for every one of ``seeds`` (their means would mix
+    seeds), said before anything is trained; None: it can. It scores cold users with more than
+    ``FIRST_REVEALS`` ratings, which each seed draws anew (§1)."""
     if untimed(ratings):
         return "its ratings have no time (some or all)"
-    if not (ratings.groupby("user").size() > FIRST_REVEALS).any():
-        return f"no user has more than {FIRST_REVEALS} ratings"
+    ratings = one_row_per_pair(ratings)
+    counts = ratings.groupby(ratings.user.astype(str)).size()
+    lacking = [seed for seed in seeds if not (counts[sorted(cold_users(list(counts.index), seed))] > FIRST_REVEALS).any()]
+    if lacking:
+        which = "seed" if len(lacking) == 1 else "seeds"
+        return f"no cold user of {which} {', '.join(map(str, lacking))} has more than {FIRST_REVEALS} ratings"
     return None
 
 
@@ -329,12 +337,15 @@ def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_s
                  kind: str = "dot", train_params: dict | None = None, serving: dict | None = None,
                  progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """The protocol for every seed, with the mean over seeds; ``log`` is told each step as it starts."""
+    why = no_fold_in_curve(ds.ratings, seeds) if fold_steps else None
+    notes = [f"no fold-in curve (§5), for any seed: {why}"] if why else []
+    if why and log:
+        log(notes[0])
     per_seed = []
     for seed in seeds:
-        per_seed.append(run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, progress=progress,
-                                 log=log))
+        per_seed.append(run_seed(ds, seed, budgets, () if why else fold_steps, kind, train_params, serving,
+                                 progress=progress, log=log))
     settings = {"kind": kind, **per_seed[0]["train"]["hyperparams"]}
-    notes = sorted({r["fold_in_skipped"] for r in per_seed if "fold_in_skipped" in r})
     if not has_demographics(ds):
         notes.append("demographic popularity (§6) is popularity here: the data's users have no gender or age")
     return {"dataset": ds.name, "seeds": list(seeds), "settings": settings, "notes": notes,

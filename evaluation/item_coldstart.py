@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import CfbError
+from ..db.ratings_io import one_row_per_pair
 from ..db.sources import Dataset
 from .metrics import Tally, combine_seeds, with_differences, with_seed_errors, without_per_user
 from .report import dataset_line, with_se
@@ -151,7 +152,8 @@ def split_dataset(ds: Dataset, cold: set[str]) -> dict:
     from ..cf_core.data import CollabData, index_ids
     from ..service.training import TrainingData
 
-    r = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
+    r = one_row_per_pair(ds.ratings)  # (as an ingest stores them: a pair given twice is one rating)
+    r = r.assign(user=r.user.astype(str), item=r.item.astype(str))
     all_users = sorted(r.user.unique().tolist())
     all_items = sorted(r.item.unique().tolist())
     uid = {u: k for k, u in enumerate(all_users)}

@@ -746,7 +746,7 @@ def test_eval_on_ratings_without_time_and_no_budget_is_refused_before_training(t
     # timed ratings, but nobody with more than ten: §5 has nothing to score either
     folder = RELEASES["csv"][0](tmp_path / "ml-csv")
     res = run(db_url, "eval", "cold-start", "--data", str(folder), "--budgets", "", "--quiet")
-    assert res.exit_code == 2 and "no user has more than 10 ratings" in res.output, res.output
+    assert res.exit_code == 2 and "no cold user of seeds 42, 43, 44 has more than 10 ratings" in res.output, res.output
 
 
 @pytest.mark.parametrize("text, message", [
