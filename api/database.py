@@ -6,19 +6,18 @@ import numbers
 import os
 from pathlib import Path
 
+from .cf_core.errors import CfbError, InputError, check_whole
+
 
 def _check_valid_pct(valid_pct: float) -> None:
     """``valid_pct``: the share of ratings held out for validation, in [0, 1)."""
-    from .cf_core.errors import CfbError
-
     ok = isinstance(valid_pct, numbers.Real) and not isinstance(valid_pct, bool) and math.isfinite(valid_pct)
     if not (ok and 0 <= valid_pct < 1):
-        raise CfbError(f"valid_pct must be a number in [0, 1), got {valid_pct!r}")
+        raise InputError(f"valid_pct must be a number in [0, 1), got {valid_pct!r}")
 
 
 def _check_entries(entries: list) -> None:
     """Each signup must be a dict; name the first that is not."""
-    from .cf_core.errors import InputError
     from .service.onboard import first_unreadable_value
 
     for k, e in enumerate(entries):
@@ -39,14 +38,12 @@ TRAINING_SETTINGS = {"n_factors": (True, 1, False, 1024), "epochs": (True, 1, Fa
 
 def _check_training_settings(kind: str | None, params: dict) -> dict:
     """The retrain settings as plain numbers, each checked as `cfb retrain` checks its options."""
-    from .cf_core.errors import CfbError, check_whole
-
     unknown = sorted(set(params) - set(TRAINING_SETTINGS))
     if unknown:
-        raise CfbError(f"unknown training setting(s) {', '.join(unknown)} "
-                       f"(settings: kind, {', '.join(TRAINING_SETTINGS)}, valid_pct)")
+        raise InputError(f"unknown training setting(s) {', '.join(unknown)} "
+                         f"(settings: kind, {', '.join(TRAINING_SETTINGS)}, valid_pct)")
     if kind not in (None, "dot", "nn"):
-        raise CfbError(f"kind must be 'dot' or 'nn', got {kind!r}")
+        raise InputError(f"kind must be 'dot' or 'nn', got {kind!r}")
     out = {}
     for name, value in params.items():
         if value is None:
@@ -59,18 +56,17 @@ def _check_training_settings(kind: str | None, params: dict) -> dict:
             and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
         if not ok:
             bounds = f"{'above' if lo_open else 'from'} {lo}" + ("" if hi is None else f" to {hi}")
-            raise CfbError(f"{name} must be a finite number {bounds}, got {value!r}")
+            raise InputError(f"{name} must be a finite number {bounds}, got {value!r}")
         out[name] = float(value)
     return out
 
 
 def _check_token(token):  # noqa: ANN001, ANN202
     """A server's bearer token: non-empty text, or None for none (an empty one would leave writes open)."""
-    from .cf_core.errors import CfbError
     from .service.http import check_token_text
 
     if token is not None and (not isinstance(token, str) or not token.strip()):
-        raise CfbError(f"token must be non-empty text (or None: no token), got {token!r}")
+        raise InputError(f"token must be non-empty text (or None: no token), got {token!r}")
     return check_token_text(token)
 
 
@@ -80,77 +76,70 @@ def _plain(value):  # noqa: ANN001, ANN202
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v) for v in value]
-    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+    if type(value).__module__ != "numpy" or not hasattr(value, "item"):
+        return value
+    if getattr(value, "ndim", 0):  # (an array of one value is one too many levels deep: refused, not unwrapped)
+        raise InputError(f"expected one value, got a numpy array of shape {tuple(value.shape)}")
+    return value.item()
 
 
 def _number(value, what: str) -> float:  # noqa: ANN001
     """A number given from Python (numpy's too), as a float; bools, text and None are refused (and
     a whole number too large for a float: the caller refuses NaN and infinities in its own words)."""
-    from .cf_core.errors import CfbError
-
     value = _plain(value)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise CfbError(f"{what} must be a number, got {value!r}")
+        raise InputError(f"{what} must be a number, got {value!r}")
     try:
         return float(value)
     except OverflowError:
-        raise CfbError(f"{what} must be a finite number, got a number of {len(str(abs(value)))} digits") from None
+        raise InputError(f"{what} must be a finite number, got a number of {len(str(abs(value)))} digits") from None
 
 
 def _id(value, what: str) -> str:  # noqa: ANN001
     """A user's or item's id (or an item's title) given from Python: text, or a whole number (numpy's
     too) as its digits; anything else (None, a float, a list, text that is not valid Unicode) refused."""
-    from .cf_core.errors import CfbError
     from .service.onboard import _is_unicode
 
     value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
-        raise CfbError(f"{what} must be an id (text or a whole number), got {type(value).__name__} {value!r:.60}")
+        raise InputError(f"{what} must be an id (text or a whole number), got {type(value).__name__} {value!r:.60}")
     text = str(value)
     if not _is_unicode(text):
-        raise CfbError(f"{what} {text!r:.60} is not valid Unicode text")
+        raise InputError(f"{what} {text!r:.60} is not valid Unicode text")
     return text
 
 
 def _path(value, what: str) -> Path:  # noqa: ANN001
     """A file or folder given from Python: text or a path-like object."""
-    from .cf_core.errors import CfbError
-
     if not isinstance(value, (str, os.PathLike)):
-        raise CfbError(f"{what} must be a path, got {type(value).__name__} {value!r:.60}")
+        raise InputError(f"{what} must be a path, got {type(value).__name__} {value!r:.60}")
     return Path(value)
 
 
 def _column(value, what: str) -> str:  # noqa: ANN001
     """A column's name given from Python: text (as the CLI's ``--user-col`` and the like)."""
-    from .cf_core.errors import CfbError
-
     if not isinstance(value, str):
-        raise CfbError(f"{what} must be a column's name, got {type(value).__name__} {value!r:.60}")
+        raise InputError(f"{what} must be a column's name, got {type(value).__name__} {value!r:.60}")
     return value
 
 
 def _file(value) -> Path:  # noqa: ANN001
     """An existing file given from Python (as the CLI's ``click.Path(exists=True, dir_okay=False)``)."""
-    from .cf_core.errors import CfbError
-
     path = _path(value, "file")
     if path.is_dir():
-        raise CfbError(f"file {str(path)!r} is a directory")
+        raise InputError(f"file {str(path)!r} is a directory")
     if not path.exists():
-        raise CfbError(f"file {str(path)!r} does not exist")
+        raise InputError(f"file {str(path)!r} does not exist")
     return path
 
 
 class Database:
     """A cfb database (SQLite or PostgreSQL). Use ``cfb.open(url)``; ``close()`` (or ``with``) when done."""
-
     def __init__(self, url: str | None = None):
-        from .cf_core.errors import CfbError
         from .db.engine import make_engine, resolve_url
 
         if url is not None and not isinstance(url, (str, os.PathLike)):
-            raise CfbError(f"url must be a database URL or a SQLite file's path, got {type(url).__name__} {url!r:.60}")
+            raise InputError(f"url must be a database URL or a SQLite file's path, got {type(url).__name__} {url!r:.60}")
         self._url = resolve_url(None if url is None else os.fspath(url))
         self.engine = make_engine(self._url)
         self.closed = False
@@ -159,7 +148,6 @@ class Database:
     def url(self) -> str:
         """The database's URL; every method reaches the database through it, so a closed one refuses."""
         if self.closed:
-            from .cf_core.errors import CfbError
 
             raise CfbError("this cfb.Database is closed: open it again with cfb.open(url)")
         return self._url
@@ -204,7 +192,6 @@ class Database:
     def ingest_ratings(self, file: str | Path, scale: tuple[float, float] | None = None, user_col: str = "user",
                        item_col: str = "item", rating_col: str = "rating", time_col: str | None = None) -> dict:
         """Add ratings from a CSV with a header (`cfb ingest ratings FILE [--scale LO,HI]`)."""
-        from .cf_core.errors import CfbError
         from .db.sources import CsvRowLines, Dataset, read_ratings_csv
         from .db.store import scale_problem
 
@@ -212,9 +199,9 @@ class Database:
             ends = list(scale) if isinstance(scale, (tuple, list)) else []
             lo, hi = (_number(x, "scale") for x in ends) if len(ends) == 2 else (math.nan, math.nan)
             if not lo < hi:
-                raise CfbError(f"scale must be (low, high) with low < high, got {scale!r:.60}")
+                raise InputError(f"scale must be (low, high) with low < high, got {scale!r:.60}")
             if problem := scale_problem((lo, hi)):
-                raise CfbError(problem)
+                raise InputError(problem)
             scale = (lo, hi)
         user_col, item_col, rating_col = (_column(c, n) for c, n in ((user_col, "user_col"), (item_col, "item_col"),
                                                                     (rating_col, "rating_col")))
@@ -267,21 +254,20 @@ class Database:
         than the last full retrain. ``valid_pct`` (default 0.2; a full retrain that drift forces keeps the
         replaced version's, as its seed) and ``params`` (n_factors, epochs, lr, wd, bs, seed) apply to a
         full retrain; an incremental one refuses them and ``kind``."""
-        from .cf_core.errors import CfbError
         from .service.incremental import DEFAULT_VALID_PCT, DRIFT_LIMIT
 
         for name, value in (("full", full), ("progress", progress)):
             if not isinstance(_plain(value), bool):
-                raise CfbError(f"{name} must be True or False, got {value!r}")
+                raise InputError(f"{name} must be True or False, got {value!r}")
         if valid_pct is not None:
             _check_valid_pct(valid_pct)
         if drift_limit is not None:
             value = _plain(drift_limit)
             if full:
-                raise CfbError("drift_limit decides when a retrain without full=True goes full; with full=True "
-                               "it has no effect")
+                raise InputError("drift_limit decides when a retrain without full=True goes full; with full=True "
+                                 "it has no effect")
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
-                raise CfbError(f"drift_limit must be a number from 0 to 1, got {drift_limit!r}")
+                raise InputError(f"drift_limit must be a number from 0 to 1, got {drift_limit!r}")
         params = _check_training_settings(kind, params)
         if full:
             from .service.training import retrain_full
@@ -307,19 +293,19 @@ class Database:
                                             "serving"])  # (the columns even with no version yet)
         return frame.astype({"parent": "Int64"})  # (a whole number or missing, however many versions)
 
-    def rollback(self, version: int) -> None:
-        """Serve an earlier ``version`` (`cfb rollback`)."""
-        from .cf_core.errors import CfbError
+    def rollback(self, version: int) -> dict:
+        """Serve an earlier ``version`` (`cfb rollback`); returns ``{"serving": version}``, as its ``--json``."""
         from .db import versions
         from .db.engine import writing
 
         version = _plain(version)
         if not isinstance(version, numbers.Integral) or isinstance(version, bool):
-            raise CfbError(f"version must be a whole number, got {version!r}")
+            raise InputError(f"version must be a whole number, got {version!r}")
         if not 1 <= version <= 2**31 - 1:  # (as `cfb rollback`; a larger one does not fit the database's integer)
-            raise CfbError(f"version must be a whole number from 1 to {2**31 - 1}, got {version}")
+            raise InputError(f"version must be a whole number from 1 to {2**31 - 1}, got {version}")
         with writing(self._existing()) as conn:
             versions.set_serving(conn, int(version))
+        return {"serving": int(version)}
 
     # --- users ----------------------------------------------------------------------------------------
     def questionnaire(self, budget: int = 15) -> dict:
@@ -343,11 +329,10 @@ class Database:
 
     def rate(self, user: str, item: str, rating: float, new_item: bool = False) -> dict:
         """Store ``user``'s rating of ``item`` (id or exact title); the next recommendations use it."""
-        from .cf_core.errors import CfbError
         from .service.ratings import rate_item
 
         if not isinstance(_plain(new_item), bool):
-            raise CfbError(f"new_item must be True or False, got {new_item!r:.60}")
+            raise InputError(f"new_item must be True or False, got {new_item!r:.60}")
         return rate_item(self._existing(), _id(user, "user"), _id(item, "item"), _number(rating, "rating"),
                          create_item=new_item)
 
@@ -367,25 +352,24 @@ class Database:
     def predict(self, pairs) -> list[float]:
         """Predicted ratings of (user, item) pairs: a list of pairs, or a DataFrame with columns user
         and item (`cfb predict --pairs`)."""
-        from .cf_core.errors import CfbError
         from .service.serving import predict_pairs
 
         if hasattr(pairs, "columns"):  # a DataFrame
             if not {"user", "item"} <= set(pairs.columns):
-                raise CfbError("pairs: a DataFrame needs columns user and item, has "
-                               f"{', '.join(map(str, pairs.columns))}")
+                raise InputError("pairs: a DataFrame needs columns user and item, has "
+                                 f"{', '.join(map(str, pairs.columns))}")
             for column in ("user", "item"):  # (a missing id makes pandas turn the column's ids into floats)
                 missing = pairs[column].isna().to_numpy()
                 if missing.any():
-                    raise CfbError(f"pairs: row {int(missing.argmax()) + 1} has no {column}")
+                    raise InputError(f"pairs: row {int(missing.argmax()) + 1} has no {column}")
             pairs = list(zip(pairs["user"], pairs["item"]))
         if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
-            raise CfbError("pairs must be (user, item) pairs or a DataFrame with columns user and item, "
-                           f"got {pairs!r:.60}")
+            raise InputError("pairs must be (user, item) pairs or a DataFrame with columns user and item, "
+                             f"got {pairs!r:.60}")
         pairs = list(pairs)
         for k, pair in enumerate(pairs):
             if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
-                raise CfbError(f"pairs: entry {k + 1} must be one (user, item) pair, got {pair!r:.60}")
+                raise InputError(f"pairs: entry {k + 1} must be one (user, item) pair, got {pair!r:.60}")
         with self._existing().connect() as conn:
             return predict_pairs(conn, [(_id(u, f"pairs: entry {k + 1}'s user"), _id(i, f"pairs: entry {k + 1}'s item"))
                                         for k, (u, i) in enumerate(pairs)])
@@ -415,19 +399,18 @@ class Database:
         pc1, pc2, pc3 (and, with ``plot``, a labelled PNG of PC1 and PC2 written there)."""
         import pandas as pd
 
-        from .cf_core.errors import CfbError
         from .service.inspect import pca, plot_pca
 
         if plot is not None:  # (checked as `cfb inspect pca --plot` checks it)
-            if not isinstance(plot, (str, Path)) or Path(plot).suffix.lower() != ".png" or Path(plot).is_dir():
-                raise CfbError(f"plot {plot!r}: the plot is a PNG, give a file name ending in .png")
+            if not isinstance(plot, (str, os.PathLike)) or Path(plot).suffix.lower() != ".png" or Path(plot).is_dir():
+                raise InputError(f"plot {plot!r}: the plot is a PNG, give a file name ending in .png")
         with self._existing().connect() as conn:
             out = pca(conn, n)
         if plot is not None:
             try:
                 plot_pca(out, Path(plot))
             except OSError as e:
-                raise CfbError(f"cannot write {plot}: {e.strerror or e}") from None
+                raise InputError(f"cannot write {plot}: {e.strerror or e}") from None
         return pd.DataFrame(out["items"])
 
     # --- serving ------------------------------------------------------------------------------------
@@ -439,11 +422,10 @@ class Database:
 
     def serve(self, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
         """Run `cfb serve` in this process (blocks)."""
-        from .cf_core.errors import CfbError, check_whole
         from .service.http import serve
 
         if not isinstance(host, str) or not host.strip():
-            raise CfbError(f"host must be a host name or address, got {host!r}")
+            raise InputError(f"host must be a host name or address, got {host!r}")
         port = check_whole(_plain(port), "port", 0, 65535)
         token = _check_token(token)
         self._existing()

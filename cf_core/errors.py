@@ -71,14 +71,22 @@ class UserExistsError(InputError):
     """A sign-up under a user id that is taken; HTTP answers 409."""
 
 
+def argument_error(message: str, field: str | None = None) -> InputError:
+    """Bad input in an argument (a call's, a request's): an ``InputError`` whose ``field`` names it for
+    the HTTP API, not written into ``message`` (which names it in its own words)."""
+    error = InputError(message)
+    error.field = field
+    return error
+
+
 def check_whole(value, name: str, lo: int, hi: int | None = None) -> int:  # noqa: ANN001
     """``value`` as an int if it is a whole number (numpy's too; not a bool) from ``lo`` to ``hi``,
-    else a one-line ``CfbError`` naming ``name`` (the API's arguments, checked as the CLI's options)."""
+    else a one-line ``InputError`` naming ``name`` (the API's arguments, checked as the CLI's options)."""
     import numbers
 
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo \
         and (hi is None or value <= hi)
     if not ok:
-        raise CfbError(f"{name} must be a whole number from {lo}" + ("" if hi is None else f" to {hi}")
-                       + f", got {value!r}")
+        raise InputError(f"{name} must be a whole number from {lo}" + ("" if hi is None else f" to {hi}")
+                         + f", got {value!r}")
     return int(value)

@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy import Connection, Engine, insert
 
-from ..cf_core.errors import CfbError, UnknownIdError
+from ..cf_core.errors import UnknownIdError, argument_error
 from ..db import ratings_io, store
 from ..db.engine import writing
 from ..db.textfile import plain_float
@@ -19,12 +19,12 @@ def rate_item(engine: Engine, user: str, item: str, rating: float, create_item: 
     try:
         value = plain_float(rating) if isinstance(rating, str) else float(rating)
     except (TypeError, ValueError, OverflowError):
-        raise CfbError(f"rating {rating!r} is not a number", field="rating") from None
+        raise argument_error(f"rating {rating!r} is not a number", "rating") from None
     if not math.isfinite(value):
-        raise CfbError(f"rating {rating!r} is not a finite number", field="rating")
+        raise argument_error(f"rating {rating!r} is not a finite number", "rating")
     rating = value
     if not str(item).strip():
-        raise CfbError("empty item id", field="item")
+        raise argument_error("empty item id", "item")
     with engine.connect() as conn:  # bad input is refused here, before the write waits for the writer's lock
         _check_rating(conn, rating)  # (checked again under it: another writer may change what they depend on)
         store.user_id_of(conn, user)
@@ -52,5 +52,5 @@ def _check_rating(conn: Connection, rating: float) -> float:
     scale, step = store.rating_scale_and_step(conn)
     problem = store.rating_problem(rating, scale, step)
     if problem:
-        raise CfbError(problem, field="rating")
+        raise argument_error(problem, "rating")
     return float(store.as_stored(rating, scale, step))

@@ -7,7 +7,7 @@ import re
 import numpy as np
 from sqlalchemy import Connection, select
 
-from ..cf_core.errors import CannotAnswerError, CfbError, UnknownIdError, check_whole, printable
+from ..cf_core.errors import CannotAnswerError, CfbError, UnknownIdError, argument_error, check_whole, printable
 from ..db import store
 from ..db.schema import Item, Rating
 from .state import Served, load_served, user_vector
@@ -32,7 +32,7 @@ def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank
     ``by="rating"`` by predicted rating alone. Every stored rating and answer counts at once."""
     check_top_n(n)
     if by not in ("rank", "rating"):
-        raise CfbError(f"by must be 'rank' or 'rating', got {by!r}")
+        raise argument_error(f"by must be 'rank' or 'rating', got {by!r}", "by")
     served = load_served(conn)
     uid = store.user_id_of(conn, external_user)
     user, rated = user_vector(conn, served, uid)
@@ -120,8 +120,7 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
     hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == query)).all()
     if len(hits) > 1:
         ids = sorted(ext for _, ext in hits)
-        raise CfbError(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id",
-                       field="item")
+        raise argument_error(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id", "item")
     return hits[0][0] if hits else None
 
 
@@ -130,7 +129,7 @@ def find_item(conn: Connection, query: str) -> int:
     strip them); a near miss suggests close titles."""
     query = str(query).strip()
     if not query:
-        raise CfbError("empty item id", field="item")
+        raise argument_error("empty item id", "item")
     hit = _item_by_id_or_title(conn, query)
     if hit is None:
         raise UnknownIdError(f"unknown item {store.shown_id(query)}{title_hint(query, store.item_title_list(conn))}",

@@ -610,3 +610,32 @@ def test_a_changed_rating_brings_the_value_the_full_retrain_learned(trained):
     with engine.connect() as conn:
         h = user_history(conn, load_served(conn), uid)
     assert np.isnan(h.learned_values).all()
+
+
+def test_python_api_bad_arguments_are_input_errors(trained, db_url, tmp_path):
+    """``cfb.InputError`` is bad input: an argument refused by one method is one in every method (a rating
+    off the scale was a plain ``CfbError`` from ``rate`` and an ``InputError`` from ``onboard``); a numpy
+    array where one value belongs is refused (it escaped as numpy's ``ValueError``, or a one-element
+    array was taken for its value); ``rollback`` returns what `cfb rollback --json` prints."""
+    from pathlib import PurePosixPath
+
+    import cfb
+
+    with cfb.open(db_url) as db:
+        user = db.onboard({"answers": {}})
+        before = db.recommend(user)
+        for call in (lambda: db.rate(user, "a2", float("nan")), lambda: db.rate(user, "a2", 7),
+                     lambda: db.rate(user, "a2", "4"), lambda: db.recommend(user, n=-1),
+                     lambda: db.retrain(full=True, n_factors=0), lambda: db.rollback(0),
+                     lambda: db.onboard({"ratings": {"a1": 9}}), lambda: db.questionnaire(-1)):
+            with pytest.raises(cfb.InputError):
+                call()
+        for call in (lambda: db.rate(user, "a2", np.array([4.0, 5.0])), lambda: db.rate(user, "a2", np.array([4.0])),
+                     lambda: db.recommend(np.array(["a0", "b1"])), lambda: db.rollback(np.array([1])),
+                     lambda: db.onboard({"ratings": {"a1": np.array([4.0])}})):
+            with pytest.raises(cfb.InputError, match=r"^expected one value, got a numpy array of shape \(\d\,\)$"):
+                call()
+        assert db.recommend(user).equals(before)  # (nothing written)
+        db.rate(user, "a2", np.float32(4))  # (a numpy scalar is one value)
+        assert db.rollback(np.int64(1)) == {"serving": 1}
+        assert len(db.pca(n=5, plot=PurePosixPath(tmp_path / "map.png"))) == 5 and (tmp_path / "map.png").exists()
