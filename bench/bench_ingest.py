@@ -125,8 +125,11 @@ def timed_phases(folder: Path, url: str) -> dict:
     store.ensure_ids, ratings_io.write_ratings = timer("ensure_ids", orig[0]), timer("write_ratings", orig[1])
     try:
         t = time.perf_counter()
-        ingest_dataset(engine, ds)
+        res = ingest_dataset(engine, ds)
         spent["ingest_total"] = time.perf_counter() - t
+        if res["new_ratings"] != res["ratings"]:  # (a database already holding them: a re-ingest, not a load)
+            raise SystemExit(f"--db {url} already held {res['ratings'] - res['new_ratings']:,} of these ratings: "
+                             "the bench times a first ingest, give an empty database")
     finally:
         store.ensure_ids, ratings_io.write_ratings = orig
         engine.dispose()

@@ -25,7 +25,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -226,6 +226,15 @@ def main() -> None:
                          "(default ../shared/data/ml-100k; skipped when absent)")
     a = ap.parse_args()
     tmp = Path(a.keep or tempfile.mkdtemp(prefix="cfb-scale-"))
+    try:
+        run(a, tmp)
+    finally:
+        if not a.keep:  # (gigabytes at full size: the data, the database, the model cache)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(a: argparse.Namespace, tmp: Path) -> None:
+    """The bench, its data and database in ``tmp``."""
     os.environ["CFB_HOME"] = str(tmp / "home")  # the commands' model cache
     lines: list[str] = []
 

@@ -61,8 +61,8 @@ def stock_fastai(ratings: pd.DataFrame, train_idx, valid_idx, epochs: int, max_b
                         self.epoch_s.append(time.perf_counter() - self.t0)
                         raise CancelEpochException()
 
-            def after_epoch(self):
-                if not max_batches:  # a whole epoch, validation included, as cfb's epoch_s
+            def after_train(self):  # (before the epoch's validation pass: cfb's epoch_s trains and validates nothing)
+                if not max_batches:
                     self.epoch_s.append(time.perf_counter() - self.t0)
 
         clock = Clock()

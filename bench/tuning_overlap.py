@@ -53,6 +53,8 @@ def group_lead(group_cells: list[dict], keep: set[str]) -> tuple[float, float | 
         samples.append(([u for u, k in zip(users, mask) if k], diff[mask]))
     means = [float(d.mean()) for _, d in samples if len(d)]
     distinct = {u for users, _ in samples for u in users}
+    if not means:
+        return float("nan"), None, 0
     return float(np.mean(means)), clustered_standard_error(samples), len(distinct)
 
 
@@ -90,8 +92,14 @@ def main() -> None:
             scored = {str(u) for cell in group for u in cell["cfb"][PER_USER]["user"]}
             (m1, s1, n1) = group_lead(group, scored & tuned)
             (m2, s2, n2) = group_lead(group, scored - tuned)
-            print(f"{name:6} | {m1:+.4f} ± {s1:.4f} [{n1:3}] | {m2:+.4f} ± {s2:.4f} [{n2:3}] | "
-                  f"{m1 - m2:+.4f} ± {np.hypot(s1, s2):.4f}")
+            both = s1 is not None and s2 is not None  # (one seed: no user was tuned on; an empty group: no figure)
+            print(f"{name:6} | {lead_shown(m1, s1, n1)} | {lead_shown(m2, s2, n2)} | "
+                  + (f"{m1 - m2:+.4f} ± {np.hypot(s1, s2):.4f}" if both else "–"))
+
+
+def lead_shown(mean: float, se: float | None, users: int) -> str:
+    """One group's lead as the table shows it ("–" for a group without a standard error)."""
+    return f"{mean:+.4f} ± {se:.4f} [{users:3}]" if se is not None else f"{'–':<17} [{users:3}]"
 
 
 if __name__ == "__main__":
