@@ -2,7 +2,8 @@
 
 For each protocol seed, the warm users of that seed's split are split again (seed + 1000) into
 pseudo-warm and pseudo-cold users, and the protocol is run on that; candidates are compared by
-NDCG@10 and RMSE. Usage: python bench/tune_coldstart.py [--seeds=42,43,44] '{"popularity_weight": 1.0}' ..."""
+NDCG@10 and RMSE. Usage: python bench/tune_coldstart.py [DATA_FOLDER] [--seeds=42,43,44] [--baselines]
+'{"popularity_weight": 1.0}' ... (the folder: MovieLens 100k, default ../shared/data/ml-100k)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,9 @@ def warm_only(ds: Dataset, seed: int) -> Dataset:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     ds = read_movielens(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1][0] not in "{-" else "../shared/data/ml-100k")
     candidates = [json.loads(a) for a in sys.argv[1:] if a.startswith("{")] or [{}]
     for c in candidates:

@@ -45,6 +45,7 @@ OFF_C = 5.0  # offset feature: Σ(r − item damped mean) / (n + OFF_C)
 def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("seed", type=int)
+    ap.add_argument("--data", default="../shared/data/ml-100k", help="a MovieLens 100k folder")
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=2, help="simulated reveal draws per training user")
@@ -62,7 +63,7 @@ def main():
     args = parse()
     seed = args.seed
     t_start = time.time()
-    ds = read_movielens("/work/shared/data/ml-100k")
+    ds = read_movielens(args.data)
     r = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
     attrs = dict(zip(ds.users.user, ds.users.attributes))
     cold = cold_users(r.user.unique().tolist(), seed)
