@@ -632,8 +632,11 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
 
     if not host.strip():  # (an empty host listens on every interface: `--host "$HOST"` with HOST unset)
         raise click.BadParameter("give an address (0.0.0.0 to listen on every interface)", param_hint="--host")
+    if token is not None and not token.strip():  # (`--token "$TOKEN"` with TOKEN unset: writes would be open)
+        raise click.BadParameter("give a token, or leave --token out to serve without one",
+                                 param_hint="--token (or $CFB_API_TOKEN)")
     try:
-        check_token_text(token or None)
+        check_token_text(token)
     except CfbError as e:
         raise click.BadParameter(str(e), param_hint="--token (or $CFB_API_TOKEN)") from None
     for origin in allowed_origins:

@@ -131,7 +131,9 @@ class FastReader:
     def answer(self, user: str, n: int, by: str) -> bytes:
         """``user``'s top ``n`` as the JSON body of ``serving.recommend``'s answer (UTF-8), from the cache
         when nothing it depends on changed since it was computed."""
-        user = user.strip()  # (surrounding spaces aside, as ``store.user_id_of`` and every reader)
+        given, user = user, user.strip()  # (surrounding spaces aside, as ``store.user_id_of`` and every reader)
+        if not user:  # (as ``store.user_id_of`` says it)
+            raise CfbError("empty user id", field="user")
         conn, token = self._conn()
         key = (user, n, by)
         hit = mark = None
@@ -146,7 +148,7 @@ class FastReader:
             if row is not None and row[:-2] == hit.state and not row[-1]:
                 self.cache[key] = hit._replace(seq=row[-2] or 0, checked=mark)
                 return hit.body
-        fresh = self._fresh(conn, user, n, by)
+        fresh = self._fresh(conn, user, n, by, given)
         if self.cache is not None:
             if len(self.cache) >= self.cache_size and key not in self.cache:
                 try:
@@ -156,7 +158,7 @@ class FastReader:
             self.cache[key] = fresh._replace(checked=mark)
         return fresh.body
 
-    def _fresh(self, conn: sqlite3.Connection, user: str, n: int, by: str) -> _Cached:
+    def _fresh(self, conn: sqlite3.Connection, user: str, n: int, by: str, given: str | None = None) -> _Cached:
         """The answer computed in one read transaction, with what it depends on."""
         cur = conn.cursor()
         cur.execute("BEGIN")  # one snapshot for every read below
@@ -169,7 +171,7 @@ class FastReader:
             row = cur.execute(self.SQL_STATE, {"root": root, "ids": "[]", "seq": 1 << 62, "user": user}).fetchone() \
                 if store.can_exist(user) else None  # (as ``store.user_id_of``)
             if row is None:
-                raise UnknownIdError(f"unknown user {store.shown_id(user)}", field="user")
+                raise UnknownIdError(f"unknown user {store.shown_id(user if given is None else given)}", field="user")
             uid, attrs, answer = row[1:4]
             bias, factors = cur.execute(self.SQL_FACTORS, (uid, root)).fetchone() or (None, None)
             if factors is not None:

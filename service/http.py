@@ -39,7 +39,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
@@ -49,7 +48,8 @@ from ..db.engine import (BUSY, EMPTY_DATABASE, WRITE_TURNS, database_error, is_b
                          sqlite_file)
 from . import serving
 from .fast_recommendations import FastRecommendations, FastReader
-from .http_guards import LOOPBACK_NAMES, MAX_BODY, BodyLimit, DatabaseFileGone, LocalHostsOnly, origin_key
+from .http_guards import (LOOPBACK_NAMES, MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly,
+                          origin_key)
 from .http_json import (MAX_N, RETRY_AFTER, ApiError, error_response, error_status, json_response,
                         recommendation_query)
 from .signup import signup_one
@@ -138,6 +138,18 @@ def _name(entry: dict) -> str:
     return escape(str(entry.get("title") or entry.get("item")))
 
 
+# the answers of the writes and of recommendations, as /openapi.json declares them (clients generated from it)
+_TEXT_OR_NONE = {"type": ["string", "null"]}
+SIGNED_UP = {"type": "object", "required": ["user", "ratings", "version"], "properties": {
+    "user": {"type": "string"}, "ratings": {"type": "integer"}, "version": {"type": "integer"}}}
+RECOMMENDED = {"type": "object", "required": ["user", "items"], "properties": {
+    "user": {"type": "string"},
+    "items": {"type": "array", "items": {"type": "object", "required": ["item", "title", "score"], "properties": {
+        "item": {"type": "string"}, "title": _TEXT_OR_NONE, "score": {"type": "number"}}}}}}
+RATED = {"type": "object", "required": ["user", "item", "title", "rating"], "properties": {
+    "user": {"type": "string"}, "item": {"type": "string"}, "title": _TEXT_OR_NONE, "rating": {"type": "number"}}}
+
+
 def check_token_text(token: str | None) -> str | None:
     """A bearer token a client can send: printable ASCII (HTTP header values are read as Latin-1, and
     browsers refuse to send other characters in one), with no space at either end."""
@@ -223,7 +235,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     extra = {}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters:  # FastAPI >= 0.16x: no tracing hooks
         extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    # redirect_slashes off: Starlette's redirect of "/users/%2541x/ratings/" names the path decoded once, so the
+    # client's next request decodes it again, to user "Ax": a path with a trailing slash is not found instead
     app = FastAPI(title="cfb", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan, **extra,
+                  redirect_slashes=False,
                   description="Cold-start collaborative filtering: the same answers as the `cfb` CLI's `--json`. "
                               "Writing endpoints need `Authorization: Bearer <token>` when the server has a token.")
     app.state.engine = engine
@@ -316,7 +331,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                            page=lambda message: error_page(message, 503, RETRY_AFTER))
     if allowed:  # an allowed site's page asks the browser first (a JSON body or a token is not a "simple"
         # request) and may read the answers: CORS for those sites only, answered before any route
-        app.add_middleware(CORSMiddleware, allow_origins=sorted(allowed), allow_methods=["GET", "POST"],
+        app.add_middleware(JsonCORS, allow_origins=sorted(allowed), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"],
                            expose_headers=["Location", "Retry-After"], max_age=600)
     if local_hosts_only:  # outermost: before anything is read
@@ -412,23 +427,26 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response(questionnaire_json(conn, budget))
 
     signup_schema = {"type": "object", "additionalProperties": False, "properties": {
-        "user": {"type": "string", "description": "external user id (default: one is assigned)"},
+        "user": {"type": ["string", "integer"], "description": "external user id, text or a whole number (default: "
+                                                                "one is assigned)"},
         "answers": {"type": "object", "description": "attribute answers, as named by GET /questionnaire"},
         "ratings": {"type": "object", "additionalProperties": {"type": "number"},
                     "description": "item id or exact title -> rating; leave out items not seen"},
         "asked": {"type": "integer", "minimum": 0, "maximum": MAX_BUDGET,
                   "description": "how many of GET /questionnaire's items were shown (its budget): the ones "
-                                 "not rated count as not seen"},
+                                 "not rated count as not seen (a JSON integer: 15, not 15.0)"},
         "version": {"type": "integer", "minimum": 1,
                     "description": "the model version whose questionnaire was shown (GET /questionnaire's "
                                    "`version`): answers are checked against it, as a full retrain since may "
-                                   "have changed the questionnaire (default: the serving version)"}},
+                                   "have changed the questionnaire (default: the serving version; a JSON "
+                                   "integer: 2, not 2.0)"}},
         "example": {"answers": {"gender": "F"}, "ratings": {"50": 5, "181": 4}, "asked": 15, "version": 1}}
 
     @app.post("/users", status_code=201, tags=["api"], summary="Sign a user up (`cfb onboard` with one entry)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": signup_schema}}}},
-              responses={201: {"description": '{"user": id, "ratings": k, "version": v}'},
+              responses={201: {"description": '{"user": id, "ratings": k, "version": v}',
+                               "content": {"application/json": {"schema": SIGNED_UP}}},
                          409: {"description": "the user id exists"}, 422: {"description": "invalid answers"}})
     async def create_user(request: Request):
         check_token(request)
@@ -459,7 +477,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     @api_get("/users/{user:id}/recommendations", tags=["api"],
              summary="Top n items for a user (`cfb recommend --json`)",
-             responses={200: {"description": '{"user": id, "items": [{"item", "title", "score"}]}'},
+             responses={200: {"description": '{"user": id, "items": [{"item", "title", "score"}]}',
+                              "content": {"application/json": {"schema": RECOMMENDED}}},
                         404: {"description": "unknown user"}, 422: {"description": "n or by out of range"}},
              openapi_extra={"parameters": rec_params})
     async def recommendations(user: str, request: Request):
@@ -473,14 +492,16 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return json_response(await run_in_threadpool(run) if reads_in_threadpool else run())
 
     rating_schema = {"type": "object", "required": ["item", "rating"], "additionalProperties": False,
-                     "properties": {"item": {"type": "string", "description": "item id or exact title"},
+                     "properties": {"item": {"type": ["string", "integer"],
+                                             "description": "item id (text or a whole number) or exact title"},
                                     "rating": {"type": "number"}},
                      "example": {"item": "50", "rating": 5}}
 
     @app.post("/users/{user:id}/ratings", status_code=201, tags=["api"], summary="Store a rating (`cfb rate --json`)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": rating_schema}}}},
-              responses={201: {"description": '{"user", "item", "title", "rating"}'},
+              responses={201: {"description": '{"user", "item", "title", "rating"}',
+                               "content": {"application/json": {"schema": RATED}}},
                          404: {"description": "unknown user or item"}, 422: {"description": "invalid rating"}})
     async def rate(user: str, request: Request):
         check_token(request)

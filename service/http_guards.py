@@ -1,16 +1,31 @@
 """ASGI middleware that refuses a request before the app reads it: another host's name (DNS
-rebinding), a body over the limit, a SQLite file deleted under the running server."""
+rebinding), a body over the limit, a SQLite file deleted under the running server, a CORS preflight
+another site may not make."""
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from .http_json import RETRY_AFTER, ApiError, error_response, json_response
 
 MAX_BODY = 64 * 1024  # bytes: larger request bodies are refused with 413
+
+
+class JsonCORS(CORSMiddleware):
+    """Starlette's CORS, a refused preflight answered as every other error is (``{"error": ...}``, 400,
+    one line) instead of as plain text; its CORS headers kept."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        keep = {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return json_response({"error": f"CORS preflight refused: {bytes(response.body).decode()}"}, 400, keep)
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 

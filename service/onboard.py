@@ -100,8 +100,10 @@ def first_unreadable_value(value) -> tuple[str, str] | None:
             return path, f"key {bad!r} is not valid Unicode text"
         if isinstance(v, str) and not _is_unicode(v):
             return path, f"{v!r} is not valid Unicode text"
-        if isinstance(v, _NonFinite):
+        if isinstance(v, _NonFinite) and v.token.lstrip("-") in ("NaN", "Infinity"):
             return path, f"{v.token} is not allowed: numbers must be finite"
+        if isinstance(v, _NonFinite):  # (1e400, or 400 digits: finite, but beyond what a float holds)
+            return path, f"{v.token} is not allowed: the number is too large (beyond a 64-bit float)"
         if isinstance(v, _Object) and v.duplicate is not None:
             return (f"{path}.{v.duplicate}" if path else v.duplicate), f"key {v.duplicate!r} given twice in one object"
         if isinstance(v, dict):

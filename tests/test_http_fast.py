@@ -82,16 +82,15 @@ def test_fast_path_answers_a_user_id_holding_a_slash(fast_and_slow):
     "/users/a%2F0/recommendations", "/users//recommendations", "/users/recommendations",
     "/users/a0/recommendations/", "/users/a0/recommendationsx", "/users/%C3%A9t%C3%A9/recommendations",
     "/users/a0/recommendations?n=1" + "0" * 400, "/users/a0/recommendations?n=1e400", "/users/a0/recommendations?n=nan",
+    "/users/%20/recommendations", "/users/%09/recommendations", "/users/%20nobody%20/recommendations",
+    "/users/nobody%0A/recommendations",  # (blank or padded ids: the fast path said "unknown user ''" or 'nobody')
 ])
 def test_fast_path_parses_and_refuses_what_the_route_does(fast_and_slow, path):
     fast, slow, _ = fast_and_slow
     got, want = fast.get(path), slow.get(path)
     assert got.status_code == want.status_code, path
-    if got.status_code == 307:  # /users/a0/recommendations/: a redirect to the path without the slash
-        assert got.headers["location"].split("/", 3)[3] == want.headers["location"].split("/", 3)[3]
-    else:
-        assert got.content == want.content, path
-        assert got.status_code == 200 or "error" in got.json()
+    assert got.content == want.content, path
+    assert got.status_code == 200 or "error" in got.json()
 
 
 def test_reads_in_the_thread_pool_answer_the_same(trained, db_url):
