@@ -148,6 +148,18 @@ RECOMMENDED = {"type": "object", "required": ["user", "items"], "properties": {
         "item": {"type": "string"}, "title": _TEXT_OR_NONE, "score": {"type": "number"}}}}}}
 RATED = {"type": "object", "required": ["user", "item", "title", "rating"], "properties": {
     "user": {"type": "string"}, "item": {"type": "string"}, "title": _TEXT_OR_NONE, "rating": {"type": "number"}}}
+_ITEMS = {"type": "array", "items": {"type": "object", "required": ["item", "title"], "properties": {
+    "item": {"type": "string"}, "title": _TEXT_OR_NONE, "score": {"type": "number"}}}}
+HEALTH = {"type": "object", "required": ["status", "version"], "properties": {
+    "status": {"type": "string"}, "version": {"type": ["integer", "null"]}}}
+QUESTIONNAIRE = {"type": "object", "required": ["version", "attributes", "items"], "properties": {
+    "version": {"type": "integer"}, "items": _ITEMS,
+    "attributes": {"type": "array", "items": {"type": "object", "required": ["name", "type"], "properties": {
+        "name": {"type": "string"}, "type": {"type": "string", "enum": ["number", "category", "text"]}}}}}}
+SIMILAR = {"type": "object", "required": ["item", "title", "items"], "properties": {
+    "item": {"type": "string"}, "title": _TEXT_OR_NONE, "items": _ITEMS}}
+MODELS = {"type": "array", "items": {"type": "object", "required": ["version", "kind", "serving"], "properties": {
+    "version": {"type": "integer"}, "kind": {"type": "string"}, "serving": {"type": "boolean"}}}}
 
 
 def check_token_text(token: str | None) -> str | None:
@@ -412,14 +424,16 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     # --- JSON API ----------------------------------------------------------------------------------
     @api_get("/health", tags=["api"], summary="Liveness and the serving model version",
-             responses={200: {"description": '{"status": "ok", "version": v}'}})
+             responses={200: {"description": '{"status": "ok", "version": v}',
+                              "content": {"application/json": {"schema": HEALTH}}}})
     async def health():
         with engine.connect() as conn:
             return json_response({"status": "ok", "version": versions.serving_version(conn)})
 
     @api_get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)",
              responses={200: {"description": '{"version": v, "attributes": [{"name", "type", ...}], '
-                                             '"items": [{"item", "title"}]}'}})
+                                             '"items": [{"item", "title"}]}',
+                              "content": {"application/json": {"schema": QUESTIONNAIRE}}}})
     async def questionnaire(budget: int = Query(15, ge=0, le=MAX_BUDGET, description="Number of items to ask about")):
         from .onboard import questionnaire_json
 
@@ -533,7 +547,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return json_response(await run_write(run), 201)
 
     @api_get("/items/{item:id}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
-             responses={200: {"description": '{"item": id, "title", "items": [{"item", "title", "score"}]}'},
+             responses={200: {"description": '{"item": id, "title", "items": [{"item", "title", "score"}]}',
+                              "content": {"application/json": {"schema": SIMILAR}}},
                         404: {"description": "unknown item"},
                         409: {"description": "the item is not in the serving model yet (a retrain brings it)"}})
     async def similar(item: str, n: int = Query(10, ge=1, le=MAX_N)):
@@ -545,7 +560,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     @api_get("/models", tags=["api"], summary="Model versions (`cfb models --json`)",
              responses={200: {"description": '[{"version", "kind", "mode", "parent", "created", '
-                                             '"metrics", "hyperparams", "serving"}]'}})
+                                             '"metrics", "hyperparams", "serving"}]',
+                              "content": {"application/json": {"schema": MODELS}}}})
     async def models():
         with engine.connect() as conn:
             return json_response(versions.list_versions(conn))

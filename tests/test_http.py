@@ -1252,10 +1252,13 @@ def test_a_path_with_a_trailing_slash_is_not_redirected_to_another_user(server, 
 def conforms(value, schema: dict) -> bool:
     """Whether ``value`` has the JSON Schema ``schema``'s types, required keys and item types (the subset
     /openapi.json uses for answers)."""
-    kinds = {"string": str, "integer": int, "number": (int, float), "object": dict, "array": list, "null": type(None)}
+    kinds = {"string": str, "integer": int, "number": (int, float), "object": dict, "array": list, "null": type(None),
+             "boolean": bool}
     types = schema.get("type")
     types = [types] if isinstance(types, str) else types or []
-    if types and not any(isinstance(value, kinds[t]) and not isinstance(value, bool) for t in types):
+    if types and not any(isinstance(value, kinds[t]) and (t == "boolean") == isinstance(value, bool) for t in types):
+        return False
+    if "enum" in schema and value not in schema["enum"]:
         return False
     if isinstance(value, dict):
         props = schema.get("properties", {})
@@ -1266,8 +1269,8 @@ def conforms(value, schema: dict) -> bool:
 
 
 def test_the_answers_are_what_openapi_json_declares(server):
-    """/openapi.json declares the writes' and the recommendations' answers (they were untyped, ``{}``) and
-    that an id may be given as a whole number; what the server answers conforms (the fast path's too)."""
+    """/openapi.json declares every JSON answer (they were untyped, ``{}``) and that an id may be given as a
+    whole number; what the server answers conforms (the fast path's too)."""
     spec = server.get("/openapi.json").json()
     ops = spec["paths"]
 
@@ -1285,3 +1288,7 @@ def test_the_answers_are_what_openapi_json_declares(server):
         r = server.get(f"/users/{user}/recommendations", params={"n": 5})
         assert r.status_code == 200 and r.json()["items"] and conforms(r.json(), schema), r.text
     assert not conforms({"user": "77", "items": [{"item": 1}]}, schema)  # (the checker can fail)
+    for path, declared_at in (("/health", "/health"), ("/questionnaire?budget=5", "/questionnaire"),
+                              ("/items/a1/similar?n=3", "/items/{item}/similar"), ("/models", "/models")):
+        r = server.get(path)
+        assert r.status_code == 200 and conforms(r.json(), declared(declared_at, "get", "200")), (path, r.text)
