@@ -440,8 +440,9 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
     seed = (out.get("hyperparams") or {}).get("seed")
     text = (f"version {out['version']} ({out['kind']}, {out['mode']}{'' if seed is None else f', seed {seed}'}) "
             f"{'serving' if out.get('serving', True) else 'stored'}")
-    if out.get("valid_rmse") is not None:
-        text += f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f}"
+    if out.get("valid_rmse") is not None:  # (with what protocol §7 reports beside it: the epochs and the time)
+        text += (f"; validation MSE {out['valid_mse']:.4f}, RMSE {out['valid_rmse']:.4f} "
+                 f"({out['hyperparams']['epochs']} epochs; retrain {out['total_s']:.1f} s)")
     elif out.get("valid_note"):
         text += f"; not validated ({out['valid_note']})"
     if out.get("reason"):

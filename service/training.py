@@ -359,6 +359,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
     If the serving version changes meanwhile (a rollback), the new version is stored but not served."""
     if not 0 <= valid_pct < 1:
         raise CfbError("--valid-pct must be in [0, 1)")
+    t_start = time.perf_counter()
     lock = versions.acquire_retrain_lock(engine)
     try:
         with engine.connect() as conn:
@@ -381,7 +382,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
                                                  expected_serving=started_serving, lock=lock)
         warm_model_cache(engine, version)
         out = {"version": version, "kind": kind, "mode": "full", "serving": served, **metrics,
-               "hyperparams": model.settings}
+               "hyperparams": model.settings, "total_s": round(time.perf_counter() - t_start, 3)}  # (§7: its time)
         if not served:
             out["reason"] = (f"version {versions_now(engine)} was made serving during the retrain; version "
                              f"{version} is stored but not serving (`cfb rollback {version}` serves it)")

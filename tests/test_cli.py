@@ -47,7 +47,7 @@ def cli_template(tmp_path_factory):
     res = run(runner, url, *args)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert {"version", "valid_mse", "valid_rmse", "epoch_s", "fit_s", "load_s"} <= report.keys()
+    assert {"version", "valid_mse", "valid_rmse", "epoch_s", "fit_s", "load_s", "total_s"} <= report.keys()
     assert len(report["epoch_s"]) == FAST["epochs"]
     return make_engine(url)
 
@@ -390,8 +390,12 @@ def test_training_progress_goes_to_stderr(cli_db):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") == 1 and res.stdout.startswith("version ")
     assert "train_loss" in res.stderr and "generator is empty" not in res.stderr
-    res = subprocess.run([*cmd, "retrain", "--full", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([*cmd, "retrain", "--full", "--quiet", "--valid-pct", "0.2"], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert res.returncode == 0 and "train_loss" not in res.stderr + res.stdout
+    # protocol §7 reports the epochs trained and the wall time beside the validation error
+    assert re.search(r"; validation MSE [\d.]+, RMSE [\d.]+ \(\d+ epochs; retrain [\d.]+ s\)$", res.stdout.strip()), \
+        res.stdout
 
 
 def test_drift_limit_turns_a_retrain_full(runner, cli_db):
