@@ -264,7 +264,7 @@ def run(a: argparse.Namespace, tmp: Path) -> None:
         ref = f"sqlite:///{tmp / 'ml100k.db'}"
         cfb(ref, "ingest", "movielens", a.reference, "--quiet", "--json")
         took, _, _, _ = cfb(ref, "retrain", "--full", "--valid-pct", "0", "--quiet", "--json")
-        log(f"reference: MovieLens 100k from {a.reference}, full retrain {took:.1f} s")
+        log(f"reference: MovieLens 100k (folder {Path(a.reference).name}), full retrain {took:.1f} s")
         measure_serving(ref, "1", "5.0", log)
     elif a.reference:
         log(f"reference: no MovieLens 100k at {a.reference} (u.data missing); not measured")

@@ -386,10 +386,17 @@ DATASETS = ["movielens-100k", "movielens-1m", "movielens-10m", "movielens-25m", 
 @fail_cleanly
 def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> None:
     """Fetch NAME from its official address into $CFB_HOME/data, verified and unpacked; print the folder."""
-    from ..db.download import download
+    from ..db.download import STAMP, download
 
     folder = download(name, progress=download_bar(name, quiet), sha256=sha256)
-    emit({"dataset": name, "path": str(folder)}, as_json, str(folder))
+    try:
+        verified = json.loads((folder / STAMP).read_text()).get("verified_by")
+    except (OSError, ValueError):
+        verified = None
+    if str(verified).startswith("none") and not quiet:  # (goodbooks-10k publishes no checksum)
+        click.echo(f"note: {name} publishes no checksum, so its archive was not verified (--sha256 pins one)",
+                   err=True)
+    emit({"dataset": name, "path": str(folder), "verified_by": verified}, as_json, str(folder))
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -1425,3 +1425,22 @@ def test_half_stars_beside_a_users_file_say_the_folder_was_read_as_1m(tmp_path, 
           r"(outside|not on) the scale 1\.\.5.* \(read as MovieLens 1M, whose ratings are whole stars, since the "
           r"folder has users\.dat\)$")
     assert_nothing_written(db_url)
+
+
+def test_a_download_that_no_checksum_verifies_says_so(tmp_path, fake_source, monkeypatch):
+    """goodbooks-10k publishes no checksum: its archive is verified only with --sha256, and the download
+    says so (on stderr; ``verified_by`` in --json), where it said nothing."""
+    download, archive = fake_source
+    monkeypatch.setenv("CFB_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(download.SOURCES, "goodbooks-10k", (archive.as_uri(), "ml-test", "ratings.csv"))
+    monkeypatch.setitem(download.CHECKSUMS, "goodbooks-10k", None)
+    res = CliRunner().invoke(cli, ["data", "download", "goodbooks-10k", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["verified_by"].startswith("none")
+    assert res.stderr.splitlines()[-1] == "note: goodbooks-10k publishes no checksum, so its archive was not " \
+                                          "verified (--sha256 pins one)"
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setenv("CFB_HOME", str(tmp_path / "home2"))
+    res = CliRunner().invoke(cli, ["data", "download", "goodbooks-10k", "--json", "--sha256", sha])
+    assert res.exit_code == 0 and "note:" not in res.stderr
+    assert json.loads(res.stdout)["verified_by"] == "sha256 = the given SHA-256"
