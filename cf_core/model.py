@@ -102,6 +102,9 @@ def width_ratio(width: float | None) -> float:
     return 1.0 if not width else float(width) / REFERENCE_WIDTH
 
 
+SIMILAR_CHUNK = 4096  # items whose metadata rows are made at once for ``similar_items`` (a few MB)
+
+
 def fit_ranker_map(model: "TrainedModel", with_count: bool = True) -> np.ndarray:
     """The map from a learned item's rating row, bias, log(1 + its ratings) (``with_count``) and a constant
     to its ranker row and bias: a ridge regression over the items the full retrain learned (``MAP_RIDGE``
@@ -409,7 +412,21 @@ class TrainedModel:
         return top_n(s, n)
 
     def similar_items(self, item: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        return self.rating.similar_items(item, n)
+        """Items ranked by cosine similarity of item factors to ``item`` (itself excluded). An item known
+        from its metadata alone has the item prior's factors, which lie closer to every other such item's
+        than to any learned item's: it is compared with every item's factors from its metadata instead."""
+        if self.item_meta is None or self.item_prior is None or not self._from_metadata_alone([item])[0]:
+            return self.rating.similar_items(item, n)
+        from .meta_affinity import dense_rows
+
+        W = self.item_prior.W_
+        rows = np.concatenate([dense_rows(self.item_meta, np.arange(k, min(k + SIMILAR_CHUNK, self.n_items)), len(W)) @ W
+                               for k in range(0, self.n_items, SIMILAR_CHUNK)]).astype(np.float64)
+        norms = np.linalg.norm(rows, axis=1) + 1e-12
+        sims = rows @ rows[item] / (norms * norms[item])
+        sims[item] = -np.inf
+        top = top_n(sims, n)
+        return top, sims[top]
 
     # --- growth -----------------------------------------------------------------------------
     def add_items(self, db_ids: np.ndarray, rating_rows: dict[str, np.ndarray],
@@ -484,6 +501,11 @@ class TrainedModel:
         M = fit_ranker_map(self, with_count=False)  # (the learned rows never change within a full version's line)
         m = len(prior["item_bias"])
         f, b = np.asarray(solved["item_factors"], np.float64), np.asarray(solved["item_bias"], np.float64)
+        # the maps were fitted on the learned items' biases: a solved bias beyond them (sixty 5s from anyone: 1.5,
+        # where the learned reach 0.3) is carried as the nearest learned one, not extrapolated to the top for all
+        learned = self.rating.item_bias[:self.n_learned_items]
+        if len(learned):
+            b = np.clip(b, float(np.min(learned)), float(np.max(learned)))
         n = np.asarray(n_ratings, np.float64)
         moved = np.c_[prior_ranker["out"], prior_ranker["out_bias"]] + \
             np.c_[f - prior["item_factors"], b - prior["item_bias"], np.zeros(m)] @ M

@@ -639,3 +639,24 @@ def test_python_api_bad_arguments_are_input_errors(trained, db_url, tmp_path):
         db.rate(user, "a2", np.float32(4))  # (a numpy scalar is one value)
         assert db.rollback(np.int64(1)) == {"serving": 1}
         assert len(db.pca(n=5, plot=PurePosixPath(tmp_path / "map.png"))) == 5 and (tmp_path / "map.png").exists()
+
+
+def test_items_similar_to_one_known_from_metadata_alone_are_those_its_metadata_is_like(engine, planted):
+    """`cfb similar` on an item known from metadata alone compares every item's factors from metadata (the
+    path taken; on MovieLens 100k, where the prior's rows lay new items nearer each other than any learned
+    item, tests/test_movielens.py): its own genre's learned items come first, the other new item not."""
+    from cfb.service.ingest import upsert_items
+    from cfb.service.serving import similar
+
+    genre = {i: ("A" if i.startswith("a") else "B") for i in planted.items.item}
+    items = planted.items.assign(attributes=[{"genres": [genre[i]], "year": 1990} for i in planted.items.item])
+    ingest_dataset(engine, Dataset(planted.ratings, items, planted.users, planted.scale))
+    retrain_full(engine, progress=False, **FAST)
+    upsert_items(engine, pd.DataFrame({"item": ["newA", "newB"], "title": ["New Alpha", "New Beta"],
+                                       "attributes": [{"genres": ["A"], "year": 1991}, {"genres": ["B"], "year": 1991}]}))
+    assert retrain_incremental(engine)["items_from_metadata"] == 2
+    with engine.connect() as conn:
+        near = [r["item"] for r in similar(conn, "newA", n=10)["items"]]
+        learned = [r["item"] for r in similar(conn, "a1", n=10)["items"]]
+    assert "newB" not in near and all(genre.get(i) == "A" for i in near), near
+    assert sum(i.startswith("a") for i in learned) >= 8  # (a learned item: its own factors, as before)
