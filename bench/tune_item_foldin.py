@@ -27,6 +27,8 @@ Measured (ml-100k, seeds 42-44, 2026-12-06), --rank | --level:
   (3, 1)                        0.349 / 0.378 / 0.417 / 0.475 | 0.123, 0.600, -0.089
   (3, 10)                       0.349 / 0.382 / 0.423 / 0.479 | 0.105, 0.616, -0.048
   (3, 30) adopted               0.349 / 0.382 / 0.423 / 0.479 | 0.101, 0.629, +0.008
+  (3, 30), the solved bias clipped to the learned range (2026-12-07, adopted): 0.349 / 0.384 / 0.422 / 0.481 |
+                                0.098, 0.629, +0.009
 Drawing the whole row (not only the bias) toward the map's row put well-rated items closer to the
 full retrain (0.066 at count 3) but ranked new items among themselves far worse at small k (k = 3:
 0.19 at count 3, 0.39 at 100). The scale at count 30: 1 0.349 / 0.359 / 0.399 / 0.469; 10 0.349 / 0.370 /
