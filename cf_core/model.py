@@ -504,8 +504,9 @@ class TrainedModel:
         # the maps were fitted on the learned items' biases: a solved bias beyond them (sixty 5s from anyone: 1.5,
         # where the learned reach 0.3) is carried as the nearest learned one, not extrapolated to the top for all
         learned = self.rating.item_bias[:self.n_learned_items]
-        if len(learned):
-            b = np.clip(b, float(np.min(learned)), float(np.max(learned)))
+        if len(learned):  # (a metadata row's own bias may lie beyond them: the range then reaches it)
+            pb = np.asarray(prior["item_bias"], np.float64)
+            b = np.clip(b, np.minimum(float(np.min(learned)), pb), np.maximum(float(np.max(learned)), pb))
         n = np.asarray(n_ratings, np.float64)
         moved = np.c_[prior_ranker["out"], prior_ranker["out_bias"]] + \
             np.c_[f - prior["item_factors"], b - prior["item_bias"], np.zeros(m)] @ M

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -54,6 +55,8 @@ def fail_cleanly(fn):
                 raise
             raise click.ClickException(shown(error)) from None
         except OSError as e:  # (a file the readers did not name themselves: still one line)
+            if isinstance(e, BrokenPipeError):  # (`cfb … | head`: click ends quietly, as every Unix tool)
+                raise
             said = e.strerror or str(e)
             raise click.ClickException(shown(f"{e.filename}: {said}" if e.filename else said)) from None
 
@@ -393,6 +396,8 @@ def data_download(name: str, sha256: str | None, quiet: bool, as_json: bool) -> 
         verified = json.loads((folder / STAMP).read_text()).get("verified_by")
     except (OSError, ValueError):
         verified = None
+    if sha256 and str(verified).startswith("none"):  # (a cached copy, its recorded SHA-256 checked against it)
+        verified = "sha256 = the given SHA-256"
     if str(verified).startswith("none") and not quiet:  # (goodbooks-10k publishes no checksum)
         click.echo(f"note: {name} publishes no checksum, so its archive was not verified (--sha256 pins one)",
                    err=True)
@@ -640,7 +645,9 @@ def serve(ctx: Ctx, host: str, port: int, token: str | None, workers: int, log_l
 
     if not host.strip():  # (an empty host listens on every interface: `--host "$HOST"` with HOST unset)
         raise click.BadParameter("give an address (0.0.0.0 to listen on every interface)", param_hint="--host")
-    if token is not None and not token.strip():  # (`--token "$TOKEN"` with TOKEN unset: writes would be open)
+    from_env = os.environ.get("CFB_API_TOKEN")  # (click takes an empty variable for an unset one)
+    if (token is not None and not token.strip()) or (token is None and from_env is not None and not from_env.strip()):
+        # (`--token "$TOKEN"` or `CFB_API_TOKEN=$TOKEN` with TOKEN unset: writes would be open)
         raise click.BadParameter("give a token, or leave --token out to serve without one",
                                  param_hint="--token (or $CFB_API_TOKEN)")
     try:

@@ -158,6 +158,13 @@ QUESTIONNAIRE = {"type": "object", "required": ["version", "attributes", "items"
         "name": {"type": "string"}, "type": {"type": "string", "enum": ["number", "category", "text"]}}}}}}
 SIMILAR = {"type": "object", "required": ["item", "title", "items"], "properties": {
     "item": {"type": "string"}, "title": _TEXT_OR_NONE, "items": _ITEMS}}
+BIASES = {"type": "object", "required": ["lowest", "highest"], "properties": {"lowest": _ITEMS, "highest": _ITEMS}}
+PCA = {"type": "object", "required": ["version", "explained_variance", "items"], "properties": {
+    "version": {"type": "integer"}, "explained_variance": {"type": "array", "items": {"type": "number"}},
+    "items": {"type": "array", "items": {"type": "object", "required": ["item", "title", "pc1", "pc2", "pc3"],
+                                         "properties": {"item": {"type": "string"}, "title": _TEXT_OR_NONE,
+                                                        "ratings": {"type": "integer"}, "pc1": {"type": "number"},
+                                                        "pc2": {"type": "number"}, "pc3": {"type": "number"}}}}}}
 MODELS = {"type": "array", "items": {"type": "object", "required": ["version", "kind", "serving"], "properties": {
     "version": {"type": "integer"}, "kind": {"type": "string"}, "serving": {"type": "boolean"}}}}
 
@@ -567,7 +574,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response(versions.list_versions(conn))
 
     @api_get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)",
-             responses={200: {"description": '{"lowest": [{"item", "title", "score"}], "highest": [...]}'},
+             responses={200: {"description": '{"lowest": [{"item", "title", "score"}], "highest": [...]}',
+                              "content": {"application/json": {"schema": BIASES}}},
                         409: {"description": "the serving version is an nn model: it learns no item biases"}})
     async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N),
                              min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
@@ -576,7 +584,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     @api_get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)",
              responses={200: {"description": '{"version", "fitted_on", "explained_variance", '
-                                             '"items": [{"item", "title", "ratings", "pc1", "pc2", "pc3"}]}'}})
+                                             '"items": [{"item", "title", "ratings", "pc1", "pc2", "pc3"}]}',
+                              "content": {"application/json": {"schema": PCA}}}})
     async def inspect_pca(n: int = Query(50, ge=2, le=5000)):
         from .inspect import pca
 

@@ -340,6 +340,8 @@ def test_a_command_line_that_would_lose_or_expose_data_is_refused(trained_db, tm
         assert res.exit_code == 2 and "in-memory SQLite database keeps nothing" in res.output, res.output
     check_rejected(url, ["serve", "--host", " "], "--host", "give an address")
     check_rejected(url, ["serve", "--token", ""], "--token", "leave --token out")  # (`--token "$TOKEN"`, TOKEN unset)
+    res = CliRunner().invoke(cli, ["--db", url, "serve"], env={"CFB_API_TOKEN": ""})  # (`CFB_API_TOKEN=$TOKEN`, likewise)
+    assert res.exit_code == 2 and "leave --token out" in res.output, res.output
     check_rejected(url, ["recommend", "-nobody"], "No such option '-nobody'", "goes after '--'")  # (not -n obody)
     for real in ("mode=memory.db", "my:memory:notes.db"):  # files, not in-memory databases
         res = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / real}", "ingest", "ratings", str(ratings)])

@@ -665,3 +665,18 @@ def test_a_retrain_stopped_by_sigterm_says_so_and_releases_its_lock(cli_db):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT value FROM settings WHERE key = 'serving_version'")).scalar() == serving
     engine.dispose()
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(cli_db, tmp_path):
+    """`cfb predict … | head -1`: a closed pipe ends the command without an error line (one-line errors for
+    any OSError made it "Error: Broken pipe")."""
+    pairs = write(tmp_path / "pairs.csv", "user,item\n" + "a0,a1\n" * 20000)
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    proc = subprocess.Popen([*cmd, "--db", cli_db, "predict", "--pairs", str(pairs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # (what `head -1` does)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Error" not in err and "Traceback" not in err, err

@@ -1444,3 +1444,7 @@ def test_a_download_that_no_checksum_verifies_says_so(tmp_path, fake_source, mon
     res = CliRunner().invoke(cli, ["data", "download", "goodbooks-10k", "--json", "--sha256", sha])
     assert res.exit_code == 0 and "note:" not in res.stderr
     assert json.loads(res.stdout)["verified_by"] == "sha256 = the given SHA-256"
+    monkeypatch.setenv("CFB_HOME", str(tmp_path / "home"))  # (the copy cached unverified: now checked against it)
+    res = CliRunner().invoke(cli, ["data", "download", "goodbooks-10k", "--json", "--sha256", sha])
+    assert res.exit_code == 0 and "note:" not in res.stderr, res.stderr
+    assert json.loads(res.stdout)["verified_by"] == "sha256 = the given SHA-256"
