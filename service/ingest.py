@@ -25,8 +25,11 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     store.create_schema(engine)
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
         first_load = len(ds.ratings) >= ratings_io.BULK_ROWS and store.next_seq(conn) == 1
-        checked = _check_stored_scale(conn, ds, scale, source)  # (before waiting for another writer: bad input
-    with writing(engine, first_load=first_load) as conn:       # is refused at once, not told "busy")
+        # before waiting for another writer, what the database holds refuses bad input at once (not "busy"):
+        checked = _check_stored_scale(conn, ds, scale, source)  # its scale, its catalogue and its users' release
+        claim_catalogue(conn, ds, note=False)
+        claim_users(conn, ds, note=False)
+    with writing(engine, first_load=first_load) as conn:
         claim_catalogue(conn, ds)
         known = checked or _check_stored_scale(conn, ds, scale, source)  # (a first ingest may have set it since)
         if known is None:
@@ -97,14 +100,14 @@ def _check_stored_scale(conn, ds: Dataset, scale: tuple[float, float] | None,  #
     return known
 
 
-def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
+def claim_catalogue(conn, ds: Dataset, note: bool = True) -> None:  # noqa: ANN001
     """Refuse a public release whose item ids name other items than the database's, else note whose
     they are: a release of another catalogue (MovieLens 100k numbers its movies its own way, the other
     MovieLens releases share the site's movieId, goodbooks numbers books), or the first release into a
     database whose own items (`cfb ingest items`) the release titles otherwise: more than
     ``TITLES_MAY_DIFFER`` of the titles under the ids both have differ, spaces and case aside (a
     database of the same release made before the catalogue was noted, or with a title corrected here
-    and there, takes it)."""
+    and there, takes it). ``note=False``: the refusals alone (read-only: before the writer's lock)."""
     if ds.catalogue is not None:
         held = store.get_setting(conn, "catalogue")
         if held is not None and held != ds.catalogue:
@@ -123,7 +126,7 @@ def claim_catalogue(conn, ds: Dataset) -> None:  # noqa: ANN001
                                f"{ds.catalogue}'s is {store.shown_id(theirs)} ({len(differ)} of the {len(both)} "
                                "titled items they share ids with differ): the database holds another catalogue; "
                                "ingest the release into another database (--db)")
-        if held is None:
+        if held is None and note:
             store.set_setting(conn, "catalogue", ds.catalogue)
 
 
@@ -134,12 +137,13 @@ def _title_key(title: str) -> str:
     return " ".join(title.split()).casefold()
 
 
-def claim_users(conn, ds: Dataset) -> None:  # noqa: ANN001
+def claim_users(conn, ds: Dataset, note: bool = True) -> None:  # noqa: ANN001
     """Refuse a public release whose user ids name other people than the database's, else note whose
     they are: each release numbers its users anew (MovieLens 1M's user 1 is not 10M's user 1), so a
     database holds one release's users. Where the database does not say whose users it holds (made
     before this was noted, or holding users of your own), the release is refused if most of the
-    stored ratings of the users it shares ids with (up to ``USERS_COMPARED`` of them) are not its own."""
+    stored ratings of the users it shares ids with (up to ``USERS_COMPARED`` of them) are not its own.
+    ``note=False``: the refusals alone (read-only: before the writer's lock)."""
     if ds.population is not None and (len(ds.ratings) or (ds.users is not None and len(ds.users))):
         held = store.get_setting(conn, "users_of")
         if held is not None and held != ds.population:
@@ -148,7 +152,8 @@ def claim_users(conn, ds: Dataset) -> None:  # noqa: ANN001
                            "another database (--db)")
         if held is None:
             _refuse_other_people(conn, ds)
-            store.set_setting(conn, "users_of", ds.population)
+            if note:
+                store.set_setting(conn, "users_of", ds.population)
 
 
 USERS_COMPARED = 1_000  # users a release shares ids with whose stored ratings ``claim_users`` compares (one query)

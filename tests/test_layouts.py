@@ -1448,3 +1448,26 @@ def test_a_download_that_no_checksum_verifies_says_so(tmp_path, fake_source, mon
     res = CliRunner().invoke(cli, ["data", "download", "goodbooks-10k", "--json", "--sha256", sha])
     assert res.exit_code == 0 and "note:" not in res.stderr, res.stderr
     assert json.loads(res.stdout)["verified_by"] == "sha256 = the given SHA-256"
+
+
+def test_a_release_the_database_refuses_is_refused_before_waiting_for_another_writer(tmp_path, monkeypatch):
+    """Another writer holds the database (a long ingest): a release of another catalogue, or of other users
+    under the same ids, is refused at once for that reason (it waited out the busy timeout and was told
+    "busy"), as an off-scale rating is."""
+    import sqlite3
+
+    from cfb.db import engine as engine_module
+
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+    ok(run(url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
+    ok(run(url, "ingest", "ratings", str(write(tmp_path / "r.csv", "user,item,rating\n1,1,4\n")), "--json"))
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 300)
+    writer = sqlite3.connect(tmp_path / "held.db", timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        fails(run(url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m"))), r"holds MovieLens 100k's items")
+        fails(run(url, "ingest", "ratings", str(write(tmp_path / "bad.csv", "user,item,rating\n1,1,9\n"))),
+              r"outside the scale")
+    finally:
+        writer.rollback()
+        writer.close()
