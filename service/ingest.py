@@ -26,8 +26,8 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
         first_load = len(ds.ratings) >= ratings_io.BULK_ROWS and store.next_seq(conn) == 1
         # before waiting for another writer, what the database holds refuses bad input at once (not "busy"):
-        checked = _check_stored_scale(conn, ds, scale, source)  # its scale, its catalogue and its users' release
-        claim_catalogue(conn, ds, note=False)
+        claim_catalogue(conn, ds, note=False)  # its catalogue, its scale and its users' release, in the order
+        checked = _check_stored_scale(conn, ds, scale, source)  # the write checks them
         claim_users(conn, ds, note=False)
     with writing(engine, first_load=first_load) as conn:
         claim_catalogue(conn, ds)

@@ -1471,3 +1471,10 @@ def test_a_release_the_database_refuses_is_refused_before_waiting_for_another_wr
     finally:
         writer.rollback()
         writer.close()
+
+
+def test_a_release_of_another_catalogue_on_another_scale_is_refused_for_its_catalogue(tmp_path, db_url):
+    """MovieLens 10M into a MovieLens 100k database: both its catalogue and its scale are other; the
+    catalogue is named (its item 1 is another item), as before the checks ran ahead of the writer's lock."""
+    ok(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
+    fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K"))), r"holds MovieLens 100k's items")
