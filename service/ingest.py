@@ -26,9 +26,11 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
         first_load = len(ds.ratings) >= ratings_io.BULK_ROWS and store.next_seq(conn) == 1
         # before waiting for another writer, what the database holds refuses bad input at once (not "busy"):
-        claim_catalogue(conn, ds, note=False)  # its catalogue, its scale and its users' release, in the order
-        checked = _check_stored_scale(conn, ds, scale, source)  # the write checks them
+        claim_catalogue(conn, ds, note=False)  # its catalogue, its scale, its users' release and the attributes'
+        checked = _check_stored_scale(conn, ds, scale, source)  # types, in the order the write checks them
         claim_users(conn, ds, note=False)
+        check_attribute_types(conn, User, ds.users, ds.users_source or source)
+        check_attribute_types(conn, Item, ds.items, ds.items_source or source)
     with writing(engine, first_load=first_load) as conn:
         claim_catalogue(conn, ds)
         known = checked or _check_stored_scale(conn, ds, scale, source)  # (a first ingest may have set it since)
@@ -260,6 +262,16 @@ def refuse_nul_text(values, lines: list[int | None], field: str, source: str | N
                          line=lines[bad], field=field)
 
 
+def check_attribute_types(conn, table, rows, source: str | None = None) -> None:  # noqa: ANN001
+    """The refusals of ``conform_attributes`` for ``rows`` (users or items, with ``attributes``; None:
+    nothing), read-only: run before the writer's lock, and again by the write."""
+    if rows is None or not len(rows) or "attributes" not in rows:
+        return
+    key = "user" if table is User else "item"
+    stored = dict(conn.execute(select(table.external_id, table.attributes)).all())
+    conform_attributes(table, [str(x) for x in rows[key]], list(rows["attributes"]), _lines(rows), stored, source)
+
+
 def write_users(conn, users, source: str | None = None) -> None:  # noqa: ANN001
     """Add or update users (user, attributes; optional line): attributes as ``conform_attributes``."""
     ids = [str(x) for x in users["user"]]
@@ -377,6 +389,8 @@ def upsert_items(engine: Engine, items, source: str | None = None) -> dict:  # n
     Returns counts: items given, added, updated (a stored item whose title or attributes change) and
     unchanged."""
     store.create_schema(engine)
+    with engine.connect() as conn:  # (refused at once, not after waiting for another writer)
+        check_attribute_types(conn, Item, items, source)
     with writing(engine) as conn:
         existed, changed = write_items(conn, items, source)
     n = len(set(map(str, items["item"])))

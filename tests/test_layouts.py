@@ -1452,8 +1452,8 @@ def test_a_download_that_no_checksum_verifies_says_so(tmp_path, fake_source, mon
 
 def test_a_release_the_database_refuses_is_refused_before_waiting_for_another_writer(tmp_path, monkeypatch):
     """Another writer holds the database (a long ingest): a release of another catalogue, or of other users
-    under the same ids, is refused at once for that reason (it waited out the busy timeout and was told
-    "busy"), as an off-scale rating is."""
+    under the same ids, or an attribute of a type the stored users or items do not hold, is refused at
+    once for that reason (it waited out the busy timeout and was told "busy"), as an off-scale rating is."""
     import sqlite3
 
     from cfb.db import engine as engine_module
@@ -1468,6 +1468,10 @@ def test_a_release_the_database_refuses_is_refused_before_waiting_for_another_wr
         fails(run(url, "ingest", "movielens", str(ml1m(tmp_path / "ml-1m"))), r"holds MovieLens 100k's items")
         fails(run(url, "ingest", "ratings", str(write(tmp_path / "bad.csv", "user,item,rating\n1,1,9\n"))),
               r"outside the scale")
+        fails(run(url, "ingest", "users", str(write(tmp_path / "u.csv", "user,age\n1,abc\n"))),
+              r"u\.csv, line 2, field 'age': 'abc' is .*the stored users hold age as numbers")
+        fails(run(url, "ingest", "items", str(write(tmp_path / "i.csv", "item,year\n242,c.1991\n"))),
+              r"i\.csv, line 2, field 'year': 'c\.1991' is .*the stored items hold year as numbers")
     finally:
         writer.rollback()
         writer.close()
