@@ -135,6 +135,7 @@ def _file(value) -> Path:  # noqa: ANN001
 
 class Database:
     """A cfb database (SQLite or PostgreSQL). Use ``cfb.open(url)``; ``close()`` (or ``with``) when done."""
+
     def __init__(self, url: str | None = None):
         from .db.engine import make_engine, resolve_url
 
@@ -148,7 +149,6 @@ class Database:
     def url(self) -> str:
         """The database's URL; every method reaches the database through it, so a closed one refuses."""
         if self.closed:
-
             raise CfbError("this cfb.Database is closed: open it again with cfb.open(url)")
         return self._url
 

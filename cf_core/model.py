@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 
 from ..bootstrap.regressor import Bootstrap
-from .rating import FoldInConfig, rating_model_from_arrays
+from .rating import FoldInConfig, most_similar, rating_model_from_arrays
 from .scoring import top_n
 
 
@@ -422,11 +422,7 @@ class TrainedModel:
         W = self.item_prior.W_
         rows = np.concatenate([dense_rows(self.item_meta, np.arange(k, min(k + SIMILAR_CHUNK, self.n_items)), len(W)) @ W
                                for k in range(0, self.n_items, SIMILAR_CHUNK)]).astype(np.float64)
-        norms = np.linalg.norm(rows, axis=1) + 1e-12
-        sims = rows @ rows[item] / (norms * norms[item])
-        sims[item] = -np.inf
-        top = top_n(sims, n)
-        return top, sims[top]
+        return most_similar(rows, np.linalg.norm(rows, axis=1) + 1e-12, item, n)
 
     # --- growth -----------------------------------------------------------------------------
     def add_items(self, db_ids: np.ndarray, rating_rows: dict[str, np.ndarray],

@@ -21,6 +21,15 @@ class FoldInConfig:
     reg_bias: float = 100.0  # on the bias
 
 
+def most_similar(rows: np.ndarray, norms: np.ndarray, item: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` rows most like row ``item`` by cosine similarity (``norms``: the rows' norms), itself
+    left out, and their similarities."""
+    sims = (rows @ rows[item]) / (norms * norms[item])
+    sims[item] = -np.inf
+    top = top_n(sims, n)
+    return top, sims[top]
+
+
 @dataclass
 class _RatingModel:
     y_range: tuple[float, float]
@@ -147,10 +156,7 @@ class _RatingModel:
         """Items ranked by cosine similarity of item factors to ``item`` (itself excluded)."""
         if self._norms is None:
             self._norms = np.linalg.norm(self.item_factors, axis=1) + 1e-12
-        sims = (self.item_factors @ self.item_factors[item]) / (self._norms * self._norms[item])
-        sims[item] = -np.inf
-        top = top_n(sims, n)
-        return top, sims[top]
+        return most_similar(self.item_factors, self._norms, item, n)
 
     def item_rows(self) -> dict[str, np.ndarray]:
         """The arrays with one row per item (appended to by ``with_items``)."""

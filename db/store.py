@@ -404,12 +404,19 @@ def next_seq(conn: Connection) -> int:
     return int(conn.scalar(select(func.coalesce(func.max(Rating.seq), 0)))) + 1
 
 
-def user_id_of(conn: Connection, external_id: str) -> int:
-    """The database id of a user (the external id as written, surrounding spaces aside, as every reader
-    strips them); one that no user can have (``can_exist``) is unknown without a query."""
+def user_key(external_id: str) -> str:
+    """A user's external id as every reader looks it up (surrounding spaces aside); an empty one refused
+    (as `cfb onboard` and an item say it)."""
     key = str(external_id).strip()
-    if not key:  # (as `cfb onboard` and an item say it)
+    if not key:
         raise CfbError("empty user id", field="user")
+    return key
+
+
+def user_id_of(conn: Connection, external_id: str) -> int:
+    """The database id of a user (``user_key``); one that no user can have (``can_exist``) is unknown
+    without a query."""
+    key = user_key(external_id)
     uid = conn.scalar(select(User.id).where(User.external_id == key)) if can_exist(key) else None
     if uid is None:
         raise UnknownIdError(f"unknown user {shown_id(str(external_id))}", field="user")

@@ -131,9 +131,7 @@ class FastReader:
     def answer(self, user: str, n: int, by: str) -> bytes:
         """``user``'s top ``n`` as the JSON body of ``serving.recommend``'s answer (UTF-8), from the cache
         when nothing it depends on changed since it was computed."""
-        given, user = user, user.strip()  # (surrounding spaces aside, as ``store.user_id_of`` and every reader)
-        if not user:  # (as ``store.user_id_of`` says it)
-            raise CfbError("empty user id", field="user")
+        given, user = user, store.user_key(user)  # (as ``store.user_id_of`` and every reader)
         conn, token = self._conn()
         key = (user, n, by)
         hit = mark = None
