@@ -384,7 +384,7 @@ class Database:
             out = similar(conn, _id(item, "item"), n)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
 
-    def biases(self, n: int = 10, min_ratings: int = 0) -> dict:
+    def biases(self, n: int = 10, min_ratings: int = 1) -> dict:
         """Items with the lowest and highest learned bias: {"lowest": DataFrame, "highest": DataFrame}."""
         import pandas as pd
 
@@ -392,17 +392,17 @@ class Database:
 
         with self._existing().connect() as conn:
             out = biases(conn, n, min_ratings)
-        return {k: pd.DataFrame(v, columns=["item", "title", "score"]) for k, v in out.items()}
+        return {k: pd.DataFrame(v, columns=["item", "title", "score", "ratings"]) for k, v in out.items()}
 
     def pca(self, n: int = 50, plot: str | Path | None = None):
         """PCA of the item factors of the ``n`` most-rated items: a DataFrame item, title, ratings,
         pc1, pc2, pc3 (and, with ``plot``, a labelled PNG of PC1 and PC2 written there)."""
         import pandas as pd
 
-        from .service.inspect import pca, plot_pca
+        from .service.inspect import is_png_name, pca, plot_pca
 
         if plot is not None:  # (checked as `cfb inspect pca --plot` checks it)
-            if not isinstance(plot, (str, os.PathLike)) or Path(plot).suffix.lower() != ".png" or Path(plot).is_dir():
+            if not isinstance(plot, (str, os.PathLike)) or not is_png_name(os.fspath(plot)) or Path(plot).is_dir():
                 raise InputError(f"plot {plot!r}: the plot is a PNG, give a file name ending in .png")
         with self._existing().connect() as conn:
             out = pca(conn, n)
@@ -445,7 +445,7 @@ def _database_errors_as_cfb_errors(method):  # noqa: ANN001, ANN202
         try:
             return method(*args, **kwargs)
         except SQLAlchemyError as e:
-            error = database_error(e)
+            error = database_error(e, getattr(args[0], "url", None) if args else None)
             if error is None:
                 raise
             raise error from None

@@ -5,8 +5,6 @@ fastai's stock collab loader goes through ``TabularPandas`` and, in fastai 2.8.1
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -27,19 +25,29 @@ class TensorBatches:
     def device(self) -> torch.device:
         return self.x.device
 
+    def _bounds(self) -> list[int]:
+        """Where batches start, and the end. Shuffled (training), a last batch of one row joins the one
+        before it: a batch of one has no spread for the NN model's BatchNorm (fastai's ``EmbeddingNN``),
+        which refuses it, and every rating is still learned each epoch."""
+        bounds = list(range(0, self.n, self.bs)) + [self.n]
+        if self.shuffle and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]
+        return bounds
+
     def __len__(self) -> int:
-        return math.ceil(self.n / self.bs)
+        return len(self._bounds()) - 1
 
     def to(self, device) -> "TensorBatches":  # noqa: ANN001 - fastai passes str or torch.device
         self.x, self.y = self.x.to(device), self.y.to(device)
         return self
 
     def __iter__(self):
+        bounds = self._bounds()
         if self.shuffle:
             order = torch.randperm(self.n, generator=self.generator).to(self.x.device)
-            for start in range(0, self.n, self.bs):
-                idx = order[start:start + self.bs]
+            for start, end in zip(bounds, bounds[1:]):
+                idx = order[start:end]
                 yield self.x[idx], self.y[idx]
         else:
-            for start in range(0, self.n, self.bs):
-                yield self.x[start:start + self.bs], self.y[start:start + self.bs]
+            for start, end in zip(bounds, bounds[1:]):
+                yield self.x[start:end], self.y[start:end]

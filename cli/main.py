@@ -43,14 +43,15 @@ def fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         from sqlalchemy.exc import SQLAlchemyError
 
-        from ..db.engine import database_error
+        from ..db.engine import database_error, resolve_url
 
         try:
             return fn(*args, **kwargs)
         except CfbError as e:  # (``shown``: one line, whatever text from the input a message quotes)
             raise click.ClickException(shown(e)) from None
         except SQLAlchemyError as e:
-            error = database_error(e)
+            ctx = next((a for a in args if isinstance(a, Ctx)), None)
+            error = database_error(e, resolve_url(ctx.url) if ctx is not None else None)
             if error is None:
                 raise
             raise click.ClickException(shown(error)) from None
@@ -572,7 +573,8 @@ def inspect() -> None:
 
 @inspect.command("biases")
 @click.option("-n", "n", type=WholeRange(1, 1000), default=10, show_default=True)
-@click.option("--min-ratings", type=WholeRange(min=0), default=0, show_default=True)
+@click.option("--min-ratings", type=WholeRange(min=0), default=1, show_default=True,
+              help="Only items with at least this many ratings (0: also those whose bias came from metadata).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
@@ -590,27 +592,30 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 @inspect.command("pca")
 @click.option("-n", "n", type=WholeRange(2, 100_000), default=50, show_default=True,
               help="Map the N most-rated items.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--plot", type=click.Path(dir_okay=False),
               help="Also write a labelled scatter of PC1 and PC2 to this PNG (matplotlib).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @fail_cleanly
-def inspect_pca(ctx: Ctx, n: int, plot: Path | None, as_json: bool) -> None:
+def inspect_pca(ctx: Ctx, n: int, plot: str | None, as_json: bool) -> None:
     """PCA of the item factors, mapping the N most-rated items (fastai book, chapter 8: the axes are fitted
     on the 1,000 most-rated items, or the N if more): pc1..pc3 per item (as many axes as the items and the
     factors allow)."""
-    from ..service.inspect import pca, plot_pca
+    from ..service.inspect import is_png_name, pca, plot_pca
 
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise CfbError(f"--plot {str(plot)!r}: the plot is a PNG, give a file name ending in .png")
+    if plot is not None and not is_png_name(plot):
+        raise CfbError(f"--plot {shown(repr(plot))}: the plot is a PNG, give a file name ending in .png")
     with ctx.engine.connect() as conn:
         out = pca(conn, n)
     if plot is not None:
         try:
-            plot_pca(out, plot)
+            missing = plot_pca(out, Path(plot))
         except OSError as e:
-            raise CfbError(f"cannot write {plot}: {e.strerror or e}") from None
+            raise CfbError(f"cannot write {shown(plot)}: {e.strerror or e}") from None
         out["plot"] = str(plot)
+        if missing:
+            click.echo(f"note: the plot's font has no glyph for {len(missing)} character(s) of its labels "
+                       f"(drawn as boxes): {shown(missing[:20])}", err=True)
     ev = ", ".join(f"PC{k + 1} {v:.1%}" for k, v in enumerate(out["explained_variance"]))
     axes = [f"pc{k + 1}" for k in range(len(out["explained_variance"]))]  # (up to three: fewer items, fewer axes)
     lines = [f"explained variance (axes fitted on the {out['fitted_on']:,} most-rated items): {ev}",

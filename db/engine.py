@@ -68,9 +68,10 @@ NO_FREE_CONNECTION = ("every database connection of this process is in use (thre
                       "again shortly")
 
 
-def database_error(e: BaseException) -> CfbError | None:
+def database_error(e: BaseException, url: str | None = None) -> CfbError | None:
     """The one-line ``CfbError`` for a database URL's or driver's error (a bad URL, a server that
-    refuses, a file that is not a database, …), else None."""
+    refuses, a file that is not a database, …), else None. With the database's ``url``, a SQLite
+    file's error names the file (SQLite's messages never do; a server's name its database)."""
     from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
     from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -87,7 +88,16 @@ def database_error(e: BaseException) -> CfbError | None:
         return NotReadyError(EMPTY_DATABASE)
     elif is_busy(e):
         return BusyError(BUSY)
-    return CfbError(f"database error: {msg}")
+    path = _sqlite_file_quietly(url)
+    return CfbError(f"database error: {msg}" + (f" ({path})" if path else ""))
+
+
+def _sqlite_file_quietly(url: str | None) -> Path | None:
+    """``sqlite_file(url)``, None for no URL or one that does not parse."""
+    try:
+        return sqlite_file(url) if url else None
+    except Exception:  # noqa: BLE001  (a message's detail: never an error of its own)
+        return None
 
 
 def is_busy(e: BaseException) -> bool:
@@ -100,9 +110,9 @@ def is_busy(e: BaseException) -> bool:
 def sqlite_url(path: Path, like: str | None = None) -> str:
     """The URL of the SQLite file ``path`` (a ``?`` or ``%`` in its name escaped), with the options of
     the URL ``like`` when given."""
-    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.engine import URL
 
-    base = make_url(like) if like else URL.create("sqlite")
+    base = parse_url(like) if like else URL.create("sqlite")
     return base.set(database=str(path)).render_as_string(hide_password=False)
 
 
@@ -181,11 +191,24 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL (None: another backend, or an in-memory database)."""
+def parse_url(url: str):  # noqa: ANN201  (-> sqlalchemy.engine.URL)
+    """``url`` parsed by SQLAlchemy; a URL whose parts do not parse (a port that is no number, an
+    unclosed ``[`` of an IPv6 host: SQLAlchemy raises a bare ValueError) is a one-line ``CfbError``
+    with its password hidden. (A URL of no known form is SQLAlchemy's ArgumentError, ``database_error``'s.)"""
+    import re
+
     from sqlalchemy.engine import make_url
 
-    u = make_url(url)
+    try:
+        return make_url(url)
+    except ValueError as e:
+        hidden = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
+        raise CfbError(f"invalid database URL {hidden}: {e}") from None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None: another backend, or an in-memory database)."""
+    u = parse_url(url)
     if u.get_backend_name().lower() != "sqlite" or u.database in (None, "", ":memory:") \
             or u.database.startswith("file:"):
         return None
@@ -195,12 +218,11 @@ def sqlite_file(url: str) -> Path | None:
 def in_memory_sqlite(url: str) -> bool:
     """Whether ``url`` names an in-memory SQLite database (``sqlite://``, ``:memory:``, a ``file:``
     URI of one): gone when the process ends. A URL that does not parse is not one (it fails later)."""
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        u = make_url(url)
-    except ArgumentError:
+        u = parse_url(url)
+    except (ArgumentError, CfbError):
         return False
     if u.get_backend_name().lower() != "sqlite":
         return False

@@ -439,6 +439,16 @@ def item_title_list(conn: Connection) -> list[str]:
     return conn.scalars(select(Item.title).where(Item.title.is_not(None)).order_by(Item.id)).all()
 
 
+def title_forms(query: str) -> list[str]:
+    """``query`` and, where they differ, its Unicode composed (NFC) and decomposed (NFD) forms: the ways a
+    title that looks the same may be typed (macOS writes NFD), in the order to look them up."""
+    import unicodedata
+
+    forms = [query] if query.isascii() else [query, unicodedata.normalize("NFC", query),
+                                              unicodedata.normalize("NFD", query)]
+    return list(dict.fromkeys(forms))
+
+
 def items_by_title(conn: Connection) -> dict[str, list[str]]:
     """title -> the external ids of the items so titled (sorted), titles in item order."""
     out: dict[str, list[str]] = {}

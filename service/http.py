@@ -158,7 +158,9 @@ QUESTIONNAIRE = {"type": "object", "required": ["version", "attributes", "items"
         "name": {"type": "string"}, "type": {"type": "string", "enum": ["number", "category", "text"]}}}}}}
 SIMILAR = {"type": "object", "required": ["item", "title", "items"], "properties": {
     "item": {"type": "string"}, "title": _TEXT_OR_NONE, "items": _ITEMS}}
-BIASES = {"type": "object", "required": ["lowest", "highest"], "properties": {"lowest": _ITEMS, "highest": _ITEMS}}
+_BIASED = {"type": "array", "items": {"type": "object", "required": ["item", "title", "score", "ratings"], "properties": {
+    "item": {"type": "string"}, "title": _TEXT_OR_NONE, "score": {"type": "number"}, "ratings": {"type": "integer"}}}}
+BIASES = {"type": "object", "required": ["lowest", "highest"], "properties": {"lowest": _BIASED, "highest": _BIASED}}
 PCA = {"type": "object", "required": ["version", "explained_variance", "items"], "properties": {
     "version": {"type": "integer"}, "explained_variance": {"type": "array", "items": {"type": "number"}},
     "items": {"type": "array", "items": {"type": "object", "required": ["item", "title", "pc1", "pc2", "pc3"],
@@ -574,11 +576,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return json_response(versions.list_versions(conn))
 
     @api_get("/inspect/biases", tags=["api"], summary="Lowest and highest item biases (`cfb inspect biases --json`)",
-             responses={200: {"description": '{"lowest": [{"item", "title", "score"}], "highest": [...]}',
+             responses={200: {"description": '{"lowest": [{"item", "title", "score", "ratings"}], "highest": [...]}',
                               "content": {"application/json": {"schema": BIASES}}},
                         409: {"description": "the serving version is an nn model: it learns no item biases"}})
     async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N),
-                             min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
+                             min_ratings: int = Query(1, ge=0, le=MAX_MIN_RATINGS)):
         with engine.connect() as conn:
             return json_response(serving.biases(conn, n, min_ratings))
 
@@ -714,7 +716,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return _page(f"cfb: {out.get('title') or out['item']}", body, token is not None)
 
     @page("/explore")
-    def explore(n: int = Query(50, ge=2, le=500), min_ratings: int = Query(0, ge=0, le=MAX_MIN_RATINGS)):
+    def explore(n: int = Query(50, ge=2, le=500), min_ratings: int = Query(1, ge=0, le=MAX_MIN_RATINGS)):
         from .inspect import pca, pca_svg
 
         with engine.connect() as conn:

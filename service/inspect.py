@@ -67,8 +67,19 @@ def pca(conn: Connection, n: int = 50) -> dict:
             "explained_variance": [round(float(r), 4) for r in ratio], "items": items}
 
 
-def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: int = 50) -> Path:
-    """A labelled scatter PNG of ``pca``'s output (like chapter 8's figure), matplotlib's Agg backend."""
+def is_png_name(path: str | Path) -> bool:
+    """Whether ``path`` names a PNG file: its name ends in .png (any case), not a folder's trailing slash."""
+    name = Path(path).name if str(path) else ""
+    return name.lower().endswith(".png") and not str(path).endswith(("/", "\\"))
+
+
+def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: int = 50) -> str:
+    """Write a labelled scatter PNG of ``pca``'s output to ``path`` (like chapter 8's figure, matplotlib's
+    Agg backend). Titles are drawn as plain text (a ``$`` is no math). Returns the characters of the
+    labels that the plot's font has no glyph for (drawn as boxes; empty when it has them all)."""
+    import re
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,18 +93,23 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
         ax.scatter(xs, ys, s=12, color="tab:blue")
         for it, a, b in list(zip(items, xs, ys))[:labels]:
             colour = np.random.default_rng(zlib.crc32(str(it["item"]).encode())).uniform(0, 0.8, 3)
-            ax.text(a, b, str(it["title"] or it["item"]), fontsize=9, color=colour)
+            ax.text(a, b, str(it["title"] or it["item"]), fontsize=9, color=colour, parse_math=False)
         ev = result.get("explained_variance") or []
         names = {f"pc{k + 1}": f"PC{k + 1}" + (f" ({ev[k]:.0%} of variance)" if k < len(ev) else "")
                  for k in range(N_COMPONENTS)}
         ax.set_xlabel(names.get(x, x))
         ax.set_ylabel(names.get(y, y))
         ax.set_title(f"Item factors of the {len(items)} most-rated items (model version {result.get('version')})")
-        path = Path(path)
-        fig.savefig(path, dpi=80, bbox_inches="tight")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fig.savefig(Path(path), format="png", dpi=80, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return path
+    missing = {chr(int(m.group(1))) for w in caught if (m := re.match(r"Glyph (\d+) ", str(w.message)))}
+    for w in caught:  # (any other warning as before)
+        if not str(w.message).startswith("Glyph "):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return "".join(sorted(missing))
 
 
 LABEL_CHARS = 24  # a map label's length (the 160 px the map leaves right of its points); the full title on hover

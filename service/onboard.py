@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..bootstrap.questionnaire import MAX_BUDGET, Questionnaire, is_finite_number, is_number
@@ -221,7 +221,7 @@ class SignupValidator:
                 raise InputError("empty item id", source=where, field=field)
             item = self.items.get(name)
             if item is None:
-                hits = self.titles.get(name, [])
+                hits = next((h for title in store.title_forms(name) if (h := self.titles.get(title, []))), [])
                 if len(hits) != 1:
                     raise InputError(f"unknown item{title_hint(name, self.all_titles())}" if not hits else
                                      f"ambiguous title (items {', '.join(sorted(hits))}); use the item id",
@@ -275,10 +275,11 @@ class SignupValidator:
             raise InputError(str(e), source=where, field="version") from None
 
 
-def _new_external_id(conn: Connection, reserved: frozenset[str] = frozenset()) -> str:
-    """``new-N``: the first free N from the next user row on, past the stored ids and ``reserved``."""
-    n = int(conn.scalar(select(User.id).order_by(User.id.desc()).limit(1)) or 0) + 1
-    taken = set(store.id_map(conn, User)) | set(reserved)
+def new_user_id(conn: Connection, taken: Container[str]) -> str:
+    """``new-N``: the first N from the number of users + 1 on whose id is not ``taken``. Counted, not
+    the next row id, so that the same sign-ups get the same ids on every backend (a write that a crash
+    rolled back leaves a gap in PostgreSQL's row ids, never in the count)."""
+    n = int(conn.scalar(select(func.count()).select_from(User)) or 0) + 1
     while f"new-{n}" in taken:
         n += 1
     return f"new-{n}"
@@ -289,7 +290,7 @@ def store_signup(conn: Connection, served: Served, signup: Signup,
     """Write one validated signup: the user, their answers and their ratings. Nothing of the model
     changes: the user's representation is computed from these whenever it is asked for. A signup
     without a user id gets ``new-N``, never one of ``reserved`` (ids later entries of a batch name)."""
-    external = signup.user or _new_external_id(conn, reserved)
+    external = signup.user or new_user_id(conn, set(store.id_map(conn, User)) | set(reserved))
     store.check_id(external, "user", field="user")  # (``validate`` checked it: a Signup made otherwise)
     uid = conn.execute(insert(User).values(external_id=external, attributes=signup.attributes)
                        .returning(User.id)).scalar_one()

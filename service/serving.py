@@ -111,13 +111,18 @@ def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> st
 
 
 def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
-    """The item whose external id or else whose exact title is ``query``, or None. An id no item can have
+    """The item whose external id or else whose exact title is ``query`` (composed or decomposed alike:
+    ``store.title_forms``), or None. An id no item can have
     (``store.can_exist``: too long, a NUL) is not looked up; a NUL is no title either (PostgreSQL refuses
     it even in a query), so such a query is unknown alike on every backend."""
     hit = conn.scalar(select(Item.id).where(Item.external_id == query)) if store.can_exist(query) else None
     if hit is not None or "\x00" in query:
         return hit
-    hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == query)).all()
+    hits = []
+    for title in store.title_forms(query):  # (the same title typed composed or decomposed)
+        hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == title)).all()
+        if hits:
+            break
     if len(hits) > 1:
         ids = sorted(ext for _, ext in hits)
         raise argument_error(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id", "item")
@@ -126,7 +131,7 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
 
 def find_item(conn: Connection, query: str) -> int:
     """An item's database id by external id or exact title (surrounding spaces aside, as the readers
-    strip them); a near miss suggests close titles."""
+    strip them, and typed composed or decomposed); a near miss suggests close titles."""
     query = str(query).strip()
     if not query:
         raise argument_error("empty item id", "item")
@@ -171,8 +176,10 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
     return {"item": ext, "title": title, "items": _items_out(conn, served, top, sims)}
 
 
-def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
-    """Items with the lowest and highest learned bias (dot model), as in chapter 8."""
+def biases(conn: Connection, n: int = 10, min_ratings: int = 1) -> dict:
+    """Items with the lowest and highest learned bias (dot model), as in chapter 8, among items with at
+    least ``min_ratings`` ratings (1: an item nobody rated has a bias guessed from its metadata, not
+    learned; 0 lists those too), each with its number of ratings."""
     check_top_n(n)
     min_ratings = check_whole(min_ratings, "min_ratings", 0)
     served = load_served(conn)
@@ -183,5 +190,7 @@ def biases(conn: Connection, n: int = 10, min_ratings: int = 0) -> dict:
     b[model.item_counts < min_ratings] = np.nan
     ok = np.flatnonzero(~np.isnan(b))
     order = ok[np.argsort(b[ok], kind="stable")]
-    return {"lowest": _items_out(conn, served, order[:n], b[order[:n]]),
-            "highest": _items_out(conn, served, order[::-1][:n], b[order[::-1][:n]])}
+    def out(rows: np.ndarray) -> list[dict]:
+        return [dict(r, ratings=int(model.item_counts[k])) for r, k in zip(_items_out(conn, served, rows, b[rows]), rows)]
+
+    return {"lowest": out(order[:n]), "highest": out(order[::-1][:n])}

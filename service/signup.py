@@ -51,7 +51,7 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
 
     from ..db import store
     from ..db.schema import Item, User
-    from .onboard import SignupValidator, store_signup
+    from .onboard import SignupValidator, new_user_id, store_signup
 
     # an item's external id and database id never change (items are never deleted or renumbered): the
     # entry's items are looked up once, in one query, and the ids found reused under the write lock (a
@@ -78,11 +78,8 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
         served = load_served(conn)
         validator = validator_on(conn, served)
         signup = validator.validate(where, entry)
-        if signup.user is None:  # onboard's `new-N` (N = the next row id), without reading every user
-            n = int(conn.scalar(select(User.id).order_by(User.id.desc()).limit(1)) or 0) + 1
-            while f"new-{n}" in validator.known_users:
-                n += 1
-            signup.user = f"new-{n}"
+        if signup.user is None:  # onboard's `new-N`, without reading every user
+            signup.user = new_user_id(conn, validator.known_users)
         external, _ = store_signup(conn, served, signup)
     return {"version": served.version, "onboarded": [{"user": external, "ratings": len(signup.ratings)}],
             "skipped": []}

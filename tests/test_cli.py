@@ -316,9 +316,42 @@ def test_a_file_that_is_not_a_database_is_one_line(runner, tmp_path, cli_db):
     cut.write_bytes(Path(cli_db.removeprefix("sqlite:///")).read_bytes()[:40_000])
     for path, message in ((picture, "file is not a database"), (cut, "database disk image is malformed")):
         res = run(runner, f"sqlite:///{path}", "recommend", "1")
-        assert res.exit_code == 1 and res.output.strip() == f"Error: database error: {message}", res.output
-        with pytest.raises(cfb.CfbError, match=f"^database error: {message}$"):
+        assert res.exit_code == 1 and res.output.strip() == f"Error: database error: {message} ({path})", res.output
+        with pytest.raises(cfb.CfbError, match=re.escape(f"database error: {message} ({path})") + "$"):
             cfb.open(f"sqlite:///{path}").recommend("1")
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://cfb:s3cret@localhost:abc/x",
+                                 "postgresql+psycopg://cfb:s3cret@[::1/x"])
+def test_a_url_whose_port_or_host_does_not_parse_is_one_line_without_its_password(runner, url):
+    """SQLAlchemy raises a bare ValueError for these (a traceback from every command)."""
+    import cfb
+
+    for args in (["models"], ["recommend", "1"], ["retrain"]):
+        res = run(runner, url, *args)
+        assert res.exit_code == 1 and res.output.startswith("Error: invalid database URL postgresql+psycopg://cfb:***@")
+        assert len(res.output.strip().splitlines()) == 1 and "s3cret" not in res.output, res.output
+    with pytest.raises(cfb.CfbError, match=r"^invalid database URL .*cfb:\*\*\*@") as caught:
+        cfb.open(url)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_a_title_is_found_typed_composed_or_decomposed(runner, cli_db, tmp_path):
+    """"Misérables" pasted from macOS is decomposed (e + a combining accent): it looked the same as the
+    stored title in the "did you mean" hint and was unknown. Either way round it is the same title."""
+    import unicodedata
+
+    nfc, nfd = "Misérables, Les (1995)", "Crème (1990)"
+    items = write(tmp_path / "t.csv", f'item,title\na1,"{nfc}"\na3,"{unicodedata.normalize("NFD", nfd)}"\n')
+    assert run(runner, cli_db, "ingest", "items", str(items)).exit_code == 0
+    for typed, item in ((unicodedata.normalize("NFD", nfc), "a1"), (nfd, "a3")):
+        assert typed != unicodedata.normalize("NFC", typed) or item == "a3"
+        res = run(runner, cli_db, "similar", typed, "--json")
+        assert res.exit_code == 0 and json.loads(res.stdout)["item"] == item, res.output
+        assert run(runner, cli_db, "rate", "a0", typed, "4").exit_code == 0
+        answers = write(tmp_path / "q.json", json.dumps({"user": f"u-{item}", "ratings": {typed: 5}}))
+        res = run(runner, cli_db, "onboard", "--answers", str(answers))
+        assert res.exit_code == 0, res.output
 
 
 def test_bad_ingest_file_exits_nonzero(runner, tmp_path):

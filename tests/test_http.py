@@ -786,6 +786,31 @@ def test_inspect_pca_command_and_plot(trained, db_url, tmp_path):
     assert a and b and (max(a) < min(b) or max(b) < min(a))
 
 
+def test_a_plot_draws_titles_as_they_are_and_says_which_characters_its_font_lacks(tmp_path):
+    """Titles are users' text (`cfb ingest items`): a `$` is no math (two of them crashed matplotlib's
+    parser, a valid pair turned into italics), and characters the font has no glyph for are one list,
+    not a warning per glyph."""
+    import warnings
+
+    from cfb.service.inspect import plot_pca
+
+    titles = ["Money $\\frac$ Talks", "Price_$x^$ 2", "東京物語 (1953)", "Plain"]
+    result = {"version": 1, "explained_variance": [0.2, 0.1],
+              "items": [{"item": str(k), "title": t, "pc1": float(k), "pc2": float(-k)} for k, t in enumerate(titles)]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        missing = plot_pca(result, tmp_path / "map.png")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert missing == "".join(sorted("東京物語")) and not [w for w in caught if "Glyph" in str(w.message)]
+
+
+def test_a_plot_name_is_quoted_as_given(trained, db_url, tmp_path):
+    res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "--plot", ""])
+    assert res.exit_code in (1, 2) and "'.'" not in res.output, res.output
+    res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "5", "--plot", str(tmp_path / ".png")])
+    assert res.exit_code == 0 and (tmp_path / ".png").exists(), res.output  # (a name that ends in .png)
+
+
 def test_python_api(trained, db_url, tmp_path):
     import cfb
 

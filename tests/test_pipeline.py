@@ -296,6 +296,24 @@ def test_ratings_written_again_are_not_new_and_statistics_stay_exact(trained, pl
     assert model.item_counts.sum() == len(planted.ratings) and model.item_sums.sum() == pytest.approx(stored)
 
 
+def test_a_last_batch_of_one_rating_joins_the_one_before_it(engine, planted):
+    """fastai's EmbeddingNN has a BatchNorm, which refuses a training batch of one row: 1,440 planted
+    ratings in batches of 1,439 trained the nn model into a traceback. Every rating is still learned."""
+    import torch
+
+    from cfb.cf_core.loader import TensorBatches
+
+    for n, bs in ((1440, 1439), (10, 3), (9, 3), (1, 4)):
+        batches = TensorBatches(torch.arange(2 * n).reshape(n, 2), torch.arange(n), bs, shuffle=True,
+                                generator=torch.Generator().manual_seed(0))
+        sizes = [len(y) for _, y in batches]
+        assert len(batches) == len(sizes) and sum(sizes) == n and (min(sizes) > 1 or n == 1), (n, bs, sizes)
+        assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(n))
+    ingest_dataset(engine, planted)
+    report = retrain_full(engine, kind="nn", progress=False, **{**FAST, "bs": len(planted.ratings) - 1, "epochs": 2})
+    assert report["kind"] == "nn"
+
+
 def test_nn_incremental_retrain_adds_a_first_rated_item(engine, planted):
     ingest_dataset(engine, planted)
     retrain_full(engine, kind="nn", progress=False, **FAST)
@@ -639,6 +657,27 @@ def test_python_api_bad_arguments_are_input_errors(trained, db_url, tmp_path):
         db.rate(user, "a2", np.float32(4))  # (a numpy scalar is one value)
         assert db.rollback(np.int64(1)) == {"serving": 1}
         assert len(db.pca(n=5, plot=PurePosixPath(tmp_path / "map.png"))) == 5 and (tmp_path / "map.png").exists()
+
+
+def test_learned_biases_leave_out_items_nobody_rated_unless_asked(engine, planted):
+    """Chapter 8's lowest / highest biases are learned from ratings: an item known from its metadata
+    alone (its bias a guess from its genre) is listed only with min_ratings=0; each says its ratings."""
+    from cfb.service.ingest import upsert_items
+    from cfb.service.serving import biases
+
+    genre = {i: ("A" if i.startswith("a") else "B") for i in planted.items.item}
+    items = planted.items.assign(attributes=[{"genres": [genre[i]], "year": 1990} for i in planted.items.item])
+    ingest_dataset(engine, Dataset(planted.ratings, items, planted.users, planted.scale))
+    retrain_full(engine, progress=False, **FAST)
+    upsert_items(engine, pd.DataFrame({"item": ["newA"], "title": ["New Alpha"],
+                                       "attributes": [{"genres": ["A"], "year": 1991}]}))
+    assert retrain_incremental(engine)["items_from_metadata"] == 1
+    with engine.connect() as conn:
+        default, every = biases(conn, n=40), biases(conn, n=41, min_ratings=0)
+    listed = lambda out: [r["item"] for r in out["lowest"]]  # noqa: E731
+    assert "newA" not in listed(default) and len(listed(default)) == 40 and "newA" in listed(every)
+    counts = planted.ratings.item.value_counts()
+    assert all(r["ratings"] == (counts[r["item"]] if r["item"] != "newA" else 0) for r in every["highest"])
 
 
 def test_items_similar_to_one_known_from_metadata_alone_are_those_its_metadata_is_like(engine, planted):

@@ -117,6 +117,41 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         assert browser.execute_script("return document.querySelectorAll('main script').length") == 0
 
 
+def test_two_ratings_in_quick_succession_store_the_last_one_chosen(trained, db_url, browser):
+    """A user who changes a rating twice before the first is answered: the second is stored last. The
+    page's first POST is held back 400 ms, as a slow connection would (sent at once, the second
+    overtook it and the first value was stored while the status showed the second)."""
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/user/a0")
+        wait.until(lambda d: len(rec_items(d)) == 10)
+        browser.execute_script("""
+            var fetched = window.fetch, held = false;
+            window.postsAnswered = 0;
+            window.fetch = function (url, opts) {
+              if (!(opts && opts.method === "POST")) { return fetched(url, opts); }
+              var wait = held ? 0 : 400;
+              held = true;
+              return new Promise(function (ok) { setTimeout(ok, wait); })
+                .then(function () { return fetched(url, opts); })
+                .then(function (r) { window.postsAnswered += 1; return r; });
+            };""")
+        sel = browser.find_element(By.CSS_SELECTOR, "#recs > li select")
+        item = sel.get_attribute("data-item")
+        browser.execute_script("""
+            var sel = arguments[0];
+            sel.value = "5"; sel.dispatchEvent(new Event("change", {bubbles: true}));
+            sel.value = "1"; sel.dispatchEvent(new Event("change", {bubbles: true}));""", sel)
+        wait.until(lambda d: d.execute_script("return window.postsAnswered") == 2)
+        assert browser.find_element(By.ID, "rate-status").text.endswith(": 1")
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT r.rating FROM ratings r JOIN users u ON u.id = r.user_id JOIN items i "
+                                 "ON i.id = r.item_id WHERE u.external_id = 'a0' AND i.external_id = :item"),
+                            {"item": item}).scalar() == 1.0
+    engine.dispose()
+
+
 def test_api_docs_render_offline(trained, db_url, browser):
     """Swagger UI comes from a pip package, not a CDN: the docs page renders with no network."""
     with running_server(db_url) as base:

@@ -109,15 +109,20 @@
       recs.replaceChildren.apply(recs, rows);
     };
 
-    // ratings in quick succession: a list (or status) older than the one shown is not drawn over it
-    var started = 0, listShown = 0, statusShown = 0;
+    // ratings in quick succession: each is sent once the one before it is answered (sent at once, they
+    // went on separate connections and could be stored in another order: the last one chosen lost), and
+    // a list (or status) older than the one shown is not drawn over it
+    var started = 0, listShown = 0, statusShown = 0, writes = Promise.resolve();
     recs.addEventListener("change", function (ev) {
       var sel = ev.target;
       if (sel.tagName !== "SELECT" || sel.value === "") { return; }
       error.textContent = "";
       var mine = ++started;
       var base = "/users/" + encodeURIComponent(user);
-      api("POST", base + "/ratings", { item: sel.dataset.item, rating: Number(sel.value) })
+      var body = { item: sel.dataset.item, rating: Number(sel.value) };
+      var posted = writes.then(function () { return api("POST", base + "/ratings", body); });
+      writes = posted.catch(function () {});
+      posted
         .then(function (out) {
           if (mine > statusShown) {
             statusShown = mine;
