@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from ..bootstrap.fit import fit_bootstrap, make_questionnaire
 from ..cf_core.data import CollabData, default_y_range, index_ids
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, InputError
 from ..cf_core.feature_model import FeatureUserModel
 from ..cf_core.model import ServingConfig, TrainedModel, fit_ranker_map
 from ..cf_core.split import valid_split
@@ -88,10 +88,18 @@ def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
     return td, time.perf_counter() - t0
 
 
-def rating_params(kind: str, n_train: int, params: dict) -> dict:
-    """The rating model's settings: scaled defaults, overridden by the given ones (None: default)."""
+def check_kind_settings(kind: str, params: dict) -> None:
+    """Refuse settings a model kind cannot train with: a batch of one rating for the nn model, whose
+    BatchNorm (fastai's ``EmbeddingNN``) needs at least two in a batch."""
     if kind not in MODELS:
         raise CfbError(f"unknown model kind {kind!r} (choose from {', '.join(MODELS)})")
+    if kind == "nn" and params.get("bs") is not None and params["bs"] < 2:
+        raise InputError("bs (--bs) must be at least 2 with the nn model: its BatchNorm needs two ratings a batch")
+
+
+def rating_params(kind: str, n_train: int, params: dict) -> dict:
+    """The rating model's settings: scaled defaults, overridden by the given ones (None: default)."""
+    check_kind_settings(kind, params)
     return {**scaled_defaults(DEFAULTS[kind], n_train, 3), **{k: v for k, v in params.items() if v is not None}}
 
 
@@ -359,6 +367,7 @@ def retrain_full(engine: Engine, kind: str = "dot", valid_pct: float = 0.0, prog
     If the serving version changes meanwhile (a rollback), the new version is stored but not served."""
     if not 0 <= valid_pct < 1:
         raise CfbError("--valid-pct must be in [0, 1)")
+    check_kind_settings(kind, params)  # (before the data is read)
     t_start = time.perf_counter()
     lock = versions.acquire_retrain_lock(engine)
     try:

@@ -354,6 +354,18 @@ def test_a_title_is_found_typed_composed_or_decomposed(runner, cli_db, tmp_path)
         assert res.exit_code == 0, res.output
 
 
+def test_a_batch_of_one_rating_is_refused_for_the_nn_model(runner, cli_db):
+    """The nn model's BatchNorm cannot train on a batch of one: refused in one line, before any work."""
+    import cfb
+
+    res = run(runner, cli_db, "retrain", "--full", "--model", "nn", "--bs", "1")
+    assert res.exit_code == 1 and res.output.strip() == (
+        "Error: bs (--bs) must be at least 2 with the nn model: its BatchNorm needs two ratings a batch"), res.output
+    with pytest.raises(cfb.InputError, match="at least 2 with the nn model"):
+        cfb.open(cli_db).retrain(full=True, kind="nn", bs=1, progress=False)
+    assert len(json.loads(run(runner, cli_db, "models", "--json").stdout)) == 1
+
+
 def test_bad_ingest_file_exits_nonzero(runner, tmp_path):
     bad = write(tmp_path / "bad.csv", "user,item,rating\n1,2,x\n")
     res = run(runner, f"sqlite:///{tmp_path / 'x.db'}", "ingest", "ratings", str(bad))
