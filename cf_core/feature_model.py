@@ -2,8 +2,8 @@
 
 A user's vector is a constant, plus one embedding per attribute answer (category → its value; number →
 quantile bin of the training users' values; text → first character; each with a "missing" row), plus
-the revealed items (sum of an input "seen" table / √n), plus how they were rated (sum of a second item
-table weighted by the centred rating (r − mid) / half-range / √n), plus an embedding of the number of
+the revealed items (sum of an input "seen" table / √(n + 1)), plus how they were rated (sum of a second item
+table weighted by the centred rating (r − mid) / half-range / √(n + 1)), plus an embedding of the number of
 revealed items (log₂ buckets) and of how they were revealed (questionnaire of size Q, or organic). An
 item's score is ``user_vec · out_item + out_bias``.
 
@@ -18,9 +18,8 @@ masked out of the softmax rather than counted as negatives.
 Inference (``user_vectors``, ``item_scores``, ``to_arrays``/``from_arrays``) is numpy only; torch and
 fastai are imported inside ``fit``.
 
-Measured with the defaults (bench/tune_feature_model.py, MovieLens 100k, protocol v1.1, mean of seeds
-42–44, NDCG@10): §4b Q = 0/5/15/30: 0.309/0.330/0.372/0.405; §5 n = 0/1/3/5/10:
-0.375/0.371/0.388/0.408/0.432 (positive popularity 0.289 and 0.351); about 15 s per fit on one CPU thread.
+What each setting bought, measured on pseudo-cold users, and the protocol's figures are in
+docs/coldstart.md; a fit on MovieLens 100k takes about 6–10 s on one CPU thread.
 """
 from __future__ import annotations
 
@@ -65,13 +64,15 @@ class FeatureModelConfig:
     count_scale: the item bags are also weighted by a learned factor per count bucket (1 + a parameter
         that weight decay pulls toward 0), so the model can set how much one, two, … reveals count.
     max_user_epochs: a rule that scales with the data: beyond this many (training users × epochs) the
-        epochs shrink in proportion; at the floor of 2 epochs each epoch draws a random
-        ``max_user_epochs / 2`` of the users, so the ranker's cost stops growing with the users.
+        epochs shrink in proportion; at the floor of 2 epochs each of an epoch's ``samples_per_user``
+        passes draws its own random ``max_user_epochs / 2`` of the users, so the ranker's cost stops
+        growing with the users.
     full_softmax_items: up to this many catalogue items the softmax is over the whole catalogue; beyond
         it (a rule that scales with the catalogue) it is sampled: a row's normaliser runs over its
         positives and ``negatives`` items drawn per batch in proportion to popularity^0.75 (log-inclusion
         corrected; its masked items and positives left out of them), and the item tables get sparse
-        gradients and a lazy AdamW (``lazy_adam``).
+        gradients and a lazy AdamW (``lazy_adam``) that moves only the batch's rows; the output biases
+        (one number per item) stay dense, decayed and moved every step.
     """
 
     n_factors: int = 128
@@ -147,13 +148,16 @@ def inclusion_probabilities(w: np.ndarray, m: int) -> np.ndarray:
     return np.maximum(1 - np.exp(-hi * w), 1e-12)
 
 
-def time_order(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
-    """Indices that order ratings by user, then time (ties by item, inner order = id order); ratings
-    of unknown time (< 0) come first, in data order. Whole-number times (the usual seconds) are sorted
-    as one int64 key (time, tie-break) and then stably by user: 4x faster than ``np.lexsort`` on 25M."""
+def time_order(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray,
+               item_tie: np.ndarray | None = None) -> np.ndarray:
+    """Indices that order ratings by user, then time (ties by ``item_tie[item]``, the items' order by
+    external id as text, as protocol §5 breaks them; None: by inner index); ratings of unknown time
+    (< 0) come first, in data order. Whole-number times (the usual seconds) are sorted as one int64 key
+    (time, tie-break) and then stably by user: 4x faster than ``np.lexsort`` on 25M."""
     ts = np.asarray(timestamps, dtype=np.float64)
     unknown = ts < 0
     time_key = np.where(unknown, -1.0, ts)
+    items = np.asarray(items, np.int64) if item_tie is None else np.asarray(item_tie, np.int64)[items]
     tie = np.where(unknown, np.arange(len(ts)), items)
     if len(ts) and np.all(np.isfinite(time_key)) and np.all(time_key == np.floor(time_key)):
         lo, hi = int(time_key.min()), int(time_key.max())
@@ -443,11 +447,11 @@ class FeatureUserModel:
 
     # ----------------------------------------------------------------- training
     def _prepare(self, data: CollabData, timestamps: np.ndarray, attributes: list[dict],
-                 questionnaire_items: list[int], scale: tuple[float, float]) -> dict:
+                 questionnaire_items: list[int], scale: tuple[float, float], item_tie: np.ndarray | None) -> dict:
         ts = np.asarray(timestamps, dtype=np.float64)
         if len(ts) != len(data):
             raise ValueError("timestamps must have one entry per rating")
-        order = time_order(data.users, data.items, ts)
+        order = time_order(data.users, data.items, ts, item_tie)
         users, items, ratings = data.users[order], data.items[order], data.ratings[order].astype(np.float64)
         lens = np.bincount(users, minlength=data.n_users)
         indptr = np.concatenate([[0], np.cumsum(lens)[:-1]])
@@ -475,11 +479,13 @@ class FeatureUserModel:
         return (np.asarray(ratings, dtype=np.float64) - centre) / ((hi - lo) / 2 if hi > lo else 1.0)
 
     def fit(self, data: CollabData, timestamps: np.ndarray, attributes: list[dict], questions: list,
-            questionnaire_items: list[int], scale: tuple[float, float]) -> "FeatureUserModel":
+            questionnaire_items: list[int], scale: tuple[float, float],
+            item_tie: np.ndarray | None = None) -> "FeatureUserModel":
         """Train on ``data`` (training users only); ``attributes[u]`` are inner user u's answers,
         ``timestamps`` one per rating (−1 = unknown: data order), ``questions`` the attribute questions
         (``bootstrap.questionnaire.Question``), ``questionnaire_items`` the items a new user is asked,
-        most useful first, ``scale`` the rating scale (lo, hi)."""
+        most useful first, ``scale`` the rating scale (lo, hi), ``item_tie`` per inner item its rank by
+        external id as text (``time_order``: ratings given at the same time; None: by inner index)."""
         import torch
         from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
         from fastai.data.core import DataLoaders
@@ -494,7 +500,7 @@ class FeatureUserModel:
         self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
         self.encoder_ = _AttrEncoder.fit(questions, [attributes[u] for u in range(min(len(attributes), data.n_users))],
                                          cfg.n_bins)
-        prep = self._prepare(data, timestamps, attributes, questionnaire_items, scale)
+        prep = self._prepare(data, timestamps, attributes, questionnaire_items, scale, item_tie)
 
         device = pick_device(self.device)
         deterministic = torch.are_deterministic_algorithms_enabled()

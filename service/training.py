@@ -21,6 +21,7 @@ from ..cf_core.split import valid_split
 from ..cf_core.train import MODELS, pick_device
 from ..db import array_cache, ratings_io, store, versions
 from ..db.engine import writing
+from ..db.schema import Item
 
 VALID_SEED = 42  # docs/protocol.md §7
 DEFAULTS = {
@@ -68,6 +69,9 @@ class TrainingData:
     scale: tuple[float, float]
     max_seq: int
     item_attributes: list[dict] | None = None  # per inner item: its metadata
+    # per inner item: its rank by external id compared as text, which orders ratings given at the same
+    # time (protocol §5; None: by inner index)
+    item_tie: np.ndarray | None = None
 
 
 def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
@@ -78,14 +82,23 @@ def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
         r = ratings_io.load_ratings(conn)
         attrs = store.user_attributes(conn)
         item_attrs = store.item_attributes(conn)
+        external = {db_id: ext for ext, db_id in store.id_map(conn, Item).items()}
     if len(r) == 0 or scale is None:
         raise CfbError("no ratings in the database: run `cfb ingest …` first")
     user_ids, u = index_ids(r.user_id)
     item_ids, i = index_ids(r.item_id)
     td = TrainingData(CollabData(u, i, r.rating, len(user_ids), len(item_ids)), user_ids, item_ids, r.timestamp,
                       [attrs.get(int(x)) or {} for x in user_ids], scale, int(r.seq.max()),
-                      [item_attrs.get(int(x)) or {} for x in item_ids])
+                      [item_attrs.get(int(x)) or {} for x in item_ids],
+                      text_ranks([external[int(x)] for x in item_ids]))
     return td, time.perf_counter() - t0
+
+
+def text_ranks(ids: list[str]) -> np.ndarray:
+    """Each of ``ids``' rank when they are sorted as text (ids are distinct)."""
+    ranks = np.empty(len(ids), np.int64)
+    ranks[np.argsort(np.array(ids, dtype=object), kind="stable")] = np.arange(len(ids))
+    return ranks
 
 
 def check_kind_settings(kind: str, params: dict) -> None:
@@ -113,7 +126,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     est = MODELS[kind](y_range=default_y_range(*td.scale), seed=seed, device=device, progress=progress, **hp)
     questionnaire = make_questionnaire(td.data, td.item_ids, td.attributes, scale=td.scale)
     ranker_args = (td.data, td.timestamps, td.attributes, questionnaire.questions,
-                   list(np.searchsorted(td.item_ids, questionnaire.items)), td.scale, seed, device)
+                   list(np.searchsorted(td.item_ids, questionnaire.items)), td.scale, seed, device, td.item_tie)
     side_by_side = ranker_goes_beside(ranker, len(td.data), device, side)
     if side is not None and not side_by_side:  # (a GPU): its memory back now
         side.close()
@@ -201,10 +214,10 @@ def ranker_goes_beside(ranker: bool, n_ratings: int, device: str | None = None,
 
 def fit_ranker(data: CollabData, timestamps: np.ndarray, attributes: list[dict], questions: list,
                inner_asked: list[int], scale: tuple[float, float], seed: int, device: str | None,
-               progress: bool = False) -> FeatureUserModel:
+               item_tie: np.ndarray | None = None, progress: bool = False) -> FeatureUserModel:
     """The cold-start ranker of a version (``FeatureUserModel`` with its default settings)."""
     return FeatureUserModel(seed=seed, device=device, progress=progress).fit(
-        data, timestamps, attributes, questions, inner_asked, scale)
+        data, timestamps, attributes, questions, inner_asked, scale, item_tie=item_tie)
 
 
 def _ranker_arrays_in_child(args: tuple, with_vectors: bool = False) -> tuple[dict[str, np.ndarray], float,
