@@ -848,10 +848,12 @@ def _for_eval(error: CfbError) -> CfbError:
     ingested, and a release without its item file cannot be measured from its ratings alone."""
     import re
 
-    from ..db.layouts import RATINGS_ALONE
+    from ..db.layouts import GENERIC_RATINGS, RATINGS_ALONE
 
     text = re.sub(r"(use|ingest it with) `cfb ingest \w+ ([^`]+)`", r"pass `--data \2`", str(error))
-    return CfbError(text.replace(RATINGS_ALONE, ""))
+    return CfbError(text.replace(RATINGS_ALONE, "").replace(
+        GENERIC_RATINGS, " (a generic ratings file, which `cfb eval` does not measure: it measures MovieLens and "
+                         "goodbooks releases, such as ratings.csv as userId,movieId,rating,timestamp beside a movies.csv)"))
 
 
 DEFAULT_EVAL_DATA = "../shared/data/ml-100k"

@@ -131,6 +131,7 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float], path: Path
 
 
 RATINGS_ALONE = " (for ratings alone: `cfb ingest ratings`)"  # (`cfb eval` leaves it out: it measures releases)
+GENERIC_RATINGS = " (a generic ratings file: `cfb ingest ratings` reads it)"  # (`cfb eval` says what it measures)
 
 
 def _require_item_file(path: Path) -> None:
@@ -197,7 +198,8 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     wanted = [c for c in (user, item, rating, timestamp) if c]
     missing = [c for c in wanted if c not in header]
     if missing:
-        raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}",
+        generic = GENERIC_RATINGS if {"user", "item", "rating"} <= set(header) else ""
+        raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}{generic}",
                          source=str(path), line=1, field=missing[0])
     numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
     lines = lines_before_trailing_blanks(path)

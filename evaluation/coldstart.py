@@ -33,6 +33,7 @@ from .metrics import (Tally, combine_seeds, ndcg_at_k, paired_difference, recall
 
 K = 10
 FIRST_REVEALS = 10  # §5: the fold-in curve reveals up to a user's first ten ratings and scores the rest
+RELEVANT = 4.0  # §4b, §5: a test rating of 4 or more is what a ranking should find
 BASELINES = ("popularity", "positive_popularity", "demographic_popularity")
 METHODS = ("cfb", "average_user", *BASELINES)
 
@@ -85,7 +86,7 @@ def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, av
     model = served.model
     vec, rated = user_vector(conn, served, store.user_id_of(conn, user))
     exclude = np.concatenate([rated, cat.index(exclude_ext)])
-    relevant = set(test.loc[test.rating >= 4, "item"])
+    relevant = set(test.loc[test.rating >= RELEVANT, "item"])
     test_inner = cat.index(test["item"])
     known = (test_inner >= 0) & test["item"].isin(train_items).to_numpy()
     truth = test["rating"].to_numpy(float)[known]
@@ -115,8 +116,7 @@ def run_seed(ds: Dataset, seed: int, budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3
 
 
 def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdir, progress, log) -> dict:  # noqa: ANN001
-    ratings = one_row_per_pair(ds.ratings)  # (as an ingest stores them: a pair given twice is one rating, once
-    ratings = ratings.assign(user=ratings.user.astype(str), item=ratings.item.astype(str))  # in pool or test)
+    ratings = _as_text(ds.ratings)  # (as an ingest stores them: a pair given twice is one rating, once in pool or test)
     users = sorted(ratings.user.unique().tolist())
     user_index = {u: k for k, u in enumerate(users)}
     cold = cold_users(users, seed)
@@ -222,19 +222,54 @@ def untimed(ratings: pd.DataFrame) -> bool:
     return "timestamp" not in ratings or bool(pd.to_numeric(ratings.timestamp, errors="coerce").isna().any())
 
 
+def _as_text(ratings: pd.DataFrame) -> pd.DataFrame:
+    """One row per (user, item), both as text, as the protocol reads them (§1)."""
+    ratings = one_row_per_pair(ratings)
+    return ratings.assign(user=ratings.user.astype(str), item=ratings.item.astype(str))
+
+
+def _seeds_named(seeds: list[int]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
 def no_fold_in_curve(ratings: pd.DataFrame, seeds=(42, 43, 44)) -> str | None:  # noqa: ANN001
     """Why the fold-in curve (§5) cannot be drawn for every one of ``seeds`` (their means would mix
     seeds), said before anything is trained; None: it can. It scores cold users with more than
-    ``FIRST_REVEALS`` ratings, which each seed draws anew (§1)."""
+    ``FIRST_REVEALS`` ratings, which each seed draws anew (§1), and ranks against those rated
+    ``RELEVANT`` or more after the first ``FIRST_REVEALS`` in time order."""
     if untimed(ratings):
         return "its ratings have no time (some or all)"
-    ratings = one_row_per_pair(ratings)
-    counts = ratings.groupby(ratings.user.astype(str)).size()
-    lacking = [seed for seed in seeds if not (counts[sorted(cold_users(list(counts.index), seed))] > FIRST_REVEALS).any()]
-    if lacking:
-        which = "seed" if len(lacking) == 1 else "seeds"
-        return f"no cold user of {which} {', '.join(map(str, lacking))} has more than {FIRST_REVEALS} ratings"
-    return None
+    r = _as_text(ratings).sort_values(["timestamp", "item"], kind="stable")  # (the curve's order)
+    counts = r.groupby("user").size()
+    liked_later = set(r.user[(r.groupby("user").cumcount() >= FIRST_REVEALS) & (r.rating >= RELEVANT)])
+    short, unliked = [], []
+    for seed in seeds:
+        cold = sorted(cold_users(list(counts.index), seed))
+        if not (counts[cold] > FIRST_REVEALS).any():
+            short.append(seed)
+        elif not liked_later.intersection(cold):
+            unliked.append(seed)
+    why = ([f"no cold user of {_seeds_named(short)} has more than {FIRST_REVEALS} ratings"] if short else []) \
+        + ([f"no cold user of {_seeds_named(unliked)} rated an item {RELEVANT:g} or more after their first "
+            f"{FIRST_REVEALS}"] if unliked else [])
+    return "; ".join(why) or None
+
+
+def unrankable_seeds(ratings: pd.DataFrame, seeds=(42, 43, 44)) -> list[int]:  # noqa: ANN001
+    """The ``seeds`` some of whose users are cold (§1) but none with a rating of ``RELEVANT`` or more in
+    their test set (§3): §4b's ranking figures would be empty for them. Known before anything is trained."""
+    r = _as_text(ratings)
+    users = sorted(r.user.unique().tolist())
+    index = {u: k for k, u in enumerate(users)}
+    liked = r[r.rating >= RELEVANT].groupby("user").item.agg(set).to_dict()
+    items = r[r.user.isin(liked)].groupby("user").item.agg(list).to_dict()
+    lacking = []
+    for seed in seeds:
+        cold = cold_users(users, seed)
+        if cold and not any(liked[u].intersection(answer_pool_split(index[u], items[u], seed)[1])
+                            for u in sorted(cold) if u in liked):
+            lacking.append(seed)
+    return lacking
 
 
 def _train_summary(train: dict) -> dict:
@@ -337,6 +372,11 @@ def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_s
                  kind: str = "dot", train_params: dict | None = None, serving: dict | None = None,
                  progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """The protocol for every seed, with the mean over seeds; ``log`` is told each step as it starts."""
+    lacking = unrankable_seeds(ds.ratings, seeds) if budgets else []
+    if lacking:  # (a mean over the others would mix seeds)
+        raise CfbError(f"no cold user of {_seeds_named(lacking)} has a rating of {RELEVANT:g} or more in their test "
+                       f"set (§3): the protocol ranks against those, so its NDCG and recall would be empty (the "
+                       f"data's ratings go from {ds.ratings.rating.min():g} to {ds.ratings.rating.max():g})")
     why = no_fold_in_curve(ds.ratings, seeds) if fold_steps else None
     notes = [f"no fold-in curve (§5), for any seed: {why}"] if why else []
     if why and log:

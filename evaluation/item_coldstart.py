@@ -31,6 +31,13 @@ DAMPING = 10.0
 
 
 # ------------------------------------------------------------------------------------------- split
+def check_some_items_cold(n_items: int) -> None:
+    """§8 needs a tenth of ``n_items`` rated items to make at least one new item."""
+    if n_items // 10 == 0:
+        raise CfbError(f"§8 makes a tenth of the rated items new: the data's {n_items} rated items make none "
+                       "(it needs at least 10)")
+
+
 def cold_items(items: list[str], seed: int) -> set[str]:
     """§8: a tenth of the items (ids as strings, sorted as strings), chosen by ``default_rng(seed)``."""
     items = sorted(str(i) for i in items)
@@ -265,8 +272,8 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     items = sorted(ds.ratings.item.astype(str).unique().tolist())
     cold = cold_items(items, seed) if cold is None else cold
     if not cold:
-        raise CfbError(f"§8 makes a tenth of the rated items new: the data's {len(items)} rated items make none "
-                       "(it needs at least 10)")
+        check_some_items_cold(len(items))
+        raise CfbError("§8: no new items to score")  # (a tuning split of none)
     sp = split_dataset(ds, cold)
     timings = {}
     t0 = time.perf_counter()
@@ -311,6 +318,7 @@ def run_items_protocol(ds: Dataset, seeds=(42, 43, 44), kind: str = "dot", param
     here uses (tuning; the product's retrain chooses its own, which the report names). ``log`` is told
     each seed as it starts."""
     check_metadata_tells_items_apart(ds)
+    check_some_items_cold(ds.ratings.item.astype(str).nunique())  # (before a seed says it trains)
     per_seed = []
     for k, s in enumerate(seeds):
         if log is not None:
@@ -349,7 +357,8 @@ def check_metadata_tells_items_apart(ds: Dataset) -> None:
             return
     raise CfbError("§8 starts new items from their metadata (genres, authors, tags, a year, ...), and this data's "
                    "rated items hold none that tells them apart: every new item would start alike, a random "
-                   "order; `cfb ingest items` can add metadata to a database of your own")
+                   "order (the folder's item file gives it: genres and a year in the titles of movies.dat or "
+                   "movies.csv, tags.csv, or authors, years and tags beside goodbooks' books.csv)")
 
 
 def table(block: dict) -> list[str]:

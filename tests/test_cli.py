@@ -366,6 +366,19 @@ def test_a_batch_of_one_rating_is_refused_for_the_nn_model(runner, cli_db):
     assert len(json.loads(run(runner, cli_db, "models", "--json").stdout)) == 1
 
 
+def test_a_generic_ratings_file_in_a_release_folder_says_what_reads_it(runner, tmp_path):
+    """A folder holding only a `user,item,rating,timestamp` ratings.csv is taken for a MovieLens CSV
+    release by its name: `cfb ingest movielens` names the command that reads it, `cfb eval` what it measures."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write(folder / "ratings.csv", "user,item,rating,timestamp\n1,2,4,5\n")
+    res = run(runner, f"sqlite:///{tmp_path / 'x.db'}", "ingest", "movielens", str(folder))
+    assert res.exit_code == 1 and res.output.strip().endswith("(a generic ratings file: `cfb ingest ratings` reads it)")
+    res = runner.invoke(cli, ["eval", "cold-start", "--data", str(folder), "--quiet"])
+    assert res.exit_code == 1 and "which `cfb eval` does not measure: it measures MovieLens and goodbooks" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_bad_ingest_file_exits_nonzero(runner, tmp_path):
     bad = write(tmp_path / "bad.csv", "user,item,rating\n1,2,x\n")
     res = run(runner, f"sqlite:///{tmp_path / 'x.db'}", "ingest", "ratings", str(bad))

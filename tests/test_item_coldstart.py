@@ -285,8 +285,10 @@ def test_data_whose_items_hold_no_usable_metadata_is_refused_before_training(mon
     ds = planted_ratings(n_users=40, n_items=40)
     for attributes in ({}, {"genres": []}, {"genres": [], "title_words": "one two"}):
         ds.items["attributes"] = [dict(attributes) for _ in ds.items.item]
-        with pytest.raises(CfbError, match="this data's rated items hold none that tells them apart"):
+        with pytest.raises(CfbError, match="this data's rated items hold none that tells them apart") as caught:
             run_items_protocol(ds, seeds=(42,))
+        assert "cfb ingest items" not in str(caught.value)  # (eval reads release folders, not a database)
+        assert "movies.csv" in str(caught.value)  # (what the folder needs)
     ds.items["attributes"] = [{"genres": ["A" if i.startswith("a") else "B"]} for i in ds.items.item]
     check_metadata_tells_items_apart(ds)  # (genres that differ: measured)
 

@@ -225,6 +225,25 @@ def test_a_fold_in_curve_only_some_seeds_can_draw_is_drawn_for_none_and_says_whi
     assert out["notes"] == ["no fold-in curve (§5), for any seed: no cold user of seed 42 has more than 10 ratings"]
 
 
+@pytest.mark.parametrize("seeds", [(42,), (43, 42)])
+def test_data_with_no_liked_test_item_for_a_seed_is_refused_before_training(planted, seeds):
+    """The ranking figures score each cold user's test ratings of 4 or more: with none for a seed (data of
+    1s, or of 1..3), the report was a table of dashes with no word why, or a mean that mixed the seeds
+    that had some with those that had none. Refused in one line before training, naming the seed."""
+    from cfb.cf_core.errors import CfbError
+    from cfb.evaluation.coldstart import no_fold_in_curve, run_protocol, unrankable_seeds
+
+    users = sorted(planted.ratings.user.astype(str).unique())
+    keeper = next(u for u in sorted(cold_users(users, 43)) if u not in cold_users(users, 42))
+    r = planted.ratings
+    capped = r.assign(rating=np.where(r.user.astype(str) == keeper, r.rating, np.minimum(r.rating, 3.0)))
+    data = Dataset(capped, planted.items, planted.users, planted.scale, planted.name, step=planted.step)
+    assert unrankable_seeds(capped, (43,)) == [] and unrankable_seeds(capped, seeds) == [42]
+    with pytest.raises(CfbError, match=r"^no cold user of seed 42 has a rating of 4 or more in their test set"):
+        run_protocol(data, seeds=seeds, budgets=(0,), fold_steps=(0, 1))
+    assert no_fold_in_curve(capped, seeds) == "no cold user of seed 42 rated an item 4 or more after their first 10"
+
+
 def test_too_little_data_for_the_protocol_says_so():
     """Four users make no new user (a fifth, rounded down), nine items no new item: one line each, not a
     division by zero after training."""
@@ -238,8 +257,10 @@ def test_too_little_data_for_the_protocol_says_so():
         run_protocol(planted_ratings(n_users=4, n_items=20), seeds=(42,))
     few_items = planted_ratings(n_users=20, n_items=8)
     few_items.items["attributes"] = [{"year": 1990 + k} for k in range(8)]  # (metadata that tells them apart)
+    said = []
     with pytest.raises(CfbError, match=r"the data's 8 rated items make none \(it needs at least 10\)$"):
-        run_items_protocol(few_items, seeds=(42,))
+        run_items_protocol(few_items, seeds=(42,), log=said.append)
+    assert said == []  # (refused before a seed says it trains)
 
 
 def test_rankings_break_ties_by_item_id_as_a_string(trained):
