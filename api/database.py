@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 from .cf_core.errors import CfbError, InputError, check_whole
@@ -408,9 +409,12 @@ class Database:
             out = pca(conn, n)
         if plot is not None:
             try:
-                plot_pca(out, Path(plot))
+                missing = plot_pca(out, Path(plot))
             except OSError as e:
                 raise InputError(f"cannot write {plot}: {e.strerror or e}") from None
+            if missing:  # (as `cfb inspect pca --plot` notes it)
+                warnings.warn(f"the plot's font has no glyph for {len(missing)} character(s) of its labels "
+                              f"(drawn as boxes): {missing[:20]}", stacklevel=2)
         return pd.DataFrame(out["items"])
 
     # --- serving ------------------------------------------------------------------------------------

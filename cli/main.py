@@ -584,8 +584,10 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 
     with ctx.engine.connect() as conn:
         out = biases(conn, n, min_ratings)
-    text = "\n".join(["lowest bias:"] + [f"  {r['score']:+.3f}  {named(r)}" for r in out["lowest"]]
-                     + ["highest bias:"] + [f"  {r['score']:+.3f}  {named(r)}" for r in out["highest"]])
+    def line(r: dict) -> str:
+        return f"  {r['score']:+.3f}  {named(r)}  ({r['ratings']:,} ratings)"
+
+    text = "\n".join(["lowest bias:"] + [line(r) for r in out["lowest"]] + ["highest bias:"] + [line(r) for r in out["highest"]])
     emit(out, as_json, text)
 
 

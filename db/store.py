@@ -3,6 +3,7 @@ the ratings table in bulk is ``ratings_io``'s."""
 from __future__ import annotations
 
 import sqlite3
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -441,12 +442,14 @@ def item_title_list(conn: Connection) -> list[str]:
 
 def title_forms(query: str) -> list[str]:
     """``query`` and, where they differ, its Unicode composed (NFC) and decomposed (NFD) forms: the ways a
-    title that looks the same may be typed (macOS writes NFD), in the order to look them up."""
-    import unicodedata
-
-    forms = [query] if query.isascii() else [query, unicodedata.normalize("NFC", query),
-                                              unicodedata.normalize("NFD", query)]
+    title that looks the same may be typed (macOS writes NFD); an item titled in any of them is titled so."""
+    forms = [query] if query.isascii() else [query, composed(query), unicodedata.normalize("NFD", query)]
     return list(dict.fromkeys(forms))
+
+
+def composed(text: str) -> str:
+    """``text`` in Unicode's composed form (NFC): two texts that look the same compare equal."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
 def items_by_title(conn: Connection) -> dict[str, list[str]]:

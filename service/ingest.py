@@ -334,11 +334,15 @@ def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: RowLi
         new -= set(store.id_map(conn, Item))
     if not new:
         return
-    titled = {t: ids for t, ids in store.items_by_title(conn).items() if t in new}
+    wanted = {store.composed(x) for x in new}  # (a title typed composed or decomposed is the same title)
+    titled: dict[str, list[str]] = {}
+    for t, ids in store.items_by_title(conn).items():
+        if store.composed(t) in wanted:
+            titled[store.composed(t)] = sorted(titled.get(store.composed(t), []) + ids)
     if titled:
-        hit = next(k for k, x in enumerate(names) if x in titled)
+        hit = next(k for k, x in enumerate(names) if x in new and store.composed(x) in titled)
         pos, name = int(np.argmax(codes == used[hit])), names[hit]
-        raise InputError(f"{name!r} is the title of {_items_named(titled[name])}, not an item id "
+        raise InputError(f"{name!r} is the title of {_items_named(titled[store.composed(name)])}, not an item id "
                          "(ratings name items by id)", source=source,
                          line=row_line(first_line, pos), field=field)
 

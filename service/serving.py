@@ -118,15 +118,13 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
     hit = conn.scalar(select(Item.id).where(Item.external_id == query)) if store.can_exist(query) else None
     if hit is not None or "\x00" in query:
         return hit
-    hits = []
-    for title in store.title_forms(query):  # (the same title typed composed or decomposed)
-        hits = conn.execute(select(Item.id, Item.external_id).where(Item.title == title)).all()
-        if hits:
-            break
+    hits = {}  # (the same title typed composed or decomposed: every item it names, in either form)
+    for title in store.title_forms(query):
+        hits.update(conn.execute(select(Item.id, Item.external_id).where(Item.title == title)).all())
     if len(hits) > 1:
-        ids = sorted(ext for _, ext in hits)
+        ids = sorted(hits.values())
         raise argument_error(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id", "item")
-    return hits[0][0] if hits else None
+    return next(iter(hits)) if hits else None
 
 
 def find_item(conn: Connection, query: str) -> int:

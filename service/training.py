@@ -113,6 +113,9 @@ def check_kind_settings(kind: str, params: dict) -> None:
 def rating_params(kind: str, n_train: int, params: dict) -> dict:
     """The rating model's settings: scaled defaults, overridden by the given ones (None: default)."""
     check_kind_settings(kind, params)
+    if kind == "nn" and n_train < 2:  # (a batch of one, whatever --bs: see ``check_kind_settings``)
+        raise InputError(f"the nn model needs at least 2 ratings to train on (its BatchNorm), and there "
+                         f"{'is' if n_train == 1 else 'are'} {n_train}")
     return {**scaled_defaults(DEFAULTS[kind], n_train, 3), **{k: v for k, v in params.items() if v is not None}}
 
 

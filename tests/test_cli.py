@@ -352,6 +352,19 @@ def test_a_title_is_found_typed_composed_or_decomposed(runner, cli_db, tmp_path)
         answers = write(tmp_path / "q.json", json.dumps({"user": f"u-{item}", "ratings": {typed: 5}}))
         res = run(runner, cli_db, "onboard", "--answers", str(answers))
         assert res.exit_code == 0, res.output
+    # a ratings file naming an item by its title, either form, is refused, not made a second item
+    for typed in (nfc, unicodedata.normalize("NFD", nfc)):
+        res = run(runner, cli_db, "ingest", "ratings", str(write(tmp_path / "r.csv", f'user,item,rating\na0,"{typed}",4\n')))
+        assert res.exit_code == 1 and "is the title of item 'a1', not an item id" in res.output, res.output
+    # two items whose titles differ only in form are one title: ambiguous, whichever form is typed
+    both = write(tmp_path / "b.csv", f'item,title\na5,"{unicodedata.normalize("NFD", nfc)}"\n')
+    assert run(runner, cli_db, "ingest", "items", str(both)).exit_code == 0
+    for typed in (nfc, unicodedata.normalize("NFD", nfc)):
+        res = run(runner, cli_db, "similar", typed)
+        assert res.exit_code == 1 and "2 items are titled" in res.output and "(a1, a5)" in res.output, res.output
+        answers = write(tmp_path / "q.json", json.dumps({"ratings": {typed: 5}}))
+        res = run(runner, cli_db, "onboard", "--answers", str(answers))
+        assert res.exit_code == 1 and "ambiguous title (items a1, a5)" in res.output, res.output
 
 
 def test_a_batch_of_one_rating_is_refused_for_the_nn_model(runner, cli_db):
@@ -364,6 +377,16 @@ def test_a_batch_of_one_rating_is_refused_for_the_nn_model(runner, cli_db):
     with pytest.raises(cfb.InputError, match="at least 2 with the nn model"):
         cfb.open(cli_db).retrain(full=True, kind="nn", bs=1, progress=False)
     assert len(json.loads(run(runner, cli_db, "models", "--json").stdout)) == 1
+
+
+def test_one_rating_to_train_on_is_refused_for_the_nn_model(runner, tmp_path):
+    """With one training rating there is no batch to merge a batch of one into."""
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    assert run(runner, url, "ingest", "ratings", str(write(tmp_path / "one.csv", "user,item,rating\n1,2,4\n")),
+               "--scale", "1,5").exit_code == 0
+    res = run(runner, url, "retrain", "--full", "--model", "nn", "--valid-pct", "0")
+    assert res.exit_code == 1 and res.output.strip() == (
+        "Error: the nn model needs at least 2 ratings to train on (its BatchNorm), and there is 1"), res.output
 
 
 def test_a_generic_ratings_file_in_a_release_folder_says_what_reads_it(runner, tmp_path):

@@ -809,6 +809,18 @@ def test_a_plot_name_is_quoted_as_given(trained, db_url, tmp_path):
     assert res.exit_code in (1, 2) and "'.'" not in res.output, res.output
     res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "5", "--plot", str(tmp_path / ".png")])
     assert res.exit_code == 0 and (tmp_path / ".png").exists(), res.output  # (a name that ends in .png)
+    # a title the font cannot draw: one note from the CLI (stderr), one warning from Python
+    import cfb
+
+    csv = tmp_path / "cjk.csv"
+    csv.write_text("item,title\na1,東京物語\n", encoding="utf-8")
+    assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "items", str(csv)]).exit_code == 0
+    res = CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "40", "--plot", str(tmp_path / "m.png"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["plot"] == str(tmp_path / "m.png")
+    assert res.stderr.strip().splitlines() == ["note: the plot's font has no glyph for 4 character(s) of its labels "
+                                               "(drawn as boxes): " + "".join(sorted("東京物語"))]
+    with pytest.warns(UserWarning, match="no glyph for 4 character"):
+        cfb.open(db_url).pca(n=40, plot=tmp_path / "p.png")
 
 
 def test_python_api(trained, db_url, tmp_path):

@@ -120,21 +120,6 @@ def test_batch_formats_and_generated_ids(trained, tmp_path):
     assert len(onboard(engine, read_answers_file(write(tmp_path / "q.json", listed)))["onboarded"]) == 2
 
 
-def test_generated_ids_count_users_not_row_ids(trained):
-    """A gap in the users' row ids (what a killed write leaves on PostgreSQL, whose sequences are not
-    rolled back) changes no generated id: onboard and the HTTP sign-up both count the users."""
-    from sqlalchemy import insert
-
-    from cfb.service.signup import signup_one
-
-    engine, _ = trained
-    with engine.begin() as conn:
-        conn.execute(insert(User).values(id=5000, external_id="late", attributes={}))
-    out = onboard(engine, [("e", {"answers": {"gender": "F"}})])
-    assert [u["user"] for u in out["onboarded"]] == ["new-62"]  # (60 planted users, "late", then this one)
-    assert signup_one(engine, {"answers": {"gender": "M"}})["onboarded"][0]["user"] == "new-63"
-
-
 def test_json_lines_break_at_newlines_alone(trained, tmp_path):
     """A JSON string may hold U+2028 or U+0085 as they are (JSON escapes neither): a JSON Lines entry
     holding one stays one entry (str.splitlines broke it in two, refused as invalid JSON)."""
