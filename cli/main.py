@@ -363,12 +363,14 @@ def ingest_users(ctx: Ctx, file: Path, user_col: str, quiet: bool, as_json: bool
 
 
 # --- data ---------------------------------------------------------------------------------------
-def download_bar(name: str, quiet: bool):  # -> (total bytes or None) -> click progress bar
-    """The ``progress`` of ``cfb.db.download.download``: a bar on stderr, hidden by ``quiet`` (or an unknown size)."""
+def download_bar(name: str, quiet: bool):  # -> (total bytes or None) -> click progress bar, or None
+    """The ``progress`` of ``cfb.db.download.download``: a bar on stderr (hidden for an unknown size);
+    None with ``quiet``, so that the download says nothing (not even that it waits for another)."""
+    if quiet:
+        return None
 
     def bar(total: int | None):
-        return click.progressbar(length=total or 0, label=f"downloading {name}", file=sys.stderr,
-                                 hidden=quiet or not total)
+        return click.progressbar(length=total or 0, label=f"downloading {name}", file=sys.stderr, hidden=not total)
 
     return bar
 

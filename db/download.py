@@ -8,7 +8,7 @@ finds the copy; a copy already there is used without writing anything.
 
 Checksums: GroupLens publishes an MD5 beside each zip (``ml-25m.zip.md5``). The MD5s of the releases
 that never change (100k, 1M, 10M, 25M) are pinned here; for 32M and latest-small the ``.md5`` file is
-fetched beside the archive (latest-small is regenerated from time to time). goodbooks-10k has no
+fetched from beside the archive before it (latest-small is regenerated from time to time). goodbooks-10k has no
 published checksum: pass ``sha256`` to check it, else its SHA-256 is only recorded. Each copy's
 address, MD5, SHA-256 and how it was verified are written to ``.cfb-download.json`` in its folder.
 """
@@ -88,7 +88,7 @@ def _one_download_at_a_time(base: Path, name: str, progress=None):  # noqa: ANN0
     try:
         fd = os.open(base / f".{name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)  # (flock needs no write access)
     except OSError as e:
-        raise _cannot(f"download {name}", base, e.strerror or e) from None
+        raise _cannot(f"download {name}", base, e) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,10 +111,21 @@ def _one_line(reason) -> str:  # noqa: ANN001
     return " ".join(str(reason).split())
 
 
-def _cannot(doing: str, base: Path, reason) -> CfbError:  # noqa: ANN001
-    """The one-line error for a local write that failed (a full disk, a read-only folder)."""
-    return CfbError(f"cannot {doing} into {base} ({_one_line(reason)}): free some space, or set CFB_HOME to "
-                    "another folder")
+def _cannot(doing: str, base: Path, error: OSError | str) -> CfbError:
+    """The one-line error for a local write that failed, with the advice its cause calls for: a full
+    disk (free some space), a folder that cannot be written (another CFB_HOME), or, unpacking, an
+    archive whose entries cannot be laid out (a file where its folder should be: a malformed archive)."""
+    import errno
+
+    code = error.errno if isinstance(error, OSError) else None
+    reason = _one_line(error.strerror or error) if isinstance(error, OSError) else _one_line(error)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        advice = "free some space, or set CFB_HOME to another folder"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or not doing.startswith("unpack"):
+        advice = "set CFB_HOME to a folder you can write"
+    else:
+        advice = "the archive's entries cannot be laid out as files (a malformed archive)"
+    return CfbError(f"cannot {doing} into {base} ({reason}): {advice}")
 
 
 def _fetch(url: str, out, timeout: float, progress, hashes) -> tuple[int, int | None]:  # noqa: ANN001
@@ -129,7 +140,7 @@ def _fetch(url: str, out, timeout: float, progress, hashes) -> tuple[int, int | 
                 try:
                     out.write(chunk)
                 except OSError as e:
-                    raise _WriteError(e.strerror or e) from None
+                    raise _WriteError(e) from None
                 for h in hashes:
                     h.update(chunk)
                 got += len(chunk)
@@ -154,19 +165,30 @@ def _published_md5(url: str, timeout: float) -> str:
     return m.group(0).lower()
 
 
-def _verify(name: str, md5: str, sha256: str, expected_sha256: str | None, timeout: float) -> str:
+def _published_checksum(name: str, expected_sha256: str | None, timeout: float) -> str | None:
+    """The MD5 published beside the archive, where the dataset has one (``url:`` in ``CHECKSUMS``):
+    fetched before the archive, so that a checksum that cannot be had costs no download. Without it
+    (and without ``expected_sha256``, which verifies the archive alone) the download is refused."""
+    pin = CHECKSUMS.get(name)
+    if not (pin and pin.startswith("url:")):
+        return None
+    try:
+        return _published_md5(pin[4:], timeout)
+    except _NoChecksum as e:
+        if expected_sha256:
+            return None
+        raise CfbError(f"{e}; pass the archive's SHA-256 (--sha256) to verify it instead") from None
+
+
+def _verify(name: str, md5: str, sha256: str, expected_sha256: str | None, published_md5: str | None) -> str:
     """Check the archive's digests; returns how it was verified."""
     checks = []
     if expected_sha256:
         checks.append(("sha256", expected_sha256.lower(), sha256, "the given SHA-256"))
     pin = CHECKSUMS.get(name)
     if pin and pin.startswith("url:"):
-        url = pin[4:]
-        try:
-            checks.append(("md5", _published_md5(url, timeout), md5, url))
-        except _NoChecksum as e:
-            if not expected_sha256:  # (with the SHA-256 given, it verifies the archive alone)
-                raise CfbError(f"{e}; pass the archive's SHA-256 (--sha256) to verify it instead") from None
+        if published_md5 is not None:
+            checks.append(("md5", published_md5, md5, pin[4:]))
     elif pin:
         kind, value = pin.split(":", 1)
         checks.append((kind, value, md5 if kind == "md5" else sha256, f"the pinned {kind.upper()}"))
@@ -215,6 +237,9 @@ def _cached_copy(root: Path, name: str, sha256: str | None) -> Path | None:
         if any(root.iterdir()):  # not a copy cfb completed: the user's files, never deleted here
             raise CfbError(f"{root} exists and does not hold {name}: move it away, or ingest it with "
                            f"`cfb ingest {INGEST[name]} {root}`")
+        if root.is_symlink():  # (a dataset put on another disk: the copy is renamed into place, not into it)
+            raise CfbError(f"{root} is a link to an empty folder ({root.resolve()}): remove the link to download "
+                           f"{name} here, or download it with CFB_HOME on that disk")
         root.rmdir()
         return None
     if sha256 is not None:
@@ -234,6 +259,7 @@ def _download_unlocked(name: str, base: Path, root: Path, timeout: float, progre
     """Fetch, verify, unpack and rename into place (the caller holds the dataset's lock)."""
     url, inner, marker = SOURCES[name]
     _clear_leftovers(base, name)
+    published_md5 = _published_checksum(name, sha256, timeout)
     part = base / f"{name}.zip.part"
     tmp = base / f".{name}.{os.getpid()}.tmp"  # (unique while the lock is held; made as the umask allows)
     try:
@@ -241,7 +267,7 @@ def _download_unlocked(name: str, base: Path, root: Path, timeout: float, progre
         try:
             out = open(part, "wb")
         except OSError as e:
-            raise _cannot(f"write the download of {name}", base, e.strerror or e) from None
+            raise _cannot(f"write the download of {name}", base, e) from None
         try:
             with out:
                 try:
@@ -252,12 +278,12 @@ def _download_unlocked(name: str, base: Path, root: Path, timeout: float, progre
                     raise CfbError(f"could not download {name} from {url} ({_one_line(getattr(e, 'reason', e))}); "
                                    f"if you have the files, use `cfb ingest {INGEST[name]} PATH`") from None
         except _WriteError as e:
-            raise _cannot(f"write the download of {name}", base, e) from None
+            raise _cannot(f"write the download of {name}", base, e.args[0]) from None
         except OSError as e:  # (closing the file: its last bytes could not be written)
-            raise _cannot(f"write the download of {name}", base, e.strerror or e) from None
+            raise _cannot(f"write the download of {name}", base, e) from None
         if total is not None and got != total:
             raise CfbError(f"download of {name} from {url} stopped after {got} of {total} bytes; try again")
-        verified = _verify(name, md5.hexdigest(), sha.hexdigest(), sha256, timeout)
+        verified = _verify(name, md5.hexdigest(), sha.hexdigest(), sha256, published_md5)
         try:
             tmp.mkdir()
             with zipfile.ZipFile(part) as z:
@@ -268,10 +294,11 @@ def _download_unlocked(name: str, base: Path, root: Path, timeout: float, progre
             (found / STAMP).write_text(json.dumps({"dataset": name, "url": url, "bytes": got, "md5": md5.hexdigest(),
                                                    "sha256": sha.hexdigest(), "verified_by": verified}, indent=1))
             os.replace(tmp, root)  # atomic: the folder appears complete or not at all
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+            # (RuntimeError: zipfile's word for an encrypted member, which needs a password)
             raise CfbError(f"{url} is not a valid zip archive ({_one_line(e)})") from None
         except OSError as e:
-            raise _cannot(f"unpack {name}", base, e.strerror or e) from None
+            raise _cannot(f"unpack {name}", base, e) from None
         return root / found.relative_to(tmp)
     finally:
         part.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import urllib.error
 import zipfile
@@ -1255,6 +1256,59 @@ def test_download_problems_are_one_line_errors_that_leave_nothing(tmp_path, fake
     with pytest.raises(CfbError, match=r"movielens-test exists and is not a folder: move it away"):
         download.download("movielens-test", cache=cache)
     assert (cache / "movielens-test").read_text() == "mine"
+
+
+def test_download_reviewed_edges(tmp_path, fake_source, monkeypatch):
+    """A download review's five findings: a published checksum that cannot be fetched costs no download
+    (the archive came whole, then was thrown away); an encrypted member is one line (a traceback); a
+    file where the archive needs a folder is a malformed archive and a read-only folder wants another
+    CFB_HOME (both said "free some space"); a link to an empty folder is named (a bare "Not a
+    directory"); `--quiet` says nothing while it waits for another download."""
+    import errno
+
+    from cfb.cf_core.errors import CfbError
+    from cfb.cli.main import download_bar
+
+    download, archive = fake_source
+    cache = tmp_path / "cache"
+    fetched = []
+    real_urlopen = download.urllib.request.urlopen
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, **k: fetched.append(url) or real_urlopen(url, **k))
+    monkeypatch.setitem(download.CHECKSUMS, "movielens-test", f"url:{(tmp_path / 'no.md5').as_uri()}")
+    with pytest.raises(CfbError, match=r"could not fetch the checksum .*; pass the archive's SHA-256 \(--sha256\)"):
+        download.download("movielens-test", cache=cache)
+    assert fetched == [(tmp_path / "no.md5").as_uri()] and leftovers(cache) == []  # (the archive never asked for)
+    monkeypatch.setitem(download.CHECKSUMS, "movielens-test", None)
+
+    locked = tmp_path / "locked.zip"
+    raw = bytearray(archive.read_bytes())  # the "encrypted" flag set on every member, local and central
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        for m in re.finditer(re.escape(sig), bytes(raw)):
+            raw[m.start() + at] |= 1
+    locked.write_bytes(bytes(raw))
+    monkeypatch.setitem(download.SOURCES, "movielens-test", (locked.as_uri(), "ml-test", "ratings.csv"))
+    with pytest.raises(CfbError, match=r"locked\.zip is not a valid zip archive \(.*encrypted") as e:
+        download.download("movielens-test", cache=cache)
+    assert "\n" not in str(e.value) and leftovers(cache) == []
+    monkeypatch.setitem(download.SOURCES, "movielens-test", (archive.as_uri(), "ml-test", "ratings.csv"))
+
+    for code, said in ((errno.ENOTDIR, r"the archive.s entries cannot be laid out as files \(a malformed archive\)"),
+                       (errno.EROFS, "set CFB_HOME to a folder you can write"), (errno.ENOSPC, "free some space")):
+        def fails(*args, code=code, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise OSError(code, os.strerror(code))
+
+        with monkeypatch.context() as m:
+            m.setattr(zipfile.ZipFile, "extractall", fails)
+            with pytest.raises(CfbError, match=rf"^cannot unpack movielens-test into .*: {said}"):
+                download.download("movielens-test", cache=cache)
+        assert leftovers(cache) == []
+
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    (cache / "movielens-test").symlink_to(elsewhere)
+    with pytest.raises(CfbError, match=r"movielens-test is a link to an empty folder .*other-disk.*: remove the link"):
+        download.download("movielens-test", cache=cache)
+    assert download_bar("movielens-test", quiet=True) is None and callable(download_bar("movielens-test", quiet=False))
 
 
 def test_download_in_a_folder_it_cannot_write(tmp_path, fake_source, monkeypatch):
