@@ -188,6 +188,7 @@ def biases(conn: Connection, n: int = 10, min_ratings: int = 1) -> dict:
     b[model.item_counts < min_ratings] = np.nan
     ok = np.flatnonzero(~np.isnan(b))
     order = ok[np.argsort(b[ok], kind="stable")]
+
     def out(rows: np.ndarray) -> list[dict]:
         return [dict(r, ratings=int(model.item_counts[k])) for r, k in zip(_items_out(conn, served, rows, b[rows]), rows)]
 
