@@ -414,7 +414,7 @@ class Database:
                 raise InputError(f"cannot write {plot}: {e.strerror or e}") from None
             if missing:  # (as `cfb inspect pca --plot` notes it)
                 warnings.warn(f"the plot's font has no glyph for {len(missing)} character(s) of its labels "
-                              f"(drawn as boxes): {missing[:20]}", stacklevel=2)
+                              f"(drawn as boxes): {missing[:20]}", stacklevel=3)  # (the caller's line: a wrapper between)
         return pd.DataFrame(out["items"])
 
     # --- serving ------------------------------------------------------------------------------------

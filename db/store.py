@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, inspect, select, text
+from sqlalchemy import Connection, Engine, bindparam, func, inspect, select, text
 
 from ..cf_core.errors import CfbError, InputError, NotReadyError, UnknownIdError
 from .engine import EMPTY_DATABASE, lock_writers, writing
@@ -328,8 +328,19 @@ def ensure_ids(conn: Connection, table, external_ids, extra: dict[str, list] | N
     if bad is not None:
         check_id(external_ids[bad], table.__tablename__[:-1])
     if extra:
-        rows = [{"external_id": e, **{k: v[i] for k, v in extra.items()}} for i, e in enumerate(external_ids)]
-        _upsert(conn, table.__table__, rows, ["external_id"], list(update_cols))
+        # an id given twice: its last row (numbered where it first came); stored ids are updated and new
+        # ones inserted, not upserted: PostgreSQL draws a row id for every row an upsert tries, so a
+        # re-ingest of every user would move the next row id (and the N of ``new-N``) past them all
+        rows = {e: {"external_id": e, **{k: v[i] for k, v in extra.items()}} for i, e in enumerate(external_ids)}
+        known = id_map(conn, table)
+        _upsert(conn, table.__table__, [r for e, r in rows.items() if e not in known], ["external_id"], [])
+        stored = [r for e, r in rows.items() if e in known]
+        if stored and update_cols:
+            t = table.__table__
+            stmt = t.update().where(t.c.external_id == bindparam("_eid")).values({c: bindparam(c) for c in update_cols})
+            for start in range(0, len(stored), CHUNK):
+                conn.execute(stmt, [{"_eid": r["external_id"], **{c: r[c] for c in update_cols}}
+                                    for r in stored[start:start + CHUNK]])
     else:
         known = id_map(conn, table)
         # numbered in the order given (a release's order of first appearance, not the ids' text order):
@@ -450,6 +461,15 @@ def title_forms(query: str) -> list[str]:
 def composed(text: str) -> str:
     """``text`` in Unicode's composed form (NFC): two texts that look the same compare equal."""
     return text if text.isascii() else unicodedata.normalize("NFC", text)
+
+
+def items_by_composed_title(conn: Connection) -> dict[str, list[str]]:
+    """``items_by_title`` keyed by each title's composed form (``composed``): the items a text names
+    as a title, whichever Unicode form either was written in."""
+    out: dict[str, list[str]] = {}
+    for title, ids in items_by_title(conn).items():
+        out[composed(title)] = sorted(out.get(composed(title), []) + ids)
+    return out
 
 
 def items_by_title(conn: Connection) -> dict[str, list[str]]:

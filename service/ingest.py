@@ -136,7 +136,7 @@ TITLES_MAY_DIFFER = 0.05  # the share of shared ids whose titles may differ (cor
 
 
 def _title_key(title: str) -> str:
-    return " ".join(title.split()).casefold()
+    return " ".join(store.composed(title).split()).casefold()
 
 
 def claim_users(conn, ds: Dataset, note: bool = True) -> None:  # noqa: ANN001
@@ -291,15 +291,17 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     refuse_nul_text(items["title"], lines, "title", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
     new = [k for k, ext in enumerate(ids) if ext not in stored and not ext.isdigit()]
-    titled = store.items_by_title(conn) if new and stored else {}  # (read only where a new id could be a title)
+    titled = store.items_by_composed_title(conn) if new and stored else {}  # (only where a new id could be a title)
     for k in new:  # (as ratings are refused: lookups by id or title would find this one)
         ext = ids[k]
-        if ext in titled:
-            raise InputError(f"{ext!r} is the title of {_items_named(titled[ext])}: a new item's id cannot be "
-                             "another item's title", source=source, line=lines[k], field="item")
+        if store.composed(ext) in titled:
+            raise InputError(f"{ext!r} is the title of {_items_named(titled[store.composed(ext)])}: a new item's id "
+                             "cannot be another item's title", source=source, line=lines[k], field="item")
     attrs = conform_attributes(Item, ids, list(items["attributes"]), lines,
                                {ext: a for ext, (_, a) in stored.items()}, source)
-    new_titles = [t if isinstance(t, str) and t else stored.get(e, (None,))[0] for e, t in zip(ids, items["title"])]
+    # a title is stored composed (NFC: it looks the same), so that a lookup in any form finds it
+    new_titles = [store.composed(t) if isinstance(t, str) and t else stored.get(e, (None,))[0]
+                  for e, t in zip(ids, items["title"])]
     store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
     given = dict(zip(ids, zip(new_titles, attrs)))  # (an id given twice: its last row, as written)
     existed = [e for e in given if e in stored]
@@ -335,10 +337,7 @@ def refuse_titles_as_ids(conn, items, given: set, source: str, first_line: RowLi
     if not new:
         return
     wanted = {store.composed(x) for x in new}  # (a title typed composed or decomposed is the same title)
-    titled: dict[str, list[str]] = {}
-    for t, ids in store.items_by_title(conn).items():
-        if store.composed(t) in wanted:
-            titled[store.composed(t)] = sorted(titled.get(store.composed(t), []) + ids)
+    titled = {t: ids for t, ids in store.items_by_composed_title(conn).items() if t in wanted}
     if titled:
         hit = next(k for k, x in enumerate(names) if x in new and store.composed(x) in titled)
         pos, name = int(np.argmax(codes == used[hit])), names[hit]

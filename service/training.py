@@ -363,8 +363,10 @@ def validate(td: TrainingData, kind: str, params: dict, valid_pct: float, seed: 
     """Protocol §7: train the rating model on a random (1 - ``valid_pct``) of the ratings and report
     the validation MSE/RMSE on the rest. A measurement only: the served model learns from every rating."""
     train_idx, valid_idx = valid_split(len(td.data), valid_pct, VALID_SEED)
-    if len(valid_idx) == 0 or len(train_idx) == 0:  # a share that holds out none, or leaves none: nothing to measure
-        what = "holds out none to measure" if len(valid_idx) == 0 else "leaves none to train on"
+    fewest = 2 if kind == "nn" else 1  # (the nn model's BatchNorm: ``rating_params``)
+    if len(valid_idx) == 0 or len(train_idx) < fewest:  # a share that holds out none, or leaves too few: nothing to measure
+        what = ("holds out none to measure" if len(valid_idx) == 0 else
+                "leaves none to train on" if len(train_idx) == 0 else "leaves the nn model 1 rating to train on")
         return {"valid_pct": valid_pct, "n_valid": len(valid_idx), "valid_mse": None, "valid_rmse": None,
                 "valid_note": f"{len(td.data)} ratings: a {valid_pct:g} share {what}"}
     train, valid = td.data.subset(train_idx), td.data.subset(valid_idx)

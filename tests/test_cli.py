@@ -356,6 +356,16 @@ def test_a_title_is_found_typed_composed_or_decomposed(runner, cli_db, tmp_path)
     for typed in (nfc, unicodedata.normalize("NFD", nfc)):
         res = run(runner, cli_db, "ingest", "ratings", str(write(tmp_path / "r.csv", f'user,item,rating\na0,"{typed}",4\n')))
         assert res.exit_code == 1 and "is the title of item 'a1', not an item id" in res.output, res.output
+    # a title in neither form (the angstrom sign, a mix of both) is stored composed, found in any form
+    odd = "\u212b ngstro\u0308m, Ame\u0301lie Poul\u00e9n"
+    assert run(runner, cli_db, "ingest", "items", str(write(tmp_path / "o.csv", f'item,title\na7,"{odd}"\n'))).exit_code == 0
+    for typed in (odd, unicodedata.normalize("NFC", odd), unicodedata.normalize("NFD", odd)):
+        res = run(runner, cli_db, "similar", typed, "--json")
+        assert res.exit_code == 0 and json.loads(res.stdout)["item"] == "a7", res.output
+    # a new item whose id is another item's title in the other form is refused, as in a ratings file
+    res = run(runner, cli_db, "ingest", "items",
+              str(write(tmp_path / "n.csv", f'item,title\n"{unicodedata.normalize("NFD", nfc)}",Other\n')))
+    assert res.exit_code == 1 and "is the title of item 'a1': a new item's id cannot be another item's title" in res.output
     # two items whose titles differ only in form are one title: ambiguous, whichever form is typed
     both = write(tmp_path / "b.csv", f'item,title\na5,"{unicodedata.normalize("NFD", nfc)}"\n')
     assert run(runner, cli_db, "ingest", "items", str(both)).exit_code == 0

@@ -819,8 +819,9 @@ def test_a_plot_name_is_quoted_as_given(trained, db_url, tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["plot"] == str(tmp_path / "m.png")
     assert res.stderr.strip().splitlines() == ["note: the plot's font has no glyph for 4 character(s) of its labels "
                                                "(drawn as boxes): " + "".join(sorted("東京物語"))]
-    with pytest.warns(UserWarning, match="no glyph for 4 character"):
+    with pytest.warns(UserWarning, match="no glyph for 4 character") as caught:
         cfb.open(db_url).pca(n=40, plot=tmp_path / "p.png")
+    assert caught[0].filename == __file__  # (the caller's line, not cfb's wrapper)
 
 
 def test_python_api(trained, db_url, tmp_path):

@@ -314,6 +314,21 @@ def test_a_last_batch_of_one_rating_joins_the_one_before_it(engine, planted):
     assert report["kind"] == "nn"
 
 
+def test_a_validation_split_that_leaves_the_nn_model_one_rating_is_not_measured(planted):
+    """§7 measures on a split; one that leaves the nn model a single training rating is skipped with a
+    note, as one that leaves none is (it was refused as if the database held one rating)."""
+    from cfb.cf_core.data import CollabData
+    from cfb.service.training import TrainingData, validate
+
+    r = planted.ratings.head(4)
+    users, items = pd.factorize(r.user)[0], pd.factorize(r.item)[0]
+    td = TrainingData(CollabData(users, items, r.rating.to_numpy(np.float32), users.max() + 1, items.max() + 1),
+                      np.arange(users.max() + 1), np.arange(items.max() + 1), r.timestamp.to_numpy(float),
+                      [{}] * (users.max() + 1), (1.0, 5.0), 4)
+    out = validate(td, "nn", {}, 0.7, 42, progress=False)
+    assert out["valid_mse"] is None and out["valid_note"] == "4 ratings: a 0.7 share leaves the nn model 1 rating to train on"
+
+
 def test_nn_incremental_retrain_adds_a_first_rated_item(engine, planted):
     ingest_dataset(engine, planted)
     retrain_full(engine, kind="nn", progress=False, **FAST)

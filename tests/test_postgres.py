@@ -261,6 +261,19 @@ def test_ids_postgres_cannot_store_are_refused_or_unknown_as_on_sqlite(pg_engine
     assert res.exit_code == 0, res.output
 
 
+def test_reingesting_users_moves_no_generated_id_on_postgres(pg_engine, planted, engine):
+    """PostgreSQL draws a row id for every row an upsert tries: ingesting the same users again moved the
+    next sign-up's new-N past all of them (new-61, then new-182). Stored users are updated, new ones
+    inserted, so the same steps give the same ids on both backends."""
+    got = {}
+    for name, eng in (("postgres", pg_engine), ("sqlite", engine)):
+        ingest_dataset(eng, planted)
+        retrain_full(eng, progress=False, **FAST)
+        ingest_dataset(eng, planted)  # (the same release again: every user and item again)
+        got[name] = [onboard(eng, [("e", {"answers": {}})])["onboarded"][0]["user"] for _ in range(2)]
+    assert got["postgres"] == got["sqlite"] == ["new-61", "new-62"]
+
+
 def test_two_signups_of_one_user_at_once_on_postgres(pg_engine, planted):
     """On PostgreSQL a sign-up validates before the row is written, so another process can sign the same
     user up in between: the loser gets the one-line "already exists" naming entry and field, and
