@@ -302,10 +302,37 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     # a title is stored composed (NFC: it looks the same), so that a lookup in any form finds it
     new_titles = [store.composed(t) if isinstance(t, str) and t else stored.get(e, (None,))[0]
                   for e, t in zip(ids, items["title"])]
+    refuse_titles_that_name_two_items(ids, new_titles, set(stored), lines, source)
     store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
     given = dict(zip(ids, zip(new_titles, attrs)))  # (an id given twice: its last row, as written)
     existed = [e for e in given if e in stored]
-    return len(existed), sum(1 for e in existed if given[e] != stored[e])
+    # (a title stored before titles were stored composed is rewritten so, but not changed: not "updated")
+    was = {e: (store.composed(t) if isinstance(t, str) else t, a) for e, (t, a) in stored.items()}
+    return len(existed), sum(1 for e in existed if given[e] != was[e])
+
+
+def refuse_titles_that_name_two_items(ids: list[str], titles: list, stored: set[str], lines: list,
+                                      source: str | None) -> None:
+    """Within one items file, as across files: a new id that is another row's title, or a title that is
+    another item's id (stored or new), would let one text name two items (lookups take the id first),
+    so it is refused, naming its line; whichever Unicode form either is in. Texts of digits alone are
+    ids and titles both (a book may be titled "1984")."""
+    by_title: dict[str, str] = {}
+    for ext, title in zip(ids, titles):
+        if isinstance(title, str) and title:
+            by_title.setdefault(store.composed(title), ext)
+    every_id = {store.composed(e): e for e in list(stored) + ids}
+    for k, ext in enumerate(ids):
+        other = by_title.get(store.composed(ext))
+        if ext not in stored and not ext.isdigit() and other is not None and other != ext:
+            raise InputError(f"{ext!r} is the title of item {other!r} in this file: a new item's id cannot be "
+                             "another item's title", source=source, line=lines[k], field="item")
+    for k, (ext, title) in enumerate(zip(ids, titles)):
+        if isinstance(title, str) and title and not title.isdigit():
+            owner = every_id.get(store.composed(title))
+            if owner is not None and owner != ext:
+                raise InputError(f"title {title!r} is the id of item {owner!r}: lookups by that text would find "
+                                 "that item, never this one", source=source, line=lines[k], field="title")
 
 
 def distinct_ids(external) -> tuple[np.ndarray, np.ndarray, list[str]]:  # noqa: ANN001

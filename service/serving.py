@@ -121,6 +121,10 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
     hits = {}  # (the same title typed composed or decomposed: every item it names, in either form)
     for title in store.title_forms(query):
         hits.update(conn.execute(select(Item.id, Item.external_id).where(Item.title == title)).all())
+    if not hits and not query.isascii():  # (a title stored, before titles were, in neither form: every title read)
+        named = store.items_by_composed_title(conn).get(store.composed(query), [])
+        if named:
+            hits.update(conn.execute(select(Item.id, Item.external_id).where(Item.external_id.in_(named))).all())
     if len(hits) > 1:
         ids = sorted(hits.values())
         raise argument_error(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id", "item")

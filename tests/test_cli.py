@@ -399,6 +399,38 @@ def test_one_rating_to_train_on_is_refused_for_the_nn_model(runner, tmp_path):
         "Error: the nn model needs at least 2 ratings to train on (its BatchNorm), and there is 1"), res.output
 
 
+def test_one_text_never_names_two_items_and_older_titles_are_found_in_any_form(runner, cli_db, tmp_path):
+    """Within one items file as across files: a new id that is another row's title, or a title that is
+    another item's id, is refused (both were taken, and which item a rating reached depended on how the
+    keyboard encoded the text). A database written before titles were stored composed: its titles in
+    any form are found, and ingesting the same titles again updates nothing."""
+    import unicodedata
+
+    from sqlalchemy import text
+
+    nfd = unicodedata.normalize("NFD", "Néw Thing")
+    for body, said in ((f'item,title\ny1,Néw Thing\n"{nfd}",Other\n', "line 3, field 'item': '" + nfd + "' is the title of item 'y1' in this file"),
+                       ('item,title\nz1,Brand New\nBrand New,Other\n', "line 3, field 'item': 'Brand New' is the title of item 'z1'"),
+                       ('item,title\ny5,a2\n', "line 2, field 'title': title 'a2' is the id of item 'a2'")):
+        res = run(runner, cli_db, "ingest", "items", str(write(tmp_path / "i.csv", body)))
+        assert res.exit_code == 1 and said in res.output, res.output
+    engine = make_engine(cli_db)
+    old = {"a1": "\u212bngstr\u00f6m Story", "a3": "Cre\u0300me br\u00fbl\u00e9e", "a5": unicodedata.normalize("NFD", "Amélie")}
+    with engine.begin() as conn:  # (as an older cfb stored them)
+        for ext, title in old.items():
+            conn.execute(text("UPDATE items SET title = :t WHERE external_id = :e"), {"t": title, "e": ext})
+    engine.dispose()
+    for ext, title in old.items():
+        for typed in {title, unicodedata.normalize("NFC", title), unicodedata.normalize("NFD", title)}:
+            res = run(runner, cli_db, "similar", typed, "--json")
+            assert res.exit_code == 0 and json.loads(res.stdout)["item"] == ext, (typed, res.output)
+        answers = write(tmp_path / "q.json", json.dumps({"ratings": {unicodedata.normalize("NFC", title): 4}}))
+        assert run(runner, cli_db, "onboard", "--answers", str(answers)).exit_code == 0
+    again = "item,title\n" + "".join(f'{e},"{unicodedata.normalize("NFD", t)}"\n' for e, t in old.items())
+    res = run(runner, cli_db, "ingest", "items", str(write(tmp_path / "again.csv", again)), "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["updated"] == 0, res.output
+
+
 def test_a_generic_ratings_file_in_a_release_folder_says_what_reads_it(runner, tmp_path):
     """A folder holding only a `user,item,rating,timestamp` ratings.csv is taken for a MovieLens CSV
     release by its name: `cfb ingest movielens` names the command that reads it, `cfb eval` what it measures."""
