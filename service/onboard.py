@@ -168,6 +168,7 @@ class SignupValidator:
         self.items, self.titles, self.all_titles, self.known_users = items, titles, all_titles, known_users
         self.batch_users: set[str] = set()
         self._conn = conn
+        self._composed_titles: dict[str, list[str]] | None = None  # (read on the first miss, then kept)
 
     @classmethod
     def for_connection(cls, conn: Connection, served: Served) -> "SignupValidator":
@@ -223,8 +224,10 @@ class SignupValidator:
             item = self.items.get(name)
             if item is None:
                 hits = sorted({i for title in store.title_forms(name) for i in self.titles.get(title, [])})
-                if not hits and not name.isascii():  # (a title stored, before titles were, in neither form)
-                    hits = store.items_by_composed_title(self._conn).get(store.composed(name), [])
+                if not hits:  # (a title an older cfb stored in neither form: every title, composed, once)
+                    if self._composed_titles is None:
+                        self._composed_titles = store.items_by_composed_title(self._conn)
+                    hits = self._composed_titles.get(store.composed(name), [])
                 if len(hits) != 1:
                     raise InputError(f"unknown item{title_hint(name, self.all_titles())}" if not hits else
                                      f"ambiguous title (items {', '.join(sorted(hits))}); use the item id",

@@ -121,7 +121,7 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
     hits = {}  # (the same title typed composed or decomposed: every item it names, in either form)
     for title in store.title_forms(query):
         hits.update(conn.execute(select(Item.id, Item.external_id).where(Item.title == title)).all())
-    if not hits and not query.isascii():  # (a title stored, before titles were, in neither form: every title read)
+    if not hits:  # (a title an older cfb stored in neither form, even one that is ASCII composed: every title read)
         named = store.items_by_composed_title(conn).get(store.composed(query), [])
         if named:
             hits.update(conn.execute(select(Item.id, Item.external_id).where(Item.external_id.in_(named))).all())

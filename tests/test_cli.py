@@ -415,7 +415,8 @@ def test_one_text_never_names_two_items_and_older_titles_are_found_in_any_form(r
         res = run(runner, cli_db, "ingest", "items", str(write(tmp_path / "i.csv", body)))
         assert res.exit_code == 1 and said in res.output, res.output
     engine = make_engine(cli_db)
-    old = {"a1": "\u212bngstr\u00f6m Story", "a3": "Cre\u0300me br\u00fbl\u00e9e", "a5": unicodedata.normalize("NFD", "Amélie")}
+    old = {"a1": "\u212bngstr\u00f6m Story", "a3": "Cre\u0300me br\u00fbl\u00e9e", "a5": unicodedata.normalize("NFD", "Amélie"),
+           "a7": "\u212aelvin"}  # (the Kelvin sign: "Kelvin" composed, a query all ASCII)
     with engine.begin() as conn:  # (as an older cfb stored them)
         for ext, title in old.items():
             conn.execute(text("UPDATE items SET title = :t WHERE external_id = :e"), {"t": title, "e": ext})
