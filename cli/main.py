@@ -512,11 +512,11 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     pairs, lines, start = [], [], 1  # start: the line the record being read starts on
     try:
         header = [h.strip() for h in next(reader)]
-        check_unique_columns(header, pairs_file, 1)
         missing = [c for c in ("user", "item") if c not in header]
-        if missing:
+        if missing:  # (before duplicates: a file without its header, "1,1" first, is missing one, not repeating one)
             raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'}",
                              source=src, line=1, field=missing[0])
+        check_unique_columns(header, pairs_file, 1)
         cols = {c: header.index(c) for c in ("user", "item")}
         start = reader.line_num + 1
         for row in reader:

@@ -82,10 +82,12 @@ def _predicted(conn: Connection, pairs: list[tuple[str, str]]) -> tuple[list[flo
 def _pair_indices(conn: Connection, served: Served, users: dict[str, int], items: dict[str, int],
                   u: str, i: str) -> tuple[int, int, int]:
     """The database ids of user ``u`` and item ``i`` (id or exact title), and the item's index in the
-    serving model."""
+    serving model. A title found is added to ``items`` (a file names the same titles row after row)."""
     if u not in users:
         raise UnknownIdError(f"unknown user {u!r}", field="user")
-    item = items[i] if i in items else find_item(conn, i)
+    if i not in items:
+        items[i] = find_item(conn, i)
+    item = items[i]
     inner = int(served.model.item_index([item])[0])
     if inner < 0:
         raise CannotAnswerError(not_in_model(conn, served, item, i), field="item")

@@ -89,6 +89,23 @@ def test_predict_names_an_item_given_by_title_by_its_id(runner, cli_db, tmp_path
     assert float(lines[1].rsplit(",", 1)[1]) == out[0]["prediction"]
 
 
+def test_predict_looks_each_title_up_once_and_a_file_without_its_header_says_so(runner, cli_db, tmp_path, monkeypatch):
+    """A pairs file that names items by title looked every row's title up again (200k rows: 60 s against
+    6 s by id); a file without its header whose first row repeats a value was "duplicate column"."""
+    import cfb.service.serving as serving
+
+    calls = []
+    real = serving.find_item
+    monkeypatch.setattr(serving, "find_item", lambda conn, q: calls.append(q) or real(conn, q))
+    assert run(runner, cli_db, "ingest", "items", str(write(tmp_path / "i.csv", "item,title\na1,Alpha One\n"))).exit_code == 0
+    pairs = write(tmp_path / "t.csv", "user,item\n" + "a0,Alpha One\nb1,Alpha One\n" * 20)
+    res = run(runner, cli_db, "predict", "--pairs", str(pairs), "--json")
+    out = json.loads(res.stdout)
+    assert len(out) == 40 and {o["item"] for o in out} == {"a1"} and calls == ["Alpha One"], res.output
+    res = run(runner, cli_db, "predict", "--pairs", str(write(tmp_path / "h.csv", "1,1\n2,2\n")))
+    assert res.exit_code == 1 and "missing column(s) user, item; header has 1, 1" in res.output, res.output
+
+
 def test_similar_and_biases_and_models(runner, cli_db):
     out = json.loads(run(runner, cli_db, "similar", "a3", "-n", "4", "--json").stdout)
     assert out["item"] == "a3" and out["title"] is None and len(out["items"]) == 4
