@@ -400,7 +400,7 @@ class Database:
         pc1, pc2, pc3 (and, with ``plot``, a labelled PNG of PC1 and PC2 written there)."""
         import pandas as pd
 
-        from .service.inspect import is_png_name, pca, plot_pca
+        from .service.inspect import is_png_name, missing_glyphs_note, pca, plot_pca
 
         if plot is not None:  # (checked as `cfb inspect pca --plot` checks it)
             if not isinstance(plot, (str, os.PathLike)) or not is_png_name(os.fspath(plot)) or Path(plot).is_dir():
@@ -413,8 +413,7 @@ class Database:
             except OSError as e:
                 raise InputError(f"cannot write {plot}: {e.strerror or e}") from None
             if missing:  # (as `cfb inspect pca --plot` notes it)
-                warnings.warn(f"the plot's font has no glyph for {len(missing)} character(s) of its labels "
-                              f"(drawn as boxes): {missing[:20]}", stacklevel=3)  # (the caller's line: a wrapper between)
+                warnings.warn(missing_glyphs_note(missing), stacklevel=3)  # (the caller's line: a wrapper between)
         return pd.DataFrame(out["items"])
 
     # --- serving ------------------------------------------------------------------------------------

@@ -586,6 +586,7 @@ def inspect_biases(ctx: Ctx, n: int, min_ratings: int, as_json: bool) -> None:
 
     with ctx.engine.connect() as conn:
         out = biases(conn, n, min_ratings)
+
     def line(r: dict) -> str:
         return f"  {r['score']:+.3f}  {named(r)}  ({r['ratings']:,} ratings)"
 
@@ -605,7 +606,7 @@ def inspect_pca(ctx: Ctx, n: int, plot: str | None, as_json: bool) -> None:
     """PCA of the item factors, mapping the N most-rated items (fastai book, chapter 8: the axes are fitted
     on the 1,000 most-rated items, or the N if more): pc1..pc3 per item (as many axes as the items and the
     factors allow)."""
-    from ..service.inspect import is_png_name, pca, plot_pca
+    from ..service.inspect import is_png_name, missing_glyphs_note, pca, plot_pca
 
     if plot is not None and not is_png_name(plot):
         raise CfbError(f"--plot {shown(repr(plot))}: the plot is a PNG, give a file name ending in .png")
@@ -618,8 +619,7 @@ def inspect_pca(ctx: Ctx, n: int, plot: str | None, as_json: bool) -> None:
             raise CfbError(f"cannot write {shown(plot)}: {e.strerror or e}") from None
         out["plot"] = str(plot)
         if missing:
-            click.echo(f"note: the plot's font has no glyph for {len(missing)} character(s) of its labels "
-                       f"(drawn as boxes): {shown(missing[:20])}", err=True)
+            click.echo(f"note: {shown(missing_glyphs_note(missing))}", err=True)
     ev = ", ".join(f"PC{k + 1} {v:.1%}" for k, v in enumerate(out["explained_variance"]))
     axes = [f"pc{k + 1}" for k in range(len(out["explained_variance"]))]  # (up to three: fewer items, fewer axes)
     lines = [f"explained variance (axes fitted on the {out['fitted_on']:,} most-rated items): {ev}",

@@ -290,19 +290,12 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     check_ids(ids, lines, "item", source)
     refuse_nul_text(items["title"], lines, "title", source)
     stored = {ext: (title, a) for ext, title, a in conn.execute(select(Item.external_id, Item.title, Item.attributes))}
-    new = [k for k, ext in enumerate(ids) if ext not in stored and not ext.isdigit()]
-    titled = store.items_by_composed_title(conn) if new and stored else {}  # (only where a new id could be a title)
-    for k in new:  # (as ratings are refused: lookups by id or title would find this one)
-        ext = ids[k]
-        if store.composed(ext) in titled:
-            raise InputError(f"{ext!r} is the title of {_items_named(titled[store.composed(ext)])}: a new item's id "
-                             "cannot be another item's title", source=source, line=lines[k], field="item")
-    attrs = conform_attributes(Item, ids, list(items["attributes"]), lines,
-                               {ext: a for ext, (_, a) in stored.items()}, source)
     # a title is stored composed (NFC: it looks the same), so that a lookup in any form finds it
     new_titles = [store.composed(t) if isinstance(t, str) and t else stored.get(e, (None,))[0]
                   for e, t in zip(ids, items["title"])]
-    refuse_titles_that_name_two_items(ids, new_titles, set(stored), lines, source)
+    refuse_titles_that_name_two_items(conn, ids, new_titles, set(stored), lines, source)
+    attrs = conform_attributes(Item, ids, list(items["attributes"]), lines,
+                               {ext: a for ext, (_, a) in stored.items()}, source)
     store.ensure_ids(conn, Item, ids, {"title": new_titles, "attributes": attrs}, update_cols=("title", "attributes"))
     given = dict(zip(ids, zip(new_titles, attrs)))  # (an id given twice: its last row, as written)
     existed = [e for e in given if e in stored]
@@ -311,22 +304,29 @@ def write_items(conn, items, source: str | None = None) -> tuple[int, int]:  # n
     return len(existed), sum(1 for e in existed if given[e] != was[e])
 
 
-def refuse_titles_that_name_two_items(ids: list[str], titles: list, stored: set[str], lines: list,
+def refuse_titles_that_name_two_items(conn, ids: list[str], titles: list, stored: set[str], lines: list,  # noqa: ANN001
                                       source: str | None) -> None:
-    """Within one items file, as across files: a new id that is another row's title, or a title that is
-    another item's id (stored or new), would let one text name two items (lookups take the id first),
-    so it is refused, naming its line; whichever Unicode form either is in. Texts of digits alone are
-    ids and titles both (a book may be titled "1984")."""
+    """A new id that is a stored item's title or another row's title, or a title that is another item's
+    id (stored or new), would let one text name two items (lookups take the id first), as a ratings file
+    naming an item by its title would: refused, naming its line, whichever Unicode form either is in.
+    Texts of digits alone are ids and titles both (a book may be titled "1984")."""
+    new = [k for k, ext in enumerate(ids) if ext not in stored and not ext.isdigit()]
+    titled = store.items_by_composed_title(conn) if new and stored else {}  # (only where a new id could be a title)
+    for k in new:
+        ext = ids[k]
+        if store.composed(ext) in titled:
+            raise InputError(f"{ext!r} is the title of {_items_named(titled[store.composed(ext)])}: a new item's id "
+                             "cannot be another item's title", source=source, line=lines[k], field="item")
     by_title: dict[str, str] = {}
     for ext, title in zip(ids, titles):
         if isinstance(title, str) and title:
             by_title.setdefault(store.composed(title), ext)
-    every_id = {store.composed(e): e for e in list(stored) + ids}
-    for k, ext in enumerate(ids):
-        other = by_title.get(store.composed(ext))
-        if ext not in stored and not ext.isdigit() and other is not None and other != ext:
-            raise InputError(f"{ext!r} is the title of item {other!r} in this file: a new item's id cannot be "
+    for k in new:
+        other = by_title.get(store.composed(ids[k]))
+        if other is not None and other != ids[k]:
+            raise InputError(f"{ids[k]!r} is the title of item {other!r} in this file: a new item's id cannot be "
                              "another item's title", source=source, line=lines[k], field="item")
+    every_id = {store.composed(e): e for e in list(stored) + ids}
     for k, (ext, title) in enumerate(zip(ids, titles)):
         if isinstance(title, str) and title and not title.isdigit():
             owner = every_id.get(store.composed(title))

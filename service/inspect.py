@@ -73,6 +73,12 @@ def is_png_name(path: str | Path) -> bool:
     return name.lower().endswith(".png") and not str(path).endswith(("/", "\\"))
 
 
+def missing_glyphs_note(missing: str) -> str:
+    """What to say of the characters ``plot_pca`` could not draw (the CLI's note, the API's warning)."""
+    return (f"the plot's font has no glyph for {len(missing)} character(s) of its labels (drawn as boxes): "
+            f"{missing[:20]}")
+
+
 def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: int = 50) -> str:
     """Write a labelled scatter PNG of ``pca``'s output to ``path`` (like chapter 8's figure, matplotlib's
     Agg backend). Titles are drawn as plain text (a ``$`` is no math). Returns the characters of the
