@@ -79,10 +79,44 @@ def missing_glyphs_note(missing: str) -> str:
             f"{missing[:20]}")
 
 
+LABEL_GAP = 4.0  # between a point and its label, in the map's units (px)
+LABEL_POINT = 3.0  # a point's half-width that no label may cover (px)
+
+
+def place_labels(anchors: np.ndarray, sizes: np.ndarray, gap: float = LABEL_GAP, point: float = LABEL_POINT,
+                 bounds: tuple[float, float, float, float] | None = None) -> list[tuple[float, float] | None]:
+    """Where each map label goes so that no two overlap and none covers a point: label k (its point at
+    ``anchors[k]``, its box ``sizes[k]`` = width, height; every unit the same, y growing downward or upward
+    alike) takes the first of six places around its point (right of it, left of it, then starting or
+    ending over it on either side) whose box meets no label placed before it and no point (a square of
+    ``point`` around it), and lies within ``bounds`` (x0, y0, x1, y1) when given; None (left out) when all
+    six fail. Labels are placed in their order: the most important first. Returns each placed box's corner
+    of least x and least y."""
+    anchors, sizes = np.asarray(anchors, np.float64).reshape(-1, 2), np.asarray(sizes, np.float64).reshape(-1, 2)
+    placed = np.column_stack([anchors - point, anchors + point])  # x0, y0, x1, y1: the points, then the labels
+    out: list[tuple[float, float] | None] = []
+    for (ax_, ay), (w, h) in zip(anchors, sizes):
+        spot = None
+        dy = max(h / 2, point)  # (over and under: clear of the point, and of the labels beside it)
+        for x0, y0 in ((ax_ + gap, ay - h / 2), (ax_ - gap - w, ay - h / 2), (ax_, ay - dy - h), (ax_, ay + dy),
+                       (ax_ - w, ay - dy - h), (ax_ - w, ay + dy)):
+            if bounds is not None and not (bounds[0] <= x0 and x0 + w <= bounds[2] and bounds[1] <= y0
+                                           and y0 + h <= bounds[3]):
+                continue
+            if not np.any((placed[:, 0] < x0 + w) & (x0 < placed[:, 2]) & (placed[:, 1] < y0 + h) & (y0 < placed[:, 3])):
+                spot = (float(x0), float(y0))
+                placed = np.vstack([placed, [x0, y0, x0 + w, y0 + h]])
+                break
+        out.append(spot)
+    return out
+
+
 def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: int = 50) -> str:
     """Write a labelled scatter PNG of ``pca``'s output to ``path`` (like chapter 8's figure, matplotlib's
-    Agg backend). Titles are drawn as plain text (a ``$`` is no math). Returns the characters of the
-    labels that the plot's font has no glyph for (drawn as boxes; empty when it has them all)."""
+    Agg backend). The first ``labels`` items (the most-rated) are labelled where no two labels overlap
+    (``place_labels``: a label with no free place beside its point is left out). Titles are drawn as plain
+    text (a ``$`` is no math). Returns the characters of the labels that the plot's font has no glyph for
+    (drawn as boxes; empty when it has them all)."""
     import re
     import warnings
 
@@ -97,9 +131,7 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
     fig, ax = plt.subplots(figsize=(12, 12))
     try:
         ax.scatter(xs, ys, s=12, color="tab:blue")
-        for it, a, b in list(zip(items, xs, ys))[:labels]:
-            colour = np.random.default_rng(zlib.crc32(str(it["item"]).encode())).uniform(0, 0.8, 3)
-            ax.text(a, b, str(it["title"] or it["item"]), fontsize=9, color=colour, parse_math=False)
+        draw_labels(ax, items[:labels], xs, ys)
         ev = result.get("explained_variance") or []
         names = {f"pc{k + 1}": f"PC{k + 1}" + (f" ({ev[k]:.0%} of variance)" if k < len(ev) else "")
                  for k in range(N_COMPONENTS)}
@@ -118,7 +150,31 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
     return "".join(sorted(missing))
 
 
+def draw_labels(ax, items: list[dict], xs: np.ndarray, ys: np.ndarray) -> list:  # noqa: ANN001
+    """Label ``items`` (their points at ``xs``, ``ys``, data units) on matplotlib axes ``ax`` where
+    ``place_labels`` puts them, measured in the figure's pixels; returns the texts drawn."""
+    ax.set_xlim(*ax.get_xlim())  # (the axes' limits stay as the points set them: labels must not move them)
+    ax.set_ylim(*ax.get_ylim())
+    renderer = ax.figure.canvas.get_renderer()
+    texts = [ax.text(a, b, str(it["title"] or it["item"]), fontsize=9, parse_math=False,
+                     color=np.random.default_rng(zlib.crc32(str(it["item"]).encode())).uniform(0, 0.8, 3))
+             for it, a, b in zip(items, xs, ys)]
+    anchors = ax.transData.transform(np.column_stack([xs[:len(texts)], ys[:len(texts)]])) if texts else np.empty((0, 2))
+    sizes = np.array([[e.width, e.height] for e in (t.get_window_extent(renderer) for t in texts)]).reshape(-1, 2)
+    drawn = []
+    for t, spot in zip(texts, place_labels(anchors, sizes)):
+        if spot is None:
+            t.remove()
+            continue
+        t.set_position(ax.transData.inverted().transform(spot))
+        t.set_horizontalalignment("left")
+        t.set_verticalalignment("bottom")
+        drawn.append(t)
+    return drawn
+
+
 LABEL_CHARS = 24  # a map label's length (the 160 px the map leaves right of its points); the full title on hover
+SVG_CHAR_WIDTH, SVG_LABEL_HEIGHT = 6.0, 12.0  # a label's box on the web page's map, px (10 px sans-serif, generous)
 
 
 def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y: str = "pc2") -> str:
@@ -144,13 +200,17 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
              f"<text x='{width / 2:.0f}' y='{height - 8}' text-anchor='middle' font-size='12'>{escape(x.upper())}</text>",
              f"<text x='12' y='{height / 2:.0f}' font-size='12' transform='rotate(-90 12 {height / 2:.0f})' "
              f"text-anchor='middle'>{escape(y.upper())}</text>"]
-    for it, a, b in zip(items, px, py):
-        full = str(it["title"] or it["item"])
-        label = escape(full if len(full) <= LABEL_CHARS else full[:LABEL_CHARS - 1] + "…")  # (in full on hover)
+    fulls = [str(it["title"] or it["item"]) for it in items]
+    labels = [full if len(full) <= LABEL_CHARS else full[:LABEL_CHARS - 1] + "…" for full in fulls]  # (in full on hover)
+    spots = place_labels(np.column_stack([px, py]),
+                         [(SVG_CHAR_WIDTH * len(label), SVG_LABEL_HEIGHT) for label in labels],
+                         bounds=(20, 0, width, height - 20))  # (clear of the axes' names)
+    for it, full, label, a, b, spot in zip(items, fulls, labels, px, py, spots):
         href = "/item/" + escape(_quote(str(it["item"])))
+        text = ("" if spot is None else  # (no free place beside the point: the title on hover only)
+                f"<text x='{spot[0]:.1f}' y='{spot[1] + SVG_LABEL_HEIGHT - 3:.1f}' font-size='10'>{escape(label)}</text>")
         parts.append(f"<a href='{href}'><circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='#1f77b4'>"
-                     f"<title>{escape(full)}</title></circle>"
-                     f"<text x='{a + 5:.1f}' y='{b + 3:.1f}' font-size='10'>{label}</text></a>")
+                     f"<title>{escape(full)}</title></circle>{text}</a>")
     parts.append("</svg>")
     return "".join(parts)
 
