@@ -49,7 +49,8 @@ import pandas as pd
 from ..cf_core.errors import InputError
 from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_listed, check_scale, check_times,
                       check_unique_columns, id_column, not_a_number_said, number_in_text)
-from .textfile import UTF8_BOM, lines_before_trailing_blanks, read_text, require_file, text_lines, without_trailing_blank_lines
+from .textfile import (UTF8_BOM, lines_before_trailing_blanks, plain_float, read_text, reading, require_file,
+                       text_lines, without_trailing_blank_lines)
 
 HALF_STARS = (0.5, 5.0)
 # whose item ids a release's are: 100k numbers its movies its own way; 1M, 10M and the CSV releases
@@ -170,7 +171,7 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
         # "a::b::c::d" split on ":" is 7 columns, the odd ones empty
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            with open(path, "rb") as f:
+            with reading(path), open(path, "rb") as f:
                 f.seek(len(UTF8_BOM) if f.read(len(UTF8_BOM)) == UTF8_BOM else 0)  # (not part of the first id)
                 df = pd.read_csv(f, sep=":", header=None, names=list(range(7)), index_col=False, encoding=encoding,
                                  engine="c", dtype={0: str, 1: "category", 2: str, 3: "category", 4: "float64",
@@ -204,11 +205,12 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
     numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
     lines = lines_before_trailing_blanks(path)
     rows = None if lines is None else lines - 1  # (None: read to the end)
-    fast = _with_whole_number_ids(path, header, user, item, rating, timestamp, rows)
+    with reading(path):
+        fast = _with_whole_number_ids(path, header, user, item, rating, timestamp, rows)
     if fast is not None:
         return fast
     try:
-        with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
+        with reading(path), warnings.catch_warnings():  # rows longer than the header: an error, not a warning
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(path, header=0, names=header, index_col=False, dtype={user: str, item: str, **numbers},
                              encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False,
@@ -216,8 +218,10 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
         users, items = id_column(df[user]), id_column(df[item])
         ok = len(df.columns) == len(header) and "" not in users.categories and "" not in items.categories \
             and bool(np.isfinite(df[rating]).all())
-        if ok and _holds_a_quote(path):  # pandas reads a stray quote into the value ("2"2 as 22)
-            _refuse_stray_quotes(path)
+        if ok:
+            with reading(path):
+                if _holds_a_quote(path):  # pandas reads a stray quote into the value ("2"2 as 22)
+                    _refuse_stray_quotes(path)
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
@@ -321,10 +325,16 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
 
 
 def _first_line(path: Path) -> str:
-    with open(require_file(path), "rb") as f:
-        head = f.readline()
+    """The file's first line (ended by "\n", "\r\n" or a lone "\r", as pandas ends lines), as UTF-8 text."""
+    head = b""
+    with reading(path), open(require_file(path), "rb") as f:
+        while not (ends := [k for k in (head.find(b"\n"), head.find(b"\r")) if k >= 0]):
+            block = f.read(1 << 16)
+            if not block:
+                break
+            head += block
     try:
-        line = head.decode("utf-8").lstrip("\ufeff").rstrip("\r\n")
+        line = head[:min(ends, default=len(head))].decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError:
         raise InputError("not valid utf-8 text", source=str(path), line=1) from None
     if not line.strip():
@@ -451,6 +461,9 @@ def read_ml100k(folder: Path) -> Dataset:
     for n, row in rows:
         if len(row) != 4:
             raise InputError(f"expected 4 tab-separated fields, found {len(row)}", source=str(ratings_path), line=n)
+        for k, field in ((0, "user"), (1, "item")):
+            if not row[k].strip():
+                raise InputError("empty id", source=str(ratings_path), line=n, field=field)
     raw = pd.DataFrame([row for _, row in rows], columns=["user", "item", "rating", "timestamp"])
     ratings = pd.DataFrame({
         "user": raw["user"].str.strip(), "item": raw["item"].str.strip(),
@@ -533,12 +546,14 @@ def _guess_encoding(path: Path) -> str:
     if not path.exists():
         return "latin-1"  # (the reader names the missing file)
     try:
-        require_file(path).read_bytes().decode("utf-8")
+        with reading(path):
+            require_file(path).read_bytes().decode("utf-8")
         return "utf-8"
     except UnicodeDecodeError:
         return "latin-1"
 
 
+MAX_YEAR = 100_000  # a goodbooks publication year's size (the release has years before 0: -1750, Gilgamesh)
 DAT_FIELDS = ("Rating", "Timestamp")  # the names the README gives ratings.dat's fields
 DAT_COLUMNS = {"rating": "Rating", "item": "MovieID", "user": "UserID"}
 
@@ -588,7 +603,7 @@ def read_ml1m(folder: Path) -> Dataset:
         if age not in ML1M_AGES:
             raise InputError(f"unknown age code {age!r} (codes: {', '.join(ML1M_AGES)})", source=str(upath),
                              line=n, field="Age")
-        if not occupation.isdigit() or int(occupation) >= len(ML1M_OCCUPATIONS):
+        if not re.fullmatch(r"[0-9]+", occupation) or int(occupation) >= len(ML1M_OCCUPATIONS):  # (isdigit: "²")
             raise InputError(f"unknown occupation code {occupation!r} (codes: 0..{len(ML1M_OCCUPATIONS) - 1})",
                              source=str(upath), line=n, field="Occupation")
         attrs = {"age": ML1M_AGES[age], "gender": gender, "occupation": ML1M_OCCUPATIONS[int(occupation)]}
@@ -741,8 +756,8 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
         if "original_publication_year" in col and f[col["original_publication_year"]].strip():
             v = f[col["original_publication_year"]].strip()
             try:
-                year = float(v)
-                if not np.isfinite(year) or not year.is_integer():
+                year = plain_float(v)  # ("1_999" and "１９９９" are no years)
+                if not np.isfinite(year) or not year.is_integer() or abs(year) >= MAX_YEAR:
                     raise ValueError
             except ValueError:
                 raise InputError(f"not a year: {v!r}", source=str(bpath), line=n,

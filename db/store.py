@@ -261,7 +261,9 @@ def id_problem(external_id: str, what: str = "user") -> str | None:
     """Why ``external_id`` cannot be a ``what``'s ("user", "item") id, else None: the one rule on every
     backend (at most ``MAX_ID_LENGTH`` characters, no NUL: PostgreSQL refuses both, and SQLite must not
     take them; not ``.`` or ``..``, which no URL path can name: a browser or client resolves them away;
-    no line break, which no route of the HTTP API matches)."""
+    no line break, which no route of the HTTP API matches; not empty or blank)."""
+    if not external_id.strip():
+        return "is empty (or blank), which no command or URL can name"
     if external_id in (".", ".."):
         where = "/items/" if what == "item" else "/users/"
         return f"is {external_id!r}, which a URL cannot name ({where}{external_id}/… is read as another path)"
@@ -299,7 +301,7 @@ def first_bad_id(external_ids: list[str]) -> int | None:
     quick when every one can (a million ids in about 40 ms)."""
     joined = "".join(external_ids)
     if not external_ids or (max(map(len, external_ids)) <= MAX_ID_LENGTH and "\x00" not in joined
-                            and "\n" not in joined and "\r" not in joined
+                            and "\n" not in joined and "\r" not in joined and all(map(str.strip, external_ids))
                             and "." not in external_ids and ".." not in external_ids):
         return None
     return next(k for k, e in enumerate(external_ids) if id_problem(e) is not None)

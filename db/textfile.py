@@ -1,6 +1,8 @@
 """Reading text files with errors that name the line (no heavy imports: serving uses it)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..cf_core.errors import InputError
@@ -22,14 +24,22 @@ def require_file(path: Path) -> Path:
     return path
 
 
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """A read error (EIO, a file gone) inside the block as an ``InputError`` naming ``path``: pandas'
+    parser and a bare ``read`` raise one that names no file."""
+    try:
+        yield
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e})", source=str(path)) from None
+
+
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """Whole file as text; a bad byte is reported with its line number. A file that starts with the UTF-8
     byte order mark is read as UTF-8 without it, whatever ``encoding`` says."""
     path = require_file(path)
-    try:
+    with reading(path):
         data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read ({e.strerror or e})", source=str(path)) from None
     if data.startswith(UTF8_BOM):  # an editor's mark that the file is UTF-8, not part of its first field
         data, encoding = data[len(UTF8_BOM):], "utf-8"
     try:
@@ -66,16 +76,20 @@ def without_trailing_blank_lines(text: str) -> str:
 
 def lines_before_trailing_blanks(path: Path) -> int | None:
     """How many lines ``path`` has up to its last non-blank one when blank lines follow it, else None
-    (no blank line at its end, or nothing but blanks). Reads only the file's tail when there are none."""
-    with open(require_file(path), "rb") as f:
+    (no blank line at its end, or nothing but blanks). Reads only the file's tail when there are none.
+    Lines end at "\n", "\r\n" or a lone "\r", as pandas' parser ends them."""
+    with reading(path), open(require_file(path), "rb") as f:
         end = _content_end(f, f.seek(0, 2))
         f.seek(end)
         if end == 0 or len(f.read().decode("latin-1").splitlines()) < 2:
             return None
         f.seek(0)
-        breaks = 0
+        breaks, after_cr = 0, False
         while f.tell() < end:
-            breaks += f.read(min(TAIL_BLOCK * 64, end - f.tell())).count(b"\n")
+            block = f.read(min(TAIL_BLOCK * 64, end - f.tell()))
+            breaks += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+            breaks -= after_cr and block.startswith(b"\n")  # (a "\r\n" split between two blocks is one break)
+            after_cr = block.endswith(b"\r")
     return breaks + 1
 
 

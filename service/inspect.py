@@ -130,16 +130,16 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
     ys = np.array([it.get(y, 0.0) for it in items])
     fig, ax = plt.subplots(figsize=(12, 12))
     try:
-        ax.scatter(xs, ys, s=12, color="tab:blue")
-        draw_labels(ax, items[:labels], xs, ys)
-        ev = result.get("explained_variance") or []
-        names = {f"pc{k + 1}": f"PC{k + 1}" + (f" ({ev[k]:.0%} of variance)" if k < len(ev) else "")
-                 for k in range(N_COMPONENTS)}
-        ax.set_xlabel(names.get(x, x))
-        ax.set_ylabel(names.get(y, y))
-        ax.set_title(f"Item factors of the {len(items)} most-rated items (model version {result.get('version')})")
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:  # (a label's missing glyphs: measuring it draws it)
             warnings.simplefilter("always")
+            ax.scatter(xs, ys, s=12, color="tab:blue")
+            draw_labels(ax, items[:labels], xs, ys)
+            ev = result.get("explained_variance") or []
+            names = {f"pc{k + 1}": f"PC{k + 1}" + (f" ({ev[k]:.0%} of variance)" if k < len(ev) else "")
+                     for k in range(N_COMPONENTS)}
+            ax.set_xlabel(names.get(x, x))
+            ax.set_ylabel(names.get(y, y))
+            ax.set_title(f"Item factors of the {len(items)} most-rated items (model version {result.get('version')})")
             fig.savefig(Path(path), format="png", dpi=80, bbox_inches="tight")
     finally:
         plt.close(fig)

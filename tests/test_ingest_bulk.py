@@ -196,6 +196,20 @@ def test_a_missing_id_fails_the_ingest_and_unused_ids_are_not_created(tmp_path):
     engine.dispose()
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_or_blank_id_is_refused_by_the_bulk_write_itself(tmp_path, blank):
+    """Whatever reader a dataset comes from, the write refuses an id no command or URL can name (a 100k
+    u.data without u.user stored user '')."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    for col in ("user", "item"):
+        frame = pd.DataFrame({"user": ["a", "b"], "item": ["x", "y"], "rating": [5.0, 4.0], "timestamp": [1, 2]})
+        frame.loc[1, col] = blank
+        with pytest.raises(CfbError, match=rf"{col} id '{blank}' is empty \(or blank\), which no command or URL can name"):
+            ingest_dataset(engine, Dataset(frame, scale=(1.0, 5.0)))
+        assert stored(engine) == {}
+    engine.dispose()
+
+
 def test_a_full_read_returns_every_rating_in_seq_order_as_the_row_query_does(any_engine, monkeypatch):
     df = ratings_frame(300)
     df.loc[::7, "timestamp"] = None  # unknown times come back as -1

@@ -212,7 +212,9 @@ def test_trailing_blank_lines_are_found_from_the_tail(tmp_path):
     assert without_trailing_blank_lines("a\nb  \n \n\t\r\n") == "a\nb  \n"
     assert without_trailing_blank_lines("a\n\nb\n") == "a\n\nb\n"
     for text, lines in [("a\nb\n", None), ("a\nb", None), ("a\nb\n\n", 2), ("h\r\na\r\n\r\n  ", 2), ("\n\n", None),
-                        ("x\n" * 5000 + "\n" * (3 * TAIL_BLOCK), 5000), ("\n\na\n \n", 3)]:
+                        ("x\n" * 5000 + "\n" * (3 * TAIL_BLOCK), 5000), ("\n\na\n \n", 3),
+                        ("a\rb\r\r", 2), ("h\r\na\rb\n\n", 3),  # (a lone CR ends a line, as pandas reads it)
+                        ("x" * (64 * TAIL_BLOCK - 1) + "\r\ny\n\n", 2)]:  # (a CRLF split between two blocks)
         assert lines_before_trailing_blanks(write(tmp_path / "f.txt", text)) == lines, text[:20]
 
 

@@ -4,6 +4,7 @@ Each layout follows its official README (MovieLens 100k/1M/10M/CSV releases, goo
 each has a malformed variant that must fail with one line naming file, line and field, writing nothing."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -118,6 +119,15 @@ def test_movielens_100k_malformed(tmp_path, db_url):
     fails(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k", bad=True))),
           r"u\.data, line 3, field 'rating': not a number: 'one'")
     assert_nothing_written(db_url)
+    folder = tmp_path / "ml-100k"
+    for users_file in (True, False):  # (with u.user, as an id it does not list; without, it was stored as '')
+        if not users_file:
+            (folder / "u.user").unlink()
+        for line, field in (("\t242\t3\t881250949", "user"), (" \t242\t3\t881250949", "user"),
+                            ("196\t \t3\t881250949", "item")):
+            write(folder / "u.data", f"186\t302\t3\t891717742\n{line}\n")
+            fails(run(db_url, "ingest", "movielens", str(folder)), rf"u\.data, line 2, field '{field}': empty id$")
+    assert_nothing_written(db_url)
 
 
 # --- MovieLens 1M -----------------------------------------------------------------------------------------
@@ -153,6 +163,10 @@ def test_movielens_1m_malformed(tmp_path, db_url):
           r"users\.dat, line 3, field 'Age': unknown age code '30'")
     assert_nothing_written(db_url)
     folder = tmp_path / "ml-1m"
+    for code in ("²", "١"):  # digits to str.isdigit: '²' was a traceback, '١' read as 1 ("academic/educator")
+        write(folder / "users.dat", f"1::F::1::{code}::48067\n2::M::56::16::70072\n3::M::25::15::55117\n")
+        fails(run(db_url, "ingest", "movielens", str(folder)),
+              rf"users\.dat, line 1, field 'Occupation': unknown occupation code '{code}'")
     write(folder / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117\n")
     write(folder / "ratings.dat", "1::1193::5::978300760\n1::661::3\n")
     fails(run(db_url, "ingest", "movielens", str(folder)),
@@ -376,6 +390,10 @@ def test_goodbooks_malformed(tmp_path, db_url):
     write(folder / "books.csv", BOOKS_V2.replace(",2008.0,", ",around 2008,"))
     fails(run(db_url, "ingest", "goodbooks", str(folder)),
           r"books\.csv, line 2, field 'original_publication_year': not a year: 'around 2008'")
+    for year in ("1_999", "1e300", "２００８"):  # (float() reads them: 1999, and a 301-digit year)
+        write(folder / "books.csv", BOOKS_V2.replace(",2008.0,", f",{year},"))
+        fails(run(db_url, "ingest", "goodbooks", str(folder)),
+              rf"books\.csv, line 2, field 'original_publication_year': not a year: '{year}'")
     write(folder / "books.csv", BOOKS_V2.replace(",2008.0,The Games,", ',around 2008,"The\nGames",'))
     fails(run(db_url, "ingest", "goodbooks", str(folder)),  # (the line its record starts on, not where it ends)
           r"books\.csv, line 2, field 'original_publication_year': not a year: 'around 2008'")
@@ -619,6 +637,54 @@ def test_trailing_blank_lines_are_accepted(tmp_path, release, blanks):
             path.write_bytes(path.read_bytes() + extra.encode())
         got.append((ok(run(url, "ingest", kind, str(folder), "--json")), dump(url)))
     assert got[1] == got[0] and got[0][0]["ratings"] > 0
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("end", ["\r", "\r\n"])
+def test_every_file_of_a_release_may_end_its_lines_in_cr_or_crlf_and_blank_lines(tmp_path, release, end):
+    """Lines ended by a lone CR (old Mac files) or CRLF, with blank lines at the end: every rating is read
+    (a lone CR's lines were counted as one, and the ratings after it dropped with exit 0; a ratings.csv of
+    CR alone was a traceback)."""
+    make, kind = RELEASES[release]
+    got = []
+    for name, line_end in (("as-released", "\n"), ("other-ends", end)):
+        folder, url = make(tmp_path / name), f"sqlite:///{tmp_path / name}.db"
+        for path in folder.iterdir():
+            text = path.read_bytes().replace(b"\n", line_end.encode())
+            path.write_bytes(text + (line_end * 2).encode() * (name == "other-ends"))
+        got.append((ok(run(url, "ingest", kind, str(folder), "--json")), dump(url)))
+    assert got[1] == got[0] and got[0][0]["ratings"] > 0
+
+
+def test_a_lone_cr_inside_a_ratings_file_with_a_blank_tail_loses_no_rating(tmp_path, db_url):
+    folder = ml1m(tmp_path / "ml-1m")
+    write(folder / "ratings.dat", "1::1193::5::978300760\n2::1193::4::978298413\r3::3408::1::978297039\n\n")
+    assert ok(run(db_url, "ingest", "movielens", str(folder), "--json"))["ratings"] == 3
+    folder = ml_csv(tmp_path / "ml-latest")
+    write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\r2,3,0.5,964981247\r\r\r")
+    assert ok(run(f"sqlite:///{tmp_path / 'csv.db'}", "ingest", "movielens", str(folder), "--json"))["ratings"] == 2
+
+
+@pytest.mark.parametrize("release, file", [("100k", "u.item"), ("100k", "u.user"), ("1m", "ratings.dat"),
+                                           ("1m", "movies.dat"), ("1m", "users.dat"), ("csv", "ratings.csv"),
+                                           ("goodbooks-v2", "ratings.csv"), ("goodbooks-v2", "books.csv")])
+def test_a_file_that_cannot_be_read_is_named(tmp_path, db_url, release, file):
+    """A read error (EIO on a bad disk; here EINVAL, which reading /proc/self/clear_refs gives root) names the
+    file: it was 'Error: Invalid argument', with no file, from pandas' parser and the encoding's guess."""
+    trap = Path("/proc/self/clear_refs")
+    try:
+        with open(trap, "rb") as f:
+            f.read(1)
+        pytest.skip("reading /proc/self/clear_refs gives no error here")
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            pytest.skip(f"opening /proc/self/clear_refs: {e}")
+    make, kind = RELEASES[release]
+    folder = make(tmp_path / "release")
+    (folder / file).unlink()
+    (folder / file).symlink_to(trap)
+    fails(run(db_url, "ingest", kind, str(folder)), rf"{re.escape(file)}: cannot read \(Invalid argument\)$")
+    assert_nothing_written(db_url)
 
 
 def test_trailing_blank_lines_on_the_careful_paths_and_blank_lines_inside(tmp_path, db_url):
