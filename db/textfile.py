@@ -10,12 +10,14 @@ from ..cf_core.errors import InputError
 
 def require_file(path: Path) -> Path:
     """``path``, a file that can be opened for reading, else an ``InputError`` naming it: not found, a
-    directory, or unreadable (e.g. its permissions)."""
+    directory, a pipe or device, or unreadable (e.g. its permissions)."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", source=str(path))
     if path.is_dir():
         raise InputError("is a directory, expected a file", source=str(path))
+    if not path.is_file():  # (a pipe is read once, and a line named afterwards needs a second read; /dev/zero never ends)
+        raise InputError("is not a regular file (a pipe or a device): save it to a file first", source=str(path))
     try:
         with open(path, "rb"):
             pass

@@ -687,6 +687,20 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path, db_url, release, file):
     assert_nothing_written(db_url)
 
 
+def test_a_pipe_or_a_device_is_refused_as_no_file(tmp_path, db_url):
+    """A pipe is read once (the line of a bad row was lost on the second read) and /dev/zero never ends
+    (an ingest of it ran out of memory): both refused, naming them; a file given as stdin is read."""
+    fifo = tmp_path / "ratings.fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        fails(run(db_url, "ingest", "ratings", str(path)), rf"{re.escape(str(path))}: is not a regular file \(a pipe or a device\)")
+    folder = ml1m(tmp_path / "ml-1m")
+    (folder / "ratings.dat").unlink()
+    os.mkfifo(folder / "ratings.dat")
+    fails(run(db_url, "ingest", "movielens", str(folder)), r"ratings\.dat: is not a regular file")
+    assert_nothing_written(db_url)
+
+
 def test_trailing_blank_lines_on_the_careful_paths_and_blank_lines_inside(tmp_path, db_url):
     """Quoted ids (read as text, not as numbers) and a file ending in CRLF blank lines; a blank line
     between ratings stays refused, at its line."""
