@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 from sqlalchemy import Engine
 
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, InputError
 from ..db import ratings_io, store, versions
 from ..db.engine import writing
 from .state import Served, load_served, user_histories
@@ -75,7 +75,7 @@ def retrain_auto(engine: Engine, kind: str | None = None, valid_pct: float | Non
                                  f"(limit {percent(drift_limit)}): full retrain"}
     if full_only:
         verb = "applies" if len(full_only) == 1 else "apply"
-        raise CfbError(f"{', '.join(full_only)} only {verb} to a full retrain, and this one is incremental "
+        raise InputError(f"{', '.join(full_only)} only {verb} to a full retrain, and this one is incremental "
                        f"({percent(share)} of ratings newer than full version {root}): add --full (full=True in Python)")
     return retrain_incremental(engine)
 

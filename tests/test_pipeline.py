@@ -503,9 +503,9 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
             with pytest.raises(cfb.CfbError, match=r"^valid_pct must be a number in \[0, 1\), got 2$") as e:
                 db.retrain(full=full, valid_pct=2)
             assert "--valid-pct" not in str(e.value)
-        with pytest.raises(cfb.CfbError, match=r"^n_factors only applies to a full retrain"):
+        with pytest.raises(cfb.InputError, match=r"^n_factors only applies to a full retrain"):
             db.retrain(n_factors=3)
-        with pytest.raises(cfb.CfbError, match=r"^kind, n_factors only apply to a full retrain"):
+        with pytest.raises(cfb.InputError, match=r"^kind, n_factors only apply to a full retrain"):
             db.retrain(kind="nn", n_factors=3)
         # the settings `cfb retrain --full` checks, checked before anything trains
         for full in (True, False):
@@ -590,7 +590,7 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
                 (lambda: db.ingest_ratings(tmp_path / "r.csv", time_col=3), r"^time_col must be a column's name"),
                 (lambda: db.ingest_users(tmp_path / "r.csv", user_col=1), r"^user_col must be a column's name"),
                 (lambda: cfb.open(5), r"^url must be a database URL or a SQLite file's path, got int 5$")]:
-            with pytest.raises(cfb.CfbError, match=message):
+            with pytest.raises(cfb.InputError, match=message):  # (README: each refusal of bad input an InputError)
                 call()
         assert not list(tmp_path.glob("*.png")) and len(db.models()) == 1
         # as `cfb retrain --drift-limit`: the onboarded user's rating is drift, and a limit of 0 makes it full
