@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 from sqlalchemy import Engine
 
-from ..cf_core.errors import CfbError, InputError
+from ..cf_core.errors import InputError
 from ..db import ratings_io, store, versions
 from ..db.engine import writing
 from .state import Served, load_served, user_histories
