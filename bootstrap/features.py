@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .questionnaire import Questionnaire
+from .questionnaire import Questionnaire, is_finite_number
 
 N_BINS = 6
 
@@ -30,8 +30,9 @@ class AnswerEncoder:
         numeric, text = {}, {}
         for q in questionnaire.questions:
             vals = [a.get(q.name) for a in attributes if a.get(q.name) is not None]
-            if q.type == "number":
-                v = np.array(vals, dtype=float) if vals else np.zeros(1)
+            if q.type == "number":  # (a database from before ingest refused infinite numbers may hold some)
+                finite = [float(x) for x in vals if is_finite_number(x)]
+                v = np.array(finite) if finite else np.zeros(1)
                 edges = np.unique(np.quantile(v, np.linspace(0, 1, N_BINS + 1)[1:-1])).tolist()
                 numeric[q.name] = {"mean": float(v.mean()), "std": float(v.std() or 1.0), "edges": edges}
             elif q.type == "text":
@@ -60,7 +61,7 @@ class AnswerEncoder:
                 cols.append(block)
             elif q.type == "number":
                 st = self.numeric_stats[q.name]
-                missing = np.array([v is None for v in raw], dtype=float)
+                missing = np.array([not is_finite_number(v) for v in raw], dtype=float)  # (None, inf: unknown)
                 v = np.array([st["mean"] if m else float(x) for x, m in zip(raw, missing)])
                 bins = np.zeros((n, len(st["edges"]) + 1))
                 bins[np.arange(n), np.searchsorted(st["edges"], v, side="right")] = 1 - missing

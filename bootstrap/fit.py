@@ -55,13 +55,9 @@ def make_questionnaire(data: CollabData, item_ids: np.ndarray, attributes: list[
 
 
 def fit_bootstrap(data: CollabData, item_ids: np.ndarray, user_factors: np.ndarray, user_bias: np.ndarray,
-                  attributes: list[dict], alpha: float = 30.0, strategy: str = "positive",
-                  max_budget: int = MAX_BUDGET, seed: int = 42,
-                  questionnaire: Questionnaire | None = None, scale: tuple[float, float] | None = None) -> Bootstrap:
-    """Questionnaire (``make_questionnaire``, unless the one made already is given) and a ridge map
-    from answers to [embedding, bias], trained on warm users with the questionnaire simulated on them."""
-    if questionnaire is None:
-        questionnaire = make_questionnaire(data, item_ids, attributes, strategy, max_budget, scale)
+                  attributes: list[dict], questionnaire: Questionnaire, alpha: float = 30.0, seed: int = 42) -> Bootstrap:
+    """A ridge map from answers to ``questionnaire`` (``make_questionnaire``) to [embedding, bias], trained
+    on warm users with the questionnaire simulated on them."""
     asked = list(np.searchsorted(item_ids, questionnaire.items))
     encoder = AnswerEncoder.fit(questionnaire, attributes, item_means(data)[asked].tolist())
     users, budgets, answers = simulated_answers(data, asked, rng=np.random.default_rng(seed))

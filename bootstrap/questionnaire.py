@@ -6,11 +6,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..cf_core.data import liked_threshold
 from ..cf_core.errors import InputError, json_shown
 
 MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text (e.g. a zip code)
 MAX_BUDGET = 30  # the most items a questionnaire asks about
-POSITIVE_SHARE = 0.25  # a rating in the top quarter of the scale is "liked" (>= 4 on 1..5), as the ranker's positives
 
 
 @dataclass
@@ -146,8 +146,8 @@ def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: i
     "popularity": most-rated first; "entropy": log-popularity × entropy of the item's ratings."""
     counts = np.bincount(items, minlength=n_items).astype(float)
     if strategy == "positive":
-        lo, hi = scale if scale is not None else (float(ratings.min()), float(ratings.max()))
-        liked = np.bincount(items[ratings >= hi - POSITIVE_SHARE * (hi - lo)], minlength=n_items)
+        liked_at = liked_threshold(scale if scale is not None else (ratings.min(), ratings.max()))
+        liked = np.bincount(items[ratings >= liked_at], minlength=n_items)
         score = liked + counts / (counts.max() + 1)
     elif strategy == "popularity":
         score = counts

@@ -6,6 +6,21 @@ from dataclasses import dataclass
 import numpy as np
 
 
+POSITIVE_SHARE = 0.25  # a rating in the top quarter of the scale is "liked" (>= 4 on 1..5)
+
+
+def liked_threshold(scale: tuple[float, float], share: float = POSITIVE_SHARE) -> float:
+    """The least rating that counts as liked (a positive) on ``scale`` (lo, hi): its top ``share``."""
+    lo, hi = float(scale[0]), float(scale[1])
+    return lo + (1 - share) * (hi - lo)
+
+
+def damped_means(sums: np.ndarray, counts: np.ndarray, mean: float, damping: float = 10.0) -> np.ndarray:
+    """Each item's mean rating (``sums`` / ``counts``) damped toward ``mean``: (sum + damping × mean) /
+    (count + damping), so an item with few ratings is predicted near the global mean."""
+    return (np.asarray(sums, np.float64) + damping * mean) / (np.asarray(counts, np.float64) + damping)
+
+
 def default_y_range(lo: float, hi: float) -> tuple[float, float]:
     """fastai's y_range for a rating scale: (0, 5.5) for 1..5, i.e. a little room past both ends."""
     span = hi - lo

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .data import CollabData
+from .data import POSITIVE_SHARE, CollabData, liked_threshold
 from .progress import training_output
 
 N_COUNT_BUCKETS = 12  # n = 0, 1, 2–3, 4–7, …, ≥ 1024
@@ -87,7 +87,7 @@ class FeatureModelConfig:
     budgets: tuple[int, ...] = (0, 5, 15, 30)
     time_mask_first: int = 10
     n_bins: int = 10
-    positive_share: float = 0.25
+    positive_share: float = POSITIVE_SHARE
     rating_centre: float = 0.5
     shrink: float = 1.0
     max_user_epochs: int = 200_000
@@ -188,6 +188,7 @@ class _AttrEncoder:
             vals = [a.get(q.name) for a in attributes if a.get(q.name) is not None]
             if q.type == "number":
                 x = np.array([float(v) for v in vals if _is_num(v)], dtype=float)
+                x = x[np.isfinite(x)]  # (a database from before ingest refused infinite numbers may hold some)
                 edges = (np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1])).tolist()
                          if len(x) else [])
                 spec.append({"name": q.name, "type": "number", "edges": edges})
@@ -447,7 +448,7 @@ class FeatureUserModel:
 
     # ----------------------------------------------------------------- training
     def _prepare(self, data: CollabData, timestamps: np.ndarray, attributes: list[dict],
-                 questionnaire_items: list[int], scale: tuple[float, float], item_tie: np.ndarray | None) -> dict:
+                 questionnaire_items: list[int], item_tie: np.ndarray | None) -> dict:
         ts = np.asarray(timestamps, dtype=np.float64)
         if len(ts) != len(data):
             raise ValueError("timestamps must have one entry per rating")
@@ -492,15 +493,15 @@ class FeatureUserModel:
         from fastai.learner import Learner
         from fastai.torch_core import set_seed
 
-        from .train import compact_losses, pick_device
+        from .train import compact_losses, pick_device, tensor_to_numpy
 
         cfg = self.config
         lo, hi = float(scale[0]), float(scale[1])
         self.scale_ = (lo, hi)
-        self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
+        self.threshold_ = liked_threshold(scale, cfg.positive_share)
         self.encoder_ = _AttrEncoder.fit(questions, [attributes[u] for u in range(min(len(attributes), data.n_users))],
                                          cfg.n_bins)
-        prep = self._prepare(data, timestamps, attributes, questionnaire_items, scale, item_tie)
+        prep = self._prepare(data, timestamps, attributes, questionnaire_items, item_tie)
 
         device = pick_device(self.device)
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -531,16 +532,12 @@ class FeatureUserModel:
         self.fit_s_ = round(time.perf_counter() - t0, 3)
         self.train_loss_ = [float(v[0]) for v in learn.recorder.values]
         net.eval()
-
-        def npy(t):  # noqa: ANN001
-            return t.detach().float().cpu().numpy().astype(np.float32)
-
-        self.const_ = npy(net.const)
-        self.attr_tables_ = [npy(e.weight) for e in net.attrs]
-        self.seen_, self.rated_ = npy(net.seen.weight), npy(net.rated.weight)
-        self.count_, self.how_ = npy(net.count.weight), npy(net.how.weight)
-        self.bag_scale_ = None if net.bag_scale is None else 1 + npy(net.bag_scale)
-        self.out_, self.out_bias_ = npy(net.out.weight), npy(net.out_bias)
+        self.const_ = tensor_to_numpy(net.const)
+        self.attr_tables_ = [tensor_to_numpy(e.weight) for e in net.attrs]
+        self.seen_, self.rated_ = tensor_to_numpy(net.seen.weight), tensor_to_numpy(net.rated.weight)
+        self.count_, self.how_ = tensor_to_numpy(net.count.weight), tensor_to_numpy(net.how.weight)
+        self.bag_scale_ = None if net.bag_scale is None else 1 + tensor_to_numpy(net.bag_scale)
+        self.out_, self.out_bias_ = tensor_to_numpy(net.out.weight), tensor_to_numpy(net.out_bias)
         return self
 
     # ----------------------------------------------------------------- inference (numpy only)

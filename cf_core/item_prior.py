@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .data import POSITIVE_SHARE, liked_threshold
 
 MAX_RATINGS_PER_STEP = 10_000  # the rating part through an MLP: random batches of this many ratings
 MIN_HELD_OUT_ITEMS = 5  # fewer held-out items than this: the rating part takes its grid's strongest penalty
@@ -96,7 +97,7 @@ class ItemPriorConfig:
     rank_lr: float = 0.05
     hidden: int = 0
     rating_weight: float = 0.0
-    positive_share: float = 0.25
+    positive_share: float = POSITIVE_SHARE
     ridge_alpha: float = 10.0
 
     def to_json(self) -> dict:
@@ -326,14 +327,10 @@ class ItemPrior:
                  head=getattr(model.rating, "head", None), device=device)
         return self
 
-    def calibrate_ranking(self, item_attributes: list[dict], out: np.ndarray, out_bias: np.ndarray,
-                          rank_vecs: np.ndarray) -> None:
+    def _calibrate(self, X: np.ndarray, out: np.ndarray, out_bias: np.ndarray, rank_vecs: np.ndarray) -> None:
         """A softmax fixes scores only up to a constant, so the ranking part's scores live on their own
         level; shift its bias so that, averaged over the training users and items, a metadata row scores
         like the ranker's own rows (a new item then competes fairly with the items already known)."""
-        self._calibrate(self.encoder_.encode(item_attributes), out, out_bias, rank_vecs)
-
-    def _calibrate(self, X: np.ndarray, out: np.ndarray, out_bias: np.ndarray, rank_vecs: np.ndarray) -> None:
         rows = self._rows(X)
         mean_user = rank_vecs.mean(0)
         gap = (float(mean_user @ (out.mean(0) - rows["rank_out"].mean(0)))
@@ -374,8 +371,7 @@ class ItemPrior:
                                        cfg.crosses)
         X = self.encoder_.encode(item_attributes)
         self.y_range_ = tuple(float(v) for v in y_range)
-        lo, hi = float(scale[0]), float(scale[1])
-        self.threshold_ = lo + (1 - cfg.positive_share) * (hi - lo)
+        self.threshold_ = liked_threshold(scale, cfg.positive_share)
         users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
         ratings = np.asarray(ratings, np.float32)
         self.l2_, self.l2_errors_ = None, {}  # (the dot model's joint fit chooses one)
@@ -403,7 +399,7 @@ class ItemPrior:
                          rank_bias: np.ndarray | None = None) -> "ItemPrior":
         """The ranking part (``V_``, ``v_``) against the ranker's user vectors ``rank_vecs`` (None: no
         ranking part, zero columns), on the data of the preceding ``fit_rating_part``; given the ranker's
-        own rows (``rank_out``, ``rank_bias``), then calibrated to them (``calibrate_ranking``)."""
+        own rows (``rank_out``, ``rank_bias``), then calibrated to them (``_calibrate``)."""
         if not hasattr(self, "_pending"):
             raise RuntimeError("fit_ranking_part needs fit_rating_part first")
         p = self.__dict__.pop("_pending")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 
 from ..bootstrap.regressor import Bootstrap
+from .data import damped_means
 from .rating import FoldInConfig, most_similar, rating_model_from_arrays
 from .scoring import top_n
 
@@ -381,8 +382,8 @@ class TrainedModel:
     def damped_means(self, damping: float = 10.0) -> np.ndarray:
         """Each item's mean rating damped toward the global mean: (sum + damping × mean) / (count + damping)."""
         total = float(self.item_counts.sum())
-        mean = float(self.item_sums.sum()) / total if total else 0.0
-        return (self.item_sums + damping * mean) / (self.item_counts + damping)
+        return damped_means(self.item_sums, self.item_counts, float(self.item_sums.sum()) / total if total else 0.0,
+                            damping)
 
     def scores(self, user: UserVector) -> np.ndarray:
         """What recommendations are ranked by, for every item (higher is better)."""

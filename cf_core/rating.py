@@ -211,8 +211,7 @@ class DotRating(_RatingModel):
         prior_vec = np.asarray(prior_vec, np.float32)
         if len(items) == 0:
             return prior_vec, float(prior_bias)
-        prior = np.r_[prior_vec, prior_bias].astype(np.float64)
-        theta = self._gauss_newton(items, np.asarray(ratings, np.float64), prior,
+        theta = self._gauss_newton(items, np.asarray(ratings, np.float64), self._theta(prior_vec, prior_bias),
                                    np.r_[np.full(self.n_factors, config.reg), config.reg_bias], learned)
         return theta[:-1].astype(np.float32), float(theta[-1])
 

@@ -264,7 +264,8 @@ class CollabModel:
                                for s in range(0, len(users), 65536)] or [np.zeros(0, np.float32)])
 
 
-def _np(t) -> np.ndarray:  # noqa: ANN001
+def tensor_to_numpy(t) -> np.ndarray:  # noqa: ANN001
+    """A learned tensor as a float32 numpy array (on the CPU, out of autograd): what a version stores."""
     return t.detach().float().cpu().numpy().astype(np.float32)
 
 
@@ -284,10 +285,10 @@ class DotBias(CollabModel):
         return DotRating(self.y_range, self.item_factors_, self.item_bias_)
 
     def _export(self, module) -> None:  # noqa: ANN001
-        self.user_factors_ = _np(module.u_weight.weight)
-        self.item_factors_ = _np(module.i_weight.weight)
-        self.user_bias_ = _np(module.u_bias.weight)[:, 0]
-        self.item_bias_ = _np(module.i_bias.weight)[:, 0]
+        self.user_factors_ = tensor_to_numpy(module.u_weight.weight)
+        self.item_factors_ = tensor_to_numpy(module.i_weight.weight)
+        self.user_bias_ = tensor_to_numpy(module.u_bias.weight)[:, 0]
+        self.item_bias_ = tensor_to_numpy(module.i_bias.weight)[:, 0]
 
 
 class NeuralCF(CollabModel):
@@ -317,8 +318,8 @@ class NeuralCF(CollabModel):
         return [*super()._learned_arrays(), *(a for _, arrays in self.head_ for a in arrays)]
 
     def _export(self, module) -> None:  # noqa: ANN001
-        self.user_factors_ = _np(module.embeds[0].weight)
-        self.item_factors_ = _np(module.embeds[1].weight)
+        self.user_factors_ = tensor_to_numpy(module.embeds[0].weight)
+        self.item_factors_ = tensor_to_numpy(module.embeds[1].weight)
         self.user_bias_ = np.zeros(len(self.user_factors_), dtype=np.float32)
         self.item_bias_ = np.zeros(len(self.item_factors_), dtype=np.float32)
         self.head_ = export_head(module.layers)
@@ -335,13 +336,14 @@ def export_head(layers) -> Head:  # noqa: ANN001
     head: Head = []
     for m in leaves(layers):
         if isinstance(m, nn.Linear):
-            bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_features, dtype=np.float32)
-            head.append(("linear", [_np(m.weight), bias]))
+            bias = tensor_to_numpy(m.bias) if m.bias is not None else np.zeros(m.out_features, dtype=np.float32)
+            head.append(("linear", [tensor_to_numpy(m.weight), bias]))
         elif isinstance(m, nn.ReLU):
             head.append(("relu", []))
         elif isinstance(m, nn.BatchNorm1d):
-            scale = _np(m.weight) / np.sqrt(_np(m.running_var) + m.eps)
-            head.append(("affine", [scale.astype(np.float32), (_np(m.bias) - _np(m.running_mean) * scale).astype(np.float32)]))
+            scale = tensor_to_numpy(m.weight) / np.sqrt(tensor_to_numpy(m.running_var) + m.eps)
+            shift = tensor_to_numpy(m.bias) - tensor_to_numpy(m.running_mean) * scale
+            head.append(("affine", [scale.astype(np.float32), shift.astype(np.float32)]))
     return head
 
 

@@ -114,7 +114,8 @@ class Answer(Base):
 
 
 class ModelVersion(Base):
-    """A trained model. Incremental versions hold only the rows they changed; ``parent_id`` chains them."""
+    """A trained model. Incremental versions hold the rows they changed (and, every ``CHECKPOINT_EVERY``
+    of them, a checkpoint of the whole model); ``parent_id`` chains them."""
 
     __tablename__ = "model_versions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -138,7 +139,8 @@ class UserFactors(Base):
 
 
 class ModelArrays(Base):
-    """Named .npz blobs of a version: ``model.npz`` (a full version's arrays) or ``delta.npz`` (an incremental one's)."""
+    """Named .npz blobs of a version: ``model.npz`` (a full version's arrays, or an incremental one's
+    checkpoint) and ``delta.npz`` (an incremental one's changed rows)."""
 
     __tablename__ = "model_arrays"
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)

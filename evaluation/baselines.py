@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cf_core.data import damped_means
+
 AGE_BANDS = [18, 25, 35, 45, 50, 56]  # under 18, 18–24, 25–34, 35–44, 45–49, 50–55, 56+
 
 
@@ -22,7 +24,7 @@ class Popularity:
         self.counts_ = np.bincount(items, minlength=n_items).astype(float)
         sums = np.bincount(items, weights=ratings, minlength=n_items)
         self.global_mean_ = float(np.mean(ratings))
-        self.damped_mean_ = (sums + self.damping * self.global_mean_) / (self.counts_ + self.damping)
+        self.damped_mean_ = damped_means(sums, self.counts_, self.global_mean_, self.damping)
         return self
 
     def scores(self, attributes: dict | None = None) -> np.ndarray:

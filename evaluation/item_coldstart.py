@@ -60,11 +60,9 @@ class GenrePopularity:
     def __init__(self, genre_key: str = "genres", damping: float = DAMPING):
         self.genre_key, self.damping = genre_key, damping
 
-    def fit(self, warm_attrs: list[dict], counts: np.ndarray, sums: np.ndarray,
-            item_of_rating: np.ndarray | None = None) -> "GenrePopularity":
+    def fit(self, warm_attrs: list[dict], counts: np.ndarray, sums: np.ndarray) -> "GenrePopularity":
         """``warm_attrs[j]``, ``counts[j]``, ``sums[j]``: warm item j's metadata and its training ratings'
-        number and sum; ``item_of_rating``: the warm item of each training rating (unused; the
-        "sharing any genre" totals are built per item, each item counted once)."""
+        number and sum (the "sharing any genre" totals are built per item, each item counted once)."""
         counts, sums = np.asarray(counts, float), np.asarray(sums, float)
         self.global_mean_ = float(sums.sum() / max(counts.sum(), 1))
         self.item_genres_ = [set(_genres(a, self.genre_key)) for a in warm_attrs]
@@ -90,7 +88,7 @@ class GenrePopularity:
 class UserGenreAffinity:
     """§8 user-genre affinity. score(u, i) = Σ over i's genres g of u's training ratings >= 4 on warm
     items of genre g, / u's number of training ratings; ties broken by genre popularity; items still
-    tied are scored at their expected value under a random order (``rank_metrics`` does that).
+    tied are scored at their expected value under a random order (``expected_metrics`` does that).
     Predicted rating: genre popularity's prediction plus u's damped mean offset from genre
     popularity's predictions of u's training ratings, shrunk with 10 pseudo-ratings."""
 
@@ -202,7 +200,7 @@ def with_cold_items(model, cold_db: np.ndarray, cold_attrs: list[dict]):  # noqa
 
 
 # ------------------------------------------------------------------------------------------ one seed
-def evaluate_split(sp: dict, model, rank_vecs: np.ndarray | None, seed: int) -> dict:  # noqa: ANN001
+def evaluate_split(sp: dict, model, rank_vecs: np.ndarray | None) -> dict:  # noqa: ANN001
     """Score cfb (a model with the cold items added), the baselines and a random order on one split."""
     from ..cf_core.model import UserVector
 
@@ -293,7 +291,7 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     t0 = time.perf_counter()
     grown = with_cold_items(model, sp["cold_db"], sp["cold_attrs"])
     timings["add_items_s"] = round(time.perf_counter() - t0, 4)
-    res = evaluate_split(sp, grown, rank_vecs, seed)
+    res = evaluate_split(sp, grown, rank_vecs)
     return {"seed": seed, "n_cold_items": len(sp["cold_items"]), "n_warm_items": len(sp["td"].item_ids),
             "has_genres": any(_genres(a, "genres") for a in sp["warm_attrs"]),
             "n_cold_ratings": len(sp["cold_ratings"]), "timings": timings, "settings": dict(model.settings),

@@ -18,11 +18,6 @@ def recall_at_k(ranked: list, relevant: set, k: int = 10) -> float:
     return sum(1 for item in ranked[:k] if item in relevant) / n if n else 0.0
 
 
-def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
-    pred, truth = np.asarray(pred, float), np.asarray(truth, float)
-    return float(np.sqrt(np.mean((pred - truth) ** 2))) if len(pred) else float("nan")
-
-
 def standard_error(values) -> float | None:  # noqa: ANN001
     """Standard error of the mean of per-user values (None under two users)."""
     v = np.asarray(values, dtype=float)

@@ -21,7 +21,7 @@ from ..cf_core.model import UserHistory
 from ..db import store, versions
 from ..db.engine import EMPTY_DATABASE, is_missing_table
 from .http_json import ApiError, error_response, recommendation_query
-from .state import changed_again, learned_values, load_served
+from .state import CACHED_VERSIONS, changed_again, learned_values, load_served
 
 
 class _Cached(NamedTuple):
@@ -253,7 +253,7 @@ class FastReader:
         if served is None:
             with self.engine.connect() as conn:
                 served = load_served(conn, version)
-            while len(self.served) >= 4:  # a long-running server sees many versions: keep the latest few
+            while len(self.served) >= CACHED_VERSIONS:  # a long-running server sees many versions: keep the latest few
                 try:
                     self.served.pop(next(iter(self.served)), None)
                 except (RuntimeError, StopIteration):  # another thread changed it meanwhile

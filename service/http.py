@@ -52,6 +52,7 @@ from .http_guards import (LOOPBACK_NAMES, MAX_BODY, BodyLimit, DatabaseFileGone,
                           origin_key)
 from .http_json import (MAX_N, RETRY_AFTER, ApiError, error_response, error_status, json_response,
                         recommendation_query)
+from .inspect import item_href
 from .signup import signup_one
 from .state import load_served
 
@@ -124,14 +125,6 @@ def _page(title: str, body: str, token_required: bool = False) -> HTMLResponse:
 def _wants_html(request: Request) -> bool:
     """A browser's GET (its Accept header names text/html; an API client's says */* or JSON)."""
     return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("accept", "")
-
-
-def _item_href(item: str) -> str:
-    return escape("/item/" + quote(str(item), safe=""))
-
-
-def _user_href(user: str) -> str:
-    return escape("/user/" + quote(str(user), safe=""))
 
 
 def _name(entry: dict) -> str:
@@ -701,7 +694,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return _page(f"cfb: {rec['user']}", body, token is not None)
 
     def _rec_row(it: dict, scale: list[float]) -> str:
-        return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{_item_href(it['item'])}'>"
+        return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{item_href(it['item'])}'>"
                 f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
                 f"{_rating_select(scale, 'rate', it, 'rate…')}</li>")
 
@@ -709,7 +702,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     def item_page(item: str, n: int = Query(10, ge=1, le=MAX_N)):
         with engine.connect() as conn:
             out = serving.similar(conn, item, n)
-        rows = "".join(f"<li><a href='{_item_href(it['item'])}'>{_name(it)}</a> "
+        rows = "".join(f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
                        f"<span class='score'>{it['score']:.3f}</span></li>" for it in out["items"])
         body = (f"<h1 id='item-title'>{_name(out)}</h1><p class='small'>item {escape(str(out['item']))}</p>"
                 f"<h2>Similar items</h2><ol id='similar'>{rows}</ol>")
@@ -725,7 +718,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 b = serving.biases(conn, 10, min_ratings)
                 biases_html = "".join(
                     f"<div><h2>{label} bias</h2><ol>" + "".join(
-                        f"<li><a href='{_item_href(it['item'])}'>{_name(it)}</a> "
+                        f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
                         f"<span class='score'>{it['score']:+.3f}</span></li>" for it in b[key]) + "</ol></div>"
                     for label, key in (("Lowest", "lowest"), ("Highest", "highest")))
             except CfbError as e:

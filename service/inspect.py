@@ -177,6 +177,14 @@ LABEL_CHARS = 24  # a map label's length (the 160 px the map leaves right of its
 SVG_CHAR_WIDTH, SVG_LABEL_HEIGHT = 6.0, 12.0  # a label's box on the web page's map, px (10 px sans-serif, generous)
 
 
+def item_href(item: str) -> str:
+    """The web page of ``item`` (its id quoted as one path segment), escaped for an HTML attribute."""
+    from html import escape
+    from urllib.parse import quote
+
+    return escape("/item/" + quote(str(item), safe=""))
+
+
 def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y: str = "pc2") -> str:
     """The same map as inline SVG (every title escaped), for the web page: no image library needed."""
     from html import escape
@@ -206,16 +214,10 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
                          [(SVG_CHAR_WIDTH * len(label), SVG_LABEL_HEIGHT) for label in labels],
                          bounds=(20, 0, width, height - 20))  # (clear of the axes' names)
     for it, full, label, a, b, spot in zip(items, fulls, labels, px, py, spots):
-        href = "/item/" + escape(_quote(str(it["item"])))
+        href = item_href(it["item"])
         text = ("" if spot is None else  # (no free place beside the point: the title on hover only)
                 f"<text x='{spot[0]:.1f}' y='{spot[1] + SVG_LABEL_HEIGHT - 3:.1f}' font-size='10'>{escape(label)}</text>")
         parts.append(f"<a href='{href}'><circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='#1f77b4'>"
                      f"<title>{escape(full)}</title></circle>{text}</a>")
     parts.append("</svg>")
     return "".join(parts)
-
-
-def _quote(s: str) -> str:
-    from urllib.parse import quote
-
-    return quote(s, safe="")

@@ -27,7 +27,6 @@ class Signup:
     user: str | None
     attributes: dict
     ratings: dict[int, float]
-    raw_ratings: dict
     asked: int | None = None  # how many questionnaire items they were shown (None: not said)
 
 
@@ -260,7 +259,7 @@ class SignupValidator:
                 asked = None  # not the serving questionnaire's first `asked`: its Q is inferred from the answers
         if user is not None:
             self.batch_users.add(user)
-        return Signup(user, attributes, ratings, raw, asked)
+        return Signup(user, attributes, ratings, asked)
 
     def _shown_questionnaire(self, where: str, version) -> Questionnaire:  # noqa: ANN001
         """The questionnaire the signup answered: that of ``version`` (the model version whose

@@ -49,7 +49,6 @@ def signup_one(engine: Engine, entry: dict, where: str = "request body") -> dict
     read whole (a signup costs the same with 1,000 or 1,000,000 users)."""
     from sqlalchemy import bindparam, select
 
-    from ..db import store
     from ..db.schema import Item, User
     from .onboard import SignupValidator, new_user_id, store_signup
 

@@ -145,8 +145,8 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
                        # (a sum over threads adds in another order: the nn model's arrays follow the count)
                        "torch_threads": 1 if side_by_side else torch_thread_count()})
         t0 = time.perf_counter()
-        boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes,
-                             alpha=BOOTSTRAP_ALPHA, seed=seed, questionnaire=questionnaire)
+        boot = fit_bootstrap(td.data, td.item_ids, est.user_factors_, est.user_bias_, td.attributes, questionnaire,
+                             alpha=BOOTSTRAP_ALPHA, seed=seed)
         report["bootstrap_s"] = round(time.perf_counter() - t0, 3)
         prior = None
         if names:  # the item prior's rating part needs the rating model only: fitted while the ranker trains
@@ -433,7 +433,7 @@ def encoded_metadata(prior, item_attributes: list[dict], chunk: int = 4096) -> d
 def metadata_only_items(conn, model: TrainedModel, rated: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
     """Database ids of the catalogue items with metadata that ``model`` lacks, other than ``rated``
     (items with ratings, which join from those): those a version adds from their metadata alone.
-    None without an item prior."""
+    None of them (an empty array) without an item prior."""
     if model.item_prior is None:
         return np.zeros(0, np.int64)
     catalogue = store.all_item_ids(conn)
