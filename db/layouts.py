@@ -192,9 +192,7 @@ def read_dat_ratings(path: Path, encoding: str = "latin-1") -> pd.DataFrame:
 
 def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: str | None) -> pd.DataFrame:
     """A ratings CSV whose header is exactly the release's columns (in any order)."""
-    text_head = _first_line(path)
-    header = next(csv.reader([text_head]), [])
-    header = [h.strip() for h in header]
+    header = _csv_header(path)
     check_unique_columns(header, path, 1)
     wanted = [c for c in (user, item, rating, timestamp) if c]
     missing = [c for c in wanted if c not in header]
@@ -283,7 +281,10 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
         return None
     if list(df.columns) != header or not np.isfinite(df[rating]).all():
         return None
-    raw = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    try:
+        raw = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    except OSError:  # (a file system that cannot map files: the careful reader reads it)
+        return None
     # byte offsets as int32 when they fit, and arrays reused in place: on a large release each fresh
     # array of offsets costs more in first-touched memory than the arithmetic on it
     at_type = np.int32 if len(raw) < 2**31 - 64 else np.int64
@@ -326,20 +327,29 @@ def _with_whole_number_ids(path: Path, header: list[str], user: str, item: str, 
 
 def _first_line(path: Path) -> str:
     """The file's first line (ended by "\n", "\r\n" or a lone "\r", as pandas ends lines), as UTF-8 text."""
-    head = b""
+    blocks: list[bytes] = []
     with reading(path), open(require_file(path), "rb") as f:
-        while not (ends := [k for k in (head.find(b"\n"), head.find(b"\r")) if k >= 0]):
-            block = f.read(1 << 16)
-            if not block:
+        while block := f.read(1 << 16):
+            ends = [k for k in (block.find(b"\n"), block.find(b"\r")) if k >= 0]
+            blocks.append(block[:min(ends)] if ends else block)
+            if ends:
                 break
-            head += block
+    head = b"".join(blocks)
     try:
-        line = head[:min(ends, default=len(head))].decode("utf-8").lstrip("\ufeff")
+        line = head.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError:
         raise InputError("not valid utf-8 text", source=str(path), line=1) from None
     if not line.strip():
-        raise InputError("empty file" if not head else BLANK_HEADER, source=str(path), line=1)
+        raise InputError("empty file" if not blocks else BLANK_HEADER, source=str(path), line=1)
     return line
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file's first line, spaces around them left out."""
+    try:
+        return [h.strip() for h in next(csv.reader([_first_line(path)]), [])]
+    except csv.Error as e:  # (a name longer than the csv module's field limit, 128 KiB)
+        raise InputError(f"malformed CSV header ({e})", source=str(path), line=1) from None
 
 
 BLANK_HEADER = "blank line where the header should be (the header is the file's first line)"
@@ -700,7 +710,7 @@ def is_goodbooks(folder: Path) -> bool:
 
 def _ratings_header(folder: Path) -> list[str]:
     """The column names of ``folder``'s ratings.csv (spaces around them left out)."""
-    return [h.strip() for h in next(csv.reader([_first_line(Path(folder) / "ratings.csv")]), [])]
+    return _csv_header(Path(folder) / "ratings.csv")
 
 
 def goodbooks_release(folder: Path) -> str:

@@ -2,6 +2,7 @@
 the ratings table in bulk is ``ratings_io``'s."""
 from __future__ import annotations
 
+import re
 import sqlite3
 import unicodedata
 from collections.abc import Callable
@@ -263,7 +264,7 @@ def id_problem(external_id: str, what: str = "user") -> str | None:
     take them; not ``.`` or ``..``, which no URL path can name: a browser or client resolves them away;
     no line break, which no route of the HTTP API matches; not empty or blank)."""
     if not external_id.strip():
-        return "is empty (or blank), which no command or URL can name"
+        return "is empty (or blank)"
     if external_id in (".", ".."):
         where = "/items/" if what == "item" else "/users/"
         return f"is {external_id!r}, which a URL cannot name ({where}{external_id}/… is read as another path)"
@@ -296,12 +297,16 @@ def check_id(external_id: str, what: str = "id", *, source: str | None = None, l
         raise InputError(f"{what} id {shown_id(external_id)} {problem}", source=source, line=line, field=field)
 
 
+_SPACE = re.compile(r"\s")
+
+
 def first_bad_id(external_ids: list[str]) -> int | None:
     """The position of the first id that cannot be a user's or item's (``id_problem``), else None;
-    quick when every one can (a million ids in about 40 ms)."""
+    quick when every one can (a million ids in about 0.1 s)."""
     joined = "".join(external_ids)
     if not external_ids or (max(map(len, external_ids)) <= MAX_ID_LENGTH and "\x00" not in joined
-                            and "\n" not in joined and "\r" not in joined and all(map(str.strip, external_ids))
+                            and "\n" not in joined and "\r" not in joined and "" not in external_ids
+                            and (not _SPACE.search(joined) or all(map(str.strip, external_ids)))
                             and "." not in external_ids and ".." not in external_ids):
         return None
     return next(k for k, e in enumerate(external_ids) if id_problem(e) is not None)

@@ -89,7 +89,9 @@ def lines_before_trailing_blanks(path: Path) -> int | None:
         breaks, after_cr = 0, False
         while f.tell() < end:
             block = f.read(min(TAIL_BLOCK * 64, end - f.tell()))
-            breaks += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+            breaks += block.count(b"\n")
+            if b"\r" in block:
+                breaks += block.count(b"\r") - block.count(b"\r\n")
             breaks -= after_cr and block.startswith(b"\n")  # (a "\r\n" split between two blocks is one break)
             after_cr = block.endswith(b"\r")
     return breaks + 1

@@ -130,7 +130,7 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
     ys = np.array([it.get(y, 0.0) for it in items])
     fig, ax = plt.subplots(figsize=(12, 12))
     try:
-        with warnings.catch_warnings(record=True) as caught:  # (a label's missing glyphs: measuring it draws it)
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ax.scatter(xs, ys, s=12, color="tab:blue")
             draw_labels(ax, items[:labels], xs, ys)
@@ -152,7 +152,11 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
 
 def draw_labels(ax, items: list[dict], xs: np.ndarray, ys: np.ndarray) -> list:  # noqa: ANN001
     """Label ``items`` (their points at ``xs``, ``ys``, data units) on matplotlib axes ``ax`` where
-    ``place_labels`` puts them, measured in the figure's pixels; returns the texts drawn."""
+    ``place_labels`` puts them, measured in the figure's pixels and kept inside the axes' frame (clear of
+    the ticks, the axes' names and the title); returns the texts drawn. A font's missing glyphs are
+    warned of when the figure is drawn (a label left out says nothing), not while measuring."""
+    import warnings
+
     ax.set_xlim(*ax.get_xlim())  # (the axes' limits stay as the points set them: labels must not move them)
     ax.set_ylim(*ax.get_ylim())
     renderer = ax.figure.canvas.get_renderer()
@@ -160,9 +164,14 @@ def draw_labels(ax, items: list[dict], xs: np.ndarray, ys: np.ndarray) -> list: 
                      color=np.random.default_rng(zlib.crc32(str(it["item"]).encode())).uniform(0, 0.8, 3))
              for it, a, b in zip(items, xs, ys)]
     anchors = ax.transData.transform(np.column_stack([xs[:len(texts)], ys[:len(texts)]])) if texts else np.empty((0, 2))
-    sizes = np.array([[e.width, e.height] for e in (t.get_window_extent(renderer) for t in texts)]).reshape(-1, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sizes = np.array([[e.width, e.height] for e in (t.get_window_extent(renderer) for t in texts)]).reshape(-1, 2)
+    for w in caught:
+        if not str(w.message).startswith("Glyph "):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     drawn = []
-    for t, spot in zip(texts, place_labels(anchors, sizes)):
+    for t, spot in zip(texts, place_labels(anchors, sizes, bounds=tuple(ax.get_window_extent(renderer).extents))):
         if spot is None:
             t.remove()
             continue
@@ -174,7 +183,16 @@ def draw_labels(ax, items: list[dict], xs: np.ndarray, ys: np.ndarray) -> list: 
 
 
 LABEL_CHARS = 24  # a map label's length (the 160 px the map leaves right of its points); the full title on hover
-SVG_CHAR_WIDTH, SVG_LABEL_HEIGHT = 6.0, 12.0  # a label's box on the web page's map, px (10 px sans-serif, generous)
+SVG_LABEL_HEIGHT = 12.0  # a label's box on the web page's map, px (10 px text)
+SVG_CHAR_WIDTH, SVG_WIDE_CHAR_WIDTH = 7.0, 11.0  # a character's width there: generous for sans-serif fonts at 10 px
+
+
+def svg_label_width(label: str) -> float:
+    """A label's width on the web page's map (px), measured by no font: the browser's is unknown, so each
+    character counts as wide as a generous 10 px sans-serif one (a CJK one, wider still)."""
+    import unicodedata
+
+    return sum(SVG_WIDE_CHAR_WIDTH if unicodedata.east_asian_width(c) in "WF" else SVG_CHAR_WIDTH for c in label)
 
 
 def item_href(item: str) -> str:
@@ -211,7 +229,7 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
     fulls = [str(it["title"] or it["item"]) for it in items]
     labels = [full if len(full) <= LABEL_CHARS else full[:LABEL_CHARS - 1] + "…" for full in fulls]  # (in full on hover)
     spots = place_labels(np.column_stack([px, py]),
-                         [(SVG_CHAR_WIDTH * len(label), SVG_LABEL_HEIGHT) for label in labels],
+                         [(svg_label_width(label), SVG_LABEL_HEIGHT) for label in labels],
                          bounds=(20, 0, width, height - 20))  # (clear of the axes' names)
     for it, full, label, a, b, spot in zip(items, fulls, labels, px, py, spots):
         href = item_href(it["item"])

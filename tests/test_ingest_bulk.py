@@ -204,7 +204,7 @@ def test_an_empty_or_blank_id_is_refused_by_the_bulk_write_itself(tmp_path, blan
     for col in ("user", "item"):
         frame = pd.DataFrame({"user": ["a", "b"], "item": ["x", "y"], "rating": [5.0, 4.0], "timestamp": [1, 2]})
         frame.loc[1, col] = blank
-        with pytest.raises(CfbError, match=rf"{col} id '{blank}' is empty \(or blank\), which no command or URL can name"):
+        with pytest.raises(CfbError, match=rf"{col} id '{blank}' is empty \(or blank\)$"):
             ingest_dataset(engine, Dataset(frame, scale=(1.0, 5.0)))
         assert stored(engine) == {}
     engine.dispose()

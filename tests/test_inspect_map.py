@@ -4,8 +4,9 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
-from cfb.service.inspect import LABEL_POINT, SVG_CHAR_WIDTH, SVG_LABEL_HEIGHT, draw_labels, pca_svg, place_labels
+from cfb.service.inspect import LABEL_POINT, SVG_LABEL_HEIGHT, draw_labels, pca_svg, place_labels, svg_label_width
 
 
 def overlaps(a: tuple, b: tuple) -> bool:
@@ -49,7 +50,7 @@ def test_web_map_labels_do_not_overlap_and_every_item_keeps_its_link_and_title()
     result = crowded_map()
     svg = pca_svg(result)
     texts = re.findall(r"<text x='([\d.-]+)' y='([\d.-]+)' font-size='10'>([^<]*)</text>", svg)
-    boxes = [(float(x), float(y) - SVG_LABEL_HEIGHT + 3, float(x) + SVG_CHAR_WIDTH * len(t.replace("&#x27;", "'")),
+    boxes = [(float(x), float(y) - SVG_LABEL_HEIGHT + 3, float(x) + svg_label_width(t.replace("&#x27;", "'")),
               float(y) + 3) for x, y, t in texts]
     assert 4 < len(boxes) < len(result["items"])  # the clusters' labels cannot all fit; the four far ones do
     assert not any(overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
@@ -80,3 +81,48 @@ def test_png_map_labels_measured_by_the_renderer_do_not_overlap():
     assert not any(overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert not any(overlaps(a, (px - 2, py - 2, px + 2, py + 2)) for a in boxes for px, py in points)
     assert {t.get_text() for t in drawn} >= {"Title number 0 (1995)", "Title number 59 (1995)"}
+
+
+def test_png_map_labels_stay_inside_the_axes_frame_clear_of_ticks_and_names():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        xs, ys = rng.uniform(-1, 1, 50), rng.uniform(-1, 1, 50)
+        items = [{"item": f"i{k}", "title": f"A long enough title number {k}"} for k in range(50)]
+        fig, ax = plt.subplots(figsize=(12, 12))
+        try:
+            ax.scatter(xs, ys, s=12)
+            ax.set_xlabel("PC1")
+            ax.set_ylabel("PC2")
+            renderer = fig.canvas.get_renderer()
+            drawn = draw_labels(ax, items, xs, ys)
+            frame = ax.get_window_extent(renderer)
+            others = [t.get_window_extent(renderer) for t in ax.get_xticklabels() + ax.get_yticklabels()
+                      + [ax.xaxis.label, ax.yaxis.label] if t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in drawn]
+        finally:
+            plt.close(fig)
+        assert drawn and all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
+                             for b in boxes)
+        assert not any(b.overlaps(o) for b in boxes for o in others)
+
+
+def test_a_label_left_out_says_nothing_of_its_glyphs(tmp_path):
+    """The note names the characters of labels drawn as boxes, not of a label that was left out (here one
+    wider than the whole map, which fits nowhere)."""
+    from cfb.service.inspect import plot_pca
+
+    def result(title: str) -> dict:
+        return {"version": 1, "explained_variance": [0.3, 0.1, 0.05],
+                "items": [{"item": "far", "title": "Far", "pc1": 5.0, "pc2": 5.0, "pc3": 0.0},
+                          {"item": "cjk", "title": title, "pc1": 0.0, "pc2": 0.0, "pc3": 0.0}]}
+
+    drawn = plot_pca(result("東京"), tmp_path / "a.png")
+    if not drawn:
+        pytest.skip("this machine's plot font draws CJK characters")
+    assert drawn == "京東"  # (drawn as boxes, so named)
+    assert plot_pca(result("東京" * 200), tmp_path / "b.png") == ""  # (left out: nothing drawn as boxes)

@@ -687,6 +687,32 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path, db_url, release, file):
     assert_nothing_written(db_url)
 
 
+def test_a_file_system_that_cannot_map_files_is_read_by_the_careful_reader(tmp_path, monkeypatch):
+    """The whole-number fast path maps the file; where that fails (some FUSE mounts: ENODEV) the file is
+    still read, not refused as unreadable."""
+    from cfb.db import layouts
+
+    path = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,5\n2,10,3.5,6\n")
+    expected = layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp")
+
+    def no_map(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(layouts.np, "memmap", no_map)
+    got = layouts.read_csv_ratings(path, "userId", "movieId", "rating", "timestamp")
+    assert got.astype({"user": str, "item": str}).equals(expected.astype({"user": str, "item": str}))
+
+
+def test_a_header_longer_than_a_read_block_is_read_whole_and_one_past_the_csv_limit_is_named(tmp_path, db_url):
+    folder = ml_csv(tmp_path / "ml-latest")
+    long_name = "x" * (3 << 16)  # (the first line is read in 64 KiB blocks)
+    write(folder / "ratings.csv", f"userId,movieId,rating,timestamp,{long_name}\r1,1,4.0,964982703,a\r")
+    fails(run(db_url, "ingest", "movielens", str(folder)),  # (a csv traceback: 'field larger than field limit')
+          r"ratings\.csv, line 1: malformed CSV header \(field larger than field limit \(131072\)\)$")
+    write(folder / "ratings.csv", f"userId,movieId,rating,timestamp,{long_name[:100_000]}\r1,1,4.0,964982703,a\r")
+    assert ok(run(db_url, "ingest", "movielens", str(folder), "--json"))["ratings"] == 1  # (under the limit: read)
+
+
 def test_a_pipe_or_a_device_is_refused_as_no_file(tmp_path, db_url):
     """A pipe is read once (the line of a bad row was lost on the second read) and /dev/zero never ends
     (an ingest of it ran out of memory): both refused, naming them; a file given as stdin is read."""
