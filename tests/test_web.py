@@ -174,3 +174,21 @@ def test_bad_input_on_a_page_shows_an_html_error_with_a_link_back(trained, db_ur
             browser.find_element(By.ID, "back").click()
             WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "signup"))
             assert browser.current_url == base + "/"
+
+
+def test_the_explore_maps_labels_do_not_overlap_as_the_browser_draws_them(trained, db_url, browser):
+    """The PCA map's labels, measured by the browser's own font (getBBox): no two overlap and each lies
+    inside the map; the planted items sit in two tight clusters, so some are left out, their points kept."""
+    with running_server(db_url) as base:
+        browser.get(base + "/explore?n=40")
+        boxes = browser.execute_script(
+            "return [...document.querySelectorAll('#pca svg a text')].map(t => {"
+            "const b = t.getBBox(); return [b.x, b.y, b.x + b.width, b.y + b.height]; });")
+        points = len(browser.find_elements(By.CSS_SELECTOR, "#pca svg a circle"))
+        width, height = browser.execute_script(
+            "const v = document.querySelector('#pca svg').viewBox.baseVal; return [v.width, v.height];")
+    assert points == 40 and 2 <= len(boxes) < points
+    assert all(0 <= x0 and x1 <= width and 0 <= y0 and y1 <= height for x0, y0, x1, y1 in boxes)
+    overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                   if a[0] < b[2] - 0.5 and b[0] < a[2] - 0.5 and a[1] < b[3] - 0.5 and b[1] < a[3] - 0.5]
+    assert not overlapping
