@@ -16,7 +16,7 @@ def require_file(path: Path) -> Path:
         raise InputError("file not found", source=str(path))
     if path.is_dir():
         raise InputError("is a directory, expected a file", source=str(path))
-    if not path.is_file():  # (a pipe is read once, and a line named afterwards needs a second read; /dev/zero never ends)
+    if not path.is_file():  # (a pipe is read once, and naming a bad line reads it again; /dev/zero never ends)
         raise InputError("is not a regular file (a pipe or a device): save it to a file first", source=str(path))
     try:
         with open(path, "rb"):
