@@ -219,12 +219,13 @@ class _AttrEncoder:
 
 
 def _is_num(v) -> bool:  # noqa: ANN001
+    """A number (not a bool) that a float holds (an int too large for one is not: 10**400)."""
     if isinstance(v, bool):
         return False
     try:
         float(v)
         return True
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 

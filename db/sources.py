@@ -192,7 +192,10 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
         raise InputError("empty file", source=str(path), line=1)
     at, first = next(((n, line) for n, line in enumerate(text_lines(text.lstrip("\ufeff")), start=1)
                       if line.strip()), (1, ""))  # (the header: pandas skips blank lines before it)
-    header = [h.strip() for h in next(csv.reader([first], skipinitialspace=True), [])]  # ("rating " is rating)
+    try:
+        header = [h.strip() for h in next(csv.reader([first], skipinitialspace=True), [])]  # ("rating " is rating)
+    except csv.Error as e:  # (a name longer than the csv module's field limit, 128 KiB)
+        raise InputError(f"malformed CSV header ({e})", source=str(path), line=at) from None
     check_unique_columns(header, path, at)
     try:
         with warnings.catch_warnings():  # a row longer than the header: an error (pandas would take the

@@ -182,7 +182,7 @@ def draw_labels(ax, items: list[dict], xs: np.ndarray, ys: np.ndarray) -> list: 
     return drawn
 
 
-LABEL_CHARS = 24  # a map label's length (the 160 px the map leaves right of its points); the full title on hover
+LABEL_CHARS = 24  # a map label's length, the full title on hover (right of the rightmost points it goes left)
 SVG_LABEL_HEIGHT = 12.0  # a label's box on the web page's map, px (10 px text)
 SVG_CHAR_WIDTH, SVG_WIDE_CHAR_WIDTH = 7.0, 11.0  # a character's width there: generous for sans-serif fonts at 10 px
 

@@ -194,21 +194,21 @@ def test_history_vectors_equal_one_reveal_per_user(count_scale):
 
 
 def test_an_infinite_stored_number_leaves_both_answer_encoders_finite():
-    """A database from before ingest refused infinite numbers may hold an age of inf: the questions skip it
-    (infer_questions), and so must the bootstrap's and the ranker's encoders (mean inf and NaN bin edges
-    made every user's features NaN)."""
+    """A database from before ingest refused infinite numbers may hold an age of inf (or 10**400, which no
+    float holds): the questions skip it (infer_questions), and so must the bootstrap's and the ranker's
+    encoders (mean inf and NaN bin edges made every user's features NaN; 10**400 was an OverflowError)."""
     from cfb.bootstrap.features import AnswerEncoder
     from cfb.bootstrap.questionnaire import Questionnaire
     from cfb.cf_core.feature_model import _AttrEncoder
 
-    attrs = [{"age": 20}, {"age": float("inf")}, {"age": 30}, {"age": 40}, {"age": float("nan")}]
+    attrs = [{"age": 20}, {"age": float("inf")}, {"age": 30}, {"age": 40}, {"age": float("nan")}, {"age": 10**400}]
     questions = infer_questions(attrs)
     assert [(q.name, q.type, q.range) for q in questions] == [("age", "number", [20.0, 40.0])]
     enc = AnswerEncoder.fit(Questionnaire(questions, []), attrs, [])
     assert np.isfinite(enc.numeric_stats["age"]["mean"]) and np.isfinite(enc.numeric_stats["age"]["edges"]).all()
-    rows = enc.transform(attrs + [{"age": 25}, {}], [{}] * 7)
+    rows = enc.transform(attrs + [{"age": 25}, {}], [{}] * 8)
     assert np.isfinite(rows).all()
-    assert (rows[1] == rows[6]).all() and (rows[4] == rows[6]).all()  # (inf and NaN: as unknown as no answer)
+    assert (rows[1] == rows[7]).all() and (rows[4] == rows[7]).all() and (rows[5] == rows[7]).all()  # (as no answer)
     attr_enc = _AttrEncoder.fit(questions, attrs, n_bins=4)
     assert np.isfinite(attr_enc.spec[0]["edges"]).all()
-    assert [attr_enc.encode(a)[0] for a in attrs] == [1, 0, 3, 4, 0]  # (edges 25, 30, 35; inf, NaN unknown)
+    assert [attr_enc.encode(a)[0] for a in attrs] == [1, 0, 3, 4, 0, 0]  # (edges 25, 30, 35; inf, NaN, 10**400 unknown)

@@ -711,6 +711,9 @@ def test_a_header_longer_than_a_read_block_is_read_whole_and_one_past_the_csv_li
           r"ratings\.csv, line 1: malformed CSV header \(field larger than field limit \(131072\)\)$")
     write(folder / "ratings.csv", f"userId,movieId,rating,timestamp,{long_name[:100_000]}\r1,1,4.0,964982703,a\r")
     assert ok(run(db_url, "ingest", "movielens", str(folder), "--json"))["ratings"] == 1  # (under the limit: read)
+    big = write(tmp_path / "big.csv", f"user,item,rating,{long_name}\n1,2,4,a\n")  # (a ratings file of your own)
+    fails(run(f"sqlite:///{tmp_path / 'own.db'}", "ingest", "ratings", str(big)),
+          r"big\.csv, line 1: malformed CSV header \(field larger than field limit \(131072\)\)$")
 
 
 def test_a_pipe_or_a_device_is_refused_as_no_file(tmp_path, db_url):
