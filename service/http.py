@@ -288,7 +288,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         """``error_response(e)`` (JSON), or on a web page the same message and status as an HTML page; an
         address no route has is answered as a page to a browser (which asks for HTML first)."""
         endpoint = request.scope.get("endpoint")
-        if endpoint not in pages and not (endpoint is None and _wants_html(request)):
+        no_route = endpoint is None or isinstance(endpoint, StaticFiles)  # (a file the static folder lacks too)
+        if endpoint not in pages and not (no_route and _wants_html(request)):
             return error_response(e)
         if isinstance(e, ApiError):
             return error_page(e.message, e.status, e.headers)
@@ -687,7 +688,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             scale = _scale(conn)
         items = "".join(_rec_row(it, scale) for it in rec["items"])
         body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
-                f"<p>The number is the predicted rating. Rate any of them: the list updates at once.</p>"
+                f"<p>The number is the predicted rating. Rate any of them (choose a rating, then Rate or Enter): "
+                f"the list updates at once.</p>"
                 f"<ol id='recs' data-user='{escape(rec['user'])}' data-n='{n}' "
                 f"data-scale='{escape(json.dumps(scale))}'>{items}</ol>"
                 f"<p id='rate-status' role='status'></p><p id='rate-error' class='error' role='alert'></p>")
@@ -696,7 +698,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     def _rec_row(it: dict, scale: list[float]) -> str:
         return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{item_href(it['item'])}'>"
                 f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
-                f"{_rating_select(scale, 'rate', it, 'rate…')}</li>")
+                f"{_rating_select(scale, 'rate', it, 'rate…')} "
+                f"<button type='button' class='rate' aria-label='rate {_name(it)}'>Rate</button></li>")
 
     @page("/item/{item:id}")
     def item_page(item: str, n: int = Query(10, ge=1, le=MAX_N)):

@@ -228,13 +228,17 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
              f"text-anchor='middle'>{escape(y.upper())}</text>"]
     fulls = [str(it["title"] or it["item"]) for it in items]
     labels = [full if len(full) <= LABEL_CHARS else full[:LABEL_CHARS - 1] + "…" for full in fulls]  # (in full on hover)
-    spots = place_labels(np.column_stack([px, py]),
-                         [(svg_label_width(label), SVG_LABEL_HEIGHT) for label in labels],
+    widths = [svg_label_width(label) for label in labels]
+    spots = place_labels(np.column_stack([px, py]), [(w, SVG_LABEL_HEIGHT) for w in widths],
                          bounds=(20, 0, width, height - 20))  # (clear of the axes' names)
-    for it, full, label, a, b, spot in zip(items, fulls, labels, px, py, spots):
+    for it, full, label, a, b, w, spot in zip(items, fulls, labels, px, py, widths, spots):
         href = item_href(it["item"])
-        text = ("" if spot is None else  # (no free place beside the point: the title on hover only)
-                f"<text x='{spot[0]:.1f}' y='{spot[1] + SVG_LABEL_HEIGHT - 3:.1f}' font-size='10'>{escape(label)}</text>")
+        text = ""  # (no free place beside the point: the title on hover only)
+        if spot is not None:  # a box left of its point is drawn from its right end: the text ends at its point
+            left = spot[0] + w <= a + 1e-6  # (whatever the browser's font makes of the box's generous width)
+            x, anchor = (spot[0] + w, " text-anchor='end'") if left else (spot[0], "")
+            text = (f"<text x='{x:.1f}' y='{spot[1] + SVG_LABEL_HEIGHT - 3:.1f}' font-size='10'{anchor}>"
+                    f"{escape(label)}</text>")
         parts.append(f"<a href='{href}'><circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='#1f77b4'>"
                      f"<title>{escape(full)}</title></circle>{text}</a>")
     parts.append("</svg>")

@@ -508,6 +508,11 @@ def test_an_address_no_route_has_is_a_page_to_a_browser_and_json_to_a_client(ser
     assert f"<p class='error' role='alert'>{escape(api.json()['error'])}</p>" in page.text
     assert "<a id='back' href='/'>" in page.text
     assert server.post("/no/such/page", headers={"Accept": "text/html"}).headers["content-type"] == "application/json"
+    for path in ("/static/missing.png", "/static/"):  # (the static folder's own 404 was JSON to a browser too)
+        page = server.get(path, headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+        assert page.status_code == 404 and page.headers["content-type"].startswith("text/html"), path
+        assert server.get(path).headers["content-type"] == "application/json"
+    assert server.get("/static/style.css", headers={"Accept": "text/html"}).status_code == 200
 
 
 def test_request_bodies_are_size_limited(server, trained):

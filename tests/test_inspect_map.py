@@ -49,9 +49,12 @@ def test_labels_of_one_spot_go_round_it_then_are_left_out():
 def test_web_map_labels_do_not_overlap_and_every_item_keeps_its_link_and_title():
     result = crowded_map()
     svg = pca_svg(result)
-    texts = re.findall(r"<text x='([\d.-]+)' y='([\d.-]+)' font-size='10'>([^<]*)</text>", svg)
-    boxes = [(float(x), float(y) - SVG_LABEL_HEIGHT + 3, float(x) + svg_label_width(t.replace("&#x27;", "'")),
-              float(y) + 3) for x, y, t in texts]
+    texts = re.findall(r"<text x='([\d.-]+)' y='([\d.-]+)' font-size='10'( text-anchor='end')?>([^<]*)</text>", svg)
+    assert len(texts) == svg.count("<text x=") - 2  # (every label parsed: all but the two axes' names)
+    widths = [svg_label_width(t.replace("&#x27;", "'")) for *_, t in texts]
+    boxes = [(float(x) - w * bool(end), float(y) - SVG_LABEL_HEIGHT + 3, float(x) + w * (not end), float(y) + 3)
+             for (x, y, end, _), w in zip(texts, widths)]
+    assert any(end for _, _, end, _ in texts)  # (some labels left of their points: drawn to end there)
     assert 4 < len(boxes) < len(result["items"])  # the clusters' labels cannot all fit; the four far ones do
     assert not any(overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert all(20 <= b[0] and b[2] <= 720 and 0 <= b[1] and b[3] <= 540 for b in boxes)  # (clear of the axes names)

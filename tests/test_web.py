@@ -4,6 +4,7 @@ a title like <script>alert(1)</script> shows as text and runs nothing. Skipped w
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,7 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         before = rec_items(browser)
         first = browser.find_element(By.CSS_SELECTOR, "#recs > li select")
         Select(first).select_by_value("1")  # rate the top recommendation: the list updates in place
+        browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
         wait.until(lambda d: d.find_element(By.ID, "recs").get_attribute("data-updated"))
         after = rec_items(browser)
         assert len(after) == 10 and before[0] not in after and after != before
@@ -112,7 +114,8 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         assert len(browser.find_elements(By.CSS_SELECTOR, "#similar li")) == 10
         browser.get(base + "/explore?n=40")
         assert browser.find_elements(By.CSS_SELECTOR, "#pca svg circle")
-        assert XSS in browser.find_element(By.ID, "pca").text
+        assert XSS in browser.execute_script(  # (as text: each point's title on hover)
+            "return [...document.querySelectorAll('#pca svg title')].map(t => t.textContent)")
         assert no_alert(browser)
         assert browser.execute_script("return document.querySelectorAll('main script').length") == 0
 
@@ -139,9 +142,9 @@ def test_two_ratings_in_quick_succession_store_the_last_one_chosen(trained, db_u
         sel = browser.find_element(By.CSS_SELECTOR, "#recs > li select")
         item = sel.get_attribute("data-item")
         browser.execute_script("""
-            var sel = arguments[0];
-            sel.value = "5"; sel.dispatchEvent(new Event("change", {bubbles: true}));
-            sel.value = "1"; sel.dispatchEvent(new Event("change", {bubbles: true}));""", sel)
+            var sel = arguments[0], button = sel.closest("li").querySelector("button.rate");
+            sel.value = "5"; button.click();
+            sel.value = "1"; button.click();""", sel)
         wait.until(lambda d: d.execute_script("return window.postsAnswered") == 2)
         assert browser.find_element(By.ID, "rate-status").text.endswith(": 1")
     engine = make_engine(db_url)
@@ -150,6 +153,34 @@ def test_two_ratings_in_quick_succession_store_the_last_one_chosen(trained, db_u
                                  "ON i.id = r.item_id WHERE u.external_id = 'a0' AND i.external_id = :item"),
                             {"item": item}).scalar() == 1.0
     engine.dispose()
+
+
+def test_a_keyboard_user_rates_only_on_enter_or_the_button_and_keeps_their_place(trained, db_url, browser):
+    """Arrow keys on a closed rating list move its value and send nothing (Chromium fires "change" on each:
+    one Down arrow rated the item 1 and dropped it from the list); Enter sends it, and the focus comes back
+    to the list at the same place in the re-ranked list (it fell to the page's body)."""
+    from selenium.webdriver.common.keys import Keys
+
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/user/a0")
+        wait.until(lambda d: len(rec_items(d)) == 10)
+        before = rec_items(browser)
+        second = browser.find_elements(By.CSS_SELECTOR, "#recs > li select")[1]
+        second.send_keys(Keys.ARROW_DOWN)  # (focuses it and moves its value to the first rating)
+        second.send_keys(Keys.ARROW_DOWN)
+        time.sleep(0.8)
+        assert browser.find_element(By.ID, "rate-status").text == "" and rec_items(browser) == before
+        assert Select(second).first_selected_option.get_attribute("value") != ""
+        second.send_keys(Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.ID, "recs").get_attribute("data-updated"))
+        assert browser.find_element(By.ID, "rate-status").text.startswith("Rated ")
+        focused = browser.switch_to.active_element
+        assert focused.tag_name == "select" and focused == browser.find_elements(By.CSS_SELECTOR, "#recs > li select")[1]
+        focused.send_keys(Keys.TAB)
+        assert browser.switch_to.active_element.get_attribute("class") == "rate"
+        browser.switch_to.active_element.send_keys(Keys.ENTER)  # (the button, with no rating chosen: said so)
+        wait.until(lambda d: d.find_element(By.ID, "rate-error").text == "Choose a rating first.")
 
 
 def test_api_docs_render_offline(trained, db_url, browser):
@@ -184,6 +215,11 @@ def test_the_explore_maps_labels_do_not_overlap_as_the_browser_draws_them(traine
         boxes = browser.execute_script(
             "return [...document.querySelectorAll('#pca svg a text')].map(t => {"
             "const b = t.getBBox(); return [b.x, b.y, b.x + b.width, b.y + b.height]; });")
+        gaps = browser.execute_script(  # each label's distance from its own point
+            "return [...document.querySelectorAll('#pca svg a')].filter(a => a.querySelector('text')).map(a => {"
+            "const b = a.querySelector('text').getBBox(), c = a.querySelector('circle');"
+            "const x = c.cx.baseVal.value, y = c.cy.baseVal.value;"
+            "return Math.hypot(Math.max(b.x - x, 0, x - b.x - b.width), Math.max(b.y - y, 0, y - b.y - b.height)); });")
         points = len(browser.find_elements(By.CSS_SELECTOR, "#pca svg a circle"))
         width, height = browser.execute_script(
             "const v = document.querySelector('#pca svg').viewBox.baseVal; return [v.width, v.height];")
@@ -192,3 +228,4 @@ def test_the_explore_maps_labels_do_not_overlap_as_the_browser_draws_them(traine
     overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
                    if a[0] < b[2] - 0.5 and b[0] < a[2] - 0.5 and a[1] < b[3] - 0.5 and b[1] < a[3] - 0.5]
     assert not overlapping
+    assert max(gaps) <= 10  # (a label left of its point ends there, whatever the font's width)

@@ -104,18 +104,34 @@
         li.appendChild(score);
         li.appendChild(document.createTextNode(" "));
         li.appendChild(ratingSelect(it));
+        li.appendChild(document.createTextNode(" "));
+        var button = document.createElement("button");
+        button.type = "button";
+        button.className = "rate";
+        button.textContent = "Rate";
+        button.setAttribute("aria-label", "rate " + (it.title || it.item));
+        li.appendChild(button);
         return li;
       });
+      // a keyboard user goes on where they were: the control at the same place in the re-ranked list
+      var focused = document.activeElement, at = -1, kind = "select";
+      if (focused && recs.contains(focused)) {
+        at = Array.prototype.indexOf.call(recs.children, focused.closest("li"));
+        kind = focused.tagName === "BUTTON" ? "button" : "select";
+      }
       recs.replaceChildren.apply(recs, rows);
+      if (at >= 0 && rows.length) { rows[Math.min(at, rows.length - 1)].querySelector(kind).focus(); }
     };
 
     // ratings in quick succession: each is sent once the one before it is answered (sent at once, they
     // went on separate connections and could be stored in another order: the last one chosen lost), and
     // a list (or status) older than the one shown is not drawn over it
     var started = 0, listShown = 0, statusShown = 0, writes = Promise.resolve();
-    recs.addEventListener("change", function (ev) {
-      var sel = ev.target;
-      if (sel.tagName !== "SELECT" || sel.value === "") { return; }
+    // a rating is sent on an explicit choice (the row's Rate button, or Enter on its list), never as the
+    // list's value moves: Chromium sends "change" on every arrow key of a closed list
+    var rate = function (li) {
+      var sel = li.querySelector("select");
+      if (sel.value === "") { error.textContent = "Choose a rating first."; sel.focus(); return; }
       error.textContent = "";
       var mine = ++started;
       var base = "/users/" + encodeURIComponent(user);
@@ -137,6 +153,12 @@
           recs.dataset.updated = String(Date.now());
         })
         .catch(function (e) { error.textContent = e.message; });
+    };
+    recs.addEventListener("click", function (ev) {
+      if (ev.target.tagName === "BUTTON" && ev.target.classList.contains("rate")) { rate(ev.target.closest("li")); }
+    });
+    recs.addEventListener("keydown", function (ev) {
+      if (ev.key === "Enter" && ev.target.tagName === "SELECT") { ev.preventDefault(); rate(ev.target.closest("li")); }
     });
   }
 })();
