@@ -86,6 +86,11 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         with make_engine(db_url).connect() as conn:  # the page said how many items it showed
             assert conn.scalar(text("SELECT a.asked FROM answers a JOIN users u ON u.id = a.user_id "
                                     "WHERE u.external_id = 'browser1'")) == shown > 6
+        browser.get(base + "/explore?n=5")  # from any page, a way back to the recommendations of who signed up
+        my_recs = browser.find_element(By.ID, "my-recs")
+        assert my_recs.is_displayed() and my_recs.get_attribute("href") == base + "/user/browser1"
+        browser.back()
+        wait.until(lambda d: "/user/browser1" in d.current_url and len(rec_items(d)) == 10)
         browser.back()  # the form comes back as it was left, maybe mid-submit, from the page cache
         wait.until(lambda d: "/user/" not in d.current_url)
         wait.until(lambda d: d.find_element(By.ID, "signup-submit").is_enabled())  # (another may sign up)
@@ -153,6 +158,12 @@ def test_two_ratings_in_quick_succession_store_the_last_one_chosen(trained, db_u
                                  "ON i.id = r.item_id WHERE u.external_id = 'a0' AND i.external_id = :item"),
                             {"item": item}).scalar() == 1.0
     engine.dispose()
+
+
+def test_no_way_back_link_before_anyone_signs_up_in_this_browser(trained, db_url, browser):
+    with running_server(db_url) as base:
+        browser.get(base + "/explore?n=5")
+        assert not browser.find_element(By.ID, "my-recs").is_displayed()
 
 
 def test_a_keyboard_user_rates_only_on_enter_or_the_button_and_keeps_their_place(trained, db_url, browser):

@@ -28,6 +28,20 @@
       });
   }
 
+  // --- the user who signed up in this browser: a way back to their recommendations from any page ---
+  var remembered = function (user) {
+    try {
+      if (user !== undefined) { localStorage.setItem("cfbUser", user); }
+      return localStorage.getItem("cfbUser");
+    } catch (e) { return null; }  // (storage off: no link, nothing else lost)
+  };
+  var me = remembered(), myRecs = document.getElementById("my-recs");
+  if (me && myRecs) {
+    myRecs.href = "/user/" + encodeURIComponent(me);
+    myRecs.title = "recommendations for " + me;
+    myRecs.hidden = false;
+  }
+
   // --- sign up ---------------------------------------------------------------------------------
   var signup = document.getElementById("signup");
   if (signup) {
@@ -50,6 +64,7 @@
       var button = document.getElementById("signup-submit");
       button.disabled = true;
       api("POST", "/users", entry).then(function (out) {
+        remembered(out.user);
         window.location.href = "/user/" + encodeURIComponent(out.user);
       }).catch(function (e) {
         err.textContent = e.message;
