@@ -675,8 +675,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"<fieldset><legend>About you</legend>"
                 f"<label>user id (optional) <input type='text' name='user' id='user-id'></label>"
                 f"{''.join(rows)}</fieldset>"
-                f"<fieldset><legend>Rate what you have seen</legend><ol class='rate-items'>{''.join(items)}</ol>"
-                f"</fieldset><button type='submit' id='signup-submit'>Sign up and get recommendations</button>"
+                + (f"<fieldset><legend>Rate what you have seen</legend><ol class='rate-items'>{''.join(items)}</ol>"
+                   f"</fieldset>" if items else "") +  # (a questionnaire of no items: no empty box)
+                f"<button type='submit' id='signup-submit'>Sign up and get recommendations</button>"
                 f"<p id='signup-error' class='error' role='alert'></p></form>"
                 f"<p class='small'>Model version {q['version']}.</p>")
         return _page("cfb: sign up", body, token is not None)
@@ -688,7 +689,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             scale = _scale(conn)
         items = "".join(_rec_row(it, scale) for it in rec["items"])
         body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
-                f"<p>The number is the predicted rating. Rate any of them (choose a rating, then Rate or Enter): "
+                f"<p>Ranked for you by cfb's ranking model; the number is the predicted rating (the order need not "
+                f"follow it). Rate any of them (choose a rating, then Rate or Enter): "
                 f"the list updates at once.</p>"
                 f"<ol id='recs' data-user='{escape(rec['user'])}' data-n='{n}' "
                 f"data-scale='{escape(json.dumps(scale))}'>{items}</ol>"
@@ -719,11 +721,14 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             result = pca(conn, n)
             try:
                 b = serving.biases(conn, 10, min_ratings)
-                biases_html = "".join(
+                biases_html = "" if b["lowest"] else (  # (an empty pair of lists said nothing)
+                    f"<p id='no-biases'>No item has {min_ratings:,} ratings or more: "
+                    f"<a href='/explore?n={n}&amp;min_ratings=1'>every rated item</a>.</p>")
+                biases_html += "".join(
                     f"<div><h2>{label} bias</h2><ol>" + "".join(
                         f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
                         f"<span class='score'>{it['score']:+.3f}</span></li>" for it in b[key]) + "</ol></div>"
-                    for label, key in (("Lowest", "lowest"), ("Highest", "highest")))
+                    for label, key in (("Lowest", "lowest"), ("Highest", "highest")) if b[key])
             except CfbError as e:
                 biases_html = f"<p class='error'>{escape(str(e))}</p>"
         ev = ", ".join(f"PC{k + 1} {v:.0%}" for k, v in enumerate(result["explained_variance"]))

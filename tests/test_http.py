@@ -1339,3 +1339,13 @@ def test_the_answers_are_what_openapi_json_declares(server):
                               ("/inspect/biases?n=3", "/inspect/biases"), ("/inspect/pca?n=5", "/inspect/pca")):
         r = server.get(path)
         assert r.status_code == 200 and conforms(r.json(), declared(declared_at, "get", "200")), (path, r.text)
+
+
+def test_pages_say_what_an_empty_part_means(server):
+    """A bias list of no item (min_ratings past every item's count) says so and links to every rated item
+    (two empty lists said nothing); a questionnaire of no items shows no empty box to rate in."""
+    page = server.get("/explore", params={"n": 5, "min_ratings": 100000}, headers={"Accept": "text/html"}).text
+    assert "<p id='no-biases'>No item has 100,000 ratings or more" in page and "Lowest bias" not in page
+    assert "Lowest bias" in server.get("/explore", params={"n": 5}, headers={"Accept": "text/html"}).text
+    assert "Rate what you have seen" not in server.get("/", params={"budget": 0}).text
+    assert "Rate what you have seen" in server.get("/", params={"budget": 5}).text
