@@ -218,6 +218,21 @@ def test_bad_input_on_a_page_shows_an_html_error_with_a_link_back(trained, db_ur
             assert browser.current_url == base + "/"
 
 
+def test_a_failed_signup_says_so_in_the_pages_words(trained, db_url, browser):
+    """An id already taken, and a write without the server's token, said in the page's words (they were
+    the API's: "request body, field 'user': …", "needs `Authorization: Bearer <token>`")."""
+    wait = WebDriverWait(browser, 20)
+    for token, message in ((None, "user 'a0' already exists"),
+                           ("s3cret", "This server needs its API token to write: enter it in the API token box above.")):
+        with running_server(db_url, token=token) as base:
+            browser.get(base + "/?budget=5")
+            browser.find_element(By.ID, "user-id").send_keys("a0" if token is None else "fresh1")
+            browser.find_element(By.ID, "signup-submit").click()
+            wait.until(lambda d: d.find_element(By.ID, "signup-error").text)
+            assert browser.find_element(By.ID, "signup-error").text == message
+            assert no_alert(browser)
+
+
 def test_the_explore_maps_labels_do_not_overlap_as_the_browser_draws_them(trained, db_url, browser):
     """The PCA map's labels, measured by the browser's own font (getBBox): no two overlap and each lies
     inside the map; the planted items sit in two tight clusters, so some are left out, their points kept."""

@@ -22,10 +22,23 @@
     return fetch(url, { method: method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body) })
       .then(function (r) {
         return r.json().catch(function () { return {}; }).then(function (data) {
-          if (!r.ok) { throw new Error(data.error || ("HTTP " + r.status)); }
+          if (!r.ok) {
+            var err = new Error(data.error || ("HTTP " + r.status));
+            err.status = r.status;
+            throw err;
+          }
           return data;
         });
       });
+  }
+
+  // an API error as a page says it: no request-body field names, and what to do about a missing token
+  function pageMessage(e) {
+    if (e.status === 401) {
+      return tokenInput ? "This server needs its API token to write: enter it in the API token box above."
+                        : "This server needs an API token to write.";
+    }
+    return e.message.replace(/^request body, /, "").replace(/^field '[^']*': /, "");
   }
 
   // --- the user who signed up in this browser: a way back to their recommendations from any page ---
@@ -67,7 +80,7 @@
         remembered(out.user);
         window.location.href = "/user/" + encodeURIComponent(out.user);
       }).catch(function (e) {
-        err.textContent = e.message;
+        err.textContent = pageMessage(e);
         button.disabled = false;
       });
     });
@@ -167,7 +180,7 @@
           render(out.items);
           recs.dataset.updated = String(Date.now());
         })
-        .catch(function (e) { error.textContent = e.message; });
+        .catch(function (e) { error.textContent = pageMessage(e); });
     };
     recs.addEventListener("click", function (ev) {
       if (ev.target.tagName === "BUTTON" && ev.target.classList.contains("rate")) { rate(ev.target.closest("li")); }
