@@ -117,7 +117,6 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
     (``place_labels``: a label with no free place beside its point is left out). Titles are drawn as plain
     text (a ``$`` is no math). Returns the characters of the labels that the plot's font has no glyph for
     (drawn as boxes; empty when it has them all)."""
-    import re
     import warnings
 
     import matplotlib
@@ -143,11 +142,19 @@ def plot_pca(result: dict, path: Path, x: str = "pc1", y: str = "pc2", labels: i
             fig.savefig(Path(path), format="png", dpi=80, bbox_inches="tight")
     finally:
         plt.close(fig)
-    missing = {chr(int(m.group(1))) for w in caught if (m := re.match(r"Glyph (\d+) ", str(w.message)))}
-    for w in caught:  # (any other warning as before)
+    return "".join(sorted(_missing_glyphs(caught)))
+
+
+def _missing_glyphs(caught: list) -> set[str]:
+    """The characters that matplotlib's caught warnings say its font has no glyph for; every other
+    warning among them is warned again, as if never caught."""
+    import re
+    import warnings
+
+    for w in caught:
         if not str(w.message).startswith("Glyph "):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return "".join(sorted(missing))
+    return {chr(int(m.group(1))) for w in caught if (m := re.match(r"Glyph (\d+) ", str(w.message)))}
 
 
 def draw_labels(ax, items: list[dict], xs: np.ndarray, ys: np.ndarray) -> list:  # noqa: ANN001
@@ -167,9 +174,7 @@ def draw_labels(ax, items: list[dict], xs: np.ndarray, ys: np.ndarray) -> list: 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sizes = np.array([[e.width, e.height] for e in (t.get_window_extent(renderer) for t in texts)]).reshape(-1, 2)
-    for w in caught:
-        if not str(w.message).startswith("Glyph "):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _missing_glyphs(caught)  # (the drawn labels' missing glyphs are warned of again when the figure is drawn)
     drawn = []
     for t, spot in zip(texts, place_labels(anchors, sizes, bounds=tuple(ax.get_window_extent(renderer).extents))):
         if spot is None:
