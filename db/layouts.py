@@ -49,8 +49,8 @@ import pandas as pd
 from ..cf_core.errors import InputError
 from .sources import (ML100K_GENRES, Dataset, _fields, _numeric, check_listed, check_scale, check_times,
                       check_unique_columns, id_column, not_a_number_said, number_in_text)
-from .textfile import (UTF8_BOM, lines_before_trailing_blanks, plain_float, read_text, reading, require_file,
-                       text_lines, without_trailing_blank_lines)
+from .textfile import (UTF8_BOM, header_names, lines_before_trailing_blanks, plain_float, read_text, reading,
+                       require_file, text_lines, without_trailing_blank_lines)
 
 HALF_STARS = (0.5, 5.0)
 # whose item ids a release's are: 100k numbers its movies its own way; 1M, 10M and the CSV releases
@@ -345,11 +345,8 @@ def _first_line(path: Path) -> str:
 
 
 def _csv_header(path: Path) -> list[str]:
-    """The column names of a CSV file's first line, spaces around them left out."""
-    try:
-        return [h.strip() for h in next(csv.reader([_first_line(path)]), [])]
-    except csv.Error as e:  # (a name longer than the csv module's field limit, 128 KiB)
-        raise InputError(f"malformed CSV header ({e})", source=str(path), line=1) from None
+    """The column names of a CSV file's first line (``header_names``)."""
+    return header_names(_first_line(path), path, 1)
 
 
 BLANK_HEADER = "blank line where the header should be (the header is the file's first line)"

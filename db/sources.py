@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .store import FLOAT32_MAX, STEP_TOLERANCE, rating_problem, scale_slack, shown_id
-from .textfile import check_unique_columns, read_text, text_lines, without_trailing_blank_lines
+from .textfile import check_unique_columns, header_names, read_text, text_lines, without_trailing_blank_lines
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -192,10 +192,7 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
         raise InputError("empty file", source=str(path), line=1)
     at, first = next(((n, line) for n, line in enumerate(text_lines(text.lstrip("\ufeff")), start=1)
                       if line.strip()), (1, ""))  # (the header: pandas skips blank lines before it)
-    try:
-        header = [h.strip() for h in next(csv.reader([first], skipinitialspace=True), [])]  # ("rating " is rating)
-    except csv.Error as e:  # (a name longer than the csv module's field limit, 128 KiB)
-        raise InputError(f"malformed CSV header ({e})", source=str(path), line=at) from None
+    header = header_names(first, path, at, skipinitialspace=True)  # ("rating " is rating)
     check_unique_columns(header, path, at)
     try:
         with warnings.catch_warnings():  # a row longer than the header: an error (pandas would take the

@@ -128,6 +128,17 @@ def _plain(text: str) -> str:
     return text
 
 
+def header_names(text: str, path: Path, line: int, skipinitialspace: bool = False) -> list[str]:
+    """The column names of a CSV header (``line`` of ``path``, its ``text``), spaces around them left out;
+    a name longer than the csv module's field limit (128 KiB) is an ``InputError``, not its csv.Error."""
+    import csv
+
+    try:
+        return [h.strip() for h in next(csv.reader([text], skipinitialspace=skipinitialspace), [])]
+    except csv.Error as e:
+        raise InputError(f"malformed CSV header ({e})", source=str(path), line=line) from None
+
+
 def check_unique_columns(header: list[str], path: Path, line: int) -> None:
     """Every column of a CSV header (``line`` of ``path``) named once (pandas would read a second
     "rating" as "rating.1", and leave a nameless one "Unnamed: 4")."""
