@@ -1044,6 +1044,19 @@ def leftovers(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
 
 
+def assert_archive_refused(fake_source, monkeypatch, bad: Path, pattern: str, cache: Path) -> None:
+    """``bad`` served in place of the test dataset's archive: one line of error matching ``pattern`` and
+    nothing left in ``cache``; then the good archive is served again."""
+    from cfb.cf_core.errors import CfbError
+
+    download, archive = fake_source
+    monkeypatch.setitem(download.SOURCES, "movielens-test", (bad.as_uri(), "ml-test", "ratings.csv"))
+    with pytest.raises(CfbError, match=pattern) as e:
+        download.download("movielens-test", cache=cache)
+    assert "\n" not in str(e.value) and leftovers(cache) == []
+    monkeypatch.setitem(download.SOURCES, "movielens-test", (archive.as_uri(), "ml-test", "ratings.csv"))
+
+
 def test_download_verifies_unpacks_and_renames(tmp_path, fake_source, monkeypatch):
     download, archive = fake_source
     cache = tmp_path / "cache"
@@ -1307,11 +1320,7 @@ def test_download_problems_are_one_line_errors_that_leave_nothing(tmp_path, fake
     start = raw.index(b"ratings.csv") + len("ratings.csv") + 10
     raw[start:start + 20] = bytes(b ^ 0xA5 for b in raw[start:start + 20])
     damaged.write_bytes(bytes(raw))
-    monkeypatch.setitem(download.SOURCES, "movielens-test", (damaged.as_uri(), "ml-test", "ratings.csv"))
-    with pytest.raises(CfbError, match=r"damaged\.zip is not a valid zip archive \(") as e:
-        download.download("movielens-test", cache=cache)
-    assert "\n" not in str(e.value) and leftovers(cache) == []
-    monkeypatch.setitem(download.SOURCES, "movielens-test", (archive.as_uri(), "ml-test", "ratings.csv"))
+    assert_archive_refused(fake_source, monkeypatch, damaged, r"damaged\.zip is not a valid zip archive \(", cache)
 
     def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1395,11 +1404,7 @@ def test_download_reviewed_edges(tmp_path, fake_source, monkeypatch):
         for m in re.finditer(re.escape(sig), bytes(raw)):
             raw[m.start() + at] |= 1
     locked.write_bytes(bytes(raw))
-    monkeypatch.setitem(download.SOURCES, "movielens-test", (locked.as_uri(), "ml-test", "ratings.csv"))
-    with pytest.raises(CfbError, match=r"locked\.zip is not a valid zip archive \(.*encrypted") as e:
-        download.download("movielens-test", cache=cache)
-    assert "\n" not in str(e.value) and leftovers(cache) == []
-    monkeypatch.setitem(download.SOURCES, "movielens-test", (archive.as_uri(), "ml-test", "ratings.csv"))
+    assert_archive_refused(fake_source, monkeypatch, locked, r"locked\.zip is not a valid zip archive \(.*encrypted", cache)
 
     for code, said in ((errno.ENOTDIR, r"the archive.s entries cannot be laid out as files \(a malformed archive\)"),
                        (errno.EROFS, "set CFB_HOME to a folder you can write"), (errno.ENOSPC, "free some space")):
