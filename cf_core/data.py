@@ -1,6 +1,7 @@
 """Ratings on inner indices (0..n-1), apart from the raw ids that only the db layer and CLI see."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,18 @@ def liked_threshold(scale: tuple[float, float], share: float = POSITIVE_SHARE) -
     """The least rating that counts as liked (a positive) on ``scale`` (lo, hi): its top ``share``."""
     lo, hi = float(scale[0]), float(scale[1])
     return lo + (1 - share) * (hi - lo)
+
+
+def is_finite_value(v) -> bool:  # noqa: ANN001
+    """Whether an attribute's value reads as a finite number: a number or numeric text, not a bool, that a
+    float holds and that is finite (inf, NaN and 10**400 are not; a database from before ingest refused
+    them may hold some)."""
+    if isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def damped_means(sums: np.ndarray, counts: np.ndarray, mean: float, damping: float = 10.0) -> np.ndarray:

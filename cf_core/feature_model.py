@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .data import POSITIVE_SHARE, CollabData, liked_threshold
+from .data import POSITIVE_SHARE, CollabData, is_finite_value, liked_threshold
 from .progress import training_output
 
 N_COUNT_BUCKETS = 12  # n = 0, 1, 2–3, 4–7, …, ≥ 1024
@@ -187,8 +187,7 @@ class _AttrEncoder:
         for q in questions:
             vals = [a.get(q.name) for a in attributes if a.get(q.name) is not None]
             if q.type == "number":
-                x = np.array([float(v) for v in vals if _is_num(v)], dtype=float)
-                x = x[np.isfinite(x)]  # (a database from before ingest refused infinite numbers may hold some)
+                x = np.array([float(v) for v in vals if is_finite_value(v)], dtype=float)
                 edges = (np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1])).tolist()
                          if len(x) else [])
                 spec.append({"name": q.name, "type": "number", "edges": edges})
@@ -209,24 +208,13 @@ class _AttrEncoder:
             if v is None:
                 continue
             if s["type"] == "number":
-                if _is_num(v) and np.isfinite(float(v)):
+                if is_finite_value(v):
                     out[k] = 1 + int(np.searchsorted(s["edges"], float(v), side="right"))
             elif s["type"] == "category":
                 out[k] = self._lookup[k].get(str(v), 0)
             else:
                 out[k] = self._lookup[k].get(_first_char(v), 0)
         return out
-
-
-def _is_num(v) -> bool:  # noqa: ANN001
-    """A number (not a bool) that a float holds (an int too large for one is not: 10**400)."""
-    if isinstance(v, bool):
-        return False
-    try:
-        float(v)
-        return True
-    except (TypeError, ValueError, OverflowError):
-        return False
 
 
 def budget_code(budget: int | None, budgets: tuple[int, ...]) -> int:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .data import POSITIVE_SHARE, liked_threshold
+from .data import POSITIVE_SHARE, is_finite_value, liked_threshold
 
 MAX_RATINGS_PER_STEP = 10_000  # the rating part through an MLP: random batches of this many ratings
 MIN_HELD_OUT_ITEMS = 5  # fewer held-out items than this: the rating part takes its grid's strongest penalty
@@ -114,15 +114,6 @@ class ItemPriorConfig:
         return cls(**kept)
 
 
-def _is_num(v) -> bool:  # noqa: ANN001
-    if isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError, OverflowError):
-        return False
-
-
 class MetaEncoder:
     """Item metadata → dense features (see module doc); ``spec`` is plain JSON."""
 
@@ -149,7 +140,7 @@ class MetaEncoder:
                 vocab = sorted((x for x, c in counts.items() if c >= min_count), key=lambda x: (-counts[x], x))
                 if vocab:  # (every list empty, "(no genres listed)", or no value held by min_count items: nothing)
                     spec.append({"name": name, "type": "list", "vocab": vocab[:max_vocab]})
-            elif all(_is_num(v) for v in vals):
+            elif all(is_finite_value(v) for v in vals):
                 x = np.array([float(v) for v in vals])
                 edges = np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1])).tolist()
                 spec.append({"name": name, "type": "number", "edges": edges})
@@ -178,7 +169,7 @@ class MetaEncoder:
     @staticmethod
     def _cross_keys(s: dict, a: dict) -> list[str]:
         v, n = a.get(s["name"]), a.get(s["b"])
-        if v is None or n is None or not _is_num(n):
+        if v is None or n is None or not is_finite_value(n):
             return []
         vs = v if isinstance(v, (list, tuple, set)) else [v]
         b = int(np.searchsorted(s["edges"], float(n), side="right"))
@@ -209,7 +200,7 @@ class MetaEncoder:
                         X[row, col + np.array(hits)] = 1.0 / math.sqrt(len(hits))
                     col += len(s["vocab"])
                 elif s["type"] == "number":
-                    if v is not None and _is_num(v):
+                    if v is not None and is_finite_value(v):
                         X[row, col + 1 + int(np.searchsorted(s["edges"], float(v), side="right"))] = 1.0
                     else:
                         X[row, col] = 1.0
