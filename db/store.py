@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -468,6 +468,15 @@ def title_forms(query: str) -> list[str]:
 def composed(text: str) -> str:
     """``text`` in Unicode's composed form (NFC): two texts that look the same compare equal."""
     return text if text.isascii() else unicodedata.normalize("NFC", text)
+
+
+def items_titled(query: str, titled: Callable[[str], Iterable[str]],
+                 composed_titles: Callable[[], dict[str, list[str]]]) -> list[str]:
+    """The external ids (sorted) of the items titled ``query``: in any of its forms (``title_forms``, each
+    looked up by ``titled``), else, for a title an older cfb stored in neither form, in
+    ``composed_titles()`` (``items_by_composed_title``: every title read, so only on a miss)."""
+    hits = sorted({ext for title in title_forms(query) for ext in titled(title)})
+    return hits or sorted(composed_titles().get(composed(query), []))
 
 
 def items_by_composed_title(conn: Connection) -> dict[str, list[str]]:

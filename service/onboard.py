@@ -167,7 +167,7 @@ class SignupValidator:
         self.items, self.titles, self.all_titles, self.known_users = items, titles, all_titles, known_users
         self.batch_users: set[str] = set()
         self._conn = conn
-        self._composed_titles: dict[str, list[str]] | None = None  # (read on the first miss, then kept)
+        self._composed_titles_read: dict[str, list[str]] | None = None  # (read on the first miss, then kept)
 
     @classmethod
     def for_connection(cls, conn: Connection, served: Served) -> "SignupValidator":
@@ -222,11 +222,7 @@ class SignupValidator:
                 raise InputError("empty item id", source=where, field=field)
             item = self.items.get(name)
             if item is None:
-                hits = sorted({i for title in store.title_forms(name) for i in self.titles.get(title, [])})
-                if not hits:  # (a title an older cfb stored in neither form: every title, composed, once)
-                    if self._composed_titles is None:
-                        self._composed_titles = store.items_by_composed_title(self._conn)
-                    hits = self._composed_titles.get(store.composed(name), [])
+                hits = store.items_titled(name, lambda title: self.titles.get(title, []), self._composed_titles)
                 if len(hits) != 1:
                     raise InputError(f"unknown item{title_hint(name, self.all_titles())}" if not hits else
                                      f"ambiguous title (items {', '.join(sorted(hits))}); use the item id",
@@ -260,6 +256,12 @@ class SignupValidator:
         if user is not None:
             self.batch_users.add(user)
         return Signup(user, attributes, ratings, asked)
+
+    def _composed_titles(self) -> dict[str, list[str]]:
+        """Every title's items by its composed form (``store.items_by_composed_title``), read once."""
+        if self._composed_titles_read is None:
+            self._composed_titles_read = store.items_by_composed_title(self._conn)
+        return self._composed_titles_read
 
     def _shown_questionnaire(self, where: str, version) -> Questionnaire:  # noqa: ANN001
         """The questionnaire the signup answered: that of ``version`` (the model version whose

@@ -120,17 +120,12 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
     hit = conn.scalar(select(Item.id).where(Item.external_id == query)) if store.can_exist(query) else None
     if hit is not None or "\x00" in query:
         return hit
-    hits = {}  # (the same title typed composed or decomposed: every item it names, in either form)
-    for title in store.title_forms(query):
-        hits.update(conn.execute(select(Item.id, Item.external_id).where(Item.title == title)).all())
-    if not hits:  # (a title an older cfb stored in neither form, even one that is ASCII composed: every title read)
-        named = store.items_by_composed_title(conn).get(store.composed(query), [])
-        if named:
-            hits.update(conn.execute(select(Item.id, Item.external_id).where(Item.external_id.in_(named))).all())
-    if len(hits) > 1:
-        ids = sorted(hits.values())
-        raise argument_error(f"{len(hits)} items are titled {query!r} ({', '.join(ids)}); use an item id", "item")
-    return next(iter(hits)) if hits else None
+    named = store.items_titled(
+        query, lambda title: conn.scalars(select(Item.external_id).where(Item.title == title)).all(),
+        lambda: store.items_by_composed_title(conn))
+    if len(named) > 1:
+        raise argument_error(f"{len(named)} items are titled {query!r} ({', '.join(named)}); use an item id", "item")
+    return conn.scalar(select(Item.id).where(Item.external_id == named[0])) if named else None
 
 
 def find_item(conn: Connection, query: str) -> int:
