@@ -200,15 +200,21 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
         generic = GENERIC_RATINGS if {"user", "item", "rating"} <= set(header) else ""
         raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header)}{generic}",
                          source=str(path), line=1, field=missing[0])
-    numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
     lines = lines_before_trailing_blanks(path)
     rows = None if lines is None else lines - 1  # (None: read to the end)
-    with reading(path):
-        fast = _with_whole_number_ids(path, header, user, item, rating, timestamp, rows)
+    with reading(path):  # (a read error anywhere below names the file)
+        return _read_csv_ratings(path, header, user, item, rating, timestamp, rows)
+
+
+def _read_csv_ratings(path: Path, header: list[str], user: str, item: str, rating: str, timestamp: str | None,
+                      rows: int | None) -> pd.DataFrame:
+    """``read_csv_ratings`` after its header is checked: ``rows`` lines after the header (None: all)."""
+    fast = _with_whole_number_ids(path, header, user, item, rating, timestamp, rows)
     if fast is not None:
         return fast
+    numbers = {rating: "float64", **({timestamp: "int64"} if timestamp else {})}
     try:
-        with reading(path), warnings.catch_warnings():  # rows longer than the header: an error, not a warning
+        with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(path, header=0, names=header, index_col=False, dtype={user: str, item: str, **numbers},
                              encoding="utf-8-sig", engine="c", keep_default_na=False, skip_blank_lines=False,
@@ -216,10 +222,8 @@ def read_csv_ratings(path: Path, user: str, item: str, rating: str, timestamp: s
         users, items = id_column(df[user]), id_column(df[item])
         ok = len(df.columns) == len(header) and "" not in users.categories and "" not in items.categories \
             and bool(np.isfinite(df[rating]).all())
-        if ok:
-            with reading(path):
-                if _holds_a_quote(path):  # pandas reads a stray quote into the value ("2"2 as 22)
-                    _refuse_stray_quotes(path)
+        if ok and _holds_a_quote(path):  # pandas reads a stray quote into the value ("2"2 as 22)
+            _refuse_stray_quotes(path)
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
