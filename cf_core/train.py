@@ -175,7 +175,8 @@ class CollabModel:
             moved = float(sum(((p.detach() - p0) ** 2).sum() for p, p0 in zip(module.parameters(), start)) ** 0.5
                           / max(float(sum((p0 ** 2).sum() for p0 in start)) ** 0.5, 1e-12))
         del start
-        self._check_learned(train, moved)
+        losses = learn.recorder.losses
+        self._check_learned(train, moved, float(losses[0]) if losses else None)
         self.report_ = TrainReport(
             epoch_s=[round(s, 4) for s in clock.epoch_s], fit_s=round(fit_s, 3),
             train_loss=[float(v[0]) for v in values],
@@ -197,6 +198,12 @@ class CollabModel:
             f"the training ratings: clearly worse than predicting their mean); lower {self._settings()} or "
             f"train more epochs (--epochs, now {self.epochs})")
 
+    def _undertrained(self, mse: float, var: float, first: float) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training stopped short (training MSE {mse:.4f} is over {MSE_WORSE:g} × the variance {var:.4f} of the "
+            f"training ratings, though down from {first:.4f} on its first batch: it was still learning); train more "
+            f"epochs (--epochs, now {self.epochs}) or raise the learning rate (--lr, now {self.lr:g})")
+
     def _did_not_learn(self, mse: float, var: float) -> TrainingDiverged:
         return TrainingDiverged(
             f"training stalled (its weights did not move in {self.epochs} epochs, and its MSE {mse:.4f} is no better "
@@ -216,13 +223,14 @@ class CollabModel:
             pred = self.predict(train.users[idx], train.items[idx])
         return float(np.mean((pred - ratings) ** 2)), float(np.var(ratings))
 
-    def _check_learned(self, train: CollabData, moved: float | None = None) -> None:
+    def _check_learned(self, train: CollabData, moved: float | None = None, first_loss: float | None = None) -> None:
         """Raise ``TrainingDiverged`` unless every learned array is finite and the model fits the training
         ratings about as well as their mean does or better (its MSE, on up to ``MSE_SAMPLE`` of them, at most
         ``MSE_WORSE`` × their variance), and, where it is no better than their mean, its weights moved
         (``moved``: the norm of their change over the norm of the untrained ones): a model that learned
         nothing (a learning rate of 1e-300) is not served as one that is only undertrained, nor told to
-        lower its learning rate."""
+        lower its learning rate. One worse than the mean whose MSE is below ``first_loss`` (the untrained
+        model's loss on the first batch) was still learning: a few steps on a tiny set, told to train more."""
         if not all(np.isfinite(a).all() for a in self._learned_arrays()):
             raise self._diverged("non-finite learned weights")
         if len(train) == 0:
@@ -230,7 +238,11 @@ class CollabModel:
         mse, var = self._sample_mse(train)
         unmoved = moved is not None and moved <= STALLED
         if not mse <= MSE_WORSE * var + MSE_SLACK * (self.y_range[1] - self.y_range[0]) ** 2:
-            raise self._did_not_learn(mse, var) if unmoved else self._stalled(mse, var)
+            if unmoved:
+                raise self._did_not_learn(mse, var)
+            if first_loss is not None and mse < first_loss:
+                raise self._undertrained(mse, var, first_loss)
+            raise self._stalled(mse, var)
         if unmoved and mse > var:
             raise self._did_not_learn(mse, var)
 

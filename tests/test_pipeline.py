@@ -453,6 +453,22 @@ def test_a_diverging_retrain_is_refused_and_the_previous_version_serves(trained,
         assert len(recommend(conn, "a0", n=3)["items"]) == 3
 
 
+def test_a_tiny_set_that_trains_too_few_steps_is_told_to_train_more(engine):
+    """Four ratings (three in the §7 split's training part) are one step an epoch: eight epochs end
+    worse than the mean while the loss is still falling. That is an undertrained fit, not a diverged one: the error says to train more (or faster),
+    not to lower the learning rate, and more epochs train it."""
+    from cfb.cf_core.train import TrainingDiverged
+
+    ingest_dataset(engine, Dataset(pd.DataFrame({"user": list("abcd"), "item": ["x"] * 4,
+                                                 "rating": [5.0, 3.0, 4.0, 1.0], "timestamp": [1, 2, 3, 4]})))
+    with pytest.raises(TrainingDiverged, match=r"^training stopped short \(training MSE \d\.\d{4} is over 1\.1 × the "
+                                               r"variance \d\.\d{4} of the training ratings, though down from \d\.\d{4} "
+                                               r"on its first batch: it was still learning\); train more epochs "
+                                               r"\(--epochs, now 8\) or raise the learning rate \(--lr, now 0\.005\)$"):
+        retrain_full(engine, valid_pct=0.2, progress=False)
+    assert retrain_full(engine, valid_pct=0.2, progress=False, epochs=60)["version"] == 1
+
+
 def test_a_weight_decay_that_diverges_is_named(trained):
     from cfb.cf_core.train import TrainingDiverged
 
