@@ -48,7 +48,7 @@ from ..db.engine import (BUSY, EMPTY_DATABASE, WRITE_TURNS, database_error, is_b
                          sqlite_file)
 from . import serving
 from .fast_recommendations import FastRecommendations, FastReader
-from .http_guards import (LOOPBACK_NAMES, MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly,
+from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, binds_this_machine_only,
                           origin_key)
 from .http_json import (MAX_N, RETRY_AFTER, ApiError, error_response, error_status, json_response,
                         recommendation_query)
@@ -156,7 +156,7 @@ _BIASED = {"type": "array", "items": {"type": "object", "required": ["item", "ti
 BIASES = {"type": "object", "required": ["lowest", "highest"], "properties": {"lowest": _BIASED, "highest": _BIASED}}
 PCA = {"type": "object", "required": ["version", "explained_variance", "items"], "properties": {
     "version": {"type": "integer"}, "explained_variance": {"type": "array", "items": {"type": "number"}},
-    "items": {"type": "array", "items": {"type": "object", "required": ["item", "title", "pc1", "pc2", "pc3"],
+    "items": {"type": "array", "items": {"type": "object", "required": ["item", "title", "pc1"],
                                          "properties": {"item": {"type": "string"}, "title": _TEXT_OR_NONE,
                                                         "ratings": {"type": "integer"}, "pc1": {"type": "number"},
                                                         "pc2": {"type": "number"}, "pc3": {"type": "number"}}}}}}
@@ -176,15 +176,16 @@ def check_token_text(token: str | None) -> str | None:
 def create_app(engine_or_url: Engine | str | None = None, token: str | None = None, max_body: int = MAX_BODY,
                fast_path: bool = True, reads_in_threadpool: bool | None = None,
                cache_size: int | None = None, allowed_origins: tuple[str, ...] | None = None,
-               local_hosts_only: bool | None = None) -> FastAPI:
+               local_hosts_only: bool | str | None = None) -> FastAPI:
     """The API and web page over ``engine_or_url`` (an Engine or a database URL; None: the CLI's default).
 
     With ``token``, every request that writes must carry ``Authorization: Bearer <token>``. A write
     from a browser page is taken from this server's own origin (its ``Host``, or ``X-Forwarded-Host``
     behind a proxy) and from ``allowed_origins`` (default ``$CFB_ALLOWED_ORIGINS``, comma-separated,
     e.g. ``https://shop.example``), never from another site's page. ``local_hosts_only`` (default
-    ``$CFB_LOCAL_HOSTS_ONLY``; `cfb serve` on a loopback address sets it): requests must name this
-    machine (or an allowed origin's host) in ``Host``.
+    ``$CFB_LOCAL_HOSTS_ONLY``; `cfb serve` on a host reached from this machine only sets it to that
+    host's name): requests must name this machine (a loopback name or address, the name given here
+    when it is text, or an allowed origin's host) in ``Host``.
     ``reads_in_threadpool`` (default: ``$CFB_HTTP_READS == "thread"``) computes recommendations in
     the thread pool instead of on the event loop: slower, measured by bench/bench_http.py.
     ``cache_size`` (default ``$CFB_HTTP_CACHE`` or 10,000; 0: none) bounds the users whose last
@@ -197,7 +198,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         allowed_origins = tuple(os.environ.get("CFB_ALLOWED_ORIGINS", "").replace(",", " ").split())
     allowed = {key for key in map(origin_key, allowed_origins) if key}
     if local_hosts_only is None:
-        local_hosts_only = os.environ.get("CFB_LOCAL_HOSTS_ONLY", "") == "1"
+        local_hosts_only = os.environ.get("CFB_LOCAL_HOSTS_ONLY", "") or False
     engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
     on_file = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
     fast = FastReader(engine, cache_size) if fast_path and on_file else None  # (it keeps its own connections)
@@ -350,7 +351,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                            allow_headers=["authorization", "content-type"],
                            expose_headers=["Location", "Retry-After"], max_age=600)
     if local_hosts_only:  # outermost: before anything is read
-        app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed))
+        bound = {local_hosts_only.lower()} if isinstance(local_hosts_only, str) else set()
+        app.add_middleware(LocalHostsOnly, allowed=frozenset(urlsplit(o).hostname for o in allowed) | bound)
 
     waiting_writers = threading.BoundedSemaphore(WAITING_WRITERS)
     writes: dict = {"running": 0, "threads": None}  # (the threads' limiter is made in the event loop)
@@ -580,7 +582,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     @api_get("/inspect/pca", tags=["api"], summary="PCA of the item factors (`cfb inspect pca --json`)",
              responses={200: {"description": '{"version", "fitted_on", "explained_variance", '
-                                             '"items": [{"item", "title", "ratings", "pc1", "pc2", "pc3"}]}',
+                                             '"items": [{"item", "title", "ratings", "pc1", "pc2", "pc3"}]} '
+                                             '(pc2 and pc3 as far as the factors allow: one per factor)',
                               "content": {"application/json": {"schema": PCA}}}})
     async def inspect_pca(n: int = Query(50, ge=2, le=5000)):
         from .inspect import pca
@@ -782,8 +785,8 @@ def serve(url: str | None = None, host: str = "127.0.0.1", port: int = 8000, tok
     one_blas_thread()
     if allowed_origins:
         os.environ["CFB_ALLOWED_ORIGINS"] = ",".join(allowed_origins)
-    if host in LOOPBACK_NAMES:
-        os.environ["CFB_LOCAL_HOSTS_ONLY"] = "1"
+    if binds_this_machine_only(host):
+        os.environ["CFB_LOCAL_HOSTS_ONLY"] = host  # (the name it is bound to: requests may name it)
     if workers > 1:
         os.environ["CFB_DATABASE_URL"] = url
         if token:

@@ -3,6 +3,8 @@ rebinding), a body over the limit, a SQLite file deleted under the running serve
 another site may not make."""
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,6 +32,26 @@ class JsonCORS(CORSMiddleware):
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def is_loopback_address(name: str) -> bool:
+    """Whether ``name`` is an IP address of this machine's loopback (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def binds_this_machine_only(host: str) -> bool:
+    """Whether a server bound to ``host`` is reached from this machine only: a loopback name or address,
+    or a name whose every address is one (Debian maps the machine's own name to 127.0.1.1)."""
+    if host in LOOPBACK_NAMES or is_loopback_address(host):
+        return True
+    try:
+        found = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(found) and all(is_loopback_address(str(info[4][0])) for info in found)
+
+
 def origin_key(origin: str) -> str | None:
     """``scheme://host[:port]`` as a browser sends it in ``Origin`` (lower case, no default port, no
     trailing slash), or None when ``origin`` is not an http(s) origin."""
@@ -48,7 +70,8 @@ def origin_key(origin: str) -> str | None:
 class LocalHostsOnly:
     """ASGI middleware for a server bound to this machine only: a request naming another host in its
     ``Host`` header (a page of another site whose name was re-pointed at 127.0.0.1: DNS rebinding) gets
-    400, unless that host is one of ``allowed`` (the hosts of ``--allow-origin``)."""
+    400, unless that host is a loopback name or address or one of ``allowed`` (the name the server is
+    bound to, the hosts of ``--allow-origin``)."""
 
     def __init__(self, app, allowed: frozenset[str] = frozenset()):
         self.app, self.allowed = app, LOOPBACK_NAMES | allowed
@@ -57,7 +80,7 @@ class LocalHostsOnly:
         if scope["type"] == "http":
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
             name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-            if name not in self.allowed:
+            if name not in self.allowed and not is_loopback_address(name):
                 await error_response(ApiError(400, f"this server answers for this machine only, not for host "
                                                    f"{host!r} (`cfb serve --allow-origin` names another)"))(
                     scope, receive, send)

@@ -1018,6 +1018,71 @@ def test_a_server_for_this_machine_only_refuses_other_host_names(trained, db_url
         assert client.get("/health", headers={"Host": "shop.example"}).status_code == 200
 
 
+def test_every_loopback_host_binds_this_machine_only(monkeypatch):
+    """`cfb serve --host 127.0.0.2` (or the machine's own name, which Debian maps to 127.0.1.1) is as
+    local as 127.0.0.1: the Host guard must be on for it too; a public address leaves it off."""
+    from cfb.service import http_guards
+    from cfb.service.http_guards import binds_this_machine_only
+
+    for host in ("127.0.0.1", "127.0.0.2", "127.0.1.1", "::1", "localhost"):
+        assert binds_this_machine_only(host), host
+    for host in ("0.0.0.0", "::", "192.0.2.7", "2001:db8::1"):
+        assert not binds_this_machine_only(host), host
+    real = socket.getaddrinfo
+    names = {"myhost": "127.0.1.1", "pubhost": "192.0.2.7"}
+    monkeypatch.setattr(http_guards.socket, "getaddrinfo", lambda host, *a, **k: (
+        [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host], 0))] if host in names else real(host, *a, **k)))
+    assert binds_this_machine_only("myhost") and not binds_this_machine_only("pubhost")
+
+
+def test_a_server_bound_to_another_loopback_address_refuses_other_host_names(trained, db_url):
+    """The real `cfb serve --host 127.0.0.2`: a request naming evil.example is refused as on 127.0.0.1
+    (it was answered, and a rating written, with no Host check); the bound address and the machine's
+    loopback names are answered."""
+    from pathlib import Path
+
+    from sqlalchemy import create_engine, select
+
+    from cfb.db.schema import Rating, User
+
+    def a0_ratings() -> list:
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            rows = conn.execute(select(Rating.item_id, Rating.rating, Rating.seq).join(User, User.id == Rating.user_id)
+                                .where(User.external_id == "a0").order_by(Rating.item_id)).all()
+        engine.dispose()
+        return rows
+
+    before = a0_ratings()
+    exe = Path(sys.executable).with_name("cfb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([*cmd, "--db", db_url, "serve", "--host", "127.0.0.2", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.2:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{base}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.2)
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}",
+                   "Content-Type": "application/json"}
+        r = httpx.post(f"{base}/users/a0/ratings", content='{"item": "a1", "rating": 1}', headers=rebound, timeout=30)
+        assert r.status_code == 400 and "this machine only" in r.json()["error"], r.text
+        for host in (f"127.0.0.2:{port}", f"localhost:{port}", "127.0.0.1"):
+            assert httpx.get(f"{base}/health", headers={"Host": host}, timeout=30).status_code == 200, host
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert a0_ratings() == before  # nothing was written by the refused request
+
+
 def test_an_unknown_items_hint_is_found_outside_the_write_lock(trained, monkeypatch):
     """The hint for an unknown item reads and compares every title (seconds on a large catalogue), so a
     sign-up or a rating naming one is refused before the write transaction: other writers never wait
@@ -1339,6 +1404,23 @@ def test_the_answers_are_what_openapi_json_declares(server):
                               ("/inspect/biases?n=3", "/inspect/biases"), ("/inspect/pca?n=5", "/inspect/pca")):
         r = server.get(path)
         assert r.status_code == 200 and conforms(r.json(), declared(declared_at, "get", "200")), (path, r.text)
+
+
+def test_a_pca_of_two_factors_is_what_openapi_json_declares(trained, db_url):
+    """A model of two factors has two principal axes: its items have no pc3, which the declared schema
+    required (a client validating answers refused them)."""
+    from cfb.service.training import retrain_full
+
+    from .conftest import FAST
+
+    engine, _ = trained
+    retrain_full(engine, valid_pct=0.0, progress=False, **{**FAST, "n_factors": 2})
+    with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        schema = client.get("/openapi.json").json()["paths"]["/inspect/pca"]["get"]["responses"]["200"]["content"][
+            "application/json"]["schema"]
+        answer = client.get("/inspect/pca", params={"n": 5}).json()
+    assert {"pc1", "pc2"} <= set(answer["items"][0]) and "pc3" not in answer["items"][0]
+    assert conforms(answer, schema), schema
 
 
 def test_pages_say_what_an_empty_part_means(server):
