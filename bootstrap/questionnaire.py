@@ -11,6 +11,7 @@ from ..cf_core.errors import InputError, json_shown
 
 MAX_CATEGORIES = 40  # a string attribute with more distinct values is free text (e.g. a zip code)
 MAX_BUDGET = 30  # the most items a questionnaire asks about
+MAX_TEXT_ANSWER = 255  # characters of a text answer (an attribute such as a zip code), as of an id
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Question:
             raise InputError(f"{json_shown(value)} is not one of {', '.join(self.values or [])}", source=where, field=field)
         if isinstance(value, (dict, list, bool)):
             raise InputError(f"expected text, got {json_shown(value)}", source=where, field=field)
+        if len(str(value)) > MAX_TEXT_ANSWER:
+            raise InputError(f"a text answer is at most {MAX_TEXT_ANSWER} characters, got {len(str(value)):,}",
+                             source=where, field=field)
         return str(value)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from html import escape
 from pathlib import Path
 from string import Template
+from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 import anyio
@@ -48,10 +49,10 @@ from ..db.engine import (BUSY, EMPTY_DATABASE, WRITE_TURNS, database_error, is_b
                          sqlite_file)
 from . import serving
 from .fast_recommendations import FastRecommendations, FastReader
-from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, binds_this_machine_only,
-                          origin_key)
-from .http_json import (MAX_N, RETRY_AFTER, ApiError, error_response, error_status, json_response,
-                        recommendation_query)
+from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, Utf8Path,
+                          binds_this_machine_only, origin_key)
+from .http_json import (MAX_N, RETRY_AFTER, ApiError, WholeNumber, error_response, error_status,
+                        is_json_media_type, json_response, recommendation_query)
 from .inspect import item_href
 from .signup import signup_one
 from .state import load_served
@@ -87,7 +88,10 @@ COMMON_ERRORS = {  # error answers any route may give, for the OpenAPI schema
            "writer (with Retry-After)",
     "post": {"401": "this server has a token and the request did not give it (`Authorization: Bearer <token>`)",
              "403": "a write sent by another site's page (its Origin is not allowed)",
-             "413": "a body over 64 KiB"}}
+             "413": "a body over 64 KiB",
+             "415": "a body sent as other than JSON (its Content-Type, where given, must be application/json)"},
+    "400": "a request naming another host than this machine (a server bound to it), a path that is not "
+           "UTF-8 once its %-escapes are decoded, or a body the client stopped sending"}
 
 
 def rating_choices(scale: tuple[float, float], step: float | None) -> list[float]:
@@ -341,6 +345,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
+    app.add_middleware(Utf8Path)
     app.add_middleware(BodyLimit, max_body=max_body)
     if file is not None:  # before the fast path: nothing is read from a deleted file
         app.add_middleware(DatabaseFileGone, file=file, present=_follow_file,
@@ -379,9 +384,13 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             writes["running"] -= 1
 
     async def read_json(request: Request) -> dict:
-        """The request body as a JSON object, at most ``max_body`` bytes (also when chunked)."""
+        """The request body as a JSON object, at most ``max_body`` bytes (also when chunked), sent as JSON
+        (a Content-Type, where given, of application/json or another ``+json`` type)."""
         from starlette.requests import ClientDisconnect
 
+        kind = request.headers.get("content-type")
+        if kind is not None and not is_json_media_type(kind):  # (a cross-site form sends these unasked)
+            raise ApiError(415, f"request body: Content-Type must be application/json, got {cut(kind)!r}")
         size, chunks = 0, []
         try:
             async for chunk in request.stream():
@@ -439,15 +448,16 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
              responses={200: {"description": '{"version": v, "attributes": [{"name", "type", ...}], '
                                              '"items": [{"item", "title"}]}',
                               "content": {"application/json": {"schema": QUESTIONNAIRE}}}})
-    async def questionnaire(budget: int = Query(15, ge=0, le=MAX_BUDGET, description="Number of items to ask about")):
+    async def questionnaire(budget: Annotated[WholeNumber, Query(ge=0, le=MAX_BUDGET,
+                                                                 description="Number of items to ask about")] = 15):
         from .onboard import questionnaire_json
 
         with engine.connect() as conn:
             return json_response(questionnaire_json(conn, budget))
 
     signup_schema = {"type": "object", "additionalProperties": False, "properties": {
-        "user": {"type": ["string", "integer"], "description": "external user id, text or a whole number (default: "
-                                                                "one is assigned)"},
+        "user": {"type": ["string", "integer", "null"], "description": "external user id, text or a whole number "
+                                                                        "(left out or null: one is assigned)"},
         "answers": {"type": "object", "description": "attribute answers, as named by GET /questionnaire"},
         "ratings": {"type": "object", "additionalProperties": {"type": "number"},
                     "description": "item id or exact title -> rating; leave out items not seen"},
@@ -556,7 +566,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                               "content": {"application/json": {"schema": SIMILAR}}},
                         404: {"description": "unknown item"},
                         409: {"description": "the item is not in the serving model yet (a retrain brings it)"}})
-    async def similar(item: str, n: int = Query(10, ge=1, le=MAX_N)):
+    async def similar(item: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         def run():  # (an unknown item's hint reads every title: not on the event loop)
             with engine.connect() as conn:
                 return serving.similar(conn, item, n)
@@ -575,8 +585,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
              responses={200: {"description": '{"lowest": [{"item", "title", "score", "ratings"}], "highest": [...]}',
                               "content": {"application/json": {"schema": BIASES}}},
                         409: {"description": "the serving version is an nn model: it learns no item biases"}})
-    async def inspect_biases(n: int = Query(10, ge=1, le=MAX_N),
-                             min_ratings: int = Query(1, ge=0, le=MAX_MIN_RATINGS)):
+    async def inspect_biases(n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10,
+                             min_ratings: Annotated[WholeNumber, Query(ge=0, le=MAX_MIN_RATINGS)] = 1):
         with engine.connect() as conn:
             return json_response(serving.biases(conn, n, min_ratings))
 
@@ -585,7 +595,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                                              '"items": [{"item", "title", "ratings", "pc1", "pc2", "pc3"}]} '
                                              '(pc2 and pc3 as far as the factors allow: one per factor)',
                               "content": {"application/json": {"schema": PCA}}}})
-    async def inspect_pca(n: int = Query(50, ge=2, le=5000)):
+    async def inspect_pca(n: Annotated[WholeNumber, Query(ge=2, le=5000)] = 50):
         from .inspect import pca
 
         with engine.connect() as conn:
@@ -611,7 +621,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 responses = operation.setdefault("responses", {})
                 for status, description in (COMMON_ERRORS["post"] if method == "post" else {}).items():
                     responses.setdefault(status, {"description": description})
-                responses.setdefault("503", {"description": COMMON_ERRORS["503"]})
+                for status in ("400", "503"):
+                    responses.setdefault(status, {"description": COMMON_ERRORS[status]})
                 for status, response in responses.items():
                     if status[0] in "45":
                         response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
@@ -652,7 +663,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"aria-label='rating for {_name(entry)}'>{''.join(opts)}</select>")
 
     @page("/")
-    def home(budget: int = Query(15, ge=0, le=MAX_BUDGET)):
+    def home(budget: Annotated[WholeNumber, Query(ge=0, le=MAX_BUDGET)] = 15):
         from .onboard import questionnaire_json
 
         with engine.connect() as conn:
@@ -686,7 +697,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return _page("cfb: sign up", body, token is not None)
 
     @page("/user/{user:id}")
-    def user_page(user: str, n: int = Query(10, ge=1, le=MAX_N)):
+    def user_page(user: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         with engine.connect() as conn:
             rec = serving.recommend(conn, user, n)
             scale = _scale(conn)
@@ -707,7 +718,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"<button type='button' class='rate' aria-label='rate {_name(it)}'>Rate</button></li>")
 
     @page("/item/{item:id}")
-    def item_page(item: str, n: int = Query(10, ge=1, le=MAX_N)):
+    def item_page(item: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         with engine.connect() as conn:
             out = serving.similar(conn, item, n)
         rows = "".join(f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
@@ -717,7 +728,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         return _page(f"cfb: {out.get('title') or out['item']}", body, token is not None)
 
     @page("/explore")
-    def explore(n: int = Query(50, ge=2, le=500), min_ratings: int = Query(1, ge=0, le=MAX_MIN_RATINGS)):
+    def explore(n: Annotated[WholeNumber, Query(ge=2, le=500)] = 50,
+                min_ratings: Annotated[WholeNumber, Query(ge=0, le=MAX_MIN_RATINGS)] = 1):
         from .inspect import pca, pca_svg
 
         with engine.connect() as conn:

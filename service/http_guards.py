@@ -1,5 +1,5 @@
 """ASGI middleware that refuses a request before the app reads it: another host's name (DNS
-rebinding), a body over the limit, a SQLite file deleted under the running server, a CORS preflight
+rebinding), a path that is not UTF-8, a body over the limit, a SQLite file deleted under the running server, a CORS preflight
 another site may not make."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
@@ -83,6 +83,25 @@ class LocalHostsOnly:
             if name not in self.allowed and not is_loopback_address(name):
                 await error_response(ApiError(400, f"this server answers for this machine only, not for host "
                                                    f"{host!r} (`cfb serve --allow-origin` names another)"))(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Utf8Path:
+    """ASGI middleware: a path whose %-escapes do not decode to UTF-8 (``/users/%FF``) gets 400; the
+    server would read each bad byte as U+FFFD, so every such path named one and the same user."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+            try:
+                unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
+            except UnicodeDecodeError:
+                await json_response({"error": "the path is not UTF-8 once its %-escapes are decoded"}, 400)(
                     scope, receive, send)
                 return
         await self.app(scope, receive, send)

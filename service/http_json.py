@@ -3,12 +3,15 @@ answer (``{"error": message[, "field": name]}`` with its status) and the recomme
 from __future__ import annotations
 
 import json
+from typing import Annotated
 from urllib.parse import parse_qsl
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
 from ..cf_core.errors import BusyError, CannotAnswerError, CfbError, NotReadyError, UnknownIdError
+from ..db.textfile import plain_int
 
 MAX_N = 100  # the most recommendations or similar items one request asks for
 
@@ -48,7 +51,25 @@ def error_response(e: ApiError | CfbError) -> Response:
     return json_response(body, status, headers)
 
 
-QUERY_INT = TypeAdapter(int)
+def _in_digits(value: object) -> object:
+    """A query parameter's text read as the CLI reads a whole number (``plain_int``): ASCII digits, not
+    "1_0", "3.0" or "٣" (pydantic took all three)."""
+    if isinstance(value, str):
+        try:
+            return plain_int(value)
+        except ValueError:
+            raise PydanticCustomError("int_parsing", "Input should be a whole number") from None
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_in_digits)]  # a query parameter's whole number
+QUERY_INT = TypeAdapter(WholeNumber)
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """Whether a Content-Type header names JSON: application/json or an application/…+json type."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def recommendation_query(query_string: bytes) -> tuple[int, str]:
@@ -57,7 +78,7 @@ def recommendation_query(query_string: bytes) -> tuple[int, str]:
     query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
     raw_n, by = query.get("n", "10"), query.get("by", "rank")
     try:
-        n = QUERY_INT.validate_python(raw_n)  # (what FastAPI takes for an int on every other route)
+        n = QUERY_INT.validate_python(raw_n)  # (as every other route takes a whole number)
     except ValidationError as e:
         raise ApiError(422, f"query parameter 'n': {e.errors()[0]['msg']}", "n") from None
     if not 1 <= n <= MAX_N:

@@ -261,8 +261,9 @@ def test_error_codes(server, trained):
         assert r.status_code == 422 and r.json()["field"] == "n", r.text
     assert server.get("/users/a0/recommendations", params={"n": 100}).status_code == 200
     assert server.get("/users/a0/recommendations", params={"by": "magic"}).status_code == 422
-    for raw, ok in (("2.0", True), ("+2", True), ("\u0662", False), ("0x2", False), ("2e0", False)):
-        # the hand-parsed recommendations take n as FastAPI takes it on every other route
+    for raw, ok in (("2", True), ("+2", True), ("02", True), ("2.0", False), ("1_0", False), ("\u0662", False),
+                    ("0x2", False), ("2e0", False)):
+        # the hand-parsed recommendations take n as every other route does, and as the CLI reads it
         for path in ("/users/a0/recommendations", "/items/a1/similar"):
             r = server.get(path, params={"n": raw})
             assert r.status_code == (200 if ok else 422), (path, raw, r.text)
@@ -271,6 +272,66 @@ def test_error_codes(server, trained):
     assert r.status_code == 422 and r.json() == {"error": "empty item id", "field": "item"}, r.text
     for budget in (-1, 31):
         assert server.get("/questionnaire", params={"budget": budget}).status_code == 422
+
+
+def test_a_query_number_is_read_as_the_cli_reads_it_on_every_route(server):
+    """FastAPI's int took "1_0" as 10 and "3.0" as 3 (the CLI refuses both); every route now reads a
+    query parameter's whole number as the CLI does."""
+    for path, name in (("/questionnaire", "budget"), ("/items/a1/similar", "n"), ("/inspect/biases", "min_ratings"),
+                       ("/inspect/pca", "n"), ("/users/a0/recommendations", "n")):
+        assert server.get(path, params={name: "3"}).status_code == 200, path
+        for raw in ("1_0", "3.0"):
+            r = server.get(path, params={name: raw})
+            assert r.status_code == 422 and r.json() == {
+                "error": f"query parameter '{name}': Input should be a whole number", "field": name}, (path, r.text)
+    page = server.get("/", params={"budget": "1_0"}, headers={"Accept": "text/html"})
+    assert page.status_code == 422 and "Input should be a whole number" in page.text
+
+
+def test_a_write_sent_as_other_than_json_is_415(server, trained):
+    """A body sent as text/plain or a form was read as JSON and written (a cross-site form sends those
+    without asking the browser first); JSON types and a body with no Content-Type are read."""
+    engine, _ = trained
+    ratings, users = rating_count(engine), user_count(engine)
+    body = '{"item": "a1", "rating": 2}'
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/json"):
+        for path, content in (("/users/a0/ratings", body), ("/users", '{"answers": {}}')):
+            r = server.post(path, content=content, headers={"Content-Type": kind})
+            assert r.status_code == 415 and r.json()["error"] == (
+                f"request body: Content-Type must be application/json, got {kind!r}"), (kind, r.text)
+    assert (rating_count(engine), user_count(engine)) == (ratings, users)
+    for kind in ("application/json", "Application/JSON; charset=utf-8", "application/merge-patch+json", None):
+        r = server.post("/users/a0/ratings", content=body, headers={"Content-Type": kind} if kind else {})
+        assert r.status_code == 201, (kind, r.text)
+    spec = server.get("/openapi.json").json()["paths"]
+    assert {"400", "415"} <= set(spec["/users/{user}/ratings"]["post"]["responses"]) and \
+        "400" in spec["/models"]["get"]["responses"]
+
+
+def test_a_path_that_is_not_utf8_is_400(server, trained):
+    """%FF decoded to U+FFFD, so /users/%FF, /users/%FE and /users/%C3 were one user, read and written."""
+    engine, _ = trained
+    ratings = rating_count(engine)
+    for path in ("/users/%FF/recommendations", "/users/%C3/recommendations", "/items/%FE/similar", "/user/%FF"):
+        r = server.get(path)
+        assert r.status_code == 400 and r.json() == {"error": "the path is not UTF-8 once its %-escapes are decoded"}, \
+            (path, r.text)
+    r = server.post("/users/%FF/ratings", json={"item": "a1", "rating": 3})
+    assert r.status_code == 400 and rating_count(engine) == ratings
+    assert server.get("/users/%C3%A9/recommendations").json()["error"] == "unknown user 'é'"  # (UTF-8: read)
+
+
+def test_a_null_user_is_declared_and_a_long_text_answer_refused(server, trained):
+    """``"user": null`` signs up a user with an assigned id, as a left-out user does, and /openapi.json
+    says so (it declared text or a number only); a text answer is at most 255 characters, as an id."""
+    engine, _ = trained
+    users = user_count(engine)
+    signup = server.get("/openapi.json").json()["paths"]["/users"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    assert "null" in signup["properties"]["user"]["type"]
+    r = server.post("/users", json={"user": None, "answers": {"gender": "F"}})
+    assert r.status_code == 201 and r.json()["user"], r.text
+    assert user_count(engine) == users + 1
 
 
 def test_a_client_that_hangs_up_mid_body_is_no_server_error(trained, db_url):

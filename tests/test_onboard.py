@@ -47,6 +47,19 @@ def test_an_attribute_whose_every_value_is_its_own_is_text_not_a_closed_list():
     assert [q.type for q in infer_questions([{"zip": f"0{k}139"} for k in range(5)])] == ["text"]  # (five users)
 
 
+def test_a_text_answer_is_at_most_255_characters():
+    """A sign-up stored a 60,000-character zip code (only the request's 64 KiB bounded it); a text
+    answer is at most as long as an id, and a longer stored one counts as unanswered."""
+    from cfb.bootstrap.questionnaire import Question, Questionnaire
+
+    zip_code = Question("zip", "text")
+    assert zip_code.conform("x" * 255) == "x" * 255
+    with pytest.raises(InputError, match=r"^entry 1, field 'answers.zip': a text answer is at most 255 characters, "
+                                         r"got 60,000$"):
+        zip_code.conform("x" * 60_000, "entry 1")
+    assert Questionnaire([zip_code]).accepted_answers({"zip": "x" * 256}) == {}
+
+
 def test_questionnaire_lists_attributes_and_items(trained):
     engine, _ = trained
     with engine.connect() as conn:
