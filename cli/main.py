@@ -477,6 +477,7 @@ def retrain(ctx: Ctx, full: bool, kind: str, n_factors, epochs, lr, wd, bs, seed
 @fail_cleanly
 def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) -> None:
     """Top N items each USER has not rated; the score is the predicted rating."""
+    from ..service.serving import NOTHING_LEFT
     from ..service.serving import recommend as recommend_items
 
     with ctx.engine.connect() as conn:
@@ -484,7 +485,7 @@ def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) 
     lines = []
     for rec in out:
         lines.append(f"user {shown(rec['user'])} (predicted rating, title):")
-        lines += [f"  {r['score']:.2f}  {named(r)}" for r in rec["items"]]
+        lines += [f"  {r['score']:.2f}  {named(r)}" for r in rec["items"]] or [f"  ({NOTHING_LEFT})"]
     emit(out, as_json, "\n".join(lines))
 
 

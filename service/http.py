@@ -708,6 +708,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"the list updates at once.</p>"
                 f"<ol id='recs' data-user='{escape(rec['user'])}' data-n='{n}' "
                 f"data-scale='{escape(json.dumps(scale))}'>{items}</ol>"
+                f"<p id='no-recs'{' hidden' if items else ''}>{serving.NOTHING_LEFT.capitalize()}.</p>"
                 f"<p id='rate-status' role='status'></p><p id='rate-error' class='error' role='alert'></p>")
         return _page(f"cfb: {rec['user']}", body, token is not None)
 

@@ -101,6 +101,9 @@ def _naming_row(error: CfbError, row: int) -> CfbError:
     return named
 
 
+NOTHING_LEFT = "every item the serving model holds is rated: none is left to recommend"
+
+
 def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> str:
     """Why an item of the catalogue is not in the serving model, and what adds it."""
     rated = conn.scalar(select(Rating.item_id).where(Rating.item_id == db_id).limit(1)) is not None

@@ -160,6 +160,32 @@ def test_two_ratings_in_quick_succession_store_the_last_one_chosen(trained, db_u
     engine.dispose()
 
 
+def test_rating_the_last_item_says_none_is_left(trained, db_url, browser):
+    """A user who has rated every item but one rates it on the page: the list empties and the page
+    says why (an empty list said nothing); the CLI says the same."""
+    from cfb.service.ratings import rate_item
+    from cfb.service.serving import NOTHING_LEFT, recommend
+
+    engine, _ = trained
+    with engine.connect() as conn:
+        unrated = [it["item"] for it in recommend(conn, "a0", n=100)["items"]]
+    for item in unrated[1:]:
+        rate_item(engine, "a0", item, 3)
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/user/a0")
+        assert rec_items(browser) == unrated[:1] and not browser.find_element(By.ID, "no-recs").is_displayed()
+        Select(browser.find_element(By.CSS_SELECTOR, "#recs > li select")).select_by_value("4")
+        browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
+        wait.until(lambda d: not rec_items(d) and d.find_element(By.ID, "no-recs").is_displayed())
+        assert browser.find_element(By.ID, "no-recs").text == NOTHING_LEFT.capitalize() + "."
+        browser.get(base + "/user/a0")
+        assert browser.find_element(By.ID, "no-recs").is_displayed()
+    res = CliRunner().invoke(cli, ["--db", db_url, "recommend", "a0"])
+    assert res.exit_code == 0 and res.output.splitlines() == [
+        "user a0 (predicted rating, title):", f"  ({NOTHING_LEFT})"], res.output
+
+
 def test_no_way_back_link_before_anyone_signs_up_in_this_browser(trained, db_url, browser):
     with running_server(db_url) as base:
         browser.get(base + "/explore?n=5")

@@ -148,6 +148,8 @@
         kind = focused.tagName === "BUTTON" ? "button" : "select";
       }
       recs.replaceChildren.apply(recs, rows);
+      var none = document.getElementById("no-recs");  // (said when every item is rated)
+      if (none) { none.hidden = rows.length > 0; }
       if (at >= 0 && rows.length) { rows[Math.min(at, rows.length - 1)].querySelector(kind).focus(); }
     };
 
