@@ -37,6 +37,25 @@ def upgrade_schema(engine: Engine) -> None:
     create_schema(engine)
 
 
+def schema_for_first_write(engine: Engine) -> bool:
+    """Ready the schema for a write: True where the write must make the tables itself, in its own
+    transaction (``create_tables``): a PostgreSQL database without cfb's ratings table, whose DDL then
+    rolls back with a refused or killed first ingest, leaving the database as it was (a first SQLite
+    file is made whole beside its path instead). Otherwise what is missing is made now
+    (``create_schema``) and False."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            if not inspect(conn).has_table(Rating.__tablename__):
+                return True
+    create_schema(engine)
+    return False
+
+
+def create_tables(conn: Connection) -> None:
+    """Every missing table (with the replaced-rating log's trigger), in the caller's write transaction."""
+    Base.metadata.create_all(conn)
+
+
 def create_schema(engine: Engine) -> None:
     """Create every table that is missing, and what tables made by an earlier cfb lack (the ratings
     table's replaced-value columns, the trigger that logs replaced rows, the answers' ``asked``)."""
@@ -44,7 +63,7 @@ def create_schema(engine: Engine) -> None:
         missing = set(Base.metadata.tables) - set(inspect(conn).get_table_names())
     if missing:
         with writing(engine) as conn:  # one writer at a time makes them (two first ingests at once on PostgreSQL)
-            Base.metadata.create_all(conn)
+            create_tables(conn)
     url = str(engine.url)
     if url not in _HAVE_HISTORY or url not in _HAVE_LOG or url not in _HAVE_ASKED:
         with engine.connect() as conn:

@@ -22,16 +22,20 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
     The rating scale is fixed by the first ingest (the dataset's, ``scale``, or the data's range, which
     must not be a single value); later ratings outside it are refused. Given attributes are merged over
     the stored ones and typed as the database holds them (``conform_attributes``)."""
-    store.create_schema(engine)
-    with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
-        first_load = len(ds.ratings) >= ratings_io.BULK_ROWS and store.next_seq(conn) == 1
-        # before waiting for another writer, what the database holds refuses bad input at once (not "busy"):
-        claim_catalogue(conn, ds, note=False)  # its catalogue, its scale, its users' release and the attributes'
-        checked = _check_stored_scale(conn, ds, scale, source)  # types, in the order the write checks them
-        claim_users(conn, ds, note=False)
-        check_attribute_types(conn, User, ds.users, ds.users_source or source)
-        check_attribute_types(conn, Item, ds.items, ds.items_source or source)
+    fresh = store.schema_for_first_write(engine)  # (True: the tables are made in the write's transaction)
+    first_load, checked = len(ds.ratings) >= ratings_io.BULK_ROWS, None
+    if not fresh:  # (a database without tables holds nothing to check against)
+        with engine.connect() as conn:  # a first large load writes through a rollback journal (see ``writing``)
+            first_load = first_load and store.next_seq(conn) == 1
+            # before waiting for another writer, what the database holds refuses bad input at once (not "busy"):
+            claim_catalogue(conn, ds, note=False)  # its catalogue, its scale, its users' release and the attributes'
+            checked = _check_stored_scale(conn, ds, scale, source)  # types, in the order the write checks them
+            claim_users(conn, ds, note=False)
+            check_attribute_types(conn, User, ds.users, ds.users_source or source)
+            check_attribute_types(conn, Item, ds.items, ds.items_source or source)
     with writing(engine, first_load=first_load) as conn:
+        if fresh:
+            store.create_tables(conn)
         claim_catalogue(conn, ds)
         known = checked or _check_stored_scale(conn, ds, scale, source)  # (a first ingest may have set it since)
         if known is None:
@@ -418,10 +422,13 @@ def upsert_items(engine: Engine, items, source: str | None = None) -> dict:  # n
     """Add or update items (item, title, attributes) in one transaction (see ``write_items``).
     Returns counts: items given, added, updated (a stored item whose title or attributes change) and
     unchanged."""
-    store.create_schema(engine)
-    with engine.connect() as conn:  # (refused at once, not after waiting for another writer)
-        check_attribute_types(conn, Item, items, source)
+    fresh = store.schema_for_first_write(engine)  # (True: the tables are made in the write's transaction)
+    if not fresh:
+        with engine.connect() as conn:  # (refused at once, not after waiting for another writer)
+            check_attribute_types(conn, Item, items, source)
     with writing(engine) as conn:
+        if fresh:
+            store.create_tables(conn)
         existed, changed = write_items(conn, items, source)
     n = len(set(map(str, items["item"])))
     return {"items": n, "added": n - existed, "updated": changed, "unchanged": existed - changed}

@@ -398,6 +398,34 @@ def _error_of(call) -> BaseException | None:  # noqa: ANN001
     return None
 
 
+def test_a_refused_first_ingest_leaves_a_postgres_database_as_it_was(pg_engine, planted, monkeypatch):
+    """As on SQLite (no file is left): a first ingest refused, or a first bulk ingest refused in its
+    write, made cfb's nine tables in the database all the same (its DDL committed apart), after which
+    `cfb recommend` said to retrain and a retrain said to ingest. The tables are made in the ingest's
+    own transaction now."""
+    from sqlalchemy import inspect
+
+    from cfb.cf_core.errors import CfbError
+    from cfb.db import ratings_io
+    from cfb.service.ingest import upsert_items
+
+    same = pd.DataFrame({"user": ["u1", "u2"], "item": ["i1", "i1"], "rating": [3.0, 3.0], "timestamp": [1, 2]})
+    with pytest.raises(CfbError, match="every rating is 3"):
+        ingest_dataset(pg_engine, Dataset(same))
+    assert inspect(pg_engine).get_table_names() == []
+    monkeypatch.setattr(ratings_io, "BULK_ROWS", 100)  # the bulk path: its unknown item found while writing
+    bad = planted.ratings.copy()
+    bad.loc[len(bad) - 1, "user"] = " "
+    with pytest.raises(CfbError):
+        ingest_dataset(pg_engine, Dataset(bad.reset_index(drop=True)))
+    assert inspect(pg_engine).get_table_names() == []
+    with pytest.raises(CfbError, match="empty"):
+        upsert_items(pg_engine, pd.DataFrame({"item": ["x", ""], "title": ["X", "Y"], "attributes": [{}, {}]}))
+    assert inspect(pg_engine).get_table_names() == []
+    assert ingest_dataset(pg_engine, planted)["ratings"] == len(planted.ratings)
+    assert len(inspect(pg_engine).get_table_names()) == 9
+
+
 def test_a_postgres_database_that_is_not_there_is_one_line_to_serve_and_503_to_requests(tmp_path):
     """`cfb serve` on a PostgreSQL URL that cannot be reached stops at once with the one-line error the
     other commands give; an app made over it answers JSON 503s, not plain-text 500s."""
