@@ -37,10 +37,14 @@ class ServingConfig:
     # a cold user's predicted rating (one the rating model never learned): + this × the scale's width × the
     # ranker's score of the item standardised over the catalogue (chosen on pseudo-cold users; 0.1 on 1..5)
     cold_rank_weight: float = 0.025
-    # ... and is moved toward the item's damped mean rating by cold_mean_weight × k / (k + n), n = the user's
-    # ratings the model knows, k = cold_mean_count (0 for the dot model; the NN's cold prior needs it)
-    cold_mean_weight: float = 0.0
-    cold_mean_count: float = 3.0
+    # ... and is moved toward the item's damped mean rating by cold_mean_weight × k / (k + n + c × a), n = the
+    # user's ratings the model knows, a = their attribute answers, k = cold_mean_count, c =
+    # cold_mean_answer_weight: of a user of whom little is known, the items' damped means say what the
+    # rating model's prior (its mean user through ``sigmoid_range``) does not (chosen on pseudo-cold users,
+    # with and without demographics: bench/tune_cold_mean.py; the NN's prior needs more of them, for longer)
+    cold_mean_weight: float = 0.5
+    cold_mean_count: float = 4.0
+    cold_mean_answer_weight: float = 1.0
     popularity_weight: float = 1.0  # without one: predicted rating + popularity_weight × log(1 + ratings)
     foldin_reg: float = 10.0  # a user's fold-in: shrinkage of the embedding toward the prior
     foldin_reg_bias: float = 30.0  # ... and of the bias
@@ -64,7 +68,8 @@ class ServingConfig:
         the NN's fold-in moves a user's embedding through an MLP and needs stronger shrinkage, and its
         bootstrap prior alone predicts worse than the items' damped means."""
         if kind == "nn":
-            return cls(cold_rank_weight=0.0125, cold_mean_weight=1.0, foldin_reg=100.0)
+            return cls(cold_rank_weight=0.0125, cold_mean_weight=1.0, cold_mean_count=3.0, cold_mean_answer_weight=0.0,
+                       foldin_reg=100.0)
         return cls()
 
     def user_foldin(self, width: float | None = None) -> FoldInConfig:
@@ -154,6 +159,7 @@ class UserVector:
     rank_vec: np.ndarray | None = None
     cold: bool = False  # the rating model never learned this user: its part is the bootstrap prior + fold-in
     n_ratings: int = 0  # the user's ratings of items the model knows
+    n_answers: int = 0  # the attribute answers the questionnaire took
     meta_affinity: np.ndarray | None = None  # per metadata feature (``TrainedModel.metadata_affinity``)
 
 
@@ -301,7 +307,7 @@ class TrainedModel:
             rank_vec = self.ranker.user_vectors([reveal])[0]
         meta = self.metadata_affinity(inner[known], ratings[known], vec, bias) if affinity else None
         return UserVector(vec, bias, rank_vec, cold=history.trained_row is None, n_ratings=int(known.sum()),
-                          meta_affinity=meta)
+                          n_answers=len(attributes), meta_affinity=meta)
 
     def metadata_affinity(self, items: np.ndarray, ratings: np.ndarray, vec: np.ndarray,
                           bias: float) -> np.ndarray | None:
@@ -330,7 +336,7 @@ class TrainedModel:
         """Predicted ratings of the user for ``items`` (inner indices; all when None).
 
         The rating model's; for a cold user, moved toward the items' damped means by ``cold_mean_weight``
-        × k / (k + n) and then plus ``cold_rank_weight`` × the scale's width × the ranker's score
+        × k / (k + n + c × a) (``ServingConfig``) and then plus ``cold_rank_weight`` × the scale's width × the ranker's score
         standardised over the catalogue (what the ranker knows of them, which the bootstrap prior and a
         fold-in of a few ratings do not: docs/coldstart.md). Clipped to the ratings' scale: the book's
         ``sigmoid_range`` runs a little past it (0..5.5 on 1..5) so that its ends can be reached, and a
@@ -369,8 +375,8 @@ class TrainedModel:
         idx = slice(None) if items is None else np.asarray(items, np.int64)
         cfg = self.config
         if cfg.cold_mean_weight:
-            k, n = cfg.cold_mean_count, user.n_ratings
-            w = cfg.cold_mean_weight * (k / (k + n) if n else 1.0)
+            k, known = cfg.cold_mean_count, user.n_ratings + cfg.cold_mean_answer_weight * user.n_answers
+            w = cfg.cold_mean_weight * (k / (k + known) if known else 1.0)
             pred = ((1 - w) * pred + w * self.damped_means()[idx]).astype(pred.dtype)
         if cfg.cold_rank_weight and self.ranker is not None and user.rank_vec is not None:
             s = self.ranker.item_scores(user.rank_vec[None])[0].astype(np.float64)

@@ -112,7 +112,8 @@ def test_adding_items_keeps_every_inner_index(kind_db):
 
 def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
     """A user the rating model never learned: predicted rating = the rating model's, moved toward the
-    item's damped mean by w = cold_mean_weight × 3 / (3 + n) (0 for dot, 1 for nn), + cold_rank_weight
+    item's damped mean by w = cold_mean_weight × k / (k + n + c × a) (dot: 0.5, k = 4, the attribute
+    answers counted, c = 1; nn: 1, k = 3, c = 0), + cold_rank_weight
     × the 1..5 scale's width (0.1 for dot, 0.05 for nn) × the ranker's standardised score, so the items
     the ranker puts first gain most; a trained user's predictions are the rating model's alone, and so
     are everyone's at weights 0."""
@@ -127,10 +128,16 @@ def test_a_cold_users_predicted_ratings_carry_the_rankers_view(kind_db):
     z = (s - s.mean()) / s.std()
     plain = model.rating.predict(cold.vec, cold.bias)
     assert model.config == ServingConfig.for_kind(kind)
-    w = {"dot": 0.0, "nn": 3 / (3 + 3)}[kind]
+    w = {"dot": 0.5 * 4 / (4 + 3 + 1), "nn": 3 / (3 + 3)}[kind]  # (3 ratings, 1 answer)
     damped = (model.item_sums + 10 * model.item_sums.sum() / model.item_counts.sum()) / (model.item_counts + 10)
-    rank_term = {"dot": 0.1, "nn": 0.05}[kind] * z
+    per_z = {"dot": 0.1, "nn": 0.05}[kind]
+    rank_term = per_z * z
     assert np.allclose(model.predict(cold), np.clip((1 - w) * plain + w * damped + rank_term, 1, 5), atol=1e-5)
+    nobody = model.user_vector(UserHistory({}, items[:0], np.zeros(0, np.float32)))  # nothing known: half-way (dot)
+    s0 = model.ranker.item_scores(nobody.rank_vec[None])[0].astype(np.float64)
+    w0 = {"dot": 0.5, "nn": 1.0}[kind]
+    expected = (1 - w0) * model.rating.predict(nobody.vec, nobody.bias) + w0 * damped
+    assert np.allclose(model.predict(nobody), np.clip(expected + per_z * (s0 - s0.mean()) / s0.std(), 1, 5), atol=1e-5)
     picked = np.array([int(np.argmax(s)), int(np.argmin(s))])
     assert np.allclose(model.predict(cold, picked), model.predict(cold)[picked])
     gain = model.predict(cold) - ((1 - w) * plain + w * damped)
@@ -289,3 +296,6 @@ def test_a_setting_a_stored_version_lacks_takes_its_kinds_default():
     old_nn = ServingConfig.from_json({"foldin_reg": 100.0, "cold_rank_weight": 0.0125}, "nn")
     assert old_nn == ServingConfig.for_kind("nn") and old_nn.cold_mean_weight == 1.0
     assert ServingConfig.from_json({"foldin_reg": 7.0}, "nn").foldin_reg == 7.0  # what it stored stays
+    # a dot version stored before its cold users leaned on the damped means serves as it did
+    old_dot = ServingConfig.from_json({"cold_mean_weight": 0.0, "cold_mean_count": 3.0}, "dot")
+    assert (old_dot.cold_mean_weight, old_dot.cold_mean_count) == (0.0, 3.0)

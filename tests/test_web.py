@@ -177,7 +177,8 @@ def test_rating_the_last_item_says_none_is_left(trained, db_url, browser):
         assert rec_items(browser) == unrated[:1] and not browser.find_element(By.ID, "no-recs").is_displayed()
         Select(browser.find_element(By.CSS_SELECTOR, "#recs > li select")).select_by_value("4")
         browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
-        wait.until(lambda d: not rec_items(d) and d.find_element(By.ID, "no-recs").is_displayed())
+        wait.until(lambda d: d.execute_script(  # (in one script: the list may be redrawn between two calls)
+            "return !document.querySelector('#recs > li') && !document.getElementById('no-recs').hidden"))
         assert browser.find_element(By.ID, "no-recs").text == NOTHING_LEFT.capitalize() + "."
         browser.get(base + "/user/a0")
         assert browser.find_element(By.ID, "no-recs").is_displayed()

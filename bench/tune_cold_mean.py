@@ -1,0 +1,137 @@
+"""How far a cold user's predicted rating should lean on the items' damped means (pseudo-cold users).
+
+Usage: python bench/tune_cold_mean.py [--seeds 42,43,44] [--data DIR] [--no-attributes] [--kind dot|nn] [--out FILE]
+
+For each seed the warm users of protocol seed SEED are split again with SEED + 1000; a dot model with
+its ranker (or the NN, ``--kind nn``) is trained on the pseudo-warm users (``fit_model``, the defaults) and every pseudo-cold user
+is served as `cfb onboard` serves them (``TrainedModel.user_vector``): questionnaire answers from their
+answer pool at Q = 0/5/15/30 (§4b) and their first n ratings in time order at n = 0/1/3/5/10 (§5).
+Each candidate weight w moves the rating model's prediction toward the item's damped mean,
+(1 − w) × prediction + w × damped mean, before the ranker's term and the clip to the scale (as
+``TrainedModel._cold_prediction``), with w = c × k / (k + n) (n: the user's known ratings) or
+c × k / (k + n + a) (a: the attribute answers the questionnaire takes); "today" is the version's own
+``ServingConfig`` (c = cold_mean_weight, k = cold_mean_count) over n alone. ``--no-attributes`` drops every
+user's attributes (training and test): data without demographics. Prints RMSE per condition pooled
+over the seeds; writes per-candidate (squared-error sum, count) per condition as JSON."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import argparse
+import json
+import time
+
+import numpy as np
+
+from cfb.cf_core.data import CollabData, index_ids
+from cfb.cf_core.model import UserHistory
+from cfb.cf_core.split import answer_pool_split, cold_users
+from cfb.db.sources import read_movielens
+from cfb.service.training import TrainingData, fit_model
+
+BUDGETS = (0, 5, 15, 30)
+STEPS = (0, 1, 3, 5, 10)
+CANDIDATES = {"today": None, "w=0": (0.0, 1.0, False), **{f"k/(k+n), k={k:g}": (1.0, k, False) for k in (1.0, 3.0)},
+              **{f"k/(k+n+a), k={k:g}": (1.0, k, True) for k in (1.0, 3.0)},
+              **{f"{c:g}·k/(k+n+a), k={k:g}": (c, k, True) for c, k in ((0.5, 1.0), (0.5, 2.0), (0.5, 4.0),
+                                                                         (0.7, 1.0), (0.7, 2.0), (0.3, 4.0))}}
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--data", default="../shared/data/ml-100k", help="a MovieLens folder (any release)")
+    ap.add_argument("--no-attributes", action="store_true", help="drop every user's attributes")
+    ap.add_argument("--kind", choices=("dot", "nn"), default="dot", help="the rating model")
+    ap.add_argument("--out", default=None)
+    return ap.parse_args()
+
+
+def run_seed(ds, seed: int, no_attributes: bool, kind: str, acc: dict) -> None:  # noqa: ANN001
+    """Train on seed's pseudo-warm users and add every candidate's squared errors to ``acc``."""
+    r = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
+    users = ds.users if ds.users is not None else None
+    attrs = {str(u): {} for u in r.user.unique()}
+    if users is not None and not no_attributes:
+        attrs.update({str(u): dict(a) for u, a in zip(users.user, users.attributes)})
+    cold = cold_users(r.user.unique().tolist(), seed)
+    warm = r[~r.user.isin(cold)]
+    pusers = sorted(warm.user.unique())
+    pcold = cold_users(pusers, seed + 1000)
+    tr, ev = warm[~warm.user.isin(pcold)], warm[warm.user.isin(pcold)]
+    uindex = {x: k for k, x in enumerate(pusers)}
+    scale = tuple(ds.scale) if ds.scale is not None else (float(r.rating.min()), float(r.rating.max()))
+    uids, u = index_ids(tr.user.to_numpy())
+    iids, i = index_ids(tr.item.to_numpy())
+    td = TrainingData(CollabData(u, i, tr.rating.to_numpy(), len(uids), len(iids)), np.arange(len(uids)),
+                      np.array([int(x) for x in iids]), tr.timestamp.to_numpy(), [attrs[x] for x in uids],
+                      scale, 0)
+    t0 = time.time()
+    model, _ = fit_model(td, kind, {}, progress=False, ranker=True, seed=seed)
+    print(f"seed {seed}: fit {time.time() - t0:.1f}s", flush=True)
+    q_items = list(model.questionnaire.items)
+    damped = model.damped_means()
+    lo, hi = model.ranker.scale_
+    cfg = model.config
+
+    def add(cond: str, history: UserHistory, test: np.ndarray, truth: np.ndarray) -> None:
+        uv = model.user_vector(history, affinity=False)
+        p = model.rating.predict(uv.vec, uv.bias, test).astype(np.float64)
+        s = model.ranker.item_scores(uv.rank_vec[None])[0].astype(np.float64)
+        rank_term = cfg.cold_rank_weight * (hi - lo) * ((s - s.mean()) / (s.std() or 1.0))[test]
+        n, a = uv.n_ratings, len(model.questionnaire.accepted_answers(history.attributes))
+        for name, rule in CANDIDATES.items():
+            c, k, answers = (cfg.cold_mean_weight, cfg.cold_mean_count, False) if rule is None else rule
+            w = c * k / (k + n + (a if answers else 0))
+            pred = np.clip((1 - w) * p + w * damped[test] + rank_term, *scale)
+            se, m = acc.setdefault(name, {}).get(cond, (0.0, 0))
+            acc[name][cond] = (se + float(((pred - truth) ** 2).sum()), m + len(truth))
+        se, m = acc.setdefault("popularity (damped mean)", {}).get(cond, (0.0, 0))
+        acc["popularity (damped mean)"][cond] = (se + float(((damped[test] - truth) ** 2).sum()), m + len(truth))
+
+    for x, g in ev.groupby("user"):
+        g = g.sort_values("item")
+        gi = g.set_index("item")
+        pool, test = answer_pool_split(uindex[x], g["item"].tolist(), seed + 1000)
+        ti = model.item_index([int(t) for t in test])
+        known = ti >= 0
+        truth = gi.loc[test, "rating"].to_numpy(float)[known]
+        pool_set = set(pool)
+        for q in BUDGETS:
+            given = np.array([it for it in q_items[:q] if str(it) in pool_set], np.int64)
+            rs = np.array([gi.loc[str(it), "rating"] for it in given], np.float32)
+            add(f"Q={q}", UserHistory(attrs[x], given, rs, signup_items=frozenset(given.tolist()), asked=q),
+                ti[known], truth)
+        timeline = g.sort_values(["timestamp", "item"], kind="stable")
+        later = timeline.iloc[10:]
+        if later.empty:
+            continue
+        te = model.item_index(later.item.astype(int).to_numpy())
+        ok = te >= 0
+        for n in STEPS:
+            items = timeline.item.astype(int).to_numpy()[:n]
+            add(f"n={n}", UserHistory(attrs[x], items, timeline.rating.to_numpy(np.float32)[:n]), te[ok],
+                later.rating.to_numpy(float)[ok])
+
+
+def main() -> None:
+    args = parse()
+    ds = read_movielens(args.data)
+    acc: dict = {}
+    t0 = time.time()
+    for seed in (int(s) for s in args.seeds.split(",")):
+        run_seed(ds, seed, args.no_attributes, args.kind, acc)
+    conds = [f"Q={q}" for q in BUDGETS] + [f"n={n}" for n in STEPS]
+    print(f"RMSE, pseudo-cold users of seeds {args.seeds} pooled{' (no attributes)' if args.no_attributes else ''}"
+          f" ({time.time() - t0:.0f} s)")
+    print(f"{'candidate':28} " + " ".join(f"{c:>7}" for c in conds))
+    for name, by in acc.items():
+        print(f"{name:28} " + " ".join(f"{(by[c][0] / by[c][1]) ** 0.5:7.4f}" for c in conds))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(acc, f)
+
+
+if __name__ == "__main__":
+    main()
