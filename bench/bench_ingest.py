@@ -159,7 +159,8 @@ def main() -> None:
         folder = args.data or args.keep or tmp / "ml-25m-shaped"
         t = time.perf_counter()
         shape = describe(folder) if args.data else generate(folder, args.rows, args.seed)
-        out: dict = {"shape": shape, "generate_s": round(time.perf_counter() - t, 1)}
+        out: dict = {"shape": shape, "generator_seed": None if args.data else args.seed,
+                     "generate_s": round(time.perf_counter() - t, 1)}
         n = shape["ratings"]
         if not args.no_cli:
             load = os.getloadavg()
@@ -175,7 +176,8 @@ def main() -> None:
             print(json.dumps(out))
         else:
             print(f"{n:,} ratings, {shape['users']:,} users, {shape['items']:,} movies "
-                  f"({shape['ratings_csv_mb']} MiB ratings.csv)")
+                  f"({shape['ratings_csv_mb']} MiB ratings.csv"
+                  + ("" if args.data else f"; generator seed {args.seed}") + ")")
             if "cli" in out:
                 cli = out["cli"]
                 print(f"cfb ingest movielens (whole process): {cli['seconds']} s, {cli['ratings_per_s']:,} ratings/s "

@@ -43,7 +43,10 @@ SHAPES = {  # users, items, ratings, rating values (with their shares)
 GROUPS = 20
 
 
-def generate(folder: Path, shape: str, rows: int | None, seed: int = 0) -> dict:
+GENERATOR_SEED = 0  # the synthetic release's random draws (reported in the output)
+
+
+def generate(folder: Path, shape: str, rows: int | None, seed: int = GENERATOR_SEED) -> dict:
     """Write the synthetic release; returns its size."""
     n_users, n_items, n_rows, values = SHAPES[shape]
     if rows:  # a smaller set of the same shape: users and items shrink with the ratings
@@ -246,8 +249,8 @@ def run(a: argparse.Namespace, tmp: Path) -> None:
     log(f"# machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python {platform.python_version()}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load avg {os.getloadavg()[0]:.2f}")
     t = time.perf_counter()
-    shape = generate(tmp / "data", a.shape, a.rows)
-    log(f"generated {shape} in {time.perf_counter() - t:.1f} s")
+    shape = generate(tmp / "data", a.shape, a.rows, seed=GENERATOR_SEED)
+    log(f"generated {shape} (generator seed {GENERATOR_SEED}) in {time.perf_counter() - t:.1f} s")
     url = f"sqlite:///{tmp / 'cfb.db'}"
     kind = "goodbooks" if a.shape == "goodbooks" else "movielens"
     took, rss, _, out = cfb(url, "ingest", kind, str(tmp / "data"), "--quiet", "--json")

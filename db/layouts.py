@@ -453,6 +453,9 @@ def movielens_layout(folder: Path) -> str:
     if found == ["ratings.dat"]:
         return "1m" if (folder / "users.dat").exists() else "10m"
     if found == ["ratings.csv"]:
+        if is_goodbooks(folder):
+            raise InputError("a goodbooks-10k folder, not a MovieLens release: use `cfb ingest goodbooks`",
+                             source=str(folder))
         return "csv"
     looked = ", ".join(f"{name} ({what})" for name, what in MOVIELENS_MARKERS)
     raise InputError(f"not a MovieLens folder: looked for {looked}", source=str(folder))
@@ -729,6 +732,8 @@ def goodbooks_release(folder: Path) -> str:
 def read_goodbooks(folder: Path) -> Dataset:
     """goodbooks-10k, v1 or v2 (see the module docstring)."""
     folder = Path(folder)
+    if folder.is_dir() and not is_goodbooks(folder) and any((folder / name).exists() for name, _ in MOVIELENS_MARKERS):
+        raise InputError("a MovieLens release, not goodbooks-10k: use `cfb ingest movielens`", source=str(folder))
     release = goodbooks_release(folder)
     rpath = folder / "ratings.csv"
     given = read_csv_ratings(rpath, "user_id", "book_id", "rating", None)

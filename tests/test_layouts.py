@@ -427,6 +427,20 @@ RELEASES = {"100k": (ml100k, "movielens"), "1m": (ml1m, "movielens"), "10m": (ml
             "goodbooks-v2": (goodbooks, "goodbooks")}
 
 
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_release_given_to_the_other_ingest_command_is_named(tmp_path, db_url, release):
+    """`cfb ingest movielens` on a goodbooks folder said its ratings.csv lacked userId, and `cfb ingest
+    goodbooks` on a MovieLens folder that ratings.csv was not found (or its header was wrong): each
+    now says which release it is and which command reads it; nothing is written."""
+    make, command = RELEASES[release]
+    folder = make(tmp_path / release)
+    other = "goodbooks" if command == "movielens" else "movielens"
+    said = ("a MovieLens release, not goodbooks-10k: use `cfb ingest movielens`" if command == "movielens" else
+            "a goodbooks-10k folder, not a MovieLens release: use `cfb ingest goodbooks`")
+    fails(run(db_url, "ingest", other, str(folder)), rf"^Error: {re.escape(str(folder))}: {re.escape(said)}$")
+    assert_nothing_written(db_url)
+
+
 def test_titles_and_tags_are_read_as_written(tmp_path, db_url):
     """A 100k title with a space after it (three in the real u.item) is stored without it, so that it can
     be named (a lookup strips the query); a 10M title or tag that ends in ':' keeps it."""
