@@ -96,8 +96,8 @@ class Utf8Path:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+        raw = (scope.get("raw_path") or b"") if scope["type"] == "http" else b""
+        if b"%" in raw or not raw.isascii():  # (a plain ASCII path, nearly every request, is UTF-8)
             try:
                 unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
             except UnicodeDecodeError:
