@@ -703,7 +703,7 @@ def questionnaire(ctx: Ctx, budget: int, as_json: bool) -> None:
         if a.get("accepts"):
             values = f" ({a['accepts'][0]:g}..{a['accepts'][1]:g})"
         lines.append(f"  {shown(a['name'])}: {a['type']}{values}")
-    lines.append("rate these if you have seen them:")
+    lines.append("rate the ones you know (seen, read, used; the rest count as not known):")
     lines += [f"  {shown(r['item'])}: {named(r)}" for r in out["items"]]
     emit(out, as_json, "\n".join(lines))
 

@@ -684,12 +684,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 field = f"<input type='text' name='{name}' data-attr='{name}'>"
             rows.append(f"<label>{name} {field}</label>")
         items = [f"<li><span class='title'>{_name(it)}</span> "
-                 f"{_rating_select(scale, 'rate', it, 'not seen')}</li>" for it in q["items"]]
+                 f"{_rating_select(scale, 'rate', it, 'not known')}</li>" for it in q["items"]]
         body = (f"<h1>Sign up</h1><form id='signup' data-asked='{len(q['items'])}' data-version='{q['version']}'>"
                 f"<fieldset><legend>About you</legend>"
                 f"<label>user id (optional) <input type='text' name='user' id='user-id'></label>"
                 f"{''.join(rows)}</fieldset>"
-                + (f"<fieldset><legend>Rate what you have seen</legend><ol class='rate-items'>{''.join(items)}</ol>"
+                + (f"<fieldset><legend>Rate the ones you know</legend><ol class='rate-items'>{''.join(items)}</ol>"
                    f"</fieldset>" if items else "") +  # (a questionnaire of no items: no empty box)
                 f"<button type='submit' id='signup-submit'>Sign up and get recommendations</button>"
                 f"<p id='signup-error' class='error' role='alert'></p></form>"

@@ -139,7 +139,7 @@ def test_questionnaire_names_untitled_items_by_id_and_caps_the_budget(runner, cl
     """The ratings came without a catalogue: an item without a title is shown by its id."""
     res = run(runner, cli_db, "questionnaire", "--budget", "3")
     assert res.exit_code == 0, res.output
-    asked = res.output.split("rate these if you have seen them:")[1].split()
+    asked = res.output.split("rate the ones you know (seen, read, used; the rest count as not known):")[1].split()
     assert len(asked) == 6 and all(f"{a[:-1]}" == b for a, b in zip(asked[::2], asked[1::2])), res.output
     res = run(runner, cli_db, "questionnaire", "--budget", "31")
     assert res.exit_code == 2 and "0<=x<=30" in res.output

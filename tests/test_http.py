@@ -1490,5 +1490,5 @@ def test_pages_say_what_an_empty_part_means(server):
     page = server.get("/explore", params={"n": 5, "min_ratings": 100000}, headers={"Accept": "text/html"}).text
     assert "<p id='no-biases'>No item has 100,000 ratings or more" in page and "Lowest bias" not in page
     assert "Lowest bias" in server.get("/explore", params={"n": 5}, headers={"Accept": "text/html"}).text
-    assert "Rate what you have seen" not in server.get("/", params={"budget": 0}).text
-    assert "Rate what you have seen" in server.get("/", params={"budget": 5}).text
+    assert "Rate the ones you know" not in server.get("/", params={"budget": 0}).text
+    assert "Rate the ones you know" in server.get("/", params={"budget": 5}).text
