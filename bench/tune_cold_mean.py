@@ -6,11 +6,10 @@ For each seed the warm users of protocol seed SEED are split again with SEED + 1
 its ranker (or the NN, ``--kind nn``) is trained on the pseudo-warm users (``fit_model``, the defaults) and every pseudo-cold user
 is served as `cfb onboard` serves them (``TrainedModel.user_vector``): questionnaire answers from their
 answer pool at Q = 0/5/15/30 (§4b) and their first n ratings in time order at n = 0/1/3/5/10 (§5).
-Each candidate weight w moves the rating model's prediction toward the item's damped mean,
-(1 − w) × prediction + w × damped mean, before the ranker's term and the clip to the scale (as
-``TrainedModel._cold_prediction``), with w = c × k / (k + n) (n: the user's known ratings) or
-c × k / (k + n + a) (a: the attribute answers the questionnaire takes); "today" is the version's own
-``ServingConfig`` (c = cold_mean_weight, k = cold_mean_count) over n alone. ``--no-attributes`` drops every
+Each candidate is a ``ServingConfig`` whose weight w moves a cold user's prediction toward the item's
+damped mean (``TrainedModel.predict``, which serves it): w = c × k / (k + n) (n: the user's known
+ratings) or c × k / (k + n + a) (a: the attribute answers the questionnaire takes); "today" is the
+trained version's own settings. ``--no-attributes`` drops every
 user's attributes (training and test): data without demographics. Prints RMSE per condition pooled
 over the seeds; writes per-candidate (squared-error sum, count) per condition as JSON."""
 from __future__ import annotations
@@ -21,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from cfb.service.training import TrainingData, fit_model
 
 BUDGETS = (0, 5, 15, 30)
 STEPS = (0, 1, 3, 5, 10)
+# candidate -> (c, k, the attribute answers counted) as ServingConfig's cold_mean_* settings; None: as trained
 CANDIDATES = {"today": None, "w=0": (0.0, 1.0, False), **{f"k/(k+n), k={k:g}": (1.0, k, False) for k in (1.0, 3.0)},
               **{f"k/(k+n+a), k={k:g}": (1.0, k, True) for k in (1.0, 3.0)},
               **{f"{c:g}·k/(k+n+a), k={k:g}": (c, k, True) for c, k in ((0.5, 1.0), (0.5, 2.0), (0.5, 4.0),
@@ -51,10 +52,9 @@ def parse() -> argparse.Namespace:
 def run_seed(ds, seed: int, no_attributes: bool, kind: str, acc: dict) -> None:  # noqa: ANN001
     """Train on seed's pseudo-warm users and add every candidate's squared errors to ``acc``."""
     r = ds.ratings.assign(user=ds.ratings.user.astype(str), item=ds.ratings.item.astype(str))
-    users = ds.users if ds.users is not None else None
     attrs = {str(u): {} for u in r.user.unique()}
-    if users is not None and not no_attributes:
-        attrs.update({str(u): dict(a) for u, a in zip(users.user, users.attributes)})
+    if ds.users is not None and not no_attributes:
+        attrs.update({str(u): dict(a) for u, a in zip(ds.users.user, ds.users.attributes)})
     cold = cold_users(r.user.unique().tolist(), seed)
     warm = r[~r.user.isin(cold)]
     pusers = sorted(warm.user.unique())
@@ -72,19 +72,14 @@ def run_seed(ds, seed: int, no_attributes: bool, kind: str, acc: dict) -> None: 
     print(f"seed {seed}: fit {time.time() - t0:.1f}s", flush=True)
     q_items = list(model.questionnaire.items)
     damped = model.damped_means()
-    lo, hi = model.ranker.scale_
-    cfg = model.config
+    served = {name: model if rule is None else replace(model, config=replace(
+        model.config, cold_mean_weight=rule[0], cold_mean_count=rule[1], cold_mean_answer_weight=float(rule[2])))
+        for name, rule in CANDIDATES.items()}
 
     def add(cond: str, history: UserHistory, test: np.ndarray, truth: np.ndarray) -> None:
-        uv = model.user_vector(history, affinity=False)
-        p = model.rating.predict(uv.vec, uv.bias, test).astype(np.float64)
-        s = model.ranker.item_scores(uv.rank_vec[None])[0].astype(np.float64)
-        rank_term = cfg.cold_rank_weight * (hi - lo) * ((s - s.mean()) / (s.std() or 1.0))[test]
-        n, a = uv.n_ratings, len(model.questionnaire.accepted_answers(history.attributes))
-        for name, rule in CANDIDATES.items():
-            c, k, answers = (cfg.cold_mean_weight, cfg.cold_mean_count, False) if rule is None else rule
-            w = c * k / (k + n + (a if answers else 0))
-            pred = np.clip((1 - w) * p + w * damped[test] + rank_term, *scale)
+        uv = model.user_vector(history, affinity=False)  # (the same for every candidate: they differ in serving)
+        for name, candidate in served.items():
+            pred = candidate.predict(uv, test).astype(np.float64)
             se, m = acc.setdefault(name, {}).get(cond, (0.0, 0))
             acc[name][cond] = (se + float(((pred - truth) ** 2).sum()), m + len(truth))
         se, m = acc.setdefault("popularity (damped mean)", {}).get(cond, (0.0, 0))
