@@ -1,11 +1,16 @@
-"""Helpers for the benchmarks: peak-memory sampling and a goodbooks-shaped synthetic ratings set."""
+"""Helpers for the benchmarks: peak-memory sampling, a goodbooks-shaped synthetic ratings set, and the
+pseudo-cold users' cases of the protocol (§4b, §5) for the tuning scripts."""
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from cfb.cf_core.split import answer_pool_split
 
 
 def rss_mb() -> float:
@@ -62,3 +67,52 @@ def goodbooks_like(n_users: int = 53_424, n_items: int = 10_000, n_ratings: int 
              + 0.8 * np.einsum("ij,ij->i", U[users], V[items]) + rng.normal(0, 0.7, len(users)))
     return pd.DataFrame({"user": users.astype(str), "item": items.astype(str),
                          "rating": np.clip(np.round(score), 1, 5).astype(np.float32), "timestamp": None})
+
+
+BUDGETS = (0, 5, 15, 30)  # questionnaire sizes Q of protocol §4b
+STEPS = (0, 1, 3, 5, 10)  # first-n-in-time reveals of protocol §5
+
+
+@dataclass
+class ColdCase:
+    """One cold user under one condition: what they revealed, and the ratings they are scored on."""
+
+    condition: str  # "Q=5" (§4b) or "n=3" (§5)
+    user: str
+    items: np.ndarray  # the revealed items' ids (int64)
+    ratings: np.ndarray  # their ratings (float32)
+    signup: bool  # questionnaire answers (True) or first ratings in time order
+    asked: int | None  # the questionnaire size Q (None: first ratings)
+    test: np.ndarray  # the scored items' inner indices
+    truth: np.ndarray  # their ratings
+
+
+def cold_cases(ev: pd.DataFrame, user_index: dict, split_seed: int, q_items: list,
+               item_index: Callable[[Sequence[int]], np.ndarray]) -> Iterator[ColdCase]:
+    """Every evaluated user's cases (``ev``: their ratings, columns user, item as text, rating, timestamp), by
+    user in text order: the questionnaire ``q_items`` answered from their answer pool at each Q in
+    ``BUDGETS``, scored on the rest (§4b), then their first n ratings in time order at each n in ``STEPS``,
+    scored on the ratings after the tenth (§5; users with no more than ten ratings have no §5 cases).
+    ``item_index`` maps item ids to inner indices (−1: unknown to the model; those are not scored)."""
+    for user, g in ev.groupby("user"):
+        g = g.sort_values("item")
+        gi = g.set_index("item")
+        pool, test = answer_pool_split(user_index[user], g["item"].tolist(), split_seed)
+        ti = item_index([int(t) for t in test])
+        known = ti >= 0
+        truth = gi.loc[test, "rating"].to_numpy(float)[known]
+        pool_set = set(pool)
+        for q in BUDGETS:
+            given = np.array([it for it in q_items[:q] if str(it) in pool_set], np.int64)
+            rs = np.array([gi.loc[str(it), "rating"] for it in given], np.float32)
+            yield ColdCase(f"Q={q}", user, given, rs, True, q, ti[known], truth)
+        timeline = g.sort_values(["timestamp", "item"], kind="stable")
+        later = timeline.iloc[10:]
+        if later.empty:
+            continue
+        te = item_index(later.item.astype(int).to_numpy())
+        ok = te >= 0
+        for n in STEPS:
+            yield ColdCase(f"n={n}", user, timeline.item.astype(int).to_numpy()[:n],
+                           timeline.rating.to_numpy(np.float32)[:n], False, None, te[ok],
+                           later.rating.to_numpy(float)[ok])

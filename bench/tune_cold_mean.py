@@ -15,6 +15,8 @@ over the seeds; writes per-candidate (squared-error sum, count) per condition as
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
@@ -26,12 +28,13 @@ import numpy as np
 
 from cfb.cf_core.data import CollabData, index_ids
 from cfb.cf_core.model import UserHistory
-from cfb.cf_core.split import answer_pool_split, cold_users
+from cfb.cf_core.split import cold_users
 from cfb.db.sources import read_movielens
 from cfb.service.training import TrainingData, fit_model
 
-BUDGETS = (0, 5, 15, 30)
-STEPS = (0, 1, 3, 5, 10)
+sys.path.insert(0, str(Path(__file__).parent))
+from common import BUDGETS, STEPS, cold_cases  # noqa: E402
+
 # candidate -> (c, k, the attribute answers counted) as ServingConfig's cold_mean_* settings; None: as trained
 CANDIDATES = {"today": None, "w=0": (0.0, 1.0, False), **{f"k/(k+n), k={k:g}": (1.0, k, False) for k in (1.0, 3.0)},
               **{f"k/(k+n+a), k={k:g}": (1.0, k, True) for k in (1.0, 3.0)},
@@ -70,44 +73,23 @@ def run_seed(ds, seed: int, no_attributes: bool, kind: str, acc: dict) -> None: 
     t0 = time.time()
     model, _ = fit_model(td, kind, {}, progress=False, ranker=True, seed=seed)
     print(f"seed {seed}: fit {time.time() - t0:.1f}s", flush=True)
-    q_items = list(model.questionnaire.items)
     damped = model.damped_means()
     served = {name: model if rule is None else replace(model, config=replace(
         model.config, cold_mean_weight=rule[0], cold_mean_count=rule[1], cold_mean_answer_weight=float(rule[2])))
         for name, rule in CANDIDATES.items()}
 
-    def add(cond: str, history: UserHistory, test: np.ndarray, truth: np.ndarray) -> None:
+    for case in cold_cases(ev, uindex, seed + 1000, list(model.questionnaire.items), model.item_index):
+        history = UserHistory(attrs[case.user], case.items, case.ratings,
+                              signup_items=frozenset(case.items.tolist()) if case.signup else frozenset(),
+                              asked=case.asked)
         uv = model.user_vector(history, affinity=False)  # (the same for every candidate: they differ in serving)
         for name, candidate in served.items():
-            pred = candidate.predict(uv, test).astype(np.float64)
-            se, m = acc.setdefault(name, {}).get(cond, (0.0, 0))
-            acc[name][cond] = (se + float(((pred - truth) ** 2).sum()), m + len(truth))
-        se, m = acc.setdefault("popularity (damped mean)", {}).get(cond, (0.0, 0))
-        acc["popularity (damped mean)"][cond] = (se + float(((damped[test] - truth) ** 2).sum()), m + len(truth))
-
-    for x, g in ev.groupby("user"):
-        g = g.sort_values("item")
-        gi = g.set_index("item")
-        pool, test = answer_pool_split(uindex[x], g["item"].tolist(), seed + 1000)
-        ti = model.item_index([int(t) for t in test])
-        known = ti >= 0
-        truth = gi.loc[test, "rating"].to_numpy(float)[known]
-        pool_set = set(pool)
-        for q in BUDGETS:
-            given = np.array([it for it in q_items[:q] if str(it) in pool_set], np.int64)
-            rs = np.array([gi.loc[str(it), "rating"] for it in given], np.float32)
-            add(f"Q={q}", UserHistory(attrs[x], given, rs, signup_items=frozenset(given.tolist()), asked=q),
-                ti[known], truth)
-        timeline = g.sort_values(["timestamp", "item"], kind="stable")
-        later = timeline.iloc[10:]
-        if later.empty:
-            continue
-        te = model.item_index(later.item.astype(int).to_numpy())
-        ok = te >= 0
-        for n in STEPS:
-            items = timeline.item.astype(int).to_numpy()[:n]
-            add(f"n={n}", UserHistory(attrs[x], items, timeline.rating.to_numpy(np.float32)[:n]), te[ok],
-                later.rating.to_numpy(float)[ok])
+            pred = candidate.predict(uv, case.test).astype(np.float64)
+            se, m = acc.setdefault(name, {}).get(case.condition, (0.0, 0))
+            acc[name][case.condition] = (se + float(((pred - case.truth) ** 2).sum()), m + len(case.truth))
+        se, m = acc.setdefault("popularity (damped mean)", {}).get(case.condition, (0.0, 0))
+        acc["popularity (damped mean)"][case.condition] = (
+            se + float(((damped[case.test] - case.truth) ** 2).sum()), m + len(case.truth))
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ Writes per-candidate (SE sum, count) per condition as JSON."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
@@ -27,12 +29,13 @@ from cfb.cf_core.data import CollabData, index_ids  # noqa: E402
 from cfb.cf_core.feature_model import Reveal  # noqa: E402
 from cfb.cf_core.model import UserHistory  # noqa: E402
 from cfb.cf_core.rating import FoldInConfig  # noqa: E402
-from cfb.cf_core.split import answer_pool_split, cold_users  # noqa: E402
+from cfb.cf_core.split import cold_users  # noqa: E402
 from cfb.db.sources import read_movielens  # noqa: E402
 from cfb.service.training import TrainingData, fit_model  # noqa: E402
 
-BUDGETS = (0, 5, 15, 30)
-STEPS = (0, 1, 3, 5, 10)
+sys.path.insert(0, str(Path(__file__).parent))
+from common import BUDGETS, STEPS, cold_cases  # noqa: E402
+
 ALPHAS = (10.0, 100.0, 1000.0)
 FOLDS = {"nofold": None, "f20_100": (20.0, 100.0), "f50_100": (50.0, 100.0), "f20_30": (20.0, 30.0),
          "f100_300": (100.0, 300.0), "f50_30": (50.0, 30.0)}
@@ -70,13 +73,13 @@ def main():
     warm = r[~r.user.isin(cold)]
     if args.real:
         tr, ev = warm, r[r.user.isin(cold)]
-        eval_users, split_seed = sorted(cold), seed
+        split_seed = seed
         uindex = {x: k for k, x in enumerate(sorted(r.user.unique()))}
     else:
         pusers = sorted(warm.user.unique())
         pcold = cold_users(pusers, seed + 1000)
         tr, ev = warm[~warm.user.isin(pcold)], warm[warm.user.isin(pcold)]
-        eval_users, split_seed = sorted(pcold), seed + 1000
+        split_seed = seed + 1000
         uindex = {x: k for k, x in enumerate(pusers)}
     uids, u = index_ids(tr.user.to_numpy())
     iids_s, i = index_ids(tr.item.to_numpy())
@@ -186,7 +189,7 @@ def main():
             inn = model.item_index(h.items)
             revealed = {} if bname.startswith("attr") else {int(a): float(c) for a, c in zip(its, rs)}
             v, bb = boot.initial_factors([attributes], [revealed])
-            vec, bias = model.rating.fold_in(inn[inn >= 0], h.ratings[inn >= 0], v[0], float(b_ := bb[0]),
+            vec, bias = model.rating.fold_in(inn[inn >= 0], h.ratings[inn >= 0], v[0], float(bb[0]),
                                              FoldInConfig(rg, rb))
             preds[bname] = model.rating.predict(vec, bias, ti)
         fv = {"R": rv, "A": af, "O": of}
@@ -215,34 +218,13 @@ def main():
                     add(f"{c}+z{beta}", cond, p + beta * z, truth)
 
     t0 = time.time()
-    ev_by = {x: g.sort_values("item") for x, g in ev.groupby("user")}
-    for x in eval_users:
-        g = ev_by[x]
-        gi = g.set_index("item")
-        pool, test = answer_pool_split(uindex[x], g["item"].tolist(), split_seed)
-        ti = model.item_index([int(t) for t in test])
-        k = ti >= 0
-        truth = gi.loc[test, "rating"].to_numpy(float)[k]
-        pool_set = set(pool)
-        for q in BUDGETS:
-            given = [it for it in q_items[:q] if str(it) in pool_set]
-            rs = np.array([gi.loc[str(it), "rating"] for it in given], np.float32)
-            score(f"Q{q}", attrs[x], np.array(given, np.int64), rs, True, ti[k], truth)
-        tl = g.sort_values(["timestamp", "item"], kind="stable")
-        evs = tl.iloc[10:]
-        if evs.empty:
-            continue
-        te = model.item_index(evs.item.astype(int).to_numpy())
-        ke = te >= 0
-        etruth = evs.rating.to_numpy(float)[ke]
-        for n in STEPS:
-            score(f"n{n}", attrs[x], tl.item.astype(int).to_numpy()[:n], tl.rating.to_numpy(np.float32)[:n], False,
-                  te[ke], etruth)
+    for case in cold_cases(ev, uindex, split_seed, q_items, model.item_index):
+        score(case.condition, attrs[case.user], case.items, case.ratings, case.signup, case.test, case.truth)
     print(f"eval {time.time() - t0:.1f}s total {time.time() - t_start:.1f}s", flush=True)
     out = args.out or f"/tmp/rp/{'real' if args.real else 'pseudo'}_{args.grid}_{seed}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     json.dump(acc, open(out, "w"))
-    conds = [f"Q{q}" for q in BUDGETS] + [f"n{n}" for n in STEPS]
+    conds = [f"Q={q}" for q in BUDGETS] + [f"n={n}" for n in STEPS]
     for c in [c for c in ("popularity", "base", "R_a1000_nofold", "R_a1000_f20_100") if c in acc]:
         print(c, [round((acc[c][d][0] / acc[c][d][1]) ** 0.5, 4) for d in conds])
 
