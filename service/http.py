@@ -33,7 +33,7 @@ import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -42,14 +42,14 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from ..bootstrap.questionnaire import MAX_BUDGET
+from ..bootstrap.questionnaire import MAX_BUDGET, MAX_TEXT_ANSWER
 from ..cf_core.errors import BusyError, CfbError, InputError, NotReadyError, UserExistsError, cut, json_shown
 from ..db import store, versions
 from ..db.engine import (BUSY, EMPTY_DATABASE, WRITE_TURNS, database_error, is_busy, is_missing_table, make_engine,
                          sqlite_file)
 from . import serving
 from .fast_recommendations import FastRecommendations, FastReader
-from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, Utf8Path,
+from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, Utf8Path, wants_html,
                           binds_this_machine_only, origin_key)
 from .http_json import (MAX_N, RETRY_AFTER, ApiError, WholeNumber, error_response, error_status,
                         is_json_media_type, json_response, recommendation_query)
@@ -126,9 +126,15 @@ def _page(title: str, body: str, token_required: bool = False) -> HTMLResponse:
                                         token_required="true" if token_required else "false"))
 
 
-def _wants_html(request: Request) -> bool:
-    """A browser's GET (its Accept header names text/html; an API client's says */* or JSON)."""
-    return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("accept", "")
+def error_heading(status: int) -> str:
+    """An error page's heading: what kind of error its HTTP status says it is."""
+    if status == 404:
+        return "Not found"
+    if status in (401, 403):
+        return "Not allowed"
+    if status == 503:
+        return "Not available: try again shortly"
+    return "This request cannot be answered" if status < 500 else "Something went wrong on the server"
 
 
 def _name(entry: dict) -> str:
@@ -282,9 +288,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     def error_page(message: str, status: int, headers: dict | None = None) -> HTMLResponse:
         """A web page's error: its one-line message (escaped) and a link back, with the API's status."""
-        body = (f"<h1>cfb</h1><p class='error' role='alert'>{escape(message)}</p>"
+        heading = error_heading(status)
+        body = (f"<h1>{heading}</h1><p class='error' role='alert'>{escape(message)}</p>"
                 f"<p><a id='back' href='/'>Back to the start page</a></p>")
-        page_ = _page("cfb: error", body, token is not None)
+        page_ = _page(f"cfb: {heading.lower()}", body, token is not None)
         page_.status_code = status
         page_.headers.update(headers or {})
         return page_
@@ -294,7 +301,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         address no route has is answered as a page to a browser (which asks for HTML first)."""
         endpoint = request.scope.get("endpoint")
         no_route = endpoint is None or isinstance(endpoint, StaticFiles)  # (a file the static folder lacks too)
-        if endpoint not in pages and not (no_route and _wants_html(request)):
+        browser = wants_html(request.method, request.headers.get("accept", ""))
+        if endpoint not in pages and not (no_route and browser):
             return error_response(e)
         if isinstance(e, ApiError):
             return error_page(e.message, e.status, e.headers)
@@ -345,7 +353,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     if fast is not None:  # inside BodyLimit: a GET with a body over the limit is still refused
         app.add_middleware(FastRecommendations, fast=fast, in_threadpool=reads_in_threadpool)
-    app.add_middleware(Utf8Path)
+    app.add_middleware(Utf8Path, error_page=error_page)
     app.add_middleware(BodyLimit, max_body=max_body)
     if file is not None:  # before the fast path: nothing is read from a deleted file
         app.add_middleware(DatabaseFileGone, file=file, present=_follow_file,
@@ -681,18 +689,19 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 bounds = "" if lo is None else f" min='{lo!r}' max='{hi!r}'"  # (exactly: ':g' rounds 2469134)
                 field = f"<input type='number' step='any'{bounds} name='{name}' data-attr='{name}' data-number='1'>"
             else:
-                field = f"<input type='text' name='{name}' data-attr='{name}'>"
+                field = f"<input type='text' name='{name}' data-attr='{name}' maxlength='{MAX_TEXT_ANSWER}'>"
             rows.append(f"<label>{name} {field}</label>")
         items = [f"<li><span class='title'>{_name(it)}</span> "
                  f"{_rating_select(scale, 'rate', it, 'not known')}</li>" for it in q["items"]]
         body = (f"<h1>Sign up</h1><form id='signup' data-asked='{len(q['items'])}' data-version='{q['version']}'>"
                 f"<fieldset><legend>About you</legend>"
-                f"<label>user id (optional) <input type='text' name='user' id='user-id'></label>"
+                f"<label>user id (optional) <input type='text' name='user' id='user-id' "
+                f"maxlength='{store.MAX_ID_LENGTH}'></label>"
                 f"{''.join(rows)}</fieldset>"
                 + (f"<fieldset><legend>Rate the ones you know</legend><ol class='rate-items'>{''.join(items)}</ol>"
                    f"</fieldset>" if items else "") +  # (a questionnaire of no items: no empty box)
                 f"<button type='submit' id='signup-submit'>Sign up and get recommendations</button>"
-                f"<p id='signup-error' class='error' role='alert'></p></form>"
+                f"<p id='signup-error' class='error' role='alert' tabindex='-1'></p></form>"
                 f"<p class='small'>Model version {q['version']}.</p>")
         return _page("cfb: sign up", body, token is not None)
 
@@ -725,8 +734,22 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         rows = "".join(f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
                        f"<span class='score'>{it['score']:.3f}</span></li>" for it in out["items"])
         body = (f"<h1 id='item-title'>{_name(out)}</h1><p class='small'>item {escape(str(out['item']))}</p>"
-                f"<h2>Similar items</h2><ol id='similar'>{rows}</ol>")
+                f"<h2>Similar items</h2><p class='small'>By the cosine similarity of their factors to this item's "
+                f"(1: the same direction, liked by the same people; 0: unrelated).</p><ol id='similar'>{rows}</ol>")
         return _page(f"cfb: {out.get('title') or out['item']}", body, token is not None)
+
+    @page("/find")
+    def find(user: str | None = None, item: str | None = None):
+        """A user's recommendations or an item's page by its id (an item also by its title), from a form."""
+        for kind, value in (("user", user), ("item", item)):
+            if value is not None and value.strip():
+                return RedirectResponse(f"/{kind}/{quote(value.strip(), safe='')}", status_code=303)
+        body = ("<h1>Find</h1>"
+                "<form method='get' action='/find' id='find-user'><label>user id <input type='text' name='user' "
+                "required></label> <button type='submit'>Their recommendations</button></form>"
+                "<form method='get' action='/find' id='find-item'><label>item id or title <input type='text' "
+                "name='item' required></label> <button type='submit'>Its similar items</button></form>")
+        return _page("cfb: find", body, token is not None)
 
     @page("/explore")
     def explore(n: Annotated[WholeNumber, Query(ge=2, le=500)] = 50,
@@ -748,13 +771,25 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             except CfbError as e:
                 biases_html = f"<p class='error'>{escape(str(e))}</p>"
         ev = ", ".join(f"PC{k + 1} {v:.0%}" for k, v in enumerate(result["explained_variance"]))
+        table = "".join(f"<tr><td><a href='{item_href(it['item'])}'>{_name(it)}</a></td>"
+                        f"<td>{it.get('pc1', 0.0):+.3f}</td><td>{it.get('pc2', 0.0):+.3f}</td></tr>"
+                        for it in result["items"])
         body = (f"<h1>Explore the model (version {result['version']})</h1>"
+                f"<form id='explore-controls' method='get' action='/explore'>"
+                f"<label>items on the map <input type='number' name='n' min='2' max='500' value='{n}'></label> "
+                f"<label>bias lists: items with at least <input type='number' name='min_ratings' min='0' "
+                f"max='{MAX_MIN_RATINGS}' value='{min_ratings}'> ratings</label> <button type='submit'>Show</button>"
+                f"</form>"
                 f"<h2>Item factors of the {len(result['items'])} most-rated items: PCA</h2>"
                 f"<p class='small'>Axes fitted on the {result['fitted_on']:,} most-rated items; share of their "
                 f"variance: {escape(ev)}. Items close together are liked by the same "
-                f"people. <a href='/inspect/pca?n={n}'>JSON</a></p>"
+                f"people. <a href='/inspect/pca?n={n}'>JSON</a> · <a href='#biases'>skip the map</a></p>"
                 f"<figure id='pca'>{pca_svg(result)}</figure>"
-                f"<section class='biases'>{biases_html}</section>")
+                f"<details id='pca-table'><summary>The map as a table</summary><table><thead><tr><th>item</th>"
+                f"<th>PC1</th><th>PC2</th></tr></thead><tbody>{table}</tbody></table></details>"
+                f"<section class='biases' id='biases'><p class='small'>An item's bias is what the model adds to "
+                f"everyone's predicted rating of it, whatever their taste: the lowest are liked less than "
+                f"their kind of item would suggest, the highest more.</p>{biases_html}</section>")
         return _page("cfb: explore", body, token is not None)
 
     return app

@@ -29,6 +29,13 @@ class JsonCORS(CORSMiddleware):
         keep = {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
         return json_response({"error": f"CORS preflight refused: {bytes(response.body).decode()}"}, 400, keep)
 
+
+def wants_html(method: str, accept: str) -> bool:
+    """A browser's page request: a GET (or HEAD) whose Accept header names text/html (an API client's
+    says */* or JSON)."""
+    return method in ("GET", "HEAD") and "text/html" in accept
+
+
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -90,10 +97,11 @@ class LocalHostsOnly:
 
 class Utf8Path:
     """ASGI middleware: a path whose %-escapes do not decode to UTF-8 (``/users/%FF``) gets 400; the
-    server would read each bad byte as U+FFFD, so every such path named one and the same user."""
+    server would read each bad byte as U+FFFD, so every such path named one and the same user. A
+    browser's page request is answered by ``error_page(message, status)`` when given (else JSON)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, error_page: Callable[[str, int], Response] | None = None):
+        self.app, self.error_page = app, error_page
 
     async def __call__(self, scope, receive, send):
         raw = (scope.get("raw_path") or b"") if scope["type"] == "http" else b""
@@ -101,7 +109,10 @@ class Utf8Path:
             try:
                 unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
             except UnicodeDecodeError:
-                await json_response({"error": "the path is not UTF-8 once its %-escapes are decoded"}, 400)(
+                message = "the path is not UTF-8 once its %-escapes are decoded"
+                page = self.error_page is not None and wants_html(scope["method"], dict(scope["headers"]).get(
+                    b"accept", b"").decode("latin-1"))
+                await (self.error_page(message, 400) if page else json_response({"error": message}, 400))(
                     scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -226,7 +226,8 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
     px = scale(xs, pad, width - 160)
     py = scale(ys, height - pad, pad)  # up is positive
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' class='pca' viewBox='0 0 {width} {height}' "
-             f"width='{width}' height='{height}' overflow='visible' role='img' aria-label='PCA map of item factors'>",
+             f"width='{width}' height='{height}' overflow='visible' role='group' "
+             f"aria-label='PCA map of item factors: each point an item, a link to its page'>",
              f"<rect x='0' y='0' width='{width}' height='{height}' fill='white' stroke='#ccc'/>",
              f"<text x='{width / 2:.0f}' y='{height - 8}' text-anchor='middle' font-size='12'>{escape(x.upper())}</text>",
              f"<text x='12' y='{height / 2:.0f}' font-size='12' transform='rotate(-90 12 {height / 2:.0f})' "
@@ -244,7 +245,8 @@ def pca_svg(result: dict, width: int = 720, height: int = 560, x: str = "pc1", y
             x, anchor = (spot[0] + w, " text-anchor='end'") if left else (spot[0], "")
             text = (f"<text x='{x:.1f}' y='{spot[1] + SVG_LABEL_HEIGHT - 3:.1f}' font-size='10'{anchor}>"
                     f"{escape(label)}</text>")
-        parts.append(f"<a href='{href}'><circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='#1f77b4'>"
+        parts.append(f"<a href='{href}' aria-label='{escape(full)}'><circle cx='{a:.1f}' cy='{b:.1f}' r='3' "
+                     f"fill='#1f77b4'>"
                      f"<title>{escape(full)}</title></circle>{text}</a>")
     parts.append("</svg>")
     return "".join(parts)

@@ -319,6 +319,9 @@ def test_a_path_that_is_not_utf8_is_400(server, trained):
     r = server.post("/users/%FF/ratings", json={"item": "a1", "rating": 3})
     assert r.status_code == 400 and rating_count(engine) == ratings
     assert server.get("/users/%C3%A9/recommendations").json()["error"] == "unknown user 'é'"  # (UTF-8: read)
+    page = server.get("/user/%FF", headers={"Accept": "text/html,*/*;q=0.8"})  # a browser: a page, as every error
+    assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
+    assert "<h1>This request cannot be answered</h1>" in page.text and "the path is not UTF-8" in page.text
 
 
 def test_a_null_user_is_declared_and_a_long_text_answer_refused(server, trained):

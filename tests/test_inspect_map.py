@@ -59,7 +59,8 @@ def test_web_map_labels_do_not_overlap_and_every_item_keeps_its_link_and_title()
     assert not any(overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert all(20 <= b[0] and b[2] <= 720 and 0 <= b[1] and b[3] <= 540 for b in boxes)  # (clear of the axes names)
     for it in result["items"]:  # a point without its label still links to the item, its title on hover
-        assert f"<a href='/item/{it['item']}'><circle" in svg and f"<title>{it['title']}</title>" in svg
+        assert f"<a href='/item/{it['item']}' aria-label='{it['title']}'><circle" in svg
+        assert f"<title>{it['title']}</title>" in svg
 
 
 def test_png_map_labels_measured_by_the_renderer_do_not_overlap():

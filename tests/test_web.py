@@ -235,11 +235,14 @@ def test_api_docs_render_offline(trained, db_url, browser):
 def test_bad_input_on_a_page_shows_an_html_error_with_a_link_back(trained, db_url, browser):
     """A page asked with bad input (a hand-edited URL) shows the one-line error as text, not a JSON body."""
     with running_server(db_url) as base:
-        for path, message in (("/?budget=99", "query parameter 'budget': Input should be less than or equal to 30"),
-                              (f"/user/{XSS}", f"unknown user '{XSS}'")):
+        for path, message, heading in (
+                ("/?budget=99", "query parameter 'budget': Input should be less than or equal to 30",
+                 "This request cannot be answered"),
+                (f"/user/{XSS}", f"unknown user '{XSS}'", "Not found")):
             browser.get(base + path)
             assert no_alert(browser)
             assert browser.find_element(By.CSS_SELECTOR, "main .error").text == message
+            assert browser.find_element(By.CSS_SELECTOR, "main h1").text == heading  # (every one was "cfb")
             browser.find_element(By.ID, "back").click()
             WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "signup"))
             assert browser.current_url == base + "/"
@@ -282,3 +285,124 @@ def test_the_explore_maps_labels_do_not_overlap_as_the_browser_draws_them(traine
                    if a[0] < b[2] - 0.5 and b[0] < a[2] - 0.5 and a[1] < b[3] - 0.5 and b[1] < a[3] - 0.5]
     assert not overlapping
     assert max(gaps) <= 10  # (a label left of its point ends there, whatever the font's width)
+
+
+def test_a_list_shown_again_from_history_is_fetched_afresh(trained, db_url, browser):
+    """Back to a user's recommendations after an item was rated elsewhere: the list is the server's now,
+    not the one drawn before (the browser restored the old list, the rated item still in it)."""
+    from cfb.service.ratings import rate_item
+
+    engine, _ = trained
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/user/a0")
+        wait.until(lambda d: len(rec_items(d)) == 10)
+        top = rec_items(browser)[0]
+        browser.get(base + "/explore?n=5")
+        rate_item(engine, "a0", top, 1)  # (another tab, the CLI or the API)
+        browser.back()
+        wait.until(lambda d: "/user/a0" in d.current_url)
+        wait.until(lambda d: len(rec_items(d)) == 10 and top not in rec_items(d))
+
+
+def test_a_failed_signup_marks_its_field_and_takes_the_focus(trained, db_url, browser):
+    """An id already taken: the id box is marked invalid, described by the message and focused (the focus
+    fell to the page's body); with the server gone the page says it cannot reach it (it said "Failed to
+    fetch")."""
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/?budget=5")
+        box = browser.find_element(By.ID, "user-id")
+        assert box.get_attribute("maxlength") == "255"
+        box.send_keys("a0")
+        browser.find_element(By.ID, "signup-submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "signup-error").text)
+        assert browser.find_element(By.ID, "signup-error").text == "user 'a0' already exists"
+        focused = browser.switch_to.active_element
+        assert focused.get_attribute("id") == "user-id" and focused.get_attribute("aria-invalid") == "true"
+        assert focused.get_attribute("aria-describedby") == "signup-error"
+    box.clear()
+    box.send_keys("fresh2")
+    browser.find_element(By.ID, "signup-submit").click()
+    wait.until(lambda d: d.find_element(By.ID, "signup-error").text.startswith("The server cannot be reached"))
+    assert browser.find_element(By.ID, "user-id").get_attribute("aria-invalid") is None  # (cleared on a new try)
+
+
+def test_one_signup_per_press_and_a_finished_one_is_not_sent_again_from_history(trained, db_url, browser):
+    """Two submits while the first is on its way make one user (they made two); Back to the form after
+    signing up shows it empty (it came back filled in, and a second press made a second user)."""
+    engine, _ = trained
+    count = "SELECT count(*) FROM users"
+    with engine.connect() as conn:
+        before = conn.scalar(text(count))
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/?budget=5")
+        Select(browser.find_element(By.CSS_SELECTOR, "select[data-attr='gender']")).select_by_visible_text("F")
+        browser.execute_script("var f = document.getElementById('signup'); f.requestSubmit(); f.requestSubmit();")
+        wait.until(lambda d: "/user/" in d.current_url and len(rec_items(d)) == 10)
+        time.sleep(0.5)  # (a second POST, had one gone, is answered by now)
+        with engine.connect() as conn:
+            assert conn.scalar(text(count)) == before + 1
+        browser.back()
+        wait.until(lambda d: "/user/" not in d.current_url)
+        wait.until(lambda d: Select(d.find_element(By.CSS_SELECTOR, "select[data-attr='gender']"))
+                   .first_selected_option.get_attribute("value") == "")
+
+
+def test_a_wrong_token_is_named_and_a_failed_rating_clears_the_last_status(trained, db_url, browser):
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url, token="s3cret") as base:
+        browser.get(base + "/user/a0")
+        wait.until(lambda d: len(rec_items(d)) == 10)
+        browser.find_element(By.ID, "api-token").send_keys("s3cret")
+        Select(browser.find_element(By.CSS_SELECTOR, "#recs > li select")).select_by_value("5")
+        browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
+        wait.until(lambda d: d.find_element(By.ID, "rate-status").text.startswith("Rated "))
+        browser.find_element(By.ID, "api-token").clear()
+        browser.find_element(By.ID, "api-token").send_keys("wrong")
+        Select(browser.find_element(By.CSS_SELECTOR, "#recs > li select")).select_by_value("4")
+        browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
+        wait.until(lambda d: d.find_element(By.ID, "rate-error").text)
+        assert browser.find_element(By.ID, "rate-error").text == \
+            "The API token entered is not this server's: check it in the API token box above."
+        assert browser.find_element(By.ID, "rate-status").text == ""
+
+
+def test_find_a_user_or_an_item_from_any_page(trained, db_url, browser):
+    """The menu's Find page goes to a user's recommendations by id and to an item's page by id or title
+    (they were reachable only by typing an address)."""
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/explore?n=5")
+        browser.find_element(By.LINK_TEXT, "Find").click()
+        wait.until(lambda d: d.find_elements(By.ID, "find-user"))
+        browser.find_element(By.CSS_SELECTOR, "#find-user input").send_keys("a0\n")
+        wait.until(lambda d: "/user/a0" in d.current_url and len(rec_items(d)) == 10)
+        browser.get(base + "/find")
+        browser.find_element(By.CSS_SELECTOR, "#find-item input").send_keys("Beta film 25\n")
+        wait.until(lambda d: d.find_elements(By.ID, "item-title"))
+        assert browser.find_element(By.ID, "item-title").text == "Beta film 25"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#similar li")) == 10
+
+
+def test_the_explore_map_is_a_group_of_named_links_with_a_table_beside_it(trained, db_url, browser):
+    """The map's links are not inside an image role (whose children a screen reader may hide), each is
+    named once by its title (it was "Fargo (1996) Fargo (1996)"), the same items are in a table, and the
+    bias lists' minimum number of ratings can be set on the page."""
+    with running_server(db_url) as base:
+        browser.get(base + "/explore?n=12")
+        svg = browser.find_element(By.CSS_SELECTOR, "#pca svg")
+        assert svg.get_attribute("role") == "group"
+        links = browser.find_elements(By.CSS_SELECTOR, "#pca svg a")
+        titles = browser.execute_script(
+            "return [...document.querySelectorAll('#pca svg a title')].map(t => t.textContent)")
+        assert [a.get_attribute("aria-label") for a in links] == titles and len(titles) == 12
+        rows = browser.find_elements(By.CSS_SELECTOR, "#pca-table tbody tr")
+        assert len(rows) == 12
+        assert [r.find_element(By.TAG_NAME, "a").get_attribute("textContent") for r in rows] == titles
+        box = browser.find_element(By.CSS_SELECTOR, "#explore-controls input[name='min_ratings']")
+        box.clear()
+        box.send_keys("1000\n")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "no-biases"))
+        assert "min_ratings=1000" in browser.current_url and "n=12" in browser.current_url

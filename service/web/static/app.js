@@ -20,11 +20,17 @@
 
   function api(method, url, body) {
     return fetch(url, { method: method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body) })
+      .catch(function () {  // (no answer at all: the browser's own words, "Failed to fetch", say nothing)
+        var err = new Error("The server cannot be reached: check that it is running, then try again.");
+        err.unreachable = true;
+        throw err;
+      })
       .then(function (r) {
         return r.json().catch(function () { return {}; }).then(function (data) {
           if (!r.ok) {
             var err = new Error(data.error || ("HTTP " + r.status));
             err.status = r.status;
+            err.field = data.field;
             throw err;
           }
           return data;
@@ -32,13 +38,20 @@
       });
   }
 
-  // an API error as a page says it: no request-body field names, and what to do about a missing token
+  // an API error as a page says it: no request-body field names (an answer's error is led by its
+  // question's name), and what to do about a missing or wrong token or a body too large
   function pageMessage(e) {
     if (e.status === 401) {
+      if (tokenInput && tokenInput.value) {
+        return "The API token entered is not this server's: check it in the API token box above.";
+      }
       return tokenInput ? "This server needs its API token to write: enter it in the API token box above."
                         : "This server needs an API token to write.";
     }
-    return e.message.replace(/^request body, /, "").replace(/^field '[^']*': /, "");
+    if (e.status === 413) { return "Too much to send at once: shorten the longest answers and try again."; }
+    var text = e.message.replace(/^request body, /, "").replace(/^field '[^']*': /, "");
+    var answer = /^answers\.(.+)$/.exec(e.field || "");
+    return answer ? answer[1] + ": " + text : text;
   }
 
   // --- the user who signed up in this browser: a way back to their recommendations from any page ---
@@ -58,10 +71,23 @@
   // --- sign up ---------------------------------------------------------------------------------
   var signup = document.getElementById("signup");
   if (signup) {
+    var sending = false;  // (a second submit while one is on its way would make a second user)
+    var controlFor = function (field) {  // the form's control of an API error's field, if it has one
+      var m = /^(answers|ratings)\.(.+)$/.exec(field || "");
+      if (field === "user") { return document.getElementById("user-id"); }
+      if (!m) { return null; }
+      var attr = m[1] === "answers" ? "data-attr" : "data-item";
+      return signup.querySelector("[" + attr + "=\"" + CSS.escape(m[2]) + "\"]");
+    };
     signup.addEventListener("submit", function (ev) {
       ev.preventDefault();
+      if (sending) { return; }
       var err = document.getElementById("signup-error");
       err.textContent = "";
+      signup.querySelectorAll("[aria-invalid]").forEach(function (el) {
+        el.removeAttribute("aria-invalid");
+        el.removeAttribute("aria-describedby");
+      });
       var entry = { answers: {}, ratings: {}, asked: Number(signup.dataset.asked),
                     version: Number(signup.dataset.version) };
       var user = document.getElementById("user-id").value.trim();
@@ -76,17 +102,38 @@
       });
       var button = document.getElementById("signup-submit");
       button.disabled = true;
+      sending = true;
       api("POST", "/users", entry).then(function (out) {
         remembered(out.user);
+        try { sessionStorage.setItem("cfbSignedUp", out.user); } catch (e) { /* (storage off) */ }
         window.location.href = "/user/" + encodeURIComponent(out.user);
       }).catch(function (e) {
+        sending = false;
         err.textContent = pageMessage(e);
         button.disabled = false;
+        // the control the error is about is marked and takes the focus (else the message does)
+        var target = controlFor(e.field);
+        if (target) {
+          target.setAttribute("aria-invalid", "true");
+          target.setAttribute("aria-describedby", "signup-error");
+          target.focus();
+        } else {
+          err.focus();
+        }
       });
     });
-    // Back from the recommendations: the browser may restore this page as it was left, mid-submit
+    // Back from the recommendations: the browser may restore this page as it was left, mid-submit, and
+    // filled in as it was sent: that sign-up is done, so the form starts afresh (a second press would
+    // quietly make a second user)
     window.addEventListener("pageshow", function () {
+      sending = false;
       document.getElementById("signup-submit").disabled = false;
+      var done = null;
+      try { done = sessionStorage.getItem("cfbSignedUp"); sessionStorage.removeItem("cfbSignedUp"); } catch (e) { /* */ }
+      if (done) {
+        signup.reset();
+        document.getElementById("signup-error").textContent = "";
+      }
     });
   }
 
@@ -157,6 +204,25 @@
     // went on separate connections and could be stored in another order: the last one chosen lost), and
     // a list (or status) older than the one shown is not drawn over it
     var started = 0, listShown = 0, statusShown = 0, writes = Promise.resolve();
+    var shownAs = function (items) {  // a list as the page shows it: each item and its score
+      return items.map(function (it) { return it.item + " " + Number(it.score).toFixed(2); }).join("\n");
+    };
+    var drawn = function () {
+      return Array.prototype.map.call(recs.children, function (li) {
+        return li.dataset.item + " " + li.querySelector(".score").textContent;
+      }).join("\n");
+    };
+    // the user's list as the server has it now, unless a later one is shown (with ``ifChanged``: only
+    // where it differs from the one on the page, whose choices a user may be making)
+    var redraw = function (mine, ifChanged) {
+      var url = "/users/" + encodeURIComponent(user) + "/recommendations?n=" + encodeURIComponent(recs.dataset.n || "10");
+      return api("GET", url).then(function (out) {
+        if (mine < listShown || (ifChanged && shownAs(out.items) === drawn())) { return; }
+        listShown = mine;
+        render(out.items);
+        recs.dataset.updated = String(Date.now());
+      });
+    };
     // a rating is sent on an explicit choice (the row's Rate button, or Enter on its list), never as the
     // list's value moves: Chromium sends "change" on every arrow key of a closed list
     var rate = function (li) {
@@ -174,21 +240,25 @@
             statusShown = mine;
             status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
           }
-          return api("GET", base + "/recommendations?n=" + encodeURIComponent(recs.dataset.n || "10"));
+          return redraw(mine);
         })
-        .then(function (out) {
-          if (mine < listShown) { return; }
-          listShown = mine;
-          render(out.items);
-          recs.dataset.updated = String(Date.now());
-        })
-        .catch(function (e) { error.textContent = pageMessage(e); });
+        .catch(function (e) {
+          if (mine >= statusShown) { status.textContent = ""; }  // (an older "Rated …" is not this rating's)
+          error.textContent = pageMessage(e);
+        });
     };
     recs.addEventListener("click", function (ev) {
       if (ev.target.tagName === "BUTTON" && ev.target.classList.contains("rate")) { rate(ev.target.closest("li")); }
     });
     recs.addEventListener("keydown", function (ev) {
       if (ev.key === "Enter" && ev.target.tagName === "SELECT") { ev.preventDefault(); rate(ev.target.closest("li")); }
+    });
+    // shown again from the browser's history (Back, Forward): the list as it was drawn then, or the
+    // server's first one, may be stale (an item rated since still listed): fetch it afresh
+    window.addEventListener("pageshow", function (ev) {
+      var nav = performance.getEntriesByType ? performance.getEntriesByType("navigation")[0] : null;
+      if (!ev.persisted && !(nav && nav.type === "back_forward")) { return; }
+      redraw(++started, true).catch(function (e) { error.textContent = pageMessage(e); });
     });
   }
 })();
