@@ -12,9 +12,11 @@
     >>> db.pca(n=50, plot="map.png")                 # chapter 8's map of the item factors
 
 Each method calls the same service function as the CLI command of the same name and returns what
-its ``--json`` prints (tables as DataFrames). Errors are ``cfb.CfbError`` with a one-line message; its
-kinds: ``cfb.InputError`` (bad input; ``cfb.UserExistsError``, a sign-up under a taken id),
-``cfb.UnknownIdError`` (no such user or item), ``cfb.NotReadyError`` (nothing ingested or trained yet),
+its ``--json`` prints (tables as DataFrames; ``predict``: one predicted rating per pair, in their order).
+Errors are ``cfb.CfbError`` with a one-line message; its kinds: ``cfb.InputError`` (bad input, an
+unknown item among a sign-up's answers included; ``cfb.UserExistsError``, a sign-up under a taken id),
+``cfb.UnknownIdError`` (no such user, item or model version as a call's argument),
+``cfb.NotReadyError`` (nothing ingested or trained yet),
 ``cfb.CannotAnswerError`` (the serving version cannot answer it: an item it does not hold yet) and
 ``cfb.BusyError`` (a write that waited out another writer: try again shortly).
 

@@ -12,7 +12,8 @@ class CfbError(Exception):
 
 
 class UnknownIdError(CfbError):
-    """A user or item that nothing stored is (``field``: "user" or "item"); HTTP answers 404."""
+    """A user, item or model version that nothing stored is (``field``: "user", "item" or "version"); HTTP
+    answers 404."""
 
 
 class NotReadyError(CfbError):

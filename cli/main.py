@@ -321,6 +321,12 @@ def ingest_items(ctx: Ctx, file: Path, quiet: bool, as_json: bool) -> None:
 
     out = upsert_items_at(ctx.url, read_items_csv(file), source=str(file))  # (may make the database, whole)
     emit(out, as_json, f"{out['added']} items added, {out['updated']} updated, {out['unchanged']} unchanged")
+    for shared in out["shared_titles"][:5]:  # (legitimate: two books of one title; said, as lookups then need an id)
+        click.echo(f"note: title '{shown(shared['title'])}' is now held by {len(shared['items'])} items "
+                   f"({', '.join(map(shown, shared['items']))}): look them up by id", err=True)
+    if len(out["shared_titles"]) > 5:
+        click.echo(f"note: {len(out['shared_titles']) - 5} more titles given are held by more than one item "
+                   "(--json lists them)", err=True)
 
 
 @ingest.command("ratings")
@@ -894,7 +900,8 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
                  if source(n) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{', '.join(given)}: new users' settings; --items measures new items (protocol §8)")
-    if not data_dir.exists() and str(data_dir) == DEFAULT_EVAL_DATA:
+    data_given = click.get_current_context().get_parameter_source("data_dir") is not click.core.ParameterSource.DEFAULT
+    if not data_dir.exists() and not data_given:  # (a folder named by --data is that folder: never a download)
         from ..db.download import download
 
         try:
@@ -929,11 +936,13 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
         if new_items:
             from ..evaluation import item_coldstart
 
-            out = {"data": str(data_dir.resolve()), **item_coldstart.run_items_protocol(ds, seed_list, kind, log=log)}
+            out = {"data": str(data_dir.resolve()),
+                   **item_coldstart.run_items_protocol(ds, seed_list, kind, progress=not quiet, log=log)}
             emit(out, as_json, item_coldstart.render(out))
             return
-        out = {"data": str(data_dir.resolve()),
-               **run_protocol(ds, seed_list, _ints(budgets), _ints(fold_steps), kind, log=log)}
+        out = {"data": str(data_dir.resolve()),  # (budgets in order, as the fold-in's steps are)
+               **run_protocol(ds, seed_list, tuple(sorted(_ints(budgets))), _ints(fold_steps), kind,
+                              progress=not quiet, log=log)}
     except TrainingDiverged as e:  # (its advice names `cfb retrain`'s options, which eval does not take)
         raise CfbError(str(e).split("; ")[0] + f"; cfb eval trains with `cfb retrain --full`'s defaults, which "
                        f"did not fit this data's training split ({len(ds.ratings):,} ratings in all): with more "

@@ -20,6 +20,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +37,23 @@ KEEP_ENTRIES = 4  # the most recently used cached versions kept (across every da
 MANIFEST = "arrays.json"
 
 
+_OFF = [0]  # blocks of ``switched_off`` running now (an evaluation's)
+
+
+@contextmanager
+def switched_off() -> Iterator[None]:
+    """No cache within the block: the throwaway versions of an evaluation's temporary databases
+    would each take an entry and evict the user's own (``KEEP_ENTRIES`` in all)."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
+
+
 def cache_dir() -> Path | None:
-    """Where cached versions live (None when ``$CFB_MODEL_CACHE`` is 0/off/false)."""
-    if os.environ.get("CFB_MODEL_CACHE", "").lower() in {"0", "off", "false", "no"}:
+    """Where cached versions live (None when ``$CFB_MODEL_CACHE`` is 0/off/false, or ``switched_off``)."""
+    if _OFF[0] or os.environ.get("CFB_MODEL_CACHE", "").lower() in {"0", "off", "false", "no"}:
         return None
     return cfb_home() / "model-cache"
 

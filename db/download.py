@@ -226,7 +226,8 @@ def download(name: str, cache: Path | None = None, timeout: float = 30, progress
 
 def _cached_copy(root: Path, name: str, sha256: str | None) -> Path | None:
     """The complete copy already at ``root``, if any (an empty folder there is removed); one that holds
-    something else is refused, never deleted, as is a copy whose recorded SHA-256 is not ``sha256``."""
+    something else is refused, never deleted, as are a copy that cfb did not record as its download
+    and a copy whose recorded SHA-256 is not ``sha256``."""
     _, inner, marker = SOURCES[name]
     if (root.is_symlink() and not root.exists()) or (root.exists() and not root.is_dir()):
         raise CfbError(f"{root} exists and is not a folder: move it away to download {name}")
@@ -242,6 +243,9 @@ def _cached_copy(root: Path, name: str, sha256: str | None) -> Path | None:
                            f"{name} here, or download it with CFB_HOME on that disk")
         root.rmdir()
         return None
+    if not (found / STAMP).is_file():  # (an unzip by hand, maybe cut short: never vouched for as a download)
+        raise CfbError(f"{root} holds {name}'s files but no record of a download by cfb ({STAMP}): ingest them "
+                       f"with `cfb ingest {INGEST[name]} {found}`, or move the folder away to download {name}")
     if sha256 is not None:
         try:
             recorded = json.loads((found / STAMP).read_text()).get("sha256")

@@ -31,11 +31,17 @@ def cfb_home() -> Path:
 
 def resolve_url(url: str | None = None) -> str:
     """The database URL: the explicit one, else ``$CFB_DATABASE_URL``, else SQLite in ``cfb_home()``.
-    A value without ``://`` is a SQLite file's path (``--db ratings.db``)."""
+    A value without ``://`` is a SQLite file's path (``--db ratings.db``). A SQLite file named relative
+    to the working directory (``sqlite:///cfb.db``) is made absolute: a handle keeps the file it opened."""
     url = url or os.environ.get("CFB_DATABASE_URL")
     if url and "://" in url:  # a URL's scheme is case-insensitive (POSTGRESQL://); SQLAlchemy's names are lower case
         scheme, rest = url.split("://", 1)
-        return f"{scheme.lower()}://{rest}"
+        url = f"{scheme.lower()}://{rest}"
+        parsed = parse_url(url) if scheme.lower().startswith("sqlite") else None
+        if parsed is not None and parsed.database and parsed.database != ":memory:" and \
+                not parsed.query.get("uri") and not os.path.isabs(parsed.database):
+            return parsed.set(database=os.path.abspath(parsed.database)).render_as_string(hide_password=False)
+        return url
     if url:
         return sqlite_url(Path(url).expanduser().absolute())
     return sqlite_url(cfb_home() / "cfb.db")
@@ -393,7 +399,8 @@ def require_database(url: str) -> None:
         _remove_dead_partials(path)  # (a killed first ingest's: whoever next looks for the database)
     if path is not None and (not path.exists() or path.stat().st_size == 0):
         empty = " (an empty file)" if path.exists() else ""  # (reading it would write a database's header into it)
-        raise CfbError(f"no database at {path}{empty}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL)")
+        raise CfbError(f"no database at {path}{empty}: `cfb ingest …` makes one (or check --db / CFB_DATABASE_URL, "
+                       "or the URL given to cfb.open)")
 
 
 def make_engine(url: str | None = None, bulk: bool = False, must_exist: bool = False) -> Engine:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import numpy as np
 from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 
-from ..cf_core.errors import CfbError, NotReadyError
+from ..cf_core.errors import CfbError, NotReadyError, UnknownIdError
 from ..cf_core.model import TrainedModel
 from ..cf_core.scoring import from_npz, to_npz
 from .array_cache import stored_arrays
@@ -248,7 +248,7 @@ def get_version(conn: Connection, version: int) -> dict:
     table = ModelVersion.__table__
     row = conn.execute(select(table).where(table.c.id == version)).mappings().first()
     if row is None:
-        raise CfbError(f"no model version {version}")
+        raise UnknownIdError(f"no model version {version}", field="version")
     return row
 
 

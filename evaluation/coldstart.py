@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..cf_core.errors import CfbError
-from ..db import store, versions
+from ..db import array_cache, store, versions
 from ..db.engine import make_engine, sqlite_url
 from ..db.schema import Item
 from ..db.ratings_io import one_row_per_pair
@@ -108,8 +108,9 @@ def run_seed(ds: Dataset, seed: int, budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3
     own_tmp = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cfb-eval-"))
     try:
-        return _run_seed(ds, seed, budgets, fold_steps, kind, train_params or {}, serving or {}, workdir, progress,
-                         log or (lambda _message: None))
+        with array_cache.switched_off():  # (its versions are thrown away: none is worth a cache entry)
+            return _run_seed(ds, seed, budgets, fold_steps, kind, train_params or {}, serving or {}, workdir,
+                             progress, log or (lambda _message: None))
     finally:
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -119,10 +120,8 @@ def _run_seed(ds, seed, budgets, fold_steps, kind, train_params, serving, workdi
     ratings = _as_text(ds.ratings)  # (as an ingest stores them: a pair given twice is one rating, once in pool or test)
     users = sorted(ratings.user.unique().tolist())
     user_index = {u: k for k, u in enumerate(users)}
+    check_some_users_cold(len(users))
     cold = cold_users(users, seed)
-    if not cold:
-        raise CfbError(f"the protocol makes a fifth of the users new (§1): the data's {len(users)} users make "
-                       "none (it needs at least 5)")
     is_cold = ratings.user.isin(cold)
     attrs_of = dict(zip(ds.users.user, ds.users.attributes)) if ds.users is not None else {}
     warm_users = ds.users[~ds.users.user.isin(cold)] if ds.users is not None else None
@@ -368,10 +367,18 @@ def has_demographics(ds: Dataset) -> bool:
         isinstance(a, dict) and any(a.get(k) is not None for k in DEMOGRAPHICS) for a in ds.users.attributes)
 
 
+def check_some_users_cold(n_users: int) -> None:
+    """§1 makes a fifth of the users new: fewer than 5 users make none."""
+    if n_users // 5 == 0:
+        raise CfbError(f"the protocol makes a fifth of the users new (§1): the data's {n_users} users make "
+                       "none (it needs at least 5)")
+
+
 def run_protocol(ds: Dataset, seeds=(42, 43, 44), budgets=(0, 5, 15, 30), fold_steps=(0, 1, 3, 5, 10),
                  kind: str = "dot", train_params: dict | None = None, serving: dict | None = None,
                  progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """The protocol for every seed, with the mean over seeds; ``log`` is told each step as it starts."""
+    check_some_users_cold(ds.ratings.user.astype(str).nunique())  # (before any note on the cold users' data)
     lacking = unrankable_seeds(ds.ratings, seeds) if budgets else []
     if lacking:  # (a mean over the others would mix seeds)
         raise CfbError(f"no cold user of {_seeds_named(lacking)} has a rating of {RELEVANT:g} or more in their test "

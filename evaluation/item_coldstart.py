@@ -374,7 +374,7 @@ def table(block: dict) -> list[str]:
 
 
 def render(result: dict) -> str:
-    """The §8 report as text: settings, seed 42 (the first seed) and the mean over seeds."""
+    """The §8 report as text: settings, the first seed's table and (with more than one seed) the mean's."""
     first, used = result["per_seed"][0], ", ".join(result["attributes"]) or "none (a constant row only)"
     lines = [f"{dataset_line(result)}  item metadata: {used}",
              f"model (each seed's trains with that seed; seed {first['seed']}'s): {json.dumps(result['settings'])}",
@@ -385,7 +385,8 @@ def render(result: dict) -> str:
                                            f", the prior's rating penalty chosen: {r['prior_l2']:g}")
                                         for r in result["per_seed"]), ""]
     lines += [f"== new items (protocol §8), seed {first['seed']} =="] + table(first) + [""]
-    lines += ["== new items (protocol §8), mean over seeds =="] + table(result["mean"]) + [""]
+    if len(result["per_seed"]) > 1:  # (one seed's mean is that seed: its table once)
+        lines += ["== new items (protocol §8), mean over seeds =="] + table(result["mean"]) + [""]
     lines += [f"note: {note}" for note in result.get("notes", [])]
     lines.append("timings (s): " + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{k} {v}" for k, v in r["timings"].items())
                                            for r in result["per_seed"]))

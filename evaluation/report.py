@@ -76,11 +76,14 @@ def dataset_line(result: dict) -> str:
 
 
 def render(result: dict) -> str:
-    """The whole report: settings, per-seed and mean tables."""
+    """The whole report: settings, the first seed's tables and (with more than one seed) the mean's."""
     lines = [dataset_line(result),
              f"model (each seed's trains with that seed; seed {result['seeds'][0]}'s): {json.dumps(result['settings'])}",
              ""]
-    for title, block in [(f"seed {r['seed']}", r) for r in result["per_seed"][:1]] + [("mean over seeds", result["mean"])]:
+    blocks = [(f"seed {r['seed']}", r) for r in result["per_seed"][:1]]
+    if len(result["per_seed"]) > 1:  # (one seed's mean is that seed: its tables once)
+        blocks.append(("mean over seeds", result["mean"]))
+    for title, block in blocks:
         if block.get("budgets"):
             lines += [f"== cold start (protocol §4b), {title} =="] + budget_table(block["budgets"]) + [""]
         if block.get("fold_in"):

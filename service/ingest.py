@@ -46,10 +46,10 @@ def ingest_dataset(engine: Engine, ds: Dataset, scale: tuple[float, float] | Non
                 scale = (float(store.as_typed(r.min())), float(store.as_typed(r.max())))
                 if scale[0] == scale[1]:
                     raise InputError(f"every rating is {scale[0]:g}, so the rating scale cannot be told from "
-                                     "them: give the scale (`--scale LO,HI`)", source=source)
+                                     "them: give the scale (`--scale LO,HI`; `scale=(lo, hi)` in Python)", source=source)
             if scale is not None and (problem := store.scale_problem(scale)):
                 raise InputError(problem + ("" if ds.scale is not None else " (the scale is the ratings' range: "
-                                            "give one with `--scale LO,HI`)"), source=source)
+                                            "give one with `--scale LO,HI`; `scale=(lo, hi)` in Python)"), source=source)
             if scale is not None:
                 store.set_setting(conn, "rating_scale", f"{float(scale[0])!r},{float(scale[1])!r}")
                 if ds.step is not None and tuple(scale) == tuple(ds.scale or ()):
@@ -421,7 +421,8 @@ def upsert_items_at(url: str, items, source: str | None = None) -> dict:  # noqa
 def upsert_items(engine: Engine, items, source: str | None = None) -> dict:  # noqa: ANN001
     """Add or update items (item, title, attributes) in one transaction (see ``write_items``).
     Returns counts: items given, added, updated (a stored item whose title or attributes change) and
-    unchanged."""
+    unchanged; and ``shared_titles``: each title given that more than one item now has (in any Unicode
+    form), with those items' ids: a lookup by that title then asks for an id."""
     fresh = store.schema_for_first_write(engine)  # (True: the tables are made in the write's transaction)
     if not fresh:
         with engine.connect() as conn:  # (refused at once, not after waiting for another writer)
@@ -430,5 +431,9 @@ def upsert_items(engine: Engine, items, source: str | None = None) -> dict:  # n
         if fresh:
             store.create_tables(conn)
         existed, changed = write_items(conn, items, source)
+        given = {store.composed(t) for t in items["title"] if isinstance(t, str) and t} if "title" in items else set()
+        shared = [{"title": t, "items": ids} for t, ids in store.items_by_composed_title(conn).items()
+                  if t in given and len(ids) > 1] if given else []
     n = len(set(map(str, items["item"])))
-    return {"items": n, "added": n - existed, "updated": changed, "unchanged": existed - changed}
+    return {"items": n, "added": n - existed, "updated": changed, "unchanged": existed - changed,
+            "shared_titles": shared}

@@ -110,3 +110,15 @@ def test_a_missing_blob_is_a_lookup_error(trained):
         with pytest.raises(LookupError, match="no model.npz"):
             array_cache.stored_arrays(conn, 999, versions.MODEL_BLOB)
         assert conn.scalar(ModelArrays.__table__.select().where(ModelArrays.version_id == 999)) is None
+
+
+def test_an_evaluation_leaves_the_users_cache_as_it_was(planted, cache_everything):
+    """`cfb eval cold-start`'s throwaway versions (a temporary database per budget and seed) took cache
+    entries of their own and evicted the user's (at most ``KEEP_ENTRIES`` are kept)."""
+    from cfb.evaluation.coldstart import run_seed
+
+    root = array_cache.cache_dir()
+    (root / "users-own-entry").mkdir(parents=True)
+    run_seed(planted, 42, budgets=(0, 5), fold_steps=(0, 1))
+    assert _entries() == ["users-own-entry"]
+    assert array_cache.cache_dir() == root  # (on again after it)

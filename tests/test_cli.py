@@ -629,6 +629,9 @@ def test_eval_without_its_data_says_to_pass_data(runner, tmp_path, monkeypatch):
         assert res.exit_code == 1, res.output
         assert "could not download movielens-100k" in res.output and "pass `--data PATH`" in res.output
         assert "cfb ingest" not in res.output and len(res.output.strip().splitlines()) == 1
+    # the default's text given as --data names a folder, as any other does: not found (it was downloaded)
+    res = runner.invoke(cli, ["eval", "cold-start", "--quiet", "--data", "../shared/data/ml-100k/"])
+    assert res.exit_code == 1 and res.output == "Error: ../shared/data/ml-100k: folder not found\n", res.output
 
 
 def test_eval_on_a_folder_of_no_dataset_names_every_layout_it_takes(runner, tmp_path):
@@ -655,8 +658,8 @@ def write_planted_ml100k(folder: Path) -> Path:
 
 
 def test_eval_shows_each_step_on_stderr_unless_quiet(tmp_path):
-    """`cfb eval cold-start` tells each step of the protocol on stderr as it starts (with --json too: stdout holds
-    only the JSON result); --quiet leaves stderr empty."""
+    """`cfb eval cold-start` tells each step of the protocol on stderr as it starts, and its training's epochs (with
+    --json too: stdout holds only the JSON result); --quiet leaves stderr empty."""
     folder = write_planted_ml100k(tmp_path / "ml-100k")
     args = [str(Path(sys.executable).with_name("cfb")), "eval", "cold-start", "--data", str(folder), "--seeds", "42",
             "--budgets", "0,5", "--fold-steps", "", "--json"]
@@ -666,6 +669,7 @@ def test_eval_shows_each_step_on_stderr_unless_quiet(tmp_path):
     out = json.loads(shown.stdout)
     assert set(out["mean"]["budgets"]) == {"0", "5"} and out["data"] == str(folder.resolve())  # (what was measured)
     assert "seed 42: training on" in shown.stderr and "seed 42: questionnaire of 5 items" in shown.stderr
+    assert "train_loss" in shown.stderr  # (each seed's training shows its epochs, as `cfb retrain` does)
     quiet = subprocess.run([*args, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert quiet.returncode == 0 and quiet.stderr == ""
     again = json.loads(quiet.stdout)["mean"]["budgets"]
@@ -821,3 +825,23 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(cli_db, tmp_pa
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Error" not in err and "Traceback" not in err, err
+
+
+def test_eval_orders_budgets_and_refuses_too_few_users_before_any_note(runner, tmp_path):
+    """Budget columns came in the order given (the fold-in's steps were sorted); data of four users got a
+    note on its cold users' histories before the error that none can be cold."""
+    folder = write_planted_ml100k(tmp_path / "ml-100k")
+    res = runner.invoke(cli, ["eval", "cold-start", "--data", str(folder), "--seeds", "42", "--budgets", "5,0",
+                              "--fold-steps", "", "--json"])
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(res.stdout)["per_seed"][0]["budgets"]) == ["0", "5"]
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    write(tiny / "u.data", "".join(f"{u}\t{i}\t4\t{u * 10 + i}\n" for u in range(1, 5) for i in range(1, 4)))
+    write(tiny / "u.item", "".join(f"{i}|Film {i} (1990)|01-Jan-1990||http://x|{'|'.join(['0'] * 19)}\n"
+                                   for i in range(1, 4)), "latin-1")
+    res = runner.invoke(cli, ["eval", "cold-start", "--data", str(tiny), "--seeds", "42"])
+    lines = res.stderr.splitlines()
+    assert res.exit_code == 1 and res.stdout == "" and len(lines) == 2 and lines[0].startswith("running the protocol")
+    assert lines[1] == "Error: the protocol makes a fifth of the users new (§1): the data's 4 users make none (it " \
+                       "needs at least 5)"

@@ -926,7 +926,7 @@ def test_python_api(trained, db_url, tmp_path):
         # every `cfb ingest` command has its method, with the CLI's checks
         items = tmp_path / "items.csv"
         items.write_text("item,title,genres\nfresh1,Fresh One,Action|Thriller\n")
-        assert db.ingest_items(items) == {"items": 1, "added": 1, "updated": 0, "unchanged": 0}
+        assert db.ingest_items(items) == {"items": 1, "added": 1, "updated": 0, "unchanged": 0, "shared_titles": []}
         users = tmp_path / "users.csv"
         users.write_text("user,age\n" + user + ",33\n")
         assert db.ingest_users(str(users))["users"] == 1

@@ -255,7 +255,7 @@ def test_a_scale_too_wide_to_train_on_is_refused_before_anything_is_stored(engin
     every retrain once diverged with advice to lower the learning rate."""
     path = write(tmp_path / "ratings.csv", "user,item,rating\nu1,a,-3e38\nu2,a,3e38\nu3,b,1\n")
     with pytest.raises(InputError, match=r"ratings.csv: a rating scale -3e\+38..3e\+38 is not taken: its ends and "
-                                         r"width must be within 1,000,000 .*give one with `--scale LO,HI`\)$"):
+                                         r"width must be within 1,000,000 .*give one with `--scale LO,HI`; `scale=\(lo, hi\)` in Python\)$"):
         ingest_dataset(engine, Dataset(read_ratings_csv(path)), source=str(path))
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Rating)) == 0

@@ -112,7 +112,7 @@ def test_item_metadata_is_typed_and_merged_as_user_attributes_are(engine, tmp_pa
         path = write(tmp_path / "z.csv", "item,year\ni2,02001\n")
         upsert_items(engine, read_items_csv(path), source=str(path))
     out = upsert_items(engine, read_items_csv(write(tmp_path / "c.csv", "item,year\ni1,1991\n")))
-    assert out == {"items": 1, "added": 0, "updated": 1, "unchanged": 0}
+    assert out == {"items": 1, "added": 0, "updated": 1, "unchanged": 0, "shared_titles": []}
     from cfb.db import store
 
     with engine.connect() as conn:
@@ -344,3 +344,19 @@ def test_a_key_given_twice_is_refused_naming_entry_and_field(trained, tmp_path, 
     engine, _ = trained
     with pytest.raises(InputError, match=rf"q.json: {where}: key '\w+' given twice in one object"):
         onboard(engine, read_answers_file(write(tmp_path / "q.json", body)))
+
+
+def test_an_items_file_giving_a_title_another_item_holds_says_so(trained, db_url, tmp_path):
+    """A new item titled as a stored one (or as another in the file, in another Unicode form) is allowed,
+    as two books may share a title, but was added in silence, and lookups by that title then failed."""
+    path = write(tmp_path / "items.csv", "item,title\nsw2,Alpha film 1\nc1,Caf\u00e9 Noir\nc2,Cafe\u0301 Noir\nc3,Unique\n")
+    res = CliRunner().invoke(cli, ["--db", db_url, "ingest", "items", str(path)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "4 items added, 0 updated, 0 unchanged\n"
+    assert res.stderr.splitlines() == [
+        "note: title 'Alpha film 1' is now held by 2 items (a1, sw2): look them up by id",
+        "note: title 'Caf\u00e9 Noir' is now held by 2 items (c1, c2): look them up by id"]
+    out = json.loads(CliRunner().invoke(
+        cli, ["--db", db_url, "ingest", "items", str(write(tmp_path / "more.csv", "item,title\nc4,Unique 2\n")),
+              "--json"]).stdout)
+    assert out["shared_titles"] == [] and out["added"] == 1

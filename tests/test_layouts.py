@@ -997,9 +997,9 @@ def test_ingest_items_adds_and_updates(tmp_path, db_url):
                                           '1193,,Milos Forman,133,Drama\n'
                                           'new1,"Brand New, The (2030)",Ann Director,95,Sci-Fi|Drama\n')
     out = ok(run(db_url, "ingest", "items", str(items), "--json"))
-    assert out == {"items": 2, "added": 1, "updated": 1, "unchanged": 0}
+    assert out == {"items": 2, "added": 1, "updated": 1, "unchanged": 0, "shared_titles": []}
     assert ok(run(db_url, "ingest", "items", str(items), "--json")) == {"items": 2, "added": 0, "updated": 0,
-                                                                         "unchanged": 2}
+                                                                         "unchanged": 2, "shared_titles": []}
     d = dump(db_url)
     # the empty title keeps the stored one; given attributes replace theirs, the rest stay
     assert d["items"]["1193"] == ("One Flew Over the Cuckoo's Nest (1975)",
@@ -1203,6 +1203,22 @@ def test_download_never_deletes_a_folder_it_did_not_complete(tmp_path, fake_sour
     assert (mine / "notes.txt").read_text() == "important"
     mine.joinpath("notes.txt").unlink()  # an empty folder is taken over
     assert download.download("movielens-test", cache=cache) == mine / "ml-test"
+
+
+def test_download_does_not_vouch_for_a_copy_it_did_not_make(tmp_path, fake_source):
+    """The release's files put there by hand (an unzip, maybe cut short at a line's end) were taken as a
+    finished download: exit 0, nothing said."""
+    from cfb.cf_core.errors import CfbError
+
+    download, _ = fake_source
+    cache = tmp_path / "cache"
+    by_hand = cache / "movielens-test" / "ml-test"
+    by_hand.mkdir(parents=True)
+    (by_hand / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1\n")
+    with pytest.raises(CfbError, match=r"movielens-test holds movielens-test's files but no record of a download by "
+                                       r"cfb \(\.cfb-download\.json\): ingest them with `cfb ingest movielens "):
+        download.download("movielens-test", cache=cache)
+    assert (by_hand / "ratings.csv").read_text().endswith("1,1,4.0,1\n")  # (never deleted)
 
 
 def test_download_into_a_home_that_is_a_file_is_one_line(tmp_path, monkeypatch):

@@ -730,3 +730,33 @@ def test_items_similar_to_one_known_from_metadata_alone_are_those_its_metadata_i
         learned = [r["item"] for r in similar(conn, "a1", n=10)["items"]]
     assert "newB" not in near and all(genre.get(i) == "A" for i in near), near
     assert sum(i.startswith("a") for i in learned) >= 8  # (a learned item: its own factors, as before)
+
+
+def test_a_handle_opened_by_a_relative_sqlite_url_keeps_its_file(trained, tmp_path, monkeypatch):
+    """``cfb.open("sqlite:///cfb.db")`` then a change of working directory: the handle read "no database
+    at cfb.db" and an ingest made a second, empty database in the new directory."""
+    import cfb
+
+    monkeypatch.chdir(tmp_path)  # (the trained database is tmp_path / "cfb.db")
+    with cfb.open("sqlite:///cfb.db") as db:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        assert len(db.recommend("a0", n=3)) == 3
+        assert db.url == f"sqlite:///{tmp_path / 'cfb.db'}"
+    assert not (elsewhere / "cfb.db").exists()
+
+
+def test_python_api_errors_are_the_kinds_it_documents(trained, db_url):
+    """An unknown model version is an unknown id (it was a bare CfbError); an unknown item among a sign-up's
+    answers is bad input to the sign-up (InputError, 422 over HTTP), as the docs now say."""
+    import cfb
+
+    with cfb.open(db_url) as db:
+        with pytest.raises(cfb.UnknownIdError, match=r"^no model version 99$") as e:
+            db.rollback(99)
+        assert e.value.field == "version"
+        with pytest.raises(cfb.InputError, match=r"field 'ratings.nope': unknown item"):
+            db.onboard({"ratings": {"nope": 4}})
+        with pytest.raises(cfb.UnknownIdError):
+            db.rate("a0", "nope", 4)
