@@ -350,6 +350,17 @@ class Database:
             out = recommend(conn, _id(user, "user"), n, by)
         return pd.DataFrame(out["items"], columns=["item", "title", "score"])
 
+    def ratings(self, user: str, n: int = 20):
+        """The user's latest ``n`` ratings, newest first (`cfb ratings USER -n N --json`'s "ratings"): a
+        DataFrame with columns item, title, rating."""
+        import pandas as pd
+
+        from .service.serving import user_ratings
+
+        with self._existing().connect() as conn:
+            out = user_ratings(conn, _id(user, "user"), n)
+        return pd.DataFrame(out["ratings"], columns=["item", "title", "rating"])
+
     def predict(self, pairs) -> list[float]:
         """Predicted ratings of (user, item) pairs: a list of pairs, or a DataFrame with columns user
         and item (`cfb predict --pairs`)."""

@@ -495,6 +495,24 @@ def recommend(ctx: Ctx, users: tuple[str, ...], n: int, by: str, as_json: bool) 
     emit(out, as_json, "\n".join(lines))
 
 
+@cli.command(cls=NumberArguments)  # (a negative number is an id, not an option)
+@click.argument("user")
+@click.option("-n", "n", type=WholeRange(1, 1000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@fail_cleanly
+def ratings(ctx: Ctx, user: str, n: int, as_json: bool) -> None:
+    """USER's latest N ratings, newest first (every stored rating counts, retrained or not)."""
+    from ..service.serving import user_ratings
+
+    with ctx.engine.connect() as conn:
+        out = user_ratings(conn, user, n)
+    shown_of = "" if out["count"] <= n else f", the latest {n} of {out['count']:,} (-n for more)"
+    lines = [f"user {shown(out['user'])} (rating, title{shown_of}):"]
+    lines += [f"  {r['rating']:g}  {named(r)}" for r in out["ratings"]] or ["  (no ratings yet)"]
+    emit(out, as_json, "\n".join(lines))
+
+
 @cli.command()
 @click.option("--pairs", "pairs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="CSV with header user,item.")

@@ -126,6 +126,17 @@ def _page(title: str, body: str, token_required: bool = False) -> HTMLResponse:
                                         token_required="true" if token_required else "false"))
 
 
+RATINGS_SHOWN = 20  # the latest ratings a user's page lists
+
+
+def ratings_count_text(count: int) -> str:
+    """What a user's page says above the ratings it lists."""
+    if not count:
+        return "None yet."
+    return f"{count:,} in all; the latest {RATINGS_SHOWN}, newest first:" if count > RATINGS_SHOWN else \
+        f"{count:,}, newest first:"
+
+
 def error_heading(status: int) -> str:
     """An error page's heading: what kind of error its HTTP status says it is."""
     if status == 404:
@@ -151,6 +162,10 @@ RECOMMENDED = {"type": "object", "required": ["user", "items"], "properties": {
         "item": {"type": "string"}, "title": _TEXT_OR_NONE, "score": {"type": "number"}}}}}}
 RATED = {"type": "object", "required": ["user", "item", "title", "rating"], "properties": {
     "user": {"type": "string"}, "item": {"type": "string"}, "title": _TEXT_OR_NONE, "rating": {"type": "number"}}}
+USER_RATINGS = {"type": "object", "required": ["user", "count", "ratings"], "properties": {
+    "user": {"type": "string"}, "count": {"type": "integer", "description": "all the user's ratings"},
+    "ratings": {"type": "array", "items": {"type": "object", "required": ["item", "title", "rating"], "properties": {
+        "item": {"type": "string"}, "title": _TEXT_OR_NONE, "rating": {"type": "number"}}}}}}
 _ITEMS = {"type": "array", "items": {"type": "object", "required": ["item", "title"], "properties": {
     "item": {"type": "string"}, "title": _TEXT_OR_NONE, "score": {"type": "number"}}}}
 HEALTH = {"type": "object", "required": ["status", "version"], "properties": {
@@ -569,6 +584,17 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
         return json_response(await run_write(run), 201)
 
+    @api_get("/users/{user:id}/ratings", tags=["api"], summary="A user's latest n ratings (`cfb ratings --json`)",
+             responses={200: {"description": '{"user": id, "count", "ratings": [{"item", "title", "rating"}]}, '
+                                             'newest first', "content": {"application/json": {"schema": USER_RATINGS}}},
+                        404: {"description": "unknown user"}})
+    async def user_ratings(user: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 20):
+        def run():
+            with engine.connect() as conn:
+                return serving.user_ratings(conn, user, n)
+
+        return json_response(await run_in_threadpool(run) if reads_in_threadpool else run())
+
     @api_get("/items/{item:id}/similar", tags=["api"], summary="Items most similar to an item (`cfb similar --json`)",
              responses={200: {"description": '{"item": id, "title", "items": [{"item", "title", "score"}]}',
                               "content": {"application/json": {"schema": SIMILAR}}},
@@ -709,8 +735,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     def user_page(user: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         with engine.connect() as conn:
             rec = serving.recommend(conn, user, n)
+            given = serving.user_ratings(conn, user, RATINGS_SHOWN)
             scale = _scale(conn)
         items = "".join(_rec_row(it, scale) for it in rec["items"])
+        rated = "".join(_rated_row(it, scale) for it in given["ratings"])
         body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
                 f"<p>Ranked for you by cfb's ranking model; the number is the predicted rating (the order need not "
                 f"follow it). Rate any of them (choose a rating, then Rate or Enter): "
@@ -718,7 +746,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"<ol id='recs' data-user='{escape(rec['user'])}' data-n='{n}' "
                 f"data-scale='{escape(json.dumps(scale))}'>{items}</ol>"
                 f"<p id='no-recs'{' hidden' if items else ''}>{serving.NOTHING_LEFT.capitalize()}.</p>"
-                f"<p id='rate-status' role='status'></p><p id='rate-error' class='error' role='alert'></p>")
+                f"<p id='rate-status' role='status'></p><p id='rate-error' class='error' role='alert'></p>"
+                f"<h2>Ratings given</h2><p class='small' id='ratings-count'>{ratings_count_text(given['count'])}</p>"
+                f"<ol id='my-ratings' data-n='{RATINGS_SHOWN}'>{rated}</ol>")
         return _page(f"cfb: {rec['user']}", body, token is not None)
 
     def _rec_row(it: dict, scale: list[float]) -> str:
@@ -726,6 +756,14 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
                 f"{_rating_select(scale, 'rate', it, 'rate…')} "
                 f"<button type='button' class='rate' aria-label='rate {_name(it)}'>Rate</button></li>")
+
+    def _rated_row(it: dict, scale: list[float]) -> str:
+        """A rating given, its list showing the value (choose another, then Change, to change it)."""
+        chosen = _rating_select(scale, "rate", it, "rate…").replace(
+            f"<option value='{it['rating']:g}'>", f"<option value='{it['rating']:g}' selected>", 1)
+        return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{item_href(it['item'])}'>"
+                f"{_name(it)}</a> {chosen} "
+                f"<button type='button' class='rate' aria-label='change the rating of {_name(it)}'>Change</button></li>")
 
     @page("/item/{item:id}")
     def item_page(item: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):

@@ -40,6 +40,15 @@ def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank
     return {"user": str(external_user).strip(), "items": _items_out(conn, served, top, served.model.predict(user, top))}
 
 
+def user_ratings(conn: Connection, external_user: str, n: int = 20) -> dict:
+    """A user's latest ``n`` ratings, newest first: ``{"user", "count" (all their ratings), "ratings": [{"item",
+    "title", "rating"}]}`` (from the database: every rating, also one the serving version has not seen)."""
+    check_top_n(n)
+    uid = store.user_id_of(conn, external_user)
+    ratings, count = store.ratings_newest_first(conn, uid, n)
+    return {"user": str(external_user).strip(), "count": count, "ratings": ratings}
+
+
 def predict_pairs(conn: Connection, pairs: list[tuple[str, str]]) -> list[float]:
     """Predicted rating for each (external user, item) pair, the item by id or exact title (as
     ``find_item``); an unknown one is an error whose message names its row ("row K: ..."), with

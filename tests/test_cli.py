@@ -845,3 +845,28 @@ def test_eval_orders_budgets_and_refuses_too_few_users_before_any_note(runner, t
     assert res.exit_code == 1 and res.stdout == "" and len(lines) == 2 and lines[0].startswith("running the protocol")
     assert lines[1] == "Error: the protocol makes a fifth of the users new (§1): the data's 4 users make none (it " \
                        "needs at least 5)"
+
+
+def test_ratings_lists_a_users_latest_ratings_newest_first(runner, cli_db):
+    """`cfb ratings USER`: what a user has rated, newest first (a rating changed moves to the top), with the
+    count; the same from Python and over HTTP."""
+    import cfb
+
+    everything = json.loads(run(runner, cli_db, "ratings", "a0", "-n", "1000", "--json").stdout)
+    assert everything["user"] == "a0" and everything["count"] == len(everything["ratings"]) == 24
+    oldest = everything["ratings"][-1]
+    assert set(oldest) == {"item", "title", "rating"}
+    changed = 1 if oldest["rating"] != 1 else 5
+    assert run(runner, cli_db, "rate", "a0", oldest["item"], str(changed)).exit_code == 0
+    res = run(runner, cli_db, "ratings", "a0", "-n", "2")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()  # (these items have no titles: their ids stand in)
+    assert lines[0] == "user a0 (rating, title, the latest 2 of 24 (-n for more)):"
+    assert lines[1] == f"  {changed}  {oldest['item']}" and len(lines) == 3
+    assert lines[2] == f"  {everything['ratings'][0]['rating']:g}  {everything['ratings'][0]['item']}"
+    res = run(runner, cli_db, "ratings", "nobody")
+    assert res.exit_code == 1 and res.output == "Error: unknown user 'nobody'\n"
+    with cfb.open(cli_db) as db:
+        frame = db.ratings("a0", n=2)
+        assert list(frame.columns) == ["item", "title", "rating"] and frame["item"].tolist()[0] == oldest["item"]
+        assert frame["rating"].tolist()[0] == changed

@@ -81,19 +81,20 @@ def server(trained, db_url):
 
 def test_read_endpoints_answer_what_the_cli_prints(server, db_url):
     assert server.get("/health").json() == {"status": "ok", "version": 1}
-    for path in ("/health", "/", "/questionnaire", "/models", "/users/a0/recommendations", "/items/a1/similar",
-                 "/inspect/biases", "/inspect/pca"):  # (HEAD wherever GET: monitors and caches probe with it)
+    for path in ("/health", "/", "/questionnaire", "/models", "/users/a0/recommendations", "/users/a0/ratings",
+                 "/items/a1/similar", "/inspect/biases", "/inspect/pca"):  # (HEAD wherever GET: monitors and caches probe with it)
         r = server.head(path)
         assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0, path
     assert server.head("/users/nobody/recommendations").status_code == 404
     for method, path, allow in [("PUT", "/health", "GET, HEAD"), ("DELETE", "/users/a0/recommendations", "GET, HEAD"),
                                 ("PUT", "/items/a1/similar", "GET, HEAD"), ("PUT", "/", "GET, HEAD"),
-                                ("GET", "/users/a0/ratings", "POST"), ("DELETE", "/users", "POST"),
+                                ("DELETE", "/users/a0/ratings", "GET, HEAD, POST"), ("DELETE", "/users", "POST"),
                                 ("POST", "/static/app.js", "GET, HEAD")]:  # (a mount's own)
         r = server.request(method, path)  # a 405 names every method the path takes
         assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
     assert server.get("/questionnaire", params={"budget": 4}).json() == cli_json(db_url, "questionnaire", "--budget", "4")
     assert server.get("/models").json() == cli_json(db_url, "models")
+    assert server.get("/users/a0/ratings", params={"n": 3}).json() == cli_json(db_url, "ratings", "a0", "-n", "3")
     for by in ("rank", "rating"):
         r = server.get("/users/a0/recommendations", params={"n": 5, "by": by})
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
@@ -1495,3 +1496,14 @@ def test_pages_say_what_an_empty_part_means(server):
     assert "Lowest bias" in server.get("/explore", params={"n": 5}, headers={"Accept": "text/html"}).text
     assert "Rate the ones you know" not in server.get("/", params={"budget": 0}).text
     assert "Rate the ones you know" in server.get("/", params={"budget": 5}).text
+
+
+def test_a_users_ratings_newest_first(server, trained):
+    """GET /users/{user}/ratings: the latest n ratings, newest first, with the count of all of them."""
+    assert server.post("/users/a0/ratings", json={"item": "b21", "rating": 3}).status_code == 201  # (a Beta: 1 or 2)
+    out = server.get("/users/a0/ratings?n=2").json()
+    assert out["user"] == "a0" and out["ratings"][0] == {"item": "b21", "title": "Beta film 21", "rating": 3.0}
+    assert len(out["ratings"]) == 2 and out["count"] >= 24
+    assert server.get("/users/nobody/ratings").status_code == 404
+    assert server.get("/users/a0/ratings?n=0").status_code == 422
+    assert "get" in server.get("/openapi.json").json()["paths"]["/users/{user}/ratings"]

@@ -406,3 +406,36 @@ def test_the_explore_map_is_a_group_of_named_links_with_a_table_beside_it(traine
         box.send_keys("1000\n")
         WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "no-biases"))
         assert "min_ratings=1000" in browser.current_url and "n=12" in browser.current_url
+
+
+def test_a_user_sees_and_changes_the_ratings_they_gave(trained, db_url, browser):
+    """The user's page lists their latest ratings, newest first, each showing its value; choosing another
+    and Change stores it, and a rating given from the recommendations joins the top of the list (a user
+    could not see or change what they had rated)."""
+    engine, _ = trained
+    wait = WebDriverWait(browser, 20)
+
+    def given(d) -> list[tuple[str, str]]:
+        return d.execute_script("return [...document.querySelectorAll('#my-ratings > li')].map("
+                                "li => [li.dataset.item, li.querySelector('select').value])")
+
+    with running_server(db_url) as base:
+        browser.get(base + "/user/a0")
+        wait.until(lambda d: len(rec_items(d)) == 10)
+        first = given(browser)
+        assert len(first) == 20 and browser.find_element(By.ID, "ratings-count").text.startswith("24 in all")
+        item, value = first[-1]
+        changed = "1" if value != "1" else "5"
+        row = browser.find_elements(By.CSS_SELECTOR, "#my-ratings > li")[-1]
+        Select(row.find_element(By.TAG_NAME, "select")).select_by_value(changed)
+        row.find_element(By.CSS_SELECTOR, "button.rate").click()
+        wait.until(lambda d: given(d)[0] == [item, changed])
+        top = rec_items(browser)[0]
+        Select(browser.find_element(By.CSS_SELECTOR, "#recs > li select")).select_by_value("4")
+        browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
+        wait.until(lambda d: given(d)[:2] == [[top, "4"], [item, changed]])
+        assert browser.find_element(By.ID, "ratings-count").text.startswith("25 in all")
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT i.external_id, r.rating FROM ratings r JOIN users u ON u.id = r.user_id "
+                                        "JOIN items i ON i.id = r.item_id WHERE u.external_id = 'a0'")).all())
+    assert stored[item] == float(changed) and stored[top] == 4.0

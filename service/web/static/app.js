@@ -145,6 +145,7 @@
     var status = document.getElementById("rate-status");
     var error = document.getElementById("rate-error");
 
+    var given = document.getElementById("my-ratings"), ratingsShown = 0;
     var ratingSelect = function (it) {
       var sel = document.createElement("select");
       sel.name = "rate";
@@ -163,41 +164,45 @@
       return sel;
     };
 
-    var render = function (items) {
-      var rows = items.map(function (it) {
-        var li = document.createElement("li");
-        li.dataset.item = it.item;
-        var a = document.createElement("a");
-        a.className = "title";
-        a.href = "/item/" + encodeURIComponent(it.item);
-        a.textContent = it.title || it.item;
-        var score = document.createElement("span");
-        score.className = "score";
-        score.textContent = Number(it.score).toFixed(2);
-        li.appendChild(a);
-        li.appendChild(document.createTextNode(" "));
-        li.appendChild(score);
-        li.appendChild(document.createTextNode(" "));
-        li.appendChild(ratingSelect(it));
-        li.appendChild(document.createTextNode(" "));
-        var button = document.createElement("button");
-        button.type = "button";
-        button.className = "rate";
-        button.textContent = "Rate";
-        button.setAttribute("aria-label", "rate " + (it.title || it.item));
-        li.appendChild(button);
-        return li;
-      });
-      // a keyboard user goes on where they were: the control at the same place in the re-ranked list
+    // a row of a list: the item's link, [its score,] its rating list (showing ``chosen``) and a button
+    var row = function (it, score, chosen, buttonText, buttonLabel) {
+      var li = document.createElement("li");
+      li.dataset.item = it.item;
+      var a = document.createElement("a");
+      a.className = "title";
+      a.href = "/item/" + encodeURIComponent(it.item);
+      a.textContent = it.title || it.item;
+      li.append(a, " ");
+      if (score !== null) {
+        var shown = document.createElement("span");
+        shown.className = "score";
+        shown.textContent = score;
+        li.append(shown, " ");
+      }
+      var sel = ratingSelect(it);
+      sel.value = chosen;
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "rate";
+      button.textContent = buttonText;
+      button.setAttribute("aria-label", buttonLabel + " " + (it.title || it.item));
+      li.append(sel, " ", button);
+      return li;
+    };
+    // a list drawn again: a keyboard user goes on where they were, at the control at the same place
+    var redrawList = function (list, rows) {
       var focused = document.activeElement, at = -1, kind = "select";
-      if (focused && recs.contains(focused)) {
-        at = Array.prototype.indexOf.call(recs.children, focused.closest("li"));
+      if (focused && list.contains(focused)) {
+        at = Array.prototype.indexOf.call(list.children, focused.closest("li"));
         kind = focused.tagName === "BUTTON" ? "button" : "select";
       }
-      recs.replaceChildren.apply(recs, rows);
-      var none = document.getElementById("no-recs");  // (said when every item is rated)
-      if (none) { none.hidden = rows.length > 0; }
+      list.replaceChildren.apply(list, rows);
       if (at >= 0 && rows.length) { rows[Math.min(at, rows.length - 1)].querySelector(kind).focus(); }
+    };
+    var render = function (items) {
+      redrawList(recs, items.map(function (it) { return row(it, Number(it.score).toFixed(2), "", "Rate", "rate"); }));
+      var none = document.getElementById("no-recs");  // (said when every item is rated)
+      if (none) { none.hidden = items.length > 0; }
     };
 
     // ratings in quick succession: each is sent once the one before it is answered (sent at once, they
@@ -240,25 +245,47 @@
             statusShown = mine;
             status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
           }
-          return redraw(mine);
+          return Promise.all([redraw(mine), redrawRatings(mine)]);
         })
         .catch(function (e) {
           if (mine >= statusShown) { status.textContent = ""; }  // (an older "Rated …" is not this rating's)
           error.textContent = pageMessage(e);
         });
     };
-    recs.addEventListener("click", function (ev) {
-      if (ev.target.tagName === "BUTTON" && ev.target.classList.contains("rate")) { rate(ev.target.closest("li")); }
-    });
-    recs.addEventListener("keydown", function (ev) {
-      if (ev.key === "Enter" && ev.target.tagName === "SELECT") { ev.preventDefault(); rate(ev.target.closest("li")); }
+    // the ratings given, newest first: each list shows its value; choosing another and Change changes it
+    var countText = function (count, shown) {
+      if (!count) { return "None yet."; }
+      return count > shown ? count.toLocaleString("en") + " in all; the latest " + shown + ", newest first:"
+                           : count.toLocaleString("en") + ", newest first:";
+    };
+    var redrawRatings = function (mine) {
+      if (!given) { return Promise.resolve(); }
+      var shown = Number(given.dataset.n || "20");
+      return api("GET", "/users/" + encodeURIComponent(user) + "/ratings?n=" + shown).then(function (out) {
+        if (mine < ratingsShown) { return; }
+        ratingsShown = mine;
+        redrawList(given, out.ratings.map(function (it) {
+          return row(it, null, String(it.rating), "Change", "change the rating of");
+        }));
+        document.getElementById("ratings-count").textContent = countText(out.count, shown);
+      });
+    };
+    [recs, given].forEach(function (list) {
+      if (!list) { return; }
+      list.addEventListener("click", function (ev) {
+        if (ev.target.tagName === "BUTTON" && ev.target.classList.contains("rate")) { rate(ev.target.closest("li")); }
+      });
+      list.addEventListener("keydown", function (ev) {
+        if (ev.key === "Enter" && ev.target.tagName === "SELECT") { ev.preventDefault(); rate(ev.target.closest("li")); }
+      });
     });
     // shown again from the browser's history (Back, Forward): the list as it was drawn then, or the
     // server's first one, may be stale (an item rated since still listed): fetch it afresh
     window.addEventListener("pageshow", function (ev) {
       var nav = performance.getEntriesByType ? performance.getEntriesByType("navigation")[0] : null;
       if (!ev.persisted && !(nav && nav.type === "back_forward")) { return; }
-      redraw(++started, true).catch(function (e) { error.textContent = pageMessage(e); });
+      var mine = ++started;
+      Promise.all([redraw(mine, true), redrawRatings(mine)]).catch(function (e) { error.textContent = pageMessage(e); });
     });
   }
 })();
