@@ -99,13 +99,13 @@ def _number(value, what: str) -> float:  # noqa: ANN001
 def _id(value, what: str) -> str:  # noqa: ANN001
     """A user's or item's id (or an item's title) given from Python: text, or a whole number (numpy's
     too) as its digits; anything else (None, a float, a list, text that is not valid Unicode) refused."""
-    from .service.onboard import _is_unicode
+    from .service.onboard import is_unicode_text
 
     value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
         raise InputError(f"{what} must be an id (text or a whole number), got {type(value).__name__} {value!r:.60}")
     text = str(value)
-    if not _is_unicode(text):
+    if not is_unicode_text(text):
         raise InputError(f"{what} {text!r:.60} is not valid Unicode text")
     return text
 

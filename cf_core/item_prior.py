@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .data import POSITIVE_SHARE, is_finite_value, liked_threshold
+from .linear import ridge_solve
 
 MAX_RATINGS_PER_STEP = 10_000  # the rating part through an MLP: random batches of this many ratings
 MIN_HELD_OUT_ITEMS = 5  # fewer held-out items than this: the rating part takes its grid's strongest penalty
@@ -412,8 +413,7 @@ class ItemPrior:
         return self
 
     def _ridge(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        A = X.T.astype(np.float64) @ X + self.config.ridge_alpha * np.eye(X.shape[1])
-        return np.linalg.solve(A, X.T.astype(np.float64) @ Y).astype(np.float32)
+        return ridge_solve(X, Y, alpha=self.config.ridge_alpha).astype(np.float32)
 
     @staticmethod
     def _tensor(a, dt, dev: str):  # noqa: ANN001, ANN205

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..bootstrap.regressor import Bootstrap
 from .data import damped_means
+from .linear import ridge_solve
 from .rating import FoldInConfig, most_similar, rating_model_from_arrays
 from .scoring import top_n
 
@@ -121,8 +122,7 @@ def fit_ranker_map(model: "TrainedModel", with_count: bool = True) -> np.ndarray
     X = np.column_stack([model.rating.item_factors[:n], model.rating.item_bias[:n], *counts,
                          np.ones(n)]).astype(np.float64)
     Y = np.c_[model.ranker.out_[:n], model.ranker.out_bias_[:n]].astype(np.float64)
-    gram = X.T @ X
-    return np.linalg.solve(gram + MAP_RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram)), X.T @ Y)
+    return ridge_solve(X, Y, relative=MAP_RIDGE)
 
 
 @dataclass

@@ -309,7 +309,7 @@ class NeuralCF(CollabModel):
     kind = "nn"
 
     def __init__(self, n_factors: int = 50, epochs: int = 5, lr: float = 5e-3, wd: float = 0.1,
-                 bs: int = 1024, y_range: tuple[float, float] = (0.0, 5.5), seed: int = 42,
+                 bs: int = 256, y_range: tuple[float, float] = (0.0, 5.5), seed: int = 42,
                  device: str | None = None, progress: bool = True, layers: tuple[int, ...] = (100, 50)):
         super().__init__(n_factors, epochs, lr, wd, bs, y_range, seed, device, progress)
         self.layers = tuple(layers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -284,9 +285,11 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     rank_vecs = full_history_vectors(model, sp["td"]) if model.ranker is not None else None
     if prior_config is not None or model.item_prior is None:  # tuning: another prior on the same version
         t0 = time.perf_counter()
-        model.item_prior = ItemPrior(prior_config or ItemPriorConfig(), attributes=attributes, seed=seed).fit_version(
+        prior = ItemPrior(prior_config or ItemPriorConfig(), attributes=attributes, seed=seed).fit_version(
             model, sp["td"], sp["warm_attrs"], rank_vecs)
-        model.item_meta = encoded_metadata(model.item_prior, sp["td"].item_attributes)  # for the metadata affinity
+        # a copy with this prior (the version ``fitted`` passed in is reused by every candidate: left as it was)
+        model = replace(model, item_prior=prior,
+                        item_meta=encoded_metadata(prior, sp["td"].item_attributes))  # (for the metadata affinity)
         timings["item_prior_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     grown = with_cold_items(model, sp["cold_db"], sp["cold_attrs"])
@@ -392,32 +395,3 @@ def render(result: dict) -> str:
                                            for r in result["per_seed"]))
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m cfb.evaluation.item_coldstart DATA_FOLDER [--seeds 42,43,44] [--json OUT] [--prior JSON]"""
-    import argparse
-    from pathlib import Path
-
-    import torch
-
-    from ..cf_core.item_prior import ItemPriorConfig
-    from ..db.sources import read_movielens
-
-    ap = argparse.ArgumentParser(description="protocol §8 (new items) on a MovieLens folder, in memory")
-    ap.add_argument("data")
-    ap.add_argument("--seeds", default="42,43,44")
-    ap.add_argument("--json", default=None, help="write the result as JSON here")
-    ap.add_argument("--prior", default="{}", help="ItemPriorConfig overrides, as JSON")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    ds = read_movielens(Path(args.data))
-    res = run_items_protocol(ds, tuple(int(s) for s in args.seeds.split(",")),
-                             prior_config=ItemPriorConfig.from_json(json.loads(args.prior)))
-    print(render(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
-
-
-if __name__ == "__main__":
-    main()

@@ -423,10 +423,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 chunks.append(chunk)
         except ClientDisconnect:  # (nobody reads the answer; not a server error to log)
             raise ApiError(400, "request body: the client closed the connection before sending all of it") from None
-        from .onboard import _loads, first_unreadable_value, json_problem
+        from .onboard import load_answers_json, first_unreadable_value, json_problem
 
         try:
-            doc = _loads(b"".join(chunks).decode("utf-8"))
+            doc = load_answers_json(b"".join(chunks).decode("utf-8"))
         except UnicodeDecodeError:
             raise ApiError(422, "request body: invalid JSON (not UTF-8)") from None
         except json.JSONDecodeError as e:

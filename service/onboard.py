@@ -71,12 +71,14 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _loads(text: str):
+def load_answers_json(text: str):  # noqa: ANN201
+    """JSON as sign-up answers are read (a file, an HTTP body): NaN, Infinity and a number too large for a float
+    are kept as placeholders and a key given twice is marked, for ``first_unreadable_value`` to name."""
     return json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float, parse_int=_parse_int,
                       object_pairs_hook=_object)
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode_text(text: str) -> bool:
     """Whether ``text`` can be written as UTF-8 (JSON's "\\ud800" escape gives a lone surrogate, which cannot);
     True for what is not text (a key given from Python as a number)."""
     if not isinstance(text, str):
@@ -91,13 +93,13 @@ def _is_unicode(text: str) -> bool:
 def first_unreadable_value(value) -> tuple[str, str] | None:
     """(field path, problem) of the first NaN/Infinity (or number too large for a float), key given
     twice, or text that is not valid Unicode (a lone surrogate such as "\\ud800", which no database
-    can store) in a parsed entry (``_loads``), else None."""
+    can store) in a parsed entry (``load_answers_json``), else None."""
     stack = [("", value)]
     while stack:
         path, v = stack.pop()
-        if isinstance(v, dict) and (bad := next((k for k in v if not _is_unicode(k)), None)) is not None:
+        if isinstance(v, dict) and (bad := next((k for k in v if not is_unicode_text(k)), None)) is not None:
             return path, f"key {bad!r} is not valid Unicode text"
-        if isinstance(v, str) and not _is_unicode(v):
+        if isinstance(v, str) and not is_unicode_text(v):
             return path, f"{v!r} is not valid Unicode text"
         if isinstance(v, _NonFinite) and v.token.lstrip("-") in ("NaN", "Infinity"):
             return path, f"{v.token} is not allowed: numbers must be finite"
@@ -133,7 +135,7 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
         raise InputError("empty file", source=str(path), line=1)
     try:
         try:
-            doc = _loads(text.rstrip())  # (leading lines kept: an error's line and column are the file's)
+            doc = load_answers_json(text.rstrip())  # (leading lines kept: an error's line and column are the file's)
             entries = doc if isinstance(doc, list) else [doc]
             located = [(f"{path}: entry {k + 1}", e) for k, e in enumerate(entries)]
         except json.JSONDecodeError as whole:
@@ -144,7 +146,7 @@ def read_answers_file(path: Path) -> list[tuple[str, dict]]:
             located = []
             for n, line in lines:  # JSON lines
                 try:
-                    located.append((f"{path}: line {n}", _loads(line)))
+                    located.append((f"{path}: line {n}", load_answers_json(line)))
                 except json.JSONDecodeError as e:
                     raise InputError(json_problem(e), source=str(path), line=n) from None
     except RecursionError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cfb.cf_core.rating import DotRating, FoldInConfig, NNRating
+from cfb.cf_core.rating import RATING_MODELS, DotRating, FoldInConfig, NNRating
 
 
 def dot_model(rng, n_items=300, k=4) -> DotRating:
@@ -20,6 +20,15 @@ def nn_model(rng, n_items=300, k=4) -> NNRating:
                     head=head)
 
 
+# a random rating model of each kind: every fold-in test below runs on each
+RANDOM_MODELS = {"dot": dot_model, "nn": nn_model}
+EVERY_KIND = pytest.mark.parametrize("make", list(RANDOM_MODELS.values()), ids=list(RANDOM_MODELS))
+
+
+def test_every_kind_of_rating_model_is_tested_here():
+    assert set(RANDOM_MODELS) == set(RATING_MODELS)
+
+
 def test_many_ratings_recover_the_true_user():
     m = dot_model(np.random.default_rng(0))
     true_vec, true_bias = np.array([0.5, -0.3, 0.2, 0.1], np.float32), 0.4
@@ -29,7 +38,7 @@ def test_many_ratings_recover_the_true_user():
     assert np.allclose(vec, true_vec, atol=1e-2) and abs(bias - true_bias) < 1e-2
 
 
-@pytest.mark.parametrize("make", [dot_model, nn_model])
+@EVERY_KIND
 def test_no_ratings_or_strong_shrinkage_keep_the_prior(make):
     rng = np.random.default_rng(1)
     m = make(rng)
@@ -40,7 +49,7 @@ def test_no_ratings_or_strong_shrinkage_keep_the_prior(make):
     assert np.allclose(vec, prior, atol=1e-5) and abs(bias - 0.2) < 1e-5
 
 
-@pytest.mark.parametrize("make", [dot_model, nn_model])
+@EVERY_KIND
 def test_fold_in_moves_predictions_toward_the_ratings(make):
     m = make(np.random.default_rng(2))
     items = np.arange(20)
@@ -50,7 +59,7 @@ def test_fold_in_moves_predictions_toward_the_ratings(make):
     assert m.predict(vec, bias, items).mean() > before.mean() + 0.3
 
 
-@pytest.mark.parametrize("make", [dot_model, nn_model])
+@EVERY_KIND
 def test_folding_the_same_ratings_twice_gives_the_same_user(make):
     """Fold-in is a pure function of (prior, ratings): nothing accumulates between calls."""
     m = make(np.random.default_rng(3))
@@ -74,7 +83,7 @@ def test_nn_backward_matches_finite_differences():
     assert np.allclose(grad[0], numeric, atol=1e-4)
 
 
-@pytest.mark.parametrize("make", [dot_model, nn_model])
+@EVERY_KIND
 def test_ratings_that_cancel_leave_the_prior_exactly(make):
     """A changed rating changed back: the ratings are the ones the row learned, so the user must not
     move (Adam's full-size steps on a rounding-error gradient once moved the nn user by ~1e-5)."""
@@ -86,7 +95,7 @@ def test_ratings_that_cancel_leave_the_prior_exactly(make):
     assert np.array_equal(vec, prior) and np.float32(bias) == np.float32(0.1)
 
 
-@pytest.mark.parametrize("make", [dot_model, nn_model])
+@EVERY_KIND
 def test_fold_in_moves_a_user_alike_on_any_rating_scale(make):
     """The shrinkage follows the scale's width squared (ServingConfig.user_foldin): the same model on
     1..10 (every rating mapped a + s·r) moves a user by the same share of the scale as on 1..5."""
@@ -147,7 +156,7 @@ def test_many_items_solved_at_once_get_the_rows_each_gets_alone(make, at_once, m
     assert not np.allclose(vecs[1], priors[1], atol=1e-2)
 
 
-@pytest.mark.parametrize("make", [dot_model, nn_model])
+@EVERY_KIND
 def test_a_trained_users_fit_reaches_its_optimum_when_its_ratings_turn_round(make):
     """From a trained row whose ratings all turn round (r → 5.5 − r), the fit ends at a minimum of its
     objective (Σ (r − pred)² + reg |θ − θ0|² + 2 gᵀ(θ − θ0); through the nn's ReLUs a local one): a long
