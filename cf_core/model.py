@@ -1,7 +1,9 @@
 """One trained model version: what it is (item vocabulary, arrays, settings) and what it does.
 
 ``TrainedModel`` owns everything a version is: the item vocabulary (database ids; an item's inner
-index is its position and never leaves this object), the rating model's item side, the users it
+index is its position in ``item_ids``: its answers, ``recommend`` and ``similar_items``, name items by
+database id, while its array methods, ``scores``, ``predict`` and ``item_index``, work on positions, as
+the evaluation and the services' batch paths need), the rating model's item side, the users it
 was trained on, the questionnaire and bootstrap prior, the cold-start ranker whose user side is
 computed from what is known of a user, item statistics, and the serving settings. The database
 layer stores it (``to_arrays``/``from_arrays``, plain arrays only), the services serve it, and the
@@ -411,17 +413,29 @@ class TrainedModel:
         """A predicted rating's weight in a ranking score: per 1..5 star (``ServingConfig``)."""
         return 1.0 / width_ratio(self.scale_width)
 
-    def recommend(self, user: UserVector, exclude: np.ndarray, n: int = 10, by: str = "rank") -> np.ndarray:
-        """Inner indices of the user's top ``n`` items, ``exclude`` (inner indices, -1 ignored) left out."""
+    def recommend(self, user: UserVector, rated: np.ndarray, n: int = 10,
+                  by: str = "rank") -> tuple[np.ndarray, np.ndarray]:
+        """The user's top ``n`` items (database ids), the items they rated (``rated``, database ids; ones
+        this version does not hold ignored) left out, in the order ``by`` says (``"rank"``: ``scores``;
+        ``"rating"``: the predicted rating), and their predicted ratings."""
         s = (self.scores(user) if by == "rank" else self.predict(user)).astype(np.float64)
-        exclude = np.asarray(exclude, np.int64)
+        exclude = self.item_index(rated)
         s[exclude[exclude >= 0]] = -np.inf
-        return top_n(s, n)
+        top = top_n(s, n)
+        return self.item_ids[top], self.predict(user, top)
 
-    def similar_items(self, item: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Items ranked by cosine similarity of item factors to ``item`` (itself excluded). An item known
-        from its metadata alone has the item prior's factors, which lie closer to every other such item's
-        than to any learned item's: it is compared with every item's factors from its metadata instead."""
+    def similar_items(self, item_id: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` items (database ids) most like ``item_id`` (one this version holds: ``item_index``),
+        itself left out, by cosine similarity of item factors, and the similarities. An item known from its
+        metadata alone has the item prior's factors, which lie closer to every other such item's than to
+        any learned item's: it is compared with every item's factors from its metadata instead."""
+        item = int(self.item_index([item_id])[0])
+        if item < 0:
+            raise KeyError(f"item {item_id} is not in this version")
+        top, sims = self._similar_inner(item, n)
+        return self.item_ids[top], sims
+
+    def _similar_inner(self, item: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self.item_meta is None or self.item_prior is None or not self._from_metadata_alone([item])[0]:
             return self.rating.similar_items(item, n)
         from .meta_affinity import dense_rows

@@ -85,7 +85,7 @@ def _score_user(tallies: dict, conn, served, cat: Catalogue, baselines: dict, av
     (RMSE over items of the training catalogue ``train_items``, as §4b says)."""
     model = served.model
     vec, rated = user_vector(conn, served, store.user_id_of(conn, user))
-    exclude = np.concatenate([rated, cat.index(exclude_ext)])
+    exclude = np.concatenate([model.item_index(rated), cat.index(exclude_ext)])
     relevant = set(test.loc[test.rating >= RELEVANT, "item"])
     test_inner = cat.index(test["item"])
     known = (test_inner >= 0) & test["item"].isin(train_items).to_numpy()

@@ -175,7 +175,7 @@ class FastReader:
             if factors is not None:
                 versions.check_user_row(factors, served.model.rating.user_dims, root, uid)
             top, scores = self._compute(cur, served, uid, attrs, answer, bias, factors, n, by)
-            ids = json.dumps([int(i) for i in served.model.item_ids[top]])
+            ids = json.dumps([int(i) for i in top])
             titles = cur.execute("SELECT " + self.SQL_TITLES, {"ids": ids}).fetchone()[0]
         finally:
             cur.execute("COMMIT")
@@ -187,7 +187,7 @@ class FastReader:
         return _Cached(row[:-3] + (titles,), root, ids, body, row[-2] or 0, None)
 
     def _compute(self, cur, served, uid, attrs, answer, bias, factors, n: int, by: str):
-        """(top inner items, their predicted ratings): what ``serving.recommend`` computes."""
+        """(top items as database ids, their predicted ratings): what ``serving.recommend`` computes."""
         attrs = json.loads(attrs) if isinstance(attrs, str) else attrs
         try:
             rows = cur.execute(self.SQL_RATINGS, (uid,)).fetchall()
@@ -232,10 +232,7 @@ class FastReader:
         history = UserHistory(attrs or {}, items, ratings, newer=seq > served.root_seq, signup_items=signup,
                               trained_row=row_, learned_values=learned, asked=asked)
         model = served.model
-        vector = model.user_vector(history)
-        top = model.recommend(vector, model.item_index(history.items), n, by)
-        scores = model.predict(vector, top)
-        return top, scores
+        return model.recommend(model.user_vector(history), history.items, n, by)
 
     def _item_ids(self, cur, keys: list[str]) -> list[int]:
         gen = self.local.generation

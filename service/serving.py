@@ -13,8 +13,8 @@ from ..db.schema import Item, Rating
 from .state import Served, load_served, user_vector
 
 
-def _items_out(conn: Connection, served: Served, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
-    ids = served.model.item_ids[rows]
+def _items_out(conn: Connection, ids: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """Items (database ids) as answers give them: ``{"item", "title", "score"}``."""
     titles = store.item_titles(conn, ids)
     return [{"item": titles[int(i)][0], "title": titles[int(i)][1], "score": round(float(s), 4)}
             for i, s in zip(ids, scores)]
@@ -36,8 +36,8 @@ def recommend(conn: Connection, external_user: str, n: int = 10, by: str = "rank
     served = load_served(conn)
     uid = store.user_id_of(conn, external_user)
     user, rated = user_vector(conn, served, uid)
-    top = served.model.recommend(user, rated, n, by)
-    return {"user": str(external_user).strip(), "items": _items_out(conn, served, top, served.model.predict(user, top))}
+    top, predicted = served.model.recommend(user, rated, n, by)
+    return {"user": str(external_user).strip(), "items": _items_out(conn, top, predicted)}
 
 
 def user_ratings(conn: Connection, external_user: str, n: int = 20) -> dict:
@@ -179,12 +179,11 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
     check_top_n(n)
     served = load_served(conn)
     db_id = find_item(conn, query)
-    inner = int(served.model.item_index([db_id])[0])
-    if inner < 0:
+    if served.model.item_index([db_id])[0] < 0:
         raise CannotAnswerError(not_in_model(conn, served, db_id, query), field="item")
-    top, sims = served.model.similar_items(inner, n)
+    top, sims = served.model.similar_items(db_id, n)
     ext, title = store.item_titles(conn, [db_id])[db_id]
-    return {"item": ext, "title": title, "items": _items_out(conn, served, top, sims)}
+    return {"item": ext, "title": title, "items": _items_out(conn, top, sims)}
 
 
 def biases(conn: Connection, n: int = 10, min_ratings: int = 1) -> dict:
@@ -203,6 +202,7 @@ def biases(conn: Connection, n: int = 10, min_ratings: int = 1) -> dict:
     order = ok[np.argsort(b[ok], kind="stable")]
 
     def out(rows: np.ndarray) -> list[dict]:
-        return [dict(r, ratings=int(model.item_counts[k])) for r, k in zip(_items_out(conn, served, rows, b[rows]), rows)]
+        return [dict(r, ratings=int(model.item_counts[k]))
+                for r, k in zip(_items_out(conn, model.item_ids[rows], b[rows]), rows)]
 
     return {"lowest": out(order[:n]), "highest": out(order[::-1][:n])}

@@ -140,7 +140,7 @@ def learned_values(items: np.ndarray, seq: np.ndarray, prev_rating: np.ndarray, 
 
 
 def user_vector(conn: Connection, served: Served, user_id: int) -> tuple[UserVector, np.ndarray]:
-    """The user's representation now (every stored rating counts at once), and the inner indices of
-    the items they rated."""
+    """The user's representation now (every stored rating counts at once), and the items they rated
+    (database ids)."""
     history = user_history(conn, served, user_id)
-    return served.model.user_vector(history), served.model.item_index(history.items)
+    return served.model.user_vector(history), np.asarray(history.items, np.int64)
