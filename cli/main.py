@@ -523,43 +523,13 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     """Predicted rating for each user,item row of a CSV (an item by id or exact title); prints CSV
     user,item,prediction, the item by its id (--json: with its title)."""
     import csv
-    import io
 
     from ..cf_core.errors import InputError
-    from ..db.textfile import check_unique_columns, read_text
+    from ..db.sources import read_pairs_csv
     from ..service.serving import predictions_table
 
     src = str(pairs_file)
-    text = read_text(pairs_file).lstrip("\ufeff")
-    if not text.strip():
-        raise InputError("empty file (expected a header user,item)", source=src, line=1)
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)  # ("ab"cd: refused)
-    pairs, lines, start = [], [], 1  # start: the line the record being read starts on
-    try:
-        header = [h.strip() for h in next(reader)]
-        missing = [c for c in ("user", "item") if c not in header]
-        if missing:  # (before duplicates: a file without its header, "1,1" first, is missing one, not repeating one)
-            raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'}",
-                             source=src, line=1, field=missing[0])
-        check_unique_columns(header, pairs_file, 1)
-        cols = {c: header.index(c) for c in ("user", "item")}
-        start = reader.line_num + 1
-        for row in reader:
-            line, start = start, reader.line_num + 1
-            if not any(f.strip() for f in row):
-                continue
-            if len(row) != len(header):
-                raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=line)
-            pair = tuple(row[cols[c]].strip() for c in ("user", "item"))
-            for c, v in zip(("user", "item"), pair):
-                if not v:
-                    raise InputError("empty id", source=src, line=line, field=c)
-            pairs.append(pair)
-            lines.append(line)
-    except csv.Error as e:
-        raise InputError(f"malformed CSV in the record that starts here ({e})", source=src, line=start) from None
-    if not pairs:
-        raise InputError("no user,item rows after the header", source=src, line=2)
+    pairs, lines = read_pairs_csv(pairs_file)
     try:
         with ctx.engine.connect() as conn:
             table = predictions_table(conn, pairs)

@@ -251,10 +251,10 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     return out
 
 
-def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """(header, [(line, stripped fields)]) of a CSV with one row per ``key``; every problem (empty
-    file, missing/unnamed/duplicate column, wrong field count, empty or duplicate key, no rows) is an
-    ``InputError`` naming file, line and field."""
+def csv_records(path: Path, required: tuple[str, ...], what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line, stripped fields)]) of a CSV whose header names ``required`` columns (blank lines
+    skipped, before the header too); every problem (empty file, missing/unnamed/duplicate column, wrong
+    field count, no ``what``s after the header) is an ``InputError`` naming file, line and field."""
     src = str(path)
     text = read_text(path).lstrip("\ufeff")
     if not text.strip():
@@ -268,9 +268,10 @@ def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[
         if header is None:
             raise InputError("empty file", source=src, line=1)
         at = reader.line_num
-        if key not in header:
-            raise InputError(f"missing column(s) {key}; header has {', '.join(header) or 'nothing'}",
-                             source=src, line=at, field=key)
+        missing = [c for c in required if c not in header]
+        if missing:  # (before duplicates: a file without its header, "1,1" first, is missing one, not repeating one)
+            raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'}",
+                             source=src, line=at, field=missing[0])
         for k, name in enumerate(header):
             if not name:
                 raise InputError(f"column {k + 1} has no name", source=src, line=at)
@@ -287,6 +288,26 @@ def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[
         raise InputError(f"malformed CSV in the record that starts here ({e})", source=src, line=start) from None
     if not rows:
         raise InputError(f"no {what}s after the header", source=src, line=2)
+    return header, rows
+
+
+def read_pairs_csv(path: Path) -> tuple[list[tuple[str, str]], list[int]]:
+    """The (user, item) rows of a CSV with a header naming ``user`` and ``item`` (`cfb predict --pairs`),
+    and the line each is on; problems as ``csv_records`` says them, an empty id too."""
+    header, rows = csv_records(Path(path), ("user", "item"), "user,item row")
+    cols = [header.index("user"), header.index("item")]
+    for n, row in rows:
+        for name, k in zip(("user", "item"), cols):
+            if not row[k]:
+                raise InputError("empty id", source=str(path), line=n, field=name)
+    return [(row[cols[0]], row[cols[1]]) for _, row in rows], [n for n, _ in rows]
+
+
+def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """``csv_records`` of a CSV with one row per ``key``: an empty or duplicate key is an ``InputError``
+    naming file, line and field too."""
+    src = str(path)
+    header, rows = csv_records(path, (key,), what)
     k, seen = header.index(key), {}
     for n, row in rows:
         if not row[k]:

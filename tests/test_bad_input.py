@@ -252,6 +252,7 @@ def test_numeric_arguments_are_range_checked(trained_db, args, expected):
     ("", ["line 1", "empty file"]),
     ("\n\n", ["line 1", "empty file"]),
     ("user,item\n", ["no user,item rows"]),
+    ("\nuser,item\nx0,a1\n", ["line 3", "unknown user"]),  # (a blank line before the header, as every reader skips)
     ("user,item\na0\n", ["line 2", "expected 2 fields"]),
     ("user,item\na0,a1\n,a2\n", ["line 3", "field 'user'", "empty id"]),
     ("user,item\na0,a1\nghost,a2\n", ["line 3", "unknown user"]),
