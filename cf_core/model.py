@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..bootstrap.regressor import Bootstrap
 from .data import damped_means
 from .linear import ridge_solve
-from .rating import FoldInConfig, most_similar, rating_model_from_arrays
+from .rating import DotRating, FoldInConfig, NNRating, most_similar, rating_model_from_arrays
 from .scoring import top_n
+
+if TYPE_CHECKING:  # (types only: the ranker and the item prior are imported where a version is loaded)
+    from .feature_model import FeatureUserModel
+    from .item_prior import ItemPrior
 
 
 @dataclass(frozen=True)
@@ -169,13 +174,13 @@ class UserVector:
 class TrainedModel:
     kind: str  # the rating model: "dot" | "nn"
     item_ids: np.ndarray  # vocabulary: database id of each inner item index
-    rating: object  # DotRating | NNRating
+    rating: DotRating | NNRating  # the rating model's item side
     bootstrap: Bootstrap  # questionnaire + answers -> initial rating embedding and bias
     item_counts: np.ndarray  # training ratings per item
     item_sums: np.ndarray  # their sum
     config: ServingConfig = field(default_factory=ServingConfig)
-    ranker: object | None = None  # FeatureUserModel: the cold-start ranker (user side computed from features)
-    item_prior: object | None = None  # ItemPrior: a new item's rows from its metadata
+    ranker: FeatureUserModel | None = None  # the cold-start ranker (user side computed from features)
+    item_prior: ItemPrior | None = None  # a new item's rows from its metadata
     user_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # trained users (db ids)
     user_factors: np.ndarray | None = None  # their rows, aligned with user_ids
     user_bias: np.ndarray | None = None

@@ -525,7 +525,7 @@ def predict(ctx: Ctx, pairs_file: Path, as_json: bool) -> None:
     import csv
 
     from ..cf_core.errors import InputError
-    from ..db.sources import read_pairs_csv
+    from ..db.textfile import read_pairs_csv
     from ..service.serving import predictions_table
 
     src = str(pairs_file)

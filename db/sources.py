@@ -18,7 +18,8 @@ import pandas as pd
 
 from ..cf_core.errors import InputError
 from .store import FLOAT32_MAX, STEP_TOLERANCE, rating_problem, scale_slack, shown_id
-from .textfile import check_unique_columns, header_names, read_text, text_lines, without_trailing_blank_lines
+from .textfile import (check_unique_columns, csv_records, header_names, read_text, text_lines,
+                       without_trailing_blank_lines)
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -249,58 +250,6 @@ def read_ratings_csv(path: Path, user_col: str = "user", item_col: str = "item",
     else:
         out["timestamp"] = None
     return out
-
-
-def csv_records(path: Path, required: tuple[str, ...], what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """(header, [(line, stripped fields)]) of a CSV whose header names ``required`` columns (blank lines
-    skipped, before the header too); every problem (empty file, missing/unnamed/duplicate column, wrong
-    field count, no ``what``s after the header) is an ``InputError`` naming file, line and field."""
-    src = str(path)
-    text = read_text(path).lstrip("\ufeff")
-    if not text.strip():
-        raise InputError("empty file", source=src, line=1)
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
-    rows: list[tuple[int, list[str]]] = []
-    start = 1  # the line the record being read starts on (a quoted field may hold line breaks)
-    try:
-        # the header: the first row with a field (blank lines before it are skipped, as in a ratings file)
-        header = next(([h.strip() for h in row] for row in reader if any(f.strip() for f in row)), None)
-        if header is None:
-            raise InputError("empty file", source=src, line=1)
-        at = reader.line_num
-        missing = [c for c in required if c not in header]
-        if missing:  # (before duplicates: a file without its header, "1,1" first, is missing one, not repeating one)
-            raise InputError(f"missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'}",
-                             source=src, line=at, field=missing[0])
-        for k, name in enumerate(header):
-            if not name:
-                raise InputError(f"column {k + 1} has no name", source=src, line=at)
-            if name in header[:k]:
-                raise InputError("duplicate column", source=src, line=at, field=name)
-        start = reader.line_num + 1
-        for row in reader:
-            if any(f.strip() for f in row):
-                if len(row) != len(header):
-                    raise InputError(f"expected {len(header)} fields, found {len(row)}", source=src, line=start)
-                rows.append((start, [f.strip() for f in row]))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise InputError(f"malformed CSV in the record that starts here ({e})", source=src, line=start) from None
-    if not rows:
-        raise InputError(f"no {what}s after the header", source=src, line=2)
-    return header, rows
-
-
-def read_pairs_csv(path: Path) -> tuple[list[tuple[str, str]], list[int]]:
-    """The (user, item) rows of a CSV with a header naming ``user`` and ``item`` (`cfb predict --pairs`),
-    and the line each is on; problems as ``csv_records`` says them, an empty id too."""
-    header, rows = csv_records(Path(path), ("user", "item"), "user,item row")
-    cols = [header.index("user"), header.index("item")]
-    for n, row in rows:
-        for name, k in zip(("user", "item"), cols):
-            if not row[k]:
-                raise InputError("empty id", source=str(path), line=n, field=name)
-    return [(row[cols[0]], row[cols[1]]) for _, row in rows], [n for n, _ in rows]
 
 
 def _keyed_rows(path: Path, key: str, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:

@@ -463,11 +463,12 @@ def user_id_of(conn: Connection, external_id: str) -> int:
 
 def ratings_newest_first(conn: Connection, user_id: int, limit: int) -> tuple[list[dict], int]:
     """A user's latest ``limit`` ratings, newest (last written) first, as ``{"item", "title", "rating"}``
-    (the item's external id), and how many ratings they have."""
+    (the item's external id; the rating as it was typed, ``as_typed``: 0.3, not its float32 0.30000001),
+    and how many ratings they have."""
     rows = conn.execute(select(Item.external_id, Item.title, Rating.rating).join(Item, Item.id == Rating.item_id)
                         .where(Rating.user_id == user_id).order_by(Rating.seq.desc(), Item.id).limit(limit)).all()
     count = conn.scalar(select(func.count()).select_from(Rating).where(Rating.user_id == user_id))
-    return [{"item": ext, "title": title, "rating": float(r)} for ext, title, r in rows], int(count)
+    return [{"item": ext, "title": title, "rating": float(as_typed(r))} for ext, title, r in rows], int(count)
 
 
 def item_titles(conn: Connection, item_ids) -> dict[int, tuple[str, str | None]]:

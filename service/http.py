@@ -689,10 +689,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         scale, step = store.rating_scale_and_step(conn)
         return rating_choices(scale or (1.0, 5.0), step)
 
-    def _rating_select(scale: list[float], name: str, entry: dict, blank: str) -> str:
-        """The rating control of an item (``entry``: its "item" and "title"), named after the item."""
+    def _rating_select(scale: list[float], name: str, entry: dict, blank: str, chosen: float | None = None) -> str:
+        """The rating control of an item (``entry``: its "item" and "title"), named after the item, showing
+        ``chosen`` (a value the choices lack, 3.5 on a scale of whole stars, is added to them)."""
+        values = scale if chosen is None or chosen in scale else sorted([*scale, chosen])
         opts = [f"<option value=''>{escape(blank)}</option>"]
-        opts += [f"<option value='{v:g}'>{v:g}</option>" for v in scale]
+        opts += [f"<option value='{v:g}'{' selected' if v == chosen else ''}>{v:g}</option>" for v in values]
         return (f"<select name='{escape(name)}' data-item='{escape(str(entry['item']))}' "
                 f"aria-label='rating for {_name(entry)}'>{''.join(opts)}</select>")
 
@@ -759,10 +761,8 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     def _rated_row(it: dict, scale: list[float]) -> str:
         """A rating given, its list showing the value (choose another, then Change, to change it)."""
-        chosen = _rating_select(scale, "rate", it, "rate…").replace(
-            f"<option value='{it['rating']:g}'>", f"<option value='{it['rating']:g}' selected>", 1)
         return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{item_href(it['item'])}'>"
-                f"{_name(it)}</a> {chosen} "
+                f"{_name(it)}</a> {_rating_select(scale, 'rate', it, 'rate…', it['rating'])} "
                 f"<button type='button' class='rate' aria-label='change the rating of {_name(it)}'>Change</button></li>")
 
     @page("/item/{item:id}")

@@ -1500,10 +1500,12 @@ def test_pages_say_what_an_empty_part_means(server):
 
 def test_a_users_ratings_newest_first(server, trained):
     """GET /users/{user}/ratings: the latest n ratings, newest first, with the count of all of them."""
-    assert server.post("/users/a0/ratings", json={"item": "b21", "rating": 3}).status_code == 201  # (a Beta: 1 or 2)
-    out = server.get("/users/a0/ratings?n=2").json()
-    assert out["user"] == "a0" and out["ratings"][0] == {"item": "b21", "title": "Beta film 21", "rating": 3.0}
-    assert len(out["ratings"]) == 2 and out["count"] >= 24
+    assert server.post("/users/a0/ratings", json={"item": "b21", "rating": 3.7}).status_code == 201
+    assert server.post("/users/a0/ratings", json={"item": "b22", "rating": 3.3}).status_code == 201
+    out = server.get("/users/a0/ratings?n=3").json()
+    assert out["user"] == "a0" and out["ratings"][:2] == [  # newest first, as typed (not the float32 3.2999999)
+        {"item": "b22", "title": "Beta film 22", "rating": 3.3}, {"item": "b21", "title": "Beta film 21", "rating": 3.7}]
+    assert len(out["ratings"]) == 3 and out["count"] == len(server.get("/users/a0/ratings?n=100").json()["ratings"])
     assert server.get("/users/nobody/ratings").status_code == 404
     assert server.get("/users/a0/ratings?n=0").status_code == 422
     assert "get" in server.get("/openapi.json").json()["paths"]["/users/{user}/ratings"]

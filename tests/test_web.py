@@ -303,6 +303,7 @@ def test_a_list_shown_again_from_history_is_fetched_afresh(trained, db_url, brow
         browser.back()
         wait.until(lambda d: "/user/a0" in d.current_url)
         wait.until(lambda d: len(rec_items(d)) == 10 and top not in rec_items(d))
+        assert browser.find_element(By.ID, "recs").get_attribute("data-updated")  # (redrawn by the page itself)
 
 
 def test_a_failed_signup_marks_its_field_and_takes_the_focus(trained, db_url, browser):
@@ -339,9 +340,16 @@ def test_one_signup_per_press_and_a_finished_one_is_not_sent_again_from_history(
     with running_server(db_url) as base:
         browser.get(base + "/?budget=5")
         Select(browser.find_element(By.CSS_SELECTOR, "select[data-attr='gender']")).select_by_visible_text("F")
-        browser.execute_script("var f = document.getElementById('signup'); f.requestSubmit(); f.requestSubmit();")
+        sent = browser.execute_script("""
+            var fetched = window.fetch, sent = 0;
+            window.fetch = function (url, opts) {
+              if (opts && opts.method === "POST") { sent += 1; }
+              return fetched(url, opts);
+            };
+            var f = document.getElementById('signup'); f.requestSubmit(); f.requestSubmit();
+            return sent;""")
+        assert sent == 1  # (both submits are handled before the script returns: the second sent nothing)
         wait.until(lambda d: "/user/" in d.current_url and len(rec_items(d)) == 10)
-        time.sleep(0.5)  # (a second POST, had one gone, is answered by now)
         with engine.connect() as conn:
             assert conn.scalar(text(count)) == before + 1
         browser.back()
@@ -419,10 +427,14 @@ def test_a_user_sees_and_changes_the_ratings_they_gave(trained, db_url, browser)
         return d.execute_script("return [...document.querySelectorAll('#my-ratings > li')].map("
                                 "li => [li.dataset.item, li.querySelector('select').value])")
 
+    from cfb.service.ratings import rate_item
+
+    rate_item(engine, "a0", "b21", 3.7)  # (a value the page's whole-star choices lack: shown all the same)
     with running_server(db_url) as base:
         browser.get(base + "/user/a0")
         wait.until(lambda d: len(rec_items(d)) == 10)
         first = given(browser)
+        assert first[0] == ["b21", "3.7"]
         assert len(first) == 20 and browser.find_element(By.ID, "ratings-count").text.startswith("24 in all")
         item, value = first[-1]
         changed = "1" if value != "1" else "5"
@@ -434,6 +446,7 @@ def test_a_user_sees_and_changes_the_ratings_they_gave(trained, db_url, browser)
         Select(browser.find_element(By.CSS_SELECTOR, "#recs > li select")).select_by_value("4")
         browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
         wait.until(lambda d: given(d)[:2] == [[top, "4"], [item, changed]])
+        assert given(browser)[2] == ["b21", "3.7"]  # (drawn by the page's script too)
         assert browser.find_element(By.ID, "ratings-count").text.startswith("25 in all")
     with engine.connect() as conn:
         stored = dict(conn.execute(text("SELECT i.external_id, r.rating FROM ratings r JOIN users u ON u.id = r.user_id "

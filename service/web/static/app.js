@@ -105,7 +105,7 @@
       sending = true;
       api("POST", "/users", entry).then(function (out) {
         remembered(out.user);
-        try { sessionStorage.setItem("cfbSignedUp", out.user); } catch (e) { /* (storage off) */ }
+        signup.reset();  // (done: Back brings the form back empty, not filled in to be sent again)
         window.location.href = "/user/" + encodeURIComponent(out.user);
       }).catch(function (e) {
         sending = false;
@@ -122,18 +122,10 @@
         }
       });
     });
-    // Back from the recommendations: the browser may restore this page as it was left, mid-submit, and
-    // filled in as it was sent: that sign-up is done, so the form starts afresh (a second press would
-    // quietly make a second user)
+    // Back from the recommendations: the browser may restore this page as it was left, mid-submit
     window.addEventListener("pageshow", function () {
       sending = false;
       document.getElementById("signup-submit").disabled = false;
-      var done = null;
-      try { done = sessionStorage.getItem("cfbSignedUp"); sessionStorage.removeItem("cfbSignedUp"); } catch (e) { /* */ }
-      if (done) {
-        signup.reset();
-        document.getElementById("signup-error").textContent = "";
-      }
     });
   }
 
@@ -163,6 +155,19 @@
       });
       return sel;
     };
+    // ``sel`` showing ``value`` (a value its choices lack, 3.5 on a scale of whole stars, is added in order)
+    var choose = function (sel, value) {
+      if (value !== "" && !Array.prototype.some.call(sel.options, function (o) { return o.value === value; })) {
+        var o = document.createElement("option"), after = null;
+        o.value = value;
+        o.textContent = value;
+        Array.prototype.forEach.call(sel.options, function (x) {
+          if (x.value !== "" && Number(x.value) < Number(value)) { after = x; }
+        });
+        sel.insertBefore(o, after ? after.nextSibling : sel.options[1] || null);
+      }
+      sel.value = value;
+    };
 
     // a row of a list: the item's link, [its score,] its rating list (showing ``chosen``) and a button
     var row = function (it, score, chosen, buttonText, buttonLabel) {
@@ -180,7 +185,7 @@
         li.append(shown, " ");
       }
       var sel = ratingSelect(it);
-      sel.value = chosen;
+      choose(sel, chosen);
       var button = document.createElement("button");
       button.type = "button";
       button.className = "rate";
@@ -189,15 +194,20 @@
       li.append(sel, " ", button);
       return li;
     };
-    // a list drawn again: a keyboard user goes on where they were, at the control at the same place
+    // a list drawn again: a keyboard user goes on where they were, at the same control of the same item
+    // (a rating changed moves to the top of the ratings given), else of the row at the same place
     var redrawList = function (list, rows) {
-      var focused = document.activeElement, at = -1, kind = "select";
+      var focused = document.activeElement, at = -1, kind = "select", item = null;
       if (focused && list.contains(focused)) {
-        at = Array.prototype.indexOf.call(list.children, focused.closest("li"));
+        var li = focused.closest("li");
+        at = Array.prototype.indexOf.call(list.children, li);
+        item = li.dataset.item;
         kind = focused.tagName === "BUTTON" ? "button" : "select";
       }
       list.replaceChildren.apply(list, rows);
-      if (at >= 0 && rows.length) { rows[Math.min(at, rows.length - 1)].querySelector(kind).focus(); }
+      if (at < 0 || !rows.length) { return; }
+      var same = rows.filter(function (r) { return r.dataset.item === item; })[0];
+      (same || rows[Math.min(at, rows.length - 1)]).querySelector(kind).focus();
     };
     var render = function (items) {
       redrawList(recs, items.map(function (it) { return row(it, Number(it.score).toFixed(2), "", "Rate", "rate"); }));
@@ -245,9 +255,11 @@
             statusShown = mine;
             status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
           }
-          return Promise.all([redraw(mine), redrawRatings(mine)]);
-        })
-        .catch(function (e) {
+          // (stored: a list that then fails to load says so, and the rating stays said as stored)
+          return Promise.all([redraw(mine), redrawRatings(mine)]).catch(function (e) {
+            error.textContent = "Stored; the lists could not be updated: " + pageMessage(e);
+          });
+        }, function (e) {
           if (mine >= statusShown) { status.textContent = ""; }  // (an older "Rated …" is not this rating's)
           error.textContent = pageMessage(e);
         });
