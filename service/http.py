@@ -80,7 +80,9 @@ register_url_convertor("id", IdConvertor())  # (the routes below name it: ``{use
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "string", "description": "the problem, one line"},
-    "field": {"type": "string", "description": "the parameter or body field at fault, where there is one"}}}
+    "field": {"type": "string", "description": "the parameter or body field at fault, where there is one"},
+    "suggestions": {"type": "array", "items": {"type": "string"},
+                    "description": "an unknown item's close titles, where there are some"}}}
 
 
 COMMON_ERRORS = {  # error answers any route may give, for the OpenAPI schema
@@ -301,11 +303,15 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return app.get(path, **kwargs)(endpoint)
         return register
 
-    def error_page(message: str, status: int, headers: dict | None = None) -> HTMLResponse:
-        """A web page's error: its one-line message (escaped) and a link back, with the API's status."""
+    def error_page(message: str, status: int, headers: dict | None = None,
+                   suggestions: list[str] | None = None) -> HTMLResponse:
+        """A web page's error: its one-line message (escaped), an unknown item's close titles as links to
+        them, and a link back, with the API's status."""
         heading = error_heading(status)
+        links = "".join(f"<li><a href='{item_href(t)}'>{escape(t)}</a></li>" for t in suggestions or [])
         body = (f"<h1>{heading}</h1><p class='error' role='alert'>{escape(message)}</p>"
-                f"<p><a id='back' href='/'>Back to the start page</a></p>")
+                + (f"<p>Did you mean:</p><ul id='suggestions'>{links}</ul>" if links else "") +
+                "<p><a id='back' href='/'>Back to the start page</a></p>")
         page_ = _page(f"cfb: {heading.lower()}", body, token is not None)
         page_.status_code = status
         page_.headers.update(headers or {})
@@ -321,7 +327,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return error_response(e)
         if isinstance(e, ApiError):
             return error_page(e.message, e.status, e.headers)
-        return error_page(str(e), error_status(e))
+        return error_page(str(e), error_status(e), suggestions=getattr(e, "suggestions", None))
 
     @app.exception_handler(ApiError)
     @app.exception_handler(CfbError)

@@ -40,7 +40,8 @@ def error_status(e: CfbError) -> int:
 
 
 def error_response(e: ApiError | CfbError) -> Response:
-    """An error's answer: ``{"error": message[, "field": name]}`` with its HTTP status."""
+    """An error's answer: ``{"error": message[, "field": name][, "suggestions": [title, ...]]}`` (an unknown
+    item's close titles) with its HTTP status."""
     if isinstance(e, ApiError):
         body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
     else:
@@ -48,6 +49,8 @@ def error_response(e: ApiError | CfbError) -> Response:
         field = e.field
     if field:
         body["field"] = field
+    if getattr(e, "suggestions", None):
+        body["suggestions"] = list(e.suggestions)
     return json_response(body, status, headers)
 
 

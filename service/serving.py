@@ -118,7 +118,7 @@ def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> st
     rated = conn.scalar(select(Rating.item_id).where(Rating.item_id == db_id).limit(1)) is not None
     has_metadata = bool(store.item_attributes(conn, [db_id]).get(db_id))
     if rated or (served.model.item_prior is not None and has_metadata):
-        return f"item {query!r} is not in the serving model yet (run `cfb retrain`)"
+        return f"item {query!r} is not in the serving model yet: it joins at the next retrain (`cfb retrain`)"
     why = ("the serving version has no item prior to start it from its metadata" if has_metadata
            else "it has no rating and no metadata to start it from")
     return f"item {query!r} is not in the serving model yet: {why}, so it joins at the first `cfb retrain` after it is rated"
@@ -148,8 +148,10 @@ def find_item(conn: Connection, query: str) -> int:
         raise argument_error("empty item id", "item")
     hit = _item_by_id_or_title(conn, query)
     if hit is None:
-        raise UnknownIdError(f"unknown item {store.shown_id(query)}{title_hint(query, store.item_title_list(conn))}",
-                             field="item")
+        close = close_titles(query, store.item_title_list(conn))
+        error = UnknownIdError(f"unknown item {store.shown_id(query)}{hint_of(close)}", field="item")
+        error.suggestions = close  # (a web page links them; the API lists them)
+        raise error
     return hit
 
 
@@ -157,11 +159,21 @@ HINT_ALL_TITLES = 5_000  # up to this many titles a hint compares the query with
 
 
 def title_hint(query: str, titles) -> str:  # noqa: ANN001
-    """"; did you mean: …?" with up to five titles close to ``query`` (else containing it), or "".
-    In a catalogue of more than ``HINT_ALL_TITLES`` titles only those sharing a word of three letters
-    or more with ``query`` are compared (difflib costs about 10 µs a title: 60,000 took 0.6–2.5 s)."""
+    """"; did you mean: …?" with up to five titles close to ``query`` (``close_titles``), or ""."""
+    return hint_of(close_titles(query, titles))
+
+
+def hint_of(close: list[str]) -> str:
+    """"; did you mean: …?" naming ``close`` (titles), or "" for none."""
+    return f"; did you mean: {'; '.join(printable(t) for t in close)}?" if close else ""  # (a title may hold a line break)
+
+
+def close_titles(query: str, titles) -> list[str]:  # noqa: ANN001
+    """Up to five titles close to ``query`` (else containing it). In a catalogue of more than
+    ``HINT_ALL_TITLES`` titles only those sharing a word of three letters or more with ``query`` are
+    compared (difflib costs about 10 µs a title: 60,000 took 0.6–2.5 s)."""
     if len(query) > store.MAX_ID_LENGTH:  # (no title is compared with a page of text)
-        return ""
+        return []
     titles = list(titles)
     candidates = titles
     if len(titles) > HINT_ALL_TITLES:
@@ -171,7 +183,7 @@ def title_hint(query: str, titles) -> str:  # noqa: ANN001
     if not close:
         low = query.lower()
         close = [t for t in titles if low in t.lower()][:5]
-    return f"; did you mean: {'; '.join(printable(t) for t in close)}?" if close else ""  # (a title may hold a line break)
+    return close
 
 
 def similar(conn: Connection, query: str, n: int = 10) -> dict:

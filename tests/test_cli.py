@@ -554,7 +554,7 @@ def test_an_item_the_model_lacks_says_what_adds_it(runner, cli_db, tmp_path):
     assert res.exit_code == 1 and "it has no rating and no metadata to start it from" in res.output
     assert run(runner, cli_db, "rate", "a0", "zed", "4").exit_code == 0
     res = run(runner, cli_db, "similar", "zed")
-    assert res.exit_code == 1 and "is not in the serving model yet (run `cfb retrain`)" in res.output
+    assert res.exit_code == 1 and "is not in the serving model yet: it joins at the next retrain (`cfb retrain`)" in res.output
     assert json.loads(run(runner, cli_db, "retrain", "--json").stdout)["items_added"] == 1
     assert run(runner, cli_db, "similar", "zed").exit_code == 0
 

@@ -1154,7 +1154,7 @@ def test_an_unknown_items_hint_is_found_outside_the_write_lock(trained, monkeypa
     for it."""
     import sqlite3
 
-    from cfb.service import onboard, serving
+    from cfb.service import serving
     from cfb.service.signup import signup_one
     from cfb.service.ratings import rate_item
 
@@ -1171,11 +1171,10 @@ def test_an_unknown_items_hint_is_found_outside_the_write_lock(trained, monkeypa
             locked.append(True)
         finally:
             probe.close()
-        return real_hint(query, titles)
+        return real_close(query, titles)
 
-    real_hint = serving.title_hint
-    monkeypatch.setattr(serving, "title_hint", hint_noting_the_lock)
-    monkeypatch.setattr(onboard, "title_hint", hint_noting_the_lock)
+    real_close = serving.close_titles  # (what a sign-up's and a rating's hints both call)
+    monkeypatch.setattr(serving, "close_titles", hint_noting_the_lock)
     with pytest.raises(InputError, match="field 'ratings.Alpha flim 1': unknown item; did you mean: Alpha film 1"):
         signup_one(engine, {"ratings": {"Alpha flim 1": 5}})
     with pytest.raises(CfbError, match="unknown item 'Alpha flim 1'; did you mean: Alpha film 1"):
@@ -1509,3 +1508,25 @@ def test_a_users_ratings_newest_first(server, trained):
     assert server.get("/users/nobody/ratings").status_code == 404
     assert server.get("/users/a0/ratings?n=0").status_code == 422
     assert "get" in server.get("/openapi.json").json()["paths"]["/users/{user}/ratings"]
+
+
+def test_an_unknown_items_close_titles_are_listed_and_linked(server, trained):
+    """A near-miss title: the API lists the close titles beside its message, and a page links each to its
+    item (they were text inside the message, to be copied by hand)."""
+    import pandas as pd
+
+    from cfb.service.ingest import upsert_items
+
+    engine, _ = trained
+    upsert_items(engine, pd.DataFrame({"item": ["x9"], "title": [f"Alpha film 1 {XSS}"], "attributes": [{}]}))
+    r = server.get("/items/Alpha flim 1/similar")
+    assert r.status_code == 404 and r.json()["suggestions"][0] == "Alpha film 1"
+    assert r.json()["error"].startswith("unknown item 'Alpha flim 1'; did you mean: Alpha film 1")
+    assert "suggestions" not in server.get("/items/zzzzzzzz/similar").json()  # (none close: no list)
+    page = server.get("/item/Alpha flim 1", headers={"Accept": "text/html"})
+    assert page.status_code == 404 and "<a href='/item/Alpha%20film%201'>Alpha film 1</a>" in page.text
+    page = server.get(f"/item/Alpha film 1 {XSS[:-1]}", headers={"Accept": "text/html"})  # (the title with markup)
+    assert page.status_code == 404 and XSS not in page.text
+    assert "<li><a href='/item/Alpha%20film%201%20%3Cscript%3Ealert%281%29%3C%2Fscript%3E'>Alpha film 1 " \
+           "&lt;script&gt;alert(1)&lt;/script&gt;</a></li>" in page.text  # (as text, its link quoted)
+    assert "suggestions" in server.get("/openapi.json").json()["components"]["schemas"]["Error"]["properties"]
