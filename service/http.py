@@ -429,7 +429,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 chunks.append(chunk)
         except ClientDisconnect:  # (nobody reads the answer; not a server error to log)
             raise ApiError(400, "request body: the client closed the connection before sending all of it") from None
-        from .onboard import load_answers_json, first_unreadable_value, json_problem
+        from .onboard import first_unreadable_value, json_problem, load_answers_json
 
         try:
             doc = load_answers_json(b"".join(chunks).decode("utf-8"))
