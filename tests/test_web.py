@@ -452,3 +452,36 @@ def test_a_user_sees_and_changes_the_ratings_they_gave(trained, db_url, browser)
         stored = dict(conn.execute(text("SELECT i.external_id, r.rating FROM ratings r JOIN users u ON u.id = r.user_id "
                                         "JOIN items i ON i.id = r.item_id WHERE u.external_id = 'a0'")).all())
     assert stored[item] == float(changed) and stored[top] == 4.0
+
+
+def test_a_stored_rating_stays_said_when_a_list_then_fails_to_load_and_focus_follows_its_item(trained, db_url,
+                                                                                              browser):
+    """The rating is stored, then the lists cannot be fetched: the page says it was stored (it cleared "Rated …"
+    and showed only the error, so a user would rate again). Changed from the ratings given with the keyboard,
+    the rating moves to the top and the focus goes with it (it stayed at the old place: another item's row)."""
+    from selenium.webdriver.common.keys import Keys
+
+    wait = WebDriverWait(browser, 20)
+    with running_server(db_url) as base:
+        browser.get(base + "/user/a0")
+        wait.until(lambda d: len(rec_items(d)) == 10)
+        rows = browser.find_elements(By.CSS_SELECTOR, "#my-ratings > li")
+        item, sel = rows[-1].get_attribute("data-item"), rows[-1].find_element(By.TAG_NAME, "select")
+        value = Select(sel).first_selected_option.get_attribute("value")
+        Select(sel).select_by_value("1" if value != "1" else "5")
+        sel.send_keys(Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#my-ratings > li").get_attribute("data-item") == item)
+        focused = browser.switch_to.active_element
+        assert focused.tag_name == "select" and focused.get_attribute("data-item") == item
+        browser.execute_script("""
+            var fetched = window.fetch;
+            window.fetch = function (url, opts) {
+              if (opts && opts.method === "GET") { return Promise.reject(new TypeError("Failed to fetch")); }
+              return fetched(url, opts);
+            };""")
+        Select(browser.find_element(By.CSS_SELECTOR, "#recs > li select")).select_by_value("4")
+        browser.find_element(By.CSS_SELECTOR, "#recs > li button.rate").click()
+        wait.until(lambda d: d.find_element(By.ID, "rate-error").text)
+        assert browser.find_element(By.ID, "rate-status").text.startswith("Rated ")
+        assert browser.find_element(By.ID, "rate-error").text.startswith(
+            "Stored; the lists could not be updated: The server cannot be reached")
