@@ -191,9 +191,10 @@ def similar(conn: Connection, query: str, n: int = 10) -> dict:
     check_top_n(n)
     served = load_served(conn)
     db_id = find_item(conn, query)
-    if served.model.item_index([db_id])[0] < 0:
-        raise CannotAnswerError(not_in_model(conn, served, db_id, query), field="item")
-    top, sims = served.model.similar_items(db_id, n)
+    try:
+        top, sims = served.model.similar_items(db_id, n)
+    except KeyError:  # (an item of the catalogue the serving version does not hold)
+        raise CannotAnswerError(not_in_model(conn, served, db_id, query), field="item") from None
     ext, title = store.item_titles(conn, [db_id])[db_id]
     return {"item": ext, "title": title, "items": _items_out(conn, top, sims)}
 

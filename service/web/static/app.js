@@ -21,9 +21,7 @@
   function api(method, url, body) {
     return fetch(url, { method: method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body) })
       .catch(function () {  // (no answer at all: the browser's own words, "Failed to fetch", say nothing)
-        var err = new Error("The server cannot be reached: check that it is running, then try again.");
-        err.unreachable = true;
-        throw err;
+        throw new Error("The server cannot be reached: check that it is running, then try again.");
       })
       .then(function (r) {
         return r.json().catch(function () { return {}; }).then(function (data) {
