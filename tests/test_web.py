@@ -470,7 +470,9 @@ def test_a_stored_rating_stays_said_when_a_list_then_fails_to_load_and_focus_fol
         value = Select(sel).first_selected_option.get_attribute("value")
         Select(sel).select_by_value("1" if value != "1" else "5")
         sel.send_keys(Keys.ENTER)
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#my-ratings > li").get_attribute("data-item") == item)
+        wait.until(lambda d: d.execute_script(  # (in one script: the lists may be redrawn between two calls)
+            "var li = document.querySelector('#my-ratings > li');"
+            "return li && document.getElementById('recs').dataset.updated && li.dataset.item") == item)
         focused = browser.switch_to.active_element
         assert focused.tag_name == "select" and focused.get_attribute("data-item") == item
         browser.execute_script("""
