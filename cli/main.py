@@ -876,7 +876,6 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
     """The cold-start protocol (docs/protocol.md) through the real pipeline in a temporary database.
 
     --data takes any folder `cfb ingest movielens` or `cfb ingest goodbooks` reads."""
-    from ..db.sources import read_goodbooks, read_movielens
     from ..evaluation.coldstart import no_fold_in_curve, run_protocol
     from ..evaluation.report import render
 
@@ -896,16 +895,9 @@ def eval_cold_start(data_dir: Path, seeds: str, budgets: str, fold_steps: str, k
             data_dir = download("movielens-100k", progress=download_bar("movielens-100k", quiet))
         except CfbError as e:
             raise _for_eval(e) from None
-    from ..cf_core.errors import InputError
-    from ..db.layouts import MOVIELENS_MARKERS, is_goodbooks
+    from ..db.layouts import release_reader
 
-    if not data_dir.is_dir():
-        raise InputError("folder not found" if not data_dir.exists() else "not a folder", source=str(data_dir))
-    read = read_goodbooks if is_goodbooks(data_dir) else read_movielens
-    if read is read_movielens and not any((data_dir / f).exists() for f, _ in MOVIELENS_MARKERS):
-        looked = ", ".join(f"{name} (MovieLens {what})" for name, what in MOVIELENS_MARKERS)
-        raise InputError(f"not a MovieLens or goodbooks folder: looked for {looked} and books.csv (goodbooks)",
-                         source=str(data_dir))
+    read = release_reader(data_dir)
     seed_list = _ints(seeds)
     log = None if quiet else (lambda message: click.echo(message, err=True))
     if log:

@@ -41,6 +41,7 @@ import csv
 import io
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,7 @@ def _read_csv_ratings(path: Path, header: list[str], user: str, item: str, ratin
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.ParserWarning, OverflowError):
         ok, df = False, None  # (a UnicodeDecodeError too: read_text below names its line)
     if not ok:
-        reader = csv.reader(io.StringIO(without_trailing_blank_lines(read_text(path)), newline=""))
+        reader = csv.reader(io.StringIO(without_trailing_blank_lines(read_text(path, csv_header=True)), newline=""))
         lines = []
         try:
             next(reader)
@@ -360,7 +361,7 @@ def _csv_rows(path: Path, required: list[str], listing: str | None = None) -> tu
     """Header and (line, fields) of a small CSV, checked for its column count (blank lines at its end
     left out); a record's line is the one it starts on (a quoted field may hold line breaks). A file
     ``listing`` something (its items) is refused when it has no row after its header."""
-    text = without_trailing_blank_lines(read_text(path).lstrip("\ufeff"))
+    text = without_trailing_blank_lines(read_text(path, csv_header=True).lstrip("\ufeff"))
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
     if not text_lines(text)[0].strip():
@@ -697,6 +698,22 @@ def csv_release_population(ratings: pd.DataFrame) -> str:
     mine = ratings[ratings["user"] == first]
     return (f"the MovieLens CSV release whose first user, {first}, rated {len(mine)} movies, first movie "
             f"{mine['item'].iloc[0]} at time {int(mine['timestamp'].iloc[0])}")
+
+
+def release_reader(folder: Path) -> Callable[[Path], Dataset]:
+    """The reader of the MovieLens or goodbooks release in ``folder`` (``read_goodbooks`` or
+    ``read_movielens``), recognised by its files; an ``InputError`` naming the folder when it holds
+    neither (the reader names what is wrong inside a release it takes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("folder not found" if not folder.exists() else "not a folder", source=str(folder))
+    if is_goodbooks(folder):
+        return read_goodbooks
+    if not any((folder / name).exists() for name, _ in MOVIELENS_MARKERS):
+        looked = ", ".join(f"{name} (MovieLens {what})" for name, what in MOVIELENS_MARKERS)
+        raise InputError(f"not a MovieLens or goodbooks folder: looked for {looked} and books.csv (goodbooks)",
+                         source=str(folder))
+    return read_movielens
 
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------

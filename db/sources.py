@@ -188,7 +188,7 @@ def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None
 
 def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
     """A CSV with a header, all columns as strings; missing columns are named."""
-    text = read_text(path)
+    text = read_text(path, csv_header=True)
     if not text.strip():
         raise InputError("empty file", source=str(path), line=1)
     at, first = next(((n, line) for n, line in enumerate(text_lines(text.lstrip("\ufeff")), start=1)

@@ -38,9 +38,10 @@ def reading(path: Path) -> Iterator[None]:
         raise InputError(f"cannot read ({e.strerror or e})", source=str(path)) from None
 
 
-def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """Whole file as text; a bad byte is reported with its line number. A file that starts with the UTF-8
-    byte order mark is read as UTF-8 without it, whatever ``encoding`` says."""
+def read_text(path: Path, encoding: str = "utf-8", csv_header: bool = False) -> str:
+    """Whole file as text; a bad byte is reported with its line number (and, in a CSV whose first line
+    is its header, ``csv_header``, the column it is in). A file that starts with the UTF-8 byte order
+    mark is read as UTF-8 without it, whatever ``encoding`` says."""
     path = require_file(path)
     with reading(path):
         data = path.read_bytes()
@@ -50,7 +51,24 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"not valid {encoding} text (byte 0x{data[e.start]:02x})", source=str(path), line=line) from None
+        raise InputError(f"not valid {encoding} text (byte 0x{data[e.start]:02x})", source=str(path), line=line,
+                         field=csv_column_at(data, e.start, encoding) if csv_header else None) from None
+
+
+def csv_column_at(data: bytes, pos: int, encoding: str) -> str | None:
+    """The name, in the header (the first non-blank line), of the CSV column that byte ``pos`` of
+    ``data`` falls in (everything before ``pos`` decodes); None on the header itself, past its last
+    column, or where the line does not parse (a quoted field over two lines)."""
+    start = data.rfind(b"\n", 0, pos) + 1
+    before = [ln for ln in data[:start].decode(encoding).splitlines() if ln.strip(BLANK)]
+    if not before:
+        return None
+    try:
+        header = [h.strip() for h in next(csv.reader([before[0]]))]
+        k = len(next(csv.reader([data[start:pos].decode(encoding) + "x"]), [""])) - 1  # (x: the field the byte is in)
+    except csv.Error:
+        return None
+    return header[k] if k < len(header) and header[k] else None
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -153,7 +171,7 @@ def csv_records(path: Path, required: tuple[str, ...], what: str) -> tuple[list[
     skipped, before the header too); every problem (empty file, missing/unnamed/duplicate column, wrong
     field count, no ``what``s after the header) is an ``InputError`` naming file, line and field."""
     src = str(path)
-    text = read_text(path).lstrip("\ufeff")
+    text = read_text(path, csv_header=True).lstrip("\ufeff")
     if not text.strip():
         raise InputError("empty file", source=src, line=1)
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)

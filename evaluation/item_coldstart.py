@@ -372,7 +372,7 @@ def table(block: dict) -> list[str]:
         r, d = block[m], (block.get("cfb_vs") or {}).get(m) or {}
         ndcg, diff = with_se(r["ndcg@10"], r.get("ndcg@10_se")), with_se(d.get("diff"), d.get("se"), signed=True)
         lines.append(f"{METHOD_NAMES[m]:<24}| {ndcg:<16}| {'' if m == 'cfb' else diff:<18}| {f(r['recall@10'])}| "
-                     f"{f(r['rmse'])}| {r['users']:g}")  # (a mean over seeds: 879.333)
+                     f"{f(r['rmse'])}| {r['users']}")
     return lines
 
 

@@ -114,9 +114,13 @@ def with_seed_errors(mean: dict, cells: list[dict], methods: tuple[str, ...],
                      previous: list[dict] | None = None) -> None:
     """Fill ``mean`` (a cell of ``combine_seeds``: a budget, a step, or §8's block) in place with its
     standard errors over seeds, from each seed's cell (``Tally.result`` per method, with ``per_user``):
+    ``users`` (the distinct users scored over the seeds) and ``users_per_seed`` per method,
     ``ndcg@10_se`` per method, ``cfb_vs`` per other method (paired), and with ``previous`` (each
     seed's cell of the step before) ``cfb_step``."""
     for m in methods:
+        scored = [c[m][PER_USER]["user"] for c in cells]
+        mean[m]["users"] = len({u for users in scored for u in users})  # (distinct: a user cold in two seeds is one)
+        mean[m]["users_per_seed"] = [len(users) for users in scored]
         mean[m]["ndcg@10_se"] = clustered_standard_error([(c[m][PER_USER]["user"], c[m][PER_USER]["ndcg@10"])
                                                           for c in cells])
         if m != "cfb" and mean.get("cfb_vs", {}).get(m) is not None:

@@ -774,6 +774,9 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @page("/item/{item:id}")
     def item_page(item: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         with engine.connect() as conn:
+            new = serving.item_not_in_model(conn, item)
+            if new is not None:  # (in the catalogue, not yet in a trained version: its page all the same)
+                return _page(f"cfb: {new.get('title') or new['item']}", _new_item_body(new), token is not None)
             out = serving.similar(conn, item, n)
         rows = "".join(f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
                        f"<span class='score'>{it['score']:.3f}</span></li>" for it in out["items"])
@@ -781,6 +784,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                 f"<h2>Similar items</h2><p class='small'>By the cosine similarity of their factors to this item's "
                 f"(1: the same direction, liked by the same people; 0: unrelated).</p><ol id='similar'>{rows}</ol>")
         return _page(f"cfb: {out.get('title') or out['item']}", body, token is not None)
+
+    def _new_item_body(new: dict) -> str:
+        when = "once someone has rated it" if new["waits_for_a_rating"] else "at the recommender's next update"
+        return (f"<h1 id='item-title'>{_name(new)}</h1><p class='small'>item {escape(str(new['item']))}</p>"
+                f"<h2>Similar items</h2><p id='not-yet'>This item is new to the recommender: its similar items, "
+                f"and its place in recommendations, come {when}.</p>")
 
     @page("/find")
     def find(user: str | None = None, item: str | None = None):

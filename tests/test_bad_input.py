@@ -171,7 +171,7 @@ def test_blank_lines_before_a_header_are_skipped_and_errors_name_the_headers_lin
     ("user,age,age\nn1,30,31\n", ["line 1", "duplicate column"]),
     ("user,age\n", ["no users"]),
     ("", ["line 1", "empty file"]),
-    (b"user,city\nn1,caf\xe9\n", ["line 2", "not valid utf-8"]),
+    (b"user,city\nn1,caf\xe9\n", ["line 2", "field 'city'", "not valid utf-8"]),
 ])
 def test_ingest_users_rejects(trained_db, body, expected):
     url, folder = trained_db
@@ -257,7 +257,7 @@ def test_numeric_arguments_are_range_checked(trained_db, args, expected):
     ("user,item\na0,a1\n,a2\n", ["line 3", "field 'user'", "empty id"]),
     ("user,item\na0,a1\nghost,a2\n", ["line 3", "unknown user"]),
     ("user,item\na0,zzz\n", ["line 2", "unknown item"]),
-    (b"user,item\na0,\xff\n", ["line 2", "not valid utf-8"]),
+    (b"user,item\na0,\xff\n", ["line 2", "field 'item'", "not valid utf-8"]),
     ('user,item\na0,"a"1\n', ["line 2", "malformed CSV"]),  # (it was read as item a1)
     ('user,item\na0,a1\n"two\nlines",a2\n', ["line 3", "unknown user 'two\\nlines'"]),  # (where it starts)
     ("user,item,user\na0,a1,b1\n", ["line 1", "field 'user'", "duplicate column"]),  # (it took the first)

@@ -377,6 +377,22 @@ def test_similar_names_the_item_it_cannot_answer_for(server, db_url, tmp_path):
         assert r.status_code == status and r.json()["field"] == "item" and r.json()["error"].startswith(said), r.text
 
 
+def test_the_page_of_an_item_not_in_the_model_yet_shows_it_in_a_readers_words(server, db_url, tmp_path):
+    """A new item's page (added to the catalogue, not yet in a trained version) is the item's page, with
+    its title and when similar items come, not a 409 error page quoting the operator's command."""
+    items = tmp_path / "items.csv"
+    items.write_text("item,title,genres\nx4,Gamma film,Drama\nx5,Delta film,\n")
+    assert CliRunner().invoke(cli, ["--db", db_url, "ingest", "items", str(items), "--quiet"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["--db", db_url, "rate", "a0", "x4", "4"]).exit_code == 0  # (rated: due)
+    for item, title, when in (("x4", "Gamma film", "at the recommender's next update"),
+                              ("x5", "Delta film", "once someone has rated it")):
+        page = server.get(f"/item/{item}", headers={"Accept": "text/html"})
+        assert page.status_code == 200, page.text
+        assert f"<h1 id='item-title'>{title}</h1>" in page.text and "id='not-yet'" in page.text
+        assert when in page.text and "cfb retrain" not in page.text and "serving model" not in page.text
+    assert server.get("/items/x4/similar").status_code == 409  # (the API still says it cannot answer)
+
+
 def test_an_error_status_follows_what_went_wrong_not_the_words_of_the_input(server, engine):
     """A sign-up naming an item "… is not in the serving model yet" or "unknown user …" is bad input
     (422), whatever its words; a rating of an unknown item is 404 and one off the scale 422, each

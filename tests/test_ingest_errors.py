@@ -92,8 +92,24 @@ def test_column_options_must_name_distinct_columns_that_are_there(tmp_path, colu
 def test_bad_encoding_names_the_line(tmp_path):
     path = tmp_path / "ratings.csv"
     path.write_bytes(b"user,item,rating\n1,2,4\n1,caf\xe9,5\n")
-    with pytest.raises(InputError, match=r"ratings.csv, line 3: not valid utf-8"):
+    with pytest.raises(InputError, match=r"ratings.csv, line 3, field 'item': not valid utf-8"):
         read_ratings_csv(path)
+
+
+@pytest.mark.parametrize("reader, body, field", [
+    (read_items_csv, b"item,title,genres\na1,Caf\xe9 Society,Drama\n", "title"),
+    (read_items_csv, b"\nitem,title,genres\na1,\"Caf\xe9, Society\",Drama\n", "title"),  # (a comma quoted before it)
+    (read_items_csv, b"item,title,genres\na1,Cafe,Dr\xe9ma\n", "genres"),
+    (read_users_csv, b"user,city\nn1,caf\xe9\n", "city"),
+])
+def test_a_bad_byte_in_a_csv_names_its_column(tmp_path, reader, body, field):
+    path = tmp_path / "u.csv"
+    path.write_bytes(body)
+    with pytest.raises(InputError, match=rf"u.csv, line \d, field '{field}': not valid utf-8 text \(byte 0xe9\)$"):
+        reader(path)
+    path.write_bytes(b"item,ti\xe9tle\na1,A\n")  # in the header: the line alone
+    with pytest.raises(InputError, match=r"u.csv, line 1: not valid utf-8"):
+        reader(path)
 
 
 def test_out_of_scale_rating_writes_nothing(engine, tmp_path, planted):

@@ -121,6 +121,22 @@ def test_standard_error_over_seeds_counts_each_user_once():
     assert m == {"rmse": 0.95, "ndcg@10": 0.3, "ndcg@10_se": None}
 
 
+def test_the_mean_over_seeds_counts_users_not_their_mean():
+    """Over seeds, "users" is how many distinct users were scored (the standard errors' units) and
+    "users_per_seed" each seed's count: a mean of 19 and 20 users is not 19.5 users."""
+    from cfb.evaluation.metrics import combine_seeds, with_seed_errors
+
+    def cell(users):
+        r = _result(users, [0.5] * len(users))
+        return {"cfb": r, "positive_popularity": r, "cfb_vs": {"positive_popularity": {"diff": 0.0, "se": 0.0}}}
+
+    cells = [cell("abcdefghijklmnopqrs"), cell("abcdefghijklmnopqrsT")]
+    mean = {k: combine_seeds([c[k] for c in cells]) for k in cells[0]}
+    with_seed_errors(mean, cells, ("cfb", "positive_popularity"))
+    assert mean["cfb"]["users"] == 20 and mean["cfb"]["users_per_seed"] == [19, 20]
+    assert mean["positive_popularity"]["users"] == 20
+
+
 def test_protocol_reports_paired_differences_through_the_pipeline(planted):
     """One seed of §4b and §5 on the planted set: each paired difference is the difference of the two
     methods' means on the same users, and the text report shows them. A cold user whose attribute
