@@ -30,7 +30,7 @@ from cfb.cf_core.data import CollabData, index_ids
 from cfb.cf_core.model import UserHistory
 from cfb.cf_core.split import cold_users
 from cfb.db.sources import read_movielens
-from cfb.service.training import TrainingData, fit_model
+from cfb.cf_core.fit import TrainingData, fit_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import BUDGETS, STEPS, cold_cases  # noqa: E402

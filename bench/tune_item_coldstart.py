@@ -42,7 +42,7 @@ def pseudo_split(ds: Dataset, seed: int) -> tuple[Dataset, set[str]]:
 
 
 def fitted_version(warm: Dataset, pseudo: set[str], seed: int, cache: Path | None, kind: str = "dot"):  # noqa: ANN201
-    from cfb.service.training import fit_model
+    from cfb.cf_core.fit import fit_model
 
     path = None if cache is None else cache / f"pseudo_seed{seed}{'' if kind == 'dot' else '_' + kind}.pkl"
     if path is not None and path.exists():

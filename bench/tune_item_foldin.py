@@ -223,7 +223,7 @@ def main() -> None:
     args = ap.parse_args()
     ds = read_movielens(Path(args.data))
     if args.level:
-        from cfb.service.training import fit_model
+        from cfb.cf_core.fit import fit_model
 
         candidates = [None] + [(3.0, count) for count in (1.0, 3.0, 10.0, 30.0, float("inf"))]
         per_seed = []

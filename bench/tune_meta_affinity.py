@@ -24,7 +24,7 @@ import numpy as np
 from cfb.cf_core.model import UserVector
 from cfb.db.sources import read_movielens
 from cfb.evaluation.item_coldstart import split_dataset
-from cfb.service.training import encoded_metadata
+from cfb.cf_core.fit import encoded_metadata
 
 from tune_item_coldstart import fitted_version, pseudo_cold_arguments, pseudo_split
 

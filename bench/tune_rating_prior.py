@@ -31,7 +31,7 @@ from cfb.cf_core.model import UserHistory  # noqa: E402
 from cfb.cf_core.rating import FoldInConfig  # noqa: E402
 from cfb.cf_core.split import cold_users  # noqa: E402
 from cfb.db.sources import read_movielens  # noqa: E402
-from cfb.service.training import TrainingData, fit_model  # noqa: E402
+from cfb.cf_core.fit import TrainingData, fit_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import BUDGETS, STEPS, cold_cases  # noqa: E402

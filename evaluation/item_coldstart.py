@@ -1,7 +1,7 @@
 """Item cold start (docs/protocol.md §8, "new items"), in memory: no database.
 
 For each seed: a tenth of the items (ids as strings, sorted as strings) are cold; cfb trains a version
-(``service.training.fit_model``: rating model, bootstrap, ranker) on every rating of the warm items,
+(``cf_core.fit.fit_model``: rating model, bootstrap, ranker) on every rating of the warm items,
 fits an ``ItemPrior`` on the warm items' metadata, and adds the cold items through
 ``TrainedModel.add_items`` with the prior's rows. Every user with at least one rating >= 4 of a cold
 item ranks all cold items (nothing removed) by the version's own scores; NDCG@10 / Recall@10 against
@@ -156,7 +156,7 @@ def split_dataset(ds: Dataset, cold: set[str]) -> dict:
     """Warm training data in memory (``TrainingData`` with database ids = positions in the sorted
     string ids of all users / items) and the cold items' ratings and metadata."""
     from ..cf_core.data import CollabData, index_ids
-    from ..service.training import TrainingData
+    from ..cf_core.fit import TrainingData
 
     r = one_row_per_pair(ds.ratings)  # (as an ingest stores them: a pair given twice is one rating)
     r = r.assign(user=r.user.astype(str), item=r.item.astype(str))
@@ -266,7 +266,7 @@ def run_seed(ds: Dataset, seed: int, kind: str = "dot", params: dict | None = No
     """§8 for one seed. ``fitted``: a version already trained on this split's warm items (reused by
     tuning); ``cold``: the cold items (default: §8's split for ``seed``; tuning passes pseudo-cold items)."""
     from ..cf_core.item_prior import ItemPrior, ItemPriorConfig
-    from ..service.training import encoded_metadata, fit_model
+    from ..cf_core.fit import encoded_metadata, fit_model
 
     items = sorted(ds.ratings.item.astype(str).unique().tolist())
     cold = cold_items(items, seed) if cold is None else cold
@@ -345,7 +345,7 @@ def check_metadata_tells_items_apart(ds: Dataset) -> None:
     """§8 starts new items from their metadata: refused, before any training, for data whose items hold
     none that the item prior would use (every new item would start from the same row: a random order)."""
     from ..cf_core.item_prior import ItemPriorConfig, MetaEncoder
-    from ..service.training import metadata_names
+    from ..cf_core.fit import metadata_names
 
     rated = set(ds.ratings.item.astype(str))
     attrs = [] if ds.items is None else [a or {} for i, a in zip(ds.items.item.astype(str), ds.items.attributes)

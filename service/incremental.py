@@ -13,10 +13,11 @@ import numpy as np
 from sqlalchemy import Engine
 
 from ..cf_core.errors import InputError
+from ..cf_core.fit import rating_params
 from ..db import ratings_io, store, versions
 from ..db.engine import writing
 from .state import Served, load_served, user_histories
-from .training import item_attributes_in_order, metadata_only_items, rating_params, retrain_full
+from .training import item_attributes_in_order, metadata_only_items, retrain_full
 
 DRIFT_LIMIT = 0.2  # share of ratings newer than the last full retrain that forces a full retrain
 DEFAULT_SEED = 42  # a first model's (a full retrain forced by drift keeps the replaced version's)

@@ -246,7 +246,7 @@ def test_a_text_category_is_metadata_a_new_item_starts_from(engine, planted):
     """A catalogue whose only metadata is one text category per item (a genre, a language code): an
     item with it and no rating is added from it and ranked for the users its category suits. Free
     text (more than the questionnaire's 40 values, MovieLens 100k's release dates) is left out."""
-    from cfb.service.training import metadata_names
+    from cfb.cf_core.fit import metadata_names
 
     genre = {i: ("Alpha" if i.startswith("a") else "Beta") for i in planted.items.item}
     items = planted.items.assign(attributes=[{"genre": genre[i], "code": f"c{k}"}

@@ -177,7 +177,7 @@ def test_a_drift_retrain_keeps_the_chosen_settings_not_a_small_sets_defaults():
     defaults that scaled with that version's size: a set that started with 1,400 ratings (batch 32)
     and grew gets the batch for its new size."""
     from cfb.service.incremental import chosen_settings
-    from cfb.service.training import rating_params
+    from cfb.cf_core.fit import rating_params
 
     small = {"kind": "dot", "metrics": {"n_ratings": 1_400}, "hyperparams": rating_params("dot", 1_400, {})}
     assert small["hyperparams"]["bs"] == 32 and chosen_settings(small) == {}
@@ -318,7 +318,7 @@ def test_a_validation_split_that_leaves_the_nn_model_one_rating_is_not_measured(
     """§7 measures on a split; one that leaves the nn model a single training rating is skipped with a
     note, as one that leaves none is (it was refused as if the database held one rating)."""
     from cfb.cf_core.data import CollabData
-    from cfb.service.training import TrainingData, validate
+    from cfb.cf_core.fit import TrainingData, validate
 
     r = planted.ratings.head(4)
     users, items = pd.factorize(r.user)[0], pd.factorize(r.item)[0]
@@ -340,7 +340,7 @@ def test_nn_incremental_retrain_adds_a_first_rated_item(engine, planted):
 
 
 def test_rating_defaults_scale_with_the_data_and_keep_the_tuned_ones_on_100k():
-    from cfb.service.training import DEFAULTS, MAX_BATCH_SCALE, rating_params
+    from cfb.cf_core.fit import DEFAULTS, MAX_BATCH_SCALE, rating_params
 
     assert rating_params("dot", 80_000, {}) == DEFAULTS["dot"]  # MovieLens 100k's training split
     mid = rating_params("dot", 1_000_000, {})  # ×16: 2^round(log2(12.5))
@@ -363,15 +363,16 @@ def test_inner_indices_of_whole_number_ids_match_a_sorted_unique():
 
 
 def test_the_ranker_trained_beside_the_rating_model_is_the_one_trained_after_it(engine, planted, monkeypatch):
+    from cfb.cf_core import fit
     from cfb.service import training
 
     planted.items["attributes"] = [{"genres": [str(i)[0]], "year": 1950 + k % 40}  # so the item prior is fitted,
                                    for k, i in enumerate(planted.items["item"])]  # on user vectors made beside
     ingest_dataset(engine, planted)
     td, _ = training.load_training_data(engine)
-    in_turn, report = training.fit_model(td, "dot", FAST, progress=False)  # the tests run torch on one thread
-    monkeypatch.setattr(training, "SIDE_BY_SIDE_AT", 1)  # any size: the ranker in its own process
-    beside, report_beside = training.fit_model(td, "dot", FAST, progress=False)
+    in_turn, report = fit.fit_model(td, "dot", FAST, progress=False)  # the tests run torch on one thread
+    monkeypatch.setattr(fit, "SIDE_BY_SIDE_AT", 1)  # any size: the ranker in its own process
+    beside, report_beside = fit.fit_model(td, "dot", FAST, progress=False)
     assert report_beside.get("side_by_side") and "side_by_side" not in report
     a, b = in_turn.ranker.to_arrays(), beside.ranker.to_arrays()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -384,13 +385,14 @@ def test_the_ranker_trained_beside_the_rating_model_is_the_one_trained_after_it(
 def test_a_full_retrain_at_size_starts_its_side_process_before_reading(engine, planted, monkeypatch):
     """From SIDE_BY_SIDE_AT ratings the ranker's process is spawned before the ratings are read (its
     imports overlap the read), trains beside the rating model, and the version serves."""
+    from cfb.cf_core import fit
     from cfb.service import training
 
     events = []
-    start, load = training.SideProcess.__init__, training.load_training_data
-    monkeypatch.setattr(training.SideProcess, "__init__", lambda self: (events.append("side"), start(self))[1])
+    start, load = fit.SideProcess.__init__, training.load_training_data
+    monkeypatch.setattr(fit.SideProcess, "__init__", lambda self: (events.append("side"), start(self))[1])
     monkeypatch.setattr(training, "load_training_data", lambda e: (events.append("read"), load(e))[1])
-    monkeypatch.setattr(training, "SIDE_BY_SIDE_AT", 1)
+    monkeypatch.setattr(fit, "SIDE_BY_SIDE_AT", 1)
     ingest_dataset(engine, planted)
     out = training.retrain_full(engine, progress=False, **FAST)
     assert events == ["side", "read"] and out["side_by_side"] and out["serving"]
@@ -404,20 +406,21 @@ def test_a_side_process_is_closed_when_unused_and_never_waited_on_forever(engine
     is waited on for ``WARM_UP_WAIT_S`` only."""
     import time
 
+    from cfb.cf_core import fit
     from cfb.service import training
 
     ingest_dataset(engine, planted)
     td, _ = training.load_training_data(engine)
-    monkeypatch.setattr(training, "SIDE_BY_SIDE_AT", 1)
-    side = training.SideProcess()
+    monkeypatch.setattr(fit, "SIDE_BY_SIDE_AT", 1)
+    side = fit.SideProcess()
     try:
         monkeypatch.setattr(side, "device", lambda: "cuda")
-        _, report = training.fit_model(td, "dot", FAST, progress=False, side=side)
+        _, report = fit.fit_model(td, "dot", FAST, progress=False, side=side)
         assert side.pool is None and "side_by_side" not in report and report["ranker_fit_s"] > 0
     finally:
         side.close()
-    monkeypatch.setattr(training, "WARM_UP_WAIT_S", 0.5)
-    side = training.SideProcess()
+    monkeypatch.setattr(fit, "WARM_UP_WAIT_S", 0.5)
+    side = fit.SideProcess()
     try:
         side._warmed = side.pool.apply_async(time.sleep, (30,))  # no answer in time
         t0 = time.perf_counter()
