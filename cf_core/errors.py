@@ -57,13 +57,16 @@ def json_shown(value) -> str:  # noqa: ANN001
 
 
 class InputError(CfbError):
-    """Bad input: names the file (or entry), the line and the field."""
+    """Bad input: names the file (or entry), the line and the field (``field`` whole; the message cuts
+    a long one short, ``FIELD_SHOWN``)."""
+
+    FIELD_SHOWN = 48  # characters of a field's name the message shows (an answer's or rating's key may be long)
 
     def __init__(self, message: str, *, source: str | None = None, line: int | None = None,
                  field: str | None = None):
         where = ", ".join(p for p in (
             None if source is None else printable(source), f"line {line}" if line is not None else None,
-            f"field '{printable(field)}'" if field else None) if p)
+            f"field '{cut(printable(field), self.FIELD_SHOWN, self.FIELD_SHOWN - 8)}'" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
         self.source, self.line, self.field, self.problem = source, line, field, message
 

@@ -209,7 +209,7 @@ class SignupValidator:
             if q is None:
                 names = ", ".join(x.name for x in self.questionnaire.questions)
                 asked = f"questions: {names}" if names else "this model asks no attribute questions: its users have none"
-                raise InputError(f"unknown attribute ({asked})", source=where, field=f"answers.{cut(name)}")
+                raise InputError(f"unknown attribute ({asked})", source=where, field=f"answers.{name}")
             if value is not None and not (isinstance(value, str) and not value.strip()):  # (blank: not said)
                 attributes[name] = q.conform(value, where)
         raw = {} if entry.get("ratings") is None else entry["ratings"]
@@ -218,7 +218,7 @@ class SignupValidator:
         ratings: dict[int, float] = {}
         named: dict[int, str] = {}  # item -> the key that named it
         for key, value in raw.items():
-            field = f"ratings.{cut(key)}"
+            field = f"ratings.{key}"
             name = str(key).strip()  # (surrounding spaces aside, as the readers and `cfb rate` strip them)
             if not name:
                 raise InputError("empty item id", source=where, field=field)
@@ -252,7 +252,7 @@ class SignupValidator:
             for item, key in named.items():
                 if position.get(item, -1) >= asked:
                     raise InputError(f"questionnaire item {position[item] + 1}, past the {asked} asked",
-                                     source=where, field=f"ratings.{cut(key)}")
+                                     source=where, field=f"ratings.{key}")
             if set(shown.items[:asked]) != set(self.questionnaire.items[:asked]):
                 asked = None  # not the serving questionnaire's first `asked`: its Q is inferred from the answers
         if user is not None:

@@ -1035,6 +1035,18 @@ def test_a_signups_misspelt_title_suggests_titles_as_the_cli_does(server):
     assert "unknown item; did you mean: Alpha film 1" in r.json()["error"]
 
 
+def test_a_long_field_is_named_whole_in_the_json_and_cut_in_the_message(server):
+    """The API's ``field`` names the answer or rating whole (the page finds its control by it), while the
+    one-line message cuts a long name short."""
+    long_attr, long_item = "a" * 80 + "z", "Alpha film 1 " + "x" * 80
+    for body, field in (({"answers": {long_attr: "x"}}, f"answers.{long_attr}"),
+                        ({"ratings": {long_item: 5}}, f"ratings.{long_item}")):
+        r = server.post("/users", json=body)
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+        assert field not in r.json()["error"] and f"field '{field[:30]}" in r.json()["error"]
+        assert len(r.json()["error"].split(":")[0]) < 90 and "\n" not in r.json()["error"]
+
+
 def test_the_sign_up_page_sends_an_answer_exactly_as_stored(trained, db_url, tmp_path):
     """An option's value is its stored text: without ``value`` a browser sends the option's text with
     its spaces trimmed and collapsed ("Bosnia  and Herzegovina" became a value no question offers)."""
