@@ -266,8 +266,33 @@ def _set_wal(cur: sqlite3.Cursor) -> None:
             time.sleep(0.05)
 
 
+WAIT_SLICE_MS = 200  # a writer waits for SQLite's lock in slices this long (see ``_sqlite_begin``)
+
+
 def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
+    """BEGIN (a read) or BEGIN IMMEDIATE (``writing``). A writer waits for the lock in slices of
+    ``WAIT_SLICE_MS`` up to the connection's busy timeout, not in one call: SQLite waits in C, where
+    Python's signal handlers cannot run, so a command queued behind another writer ignored Ctrl-C and
+    SIGTERM until the lock came or the 30 s ran out."""
+    if not conn.get_execution_options().get(WRITE_OPTION):
+        conn.exec_driver_sql("BEGIN")
+        return
+    raw = conn.connection.driver_connection
+    allowed = int(raw.execute("PRAGMA busy_timeout").fetchone()[0])  # (``writing``'s wait, or the busy timeout)
+    deadline = time.monotonic() + allowed / 1000
+    try:
+        while (left := int((deadline - time.monotonic()) * 1000)) > WAIT_SLICE_MS:
+            raw.execute(f"PRAGMA busy_timeout={WAIT_SLICE_MS}")
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e):
+                    break  # (not a wait: said below as the engine says any error)
+        raw.execute(f"PRAGMA busy_timeout={max(1, left)}")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # the last slice: its error the engine's own (busy: ``is_busy``)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={allowed}")
 
 
 # A process that runs many writes at once (the HTTP server) sets a semaphore here for the thread of each

@@ -812,6 +812,38 @@ def test_a_retrain_stopped_by_sigterm_says_so_and_releases_its_lock(cli_db):
     engine.dispose()
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_command_waiting_for_another_writer_stops_on_a_signal_at_once(cli_db, sig):
+    """A `cfb rate` queued behind another SQLite writer (up to the 30 s busy timeout) ends on SIGTERM or
+    Ctrl-C while it waits, not when the other writer lets go (SQLite's wait ran in C, where Python's
+    signal handlers cannot run); nothing is written."""
+    import signal
+    import sqlite3
+
+    holder = sqlite3.connect(cli_db.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, holding the database for the whole test
+    try:
+        count = holder.execute("SELECT count(*) FROM ratings").fetchone()[0]
+        exe = Path(sys.executable).with_name("cfb")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfb.cli"]
+        proc = subprocess.Popen([*cmd, "--db", cli_db, "rate", "a0", "a1", "3"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        time.sleep(4.0)  # (its imports, then into its wait)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(getattr(signal, sig))
+        try:
+            _, err = proc.communicate(timeout=10)  # (well inside the 30 s the other writer still holds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"{sig} was not handled while the command waited for the database") from None
+        assert proc.returncode == (128 + signal.SIGTERM if sig == "SIGTERM" else 1), err.decode()
+        assert err.decode().splitlines()[-1].startswith("Aborted!")
+        assert holder.execute("SELECT count(*) FROM ratings").fetchone()[0] == count
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(cli_db, tmp_path):
     """`cfb predict … | head -1`: a closed pipe ends the command without an error line (one-line errors for
     any OSError made it "Error: Broken pipe")."""
