@@ -322,10 +322,11 @@ NUMBER_LIMIT = FLOAT32_MAX  # an attribute's number: one a 32-bit float holds, a
 def number_in_text(v: str) -> int | float | None:
     """The finite number a text writes, in any notation Python reads ("41", "-1.5", "1e5", "+4"; a whole
     number as an int), else None: for words, for infinite or undefined numbers ("inf", "1e400", "nan")
-    or ones beyond ``NUMBER_LIMIT`` (whose arithmetic overflows), and for zero-padded codes such as the
-    zip "02139", which stay text."""
+    or ones beyond ``NUMBER_LIMIT`` (whose arithmetic overflows), for zero-padded codes such as the
+    zip "02139", and for digits other than ASCII's ("０２１３９", "٣٠"), which stay text, as every other
+    reader of numbers takes ASCII only."""
     v = str(v).strip()
-    if not v or ZERO_PADDED.match(v) or "_" in v:  # (float() also reads "1_000")
+    if not v or not v.isascii() or ZERO_PADDED.match(v) or "_" in v:  # (float() also reads "1_000" and "٣٠")
         return None
     try:
         x = float(v)

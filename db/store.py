@@ -462,11 +462,14 @@ def user_id_of(conn: Connection, external_id: str) -> int:
 
 
 def ratings_newest_first(conn: Connection, user_id: int, limit: int) -> tuple[list[dict], int]:
-    """A user's latest ``limit`` ratings, newest (last written) first, as ``{"item", "title", "rating"}``
-    (the item's external id; the rating as it was typed, ``as_typed``: 0.3, not its float32 0.30000001),
-    and how many ratings they have."""
+    """A user's latest ``limit`` ratings, newest first, as ``{"item", "title", "rating"}`` (the item's
+    external id; the rating as it was typed, ``as_typed``: 0.3, not its float32 0.30000001), and how many
+    ratings they have. Newest by the time each was given (a release's file is not in time order); the
+    order written breaks ties, and a rating without a time counts as older than any with one."""
     rows = conn.execute(select(Item.external_id, Item.title, Rating.rating).join(Item, Item.id == Rating.item_id)
-                        .where(Rating.user_id == user_id).order_by(Rating.seq.desc(), Item.id).limit(limit)).all()
+                        .where(Rating.user_id == user_id)
+                        .order_by(Rating.timestamp.is_(None), Rating.timestamp.desc(), Rating.seq.desc())
+                        .limit(limit)).all()
     count = conn.scalar(select(func.count()).select_from(Rating).where(Rating.user_id == user_id))
     return [{"item": ext, "title": title, "rating": float(as_typed(r))} for ext, title, r in rows], int(count)
 

@@ -20,6 +20,12 @@ from .serving import title_hint
 from .state import Served, load_served, questionnaire_of
 
 
+def entry_field(part: str, key) -> str:  # noqa: ANN001
+    """An error's field for ``key`` of an entry's ``part`` ("answers", "ratings"): whole up to the longest
+    id (the web page finds the control it marks by it), a longer key, which no item can have, cut short."""
+    return f"{part}.{cut(key, store.MAX_ID_LENGTH, store.MAX_ID_LENGTH)}"
+
+
 @dataclass
 class Signup:
     """One validated questionnaire: external user id (None: assign one), attributes, ratings by item db id."""
@@ -209,7 +215,7 @@ class SignupValidator:
             if q is None:
                 names = ", ".join(x.name for x in self.questionnaire.questions)
                 asked = f"questions: {names}" if names else "this model asks no attribute questions: its users have none"
-                raise InputError(f"unknown attribute ({asked})", source=where, field=f"answers.{name}")
+                raise InputError(f"unknown attribute ({asked})", source=where, field=entry_field("answers", name))
             if value is not None and not (isinstance(value, str) and not value.strip()):  # (blank: not said)
                 attributes[name] = q.conform(value, where)
         raw = {} if entry.get("ratings") is None else entry["ratings"]
@@ -218,7 +224,7 @@ class SignupValidator:
         ratings: dict[int, float] = {}
         named: dict[int, str] = {}  # item -> the key that named it
         for key, value in raw.items():
-            field = f"ratings.{key}"
+            field = entry_field("ratings", key)
             name = str(key).strip()  # (surrounding spaces aside, as the readers and `cfb rate` strip them)
             if not name:
                 raise InputError("empty item id", source=where, field=field)
@@ -252,7 +258,7 @@ class SignupValidator:
             for item, key in named.items():
                 if position.get(item, -1) >= asked:
                     raise InputError(f"questionnaire item {position[item] + 1}, past the {asked} asked",
-                                     source=where, field=f"ratings.{key}")
+                                     source=where, field=entry_field("ratings", key))
             if set(shown.items[:asked]) != set(self.questionnaire.items[:asked]):
                 asked = None  # not the serving questionnaire's first `asked`: its Q is inferred from the answers
         if user is not None:

@@ -126,7 +126,10 @@ def test_users_csv_values_stay_text_unless_the_column_is_plain_numbers(tmp_path)
         assert all(not isinstance(v, float) or math.isfinite(v) for v in a.values())
     numbers = read_users_csv(write(tmp_path / "n.csv", "user,x\nu1,-1.25\nu2,0\nu3,7\n"))
     assert numbers["attributes"].tolist() == [{"x": -1.25}, {"x": 0}, {"x": 7}]
-    for body in ("user,x\nu1,inf\n", "user,x\nu1,007\n", "user,x\nu1,1_000\n", "user,x\nu1,1e400\n"):
+    # digits of other scripts (full-width, Arabic-Indic) are text, as everywhere else a number is read:
+    # float() reads them, and "０２１３９" lost its zero as 2139
+    for body in ("user,x\nu1,inf\n", "user,x\nu1,007\n", "user,x\nu1,1_000\n", "user,x\nu1,1e400\n",
+                 "user,x\nu1,\uff10\uff12\uff11\uff13\uff19\n", "user,x\nu1,\u0663\u0660\n", "user,x\nu1,1\u0660\n"):
         (value,) = read_users_csv(write(tmp_path / "t.csv", body))["attributes"].tolist()
         assert isinstance(value["x"], str)
     # another notation of a finite number reads as that number, in a first file as in a later one

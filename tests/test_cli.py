@@ -879,6 +879,18 @@ def test_eval_orders_budgets_and_refuses_too_few_users_before_any_note(runner, t
                        "needs at least 5)"
 
 
+def test_ratings_are_listed_by_when_they_were_given_not_by_the_files_order(runner, cli_db, tmp_path):
+    """A release's ratings are written in its file's order, not in time order: "newest first" is by their
+    timestamps (the order written breaks ties; a rating without a time counts as older than any with one),
+    and a rating given now comes first."""
+    body = "user,item,rating,timestamp\nt1,a1,4,300\nt1,a2,3,100\nt1,a3,5,200\nt1,a4,2,\nt1,a5,1,200\n"
+    assert run(runner, cli_db, "ingest", "ratings", str(write(tmp_path / "r.csv", body))).exit_code == 0
+    listed = lambda: [r["item"] for r in json.loads(run(runner, cli_db, "ratings", "t1", "--json").stdout)["ratings"]]  # noqa: E731
+    assert listed() == ["a1", "a5", "a3", "a2", "a4"]
+    assert run(runner, cli_db, "rate", "t1", "a2", "5").exit_code == 0
+    assert listed() == ["a2", "a1", "a5", "a3", "a4"]
+
+
 def test_ratings_lists_a_users_latest_ratings_newest_first(runner, cli_db):
     """`cfb ratings USER`: what a user has rated, newest first (a rating changed moves to the top), with the
     count; the same from Python and over HTTP."""

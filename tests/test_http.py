@@ -205,9 +205,9 @@ LONG = "x" * 60_000
     ("/users", {"answers": {"gender": LONG}}, "answers.gender"),
     ("/users", {"answers": {"age": "9" * 60_000}}, "answers.age"),
     ("/users", {"ratings": {"a1": LONG}}, "ratings.a1"),
-    ("/users", {"ratings": {LONG: 4}}, "ratings.xxxxxxxxxxxxxxxxxxxx..."),
+    ("/users", {"ratings": {LONG: 4}}, "ratings." + "x" * 255 + "..."),  # (whole up to the longest id: below)
     ("/users", {"user": "b", LONG: 1}, "xxxxxxxxxxxxxxxxxxxx..."),
-    ("/users", {"answers": {LONG: 1}}, "answers.xxxxxxxxxxxxxxxxxxxx..."),
+    ("/users", {"answers": {LONG: 1}}, "answers." + "x" * 255 + "..."),
     ("/users/a0/ratings", {"item": "a1", "rating": LONG}, "rating"),
     ("/users/a0/ratings", {"item": "a1", "rating": 4, LONG: 1}, "xxxxxxxxxxxxxxxxxxxx..."),
 ])
