@@ -193,7 +193,7 @@ def close_titles(query: str, titles) -> list[str]:  # noqa: ANN001
     compared (difflib costs about 10 µs a title: 60,000 took 0.6–2.5 s)."""
     if len(query) > store.MAX_ID_LENGTH:  # (no title is compared with a page of text)
         return []
-    titles = list(titles)
+    titles = list(dict.fromkeys(titles))  # (two items may share a title: one suggestion)
     candidates = titles
     if len(titles) > HINT_ALL_TITLES:
         words = set(re.findall(r"\w{3,}", query.lower()))

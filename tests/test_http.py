@@ -1538,6 +1538,15 @@ def test_a_users_ratings_newest_first(server, trained):
     assert "get" in server.get("/openapi.json").json()["paths"]["/users/{user}/ratings"]
 
 
+def test_a_title_two_items_share_is_suggested_once():
+    """Two items titled alike (two books may share a title) are one suggestion, not the same text twice."""
+    from cfb.service.serving import close_titles
+
+    titles = ["Hamlet (1996)", "Hamlet (1996)", "Hamlet (1990)", "Hamlet (1948)", "Hamlet (1964)", "Hamlet (2000)"]
+    assert sorted(close_titles("Hamlet (199)", titles)) == sorted(set(titles))
+    assert sorted(close_titles("amlet", ["Hamlet (1996)", "Hamlet (1996)", "Hamlets"])) == ["Hamlet (1996)", "Hamlets"]
+
+
 def test_an_unknown_items_close_titles_are_listed_and_linked(server, trained):
     """A near-miss title: the API lists the close titles beside its message, and a page links each to its
     item (they were text inside the message, to be copied by hand)."""
