@@ -47,10 +47,11 @@ def simulated_answers(data: CollabData, asked: list[int], budgets=SIM_BUDGETS,
 
 def make_questionnaire(data: CollabData, item_ids: np.ndarray, attributes: list[dict],
                        strategy: str = "positive", max_budget: int = MAX_BUDGET,
-                       scale: tuple[float, float] | None = None) -> Questionnaire:
+                       scale: tuple[float, float] | None = None, tie: np.ndarray | None = None) -> Questionnaire:
     """The sign-up questionnaire: attribute questions + ``max_budget`` items (by database id), from the
-    ratings alone (it does not depend on a trained model); ``scale``: the rating scale (lo, hi)."""
-    asked = choose_items(data.items, data.ratings, data.n_items, max_budget, strategy, scale)
+    ratings alone (it does not depend on a trained model); ``scale``: the rating scale (lo, hi); ``tie``:
+    the order of items otherwise alike (``choose_items``)."""
+    asked = choose_items(data.items, data.ratings, data.n_items, max_budget, strategy, scale, tie)
     return Questionnaire(infer_questions(attributes), [int(item_ids[i]) for i in asked])
 
 

@@ -141,13 +141,15 @@ def infer_questions(attributes: list[dict]) -> list[Question]:
 
 
 def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: int, strategy: str = "positive",
-                 scale: tuple[float, float] | None = None) -> list[int]:
+                 scale: tuple[float, float] | None = None, tie: np.ndarray | None = None) -> list[int]:
     """Items to ask about, most useful first, from training ratings (returns inner item indices).
 
     "positive": most often liked first (ratings in the top quarter of ``scale``, else of the ratings'
     range; ties: most-rated first), the protocol's positive-popularity order: items most users have
     seen, and the ones that are commonly liked rather than only commonly watched (docs/coldstart.md);
-    "popularity": most-rated first; "entropy": log-popularity × entropy of the item's ratings."""
+    "popularity": most-rated first; "entropy": log-popularity × entropy of the item's ratings. Items
+    still tied go in the order of ``tie`` (per inner item: its rank by id as text, as the protocol
+    breaks ties), else of their inner index."""
     counts = np.bincount(items, minlength=n_items).astype(float)
     if strategy == "positive":
         liked_at = liked_threshold(scale if scale is not None else (ratings.min(), ratings.max()))
@@ -163,5 +165,5 @@ def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: i
         score = np.log1p(counts) * entropy
     else:
         raise ValueError(f"unknown questionnaire strategy {strategy!r}")
-    order = np.lexsort((np.arange(n_items), -score))
+    order = np.lexsort((np.arange(n_items) if tie is None else np.asarray(tie), -score))
     return [int(i) for i in order[:budget] if counts[i] > 0]

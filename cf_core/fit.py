@@ -111,7 +111,7 @@ def fit_model(td: TrainingData, kind: str = "dot", params: dict | None = None, s
     on a CPU, in a side process: ``side`` when given, else one of its own). Returns (model, timings)."""
     hp = rating_params(kind, len(td.data), params or {})
     est = MODELS[kind](y_range=default_y_range(*td.scale), seed=seed, device=device, progress=progress, **hp)
-    questionnaire = make_questionnaire(td.data, td.item_ids, td.attributes, scale=td.scale)
+    questionnaire = make_questionnaire(td.data, td.item_ids, td.attributes, scale=td.scale, tie=td.item_tie)
     ranker_args = (td.data, td.timestamps, td.attributes, questionnaire.questions,
                    list(np.searchsorted(td.item_ids, questionnaire.items)), td.scale, seed, device, td.item_tie)
     side_by_side = ranker_goes_beside(ranker, len(td.data), device, side)

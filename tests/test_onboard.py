@@ -33,6 +33,11 @@ def test_questionnaire_asks_the_most_liked_items_first():
     assert choose_items(items, ratings, 4, 2, scale=(1.0, 10.0)) == [0, 1]
     with pytest.raises(ValueError, match="unknown questionnaire strategy"):
         choose_items(items, ratings, 4, 2, "newest")
+    # items alike in likes and ratings are asked in the order ``tie`` gives (the items' ids as text: the
+    # protocol's ties), else by inner index
+    tied = np.array([0, 0, 1, 1, 2, 2])
+    assert choose_items(tied, np.full(6, 5.0), 3, 3) == [0, 1, 2]
+    assert choose_items(tied, np.full(6, 5.0), 3, 3, tie=np.array([2, 0, 1])) == [1, 2, 0]
 
 
 def test_an_attribute_whose_every_value_is_its_own_is_text_not_a_closed_list():

@@ -598,7 +598,7 @@ def test_python_api_refuses_plainly(trained, db_url, tmp_path):
                 (lambda: db.onboard({"user": "u\ud800"}), r"^entry 1, field 'user': 'u\\ud800' is not valid Unicode"),
                 # keys given from Python as numbers are named as text (they raised a TypeError)
                 (lambda: db.onboard({"answers": {7: 4}}), r"^entry 1, field 'answers.7': unknown attribute"),
-                (lambda: db.onboard({"ratings": {10**60: 4}}), r"^entry 1, field 'ratings.10000000000000000000\.\.\.': "
+                (lambda: db.onboard({"ratings": {10**60: 4}}), r"^entry 1, field 'ratings.10{31}\.\.\.': "
                                                                 r"unknown item"),
                 (lambda: db.onboard({"answers": {"gender": "F\ud800"}}), r"^entry 1, field 'answers.gender': "),
                 (lambda: db.ingest_movielens(None), r"^folder must be a path, got NoneType None$"),
