@@ -22,15 +22,12 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from html import escape
 from pathlib import Path
-from string import Template
 from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 import anyio
 import anyio.to_thread
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -42,23 +39,20 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from ..bootstrap.questionnaire import MAX_BUDGET, MAX_TEXT_ANSWER
+from ..bootstrap.questionnaire import MAX_BUDGET
 from ..cf_core.errors import BusyError, CfbError, InputError, NotReadyError, UserExistsError, cut, json_shown
 from ..db import store, versions
 from ..db.engine import (BUSY, EMPTY_DATABASE, WRITE_TURNS, database_error, is_busy, is_missing_table, make_engine,
                          sqlite_file)
-from . import serving
+from . import serving, web_pages
 from .fast_recommendations import FastRecommendations, FastReader
 from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, Utf8Path, wants_html,
                           binds_this_machine_only, origin_key)
 from .http_json import (MAX_N, RETRY_AFTER, ApiError, WholeNumber, error_response, error_status,
                         is_json_media_type, json_response, recommendation_query)
-from .inspect import item_href
 from .signup import signup_one
 from .state import load_served
 
-MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
-WEB = Path(__file__).parent / "web"
 POLL_S = 0.25  # how often the server looks for a new serving version to load ahead of requests
 # writes let wait for the database's one writer at once, each holding a pooled connection meanwhile
 # (``db.engine.WRITE_TURNS``); the others wait for a turn holding none, so the pool stays for the reads
@@ -96,20 +90,6 @@ COMMON_ERRORS = {  # error answers any route may give, for the OpenAPI schema
            "UTF-8 once its %-escapes are decoded, or a body the client stopped sending"}
 
 
-def rating_choices(scale: tuple[float, float], step: float | None) -> list[float]:
-    """The ratings the web page offers: each step of the scale (the step its first ingest fixed; else
-    whole stars, half stars on a scale that starts at a half, or tenths of a scale narrower than two
-    stars), or 11 of them spread evenly where there would be over 101."""
-    lo, hi = scale
-    if step is None:
-        step = 0.5 if lo % 1 else 1.0
-        if hi - lo < 2 * step:
-            step = (hi - lo) / 10 or 1.0
-    n = int(round((hi - lo) / step))
-    k = np.round(np.linspace(0, n, 11)) if n > 100 else np.arange(n + 1)
-    return [round(lo + float(x) * step, 10) for x in k]
-
-
 def _file_identity(path: Path | None) -> tuple[int, int] | None:
     """(device, inode) of a database file, to tell a file made again at the same path (None: no file)."""
     if path is None:
@@ -122,38 +102,6 @@ def _file_identity(path: Path | None) -> tuple[int, int] | None:
 
 
 # --- the app ---------------------------------------------------------------------------------------
-def _page(title: str, body: str, token_required: bool = False) -> HTMLResponse:
-    base = Template((WEB / "templates" / "base.html").read_text(encoding="utf-8"))
-    return HTMLResponse(base.substitute(title=escape(title), body=body,
-                                        token_required="true" if token_required else "false"))
-
-
-RATINGS_SHOWN = 20  # the latest ratings a user's page lists
-
-
-def ratings_count_text(count: int) -> str:
-    """What a user's page says above the ratings it lists."""
-    if not count:
-        return "None yet."
-    return f"{count:,} in all; the latest {RATINGS_SHOWN}, newest first:" if count > RATINGS_SHOWN else \
-        f"{count:,}, newest first:"
-
-
-def error_heading(status: int) -> str:
-    """An error page's heading: what kind of error its HTTP status says it is."""
-    if status == 404:
-        return "Not found"
-    if status in (401, 403):
-        return "Not allowed"
-    if status == 503:
-        return "Not available: try again shortly"
-    return "This request cannot be answered" if status < 500 else "Something went wrong on the server"
-
-
-def _name(entry: dict) -> str:
-    return escape(str(entry.get("title") or entry.get("item")))
-
-
 # the answers of the writes and of recommendations, as /openapi.json declares them (clients generated from it)
 _TEXT_OR_NONE = {"type": ["string", "null"]}
 SIGNED_UP = {"type": "object", "required": ["user", "ratings", "version"], "properties": {
@@ -305,14 +253,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     def error_page(message: str, status: int, headers: dict | None = None,
                    suggestions: list[str] | None = None) -> HTMLResponse:
-        """A web page's error: its one-line message (escaped), an unknown item's close titles as links to
-        them, and a link back, with the API's status."""
-        heading = error_heading(status)
-        links = "".join(f"<li><a href='{item_href(t)}'>{escape(t)}</a></li>" for t in suggestions or [])
-        body = (f"<h1>{heading}</h1><p class='error' role='alert'>{escape(message)}</p>"
-                + (f"<p>Did you mean:</p><ul id='suggestions'>{links}</ul>" if links else "") +
-                "<p><a id='back' href='/'>Back to the start page</a></p>")
-        page_ = _page(f"cfb: {heading.lower()}", body, token is not None)
+        """A web page's error: its one-line message, an unknown item's close titles as links to them, and
+        a link back, with the API's status."""
+        heading = web_pages.error_heading(status)
+        page_ = web_pages.page(f"cfb: {heading.lower()}", web_pages.error_body(heading, message, suggestions),
+                               token is not None)
         page_.status_code = status
         page_.headers.update(headers or {})
         return page_
@@ -626,7 +571,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                               "content": {"application/json": {"schema": BIASES}}},
                         409: {"description": "the serving version is an nn model: it learns no item biases"}})
     async def inspect_biases(n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10,
-                             min_ratings: Annotated[WholeNumber, Query(ge=0, le=MAX_MIN_RATINGS)] = 1):
+                             min_ratings: Annotated[WholeNumber, Query(ge=0, le=web_pages.MAX_MIN_RATINGS)] = 1):
         with engine.connect() as conn:
             return json_response(serving.biases(conn, n, min_ratings))
 
@@ -675,7 +620,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     swagger = _swagger_dir()
     if swagger is not None:
         app.mount("/static/swagger", StaticFiles(directory=swagger), name="swagger")
-    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    app.mount("/static", StaticFiles(directory=web_pages.WEB / "static"), name="static")
 
     @page("/docs")
     async def docs():
@@ -690,19 +635,13 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                                    swagger_css_url="/static/swagger/swagger-ui.css",
                                    swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
-    # --- web pages ---------------------------------------------------------------------------------
-    def _scale(conn) -> list[float]:
+    # --- web pages (their HTML: web_pages) ------------------------------------------------------
+    def _scale(conn) -> list[float]:  # noqa: ANN001
         scale, step = store.rating_scale_and_step(conn)
-        return rating_choices(scale or (1.0, 5.0), step)
+        return web_pages.rating_choices(scale or (1.0, 5.0), step)
 
-    def _rating_select(scale: list[float], name: str, entry: dict, blank: str, chosen: float | None = None) -> str:
-        """The rating control of an item (``entry``: its "item" and "title"), named after the item, showing
-        ``chosen`` (a value the choices lack, 3.5 on a scale of whole stars, is added to them)."""
-        values = scale if chosen is None or chosen in scale else sorted([*scale, chosen])
-        opts = [f"<option value=''>{escape(blank)}</option>"]
-        opts += [f"<option value='{v:g}'{' selected' if v == chosen else ''}>{v:g}</option>" for v in values]
-        return (f"<select name='{escape(name)}' data-item='{escape(str(entry['item']))}' "
-                f"aria-label='rating for {_name(entry)}'>{''.join(opts)}</select>")
+    def _page(title: str, body: str) -> HTMLResponse:
+        return web_pages.page(title, body, token is not None)
 
     @page("/")
     def home(budget: Annotated[WholeNumber, Query(ge=0, le=MAX_BUDGET)] = 15):
@@ -711,85 +650,24 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         with engine.connect() as conn:
             q = questionnaire_json(conn, budget)  # a CfbError: an error page (answer_error)
             scale = _scale(conn)
-        rows = []
-        for a in q["attributes"]:
-            name = escape(a["name"])
-            if a.get("type") == "category":
-                opts = "".join(f"<option value='{escape(str(v))}'>{escape(str(v))}</option>"  # (the value
-                               for v in a.get("values") or [])  # exactly: a browser trims an option's text)
-                field = f"<select name='{name}' data-attr='{name}'><option value=''>(no answer)</option>{opts}</select>"
-            elif a.get("type") == "number":
-                lo, hi = a.get("accepts") or (None, None)
-                bounds = "" if lo is None else f" min='{lo!r}' max='{hi!r}'"  # (exactly: ':g' rounds 2469134)
-                field = f"<input type='number' step='any'{bounds} name='{name}' data-attr='{name}' data-number='1'>"
-            else:
-                field = f"<input type='text' name='{name}' data-attr='{name}' maxlength='{MAX_TEXT_ANSWER}'>"
-            rows.append(f"<label>{name} {field}</label>")
-        items = [f"<li><span class='title'>{_name(it)}</span> "
-                 f"{_rating_select(scale, 'rate', it, 'not known')}</li>" for it in q["items"]]
-        body = (f"<h1>Sign up</h1><form id='signup' data-asked='{len(q['items'])}' data-version='{q['version']}'>"
-                f"<fieldset><legend>About you</legend>"
-                f"<label>user id (optional) <input type='text' name='user' id='user-id' "
-                f"maxlength='{store.MAX_ID_LENGTH}'></label>"
-                f"{''.join(rows)}</fieldset>"
-                + (f"<fieldset><legend>Rate the ones you know</legend><ol class='rate-items'>{''.join(items)}</ol>"
-                   f"</fieldset>" if items else "") +  # (a questionnaire of no items: no empty box)
-                f"<button type='submit' id='signup-submit'>Sign up and get recommendations</button>"
-                f"<p id='signup-error' class='error' role='alert' tabindex='-1'></p></form>"
-                f"<p class='small'>Model version {q['version']}.</p>")
-        return _page("cfb: sign up", body, token is not None)
+        return _page("cfb: sign up", web_pages.signup_body(q, scale))
 
     @page("/user/{user:id}")
     def user_page(user: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         with engine.connect() as conn:
             rec = serving.recommend(conn, user, n)
-            given = serving.user_ratings(conn, user, RATINGS_SHOWN)
+            given = serving.user_ratings(conn, user, web_pages.RATINGS_SHOWN)
             scale = _scale(conn)
-        items = "".join(_rec_row(it, scale) for it in rec["items"])
-        rated = "".join(_rated_row(it, scale) for it in given["ratings"])
-        body = (f"<h1>Recommendations for <span id='user-name'>{escape(rec['user'])}</span></h1>"
-                f"<p>Ranked for you by cfb's ranking model; the number is the predicted rating (the order need not "
-                f"follow it). Rate any of them (choose a rating, then Rate or Enter): "
-                f"the list updates at once.</p>"
-                f"<ol id='recs' data-user='{escape(rec['user'])}' data-n='{n}' "
-                f"data-scale='{escape(json.dumps(scale))}'>{items}</ol>"
-                f"<p id='no-recs'{' hidden' if items else ''}>{serving.NOTHING_LEFT.capitalize()}.</p>"
-                f"<p id='rate-status' role='status'></p><p id='rate-error' class='error' role='alert'></p>"
-                f"<h2>Ratings given</h2><p class='small' id='ratings-count'>{ratings_count_text(given['count'])}</p>"
-                f"<ol id='my-ratings' data-n='{RATINGS_SHOWN}'>{rated}</ol>")
-        return _page(f"cfb: {rec['user']}", body, token is not None)
-
-    def _rec_row(it: dict, scale: list[float]) -> str:
-        return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{item_href(it['item'])}'>"
-                f"{_name(it)}</a> <span class='score'>{it['score']:.2f}</span> "
-                f"{_rating_select(scale, 'rate', it, 'rate…')} "
-                f"<button type='button' class='rate' aria-label='rate {_name(it)}'>Rate</button></li>")
-
-    def _rated_row(it: dict, scale: list[float]) -> str:
-        """A rating given, its list showing the value (choose another, then Change, to change it)."""
-        return (f"<li data-item='{escape(str(it['item']))}'><a class='title' href='{item_href(it['item'])}'>"
-                f"{_name(it)}</a> {_rating_select(scale, 'rate', it, 'rate…', it['rating'])} "
-                f"<button type='button' class='rate' aria-label='change the rating of {_name(it)}'>Change</button></li>")
+        return _page(f"cfb: {rec['user']}", web_pages.user_body(rec, given, scale, n))
 
     @page("/item/{item:id}")
     def item_page(item: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         with engine.connect() as conn:
             new = serving.item_not_in_model(conn, item)
             if new is not None:  # (in the catalogue, not yet in a trained version: its page all the same)
-                return _page(f"cfb: {new.get('title') or new['item']}", _new_item_body(new), token is not None)
+                return _page(f"cfb: {new.get('title') or new['item']}", web_pages.new_item_body(new))
             out = serving.similar(conn, item, n)
-        rows = "".join(f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
-                       f"<span class='score'>{it['score']:.3f}</span></li>" for it in out["items"])
-        body = (f"<h1 id='item-title'>{_name(out)}</h1><p class='small'>item {escape(str(out['item']))}</p>"
-                f"<h2>Similar items</h2><p class='small'>By the cosine similarity of their factors to this item's "
-                f"(1: the same direction, liked by the same people; 0: unrelated).</p><ol id='similar'>{rows}</ol>")
-        return _page(f"cfb: {out.get('title') or out['item']}", body, token is not None)
-
-    def _new_item_body(new: dict) -> str:
-        when = "once someone has rated it" if new["waits_for_a_rating"] else "at the recommender's next update"
-        return (f"<h1 id='item-title'>{_name(new)}</h1><p class='small'>item {escape(str(new['item']))}</p>"
-                f"<h2>Similar items</h2><p id='not-yet'>This item is new to the recommender: its similar items, "
-                f"and its place in recommendations, come {when}.</p>")
+        return _page(f"cfb: {out.get('title') or out['item']}", web_pages.item_body(out))
 
     @page("/find")
     def find(user: str | None = None, item: str | None = None):
@@ -797,53 +675,21 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         for kind, value in (("user", user), ("item", item)):
             if value is not None and value.strip():
                 return RedirectResponse(f"/{kind}/{quote(value.strip(), safe='')}", status_code=303)
-        body = ("<h1>Find</h1>"
-                "<form method='get' action='/find' id='find-user'><label>user id <input type='text' name='user' "
-                "required></label> <button type='submit'>Their recommendations</button></form>"
-                "<form method='get' action='/find' id='find-item'><label>item id or title <input type='text' "
-                "name='item' required></label> <button type='submit'>Its similar items</button></form>")
-        return _page("cfb: find", body, token is not None)
+        return _page("cfb: find", web_pages.FIND_BODY)
 
     @page("/explore")
     def explore(n: Annotated[WholeNumber, Query(ge=2, le=500)] = 50,
-                min_ratings: Annotated[WholeNumber, Query(ge=0, le=MAX_MIN_RATINGS)] = 1):
-        from .inspect import pca, pca_svg
+                min_ratings: Annotated[WholeNumber, Query(ge=0, le=web_pages.MAX_MIN_RATINGS)] = 1):
+        from .inspect import pca
 
         with engine.connect() as conn:
             result = pca(conn, n)
+            biases, why = None, None
             try:
-                b = serving.biases(conn, 10, min_ratings)
-                biases_html = "" if b["lowest"] else (  # (an empty pair of lists said nothing)
-                    f"<p id='no-biases'>No item has {min_ratings:,} ratings or more: "
-                    f"<a href='/explore?n={n}&amp;min_ratings=1'>every rated item</a>.</p>")
-                biases_html += "".join(
-                    f"<div><h2>{label} bias</h2><ol>" + "".join(
-                        f"<li><a href='{item_href(it['item'])}'>{_name(it)}</a> "
-                        f"<span class='score'>{it['score']:+.3f}</span></li>" for it in b[key]) + "</ol></div>"
-                    for label, key in (("Lowest", "lowest"), ("Highest", "highest")) if b[key])
-            except CfbError as e:
-                biases_html = f"<p class='error'>{escape(str(e))}</p>"
-        ev = ", ".join(f"PC{k + 1} {v:.0%}" for k, v in enumerate(result["explained_variance"]))
-        table = "".join(f"<tr><td><a href='{item_href(it['item'])}'>{_name(it)}</a></td>"
-                        f"<td>{it.get('pc1', 0.0):+.3f}</td><td>{it.get('pc2', 0.0):+.3f}</td></tr>"
-                        for it in result["items"])
-        body = (f"<h1>Explore the model (version {result['version']})</h1>"
-                f"<form id='explore-controls' method='get' action='/explore'>"
-                f"<label>items on the map <input type='number' name='n' min='2' max='500' value='{n}'></label> "
-                f"<label>bias lists: items with at least <input type='number' name='min_ratings' min='0' "
-                f"max='{MAX_MIN_RATINGS}' value='{min_ratings}'> ratings</label> <button type='submit'>Show</button>"
-                f"</form>"
-                f"<h2>Item factors of the {len(result['items'])} most-rated items: PCA</h2>"
-                f"<p class='small'>Axes fitted on the {result['fitted_on']:,} most-rated items; share of their "
-                f"variance: {escape(ev)}. Items close together are liked by the same "
-                f"people. <a href='/inspect/pca?n={n}'>JSON</a> · <a href='#biases'>skip the map</a></p>"
-                f"<figure id='pca'>{pca_svg(result)}</figure>"
-                f"<details id='pca-table'><summary>The map as a table</summary><table><thead><tr><th>item</th>"
-                f"<th>PC1</th><th>PC2</th></tr></thead><tbody>{table}</tbody></table></details>"
-                f"<section class='biases' id='biases'><p class='small'>An item's bias is what the model adds to "
-                f"everyone's predicted rating of it, whatever their taste: the lowest are liked less than "
-                f"their kind of item would suggest, the highest more.</p>{biases_html}</section>")
-        return _page("cfb: explore", body, token is not None)
+                biases = serving.biases(conn, 10, min_ratings)
+            except CfbError as e:  # (the nn model learns no biases: said on the page)
+                why = str(e)
+        return _page("cfb: explore", web_pages.explore_body(result, biases, why, n, min_ratings))
 
     return app
 

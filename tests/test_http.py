@@ -1071,7 +1071,7 @@ def test_the_page_offers_the_ratings_the_scale_takes():
     """The sign-up and rating pages offer each rating the database takes: its fixed step, half
     stars, tenths of a narrow scale; never a value the API would refuse."""
     from cfb.db.store import rating_problem
-    from cfb.service.http import rating_choices
+    from cfb.service.web_pages import rating_choices
 
     assert rating_choices((1.0, 5.0), 1.0) == rating_choices((1.0, 5.0), None) == [1, 2, 3, 4, 5]
     assert rating_choices((0.5, 5.0), 0.5) == [k / 2 for k in range(1, 11)]
