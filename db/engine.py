@@ -85,7 +85,7 @@ def database_error(e: BaseException, url: str | None = None) -> CfbError | None:
         return CfbError(f"invalid database URL: {str(e).splitlines()[0]}")
     if isinstance(e, PoolTimeoutError):  # every pooled connection in use past the wait (threads sharing a cfb.open)
         return BusyError(NO_FREE_CONNECTION)
-    if not isinstance(e, DatabaseError):
+    if not isinstance(e, (DatabaseError, sqlite3.DatabaseError)):  # (SQLAlchemy's, or the SQLite driver's own)
         return None
     msg = (str(e.orig) if getattr(e, "orig", None) else str(e)).strip().splitlines()[0]
     if "connection failed" in msg:  # (PostgreSQL: e.g. the database itself does not exist)
@@ -141,6 +141,7 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
     partial = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
         out = write(sqlite_url(partial.absolute(), like=url))
+        _remove_orphan_sidecars(path)
         try:
             os.link(partial, path)  # (fails where a file is there: never replaces one)
         except FileExistsError:
@@ -151,8 +152,21 @@ def made_whole(url: str | None, write: Callable[[str], T]) -> T:
             os.replace(partial, path)
         return out
     finally:
-        for leftover in (partial, *(partial.with_name(partial.name + end) for end in ("-wal", "-shm", "-journal"))):
+        for leftover in (partial, *(partial.with_name(partial.name + end) for end in SIDECARS)):
             leftover.unlink(missing_ok=True)
+
+
+SIDECARS = ("-wal", "-shm", "-journal")  # the files SQLite keeps beside a database
+
+
+def _remove_orphan_sidecars(path: Path) -> None:
+    """The write-ahead log, shared-memory index and journal at ``path`` where no database file is: a
+    database deleted while a connection (a server's) held it open leaves them there, and SQLite would
+    read them into the next database made at the path (the deleted one's pages in it, the file
+    malformed). The connections that hold them keep their own files."""
+    if not path.exists():
+        for end in SIDECARS:
+            path.with_name(path.name + end).unlink(missing_ok=True)
 
 
 STALE_PARTIAL_S = 24 * 3600  # another machine's partial file untouched this long: its ingest was killed

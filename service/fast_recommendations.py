@@ -19,8 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from ..cf_core.errors import CfbError, NotReadyError, UnknownIdError
 from ..cf_core.model import UserHistory
 from ..db import store, versions
-from ..db.engine import EMPTY_DATABASE, is_missing_table
-from .http_json import ApiError, error_response, recommendation_query
+from .http_json import ApiError, database_error_answer, error_response, recommendation_query
 from .state import CACHED_VERSIONS, changed_again, learned_values, load_served
 
 
@@ -289,9 +288,10 @@ class FastRecommendations:
             await error_response(e)(scope, receive, send)
             return
         except Exception as e:
-            if not is_missing_table(e):
+            answer = database_error_answer(e)  # (as the routes answer it: a busy writer, a file no database…)
+            if answer is None:
                 raise
-            await error_response(NotReadyError(EMPTY_DATABASE))(scope, receive, send)
+            await error_response(answer)(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
@@ -40,15 +40,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
-from ..cf_core.errors import BusyError, CfbError, InputError, NotReadyError, UserExistsError, cut, json_shown
+from ..cf_core.errors import BusyError, CfbError, InputError, UserExistsError, cut, json_shown
 from ..db import store, versions
-from ..db.engine import (BUSY, EMPTY_DATABASE, WRITE_TURNS, database_error, is_busy, is_missing_table, make_engine,
-                         sqlite_file)
+from ..db.engine import BUSY, WRITE_TURNS, make_engine, sqlite_file
 from . import serving, web_pages
 from .fast_recommendations import FastRecommendations, FastReader
 from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, Utf8Path, wants_html,
                           binds_this_machine_only, origin_key)
-from .http_json import (MAX_N, RETRY_AFTER, ApiError, WholeNumber, error_response, error_status,
+from .http_json import (MAX_N, RETRY_AFTER, ApiError, WholeNumber, database_error_answer, error_response, error_status,
                         is_json_media_type, json_response, recommendation_query)
 from .signup import signup_one
 from .state import load_served
@@ -137,6 +136,10 @@ PCA = {"type": "object", "required": ["version", "explained_variance", "items"],
                                                         "pc2": {"type": "number"}, "pc3": {"type": "number"}}}}}}
 MODELS = {"type": "array", "items": {"type": "object", "required": ["version", "kind", "serving"], "properties": {
     "version": {"type": "integer"}, "kind": {"type": "string"}, "serving": {"type": "boolean"}}}}
+
+
+# a query parameter's bounds as JSON Schema says them (FastAPI writes a validated type's as pydantic's ge/le)
+JSON_SCHEMA_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
 
 
 def check_token_text(token: str | None) -> str | None:
@@ -279,16 +282,12 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     async def _api_error(request: Request, e: ApiError | CfbError):
         return answer_error(request, e)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(ProgrammingError)
-    async def _database_error(request: Request, e: OperationalError | ProgrammingError):
-        if is_busy(e):  # a write that waited out the busy timeout behind another writer (a long ingest)
-            return answer_error(request, ApiError(503, BUSY, headers=RETRY_AFTER))
-        if is_missing_table(e):
-            return answer_error(request, NotReadyError(EMPTY_DATABASE))
-        if isinstance(e, OperationalError):  # the database went away (a server stopped, a file unreadable)
-            return answer_error(request, ApiError(503, str(database_error(e)), headers=RETRY_AFTER))
-        raise e
+    @app.exception_handler(DatabaseError)
+    async def _database_error(request: Request, e: DatabaseError):
+        answer = database_error_answer(e)  # (a busy writer, a database not written yet, a file no database)
+        if answer is None:
+            raise e
+        return answer_error(request, answer)
 
     @app.exception_handler(PoolTimeoutError)
     async def _pool_timeout(request: Request, e: PoolTimeoutError):  # every pooled connection busy past the wait
@@ -601,6 +600,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             if token is not None:  # the writes need the token: /docs then has an "Authorize" button for it
                 spec["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
             for method, operation in ((m, op) for ops in spec["paths"].values() for m, op in ops.items()):
+                for parameter in operation.get("parameters", []):  # (a WholeNumber's bounds come out as pydantic's)
+                    schema = parameter.get("schema", {})
+                    for pydantic_word, json_schema_word in JSON_SCHEMA_BOUNDS.items():
+                        if pydantic_word in schema:
+                            schema[json_schema_word] = schema.pop(pydantic_word)
                 if token is not None and method == "post":
                     operation["security"] = [{"bearerAuth": []}]
                 responses = operation.setdefault("responses", {})
@@ -612,7 +616,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                     if status[0] in "45":
                         response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
                         if response.get("description") == "Validation Error":
-                            response["description"] = "a parameter out of range"
+                            response["description"] = "a parameter out of range, or an empty id"
             app.openapi_schema = spec
         return app.openapi_schema
 

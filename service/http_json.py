@@ -35,6 +35,28 @@ ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (BusyError, 503),  
 RETRY_AFTER = {"Retry-After": "10"}  # seconds: with a 503 that trying again will cure (a busy database)
 
 
+def database_error_answer(e: BaseException) -> ApiError | CfbError | None:
+    """How the API answers a database's error (SQLAlchemy's or the SQLite driver's, as the fast path
+    meets them): busy (another writer past the wait) 503 with Retry-After, a database cfb has not written
+    yet "not ready", any other a 503 naming it in one line (a file that is not a database or is damaged,
+    a server gone); None for what is no state of the database (a programming error: a 500)."""
+    import sqlite3
+
+    from sqlalchemy.exc import DatabaseError, IntegrityError, ProgrammingError
+
+    from ..db.engine import BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table
+
+    if not isinstance(e, (DatabaseError, sqlite3.DatabaseError)):
+        return None
+    if is_busy(e):
+        return ApiError(503, BUSY, headers=RETRY_AFTER)
+    if is_missing_table(e):
+        return NotReadyError(EMPTY_DATABASE)
+    if isinstance(e, (ProgrammingError, IntegrityError, sqlite3.ProgrammingError, sqlite3.IntegrityError)):
+        return None
+    return ApiError(503, str(database_error(e)), headers=RETRY_AFTER)
+
+
 def error_status(e: CfbError) -> int:
     return next((status for kind, status in ERROR_STATUS if isinstance(e, kind)), 422)
 

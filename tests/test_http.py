@@ -426,6 +426,12 @@ def test_the_openapi_schema_describes_the_error_bodies_the_server_sends(server):
             assert {"503", *(("401", "403", "413") if method == "post" else ())} <= set(op["responses"]), (method, path)
     assert "409" in spec["paths"]["/items/{item}/similar"]["get"]["responses"]
     assert "securitySchemes" not in spec["components"]  # (no token: nothing to authorise)
+    # a parameter's bounds in JSON Schema's words (pydantic's ge/le are not: generated clients dropped them)
+    bounds = {(path, p["name"]): p["schema"] for path, ops in spec["paths"].items() for op in ops.values()
+              for p in op.get("parameters", []) if p["in"] == "query"}
+    assert not any({"ge", "le", "gt", "lt"} & set(schema) for schema in bounds.values()), bounds
+    assert (bounds["/questionnaire", "budget"]["minimum"], bounds["/questionnaire", "budget"]["maximum"]) == (0, 30)
+    assert bounds["/inspect/biases", "min_ratings"]["minimum"] == 0 and bounds["/items/{item}/similar", "n"]["minimum"] == 1
     rec = server.get("/users/a0/recommendations").json()
     assert all(f'"{key}"' in spec["paths"]["/users/{user}/recommendations"]["get"]["responses"]["200"]["description"]
                for key in [*rec, *rec["items"][0]])
@@ -1397,6 +1403,31 @@ def test_a_database_made_again_at_the_same_path_is_served_within_a_second(traine
     with sqlite3.connect(path) as conn:  # the write went to the new file
         assert conn.execute("SELECT count(*) FROM ratings r JOIN users u ON u.id = r.user_id "
                             "WHERE u.external_id = 'only-in-the-new-file'").fetchone() == (3,)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_file_that_is_no_database_is_a_json_503_not_a_bare_500(trained, db_url, tmp_path, fast_path):
+    """A database file replaced by one that is not a database (or is damaged) while the server runs: every
+    request is answered with the Error body, 503, saying so in one line (it was "Internal Server Error" as
+    text, and a traceback in the log)."""
+    import os
+    from pathlib import Path
+
+    engine, _ = trained
+    path = Path(engine.url.database)
+    with running_server(db_url, fast_path=fast_path) as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert client.get("/users/a0/recommendations").status_code == 200
+        garbage = tmp_path / "garbage.db"
+        garbage.write_bytes(os.urandom(100_000))
+        for end in ("-wal", "-shm"):
+            path.with_name(path.name + end).unlink(missing_ok=True)
+        os.replace(garbage, path)
+        for r in (client.get("/health"), client.get("/users/a0/recommendations"), client.get("/questionnaire"),
+                  client.post("/users/a0/ratings", json={"item": "a2", "rating": 5})):
+            assert r.status_code == 503 and r.headers["content-type"] == "application/json", (r.request.url, r.text)
+            assert r.json()["error"].startswith("database error: file is not a database"), r.text
+        page = client.get("/user/a0", headers={"accept": "text/html"})
+        assert page.status_code == 503 and "file is not a database" in page.text and "<html" in page.text.lower()
 
 
 def test_inspect_pca_of_two_items_prints_the_axes_it_has(tmp_path):

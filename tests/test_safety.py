@@ -144,3 +144,34 @@ def test_sigkill_at_any_moment_of_incremental_retrains(trained, db_url):
                                    .where(ModelArrays.version_id == v["version"])) == 1
             assert serving == max(v["version"] for v in versions.list_versions(conn))
         assert table_counts(engine)["ratings"] == ratings_before  # no rating lost
+
+
+def test_a_database_made_where_one_was_deleted_under_an_open_connection_is_only_the_new_one(tmp_path):
+    """`rm cfb.db` while a server still has it open leaves its write-ahead log and shared-memory index at
+    the path (SQLite keeps them for the open connections); a first ingest there linked its new file beside
+    them, and SQLite read the deleted database's log into it: the old users back, the new ones missing,
+    the file malformed (a review). A database made at a path with no file starts without them."""
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from cfb.cli.main import cli
+
+    path = tmp_path / "cfb.db"
+    old = sqlite3.connect(path, isolation_level=None)  # (the server's connection, kept open throughout)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("PRAGMA wal_autocheckpoint=0")  # (its pages stay in the log, as a busy server's do)
+    old.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, external_id TEXT)")
+    old.executemany("INSERT INTO users (external_id) VALUES (?)", [(f"ghost{k}",) for k in range(500)])
+    try:
+        path.unlink()  # only the database file, as `rm ~/.cfb/cfb.db` does
+        assert path.with_name("cfb.db-wal").exists() and path.with_name("cfb.db-shm").exists()
+        ratings = tmp_path / "r.csv"
+        ratings.write_text("user,item,rating\nalice,a1,5\nalice,a2,3\nbob,a1,4\nbob,a3,2\n")
+        res = CliRunner().invoke(cli, ["--db", f"sqlite:///{path}", "ingest", "ratings", str(ratings), "--quiet"])
+        assert res.exit_code == 0, res.output
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert sorted(u for (u,) in conn.execute("SELECT external_id FROM users")) == ["alice", "bob"]
+    finally:
+        old.close()
