@@ -60,11 +60,13 @@ def csv_column_at(data: bytes, pos: int, encoding: str) -> str | None:
     ``data`` falls in (everything before ``pos`` decodes); None on the header itself, past its last
     column, or where the line does not parse (a quoted field over two lines)."""
     start = data.rfind(b"\n", 0, pos) + 1
-    before = [ln for ln in data[:start].decode(encoding).splitlines() if ln.strip(BLANK)]
-    if not before:
+    at = 0
+    while at < start and not data[at:data.find(b"\n", at, start)].strip(BLANK.encode()):  # (blank lines first)
+        at = data.find(b"\n", at, start) + 1
+    if at >= start:  # (the byte is on the header's line)
         return None
     try:
-        header = [h.strip() for h in next(csv.reader([before[0]]))]
+        header = [h.strip() for h in next(csv.reader([data[at:data.find(b"\n", at, start)].decode(encoding)]))]
         k = len(next(csv.reader([data[start:pos].decode(encoding) + "x"]), [""])) - 1  # (x: the field the byte is in)
     except csv.Error:
         return None
