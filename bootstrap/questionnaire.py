@@ -145,7 +145,7 @@ def choose_items(items: np.ndarray, ratings: np.ndarray, n_items: int, budget: i
     """Items to ask about, most useful first, from training ratings (returns inner item indices).
 
     "positive": most often liked first (ratings in the top quarter of ``scale``, else of the ratings'
-    range; ties: most-rated first), the protocol's positive-popularity order: items most users have
+    range; ties: most-rated first, then ``tie``), the protocol's positive-popularity order: items most users have
     seen, and the ones that are commonly liked rather than only commonly watched (docs/coldstart.md);
     "popularity": most-rated first; "entropy": log-popularity × entropy of the item's ratings. Items
     still tied go in the order of ``tie`` (per inner item: its rank by id as text, as the protocol
