@@ -36,7 +36,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     td, read_s = load_training_data(make_engine(a.db))
-    q = make_questionnaire(td.data, td.item_ids, td.attributes, scale=td.scale)
+    q = make_questionnaire(td.data, td.item_ids, td.attributes, scale=td.scale, tie=td.item_tie)
     args = (td.data, td.timestamps, td.attributes, q.questions, list(np.searchsorted(td.item_ids, q.items)), td.scale)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, one torch thread, "
           f"load avg {os.getloadavg()[0]:.2f}")

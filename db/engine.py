@@ -163,7 +163,9 @@ def _remove_orphan_sidecars(path: Path) -> None:
     """The write-ahead log, shared-memory index and journal at ``path`` where no database file is: a
     database deleted while a connection (a server's) held it open leaves them there, and SQLite would
     read them into the next database made at the path (the deleted one's pages in it, the file
-    malformed). The connections that hold them keep their own files."""
+    malformed). The connections that hold them keep their own files. (Between the look and the unlinks
+    another process could link a first database of its own into place and start its log: microseconds,
+    and a first ingest racing another into one path is refused or merged by ``made_whole`` anyway.)"""
     if not path.exists():
         for end in SIDECARS:
             path.with_name(path.name + end).unlink(missing_ok=True)
@@ -300,9 +302,9 @@ def _sqlite_begin(conn: Connection) -> None:
             try:
                 raw.execute("BEGIN IMMEDIATE")
                 return
-            except sqlite3.OperationalError as e:
+            except sqlite3.Error as e:
                 if "locked" not in str(e):
-                    break  # (not a wait: said below as the engine says any error)
+                    break  # (not a wait: raised below as the engine raises any error, SQLAlchemy's)
         raw.execute(f"PRAGMA busy_timeout={max(1, left)}")
         conn.exec_driver_sql("BEGIN IMMEDIATE")  # the last slice: its error the engine's own (busy: ``is_busy``)
     finally:

@@ -65,6 +65,8 @@ def csv_column_at(data: bytes, pos: int, encoding: str) -> str | None:
         at = data.find(b"\n", at, start) + 1
     if at >= start:  # (the byte is on the header's line)
         return None
+    if data.count(b'"', data.find(b"\n", at, start), start) % 2:  # (its line starts inside a quoted field)
+        return None
     try:
         header = [h.strip() for h in next(csv.reader([data[at:data.find(b"\n", at, start)].decode(encoding)]))]
         k = len(next(csv.reader([data[start:pos].decode(encoding) + "x"]), [""])) - 1  # (x: the field the byte is in)

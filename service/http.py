@@ -47,7 +47,7 @@ from . import serving, web_pages
 from .fast_recommendations import FastRecommendations, FastReader
 from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, Utf8Path, wants_html,
                           binds_this_machine_only, origin_key)
-from .http_json import (MAX_N, RETRY_AFTER, ApiError, WholeNumber, database_error_answer, error_response, error_status,
+from .http_json import (MAX_MIN_RATINGS, MAX_N, RETRY_AFTER, ApiError, WholeNumber, database_error_answer, error_response, error_status,
                         is_json_media_type, json_response, recommendation_query)
 from .signup import signup_one
 from .state import load_served
@@ -570,7 +570,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
                               "content": {"application/json": {"schema": BIASES}}},
                         409: {"description": "the serving version is an nn model: it learns no item biases"}})
     async def inspect_biases(n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10,
-                             min_ratings: Annotated[WholeNumber, Query(ge=0, le=web_pages.MAX_MIN_RATINGS)] = 1):
+                             min_ratings: Annotated[WholeNumber, Query(ge=0, le=MAX_MIN_RATINGS)] = 1):
         with engine.connect() as conn:
             return json_response(serving.biases(conn, n, min_ratings))
 
@@ -683,7 +683,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     @page("/explore")
     def explore(n: Annotated[WholeNumber, Query(ge=2, le=500)] = 50,
-                min_ratings: Annotated[WholeNumber, Query(ge=0, le=web_pages.MAX_MIN_RATINGS)] = 1):
+                min_ratings: Annotated[WholeNumber, Query(ge=0, le=MAX_MIN_RATINGS)] = 1):
         from .inspect import pca
 
         with engine.connect() as conn:

@@ -30,31 +30,35 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (BusyError, 503),  # any other CfbError: 422
-                (CannotAnswerError, 409))
+class ServiceUnavailable(CfbError):
+    """The database cannot answer (not a busy writer: trying again soon will not cure it); HTTP 503."""
+
+
+ERROR_STATUS = ((UnknownIdError, 404), (NotReadyError, 503), (BusyError, 503), (ServiceUnavailable, 503),
+                (CannotAnswerError, 409))  # any other CfbError: 422
 RETRY_AFTER = {"Retry-After": "10"}  # seconds: with a 503 that trying again will cure (a busy database)
+MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
 
 
-def database_error_answer(e: BaseException) -> ApiError | CfbError | None:
-    """How the API answers a database's error (SQLAlchemy's or the SQLite driver's, as the fast path
-    meets them): busy (another writer past the wait) 503 with Retry-After, a database cfb has not written
-    yet "not ready", any other a 503 naming it in one line (a file that is not a database or is damaged,
-    a server gone); None for what is no state of the database (a programming error: a 500)."""
+def database_error_answer(e: BaseException) -> CfbError | None:
+    """How the API answers a database's error (SQLAlchemy's, or the SQLite driver's as the fast path meets
+    them): ``db.engine.database_error``'s, busy (another writer past the wait: 503 with Retry-After), a
+    database cfb has not written yet (503, not ready), or any other as a 503 naming it in one line (a file
+    that is not a database or is damaged, a server gone); None for what is no state of the database but a
+    programming error (a 500)."""
     import sqlite3
 
     from sqlalchemy.exc import DatabaseError, IntegrityError, ProgrammingError
 
-    from ..db.engine import BUSY, EMPTY_DATABASE, database_error, is_busy, is_missing_table
+    from ..db.engine import database_error, is_missing_table
 
     if not isinstance(e, (DatabaseError, sqlite3.DatabaseError)):
         return None
-    if is_busy(e):
-        return ApiError(503, BUSY, headers=RETRY_AFTER)
-    if is_missing_table(e):
-        return NotReadyError(EMPTY_DATABASE)
-    if isinstance(e, (ProgrammingError, IntegrityError, sqlite3.ProgrammingError, sqlite3.IntegrityError)):
+    if isinstance(e, (ProgrammingError, IntegrityError, sqlite3.ProgrammingError, sqlite3.IntegrityError)) \
+            and not is_missing_table(e):
         return None
-    return ApiError(503, str(database_error(e)), headers=RETRY_AFTER)
+    error = database_error(e)
+    return error if isinstance(error, (BusyError, NotReadyError)) else ServiceUnavailable(str(error))
 
 
 def error_status(e: CfbError) -> int:

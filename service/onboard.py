@@ -22,7 +22,8 @@ from .state import Served, load_served, questionnaire_of
 
 def entry_field(part: str, key) -> str:  # noqa: ANN001
     """An error's field for ``key`` of an entry's ``part`` ("answers", "ratings"): whole up to the longest
-    id (the web page finds the control it marks by it), a longer key, which no item can have, cut short."""
+    id (the web page finds the control it marks by it), a longer key cut short (no item id is that long, and
+    a message need not repeat a page of text)."""
     return f"{part}.{cut(key, store.MAX_ID_LENGTH, store.MAX_ID_LENGTH)}"
 
 

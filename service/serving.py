@@ -115,13 +115,13 @@ NOTHING_LEFT = "every item the serving model holds is rated: none is left to rec
 
 def not_in_model(conn: Connection, served: Served, db_id: int, query: str) -> str:
     """Why an item of the catalogue is not in the serving model, and what adds it."""
-    why = waits_for_a_rating(conn, served, db_id)
+    why = why_it_needs_a_rating(conn, served, db_id)
     if why is None:
         return f"item {query!r} is not in the serving model yet: it joins at the next retrain (`cfb retrain`)"
     return f"item {query!r} is not in the serving model yet: {why}, so it joins at the first `cfb retrain` after it is rated"
 
 
-def waits_for_a_rating(conn: Connection, served: Served, db_id: int) -> str | None:
+def why_it_needs_a_rating(conn: Connection, served: Served, db_id: int) -> str | None:
     """Why a catalogue item the serving model does not hold needs a rating before a retrain adds it, or
     None when the next retrain adds it (it is rated, or the version starts new items from metadata)."""
     rated = conn.scalar(select(Rating.item_id).where(Rating.item_id == db_id).limit(1)) is not None
@@ -134,13 +134,13 @@ def waits_for_a_rating(conn: Connection, served: Served, db_id: int) -> str | No
 
 def item_not_in_model(conn: Connection, query: str) -> dict | None:
     """The catalogue item ``query`` names when the serving model does not hold it yet: its id, title and
-    whether it ``waits_for_a_rating`` before a retrain adds it; None when the model holds it."""
+    whether it waits for a rating (``why_it_needs_a_rating``) before a retrain adds it; None when the model holds it."""
     served = load_served(conn)
     db_id = find_item(conn, query)
     if served.model.item_index([db_id])[0] >= 0:
         return None
     ext, title = store.item_titles(conn, [db_id])[db_id]
-    return {"item": ext, "title": title, "waits_for_a_rating": waits_for_a_rating(conn, served, db_id) is not None}
+    return {"item": ext, "title": title, "waits_for_a_rating": why_it_needs_a_rating(conn, served, db_id) is not None}
 
 
 def _item_by_id_or_title(conn: Connection, query: str) -> int | None:

@@ -13,12 +13,12 @@ from fastapi.responses import HTMLResponse
 
 from ..bootstrap.questionnaire import MAX_TEXT_ANSWER
 from ..db import store
+from .http_json import MAX_MIN_RATINGS
 from .inspect import item_href, pca_svg
 from .serving import NOTHING_LEFT
 
 WEB = Path(__file__).parent / "web"
 RATINGS_SHOWN = 20  # the latest ratings a user's page lists
-MAX_MIN_RATINGS = 10**9  # min_ratings' bound: more than any item has (a larger int does not fit numpy's compare)
 
 
 def page(title: str, body: str, token_required: bool = False) -> HTMLResponse:

@@ -1426,6 +1426,7 @@ def test_a_file_that_is_no_database_is_a_json_503_not_a_bare_500(trained, db_url
                   client.post("/users/a0/ratings", json={"item": "a2", "rating": 5})):
             assert r.status_code == 503 and r.headers["content-type"] == "application/json", (r.request.url, r.text)
             assert r.json()["error"].startswith("database error: file is not a database"), r.text
+            assert "retry-after" not in r.headers  # (waiting will not cure it, as it cures a busy writer)
         page = client.get("/user/a0", headers={"accept": "text/html"})
         assert page.status_code == 503 and "file is not a database" in page.text and "<html" in page.text.lower()
 

@@ -107,6 +107,9 @@ def test_a_bad_byte_in_a_csv_names_its_column(tmp_path, reader, body, field):
     path.write_bytes(body)
     with pytest.raises(InputError, match=rf"u.csv, line \d, field '{field}': not valid utf-8 text \(byte 0xe9\)$"):
         reader(path)
+    path.write_bytes(b'item,title,genres\na1,"First line\nsecond caf\xe9",Drama\n')  # inside a quoted field over lines
+    with pytest.raises(InputError, match=r"u.csv, line 3: not valid utf-8"):  # (its column unknown: not guessed)
+        reader(path)
     path.write_bytes(b"item,ti\xe9tle\na1,A\n")  # in the header: the line alone
     with pytest.raises(InputError, match=r"u.csv, line 1: not valid utf-8"):
         reader(path)

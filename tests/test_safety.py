@@ -175,3 +175,30 @@ def test_a_database_made_where_one_was_deleted_under_an_open_connection_is_only_
             assert sorted(u for (u,) in conn.execute("SELECT external_id FROM users")) == ["alice", "bob"]
     finally:
         old.close()
+
+
+def test_a_write_on_a_file_damaged_under_an_open_connection_raises_the_engines_error(tmp_path):
+    """A writer's wait for SQLite's lock runs through the driver's own connection (``_sqlite_begin``): a
+    file damaged under a pooled connection raised the driver's bare error there, which the server's error
+    answers do not know (they know SQLAlchemy's, as every read raises it)."""
+    import sqlalchemy.exc
+    from sqlalchemy import text
+
+    from cfb.db.engine import make_engine, writing
+
+    path = tmp_path / "cfb.db"
+    engine = make_engine(f"sqlite:///{path}")
+    with writing(engine) as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    with engine.connect() as conn:  # (a pooled connection, open on the file)
+        conn.execute(text("SELECT count(*) FROM t")).scalar()
+    with open(path, "r+b") as f:  # damaged in place (the same file: its pages and its log's overwritten)
+        f.write(os.urandom(path.stat().st_size))
+    for end in ("-wal", "-shm"):
+        side = path.with_name(path.name + end)
+        if side.exists():
+            side.write_bytes(b"\0" * side.stat().st_size)
+    with pytest.raises(sqlalchemy.exc.DatabaseError):
+        with writing(engine) as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+    engine.dispose()
