@@ -40,15 +40,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from ..bootstrap.questionnaire import MAX_BUDGET
-from ..cf_core.errors import BusyError, CfbError, InputError, UserExistsError, cut, json_shown
+from ..cf_core.errors import BusyError, CannotAnswerError, CfbError, InputError, UserExistsError, cut, json_shown
 from ..db import store, versions
 from ..db.engine import BUSY, WRITE_TURNS, make_engine, sqlite_file
 from . import serving, web_pages
 from .fast_recommendations import FastRecommendations, FastReader
 from .http_guards import (MAX_BODY, BodyLimit, DatabaseFileGone, JsonCORS, LocalHostsOnly, Utf8Path, wants_html,
                           binds_this_machine_only, origin_key)
-from .http_json import (MAX_MIN_RATINGS, MAX_N, RETRY_AFTER, ApiError, WholeNumber, database_error_answer, error_response, error_status,
-                        is_json_media_type, json_response, recommendation_query)
+from .http_json import (MAX_MIN_RATINGS, MAX_N, RETRY_AFTER, ApiError, WholeNumber, database_error_answer,
+                        error_response, error_status, is_json_media_type, json_response, recommendation_query)
 from .signup import signup_one
 from .state import load_served
 
@@ -254,13 +254,16 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return app.get(path, **kwargs)(endpoint)
         return register
 
+    def _page(title: str, body: str) -> HTMLResponse:
+        """A page in the site's frame, its script told whether writes need this server's token."""
+        return web_pages.page(title, body, token is not None)
+
     def error_page(message: str, status: int, headers: dict | None = None,
                    suggestions: list[str] | None = None) -> HTMLResponse:
         """A web page's error: its one-line message, an unknown item's close titles as links to them, and
         a link back, with the API's status."""
         heading = web_pages.error_heading(status)
-        page_ = web_pages.page(f"cfb: {heading.lower()}", web_pages.error_body(heading, message, suggestions),
-                               token is not None)
+        page_ = _page(f"cfb: {heading.lower()}", web_pages.error_body(heading, message, suggestions))
         page_.status_code = status
         page_.headers.update(headers or {})
         return page_
@@ -644,9 +647,6 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         scale, step = store.rating_scale_and_step(conn)
         return web_pages.rating_choices(scale or (1.0, 5.0), step)
 
-    def _page(title: str, body: str) -> HTMLResponse:
-        return web_pages.page(title, body, token is not None)
-
     @page("/")
     def home(budget: Annotated[WholeNumber, Query(ge=0, le=MAX_BUDGET)] = 15):
         from .onboard import questionnaire_json
@@ -667,10 +667,13 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     @page("/item/{item:id}")
     def item_page(item: str, n: Annotated[WholeNumber, Query(ge=1, le=MAX_N)] = 10):
         with engine.connect() as conn:
-            new = serving.item_not_in_model(conn, item)
-            if new is not None:  # (in the catalogue, not yet in a trained version: its page all the same)
+            try:
+                out = serving.similar(conn, item, n)
+            except CannotAnswerError:  # in the catalogue, not yet in a trained version: its page all the same
+                new = serving.item_not_in_model(conn, item)
+                if new is None:  # (a version that holds it came in between: said as the API says it)
+                    raise
                 return _page(f"cfb: {new.get('title') or new['item']}", web_pages.new_item_body(new))
-            out = serving.similar(conn, item, n)
         return _page(f"cfb: {out.get('title') or out['item']}", web_pages.item_body(out))
 
     @page("/find")
