@@ -59,16 +59,19 @@ def csv_column_at(data: bytes, pos: int, encoding: str) -> str | None:
     """The name, in the header (the first non-blank line), of the CSV column that byte ``pos`` of
     ``data`` falls in (everything before ``pos`` decodes); None on the header itself, past its last
     column, or where the line does not parse (a quoted field over two lines)."""
-    start = data.rfind(b"\n", 0, pos) + 1
-    at = 0
-    while at < start and not data[at:data.find(b"\n", at, start)].strip(BLANK.encode()):  # (blank lines first)
-        at = data.find(b"\n", at, start) + 1
-    if at >= start:  # (the byte is on the header's line)
+    start = data.rfind(b"\n", 0, pos) + 1  # (the byte's line)
+    at = 0  # (the header's line: the first that is not blank)
+    while at < start:
+        end = data.find(b"\n", at, start)
+        if data[at:end].strip(BLANK.encode()):
+            break
+        at = end + 1
+    else:  # (the byte is on the header's line)
         return None
-    if data.count(b'"', data.find(b"\n", at, start), start) % 2:  # (its line starts inside a quoted field)
+    if data.count(b'"', end, start) % 2:  # (its line starts inside a quoted field)
         return None
     try:
-        header = [h.strip() for h in next(csv.reader([data[at:data.find(b"\n", at, start)].decode(encoding)]))]
+        header = [h.strip() for h in next(csv.reader([data[at:end].decode(encoding)]))]
         k = len(next(csv.reader([data[start:pos].decode(encoding) + "x"]), [""])) - 1  # (x: the field the byte is in)
     except csv.Error:
         return None
