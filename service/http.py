@@ -119,6 +119,8 @@ _ITEMS = {"type": "array", "items": {"type": "object", "required": ["item", "tit
     "item": {"type": "string"}, "title": _TEXT_OR_NONE, "score": {"type": "number"}}}}
 HEALTH = {"type": "object", "required": ["status", "version"], "properties": {
     "status": {"type": "string"}, "version": {"type": ["integer", "null"]}}}
+READY = {"type": "object", "required": ["status", "version"], "properties": {
+    "status": {"type": "string", "enum": ["ready"]}, "version": {"type": "integer"}}}
 QUESTIONNAIRE = {"type": "object", "required": ["version", "attributes", "items"], "properties": {
     "version": {"type": "integer"}, "items": _ITEMS,
     "attributes": {"type": "array", "items": {"type": "object", "required": ["name", "type"], "properties": {
@@ -419,6 +421,14 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
     async def health():
         with engine.connect() as conn:
             return json_response({"status": "ok", "version": versions.serving_version(conn)})
+
+    @api_get("/ready", tags=["api"], summary="Readiness: 200 once the serving version is loaded and can answer",
+             responses={200: {"description": '{"status": "ready", "version": v}',
+                              "content": {"application/json": {"schema": READY}}},
+                        503: {"description": "no trained version yet, or the serving one cannot be read"}})
+    def ready():
+        with engine.connect() as conn:
+            return json_response({"status": "ready", "version": load_served(conn).version})
 
     @api_get("/questionnaire", tags=["api"], summary="The signup questionnaire (`cfb questionnaire --json`)",
              responses={200: {"description": '{"version": v, "attributes": [{"name", "type", ...}], '

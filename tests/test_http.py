@@ -994,6 +994,39 @@ def test_an_empty_database_answers_503_with_one_line_on_every_route(tmp_path, fa
         assert page.status_code == 503 and "the database holds no cfb data yet" in page.text
 
 
+def test_ready_answers_200_only_while_a_version_can_serve(trained, db_url, tmp_path):
+    """``/health`` is liveness (200 while the database answers, whatever it holds); ``/ready`` is
+    readiness: 200 with the version once one is loaded and can answer, 503 saying what to do before any
+    retrain and while the serving version's arrays cannot be read (a load balancer sends it no one)."""
+    import cfb
+    from cfb.db.engine import writing
+    from cfb.db.schema import ModelArrays
+    from cfb.service import state
+
+    (tmp_path / "r.csv").write_text("user,item,rating\nu1,i1,4\nu2,i1,3\n")
+    untrained = f"sqlite:///{tmp_path / 'untrained.db'}"
+    with cfb.open(untrained) as db:
+        db.ingest_ratings(tmp_path / "r.csv", scale=(1, 5))
+    with running_server(untrained) as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert client.get("/health").json() == {"status": "ok", "version": None}
+        res = client.get("/ready")
+        assert res.status_code == 503 and "cfb retrain --full" in res.json()["error"], res.text
+        assert client.head("/ready").status_code == 503
+    engine, report = trained
+    with running_server(db_url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        res = client.get("/ready")
+        assert res.status_code == 200 and res.json() == {"status": "ready", "version": report["version"]}
+        assert client.head("/ready").status_code == 200
+        with writing(engine) as conn:
+            conn.execute(ModelArrays.__table__.update()
+                         .where(ModelArrays.version_id == report["version"]).values(data=b"garbage"))
+        state._CACHE.clear()  # (as a server started after the damage)
+        res = client.get("/ready")
+        assert res.status_code == 503, res.text
+        assert res.json()["error"].startswith(f"model version {report['version']} is damaged")
+        assert client.get("/health").status_code == 200
+
+
 def test_a_write_from_another_sites_page_is_refused(server, db_url):
     """Without a token too: a browser on another site may POST text/plain here without asking (a
     "simple" request), but it says where the page came from; this server's own page passes."""
