@@ -348,12 +348,17 @@ class TrainedModel:
         fold-in of a few ratings do not: docs/coldstart.md). Clipped to the ratings' scale: the book's
         ``sigmoid_range`` runs a little past it (0..5.5 on 1..5) so that its ends can be reached, and a
         rating off the scale is never the better guess."""
+        pred = self._unclipped_prediction(user, items)
+        return pred if self.scale is None else np.clip(pred, *self.scale).astype(pred.dtype)
+
+    def _unclipped_prediction(self, user: UserVector, items: np.ndarray | None = None) -> np.ndarray:
+        """``predict`` before the clip: what orders items by predicted rating (a clip ties those past an end)."""
         pred = self.rating.predict(user.vec, user.bias, items)
         if user.cold:
             pred = self._cold_prediction(pred, user, items)
         if user.meta_affinity is not None:
             pred = self._with_metadata_affinity(pred, user.meta_affinity, items)
-        return pred if self.scale is None else np.clip(pred, *self.scale).astype(pred.dtype)
+        return pred
 
     def _with_metadata_affinity(self, pred: np.ndarray, affinity: np.ndarray, items: np.ndarray | None) -> np.ndarray:
         """``pred`` with the user's metadata affinity added for the items added after the full retrain
@@ -422,8 +427,9 @@ class TrainedModel:
                   by: str = "rank") -> tuple[np.ndarray, np.ndarray]:
         """The user's top ``n`` items (database ids), the items they rated (``rated``, database ids; ones
         this version does not hold ignored) left out, in the order ``by`` says (``"rank"``: ``scores``;
-        ``"rating"``: the predicted rating), and their predicted ratings."""
-        s = (self.scores(user) if by == "rank" else self.predict(user)).astype(np.float64)
+        ``"rating"``: the predicted rating, in the model's order before the clip to the scale, which would
+        tie every item past its top), and their predicted ratings."""
+        s = (self.scores(user) if by == "rank" else self._unclipped_prediction(user)).astype(np.float64)
         exclude = self.item_index(rated)
         s[exclude[exclude >= 0]] = -np.inf
         top = top_n(s, n)

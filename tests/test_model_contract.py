@@ -190,6 +190,22 @@ def test_predicted_ratings_stay_on_the_scale(kind_db):
     assert served.max() == 5 and served.min() == 1 and np.allclose(served, np.clip(raw, 1, 5), atol=1e-5)
 
 
+def test_ranking_by_rating_orders_by_the_models_prediction_before_the_clip(kind_db):
+    """``--by rating`` for a user whose predictions pass the top of the scale for many items: the shown
+    ratings are clipped to 5, but the order is the model's (a clip would tie them all, in index order)."""
+    kind, engine, report = kind_db
+    with engine.connect() as conn:
+        model = versions.load_model(conn, report["version"])
+        _, factors, bias = versions.trained_rows(conn, report["version"])
+    user = model.user_vector(UserHistory({}, np.zeros(0, np.int64), np.zeros(0),
+                                         trained_row=(factors[0] * 3, float(bias[0]) + 4.0)))
+    raw = model.rating.predict(user.vec, user.bias)
+    assert (raw > 5).sum() > 10
+    top, shown = model.recommend(user, np.zeros(0, np.int64), n=10, by="rating")
+    assert np.all(shown == 5)
+    assert list(top) == list(model.item_ids[np.argsort(-raw, kind="stable")[:10]])
+
+
 def test_stored_attributes_a_signup_would_refuse_are_left_unanswered(kind_db):
     """Attributes stored by `cfb ingest users` reach the model only as a sign-up could give them: an age
     far outside the training range or a gender no training user has counts as unanswered."""
