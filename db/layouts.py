@@ -438,13 +438,17 @@ def _top_tags(df: pd.DataFrame, key: str, tag: str, weight: str | None = None,
 
 
 # --- MovieLens -----------------------------------------------------------------------------------------
+def existing_folder(folder: Path) -> Path:
+    """``folder`` as a Path; an ``InputError`` naming it when it is missing or is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("folder not found" if not folder.exists() else "expected a folder", source=str(folder))
+    return folder
+
+
 def movielens_layout(folder: Path) -> str:
     """'100k', '1m', '10m' or 'csv', from the files in ``folder``."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError("folder not found", source=str(folder))
-    if not folder.is_dir():
-        raise InputError("expected a folder", source=str(folder))
+    folder = existing_folder(folder)
     found = [name for name, _ in MOVIELENS_MARKERS if (folder / name).exists()]
     if len(found) > 1:
         raise InputError(f"holds the ratings of two MovieLens layouts ({' and '.join(found)}): keep one release "
@@ -704,9 +708,7 @@ def release_reader(folder: Path) -> Callable[[Path], Dataset]:
     """The reader of the MovieLens or goodbooks release in ``folder`` (``read_goodbooks`` or
     ``read_movielens``), recognised by its files; an ``InputError`` naming the folder when it holds
     neither (the reader names what is wrong inside a release it takes)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError("folder not found" if not folder.exists() else "not a folder", source=str(folder))
+    folder = existing_folder(folder)
     if is_goodbooks(folder):
         return read_goodbooks
     if not any((folder / name).exists() for name, _ in MOVIELENS_MARKERS):
