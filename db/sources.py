@@ -176,10 +176,11 @@ def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
     start = 1  # the line the record being read starts on
     try:
-        header = next(reader)
+        header = next(row for row in reader if len(row) > 1 or "".join(row).strip())  # (pandas skips blank lines)
         start = reader.line_num + 1
         for row in reader:
-            if not quotes_only and row and len(row) != len(header):
+            blank = len(row) <= 1 and not "".join(row).strip()  # (pandas skips a line of spaces too)
+            if not quotes_only and not blank and len(row) != len(header):
                 raise InputError(f"expected {len(header)} fields, found {len(row)}", source=str(path), line=start)
             start = reader.line_num + 1
     except csv.Error as e:
@@ -203,8 +204,8 @@ def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
         if len(df.columns) == len(header):
             df.columns = header
         last = df.columns[-1] if len(df.columns) else None
-        if last in required and (df[last] == "").any():  # maybe a row shorter than the header (its missing
-            _raise_csv_problem(path, text)  # fields read as ""): name it (an unused last column may be empty)
+        if last is not None and (df[last] == "").any():  # maybe a row shorter than the header (its missing
+            _raise_csv_problem(path, text)  # fields read as ""): name it (a last field given empty passes)
         if '"' in text:  # pandas reads a stray quote into the value ("ab"cd as abcd): the csv module refuses it
             _raise_csv_problem(path, text, quotes_only=True)
     except (pd.errors.ParserError, pd.errors.ParserWarning, csv.Error) as e:

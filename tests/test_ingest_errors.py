@@ -24,6 +24,10 @@ from .conftest import write
     # one field too many: pandas alone would take the first column as an index and shift the rest
     ("user,item,rating\nnewbie,50,1,2\n", r"ratings.csv, line 2: expected 3 fields, found 4"),
     ("user,item,rating\nu1,i1,4\nnewbie,50\n", r"ratings.csv, line 3: expected 3 fields, found 2"),
+    # one field short where the last column may be empty: not a rating without a time
+    ("user,item,rating,timestamp\na,b,3,5\nc,d,4\ne,f,2,7\n", r"ratings.csv, line 3: expected 4 fields, found 3$"),
+    ("user,item,rating,note\na,b,3,x\nc,d,4\n", r"ratings.csv, line 3: expected 4 fields, found 3$"),
+    ("\nuser,item,rating,timestamp\na,b,3,5\nc,d,4\n", r"ratings.csv, line 4: expected 4 fields, found 3$"),
     ("", r"ratings.csv, line 1: empty file"),
     ("user,user,rating\n1,2,4\n", r"ratings.csv, line 1, field 'user': duplicate column$"),
     ("\nuser,item,rating,rating\n1,2,4,5\n", r"ratings.csv, line 2, field 'rating': duplicate column$"),  # (the header's line)
@@ -70,10 +74,13 @@ def test_bad_users_and_items_csv(tmp_path, reader, body, message):
 
 
 def test_a_quote_anywhere_does_not_make_a_ratings_file_stricter(tmp_path):
-    """The quote check finds quotes only: a file pandas reads (a blank line at the end, a short row in
-    an unused last column) reads the same with a quoted field in it."""
-    body = 'user,item,rating,note\nu1,i1,4,"a, b"\nu2,i1,3\n \n'
+    """The quote check finds quotes only: a file pandas reads (a blank line at the end, an empty last
+    field) reads the same with a quoted field in it; a short row is refused with or without one."""
+    body = 'user,item,rating,note\nu1,i1,4,"a, b"\nu2,i1,3,\n \n'
     assert len(read_ratings_csv(write(tmp_path / "r.csv", body))) == 2
+    for note in ('"a, b"', "ab"):
+        with pytest.raises(InputError, match=r"r.csv, line 3: expected 4 fields, found 3$"):
+            read_ratings_csv(write(tmp_path / "r.csv", f"user,item,rating,note\nu1,i1,4,{note}\nu2,i1,3\n"))
 
 
 @pytest.mark.parametrize("columns, message", [
