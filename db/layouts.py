@@ -761,10 +761,10 @@ def read_goodbooks(folder: Path) -> Dataset:
     _require_item_file(bpath)
     items, key = _read_books(folder, bpath)
     _check_items(given, items, rpath, 2, "book_id", f"{bpath.name} (its {key} column)")
-    ratings = given.drop_duplicates(["user", "item"], keep="last").reset_index(drop=True)
-    # (with pairs given twice, rows no longer follow the file's lines: later errors name none)
+    kept = ~given.duplicated(["user", "item"], keep="last").to_numpy()  # (v1 gives pairs twice: the last counts)
+    ratings = given[kept].reset_index(drop=True)
     return Dataset(ratings, items, None, scale=WHOLE_STARS, step=STEP[WHOLE_STARS], name=f"goodbooks-{release}",
-                   source=str(rpath), first_line=2 if len(ratings) == len(given) else None,
+                   source=str(rpath), first_line=2 if kept.all() else 2 + np.flatnonzero(kept),
                    columns={"item": "book_id", "user": "user_id"}, catalogue="goodbooks-10k",
                    population="goodbooks-10k", items_source=str(bpath))  # (v2 is v1 cleaned: the same users)
 
@@ -801,7 +801,11 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
         if "language_code" in col and f[col["language_code"]].strip():
             attrs["language_code"] = f[col["language_code"]].strip()
         if goodreads in col and f[col[goodreads]].strip():
-            by_goodreads[f[col[goodreads]].strip()] = len(recs)
+            gid = f[col[goodreads]].strip()
+            if gid in by_goodreads:  # (book_tags.csv's tags would land on one of the two)
+                raise InputError(f"Goodreads id {gid!r} is given twice (first on line {recs[by_goodreads[gid]]['line']})",
+                                 source=str(bpath), line=n, field=goodreads)
+            by_goodreads[gid] = len(recs)
         recs.append({"item": f[col[key]].strip(), "title": title, "attributes": attrs, "line": n})
     items = pd.DataFrame(recs, columns=["item", "title", "attributes", "line"])
     btpath, tpath = folder / "book_tags.csv", folder / "tags.csv"
@@ -814,7 +818,16 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
                          source=str(bpath), line=1, field=goodreads)
     if btpath.exists() and tpath.exists() and by_goodreads:
         theader, trows = _csv_rows(tpath, ["tag_id", "tag_name"])
-        names = {f[theader.index("tag_id")].strip(): f[theader.index("tag_name")].strip() for _, f in trows}
+        names, kid, kname = {}, theader.index("tag_id"), theader.index("tag_name")
+        tag_lines: dict[str, int] = {}
+        for n, f in trows:
+            tag_id = f[kid].strip()
+            if not tag_id:
+                raise InputError("empty id", source=str(tpath), line=n, field="tag_id")
+            if tag_id in tag_lines:  # (the last name would win without a word)
+                raise InputError(f"duplicate id {tag_id!r} (first on line {tag_lines[tag_id]})", source=str(tpath),
+                                 line=n, field="tag_id")
+            names[tag_id], tag_lines[tag_id] = f[kname].strip(), n
         bheader, brows = _csv_rows(btpath, ["goodreads_book_id", "tag_id", "count"])
         kb, kt, kc = (bheader.index(c) for c in ("goodreads_book_id", "tag_id", "count"))
         data = []
@@ -826,8 +839,10 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
             count = number_in_text(f[kc])  # (a finite number: "nan" or "inf" would rank a tag first or last)
             if count is None:
                 raise InputError(f"{not_a_number_said(f[kc])}: {f[kc]!r}", source=str(btpath), line=n, field="count")
+            if count < 0:  # (how many shelved the book so)
+                raise InputError(f"a negative count: {f[kc]!r}", source=str(btpath), line=n, field="count")
             book = by_goodreads.get(f[kb].strip())
-            if book is not None and tag.lower() not in GOODREADS_DEFAULT_SHELVES:
+            if book is not None and tag and tag.lower() not in GOODREADS_DEFAULT_SHELVES:  # (a blank name: no tag)
                 data.append((book, tag, count))
         tags = _top_tags(pd.DataFrame(data, columns=["book", "tag", "count"]), "book", "tag", "count")
         for book, top in tags.items():

@@ -50,8 +50,8 @@ class CsvRowLines:
 
 
 # where a dataset's rows are in their file: the first row's line (the others follow), each row's line
-# (``CsvRowLines``), or None (rows are not lines of a file)
-RowLines = int | CsvRowLines | None
+# (``CsvRowLines``, or an array of them), or None (rows are not lines of a file)
+RowLines = int | CsvRowLines | np.ndarray | None
 
 
 @dataclass
@@ -119,7 +119,10 @@ def row_line(first_line: RowLines, pos: int) -> int | None:
     ``first_line`` on, ``first_line[pos]`` when it knows each row's line, None when rows are not lines."""
     if first_line is None:
         return None
-    return first_line + int(pos) if isinstance(first_line, int) else first_line[int(pos)]
+    if isinstance(first_line, int):
+        return first_line + int(pos)
+    line = first_line[int(pos)]
+    return None if line is None else int(line)
 
 
 def check_scale(ratings: pd.DataFrame, scale: tuple[float, float], source: str, first_line: RowLines = 2,

@@ -407,7 +407,31 @@ def test_goodbooks_malformed(tmp_path, db_url):
     for count, said in (("inf", "not a finite number"), ("nan", "not a finite number"), ("1_0", "not a number")):
         write(folder / "book_tags.csv", BOOK_TAGS + f"3,11305,{count}\n")  # (an infinite count ranked its tag first)
         fails(run(db_url, "ingest", "goodbooks", str(folder)), rf"book_tags\.csv, line 8, field 'count': {said}: '{count}'$")
+    write(folder / "book_tags.csv", BOOK_TAGS + "3,11305,-3\n")  # (how many shelved it so: never below 0)
+    fails(run(db_url, "ingest", "goodbooks", str(folder)), r"book_tags\.csv, line 8, field 'count': a negative count: '-3'$")
+    write(folder / "book_tags.csv", BOOK_TAGS)
+    write(folder / "tags.csv", TAGS + "8717,horror\n")  # (the last name won: every "magic" book became horror)
+    fails(run(db_url, "ingest", "goodbooks", str(folder)),
+          r"tags\.csv, line 6, field 'tag_id': duplicate id '8717' \(first on line 2\)$")
+    write(folder / "tags.csv", TAGS)
+    lines = BOOKS_V2.splitlines(keepends=True)  # two books with one Goodreads id: the tags went to the second
+    write(folder / "books.csv", "".join(lines[:2]) + lines[2].replace("2,3,3,", "2,2767052,3,", 1) + lines[3])
+    fails(run(db_url, "ingest", "goodbooks", str(folder)),
+          r"books\.csv, line 3, field 'goodreads_book_id': Goodreads id '2767052' is given twice \(first on line 2\)$")
+    write(folder / "books.csv", BOOKS_V2.replace("book_id,goodreads_book_id,", "id,book_id,", 1))
+    write(folder / "ratings.csv", "book_id,user_id,rating\n1,1,5\n1,1,4\n2," + "u" * 300 + ",3\n")  # (v1: pairs twice)
+    fails(run(db_url, "ingest", "goodbooks", str(folder)), r"ratings\.csv, line 4, field 'user_id': user id 'u+.*' is "
+                                                           r"300 characters long")
     assert_nothing_written(db_url)
+
+
+def test_a_goodbooks_tag_without_a_name_is_no_tag(tmp_path, db_url):
+    """A blank tag_name (as MovieLens' readers skip a blank tag): the book keeps its other tags, none of them ""."""
+    folder = goodbooks(tmp_path / "gb")
+    write(folder / "tags.csv", TAGS.replace("8717,magic", "8717, "))
+    ok(run(db_url, "ingest", "goodbooks", str(folder), "--json"))
+    d = dump(db_url)
+    assert "tags" not in d["items"]["2"][1] and d["items"]["1"][1]["tags"] == ["dystopia", "fiction"]
 
 
 # --- checks every release reader makes -----------------------------------------------------------------
