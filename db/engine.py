@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import secrets
 import socket
 import sqlite3
@@ -29,11 +30,19 @@ def cfb_home() -> Path:
     return Path(os.environ.get("CFB_HOME") or Path.home() / ".cfb")
 
 
+# a known backend's name (and driver) and a colon: the start of a database URL, never a file's path
+_BACKEND_COLON = re.compile(r"(?i)(sqlite|postgresql|postgres|mysql|mariadb|oracle|mssql)(\+\w+)?:")
+
+
 def resolve_url(url: str | None = None) -> str:
     """The database URL: the explicit one, else ``$CFB_DATABASE_URL``, else SQLite in ``cfb_home()``.
     A value without ``://`` is a SQLite file's path (``--db ratings.db``). A SQLite file named relative
     to the working directory (``sqlite:///cfb.db``) is made absolute: a handle keeps the file it opened."""
     url = url or os.environ.get("CFB_DATABASE_URL")
+    if url and "://" not in url and _BACKEND_COLON.match(url):
+        hidden = re.sub(r"^([^:]+:/*[^:/@]*:)[^@]*@", r"\1***@", url)
+        raise CfbError(f"invalid database URL {hidden}: expected backend://… (e.g. postgresql+psycopg://user@host/db, "
+                       "sqlite:///path; a SQLite file's path is given without a scheme)")
     if url and "://" in url:  # a URL's scheme is case-insensitive (POSTGRESQL://); SQLAlchemy's names are lower case
         scheme, rest = url.split("://", 1)
         url = f"{scheme.lower()}://{rest}"
@@ -217,8 +226,6 @@ def parse_url(url: str):  # noqa: ANN201  (-> sqlalchemy.engine.URL)
     """``url`` parsed by SQLAlchemy; a URL whose parts do not parse (a port that is no number, an
     unclosed ``[`` of an IPv6 host: SQLAlchemy raises a bare ValueError) is a one-line ``CfbError``
     with its password hidden. (A URL of no known form is SQLAlchemy's ArgumentError, ``database_error``'s.)"""
-    import re
-
     from sqlalchemy.engine import make_url
 
     try:

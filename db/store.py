@@ -28,6 +28,36 @@ _HAVE_LOG: set[str] = set()  # database URLs found with the replaced-rating log 
 _HAVE_ASKED: set[str] = set()  # database URLs whose answers table was found with ``asked``
 
 
+# columns of cfb's tables that a database made by an earlier cfb may lack (``create_schema`` adds them)
+ADDED_LATER = {"ratings": {"prev_rating", "prev_seq"}, "answers": {"asked"}}
+
+
+def others_tables(conn: Connection) -> str | None:
+    """What shows that tables named as cfb's in this database were made by another program, else None:
+    some of them where cfb's ratings table is not (cfb makes every table at once), or one that lacks a
+    column cfb's has always had."""
+    found = inspect(conn)
+    present = sorted(set(found.get_table_names()) & set(Base.metadata.tables))
+    if not present:
+        return None
+    if Rating.__tablename__ not in present:
+        return f"tables named as cfb's that cfb did not make ({', '.join(present)})"
+    for name in present:
+        have = {c["name"] for c in found.get_columns(name)}
+        lacking = sorted(set(Base.metadata.tables[name].columns.keys()) - ADDED_LATER.get(name, set()) - have)
+        if lacking:
+            return f"a table {name} that cfb did not make (it has no column {lacking[0]})"
+    return None
+
+
+def refuse_others_tables(conn: Connection) -> None:
+    """Refuse (``CfbError``, one line) a database whose tables named as cfb's are another program's
+    (``others_tables``): checked before cfb makes or changes a table there."""
+    problem = others_tables(conn)
+    if problem is not None:
+        raise CfbError(f"this database holds {problem}: give cfb a database (or a PostgreSQL schema) of its own")
+
+
 def upgrade_schema(engine: Engine) -> None:
     """``create_schema`` for a database cfb has written (one from an earlier cfb gets what it lacks);
     any other (tables of another program's, or none) is refused, as every reading command refuses it,
@@ -42,10 +72,12 @@ def schema_for_first_write(engine: Engine) -> bool:
     transaction (``create_tables``): a PostgreSQL database without cfb's ratings table, whose DDL then
     rolls back with a refused or killed first ingest, leaving the database as it was (a first SQLite
     file is made whole beside its path instead). Otherwise what is missing is made now
-    (``create_schema``) and False."""
+    (``create_schema``) and False. Another program's tables named as cfb's are refused first
+    (``refuse_others_tables``)."""
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
             if not inspect(conn).has_table(Rating.__tablename__):
+                refuse_others_tables(conn)
                 return True
     create_schema(engine)
     return False
@@ -59,12 +91,14 @@ def create_tables(conn: Connection) -> None:
 def create_schema(engine: Engine) -> None:
     """Create every table that is missing, and what tables made by an earlier cfb lack (the ratings
     table's replaced-value columns, the trigger that logs replaced rows, the answers' ``asked``)."""
+    url = str(engine.url)
     with engine.connect() as conn:  # (a database that has them all is not made to wait for another writer)
         missing = set(Base.metadata.tables) - set(inspect(conn).get_table_names())
+        if missing or not (url in _HAVE_HISTORY and url in _HAVE_LOG and url in _HAVE_ASKED):
+            refuse_others_tables(conn)  # (before cfb makes or changes a table there)
     if missing:
         with writing(engine) as conn:  # one writer at a time makes them (two first ingests at once on PostgreSQL)
             create_tables(conn)
-    url = str(engine.url)
     if url not in _HAVE_HISTORY or url not in _HAVE_LOG or url not in _HAVE_ASKED:
         with engine.connect() as conn:
             if _has_history_columns(conn) and _has_replaced_log(conn) and has_answers_asked(conn):

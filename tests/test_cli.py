@@ -914,3 +914,22 @@ def test_ratings_lists_a_users_latest_ratings_newest_first(runner, cli_db):
         frame = db.ratings("a0", n=2)
         assert list(frame.columns) == ["item", "title", "rating"] and frame["item"].tolist()[0] == oldest["item"]
         assert frame["rating"].tolist()[0] == changed
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg:/cfb:s3cret@localhost/x", "postgresql+psycopg:cfb:s3cret@localhost",
+                                 "POSTGRESQL:cfb:s3cret@localhost/x", "sqlite:/tmp/x.db"])
+def test_a_url_missing_its_slashes_is_refused_not_a_file_named_by_it(runner, url, tmp_path, monkeypatch):
+    """A known backend's name and a colon, without ``//``: a mistyped URL, not a SQLite file's path (an
+    ingest made a file named "postgresql+psycopg:cfb:s3cret@localhost" in the working directory, and
+    errors echoed the password)."""
+    import cfb
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.csv").write_text("user,item,rating\nu1,i1,4\nu2,i1,3\n")
+    for args in (["recommend", "1"], ["ingest", "ratings", "r.csv"]):
+        res = run(runner, url, *args)
+        assert res.exit_code == 1 and res.output.startswith("Error: invalid database URL "), res.output
+        assert "expected backend://" in res.output and "s3cret" not in res.output, res.output
+    with pytest.raises(cfb.CfbError, match=r"^invalid database URL "):
+        cfb.open(url)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]

@@ -285,3 +285,34 @@ def test_a_scale_too_wide_to_train_on_is_refused_before_anything_is_stored(engin
         ingest_dataset(engine, Dataset(read_ratings_csv(path)), source=str(path))
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Rating)) == 0
+
+
+def check_other_programs_tables_are_refused(engine) -> None:  # noqa: ANN001
+    """A database holding another program's tables named as cfb's (users, ratings, settings): the first
+    ingest refuses it in one line naming them, and leaves every table and row as it found them (cfb made
+    its missing tables and wrote its settings into the other program's table). ``engine``: an empty
+    database (shared with ``tests/test_postgres.py``)."""
+    from sqlalchemy import inspect, text
+
+    planted = Dataset(pd.DataFrame({"user": ["u1", "u2"], "item": ["i1", "i2"], "rating": [3.0, 4.0]}))
+    shapes = [["CREATE TABLE settings (key VARCHAR(64) PRIMARY KEY, value TEXT)",
+               "INSERT INTO settings VALUES ('theme', 'dark')"],
+              ["CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL)",
+               "CREATE TABLE ratings (stars INTEGER, comment TEXT)"]]
+    for statements, named in zip(shapes, (r"\(settings\)", r"ratings .*no column")):
+        with engine.begin() as conn:
+            for name in inspect(conn).get_table_names():
+                conn.execute(text(f"DROP TABLE {name}"))
+            for statement in statements:
+                conn.execute(text(statement))
+        before = sorted(inspect(engine).get_table_names())
+        with pytest.raises(CfbError, match=rf"^this database holds .*{named}.*: give cfb a database"):
+            ingest_dataset(engine, planted)
+        assert sorted(inspect(engine).get_table_names()) == before
+        if "settings" in before:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT key, value FROM settings")).all() == [("theme", "dark")]
+
+
+def test_another_programs_tables_are_refused_on_sqlite(tmp_path):
+    check_other_programs_tables_are_refused(make_engine(f"sqlite:///{tmp_path / 'shop.db'}"))

@@ -426,6 +426,12 @@ def test_a_refused_first_ingest_leaves_a_postgres_database_as_it_was(pg_engine, 
     assert len(inspect(pg_engine).get_table_names()) == 9
 
 
+def test_another_programs_tables_are_refused_on_postgres(pg_engine):
+    from .test_ingest_errors import check_other_programs_tables_are_refused
+
+    check_other_programs_tables_are_refused(pg_engine)
+
+
 def test_a_postgres_database_that_is_not_there_is_one_line_to_serve_and_503_to_requests(tmp_path):
     """`cfb serve` on a PostgreSQL URL that cannot be reached stops at once with the one-line error the
     other commands give; an app made over it answers JSON 503s, not plain-text 500s."""
