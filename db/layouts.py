@@ -69,7 +69,8 @@ ML1M_OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "c
 NO_GENRES = "(no genres listed)"
 GOODREADS_DEFAULT_SHELVES = {"read", "to-read", "currently-reading"}
 
-_YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*(?:\d{4})?)?\)\s*$")
+# the year in a title's last parentheses, or in those before a release's "(V)" (video) or "(TV)" mark
+_YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*(?:\d{4})?)?\)(?:\s*\((?:V|TV)\))?\s*$")
 
 # what each MovieLens layout is recognised by (in this order)
 MOVIELENS_MARKERS = [("u.data", "100k"), ("ratings.dat", "1M/10M"), ("ratings.csv", "20M/25M/32M/latest")]
@@ -532,8 +533,10 @@ def read_ml100k(folder: Path) -> Dataset:
             if occupations is not None and f[3].strip() not in occupations:
                 raise InputError(f"occupation {f[3]!r} is not in {occupation_path.name}", source=str(user_path),
                                  line=n, field="occupation")
-            recs.append({"user": f[0].strip(), "attributes": {
-                "age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip(), "zip": f[4].strip()}, "line": n})
+            attrs = {"age": int(f[1]), "gender": f[2].strip(), "occupation": f[3].strip()}
+            if f[4].strip():  # (an empty zip is no answer, as 1M's reader has it)
+                attrs["zip"] = f[4].strip()
+            recs.append({"user": f[0].strip(), "attributes": attrs, "line": n})
         users = pd.DataFrame(recs)
         # (its README: every user who rated is listed, with demographics; an id that is not is damage)
         check_listed(ratings, users["user"], str(ratings_path), 1, "user", user_path.name, column="user")

@@ -83,7 +83,7 @@ def ml100k(folder: Path, bad: bool = False) -> Path:
           "302|L.A. Confidential (1997)|01-Jan-1997||http://x|" + "|".join(flags[:10] + ["1"] + flags[11:]) + "\n"
           "377|Heavyweights (1994)|01-Jan-1994||http://x|" + "|".join(flags[:5] + ["1"] + flags[6:]) + "\n",
           "latin-1")
-    write(folder / "u.user", "196|49|M|writer|55105\n186|39|F|executive|00000\n22|25|M|writer|40206\n")
+    write(folder / "u.user", "196|49|M|writer|55105\n186|39|F|executive|00000\n22|25|M|writer|\n")
     return folder
 
 
@@ -92,6 +92,7 @@ def test_movielens_100k(tmp_path, db_url):
     assert out == {"ratings": 3, "new_ratings": 3, "users": 3, "items": 3, "new_users": 3, "new_items": 3, "scale": [1.0, 5.0]}
     d = dump(db_url)
     assert d["users"]["186"] == {"age": 39, "gender": "F", "occupation": "executive", "zip": "00000"}
+    assert d["users"]["22"] == {"age": 25, "gender": "M", "occupation": "writer"}  # (an empty zip: no answer, as in 1M)
     assert d["items"]["242"] == ("Kolya (1996)", {"genres": ["Comedy", "Drama"], "year": 1996,
                                                   "release_date": "24-Jan-1997"})
     assert d["items"]["302"][1]["genres"] == ["Film-Noir"]
@@ -1704,3 +1705,16 @@ def test_a_release_of_another_catalogue_on_another_scale_is_refused_for_its_cata
     catalogue is named (its item 1 is another item), as before the checks ran ahead of the writer's lock."""
     ok(run(db_url, "ingest", "movielens", str(ml100k(tmp_path / "ml-100k")), "--json"))
     fails(run(db_url, "ingest", "movielens", str(ml10m(tmp_path / "ml-10M100K"))), r"holds MovieLens 100k's items")
+
+
+@pytest.mark.parametrize("title, year", [
+    ("Toy Story (1995)", 1995), ("(500) Days of Summer (2009)", 2009), ("Black Mirror", None),
+    ("Heidi Fleiss: Hollywood Madam (1995) ", 1995), ("Fawlty Towers (1975-1979)", 1975),
+    # MovieLens 100k's video release: the year before the "(V)" (it had none)
+    ("Land Before Time III: The Time of the Great Giving (1995) (V)", 1995), ("Something (1999) (TV)", 1999),
+    ("Brazil (V)", None), ("Year (1995) and more", None),
+])
+def test_a_titles_year(title, year):
+    from cfb.db.layouts import title_year
+
+    assert title_year(title) == year
