@@ -723,15 +723,17 @@ def release_reader(folder: Path) -> Callable[[Path], Dataset]:
 
 # --- goodbooks-10k -------------------------------------------------------------------------------------
 def is_goodbooks(folder: Path) -> bool:
-    """Whether ``folder`` holds goodbooks-10k: its books.csv, or a ratings.csv whose header names book_id
-    (a MovieLens CSV release's names movieId)."""
+    """Whether ``folder`` holds goodbooks-10k: a ratings.csv whose header names book_id (a MovieLens CSV
+    release's names movieId: a books.csv beside it is a stray), or, where its header names neither (or
+    there is none to read), a books.csv."""
     folder = Path(folder)
-    if (folder / "books.csv").exists():
-        return True
     try:
-        return "book_id" in _ratings_header(folder)
+        header = _ratings_header(folder)
     except (InputError, OSError):
-        return False
+        header = []
+    if "book_id" in header or "movieId" in header:
+        return "book_id" in header
+    return (folder / "books.csv").exists()
 
 
 def _ratings_header(folder: Path) -> list[str]:
@@ -754,8 +756,12 @@ def goodbooks_release(folder: Path) -> str:
 def read_goodbooks(folder: Path) -> Dataset:
     """goodbooks-10k, v1 or v2 (see the module docstring)."""
     folder = Path(folder)
-    if folder.is_dir() and not is_goodbooks(folder) and any((folder / name).exists() for name, _ in MOVIELENS_MARKERS):
+    movielens = [name for name, _ in MOVIELENS_MARKERS if (folder / name).exists()] if folder.is_dir() else []
+    if movielens and not is_goodbooks(folder):
         raise InputError("a MovieLens release, not goodbooks-10k: use `cfb ingest movielens`", source=str(folder))
+    if set(movielens) - {"ratings.csv"}:  # (goodbooks' own ratings file is ratings.csv)
+        raise InputError(f"holds the ratings of goodbooks-10k and of MovieLens ({' and '.join(sorted(set(movielens) - {'ratings.csv'}))}): "
+                         "keep one release a folder", source=str(folder))
     release = goodbooks_release(folder)
     rpath = folder / "ratings.csv"
     given = read_csv_ratings(rpath, "user_id", "book_id", "rating", None)

@@ -466,6 +466,22 @@ def test_a_release_given_to_the_other_ingest_command_is_named(tmp_path, db_url, 
     assert_nothing_written(db_url)
 
 
+def test_a_stray_file_of_the_other_release_does_not_decide_which_it_is(tmp_path, db_url):
+    """A MovieLens CSV release with a books.csv beside it (a user's own file) is MovieLens, as its
+    ratings.csv's header says (it was refused as "a goodbooks-10k folder"); a goodbooks folder with a
+    MovieLens ratings file beside it is refused by `cfb ingest goodbooks` (it was taken, the stray left)."""
+    folder = ml_csv(tmp_path / "ml")
+    write(folder / "books.csv", BOOKS_V2)
+    assert ok(run(db_url, "ingest", "movielens", str(folder), "--json"))["ratings"] == 4
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    fails(run(other, "ingest", "goodbooks", str(folder)),
+          rf"^Error: {re.escape(str(folder))}: a MovieLens release, not goodbooks-10k: use `cfb ingest movielens`$")
+    gb = goodbooks(tmp_path / "gb")
+    write(gb / "u.data", "196\t242\t3\t881250949\n")
+    fails(run(other, "ingest", "goodbooks", str(gb)), r"holds .*u\.data.*: keep one release a folder")
+    assert_nothing_written(other)
+
+
 def test_titles_and_tags_are_read_as_written(tmp_path, db_url):
     """A 100k title with a space after it (three in the real u.item) is stored without it, so that it can
     be named (a lookup strips the query); a 10M title or tag that ends in ':' keeps it."""
