@@ -759,9 +759,10 @@ def read_goodbooks(folder: Path) -> Dataset:
     movielens = [name for name, _ in MOVIELENS_MARKERS if (folder / name).exists()] if folder.is_dir() else []
     if movielens and not is_goodbooks(folder):
         raise InputError("a MovieLens release, not goodbooks-10k: use `cfb ingest movielens`", source=str(folder))
-    if set(movielens) - {"ratings.csv"}:  # (goodbooks' own ratings file is ratings.csv)
-        raise InputError(f"holds the ratings of goodbooks-10k and of MovieLens ({' and '.join(sorted(set(movielens) - {'ratings.csv'}))}): "
-                         "keep one release a folder", source=str(folder))
+    stray = [name for name in movielens if name != "ratings.csv"]  # (goodbooks' own ratings file is ratings.csv)
+    if stray:
+        raise InputError(f"holds the ratings of goodbooks-10k and of MovieLens ({' and '.join(stray)}): keep one "
+                         "release a folder", source=str(folder))
     release = goodbooks_release(folder)
     rpath = folder / "ratings.csv"
     given = read_csv_ratings(rpath, "user_id", "book_id", "rating", None)
