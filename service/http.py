@@ -75,7 +75,8 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "string", "description": "the problem, one line"},
     "field": {"type": "string", "description": "the parameter or body field at fault, where there is one"},
     "suggestions": {"type": "array", "items": {"type": "string"},
-                    "description": "an unknown item's close titles, where there are some"}}}
+                    "description": "an unknown item's close titles, where there are some; the ids of the "
+                                   "items a title asked for names"}}}
 
 
 COMMON_ERRORS = {  # error answers any route may give, for the OpenAPI schema

@@ -155,7 +155,9 @@ def _item_by_id_or_title(conn: Connection, query: str) -> int | None:
         query, lambda title: conn.scalars(select(Item.external_id).where(Item.title == title)).all(),
         lambda: store.items_by_composed_title(conn))
     if len(named) > 1:
-        raise argument_error(f"{len(named)} items are titled {query!r} ({', '.join(named)}); use an item id", "item")
+        error = argument_error(f"{len(named)} items are titled {query!r} ({', '.join(named)}); use an item id", "item")
+        error.suggestions = list(named)  # (what to ask for instead: a page links each item)
+        raise error
     return conn.scalar(select(Item.id).where(Item.external_id == named[0])) if named else None
 
 

@@ -189,9 +189,9 @@ def explore_body(result: dict, biases: dict | None, biases_error: str | None, n:
                     for it in result["items"])
     return (f"<h1>Explore the model (version {result['version']})</h1>"
             f"<form id='explore-controls' method='get' action='/explore'>"
-            f"<label>items on the map <input type='number' name='n' min='2' max='500' value='{n}'></label> "
+            f"<label>items on the map <input type='number' name='n' min='2' max='500' value='{n}' required></label> "
             f"<label>bias lists: items with at least <input type='number' name='min_ratings' min='0' "
-            f"max='{MAX_MIN_RATINGS}' value='{min_ratings}'> ratings</label> <button type='submit'>Show</button>"
+            f"max='{MAX_MIN_RATINGS}' value='{min_ratings}' required> ratings</label> <button type='submit'>Show</button>"
             f"</form>"
             f"<h2>Item factors of the {len(result['items'])} most-rated items: PCA</h2>"
             f"<p class='small'>Axes fitted on the {result['fitted_on']:,} most-rated items; share of their "

@@ -375,6 +375,10 @@ def test_similar_names_the_item_it_cannot_answer_for(server, db_url, tmp_path):
                                ("/items/x4/similar", 409, "item 'x4' is not in the serving model yet")):
         r = server.get(path)
         assert r.status_code == status and r.json()["field"] == "item" and r.json()["error"].startswith(said), r.text
+    # what to ask for instead: each item of that title, by id; a page links each (it was a dead end)
+    assert server.get("/items/Alpha%20film%201/similar").json()["suggestions"] == ["a1", "x3"]
+    page = server.get("/item/Alpha%20film%201", headers={"Accept": "text/html"})
+    assert page.status_code == 422 and "<a href='/item/a1'>a1</a>" in page.text and "<a href='/item/x3'>x3</a>" in page.text
 
 
 def test_the_page_of_an_item_not_in_the_model_yet_shows_it_in_a_readers_words(server, db_url, tmp_path):

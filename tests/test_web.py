@@ -94,6 +94,8 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         browser.back()  # the form comes back as it was left, maybe mid-submit, from the page cache
         wait.until(lambda d: "/user/" not in d.current_url)
         wait.until(lambda d: d.find_element(By.ID, "signup-submit").is_enabled())  # (another may sign up)
+        # (drawn before this browser signed up, shown again as it was: the way back is there all the same)
+        assert browser.find_element(By.ID, "my-recs").is_displayed()
         browser.forward()
         wait.until(lambda d: "/user/browser1" in d.current_url and len(rec_items(d)) == 10)
         before = rec_items(browser)
@@ -107,6 +109,8 @@ def test_signup_recommend_rate_update_in_place(trained, db_url, tmp_path, browse
         assert [e.get_attribute("aria-label") for e in browser.find_elements(By.CSS_SELECTOR, "#recs select")] \
             == [f"rating for {t}" for t in shown_titles]  # (the list the script drew, too)
         assert "Rated" in browser.find_element(By.ID, "rate-status").text
+        # the title set apart from the sentence (a right-to-left one took ": 1" into its run)
+        assert browser.find_element(By.CSS_SELECTOR, "#rate-status bdi").text in browser.find_element(By.ID, "rate-status").text
         assert browser.find_element(By.ID, "rate-error").text == ""
 
         # all of the user's unrated items: the markup title is among them, as text
@@ -414,6 +418,13 @@ def test_the_explore_map_is_a_group_of_named_links_with_a_table_beside_it(traine
         box.send_keys("1000\n")
         WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "no-biases"))
         assert "min_ratings=1000" in browser.current_url and "n=12" in browser.current_url
+        for name in ("n", "min_ratings"):  # a field left empty is not sent (it was a 422 naming 'n')
+            box = browser.find_element(By.CSS_SELECTOR, f"#explore-controls input[name='{name}']")
+            box.clear()
+            box.send_keys("\n")
+            time.sleep(0.5)
+            assert "min_ratings=1000" in browser.current_url and browser.find_elements(By.ID, "no-biases")
+            browser.get(base + "/explore?n=12&min_ratings=1000")
 
 
 def test_a_user_sees_and_changes_the_ratings_they_gave(trained, db_url, browser):

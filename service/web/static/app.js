@@ -59,12 +59,17 @@
       return localStorage.getItem("cfbUser");
     } catch (e) { return null; }  // (storage off: no link, nothing else lost)
   };
-  var me = remembered(), myRecs = document.getElementById("my-recs");
-  if (me && myRecs) {
-    myRecs.href = "/user/" + encodeURIComponent(me);
-    myRecs.title = "recommendations for " + me;
-    myRecs.hidden = false;
-  }
+  var showMyRecs = function () {
+    var me = remembered(), myRecs = document.getElementById("my-recs");
+    if (me && myRecs) {
+      myRecs.href = "/user/" + encodeURIComponent(me);
+      myRecs.title = "recommendations for " + me;
+      myRecs.hidden = false;
+    }
+  };
+  showMyRecs();
+  // (a page shown again by Back or Forward is the one drawn before this browser signed up, script and all)
+  window.addEventListener("pageshow", showMyRecs);
 
   // --- sign up ---------------------------------------------------------------------------------
   var signup = document.getElementById("signup");
@@ -251,7 +256,9 @@
         .then(function (out) {
           if (mine > statusShown) {
             statusShown = mine;
-            status.textContent = "Rated " + (out.title || out.item) + ": " + out.rating;
+            var named = document.createElement("bdi");  // (a right-to-left title would take the rating into its run)
+            named.textContent = out.title || out.item;
+            status.replaceChildren("Rated ", named, ": " + out.rating);
           }
           // (stored: a list that then fails to load says so, and the rating stays said as stored)
           return Promise.all([redraw(mine), redrawRatings(mine)]).catch(function (e) {
