@@ -313,7 +313,10 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
         methods = allowed_methods(request.scope) if e.status_code == 405 else []
         if methods:  # every method a route of the path takes (Starlette names the first route's; a mount its own)
             headers = {**(headers or {}), "Allow": ", ".join(methods)}
-        return answer_error(request, ApiError(e.status_code, str(e.detail), headers=headers))
+        said = str(e.detail)
+        if e.status_code == 404 and said == "Not Found":  # (Starlette's, for an address no route has)
+            said = f"no page or API route at {request.url.path[:200]}"
+        return answer_error(request, ApiError(e.status_code, said, headers=headers))
 
     def allowed_methods(scope: dict) -> list[str]:
         """The methods the routes matching the request's path take (GET's HEAD included)."""

@@ -453,6 +453,16 @@ def test_an_id_with_a_line_break_is_an_unknown_id_on_every_route(server, trained
         assert r.status_code == 404 and "unknown" in r.text and "Not Found" not in r.text, (page, r.text[:300])
 
 
+def test_an_address_no_route_has_is_named(server):
+    """An address no route has says which (its page said "Not found" twice: heading and Starlette's
+    "Not Found"), as JSON to a client and as a page to a browser."""
+    r = server.get("/recomendations")
+    assert r.status_code == 404 and r.json() == {"error": "no page or API route at /recomendations"}
+    page = server.get("/recomendations", headers={"Accept": "text/html"})
+    assert page.status_code == 404 and "no page or API route at /recomendations" in page.text
+    assert "Not Found" not in page.text
+
+
 def test_biases_of_an_nn_version_are_a_conflict_not_a_bad_parameter(trained, monkeypatch):
     """An nn version learns no item biases: the request is valid, the serving version cannot answer it (409)."""
     from types import SimpleNamespace
