@@ -281,7 +281,11 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
             return error_response(e)
         if isinstance(e, ApiError):
             return error_page(e.message, e.status, e.headers)
-        return error_page(str(e), error_status(e), suggestions=getattr(e, "suggestions", None))
+        suggestions = getattr(e, "suggestions", None)
+        message, hint = str(e), serving.hint_of(suggestions or [])
+        if hint and message.endswith(hint):  # (the page lists them as links: not twice)
+            message = message[:-len(hint)]
+        return error_page(message, error_status(e), suggestions=suggestions)
 
     @app.exception_handler(ApiError)
     @app.exception_handler(CfbError)

@@ -1641,6 +1641,7 @@ def test_an_unknown_items_close_titles_are_listed_and_linked(server, trained):
     assert "suggestions" not in server.get("/items/zzzzzzzz/similar").json()  # (none close: no list)
     page = server.get("/item/Alpha flim 1", headers={"Accept": "text/html"})
     assert page.status_code == 404 and "<a href='/item/Alpha%20film%201'>Alpha film 1</a>" in page.text
+    assert "unknown item &#x27;Alpha flim 1&#x27;</p>" in page.text and "did you mean: " not in page.text  # (once: links)
     page = server.get(f"/item/Alpha film 1 {XSS[:-1]}", headers={"Accept": "text/html"})  # (the title with markup)
     assert page.status_code == 404 and XSS not in page.text
     assert "<li><a href='/item/Alpha%20film%201%20%3Cscript%3Ealert%281%29%3C%2Fscript%3E'>Alpha film 1 " \
