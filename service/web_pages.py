@@ -162,11 +162,12 @@ def new_item_body(new: dict) -> str:
             f"and its place in recommendations, come {when}.</p>")
 
 
+_NOT_BLANK = "required pattern='.*\\S.*' title='an id or title, not only spaces'"  # (spaces alone found nothing, unsaid)
 FIND_BODY = ("<h1>Find</h1>"
              "<form method='get' action='/find' id='find-user'><label>user id <input type='text' name='user' "
-             "required></label> <button type='submit'>Their recommendations</button></form>"
+             f"{_NOT_BLANK}></label> <button type='submit'>Their recommendations</button></form>"
              "<form method='get' action='/find' id='find-item'><label>item id or title <input type='text' "
-             "name='item' required></label> <button type='submit'>Its similar items</button></form>")
+             f"name='item' {_NOT_BLANK}></label> <button type='submit'>Its similar items</button></form>")
 
 
 def explore_body(result: dict, biases: dict | None, biases_error: str | None, n: int, min_ratings: int) -> str:

@@ -392,6 +392,11 @@ def test_find_a_user_or_an_item_from_any_page(trained, db_url, browser):
         browser.find_element(By.CSS_SELECTOR, "#find-user input").send_keys("a0\n")
         wait.until(lambda d: "/user/a0" in d.current_url and len(rec_items(d)) == 10)
         browser.get(base + "/find")
+        for form in ("#find-user", "#find-item"):  # only spaces: the browser says the field needs more
+            box = browser.find_element(By.CSS_SELECTOR, f"{form} input")
+            box.send_keys("   ")
+            assert browser.execute_script("return arguments[0].checkValidity()", box) is False
+            box.clear()
         browser.find_element(By.CSS_SELECTOR, "#find-item input").send_keys("Beta film 25\n")
         wait.until(lambda d: d.find_elements(By.ID, "item-title"))
         assert browser.find_element(By.ID, "item-title").text == "Beta film 25"
