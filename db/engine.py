@@ -30,8 +30,15 @@ def cfb_home() -> Path:
     return Path(os.environ.get("CFB_HOME") or Path.home() / ".cfb")
 
 
-# a known backend's name (and driver) and a colon: the start of a database URL, never a file's path
-_BACKEND_COLON = re.compile(r"(?i)(sqlite|postgresql|postgres|mysql|mariadb|oracle|mssql)(\+\w+)?:")
+# a known backend's name (and driver), then a colon or "//": the start of a database URL, never a file's path
+_BACKEND_COLON = re.compile(r"(?i)(sqlite|postgresql|postgres|mysql|mariadb|oracle|mssql)(\+\w+)?(:|//)")
+
+
+def hidden_password(url: str) -> str:
+    """``url`` as it may be shown: its password (between the user's ``:`` and the last ``@`` before the
+    host's path, or a ``password=`` query value) written ``***``."""
+    url = re.sub(r"^([^:/]*:?/*[^:/@]*:)[^/]*@", r"\1***@", str(url))
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -40,8 +47,7 @@ def resolve_url(url: str | None = None) -> str:
     to the working directory (``sqlite:///cfb.db``) is made absolute: a handle keeps the file it opened."""
     url = url or os.environ.get("CFB_DATABASE_URL")
     if url and "://" not in url and _BACKEND_COLON.match(url):
-        hidden = re.sub(r"^([^:]+:/*[^:/@]*:)[^@]*@", r"\1***@", url)
-        raise CfbError(f"invalid database URL {hidden}: expected backend://… (e.g. postgresql+psycopg://user@host/db, "
+        raise CfbError(f"invalid database URL {hidden_password(url)}: expected backend://… (e.g. postgresql+psycopg://user@host/db, "
                        "sqlite:///path; a SQLite file's path is given without a scheme)")
     if url and "://" in url:  # a URL's scheme is case-insensitive (POSTGRESQL://); SQLAlchemy's names are lower case
         scheme, rest = url.split("://", 1)
@@ -231,8 +237,7 @@ def parse_url(url: str):  # noqa: ANN201  (-> sqlalchemy.engine.URL)
     try:
         return make_url(url)
     except ValueError as e:
-        hidden = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
-        raise CfbError(f"invalid database URL {hidden}: {e}") from None
+        raise CfbError(f"invalid database URL {hidden_password(url)}: {e}") from None
 
 
 def sqlite_file(url: str) -> Path | None:

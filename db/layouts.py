@@ -725,7 +725,7 @@ def release_reader(folder: Path) -> Callable[[Path], Dataset]:
 def is_goodbooks(folder: Path) -> bool:
     """Whether ``folder`` holds goodbooks-10k: a ratings.csv whose header names book_id (a MovieLens CSV
     release's names movieId: a books.csv beside it is a stray), or, where its header names neither (or
-    there is none to read), a books.csv."""
+    there is none to read), a books.csv and no MovieLens ratings file."""
     folder = Path(folder)
     try:
         header = _ratings_header(folder)
@@ -733,6 +733,8 @@ def is_goodbooks(folder: Path) -> bool:
         header = []
     if "book_id" in header or "movieId" in header:
         return "book_id" in header
+    if any((folder / name).exists() for name, _ in MOVIELENS_MARKERS if name != "ratings.csv"):
+        return False  # (MovieLens' u.data or ratings.dat: a books.csv beside them is a stray)
     return (folder / "books.csv").exists()
 
 
@@ -849,8 +851,7 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
             count = number_in_text(f[kc])  # (a finite number: "nan" or "inf" would rank a tag first or last)
             if count is None:
                 raise InputError(f"{not_a_number_said(f[kc])}: {f[kc]!r}", source=str(btpath), line=n, field="count")
-            if count < 0:  # (how many shelved the book so)
-                raise InputError(f"a negative count: {f[kc]!r}", source=str(btpath), line=n, field="count")
+            count = max(count, 0.0)  # (the release has a few counts of -1; its author reads them as 0)
             book = by_goodreads.get(f[kb].strip())
             if book is not None and tag and tag.lower() not in GOODREADS_DEFAULT_SHELVES:  # (a blank name: no tag)
                 data.append((book, tag, count))

@@ -263,7 +263,7 @@ def create_app(engine_or_url: Engine | str | None = None, token: str | None = No
 
     def error_page(message: str, status: int, headers: dict | None = None,
                    suggestions: list[str] | None = None) -> HTMLResponse:
-        """A web page's error: its one-line message, an unknown item's close titles as links to them, and
+        """A web page's error: its one-line message, what to ask for instead as links (``error_body``), and
         a link back, with the API's status."""
         heading = web_pages.error_heading(status)
         page_ = _page(f"cfb: {heading.lower()}", web_pages.error_body(heading, message, suggestions))

@@ -66,8 +66,8 @@ def error_status(e: CfbError) -> int:
 
 
 def error_response(e: ApiError | CfbError) -> Response:
-    """An error's answer: ``{"error": message[, "field": name][, "suggestions": [title, ...]]}`` (an unknown
-    item's close titles) with its HTTP status."""
+    """An error's answer: ``{"error": message[, "field": name][, "suggestions": [...]]}`` (an unknown item's
+    close titles, or the ids of the items a shared title names) with its HTTP status."""
     if isinstance(e, ApiError):
         body, field, status, headers = {"error": e.message}, e.field, e.status, e.headers
     else:

@@ -62,7 +62,8 @@ def error_heading(status: int) -> str:
 
 
 def error_body(heading: str, message: str, suggestions: list[str] | None = None) -> str:
-    """An error page: its one-line message, an unknown item's close titles as links, a link back."""
+    """An error page: its one-line message, what to ask for instead as links (an unknown item's close
+    titles, or the ids of the items a shared title names), a link back."""
     links = "".join(f"<li><a href='{item_href(t)}'>{escape(t)}</a></li>" for t in suggestions or [])
     return (f"<h1>{heading}</h1><p class='error' role='alert'>{escape(message)}</p>"
             + (f"<p>Did you mean:</p><ul id='suggestions'>{links}</ul>" if links else "") +

@@ -917,7 +917,8 @@ def test_ratings_lists_a_users_latest_ratings_newest_first(runner, cli_db):
 
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg:/cfb:s3cret@localhost/x", "postgresql+psycopg:cfb:s3cret@localhost",
-                                 "POSTGRESQL:cfb:s3cret@localhost/x", "sqlite:/tmp/x.db"])
+                                 "POSTGRESQL:cfb:s3cret@localhost/x", "sqlite:/tmp/x.db", "postgresql//cfb:s3cret@h/x",
+                                 "postgresql:cfb:p@s3cret@h/x", "postgresql:/h/x?password=s3cret"])
 def test_a_url_missing_its_slashes_is_refused_not_a_file_named_by_it(runner, url, tmp_path, monkeypatch):
     """A known backend's name and a colon, without ``//``: a mistyped URL, not a SQLite file's path (an
     ingest made a file named "postgresql+psycopg:cfb:s3cret@localhost" in the working directory, and

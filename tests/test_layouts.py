@@ -408,8 +408,6 @@ def test_goodbooks_malformed(tmp_path, db_url):
     for count, said in (("inf", "not a finite number"), ("nan", "not a finite number"), ("1_0", "not a number")):
         write(folder / "book_tags.csv", BOOK_TAGS + f"3,11305,{count}\n")  # (an infinite count ranked its tag first)
         fails(run(db_url, "ingest", "goodbooks", str(folder)), rf"book_tags\.csv, line 8, field 'count': {said}: '{count}'$")
-    write(folder / "book_tags.csv", BOOK_TAGS + "3,11305,-3\n")  # (how many shelved it so: never below 0)
-    fails(run(db_url, "ingest", "goodbooks", str(folder)), r"book_tags\.csv, line 8, field 'count': a negative count: '-3'$")
     write(folder / "book_tags.csv", BOOK_TAGS)
     write(folder / "tags.csv", TAGS + "8717,horror\n")  # (the last name won: every "magic" book became horror)
     fails(run(db_url, "ingest", "goodbooks", str(folder)),
@@ -426,13 +424,16 @@ def test_goodbooks_malformed(tmp_path, db_url):
     assert_nothing_written(db_url)
 
 
-def test_a_goodbooks_tag_without_a_name_is_no_tag(tmp_path, db_url):
-    """A blank tag_name (as MovieLens' readers skip a blank tag): the book keeps its other tags, none of them ""."""
+def test_a_goodbooks_tag_without_a_name_is_no_tag_and_a_negative_count_counts_as_none(tmp_path, db_url):
+    """A blank tag_name (as MovieLens' readers skip a blank tag): the book keeps its other tags, none of them "".
+    A count of -1 (the real book_tags.csv has a few; its author reads them as 0) is taken as 0, not refused."""
     folder = goodbooks(tmp_path / "gb")
     write(folder / "tags.csv", TAGS.replace("8717,magic", "8717, "))
+    write(folder / "book_tags.csv", BOOK_TAGS + "41865,11305,-1\n")
     ok(run(db_url, "ingest", "goodbooks", str(folder), "--json"))
     d = dump(db_url)
     assert "tags" not in d["items"]["2"][1] and d["items"]["1"][1]["tags"] == ["dystopia", "fiction"]
+    assert d["items"]["3"][1]["tags"] == ["fiction", "dystopia"]  # (900 shelvings, then none)
 
 
 # --- checks every release reader makes -----------------------------------------------------------------
@@ -476,6 +477,10 @@ def test_a_stray_file_of_the_other_release_does_not_decide_which_it_is(tmp_path,
     other = f"sqlite:///{tmp_path / 'other.db'}"
     fails(run(other, "ingest", "goodbooks", str(folder)),
           rf"^Error: {re.escape(str(folder))}: a MovieLens release, not goodbooks-10k: use `cfb ingest movielens`$")
+    ml = ml100k(tmp_path / "ml-100k")  # (no ratings.csv to say which: u.data does)
+    write(ml / "books.csv", BOOKS_V2)
+    fails(run(other, "ingest", "goodbooks", str(ml)),
+          rf"^Error: {re.escape(str(ml))}: a MovieLens release, not goodbooks-10k: use `cfb ingest movielens`$")
     gb = goodbooks(tmp_path / "gb")
     write(gb / "u.data", "196\t242\t3\t881250949\n")
     fails(run(other, "ingest", "goodbooks", str(gb)), r"holds .*u\.data.*: keep one release a folder")
