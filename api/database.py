@@ -7,7 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .cf_core.errors import CfbError, InputError, check_whole
+from .cf_core.errors import CfbError, InputError, check_whole, printable
 
 
 def _check_valid_pct(valid_pct: float) -> None:
@@ -24,7 +24,7 @@ def _check_entries(entries: list) -> None:
     for k, e in enumerate(entries):
         if not isinstance(e, dict):
             raise InputError(f"a signup must be a dict {{\"user\"?, \"answers\": {{...}}, \"ratings\": {{...}}}}, "
-                             f"got {type(e).__name__} {e!r:.40}", source=f"entry {k + 1}")
+                             f"got {type(e).__name__} {_shown(e)[:40]}", source=f"entry {k + 1}")
         bad = first_unreadable_value(e)  # (text that is not valid Unicode, as the JSON readers refuse it)
         if bad is not None:
             raise InputError(bad[1], source=f"entry {k + 1}", field=bad[0] or None)
@@ -71,25 +71,31 @@ def _check_token(token):  # noqa: ANN001, ANN202
     return check_token_text(token)
 
 
-def _plain(value):  # noqa: ANN001, ANN202
-    """``value`` with numpy scalars (as pandas hands them out) made Python numbers, in dicts and lists too."""
+def _plain(value, name: str):  # noqa: ANN001, ANN202
+    """``value`` (the argument ``name``) with numpy scalars (as pandas hands them out) made Python numbers,
+    in dicts and lists too (their parts named ``name.key``, ``name[k]``)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v, f"{name}.{k}") for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, f"{name}[{k}]") for k, v in enumerate(value)]
     if type(value).__module__ != "numpy" or not hasattr(value, "item"):
         return value
     if getattr(value, "ndim", 0):  # (an array of one value is one too many levels deep: refused, not unwrapped)
-        raise InputError(f"expected one value, got a numpy array of shape {tuple(value.shape)}")
+        raise InputError(f"{printable(name)}: expected one value, got a numpy array of shape {tuple(value.shape)}")
     return value.item()
+
+
+def _shown(value) -> str:  # noqa: ANN001
+    """``value``'s repr on one line, cut to 60 characters (a pandas object's spans several)."""
+    return printable(repr(value))[:60]
 
 
 def _number(value, what: str) -> float:  # noqa: ANN001
     """A number given from Python (numpy's too), as a float; bools, text and None are refused (and
     a whole number too large for a float: the caller refuses NaN and infinities in its own words)."""
-    value = _plain(value)
+    value = _plain(value, what)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise InputError(f"{what} must be a number, got {value!r}")
+        raise InputError(f"{what} must be a number, got {_shown(value)}")
     try:
         return float(value)
     except OverflowError:
@@ -101,9 +107,9 @@ def _id(value, what: str) -> str:  # noqa: ANN001
     too) as its digits; anything else (None, a float, a list, text that is not valid Unicode) refused."""
     from .service.onboard import is_unicode_text
 
-    value = _plain(value)
+    value = _plain(value, what)
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
-        raise InputError(f"{what} must be an id (text or a whole number), got {type(value).__name__} {value!r:.60}")
+        raise InputError(f"{what} must be an id (text or a whole number), got {type(value).__name__} {_shown(value)}")
     text = str(value)
     if not is_unicode_text(text):
         raise InputError(f"{what} {text!r:.60} is not valid Unicode text")
@@ -258,12 +264,12 @@ class Database:
         from .service.incremental import DEFAULT_VALID_PCT, DRIFT_LIMIT
 
         for name, value in (("full", full), ("progress", progress)):
-            if not isinstance(_plain(value), bool):
-                raise InputError(f"{name} must be True or False, got {value!r}")
+            if not isinstance(_plain(value, name), bool):
+                raise InputError(f"{name} must be True or False, got {_shown(value)}")
         if valid_pct is not None:
             _check_valid_pct(valid_pct)
         if drift_limit is not None:
-            value = _plain(drift_limit)
+            value = _plain(drift_limit, "drift_limit")
             if full:
                 raise InputError("drift_limit decides when a retrain without full=True goes full; with full=True "
                                  "it has no effect")
@@ -299,9 +305,9 @@ class Database:
         from .db import versions
         from .db.engine import writing
 
-        version = _plain(version)
+        version = _plain(version, "version")
         if not isinstance(version, numbers.Integral) or isinstance(version, bool):
-            raise InputError(f"version must be a whole number, got {version!r}")
+            raise InputError(f"version must be a whole number, got {_shown(version)}")
         if not 1 <= version <= 2**31 - 1:  # (as `cfb rollback`; a larger one does not fit the database's integer)
             raise InputError(f"version must be a whole number from 1 to {2**31 - 1}, got {version}")
         with writing(self._existing()) as conn:
@@ -322,7 +328,8 @@ class Database:
         nothing); returns the new user id (or the list of ids)."""
         from .service.onboard import onboard
 
-        entries = _plain(answers if isinstance(answers, list) else [answers])
+        given = answers if isinstance(answers, list) else [answers]
+        entries = [_plain(e, f"entry {k + 1}") for k, e in enumerate(given)]
         _check_entries(entries)
         out = onboard(self._existing(), [(f"entry {k + 1}", e) for k, e in enumerate(entries)])
         ids = [u["user"] for u in out["onboarded"]]
@@ -332,8 +339,8 @@ class Database:
         """Store ``user``'s rating of ``item`` (id or exact title); the next recommendations use it."""
         from .service.ratings import rate_item
 
-        if not isinstance(_plain(new_item), bool):
-            raise InputError(f"new_item must be True or False, got {new_item!r:.60}")
+        if not isinstance(_plain(new_item, "new_item"), bool):
+            raise InputError(f"new_item must be True or False, got {_shown(new_item)}")
         return rate_item(self._existing(), _id(user, "user"), _id(item, "item"), _number(rating, "rating"),
                          create_item=new_item)
 
@@ -440,7 +447,7 @@ class Database:
 
         if not isinstance(host, str) or not host.strip():
             raise InputError(f"host must be a host name or address, got {host!r}")
-        port = check_whole(_plain(port), "port", 0, 65535)
+        port = check_whole(_plain(port, "port"), "port", 0, 65535)
         token = _check_token(token)
         self._existing()
         serve(self.url, host=host, port=port, token=token)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import Connection, Engine, bindparam, func, inspect, select, text
 
-from ..cf_core.errors import CfbError, InputError, NotReadyError, UnknownIdError
+from ..cf_core.errors import CfbError, InputError, NotReadyError, UnknownIdError, argument_error
 from .engine import EMPTY_DATABASE, lock_writers, writing
 from .schema import REPLACED_RATING_TRIGGER, Base, Item, Rating, ReplacedRating, Setting, User, utcnow
 
@@ -481,7 +481,7 @@ def user_key(external_id: str) -> str:
     (as `cfb onboard` and an item say it)."""
     key = str(external_id).strip()
     if not key:
-        raise CfbError("empty user id", field="user")
+        raise argument_error("empty user id", "user")
     return key
 
 

@@ -149,7 +149,7 @@ def check_token_text(token: str | None) -> str | None:
     """A bearer token a client can send: printable ASCII (HTTP header values are read as Latin-1, and
     browsers refuse to send other characters in one), with no space at either end."""
     if token is not None and (not token.isascii() or not token.isprintable() or token != token.strip()):
-        raise CfbError("the token must be printable ASCII characters with no space at either end "
+        raise InputError("the token must be printable ASCII characters with no space at either end "
                        "(what an HTTP header carries as it is)")
     return token
 

@@ -94,7 +94,7 @@ def _check_stored_scale(conn, ds: Dataset, scale: tuple[float, float] | None,  #
     if known is None:
         return None
     if scale and tuple(scale) != known:
-        raise CfbError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
+        raise InputError(f"the database's rating scale is {known[0]:g}..{known[1]:g}, not {scale[0]:g}..{scale[1]:g}")
     if ds.scale and not known[0] <= ds.scale[0] <= ds.scale[1] <= known[1]:
         # (a release whose own scale reaches beyond the database's: 10M's half stars after 1M's whole ones)
         raise InputError(f"the release's ratings are on {ds.scale[0]:g}..{ds.scale[1]:g}, beyond the database's "

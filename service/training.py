@@ -8,7 +8,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from ..cf_core.data import CollabData, index_ids
-from ..cf_core.errors import CfbError
+from ..cf_core.errors import CfbError, NotReadyError
 from ..cf_core.fit import (TrainingData, check_kind_settings, fit_model, ranker_may_go_beside, side_process,
                            text_ranks, validate)
 from ..cf_core.model import ServingConfig, TrainedModel
@@ -27,7 +27,7 @@ def load_training_data(engine: Engine) -> tuple[TrainingData, float]:
         item_attrs = store.item_attributes(conn)
         external = {db_id: ext for ext, db_id in store.id_map(conn, Item).items()}
     if len(r) == 0 or scale is None:
-        raise CfbError("no ratings in the database: run `cfb ingest …` first")
+        raise NotReadyError("no ratings in the database: run `cfb ingest …` first")
     user_ids, u = index_ids(r.user_id)
     item_ids, i = index_ids(r.item_id)
     td = TrainingData(CollabData(u, i, r.rating, len(user_ids), len(item_ids)), user_ids, item_ids, r.timestamp,

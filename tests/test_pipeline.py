@@ -682,11 +682,18 @@ def test_python_api_bad_arguments_are_input_errors(trained, db_url, tmp_path):
                      lambda: db.onboard({"ratings": {"a1": 9}}), lambda: db.questionnaire(-1)):
             with pytest.raises(cfb.InputError):
                 call()
-        for call in (lambda: db.rate(user, "a2", np.array([4.0, 5.0])), lambda: db.rate(user, "a2", np.array([4.0])),
-                     lambda: db.recommend(np.array(["a0", "b1"])), lambda: db.rollback(np.array([1])),
-                     lambda: db.onboard({"ratings": {"a1": np.array([4.0])}})):
-            with pytest.raises(cfb.InputError, match=r"^expected one value, got a numpy array of shape \(\d\,\)$"):
+        for call, name in ((lambda: db.rate(user, "a2", np.array([4.0, 5.0])), "rating"),
+                           (lambda: db.rate(user, "a2", np.array([4.0])), "rating"),
+                           (lambda: db.recommend(np.array(["a0", "b1"])), "user"),
+                           (lambda: db.rollback(np.array([1])), "version"),
+                           (lambda: db.onboard({"ratings": {"a1": np.array([4.0])}}), r"entry 1\.ratings\.a1")):
+            with pytest.raises(cfb.InputError, match=rf"^{name}: expected one value, got a numpy array of shape \(\d\,\)$"):
                 call()
+        for call, what in ((lambda: db.recommend(" "), "empty user id"), (lambda: db.ratings(""), "empty user id"),
+                           (lambda: db.recommend(pd.Series([1, 2])), "user must be an id")):
+            with pytest.raises(cfb.InputError, match=what) as caught:  # (one line: a Series' repr has several)
+                call()
+            assert "\n" not in str(caught.value)
         assert db.recommend(user).equals(before)  # (nothing written)
         db.rate(user, "a2", np.float32(4))  # (a numpy scalar is one value)
         assert db.rollback(np.int64(1)) == {"serving": 1}
@@ -763,3 +770,21 @@ def test_python_api_errors_are_the_kinds_it_documents(trained, db_url):
             db.onboard({"ratings": {"nope": 4}})
         with pytest.raises(cfb.UnknownIdError):
             db.rate("a0", "nope", 4)
+
+
+def test_an_errors_class_says_what_kind_of_problem_it_is(tmp_path):
+    """Errors a caller catches by kind: a retrain with items and no ratings is not ready (it was the plain
+    CfbError), and a scale other than the database's or a token no header can carry is bad input."""
+    import cfb
+
+    (tmp_path / "items.csv").write_text("item,title\ni1,One\n")
+    (tmp_path / "r.csv").write_text("user,item,rating\nu1,i1,4\nu2,i1,3\n")
+    with cfb.open(f"sqlite:///{tmp_path / 'x.db'}") as db:
+        db.ingest_items(tmp_path / "items.csv")
+        with pytest.raises(cfb.NotReadyError, match="no ratings in the database"):
+            db.retrain(full=True)
+        db.ingest_ratings(tmp_path / "r.csv", scale=(1, 5))
+        with pytest.raises(cfb.InputError, match=r"rating scale is 1..5, not 0..10"):
+            db.ingest_ratings(tmp_path / "r.csv", scale=(0, 10))
+        with pytest.raises(cfb.InputError, match="printable ASCII"):
+            db.app(token="tökén")
