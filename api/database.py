@@ -415,7 +415,8 @@ class Database:
 
     def pca(self, n: int = 50, plot: str | Path | None = None):
         """PCA of the item factors of the ``n`` most-rated items: a DataFrame item, title, ratings,
-        pc1, pc2, pc3 (and, with ``plot``, a labelled PNG of PC1 and PC2 written there)."""
+        pc1, pc2, pc3 (and, with ``plot``, a labelled PNG of PC1 and PC2 written there); its ``attrs``
+        hold the rest of `cfb inspect pca --json`: version, fitted_on, explained_variance."""
         import pandas as pd
 
         from .service.inspect import is_png_name, missing_glyphs_note, pca, plot_pca
@@ -432,7 +433,9 @@ class Database:
                 raise InputError(f"cannot write {plot}: {e.strerror or e}") from None
             if missing:  # (as `cfb inspect pca --plot` notes it)
                 warnings.warn(missing_glyphs_note(missing), stacklevel=3)  # (the caller's line: a wrapper between)
-        return pd.DataFrame(out["items"])
+        frame = pd.DataFrame(out["items"])
+        frame.attrs.update({k: v for k, v in out.items() if k != "items"})
+        return frame
 
     # --- serving ------------------------------------------------------------------------------------
     def app(self, token: str | None = None):

@@ -172,7 +172,8 @@ def retrain_incremental(engine: Engine) -> dict:
             version = versions.save_incremental(conn, started, delta, kind=model.kind, settings=model.settings,
                                                 metrics=metrics, max_seq=max_seq, model=model, lock=lock)
         metrics["total_s"] = round(time.perf_counter() - t_start, 4)
-        return {"version": version, "kind": model.kind, "mode": "incremental", "parent": parent, **metrics}
+        return {"version": version, "kind": model.kind, "mode": "incremental", "parent": parent, "serving": True,
+                **metrics}
     finally:
         versions.release_retrain_lock(engine, lock)
 

@@ -129,7 +129,7 @@ def test_onboard_rate_retrain_rollback(runner, cli_db, tmp_path):
     assert res.exit_code == 2 and "--drift-limit decides when a retrain without --full goes full" in res.output
     assert len(json.loads(run(runner, cli_db, "models", "--json").stdout)) == 1
     out = json.loads(run(runner, cli_db, "retrain", "--json").stdout)
-    assert out["mode"] == "incremental" and out["users_with_new_ratings"] == 1
+    assert out["mode"] == "incremental" and out["users_with_new_ratings"] == 1 and out["serving"] is True  # (as its text says)
     assert json.loads(run(runner, cli_db, "rollback", "1", "--json").stdout) == {"serving": 1}
     q = json.loads(run(runner, cli_db, "questionnaire", "--budget", "3", "--json").stdout)
     assert len(q["items"]) == 3 and {a["name"] for a in q["attributes"]} == {"age", "gender"}

@@ -945,7 +945,11 @@ def test_python_api(trained, db_url, tmp_path):
         assert recs.item[0] not in set(db.recommend(user, n=5).item)
         sim = db.similar("a1", n=3)
         assert len(sim) == 3 and "a1" not in set(sim.item)
-        assert db.pca(n=10, plot=tmp_path / "m.png").shape[0] == 10
+        mapped = db.pca(n=10, plot=tmp_path / "m.png")
+        assert mapped.shape[0] == 10
+        whole = json.loads(CliRunner().invoke(cli, ["--db", db_url, "inspect", "pca", "-n", "10", "--json"]).output)
+        assert mapped.attrs == {k: v for k, v in whole.items() if k != "items"}  # (the explained variance too)
+        assert set(mapped.attrs) == {"version", "fitted_on", "explained_variance"}
         assert db.models().serving.tolist() == [True]
         with pytest.raises(cfb.UnknownIdError, match="unknown user"):  # (a CfbError of its kind)
             db.recommend("nobody")
