@@ -403,12 +403,17 @@ def _check_id(v: str, path: Path, n: int, field: str, seen: dict[str, int], what
     """One row's id ``v`` for ``_check_ids``, named by its file, line ``n`` and ``field``."""
     from .store import check_id
 
+    _check_unique(v, path, n, field, seen)
+    check_id(v, what, source=str(path), line=n, field=field)
+    seen[v] = n
+
+
+def _check_unique(v: str, path: Path, n: int, field: str, seen: dict[str, int]) -> None:
+    """Row ``n``'s key ``v`` is not empty and not one of ``seen`` (key -> its line)."""
     if not v:
         raise InputError("empty id", source=str(path), line=n, field=field)
     if v in seen:
         raise InputError(f"duplicate id {v!r} (first on line {seen[v]})", source=str(path), line=n, field=field)
-    check_id(v, what, source=str(path), line=n, field=field)
-    seen[v] = n
 
 
 def _title(text: str, path: Path, n: int, field: str) -> str:
@@ -834,11 +839,7 @@ def _read_books(folder: Path, bpath: Path) -> tuple[pd.DataFrame, str]:
         tag_lines: dict[str, int] = {}
         for n, f in trows:
             tag_id = f[kid].strip()
-            if not tag_id:
-                raise InputError("empty id", source=str(tpath), line=n, field="tag_id")
-            if tag_id in tag_lines:  # (the last name would win without a word)
-                raise InputError(f"duplicate id {tag_id!r} (first on line {tag_lines[tag_id]})", source=str(tpath),
-                                 line=n, field="tag_id")
+            _check_unique(tag_id, tpath, n, "tag_id", tag_lines)  # (the last name would win without a word)
             names[tag_id], tag_lines[tag_id] = f[kname].strip(), n
         bheader, brows = _csv_rows(btpath, ["goodreads_book_id", "tag_id", "count"])
         kb, kt, kc = (bheader.index(c) for c in ("goodreads_book_id", "tag_id", "count"))

@@ -26,6 +26,11 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 
 
+def is_blank_row(row: list[str]) -> bool:
+    """Whether a row the csv module read is a blank line (or one of spaces), which pandas skips."""
+    return len(row) <= 1 and not "".join(row).strip()
+
+
 class CsvRowLines:
     """Each row's line in a CSV file with a header, as pandas reads its ``n_rows`` rows, found when first
     asked for (by an error naming one): pandas skips blank lines and a quoted line break spans two, so
@@ -40,7 +45,7 @@ class CsvRowLines:
             lines, start = [], 1
             try:
                 for row in reader:
-                    if len(row) > 1 or (row and row[0].strip()):  # (not blank: the header, then the rows)
+                    if not is_blank_row(row):  # (the header, then the rows)
                         lines.append(start)
                     start = reader.line_num + 1
             except csv.Error:
@@ -179,11 +184,10 @@ def _raise_csv_problem(path: Path, text: str, quotes_only: bool = False) -> None
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
     start = 1  # the line the record being read starts on
     try:
-        header = next(row for row in reader if len(row) > 1 or "".join(row).strip())  # (pandas skips blank lines)
+        header = next(row for row in reader if not is_blank_row(row))
         start = reader.line_num + 1
         for row in reader:
-            blank = len(row) <= 1 and not "".join(row).strip()  # (pandas skips a line of spaces too)
-            if not quotes_only and not blank and len(row) != len(header):
+            if not quotes_only and not is_blank_row(row) and len(row) != len(header):
                 raise InputError(f"expected {len(header)} fields, found {len(row)}", source=str(path), line=start)
             start = reader.line_num + 1
     except csv.Error as e:

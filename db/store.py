@@ -92,14 +92,15 @@ def create_schema(engine: Engine) -> None:
     """Create every table that is missing, and what tables made by an earlier cfb lack (the ratings
     table's replaced-value columns, the trigger that logs replaced rows, the answers' ``asked``)."""
     url = str(engine.url)
+    upgraded = url in _HAVE_HISTORY and url in _HAVE_LOG and url in _HAVE_ASKED  # (found so before, this process)
     with engine.connect() as conn:  # (a database that has them all is not made to wait for another writer)
         missing = set(Base.metadata.tables) - set(inspect(conn).get_table_names())
-        if missing or not (url in _HAVE_HISTORY and url in _HAVE_LOG and url in _HAVE_ASKED):
+        if missing or not upgraded:
             refuse_others_tables(conn)  # (before cfb makes or changes a table there)
     if missing:
         with writing(engine) as conn:  # one writer at a time makes them (two first ingests at once on PostgreSQL)
             create_tables(conn)
-    if url not in _HAVE_HISTORY or url not in _HAVE_LOG or url not in _HAVE_ASKED:
+    if not upgraded:
         with engine.connect() as conn:
             if _has_history_columns(conn) and _has_replaced_log(conn) and has_answers_asked(conn):
                 _HAVE_HISTORY.add(url)
